@@ -1,0 +1,1 @@
+"""Data package: bundled site configs (installed as ``iort_config``)."""

@@ -1,0 +1,1 @@
+"""Data package: built-in simulator profiles (installed as ``iort_config.profiles``)."""

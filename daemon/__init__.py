@@ -1,0 +1,10 @@
+"""iortd: the daemon (composition root, config, delivery tracker, sinks)."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("iortd")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+__all__ = ["__version__"]

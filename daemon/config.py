@@ -1,0 +1,325 @@
+"""Site configuration: TOML validated into typed, frozen models before anything starts.
+
+Every problem is reported as a :class:`ConfigIssue` naming the file, the key path (as a
+reader of the TOML would write it, e.g. ``devices[0].poll_interval_s``) and what was
+expected. Nothing is touched (no device, no broker, no log directory) until the whole file
+has been validated, including each device's driver options by the driver itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from drivers.errors import DriverConfigError, DriverOptionError
+from drivers.registry import DriverRegistry
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "ConfigIssue",
+    "DeviceConfig",
+    "LoadedConfig",
+    "load_config",
+]
+
+# Identifiers that appear in MQTT topics and file names: lower-case slugs only, so that no
+# free text (and so no patient name) can end up there.
+Slug = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
+# Treatment, plan and operator identifiers are pseudonymous codes, never names.
+PseudonymousId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+# Paths come from TOML strings; resolved against the config file's directory on load.
+ConfigPath = Annotated[Path, Field(strict=False)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class SiteConfig(_Model):
+    id: Slug
+    room: Slug
+    name: str | None = Field(default=None, max_length=200)
+
+
+class LogConfig(_Model):
+    directory: ConfigPath
+    group_commit_ms: int = Field(default=50, ge=1, le=10_000)
+    rotate_max_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024)
+    checkpoint_interval_s: float = Field(default=300.0, gt=0, le=86_400)
+    signing_key_file: ConfigPath | None = None
+
+
+class MqttConfig(_Model):
+    enabled: bool = True
+    url: str = Field(default="mqtt://127.0.0.1:1883", pattern=r"^mqtts?://[^/\s:]+(:\d{1,5})?/?$")
+    prefix: Slug = "iort"
+    keepalive_s: int = Field(default=10, ge=1, le=3600)
+    username: str | None = Field(default=None, min_length=1, max_length=200)
+    password_file: ConfigPath | None = None
+    password_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
+    ca_file: ConfigPath | None = None
+    cert_file: ConfigPath | None = None
+    key_file: ConfigPath | None = None
+    outbox_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> Self:
+        if self.password_file is not None and self.password_env is not None:
+            raise ValueError("set password_file or password_env, not both")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (client certificate)")
+        return self
+
+
+class PlanConfig(_Model):
+    """Plan defaults; a console that reports its own preset overrides prescribed_dose_gy."""
+
+    treatment_id: PseudonymousId = "T-0001"
+    plan_id: PseudonymousId = "P-0001"
+    fraction: int = Field(default=1, ge=1, le=100)
+    prescribed_dose_gy: float = Field(default=20.0, gt=0, le=50)
+    applicator: str | None = Field(default=None, min_length=1, max_length=64)
+    # Expected surface dose rate; when absent the tracker takes the console's nominal rate.
+    expected_dose_rate_gy_min: float | None = Field(default=None, gt=0, le=100)
+
+
+class Tolerances(_Model):
+    """Per-site settings (DOMAIN.md: not public constants). Written to the log in force."""
+
+    dose_channel_rel: float = Field(default=0.05, gt=0, le=1)
+    dose_channel_abs_gy: float = Field(default=0.05, ge=0, le=5)
+    dose_rate_rel: float = Field(default=0.10, gt=0, le=1)
+    rate_settle_s: float = Field(default=10.0, ge=0, le=600)
+    overdose_rel: float = Field(default=0.02, ge=0, le=1)
+    # How far below the preset a console may stop and still call it a normal termination.
+    stop_accuracy_rel: float = Field(default=0.01, ge=0, le=0.2)
+    backup_timer_margin_rel: float = Field(default=0.10, ge=0, le=2)
+    stale_after_polls: int = Field(default=3, ge=2, le=100)
+
+
+class SimulationConfig(_Model):
+    speed: float = Field(default=1.0, ge=0.01, le=10_000)
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
+
+
+class DeviceConfig(_Model):
+    name: Slug
+    role: Literal["source", "applicator"] = "source"
+    driver: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")]
+    poll_interval_s: float = Field(default=0.1, ge=0.01, le=60)
+    timeout_s: float = Field(default=1.0, gt=0, le=60)
+    # Opaque to the daemon: each driver validates its own transport and options.
+    transport: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Config(_Model):
+    site: SiteConfig
+    log: LogConfig
+    mqtt: MqttConfig = MqttConfig()
+    plan: PlanConfig = PlanConfig()
+    tolerances: Tolerances = Tolerances()
+    simulation: SimulationConfig = SimulationConfig()
+    devices: list[DeviceConfig] = Field(min_length=1, max_length=32)
+
+    @model_validator(mode="after")
+    def _devices_consistent(self) -> Self:
+        names = [d.name for d in self.devices]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"device names must be unique; repeated: {', '.join(dupes)}")
+        sources = [d.name for d in self.devices if d.role == "source"]
+        if len(sources) != 1:
+            raise ValueError(
+                f"exactly one device with role 'source' is needed, found {len(sources)}"
+            )
+        return self
+
+    @property
+    def source(self) -> DeviceConfig:
+        return next(d for d in self.devices if d.role == "source")
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    file: Path
+    key: str  # "" for the file as a whole
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}: {self.key}" if self.key else str(self.file)
+        return f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``issues`` says where and why."""
+
+    def __init__(self, issues: Sequence[ConfigIssue]) -> None:
+        self.issues = tuple(issues)
+        super().__init__("\n".join(str(i) for i in self.issues))
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    config: Config
+    path: Path
+    sha256: str  # of the file's bytes, as logged at load
+
+
+_SECRET_KEYS = (
+    ("mqtt", "password", "use mqtt.password_file or mqtt.password_env"),
+    ("log", "signing_key", "point log.signing_key_file at a key file (mode 0600)"),
+)
+
+
+def _key_path(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+_EXPECTATIONS: Mapping[str, str] = {
+    "extra_forbidden": "unknown key (check its spelling against config/site.example.toml)",
+    "missing": "required key is missing",
+}
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    kind = err["type"]
+    if kind in _EXPECTATIONS:
+        return _EXPECTATIONS[kind]
+    msg = str(err["msg"])
+    msg = re.sub(r"^Value error, ", "", msg)
+    if "input" in err and kind != "value_error" and not isinstance(err["input"], dict):
+        return f"{msg}; got {err['input']!r}"
+    return msg
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    def fix(p: Path | None) -> Path | None:
+        return None if p is None else (p if p.is_absolute() else (base / p))
+
+    log = config.log.model_copy(
+        update={
+            "directory": fix(config.log.directory),
+            "signing_key_file": fix(config.log.signing_key_file),
+        }
+    )
+    mqtt = config.mqtt.model_copy(
+        update={
+            k: fix(getattr(config.mqtt, k))
+            for k in ("password_file", "ca_file", "cert_file", "key_file")
+        }
+    )
+    return config.model_copy(update={"log": log, "mqtt": mqtt})
+
+
+def _check_files(config: Config, file: Path) -> list[ConfigIssue]:
+    issues = []
+    for section, key, value in (
+        ("log", "signing_key_file", config.log.signing_key_file),
+        ("mqtt", "password_file", config.mqtt.password_file),
+        ("mqtt", "ca_file", config.mqtt.ca_file),
+        ("mqtt", "cert_file", config.mqtt.cert_file),
+        ("mqtt", "key_file", config.mqtt.key_file),
+    ):
+        if value is not None and not value.is_file():
+            issues.append(ConfigIssue(file, f"{section}.{key}", f"file not found: {value}"))
+    return issues
+
+
+def _check_drivers(config: Config, file: Path, registry: DriverRegistry) -> list[ConfigIssue]:
+    issues = []
+    for i, dev in enumerate(config.devices):
+        key = f"devices[{i}]"
+        try:
+            factory = registry.get(dev.driver)
+        except DriverConfigError as exc:
+            issues.append(ConfigIssue(file, f"{key}.driver", str(exc)))
+            continue
+        if dev.role not in factory.roles:
+            roles = ", ".join(sorted(factory.roles))
+            issues.append(
+                ConfigIssue(
+                    file, f"{key}.role", f"driver {dev.driver!r} serves {roles}, not {dev.role!r}"
+                )
+            )
+        try:
+            factory.validate(dev.options, dev.transport)
+        except DriverOptionError as exc:
+            issues.append(ConfigIssue(file, f"{key}.{exc.key}", exc.message))
+        if config.simulation.speed != 1.0 and not factory.simulated:
+            issues.append(
+                ConfigIssue(
+                    file,
+                    "simulation.speed",
+                    f"must be 1 when a real device is configured (devices[{i}] uses "
+                    f"driver {dev.driver!r}); time compression is for simulators only",
+                )
+            )
+    return issues
+
+
+def load_config(
+    path: Path,
+    registry: DriverRegistry,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> LoadedConfig:
+    """Read, parse and validate a config file; raise ConfigError naming every problem.
+
+    ``overrides`` (from command-line options) are merged into their sections before
+    validation, so they are checked exactly like the file's own values.
+    """
+    try:
+        raw_bytes = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError([ConfigIssue(path, "", "file not found")]) from None
+    except IsADirectoryError:
+        raise ConfigError([ConfigIssue(path, "", "is a directory, expected a TOML file")]) from None
+    except OSError as exc:
+        raise ConfigError([ConfigIssue(path, "", f"cannot read: {exc.strerror}")]) from None
+    try:
+        data = tomllib.loads(raw_bytes.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        msg = f"not UTF-8 text (byte {exc.start})"
+        raise ConfigError([ConfigIssue(path, "", msg)]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([ConfigIssue(path, "", f"TOML syntax error: {exc}")]) from None
+
+    # Say why a secret is refused, rather than a bare "unknown key".
+    for section, key, hint in _SECRET_KEYS:
+        if isinstance(data.get(section), dict) and key in data[section]:
+            msg = f"secrets never go in the TOML; {hint}"
+            raise ConfigError([ConfigIssue(path, f"{section}.{key}", msg)])
+
+    for section, values in (overrides or {}).items():
+        table = data.setdefault(section, {})
+        if isinstance(table, dict):
+            table.update(values)
+
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        issues = [
+            ConfigIssue(path, _key_path(e["loc"]), _describe(e))
+            for e in exc.errors(include_url=False)
+        ]
+        raise ConfigError(issues) from None
+
+    config = _resolve_paths(config, path.parent.resolve())
+    issues = _check_files(config, path) + _check_drivers(config, path, registry)
+    if issues:
+        raise ConfigError(issues)
+    return LoadedConfig(config=config, path=path, sha256=hashlib.sha256(raw_bytes).hexdigest())

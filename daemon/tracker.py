@@ -1,0 +1,991 @@
+"""The delivery tracker: a pure state machine that turns readings into a delivery.
+
+No I/O and no clock reads: time arrives with the readings (``mono_ns``, ``utc``) and with
+``tick``. Feed it by hand in tests; the daemon feeds it from drivers.
+
+Rules it enforces (DOMAIN.md):
+- delivered dose never decreases; a console whose cumulative count goes down, reports an
+  unknown state or non-finite values is contradictory input and drives the tracker to FAULT;
+  a delivery closed from FAULT is never NORMAL;
+- an interlock the console did not report, or that could not be read, is unknown, and unknown
+  counts as tripped (``all_clear`` is true only when every interlock is ok);
+- an interrupted-then-resumed delivery is a sequence of dose segments that tile the
+  delivered dose with no gap and no double count; dose that rises while the beam is
+  supposed to be off is kept (never lost) in a segment of its own, flagged, and alarmed;
+- a monitoring gap (link lost, readings stopped) makes every interlock unknown and is
+  recorded with its start and end.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from types import MappingProxyType
+
+from drivers.types import (
+    ApplicatorIdentity,
+    DeviceState,
+    Interlock,
+    InterlockState,
+    SourceReading,
+    TerminationStatus,
+)
+
+__all__ = [
+    "TRANSITIONS",
+    "Alarm",
+    "AlarmCleared",
+    "AlarmCode",
+    "AlarmRaised",
+    "DeliverySnapshot",
+    "DeliveryStarted",
+    "DeliveryTracker",
+    "Gap",
+    "IllegalTransition",
+    "InterlockChanged",
+    "Interruption",
+    "MonitoringGapEnded",
+    "MonitoringGapStarted",
+    "Phase",
+    "PhaseChanged",
+    "Segment",
+    "Severity",
+    "Terminated",
+    "TrackerEvent",
+    "TrackerSettings",
+]
+
+NS = 1_000_000_000
+
+
+class Phase(enum.StrEnum):
+    IDLE = "IDLE"
+    PREPARATORY = "PREPARATORY"
+    READY = "READY"
+    IRRADIATING = "IRRADIATING"
+    INTERRUPTED = "INTERRUPTED"
+    TERMINATED = "TERMINATED"
+    FAULT = "FAULT"
+
+
+P = Phase
+# The only moves the tracker makes. A selection dropped before beam-on (console back to
+# STANDBY from PREPARATORY or READY) is closed as TERMINATED (OPERATOR) first, then IDLE.
+# Joining a delivery already under way (the daemon started late, or restarted) is allowed
+# from IDLE and recorded as such; anything else the console reports that is not in this
+# table is contradictory and goes to FAULT.
+TRANSITIONS: frozenset[tuple[Phase, Phase]] = frozenset(
+    {
+        (P.IDLE, P.PREPARATORY),
+        (P.IDLE, P.READY),
+        (P.IDLE, P.IRRADIATING),
+        (P.IDLE, P.INTERRUPTED),
+        (P.PREPARATORY, P.READY),
+        (P.PREPARATORY, P.TERMINATED),
+        (P.READY, P.IRRADIATING),
+        (P.READY, P.PREPARATORY),
+        (P.READY, P.TERMINATED),
+        (P.IRRADIATING, P.INTERRUPTED),
+        (P.IRRADIATING, P.TERMINATED),
+        (P.INTERRUPTED, P.IRRADIATING),
+        (P.INTERRUPTED, P.TERMINATED),
+        (P.TERMINATED, P.IDLE),
+        (P.TERMINATED, P.PREPARATORY),
+        (P.FAULT, P.IDLE),
+        (P.FAULT, P.PREPARATORY),
+    }
+    | {(p, P.FAULT) for p in Phase if p is not P.FAULT}
+)
+
+_ACTIVE = frozenset({P.PREPARATORY, P.READY, P.IRRADIATING, P.INTERRUPTED})
+_BEAM_PHASES = frozenset({P.IRRADIATING})
+
+
+class IllegalTransition(Exception):
+    def __init__(self, src: Phase, dst: Phase) -> None:
+        super().__init__(f"illegal tracker transition {src} -> {dst}")
+        self.src = src
+        self.dst = dst
+
+
+class Severity(enum.StrEnum):
+    """Alarm priorities after IEC 60601-1-8."""
+
+    HIGH = "high"
+    MEDIUM = "medium"
+    LOW = "low"
+
+
+class AlarmCode(enum.StrEnum):
+    INTERLOCK_TRIPPED = "interlock_tripped"
+    INTERLOCK_UNKNOWN = "interlock_unknown"
+    DOSE_CHANNEL_DISAGREEMENT = "dose_channel_disagreement"
+    DOSE_RATE_DEVIATION = "dose_rate_deviation"
+    BACKUP_TIMER_EXCEEDED = "backup_timer_exceeded"
+    OVERDOSE = "overdose"
+    STALE_DATA = "stale_data"
+    CONTRADICTORY_INPUT = "contradictory_input"
+    DEVICE_FAULT = "device_fault"
+    DOSE_WHILE_BEAM_OFF = "dose_while_beam_off"
+    NO_EXPECTED_RATE = "no_expected_rate"
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerSettings:
+    """Tolerances in force (per-device settings; the daemon logs them)."""
+
+    stale_after_s: float
+    expected_rate_gy_min: float | None = None
+    dose_channel_rel: float = 0.05
+    dose_channel_abs_gy: float = 0.05
+    dose_rate_rel: float = 0.10
+    rate_settle_s: float = 10.0
+    overdose_rel: float = 0.02
+    stop_accuracy_rel: float = 0.01
+    backup_timer_margin_rel: float = 0.10
+    delivery_id_prefix: str = "D"
+
+
+@dataclass(frozen=True, slots=True)
+class Alarm:
+    code: AlarmCode
+    key: str  # identifies one alarm condition, e.g. "interlock_tripped:door"
+    severity: Severity
+    message: str
+    raised_mono_ns: int
+    raised_utc: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A stretch of delivered dose. ``kind`` is "beam" for irradiation the console reported,
+    "beam_off" for dose that rose while the console said the beam was off (an anomaly)."""
+
+    kind: str
+    start_gy: float
+    end_gy: float
+    start_mono_ns: int
+    end_mono_ns: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Interruption:
+    cause: str
+    start_mono_ns: int
+    dose_at_start_gy: float
+    end_mono_ns: int | None = None
+
+    @property
+    def duration_s(self) -> float | None:
+        return None if self.end_mono_ns is None else (self.end_mono_ns - self.start_mono_ns) / NS
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """A monitoring gap: from the last good reading to the first one after it."""
+
+    cause: str
+    start_mono_ns: int
+    start_utc: datetime
+    end_mono_ns: int | None = None
+    end_utc: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeliverySnapshot:
+    delivery_id: str
+    phase: Phase
+    joined_in_progress: bool
+    preset_gy: float
+    delivered_primary_gy: float
+    delivered_secondary_gy: float
+    remaining_gy: float
+    dose_rate_gy_min: float
+    expected_rate_gy_min: float | None
+    planned_time_s: float | None
+    backup_timer_limit_s: float | None
+    beam_on_s: float
+    elapsed_s: float
+    estimated_remaining_s: float | None
+    applicator: ApplicatorIdentity | None
+    segments: tuple[Segment, ...]
+    interruptions: tuple[Interruption, ...]
+    gaps: tuple[Gap, ...]
+    termination: TerminationStatus | None
+    termination_reason: str | None
+    started_utc: datetime
+    simulated: bool
+
+
+# ---- events -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryStarted:
+    delivery_id: str
+    mono_ns: int
+    utc: datetime
+    preset_gy: float
+    joined_in_progress: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseChanged:
+    delivery_id: str | None
+    src: Phase
+    dst: Phase
+    cause: str
+    mono_ns: int
+    utc: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class InterlockChanged:
+    interlock: Interlock
+    old: InterlockState
+    new: InterlockState
+    mono_ns: int
+    utc: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AlarmRaised:
+    delivery_id: str | None
+    alarm: Alarm
+
+
+@dataclass(frozen=True, slots=True)
+class AlarmCleared:
+    delivery_id: str | None
+    alarm: Alarm
+    mono_ns: int
+    utc: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class MonitoringGapStarted:
+    delivery_id: str | None
+    gap: Gap
+
+
+@dataclass(frozen=True, slots=True)
+class MonitoringGapEnded:
+    delivery_id: str | None
+    gap: Gap
+
+
+@dataclass(frozen=True, slots=True)
+class Terminated:
+    delivery_id: str
+    status: TerminationStatus
+    reason: str
+    summary: DeliverySnapshot
+
+
+TrackerEvent = (
+    DeliveryStarted
+    | PhaseChanged
+    | InterlockChanged
+    | AlarmRaised
+    | AlarmCleared
+    | MonitoringGapStarted
+    | MonitoringGapEnded
+    | Terminated
+)
+
+
+# ---- the tracker --------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Delivery:
+    delivery_id: str
+    joined: bool
+    started_mono_ns: int
+    started_utc: datetime
+    preset_gy: float
+    planned_time_s: float | None
+    applicator: ApplicatorIdentity | None
+    simulated: bool
+    primary_gy: float = 0.0
+    secondary_gy: float = 0.0
+    dose_rate_gy_min: float = 0.0
+    device_beam_on_s: float = 0.0
+    observed_beam_on_ns: int = 0
+    first_beam_mono_ns: int | None = None
+    end_mono_ns: int | None = None
+    segments: list[Segment] = field(default_factory=list)
+    interruptions: list[Interruption] = field(default_factory=list)
+    gaps: list[Gap] = field(default_factory=list)
+    termination: TerminationStatus | None = None
+    termination_reason: str | None = None
+    dose_at_close_gy: float | None = None
+
+
+def _finite_nonneg(*values: float | None) -> bool:
+    return all(v is None or (math.isfinite(v) and v >= 0) for v in values)
+
+
+class DeliveryTracker:
+    def __init__(self, settings: TrackerSettings) -> None:
+        if not (settings.stale_after_s > 0):
+            raise ValueError("stale_after_s must be > 0")
+        self.settings = settings
+        self.phase = Phase.IDLE
+        self._delivery: _Delivery | None = None
+        self._interlocks: dict[Interlock, InterlockState] = dict.fromkeys(
+            Interlock, InterlockState.UNKNOWN
+        )
+        self._alarms: dict[str, Alarm] = {}
+        self._last_mono_ns: int | None = None
+        self._last_utc: datetime | None = None
+        self._last_state: DeviceState | None = None
+        self._gap: Gap | None = None
+        self._fault_cause: str | None = None
+        self._ids_issued: set[str] = set()
+
+    # ---- public view ------------------------------------------------------------------
+
+    @property
+    def interlocks(self) -> Mapping[Interlock, InterlockState]:
+        return MappingProxyType(self._interlocks)
+
+    @property
+    def all_clear(self) -> bool:
+        return all(s is InterlockState.OK for s in self._interlocks.values())
+
+    @property
+    def alarms(self) -> tuple[Alarm, ...]:
+        return tuple(self._alarms.values())
+
+    @property
+    def in_gap(self) -> bool:
+        return self._gap is not None
+
+    @property
+    def fault_cause(self) -> str | None:
+        return self._fault_cause
+
+    def snapshot(self, now_mono_ns: int | None = None) -> DeliverySnapshot | None:
+        d = self._delivery
+        if d is None:
+            return None
+        now = now_mono_ns if now_mono_ns is not None else (self._last_mono_ns or 0)
+        return self._snapshot(d, now)
+
+    # ---- inputs -----------------------------------------------------------------------
+
+    def on_reading(self, r: SourceReading) -> list[TrackerEvent]:
+        """Take one reading from the source console; return what happened, in order."""
+        out: list[TrackerEvent] = []
+        if self._last_mono_ns is not None and r.mono_ns < self._last_mono_ns:
+            # Monotonic time went backwards: the reading cannot be placed, so none of it is
+            # believed: not its doses, and not its interlocks either, which become unknown
+            # (fail-safe) rather than keeping the last ok. Events keep the last good time.
+            mono, utc = self._last_mono_ns, self._last_utc or r.utc
+            self._update_interlocks({}, mono, utc, out)
+            self._to_fault(mono, utc, "reading timestamp went backwards", out, None)
+            self._interlock_alarms(mono, utc, out)
+            return out
+        if self._gap is not None:
+            gap = replace(self._gap, end_mono_ns=r.mono_ns, end_utc=r.utc)
+            self._gap = None
+            if self._delivery is not None:
+                self._delivery.gaps[-1] = gap
+            out.append(MonitoringGapEnded(self._delivery_id(), gap))
+        self._clear_alarm(f"{AlarmCode.STALE_DATA}", r.mono_ns, r.utc, out)
+        prev_mono = self._last_mono_ns
+        self._last_mono_ns, self._last_utc = r.mono_ns, r.utc
+
+        self._update_interlocks(r.interlocks, r.mono_ns, r.utc, out)
+
+        sane = _finite_nonneg(
+            r.dose_rate_gy_min,
+            r.dose_primary_gy,
+            r.dose_secondary_gy,
+            r.preset_gy,
+            r.beam_on_s,
+            r.kv,
+            r.ua,
+            r.planned_time_s,
+        )
+        if not sane:
+            self._to_fault(r.mono_ns, r.utc, "non-finite or negative value in reading", out, r)
+        elif r.state is DeviceState.UNKNOWN:
+            self._to_fault(r.mono_ns, r.utc, "console reported an unknown state", out, r)
+        else:
+            self._follow_state(r, prev_mono, out)
+
+        self._evaluate_alarms(r, out)
+        self._last_state = r.state
+        return out
+
+    def on_tick(self, now_mono_ns: int, now_utc: datetime) -> list[TrackerEvent]:
+        """Time passes with no reading; detects stale data."""
+        out: list[TrackerEvent] = []
+        last = self._last_mono_ns
+        if last is None or self._gap is not None:
+            return out
+        if (now_mono_ns - last) / NS > self.settings.stale_after_s:
+            age = (now_mono_ns - last) / NS
+            self._start_gap(
+                f"no reading for {age:.1f} s (bound {self.settings.stale_after_s:.1f} s)",
+                now_mono_ns,
+                now_utc,
+                out,
+            )
+            self._raise_alarm(
+                AlarmCode.STALE_DATA,
+                f"{AlarmCode.STALE_DATA}",
+                Severity.HIGH,
+                f"readings stopped: last one {age:.1f} s ago; interlocks unknown",
+                now_mono_ns,
+                now_utc,
+                out,
+            )
+        return out
+
+    def on_link_lost(self, now_mono_ns: int, now_utc: datetime, reason: str) -> list[TrackerEvent]:
+        """The driver reports the device unreachable: fail safe at once."""
+        out: list[TrackerEvent] = []
+        if self._gap is None:
+            self._start_gap(f"link lost: {reason}", now_mono_ns, now_utc, out)
+        return out
+
+    # ---- internals --------------------------------------------------------------------
+
+    def _delivery_id(self) -> str | None:
+        return self._delivery.delivery_id if self._delivery else None
+
+    def _start_gap(self, cause: str, mono: int, utc: datetime, out: list[TrackerEvent]) -> None:
+        start_mono = self._last_mono_ns if self._last_mono_ns is not None else mono
+        start_utc = self._last_utc if self._last_utc is not None else utc
+        self._gap = Gap(cause=cause, start_mono_ns=start_mono, start_utc=start_utc)
+        if self._delivery is not None:
+            self._delivery.gaps.append(self._gap)
+        out.append(MonitoringGapStarted(self._delivery_id(), self._gap))
+        lost = dict.fromkeys(Interlock, InterlockState.UNKNOWN)
+        lost[Interlock.COMMUNICATION] = InterlockState.TRIPPED
+        self._update_interlocks(lost, mono, utc, out)
+        self._interlock_alarms(mono, utc, out)
+
+    def _update_interlocks(
+        self,
+        reported: Mapping[Interlock, InterlockState],
+        mono: int,
+        utc: datetime,
+        out: list[TrackerEvent],
+    ) -> None:
+        for il in Interlock:
+            # A third-party driver may hand us anything; only a real state counts as known.
+            raw: object = reported.get(il, InterlockState.UNKNOWN)
+            new = raw if isinstance(raw, InterlockState) else InterlockState.UNKNOWN
+            old = self._interlocks[il]
+            if new is not old:
+                self._interlocks[il] = new
+                out.append(InterlockChanged(il, old, new, mono, utc))
+
+    def _move(
+        self, dst: Phase, cause: str, mono: int, utc: datetime, out: list[TrackerEvent]
+    ) -> None:
+        src = self.phase
+        if src is dst:
+            return
+        if (src, dst) not in TRANSITIONS:
+            raise IllegalTransition(src, dst)
+        self.phase = dst
+        out.append(PhaseChanged(self._delivery_id(), src, dst, cause, mono, utc))
+
+    def _new_delivery(self, r: SourceReading, joined: bool, out: list[TrackerEvent]) -> _Delivery:
+        base = f"{self.settings.delivery_id_prefix}-{r.utc:%Y%m%dT%H%M%S%fZ}"
+        delivery_id, n = base, 1
+        while delivery_id in self._ids_issued:
+            n += 1
+            delivery_id = f"{base}-{n}"
+        self._ids_issued.add(delivery_id)
+        d = _Delivery(
+            delivery_id=delivery_id,
+            joined=joined,
+            started_mono_ns=r.mono_ns,
+            started_utc=r.utc,
+            preset_gy=r.preset_gy,
+            planned_time_s=r.planned_time_s,
+            applicator=r.applicator,
+            simulated=r.simulated,
+        )
+        self._delivery = d
+        self._fault_cause = None
+        # Alarms of the previous delivery do not carry over; the conditions are re-evaluated.
+        for key in list(self._alarms):
+            self._clear_alarm(key, r.mono_ns, r.utc, out)
+        out.append(DeliveryStarted(delivery_id, r.mono_ns, r.utc, r.preset_gy, joined))
+        return d
+
+    def _target_phase(self, state: DeviceState) -> Phase | None:
+        return {
+            DeviceState.OFF: P.IDLE,
+            DeviceState.SELF_TEST: P.IDLE,
+            DeviceState.STANDBY: P.IDLE,
+            DeviceState.PREPARATORY: P.PREPARATORY,
+            DeviceState.READY: P.READY,
+            DeviceState.IRRADIATING: P.IRRADIATING,
+            DeviceState.INTERRUPTED: P.INTERRUPTED,
+            DeviceState.TERMINATED: P.TERMINATED,
+            DeviceState.FAULT: P.FAULT,
+            DeviceState.EMERGENCY_STOP: P.FAULT,
+        }.get(state)
+
+    def _follow_state(
+        self, r: SourceReading, prev_mono: int | None, out: list[TrackerEvent]
+    ) -> None:
+        target = self._target_phase(r.state)
+        if target is None:  # pragma: no cover - every DeviceState but UNKNOWN is mapped
+            self._to_fault(r.mono_ns, r.utc, f"unmapped console state {r.state}", out, r)
+            return
+        d = self._delivery
+
+        # A new selection: the console entered PREPARATORY from idle or after an end (IEC:
+        # after a termination a new selection is required before irradiating again).
+        if target is P.PREPARATORY and self.phase in (P.IDLE, P.TERMINATED, P.FAULT):
+            d = self._new_delivery(r, joined=False, out=out)
+            self._move(P.PREPARATORY, "plan selected", r.mono_ns, r.utc, out)
+            self._take_values(d, r, prev_mono, out)
+            return
+
+        if self.phase is P.IDLE and target in (P.READY, P.IRRADIATING, P.INTERRUPTED):
+            d = self._new_delivery(r, joined=True, out=out)
+            if r.dose_primary_gy > 0:
+                # Dose given before monitoring began: recorded, but not as observed beam.
+                d.segments.append(
+                    Segment("unmonitored", 0.0, r.dose_primary_gy, r.mono_ns, r.mono_ns)
+                )
+                d.primary_gy, d.secondary_gy = r.dose_primary_gy, r.dose_secondary_gy
+            self._move(target, "monitoring joined a delivery in progress", r.mono_ns, r.utc, out)
+            if target is P.IRRADIATING:
+                self._open_segment(d, "beam", r.mono_ns)
+                d.first_beam_mono_ns = r.mono_ns
+            elif target is P.INTERRUPTED:
+                d.first_beam_mono_ns = r.mono_ns
+                d.interruptions.append(Interruption("unknown (joined)", r.mono_ns, d.primary_gy))
+            self._take_values(d, r, prev_mono, out)
+            return
+
+        if d is None or self.phase in (P.IDLE, P.TERMINATED, P.FAULT):
+            # Nothing active: watch for dose after the end, follow the console back to idle;
+            # everything else waits for a new selection.
+            if d is not None and self.phase is not P.IDLE:
+                self._watch_after_close(d, r, out)
+            if target is P.IDLE and self.phase is not P.IDLE:
+                self._move(P.IDLE, f"console {r.state}", r.mono_ns, r.utc, out)
+            elif target is P.FAULT and self.phase is not P.FAULT:
+                self._to_fault(r.mono_ns, r.utc, f"console {r.state}", out, r, device=True)
+            return
+
+        if target is self.phase:
+            self._take_values(d, r, prev_mono, out)
+            return
+        cancel = target is P.IDLE and self.phase in (P.PREPARATORY, P.READY)
+        if (
+            (self.phase, target) not in TRANSITIONS
+            and target not in (P.FAULT, P.TERMINATED)
+            and not cancel
+        ):
+            self._take_values(d, r, prev_mono, out)
+            self._to_fault(
+                r.mono_ns, r.utc, f"console went {self.phase} -> {r.state} (not allowed)", out, r
+            )
+            return
+
+        if target is P.IRRADIATING:
+            # Beam on (or resumed): open the segment first, so dose in this reading is beam.
+            if self.phase is P.INTERRUPTED and d.interruptions:
+                d.interruptions[-1] = replace(d.interruptions[-1], end_mono_ns=r.mono_ns)
+                cause = "resumed"
+            else:
+                cause = "beam on"
+            if d.first_beam_mono_ns is None:
+                d.first_beam_mono_ns = r.mono_ns
+            self._open_segment(d, "beam", r.mono_ns)
+            self._move(P.IRRADIATING, cause, r.mono_ns, r.utc, out)
+            self._take_values(d, r, prev_mono, out)
+            return
+
+        # Every other move: the dose in this reading still belongs to the phase we were in.
+        if not self._take_values(d, r, prev_mono, out):
+            return
+        if target is P.FAULT:
+            reason = "emergency_stop" if r.state is DeviceState.EMERGENCY_STOP else "device_fault"
+            reason = r.termination_reason or reason
+            self._to_fault(r.mono_ns, r.utc, f"console {r.state}: {reason}", out, r, device=True)
+        elif target is P.TERMINATED:
+            self._terminate_from_console(d, r, out)
+        elif target is P.INTERRUPTED:
+            cause = self._interruption_cause()
+            self._close_segment(d, r.mono_ns)
+            d.interruptions.append(Interruption(cause, r.mono_ns, d.primary_gy))
+            self._move(P.INTERRUPTED, f"interrupted: {cause}", r.mono_ns, r.utc, out)
+        elif target is P.IDLE:
+            # The selection was dropped before any beam: close it as an operator end.
+            self._close(
+                d,
+                TerminationStatus.OPERATOR,
+                "selection cancelled before beam-on",
+                r.mono_ns,
+                r.utc,
+                P.TERMINATED,
+                out,
+            )
+            self._move(P.IDLE, f"console {r.state}", r.mono_ns, r.utc, out)
+        else:
+            self._move(target, f"console {r.state}", r.mono_ns, r.utc, out)
+
+    def _watch_after_close(self, d: _Delivery, r: SourceReading, out: list[TrackerEvent]) -> None:
+        """After an end the console keeps the selection's counts until a new selection; a
+        count that still rises means radiation after termination: keep it and alarm. A
+        count that drops is the console clearing its counters, not a contradiction."""
+        if r.dose_primary_gy > d.primary_gy:
+            self._add_beam_off_dose(d, r, out, "after the delivery ended")
+        d.secondary_gy = max(d.secondary_gy, r.dose_secondary_gy)
+        d.dose_rate_gy_min = 0.0
+
+    def _interruption_cause(self) -> str:
+        tripped = [il.value for il, s in self._interlocks.items() if s is not InterlockState.OK]
+        return "interlock " + ",".join(tripped) if tripped else "operator"
+
+    def _open_segment(self, d: _Delivery, kind: str, mono: int) -> None:
+        d.segments.append(Segment(kind, d.primary_gy, d.primary_gy, mono, None))
+
+    def _close_segment(self, d: _Delivery, mono: int) -> None:
+        if d.segments and d.segments[-1].end_mono_ns is None:
+            d.segments[-1] = replace(d.segments[-1], end_gy=d.primary_gy, end_mono_ns=mono)
+
+    def _take_values(
+        self, d: _Delivery, r: SourceReading, prev_mono: int | None, out: list[TrackerEvent]
+    ) -> bool:
+        """Fold a reading's numbers into the delivery. False if they contradict it."""
+        if r.dose_primary_gy < d.primary_gy or r.dose_secondary_gy < d.secondary_gy:
+            self._to_fault(
+                r.mono_ns,
+                r.utc,
+                f"cumulative dose decreased (primary {d.primary_gy:.4f} -> "
+                f"{r.dose_primary_gy:.4f} Gy, secondary {d.secondary_gy:.4f} -> "
+                f"{r.dose_secondary_gy:.4f} Gy)",
+                out,
+                r,
+            )
+            return False
+        if (
+            self.phase in _ACTIVE
+            and r.preset_gy != d.preset_gy
+            and d.first_beam_mono_ns is not None
+        ):
+            self._to_fault(
+                r.mono_ns,
+                r.utc,
+                f"preset changed during delivery ({d.preset_gy} -> {r.preset_gy} Gy)",
+                out,
+                r,
+            )
+            return False
+        if d.first_beam_mono_ns is None:
+            d.preset_gy = r.preset_gy  # the selection may still be edited before beam-on
+            d.planned_time_s = r.planned_time_s or d.planned_time_s
+            d.applicator = r.applicator or d.applicator
+
+        if r.dose_primary_gy > d.primary_gy and self.phase is not P.IRRADIATING:
+            self._add_beam_off_dose(d, r, out, f"while the console reported {r.state}")
+        d.primary_gy = r.dose_primary_gy
+        d.secondary_gy = r.dose_secondary_gy
+        if d.segments and d.segments[-1].end_mono_ns is None:
+            d.segments[-1] = replace(d.segments[-1], end_gy=d.primary_gy)
+        d.dose_rate_gy_min = r.dose_rate_gy_min if r.state is DeviceState.IRRADIATING else 0.0
+        d.device_beam_on_s = max(d.device_beam_on_s, r.beam_on_s)
+        if (
+            prev_mono is not None
+            and self.phase is P.IRRADIATING
+            and self._last_state is DeviceState.IRRADIATING
+            and r.state is DeviceState.IRRADIATING
+        ):
+            d.observed_beam_on_ns += r.mono_ns - prev_mono
+        return True
+
+    def _add_beam_off_dose(
+        self, d: _Delivery, r: SourceReading, out: list[TrackerEvent], when: str
+    ) -> None:
+        # The console says the beam is off but its dose count moved. Keep the dose in a
+        # segment of its own (merged while it keeps rising) so the tiling stays exact.
+        rise = r.dose_primary_gy - d.primary_gy
+        last = d.segments[-1] if d.segments else None
+        if last is not None and last.kind == "beam_off" and last.end_gy == d.primary_gy:
+            d.segments[-1] = replace(last, end_gy=r.dose_primary_gy, end_mono_ns=r.mono_ns)
+        else:
+            d.segments.append(
+                Segment("beam_off", d.primary_gy, r.dose_primary_gy, r.mono_ns, r.mono_ns)
+            )
+        d.primary_gy = r.dose_primary_gy
+        self._raise_alarm(
+            AlarmCode.DOSE_WHILE_BEAM_OFF,
+            f"{AlarmCode.DOSE_WHILE_BEAM_OFF}",
+            Severity.HIGH,
+            f"dose rose by {rise:.4f} Gy {when}",
+            r.mono_ns,
+            r.utc,
+            out,
+        )
+
+    def _terminate_from_console(
+        self, d: _Delivery, r: SourceReading, out: list[TrackerEvent]
+    ) -> None:
+        status = r.termination or TerminationStatus.UNKNOWN
+        reason = r.termination_reason or status.value.lower()
+        if status is TerminationStatus.NORMAL:
+            floor = d.preset_gy * (1 - self.settings.stop_accuracy_rel)
+            if d.primary_gy < floor:
+                self._to_fault(
+                    r.mono_ns,
+                    r.utc,
+                    f"console reported a normal end at {d.primary_gy:.4f} Gy, below "
+                    f"{floor:.4f} Gy (preset {d.preset_gy} Gy - stop accuracy)",
+                    out,
+                    r,
+                )
+                return
+        self._close(d, status, reason, r.mono_ns, r.utc, P.TERMINATED, out)
+
+    def _close(
+        self,
+        d: _Delivery,
+        status: TerminationStatus,
+        reason: str,
+        mono: int,
+        utc: datetime,
+        phase: Phase,
+        out: list[TrackerEvent],
+    ) -> None:
+        self._close_segment(d, mono)
+        if d.interruptions and d.interruptions[-1].end_mono_ns is None:
+            d.interruptions[-1] = replace(d.interruptions[-1], end_mono_ns=mono)
+        d.termination = status
+        d.termination_reason = reason
+        d.end_mono_ns = mono
+        d.dose_at_close_gy = d.primary_gy
+        self._move(phase, f"terminated {status}: {reason}", mono, utc, out)
+        out.append(Terminated(d.delivery_id, status, reason, self._snapshot(d, mono)))
+
+    def _to_fault(
+        self,
+        mono: int,
+        utc: datetime,
+        cause: str,
+        out: list[TrackerEvent],
+        r: SourceReading | None,
+        *,
+        device: bool = False,
+    ) -> None:
+        self._fault_cause = cause
+        code = AlarmCode.DEVICE_FAULT if device else AlarmCode.CONTRADICTORY_INPUT
+        self._raise_alarm(code, f"{code}", Severity.HIGH, cause, mono, utc, out)
+        d = self._delivery
+        if d is not None and self.phase in _ACTIVE and d.termination is None:
+            # A delivery closed from FAULT is never NORMAL: MACHINE when the console itself
+            # reported the fault or emergency stop, UNKNOWN when we cannot trust the input.
+            status = TerminationStatus.MACHINE if device else TerminationStatus.UNKNOWN
+            self._close(d, status, cause, mono, utc, P.FAULT, out)
+        elif self.phase is not P.FAULT:
+            self._move(P.FAULT, cause, mono, utc, out)
+
+    # ---- alarms -----------------------------------------------------------------------
+
+    def _raise_alarm(
+        self,
+        code: AlarmCode,
+        key: str,
+        severity: Severity,
+        message: str,
+        mono: int,
+        utc: datetime,
+        out: list[TrackerEvent],
+    ) -> None:
+        current = self._alarms.get(key)
+        if current is not None and current.severity is severity:
+            return
+        alarm = Alarm(code, key, severity, message, mono, utc)
+        self._alarms[key] = alarm
+        out.append(AlarmRaised(self._delivery_id(), alarm))
+
+    def _clear_alarm(self, key: str, mono: int, utc: datetime, out: list[TrackerEvent]) -> None:
+        alarm = self._alarms.pop(key, None)
+        if alarm is not None:
+            out.append(AlarmCleared(self._delivery_id(), alarm, mono, utc))
+
+    def _set_alarm(
+        self,
+        active: bool,
+        code: AlarmCode,
+        key: str,
+        severity: Severity,
+        message: str,
+        mono: int,
+        utc: datetime,
+        out: list[TrackerEvent],
+    ) -> None:
+        if active:
+            self._raise_alarm(code, key, severity, message, mono, utc, out)
+        else:
+            self._clear_alarm(key, mono, utc, out)
+
+    def _interlock_alarms(self, mono: int, utc: datetime, out: list[TrackerEvent]) -> None:
+        beam = self.phase is P.IRRADIATING
+        for il, state in self._interlocks.items():
+            for code, want in (
+                (AlarmCode.INTERLOCK_TRIPPED, InterlockState.TRIPPED),
+                (AlarmCode.INTERLOCK_UNKNOWN, InterlockState.UNKNOWN),
+            ):
+                # Beam on with an interlock not clear is the worst case: the console should
+                # have stopped. Unknown is treated exactly like tripped (fail-safe).
+                sev = Severity.HIGH if beam or il is Interlock.EMERGENCY_STOP else Severity.MEDIUM
+                self._set_alarm(
+                    state is want,
+                    code,
+                    f"{code}:{il.value}",
+                    sev,
+                    f"interlock {il.value} {state.value}" + (" with beam on" if beam else ""),
+                    mono,
+                    utc,
+                    out,
+                )
+
+    def _expected_rate(self, d: _Delivery) -> float | None:
+        if self.settings.expected_rate_gy_min is not None:
+            return self.settings.expected_rate_gy_min
+        if d.planned_time_s:
+            return d.preset_gy / (d.planned_time_s / 60.0)
+        return None
+
+    def _planned_time_s(self, d: _Delivery) -> float | None:
+        rate = self._expected_rate(d)
+        return None if not rate else d.preset_gy / rate * 60.0
+
+    def _evaluate_alarms(self, r: SourceReading, out: list[TrackerEvent]) -> None:
+        mono, utc = r.mono_ns, r.utc
+        self._interlock_alarms(mono, utc, out)
+        d = self._delivery
+        if d is None:
+            return
+        s = self.settings
+        active = self.phase in _ACTIVE
+
+        # Two independent dose channels must agree (25 Pa. Code §228.66).
+        diff = abs(d.primary_gy - d.secondary_gy)
+        limit = max(s.dose_channel_abs_gy, s.dose_channel_rel * d.primary_gy)
+        self._set_alarm(
+            active and diff > limit,
+            AlarmCode.DOSE_CHANNEL_DISAGREEMENT,
+            f"{AlarmCode.DOSE_CHANNEL_DISAGREEMENT}",
+            Severity.HIGH,
+            f"dose channels disagree: primary {d.primary_gy:.3f} Gy, secondary "
+            f"{d.secondary_gy:.3f} Gy (limit {limit:.3f} Gy)",
+            mono,
+            utc,
+            out,
+        )
+
+        expected = self._expected_rate(d)
+        self._set_alarm(
+            active and expected is None,
+            AlarmCode.NO_EXPECTED_RATE,
+            f"{AlarmCode.NO_EXPECTED_RATE}",
+            Severity.LOW,
+            "no expected dose rate (plan or console): rate deviation and backup timer "
+            "are not checked by the monitor",
+            mono,
+            utc,
+            out,
+        )
+        seg = d.segments[-1] if d.segments else None
+        settled = (
+            self.phase is P.IRRADIATING
+            and seg is not None
+            and seg.end_mono_ns is None
+            and (mono - seg.start_mono_ns) / NS >= s.rate_settle_s
+        )
+        deviation = abs(d.dose_rate_gy_min - expected) / expected if expected and settled else 0.0
+        self._set_alarm(
+            deviation > s.dose_rate_rel,
+            AlarmCode.DOSE_RATE_DEVIATION,
+            f"{AlarmCode.DOSE_RATE_DEVIATION}",
+            Severity.HIGH,
+            f"dose rate {d.dose_rate_gy_min:.3f} Gy/min deviates {deviation:.1%} from "
+            f"expected {expected or 0:.3f} Gy/min (limit {s.dose_rate_rel:.0%})",
+            mono,
+            utc,
+            out,
+        )
+
+        planned = self._planned_time_s(d)
+        beam_on = max(d.device_beam_on_s, d.observed_beam_on_ns / NS)
+        backup = planned * (1 + s.backup_timer_margin_rel) if planned else None
+        self._set_alarm(
+            backup is not None and beam_on > backup and d.termination is None,
+            AlarmCode.BACKUP_TIMER_EXCEEDED,
+            f"{AlarmCode.BACKUP_TIMER_EXCEEDED}",
+            Severity.HIGH,
+            f"beam-on time {beam_on:.1f} s beyond the backup-timer limit {backup or 0:.1f} s",
+            mono,
+            utc,
+            out,
+        )
+        over = d.preset_gy * (1 + s.overdose_rel)
+        self._set_alarm(
+            d.primary_gy > over,
+            AlarmCode.OVERDOSE,
+            f"{AlarmCode.OVERDOSE}",
+            Severity.HIGH,
+            f"delivered {d.primary_gy:.3f} Gy exceeds preset {d.preset_gy} Gy by more than "
+            f"{s.overdose_rel:.1%}",
+            mono,
+            utc,
+            out,
+        )
+
+    def _snapshot(self, d: _Delivery, now: int) -> DeliverySnapshot:
+        expected = self._expected_rate(d)
+        planned = self._planned_time_s(d)
+        remaining = max(d.preset_gy - d.primary_gy, 0.0)
+        rate = d.dose_rate_gy_min if d.dose_rate_gy_min > 0 else (expected or 0.0)
+        est = None
+        if d.termination is not None:
+            est = 0.0
+        elif rate > 0:
+            est = remaining / rate * 60.0
+        end = d.end_mono_ns if d.end_mono_ns is not None else now
+        elapsed = 0.0 if d.first_beam_mono_ns is None else max(end - d.first_beam_mono_ns, 0) / NS
+        return DeliverySnapshot(
+            delivery_id=d.delivery_id,
+            phase=self.phase,
+            joined_in_progress=d.joined,
+            preset_gy=d.preset_gy,
+            delivered_primary_gy=d.primary_gy,
+            delivered_secondary_gy=d.secondary_gy,
+            remaining_gy=remaining,
+            dose_rate_gy_min=d.dose_rate_gy_min,
+            expected_rate_gy_min=expected,
+            planned_time_s=planned,
+            backup_timer_limit_s=(
+                planned * (1 + self.settings.backup_timer_margin_rel) if planned else None
+            ),
+            beam_on_s=max(d.device_beam_on_s, d.observed_beam_on_ns / NS),
+            elapsed_s=elapsed,
+            estimated_remaining_s=est,
+            applicator=d.applicator,
+            segments=tuple(d.segments),
+            interruptions=tuple(d.interruptions),
+            gaps=tuple(d.gaps),
+            termination=d.termination,
+            termination_reason=d.termination_reason,
+            started_utc=d.started_utc,
+            simulated=d.simulated,
+        )

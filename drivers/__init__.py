@@ -1,0 +1,1 @@
+"""Drivers: the driver interface, typed readings, errors and built-in drivers."""

@@ -1,0 +1,104 @@
+"""The driver interface: what the daemon needs from any device, real or simulated.
+
+A driver turns bytes into typed readings and typed errors (drivers.errors). It never
+publishes or writes records; the daemon does. Drivers are found through the entry-point
+group ``iort.drivers`` (see drivers.registry), so a third-party package adds one without
+touching this repository.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal, Protocol, Self, runtime_checkable
+
+from drivers.clock import Clock
+from drivers.types import ApplicatorReading, Capability, DeviceIdentity, SourceReading
+
+__all__ = [
+    "ApplicatorDriver",
+    "DeviceDriver",
+    "DriverContext",
+    "DriverFactory",
+    "DriverSpec",
+    "Role",
+    "SourceDriver",
+]
+
+Role = Literal["source", "applicator"]
+
+
+@runtime_checkable
+class DeviceDriver(Protocol):
+    """Common part: an async context manager that connects on enter and closes on exit.
+
+    Every I/O a driver does is bounded by the ``timeout_s`` of its DriverSpec; a driver
+    raises drivers.errors.TransportTimeout rather than waiting longer.
+    """
+
+    @property
+    def capabilities(self) -> frozenset[Capability]: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    async def identify(self) -> DeviceIdentity: ...
+
+
+@runtime_checkable
+class SourceDriver(DeviceDriver, Protocol):
+    """An X-ray source console: dose, timer, tube readings, state and interlocks."""
+
+    async def read(self) -> SourceReading: ...
+
+
+@runtime_checkable
+class ApplicatorDriver(DeviceDriver, Protocol):
+    """An applicator reader (some consoles report it with the source, some apart)."""
+
+    async def read_applicator(self) -> ApplicatorReading: ...
+
+
+@dataclass(frozen=True, slots=True)
+class DriverSpec:
+    """What the daemon's config says about one device, handed to its driver's factory."""
+
+    name: str
+    role: Role
+    poll_interval_s: float
+    timeout_s: float
+    transport: Mapping[str, Any]
+    options: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DriverContext:
+    """What the composition root lends a driver: the shared clock and the run's seed."""
+
+    clock: Clock
+    seed: int
+
+
+class DriverFactory(Protocol):
+    """The object an ``iort.drivers`` entry point resolves to (a class or an instance with
+    these members)."""
+
+    name: str
+    roles: frozenset[Role]
+    simulated: bool  # True only for drivers whose data never come from real equipment
+
+    def validate(self, options: Mapping[str, Any], transport: Mapping[str, Any]) -> None:
+        """Check options and transport without touching any device; raise
+        drivers.errors.DriverOptionError naming the key."""
+        ...
+
+    def create(self, spec: DriverSpec, context: DriverContext) -> SourceDriver:
+        """Build a driver; it connects when entered as an async context manager."""
+        ...
