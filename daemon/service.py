@@ -227,11 +227,18 @@ class Daemon:
         if sample is not None:
             self.result.last_snapshot = sample.delivery
         # In order: the first sink is the record and is awaited before the others hear.
-        for sink in self._sinks:
-            if events:
-                await sink.events(events)
-            if sample is not None:
-                await sink.sample(sample)
+        # An error in the record stops the daemon (nothing may be shown unrecorded); an
+        # error in any later sink is logged and that sink misses this item, nothing more.
+        for i, sink in enumerate(self._sinks):
+            try:
+                if events:
+                    await sink.events(events)
+                if sample is not None:
+                    await sink.sample(sample)
+            except Exception:
+                if i == 0:
+                    raise
+                log.exception("sink_failed", sink=sink.name)
 
     async def _close_sinks(self) -> None:
         for sink in reversed(self._sinks):

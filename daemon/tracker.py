@@ -556,14 +556,18 @@ class DeliveryTracker:
             return
 
         if self.phase is P.IDLE and target in (P.READY, P.IRRADIATING, P.INTERRUPTED):
-            d = self._new_delivery(r, joined=True, out=out)
+            # Seen first at READY with nothing delivered, only the PREPARATORY moment fell
+            # between two polls; past beam-on, dose may have been given unobserved.
+            joined = target is not P.READY or r.dose_primary_gy > 0 or r.beam_on_s > 0
+            d = self._new_delivery(r, joined=joined, out=out)
             if r.dose_primary_gy > 0:
                 # Dose given before monitoring began: recorded, but not as observed beam.
                 d.segments.append(
                     Segment("unmonitored", 0.0, r.dose_primary_gy, r.mono_ns, r.mono_ns)
                 )
                 d.primary_gy, d.secondary_gy = r.dose_primary_gy, r.dose_secondary_gy
-            self._move(target, "monitoring joined a delivery in progress", r.mono_ns, r.utc, out)
+            why = "monitoring joined a delivery in progress" if joined else "plan selected"
+            self._move(target, why, r.mono_ns, r.utc, out)
             if target is P.IRRADIATING:
                 self._open_segment(d, "beam", r.mono_ns)
                 d.first_beam_mono_ns = r.mono_ns

@@ -293,6 +293,15 @@ def test_selection_cancelled_before_beam_is_closed_as_operator() -> None:
     assert end.summary.delivered_primary_gy == 0.0
 
 
+def test_a_selection_first_seen_at_ready_is_not_a_joined_delivery() -> None:
+    f = Feed()
+    f.read(S.STANDBY)
+    ev = f.read(S.READY)
+    (started,) = of(ev, DeliveryStarted)
+    assert not started.joined_in_progress
+    assert phases(ev) == [(Phase.IDLE, Phase.READY)]
+
+
 def test_joining_a_delivery_in_progress_records_the_unmonitored_dose() -> None:
     f = Feed()
     f.primary = f.secondary = 5.0

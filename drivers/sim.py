@@ -1,0 +1,153 @@
+"""The built-in ``sim`` driver: the simulated IORT source run in-process.
+
+It advances the device model (simulators.model) by the time that passed on the shared
+clock at each read, so under a speed factor the daemon and the simulator share one
+compressed time base. Every reading it returns is marked simulated. The wire-protocol
+simulators (serial, Modbus) are separate; this driver is for demos and tests of the daemon.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType, TracebackType
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from drivers.errors import DriverOptionError, TransportClosed
+from drivers.interface import DriverContext, DriverSpec, Role
+from drivers.types import Capability, DeviceIdentity, SourceReading
+from simulators.model import SourceModel
+from simulators.profiles import ProfileError, load_profile
+from simulators.sequence import ClinicalSequence
+
+__all__ = ["SimDriver", "SimDriverFactory", "SimOptions"]
+
+
+class SimOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    profile: str = Field(default="intrabeam", min_length=1)
+    applicator: str = Field(min_length=1)
+    preset_gy: float = Field(default=20.0, gt=0, le=50)
+    start_delay_s: float = Field(default=5.0, ge=0, le=3600)
+    serial: str = Field(default="SIM-0001", pattern=r"^[A-Za-z0-9._-]{1,32}$")
+    seed: int | None = Field(default=None, ge=0)
+
+
+def _parse(options: Mapping[str, Any], transport: Mapping[str, Any]) -> SimOptions:
+    if transport and dict(transport) != {"kind": "in-process"}:
+        raise DriverOptionError(
+            "transport",
+            "the sim driver runs in-process; omit [transport] or set kind = 'in-process'",
+        )
+    try:
+        opts = SimOptions.model_validate(dict(options))
+    except ValidationError as exc:
+        e = exc.errors(include_url=False)[0]
+        key = ".".join(str(p) for p in e["loc"]) or "options"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        raise DriverOptionError(f"options.{key}", msg) from None
+    try:
+        profile = load_profile(opts.profile)
+    except ProfileError as exc:
+        raise DriverOptionError("options.profile", str(exc)) from None
+    if opts.applicator not in profile.applicators:
+        known = ", ".join(sorted(profile.applicators))
+        raise DriverOptionError(
+            "options.applicator",
+            f"{opts.applicator!r} is not an applicator of profile {profile.name!r} "
+            f"(known: {known})",
+        )
+    return opts
+
+
+class SimDriverFactory:
+    name = "sim"
+    roles: frozenset[Role] = frozenset({"source"})
+    simulated = True
+
+    def validate(self, options: Mapping[str, Any], transport: Mapping[str, Any]) -> None:
+        _parse(options, transport)
+
+    def create(self, spec: DriverSpec, context: DriverContext) -> SimDriver:
+        return SimDriver(_parse(spec.options, spec.transport), context)
+
+
+class SimDriver:
+    capabilities = frozenset(
+        {Capability.READ_TELEMETRY, Capability.READ_INTERLOCKS, Capability.READ_APPLICATOR}
+    )
+
+    def __init__(self, options: SimOptions, context: DriverContext) -> None:
+        self._options = options
+        self._clock = context.clock
+        self._seed = options.seed if options.seed is not None else context.seed
+        self._model: SourceModel | None = None
+        self._sequence: ClinicalSequence | None = None
+        self._last_mono_ns = 0
+
+    async def __aenter__(self) -> Self:
+        profile = load_profile(self._options.profile)
+        self._model = SourceModel(profile, seed=self._seed, serial=self._options.serial)
+        self._sequence = ClinicalSequence(
+            self._model,
+            preset_gy=self._options.preset_gy,
+            applicator_code=self._options.applicator,
+            start_delay_s=self._options.start_delay_s,
+        )
+        self._last_mono_ns = self._clock.monotonic_ns()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._model = None
+        self._sequence = None
+
+    @property
+    def model(self) -> SourceModel:
+        """The device model, for in-process fault injection (tests, demo)."""
+        if self._model is None:
+            raise TransportClosed("sim driver is not connected")
+        return self._model
+
+    async def identify(self) -> DeviceIdentity:
+        return self.model.identity()
+
+    async def read(self) -> SourceReading:
+        model, sequence = self.model, self._sequence
+        if sequence is None:  # pragma: no cover - set together with the model
+            raise TransportClosed("sim driver is not connected")
+        now = self._clock.monotonic_ns()
+        dt = (now - self._last_mono_ns) / 1e9
+        self._last_mono_ns = now
+        if dt > 0:
+            sequence.process(dt)
+        snap = model.snapshot()
+        planned = (
+            snap.preset_gy / snap.expected_rate_gy_min * 60.0
+            if snap.expected_rate_gy_min and snap.preset_gy
+            else None
+        )
+        return SourceReading(
+            mono_ns=now,
+            utc=self._clock.utc(),
+            state=snap.state,
+            dose_rate_gy_min=snap.dose_rate_gy_min,
+            dose_primary_gy=snap.dose_primary_gy,
+            dose_secondary_gy=snap.dose_secondary_gy,
+            preset_gy=snap.preset_gy,
+            beam_on_s=snap.beam_on_s,
+            kv=snap.kv,
+            ua=snap.ua,
+            interlocks=MappingProxyType(dict(snap.interlocks)),
+            planned_time_s=planned,
+            termination=snap.termination,
+            termination_reason=snap.termination_reason,
+            applicator=snap.applicator,
+            simulated=True,
+        )

@@ -1,0 +1,128 @@
+"""``iort-sim``: run the simulated IORT source on its own, in simulated time.
+
+    iort-sim profiles                        list built-in profiles and their applicators
+    iort-sim run --applicator SPH30 [...]    one delivery, the trace as JSON Lines or CSV
+
+``run`` needs no clock: the model is advanced in fixed simulated steps, so the same seed
+gives the same trace byte for byte. Serving the model over a pty or Modbus (``serve``) and
+the control channel come with the wire-protocol work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+import orjson
+
+from drivers.types import InterlockState
+from simulators.model import ModelSnapshot, SourceModel
+from simulators.profiles import ProfileError, available_profiles, load_profile
+from simulators.sequence import ClinicalSequence
+
+__all__ = ["main"]
+
+FIELDS = (
+    "time_s",
+    "state",
+    "dose_rate_gy_min",
+    "dose_primary_gy",
+    "dose_secondary_gy",
+    "preset_gy",
+    "beam_on_s",
+    "kv",
+    "ua",
+    "termination",
+    "termination_reason",
+    "simulated",
+)
+
+
+def _row(s: ModelSnapshot) -> dict[str, object]:
+    row: dict[str, object] = {k: getattr(s, k) for k in FIELDS}
+    row["interlocks"] = {str(k): str(v) for k, v in s.interlocks.items()}
+    row["interlocks_clear"] = all(v is InterlockState.OK for v in s.interlocks.values())
+    return row
+
+
+def _write(out: TextIO, fmt: str, rows: list[dict[str, object]]) -> None:
+    if fmt == "jsonl":
+        for row in rows:
+            out.write(orjson.dumps(row, option=orjson.OPT_SORT_KEYS).decode() + "\n")
+        return
+    writer = csv.DictWriter(out, fieldnames=[*FIELDS, "interlocks_clear"], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def _cmd_profiles(_: argparse.Namespace) -> int:
+    for name in available_profiles():
+        p = load_profile(name)
+        print(f"{name}: {p.model} ({p.nominal_kv:g} kV, {p.nominal_ua:g} uA)")  # noqa: T201
+        for code, a in sorted(p.applicators.items()):
+            minutes = 20.0 / a.surface_dose_rate_gy_min
+            print(  # noqa: T201
+                f"  {code:8} {a.type:10} {a.diameter_mm:5.1f} mm  "
+                f"{a.surface_dose_rate_gy_min:.3f} Gy/min  (20 Gy in {minutes:.1f} min)"
+            )
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        profile = load_profile(args.profile)
+    except ProfileError as exc:
+        print(f"iort-sim: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    if args.applicator not in profile.applicators:
+        known = ", ".join(sorted(profile.applicators))
+        print(  # noqa: T201
+            f"iort-sim: unknown applicator {args.applicator!r} for profile {profile.name!r} "
+            f"(known: {known})",
+            file=sys.stderr,
+        )
+        return 2
+    model = SourceModel(profile, seed=args.seed)
+    seq = ClinicalSequence(
+        model, preset_gy=args.preset, applicator_code=args.applicator, start_delay_s=0.0
+    )
+    rows = [_row(model.snapshot())]
+    limit = args.max_time
+    while seq.time_s < limit:
+        seq.process(args.step)
+        snap = model.snapshot()
+        rows.append(_row(snap))
+        if snap.termination is not None:
+            break
+    _write(sys.stdout, args.format, rows)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="iort-sim", description="Simulated IORT X-ray source.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("profiles", help="list built-in profiles and applicators")
+    run = sub.add_parser("run", help="run one delivery in simulated time and print its trace")
+    run.add_argument("--profile", default="intrabeam", help="built-in name or a TOML file")
+    run.add_argument("--applicator", required=True, help="applicator code, e.g. SPH30")
+    run.add_argument("--preset", type=float, default=20.0, help="preset dose in Gy")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--step", type=float, default=1.0, help="simulated seconds per sample")
+    run.add_argument("--max-time", type=float, default=4 * 3600.0, help="simulated seconds")
+    run.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "run" and not (args.step > 0 and args.preset > 0):
+        print("iort-sim: --step and --preset must be > 0", file=sys.stderr)  # noqa: T201
+        return 2
+    return {"profiles": _cmd_profiles, "run": _cmd_run}[args.command](args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""The composition root in-process: real sim driver, scripted failing drivers, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import pytest
+
+from daemon.config import LoadedConfig, load_config
+from daemon.service import Daemon
+from daemon.sinks import Sample
+from daemon.tracker import (
+    AlarmRaised,
+    MonitoringGapEnded,
+    MonitoringGapStarted,
+    TrackerEvent,
+)
+from drivers.clock import ScaledClock
+from drivers.errors import TransportClosed
+from drivers.interface import DriverContext, DriverSpec, Role
+from drivers.registry import DriverRegistry
+from drivers.sim import SimDriverFactory
+from drivers.types import (
+    Capability,
+    DeviceIdentity,
+    DeviceState,
+    Interlock,
+    InterlockState,
+    SourceReading,
+    TerminationStatus,
+)
+
+pytestmark = pytest.mark.integration
+
+CONFIG = """
+[site]
+id = "test-site"
+room = "or-9"
+[log]
+directory = "log"
+[mqtt]
+enabled = false
+[simulation]
+speed = {speed}
+seed = 7
+[tolerances]
+stale_after_polls = 3
+[[devices]]
+name = "source-1"
+driver = "{driver}"
+poll_interval_s = 0.02
+timeout_s = 0.2
+[devices.options]
+{options}
+"""
+
+
+def write_config(tmp_path: Path, *, driver: str, speed: float, options: str) -> Path:
+    path = tmp_path / "site.toml"
+    path.write_text(CONFIG.format(driver=driver, speed=speed, options=options))
+    return path
+
+
+class RecordingSink:
+    name = "recorder"
+
+    def __init__(self, on_event: Callable[[TrackerEvent], None] | None = None) -> None:
+        self.samples: list[Sample] = []
+        self.seen: list[TrackerEvent] = []
+        self.closed = False
+        self._on_event = on_event
+        self.changed = asyncio.Event()
+
+    async def started(self, device: str, identity: DeviceIdentity) -> None:
+        self.identity = identity
+
+    async def sample(self, sample: Sample) -> None:
+        self.samples.append(sample)
+        self.changed.set()
+
+    async def events(self, events: Sequence[TrackerEvent]) -> None:
+        self.seen.extend(events)
+        for ev in events:
+            if self._on_event:
+                self._on_event(ev)
+        self.changed.set()
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+    async def wait_for(self, pred: Callable[[], bool], what: str, timeout_s: float = 10) -> None:
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not pred():
+                    self.changed.clear()
+                    await self.changed.wait()
+        except TimeoutError:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}") from None
+
+
+async def test_sim_delivery_runs_to_normal_termination(tmp_path: Path) -> None:
+    path = write_config(
+        tmp_path,
+        driver="sim",
+        speed=1200,
+        options='profile = "intrabeam"\napplicator = "SPH40"\nstart_delay_s = 5.0',
+    )
+    registry = DriverRegistry.from_entry_points()
+    loaded = load_config(path, registry)
+    sink = RecordingSink()
+    daemon = Daemon(loaded, registry, ScaledClock(1200), [sink], stop_after_delivery=True)
+    stop = asyncio.Event()
+    async with asyncio.timeout(30):
+        result = await daemon.run(stop)
+    (end,) = result.terminated
+    assert end.status is TerminationStatus.NORMAL
+    assert end.summary.delivered_primary_gy == pytest.approx(20.0, rel=0.005)
+    # 20 Gy at 0.8 Gy/min: 25 min of beam-on in simulated time, within 2 %.
+    assert end.summary.beam_on_s == pytest.approx(1500, rel=0.02)
+    assert end.summary.simulated
+    assert all(s.reading.simulated for s in sink.samples)
+    assert sink.identity.simulated
+    assert sink.closed, "sinks are closed at shutdown"
+    delivered = [s.delivery.delivered_primary_gy for s in sink.samples if s.delivery]
+    assert delivered == sorted(delivered), "delivered dose never decreases"
+
+
+# ---- scripted drivers: the daemon's handling of a device that fails ---------------------
+
+
+class Script:
+    """What the scripted console does: a list of behaviours, one per read()."""
+
+    def __init__(self, steps: list[str]) -> None:
+        self.steps = steps
+        self.connects = 0
+        self.reads = 0
+        self.t0 = datetime.now(UTC)
+
+
+class ScriptedDriver:
+    capabilities = frozenset({Capability.READ_TELEMETRY})
+
+    def __init__(self, script: Script, context: DriverContext) -> None:
+        self._s = script
+        self._clock = context.clock
+
+    async def __aenter__(self) -> Self:
+        self._s.connects += 1
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+    async def identify(self) -> DeviceIdentity:
+        return DeviceIdentity("test", "scripted", "S-1", "0", simulated=True)
+
+    async def read(self) -> SourceReading:
+        i = self._s.reads
+        self._s.reads += 1
+        step = self._s.steps[min(i, len(self._s.steps) - 1)]
+        if step == "hang":
+            await asyncio.Event().wait()  # never answers; the daemon's timeout must cut it
+        if step == "drop":
+            raise TransportClosed("cable pulled")
+        dose = min(i * 0.01, 20.0)
+        return SourceReading(
+            mono_ns=self._clock.monotonic_ns(),
+            utc=self._clock.utc(),
+            state=DeviceState.IRRADIATING,
+            dose_rate_gy_min=0.8,
+            dose_primary_gy=dose,
+            dose_secondary_gy=dose,
+            preset_gy=20.0,
+            beam_on_s=i * 0.02,
+            kv=50.0,
+            ua=40.0,
+            interlocks=dict.fromkeys(Interlock, InterlockState.OK),
+            planned_time_s=1500.0,
+            simulated=True,
+        )
+
+
+class ScriptedFactory:
+    name = "scripted"
+    roles: frozenset[Role] = frozenset({"source"})
+    simulated = True
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+
+    def validate(self, options: Mapping[str, Any], transport: Mapping[str, Any]) -> None:
+        return None
+
+    def create(self, spec: DriverSpec, context: DriverContext) -> ScriptedDriver:
+        return ScriptedDriver(self.script, context)
+
+
+def scripted(tmp_path: Path, steps: list[str]) -> tuple[LoadedConfig, DriverRegistry, Script]:
+    script = Script(steps)
+    registry = DriverRegistry.of([ScriptedFactory(script), SimDriverFactory()])
+    path = write_config(tmp_path, driver="scripted", speed=1.0, options="")
+    return load_config(path, registry), registry, script
+
+
+@pytest.mark.parametrize("failure", ["hang", "drop"])
+async def test_a_device_that_stops_answering_makes_interlocks_unknown_then_recovers(
+    tmp_path: Path, failure: str
+) -> None:
+    steps = ["ok"] * 5 + [failure] + ["ok"] * 1000
+    loaded, registry, script = scripted(tmp_path, steps)
+    sink = RecordingSink()
+    daemon = Daemon(loaded, registry, ScaledClock(1.0), [sink])
+    stop = asyncio.Event()
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(daemon.run(stop))
+        await sink.wait_for(
+            lambda: any(isinstance(e, MonitoringGapStarted) for e in sink.seen), "a gap"
+        )
+        # Fail safe at once: nothing known about the interlocks while the link is down.
+        assert not daemon.tracker.all_clear
+        assert daemon.tracker.interlocks[Interlock.DOOR] is InterlockState.UNKNOWN
+        assert any(
+            isinstance(e, AlarmRaised) and e.alarm.key == "interlock_unknown:door"
+            for e in sink.seen
+        )
+        await sink.wait_for(
+            lambda: any(isinstance(e, MonitoringGapEnded) for e in sink.seen), "gap end"
+        )
+        assert daemon.tracker.all_clear
+        stop.set()
+    result = task.result()
+    assert result.link_losses >= 1
+    assert script.connects >= 2, "the driver was reconnected"
+    (gap,) = daemon.tracker.snapshot().gaps  # type: ignore[union-attr]
+    assert gap.end_mono_ns is not None
+    assert gap.end_mono_ns > gap.start_mono_ns
+
+
+async def test_shutdown_is_bounded_even_while_a_read_hangs(tmp_path: Path) -> None:
+    loaded, registry, _ = scripted(tmp_path, ["ok", "hang"])
+    sink = RecordingSink()
+    daemon = Daemon(loaded, registry, ScaledClock(1.0), [sink])
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    await sink.wait_for(lambda: len(sink.samples) >= 1, "first sample")
+    stop.set()
+    async with asyncio.timeout(2.0):
+        await task
+    assert sink.closed
+
+
+async def test_first_sink_hears_every_event_before_the_second(tmp_path: Path) -> None:
+    """The record comes first: when a later sink is told of an event, the first sink
+    already has it."""
+    loaded, registry, _ = scripted(tmp_path, ["ok"] * 3 + ["drop"] + ["ok"] * 1000)
+    first = RecordingSink()
+    seen_by_first_when_second_heard: list[bool] = []
+    second = RecordingSink(
+        on_event=lambda ev: seen_by_first_when_second_heard.append(ev in first.seen)
+    )
+    daemon = Daemon(loaded, registry, ScaledClock(1.0), [first, second])
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    await second.wait_for(
+        lambda: any(isinstance(e, MonitoringGapEnded) for e in second.seen), "gap end"
+    )
+    stop.set()
+    await task
+    assert seen_by_first_when_second_heard
+    assert all(seen_by_first_when_second_heard)
+
+
+class BrokenSink(RecordingSink):
+    name = "broken"
+
+    async def sample(self, sample: Sample) -> None:
+        raise RuntimeError("display crashed")
+
+
+async def test_a_failing_later_sink_does_not_stop_the_daemon_or_the_record(
+    tmp_path: Path,
+) -> None:
+    loaded, registry, _ = scripted(tmp_path, ["ok"] * 1000)
+    record, broken = RecordingSink(), BrokenSink()
+    daemon = Daemon(loaded, registry, ScaledClock(1.0), [record, broken])
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    await record.wait_for(lambda: len(record.samples) >= 10, "ten samples in the record")
+    stop.set()
+    await task
+    assert broken.closed
+
+
+async def test_a_failing_record_stops_the_daemon(tmp_path: Path) -> None:
+    loaded, registry, _ = scripted(tmp_path, ["ok"] * 1000)
+    daemon = Daemon(loaded, registry, ScaledClock(1.0), [BrokenSink(), RecordingSink()])
+    with pytest.raises(ExceptionGroup) as info:
+        async with asyncio.timeout(5):
+            await daemon.run(asyncio.Event())
+    assert info.group_contains(RuntimeError, match="display crashed")
