@@ -120,7 +120,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     c = loaded.config
     print(  # noqa: T201 - CLI output
-        f"{args.file}: OK (sha256 {loaded.sha256[:16]}…; site {c.site.id}, room {c.site.room}, "
+        f"{args.file}: OK (sha256 {loaded.sha256[:16]}...; site {c.site.id}, room {c.site.room}, "
         f"{len(c.devices)} device(s): " + ", ".join(f"{d.name}={d.driver}" for d in c.devices) + ")"
     )
     return EXIT_OK
@@ -149,7 +149,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print("iortd: --duration must be > 0 seconds", file=sys.stderr)  # noqa: T201
         return EXIT_USAGE
     log_dir = args.log_dir or (default_data_dir() / "demo-log")
-    overrides["log"] = {"directory": str(log_dir)}
+    # A directory given on the command line is relative to where the user is, not to the
+    # config file (which is where relative paths inside the file are taken from).
+    overrides["log"] = {"directory": str(log_dir.expanduser().resolve())}
     loaded = _load(args.config or default_demo_config(), overrides)
     if loaded is None:
         return EXIT_USAGE

@@ -14,9 +14,18 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Annotated, Any, Literal, Self
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from drivers.errors import DriverConfigError, DriverOptionError
 from drivers.registry import DriverRegistry
@@ -32,9 +41,20 @@ __all__ = [
 
 # Identifiers that appear in MQTT topics and file names: lower-case slugs only, so that no
 # free text (and so no patient name) can end up there.
-Slug = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")]
+_SLUG_RE = r"^[a-z0-9][a-z0-9-]{0,62}$"
+Slug = Annotated[str, Field(pattern=_SLUG_RE)]
 # Treatment, plan and operator identifiers are pseudonymous codes, never names.
-PseudonymousId = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+PseudonymousId = Annotated[str, Field(pattern=_ID_RE)]
+_DRIVER_RE = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+_ENV_RE = r"^[A-Z_][A-Z0-9_]*$"
+# What a pattern means, in words, for error messages (a regex is no help to a reader).
+_PATTERN_MEANING: Mapping[str, str] = {
+    _SLUG_RE: "a lower-case slug (a-z, 0-9 and '-', at most 63 characters)",
+    _ID_RE: "a pseudonymous code (letters, digits, '.', '_', '-'; never a name)",
+    _DRIVER_RE: "a driver name as installed (lower-case, e.g. 'sim')",
+    _ENV_RE: "an environment variable name (A-Z, 0-9, '_')",
+}
 # Paths come from TOML strings; resolved against the config file's directory on load.
 ConfigPath = Annotated[Path, Field(strict=False)]
 
@@ -59,16 +79,31 @@ class LogConfig(_Model):
 
 class MqttConfig(_Model):
     enabled: bool = True
-    url: str = Field(default="mqtt://127.0.0.1:1883", pattern=r"^mqtts?://[^/\s:]+(:\d{1,5})?/?$")
+    url: str = "mqtt://127.0.0.1:1883"
     prefix: Slug = "iort"
     keepalive_s: int = Field(default=10, ge=1, le=3600)
     username: str | None = Field(default=None, min_length=1, max_length=200)
     password_file: ConfigPath | None = None
-    password_env: str | None = Field(default=None, pattern=r"^[A-Z_][A-Z0-9_]*$")
+    password_env: str | None = Field(default=None, pattern=_ENV_RE)
     ca_file: ConfigPath | None = None
     cert_file: ConfigPath | None = None
     key_file: ConfigPath | None = None
     outbox_max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
+
+    @field_validator("url")
+    @classmethod
+    def _broker_url(cls, url: str) -> str:
+        expected = "expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise ValueError(f"{expected}; {exc}; got {url!r}") from None
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(f"{expected}; got {url!r}")
+        if parts.path not in ("", "/") or parts.query or parts.fragment or port == 0:
+            raise ValueError(f"{expected}; got {url!r}")
+        return url
 
     @model_validator(mode="after")
     def _one_password_source(self) -> Self:
@@ -113,12 +148,19 @@ class SimulationConfig(_Model):
 class DeviceConfig(_Model):
     name: Slug
     role: Literal["source", "applicator"] = "source"
-    driver: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,62}$")]
+    driver: Annotated[str, Field(pattern=_DRIVER_RE)]
     poll_interval_s: float = Field(default=0.1, ge=0.01, le=60)
     timeout_s: float = Field(default=1.0, gt=0, le=60)
-    # Opaque to the daemon: each driver validates its own transport and options.
-    transport: dict[str, Any] = Field(default_factory=dict)
-    options: dict[str, Any] = Field(default_factory=dict)
+    # Opaque to the daemon: each driver validates its own transport and options. Read-only
+    # views, so that nothing (a driver included) can change the config after validation.
+    transport: Mapping[str, Any] = Field(default_factory=dict, strict=False)
+    options: Mapping[str, Any] = Field(default_factory=dict, strict=False)
+
+    @field_validator("transport", "options", mode="after")
+    @classmethod
+    def _read_only(cls, value: Mapping[str, Any]) -> Mapping[str, Any]:
+        frozen: Mapping[str, Any] = _freeze(value)
+        return frozen
 
 
 class Config(_Model):
@@ -128,24 +170,22 @@ class Config(_Model):
     plan: PlanConfig = PlanConfig()
     tolerances: Tolerances = Tolerances()
     simulation: SimulationConfig = SimulationConfig()
-    devices: list[DeviceConfig] = Field(min_length=1, max_length=32)
-
-    @model_validator(mode="after")
-    def _devices_consistent(self) -> Self:
-        names = [d.name for d in self.devices]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"device names must be unique; repeated: {', '.join(dupes)}")
-        sources = [d.name for d in self.devices if d.role == "source"]
-        if len(sources) != 1:
-            raise ValueError(
-                f"exactly one device with role 'source' is needed, found {len(sources)}"
-            )
-        return self
+    # No length bounds here: pydantic reports a bound again when an item fails, which would
+    # double every device error. _check_devices bounds the count instead.
+    devices: tuple[DeviceConfig, ...] = Field(strict=False)
 
     @property
     def source(self) -> DeviceConfig:
+        """The one source device (load_config has checked there is exactly one)."""
         return next(d for d in self.devices if d.role == "source")
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(v) for v in value)
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +240,10 @@ def _describe(err: Mapping[str, Any]) -> str:
     kind = err["type"]
     if kind in _EXPECTATIONS:
         return _EXPECTATIONS[kind]
+    if kind == "string_pattern_mismatch":
+        pattern = str(err.get("ctx", {}).get("pattern", ""))
+        meaning = _PATTERN_MEANING.get(pattern, f"text matching {pattern}")
+        return f"expected {meaning}; got {err['input']!r}"
     msg = str(err["msg"])
     msg = re.sub(r"^Value error, ", "", msg)
     if "input" in err and kind != "value_error" and not isinstance(err["input"], dict):
@@ -237,6 +281,28 @@ def _check_files(config: Config, file: Path) -> list[ConfigIssue]:
     ):
         if value is not None and not value.is_file():
             issues.append(ConfigIssue(file, f"{section}.{key}", f"file not found: {value}"))
+    return issues
+
+
+MAX_DEVICES = 32
+
+
+def _check_devices(config: Config, file: Path) -> list[ConfigIssue]:
+    if len(config.devices) > MAX_DEVICES:
+        msg = f"at most {MAX_DEVICES} devices per daemon; found {len(config.devices)}"
+        return [ConfigIssue(file, "devices", msg)]
+    issues = []
+    first: dict[str, int] = {}
+    for i, dev in enumerate(config.devices):
+        if dev.name in first:
+            msg = f"device names must be unique: {dev.name!r} is already devices[{first[dev.name]}]"
+            issues.append(ConfigIssue(file, f"devices[{i}].name", msg))
+        first.setdefault(dev.name, i)
+    sources = [i for i, d in enumerate(config.devices) if d.role == "source"]
+    if not issues and len(sources) != 1:
+        where = ", ".join(f"devices[{i}]" for i in sources) or "none"
+        msg = f"exactly one device with role 'source' is needed; found {len(sources)} ({where})"
+        issues.append(ConfigIssue(file, "devices", msg))
     return issues
 
 
@@ -293,7 +359,8 @@ def load_config(
     try:
         data = tomllib.loads(raw_bytes.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        msg = f"not UTF-8 text (byte {exc.start})"
+        line = raw_bytes[: exc.start].count(b"\n") + 1
+        msg = f"not UTF-8 text (line {line}, byte {exc.start}); save the file as UTF-8"
         raise ConfigError([ConfigIssue(path, "", msg)]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([ConfigIssue(path, "", f"TOML syntax error: {exc}")]) from None
@@ -312,14 +379,22 @@ def load_config(
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        issues = [
-            ConfigIssue(path, _key_path(e["loc"]), _describe(e))
-            for e in exc.errors(include_url=False)
-        ]
+        given = {f"{sec}.{key}" for sec, values in (overrides or {}).items() for key in values}
+        issues = []
+        for e in exc.errors(include_url=False):
+            key = _key_path(e["loc"])
+            msg = _describe(e)
+            if key in given:
+                msg += " (value given on the command line)"
+            issues.append(ConfigIssue(path, key, msg))
         raise ConfigError(issues) from None
 
     config = _resolve_paths(config, path.parent.resolve())
-    issues = _check_files(config, path) + _check_drivers(config, path, registry)
+    # Device structure first: with duplicate names or no source, per-driver checks would
+    # only add noise about the wrong device.
+    issues = _check_devices(config, path)
+    if not issues:
+        issues = _check_files(config, path) + _check_drivers(config, path, registry)
     if issues:
         raise ConfigError(issues)
     return LoadedConfig(config=config, path=path, sha256=hashlib.sha256(raw_bytes).hexdigest())

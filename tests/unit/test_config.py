@@ -1,0 +1,512 @@
+"""load_config: every broken fixture is one precise issue; good configs load, typed and frozen.
+
+The fixtures in tests/fixtures/broken_configs/ are demo.toml with exactly one defect each
+(named in each file's first line). The table below says which key path the single
+ConfigIssue must name and which words its message must contain to tell the reader what is
+expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Mapping
+from importlib.metadata import EntryPoint
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+import pytest
+from pydantic import ValidationError
+
+from daemon.config import ConfigError, ConfigIssue, LoadedConfig, load_config
+from drivers.registry import ENTRY_POINT_GROUP, DriverRegistry
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = ROOT / "config"
+DEMO = CONFIG_DIR / "demo.toml"
+SITE_EXAMPLE = CONFIG_DIR / "site.example.toml"
+BROKEN = ROOT / "tests" / "fixtures" / "broken_configs"
+
+
+class Broken(NamedTuple):
+    fixture: str
+    key: str  # the key path the single issue must name ("" = the file as a whole)
+    expect: tuple[str, ...]  # substrings of the issue's message
+    also_accepted_keys: tuple[str, ...] = ()
+
+
+BROKEN_CASES = [
+    Broken("bad_type.toml", "devices[0].poll_interval_s", ("valid number", "'0.1'")),
+    Broken("unknown_top_level_key.toml", "log_level", ("unknown key",)),
+    Broken("unknown_device_key.toml", "devices[0].poll_intervall_s", ("unknown key",)),
+    Broken("unknown_driver_option.toml", "devices[0].options.start_dealy_s", ("unknown key",)),
+    Broken("negative_dose.toml", "plan.prescribed_dose_gy", ("greater than 0", "-20.0")),
+    Broken(
+        "zero_poll_interval.toml",
+        "devices[0].poll_interval_s",
+        ("greater than or equal to 0.01", "got 0"),
+    ),
+    Broken("speed_out_of_range.toml", "simulation.speed", ("greater than or equal to 0.01",)),
+    Broken("missing_site.toml", "site", ("required", "missing")),
+    Broken(
+        "missing_driver.toml",
+        "devices[0].driver",
+        ("'modbus-nope'", "not installed", "installed drivers: ", "sim"),
+    ),
+    Broken(
+        "unknown_applicator.toml",
+        "devices[0].options.applicator",
+        ("'SPH99'", "'intrabeam'", "known: ", "SPH30"),
+    ),
+    Broken("bad_sim_transport.toml", "devices[0].transport", ("in-process",)),
+    Broken("bad_slug_room.toml", "site.room", ("lower-case slug", "'OR 1'")),
+    Broken("patient_name_as_treatment_id.toml", "plan.treatment_id", ("pseudonymous code",)),
+    Broken(
+        "password_in_toml.toml",
+        "mqtt.password",
+        ("never go in the TOML", "password_file", "password_env"),
+    ),
+    Broken(
+        "signing_key_in_toml.toml",
+        "log.signing_key",
+        ("never go in the TOML", "signing_key_file"),
+    ),
+    Broken(
+        "missing_ca_file.toml",
+        "mqtt.ca_file",
+        ("file not found", str(BROKEN / "no-such-dir" / "no-such-ca.pem")),
+    ),
+    Broken("bad_mqtt_scheme.toml", "mqtt.url", ("mqtts://HOST[:PORT]", "'http://")),
+    Broken("toml_syntax_error.toml", "", ("TOML syntax error", "line 5")),
+    Broken("not_utf8.toml", "", ("not UTF-8",)),
+    Broken(
+        "duplicate_device_name.toml",
+        "devices[1].name",
+        ("unique", "source-1"),
+        also_accepted_keys=("devices",),
+    ),
+]
+
+# (Not covered by a fixture: simulation.speed != 1 with a real driver, because every
+# installed driver is simulated; test_speed_must_be_1_with_a_real_driver uses a fake one.)
+
+SECRETS = {
+    "password_in_toml.toml": "hunter2-not-a-real-secret",
+    "signing_key_in_toml.toml": "MC4CAQAwBQYDK2VwBCIEINOTAREALKEY",
+}
+
+
+def _params() -> list[Any]:
+    return [pytest.param(case, id=case.fixture.removesuffix(".toml")) for case in BROKEN_CASES]
+
+
+@pytest.fixture(scope="module")
+def registry() -> DriverRegistry:
+    return DriverRegistry.from_entry_points()
+
+
+def _issue(excinfo: pytest.ExceptionInfo[ConfigError]) -> ConfigIssue:
+    issues = excinfo.value.issues
+    assert len(issues) == 1, f"expected exactly one issue, got {[str(i) for i in issues]}"
+    return issues[0]
+
+
+def _write(directory: Path, text: str, name: str = "site.toml") -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _demo_text() -> str:
+    return DEMO.read_text(encoding="utf-8")
+
+
+def _replace_once(text: str, old: str, new: str) -> str:
+    assert text.count(old) == 1, old
+    return text.replace(old, new)
+
+
+# --- broken fixtures ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", _params())
+def test_broken_fixture_is_one_issue_naming_key_and_expectation(
+    case: Broken, registry: DriverRegistry
+) -> None:
+    path = BROKEN / case.fixture
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, registry)
+    issue = _issue(excinfo)
+    assert issue.key in (case.key, *case.also_accepted_keys), str(issue)
+    assert issue.file == path
+    for words in case.expect:
+        assert words in issue.message, f"{words!r} not in {issue.message!r}"
+    # The exception's text is what an operator reads: file, key, message on one line.
+    text = str(excinfo.value)
+    assert "\n" not in text
+    assert text.startswith(f"{path}: {issue.key}: " if issue.key else f"{path}: ")
+
+
+def test_every_fixture_is_in_the_table_and_names_its_defect() -> None:
+    on_disk = sorted(p.name for p in BROKEN.glob("*.toml"))
+    assert on_disk == sorted(c.fixture for c in BROKEN_CASES)
+    assert len(on_disk) >= 12
+    for name in on_disk:
+        first_line = (BROKEN / name).read_bytes().split(b"\n", 1)[0]
+        assert first_line.startswith(b"# Defect: "), name
+
+
+@pytest.mark.parametrize("fixture", sorted(SECRETS))
+def test_a_secret_in_the_toml_is_refused_without_repeating_it(
+    fixture: str, registry: DriverRegistry
+) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(BROKEN / fixture, registry)
+    assert SECRETS[fixture] not in str(excinfo.value)
+
+
+def test_every_problem_is_reported_not_just_the_first(
+    tmp_path: Path, registry: DriverRegistry
+) -> None:
+    text = _replace_once(_demo_text(), 'room = "or-1"', 'room = "OR 1"')
+    text = _replace_once(text, "prescribed_dose_gy = 20.0", "prescribed_dose_gy = -1.0")
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(_write(tmp_path, text), registry)
+    assert sorted(i.key for i in excinfo.value.issues) == ["plan.prescribed_dose_gy", "site.room"]
+
+
+# --- good configs ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [DEMO, SITE_EXAMPLE], ids=["demo", "site.example"])
+def test_shipped_configs_load(path: Path, registry: DriverRegistry) -> None:
+    loaded = load_config(path, registry)
+    assert isinstance(loaded, LoadedConfig)
+    assert loaded.path == path
+    assert loaded.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    config = loaded.config
+    assert [d.driver for d in config.devices] == ["sim"]
+    assert config.source.name == "source-1"
+    assert config.source.options["applicator"] == "SPH30"
+    assert config.log.directory.is_absolute()
+
+
+def test_demo_values_are_typed(registry: DriverRegistry) -> None:
+    config = load_config(DEMO, registry).config
+    assert (config.site.id, config.site.room) == ("demo-site", "or-1")
+    assert config.log.directory == CONFIG_DIR.resolve() / "demo-log"
+    assert config.mqtt.enabled is False
+    assert config.plan.prescribed_dose_gy == 20.0
+    assert config.tolerances.stale_after_polls == 5
+    assert config.simulation.speed == 60.0
+    assert config.simulation.seed == 20261126
+
+
+def test_site_example_values(registry: DriverRegistry) -> None:
+    config = load_config(SITE_EXAMPLE, registry).config
+    assert config.mqtt.url == "mqtts://broker.example.internal:8883"
+    assert config.mqtt.password_env == "IORTD_MQTT_PASSWORD"  # noqa: S105 - a variable name
+    assert config.mqtt.password_file is None
+    assert config.log.directory == Path("/var/lib/iortd/log")
+    assert config.log.checkpoint_interval_s == 300.0
+    assert config.simulation.speed == 1.0
+
+
+# --- paths -------------------------------------------------------------------------------
+
+
+def test_relative_paths_resolve_against_the_config_files_directory(
+    tmp_path: Path, registry: DriverRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf_dir = tmp_path / "etc" / "iortd"
+    for rel in ("certs/ca.pem", "keys/signing.key", "../shared/mqtt.password"):
+        target = conf_dir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("x", encoding="utf-8")
+    text = _replace_once(
+        _demo_text(),
+        'directory = "demo-log"',
+        'directory = "log"\nsigning_key_file = "keys/signing.key"',
+    )
+    text = _replace_once(
+        text,
+        "[mqtt]\n",
+        '[mqtt]\nca_file = "certs/ca.pem"\npassword_file = "../shared/mqtt.password"\n',
+    )
+    _write(conf_dir, text)
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    # A relative path to the config file itself: resolution still uses the file's directory.
+    config = load_config(Path("..") / "etc" / "iortd" / "site.toml", registry).config
+    base = conf_dir.resolve()
+    assert config.log.directory == base / "log"
+    assert config.log.signing_key_file == base / "keys" / "signing.key"
+    assert config.mqtt.ca_file == base / "certs" / "ca.pem"
+    assert config.mqtt.password_file is not None
+    assert config.mqtt.password_file.resolve() == (tmp_path / "etc" / "shared" / "mqtt.password")
+
+
+def test_absolute_paths_are_kept(tmp_path: Path, registry: DriverRegistry) -> None:
+    ca = tmp_path / "pki" / "ca.pem"
+    ca.parent.mkdir()
+    ca.write_text("x", encoding="utf-8")
+    log_dir = tmp_path / "var" / "log"
+    text = _replace_once(_demo_text(), 'directory = "demo-log"', f'directory = "{log_dir}"')
+    text = _replace_once(text, "[mqtt]\n", f'[mqtt]\nca_file = "{ca}"\n')
+    config = load_config(_write(tmp_path / "conf", text), registry).config
+    assert config.log.directory == log_dir
+    assert config.mqtt.ca_file == ca
+
+
+def test_a_missing_referenced_file_is_named_by_its_resolved_path(
+    tmp_path: Path, registry: DriverRegistry
+) -> None:
+    text = _replace_once(_demo_text(), "[mqtt]\n", '[mqtt]\npassword_file = "mqtt.password"\n')
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, registry)
+    issue = _issue(excinfo)
+    assert issue.key == "mqtt.password_file"
+    assert str(tmp_path.resolve() / "mqtt.password") in issue.message
+
+
+# --- overrides ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "expect"),
+    [
+        ({"simulation": {"speed": 0}}, "simulation.speed", "greater than or equal to 0.01"),
+        ({"simulation": {"speed": 0.0}}, "simulation.speed", "greater than or equal to 0.01"),
+        ({"simulation": {"speed": "fast"}}, "simulation.speed", "valid number"),
+        ({"simulation": {"sped": 2.0}}, "simulation.sped", "unknown key"),
+        ({"log": {"directory": 5}}, "log.directory", "path"),
+        ({"site": {"room": "OR 3"}}, "site.room", "lower-case slug"),
+    ],
+    ids=["speed-zero-int", "speed-zero-float", "speed-string", "typo", "path-type", "slug"],
+)
+def test_overrides_are_validated_like_file_values(
+    overrides: Mapping[str, Mapping[str, Any]], key: str, expect: str, registry: DriverRegistry
+) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(DEMO, registry, overrides=overrides)
+    issue = _issue(excinfo)
+    assert issue.key == key
+    assert expect in issue.message
+
+
+def test_overrides_take_effect_and_leave_the_callers_mapping_alone(
+    registry: DriverRegistry,
+) -> None:
+    overrides = {"simulation": MappingProxyType({"speed": 2.5}), "plan": {"fraction": 3}}
+    before = {k: dict(v) for k, v in overrides.items()}
+    loaded = load_config(DEMO, registry, overrides=overrides)
+    assert loaded.config.simulation.speed == 2.5
+    assert loaded.config.simulation.seed == 20261126  # the rest of the section is kept
+    assert loaded.config.plan.fraction == 3
+    assert loaded.config.plan.prescribed_dose_gy == 20.0
+    assert {k: dict(v) for k, v in overrides.items()} == before
+    # The hash is of the file as written, whatever the overrides.
+    assert loaded.sha256 == hashlib.sha256(DEMO.read_bytes()).hexdigest()
+
+
+def test_an_override_can_supply_a_section_the_file_lacks(
+    tmp_path: Path, registry: DriverRegistry
+) -> None:
+    text = _replace_once(
+        _demo_text(),
+        "[log]\n# `iortd demo` replaces this with --log-dir or the per-user data directory.\n"
+        'directory = "demo-log"\n',
+        "",
+    )
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, registry)
+    assert _issue(excinfo).key == "log"
+    log_dir = tmp_path / "logs"
+    loaded = load_config(path, registry, overrides={"log": {"directory": str(log_dir)}})
+    assert loaded.config.log.directory == log_dir
+
+
+# --- hash, unreadable files --------------------------------------------------------------
+
+
+def test_sha256_is_of_the_files_bytes(tmp_path: Path, registry: DriverRegistry) -> None:
+    raw = DEMO.read_bytes()
+    a = tmp_path / "a.toml"
+    a.write_bytes(raw)
+    b = tmp_path / "b.toml"
+    b.write_bytes(b"# a comment changes the bytes, not the config\n" + raw)
+    la, lb = load_config(a, registry), load_config(b, registry)
+    assert la.sha256 == hashlib.sha256(raw).hexdigest()
+    assert lb.sha256 == hashlib.sha256(b.read_bytes()).hexdigest()
+    assert la.sha256 != lb.sha256
+    assert la.config == lb.config
+
+
+def test_a_missing_file_is_one_issue_with_an_empty_key(
+    tmp_path: Path, registry: DriverRegistry
+) -> None:
+    path = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, registry)
+    issue = _issue(excinfo)
+    assert (issue.file, issue.key) == (path, "")
+    assert "not found" in issue.message
+    assert str(excinfo.value) == f"{path}: file not found"
+
+
+def test_a_directory_is_one_issue_with_an_empty_key(
+    tmp_path: Path, registry: DriverRegistry
+) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(tmp_path, registry)
+    issue = _issue(excinfo)
+    assert (issue.file, issue.key) == (tmp_path, "")
+    assert "directory" in issue.message
+    assert "TOML file" in issue.message
+
+
+# --- immutability ------------------------------------------------------------------------
+
+
+def test_loaded_config_is_frozen(registry: DriverRegistry) -> None:
+    loaded = load_config(DEMO, registry)
+    config = loaded.config
+    with pytest.raises(ValidationError, match="frozen"):
+        config.site = config.site  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="frozen"):
+        config.site.room = "or-2"  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="frozen"):
+        config.simulation.speed = 1.0  # type: ignore[misc]
+    with pytest.raises(ValidationError, match="frozen"):
+        config.devices[0].poll_interval_s = 5.0  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        loaded.sha256 = "0" * 64  # type: ignore[misc]
+    issue = ConfigIssue(DEMO, "site", "x")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        issue.key = "y"  # type: ignore[misc]
+    assert config.site.room == "or-1"
+
+
+def test_nested_containers_cannot_be_changed_in_place(registry: DriverRegistry) -> None:
+    config = load_config(DEMO, registry).config
+    for mutate in (
+        lambda: config.devices.append(config.devices[0]),
+        lambda: config.devices[0].options.__setitem__("preset_gy", 50.0),
+    ):
+        try:
+            mutate()
+        except (TypeError, AttributeError):
+            continue
+        raise AssertionError("a container of the loaded config was changed in place")
+
+
+# --- driver checks with fake drivers ------------------------------------------------------
+
+
+class FakeFactory:
+    def __init__(self, name: str, *, simulated: bool, roles: frozenset[str]) -> None:
+        self.name = name
+        self.simulated = simulated
+        self.roles = roles
+        self.validated: list[tuple[dict[str, Any], dict[str, Any]]] = []
+
+    def validate(self, options: Mapping[str, Any], transport: Mapping[str, Any]) -> None:
+        self.validated.append((dict(options), dict(transport)))
+
+    def create(self, spec: object, context: object) -> object:
+        raise AssertionError("load_config must not build a driver")
+
+
+def _demo_with_driver(tmp_path: Path, driver: str) -> Path:
+    return _write(tmp_path, _replace_once(_demo_text(), 'driver = "sim"', f'driver = "{driver}"'))
+
+
+def test_speed_must_be_1_with_a_real_driver(tmp_path: Path) -> None:
+    real = FakeFactory("fake-real", simulated=False, roles=frozenset({"source"}))
+    registry = DriverRegistry.of([real])  # type: ignore[list-item]
+    path = _demo_with_driver(tmp_path, "fake-real")
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, registry)
+    issue = _issue(excinfo)
+    assert issue.key == "simulation.speed"
+    assert "must be 1" in issue.message
+    assert "'fake-real'" in issue.message
+    # With speed 1 the same file is fine, and the driver saw its own options.
+    loaded = load_config(path, registry, overrides={"simulation": {"speed": 1.0}})
+    assert loaded.config.simulation.speed == 1.0
+    assert real.validated[-1] == (
+        {
+            "profile": "intrabeam",
+            "applicator": "SPH30",
+            "preset_gy": 20.0,
+            "start_delay_s": 30.0,
+            "serial": "SIM-IB-0001",
+        },
+        {},
+    )
+
+
+def test_a_role_the_driver_does_not_serve_is_named(tmp_path: Path) -> None:
+    reader = FakeFactory("fake-reader", simulated=True, roles=frozenset({"applicator"}))
+    registry = DriverRegistry.of([reader])  # type: ignore[list-item]
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(_demo_with_driver(tmp_path, "fake-reader"), registry)
+    issue = _issue(excinfo)
+    assert issue.key == "devices[0].role"
+    assert "applicator" in issue.message
+    assert "'source'" in issue.message
+
+
+def test_a_driver_that_fails_to_import_is_not_reported_as_missing(tmp_path: Path) -> None:
+    broken = EntryPoint(
+        name="broken", value="no_such_module_for_iortd_tests:Factory", group=ENTRY_POINT_GROUP
+    )
+    registry = DriverRegistry({"broken": broken})
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(_demo_with_driver(tmp_path, "broken"), registry)
+    issue = _issue(excinfo)
+    assert issue.key == "devices[0].driver"
+    assert "installed but failed to load" in issue.message
+    assert "no_such_module_for_iortd_tests" in issue.message
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("mqtt://127.0.0.1:1883", True),
+        ("mqtts://broker.example.internal", True),
+        ("mqtt://[::1]:1883", True),
+        ("mqtt://host:99999", False),
+        ("mqtt://host:0", False),
+        ("mqtt://host/topic", False),
+        ("tcp://host:1883", False),
+        ("mqtt://", False),
+    ],
+)
+def test_broker_url(url: str, ok: bool, registry: DriverRegistry) -> None:
+    demo = Path(__file__).parents[2] / "config" / "demo.toml"
+    overrides = {"mqtt": {"url": url}}
+    if ok:
+        assert load_config(demo, registry, overrides).config.mqtt.url == url
+        return
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(demo, registry, overrides)
+    (issue,) = excinfo.value.issues
+    assert issue.key == "mqtt.url"
+    assert "mqtt://HOST[:PORT]" in issue.message
+    assert "command line" in issue.message
+
+
+def test_not_utf8_names_the_line(tmp_path: Path, registry: DriverRegistry) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[site]\nid = "a"\nname = "Caf\xe9"\n')
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, registry)
+    (issue,) = excinfo.value.issues
+    assert "line 3" in issue.message
