@@ -1,0 +1,44 @@
+# Two commands for a new user:  `make demo`  and  `make test`.
+# Both bootstrap what they need: a virtual environment with the locked Python packages,
+# and the Debian packages (installed when run as root with apt-get, otherwise an exact
+# instruction is printed).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# Debian package:command pairs the tests and the demo rely on.
+SYSTEM_PACKAGES := mosquitto:mosquitto mosquitto-clients:mosquitto_sub
+
+.PHONY: demo test lint typecheck unit system-packages venv clean
+
+demo: venv system-packages
+	$(BIN)/iortd demo
+
+test: venv system-packages lint typecheck unit
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/lock.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' || \
+		{ echo "iortd needs Python 3.11 or newer; run: make PYTHON=python3.11 $(MAKECMDGOALS)" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
+		--constraint requirements/lock.txt --editable '.[dev]'
+	@touch $(STAMP)
+
+system-packages:
+	@scripts/ensure-system-packages $(SYSTEM_PACKAGES)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv
+	$(BIN)/mypy
+
+unit: venv
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis test-artifacts
