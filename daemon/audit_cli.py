@@ -1,39 +1,240 @@
-"""``iort-audit``: the auditors' tool for the delivery log.
+"""``iort-audit``: the auditors' tool for iortd delivery logs.
 
-Not built yet: the hash-chained audit log, and with it ``keygen``, ``verify``, ``show`` and
-``deliveries``, are the next piece of work. Until then this command says so plainly and
-exits 2, rather than pretending to verify anything.
+    iort-audit keygen --name NAME [--out DIR]
+    iort-audit verify PATH... [--pubkey FILE] [--checkpoint FILE]
+    iort-audit show PATH... [--delivery ID [--entries]] [--type T] [--since TS] [--until TS]
+    iort-audit deliveries PATH...
+
+Exit status: 0 intact / done; 1 the log is not intact (the first bad entry is named:
+file, line, seq, what is wrong); 2 usage error. ``show`` and ``deliveries`` verify the
+chain too and exit 1, after printing, when it is broken.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
 
 from daemon import __version__
+from daemon.audit.note import (
+    KeyFileError,
+    NoteError,
+    Verifier,
+    generate_keypair,
+    load_verifier,
+    write_keypair,
+)
+from daemon.audit.review import (
+    collect_deliveries,
+    format_entry,
+    format_summary,
+    load_entries,
+    one_line,
+)
+from daemon.audit.verify import VerifyReport, collect_files, verify_log
 
 __all__ = ["main"]
 
-PLANNED = ("keygen", "verify", "show", "deliveries")
+EXIT_OK, EXIT_BAD, EXIT_USAGE = 0, 1, 2
+
+
+def _err(msg: str) -> None:
+    print(f"iort-audit: {msg}", file=sys.stderr)  # noqa: T201 - CLI output
+
+
+def _out(msg: str) -> None:
+    print(msg)  # noqa: T201 - CLI output
+
+
+def _progress(total: int) -> Callable[[int], None] | None:
+    """A progress bar on stderr, only when it is a terminal and the log is large."""
+    if not sys.stderr.isatty() or total < 16 * 1024 * 1024:
+        return None
+
+    def show(done: int) -> None:
+        frac = min(done / total, 1.0)
+        bar = "#" * int(frac * 40)
+        sys.stderr.write(f"\rverifying [{bar:<40}] {frac:6.1%} of {total / 1e6:.0f} MB")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def _verify(paths: Sequence[Path], pubkey: Verifier | None, external: str | None) -> VerifyReport:
+    files = collect_files(paths)
+    total = sum(f.stat().st_size for f in files if f.is_file())
+    return verify_log(paths, pubkey=pubkey, external=external, progress=_progress(total))
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    try:
+        signer = generate_keypair(args.name)
+        key, pub = write_keypair(signer, args.out)
+    except NoteError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except FileExistsError:
+        _err(f"{args.out / (args.name + '.key')} exists; not overwriting a signing key")
+        return EXIT_USAGE
+    _out(f"private key: {key} (mode 0600; point log.signing_key_file at it)")
+    _out(f"public key:  {pub} (give it to auditors: iort-audit verify --pubkey {pub})")
+    _out(f"verifier key: {signer.verifier.text}")
+    return EXIT_OK
+
+
+def _check_paths(paths: Sequence[Path]) -> bool:
+    missing = [p for p in paths if not p.exists()]
+    for p in missing:
+        _err(f"{p}: no such file or directory")
+    return not missing
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    if not _check_paths(args.paths):
+        return EXIT_USAGE
+    pubkey = external = None
+    try:
+        if args.pubkey:
+            pubkey = load_verifier(args.pubkey)
+        if args.checkpoint:
+            if pubkey is None:
+                _err(
+                    "--checkpoint needs --pubkey: a checkpoint is only evidence "
+                    "if its signature is checked"
+                )
+                return EXIT_USAGE
+            external = args.checkpoint.read_text(encoding="utf-8")
+    except (KeyFileError, OSError, UnicodeDecodeError) as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    rep = _verify(args.paths, pubkey, external)
+    for w in rep.warnings:
+        _err(f"warning: {w}")
+    if not rep.intact:
+        _out(f"NOT INTACT: {rep.problem}")
+        _out(f"  {rep.entries} entries before it verified")
+        return EXIT_BAD
+    who = (
+        f"signed by {pubkey.name}"
+        if pubkey
+        else "checked against the key recorded in the log only (pass --pubkey for assurance)"
+    )
+    _out(
+        f"INTACT: {rep.entries} entries in {len(rep.files)} file(s), {rep.bytes} bytes; "
+        f"origin {rep.origin}"
+    )
+    _out(f"  head: seq {rep.head_seq}, hash {rep.head_hash}")
+    _out(f"  checkpoints: {rep.checkpoints} verified, {who}")
+    if rep.external_checkpoint:
+        _out(f"  checkpoint held elsewhere: {rep.external_checkpoint}")
+    else:
+        _out(
+            "  note: without --checkpoint, removal of the entries after the last checkpoint "
+            "cannot be detected"
+        )
+    return EXIT_OK
+
+
+def _parse_ts(text: str | None) -> str | None:
+    if text is None:
+        return None
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
+    if dt.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"give a time zone (e.g. Z): {text!r}")
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if dt.utcoffset() is not None else text
+
+
+def _chain_warning(paths: Sequence[Path]) -> VerifyReport:
+    rep = verify_log(paths)
+    if not rep.intact:
+        _err(f"warning: the log is NOT INTACT: {rep.problem}; run iort-audit verify")
+    return rep
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    if not _check_paths(args.paths):
+        return EXIT_USAGE
+    try:
+        since, until = _parse_ts(args.since), _parse_ts(args.until)
+    except argparse.ArgumentTypeError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    rep = _chain_warning(args.paths)
+    entries = load_entries(collect_files(args.paths))
+    if args.delivery:
+        records = [r for r in collect_deliveries(entries) if r.delivery_id == args.delivery]
+        if not records:
+            _err(
+                f"no delivery {args.delivery!r} in the log (list them with: iort-audit deliveries)"
+            )
+            return EXIT_USAGE
+        _out(format_summary(records[0]))
+        if not args.entries:
+            return EXIT_OK if rep.intact else EXIT_BAD
+        entries = [e for e in entries if e.get("delivery_id") == args.delivery]
+    for e in entries:
+        ts = str(e.get("ts", ""))
+        if args.type and e.get("type") not in args.type:
+            continue
+        if since and ts < since:
+            continue
+        if until and ts > until:
+            continue
+        _out(format_entry(e))
+    return EXIT_OK if rep.intact else EXIT_BAD
+
+
+def _cmd_deliveries(args: argparse.Namespace) -> int:
+    if not _check_paths(args.paths):
+        return EXIT_USAGE
+    rep = _chain_warning(args.paths)
+    for rec in collect_deliveries(load_entries(collect_files(args.paths))):
+        _out(one_line(rec))
+    return EXIT_OK if rep.intact else EXIT_BAD
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="iort-audit", description="Verify and review iortd delivery logs."
+    )
+    p.add_argument("--version", action="version", version=f"iort-audit {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing checkpoints")
+    k.add_argument("--name", required=True, help="key name, e.g. iortd-or-3 (no '+' or spaces)")
+    k.add_argument("--out", type=Path, default=Path(), help="directory for NAME.key and NAME.pub")
+    v = sub.add_parser("verify", help="check the chain, seqs and signatures of a log")
+    v.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="log directory or files")
+    v.add_argument("--pubkey", type=Path, metavar="FILE", help="the daemon's public key (NAME.pub)")
+    v.add_argument("--checkpoint", type=Path, metavar="FILE", help="a checkpoint kept off the host")
+    s = sub.add_parser("show", help="print entries, or one delivery's summary")
+    s.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    s.add_argument("--delivery", metavar="ID", help="summarise this delivery")
+    s.add_argument("--entries", action="store_true", help="with --delivery: its entries too")
+    s.add_argument("--type", action="append", metavar="T", help="only entries of this type")
+    s.add_argument("--since", metavar="TS", help="only entries at or after TS (ISO 8601, UTC)")
+    s.add_argument("--until", metavar="TS", help="only entries at or before TS")
+    d = sub.add_parser("deliveries", help="list deliveries, one line each")
+    d.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="iort-audit",
-        description="Verify and review iortd delivery logs (not built yet: "
-        + ", ".join(PLANNED)
-        + " arrive with the audit log).",
-    )
-    p.add_argument("--version", action="version", version=f"iort-audit {__version__}")
-    p.add_argument("command", nargs="?", help=f"one of: {', '.join(PLANNED)}")
-    args, _ = p.parse_known_args(argv)
-    name = args.command or "(none)"
-    print(  # noqa: T201
-        f"iort-audit: {name}: not built yet; this version of iortd writes no audit log to verify",
-        file=sys.stderr,
-    )
-    return 2
+    args = _parser().parse_args(argv)
+    handlers = {
+        "keygen": _cmd_keygen,
+        "verify": _cmd_verify,
+        "show": _cmd_show,
+        "deliveries": _cmd_deliveries,
+    }
+    return handlers[args.command](args)
 
 
 if __name__ == "__main__":  # pragma: no cover

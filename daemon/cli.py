@@ -19,6 +19,14 @@ from typing import Any
 import structlog
 
 from daemon import __version__
+from daemon.audit.note import (
+    KeyFileError,
+    Signer,
+    generate_keypair,
+    load_signer,
+    write_keypair,
+)
+from daemon.audit.writer import AuditLog, new_origin
 from daemon.config import ConfigError, LoadedConfig, load_config
 from daemon.console import ConsoleView
 from daemon.logs import configure_logging
@@ -32,6 +40,7 @@ __all__ = ["main"]
 EXIT_OK = 0
 EXIT_BAD = 1
 EXIT_USAGE = 2
+DEMO_KEY_NAME = "iortd-demo"
 
 log = structlog.get_logger("iortd")
 
@@ -85,20 +94,43 @@ def _load(path: Path, overrides: dict[str, dict[str, Any]] | None = None) -> Loa
         return None
 
 
-async def _serve(daemon: Daemon, duration_s: float | None) -> RunResult:
+async def _serve(
+    loaded: LoadedConfig,
+    sinks: list[Sink],
+    signer: Signer | None,
+    *,
+    duration_s: float | None = None,
+    stop_after_delivery: bool = False,
+) -> RunResult:
+    c = loaded.config
+    # The log is opened (and recovered after a crash) before any device is touched.
+    audit = await AuditLog.open(
+        c.log.directory,
+        origin=new_origin(c.site.id, c.site.room),
+        group_commit_s=c.log.group_commit_ms / 1000,
+        rotate_max_bytes=c.log.rotate_max_bytes,
+        signer=signer,
+    )
+    daemon = Daemon(
+        loaded,
+        DriverRegistry.from_entry_points(),
+        _clock_for(loaded),
+        sinks,
+        audit=audit,
+        stop_after_delivery=stop_after_delivery,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     task = asyncio.create_task(daemon.run(stop), name="daemon")
     try:
-        if duration_s is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(duration_s):
-                    await stop.wait()
-            stop.set()
-        else:
-            await stop.wait()
+        waiter = asyncio.create_task(stop.wait(), name="stop")
+        done, _ = await asyncio.wait(
+            {task, waiter}, timeout=duration_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        waiter.cancel()
+        stop.set()
         # Shutdown is bounded: whatever has not finished in time is cancelled, with a reason.
         done, _ = await asyncio.wait({task}, timeout=SHUTDOWN_TIMEOUT_S * 2)
         if not done:
@@ -131,14 +163,36 @@ def _clock_for(loaded: LoadedConfig) -> Clock:
     return SystemClock() if speed == 1.0 else ScaledClock(speed)
 
 
+def _error(message: str) -> int:
+    print(f"iortd: {message}", file=sys.stderr)  # noqa: T201 - CLI output
+    return EXIT_USAGE
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     loaded = _load(args.config)
     if loaded is None:
         return EXIT_USAGE
-    sinks: list[Sink] = [OperationalLogSink()]
-    daemon = Daemon(loaded, DriverRegistry.from_entry_points(), _clock_for(loaded), sinks)
-    asyncio.run(_serve(daemon, None))
+    key = loaded.config.log.signing_key_file
+    if key is None:
+        return _error(
+            f"config error: {args.config}: log.signing_key_file: required by `iortd run` "
+            "(the audit log's checkpoints are signed); create one with: iort-audit keygen"
+        )
+    try:
+        signer = load_signer(key)
+    except KeyFileError as exc:
+        return _error(f"config error: {args.config}: log.signing_key_file: {exc}")
+    asyncio.run(_serve(loaded, [OperationalLogSink()], signer))
     return EXIT_OK
+
+
+def _demo_signer() -> tuple[Signer, Path]:
+    """The demo signs with a key of its own, made once in the per-user data directory."""
+    directory = default_data_dir() / "demo-key"
+    key = directory / f"{DEMO_KEY_NAME}.key"
+    if not key.exists():
+        write_keypair(generate_keypair(DEMO_KEY_NAME), directory)
+    return load_signer(key), directory / f"{DEMO_KEY_NAME}.pub"
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -155,25 +209,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     loaded = _load(args.config or default_demo_config(), overrides)
     if loaded is None:
         return EXIT_USAGE
+    try:
+        signer, pub = _demo_signer()
+    except (OSError, KeyFileError) as exc:
+        return _error(f"demo signing key: {exc}")
     c = loaded.config
     out = sys.stdout
     print(
         f"iortd demo {__version__}: site {c.site.id}, room {c.site.room}, "
         f"speed x{c.simulation.speed:g}, seed {c.simulation.seed}\n"
-        f"audit log directory: {c.log.directory} (the hash-chained audit log is not built "
-        f"yet: nothing is written there)",
+        f"audit log: {c.log.directory}\n"
+        f"verify it: iort-audit verify {c.log.directory} --pubkey {pub}",
         file=out,
     )
     view = ConsoleView(out, live=out.isatty())
     sinks: list[Sink] = [OperationalLogSink(), view]
-    daemon = Daemon(
-        loaded,
-        DriverRegistry.from_entry_points(),
-        _clock_for(loaded),
-        sinks,
-        stop_after_delivery=True,
+    result = asyncio.run(
+        _serve(loaded, sinks, signer, duration_s=args.duration, stop_after_delivery=True)
     )
-    result = asyncio.run(_serve(daemon, args.duration))
     if not result.terminated:
         print("demo stopped before the delivery ended", file=out)
     return EXIT_OK

@@ -23,10 +23,12 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_serializer,
     field_validator,
     model_validator,
 )
 
+from daemon.audit.note import KeyFileError, load_signer
 from drivers.errors import DriverConfigError, DriverOptionError
 from drivers.registry import DriverRegistry
 
@@ -162,6 +164,11 @@ class DeviceConfig(_Model):
         frozen: Mapping[str, Any] = _freeze(value)
         return frozen
 
+    @field_serializer("transport", "options")
+    def _plain(self, value: Mapping[str, Any]) -> dict[str, Any]:
+        thawed: dict[str, Any] = _thaw(value)
+        return thawed
+
 
 class Config(_Model):
     site: SiteConfig
@@ -178,6 +185,14 @@ class Config(_Model):
     def source(self) -> DeviceConfig:
         """The one source device (load_config has checked there is exactly one)."""
         return next(d for d in self.devices if d.role == "source")
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
 
 
 def _freeze(value: Any) -> Any:
@@ -281,6 +296,13 @@ def _check_files(config: Config, file: Path) -> list[ConfigIssue]:
     ):
         if value is not None and not value.is_file():
             issues.append(ConfigIssue(file, f"{section}.{key}", f"file not found: {value}"))
+    key_file = config.log.signing_key_file
+    if key_file is not None and key_file.is_file():
+        # Refused here, before anything starts, rather than at the first checkpoint.
+        try:
+            load_signer(key_file)
+        except KeyFileError as exc:
+            issues.append(ConfigIssue(file, "log.signing_key_file", str(exc)))
     return issues
 
 

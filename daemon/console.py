@@ -120,6 +120,13 @@ class ConsoleView:
                 case _:
                     pass
 
+    async def checkpoint(self, note: str) -> None:
+        origin, count = note.split("\n", 2)[:2]
+        self._println(f"  audit checkpoint signed: {count} entries ({origin})")
+
+    async def notice(self, severity: str, message: str) -> None:
+        self._println(f"  {severity.upper()}: {message}")
+
     async def aclose(self) -> None:
         if self._line_open:
             self._out.write("\n")

@@ -1,21 +1,34 @@
-"""The composition root: builds drivers, tracker and sinks, runs them in one TaskGroup.
+"""The composition root: builds drivers, tracker, audit log and sinks; runs one TaskGroup.
 
-Start-up: config already validated (nothing here re-checks it) -> drivers built from the
-registry -> sinks -> one task per device plus a watchdog. A signal only sets ``stop``;
-shutdown is ordered and bounded: device tasks end, drivers close, then sinks close in
-reverse order so that the record (the first sink) is closed last.
+Start-up: config already validated (nothing here re-checks it) -> audit log opened and
+recovered by the caller -> drivers built from the registry -> one poll task per device, a
+stale-data watchdog, a checkpoint timer and the sink dispatcher.
+
+The record comes first: every event is appended to the audit log and fsync'd before any
+other sink hears of it; samples are appended (and group-committed within the window)
+before other sinks hear of them. The device loop never waits for the disk: a dispatcher
+task waits for durability and then tells the other sinks, in order.
+
+A signal only sets ``stop``. Shutdown is ordered and bounded: device tasks end, drivers
+close, ``daemon_stop`` and a final checkpoint are written, the dispatcher drains, other
+sinks close, and the audit log is flushed and closed last.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import structlog
 
+from daemon import __version__
+from daemon.audit.entries import event_entry, plain, sample_entry
+from daemon.audit.writer import AuditLog, RecoveryReport, utc_ts
 from daemon.config import Config, DeviceConfig, LoadedConfig
 from daemon.sinks import Sample, Sink
 from daemon.tracker import (
@@ -29,6 +42,7 @@ from drivers.clock import Clock
 from drivers.errors import DriverError, ProtocolViolation
 from drivers.interface import DriverContext, DriverSpec, SourceDriver
 from drivers.registry import DriverRegistry
+from drivers.types import DeviceIdentity
 
 __all__ = ["Daemon", "RunResult", "tracker_settings"]
 
@@ -65,6 +79,21 @@ class RunResult:
     terminated: list[Terminated] = field(default_factory=list)
     last_snapshot: DeliverySnapshot | None = None
     link_losses: int = 0
+    checkpoints: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """One thing for the other sinks, released once ``durable`` is done."""
+
+    durable: asyncio.Future[None] | None = None
+    sample: Sample | None = None
+    events: Sequence[TrackerEvent] = ()
+    identified: tuple[str, DeviceIdentity] | None = None
+    checkpoint: str | None = None
+
+
+_END = _Item()
 
 
 class Daemon:
@@ -75,6 +104,7 @@ class Daemon:
         clock: Clock,
         sinks: Sequence[Sink],
         *,
+        audit: tuple[AuditLog, RecoveryReport] | None = None,
         stop_after_delivery: bool = False,
     ) -> None:
         self.config = loaded.config
@@ -82,10 +112,18 @@ class Daemon:
         self._registry = registry
         self._clock = clock
         self._sinks = list(sinks)
+        self._audit: AuditLog | None = audit[0] if audit is not None else None
+        self._recovery: RecoveryReport | None = audit[1] if audit is not None else None
+        if self._audit is not None:
+            self._audit.on_failure = self._on_audit_failure
+            self._audit.on_recovered = self._on_audit_recovered
         self._stop_after_delivery = stop_after_delivery
         self.tracker = DeliveryTracker(tracker_settings(self.config, clock.speed))
         self.result = RunResult()
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
+        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._checkpoint_due = asyncio.Event()
+        self._notices: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self.ready = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> RunResult:
@@ -98,15 +136,151 @@ class Daemon:
             speed=self._clock.speed,
         )
         try:
-            async with asyncio.TaskGroup() as tg:
-                src = self.config.source
-                tg.create_task(self._poll_source(src, stop), name=f"device:{src.name}")
-                tg.create_task(self._watchdog(stop), name="watchdog")
-                await stop.wait()
+            async with asyncio.TaskGroup() as outer:
+                if self._audit is not None:
+                    outer.create_task(self._audit.run(), name="audit-writer")
+                dispatcher = outer.create_task(self._dispatch(), name="dispatcher")
+                notices = outer.create_task(self._notify(), name="notices")
+                self._record_start()
+                async with asyncio.TaskGroup() as tg:
+                    src = self.config.source
+                    tg.create_task(self._poll_source(src, stop), name=f"device:{src.name}")
+                    tg.create_task(self._watchdog(stop), name="watchdog")
+                    tg.create_task(self._checkpoints(stop), name="checkpoints")
+                    await stop.wait()
+                    self._checkpoint_due.set()  # wakes the checkpoint task to see stop
+                await self._record_stop()
+                self._queue.put_nowait(_END)
+                try:
+                    async with asyncio.timeout(SHUTDOWN_TIMEOUT_S):
+                        await dispatcher
+                except TimeoutError:
+                    log.error("dispatcher_drain_timeout", pending=self._queue.qsize())  # noqa: TRY400
+                    dispatcher.cancel(msg="shutdown: dispatcher did not drain in time")
+                notices.cancel(msg="shutdown")
+                await self._close_sinks()
+                if self._audit is not None:
+                    # Last of all: everything pending is written and fsync'd.
+                    await self._audit.close()
         finally:
-            await self._close_sinks()
+            if self._audit is not None:
+                await self._audit.close()
         log.info("daemon_stopped", deliveries=len(self.result.terminated))
         return self.result
+
+    # ---- the record ------------------------------------------------------------------
+
+    def _record_start(self) -> None:
+        audit, rec = self._audit, self._recovery
+        if audit is None or rec is None:
+            return
+        now = utc_ts(datetime.now(UTC))
+        if rec.previous_stop == "crash":
+            audit.append(
+                "recovery",
+                {
+                    "previous_stop": "crash",
+                    "last_seq": rec.last_seq,
+                    "last_hash": rec.last_hash,
+                    "last_ts": rec.last_ts,
+                    "tail_bytes": rec.tail_bytes,
+                    "tail_kept_at": rec.tail_kept_at,
+                    "segments_set_aside": list(rec.segments_set_aside),
+                },
+                durable=True,
+            )
+        if rec.open_delivery_id is not None:
+            # The previous run ended during a delivery: nobody watched from its last entry
+            # until now. Close that delivery as interrupted by a monitoring gap.
+            gap = {
+                "cause": f"daemon not running ({rec.previous_stop} stop)",
+                "start": rec.last_ts,
+                "end": now,
+            }
+            audit.append("monitoring_gap", gap, delivery_id=rec.open_delivery_id, durable=True)
+            audit.append(
+                "delivery_terminated",
+                {
+                    "status": "UNKNOWN",
+                    "reason": "interrupted by a monitoring gap",
+                    "gap": gap,
+                    "last_sample": dict(rec.open_delivery_last_sample or {}),
+                },
+                delivery_id=rec.open_delivery_id,
+                durable=True,
+            )
+        signer = audit.signer
+        audit.append(
+            "daemon_start",
+            {
+                "software_version": __version__,
+                "pid": os.getpid(),
+                "previous_stop": rec.previous_stop,
+                "clock_speed": self._clock.speed,
+                "verifier_key": None if signer is None else signer.verifier.text,
+            },
+            durable=True,
+        )
+        audit.append(
+            "config_loaded",
+            {
+                "file": str(self._loaded.path),
+                "sha256": self._loaded.sha256,
+                "config": plain(self.config.model_dump(mode="json")),
+            },
+            durable=True,
+        )
+
+    async def _record_stop(self) -> None:
+        if self._audit is None:
+            return
+        snap = self.tracker.snapshot()
+        open_delivery = snap.delivery_id if snap is not None and snap.termination is None else None
+        entry = self._audit.append(
+            "daemon_stop",
+            {"clean": True, "open_delivery": open_delivery},
+            durable=True,
+        )
+        note = await self._audit.checkpoint("shutdown")
+        await entry.committed
+        if note is not None:
+            self.result.checkpoints.append(note)
+            self._queue.put_nowait(_Item(checkpoint=note))
+
+    def _on_audit_failure(self, exc: OSError) -> None:
+        """Called by the writer: the log cannot be written. Tell every other channel now,
+        bypassing the queue (which waits for the very disk that is failing)."""
+        self._notices.put_nowait(("critical", f"audit log cannot be written: {exc}; retrying"))
+
+    def _on_audit_recovered(self, outage_s: float) -> None:
+        self._notices.put_nowait(("info", f"audit log writable again after {outage_s:.1f} s"))
+
+    async def _notify(self) -> None:
+        while True:
+            severity, message = await self._notices.get()
+            for sink in self._sinks:
+                try:
+                    await sink.notice(severity, message)
+                except Exception:
+                    log.exception("sink_failed", sink=sink.name)
+
+    async def _checkpoints(self, stop: asyncio.Event) -> None:
+        """A signed checkpoint at every delivery end and every checkpoint interval."""
+        if self._audit is None or self._audit.signer is None:
+            return
+        interval = self.config.log.checkpoint_interval_s
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._checkpoint_due.wait()
+            if stop.is_set():
+                return  # the shutdown writes the last checkpoint
+            reason = "delivery_end" if self._checkpoint_due.is_set() else "interval"
+            self._checkpoint_due.clear()
+            note = await self._audit.checkpoint(reason)
+            if note is not None:
+                self.result.checkpoints.append(note)
+                self._queue.put_nowait(_Item(checkpoint=note))
 
     # ---- devices ----------------------------------------------------------------------
 
@@ -138,8 +312,7 @@ class Daemon:
             try:
                 async with asyncio.timeout(dev.timeout_s):
                     identity = await driver.identify()
-                for sink in self._sinks:
-                    await sink.started(dev.name, identity)
+                self._identified(dev.name, identity)
                 log.info("device_connected", device=dev.name, driver=dev.driver)
                 backoff = BACKOFF_INITIAL_S
                 await self._poll_loop(dev, driver, stop)
@@ -177,7 +350,7 @@ class Daemon:
                     interlocks=dict(self.tracker.interlocks),
                     all_clear=self.tracker.all_clear,
                 )
-                await self._emit(sample, events)
+                self._emit(sample, events)
                 self.ready.set()
                 if self._stop_after_delivery and any(isinstance(e, Terminated) for e in events):
                     stop.set()
@@ -200,7 +373,7 @@ class Daemon:
                     await stop.wait()
             events = self.tracker.on_tick(self._clock.monotonic_ns(), self._clock.utc())
             if events:
-                await self._emit(None, events)
+                self._emit(None, events)
 
     async def _link_lost(self, dev: DeviceConfig, exc: BaseException) -> None:
         self.result.link_losses += 1
@@ -208,7 +381,7 @@ class Daemon:
         log.error("device_link_lost", device=dev.name, reason=reason)
         events = self.tracker.on_link_lost(self._clock.monotonic_ns(), self._clock.utc(), reason)
         if events:
-            await self._emit(None, events)
+            self._emit(None, events)
 
     async def _backoff(self, current: float, stop: asyncio.Event) -> float:
         delay = self._rng.uniform(current / 2, current)
@@ -220,25 +393,68 @@ class Daemon:
 
     # ---- sinks ------------------------------------------------------------------------
 
-    async def _emit(self, sample: Sample | None, events: Sequence[TrackerEvent]) -> None:
+    def _identified(self, device: str, identity: DeviceIdentity) -> None:
+        durable = None
+        if self._audit is not None:
+            entry = self._audit.append(
+                "device_identified",
+                {
+                    "device": device,
+                    "manufacturer": identity.manufacturer,
+                    "model": identity.model,
+                    "serial": identity.serial,
+                    "firmware": identity.firmware,
+                    "simulated": identity.simulated,
+                },
+                durable=True,
+            )
+            durable = entry.committed
+        self._queue.put_nowait(_Item(durable=durable, identified=(device, identity)))
+
+    def _emit(self, sample: Sample | None, events: Sequence[TrackerEvent]) -> None:
+        """Record first, then queue for the other sinks. Never waits for the disk."""
+        ended = False
         for ev in events:
             if isinstance(ev, Terminated):
                 self.result.terminated.append(ev)
+                ended = True
         if sample is not None:
             self.result.last_snapshot = sample.delivery
-        # In order: the first sink is the record and is awaited before the others hear.
-        # An error in the record stops the daemon (nothing may be shown unrecorded); an
-        # error in any later sink is logged and that sink misses this item, nothing more.
-        for i, sink in enumerate(self._sinks):
-            try:
-                if events:
-                    await sink.events(events)
-                if sample is not None:
-                    await sink.sample(sample)
-            except Exception:
-                if i == 0:
-                    raise
-                log.exception("sink_failed", sink=sink.name)
+        durable = None
+        if self._audit is not None:
+            snap = self.tracker.snapshot()
+            current = snap.delivery_id if snap is not None else None
+            for ev in events:
+                kind, data, did = event_entry(ev, current)
+                durable = self._audit.append(kind, data, delivery_id=did, durable=True).committed
+            if sample is not None:
+                kind, data, did = sample_entry(sample)
+                self._audit.append(kind, data, delivery_id=did)
+        self._queue.put_nowait(_Item(durable=durable, sample=sample, events=tuple(events)))
+        if ended:
+            self._checkpoint_due.set()
+
+    async def _dispatch(self) -> None:
+        """Tell the other sinks, in order, once what they are told is in the record. A
+        failing sink is logged and misses that item; it cannot stop the daemon."""
+        while True:
+            item = await self._queue.get()
+            if item is _END:
+                return
+            if item.durable is not None:
+                await item.durable
+            for sink in self._sinks:
+                try:
+                    if item.identified is not None:
+                        await sink.started(*item.identified)
+                    if item.events:
+                        await sink.events(item.events)
+                    if item.sample is not None:
+                        await sink.sample(item.sample)
+                    if item.checkpoint is not None:
+                        await sink.checkpoint(item.checkpoint)
+                except Exception:
+                    log.exception("sink_failed", sink=sink.name)
 
     async def _close_sinks(self) -> None:
         for sink in reversed(self._sinks):

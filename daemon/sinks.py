@@ -51,6 +51,14 @@ class Sink(Protocol):
 
     async def events(self, events: Sequence[TrackerEvent]) -> None: ...
 
+    async def checkpoint(self, note: str) -> None:
+        """A signed checkpoint of the audit log, to keep a copy off the host."""
+        ...
+
+    async def notice(self, severity: str, message: str) -> None:
+        """Out-of-band news that cannot wait for the record (the log itself failing)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -126,6 +134,14 @@ class OperationalLogSink:
                         gaps=len(s.gaps),
                     )
                     structlog.contextvars.unbind_contextvars("delivery_id")
+
+    async def checkpoint(self, note: str) -> None:
+        first = note.split("\n", 3)
+        self._log.info("audit_checkpoint", origin=first[0], count=int(first[1]))
+
+    async def notice(self, severity: str, message: str) -> None:
+        level = "critical" if severity == "critical" else "info"
+        getattr(self._log, level)("notice", message=message)
 
     async def aclose(self) -> None:
         return None

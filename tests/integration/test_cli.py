@@ -19,15 +19,34 @@ IORT_SIM = str(BIN / "iort-sim")
 IORT_AUDIT = str(BIN / "iort-audit")
 
 
-def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, check=False)
+@pytest.fixture(autouse=True)
+def private_data_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The demo keeps its signing key in the per-user data directory: never the real one."""
+    home = tmp_path / "data-home"
+    monkeypatch.setenv("XDG_DATA_HOME", str(home))
+    return home
 
 
-def test_demo_runs_one_simulated_delivery_to_normal_termination(tmp_path: Path) -> None:
-    p = run(IORTD, "demo", "--speed", "1200", "--duration", "60", "--log-dir", str(tmp_path))
+def run(
+    *args: str, timeout: float = 60, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        list(args), capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd
+    )
+
+
+def test_demo_runs_one_simulated_delivery_to_normal_termination(
+    tmp_path: Path, private_data_home: Path
+) -> None:
+    logdir = tmp_path / "log"
+    p = run(IORTD, "demo", "--speed", "1200", "--duration", "60", "--log-dir", str(logdir))
     assert p.returncode == 0, p.stderr
     out = p.stdout
-    assert str(tmp_path) in out, "the demo says where the log goes"
+    assert f"audit log: {logdir}" in out, "the demo says where the log goes"
+    pub = private_data_home / "iortd" / "demo-key" / "iortd-demo.pub"
+    assert f"iort-audit verify {logdir} --pubkey {pub}" in out
+    key = private_data_home / "iortd" / "demo-key" / "iortd-demo.key"
+    assert key.stat().st_mode & 0o777 == 0o600
     assert "[SIMULATED]" in out
     assert "terminated NORMAL (preset_reached)" in out
     assert "primary 20.000 Gy" in out
@@ -37,19 +56,22 @@ def test_demo_runs_one_simulated_delivery_to_normal_termination(tmp_path: Path) 
     ]
     assert len(fractions) >= 5
     assert fractions == sorted(fractions)
+    # What the demo showed is what the log holds, and the log verifies against the key.
+    v = run(IORT_AUDIT, "verify", str(logdir), "--pubkey", str(pub))
+    assert v.returncode == 0, v.stdout + v.stderr
+    assert v.stdout.startswith("INTACT: ")
+    listing = run(IORT_AUDIT, "deliveries", str(logdir))
+    assert listing.returncode == 0, listing.stderr
+    (line,) = listing.stdout.splitlines()
+    assert " NORMAL " in line
+    assert "20.000/20.000 Gy" in line
 
 
 def test_demo_log_dir_is_relative_to_the_working_directory(tmp_path: Path) -> None:
-    p = subprocess.run(
-        [IORTD, "demo", "--speed", "1", "--duration", "0.2", "--log-dir", "mylogs"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-        cwd=tmp_path,
-    )
+    p = run(IORTD, "demo", "--speed", "1", "--duration", "0.2", "--log-dir", "mylogs", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
-    assert f"audit log directory: {tmp_path / 'mylogs'}" in p.stdout
+    assert f"audit log: {tmp_path / 'mylogs'}\n" in p.stdout
+    assert (tmp_path / "mylogs" / "checkpoint").is_file()
 
 
 def test_demo_duration_bounds_the_run(tmp_path: Path) -> None:
@@ -66,15 +88,22 @@ def test_demo_rejects_a_bad_speed_naming_the_key() -> None:
     assert "greater than or equal to 0.01" in line
 
 
-def test_run_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+def test_run_refuses_to_start_without_a_signing_key(tmp_path: Path) -> None:
     cfg = tmp_path / "site.toml"
-    cfg.write_text(
-        """
+    cfg.write_text(SITE.format(key=""))
+    p = run(IORTD, "run", "--config", str(cfg))
+    assert p.returncode == 2
+    assert "log.signing_key_file: required" in p.stderr
+    assert not (tmp_path / "log").exists(), "nothing is written before the config is usable"
+
+
+SITE = """
 [site]
 id = "sig-test"
 room = "or-2"
 [log]
 directory = "log"
+{key}
 [[devices]]
 name = "source-1"
 driver = "sim"
@@ -82,7 +111,13 @@ poll_interval_s = 0.05
 [devices.options]
 applicator = "SPH30"
 """
-    )
+
+
+def test_run_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    keygen = run(IORT_AUDIT, "keygen", "--name", "or-2", "--out", str(tmp_path / "keys"))
+    assert keygen.returncode == 0, keygen.stderr
+    cfg = tmp_path / "site.toml"
+    cfg.write_text(SITE.format(key='signing_key_file = "keys/or-2.key"'))
 
     async def scenario() -> tuple[int, list[dict[str, object]]]:
         proc = await asyncio.create_subprocess_exec(
@@ -121,6 +156,13 @@ applicator = "SPH30"
     assert start["config_sha256"]
     assert start["site"] == "sig-test"
     assert all("timestamp" in e and "level" in e for e in lines)
+    # The audit log says it was a clean stop, and verifies against the key.
+    v = run(
+        IORT_AUDIT, "verify", str(tmp_path / "log"), "--pubkey", str(tmp_path / "keys/or-2.pub")
+    )
+    assert v.returncode == 0, v.stdout
+    shown = run(IORT_AUDIT, "show", str(tmp_path / "log"), "--type", "daemon_stop")
+    assert "clean=True" in shown.stdout
 
 
 def test_iort_sim_run_is_reproducible_from_its_seed() -> None:
@@ -142,7 +184,8 @@ def test_iort_sim_unknown_applicator_lists_the_known_ones() -> None:
     assert "SPH30" in p.stderr
 
 
-def test_iort_audit_says_it_is_not_built_yet() -> None:
-    p = run(IORT_AUDIT, "verify", "somewhere")
+def test_iort_audit_usage_errors_exit_2(tmp_path: Path) -> None:
+    p = run(IORT_AUDIT, "verify", str(tmp_path / "nowhere"))
     assert p.returncode == 2
-    assert "not built yet" in p.stderr
+    assert "no such file or directory" in p.stderr
+    assert run(IORT_AUDIT).returncode == 2

@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import pytest
 from pydantic import ValidationError
 
+from daemon.audit.note import generate_keypair, write_keypair
 from daemon.config import ConfigError, ConfigIssue, LoadedConfig, load_config
 from drivers.registry import ENTRY_POINT_GROUP, DriverRegistry
 
@@ -221,10 +222,11 @@ def test_relative_paths_resolve_against_the_config_files_directory(
     tmp_path: Path, registry: DriverRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     conf_dir = tmp_path / "etc" / "iortd"
-    for rel in ("certs/ca.pem", "keys/signing.key", "../shared/mqtt.password"):
+    for rel in ("certs/ca.pem", "../shared/mqtt.password"):
         target = conf_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text("x", encoding="utf-8")
+    write_keypair(generate_keypair("signing"), conf_dir / "keys")
     text = _replace_once(
         _demo_text(),
         'directory = "demo-log"',
@@ -510,3 +512,18 @@ def test_not_utf8_names_the_line(tmp_path: Path, registry: DriverRegistry) -> No
         load_config(path, registry)
     (issue,) = excinfo.value.issues
     assert "line 3" in issue.message
+
+
+def test_a_signing_key_readable_by_others_is_refused(tmp_path: Path) -> None:
+    key, _ = write_keypair(generate_keypair("or-1"), tmp_path / "keys")
+    key.chmod(0o644)
+    cfg = tmp_path / "site.toml"
+    demo = (Path(__file__).parents[2] / "config" / "demo.toml").read_text()
+    cfg.write_text(demo.replace("[log]\n", '[log]\nsigning_key_file = "keys/or-1.key"\n'))
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(cfg, DriverRegistry.from_entry_points())
+    (issue,) = excinfo.value.issues
+    assert issue.key == "log.signing_key_file"
+    assert "chmod 600" in issue.message
+    key.chmod(0o600)
+    assert load_config(cfg, DriverRegistry.from_entry_points()).config.log.signing_key_file == key

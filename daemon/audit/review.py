@@ -1,0 +1,235 @@
+"""Reading a log for people: entries as lines, deliveries as summaries.
+
+Works on the parsed entries; verification is verify.py's job (the command runs both).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from daemon.audit.verify import iter_entries
+
+__all__ = [
+    "DeliveryRecord",
+    "collect_deliveries",
+    "format_entry",
+    "format_summary",
+    "load_entries",
+]
+
+
+def load_entries(files: Sequence[Path]) -> list[dict[str, Any]]:
+    out = []
+    for _path, _n, raw in iter_entries(files):
+        if not raw.endswith(b"\n"):
+            break
+        try:
+            entry = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            break
+        if isinstance(entry, dict):
+            out.append(entry)
+    return out
+
+
+def _mmss(seconds: Any) -> str:
+    if not isinstance(seconds, int | float):
+        return "--:--"
+    s = max(round(seconds), 0)
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
+
+
+def _gy(x: Any) -> str:
+    return f"{x:.3f}" if isinstance(x, int | float) else str(x)
+
+
+def format_entry(e: dict[str, Any]) -> str:
+    d = e.get("data") or {}
+    kind = e.get("type", "?")
+    did = e.get("delivery_id") or "-"
+    if kind == "sample":
+        text = (
+            f"{d.get('state')} dose {_gy(d.get('dose_primary_gy'))}/{_gy(d.get('preset_gy'))} Gy "
+            f"(2nd {_gy(d.get('dose_secondary_gy'))}) rate {_gy(d.get('dose_rate_gy_min'))} Gy/min "
+            f"beam-on {_mmss(d.get('beam_on_s'))} kV {d.get('kv')} uA {d.get('ua')}"
+            + ("" if d.get("all_clear") else " INTERLOCKS NOT CLEAR")
+        )
+    elif kind == "checkpoint":
+        text = f"count {d.get('count')} head {str(d.get('head'))[:16]}..."
+    elif kind == "config_loaded":
+        text = f"{d.get('file')} sha256 {str(d.get('sha256'))[:16]}..."
+    elif kind == "delivery_terminated":
+        s = d.get("summary") or d.get("last_sample") or {}
+        text = (
+            f"{d.get('status')} ({d.get('reason')}) delivered "
+            f"{_gy(s.get('delivered_primary_gy'))} Gy"
+        )
+    else:
+        text = " ".join(
+            f"{k}={v}" for k, v in sorted(d.items()) if not isinstance(v, dict | list) and k != "at"
+        )
+    return f"{e.get('seq', '?'):>8} {e.get('ts', '?')} {kind:<24} {did:<32} {text}"
+
+
+@dataclass
+class DeliveryRecord:
+    delivery_id: str
+    started: str | None = None
+    preset_gy: Any = None
+    joined: bool = False
+    status: str | None = None
+    reason: str | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    last_sample: dict[str, Any] = field(default_factory=dict)
+    device: dict[str, Any] = field(default_factory=dict)
+    phases: list[dict[str, Any]] = field(default_factory=list)
+    interlocks: list[dict[str, Any]] = field(default_factory=list)
+    alarms: list[dict[str, Any]] = field(default_factory=list)
+    gaps: list[dict[str, Any]] = field(default_factory=list)
+    actions: list[dict[str, Any]] = field(default_factory=list)
+    last_seq: int | None = None
+    last_hash: str | None = None
+    covering_checkpoint: int | None = None  # seq of the first checkpoint after the end
+    simulated: bool = False
+
+
+def collect_deliveries(entries: Iterable[dict[str, Any]]) -> list[DeliveryRecord]:
+    out: dict[str, DeliveryRecord] = {}
+    device: dict[str, Any] = {}
+    awaiting_checkpoint: list[DeliveryRecord] = []
+    for e in entries:
+        kind, d = e.get("type"), e.get("data") or {}
+        if kind == "device_identified":
+            device = d
+        if kind == "checkpoint":
+            for rec in awaiting_checkpoint:
+                rec.covering_checkpoint = e.get("seq")
+            awaiting_checkpoint = []
+        did = e.get("delivery_id")
+        if not isinstance(did, str):
+            continue
+        rec = out.setdefault(did, DeliveryRecord(did, device=device))
+        rec.last_seq, rec.last_hash = e.get("seq"), e.get("hash")
+        if kind == "delivery_started":
+            rec.started = d.get("at") or e.get("ts")
+            rec.preset_gy = d.get("preset_gy")
+            rec.joined = bool(d.get("joined_in_progress"))
+        elif kind == "sample":
+            rec.last_sample = d
+            rec.simulated = rec.simulated or bool(d.get("simulated"))
+        elif kind == "phase_changed":
+            rec.phases.append({**d, "seq": e.get("seq")})
+        elif kind == "interlock_changed":
+            rec.interlocks.append({**d, "seq": e.get("seq")})
+        elif kind in ("alarm_raised", "alarm_cleared"):
+            rec.alarms.append({**d, "event": kind, "seq": e.get("seq")})
+        elif kind in ("monitoring_gap_started", "monitoring_gap_ended", "monitoring_gap"):
+            rec.gaps.append({**d, "event": kind})
+        elif kind == "operator_action":
+            rec.actions.append({**d, "ts": e.get("ts")})
+        elif kind == "delivery_terminated":
+            rec.status, rec.reason = d.get("status"), d.get("reason")
+            rec.summary = d.get("summary") or {}
+            if d.get("gap"):
+                rec.gaps.append({**d["gap"], "event": "closing_gap"})
+            if not rec.last_sample and d.get("last_sample"):
+                rec.last_sample = d["last_sample"]
+            awaiting_checkpoint.append(rec)
+    return list(out.values())
+
+
+def delivered(rec: DeliveryRecord) -> tuple[Any, Any]:
+    s = rec.summary
+    if s:
+        return s.get("delivered_primary_gy"), s.get("delivered_secondary_gy")
+    ls = rec.last_sample
+    return (
+        ls.get("delivered_primary_gy", ls.get("dose_primary_gy")),
+        ls.get("delivered_secondary_gy", ls.get("dose_secondary_gy")),
+    )
+
+
+def one_line(rec: DeliveryRecord) -> str:
+    p, _ = delivered(rec)
+    s = rec.summary
+    beam = s.get("beam_on_s", rec.last_sample.get("beam_on_s"))
+    status = rec.status or "IN PROGRESS"
+    interruptions = len(s.get("interruptions", []))
+    gaps = len({str(g.get("start")) for g in rec.gaps})
+    sim = " SIMULATED" if rec.simulated else ""
+    return (
+        f"{rec.delivery_id}  {rec.started or '?'}  {status:<8} {_gy(p)}/{_gy(rec.preset_gy)} Gy  "
+        f"beam-on {_mmss(beam)}  interruptions {interruptions}  gaps {gaps}{sim}"
+    )
+
+
+def format_summary(rec: DeliveryRecord) -> str:
+    s = rec.summary
+    p, sec = delivered(rec)
+    lines = [f"delivery {rec.delivery_id}" + ("  [SIMULATED]" if rec.simulated else "")]
+    dev = rec.device
+    if dev:
+        lines.append(
+            f"  device          {dev.get('manufacturer')} {dev.get('model')}, "
+            f"s/n {dev.get('serial')}, firmware {dev.get('firmware')}"
+        )
+    app = s.get("applicator")
+    if isinstance(app, dict):
+        lines.append(
+            f"  applicator      {app.get('type')} {app.get('diameter_mm')} mm, "
+            f"s/n {app.get('serial')}"
+        )
+    lines += [
+        f"  started         {rec.started}"
+        + ("  (monitoring joined in progress)" if rec.joined else ""),
+        f"  prescribed      {_gy(rec.preset_gy)} Gy",
+        f"  delivered       primary {_gy(p)} Gy   secondary {_gy(sec)} Gy",
+        f"  beam-on time    {_mmss(s.get('beam_on_s', rec.last_sample.get('beam_on_s')))}"
+        f"   elapsed {_mmss(s.get('elapsed_s'))}   planned {_mmss(s.get('planned_time_s'))}"
+        f"   backup-timer limit {_mmss(s.get('backup_timer_limit_s'))}",
+    ]
+    intr = s.get("interruptions", [])
+    lines.append(f"  interruptions   {len(intr) or 'none'}")
+    for i in intr:
+        lines.append(
+            f"    - {i.get('cause')} at {_gy(i.get('dose_at_start_gy'))} Gy, "
+            f"lasted {_mmss(i.get('duration_s'))}"
+        )
+    lines.append(f"  monitoring gaps {len(rec.gaps) or 'none'}")
+    for g in rec.gaps:
+        lines.append(
+            f"    - {g.get('event')}: {g.get('cause')} from {g.get('start')} to {g.get('end')}"
+        )
+    lines.append(f"  interlock events {len(rec.interlocks) or 'none'}")
+    for il in rec.interlocks:
+        lines.append(
+            f"    - seq {il['seq']}: {il.get('interlock')} {il.get('from')} -> {il.get('to')}"
+        )
+    raised = [a for a in rec.alarms if a["event"] == "alarm_raised"]
+    lines.append(f"  alarms          {len(raised) or 'none'}")
+    for a in raised:
+        lines.append(f"    - seq {a['seq']}: {str(a.get('severity')).upper()} {a.get('message')}")
+    lines.append(
+        f"  termination     {rec.status or 'IN PROGRESS'}"
+        + (f" ({rec.reason})" if rec.reason else "")
+    )
+    if rec.actions:
+        lines.append("  acknowledged")
+        for act in rec.actions:
+            lines.append(f"    - {act.get('ts')}: {act.get('operator')} {act.get('action')}")
+    else:
+        lines.append("  acknowledged    none recorded")
+    cover = (
+        f"covered by the checkpoint at seq {rec.covering_checkpoint}"
+        if rec.covering_checkpoint is not None
+        else "not yet covered by a checkpoint"
+    )
+    lines.append(f"  last entry      seq {rec.last_seq}, hash {rec.last_hash}; {cover}")
+    return "\n".join(lines)

@@ -1,0 +1,229 @@
+"""Verification of an audit log, for auditors: the chain, the seqs, every signature, and
+(given a checkpoint held somewhere else) that the log still contains what it covered.
+
+Stops at the first problem and names it: file, line, seq and what is wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from daemon.audit.canonical import ZERO_HASH, open_line
+from daemon.audit.note import Checkpoint, NoteError, Verifier
+from daemon.audit.writer import SEGMENT_RE, segment_paths
+
+__all__ = ["Problem", "VerifyReport", "collect_files", "iter_entries", "verify_log"]
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    file: Path
+    line: int  # 1-based; 0 when the problem is the log as a whole
+    seq: int | None
+    what: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else str(self.file)
+        seq = f" (seq {self.seq})" if self.seq is not None else ""
+        return f"{where}{seq}: {self.what}"
+
+
+@dataclass(slots=True)
+class VerifyReport:
+    files: list[Path] = field(default_factory=list)
+    entries: int = 0
+    bytes: int = 0
+    origin: str | None = None
+    head_seq: int = -1
+    head_hash: str = ZERO_HASH
+    checkpoints: int = 0
+    checkpoints_by_pubkey: int = 0
+    external_checkpoint: str | None = None  # what was established about it
+    warnings: list[str] = field(default_factory=list)
+    problem: Problem | None = None
+
+    @property
+    def intact(self) -> bool:
+        return self.problem is None
+
+
+def collect_files(paths: Sequence[Path]) -> list[Path]:
+    """Segments named by the user: directories expand to their segments in chain order;
+    files named one by one are put in chain order by name."""
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            out.extend(segment_paths(p))
+        else:
+            out.append(p)
+    named = [p for p in out if SEGMENT_RE.match(p.name)]
+    if len(named) == len(out):
+        out = sorted(out, key=lambda p: p.name)
+    return out
+
+
+def iter_entries(files: Sequence[Path]) -> Iterator[tuple[Path, int, bytes]]:
+    """(file, line number, line without newline); an incomplete last line is yielded as
+    is, so that the caller sees it."""
+    for path in files:
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, start=1):
+                yield path, n, raw
+
+
+def verify_log(
+    paths: Sequence[Path],
+    *,
+    pubkey: Verifier | None = None,
+    external: str | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> VerifyReport:
+    rep = VerifyReport(files=collect_files(paths))
+    if not rep.files:
+        rep.problem = Problem(Path(*paths[:1]) if paths else Path(), 0, None, "no log files found")
+        return rep
+    ext_cp: Checkpoint | None = None
+    if external is not None:
+        try:
+            ext_cp, signed = Checkpoint.parse_verified(external, pubkey)
+        except NoteError as exc:
+            rep.problem = Problem(rep.files[0], 0, None, f"checkpoint held elsewhere: {exc}")
+            return rep
+        if not signed:
+            rep.problem = Problem(
+                rep.files[0], 0, None, "checkpoint held elsewhere is not signed by --pubkey"
+            )
+            return rep
+    ext_hash_at: str | None = None
+    log_key: Verifier | None = None
+    prev_hash, expect_seq = ZERO_HASH, 0
+    done_bytes = 0
+    for path, n, raw in iter_entries(rep.files):
+        done_bytes += len(raw)
+        if progress is not None and n % 4096 == 0:
+            progress(done_bytes)
+        if not raw.endswith(b"\n"):
+            rep.problem = Problem(path, n, None, "incomplete last line: the file was truncated")
+            break
+        line = raw[:-1]
+        try:
+            env = open_line(line)
+        except ValueError as exc:
+            rep.problem = Problem(path, n, None, f"not a log entry ({exc})")
+            break
+        if env.hash != env.computed:
+            rep.problem = Problem(
+                path, n, env.seq, "hash does not match the entry's content: the entry was altered"
+            )
+            break
+        if env.seq != expect_seq:
+            what = (
+                f"seq {env.seq} where {expect_seq} was expected: an entry is missing, "
+                "inserted or out of order"
+            )
+            rep.problem = Problem(path, n, env.seq, what)
+            break
+        if env.prev != prev_hash:
+            rep.problem = Problem(
+                path, n, env.seq, f"prev does not match the hash of seq {expect_seq - 1}"
+            )
+            break
+        if env.seq == 0:
+            if env.type != "log_created":
+                rep.problem = Problem(path, n, 0, "the log does not start with log_created")
+                break
+            rep.origin = _data(line).get("origin")
+        elif env.type == "daemon_start":
+            key_text = _data(line).get("verifier_key")
+            log_key = None
+            if isinstance(key_text, str):
+                try:
+                    log_key = Verifier.parse(key_text)
+                except NoteError:
+                    rep.warnings.append(f"{path}:{n}: unreadable verifier_key in daemon_start")
+        elif env.type == "checkpoint":
+            bad = _check_checkpoint(line, env.seq, prev_hash, rep, pubkey, log_key)
+            if bad is not None:
+                rep.problem = Problem(path, n, env.seq, bad)
+                break
+        if ext_cp is not None and env.seq == ext_cp.count - 1:
+            ext_hash_at = env.hash
+        prev_hash, expect_seq = env.hash, env.seq + 1
+        rep.entries += 1
+        rep.head_seq, rep.head_hash = env.seq, env.hash
+    rep.bytes = done_bytes
+    if progress is not None:
+        progress(done_bytes)
+    if rep.problem is None and ext_cp is not None:
+        last = rep.files[-1]
+        if rep.origin is not None and ext_cp.origin != rep.origin:
+            rep.problem = Problem(
+                last,
+                0,
+                None,
+                f"checkpoint held elsewhere is for log {ext_cp.origin!r}, "
+                f"this log is {rep.origin!r}: the log was replaced",
+            )
+        elif rep.entries < ext_cp.count:
+            rep.problem = Problem(
+                last,
+                0,
+                rep.head_seq + 1,
+                f"the log has {rep.entries} entries but a checkpoint held elsewhere covers "
+                f"{ext_cp.count}: entries from seq {rep.head_seq + 1} on were removed",
+            )
+        elif ext_hash_at != ext_cp.head_hash:
+            rep.problem = Problem(
+                last,
+                0,
+                ext_cp.count - 1,
+                f"seq {ext_cp.count - 1} differs from the checkpoint held elsewhere: the log "
+                "was replaced or rewritten",
+            )
+        else:
+            rep.external_checkpoint = f"covers entries 0..{ext_cp.count - 1}: consistent"
+    return rep
+
+
+def _data(line: bytes) -> dict[str, Any]:
+    entry = orjson.loads(line)
+    data = entry.get("data")
+    return data if isinstance(data, dict) else {}
+
+
+def _check_checkpoint(
+    line: bytes,
+    seq: int,
+    prev_hash: str,
+    rep: VerifyReport,
+    pubkey: Verifier | None,
+    log_key: Verifier | None,
+) -> str | None:
+    note = _data(line).get("note")
+    if not isinstance(note, str):
+        return "checkpoint entry holds no note"
+    key = pubkey or log_key
+    try:
+        cp, signed = Checkpoint.parse_verified(note, key)
+    except NoteError as exc:
+        return str(exc)
+    if not signed:
+        who = "--pubkey" if pubkey else "the key recorded in daemon_start"
+        return f"checkpoint is not signed by {who}"
+    if cp.count != seq or cp.head_hash != prev_hash:
+        return (
+            f"checkpoint covers {cp.count} entries with head {cp.head_hash[:16]}..., but the "
+            f"chain has head {prev_hash[:16]}... at {seq} entries: entries before it were "
+            "rewritten"
+        )
+    if rep.origin is not None and cp.origin != rep.origin:
+        return f"checkpoint origin {cp.origin!r} is not this log's {rep.origin!r}"
+    rep.checkpoints += 1
+    if pubkey is not None:
+        rep.checkpoints_by_pubkey += 1
+    return None

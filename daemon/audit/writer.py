@@ -1,0 +1,620 @@
+"""The audit-log writer: append, group commit, rotation, crash recovery, checkpoints.
+
+Layout of a log directory (docs/audit-log.md):
+
+    log-<first seq, 16 digits>-<UTC date YYYYMMDD>.jsonl   segments, in chain order
+    checkpoint                                            the latest signed checkpoint
+    quarantine/                                           bytes set aside by recovery
+
+Durability: ``append(..., durable=True)`` (events) resolves ``entry.committed`` only after
+the bytes are fsync'd; samples (``durable=False``) are written and fsync'd together within
+the group-commit window. Writes and fsyncs run in a worker thread, never on the event loop.
+A failing disk never drops an entry: the batch stays pending, the file is cut back to its
+last committed size (no torn line in the middle), an alarm callback fires, and the writer
+retries with capped backoff until it succeeds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+import structlog
+
+from daemon.audit.canonical import ZERO_HASH, canonical, check_json_value, open_line, seal
+from daemon.audit.note import Checkpoint, Signer
+
+__all__ = [
+    "FORMAT",
+    "AuditLog",
+    "AuditLogClosed",
+    "Entry",
+    "RecoveryReport",
+    "segment_paths",
+]
+
+FORMAT = "iortd-audit-log/1"
+SEGMENT_RE = re.compile(r"^log-(\d{16})-(\d{8})\.jsonl$")
+CLOCK_STEP_LIMIT_S = 1.0
+BACKOFF_INITIAL_S = 0.05
+BACKOFF_MAX_S = 2.0
+
+log = structlog.get_logger("iortd.audit")
+
+
+class AuditLogClosed(RuntimeError):
+    pass
+
+
+def segment_paths(directory: Path) -> list[Path]:
+    """Segments in chain order (their names start with the first entry's seq)."""
+    found = [p for p in directory.iterdir() if SEGMENT_RE.match(p.name)]
+    return sorted(found, key=lambda p: p.name)
+
+
+def utc_ts(dt: datetime) -> str:
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    seq: int
+    hash: str
+    type: str
+    ts: str
+    committed: asyncio.Future[None]
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryReport:
+    """What opening the log found."""
+
+    created: bool
+    origin: str
+    previous_stop: Literal["none", "clean", "crash"]
+    last_seq: int
+    last_hash: str
+    last_ts: str | None
+    tail_bytes: int = 0
+    tail_kept_at: str | None = None
+    segments_set_aside: tuple[str, ...] = ()
+    open_delivery_id: str | None = None
+    open_delivery_last_sample: Mapping[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class _Pending:
+    seq: int
+    date: str  # YYYYMMDD of the entry's ts: which day's segment it belongs to
+    line: bytes
+    future: asyncio.Future[None]
+    durable: bool
+
+
+@dataclass(slots=True)
+class _Segment:
+    path: Path
+    fd: int
+    size: int
+    date: str
+
+
+@dataclass(slots=True)
+class _Scan:
+    intact: int  # bytes of whole, valid entries from the start
+    entries: int
+    last_hash: str
+    last_seq: int
+    last_ts: str | None
+    last_type: str | None
+    error: str | None = None
+
+
+def _scan(data: bytes, prev_hash: str | None, prev_seq: int | None) -> _Scan:
+    """Longest prefix of whole, valid, chained entries."""
+    pos = 0
+    scan = _Scan(0, 0, prev_hash or ZERO_HASH, -1 if prev_seq is None else prev_seq, None, None)
+    while pos < len(data):
+        nl = data.find(b"\n", pos)
+        if nl < 0:
+            scan.error = "incomplete last line"
+            break
+        try:
+            env = open_line(data[pos:nl])
+        except ValueError as exc:
+            scan.error = f"unreadable entry: {exc}"
+            break
+        if env.hash != env.computed:
+            scan.error = "hash mismatch"
+            break
+        first = scan.entries == 0
+        if not (first and prev_hash is None) and env.prev != scan.last_hash:
+            scan.error = "prev does not link to the previous entry"
+            break
+        if not (first and prev_seq is None) and env.seq != scan.last_seq + 1:
+            scan.error = f"seq {env.seq} does not follow {scan.last_seq}"
+            break
+        scan.entries += 1
+        scan.last_hash, scan.last_seq = env.hash, env.seq
+        scan.last_ts, scan.last_type = env.ts, env.type
+        pos = nl + 1
+        scan.intact = pos
+    return scan
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class AuditLog:
+    """One writer per log directory. Build with :meth:`open`; run :meth:`run` as a task."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        origin: str,
+        head_seq: int,
+        head_hash: str,
+        segment: _Segment | None,
+        group_commit_s: float,
+        rotate_max_bytes: int,
+        signer: Signer | None,
+        on_failure: Callable[[OSError], None] | None,
+        on_recovered: Callable[[float], None] | None,
+        wall: Callable[[], datetime],
+        mono: Callable[[], int],
+    ) -> None:
+        self.directory = directory
+        self.origin = origin
+        self._seq = head_seq
+        self._hash = head_hash
+        self._segment = segment
+        self._window = group_commit_s
+        self._max = rotate_max_bytes
+        self.signer = signer
+        # Set by the owner (the daemon) to raise the alarm on every channel it has.
+        self.on_failure = on_failure
+        self.on_recovered = on_recovered
+        self._wall = wall
+        self._mono = mono
+        self._pending: list[_Pending] = []
+        self._wake = asyncio.Event()
+        self._urgent = False
+        self._closing = False
+        self._closed = False
+        self._done = asyncio.Event()
+        self._running = False
+        self._oldest_pending = 0.0
+        self._clock_base = (mono(), wall())
+        self.committed_seq = head_seq
+        self.failing_since: float | None = None
+
+    # ---- opening and recovery --------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls,
+        directory: Path,
+        *,
+        origin: str,
+        group_commit_s: float = 0.05,
+        rotate_max_bytes: int = 64 * 1024 * 1024,
+        signer: Signer | None = None,
+        on_failure: Callable[[OSError], None] | None = None,
+        on_recovered: Callable[[float], None] | None = None,
+        wall: Callable[[], datetime] | None = None,
+        mono: Callable[[], int] | None = None,
+    ) -> tuple[AuditLog, RecoveryReport]:
+        """Open (or create) the log in ``directory`` and recover it after a crash.
+
+        ``origin`` is used only when the log is created; an existing log keeps its own.
+        """
+        wall = wall or (lambda: datetime.now(UTC))
+        mono = mono or time.monotonic_ns
+        state = await asyncio.to_thread(_recover, directory, origin)
+        segment, report = state
+        self = cls(
+            directory,
+            origin=report.origin,
+            head_seq=report.last_seq,
+            head_hash=report.last_hash,
+            segment=segment,
+            group_commit_s=group_commit_s,
+            rotate_max_bytes=rotate_max_bytes,
+            signer=signer,
+            on_failure=on_failure,
+            on_recovered=on_recovered,
+            wall=wall,
+            mono=mono,
+        )
+        if report.created:
+            self.append(
+                "log_created",
+                {"origin": report.origin, "format": FORMAT},
+                durable=True,
+            )
+        return self, report
+
+    # ---- appending -------------------------------------------------------------------
+
+    @property
+    def head(self) -> tuple[int, str]:
+        """(seq, hash) of the last appended entry (durable or about to be)."""
+        return self._seq, self._hash
+
+    def append(
+        self,
+        type: str,
+        data: Mapping[str, Any],
+        *,
+        delivery_id: str | None = None,
+        durable: bool = False,
+    ) -> Entry:
+        """Add an entry to the chain now; ``entry.committed`` resolves once it is on disk.
+
+        Raises CanonicalError for data that cannot be written faithfully (nothing is
+        appended then) and AuditLogClosed after close.
+        """
+        if self._closing:
+            raise AuditLogClosed("audit log is closing")
+        check_json_value(data)
+        now_mono, now_wall = self._mono(), self._wall()
+        self._check_clock(now_mono, now_wall)
+        return self._append(type, data, delivery_id, durable, now_mono, now_wall)
+
+    def _append(
+        self,
+        type: str,
+        data: Mapping[str, Any],
+        delivery_id: str | None,
+        durable: bool,
+        now_mono: int,
+        now_wall: datetime,
+    ) -> Entry:
+        ts = utc_ts(now_wall)
+        env: dict[str, Any] = {
+            "data": data,
+            "mono_ns": now_mono,
+            "prev": self._hash,
+            "seq": self._seq + 1,
+            "ts": ts,
+            "type": type,
+        }
+        if delivery_id is not None:
+            env["delivery_id"] = delivery_id
+        line, digest = seal(canonical(env))
+        self._seq += 1
+        self._hash = digest
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not self._pending:
+            self._oldest_pending = time.monotonic()
+        date = ts[0:4] + ts[5:7] + ts[8:10]
+        self._pending.append(_Pending(self._seq, date, line, fut, durable))
+        if durable:
+            self._urgent = True
+        self._wake.set()
+        return Entry(self._seq, digest, type, ts, fut)
+
+    def _check_clock(self, now_mono: int, now_wall: datetime) -> None:
+        """A step of the wall clock (NTP, an operator) is an event in the log."""
+        mono0, wall0 = self._clock_base
+        expected = (now_mono - mono0) / 1e9
+        actual = (now_wall - wall0).total_seconds()
+        step = actual - expected
+        if abs(step) > CLOCK_STEP_LIMIT_S:
+            self._clock_base = (now_mono, now_wall)
+            self._append(
+                "clock_step",
+                {"step_s": round(step, 6), "previous_wall": utc_ts(wall0)},
+                None,
+                True,
+                now_mono,
+                now_wall,
+            )
+
+    async def checkpoint(self, reason: str) -> str | None:
+        """Sign the head, record the checkpoint in the log and in ``checkpoint``; return
+        the signed note (None without a signing key)."""
+        if self.signer is None:
+            return None
+        seq, head = self.head
+        cp = Checkpoint(
+            self.origin,
+            seq + 1,
+            head,
+            (f"time {utc_ts(self._wall())}", f"reason {reason}"),
+        )
+        note = cp.signed(self.signer)
+        entry = self.append(
+            "checkpoint", {"note": note, "count": seq + 1, "head": head}, durable=True
+        )
+        await entry.committed
+        await asyncio.to_thread(self._write_checkpoint_file, note)
+        return note
+
+    def _write_checkpoint_file(self, note: str) -> None:
+        tmp = self.directory / "checkpoint.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(note)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.directory / "checkpoint")
+        _fsync_dir(self.directory)
+
+    # ---- the writer task -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Write pending entries until closed; run this in the daemon's TaskGroup."""
+        backoff = BACKOFF_INITIAL_S
+        self._running = True
+        try:
+            while True:
+                if not self._pending:
+                    if self._closing:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                if not (self._urgent or self._closing):
+                    # Group commit: let samples gather for up to one window.
+                    delay = self._oldest_pending + self._window - time.monotonic()
+                    if delay > 0:
+                        self._wake.clear()
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(delay):
+                                while not (self._urgent or self._closing):
+                                    await self._wake.wait()
+                                    self._wake.clear()
+                batch, self._pending = self._pending, []
+                self._urgent = False
+                try:
+                    await asyncio.to_thread(self._write_batch, batch)
+                except OSError as exc:
+                    # Nothing is dropped: the batch goes back in front of newer entries.
+                    self._pending = batch + self._pending
+                    self._urgent = any(p.durable for p in self._pending)
+                    if self.failing_since is None:
+                        self.failing_since = time.monotonic()
+                    log.critical(
+                        "audit_log_write_failed", error=str(exc), pending=len(self._pending)
+                    )
+                    if self.on_failure:
+                        self.on_failure(exc)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX_S)
+                    continue
+                backoff = BACKOFF_INITIAL_S
+                self.committed_seq = batch[-1].seq
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_result(None)
+                if self.failing_since is not None:
+                    outage = time.monotonic() - self.failing_since
+                    self.failing_since = None
+                    log.warning("audit_log_write_recovered", outage_s=round(outage, 3))
+                    if not self._closing:
+                        self.append("write_recovered", {"outage_s": round(outage, 6)}, durable=True)
+                    if self.on_recovered:
+                        self.on_recovered(outage)
+        finally:
+            self._done.set()
+
+    def _write_batch(self, batch: list[_Pending]) -> None:
+        """Runs in a worker thread: write, rotate and fsync; all or nothing per segment."""
+        i = 0
+        while i < len(batch):
+            seg = self._segment
+            first = batch[i]
+            if (
+                seg is None
+                or seg.date != first.date
+                or (seg.size > 0 and seg.size + len(first.line) > self._max)
+            ):
+                seg = self._rotate(first.seq, first.date)
+            chunk: list[bytes] = []
+            size = seg.size
+            while i < len(batch) and batch[i].date == seg.date:
+                line = batch[i].line
+                if chunk and size + len(line) > self._max:
+                    break
+                chunk.append(line)
+                size += len(line)
+                i += 1
+            try:
+                _write_all(seg.fd, b"".join(chunk))
+                os.fsync(seg.fd)
+            except OSError:
+                # Cut back to the last committed size so that a torn write never sits
+                # in the middle of the file when the retry appends after it.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(seg.fd, seg.size)
+                raise
+            seg.size = size
+
+    def _rotate(self, first_seq: int, date: str) -> _Segment:
+        old = self._segment
+        if old is not None:
+            os.fsync(old.fd)
+            os.close(old.fd)
+            self._segment = None
+        path = self.directory / f"log-{first_seq:016d}-{date}.jsonl"
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        size = os.fstat(fd).st_size
+        _fsync_dir(self.directory)
+        self._segment = _Segment(path, fd, size, date)
+        return self._segment
+
+    async def close(self) -> None:
+        """Flush and fsync everything pending, then close the file."""
+        if self._closed:
+            return
+        self._closing = True
+        self._wake.set()
+        if self._running:
+            await self._done.wait()
+        elif self._pending:
+            # Opened but never run (a start-up that failed early): still write it all.
+            batch, self._pending = self._pending, []
+            await asyncio.to_thread(self._write_batch, batch)
+            for p in batch:
+                p.future.set_result(None)
+        seg, self._segment = self._segment, None
+        if seg is not None:
+            await asyncio.to_thread(os.fsync, seg.fd)
+            os.close(seg.fd)
+        self._closed = True
+
+
+# ---- recovery (runs in a worker thread before the writer starts) -------------------------
+
+
+def _read_origin(first: Path) -> str | None:
+    with open(first, "rb") as f:
+        line = f.readline()
+    try:
+        entry = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(entry, dict) and entry.get("type") == "log_created":
+        origin = entry.get("data", {}).get("origin")
+        return origin if isinstance(origin, str) else None
+    return None
+
+
+def _quarantine(directory: Path) -> Path:
+    q = directory / "quarantine"
+    q.mkdir(exist_ok=True)
+    return q
+
+
+def _recover(directory: Path, origin: str) -> tuple[_Segment | None, RecoveryReport]:
+    directory.mkdir(parents=True, exist_ok=True)
+    segments = segment_paths(directory)
+    set_aside: list[str] = []
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+
+    while segments:
+        last = segments[-1]
+        data = last.read_bytes()
+        prev_hash = prev_seq = None
+        if len(segments) > 1:
+            tail = _last_entry(segments[-2])
+            if tail is not None:
+                prev_hash, prev_seq = tail
+        scan = _scan(data, prev_hash, prev_seq)
+        if scan.entries == 0:
+            # Nothing usable in the newest segment (e.g. created just before a power
+            # cut): set the whole file aside, never delete it, and look at the one before.
+            target = _quarantine(directory) / f"{last.name}.{stamp}.set-aside"
+            last.replace(target)
+            _fsync_dir(directory)
+            set_aside.append(str(target.relative_to(directory)))
+            segments.pop()
+            continue
+        break
+    else:
+        if set_aside:
+            raise RuntimeError(
+                f"{directory}: no intact entry in any segment; all set aside in quarantine/"
+            )
+        return None, RecoveryReport(
+            created=True,
+            origin=origin,
+            previous_stop="none",
+            last_seq=-1,
+            last_hash=ZERO_HASH,
+            last_ts=None,
+        )
+
+    tail_bytes = len(data) - scan.intact
+    kept_at = None
+    if tail_bytes:
+        target = _quarantine(directory) / f"{last.name}.tail-at-{scan.intact}.{stamp}.bin"
+        with open(target, "wb") as f:
+            f.write(data[scan.intact :])
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(target.parent)
+        kept_at = str(target.relative_to(directory))
+        with open(last, "r+b") as f:
+            f.truncate(scan.intact)
+            f.flush()
+            os.fsync(f.fileno())
+        log.warning("audit_log_tail_set_aside", bytes=tail_bytes, kept_at=kept_at, why=scan.error)
+
+    fd = os.open(last, os.O_WRONLY | os.O_APPEND)
+    date = last.name.split("-")[2].removesuffix(".jsonl")  # segment_paths matched the name
+    segment = _Segment(last, fd, scan.intact, date)
+    open_id, open_sample = _open_delivery(segments)
+    report = RecoveryReport(
+        created=False,
+        origin=_read_origin(segments[0]) or origin,
+        previous_stop="clean" if scan.last_type == "daemon_stop" else "crash",
+        last_seq=scan.last_seq,
+        last_hash=scan.last_hash,
+        last_ts=scan.last_ts,
+        tail_bytes=tail_bytes,
+        tail_kept_at=kept_at,
+        segments_set_aside=tuple(set_aside),
+        open_delivery_id=open_id,
+        open_delivery_last_sample=open_sample,
+    )
+    return segment, report
+
+
+def _last_entry(path: Path) -> tuple[str, int] | None:
+    data = path.read_bytes()
+    scan = _scan(data, None, None)
+    return (scan.last_hash, scan.last_seq) if scan.entries else None
+
+
+def _open_delivery(segments: list[Path]) -> tuple[str | None, Mapping[str, Any] | None]:
+    """The delivery left open by the previous run, if any, with its last sample.
+
+    Scans backwards to the newest delivery_started or delivery_terminated entry.
+    """
+    last_sample: dict[str, Mapping[str, Any]] = {}
+    for path in reversed(segments):
+        lines = path.read_bytes().splitlines()
+        for raw in reversed(lines):
+            try:
+                entry = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+            kind, did = entry.get("type"), entry.get("delivery_id")
+            if did is None:
+                continue
+            if kind == "sample" and did not in last_sample:
+                last_sample[did] = entry.get("data", {})
+            elif kind == "delivery_terminated":
+                return None, None
+            elif kind == "delivery_started":
+                return did, last_sample.get(did)
+    return None, None
+
+
+def new_origin(site: str, room: str) -> str:
+    """A log origin: where it comes from plus a random id, never patient data."""
+    return f"iortd/{site}/{room}/{secrets.token_hex(8)}"

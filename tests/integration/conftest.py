@@ -1,0 +1,56 @@
+"""Shared fixtures for integration tests: a site config with a real signing key."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from daemonproc import Site
+
+from daemon.audit.note import generate_keypair, write_keypair
+
+SITE_TEMPLATE = """
+[site]
+id = "test-site"
+room = "or-7"
+[log]
+directory = "log"
+signing_key_file = "keys/or-7.key"
+group_commit_ms = 50
+rotate_max_bytes = {rotate}
+checkpoint_interval_s = {checkpoint_s}
+[simulation]
+speed = {speed}
+seed = 11
+[tolerances]
+stale_after_polls = 5
+[[devices]]
+name = "source-1"
+driver = "sim"
+poll_interval_s = {poll}
+timeout_s = 1.0
+[devices.options]
+profile = "axxent"
+applicator = "BAL34"
+start_delay_s = 5.0
+"""
+
+
+@pytest.fixture
+def make_site(tmp_path: Path) -> Callable[..., Site]:
+    def make(
+        *,
+        speed: float = 300,
+        poll: float = 0.02,
+        rotate: int = 1024 * 1024,
+        checkpoint_s: float = 2,
+    ) -> Site:
+        _, pub = write_keypair(generate_keypair("or-7"), tmp_path / "keys")
+        cfg = tmp_path / "site.toml"
+        cfg.write_text(
+            SITE_TEMPLATE.format(speed=speed, poll=poll, rotate=rotate, checkpoint_s=checkpoint_s)
+        )
+        return Site(cfg, tmp_path / "log", pub)
+
+    return make
