@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from daemon import __version__
@@ -149,7 +149,8 @@ def _parse_ts(text: str | None) -> str | None:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {text!r}") from None
     if dt.tzinfo is None:
         raise argparse.ArgumentTypeError(f"give a time zone (e.g. Z): {text!r}")
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if dt.utcoffset() is not None else text
+    # Compared as text with the log's ts: the same instant, in UTC, in the same format.
+    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _chain_warning(paths: Sequence[Path]) -> VerifyReport:

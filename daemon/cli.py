@@ -26,7 +26,7 @@ from daemon.audit.note import (
     load_signer,
     write_keypair,
 )
-from daemon.audit.writer import AuditLog, new_origin
+from daemon.audit.writer import AuditLog, LogDamaged, LogInUse, new_origin
 from daemon.config import ConfigError, LoadedConfig, load_config
 from daemon.console import ConsoleView
 from daemon.logs import configure_logging
@@ -182,7 +182,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         signer = load_signer(key)
     except KeyFileError as exc:
         return _error(f"config error: {args.config}: log.signing_key_file: {exc}")
-    asyncio.run(_serve(loaded, [OperationalLogSink()], signer))
+    try:
+        asyncio.run(_serve(loaded, [OperationalLogSink()], signer))
+    except LogInUse as exc:
+        return _error(str(exc))
+    except LogDamaged as exc:
+        print(f"iortd: audit log: {exc}", file=sys.stderr)  # noqa: T201 - CLI output
+        return EXIT_BAD
     return EXIT_OK
 
 
@@ -224,9 +230,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     view = ConsoleView(out, live=out.isatty())
     sinks: list[Sink] = [OperationalLogSink(), view]
-    result = asyncio.run(
-        _serve(loaded, sinks, signer, duration_s=args.duration, stop_after_delivery=True)
-    )
+    try:
+        result = asyncio.run(
+            _serve(loaded, sinks, signer, duration_s=args.duration, stop_after_delivery=True)
+        )
+    except LogInUse as exc:
+        return _error(str(exc))
+    except LogDamaged as exc:
+        print(f"iortd: audit log: {exc}", file=sys.stderr)  # noqa: T201 - CLI output
+        return EXIT_BAD
     if not result.terminated:
         print("demo stopped before the delivery ended", file=out)
     return EXIT_OK

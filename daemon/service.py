@@ -123,6 +123,7 @@ class Daemon:
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._checkpoint_due = asyncio.Event()
+        self._delivery_ended = False
         self._notices: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self.ready = asyncio.Event()
 
@@ -273,14 +274,19 @@ class Daemon:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval):
                     await self._checkpoint_due.wait()
+            self._checkpoint_due.clear()
+            if self._delivery_ended:
+                self._delivery_ended = False
+                reason: str | None = "delivery_end"
+            else:
+                reason = None if stop.is_set() else "interval"
+            if reason is not None:
+                note = await self._audit.checkpoint(reason)
+                if note is not None:
+                    self.result.checkpoints.append(note)
+                    self._queue.put_nowait(_Item(checkpoint=note))
             if stop.is_set():
                 return  # the shutdown writes the last checkpoint
-            reason = "delivery_end" if self._checkpoint_due.is_set() else "interval"
-            self._checkpoint_due.clear()
-            note = await self._audit.checkpoint(reason)
-            if note is not None:
-                self.result.checkpoints.append(note)
-                self._queue.put_nowait(_Item(checkpoint=note))
 
     # ---- devices ----------------------------------------------------------------------
 
@@ -432,6 +438,7 @@ class Daemon:
                 self._audit.append(kind, data, delivery_id=did)
         self._queue.put_nowait(_Item(durable=durable, sample=sample, events=tuple(events)))
         if ended:
+            self._delivery_ended = True
             self._checkpoint_due.set()
 
     async def _dispatch(self) -> None:

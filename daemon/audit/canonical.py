@@ -15,8 +15,10 @@ All payload goes under ``data``, so no payload key can sort between them.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import math
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -36,40 +38,110 @@ __all__ = [
 ZERO_HASH = "0" * 64
 _HASH_KEY = b',"hash":"'
 _AFTER_HASH = b',"mono_ns":'
-INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+# What orjson writes without loss: signed and unsigned 64-bit integers.
+INT_MIN, INT_MAX = -(2**63), 2**64 - 1
 
 
 class CanonicalError(ValueError):
     """A value cannot be written canonically (NaN, infinity, a >64-bit integer, ...)."""
 
 
+def _str_ok(value: str) -> bool:
+    if value.isascii():
+        return True
+    try:
+        value.encode("utf-8")  # a lone surrogate cannot be written as UTF-8
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _fast_ok(value: Any) -> bool:
+    """Exact-type walk without error paths; the common case, cheap. False sends the value
+    to the slow walk, which names what is wrong."""
+    t = type(value)
+    if t is str:
+        return _str_ok(value)
+    if t is bool or value is None:
+        return True
+    if t is float:
+        return math.isfinite(value)
+    if t is int:
+        return bool(INT_MIN <= value <= INT_MAX)
+    if t is dict:
+        for k, v in value.items():
+            if type(k) is not str or not _str_ok(k) or not _fast_ok(v):
+                return False
+        return True
+    if t is list or t is tuple:
+        return all(_fast_ok(v) for v in value)
+    return False
+
+
 def check_json_value(value: Any, path: str = "data") -> None:
-    """Refuse what canonical JSON cannot carry faithfully: orjson would write NaN as null."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
+    """Refuse exactly what canonical() cannot write faithfully, naming where it is.
+
+    Accepted: str, int (64-bit), finite float, bool, None, dict with str keys, list,
+    tuple; an Enum is written as its value and a UUID in its canonical text form (as
+    orjson does). Refused: NaN and infinities (orjson would write null), datetimes
+    (write them as text in the one format of the log), dataclasses and other objects,
+    subclasses of str/int/dict/list that are not enums, lone surrogates.
+    """
+    if not _fast_ok(value):
+        _check_slow(value, path)
+
+
+def _check_slow(value: Any, path: str) -> None:
+    t = type(value)
+    if value is None or t is bool:
         return
-    if isinstance(value, int):
+    if t is str:
+        if not _str_ok(value):
+            raise CanonicalError(f"{path}: text with a lone surrogate cannot be written as UTF-8")
+        return
+    if t is int:
         if not INT_MIN <= value <= INT_MAX:
             raise CanonicalError(f"{path}: integer {value} does not fit in 64 bits")
         return
-    if isinstance(value, float):
+    if t is float:
         if not math.isfinite(value):
             raise CanonicalError(f"{path}: {value} is not a finite number")
         return
-    if isinstance(value, Mapping):
+    if isinstance(value, enum.Enum):
+        _check_slow(value.value, path)
+        return
+    if isinstance(value, uuid.UUID):
+        return
+    if t is dict:
         for k, v in value.items():
-            if not isinstance(k, str):
+            if type(k) is not str:
                 raise CanonicalError(f"{path}: key {k!r} is not a string")
-            check_json_value(v, f"{path}.{k}")
+            _check_slow(k, f"{path} (key {k!r})")
+            _check_slow(v, f"{path}.{k}")
         return
-    if isinstance(value, list | tuple):
+    if t is list or t is tuple:
         for i, v in enumerate(value):
-            check_json_value(v, f"{path}[{i}]")
+            _check_slow(v, f"{path}[{i}]")
         return
-    raise CanonicalError(f"{path}: {type(value).__name__} is not a JSON value")
+    raise CanonicalError(f"{path}: {t.__name__} is not a JSON value")
+
+
+# Sorted keys; and no silent conversions of datetimes, dataclasses or str/int/dict/list
+# subclasses (orjson would otherwise write them in a format of its own choosing).
+_OPTIONS = (
+    orjson.OPT_SORT_KEYS
+    | orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
+)
 
 
 def canonical(obj: Mapping[str, Any]) -> bytes:
-    return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+    try:
+        return orjson.dumps(obj, option=_OPTIONS)
+    except orjson.JSONEncodeError as exc:
+        # e.g. a lone surrogate in a str, or a mapping type orjson does not know
+        raise CanonicalError(f"cannot be written as canonical JSON: {exc}") from None
 
 
 def seal(body: bytes) -> tuple[bytes, str]:

@@ -63,6 +63,13 @@ def _check_name(name: str) -> None:
         raise NoteError(f"key name {name!r}: must be non-empty, printable, without '+' or spaces")
 
 
+def _check_key_name(name: str, what: str) -> None:
+    try:
+        _check_name(name)
+    except NoteError as exc:
+        raise KeyFileError(f"{what}: {exc}") from None
+
+
 def _raw_public(key: Ed25519PublicKey) -> bytes:
     return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
@@ -85,7 +92,7 @@ class Verifier:
         if len(parts) != 3:
             raise KeyFileError("verifier key: expected NAME+HASH+KEY")
         name, hash_hex, b64 = parts
-        _check_name(name)
+        _check_key_name(name, "verifier key")
         try:
             raw = base64.b64decode(b64, validate=True)
             claimed = int(hash_hex, 16)
@@ -127,13 +134,13 @@ class Signer:
         if len(parts) != 5 or parts[:2] != ["PRIVATE", "KEY"]:
             raise KeyFileError("signer key: expected PRIVATE+KEY+NAME+HASH+KEY")
         name, hash_hex, b64 = parts[2:]
-        _check_name(name)
+        _check_key_name(name, "signer key")
         try:
             raw = base64.b64decode(b64, validate=True)
             claimed = int(hash_hex, 16)
         except ValueError:
             raise KeyFileError("signer key: bad hex or base64") from None
-        if len(raw) != 33 or raw[0] != ALG_ED25519:
+        if len(hash_hex) != 8 or len(raw) != 33 or raw[0] != ALG_ED25519:
             raise KeyFileError("signer key: not an Ed25519 note key")
         private = Ed25519PrivateKey.from_private_bytes(raw[1:])
         if _key_hash(name, _raw_public(private.public_key())) != claimed:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import hashlib
 import os
 import re
 import secrets
@@ -26,12 +28,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import orjson
 import structlog
+from orjson import dumps
 
-from daemon.audit.canonical import ZERO_HASH, canonical, check_json_value, open_line, seal
+from daemon.audit.canonical import (
+    ZERO_HASH,
+    CanonicalError,
+    canonical,
+    check_json_value,
+    open_line,
+)
 from daemon.audit.note import Checkpoint, Signer
 
 __all__ = [
@@ -39,13 +48,15 @@ __all__ = [
     "AuditLog",
     "AuditLogClosed",
     "Entry",
+    "LogDamaged",
+    "LogInUse",
     "RecoveryReport",
     "segment_paths",
 ]
 
 FORMAT = "iortd-audit-log/1"
 SEGMENT_RE = re.compile(r"^log-(\d{16})-(\d{8})\.jsonl$")
-CLOCK_STEP_LIMIT_S = 1.0
+CLOCK_STEP_LIMIT_NS = 1_000_000_000
 BACKOFF_INITIAL_S = 0.05
 BACKOFF_MAX_S = 2.0
 
@@ -56,18 +67,46 @@ class AuditLogClosed(RuntimeError):
     pass
 
 
+class LogDamaged(RuntimeError):
+    """The log is damaged in a way a crash cannot explain; the daemon will not write to it."""
+
+
+class LogInUse(RuntimeError):
+    """Another process holds the log directory."""
+
+
+class _PartialWrite(Exception):
+    def __init__(self, written: int, error: OSError) -> None:
+        super().__init__(str(error))
+        self.written = written
+        self.error = error
+
+
 def segment_paths(directory: Path) -> list[Path]:
     """Segments in chain order (their names start with the first entry's seq)."""
     found = [p for p in directory.iterdir() if SEGMENT_RE.match(p.name)]
     return sorted(found, key=lambda p: p.name)
 
 
+def _ns(dt: datetime) -> int:
+    """An aware datetime as integer nanoseconds since the epoch (exact to the microsecond)."""
+    delta = dt - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def utc_ts(dt: datetime) -> str:
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """RFC 3339 UTC with microseconds and Z (the log's only time format)."""
+    if dt.utcoffset():
+        dt = dt.astimezone(UTC)
+    return dt.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
+    """An appended entry; ``committed`` resolves once it is fsync'd."""
+
     seq: int
     hash: str
     type: str
@@ -92,8 +131,7 @@ class RecoveryReport:
     open_delivery_last_sample: Mapping[str, Any] | None = None
 
 
-@dataclass(slots=True)
-class _Pending:
+class _Pending(NamedTuple):
     seq: int
     date: str  # YYYYMMDD of the entry's ts: which day's segment it belongs to
     line: bytes
@@ -183,7 +221,7 @@ class AuditLog:
         signer: Signer | None,
         on_failure: Callable[[OSError], None] | None,
         on_recovered: Callable[[float], None] | None,
-        wall: Callable[[], datetime],
+        wall_ns: Callable[[], int],
         mono: Callable[[], int],
     ) -> None:
         self.directory = directory
@@ -197,9 +235,14 @@ class AuditLog:
         # Set by the owner (the daemon) to raise the alarm on every channel it has.
         self.on_failure = on_failure
         self.on_recovered = on_recovered
-        self._wall = wall
+        self._wall_ns = wall_ns
+        self._ts_second = -1  # the formatted second is cached: most appends share it
+        self._ts_prefix = ""
         self._mono = mono
         self._pending: list[_Pending] = []
+        self._batch_future: asyncio.Future[None] | None = None
+        self._lock_fd: int | None = None
+        self._checkpointing = asyncio.Lock()
         self._wake = asyncio.Event()
         self._urgent = False
         self._closing = False
@@ -207,7 +250,7 @@ class AuditLog:
         self._done = asyncio.Event()
         self._running = False
         self._oldest_pending = 0.0
-        self._clock_base = (mono(), wall())
+        self._clock_base = (mono(), wall_ns())
         self.committed_seq = head_seq
         self.failing_since: float | None = None
 
@@ -231,10 +274,14 @@ class AuditLog:
 
         ``origin`` is used only when the log is created; an existing log keeps its own.
         """
-        wall = wall or (lambda: datetime.now(UTC))
         mono = mono or time.monotonic_ns
-        state = await asyncio.to_thread(_recover, directory, origin)
-        segment, report = state
+        wall_ns = time.time_ns if wall is None else (lambda: _ns(wall()))
+        lock_fd = await asyncio.to_thread(_lock, directory)
+        try:
+            segment, report = await asyncio.to_thread(_recover, directory, origin)
+        except BaseException:
+            os.close(lock_fd)
+            raise
         self = cls(
             directory,
             origin=report.origin,
@@ -246,9 +293,10 @@ class AuditLog:
             signer=signer,
             on_failure=on_failure,
             on_recovered=on_recovered,
-            wall=wall,
+            wall_ns=wall_ns,
             mono=mono,
         )
+        self._lock_fd = lock_fd
         if report.created:
             self.append(
                 "log_created",
@@ -279,8 +327,7 @@ class AuditLog:
         """
         if self._closing:
             raise AuditLogClosed("audit log is closing")
-        check_json_value(data)
-        now_mono, now_wall = self._mono(), self._wall()
+        now_mono, now_wall = self._mono(), self._wall_ns()
         self._check_clock(now_mono, now_wall)
         return self._append(type, data, delivery_id, durable, now_mono, now_wall)
 
@@ -291,23 +338,41 @@ class AuditLog:
         delivery_id: str | None,
         durable: bool,
         now_mono: int,
-        now_wall: datetime,
+        now_wall: int,
     ) -> Entry:
-        ts = utc_ts(now_wall)
-        env: dict[str, Any] = {
-            "data": data,
-            "mono_ns": now_mono,
-            "prev": self._hash,
-            "seq": self._seq + 1,
-            "ts": ts,
-            "type": type,
-        }
-        if delivery_id is not None:
-            env["delivery_id"] = delivery_id
-        line, digest = seal(canonical(env))
+        ts = self._ts(now_wall)
+        try:
+            data_json = canonical(data)  # refuses non-JSON types (CanonicalError)
+            # The envelope is laid out by hand in sorted-key order; the result is exactly
+            # canonical(entry) (a test holds it to that), without a second serialisation.
+            head = b'{"data":' + data_json
+            if delivery_id is not None:
+                head += b',"delivery_id":' + dumps(delivery_id)
+            tail = b',"mono_ns":%d,"prev":"%s","seq":%d,"ts":"%s","type":%s}' % (
+                now_mono,
+                self._hash.encode(),
+                self._seq + 1,
+                ts.encode(),
+                dumps(type),
+            )
+        except (CanonicalError, TypeError):
+            check_json_value(data)  # says where, when it can
+            raise
+        if b"null" in data_json:
+            # orjson writes NaN and infinities as null: only then walk the data to refuse
+            # them (a walk on every entry would be most of the cost of appending).
+            check_json_value(data)
+        h = hashlib.sha256(head)
+        h.update(tail)
+        digest = h.hexdigest()
+        line = b"".join((head, b',"hash":"', digest.encode(), b'"', tail, b"\n"))
         self._seq += 1
         self._hash = digest
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # One future per group commit, shared by every entry in it: entries are durable
+        # together, and a future per sample would be most of the cost of appending one.
+        fut = self._batch_future
+        if fut is None:
+            fut = self._batch_future = asyncio.get_running_loop().create_future()
         if not self._pending:
             self._oldest_pending = time.monotonic()
         date = ts[0:4] + ts[5:7] + ts[8:10]
@@ -317,17 +382,27 @@ class AuditLog:
         self._wake.set()
         return Entry(self._seq, digest, type, ts, fut)
 
-    def _check_clock(self, now_mono: int, now_wall: datetime) -> None:
+    def _ts(self, wall_ns: int) -> str:
+        second, micro = divmod(wall_ns // 1000, 1_000_000)
+        if second != self._ts_second:
+            self._ts_second = second
+            self._ts_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._ts_prefix}.{micro:06d}Z"
+
+    def _check_clock(self, now_mono: int, now_wall: int) -> None:
         """A step of the wall clock (NTP, an operator) is an event in the log."""
         mono0, wall0 = self._clock_base
-        expected = (now_mono - mono0) / 1e9
-        actual = (now_wall - wall0).total_seconds()
-        step = actual - expected
-        if abs(step) > CLOCK_STEP_LIMIT_S:
+        step_ns = (now_wall - wall0) - (now_mono - mono0)
+        if abs(step_ns) > CLOCK_STEP_LIMIT_NS:
+            step = step_ns / 1e9
             self._clock_base = (now_mono, now_wall)
             self._append(
                 "clock_step",
-                {"step_s": round(step, 6), "previous_wall": utc_ts(wall0)},
+                {
+                    "step_s": round(step, 6),
+                    "expected_wall": self._ts(wall0 + (now_mono - mono0)),
+                    "actual_wall": self._ts(now_wall),
+                },
                 None,
                 True,
                 now_mono,
@@ -337,18 +412,33 @@ class AuditLog:
     async def checkpoint(self, reason: str) -> str | None:
         """Sign the head, record the checkpoint in the log and in ``checkpoint``; return
         the signed note (None without a signing key)."""
+        async with self._checkpointing:  # one at a time: they share checkpoint.tmp
+            return await self._checkpoint(reason)
+
+    async def _checkpoint(self, reason: str) -> str | None:
         if self.signer is None:
             return None
+        if self._closing:
+            raise AuditLogClosed("audit log is closing")
+        now_mono, now_wall = self._mono(), self._wall_ns()
+        # A clock_step entry, if one is due, goes in before the head is read, so that the
+        # checkpoint covers exactly the entries before it.
+        self._check_clock(now_mono, now_wall)
         seq, head = self.head
         cp = Checkpoint(
             self.origin,
             seq + 1,
             head,
-            (f"time {utc_ts(self._wall())}", f"reason {reason}"),
+            (f"time {self._ts(now_wall)}", f"reason {reason}"),
         )
         note = cp.signed(self.signer)
-        entry = self.append(
-            "checkpoint", {"note": note, "count": seq + 1, "head": head}, durable=True
+        entry = self._append(
+            "checkpoint",
+            {"note": note, "count": seq + 1, "head": head},
+            None,
+            True,
+            now_mono,
+            now_wall,
         )
         await entry.committed
         await asyncio.to_thread(self._write_checkpoint_file, note)
@@ -388,12 +478,17 @@ class AuditLog:
                                     await self._wake.wait()
                                     self._wake.clear()
                 batch, self._pending = self._pending, []
+                self._batch_future = None  # later appends belong to the next commit
                 self._urgent = False
                 try:
                     await asyncio.to_thread(self._write_batch, batch)
-                except OSError as exc:
-                    # Nothing is dropped: the batch goes back in front of newer entries.
-                    self._pending = batch + self._pending
+                except _PartialWrite as failed:
+                    exc = failed.error
+                    # Nothing is dropped and nothing written twice: what did not reach
+                    # the disk goes back in front of newer entries.
+                    if failed.written:
+                        self.committed_seq = batch[failed.written - 1].seq
+                    self._pending = batch[failed.written :] + self._pending
                     self._urgent = any(p.durable for p in self._pending)
                     if self.failing_since is None:
                         self.failing_since = time.monotonic()
@@ -407,9 +502,9 @@ class AuditLog:
                     continue
                 backoff = BACKOFF_INITIAL_S
                 self.committed_seq = batch[-1].seq
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_result(None)
+                for fut in {id(p.future): p.future for p in batch}.values():
+                    if not fut.done():
+                        fut.set_result(None)
                 if self.failing_since is not None:
                     outage = time.monotonic() - self.failing_since
                     self.failing_since = None
@@ -422,36 +517,46 @@ class AuditLog:
             self._done.set()
 
     def _write_batch(self, batch: list[_Pending]) -> None:
-        """Runs in a worker thread: write, rotate and fsync; all or nothing per segment."""
+        """Runs in a worker thread: write, rotate and fsync; all or nothing per segment.
+
+        Raises _PartialWrite saying how many entries (from the start) are on disk."""
         i = 0
         while i < len(batch):
-            seg = self._segment
-            first = batch[i]
-            if (
-                seg is None
-                or seg.date != first.date
-                or (seg.size > 0 and seg.size + len(first.line) > self._max)
-            ):
-                seg = self._rotate(first.seq, first.date)
-            chunk: list[bytes] = []
-            size = seg.size
-            while i < len(batch) and batch[i].date == seg.date:
-                line = batch[i].line
-                if chunk and size + len(line) > self._max:
-                    break
-                chunk.append(line)
-                size += len(line)
-                i += 1
             try:
-                _write_all(seg.fd, b"".join(chunk))
-                os.fsync(seg.fd)
-            except OSError:
-                # Cut back to the last committed size so that a torn write never sits
-                # in the middle of the file when the retry appends after it.
-                with contextlib.suppress(OSError):
-                    os.ftruncate(seg.fd, seg.size)
-                raise
-            seg.size = size
+                i = self._write_chunk(batch, i)
+            except OSError as exc:
+                raise _PartialWrite(i, exc) from exc
+
+    def _write_chunk(self, batch: list[_Pending], i: int) -> int:
+        """Write the entries from ``i`` that go into one segment; return where it stopped."""
+        seg = self._segment
+        first = batch[i]
+        if (
+            seg is None
+            or seg.date != first.date
+            or (seg.size > 0 and seg.size + len(first.line) > self._max)
+        ):
+            seg = self._rotate(first.seq, first.date)
+        chunk: list[bytes] = []
+        size = seg.size
+        while i < len(batch) and batch[i].date == seg.date:
+            line = batch[i].line
+            if chunk and size + len(line) > self._max:
+                break
+            chunk.append(line)
+            size += len(line)
+            i += 1
+        try:
+            _write_all(seg.fd, b"".join(chunk))
+            os.fsync(seg.fd)
+        except OSError:
+            # Cut back to the last committed size so that a torn write never sits
+            # in the middle of the file when the retry appends after it.
+            with contextlib.suppress(OSError):
+                os.ftruncate(seg.fd, seg.size)
+            raise
+        seg.size = size
+        return i
 
     def _rotate(self, first_seq: int, date: str) -> _Segment:
         old = self._segment
@@ -477,14 +582,21 @@ class AuditLog:
         elif self._pending:
             # Opened but never run (a start-up that failed early): still write it all.
             batch, self._pending = self._pending, []
-            await asyncio.to_thread(self._write_batch, batch)
-            for p in batch:
-                p.future.set_result(None)
+            try:
+                await asyncio.to_thread(self._write_batch, batch)
+            except _PartialWrite as failed:
+                raise failed.error from None
+            for fut in {id(p.future): p.future for p in batch}.values():
+                if not fut.done():
+                    fut.set_result(None)
         seg, self._segment = self._segment, None
         if seg is not None:
             await asyncio.to_thread(os.fsync, seg.fd)
             os.close(seg.fd)
         self._closed = True
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the directory lock
+            self._lock_fd = None
 
 
 # ---- recovery (runs in a worker thread before the writer starts) -------------------------
@@ -507,6 +619,24 @@ def _quarantine(directory: Path) -> Path:
     q = directory / "quarantine"
     q.mkdir(exist_ok=True)
     return q
+
+
+def _lock(directory: Path) -> int:
+    """One writer per log directory: an exclusive flock on LOCK, held until close (the
+    kernel drops it if the process dies, so a crash never leaves it stale)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise LogInUse(
+            f"{directory} is in use by another iortd (pid {holder}); one writer per log"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _recover(directory: Path, origin: str) -> tuple[_Segment | None, RecoveryReport]:
@@ -548,6 +678,17 @@ def _recover(directory: Path, origin: str) -> tuple[_Segment | None, RecoveryRep
             last_ts=None,
         )
 
+    if scan.error is not None and _later_entry(data, scan.intact):
+        # Whole, valid entries after a bad one are not what a crash leaves behind (a crash
+        # tears only the end). Setting them aside would hide damage or tampering, and
+        # writing after them would bury it: refuse, and say where.
+        line = data[: scan.intact].count(b"\n") + 1
+        raise LogDamaged(
+            f"{last}:{line}: {scan.error}, but valid entries follow it: the log is damaged "
+            "or was altered, not torn by a crash. Not writing to it. Check it with "
+            "`iort-audit verify`, keep it as evidence, and point log.directory at a new "
+            "directory to start a new log."
+        )
     tail_bytes = len(data) - scan.intact
     kept_at = None
     if tail_bytes:
@@ -582,6 +723,21 @@ def _recover(directory: Path, origin: str) -> tuple[_Segment | None, RecoveryRep
         open_delivery_last_sample=open_sample,
     )
     return segment, report
+
+
+def _later_entry(data: bytes, start: int) -> bool:
+    """Whether a whole, self-consistent entry follows ``start`` (past the first line)."""
+    first_nl = data.find(b"\n", start)
+    if first_nl < 0:
+        return False
+    for raw in data[first_nl + 1 :].split(b"\n"):
+        try:
+            env = open_line(raw)
+        except ValueError:
+            continue
+        if env.hash == env.computed:
+            return True
+    return False
 
 
 def _last_entry(path: Path) -> tuple[str, int] | None:
