@@ -63,11 +63,20 @@ def _check_name(name: str) -> None:
         raise NoteError(f"key name {name!r}: must be non-empty, printable, without '+' or spaces")
 
 
-def _check_key_name(name: str, what: str) -> None:
+def _key_fields(name: str, hash_hex: str, b64: str, *, what: str) -> tuple[str, int, bytes]:
+    """The name, key hash and 32 key bytes of a note key's text fields."""
     try:
         _check_name(name)
     except NoteError as exc:
         raise KeyFileError(f"{what}: {exc}") from None
+    try:
+        raw = base64.b64decode(b64, validate=True)
+        claimed = int(hash_hex, 16)
+    except ValueError:
+        raise KeyFileError(f"{what}: bad hex or base64") from None
+    if len(hash_hex) != 8 or len(raw) != 33 or raw[0] != ALG_ED25519:
+        raise KeyFileError(f"{what}: not an Ed25519 note key")
+    return name, claimed, raw[1:]
 
 
 def _raw_public(key: Ed25519PublicKey) -> bytes:
@@ -91,18 +100,10 @@ class Verifier:
         parts = text.strip().split("+", 2)
         if len(parts) != 3:
             raise KeyFileError("verifier key: expected NAME+HASH+KEY")
-        name, hash_hex, b64 = parts
-        _check_key_name(name, "verifier key")
-        try:
-            raw = base64.b64decode(b64, validate=True)
-            claimed = int(hash_hex, 16)
-        except ValueError:
-            raise KeyFileError("verifier key: bad hex or base64") from None
-        if len(hash_hex) != 8 or len(raw) != 33 or raw[0] != ALG_ED25519:
-            raise KeyFileError("verifier key: not an Ed25519 note key")
-        if _key_hash(name, raw[1:]) != claimed:
+        name, claimed, key = _key_fields(*parts, what="verifier key")
+        if _key_hash(name, key) != claimed:
             raise KeyFileError("verifier key: key hash does not match name and key")
-        return cls(name, claimed, Ed25519PublicKey.from_public_bytes(raw[1:]))
+        return cls(name, claimed, Ed25519PublicKey.from_public_bytes(key))
 
     def verify(self, text: str, signature: bytes) -> bool:
         try:
@@ -133,16 +134,8 @@ class Signer:
         parts = text.strip().split("+", 4)
         if len(parts) != 5 or parts[:2] != ["PRIVATE", "KEY"]:
             raise KeyFileError("signer key: expected PRIVATE+KEY+NAME+HASH+KEY")
-        name, hash_hex, b64 = parts[2:]
-        _check_key_name(name, "signer key")
-        try:
-            raw = base64.b64decode(b64, validate=True)
-            claimed = int(hash_hex, 16)
-        except ValueError:
-            raise KeyFileError("signer key: bad hex or base64") from None
-        if len(hash_hex) != 8 or len(raw) != 33 or raw[0] != ALG_ED25519:
-            raise KeyFileError("signer key: not an Ed25519 note key")
-        private = Ed25519PrivateKey.from_private_bytes(raw[1:])
+        name, claimed, seed = _key_fields(*parts[2:], what="signer key")
+        private = Ed25519PrivateKey.from_private_bytes(seed)
         if _key_hash(name, _raw_public(private.public_key())) != claimed:
             raise KeyFileError("signer key: key hash does not match name and key")
         return cls(name, claimed, private)
