@@ -228,6 +228,7 @@ class AuditLog:
         self.origin = origin
         self._seq = head_seq
         self._hash = head_hash
+        self._hash_b = head_hash.encode()
         self._segment = segment
         self._window = group_commit_s
         self._max = rotate_max_bytes
@@ -238,6 +239,8 @@ class AuditLog:
         self._wall_ns = wall_ns
         self._ts_second = -1  # the formatted second is cached: most appends share it
         self._ts_prefix = ""
+        self._ts_date = ""
+        self._json_cache: dict[tuple[str, bytes], bytes] = {}
         self._mono = mono
         self._pending: list[_Pending] = []
         self._batch_future: asyncio.Future[None] | None = None
@@ -328,7 +331,9 @@ class AuditLog:
         if self._closing:
             raise AuditLogClosed("audit log is closing")
         now_mono, now_wall = self._mono(), self._wall_ns()
-        self._check_clock(now_mono, now_wall)
+        mono0, wall0 = self._clock_base  # inline fast path of _check_clock
+        if abs((now_wall - wall0) - (now_mono - mono0)) > CLOCK_STEP_LIMIT_NS:
+            self._check_clock(now_mono, now_wall)
         return self._append(type, data, delivery_id, durable, now_mono, now_wall)
 
     def _append(
@@ -340,20 +345,22 @@ class AuditLog:
         now_mono: int,
         now_wall: int,
     ) -> Entry:
-        ts = self._ts(now_wall)
+        second, micro = divmod(now_wall // 1000, 1_000_000)
+        if second != self._ts_second:
+            self._ts(now_wall)  # a new second: refresh the cached prefix and date
+        ts = f"{self._ts_prefix}.{micro:06d}Z"
+        date = self._ts_date
         try:
             data_json = canonical(data)  # refuses non-JSON types (CanonicalError)
+            did = b"" if delivery_id is None else self._json_key(delivery_id, b',"delivery_id":')
             # The envelope is laid out by hand in sorted-key order; the result is exactly
             # canonical(entry) (a test holds it to that), without a second serialisation.
-            head = b'{"data":' + data_json
-            if delivery_id is not None:
-                head += b',"delivery_id":' + dumps(delivery_id)
             tail = b',"mono_ns":%d,"prev":"%s","seq":%d,"ts":"%s","type":%s}' % (
                 now_mono,
-                self._hash.encode(),
+                self._hash_b,
                 self._seq + 1,
                 ts.encode(),
-                dumps(type),
+                self._json_key(type, b""),
             )
         except (CanonicalError, TypeError):
             check_json_value(data)  # says where, when it can
@@ -362,12 +369,15 @@ class AuditLog:
             # orjson writes NaN and infinities as null: only then walk the data to refuse
             # them (a walk on every entry would be most of the cost of appending).
             check_json_value(data)
-        h = hashlib.sha256(head)
+        h = hashlib.sha256(b'{"data":')
+        h.update(data_json)
+        h.update(did)
         h.update(tail)
         digest = h.hexdigest()
-        line = b"".join((head, b',"hash":"', digest.encode(), b'"', tail, b"\n"))
+        hash_b = digest.encode()
+        line = b"".join((b'{"data":', data_json, did, b',"hash":"', hash_b, b'"', tail, b"\n"))
         self._seq += 1
-        self._hash = digest
+        self._hash, self._hash_b = digest, hash_b
         # One future per group commit, shared by every entry in it: entries are durable
         # together, and a future per sample would be most of the cost of appending one.
         fut = self._batch_future
@@ -375,19 +385,31 @@ class AuditLog:
             fut = self._batch_future = asyncio.get_running_loop().create_future()
         if not self._pending:
             self._oldest_pending = time.monotonic()
-        date = ts[0:4] + ts[5:7] + ts[8:10]
         self._pending.append(_Pending(self._seq, date, line, fut, durable))
         if durable:
             self._urgent = True
         self._wake.set()
         return Entry(self._seq, digest, type, ts, fut)
 
-    def _ts(self, wall_ns: int) -> str:
+    def _json_key(self, text: str, prefix: bytes) -> bytes:
+        """``prefix`` + the JSON string of ``text``, cached: entry types are few, and one
+        delivery id repeats for a whole delivery."""
+        key = (text, prefix)
+        out = self._json_cache.get(key)
+        if out is None:
+            if len(self._json_cache) > 256:
+                self._json_cache.clear()
+            out = self._json_cache[key] = prefix + dumps(text)
+        return out
+
+    def _ts(self, wall_ns: int) -> tuple[str, str]:
+        """The entry's ts and its UTC date (YYYYMMDD, which segment it belongs to)."""
         second, micro = divmod(wall_ns // 1000, 1_000_000)
         if second != self._ts_second:
             self._ts_second = second
             self._ts_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        return f"{self._ts_prefix}.{micro:06d}Z"
+            self._ts_date = self._ts_prefix[0:4] + self._ts_prefix[5:7] + self._ts_prefix[8:10]
+        return f"{self._ts_prefix}.{micro:06d}Z", self._ts_date
 
     def _check_clock(self, now_mono: int, now_wall: int) -> None:
         """A step of the wall clock (NTP, an operator) is an event in the log."""
@@ -400,8 +422,8 @@ class AuditLog:
                 "clock_step",
                 {
                     "step_s": round(step, 6),
-                    "expected_wall": self._ts(wall0 + (now_mono - mono0)),
-                    "actual_wall": self._ts(now_wall),
+                    "expected_wall": self._ts(wall0 + (now_mono - mono0))[0],
+                    "actual_wall": self._ts(now_wall)[0],
                 },
                 None,
                 True,
@@ -429,7 +451,7 @@ class AuditLog:
             self.origin,
             seq + 1,
             head,
-            (f"time {self._ts(now_wall)}", f"reason {reason}"),
+            (f"time {self._ts(now_wall)[0]}", f"reason {reason}"),
         )
         note = cp.signed(self.signer)
         entry = self._append(
