@@ -155,6 +155,11 @@ def _cmd_check(args: argparse.Namespace) -> int:
         f"{args.file}: OK (sha256 {loaded.sha256[:16]}...; site {c.site.id}, room {c.site.room}, "
         f"{len(c.devices)} device(s): " + ", ".join(f"{d.name}={d.driver}" for d in c.devices) + ")"
     )
+    if c.log.signing_key_file is None:
+        print(  # noqa: T201 - CLI output
+            "note: log.signing_key_file is not set: `iortd run` will refuse to start "
+            "(`iortd demo` makes its own key); create one with: iort-audit keygen --name NAME"
+        )
     return EXIT_OK
 
 

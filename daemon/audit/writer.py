@@ -601,12 +601,19 @@ class AuditLog:
         self._wake.set()
         if self._running:
             await self._done.wait()
-        elif self._pending:
-            # Opened but never run (a start-up that failed early): still write it all.
+        if self._pending:
+            # The writer task never ran, or was cancelled with entries still pending (a
+            # start-up that failed, a shutdown cut short): write them now, once.
             batch, self._pending = self._pending, []
             try:
                 await asyncio.to_thread(self._write_batch, batch)
             except _PartialWrite as failed:
+                log.critical(
+                    "audit_log_entries_not_written",
+                    count=len(batch) - failed.written,
+                    first_seq=batch[failed.written].seq,
+                    error=str(failed.error),
+                )
                 raise failed.error from None
             for fut in {id(p.future): p.future for p in batch}.values():
                 if not fut.done():

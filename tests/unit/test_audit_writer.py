@@ -786,3 +786,17 @@ async def test_one_writer_per_directory(tmp_path: Path) -> None:
     # Released at close: the next writer opens it.
     async with running(tmp_path) as (_, report):
         assert report.previous_stop == "crash"  # no daemon_stop entry was written
+
+
+async def test_close_after_the_writer_task_was_cancelled_still_writes_everything(
+    tmp_path: Path,
+) -> None:
+    """A shutdown cut short (the task group cancelled) must not lose what was appended."""
+    log, _, task = await start(tmp_path, group_commit_s=30.0)
+    futures = [log.append("sample", sample(i)).committed for i in range(5)]
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await asyncio.wait_for(log.close(), 5)
+    assert all(f.done() for f in futures)
+    assert [e["type"] for e in read_entries(tmp_path)] == ["log_created"] + ["sample"] * 5
