@@ -130,12 +130,22 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     )
     _out(f"  head: seq {rep.head_seq}, hash {rep.head_hash}")
     _out(f"  checkpoints: {rep.checkpoints} verified, {who}")
+    unsigned = rep.head_seq - rep.signed_through
+    _out(
+        f"  signed through seq {rep.signed_through}"
+        + (
+            f"; {unsigned} later {'entry is' if unsigned == 1 else 'entries are'} not covered "
+            "by a signature yet"
+            if unsigned
+            else ""
+        )
+    )
     if rep.external_checkpoint:
         _out(f"  checkpoint held elsewhere: {rep.external_checkpoint}")
     else:
         _out(
             "  note: without --checkpoint, removal of the entries after the last checkpoint "
-            "cannot be detected"
+            "cannot be detected, nor can their alteration by someone who recomputes hashes"
         )
     return EXIT_OK
 

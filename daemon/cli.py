@@ -104,13 +104,18 @@ async def _serve(
 ) -> RunResult:
     c = loaded.config
     # The log is opened (and recovered after a crash) before any device is touched.
-    audit = await AuditLog.open(
-        c.log.directory,
-        origin=new_origin(c.site.id, c.site.room),
-        group_commit_s=c.log.group_commit_ms / 1000,
-        rotate_max_bytes=c.log.rotate_max_bytes,
-        signer=signer,
-    )
+    try:
+        audit = await AuditLog.open(
+            c.log.directory,
+            origin=new_origin(c.site.id, c.site.room),
+            group_commit_s=c.log.group_commit_ms / 1000,
+            rotate_max_bytes=c.log.rotate_max_bytes,
+            signer=signer,
+        )
+    except OSError as exc:
+        raise _LogDirectoryError(
+            f"log.directory: cannot use {c.log.directory}: {exc.strerror or exc}"
+        ) from None
     daemon = Daemon(
         loaded,
         DriverRegistry.from_entry_points(),
@@ -168,6 +173,35 @@ def _clock_for(loaded: LoadedConfig) -> Clock:
     return SystemClock() if speed == 1.0 else ScaledClock(speed)
 
 
+class _LogDirectoryError(Exception):
+    pass
+
+
+def _serve_or_exit(
+    loaded: LoadedConfig,
+    sinks: list[Sink],
+    signer: Signer | None,
+    **kw: Any,
+) -> RunResult | int:
+    """Run the daemon; an exit status instead when the audit log cannot be used."""
+    try:
+        return asyncio.run(_serve(loaded, sinks, signer, **kw))
+    except LogInUse as exc:
+        return _error(str(exc))
+    except _LogDirectoryError as exc:
+        return _error(f"config error: {loaded.path}: {exc}")
+    except LogDamaged as exc:
+        print(f"iortd: audit log: {exc}", file=sys.stderr)  # noqa: T201 - CLI output
+        return EXIT_BAD
+    except OSError as exc:
+        # The final flush failed (disk still failing at shutdown): say so, loudly.
+        print(  # noqa: T201 - CLI output
+            f"iortd: audit log: entries could not be written at shutdown: {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_BAD
+
+
 def _error(message: str) -> int:
     print(f"iortd: {message}", file=sys.stderr)  # noqa: T201 - CLI output
     return EXIT_USAGE
@@ -187,14 +221,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         signer = load_signer(key)
     except KeyFileError as exc:
         return _error(f"config error: {args.config}: log.signing_key_file: {exc}")
-    try:
-        asyncio.run(_serve(loaded, [OperationalLogSink()], signer))
-    except LogInUse as exc:
-        return _error(str(exc))
-    except LogDamaged as exc:
-        print(f"iortd: audit log: {exc}", file=sys.stderr)  # noqa: T201 - CLI output
-        return EXIT_BAD
-    return EXIT_OK
+    result = _serve_or_exit(loaded, [OperationalLogSink()], signer)
+    return result if isinstance(result, int) else EXIT_OK
 
 
 def _demo_signer() -> tuple[Signer, Path]:
@@ -235,15 +263,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     view = ConsoleView(out, live=out.isatty())
     sinks: list[Sink] = [OperationalLogSink(), view]
-    try:
-        result = asyncio.run(
-            _serve(loaded, sinks, signer, duration_s=args.duration, stop_after_delivery=True)
-        )
-    except LogInUse as exc:
-        return _error(str(exc))
-    except LogDamaged as exc:
-        print(f"iortd: audit log: {exc}", file=sys.stderr)  # noqa: T201 - CLI output
-        return EXIT_BAD
+    result = _serve_or_exit(
+        loaded, sinks, signer, duration_s=args.duration, stop_after_delivery=True
+    )
+    if isinstance(result, int):
+        return result
     if not result.terminated:
         print("demo stopped before the delivery ended", file=out)
     return EXIT_OK

@@ -9,6 +9,7 @@ has been validated, including each device's driver options by the driver itself.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -296,6 +297,20 @@ def _check_files(config: Config, file: Path) -> list[ConfigIssue]:
     ):
         if value is not None and not value.is_file():
             issues.append(ConfigIssue(file, f"{section}.{key}", f"file not found: {value}"))
+    # The log directory is created at start if missing, so its nearest existing
+    # ancestor must be a writable directory; found here rather than as a traceback.
+    target = config.log.directory
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe == target and not target.is_dir():
+        issues.append(ConfigIssue(file, "log.directory", f"not a directory: {target}"))
+    elif not probe.is_dir():
+        issues.append(
+            ConfigIssue(file, "log.directory", f"cannot be created: {probe} is not a directory")
+        )
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        issues.append(ConfigIssue(file, "log.directory", f"not writable: {probe}"))
     key_file = config.log.signing_key_file
     if key_file is not None and key_file.is_file():
         # Refused here, before anything starts, rather than at the first checkpoint.

@@ -125,6 +125,7 @@ class Daemon:
         self._checkpoint_due = asyncio.Event()
         self._delivery_ended = False
         self._notices: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self._audit_failing = asyncio.Event()
         self.ready = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> RunResult:
@@ -242,8 +243,15 @@ class Daemon:
             {"clean": True, "open_delivery": open_delivery},
             durable=True,
         )
-        note = await self._audit.checkpoint("shutdown")
-        await entry.committed
+        try:
+            # Bounded: a failing disk must not hold the shutdown forever. What is still
+            # pending is tried once more when the log is closed.
+            async with asyncio.timeout(SHUTDOWN_TIMEOUT_S):
+                note = await self._audit.checkpoint("shutdown")
+                await entry.committed
+        except TimeoutError:
+            log.critical("audit_log_not_flushed_at_shutdown", timeout_s=SHUTDOWN_TIMEOUT_S)
+            return
         if note is not None:
             self.result.checkpoints.append(note)
             self._queue.put_nowait(_Item(checkpoint=note))
@@ -251,9 +259,17 @@ class Daemon:
     def _on_audit_failure(self, exc: OSError) -> None:
         """Called by the writer: the log cannot be written. Tell every other channel now,
         bypassing the queue (which waits for the very disk that is failing)."""
-        self._notices.put_nowait(("critical", f"audit log cannot be written: {exc}; retrying"))
+        self._audit_failing.set()
+        self._notices.put_nowait(
+            (
+                "critical",
+                f"audit log cannot be written: {exc}; retrying. Until it recovers, what is "
+                "shown is NOT yet recorded",
+            )
+        )
 
     def _on_audit_recovered(self, outage_s: float) -> None:
+        self._audit_failing.clear()
         self._notices.put_nowait(("info", f"audit log writable again after {outage_s:.1f} s"))
 
     async def _notify(self) -> None:
@@ -434,12 +450,27 @@ class Daemon:
                 kind, data, did = event_entry(ev, current)
                 durable = self._audit.append(kind, data, delivery_id=did, durable=True).committed
             if sample is not None:
-                kind, data, did = sample_entry(sample)
+                kind, data, did = sample_entry(sample, ended_now=ended)
                 self._audit.append(kind, data, delivery_id=did)
         self._queue.put_nowait(_Item(durable=durable, sample=sample, events=tuple(events)))
         if ended:
             self._delivery_ended = True
             self._checkpoint_due.set()
+
+    async def _until_recorded(self, durable: asyncio.Future[None]) -> None:
+        """Wait until the item is on disk, but not while the disk is failing: a display
+        frozen with the door open is worse than one that shows what is not yet recorded
+        (the critical notice has said so on every channel)."""
+        if self._audit_failing.is_set():
+            return
+        failing: asyncio.Future[None] = asyncio.ensure_future(self._wait_failing())
+        try:
+            await asyncio.wait({durable, failing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            failing.cancel()
+
+    async def _wait_failing(self) -> None:
+        await self._audit_failing.wait()
 
     async def _dispatch(self) -> None:
         """Tell the other sinks, in order, once what they are told is in the record. A
@@ -448,8 +479,8 @@ class Daemon:
             item = await self._queue.get()
             if item is _END:
                 return
-            if item.durable is not None:
-                await item.durable
+            if item.durable is not None and not item.durable.done():
+                await self._until_recorded(item.durable)
             for sink in self._sinks:
                 try:
                     if item.identified is not None:

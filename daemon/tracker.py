@@ -400,8 +400,6 @@ class DeliveryTracker:
         prev_mono = self._last_mono_ns
         self._last_mono_ns, self._last_utc = r.mono_ns, r.utc
 
-        self._update_interlocks(r.interlocks, r.mono_ns, r.utc, out)
-
         sane = _finite_nonneg(
             r.dose_rate_gy_min,
             r.dose_primary_gy,
@@ -412,6 +410,9 @@ class DeliveryTracker:
             r.ua,
             r.planned_time_s,
         )
+        trusted = sane and r.state is not DeviceState.UNKNOWN
+        # Nothing in a rejected reading is believed, its interlocks included (fail-safe).
+        self._update_interlocks(r.interlocks if trusted else {}, r.mono_ns, r.utc, out)
         if not sane:
             self._to_fault(r.mono_ns, r.utc, "non-finite or negative value in reading", out, r)
         elif r.state is DeviceState.UNKNOWN:
@@ -516,11 +517,12 @@ class DeliveryTracker:
             applicator=r.applicator,
             simulated=r.simulated,
         )
-        self._delivery = d
-        self._fault_cause = None
-        # Alarms of the previous delivery do not carry over; the conditions are re-evaluated.
+        # Alarms of the previous delivery do not carry over (cleared under its own id); the
+        # conditions are re-evaluated for the new one.
         for key in list(self._alarms):
             self._clear_alarm(key, r.mono_ns, r.utc, out)
+        self._delivery = d
+        self._fault_cause = None
         out.append(DeliveryStarted(delivery_id, r.mono_ns, r.utc, r.preset_gy, joined))
         return d
 
@@ -554,6 +556,20 @@ class DeliveryTracker:
             self._move(P.PREPARATORY, "plan selected", r.mono_ns, r.utc, out)
             self._take_values(d, r, prev_mono, out)
             return
+
+        if (
+            d is not None
+            and self.phase in (P.TERMINATED, P.FAULT)
+            and target in (P.READY, P.IRRADIATING, P.INTERRUPTED)
+            and (
+                r.dose_primary_gy < d.primary_gy
+                or r.beam_on_s < d.device_beam_on_s
+                or (d.first_beam_mono_ns is None and d.primary_gy == 0)
+            )
+        ):
+            # The console cleared its counters (or had never started the last selection):
+            # a new selection happened between two readings. Follow it, never miss it.
+            self._move(P.IDLE, "console counters reset: a new selection", r.mono_ns, r.utc, out)
 
         if self.phase is P.IDLE and target in (P.READY, P.IRRADIATING, P.INTERRUPTED):
             # Seen first at READY with nothing delivered, only the PREPARATORY moment fell
@@ -757,7 +773,30 @@ class DeliveryTracker:
                     r,
                 )
                 return
+            # The end-of-delivery tolerances are checked on the final values too: a
+            # "normal" end with the channels apart or the backup timer overrun is not one.
+            s = self.settings
+            limit = max(s.dose_channel_abs_gy, s.dose_channel_rel * d.primary_gy)
+            backup = self._backup_limit_s(d)
+            beam_on = max(d.device_beam_on_s, d.observed_beam_on_ns / NS)
+            doubt = None
+            if abs(d.primary_gy - d.secondary_gy) > limit:
+                doubt = (
+                    f"dose channels disagree at the end (primary {d.primary_gy:.4f} Gy, "
+                    f"secondary {d.secondary_gy:.4f} Gy, limit {limit:.4f} Gy)"
+                )
+            elif backup is not None and beam_on > backup:
+                doubt = f"beam-on {beam_on:.1f} s ran past the backup-timer limit {backup:.1f} s"
+            if doubt is not None:
+                self._to_fault(
+                    r.mono_ns, r.utc, f"console reported a normal end but {doubt}", out, r
+                )
+                return
         self._close(d, status, reason, r.mono_ns, r.utc, P.TERMINATED, out)
+
+    def _backup_limit_s(self, d: _Delivery) -> float | None:
+        planned = self._planned_time_s(d)
+        return planned * (1 + self.settings.backup_timer_margin_rel) if planned else None
 
     def _close(
         self,
@@ -841,6 +880,22 @@ class DeliveryTracker:
         else:
             self._clear_alarm(key, mono, utc, out)
 
+    def _set_alarm_if(
+        self,
+        judging: bool,
+        active: bool,
+        code: AlarmCode,
+        key: str,
+        severity: Severity,
+        message: str,
+        mono: int,
+        utc: datetime,
+        out: list[TrackerEvent],
+    ) -> None:
+        """Like _set_alarm while ``judging``; afterwards it may raise but never clear."""
+        if judging or active:
+            self._set_alarm(active, code, key, severity, message, mono, utc, out)
+
     def _interlock_alarms(self, mono: int, utc: datetime, out: list[TrackerEvent]) -> None:
         beam = self.phase is P.IRRADIATING
         for il, state in self._interlocks.items():
@@ -882,11 +937,17 @@ class DeliveryTracker:
         s = self.settings
         active = self.phase in _ACTIVE
 
+        # Conditions that judge the delivery itself are evaluated up to and including the
+        # reading that ends it, and then left standing (not cleared because it ended):
+        # they are cleared at the next selection.
+        judging = d.termination is None or d.end_mono_ns == mono
+
         # Two independent dose channels must agree (25 Pa. Code §228.66).
         diff = abs(d.primary_gy - d.secondary_gy)
         limit = max(s.dose_channel_abs_gy, s.dose_channel_rel * d.primary_gy)
-        self._set_alarm(
-            active and diff > limit,
+        self._set_alarm_if(
+            judging,
+            diff > limit,
             AlarmCode.DOSE_CHANNEL_DISAGREEMENT,
             f"{AlarmCode.DOSE_CHANNEL_DISAGREEMENT}",
             Severity.HIGH,
@@ -929,11 +990,11 @@ class DeliveryTracker:
             out,
         )
 
-        planned = self._planned_time_s(d)
         beam_on = max(d.device_beam_on_s, d.observed_beam_on_ns / NS)
-        backup = planned * (1 + s.backup_timer_margin_rel) if planned else None
-        self._set_alarm(
-            backup is not None and beam_on > backup and d.termination is None,
+        backup = self._backup_limit_s(d)
+        self._set_alarm_if(
+            judging,
+            backup is not None and beam_on > backup,
             AlarmCode.BACKUP_TIMER_EXCEEDED,
             f"{AlarmCode.BACKUP_TIMER_EXCEEDED}",
             Severity.HIGH,

@@ -166,7 +166,9 @@ def event_entry(ev: TrackerEvent, current_delivery: str | None) -> EntrySpec:
     raise TypeError(f"no audit entry for {type(ev).__name__}")  # pragma: no cover
 
 
-def sample_entry(sample: Sample) -> EntrySpec:
+def sample_entry(sample: Sample, *, ended_now: bool = False) -> EntrySpec:
+    """A sample belongs to the delivery while it is open, and the sample that ends it
+    (``ended_now``: it carries the final dose) belongs to it too."""
     r = sample.reading
     d = sample.delivery
     data: dict[str, Any] = {
@@ -192,7 +194,8 @@ def sample_entry(sample: Sample) -> EntrySpec:
         data["elapsed_s"] = num(d.elapsed_s)
         data["estimated_remaining_s"] = num(d.estimated_remaining_s)
         data["phase"] = str(d.phase)
-    return "sample", data, (d.delivery_id if d is not None and d.termination is None else None)
+    belongs = d is not None and (d.termination is None or ended_now)
+    return "sample", data, (d.delivery_id if d is not None and belongs else None)
 
 
 def plain(mapping: Mapping[str, Any]) -> dict[str, Any]:

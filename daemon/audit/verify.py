@@ -46,6 +46,7 @@ class VerifyReport:
     head_hash: str = ZERO_HASH
     checkpoints: int = 0
     checkpoints_by_pubkey: int = 0
+    signed_through: int = -1  # last seq covered by a verified checkpoint (its own seq)
     external_checkpoint: str | None = None  # what was established about it
     warnings: list[str] = field(default_factory=list)
     problem: Problem | None = None
@@ -209,6 +210,14 @@ def verify_log(
             )
         else:
             rep.external_checkpoint = f"covers entries 0..{ext_cp.count - 1}: consistent"
+    if rep.problem is None and pubkey is not None and rep.checkpoints_by_pubkey == 0:
+        rep.problem = Problem(
+            rep.files[-1],
+            0,
+            None,
+            f"no checkpoint in the log is signed by --pubkey ({pubkey.name}): nothing shows "
+            "that these entries were written by that key's daemon",
+        )
     return rep
 
 
@@ -246,6 +255,7 @@ def _check_checkpoint(
     if rep.origin is not None and cp.origin != rep.origin:
         return f"checkpoint origin {cp.origin!r} is not this log's {rep.origin!r}"
     rep.checkpoints += 1
+    rep.signed_through = seq  # the entries before it, and itself (it holds the signature)
     if pubkey is not None:
         rep.checkpoints_by_pubkey += 1
     return None

@@ -184,7 +184,9 @@ def _scan(data: bytes, prev_hash: str | None, prev_seq: int | None) -> _Scan:
             break
         scan.entries += 1
         scan.last_hash, scan.last_seq = env.hash, env.seq
-        scan.last_ts, scan.last_type = env.ts, env.type
+        scan.last_ts = env.ts
+        if env.type != "checkpoint":  # a shutdown signs after daemon_stop
+            scan.last_type = env.type
         pos = nl + 1
         scan.intact = pos
     return scan
@@ -694,10 +696,12 @@ def _recover(directory: Path, origin: str) -> tuple[_Segment | None, RecoveryRep
             continue
         break
     else:
-        if set_aside:
-            raise RuntimeError(
-                f"{directory}: no intact entry in any segment; all set aside in quarantine/"
+        if set_aside and any((directory / p).stat().st_size for p in set_aside):
+            raise LogDamaged(
+                f"{directory}: no intact entry in any segment (all set aside in quarantine/): "
+                "the log is damaged. Keep it as evidence and start a new log directory."
             )
+        # Nothing at all, or only empty files from a power cut right after creating them.
         return None, RecoveryReport(
             created=True,
             origin=origin,

@@ -412,9 +412,10 @@ def test_truncation_mid_line_is_found(log: Log) -> None:
 def test_truncation_at_a_line_boundary_needs_the_held_checkpoint(log: Log) -> None:
     t = log.target()
     log.write(log.lines[:t])
-    out = intact(log.verify())  # undetectable from the log alone: said so
-    assert "without --checkpoint, removal of the entries after the last checkpoint" in out
-    assert f"INTACT: {t} entries" in out
+    # Cut before the first checkpoint, no signature is left: that alone is a finding.
+    p = log.verify()
+    assert p.returncode == 1, p.stdout
+    assert "no checkpoint in the log is signed by --pubkey" in p.stdout
     what = assert_location(log.verify("--checkpoint", str(log.checkpoint)), log.seg, None, t)
     assert "removed" in what
     assert f"entries from seq {t} on were removed" in what
@@ -457,7 +458,9 @@ def test_rechained_edits_with_the_checkpoints_cut_off_need_the_held_checkpoint(
     entries[t] = _edit_dose(entries[t])
     cp = log.first_checkpoint()
     log.write(rechain(entries[:cp]))
-    intact(log.verify())  # every in-log signature is gone with the cut
+    cut = log.verify()  # every in-log signature is gone with the cut: found even so
+    assert cut.returncode == 1, cut.stdout
+    assert "no checkpoint in the log is signed by --pubkey" in cut.stdout
     held, _ = Checkpoint.parse_verified(log.checkpoint.read_text(encoding="utf-8"), None)
     assert held.count > cp, "the held (shutdown) checkpoint covers past the cut"
     p = log.verify("--checkpoint", str(log.checkpoint))
@@ -577,3 +580,11 @@ def test_the_held_checkpoint_file_is_the_one_the_daemon_wrote(log: Log) -> None:
     held, _ = Checkpoint.parse_verified(note, None)
     assert held.count == cp["seq"]
     assert base64.b64decode(note.split("\n")[2]).hex() == log.entries[cp["seq"] - 1]["hash"]
+
+
+def test_entries_after_the_last_checkpoint_are_said_to_be_unsigned(log: Log) -> None:
+    cp = log.first_checkpoint()
+    assert log.entries[cp + 1]["type"] != "checkpoint"
+    log.write(log.lines[: cp + 2])  # the delivery-end checkpoint and one entry after it
+    out = intact(log.verify())
+    assert f"signed through seq {cp}; 1 later entry is not covered by a signature" in out

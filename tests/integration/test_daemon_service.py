@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -12,6 +13,8 @@ from typing import Any, Self
 
 import pytest
 
+from daemon import service
+from daemon.audit import writer
 from daemon.audit.entries import event_entry
 from daemon.audit.writer import AuditLog
 from daemon.config import LoadedConfig, load_config
@@ -330,3 +333,32 @@ async def test_a_failing_later_sink_does_not_stop_the_daemon_or_the_record(
     stop.set()
     await task
     assert broken.closed
+
+
+async def test_while_the_audit_disk_fails_events_still_reach_the_display(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Record first, but a display frozen with the door open is worse: while the log
+    cannot be written, sinks are told at once that nothing is being recorded, and they
+    still hear events. Shutdown stays bounded, and says the flush failed."""
+
+    def disk_full(fd: int, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    loaded, registry, _ = scripted(tmp_path, ["ok"] * 5 + ["drop"] + ["ok"] * 1000)
+    audit = await AuditLog.open(tmp_path / "log", origin="test/or-9/x", signer=None)
+    monkeypatch.setattr(writer, "_write_all", disk_full)
+    monkeypatch.setattr(service, "SHUTDOWN_TIMEOUT_S", 0.5)
+    sink = RecordingSink()
+    daemon = Daemon(loaded, registry, ScaledClock(1.0), [sink], audit=audit)
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    await sink.wait_for(lambda: any(s == "critical" for s, _ in sink.notices), "the alarm")
+    assert "NOT yet recorded" in sink.notices[0][1]
+    await sink.wait_for(
+        lambda: any(isinstance(e, MonitoringGapEnded) for e in sink.seen), "events, unrecorded"
+    )
+    stop.set()
+    with pytest.raises(OSError, match="No space left"):
+        async with asyncio.timeout(10):
+            await task

@@ -800,3 +800,13 @@ async def test_close_after_the_writer_task_was_cancelled_still_writes_everything
     await asyncio.wait_for(log.close(), 5)
     assert all(f.done() for f in futures)
     assert [e["type"] for e in read_entries(tmp_path)] == ["log_created"] + ["sample"] * 5
+
+
+async def test_a_clean_stop_followed_by_its_checkpoint_is_clean(tmp_path: Path) -> None:
+    """The daemon signs after daemon_stop; that checkpoint must not make it look a crash."""
+    signer = generate_keypair("or-1")
+    async with running(tmp_path, signer=signer) as (log, _):
+        await log.append("daemon_stop", {"clean": True}, durable=True).committed
+        assert await log.checkpoint("shutdown") is not None
+    async with running(tmp_path) as (_, report):
+        assert report.previous_stop == "clean"

@@ -527,3 +527,15 @@ def test_a_signing_key_readable_by_others_is_refused(tmp_path: Path) -> None:
     assert "chmod 600" in issue.message
     key.chmod(0o600)
     assert load_config(cfg, DriverRegistry.from_entry_points()).config.log.signing_key_file == key
+
+
+def test_a_log_directory_that_cannot_be_created_is_named(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("x")
+    demo = (Path(__file__).parents[2] / "config" / "demo.toml").read_text()
+    cfg = tmp_path / "site.toml"
+    cfg.write_text(demo.replace('directory = "demo-log"', 'directory = "a-file/log"'))
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(cfg, DriverRegistry.from_entry_points())
+    (issue,) = excinfo.value.issues
+    assert issue.key == "log.directory"
+    assert "a-file is not a directory" in issue.message

@@ -406,10 +406,18 @@ def test_backup_timer_alarm_then_machine_termination() -> None:
     assert end.reason == "backup_timer"
     assert end.summary.delivered_primary_gy < PRESET
     assert end.summary.remaining_gy > 0
-    # Once terminated, the backup-timer condition no longer stands.
-    assert any(
+    # The alarm judged this delivery: it stands after the end, until the next selection.
+    assert not any(
         isinstance(e, AlarmCleared) and e.alarm.code is AlarmCode.BACKUP_TIMER_EXCEEDED for e in ev
     )
+    assert f"{AlarmCode.BACKUP_TIMER_EXCEEDED}" in {a.key for a in f.tracker.alarms}
+    f.primary = f.secondary = f.beam_on = 0.0
+    ev = f.read(S.PREPARATORY)
+    cleared = [e for e in ev if isinstance(e, AlarmCleared)]
+    assert any(e.alarm.code is AlarmCode.BACKUP_TIMER_EXCEEDED for e in cleared)
+    (started,) = of(ev, DeliveryStarted)
+    assert all(e.delivery_id == end.delivery_id for e in cleared), "cleared under its own id"
+    assert started.delivery_id != end.delivery_id
 
 
 def test_normal_end_reported_below_the_preset_is_not_accepted_as_normal() -> None:
@@ -539,10 +547,9 @@ def test_dose_channel_disagreement_alarm_raised_and_cleared() -> None:
     f = Feed()
     start_delivery(f)
     f.irradiate(300, step=10)  # 4 Gy
-    ev = f.read(S.IRRADIATING, dose=0.01, secondary=0.5)  # 12 % apart
+    ev = f.read(S.IRRADIATING, dose=0.5, secondary=0.0)  # secondary lags by 11 %
     assert f"{AlarmCode.DOSE_CHANNEL_DISAGREEMENT}" in raised(ev)
-    f.secondary = f.primary  # channels agree again
-    ev = f.read(S.IRRADIATING, dose=0.01)
+    ev = f.read(S.IRRADIATING, dose=0.01, secondary=0.51)  # it catches up: they agree
     assert any(
         isinstance(e, AlarmCleared) and e.alarm.code is AlarmCode.DOSE_CHANNEL_DISAGREEMENT
         for e in ev
@@ -690,8 +697,64 @@ def test_delivery_terminated_normally_after_a_gap_keeps_the_gap() -> None:
     start_delivery(f)
     f.irradiate(60)
     f.tick(5)
-    f.primary = PRESET
+    f.primary = f.secondary = PRESET  # the dose given during the gap, on both channels
     (end,) = of(f.read(S.TERMINATED, termination=TerminationStatus.NORMAL), Terminated)
     assert end.status is TerminationStatus.NORMAL
     assert len(end.summary.gaps) == 1
     assert end.summary.gaps[0].end_mono_ns is not None
+
+
+def test_a_normal_end_with_the_channels_apart_is_not_normal() -> None:
+    f = Feed()
+    start_delivery(f)
+    f.irradiate(PLANNED_S * 0.75, step=10)  # 15 Gy on both
+    f.primary, f.secondary = PRESET, 15.0  # the last reading: primary 20, secondary 15
+    ev = f.read(S.TERMINATED, dt=1, termination=TerminationStatus.NORMAL)
+    (end,) = of(ev, Terminated)
+    assert end.status is TerminationStatus.UNKNOWN
+    assert "dose channels disagree" in end.reason
+    assert f"{AlarmCode.DOSE_CHANNEL_DISAGREEMENT}" in raised(ev)
+
+
+def test_a_normal_end_past_the_backup_timer_is_not_normal() -> None:
+    f = Feed()
+    start_delivery(f)
+    f.irradiate(600, step=10)
+    f.primary = f.secondary = PRESET
+    ev = f.read(S.TERMINATED, termination=TerminationStatus.NORMAL, beam_on=PLANNED_S * 1.3)
+    (end,) = of(ev, Terminated)
+    assert end.status is TerminationStatus.UNKNOWN
+    assert "backup-timer" in end.reason
+    assert f"{AlarmCode.BACKUP_TIMER_EXCEEDED}" in {a.key for a in f.tracker.alarms}
+
+
+@pytest.mark.parametrize("bad", [{"rate": math.nan}, {"state": S.UNKNOWN}])
+def test_a_rejected_reading_makes_every_interlock_unknown(bad: dict[str, object]) -> None:
+    f = Feed()
+    start_delivery(f)
+    f.irradiate(30)
+    assert f.tracker.all_clear
+    state = bad.get("state", S.IRRADIATING)
+    f.read(state, rate=bad.get("rate"))  # type: ignore[arg-type]
+    assert not f.tracker.all_clear
+    assert all(s is InterlockState.UNKNOWN for s in f.tracker.interlocks.values())
+
+
+@pytest.mark.parametrize("first_seen", [S.READY, S.IRRADIATING])
+def test_a_new_selection_missed_between_two_readings_is_still_followed(
+    first_seen: DeviceState,
+) -> None:
+    f = Feed()
+    start_delivery(f)
+    f.irradiate(PLANNED_S, step=10)
+    f.primary = f.secondary = PRESET
+    (first,) = of(f.read(S.TERMINATED, termination=TerminationStatus.NORMAL), Terminated)
+    f.primary = f.secondary = f.beam_on = 0.0  # the console's counters start again
+    ev = f.read(first_seen, dose=0.0 if first_seen is S.READY else 0.1)
+    (started,) = of(ev, DeliveryStarted)
+    assert started.delivery_id != first.delivery_id
+    f.irradiate(60)
+    s = f.snap()
+    assert s.delivery_id == started.delivery_id
+    assert s.phase is Phase.IRRADIATING
+    assert f"{AlarmCode.DOSE_WHILE_BEAM_OFF}" not in raised(f.events)
