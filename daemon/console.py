@@ -14,6 +14,7 @@ from daemon.sinks import Sample
 from daemon.tracker import (
     AlarmCleared,
     AlarmRaised,
+    DeliveryAmended,
     DeliveryStarted,
     MonitoringGapEnded,
     MonitoringGapStarted,
@@ -117,6 +118,8 @@ class ConsoleView:
                         f"{format_duration(s.beam_on_s)}, elapsed {format_duration(s.elapsed_s)}, "
                         f"{len(s.interruptions)} interruption(s), {len(s.gaps)} gap(s)"
                     )
+                case DeliveryAmended():
+                    self._println(f"delivery {ev.delivery_id} amended: {ev.reason}")
                 case _:
                     pass
 

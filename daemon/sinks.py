@@ -17,6 +17,7 @@ import structlog
 from daemon.tracker import (
     AlarmCleared,
     AlarmRaised,
+    DeliveryAmended,
     DeliverySnapshot,
     DeliveryStarted,
     InterlockChanged,
@@ -134,6 +135,13 @@ class OperationalLogSink:
                         gaps=len(s.gaps),
                     )
                     structlog.contextvars.unbind_contextvars("delivery_id")
+                case DeliveryAmended():
+                    self._log.warning(
+                        "delivery_amended",
+                        delivery_id=ev.delivery_id,
+                        reason=ev.reason,
+                        delivered_primary_gy=round(ev.summary.delivered_primary_gy, 4),
+                    )
 
     async def checkpoint(self, note: str) -> None:
         first = note.split("\n", 3)

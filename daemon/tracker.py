@@ -40,6 +40,7 @@ __all__ = [
     "AlarmCleared",
     "AlarmCode",
     "AlarmRaised",
+    "DeliveryAmended",
     "DeliverySnapshot",
     "DeliveryStarted",
     "DeliveryTracker",
@@ -285,6 +286,17 @@ class Terminated:
     summary: DeliverySnapshot
 
 
+@dataclass(frozen=True, slots=True)
+class DeliveryAmended:
+    """A closed delivery's record corrected by what the console showed afterwards (its
+    own end, or dose given after the monitor closed it). Appended, never rewritten: the
+    termination status does not change."""
+
+    delivery_id: str
+    reason: str
+    summary: DeliverySnapshot
+
+
 TrackerEvent = (
     DeliveryStarted
     | PhaseChanged
@@ -294,6 +306,7 @@ TrackerEvent = (
     | MonitoringGapStarted
     | MonitoringGapEnded
     | Terminated
+    | DeliveryAmended
 )
 
 
@@ -669,7 +682,31 @@ class DeliveryTracker:
         if r.dose_primary_gy > d.primary_gy:
             self._add_beam_off_dose(d, r, out, "after the delivery ended")
         d.secondary_gy = max(d.secondary_gy, r.dose_secondary_gy)
+        d.device_beam_on_s = max(d.device_beam_on_s, r.beam_on_s)
         d.dose_rate_gy_min = 0.0
+        # When the console itself ends (or leaves) a selection the monitor had already
+        # closed, and dose was given since, append a correction with the final figures.
+        console_done = r.state in (
+            DeviceState.TERMINATED,
+            DeviceState.STANDBY,
+            DeviceState.OFF,
+            DeviceState.FAULT,
+            DeviceState.EMERGENCY_STOP,
+        )
+        closed_at = d.dose_at_close_gy
+        if console_done and closed_at is not None and d.primary_gy > closed_at:
+            d.dose_at_close_gy = d.primary_gy
+            out.append(
+                DeliveryAmended(
+                    d.delivery_id,
+                    f"the console ended the selection after the monitor closed the delivery "
+                    f"({d.termination}); {d.primary_gy - closed_at:.4f} Gy more was given "
+                    f"after closing (console: {r.state}"
+                    + (f" {r.termination}" if r.termination else "")
+                    + ")",
+                    self._snapshot(d, r.mono_ns),
+                )
+            )
 
     def _interruption_cause(self) -> str:
         tripped = [il.value for il, s in self._interlocks.items() if s is not InterlockState.OK]

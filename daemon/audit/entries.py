@@ -16,6 +16,7 @@ from daemon.sinks import Sample
 from daemon.tracker import (
     AlarmCleared,
     AlarmRaised,
+    DeliveryAmended,
     DeliverySnapshot,
     DeliveryStarted,
     Gap,
@@ -41,6 +42,7 @@ EVENT_TYPES = (
     "monitoring_gap_started",
     "monitoring_gap_ended",
     "delivery_terminated",
+    "delivery_amended",
 )
 
 
@@ -163,6 +165,9 @@ def event_entry(ev: TrackerEvent, current_delivery: str | None) -> EntrySpec:
                 "summary": summary_data(ev.summary),
             }
             return "delivery_terminated", data, ev.delivery_id
+        case DeliveryAmended():
+            data = {"reason": ev.reason, "summary": summary_data(ev.summary)}
+            return "delivery_amended", data, ev.delivery_id
     raise TypeError(f"no audit entry for {type(ev).__name__}")  # pragma: no cover
 
 

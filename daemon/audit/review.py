@@ -94,6 +94,7 @@ class DeliveryRecord:
     alarms: list[dict[str, Any]] = field(default_factory=list)
     gaps: list[dict[str, Any]] = field(default_factory=list)
     actions: list[dict[str, Any]] = field(default_factory=list)
+    amendments: list[str] = field(default_factory=list)
     last_seq: int | None = None
     last_hash: str | None = None
     covering_checkpoint: int | None = None  # seq of the first checkpoint after the end
@@ -134,6 +135,9 @@ def collect_deliveries(entries: Iterable[dict[str, Any]]) -> list[DeliveryRecord
             rec.gaps.append({**d, "event": kind})
         elif kind == "operator_action":
             rec.actions.append({**d, "ts": e.get("ts")})
+        elif kind == "delivery_amended":
+            rec.summary = d.get("summary") or rec.summary
+            rec.amendments.append(str(d.get("reason")))
         elif kind == "delivery_terminated":
             rec.status, rec.reason = d.get("status"), d.get("reason")
             rec.summary = d.get("summary") or {}
@@ -220,6 +224,8 @@ def format_summary(rec: DeliveryRecord) -> str:
         f"  termination     {rec.status or 'IN PROGRESS'}"
         + (f" ({rec.reason})" if rec.reason else "")
     )
+    for why in rec.amendments:
+        lines.append(f"  amended         {why}")
     if rec.actions:
         lines.append("  acknowledged")
         for act in rec.actions:

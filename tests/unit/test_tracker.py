@@ -15,6 +15,7 @@ from daemon.tracker import (
     AlarmCleared,
     AlarmCode,
     AlarmRaised,
+    DeliveryAmended,
     DeliverySnapshot,
     DeliveryStarted,
     DeliveryTracker,
@@ -758,3 +759,25 @@ def test_a_new_selection_missed_between_two_readings_is_still_followed(
     assert s.delivery_id == started.delivery_id
     assert s.phase is Phase.IRRADIATING
     assert f"{AlarmCode.DOSE_WHILE_BEAM_OFF}" not in raised(f.events)
+
+
+def test_dose_after_a_fault_closure_is_amended_when_the_console_ends() -> None:
+    """One unreadable reading closes the delivery (UNKNOWN); the console carries on and
+    ends later. The record gets a correction with the final figures, still not NORMAL."""
+    f = Feed()
+    start_delivery(f)
+    f.irradiate(375, step=15)  # 5 Gy
+    ev = f.read(S.IRRADIATING, rate=math.nan)
+    (end,) = of(ev, Terminated)
+    assert end.status is TerminationStatus.UNKNOWN
+    assert end.summary.delivered_primary_gy == pytest.approx(5.0)
+    f.irradiate(1125, step=15)  # the console goes on to 20 Gy
+    assert not of(f.events, DeliveryAmended), "no correction until the console ends"
+    ev = f.read(S.TERMINATED, termination=TerminationStatus.NORMAL)
+    (amended,) = of(ev, DeliveryAmended)
+    assert amended.delivery_id == end.delivery_id
+    assert amended.summary.delivered_primary_gy == pytest.approx(PRESET)
+    assert amended.summary.termination is TerminationStatus.UNKNOWN
+    assert "15.0000 Gy more" in amended.reason
+    assert_tiles(amended.summary)
+    assert not of(f.read(S.TERMINATED, termination=TerminationStatus.NORMAL), DeliveryAmended)
