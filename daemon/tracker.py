@@ -911,27 +911,14 @@ class DeliveryTracker:
         mono: int,
         utc: datetime,
         out: list[TrackerEvent],
+        *,
+        may_clear: bool = True,
     ) -> None:
+        """Raise or clear by the condition; with ``may_clear`` False it only raises."""
         if active:
             self._raise_alarm(code, key, severity, message, mono, utc, out)
-        else:
+        elif may_clear:
             self._clear_alarm(key, mono, utc, out)
-
-    def _set_alarm_if(
-        self,
-        judging: bool,
-        active: bool,
-        code: AlarmCode,
-        key: str,
-        severity: Severity,
-        message: str,
-        mono: int,
-        utc: datetime,
-        out: list[TrackerEvent],
-    ) -> None:
-        """Like _set_alarm while ``judging``; afterwards it may raise but never clear."""
-        if judging or active:
-            self._set_alarm(active, code, key, severity, message, mono, utc, out)
 
     def _interlock_alarms(self, mono: int, utc: datetime, out: list[TrackerEvent]) -> None:
         beam = self.phase is P.IRRADIATING
@@ -982,8 +969,7 @@ class DeliveryTracker:
         # Two independent dose channels must agree (25 Pa. Code §228.66).
         diff = abs(d.primary_gy - d.secondary_gy)
         limit = max(s.dose_channel_abs_gy, s.dose_channel_rel * d.primary_gy)
-        self._set_alarm_if(
-            judging,
+        self._set_alarm(
             diff > limit,
             AlarmCode.DOSE_CHANNEL_DISAGREEMENT,
             f"{AlarmCode.DOSE_CHANNEL_DISAGREEMENT}",
@@ -993,6 +979,7 @@ class DeliveryTracker:
             mono,
             utc,
             out,
+            may_clear=judging,
         )
 
         expected = self._expected_rate(d)
@@ -1029,8 +1016,7 @@ class DeliveryTracker:
 
         beam_on = max(d.device_beam_on_s, d.observed_beam_on_ns / NS)
         backup = self._backup_limit_s(d)
-        self._set_alarm_if(
-            judging,
+        self._set_alarm(
             backup is not None and beam_on > backup,
             AlarmCode.BACKUP_TIMER_EXCEEDED,
             f"{AlarmCode.BACKUP_TIMER_EXCEEDED}",
@@ -1039,6 +1025,7 @@ class DeliveryTracker:
             mono,
             utc,
             out,
+            may_clear=judging,
         )
         over = d.preset_gy * (1 + s.overdose_rel)
         self._set_alarm(
