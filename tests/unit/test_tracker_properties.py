@@ -136,6 +136,9 @@ def run(seq: list[Read | Tick | LinkLost]) -> None:
                 assert step.state is DeviceState.TERMINATED
                 assert ev.delivery_id not in contradicted
                 assert ev.summary.delivered_primary_gy >= ev.summary.preset_gy * (1 - 0.01)
+                # ...and with the two dose channels in agreement at the end.
+                p, sec = ev.summary.delivered_primary_gy, ev.summary.delivered_secondary_gy
+                assert abs(p - sec) <= max(0.05, 0.05 * p) + 1e-12
 
         snap = t.snapshot()
         if snap is None:
