@@ -1,0 +1,280 @@
+"""Topic schema v1: topic names and the JSON payload of every message, as pure functions.
+
+No I/O, no clock reads and no broker here: the caller supplies each message's envelope
+(``seq`` per topic, ``session``, ``ts``) and the data; the functions return plain dicts
+ready for JSON (str, int, float, bool, None, list, dict only). docs/mqtt-topics.md documents
+the topics and docs/schemas/v1/*.schema.json validate what these functions return; change
+the three together.
+
+Data is mapped the way the audit log maps it (daemon/audit/entries.py): the same helpers,
+so a delivery looks the same in the record and on the wire. Non-finite readings are sent
+as the text ``"nan"``, ``"inf"`` or ``"-inf"`` (JSON has no NaN), never silently as null.
+Nothing here carries patient-identifying data: delivery ids are pseudonymous codes and
+readings hold none.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from types import MappingProxyType
+from typing import Any
+
+from daemon.audit.entries import EVENT_TYPES, event_entry, num, summary_data
+from daemon.audit.note import Checkpoint
+from daemon.audit.writer import utc_ts
+from daemon.sinks import Sample
+from daemon.tracker import DeliveryAmended, DeliverySnapshot, Terminated, TrackerEvent
+from drivers.types import Interlock, InterlockState
+
+__all__ = [
+    "EVENT_KINDS",
+    "SCHEMA",
+    "TOPICS",
+    "Envelope",
+    "Payload",
+    "TopicSpec",
+    "checkpoint_payload",
+    "delivery_payload",
+    "event_payloads",
+    "interlocks_payload",
+    "status_payload",
+    "telemetry_payload",
+    "topic",
+]
+
+SCHEMA = "iort/v1"
+VERSION = "v1"
+SEQ_MAX = 2**64 - 1  # seq is a 64-bit unsigned counter that never wraps
+TS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
+# The same kinds, in the same words, as the audit log's event entries.
+EVENT_KINDS: tuple[str, ...] = EVENT_TYPES
+
+Payload = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    qos: int
+    retain: bool
+
+
+# State topics are retained (a new subscriber gets the latest at once); streams are not.
+TOPICS: Mapping[str, TopicSpec] = MappingProxyType(
+    {
+        "status": TopicSpec(qos=1, retain=True),
+        "telemetry": TopicSpec(qos=1, retain=False),
+        "interlocks": TopicSpec(qos=1, retain=True),
+        "delivery": TopicSpec(qos=1, retain=True),
+        "events": TopicSpec(qos=1, retain=False),
+        "audit/checkpoint": TopicSpec(qos=1, retain=True),
+    }
+)
+
+_BAD_SEGMENT = re.compile(r"[/+#\x00]")
+
+
+def topic(prefix: str, site: str, room: str, name: str) -> str:
+    """``{prefix}/v1/{site}/{room}/{name}`` for one of the v1 topic names."""
+    if name not in TOPICS:
+        raise ValueError(f"unknown topic name {name!r}: expected one of {', '.join(TOPICS)}")
+    for what, value in (("prefix", prefix), ("site", site), ("room", room)):
+        if not value or _BAD_SEGMENT.search(value):
+            raise ValueError(
+                f"topic {what} {value!r}: must be non-empty, without '/', '+', '#' or NUL"
+            )
+    return f"{prefix}/{VERSION}/{site}/{room}/{name}"
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """What every message carries besides its data.
+
+    ``seq`` counts per topic from 0 and never wraps or repeats across restarts (the caller
+    persists it); ``session`` increments at each daemon start (from 1); ``ts`` is when the
+    message was made (UTC, RFC 3339, microseconds, ``Z``); ``sim`` is true when any of its
+    data came from a simulator; ``historical`` is true on replays of what the broker missed.
+    """
+
+    seq: int
+    session: int
+    ts: str
+    sim: bool = False
+    historical: bool = False
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.seq) or not 0 <= self.seq <= SEQ_MAX:
+            raise ValueError(f"seq {self.seq!r}: must be an integer in 0..2**64-1")
+        if not _is_int(self.session) or not 1 <= self.session <= SEQ_MAX:
+            raise ValueError(f"session {self.session!r}: must be an integer in 1..2**64-1")
+        bad_ts = f"ts {self.ts!r}: expected UTC like 2026-11-26T10:00:00.123456Z"
+        if not isinstance(self.ts, str) or not TS_RE.fullmatch(self.ts):
+            raise ValueError(bad_ts)
+        try:
+            datetime.fromisoformat(self.ts[:-1])  # a real date and time
+        except ValueError:
+            raise ValueError(bad_ts) from None
+        if not isinstance(self.sim, bool) or not isinstance(self.historical, bool):
+            raise TypeError("sim and historical must be booleans")
+
+    @classmethod
+    def at(
+        cls,
+        seq: int,
+        session: int,
+        when: datetime,
+        *,
+        sim: bool = False,
+        historical: bool = False,
+    ) -> Envelope:
+        """An envelope stamped with an aware datetime (converted to UTC)."""
+        if when.tzinfo is None or when.utcoffset() is None:
+            raise ValueError("ts: a naive datetime is ambiguous; pass an aware one (UTC)")
+        return cls(seq, session, utc_ts(when), sim, historical)
+
+    def fields(self, *, sim: bool = False) -> Payload:
+        """The envelope as payload keys; ``sim`` ORs in the data's own simulated flag so
+        that simulated data is never sent as real."""
+        return {
+            "schema": SCHEMA,
+            "session": self.session,
+            "seq": self.seq,
+            "ts": self.ts,
+            "sim": self.sim or sim,
+            "historical": self.historical,
+        }
+
+
+def status_payload(
+    env: Envelope, online: bool, software_version: str, site: str, room: str
+) -> Payload:
+    """``status`` (retained). The offline message is also the broker's Last Will."""
+    return {
+        **env.fields(),
+        "online": online,
+        "software_version": software_version,
+        "site": site,
+        "room": room,
+    }
+
+
+def telemetry_payload(env: Envelope, sample: Sample) -> Payload:
+    """``telemetry``: one per sample. Readings are the device's own (``at`` is the
+    device-clock time of the sample); the delivery fields are the tracker's view, null
+    while no delivery has been seen."""
+    r = sample.reading
+    d = sample.delivery
+    return {
+        **env.fields(sim=r.simulated or (d is not None and d.simulated)),
+        "device": sample.device,
+        "at": utc_ts(r.utc),
+        "state": str(r.state),
+        "phase": None if d is None else str(d.phase),
+        "delivery_id": None if d is None else d.delivery_id,
+        "dose_rate_gy_min": num(r.dose_rate_gy_min),
+        "dose_primary_gy": num(r.dose_primary_gy),
+        "dose_secondary_gy": num(r.dose_secondary_gy),
+        "preset_gy": num(r.preset_gy),
+        "remaining_gy": None if d is None else num(d.remaining_gy),
+        "beam_on_s": num(r.beam_on_s),
+        "elapsed_s": None if d is None else num(d.elapsed_s),
+        "estimated_remaining_s": None if d is None else num(d.estimated_remaining_s),
+        "kv": num(r.kv),
+        "ua": num(r.ua),
+    }
+
+
+def interlocks_payload(
+    env: Envelope, interlocks: Mapping[Interlock, InterlockState], all_clear: bool
+) -> Payload:
+    """``interlocks`` (retained): every interlock, those not in ``interlocks`` as unknown.
+    ``all_clear`` is true only when the caller says so and every interlock is ok
+    (fail-safe: unknown counts as tripped)."""
+    states = {
+        il.value: InterlockState(interlocks.get(il, InterlockState.UNKNOWN)) for il in Interlock
+    }
+    clear = all_clear and all(s is InterlockState.OK for s in states.values())
+    return {
+        **env.fields(),
+        "interlocks": {k: v.value for k, v in states.items()},
+        "all_clear": clear,
+    }
+
+
+def _delivery(s: DeliverySnapshot) -> Payload:
+    return {
+        "delivery_id": s.delivery_id,
+        **summary_data(s),
+        "dose_rate_gy_min": num(s.dose_rate_gy_min),
+        "estimated_remaining_s": num(s.estimated_remaining_s),
+    }
+
+
+def delivery_payload(env: Envelope, snapshot: DeliverySnapshot | None) -> Payload:
+    """``delivery`` (retained): the current or last delivery; ``delivery: null`` until the
+    daemon has seen one (distinct from a retained message that is absent or cleared)."""
+    if snapshot is None:
+        return {**env.fields(), "delivery": None}
+    return {**env.fields(sim=snapshot.simulated), "delivery": _delivery(snapshot)}
+
+
+def event_payloads(
+    env_factory: Callable[[], Envelope],
+    events: Iterable[TrackerEvent],
+    *,
+    current_delivery: str | None = None,
+) -> list[Payload]:
+    """``events``: one message per tracker event, in order; ``env_factory`` is called once
+    per message (so it hands out consecutive ``seq``).
+
+    ``current_delivery`` is the delivery an interlock change belongs to (interlock events do
+    not name one), as for the audit log. ``at`` is the device-clock time of the observation:
+    a gap's start or end for gap events; a delivery_terminated or delivery_amended event has
+    no time of its own and takes that of the event before it in the same batch (the phase
+    change that closed the delivery), or null if there is none.
+    """
+    out: list[Payload] = []
+    last_at: str | None = None
+    for ev in events:
+        kind, data, delivery_id = event_entry(ev, current_delivery)
+        data = dict(data)
+        if kind == "monitoring_gap_started":
+            at = data["start"]
+        elif kind == "monitoring_gap_ended":
+            at = data["end"]
+        elif kind in ("delivery_terminated", "delivery_amended"):
+            at = last_at
+        else:
+            at = data.pop("at")
+        last_at = at if at is not None else last_at
+        simulated = isinstance(ev, Terminated | DeliveryAmended) and ev.summary.simulated
+        out.append(
+            {
+                **env_factory().fields(sim=simulated),
+                "kind": kind,
+                "delivery_id": delivery_id,
+                "at": at,
+                **data,
+            }
+        )
+    return out
+
+
+def checkpoint_payload(env: Envelope, note: str) -> Payload:
+    """``audit/checkpoint`` (retained): the latest signed checkpoint, parsed for display
+    (origin, entry count, head hash in hex) and whole (``note``) for verification off the
+    host. The signature is not checked here; raises ValueError if the note is malformed."""
+    cp, _ = Checkpoint.parse_verified(note, None)
+    return {
+        **env.fields(),
+        "origin": cp.origin,
+        "count": cp.count,
+        "head": cp.head_hash,
+        "note": note,
+    }
