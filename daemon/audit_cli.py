@@ -13,6 +13,7 @@ chain too and exit 1, after printing, when it is broken.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from daemon import __version__
 from daemon.audit.note import (
-    KeyFileError,
+    Checkpoint,
     NoteError,
     Verifier,
     generate_keypair,
@@ -81,6 +82,9 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     except FileExistsError:
         _err(f"{args.out / (args.name + '.key')} exists; not overwriting a signing key")
         return EXIT_USAGE
+    except OSError as exc:
+        _err(f"--out {args.out}: {exc.strerror or exc}")
+        return EXIT_USAGE
     _out(f"private key: {key} (mode 0600; point log.signing_key_file at it)")
     _out(f"public key:  {pub} (give it to auditors: iort-audit verify --pubkey {pub})")
     _out(f"verifier key: {signer.verifier.text}")
@@ -109,7 +113,14 @@ def _cmd_verify(args: argparse.Namespace) -> int:
                 )
                 return EXIT_USAGE
             external = args.checkpoint.read_text(encoding="utf-8")
-    except (KeyFileError, OSError, UnicodeDecodeError) as exc:
+            _, signed = Checkpoint.parse_verified(external, pubkey)
+            if not signed:
+                _err(f"--checkpoint {args.checkpoint}: not signed by --pubkey ({pubkey.name})")
+                return EXIT_USAGE
+    except NoteError as exc:
+        _err(f"--checkpoint {args.checkpoint}: {exc}")
+        return EXIT_USAGE
+    except (OSError, UnicodeDecodeError) as exc:
         _err(str(exc))
         return EXIT_USAGE
     rep = _verify(args.paths, pubkey, external)
@@ -160,7 +171,11 @@ def _parse_ts(text: str | None) -> str | None:
     if dt.tzinfo is None:
         raise argparse.ArgumentTypeError(f"give a time zone (e.g. Z): {text!r}")
     # Compared as text with the log's ts: the same instant, in UTC, in the same format.
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    try:
+        utc = dt.astimezone(UTC)
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"out of range: {text!r}") from None
+    return utc.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def _chain_warning(paths: Sequence[Path]) -> VerifyReport:
@@ -238,6 +253,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # `iort-audit show LOG | head`: the reader has gone; not an error of ours.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     handlers = {
         "keygen": _cmd_keygen,

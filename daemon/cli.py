@@ -103,37 +103,50 @@ async def _serve(
     stop_after_delivery: bool = False,
 ) -> RunResult:
     c = loaded.config
-    # The log is opened (and recovered after a crash) before any device is touched.
-    try:
-        audit = await AuditLog.open(
-            c.log.directory,
-            origin=new_origin(c.site.id, c.site.room),
-            group_commit_s=c.log.group_commit_ms / 1000,
-            rotate_max_bytes=c.log.rotate_max_bytes,
-            signer=signer,
-        )
-    except OSError as exc:
-        raise _LogDirectoryError(
-            f"log.directory: cannot use {c.log.directory}: {exc.strerror or exc}"
-        ) from None
-    daemon = Daemon(
-        loaded,
-        DriverRegistry.from_entry_points(),
-        _clock_for(loaded),
-        sinks,
-        audit=audit,
-        stop_after_delivery=stop_after_delivery,
-    )
+    # Signals only request a stop, from the very start: a SIGINT while a large log is
+    # being recovered must not tear through the recovery.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    try:
+        # The log is opened (and recovered after a crash) before any device is touched.
+        try:
+            audit = await AuditLog.open(
+                c.log.directory,
+                origin=new_origin(c.site.id, c.site.room),
+                group_commit_s=c.log.group_commit_ms / 1000,
+                rotate_max_bytes=c.log.rotate_max_bytes,
+                signer=signer,
+            )
+        except OSError as exc:
+            raise _LogDirectoryError(
+                f"log.directory: cannot use {c.log.directory}: {exc.strerror or exc}"
+            ) from None
+        if stop.is_set():
+            await audit[0].close()
+            return RunResult()
+        daemon = Daemon(
+            loaded,
+            DriverRegistry.from_entry_points(),
+            _clock_for(loaded),
+            sinks,
+            audit=audit,
+            stop_after_delivery=stop_after_delivery,
+        )
+        return await _run_until_stopped(daemon, stop, duration_s)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _run_until_stopped(
+    daemon: Daemon, stop: asyncio.Event, duration_s: float | None
+) -> RunResult:
     task = asyncio.create_task(daemon.run(stop), name="daemon")
     try:
         waiter = asyncio.create_task(stop.wait(), name="stop")
-        done, _ = await asyncio.wait(
-            {task, waiter}, timeout=duration_s, return_when=asyncio.FIRST_COMPLETED
-        )
+        await asyncio.wait({task, waiter}, timeout=duration_s, return_when=asyncio.FIRST_COMPLETED)
         waiter.cancel()
         stop.set()
         # Shutdown is bounded: whatever has not finished in time is cancelled, with a reason.
@@ -143,8 +156,6 @@ async def _serve(
             task.cancel(msg="shutdown timed out")
         return await task
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
         if not task.done():
             task.cancel(msg="shutdown")
             with contextlib.suppress(asyncio.CancelledError):

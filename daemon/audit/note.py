@@ -59,8 +59,10 @@ def _key_hash(name: str, public: bytes) -> int:
 
 
 def _check_name(name: str) -> None:
-    if not name or any(c in name for c in "+ \n\t") or not name.isprintable():
-        raise NoteError(f"key name {name!r}: must be non-empty, printable, without '+' or spaces")
+    if not name or any(c in name for c in "+ \n\t/\\") or not name.isprintable():
+        raise NoteError(
+            f"key name {name!r}: must be non-empty, printable, without '+', '/', or spaces"
+        )
 
 
 def _key_fields(name: str, hash_hex: str, b64: str, *, what: str) -> tuple[str, int, bytes]:

@@ -66,8 +66,9 @@ def collect_files(paths: Sequence[Path]) -> list[Path]:
         else:
             out.append(p)
     named = [p for p in out if SEGMENT_RE.match(p.name)]
-    if len(named) == len(out):
-        out = sorted(out, key=lambda p: p.name)
+    if named:
+        # e.g. `verify LOGDIR/*`: LOCK, checkpoint and quarantine/ are not segments
+        return sorted(named, key=lambda p: p.name)
     return out
 
 
@@ -136,6 +137,13 @@ def verify_log(
                     path, n, seq, "hash does not match the entry's content: the entry was altered"
                 )
                 break
+            if seq != expect_seq and expect_seq == 0:
+                what = (
+                    f"the log starts at seq {seq}, not 0: give the whole log (its directory),"
+                    " or earlier segments are missing"
+                )
+                rep.problem = Problem(path, n, seq, what)
+                break
             if seq != expect_seq:
                 what = (
                     f"seq {seq} where {expect_seq} was expected: an entry is missing, "
@@ -182,6 +190,8 @@ def verify_log(
     rep.entries = expect_seq
     rep.head_seq, rep.head_hash = expect_seq - 1, prev_hash
     rep.bytes = done_bytes
+    if rep.problem is None and rep.entries == 0:
+        rep.problem = Problem(rep.files[0], 0, None, "no entries: a log starts with log_created")
     if rep.problem is None and ext_cp is not None:
         last = rep.files[-1]
         if rep.origin is not None and ext_cp.origin != rep.origin:
@@ -222,8 +232,13 @@ def verify_log(
 
 
 def _data(line: bytes) -> dict[str, Any]:
-    entry = orjson.loads(line)
-    data = entry.get("data")
+    """The data of an entry whose hash already checked out; {} if it is not an object
+    (a forger can make a well-chained entry of anything: the checks that use it fail)."""
+    try:
+        entry = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return {}
+    data = entry.get("data") if isinstance(entry, dict) else None
     return data if isinstance(data, dict) else {}
 
 

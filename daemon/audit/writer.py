@@ -670,58 +670,73 @@ def _lock(directory: Path) -> int:
     return fd
 
 
+def _damaged(where: str, why: str) -> LogDamaged:
+    return LogDamaged(
+        f"{where}: {why}: the log is damaged or was altered, not torn by a crash. Not "
+        "writing to it, and nothing was moved. Check it with `iort-audit verify`, keep it "
+        "as evidence, and point log.directory at a new directory to start a new log."
+    )
+
+
 def _recover(directory: Path, origin: str) -> tuple[_Segment | None, RecoveryReport]:
+    """Find the head of the chain after any stop. Everything is checked before anything
+    is touched: a crash can only tear the end of the newest segment (or leave it with no
+    whole entry); anything else is damage, and the log is refused as it is."""
     directory.mkdir(parents=True, exist_ok=True)
     segments = segment_paths(directory)
-    set_aside: list[str] = []
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    new_log = RecoveryReport(
+        created=True,
+        origin=origin,
+        previous_stop="none",
+        last_seq=-1,
+        last_hash=ZERO_HASH,
+        last_ts=None,
+    )
+    if not segments:
+        return None, new_log
 
-    while segments:
-        last = segments[-1]
-        data = last.read_bytes()
-        prev_hash = prev_seq = None
-        if len(segments) > 1:
-            tail = _last_entry(segments[-2])
-            if tail is not None:
-                prev_hash, prev_seq = tail
-        scan = _scan(data, prev_hash, prev_seq)
-        if scan.entries == 0:
-            # Nothing usable in the newest segment (e.g. created just before a power
-            # cut): set the whole file aside, never delete it, and look at the one before.
-            target = _quarantine(directory) / f"{last.name}.{stamp}.set-aside"
-            last.replace(target)
-            _fsync_dir(directory)
-            set_aside.append(str(target.relative_to(directory)))
-            segments.pop()
-            continue
-        break
-    else:
-        if set_aside and any((directory / p).stat().st_size for p in set_aside):
-            raise LogDamaged(
-                f"{directory}: no intact entry in any segment (all set aside in quarantine/): "
-                "the log is damaged. Keep it as evidence and start a new log directory."
-            )
-        # Nothing at all, or only empty files from a power cut right after creating them.
-        return None, RecoveryReport(
-            created=True,
-            origin=origin,
-            previous_stop="none",
-            last_seq=-1,
-            last_hash=ZERO_HASH,
-            last_ts=None,
-        )
+    # The segment before the newest must be whole: only the newest is ever written to
+    # when a crash can happen.
+    prev_scan: _Scan | None = None
+    if len(segments) > 1:
+        prev_data = segments[-2].read_bytes()
+        prev_scan = _scan(prev_data, None, None)
+        if prev_scan.error is not None or prev_scan.intact != len(prev_data):
+            line = prev_data[: prev_scan.intact].count(b"\n") + 1
+            raise _damaged(f"{segments[-2]}:{line}", prev_scan.error or "incomplete entry")
+
+    last = segments[-1]
+    data = last.read_bytes()
+    scan = _scan(
+        data,
+        None if prev_scan is None else prev_scan.last_hash,
+        None if prev_scan is None else prev_scan.last_seq,
+    )
+    set_aside: list[str] = []
+    if scan.entries == 0:
+        if _later_entry(data, -1):
+            line = 1
+            raise _damaged(f"{last}:{line}", scan.error or "first entry does not link")
+        # No whole entry at all (a power cut right after the segment was created, or
+        # during its first write): set the file aside whole, never delete it.
+        target = _quarantine(directory) / f"{last.name}.{stamp}.set-aside"
+        last.replace(target)
+        _fsync_dir(directory)
+        set_aside.append(str(target.relative_to(directory)))
+        segments.pop()
+        if prev_scan is None:
+            return None, new_log
+        last, data, scan = segments[-1], prev_data, prev_scan
+    elif prev_scan is not None and scan.last_type is None:
+        # The newest segment holds only checkpoints (the shutdown one rotated into it):
+        # what kind of stop it was is said by the entry before them.
+        scan.last_type = prev_scan.last_type
 
     if scan.error is not None and _later_entry(data, scan.intact):
-        # Whole, valid entries after a bad one are not what a crash leaves behind (a crash
-        # tears only the end). Setting them aside would hide damage or tampering, and
-        # writing after them would bury it: refuse, and say where.
+        # Whole, valid entries after a bad one are not what a crash leaves behind.
         line = data[: scan.intact].count(b"\n") + 1
-        raise LogDamaged(
-            f"{last}:{line}: {scan.error}, but valid entries follow it: the log is damaged "
-            "or was altered, not torn by a crash. Not writing to it. Check it with "
-            "`iort-audit verify`, keep it as evidence, and point log.directory at a new "
-            "directory to start a new log."
-        )
+        raise _damaged(f"{last}:{line}", f"{scan.error}, but valid entries follow it")
     tail_bytes = len(data) - scan.intact
     kept_at = None
     if tail_bytes:
@@ -759,11 +774,16 @@ def _recover(directory: Path, origin: str) -> tuple[_Segment | None, RecoveryRep
 
 
 def _later_entry(data: bytes, start: int) -> bool:
-    """Whether a whole, self-consistent entry follows ``start`` (past the first line)."""
-    first_nl = data.find(b"\n", start)
-    if first_nl < 0:
-        return False
-    for raw in data[first_nl + 1 :].split(b"\n"):
+    """Whether a whole, self-consistent entry follows the line at ``start`` (with -1:
+    anywhere in ``data``)."""
+    if start >= 0:
+        first_nl = data.find(b"\n", start)
+        if first_nl < 0:
+            return False
+        rest = data[first_nl + 1 :]
+    else:
+        rest = data
+    for raw in rest.split(b"\n"):
         try:
             env = open_line(raw)
         except ValueError:
@@ -771,12 +791,6 @@ def _later_entry(data: bytes, start: int) -> bool:
         if env.hash == env.computed:
             return True
     return False
-
-
-def _last_entry(path: Path) -> tuple[str, int] | None:
-    data = path.read_bytes()
-    scan = _scan(data, None, None)
-    return (scan.last_hash, scan.last_seq) if scan.entries else None
 
 
 def _open_delivery(segments: list[Path]) -> tuple[str | None, Mapping[str, Any] | None]:

@@ -10,6 +10,7 @@ line, seq) is where the tampering is.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -32,6 +33,7 @@ from hypothesis import strategies as st
 
 from daemon import audit_cli
 from daemon.audit.note import Checkpoint, generate_keypair, write_keypair
+from daemon.audit.writer import AuditLog
 
 pytestmark = pytest.mark.integration
 
@@ -217,8 +219,11 @@ def test_a_held_checkpoint_signed_by_another_key_is_refused(log: Log, tmp_path: 
     for name in ("iortd-demo", "someone-else"):
         forged = tmp_path / f"checkpoint-{name}"
         forged.write_text(cp.signed(generate_keypair(name)), encoding="utf-8")
-        what = assert_location(log.verify("--checkpoint", str(forged)), log.seg, None, None)
-        assert "checkpoint held elsewhere is not signed by --pubkey" in what
+        # A held checkpoint that this key did not sign is the wrong evidence: a usage
+        # error naming --checkpoint, before the log is read.
+        p = log.verify("--checkpoint", str(forged))
+        assert p.returncode == 2, p.stdout + p.stderr
+        assert f"--checkpoint {forged}: not signed by --pubkey" in p.stderr
 
 
 def test_a_log_checked_against_another_public_key_is_not_intact(log: Log, tmp_path: Path) -> None:
@@ -377,7 +382,10 @@ def test_a_deleted_entry_is_found(log: Log, which: str) -> None:
     }[which]
     log.write([*log.lines[:t], *log.lines[t + 1 :]])
     what = assert_location(log.verify(), log.seg, t + 1, t + 1)
-    assert f"seq {t + 1} where {t} was expected" in what
+    if t == 0:  # the first entry gone: the log no longer starts at 0
+        assert "the log starts at seq 1, not 0" in what
+    else:
+        assert f"seq {t + 1} where {t} was expected" in what
 
 
 def test_swapped_entries_are_found(log: Log) -> None:
@@ -588,3 +596,52 @@ def test_entries_after_the_last_checkpoint_are_said_to_be_unsigned(log: Log) -> 
     log.write(log.lines[: cp + 2])  # the delivery-end checkpoint and one entry after it
     out = intact(log.verify())
     assert f"signed through seq {cp}; 1 later entry is not covered by a signature" in out
+
+
+def test_odd_inputs_get_clear_answers(log: Log, tmp_path: Path) -> None:
+    # A shell glob over the directory: LOCK and checkpoint are not segments.
+    files = sorted(str(p) for p in log.dir.iterdir())
+    assert run(IORT_AUDIT, "verify", *files, "--pubkey", str(log.pub)).returncode == 0
+    # An empty file is not an intact log.
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    p = run(IORT_AUDIT, "verify", str(empty))
+    assert p.returncode == 1
+    assert "no entries" in p.stdout
+    # Times out of range, or years before 1000, are handled as times.
+    bad = run(IORT_AUDIT, "show", str(log.dir), "--since", "9999-12-31T23:59:59-01:00")
+    assert bad.returncode == 2
+    assert "out of range" in bad.stderr
+    early = run(IORT_AUDIT, "show", str(log.dir), "--until", "0999-01-01T00:00:00Z")
+    assert early.returncode == 0
+    assert early.stdout == ""
+    # keygen into something that is not a directory, or with a path in the name.
+    assert run(IORT_AUDIT, "keygen", "--name", "k", "--out", str(empty)).returncode == 2
+    assert run(IORT_AUDIT, "keygen", "--name", "../evil", "--out", str(tmp_path)).returncode == 2
+    assert not (tmp_path.parent / "evil.key").exists()
+
+
+async def _big_log(directory: Path, n: int) -> None:
+    log, _ = await AuditLog.open(directory, origin="test/or-1/pipe")
+    task = asyncio.create_task(log.run())
+    for i in range(n):
+        log.append("sample", {"i": i, "state": "IRRADIATING"})
+    await log.close()
+    await task
+
+
+def test_show_into_a_closed_pipe_is_quiet(tmp_path: Path) -> None:
+    """`iort-audit show LOG | head -1`: the reader leaves early; no traceback."""
+    asyncio.run(_big_log(tmp_path / "log", 3000))  # far more than a pipe buffer holds
+    show = subprocess.Popen(
+        [IORT_AUDIT, "show", str(tmp_path / "log")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert show.stdout is not None
+    first = show.stdout.readline()
+    show.stdout.close()  # what head does after one line
+    _, err = show.communicate(timeout=60)
+    assert first
+    assert b"Traceback" not in err
+    assert show.returncode == 0

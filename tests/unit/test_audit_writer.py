@@ -13,6 +13,7 @@ import dataclasses
 import enum
 import errno
 import hashlib
+import json
 import os
 import re
 import uuid
@@ -572,12 +573,63 @@ async def test_an_empty_newest_segment_is_set_aside(tmp_path: Path) -> None:
         assert report.last_seq == 1
 
 
-async def test_a_log_with_no_intact_entry_is_refused_and_kept(tmp_path: Path) -> None:
+async def test_a_first_segment_torn_in_its_first_write_is_kept_and_a_new_log_starts(
+    tmp_path: Path,
+) -> None:
     (tmp_path / "log-0000000000000000-20260301.jsonl").write_bytes(PARTIAL)
-    with pytest.raises(RuntimeError, match="quarantine"):
-        await AuditLog.open(tmp_path, origin=ORIGIN)
+    async with running(tmp_path) as (_, report):
+        assert report.created
+        assert report.segments_set_aside == ()  # not part of a chain: nothing to report
     [kept] = (tmp_path / "quarantine").iterdir()
     assert kept.read_bytes() == PARTIAL
+    assert read_entries(tmp_path)[0]["seq"] == 0
+
+
+async def _two_segments(tmp_path: Path) -> list[Path]:
+    async with running(tmp_path, rotate_max_bytes=64 * 1024) as (log, _):
+        for i in range(150):
+            log.append("sample", sample(i, pad=600))
+        await log.append("event", {}, durable=True).committed
+    segs = segment_paths(tmp_path)
+    assert len(segs) >= 2
+    return segs
+
+
+def _alter_line(path: Path, n: int) -> None:
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[n] = lines[n].replace(b"IRRADIATING", b"IRRADIATINX", 1)
+    path.write_bytes(b"".join(lines))
+
+
+@pytest.mark.parametrize(("which", "line"), [(-1, 0), (-2, -1), (-2, 3)])
+async def test_damage_anywhere_but_a_torn_end_is_refused_before_anything_moves(
+    tmp_path: Path, which: int, line: int
+) -> None:
+    segs = await _two_segments(tmp_path)
+    _alter_line(segs[which], line)
+    before = {p.name: p.read_bytes() for p in segment_paths(tmp_path)}
+    with pytest.raises(LogDamaged, match="nothing was moved"):
+        await AuditLog.open(tmp_path, origin=ORIGIN)
+    assert {p.name: p.read_bytes() for p in segment_paths(tmp_path)} == before
+    assert not (tmp_path / "quarantine").exists()
+
+
+async def test_a_clean_stop_whose_checkpoint_rotated_into_a_new_segment_is_clean(
+    tmp_path: Path,
+) -> None:
+    signer = generate_keypair("or-1")
+    async with running(tmp_path, signer=signer, rotate_max_bytes=64 * 1024) as (log, _):
+        while len(segment_paths(tmp_path)) < 2 or log.head[0] < 3:
+            await log.append("sample", sample(1, pad=2000), durable=True).committed
+        segs = segment_paths(tmp_path)
+        # Fill the newest segment so that the checkpoint after daemon_stop rotates.
+        room = 64 * 1024 - segs[-1].stat().st_size
+        await log.append("daemon_stop", {"pad": "x" * (room - 400)}, durable=True).committed
+        assert await log.checkpoint("shutdown") is not None
+    last = segment_paths(tmp_path)[-1]
+    assert [e["type"] for e in map(json.loads, last.read_text().splitlines())] == ["checkpoint"]
+    async with running(tmp_path) as (_, report):
+        assert report.previous_stop == "clean"
 
 
 async def test_an_open_delivery_is_reported_with_its_last_sample(tmp_path: Path) -> None:
