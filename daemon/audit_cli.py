@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from daemon import __version__
 from daemon.audit.note import (
@@ -194,7 +195,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
         _err(str(exc))
         return EXIT_USAGE
     rep = _chain_warning(args.paths)
-    entries = load_entries(collect_files(args.paths))
+    files = collect_files(args.paths)
+    entries: Iterable[dict[str, Any]] = load_entries(files)
     if args.delivery:
         records = [r for r in collect_deliveries(entries) if r.delivery_id == args.delivery]
         if not records:
@@ -205,7 +207,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
         _out(format_summary(records[0]))
         if not args.entries:
             return EXIT_OK if rep.intact else EXIT_BAD
-        entries = [e for e in entries if e.get("delivery_id") == args.delivery]
+        # A second streaming pass: the log is never held in memory whole.
+        entries = (e for e in load_entries(files) if e.get("delivery_id") == args.delivery)
     for e in entries:
         ts = str(e.get("ts", ""))
         if args.type and e.get("type") not in args.type:

@@ -5,7 +5,7 @@ Works on the parsed entries; verification is verify.py's job (the command runs b
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,18 +23,18 @@ __all__ = [
 ]
 
 
-def load_entries(files: Sequence[Path]) -> list[dict[str, Any]]:
-    out = []
+def load_entries(files: Sequence[Path]) -> Iterator[dict[str, Any]]:
+    """Entries one at a time (a log can be far larger than memory), up to the first line
+    that is not a whole entry."""
     for _path, _n, raw in iter_entries(files):
         if not raw.endswith(b"\n"):
-            break
+            return
         try:
             entry = orjson.loads(raw)
         except orjson.JSONDecodeError:
-            break
+            return
         if isinstance(entry, dict):
-            out.append(entry)
-    return out
+            yield entry
 
 
 def _mmss(seconds: Any) -> str:
@@ -72,9 +72,17 @@ def format_entry(e: dict[str, Any]) -> str:
             f"{_gy(s.get('delivered_primary_gy'))} Gy"
         )
     else:
-        text = " ".join(
-            f"{k}={v}" for k, v in sorted(d.items()) if not isinstance(v, dict | list) and k != "at"
-        )
+        # Scalars as k=v; lists and objects as compact JSON (cut short): nothing hidden.
+        parts = []
+        for k, v in sorted(d.items()):
+            if k == "at":
+                continue
+            shown = str(v)
+            if isinstance(v, dict | list):
+                shown = orjson.dumps(v).decode()
+                shown = shown if len(shown) <= 120 else shown[:117] + "..."
+            parts.append(f"{k}={shown}")
+        text = " ".join(parts)
     return f"{e.get('seq', '?'):>8} {e.get('ts', '?')} {kind:<24} {did:<32} {text}"
 
 

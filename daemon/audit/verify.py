@@ -117,7 +117,10 @@ def verify_log(
         data = path.read_bytes()
         lines = data.split(b"\n")
         torn = lines.pop()  # b"" when the file ends with a newline
+        per_line = len(data) / max(len(lines), 1)
         for n, line in enumerate(lines, start=1):
+            if progress is not None and not n & 0x3FFF:  # every 16k lines, within a segment
+                progress(done_bytes + round(n * per_line))
             at = line.rfind(_HASH_KEY)
             end = at + 73
             if at < 0 or line[end : end + 2] != b'",':
