@@ -32,7 +32,6 @@ from daemon.audit.writer import AuditLog, RecoveryReport, utc_ts
 from daemon.config import Config, DeviceConfig, LoadedConfig
 from daemon.sinks import Sample, Sink
 from daemon.tracker import (
-    DeliverySnapshot,
     DeliveryTracker,
     Terminated,
     TrackerEvent,
@@ -77,7 +76,6 @@ def tracker_settings(config: Config, clock_speed: float) -> TrackerSettings:
 @dataclass
 class RunResult:
     terminated: list[Terminated] = field(default_factory=list)
-    last_snapshot: DeliverySnapshot | None = None
     link_losses: int = 0
     checkpoints: list[str] = field(default_factory=list)
 
@@ -126,7 +124,6 @@ class Daemon:
         self._delivery_ended = False
         self._notices: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self._audit_failing = asyncio.Event()
-        self.ready = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> RunResult:
         log.info(
@@ -373,7 +370,6 @@ class Daemon:
                     all_clear=self.tracker.all_clear,
                 )
                 self._emit(sample, events)
-                self.ready.set()
                 if self._stop_after_delivery and any(isinstance(e, Terminated) for e in events):
                     stop.set()
                     return
@@ -440,8 +436,6 @@ class Daemon:
             if isinstance(ev, Terminated):
                 self.result.terminated.append(ev)
                 ended = True
-        if sample is not None:
-            self.result.last_snapshot = sample.delivery
         durable = None
         if self._audit is not None:
             snap = self.tracker.snapshot()

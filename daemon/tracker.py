@@ -357,7 +357,6 @@ class DeliveryTracker:
         self._last_utc: datetime | None = None
         self._last_state: DeviceState | None = None
         self._gap: Gap | None = None
-        self._fault_cause: str | None = None
         self._ids_issued: set[str] = set()
 
     # ---- public view ------------------------------------------------------------------
@@ -377,10 +376,6 @@ class DeliveryTracker:
     @property
     def in_gap(self) -> bool:
         return self._gap is not None
-
-    @property
-    def fault_cause(self) -> str | None:
-        return self._fault_cause
 
     def snapshot(self, now_mono_ns: int | None = None) -> DeliverySnapshot | None:
         d = self._delivery
@@ -535,7 +530,6 @@ class DeliveryTracker:
         for key in list(self._alarms):
             self._clear_alarm(key, r.mono_ns, r.utc, out)
         self._delivery = d
-        self._fault_cause = None
         out.append(DeliveryStarted(delivery_id, r.mono_ns, r.utc, r.preset_gy, joined))
         return d
 
@@ -865,7 +859,6 @@ class DeliveryTracker:
         *,
         device: bool = False,
     ) -> None:
-        self._fault_cause = cause
         code = AlarmCode.DEVICE_FAULT if device else AlarmCode.CONTRADICTORY_INPUT
         self._raise_alarm(code, f"{code}", Severity.HIGH, cause, mono, utc, out)
         d = self._delivery

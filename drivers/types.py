@@ -22,7 +22,6 @@ __all__ = [
     "InterlockState",
     "SourceReading",
     "TerminationStatus",
-    "all_interlocks_unknown",
 ]
 
 
@@ -77,11 +76,6 @@ class Interlock(enum.StrEnum):
     DOSE_RATE = "dose_rate"
     BACKUP_TIMER = "backup_timer"
     COMMUNICATION = "communication"
-
-
-def all_interlocks_unknown() -> Mapping[Interlock, InterlockState]:
-    """The fail-safe interlock picture when a device cannot be heard."""
-    return MappingProxyType(dict.fromkeys(Interlock, InterlockState.UNKNOWN))
 
 
 class Capability(enum.StrEnum):

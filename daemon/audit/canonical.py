@@ -33,6 +33,7 @@ __all__ = [
     "check_json_value",
     "open_line",
     "seal",
+    "seal_parts",
 ]
 
 ZERO_HASH = "0" * 64
@@ -146,12 +147,20 @@ def canonical(obj: Mapping[str, Any]) -> bytes:
 
 def seal(body: bytes) -> tuple[bytes, str]:
     """From the canonical entry without ``hash``, the line (with newline) and its hash."""
-    digest = hashlib.sha256(body).hexdigest()
     at = body.rfind(_AFTER_HASH)
     if at < 0:
         raise CanonicalError("entry has no mono_ns key")
-    line = b"".join((body[:at], _HASH_KEY, digest.encode(), b'"', body[at:], b"\n"))
-    return line, digest
+    return seal_parts(body[:at], body[at:])
+
+
+def seal_parts(head: bytes, tail: bytes) -> tuple[bytes, str]:
+    """The same, from the canonical entry split where ``hash`` goes: ``head`` ends before
+    it (data, delivery_id), ``tail`` starts at ``,"mono_ns":``. The writer builds the two
+    parts directly, so nothing is serialised twice or searched for."""
+    h = hashlib.sha256(head)
+    h.update(tail)
+    digest = h.hexdigest()
+    return b"".join((head, _HASH_KEY, digest.encode(), b'"', tail, b"\n")), digest
 
 
 @dataclass(frozen=True, slots=True)

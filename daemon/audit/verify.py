@@ -140,16 +140,12 @@ def verify_log(
                     path, n, seq, "hash does not match the entry's content: the entry was altered"
                 )
                 break
-            if seq != expect_seq and expect_seq == 0:
+            if seq != expect_seq:
                 what = (
                     f"the log starts at seq {seq}, not 0: give the whole log (its directory),"
                     " or earlier segments are missing"
-                )
-                rep.problem = Problem(path, n, seq, what)
-                break
-            if seq != expect_seq:
-                what = (
-                    f"seq {seq} where {expect_seq} was expected: an entry is missing, "
+                    if expect_seq == 0
+                    else f"seq {seq} where {expect_seq} was expected: an entry is missing, "
                     "inserted or out of order"
                 )
                 rep.problem = Problem(path, n, seq, what)

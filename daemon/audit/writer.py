@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import hashlib
 import os
 import re
 import secrets
@@ -40,6 +39,7 @@ from daemon.audit.canonical import (
     canonical,
     check_json_value,
     open_line,
+    seal_parts,
 )
 from daemon.audit.note import Checkpoint, Signer
 
@@ -371,15 +371,9 @@ class AuditLog:
             # orjson writes NaN and infinities as null: only then walk the data to refuse
             # them (a walk on every entry would be most of the cost of appending).
             check_json_value(data)
-        h = hashlib.sha256(b'{"data":')
-        h.update(data_json)
-        h.update(did)
-        h.update(tail)
-        digest = h.hexdigest()
-        hash_b = digest.encode()
-        line = b"".join((b'{"data":', data_json, did, b',"hash":"', hash_b, b'"', tail, b"\n"))
+        line, digest = seal_parts(b"".join((b'{"data":', data_json, did)), tail)
         self._seq += 1
-        self._hash, self._hash_b = digest, hash_b
+        self._hash, self._hash_b = digest, digest.encode()
         # One future per group commit, shared by every entry in it: entries are durable
         # together, and a future per sample would be most of the cost of appending one.
         fut = self._batch_future
