@@ -790,18 +790,25 @@ def _later_entry(data: bytes, start: int) -> bool:
 def _open_delivery(segments: list[Path]) -> tuple[str | None, Mapping[str, Any] | None]:
     """The delivery left open by the previous run, if any, with its last sample.
 
-    Scans backwards to the newest delivery_started or delivery_terminated entry.
+    Scans backwards to the newest delivery_started or delivery_terminated entry, and no
+    further than the newest daemon_start: every start closes a delivery left open before
+    it (before writing daemon_start), so nothing older can still be open. This bounds the
+    work at start-up to the last run, however long the log.
     """
     last_sample: dict[str, Mapping[str, Any]] = {}
     for path in reversed(segments):
-        lines = path.read_bytes().splitlines()
-        for raw in reversed(lines):
+        for raw in reversed(path.read_bytes().splitlines()):
+            # "type" sorts last, so the kind is the end of the line: no parse needed.
+            if raw.endswith(b'"type":"daemon_start"}'):
+                return None, None
+            if b'"delivery_id":' not in raw:
+                continue
             try:
                 entry = orjson.loads(raw)
             except orjson.JSONDecodeError:
                 continue
             kind, did = entry.get("type"), entry.get("delivery_id")
-            if did is None:
+            if not isinstance(did, str):
                 continue
             if kind == "sample" and did not in last_sample:
                 last_sample[did] = entry.get("data", {})

@@ -862,3 +862,15 @@ async def test_a_clean_stop_followed_by_its_checkpoint_is_clean(tmp_path: Path) 
         assert await log.checkpoint("shutdown") is not None
     async with running(tmp_path) as (_, report):
         assert report.previous_stop == "clean"
+
+
+async def test_the_open_delivery_search_stops_at_the_last_start(tmp_path: Path) -> None:
+    """Every start closes what an earlier run left open before writing daemon_start, so
+    the search need not (and does not) read past it."""
+    log, _, task = await start(tmp_path)
+    log.append("delivery_started", {"preset_gy": 20.0}, delivery_id="d-old", durable=True)
+    log.append("daemon_start", {}, durable=True)
+    await log.append("sample", {"dose_primary_gy": 0.0}, durable=True).committed
+    await crash(log, task)
+    async with running(tmp_path) as (_, report):
+        assert report.open_delivery_id is None
