@@ -12,9 +12,11 @@ import importlib.resources
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 
@@ -30,6 +32,15 @@ from daemon.audit.writer import AuditLog, LogDamaged, LogInUse, new_origin
 from daemon.config import ConfigError, LoadedConfig, load_config
 from daemon.console import ConsoleView
 from daemon.logs import configure_logging
+from daemon.mqtt.broker import (
+    MOSQUITTO_INSTALL_HINT,
+    BrokerError,
+    BrokerOptions,
+    Mosquitto,
+    find_mosquitto,
+)
+from daemon.mqtt.outbox import Outbox, OutboxError
+from daemon.mqtt.sink import MqttSink, settings_from_config
 from daemon.service import SHUTDOWN_TIMEOUT_S, Daemon, RunResult
 from daemon.sinks import OperationalLogSink, Sink
 from drivers.clock import Clock, ScaledClock, SystemClock
@@ -41,6 +52,7 @@ EXIT_OK = 0
 EXIT_BAD = 1
 EXIT_USAGE = 2
 DEMO_KEY_NAME = "iortd-demo"
+OUTBOX_DIR = "mqtt-outbox"
 
 log = structlog.get_logger("iortd")
 
@@ -80,6 +92,12 @@ def _parser() -> argparse.ArgumentParser:
         help=f"where the audit log goes (default: {default_data_dir() / 'demo-log'})",
     )
 
+    demo.add_argument(
+        "--broker",
+        metavar="URL",
+        help="publish to this broker (mqtt://host:port) instead of a private Mosquitto",
+    )
+
     check = sub.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("file", type=Path, metavar="FILE")
     return p
@@ -101,6 +119,7 @@ async def _serve(
     *,
     duration_s: float | None = None,
     stop_after_delivery: bool = False,
+    broker_url: str | None = None,
 ) -> RunResult:
     c = loaded.config
     # Signals only request a stop, from the very start: a SIGINT while a large log is
@@ -126,6 +145,17 @@ async def _serve(
         if stop.is_set():
             await audit[0].close()
             return RunResult()
+        if c.mqtt.enabled:
+            # Inside the log directory, so under its LOCK: one daemon per outbox.
+            try:
+                outbox = await Outbox.open(c.log.directory / OUTBOX_DIR, c.mqtt.outbox_max_bytes)
+            except OutboxError as exc:
+                await audit[0].close()
+                raise _LogDirectoryError(f"mqtt outbox: {exc}") from None
+            factory = DriverRegistry.from_entry_points().get(c.source.driver)
+            settings = settings_from_config(c.mqtt, c.site, url=broker_url)
+            sinks = [*sinks, MqttSink(settings, outbox, simulated=factory.simulated)]
+            log.info("mqtt_enabled", broker=settings.url, session=outbox.session)
         daemon = Daemon(
             loaded,
             DriverRegistry.from_entry_points(),
@@ -256,6 +286,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     # A directory given on the command line is relative to where the user is, not to the
     # config file (which is where relative paths inside the file are taken from).
     overrides["log"] = {"directory": str(log_dir.expanduser().resolve())}
+    if args.broker is not None:
+        overrides["mqtt"] = {"url": args.broker, "enabled": True}
     loaded = _load(args.config or default_demo_config(), overrides)
     if loaded is None:
         return EXIT_USAGE
@@ -263,6 +295,54 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         signer, pub = _demo_signer()
     except (OSError, KeyFileError) as exc:
         return _error(f"demo signing key: {exc}")
+    with contextlib.ExitStack() as stack:
+        broker_url = args.broker
+        if broker_url is None and loaded.config.mqtt.enabled:
+            started = _embedded_broker(stack)
+            if isinstance(started, int):
+                return started
+            broker_url = started
+        if broker_url is None and loaded.config.mqtt.enabled:
+            loaded = _load(args.config or default_demo_config(), _mqtt_off(overrides))
+            if loaded is None:
+                return EXIT_USAGE
+        return _run_demo(args, loaded, signer, pub, broker_url)
+
+
+def _mqtt_off(overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {**overrides, "mqtt": {"enabled": False}}
+
+
+def _embedded_broker(stack: contextlib.ExitStack) -> str | int | None:
+    """A private Mosquitto for the demo (127.0.0.1, a free port, no persistence), stopped
+    by PID when the demo ends. None (stream off) when Mosquitto is not installed."""
+    exe = find_mosquitto()
+    if exe is None:
+        print(  # noqa: T201 - CLI output
+            "iortd demo: Mosquitto is not installed, so the live MQTT stream is off. "
+            f"Install it with: {MOSQUITTO_INSTALL_HINT} (or pass --broker mqtt://HOST:PORT)",
+            file=sys.stderr,
+        )
+        return None
+    workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="iortd-demo-mqtt-")))
+    try:
+        broker = Mosquitto.start_sync(BrokerOptions(), workdir, executable=exe)
+    except BrokerError as exc:
+        return _error(f"the demo's private Mosquitto did not start: {exc}")
+    stack.callback(broker.stop_sync)
+    print(  # noqa: T201 - CLI output
+        f"MQTT broker: private Mosquitto (pid {broker.pid}) on {broker.url}, for this demo only",
+    )
+    return broker.url
+
+
+def _run_demo(
+    args: argparse.Namespace,
+    loaded: LoadedConfig,
+    signer: Signer,
+    pub: Path,
+    broker_url: str | None,
+) -> int:
     c = loaded.config
     out = sys.stdout
     print(
@@ -272,10 +352,26 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"verify it: iort-audit verify {c.log.directory} --pubkey {pub}",
         file=out,
     )
+    if broker_url is not None:
+        parts = urlsplit(broker_url)
+        prefix = f"{c.mqtt.prefix}/v1/{c.site.id}/{c.site.room}"
+        print(
+            f"live stream: {prefix}/... on {broker_url}; watch it with\n"
+            f"  mosquitto_sub -h {parts.hostname} -p {parts.port or 1883} -t '{prefix}/#' -v",
+            file=out,
+        )
+    else:
+        print("live stream: off (no MQTT broker)", file=out)
+    out.flush()
     view = ConsoleView(out, live=out.isatty())
     sinks: list[Sink] = [OperationalLogSink(), view]
     result = _serve_or_exit(
-        loaded, sinks, signer, duration_s=args.duration, stop_after_delivery=True
+        loaded,
+        sinks,
+        signer,
+        duration_s=args.duration,
+        stop_after_delivery=True,
+        broker_url=broker_url,
     )
     if isinstance(result, int):
         return result

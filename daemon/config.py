@@ -311,6 +311,36 @@ def _check_files(config: Config, file: Path) -> list[ConfigIssue]:
         )
     elif not os.access(probe, os.W_OK | os.X_OK):
         issues.append(ConfigIssue(file, "log.directory", f"not writable: {probe}"))
+    mqtt = config.mqtt
+    if mqtt.enabled and mqtt.password_env is not None and mqtt.password_env not in os.environ:
+        issues.append(
+            ConfigIssue(
+                file,
+                "mqtt.password_env",
+                f"environment variable {mqtt.password_env} is not set",
+            )
+        )
+    pw = mqtt.password_file
+    if mqtt.enabled and pw is not None and pw.is_file():
+        mode = pw.stat().st_mode & 0o777
+        if mode & 0o077:
+            issues.append(
+                ConfigIssue(
+                    file,
+                    "mqtt.password_file",
+                    f"{pw} is readable by others (mode {mode:04o}); chmod 600 it",
+                )
+            )
+        elif not os.access(pw, os.R_OK):
+            issues.append(ConfigIssue(file, "mqtt.password_file", f"cannot read {pw}"))
+    if mqtt.enabled and (mqtt.ca_file or mqtt.cert_file) and not mqtt.url.startswith("mqtts:"):
+        issues.append(
+            ConfigIssue(
+                file,
+                "mqtt.url",
+                "ca_file/cert_file are set but the url is mqtt:// (plain TCP); use mqtts://",
+            )
+        )
     key_file = config.log.signing_key_file
     if key_file is not None and key_file.is_file():
         # Refused here, before anything starts, rather than at the first checkpoint.

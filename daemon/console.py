@@ -130,6 +130,9 @@ class ConsoleView:
     async def notice(self, severity: str, message: str) -> None:
         self._println(f"  {severity.upper()}: {message}")
 
+    async def run(self) -> None:
+        return None
+
     async def aclose(self) -> None:
         if self._line_open:
             self._out.write("\n")

@@ -138,6 +138,8 @@ class Daemon:
             async with asyncio.TaskGroup() as outer:
                 if self._audit is not None:
                     outer.create_task(self._audit.run(), name="audit-writer")
+                for sink in self._sinks:
+                    outer.create_task(sink.run(), name=f"sink:{sink.name}")
                 dispatcher = outer.create_task(self._dispatch(), name="dispatcher")
                 notices = outer.create_task(self._notify(), name="notices")
                 self._record_start()

@@ -46,6 +46,12 @@ class Sample:
 class Sink(Protocol):
     name: str
 
+    async def run(self) -> None:
+        """The sink's own work (a network connection), run as a task from start until
+        :meth:`aclose`; return at once if there is none. Must not raise for trouble it
+        can retry."""
+        ...
+
     async def started(self, device: str, identity: DeviceIdentity) -> None: ...
 
     async def sample(self, sample: Sample) -> None: ...
@@ -71,6 +77,9 @@ class OperationalLogSink:
 
     def __init__(self) -> None:
         self._log = structlog.get_logger("iortd.events")
+
+    async def run(self) -> None:
+        return None
 
     async def started(self, device: str, identity: DeviceIdentity) -> None:
         self._log.info(

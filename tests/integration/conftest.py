@@ -20,6 +20,8 @@ signing_key_file = "keys/or-7.key"
 group_commit_ms = 50
 rotate_max_bytes = {rotate}
 checkpoint_interval_s = {checkpoint_s}
+[mqtt]
+{mqtt}
 [simulation]
 speed = {speed}
 seed = 11
@@ -45,11 +47,20 @@ def make_site(tmp_path: Path) -> Callable[..., Site]:
         poll: float = 0.02,
         rotate: int = 1024 * 1024,
         checkpoint_s: float = 2,
+        mqtt: str | None = None,
     ) -> Site:
+        """``mqtt``: the [mqtt] section's body; by default MQTT is off, so that no test
+        reaches a broker it did not start."""
         _, pub = write_keypair(generate_keypair("or-7"), tmp_path / "keys")
         cfg = tmp_path / "site.toml"
         cfg.write_text(
-            SITE_TEMPLATE.format(speed=speed, poll=poll, rotate=rotate, checkpoint_s=checkpoint_s)
+            SITE_TEMPLATE.format(
+                speed=speed,
+                poll=poll,
+                rotate=rotate,
+                checkpoint_s=checkpoint_s,
+                mqtt="enabled = false" if mqtt is None else mqtt,
+            )
         )
         return Site(cfg, tmp_path / "log", pub)
 

@@ -487,7 +487,8 @@ def test_a_replaced_log_is_found_with_the_held_checkpoint(
         if p.is_file():
             p.unlink()
     for p in demo2.log_dir.iterdir():
-        shutil.copy2(p, log.dir / p.name)
+        if p.is_file():  # not mqtt-outbox/: the MQTT sink's, not part of the log
+            shutil.copy2(p, log.dir / p.name)
     intact(log.verify())  # a valid log in itself, signed by the same key
     p = log.verify("--checkpoint", str(log.checkpoint))  # the first run's checkpoint
     [seg] = [x for x in log.dir.iterdir() if x.name.startswith("log-")]

@@ -9,6 +9,7 @@ must give exactly one line on stderr and nothing on stdout.
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,10 +58,13 @@ EXPECTED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 SECRETS = ("hunter2-not-a-real-secret", "MC4CAQAwBQYDK2VwBCIEINOTAREALKEY")
 
 
-def iortd(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def iortd(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*IORTD, *args],
         cwd=cwd,
+        env=env,
         capture_output=True,
         text=True,
         encoding="utf-8",
@@ -109,10 +113,22 @@ def test_a_relative_path_is_named_as_given() -> None:
     ]
 
 
+def test_an_unset_password_variable_is_named(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "IORTD_MQTT_PASSWORD"}
+    result = iortd("check-config", str(CONFIG_DIR / "site.example.toml"), cwd=tmp_path, env=env)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"{ERROR_PREFIX}{CONFIG_DIR / 'site.example.toml'}: mqtt.password_env: "
+        "environment variable IORTD_MQTT_PASSWORD is not set"
+    ]
+
+
 @pytest.mark.parametrize("name", ["demo.toml", "site.example.toml"])
 def test_shipped_config_exits_0_with_an_ok_line(name: str, tmp_path: Path) -> None:
     path = CONFIG_DIR / name
-    result = iortd("check-config", str(path), cwd=tmp_path)
+    # site.example.toml reads the MQTT password from this variable.
+    env = {**os.environ, "IORTD_MQTT_PASSWORD": "example"}
+    result = iortd("check-config", str(path), cwd=tmp_path, env=env)
     assert result.returncode == 0, result
     assert result.stderr == ""
     line, *notes = result.stdout.splitlines()

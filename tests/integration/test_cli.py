@@ -104,6 +104,8 @@ room = "or-2"
 [log]
 directory = "log"
 {key}
+[mqtt]
+enabled = false
 [[devices]]
 name = "source-1"
 driver = "sim"

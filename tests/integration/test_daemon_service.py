@@ -105,6 +105,9 @@ class RecordingSink:
         self.notices.append((severity, message))
         self.changed.set()
 
+    async def run(self) -> None:
+        return None
+
     async def aclose(self) -> None:
         self.closed = True
 

@@ -181,6 +181,13 @@ def test_every_problem_is_reported_not_just_the_first(
 # --- good configs ------------------------------------------------------------------------
 
 
+@pytest.fixture
+def mqtt_password_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """site.example.toml takes the MQTT password from this variable."""
+    monkeypatch.setenv("IORTD_MQTT_PASSWORD", "example-password")
+
+
+@pytest.mark.usefixtures("mqtt_password_env")
 @pytest.mark.parametrize("path", [DEMO, SITE_EXAMPLE], ids=["demo", "site.example"])
 def test_shipped_configs_load(path: Path, registry: DriverRegistry) -> None:
     loaded = load_config(path, registry)
@@ -198,13 +205,14 @@ def test_demo_values_are_typed(registry: DriverRegistry) -> None:
     config = load_config(DEMO, registry).config
     assert (config.site.id, config.site.room) == ("demo-site", "or-1")
     assert config.log.directory == CONFIG_DIR.resolve() / "demo-log"
-    assert config.mqtt.enabled is False
+    assert config.mqtt.enabled is True
     assert config.plan.prescribed_dose_gy == 20.0
     assert config.tolerances.stale_after_polls == 5
     assert config.simulation.speed == 60.0
     assert config.simulation.seed == 20261126
 
 
+@pytest.mark.usefixtures("mqtt_password_env")
 def test_site_example_values(registry: DriverRegistry) -> None:
     config = load_config(SITE_EXAMPLE, registry).config
     assert config.mqtt.url == "mqtts://broker.example.internal:8883"
@@ -226,6 +234,7 @@ def test_relative_paths_resolve_against_the_config_files_directory(
         target = conf_dir / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text("x", encoding="utf-8")
+        target.chmod(0o600)
     write_keypair(generate_keypair("signing"), conf_dir / "keys")
     text = _replace_once(
         _demo_text(),
@@ -237,6 +246,7 @@ def test_relative_paths_resolve_against_the_config_files_directory(
         "[mqtt]\n",
         '[mqtt]\nca_file = "certs/ca.pem"\npassword_file = "../shared/mqtt.password"\n',
     )
+    text = _replace_once(text, 'url = "mqtt://', 'url = "mqtts://')
     _write(conf_dir, text)
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
@@ -259,6 +269,7 @@ def test_absolute_paths_are_kept(tmp_path: Path, registry: DriverRegistry) -> No
     log_dir = tmp_path / "var" / "log"
     text = _replace_once(_demo_text(), 'directory = "demo-log"', f'directory = "{log_dir}"')
     text = _replace_once(text, "[mqtt]\n", f'[mqtt]\nca_file = "{ca}"\n')
+    text = _replace_once(text, 'url = "mqtt://', 'url = "mqtts://')
     config = load_config(_write(tmp_path / "conf", text), registry).config
     assert config.log.directory == log_dir
     assert config.mqtt.ca_file == ca
@@ -274,6 +285,49 @@ def test_a_missing_referenced_file_is_named_by_its_resolved_path(
     issue = _issue(excinfo)
     assert issue.key == "mqtt.password_file"
     assert str(tmp_path.resolve() / "mqtt.password") in issue.message
+
+
+def test_mqtt_password_env_must_be_set(
+    tmp_path: Path, registry: DriverRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("IORTD_TEST_PW", raising=False)
+    text = _replace_once(_demo_text(), "[mqtt]\n", '[mqtt]\npassword_env = "IORTD_TEST_PW"\n')
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, registry)
+    issue = _issue(excinfo)
+    assert issue.key == "mqtt.password_env"
+    assert "IORTD_TEST_PW is not set" in issue.message
+    monkeypatch.setenv("IORTD_TEST_PW", "s3cret")
+    assert load_config(path, registry).config.mqtt.password_env == "IORTD_TEST_PW"  # noqa: S105
+
+
+def test_mqtt_password_file_readable_by_others_is_refused(
+    tmp_path: Path, registry: DriverRegistry
+) -> None:
+    pw = tmp_path / "mqtt.password"
+    pw.write_text("s3cret\n", encoding="utf-8")
+    pw.chmod(0o644)
+    text = _replace_once(_demo_text(), "[mqtt]\n", '[mqtt]\npassword_file = "mqtt.password"\n')
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, registry)
+    issue = _issue(excinfo)
+    assert issue.key == "mqtt.password_file"
+    assert "mode 0644" in issue.message
+    assert "chmod 600" in issue.message
+    pw.chmod(0o600)
+    assert load_config(path, registry).config.mqtt.password_file == pw
+
+
+def test_mqtt_tls_files_need_an_mqtts_url(tmp_path: Path, registry: DriverRegistry) -> None:
+    (tmp_path / "ca.pem").write_text("x", encoding="utf-8")
+    text = _replace_once(_demo_text(), "[mqtt]\n", '[mqtt]\nca_file = "ca.pem"\n')
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(_write(tmp_path, text), registry)
+    issue = _issue(excinfo)
+    assert issue.key == "mqtt.url"
+    assert "use mqtts://" in issue.message
 
 
 # --- overrides ---------------------------------------------------------------------------

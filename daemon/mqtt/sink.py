@@ -1,0 +1,482 @@
+"""The MQTT sink: the live stream, with availability and gap-free store-and-forward.
+
+aiomqtt has no reconnect and no offline queue, so this sink owns both:
+
+* :meth:`MqttSink.run` is an explicit connect loop with capped, jittered backoff; every
+  change of connection state is logged. A task iterating ``client.messages`` beside the
+  publisher notices a dropped link within milliseconds (a QoS 1 publish in flight would
+  otherwise wait out its whole timeout).
+* Nothing here blocks the daemon: :meth:`sample` and :meth:`events` only build payloads and
+  hand them to the :class:`~daemon.mqtt.outbox.Outbox`, which journals them to disk whether
+  or not a broker is there.
+* On every (re)connect: ``status`` online; the retained state topics (``interlocks``,
+  ``delivery``, ``audit/checkpoint``) republished; then the backlog of ``telemetry`` and
+  ``events`` in order, marked ``historical``; then live data. The Last Will is the
+  ``status`` offline message, retained; a clean shutdown publishes it itself.
+* MQTT v5, so that a publish the broker refuses (an ACL) comes back with a reason code and
+  is logged as an error naming the topic, rather than vanishing.
+
+State topics are rate-limited: ``delivery`` at most once per second while only the dose
+moves (at once on any event), ``interlocks`` on change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import socket
+import ssl
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from itertools import islice
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiomqtt
+import paho.mqtt.client as paho
+import structlog
+
+from daemon import __version__
+from daemon.audit.writer import utc_ts
+from daemon.config import MqttConfig, SiteConfig
+from daemon.mqtt.outbox import Outbox, Record
+from daemon.mqtt.payloads import (
+    Envelope,
+    Payload,
+    checkpoint_payload,
+    delivery_payload,
+    event_payloads,
+    interlocks_payload,
+    status_payload,
+    telemetry_payload,
+    topic,
+)
+from daemon.sinks import Sample
+from daemon.tracker import DeliverySnapshot, DeliveryStarted, InterlockChanged, TrackerEvent
+from drivers.types import DeviceIdentity, Interlock, InterlockState
+
+__all__ = ["BrokerSettings", "MqttSink", "settings_from_config"]
+
+log = structlog.get_logger("iortd.mqtt")
+
+BACKOFF_INITIAL_S = 0.5
+BACKOFF_MAX_S = 10.0
+CONNECT_TIMEOUT_S = 10.0
+WINDOW = 32  # QoS 1 publishes in flight at once (in order on one connection)
+DELIVERY_MIN_INTERVAL_S = 1.0
+FLUSH_AT_CLOSE_S = 2.0
+STATE_TOPICS = ("interlocks", "delivery", "audit/checkpoint")
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    """Where and how to connect; secrets already read from their file or environment."""
+
+    host: str
+    port: int
+    tls: bool
+    prefix: str
+    site: str
+    room: str
+    keepalive_s: int = 10
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        ctx = ssl.create_default_context(cafile=None if self.ca_file is None else str(self.ca_file))
+        if self.cert_file is not None and self.key_file is not None:
+            ctx.load_cert_chain(str(self.cert_file), str(self.key_file))
+        return ctx
+
+
+def settings_from_config(
+    mqtt: MqttConfig, site: SiteConfig, *, url: str | None = None
+) -> BrokerSettings:
+    """The config's broker, or ``url`` instead (``iortd demo --broker``, the embedded
+    broker). Reads the password from its file or environment variable (load_config has
+    checked that they exist)."""
+    parts = urlsplit(url or mqtt.url)
+    tls = parts.scheme == "mqtts"
+    password = None
+    if mqtt.password_file is not None:
+        password = mqtt.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+    elif mqtt.password_env is not None:
+        password = os.environ[mqtt.password_env]
+    return BrokerSettings(
+        host=parts.hostname or "127.0.0.1",
+        port=parts.port or (8883 if tls else 1883),
+        tls=tls,
+        prefix=mqtt.prefix,
+        site=site.id,
+        room=site.room,
+        keepalive_s=mqtt.keepalive_s,
+        username=mqtt.username,
+        password=password,
+        ca_file=mqtt.ca_file,
+        cert_file=mqtt.cert_file,
+        key_file=mqtt.key_file,
+    )
+
+
+def _now() -> str:
+    return utc_ts(datetime.now(UTC))
+
+
+@dataclass(slots=True)
+class _Cell:
+    """The latest state of one retained topic, and what of it the broker has."""
+
+    name: str
+    build: Callable[[Envelope], Payload] | None = None
+    ts: str = ""
+    version: int = 0
+    record: Record | None = None  # the message for ``record_version`` (sent or in flight)
+    record_version: int = -1
+    sent: bool = False  # the broker acknowledged ``record``
+    not_before: float = 0.0  # monotonic seconds (rate limit)
+
+    @property
+    def dirty(self) -> bool:
+        return self.build is not None and (self.record_version != self.version or not self.sent)
+
+
+class _Closing(Exception):
+    """The sink is closing: leave the connection cleanly."""
+
+
+class MqttSink:
+    name = "mqtt"
+
+    def __init__(self, settings: BrokerSettings, outbox: Outbox, *, simulated: bool) -> None:
+        self.settings = settings
+        self.outbox = outbox
+        self._sim = simulated
+        self._topics = {
+            n: topic(settings.prefix, settings.site, settings.room, n)
+            for n in ("status", "telemetry", "interlocks", "delivery", "events", "audit/checkpoint")
+        }
+        self._cells = {n: _Cell(n) for n in STATE_TOPICS}
+        self._interlocks: dict[Interlock, InterlockState] = dict.fromkeys(
+            Interlock, InterlockState.UNKNOWN
+        )
+        self._all_clear = False
+        self._current_delivery: str | None = None
+        self._status: tuple[Record, Record] | None = None  # (online, will) for a connection
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._close_deadline = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
+        self.connected = asyncio.Event()
+        self.connections = 0
+        self._refused: dict[str, int] = {}
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
+    def session(self) -> int:
+        return self.outbox.session
+
+    # ---- the Sink protocol: build, hand to the outbox, never wait ----------------------
+
+    def _env(self, name: str) -> Envelope:
+        return Envelope(self.outbox.next_seq(name), self.outbox.session, _now(), sim=self._sim)
+
+    async def started(self, device: str, identity: DeviceIdentity) -> None:
+        return None
+
+    async def sample(self, sample: Sample) -> None:
+        self.outbox.add("telemetry", telemetry_payload(self._env("telemetry"), sample))
+        interlocks = {**self._interlocks, **sample.interlocks}
+        if interlocks != self._interlocks or sample.all_clear != self._all_clear:
+            self._interlocks, self._all_clear = interlocks, sample.all_clear
+            self._set_interlocks()
+        if sample.delivery is not None:
+            self._set_delivery(sample.delivery, urgent=False)
+        self._wake.set()
+
+    async def events(self, events: Sequence[TrackerEvent]) -> None:
+        for ev in events:
+            if isinstance(ev, DeliveryStarted):
+                self._current_delivery = ev.delivery_id
+        for payload in event_payloads(
+            lambda: self._env("events"), events, current_delivery=self._current_delivery
+        ):
+            self.outbox.add("events", payload)
+        changed = False
+        for ev in events:
+            if isinstance(ev, InterlockChanged) and self._interlocks.get(ev.interlock) != ev.new:
+                self._interlocks[ev.interlock] = ev.new
+                changed = True
+        if changed:
+            self._all_clear = all(s is InterlockState.OK for s in self._interlocks.values())
+            self._set_interlocks()
+        # Any event can change the delivery summary: send it now, not at the rate limit.
+        self._cells["delivery"].not_before = 0.0
+        self._wake.set()
+
+    async def checkpoint(self, note: str) -> None:
+        self._set("audit/checkpoint", lambda env: checkpoint_payload(env, note))
+        self._wake.set()
+
+    async def notice(self, severity: str, message: str) -> None:
+        return None
+
+    def _set_interlocks(self) -> None:
+        states, clear = dict(self._interlocks), self._all_clear
+        self._set("interlocks", lambda env: interlocks_payload(env, states, clear))
+
+    def _set_delivery(self, snap: DeliverySnapshot, *, urgent: bool) -> None:
+        self._set("delivery", lambda env: delivery_payload(env, snap))
+        if urgent:
+            self._cells["delivery"].not_before = 0.0
+
+    def _set(self, name: str, build: Callable[[Envelope], Payload]) -> None:
+        cell = self._cells[name]
+        cell.build, cell.ts = build, _now()
+        cell.version += 1
+
+    # ---- the connection -----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Journal and publish until :meth:`aclose`. Never raises for broker trouble."""
+        self._task = asyncio.current_task()
+        async with asyncio.TaskGroup() as tg:
+            journal = tg.create_task(self.outbox.run(), name="mqtt-outbox")
+            await self._connect_loop()
+            await self.outbox.close()
+            await journal
+
+    async def _connect_loop(self) -> None:
+        s = self.settings
+        backoff = BACKOFF_INITIAL_S
+        attempt = 0
+        while not self._closing:
+            attempt += 1
+            online, will = self._status_records()
+            await self.outbox.wait_journaled(will)
+            log.info("mqtt_connecting", broker=s.url, attempt=attempt)
+            try:
+                await self._connection(online, will, time.monotonic_ns())
+            except _Closing:
+                return
+            except aiomqtt.MqttError as exc:
+                reason = str(exc) or type(exc).__name__
+                if self.connected.is_set():
+                    self.connected.clear()
+                    log.error("mqtt_connection_lost", broker=s.url, reason=reason)  # noqa: TRY400
+                    backoff = BACKOFF_INITIAL_S
+                    attempt = 0
+                else:
+                    log.error("mqtt_connect_failed", broker=s.url, reason=reason)  # noqa: TRY400
+            except (OSError, ssl.SSLError) as exc:
+                self.connected.clear()
+                log.error("mqtt_connect_failed", broker=s.url, reason=str(exc))  # noqa: TRY400
+            except Exception:
+                # A bug here must not take the daemon (and its record) down with it.
+                self.connected.clear()
+                log.exception("mqtt_sink_error", broker=s.url)
+            if self.closing:
+                return
+            delay = self._rng.uniform(backoff / 2, backoff)
+            log.info("mqtt_reconnect_wait", delay_s=round(delay, 3))
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    while not self._closing:
+                        self._wake.clear()
+                        await self._wake.wait()
+
+    def _status_records(self) -> tuple[Record, Record]:
+        """``status`` online and the Last Will (offline) for the next connection. Kept
+        while connecting fails, so that retries do not use up ``seq``; the will's is the
+        larger, so that a consumer keeping the newest takes it over the online message."""
+        if self._status is None:
+            s = self.settings
+            on = status_payload(self._env("status"), True, __version__, s.site, s.room)
+            off = status_payload(self._env("status"), False, __version__, s.site, s.room)
+            self._status = (self.outbox.add("status", on), self.outbox.add("status", off))
+        return self._status
+
+    async def _connection(self, online: Record, will: Record, attempt_ns: int) -> None:
+        s = self.settings
+        client = aiomqtt.Client(
+            s.host,
+            s.port,
+            identifier=f"iortd-{s.site}-{s.room}",
+            username=s.username,
+            password=s.password,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            will=aiomqtt.Will(self._topics["status"], will.body, qos=1, retain=True),
+            keepalive=s.keepalive_s,
+            timeout=CONNECT_TIMEOUT_S,
+            tls_context=s.tls_context(),
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            max_inflight_messages=WINDOW,
+        )
+        client.pending_calls_threshold = WINDOW * 4
+        self._watch_refusals(client)
+        async with client:
+            self._status = None  # the will is registered: the next connection needs new ones
+            self.connections += 1
+            self.connected.set()
+            log.info(
+                "mqtt_connected",
+                broker=s.url,
+                session=self.outbox.session,
+                backlog=sum(1 for _ in self.outbox.unsent()),
+            )
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    watcher = tg.create_task(self._watch_link(client), name="mqtt-link")
+                    await self._publish_all(client, online, will, attempt_ns)
+                    watcher.cancel()
+            except* aiomqtt.MqttError as group:
+                raise group.exceptions[0] from None
+            self.connected.clear()
+            log.info("mqtt_disconnected", broker=s.url, reason="shutdown")
+        raise _Closing
+
+    async def _watch_link(self, client: aiomqtt.Client) -> None:
+        async for _ in client.messages:  # nothing is subscribed: this waits for a drop
+            pass
+
+    def _watch_refusals(self, client: aiomqtt.Client) -> None:
+        """aiomqtt drops the PUBACK reason code; an MQTT v5 broker uses it to refuse a
+        publish (an ACL). Wrap paho's callback to log it, naming the topic. The message
+        is still in paho's ``_out_messages`` during the callback (paho 2.2)."""
+        inner: Any = client._client  # private: the only way to the reason code
+        original = inner.on_publish
+
+        def on_publish(
+            c: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any
+        ) -> None:
+            if getattr(reason, "is_failure", False):
+                msg = c._out_messages.get(mid)
+                where = msg.topic if msg is not None else "?"
+                count = self._refused.get(where, 0) + 1
+                self._refused[where] = count
+                if count == 1 or count % 1000 == 0:
+                    log.error("mqtt_publish_refused", topic=where, reason=str(reason), count=count)
+            original(c, userdata, mid, reason, properties)
+
+        inner.on_publish = on_publish
+
+    async def _publish_all(
+        self, client: aiomqtt.Client, online: Record, will: Record, attempt_ns: int
+    ) -> None:
+        """``attempt_ns``: when this connection attempt began. A stream record made before
+        it waited through a failed attempt or a lost connection (or a previous run): it
+        is history. One made during the handshake is only milliseconds late: live."""
+        await self._send(client, online)
+        self.outbox.ack(online)
+        for cell in self._cells.values():  # the broker may have lost them (restart)
+            if cell.record is not None and cell.sent and not cell.dirty:
+                await self._send(client, cell.record)
+        while True:
+            await self._publish_state(client)
+            if self._closing and time.monotonic() > self._close_deadline:
+                log.warning("mqtt_close_unsent", unsent=sum(1 for _ in self.outbox.unsent()))
+                break  # the rest stays in the outbox for the next start
+            batch = list(islice(self.outbox.unsent(), WINDOW))
+            if batch:
+                async with asyncio.TaskGroup() as tg:
+                    for rec in batch:
+                        tg.create_task(self._send_stream(client, rec, attempt_ns))
+                continue
+            if self._closing:
+                break
+            await self._idle()
+        # Clean shutdown: the offline status, then DISCONNECT (the broker drops the will).
+        await self._send(client, will)
+        self.outbox.ack(will)
+
+    async def _idle(self) -> None:
+        """Wait for new records, a state change, a due rate limit or the close."""
+        now = time.monotonic()
+        due = [c.not_before - now for c in self._cells.values() if c.dirty]
+        timeout = max(0.0, min(due)) if due else None
+        self._wake.clear()
+        self.outbox.changed.clear()
+        if any(True for _ in self.outbox.unsent()):
+            return
+        waiters = {
+            asyncio.ensure_future(self._wake.wait()),
+            asyncio.ensure_future(self.outbox.changed.wait()),
+        }
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+
+    async def _publish_state(self, client: aiomqtt.Client) -> None:
+        now = time.monotonic()
+        for cell in self._cells.values():
+            if not cell.dirty or (cell.not_before > now and not self._closing):
+                continue
+            if cell.record_version != cell.version and cell.build is not None:
+                env = Envelope(
+                    self.outbox.next_seq(cell.name), self.outbox.session, cell.ts, sim=self._sim
+                )
+                if cell.record is not None and not cell.sent:
+                    self.outbox.ack(cell.record)  # superseded before the broker had it
+                cell.record = self.outbox.add(cell.name, cell.build(env))
+                cell.record_version, cell.sent = cell.version, False
+            if cell.record is None:
+                continue
+            await self.outbox.wait_journaled(cell.record)
+            await self._send(client, cell.record)
+            self.outbox.ack(cell.record)
+            cell.sent = True
+            if cell.name == "delivery":
+                cell.not_before = now + DELIVERY_MIN_INTERVAL_S
+
+    async def _send_stream(self, client: aiomqtt.Client, rec: Record, attempt_ns: int) -> None:
+        await self._send(client, rec, historical=rec.created_ns < attempt_ns)
+        self.outbox.ack(rec)
+
+    async def _send(self, client: aiomqtt.Client, rec: Record, *, historical: bool = False) -> None:
+        await client.publish(
+            self._topics[rec.topic],
+            rec.wire(historical=historical),
+            qos=1,
+            retain=rec.retained,
+        )
+
+    async def aclose(self) -> None:
+        """Flush what the broker can take within a bound, publish offline, disconnect,
+        save the outbox. What was not sent stays in the outbox for the next start."""
+        self._close_deadline = time.monotonic() + FLUSH_AT_CLOSE_S
+        self._closing = True
+        self._wake.set()
+        self.outbox.changed.set()
+        task = self._task
+        if task is None:
+            await self.outbox.close()
+            return
+        try:
+            async with asyncio.timeout(FLUSH_AT_CLOSE_S + 1.0):
+                await asyncio.shield(task)
+        except TimeoutError:
+            log.warning("mqtt_close_timeout", unsent=sum(1 for _ in self.outbox.unsent()))
+            task.cancel(msg="mqtt sink: close timed out")
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await self.outbox.close()
