@@ -331,6 +331,13 @@ class Mosquitto:
                 stderr=early_log,
             )
         self._proc, self._port, self._plain_port = proc, port, plain_port
+        try:
+            self._wait_running(proc, log_from)
+        except BaseException:
+            self.kill()  # never leave a half-started broker behind (timeout, Ctrl-C, ...)
+            raise
+
+    def _wait_running(self, proc: subprocess.Popen[bytes], log_from: int) -> None:
         # Ready when Mosquitto says so: it logs "running" once every listener is bound and
         # exits if one cannot be. (A TCP probe alone is fooled by whoever else holds the
         # port, and shows up in the log as a failed TLS handshake.)
@@ -345,11 +352,9 @@ class Mosquitto:
             if _RUNNING.search(self._log_since(log_from)):
                 return
             if time.monotonic() >= deadline:
-                self.kill()
                 raise BrokerError(
                     self._failure(
-                        f"not running after {self._options.start_timeout_s} s"
-                        f" (killed, exit code {proc.returncode})",
+                        f"not running after {self._options.start_timeout_s} s (killed)",
                         self._log_tail(log_from),
                     )
                 )

@@ -28,9 +28,11 @@ class Daemon:
 
     proc: asyncio.subprocess.Process
     lines: list[dict[str, Any]] = field(default_factory=list)
+    _pump: asyncio.Task[None] | None = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
-    async def start(cls, site: Site) -> Daemon:
+    async def start(cls, site: Site, *, env: dict[str, str] | None = None) -> Daemon:
         proc = await asyncio.create_subprocess_exec(
             str(BIN / "iortd"),
             "run",
@@ -38,8 +40,48 @@ class Daemon:
             str(site.config),
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
+            env=env,
         )
         return cls(proc)
+
+    @classmethod
+    async def follow(cls, site: Site, *, env: dict[str, str] | None = None) -> Daemon:
+        """Start and read the log continuously in the background: a long wait without
+        reading would fill the pipe and stall the daemon. Wait with :meth:`seen`."""
+        self = await cls.start(site, env=env)
+        self._pump = asyncio.create_task(self._read_all())
+        return self
+
+    async def _read_all(self) -> None:
+        assert self.proc.stderr is not None
+        while raw := await self.proc.stderr.readline():
+            self.lines.append(json.loads(raw))
+            self._changed.set()
+        self._changed.set()
+
+    async def seen(
+        self, pred: Callable[[dict[str, Any]], bool], what: str, within_s: float = 20
+    ) -> dict[str, Any]:
+        """With :meth:`follow`: the first log record (so far or to come) matching ``pred``."""
+        assert self._pump is not None, "start with Daemon.follow()"
+        checked = 0
+        try:
+            async with asyncio.timeout(within_s):
+                while True:
+                    for rec in self.lines[checked:]:
+                        if pred(rec):
+                            return rec
+                    checked = len(self.lines)
+                    if self._pump.done():
+                        raise AssertionError(f"iortd exited while waiting for {what}")
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            tail = [(r.get("event"), r.get("reason")) for r in self.lines[-8:]]
+            raise AssertionError(f"no {what} within {within_s} s; log ends {tail}") from None
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [r for r in self.lines if r.get("event") == name]
 
     async def wait_for(
         self, pred: Callable[[dict[str, Any]], bool], what: str, within_s: float = 20
@@ -65,6 +107,9 @@ class Daemon:
             raise AssertionError(f"timed out after {within_s} s waiting for {what}") from None
 
     async def drain(self) -> None:
+        if self._pump is not None:
+            await self._pump
+            return
         assert self.proc.stderr is not None
         rest = await self.proc.stderr.read()
         self.lines += [json.loads(x) for x in rest.decode().splitlines() if x.strip()]

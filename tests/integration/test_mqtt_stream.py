@@ -1,0 +1,270 @@
+"""The live stream end to end: `iortd run` as a process, a real Mosquitto of the test's
+own, and an independent subscriber (``mosquitto_sub``).
+
+* a 30 s broker outage in the middle of a delivery: the subscriber still ends with every
+  telemetry and event ``seq``, in order, the replayed ones flagged historical, and the
+  audit log is complete;
+* SIGKILL: the broker's Last Will turns ``status`` offline within the keep-alive bound;
+  after a restart ``session`` is larger and ``seq`` continues;
+* nothing identifying is published, and every message matches its JSON Schema.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemonproc import Daemon, Site
+from mqttobs import Message, Observer, dedupe, schema_errors
+
+from daemon.mqtt.broker import BrokerOptions, Mosquitto
+
+pytestmark = pytest.mark.integration
+
+BIN = Path(sys.executable).parent
+KEEPALIVE_S = 2
+OUTAGE_S = 30.0
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    # Persistence, so that the observer's queued messages survive the broker's restart.
+    with Mosquitto(BrokerOptions(persistence=True), tmp_path / "broker") as b:
+        yield b
+
+
+@pytest.fixture
+async def observer(broker: Mosquitto) -> AsyncIterator[Observer]:
+    obs = await Observer(broker.port).start()
+    try:
+        yield obs
+    finally:
+        await obs.stop()
+
+
+def mqtt_section(broker: Mosquitto, extra: str = "") -> str:
+    return f'url = "{broker.url}"\nkeepalive_s = {KEEPALIVE_S}\n{extra}'
+
+
+def stream(obs: Observer, name: str) -> list[Message]:
+    return dedupe(obs.of(name))
+
+
+def assert_gap_free(msgs: list[Message], name: str) -> list[int]:
+    """After dropping repeats: every seq from the first, in order, none missing."""
+    seqs = [m.payload["seq"] for m in msgs]
+    assert seqs, f"no {name} received"
+    assert seqs == sorted(seqs), f"{name}: seq out of order"
+    missing = sorted(set(range(seqs[0], seqs[-1] + 1)) - set(seqs))
+    assert not missing, f"{name}: {len(missing)} seq missing, first {missing[:10]}"
+    return seqs
+
+
+def audit_samples(log_dir: Path) -> list[dict[str, Any]]:
+    out = []
+    for seg in sorted(log_dir.glob("log-*.jsonl")):
+        for line in seg.read_text("utf-8").splitlines():
+            entry = json.loads(line)
+            if entry["type"] == "sample":
+                out.append(entry)
+    return out
+
+
+def verify(site: Site) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "iort-audit"), "verify", str(site.log_dir), "--pubkey", str(site.pubkey)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def phase(p: str) -> Callable[[Message], bool]:
+    return lambda m: m.name == "telemetry" and m.payload["phase"] == p
+
+
+def kind(k: str) -> Callable[[Message], bool]:
+    return lambda m: m.name == "events" and m.payload["kind"] == k
+
+
+async def test_a_30s_broker_outage_mid_delivery_loses_nothing(
+    make_site: Callable[..., Site], broker: Mosquitto, observer: Observer
+) -> None:
+    # Axxent-like BAL34: 20 Gy in 8 min; at x10 about 48 s of beam, enough to hold a
+    # 30 s outage with live data on both sides of it.
+    site = make_site(speed=10, poll=0.05, mqtt=mqtt_section(broker))
+    daemon = await Daemon.follow(site)
+    try:
+        await daemon.seen(lambda r: r.get("event") == "mqtt_connected", "mqtt_connected")
+        await observer.wait_for(phase("IRRADIATING"), "telemetry while irradiating")
+        live_before = len(stream(observer, "telemetry"))
+        await observer.wait_for(
+            lambda m: m.name == "telemetry" and m.payload["seq"] > live_before + 20,
+            "a few more live samples",
+        )
+
+        stopped_at = time.time()
+        assert await broker.stop() == 0
+        await daemon.seen(lambda r: r.get("event") == "mqtt_connection_lost", "link loss")
+        # The outage itself: the scenario's length, not a wait for something to happen.
+        await asyncio.sleep(OUTAGE_S)
+        await broker.restart()
+        restarted_at = time.time()
+        await daemon.seen(
+            lambda _: len(daemon.events("mqtt_connected")) >= 2,
+            "reconnection after the outage",
+            within_s=30,
+        )
+        await observer.wait_for(kind("delivery_terminated"), "the delivery's end", within_s=90)
+        assert await daemon.stop() == 0
+        await observer.wait_for(
+            lambda m: m.name == "status" and m.payload["online"] is False, "status offline"
+        )
+    finally:
+        await daemon.ensure_dead()
+
+    telemetry = stream(observer, "telemetry")
+    events = stream(observer, "events")
+    seqs = assert_gap_free(telemetry, "telemetry")
+    assert seqs[0] == 0
+    assert_gap_free(events, "events")
+    assert events[0].payload["seq"] == 0
+    # Everything made while the broker was away came as a replay, flagged historical;
+    # nothing made before the outage was.
+    during = [m for m in telemetry if stopped_at + 0.5 < _epoch(m.payload["ts"]) < restarted_at]
+    assert len(during) > OUTAGE_S / 0.05 * 0.5, f"only {len(during)} samples from the outage"
+    assert all(m.payload["historical"] for m in during), "a replayed sample not historical"
+    before = [m for m in telemetry if _epoch(m.payload["ts"]) < stopped_at - 0.5]
+    assert before
+    assert not any(m.payload["historical"] for m in before)
+    assert telemetry[-1].payload["historical"] is False, "live data resumed after the replay"
+    # The delivery went on and ended normally while the broker was away and back.
+    [end] = [m for m in events if m.payload["kind"] == "delivery_terminated"]
+    assert end.payload["status"] == "NORMAL"
+    # The audit log is complete: it verifies, and it holds exactly the samples that were
+    # streamed (one session, one fresh outbox, so telemetry seq counts the samples).
+    v = verify(site)
+    assert v.returncode == 0, v.stdout + v.stderr
+    samples = audit_samples(site.log_dir)
+    assert len(samples) == len(telemetry), (len(samples), len(telemetry))
+    assert [s["data"]["at"] for s in samples] == [m.payload["at"] for m in telemetry]
+    assert schema_errors(observer.messages) == []
+
+
+async def test_sigkill_fires_the_will_and_a_restart_continues_seq(
+    make_site: Callable[..., Site], broker: Mosquitto, observer: Observer
+) -> None:
+    site = make_site(speed=10, poll=0.05, mqtt=mqtt_section(broker))
+    first = await Daemon.follow(site)
+    try:
+        online = await observer.wait_for(
+            lambda m: m.name == "status" and m.payload["online"] is True, "status online"
+        )
+        session1 = online.payload["session"]
+        await observer.wait_for(phase("IRRADIATING"), "telemetry while irradiating")
+        killed_at = time.monotonic()
+        await first.kill()
+    finally:
+        await first.ensure_dead()
+    will = await observer.wait_for(
+        lambda m: m.name == "status" and m.payload["online"] is False, "the Last Will"
+    )
+    took = time.monotonic() - killed_at
+    assert took < KEEPALIVE_S * 1.5 + 1, f"the will came {took:.1f} s after SIGKILL"
+    assert will.payload["session"] == session1
+    assert will.payload["seq"] > online.payload["seq"], "the will supersedes online"
+    # The retained status is offline for anyone who subscribes now.
+    late = await Observer(observer.port, topic=will.topic).start()
+    try:
+        got = await late.wait_for(lambda m: m.name == "status", "retained status")
+        assert got.retained
+        assert got.payload["online"] is False
+    finally:
+        await late.stop()
+
+    second = await Daemon.follow(site)
+    try:
+        online2 = await observer.wait_for(
+            lambda m: m.name == "status" and m.payload["online"] and m.payload["session"] > 1,
+            "status online from the restarted daemon",
+        )
+        session2 = online2.payload["session"]
+        assert session2 > session1
+        await observer.wait_for(
+            lambda m: m.name == "telemetry" and m.payload["session"] == session2,
+            "telemetry from the new session",
+        )
+        assert await second.stop() == 0
+    finally:
+        await second.ensure_dead()
+
+    telemetry = stream(observer, "telemetry")
+    seqs = assert_gap_free(telemetry, "telemetry")  # across both sessions
+    assert len(seqs) == len(set(seqs)), "a seq repeated across the restart"
+    old = [m.payload["seq"] for m in telemetry if m.payload["session"] == session1]
+    new = [m.payload["seq"] for m in telemetry if m.payload["session"] == session2]
+    assert min(new) == max(old) + 1, "seq continues where the killed daemon stopped"
+    statuses = [m.payload["seq"] for m in dedupe(observer.of("status"))]
+    assert statuses == sorted(statuses), "status seq only grows across the restart"
+    assert schema_errors(observer.messages) == []
+
+
+PATIENT_NAME = "Erika Mustermann"
+PATIENT_ID = "MRN-4711-0815"
+
+
+async def test_nothing_identifying_is_published(
+    make_site: Callable[..., Site], broker: Mosquitto, observer: Observer
+) -> None:
+    """The config is where a careless site would put a name or a record number (the free
+    text ``site.name``, the codes ``plan.treatment_id``/``plan_id``): none of it reaches a
+    topic, a payload or the operational log."""
+    site = make_site(speed=300, poll=0.02, mqtt=mqtt_section(broker))
+    text = site.config.read_text("utf-8")
+    text = text.replace('room = "or-7"\n', f'room = "or-7"\nname = "{PATIENT_NAME}"\n', 1)
+    text += f'[plan]\ntreatment_id = "{PATIENT_ID}"\nplan_id = "{PATIENT_ID}-P"\n'
+    site.config.write_text(text, "utf-8")
+    daemon = await Daemon.follow(site)
+    try:
+        await observer.wait_for(kind("delivery_terminated"), "a whole delivery", within_s=60)
+        assert await daemon.stop() == 0
+        await observer.wait_for(
+            lambda m: m.name == "status" and m.payload["online"] is False, "status offline"
+        )
+    finally:
+        await daemon.ensure_dead()
+    needles = [PATIENT_NAME, *PATIENT_NAME.split(), PATIENT_ID, PATIENT_ID.replace("-", "")]
+    published = [(m.topic, m.raw) for m in observer.messages if not m.topic.startswith("probe/")]
+    assert len(published) > 50
+    for topic, raw in published:
+        for needle in needles:
+            assert needle.lower() not in topic.lower(), (needle, topic)
+            assert needle.lower() not in raw.lower(), (needle, topic, raw[:200])
+    oplog = "\n".join(json.dumps(r) for r in daemon.lines)
+    for needle in needles:
+        assert needle.lower() not in oplog.lower(), f"{needle!r} in the operational log"
+    for path in site.log_dir.rglob("*"):
+        assert not any(n.lower() in path.name.lower() for n in needles), path
+    # Every topic was exercised and every message matches the published schema.
+    assert {m.name for m in dedupe(observer.messages) if m.topic.startswith("iort/")} == {
+        "status",
+        "telemetry",
+        "interlocks",
+        "delivery",
+        "events",
+        "audit/checkpoint",
+    }
+    assert schema_errors(observer.messages) == []
+
+
+def _epoch(ts: str) -> float:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
