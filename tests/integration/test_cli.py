@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -191,3 +193,59 @@ def test_iort_audit_usage_errors_exit_2(tmp_path: Path) -> None:
     assert p.returncode == 2
     assert "no such file or directory" in p.stderr
     assert run(IORT_AUDIT).returncode == 2
+
+
+async def _line_matching(
+    stream: asyncio.StreamReader, pattern: str, within_s: float
+) -> re.Match[str]:
+    seen = []
+    async with asyncio.timeout(within_s):
+        while raw := await stream.readline():
+            line = raw.decode()
+            seen.append(line)
+            if m := re.search(pattern, line):
+                return m
+    raise AssertionError(f"no line matching {pattern!r} in {seen}")
+
+
+async def test_demo_streams_to_its_own_broker_and_stops_it(tmp_path: Path) -> None:
+    """`iortd demo` with no broker configured starts a private Mosquitto, says where to
+    subscribe, streams the delivery there (mosquitto_sub sees it) and stops the broker
+    by PID at the end."""
+    demo = await asyncio.create_subprocess_exec(
+        IORTD,
+        *("demo", "--speed", "300", "--log-dir", str(tmp_path / "log")),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    sub: asyncio.subprocess.Process | None = None
+    try:
+        assert demo.stdout is not None
+        pid = int((await _line_matching(demo.stdout, r"Mosquitto \(pid (\d+)\)", 10))[1])
+        cmd = await _line_matching(demo.stdout, r"mosquitto_sub -h (\S+) -p (\d+) -t '(\S+)'", 10)
+        sub = await asyncio.create_subprocess_exec(
+            "mosquitto_sub",
+            *("-h", cmd[1], "-p", cmd[2], "-t", cmd[3], "-v"),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        rest, err = await asyncio.wait_for(demo.communicate(), 60)
+        assert demo.returncode == 0, err.decode()
+        assert "TERMINATED" in rest.decode()
+    finally:
+        if demo.returncode is None:
+            demo.kill()
+            await demo.wait()
+        if sub is not None and sub.returncode is None:
+            sub.terminate()  # it would wait for its broker to come back
+    out, _ = await sub.communicate()
+    lines = out.decode().splitlines()
+    topics = {line.split(" ", 1)[0].removeprefix(cmd[3].rstrip("#")) for line in lines}
+    assert {"telemetry", "events", "status", "delivery"} <= topics, topics
+    last = json.loads([x for x in lines if " " in x][-1].split(" ", 1)[1])
+    status = [
+        json.loads(x.split(" ", 1)[1]) for x in lines if x.split(" ", 1)[0].endswith("/status")
+    ]
+    assert status[-1]["online"] is False, "a clean end publishes offline"
+    assert last["sim"] is True
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the private broker is gone

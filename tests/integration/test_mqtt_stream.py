@@ -268,3 +268,59 @@ async def test_nothing_identifying_is_published(
 
 def _epoch(ts: str) -> float:
     return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
+
+
+async def test_the_outbox_survives_a_daemon_restart(
+    make_site: Callable[..., Site], broker: Mosquitto, observer: Observer
+) -> None:
+    """A daemon that stops while the broker is away keeps what it could not send; the next
+    run replays it (old session and seq, historical) before its own live data."""
+    site = make_site(speed=10, poll=0.05, mqtt=mqtt_section(broker))
+    first = await Daemon.follow(site)
+    try:
+        await observer.wait_for(
+            lambda m: m.name == "telemetry" and m.payload["seq"] >= 5, "live telemetry"
+        )
+        assert await broker.stop() == 0
+        await first.seen(lambda r: r.get("event") == "mqtt_connection_lost", "link loss")
+        # Samples pile up in the outbox while the sink retries: two failed attempts.
+        await first.seen(
+            lambda _: len(first.events("mqtt_connect_failed")) >= 2, "two failed reconnections"
+        )
+        assert await first.stop() == 0
+    finally:
+        await first.ensure_dead()
+    stranded = len(audit_samples(site.log_dir)) - len(stream(observer, "telemetry"))
+    assert stranded > 5, "samples were made while the broker was away"
+
+    await broker.restart()
+    second = await Daemon.follow(site)
+    try:
+        recovered = await second.seen(
+            lambda r: r.get("event") == "mqtt_outbox_recovered", "the outbox recovered"
+        )
+        online = await observer.wait_for(
+            lambda m: m.name == "status" and m.payload["online"] and m.payload["session"] > 1,
+            "the second run online",
+        )
+        session2 = online.payload["session"]
+        await observer.wait_for(
+            lambda m: m.name == "telemetry" and m.payload["session"] == session2,
+            "live telemetry of the second run",
+        )
+        assert await second.stop() == 0
+    finally:
+        await second.ensure_dead()
+    assert recovered["pending"] >= stranded
+    telemetry = stream(observer, "telemetry")
+    assert_gap_free(telemetry, "telemetry")  # both runs, one sequence
+    first_run = [m for m in telemetry if m.payload["session"] == session2 - 1]
+    replayed = [m for m in first_run if m.payload["historical"]]
+    assert len(replayed) >= stranded, (len(replayed), stranded)
+    # Replays come before the second run's live data, and first-run samples the broker
+    # had before the outage were not sent again.
+    order = [m.payload["session"] for m in telemetry]
+    assert order == sorted(order)
+    assert len(first_run) == len(audit_samples(site.log_dir)) - len(
+        [m for m in telemetry if m.payload["session"] == session2]
+    )
