@@ -134,8 +134,10 @@ def _write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _line(n: int, topic: str, retained: bool, payload: Payload) -> bytes:
-    return orjson.dumps({"n": n, "t": topic, "r": retained, "p": payload}) + b"\n"
+def _line(n: int, topic: str, retained: bool, body: bytes) -> bytes:
+    """The journal line around the payload's bytes as published (serialized once)."""
+    head = orjson.dumps({"n": n, "t": topic, "r": retained})
+    return head[:-1] + b',"p":' + body + b"}\n"
 
 
 def _quarantine(directory: Path, path: Path, why: str) -> str:
@@ -325,7 +327,7 @@ class Outbox:
         n = self._next_n
         self._next_n += 1
         body = orjson.dumps(payload)
-        line = _line(n, topic, retained, payload)
+        line = _line(n, topic, retained, body)
         rec = Record(n, topic, retained, payload, body, line, time.monotonic_ns())
         self._unjournaled.append(rec)
         if not retained:
