@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import socket
@@ -63,6 +64,8 @@ from drivers.types import DeviceIdentity, Interlock, InterlockState
 __all__ = ["BrokerSettings", "MqttSink", "settings_from_config"]
 
 log = structlog.get_logger("iortd.mqtt")
+# paho's own log (through aiomqtt): rendered as JSON lines by daemon/logs.py.
+_PAHO_LOG = logging.getLogger("iortd.mqtt.paho")
 
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 10.0
@@ -158,6 +161,31 @@ class _Closing(Exception):
     """The sink is closing: leave the connection cleanly."""
 
 
+class _FailConnectOnTransportError(logging.Handler):
+    """paho reports a transport failure during the handshake (e.g. the broker demands a
+    client certificate: TLSV13_ALERT_CERTIFICATE_REQUIRED) only in its log, and aiomqtt
+    2.5 ignores a disconnect before CONNACK, so the connect would wait out its whole
+    timeout and then say only "timed out". This handler fails the pending connect at once
+    with paho's own words. It touches aiomqtt's private ``_connected`` future (tested
+    against the pinned aiomqtt in tests/integration/test_mqtt_security.py)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(level=logging.ERROR)
+        self._loop = loop
+        self.client: aiomqtt.Client | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        client, message = self.client, record.getMessage()
+        if client is not None:
+            self._loop.call_soon_threadsafe(self._fail, client, message)
+
+    @staticmethod
+    def _fail(client: aiomqtt.Client, message: str) -> None:
+        pending: asyncio.Future[None] = client._connected  # private: see the class doc
+        if not pending.done():
+            pending.set_exception(aiomqtt.MqttError(f"transport error: {message}"))
+
+
 class MqttSink:
     name = "mqtt"
 
@@ -184,6 +212,7 @@ class MqttSink:
         self.connected = asyncio.Event()
         self.connections = 0
         self._refused: dict[str, int] = {}
+        self._connect_watch: _FailConnectOnTransportError | None = None
 
     @property
     def closing(self) -> bool:
@@ -257,11 +286,15 @@ class MqttSink:
     async def run(self) -> None:
         """Journal and publish until :meth:`aclose`. Never raises for broker trouble."""
         self._task = asyncio.current_task()
-        async with asyncio.TaskGroup() as tg:
-            journal = tg.create_task(self.outbox.run(), name="mqtt-outbox")
-            await self._connect_loop()
-            await self.outbox.close()
-            await journal
+        try:
+            async with asyncio.TaskGroup() as tg:
+                journal = tg.create_task(self.outbox.run(), name="mqtt-outbox")
+                await self._connect_loop()
+                await self.outbox.close()
+                await journal
+        finally:
+            if self._connect_watch is not None:
+                _PAHO_LOG.removeHandler(self._connect_watch)
 
     async def _connect_loop(self) -> None:
         s = self.settings
@@ -316,9 +349,13 @@ class MqttSink:
 
     async def _connection(self, online: Record, will: Record, attempt_ns: int) -> None:
         s = self.settings
+        if self._connect_watch is None:
+            self._connect_watch = _FailConnectOnTransportError(asyncio.get_running_loop())
+            _PAHO_LOG.addHandler(self._connect_watch)
         client = aiomqtt.Client(
             s.host,
             s.port,
+            logger=_PAHO_LOG,
             identifier=f"iortd-{s.site}-{s.room}",
             username=s.username,
             password=s.password,
@@ -332,7 +369,13 @@ class MqttSink:
         )
         client.pending_calls_threshold = WINDOW * 4
         self._watch_refusals(client)
-        async with client:
+        self._connect_watch.client = client
+        try:
+            await client.__aenter__()
+        finally:
+            self._connect_watch.client = None
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_exit(client)
             self._status = None  # the will is registered: the next connection needs new ones
             self.connections += 1
             self.connected.set()

@@ -41,6 +41,9 @@ class Observer:
     topic: str = "iort/#"
     client_id: str = field(default_factory=lambda: f"obs-{uuid.uuid4().hex[:12]}")
     extra_args: tuple[str, ...] = ()
+    # For a broker with a password file: used by mosquitto_sub and by the readiness probe.
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
     messages: list[Message] = field(default_factory=list)
     unparsed: list[str] = field(default_factory=list)
     _proc: asyncio.subprocess.Process | None = None
@@ -54,6 +57,7 @@ class Observer:
             exe,
             *("-h", "127.0.0.1", "-p", str(self.port), "-q", "1", "-c", "-i", self.client_id),
             *("-t", self.topic, "-t", "probe/#", "-F", "%r %t %p", "-V", "mqttv311"),
+            *self._credentials(),
             *self.extra_args,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
@@ -73,9 +77,17 @@ class Observer:
                     continue
         return self
 
+    def _credentials(self) -> tuple[str, ...]:
+        user = () if self.username is None else ("-u", self.username)
+        return user + (() if self.password is None else ("-P", self.password))
+
     def _publish_probe(self, probe: str) -> None:
         subprocess.run(
-            ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(self.port), "-t", probe, "-m", "{}"],
+            [
+                *("mosquitto_pub", "-h", "127.0.0.1", "-p", str(self.port)),
+                *self._credentials(),
+                *("-t", probe, "-m", "{}"),
+            ],
             check=False,
             capture_output=True,
             timeout=5,
