@@ -146,14 +146,19 @@ async def _serve(
             await audit[0].close()
             return RunResult()
         if c.mqtt.enabled:
-            # Inside the log directory, so under its LOCK: one daemon per outbox.
             try:
+                # The password is read now: it may have gone since check-config.
+                settings = settings_from_config(c.mqtt, c.site, url=broker_url)
+                # Inside the log directory, so under its LOCK: one daemon per outbox.
                 outbox = await Outbox.open(c.log.directory / OUTBOX_DIR, c.mqtt.outbox_max_bytes)
+            except (OSError, KeyError) as exc:
+                await audit[0].close()
+                what = "password_env" if isinstance(exc, KeyError) else "password_file"
+                raise _LogDirectoryError(f"mqtt.{what}: cannot read the password: {exc}") from None
             except OutboxError as exc:
                 await audit[0].close()
                 raise _LogDirectoryError(f"mqtt outbox: {exc}") from None
             factory = DriverRegistry.from_entry_points().get(c.source.driver)
-            settings = settings_from_config(c.mqtt, c.site, url=broker_url)
             sinks = [*sinks, MqttSink(settings, outbox, simulated=factory.simulated)]
             log.info("mqtt_enabled", broker=settings.url, session=outbox.session)
         daemon = Daemon(

@@ -15,6 +15,7 @@ from daemon.tracker import (
     AlarmCleared,
     AlarmRaised,
     DeliveryAmended,
+    DeliverySnapshot,
     DeliveryStarted,
     MonitoringGapEnded,
     MonitoringGapStarted,
@@ -93,7 +94,9 @@ class ConsoleView:
                 self._last_decile = decile
                 self._println(line)
 
-    async def events(self, events: Sequence[TrackerEvent]) -> None:
+    async def events(
+        self, events: Sequence[TrackerEvent], delivery: DeliverySnapshot | None
+    ) -> None:
         for ev in events:
             match ev:
                 case DeliveryStarted():

@@ -32,6 +32,7 @@ from daemon.audit.writer import AuditLog, RecoveryReport, utc_ts
 from daemon.config import Config, DeviceConfig, LoadedConfig
 from daemon.sinks import Sample, Sink
 from daemon.tracker import (
+    DeliverySnapshot,
     DeliveryTracker,
     Terminated,
     TrackerEvent,
@@ -87,6 +88,7 @@ class _Item:
     durable: asyncio.Future[None] | None = None
     sample: Sample | None = None
     events: Sequence[TrackerEvent] = ()
+    delivery: DeliverySnapshot | None = None  # the tracker's view after ``events``
     identified: tuple[str, DeviceIdentity] | None = None
     checkpoint: str | None = None
 
@@ -448,7 +450,10 @@ class Daemon:
             if sample is not None:
                 kind, data, did = sample_entry(sample, ended_now=ended)
                 self._audit.append(kind, data, delivery_id=did)
-        self._queue.put_nowait(_Item(durable=durable, sample=sample, events=tuple(events)))
+        delivery = self.tracker.snapshot() if sample is None else sample.delivery
+        self._queue.put_nowait(
+            _Item(durable=durable, sample=sample, events=tuple(events), delivery=delivery)
+        )
         if ended:
             self._delivery_ended = True
             self._checkpoint_due.set()
@@ -482,7 +487,7 @@ class Daemon:
                     if item.identified is not None:
                         await sink.started(*item.identified)
                     if item.events:
-                        await sink.events(item.events)
+                        await sink.events(item.events, item.delivery)
                     if item.sample is not None:
                         await sink.sample(item.sample)
                     if item.checkpoint is not None:

@@ -56,7 +56,12 @@ class Sink(Protocol):
 
     async def sample(self, sample: Sample) -> None: ...
 
-    async def events(self, events: Sequence[TrackerEvent]) -> None: ...
+    async def events(
+        self, events: Sequence[TrackerEvent], delivery: DeliverySnapshot | None
+    ) -> None:
+        """Tracker events in order; ``delivery`` is the tracker's view after them (also
+        when no reading came with them: a gap, a lost link)."""
+        ...
 
     async def checkpoint(self, note: str) -> None:
         """A signed checkpoint of the audit log, to keep a copy off the host."""
@@ -94,7 +99,9 @@ class OperationalLogSink:
     async def sample(self, sample: Sample) -> None:
         return None
 
-    async def events(self, events: Sequence[TrackerEvent]) -> None:
+    async def events(
+        self, events: Sequence[TrackerEvent], delivery: DeliverySnapshot | None
+    ) -> None:
         for ev in events:
             match ev:
                 case DeliveryStarted():

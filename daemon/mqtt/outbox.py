@@ -36,9 +36,10 @@ import asyncio
 import contextlib
 import os
 import re
+import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,7 @@ log = structlog.get_logger("iortd.mqtt")
 
 STREAM_TOPICS = frozenset(t for t, spec in TOPICS.items() if not spec.retain)
 STATE_FILE = "state.json"
+PREV_STATE_FILE = "state.prev.json"
 SEGMENT_RE = re.compile(r"^outbox-(\d{16})\.jsonl$")
 # Persist acked_through at most this often while publishing (a crash re-sends at most
 # this much, which consumers drop as repeats).
@@ -66,34 +68,38 @@ class OutboxError(Exception):
 
 @dataclass(slots=True)
 class Record:
-    """One message. ``body`` is the payload as published live; ``created_ns`` is this
-    process's monotonic clock at creation, -1 for a record recovered from disk."""
+    """One message, kept as its journal line only (memory is what the bound counts: a
+    parsed payload would cost several times the bytes). ``created_ns`` is this process's
+    monotonic clock at creation, -1 for a record recovered from disk."""
 
     n: int
     topic: str
     retained: bool
-    payload: Payload
-    body: bytes
-    line: bytes
+    seq: int
+    session: int
+    line: bytes  # {"n":..,"t":..,"r":..,"p":<body>}\n
+    body_at: int  # where the payload's bytes start in ``line``
     created_ns: int
     journaled: bool = False
     done: bool = False  # acknowledged, thinned or superseded: nothing left to send
 
     @property
-    def seq(self) -> int:
-        seq: int = self.payload["seq"]
-        return seq
+    def body(self) -> bytes:
+        """The payload as published live."""
+        return self.line[self.body_at : -2]
 
     @property
-    def session(self) -> int:
-        session: int = self.payload["session"]
-        return session
+    def payload(self) -> Payload:
+        payload: Payload = orjson.loads(self.body)
+        return payload
 
     def wire(self, *, historical: bool) -> bytes:
-        """The bytes to publish: the live body, or the same payload marked historical."""
-        if not historical or self.payload.get("historical") is True:
-            return self.body
-        return orjson.dumps({**self.payload, "historical": True})
+        """The bytes to publish: the live body, or the same payload marked historical (the
+        envelope's ``historical`` is the first such key in the payload)."""
+        body = self.body
+        if not historical:
+            return body
+        return body.replace(b'"historical":false', b'"historical":true', 1)
 
 
 @dataclass(slots=True)
@@ -124,20 +130,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def _write_atomic(path: Path, data: bytes, *, keep_previous: Path | None = None) -> None:
+    """Write, fsync, rename over ``path``; the old file becomes ``keep_previous``."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    if keep_previous is not None and path.exists():
+        os.replace(path, keep_previous)
     tmp.replace(path)
     _fsync_dir(path.parent)
 
 
-def _line(n: int, topic: str, retained: bool, body: bytes) -> bytes:
-    """The journal line around the payload's bytes as published (serialized once)."""
-    head = orjson.dumps({"n": n, "t": topic, "r": retained})
-    return head[:-1] + b',"p":' + body + b"}\n"
+def _save_state(directory: Path, state: bytes) -> None:
+    # The previous state is kept: if this one is ever unreadable (a disk error, an
+    # edit), the counters are not lost with it.
+    _write_atomic(directory / STATE_FILE, state, keep_previous=directory / PREV_STATE_FILE)
+
+
+def _line(n: int, topic: str, retained: bool, body: bytes) -> tuple[bytes, int]:
+    """The journal line around the payload's bytes as published (serialized once), and
+    where those bytes start in it."""
+    head = orjson.dumps({"n": n, "t": topic, "r": retained})[:-1] + b',"p":'
+    return head + body + b"}\n", len(head)
 
 
 def _quarantine(directory: Path, path: Path, why: str) -> str:
@@ -160,16 +176,24 @@ def _parse_state(raw: bytes) -> dict[str, Any]:
     return state
 
 
-def _read_state(directory: Path) -> tuple[dict[str, Any] | None, str | None]:
-    path = directory / STATE_FILE
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return None, None
-    try:
-        return _parse_state(raw), None
-    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-        return None, _quarantine(directory, path, f"unreadable ({exc})")
+def _read_state(directory: Path) -> tuple[dict[str, Any] | None, list[str]]:
+    """The state, or the previous one if the state is missing or unreadable."""
+    problems = []
+    for name in (STATE_FILE, PREV_STATE_FILE):
+        path = directory / name
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            continue
+        try:
+            state = _parse_state(raw)
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            problems.append(_quarantine(directory, path, f"unreadable ({exc})"))
+            continue
+        if problems:
+            problems.append(f"{path}: the previous state was used instead")
+        return state, problems
+    return None, problems
 
 
 def _parse_line(raw: bytes) -> tuple[int, str, bool, Payload]:
@@ -183,18 +207,24 @@ def _parse_line(raw: bytes) -> tuple[int, str, bool, Payload]:
     return n, topic, bool(retained), payload
 
 
+def _recovered_record(n: int, topic: str, payload: Payload, raw: bytes) -> Record:
+    at = raw.find(b',"p":') + 5
+    if at < 5 or not raw.endswith(b"}\n"):  # not our own serialization: make it so
+        raw, at = _line(n, topic, False, orjson.dumps(payload))
+    return Record(n, topic, False, payload["seq"], payload["session"], raw, at, -1, journaled=True)
+
+
 def _recover(directory: Path) -> _Recovered:
     """Read state.json and the journal; what was not acknowledged becomes pending."""
     directory.mkdir(parents=True, exist_ok=True)
-    state, problem = _read_state(directory)
+    state, problems = _read_state(directory)
     rec = _Recovered(
         session=0 if state is None else state["session"],
         next_seq=dict.fromkeys(TOPICS, 0),
         next_n=0 if state is None else state["next_n"],
         acked_through=-1 if state is None else state["acked_through"],
     )
-    if problem is not None:
-        rec.problems.append(problem)
+    rec.problems += problems
     if state is not None:
         for t, v in state["next_seq"].items():
             if t in rec.next_seq:
@@ -207,11 +237,12 @@ def _recover(directory: Path) -> _Recovered:
         first_n: int | None = None
         last_n = -1
         lineno = 0
-        live = True
+        bad: list[str] = []
         while pos < len(data):
             lineno += 1
             nl = data.find(b"\n", pos)
             raw = data[pos:] if nl < 0 else data[pos : nl + 1]
+            pos = len(data) if nl < 0 else nl + 1
             try:
                 if nl < 0:
                     raise ValueError("incomplete line")  # noqa: TRY301 - handled below
@@ -221,33 +252,46 @@ def _recover(directory: Path) -> _Recovered:
                     # A write cut short by a crash: the torn tail was never published
                     # (publishing waits for the fsync), so it is dropped.
                     with open(path, "r+b") as f:
-                        f.truncate(pos)
+                        f.truncate(len(data) - len(raw))
                         os.fsync(f.fileno())
                     rec.problems.append(f"{path}: line {lineno}: torn tail dropped ({exc})")
                 else:
-                    why = f"line {lineno}: {exc}; the lines before it were kept"
-                    rec.problems.append(_quarantine(directory, path, why))
-                    rec.quarantined = True
-                    live = False
-                break
+                    bad.append(f"line {lineno}: {exc}")
+                continue
             first_n = n if first_n is None else first_n
             last_n = max(last_n, n)
             rec.next_seq[topic] = max(rec.next_seq[topic], payload["seq"] + 1)
             rec.session = max(rec.session, payload["session"])
             rec.next_n = max(rec.next_n, n + 1)
             if n > rec.acked_through and not retained and n not in seen:
-                body = orjson.dumps(payload)
-                seen[n] = Record(n, topic, False, payload, body, raw, -1, journaled=True)
-            pos = len(data) if nl < 0 else nl + 1
-        if live and first_n is not None:
+                seen[n] = _recovered_record(n, topic, payload, raw)
+        if bad:
+            # Set aside as evidence; what could be read is written again (compaction).
+            why = "; ".join(bad) + "; every other line was kept"
+            rec.problems.append(_quarantine(directory, path, why))
+            rec.quarantined = True
+        elif first_n is not None:
             rec.segments.append(_Segment(path, first_n, last_n, path.stat().st_size))
-        elif live:
+        else:
             path.unlink()  # empty segment
     rec.pending = [seen[n] for n in sorted(seen)]
     rec.session += 1
     if rec.session > SEQ_MAX:
         raise OutboxError(f"{directory / STATE_FILE}: session counter exhausted")
     return rec
+
+
+async def _uncancellable(fn: Callable[..., None], *args: Any) -> None:
+    """Run ``fn`` in a worker thread to the end even if the caller is cancelled: a thread
+    cannot be stopped, and a second writer must never start while it runs (the caller's
+    cancellation is delivered once it is done)."""
+    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await fut
+        raise
 
 
 class Outbox:
@@ -275,6 +319,7 @@ class Outbox:
         self._journaled = asyncio.Event()
         self.changed = asyncio.Event()  # new journaled records (for the publisher)
         self._compact = False
+        self._thin_again_at = 0  # when thinning could not get below the bound: retry later
         self._closing = False
         self._last_save = time.monotonic()
         self.thinned = 0
@@ -298,7 +343,7 @@ class Outbox:
         self = cls(directory, max_bytes, rec)
         try:
             state = self._state_bytes(self.acked_through)
-            await asyncio.to_thread(_write_atomic, directory / STATE_FILE, state)
+            await asyncio.to_thread(_save_state, directory, state)
         except OSError as exc:
             raise OutboxError(f"{directory / STATE_FILE}: {exc.strerror or exc}") from None
         if self.pending:
@@ -326,14 +371,14 @@ class Outbox:
         retained = topic not in STREAM_TOPICS
         n = self._next_n
         self._next_n += 1
-        body = orjson.dumps(payload)
-        line = _line(n, topic, retained, body)
-        rec = Record(n, topic, retained, payload, body, line, time.monotonic_ns())
+        line, at = _line(n, topic, retained, orjson.dumps(payload))
+        seq, session = payload["seq"], payload["session"]
+        rec = Record(n, topic, retained, seq, session, line, at, time.monotonic_ns())
         self._unjournaled.append(rec)
         if not retained:
             self.pending.append(rec)
             self.pending_bytes += len(rec.line)
-            if self.pending_bytes > self.max_bytes:
+            if self.pending_bytes > max(self.max_bytes, self._thin_again_at):
                 self._thin()
         self._wake.set()
         return rec
@@ -387,6 +432,10 @@ class Outbox:
                     dropped.append(rec.seq)
             if len(dropped) == before:
                 break  # only events (and samples not yet on disk) left: never dropped
+        # Events (never dropped) may hold the outbox above its bound: do not walk it all
+        # again at every add, only after another 1/16 of the bound.
+        over = self.pending_bytes > low
+        self._thin_again_at = self.pending_bytes + self.max_bytes // 16 if over else 0
         if not dropped:
             return
         self.pending = deque(r for r in self.pending if not r.done)
@@ -429,7 +478,7 @@ class Outbox:
         if batch or live is not None:
             state = self._state_bytes(self.acked_through)
             try:
-                await asyncio.to_thread(self._write, batch, live, state)
+                await _uncancellable(self._write, batch, live, state)
             except OSError as exc:
                 # The journal cannot be written: publish from memory rather than freeze
                 # the live view (the audit log is the record). Said once, loudly.
@@ -439,16 +488,19 @@ class Outbox:
             else:
                 if self.degraded is not None:
                     log.warning("mqtt_outbox_writable_again")
+                    self._compact = True  # what went out unjournaled is written now
+                    self._wake.set()
                 self.degraded = None
-            for rec in batch:
-                rec.journaled = True
-            self._journaled.set()
-            self.changed.set()
+            finally:
+                for rec in batch:
+                    rec.journaled = True
+                self._journaled.set()
+                self.changed.set()
         due = time.monotonic() - self._last_save >= STATE_SAVE_INTERVAL_S
         if self.acked_through != self._saved_acked and (due or self._closing):
             with contextlib.suppress(OSError):
                 acked = self.acked_through
-                await asyncio.to_thread(self._retire, acked, self._state_bytes(acked))
+                await _uncancellable(self._retire, acked, self._state_bytes(acked))
 
     def _write(self, batch: list[Record], live: list[Record] | None, state: bytes) -> None:
         if live is not None:
@@ -470,6 +522,12 @@ class Outbox:
             while view:
                 view = view[os.write(fd, view) :]
             os.fsync(fd)
+        except OSError:
+            # Never leave a partial line for the next batch to be appended to (it would
+            # garble a good record too): cut back to what was there.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, seg.size)
+            raise
         finally:
             os.close(fd)
         if new:
@@ -482,7 +540,7 @@ class Outbox:
         the state (every ``seq`` handed out) is saved first, since the segments about to go
         may hold the highest ones; the new segment is complete and renamed before any old
         one goes; recovery takes each ``n`` once."""
-        _write_atomic(self.directory / STATE_FILE, state)
+        _save_state(self.directory, state)
         old = list(self._segments)
         self._segments = []
         if live:
@@ -498,7 +556,7 @@ class Outbox:
     def _retire(self, acked: int, state: bytes) -> None:
         """Save the state, then delete segments that hold nothing unacknowledged (the
         current one too: the next batch starts a fresh segment)."""
-        _write_atomic(self.directory / STATE_FILE, state)
+        _save_state(self.directory, state)
         self._saved_acked = acked
         self._last_save = time.monotonic()
         while self._segments and self._segments[0].last_n <= acked:
@@ -521,6 +579,6 @@ class Outbox:
             await self._flush_locked()
             try:
                 acked = self.acked_through
-                await asyncio.to_thread(self._retire, acked, self._state_bytes(acked))
+                await _uncancellable(self._retire, acked, self._state_bytes(acked))
             except OSError as exc:
                 log.error("mqtt_outbox_state_not_saved", error=str(exc))  # noqa: TRY400

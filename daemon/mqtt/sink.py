@@ -70,7 +70,9 @@ _PAHO_LOG = logging.getLogger("iortd.mqtt.paho")
 BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 10.0
 CONNECT_TIMEOUT_S = 10.0
-WINDOW = 32  # QoS 1 publishes in flight at once (in order on one connection)
+# QoS 1 publishes in flight at once (in order on one connection); below Mosquitto's
+# default Receive Maximum (20), which paho 2.2 does not read from the CONNACK.
+WINDOW = 16
 DELIVERY_MIN_INTERVAL_S = 1.0
 FLUSH_AT_CLOSE_S = 2.0
 STATE_TOPICS = ("interlocks", "delivery", "audit/checkpoint")
@@ -161,6 +163,26 @@ class _Closing(Exception):
     """The sink is closing: leave the connection cleanly."""
 
 
+def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first real exception inside (possibly nested) exception groups."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _drop_socket(client: aiomqtt.Client) -> None:
+    """Close the connection at the TCP level, without an MQTT DISCONNECT: the broker
+    then publishes the Last Will. Private paho API (``_sock_close``), pinned version."""
+    inner: Any = client._client
+    with contextlib.suppress(Exception):
+        sock = inner.socket()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        inner._sock_close()
+
+
 class _FailConnectOnTransportError(logging.Handler):
     """paho reports a transport failure during the handshake (e.g. the broker demands a
     client certificate: TLSV13_ALERT_CERTIFICATE_REQUIRED) only in its log, and aiomqtt
@@ -179,8 +201,9 @@ class _FailConnectOnTransportError(logging.Handler):
         if client is not None:
             self._loop.call_soon_threadsafe(self._fail, client, message)
 
-    @staticmethod
-    def _fail(client: aiomqtt.Client, message: str) -> None:
+    def _fail(self, client: aiomqtt.Client, message: str) -> None:
+        if client is not self.client:
+            return  # that attempt is over (or was another client's)
         pending: asyncio.Future[None] = client._connected  # private: see the class doc
         if not pending.done():
             pending.set_exception(aiomqtt.MqttError(f"transport error: {message}"))
@@ -203,7 +226,8 @@ class MqttSink:
         )
         self._all_clear = False
         self._current_delivery: str | None = None
-        self._status: tuple[Record, Record] | None = None  # (online, will) for a connection
+        self._tls: ssl.SSLContext | None = None
+        self._outage = False  # a connection failed or was lost since the last catch-up
         self._wake = asyncio.Event()
         self._closing = False
         self._close_deadline = 0.0
@@ -240,7 +264,9 @@ class MqttSink:
             self._set_delivery(sample.delivery, urgent=False)
         self._wake.set()
 
-    async def events(self, events: Sequence[TrackerEvent]) -> None:
+    async def events(
+        self, events: Sequence[TrackerEvent], delivery: DeliverySnapshot | None
+    ) -> None:
         for ev in events:
             if isinstance(ev, DeliveryStarted):
                 self._current_delivery = ev.delivery_id
@@ -256,8 +282,10 @@ class MqttSink:
         if changed:
             self._all_clear = all(s is InterlockState.OK for s in self._interlocks.values())
             self._set_interlocks()
-        # Any event can change the delivery summary: send it now, not at the rate limit.
-        self._cells["delivery"].not_before = 0.0
+        if delivery is not None:
+            # Any event can change the delivery summary (a gap, a lost link, the end):
+            # send it now, not at the rate limit, also when no reading came with it.
+            self._set_delivery(delivery, urgent=True)
         self._wake.set()
 
     async def checkpoint(self, note: str) -> None:
@@ -310,6 +338,7 @@ class MqttSink:
             except _Closing:
                 return
             except aiomqtt.MqttError as exc:
+                self._outage = True
                 reason = str(exc) or type(exc).__name__
                 if self.connected.is_set():
                     self.connected.clear()
@@ -319,10 +348,12 @@ class MqttSink:
                 else:
                     log.error("mqtt_connect_failed", broker=s.url, reason=reason)  # noqa: TRY400
             except (OSError, ssl.SSLError) as exc:
+                self._outage = True
                 self.connected.clear()
                 log.error("mqtt_connect_failed", broker=s.url, reason=str(exc))  # noqa: TRY400
             except Exception:
                 # A bug here must not take the daemon (and its record) down with it.
+                self._outage = True
                 self.connected.clear()
                 log.exception("mqtt_sink_error", broker=s.url)
             if self.closing:
@@ -337,21 +368,22 @@ class MqttSink:
                         await self._wake.wait()
 
     def _status_records(self) -> tuple[Record, Record]:
-        """``status`` online and the Last Will (offline) for the next connection. Kept
-        while connecting fails, so that retries do not use up ``seq``; the will's is the
-        larger, so that a consumer keeping the newest takes it over the online message."""
-        if self._status is None:
-            s = self.settings
-            on = status_payload(self._env("status"), True, __version__, s.site, s.room)
-            off = status_payload(self._env("status"), False, __version__, s.site, s.room)
-            self._status = (self.outbox.add("status", on), self.outbox.add("status", off))
-        return self._status
+        """``status`` online and the Last Will (offline) for one connection attempt: new
+        ones each time, since a broker that got a CONNECT may publish that attempt's will
+        however the attempt ends. The will's ``seq`` is the larger, so that a consumer
+        keeping the newest takes it over the online message."""
+        s = self.settings
+        on = status_payload(self._env("status"), True, __version__, s.site, s.room)
+        off = status_payload(self._env("status"), False, __version__, s.site, s.room)
+        return self.outbox.add("status", on), self.outbox.add("status", off)
 
     async def _connection(self, online: Record, will: Record, attempt_ns: int) -> None:
         s = self.settings
         if self._connect_watch is None:
             self._connect_watch = _FailConnectOnTransportError(asyncio.get_running_loop())
             _PAHO_LOG.addHandler(self._connect_watch)
+        if self._tls is None and s.tls:
+            self._tls = await asyncio.to_thread(s.tls_context)  # loads CA files: not on the loop
         client = aiomqtt.Client(
             s.host,
             s.port,
@@ -363,7 +395,7 @@ class MqttSink:
             will=aiomqtt.Will(self._topics["status"], will.body, qos=1, retain=True),
             keepalive=s.keepalive_s,
             timeout=CONNECT_TIMEOUT_S,
-            tls_context=s.tls_context(),
+            tls_context=self._tls,
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             max_inflight_messages=WINDOW,
         )
@@ -372,11 +404,13 @@ class MqttSink:
         self._connect_watch.client = client
         try:
             await client.__aenter__()
+        except BaseException:
+            _drop_socket(client)  # an orphan must not linger (and later fire its will)
+            raise
         finally:
             self._connect_watch.client = None
-        async with contextlib.AsyncExitStack() as stack:
-            stack.push_async_exit(client)
-            self._status = None  # the will is registered: the next connection needs new ones
+        clean = False
+        try:
             self.connections += 1
             self.connected.set()
             log.info(
@@ -391,9 +425,20 @@ class MqttSink:
                     await self._publish_all(client, online, will, attempt_ns)
                     watcher.cancel()
             except* aiomqtt.MqttError as group:
-                raise group.exceptions[0] from None
-            self.connected.clear()
-            log.info("mqtt_disconnected", broker=s.url, reason="shutdown")
+                raise _first_leaf(group) from None
+            clean = True
+        finally:
+            if clean:
+                with contextlib.suppress(aiomqtt.MqttError, OSError):
+                    await client.__aexit__(None, None, None)  # DISCONNECT: will discarded
+            else:
+                # Not a clean end (lost link, timeout, cancellation): drop the socket
+                # without DISCONNECT, so that the broker publishes the will (offline)
+                # rather than keep the retained status online for good. The client is
+                # not used again.
+                _drop_socket(client)
+        self.connected.clear()
+        log.info("mqtt_disconnected", broker=s.url, reason="shutdown")
         raise _Closing
 
     async def _watch_link(self, client: aiomqtt.Client) -> None:
@@ -424,9 +469,18 @@ class MqttSink:
     async def _publish_all(
         self, client: aiomqtt.Client, online: Record, will: Record, attempt_ns: int
     ) -> None:
-        """``attempt_ns``: when this connection attempt began. A stream record made before
-        it waited through a failed attempt or a lost connection (or a previous run): it
-        is history. One made during the handshake is only milliseconds late: live."""
+        """``attempt_ns``: when this connection attempt began. A stream record from a
+        previous run, or made before this attempt after a failed attempt or a lost
+        connection, waited out an outage: it is history, and so is everything sent until
+        that backlog is drained (what queued behind it is late too). At the first
+        connection of a run, what was made during the handshake is only milliseconds
+        late: live."""
+
+        def late(rec: Record) -> bool:
+            return rec.created_ns < 0 or (self._outage and rec.created_ns < attempt_ns)
+
+        head = next(self.outbox.unsent(), None)
+        replaying = head is not None and late(head)
         await self._send(client, online)
         self.outbox.ack(online)
         for cell in self._cells.values():  # the broker may have lost them (restart)
@@ -441,8 +495,10 @@ class MqttSink:
             if batch:
                 async with asyncio.TaskGroup() as tg:
                     for rec in batch:
-                        tg.create_task(self._send_stream(client, rec, attempt_ns))
+                        old = replaying or late(rec)
+                        tg.create_task(self._send_stream(client, rec, historical=old))
                 continue
+            replaying = self._outage = False  # caught up: live from here
             if self._closing:
                 break
             await self._idle()
@@ -491,16 +547,22 @@ class MqttSink:
             if cell.name == "delivery":
                 cell.not_before = now + DELIVERY_MIN_INTERVAL_S
 
-    async def _send_stream(self, client: aiomqtt.Client, rec: Record, attempt_ns: int) -> None:
-        await self._send(client, rec, historical=rec.created_ns < attempt_ns)
+    async def _send_stream(self, client: aiomqtt.Client, rec: Record, *, historical: bool) -> None:
+        await self._send(client, rec, historical=historical)
         self.outbox.ack(rec)
 
     async def _send(self, client: aiomqtt.Client, rec: Record, *, historical: bool = False) -> None:
+        # While closing, no PUBACK is awaited past the close deadline (a stuck broker must
+        # not hold the shutdown; the will then says offline).
+        timeout = None
+        if self._closing:
+            timeout = max(0.05, self._close_deadline + 0.5 - time.monotonic())
         await client.publish(
             self._topics[rec.topic],
             rec.wire(historical=historical),
             qos=1,
             retain=rec.retained,
+            timeout=timeout,
         )
 
     async def aclose(self) -> None:
@@ -514,12 +576,9 @@ class MqttSink:
         if task is None:
             await self.outbox.close()
             return
-        try:
-            async with asyncio.timeout(FLUSH_AT_CLOSE_S + 1.0):
-                await asyncio.shield(task)
-        except TimeoutError:
+        done, _ = await asyncio.wait({task}, timeout=FLUSH_AT_CLOSE_S + 1.5)
+        if not done:
             log.warning("mqtt_close_timeout", unsent=sum(1 for _ in self.outbox.unsent()))
             task.cancel(msg="mqtt sink: close timed out")
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait({task})  # its disk work finishes first (see the outbox)
             await self.outbox.close()

@@ -22,6 +22,7 @@ from daemon.service import Daemon
 from daemon.sinks import Sample
 from daemon.tracker import (
     AlarmRaised,
+    DeliverySnapshot,
     MonitoringGapEnded,
     MonitoringGapStarted,
     TrackerEvent,
@@ -91,7 +92,9 @@ class RecordingSink:
         self.samples.append(sample)
         self.changed.set()
 
-    async def events(self, events: Sequence[TrackerEvent]) -> None:
+    async def events(
+        self, events: Sequence[TrackerEvent], delivery: DeliverySnapshot | None
+    ) -> None:
         self.seen.extend(events)
         for ev in events:
             if self._on_event:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -324,3 +326,48 @@ async def test_the_outbox_survives_a_daemon_restart(
     assert len(first_run) == len(audit_samples(site.log_dir)) - len(
         [m for m in telemetry if m.payload["session"] == session2]
     )
+
+
+async def test_a_hung_broker_at_shutdown_still_ends_offline_within_the_bound(
+    make_site: Callable[..., Site], broker: Mosquitto, observer: Observer
+) -> None:
+    """SIGTERM while the broker answers nothing (SIGSTOP) and publishes wait for their
+    PUBACK: the shutdown does not wait past its bound, and the connection is dropped
+    without an MQTT DISCONNECT (which would make the broker discard the will), so once
+    the broker runs again it publishes the will: the status does not stay online."""
+    # A long keep-alive, so that the client does not notice the hung broker by itself.
+    body = f'url = "{broker.url}"\nkeepalive_s = 30\n'
+    site = make_site(speed=10, poll=0.05, mqtt=body)
+    daemon = await Daemon.follow(site)
+    try:
+        online = await observer.wait_for(
+            lambda m: m.name == "status" and m.payload["online"] is True, "status online"
+        )
+        await observer.wait_for(lambda m: m.name == "telemetry", "telemetry")
+        os.kill(broker.pid, signal.SIGSTOP)
+        try:
+            # Samples go on (the audit log grows), so publishes are now waiting for a
+            # PUBACK that does not come.
+            recorded = len(audit_samples(site.log_dir))
+            async with asyncio.timeout(10):
+                while len(audit_samples(site.log_dir)) < recorded + 5:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)  # bounded poll of the log on disk
+            started = time.monotonic()
+            assert await daemon.stop() == 0
+            took = time.monotonic() - started
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+    finally:
+        await daemon.ensure_dead()
+    assert took < 8, f"shutdown took {took:.1f} s with a hung broker"
+    assert daemon.events("mqtt_close_timeout"), "the close gave up waiting, within its bound"
+    offline = await observer.wait_for(
+        lambda m: m.name == "status" and m.payload["online"] is False, "status offline"
+    )
+    assert offline.payload["session"] == online.payload["session"]
+    late = await Observer(observer.port, topic=offline.topic).start()
+    try:
+        got = await late.wait_for(lambda m: m.name == "status", "retained status")
+        assert got.payload["online"] is False, "the retained status stayed online"
+    finally:
+        await late.stop()

@@ -539,7 +539,7 @@ def _events_lines(ns: range, session: int = 1) -> bytes:
             _events_lines(range(2)) + b"not json at all\n" + _events_lines(range(3, 4)),
             _events_lines(range(4, 6)),
             "first",
-            [0, 1, 4, 5],
+            [0, 1, 3, 4, 5],
         ),
         # a non-last segment whose last line has no newline is damage, not a torn tail
         (
@@ -553,10 +553,10 @@ def _events_lines(ns: range, session: int = 1) -> bytes:
             _events_lines(range(4)),
             _events_lines(range(4, 5))
             + b'{"n": 5, "t": "nope", "r": false, "p": {}}\n'
-            # lost with the quarantined rest of the segment:
+            # read past the bad line: only the bad line is lost
             + _events_lines(range(6, 7)),
             "second",
-            [0, 1, 2, 3, 4],
+            [0, 1, 2, 3, 4, 6],
         ),
         # a complete but garbled last line is not a torn write either
         (
@@ -568,7 +568,7 @@ def _events_lines(ns: range, session: int = 1) -> bytes:
     ],
     ids=["middle-of-first", "unterminated-non-last", "wrong-shape-in-last", "garbage-last"],
 )
-async def test_garbled_segment_is_quarantined_keeping_the_lines_before_it(
+async def test_garbled_segment_is_quarantined_keeping_every_readable_line(
     harness: Harness, first: bytes, second: bytes, bad: str, kept: list[int]
 ) -> None:
     d = harness.directory
@@ -590,7 +590,7 @@ async def test_garbled_segment_is_quarantined_keeping_the_lines_before_it(
     assert (d / names[good]).read_bytes() == (second if bad == "first" else first)
     [problem] = damaged(logs)
     assert str(d / names[bad]) in problem
-    assert "the lines before it were kept" in problem
+    assert "every other line was kept" in problem
     assert ob.session == 2
     assert ob.next_seq("events") > max(kept)
     await harness.close(ob)
@@ -608,11 +608,11 @@ async def test_records_kept_from_a_quarantined_segment_survive_another_restart(
     (d / f"outbox-{4:016d}.jsonl").write_bytes(_events_lines(range(4, 5)))
     with capture_logs():
         ob = await harness.open()
-    assert [r.n for r in ob.pending] == [0, 1, 4]
+    assert [r.n for r in ob.pending] == [0, 1, 3, 4]
     await harness.close(ob)  # the broker never acked them (e.g. it was down)
 
     ob2 = await harness.open()
-    assert [r.n for r in ob2.pending] == [0, 1, 4], "events 0 and 1 were silently lost"
+    assert [r.n for r in ob2.pending] == [0, 1, 3, 4], "events 0, 1 and 3 were silently lost"
     await harness.close(ob2)
 
 
@@ -642,13 +642,15 @@ async def test_garbled_state_is_quarantined_and_the_journal_still_rules(
     await journaled(ob2, second[-1])
     await harness.close(ob2)
     d = harness.directory
+    # Both the state and the previous state it keeps are garbled: the journal rules.
     (d / "state.json").write_bytes(garbage)
+    (d / "state.prev.json").write_bytes(garbage)
 
     with capture_logs() as logs:
         ob3 = await harness.open()
-    [moved] = list((d / "quarantine").iterdir())
-    assert moved.name.startswith("state.json.")
-    assert moved.read_bytes() == garbage
+    moved = sorted(p.name for p in (d / "quarantine").iterdir())
+    assert [m.split(".json.")[0] for m in moved] == ["state", "state.prev"]
+    assert all((d / "quarantine" / m).read_bytes() == garbage for m in moved)
     assert state(d)["session"] == ob3.session  # a fresh state.json, saved at open
     assert ob3.session == 3  # above every session in the journal
     assert ob3.next_seq("telemetry") == 5
@@ -658,8 +660,31 @@ async def test_garbled_state_is_quarantined_and_the_journal_still_rules(
     # first[0], which was acknowledged (consumers drop the repeat); nothing is lost.
     stream = [r for r in first + second if not r.retained]
     assert [key(r) for r in ob3.pending] == [key(r) for r in stream]
-    [problem] = damaged(logs)
-    assert "state.json" in problem
+    problems = damaged(logs)
+    assert any("state.json" in p for p in problems)
+    assert any("state.prev.json" in p for p in problems)
+    await harness.close(ob3)
+
+
+async def test_an_unreadable_state_falls_back_to_the_previous_one(harness: Harness) -> None:
+    """Counters outlive a damaged state.json: segments that are gone took their seqs with
+    them, and only the kept previous state still knows them."""
+    ob = await harness.open()
+    recs = [add(ob, "events", i) for i in range(5)]
+    await journaled(ob, recs[-1])
+    for r in recs:
+        ob.ack(r)
+    await harness.close(ob)  # every segment retired: only the state knows seq 5
+    ob2 = await harness.open()  # session 2; the state of session 1 is kept as previous
+    await harness.close(ob2)
+    d = harness.directory
+    assert list(d.glob("outbox-*.jsonl")) == []
+    (d / "state.json").write_bytes(b"{garbled")
+    with capture_logs() as logs:
+        ob3 = await harness.open()
+    assert ob3.session > 2
+    assert ob3.next_seq("events") == 5, "seq continues from the previous state"
+    assert any("previous state was used" in p for p in damaged(logs))
     await harness.close(ob3)
 
 
