@@ -484,6 +484,7 @@ class MqttSink:
         await self._send(client, online)
         self.outbox.ack(online)
         for cell in self._cells.values():  # the broker may have lost them (restart)
+            cell.not_before = 0.0  # the current state now, not at the rate limit
             if cell.record is not None and cell.sent and not cell.dirty:
                 await self._send(client, cell.record)
         while True:

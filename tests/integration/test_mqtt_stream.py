@@ -371,3 +371,46 @@ async def test_a_hung_broker_at_shutdown_still_ends_offline_within_the_bound(
         assert got.payload["online"] is False, "the retained status stayed online"
     finally:
         await late.stop()
+
+
+async def test_retained_state_is_republished_after_a_broker_restart(
+    make_site: Callable[..., Site], tmp_path: Path
+) -> None:
+    """A broker restarted without persistence has lost every retained message; on the
+    reconnect the daemon publishes them again, so that a new subscriber still sees the
+    room's state at once."""
+    names = ("status", "interlocks", "delivery", "audit/checkpoint")
+    with Mosquitto(BrokerOptions(persistence=False), tmp_path / "plain-broker") as plain:
+        site = make_site(speed=10, poll=0.05, checkpoint_s=1, mqtt=mqtt_section(plain))
+        daemon = await Daemon.follow(site)
+        watcher = await Observer(plain.port).start()  # resubscribes after the restart
+        try:
+            for name in names:
+                await watcher.wait_for(lambda m, n=name: m.name == n, name, within_s=30)
+            await plain.restart()
+            await daemon.seen(
+                lambda _: len(daemon.events("mqtt_connected")) >= 2, "the reconnection"
+            )
+            seen_before = len(watcher.messages)
+            # The reconnect republishes status, then the state topics, before the rest.
+            for name in names:
+                await watcher.wait_for(
+                    lambda m, n=name: m.name == n and watcher.messages.index(m) >= seen_before,
+                    f"{name} again after the restart",
+                )
+            late = await Observer(plain.port).start()
+            try:
+                got = {
+                    name: await late.wait_for(
+                        lambda m, n=name: m.name == n and m.retained, f"retained {name}"
+                    )
+                    for name in names
+                }
+            finally:
+                await late.stop()
+            assert await daemon.stop() == 0
+        finally:
+            await watcher.stop()
+            await daemon.ensure_dead()
+    assert got["status"].payload["online"] is True
+    assert got["delivery"].payload["delivery"] is not None
