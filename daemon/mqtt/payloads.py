@@ -30,7 +30,9 @@ from daemon.tracker import DeliveryAmended, DeliverySnapshot, Terminated, Tracke
 from drivers.types import Interlock, InterlockState
 
 __all__ = [
+    "EVENTS_TOPIC_KINDS",
     "EVENT_KINDS",
+    "NOTICE_KIND",
     "SCHEMA",
     "TOPICS",
     "Envelope",
@@ -40,6 +42,7 @@ __all__ = [
     "delivery_payload",
     "event_payloads",
     "interlocks_payload",
+    "notice_payload",
     "status_payload",
     "telemetry_payload",
     "topic",
@@ -51,6 +54,11 @@ SEQ_MAX = 2**64 - 1  # seq is a 64-bit unsigned counter that never wraps
 TS_RE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$")
 # The same kinds, in the same words, as the audit log's event entries.
 EVENT_KINDS: tuple[str, ...] = EVENT_TYPES
+# Besides the tracker's events, the events topic carries the daemon's notices that cannot
+# wait for the record (the audit log itself failing): not in the log, by their nature.
+NOTICE_KIND = "daemon_notice"
+NOTICE_SEVERITIES = ("critical", "info")
+EVENTS_TOPIC_KINDS: tuple[str, ...] = (*EVENT_KINDS, NOTICE_KIND)
 
 Payload = dict[str, Any]
 
@@ -264,6 +272,24 @@ def event_payloads(
             }
         )
     return out
+
+
+def notice_payload(
+    env: Envelope, severity: str, message: str, *, delivery_id: str | None = None
+) -> Payload:
+    """``events``, kind ``daemon_notice``: news that cannot wait for the record, above all
+    that the audit log cannot be written (``critical``: what is shown is not yet
+    recorded) and that it recovered (``info``). ``at`` is the envelope's ``ts``."""
+    if severity not in NOTICE_SEVERITIES:
+        raise ValueError(f"notice severity {severity!r}: expected one of {NOTICE_SEVERITIES}")
+    return {
+        **env.fields(),
+        "kind": NOTICE_KIND,
+        "delivery_id": delivery_id,
+        "at": env.ts,
+        "severity": severity,
+        "message": message,
+    }
 
 
 def checkpoint_payload(env: Envelope, note: str) -> Payload:

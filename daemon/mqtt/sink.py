@@ -53,6 +53,7 @@ from daemon.mqtt.payloads import (
     delivery_payload,
     event_payloads,
     interlocks_payload,
+    notice_payload,
     status_payload,
     telemetry_payload,
     topic,
@@ -293,7 +294,12 @@ class MqttSink:
         self._wake.set()
 
     async def notice(self, severity: str, message: str) -> None:
-        return None
+        level = "critical" if severity == "critical" else "info"
+        payload = notice_payload(
+            self._env("events"), level, message, delivery_id=self._current_delivery
+        )
+        self.outbox.add("events", payload)
+        self._wake.set()
 
     def _set_interlocks(self) -> None:
         states, clear = dict(self._interlocks), self._all_clear

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -414,3 +415,51 @@ async def test_retained_state_is_republished_after_a_broker_restart(
             await daemon.ensure_dead()
     assert got["status"].payload["online"] is True
     assert got["delivery"].payload["delivery"] is not None
+
+
+async def test_an_audit_log_that_cannot_be_written_is_announced_on_the_stream(
+    make_site: Callable[..., Site], broker: Mosquitto, observer: Observer
+) -> None:
+    """The record comes first, but a display frozen while the disk is full would be worse:
+    the stream goes on and says, on the events topic, that what it shows is not yet
+    recorded, and then that the log recovered."""
+    site = make_site(speed=10, poll=0.05, mqtt=mqtt_section(broker))
+    daemon = await Daemon.follow(site)
+    try:
+        await observer.wait_for(phase("IRRADIATING"), "telemetry while irradiating")
+        segment = sorted(site.log_dir.glob("log-*.jsonl"))[-1]
+        # No file may grow past this size: the audit log's disk is "full" (the outbox's
+        # segments are small and deleted once acknowledged, so the stream goes on).
+        limit = segment.stat().st_size + 20_000
+        resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        critical = await observer.wait_for(
+            lambda m: kind("daemon_notice")(m) and m.payload["severity"] == "critical",
+            "the critical notice",
+            within_s=30,
+        )
+        assert "audit log cannot be written" in critical.payload["message"]
+        assert "NOT yet recorded" in critical.payload["message"]
+        at = critical.payload["seq"]
+        await observer.wait_for(
+            lambda m: (
+                m.name == "telemetry"
+                and _epoch(m.payload["ts"]) > _epoch(critical.payload["ts"]) + 1
+            ),
+            "live telemetry while the log cannot be written",
+        )
+        infinity = resource.RLIM_INFINITY
+        resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, (infinity, infinity))
+        recovered = await observer.wait_for(
+            lambda m: kind("daemon_notice")(m) and m.payload["severity"] == "info",
+            "the notice that the log recovered",
+            within_s=30,
+        )
+        assert recovered.payload["seq"] > at
+        assert "writable again" in recovered.payload["message"]
+        assert await daemon.stop() == 0
+    finally:
+        await daemon.ensure_dead()
+    assert_gap_free(stream(observer, "events"), "events")
+    assert schema_errors(observer.messages) == []
+    v = verify(site)
+    assert v.returncode == 0, v.stdout + v.stderr

@@ -28,6 +28,9 @@ from daemon.audit.entries import summary_data
 from daemon.audit.note import Checkpoint, generate_keypair
 from daemon.mqtt.payloads import (
     EVENT_KINDS,
+    EVENTS_TOPIC_KINDS,
+    NOTICE_KIND,
+    NOTICE_SEVERITIES,
     SCHEMA,
     TOPICS,
     Envelope,
@@ -35,6 +38,7 @@ from daemon.mqtt.payloads import (
     delivery_payload,
     event_payloads,
     interlocks_payload,
+    notice_payload,
     status_payload,
     telemetry_payload,
     topic,
@@ -756,11 +760,12 @@ def test_interlocks_schema_names_every_interlock() -> None:
     assert il["additionalProperties"] is False
 
 
-def test_event_kinds_equal_the_tracker_events() -> None:
+def test_event_kinds_equal_the_tracker_events_and_the_notice() -> None:
     schema = SCHEMAS["events"]
-    assert set(schema["properties"]["kind"]["enum"]) == set(EVENT_KINDS)
+    assert set(schema["properties"]["kind"]["enum"]) == set(EVENTS_TOPIC_KINDS)
     branch_kinds = [b["properties"]["kind"]["const"] for b in schema["oneOf"]]
-    assert sorted(branch_kinds) == sorted(EVENT_KINDS)
+    assert sorted(branch_kinds) == sorted(EVENTS_TOPIC_KINDS)
+    assert set(EVENTS_TOPIC_KINDS) - set(EVENT_KINDS) == {NOTICE_KIND}
     # one kind per tracker event class, and the builder maps every class
     assert len(typing.get_args(TrackerEvent)) == len(EVENT_KINDS)
     assert {type(ev) for ev in every_event()} == set(typing.get_args(TrackerEvent))
@@ -779,7 +784,7 @@ def test_every_enum_in_the_schemas_is_a_python_enum() -> None:
             AlarmCode,
         )
     ]
-    known += [set(EVENT_KINDS), {"nan", "inf", "-inf"}]
+    known += [set(EVENTS_TOPIC_KINDS), {"nan", "inf", "-inf"}, set(NOTICE_SEVERITIES)]
     for stem, schema in SCHEMAS.items():
         for listed in enums(schema):
             assert set(listed) in known, (stem, listed)
@@ -1077,3 +1082,19 @@ def test_a_tracker_fed_anything_publishes_valid_payloads(script: list[Any]) -> N
             check("events", p)
             assert not {k for k in keys(p) if IDENTIFYING.search(k)}
         check("delivery", delivery_payload(seqs["delivery"](), snap))
+
+
+@pytest.mark.parametrize("severity", ["critical", "info"])
+def test_a_notice_validates_and_names_its_severity(severity: str) -> None:
+    env = Envelope(3, 2, "2026-11-26T10:00:00.000000Z", sim=True)
+    payload = notice_payload(env, severity, "audit log cannot be written", delivery_id="or-1-x")
+    VALIDATORS["events"].validate(on_the_wire(payload))
+    assert payload["kind"] == NOTICE_KIND
+    assert payload["at"] == payload["ts"]
+    assert payload["sim"] is True
+
+
+def test_a_notice_refuses_an_unknown_severity() -> None:
+    env = Envelope(0, 1, "2026-11-26T10:00:00.000000Z")
+    with pytest.raises(ValueError, match="severity"):
+        notice_payload(env, "warning", "x")
