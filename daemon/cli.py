@@ -149,12 +149,13 @@ async def _serve(
             try:
                 # The password is read now: it may have gone since check-config.
                 settings = settings_from_config(c.mqtt, c.site, url=broker_url)
-                # Inside the log directory, so under its LOCK: one daemon per outbox.
-                outbox = await Outbox.open(c.log.directory / OUTBOX_DIR, c.mqtt.outbox_max_bytes)
-            except (OSError, KeyError) as exc:
+            except (OSError, KeyError, ValueError) as exc:
                 await audit[0].close()
                 what = "password_env" if isinstance(exc, KeyError) else "password_file"
                 raise _LogDirectoryError(f"mqtt.{what}: cannot read the password: {exc}") from None
+            try:
+                # Inside the log directory, so under its LOCK: one daemon per outbox.
+                outbox = await Outbox.open(c.log.directory / OUTBOX_DIR, c.mqtt.outbox_max_bytes)
             except OutboxError as exc:
                 await audit[0].close()
                 raise _LogDirectoryError(f"mqtt outbox: {exc}") from None

@@ -55,7 +55,7 @@ log = structlog.get_logger("iortd.mqtt")
 
 STREAM_TOPICS = frozenset(t for t, spec in TOPICS.items() if not spec.retain)
 STATE_FILE = "state.json"
-PREV_STATE_FILE = "state.prev.json"
+PREV_STATE_FILE = "state.copy.json"
 SEGMENT_RE = re.compile(r"^outbox-(\d{16})\.jsonl$")
 # Persist acked_through at most this often while publishing (a crash re-sends at most
 # this much, which consumers drop as repeats).
@@ -130,23 +130,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, data: bytes, *, keep_previous: Path | None = None) -> None:
-    """Write, fsync, rename over ``path``; the old file becomes ``keep_previous``."""
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file, fsync, rename over ``path``."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    if keep_previous is not None and path.exists():
-        os.replace(path, keep_previous)
     tmp.replace(path)
     _fsync_dir(path.parent)
 
 
 def _save_state(directory: Path, state: bytes) -> None:
-    # The previous state is kept: if this one is ever unreadable (a disk error, an
-    # edit), the counters are not lost with it.
-    _write_atomic(directory / STATE_FILE, state, keep_previous=directory / PREV_STATE_FILE)
+    # Two copies, each replaced atomically: if one is ever unreadable (a disk error, an
+    # edit), the counters are not lost with it, and the other is just as new.
+    _write_atomic(directory / STATE_FILE, state)
+    _write_atomic(directory / PREV_STATE_FILE, state)
 
 
 def _line(n: int, topic: str, retained: bool, body: bytes) -> tuple[bytes, int]:
@@ -177,7 +176,7 @@ def _parse_state(raw: bytes) -> dict[str, Any]:
 
 
 def _read_state(directory: Path) -> tuple[dict[str, Any] | None, list[str]]:
-    """The state, or the previous one if the state is missing or unreadable."""
+    """The state, or its copy if the state is missing or unreadable."""
     problems = []
     for name in (STATE_FILE, PREV_STATE_FILE):
         path = directory / name
@@ -191,7 +190,7 @@ def _read_state(directory: Path) -> tuple[dict[str, Any] | None, list[str]]:
             problems.append(_quarantine(directory, path, f"unreadable ({exc})"))
             continue
         if problems:
-            problems.append(f"{path}: the previous state was used instead")
+            problems.append(f"{path}: the copy of the state was used instead")
         return state, problems
     return None, problems
 
@@ -217,6 +216,8 @@ def _recovered_record(n: int, topic: str, payload: Payload, raw: bytes) -> Recor
 def _recover(directory: Path) -> _Recovered:
     """Read state.json and the journal; what was not acknowledged becomes pending."""
     directory.mkdir(parents=True, exist_ok=True)
+    for leftover in directory.glob("*.tmp"):  # a save cut short: never renamed, not used
+        leftover.unlink()
     state, problems = _read_state(directory)
     rec = _Recovered(
         session=0 if state is None else state["session"],
@@ -266,6 +267,10 @@ def _recover(directory: Path) -> _Recovered:
             if n > rec.acked_through and not retained and n not in seen:
                 seen[n] = _recovered_record(n, topic, payload, raw)
         if bad:
+            # A line that cannot be read may have held any topic's highest seq: skip past
+            # it for every topic (a gap, never a repeat).
+            for t in rec.next_seq:
+                rec.next_seq[t] += len(bad)
             # Set aside as evidence; what could be read is written again (compaction).
             why = "; ".join(bad) + "; every other line was kept"
             rec.problems.append(_quarantine(directory, path, why))
@@ -286,12 +291,17 @@ async def _uncancellable(fn: Callable[..., None], *args: Any) -> None:
     cannot be stopped, and a second writer must never start while it runs (the caller's
     cancellation is delivered once it is done)."""
     fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await fut
-        raise
+    cancelled: asyncio.CancelledError | None = None
+    while not fut.done():
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError as exc:
+            cancelled = exc  # however often: the thread runs on, so the caller waits
+        except Exception:  # noqa: S110 - the result is taken below
+            pass
+    if cancelled is not None:
+        raise cancelled
+    fut.result()
 
 
 class Outbox:

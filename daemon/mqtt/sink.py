@@ -435,8 +435,15 @@ class MqttSink:
             clean = True
         finally:
             if clean:
-                with contextlib.suppress(aiomqtt.MqttError, OSError):
-                    await client.__aexit__(None, None, None)  # DISCONNECT: will discarded
+                # DISCONNECT: the broker discards the will (offline is already published
+                # and acknowledged). If that fails, the socket still goes.
+                try:
+                    await client.__aexit__(None, None, None)
+                except (aiomqtt.MqttError, OSError):
+                    _drop_socket(client)
+                except BaseException:
+                    _drop_socket(client)
+                    raise
             else:
                 # Not a clean end (lost link, timeout, cancellation): drop the socket
                 # without DISCONNECT, so that the broker publishes the will (offline)

@@ -644,12 +644,12 @@ async def test_garbled_state_is_quarantined_and_the_journal_still_rules(
     d = harness.directory
     # Both the state and the previous state it keeps are garbled: the journal rules.
     (d / "state.json").write_bytes(garbage)
-    (d / "state.prev.json").write_bytes(garbage)
+    (d / "state.copy.json").write_bytes(garbage)
 
     with capture_logs() as logs:
         ob3 = await harness.open()
     moved = sorted(p.name for p in (d / "quarantine").iterdir())
-    assert [m.split(".json.")[0] for m in moved] == ["state", "state.prev"]
+    assert sorted(m.split(".json.")[0] for m in moved) == ["state", "state.copy"]
     assert all((d / "quarantine" / m).read_bytes() == garbage for m in moved)
     assert state(d)["session"] == ob3.session  # a fresh state.json, saved at open
     assert ob3.session == 3  # above every session in the journal
@@ -662,30 +662,52 @@ async def test_garbled_state_is_quarantined_and_the_journal_still_rules(
     assert [key(r) for r in ob3.pending] == [key(r) for r in stream]
     problems = damaged(logs)
     assert any("state.json" in p for p in problems)
-    assert any("state.prev.json" in p for p in problems)
+    assert any("state.copy.json" in p for p in problems)
     await harness.close(ob3)
 
 
-async def test_an_unreadable_state_falls_back_to_the_previous_one(harness: Harness) -> None:
+async def test_an_unreadable_state_falls_back_to_its_copy(harness: Harness) -> None:
     """Counters outlive a damaged state.json: segments that are gone took their seqs with
-    them, and only the kept previous state still knows them."""
+    them, and only the state (kept twice) still knows them."""
     ob = await harness.open()
     recs = [add(ob, "events", i) for i in range(5)]
     await journaled(ob, recs[-1])
     for r in recs:
         ob.ack(r)
     await harness.close(ob)  # every segment retired: only the state knows seq 5
-    ob2 = await harness.open()  # session 2; the state of session 1 is kept as previous
+    ob2 = await harness.open()  # session 2
+    more = [add(ob2, "events", i) for i in range(4)]  # seqs 5..8, acknowledged, retired
+    await journaled(ob2, more[-1])
+    for r in more:
+        ob2.ack(r)
     await harness.close(ob2)
     d = harness.directory
     assert list(d.glob("outbox-*.jsonl")) == []
     (d / "state.json").write_bytes(b"{garbled")
     with capture_logs() as logs:
         ob3 = await harness.open()
-    assert ob3.session > 2
-    assert ob3.next_seq("events") == 5, "seq continues from the previous state"
-    assert any("previous state was used" in p for p in damaged(logs))
+    assert ob3.session == 3
+    assert ob3.next_seq("events") == 9, "seq continues from the copy: nothing repeats"
+    assert any("copy of the state was used" in p for p in damaged(logs))
     await harness.close(ob3)
+
+
+async def test_a_garbled_line_pushes_every_seq_past_it(harness: Harness) -> None:
+    """An unreadable line may have held the highest seq of any topic (published, then the
+    bits rotted): recovery skips past it for every topic, never reusing a seq."""
+    ob = await harness.open()
+    recs = [add(ob, "delivery", 0), add(ob, "events", 0)]
+    await journaled(ob, recs[-1])
+    await harness.crash(ob)  # no state save since open: only the journal knows these
+    d = harness.directory
+    [seg] = list(d.glob("outbox-*.jsonl"))
+    lines = seg.read_bytes().splitlines(keepends=True)
+    seg.write_bytes(b"".join(x if b'"delivery"' not in x else b"\x00rot\n" for x in lines))
+    with capture_logs():
+        ob2 = await harness.open()
+    assert ob2.next_seq("delivery") >= 1, "the rotted delivery seq 0 is not handed out again"
+    assert ob2.next_seq("events") >= 1
+    await harness.close(ob2)
 
 
 # ---- the bound: thinning and compaction -------------------------------------------------
