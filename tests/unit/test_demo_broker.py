@@ -1,0 +1,32 @@
+"""`iortd demo` without Mosquitto installed: it says how to install it and runs on
+without the stream, rather than failing or reaching for a system broker."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+
+from daemon import cli
+from daemon.mqtt.broker import MOSQUITTO_INSTALL_HINT
+
+
+def test_no_mosquitto_means_no_stream_and_the_exact_install_command(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "find_mosquitto", lambda: None)
+    with contextlib.ExitStack() as stack:
+        assert cli._embedded_broker(stack) is None
+    err = capsys.readouterr().err
+    assert "Mosquitto is not installed" in err
+    assert MOSQUITTO_INSTALL_HINT in err
+    assert "apt-get install -y mosquitto" in err
+    assert "--broker" in err
+
+
+def test_demo_turns_mqtt_off_when_there_is_no_broker() -> None:
+    overrides = {"log": {"directory": "demo-log"}}
+    off = cli._mqtt_off(overrides)
+    assert off["mqtt"] == {"enabled": False}
+    assert off["log"] == overrides["log"]
+    assert "mqtt" not in overrides  # the caller's overrides are not changed
