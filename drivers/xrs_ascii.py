@@ -13,6 +13,7 @@ independent codecs, so that one cannot hide the other's mistakes).
 
 from __future__ import annotations
 
+import binascii
 import enum
 import re
 from dataclasses import dataclass
@@ -66,11 +67,14 @@ _IL_LETTER: Final = {
     ord("T"): InterlockState.TRIPPED,
     ord("U"): InterlockState.UNKNOWN,
 }
+# ER codes of the specification: unknown command, bad field, not allowed now, busy.
+ERROR_CODES: Final = frozenset({b"01", b"02", b"03", b"04"})
+MAX_DIAMETER_MM: Final = 200.0
 _WIRE_STATES: Final = frozenset(s.value for s in DeviceState if s is not DeviceState.UNKNOWN)
 
 _NUMBER = re.compile(rb"-?[0-9]{1,7}(?:\.[0-9]{1,6})?")
 _WORD = re.compile(rb"[A-Z_]{1,16}")
-_TEXT = re.compile(rb"[A-Za-z0-9._/ -]{1,32}")
+_TEXT = re.compile(rb"[A-Za-z0-9._/ -]{1,64}")
 _FIELD_BYTES = re.compile(rb"[\x20-\x7e]*")
 
 
@@ -93,14 +97,10 @@ class ConsoleError(DeviceFault):
 
 
 def crc16(data: bytes) -> int:
-    """CRC-16/CCITT-FALSE: poly 0x1021, init 0xFFFF, no reflection, no final XOR."""
-    crc = 0xFFFF
-    for byte in data:
-        crc ^= byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else (crc << 1)
-            crc &= 0xFFFF
-    return crc
+    """CRC-16/CCITT-FALSE: poly 0x1021, init 0xFFFF, no reflection, no final XOR (the
+    standard library's ``crc_hqx`` with that initial value; the simulator computes it
+    with a table of its own)."""
+    return binascii.crc_hqx(data, 0xFFFF)
 
 
 def _show(raw: bytes) -> str:
@@ -169,13 +169,9 @@ class FrameSplitter:
         while True:
             nl = self._buf.find(b"\n")
             if nl < 0:
-                if len(self._buf) > MAX_FRAME and not self._skipping:
-                    out.append(
-                        ProtocolViolation(
-                            f"overlong frame (no terminator in {MAX_FRAME} bytes): "
-                            f"{_show(bytes(self._buf))}"
-                        )
-                    )
+                # MAX_FRAME bytes without a terminator can never become a frame.
+                if len(self._buf) >= MAX_FRAME and not self._skipping:
+                    out.append(self._overlong(bytes(self._buf)))
                     self._skipping = True
                 if self._skipping:
                     self._buf.clear()  # keep nothing until the next terminator
@@ -187,7 +183,14 @@ class FrameSplitter:
                 continue
             if line in (b"\n", b"\r\n"):
                 continue  # an empty line is not a frame
-            out.append(line)
+            # The same whatever the chunks: a line over the bound is reported, not returned.
+            out.append(self._overlong(line) if len(line) > MAX_FRAME else line)
+
+    @staticmethod
+    def _overlong(raw: bytes) -> ProtocolViolation:
+        return ProtocolViolation(
+            f"overlong frame (no terminator in {MAX_FRAME} bytes): {_show(raw)}"
+        )
 
     @property
     def pending(self) -> int:
@@ -229,7 +232,11 @@ class XrsStatus:
 
 def _expect(frame: Frame, command: Command, count: int) -> None:
     if frame.command == Command.ERROR.value:
-        if len(frame.fields) != 2 or not re.fullmatch(rb"[0-9]{2}", frame.fields[0]):
+        if (
+            len(frame.fields) != 2
+            or frame.fields[0] not in ERROR_CODES
+            or not _TEXT.fullmatch(frame.fields[1])
+        ):
             raise ProtocolViolation(f"malformed ER reply: {_show(frame.raw)}")
         raise ConsoleError(frame.fields[0].decode(), frame.fields[1].decode("ascii"))
     if frame.command != command.value:
@@ -329,8 +336,11 @@ def decode_applicator(frame: Frame) -> ApplicatorIdentity | None:
     _expect(frame, Command.APPLICATOR, 3)
     kind = _text(frame, 0, "applicator type")
     diameter = _number(frame, 1, "applicator diameter")
-    if not 0 < diameter <= 200:
-        raise ProtocolViolation(f"applicator diameter out of range: {diameter} mm")
+    if not 0 < diameter <= MAX_DIAMETER_MM:
+        raise ProtocolViolation(
+            f"applicator diameter out of range (0, {MAX_DIAMETER_MM:g}] mm: {diameter} in "
+            f"{_show(frame.raw)}"
+        )
     return ApplicatorIdentity(type=kind, diameter_mm=diameter, serial=_text(frame, 2, "serial"))
 
 

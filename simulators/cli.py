@@ -2,26 +2,33 @@
 
     iort-sim profiles                        list built-in profiles and their applicators
     iort-sim run --applicator SPH30 [...]    one delivery, the trace as JSON Lines or CSV
+    iort-sim serve --transport serial [...]  the console on a pty, speaking XRS-ASCII/1
 
 ``run`` needs no clock: the model is advanced in fixed simulated steps, so the same seed
-gives the same trace byte for byte. Serving the model over a pty or Modbus (``serve``) and
-the control channel come with the wire-protocol work.
+gives the same trace byte for byte. ``serve`` runs in real time (or ``--speed`` times
+faster) until SIGINT/SIGTERM and prints JSON lines on stdout: where it serves, each state
+change, and the delivery's ground truth when it ends. Modbus and the control channel are
+not built yet.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
+import signal
 import sys
 from collections.abc import Sequence
 from typing import TextIO
 
 import orjson
 
-from drivers.types import InterlockState
+from drivers.clock import Clock, ScaledClock, SystemClock
+from drivers.types import DeviceState, InterlockState
 from simulators.model import ModelSnapshot, SourceModel
-from simulators.profiles import ProfileError, available_profiles, load_profile
+from simulators.profiles import Profile, ProfileError, available_profiles, load_profile
 from simulators.sequence import ClinicalSequence
+from simulators.serial_xrs import ConsoleProtocol, PtyConsole
 
 __all__ = ["main"]
 
@@ -101,6 +108,65 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _emit(event: str, **fields: object) -> None:
+    sys.stdout.write(orjson.dumps({"event": event, **fields}).decode() + "\n")
+    sys.stdout.flush()
+
+
+async def _serve(args: argparse.Namespace, profile: Profile) -> int:
+    clock: Clock = SystemClock() if args.speed == 1 else ScaledClock(args.speed)
+    model = SourceModel(profile, seed=args.seed, serial=args.serial)
+    seq = ClinicalSequence(
+        model,
+        preset_gy=args.preset,
+        applicator_code=args.applicator,
+        start_delay_s=args.start_delay,
+    )
+    protocol = ConsoleProtocol(seq, clock)
+    last: list[DeviceState] = []
+
+    def watch(snap: ModelSnapshot) -> None:
+        if not last or snap.state is not last[-1]:
+            last.append(snap.state)
+            _emit("state", state=snap.state.value, time_s=round(seq.time_s, 3))
+            if snap.termination is not None:
+                _emit("terminated", **_row(snap))
+
+    protocol.on_snapshot = watch
+    console = PtyConsole(protocol)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    console.start()
+    _emit("serving", transport="serial", device=console.device, protocol="XRS-ASCII/1")
+    try:
+        await stop.wait()
+    finally:
+        console.close()
+    _emit("stopped", requests=protocol.requests)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        profile = load_profile(args.profile)
+    except ProfileError as exc:
+        print(f"iort-sim: {exc}", file=sys.stderr)  # noqa: T201
+        return 2
+    if args.applicator not in profile.applicators:
+        known = ", ".join(sorted(profile.applicators))
+        print(  # noqa: T201
+            f"iort-sim: unknown applicator {args.applicator!r} (known: {known})",
+            file=sys.stderr,
+        )
+        return 2
+    if not (args.speed > 0 and args.preset > 0 and args.start_delay >= 0):
+        print("iort-sim: --speed and --preset must be > 0", file=sys.stderr)  # noqa: T201
+        return 2
+    return asyncio.run(_serve(args, profile))
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="iort-sim", description="Simulated IORT X-ray source.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -113,6 +179,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--step", type=float, default=1.0, help="simulated seconds per sample")
     run.add_argument("--max-time", type=float, default=4 * 3600.0, help="simulated seconds")
     run.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
+    serve = sub.add_parser("serve", help="serve the console over a wire protocol")
+    serve.add_argument("--transport", choices=["serial"], required=True)
+    serve.add_argument("--profile", default="intrabeam", help="built-in name or a TOML file")
+    serve.add_argument("--applicator", required=True, help="applicator code, e.g. SPH30")
+    serve.add_argument("--preset", type=float, default=20.0, help="preset dose in Gy")
+    serve.add_argument("--start-delay", type=float, default=5.0, help="simulated seconds")
+    serve.add_argument("--speed", type=float, default=1.0, help="simulated s per real s")
+    serve.add_argument("--seed", type=int, default=0)
+    serve.add_argument("--serial", default="SIM-0001", help="the console's serial number")
     return p
 
 
@@ -121,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run" and not (args.step > 0 and args.preset > 0):
         print("iort-sim: --step and --preset must be > 0", file=sys.stderr)  # noqa: T201
         return 2
-    return {"profiles": _cmd_profiles, "run": _cmd_run}[args.command](args)
+    handlers = {"profiles": _cmd_profiles, "run": _cmd_run, "serve": _cmd_serve}
+    return handlers[args.command](args)
 
 
 if __name__ == "__main__":  # pragma: no cover

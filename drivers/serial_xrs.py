@@ -1,0 +1,188 @@
+"""The ``serial-xrs`` driver: an IORT source console speaking XRS-ASCII/1 on a serial line.
+
+The protocol (docs/protocols.md) is decoded by the sans-I/O codec in drivers/xrs_ascii.py;
+this module only runs the exchanges over a transport (drivers/transport.py): one request,
+one reply, every exchange bounded by the device's ``timeout_s``. After a frame that cannot
+be read the pending input is discarded; after a timeout the driver also waits (one timeout
+at most) for the late reply and drops it before the next request, so that a late reply is
+never taken for the answer to the next one.
+
+It is a passive monitor: it sends ``ID``, ``ST`` and ``AP`` only. ``AB`` (beam abort) is
+specified but this driver never sends it.
+
+A console that identifies itself with the manufacturer ``iortd simulator`` is the
+project's own simulator: its readings are marked simulated, whatever the transport.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from types import MappingProxyType, TracebackType
+from typing import Any, Self
+
+from drivers.errors import DriverOptionError, ProtocolViolation, TransportClosed, TransportTimeout
+from drivers.interface import DriverContext, DriverSpec, Role
+from drivers.transport import Transport, transport_from_config, validate_transport
+from drivers.types import ApplicatorIdentity, Capability, DeviceIdentity, SourceReading
+from drivers.xrs_ascii import (
+    MAX_FRAME,
+    Command,
+    Frame,
+    decode_applicator,
+    decode_identity,
+    decode_status,
+    encode_request,
+    parse_frame,
+)
+
+__all__ = ["SIMULATOR_MANUFACTURER", "SerialXrsDriver", "SerialXrsFactory"]
+
+SIMULATOR_MANUFACTURER = "iortd simulator"
+_SETTLE_LINES = 4  # late lines dropped after a timeout before the console counts as babbling
+_OPTIONS: Mapping[str, type] = MappingProxyType({"applicator_every": int})
+
+
+def _check(options: Mapping[str, Any], transport: Mapping[str, Any]) -> int:
+    for key in options:
+        if key not in _OPTIONS:
+            raise DriverOptionError(
+                f"options.{key}", "unknown key (serial-xrs takes: applicator_every)"
+            )
+    every = options.get("applicator_every", 10)
+    if not isinstance(every, int) or isinstance(every, bool) or not 1 <= every <= 1000:
+        raise DriverOptionError(
+            "options.applicator_every",
+            f"expected an integer 1..1000 (reads per AP request); got {every!r}",
+        )
+    if not transport:
+        raise DriverOptionError(
+            "transport", 'serial-xrs needs a [devices.transport] table, e.g. type = "serial"'
+        )
+    validate_transport(transport)
+    return every
+
+
+class SerialXrsFactory:
+    name = "serial-xrs"
+    roles: frozenset[Role] = frozenset({"source"})
+    simulated = False  # real equipment; a simulator on the line says so in its ID
+
+    def validate(self, options: Mapping[str, Any], transport: Mapping[str, Any]) -> None:
+        _check(options, transport)
+
+    def create(self, spec: DriverSpec, context: DriverContext) -> SerialXrsDriver:
+        every = _check(spec.options, spec.transport)
+        return SerialXrsDriver(
+            transport_from_config(spec.transport, timeout_s=spec.timeout_s),
+            context,
+            applicator_every=every,
+        )
+
+
+class SerialXrsDriver:
+    capabilities = frozenset(
+        {Capability.READ_TELEMETRY, Capability.READ_INTERLOCKS, Capability.READ_APPLICATOR}
+    )
+
+    def __init__(
+        self, transport: Transport, context: DriverContext, *, applicator_every: int = 10
+    ) -> None:
+        self._transport = transport
+        self._clock = context.clock
+        self._every = applicator_every
+        self._reads = 0
+        self._applicator: ApplicatorIdentity | None = None
+        self._simulated = False
+        self._open = False
+        self._late_reply_possible = False
+
+    async def __aenter__(self) -> Self:
+        await self._transport.open()
+        self._open = True
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._open = False
+        await self._transport.close()
+
+    async def _exchange(self, command: Command) -> Frame:
+        if not self._open:
+            raise TransportClosed(f"serial-xrs: {self._transport.describe()} is not open")
+        if self._late_reply_possible:
+            await self._settle()
+        await self._transport.write(encode_request(command))
+        line = await self._transport.read_until(b"\n", MAX_FRAME)
+        return parse_frame(line)
+
+    async def _settle(self) -> None:
+        """After a timeout the console may still answer the old request: wait (one
+        timeout at most) for that late reply and drop it, so that it is never taken for
+        the answer to the next request (a plain drain would miss a reply still on its
+        way). A console that keeps talking is a protocol problem, not a wait forever."""
+        for _ in range(_SETTLE_LINES):
+            try:
+                await self._transport.read_until(b"\n", MAX_FRAME)
+            except TransportTimeout:
+                break  # quiet: nothing more is coming
+            except ProtocolViolation:
+                continue
+        else:
+            raise ProtocolViolation(
+                f"serial-xrs: {self._transport.describe()} keeps sending without a request"
+            )
+        await self._transport.drain_input()
+        self._late_reply_possible = False
+
+    async def _ask(self, command: Command) -> Frame:
+        """One exchange; after any failure, resynchronise before the caller retries."""
+        try:
+            return await self._exchange(command)
+        except TransportTimeout:
+            self._late_reply_possible = True
+            raise
+        except Exception:
+            if self._open:
+                with contextlib.suppress(Exception):  # the original error is what matters
+                    await self._transport.drain_input()
+            raise
+
+    async def identify(self) -> DeviceIdentity:
+        ident = decode_identity(await self._ask(Command.IDENTIFY))
+        self._simulated = ident.manufacturer == SIMULATOR_MANUFACTURER
+        return DeviceIdentity(
+            manufacturer=ident.manufacturer,
+            model=ident.model,
+            serial=ident.serial,
+            firmware=ident.firmware,
+            simulated=self._simulated,
+        )
+
+    async def read(self) -> SourceReading:
+        status = decode_status(await self._ask(Command.STATUS))
+        mono_ns, utc = self._clock.monotonic_ns(), self._clock.utc()
+        if self._reads % self._every == 0:
+            self._applicator = decode_applicator(await self._ask(Command.APPLICATOR))
+        self._reads += 1
+        return SourceReading(
+            mono_ns=mono_ns,
+            utc=utc,
+            state=status.state,
+            dose_rate_gy_min=status.dose_rate_gy_min,
+            dose_primary_gy=status.dose_primary_gy,
+            dose_secondary_gy=status.dose_secondary_gy,
+            preset_gy=status.preset_gy,
+            beam_on_s=status.beam_on_s,
+            kv=status.kv,
+            ua=status.ua,
+            interlocks=MappingProxyType(status.interlocks),
+            planned_time_s=status.planned_time_s,
+            termination=status.termination,
+            applicator=self._applicator,
+            simulated=self._simulated,
+        )
