@@ -41,7 +41,10 @@ EXPECTED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "zero_poll_interval.toml": (("devices[0].poll_interval_s",), ("0.01",)),
     "speed_out_of_range.toml": (("simulation.speed",), ("0.01",)),
     "missing_site.toml": (("site",), ("missing",)),
-    "missing_driver.toml": (("devices[0].driver",), ("'modbus-nope'", "installed drivers: serial-xrs, sim")),
+    "missing_driver.toml": (
+        ("devices[0].driver",),
+        ("'modbus-nope'", "installed drivers: serial-xrs, sim"),
+    ),
     "unknown_applicator.toml": (("devices[0].options.applicator",), ("'SPH99'", "SPH30")),
     "bad_sim_transport.toml": (("devices[0].transport",), ("in-process",)),
     "bad_slug_room.toml": (("site.room",), ("lower-case slug",)),
