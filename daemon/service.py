@@ -55,6 +55,17 @@ BACKOFF_MAX_S = 10.0
 SHUTDOWN_TIMEOUT_S = 5.0
 
 
+# A driver bounds each I/O by the device's timeout_s, and one call (a read) may make a few
+# exchanges (status, applicator, and after a timeout the wait for a late reply). The daemon
+# bounds the whole call by a multiple of it: a safety net for a driver that does not keep
+# its own bound, not the bound a well-behaved driver reports its timeouts by.
+DRIVER_CALL_TIMEOUTS = 4
+
+
+def _call_bound(dev: DeviceConfig) -> float:
+    return dev.timeout_s * DRIVER_CALL_TIMEOUTS
+
+
 def tracker_settings(config: Config, clock_speed: float) -> TrackerSettings:
     """Tolerances in clock seconds. Poll periods are real seconds; under a speed factor the
     tracker's time runs faster, so the stale bound is scaled to match."""
@@ -326,14 +337,14 @@ class Daemon:
         while not stop.is_set():
             driver = self._build(dev)
             try:
-                async with asyncio.timeout(dev.timeout_s):
+                async with asyncio.timeout(_call_bound(dev)):
                     await driver.__aenter__()
             except (DriverError, TimeoutError, OSError) as exc:
                 await self._link_lost(dev, exc)
                 backoff = await self._backoff(backoff, stop)
                 continue
             try:
-                async with asyncio.timeout(dev.timeout_s):
+                async with asyncio.timeout(_call_bound(dev)):
                     identity = await driver.identify()
                 self._identified(dev.name, identity)
                 log.info("device_connected", device=dev.name, driver=dev.driver)
@@ -344,7 +355,7 @@ class Daemon:
                 backoff = await self._backoff(backoff, stop)
             finally:
                 with contextlib.suppress(DriverError, TimeoutError, OSError):
-                    async with asyncio.timeout(dev.timeout_s):
+                    async with asyncio.timeout(_call_bound(dev)):
                         await driver.__aexit__(None, None, None)
 
     async def _poll_loop(
@@ -355,7 +366,7 @@ class Daemon:
         garbled = 0
         while not stop.is_set():
             try:
-                async with asyncio.timeout(dev.timeout_s):
+                async with asyncio.timeout(_call_bound(dev)):
                     reading = await driver.read()
             except ProtocolViolation as exc:
                 # One bad frame is counted and dropped; a run of them is a lost link.

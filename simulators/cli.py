@@ -16,9 +16,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import importlib.resources
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TextIO
 
 import orjson
@@ -27,6 +29,7 @@ from drivers.clock import Clock, ScaledClock, SystemClock
 from drivers.types import DeviceState, InterlockState
 from simulators.model import ModelSnapshot, SourceModel
 from simulators.profiles import Profile, ProfileError, available_profiles, load_profile
+from simulators.scenario import ScenarioError, load_scenario
 from simulators.sequence import ClinicalSequence
 from simulators.serial_xrs import ConsoleProtocol, PtyConsole
 
@@ -122,7 +125,17 @@ async def _serve(args: argparse.Namespace, profile: Profile) -> int:
         applicator_code=args.applicator,
         start_delay_s=args.start_delay,
     )
-    protocol = ConsoleProtocol(seq, clock)
+    scenario = None
+    if args.scenario is not None:
+        try:
+            scenario = load_scenario(_scenario_path(args.scenario))
+        except ScenarioError as exc:
+            print(f"iort-sim: scenario: {exc}", file=sys.stderr)  # noqa: T201
+            return 2
+    protocol = ConsoleProtocol(seq, clock, scenario)
+    protocol.on_step = lambda step: _emit(
+        "scenario_step", action=step.action, at_s=step.at_s, time_s=round(seq.time_s, 3)
+    )
     last: list[DeviceState] = []
 
     def watch(snap: ModelSnapshot) -> None:
@@ -146,6 +159,14 @@ async def _serve(args: argparse.Namespace, profile: Profile) -> int:
         console.close()
     _emit("stopped", requests=protocol.requests)
     return 0
+
+
+def _scenario_path(name: str) -> Path:
+    """A path, or the name of a bundled scenario (config/scenarios/NAME.toml)."""
+    path = Path(name)
+    if path.suffix == ".toml" or path.exists():
+        return path
+    return Path(str(importlib.resources.files("iort_config") / "scenarios" / f"{name}.toml"))
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -188,6 +209,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--speed", type=float, default=1.0, help="simulated s per real s")
     serve.add_argument("--seed", type=int, default=0)
     serve.add_argument("--serial", default="SIM-0001", help="the console's serial number")
+    serve.add_argument(
+        "--scenario", metavar="NAME|FILE", help="timed faults (config/scenarios/NAME.toml)"
+    )
     return p
 
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import tty
 from collections.abc import Callable
 
 from drivers.clock import Clock
 from drivers.types import DeviceState, Interlock, InterlockState
 from simulators.model import ModelSnapshot, SourceModel
+from simulators.scenario import Scenario, Step
 from simulators.sequence import ClinicalSequence
 
 __all__ = ["ConsoleProtocol", "PtyConsole", "crc_ccitt"]
@@ -80,8 +82,12 @@ def _text(s: str) -> str:
 class ConsoleProtocol:
     """Request line in, reply line out, for one simulated console."""
 
-    def __init__(self, sequence: ClinicalSequence, clock: Clock) -> None:
+    def __init__(
+        self, sequence: ClinicalSequence, clock: Clock, scenario: Scenario | None = None
+    ) -> None:
         self.sequence = sequence
+        self.scenario = scenario
+        self.on_step: Callable[[Step], None] | None = None
         self.model: SourceModel = sequence.model
         self._clock = clock
         self._last_ns = clock.monotonic_ns()
@@ -94,6 +100,10 @@ class ConsoleProtocol:
         self._last_ns = now
         if dt > 0:
             self.sequence.process(dt)
+        if self.scenario is not None:
+            for step in self.scenario.due(self.sequence.time_s, self.model):
+                if self.on_step is not None:
+                    self.on_step(step)
         snap = self.model.snapshot()
         if self.on_snapshot is not None:
             self.on_snapshot(snap)
@@ -180,6 +190,7 @@ class PtyConsole:
         self.device = os.ttyname(self._slave)
         self._buf = bytearray()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._noise = random.Random(0x5CE7)  # noqa: S311 - seeded noise, reproducible
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -198,11 +209,24 @@ class PtyConsole:
             line = bytes(self._buf[: nl + 1])
             del self._buf[: nl + 1]
             reply = self.protocol.handle(line)
+            scenario, now = self.protocol.scenario, self.protocol.sequence.time_s
+            if scenario is not None and scenario.link_down(now):
+                continue  # the cable is pulled: the request goes nowhere
+            if scenario is not None and scenario.garbled(now):
+                reply = self._garbage()
             if reply is not None:
                 self._write(reply)
         if len(self._buf) > LINE_LIMIT:  # a line too long: drop it, answer once
             self._buf.clear()
             self._write(_reply("ER", "02", "line too long"))
+
+    def _garbage(self) -> bytes:
+        """Line noise: random bytes, sometimes a whole line, sometimes a broken frame."""
+        n = self._noise.randint(1, 90)
+        noise = bytes(self._noise.randrange(256) for _ in range(n)).replace(b"\n", b"~")
+        if self._noise.random() < 0.7:
+            noise += b"\r\n"
+        return noise
 
     def _write(self, data: bytes) -> None:
         with contextlib.suppress(BlockingIOError, OSError):

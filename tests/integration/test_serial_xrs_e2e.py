@@ -1,6 +1,7 @@
 """End to end over a real pty: `iort-sim serve --transport serial` answers XRS-ASCII/1 on
 a pseudo-terminal, `iortd run` polls it with the production `serial-xrs` driver through a
-whole delivery, and the tracker's result matches the simulator's ground truth."""
+whole delivery, and the tracker's result matches the simulator's ground truth; then the
+bundled fault scenarios (config/scenarios) run against the same path."""
 
 from __future__ import annotations
 
@@ -68,23 +69,37 @@ class Simulator:
         raise AssertionError(f"iort-sim exited before {event}: {self.lines[-3:]}")
 
 
-@pytest.fixture
-async def simulator() -> AsyncIterator[Simulator]:
+async def start_simulator(*extra: str, preset_gy: float = PRESET_GY) -> Simulator:
     proc = await asyncio.create_subprocess_exec(
         str(BIN / "iort-sim"),
         *("serve", "--transport", "serial", "--profile", "axxent", "--applicator", "BAL34"),
-        *("--preset", str(PRESET_GY), "--start-delay", "1", "--seed", "5"),
+        *("--preset", str(preset_gy), "--start-delay", "1", "--seed", "5", *extra),
         stdout=asyncio.subprocess.PIPE,
     )
     sim = Simulator(proc, "", [])
     try:
         serving = await sim.until("serving", within_s=10)
-        sim.device = serving["device"]
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    sim.device = serving["device"]
+    return sim
+
+
+async def stop_simulator(sim: Simulator) -> None:
+    if sim.proc.returncode is None:
+        sim.proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(sim.proc.wait(), 10)
+
+
+@pytest.fixture
+async def simulator() -> AsyncIterator[Simulator]:
+    sim = await start_simulator()
+    try:
         yield sim
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            await asyncio.wait_for(proc.wait(), 10)
+        await stop_simulator(sim)
 
 
 def site_for(tmp_path: Path, port: str) -> Site:
@@ -122,3 +137,105 @@ async def test_a_whole_delivery_over_a_pty_matches_the_simulators_ground_truth(
     assert abs(end["beam_on_s"] - truth["beam_on_s"]) <= 0.1
     assert [r for r in daemon.lines if r.get("event") == "protocol_violation"] == []
     assert [r for r in daemon.lines if r.get("event") == "device_link_lost"] == []
+
+
+async def run_scenario(
+    tmp_path: Path, name: str, preset_gy: float
+) -> tuple[Daemon, dict[str, Any], dict[str, Any], Site]:
+    """The daemon through one delivery of the simulator playing scenario ``name``: the
+    daemon, its delivery_terminated record, the simulator's ground truth, the site."""
+    sim = await start_simulator("--scenario", name, preset_gy=preset_gy)
+    try:
+        site = site_for(tmp_path, sim.device)
+        daemon = await Daemon.follow(site)
+        try:
+            end = await daemon.seen(
+                lambda r: r.get("event") == "delivery_terminated",
+                f"the delivery's end ({name})",
+                within_s=90,
+            )
+            assert await daemon.stop() == 0
+        finally:
+            await daemon.ensure_dead()
+        truth = await sim.until("terminated", within_s=5)
+        assert any(r["event"] == "scenario_step" for r in sim.lines), "the scenario ran"
+    finally:
+        await stop_simulator(sim)
+    return daemon, end, truth, site
+
+
+def audit_types(site: Site) -> list[str]:
+    out = []
+    for seg in sorted(site.log_dir.glob("log-*.jsonl")):
+        out += [json.loads(line)["type"] for line in seg.read_text("utf-8").splitlines()]
+    return out
+
+
+async def test_door_opened_mid_delivery_is_an_interruption_and_the_delivery_resumes(
+    tmp_path: Path,
+) -> None:
+    daemon, end, truth, _ = await run_scenario(tmp_path, "door-mid-delivery", 0.5)
+    assert end["status"] == truth["termination"] == "NORMAL"
+    assert end["interruptions"] == 1
+    assert end["delivered_primary_gy"] == pytest.approx(truth["dose_primary_gy"], rel=0.005)
+    doors = [r for r in daemon.lines if r.get("event") == "interlock" and r["interlock"] == "door"]
+    states = [d["new"] for d in doors]
+    assert "tripped" in states, "the open door tripped its interlock"
+    assert "ok" in states[states.index("tripped") + 1 :], "and closing it cleared it"
+
+
+async def test_a_link_dropped_for_5s_is_a_gap_with_unknown_interlocks_and_a_reconnect(
+    tmp_path: Path,
+) -> None:
+    daemon, end, truth, site = await run_scenario(tmp_path, "link-drop-5s", 0.5)
+    lost = [r for r in daemon.lines if r.get("event") == "device_link_lost"]
+    assert lost, "the link loss was seen"
+    gaps = [r for r in daemon.lines if r.get("event") == "monitoring_gap_started"]
+    assert gaps, "a monitoring gap was opened"
+    unknown = [
+        r
+        for r in daemon.lines
+        if r.get("event") == "interlock" and r["new"] == "unknown" and r["old"] == "ok"
+    ]
+    assert unknown, "interlocks went unknown (counted as tripped)"
+    alarms = [r for r in daemon.lines if r.get("event") == "alarm_raised"]
+    assert any(a["severity"] == "high" for a in alarms)
+    connected = [r for r in daemon.lines if r.get("event") == "device_connected"]
+    assert len(connected) >= 2, "the driver reconnected"
+    assert "monitoring_gap_started" in audit_types(site), "the gap is in the audit log"
+    # The console went on delivering; the tracker followed it to the end afterwards.
+    assert end["delivered_primary_gy"] == pytest.approx(truth["dose_primary_gy"], rel=0.005)
+    assert end["gaps"] >= 1
+
+
+async def test_garbled_replies_for_10s_are_counted_and_no_wrong_value_is_accepted(
+    tmp_path: Path,
+) -> None:
+    daemon, end, truth, _ = await run_scenario(tmp_path, "garbled-10s", 0.6)
+    # A garbled reply to a poll is counted (protocol_violation); one to the identify of a
+    # reconnection, or a run of them, is a lost link with the frame error as its reason.
+    violations = [r for r in daemon.lines if r.get("event") == "protocol_violation"]
+    lost = [r for r in daemon.lines if r.get("event") == "device_link_lost"]
+    framing = violations + [r for r in lost if "ProtocolViolation" in r["reason"]]
+    assert framing, "garbled frames were seen as such, naming the frame"
+    assert len(violations) + len(lost) >= 3, "every bad exchange is counted"
+    assert daemon.proc.returncode == 0, "no crash"
+    # Nothing garbled got through: the dose followed is the console's, exactly.
+    assert end["delivered_primary_gy"] == pytest.approx(truth["dose_primary_gy"], rel=0.005)
+    assert end["delivered_secondary_gy"] == pytest.approx(truth["dose_secondary_gy"], rel=0.005)
+    assert end["preset_gy"] == pytest.approx(0.6)
+
+
+async def test_an_applicator_swapped_mid_delivery_trips_the_applicator_interlock(
+    tmp_path: Path,
+) -> None:
+    daemon, end, truth, _ = await run_scenario(tmp_path, "applicator-swap", 0.5)
+    assert end["status"] == truth["termination"] == "MACHINE"
+    tripped = [
+        r
+        for r in daemon.lines
+        if r.get("event") == "interlock"
+        and r["interlock"] == "applicator"
+        and r["new"] == "tripped"
+    ]
+    assert tripped, "the applicator interlock tripped"

@@ -1,0 +1,1 @@
+"""Fault scenarios for `iort-sim serve --scenario NAME` (data, not code)."""
