@@ -2,10 +2,10 @@
 
 The protocol (docs/protocols.md) is decoded by the sans-I/O codec in drivers/xrs_ascii.py;
 this module only runs the exchanges over a transport (drivers/transport.py): one request,
-one reply, every exchange bounded by the device's ``timeout_s``. After a frame that cannot
-be read the pending input is discarded; after a timeout the driver also waits (one timeout
-at most) for the late reply and drops it before the next request, so that a late reply is
-never taken for the answer to the next one.
+one reply, every exchange bounded by the device's ``timeout_s``. Pending input is discarded
+before every request, and after a timeout or a frame that cannot be read the driver also
+waits (one timeout at most) for a late reply and drops it, so that a late reply is never
+taken for the answer to the next request.
 
 It is a passive monitor: it sends ``ID``, ``ST`` and ``AP`` only. ``AB`` (beam abort) is
 specified but this driver never sends it.
@@ -21,7 +21,13 @@ from collections.abc import Mapping
 from types import MappingProxyType, TracebackType
 from typing import Any, Self
 
-from drivers.errors import DriverOptionError, ProtocolViolation, TransportClosed, TransportTimeout
+from drivers.errors import (
+    DeviceFault,
+    DriverOptionError,
+    ProtocolViolation,
+    TransportClosed,
+    TransportTimeout,
+)
 from drivers.interface import DriverContext, DriverSpec, Role
 from drivers.transport import Transport, transport_from_config, validate_transport
 from drivers.types import ApplicatorIdentity, Capability, DeviceIdentity, SourceReading
@@ -39,7 +45,6 @@ from drivers.xrs_ascii import (
 __all__ = ["SIMULATOR_MANUFACTURER", "SerialXrsDriver", "SerialXrsFactory"]
 
 SIMULATOR_MANUFACTURER = "iortd simulator"
-_SETTLE_LINES = 4  # late lines dropped after a timeout before the console counts as babbling
 _OPTIONS: Mapping[str, type] = MappingProxyType({"applicator_every": int})
 
 
@@ -116,40 +121,29 @@ class SerialXrsDriver:
             raise TransportClosed(f"serial-xrs: {self._transport.describe()} is not open")
         if self._late_reply_possible:
             await self._settle()
+        # A console never talks unasked: anything pending now is stale (the rest of an
+        # earlier answer), never the answer to this request.
+        await self._transport.drain_input()
         await self._transport.write(encode_request(command))
         line = await self._transport.read_until(b"\n", MAX_FRAME)
         return parse_frame(line)
 
     async def _settle(self) -> None:
-        """After a timeout the console may still answer the old request: wait (one
-        timeout at most) for that late reply and drop it, so that it is never taken for
-        the answer to the next request (a plain drain would miss a reply still on its
-        way). A console that keeps talking is a protocol problem, not a wait forever."""
-        for _ in range(_SETTLE_LINES):
-            try:
-                await self._transport.read_until(b"\n", MAX_FRAME)
-            except TransportTimeout:
-                break  # quiet: nothing more is coming
-            except ProtocolViolation:
-                continue
-        else:
-            raise ProtocolViolation(
-                f"serial-xrs: {self._transport.describe()} keeps sending without a request"
-            )
+        """After a timeout or a frame that could not be read, the console may still be
+        answering the old request: wait one reply timeout at most for that line and drop
+        it, so that it is never taken for the answer to the next request (a plain drain
+        would miss a reply still on its way)."""
+        with contextlib.suppress(TransportTimeout, ProtocolViolation):
+            await self._transport.read_until(b"\n", MAX_FRAME)
         await self._transport.drain_input()
         self._late_reply_possible = False
 
     async def _ask(self, command: Command) -> Frame:
-        """One exchange; after any failure, resynchronise before the caller retries."""
+        """One exchange; after a failure the next one resynchronises first."""
         try:
             return await self._exchange(command)
-        except TransportTimeout:
+        except (TransportTimeout, ProtocolViolation):
             self._late_reply_possible = True
-            raise
-        except Exception:
-            if self._open:
-                with contextlib.suppress(Exception):  # the original error is what matters
-                    await self._transport.drain_input()
             raise
 
     async def identify(self) -> DeviceIdentity:
@@ -167,7 +161,12 @@ class SerialXrsDriver:
         status = decode_status(await self._ask(Command.STATUS))
         mono_ns, utc = self._clock.monotonic_ns(), self._clock.utc()
         if self._reads % self._every == 0:
-            self._applicator = decode_applicator(await self._ask(Command.APPLICATOR))
+            try:
+                self._applicator = decode_applicator(await self._ask(Command.APPLICATOR))
+            except (ProtocolViolation, DeviceFault):
+                # The status (and its interlocks, the applicator's among them) is good:
+                # keep it, with the applicator last known, and ask again next read.
+                self._reads -= 1
         self._reads += 1
         return SourceReading(
             mono_ns=mono_ns,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import csv
 import importlib.resources
 import signal
@@ -112,8 +113,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _emit(event: str, **fields: object) -> None:
-    sys.stdout.write(orjson.dumps({"event": event, **fields}).decode() + "\n")
-    sys.stdout.flush()
+    # Best effort: a reader that went away must not stop the console answering.
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.write(orjson.dumps({"event": event, **fields}).decode() + "\n")
+        sys.stdout.flush()
 
 
 async def _serve(args: argparse.Namespace, profile: Profile) -> int:

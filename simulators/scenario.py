@@ -72,6 +72,10 @@ class Scenario:
     garbled_until: float = -1.0
     applied: list[tuple[float, str]] = field(default_factory=list)
 
+    def next_at(self) -> float | None:
+        """When the next step is due (simulated seconds), or None when all are done."""
+        return self.steps[self._next].at_s if self._next < len(self.steps) else None
+
     def due(self, time_s: float, model: SourceModel) -> list[Step]:
         """Apply every step due by ``time_s`` to the model or the link, in order."""
         done = []

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import os
 import random
+import string
 import tty
 from collections.abc import Callable
 
@@ -74,8 +75,11 @@ def _num(x: float, places: int = 4) -> str:
     return "0" if text in ("", "-0") else text
 
 
+_TEXT_CHARS = frozenset(string.ascii_letters + string.digits + "._/ -")
+
+
 def _text(s: str) -> str:
-    keep = "".join(ch if ch.isalnum() or ch in "._/ -" else "-" for ch in s)
+    keep = "".join(ch if ch in _TEXT_CHARS else "-" for ch in s)
     return keep[:64] or "-"
 
 
@@ -98,12 +102,18 @@ class ConsoleProtocol:
         now = self._clock.monotonic_ns()
         dt = (now - self._last_ns) / 1e9
         self._last_ns = now
-        if dt > 0:
-            self.sequence.process(dt)
+        target = self.sequence.time_s + max(dt, 0.0)
         if self.scenario is not None:
-            for step in self.scenario.due(self.sequence.time_s, self.model):
-                if self.on_step is not None:
-                    self.on_step(step)
+            # Each step acts at its own time, not at the next request's: advance to it,
+            # apply it, go on (requests may be seconds apart while a driver reconnects).
+            while (at := self.scenario.next_at()) is not None and at <= target:
+                if at > self.sequence.time_s:
+                    self.sequence.process(at - self.sequence.time_s)
+                for step in self.scenario.due(at, self.model):
+                    if self.on_step is not None:
+                        self.on_step(step)
+        if target > self.sequence.time_s:
+            self.sequence.process(target - self.sequence.time_s)
         snap = self.model.snapshot()
         if self.on_snapshot is not None:
             self.on_snapshot(snap)

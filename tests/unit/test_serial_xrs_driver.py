@@ -117,3 +117,42 @@ def test_options_and_transport_are_checked_naming_the_key(
     with pytest.raises(DriverOptionError) as excinfo:
         SerialXrsFactory().validate(options, transport)
     assert excinfo.value.key == key
+
+
+async def test_a_reply_after_a_garbled_line_is_never_taken_for_the_next_answer() -> None:
+    """Noise, then the real (now late) reply: the next read must not return the previous
+    poll's answer (which would leave every reading one poll stale from then on)."""
+    late = frame(b"ST,READY,0,7.77,7.77,20,0,1380,50,40,OOOOOOOOO,-")
+    t = ScriptedTransport(
+        [
+            *(Expect(ID), Reply(SIM_ID)),
+            *(Expect(ST), Reply(b"\x00junk\r\n"), Reply(late, delay_s=0.05)),
+            *(Expect(ST), Reply(STATUS), Expect(AP), Reply(APPL)),
+        ],
+        timeout_s=0.5,
+    )
+    async with SerialXrsDriver(t, CTX, applicator_every=10) as d:
+        await d.identify()
+        with pytest.raises(ProtocolViolation):
+            await d.read()
+        got = await d.read()
+    assert got.dose_primary_gy == 9.6412, "the late 7.77 reply was dropped"
+
+
+async def test_a_failing_applicator_request_keeps_the_status_and_is_asked_again() -> None:
+    refused = frame(b"ER,04,busy")
+    t = ScriptedTransport(
+        [
+            *(Expect(ID), Reply(SIM_ID)),
+            *(Expect(ST), Reply(STATUS), Expect(AP), Reply(refused)),
+            *(Expect(ST), Reply(STATUS), Expect(AP), Reply(APPL)),
+        ]
+    )
+    async with SerialXrsDriver(t, CTX, applicator_every=10) as d:
+        await d.identify()
+        first = await d.read()
+        second = await d.read()
+    t.assert_done()
+    assert first.interlock(Interlock.BACKUP_TIMER) is InterlockState.TRIPPED
+    assert first.applicator is None
+    assert second.applicator is not None

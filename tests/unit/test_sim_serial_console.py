@@ -3,6 +3,9 @@ host's codec (two independent implementations of docs/protocols.md)."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+from pathlib import Path
+
 import pytest
 
 from drivers.clock import SystemClock
@@ -20,6 +23,7 @@ from drivers.xrs_ascii import (
 )
 from simulators.model import SourceModel
 from simulators.profiles import load_profile
+from simulators.scenario import load_scenario
 from simulators.sequence import ClinicalSequence
 from simulators.serial_xrs import ConsoleProtocol, crc_ccitt
 
@@ -91,3 +95,34 @@ def test_numbers_are_written_as_the_spec_allows(console: ConsoleProtocol) -> Non
             break
     assert st.state is DeviceState.TERMINATED
     assert st.dose_primary_gy == pytest.approx(1.0, rel=0.01)
+
+
+class _ManualClock:
+    """A clock the test moves by hand."""
+
+    speed = 1.0
+
+    def __init__(self) -> None:
+        self.ns = 0
+
+    def monotonic_ns(self) -> int:
+        return self.ns
+
+    def utc(self) -> datetime:
+        return datetime(2026, 11, 26, tzinfo=UTC)
+
+
+def test_a_scenario_step_acts_at_its_own_time_not_at_the_next_request(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text('[[step]]\nat = "5s"\naction = "open_door"\n', encoding="utf-8")
+    clock = _ManualClock()
+    model = SourceModel(load_profile("axxent"), seed=1)
+    seq = ClinicalSequence(model, preset_gy=1.0, applicator_code="BAL34", start_delay_s=0)
+    console = ConsoleProtocol(seq, clock, load_scenario(path))
+    applied: list[float] = []
+    console.on_step = lambda step: applied.append(seq.time_s)
+    console.handle(encode_request(Command.STATUS))
+    clock.ns = 20 * 10**9  # the next request comes 20 s later
+    console.handle(encode_request(Command.STATUS))
+    assert applied == [5.0]
+    assert seq.time_s == 20.0
