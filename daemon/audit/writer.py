@@ -42,6 +42,7 @@ from daemon.audit.canonical import (
     seal_parts,
 )
 from daemon.audit.note import Checkpoint, Signer
+from daemon.durable import fsync_dir, write_all, write_atomic
 
 __all__ = [
     "FORMAT",
@@ -190,21 +191,6 @@ def _scan(data: bytes, prev_hash: str | None, prev_seq: int | None) -> _Scan:
         pos = nl + 1
         scan.intact = pos
     return scan
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
 
 
 class AuditLog:
@@ -463,13 +449,8 @@ class AuditLog:
         return note
 
     def _write_checkpoint_file(self, note: str) -> None:
-        tmp = self.directory / "checkpoint.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(note)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.directory / "checkpoint")
-        _fsync_dir(self.directory)
+        target = self.directory / "checkpoint"
+        write_atomic(target, note.encode("utf-8"), tmp=self.directory / "checkpoint.tmp")
 
     # ---- the writer task -------------------------------------------------------------
 
@@ -565,7 +546,7 @@ class AuditLog:
             size += len(line)
             i += 1
         try:
-            _write_all(seg.fd, b"".join(chunk))
+            write_all(seg.fd, b"".join(chunk))
             os.fsync(seg.fd)
         except OSError:
             # Cut back to the last committed size so that a torn write never sits
@@ -585,7 +566,7 @@ class AuditLog:
         path = self.directory / f"log-{first_seq:016d}-{date}.jsonl"
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         size = os.fstat(fd).st_size
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         self._segment = _Segment(path, fd, size, date)
         return self._segment
 
@@ -716,7 +697,7 @@ def _recover(directory: Path, origin: str) -> tuple[_Segment | None, RecoveryRep
         # during its first write): set the file aside whole, never delete it.
         target = _quarantine(directory) / f"{last.name}.{stamp}.set-aside"
         last.replace(target)
-        _fsync_dir(directory)
+        fsync_dir(directory)
         set_aside.append(str(target.relative_to(directory)))
         segments.pop()
         if prev_scan is None:
@@ -739,7 +720,7 @@ def _recover(directory: Path, origin: str) -> tuple[_Segment | None, RecoveryRep
             f.write(data[scan.intact :])
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         kept_at = str(target.relative_to(directory))
         with open(last, "r+b") as f:
             f.truncate(scan.intact)

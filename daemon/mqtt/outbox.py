@@ -36,7 +36,6 @@ import asyncio
 import contextlib
 import os
 import re
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -47,6 +46,7 @@ from typing import Any
 import orjson
 import structlog
 
+from daemon.durable import fsync_dir, write_all, write_atomic
 from daemon.mqtt.payloads import SEQ_MAX, TOPICS, Payload
 
 __all__ = ["STREAM_TOPICS", "Outbox", "OutboxError", "Record"]
@@ -122,30 +122,11 @@ class _Recovered:
     quarantined: bool = False
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file, fsync, rename over ``path``."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    _fsync_dir(path.parent)
-
-
 def _save_state(directory: Path, state: bytes) -> None:
     # Two copies, each replaced atomically: if one is ever unreadable (a disk error, an
     # edit), the counters are not lost with it, and the other is just as new.
-    _write_atomic(directory / STATE_FILE, state)
-    _write_atomic(directory / PREV_STATE_FILE, state)
+    write_atomic(directory / STATE_FILE, state)
+    write_atomic(directory / PREV_STATE_FILE, state)
 
 
 def _line(n: int, topic: str, retained: bool, body: bytes) -> tuple[bytes, int]:
@@ -528,9 +509,7 @@ class Outbox:
         data = b"".join(r.line for r in batch)
         fd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
             os.fsync(fd)
         except OSError:
             # Never leave a partial line for the next batch to be appended to (it would
@@ -541,7 +520,7 @@ class Outbox:
         finally:
             os.close(fd)
         if new:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         seg.size += len(data)
         seg.last_n = batch[-1].n
 
@@ -555,13 +534,13 @@ class Outbox:
         self._segments = []
         if live:
             path = self.directory / f"outbox-{live[0].n:016d}.jsonl"
-            _write_atomic(path, b"".join(r.line for r in live))
+            write_atomic(path, b"".join(r.line for r in live))
             self._segments.append(_Segment(path, live[0].n, live[-1].n, path.stat().st_size))
         keep = {s.path for s in self._segments}
         for seg in old:
             if seg.path not in keep:
                 seg.path.unlink(missing_ok=True)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     def _retire(self, acked: int, state: bytes) -> None:
         """Save the state, then delete segments that hold nothing unacknowledged (the

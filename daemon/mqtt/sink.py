@@ -235,7 +235,6 @@ class MqttSink:
         self._task: asyncio.Task[None] | None = None
         self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
         self.connected = asyncio.Event()
-        self.connections = 0
         self._refused: dict[str, int] = {}
         self._connect_watch: _FailConnectOnTransportError | None = None
 
@@ -417,7 +416,6 @@ class MqttSink:
             self._connect_watch.client = None
         clean = False
         try:
-            self.connections += 1
             self.connected.set()
             log.info(
                 "mqtt_connected",

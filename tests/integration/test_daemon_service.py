@@ -353,7 +353,7 @@ async def test_while_the_audit_disk_fails_events_still_reach_the_display(
 
     loaded, registry, _ = scripted(tmp_path, ["ok"] * 5 + ["drop"] + ["ok"] * 1000)
     audit = await AuditLog.open(tmp_path / "log", origin="test/or-9/x", signer=None)
-    monkeypatch.setattr(writer, "_write_all", disk_full)
+    monkeypatch.setattr(writer, "write_all", disk_full)
     monkeypatch.setattr(service, "SHUTDOWN_TIMEOUT_S", 0.5)
     sink = RecordingSink()
     daemon = Daemon(loaded, registry, ScaledClock(1.0), [sink], audit=audit)
