@@ -82,12 +82,13 @@ def _cmd_profiles(_: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _profile_for(args: argparse.Namespace) -> Profile | None:
+    """The profile named by --profile, if it has --applicator; else None, said on stderr."""
     try:
         profile = load_profile(args.profile)
     except ProfileError as exc:
         print(f"iort-sim: {exc}", file=sys.stderr)  # noqa: T201
-        return 2
+        return None
     if args.applicator not in profile.applicators:
         known = ", ".join(sorted(profile.applicators))
         print(  # noqa: T201
@@ -95,6 +96,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
             f"(known: {known})",
             file=sys.stderr,
         )
+        return None
+    return profile
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    profile = _profile_for(args)
+    if profile is None:
         return 2
     model = SourceModel(profile, seed=args.seed)
     seq = ClinicalSequence(
@@ -173,20 +181,13 @@ def _scenario_path(name: str) -> Path:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        profile = load_profile(args.profile)
-    except ProfileError as exc:
-        print(f"iort-sim: {exc}", file=sys.stderr)  # noqa: T201
-        return 2
-    if args.applicator not in profile.applicators:
-        known = ", ".join(sorted(profile.applicators))
-        print(  # noqa: T201
-            f"iort-sim: unknown applicator {args.applicator!r} (known: {known})",
-            file=sys.stderr,
-        )
+    profile = _profile_for(args)
+    if profile is None:
         return 2
     if not (args.speed > 0 and args.preset > 0 and args.start_delay >= 0):
-        print("iort-sim: --speed and --preset must be > 0", file=sys.stderr)  # noqa: T201
+        print(  # noqa: T201
+            "iort-sim: --speed and --preset must be > 0, --start-delay >= 0", file=sys.stderr
+        )
         return 2
     return asyncio.run(_serve(args, profile))
 
