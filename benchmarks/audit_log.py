@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import hashlib
 import os
-import platform
 import shutil
 import sqlite3
 import statistics
@@ -36,6 +35,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+from machine import filesystem, print_header
 
 from daemon.audit.verify import verify_log
 from daemon.audit.writer import AuditLog, Entry, segment_paths
@@ -296,52 +297,6 @@ def sha_bulk(directory: Path) -> Rate:
 # ---- the machine ------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def filesystem(path: Path) -> str:
-    """Mount point, fs type and device of ``path`` from /proc/self/mounts, plus free space."""
-    real = str(path.resolve())
-    found = ("?", "", "?")
-    try:
-        for line in Path("/proc/self/mounts").read_text().splitlines():
-            dev, mnt, fstype, *_ = line.split()
-            mnt = mnt.replace("\\040", " ")
-            inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
-            if inside and len(mnt) >= len(found[1]):  # the innermost mount wins
-                found = (dev, mnt, fstype)
-    except OSError:
-        pass
-    st = os.statvfs(path)
-    free = st.f_bavail * st.f_frsize / 2**30
-    total = st.f_blocks * st.f_frsize / 2**30
-    return f"{found[2]} on {found[0]} at {found[1]} ({free:.0f} of {total:.0f} GiB free)"
-
-
-def git_head() -> str:
-    git = REPO / ".git"
-    try:
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref: "):
-            return head[:12]
-        ref = head[5:]
-        if (git / ref).exists():
-            return (git / ref).read_text().strip()[:12]
-        for line in (git / "packed-refs").read_text().splitlines():
-            if line.endswith(" " + ref):
-                return line[:12]
-    except OSError:
-        pass
-    return "unknown"
-
-
 def base_dir(given: Path | None) -> tuple[Path, Callable[[], None]]:
     """The directory to work in and how to clean it up."""
     if given is not None:
@@ -388,14 +343,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(work: Path, n: int, m: int, repeat: int) -> int:
     started = time.perf_counter()
-    print("iortd audit-log benchmark")
-    print(f"  date       {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC   repo {git_head()}")
-    u = platform.uname()
-    print(f"  machine    {u.system} {u.release} {u.machine} ({u.node})")
-    print(f"  cpu        {cpu_model()}, {os.cpu_count()} cores")
-    print(f"  python     {platform.python_implementation()} {platform.python_version()}")
+    print_header("iortd audit-log benchmark")
     print(f"  dir        {work}")
-    print(f"  disk       {filesystem(work)}")
+    print(f"  disk       {filesystem(work, free=True)}")
     sys.stdout.flush()
 
     start = datetime(2026, 11, 26, 10, 15, 0, 123456, tzinfo=UTC)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -51,6 +50,7 @@ from typing import Any
 
 import aiomqtt
 import orjson
+from machine import filesystem, print_header
 
 from daemon.audit.note import generate_keypair, write_keypair
 from daemon.mqtt.broker import (
@@ -445,49 +445,6 @@ def run_iortd(
 # ---- the machine ------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def filesystem(path: Path) -> str:
-    """Mount point, fs type and device of ``path`` from /proc/self/mounts."""
-    real = str(path.resolve())
-    found = ("?", "", "?")
-    try:
-        for line in Path("/proc/self/mounts").read_text().splitlines():
-            dev, mnt, fstype, *_ = line.split()
-            mnt = mnt.replace("\\040", " ")
-            inside = real == mnt or real.startswith(mnt.rstrip("/") + "/")
-            if inside and len(mnt) >= len(found[1]):  # the innermost mount wins
-                found = (dev, mnt, fstype)
-    except OSError:
-        pass
-    return f"{found[2]} on {found[0]} at {found[1]}"
-
-
-def git_head() -> str:
-    git = REPO / ".git"
-    try:
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref: "):
-            return head[:12]
-        ref = head[5:]
-        if (git / ref).exists():
-            return (git / ref).read_text().strip()[:12]
-        for line in (git / "packed-refs").read_text().splitlines():
-            if line.endswith(" " + ref):
-                return line[:12]
-    except OSError:
-        pass
-    return "unknown"
-
-
 def mosquitto_version(exe: Path) -> str:
     try:
         out = subprocess.run(  # noqa: S603 - the broker we run
@@ -570,12 +527,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(work: Path, broker: Mosquitto, exe: Path, sub_kind: str, args: argparse.Namespace) -> int:
     started = time.perf_counter()
     seconds, warmup = args.seconds, args.warmup
-    print("iortd MQTT latency benchmark")
-    print(f"  date       {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC   repo {git_head()}")
-    u = platform.uname()
-    print(f"  machine    {u.system} {u.release} {u.machine} ({u.node})")
-    print(f"  cpu        {cpu_model()}, {os.cpu_count()} cores")
-    print(f"  python     {platform.python_implementation()} {platform.python_version()}")
+    print_header("iortd MQTT latency benchmark")
     print(f"  load avg   {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min)")
     print(f"  broker     mosquitto {mosquitto_version(exe)} on {broker.url} (pid {broker.pid})")
     print(f"  subscriber {sub_kind}, own process, QoS 1")

@@ -36,18 +36,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import signal
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import serial
+from machine import print_header
 
 from drivers.clock import SystemClock
 from drivers.interface import DriverContext, DriverSpec
@@ -94,33 +92,6 @@ class Cycles:
     @property
     def per_s(self) -> float:
         return len(self.times_ms) / self.seconds
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def git_head() -> str:
-    git = REPO / ".git"
-    try:
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref: "):
-            return head[:12]
-        ref = head[5:]
-        if (git / ref).exists():
-            return (git / ref).read_text().strip()[:12]
-        for line in (git / "packed-refs").read_text().splitlines():
-            if line.endswith(" " + ref):
-                return line[:12]
-    except OSError:
-        pass
-    return "unknown"
 
 
 # ---- the simulator ----------------------------------------------------------------------
@@ -258,12 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--cycles must be at least 1 and --warmup at least 0")
 
     started = time.perf_counter()
-    print("iortd serial poll-cycle benchmark (serial-xrs; Modbus: no driver yet)")
-    print(f"  date       {datetime.now(UTC):%Y-%m-%d %H:%M:%S} UTC   repo {git_head()}")
-    u = platform.uname()
-    print(f"  machine    {u.system} {u.release} {u.machine} ({u.node})")
-    print(f"  cpu        {cpu_model()}, {os.cpu_count()} cores")
-    print(f"  python     {platform.python_implementation()} {platform.python_version()}")
+    print_header("iortd serial poll-cycle benchmark (serial-xrs; Modbus: no driver yet)")
     print(f"  pyserial   {serial.__version__}")
     sys.stdout.flush()
 
