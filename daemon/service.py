@@ -429,18 +429,18 @@ class Daemon:
     def _identified(self, device: str, identity: DeviceIdentity) -> None:
         durable = None
         if self._audit is not None:
-            entry = self._audit.append(
-                "device_identified",
-                {
-                    "device": device,
-                    "manufacturer": identity.manufacturer,
-                    "model": identity.model,
-                    "serial": identity.serial,
-                    "firmware": identity.firmware,
-                    "simulated": identity.simulated,
-                },
-                durable=True,
-            )
+            data: dict[str, object] = {
+                "device": device,
+                "manufacturer": identity.manufacturer,
+                "model": identity.model,
+                "serial": identity.serial,
+                "firmware": identity.firmware,
+                "simulated": identity.simulated,
+            }
+            if identity.scenario:
+                # A simulator playing a fault scenario: the record names the script.
+                data["scenario"] = identity.scenario
+            entry = self._audit.append("device_identified", data, durable=True)
             durable = entry.committed
         self._queue.put_nowait(_Item(durable=durable, identified=(device, identity)))
 

@@ -94,6 +94,7 @@ class OperationalLogSink:
             serial=identity.serial,
             firmware=identity.firmware,
             simulated=identity.simulated,
+            scenario=identity.scenario,
         )
 
     async def sample(self, sample: Sample) -> None:

@@ -155,6 +155,7 @@ class SerialXrsDriver:
             serial=ident.serial,
             firmware=ident.firmware,
             simulated=self._simulated,
+            scenario=ident.scenario if self._simulated else None,
         )
 
     async def read(self) -> SourceReading:

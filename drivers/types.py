@@ -95,6 +95,9 @@ class DeviceIdentity:
     serial: str
     firmware: str
     simulated: bool
+    # Simulators only: the fault scenario the simulator plays (its name and a SHA-256
+    # prefix of the file), so that the audit log names it. None for real equipment.
+    scenario: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -213,6 +213,7 @@ class XrsIdentity:
     model: str
     serial: str
     firmware: str
+    scenario: str | None = None  # optional fifth field (simulators: the scenario played)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +231,7 @@ class XrsStatus:
     termination: TerminationStatus | None
 
 
-def _expect(frame: Frame, command: Command, count: int) -> None:
+def _expect(frame: Frame, command: Command, count: int, optional: int = 0) -> None:
     if frame.command == Command.ERROR.value:
         if (
             len(frame.fields) != 2
@@ -243,9 +244,10 @@ def _expect(frame: Frame, command: Command, count: int) -> None:
         raise ProtocolViolation(
             f"expected a {command.value} reply, got {frame.command}: {_show(frame.raw)}"
         )
-    if len(frame.fields) != count:
+    if not count <= len(frame.fields) <= count + optional:
+        need = f"{count}" if not optional else f"{count} to {count + optional}"
         raise ProtocolViolation(
-            f"{command.value} reply needs {count} fields, got {len(frame.fields)}: "
+            f"{command.value} reply needs {need} fields, got {len(frame.fields)}: "
             f"{_show(frame.raw)}"
         )
 
@@ -279,9 +281,9 @@ def _interlocks(frame: Frame, i: int) -> dict[Interlock, InterlockState]:
 
 
 def decode_identity(frame: Frame) -> XrsIdentity:
-    _expect(frame, Command.IDENTIFY, 4)
-    names = ("manufacturer", "model", "serial", "firmware")
-    return XrsIdentity(*(_text(frame, i, n) for i, n in enumerate(names)))
+    _expect(frame, Command.IDENTIFY, 4, optional=1)
+    names = ("manufacturer", "model", "serial", "firmware", "scenario")
+    return XrsIdentity(*(_text(frame, i, n) for i, n in enumerate(names[: len(frame.fields)])))
 
 
 def decode_status(frame: Frame) -> XrsStatus:

@@ -28,6 +28,7 @@ import orjson
 
 from drivers.clock import Clock, ScaledClock, SystemClock
 from drivers.types import DeviceState, InterlockState
+from simulators.device import SimDevice
 from simulators.model import ModelSnapshot, SourceModel
 from simulators.profiles import Profile, ProfileError, available_profiles, load_profile
 from simulators.scenario import ScenarioError, load_scenario
@@ -143,8 +144,9 @@ async def _serve(args: argparse.Namespace, profile: Profile) -> int:
         except ScenarioError as exc:
             print(f"iort-sim: scenario: {exc}", file=sys.stderr)  # noqa: T201
             return 2
-    protocol = ConsoleProtocol(seq, clock, scenario)
-    protocol.on_step = lambda step: _emit(
+    device = SimDevice("console", seq, clock, scenario)
+    protocol = ConsoleProtocol(device)
+    device.on_step = lambda step, source: _emit(
         "scenario_step", action=step.action, at_s=step.at_s, time_s=round(seq.time_s, 3)
     )
     last: list[DeviceState] = []
@@ -156,7 +158,7 @@ async def _serve(args: argparse.Namespace, profile: Profile) -> int:
             if snap.termination is not None:
                 _emit("terminated", **_row(snap))
 
-    protocol.on_snapshot = watch
+    device.on_snapshot = watch
     console = PtyConsole(protocol)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

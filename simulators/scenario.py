@@ -8,22 +8,21 @@
 
 Actions on the device: ``open_door``, ``close_door``, ``press_estop``, ``release_estop``,
 ``resume``, ``swap_applicator`` (``code = "BAL45"``, or no code to remove it),
-``set_output_factor`` (``factor = 0.8``). Actions on the link: ``drop_link`` and
-``garble`` with ``duration = "5s"``: no reply at all, or noise instead of replies, for that
-long. Steps run in time order; the same scenario gives the same run.
+``set_output_factor`` (``factor = 0.8``). Actions on the link, each with ``duration =
+"5s"``: ``drop_link`` (no reply at all), ``garble`` (noise instead of replies) and
+``delay_replies`` (``delay = "0.8s"`` real time before each reply). Steps run in time
+order; the same scenario gives the same run.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from simulators.model import IllegalTransition, SourceModel
 
 __all__ = ["Scenario", "ScenarioError", "Step", "load_scenario", "parse_duration"]
 
@@ -39,7 +38,7 @@ DEVICE_ACTIONS = frozenset(
         "set_output_factor",
     }
 )
-LINK_ACTIONS = frozenset({"drop_link", "garble"})
+LINK_ACTIONS = frozenset({"drop_link", "garble", "delay_replies"})
 
 
 class ScenarioError(Exception):
@@ -64,54 +63,32 @@ class Step:
 
 @dataclass
 class Scenario:
+    """The steps of one scenario and how far it has got; the device applies them
+    (simulators.device.SimDevice), so a step does what the same control command does."""
+
     name: str
     description: str
     steps: list[Step]
+    sha256: str = ""
     _next: int = 0
-    link_down_until: float = -1.0
-    garbled_until: float = -1.0
-    applied: list[tuple[float, str]] = field(default_factory=list)
 
     def next_at(self) -> float | None:
         """When the next step is due (simulated seconds), or None when all are done."""
         return self.steps[self._next].at_s if self._next < len(self.steps) else None
 
-    def due(self, time_s: float, model: SourceModel) -> list[Step]:
-        """Apply every step due by ``time_s`` to the model or the link, in order."""
+    def due(self, time_s: float) -> list[Step]:
+        """The steps due by ``time_s``, in order; each is returned once."""
         done = []
         while self._next < len(self.steps) and self.steps[self._next].at_s <= time_s:
-            step = self.steps[self._next]
+            done.append(self.steps[self._next])
             self._next += 1
-            self._apply(step, model)
-            self.applied.append((time_s, step.action))
-            done.append(step)
         return done
-
-    def _apply(self, step: Step, model: SourceModel) -> None:
-        a = step.action
-        if a == "drop_link":
-            self.link_down_until = step.at_s + float(step.args["duration_s"])
-        elif a == "garble":
-            self.garbled_until = step.at_s + float(step.args["duration_s"])
-        elif a == "swap_applicator":
-            model.attach_applicator(step.args.get("code"))
-        elif a == "set_output_factor":
-            model.set_output_factor(float(step.args["factor"]))
-        else:
-            # e.g. resume while not interrupted: the console would refuse it too
-            with contextlib.suppress(IllegalTransition):
-                getattr(model, a)()
-
-    def link_down(self, time_s: float) -> bool:
-        return time_s < self.link_down_until
-
-    def garbled(self, time_s: float) -> bool:
-        return time_s < self.garbled_until
 
 
 def load_scenario(path: Path) -> Scenario:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw_bytes = path.read_bytes()
+        data = tomllib.loads(raw_bytes.decode("utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise ScenarioError(f"{path}: cannot read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
@@ -133,7 +110,7 @@ def load_scenario(path: Path) -> Scenario:
             known = ", ".join(sorted(DEVICE_ACTIONS | LINK_ACTIONS))
             raise ScenarioError(f"{where}.action: unknown action {action!r} (known: {known})")
         args: dict[str, Any] = {}
-        extra = set(raw) - {"at", "action", "duration", "code", "factor"}
+        extra = set(raw) - {"at", "action", "duration", "code", "factor", "delay"}
         if extra:
             raise ScenarioError(f"{where}: unknown key(s) {sorted(extra)}")
         if action in LINK_ACTIONS:
@@ -141,6 +118,13 @@ def load_scenario(path: Path) -> Scenario:
                 args["duration_s"] = parse_duration(raw.get("duration", ""))
             except ValueError as exc:
                 raise ScenarioError(f"{where}.duration: {exc}") from None
+        if action == "delay_replies":
+            try:
+                args["delay_s"] = parse_duration(raw.get("delay", ""))
+            except ValueError as exc:
+                raise ScenarioError(f"{where}.delay: {exc}") from None
+            if args["delay_s"] > 60:
+                raise ScenarioError(f"{where}.delay: at most 60s; got {raw['delay']!r}")
         if action == "swap_applicator" and "code" in raw:
             args["code"] = str(raw["code"])
         if action == "set_output_factor":
@@ -150,4 +134,9 @@ def load_scenario(path: Path) -> Scenario:
             args["factor"] = float(factor)
         steps.append(Step(at, action, args))
     steps.sort(key=lambda s: s.at_s)
-    return Scenario(path.stem, str(data.get("description", "")), steps)
+    return Scenario(
+        path.stem,
+        str(data.get("description", "")),
+        steps,
+        sha256=hashlib.sha256(raw_bytes).hexdigest(),
+    )

@@ -7,7 +7,7 @@ other rather than hiding in shared code. (Only the specification is shared.)
 :class:`ConsoleProtocol` turns request lines into reply lines for a device model;
 :class:`PtyConsole` serves it on a pseudo-terminal whose slave path a driver opens like a
 real serial port. The model is advanced by the time that passed on the simulator's clock
-at each request, as the in-process ``sim`` driver does.
+at each request (simulators.device.SimDevice), as the in-process ``sim`` driver does.
 """
 
 from __future__ import annotations
@@ -18,13 +18,10 @@ import os
 import random
 import string
 import tty
-from collections.abc import Callable
 
-from drivers.clock import Clock
 from drivers.types import DeviceState, Interlock, InterlockState
-from simulators.model import ModelSnapshot, SourceModel
-from simulators.scenario import Scenario, Step
-from simulators.sequence import ClinicalSequence
+from simulators.device import SimDevice
+from simulators.model import ModelSnapshot
 
 __all__ = ["ConsoleProtocol", "PtyConsole", "crc_ccitt"]
 
@@ -86,42 +83,16 @@ def _text(s: str) -> str:
 class ConsoleProtocol:
     """Request line in, reply line out, for one simulated console."""
 
-    def __init__(
-        self, sequence: ClinicalSequence, clock: Clock, scenario: Scenario | None = None
-    ) -> None:
-        self.sequence = sequence
-        self.scenario = scenario
-        self.on_step: Callable[[Step], None] | None = None
-        self.model: SourceModel = sequence.model
-        self._clock = clock
-        self._last_ns = clock.monotonic_ns()
-        self.requests = 0
-        self.on_snapshot: Callable[[ModelSnapshot], None] | None = None
+    def __init__(self, device: SimDevice) -> None:
+        self.device = device
 
-    def _advance(self) -> ModelSnapshot:
-        now = self._clock.monotonic_ns()
-        dt = (now - self._last_ns) / 1e9
-        self._last_ns = now
-        target = self.sequence.time_s + max(dt, 0.0)
-        if self.scenario is not None:
-            # Each step acts at its own time, not at the next request's: advance to it,
-            # apply it, go on (requests may be seconds apart while a driver reconnects).
-            while (at := self.scenario.next_at()) is not None and at <= target:
-                if at > self.sequence.time_s:
-                    self.sequence.process(at - self.sequence.time_s)
-                for step in self.scenario.due(at, self.model):
-                    if self.on_step is not None:
-                        self.on_step(step)
-        if target > self.sequence.time_s:
-            self.sequence.process(target - self.sequence.time_s)
-        snap = self.model.snapshot()
-        if self.on_snapshot is not None:
-            self.on_snapshot(snap)
-        return snap
+    @property
+    def requests(self) -> int:
+        return self.device.requests
 
     def handle(self, line: bytes) -> bytes | None:
         """The reply to one received line (``None``: nothing to say, e.g. an empty line)."""
-        self.requests += 1
+        self.device.requests += 1
         text = line.rstrip(b"\r\n")
         if not text:
             return None
@@ -139,16 +110,13 @@ class ConsoleProtocol:
         except ValueError:
             return _reply("ER", "02", "bad CRC")
         cmd, _, arg = body.partition(b",")
-        snap = self._advance()
+        snap = self.device.advance()
         if cmd == b"ID" and not arg:
-            ident = self.model.identity()
-            return _reply(
-                "ID",
-                _text(ident.manufacturer),
-                _text(ident.model),
-                _text(ident.serial),
-                _text(ident.firmware),
-            )
+            ident = self.device.identity()
+            fields = [ident.manufacturer, ident.model, ident.serial, ident.firmware]
+            if note := self.device.scenario_note():
+                fields.append(note)  # the optional fifth field: the scenario played
+            return _reply("ID", *(_text(f) for f in fields))
         if cmd == b"ST" and not arg:
             return self._status(snap)
         if cmd == b"IL" and not arg:
@@ -201,6 +169,7 @@ class PtyConsole:
         self._buf = bytearray()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._noise = random.Random(0x5CE7)  # noqa: S311 - seeded noise, reproducible
+        self._pending: set[asyncio.TimerHandle] = set()  # replies held back (slow link)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -215,20 +184,32 @@ class PtyConsole:
         except OSError:  # EIO: the other side went away; keep serving the next opener
             return
         self._buf += data
+        device = self.protocol.device
         while (nl := self._buf.find(b"\n")) >= 0:
             line = bytes(self._buf[: nl + 1])
             del self._buf[: nl + 1]
             reply = self.protocol.handle(line)
-            scenario, now = self.protocol.scenario, self.protocol.sequence.time_s
-            if scenario is not None and scenario.link_down(now):
+            if device.link_down():
                 continue  # the cable is pulled: the request goes nowhere
-            if scenario is not None and scenario.garbled(now):
+            if device.garbled():
                 reply = self._garbage()
             if reply is not None:
-                self._write(reply)
+                self._send(reply, device.reply_delay_s())
         if len(self._buf) > LINE_LIMIT:  # a line too long: drop it, answer once
             self._buf.clear()
-            self._write(_reply("ER", "02", "line too long"))
+            self._send(_reply("ER", "02", "line too long"), device.reply_delay_s())
+
+    def _send(self, data: bytes, delay_s: float) -> None:
+        if delay_s > 0 and self._loop is not None:  # a slow console
+
+            def fire() -> None:
+                self._pending.discard(handle)
+                self._write(data)
+
+            handle = self._loop.call_later(delay_s, fire)
+            self._pending.add(handle)
+        else:
+            self._write(data)
 
     def _garbage(self) -> bytes:
         """Line noise: random bytes, sometimes a whole line, sometimes a broken frame."""
@@ -243,6 +224,9 @@ class PtyConsole:
             os.write(self._master, data)
 
     def close(self) -> None:
+        for handle in self._pending:  # never write into an fd number reused after close
+            handle.cancel()
+        self._pending.clear()
         if self._loop is not None:
             self._loop.remove_reader(self._master)
         for fd in (self._master, self._slave):

@@ -3,12 +3,11 @@ error naming the file, the step and the key."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
 
-from simulators.model import SourceModel
-from simulators.profiles import load_profile
 from simulators.scenario import ScenarioError, load_scenario, parse_duration
 
 BUNDLED = Path(__file__).resolve().parents[2] / "config" / "scenarios"
@@ -55,7 +54,7 @@ def test_broken_scenarios_name_file_step_and_key(tmp_path: Path, body: str, wher
     assert where in str(excinfo.value)
 
 
-def test_steps_apply_in_time_order_and_link_faults_last_their_duration(tmp_path: Path) -> None:
+def test_steps_come_due_in_time_order_once_each(tmp_path: Path) -> None:
     path = tmp_path / "s.toml"
     path.write_text(
         '[[step]]\nat = "5s"\naction = "drop_link"\nduration = "2s"\n'
@@ -63,10 +62,25 @@ def test_steps_apply_in_time_order_and_link_faults_last_their_duration(tmp_path:
         encoding="utf-8",
     )
     scenario = load_scenario(path)
-    model = SourceModel(load_profile("axxent"), seed=0)
-    assert [s.action for s in scenario.due(1.0, model)] == ["open_door"]
-    assert scenario.due(4.9, model) == []
-    assert [s.action for s in scenario.due(5.0, model)] == ["drop_link"]
-    assert scenario.link_down(6.9)
-    assert not scenario.link_down(7.0)
-    assert not scenario.garbled(6.0)
+    assert [s.action for s in scenario.due(1.0)] == ["open_door"]
+    assert scenario.due(4.9) == []
+    assert [s.action for s in scenario.due(5.0)] == ["drop_link"]
+    assert scenario.due(100.0) == []
+    assert scenario.next_at() is None
+
+
+def test_a_scenario_carries_the_hash_of_its_file(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    body = b'[[step]]\nat = "1s"\naction = "open_door"\n'
+    path.write_bytes(body)
+    assert load_scenario(path).sha256 == hashlib.sha256(body).hexdigest()
+
+
+def test_delay_replies_needs_a_bounded_delay(tmp_path: Path) -> None:
+    path = tmp_path / "s.toml"
+    path.write_text(
+        '[[step]]\nat = "1s"\naction = "delay_replies"\nduration = "3s"\ndelay = "90s"\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(ScenarioError, match=r"step\[0\]\.delay: at most 60s"):
+        load_scenario(path)

@@ -21,6 +21,7 @@ from drivers.xrs_ascii import (
     encode_request,
     parse_frame,
 )
+from simulators.device import SimDevice
 from simulators.model import SourceModel
 from simulators.profiles import load_profile
 from simulators.scenario import load_scenario
@@ -32,7 +33,7 @@ from simulators.serial_xrs import ConsoleProtocol, crc_ccitt
 def console() -> ConsoleProtocol:
     model = SourceModel(load_profile("axxent"), seed=1, serial="SIM-0042")
     seq = ClinicalSequence(model, preset_gy=1.0, applicator_code="BAL34", start_delay_s=0)
-    return ConsoleProtocol(seq, SystemClock())
+    return ConsoleProtocol(SimDevice("console", seq, SystemClock()))
 
 
 def test_both_crc_implementations_agree() -> None:
@@ -84,7 +85,7 @@ def test_numbers_are_written_as_the_spec_allows(console: ConsoleProtocol) -> Non
     """Run a delivery to its end in fixed steps: every ST reply on the way is a frame the
     host accepts (no exponent, no 'nan', at most 12 characters per number)."""
     for _ in range(700):
-        console.sequence.process(1.0)
+        console.device.sequence.process(1.0)
         reply = console.handle(encode_request(Command.STATUS))
         assert reply is not None
         try:
@@ -118,9 +119,10 @@ def test_a_scenario_step_acts_at_its_own_time_not_at_the_next_request(tmp_path: 
     clock = _ManualClock()
     model = SourceModel(load_profile("axxent"), seed=1)
     seq = ClinicalSequence(model, preset_gy=1.0, applicator_code="BAL34", start_delay_s=0)
-    console = ConsoleProtocol(seq, clock, load_scenario(path))
+    device = SimDevice("console", seq, clock, load_scenario(path))
+    console = ConsoleProtocol(device)
     applied: list[float] = []
-    console.on_step = lambda step: applied.append(seq.time_s)
+    device.on_step = lambda step, source: applied.append(seq.time_s)
     console.handle(encode_request(Command.STATUS))
     clock.ns = 20 * 10**9  # the next request comes 20 s later
     console.handle(encode_request(Command.STATUS))

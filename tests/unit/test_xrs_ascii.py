@@ -81,6 +81,15 @@ def test_abort_carries_its_token_and_nothing_else() -> None:
         encode_request(Command.ERROR)
 
 
+def test_an_identity_may_name_the_scenario_a_simulator_plays() -> None:
+    reply = frame(b"ID,iortd simulator,XRS-50,SIM-0001,1.0,link-drop-5s 3fa9c2d1e0b4")
+    assert decode_identity(parse_frame(reply)) == XrsIdentity(
+        "iortd simulator", "XRS-50", "SIM-0001", "1.0", "link-drop-5s 3fa9c2d1e0b4"
+    )
+    with pytest.raises(ProtocolViolation, match="scenario"):
+        decode_identity(parse_frame(frame(b"ID,a,b,c,d,e=f")))
+
+
 def test_the_documented_replies_decode() -> None:
     text = DOC.read_text("utf-8")
     for reply in (ID_REPLY, ST_REPLY, AP_REPLY):
@@ -178,7 +187,8 @@ GOOD_ST = b"ST,READY,0,0,0,20,0,1380,50,40,OOOOOOOOO,-"
         (GOOD_ST.replace(b"OOOOOOOOO", b"OOOOOOOOX"), "interlocks must be 9 letters"),
         (GOOD_ST.replace(b",-", b",DONE"), "unknown termination status"),
         (GOOD_ST + b",extra", "needs 11 fields, got 12"),
-        (b"ID,a,b,c", "needs 4 fields, got 3"),
+        (b"ID,a,b,c", "needs 4 to 5 fields, got 3"),
+        (b"ID,a,b,c,d,e,f", "needs 4 to 5 fields, got 6"),
         (b"IL,OOOOOOOOO", "expected a ST reply, got IL"),
         (b"ER,3,x", "malformed ER reply"),
     ],

@@ -183,7 +183,8 @@ def spec_reply(request: str, command: str, fields: tuple[bytes, ...]) -> Expecte
     if command != request:
         return None
     if request == "ID":
-        if len(fields) == 4 and all(_is_text(f) for f in fields):
+        # four texts, and a fifth optional one (a simulator's scenario)
+        if len(fields) in (4, 5) and all(_is_text(f) for f in fields):
             return "ok", tuple(f.decode() for f in fields)
         return None
     if request == "ST":
@@ -241,7 +242,8 @@ def view(request: Command, value: object) -> object:
     """The codec's decoded value in spec_reply's plain shape (and its types checked)."""
     if request is Command.IDENTIFY:
         assert type(value) is XrsIdentity
-        return (value.manufacturer, value.model, value.serial, value.firmware)
+        four = (value.manufacturer, value.model, value.serial, value.firmware)
+        return four if value.scenario is None else (*four, value.scenario)
     if request is Command.STATUS:
         assert type(value) is XrsStatus
         assert type(value.state) is DeviceState
@@ -461,7 +463,7 @@ def rand_reply(rng: random.Random) -> tuple[str, list[str]]:
     while True:
         kind = rng.choices(("ID", "ST", "IL", "AP", "AP0", "AB", "ER"), (3, 5, 2, 3, 1, 1, 2))[0]
         if kind == "ID":
-            fields = [rand_text(rng) for _ in range(4)]
+            fields = [rand_text(rng) for _ in range(rng.choice((4, 4, 4, 5)))]
         elif kind == "ST":
             fields = [
                 rng.choice(STATES),
@@ -972,7 +974,7 @@ def test_round_trip_status(
 
 
 @PROPS
-@given(fields=st.lists(texts, min_size=4, max_size=4))
+@given(fields=st.lists(texts, min_size=4, max_size=5))
 def test_round_trip_identity(fields: list[str]) -> None:
     raw = spec_reply_frame("ID", *fields)
     assume(len(raw) <= SPEC_MAX)
