@@ -192,6 +192,8 @@ def sample_entry(sample: Sample, *, ended_now: bool = False) -> EntrySpec:
         "all_clear": sample.all_clear,
         "simulated": r.simulated,
     }
+    if r.extra:  # further numbers a device's register map records (extra.<name>)
+        data["extra"] = {k: num(v) for k, v in sorted(r.extra.items())}
     if d is not None:
         data["delivered_primary_gy"] = num(d.delivered_primary_gy)
         data["delivered_secondary_gy"] = num(d.delivered_secondary_gy)

@@ -1,0 +1,483 @@
+"""Register maps: where a Modbus console keeps each value, as data (TOML), not code.
+
+The format (``format = "iortd-register-map/1"``) is specified in docs/protocols.md,
+"Register maps"; config/maps/xrs-mb1.toml is the reference console's. :func:`load_map`
+checks a map completely, before any device is touched, and names the file, the point and
+the key of every problem. Decoding registers into values is sans-I/O
+(:meth:`RegisterMap.decode`), locked by golden vectors in tests/unit/test_modbus_map.py.
+
+Fail-safe reading: a value-table entry that is not listed reads as UNKNOWN (a state the
+tracker treats as FAULT, an interlock that counts as tripped), never as a plausible value;
+a float that is not finite is a protocol violation.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import itertools
+import math
+import re
+import struct
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final
+
+from drivers.errors import ProtocolViolation
+from drivers.modbus_codec import MAX_READ, Table
+
+__all__ = [
+    "INTERLOCK_POINTS",
+    "MAP_FORMAT",
+    "Block",
+    "MapError",
+    "Point",
+    "RegisterMap",
+    "load_map",
+    "resolve_map",
+]
+
+MAP_FORMAT: Final = "iortd-register-map/1"
+
+# What each physical point is measured in, inside the daemon, and the units a map may use
+# for it (with the factor to the daemon's unit).
+_DOSE = MappingProxyType({"Gy": 1.0, "cGy": 0.01, "mGy": 0.001})
+_RATE = MappingProxyType(
+    {"Gy/min": 1.0, "cGy/min": 0.01, "mGy/min": 0.001, "Gy/s": 60.0, "mGy/s": 0.06}
+)
+_TIME = MappingProxyType({"s": 1.0, "ms": 0.001, "min": 60.0})
+_UNITS: Final[Mapping[str, Mapping[str, float]]] = MappingProxyType(
+    {
+        "dose_rate": _RATE,
+        "dose_primary": _DOSE,
+        "dose_secondary": _DOSE,
+        "preset": _DOSE,
+        "beam_on_time": _TIME,
+        "planned_time": _TIME,
+        "kv": MappingProxyType({"kV": 1.0, "V": 0.001}),
+        "ua": MappingProxyType({"uA": 1.0, "µA": 1.0, "mA": 1000.0}),
+        "applicator.diameter": MappingProxyType({"mm": 1.0, "cm": 10.0}),
+    }
+)
+INTERLOCK_POINTS: Final = (
+    "door",
+    "emergency_stop",
+    "applicator",
+    "kv",
+    "ua",
+    "cooling",
+    "dose_channels",
+    "dose_rate",
+    "backup_timer",
+)
+_ENUMS: Final = frozenset(
+    {"state", "termination", "applicator.type", *(f"interlock.{i}" for i in INTERLOCK_POINTS)}
+)
+_STRINGS: Final = frozenset(
+    {
+        "applicator.serial",
+        "identity.manufacturer",
+        "identity.model",
+        "identity.serial",
+        "identity.firmware",
+        "identity.scenario",
+    }
+)
+REQUIRED: Final = (
+    "state",
+    "dose_rate",
+    "dose_primary",
+    "dose_secondary",
+    "preset",
+    "beam_on_time",
+    "kv",
+    "ua",
+)
+_MISSING_ALLOWED: Final = frozenset({"planned_time"})
+_EXTRA = re.compile(r"^extra\.[a-z][a-z0-9_]{0,31}$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+_TYPES: Final = MappingProxyType({"u16": 1, "i16": 1, "u32": 2, "i32": 2, "f32": 2, "string": 0})
+_POINT_KEYS: Final = frozenset(
+    {"name", "table", "address", "type", "scale", "unit", "word_order", "bit", "missing"}
+    | {"values", "length"}
+)
+_TOP_KEYS: Final = frozenset({"format", "name", "description", "word_order", "values", "point"})
+# What the daemon accepts as a value-table meaning, per enumerated point.
+_STATES: Final = frozenset(
+    {
+        "OFF",
+        "SELF_TEST",
+        "STANDBY",
+        "PREPARATORY",
+        "READY",
+        "IRRADIATING",
+        "INTERRUPTED",
+        "TERMINATED",
+        "FAULT",
+        "EMERGENCY_STOP",
+    }
+)
+_MEANINGS: Final[Mapping[str, frozenset[str] | None]] = MappingProxyType(
+    {
+        "state": _STATES,
+        "termination": frozenset({"NONE", "NORMAL", "OPERATOR", "MACHINE", "UNKNOWN"}),
+        "interlock": frozenset({"ok", "tripped", "unknown"}),
+        "applicator.type": None,  # free text (the applicator's type), or NONE
+    }
+)
+
+
+class MapError(ValueError):
+    """A register map that cannot be used; the message names file, point and key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    name: str
+    table: Table
+    address: int
+    type: str
+    count: int  # registers
+    scale: float = 1.0
+    unit: str | None = None
+    factor: float = 1.0  # from the map's unit to the daemon's
+    word_order: str = "big"
+    bit: int | None = None
+    missing: int | None = None
+    values: Mapping[int, str] | None = None
+
+    @property
+    def end(self) -> int:
+        return self.address + self.count
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """One read request: ``count`` registers of ``table`` from ``address``."""
+
+    table: Table
+    address: int
+    count: int
+    points: tuple[Point, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterMap:
+    name: str
+    description: str
+    path: str
+    points: Mapping[str, Point]
+    telemetry: tuple[Block, ...] = field(default=())  # read at every poll
+    identity: tuple[Block, ...] = field(default=())  # read once after connecting
+
+    def decode(self, blocks: Sequence[Block], data: Sequence[Sequence[int]]) -> dict[str, Any]:
+        """The values of every point in ``blocks``, given each block's registers. Strings
+        are text, enumerated points their value-table meaning (``"UNKNOWN"`` for a raw value
+        not listed), numbers in the daemon's units, ``None`` for a ``missing`` value."""
+        out: dict[str, Any] = {}
+        for block, regs in zip(blocks, data, strict=True):
+            if len(regs) != block.count:
+                raise ProtocolViolation(f"{len(regs)} registers for a block of {block.count}")
+            for p in block.points:
+                start = p.address - block.address
+                out[p.name] = _decode(p, regs[start : start + p.count])
+        return out
+
+
+def _word(regs: Sequence[int], i: int) -> int:
+    value = regs[i]
+    if not 0 <= value <= 0xFFFF:
+        raise ProtocolViolation(f"register value {value} is not 16 bits")
+    return value
+
+
+def _decode(p: Point, regs: Sequence[int]) -> Any:
+    if p.type == "string":
+        raw = b"".join(_word(regs, i).to_bytes(2, "big") for i in range(p.count))
+        text = raw.split(b"\x00", 1)[0]
+        try:
+            s = text.decode("ascii")
+        except UnicodeDecodeError:
+            raise ProtocolViolation(f"{p.name}: not ASCII text: {raw!r}") from None
+        if not s.isprintable():
+            raise ProtocolViolation(f"{p.name}: not printable text: {s!r}")
+        return s.strip()
+    if p.count == 1:
+        raw_int = _word(regs, 0)
+        if p.bit is not None:
+            raw_int = (raw_int >> p.bit) & 1
+        elif p.type == "i16":
+            raw_int = raw_int - 0x10000 if raw_int & 0x8000 else raw_int
+    else:
+        hi, lo = _word(regs, 0), _word(regs, 1)
+        if p.word_order == "little":
+            hi, lo = lo, hi
+        packed = (hi << 16) | lo
+        if p.type == "f32":
+            if p.missing is not None and packed == p.missing:
+                return None
+            value = struct.unpack(">f", packed.to_bytes(4, "big"))[0]
+            if not math.isfinite(value):
+                raise ProtocolViolation(f"{p.name}: not a finite number ({packed:#010x})")
+            return value * p.scale * p.factor
+        raw_int = packed - (1 << 32) if p.type == "i32" and packed & 0x8000_0000 else packed
+    if p.missing is not None and raw_int == p.missing:
+        return None
+    if p.values is not None:
+        return p.values.get(raw_int, "UNKNOWN")
+    return raw_int * p.scale * p.factor
+
+
+# ---- loading ---------------------------------------------------------------------------
+
+
+def resolve_map(name_or_path: str) -> Path:
+    """A map file: a path, or the name of a bundled map (config/maps/NAME.toml)."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists() or "/" in name_or_path:
+        return path
+    return Path(str(importlib.resources.files("iort_config") / "maps" / f"{name_or_path}.toml"))
+
+
+def load_map(path: Path) -> RegisterMap:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MapError(f"{path}: no such register map") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MapError(f"{path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise MapError(f"{path}: not valid TOML: {exc}") from None
+    return _parse(path, data)
+
+
+def _parse(path: Path, data: dict[str, Any]) -> RegisterMap:
+    def fail(where: str, msg: str) -> MapError:
+        return MapError(f"{path}: {where}: {msg}")
+
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise fail(unknown[0], f"unknown key (a map has: {', '.join(sorted(_TOP_KEYS))})")
+    if data.get("format") != MAP_FORMAT:
+        raise fail("format", f"expected {MAP_FORMAT!r}; got {data.get('format')!r}")
+    name = data.get("name")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise fail("name", f"expected lower-case letters, digits and '-'; got {name!r}")
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise fail("description", "expected a string")
+    default_order = data.get("word_order", "big")
+    if default_order not in ("big", "little"):
+        raise fail("word_order", f"expected 'big' or 'little'; got {default_order!r}")
+    tables = _value_tables(data.get("values", {}), fail)
+    raw_points = data.get("point")
+    if not isinstance(raw_points, list) or not raw_points:
+        raise fail("point", "expected one or more [[point]] tables")
+    points: dict[str, Point] = {}
+    for i, raw in enumerate(raw_points):
+        p = _point(raw, f"point[{i}]", default_order, tables, fail)
+        if p.name in points:
+            raise fail(f"point[{i}].name", f"{p.name!r} is mapped twice")
+        points[p.name] = p
+    missing = [n for n in REQUIRED if n not in points]
+    if missing:
+        raise fail("point", f"required point(s) missing: {', '.join(missing)}")
+    _check_overlaps(list(points.values()), fail)
+    telemetry = _blocks([p for p in points.values() if not p.name.startswith("identity.")])
+    identity = _blocks([p for p in points.values() if p.name.startswith("identity.")])
+    return RegisterMap(
+        name, description, str(path), MappingProxyType(points), tuple(telemetry), tuple(identity)
+    )
+
+
+def _value_tables(raw: Any, fail: Any) -> dict[str, Mapping[int, str]]:
+    if not isinstance(raw, dict):
+        raise fail("values", "expected tables of raw value = meaning")
+    out: dict[str, Mapping[int, str]] = {}
+    for tname, table in raw.items():
+        if not isinstance(table, dict) or not table:
+            raise fail(f"values.{tname}", "expected a table of raw value = meaning")
+        entries: dict[int, str] = {}
+        for key, meaning in table.items():
+            if not re.fullmatch(r"\d{1,10}", key) or int(key) > 0xFFFF_FFFF:
+                raise fail(f"values.{tname}.{key}", "keys are raw register values (0-4294967295)")
+            if not isinstance(meaning, str) or not meaning:
+                raise fail(f"values.{tname}.{key}", f"expected a word; got {meaning!r}")
+            entries[int(key)] = meaning
+        out[tname] = MappingProxyType(entries)
+    return out
+
+
+def _int(raw: dict[str, Any], key: str, where: str, lo: int, hi: int, fail: Any) -> int:
+    v = raw.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise fail(f"{where}.{key}", f"expected an integer {lo}..{hi}; got {v!r}")
+    return v
+
+
+def _point(
+    raw: Any,
+    where: str,
+    default_order: str,
+    tables: Mapping[str, Mapping[int, str]],
+    fail: Any,
+) -> Point:
+    if not isinstance(raw, dict):
+        raise fail(where, "expected a table")
+    name = raw.get("name")
+    if not isinstance(name, str):
+        raise fail(f"{where}.name", f"expected a point name; got {name!r}")
+    where = f"{where} ({name})"
+    known = name in _ENUMS | _STRINGS | set(_UNITS) or _EXTRA.fullmatch(name)
+    if not known:
+        raise fail(f"{where}.name", "unknown point name (docs/protocols.md lists them)")
+    unknown = sorted(set(raw) - _POINT_KEYS)
+    if unknown:
+        raise fail(f"{where}.{unknown[0]}", "unknown key")
+    table = raw.get("table")
+    if table not in ("input", "holding"):
+        raise fail(f"{where}.table", f"expected 'input' or 'holding'; got {table!r}")
+    address = _int(raw, "address", where, 0, 0xFFFF, fail)
+    ptype = raw.get("type")
+    if not isinstance(ptype, str) or ptype not in _TYPES:
+        raise fail(f"{where}.type", f"expected one of {', '.join(_TYPES)}; got {ptype!r}")
+    is_string = name in _STRINGS
+    if is_string != (ptype == "string"):
+        need = "type = 'string'" if is_string else "a numeric type"
+        raise fail(f"{where}.type", f"{name} needs {need}")
+    count = _TYPES[ptype]
+    if ptype == "string":
+        count = _int(raw, "length", where, 1, MAX_READ, fail)
+        for k in ("scale", "unit", "values", "bit", "missing", "word_order"):
+            if k in raw:
+                raise fail(f"{where}.{k}", "not for a string")
+    elif "length" in raw:
+        raise fail(f"{where}.length", "only a string has a length")
+    if address + count > 0x10000:
+        raise fail(f"{where}.address", "the point runs past register 65535")
+    order = raw.get("word_order", default_order)
+    if order not in ("big", "little"):
+        raise fail(f"{where}.word_order", f"expected 'big' or 'little'; got {order!r}")
+    if "word_order" in raw and count != 2:
+        raise fail(f"{where}.word_order", "only for 32-bit types")
+    bit = None
+    if "bit" in raw:
+        if ptype != "u16":
+            raise fail(f"{where}.bit", "only for type = 'u16'")
+        bit = _int(raw, "bit", where, 0, 15, fail)
+    values = _values_of(raw, name, where, ptype, tables, fail)
+    if bit is not None and values is None:
+        raise fail(f"{where}.bit", "only for an enumerated point (an interlock, say)")
+    scale, unit, factor = _scale_and_unit(raw, name, where, values is not None, fail)
+    missing = None
+    if "missing" in raw:
+        if name not in _MISSING_ALLOWED and not name.startswith("extra."):
+            raise fail(f"{where}.missing", f"{name} must always be reported")
+        missing = _int(raw, "missing", where, 0, 0xFFFF_FFFF, fail)
+    return Point(
+        name=name,
+        table=Table(table),
+        address=address,
+        type=ptype,
+        count=count,
+        scale=scale,
+        unit=unit,
+        factor=factor,
+        word_order=order,
+        bit=bit,
+        missing=missing,
+        values=values,
+    )
+
+
+def _values_of(
+    raw: dict[str, Any],
+    name: str,
+    where: str,
+    ptype: str,
+    tables: Mapping[str, Mapping[int, str]],
+    fail: Any,
+) -> Mapping[int, str] | None:
+    if name not in _ENUMS:
+        if "values" in raw:
+            raise fail(f"{where}.values", f"{name} is a number, not an enumeration")
+        return None
+    ref = raw.get("values")
+    if not isinstance(ref, str) or ref not in tables:
+        have = ", ".join(sorted(tables)) or "none"
+        raise fail(
+            f"{where}.values", f"expected the name of a [values] table ({have}); got {ref!r}"
+        )
+    if ptype not in ("u16", "u32"):
+        raise fail(f"{where}.type", "an enumerated point is u16 or u32")
+    table = tables[ref]
+    allowed = _MEANINGS["interlock" if name.startswith("interlock.") else name]
+    if allowed is not None:
+        bad = sorted({m for m in table.values() if m not in allowed})
+        if bad:
+            raise fail(
+                f"{where}.values",
+                f"table {ref!r} means {bad[0]!r}, not one of {', '.join(sorted(allowed))}",
+            )
+    return table
+
+
+def _scale_and_unit(
+    raw: dict[str, Any], name: str, where: str, enumerated: bool, fail: Any
+) -> tuple[float, str | None, float]:
+    if enumerated:
+        for k in ("scale", "unit"):
+            if k in raw:
+                raise fail(f"{where}.{k}", "not for an enumerated point")
+        return 1.0, None, 1.0
+    scale = raw.get("scale", 1)
+    if (
+        not isinstance(scale, int | float)
+        or isinstance(scale, bool)
+        or not math.isfinite(scale)
+        or scale == 0
+    ):
+        raise fail(f"{where}.scale", f"expected a non-zero number; got {scale!r}")
+    unit = raw.get("unit")
+    units = _UNITS.get(name)
+    if units is None:  # extra.*: recorded as read, in the unit the map says
+        if unit is not None and (not isinstance(unit, str) or not 0 < len(unit) <= 16):
+            raise fail(f"{where}.unit", f"expected a short unit symbol; got {unit!r}")
+        return float(scale), unit, 1.0
+    if not isinstance(unit, str) or unit not in units:
+        raise fail(f"{where}.unit", f"expected one of {', '.join(units)}; got {unit!r}")
+    return float(scale), unit, units[unit]
+
+
+def _check_overlaps(points: list[Point], fail: Any) -> None:
+    for table in Table:
+        spans = sorted((p for p in points if p.table is table), key=lambda p: p.address)
+        for a, b in itertools.pairwise(spans):
+            shared_bits = a.bit is not None and b.bit is not None and a.bit != b.bit
+            if b.address < a.end and not (shared_bits and a.address == b.address):
+                raise fail(
+                    f"point ({b.name}).address",
+                    f"{table} register {b.address} is already part of {a.name}",
+                )
+
+
+def _blocks(points: list[Point]) -> list[Block]:
+    """Group points into as few reads as contiguous addresses allow (no gaps: a real
+    device may refuse a read that touches a register it does not have)."""
+    out: list[Block] = []
+    for table in Table:
+        run: list[Point] = []
+        for p in sorted((p for p in points if p.table is table), key=lambda p: p.address):
+            if run:
+                start, end = run[0].address, max(q.end for q in run)
+                if p.address <= end and max(end, p.end) - start <= MAX_READ:
+                    run.append(p)
+                    continue
+                out.append(Block(table, start, end - start, tuple(run)))
+            run = [p]
+        if run:
+            start, end = run[0].address, max(q.end for q in run)
+            out.append(Block(table, start, end - start, tuple(run)))
+    return out
