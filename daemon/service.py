@@ -398,11 +398,18 @@ class Daemon:
                     await stop.wait()
 
     async def _watchdog(self, stop: asyncio.Event) -> None:
-        """Notices readings that stopped even while a driver call is still pending."""
+        """Notices readings that stopped even while a driver call is still pending. It
+        wakes when the data would become stale (``stale_after_polls`` poll periods after
+        the last reading, not at the next tick after that), so the alarm comes on time."""
         period = self.config.source.poll_interval_s
         while not stop.is_set():
+            wait = period
+            stale_at = self.tracker.stale_at_ns()
+            if stale_at is not None:
+                ahead_s = (stale_at - self._clock.monotonic_ns()) / 1e9 / self._clock.speed
+                wait = min(period, max(ahead_s, 0.0) + 0.001)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(period):
+                async with asyncio.timeout(wait):
                     await stop.wait()
             events = self.tracker.on_tick(self._clock.monotonic_ns(), self._clock.utc())
             if events:

@@ -432,6 +432,13 @@ class DeliveryTracker:
         self._last_state = r.state
         return out
 
+    def stale_at_ns(self) -> int | None:
+        """When the data become stale if no reading comes (monotonic ns), or None when
+        there is nothing to watch (no reading yet, or a gap already open)."""
+        if self._last_mono_ns is None or self._gap is not None:
+            return None
+        return self._last_mono_ns + round(self.settings.stale_after_s * NS)
+
     def on_tick(self, now_mono_ns: int, now_utc: datetime) -> list[TrackerEvent]:
         """Time passes with no reading; detects stale data."""
         out: list[TrackerEvent] = []
