@@ -26,6 +26,7 @@ import contextlib
 import math
 import os
 import socket
+import termios
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -517,7 +518,19 @@ class SerialTransport(_LinkTransport):
             raise TransportClosed(f"{self.describe()}: cannot open: {exc}") from exc
         except ValueError as exc:  # a setting the port itself rejects
             raise TransportError(f"{self.describe()}: cannot configure: {exc}") from exc
-        transport, _ = await serial_asyncio_fast.connection_for_serial(loop, lambda: link, port)
+        try:
+            transport, _ = await serial_asyncio_fast.connection_for_serial(
+                loop, lambda: link, port
+            )
+        except (termios.error, serial.SerialException, OSError, ValueError) as exc:
+            # e.g. a pseudo-terminal refuses parity: EINVAL from tcsetattr, which is not
+            # an OSError. The port is closed again, never left open and locked.
+            with contextlib.suppress(Exception):
+                port.close()
+            raise TransportError(
+                f"{self.describe()}: cannot configure the port: {exc} "
+                "(check baudrate, bytesize, parity and stopbits)"
+            ) from exc
         return transport
 
 

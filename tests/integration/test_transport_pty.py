@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import pytest
 
-from drivers.errors import TransportClosed, TransportTimeout
+from drivers.errors import TransportClosed, TransportError, TransportTimeout
 from drivers.transport import SerialTransport
 
 pytestmark = pytest.mark.integration
@@ -235,3 +235,20 @@ async def test_write_to_a_stalled_device_times_out(
         await fill()
     assert loop.time() - last_write_started < 0.3 + MARGIN_S
     await within(1.0, port.close(), "close after a stalled write")
+
+
+async def test_settings_the_port_refuses_are_an_error_and_leave_it_free(
+    device: PtyDevice,
+) -> None:
+    """A pseudo-terminal refuses parity (tcsetattr: EINVAL, a termios.error, not an
+    OSError). That is a TransportError naming the settings, never a crash of the daemon,
+    and the port is not left open and locked."""
+    before = open_fds()
+    odd = SerialTransport(device.path, baudrate=19200, parity="E", timeout_s=1.0)
+    with pytest.raises(TransportError, match=r"8E1: cannot configure the port.*parity"):
+        await odd.open()
+    assert open_fds() == before
+    plain = SerialTransport(device.path, baudrate=19200, timeout_s=1.0)
+    async with plain:
+        await plain.write(b"z")
+        await device.expect(b"z")
