@@ -52,8 +52,9 @@ applicator_every = 5
 @dataclass
 class Simulator:
     proc: asyncio.subprocess.Process
-    device: str
+    device: str  # the pty path (serial, modbus-rtu) or "host:port" (modbus-tcp)
     lines: list[dict[str, Any]]
+    serving: dict[str, Any] | None = None
 
     async def until(self, event: str, within_s: float) -> dict[str, Any]:
         assert self.proc.stdout is not None
@@ -69,10 +70,12 @@ class Simulator:
         raise AssertionError(f"iort-sim exited before {event}: {self.lines[-3:]}")
 
 
-async def start_simulator(*extra: str, preset_gy: float = PRESET_GY) -> Simulator:
+async def start_simulator(
+    *extra: str, preset_gy: float = PRESET_GY, transport: str = "serial"
+) -> Simulator:
     proc = await asyncio.create_subprocess_exec(
         str(BIN / "iort-sim"),
-        *("serve", "--transport", "serial", "--profile", "axxent", "--applicator", "BAL34"),
+        *("serve", "--transport", transport, "--profile", "axxent", "--applicator", "BAL34"),
         *("--preset", str(preset_gy), "--start-delay", "1", "--seed", "5", *extra),
         stdout=asyncio.subprocess.PIPE,
     )
@@ -83,7 +86,10 @@ async def start_simulator(*extra: str, preset_gy: float = PRESET_GY) -> Simulato
         proc.kill()
         await proc.wait()
         raise
-    sim.device = serving["device"]
+    sim.serving = serving
+    sim.device = (
+        serving["device"] if "device" in serving else f"{serving['host']}:{serving['port']}"
+    )
     return sim
 
 
