@@ -1,14 +1,18 @@
 """``iort-sim``: run the simulated IORT source on its own, in simulated time.
 
-    iort-sim profiles                        list built-in profiles and their applicators
-    iort-sim run --applicator SPH30 [...]    one delivery, the trace as JSON Lines or CSV
-    iort-sim serve --transport serial [...]  the console on a pty, speaking XRS-ASCII/1
+    iort-sim profiles                           list built-in profiles and their applicators
+    iort-sim run --applicator SPH30 [...]       one delivery, the trace as JSON Lines or CSV
+    iort-sim serve --transport serial [...]     the console on a pty, speaking XRS-ASCII/1
+    iort-sim serve --transport modbus-tcp|modbus-rtu [...]   XRS-MB/1 over Modbus
+    iort-sim serve --devices FILE.toml          several consoles, each on its own endpoint
+    iort-sim ctl [--control PATH] [--device NAME] ACTION [key=value ...]
 
 ``run`` needs no clock: the model is advanced in fixed simulated steps, so the same seed
 gives the same trace byte for byte. ``serve`` runs in real time (or ``--speed`` times
-faster) until SIGINT/SIGTERM and prints JSON lines on stdout: where it serves, each state
-change, and the delivery's ground truth when it ends. Modbus and the control channel are
-not built yet.
+faster) until SIGINT/SIGTERM and prints JSON lines on stdout: where each device is served
+and the control socket (``serving``, then ``ready``), each state change, each scenario
+step and control action, and each delivery's ground truth when it ends. ``ctl`` sends one
+request to a running simulator's control channel (docs/simulators.md).
 """
 
 from __future__ import annotations
@@ -17,8 +21,6 @@ import argparse
 import asyncio
 import contextlib
 import csv
-import importlib.resources
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,38 +28,22 @@ from typing import TextIO
 
 import orjson
 
-from drivers.clock import Clock, ScaledClock, SystemClock
-from drivers.types import DeviceState, InterlockState
-from simulators.device import SimDevice
-from simulators.model import ModelSnapshot, SourceModel
+from simulators.control import ControlError, request
+from simulators.model import SourceModel
 from simulators.profiles import Profile, ProfileError, available_profiles, load_profile
-from simulators.scenario import ScenarioError, load_scenario
 from simulators.sequence import ClinicalSequence
-from simulators.serial_xrs import ConsoleProtocol, PtyConsole
-
-__all__ = ["main"]
-
-FIELDS = (
-    "time_s",
-    "state",
-    "dose_rate_gy_min",
-    "dose_primary_gy",
-    "dose_secondary_gy",
-    "preset_gy",
-    "beam_on_s",
-    "kv",
-    "ua",
-    "termination",
-    "termination_reason",
-    "simulated",
+from simulators.serve import (
+    FIELDS,
+    TRANSPORTS,
+    ServeError,
+    SpecError,
+    build_spec,
+    load_devices,
+    serve,
+    trace_row,
 )
 
-
-def _row(s: ModelSnapshot) -> dict[str, object]:
-    row: dict[str, object] = {k: getattr(s, k) for k in FIELDS}
-    row["interlocks"] = {str(k): str(v) for k, v in s.interlocks.items()}
-    row["interlocks_clear"] = all(v is InterlockState.OK for v in s.interlocks.values())
-    return row
+__all__ = ["main"]
 
 
 def _write(out: TextIO, fmt: str, rows: list[dict[str, object]]) -> None:
@@ -109,12 +95,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     seq = ClinicalSequence(
         model, preset_gy=args.preset, applicator_code=args.applicator, start_delay_s=0.0
     )
-    rows = [_row(model.snapshot())]
+    rows = [trace_row(model.snapshot())]
     limit = args.max_time
     while seq.time_s < limit:
         seq.process(args.step)
         snap = model.snapshot()
-        rows.append(_row(snap))
+        rows.append(trace_row(snap))
         if snap.termination is not None:
             break
     _write(sys.stdout, args.format, rows)
@@ -128,70 +114,89 @@ def _emit(event: str, **fields: object) -> None:
         sys.stdout.flush()
 
 
-async def _serve(args: argparse.Namespace, profile: Profile) -> int:
-    clock: Clock = SystemClock() if args.speed == 1 else ScaledClock(args.speed)
-    model = SourceModel(profile, seed=args.seed, serial=args.serial)
-    seq = ClinicalSequence(
-        model,
-        preset_gy=args.preset,
-        applicator_code=args.applicator,
-        start_delay_s=args.start_delay,
-    )
-    scenario = None
-    if args.scenario is not None:
-        try:
-            scenario = load_scenario(_scenario_path(args.scenario))
-        except ScenarioError as exc:
-            print(f"iort-sim: scenario: {exc}", file=sys.stderr)  # noqa: T201
-            return 2
-    device = SimDevice("console", seq, clock, scenario)
-    protocol = ConsoleProtocol(device)
-    device.on_step = lambda step, source: _emit(
-        "scenario_step", action=step.action, at_s=step.at_s, time_s=round(seq.time_s, 3)
-    )
-    last: list[DeviceState] = []
-
-    def watch(snap: ModelSnapshot) -> None:
-        if not last or snap.state is not last[-1]:
-            last.append(snap.state)
-            _emit("state", state=snap.state.value, time_s=round(seq.time_s, 3))
-            if snap.termination is not None:
-                _emit("terminated", **_row(snap))
-
-    device.on_snapshot = watch
-    console = PtyConsole(protocol)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    console.start()
-    _emit("serving", transport="serial", device=console.device, protocol="XRS-ASCII/1")
-    try:
-        await stop.wait()
-    finally:
-        console.close()
-    _emit("stopped", requests=protocol.requests)
-    return 0
+def _fail(message: str) -> int:
+    print(f"iort-sim: {message}", file=sys.stderr)  # noqa: T201
+    return 2
 
 
-def _scenario_path(name: str) -> Path:
-    """A path, or the name of a bundled scenario (config/scenarios/NAME.toml)."""
-    path = Path(name)
-    if path.suffix == ".toml" or path.exists():
-        return path
-    return Path(str(importlib.resources.files("iort_config") / "scenarios" / f"{name}.toml"))
+# Single-device flags: each is the devices-file key of the same name (- for _).
+_DEVICE_FLAGS = (
+    "transport",
+    "profile",
+    "applicator",
+    "preset",
+    "start_delay",
+    "seed",
+    "serial",
+    "scenario",
+    "port",
+    "unit_id",
+    "baudrate",
+    "map",
+    "name",
+)
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    profile = _profile_for(args)
-    if profile is None:
-        return 2
-    if not (args.speed > 0 and args.preset > 0 and args.start_delay >= 0):
-        print(  # noqa: T201
-            "iort-sim: --speed and --preset must be > 0, --start-delay >= 0", file=sys.stderr
-        )
-        return 2
-    return asyncio.run(_serve(args, profile))
+    given = {k: getattr(args, k) for k in _DEVICE_FLAGS if getattr(args, k) is not None}
+    try:
+        if args.devices is not None:
+            if given:
+                flags = ", ".join("--" + k.replace("_", "-") for k in sorted(given))
+                return _fail(
+                    f"serve --devices takes each device's settings from the file, not {flags}"
+                )
+            specs, file_speed = load_devices(Path(args.devices))
+            speed = args.speed if args.speed is not None else (file_speed or 1.0)
+        else:
+            if "transport" not in given or "applicator" not in given:
+                return _fail(
+                    "serve needs --transport and --applicator (or --devices FILE); "
+                    "see iort-sim serve --help"
+                )
+            given.setdefault("name", "console")
+            specs = [build_spec(given, lambda k: "--" + k.replace("_", "-"), {})]
+            speed = args.speed if args.speed is not None else 1.0
+    except SpecError as exc:
+        return _fail(str(exc))
+    if not 0 < speed <= 1000:
+        return _fail(f"--speed must be in (0, 1000], got {speed!r}")
+    control = Path(args.control) if args.control is not None else None
+    try:
+        return asyncio.run(serve(specs, speed, control, _emit))
+    except ServeError as exc:
+        return _fail(str(exc))
+
+
+def _ctl_value(text: str) -> object:
+    """``key=value`` values: JSON numbers, ``null``, ``true``/``false``; else the text."""
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+    return value if isinstance(value, int | float | bool) or value is None else text
+
+
+def _cmd_ctl(args: argparse.Namespace) -> int:
+    if args.control is None:
+        return _fail("ctl needs --control PATH (the 'control' field of the 'serving' line)")
+    req: dict[str, object] = {"action": args.action}
+    if args.device is not None:
+        req["device"] = args.device
+    for pair in args.args:
+        key, sep, value = pair.partition("=")
+        if not sep or not key or key in req:
+            return _fail(f"ctl: expected key=value (e.g. duration=5s), got {pair!r}")
+        req[key] = _ctl_value(value)
+    try:
+        reply = request(Path(args.control), req, timeout_s=args.timeout)
+    except ControlError as exc:
+        return _fail(str(exc))
+    print(orjson.dumps(reply).decode())  # noqa: T201
+    if reply.get("ok") is True:
+        return 0
+    print(f"iort-sim ctl: refused: {reply.get('error')}", file=sys.stderr)  # noqa: T201
+    return 1
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -206,18 +211,47 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--step", type=float, default=1.0, help="simulated seconds per sample")
     run.add_argument("--max-time", type=float, default=4 * 3600.0, help="simulated seconds")
     run.add_argument("--format", choices=["jsonl", "csv"], default="jsonl")
-    serve = sub.add_parser("serve", help="serve the console over a wire protocol")
-    serve.add_argument("--transport", choices=["serial"], required=True)
-    serve.add_argument("--profile", default="intrabeam", help="built-in name or a TOML file")
-    serve.add_argument("--applicator", required=True, help="applicator code, e.g. SPH30")
-    serve.add_argument("--preset", type=float, default=20.0, help="preset dose in Gy")
-    serve.add_argument("--start-delay", type=float, default=5.0, help="simulated seconds")
-    serve.add_argument("--speed", type=float, default=1.0, help="simulated s per real s")
-    serve.add_argument("--seed", type=int, default=0)
-    serve.add_argument("--serial", default="SIM-0001", help="the console's serial number")
+    serve = sub.add_parser(
+        "serve",
+        help="serve consoles over wire protocols",
+        description="Serve one console (flags) or several (--devices FILE); see "
+        "docs/simulators.md. Prints JSON lines on stdout until SIGINT/SIGTERM.",
+    )
+    serve.add_argument("--devices", metavar="FILE", help="[[device]] tables, one per console")
+    serve.add_argument("--transport", choices=TRANSPORTS)
+    serve.add_argument("--name", help="the device's name in JSON lines and ctl (console)")
+    serve.add_argument("--profile", help="built-in name or a TOML file (intrabeam)")
+    serve.add_argument("--applicator", help="applicator code, e.g. SPH30")
+    serve.add_argument("--preset", type=float, help="preset dose in Gy (20)")
+    serve.add_argument("--start-delay", type=float, help="simulated seconds (5)")
+    serve.add_argument("--seed", type=int, help="model noise seed (0)")
+    serve.add_argument("--serial", help="the console's serial number (SIM-0001)")
     serve.add_argument(
         "--scenario", metavar="NAME|FILE", help="timed faults (config/scenarios/NAME.toml)"
     )
+    serve.add_argument("--port", type=int, help="modbus-tcp: TCP port on 127.0.0.1 (0: free)")
+    serve.add_argument("--unit-id", type=int, help="modbus: unit id / RTU address (1)")
+    serve.add_argument("--map", metavar="FILE", help="modbus: register map (xrs-mb1)")
+    serve.add_argument(
+        "--baudrate", type=int, help="modbus-rtu: line time modelled at this rate (19200; 0: off)"
+    )
+    serve.add_argument("--speed", type=float, help="simulated s per real s, all devices (1)")
+    serve.add_argument(
+        "--control", metavar="PATH", help="control socket (default: a new temporary path)"
+    )
+    ctl = sub.add_parser(
+        "ctl",
+        help="send one request to a running simulator's control channel",
+        description="Actions: open_door close_door press_estop release_estop resume "
+        "swap_applicator [code=X] set_output_factor factor=F drop_link duration=5s "
+        "garble duration=5s delay_replies duration=10s delay=0.8s restore_link status list. "
+        "Exit 0: done; 1: refused; 2: usage error or no simulator.",
+    )
+    ctl.add_argument("--control", metavar="PATH", help="the simulator's control socket")
+    ctl.add_argument("--device", metavar="NAME", help="which device (if it serves several)")
+    ctl.add_argument("--timeout", type=float, default=5.0, help="seconds to wait (5)")
+    ctl.add_argument("action")
+    ctl.add_argument("args", nargs="*", metavar="key=value")
     return p
 
 
@@ -226,7 +260,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "run" and not (args.step > 0 and args.preset > 0):
         print("iort-sim: --step and --preset must be > 0", file=sys.stderr)  # noqa: T201
         return 2
-    handlers = {"profiles": _cmd_profiles, "run": _cmd_run, "serve": _cmd_serve}
+    handlers = {
+        "profiles": _cmd_profiles,
+        "run": _cmd_run,
+        "serve": _cmd_serve,
+        "ctl": _cmd_ctl,
+    }
     return handlers[args.command](args)
 
 
