@@ -593,3 +593,31 @@ def test_a_log_directory_that_cannot_be_created_is_named(tmp_path: Path) -> None
     (issue,) = excinfo.value.issues
     assert issue.key == "log.directory"
     assert "a-file is not a directory" in issue.message
+
+
+def _commented_examples() -> dict[str, str]:
+    """The commented device examples of site.example.toml, uncommented, by driver."""
+    out: dict[str, str] = {}
+    name = None
+    for line in SITE_EXAMPLE.read_text(encoding="utf-8").splitlines():
+        if line.startswith("# ---- example: "):
+            name = line.removeprefix("# ---- example: ")
+            out[name] = ""
+        elif line.startswith("# ---- end of example"):
+            name = None
+        elif name is not None:
+            out[name] += line.removeprefix("# ") + "\n"
+    return out
+
+
+@pytest.mark.usefixtures("mqtt_password_env")
+@pytest.mark.parametrize("driver", ["modbus-xrs", "serial-xrs"])
+def test_the_commented_device_examples_are_valid(
+    tmp_path: Path, registry: DriverRegistry, driver: str
+) -> None:
+    examples = _commented_examples()
+    assert sorted(examples) == ["modbus-xrs", "serial-xrs"]
+    head = SITE_EXAMPLE.read_text(encoding="utf-8").split("[[devices]]", 1)[0]
+    path = _write(tmp_path, head + examples[driver])
+    config = load_config(path, registry).config
+    assert config.source.driver == driver
