@@ -45,10 +45,10 @@ class Simulator:
                 return rec
         async with asyncio.timeout(within_s):
             while raw := await self.proc.stdout.readline():
-                rec: dict[str, Any] = json.loads(raw)
-                self.lines.append(rec)
-                if rec["event"] == event and where(rec):
-                    return rec
+                line: dict[str, Any] = json.loads(raw)
+                self.lines.append(line)
+                if line["event"] == event and where(line):
+                    return line
         raise AssertionError(f"iort-sim exited before {event}: {self.lines[-3:]}")
 
     def serving(self, name: str = "console") -> dict[str, Any]:
@@ -96,6 +96,9 @@ async def start() -> AsyncIterator[Callable[..., Any]]:
                     await sim.proc.wait()
                     raise
             assert sim.proc.returncode == 0, "iort-sim stops cleanly on SIGTERM"
+            control = sim.lines[0].get("control") if sim.lines else None
+            gone = control is None or not await asyncio.to_thread(os.path.exists, control)
+            assert gone, "the control socket is removed on SIGTERM"
 
 
 async def run(*cmd: str, within_s: float = 10) -> tuple[int, str, str]:
