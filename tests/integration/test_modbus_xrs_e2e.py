@@ -7,6 +7,8 @@ process, one of them silenced, without the other's daemon being delayed."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 from datetime import datetime
 from pathlib import Path
@@ -14,7 +16,13 @@ from typing import Any
 
 import pytest
 from daemonproc import Daemon, Site
-from test_serial_xrs_e2e import PRESET_GY, Simulator, start_simulator, stop_simulator
+from test_serial_xrs_e2e import (
+    BIN,
+    PRESET_GY,
+    Simulator,
+    start_simulator,
+    stop_simulator,
+)
 
 from daemon.audit.note import generate_keypair, write_keypair
 
@@ -202,3 +210,102 @@ async def test_garbled_bytes_for_10s_are_counted_and_no_wrong_value_is_accepted(
     doses = [e["data"]["dose_primary_gy"] for e in audit_entries(site) if e["type"] == "sample"]
     assert doses == sorted(doses)
     assert max(doses) <= truth["dose_primary_gy"] + 1e-9
+
+
+TWO_CONSOLES = """
+speed = 1.0
+[[device]]
+name = "or-5"
+transport = "serial"
+profile = "axxent"
+applicator = "BAL34"
+preset = 20.0
+start_delay = 1.0
+seed = 1
+[[device]]
+name = "or-6"
+transport = "modbus-tcp"
+profile = "axxent"
+applicator = "BAL34"
+preset = 20.0
+start_delay = 1.0
+seed = 2
+"""
+SERIAL_TRANSPORT = """[devices.transport]
+type = "serial"
+port = "{device}"
+"""
+
+
+async def test_one_silent_console_never_delays_another(tmp_path: Path) -> None:
+    """Two consoles in one simulator process, a daemon on each (the serial one with
+    serial-xrs, the Modbus one with modbus-xrs); the serial console's link is dropped for
+    4 s through the control channel. Its daemon opens a gap; the other daemon's readings
+    go on at their poll period all through it."""
+    devices = tmp_path / "two.toml"
+    devices.write_text(TWO_CONSOLES, encoding="utf-8")
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "iort-sim"),
+        *("serve", "--devices", str(devices)),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    sim = Simulator(proc, "", [])
+    daemons: list[Daemon] = []
+    try:
+        ready = await sim.until("ready", within_s=10)
+        serving = {r["device_name"]: r for r in sim.lines if r["event"] == "serving"}
+        sites = {}
+        for room, transport in (
+            ("or-5", SERIAL_TRANSPORT.format(device=serving["or-5"]["device"])),
+            ("or-6", TCP.format(host=serving["or-6"]["host"], port=serving["or-6"]["port"])),
+        ):
+            d = tmp_path / room
+            d.mkdir()
+            _, pub = write_keypair(generate_keypair(room), d / "keys")
+            head = SITE_HEAD.format(room=room)
+            if room == "or-5":
+                head = head.replace('driver = "modbus-xrs"', 'driver = "serial-xrs"').replace(
+                    '[devices.options]\nmap = "xrs-mb1"\nunit_id = 1\n', ""
+                )
+            (d / "site.toml").write_text(head + transport, encoding="utf-8")
+            sites[room] = Site(d / "site.toml", d / "log", pub)
+        silent, busy = await Daemon.follow(sites["or-5"]), await Daemon.follow(sites["or-6"])
+        daemons += [silent, busy]
+        for daemon in daemons:
+            await daemon.seen(lambda r: r.get("event") == "device_connected", "connected")
+        ctl = await asyncio.create_subprocess_exec(
+            str(BIN / "iort-sim"),
+            *("ctl", "--control", ready["control"], "--device", "or-5"),
+            *("drop_link", "duration=4s"),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await asyncio.wait_for(ctl.communicate(), 10)
+        assert ctl.returncode == 0, out
+        await silent.seen(
+            lambda r: r.get("event") == "monitoring_gap_started", "the silent room's gap"
+        )
+        await silent.seen(
+            lambda r: r.get("event") == "monitoring_gap_ended", "its end", within_s=30
+        )
+        for daemon in daemons:
+            assert await daemon.stop() == 0
+    finally:
+        for daemon in daemons:
+            await daemon.ensure_dead()
+        await stop_simulator(sim)
+    entries = audit_entries(sites["or-5"])
+    start = next(e for e in entries if e["type"] == "monitoring_gap_started")
+    end = next(e for e in entries if e["type"] == "monitoring_gap_ended")
+    window = (_ts(start["ts"]), _ts(end["ts"]))
+    assert window[1] - window[0] >= 3.0, "the silent console was silent for seconds"
+    times = sorted(
+        _ts(e["data"]["at"])
+        for e in audit_entries(sites["or-6"])
+        if e["type"] == "sample" and window[0] - 1 <= _ts(e["data"]["at"]) <= window[1] + 1
+    )
+    assert times, "the other room recorded readings through the silence"
+    assert times[0] <= window[0], "readings from before the silence"
+    assert times[-1] >= window[1], "and after it"
+    worst = max(b - a for a, b in itertools.pairwise(times))
+    assert worst <= 3 * POLL_S, f"the other room's readings paused {worst:.3f} s"
+    assert not [r for r in busy.lines if r.get("event") == "device_link_lost"]
