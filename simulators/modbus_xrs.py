@@ -263,9 +263,10 @@ def _point(
             raise MapError(f"{where}.bit: only for u16 points")
         bit = _int(f"{where}.bit", bit, 0, 15)
     missing = raw.get("missing")
-    if missing is not None:
-        lo, hi = _RANGES.get(typ, (0, 0xFFFFFFFF))
-        missing = _int(f"{where}.missing", missing, lo, hi)
+    if missing is not None:  # the raw register contents, unsigned (0x8000 for an i16)
+        if typ == "string":
+            raise MapError(f"{where}.missing: not for strings")
+        missing = _int(f"{where}.missing", missing, 0, (1 << (16 * size)) - 1)
     values = None
     if "values" in raw:
         if raw["values"] not in tables:
@@ -362,7 +363,12 @@ def _words(point: Point, value: float | str | None) -> list[int]:
             code = lowered.get(meaning.lower(), _RANGES.get(typ, (0, 0xFFFF))[1])
         number: int = code
     elif value is None or isinstance(value, str):
-        number = point.missing if point.missing is not None else 0
+        if point.missing is not None:  # not reported: the sentinel's raw bits
+            if point.size == 1:
+                return [point.missing]
+            hi, lo = point.missing >> 16, point.missing & 0xFFFF
+            return [hi, lo] if point.big_endian_words else [lo, hi]
+        number = 0
     elif typ == "f32":
         word = struct.pack(">f", value / point.unit_factor / point.scale)
         hi, lo = struct.unpack(">HH", word)
@@ -371,8 +377,7 @@ def _words(point: Point, value: float | str | None) -> list[int]:
         scaled = value / point.unit_factor / point.scale
         number = round(scaled) if math.isfinite(scaled) else 0
     lo_lim, hi_lim = _RANGES.get(typ, (0, 0xFFFF))
-    if point.missing is None or number != point.missing:
-        number = max(lo_lim, min(hi_lim, number))
+    number = max(lo_lim, min(hi_lim, number))
     if point.bit is not None:
         return [(1 << point.bit) if number else 0]
     if point.size == 1:

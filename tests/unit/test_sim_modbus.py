@@ -180,6 +180,8 @@ def test_a_map_with_little_word_order_bits_and_other_units(tmp_path: Path) -> No
         'unit = "cGy"\n'
         '[[point]]\nname = "dose_rate"\ntable = "input"\naddress = 4\ntype = "i32"\n'
         'unit = "mGy/s"\nword_order = "big"\n'
+        '[[point]]\nname = "planned_time"\ntable = "input"\naddress = 7\ntype = "i16"\n'
+        "missing = 32768\n"
         '[[point]]\nname = "interlock.door"\ntable = "input"\naddress = 6\ntype = "u16"\n'
         'bit = 3\nvalues = "interlock"\n'
         '[[point]]\nname = "interlock.kv"\ntable = "input"\naddress = 6\ntype = "u16"\n'
@@ -187,9 +189,11 @@ def test_a_map_with_little_word_order_bits_and_other_units(tmp_path: Path) -> No
         '[values.interlock]\n0 = "ok"\n1 = "tripped"\n',
         encoding="utf-8",
     )
-    image = build_image(load_map(path), snapshot(dose_primary_gy=700.0), IDENT)
-    # 70000 cGy, low word first; 2.75 Gy/min = 45.83 mGy/s -> 46, high word first
-    assert regs(image, "input", 0, 7) == [5, 0, 70000 & 0xFFFF, 1, 0, 46, 1 << 3]
+    snap = snapshot(dose_primary_gy=700.0, expected_rate_gy_min=None)
+    image = build_image(load_map(path), snap, IDENT)
+    # 70000 cGy, low word first; 2.75 Gy/min = 45.83 mGy/s -> 46, high word first; door
+    # tripped in bit 3, kV ok in bit 4; no planned time: the i16 sentinel 0x8000
+    assert regs(image, "input", 0, 8) == [5, 0, 70000 & 0xFFFF, 1, 0, 46, 1 << 3, 0x8000]
 
 
 @pytest.mark.parametrize(
