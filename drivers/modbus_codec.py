@@ -143,6 +143,24 @@ def reply_rest_size(framing: Framing, head: bytes) -> int:
     raise ProtocolViolation(f"RTU reply with unexpected function {function:#04x}: {head.hex(' ')}")
 
 
+def _check_shape(framing: Framing, frame: bytes, request: _Read) -> None:
+    """Exactly one frame, as long as its own header says, before pymodbus sees it: its
+    RTU framer hunts for a frame inside the bytes and its TCP framer stretches a short
+    MBAP length, and either would let extra bytes pass."""
+    if framing is Framing.TCP:
+        if len(frame) < 9 or int.from_bytes(frame[4:6], "big") != len(frame) - 6:
+            raise ProtocolViolation(f"MBAP length does not match the reply: {frame.hex(' ')}")
+        pdu = frame[7:]
+    else:
+        if len(frame) < 5:
+            raise ProtocolViolation(f"RTU reply too short: {frame.hex(' ')}")
+        pdu = frame[1:-2]
+    function = pdu[0]
+    expected = 2 if function & 0x80 else 2 + pdu[1] if function in (0x03, 0x04) else -1
+    if len(pdu) != expected:
+        raise ProtocolViolation(f"not one whole reply to {request}: {frame.hex(' ')}")
+
+
 def decode_reply(
     framing: Framing,
     frame: bytes,
@@ -157,6 +175,7 @@ def decode_reply(
     response, ProtocolViolation for anything else that is not the reply to this request
     (bad CRC, another unit or transaction, another function, wrong count)."""
     request = _Read(table, address, count, unit, tid)
+    _check_shape(framing, frame, request)
     used, unit_got, tid_got, pdu_bytes = _framer(framing).decode(frame)
     if used != len(frame) or not pdu_bytes:
         what = "bad CRC or incomplete frame" if framing is Framing.RTU else "incomplete frame"

@@ -204,27 +204,28 @@ def _decode(p: Point, regs: Sequence[int]) -> Any:
         if not s.isprintable():
             raise ProtocolViolation(f"{p.name}: not printable text: {s!r}")
         return s.strip()
+    # ``missing`` is compared with the register contents as on the wire (unsigned), the
+    # same way for every type: 0x8000 for an i16, 0xFFFFFFFF for an i32 or f32.
     if p.count == 1:
-        raw_int = _word(regs, 0)
+        raw_bits = _word(regs, 0)
         if p.bit is not None:
-            raw_int = (raw_int >> p.bit) & 1
-        elif p.type == "i16":
-            raw_int = raw_int - 0x10000 if raw_int & 0x8000 else raw_int
+            raw_bits = (raw_bits >> p.bit) & 1
+        if p.missing is not None and raw_bits == p.missing:
+            return None
+        raw_int = raw_bits - 0x10000 if p.type == "i16" and raw_bits & 0x8000 else raw_bits
     else:
         hi, lo = _word(regs, 0), _word(regs, 1)
         if p.word_order == "little":
             hi, lo = lo, hi
         packed = (hi << 16) | lo
+        if p.missing is not None and packed == p.missing:
+            return None
         if p.type == "f32":
-            if p.missing is not None and packed == p.missing:
-                return None
             value = struct.unpack(">f", packed.to_bytes(4, "big"))[0]
             if not math.isfinite(value):
                 raise ProtocolViolation(f"{p.name}: not a finite number ({packed:#010x})")
             return value * p.scale * p.factor
         raw_int = packed - (1 << 32) if p.type == "i32" and packed & 0x8000_0000 else packed
-    if p.missing is not None and raw_int == p.missing:
-        return None
     if p.values is not None:
         return p.values.get(raw_int, "UNKNOWN")
     return raw_int * p.scale * p.factor

@@ -33,7 +33,6 @@ and 04): it is a passive monitor.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType, TracebackType
 from typing import Any, Self
@@ -163,6 +162,9 @@ class ModbusXrsDriver:
         self._unit = unit
         self._framing = framing
         self._timeout_s = timeout_s
+        # Silence that ends a late reply while resynchronising: well above an RTU frame
+        # gap (3.5 characters: 2 ms at 19200 baud), below the reply timeout.
+        self._quiet_s = min(max(timeout_s / 4, 0.02), 0.25)
         self._tid = 0
         self._open = False
         self._late_reply_possible = False
@@ -233,12 +235,24 @@ class ModbusXrsDriver:
 
     async def _settle(self) -> None:
         """After a timeout or a frame that could not be read, the device may still be
-        sending: wait (one timeout at most) for one whole late reply and drop it with
-        whatever else is pending. (A plain drain would miss a reply still on the line.)"""
-        with contextlib.suppress(TransportTimeout, ProtocolViolation, TimeoutError):
-            async with asyncio.timeout(self._timeout_s):
-                head = await self._transport.read_exactly(reply_head_size(self._framing))
-                await self._transport.read_exactly(reply_rest_size(self._framing, head))
+        sending, and an RTU reply has no transaction id to tell it from the next one. So
+        wait (one timeout at most) for a late reply to begin; if anything comes, discard
+        until the line has been quiet for ``quiet_s`` (at most one more timeout). A plain
+        drain, or reading one frame's worth, would leave a reply still on its way to be
+        taken for the answer to the next request."""
+        try:
+            await self._transport.read_exactly(1)
+        except (TransportTimeout, ProtocolViolation):
+            pass  # nothing late: the line is quiet
+        else:
+            loop = asyncio.get_running_loop()
+            end = loop.time() + self._timeout_s
+            while loop.time() < end:
+                await self._transport.drain_input()
+                try:
+                    await self._transport.read_exactly(1, timeout_s=self._quiet_s)
+                except TransportTimeout:
+                    break
         await self._transport.drain_input()
         self._late_reply_possible = False
 

@@ -104,10 +104,11 @@ class Transport(Protocol):
         """
         ...
 
-    async def read_exactly(self, n: int) -> bytes:
+    async def read_exactly(self, n: int, *, timeout_s: float | None = None) -> bytes:
         """Return exactly ``n`` bytes (binary protocols such as Modbus RTU). Raises
         TransportTimeout if they do not all arrive in time (what did arrive stays
-        buffered) and TransportClosed on EOF or a lost link."""
+        buffered) and TransportClosed on EOF or a lost link. ``timeout_s`` shortens the
+        wait for this call (e.g. to tell a quiet line), never beyond the transport's own."""
         ...
 
     async def drain_input(self) -> int:
@@ -229,14 +230,17 @@ class _BufferedTransport:
                     f"({len(self._rx)} bytes buffered without {terminator!r})"
                 )
 
-    async def read_exactly(self, n: int) -> bytes:
+    async def read_exactly(self, n: int, *, timeout_s: float | None = None) -> bytes:
         if n <= 0:
             raise ValueError(f"n must be > 0, got {n}")
-        deadline = self._now() + self._timeout_s
+        limit = self._timeout_s if timeout_s is None else min(timeout_s, self._timeout_s)
+        if not limit > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        deadline = self._now() + limit
         while len(self._rx) < n:
             if not await self._receive(deadline):
                 raise TransportTimeout(
-                    f"{self.describe()}: {len(self._rx)} of {n} bytes within {self._timeout_s:g} s"
+                    f"{self.describe()}: {len(self._rx)} of {n} bytes within {limit:g} s"
                 )
         data = bytes(self._rx[:n])
         del self._rx[:n]

@@ -634,7 +634,6 @@ CODEC_LENIENT = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=CODEC_LENIENT)
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("framing", list(Framing))
 def test_fuzz_decode_reply_on_any_bytes(framing: Framing) -> None:
@@ -653,7 +652,6 @@ def test_fuzz_decode_reply_on_any_bytes(framing: Framing) -> None:
 RTU_REPLY_UNIT9 = spec_reply(Framing.RTU, Req(Table.INPUT, 0, 1, 9, 0), [5])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=CODEC_LENIENT)
 @pytest.mark.parametrize(
     ("framing", "raw", "unit", "tid"),
     [
@@ -1260,7 +1258,6 @@ SIGNED_MISSING = (
 )
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=SIGNED_MISSING)
 def test_signed_missing_sentinel_is_not_reported(tmp_path: Path) -> None:
     text = ALL_TYPES_MAP.replace("missing = 32767", "missing = 32768").replace(
         "missing = 123456", "missing = 4294967295"
@@ -1593,10 +1590,7 @@ RTU_STALE = (
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(
     "framing",
-    [
-        Framing.TCP,
-        pytest.param(Framing.RTU, marks=pytest.mark.xfail(strict=True, reason=RTU_STALE)),
-    ],
+    [Framing.TCP, Framing.RTU],
 )
 async def test_fuzz_driver_reads(
     framing: Framing, record_property: Callable[[str, object], None]
@@ -1620,7 +1614,6 @@ async def test_fuzz_driver_reads(
         assert report.outcomes[outcome] >= 50, summary
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=RTU_STALE)
 async def test_rtu_reply_after_noise_is_never_taken_for_the_next_answer() -> None:
     """Noise of two short frames, then the real reply: the next read must not return it."""
     regmap = load_map(BUNDLED_MAP)

@@ -489,3 +489,18 @@ async def test_tcp_open_twice_is_a_bug(peer: Peer, client: TcpTransport) -> None
     async with client:
         with pytest.raises(RuntimeError, match="already open"):
             await client.open()
+
+
+async def test_read_exactly_can_wait_less_than_the_timeout_never_more() -> None:
+    t = ScriptedTransport([Expect(b"?"), Reply(b"ab", delay_s=0.3)], timeout_s=1.0)
+    async with t:
+        await t.write(b"?")
+        with pytest.raises(TransportTimeout, match=r"0 of 1 bytes within 0\.1 s"):
+            await t.read_exactly(1, timeout_s=0.1)
+        assert t.elapsed_s == pytest.approx(0.1)
+        assert await t.read_exactly(2, timeout_s=5.0) == b"ab"  # capped at 1.0, in time
+        with pytest.raises(TransportTimeout, match="within 1 s"):
+            await t.read_exactly(1, timeout_s=5.0)
+        assert t.elapsed_s == pytest.approx(1.3)
+        with pytest.raises(ValueError, match="timeout_s must be > 0"):
+            await t.read_exactly(1, timeout_s=0)
