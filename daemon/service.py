@@ -39,7 +39,7 @@ from daemon.tracker import (
     TrackerSettings,
 )
 from drivers.clock import Clock
-from drivers.errors import DriverError, ProtocolViolation
+from drivers.errors import DeviceFault, DriverError, ProtocolViolation
 from drivers.interface import DriverContext, DriverSpec, SourceDriver
 from drivers.registry import DriverRegistry
 from drivers.types import DeviceIdentity
@@ -137,6 +137,7 @@ class Daemon:
         self._delivery_ended = False
         self._notices: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self._audit_failing = asyncio.Event()
+        self._backoff_s: dict[str, float] = {}  # per device: the next reconnect backoff
 
     async def run(self, stop: asyncio.Event) -> RunResult:
         log.info(
@@ -333,7 +334,10 @@ class Daemon:
         )
 
     async def _poll_source(self, dev: DeviceConfig, stop: asyncio.Event) -> None:
-        backoff = BACKOFF_INITIAL_S
+        # The backoff is reset by the first good reading of a connection, not by the
+        # connection itself: a device that connects and identifies but fails every read
+        # (a Modbus exception on each poll, say) backs off like one that cannot connect.
+        self._backoff_s[dev.name] = BACKOFF_INITIAL_S
         while not stop.is_set():
             driver = self._build(dev)
             try:
@@ -341,18 +345,17 @@ class Daemon:
                     await driver.__aenter__()
             except (DriverError, TimeoutError, OSError) as exc:
                 await self._link_lost(dev, exc)
-                backoff = await self._backoff(backoff, stop)
+                await self._backoff(dev, stop)
                 continue
             try:
                 async with asyncio.timeout(_call_bound(dev)):
                     identity = await driver.identify()
                 self._identified(dev.name, identity)
                 log.info("device_connected", device=dev.name, driver=dev.driver)
-                backoff = BACKOFF_INITIAL_S
                 await self._poll_loop(dev, driver, stop)
             except (DriverError, TimeoutError, OSError) as exc:
                 await self._link_lost(dev, exc)
-                backoff = await self._backoff(backoff, stop)
+                await self._backoff(dev, stop)
             finally:
                 with contextlib.suppress(DriverError, TimeoutError, OSError):
                     async with asyncio.timeout(_call_bound(dev)):
@@ -363,19 +366,24 @@ class Daemon:
     ) -> None:
         loop = asyncio.get_running_loop()
         next_at = loop.time()
-        garbled = 0
+        bad = 0
         while not stop.is_set():
             try:
                 async with asyncio.timeout(_call_bound(dev)):
                     reading = await driver.read()
-            except ProtocolViolation as exc:
-                # One bad frame is counted and dropped; a run of them is a lost link.
-                garbled += 1
-                log.warning("protocol_violation", device=dev.name, error=str(exc), count=garbled)
-                if garbled >= self.config.tolerances.stale_after_polls:
+            except (ProtocolViolation, DeviceFault) as exc:
+                # One bad frame, or one error reply (a Modbus "busy", say), is counted and
+                # the poll skipped; a run of them is a lost link.
+                bad += 1
+                kind = (
+                    "protocol_violation" if isinstance(exc, ProtocolViolation) else "device_fault"
+                )
+                log.warning(kind, device=dev.name, error=str(exc), count=bad)
+                if bad >= self.config.tolerances.stale_after_polls:
                     raise
             else:
-                garbled = 0
+                bad = 0
+                self._backoff_s[dev.name] = BACKOFF_INITIAL_S
                 events = self.tracker.on_reading(reading)
                 sample = Sample(
                     device=dev.name,
@@ -423,13 +431,14 @@ class Daemon:
         if events:
             self._emit(None, events)
 
-    async def _backoff(self, current: float, stop: asyncio.Event) -> float:
+    async def _backoff(self, dev: DeviceConfig, stop: asyncio.Event) -> None:
+        current = self._backoff_s[dev.name]
         delay = self._rng.uniform(current / 2, current)
-        log.info("device_reconnect_wait", delay_s=round(delay, 3))
+        log.info("device_reconnect_wait", device=dev.name, delay_s=round(delay, 3))
+        self._backoff_s[dev.name] = min(current * 2, BACKOFF_MAX_S)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay):
                 await stop.wait()
-        return min(current * 2, BACKOFF_MAX_S)
 
     # ---- sinks ------------------------------------------------------------------------
 

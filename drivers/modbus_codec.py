@@ -156,7 +156,9 @@ def _check_shape(framing: Framing, frame: bytes, request: _Read) -> None:
             raise ProtocolViolation(f"RTU reply too short: {frame.hex(' ')}")
         pdu = frame[1:-2]
     function = pdu[0]
-    expected = 2 if function & 0x80 else 2 + pdu[1] if function in (0x03, 0x04) else -1
+    if function not in (0x03, 0x04, 0x83, 0x84):
+        raise ProtocolViolation(f"function {function:#04x} in reply to {request}: {frame.hex(' ')}")
+    expected = 2 if function & 0x80 else 2 + pdu[1]
     if len(pdu) != expected:
         raise ProtocolViolation(f"not one whole reply to {request}: {frame.hex(' ')}")
 

@@ -14,7 +14,6 @@ a float that is not finite is a protocol violation.
 from __future__ import annotations
 
 import importlib.resources
-import itertools
 import math
 import re
 import struct
@@ -98,6 +97,7 @@ REQUIRED: Final = (
 _MISSING_ALLOWED: Final = frozenset({"planned_time"})
 _EXTRA = re.compile(r"^extra\.[a-z][a-z0-9_]{0,31}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+_MEANING = re.compile(r"^[A-Za-z][A-Za-z0-9_./-]{0,31}$")
 _TYPES: Final = MappingProxyType({"u16": 1, "i16": 1, "u32": 2, "i32": 2, "f32": 2, "string": 0})
 _POINT_KEYS: Final = frozenset(
     {"name", "table", "address", "type", "scale", "unit", "word_order", "bit", "missing"}
@@ -224,11 +224,17 @@ def _decode(p: Point, regs: Sequence[int]) -> Any:
             value = struct.unpack(">f", packed.to_bytes(4, "big"))[0]
             if not math.isfinite(value):
                 raise ProtocolViolation(f"{p.name}: not a finite number ({packed:#010x})")
-            return value * p.scale * p.factor
+            return _finite(p, value * p.scale * p.factor)
         raw_int = packed - (1 << 32) if p.type == "i32" and packed & 0x8000_0000 else packed
     if p.values is not None:
         return p.values.get(raw_int, "UNKNOWN")
-    return raw_int * p.scale * p.factor
+    return _finite(p, raw_int * p.scale * p.factor)
+
+
+def _finite(p: Point, value: float) -> float:
+    if not math.isfinite(value):
+        raise ProtocolViolation(f"{p.name}: {value} after scaling")
+    return value
 
 
 # ---- loading ---------------------------------------------------------------------------
@@ -285,6 +291,8 @@ def _parse(path: Path, data: dict[str, Any]) -> RegisterMap:
     missing = [n for n in REQUIRED if n not in points]
     if missing:
         raise fail("point", f"required point(s) missing: {', '.join(missing)}")
+    if "applicator.type" in points and "applicator.diameter" not in points:
+        raise fail("point", "applicator.type is mapped without applicator.diameter")
     _check_overlaps(list(points.values()), fail)
     telemetry = _blocks([p for p in points.values() if not p.name.startswith("identity.")])
     identity = _blocks([p for p in points.values() if p.name.startswith("identity.")])
@@ -304,8 +312,13 @@ def _value_tables(raw: Any, fail: Any) -> dict[str, Mapping[int, str]]:
         for key, meaning in table.items():
             if not re.fullmatch(r"\d{1,10}", key) or int(key) > 0xFFFF_FFFF:
                 raise fail(f"values.{tname}.{key}", "keys are raw register values (0-4294967295)")
-            if not isinstance(meaning, str) or not meaning:
-                raise fail(f"values.{tname}.{key}", f"expected a word; got {meaning!r}")
+            if int(key) in entries:
+                raise fail(f"values.{tname}.{key}", f"raw value {int(key)} is listed twice")
+            if not isinstance(meaning, str) or not _MEANING.fullmatch(meaning):
+                raise fail(
+                    f"values.{tname}.{key}",
+                    f"expected a word (letters, digits, '_', '.', '/', '-'); got {meaning!r}",
+                )
             entries[int(key)] = meaning
         out[tname] = MappingProxyType(entries)
     return out
@@ -367,10 +380,12 @@ def _point(
     if "bit" in raw:
         if ptype != "u16":
             raise fail(f"{where}.bit", "only for type = 'u16'")
+        if not name.startswith("interlock."):
+            raise fail(f"{where}.bit", "only for an interlock (a flag of a status word)")
         bit = _int(raw, "bit", where, 0, 15, fail)
     values = _values_of(raw, name, where, ptype, tables, fail)
-    if bit is not None and values is None:
-        raise fail(f"{where}.bit", "only for an enumerated point (an interlock, say)")
+    if bit is not None and values is not None and set(values) != {0, 1}:
+        raise fail(f"{where}.values", "a bit's value table lists exactly the raw values 0 and 1")
     scale, unit, factor = _scale_and_unit(raw, name, where, values is not None, fail)
     missing = None
     if "missing" in raw:
@@ -414,6 +429,8 @@ def _values_of(
     if ptype not in ("u16", "u32"):
         raise fail(f"{where}.type", "an enumerated point is u16 or u32")
     table = tables[ref]
+    if name.startswith("interlock.") and not {"ok", "tripped"} <= set(table.values()):
+        raise fail(f"{where}.values", f"table {ref!r} must say which raw value is ok and tripped")
     allowed = _MEANINGS["interlock" if name.startswith("interlock.") else name]
     if allowed is not None:
         bad = sorted({m for m in table.values() if m not in allowed})
@@ -443,6 +460,8 @@ def _scale_and_unit(
         raise fail(f"{where}.scale", f"expected a non-zero number; got {scale!r}")
     unit = raw.get("unit")
     units = _UNITS.get(name)
+    if units is not None and scale < 0:
+        raise fail(f"{where}.scale", f"{name} is never negative: the scale must be > 0")
     if units is None:  # extra.*: recorded as read, in the unit the map says
         if unit is not None and (not isinstance(unit, str) or not 0 < len(unit) <= 16):
             raise fail(f"{where}.unit", f"expected a short unit symbol; got {unit!r}")
@@ -453,15 +472,29 @@ def _scale_and_unit(
 
 
 def _check_overlaps(points: list[Point], fail: Any) -> None:
-    for table in Table:
-        spans = sorted((p for p in points if p.table is table), key=lambda p: p.address)
-        for a, b in itertools.pairwise(spans):
-            shared_bits = a.bit is not None and b.bit is not None and a.bit != b.bit
-            if b.address < a.end and not (shared_bits and a.address == b.address):
+    """Every register belongs to one point, or each of its bits to at most one point."""
+    owner: dict[tuple[Table, int], str] = {}
+    bits: dict[tuple[Table, int, int], str] = {}
+    for p in sorted(points, key=lambda p: (p.table, p.address)):
+        for address in range(p.address, p.end):
+            whole = owner.get((p.table, address))
+            if p.bit is None or (whole is not None and not whole.startswith("bit:")):
+                if whole is not None:
+                    taken = whole.removeprefix("bit:")
+                    raise fail(
+                        f"point ({p.name}).address",
+                        f"{p.table} register {address} is already part of {taken}",
+                    )
+                owner[(p.table, address)] = p.name
+                continue
+            if (p.table, address, p.bit) in bits:
                 raise fail(
-                    f"point ({b.name}).address",
-                    f"{table} register {b.address} is already part of {a.name}",
+                    f"point ({p.name}).bit",
+                    f"bit {p.bit} of {p.table} register {address} is already "
+                    f"{bits[(p.table, address, p.bit)]}",
                 )
+            bits[(p.table, address, p.bit)] = p.name
+            owner[(p.table, address)] = f"bit:{p.name}"
 
 
 def _blocks(points: list[Point]) -> list[Block]:

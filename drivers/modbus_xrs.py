@@ -46,6 +46,7 @@ from drivers.errors import (
 from drivers.interface import DriverContext, DriverSpec, Role
 from drivers.modbus_codec import (
     Framing,
+    Table,
     decode_reply,
     encode_read,
     reply_head_size,
@@ -67,6 +68,7 @@ from drivers.types import (
 __all__ = ["SIMULATOR_MANUFACTURER", "ModbusXrsDriver", "ModbusXrsFactory"]
 
 SIMULATOR_MANUFACTURER = "iortd simulator"
+_MAX_LEADING_NOISE = 16  # bytes skipped before an RTU reply, at most
 _OPTIONS = ("map", "unit_id", "framing")
 _INTERLOCKS: Mapping[str, Interlock] = MappingProxyType(
     {
@@ -173,6 +175,9 @@ class ModbusXrsDriver:
     async def __aenter__(self) -> Self:
         await self._transport.open()
         self._open = True
+        # A line just (re)opened may still carry a reply that an earlier connection gave
+        # up on; RTU has no transaction id to tell it by, so resynchronise first.
+        self._late_reply_possible = self._framing is Framing.RTU
         return self
 
     async def __aexit__(
@@ -218,7 +223,7 @@ class ModbusXrsDriver:
 
     async def _reply(self, block: Block) -> list[int]:
         while True:
-            head = await self._transport.read_exactly(reply_head_size(self._framing))
+            head = await self._read_head(block)
             rest = await self._transport.read_exactly(reply_rest_size(self._framing, head))
             frame = head + rest
             if self._framing is Framing.TCP and int.from_bytes(head[:2], "big") != self._tid:
@@ -232,6 +237,26 @@ class ModbusXrsDriver:
                 unit=self._unit,
                 tid=self._tid,
             )
+
+    async def _read_head(self, block: Block) -> bytes:
+        """The first bytes of the reply. On RTU, bytes before ``<unit><function>`` (an
+        RS-485 turnaround glitch, a stray 0x00 or 0xFF) are skipped, a few at most, within
+        the exchange's deadline; what follows is checked by the CRC."""
+        size = reply_head_size(self._framing)
+        head = await self._transport.read_exactly(size)
+        if self._framing is not Framing.RTU:
+            return head
+        function = 0x04 if block.table is Table.INPUT else 0x03
+        skipped = 0
+        while head[0] != self._unit or head[1] not in (function, function | 0x80):
+            skipped += 1
+            if skipped > _MAX_LEADING_NOISE:
+                raise ProtocolViolation(
+                    f"no reply from unit {self._unit} in the first {skipped} bytes: "
+                    f"{head.hex(' ')}..."
+                )
+            head = head[1:] + await self._transport.read_exactly(1)
+        return head
 
     async def _settle(self) -> None:
         """After a timeout or a frame that could not be read, the device may still be
@@ -329,8 +354,11 @@ class ModbusXrsDriver:
 
     def _applicator(self, v: Mapping[str, Any]) -> ApplicatorIdentity | None:
         kind = v.get("applicator.type")
-        if kind is None or kind in ("NONE", "UNKNOWN"):
+        if kind is None or kind == "NONE":
             return None
+        if kind == "UNKNOWN":
+            # Never "no applicator": an applicator is there and cannot be named.
+            raise ProtocolViolation("applicator type code not in the map's value table")
         diameter = v.get("applicator.diameter")
         if diameter is None or not 0 < diameter <= 200:
             raise ProtocolViolation(f"applicator diameter {diameter!r} mm out of range")

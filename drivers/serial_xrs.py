@@ -105,6 +105,9 @@ class SerialXrsDriver:
     async def __aenter__(self) -> Self:
         await self._transport.open()
         self._open = True
+        # A line just (re)opened may still carry a reply that an earlier connection gave
+        # up on: resynchronise before the first request.
+        self._late_reply_possible = True
         return self
 
     async def __aexit__(

@@ -520,7 +520,7 @@ class SerialTransport(_LinkTransport):
             raise
         except (serial.SerialException, OSError) as exc:
             raise TransportClosed(f"{self.describe()}: cannot open: {exc}") from exc
-        except ValueError as exc:  # a setting the port itself rejects
+        except (ValueError, termios.error) as exc:  # a setting the port itself rejects
             raise TransportError(f"{self.describe()}: cannot configure: {exc}") from exc
         try:
             transport, _ = await serial_asyncio_fast.connection_for_serial(loop, lambda: link, port)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import json
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -28,7 +29,7 @@ from daemon.tracker import (
     TrackerEvent,
 )
 from drivers.clock import ScaledClock
-from drivers.errors import TransportClosed
+from drivers.errors import DeviceFault, TransportClosed
 from drivers.interface import DriverContext, DriverSpec, Role
 from drivers.registry import DriverRegistry
 from drivers.sim import SimDriverFactory
@@ -160,6 +161,8 @@ class Script:
     def __init__(self, steps: list[str]) -> None:
         self.steps = steps
         self.connects = 0
+        self.connected_at: list[float] = []  # loop time of each connection
+        self.connected = asyncio.Event()  # set at each connection
         self.reads = 0
         self.t0 = datetime.now(UTC)
 
@@ -173,6 +176,8 @@ class ScriptedDriver:
 
     async def __aenter__(self) -> Self:
         self._s.connects += 1
+        self._s.connected_at.append(asyncio.get_running_loop().time())
+        self._s.connected.set()
         return self
 
     async def __aexit__(
@@ -194,6 +199,8 @@ class ScriptedDriver:
             await asyncio.Event().wait()  # never answers; the daemon's timeout must cut it
         if step == "drop":
             raise TransportClosed("cable pulled")
+        if step == "fault":
+            raise DeviceFault("Modbus exception 06 (Server Device Busy)")
         dose = min(i * 0.01, 20.0)
         return SourceReading(
             mono_ns=self._clock.monotonic_ns(),
@@ -266,6 +273,44 @@ async def test_a_device_that_stops_answering_makes_interlocks_unknown_then_recov
     (gap,) = daemon.tracker.snapshot().gaps  # type: ignore[union-attr]
     assert gap.end_mono_ns is not None
     assert gap.end_mono_ns > gap.start_mono_ns
+
+
+async def test_one_error_reply_is_a_skipped_poll_not_a_lost_link(tmp_path: Path) -> None:
+    loaded, registry, script = scripted(tmp_path, ["ok"] * 3 + ["fault"] + ["ok"] * 1000)
+    sink = RecordingSink()
+    daemon = Daemon(loaded, registry, ScaledClock(1.0), [sink])
+    stop = asyncio.Event()
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(daemon.run(stop))
+        await sink.wait_for(lambda: len(sink.samples) >= 8, "readings after the error reply")
+        stop.set()
+    assert task.result().link_losses == 0
+    assert script.connects == 1
+    assert not any(isinstance(e, MonitoringGapStarted) for e in sink.seen)
+
+
+async def test_a_device_that_fails_every_read_is_backed_off_not_hammered(
+    tmp_path: Path,
+) -> None:
+    """It connects and identifies, then answers every read with an error: the reconnect
+    backoff grows as if it could not connect at all (a good reading resets it, not a
+    connection)."""
+    loaded, registry, script = scripted(tmp_path, ["fault"])
+    daemon = Daemon(loaded, registry, ScaledClock(1.0), [RecordingSink()])
+    stop = asyncio.Event()
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(daemon.run(stop))
+        async with asyncio.timeout(20):
+            while script.connects < 5:
+                script.connected.clear()
+                await script.connected.wait()
+        stop.set()
+    assert task.result().link_losses >= 4
+    t = script.connected_at
+    gaps = [b - a for a, b in itertools.pairwise(t)]
+    # Backoff from 0.2 s doubling (jittered between half and whole): the 4th wait is at
+    # least 0.8 s, the 1st at most 0.2 s (plus the three failed polls each time).
+    assert gaps[3] > gaps[0] + 0.4, f"reconnect intervals did not grow: {gaps}"
 
 
 async def test_shutdown_is_bounded_even_while_a_read_hangs(tmp_path: Path) -> None:

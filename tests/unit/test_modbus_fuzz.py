@@ -1312,7 +1312,9 @@ def spec_reading(points: Mapping[str, SpecPoint], regs: Sequence[int]) -> tuple[
     if any(x is None or x < 0 for x in numbers):
         return None  # a dose, rate or time is never negative
     applicator = None
-    if v["applicator.type"] not in ("NONE", "UNKNOWN"):
+    if v["applicator.type"] == "UNKNOWN":
+        return None  # an applicator that cannot be named is refused, never "none"
+    if v["applicator.type"] != "NONE":
         diameter = v["applicator.diameter"]
         if not 0 < diameter <= 200:
             return None
@@ -1618,7 +1620,9 @@ async def test_rtu_reply_after_noise_is_never_taken_for_the_next_answer() -> Non
     """Noise of two short frames, then the real reply: the next read must not return it."""
     regmap = load_map(BUNDLED_MAP)
     req1, req2 = (Req(Table.INPUT, 0, 36, 1, 0) for _ in range(2))
-    noise = bytes.fromhex("01 03 00 00 00") * 2  # bad CRC; the settle takes the second
+    # Noise that starts like a reply to this very request (unit 1, function 04, no data),
+    # with a bad CRC, twice; the real reply 50 ms later.
+    noise = bytes.fromhex("01 04 00 00 00") * 2
     first = spec_reply(Framing.RTU, req1, [0] * 4 + [0, 111] + [0] * 30)  # dose 0.00111 Gy
     second = spec_reply(Framing.RTU, req2, [0] * 4 + [0, 222] + [0] * 30)  # dose 0.00222 Gy
     request = spec_request(Framing.RTU, req1)

@@ -252,7 +252,11 @@ def _broken(tmp_path: Path, old: str, new: str) -> str:
         ("length = 8                    # registers", "length = 0  # registers", "(applicator.serial).length: expected an integer 1..125"),
         ("missing = 4294967295", "missing = -1", "(planned_time).missing: expected an integer"),
         ('address = 10\ntype = "u32"\nscale = 0.01', 'address = 10\ntype = "u32"\nscale = 0\n', "(beam_on_time).scale: expected a non-zero number"),
-        ('type = "u16"\nscale = 0.01\nunit = "kV"', 'type = "u16"\nbit = 3\nscale = 0.01\nunit = "kV"', "(kv).bit: only for an enumerated point"),
+        ('type = "u16"\nscale = 0.01\nunit = "kV"', 'type = "u16"\nbit = 3\nscale = 0.01\nunit = "kV"', "(kv).bit: only for an interlock"),
+        ('1 = "tripped"', '1 = "tripped"\n01 = "ok"', "values.interlock.01: raw value 1 is listed twice"),
+        ('1 = "tripped"', '1 = "unknown"', "table 'interlock' must say which raw value is ok and tripped"),
+        ('5 = "balloon"', '5 = "   "', "values.applicator_type.5: expected a word"),
+        ('scale = 0.01\nunit = "kV"', 'scale = -0.01\nunit = "kV"', "(kv).scale: kv is never negative"),
     ],
 )  # fmt: skip
 def test_a_broken_map_names_the_file_point_and_key(
@@ -278,3 +282,44 @@ def test_a_missing_or_unreadable_map_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_text("format = [", encoding="utf-8")
     with pytest.raises(MapError, match="not valid TOML"):
         load_map(bad)
+
+
+def test_a_map_with_an_applicator_type_but_no_diameter_says_so(tmp_path: Path) -> None:
+    text = BUNDLED.read_text(encoding="utf-8")
+    start = text.index('[[point]]\nname = "applicator.diameter"')
+    end = text.index("[[point]]", start + 5)
+    path = tmp_path / "no-diameter.toml"
+    path.write_text(text[:start] + text[end:], encoding="utf-8")
+    with pytest.raises(MapError, match=r"applicator\.type is mapped without applicator\.diameter"):
+        load_map(path)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("bit = 15", "bit = 0", "(interlock.cooling).bit: bit 0 of holding register 9 is already interlock.door"),
+        ('1 = "tripped"', '1 = "tripped"\n2 = "unknown"', "a bit's value table lists exactly the raw values 0 and 1"),
+        ('type = "u32"\nvalues = "state"\nword_order = "big"', 'type = "u16"\nbit = 1\nvalues = "state"', "(state).bit: only for an interlock"),
+        ("address = 9\ntype = \"u16\"\nbit = 0", "address = 8\ntype = \"u16\"\nbit = 0", "holding register 8 is already part of kv"),
+    ],
+)  # fmt: skip
+def test_bit_points_are_checked(tmp_path: Path, old: str, new: str, expected: str) -> None:
+    assert old in EVERY_TYPE, old
+    path = tmp_path / "bits.toml"
+    path.write_text(EVERY_TYPE.replace(old, new, 1), encoding="utf-8")
+    with pytest.raises(MapError) as excinfo:
+        load_map(path)
+    assert expected in str(excinfo.value)
+
+
+def test_a_value_that_scales_out_of_range_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "huge.toml"
+    path.write_text(
+        BUNDLED.read_text(encoding="utf-8").replace(
+            'scale = 0.01\nunit = "%"', 'scale = 1e308\nunit = "%"'
+        ),
+        encoding="utf-8",
+    )
+    m = load_map(path)
+    with pytest.raises(ProtocolViolation, match=r"extra\.rate_deviation: -inf after scaling"):
+        m.decode(m.telemetry, [TELEMETRY])

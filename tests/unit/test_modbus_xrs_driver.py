@@ -149,7 +149,9 @@ async def test_a_late_rtu_reply_is_never_taken_for_the_next_one() -> None:
         reading = await d.read()
     t.assert_done()
     assert reading.dose_primary_gy == pytest.approx(9.64123)
-    assert t.elapsed_s <= 1.0 + 1e-9  # the timeout, then at most one more to settle
+    # a quiet line waited for on open (one timeout), the timeout, the late reply at 0.8 s,
+    # then a quiet line (0.125 s) before the next request
+    assert t.elapsed_s <= 0.5 + 0.8 + 0.125 + 1e-9
 
 
 async def test_a_reply_to_an_older_tcp_transaction_is_skipped() -> None:
@@ -233,3 +235,43 @@ def test_options_are_checked_with_the_key_named(
         ModbusXrsFactory().validate(options, transport)
     assert excinfo.value.key == key
     assert text in excinfo.value.message
+
+
+async def test_a_late_rtu_reply_from_before_a_reconnect_is_dropped_on_open() -> None:
+    """A reply an earlier connection gave up on can still arrive on a reopened RTU line
+    (no transaction id): the driver waits for the line to be quiet before its first
+    request."""
+    late = list(TELEMETRY)
+    late[4:6] = [0x0098, 0x9680]  # 100 Gy
+    t = ScriptedTransport(
+        [Reply(rtu_reply(4, late), delay_s=0.2), Expect(RTU_ST), Reply(rtu_reply(4, TELEMETRY))],
+        timeout_s=0.5,
+    )
+    async with driver(t, Framing.RTU, 0.5) as d:
+        assert (await d.read()).dose_primary_gy == pytest.approx(9.64123)
+    t.assert_done()
+
+
+async def test_a_stray_byte_before_an_rtu_reply_is_skipped() -> None:
+    t = ScriptedTransport(
+        [
+            *(Expect(RTU_ST), Reply(b"\x00" + rtu_reply(4, TELEMETRY))),
+            *(Expect(RTU_ST), Reply(b"\xff\xff" + rtu_reply(4, TELEMETRY))),
+            *(Expect(RTU_ST), Reply(b"\x00" * 40)),
+        ],
+        timeout_s=0.5,
+    )
+    async with driver(t, Framing.RTU, 0.5) as d:
+        assert (await d.read()).state is DeviceState.IRRADIATING
+        assert (await d.read()).state is DeviceState.IRRADIATING
+        with pytest.raises(ProtocolViolation, match="no reply from unit 1 in the first 17 bytes"):
+            await d.read()
+
+
+async def test_an_applicator_the_map_cannot_name_is_refused_not_taken_for_none() -> None:
+    regs = list(TELEMETRY)
+    regs[25] = 99  # not in the applicator_type table
+    t = ScriptedTransport([Expect(RTU_ST), Reply(rtu_reply(4, regs))], timeout_s=0.5)
+    async with driver(t, Framing.RTU, 0.5) as d:
+        with pytest.raises(ProtocolViolation, match="applicator type code"):
+            await d.read()

@@ -156,3 +156,16 @@ async def test_a_failing_applicator_request_keeps_the_status_and_is_asked_again(
     assert first.interlock(Interlock.BACKUP_TIMER) is InterlockState.TRIPPED
     assert first.applicator is None
     assert second.applicator is not None
+
+
+async def test_a_late_reply_from_before_a_reconnect_is_dropped_on_open() -> None:
+    """A reply an earlier connection gave up on may still arrive on the reopened line;
+    it is dropped before the first request, not taken for the answer to it."""
+    t = ScriptedTransport(
+        [Reply(STATUS, delay_s=0.2), Expect(ID), Reply(SIM_ID)],
+        timeout_s=0.5,
+    )
+    async with SerialXrsDriver(t, CTX) as d:
+        ident = await d.identify()
+    t.assert_done()
+    assert ident.manufacturer == "iortd simulator"
