@@ -301,11 +301,12 @@ async def test_one_silent_console_never_delays_another(tmp_path: Path) -> None:
     times = sorted(
         _ts(e["data"]["at"])
         for e in audit_entries(sites["or-6"])
-        if e["type"] == "sample" and window[0] - 1 <= _ts(e["data"]["at"]) <= window[1] + 1
+        if e["type"] == "sample" and window[0] - 1 <= _ts(e["data"]["at"]) <= window[1]
     )
     assert times, "the other room recorded readings through the silence"
     assert times[0] <= window[0], "readings from before the silence"
-    assert times[-1] >= window[1], "and after it"
-    worst = max(b - a for a, b in itertools.pairwise(times))
+    # Both daemons ran until after the silent room's gap had ended (window[1]).
+    pauses = [b - a for a, b in itertools.pairwise(times)] + [window[1] - times[-1]]
+    worst = max(pauses)
     assert worst <= 3 * POLL_S, f"the other room's readings paused {worst:.3f} s"
     assert not [r for r in busy.lines if r.get("event") == "device_link_lost"]
