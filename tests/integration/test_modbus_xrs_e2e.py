@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import test_serial_xrs_e2e as serial_e2e
 from daemonproc import Daemon, Site
 from test_serial_xrs_e2e import (
     BIN,
@@ -131,24 +132,9 @@ async def test_a_whole_delivery_over_modbus_matches_the_simulators_ground_truth(
 async def run_scenario(
     tmp_path: Path, transport: str, name: str, preset_gy: float
 ) -> tuple[Daemon, dict[str, Any], dict[str, Any], Site]:
-    sim = await start_simulator("--scenario", name, preset_gy=preset_gy, transport=transport)
-    try:
-        site = site_for(tmp_path, sim)
-        daemon = await Daemon.follow(site)
-        try:
-            end = await daemon.seen(
-                lambda r: r.get("event") == "delivery_terminated",
-                f"the delivery's end ({name} over {transport})",
-                within_s=90,
-            )
-            assert await daemon.stop() == 0
-        finally:
-            await daemon.ensure_dead()
-        truth = await sim.until("terminated", within_s=5)
-        assert any(r["event"] == "scenario_step" for r in sim.lines), "the scenario ran"
-    finally:
-        await stop_simulator(sim)
-    return daemon, end, truth, site
+    return await serial_e2e.run_scenario(
+        tmp_path, name, preset_gy, transport=transport, make_site=site_for
+    )
 
 
 def _ts(text: str) -> float:

@@ -9,7 +9,7 @@ import asyncio
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,18 +146,24 @@ async def test_a_whole_delivery_over_a_pty_matches_the_simulators_ground_truth(
 
 
 async def run_scenario(
-    tmp_path: Path, name: str, preset_gy: float
+    tmp_path: Path,
+    name: str,
+    preset_gy: float,
+    *,
+    transport: str = "serial",
+    make_site: Callable[[Path, Simulator], Site] | None = None,
 ) -> tuple[Daemon, dict[str, Any], dict[str, Any], Site]:
-    """The daemon through one delivery of the simulator playing scenario ``name``: the
-    daemon, its delivery_terminated record, the simulator's ground truth, the site."""
-    sim = await start_simulator("--scenario", name, preset_gy=preset_gy)
+    """The daemon through one delivery of the simulator playing scenario ``name`` over
+    ``transport``: the daemon, its delivery_terminated record, the simulator's ground
+    truth, the site (``make_site`` writes the daemon's config for the simulator)."""
+    sim = await start_simulator("--scenario", name, preset_gy=preset_gy, transport=transport)
     try:
-        site = site_for(tmp_path, sim.device)
+        site = (make_site or (lambda p, s: site_for(p, s.device)))(tmp_path, sim)
         daemon = await Daemon.follow(site)
         try:
             end = await daemon.seen(
                 lambda r: r.get("event") == "delivery_terminated",
-                f"the delivery's end ({name})",
+                f"the delivery's end ({name} over {transport})",
                 within_s=90,
             )
             assert await daemon.stop() == 0

@@ -7,12 +7,12 @@ from __future__ import annotations
 import asyncio
 import socket
 import stat
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from manualclock import ManualClock
 
 from simulators.cli import main
 from simulators.control import (
@@ -28,22 +28,6 @@ from simulators.model import SourceModel
 from simulators.profiles import load_profile
 from simulators.sequence import ClinicalSequence
 from simulators.serve import SpecError, load_devices
-
-
-class ManualClock:
-    speed = 1.0
-
-    def __init__(self) -> None:
-        self.ns = 0
-
-    def monotonic_ns(self) -> int:
-        return self.ns
-
-    def utc(self) -> datetime:
-        return datetime(2026, 11, 26, tzinfo=UTC)
-
-    def at(self, seconds: float) -> None:
-        self.ns = round(seconds * 1e9)
 
 
 def served(name: str, clock: ManualClock) -> Served:

@@ -4,10 +4,10 @@ the scenario it plays."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from manualclock import ManualClock
 
 from drivers.types import DeviceState, Interlock, InterlockState
 from simulators.device import ActionError, SimDevice
@@ -15,22 +15,6 @@ from simulators.model import SourceModel
 from simulators.profiles import load_profile
 from simulators.scenario import Step, load_scenario
 from simulators.sequence import ClinicalSequence
-
-
-class ManualClock:
-    speed = 1.0
-
-    def __init__(self) -> None:
-        self.ns = 0
-
-    def monotonic_ns(self) -> int:
-        return self.ns
-
-    def utc(self) -> datetime:
-        return datetime(2026, 11, 26, tzinfo=UTC)
-
-    def at(self, seconds: float) -> None:
-        self.ns = round(seconds * 1e9)
 
 
 def make(tmp_path: Path, script: str | None = None) -> tuple[SimDevice, ManualClock]:

@@ -15,11 +15,11 @@ import os
 import re
 import struct
 import tty
-from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
 
 import pytest
+from manualclock import ManualClock
 
 from drivers.types import (
     ApplicatorIdentity,
@@ -49,22 +49,6 @@ from simulators.sequence import ClinicalSequence
 
 MAP = load_map(default_map_path())
 IDENT = DeviceIdentity("iortd simulator", "XRS-50", "SIM-0042", "sim-1.0", simulated=True)
-
-
-class ManualClock:
-    speed = 1.0
-
-    def __init__(self) -> None:
-        self.ns = 0
-
-    def monotonic_ns(self) -> int:
-        return self.ns
-
-    def utc(self) -> datetime:
-        return datetime(2026, 11, 26, tzinfo=UTC)
-
-    def at(self, seconds: float) -> None:
-        self.ns = round(seconds * 1e9)
 
 
 def snapshot(**changes: object) -> ModelSnapshot:

@@ -3,10 +3,10 @@ host's codec (two independent implementations of docs/protocols.md)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from manualclock import ManualClock
 
 from drivers.clock import SystemClock
 from drivers.errors import ProtocolViolation
@@ -98,25 +98,10 @@ def test_numbers_are_written_as_the_spec_allows(console: ConsoleProtocol) -> Non
     assert st.dose_primary_gy == pytest.approx(1.0, rel=0.01)
 
 
-class _ManualClock:
-    """A clock the test moves by hand."""
-
-    speed = 1.0
-
-    def __init__(self) -> None:
-        self.ns = 0
-
-    def monotonic_ns(self) -> int:
-        return self.ns
-
-    def utc(self) -> datetime:
-        return datetime(2026, 11, 26, tzinfo=UTC)
-
-
 def test_a_scenario_step_acts_at_its_own_time_not_at_the_next_request(tmp_path: Path) -> None:
     path = tmp_path / "s.toml"
     path.write_text('[[step]]\nat = "5s"\naction = "open_door"\n', encoding="utf-8")
-    clock = _ManualClock()
+    clock = ManualClock()
     model = SourceModel(load_profile("axxent"), seed=1)
     seq = ClinicalSequence(model, preset_gy=1.0, applicator_code="BAL34", start_delay_s=0)
     device = SimDevice("console", seq, clock, load_scenario(path))
