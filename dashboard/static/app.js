@@ -436,12 +436,13 @@
       setText(v.allClear, "NOT CLEAR: " + bad + " tripped or unknown");
     }
 
-    if (room.dirty || plotsToo) {
+    // The lists and plots are redrawn together, at most every 500 ms.
+    if (plotsToo) {
       renderAlarms(v, room);
       renderFacts(v, room, d);
       renderNotice(v, room);
+      renderPlots(v, room, d);
     }
-    if (plotsToo) renderPlots(v, room, d);
   }
 
   function renderNotice(v, room) {
@@ -740,7 +741,14 @@
     const url = "/events" + (roomKey ? "?room=" + encodeURIComponent(roomKey) : "");
     source = new EventSource(url);
     source.addEventListener("open", () => { model.streamOpen = true; model.lastServerEvent = performance.now(); });
-    source.addEventListener("error", () => { model.streamOpen = source.readyState === EventSource.OPEN; });
+    source.addEventListener("error", () => {
+      model.streamOpen = false;
+      // The browser retries by itself unless it gave up (CLOSED): then we do.
+      if (source.readyState === EventSource.CLOSED) {
+        source.close();
+        setTimeout(() => connect(roomKey), 2000);
+      }
+    });
     source.addEventListener("snapshot", (e) => {
       loadSnapshot(JSON.parse(e.data));
       model.streamOpen = true;
