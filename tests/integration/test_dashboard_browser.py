@@ -4,11 +4,12 @@ Mosquitto: headless Debian Chromium driven by Playwright.
 * one room over the production path (`iort-sim serve` on a pty playing the
   door-mid-delivery scenario, `iortd run` with the `serial-xrs` driver): the delivered
   dose rises, the door interlock trips, the delivery is interrupted and resumes, it ends
-  NORMAL, and after the daemon is killed the page turns STALE within the bound, then
-  OFFLINE (the broker's Last Will);
+  NORMAL; a hung daemon (no telemetry, connection still open) turns the page STALE within
+  the bound, and killing it OFFLINE (the broker's Last Will);
 * two simulated rooms on one broker: the overview shows both, each room page only its
-  own; a restart of the dashboard shows the current state again from retained topics
-  at once; a dead dashboard and a dashboard without a broker are shown as not live.
+  own; a killed daemon turns its room (only) OFFLINE within the bound; a dead dashboard
+  is shown as not live by the page itself; a restarted dashboard shows the current state
+  again from retained topics at once; a dashboard without a broker shows OFFLINE.
 
 In both, every request the page makes goes to the dashboard's own host and port.
 Screenshots of each moment go to test-artifacts/dashboard/.
@@ -33,7 +34,9 @@ from daemon.mqtt.broker import BrokerOptions, Mosquitto
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
 STALE_AFTER_S = 2.0
-KEEPALIVE_S = 2  # the daemon's: its Last Will fires within 1.5 x this after a kill
+# The daemon's: its Last Will fires within 1.5 x this after a kill, well after the stale
+# bound, so that STALE (no telemetry) is seen on its own before OFFLINE (the will).
+KEEPALIVE_S = 4
 VIEWPORT = {"width": 1500, "height": 1000}
 
 SERIAL_SITE = """
@@ -171,29 +174,32 @@ async def test_one_delivery_through_the_serial_path_as_a_physicist_sees_it(
             await expect(page.locator("#termination-fact")).to_contain_text("NORMAL")
             await shot(page, "04-room-terminated-normal")
 
-            # The daemon dies: no telemetry, so STALE within the bound; then the broker's
-            # Last Will makes it OFFLINE.
+            # The daemon hangs (SIGSTOP: its connection stays open, so no Last Will yet):
+            # no telemetry, so STALE within the bound, greyed, with the age shown.
             await daemon.seen(
                 lambda r: r.get("event") == "delivery_terminated", "the delivery's end"
             )
-            daemon.proc.send_signal(signal.SIGKILL)
-            killed = time.monotonic()
-            await expect(page.locator("#room")).to_have_attribute(
-                "data-live", "false", timeout=int((STALE_AFTER_S + 2.0) * 1000)
-            )
-            noticed = time.monotonic() - killed
-            assert noticed <= STALE_AFTER_S + 2.0, f"stale shown {noticed:.1f} s after the kill"
-            await expect(page.locator("#staleness")).to_be_visible()
-            await expect(page.locator("#staleness")).to_contain_text(
-                re.compile(r"(STALE|OFFLINE) — NOT LIVE")
-            )
-            await expect(page.locator("#age")).to_contain_text("last message")
-            await shot(page, "05-room-stale-after-daemon-killed")
+            daemon.proc.send_signal(signal.SIGSTOP)
+            hung = time.monotonic()
             await expect(page.locator("#live-word")).to_have_text(
-                "OFFLINE", timeout=int(KEEPALIVE_S * 1.5 * 1000 + 5000)
+                "STALE", timeout=int((STALE_AFTER_S + 1.5) * 1000)
+            )
+            noticed = time.monotonic() - hung
+            assert noticed <= STALE_AFTER_S + 1.5, f"stale shown {noticed:.1f} s after the hang"
+            await expect(page.locator("#room")).to_have_attribute("data-live", "false")
+            await expect(page.locator("#staleness")).to_be_visible()
+            await expect(page.locator("#staleness")).to_contain_text("STALE — NOT LIVE: no data")
+            await expect(page.locator("#age")).to_contain_text(re.compile(r"last message \d"))
+            await shot(page, "05-room-stale-daemon-hung")
+
+            # Killed: the broker publishes its Last Will (status offline) and the page
+            # says OFFLINE.
+            daemon.proc.send_signal(signal.SIGKILL)
+            await expect(page.locator("#live-word")).to_have_text(
+                "OFFLINE", timeout=int(KEEPALIVE_S * 1.5 * 1000 + 3000)
             )
             await expect(page.locator("#staleness")).to_contain_text("daemon is offline")
-            await shot(page, "06-room-offline-last-will")
+            await shot(page, "06-room-offline-daemon-killed")
             assert rec.errors == [], f"the page reported errors: {rec.errors}"
     finally:
         await daemon.ensure_dead()
@@ -267,13 +273,33 @@ async def test_two_rooms_on_one_broker_and_a_restarted_dashboard(
             await expect(page.locator("#main")).not_to_contain_text("or-7")
             await shot(page, "08-room-or-8-only")
 
+            # Room or-8's daemon is killed: its page is not live within the bound (the
+            # broker's Last Will comes at once), and the overview keeps the rooms apart.
+            daemons[1].proc.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            await expect(page.locator("#room")).to_have_attribute(
+                "data-live", "false", timeout=int((STALE_AFTER_S + 1.5) * 1000)
+            )
+            assert time.monotonic() - killed <= STALE_AFTER_S + 1.5
+            await expect(page.locator("#live-word")).to_have_text("OFFLINE")
+            await expect(page.locator("#staleness")).to_contain_text("the daemon is offline")
+            await open_page(page, dash.url)
+            await expect(or8).to_have_attribute("data-live", "false", timeout=5_000)
+            await expect(or8).to_contain_text("OFFLINE")
+            await expect(or7).to_have_attribute("data-live", "true")
+            await shot(page, "09-overview-one-room-offline")
+            await open_page(page, dash.url + "room/hospital-b/or-7")
+            await expect(page.locator("#room")).to_have_attribute(
+                "data-live", "true", timeout=10_000
+            )
+
             # The dashboard dies: the page, on its own clock, shows the data is not live.
             await dash.kill()
             await expect(page.locator("#room")).to_have_attribute(
                 "data-live", "false", timeout=int((STALE_AFTER_S + 4.0) * 1000)
             )
             await expect(page.locator("#link")).to_contain_text("NO CONNECTION")
-            await shot(page, "09-room-dashboard-server-gone")
+            await shot(page, "10-room-dashboard-server-gone")
 
             # A new dashboard on the same port: the page reconnects by itself and shows
             # the current state at once, rebuilt from the retained topics.
@@ -288,14 +314,14 @@ async def test_two_rooms_on_one_broker_and_a_restarted_dashboard(
                 "data-live", "true", timeout=10_000
             )
             await expect(page.locator("#termination")).to_contain_text("NORMAL")
-            await expect(page.locator("#preset")).to_have_text("1.20")
+            await expect(page.locator("#preset")).to_have_text("0.60")
             await expect(page.locator('#interlocks li[data-state="ok"]')).to_have_count(10)
 
             # The dashboard loses its broker: every room is offline, never frozen as live.
             await broker.stop()
             await expect(page.locator("#live-word")).to_have_text("OFFLINE", timeout=10_000)
             await expect(page.locator("#staleness")).to_contain_text("no broker connection")
-            await shot(page, "10-room-dashboard-lost-broker")
+            await shot(page, "11-room-dashboard-lost-broker")
             assert rec.errors == [], f"the page reported errors: {rec.errors}"
     finally:
         for d in daemons:
