@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import signal
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from playwright.async_api import Browser, Page, Request, async_playwright
+from playwright.async_api import Browser, ConsoleMessage, Page, Request, async_playwright
 
 BIN = Path(sys.executable).parent
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "dashboard"
@@ -175,8 +176,23 @@ class Recorder:
         def on_request(req: Request) -> None:
             self.requests.append(req.url)
 
+        def on_console(msg: ConsoleMessage) -> None:
+            # A request the Content-Security-Policy blocked never becomes a request
+            # event, but the browser reports it here ("Refused to connect to ...").
+            if msg.type == "error":
+                self.errors.append(f"{msg.text} [{msg.location.get('url', '')}]")
+
         page.on("request", on_request)
+        page.on("console", on_console)
         page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+
+    def errors_but_link_loss(self, netloc: str) -> list[str]:
+        """Errors, less the failed loads of our own stream while the test had stopped
+        the dashboard on purpose."""
+        own = re.compile(
+            r"^Failed to load resource: net::ERR_\w+ \[http://" + re.escape(netloc) + "/"
+        )
+        return [e for e in self.errors if not own.match(e)]
 
     def foreign(self, netloc: str) -> list[str]:
         """Requests to any host other than the dashboard's own."""

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
 DASH = str(BIN / "iort-dashboard")
 STATIC = Path(__file__).resolve().parents[2] / "dashboard" / "static"
-URL_RE = re.compile(r"https?://", re.IGNORECASE)
+# A URL with a scheme, or a protocol-relative one ("//host/...") in a string or url().
+URL_RE = re.compile(r"https?://|[\"'(]\s*//", re.IGNORECASE)
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
