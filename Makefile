@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # Debian package:command pairs the tests and the demo rely on.
-SYSTEM_PACKAGES := mosquitto:mosquitto mosquitto-clients:mosquitto_sub mbpoll:mbpoll
+SYSTEM_PACKAGES := mosquitto:mosquitto mosquitto-clients:mosquitto_sub mbpoll:mbpoll chromium:chromium
 
 .PHONY: demo test lint typecheck unit system-packages venv clean
 

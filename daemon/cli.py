@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import importlib.resources
 import os
+import select
 import signal
+import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -96,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
         "--broker",
         metavar="URL",
         help="publish to this broker (mqtt://host:port) instead of a private Mosquitto",
+    )
+    demo.add_argument(
+        "--no-dashboard", action="store_true", help="do not start the live web dashboard"
     )
 
     check = sub.add_parser("check-config", help="validate a configuration file and exit")
@@ -312,6 +317,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             loaded = _load(args.config or default_demo_config(), _mqtt_off(overrides))
             if loaded is None:
                 return EXIT_USAGE
+        if broker_url is not None and not args.no_dashboard:
+            _demo_dashboard(stack, broker_url, loaded.config.mqtt.prefix)
         return _run_demo(args, loaded, signer, pub, broker_url)
 
 
@@ -340,6 +347,40 @@ def _embedded_broker(stack: contextlib.ExitStack) -> str | int | None:
         f"MQTT broker: private Mosquitto (pid {broker.pid}) on {broker.url}, for this demo only",
     )
     return broker.url
+
+
+DASHBOARD_START_S = 10.0
+
+
+def _demo_dashboard(stack: contextlib.ExitStack, broker_url: str, prefix: str) -> None:
+    """`iort-dashboard` on the demo's stream (127.0.0.1, a free port), as a process
+    stopped by PID when the demo ends. The demo goes on without it if it cannot start."""
+    argv = [sys.executable, "-m", "dashboard.cli", "--broker", broker_url, "--port", "0"]
+    proc = subprocess.Popen(  # noqa: S603 - our own module, with our own arguments
+        [*argv, "--prefix", prefix, "--log-level", "warning"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    stack.callback(_stop_process, proc)
+    out = proc.stdout
+    ready, _, _ = select.select([] if out is None else [out], [], [], DASHBOARD_START_S)
+    line = out.readline() if out is not None and ready else ""
+    if not line.startswith("iort-dashboard: serving "):
+        print("iortd demo: the live dashboard did not start", file=sys.stderr)  # noqa: T201
+        return
+    print(  # noqa: T201 - CLI output
+        f"live dashboard: {line.split()[-1]} (pid {proc.pid}): open it in a browser"
+    )
+
+
+def _stop_process(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=SHUTDOWN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _run_demo(

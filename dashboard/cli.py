@@ -1,0 +1,247 @@
+"""``iort-dashboard``: the live delivery dashboard, an MQTT consumer with a web page.
+
+Exit status: 0 after a requested stop (SIGINT/SIGTERM); 2 for a usage or configuration
+error (a bad broker URL, a password that cannot be read, a port in use), named on stderr.
+On start it prints one line to stdout, ``iort-dashboard: serving http://HOST:PORT/``,
+so that a script (``iortd demo``) can learn the port when ``--port 0`` picked it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Generator, Sequence
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import structlog
+import uvicorn
+
+from daemon.logs import configure_logging
+from dashboard.app import build_app
+from dashboard.hub import Hub
+from dashboard.mqtt import BrokerSettings, UrlError, consume, parse_broker_url
+from dashboard.state import Rooms
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+SHUTDOWN_TIMEOUT_S = 5.0
+log = structlog.get_logger("iort_dashboard")
+
+
+class UsageError(Exception):
+    """A usage or configuration error: the message names the option and what to do."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="iort-dashboard",
+        description="Live IORT delivery dashboard: subscribes to {prefix}/v1/# on an MQTT "
+        "broker and serves a web page per room and an overview of all rooms.",
+    )
+    p.add_argument("--broker", required=True, metavar="URL", help="mqtt://HOST[:PORT] or mqtts://")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080; 0: any free)")
+    p.add_argument("--prefix", default="iort", help="topic prefix, as the daemons' [mqtt] prefix")
+    p.add_argument("--tls", action="store_true", help="TLS to the broker (as an mqtts:// URL)")
+    p.add_argument("--ca-file", type=Path, metavar="FILE", help="the broker's CA (default: system)")
+    p.add_argument("--cert-file", type=Path, metavar="FILE", help="client certificate (TLS)")
+    p.add_argument("--key-file", type=Path, metavar="FILE", help="its key")
+    p.add_argument("--username", help="broker user name")
+    pw = p.add_mutually_exclusive_group()
+    pw.add_argument("--password-file", type=Path, metavar="FILE", help="file holding the password")
+    pw.add_argument("--password-env", metavar="VAR", help="environment variable holding it")
+    p.add_argument(
+        "--stale-after",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="a room with no telemetry for S seconds is shown stale (default 5)",
+    )
+    p.add_argument(
+        "--history-points",
+        type=int,
+        default=4000,
+        metavar="N",
+        help="telemetry points kept per room for the plots (default 4000)",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def _password(args: argparse.Namespace) -> str | None:
+    if args.password_file is not None:
+        f: Path = args.password_file
+        try:
+            mode = f.stat().st_mode & 0o777
+            if mode & 0o077:
+                raise UsageError(
+                    f"--password-file: {f} is readable by others (mode {mode:04o}); chmod 600 it"
+                )
+            return f.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise UsageError(f"--password-file: cannot read {f}: {exc.strerror}") from None
+    if args.password_env is not None:
+        value = os.environ.get(args.password_env)
+        if value is None:
+            raise UsageError(f"--password-env: the variable {args.password_env} is not set")
+        return value
+    return None
+
+
+def settings_from_args(args: argparse.Namespace) -> BrokerSettings:
+    try:
+        host, port, tls = parse_broker_url(args.broker)
+    except UrlError as exc:
+        raise UsageError(f"--broker: {exc}") from None
+    if args.tls and not tls:
+        tls = True
+        port = 8883 if urlsplit(args.broker).port is None else port
+    for opt in ("ca_file", "cert_file", "key_file"):
+        path: Path | None = getattr(args, opt)
+        flag = "--" + opt.replace("_", "-")
+        if path is not None and not tls:
+            raise UsageError(f"{flag}: only with TLS (an mqtts:// URL or --tls)")
+        if path is not None and not path.is_file():
+            raise UsageError(f"{flag}: no such file: {path}")
+    if (args.cert_file is None) != (args.key_file is None):
+        raise UsageError("--cert-file and --key-file go together (a client certificate)")
+    if "/" in args.prefix or "+" in args.prefix or "#" in args.prefix or not args.prefix:
+        raise UsageError(f"--prefix: {args.prefix!r} must be non-empty, without '/', '+', '#'")
+    if not args.stale_after > 0:
+        raise UsageError(f"--stale-after: must be > 0 seconds; got {args.stale_after}")
+    if not 100 <= args.history_points <= 100_000:
+        raise UsageError(f"--history-points: must be 100..100000; got {args.history_points}")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port: must be 0..65535; got {args.port}")
+    return BrokerSettings(
+        host=host,
+        port=port,
+        tls=tls,
+        prefix=args.prefix,
+        username=args.username,
+        password=_password(args),
+        ca_file=args.ca_file,
+        cert_file=args.cert_file,
+        key_file=args.key_file,
+    )
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a port in use is a clear usage error."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        raise UsageError(f"--host: expected an IP address; got {host!r}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(
+                f"--port: {host}:{port} is already in use; choose another port (or --port 0)"
+            ) from None
+        raise UsageError(f"--host/--port: cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.setblocking(False)
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: our composition root owns the signals
+    (a signal only requests a stop; the stop is ordered and bounded)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+async def serve(
+    settings: BrokerSettings,
+    sock: socket.socket,
+    *,
+    stale_after_s: float,
+    history_points: int,
+) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    rooms = Rooms(settings.prefix, history_points=history_points)
+    hub = Hub(rooms, settings.url, clock=time.monotonic)
+    app = build_app(hub, stale_after_s=stale_after_s, history_points=history_points)
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=int(SHUTDOWN_TIMEOUT_S / 2),
+        ws="none",
+    )
+    server = _Server(config)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{port}/"
+    try:
+        async with asyncio.TaskGroup() as tg:
+            web = tg.create_task(server.serve(sockets=[sock]), name="http")
+            mqtt = tg.create_task(consume(settings, hub), name="mqtt")
+            log.info("dashboard_serving", url=url, broker=settings.url, prefix=settings.prefix)
+            print(f"iort-dashboard: serving {url}", flush=True)  # noqa: T201 - the ready line
+            stopper = tg.create_task(stop.wait(), name="stop")
+            await asyncio.wait({web, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            log.info("dashboard_stopping", subscribers=hub.subscribers)
+            # Ordered: end the browser streams, let the HTTP server finish, then the MQTT
+            # connection; everything bounded.
+            hub.close()
+            server.should_exit = True
+            stopper.cancel()
+            done, _ = await asyncio.wait({web}, timeout=SHUTDOWN_TIMEOUT_S)
+            if not done:
+                log.error("shutdown_timeout", timeout_s=SHUTDOWN_TIMEOUT_S)
+                web.cancel(msg="shutdown timed out")
+            mqtt.cancel(msg="shutdown")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        sock.close()
+    log.info("dashboard_stopped")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    configure_logging(args.log_level)
+    # uvicorn logs through the standard library: warnings and errors only, as JSON lines.
+    logging.getLogger("uvicorn").setLevel(logging.WARNING)
+    try:
+        settings = settings_from_args(args)
+        sock = _bind(args.host, args.port)
+    except UsageError as exc:
+        print(f"iort-dashboard: {exc}", file=sys.stderr)  # noqa: T201 - CLI output
+        return EXIT_USAGE
+    return asyncio.run(
+        serve(
+            settings,
+            sock,
+            stale_after_s=args.stale_after,
+            history_points=args.history_points,
+        )
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""The dashboard's one MQTT connection: subscribe to ``{prefix}/v1/#`` and feed the rooms.
+
+aiomqtt has no reconnect, so this is an explicit loop with capped, jittered backoff; every
+change of connection state is logged and pushed to the browsers, which show every room as
+offline while the dashboard itself has no broker (never frozen values as live).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import socket
+import ssl
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import aiomqtt
+import orjson
+import structlog
+
+from dashboard.hub import Hub
+from dashboard.state import Rejected
+
+__all__ = ["BrokerSettings", "UrlError", "consume", "parse_broker_url"]
+
+log = structlog.get_logger("iort_dashboard.mqtt")
+_PAHO_LOG = logging.getLogger("iort_dashboard.paho")
+
+BACKOFF_INITIAL_S = 0.5
+BACKOFF_MAX_S = 10.0
+TIMEOUT_S = 10.0  # connect and subscribe
+KEEPALIVE_S = 5  # a dead link is noticed within 1.5 x this
+REJECT_LOG_EVERY = 1000
+
+
+class UrlError(ValueError):
+    pass
+
+
+def parse_broker_url(url: str) -> tuple[str, int, bool]:
+    """``(host, port, tls)`` of ``mqtt://HOST[:PORT]`` or ``mqtts://HOST[:PORT]``, as the
+    daemon's ``[mqtt] url``."""
+    expected = f"expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]; got {url!r}"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise UrlError(expected) from None
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or port == 0:
+        raise UrlError(expected)
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise UrlError(expected)
+    tls = parts.scheme == "mqtts"
+    return parts.hostname, port or (8883 if tls else 1883), tls
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    host: str
+    port: int
+    tls: bool
+    prefix: str = "iort"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        ctx = ssl.create_default_context(cafile=None if self.ca_file is None else str(self.ca_file))
+        if self.cert_file is not None and self.key_file is not None:
+            ctx.load_cert_chain(str(self.cert_file), str(self.key_file))
+        return ctx
+
+
+async def consume(settings: BrokerSettings, hub: Hub) -> None:
+    """Run until cancelled: connect, subscribe, apply every message; reconnect on loss."""
+    rng = random.Random()  # noqa: S311 - jitter, not cryptography
+    backoff = BACKOFF_INITIAL_S
+    tls = await asyncio.to_thread(settings.tls_context) if settings.tls else None
+    identifier = f"iort-dashboard-{uuid.uuid4().hex[:12]}"
+    rejected = 0
+    while True:
+        log.info("mqtt_connecting", broker=settings.url)
+        connected = False
+        try:
+            client = aiomqtt.Client(
+                settings.host,
+                settings.port,
+                logger=_PAHO_LOG,
+                identifier=identifier,
+                username=settings.username,
+                password=settings.password,
+                protocol=aiomqtt.ProtocolVersion.V5,
+                keepalive=KEEPALIVE_S,
+                timeout=TIMEOUT_S,
+                tls_context=tls,
+                socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+            )
+            async with client:
+                await client.subscribe(f"{settings.prefix}/v1/#", qos=1, timeout=TIMEOUT_S)
+                connected = True
+                backoff = BACKOFF_INITIAL_S
+                log.info("mqtt_connected", broker=settings.url)
+                hub.set_broker(True, "connected")
+                # Bounded by the keep-alive: a dead link raises MqttError within 1.5 x it.
+                async for message in client.messages:
+                    payload = message.payload
+                    raw = payload if isinstance(payload, bytes | bytearray) else b""
+                    try:
+                        acc = hub.rooms.accept(
+                            message.topic.value, orjson.loads(raw), time.monotonic()
+                        )
+                    except (Rejected, orjson.JSONDecodeError) as exc:
+                        rejected += 1
+                        if rejected % REJECT_LOG_EVERY == 1:
+                            log.warning(
+                                "mqtt_message_rejected",
+                                topic=message.topic.value,
+                                reason=str(exc),
+                                rejected=rejected,
+                            )
+                        continue
+                    if acc is not None:
+                        hub.message(acc)
+            hub.set_broker(False, "the connection ended")
+        except aiomqtt.MqttError as exc:
+            reason = str(exc) or type(exc).__name__
+            event = "mqtt_connection_lost" if connected else "mqtt_connect_failed"
+            log.error(event, broker=settings.url, reason=reason)  # noqa: TRY400
+            hub.set_broker(False, reason)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("mqtt_connect_failed", broker=settings.url, reason=str(exc))  # noqa: TRY400
+            hub.set_broker(False, str(exc))
+        except Exception as exc:
+            # A bug here must not leave the page showing a frozen stream as live.
+            log.exception("mqtt_consumer_error", broker=settings.url)
+            hub.set_broker(False, f"internal error: {type(exc).__name__}")
+        delay = rng.uniform(backoff / 2, backoff)
+        log.info("mqtt_reconnect_wait", delay_s=round(delay, 3))
+        backoff = min(backoff * 2, BACKOFF_MAX_S)
+        await asyncio.sleep(delay)

@@ -1,0 +1,807 @@
+/* iortd dashboard: the browser side.
+ *
+ * One EventSource to the dashboard server (/events, or /events?room=SITE/ROOM on a room
+ * page). The first event is a snapshot of what the server holds (built from MQTT only);
+ * then one "msg" per MQTT message, "broker" when the server's MQTT link changes, "tick"
+ * every second. Staleness is computed here, with this browser's clock, from when each
+ * message arrived, so that a dead server, a dead stream or a dead daemon all end in the
+ * same visible state: greyed values, the word STALE or OFFLINE, and the age of the last
+ * message. No request goes anywhere but this page's own origin.
+ */
+"use strict";
+
+(function () {
+  const RETAINED = ["status", "interlocks", "delivery", "audit/checkpoint"];
+  const INTERLOCK_NAMES = {
+    door: "Door",
+    emergency_stop: "Emergency stop",
+    applicator: "Applicator",
+    kv: "Tube voltage (kV)",
+    ua: "Tube current (µA)",
+    cooling: "Cooling",
+    dose_channels: "Dose channels agree",
+    dose_rate: "Dose rate",
+    backup_timer: "Backup timer",
+    communication: "Communication",
+  };
+  const ICONS = {
+    on: '<svg viewBox="0 0 24 24" aria-hidden="true"><circle cx="12" cy="12" r="2.6" fill="currentColor"/><path fill="currentColor" d="M12 9.1 7.2 1.9a11 11 0 0 1 9.6 0zM14.5 13.45l8.6.6a11 11 0 0 1-4.8 8.3zM9.5 13.45l-3.8 8.9a11 11 0 0 1-4.8-8.3z"/></svg>',
+    off: '<svg viewBox="0 0 24 24" aria-hidden="true"><circle cx="12" cy="12" r="9.5" fill="none" stroke="currentColor" stroke-width="2.5"/><rect x="7" y="10.5" width="10" height="3" fill="currentColor"/></svg>',
+    ready: '<svg viewBox="0 0 24 24" aria-hidden="true"><circle cx="12" cy="12" r="9.5" fill="none" stroke="currentColor" stroke-width="2.5"/><path d="M12 6v6l4 3" fill="none" stroke="currentColor" stroke-width="2.5"/></svg>',
+    interrupted: '<svg viewBox="0 0 24 24" aria-hidden="true"><circle cx="12" cy="12" r="9.5" fill="none" stroke="currentColor" stroke-width="2.5"/><rect x="8" y="7" width="3" height="10" fill="currentColor"/><rect x="13" y="7" width="3" height="10" fill="currentColor"/></svg>',
+    fault: '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M12 2 23 21H1z" fill="none" stroke="currentColor" stroke-width="2.5" stroke-linejoin="round"/><rect x="10.8" y="8" width="2.4" height="7" fill="currentColor"/><rect x="10.8" y="16.5" width="2.4" height="2.4" fill="currentColor"/></svg>',
+    unknown: '<svg viewBox="0 0 24 24" aria-hidden="true"><circle cx="12" cy="12" r="9.5" fill="none" stroke="currentColor" stroke-width="2.5"/><path d="M9 9.2a3 3 0 1 1 4.2 2.8c-.8.4-1.2 1-1.2 1.9v.6" fill="none" stroke="currentColor" stroke-width="2.4"/><rect x="10.8" y="16" width="2.4" height="2.4" fill="currentColor"/></svg>',
+    ok: '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M4 12.5l5 5L20 6.5" fill="none" stroke="currentColor" stroke-width="3.2"/></svg>',
+    tripped: '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M5 5l14 14M19 5 5 19" fill="none" stroke="currentColor" stroke-width="3.2"/></svg>',
+    stale: '<svg viewBox="0 0 24 24" aria-hidden="true"><circle cx="12" cy="12" r="9.5" fill="none" stroke="currentColor" stroke-width="2.5"/><path d="M12 6v6.5H7" fill="none" stroke="currentColor" stroke-width="2.5"/><path d="M3 21 21 3" stroke="currentColor" stroke-width="2.5"/></svg>',
+    sim: '<svg viewBox="0 0 24 24" aria-hidden="true"><rect x="3" y="5" width="18" height="12" fill="none" stroke="currentColor" stroke-width="2.5"/><path d="M8 21h8M12 17v4" stroke="currentColor" stroke-width="2.5"/></svg>',
+  };
+
+  // ---- the model: the server's snapshot, then every message applied in order ----------
+  const model = {
+    config: { stale_after_s: 5, history_points: 4000, tick_s: 1 },
+    only: null,
+    rooms: new Map(),
+    broker: { connected: false, reason: "not connected yet", url: "" },
+    streamOpen: false,
+    lastServerEvent: -Infinity,
+  };
+
+  function newRoom(key, site, room) {
+    return {
+      key, site, room,
+      retained: {},
+      telemetry: null,
+      historyDelivery: null,
+      history: [],
+      events: [],
+      dirty: true,
+    };
+  }
+
+  function held(x, now) {
+    return { payload: x.payload, rx: now - x.age_ms };
+  }
+
+  function loadSnapshot(data) {
+    const now = performance.now();
+    model.config = data.config;
+    model.only = data.only || null;
+    model.broker = data.broker;
+    model.rooms = new Map();
+    for (const [key, r] of Object.entries(data.rooms)) {
+      const room = newRoom(key, r.site, r.room);
+      for (const [name, h] of Object.entries(r.retained)) room.retained[name] = held(h, now);
+      room.telemetry = r.telemetry ? held(r.telemetry, now) : null;
+      room.historyDelivery = r.history_delivery;
+      room.history = r.history;
+      room.events = r.events.map((e) => held(e, now));
+      model.rooms.set(key, room);
+    }
+    structureChanged = true;
+  }
+
+  function epochMs(ts) {
+    if (typeof ts !== "string") return null;
+    const v = Date.parse(ts);
+    return Number.isFinite(v) ? v : null;
+  }
+
+  function num(x) {
+    return typeof x === "number" && Number.isFinite(x) ? x : null;
+  }
+
+  function pointOf(p) {
+    const t = epochMs(p.at);
+    if (p.delivery_id === null || p.delivery_id === undefined || t === null) return null;
+    return {
+      t, d1: num(p.dose_primary_gy), d2: num(p.dose_secondary_gy), r: num(p.dose_rate_gy_min),
+      b: num(p.beam_on_s), h: !!p.historical, s: p.state,
+    };
+  }
+
+  function thin(points) {
+    const kept = points.filter((_, i) => i % 2 === 0);
+    if (kept[kept.length - 1] !== points[points.length - 1]) kept.push(points[points.length - 1]);
+    return kept;
+  }
+
+  function addPoint(room, p) {
+    const pt = pointOf(p);
+    if (!pt) return;
+    if (p.delivery_id !== room.historyDelivery) {
+      if (!pt.h || room.history.every((q) => q.h)) {
+        room.historyDelivery = p.delivery_id;
+        room.history = [];
+      } else {
+        return;
+      }
+    }
+    let i = room.history.length;
+    while (i > 0 && room.history[i - 1].t > pt.t) i--;
+    room.history.splice(i, 0, pt);
+    if (room.history.length > model.config.history_points) room.history = thin(room.history);
+  }
+
+  function applyMessage(m) {
+    let room = model.rooms.get(m.room);
+    if (!room) {
+      const [site, name] = m.room.split("/");
+      room = newRoom(m.room, site, name);
+      model.rooms.set(m.room, room);
+      structureChanged = true;
+    }
+    const h = { payload: m.payload, rx: performance.now() - (m.age_ms || 0) };
+    if (RETAINED.includes(m.name)) {
+      room.retained[m.name] = h;
+    } else if (m.name === "events") {
+      room.events.push(h);
+      if (room.events.length > 200) room.events.splice(0, room.events.length - 200);
+    } else if (m.name === "telemetry") {
+      // A replayed sample is history, never the current state (docs/mqtt-topics.md rule 2).
+      if (!m.payload.historical) room.telemetry = h;
+      addPoint(room, m.payload);
+    }
+    room.dirty = true;
+  }
+
+  // ---- liveness: computed here, from this browser's clock ------------------------------
+  function liveness(room, now) {
+    const staleMs = model.config.stale_after_s * 1000;
+    const last = lastMessageRx(room);
+    const age = last === null ? null : now - last;
+    const linkDead = !model.streamOpen || now - model.lastServerEvent > 3000 * model.config.tick_s;
+    if (linkDead) return { live: false, word: "STALE", why: "no connection to the dashboard server", age };
+    if (!model.broker.connected) {
+      return { live: false, word: "OFFLINE", why: "the dashboard has no broker connection (" + model.broker.reason + ")", age };
+    }
+    const status = room.retained.status;
+    if (!status) return { live: false, word: "OFFLINE", why: "no status from this room's daemon", age };
+    if (status.payload.online !== true) return { live: false, word: "OFFLINE", why: "the daemon is offline", age };
+    if (!room.telemetry) return { live: false, word: "STALE", why: "no live data yet", age };
+    const tage = now - room.telemetry.rx;
+    if (tage > staleMs) {
+      return { live: false, word: "STALE", why: "no data for more than " + fmtSecs(model.config.stale_after_s) , age: tage };
+    }
+    return { live: true, word: "LIVE", why: "", age: tage };
+  }
+
+  function lastMessageRx(room) {
+    if (room.telemetry) return room.telemetry.rx;
+    let best = null;
+    for (const h of Object.values(room.retained)) if (best === null || h.rx > best) best = h.rx;
+    return best;
+  }
+
+  function isSim(room) {
+    const t = room.telemetry, s = room.retained.status, d = room.retained.delivery;
+    return !!((t && t.payload.sim) || (s && s.payload.sim) || (d && d.payload.sim));
+  }
+
+  // ---- formatting ------------------------------------------------------------------------
+  function fmtGy(x, digits) {
+    if (x === null || x === undefined) return "—";
+    if (typeof x === "string") return x.toUpperCase();  // "nan", "inf": shown, never hidden
+    return x.toFixed(digits === undefined ? 2 : digits);
+  }
+  function fmtTime(s) {
+    if (s === null || s === undefined) return "—";
+    if (typeof s === "string") return s.toUpperCase();
+    const neg = s < 0;
+    let t = Math.round(Math.abs(s));
+    const h = Math.floor(t / 3600); t -= h * 3600;
+    const m = Math.floor(t / 60); const sec = t - m * 60;
+    const mm = (h > 0 ? String(m).padStart(2, "0") : String(m)) + ":" + String(sec).padStart(2, "0");
+    return (neg ? "-" : "") + (h > 0 ? h + ":" + mm : mm);
+  }
+  function fmtSecs(s) {
+    if (s < 10) return s.toFixed(1) + " s";
+    if (s < 120) return Math.round(s) + " s";
+    if (s < 7200) return Math.round(s / 60) + " min";
+    return (s / 3600).toFixed(1) + " h";
+  }
+  function fmtClock(ts) {
+    const v = epochMs(ts);
+    if (v === null) return "";
+    return new Date(v).toISOString().slice(11, 19) + " UTC";
+  }
+
+  function beamOf(state) {
+    switch (state) {
+      case "IRRADIATING": return { key: "on", word: "BEAM ON" };
+      case "READY": return { key: "ready", word: "READY" };
+      case "PREPARATORY": return { key: "ready", word: "PREPARING" };
+      case "INTERRUPTED": return { key: "interrupted", word: "INTERRUPTED" };
+      case "TERMINATED": return { key: "off", word: "BEAM OFF" };
+      case "FAULT": return { key: "fault", word: "FAULT" };
+      case "EMERGENCY_STOP": return { key: "fault", word: "EMERGENCY STOP" };
+      case "UNKNOWN": return { key: "fault", word: "UNKNOWN" };
+      case undefined: case null: return { key: "unknown", word: "NO DATA" };
+      default: return { key: "off", word: "BEAM OFF" };
+    }
+  }
+
+  // ---- DOM helpers -----------------------------------------------------------------------
+  function el(tag, attrs, ...kids) {
+    const e = document.createElement(tag);
+    for (const [k, v] of Object.entries(attrs || {})) {
+      if (k === "class") e.className = v; else if (k === "text") e.textContent = v; else e.setAttribute(k, v);
+    }
+    for (const k of kids) if (k !== null && k !== undefined) e.append(k);
+    return e;
+  }
+  function setText(node, text) { if (node.textContent !== text) node.textContent = text; }
+  function setAttr(node, k, v) { if (node.getAttribute(k) !== v) node.setAttribute(k, v); }
+  function icon(node, key) {
+    if (node.dataset.icon !== key) { node.dataset.icon = key; node.innerHTML = ICONS[key] || ""; }
+  }
+  function setBar(bar, frac, label) {
+    const f = Math.max(0, Math.min(1, frac || 0));
+    bar.fill.style.width = (f * 100).toFixed(1) + "%";
+    setText(bar.pct, label);
+    setAttr(bar.root, "aria-valuenow", (f * 100).toFixed(0));
+    setAttr(bar.root, "aria-valuetext", label);
+  }
+  function makeBar(label, small) {
+    const fill = el("div", { class: "fill" });
+    const pct = el("span", { class: "pct" });
+    const root = el("div", {
+      class: small ? "bar small" : "bar", role: "progressbar", "aria-label": label,
+      "aria-valuemin": "0", "aria-valuemax": "100",
+    }, fill, small ? null : pct);
+    return { root, fill, pct };
+  }
+
+  // ---- the room page ----------------------------------------------------------------------
+  let view = null;
+
+  function buildRoomPage(main, key) {
+    main.replaceChildren();
+    const v = { key };
+    v.root = el("div", { class: "room", id: "room", "data-room": key });
+    v.sim = el("div", { class: "banner sim", id: "sim-banner", role: "note", hidden: "" });
+    v.sim.innerHTML = ICONS.sim;
+    v.sim.append(el("span", { text: "SIMULATED — data from a simulator, not a patient delivery" }));
+    v.stale = el("div", { class: "banner staleness", id: "staleness", role: "alert", hidden: "" });
+    v.staleIcon = el("span");
+    v.staleText = el("span");
+    v.stale.append(v.staleIcon, v.staleText);
+    v.notice = el("div", { class: "banner notice", id: "notice", role: "alert", hidden: "" });
+    v.title = el("h1", { text: "Room " + key });
+    v.age = el("div", { class: "age", id: "age" });
+    v.liveWord = el("span", { class: "live-word", id: "live-word" });
+    const head = el("div", { class: "room-head" }, v.title, el("div", {}, v.liveWord, " ", v.age));
+
+    // beam
+    v.beam = el("div", { class: "beam-word", id: "beam-state", role: "status", "aria-live": "polite" });
+    v.beamIcon = el("span");
+    v.beamWord = el("span", { class: "beam-text" });
+    v.beam.append(v.beamIcon, v.beamWord);
+    v.beamSub = el("div", { class: "beam-sub", id: "beam-sub" });
+    v.term = el("div", { class: "termination", id: "termination" });
+    const beamPanel = el("section", { class: "panel beam", "aria-labelledby": "h-beam" },
+      el("h2", { id: "h-beam", text: "Beam" }), v.beam, el("span", { class: "notlive", text: "NOT LIVE" }), v.beamSub, v.term);
+
+    // dose
+    v.d1 = el("span", { class: "big", id: "dose-primary" });
+    v.preset = el("strong", { id: "preset" });
+    v.bar1 = makeBar("delivered dose, primary channel, percent of preset");
+    v.bar1.root.id = "progress-primary";
+    v.d2 = el("strong", { id: "dose-secondary" });
+    v.bar2 = makeBar("delivered dose, secondary channel, percent of preset", true);
+    v.bar2.root.id = "progress-secondary";
+    v.rate = el("strong", { id: "dose-rate" });
+    v.rateExp = el("span", { id: "dose-rate-expected" });
+    v.remGy = el("span", { id: "remaining-gy" });
+    const dosePanel = el("section", { class: "panel", "aria-labelledby": "h-dose" },
+      el("h2", { id: "h-dose", text: "Dose — primary channel, delivered of preset" }),
+      el("div", { class: "dose-main" }, v.d1, el("span", { class: "unit", text: "Gy" }),
+        el("span", { class: "of" }, "of ", v.preset, " Gy preset")),
+      v.bar1.root,
+      el("div", { class: "second" }, el("span", { text: "Secondary channel" }), v.d2, el("span", { class: "unit", text: "Gy" })),
+      v.bar2.root,
+      el("div", { class: "rate" }, "Dose rate ", v.rate, " Gy/min ", v.rateExp),
+      el("div", { class: "rate" }, "Remaining dose ", v.remGy));
+
+    // time
+    v.elapsed = el("dd", { id: "elapsed" });
+    v.beamOn = el("dd", { id: "beam-on" });
+    v.remaining = el("dd", { id: "remaining" });
+    v.planned = el("dd", { class: "minor", id: "planned" });
+    v.backup = el("dd", { class: "minor", id: "backup-limit" });
+    const timePanel = el("section", { class: "panel", "aria-labelledby": "h-time" },
+      el("h2", { id: "h-time", text: "Time (min:s)" }),
+      el("dl", { class: "times" },
+        el("dt", { text: "Elapsed" }), v.elapsed,
+        el("dt", { text: "Beam-on" }), v.beamOn,
+        el("dt", { text: "Remaining" }), v.remaining,
+        el("dt", { text: "Planned" }), v.planned,
+        el("dt", { text: "Backup timer" }), v.backup));
+
+    // plots
+    v.plotDose = el("div", { class: "plot", id: "plot-dose" });
+    v.plotRate = el("div", { class: "plot", id: "plot-rate" });
+    const legend = (items) => el("div", { class: "legend" }, ...items.map(([c, t]) => el("span", { class: c, text: t })));
+    const plots = el("div", { class: "grid row2" },
+      el("section", { class: "panel", "aria-labelledby": "h-pd" },
+        el("h2", { id: "h-pd", text: "Accumulated dose (Gy) over time" }), v.plotDose,
+        legend([["l-delivered", "primary"], ["l-secondary", "secondary"], ["l-expected", "expected at this beam-on time"],
+          ["l-preset", "preset"], ["l-replayed", "replayed (historical)"], ["l-gap", "no data (gap)"]])),
+      el("section", { class: "panel", "aria-labelledby": "h-pr" },
+        el("h2", { id: "h-pr", text: "Dose rate (Gy/min) over time" }), v.plotRate,
+        legend([["l-delivered", "measured"], ["l-expected", "expected"], ["l-replayed", "replayed (historical)"], ["l-gap", "no data (gap)"]])));
+
+    // interlocks, alarms, delivery facts
+    v.allClear = el("div", { class: "all-clear", id: "all-clear" });
+    v.interlocks = el("ul", { class: "list", id: "interlocks" });
+    v.ilRows = {};
+    for (const [k, name] of Object.entries(INTERLOCK_NAMES)) {
+      const ic = el("span");
+      const st = el("span", { class: "il-state" });
+      const li = el("li", { "data-interlock": k, "data-state": "unknown" }, ic, el("span", { class: "il-name", text: name }), st);
+      v.ilRows[k] = { li, ic, st };
+      v.interlocks.append(li);
+    }
+    v.alarms = el("ul", { class: "list alarms", id: "alarms", "aria-live": "polite" });
+    v.facts = el("dl", { class: "facts", id: "facts" });
+    const row3 = el("div", { class: "grid row3" },
+      el("section", { class: "panel", "aria-labelledby": "h-il" }, el("h2", { id: "h-il", text: "Interlocks" }), v.allClear, v.interlocks),
+      el("section", { class: "panel", "aria-labelledby": "h-al" }, el("h2", { id: "h-al", text: "Alarms and notices, newest first" }), v.alarms),
+      el("section", { class: "panel", "aria-labelledby": "h-dl" }, el("h2", { id: "h-dl", text: "Delivery and applicator" }), v.facts));
+
+    v.root.append(v.sim, v.stale, v.notice, head,
+      el("div", { class: "grid row1" }, beamPanel, dosePanel, timePanel), plots, row3);
+    main.append(v.root);
+    return v;
+  }
+
+  function renderRoom(v, room, now, plotsToo) {
+    const live = room ? liveness(room, now) : { live: false, word: "OFFLINE", why: "nothing received for this room", age: null };
+    v.root.classList.toggle("stale", !live.live);
+    setAttr(v.root, "data-live", String(live.live));
+    setText(v.liveWord, live.word);
+    setAttr(v.liveWord, "data-live", String(live.live));
+    const ageText = live.age === null ? "no message yet" : "last message " + fmtSecs(Math.max(0, live.age) / 1000) + " ago";
+    setText(v.age, ageText);
+    if (live.live) {
+      v.stale.hidden = true;
+    } else {
+      v.stale.hidden = false;
+      v.stale.classList.toggle("stale-only", live.word === "STALE");
+      icon(v.staleIcon, "stale");
+      setText(v.staleText, live.word + " — NOT LIVE: " + live.why + "; " + ageText + ". Values shown are the last received.");
+    }
+    if (!room) return;
+    v.sim.hidden = !isSim(room);
+
+    const t = room.telemetry ? room.telemetry.payload : null;
+    const dEnv = room.retained.delivery ? room.retained.delivery.payload : null;
+    const d = dEnv ? dEnv.delivery : null;
+    // The room title is the daemon's own words (status), else the topic.
+    const st = room.retained.status ? room.retained.status.payload : null;
+    setText(v.title, "Room " + room.room + " · " + room.site + (st ? "" : ""));
+
+    const beam = beamOf(t ? t.state : undefined);
+    setAttr(v.beam, "data-beam", beam.key);
+    setAttr(v.beam, "data-state", t ? String(t.state) : "");
+    icon(v.beamIcon, beam.key);
+    setText(v.beamWord, beam.word);
+    const phase = (t && t.phase) || (d && d.phase) || "no delivery";
+    setText(v.beamSub, "console " + (t ? t.state : "—") + " · delivery " + phase);
+    if (d && d.termination) {
+      setAttr(v.term, "data-status", d.termination);
+      setText(v.term, "Terminated " + d.termination + (d.termination_reason ? ": " + d.termination_reason : ""));
+    } else {
+      setAttr(v.term, "data-status", "");
+      setText(v.term, "");
+    }
+
+    // Dose: the live sample first (it is newer), the retained delivery summary otherwise.
+    const preset = t && num(t.preset_gy) !== null ? t.preset_gy : d ? d.preset_gy : null;
+    const d1 = t ? t.dose_primary_gy : d ? d.delivered_primary_gy : null;
+    const d2 = t ? t.dose_secondary_gy : d ? d.delivered_secondary_gy : null;
+    setText(v.d1, fmtGy(d1));
+    setText(v.preset, fmtGy(preset));
+    setText(v.d2, fmtGy(d2));
+    const frac = (x) => (num(x) !== null && num(preset) ? x / preset : 0);
+    setBar(v.bar1, frac(d1), Math.round(frac(d1) * 100) + " %");
+    setBar(v.bar2, frac(d2), Math.round(frac(d2) * 100) + " %");
+    const rate = t ? t.dose_rate_gy_min : d ? d.dose_rate_gy_min : null;
+    setText(v.rate, fmtGy(rate, 3));
+    setText(v.rateExp, d && num(d.expected_rate_gy_min) !== null ? "(expected " + fmtGy(d.expected_rate_gy_min, 3) + ")" : "");
+    const remGy = t && t.remaining_gy !== null ? t.remaining_gy : d ? d.remaining_gy : null;
+    setText(v.remGy, remGy === null ? "—" : fmtGy(remGy) + " Gy");
+
+    setText(v.elapsed, fmtTime(t && t.elapsed_s !== null ? t.elapsed_s : d ? d.elapsed_s : null));
+    setText(v.beamOn, fmtTime(t ? t.beam_on_s : d ? d.beam_on_s : null));
+    const rem = t && t.estimated_remaining_s !== null ? t.estimated_remaining_s : d ? d.estimated_remaining_s : null;
+    setText(v.remaining, fmtTime(rem));
+    setText(v.planned, fmtTime(d ? d.planned_time_s : null));
+    setText(v.backup, d && d.backup_timer_limit_s !== null ? "limit " + fmtTime(d.backup_timer_limit_s) : "—");
+
+    // interlocks: every one by word and icon; unknown counts as tripped
+    const il = room.retained.interlocks ? room.retained.interlocks.payload : null;
+    for (const [k, row] of Object.entries(v.ilRows)) {
+      const s = il && il.interlocks ? il.interlocks[k] || "unknown" : "unknown";
+      setAttr(row.li, "data-state", s);
+      icon(row.ic, s === "ok" ? "ok" : s === "tripped" ? "tripped" : "unknown");
+      setText(row.st, s === "ok" ? "OK" : s === "tripped" ? "TRIPPED" : "UNKNOWN");
+    }
+    const clear = !!(il && il.all_clear);
+    setAttr(v.allClear, "data-clear", String(clear));
+    if (!il) setText(v.allClear, "No interlock report: all count as tripped");
+    else if (clear) setText(v.allClear, "All clear");
+    else {
+      const bad = Object.values(il.interlocks || {}).filter((s) => s !== "ok").length;
+      setText(v.allClear, "NOT CLEAR: " + bad + " tripped or unknown");
+    }
+
+    // The lists and plots are redrawn together, at most every 500 ms.
+    if (plotsToo) {
+      renderAlarms(v, room);
+      renderFacts(v, room, d);
+      renderNotice(v, room);
+      renderPlots(v, room, d);
+    }
+  }
+
+  function renderNotice(v, room) {
+    let critical = null;
+    for (const e of room.events) {
+      const p = e.payload;
+      if (p.kind === "daemon_notice") critical = p.severity === "critical" ? p : null;
+    }
+    v.notice.hidden = !critical;
+    if (critical) setText(v.notice, "AUDIT LOG NOT WRITABLE — what is shown is not yet recorded: " + critical.message);
+  }
+
+  function renderAlarms(v, room) {
+    const cleared = new Map();
+    const items = [];
+    for (const e of room.events) {
+      const p = e.payload;
+      if (p.kind === "alarm_cleared") cleared.set(p.key, p.at);
+      if (p.kind === "alarm_raised") cleared.delete(p.key);
+      if (p.kind === "alarm_raised" || p.kind === "daemon_notice") items.push(p);
+    }
+    // An alarm is cleared when an alarm_cleared of its key came after it.
+    const clearedAfter = new Set();
+    const seenClear = new Set();
+    for (let i = room.events.length - 1; i >= 0; i--) {
+      const p = room.events[i].payload;
+      if (p.kind === "alarm_cleared") seenClear.add(p.key);
+      if (p.kind === "alarm_raised" && seenClear.has(p.key)) clearedAfter.add(p);
+    }
+    const nodes = items.slice(-30).reverse().map((p) => {
+      const sev = p.severity || "info";
+      const isCleared = clearedAfter.has(p);
+      const li = el("li", { class: isCleared ? "cleared" : "", "data-severity": sev, "data-kind": p.kind },
+        el("span", { class: "sev", "data-sev": sev, text: sev.toUpperCase() }),
+        el("span", { class: "alarm-msg", text: p.message || p.key || p.kind }),
+        el("span", { class: "alarm-tag", text: p.kind === "daemon_notice" ? "NOTICE" : isCleared ? "CLEARED" : "ACTIVE" }),
+        p.historical ? el("span", { class: "alarm-tag", text: "REPLAYED" }) : null,
+        el("span", { class: "alarm-when", text: fmtClock(p.at || p.ts) }));
+      return li;
+    });
+    if (nodes.length === 0) nodes.push(el("li", { class: "empty", text: "No alarm since the dashboard started" }));
+    v.alarms.replaceChildren(...nodes);
+  }
+
+  function renderFacts(v, room, d) {
+    const rows = [];
+    const add = (k, val, id) => { rows.push(el("dt", { text: k }), el("dd", id ? { id, text: val } : { text: val })); };
+    if (!d) {
+      add("Delivery", room.retained.delivery ? "none yet" : "no delivery report");
+    } else {
+      add("Delivery", d.delivery_id);
+      const a = d.applicator;
+      add("Applicator", a ? [a.type, a.diameter_mm !== null && a.diameter_mm !== undefined ? a.diameter_mm + " mm" : null, a.serial ? "s/n " + a.serial : null].filter(Boolean).join(", ") : "not identified", "applicator");
+      add("Phase", d.phase, "phase");
+      add("Interruptions", d.interruptions.length === 0 ? "none" :
+        d.interruptions.map((i) => i.cause + " at " + fmtGy(i.dose_at_start_gy) + " Gy" + (i.duration_s !== null ? " for " + fmtTime(i.duration_s) : " (ongoing)")).join("; "), "interruptions");
+      add("Monitoring gaps", d.gaps.length === 0 ? "none" : d.gaps.length + " (" + d.gaps.map((g) => g.cause).join("; ") + ")", "gaps");
+      add("Segments", String(d.segments.length));
+      add("Termination", d.termination ? d.termination + (d.termination_reason ? " (" + d.termination_reason + ")" : "") : "not terminated", "termination-fact");
+      if (d.joined_in_progress) add("Note", "joined in progress: the daemon started during this delivery");
+    }
+    const cp = room.retained["audit/checkpoint"];
+    if (cp) add("Audit checkpoint", cp.payload.count + " entries, head " + String(cp.payload.head).slice(0, 12) + "…");
+    const st = room.retained.status;
+    if (st) add("Daemon", "iortd " + st.payload.software_version + ", session " + st.payload.session + (st.payload.online ? ", online" : ", OFFLINE"));
+    v.facts.replaceChildren(...rows);
+  }
+
+  // ---- plots: plain SVG, no library ------------------------------------------------------
+  function niceStep(span, target) {
+    const raw = span / Math.max(1, target);
+    const p = Math.pow(10, Math.floor(Math.log10(raw)));
+    for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= raw) return m * p;
+    return 10 * p;
+  }
+  function timeStep(span) {
+    for (const s of [1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600]) if (span / s <= 7) return s;
+    return 7200;
+  }
+  // SVG is written as markup and parsed by the HTML parser (which puts it in the SVG
+  // namespace itself); every value is a number or escaped text.
+  function esc(x) {
+    return String(x).replace(/[&<>"']/g, (c) => "&#" + c.charCodeAt(0) + ";");
+  }
+  function tag(name, attrs, text) {
+    let out = "<" + name;
+    for (const [k, v] of Object.entries(attrs)) out += " " + k + '="' + esc(v) + '"';
+    return text === undefined ? out + "/>" : out + ">" + esc(text) + "</" + name + ">";
+  }
+
+  /* series: [{cls, points: [[x, y|null], ...]}] (a null y breaks the line);
+     bands: [[x0, x1, label]]; hlines: [{cls, y}] */
+  function drawPlot(container, { xmax, ymax, series, bands, hlines, ylabel }) {
+    const W = 640, H = 300, L = 56, R = 14, T = 12, B = 34;
+    const parts = [];
+    const xs = (x) => (L + (x / xmax) * (W - L - R)).toFixed(1);
+    const ys = (y) => (H - B - (y / ymax) * (H - T - B)).toFixed(1);
+    const ystep = niceStep(ymax, 5);
+    for (let y = 0; y <= ymax + 1e-9; y += ystep) {
+      parts.push(tag("line", { class: "grid-line", x1: L, x2: W - R, y1: ys(y), y2: ys(y) }));
+      const lab = ystep < 0.1 ? y.toFixed(2) : ystep < 1 ? y.toFixed(1) : y.toFixed(0);
+      parts.push(tag("text", { x: L - 6, y: (+ys(y) + 4).toFixed(1), "text-anchor": "end" }, lab));
+    }
+    const xstep = timeStep(xmax);
+    for (let x = 0; x <= xmax + 1e-9; x += xstep) {
+      parts.push(tag("line", { class: "grid-line", x1: xs(x), x2: xs(x), y1: T, y2: H - B }));
+      parts.push(tag("text", { x: xs(x), y: H - B + 18, "text-anchor": "middle" }, fmtTime(x)));
+    }
+    for (const [x0, x1, label] of bands) {
+      const a = +xs(Math.max(0, x0)), b = +xs(Math.min(xmax, x1));
+      parts.push(tag("rect", { class: "gap", x: a, y: T, width: Math.max(3, b - a).toFixed(1), height: H - T - B, "data-band": label }));
+      parts.push(tag("text", { class: "gap-label", x: (a + 4).toFixed(1), y: T + 14 }, label));
+    }
+    for (const h of hlines) parts.push(tag("line", { class: h.cls, x1: L, x2: W - R, y1: ys(h.y), y2: ys(h.y) }));
+    for (const s of series) {
+      let d = "", pen = false;
+      for (const [x, y] of s.points) {
+        if (y === null) { pen = false; continue; }
+        d += (pen ? "L" : "M") + xs(x) + " " + ys(Math.min(y, ymax));
+        pen = true;
+      }
+      if (d) parts.push(tag("path", { class: s.cls, d, "data-series": s.cls }));
+    }
+    parts.push(tag("line", { class: "axis", x1: L, x2: L, y1: T, y2: H - B }));
+    parts.push(tag("line", { class: "axis", x1: L, x2: W - R, y1: H - B, y2: H - B }));
+    const hatch = '<defs><pattern id="hatch-' + container.id + '" width="8" height="8" patternUnits="userSpaceOnUse" patternTransform="rotate(45)">' +
+      '<rect width="8" height="8" fill="#2a2d33"/><line x1="0" y1="0" x2="0" y2="8" stroke="#9aa0a8" stroke-width="3"/></pattern></defs>';
+    container.innerHTML = '<svg viewBox="0 0 ' + W + " " + H + '" role="img" aria-label="' + esc(ylabel) + '" preserveAspectRatio="none">' +
+      hatch + parts.join("").replaceAll('class="gap"', 'class="gap" fill="url(#hatch-' + container.id + ')"') + "</svg>";
+  }
+
+  function renderPlots(v, room, d) {
+    const pts = room.history;
+    const sameDelivery = d && d.delivery_id === room.historyDelivery;
+    const t0 = sameDelivery && epochMs(d.started) !== null ? epochMs(d.started) : pts.length ? pts[0].t : 0;
+    const x = (p) => (p.t - t0) / 1000;
+    // A step much longer than the usual one between samples is a gap: the line breaks.
+    const dts = [];
+    for (let i = 1; i < pts.length; i++) dts.push(pts[i].t - pts[i - 1].t);
+    const sorted = dts.slice().sort((a, b) => a - b);
+    const typical = sorted.length ? sorted[Math.floor(sorted.length / 2)] : 0;
+    const breakMs = Math.max(typical * 5, 1500);
+    const bands = [];
+    for (let i = 1; i < pts.length; i++) {
+      if (pts[i].t - pts[i - 1].t > breakMs) bands.push([x(pts[i - 1]), x(pts[i]), "no data"]);
+    }
+    if (sameDelivery) {
+      for (const g of d.gaps || []) {
+        const a = epochMs(g.start), b = g.end ? epochMs(g.end) : pts.length ? pts[pts.length - 1].t : null;
+        if (a !== null && b !== null) bands.push([(a - t0) / 1000, (b - t0) / 1000, "gap: " + g.cause]);
+      }
+    }
+    const line = (key, wantHist) => {
+      const out = [];
+      let prev = null;
+      for (const p of pts) {
+        const broken = prev && p.t - prev.t > breakMs;
+        const mine = p.h === wantHist;
+        if (broken || !mine) out.push([x(p), null]);
+        // Replayed and live lines meet: each includes the neighbouring point of the other.
+        if (mine || (prev && prev.h === wantHist && !broken)) out.push([x(p), p[key]]);
+        if (!mine) out.push([x(p), null]);
+        prev = p;
+      }
+      return out;
+    };
+    const preset = d ? num(d.preset_gy) : null;
+    const expRate = d ? num(d.expected_rate_gy_min) : null;
+    const planned = d ? num(d.planned_time_s) : null;
+    const last = pts.length ? x(pts[pts.length - 1]) : 0;
+    const xmax = Math.max(10, last * 1.05, planned ? planned * 1.05 : 0);
+    let maxDose = preset || 0, maxRate = expRate || 0;
+    for (const p of pts) { if (p.d1 !== null) maxDose = Math.max(maxDose, p.d1); if (p.r !== null) maxRate = Math.max(maxRate, p.r); }
+    const expected = [];
+    if (expRate !== null) {
+      for (const p of pts) {
+        if (p.b === null) continue;
+        const e = (expRate * p.b) / 60;
+        expected.push([x(p), preset !== null ? Math.min(e, preset) : e]);
+      }
+    }
+    drawPlot(v.plotDose, {
+      xmax, ymax: Math.max(0.01, maxDose * 1.1), bands, ylabel: "accumulated dose in Gy over time",
+      hlines: preset !== null ? [{ cls: "preset", y: preset }] : [],
+      series: [
+        { cls: "series2", points: line("d2", false) },
+        { cls: "series", points: line("d1", false) },
+        { cls: "replayed", points: line("d1", true) },
+        { cls: "expected", points: expected },
+      ],
+    });
+    drawPlot(v.plotRate, {
+      xmax, ymax: Math.max(0.01, maxRate * 1.25), bands, ylabel: "dose rate in Gy per minute over time",
+      hlines: expRate !== null ? [{ cls: "expected", y: expRate }] : [],
+      series: [
+        { cls: "series", points: line("r", false) },
+        { cls: "replayed", points: line("r", true) },
+      ],
+    });
+    setAttr(v.plotDose, "data-points", String(pts.length));
+    setAttr(v.plotDose, "data-replayed", String(pts.filter((p) => p.h).length));
+    setAttr(v.plotDose, "data-gaps", String(bands.length));
+  }
+
+  // ---- the overview ------------------------------------------------------------------------
+  function buildOverview(main) {
+    main.replaceChildren();
+    const v = { cards: new Map() };
+    v.root = el("div", { class: "overview", id: "overview" });
+    v.h1 = el("h1", { text: "All rooms" });
+    v.sim = el("div", { class: "banner sim", id: "sim-banner", role: "note", hidden: "" });
+    v.sim.innerHTML = ICONS.sim;
+    v.sim.append(el("span", { text: "SIMULATED data on this page: marked on each room" }));
+    v.grid = el("div", { class: "cards", id: "cards" });
+    v.none = el("p", { class: "no-rooms", text: "No room has published yet." });
+    v.root.append(v.sim, v.h1, v.none, v.grid);
+    main.append(v.root);
+    return v;
+  }
+
+  function buildCard(room) {
+    const c = {};
+    c.root = el("section", { class: "card", "data-room": room.key, "aria-labelledby": "card-" + room.key });
+    c.link = el("a", { href: "/room/" + encodeURIComponent(room.site) + "/" + encodeURIComponent(room.room), id: "card-" + room.key, text: room.room + " · " + room.site });
+    c.badge = el("span", { class: "badge", text: "SIMULATED", hidden: "" });
+    c.live = el("span", { class: "live-word" });
+    c.root.append(el("h2", {}, c.link, el("span", {}, c.badge, " ", c.live)));
+    c.beam = el("div", { class: "beam-word" });
+    c.beamIcon = el("span");
+    c.beamWord = el("span", { class: "beam-text" });
+    c.beam.append(c.beamIcon, c.beamWord);
+    c.root.append(c.beam);
+    c.dose = el("span", { class: "big" });
+    c.preset = el("span", { class: "of" });
+    c.root.append(el("div", { class: "dose-main" }, c.dose, el("span", { class: "unit", text: "Gy" }), c.preset));
+    c.bar = makeBar("delivered dose, percent of preset");
+    c.root.append(c.bar.root);
+    c.times = el("div", { class: "card-line" });
+    c.il = el("div", { class: "card-line" });
+    c.term = el("div", { class: "card-line" });
+    c.age = el("div", { class: "age" });
+    c.root.append(c.times, c.il, c.term, c.age);
+    return c;
+  }
+
+  function renderOverview(v, now) {
+    v.none.hidden = model.rooms.size > 0;
+    let anySim = false;
+    const keys = [...model.rooms.keys()].sort();
+    for (const key of keys) {
+      const room = model.rooms.get(key);
+      let c = v.cards.get(key);
+      if (!c) { c = buildCard(room); v.cards.set(key, c); }
+      const live = liveness(room, now);
+      c.root.classList.toggle("stale", !live.live);
+      setAttr(c.root, "data-live", String(live.live));
+      setText(c.live, live.word);
+      setAttr(c.live, "data-live", String(live.live));
+      const sim = isSim(room);
+      anySim = anySim || sim;
+      c.badge.hidden = !sim;
+      const t = room.telemetry ? room.telemetry.payload : null;
+      const dEnv = room.retained.delivery ? room.retained.delivery.payload : null;
+      const d = dEnv ? dEnv.delivery : null;
+      const beam = beamOf(t ? t.state : undefined);
+      setAttr(c.beam, "data-beam", beam.key);
+      icon(c.beamIcon, beam.key);
+      setText(c.beamWord, beam.word);
+      const preset = t && num(t.preset_gy) !== null ? t.preset_gy : d ? d.preset_gy : null;
+      const d1 = t ? t.dose_primary_gy : d ? d.delivered_primary_gy : null;
+      setText(c.dose, fmtGy(d1));
+      setText(c.preset, "of " + fmtGy(preset) + " Gy");
+      const f = num(d1) !== null && num(preset) ? d1 / preset : 0;
+      setBar(c.bar, f, Math.round(f * 100) + " %");
+      const rem = t && t.estimated_remaining_s !== null ? t.estimated_remaining_s : d ? d.estimated_remaining_s : null;
+      setText(c.times, "Elapsed " + fmtTime(t && t.elapsed_s !== null ? t.elapsed_s : d ? d.elapsed_s : null) + " · remaining " + fmtTime(rem));
+      const il = room.retained.interlocks ? room.retained.interlocks.payload : null;
+      const bad = il ? Object.entries(il.interlocks || {}).filter(([, s]) => s !== "ok") : [];
+      setText(c.il, !il ? "Interlocks: no report" : il.all_clear ? "Interlocks: all clear" : "Interlocks NOT CLEAR: " + bad.map(([k, s]) => k + " " + s.toUpperCase()).join(", "));
+      setText(c.term, d && d.termination ? "Terminated " + d.termination + (d.termination_reason ? " (" + d.termination_reason + ")" : "") : d ? "Delivery " + d.phase : "No delivery yet");
+      const ageText = live.age === null ? "no message yet" : "last message " + fmtSecs(Math.max(0, live.age) / 1000) + " ago";
+      setText(c.age, live.live ? ageText : live.word + ": " + live.why + "; " + ageText);
+    }
+    const ordered = keys.map((k) => v.cards.get(k).root);
+    if (ordered.length !== v.grid.children.length || ordered.some((n, i) => v.grid.children[i] !== n)) v.grid.replaceChildren(...ordered);
+    v.sim.hidden = !anySim;
+  }
+
+  // ---- the link to the server -----------------------------------------------------------
+  const linkEl = () => document.getElementById("link");
+  let structureChanged = true;
+  let source = null;
+  let lastPlot = 0;
+
+  function connect(roomKey) {
+    const url = "/events" + (roomKey ? "?room=" + encodeURIComponent(roomKey) : "");
+    source = new EventSource(url);
+    source.addEventListener("open", () => { model.streamOpen = true; model.lastServerEvent = performance.now(); });
+    source.addEventListener("error", () => {
+      model.streamOpen = false;
+      // The browser retries by itself unless it gave up (CLOSED): then we do.
+      if (source.readyState === EventSource.CLOSED) {
+        source.close();
+        setTimeout(() => connect(roomKey), 2000);
+      }
+    });
+    source.addEventListener("snapshot", (e) => {
+      loadSnapshot(JSON.parse(e.data));
+      model.streamOpen = true;
+      model.lastServerEvent = performance.now();
+      lastPlot = 0;
+    });
+    source.addEventListener("msg", (e) => { applyMessage(JSON.parse(e.data)); model.lastServerEvent = performance.now(); });
+    source.addEventListener("broker", (e) => { model.broker = JSON.parse(e.data); model.lastServerEvent = performance.now(); });
+    source.addEventListener("tick", () => { model.lastServerEvent = performance.now(); });
+  }
+
+  function renderLink(now) {
+    const node = linkEl();
+    const dead = !model.streamOpen || now - model.lastServerEvent > 3000 * model.config.tick_s;
+    let text;
+    if (dead) text = "NO CONNECTION to the dashboard server: reconnecting…";
+    else if (!model.broker.connected) text = "Dashboard has NO BROKER connection (" + model.broker.url + "): every room offline";
+    else text = "Connected: " + model.broker.url + " · stale after " + fmtSecs(model.config.stale_after_s);
+    setText(node, text);
+    node.classList.toggle("down", dead || !model.broker.connected);
+  }
+
+  function start() {
+    const main = document.getElementById("main");
+    const m = /^\/room\/([^/]+)\/([^/]+)\/?$/.exec(location.pathname);
+    const roomKey = m ? decodeURIComponent(m[1]) + "/" + decodeURIComponent(m[2]) : null;
+    if (roomKey) {
+      document.title = "Room " + roomKey.split("/")[1] + " — IORT delivery";
+      setText(document.getElementById("nav-title"), "Room " + roomKey.split("/")[1]);
+      view = { kind: "room", v: buildRoomPage(main, roomKey), key: roomKey };
+    } else {
+      setText(document.getElementById("nav-title"), "Overview");
+      view = { kind: "overview", v: buildOverview(main) };
+    }
+    connect(roomKey);
+    const frame = () => {
+      const now = performance.now();
+      renderLink(now);
+      if (view.kind === "room") {
+        const room = model.rooms.get(view.key) || null;
+        const plotsDue = room && (structureChanged || (room.dirty && now - lastPlot > 500));
+        renderRoom(view.v, room, now, !!plotsDue);
+        if (plotsDue) { lastPlot = now; room.dirty = false; }
+      } else {
+        renderOverview(view.v, now);
+        for (const r of model.rooms.values()) r.dirty = false;
+      }
+      structureChanged = false;
+    };
+    setInterval(frame, 200);
+    frame();
+  }
+
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
+  else start();
+})();
