@@ -136,12 +136,25 @@ async def test_sigkill_at_many_points_loses_no_acknowledged_event(make_site: Any
 
 
 @pytest.mark.timeout(120)
+async def first_segment(log_dir: Path, within_s: float = 10.0) -> Path:
+    """The log's current segment. "device_connected" is logged before the writer thread
+    has necessarily created the first segment file, and a file appearing has no event to
+    wait on: a bounded poll, failing with a clear message."""
+    try:
+        async with asyncio.timeout(within_s):
+            while not (files := collect_files([log_dir])):  # noqa: ASYNC110 - no event for a file
+                await asyncio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"no log segment in {log_dir} within {within_s} s") from None
+    return files[-1]
+
+
 async def test_a_full_disk_raises_the_alarm_and_loses_nothing(make_site: Any) -> None:
     site: Site = make_site(speed=300, poll=0.01, rotate=16 * 1024 * 1024)
     d = await Daemon.start(site)
     try:
         await d.wait_for(lambda r: r.get("event") == "device_connected", "device_connected")
-        seg = collect_files([site.log_dir])[-1]
+        seg = await first_segment(site.log_dir)
         # From now on the daemon may not grow a file past this size: the disk is "full".
         limit = seg.stat().st_size + 20_000
         resource.prlimit(d.proc.pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
