@@ -420,7 +420,13 @@ class DeliveryTracker:
         )
         trusted = sane and r.state is not DeviceState.UNKNOWN
         # Nothing in a rejected reading is believed, its interlocks included (fail-safe).
-        self._update_interlocks(r.interlocks if trusted else {}, r.mono_ns, r.utc, out)
+        reported: dict[Interlock, InterlockState] = dict(r.interlocks) if trusted else {}
+        if trusted:
+            # Communication is the host's own interlock, not the console's: a reading that
+            # arrived in time and is believed is communication ok, whether or not the
+            # driver says anything about it (wire protocols do not; a gap trips it).
+            reported[Interlock.COMMUNICATION] = InterlockState.OK
+        self._update_interlocks(reported, r.mono_ns, r.utc, out)
         if not sane:
             self._to_fault(r.mono_ns, r.utc, "non-finite or negative value in reading", out, r)
         elif r.state is DeviceState.UNKNOWN:

@@ -122,6 +122,8 @@ async def test_a_whole_delivery_over_modbus_matches_the_simulators_ground_truth(
     assert abs(end["beam_on_s"] - truth["beam_on_s"]) <= 0.1
     assert [r for r in daemon.lines if r.get("event") == "protocol_violation"] == []
     assert [r for r in daemon.lines if r.get("event") == "device_link_lost"] == []
+    alarms = [r for r in daemon.lines if r.get("event") == "alarm_raised"]
+    assert alarms == [], "a clean delivery raises no alarm (communication is the host's own)"
     samples = [e for e in audit_entries(site) if e["type"] == "sample"]
     assert samples, "samples were recorded"
     assert all("rate_deviation" in e["data"].get("extra", {}) for e in samples), (

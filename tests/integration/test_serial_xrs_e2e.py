@@ -143,6 +143,8 @@ async def test_a_whole_delivery_over_a_pty_matches_the_simulators_ground_truth(
     assert abs(end["beam_on_s"] - truth["beam_on_s"]) <= 0.1
     assert [r for r in daemon.lines if r.get("event") == "protocol_violation"] == []
     assert [r for r in daemon.lines if r.get("event") == "device_link_lost"] == []
+    alarms = [r for r in daemon.lines if r.get("event") == "alarm_raised"]
+    assert alarms == [], "a clean delivery raises no alarm (communication is the host's own)"
 
 
 async def run_scenario(

@@ -781,3 +781,21 @@ def test_dose_after_a_fault_closure_is_amended_when_the_console_ends() -> None:
     assert "15.0000 Gy more" in amended.reason
     assert_tiles(amended.summary)
     assert not of(f.read(S.TERMINATED, termination=TerminationStatus.NORMAL), DeliveryAmended)
+
+
+def test_communication_is_the_hosts_own_interlock() -> None:
+    """Wire drivers report the console's nine interlocks, not the host link: a believed
+    reading is communication ok (no false 'communication unknown' alarm in every
+    delivery), a gap trips it, and a reading that is not believed leaves it unknown."""
+    f = Feed()
+    nine = {il: st for il, st in ALL_OK.items() if il is not Interlock.COMMUNICATION}
+    f.read(S.STANDBY, interlocks=nine)
+    assert f.tracker.interlocks[Interlock.COMMUNICATION] is InterlockState.OK
+    assert f.tracker.all_clear
+    assert not any("communication" in key for key in raised(f.events))
+    f.tick(60.0)  # readings stop: a gap
+    assert f.tracker.interlocks[Interlock.COMMUNICATION] is InterlockState.TRIPPED
+    f.read(S.STANDBY, interlocks=nine, rate=float("nan"))  # arrives, but not believed
+    assert f.tracker.interlocks[Interlock.COMMUNICATION] is InterlockState.UNKNOWN
+    f.read(S.STANDBY, interlocks=nine)
+    assert f.tracker.interlocks[Interlock.COMMUNICATION] is InterlockState.OK
