@@ -519,9 +519,7 @@ class SerialTransport(_LinkTransport):
         except ValueError as exc:  # a setting the port itself rejects
             raise TransportError(f"{self.describe()}: cannot configure: {exc}") from exc
         try:
-            transport, _ = await serial_asyncio_fast.connection_for_serial(
-                loop, lambda: link, port
-            )
+            transport, _ = await serial_asyncio_fast.connection_for_serial(loop, lambda: link, port)
         except (termios.error, serial.SerialException, OSError, ValueError) as exc:
             # e.g. a pseudo-terminal refuses parity: EINVAL from tcsetattr, which is not
             # an OSError. The port is closed again, never left open and locked.

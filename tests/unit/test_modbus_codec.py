@@ -40,6 +40,7 @@ def test_the_test_crc_is_crc16_modbus() -> None:
     assert crc16_modbus(b"123456789") == 0x4B37
     assert rtu("01 03 00 00 00 0A") == "01 03 00 00 00 0a c5 cd"
 
+
 # Requests. The first is the example published with the Modbus RTU CRC (read holding
 # registers 0-9 of unit 1); the others are worked by hand from the specification.
 GOLDEN_REQUESTS = [
