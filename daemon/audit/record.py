@@ -9,7 +9,7 @@ reports (report.py) and exports (export.py, dicom.py) are pure functions of a
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ class Verification:
 
     intact: bool
     problem: str | None  # file:line (seq N): what is wrong
+    problem_brief: str | None  # the same with the file's name only (for a page stamp)
     entries: int
     files: tuple[str, ...]  # segment file names, in chain order
     origin: str | None
@@ -69,6 +70,9 @@ class Verification:
         return cls(
             intact=rep.intact,
             problem=None if rep.problem is None else str(rep.problem),
+            problem_brief=None
+            if rep.problem is None
+            else str(replace(rep.problem, file=Path(rep.problem.file.name))),
             entries=rep.entries,
             files=tuple(p.name for p in rep.files),
             origin=rep.origin,
@@ -167,13 +171,13 @@ class DeliveryRecord:
                             "interruption",
                             str(open_intr.get("at")),
                             d.get("at"),
-                            str(open_intr.get("cause")),
+                            _cause(open_intr.get("cause")),
                         )
                     )
                     open_intr = None
         if open_intr is not None:
             out.append(
-                Interval("interruption", str(open_intr.get("at")), None, str(open_intr["cause"]))
+                Interval("interruption", str(open_intr.get("at")), None, _cause(open_intr["cause"]))
             )
         seen: set[str] = set()
         gaps = list(self.summary.get("gaps") or [])
@@ -192,6 +196,11 @@ class DeliveryRecord:
                 Interval("gap", start, end if isinstance(end, str) else None, str(g.get("cause")))
             )
         return sorted(out, key=lambda i: (i.start, i.kind))
+
+
+def _cause(text: Any) -> str:
+    """A phase change's cause without the tracker's "interrupted: " prefix."""
+    return str(text).removeprefix("interrupted: ")
 
 
 def delivery_ids(paths: Sequence[Path]) -> list[str]:

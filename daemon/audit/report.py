@@ -154,7 +154,7 @@ def build_doc(rec: DeliveryRecord, *, pubkey_name: str | None = None) -> ReportD
         simulated=rec.simulated,
     )
     if not v.intact:
-        doc.stamp = f"NOT VERIFIED: the audit log is not intact: {v.problem}"
+        doc.stamp = str(v.problem_brief)
     b = doc.blocks
     if rec.simulated:
         b.append(
@@ -279,8 +279,8 @@ def build_doc(rec: DeliveryRecord, *, pubkey_name: str | None = None) -> ReportD
             "Top: accumulated dose on both channels, the preset, and the expected dose "
             "(expected rate x the console's beam-on time, so it pauses while the beam is off). "
             "Bottom: dose rate reported by the console and the expected rate. Shaded: "
-            "interruptions (amber) and monitoring gaps (red, hatched: no readings; the line "
-            "across a gap joins the readings on either side and shows nothing observed).",
+            "interruptions (amber) and monitoring gaps (red, hatched: no readings, so the "
+            "lines are broken there).",
             "note",
         )
     )
@@ -407,7 +407,9 @@ def build_doc(rec: DeliveryRecord, *, pubkey_name: str | None = None) -> ReportD
         f"Log {v.origin or '?'} | delivery entries seq {rec.first_seq}-{rec.last_seq} | "
         f"checkpoint seq {cp.seq if cp else 'none'}",
         f"last entry hash {rec.last_hash}",
-        f"log head seq {v.head_seq} hash {v.head_hash}",
+        f"log head seq {v.head_seq} hash {v.head_hash}"
+        if v.intact
+        else f"log NOT INTACT: verified only up to seq {v.head_seq}, hash {v.head_hash}",
         f"re-verify: iort-audit verify LOGDIR --pubkey KEY.pub | iort-audit {__version__}",
     )
     return doc
@@ -452,19 +454,34 @@ def _figure(rec: DeliveryRecord) -> Any:
         else:
             exp.append(None)
 
+    # No line across a monitoring gap: nothing was observed there.
+    gap_spans = [
+        (minutes(i.start), minutes(i.end)) for i in rec.intervals() if i.kind == "gap" and i.end
+    ]
+    nan = float("nan")
+    for a, z in sorted(
+        ((a, z) for a, z in gap_spans if a is not None and z is not None), reverse=True
+    ):
+        k = next((n for n in range(1, len(xs)) if xs[n - 1] <= a and xs[n] >= z), None)
+        if k is not None:
+            for series in (p, sec, rate, exp):
+                series.insert(k, nan)
+            xs.insert(k, (a + z) / 2)
+
     fig = Figure(figsize=(7.2, 4.4), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
     for iv in rec.intervals():
-        a, z = minutes(iv.start), minutes(iv.end) if iv.end else (xs[-1] if xs else None)
-        if a is None or z is None:
+        a0 = minutes(iv.start)
+        z0 = minutes(iv.end) if iv.end else (xs[-1] if xs else None)
+        if a0 is None or z0 is None:
             continue
         for ax in (top, bottom):
             if iv.kind == "gap":
                 ax.axvspan(
-                    a, z, facecolor="#d62728", alpha=0.18, hatch="///", edgecolor="#d62728", lw=0
+                    a0, z0, facecolor="#d62728", alpha=0.18, hatch="///", edgecolor="#d62728", lw=0
                 )
             else:
-                ax.axvspan(a, z, facecolor="#ff9f1c", alpha=0.25, lw=0)
+                ax.axvspan(a0, z0, facecolor="#ff9f1c", alpha=0.25, lw=0)
     top.plot(xs, p, color="#1f4e79", lw=1.6, label="primary channel")
     top.plot(xs, sec, color="#2ca02c", lw=1.0, ls="--", label="secondary channel")
     if any(v is not None for v in exp):
@@ -750,7 +767,9 @@ def pdf_report(rec: DeliveryRecord, *, pubkey_name: str | None = None) -> bytes:
             if stamp is not None:
                 self.setFillColor(colors.HexColor("#c00000"))
                 self.setFont("DejaVuSans-Bold", 8)
-                self.drawString(margin, h - 14 * mm, stamp[:150])
+                self.drawString(margin, h - 14 * mm, "NOT VERIFIED: the audit log is not intact at")
+                self.setFont("DejaVuSans", 7)
+                self.drawString(margin, h - 17.5 * mm, stamp[:160])
                 self.saveState()
                 self.translate(w / 2, h / 2)
                 self.rotate(45)
@@ -766,7 +785,7 @@ def pdf_report(rec: DeliveryRecord, *, pubkey_name: str | None = None) -> bytes:
         pagesize=A4,
         leftMargin=margin,
         rightMargin=margin,
-        topMargin=18 * mm if stamp is None else 22 * mm,
+        topMargin=18 * mm if stamp is None else 24 * mm,
         bottomMargin=24 * mm,
         title=f"IORT delivery record {rec.delivery_id}",
         author="iort-audit",
@@ -816,8 +835,9 @@ def html_report(rec: DeliveryRecord, *, pubkey_name: str | None = None) -> bytes
         f'<meta name="created" content="{e(doc.created or "")}">',
         f"<style>{_CSS}</style></head><body>",
     ]
-    if doc.stamp:
-        out.append(f'<p class="stamp">{e(doc.stamp)}</p>')
+    stamp = f"NOT VERIFIED: the audit log is not intact at {doc.stamp}" if doc.stamp else None
+    if stamp:
+        out.append(f'<p class="stamp">{e(stamp)}</p>')
     out += [
         f"<h1>{e(doc.title)}</h1>",
         f'<p class="sub">{e(doc.subtitle)}</p>',
@@ -851,7 +871,7 @@ def html_report(rec: DeliveryRecord, *, pubkey_name: str | None = None) -> bytes
                 "<tr><td>Signature</td><td></td><td>Comments</td><td></td></tr></table>"
             )
     out.append('<div class="footer">' + "<br>".join(e(x) for x in doc.footer) + "</div>")
-    if doc.stamp:
-        out.append(f'<p class="stamp">{e(doc.stamp)}</p>')
+    if stamp:
+        out.append(f'<p class="stamp">{e(stamp)}</p>')
     out.append("</body></html>\n")
     return "\n".join(out).encode("utf-8")
