@@ -217,15 +217,15 @@ _KIND_TEXT = {
 def dicom_export(rec: DeliveryRecord) -> bytes:
     """The RT Beams Treatment Record of the delivery, as a DICOM Part 10 file."""
     rows = segments_with_context(rec)
-    if not rows:
-        raise DicomExportError(
-            f"delivery {rec.delivery_id} has no dose segments (no beam was recorded): "
-            "there is no treatment to record"
-        )
     if rec.status is None:
         raise DicomExportError(
             f"delivery {rec.delivery_id} has not terminated in the log: a treatment record "
             "needs its termination status"
+        )
+    if not rows:
+        raise DicomExportError(
+            f"delivery {rec.delivery_id} has no dose segments (no beam was recorded): "
+            "there is no treatment to record"
         )
     origin = rec.verification.origin or ""
     key = (origin, rec.delivery_id, rec.last_hash or "")
