@@ -466,7 +466,7 @@ def _figure(rec: DeliveryRecord) -> Any:
         if k is not None:
             for series in (p, sec, rate, exp):
                 series.insert(k, nan)
-            xs.insert(k, (a + z) / 2)
+            xs.insert(k, a)
 
     fig = Figure(figsize=(7.2, 4.4), layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
@@ -500,7 +500,9 @@ def _figure(rec: DeliveryRecord) -> Any:
     top.set_ylim(bottom=0)
     from matplotlib.patches import Patch  # noqa: PLC0415
 
+    # One legend above both panels: it never hides a curve.
     handles, _ = top.get_legend_handles_labels()
+    handles += bottom.get_legend_handles_labels()[0]
     kinds = {i.kind for i in rec.intervals()}
     if "interruption" in kinds:
         handles.append(Patch(facecolor="#ff9f1c", alpha=0.25, label="interruption"))
@@ -514,8 +516,7 @@ def _figure(rec: DeliveryRecord) -> Any:
                 label="monitoring gap",
             )
         )
-    top.legend(handles=handles, loc="lower right", fontsize=7, framealpha=0.9)
-    bottom.legend(loc="lower right", fontsize=7, framealpha=0.9)
+    fig.legend(handles=handles, loc="outside upper center", ncols=4, fontsize=7, frameon=False)
     return fig
 
 
