@@ -47,3 +47,12 @@ def test_a_log_that_is_not_intact_is_stamped_in_the_html_too() -> None:
     assert doc.stamp == "log-0.jsonl:7 (seq 6): altered"
     page = html_report(rec).decode()
     assert page.count("NOT VERIFIED: the audit log is not intact at log-0.jsonl:7 (seq 6)") == 2
+
+
+def test_a_delivery_still_open_in_the_log_is_reported_in_progress() -> None:
+    log = interrupted_log()
+    log.entries = [e for e in log.entries if e["type"] != "delivery_terminated"]
+    rec = record(log)
+    doc = build_doc(rec)
+    assert doc.status_line == "Termination: IN PROGRESS (no termination in the log)"
+    assert pdf_report(rec).startswith(b"%PDF")
