@@ -8,7 +8,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # Debian package:command pairs the tests and the demo rely on.
-SYSTEM_PACKAGES := mosquitto:mosquitto mosquitto-clients:mosquitto_sub mbpoll:mbpoll chromium:chromium
+SYSTEM_PACKAGES := mosquitto:mosquitto mosquitto-clients:mosquitto_sub mbpoll:mbpoll \
+	chromium:chromium poppler-utils:pdftoppm dicom3tools:dciodvfy
 
 .PHONY: demo test lint typecheck unit system-packages venv clean
 

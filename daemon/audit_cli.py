@@ -4,10 +4,16 @@
     iort-audit verify PATH... [--pubkey FILE] [--checkpoint FILE]
     iort-audit show PATH... [--delivery ID [--entries]] [--type T] [--since TS] [--until TS]
     iort-audit deliveries PATH...
+    iort-audit report PATH... --delivery ID --out FILE.pdf|FILE.html [--pubkey FILE]
+                              [--allow-unverified]
+    iort-audit export PATH... --delivery ID --format csv|json|dicom --out FILE
+                              [--table samples|events] [--pubkey FILE] [--allow-unverified]
 
 Exit status: 0 intact / done; 1 the log is not intact (the first bad entry is named:
 file, line, seq, what is wrong); 2 usage error. ``show`` and ``deliveries`` verify the
-chain too and exit 1, after printing, when it is broken.
+chain too and exit 1, after printing, when it is broken. ``report`` and ``export`` verify
+first and write nothing when it is broken, unless --allow-unverified (then the output says
+so, on every page of a report, and the exit status is still 1).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from daemon import __version__
+from daemon.audit.dicom import DicomExportError, dicom_export
+from daemon.audit.export import events_csv, json_export, samples_csv
 from daemon.audit.note import (
     Checkpoint,
     NoteError,
@@ -29,6 +37,8 @@ from daemon.audit.note import (
     load_verifier,
     write_keypair,
 )
+from daemon.audit.record import DeliveryRecord, NoSuchDelivery, Verification, read_delivery
+from daemon.audit.report import html_report, pdf_report
 from daemon.audit.review import (
     collect_deliveries,
     format_entry,
@@ -37,6 +47,7 @@ from daemon.audit.review import (
     one_line,
 )
 from daemon.audit.verify import VerifyReport, collect_files, verify_log
+from daemon.durable import write_atomic
 
 __all__ = ["main"]
 
@@ -230,6 +241,127 @@ def _cmd_deliveries(args: argparse.Namespace) -> int:
     return EXIT_OK if rep.intact else EXIT_BAD
 
 
+REPORT_SUFFIXES = {".pdf": "pdf", ".html": "html", ".htm": "html"}
+EXPORT_SUFFIXES = {"csv": (".csv",), "json": (".json",), "dicom": (".dcm",)}
+
+
+def _check_out(out: Path, suffixes: Sequence[str], what: str) -> bool:
+    """A usage error (False) for an --out that cannot be what was asked or written."""
+    if out.suffix.lower() not in suffixes:
+        _err(f"--out {out}: {what} needs a file name ending in {' or '.join(suffixes)}")
+        return False
+    parent = out.parent if str(out.parent) else Path()
+    if not parent.is_dir():
+        _err(f"--out {out}: directory {parent} does not exist")
+        return False
+    if out.is_dir():
+        _err(f"--out {out}: is a directory")
+        return False
+    if not os.access(parent, os.W_OK | os.X_OK):
+        _err(f"--out {out}: directory {parent} is not writable")
+        return False
+    return True
+
+
+def _write_out(out: Path, data: bytes) -> bool:
+    """All or nothing: a temporary file beside ``out``, fsync'd, renamed over it."""
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        write_atomic(out, data, tmp=tmp)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        _err(f"--out {out}: cannot write: {exc.strerror or exc}")
+        return False
+    return True
+
+
+def _verified_delivery(args: argparse.Namespace) -> tuple[int, DeliveryRecord | None, str | None]:
+    """Verify the log, then read the delivery: (exit status so far, record, key name)."""
+    if not _check_paths(args.paths):
+        return EXIT_USAGE, None, None
+    pubkey = None
+    if args.pubkey:
+        try:
+            pubkey = load_verifier(args.pubkey)
+        except NoteError as exc:
+            _err(str(exc))
+            return EXIT_USAGE, None, None
+    rep = _verify(args.paths, pubkey, None)
+    key = f"--pubkey {pubkey.name}" if pubkey else "the key recorded in the log"
+    status = EXIT_OK
+    if not rep.intact:
+        _out(f"NOT INTACT: {rep.problem}")
+        if not args.allow_unverified:
+            _err(
+                f"the log is not intact ({rep.problem}); nothing written. Check it with "
+                "iort-audit verify; --allow-unverified writes an output marked NOT VERIFIED"
+            )
+            return EXIT_BAD, None, None
+        _err(f"warning: the log is NOT INTACT; the output is marked NOT VERIFIED: {rep.problem}")
+        status = EXIT_BAD
+    try:
+        rec = read_delivery(args.paths, args.delivery, Verification.of(rep, key))
+    except NoSuchDelivery:
+        _err(
+            f"--delivery {args.delivery}: no such delivery in the log "
+            f"(list them with: iort-audit deliveries {' '.join(map(str, args.paths))})"
+        )
+        return EXIT_USAGE, None, None
+    return status, rec, pubkey.name if pubkey else None
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    if not _check_out(args.out, tuple(REPORT_SUFFIXES), "a report"):
+        return EXIT_USAGE
+    status, rec, key_name = _verified_delivery(args)
+    if rec is None:
+        return status
+    kind = REPORT_SUFFIXES[args.out.suffix.lower()]
+    if kind == "pdf":
+        data = pdf_report(rec, pubkey_name=key_name)
+    else:
+        data = html_report(rec, pubkey_name=key_name)
+    if not _write_out(args.out, data):
+        return EXIT_USAGE
+    state = "INTACT" if rec.verification.intact else "NOT VERIFIED"
+    _out(
+        f"wrote {args.out} ({len(data)} bytes): delivery {rec.delivery_id}, entries seq "
+        f"{rec.first_seq}-{rec.last_seq}, log {state}"
+    )
+    return status
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    if not _check_out(args.out, EXPORT_SUFFIXES[args.format], f"--format {args.format}"):
+        return EXIT_USAGE
+    if args.table and args.format != "csv":
+        _err(f"--table {args.table}: only with --format csv")
+        return EXIT_USAGE
+    if args.allow_unverified and args.format != "json":
+        _err(
+            f"--allow-unverified: not with --format {args.format}, which has no place to say "
+            "the log is not intact; use --format json (it records the verification result)"
+        )
+        return EXIT_USAGE
+    status, rec, _ = _verified_delivery(args)
+    if rec is None:
+        return status
+    try:
+        if args.format == "csv":
+            data = events_csv(rec) if args.table == "events" else samples_csv(rec)
+        elif args.format == "json":
+            data = json_export(rec)
+        else:
+            data = dicom_export(rec)
+    except DicomExportError as exc:
+        _err(f"--format dicom: {exc}")
+        return EXIT_USAGE
+    if not _write_out(args.out, data):
+        return EXIT_USAGE
+    _out(f"wrote {args.out} ({len(data)} bytes): delivery {rec.delivery_id}, {args.format}")
+    return status
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="iort-audit", description="Verify and review iortd delivery logs."
@@ -252,6 +384,23 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--until", metavar="TS", help="only entries at or before TS")
     d = sub.add_parser("deliveries", help="list deliveries, one line each")
     d.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    r = sub.add_parser("report", help="a delivery's report (PDF or HTML) from a verified log")
+    r.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="log directory or files")
+    e = sub.add_parser("export", help="a delivery as CSV, JSON or a DICOM RT treatment record")
+    e.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="log directory or files")
+    e.add_argument("--format", required=True, choices=["csv", "json", "dicom"])
+    e.add_argument(
+        "--table", choices=["samples", "events"], help="with --format csv (default: samples)"
+    )
+    for c in (r, e):
+        c.add_argument("--delivery", required=True, metavar="ID", help="see: iort-audit deliveries")
+        c.add_argument("--out", required=True, type=Path, metavar="FILE", help="the file to write")
+        c.add_argument("--pubkey", type=Path, metavar="FILE", help="the daemon's public key")
+        c.add_argument(
+            "--allow-unverified",
+            action="store_true",
+            help="write even if the log is not intact, marked NOT VERIFIED (exit status 1)",
+        )
     return p
 
 
@@ -272,6 +421,8 @@ def _main(argv: Sequence[str] | None) -> int:
         "verify": _cmd_verify,
         "show": _cmd_show,
         "deliveries": _cmd_deliveries,
+        "report": _cmd_report,
+        "export": _cmd_export,
     }
     return handlers[args.command](args)
 

@@ -1,0 +1,383 @@
+"""A delivery as a DICOM RT Beams Treatment Record (PS3.3 A.29), written with pydicom.
+
+Why RT Beams and not RT Brachy: a low-kV miniature X-ray source is an X-ray tube, not a
+radionuclide. The RT Brachy Treatment Record requires (Type 1) a source isotope name,
+half-life and reference air-kerma rate for every recorded source, which such a source does
+not have and the log does not hold; inventing them would put data from outside the log in
+the record. The RT Beams record describes it without invention: Radiation Type PHOTON,
+Applicator Type INTRAOPERATIVE, the console as the treatment machine, the dose monitor as
+the primary dosimeter. The mapping, attribute by attribute: docs/reports.md.
+
+Interruption and resumption (PS3.3 C.8.8.21.2): each dose segment of the delivery (the
+tracker's segments tile the delivered dose with no gap and no double count) is one item of
+the Treatment Session Beam Sequence, a partial treatment of the one planned beam: the
+first TREATMENT, the others CONTINUATION. Each item's two control points carry the
+Delivered Meterset of C.8.8.21.2.2, DelMS[CPn] = MAX(StartMS, MIN(SpecMS[CPn], EndMS)),
+with SpecMS = 0 and the preset; so the Delivered Primary Metersets of the items add up to
+the delivered dose and their meterset ranges tile it.
+
+Deterministic: UIDs are derived from the log (origin, delivery id, the delivery's last
+entry hash) under the UUID-derived root 2.25 (PS3.5 B.2); dates and times come from the
+log; nothing from the clock. The same log gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom import dcmwrite
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import UID, ExplicitVRLittleEndian, RTBeamsTreatmentRecordStorage
+
+from daemon import __version__
+from daemon.audit.record import DeliveryRecord
+
+__all__ = [
+    "UID_NAMESPACE",
+    "DicomExportError",
+    "dicom_export",
+    "ds_number",
+    "segments_with_context",
+    "uid_for",
+]
+
+UID_NAMESPACE = "iortd-dicom-uid/1"
+IMPLEMENTATION_VERSION = f"IORTD_{__version__}"[:16]
+
+
+class DicomExportError(ValueError):
+    """The delivery lacks something a treatment record needs (e.g. no dose was given)."""
+
+
+def uid_for(*parts: str) -> str:
+    """A UID under 2.25 (a UUID as a decimal integer, PS3.5 B.2): the first 128 bits of
+    SHA-256 over the parts, with the RFC 9562 version 8 and variant bits set."""
+    h = hashlib.sha256("\x00".join((UID_NAMESPACE, *parts)).encode()).digest()
+    n = int.from_bytes(h[:16], "big")
+    n = (n & ~(0xF << 76)) | (0x8 << 76)  # version 8 (custom)
+    n = (n & ~(0x3 << 62)) | (0x2 << 62)  # RFC variant
+    return f"2.25.{n}"
+
+
+def ds_number(x: float) -> str:
+    """A Decimal String (at most 16 characters): six decimals (1 µGy, 1 µs), trailing
+    zeros dropped."""
+    text = f"{x:.6f}".rstrip("0").rstrip(".")
+    text = "0" if text in ("", "-0") else text
+    if len(text) > 16:
+        text = f"{x:.10g}"
+    return text
+
+
+def _da(ts: str | None) -> str:
+    return "" if not ts else ts[0:4] + ts[5:7] + ts[8:10]
+
+
+def _tm(ts: str | None) -> str:
+    return "" if not ts else ts[11:13] + ts[14:16] + ts[17:26].rstrip("Z")
+
+
+def _cs(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text.upper())[:16]
+
+
+def _sh(text: Any) -> str:
+    return str(text or "").replace("\\", "/")[:16]
+
+
+def _lo(text: Any) -> str:
+    return str(text or "").replace("\\", "/")[:64]
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentRow:
+    """One dose segment with what the samples say at its two ends."""
+
+    index: int
+    kind: str
+    start_gy: float
+    end_gy: float
+    start_secondary_gy: float
+    end_secondary_gy: float
+    start_beam_on_s: float
+    end_beam_on_s: float
+    start_at: str | None
+    end_at: str | None
+    start_rate: float | None
+    end_rate: float | None
+    ended_by: str  # "interruption: <cause>", "termination", ...
+
+
+def _num(x: Any) -> float | None:
+    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
+
+
+def row_kind(s: Mapping[str, Any]) -> str:
+    return str(s.get("kind"))
+
+
+def segments_with_context(rec: DeliveryRecord) -> list[SegmentRow]:
+    """The summary's dose segments, each with the secondary channel, beam-on time, time
+    and dose rate taken from the sample whose primary count is the segment's boundary
+    (the tracker builds boundaries from readings, so that sample exists); the last
+    boundary takes the delivery's final figures."""
+    segs = [s for s in rec.summary.get("segments") or [] if isinstance(s, Mapping)]
+    if not segs:
+        return []
+    samples = [e["data"] for e in rec.samples]
+    final_sec = _num(rec.delivered_secondary_gy)
+    final_beam = _num(rec.summary.get("beam_on_s"))
+
+    def at_dose(gy: float, *, first: bool) -> Mapping[str, Any] | None:
+        hits: list[Mapping[str, Any]] = [s for s in samples if _num(s.get("dose_primary_gy")) == gy]
+        if not hits:
+            return None
+        return hits[0] if first else hits[-1]
+
+    intr = [i for i in rec.intervals() if i.kind == "interruption"]
+    rows: list[SegmentRow] = []
+    for n, s in enumerate(segs):
+        start, end = float(s["start_gy"]), float(s["end_gy"])
+        a = at_dose(start, first=False) if n else at_dose(start, first=True)
+        b = at_dose(end, first=True)
+        last = n == len(segs) - 1
+        sec_a = 0.0 if n == 0 and start == 0 else _num((a or {}).get("dose_secondary_gy"))
+        sec_b = final_sec if last else _num((b or {}).get("dose_secondary_gy"))
+        beam_a = 0.0 if n == 0 and start == 0 else _num((a or {}).get("beam_on_s"))
+        beam_b = final_beam if last else _num((b or {}).get("beam_on_s"))
+        if last:
+            ended = f"termination {rec.status or 'UNKNOWN'}: {rec.reason}"
+        else:
+            cause = next(
+                (i.cause for i in intr if b is not None and i.start >= str(b.get("at"))), None
+            )
+            following = str(segs[n + 1].get("kind"))
+            if cause:
+                ended = f"interruption: {cause}"
+            elif row_kind(s) == "unmonitored":
+                ended = "monitoring began"
+            elif following == "beam_off":
+                ended = "dose counted with the beam reported off"
+            else:
+                ended = "segment end"
+        rows.append(
+            SegmentRow(
+                index=n,
+                kind=str(s.get("kind")),
+                start_gy=start,
+                end_gy=end,
+                start_secondary_gy=sec_a if sec_a is not None else start,
+                end_secondary_gy=sec_b if sec_b is not None else end,
+                start_beam_on_s=beam_a or 0.0,
+                end_beam_on_s=beam_b or 0.0,
+                start_at=(a or {}).get("at"),
+                end_at=(b or {}).get("at"),
+                start_rate=_num((a or {}).get("dose_rate_gy_min")),
+                end_rate=_num((b or {}).get("dose_rate_gy_min")),
+                ended_by=ended,
+            )
+        )
+    # Contiguous by construction: each start takes the previous end (secondary, beam-on),
+    # so that the items tile on every channel.
+    for n in range(1, len(rows)):
+        prev = rows[n - 1]
+        rows[n] = SegmentRow(
+            **{
+                **{f: getattr(rows[n], f) for f in SegmentRow.__slots__},
+                "start_secondary_gy": prev.end_secondary_gy,
+                "start_beam_on_s": prev.end_beam_on_s,
+            }
+        )
+    return rows
+
+
+def _termination_of(row: SegmentRow, rec: DeliveryRecord, last: bool) -> str:
+    if last:
+        status = rec.status or "UNKNOWN"
+        return status if status in ("NORMAL", "OPERATOR", "MACHINE", "UNKNOWN") else "UNKNOWN"
+    if row.ended_by.startswith("interruption: interlock"):
+        return "MACHINE"
+    if row.ended_by == "interruption: operator":
+        return "OPERATOR"
+    return "UNKNOWN"
+
+
+_KIND_TEXT = {
+    "beam": "irradiation reported by the console",
+    "beam_off": "dose counted while the console reported the beam off (alarmed)",
+    "unmonitored": "dose given before monitoring began (joined in progress)",
+}
+
+
+def dicom_export(rec: DeliveryRecord) -> bytes:
+    """The RT Beams Treatment Record of the delivery, as a DICOM Part 10 file."""
+    rows = segments_with_context(rec)
+    if rec.status is None:
+        raise DicomExportError(
+            f"delivery {rec.delivery_id} has not terminated in the log: a treatment record "
+            "needs its termination status"
+        )
+    if not rows:
+        raise DicomExportError(
+            f"delivery {rec.delivery_id} has no dose segments (no beam was recorded): "
+            "there is no treatment to record"
+        )
+    origin = rec.verification.origin or ""
+    key = (origin, rec.delivery_id, rec.last_hash or "")
+    plan, dev = rec.plan, rec.device
+    preset = _num(rec.preset_gy) or 0.0
+    planned_s = _num(rec.summary.get("planned_time_s"))
+    expected_rate = _num(rec.summary.get("expected_rate_gy_min"))
+    start_ts, end_ts = rec.started or rec.first_ts, rec.last_ts
+    app = rec.summary.get("applicator") if isinstance(rec.summary.get("applicator"), dict) else {}
+
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    # SOP Common
+    ds.SOPClassUID = RTBeamsTreatmentRecordStorage
+    ds.SOPInstanceUID = uid_for(*key, "instance")
+    ds.InstanceCreationDate = _da(end_ts)
+    ds.InstanceCreationTime = _tm(end_ts)
+    ds.TimezoneOffsetFromUTC = "+0000"
+    # Patient: pseudonymous ids only (the log holds no other); marked as such.
+    treatment_id = str(plan.get("treatment_id") or rec.delivery_id)
+    ds.PatientName = _lo(treatment_id) + "^"  # family name = the id (no retired PN form)
+    ds.PatientID = _lo(treatment_id)
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = "iortd: pseudonymous treatment id only"
+    # General Study
+    ds.StudyInstanceUID = uid_for(*key, "study")
+    ds.StudyDate = _da(start_ts)
+    ds.StudyTime = _tm(start_ts)
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = _sh(plan.get("plan_id"))
+    ds.AccessionNumber = ""
+    ds.StudyDescription = _lo(f"IORT delivery {rec.delivery_id}")
+    # RT Series
+    ds.Modality = "RTRECORD"
+    ds.SeriesInstanceUID = uid_for(*key, "series")
+    ds.SeriesNumber = "1"
+    ds.SeriesDescription = _lo(f"iortd audit log {origin}")
+    ds.OperatorsName = ""
+    # General Equipment: the recorder that produced this instance (iortd).
+    ds.Manufacturer = "iortd"
+    ds.ManufacturerModelName = "iortd delivery monitor"
+    ds.SoftwareVersions = [_lo(rec.software_version or "unknown"), f"iort-audit {__version__}"]
+    ds.StationName = _sh((rec.site or {}).get("room"))
+    # RT General Treatment Record
+    ds.InstanceNumber = "1"
+    ds.TreatmentDate = _da(start_ts)
+    ds.TreatmentTime = _tm(start_ts)
+    # Type 2: the log names the plan (plan_id) but holds no RT Plan SOP instance to point to.
+    ds.ReferencedRTPlanSequence = Sequence([])
+    # RT Treatment Machine Record: the console (source) the log identified.
+    machine = Dataset()
+    machine.TreatmentMachineName = _sh(dev.get("device") or "source")
+    machine.Manufacturer = _lo(dev.get("manufacturer"))
+    machine.InstitutionName = _lo((rec.site or {}).get("id"))
+    machine.ManufacturerModelName = _lo(dev.get("model"))
+    machine.DeviceSerialNumber = _lo(dev.get("serial"))
+    ds.TreatmentMachineSequence = Sequence([machine])
+    # Measured Dose Reference Record: the delivered dose of each channel, in Gy.
+    measured = []
+    for n, (what, value) in enumerate(
+        (
+            ("primary dose channel (console dose monitor)", rec.delivered_primary_gy),
+            ("secondary dose channel", rec.delivered_secondary_gy),
+        ),
+        start=1,
+    ):
+        item = Dataset()
+        item.MeasuredDoseReferenceNumber = str(n)
+        item.MeasuredDoseDescription = f"{what}, Gy at the applicator surface"
+        item.MeasuredDoseValue = ds_number(_num(value) or 0.0)
+        item.MeasuredDoseType = ""  # Type 2: a monitor chamber is none of the defined types
+        item.DoseUnits = "GY"
+        measured.append(item)
+    ds.MeasuredDoseReferenceSequence = Sequence(measured)
+    # RT Beams Session Record
+    ds.NumberOfFractionsPlanned = "1"
+    ds.PrimaryDosimeterUnit = "MU"  # 1 MU = 1 Gy as the console's dose monitor counts it
+    beams = []
+    for n, row in enumerate(rows):
+        last = n == len(rows) - 1
+        item = Dataset()
+        item.ReferencedBeamNumber = "1"
+        item.BeamName = "IORT"
+        desc = (
+            f"segment {n + 1} of {len(rows)}: {_KIND_TEXT.get(row.kind, row.kind)}; "
+            f"{row.start_gy:.4f}-{row.end_gy:.4f} Gy; ended by {row.ended_by}; "
+            f"source firmware {dev.get('firmware')}"
+        )
+        item.BeamDescription = desc[:1024]
+        item.BeamType = "STATIC"
+        item.RadiationType = "PHOTON"
+        item.TreatmentDeliveryType = "TREATMENT" if n == 0 else "CONTINUATION"
+        item.NumberOfWedges = "0"
+        item.NumberOfCompensators = "0"
+        item.NumberOfBoli = "0"
+        item.NumberOfBlocks = "0"
+        # Type 1 in this IOD; the only beam-limiting device is the applicator's fixed
+        # opening: one item stands for it, with no positions anywhere (docs/reports.md).
+        bld = Dataset()
+        bld.RTBeamLimitingDeviceType = "X"
+        bld.NumberOfLeafJawPairs = "1"
+        item.BeamLimitingDeviceLeafPairsSequence = Sequence([bld])
+        if app:
+            a = Dataset()
+            a.ApplicatorID = _sh(app.get("serial") or plan.get("applicator") or "unknown")
+            a.ApplicatorType = "INTRAOPERATIVE"
+            a.ApplicatorDescription = _lo(
+                f"{app.get('type')} {app.get('diameter_mm')} mm"
+                + (f", plan {plan.get('applicator')}" if plan.get("applicator") else "")
+            )
+            item.ApplicatorSequence = Sequence([a])
+        item.CurrentFractionNumber = str(int(plan.get("fraction") or 1))
+        item.TreatmentTerminationStatus = _termination_of(row, rec, last)
+        reason = rec.reason if last else row.ended_by.partition(": ")[2]
+        if reason and len(reason) <= 16 and "\\" not in reason:
+            item.TreatmentTerminationCode = reason
+        item.TreatmentVerificationStatus = ""
+        item.SpecifiedPrimaryMeterset = ds_number(preset)
+        item.SpecifiedSecondaryMeterset = ds_number(preset)
+        item.DeliveredPrimaryMeterset = ds_number(row.end_gy - row.start_gy)
+        item.DeliveredSecondaryMeterset = ds_number(row.end_secondary_gy - row.start_secondary_gy)
+        if planned_s is not None:
+            item.SpecifiedTreatmentTime = ds_number(planned_s)
+        item.DeliveredTreatmentTime = ds_number(max(row.end_beam_on_s - row.start_beam_on_s, 0))
+        item.NumberOfControlPoints = "2"
+        cps = []
+        for spec, at, rate in (
+            (0.0, row.start_at, row.start_rate),
+            (preset, row.end_at, row.end_rate),
+        ):
+            cp = Dataset()
+            cp.TreatmentControlPointDate = _da(at or start_ts)
+            cp.TreatmentControlPointTime = _tm(at or start_ts)
+            cp.SpecifiedMeterset = ds_number(spec)
+            # PS3.3 C.8.8.21.2.2: DelMS = MAX(StartMS, MIN(SpecMS, EndMS)).
+            cp.DeliveredMeterset = ds_number(max(row.start_gy, min(spec, row.end_gy)))
+            cp.DoseRateSet = "" if expected_rate is None else ds_number(expected_rate)
+            cp.DoseRateDelivered = "" if rate is None else ds_number(rate)
+            cps.append(cp)
+        item.ControlPointDeliverySequence = Sequence(cps)
+        beams.append(item)
+    ds.TreatmentSessionBeamSequence = Sequence(beams)
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = UID(uid_for("implementation", "iortd"))
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    ds.file_meta = meta
+    buf = io.BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()

@@ -1,0 +1,180 @@
+"""Real audit logs of the four kinds of delivery the reports must handle, made by running
+the real daemon: a normal delivery (the in-process ``sim`` driver, time-compressed), and
+three fault scenarios played by ``iort-sim serve --transport serial`` against the
+production ``serial-xrs`` driver (door opened and closed: an interruption and a resume;
+the applicator swapped: an interlock and a MACHINE termination; the link dropped for
+5 s: a monitoring gap). All four run at once; each waits on what the daemon logs, never
+on the clock."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from daemonproc import Daemon, Site
+
+from daemon.audit.note import generate_keypair, write_keypair
+
+BIN = Path(sys.executable).parent
+KINDS = ("normal", "interrupted", "interlock", "gap")
+SCENARIOS = {
+    "interrupted": "door-mid-delivery",
+    "interlock": "applicator-swap",
+    "gap": "link-drop-5s",
+}
+
+PLAN = """
+[plan]
+treatment_id = "T-RPT-{n:04d}"
+plan_id = "P-RPT-{n:04d}"
+fraction = 1
+prescribed_dose_gy = {preset}
+"""
+
+SIM_SITE = """
+[site]
+id = "report-site"
+room = "or-9"
+[log]
+directory = "log"
+signing_key_file = "keys/or-9.key"
+checkpoint_interval_s = 300
+[mqtt]
+enabled = false
+[simulation]
+speed = 200
+seed = 7
+[tolerances]
+stale_after_polls = 5
+{plan}
+[[devices]]
+name = "source-1"
+driver = "sim"
+poll_interval_s = 0.05
+timeout_s = 1.0
+[devices.options]
+profile = "intrabeam"
+applicator = "SPH30"
+preset_gy = 20.0
+start_delay_s = 300.0
+serial = "SIM-IB-0042"
+"""
+
+SERIAL_SITE = """
+[site]
+id = "report-site"
+room = "or-5"
+[log]
+directory = "log"
+signing_key_file = "keys/or-9.key"
+checkpoint_interval_s = 300
+[mqtt]
+enabled = false
+[tolerances]
+stale_after_polls = 5
+{plan}
+[[devices]]
+name = "console-1"
+driver = "serial-xrs"
+poll_interval_s = 0.1
+timeout_s = 0.5
+[devices.transport]
+type = "serial"
+port = "{port}"
+baudrate = 19200
+[devices.options]
+applicator_every = 5
+"""
+
+
+@dataclass(frozen=True)
+class LogRun:
+    kind: str
+    log_dir: Path
+    pubkey: Path
+    delivery_id: str
+    end: dict[str, Any]  # the daemon's own delivery_terminated record (operational log)
+
+
+def _keys(base: Path) -> Path:
+    _, pub = write_keypair(generate_keypair("or-9"), base / "keys")
+    return pub
+
+
+async def _run_daemon(site: Site, what: str) -> dict[str, Any]:
+    daemon = await Daemon.follow(site)
+    try:
+        end = await daemon.seen(
+            lambda r: r.get("event") == "delivery_terminated", f"the end of {what}", within_s=90
+        )
+        # The checkpoint at the delivery's end is signed before the daemon stops.
+        assert await daemon.stop() == 0, f"iortd exited non-zero ({what})"
+    finally:
+        await daemon.ensure_dead()
+    return end
+
+
+async def _normal(base: Path) -> LogRun:
+    pub = _keys(base)
+    cfg = base / "site.toml"
+    cfg.write_text(
+        SIM_SITE.format(plan=PLAN.format(n=1, preset=20.0)),
+        encoding="utf-8",
+    )
+    end = await _run_daemon(Site(cfg, base / "log", pub), "the normal delivery")
+    return LogRun("normal", base / "log", pub, str(end["delivery_id"]), end)
+
+
+async def _scenario(base: Path, kind: str, n: int) -> LogRun:
+    pub = _keys(base)
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "iort-sim"),
+        *("serve", "--transport", "serial", "--profile", "axxent", "--applicator", "BAL34"),
+        *("--preset", "0.5", "--start-delay", "1", "--seed", str(n)),
+        *("--serial", f"SIM-AX-{n:04d}", "--scenario", SCENARIOS[kind]),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(10):
+            while True:
+                line = await proc.stdout.readline()
+                assert line, "iort-sim exited before serving"
+                rec = json.loads(line)
+                if rec.get("event") == "serving":
+                    break
+        cfg = base / "site.toml"
+        cfg.write_text(
+            SERIAL_SITE.format(plan=PLAN.format(n=n, preset=0.5), port=rec["device"]),
+            encoding="utf-8",
+        )
+        # Keep reading the simulator's output so that its pipe never fills.
+        drain = asyncio.create_task(proc.stdout.read())
+        end = await _run_daemon(Site(cfg, base / "log", pub), f"scenario {SCENARIOS[kind]}")
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 10)
+    drain.cancel()
+    return LogRun(kind, base / "log", pub, str(end["delivery_id"]), end)
+
+
+async def make_all(base: Path) -> dict[str, LogRun]:
+    runs = await asyncio.gather(
+        _normal(base / "normal"),
+        *(_scenario(base / kind, kind, n) for n, kind in enumerate(SCENARIOS, start=2)),
+    )
+    return {r.kind: r for r in runs}
+
+
+def read_log(log_dir: Path) -> list[dict[str, Any]]:
+    """The log's entries, parsed plainly (independently of the code under test)."""
+    out: list[dict[str, Any]] = []
+    for seg in sorted(log_dir.glob("log-*.jsonl")):
+        out += [json.loads(line) for line in seg.read_text("utf-8").splitlines()]
+    return out

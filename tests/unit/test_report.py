@@ -1,0 +1,58 @@
+"""The report's document and its PDF from a delivery written by hand: what it states, that
+its bytes depend on the log only (creation date from the log, invariant document id), and
+the NOT VERIFIED stamp. Real deliveries: tests/integration/test_audit_report.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from handlog import VERIFIED, interrupted_log, record
+
+from daemon.audit.report import KeyValues, Table, build_doc, html_report, pdf_report
+
+
+def test_the_document_states_specified_and_delivered_figures() -> None:
+    doc = build_doc(record(interrupted_log()))
+    assert doc.status_line == "Termination: NORMAL (preset_reached)"
+    [dose] = [b for b in doc.blocks if isinstance(b, Table) and b.header[1] == "specified"]
+    assert dose.rows[0][:3] == ["Dose, primary channel", "1.000 Gy", "1.000 Gy"]
+    assert dose.rows[1][:3] == ["Dose, secondary channel", "1.000 Gy", "1.003 Gy"]
+    kv = {k: v for b in doc.blocks if isinstance(b, KeyValues) for k, v in b.rows}
+    assert kv["Interruptions"] == "1"
+    assert kv["Treatment ID (pseudonymous)"] == "T-0042"
+    assert kv["Last entry hash"] == f"{14:064x}"
+    assert doc.stamp is None
+    assert f"last entry hash {14:064x}" in doc.footer
+
+
+def test_the_pdf_is_the_same_bytes_each_time_and_dated_from_the_log() -> None:
+    rec = record(interrupted_log())
+    a, b = pdf_report(rec), pdf_report(record(interrupted_log()))
+    assert a == b
+    # The log's last delivery entry was appended at 10:00:01.4 (seq 14).
+    assert re.search(rb"/CreationDate \(D:20261126100001Z\)", a), a[-600:]
+
+
+def test_a_log_that_is_not_intact_is_stamped_in_the_html_too() -> None:
+    broken = dataclasses.replace(
+        VERIFIED,
+        intact=False,
+        problem="x/log-0.jsonl:7 (seq 6): altered",
+        problem_brief="log-0.jsonl:7 (seq 6): altered",
+    )
+    rec = record(interrupted_log())
+    rec.verification = broken
+    doc = build_doc(rec)
+    assert doc.stamp == "log-0.jsonl:7 (seq 6): altered"
+    page = html_report(rec).decode()
+    assert page.count("NOT VERIFIED: the audit log is not intact at log-0.jsonl:7 (seq 6)") == 2
+
+
+def test_a_delivery_still_open_in_the_log_is_reported_in_progress() -> None:
+    log = interrupted_log()
+    log.entries = [e for e in log.entries if e["type"] != "delivery_terminated"]
+    rec = record(log)
+    doc = build_doc(rec)
+    assert doc.status_line == "Termination: IN PROGRESS (no termination in the log)"
+    assert pdf_report(rec).startswith(b"%PDF")
