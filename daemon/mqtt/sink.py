@@ -58,6 +58,7 @@ from daemon.mqtt.payloads import (
     telemetry_payload,
     topic,
 )
+from daemon.mqtt.tls import client_tls_context
 from daemon.sinks import Sample
 from daemon.tracker import DeliverySnapshot, DeliveryStarted, InterlockChanged, TrackerEvent
 from drivers.types import DeviceIdentity, Interlock, InterlockState
@@ -103,10 +104,7 @@ class BrokerSettings:
     def tls_context(self) -> ssl.SSLContext | None:
         if not self.tls:
             return None
-        ctx = ssl.create_default_context(cafile=None if self.ca_file is None else str(self.ca_file))
-        if self.cert_file is not None and self.key_file is not None:
-            ctx.load_cert_chain(str(self.cert_file), str(self.key_file))
-        return ctx
+        return client_tls_context(self.ca_file, self.cert_file, self.key_file)
 
 
 def settings_from_config(
