@@ -317,9 +317,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             loaded = _load(args.config or default_demo_config(), _mqtt_off(overrides))
             if loaded is None:
                 return EXIT_USAGE
+        dashboard_url = None
         if broker_url is not None and not args.no_dashboard:
-            _demo_dashboard(stack, broker_url, loaded.config.mqtt.prefix)
-        return _run_demo(args, loaded, signer, pub, broker_url)
+            dashboard_url = _demo_dashboard(stack, broker_url, loaded.config.mqtt.prefix)
+        code = _run_demo(args, loaded, signer, pub, broker_url)
+        if dashboard_url is not None and code == 0 and sys.stdin.isatty() and sys.stdout.isatty():
+            _linger(dashboard_url)
+        return code
+
+
+def _linger(url: str) -> None:
+    """At a terminal, keep the broker and the dashboard up after the delivery so that the
+    user can look at it in a browser, until Ctrl-C (or SIGTERM); then stop them by PID as
+    usual. Not at all when the demo is not run from a terminal (scripts, tests)."""
+    print(  # noqa: T201 - CLI output
+        f"The delivery is over; the dashboard stays up at {url} (retained state). "
+        "Press Ctrl-C to stop it."
+    )
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        print()  # noqa: T201 - end the ^C line
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _mqtt_off(overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -352,9 +374,10 @@ def _embedded_broker(stack: contextlib.ExitStack) -> str | int | None:
 DASHBOARD_START_S = 10.0
 
 
-def _demo_dashboard(stack: contextlib.ExitStack, broker_url: str, prefix: str) -> None:
+def _demo_dashboard(stack: contextlib.ExitStack, broker_url: str, prefix: str) -> str | None:
     """`iort-dashboard` on the demo's stream (127.0.0.1, a free port), as a process
-    stopped by PID when the demo ends. The demo goes on without it if it cannot start."""
+    stopped by PID when the demo ends; its URL. The demo goes on without it if it cannot
+    start (None)."""
     argv = [sys.executable, "-m", "dashboard.cli", "--broker", broker_url, "--port", "0"]
     proc = subprocess.Popen(  # noqa: S603 - our own module, with our own arguments
         [*argv, "--prefix", prefix, "--log-level", "warning"],
@@ -368,10 +391,10 @@ def _demo_dashboard(stack: contextlib.ExitStack, broker_url: str, prefix: str) -
     line = out.readline() if out is not None and ready else ""
     if not line.startswith("iort-dashboard: serving "):
         print("iortd demo: the live dashboard did not start", file=sys.stderr)  # noqa: T201
-        return
-    print(  # noqa: T201 - CLI output
-        f"live dashboard: {line.split()[-1]} (pid {proc.pid}): open it in a browser"
-    )
+        return None
+    url = line.split()[-1]
+    print(f"live dashboard: {url} (pid {proc.pid}): open it in a browser")  # noqa: T201
+    return url
 
 
 def _stop_process(proc: subprocess.Popen[str]) -> None:

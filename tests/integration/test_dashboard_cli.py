@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tty
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,5 +161,50 @@ async def test_the_demo_serves_the_dashboard_and_stops_it(tmp_path: Path) -> Non
         if demo.returncode is None:
             demo.kill()
             await demo.wait()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # stopped by PID with the demo
+
+
+async def test_at_a_terminal_the_demo_keeps_the_dashboard_up_until_ctrl_c(
+    tmp_path: Path,
+) -> None:
+    """Run from a terminal (a real pty here), the demo leaves the dashboard up after the
+    delivery so that the user can look at it; Ctrl-C then stops it by PID."""
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data-home")}
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    demo = await asyncio.create_subprocess_exec(
+        str(BIN / "iortd"),
+        *("demo", "--speed", "600", "--log-dir", str(tmp_path / "log")),
+        stdin=slave,
+        stdout=slave,
+        stderr=asyncio.subprocess.DEVNULL,
+        env=env,
+    )
+    os.close(slave)
+    loop = asyncio.get_running_loop()
+    text = ""
+    try:
+        async with asyncio.timeout(60):
+            while "Press Ctrl-C" not in text:
+                try:
+                    chunk = await loop.run_in_executor(None, os.read, master, 4096)
+                except OSError:  # EIO: the demo closed the terminal (it exited)
+                    break
+                text += chunk.decode(errors="replace")
+        assert "Press Ctrl-C" in text, f"the demo did not wait at the terminal: {text[-400:]}"
+        found = re.search(r"live dashboard: (http://\S+) \(pid (\d+)\)", text)
+        assert found, text[-400:]
+        url, pid = found[1], int(found[2])
+        assert demo.returncode is None, "still running after the delivery"
+        status, _, _ = await asyncio.to_thread(_get, url)
+        assert status == 200, "the dashboard is still served"
+        demo.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(demo.wait(), 20) == 0
+    finally:
+        if demo.returncode is None:
+            demo.kill()
+            await demo.wait()
+        os.close(master)
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # stopped by PID with the demo
