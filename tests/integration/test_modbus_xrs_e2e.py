@@ -15,12 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import test_serial_xrs_e2e as serial_e2e
 from daemonproc import Daemon, Site
 from test_serial_xrs_e2e import (
     BIN,
     PRESET_GY,
+    ScenarioRun,
     Simulator,
+    run_scenarios,
+    scenario,
     start_simulator,
     stop_simulator,
 )
@@ -131,12 +133,20 @@ async def test_a_whole_delivery_over_modbus_matches_the_simulators_ground_truth(
     )
 
 
-async def run_scenario(
-    tmp_path: Path, transport: str, name: str, preset_gy: float
-) -> tuple[Daemon, dict[str, Any], dict[str, Any], Site]:
-    return await serial_e2e.run_scenario(
-        tmp_path, name, preset_gy, transport=transport, make_site=site_for
+SCENARIOS = {
+    f"{name}-{transport}": (transport, scenario_file, preset)
+    for transport in ("modbus-tcp", "modbus-rtu")
+    for name, scenario_file, preset in (
+        ("link-drop", "link-drop-5s", 0.5),
+        ("garbled", "garbled-10s", 0.6),
     )
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ScenarioRun | BaseException]:
+    base = tmp_path_factory.mktemp("modbus-scenarios")
+    return asyncio.run(run_scenarios(base, SCENARIOS, make_site=site_for))
 
 
 def _ts(text: str) -> float:
@@ -144,10 +154,11 @@ def _ts(text: str) -> float:
 
 
 @pytest.mark.parametrize("transport", ["modbus-tcp", "modbus-rtu"])
-async def test_a_link_dropped_for_5s_gives_unknown_interlocks_an_alarm_a_gap_and_a_reconnect(
-    tmp_path: Path, transport: str
+def test_a_link_dropped_for_5s_gives_unknown_interlocks_an_alarm_a_gap_and_a_reconnect(
+    runs: dict[str, ScenarioRun | BaseException], transport: str
 ) -> None:
-    daemon, end, truth, site = await run_scenario(tmp_path, transport, "link-drop-5s", 0.5)
+    r = scenario(runs, f"link-drop-{transport}")
+    daemon, end, truth, site = r.daemon, r.end, r.truth, r.site
     entries = audit_entries(site)
     kinds = [e["type"] for e in entries]
     ident = next(e for e in entries if e["type"] == "device_identified")
@@ -182,10 +193,11 @@ async def test_a_link_dropped_for_5s_gives_unknown_interlocks_an_alarm_a_gap_and
 
 
 @pytest.mark.parametrize("transport", ["modbus-tcp", "modbus-rtu"])
-async def test_garbled_bytes_for_10s_are_counted_and_no_wrong_value_is_accepted(
-    tmp_path: Path, transport: str
+def test_garbled_bytes_for_10s_are_counted_and_no_wrong_value_is_accepted(
+    runs: dict[str, ScenarioRun | BaseException], transport: str
 ) -> None:
-    daemon, end, truth, site = await run_scenario(tmp_path, transport, "garbled-10s", 0.6)
+    r = scenario(runs, f"garbled-{transport}")
+    daemon, end, truth, site = r.daemon, r.end, r.truth, r.site
     violations = [r for r in daemon.lines if r.get("event") == "protocol_violation"]
     lost = [r for r in daemon.lines if r.get("event") == "device_link_lost"]
     assert len(violations) + len(lost) >= 3, "every bad exchange is counted"

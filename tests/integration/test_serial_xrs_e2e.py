@@ -178,6 +178,60 @@ async def run_scenario(
     return daemon, end, truth, site
 
 
+@dataclass
+class ScenarioRun:
+    daemon: Daemon
+    end: dict[str, Any]
+    truth: dict[str, Any]
+    site: Site
+
+
+async def run_scenarios(
+    base: Path,
+    plan: dict[str, tuple[str, str, float]],
+    make_site: Callable[[Path, Simulator], Site] | None = None,
+) -> dict[str, ScenarioRun | BaseException]:
+    """Every run of ``plan`` (key -> transport, scenario, preset) at the same time: each is
+    a simulator and a daemon of its own, waiting in real time, so together they take
+    about as long as the longest. A run that fails keeps its exception, for its test."""
+    keys = list(plan)
+    for key in keys:
+        (base / key).mkdir()
+    results = await asyncio.gather(
+        *(
+            run_scenario(
+                base / key, plan[key][1], plan[key][2], transport=plan[key][0], make_site=make_site
+            )
+            for key in keys
+        ),
+        return_exceptions=True,
+    )
+    return {
+        key: r if isinstance(r, BaseException) else ScenarioRun(*r)
+        for key, r in zip(keys, results, strict=True)
+    }
+
+
+def scenario(runs: dict[str, ScenarioRun | BaseException], key: str) -> ScenarioRun:
+    run = runs[key]
+    if isinstance(run, BaseException):
+        raise run
+    return run
+
+
+SCENARIOS = {
+    "door": ("serial", "door-mid-delivery", 0.5),
+    "link-drop": ("serial", "link-drop-5s", 0.5),
+    "garbled": ("serial", "garbled-10s", 0.6),
+    "applicator": ("serial", "applicator-swap", 0.5),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ScenarioRun | BaseException]:
+    return asyncio.run(run_scenarios(tmp_path_factory.mktemp("serial-scenarios"), SCENARIOS))
+
+
 def audit_types(site: Site) -> list[str]:
     out = []
     for seg in sorted(site.log_dir.glob("log-*.jsonl")):
@@ -185,10 +239,11 @@ def audit_types(site: Site) -> list[str]:
     return out
 
 
-async def test_door_opened_mid_delivery_is_an_interruption_and_the_delivery_resumes(
-    tmp_path: Path,
+def test_door_opened_mid_delivery_is_an_interruption_and_the_delivery_resumes(
+    runs: dict[str, ScenarioRun | BaseException],
 ) -> None:
-    daemon, end, truth, _ = await run_scenario(tmp_path, "door-mid-delivery", 0.5)
+    r = scenario(runs, "door")
+    daemon, end, truth = r.daemon, r.end, r.truth
     assert end["status"] == truth["termination"] == "NORMAL"
     assert end["interruptions"] == 1
     assert end["delivered_primary_gy"] == pytest.approx(truth["dose_primary_gy"], rel=0.005)
@@ -198,10 +253,11 @@ async def test_door_opened_mid_delivery_is_an_interruption_and_the_delivery_resu
     assert "ok" in states[states.index("tripped") + 1 :], "and closing it cleared it"
 
 
-async def test_a_link_dropped_for_5s_is_a_gap_with_unknown_interlocks_and_a_reconnect(
-    tmp_path: Path,
+def test_a_link_dropped_for_5s_is_a_gap_with_unknown_interlocks_and_a_reconnect(
+    runs: dict[str, ScenarioRun | BaseException],
 ) -> None:
-    daemon, end, truth, site = await run_scenario(tmp_path, "link-drop-5s", 0.5)
+    r = scenario(runs, "link-drop")
+    daemon, end, truth, site = r.daemon, r.end, r.truth, r.site
     lost = [r for r in daemon.lines if r.get("event") == "device_link_lost"]
     assert lost, "the link loss was seen"
     gaps = [r for r in daemon.lines if r.get("event") == "monitoring_gap_started"]
@@ -222,10 +278,11 @@ async def test_a_link_dropped_for_5s_is_a_gap_with_unknown_interlocks_and_a_reco
     assert end["gaps"] >= 1
 
 
-async def test_garbled_replies_for_10s_are_counted_and_no_wrong_value_is_accepted(
-    tmp_path: Path,
+def test_garbled_replies_for_10s_are_counted_and_no_wrong_value_is_accepted(
+    runs: dict[str, ScenarioRun | BaseException],
 ) -> None:
-    daemon, end, truth, _ = await run_scenario(tmp_path, "garbled-10s", 0.6)
+    r = scenario(runs, "garbled")
+    daemon, end, truth = r.daemon, r.end, r.truth
     # A garbled reply to a poll is counted (protocol_violation); one to the identify of a
     # reconnection, or a run of them, is a lost link with the frame error as its reason.
     violations = [r for r in daemon.lines if r.get("event") == "protocol_violation"]
@@ -240,10 +297,11 @@ async def test_garbled_replies_for_10s_are_counted_and_no_wrong_value_is_accepte
     assert end["preset_gy"] == pytest.approx(0.6)
 
 
-async def test_an_applicator_swapped_mid_delivery_trips_the_applicator_interlock(
-    tmp_path: Path,
+def test_an_applicator_swapped_mid_delivery_trips_the_applicator_interlock(
+    runs: dict[str, ScenarioRun | BaseException],
 ) -> None:
-    daemon, end, truth, _ = await run_scenario(tmp_path, "applicator-swap", 0.5)
+    r = scenario(runs, "applicator")
+    daemon, end, truth = r.daemon, r.end, r.truth
     assert end["status"] == truth["termination"] == "MACHINE"
     tripped = [
         r
