@@ -1,4 +1,6 @@
-"""Simulated IORT sources: device profiles as data, a pure model, an automatic operator."""
+"""Simulated IORT sources: device profiles as data, a pure model, an automatic operator,
+and the wire adapters (serial_xrs, modbus_xrs) with their shared core (device), scenarios,
+the control channel and the serving loop (serve, control)."""
 
 from simulators.model import (
     IllegalTransition,
