@@ -105,53 +105,6 @@ class Dashboard:
         return [json.loads(x) for x in self.log.read_text("utf-8").splitlines() if x.strip()]
 
 
-@dataclass
-class Simulator:
-    """`iort-sim serve --transport serial` on a pty; ``device`` is its path."""
-
-    proc: asyncio.subprocess.Process
-    device: str = ""
-    lines: list[dict[str, Any]] = field(default_factory=list)
-
-    @classmethod
-    async def start(cls, *args: str) -> Simulator:
-        proc = await asyncio.create_subprocess_exec(
-            str(BIN / "iort-sim"),
-            *("serve", "--transport", "serial", *args),
-            stdout=asyncio.subprocess.PIPE,
-        )
-        sim = cls(proc)
-        try:
-            sim.device = (await sim.until("serving", within_s=10))["device"]
-        except BaseException:
-            await sim.stop()
-            raise
-        return sim
-
-    async def until(self, event: str, within_s: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        for rec in self.lines:
-            if rec["event"] == event:
-                return rec
-        async with asyncio.timeout(within_s):
-            while raw := await self.proc.stdout.readline():
-                rec = json.loads(raw)
-                self.lines.append(rec)
-                if rec["event"] == event:
-                    return rec
-        raise AssertionError(f"iort-sim exited before {event}: {self.lines[-3:]}")
-
-    async def stop(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(10):
-                    await self.proc.wait()
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
-
-
 @asynccontextmanager
 async def chromium() -> AsyncIterator[Browser]:
     """Headless Debian Chromium with a fresh profile (Playwright makes a temporary one)."""

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from daemonproc import Daemon, Site
+from simproc import SERIAL_XRS_DEVICE, Simulator
 
 from daemon.audit.note import generate_keypair, write_keypair
 
-BIN = Path(sys.executable).parent
 KINDS = ("normal", "interrupted", "interlock", "gap")
 SCENARIOS = {
     "interrupted": "door-mid-delivery",
@@ -65,7 +63,8 @@ start_delay_s = 300.0
 serial = "SIM-IB-0042"
 """
 
-SERIAL_SITE = """
+SERIAL_SITE = (
+    """
 [site]
 id = "report-site"
 room = "or-5"
@@ -78,18 +77,9 @@ enabled = false
 [tolerances]
 stale_after_polls = 5
 {plan}
-[[devices]]
-name = "console-1"
-driver = "serial-xrs"
-poll_interval_s = 0.1
-timeout_s = 0.5
-[devices.transport]
-type = "serial"
-port = "{port}"
-baudrate = 19200
-[devices.options]
-applicator_every = 5
 """
+    + SERIAL_XRS_DEVICE
+)
 
 
 @dataclass(frozen=True)
@@ -132,35 +122,20 @@ async def _normal(base: Path) -> LogRun:
 
 async def _scenario(base: Path, kind: str, n: int) -> LogRun:
     pub = _keys(base)
-    proc = await asyncio.create_subprocess_exec(
-        str(BIN / "iort-sim"),
-        *("serve", "--transport", "serial", "--profile", "axxent", "--applicator", "BAL34"),
+    sim = await Simulator.start(
+        *("--profile", "axxent", "--applicator", "BAL34"),
         *("--preset", "0.5", "--start-delay", "1", "--seed", str(n)),
         *("--serial", f"SIM-AX-{n:04d}", "--scenario", SCENARIOS[kind]),
-        stdout=asyncio.subprocess.PIPE,
     )
     try:
-        assert proc.stdout is not None
-        async with asyncio.timeout(10):
-            while True:
-                line = await proc.stdout.readline()
-                assert line, "iort-sim exited before serving"
-                rec = json.loads(line)
-                if rec.get("event") == "serving":
-                    break
         cfg = base / "site.toml"
         cfg.write_text(
-            SERIAL_SITE.format(plan=PLAN.format(n=n, preset=0.5), port=rec["device"]),
+            SERIAL_SITE.format(plan=PLAN.format(n=n, preset=0.5), port=sim.device),
             encoding="utf-8",
         )
-        # Keep reading the simulator's output so that its pipe never fills.
-        drain = asyncio.create_task(proc.stdout.read())
         end = await _run_daemon(Site(cfg, base / "log", pub), f"scenario {SCENARIOS[kind]}")
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(proc.wait(), 10)
-    drain.cancel()
+        await sim.stop()
     return LogRun(kind, base / "log", pub, str(end["delivery_id"]), end)
 
 

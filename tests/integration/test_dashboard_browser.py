@@ -27,8 +27,9 @@ from pathlib import Path
 
 import pytest
 from daemonproc import Daemon, Site
-from dashproc import Dashboard, Recorder, Simulator, chromium, number, shot, wait_number
+from dashproc import Dashboard, Recorder, chromium, number, shot, wait_number
 from playwright.async_api import Page, expect
+from simproc import SERIAL_XRS_DEVICE, Simulator
 
 from daemon.audit.note import generate_keypair, write_keypair
 from daemon.mqtt.broker import BrokerOptions, Mosquitto
@@ -41,7 +42,8 @@ STALE_AFTER_S = 2.0
 KEEPALIVE_S = 4
 VIEWPORT = {"width": 1500, "height": 1000}
 
-SERIAL_SITE = """
+SERIAL_SITE = (
+    """
 [site]
 id = "hospital-b"
 room = "{room}"
@@ -53,18 +55,9 @@ url = "{broker}"
 keepalive_s = {keepalive}
 [tolerances]
 stale_after_polls = 5
-[[devices]]
-name = "console-1"
-driver = "serial-xrs"
-poll_interval_s = 0.1
-timeout_s = 0.5
-[devices.transport]
-type = "serial"
-port = "{port}"
-baudrate = 19200
-[devices.options]
-applicator_every = 5
 """
+    + SERIAL_XRS_DEVICE
+)
 
 SIM_SITE = """
 [site]

@@ -16,15 +16,13 @@ from typing import Any
 
 import pytest
 from daemonproc import Daemon, Site
+from simproc import BIN, Simulator
 from test_serial_xrs_e2e import (
-    BIN,
     PRESET_GY,
     ScenarioRun,
-    Simulator,
     run_scenarios,
     scenario,
     start_simulator,
-    stop_simulator,
 )
 
 from daemon.audit.note import generate_keypair, write_keypair
@@ -110,7 +108,7 @@ async def test_a_whole_delivery_over_modbus_matches_the_simulators_ground_truth(
             await daemon.ensure_dead()
         truth = await sim.until("terminated", within_s=5)
     finally:
-        await stop_simulator(sim)
+        await sim.stop()
     assert ident["simulated"] is True, "the simulator says so in its identity registers"
     assert ident["serial"] == "SIM-0001"
     assert end["status"] == truth["termination"] == "NORMAL"
@@ -244,12 +242,7 @@ async def test_one_silent_console_never_delays_another(tmp_path: Path) -> None:
     go on at their poll period all through it."""
     devices = tmp_path / "two.toml"
     devices.write_text(TWO_CONSOLES, encoding="utf-8")
-    proc = await asyncio.create_subprocess_exec(
-        str(BIN / "iort-sim"),
-        *("serve", "--devices", str(devices)),
-        stdout=asyncio.subprocess.PIPE,
-    )
-    sim = Simulator(proc, "", [])
+    sim = await Simulator.start("--devices", str(devices), transport=None)
     daemons: list[Daemon] = []
     try:
         ready = await sim.until("ready", within_s=10)
@@ -292,7 +285,7 @@ async def test_one_silent_console_never_delays_another(tmp_path: Path) -> None:
     finally:
         for daemon in daemons:
             await daemon.ensure_dead()
-        await stop_simulator(sim)
+        await sim.stop()
     entries = audit_entries(sites["or-5"])
     start = next(e for e in entries if e["type"] == "monitoring_gap_started")
     end = next(e for e in entries if e["type"] == "monitoring_gap_ended")

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
-import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,15 +14,16 @@ from typing import Any
 
 import pytest
 from daemonproc import Daemon, Site
+from simproc import SERIAL_XRS_DEVICE, Simulator
 
 from daemon.audit.note import generate_keypair, write_keypair
 
 pytestmark = pytest.mark.integration
 
-BIN = Path(sys.executable).parent
 PRESET_GY = 0.3  # Axxent-like BAL34 at 2.5 Gy/min: about 7 s of beam at speed 1
 
-SITE = """
+SITE = (
+    """
 [site]
 id = "test-site"
 room = "or-5"
@@ -35,68 +34,19 @@ signing_key_file = "keys/or-5.key"
 enabled = false
 [tolerances]
 stale_after_polls = 5
-[[devices]]
-name = "console-1"
-driver = "serial-xrs"
-poll_interval_s = 0.1
-timeout_s = 0.5
-[devices.transport]
-type = "serial"
-port = "{port}"
-baudrate = 19200
-[devices.options]
-applicator_every = 5
 """
-
-
-@dataclass
-class Simulator:
-    proc: asyncio.subprocess.Process
-    device: str  # the pty path (serial, modbus-rtu) or "host:port" (modbus-tcp)
-    lines: list[dict[str, Any]]
-    serving: dict[str, Any] | None = None
-
-    async def until(self, event: str, within_s: float) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        for rec in self.lines:
-            if rec["event"] == event:
-                return rec
-        async with asyncio.timeout(within_s):
-            while raw := await self.proc.stdout.readline():
-                rec = json.loads(raw)
-                self.lines.append(rec)
-                if rec["event"] == event:
-                    return rec
-        raise AssertionError(f"iort-sim exited before {event}: {self.lines[-3:]}")
+    + SERIAL_XRS_DEVICE
+)
 
 
 async def start_simulator(
     *extra: str, preset_gy: float = PRESET_GY, transport: str = "serial"
 ) -> Simulator:
-    proc = await asyncio.create_subprocess_exec(
-        str(BIN / "iort-sim"),
-        *("serve", "--transport", transport, "--profile", "axxent", "--applicator", "BAL34"),
-        *("--preset", str(preset_gy), "--start-delay", "1", "--seed", "5", *extra),
-        stdout=asyncio.subprocess.PIPE,
+    return await Simulator.start(
+        *("--profile", "axxent", "--applicator", "BAL34", "--preset", str(preset_gy)),
+        *("--start-delay", "1", "--seed", "5", *extra),
+        transport=transport,
     )
-    sim = Simulator(proc, "", [])
-    try:
-        serving = await sim.until("serving", within_s=10)
-    except BaseException:
-        proc.kill()
-        await proc.wait()
-        raise
-    sim.serving = serving
-    sim.device = (
-        serving["device"] if "device" in serving else f"{serving['host']}:{serving['port']}"
-    )
-    return sim
-
-
-async def stop_simulator(sim: Simulator) -> None:
-    if sim.proc.returncode is None:
-        sim.proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(sim.proc.wait(), 10)
 
 
 @pytest.fixture
@@ -105,7 +55,7 @@ async def simulator() -> AsyncIterator[Simulator]:
     try:
         yield sim
     finally:
-        await stop_simulator(sim)
+        await sim.stop()
 
 
 def site_for(tmp_path: Path, port: str) -> Site:
@@ -174,7 +124,7 @@ async def run_scenario(
         truth = await sim.until("terminated", within_s=5)
         assert any(r["event"] == "scenario_step" for r in sim.lines), "the scenario ran"
     finally:
-        await stop_simulator(sim)
+        await sim.stop()
     return daemon, end, truth, site
 
 
