@@ -28,15 +28,14 @@ import shutil
 import sqlite3
 import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from machine import filesystem, print_header
+from machine import filesystem, print_header, work_dir
 
 from daemon.audit.verify import verify_log
 from daemon.audit.writer import AuditLog, Entry, segment_paths
@@ -297,23 +296,6 @@ def sha_bulk(directory: Path) -> Rate:
 # ---- the machine ------------------------------------------------------------------------
 
 
-def base_dir(given: Path | None) -> tuple[Path, Callable[[], None]]:
-    """The directory to work in and how to clean it up."""
-    if given is not None:
-        given.mkdir(parents=True, exist_ok=True)
-        if any(given.iterdir()):
-            sys.exit(f"--dir {given}: not empty; give an empty or new directory")
-        return given, lambda: None
-    # A fresh temp dir on the repo's disk: the system one if it is on the same
-    # filesystem, else the git-ignored test-artifacts/ in the repo.
-    parent = Path(tempfile.gettempdir())
-    if os.stat(parent).st_dev != os.stat(REPO).st_dev:
-        parent = REPO / "test-artifacts"
-        parent.mkdir(exist_ok=True)
-    d = Path(tempfile.mkdtemp(prefix="iortd-audit-bench-", dir=parent))
-    return d, lambda: shutil.rmtree(d, ignore_errors=True)
-
-
 # ---- the run ----------------------------------------------------------------------------
 
 
@@ -334,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     n, repeat = args.entries, args.repeat
     m = min(args.sync_entries, n)  # the baselines write lines taken from the samples' log
 
-    work, cleanup = base_dir(args.dir)
+    work, cleanup = work_dir(args.dir, "iortd-audit-bench-")
     try:
         return run(work, n, m, repeat)
     finally:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -70,3 +74,20 @@ def print_header(title: str) -> None:
     print(f"  machine    {u.system} {u.release} {u.machine} ({u.node})")
     print(f"  cpu        {cpu_model()}, {os.cpu_count()} cores")
     print(f"  python     {platform.python_implementation()} {platform.python_version()}")
+
+
+def work_dir(given: Path | None, prefix: str) -> tuple[Path, Callable[[], None]]:
+    """The directory a benchmark works in and how to clean it up: ``given`` (which must be
+    empty), or a fresh temporary one on the repo's disk (the system's if it is on the same
+    filesystem, else the git-ignored test-artifacts/), since what is measured fsyncs."""
+    if given is not None:
+        given.mkdir(parents=True, exist_ok=True)
+        if any(given.iterdir()):
+            sys.exit(f"--dir {given}: not empty; give an empty or new directory")
+        return given, lambda: None
+    parent = Path(tempfile.gettempdir())
+    if os.stat(parent).st_dev != os.stat(REPO).st_dev:
+        parent = REPO / "test-artifacts"
+        parent.mkdir(exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    return d, lambda: shutil.rmtree(d, ignore_errors=True)

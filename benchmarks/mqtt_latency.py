@@ -40,7 +40,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,7 +49,7 @@ from typing import Any
 
 import aiomqtt
 import orjson
-from machine import filesystem, print_header
+from machine import filesystem, print_header, work_dir
 
 from daemon.audit.note import generate_keypair, write_keypair
 from daemon.mqtt.broker import (
@@ -456,22 +455,6 @@ def mosquitto_version(exe: Path) -> str:
     return first.removeprefix("mosquitto version ").strip()
 
 
-def base_dir(given: Path | None) -> tuple[Path, Callable[[], None]]:
-    """The directory to work in and how to clean it up (as benchmarks/audit_log.py: on
-    the repo's disk, since the daemon's outbox fsyncs there)."""
-    if given is not None:
-        given.mkdir(parents=True, exist_ok=True)
-        if any(given.iterdir()):
-            sys.exit(f"--dir {given}: not empty; give an empty or new directory")
-        return given, lambda: None
-    parent = Path(tempfile.gettempdir())
-    if os.stat(parent).st_dev != os.stat(REPO).st_dev:
-        parent = REPO / "test-artifacts"
-        parent.mkdir(exist_ok=True)
-    d = Path(tempfile.mkdtemp(prefix="iortd-mqtt-bench-", dir=parent))
-    return d, lambda: shutil.rmtree(d, ignore_errors=True)
-
-
 # ---- the run ----------------------------------------------------------------------------
 
 
@@ -509,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     elif sub_kind == "mosquitto_sub" and not shutil.which("mosquitto_sub"):
         ap.error(f"mosquitto_sub not found; install it with: {MOSQUITTO_INSTALL_HINT}")
 
-    work, cleanup = base_dir(args.dir)
+    work, cleanup = work_dir(args.dir, "iortd-mqtt-bench-")
     broker: Mosquitto | None = None
     try:
         try:
