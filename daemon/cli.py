@@ -328,16 +328,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _linger(url: str) -> None:
     """At a terminal, keep the broker and the dashboard up after the delivery so that the
-    user can look at it in a browser, until Ctrl-C (or SIGTERM); then stop them by PID as
-    usual. Not at all when the demo is not run from a terminal (scripts, tests)."""
+    user can look at it in a browser, until Enter (or Ctrl-C, or SIGTERM); then stop them
+    by PID as usual. Enter ends it quietly under `make demo` too (Ctrl-C also interrupts
+    make). Not at all when the demo is not run from a terminal (scripts, tests)."""
     print(  # noqa: T201 - CLI output
         f"The delivery is over; the dashboard stays up at {url} (retained state). "
-        "Press Ctrl-C to stop it."
+        "Press Enter (or Ctrl-C) to stop it.",
+        flush=True,
     )
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        while True:
-            signal.pause()
+        sys.stdin.readline()  # returns at Enter, or at once at end of input
     except KeyboardInterrupt:
         print()  # noqa: T201 - end the ^C line
     finally:
