@@ -133,6 +133,18 @@ async def test_what_is_served_is_local_and_a_stop_with_a_stream_open_is_clean(
     assert events[-1] == "dashboard_stopped"
 
 
+async def stop_demo(demo: asyncio.subprocess.Process) -> None:
+    """After a failure: SIGTERM first, so that the demo stops its broker and dashboard by
+    PID as it would; SIGKILL only if it does not end within its bound."""
+    if demo.returncode is None:
+        demo.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(demo.wait(), 15)
+        except TimeoutError:
+            demo.kill()
+            await demo.wait()
+
+
 async def test_the_demo_serves_the_dashboard_and_stops_it(tmp_path: Path) -> None:
     env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data-home")}
     demo = await asyncio.create_subprocess_exec(
@@ -158,9 +170,7 @@ async def test_the_demo_serves_the_dashboard_and_stops_it(tmp_path: Path) -> Non
         _, err = await asyncio.wait_for(demo.communicate(), 60)
         assert demo.returncode == 0, err.decode()
     finally:
-        if demo.returncode is None:
-            demo.kill()
-            await demo.wait()
+        await stop_demo(demo)
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # stopped by PID with the demo
 
@@ -202,9 +212,7 @@ async def test_at_a_terminal_the_demo_keeps_the_dashboard_up_until_enter(
         os.write(master, b"\n")  # Enter (the pty is raw, so a newline itself)
         assert await asyncio.wait_for(demo.wait(), 20) == 0
     finally:
-        if demo.returncode is None:
-            demo.kill()
-            await demo.wait()
+        await stop_demo(demo)
         os.close(master)
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # stopped by PID with the demo
