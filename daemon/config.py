@@ -127,6 +127,12 @@ class MqttConfig(_Model):
             port = parts.port
         except ValueError as exc:
             raise ValueError(f"{expected}; {exc}; got {url!r}") from None
+        if "@" in parts.netloc:
+            # Never echoed: the part before '@' may be a password.
+            raise ValueError(
+                "a URL must not carry credentials (user:password@); use mqtt.username and "
+                "mqtt.password_file or mqtt.password_env"
+            )
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ValueError(f"{expected}; got {url!r}")
         if parts.path not in ("", "/") or parts.query or parts.fragment or port == 0:
@@ -259,6 +265,41 @@ _SECRET_KEYS = (
     ("mqtt", "password", "use mqtt.password_file or mqtt.password_env"),
     ("log", "signing_key", "point log.signing_key_file at a key file (mode 0600)"),
 )
+
+
+# scheme://user[:password]@host: userinfo in any URL-like value, anywhere in the file (a
+# driver's transport or options included: they are recorded in the audit log as well).
+_URL_USERINFO_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*@")
+_CREDENTIALS_HINT: Mapping[str, str] = {
+    "mqtt.url": "put the user in mqtt.username and the password in a file named by "
+    "mqtt.password_file (mode 0600) or a variable named by mqtt.password_env",
+}
+
+
+def _credentials_in_urls(data: Mapping[str, Any], file: Path, given: set[str]) -> list[ConfigIssue]:
+    """Every string that carries URL credentials, named by key path and never repeated:
+    the config is written to the audit log (``config_loaded``), which keeps it for ever."""
+    issues = []
+    todo: list[tuple[Any, tuple[int | str, ...]]] = [(data, ())]
+    while todo:
+        value, loc = todo.pop()
+        if isinstance(value, Mapping):
+            todo.extend((v, (*loc, k)) for k, v in value.items())
+        elif isinstance(value, list):
+            todo.extend((v, (*loc, i)) for i, v in enumerate(value))
+        elif isinstance(value, str) and _URL_USERINFO_RE.search(value):
+            key = _key_path(loc)
+            hint = _CREDENTIALS_HINT.get(
+                key, "give credentials through a file or an environment variable"
+            )
+            msg = (
+                "a URL must not carry credentials (user:password@): secrets never go in the "
+                f"TOML or a URL, and the config is recorded in the audit log; {hint}"
+            )
+            if key in given:
+                msg += " (value given on the command line)"
+            issues.append(ConfigIssue(file, key, msg))
+    return sorted(issues, key=lambda i: i.key)
 
 
 def _key_path(loc: Sequence[int | str]) -> str:
@@ -523,10 +564,13 @@ def load_config(
         if isinstance(table, dict):
             table.update(values)
 
+    given = {f"{sec}.{key}" for sec, values in (overrides or {}).items() for key in values}
+    if credentials := _credentials_in_urls(data, path, given):
+        raise ConfigError(credentials)
+
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        given = {f"{sec}.{key}" for sec, values in (overrides or {}).items() for key in values}
         issues = []
         for e in exc.errors(include_url=False):
             key = _key_path(e["loc"])

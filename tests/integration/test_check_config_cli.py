@@ -56,6 +56,11 @@ EXPECTED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "toml_syntax_error.toml": (("",), ("TOML syntax error", "line 5")),
     "not_utf8.toml": (("",), ("not UTF-8",)),
     "duplicate_device_name.toml": (("devices[1].name", "devices"), ("unique",)),
+    "credentials_in_mqtt_url.toml": (("mqtt.url",), ("must not carry credentials",)),
+    "credentials_in_option_url.toml": (
+        ("devices[0].options.note",),
+        ("must not carry credentials",),
+    ),
     "log_directory_name_too_long.toml": (("log.directory",), ("path too long",)),
     "nul_in_log_directory.toml": (("log.directory",), ("NUL",)),
     "nested_5000_deep.toml": (("",), ("nested too deeply",)),

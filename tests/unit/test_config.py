@@ -22,7 +22,7 @@ import pytest
 from pydantic import ValidationError
 
 from daemon.audit.note import generate_keypair, write_keypair
-from daemon.config import ConfigError, ConfigIssue, LoadedConfig, load_config
+from daemon.config import ConfigError, ConfigIssue, LoadedConfig, MqttConfig, load_config
 from drivers.registry import ENTRY_POINT_GROUP, DriverRegistry
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,6 +90,17 @@ BROKEN_CASES = [
         also_accepted_keys=("devices",),
     ),
     # Hostile or mistaken inputs (issue 13 item 7): one issue each, never a traceback or hang.
+    # Credentials in a URL (issue 12 item 5): refused, named, never repeated.
+    Broken(
+        "credentials_in_mqtt_url.toml",
+        "mqtt.url",
+        ("must not carry credentials", "mqtt.username", "password_file", "password_env"),
+    ),
+    Broken(
+        "credentials_in_option_url.toml",
+        "devices[0].options.note",
+        ("must not carry credentials", "file or an environment variable"),
+    ),
     Broken("log_directory_name_too_long.toml", "log.directory", ("path too long", "255")),
     Broken("nul_in_log_directory.toml", "log.directory", ("NUL",)),
     Broken("nested_5000_deep.toml", "", ("nested too deeply",)),
@@ -110,6 +121,8 @@ BROKEN_CASES = [
 
 SECRETS = {
     "password_in_toml.toml": "hunter2-not-a-real-secret",
+    "credentials_in_mqtt_url.toml": "hunter2-not-a-real-secret",
+    "credentials_in_option_url.toml": "hunter2-not-a-real-secret",
     "signing_key_in_toml.toml": "MC4CAQAwBQYDK2VwBCIEINOTAREALKEY",
 }
 
@@ -723,3 +736,33 @@ def test_a_relative_map_resolves_against_the_config_files_directory(
     text = _replace_once(text, 'map = "maps/console.toml"', 'map = "xrs-mb1"')
     config = load_config(_write(conf_dir, text), registry).config
     assert config.source.options["map"] == "xrs-mb1"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mqtt://iortd:hunter2-not-a-real-secret@127.0.0.1:1883",
+        "mqtts://hunter2-not-a-real-secret@broker.example",
+        "mqtt://:hunter2-not-a-real-secret@host",
+        "tcp://iortd:hunter2-not-a-real-secret@host/x",
+    ],
+)
+def test_credentials_in_the_broker_url_are_refused_and_not_repeated(
+    url: str, registry: DriverRegistry
+) -> None:
+    """From the file or the command line (`iortd demo --broker`), and whatever else is wrong
+    with the URL: the credentials are the one issue, and the secret is not echoed."""
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(DEMO, registry, {"mqtt": {"url": url}})
+    issue = _issue(excinfo)
+    assert issue.key == "mqtt.url"
+    assert "must not carry credentials" in issue.message
+    assert "command line" in issue.message
+    assert "hunter2" not in str(excinfo.value)
+
+
+def test_the_url_validator_itself_refuses_credentials() -> None:
+    """Also when a model is built in code, not through load_config."""
+    with pytest.raises(ValidationError) as excinfo:
+        MqttConfig(url="mqtt://u:hunter2-not-a-real-secret@host")
+    assert "hunter2" not in str(excinfo.value.errors(include_input=False))
