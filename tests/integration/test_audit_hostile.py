@@ -115,6 +115,11 @@ def test_a_fifo_segment_is_a_bad_log_not_a_hang(log: Log) -> None:
         assert p.returncode == 1, p
         assert "NOT INTACT" in one_err(p)
         assert "FIFO" in p.stderr
+    out = log.dir.parent / "d.json"
+    p = audit("export", log.dir, "--delivery", "D", "--format", "json", "--out", out)
+    assert p.returncode == 1, p
+    assert "FIFO" in one_err(p)
+    assert not out.exists()
 
 
 def test_a_segment_linked_to_dev_zero_is_a_bad_log_not_a_memory_error(log: Log) -> None:
