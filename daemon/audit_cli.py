@@ -1,7 +1,7 @@
 """``iort-audit``: the auditors' tool for iortd delivery logs.
 
     iort-audit keygen --name NAME [--out DIR]
-    iort-audit verify PATH... [--pubkey FILE] [--checkpoint FILE]
+    iort-audit verify PATH... [--pubkey FILE] [--checkpoint FILE|DIR]
     iort-audit show PATH... [--delivery ID [--entries]] [--type T] [--since TS] [--until TS]
     iort-audit deliveries PATH...
     iort-audit report PATH... --delivery ID --out FILE.pdf|FILE.html [--pubkey FILE]
@@ -10,7 +10,9 @@
                               [--table samples|events] [--pubkey FILE] [--allow-unverified]
 
 Exit status: 0 intact / done; 1 the log is not intact (the first bad entry is named:
-file, line, seq, what is wrong); 2 usage error. ``show`` and ``deliveries`` verify the
+file, line, seq, what is wrong; a segment that is not a regular file, e.g. a FIFO or a
+link, is a bad log too); 2 usage error (including a PATH, --pubkey or --checkpoint that is
+not a readable regular file or directory). ``show`` and ``deliveries`` verify the
 chain too and exit 1, after printing, when it is broken. ``report`` and ``export`` verify
 first and write nothing when it is broken, unless --allow-unverified (then the output says
 so, on every page of a report, and the exit status is still 1).
@@ -20,11 +22,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from daemon import __version__
 from daemon.audit.dicom import DicomExportError, dicom_export
@@ -34,7 +39,6 @@ from daemon.audit.note import (
     NoteError,
     Verifier,
     generate_keypair,
-    load_verifier,
     write_keypair,
 )
 from daemon.audit.record import DeliveryRecord, NoSuchDelivery, Verification, read_delivery
@@ -48,6 +52,7 @@ from daemon.audit.review import (
 )
 from daemon.audit.verify import VerifyReport, collect_files, verify_log
 from daemon.durable import write_atomic
+from drivers.files import FileReadError, read_small_file
 
 __all__ = ["main"]
 
@@ -78,21 +83,33 @@ def _progress(total: int) -> Callable[[int], None] | None:
     return show
 
 
-def _verify(paths: Sequence[Path], pubkey: Verifier | None, external: str | None) -> VerifyReport:
+def _verify(
+    paths: Sequence[Path], pubkey: Verifier | None, external: Sequence[str] | None
+) -> VerifyReport:
     files = collect_files(paths)
     total = sum(f.stat().st_size for f in files if f.is_file())
     return verify_log(paths, pubkey=pubkey, external=external, progress=_progress(total))
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        # write_keypair's mkdir would raise FileExistsError for --out itself, which is not
+        # the key already existing.
+        _err(f"--out {out}: not a directory; give the directory for NAME.key and NAME.pub")
+        return EXIT_USAGE
+    key_path = out / f"{args.name}.key"
     try:
         signer = generate_keypair(args.name)
-        key, pub = write_keypair(signer, args.out)
+        key, pub = write_keypair(signer, out)
     except NoteError as exc:
         _err(str(exc))
         return EXIT_USAGE
-    except FileExistsError:
-        _err(f"{args.out / (args.name + '.key')} exists; not overwriting a signing key")
+    except FileExistsError as exc:
+        if exc.filename is not None and Path(exc.filename) == key_path:
+            _err(f"{key_path} exists; not overwriting a signing key")
+        else:
+            _err(f"--out {out}: {exc.filename} is in the way: {exc.strerror}")
         return EXIT_USAGE
     except OSError as exc:
         _err(f"--out {args.out}: {exc.strerror or exc}")
@@ -104,35 +121,124 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def _check_paths(paths: Sequence[Path]) -> bool:
-    missing = [p for p in paths if not p.exists()]
-    for p in missing:
-        _err(f"{p}: no such file or directory")
-    return not missing
+    """A usage error (False) for a PATH that is neither a directory nor a regular file. The
+    segments *inside* a directory are checked as they are read (segments.py): a bad one
+    there makes the log not intact, exit 1."""
+    ok = True
+    for p in paths:
+        try:
+            mode = p.stat().st_mode
+        except FileNotFoundError:
+            _err(f"{p}: no such file or directory")
+            ok = False
+            continue
+        except OSError as exc:
+            _err(f"{p}: cannot be read: {exc.strerror}")
+            ok = False
+            continue
+        if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+            _err(f"{p}: not a log directory or segment file (not a regular file)")
+            ok = False
+    return ok
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _checkpoint_notes(text: str, where: Path) -> str:
+    """The signed note in a saved checkpoint: the note itself (the log directory's
+    ``checkpoint`` file) or the JSON payload of the ``audit/checkpoint`` topic
+    (docs/schemas/v1/checkpoint.schema.json), whose ``note`` is the note verbatim."""
+    if not text.lstrip().startswith("{"):
+        return text
+    try:
+        payload = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise _UsageError(f"--checkpoint {where}: not a note nor JSON: {exc}") from None
+    note = payload.get("note") if isinstance(payload, dict) else None
+    if not isinstance(note, str):
+        raise _UsageError(
+            f"--checkpoint {where}: JSON without a 'note' string: expected the payload of "
+            "the audit/checkpoint topic"
+        )
+    try:
+        cp, _ = Checkpoint.parse_verified(note, None)
+    except NoteError as exc:
+        raise _UsageError(f"--checkpoint {where}: note: {exc}") from None
+    # The parsed fields are for display; if they disagree with the note, someone edited one.
+    shown = {k: payload.get(k) for k in ("origin", "count", "head") if k in payload}
+    actual = {"origin": cp.origin, "count": cp.count, "head": cp.head_hash}
+    if bad := [k for k, v in shown.items() if v != actual[k]]:
+        raise _UsageError(
+            f"--checkpoint {where}: the payload's {', '.join(bad)} differ from its signed note"
+        )
+    return note
+
+
+def _held_checkpoints(path: Path, pubkey: Verifier) -> list[str]:
+    """Every note held in ``path``: a file, or a directory of files (each a note or a
+    saved payload), each signed by ``pubkey`` and all of one log."""
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+        if not files:
+            raise _UsageError(f"--checkpoint {path}: the directory holds no checkpoints")
+    else:
+        files = [path]
+    notes = []
+    origins = set()
+    for f in files:
+        try:
+            text = read_small_file(f, expected="a saved checkpoint file").decode("utf-8")
+        except FileReadError as exc:
+            raise _UsageError(f"--checkpoint {f}: {exc.reason}") from None
+        except UnicodeDecodeError:
+            raise _UsageError(f"--checkpoint {f}: not UTF-8 text") from None
+        note = _checkpoint_notes(text, f)
+        try:
+            cp, signed = Checkpoint.parse_verified(note, pubkey)
+        except NoteError as exc:
+            raise _UsageError(f"--checkpoint {f}: {exc}") from None
+        if not signed:
+            raise _UsageError(f"--checkpoint {f}: not signed by --pubkey ({pubkey.name})")
+        notes.append(note)
+        origins.add(cp.origin)
+    if len(origins) > 1:
+        raise _UsageError(
+            f"--checkpoint {path}: holds checkpoints of {len(origins)} logs "
+            f"({', '.join(sorted(origins))}); give those of this log only"
+        )
+    return notes
+
+
+def _load_pubkey(path: Path) -> Verifier:
+    try:
+        text = read_small_file(path, 64 * 1024, expected="a public key file").decode("ascii")
+        return Verifier.parse(text)
+    except FileReadError as exc:
+        raise _UsageError(f"--pubkey {path}: {exc.reason}") from None
+    except UnicodeDecodeError:
+        raise _UsageError(f"--pubkey {path}: not a public key (not ASCII text)") from None
+    except NoteError as exc:
+        raise _UsageError(f"--pubkey {path}: {exc}") from None
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     if not _check_paths(args.paths):
         return EXIT_USAGE
-    pubkey = external = None
+    if args.checkpoint and not args.pubkey:
+        _err(
+            "--checkpoint needs --pubkey: a checkpoint is only evidence if its signature is checked"
+        )
+        return EXIT_USAGE
+    pubkey = None
+    external: list[str] | None = None
     try:
         if args.pubkey:
-            pubkey = load_verifier(args.pubkey)
-        if args.checkpoint:
-            if pubkey is None:
-                _err(
-                    "--checkpoint needs --pubkey: a checkpoint is only evidence "
-                    "if its signature is checked"
-                )
-                return EXIT_USAGE
-            external = args.checkpoint.read_text(encoding="utf-8")
-            _, signed = Checkpoint.parse_verified(external, pubkey)
-            if not signed:
-                _err(f"--checkpoint {args.checkpoint}: not signed by --pubkey ({pubkey.name})")
-                return EXIT_USAGE
-    except NoteError as exc:
-        _err(f"--checkpoint {args.checkpoint}: {exc}")
-        return EXIT_USAGE
-    except (OSError, UnicodeDecodeError) as exc:
+            pubkey = _load_pubkey(args.pubkey)
+        if args.checkpoint and pubkey is not None:
+            external = _held_checkpoints(args.checkpoint, pubkey)
+    except _UsageError as exc:
         _err(str(exc))
         return EXIT_USAGE
     rep = _verify(args.paths, pubkey, external)
@@ -282,8 +388,8 @@ def _verified_delivery(args: argparse.Namespace) -> tuple[int, DeliveryRecord | 
     pubkey = None
     if args.pubkey:
         try:
-            pubkey = load_verifier(args.pubkey)
-        except NoteError as exc:
+            pubkey = _load_pubkey(args.pubkey)
+        except _UsageError as exc:
             _err(str(exc))
             return EXIT_USAGE, None, None
     rep = _verify(args.paths, pubkey, None)
@@ -374,7 +480,13 @@ def _parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check the chain, seqs and signatures of a log")
     v.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="log directory or files")
     v.add_argument("--pubkey", type=Path, metavar="FILE", help="the daemon's public key (NAME.pub)")
-    v.add_argument("--checkpoint", type=Path, metavar="FILE", help="a checkpoint kept off the host")
+    v.add_argument(
+        "--checkpoint",
+        type=Path,
+        metavar="PATH",
+        help="a checkpoint kept off the host: the signed note, the JSON payload saved from "
+        "the audit/checkpoint topic, or a directory of them",
+    )
     s = sub.add_parser("show", help="print entries, or one delivery's summary")
     s.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     s.add_argument("--delivery", metavar="ID", help="summarise this delivery")

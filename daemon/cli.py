@@ -153,7 +153,9 @@ async def _serve(
         if c.mqtt.enabled:
             try:
                 # The password is read now: it may have gone since check-config.
-                settings = settings_from_config(c.mqtt, c.site, url=broker_url)
+                settings = settings_from_config(
+                    c.mqtt, c.site, origin=audit[0].origin, url=broker_url
+                )
             except (OSError, KeyError, ValueError) as exc:
                 await audit[0].close()
                 what = "password_env" if isinstance(exc, KeyError) else "password_file"
@@ -165,8 +167,14 @@ async def _serve(
                 await audit[0].close()
                 raise _LogDirectoryError(f"mqtt outbox: {exc}") from None
             factory = DriverRegistry.from_entry_points().get(c.source.driver)
-            sinks = [*sinks, MqttSink(settings, outbox, simulated=factory.simulated)]
-            log.info("mqtt_enabled", broker=settings.url, session=outbox.session)
+            mqtt_sink = MqttSink(settings, outbox, simulated=factory.simulated)
+            sinks = [*sinks, mqtt_sink]
+            log.info(
+                "mqtt_enabled",
+                broker=settings.url,
+                session=outbox.session,
+                client_id=settings.client_id,
+            )
         daemon = Daemon(
             loaded,
             DriverRegistry.from_entry_points(),
@@ -175,6 +183,8 @@ async def _serve(
             audit=audit,
             stop_after_delivery=stop_after_delivery,
         )
+        if c.mqtt.enabled:
+            mqtt_sink.on_takeover = daemon.mqtt_session_taken_over
         return await _run_until_stopped(daemon, stop, duration_s)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):

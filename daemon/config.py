@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -31,6 +32,7 @@ from pydantic import (
 
 from daemon.audit.note import KeyFileError, load_signer
 from drivers.errors import DriverConfigError, DriverOptionError
+from drivers.files import FileReadError, read_small_file
 from drivers.registry import DriverRegistry
 
 __all__ = [
@@ -58,8 +60,30 @@ _PATTERN_MEANING: Mapping[str, str] = {
     _DRIVER_RE: "a driver name as installed (lower-case, e.g. 'sim')",
     _ENV_RE: "an environment variable name (A-Z, 0-9, '_')",
 }
+
+
+# Linux limits (NAME_MAX, PATH_MAX); checked here so that a typo is one line, not ENAMETOOLONG
+# in a traceback when the daemon first touches the path.
+_NAME_MAX = 255
+_PATH_MAX = 4095
+
+
+def _usable_path(path: Path) -> Path:
+    # A NUL cannot be in a file name: os calls would raise ValueError at start-up instead.
+    if "\0" in str(path):
+        raise ValueError("a path cannot contain a NUL character; remove it")
+    if len(os.fsencode(path)) > _PATH_MAX:
+        raise ValueError(f"path too long (at most {_PATH_MAX} bytes)")
+    longest = max((len(os.fsencode(part)) for part in path.parts), default=0)
+    if longest > _NAME_MAX:
+        raise ValueError(
+            f"path too long: a file or directory name is {longest} bytes (at most {_NAME_MAX})"
+        )
+    return path
+
+
 # Paths come from TOML strings; resolved against the config file's directory on load.
-ConfigPath = Annotated[Path, Field(strict=False)]
+ConfigPath = Annotated[Path, Field(strict=False), AfterValidator(_usable_path)]
 
 
 class _Model(BaseModel):
@@ -103,6 +127,12 @@ class MqttConfig(_Model):
             port = parts.port
         except ValueError as exc:
             raise ValueError(f"{expected}; {exc}; got {url!r}") from None
+        if "@" in parts.netloc:
+            # Never echoed: the part before '@' may be a password.
+            raise ValueError(
+                "a URL must not carry credentials (user:password@); use mqtt.username and "
+                "mqtt.password_file or mqtt.password_env"
+            )
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
             raise ValueError(f"{expected}; got {url!r}")
         if parts.path not in ("", "/") or parts.query or parts.fragment or port == 0:
@@ -237,6 +267,41 @@ _SECRET_KEYS = (
 )
 
 
+# scheme://user[:password]@host: userinfo in any URL-like value, anywhere in the file (a
+# driver's transport or options included: they are recorded in the audit log as well).
+_URL_USERINFO_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*@")
+_CREDENTIALS_HINT: Mapping[str, str] = {
+    "mqtt.url": "put the user in mqtt.username and the password in a file named by "
+    "mqtt.password_file (mode 0600) or a variable named by mqtt.password_env",
+}
+
+
+def _credentials_in_urls(data: Mapping[str, Any], file: Path, given: set[str]) -> list[ConfigIssue]:
+    """Every string that carries URL credentials, named by key path and never repeated:
+    the config is written to the audit log (``config_loaded``), which keeps it for ever."""
+    issues = []
+    todo: list[tuple[Any, tuple[int | str, ...]]] = [(data, ())]
+    while todo:
+        value, loc = todo.pop()
+        if isinstance(value, Mapping):
+            todo.extend((v, (*loc, k)) for k, v in value.items())
+        elif isinstance(value, list):
+            todo.extend((v, (*loc, i)) for i, v in enumerate(value))
+        elif isinstance(value, str) and _URL_USERINFO_RE.search(value):
+            key = _key_path(loc)
+            hint = _CREDENTIALS_HINT.get(
+                key, "give credentials through a file or an environment variable"
+            )
+            msg = (
+                "a URL must not carry credentials (user:password@): secrets never go in the "
+                f"TOML or a URL, and the config is recorded in the audit log; {hint}"
+            )
+            if key in given:
+                msg += " (value given on the command line)"
+            issues.append(ConfigIssue(file, key, msg))
+    return sorted(issues, key=lambda i: i.key)
+
+
 def _key_path(loc: Sequence[int | str]) -> str:
     out = ""
     for part in loc:
@@ -268,7 +333,30 @@ def _describe(err: Mapping[str, Any]) -> str:
     return msg
 
 
-def _resolve_paths(config: Config, base: Path) -> Config:
+def _names_a_file(value: str) -> bool:
+    return "/" in value or value.endswith(".toml")
+
+
+def _resolve_device_paths(dev: DeviceConfig, base: Path, registry: DriverRegistry) -> DeviceConfig:
+    """Make the driver's file options (a profile, a register map) relative to ``base``."""
+    try:
+        keys: frozenset[str] = getattr(registry.get(dev.driver), "path_options", frozenset())
+    except DriverConfigError:
+        return dev  # reported by _check_drivers
+    update = {
+        k: str(base / v)
+        for k in keys
+        if isinstance(v := dev.options.get(k), str)
+        and _names_a_file(v)
+        and "\0" not in v
+        and not Path(v).is_absolute()
+    }
+    if not update:
+        return dev
+    return dev.model_copy(update={"options": _freeze({**_thaw(dev.options), **update})})
+
+
+def _resolve_paths(config: Config, base: Path, registry: DriverRegistry) -> Config:
     def fix(p: Path | None) -> Path | None:
         return None if p is None else (p if p.is_absolute() else (base / p))
 
@@ -284,10 +372,21 @@ def _resolve_paths(config: Config, base: Path) -> Config:
             for k in ("password_file", "ca_file", "cert_file", "key_file")
         }
     )
-    return config.model_copy(update={"log": log, "mqtt": mqtt})
+    devices = tuple(_resolve_device_paths(d, base, registry) for d in config.devices)
+    return config.model_copy(update={"log": log, "mqtt": mqtt, "devices": devices})
 
 
 def _check_files(config: Config, file: Path) -> list[ConfigIssue]:
+    try:
+        return _check_file_system(config, file)
+    except OSError as exc:
+        # Whatever the probes below did not foresee (a path made too long by the config
+        # file's own directory, an I/O error): one line, not a traceback.
+        where = f" ({exc.filename})" if exc.filename else ""
+        return [ConfigIssue(file, "", f"a configured path cannot be used: {exc.strerror}{where}")]
+
+
+def _check_file_system(config: Config, file: Path) -> list[ConfigIssue]:
     issues = []
     for section, key, value in (
         ("log", "signing_key_file", config.log.signing_key_file),
@@ -353,6 +452,24 @@ def _check_files(config: Config, file: Path) -> list[ConfigIssue]:
 
 
 MAX_DEVICES = 32
+# Far beyond any real config (the shipped ones are a few KB and 4 levels deep); what is
+# bounded here is the damage a hostile or mistaken file can do.
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_NESTING = 32
+
+
+def _too_deep(data: Mapping[str, Any]) -> str | None:
+    """The key path of the first value nested deeper than MAX_NESTING, or None."""
+    todo: list[tuple[Any, tuple[int | str, ...]]] = [(data, ())]
+    while todo:
+        value, loc = todo.pop()
+        if len(loc) > MAX_NESTING:
+            return _key_path(loc)
+        if isinstance(value, Mapping):
+            todo.extend((v, (*loc, k)) for k, v in value.items())
+        elif isinstance(value, list):
+            todo.extend((v, (*loc, i)) for i, v in enumerate(value))
+    return None
 
 
 def _check_devices(config: Config, file: Path) -> list[ConfigIssue]:
@@ -417,13 +534,9 @@ def load_config(
     validation, so they are checked exactly like the file's own values.
     """
     try:
-        raw_bytes = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError([ConfigIssue(path, "", "file not found")]) from None
-    except IsADirectoryError:
-        raise ConfigError([ConfigIssue(path, "", "is a directory, expected a TOML file")]) from None
-    except OSError as exc:
-        raise ConfigError([ConfigIssue(path, "", f"cannot read: {exc.strerror}")]) from None
+        raw_bytes = read_small_file(path, MAX_CONFIG_BYTES, expected="a TOML file")
+    except FileReadError as exc:
+        raise ConfigError([ConfigIssue(path, "", exc.reason)]) from None
     try:
         data = tomllib.loads(raw_bytes.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -432,6 +545,13 @@ def load_config(
         raise ConfigError([ConfigIssue(path, "", msg)]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([ConfigIssue(path, "", f"TOML syntax error: {exc}")]) from None
+    except RecursionError:
+        # tomllib parses nesting recursively: thousands of levels exhaust the stack.
+        msg = f"TOML nested too deeply (a config needs at most {MAX_NESTING} levels)"
+        raise ConfigError([ConfigIssue(path, "", msg)]) from None
+    if (deep := _too_deep(data)) is not None:
+        msg = f"nested too deeply (more than {MAX_NESTING} levels of tables and arrays)"
+        raise ConfigError([ConfigIssue(path, deep, msg)])
 
     # Say why a secret is refused, rather than a bare "unknown key".
     for section, key, hint in _SECRET_KEYS:
@@ -444,10 +564,13 @@ def load_config(
         if isinstance(table, dict):
             table.update(values)
 
+    given = {f"{sec}.{key}" for sec, values in (overrides or {}).items() for key in values}
+    if credentials := _credentials_in_urls(data, path, given):
+        raise ConfigError(credentials)
+
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        given = {f"{sec}.{key}" for sec, values in (overrides or {}).items() for key in values}
         issues = []
         for e in exc.errors(include_url=False):
             key = _key_path(e["loc"])
@@ -457,7 +580,7 @@ def load_config(
             issues.append(ConfigIssue(path, key, msg))
         raise ConfigError(issues) from None
 
-    config = _resolve_paths(config, path.parent.resolve())
+    config = _resolve_paths(config, path.parent.resolve(), registry)
     # Device structure first: with duplicate names or no source, per-driver checks would
     # only add noise about the wrong device.
     issues = _check_devices(config, path)

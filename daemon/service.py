@@ -20,15 +20,16 @@ import asyncio
 import contextlib
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 
 from daemon import __version__
 from daemon.audit.entries import event_entry, plain, sample_entry
-from daemon.audit.writer import AuditLog, RecoveryReport, utc_ts
+from daemon.audit.writer import AuditLog, AuditLogClosed, RecoveryReport, utc_ts
 from daemon.config import Config, DeviceConfig, LoadedConfig
 from daemon.sinks import Sample, Sink
 from daemon.tracker import (
@@ -278,6 +279,24 @@ class Daemon:
                 "critical",
                 f"audit log cannot be written: {exc}; retrying. Until it recovers, what is "
                 "shown is NOT yet recorded",
+            )
+        )
+
+    def mqtt_session_taken_over(self, data: Mapping[str, Any]) -> None:
+        """Called by the MQTT sink: another client took over its broker session (the same
+        client id). Recorded, and said on every channel: this room's live stream is
+        interrupted, and someone is publishing with this daemon's identity or fighting it."""
+        if self._audit is not None:
+            try:
+                self._audit.append("mqtt_session_taken_over", dict(data))
+            except AuditLogClosed:
+                log.warning("mqtt_session_taken_over_not_recorded", reason="audit log closed")
+        self._notices.put_nowait(
+            (
+                "critical",
+                f"MQTT session taken over: {data.get('reason')} (client id "
+                f"{data.get('client_id')}); this room's live stream is interrupted; next "
+                f"attempt in {data.get('retry_in_s')} s",
             )
         )
 

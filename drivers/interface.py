@@ -88,7 +88,13 @@ class DriverContext:
 
 class DriverFactory(Protocol):
     """The object an ``iort.drivers`` entry point resolves to (a class or an instance with
-    these members)."""
+    these members).
+
+    A factory may also have ``path_options: frozenset[str]``: the option keys whose value,
+    when it names a file (it contains a ``/`` or ends in ``.toml``) rather than something
+    bundled, is a path. The config loader makes such a relative path absolute against the
+    config file's directory, like every other path in the config, before ``validate``.
+    """
 
     name: str
     roles: frozenset[Role]

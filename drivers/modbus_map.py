@@ -25,6 +25,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from drivers.errors import ProtocolViolation
+from drivers.files import FileReadError, read_small_file, toml_error
 from drivers.modbus_codec import MAX_READ, Table
 
 __all__ = [
@@ -241,22 +242,29 @@ def _finite(p: Point, value: float) -> float:
 
 
 def resolve_map(name_or_path: str) -> Path:
-    """A map file: a path, or the name of a bundled map (config/maps/NAME.toml)."""
+    """A map file: a path, or the name of a bundled map (config/maps/NAME.toml).
+
+    A value with a ``/`` or ending in ``.toml`` is a path; a bare word is a bundled name,
+    whatever files the current directory holds (the daemon's config loader has already
+    made a relative path absolute against the config file's directory).
+    """
     path = Path(name_or_path)
-    if path.suffix == ".toml" or path.exists() or "/" in name_or_path:
+    if path.suffix == ".toml" or "/" in name_or_path:
         return path
     return Path(str(importlib.resources.files("iort_config") / "maps" / f"{name_or_path}.toml"))
 
 
 def load_map(path: Path) -> RegisterMap:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MapError(f"{path}: no such register map") from None
-    except (OSError, UnicodeDecodeError) as exc:
+        data = tomllib.loads(read_small_file(path).decode("utf-8"))
+    except FileReadError as exc:
+        if exc.missing:
+            raise MapError(f"{path}: no such register map") from None
+        raise MapError(f"{path}: cannot read: {exc.reason}") from None
+    except UnicodeDecodeError as exc:
         raise MapError(f"{path}: cannot read: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise MapError(f"{path}: not valid TOML: {exc}") from None
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise MapError(f"{path}: not valid TOML: {toml_error(exc)}") from None
     return _parse(path, data)
 
 

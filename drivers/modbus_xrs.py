@@ -127,6 +127,7 @@ class ModbusXrsFactory:
     name = "modbus-xrs"
     roles: frozenset[Role] = frozenset({"source"})
     simulated = False  # real equipment; a simulator says so in its identity registers
+    path_options = frozenset({"map"})
 
     def validate(self, options: Mapping[str, Any], transport: Mapping[str, Any]) -> None:
         _check(options, transport)

@@ -66,6 +66,7 @@ class SimDriverFactory:
     name = "sim"
     roles: frozenset[Role] = frozenset({"source"})
     simulated = True
+    path_options = frozenset({"profile"})
 
     def validate(self, options: Mapping[str, Any], transport: Mapping[str, Any]) -> None:
         _parse(options, transport)

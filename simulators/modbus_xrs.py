@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from drivers.files import FileReadError, read_small_file, toml_error
 from drivers.types import DeviceIdentity, DeviceState, Interlock
 from simulators.device import SimDevice
 from simulators.model import ModelSnapshot
@@ -188,11 +189,13 @@ def _int(where: str, raw: object, lo: int, hi: int) -> int:
 def load_map(path: Path) -> RegisterMap:
     """Read a register map file (format ``iortd-register-map/1``) for serving."""
     try:
-        data = tomllib.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
+        data = tomllib.loads(read_small_file(path).decode("utf-8"))
+    except FileReadError as exc:
+        raise MapError(f"{path}: cannot read: {exc.reason}") from None
+    except UnicodeDecodeError as exc:
         raise MapError(f"{path}: cannot read: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise MapError(f"{path}: not valid TOML: {exc}") from None
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise MapError(f"{path}: not valid TOML: {toml_error(exc)}") from None
     if unknown := set(data) - _TOP_KEYS:
         raise MapError(f"{path}: unknown key(s) {sorted(unknown)}")
     if data.get("format") != MAP_FORMAT:

@@ -20,6 +20,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from drivers.files import FileReadError, read_small_file, toml_error
+
 __all__ = [
     "BUILTIN_PROFILES_PACKAGE",
     "ApplicatorSpec",
@@ -216,8 +218,8 @@ def _applicators(source: str, raw: object) -> Mapping[str, ApplicatorSpec]:
 def _parse(data: bytes, source: str) -> Profile:
     try:
         document = tomllib.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise ProfileError(source, f"not a valid UTF-8 TOML file: {exc}") from exc
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise ProfileError(source, f"not a valid UTF-8 TOML file: {toml_error(exc)}") from None
     if "applicators" not in document:
         expected = "a table of applicator tables, e.g. [applicators.SPH30]"
         raise ProfileError(source, f"missing, expected {expected}", key="applicators")
@@ -280,7 +282,7 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> Profile:
         return _parse(resource.read_bytes(), str(resource))
     path = Path(name_or_path)
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ProfileError(str(path), f"cannot read profile file: {exc.strerror}") from exc
+        data = read_small_file(path)
+    except FileReadError as exc:
+        raise ProfileError(str(path), f"cannot read profile file: {exc.reason}") from None
     return _parse(data, str(path))

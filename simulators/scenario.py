@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from drivers.files import FileReadError, read_small_file, toml_error
+
 __all__ = ["Scenario", "ScenarioError", "Step", "load_scenario", "parse_duration"]
 
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?$")
@@ -87,12 +89,14 @@ class Scenario:
 
 def load_scenario(path: Path) -> Scenario:
     try:
-        raw_bytes = path.read_bytes()
+        raw_bytes = read_small_file(path)
         data = tomllib.loads(raw_bytes.decode("utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
+    except FileReadError as exc:
+        raise ScenarioError(f"{path}: cannot read: {exc.reason}") from None
+    except UnicodeDecodeError as exc:
         raise ScenarioError(f"{path}: cannot read: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ScenarioError(f"{path}: not valid TOML: {exc}") from None
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise ScenarioError(f"{path}: not valid TOML: {toml_error(exc)}") from None
     unknown = set(data) - {"description", "step"}
     if unknown:
         raise ScenarioError(f"{path}: unknown key(s) {sorted(unknown)}")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from drivers.clock import Clock, ScaledClock, SystemClock
+from drivers.files import FileReadError, read_small_file, toml_error
 from drivers.types import DeviceState, InterlockState
 from simulators.control import ControlError, ControlHandler, ControlServer, Served
 from simulators.device import SimDevice
@@ -197,11 +198,13 @@ def _keyname(where: str) -> Callable[[str], str]:
 def load_devices(path: Path) -> tuple[list[DeviceSpec], float | None]:
     """The devices of a devices file and its process-wide ``speed`` (None: not given)."""
     try:
-        data = tomllib.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
+        data = tomllib.loads(read_small_file(path).decode("utf-8"))
+    except FileReadError as exc:
+        raise SpecError(f"{path}: cannot read: {exc.reason}") from None
+    except UnicodeDecodeError as exc:
         raise SpecError(f"{path}: cannot read: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SpecError(f"{path}: not valid TOML: {exc}") from None
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise SpecError(f"{path}: not valid TOML: {toml_error(exc)}") from None
     if unknown := set(data) - {"speed", "device"}:
         raise SpecError(f"{path}: unknown key(s) {sorted(unknown)} (known: device, speed)")
     speed = data.get("speed")

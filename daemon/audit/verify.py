@@ -16,6 +16,7 @@ import orjson
 
 from daemon.audit.canonical import ZERO_HASH
 from daemon.audit.note import Checkpoint, NoteError, Verifier
+from daemon.audit.segments import SegmentError, open_segment
 from daemon.audit.writer import SEGMENT_RE, segment_paths
 
 _HASH_KEY = b',"hash":"'
@@ -58,11 +59,15 @@ class VerifyReport:
 
 def collect_files(paths: Sequence[Path]) -> list[Path]:
     """Segments named by the user: directories expand to their segments in chain order;
-    files named one by one are put in chain order by name."""
+    files named one by one are put in chain order by name. A file the user names through a
+    symbolic link is read where it points (segments inside a directory never are:
+    segments.py)."""
     out: list[Path] = []
     for p in paths:
         if p.is_dir():
             out.extend(segment_paths(p))
+        elif p.is_symlink():
+            out.append(p.resolve())
         else:
             out.append(p)
     named = [p for p in out if SEGMENT_RE.match(p.name)]
@@ -73,29 +78,35 @@ def collect_files(paths: Sequence[Path]) -> list[Path]:
 
 
 def iter_entries(files: Sequence[Path]) -> Iterator[tuple[Path, int, bytes]]:
-    """(file, line number, line without newline); an incomplete last line is yielded as
-    is, so that the caller sees it."""
+    """(file, line number, line with its newline); an incomplete last line is yielded as
+    is, so that the caller sees it. Stops at a segment that cannot be read as lines (not a
+    regular file, a line too long: segments.py); verify_log names the problem."""
     for path in files:
-        with open(path, "rb") as f:
-            for n, raw in enumerate(f, start=1):
-                yield path, n, raw
+        try:
+            with open_segment(path) as seg:
+                for n, raw in seg.lines():
+                    yield path, n, raw
+        except SegmentError:
+            return
 
 
 def verify_log(
     paths: Sequence[Path],
     *,
     pubkey: Verifier | None = None,
-    external: str | None = None,
+    external: str | Sequence[str] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> VerifyReport:
+    """``external``: one or more signed notes held elsewhere (e.g. every checkpoint a
+    subscriber saved); the log must contain, unchanged, what each of them covered."""
     rep = VerifyReport(files=collect_files(paths))
     if not rep.files:
         rep.problem = Problem(Path(*paths[:1]) if paths else Path(), 0, None, "no log files found")
         return rep
-    ext_cp: Checkpoint | None = None
-    if external is not None:
+    ext_cps: list[Checkpoint] = []
+    for note in [external] if isinstance(external, str) else external or ():
         try:
-            ext_cp, signed = Checkpoint.parse_verified(external, pubkey)
+            ext_cp, signed = Checkpoint.parse_verified(note, pubkey)
         except NoteError as exc:
             rep.problem = Problem(rep.files[0], 0, None, f"checkpoint held elsewhere: {exc}")
             return rep
@@ -104,23 +115,27 @@ def verify_log(
                 rep.files[0], 0, None, "checkpoint held elsewhere is not signed by --pubkey"
             )
             return rep
-    ext_hash_at: str | None = None
-    ext_seq = ext_cp.count - 1 if ext_cp is not None else -2
+        ext_cps.append(ext_cp)
+    ext_cps.sort(key=lambda c: c.count, reverse=True)  # the one covering most is checked first
+    ext_hash_at: dict[int, str] = {}
+    ext_seqs = {c.count - 1 for c in ext_cps}
     log_key: Verifier | None = None
     prev_hash, expect_seq = ZERO_HASH, 0
     done_bytes = 0
     sha256, loads = hashlib.sha256, orjson.loads
-    # The hot loop: one whole segment in memory, lines split in C, locals only. Per line:
-    # one SHA-256 over the line minus its hash field, and a parse of the short envelope
-    # tail (mono_ns, prev, seq, ts, type) - never of the data.
+    # The hot loop: a block of a segment in memory (bounded: segments.py), lines split in
+    # C, locals only. Per line: one SHA-256 over the line minus its hash field, and a parse
+    # of the short envelope tail (mono_ns, prev, seq, ts, type) - never of the data.
     for path in rep.files:
-        data = path.read_bytes()
-        lines = data.split(b"\n")
-        torn = lines.pop()  # b"" when the file ends with a newline
-        per_line = len(data) / max(len(lines), 1)
-        for n, line in enumerate(lines, start=1):
+        try:
+            seg = open_segment(path)
+        except SegmentError as exc:
+            rep.problem = Problem(path, exc.line, None, exc.what)
+            break
+        n = 0
+        for n, line in enumerate(seg.flat(), start=1):
             if progress is not None and not n & 0x3FFF:  # every 16k lines, within a segment
-                progress(done_bytes + round(n * per_line))
+                progress(done_bytes + seg.consumed)
             at = line.rfind(_HASH_KEY)
             end = at + 73
             if at < 0 or line[end : end + 2] != b'",':
@@ -173,15 +188,18 @@ def verify_log(
                 if bad is not None:
                     rep.problem = Problem(path, n, seq, bad)
                     break
-            if seq == ext_seq:
-                ext_hash_at = claimed
+            if seq in ext_seqs:
+                ext_hash_at[seq] = claimed
             prev_hash, expect_seq = claimed, seq + 1
         else:
-            if torn:
+            if seg.error is not None:
+                rep.problem = Problem(path, seg.error.line, None, seg.error.what)
+            elif seg.torn:
                 rep.problem = Problem(
-                    path, len(lines) + 1, None, "incomplete last line: the file was truncated"
+                    path, n + 1, None, "incomplete last line: the file was truncated"
                 )
-        done_bytes += len(data)
+        seg.close()
+        done_bytes += seg.consumed
         if progress is not None:
             progress(done_bytes)
         if rep.problem is not None:
@@ -191,7 +209,9 @@ def verify_log(
     rep.bytes = done_bytes
     if rep.problem is None and rep.entries == 0:
         rep.problem = Problem(rep.files[0], 0, None, "no entries: a log starts with log_created")
-    if rep.problem is None and ext_cp is not None:
+    for ext_cp in ext_cps:
+        if rep.problem is not None:
+            break
         last = rep.files[-1]
         if rep.origin is not None and ext_cp.origin != rep.origin:
             rep.problem = Problem(
@@ -209,7 +229,7 @@ def verify_log(
                 f"the log has {rep.entries} entries but a checkpoint held elsewhere covers "
                 f"{ext_cp.count}: entries from seq {rep.head_seq + 1} on were removed",
             )
-        elif ext_hash_at != ext_cp.head_hash:
+        elif ext_hash_at.get(ext_cp.count - 1) != ext_cp.head_hash:
             rep.problem = Problem(
                 last,
                 0,
@@ -217,8 +237,14 @@ def verify_log(
                 f"seq {ext_cp.count - 1} differs from the checkpoint held elsewhere: the log "
                 "was replaced or rewritten",
             )
-        else:
-            rep.external_checkpoint = f"covers entries 0..{ext_cp.count - 1}: consistent"
+    if rep.problem is None and ext_cps:
+        latest = ext_cps[0].count - 1
+        rep.external_checkpoint = (
+            f"covers entries 0..{latest}: consistent"
+            if len(ext_cps) == 1
+            else f"{len(ext_cps)} checkpoints, the latest covering entries 0..{latest}: "
+            "all consistent"
+        )
     if rep.problem is None and pubkey is not None and rep.checkpoints_by_pubkey == 0:
         rep.problem = Problem(
             rep.files[-1],

@@ -15,6 +15,22 @@ aiomqtt has no reconnect and no offline queue, so this sink owns both:
   ``status`` offline message, retained; a clean shutdown publishes it itself.
 * MQTT v5, so that a publish the broker refuses (an ACL) comes back with a reason code and
   is logged as an error naming the topic, rather than vanishing.
+* The client id is unique per audit log: ``iortd-{site}-{room}-{12 hex of SHA-256 of the
+  log's origin}`` (:func:`client_id_for`). A broker keeps one session per client id and
+  disconnects the older holder when a newer one connects ("Session taken over", MQTT 5
+  reason 0x8E), so two daemons of one room with the same id (two log directories, a
+  restored host, a copied config) would knock each other off in a loop. The origin holds a
+  random part made when the log was created, so the id stays the same across restarts (the
+  broker's session and the retained will belong to it) and differs between logs; it holds
+  nothing but the site and room slugs and a hash.
+* A takeover is detected: the broker's DISCONNECT with reason 0x8E, or, from a broker that
+  gives no reason, :data:`SHORT_LIVED_STREAK` connections in a row lost within
+  :data:`SHORT_LIVED_S` of connecting. Each is logged (``mqtt_session_taken_over``),
+  handed to :attr:`MqttSink.on_takeover` (the daemon records it in the audit log and
+  raises a notice on every channel), and the next attempt waits a takeover backoff
+  (:data:`TAKEOVER_BACKOFF_INITIAL_S` doubling to :data:`TAKEOVER_BACKOFF_MAX_S`, jittered),
+  so that two clients with one id do not fight in a tight loop. A connection that stays up
+  :data:`STABLE_AFTER_S` ends the streak.
 
 State topics are rate-limited: ``delivery`` at most once per second while only the dose
 moves (at once on any event), ``interlocks`` on change.
@@ -24,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import random
@@ -63,7 +80,7 @@ from daemon.sinks import Sample
 from daemon.tracker import DeliverySnapshot, DeliveryStarted, InterlockChanged, TrackerEvent
 from drivers.types import DeviceIdentity, Interlock, InterlockState
 
-__all__ = ["BrokerSettings", "MqttSink", "settings_from_config"]
+__all__ = ["BrokerSettings", "MqttSink", "client_id_for", "settings_from_config"]
 
 log = structlog.get_logger("iortd.mqtt")
 # paho's own log (through aiomqtt): rendered as JSON lines by daemon/logs.py.
@@ -78,6 +95,19 @@ WINDOW = 16
 DELIVERY_MIN_INTERVAL_S = 1.0
 FLUSH_AT_CLOSE_S = 2.0
 STATE_TOPICS = ("interlocks", "delivery", "audit/checkpoint")
+# Session takeover (see the module doc).
+SESSION_TAKEN_OVER = 0x8E
+SHORT_LIVED_S = 5.0
+SHORT_LIVED_STREAK = 3
+STABLE_AFTER_S = 30.0
+TAKEOVER_BACKOFF_INITIAL_S = 5.0
+TAKEOVER_BACKOFF_MAX_S = 60.0
+
+
+def client_id_for(site: str, room: str, origin: str) -> str:
+    """The MQTT client id of the daemon writing the log ``origin``: unique per log."""
+    digest = hashlib.sha256(origin.encode("utf-8")).hexdigest()[:12]
+    return f"iortd-{site}-{room}-{digest}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +120,7 @@ class BrokerSettings:
     prefix: str
     site: str
     room: str
+    client_id: str  # client_id_for(site, room, the audit log's origin)
     keepalive_s: int = 10
     username: str | None = None
     password: str | None = field(default=None, repr=False)
@@ -108,11 +139,11 @@ class BrokerSettings:
 
 
 def settings_from_config(
-    mqtt: MqttConfig, site: SiteConfig, *, url: str | None = None
+    mqtt: MqttConfig, site: SiteConfig, *, origin: str, url: str | None = None
 ) -> BrokerSettings:
     """The config's broker, or ``url`` instead (``iortd demo --broker``, the embedded
     broker). Reads the password from its file or environment variable (load_config has
-    checked that they exist)."""
+    checked that they exist). ``origin`` is the audit log's: the client id derives from it."""
     parts = urlsplit(url or mqtt.url)
     tls = parts.scheme == "mqtts"
     password = None
@@ -127,6 +158,7 @@ def settings_from_config(
         prefix=mqtt.prefix,
         site=site.id,
         room=site.room,
+        client_id=client_id_for(site.id, site.room, origin),
         keepalive_s=mqtt.keepalive_s,
         username=mqtt.username,
         password=password,
@@ -168,6 +200,28 @@ def _first_leaf(group: BaseExceptionGroup[Any]) -> BaseException:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     return exc
+
+
+def _takeover_reason(exc: BaseException, short_lived: int) -> str | None:
+    """Why a lost connection looks like another client holding our id, or None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        rc = getattr(seen, "rc", None)
+        if (
+            isinstance(seen, aiomqtt.MqttCodeError)
+            and getattr(rc, "value", rc) == SESSION_TAKEN_OVER
+        ):
+            return (
+                "the broker says the session was taken over (MQTT reason 0x8E): another "
+                "client connected with this daemon's client id"
+            )
+        seen = seen.__cause__ or seen.__context__
+    if short_lived >= SHORT_LIVED_STREAK:
+        return (
+            f"{short_lived} connections in a row lost within {SHORT_LIVED_S:g} s of "
+            "connecting: another client may be using this daemon's client id"
+        )
+    return None
 
 
 def _drop_socket(client: aiomqtt.Client) -> None:
@@ -235,6 +289,12 @@ class MqttSink:
         self.connected = asyncio.Event()
         self._refused: dict[str, int] = {}
         self._connect_watch: _FailConnectOnTransportError | None = None
+        # Told of each session takeover, with the data the audit log records for it
+        # (client_id, reason, count in this streak, retry_in_s). Set by the composition
+        # root; must not block.
+        self.on_takeover: Callable[[dict[str, Any]], None] | None = None
+        self.takeovers = 0  # in the current streak
+        self._connected_at = 0.0
 
     @property
     def closing(self) -> bool:
@@ -330,6 +390,8 @@ class MqttSink:
     async def _connect_loop(self) -> None:
         s = self.settings
         backoff = BACKOFF_INITIAL_S
+        takeover_backoff = TAKEOVER_BACKOFF_INITIAL_S / 2
+        short_lived = 0  # connections in a row lost soon after connecting
         attempt = 0
         while not self._closing:
             attempt += 1
@@ -348,6 +410,16 @@ class MqttSink:
                     log.error("mqtt_connection_lost", broker=s.url, reason=reason)  # noqa: TRY400
                     backoff = BACKOFF_INITIAL_S
                     attempt = 0
+                    lived_s = time.monotonic() - self._connected_at
+                    if lived_s >= STABLE_AFTER_S:
+                        self.takeovers, short_lived = 0, 0
+                        takeover_backoff = TAKEOVER_BACKOFF_INITIAL_S / 2
+                    short_lived = short_lived + 1 if lived_s < SHORT_LIVED_S else 0
+                    why = _takeover_reason(exc, short_lived)
+                    if why is not None:
+                        takeover_backoff = min(takeover_backoff * 2, TAKEOVER_BACKOFF_MAX_S)
+                        backoff = takeover_backoff
+                        self._taken_over(why, backoff)
                 else:
                     log.error("mqtt_connect_failed", broker=s.url, reason=reason)  # noqa: TRY400
             except (OSError, ssl.SSLError) as exc:
@@ -370,6 +442,28 @@ class MqttSink:
                         self._wake.clear()
                         await self._wake.wait()
 
+    def _taken_over(self, why: str, backoff: float) -> None:
+        self.takeovers += 1
+        log.error(
+            "mqtt_session_taken_over",
+            broker=self.settings.url,
+            client_id=self.settings.client_id,
+            reason=why,
+            count=self.takeovers,
+            backoff_s=backoff,
+        )
+        if self.on_takeover is not None:
+            data = {
+                "client_id": self.settings.client_id,
+                "reason": why,
+                "count": self.takeovers,
+                "retry_in_s": round(backoff, 3),
+            }
+            try:
+                self.on_takeover(data)
+            except Exception:
+                log.exception("mqtt_takeover_report_failed")
+
     def _status_records(self) -> tuple[Record, Record]:
         """``status`` online and the Last Will (offline) for one connection attempt: new
         ones each time, since a broker that got a CONNECT may publish that attempt's will
@@ -391,7 +485,7 @@ class MqttSink:
             s.host,
             s.port,
             logger=_PAHO_LOG,
-            identifier=f"iortd-{s.site}-{s.room}",
+            identifier=s.client_id,
             username=s.username,
             password=s.password,
             protocol=aiomqtt.ProtocolVersion.V5,
@@ -414,6 +508,7 @@ class MqttSink:
             self._connect_watch.client = None
         clean = False
         try:
+            self._connected_at = time.monotonic()
             self.connected.set()
             log.info(
                 "mqtt_connected",
@@ -451,6 +546,7 @@ class MqttSink:
         raise _Closing
 
     async def _watch_link(self, client: aiomqtt.Client) -> None:
+        # A takeover ends this iteration with MqttError from MqttCodeError(0x8E).
         async for _ in client.messages:  # nothing is subscribed: this waits for a drop
             pass
 

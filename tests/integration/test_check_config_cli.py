@@ -56,6 +56,19 @@ EXPECTED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "toml_syntax_error.toml": (("",), ("TOML syntax error", "line 5")),
     "not_utf8.toml": (("",), ("not UTF-8",)),
     "duplicate_device_name.toml": (("devices[1].name", "devices"), ("unique",)),
+    "credentials_in_mqtt_url.toml": (("mqtt.url",), ("must not carry credentials",)),
+    "credentials_in_option_url.toml": (
+        ("devices[0].options.note",),
+        ("must not carry credentials",),
+    ),
+    "log_directory_name_too_long.toml": (("log.directory",), ("path too long",)),
+    "nul_in_log_directory.toml": (("log.directory",), ("NUL",)),
+    "nested_5000_deep.toml": (("",), ("nested too deeply",)),
+    "profile_is_dev_zero.toml": (("devices[0].options.profile",), ("character device",)),
+    "relative_profile_missing.toml": (
+        ("devices[0].options.profile",),
+        (str(BROKEN / "no-such-dir" / "site-profile.toml"),),
+    ),
 }
 
 SECRETS = ("hunter2-not-a-real-secret", "MC4CAQAwBQYDK2VwBCIEINOTAREALKEY")
@@ -159,3 +172,65 @@ def test_no_file_argument_is_a_usage_error(tmp_path: Path) -> None:
     assert result.stdout == ""
     assert "usage: iortd check-config" in result.stderr
     assert "FILE" in result.stderr
+
+
+# Hostile inputs a fixture file cannot hold, made here: (name, how to make it in a
+# directory, the path given to iortd, words the one line must contain).
+def _fifo_config(d: Path) -> Path:
+    os.mkfifo(d / "site.toml")
+    return d / "site.toml"
+
+
+def _fifo_profile(d: Path) -> Path:
+    os.mkfifo(d / "profile.toml")
+    text = (CONFIG_DIR / "demo.toml").read_text(encoding="utf-8")
+    (d / "site.toml").write_text(
+        text.replace('profile = "intrabeam"', 'profile = "profile.toml"'), encoding="utf-8"
+    )
+    return d / "site.toml"
+
+
+MADE = {
+    "fifo_config": (_fifo_config, "", "FIFO"),
+    "dev_zero_config": (lambda _d: Path("/dev/zero"), "", "character device"),
+    "config_name_too_long": (lambda d: d / ("a" * 300 + ".toml"), "", "File name too long"),
+    "fifo_profile": (_fifo_profile, "devices[0].options.profile", "FIFO"),
+}
+
+
+HOSTILE_FIXTURES = (
+    "log_directory_name_too_long",
+    "nul_in_log_directory",
+    "nested_5000_deep",
+    "profile_is_dev_zero",
+    "relative_profile_missing",
+)
+
+
+@pytest.mark.parametrize(
+    ("command", "name"),
+    # The fixtures already go through check-config in the test above.
+    [("check-config", n) for n in MADE] + [("run", n) for n in (*MADE, *HOSTILE_FIXTURES)],
+)
+def test_hostile_input_is_one_line_and_exit_2_without_a_hang(
+    name: str, command: str, tmp_path: Path
+) -> None:
+    """check-config and run alike: one line, exit 2, within the subprocess timeout (a FIFO
+    opened for reading without O_NONBLOCK would wait for a writer for ever)."""
+    if name in MADE:
+        make, key, word = MADE[name]
+        path = make(tmp_path)
+    else:
+        path = BROKEN / f"{name}.toml"
+        (key, *_), (word, *_) = EXPECTED[f"{name}.toml"]
+    args = (
+        ["check-config", str(path)] if command == "check-config" else ["run", "--config", str(path)]
+    )
+    result = iortd(*args, cwd=tmp_path)
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    prefix = f"{ERROR_PREFIX}{path}: {key}: " if key else f"{ERROR_PREFIX}{path}: "
+    assert lines[0].startswith(prefix), lines[0]
+    assert word in lines[0], lines[0]

@@ -224,6 +224,24 @@ def assert_no_secret(d: Daemon, site: Site, *secrets: str) -> None:
                 assert s.encode() not in data, f"a password appears in {f}"
 
 
+def assert_config_loaded_has_no_credentials(site: Site, *secrets: str) -> None:
+    """The ``config_loaded`` entry (the whole config, kept for ever in the signed log) names
+    where the password comes from, never the password, and the broker URL has no userinfo."""
+    (entry,) = [
+        e
+        for f in sorted(site.log_dir.glob("*.jsonl"))
+        for line in f.read_text(encoding="utf-8").splitlines()
+        if (e := json.loads(line))["type"] == "config_loaded"
+    ]
+    mqtt = entry["data"]["config"]["mqtt"]
+    assert "password" not in mqtt
+    assert "@" not in mqtt["url"], mqtt["url"]
+    assert mqtt["password_file"] is not None or mqtt["password_env"] is not None
+    text = json.dumps(entry)
+    for s in secrets:
+        assert s not in text, "a password appears in config_loaded"
+
+
 def verify(site: Site) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(BIN / "iort-audit"), "verify", str(site.log_dir), "--pubkey", str(site.pubkey)],
@@ -301,6 +319,7 @@ async def test_right_credentials_over_tls(
     assert d.events("mqtt_publish_refused") == []
     assert not [m for m in observer.messages if m.topic.startswith("iort/") and OWN not in m.topic]
     assert_no_secret(d, site, DEVICE_PW)
+    assert_config_loaded_has_no_credentials(site, DEVICE_PW)
 
 
 async def test_password_from_environment(
@@ -314,6 +333,7 @@ async def test_password_from_environment(
         assert await d.stop() == 0
     assert d.events("mqtt_connect_failed") == []
     assert_no_secret(d, site, DEVICE_PW)
+    assert_config_loaded_has_no_credentials(site, DEVICE_PW)
 
 
 @pytest.mark.parametrize("secured", [True], indirect=True, ids=["require-certificate"])

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
+import shutil
 from collections.abc import Mapping
 from importlib.metadata import EntryPoint
 from pathlib import Path
@@ -20,7 +22,7 @@ import pytest
 from pydantic import ValidationError
 
 from daemon.audit.note import generate_keypair, write_keypair
-from daemon.config import ConfigError, ConfigIssue, LoadedConfig, load_config
+from daemon.config import ConfigError, ConfigIssue, LoadedConfig, MqttConfig, load_config
 from drivers.registry import ENTRY_POINT_GROUP, DriverRegistry
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,6 +89,31 @@ BROKEN_CASES = [
         ("unique", "source-1"),
         also_accepted_keys=("devices",),
     ),
+    # Hostile or mistaken inputs (issue 13 item 7): one issue each, never a traceback or hang.
+    # Credentials in a URL (issue 12 item 5): refused, named, never repeated.
+    Broken(
+        "credentials_in_mqtt_url.toml",
+        "mqtt.url",
+        ("must not carry credentials", "mqtt.username", "password_file", "password_env"),
+    ),
+    Broken(
+        "credentials_in_option_url.toml",
+        "devices[0].options.note",
+        ("must not carry credentials", "file or an environment variable"),
+    ),
+    Broken("log_directory_name_too_long.toml", "log.directory", ("path too long", "255")),
+    Broken("nul_in_log_directory.toml", "log.directory", ("NUL",)),
+    Broken("nested_5000_deep.toml", "", ("nested too deeply",)),
+    Broken(
+        "profile_is_dev_zero.toml",
+        "devices[0].options.profile",
+        ("/dev/zero", "character device", "expected a regular file"),
+    ),
+    Broken(
+        "relative_profile_missing.toml",
+        "devices[0].options.profile",
+        (str(BROKEN / "no-such-dir" / "site-profile.toml"), "file not found"),
+    ),
 ]
 
 # (Not covered by a fixture: simulation.speed != 1 with a real driver, because every
@@ -94,6 +121,8 @@ BROKEN_CASES = [
 
 SECRETS = {
     "password_in_toml.toml": "hunter2-not-a-real-secret",
+    "credentials_in_mqtt_url.toml": "hunter2-not-a-real-secret",
+    "credentials_in_option_url.toml": "hunter2-not-a-real-secret",
     "signing_key_in_toml.toml": "MC4CAQAwBQYDK2VwBCIEINOTAREALKEY",
 }
 
@@ -621,3 +650,119 @@ def test_the_commented_device_examples_are_valid(
     path = _write(tmp_path, head + examples[driver])
     config = load_config(path, registry).config
     assert config.source.driver == driver
+
+
+# --- hostile files and paths (issue 13 item 7) -------------------------------------------
+# Inputs a fixture file cannot hold (a FIFO, a device, a path longer than the file system
+# allows): each is one issue naming the file and key, found at once (pytest-timeout would
+# catch a hang; the FIFO has no writer, so a blocking open would never return).
+
+
+def test_a_fifo_as_the_config_file_is_one_issue(tmp_path: Path, registry: DriverRegistry) -> None:
+    fifo = tmp_path / "site.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(fifo, registry)
+    issue = _issue(excinfo)
+    assert (issue.file, issue.key) == (fifo, "")
+    assert "FIFO" in issue.message
+
+
+def test_dev_zero_as_the_config_file_is_one_issue(registry: DriverRegistry) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(Path("/dev/zero"), registry)
+    assert "character device" in _issue(excinfo).message
+
+
+def test_a_config_file_name_too_long_is_one_issue(tmp_path: Path, registry: DriverRegistry) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(tmp_path / ("a" * 300 + ".toml"), registry)
+    assert "File name too long" in _issue(excinfo).message
+
+
+def test_a_huge_config_file_is_refused_unread(tmp_path: Path, registry: DriverRegistry) -> None:
+    path = tmp_path / "site.toml"
+    with path.open("wb") as f:
+        f.truncate(64 * 1024 * 1024)  # sparse: costs no disk
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(path, registry)
+    assert "too large" in _issue(excinfo).message
+
+
+def test_a_fifo_as_the_profile_is_one_issue(tmp_path: Path, registry: DriverRegistry) -> None:
+    os.mkfifo(tmp_path / "pipe.toml")
+    text = _replace_once(_demo_text(), 'profile = "intrabeam"', 'profile = "pipe.toml"')
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(_write(tmp_path, text), registry)
+    issue = _issue(excinfo)
+    assert issue.key == "devices[0].options.profile"
+    assert "FIFO" in issue.message
+
+
+def test_a_relative_profile_resolves_against_the_config_files_directory(
+    tmp_path: Path, registry: DriverRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf_dir = tmp_path / "etc"
+    (conf_dir / "profiles").mkdir(parents=True)
+    shutil.copy(ROOT / "config" / "profiles" / "intrabeam.toml", conf_dir / "profiles" / "x.toml")
+    text = _replace_once(_demo_text(), 'profile = "intrabeam"', 'profile = "profiles/x.toml"')
+    _write(conf_dir, text)
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_config(Path("..") / "etc" / "site.toml", registry).config
+    assert config.source.options["profile"] == str(conf_dir.resolve() / "profiles" / "x.toml")
+
+
+def test_a_relative_map_resolves_against_the_config_files_directory(
+    tmp_path: Path, registry: DriverRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf_dir = tmp_path / "etc"
+    (conf_dir / "maps").mkdir(parents=True)
+    shutil.copy(ROOT / "config" / "maps" / "xrs-mb1.toml", conf_dir / "maps" / "console.toml")
+    text = _replace_once(_demo_text(), 'driver = "sim"', 'driver = "modbus-xrs"')
+    start = text.index("[devices.options]")
+    text = text[:start] + (
+        '[devices.transport]\ntype = "tcp"\nhost = "127.0.0.1"\nport = 502\n'
+        '[devices.options]\nmap = "maps/console.toml"\n'
+    )
+    text = _replace_once(text, "speed = 60.0", "speed = 1.0")
+    _write(conf_dir, text)
+    monkeypatch.chdir(tmp_path)
+    config = load_config(conf_dir / "site.toml", registry).config
+    assert config.source.options["map"] == str(conf_dir.resolve() / "maps" / "console.toml")
+    # A bare name stays the bundled map, whatever files the current directory holds.
+    (tmp_path / "xrs-mb1").write_text("not a map", encoding="utf-8")
+    text = _replace_once(text, 'map = "maps/console.toml"', 'map = "xrs-mb1"')
+    config = load_config(_write(conf_dir, text), registry).config
+    assert config.source.options["map"] == "xrs-mb1"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mqtt://iortd:hunter2-not-a-real-secret@127.0.0.1:1883",
+        "mqtts://hunter2-not-a-real-secret@broker.example",
+        "mqtt://:hunter2-not-a-real-secret@host",
+        "tcp://iortd:hunter2-not-a-real-secret@host/x",
+    ],
+)
+def test_credentials_in_the_broker_url_are_refused_and_not_repeated(
+    url: str, registry: DriverRegistry
+) -> None:
+    """From the file or the command line (`iortd demo --broker`), and whatever else is wrong
+    with the URL: the credentials are the one issue, and the secret is not echoed."""
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(DEMO, registry, {"mqtt": {"url": url}})
+    issue = _issue(excinfo)
+    assert issue.key == "mqtt.url"
+    assert "must not carry credentials" in issue.message
+    assert "command line" in issue.message
+    assert "hunter2" not in str(excinfo.value)
+
+
+def test_the_url_validator_itself_refuses_credentials() -> None:
+    """Also when a model is built in code, not through load_config."""
+    with pytest.raises(ValidationError) as excinfo:
+        MqttConfig(url="mqtt://u:hunter2-not-a-real-secret@host")
+    assert "hunter2" not in str(excinfo.value.errors(include_input=False))
