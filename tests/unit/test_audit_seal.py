@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 import pytest
 
+from daemon import durable
 from daemon.audit import writer
 from daemon.audit.note import Checkpoint, Signer, generate_keypair
 from daemon.audit.writer import AuditLog, RecoveryReport, segment_paths
@@ -69,7 +70,7 @@ async def crashed_mid_delivery(directory: Path, signer: Signer) -> tuple[int, di
     task = asyncio.create_task(log.run())
     log.append("daemon_start", {"verifier_key": signer.verifier.text}, durable=True)
     log.append("delivery_started", {"preset_gy": 20.0}, delivery_id=DID, durable=True)
-    last = {"dose_primary_gy": 0.0}
+    last: dict[str, Any] = {}
     for i in range(1, 6):
         last = {"dose_primary_gy": i * 1.0, "state": "IRRADIATING"}
         e = log.append("sample", last, delivery_id=DID)
@@ -236,7 +237,7 @@ async def test_a_failing_checkpoint_file_write_is_an_alarm_and_a_retry(
     signer = generate_keypair("or-9")
     failures: list[OSError] = []
     recovered: list[float] = []
-    real = writer.write_atomic
+    real = durable.write_atomic
     fails = {"n": 3}
 
     def write_atomic(path: Path, data: bytes, *, tmp: Path | None = None) -> None:
