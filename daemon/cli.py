@@ -30,7 +30,7 @@ from daemon.audit.note import (
     load_signer,
     write_keypair,
 )
-from daemon.audit.writer import AuditLog, LogDamaged, LogInUse, new_origin
+from daemon.audit.writer import AuditLog, LogDamaged, LogInUse, LogRolledBack, new_origin
 from daemon.config import ConfigError, LoadedConfig, load_config
 from daemon.console import ConsoleView
 from daemon.logs import configure_logging
@@ -80,6 +80,12 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the daemon with a site configuration")
     run.add_argument("--config", required=True, type=Path, metavar="FILE")
+    run.add_argument(
+        "--accept-log-rollback",
+        action="store_true",
+        help="start on a log that is behind its own seal or checkpoint file (a restored "
+        "backup); recorded in the log as log_rollback_accepted",
+    )
 
     demo = sub.add_parser(
         "demo", help="one simulated 20 Gy delivery, time-compressed, with a live console view"
@@ -125,6 +131,7 @@ async def _serve(
     duration_s: float | None = None,
     stop_after_delivery: bool = False,
     broker_url: str | None = None,
+    accept_rollback: bool = False,
 ) -> RunResult:
     c = loaded.config
     # Signals only request a stop, from the very start: a SIGINT while a large log is
@@ -142,6 +149,7 @@ async def _serve(
                 group_commit_s=c.log.group_commit_ms / 1000,
                 rotate_max_bytes=c.log.rotate_max_bytes,
                 signer=signer,
+                accept_rollback=accept_rollback,
             )
         except OSError as exc:
             raise _LogDirectoryError(
@@ -240,6 +248,8 @@ def _serve_or_exit(
         return asyncio.run(_serve(loaded, sinks, signer, **kw))
     except LogInUse as exc:
         return _error(str(exc))
+    except LogRolledBack as exc:
+        return _error(f"audit log: {exc}")
     except _LogDirectoryError as exc:
         return _error(f"config error: {loaded.path}: {exc}")
     except LogDamaged as exc:
@@ -273,7 +283,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         signer = load_signer(key)
     except KeyFileError as exc:
         return _error(f"config error: {args.config}: log.signing_key_file: {exc}")
-    result = _serve_or_exit(loaded, [OperationalLogSink()], signer)
+    result = _serve_or_exit(
+        loaded, [OperationalLogSink()], signer, accept_rollback=args.accept_log_rollback
+    )
     return result if isinstance(result, int) else EXIT_OK
 
 

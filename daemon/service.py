@@ -107,6 +107,70 @@ class _Item:
 _END = _Item()
 
 
+def _record_recovery(audit: AuditLog, rec: RecoveryReport, now: str) -> None:
+    """What opening the log found, as entries, before anything else of this run: a crash,
+    entries no signature vouches for, an accepted rollback, a wall clock behind the log.
+
+    The unvouched range is recorded before the first seal of this run: later seals and
+    checkpoints cover the whole chain, and this entry is what says that part of it is
+    not vouched for (docs/audit-log.md)."""
+    unvouched = rec.unvouched
+    if rec.previous_stop == "crash" or unvouched is not None or rec.rollback is not None:
+        audit.append(
+            "recovery",
+            {
+                "previous_stop": rec.previous_stop,
+                "last_seq": rec.last_seq,
+                "last_hash": rec.last_hash,
+                "last_ts": rec.last_ts,
+                "tail_bytes": rec.tail_bytes,
+                "tail_kept_at": rec.tail_kept_at,
+                "segments_set_aside": list(rec.segments_set_aside),
+                "vouched_by": rec.vouched_by,
+                "anchor_problems": list(rec.anchor_problems),
+                "unvouched": None
+                if unvouched is None
+                else {
+                    "count": rec.unvouched_count,
+                    "first_seq": unvouched[0],
+                    "last_seq": unvouched[1],
+                    "why": "written after the last seal (or signed checkpoint) before the "
+                    "previous run ended; not covered by any signature as genuine",
+                },
+            },
+            durable=True,
+        )
+        if unvouched is not None:
+            log.warning(
+                "audit_log_unvouched_entries_recorded",
+                first_seq=unvouched[0],
+                last_seq=unvouched[1],
+                count=rec.unvouched_count,
+            )
+    if rec.rollback is not None:
+        audit.append("log_rollback_accepted", dict(rec.rollback), durable=True)
+        log.warning("audit_log_rollback_accepted", **dict(rec.rollback))
+    if rec.last_ts is not None and now < rec.last_ts:
+        # The wall clock is behind the log's last entry: a step backwards across runs
+        # (how far is unknown: at least this much). Entries' ts will go back here.
+        behind = (_parse_utc(rec.last_ts) - _parse_utc(now)).total_seconds()
+        audit.append(
+            "clock_step",
+            {
+                "step_s": -round(behind, 6),
+                "expected_wall": rec.last_ts,
+                "actual_wall": now,
+                "across_restart": True,
+            },
+            durable=True,
+        )
+        log.warning("clock_behind_the_log", last_entry=rec.last_ts, now=now, behind_s=behind)
+
+
+def _parse_utc(ts: str) -> datetime:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
+
+
 class Daemon:
     def __init__(
         self,
@@ -190,20 +254,7 @@ class Daemon:
         if audit is None or rec is None:
             return
         now = utc_ts(datetime.now(UTC))
-        if rec.previous_stop == "crash":
-            audit.append(
-                "recovery",
-                {
-                    "previous_stop": "crash",
-                    "last_seq": rec.last_seq,
-                    "last_hash": rec.last_hash,
-                    "last_ts": rec.last_ts,
-                    "tail_bytes": rec.tail_bytes,
-                    "tail_kept_at": rec.tail_kept_at,
-                    "segments_set_aside": list(rec.segments_set_aside),
-                },
-                durable=True,
-            )
+        _record_recovery(audit, rec, now)
         if rec.open_delivery_id is not None:
             # The previous run ended during a delivery: nobody watched from its last entry
             # until now. Close that delivery as interrupted by a monitoring gap.
@@ -298,6 +349,11 @@ class Daemon:
         """A signed checkpoint at every delivery end and every checkpoint interval."""
         if self._audit is None or self._audit.signer is None:
             return
+        # Signed at once: a young log verifies with --pubkey from its first seconds.
+        note = await self._audit.checkpoint("start")
+        if note is not None:
+            self.result.checkpoints.append(note)
+            self._queue.put_nowait(_Item(checkpoint=note))
         interval = self.config.log.checkpoint_interval_s
         while True:
             with contextlib.suppress(TimeoutError):

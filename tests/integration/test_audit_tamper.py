@@ -113,8 +113,11 @@ class Log:
         return self.index(lambda e: e["type"] == "checkpoint")[-1]
 
     def first_checkpoint(self) -> int:
-        """The demo signs at the delivery end and again at shutdown; this is the first."""
-        return self.index(lambda e: e["type"] == "checkpoint")[0]
+        """The demo signs at start, at the delivery end and again at shutdown; this is the
+        first after the start (the delivery end's)."""
+        return self.index(
+            lambda e: e["type"] == "checkpoint" and "\nreason start\n" not in e["data"]["note"]
+        )[0]
 
     def target(self) -> int:
         """A delivery sample in the middle of the delivery, covered by a checkpoint, with
