@@ -94,7 +94,7 @@ class VerifyReport:
     checkpoints: int = 0
     checkpoints_by_pubkey: int = 0
     signed_through: int = -1  # last seq covered by a verified checkpoint (its own seq)
-    sealed_count: int = 0  # entries covered by a valid seal in the log directory
+    sealed_count: int = 0  # entries covered by the directory's valid seal/checkpoint file
     external_checkpoint: str | None = None  # what was established about it
     warnings: list[str] = field(default_factory=list)
     problem: Problem | None = None
@@ -397,8 +397,7 @@ def _check_anchors(
             )
             return
         rep.anchors.append(f"{what}: covers entries 0..{cp.count - 1}: consistent")
-        if what == "seal":
-            rep.sealed_count = max(rep.sealed_count, cp.count)
+        rep.sealed_count = max(rep.sealed_count, cp.count)
 
 
 def _writer_running(log_dir: Path) -> bool:
