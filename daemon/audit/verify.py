@@ -238,6 +238,11 @@ def verify_log(
                     break
             elif kind == "recovery":
                 _note_recovery(line, seq, rep)
+            elif kind == "log_rollback_accepted":
+                rep.warnings.append(
+                    f"{path}:{n} (seq {seq}): the daemon was started on a log behind its own "
+                    f"seal or checkpoint (--accept-log-rollback): {_data(line).get('why')}"
+                )
             if ts < last_ts:
                 _clock_back(rep, path, n, seq, last_ts, ts, kind)
             last_ts = ts

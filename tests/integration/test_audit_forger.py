@@ -186,6 +186,9 @@ async def truncated(site: Site) -> None:
         await d.ensure_dead()
     [rb] = [e for e in entries(site.log_dir) if e["type"] == "log_rollback_accepted"]
     assert rb["data"]["log_count"] < rb["data"]["seal_count"]
+    _, out, err = await audit(site, "verify", str(site.log_dir), "--pubkey", str(site.pubkey))
+    assert "--accept-log-rollback" in err, err  # said every time the log is verified
+    assert out.startswith("INTACT: "), out
 
 
 async def older_copy(site: Site, older: Path) -> None:
@@ -210,6 +213,11 @@ async def test_a_forger_between_crash_and_restart_is_always_reported(
         older = tmp_path / "older-copy"
         shutil.copytree(site.log_dir, older, ignore=shutil.ignore_patterns("LOCK"))
         await d.seen(lambda r: r.get("dst") == "IRRADIATING", "beam on")
+        # A young log, being written: it verifies with --pubkey (signed at start), and the
+        # entries past the seal are the current commit, not an alarm.
+        rc, out, _ = await audit(site, "verify", str(site.log_dir), "--pubkey", str(site.pubkey))
+        assert rc == 0, out
+        assert not d.events("delivery_terminated"), "killed mid-delivery: slow the sim down"
         await d.kill()
     finally:
         await d.ensure_dead()
