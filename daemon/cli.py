@@ -173,7 +173,13 @@ async def _serve(
                 await audit[0].close()
                 raise _LogDirectoryError(f"mqtt outbox: {exc}") from None
             factory = DriverRegistry.from_entry_points().get(c.source.driver)
-            sinks = [*sinks, MqttSink(settings, outbox, simulated=factory.simulated)]
+            sink = MqttSink(
+                settings,
+                outbox,
+                simulated=factory.simulated,
+                verifier=None if signer is None else signer.verifier,
+            )
+            sinks = [*sinks, sink]
             log.info("mqtt_enabled", broker=settings.url, session=outbox.session)
         daemon = Daemon(
             loaded,

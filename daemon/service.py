@@ -28,7 +28,7 @@ import structlog
 
 from daemon import __version__
 from daemon.audit.entries import event_entry, plain, sample_entry
-from daemon.audit.writer import AuditLog, RecoveryReport, utc_ts
+from daemon.audit.writer import AuditLog, AuditLogClosed, RecoveryReport, utc_ts
 from daemon.config import Config, DeviceConfig, LoadedConfig
 from daemon.sinks import Sample, Sink
 from daemon.tracker import (
@@ -192,6 +192,9 @@ class Daemon:
         if self._audit is not None:
             self._audit.on_failure = self._on_audit_failure
             self._audit.on_recovered = self._on_audit_recovered
+        for sink in self._sinks:
+            if hasattr(sink, "on_checkpoint_conflict"):  # the MQTT sink: the off-host copy
+                sink.on_checkpoint_conflict = self._on_checkpoint_conflict
         self._stop_after_delivery = stop_after_delivery
         self.tracker = DeliveryTracker(tracker_settings(self.config, clock.speed))
         self.result = RunResult()
@@ -329,6 +332,20 @@ class Daemon:
                 "critical",
                 f"audit log cannot be written: {exc}; retrying. Until it recovers, what is "
                 "shown is NOT yet recorded",
+            )
+        )
+
+    def _on_checkpoint_conflict(self, found: dict[str, object]) -> None:
+        """The broker's retained checkpoint is ahead of this log or forks from it: the
+        sink will not overwrite it. Recorded, and alarmed on every channel."""
+        if self._audit is not None:
+            with contextlib.suppress(AuditLogClosed):
+                self._audit.append("checkpoint_publish_refused", found, durable=True)
+        self._notices.put_nowait(
+            (
+                "critical",
+                f"audit checkpoint NOT published: {found['why']}. The off-host copy is "
+                "kept; check this log with iort-audit verify --checkpoint",
             )
         )
 

@@ -18,6 +18,16 @@ aiomqtt has no reconnect and no offline queue, so this sink owns both:
 
 State topics are rate-limited: ``delivery`` at most once per second while only the dose
 moves (at once on any event), ``interlocks`` on change.
+
+The retained ``audit/checkpoint`` is the off-host copy auditors verify against, so it is
+never overwritten by a log that is behind it. On every connection the sink subscribes to
+its own checkpoint topic and holds its checkpoint back (up to ``RETAINED_WAIT_S``) until
+the broker's retained one has been seen. One signed by this daemon's key, for the same
+log origin, that is ahead of ours (more entries) or differs at the same size means this
+log is a fork (a restored backup, a replaced log): the sink then never publishes a
+checkpoint again in this run, logs it, and calls ``on_checkpoint_conflict`` so that the
+daemon raises the alarm and records it. A retained note not signed by our key is ignored
+(anyone with publish rights could put one there) and is replaced.
 """
 
 from __future__ import annotations
@@ -39,10 +49,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiomqtt
+import orjson
 import paho.mqtt.client as paho
 import structlog
 
 from daemon import __version__
+from daemon.audit.note import Checkpoint, Verifier
 from daemon.audit.writer import utc_ts
 from daemon.config import MqttConfig, SiteConfig
 from daemon.mqtt.outbox import Outbox, Record
@@ -78,6 +90,7 @@ WINDOW = 16
 DELIVERY_MIN_INTERVAL_S = 1.0
 FLUSH_AT_CLOSE_S = 2.0
 STATE_TOPICS = ("interlocks", "delivery", "audit/checkpoint")
+RETAINED_WAIT_S = 1.0  # how long a connection holds our checkpoint for the broker's
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,8 +224,20 @@ class _FailConnectOnTransportError(logging.Handler):
 class MqttSink:
     name = "mqtt"
 
-    def __init__(self, settings: BrokerSettings, outbox: Outbox, *, simulated: bool) -> None:
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        outbox: Outbox,
+        *,
+        simulated: bool,
+        verifier: Verifier | None = None,
+    ) -> None:
         self.settings = settings
+        self.verifier = verifier  # whose retained checkpoints count (see the module doc)
+        self.on_checkpoint_conflict: Callable[[dict[str, Any]], None] | None = None
+        self._ours: Checkpoint | None = None
+        self._theirs: Checkpoint | None = None
+        self._cp_blocked = False
         self.outbox = outbox
         self._sim = simulated
         self._topics = {
@@ -287,8 +312,57 @@ class MqttSink:
         self._wake.set()
 
     async def checkpoint(self, note: str) -> None:
+        self._ours, _ = Checkpoint.parse_verified(note, None)
+        self._compare_checkpoints()
         self._set("audit/checkpoint", lambda env: checkpoint_payload(env, note))
         self._wake.set()
+
+    def _retained_checkpoint(self, payload: bytes) -> None:
+        """A message on our checkpoint topic (the retained one at subscription, or our
+        own coming back): remember it if our key signed it, then compare."""
+        try:
+            note = orjson.loads(payload)["note"]
+            cp, signed = Checkpoint.parse_verified(str(note), self.verifier)
+        except (ValueError, KeyError, TypeError):
+            log.warning("mqtt_retained_checkpoint_unreadable")
+            return
+        if not signed:
+            log.warning("mqtt_retained_checkpoint_not_ours", origin=cp.origin, count=cp.count)
+            return
+        self._theirs = cp
+        self._compare_checkpoints()
+        if not self._cp_blocked:
+            self._cells["audit/checkpoint"].not_before = 0.0  # seen: ours may go out now
+            self._wake.set()
+
+    def _compare_checkpoints(self) -> None:
+        ours, theirs = self._ours, self._theirs
+        if self._cp_blocked or ours is None or theirs is None or ours.origin != theirs.origin:
+            return
+        if theirs.count > ours.count:
+            why = (
+                f"the broker's retained checkpoint covers {theirs.count} entries, this log "
+                f"only {ours.count}: this log is behind it (a restored backup or a replaced log)"
+            )
+        elif theirs.count == ours.count and theirs.head_hash != ours.head_hash:
+            why = (
+                f"the broker's retained checkpoint differs from this log's at {ours.count} "
+                "entries: the logs have forked"
+            )
+        else:
+            return
+        self._cp_blocked = True
+        log.critical("mqtt_checkpoint_not_published", reason=why)
+        if self.on_checkpoint_conflict is not None:
+            self.on_checkpoint_conflict(
+                {
+                    "why": why,
+                    "broker_count": theirs.count,
+                    "broker_head": theirs.head_hash,
+                    "log_count": ours.count,
+                    "log_head": ours.head_hash,
+                }
+            )
 
     async def notice(self, severity: str, message: str) -> None:
         level = "critical" if severity == "critical" else "info"
@@ -451,8 +525,13 @@ class MqttSink:
         raise _Closing
 
     async def _watch_link(self, client: aiomqtt.Client) -> None:
-        async for _ in client.messages:  # nothing is subscribed: this waits for a drop
-            pass
+        """Notices a dropped link, and reads our checkpoint topic (its retained message)."""
+        cp_topic = self._topics["audit/checkpoint"]
+        if self.verifier is not None:
+            await client.subscribe(cp_topic, qos=1, timeout=CONNECT_TIMEOUT_S)
+        async for msg in client.messages:
+            if msg.topic.matches(cp_topic) and isinstance(msg.payload, bytes | bytearray):
+                self._retained_checkpoint(bytes(msg.payload))
 
     def _watch_refusals(self, client: aiomqtt.Client) -> None:
         """aiomqtt drops the PUBACK reason code; an MQTT v5 broker uses it to refuse a
@@ -494,6 +573,11 @@ class MqttSink:
         self.outbox.ack(online)
         for cell in self._cells.values():  # the broker may have lost them (restart)
             cell.not_before = 0.0  # the current state now, not at the rate limit
+            if cell.name == "audit/checkpoint":
+                # Held until the broker's retained one is seen (or the wait is over).
+                cell.not_before = time.monotonic() + RETAINED_WAIT_S
+                cell.sent = False
+                continue
             if cell.record is not None and cell.sent and not cell.dirty:
                 await self._send(client, cell.record)
         while True:
@@ -539,6 +623,8 @@ class MqttSink:
         now = time.monotonic()
         for cell in self._cells.values():
             if not cell.dirty or (cell.not_before > now and not self._closing):
+                continue
+            if cell.name == "audit/checkpoint" and self._cp_blocked:
                 continue
             if cell.record_version != cell.version and cell.build is not None:
                 env = Envelope(
