@@ -28,6 +28,7 @@ import structlog
 
 from daemon import __version__
 from daemon.audit.entries import event_entry, plain, sample_entry
+from daemon.audit.note import Checkpoint
 from daemon.audit.writer import AuditLog, AuditLogClosed, RecoveryReport, utc_ts
 from daemon.config import Config, DeviceConfig, LoadedConfig
 from daemon.sinks import Sample, Sink
@@ -193,8 +194,8 @@ class Daemon:
             self._audit.on_failure = self._on_audit_failure
             self._audit.on_recovered = self._on_audit_recovered
         for sink in self._sinks:
-            if hasattr(sink, "on_checkpoint_conflict"):  # the MQTT sink: the off-host copy
-                sink.on_checkpoint_conflict = self._on_checkpoint_conflict
+            if hasattr(sink, "checkpoint_guard"):  # the MQTT sink: the off-host copy
+                sink.checkpoint_guard = self._guard_checkpoint
         self._stop_after_delivery = stop_after_delivery
         self.tracker = DeliveryTracker(tracker_settings(self.config, clock.speed))
         self.result = RunResult()
@@ -335,19 +336,42 @@ class Daemon:
             )
         )
 
-    def _on_checkpoint_conflict(self, found: dict[str, object]) -> None:
-        """The broker's retained checkpoint is ahead of this log or forks from it: the
-        sink will not overwrite it. Recorded, and alarmed on every channel."""
-        if self._audit is not None:
-            with contextlib.suppress(AuditLogClosed):
-                self._audit.append("checkpoint_publish_refused", found, durable=True)
+    async def _guard_checkpoint(self, cp: Checkpoint) -> str | None:
+        """Why this log does not contain ``cp`` (the broker's retained checkpoint, signed
+        by our key), or None. A conflict is recorded and alarmed: the sink will not
+        overwrite the off-host copy with this log's checkpoints."""
+        audit = self._audit
+        if audit is None or cp.origin != audit.origin or cp.count == 0:
+            return None
+        have = audit.committed_seq + 1
+        if cp.count > have:
+            why = (
+                f"the broker's retained checkpoint covers {cp.count} entries, this log has "
+                f"{have}: this log is behind it (a restored backup or a replaced log)"
+            )
+        elif await audit.hash_at(cp.count - 1) != cp.head_hash:
+            why = (
+                f"the broker's retained checkpoint differs from this log at seq "
+                f"{cp.count - 1}: the log was replaced or rewritten (a fork)"
+            )
+        else:
+            return None
+        found = {
+            "why": why,
+            "broker_count": cp.count,
+            "broker_head": cp.head_hash,
+            "log_count": have,
+        }
+        with contextlib.suppress(AuditLogClosed):
+            audit.append("checkpoint_publish_refused", found, durable=True)
         self._notices.put_nowait(
             (
                 "critical",
-                f"audit checkpoint NOT published: {found['why']}. The off-host copy is "
-                "kept; check this log with iort-audit verify --checkpoint",
+                f"audit checkpoint NOT published: {why}. The off-host copy is kept; check "
+                "this log with iort-audit verify --checkpoint",
             )
         )
+        return why
 
     def _on_audit_recovered(self, outage_s: float) -> None:
         self._audit_failing.clear()

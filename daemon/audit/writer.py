@@ -516,6 +516,12 @@ class AuditLog:
             self._wake.set()
         return note
 
+    async def hash_at(self, seq: int) -> str | None:
+        """The hash of the committed entry ``seq`` as on disk (None if there is none)."""
+        if seq > self.committed_seq or seq < 0:
+            return None
+        return await asyncio.to_thread(_hash_at, segment_paths(self.directory), seq)
+
     def _side_due(self) -> bool:
         return self._cp_note is not None or (self._seal_due and self.signer is not None)
 

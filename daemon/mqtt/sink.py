@@ -22,12 +22,13 @@ moves (at once on any event), ``interlocks`` on change.
 The retained ``audit/checkpoint`` is the off-host copy auditors verify against, so it is
 never overwritten by a log that is behind it. On every connection the sink subscribes to
 its own checkpoint topic and holds its checkpoint back (up to ``RETAINED_WAIT_S``) until
-the broker's retained one has been seen. One signed by this daemon's key, for the same
-log origin, that is ahead of ours (more entries) or differs at the same size means this
-log is a fork (a restored backup, a replaced log): the sink then never publishes a
-checkpoint again in this run, logs it, and calls ``on_checkpoint_conflict`` so that the
-daemon raises the alarm and records it. A retained note not signed by our key is ignored
-(anyone with publish rights could put one there) and is replaced.
+the broker's retained one has been seen. One signed by this daemon's key is handed to
+``checkpoint_guard`` (the daemon, which has the log): if the log does not contain it —
+it covers more entries than the log, or the log's entry at its size has another hash —
+this log is a fork (a restored backup, a replaced log), and the sink never publishes a
+checkpoint again in this run (the daemon raises the alarm and records it). A retained
+note not signed by our key is ignored (anyone with publish rights could put one there)
+and is replaced.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
@@ -234,9 +235,8 @@ class MqttSink:
     ) -> None:
         self.settings = settings
         self.verifier = verifier  # whose retained checkpoints count (see the module doc)
-        self.on_checkpoint_conflict: Callable[[dict[str, Any]], None] | None = None
-        self._ours: Checkpoint | None = None
-        self._theirs: Checkpoint | None = None
+        # Set by the daemon: why the log does not contain this checkpoint, or None.
+        self.checkpoint_guard: Callable[[Checkpoint], Awaitable[str | None]] | None = None
         self._cp_blocked = False
         self.outbox = outbox
         self._sim = simulated
@@ -312,14 +312,12 @@ class MqttSink:
         self._wake.set()
 
     async def checkpoint(self, note: str) -> None:
-        self._ours, _ = Checkpoint.parse_verified(note, None)
-        self._compare_checkpoints()
         self._set("audit/checkpoint", lambda env: checkpoint_payload(env, note))
         self._wake.set()
 
-    def _retained_checkpoint(self, payload: bytes) -> None:
+    async def _retained_checkpoint(self, payload: bytes) -> None:
         """A message on our checkpoint topic (the retained one at subscription, or our
-        own coming back): remember it if our key signed it, then compare."""
+        own coming back): if our key signed it, the log must contain it."""
         try:
             note = orjson.loads(payload)["note"]
             cp, signed = Checkpoint.parse_verified(str(note), self.verifier)
@@ -329,40 +327,13 @@ class MqttSink:
         if not signed:
             log.warning("mqtt_retained_checkpoint_not_ours", origin=cp.origin, count=cp.count)
             return
-        self._theirs = cp
-        self._compare_checkpoints()
+        why = None if self.checkpoint_guard is None else await self.checkpoint_guard(cp)
+        if why is not None and not self._cp_blocked:
+            self._cp_blocked = True
+            log.critical("mqtt_checkpoint_not_published", reason=why, broker_count=cp.count)
         if not self._cp_blocked:
             self._cells["audit/checkpoint"].not_before = 0.0  # seen: ours may go out now
             self._wake.set()
-
-    def _compare_checkpoints(self) -> None:
-        ours, theirs = self._ours, self._theirs
-        if self._cp_blocked or ours is None or theirs is None or ours.origin != theirs.origin:
-            return
-        if theirs.count > ours.count:
-            why = (
-                f"the broker's retained checkpoint covers {theirs.count} entries, this log "
-                f"only {ours.count}: this log is behind it (a restored backup or a replaced log)"
-            )
-        elif theirs.count == ours.count and theirs.head_hash != ours.head_hash:
-            why = (
-                f"the broker's retained checkpoint differs from this log's at {ours.count} "
-                "entries: the logs have forked"
-            )
-        else:
-            return
-        self._cp_blocked = True
-        log.critical("mqtt_checkpoint_not_published", reason=why)
-        if self.on_checkpoint_conflict is not None:
-            self.on_checkpoint_conflict(
-                {
-                    "why": why,
-                    "broker_count": theirs.count,
-                    "broker_head": theirs.head_hash,
-                    "log_count": ours.count,
-                    "log_head": ours.head_hash,
-                }
-            )
 
     async def notice(self, severity: str, message: str) -> None:
         level = "critical" if severity == "critical" else "info"
@@ -531,7 +502,7 @@ class MqttSink:
             await client.subscribe(cp_topic, qos=1, timeout=CONNECT_TIMEOUT_S)
         async for msg in client.messages:
             if msg.topic.matches(cp_topic) and isinstance(msg.payload, bytes | bytearray):
-                self._retained_checkpoint(bytes(msg.payload))
+                await self._retained_checkpoint(bytes(msg.payload))
 
     def _watch_refusals(self, client: aiomqtt.Client) -> None:
         """aiomqtt drops the PUBACK reason code; an MQTT v5 broker uses it to refuse a

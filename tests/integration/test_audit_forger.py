@@ -21,9 +21,11 @@ from typing import Any
 import pytest
 from daemonproc import Daemon, Site
 from forger import append, entries, halve_doses, rewrite_from
+from mqttobs import Observer
 
 from daemon.audit.note import Checkpoint
 from daemon.audit.verify import collect_files
+from daemon.mqtt.broker import BrokerOptions, Mosquitto
 
 pytestmark = pytest.mark.integration
 
@@ -231,3 +233,51 @@ async def test_a_forger_between_crash_and_restart_is_always_reported(
         truncated(clone(site, cases / "d")),
         older_copy(clone(site, cases / "e"), older),
     )
+
+
+@pytest.mark.timeout(120)
+async def test_a_log_behind_the_brokers_retained_checkpoint_never_overwrites_it(
+    make_site: Any, tmp_path: Path
+) -> None:
+    """A backup restored without its seal and checkpoint file (nothing on the host shows
+    the rollback): the daemon starts, but the broker's retained checkpoint, signed by the
+    same key for the same log, is ahead; it is kept, and the refusal is alarmed and
+    recorded."""
+    with Mosquitto(BrokerOptions(), tmp_path / "broker") as broker:
+        mqtt = f'url = "{broker.url}"\nkeepalive_s = 2\n'
+        site: Site = make_site(speed=300, poll=0.02, checkpoint_s=60, mqtt=mqtt)
+        d = await Daemon.follow(site)
+        try:
+            await d.seen(lambda r: r.get("dst") == "IRRADIATING", "beam on")
+            await d.seen(lambda r: r.get("event") == "mqtt_connected", "mqtt connected")
+            assert await d.stop() == 0
+        finally:
+            await d.ensure_dead()
+        log = entries(site.log_dir)
+        held = log[-1]["data"]["count"]  # the shutdown checkpoint, retained on the broker
+        # The restored backup: the log as it was at its start checkpoint, no seal/file.
+        start_cp = next(e["seq"] for e in log if e["type"] == "checkpoint")
+        seg = collect_files([site.log_dir])[-1]
+        seg.write_bytes(b"".join(seg.read_bytes().splitlines(keepends=True)[: start_cp + 1]))
+        (site.log_dir / "seal").unlink()
+        (site.log_dir / "checkpoint").unlink()
+
+        d = await Daemon.follow(site)
+        try:
+            await d.seen(lambda r: r.get("event") == "mqtt_checkpoint_not_published", "the refusal")
+            alarm = await d.seen(
+                lambda r: r.get("event") == "notice" and r.get("level") == "critical", "alarm"
+            )
+            assert "audit checkpoint NOT published" in alarm["message"]
+            assert await d.stop() == 0
+        finally:
+            await d.ensure_dead()
+        [refused] = [e for e in entries(site.log_dir) if e["type"] == "checkpoint_publish_refused"]
+        assert refused["data"]["broker_count"] == held
+        obs = await Observer(broker.port, topic="iort/+/+/+/audit/checkpoint").start()
+        try:
+            msg = await obs.wait_for(lambda m: m.name == "audit/checkpoint", "the retained one")
+        finally:
+            await obs.stop()
+        assert msg.retained
+        assert msg.payload["count"] == held, "the off-host copy is not overwritten"
