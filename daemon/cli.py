@@ -30,7 +30,14 @@ from daemon.audit.note import (
     load_signer,
     write_keypair,
 )
-from daemon.audit.writer import AuditLog, LogDamaged, LogInUse, LogRolledBack, new_origin
+from daemon.audit.writer import (
+    DEFAULT_SPILL_DIR,
+    AuditLog,
+    LogDamaged,
+    LogInUse,
+    LogRolledBack,
+    new_origin,
+)
 from daemon.config import ConfigError, LoadedConfig, load_config
 from daemon.console import ConsoleView
 from daemon.logs import configure_logging
@@ -150,6 +157,7 @@ async def _serve(
                 rotate_max_bytes=c.log.rotate_max_bytes,
                 signer=signer,
                 accept_rollback=accept_rollback,
+                spill_dir=DEFAULT_SPILL_DIR,
             )
         except OSError as exc:
             raise _LogDirectoryError(
@@ -264,7 +272,9 @@ def _serve_or_exit(
     except OSError as exc:
         # The final flush failed (disk still failing at shutdown): say so, loudly.
         print(  # noqa: T201 - CLI output
-            f"iortd: audit log: entries could not be written at shutdown: {exc}",
+            f"iortd: audit log: entries could not be written at shutdown: {exc}; they are "
+            f"kept in {DEFAULT_SPILL_DIR} (see the operational log) and restored, marked "
+            "unvouched, by the next start",
             file=sys.stderr,
         )
         return EXIT_BAD

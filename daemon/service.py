@@ -116,7 +116,12 @@ def _record_recovery(audit: AuditLog, rec: RecoveryReport, now: str) -> None:
     checkpoints cover the whole chain, and this entry is what says that part of it is
     not vouched for (docs/audit-log.md)."""
     unvouched = rec.unvouched
-    if rec.previous_stop == "crash" or unvouched is not None or rec.rollback is not None:
+    if (
+        rec.previous_stop == "crash"
+        or unvouched is not None
+        or rec.rollback is not None
+        or rec.spilled is not None
+    ):
         audit.append(
             "recovery",
             {
@@ -128,6 +133,9 @@ def _record_recovery(audit: AuditLog, rec: RecoveryReport, now: str) -> None:
                 "tail_kept_at": rec.tail_kept_at,
                 "segments_set_aside": list(rec.segments_set_aside),
                 "vouched_by": rec.vouched_by,
+                # Entries the previous stop could not write (a full or read-only disk),
+                # from its spill file: restored (unvouched) or kept in quarantine.
+                "spilled": None if rec.spilled is None else dict(rec.spilled),
                 "anchor_problems": list(rec.anchor_problems),
                 "unvouched": None
                 if unvouched is None

@@ -24,6 +24,12 @@ signature: anyone with write access could have written them. Recovery reports th
 vouched entries only, and refuses to start on a log that is behind its own seal or
 checkpoint file (a restored backup, a truncation) unless told to accept the rollback.
 
+A stop while the disk is full or read-only does not drop what is pending: after one more
+try, the entries are written to a spill file outside the log directory (``spill_dir``,
+named by a hash of the origin). The next open appends them to the log if they continue
+its chain exactly (they are then unvouched: never sealed), or keeps the file in
+quarantine; either way the recovery report says how many, which seqs, and where.
+
 A failing seal or checkpoint-file write is a failing log write: an alarm, and a retry with
 the same backoff; it never ends the writer. Before each write the segment's open file is
 compared with the path (device, inode, link count): a deleted or replaced segment or log
@@ -36,10 +42,13 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import re
 import secrets
+import shutil
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -104,6 +113,12 @@ class LogRolledBack(RuntimeError):
 SEAL_FILE = "seal"
 CHECKPOINT_FILE = "checkpoint"
 ANCHOR_MAX_BYTES = 64 * 1024  # a seal or checkpoint note is a few hundred bytes
+DEFAULT_SPILL_DIR = Path(tempfile.gettempdir()) / "iortd-spill"
+
+
+def spill_path(spill_dir: Path, origin: str) -> Path:
+    """Where a stop that could not write its last entries leaves them for this log."""
+    return spill_dir / f"spill-{hashlib.sha256(origin.encode()).hexdigest()[:16]}.jsonl"
 
 
 class _PartialWrite(Exception):
@@ -166,6 +181,9 @@ class RecoveryReport:
     vouched_by: str = "none"  # "seal", "checkpoint file", "checkpoint entry", "none"
     anchor_problems: tuple[str, ...] = ()  # seal/checkpoint files that were not usable
     rollback: Mapping[str, Any] | None = None  # set when a rollback was accepted
+    # Entries a stop could not write, found in the spill file: count, first_seq,
+    # last_seq, restored (appended to the log, unvouched) and kept_at (quarantine copy).
+    spilled: Mapping[str, Any] | None = None
 
     @property
     def unvouched(self) -> tuple[int, int] | None:
@@ -293,6 +311,7 @@ class AuditLog:
         self._clock_base = (mono(), wall_ns())
         self.committed_seq = head_seq
         self._committed_hash = head_hash
+        self.spill_dir: Path | None = None  # where close() keeps what it cannot write
         # Never at open: the recovered head may hold unvouched entries, and the first
         # seal must come after the owner has recorded them (the first commit).
         self._seal_due = False
@@ -316,6 +335,7 @@ class AuditLog:
         wall: Callable[[], datetime] | None = None,
         mono: Callable[[], int] | None = None,
         accept_rollback: bool = False,
+        spill_dir: Path | None = None,
     ) -> tuple[AuditLog, RecoveryReport]:
         """Open (or create) the log in ``directory`` and recover it after a crash.
 
@@ -329,7 +349,7 @@ class AuditLog:
         verifier = None if signer is None else signer.verifier
         try:
             segment, report = await asyncio.to_thread(
-                _recover, directory, origin, verifier, accept_rollback
+                _recover, directory, origin, verifier, accept_rollback, spill_dir
             )
         except BaseException:
             os.close(lock_fd)
@@ -349,6 +369,7 @@ class AuditLog:
             mono=mono,
         )
         self._lock_fd = lock_fd
+        self.spill_dir = spill_dir
         if report.created:
             self.append(
                 "log_created",
@@ -522,6 +543,35 @@ class AuditLog:
             return None
         return await asyncio.to_thread(_hash_at, segment_paths(self.directory), seq)
 
+    async def _spill(self, lost: list[_Pending]) -> None:
+        """Keep entries that could not be written outside the log directory, for the next
+        start (see the module doc). A failure here is logged: nothing else is left."""
+        spill_dir = self.spill_dir
+        if spill_dir is None:
+            return
+        target = spill_path(spill_dir, self.origin)
+        data = b"".join(p.line for p in lost)
+
+        def write() -> None:
+            spill_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with open(target, "ab") as f:  # after an earlier spill, if any: in seq order
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+
+        try:
+            await asyncio.to_thread(write)
+        except OSError as exc:
+            log.critical("audit_log_spill_failed", path=str(target), error=str(exc))
+            return
+        log.critical(
+            "audit_log_entries_spilled",
+            path=str(target),
+            count=len(lost),
+            first_seq=lost[0].seq,
+            last_seq=lost[-1].seq,
+        )
+
     def _side_due(self) -> bool:
         return self._cp_note is not None or (self._seal_due and self.signer is not None)
 
@@ -603,6 +653,9 @@ class AuditLog:
                     self._pending = batch[failed.written :] + self._pending
                     self._urgent = any(p.durable for p in self._pending)
                     self._failed(exc, "entries")
+                    # Also while closing: the owner bounds the wait (the daemon cancels
+                    # this task at its shutdown deadline); close() then tries once more
+                    # and spills what is left.
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, BACKOFF_MAX_S)
                     continue
@@ -718,6 +771,20 @@ class AuditLog:
         self._wake.set()
         if self._running:
             await self._done.wait()
+        try:
+            await self._flush_at_close()
+        finally:
+            seg, self._segment = self._segment, None
+            if seg is not None:
+                with contextlib.suppress(OSError):  # a failing disk: said already
+                    await asyncio.to_thread(os.fsync, seg.fd)
+                os.close(seg.fd)
+            self._closed = True
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the directory lock
+                self._lock_fd = None
+
+    async def _flush_at_close(self) -> None:
         if self._pending:
             # The writer task never ran, or was cancelled with entries still pending (a
             # start-up that failed, a shutdown cut short): write them now, once.
@@ -725,12 +792,15 @@ class AuditLog:
             try:
                 await asyncio.to_thread(self._write_batch, batch)
             except _PartialWrite as failed:
+                lost = batch[failed.written :]
                 log.critical(
                     "audit_log_entries_not_written",
-                    count=len(batch) - failed.written,
-                    first_seq=batch[failed.written].seq,
+                    count=len(lost),
+                    first_seq=lost[0].seq,
+                    last_seq=lost[-1].seq,
                     error=str(failed.error),
                 )
+                await self._spill(lost)
                 raise failed.error from None
             for fut in {id(p.future): p.future for p in batch}.values():
                 if not fut.done():
@@ -739,14 +809,6 @@ class AuditLog:
             self._seal_due = True
         if self._side_due():
             await self._side_files()  # once: a failure is logged and alarmed, not raised
-        seg, self._segment = self._segment, None
-        if seg is not None:
-            await asyncio.to_thread(os.fsync, seg.fd)
-            os.close(seg.fd)
-        self._closed = True
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the directory lock
-            self._lock_fd = None
 
 
 def _check_same_file(seg: _Segment) -> None:
@@ -818,6 +880,7 @@ def _recover(
     origin: str,
     verifier: Verifier | None = None,
     accept_rollback: bool = False,
+    spill_dir: Path | None = None,
 ) -> tuple[_Segment | None, RecoveryReport]:
     """Find the head of the chain after any stop. Everything is checked before anything
     is touched: a crash can only tear the end of the newest segment (or leave it with no
@@ -898,14 +961,21 @@ def _recover(
             os.fsync(f.fileno())
         log.warning("audit_log_tail_set_aside", bytes=tail_bytes, kept_at=kept_at, why=scan.error)
 
+    previous_stop: Literal["clean", "crash"] = (
+        "clean" if scan.last_type == "daemon_stop" else "crash"
+    )
+    spilled = None
+    size = scan.intact
+    if spill_dir is not None:
+        spilled, size = _restore_spill(directory, spill_dir, log_origin, last, scan, stamp)
     fd = os.open(last, os.O_WRONLY | os.O_APPEND)
     date = last.name.split("-")[2].removesuffix(".jsonl")  # segment_paths matched the name
-    segment = _Segment(last, fd, scan.intact, date)
+    segment = _Segment(last, fd, size, date)
     open_id, open_sample = _open_delivery(segments, vouch.count)
     report = RecoveryReport(
         created=False,
         origin=log_origin,
-        previous_stop="clean" if scan.last_type == "daemon_stop" else "crash",
+        previous_stop=previous_stop,
         last_seq=scan.last_seq,
         last_hash=scan.last_hash,
         last_ts=scan.last_ts,
@@ -918,6 +988,7 @@ def _recover(
         vouched_by=vouch.by,
         anchor_problems=tuple(vouch.problems),
         rollback=vouch.rollback,
+        spilled=spilled,
     )
     if report.unvouched is not None:
         first, last_u = report.unvouched
@@ -929,6 +1000,45 @@ def _recover(
             vouched_by=vouch.by,
         )
     return segment, report
+
+
+def _restore_spill(
+    directory: Path, spill_dir: Path, origin: str, last: Path, scan: _Scan, stamp: str
+) -> tuple[dict[str, Any] | None, int]:
+    """Entries a stop could not write: appended to the newest segment when they continue
+    the chain exactly (``scan`` is updated to the new head), and the spill file moved to
+    quarantine either way. Returns (what was found, the segment's size)."""
+    source = spill_path(spill_dir, origin)
+    size = scan.intact
+    try:
+        data = source.read_bytes()
+    except FileNotFoundError:
+        return None, size
+    target = _quarantine(directory) / f"{source.name}.{stamp}.spilled"
+    shutil.copyfile(source, target)
+    with open(target, "rb") as f:
+        os.fsync(f.fileno())
+    fsync_dir(target.parent)
+    source.unlink()
+    seqs = [s for s in (_entry_seq(raw) for raw in data.splitlines()) if s is not None]
+    found: dict[str, Any] = {
+        "count": len(seqs),
+        "first_seq": min(seqs, default=None),
+        "last_seq": max(seqs, default=None),
+        "kept_at": str(target.relative_to(directory)),
+        "restored": 0,
+    }
+    cont = _scan(data, scan.last_hash, scan.last_seq)
+    if cont.entries:
+        with open(last, "ab") as f:
+            f.write(data[: cont.intact])
+            f.flush()
+            os.fsync(f.fileno())
+        size += cont.intact
+        found["restored"] = cont.entries
+        scan.last_seq, scan.last_hash, scan.last_ts = cont.last_seq, cont.last_hash, cont.last_ts
+    log.warning("audit_log_spill_found", **found)
+    return found, size
 
 
 # ---- seal, checkpoint file and the entries they vouch for --------------------------------

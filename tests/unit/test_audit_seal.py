@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -281,3 +282,49 @@ async def test_a_deleted_segment_or_directory_is_alarmed_at_the_next_write(
     assert "deleted" in str(failures[0]) or "moved" in str(failures[0])
     assert not pending.committed.done(), "nothing is acknowledged into a file nobody sees"
     await crash(log, task)
+
+
+async def test_a_stop_on_a_full_disk_spills_what_is_pending_and_the_next_start_restores_it(
+    tmp_path: Path,
+) -> None:
+    """The disk is really full for the log: RLIMIT_FSIZE stops the segment from growing
+    (the kernel answers EFBIG, as the crash tests do it for the daemon; Python ignores
+    SIGXFSZ), while the small spill file elsewhere still fits."""
+    signer = generate_keypair("or-9")
+    directory, spill = tmp_path / "log", tmp_path / "spill"
+    log, _ = await AuditLog.open(directory, origin=ORIGIN, signer=signer, spill_dir=spill)
+    task = asyncio.create_task(log.run())
+    for i in range(40):
+        log.append("sample", {"n": i, "pad": "x" * 1000})
+    await log.append("daemon_start", {}, durable=True).committed
+    size = segment_paths(directory)[-1].stat().st_size
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size + 10, hard))
+    try:
+        pending = [log.append("sample", {"n": i}) for i in range(5)]
+        pending.append(log.append("daemon_stop", {"clean": True}, durable=True))
+        async with asyncio.timeout(5):
+            while log.failing_since is None:  # noqa: ASYNC110 - the writer's own state
+                await asyncio.sleep(0.005)
+        # The daemon's shutdown deadline passes: it cancels the writer, closes the log.
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        with pytest.raises(OSError, match="File too large"):
+            await asyncio.wait_for(log.close(), 10)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert writer.spill_path(spill, ORIGIN).exists(), "what could not be written is kept"
+
+    first, last = pending[0].seq, pending[-1].seq
+    async with running(directory, signer=signer, spill_dir=spill) as (_, report):
+        assert report.spilled is not None
+        assert (report.spilled["count"], report.spilled["restored"]) == (6, 6)
+        assert (report.spilled["first_seq"], report.spilled["last_seq"]) == (first, last)
+        assert (directory / report.spilled["kept_at"]).exists()
+        assert report.previous_stop == "crash", "its daemon_stop never reached the disk"
+        assert report.unvouched == (first, last), "never sealed: restored as unvouched"
+    assert not writer.spill_path(spill, ORIGIN).exists()
+    logged = entries(directory)
+    assert [e["seq"] for e in logged] == list(range(len(logged)))
+    assert [e["hash"] for e in logged if first <= e["seq"] <= last] == [p.hash for p in pending]
