@@ -1,8 +1,12 @@
 """The composition root: builds drivers, tracker, audit log and sinks; runs one TaskGroup.
 
 Start-up: config already validated (nothing here re-checks it) -> audit log opened and
-recovered by the caller -> drivers built from the registry -> one poll task per device, a
-stale-data watchdog, a checkpoint timer and the sink dispatcher.
+recovered by the caller -> what recovery found recorded first (a crash, unvouched
+entries, spilled entries, an accepted rollback, a wall clock behind the log), before the
+run's first seal -> drivers built from the registry -> one poll task per device, a
+stale-data watchdog, the checkpoint task (one signed at once, then at delivery ends and
+every interval) and the sink dispatcher. The MQTT sink asks the daemon whether the log
+contains the broker's retained checkpoint before it overwrites it.
 
 The record comes first: every event is appended to the audit log and fsync'd before any
 other sink hears of it; samples are appended (and group-committed within the window)

@@ -24,6 +24,7 @@ import pytest
 from daemon import durable
 from daemon.audit import writer
 from daemon.audit.note import Checkpoint, Signer, generate_keypair
+from daemon.audit.verify import verify_log
 from daemon.audit.writer import AuditLog, RecoveryReport, segment_paths
 
 ORIGIN = "iortd/test-site/or-9/00112233aabbccdd"
@@ -174,6 +175,9 @@ async def test_an_unsigned_log_vouches_for_nothing_and_reports_no_range(tmp_path
     async with running(tmp_path) as (_, report):
         assert report.vouched_count is None
         assert report.unvouched is None
+    rep = verify_log([tmp_path])
+    assert rep.intact
+    assert any("never signed" in w and "proves nothing" in w for w in rep.warnings)
 
 
 async def restored_backup(tmp_path: Path, signer: Signer) -> Path:
