@@ -121,6 +121,18 @@ def spill_path(spill_dir: Path, origin: str) -> Path:
     return spill_dir / f"spill-{hashlib.sha256(origin.encode()).hexdigest()[:16]}.jsonl"
 
 
+def _private_dir(path: Path) -> None:
+    """The spill directory lives in a shared place (the temporary directory): it must be
+    a real directory of ours that nobody else can write, or a planted symlink could make
+    the daemon write elsewhere, and a planted file be taken for a spill."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise OSError(
+            errno.EPERM, f"{path}: not a private directory of this user (mode 0700): not used"
+        )
+
+
 class _PartialWrite(Exception):
     def __init__(self, written: int, error: OSError) -> None:
         super().__init__(str(error))
@@ -553,11 +565,14 @@ class AuditLog:
         data = b"".join(p.line for p in lost)
 
         def write() -> None:
-            spill_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-            with open(target, "ab") as f:  # after an earlier spill, if any: in seq order
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            _private_dir(spill_dir)
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+            fd = os.open(target, flags, 0o600)  # after an earlier spill, if any: seq order
+            try:
+                write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
         try:
             await asyncio.to_thread(write)
@@ -1010,10 +1025,21 @@ def _restore_spill(
     quarantine either way. Returns (what was found, the segment's size)."""
     source = spill_path(spill_dir, origin)
     size = scan.intact
-    try:
-        data = source.read_bytes()
-    except FileNotFoundError:
+    if not source.exists():
         return None, size
+    try:
+        _private_dir(spill_dir)
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, f"{source}: not a regular file")
+            with os.fdopen(os.dup(fd), "rb") as f:
+                data = f.read()
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.critical("audit_log_spill_unusable", path=str(source), error=str(exc))
+        return {"unusable": str(exc)}, size
     target = _quarantine(directory) / f"{source.name}.{stamp}.spilled"
     shutil.copyfile(source, target)
     with open(target, "rb") as f:

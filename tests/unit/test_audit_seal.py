@@ -332,3 +332,20 @@ async def test_a_stop_on_a_full_disk_spills_what_is_pending_and_the_next_start_r
     logged = entries(directory)
     assert [e["seq"] for e in logged] == list(range(len(logged)))
     assert [e["hash"] for e in logged if first <= e["seq"] <= last] == [p.hash for p in pending]
+
+
+async def test_a_planted_spill_directory_is_not_used(tmp_path: Path) -> None:
+    """The spill directory sits in a shared place: a symlink planted there must not make
+    the daemon write elsewhere, nor a file planted in a foreign directory be restored."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    planted = tmp_path / "spill"
+    planted.symlink_to(elsewhere)
+    log, _ = await AuditLog.open(tmp_path / "log", origin=ORIGIN, spill_dir=planted)
+    await log._spill([writer._Pending(1, "20260301", b"{}\n", asyncio.Future(), True, "0" * 64)])
+    await log.close()
+    assert list(elsewhere.iterdir()) == [], "nothing written through the symlink"
+    writer.spill_path(elsewhere, ORIGIN).write_bytes(b"{}\n")
+    async with running(tmp_path / "log", spill_dir=planted) as (_, report):
+        assert report.spilled is not None
+        assert "not a private directory" in report.spilled["unusable"]
