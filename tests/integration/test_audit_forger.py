@@ -155,6 +155,17 @@ async def rewritten_tail(site: Site, did: str) -> None:
     assert (u["first_seq"], u["last_seq"]) == (last_cp + 1, head), u
     assert rec["data"]["vouched_by"] == "checkpoint entry"
     await reported_everywhere(site, did, set(range(last_cp + 1, head + 1)))
+    # For an investigation: written, but stamped on every page, and still exit 1.
+    out = site.log_dir.parent / "investigation.html"
+    rc, _, _ = await audit(
+        site,
+        *("report", str(site.log_dir), "--delivery", did, "--pubkey", str(site.pubkey)),
+        *("--out", str(out), "--allow-unverified"),
+    )
+    assert rc == 1
+    html = out.read_text()
+    assert "NOT VERIFIED: UNVOUCHED entries" in html
+    assert f"seq {last_cp + 1}..{head}" in html
 
 
 async def rewritten_sealed(site: Site) -> None:
