@@ -90,9 +90,17 @@ def recovery_of(log: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def reported_everywhere(site: Site, did: str, forged: set[int]) -> None:
-    """verify, deliveries, report: each names the delivery as unvouched, exit 1."""
+    """verify, deliveries, show, report, export: each names the delivery as unvouched,
+    exit 1."""
     pub = str(site.pubkey)
-    (rc, out, _), (rc_d, out_d, _), (rc_r, out_r, err_r) = await asyncio.gather(
+    csv = site.log_dir.parent / "samples.csv"
+    (
+        (rc, out, _),
+        (rc_d, out_d, _),
+        (rc_r, out_r, err_r),
+        (rc_s, out_s, _),
+        (rc_e, _, _),
+    ) = await asyncio.gather(
         audit(site, "verify", str(site.log_dir), "--pubkey", pub),
         audit(site, "deliveries", str(site.log_dir)),
         audit(
@@ -100,7 +108,17 @@ async def reported_everywhere(site: Site, did: str, forged: set[int]) -> None:
             *("report", str(site.log_dir), "--delivery", did, "--pubkey", pub),
             *("--out", str(site.log_dir.parent / "report.html")),
         ),
+        audit(site, "show", str(site.log_dir), "--delivery", did),
+        audit(
+            site,
+            *("export", str(site.log_dir), "--delivery", did),
+            *("--format", "csv", "--out", str(csv)),
+        ),
     )
+    assert rc_s == 1
+    assert "UNVOUCHED" in out_s, out_s
+    assert rc_e == 1
+    assert not csv.exists(), "CSV has no place to say it: not written"
     assert rc == 1, out
     assert out.startswith("INTACT: "), out  # the chain itself is whole
     assert f"UNVOUCHED: delivery {did} has entries in seq " in out, out
@@ -224,7 +242,7 @@ async def test_a_forger_between_crash_and_restart_is_always_reported(
         started = await d.seen(lambda r: r.get("event") == "delivery_started", "a delivery")
         did = str(started["delivery_id"])
         older = tmp_path / "older-copy"
-        shutil.copytree(site.log_dir, older, ignore=shutil.ignore_patterns("LOCK"))
+        shutil.copytree(site.log_dir, older, ignore=shutil.ignore_patterns("LOCK", "*.tmp"))
         await d.seen(lambda r: r.get("dst") == "IRRADIATING", "beam on")
         # A young log, being written: it verifies with --pubkey (signed at start), and the
         # entries past the seal are the current commit, not an alarm.
