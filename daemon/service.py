@@ -119,6 +119,23 @@ def _record_recovery(audit: AuditLog, rec: RecoveryReport, now: str) -> None:
     The unvouched range is recorded before the first seal of this run: later seals and
     checkpoints cover the whole chain, and this entry is what says that part of it is
     not vouched for (docs/audit-log.md)."""
+    if rec.last_ts is not None and now < rec.last_ts:
+        # The wall clock is behind the log's last entry: a step backwards across runs
+        # (how far is unknown: at least this much). Written first, so that the first
+        # entry whose ts goes back is the one that says why.
+        behind = (_parse_utc(rec.last_ts) - _parse_utc(now)).total_seconds()
+        audit.append(
+            "clock_step",
+            {
+                "step_s": -round(behind, 6),
+                "expected_wall": rec.last_ts,
+                "actual_wall": now,
+                "across_restart": True,
+            },
+            durable=True,
+        )
+        log.warning("clock_behind_the_log", last_entry=rec.last_ts, now=now, behind_s=behind)
+
     unvouched = rec.unvouched
     if (
         rec.previous_stop == "crash"
@@ -163,21 +180,6 @@ def _record_recovery(audit: AuditLog, rec: RecoveryReport, now: str) -> None:
     if rec.rollback is not None:
         audit.append("log_rollback_accepted", dict(rec.rollback), durable=True)
         log.warning("audit_log_rollback_accepted", **dict(rec.rollback))
-    if rec.last_ts is not None and now < rec.last_ts:
-        # The wall clock is behind the log's last entry: a step backwards across runs
-        # (how far is unknown: at least this much). Entries' ts will go back here.
-        behind = (_parse_utc(rec.last_ts) - _parse_utc(now)).total_seconds()
-        audit.append(
-            "clock_step",
-            {
-                "step_s": -round(behind, 6),
-                "expected_wall": rec.last_ts,
-                "actual_wall": now,
-                "across_restart": True,
-            },
-            durable=True,
-        )
-        log.warning("clock_behind_the_log", last_entry=rec.last_ts, now=now, behind_s=behind)
 
 
 def _parse_utc(ts: str) -> datetime:
