@@ -349,3 +349,15 @@ async def test_a_planted_spill_directory_is_not_used(tmp_path: Path) -> None:
     async with running(tmp_path / "log", spill_dir=planted) as (_, report):
         assert report.spilled is not None
         assert "not a private directory" in report.spilled["unusable"]
+
+
+async def test_a_new_key_on_an_existing_log_vouches_for_none_of_it(tmp_path: Path) -> None:
+    """As docs/audit-log.md says: a new key goes with a new log directory."""
+    old, new = generate_keypair("or-9"), generate_keypair("or-9")
+    async with running(tmp_path, signer=old) as (log, _):
+        await log.append("daemon_stop", {"clean": True}, durable=True).committed
+        await log.checkpoint("shutdown")
+        head = log.head[0]
+    async with running(tmp_path, signer=new) as (_, report):
+        assert report.unvouched == (0, head)
+        assert any("not signed by this daemon's key" in p for p in report.anchor_problems)
