@@ -238,6 +238,7 @@ class MqttSink:
         # Set by the daemon: why the log does not contain this checkpoint, or None.
         self.checkpoint_guard: Callable[[Checkpoint], Awaitable[str | None]] | None = None
         self._cp_blocked = False
+        self._last_note: str | None = None  # ours: its echo needs no check
         self.outbox = outbox
         self._sim = simulated
         self._topics = {
@@ -312,6 +313,7 @@ class MqttSink:
         self._wake.set()
 
     async def checkpoint(self, note: str) -> None:
+        self._last_note = note
         self._set("audit/checkpoint", lambda env: checkpoint_payload(env, note))
         self._wake.set()
 
@@ -327,7 +329,8 @@ class MqttSink:
         if not signed:
             log.warning("mqtt_retained_checkpoint_not_ours", origin=cp.origin, count=cp.count)
             return
-        why = None if self.checkpoint_guard is None else await self.checkpoint_guard(cp)
+        guard = self.checkpoint_guard
+        why = None if guard is None or note == self._last_note else await guard(cp)
         if why is not None and not self._cp_blocked:
             self._cp_blocked = True
             log.critical("mqtt_checkpoint_not_published", reason=why, broker_count=cp.count)
