@@ -4,7 +4,10 @@ Measured in one run, on one disk, with entries of one size (the daemon's sample 
 
 1. the iortd writer (daemon/audit/writer.py): samples appended as fast as one producer
    can, group commit with the default 50 ms window, entries/s and commit latency; then
-   durable=True entries appended one at a time, each awaited (one fsync each);
+   durable=True entries appended one at a time, each awaited (one fsync each); both again
+   with a signing key, so that every group commit is followed by its seal (a signed note
+   replaced atomically: temp file, fsync, rename, fsync of the directory): the difference
+   per durable entry is the seal's cost per group commit;
 2. baseline A: os.write + os.fsync per entry, the same bytes;
 3. baseline B: SQLite (stdlib sqlite3), WAL, synchronous=FULL, one transaction per entry
    inserting the same JSON text;
@@ -37,6 +40,7 @@ from typing import Any
 
 from machine import filesystem, print_header, work_dir
 
+from daemon.audit.note import Signer, generate_keypair
 from daemon.audit.verify import verify_log
 from daemon.audit.writer import AuditLog, Entry, segment_paths
 
@@ -154,8 +158,10 @@ class WriterRun:
     directory: Path
 
 
-async def _open(directory: Path) -> tuple[AuditLog, asyncio.Task[None]]:
-    log, _ = await AuditLog.open(directory, origin="bench")
+async def _open(
+    directory: Path, signer: Signer | None = None
+) -> tuple[AuditLog, asyncio.Task[None]]:
+    log, _ = await AuditLog.open(directory, origin="bench", signer=signer)
     task = asyncio.create_task(log.run())
     await log.append("bench_start", {}, durable=True).committed  # after log_created
     return log, task
@@ -171,8 +177,10 @@ def _track(entry: Entry, out: list[float]) -> None:
     entry.committed.add_done_callback(lambda _f: out.append((time.perf_counter() - t) * 1e3))
 
 
-async def writer_samples(directory: Path, data: list[dict[str, Any]]) -> WriterRun:
-    log, task = await _open(directory)
+async def writer_samples(
+    directory: Path, data: list[dict[str, Any]], signer: Signer | None = None
+) -> WriterRun:
+    log, task = await _open(directory, signer)
     latencies: list[float] = []
     last: Entry | None = None
     t0 = time.perf_counter()
@@ -211,8 +219,10 @@ async def writer_paced(directory: Path, data: list[dict[str, Any]]) -> list[floa
     return latencies
 
 
-async def writer_durable(directory: Path, data: list[dict[str, Any]]) -> Rate:
-    log, task = await _open(directory)
+async def writer_durable(
+    directory: Path, data: list[dict[str, Any]], signer: Signer | None = None
+) -> Rate:
+    log, task = await _open(directory, signer)
     t0 = time.perf_counter()
     for d in data:
         await log.append("sample", d, delivery_id=DELIVERY_ID, durable=True).committed
@@ -337,10 +347,18 @@ def run(work: Path, n: int, m: int, repeat: int) -> int:
     runs: list[WriterRun] = []
     durable: list[Rate] = []
     paced: list[list[float]] = []
+    signer = generate_keypair("bench")
+    sealed: list[WriterRun] = []
+    sealed_durable: list[Rate] = []
     for k in range(repeat):
         runs.append(asyncio.run(writer_samples(fresh(work, f"samples-{k}"), data)))
         paced.append(asyncio.run(writer_paced(fresh(work, f"paced-{k}"), data)))
         durable.append(asyncio.run(writer_durable(fresh(work, f"durable-{k}"), data[:m])))
+        sealed.append(asyncio.run(writer_samples(fresh(work, f"sealed-{k}"), data, signer)))
+        shutil.rmtree(sealed[-1].directory)
+        sealed_durable.append(
+            asyncio.run(writer_durable(fresh(work, f"sealed-durable-{k}"), data[:m], signer))
+        )
     w = min(runs, key=lambda r: r.rate.seconds)
     lat_paced = min(paced, key=statistics.median)
     for r in runs:  # keep only the best run's log for verification
@@ -404,6 +422,22 @@ def run(work: Path, n: int, m: int, repeat: int) -> int:
         "(1) writer, durable=True, one at a time, awaited",
         f"{d.per_s:,.0f} entries/s",
         per_s(durable),
+    )
+    sd = best(sealed_durable)
+    sw = min(sealed, key=lambda r: r.rate.seconds)
+    row(
+        "(1) writer, samples, sealed (a seal per group commit)",
+        f"{sw.rate.per_s:,.0f} entries/s",
+        per_s([r.rate for r in sealed]),
+    )
+    row(
+        "(1) writer, durable=True, sealed, one at a time",
+        f"{sd.per_s:,.0f} entries/s",
+        per_s(sealed_durable),
+    )
+    row(
+        "    the seal's cost per group commit (sealed - unsealed)",
+        f"{(1 / sd.per_s - 1 / d.per_s) * 1e3:.2f} ms",
     )
     row("(2) baseline A: os.write + os.fsync per entry", f"{a.per_s:,.0f} entries/s", per_s(raw))
     row(

@@ -50,7 +50,7 @@ from daemon.audit.review import (
     load_entries,
     one_line,
 )
-from daemon.audit.verify import VerifyReport, collect_files, verify_log
+from daemon.audit.verify import VerifyReport, collect_files, unvouched_deliveries, verify_log
 from daemon.durable import write_atomic
 from drivers.files import FileReadError, read_small_file
 
@@ -276,7 +276,33 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             "  note: without --checkpoint, removal of the entries after the last checkpoint "
             "cannot be detected, nor can their alteration by someone who recomputes hashes"
         )
-    return EXIT_OK
+    return _report_unvouched(rep)
+
+
+def _report_unvouched(rep: VerifyReport) -> int:
+    """The seal/checkpoint-file findings, and entries no signature vouches for: each
+    range, the deliveries it touches, and exit 1 (the chain is intact, but the log does
+    not show those entries to be genuine)."""
+    for a in rep.anchors:
+        _out(f"  {a}")
+    if rep.writer_running:
+        _out(
+            "  the daemon is writing this log: the entries after the seal are its current "
+            "group commit, sealed within the commit window"
+        )
+    if not rep.unvouched:
+        return EXIT_OK
+    for u in rep.unvouched:
+        _out(f"UNVOUCHED: {u}")
+    for did, ranges in unvouched_deliveries(rep.files, rep.unvouched).items():
+        _out(f"UNVOUCHED: delivery {did} has entries in {ranges}")
+    n = sum(u.count for u in rep.unvouched)
+    _out(
+        f"RESULT: the chain is intact, but {n} {'entry is' if n == 1 else 'entries are'} "
+        "not vouched for by any signature: they may have been written by anyone with write "
+        "access to the log directory (exit status 1)"
+    )
+    return EXIT_BAD
 
 
 def _parse_ts(text: str | None) -> str | None:
@@ -300,7 +326,13 @@ def _chain_warning(paths: Sequence[Path]) -> VerifyReport:
     rep = verify_log(paths)
     if not rep.intact:
         _err(f"warning: the log is NOT INTACT: {rep.problem}; run iort-audit verify")
+    for u in rep.unvouched:
+        _err(f"warning: UNVOUCHED: {u}")
     return rep
+
+
+def _unvouched_of(rep: VerifyReport) -> dict[str, str]:
+    return unvouched_deliveries(rep.files, rep.unvouched) if rep.intact else {}
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -322,8 +354,11 @@ def _cmd_show(args: argparse.Namespace) -> int:
             )
             return EXIT_USAGE
         _out(format_summary(records[0]))
+        touched = _unvouched_of(rep).get(args.delivery)
+        if touched:
+            _out(f"  UNVOUCHED       entries {touched}: not covered by any signature as genuine")
         if not args.entries:
-            return EXIT_OK if rep.intact else EXIT_BAD
+            return EXIT_OK if rep.vouched else EXIT_BAD
         # A second streaming pass: the log is never held in memory whole.
         entries = (e for e in load_entries(files) if e.get("delivery_id") == args.delivery)
     for e in entries:
@@ -334,17 +369,23 @@ def _cmd_show(args: argparse.Namespace) -> int:
             continue
         if until and ts > until:
             continue
-        _out(format_entry(e))
-    return EXIT_OK if rep.intact else EXIT_BAD
+        mark = ""
+        seq = e.get("seq")
+        if isinstance(seq, int) and any(u.first_seq <= seq <= u.last_seq for u in rep.unvouched):
+            mark = "  [UNVOUCHED]"
+        _out(format_entry(e) + mark)
+    return EXIT_OK if rep.vouched else EXIT_BAD
 
 
 def _cmd_deliveries(args: argparse.Namespace) -> int:
     if not _check_paths(args.paths):
         return EXIT_USAGE
     rep = _chain_warning(args.paths)
+    touched = _unvouched_of(rep)
     for rec in collect_deliveries(load_entries(collect_files(args.paths))):
-        _out(one_line(rec))
-    return EXIT_OK if rep.intact else EXIT_BAD
+        ranges = touched.get(rec.delivery_id)
+        _out(one_line(rec) + (f"  UNVOUCHED entries {ranges}" if ranges else ""))
+    return EXIT_OK if rep.vouched else EXIT_BAD
 
 
 REPORT_SUFFIXES = {".pdf": "pdf", ".html": "html", ".htm": "html"}
@@ -395,6 +436,18 @@ def _verified_delivery(args: argparse.Namespace) -> tuple[int, DeliveryRecord | 
     rep = _verify(args.paths, pubkey, None)
     key = f"--pubkey {pubkey.name}" if pubkey else "the key recorded in the log"
     status = EXIT_OK
+    touched = _unvouched_of(rep).get(args.delivery)
+    if touched:
+        why = (
+            f"entries {touched} of delivery {args.delivery} are UNVOUCHED (written after "
+            "the last seal before a crash; not covered by any signature as genuine)"
+        )
+        _out(f"UNVOUCHED: {why}")
+        if not args.allow_unverified:
+            _err(f"{why}; nothing written. --allow-unverified writes an output marked NOT VERIFIED")
+            return EXIT_BAD, None, None
+        _err(f"warning: {why}; the output is marked NOT VERIFIED")
+        status = EXIT_BAD
     if not rep.intact:
         _out(f"NOT INTACT: {rep.problem}")
         if not args.allow_unverified:
@@ -406,7 +459,7 @@ def _verified_delivery(args: argparse.Namespace) -> tuple[int, DeliveryRecord | 
         _err(f"warning: the log is NOT INTACT; the output is marked NOT VERIFIED: {rep.problem}")
         status = EXIT_BAD
     try:
-        rec = read_delivery(args.paths, args.delivery, Verification.of(rep, key))
+        rec = read_delivery(args.paths, args.delivery, Verification.of(rep, key, touched))
     except NoSuchDelivery:
         _err(
             f"--delivery {args.delivery}: no such delivery in the log "
@@ -429,7 +482,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
         data = html_report(rec, pubkey_name=key_name)
     if not _write_out(args.out, data):
         return EXIT_USAGE
-    state = "INTACT" if rec.verification.intact else "NOT VERIFIED"
+    v = rec.verification
+    state = "INTACT" if v.intact and not v.unvouched else "NOT VERIFIED"
     _out(
         f"wrote {args.out} ({len(data)} bytes): delivery {rec.delivery_id}, entries seq "
         f"{rec.first_seq}-{rec.last_seq}, log {state}"

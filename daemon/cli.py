@@ -30,7 +30,14 @@ from daemon.audit.note import (
     load_signer,
     write_keypair,
 )
-from daemon.audit.writer import AuditLog, LogDamaged, LogInUse, new_origin
+from daemon.audit.writer import (
+    DEFAULT_SPILL_DIR,
+    AuditLog,
+    LogDamaged,
+    LogInUse,
+    LogRolledBack,
+    new_origin,
+)
 from daemon.config import ConfigError, LoadedConfig, load_config
 from daemon.console import ConsoleView
 from daemon.logs import configure_logging
@@ -80,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the daemon with a site configuration")
     run.add_argument("--config", required=True, type=Path, metavar="FILE")
+    run.add_argument(
+        "--accept-log-rollback",
+        action="store_true",
+        help="start on a log that is behind its own seal or checkpoint file (a restored "
+        "backup); recorded in the log as log_rollback_accepted",
+    )
 
     demo = sub.add_parser(
         "demo", help="one simulated 20 Gy delivery, time-compressed, with a live console view"
@@ -125,6 +138,7 @@ async def _serve(
     duration_s: float | None = None,
     stop_after_delivery: bool = False,
     broker_url: str | None = None,
+    accept_rollback: bool = False,
 ) -> RunResult:
     c = loaded.config
     # Signals only request a stop, from the very start: a SIGINT while a large log is
@@ -142,6 +156,8 @@ async def _serve(
                 group_commit_s=c.log.group_commit_ms / 1000,
                 rotate_max_bytes=c.log.rotate_max_bytes,
                 signer=signer,
+                accept_rollback=accept_rollback,
+                spill_dir=DEFAULT_SPILL_DIR,
             )
         except OSError as exc:
             raise _LogDirectoryError(
@@ -167,7 +183,12 @@ async def _serve(
                 await audit[0].close()
                 raise _LogDirectoryError(f"mqtt outbox: {exc}") from None
             factory = DriverRegistry.from_entry_points().get(c.source.driver)
-            mqtt_sink = MqttSink(settings, outbox, simulated=factory.simulated)
+            mqtt_sink = MqttSink(
+                settings,
+                outbox,
+                simulated=factory.simulated,
+                verifier=None if signer is None else signer.verifier,
+            )
             sinks = [*sinks, mqtt_sink]
             log.info(
                 "mqtt_enabled",
@@ -250,6 +271,8 @@ def _serve_or_exit(
         return asyncio.run(_serve(loaded, sinks, signer, **kw))
     except LogInUse as exc:
         return _error(str(exc))
+    except LogRolledBack as exc:
+        return _error(f"audit log: {exc}")
     except _LogDirectoryError as exc:
         return _error(f"config error: {loaded.path}: {exc}")
     except LogDamaged as exc:
@@ -258,7 +281,9 @@ def _serve_or_exit(
     except OSError as exc:
         # The final flush failed (disk still failing at shutdown): say so, loudly.
         print(  # noqa: T201 - CLI output
-            f"iortd: audit log: entries could not be written at shutdown: {exc}",
+            f"iortd: audit log: entries could not be written at shutdown: {exc}; they are "
+            f"kept in {DEFAULT_SPILL_DIR} (see the operational log) and restored, marked "
+            "unvouched, by the next start",
             file=sys.stderr,
         )
         return EXIT_BAD
@@ -283,7 +308,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         signer = load_signer(key)
     except KeyFileError as exc:
         return _error(f"config error: {args.config}: log.signing_key_file: {exc}")
-    result = _serve_or_exit(loaded, [OperationalLogSink()], signer)
+    result = _serve_or_exit(
+        loaded, [OperationalLogSink()], signer, accept_rollback=args.accept_log_rollback
+    )
     return result if isinstance(result, int) else EXIT_OK
 
 

@@ -1,8 +1,12 @@
 """The composition root: builds drivers, tracker, audit log and sinks; runs one TaskGroup.
 
 Start-up: config already validated (nothing here re-checks it) -> audit log opened and
-recovered by the caller -> drivers built from the registry -> one poll task per device, a
-stale-data watchdog, a checkpoint timer and the sink dispatcher.
+recovered by the caller -> what recovery found recorded first (a crash, unvouched
+entries, spilled entries, an accepted rollback, a wall clock behind the log), before the
+run's first seal -> drivers built from the registry -> one poll task per device, a
+stale-data watchdog, the checkpoint task (one signed at once, then at delivery ends and
+every interval) and the sink dispatcher. The MQTT sink asks the daemon whether the log
+contains the broker's retained checkpoint before it overwrites it.
 
 The record comes first: every event is appended to the audit log and fsync'd before any
 other sink hears of it; samples are appended (and group-committed within the window)
@@ -29,6 +33,7 @@ import structlog
 
 from daemon import __version__
 from daemon.audit.entries import event_entry, plain, sample_entry
+from daemon.audit.note import Checkpoint
 from daemon.audit.writer import AuditLog, AuditLogClosed, RecoveryReport, utc_ts
 from daemon.config import Config, DeviceConfig, LoadedConfig
 from daemon.sinks import Sample, Sink
@@ -108,6 +113,80 @@ class _Item:
 _END = _Item()
 
 
+def _record_recovery(audit: AuditLog, rec: RecoveryReport, now: str) -> None:
+    """What opening the log found, as entries, before anything else of this run: a crash,
+    entries no signature vouches for, an accepted rollback, a wall clock behind the log.
+
+    The unvouched range is recorded before the first seal of this run: later seals and
+    checkpoints cover the whole chain, and this entry is what says that part of it is
+    not vouched for (docs/audit-log.md)."""
+    if rec.last_ts is not None and now < rec.last_ts:
+        # The wall clock is behind the log's last entry: a step backwards across runs
+        # (how far is unknown: at least this much). Written first, so that the first
+        # entry whose ts goes back is the one that says why.
+        behind = (_parse_utc(rec.last_ts) - _parse_utc(now)).total_seconds()
+        audit.append(
+            "clock_step",
+            {
+                "step_s": -round(behind, 6),
+                "expected_wall": rec.last_ts,
+                "actual_wall": now,
+                "across_restart": True,
+            },
+            durable=True,
+        )
+        log.warning("clock_behind_the_log", last_entry=rec.last_ts, now=now, behind_s=behind)
+
+    unvouched = rec.unvouched
+    if (
+        rec.previous_stop == "crash"
+        or unvouched is not None
+        or rec.rollback is not None
+        or rec.spilled is not None
+    ):
+        audit.append(
+            "recovery",
+            {
+                "previous_stop": rec.previous_stop,
+                "last_seq": rec.last_seq,
+                "last_hash": rec.last_hash,
+                "last_ts": rec.last_ts,
+                "tail_bytes": rec.tail_bytes,
+                "tail_kept_at": rec.tail_kept_at,
+                "segments_set_aside": list(rec.segments_set_aside),
+                "vouched_by": rec.vouched_by,
+                # Entries the previous stop could not write (a full or read-only disk),
+                # from its spill file: restored (unvouched) or kept in quarantine.
+                "spilled": None if rec.spilled is None else dict(rec.spilled),
+                "anchor_problems": list(rec.anchor_problems),
+                "unvouched": None
+                if unvouched is None
+                else {
+                    "count": rec.unvouched_count,
+                    "first_seq": unvouched[0],
+                    "last_seq": unvouched[1],
+                    "why": "written after the last seal (or signed checkpoint) before the "
+                    "previous run ended; not covered by any signature as genuine",
+                },
+            },
+            durable=True,
+        )
+        if unvouched is not None:
+            log.warning(
+                "audit_log_unvouched_entries_recorded",
+                first_seq=unvouched[0],
+                last_seq=unvouched[1],
+                count=rec.unvouched_count,
+            )
+    if rec.rollback is not None:
+        audit.append("log_rollback_accepted", dict(rec.rollback), durable=True)
+        log.warning("audit_log_rollback_accepted", **dict(rec.rollback))
+
+
+def _parse_utc(ts: str) -> datetime:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
+
+
 class Daemon:
     def __init__(
         self,
@@ -129,6 +208,9 @@ class Daemon:
         if self._audit is not None:
             self._audit.on_failure = self._on_audit_failure
             self._audit.on_recovered = self._on_audit_recovered
+        for sink in self._sinks:
+            if hasattr(sink, "checkpoint_guard"):  # the MQTT sink: the off-host copy
+                sink.checkpoint_guard = self._guard_checkpoint
         self._stop_after_delivery = stop_after_delivery
         self.tracker = DeliveryTracker(tracker_settings(self.config, clock.speed))
         self.result = RunResult()
@@ -191,20 +273,7 @@ class Daemon:
         if audit is None or rec is None:
             return
         now = utc_ts(datetime.now(UTC))
-        if rec.previous_stop == "crash":
-            audit.append(
-                "recovery",
-                {
-                    "previous_stop": "crash",
-                    "last_seq": rec.last_seq,
-                    "last_hash": rec.last_hash,
-                    "last_ts": rec.last_ts,
-                    "tail_bytes": rec.tail_bytes,
-                    "tail_kept_at": rec.tail_kept_at,
-                    "segments_set_aside": list(rec.segments_set_aside),
-                },
-                durable=True,
-            )
+        _record_recovery(audit, rec, now)
         if rec.open_delivery_id is not None:
             # The previous run ended during a delivery: nobody watched from its last entry
             # until now. Close that delivery as interrupted by a monitoring gap.
@@ -300,6 +369,43 @@ class Daemon:
             )
         )
 
+    async def _guard_checkpoint(self, cp: Checkpoint) -> str | None:
+        """Why this log does not contain ``cp`` (the broker's retained checkpoint, signed
+        by our key), or None. A conflict is recorded and alarmed: the sink will not
+        overwrite the off-host copy with this log's checkpoints."""
+        audit = self._audit
+        if audit is None or cp.origin != audit.origin or cp.count == 0:
+            return None
+        have = audit.committed_seq + 1
+        if cp.count > have:
+            why = (
+                f"the broker's retained checkpoint covers {cp.count} entries, this log has "
+                f"{have}: this log is behind it (a restored backup or a replaced log)"
+            )
+        elif await audit.hash_at(cp.count - 1) != cp.head_hash:
+            why = (
+                f"the broker's retained checkpoint differs from this log at seq "
+                f"{cp.count - 1}: the log was replaced or rewritten (a fork)"
+            )
+        else:
+            return None
+        found = {
+            "why": why,
+            "broker_count": cp.count,
+            "broker_head": cp.head_hash,
+            "log_count": have,
+        }
+        with contextlib.suppress(AuditLogClosed):
+            audit.append("checkpoint_publish_refused", found, durable=True)
+        self._notices.put_nowait(
+            (
+                "critical",
+                f"audit checkpoint NOT published: {why}. The off-host copy is kept; check "
+                "this log with iort-audit verify --checkpoint",
+            )
+        )
+        return why
+
     def _on_audit_recovered(self, outage_s: float) -> None:
         self._audit_failing.clear()
         self._notices.put_nowait(("info", f"audit log writable again after {outage_s:.1f} s"))
@@ -317,6 +423,11 @@ class Daemon:
         """A signed checkpoint at every delivery end and every checkpoint interval."""
         if self._audit is None or self._audit.signer is None:
             return
+        # Signed at once: a young log verifies with --pubkey from its first seconds.
+        note = await self._audit.checkpoint("start")
+        if note is not None:
+            self.result.checkpoints.append(note)
+            self._queue.put_nowait(_Item(checkpoint=note))
         interval = self.config.log.checkpoint_interval_s
         while True:
             with contextlib.suppress(TimeoutError):

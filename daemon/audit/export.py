@@ -171,6 +171,7 @@ def json_export(rec: DeliveryRecord) -> bytes:
         "verification": {
             "intact": v.intact,
             "problem": v.problem,
+            "unvouched": v.unvouched,
             "origin": v.origin,
             "files": list(v.files),
             "entries": v.entries,

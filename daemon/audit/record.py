@@ -64,9 +64,12 @@ class Verification:
     checkpoints: int
     signed_through: int
     key: str  # who the signatures were checked against
+    # The unvouched ranges this delivery has entries in (text), if any: written after the
+    # last seal before a crash, not covered by any signature as genuine.
+    unvouched: str | None = None
 
     @classmethod
-    def of(cls, rep: VerifyReport, key: str) -> Verification:
+    def of(cls, rep: VerifyReport, key: str, unvouched: str | None = None) -> Verification:
         return cls(
             intact=rep.intact,
             problem=None if rep.problem is None else str(rep.problem),
@@ -81,6 +84,7 @@ class Verification:
             checkpoints=rep.checkpoints,
             signed_through=rep.signed_through,
             key=key,
+            unvouched=unvouched,
         )
 
 

@@ -28,6 +28,7 @@ from daemon.audit.record import DeliveryRecord
 __all__ = ["html_report", "pdf_report", "plot_png", "plot_svg"]
 
 PLOT_DPI = 200
+UNVOUCHED_HEAD = "NOT VERIFIED: UNVOUCHED entries (not covered by any signature as genuine):"
 
 
 # ---- formatting ---------------------------------------------------------------------------
@@ -125,6 +126,7 @@ class ReportDoc:
     blocks: list[Block] = field(default_factory=list)
     footer: tuple[str, ...] = ()
     stamp: str | None = None  # set when the log is not intact (--allow-unverified)
+    stamp_head: str = "NOT VERIFIED: the audit log is not intact at"
     created: str | None = None  # the delivery's last entry ts
     simulated: bool = False
 
@@ -155,6 +157,9 @@ def build_doc(rec: DeliveryRecord, *, pubkey_name: str | None = None) -> ReportD
     )
     if not v.intact:
         doc.stamp = str(v.problem_brief)
+    elif v.unvouched:
+        doc.stamp_head = UNVOUCHED_HEAD
+        doc.stamp = f"{v.unvouched} of this delivery (written after the last seal before a crash)"
     b = doc.blocks
     if rec.simulated:
         b.append(
@@ -365,9 +370,13 @@ def build_doc(rec: DeliveryRecord, *, pubkey_name: str | None = None) -> ReportD
             [
                 (
                     "Log verification",
-                    f"INTACT: {v.entries} entries, {v.checkpoints} signed checkpoints verified"
-                    if v.intact
-                    else f"NOT INTACT: {v.problem}",
+                    f"NOT INTACT: {v.problem}"
+                    if not v.intact
+                    else f"chain INTACT, but entries {v.unvouched} of this delivery are "
+                    "UNVOUCHED: not covered by any signature as genuine"
+                    if v.unvouched
+                    else f"INTACT: {v.entries} entries, {v.checkpoints} signed checkpoints "
+                    "verified",
                 ),
                 ("Signatures checked against", who),
                 ("Log origin", str(v.origin or "—")),
@@ -768,7 +777,7 @@ def pdf_report(rec: DeliveryRecord, *, pubkey_name: str | None = None) -> bytes:
             if stamp is not None:
                 self.setFillColor(colors.HexColor("#c00000"))
                 self.setFont("DejaVuSans-Bold", 8)
-                self.drawString(margin, h - 14 * mm, "NOT VERIFIED: the audit log is not intact at")
+                self.drawString(margin, h - 14 * mm, doc.stamp_head)
                 self.setFont("DejaVuSans", 7)
                 self.drawString(margin, h - 17.5 * mm, stamp[:160])
                 self.saveState()
@@ -836,7 +845,7 @@ def html_report(rec: DeliveryRecord, *, pubkey_name: str | None = None) -> bytes
         f'<meta name="created" content="{e(doc.created or "")}">',
         f"<style>{_CSS}</style></head><body>",
     ]
-    stamp = f"NOT VERIFIED: the audit log is not intact at {doc.stamp}" if doc.stamp else None
+    stamp = f"{doc.stamp_head} {doc.stamp}" if doc.stamp else None
     if stamp:
         out.append(f'<p class="stamp">{e(stamp)}</p>')
     out += [

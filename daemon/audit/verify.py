@@ -2,11 +2,22 @@
 (given a checkpoint held somewhere else) that the log still contains what it covered.
 
 Stops at the first problem and names it: file, line, seq and what is wrong.
+
+Beyond the chain, when it reads a log directory: the ``seal`` and ``checkpoint`` files
+there must verify and match the chain (a log shorter than them, or different at their
+size, is not intact: a restored older copy, a truncation); entries no signature vouches
+for are listed as *unvouched* — those a ``recovery`` entry recorded after a crash, and
+those beyond the seal of a log whose writer is not running. The chain can be intact and
+such entries still not be genuine: the command says so and exits 1. Timestamps that go
+backwards are reported as warnings (a clock step), not as breaks.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import os
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +28,21 @@ import orjson
 from daemon.audit.canonical import ZERO_HASH
 from daemon.audit.note import Checkpoint, NoteError, Verifier
 from daemon.audit.segments import SegmentError, open_segment
-from daemon.audit.writer import SEGMENT_RE, segment_paths
+from daemon.audit.writer import CHECKPOINT_FILE, SEAL_FILE, SEGMENT_RE, segment_paths
 
 _HASH_KEY = b',"hash":"'
 
-__all__ = ["Problem", "VerifyReport", "collect_files", "iter_entries", "verify_log"]
+__all__ = [
+    "Problem",
+    "Unvouched",
+    "VerifyReport",
+    "collect_files",
+    "iter_entries",
+    "unvouched_deliveries",
+    "verify_log",
+]
+
+CLOCK_STEPS_LISTED = 5  # backward steps named one by one; the rest are counted
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +58,32 @@ class Problem:
         return f"{where}{seq}: {self.what}"
 
 
+@dataclass(frozen=True, slots=True)
+class Unvouched:
+    """Entries first_seq..last_seq that no signature vouches for as genuine."""
+
+    first_seq: int
+    last_seq: int
+    why: str
+    recorded_at: int | None  # seq of the recovery entry that recorded them; None: found now
+
+    @property
+    def count(self) -> int:
+        return self.last_seq - self.first_seq + 1
+
+    def __str__(self) -> str:
+        n = self.count
+        where = (
+            f"recorded by the recovery entry at seq {self.recorded_at}"
+            if self.recorded_at is not None
+            else "found now"
+        )
+        return (
+            f"seq {self.first_seq}..{self.last_seq} ({n} {'entry' if n == 1 else 'entries'}) "
+            f"{self.why}; {where}; not covered by any signature as genuine"
+        )
+
+
 @dataclass(slots=True)
 class VerifyReport:
     files: list[Path] = field(default_factory=list)
@@ -48,13 +95,24 @@ class VerifyReport:
     checkpoints: int = 0
     checkpoints_by_pubkey: int = 0
     signed_through: int = -1  # last seq covered by a verified checkpoint (its own seq)
+    sealed_count: int = 0  # entries covered by the directory's valid seal/checkpoint file
     external_checkpoint: str | None = None  # what was established about it
     warnings: list[str] = field(default_factory=list)
     problem: Problem | None = None
+    unvouched: list[Unvouched] = field(default_factory=list)
+    anchors: list[str] = field(default_factory=list)  # seal/checkpoint file findings
+    clock_steps_back: int = 0
+    signing_key_recorded: bool = False  # some daemon_start names a verifier key
+    writer_running: bool | None = None  # None: not a log directory
 
     @property
     def intact(self) -> bool:
         return self.problem is None
+
+    @property
+    def vouched(self) -> bool:
+        """Intact, and every entry vouched for (or the writer is live)."""
+        return self.intact and not self.unvouched
 
 
 def collect_files(paths: Sequence[Path]) -> list[Path]:
@@ -119,6 +177,10 @@ def verify_log(
     ext_cps.sort(key=lambda c: c.count, reverse=True)  # the one covering most is checked first
     ext_hash_at: dict[int, str] = {}
     ext_seqs = {c.count - 1 for c in ext_cps}
+    log_dir = _log_directory(paths, rep.files)
+    anchors = _read_anchors(log_dir, rep) if log_dir is not None else []
+    anchor_hashes: dict[int, str | None] = {cp.count - 1: None for _, _, cp in anchors}
+    last_ts = ""
     log_key: Verifier | None = None
     prev_hash, expect_seq = ZERO_HASH, 0
     done_bytes = 0
@@ -146,7 +208,7 @@ def verify_log(
             try:
                 claimed = line[at + 9 : end].decode("ascii")
                 tail = loads(b"{" + line[end + 2 :])
-                seq, prev, kind = tail["seq"], tail["prev"], tail["type"]
+                seq, prev, kind, ts = tail["seq"], tail["prev"], tail["type"], tail["ts"]
             except (ValueError, KeyError, TypeError) as exc:
                 rep.problem = Problem(path, n, None, f"not a log entry ({exc})")
                 break
@@ -179,6 +241,7 @@ def verify_log(
                 key_text = _data(line).get("verifier_key")
                 log_key = None
                 if isinstance(key_text, str):
+                    rep.signing_key_recorded = True
                     try:
                         log_key = Verifier.parse(key_text)
                     except NoteError:
@@ -188,8 +251,20 @@ def verify_log(
                 if bad is not None:
                     rep.problem = Problem(path, n, seq, bad)
                     break
+            elif kind == "recovery":
+                _note_recovery(line, seq, rep)
+            elif kind == "log_rollback_accepted":
+                rep.warnings.append(
+                    f"{path}:{n} (seq {seq}): the daemon was started on a log behind its own "
+                    f"seal or checkpoint (--accept-log-rollback): {_data(line).get('why')}"
+                )
+            if ts < last_ts:
+                _clock_back(rep, path, n, seq, last_ts, ts, kind)
+            last_ts = ts
             if seq in ext_seqs:
                 ext_hash_at[seq] = claimed
+            if seq in anchor_hashes:
+                anchor_hashes[seq] = claimed
             prev_hash, expect_seq = claimed, seq + 1
         else:
             if seg.error is not None:
@@ -245,6 +320,8 @@ def verify_log(
             else f"{len(ext_cps)} checkpoints, the latest covering entries 0..{latest}: "
             "all consistent"
         )
+    if rep.problem is None and log_dir is not None:
+        _check_anchors(rep, anchors, anchor_hashes, pubkey or log_key, log_dir)
     if rep.problem is None and pubkey is not None and rep.checkpoints_by_pubkey == 0:
         rep.problem = Problem(
             rep.files[-1],
@@ -253,7 +330,205 @@ def verify_log(
             f"no checkpoint in the log is signed by --pubkey ({pubkey.name}): nothing shows "
             "that these entries were written by that key's daemon",
         )
+    if rep.problem is None and log_dir is not None:
+        _unvouched_tail(rep, log_dir)
+    if rep.clock_steps_back > CLOCK_STEPS_LISTED:
+        rep.warnings.append(
+            f"{rep.clock_steps_back - CLOCK_STEPS_LISTED} more backward steps of the entries' ts"
+        )
     return rep
+
+
+# ---- seal, checkpoint file, unvouched entries, clock steps ---------------------------------
+
+
+def _log_directory(paths: Sequence[Path], files: Sequence[Path]) -> Path | None:
+    """The log directory, when the user gave one (or segments all from one directory)."""
+    dirs = [p for p in paths if p.is_dir()]
+    if len(dirs) == 1 and len(paths) == 1:
+        return dirs[0]
+    parents = {p.parent for p in files}
+    if not dirs and len(parents) == 1 and all(SEGMENT_RE.match(p.name) for p in files):
+        return parents.pop()
+    return None
+
+
+def _read_anchors(log_dir: Path, rep: VerifyReport) -> list[tuple[str, str, Checkpoint]]:
+    """The seal and checkpoint files, parsed but not yet checked (the key is known only
+    once the log is read). Unreadable ones are warnings: a crash never leaves one half
+    written (they are replaced by rename), and deleting them gains a forger nothing."""
+    out: list[tuple[str, str, Checkpoint]] = []
+    for name, what in ((SEAL_FILE, "seal"), (CHECKPOINT_FILE, "checkpoint file")):
+        path = log_dir / name
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            rep.anchors.append(f"{what}: none")
+            continue
+        except OSError as exc:
+            rep.warnings.append(f"{path}: cannot read the {what}: {exc.strerror or exc}")
+            continue
+        try:
+            st = os.fstat(fd)
+            text = os.read(fd, 65_537) if stat.S_ISREG(st.st_mode) else None
+        finally:
+            os.close(fd)
+        if text is None or len(text) > 65_536:
+            rep.warnings.append(f"{path}: the {what} is not a small regular file: not used")
+            continue
+        try:
+            note = text.decode("utf-8")
+            cp, _ = Checkpoint.parse_verified(note, None)
+        except (NoteError, UnicodeDecodeError) as exc:
+            rep.warnings.append(f"{path}: the {what} is not a signed note ({exc}): not used")
+            continue
+        out.append((what, note, cp))
+    return out
+
+
+def _check_anchors(
+    rep: VerifyReport,
+    anchors: list[tuple[str, str, Checkpoint]],
+    hashes: dict[int, str | None],
+    key: Verifier | None,
+    log_dir: Path,
+) -> None:
+    for what, note, cp in anchors:
+        path = log_dir / (SEAL_FILE if what == "seal" else CHECKPOINT_FILE)
+        try:
+            _, signed = Checkpoint.parse_verified(note, key)
+        except NoteError as exc:
+            rep.warnings.append(f"{path}: the {what} does not verify ({exc}): not used")
+            continue
+        if not signed:
+            who = key.name if key is not None else "no key (none given, none in the log)"
+            rep.warnings.append(f"{path}: the {what} is not signed by {who}: not used")
+            continue
+        if rep.origin is not None and cp.origin != rep.origin:
+            why = f"its {what} is for log {cp.origin!r}, this log is {rep.origin!r}: replaced"
+            rep.problem = Problem(path, 0, None, why)
+            return
+        if cp.count > rep.entries:
+            rep.problem = Problem(
+                path,
+                0,
+                rep.head_seq + 1,
+                f"the log has {rep.entries} entries but its {what} covers {cp.count}: "
+                f"entries from seq {rep.head_seq + 1} on were removed, or the log was "
+                "replaced by an older copy",
+            )
+            return
+        if cp.count and hashes.get(cp.count - 1) != cp.head_hash:
+            rep.problem = Problem(
+                path,
+                0,
+                cp.count - 1,
+                f"seq {cp.count - 1} differs from the log's {what}: the log was replaced "
+                "or rewritten",
+            )
+            return
+        rep.anchors.append(f"{what}: covers entries 0..{cp.count - 1}: consistent")
+        rep.sealed_count = max(rep.sealed_count, cp.count)
+
+
+def _writer_running(log_dir: Path) -> bool:
+    """Whether a daemon holds the directory's LOCK now (a shared lock is refused). Held
+    for an instant only: a daemon starting in that instant is told the log is in use."""
+    try:
+        fd = os.open(log_dir / "LOCK", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # closing drops the lock, if it was taken
+    return False
+
+
+def _unvouched_tail(rep: VerifyReport, log_dir: Path) -> None:
+    """Entries past the seal and every signature: the running daemon's current commit,
+    or - if no daemon writes the log - entries nobody vouches for."""
+    if not (rep.signing_key_recorded or rep.checkpoints):
+        rep.warnings.append(
+            "the log was never signed (no key recorded): its chain proves nothing against "
+            "anyone who can write the directory"
+        )
+        return
+    vouched = max(rep.sealed_count - 1, rep.signed_through)
+    if rep.head_seq <= vouched:
+        return
+    rep.writer_running = _writer_running(log_dir)
+    if rep.writer_running:
+        return  # the current group commit: sealed within the window
+    rep.unvouched.append(
+        Unvouched(
+            vouched + 1,
+            rep.head_seq,
+            "after the last seal and signature, and no daemon is writing the log (a crash "
+            "not yet recovered, or entries added since)",
+            None,
+        )
+    )
+
+
+def _note_recovery(line: bytes, seq: int, rep: VerifyReport) -> None:
+    u = _data(line).get("unvouched")
+    if not isinstance(u, dict):
+        return
+    first, last = u.get("first_seq"), u.get("last_seq")
+    if isinstance(first, int) and isinstance(last, int) and 0 <= first <= last < seq:
+        rep.unvouched.append(
+            Unvouched(first, last, "written after the last seal before a crash", seq)
+        )
+    else:
+        rep.warnings.append(f"seq {seq}: recovery entry with an unreadable unvouched range")
+
+
+def _clock_back(
+    rep: VerifyReport, path: Path, n: int, seq: int, before: str, ts: str, kind: str
+) -> None:
+    rep.clock_steps_back += 1
+    if rep.clock_steps_back <= CLOCK_STEPS_LISTED:
+        said = " (recorded by this clock_step entry)" if kind == "clock_step" else ""
+        rep.warnings.append(
+            f"{path}:{n} (seq {seq}): ts goes backwards, from {before} to {ts}{said}: the "
+            "wall clock was stepped back; order is by seq, durations by mono_ns"
+        )
+
+
+def unvouched_deliveries(files: Sequence[Path], ranges: Sequence[Unvouched]) -> dict[str, str]:
+    """Each delivery with an entry in an unvouched range: delivery id -> the ranges, as
+    text (a second pass over the log, made only when there are such ranges)."""
+    out: dict[str, list[str]] = {}
+    if not ranges:
+        return {}
+    lo = min(u.first_seq for u in ranges)
+    hi = max(u.last_seq for u in ranges)
+    for _path, _n, raw in iter_entries(files):
+        at = raw.rfind(b',"seq":')
+        if at < 0:
+            continue
+        try:
+            seq = int(raw[at + 7 : raw.find(b",", at + 7)])
+        except ValueError:
+            continue
+        if seq < lo or seq > hi or b'"delivery_id":' not in raw:
+            continue
+        try:
+            did = orjson.loads(raw).get("delivery_id")
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(did, str):
+            continue
+        for u in ranges:
+            text = f"seq {u.first_seq}..{u.last_seq}"
+            if u.first_seq <= seq <= u.last_seq and text not in out.setdefault(did, []):
+                out[did].append(text)
+    return {did: ", ".join(r) for did, r in out.items()}
 
 
 def _data(line: bytes) -> dict[str, Any]:

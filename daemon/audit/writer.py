@@ -4,6 +4,7 @@ Layout of a log directory (docs/audit-log.md):
 
     log-<first seq, 16 digits>-<UTC date YYYYMMDD>.jsonl   segments, in chain order
     checkpoint                                            the latest signed checkpoint
+    seal                                                  the latest seal (see below)
     quarantine/                                           bytes set aside by recovery
 
 Durability: ``append(..., durable=True)`` (events) resolves ``entry.committed`` only after
@@ -12,19 +13,46 @@ the group-commit window. Writes and fsyncs run in a worker thread, never on the 
 A failing disk never drops an entry: the batch stays pending, the file is cut back to its
 last committed size (no torn line in the middle), an alarm callback fires, and the writer
 retries with capped backoff until it succeeds.
+
+The seal: after every group commit (after its fsync) the writer signs (size, head hash) in
+the checkpoint note format and replaces ``seal`` with it atomically. It is never published
+nor recorded as an entry: it only says how far this daemon vouches for the log on disk.
+After a crash, entries beyond the last seal (or, if the seal is missing or does not verify
+with this daemon's key, beyond the last valid checkpoint) were not vouched for by any
+signature: anyone with write access could have written them. Recovery reports them as
+*unvouched* (count and seq range), takes the delivery left open and its last sample from
+vouched entries only, and refuses to start on a log that is behind its own seal or
+checkpoint file (a restored backup, a truncation) unless told to accept the rollback.
+
+A stop while the disk is full or read-only does not drop what is pending: after one more
+try, the entries are written to a spill file outside the log directory (``spill_dir``,
+named by a hash of the origin). The next open appends them to the log if they continue
+its chain exactly (they are then unvouched: never sealed), or keeps the file in
+quarantine; either way the recovery report says how many, which seqs, and where.
+
+A failing seal or checkpoint-file write is a failing log write: an alarm, and a retry with
+the same backoff; it never ends the writer. Before each write the segment's open file is
+compared with the path (device, inode, link count): a deleted or replaced segment or log
+directory is a failing write, alarmed at once, not entries written to an unlinked file.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
+import hashlib
 import os
 import re
 import secrets
+import shutil
+import stat
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -41,7 +69,7 @@ from daemon.audit.canonical import (
     open_line,
     seal_parts,
 )
-from daemon.audit.note import Checkpoint, Signer
+from daemon.audit.note import Checkpoint, NoteError, Signer, Verifier
 from daemon.durable import fsync_dir, write_all, write_atomic
 
 __all__ = [
@@ -51,6 +79,7 @@ __all__ = [
     "Entry",
     "LogDamaged",
     "LogInUse",
+    "LogRolledBack",
     "RecoveryReport",
     "segment_paths",
 ]
@@ -74,6 +103,34 @@ class LogDamaged(RuntimeError):
 
 class LogInUse(RuntimeError):
     """Another process holds the log directory."""
+
+
+class LogRolledBack(RuntimeError):
+    """The log is behind this daemon's own seal or checkpoint file: a restored backup, a
+    truncation, or a replaced log. Starting on it would sign a fork."""
+
+
+SEAL_FILE = "seal"
+CHECKPOINT_FILE = "checkpoint"
+ANCHOR_MAX_BYTES = 64 * 1024  # a seal or checkpoint note is a few hundred bytes
+DEFAULT_SPILL_DIR = Path(tempfile.gettempdir()) / "iortd-spill"
+
+
+def spill_path(spill_dir: Path, origin: str) -> Path:
+    """Where a stop that could not write its last entries leaves them for this log."""
+    return spill_dir / f"spill-{hashlib.sha256(origin.encode()).hexdigest()[:16]}.jsonl"
+
+
+def _private_dir(path: Path) -> None:
+    """The spill directory lives in a shared place (the temporary directory): it must be
+    a real directory of ours that nobody else can write, or a planted symlink could make
+    the daemon write elsewhere, and a planted file be taken for a spill."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise OSError(
+            errno.EPERM, f"{path}: not a private directory of this user (mode 0700): not used"
+        )
 
 
 class _PartialWrite(Exception):
@@ -130,6 +187,27 @@ class RecoveryReport:
     segments_set_aside: tuple[str, ...] = ()
     open_delivery_id: str | None = None
     open_delivery_last_sample: Mapping[str, Any] | None = None
+    # Entries 0 .. vouched_count-1 are covered by a seal or checkpoint that verifies with
+    # this daemon's key; None without a key (an unsigned log vouches for nothing).
+    vouched_count: int | None = None
+    vouched_by: str = "none"  # "seal", "checkpoint file", "checkpoint entry", "none"
+    anchor_problems: tuple[str, ...] = ()  # seal/checkpoint files that were not usable
+    rollback: Mapping[str, Any] | None = None  # set when a rollback was accepted
+    # Entries a stop could not write, found in the spill file: count, first_seq,
+    # last_seq, restored (appended to the log, unvouched) and kept_at (quarantine copy).
+    spilled: Mapping[str, Any] | None = None
+
+    @property
+    def unvouched(self) -> tuple[int, int] | None:
+        """(first seq, last seq) of the entries no signature vouches for, if any."""
+        if self.vouched_count is None or self.vouched_count > self.last_seq:
+            return None
+        return self.vouched_count, self.last_seq
+
+    @property
+    def unvouched_count(self) -> int:
+        u = self.unvouched
+        return 0 if u is None else u[1] - u[0] + 1
 
 
 class _Pending(NamedTuple):
@@ -138,6 +216,7 @@ class _Pending(NamedTuple):
     line: bytes
     future: asyncio.Future[None]
     durable: bool
+    hash: str
 
 
 @dataclass(slots=True)
@@ -243,6 +322,13 @@ class AuditLog:
         self._oldest_pending = 0.0
         self._clock_base = (mono(), wall_ns())
         self.committed_seq = head_seq
+        self._committed_hash = head_hash
+        self.spill_dir: Path | None = None  # where close() keeps what it cannot write
+        # Never at open: the recovered head may hold unvouched entries, and the first
+        # seal must come after the owner has recorded them (the first commit).
+        self._seal_due = False
+        self._cp_note: str | None = None  # a checkpoint note still to write to its file
+        self._cp_file_lock = threading.Lock()
         self.failing_since: float | None = None
 
     # ---- opening and recovery --------------------------------------------------------
@@ -260,16 +346,23 @@ class AuditLog:
         on_recovered: Callable[[float], None] | None = None,
         wall: Callable[[], datetime] | None = None,
         mono: Callable[[], int] | None = None,
+        accept_rollback: bool = False,
+        spill_dir: Path | None = None,
     ) -> tuple[AuditLog, RecoveryReport]:
         """Open (or create) the log in ``directory`` and recover it after a crash.
 
         ``origin`` is used only when the log is created; an existing log keeps its own.
+        Raises LogRolledBack when the log is behind the directory's own seal or checkpoint
+        file, unless ``accept_rollback`` (the report then says what was accepted).
         """
         mono = mono or time.monotonic_ns
         wall_ns = time.time_ns if wall is None else (lambda: _ns(wall()))
         lock_fd = await asyncio.to_thread(_lock, directory)
+        verifier = None if signer is None else signer.verifier
         try:
-            segment, report = await asyncio.to_thread(_recover, directory, origin)
+            segment, report = await asyncio.to_thread(
+                _recover, directory, origin, verifier, accept_rollback, spill_dir
+            )
         except BaseException:
             os.close(lock_fd)
             raise
@@ -288,6 +381,7 @@ class AuditLog:
             mono=mono,
         )
         self._lock_fd = lock_fd
+        self.spill_dir = spill_dir
         if report.created:
             self.append(
                 "log_created",
@@ -367,7 +461,7 @@ class AuditLog:
             fut = self._batch_future = asyncio.get_running_loop().create_future()
         if not self._pending:
             self._oldest_pending = time.monotonic()
-        self._pending.append(_Pending(self._seq, date, line, fut, durable))
+        self._pending.append(_Pending(self._seq, date, line, fut, durable, digest))
         if durable:
             self._urgent = True
         self._wake.set()
@@ -445,12 +539,84 @@ class AuditLog:
             now_wall,
         )
         await entry.committed
-        await asyncio.to_thread(self._write_checkpoint_file, note)
+        # A failing file write (a full disk, a deleted directory) must not end the daemon:
+        # it is an alarm, and the writer task retries it like any other log write.
+        self._cp_note = note
+        try:
+            await asyncio.to_thread(self._write_checkpoint_file)
+        except OSError as exc:
+            self._failed(exc, "checkpoint file")
+            self._wake.set()
         return note
 
-    def _write_checkpoint_file(self, note: str) -> None:
-        target = self.directory / "checkpoint"
-        write_atomic(target, note.encode("utf-8"), tmp=self.directory / "checkpoint.tmp")
+    async def hash_at(self, seq: int) -> str | None:
+        """The hash of the committed entry ``seq`` as on disk (None if there is none)."""
+        if seq > self.committed_seq or seq < 0:
+            return None
+        return await asyncio.to_thread(_hash_at, segment_paths(self.directory), seq)
+
+    async def _spill(self, lost: list[_Pending]) -> None:
+        """Keep entries that could not be written outside the log directory, for the next
+        start (see the module doc). A failure here is logged: nothing else is left."""
+        spill_dir = self.spill_dir
+        if spill_dir is None:
+            return
+        target = spill_path(spill_dir, self.origin)
+        data = b"".join(p.line for p in lost)
+
+        def write() -> None:
+            _private_dir(spill_dir)
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+            fd = os.open(target, flags, 0o600)  # after an earlier spill, if any: seq order
+            try:
+                write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        try:
+            await asyncio.to_thread(write)
+        except OSError as exc:
+            log.critical("audit_log_spill_failed", path=str(target), error=str(exc))
+            return
+        log.critical(
+            "audit_log_entries_spilled",
+            path=str(target),
+            count=len(lost),
+            first_seq=lost[0].seq,
+            last_seq=lost[-1].seq,
+        )
+
+    def _side_due(self) -> bool:
+        return self._cp_note is not None or (self._seal_due and self.signer is not None)
+
+    def _write_side_files(self, count: int, head: str) -> None:
+        """Runs in a worker thread: the seal over (count, head), then the checkpoint file
+        if one is due. Each is replaced atomically (temp file, fsync, rename, fsync dir)."""
+        signer = self.signer
+        if self._seal_due and signer is not None:
+            second, micro = divmod(time.time_ns() // 1000, 1_000_000)
+            ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)) + f".{micro:06d}Z"
+            note = Checkpoint(self.origin, count, head, (f"time {ts}", "reason seal")).signed(
+                signer
+            )
+            write_atomic(self.directory / SEAL_FILE, note.encode(), tmp=self.directory / "seal.tmp")
+            self._seal_due = False
+        self._write_checkpoint_file()
+
+    def _write_checkpoint_file(self) -> None:
+        """Runs in a worker thread: the checkpoint file, if one is due (one writer at a
+        time: the checkpoint call and the writer's retry share checkpoint.tmp)."""
+        with self._cp_file_lock:
+            cp = self._cp_note
+            if cp is not None:
+                write_atomic(
+                    self.directory / CHECKPOINT_FILE,
+                    cp.encode("utf-8"),
+                    tmp=self.directory / "checkpoint.tmp",
+                )
+                if self._cp_note is cp:
+                    self._cp_note = None
 
     # ---- the writer task -------------------------------------------------------------
 
@@ -461,6 +627,16 @@ class AuditLog:
         try:
             while True:
                 if not self._pending:
+                    if self._side_due():
+                        # A seal or checkpoint file that failed before: retry it alone.
+                        if await self._side_files():
+                            backoff = BACKOFF_INITIAL_S
+                            continue
+                        if self._closing:
+                            return  # tried once more at shutdown; the alarm is up
+                        await asyncio.sleep(backoff)
+                        backoff = min(backoff * 2, BACKOFF_MAX_S)
+                        continue
                     if self._closing:
                         return
                     self._wake.clear()
@@ -487,33 +663,60 @@ class AuditLog:
                     # the disk goes back in front of newer entries.
                     if failed.written:
                         self.committed_seq = batch[failed.written - 1].seq
+                        self._committed_hash = batch[failed.written - 1].hash
+                        self._seal_due = True
                     self._pending = batch[failed.written :] + self._pending
                     self._urgent = any(p.durable for p in self._pending)
-                    if self.failing_since is None:
-                        self.failing_since = time.monotonic()
-                    log.critical(
-                        "audit_log_write_failed", error=str(exc), pending=len(self._pending)
-                    )
-                    if self.on_failure:
-                        self.on_failure(exc)
+                    self._failed(exc, "entries")
+                    # Also while closing: the owner bounds the wait (the daemon cancels
+                    # this task at its shutdown deadline); close() then tries once more
+                    # and spills what is left.
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX_S)
+                    continue
+                self.committed_seq = batch[-1].seq
+                self._committed_hash = batch[-1].hash
+                self._seal_due = True
+                for fut in {id(p.future): p.future for p in batch}.values():
+                    if not fut.done():
+                        fut.set_result(None)
+                if not await self._side_files():
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, BACKOFF_MAX_S)
                     continue
                 backoff = BACKOFF_INITIAL_S
-                self.committed_seq = batch[-1].seq
-                for fut in {id(p.future): p.future for p in batch}.values():
-                    if not fut.done():
-                        fut.set_result(None)
-                if self.failing_since is not None:
-                    outage = time.monotonic() - self.failing_since
-                    self.failing_since = None
-                    log.warning("audit_log_write_recovered", outage_s=round(outage, 3))
-                    if not self._closing:
-                        self.append("write_recovered", {"outage_s": round(outage, 6)}, durable=True)
-                    if self.on_recovered:
-                        self.on_recovered(outage)
         finally:
             self._done.set()
+
+    async def _side_files(self) -> bool:
+        """Write the seal and any due checkpoint file; on failure raise the alarm (as for
+        any failing log write) and return False: the caller retries with backoff."""
+        if self._side_due():
+            try:
+                await asyncio.to_thread(
+                    self._write_side_files, self.committed_seq + 1, self._committed_hash
+                )
+            except OSError as exc:
+                self._failed(exc, "seal or checkpoint file")
+                return False
+        if self.failing_since is not None:
+            outage = time.monotonic() - self.failing_since
+            self.failing_since = None
+            log.warning("audit_log_write_recovered", outage_s=round(outage, 3))
+            if not self._closing:
+                self.append("write_recovered", {"outage_s": round(outage, 6)}, durable=True)
+            if self.on_recovered:
+                self.on_recovered(outage)
+        return True
+
+    def _failed(self, exc: OSError, what: str) -> None:
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+        log.critical(
+            "audit_log_write_failed", error=str(exc), what=what, pending=len(self._pending)
+        )
+        if self.on_failure:
+            self.on_failure(exc)
 
     def _write_batch(self, batch: list[_Pending]) -> None:
         """Runs in a worker thread: write, rotate and fsync; all or nothing per segment.
@@ -545,6 +748,7 @@ class AuditLog:
             chunk.append(line)
             size += len(line)
             i += 1
+        _check_same_file(seg)
         try:
             write_all(seg.fd, b"".join(chunk))
             os.fsync(seg.fd)
@@ -558,6 +762,10 @@ class AuditLog:
         return i
 
     def _rotate(self, first_seq: int, date: str) -> _Segment:
+        if not self.directory.is_dir():
+            # Never recreate a deleted log directory: a new chain in an empty directory
+            # would hide the deletion. The alarm stays up until an operator acts.
+            raise OSError(errno.ENOENT, f"{self.directory}: the log directory is gone")
         old = self._segment
         if old is not None:
             os.fsync(old.fd)
@@ -578,6 +786,20 @@ class AuditLog:
         self._wake.set()
         if self._running:
             await self._done.wait()
+        try:
+            await self._flush_at_close()
+        finally:
+            seg, self._segment = self._segment, None
+            if seg is not None:
+                with contextlib.suppress(OSError):  # a failing disk: said already
+                    await asyncio.to_thread(os.fsync, seg.fd)
+                os.close(seg.fd)
+            self._closed = True
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the directory lock
+                self._lock_fd = None
+
+    async def _flush_at_close(self) -> None:
         if self._pending:
             # The writer task never ran, or was cancelled with entries still pending (a
             # start-up that failed, a shutdown cut short): write them now, once.
@@ -585,24 +807,39 @@ class AuditLog:
             try:
                 await asyncio.to_thread(self._write_batch, batch)
             except _PartialWrite as failed:
+                lost = batch[failed.written :]
                 log.critical(
                     "audit_log_entries_not_written",
-                    count=len(batch) - failed.written,
-                    first_seq=batch[failed.written].seq,
+                    count=len(lost),
+                    first_seq=lost[0].seq,
+                    last_seq=lost[-1].seq,
                     error=str(failed.error),
                 )
+                await self._spill(lost)
                 raise failed.error from None
             for fut in {id(p.future): p.future for p in batch}.values():
                 if not fut.done():
                     fut.set_result(None)
-        seg, self._segment = self._segment, None
-        if seg is not None:
-            await asyncio.to_thread(os.fsync, seg.fd)
-            os.close(seg.fd)
-        self._closed = True
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)  # releases the directory lock
-            self._lock_fd = None
+            self.committed_seq, self._committed_hash = batch[-1].seq, batch[-1].hash
+            self._seal_due = True
+        if self._side_due():
+            await self._side_files()  # once: a failure is logged and alarmed, not raised
+
+
+def _check_same_file(seg: _Segment) -> None:
+    """The open segment is still the file at its path: not deleted, not replaced, its
+    directory not moved or deleted. Otherwise writing on would go to a file nobody sees."""
+    st = os.fstat(seg.fd)
+    if st.st_nlink == 0:
+        raise OSError(errno.ENOENT, f"{seg.path}: the open segment was deleted")
+    try:
+        at_path = os.stat(seg.path)
+    except FileNotFoundError:
+        raise OSError(
+            errno.ENOENT, f"{seg.path}: the segment or the log directory was moved or deleted"
+        ) from None
+    if (at_path.st_dev, at_path.st_ino) != (st.st_dev, st.st_ino):
+        raise OSError(errno.ESTALE, f"{seg.path}: the segment was replaced by another file")
 
 
 # ---- recovery (runs in a worker thread before the writer starts) -------------------------
@@ -653,7 +890,13 @@ def _damaged(where: str, why: str) -> LogDamaged:
     )
 
 
-def _recover(directory: Path, origin: str) -> tuple[_Segment | None, RecoveryReport]:
+def _recover(
+    directory: Path,
+    origin: str,
+    verifier: Verifier | None = None,
+    accept_rollback: bool = False,
+    spill_dir: Path | None = None,
+) -> tuple[_Segment | None, RecoveryReport]:
     """Find the head of the chain after any stop. Everything is checked before anything
     is touched: a crash can only tear the end of the newest segment (or leave it with no
     whole entry); anything else is damage, and the log is refused as it is."""
@@ -669,6 +912,7 @@ def _recover(directory: Path, origin: str) -> tuple[_Segment | None, RecoveryRep
         last_ts=None,
     )
     if not segments:
+        _check_anchors_without_log(directory, verifier, accept_rollback)
         return None, new_log
 
     # The segment before the newest must be whole: only the newest is ever written to
@@ -701,6 +945,7 @@ def _recover(directory: Path, origin: str) -> tuple[_Segment | None, RecoveryRep
         set_aside.append(str(target.relative_to(directory)))
         segments.pop()
         if prev_scan is None:
+            _check_anchors_without_log(directory, verifier, accept_rollback)
             return None, new_log
         last, data, scan = segments[-1], prev_data, prev_scan
     elif prev_scan is not None and scan.last_type is None:
@@ -712,6 +957,9 @@ def _recover(directory: Path, origin: str) -> tuple[_Segment | None, RecoveryRep
         # Whole, valid entries after a bad one are not what a crash leaves behind.
         line = data[: scan.intact].count(b"\n") + 1
         raise _damaged(f"{last}:{line}", f"{scan.error}, but valid entries follow it")
+    log_origin = _read_origin(segments[0]) or origin
+    # Checked before anything is touched: a log behind its own seal is refused as it is.
+    vouch = _vouch(directory, segments, log_origin, scan, verifier, accept_rollback)
     tail_bytes = len(data) - scan.intact
     kept_at = None
     if tail_bytes:
@@ -728,14 +976,21 @@ def _recover(directory: Path, origin: str) -> tuple[_Segment | None, RecoveryRep
             os.fsync(f.fileno())
         log.warning("audit_log_tail_set_aside", bytes=tail_bytes, kept_at=kept_at, why=scan.error)
 
+    previous_stop: Literal["clean", "crash"] = (
+        "clean" if scan.last_type == "daemon_stop" else "crash"
+    )
+    spilled = None
+    size = scan.intact
+    if spill_dir is not None:
+        spilled, size = _restore_spill(directory, spill_dir, log_origin, last, scan, stamp)
     fd = os.open(last, os.O_WRONLY | os.O_APPEND)
     date = last.name.split("-")[2].removesuffix(".jsonl")  # segment_paths matched the name
-    segment = _Segment(last, fd, scan.intact, date)
-    open_id, open_sample = _open_delivery(segments)
+    segment = _Segment(last, fd, size, date)
+    open_id, open_sample = _open_delivery(segments, vouch.count)
     report = RecoveryReport(
         created=False,
-        origin=_read_origin(segments[0]) or origin,
-        previous_stop="clean" if scan.last_type == "daemon_stop" else "crash",
+        origin=log_origin,
+        previous_stop=previous_stop,
         last_seq=scan.last_seq,
         last_hash=scan.last_hash,
         last_ts=scan.last_ts,
@@ -744,8 +999,251 @@ def _recover(directory: Path, origin: str) -> tuple[_Segment | None, RecoveryRep
         segments_set_aside=tuple(set_aside),
         open_delivery_id=open_id,
         open_delivery_last_sample=open_sample,
+        vouched_count=vouch.count,
+        vouched_by=vouch.by,
+        anchor_problems=tuple(vouch.problems),
+        rollback=vouch.rollback,
+        spilled=spilled,
     )
+    if report.unvouched is not None:
+        first, last_u = report.unvouched
+        log.warning(
+            "audit_log_unvouched_entries",
+            first_seq=first,
+            last_seq=last_u,
+            count=report.unvouched_count,
+            vouched_by=vouch.by,
+        )
     return segment, report
+
+
+def _restore_spill(
+    directory: Path, spill_dir: Path, origin: str, last: Path, scan: _Scan, stamp: str
+) -> tuple[dict[str, Any] | None, int]:
+    """Entries a stop could not write: appended to the newest segment when they continue
+    the chain exactly (``scan`` is updated to the new head), and the spill file moved to
+    quarantine either way. Returns (what was found, the segment's size)."""
+    source = spill_path(spill_dir, origin)
+    size = scan.intact
+    if not source.exists():
+        return None, size
+    try:
+        _private_dir(spill_dir)
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, f"{source}: not a regular file")
+            with os.fdopen(os.dup(fd), "rb") as f:
+                data = f.read()
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.critical("audit_log_spill_unusable", path=str(source), error=str(exc))
+        return {"unusable": str(exc)}, size
+    target = _quarantine(directory) / f"{source.name}.{stamp}.spilled"
+    shutil.copyfile(source, target)
+    with open(target, "rb") as f:
+        os.fsync(f.fileno())
+    fsync_dir(target.parent)
+    source.unlink()
+    seqs = [s for s in (_entry_seq(raw) for raw in data.splitlines()) if s is not None]
+    found: dict[str, Any] = {
+        "count": len(seqs),
+        "first_seq": min(seqs, default=None),
+        "last_seq": max(seqs, default=None),
+        "kept_at": str(target.relative_to(directory)),
+        "restored": 0,
+    }
+    cont = _scan(data, scan.last_hash, scan.last_seq)
+    if cont.entries:
+        with open(last, "ab") as f:
+            f.write(data[: cont.intact])
+            f.flush()
+            os.fsync(f.fileno())
+        size += cont.intact
+        found["restored"] = cont.entries
+        scan.last_seq, scan.last_hash, scan.last_ts = cont.last_seq, cont.last_hash, cont.last_ts
+    log.warning("audit_log_spill_found", **found)
+    return found, size
+
+
+# ---- seal, checkpoint file and the entries they vouch for --------------------------------
+
+
+@dataclass(slots=True)
+class _Vouch:
+    count: int | None  # entries vouched for (0 .. count-1); None without a key
+    by: str = "none"
+    problems: list[str] = field(default_factory=list)
+    rollback: dict[str, Any] | None = None
+
+
+def _read_anchor(path: Path) -> str | None:
+    """A seal or checkpoint file's text; None when there is none. Only a small regular
+    file is read (a FIFO or a device put there must not hang or flood recovery)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise NoteError(f"cannot open: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NoteError("not a regular file")
+        if st.st_size > ANCHOR_MAX_BYTES:
+            raise NoteError(f"{st.st_size} bytes: too large for a note")
+        data = os.read(fd, ANCHOR_MAX_BYTES + 1)
+    finally:
+        os.close(fd)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise NoteError("not UTF-8 text") from None
+
+
+def _anchors(
+    directory: Path, verifier: Verifier, origin: str | None, problems: list[str]
+) -> list[tuple[str, Checkpoint]]:
+    """The seal and the checkpoint file, when present and signed by ``verifier`` for this
+    log; anything else there is listed in ``problems`` (and vouches for nothing)."""
+    out: list[tuple[str, Checkpoint]] = []
+    for name, what in ((SEAL_FILE, "seal"), (CHECKPOINT_FILE, "checkpoint file")):
+        try:
+            text = _read_anchor(directory / name)
+            if text is None:
+                problems.append(f"{what}: missing")
+                continue
+            cp, signed = Checkpoint.parse_verified(text, verifier)
+        except NoteError as exc:
+            problems.append(f"{what}: {exc}")
+            continue
+        if not signed:
+            problems.append(f"{what}: not signed by this daemon's key ({verifier.name})")
+            continue
+        out.append((what, cp))  # another origin, signed by our key: the log was replaced
+    return out
+
+
+def _check_anchors_without_log(
+    directory: Path, verifier: Verifier | None, accept_rollback: bool
+) -> None:
+    """No log at all, but a seal or checkpoint file of ours: the log was deleted."""
+    if verifier is None:
+        return
+    found = _anchors(directory, verifier, None, [])
+    if found and not accept_rollback:
+        what, cp = found[0]
+        raise _rolled_back(
+            directory, f"the directory has no log, but its {what} covers {cp.count} entries"
+        )
+
+
+def _rolled_back(directory: Path, why: str) -> LogRolledBack:
+    return LogRolledBack(
+        f"{directory}: {why}: the log is behind what this daemon signed (a restored "
+        "backup, a truncation, or a replaced log). Not starting: signing it would make a "
+        "fork. Keep the directory as evidence and check it with `iort-audit verify`; to "
+        "continue on this log deliberately, start once with --accept-log-rollback (it is "
+        "recorded in the log)."
+    )
+
+
+def _vouch(
+    directory: Path,
+    segments: list[Path],
+    origin: str,
+    scan: _Scan,
+    verifier: Verifier | None,
+    accept_rollback: bool,
+) -> _Vouch:
+    """How far this daemon's signatures vouch for the log, and whether the log is behind
+    them. Raises LogRolledBack (unless ``accept_rollback``)."""
+    if verifier is None:
+        return _Vouch(None)
+    out = _Vouch(0)
+    entries = scan.last_seq + 1
+    for what, cp in _anchors(directory, verifier, origin, out.problems):
+        why = None
+        if cp.origin != origin:
+            why = f"its {what} is for log {cp.origin!r}, this log is {origin!r}"
+        elif cp.count > entries:
+            why = f"the log has {entries} entries, its {what} covers {cp.count}"
+        elif cp.count > 0 and _hash_at(segments, cp.count - 1) != cp.head_hash:
+            why = f"seq {cp.count - 1} differs from its {what}"
+        if why is None:
+            if cp.count > (out.count or 0):
+                out.count, out.by = cp.count, what
+            continue
+        if not accept_rollback:
+            raise _rolled_back(directory, why)
+        out.problems.append(f"{what}: {why} (rollback accepted)")
+        if out.rollback is None:
+            out.rollback = {
+                "why": why,
+                f"{what.replace(' ', '_')}_count": cp.count,
+                f"{what.replace(' ', '_')}_head": cp.head_hash,
+                "log_count": entries,
+                "log_head": scan.last_hash,
+            }
+    if (out.count or 0) < entries:
+        found = _last_checkpoint_entry(segments, verifier, out.count or 0)
+        if found is not None:
+            out.count, out.by = found, "checkpoint entry"
+    return out
+
+
+def _entry_seq(raw: bytes) -> int | None:
+    """The seq of a line, from its envelope tail (no parse of the data)."""
+    at = raw.rfind(b',"seq":')
+    if at < 0:
+        return None
+    end = raw.find(b",", at + 7)
+    try:
+        return int(raw[at + 7 : end])
+    except ValueError:
+        return None
+
+
+def _hash_at(segments: list[Path], seq: int) -> str | None:
+    """The hash of the entry with ``seq`` (its claimed hash; recovery has checked the
+    chain of the newest segments, and verify checks all of it)."""
+    for path in reversed(segments):
+        first = int(path.name[4:20])
+        if first > seq:
+            continue
+        for raw in path.read_bytes().splitlines():
+            if _entry_seq(raw) == seq:
+                try:
+                    return open_line(raw).hash
+                except ValueError:
+                    return None
+        return None
+    return None
+
+
+def _last_checkpoint_entry(segments: list[Path], verifier: Verifier, floor: int) -> int | None:
+    """The count vouched for by the newest checkpoint entry signed by ``verifier`` that
+    covers exactly the chain before it (its own seq + 1), if above ``floor``."""
+    for path in reversed(segments):
+        lines = path.read_bytes().splitlines()
+        for raw in reversed(lines):
+            seq = _entry_seq(raw)
+            if seq is None or seq < floor:
+                return None
+            if not raw.endswith(b'"type":"checkpoint"}'):
+                continue
+            try:
+                env = open_line(raw)
+                note = orjson.loads(raw).get("data", {}).get("note")
+                cp, signed = Checkpoint.parse_verified(str(note), verifier)
+            except (ValueError, AttributeError):
+                continue
+            if signed and env.hash == env.computed and cp.count == seq and cp.head_hash == env.prev:
+                return seq + 1
+        if int(path.name[4:20]) <= floor:
+            return None
+    return None
 
 
 def _later_entry(data: bytes, start: int) -> bool:
@@ -768,8 +1266,13 @@ def _later_entry(data: bytes, start: int) -> bool:
     return False
 
 
-def _open_delivery(segments: list[Path]) -> tuple[str | None, Mapping[str, Any] | None]:
-    """The delivery left open by the previous run, if any, with its last sample.
+def _open_delivery(
+    segments: list[Path], vouched_count: int | None = None
+) -> tuple[str | None, Mapping[str, Any] | None]:
+    """The delivery left open by the previous run, if any, with its last sample, from
+    vouched entries only (seq < ``vouched_count``, when given): a forged
+    delivery_terminated in an unvouched tail must not close the delivery, nor a forged
+    sample stand as its last.
 
     Scans backwards to the newest delivery_started or delivery_terminated entry, and no
     further than the newest daemon_start: every start closes a delivery left open before
@@ -779,6 +1282,10 @@ def _open_delivery(segments: list[Path]) -> tuple[str | None, Mapping[str, Any] 
     last_sample: dict[str, Mapping[str, Any]] = {}
     for path in reversed(segments):
         for raw in reversed(path.read_bytes().splitlines()):
+            if vouched_count is not None:
+                seq = _entry_seq(raw)
+                if seq is None or seq >= vouched_count:
+                    continue
             # "type" sorts last, so the kind is the end of the line: no parse needed.
             if raw.endswith(b'"type":"daemon_start"}'):
                 return None, None

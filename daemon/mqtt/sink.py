@@ -34,6 +34,17 @@ aiomqtt has no reconnect and no offline queue, so this sink owns both:
 
 State topics are rate-limited: ``delivery`` at most once per second while only the dose
 moves (at once on any event), ``interlocks`` on change.
+
+The retained ``audit/checkpoint`` is the off-host copy auditors verify against, so it is
+never overwritten by a log that is behind it. On every connection the sink subscribes to
+its own checkpoint topic and holds its checkpoint back (up to ``RETAINED_WAIT_S``) until
+the broker's retained one has been seen. One signed by this daemon's key is handed to
+``checkpoint_guard`` (the daemon, which has the log): if the log does not contain it —
+it covers more entries than the log, or the log's entry at its size has another hash —
+this log is a fork (a restored backup, a replaced log), and the sink never publishes a
+checkpoint again in this run (the daemon raises the alarm and records it). A retained
+note not signed by our key is ignored (anyone with publish rights could put one there)
+and is replaced.
 """
 
 from __future__ import annotations
@@ -47,7 +58,7 @@ import random
 import socket
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
@@ -56,10 +67,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiomqtt
+import orjson
 import paho.mqtt.client as paho
 import structlog
 
 from daemon import __version__
+from daemon.audit.note import Checkpoint, Verifier
 from daemon.audit.writer import utc_ts
 from daemon.config import MqttConfig, SiteConfig
 from daemon.mqtt.outbox import Outbox, Record
@@ -102,6 +115,7 @@ SHORT_LIVED_STREAK = 3
 STABLE_AFTER_S = 30.0
 TAKEOVER_BACKOFF_INITIAL_S = 5.0
 TAKEOVER_BACKOFF_MAX_S = 60.0
+RETAINED_WAIT_S = 1.0  # how long a connection holds our checkpoint for the broker's
 
 
 def client_id_for(site: str, room: str, origin: str) -> str:
@@ -265,8 +279,20 @@ class _FailConnectOnTransportError(logging.Handler):
 class MqttSink:
     name = "mqtt"
 
-    def __init__(self, settings: BrokerSettings, outbox: Outbox, *, simulated: bool) -> None:
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        outbox: Outbox,
+        *,
+        simulated: bool,
+        verifier: Verifier | None = None,
+    ) -> None:
         self.settings = settings
+        self.verifier = verifier  # whose retained checkpoints count (see the module doc)
+        # Set by the daemon: why the log does not contain this checkpoint, or None.
+        self.checkpoint_guard: Callable[[Checkpoint], Awaitable[str | None]] | None = None
+        self._cp_blocked = False
+        self._last_note: str | None = None  # ours: its echo needs no check
         self.outbox = outbox
         self._sim = simulated
         self._topics = {
@@ -347,8 +373,30 @@ class MqttSink:
         self._wake.set()
 
     async def checkpoint(self, note: str) -> None:
+        self._last_note = note
         self._set("audit/checkpoint", lambda env: checkpoint_payload(env, note))
         self._wake.set()
+
+    async def _retained_checkpoint(self, payload: bytes) -> None:
+        """A message on our checkpoint topic (the retained one at subscription, or our
+        own coming back): if our key signed it, the log must contain it."""
+        try:
+            note = orjson.loads(payload)["note"]
+            cp, signed = Checkpoint.parse_verified(str(note), self.verifier)
+        except (ValueError, KeyError, TypeError):
+            log.warning("mqtt_retained_checkpoint_unreadable")
+            return
+        if not signed:
+            log.warning("mqtt_retained_checkpoint_not_ours", origin=cp.origin, count=cp.count)
+            return
+        guard = self.checkpoint_guard
+        why = None if guard is None or note == self._last_note else await guard(cp)
+        if why is not None and not self._cp_blocked:
+            self._cp_blocked = True
+            log.critical("mqtt_checkpoint_not_published", reason=why, broker_count=cp.count)
+        if not self._cp_blocked:
+            self._cells["audit/checkpoint"].not_before = 0.0  # seen: ours may go out now
+            self._wake.set()
 
     async def notice(self, severity: str, message: str) -> None:
         level = "critical" if severity == "critical" else "info"
@@ -546,9 +594,14 @@ class MqttSink:
         raise _Closing
 
     async def _watch_link(self, client: aiomqtt.Client) -> None:
-        # A takeover ends this iteration with MqttError from MqttCodeError(0x8E).
-        async for _ in client.messages:  # nothing is subscribed: this waits for a drop
-            pass
+        """Notices a dropped link (a takeover ends this iteration with MqttError from
+        MqttCodeError(0x8E)), and reads our checkpoint topic (its retained message)."""
+        cp_topic = self._topics["audit/checkpoint"]
+        if self.verifier is not None:
+            await client.subscribe(cp_topic, qos=1, timeout=CONNECT_TIMEOUT_S)
+        async for msg in client.messages:
+            if msg.topic.matches(cp_topic) and isinstance(msg.payload, bytes | bytearray):
+                await self._retained_checkpoint(bytes(msg.payload))
 
     def _watch_refusals(self, client: aiomqtt.Client) -> None:
         """aiomqtt drops the PUBACK reason code; an MQTT v5 broker uses it to refuse a
@@ -590,6 +643,11 @@ class MqttSink:
         self.outbox.ack(online)
         for cell in self._cells.values():  # the broker may have lost them (restart)
             cell.not_before = 0.0  # the current state now, not at the rate limit
+            if cell.name == "audit/checkpoint":
+                # Held until the broker's retained one is seen (or the wait is over).
+                cell.not_before = time.monotonic() + RETAINED_WAIT_S
+                cell.sent = False
+                continue
             if cell.record is not None and cell.sent and not cell.dirty:
                 await self._send(client, cell.record)
         while True:
@@ -635,6 +693,8 @@ class MqttSink:
         now = time.monotonic()
         for cell in self._cells.values():
             if not cell.dirty or (cell.not_before > now and not self._closing):
+                continue
+            if cell.name == "audit/checkpoint" and self._cp_blocked:
                 continue
             if cell.record_version != cell.version and cell.build is not None:
                 env = Envelope(

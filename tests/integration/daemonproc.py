@@ -32,12 +32,15 @@ class Daemon:
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
-    async def start(cls, site: Site, *, env: dict[str, str] | None = None) -> Daemon:
+    async def start(
+        cls, site: Site, *, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> Daemon:
         proc = await asyncio.create_subprocess_exec(
             str(BIN / "iortd"),
             "run",
             "--config",
             str(site.config),
+            *args,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE,
             env=env,
@@ -45,10 +48,12 @@ class Daemon:
         return cls(proc)
 
     @classmethod
-    async def follow(cls, site: Site, *, env: dict[str, str] | None = None) -> Daemon:
+    async def follow(
+        cls, site: Site, *, env: dict[str, str] | None = None, args: tuple[str, ...] = ()
+    ) -> Daemon:
         """Start and read the log continuously in the background: a long wait without
         reading would fill the pipe and stall the daemon. Wait with :meth:`seen`."""
-        self = await cls.start(site, env=env)
+        self = await cls.start(site, env=env, args=args)
         self._pump = asyncio.create_task(self._read_all())
         return self
 

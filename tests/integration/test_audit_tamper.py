@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import fcntl
 import hashlib
 import io
 import os
@@ -113,8 +114,11 @@ class Log:
         return self.index(lambda e: e["type"] == "checkpoint")[-1]
 
     def first_checkpoint(self) -> int:
-        """The demo signs at the delivery end and again at shutdown; this is the first."""
-        return self.index(lambda e: e["type"] == "checkpoint")[0]
+        """The demo signs at start, at the delivery end and again at shutdown; this is the
+        first after the start (the delivery end's)."""
+        return self.index(
+            lambda e: e["type"] == "checkpoint" and "\nreason start\n" not in e["data"]["note"]
+        )[0]
 
     def target(self) -> int:
         """A delivery sample in the middle of the delivery, covered by a checkpoint, with
@@ -125,6 +129,11 @@ class Log:
         )
         assert len(samples) >= 3, "the demo delivery has samples"
         return samples[len(samples) // 2]
+
+    def drop_anchors(self) -> None:
+        """What a forger can do to the seal and checkpoint files: delete them."""
+        (self.dir / "seal").unlink()
+        (self.dir / "checkpoint").unlink()
 
     def write(self, lines: list[bytes]) -> None:
         self.seg.write_bytes(b"".join(lines))
@@ -229,7 +238,8 @@ def test_a_held_checkpoint_signed_by_another_key_is_refused(log: Log, tmp_path: 
 def test_a_log_checked_against_another_public_key_is_not_intact(log: Log, tmp_path: Path) -> None:
     _, other_pub = write_keypair(generate_keypair("iortd-demo"), tmp_path / "other")
     p = run(IORT_AUDIT, "verify", str(log.dir), "--pubkey", str(other_pub))
-    cp = log.first_checkpoint()  # verification stops at the first bad signature
+    # verification stops at the first bad signature: the one made at start
+    cp = log.index(lambda e: e["type"] == "checkpoint")[0]
     what = assert_location(p, log.seg, cp + 1, cp)
     assert "checkpoint is not signed by --pubkey" in what
 
@@ -417,16 +427,23 @@ def test_truncation_mid_line_is_found(log: Log) -> None:
     assert "incomplete last line" in assert_location(p, log.seg, t + 1, None)
 
 
-def test_truncation_at_a_line_boundary_needs_the_held_checkpoint(log: Log) -> None:
+def test_truncation_at_a_line_boundary_is_found_by_the_seal_or_the_held_checkpoint(
+    log: Log,
+) -> None:
     t = log.target()
     log.write(log.lines[:t])
-    # Cut before the first checkpoint, no signature is left: that alone is a finding.
+    what = assert_location(log.verify(), log.dir / "seal", None, t)
+    assert f"entries from seq {t} on were removed" in what
+    # A forger deletes the seal and the checkpoint file as well: the held checkpoint
+    # still finds the cut, and without it the entries past the last signature are
+    # reported as unvouched (exit 1), never as vouched for.
+    log.drop_anchors()
+    what = assert_location(log.verify("--checkpoint", str(log.checkpoint)), log.seg, None, t)
+    assert f"entries from seq {t} on were removed" in what
     p = log.verify()
     assert p.returncode == 1, p.stdout
-    assert "no checkpoint in the log is signed by --pubkey" in p.stdout
-    what = assert_location(log.verify("--checkpoint", str(log.checkpoint)), log.seg, None, t)
-    assert "removed" in what
-    assert f"entries from seq {t} on were removed" in what
+    assert p.stdout.startswith("INTACT: "), p.stdout
+    assert "UNVOUCHED: seq " in p.stdout
 
 
 def test_dropping_only_the_final_checkpoint_entry_is_not_a_removal(log: Log) -> None:
@@ -434,6 +451,11 @@ def test_dropping_only_the_final_checkpoint_entry_is_not_a_removal(log: Log) -> 
     cp = log.last_checkpoint()
     assert cp == len(log.lines) - 1
     log.write(log.lines[:cp])
+    # The seal covered the checkpoint entry too: its removal is found by it,
+    what = assert_location(log.verify(), log.dir / "seal", None, cp)
+    assert "removed" in what
+    # and without the seal, the checkpoint file and the held one vouch for all the rest.
+    (log.dir / "seal").unlink()
     intact(log.verify("--checkpoint", str(log.checkpoint)))
 
 
@@ -466,9 +488,12 @@ def test_rechained_edits_with_the_checkpoints_cut_off_need_the_held_checkpoint(
     entries[t] = _edit_dose(entries[t])
     cp = log.first_checkpoint()
     log.write(rechain(entries[:cp]))
-    cut = log.verify()  # every in-log signature is gone with the cut: found even so
+    what = assert_location(log.verify(), log.dir / "seal", None, cp)  # shorter than its seal
+    assert f"entries from seq {cp} on were removed" in what
+    log.drop_anchors()
+    cut = log.verify()  # the signatures after the edit are gone with the cut: found even so
     assert cut.returncode == 1, cut.stdout
-    assert "no checkpoint in the log is signed by --pubkey" in cut.stdout
+    assert "UNVOUCHED: seq " in cut.stdout, cut.stdout
     held, _ = Checkpoint.parse_verified(log.checkpoint.read_text(encoding="utf-8"), None)
     assert held.count > cp, "the held (shutdown) checkpoint covers past the cut"
     p = log.verify("--checkpoint", str(log.checkpoint))
@@ -595,8 +620,20 @@ def test_entries_after_the_last_checkpoint_are_said_to_be_unsigned(log: Log) -> 
     cp = log.first_checkpoint()
     assert log.entries[cp + 1]["type"] != "checkpoint"
     log.write(log.lines[: cp + 2])  # the delivery-end checkpoint and one entry after it
-    out = intact(log.verify())
+    log.drop_anchors()
+    # While a daemon writes the log (it holds LOCK), that entry is its current commit:
+    fd = os.open(log.dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        out = intact(log.verify())
+    finally:
+        os.close(fd)
     assert f"signed through seq {cp}; 1 later entry is not covered by a signature" in out
+    assert "the daemon is writing this log" in out
+    # with no daemon writing it, nothing vouches for it: unvouched, exit 1.
+    p = log.verify()
+    assert p.returncode == 1, p.stdout
+    assert f"UNVOUCHED: seq {cp + 1}..{cp + 1} (1 entry)" in p.stdout
 
 
 def test_odd_inputs_get_clear_answers(log: Log, tmp_path: Path) -> None:
