@@ -1,5 +1,10 @@
 """Fan-out from the one MQTT consumer to every open browser stream.
 
+A stream follows one room (a room page), the rooms of one site (the overview of a site)
+or every room; the overview's streams get summaries (no plots or event lists: the
+overview does not show them, and the snapshot of hundreds of rooms stays small). Rooms
+removed (aged out, or evicted for memory) are announced as ``removed``.
+
 Each browser stream has a bounded queue. A browser that cannot keep up is not waited for:
 its queue is closed, its stream ends, and the browser's EventSource reconnects and starts
 again from a fresh snapshot (so it never shows a silently thinned stream as complete).
@@ -30,6 +35,13 @@ CLOSED = Outgoing("closed", {})
 @dataclass(eq=False)
 class Subscriber:
     only: str | None  # a room key, or None for every room
+    site: str | None = None  # only the rooms of this site
+
+    def wants(self, room: str) -> bool:
+        return (self.only is None or self.only == room) and (
+            self.site is None or room.split("/", 1)[0] == self.site
+        )
+
     queue: asyncio.Queue[Outgoing] = field(default_factory=lambda: asyncio.Queue(maxsize=5000))
     dropped: bool = False
 
@@ -68,8 +80,8 @@ class Hub:
         self._subs: set[Subscriber] = set()
         self.closing = False
 
-    def subscribe(self, only: str | None) -> Subscriber:
-        sub = Subscriber(only)
+    def subscribe(self, only: str | None, site: str | None = None) -> Subscriber:
+        sub = Subscriber(only, site)
         if self.closing:
             sub.offer(CLOSED)
         self._subs.add(sub)
@@ -82,10 +94,23 @@ class Hub:
     def subscribers(self) -> int:
         return len(self._subs)
 
-    def snapshot(self, only: str | None) -> dict[str, Any]:
+    def snapshot(self, only: str | None, site: str | None = None) -> dict[str, Any]:
+        """One room in full, or (the overview) every room or one site's as summaries."""
+        snap = self.rooms.snapshot(self._clock(), only, site=site, summary=only is None)
+        return {**snap, "broker": self.broker.out(self.broker_url)}
+
+    def tick(self, sub: Subscriber) -> dict[str, Any]:
+        """What a stream's once-a-second ``tick`` carries: the link is alive, and the
+        reject counters of the rooms it follows (so that a flood of bad messages costs the
+        browser one small event a second, not one per message)."""
+        rejected = {
+            k: sum(v.values()) for k, v in self.rooms.rejects.items() if k in self.rooms.rooms
+        }
         return {
-            "rooms": self.rooms.snapshot(self._clock(), only),
-            "broker": self.broker.out(self.broker_url),
+            "broker": self.broker.connected,
+            "t": time.time(),
+            "rejected": {k: n for k, n in rejected.items() if sub.wants(k)},
+            "diagnostics": self.rooms.diagnostics(),
         }
 
     def message(self, acc: Accepted) -> None:
@@ -93,8 +118,20 @@ class Hub:
             "msg", {"room": acc.room.key, "name": acc.name, "payload": acc.payload, "age_ms": 0}
         )
         for sub in list(self._subs):
-            if sub.only is None or sub.only == acc.room.key:
+            if sub.wants(acc.room.key):
                 sub.offer(out)
+        self.removed(self.rooms.take_gone())
+
+    def removed(self, keys: list[str]) -> None:
+        for key in keys:
+            out = Outgoing("removed", {"room": key})
+            for sub in list(self._subs):
+                if sub.wants(key):
+                    sub.offer(out)
+
+    def sweep(self) -> None:
+        """Remove the rooms aged out past their bound and tell the browsers."""
+        self.removed(self.rooms.sweep(self._clock()))
 
     def set_broker(self, connected: bool, reason: str) -> None:
         self.broker = BrokerState(connected, reason)

@@ -3,6 +3,11 @@
 aiomqtt has no reconnect, so this is an explicit loop with capped, jittered backoff; every
 change of connection state is logged and pushed to the browsers, which show every room as
 offline while the dashboard itself has no broker (never frozen values as live).
+
+Every message goes through `dashboard.state.Rooms.receive` (size, JSON, schema, seq); what
+is rejected is counted there and logged here, rate-limited (`RejectLog`): the first of each
+(room, reason) at once, then at most one summary line per ``REJECT_LOG_EVERY_S`` with the
+count, so a flood of bad messages cannot flood the operational log.
 """
 
 from __future__ import annotations
@@ -14,19 +19,19 @@ import socket
 import ssl
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiomqtt
-import orjson
 import structlog
 
 from daemon.mqtt.tls import client_tls_context
 from dashboard.hub import Hub
 from dashboard.state import Rejected
 
-__all__ = ["BrokerSettings", "UrlError", "consume", "parse_broker_url"]
+__all__ = ["BrokerSettings", "RejectLog", "UrlError", "consume", "parse_broker_url"]
 
 log = structlog.get_logger("iort_dashboard.mqtt")
 _PAHO_LOG = logging.getLogger("iort_dashboard.paho")
@@ -35,7 +40,8 @@ BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 10.0
 TIMEOUT_S = 10.0  # connect and subscribe
 KEEPALIVE_S = 5  # a dead link is noticed within 1.5 x this
-REJECT_LOG_EVERY = 1000
+REJECT_LOG_EVERY_S = 10.0
+REJECT_LOG_KINDS = 1024  # (room, reason) pairs logged at first sight, then only summaries
 
 
 class UrlError(ValueError):
@@ -81,13 +87,45 @@ class BrokerSettings:
         return client_tls_context(self.ca_file, self.cert_file, self.key_file)
 
 
+class RejectLog:
+    """Rate-limited logging of rejected messages (no payload is ever logged)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._seen: set[tuple[str, str]] = set()
+        self._last = -REJECT_LOG_EVERY_S
+        self.suppressed = 0
+
+    def __call__(self, topic: str, exc: Rejected, total: int) -> bool:
+        """Log ``exc`` if due; whether it was logged."""
+        kind = (exc.room or "", exc.reason)
+        now = self._clock()
+        first = kind not in self._seen and len(self._seen) < REJECT_LOG_KINDS
+        if not first and now - self._last < REJECT_LOG_EVERY_S:
+            self.suppressed += 1
+            return False
+        self._seen.add(kind)
+        self._last = now
+        log.warning(
+            "mqtt_message_rejected",
+            topic=topic[:200],
+            room=exc.room,
+            reason=exc.reason,
+            detail=str(exc)[:200],
+            rejected_total=total,
+            not_logged_since_last=self.suppressed,
+        )
+        self.suppressed = 0
+        return True
+
+
 async def consume(settings: BrokerSettings, hub: Hub) -> None:
     """Run until cancelled: connect, subscribe, apply every message; reconnect on loss."""
     rng = random.Random()  # noqa: S311 - jitter, not cryptography
     backoff = BACKOFF_INITIAL_S
     tls = await asyncio.to_thread(settings.tls_context) if settings.tls else None
     identifier = f"iort-dashboard-{uuid.uuid4().hex[:12]}"
-    rejected = 0
+    reject_log = RejectLog()
     while True:
         log.info("mqtt_connecting", broker=settings.url)
         connected = False
@@ -114,20 +152,16 @@ async def consume(settings: BrokerSettings, hub: Hub) -> None:
                 # Bounded by the keep-alive: a dead link raises MqttError within 1.5 x it.
                 async for message in client.messages:
                     payload = message.payload
-                    raw = payload if isinstance(payload, bytes | bytearray) else b""
+                    raw = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
                     try:
-                        acc = hub.rooms.accept(
-                            message.topic.value, orjson.loads(raw), time.monotonic()
+                        acc = hub.rooms.receive(
+                            message.topic.value,
+                            raw,
+                            time.monotonic(),
+                            retained=bool(message.retain),
                         )
-                    except (Rejected, orjson.JSONDecodeError) as exc:
-                        rejected += 1
-                        if rejected % REJECT_LOG_EVERY == 1:
-                            log.warning(
-                                "mqtt_message_rejected",
-                                topic=message.topic.value,
-                                reason=str(exc),
-                                rejected=rejected,
-                            )
+                    except Rejected as exc:
+                        reject_log(message.topic.value, exc, hub.rooms.rejected)
                         continue
                     if acc is not None:
                         hub.message(acc)
