@@ -175,18 +175,25 @@ def build_app(
         first = {"config": config, "only": only, "site": site, **hub.snapshot(only, site)}
 
         async def stream() -> AsyncIterator[bytes]:
+            loop = asyncio.get_running_loop()
             try:
                 yield _sse("snapshot", first)
+                # A tick every TICK_S, also while messages flow (it carries the reject
+                # counters, which no message does).
+                next_tick = loop.time() + TICK_S
                 while True:
                     try:
-                        async with asyncio.timeout(TICK_S):
+                        async with asyncio.timeout(max(0.0, next_tick - loop.time())):
                             item = await sub.queue.get()
                     except TimeoutError:
-                        yield _sse("tick", hub.tick(sub))
-                        continue
+                        item = None
                     if item is CLOSED:
                         return
-                    yield _sse(item.event, item.data)
+                    if item is not None:
+                        yield _sse(item.event, item.data)
+                    if loop.time() >= next_tick:
+                        yield _sse("tick", hub.tick(sub))
+                        next_tick = loop.time() + TICK_S
             finally:
                 hub.unsubscribe(sub)
 

@@ -24,9 +24,10 @@ and reason (shown in the snapshot's ``rejected`` and ``diagnostics``) and never 
 3. it is JSON (orjson: no NaN/Infinity, integers within 64 bits, nesting bounded);
 4. it validates against the published schema of its topic (`dashboard.schemas`), and a
    ``status`` names the room of its topic;
-5. its ``seq`` is not a jump of more than ``seq_window`` past the highest handled in its
-   topic and session (a forged ``2^64-1`` would otherwise hide every later genuine
-   message, rule 1 read naively).
+5. its ``seq`` and ``session`` are at most 2^53 (the schema allows 64 bits, but no daemon
+   gets there and a browser cannot represent more), and ``seq`` is not a jump of more
+   than ``seq_window`` past the highest handled in its topic and session (a forged
+   ``2^64-1`` would otherwise hide every later genuine message, rule 1 read naively).
 
 The real stream always wins over a forged high-water mark that could not be judged when
 it came (the first message of a session, or one handed over from the broker's retained
@@ -89,6 +90,7 @@ AGE_OUT_S = 3600.0
 RECENT = 256  # exact seqs remembered per topic and session, to drop repeats
 LOWER_RUN = 3  # fresh messages in order below a mark that take over from it
 SEQ_KEYS = 64  # (topic, session) tracks per room
+PLAUSIBLE = 2**53  # the largest seq or session believed (JavaScript's exact integers)
 POINT_BYTES = 160  # what one plot point costs, charged as such
 ROOM_BYTES = 512  # the fixed cost of a room
 REJECT_ROOMS = 1024  # rooms (or would-be rooms) with reject counters
@@ -470,6 +472,10 @@ class Rooms:
         reason = schema_error(name, p)
         if reason is not None:
             raise Rejected(reason, room=key)
+        if p["seq"] > PLAUSIBLE or p["session"] > PLAUSIBLE:
+            # The schema allows 64 bits; no daemon gets past 2^53 (285,000 years at 1 kHz)
+            # and a browser cannot even represent it: a forgery, whatever else it says.
+            raise Rejected("seq/session beyond 2^53", room=key)
         if not _finite(p):
             # JSON has no infinity, but 1e999 parses to one and the schema's "number"
             # takes it; the daemon never sends it (it writes "inf").

@@ -244,6 +244,19 @@ def test_a_retained_forgery_is_overtaken_by_the_first_live_message() -> None:
     assert held["interlocks"]["door"] == "tripped"
 
 
+@pytest.mark.parametrize("name", ["telemetry", "interlocks"])
+def test_a_first_message_with_an_implausible_seq_is_rejected(name: str) -> None:
+    """The first message of a session has no mark to be judged against; a seq past 2^53
+    (which no daemon reaches, and no browser can represent) is refused anyway."""
+    rooms = Rooms("iort")
+    forged = telemetry(2**53 + 1, 19.9) if name == "telemetry" else interlocks(U64_MAX)
+    with pytest.raises(Rejected, match="2\\^53"):
+        rooms.receive(T + name, raw(forged), 0.0)
+    with pytest.raises(Rejected, match="2\\^53"):
+        rooms.receive(T + name, raw({**forged, "seq": 1, "session": 2**60}), 0.0)
+    assert rooms.snapshot(1.0)["rooms"] == {}
+
+
 def test_negative_and_out_of_range_seq_are_rejected_and_repeats_still_dropped() -> None:
     rooms = Rooms("iort")
     assert rooms.receive(T + "telemetry", raw(telemetry(3)), 0.0) is not None
