@@ -15,10 +15,11 @@ Routes:
 * ``/static/...``: scripts, styles and fonts, all from this package. Nothing is loaded from
   any other host; the Content-Security-Policy says so to the browser too.
 
-Every request must name an allowed host in its ``Host`` header (`TrustedHosts`; by default
-the address the dashboard listens on, ``localhost``, ``127.0.0.1`` and ``[::1]``), else it
-gets 400 and nothing else: a page from another origin that a DNS-rebinding attack points
-at our address cannot read the snapshot, since its requests carry its own host name.
+Every request must name an allowed host in its ``Host`` header (Starlette's
+``TrustedHostMiddleware``, no ``www.`` redirect; by default the address the dashboard
+listens on, ``localhost``, ``127.0.0.1`` and ``[::1]``), else it gets 400 and nothing else:
+a page from another origin that a DNS-rebinding attack points at our address cannot read
+the snapshot, since its requests carry its own host name.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ from typing import Any
 
 import orjson
 from starlette.applications import Starlette
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import (
     FileResponse,
     JSONResponse,
-    PlainTextResponse,
     Response,
     StreamingResponse,
 )
@@ -43,7 +44,7 @@ from starlette.staticfiles import StaticFiles
 
 from dashboard.hub import CLOSED, Hub
 
-__all__ = ["DEFAULT_HOSTS", "SECURITY_HEADERS", "STATIC", "TrustedHosts", "build_app", "host_name"]
+__all__ = ["DEFAULT_HOSTS", "SECURITY_HEADERS", "STATIC", "build_app", "host_name"]
 
 STATIC = Path(__file__).resolve().parent / "static"
 TICK_S = 1.0
@@ -84,39 +85,15 @@ def _site_param(request: Request) -> str | None:
 
 
 def host_name(host: str) -> str:
-    """The name in a ``Host`` header or an allowed-host entry, lower case, without the
-    port; an IPv6 literal keeps its brackets (``[::1]``)."""
+    """An allowed-host entry as Starlette compares it: lower case, without a port; an IPv6
+    literal in brackets (``::1`` and ``[::1]:8080`` give ``[::1]``)."""
     host = host.strip().lower()
     if host.startswith("["):
         end = host.find("]")
         return host[: end + 1] if end > 0 else host
-    if host.count(":") > 1:  # a bare IPv6 literal (an allowed-host entry, never a header)
+    if host.count(":") > 1:  # a bare IPv6 literal
         return f"[{host}]"
     return host.split(":", 1)[0]
-
-
-class TrustedHosts:
-    """400 for a request whose ``Host`` is not allowed (Starlette's TrustedHostMiddleware
-    splits ``[::1]:8080`` at the first colon, so it cannot allow IPv6 literals)."""
-
-    def __init__(self, app: ASGIApp, allowed: Sequence[str]) -> None:
-        self.app = app
-        self.allowed = frozenset(host_name(h) for h in allowed)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        host = ""
-        for k, v in scope.get("headers", []):
-            if k == b"host":
-                host = v.decode("latin-1")
-                break
-        if "*" in self.allowed or host_name(host) in self.allowed:
-            await self.app(scope, receive, send)
-            return
-        response = PlainTextResponse("Invalid host header", status_code=400)
-        await response(scope, receive, send)
 
 
 class _Headers:
@@ -212,4 +189,5 @@ def build_app(
             Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
         ],
     )
-    return _Headers(TrustedHosts(app, allowed_hosts))
+    hosts = [host_name(h) for h in allowed_hosts]
+    return _Headers(TrustedHostMiddleware(app, allowed_hosts=hosts, www_redirect=False))

@@ -184,10 +184,16 @@ def settings_from_args(args: argparse.Namespace) -> BrokerSettings:
     if not args.age_out > 0:
         raise UsageError(f"--age-out: must be > 0 seconds; got {args.age_out}")
     for name in args.allowed_host:
-        if not name or any(c in name for c in "/ \t@?#"):
+        # Starlette's rule: "*" alone, or a leading "*." and no other "*".
+        wildcard_ok = (
+            "*" not in name
+            or name == "*"
+            or (name.startswith("*.") and len(name) > 2 and "*" not in name[1:])
+        )
+        if not name or any(c in name for c in "/ \t@?#") or not wildcard_ok:
             raise UsageError(
                 f"--allowed-host: {name!r} is not a host name (no scheme, port or path; "
-                "an IPv6 address in brackets)"
+                "a wildcard only as *.example.org)"
             )
     return BrokerSettings(
         host=host,

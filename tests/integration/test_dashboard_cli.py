@@ -51,6 +51,11 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
         (("--broker", "mqtt://h", "--ca-file", "/etc/hostname"), "--ca-file: only with TLS"),
         (("--broker", "mqtt://h", "--password-env", "IORT_NOPE_UNSET"), "IORT_NOPE_UNSET"),
         (("--broker", "mqtt://h", "--host", "localhost"), "--host: expected an IP address"),
+        (("--broker", "mqtt://h", "--allowed-host", "http://x"), "--allowed-host: 'http://x'"),
+        (("--broker", "mqtt://h", "--allowed-host", "a*.b"), "--allowed-host: 'a*.b'"),
+        (("--broker", "mqtt://h", "--max-payload-kib", "0"), "--max-payload-kib: must be"),
+        (("--broker", "mqtt://h", "--max-state-mib", "1"), "--max-state-mib: too small"),
+        (("--broker", "mqtt://h", "--age-out", "0"), "--age-out: must be > 0"),
     ],
 )
 def test_usage_errors_exit_2_and_name_the_option(args: tuple[str, ...], message: str) -> None:
