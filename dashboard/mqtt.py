@@ -8,6 +8,13 @@ Every message goes through `dashboard.state.Rooms.receive` (size, JSON, schema, 
 is rejected is counted there and logged here, rate-limited (`RejectLog`): the first of each
 (room, reason) at once, then at most one summary line per ``REJECT_LOG_EVERY_S`` with the
 count, so a flood of bad messages cannot flood the operational log.
+
+Between paho and us, aiomqtt keeps received messages in a queue that is unbounded by
+default. Here it is `incoming_queue`, bounded in **bytes**: a payload larger than the
+dashboard's limit is counted as rejected and never queued (paho has read it, and drops it
+when the callback returns), and when ``INCOMING_BYTES`` are waiting (a flood faster than
+validation) further messages are dropped and counted (``dropped_busy``), never buffered
+without bound.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import structlog
 
 from daemon.mqtt.tls import client_tls_context
 from dashboard.hub import Hub
-from dashboard.state import Rejected
+from dashboard.state import Rejected, Rooms
 
 __all__ = ["BrokerSettings", "RejectLog", "UrlError", "consume", "parse_broker_url"]
 
@@ -41,6 +48,7 @@ BACKOFF_MAX_S = 10.0
 TIMEOUT_S = 10.0  # connect and subscribe
 KEEPALIVE_S = 5  # a dead link is noticed within 1.5 x this
 REJECT_LOG_EVERY_S = 10.0
+INCOMING_BYTES = 64 * 1024 * 1024  # received, not yet handled, all messages together
 REJECT_LOG_KINDS = 1024  # (room, reason) pairs logged at first sight, then only summaries
 
 
@@ -119,6 +127,47 @@ class RejectLog:
         return True
 
 
+def _size(m: aiomqtt.Message) -> int:
+    p = m.payload
+    return len(p) if isinstance(p, bytes | bytearray | str) else 0
+
+
+def incoming_queue(
+    rooms: Rooms, on_reject: Callable[[str, Rejected], object], max_bytes: int = INCOMING_BYTES
+) -> type[asyncio.Queue[aiomqtt.Message]]:
+    """aiomqtt's incoming message queue class, bounded in bytes (see the module notes)."""
+
+    class Incoming(asyncio.Queue[aiomqtt.Message]):
+        def __init__(self, maxsize: int = 0) -> None:
+            super().__init__(maxsize)
+            self.bytes = 0
+
+        def put_nowait(self, item: aiomqtt.Message) -> None:
+            size = _size(item)
+            topic = item.topic.value
+            if size > rooms.max_payload_bytes:
+                exc = Rejected(
+                    "payload too large",
+                    f"payload of {size} bytes is too large (limit {rooms.max_payload_bytes})",
+                )
+                rooms.refuse(topic, exc)
+                on_reject(topic, exc)
+                return
+            if self.bytes + size > max_bytes:
+                rooms.dropped_busy += 1
+                on_reject(topic, Rejected("dropped: dashboard busy", "incoming queue full"))
+                return
+            self.bytes += size
+            super().put_nowait(item)
+
+        def _get(self) -> aiomqtt.Message:
+            item: aiomqtt.Message = super()._get()
+            self.bytes -= _size(item)
+            return item
+
+    return Incoming
+
+
 async def consume(settings: BrokerSettings, hub: Hub) -> None:
     """Run until cancelled: connect, subscribe, apply every message; reconnect on loss."""
     rng = random.Random()  # noqa: S311 - jitter, not cryptography
@@ -126,6 +175,9 @@ async def consume(settings: BrokerSettings, hub: Hub) -> None:
     tls = await asyncio.to_thread(settings.tls_context) if settings.tls else None
     identifier = f"iort-dashboard-{uuid.uuid4().hex[:12]}"
     reject_log = RejectLog()
+    queue_type = incoming_queue(
+        hub.rooms, lambda topic, exc: reject_log(topic, exc, hub.rooms.rejected)
+    )
     while True:
         log.info("mqtt_connecting", broker=settings.url)
         connected = False
@@ -140,6 +192,7 @@ async def consume(settings: BrokerSettings, hub: Hub) -> None:
                 protocol=aiomqtt.ProtocolVersion.V5,
                 keepalive=KEEPALIVE_S,
                 timeout=TIMEOUT_S,
+                queue_type=queue_type,
                 tls_context=tls,
                 socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             )

@@ -406,6 +406,7 @@ class Rooms:
         self.rejected = 0
         self.rooms_evicted = 0
         self.rooms_removed = 0
+        self.dropped_busy = 0  # received but not handled: the incoming queue was full
         self._gone: list[str] = []  # rooms evicted since the last take_gone()
         # room key (or NO_ROOM / OTHER) -> reason -> count; bounded both ways
         self.rejects: dict[str, dict[str, int]] = {}
@@ -546,6 +547,10 @@ class Rooms:
             return exc.room or NO_ROOM
         return f"{site}/{room}"
 
+    def refuse(self, topic: str, exc: Rejected) -> None:
+        """Count a message refused before it reached `receive` (see dashboard.mqtt)."""
+        self._count(exc, exc.room or self._room_of(topic))
+
     def _count(self, exc: Rejected, room: str) -> None:
         self.rejected += 1
         if room not in self.rejects and len(self.rejects) >= REJECT_ROOMS:
@@ -598,5 +603,6 @@ class Rooms:
             "bytes": self.bytes,
             "rooms_evicted": self.rooms_evicted,
             "rooms_removed": self.rooms_removed,
+            "dropped_busy": self.dropped_busy,
             "limits": self.limits,
         }

@@ -13,10 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import orjson
 import pytest
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
 
+from dashboard.mqtt import incoming_queue
 from dashboard.schemas import STEMS, published, schema_error
 from dashboard.state import Rejected, Rooms
 
@@ -383,3 +385,27 @@ def test_the_fast_validators_agree_with_the_published_schemas() -> None:
             assert (schema_error(name, v) is None) == reference[name].is_valid(v), (name, v)
             checked += 1
     assert checked > 500
+
+
+def test_the_incoming_queue_is_bounded_in_bytes_and_never_holds_an_oversized_payload() -> None:
+    """aiomqtt's queue between paho and the dashboard is unbounded by default: a flood
+    faster than validation, or 10 MB payloads, would pile up there before any check."""
+    rooms = Rooms("iort", max_payload_bytes=1024)
+    seen: list[str] = []
+    queue = incoming_queue(rooms, lambda _t, exc: seen.append(exc.reason), max_bytes=3000)()
+
+    def msg(n: int) -> aiomqtt.Message:
+        return aiomqtt.Message(T + "telemetry", b"x" * n, 1, False, 1, None)
+
+    queue.put_nowait(msg(10_000_000))
+    assert queue.qsize() == 0, "an oversized payload is never queued"
+    assert rooms.snapshot(0.0)["diagnostics"]["rejected"] == 1
+    for _ in range(3):
+        queue.put_nowait(msg(1000))
+    queue.put_nowait(msg(1000))
+    assert queue.qsize() == 3, "beyond 3000 bytes waiting, a message is dropped"
+    assert rooms.dropped_busy == 1
+    assert seen == ["payload too large", "dropped: dashboard busy"]
+    queue.get_nowait()
+    queue.put_nowait(msg(1000))
+    assert queue.qsize() == 3, "room again once one is taken"
