@@ -100,15 +100,20 @@ class Hub:
         return {**snap, "broker": self.broker.out(self.broker_url)}
 
     def tick(self, sub: Subscriber) -> dict[str, Any]:
-        """What a stream's once-a-second ``tick`` carries: the link is alive, and the
-        reject counters of the rooms it follows (so that a flood of bad messages costs the
+        """What a stream's once-a-second ``tick`` carries: the link is alive, the rooms
+        per site (for the overview's list of sites), and the reject counters of the rooms
+        it follows (so that a flood of bad messages costs the
         browser one small event a second, not one per message)."""
         rejected = {
             k: sum(v.values()) for k, v in self.rooms.rejects.items() if k in self.rooms.rooms
         }
+        sites: dict[str, int] = {}
+        for room in self.rooms.rooms.values():
+            sites[room.site] = sites.get(room.site, 0) + 1
         return {
             "broker": self.broker.connected,
             "t": time.time(),
+            "sites": dict(sorted(sites.items())),
             "rejected": {k: n for k, n in rejected.items() if sub.wants(k)},
             "diagnostics": self.rooms.diagnostics(),
         }

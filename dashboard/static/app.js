@@ -704,7 +704,8 @@
     main.replaceChildren();
     const v = { cards: new Map() };
     v.root = el("div", { class: "overview", id: "overview" });
-    v.h1 = el("h1", { text: "All rooms" });
+    const site = pageParams().site;
+    v.h1 = el("h1", { text: site ? "Rooms of site " + site : "All rooms" });
     v.sim = el("div", { class: "banner sim", id: "sim-banner", role: "note", hidden: "" });
     v.sim.innerHTML = ICONS.sim;
     v.sim.append(el("span", { text: "SIMULATED data on this page: marked on each room" }));
@@ -781,6 +782,7 @@
     add("Held", (d.bytes / 1048576).toFixed(1) + " MiB of " + (d.limits.max_bytes / 1048576).toFixed(0) + " MiB");
     add("Rooms evicted (memory)", String(d.rooms_evicted));
     add("Rooms aged out and removed", String(d.rooms_removed));
+    if (d.dropped_busy) add("Dropped unread (dashboard busy)", String(d.dropped_busy));
     v.diagBody.replaceChildren(...rows);
   }
 
@@ -916,12 +918,15 @@
       model.lastServerEvent = performance.now();
       const m = JSON.parse(e.data);
       if (model.rooms.delete(m.room)) structureChanged = true;
+      const site = m.room.split("/")[0];
+      if (model.sites[site] > 1) model.sites[site] -= 1; else delete model.sites[site];
     });
     source.addEventListener("broker", (e) => { model.broker = JSON.parse(e.data); model.lastServerEvent = performance.now(); });
     source.addEventListener("tick", (e) => {
       model.lastServerEvent = performance.now();
       const t = JSON.parse(e.data);
       if (t.diagnostics) model.diagnostics = t.diagnostics;
+      if (t.sites) model.sites = t.sites;
       for (const [key, n] of Object.entries(t.rejected || {})) {
         const room = model.rooms.get(key);
         if (room) room.rejectedTotal = n;

@@ -4,8 +4,10 @@
   payload, unknown topics and deep nesting are published into one room while two others
   go on publishing; every other room keeps updating within its bound, the attacked room
   shows what its daemon published (not the forged "all clear"), its rejects are shown,
-  a room whose daemon stops is STALE although garbage keeps arriving for it, and the page
-  reports no error; the server's own snapshot says the same;
+  a room whose daemon stops is STALE although garbage keeps arriving for it, then AGED OUT
+  and removed; 64 fake retained rooms of another site keep no real room out (sites are
+  listed, rooms paged) and age out too; the page reports no error; the server's own
+  snapshot says the same;
 * the Mosquitto ACL example (config/mosquitto/acl.example), used verbatim: a rogue client
   (the dashboard's read-only user, another room's daemon) that publishes into a room's
   topics is refused by the broker, and nothing of it reaches the dashboard.
@@ -43,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ACL_EXAMPLE = ROOT / "config" / "mosquitto" / "acl.example"
 SITE = "hospital-b"
 STALE_AFTER_S = 2.0
+AGE_OUT_S = 4.0
 U64_MAX = 2**64 - 1
 IL_NAMES = (
     "door",
@@ -181,11 +184,13 @@ async def test_hostile_messages_never_freeze_pin_or_hide_a_room_in_chromium(
     tmp_path: Path, broker: Mosquitto
 ) -> None:
     dash = await Dashboard.start(
-        broker.url, tmp_path / "dashboard.log", "--stale-after", str(STALE_AFTER_S)
+        broker.url,
+        tmp_path / "dashboard.log",
+        *("--stale-after", str(STALE_AFTER_S), "--age-out", str(AGE_OUT_S)),
     )
     rec = Recorder()
-    feeding = {"or-1", "or-3"}
-    doses = {"or-1": 0.0, "or-3": 0.0}
+    feeding = {"or-1", "or-2", "or-3"}
+    doses = {"or-1": 0.0, "or-2": 0.0, "or-3": 0.0}
     try:
         async with client(broker.port, "genuine") as good, client(broker.port, "rogue") as rogue:
             for room in ("or-1", "or-2", "or-3"):
@@ -200,12 +205,12 @@ async def test_hostile_messages_never_freeze_pin_or_hide_a_room_in_chromium(
             )
 
             async def feed() -> None:
-                """or-1 and or-3 publish telemetry at 10 Hz while they are in ``feeding``;
+                """The rooms publish telemetry at 10 Hz while they are in ``feeding``;
                 or-3's daemon stops (leaves it), and then garbage goes to or-3 instead."""
                 seq = 0
                 while True:
                     seq += 1
-                    for room in ("or-1", "or-3"):
+                    for room in ("or-1", "or-2", "or-3"):
                         if room in feeding:
                             doses[room] = round(doses[room] + 0.01, 4)
                             data = orjson.dumps(telemetry(seq, doses[room]))
@@ -228,6 +233,29 @@ async def test_hostile_messages_never_freeze_pin_or_hide_a_room_in_chromium(
                     )
                     await expect(or1).to_have_attribute("data-live", "true", timeout=5_000)
                     await expect(or2).to_contain_text("door TRIPPED")
+
+                    # 64 fake rooms of another site, retained (what kept real rooms off the
+                    # dashboard on f27b8b0): the real ones stay; the overview lists the
+                    # sites and pages the 67 rooms; the fakes, publishing nothing more,
+                    # age out and are removed (checked at the end).
+                    for r in range(64):
+                        await rogue.publish(
+                            topic(f"r{r:02d}", "status", "fake"),
+                            orjson.dumps(status("fake", f"r{r:02d}")),
+                            qos=1,
+                            retain=True,
+                        )
+                    faked = time.monotonic()
+                    await expect(page.locator("#pages")).to_contain_text(
+                        "Page 1 of 2, 67 rooms", timeout=4_000
+                    )
+                    await expect(page.locator("#sites")).to_contain_text("fake (64)")
+                    await expect(page.locator("#sites")).to_contain_text(f"{SITE} (3)")
+                    await expect(cards).to_have_count(48)
+                    await page.locator(f'#sites a[data-site="{SITE}"]').click()
+                    await page.wait_for_url(f"**/?site={SITE}")
+                    await expect(cards).to_have_count(3, timeout=5_000)
+                    await expect(or1).to_have_attribute("data-live", "true", timeout=5_000)
 
                     # or-3's daemon stops; garbage keeps coming for it. The attack on or-2.
                     feeding.discard("or-3")
@@ -276,6 +304,21 @@ async def test_hostile_messages_never_freeze_pin_or_hide_a_room_in_chromium(
                     await expect(page.locator("#rejected")).to_contain_text("schema")
                     await expect(page.locator("#display-error")).to_be_hidden()
                     await shot(page, "21-room-after-hostile-input")
+
+                    # Nothing valid from or-3 (garbage only) and the fakes: AGED OUT after
+                    # --age-out, then removed after twice that; the live rooms stay.
+                    await page.goto(dash.url + f"?site={SITE}", wait_until="domcontentloaded")
+                    left = AGE_OUT_S - (time.monotonic() - stopped)
+                    await expect(or3).to_contain_text(
+                        "AGED OUT", timeout=int((max(0, left) + 2) * 1000)
+                    )
+                    await shot(page, "22-overview-room-aged-out")
+                    await page.goto(dash.url, wait_until="domcontentloaded")
+                    left = 2 * AGE_OUT_S - (time.monotonic() - faked)
+                    await expect(cards).to_have_count(2, timeout=int((max(0, left) + 3) * 1000))
+                    await expect(or1).to_have_attribute("data-live", "true")
+                    await expect(or2).to_be_visible()
+                    await expect(page.locator("#sites")).to_be_hidden()
                     assert rec.errors == [], f"the page reported errors: {rec.errors}"
             finally:
                 feeder.cancel()
