@@ -454,3 +454,86 @@ async def test_the_acl_example_refuses_a_rogue_publisher(tmp_path: Path) -> None
             ]["door"] == ("tripped")
         finally:
             assert await dash.stop() == 0
+
+
+def _sse(event: str, data: dict[str, Any]) -> str:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
+
+
+def _held(payload: dict[str, Any]) -> dict[str, Any]:
+    return {"payload": payload, "age_ms": 0}
+
+
+@pytest.mark.browser
+async def test_the_page_draws_each_room_and_section_in_isolation(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    """What the server would never pass (it validates), handed to the page directly by
+    Playwright in place of the server's stream: a room whose data throws shows DISPLAY
+    ERROR on its own card, never LIVE, and the room beside it is drawn and updated; on a
+    room page, a part that throws is named and the other parts are drawn."""
+    dash = await Dashboard.start(broker.url, tmp_path / "dashboard.log")
+    config = {"stale_after_s": 5, "history_points": 100, "tick_s": 1, "age_out_s": 60}
+    config["page_size"] = 48
+    bad_il = {**interlocks(1), "interlocks": dict.fromkeys(IL_NAMES, 1), "all_clear": False}
+
+    def room(name: str, **retained: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "site": SITE,
+            "room": name,
+            "retained": {
+                "status": _held(status(SITE, name)),
+                **{k: _held(v) for k, v in retained.items()},
+            },
+            "telemetry": _held(telemetry(1, 0.5)),
+            "history": [],
+            "events": [],
+            "rejected": {},
+            "last_valid_age_ms": 0,
+        }
+
+    snap = {
+        "config": config,
+        "broker": {"connected": True, "reason": "connected", "url": broker.url, "age_ms": 0},
+        "sites": {SITE: 2},
+        "rooms": {
+            f"{SITE}/a-bad": room("a-bad", interlocks=bad_il),
+            f"{SITE}/b-good": room("b-good"),
+        },
+    }
+    update = {"room": f"{SITE}/b-good", "name": "telemetry", "payload": telemetry(2, 0.75)}
+    body = "retry: 600000\n\n" + _sse("snapshot", snap) + _sse("msg", update)
+    broken_delivery = env(1, delivery={"delivery_id": "d", "phase": "IRRADIATING", "gaps": 5})
+    room_snap = {**snap, "rooms": {f"{SITE}/a-bad": room("a-bad", delivery=broken_delivery)}}
+    room_body = "retry: 600000\n\n" + _sse("snapshot", {**room_snap, "only": f"{SITE}/a-bad"})
+    rec = Recorder()
+    try:
+        async with chromium() as browser:
+            page = await browser.new_page(viewport={"width": 1500, "height": 1000})
+            rec.attach(page)
+
+            async def events(route: Any) -> None:
+                text = room_body if "room=" in route.request.url else body
+                await route.fulfill(status=200, content_type="text/event-stream", body=text)
+
+            await page.route("**/events*", events)
+            await page.goto(dash.url, wait_until="domcontentloaded", timeout=15_000)
+            bad = page.locator(f'section.card[data-room="{SITE}/a-bad"]')
+            good = page.locator(f'section.card[data-room="{SITE}/b-good"]')
+            await expect(bad).to_have_attribute("data-error", "true", timeout=5_000)
+            await expect(bad).to_contain_text("DISPLAY ERROR")
+            await expect(bad).to_have_attribute("data-live", "false")
+            await expect(good.locator(".big")).to_have_text("0.75", timeout=5_000)
+            await expect(good).not_to_have_attribute("data-error", "true")
+            await shot(page, "23-overview-one-room-cannot-be-drawn")
+
+            await page.goto(dash.url + f"room/{SITE}/a-bad", wait_until="domcontentloaded")
+            await expect(page.locator("#display-error")).to_contain_text(
+                "delivery facts", timeout=5_000
+            )
+            await expect(page.locator("#dose-primary")).to_have_text("0.50")
+            await expect(page.locator("#all-clear")).to_contain_text("No interlock report")
+            await shot(page, "24-room-one-part-cannot-be-drawn")
+            assert rec.errors == [], f"the page reported errors: {rec.errors}"
+    finally:
+        assert await dash.stop() == 0
