@@ -116,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
         default=state.AGE_OUT_S,
         metavar="S",
         help="a room with no valid message for S seconds is shown AGED OUT, and removed "
-        "after 2 x S (default 3600)",
+        "after 2 x S (default 86400, a day)",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p

@@ -47,7 +47,7 @@
 
   // ---- the model: the server's snapshot, then every message applied in order ----------
   const model = {
-    config: { stale_after_s: 5, history_points: 4000, tick_s: 1, age_out_s: 3600, page_size: 48 },
+    config: { stale_after_s: 5, history_points: 4000, tick_s: 1, age_out_s: 86400, page_size: 48 },
     only: null,
     site: null,
     sites: {},
