@@ -161,7 +161,7 @@ def build_app(
                 while True:
                     try:
                         async with asyncio.timeout(max(0.0, next_tick - loop.time())):
-                            item = await sub.queue.get()
+                            item = await sub.next()
                     except TimeoutError:
                         item = None
                     if item is CLOSED:

@@ -5,7 +5,8 @@ or every room; the overview's streams get summaries (no plots or event lists: th
 overview does not show them, and the snapshot of hundreds of rooms stays small). Rooms
 removed (aged out, or evicted for memory) are announced as ``removed``.
 
-Each browser stream has a bounded queue. A browser that cannot keep up is not waited for:
+Each browser stream has a bounded queue, in messages (``QUEUE_MESSAGES``) and in the bytes
+of the payloads waiting (``QUEUE_BYTES``). A browser that cannot keep up is not waited for:
 its queue is closed, its stream ends, and the browser's EventSource reconnects and starts
 again from a fresh snapshot (so it never shows a silently thinned stream as complete).
 """
@@ -20,13 +21,17 @@ from typing import Any
 
 from dashboard.state import Accepted, Rooms
 
-__all__ = ["CLOSED", "Hub", "Outgoing", "Subscriber"]
+__all__ = ["CLOSED", "QUEUE_BYTES", "QUEUE_MESSAGES", "Hub", "Outgoing", "Subscriber"]
+
+QUEUE_MESSAGES = 5000  # per browser stream
+QUEUE_BYTES = 16 * 1024 * 1024  # per browser stream, of payloads waiting
 
 
 @dataclass(frozen=True, slots=True)
 class Outgoing:
     event: str
     data: dict[str, Any]
+    size: int = 0  # bytes of the payload it carries, charged while it waits
 
 
 CLOSED = Outgoing("closed", {})
@@ -37,23 +42,38 @@ class Subscriber:
     only: str | None  # a room key, or None for every room
     site: str | None = None  # only the rooms of this site
 
+    queue: asyncio.Queue[Outgoing] = field(
+        default_factory=lambda: asyncio.Queue(maxsize=QUEUE_MESSAGES)
+    )
+    dropped: bool = False
+    bytes: int = 0  # of the messages waiting
+
     def wants(self, room: str) -> bool:
         return (self.only is None or self.only == room) and (
             self.site is None or room.split("/", 1)[0] == self.site
         )
 
-    queue: asyncio.Queue[Outgoing] = field(default_factory=lambda: asyncio.Queue(maxsize=5000))
-    dropped: bool = False
-
     def offer(self, item: Outgoing) -> None:
         if self.dropped:
             return
-        try:
-            self.queue.put_nowait(item)
-        except asyncio.QueueFull:
-            self.dropped = True
-            self.queue = asyncio.Queue(maxsize=1)
-            self.queue.put_nowait(CLOSED)
+        if self.bytes + item.size <= QUEUE_BYTES:
+            try:
+                self.queue.put_nowait(item)
+            except asyncio.QueueFull:
+                pass
+            else:
+                self.bytes += item.size
+                return
+        # Too far behind: end its stream; the browser reconnects to a fresh snapshot.
+        self.dropped = True
+        self.bytes = 0
+        self.queue = asyncio.Queue(maxsize=1)
+        self.queue.put_nowait(CLOSED)
+
+    async def next(self) -> Outgoing:
+        item = await self.queue.get()
+        self.bytes -= item.size
+        return item
 
 
 @dataclass
@@ -120,7 +140,9 @@ class Hub:
 
     def message(self, acc: Accepted) -> None:
         out = Outgoing(
-            "msg", {"room": acc.room.key, "name": acc.name, "payload": acc.payload, "age_ms": 0}
+            "msg",
+            {"room": acc.room.key, "name": acc.name, "payload": acc.payload, "age_ms": 0},
+            acc.size,
         )
         for sub in list(self._subs):
             if sub.wants(acc.room.key):

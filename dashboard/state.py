@@ -374,6 +374,7 @@ class Accepted:
     room: Room
     name: str
     payload: Payload
+    size: int = 0  # bytes on the wire
 
 
 class Rooms:
@@ -510,7 +511,7 @@ class Rooms:
         # Room state is O(1) to reorder: the most recently valid room goes last.
         self.rooms[key] = self.rooms.pop(key)
         self._evict(keep=key)
-        return Accepted(room, name, p)
+        return Accepted(room, name, p, size)
 
     def _evict(self, keep: str) -> None:
         """Over the byte bound: the rooms longest without a valid message go first."""

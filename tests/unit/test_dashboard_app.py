@@ -91,3 +91,35 @@ def test_host_names_are_compared_without_port_and_case() -> None:
     assert host_name("[::1]:8080") == "[::1]"
     assert host_name("::1") == "[::1]"
     assert host_name("127.0.0.1") == "127.0.0.1"
+
+
+async def test_a_browser_stream_that_falls_behind_is_bounded_in_bytes_and_closed() -> None:
+    """Each browser's queue holds at most QUEUE_BYTES of payloads: a browser that cannot
+    keep up with large messages is cut off (it reconnects to a fresh snapshot) rather
+    than held in memory."""
+    rooms = Rooms("iort")
+    hub = Hub(rooms, "mqtt://127.0.0.1:1883", clock=lambda: 0.0)
+    sub = hub.subscribe(None)
+    message = b"x" * 200_000
+    data = orjson.dumps(
+        {
+            "schema": "iort/v1",
+            "session": 1,
+            "seq": 0,
+            "ts": "2026-11-26T10:00:00.000000Z",
+            "sim": True,
+            "historical": False,
+            "kind": "daemon_notice",
+            "delivery_id": None,
+            "at": "2026-11-26T10:00:00.000000Z",
+            "severity": "info",
+            "message": message.decode(),
+        }
+    )
+    for seq in range(1, 200):  # 40 MB in all, far below the 5000-message bound
+        acc = rooms.receive("iort/v1/s/r/events", data.replace(b'"seq":0', b'"seq":%d' % seq), 0.0)
+        assert acc is not None
+        hub.message(acc)
+    assert sub.dropped, "the stream was closed"
+    assert sub.queue.qsize() == 1
+    assert (await sub.next()).event == "closed"
