@@ -118,8 +118,7 @@ class RejectLog:
             "mqtt_message_rejected",
             topic=topic[:200],
             room=exc.room,
-            reason=exc.reason,
-            detail=str(exc)[:200],
+            reason=exc.reason,  # bounded, and never a value from the payload
             rejected_total=total,
             not_logged_since_last=self.suppressed,
         )

@@ -16,9 +16,10 @@ from typing import Any
 import aiomqtt
 import orjson
 import pytest
+import structlog
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
 
-from dashboard.mqtt import incoming_queue
+from dashboard.mqtt import RejectLog, incoming_queue
 from dashboard.schemas import STEMS, published, schema_error
 from dashboard.state import Rejected, Rooms
 
@@ -409,3 +410,17 @@ def test_the_incoming_queue_is_bounded_in_bytes_and_never_holds_an_oversized_pay
     queue.get_nowait()
     queue.put_nowait(msg(1000))
     assert queue.qsize() == 3, "room again once one is taken"
+
+
+def test_rejects_are_logged_rate_limited_and_never_with_the_payload() -> None:
+    now = [0.0]
+    log = RejectLog(clock=lambda: now[0])
+    with structlog.testing.capture_logs() as logs:
+        for i in range(1001):
+            now[0] = i * 0.01  # 10 s in all: one line at once, one summary at 10 s
+            log(T + "telemetry", Rejected("not JSON", "not JSON: SECRET", room="s/r"), i + 1)
+        log(T + "telemetry", Rejected("seq jump", room="s/r"), 1002)  # a new kind: at once
+    assert [e["reason"] for e in logs] == ["not JSON", "not JSON", "seq jump"]
+    assert logs[1]["not_logged_since_last"] == 999
+    assert "SECRET" not in repr(logs), "only the bounded reason, never what was sent"
+    assert all(e["event"] == "mqtt_message_rejected" for e in logs)
