@@ -99,6 +99,7 @@
         room.rejected = r.rejected || {};
         room.rejectedTotal = Object.values(room.rejected).reduce((a, b) => a + b, 0);
         room.eventsDropped = r.events_dropped || 0;
+        room.notices = r.notices || {};
         room.lastValid = typeof r.last_valid_age_ms === "number" ? now - r.last_valid_age_ms : now;
         model.rooms.set(key, room);
       } catch (err) {
@@ -560,6 +561,12 @@
     add("Rejected messages", room.rejectedTotal === 0 ? "none" :
       room.rejectedTotal + (reasons.length ? " (" + reasons.map(([r, n]) => r + ": " + n).join("; ") + ")" : ""), "rejected");
     if (room.eventsDropped) add("Events dropped", room.eventsDropped + " older events not kept (memory bound)", "events-dropped");
+    const n = room.notices || {};
+    if (n.seq_reset || n.seq_below_high_water) {
+      add("Sequence", (n.seq_reset ? n.seq_reset + " mark(s) overtaken by the live stream (a forged or out-of-sequence seq)" : "") +
+        (n.seq_reset && n.seq_below_high_water ? "; " : "") +
+        (n.seq_below_high_water ? n.seq_below_high_water + " message(s) below the mark dropped" : ""), "sequence");
+    }
     v.facts.replaceChildren(...rows);
   }
 
