@@ -211,6 +211,7 @@ async def consume(settings: BrokerSettings, hub: Hub) -> None:
                             raw,
                             time.monotonic(),
                             retained=bool(message.retain),
+                            wall=time.time(),
                         )
                     except Rejected as exc:
                         reject_log(message.topic.value, exc, hub.rooms.rejected)

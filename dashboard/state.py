@@ -29,11 +29,14 @@ and reason (shown in the snapshot's ``rejected`` and ``diagnostics``) and never 
    than ``seq_window`` past the highest handled in its topic and session (a forged
    ``2^64-1`` would otherwise hide every later genuine message, rule 1 read naively).
 
-The real stream always wins over a forged high-water mark that could not be judged when
-it came (the first message of a session, or one handed over from the broker's retained
-store): a *live* message below a mark set by a retained message takes over at once, and
-``LOWER_RUN`` fresh messages in order below any mark take over too (counted as
-``seq_reset``). Exact repeats (the last ``RECENT`` seqs) are dropped as before. None of
+The real stream always wins over a forged high-water mark that was within the window or
+could not be judged when it came (the first message of a session, or one handed over
+from the broker's retained store): a fresh message below the mark takes over at once if
+it is *live* and the mark came from the retained store, or if its ``ts`` is later than
+the mark's (it was sent after it: the mark was out of sequence; a genuine reordering is
+the other way round, and a ``ts`` more than ``future_s`` ahead of the dashboard's clock is
+refused); and ``LOWER_RUN`` fresh messages in order below any mark take over too (counted
+as ``seq_reset``). Exact repeats (the last ``RECENT`` seqs) are dropped as before. None of
 this authenticates anything: a publisher who sends the next ``seq`` with false content is
 believed. Only the broker's ACL (config/mosquitto/, docs/dashboard.md) stops that.
 
@@ -86,6 +89,7 @@ MAX_PAYLOAD_BYTES = 256 * 1024
 EVENTS_BYTES = 1024 * 1024
 MAX_BYTES = 256 * 1024 * 1024
 SEQ_WINDOW = 1 << 24  # ~9.7 days of 20 Hz telemetry missed, still a gap, not a jump
+FUTURE_S = 3600.0  # a ts further ahead of the dashboard's clock is refused
 AGE_OUT_S = 86400.0  # a day: a running daemon publishes every sample, so only dead ones age
 RECENT = 256  # exact seqs remembered per topic and session, to drop repeats
 LOWER_RUN = 3  # fresh messages in order below a mark that take over from it
@@ -219,11 +223,12 @@ class SeqTrack:
 
     high: int
     soft: bool
+    high_ts: float | None = None  # the mark's ts (ms since the epoch)
     recent: deque[int] = field(default_factory=lambda: deque(maxlen=RECENT))
     lower: int | None = None
     lower_run: int = 0
 
-    def judge(self, seq: int, retained: bool, window: int) -> str:
+    def judge(self, seq: int, retained: bool, window: int, ts: float | None = None) -> str:
         if seq in self.recent:
             return Verdict.REPEAT
         if seq > self.high:
@@ -232,12 +237,17 @@ class SeqTrack:
                     "seq jump",
                     f"seq {seq} is more than {window} past {self.high}, the highest handled",
                 )
-            self._take(seq, retained)
+            self._take(seq, retained, ts)
             return Verdict.NEW
         if self.soft and not retained:
             # The mark came from the broker's store; a live message is newer whatever its
             # seq: the retained one was out of sequence (forged, or from a stray publisher).
-            self._take(seq, retained)
+            self._take(seq, retained, ts)
+            return Verdict.RESET
+        if ts is not None and self.high_ts is not None and ts > self.high_ts:
+            # Sent after the mark, with a lower seq: the mark was out of sequence. (A
+            # genuine reordering is the other way round: the late one is also older.)
+            self._take(seq, retained, ts)
             return Verdict.RESET
         if self.lower is not None and self.lower < seq <= self.lower + window:
             self.lower_run += 1
@@ -246,12 +256,12 @@ class SeqTrack:
         self.lower = seq
         if self.lower_run >= LOWER_RUN:
             self.recent.clear()
-            self._take(seq, retained)
+            self._take(seq, retained, ts)
             return Verdict.RESET
         return Verdict.BELOW
 
-    def _take(self, seq: int, retained: bool) -> None:
-        self.high, self.soft = seq, retained
+    def _take(self, seq: int, retained: bool, ts: float | None) -> None:
+        self.high, self.soft, self.high_ts = seq, retained, ts
         self.recent.append(seq)
         self.lower, self.lower_run = None, 0
 
@@ -282,15 +292,16 @@ class Room:
     def judge_seq(self, name: str, payload: Payload, retained: bool, window: int) -> str:
         k = (name, int(payload["session"]))
         seq = int(payload["seq"])
+        ts = _epoch_ms(payload["ts"])
         track = self._seen.get(k)
         if track is None:
-            track = self._seen[k] = SeqTrack(seq, retained)
+            track = self._seen[k] = SeqTrack(seq, retained, ts)
             track.recent.append(seq)
             if len(self._seen) > SEQ_KEYS:  # bound: old sessions are forgotten, oldest first
                 for old in list(self._seen)[: SEQ_KEYS // 4]:
                     del self._seen[old]
             return Verdict.NEW
-        return track.judge(seq, retained, window)
+        return track.judge(seq, retained, window, ts)
 
     def note(self, what: str) -> None:
         self.notices[what] = self.notices.get(what, 0) + 1
@@ -391,6 +402,7 @@ class Rooms:
         max_bytes: int = MAX_BYTES,
         seq_window: int = SEQ_WINDOW,
         age_out_s: float = AGE_OUT_S,
+        future_s: float = FUTURE_S,
     ) -> None:
         self.prefix = prefix
         self.history_points = history_points
@@ -400,6 +412,7 @@ class Rooms:
         self.max_bytes = max_bytes
         self.seq_window = seq_window
         self.age_out_s = age_out_s
+        self.future_s = future_s
         self.rooms: dict[str, Room] = {}
         self.bytes = 0
         self.accepted = 0
@@ -422,10 +435,17 @@ class Rooms:
             "history_points": self.history_points,
             "seq_window": self.seq_window,
             "age_out_s": self.age_out_s,
+            "future_s": self.future_s,
         }
 
     def receive(
-        self, topic: str, data: bytes, mono: float, *, retained: bool = False
+        self,
+        topic: str,
+        data: bytes,
+        mono: float,
+        *,
+        retained: bool = False,
+        wall: float | None = None,
     ) -> Accepted | None:
         """One MQTT message as received: its size is checked before it is parsed. None for
         a repeat; :class:`Rejected` (counted) for anything not applied."""
@@ -442,7 +462,7 @@ class Rooms:
             exc = Rejected("not JSON", f"not JSON: {str(err)[:120]}")
             self._count(exc, self._room_of(topic))
             raise exc from None
-        return self.accept(topic, payload, mono, size=len(data), retained=retained)
+        return self.accept(topic, payload, mono, size=len(data), retained=retained, wall=wall)
 
     def accept(
         self,
@@ -452,17 +472,25 @@ class Rooms:
         *,
         size: int | None = None,
         retained: bool = False,
+        wall: float | None = None,
     ) -> Accepted | None:
         """Apply one parsed message. None for a repeat; :class:`Rejected` (counted) if it
-        is not applied."""
+        is not applied. ``wall`` (the dashboard's UTC clock, seconds since the epoch)
+        enables the check that ``ts`` is not in the future."""
         try:
-            return self._accept(topic, payload, mono, size, retained)
+            return self._accept(topic, payload, mono, size, retained, wall)
         except Rejected as exc:
             self._count(exc, exc.room or self._room_of(topic))
             raise
 
     def _accept(
-        self, topic: str, payload: object, mono: float, size: int | None, retained: bool
+        self,
+        topic: str,
+        payload: object,
+        mono: float,
+        size: int | None,
+        retained: bool,
+        wall: float | None,
     ) -> Accepted | None:
         site, room_name, name = parse_topic(self.prefix, topic)
         key = f"{site}/{room_name}"
@@ -484,6 +512,11 @@ class Rooms:
             raise Rejected("number out of range", room=key)
         if name == "status" and (p["site"], p["room"]) != (site, room_name):
             raise Rejected("status names another room", room=key)
+        ts = _epoch_ms(p["ts"])
+        if wall is not None and ts is not None and ts > (wall + self.future_s) * 1000:
+            # A future-dated message would win every comparison of time (SeqTrack); no
+            # daemon's clock is that far ahead of ours.
+            raise Rejected("ts in the future", room=key)
         room = self.rooms.get(key)
         if room is None:
             room = Room(site, room_name, self.history_points, self.events_kept, self.events_bytes)

@@ -237,6 +237,44 @@ def test_a_forged_high_water_mark_that_came_first_is_overtaken_by_the_real_strea
     assert snap["notices"].get("seq_reset") == 1
 
 
+def at(second: int) -> str:
+    return f"2026-11-26T10:00:{second:02d}.000000Z"
+
+
+def test_a_forged_mark_within_the_window_is_overtaken_by_the_next_genuine_message() -> None:
+    """The issue's case with a jump small enough to pass the window: the daemon's next
+    interlocks (door tripped) must show at once, not after three more changes."""
+    rooms = Rooms("iort")
+    rooms.receive(T + "interlocks", raw({**interlocks(10), "ts": at(0)}), 0.0)
+    forged = {**interlocks(1_000), "ts": at(1)}
+    assert rooms.receive(T + "interlocks", raw(forged), 1.0) is not None, "it cannot be told"
+    genuine = {**interlocks(11, tripped=("door",)), "ts": at(2)}
+    assert rooms.receive(T + "interlocks", raw(genuine), 2.0) is not None
+    room = rooms.snapshot(3.0)["rooms"]["site-a/or-1"]
+    assert room["retained"]["interlocks"]["payload"]["interlocks"]["door"] == "tripped"
+    assert room["notices"] == {"seq_reset": 1}
+
+
+def test_a_genuine_reordering_does_not_bring_back_an_older_state() -> None:
+    rooms = Rooms("iort")
+    rooms.receive(T + "interlocks", raw({**interlocks(10), "ts": at(0)}), 0.0)
+    rooms.receive(T + "interlocks", raw({**interlocks(12, tripped=("door",)), "ts": at(2)}), 1.0)
+    late = {**interlocks(11), "ts": at(1)}  # sent before 12, arrives after it
+    assert rooms.receive(T + "interlocks", raw(late), 2.0) is None
+    held = rooms.snapshot(3.0)["rooms"]["site-a/or-1"]["retained"]["interlocks"]["payload"]
+    assert held["seq"] == 12
+
+
+def test_a_future_dated_message_is_rejected() -> None:
+    rooms = Rooms("iort", future_s=3600)
+    wall = 1_795_000_000.0  # 2026-11-18
+    future = {**status(1), "ts": "2027-01-01T00:00:00.000000Z"}
+    with pytest.raises(Rejected, match="future"):
+        rooms.receive(T + "status", raw(future), 0.0, wall=wall)
+    now = {**status(1), "ts": "2026-11-18T09:33:20.000000Z"}
+    assert rooms.receive(T + "status", raw(now), 0.0, wall=wall) is not None
+
+
 def test_a_retained_forgery_is_overtaken_by_the_first_live_message() -> None:
     rooms = Rooms("iort")
     # handed over from the broker's retained store at subscription
