@@ -2,7 +2,9 @@
 
 A stream follows one room (a room page), the rooms of one site (the overview of a site)
 or every room; the overview's streams get summaries (no plots or event lists: the
-overview does not show them, and the snapshot of hundreds of rooms stays small). Rooms
+overview does not show them, and the snapshot of hundreds of rooms stays small), and of at
+most ``SNAPSHOT_ROOMS`` rooms, the most recently valid (``rooms_omitted`` says how many
+were left out). Rooms
 removed (aged out, or evicted for memory) are announced as ``removed``.
 
 Each browser stream has a bounded queue, in messages (``QUEUE_MESSAGES``) and in the bytes
@@ -21,10 +23,19 @@ from typing import Any
 
 from dashboard.state import Accepted, Rooms
 
-__all__ = ["CLOSED", "QUEUE_BYTES", "QUEUE_MESSAGES", "Hub", "Outgoing", "Subscriber"]
+__all__ = [
+    "CLOSED",
+    "QUEUE_BYTES",
+    "QUEUE_MESSAGES",
+    "SNAPSHOT_ROOMS",
+    "Hub",
+    "Outgoing",
+    "Subscriber",
+]
 
 QUEUE_MESSAGES = 5000  # per browser stream
 QUEUE_BYTES = 16 * 1024 * 1024  # per browser stream, of payloads waiting
+SNAPSHOT_ROOMS = 1000  # rooms in an overview's snapshot, the most recently valid
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +127,9 @@ class Hub:
 
     def snapshot(self, only: str | None, site: str | None = None) -> dict[str, Any]:
         """One room in full, or (the overview) every room or one site's as summaries."""
-        snap = self.rooms.snapshot(self._clock(), only, site=site, summary=only is None)
+        overview = only is None
+        limit = SNAPSHOT_ROOMS if overview else None
+        snap = self.rooms.snapshot(self._clock(), only, site=site, summary=overview, limit=limit)
         return {**snap, "broker": self.broker.out(self.broker_url)}
 
     def tick(self, sub: Subscriber) -> dict[str, Any]:

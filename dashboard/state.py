@@ -602,20 +602,30 @@ class Rooms:
         *,
         summary: bool = False,
         site: str | None = None,
+        limit: int | None = None,
     ) -> Payload:
         """``rooms`` (one room with ``only``, the rooms of one ``site``, or all; without
-        plots and events with ``summary``), ``sites`` (rooms per site), ``diagnostics``."""
+        plots and events with ``summary``), ``sites`` (rooms per site), ``diagnostics``,
+        and ``rooms_omitted``: at most ``limit`` rooms are given, the most recently valid
+        ones (a flood of fake rooms cannot push live ones out of a snapshot, nor make it
+        huge)."""
+        chosen = [
+            (k, r)
+            for k, r in self.rooms.items()  # least recently valid first
+            if (only is None or k == only) and (site is None or r.site == site)
+        ]
+        omitted = max(0, len(chosen) - limit) if limit is not None else 0
         rooms = {}
-        for k, r in sorted(self.rooms.items()):
-            if (only is None or k == only) and (site is None or r.site == site):
-                out = r.snapshot(now, summary=summary, age_out_s=self.age_out_s)
-                out["rejected"] = dict(self.rejects.get(k, {}))
-                rooms[k] = out
+        for k, r in sorted(chosen[omitted:]):
+            out = r.snapshot(now, summary=summary, age_out_s=self.age_out_s)
+            out["rejected"] = dict(self.rejects.get(k, {}))
+            rooms[k] = out
         sites: dict[str, int] = {}
         for r in self.rooms.values():
             sites[r.site] = sites.get(r.site, 0) + 1
         return {
             "rooms": rooms,
+            "rooms_omitted": omitted,
             "sites": dict(sorted(sites.items())),
             "diagnostics": self.diagnostics(),
         }

@@ -20,6 +20,7 @@
 
 (function () {
   const RETAINED = ["status", "interlocks", "delivery", "audit/checkpoint"];
+  const MAX_ROOMS = 2000;  // rooms the overview holds (the server's snapshot gives <= 1000)
   const INTERLOCK_NAMES = {
     door: "Door",
     emergency_stop: "Emergency stop",
@@ -53,6 +54,7 @@
     sites: {},
     diagnostics: null,
     rooms: new Map(),
+    omitted: 0,
     broker: { connected: false, reason: "not connected yet", url: "" },
     streamOpen: false,
     lastServerEvent: -Infinity,
@@ -85,6 +87,7 @@
     model.site = data.site || null;
     model.sites = data.sites || {};
     model.diagnostics = data.diagnostics || null;
+    model.omitted = data.rooms_omitted || 0;
     model.broker = data.broker;
     model.rooms = new Map();
     for (const [key, r] of Object.entries(data.rooms)) {
@@ -154,6 +157,9 @@
   function applyMessage(m) {
     let room = model.rooms.get(m.room);
     if (!room) {
+      // The overview holds a bounded number of rooms: the server's snapshot gives the
+      // most recently valid ones; a flood of new rooms past that is counted, not held.
+      if (!model.only && model.rooms.size >= MAX_ROOMS) { model.omitted += 1; return; }
       const [site, name] = m.room.split("/");
       room = newRoom(m.room, site, name);
       model.rooms.set(m.room, room);
@@ -747,7 +753,7 @@
   // the set of sites or the number of pages changes.
   function renderSites(v, keys) {
     const { site, page } = pageParams();
-    const sig = JSON.stringify([model.sites, site, page, keys.length]);
+    const sig = JSON.stringify([model.sites, site, page, keys.length, model.omitted]);
     if (v.sitesSig === sig) return;
     v.sitesSig = sig;
     const names = Object.keys(model.sites).sort();
@@ -766,8 +772,9 @@
       if (i === page) attrs["aria-current"] = "page";
       items.push(el("a", attrs, String(i)));
     }
-    v.pages.replaceChildren(el("span", { text: "Page " + Math.min(page, n) + " of " + n + ", " + keys.length + " rooms: " }), ...items);
-    v.pages.hidden = n < 2;
+    const omitted = model.omitted ? " (and " + model.omitted + " less recently active rooms not listed: choose a site)" : "";
+    v.pages.replaceChildren(el("span", { text: "Page " + Math.min(page, n) + " of " + n + ", " + keys.length + " rooms" + omitted + ": " }), ...items);
+    v.pages.hidden = n < 2 && !model.omitted;
   }
 
   function renderDiagnostics(v) {

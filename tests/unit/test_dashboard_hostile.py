@@ -19,6 +19,7 @@ import pytest
 import structlog
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
 
+from dashboard.hub import SNAPSHOT_ROOMS, Hub
 from dashboard.mqtt import RejectLog, incoming_queue
 from dashboard.schemas import STEMS, published, schema_error
 from dashboard.state import Rejected, Rooms
@@ -462,3 +463,19 @@ def test_rejects_are_logged_rate_limited_and_never_with_the_payload() -> None:
     assert logs[1]["not_logged_since_last"] == 999
     assert "SECRET" not in repr(logs), "only the bounded reason, never what was sent"
     assert all(e["event"] == "mqtt_message_rejected" for e in logs)
+
+
+def test_an_overview_snapshot_gives_the_most_recently_valid_rooms_and_says_how_many_not() -> None:
+    rooms = Rooms("iort")
+    hub = Hub(rooms, "mqtt://127.0.0.1:1883", clock=lambda: 10.0)
+    rooms.receive(T + "status", raw(status(1)), 0.0)  # the real room, first in
+    for r in range(SNAPSHOT_ROOMS + 200):  # a flood of fake rooms after it
+        topic = f"iort/v1/aaa/r{r}/status"
+        rooms.receive(topic, raw(status(1, site="aaa", room=f"r{r}")), 1.0)
+    rooms.receive(T + "telemetry", raw(telemetry(1)), 2.0)  # the real room goes on
+    snap = hub.snapshot(None)
+    assert len(snap["rooms"]) == SNAPSHOT_ROOMS
+    assert snap["rooms_omitted"] == 201
+    assert "site-a/or-1" in snap["rooms"], "the live room is in, the oldest fakes are not"
+    assert "aaa/r0" not in snap["rooms"]
+    assert hub.snapshot("aaa/r0")["rooms"], "a room page still gets its room"
