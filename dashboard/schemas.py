@@ -7,7 +7,7 @@ validator per topic is built once, at start (jsonschema 4.26, Draft 2020-12). Th
 ``date-time`` format is not asserted separately: every timestamp in v1 also carries a
 ``pattern`` (RFC 3339, microseconds, ``Z``), which is.
 
-Speed, measured (tests/unit/test_dashboard_hostile.py prints it): jsonschema walks the
+Speed, measured (benchmarks/dashboard_validation.py): jsonschema walks the
 schema for every message, and resolving ``$ref`` is half of that. So, once at load, local
 ``$ref``s are inlined (v1 has no recursive definitions; a cycle is refused), and the
 ``events`` schema, a ``oneOf`` of one branch per ``kind``, is split so that a message is
