@@ -81,6 +81,11 @@ SCHEMA = "iort/v1"
 RETAINED = ("status", "interlocks", "delivery", "audit/checkpoint")
 STREAMS = ("telemetry", "events")
 NAMES = RETAINED + STREAMS
+# Topics of the contract (ARCHITECTURE: applicator, alarms, signed commands in) that the
+# dashboard does not show: passed over, counted as ``ignored``, never as invalid, so that
+# a room's card does not report its own commands or future topics as rejected.
+NOT_SHOWN = ("applicator", "alarms")
+NOT_SHOWN_PREFIX = "cmd/"
 _SLUG = re.compile(r"^[^/+#\x00]+$")
 _SLUG_MAX = 128  # bytes of a site or room name in a topic
 
@@ -417,6 +422,7 @@ class Rooms:
         self.bytes = 0
         self.accepted = 0
         self.repeats = 0
+        self.ignored = 0  # topics of the contract the dashboard does not show
         self.rejected = 0
         self.rooms_evicted = 0
         self.rooms_removed = 0
@@ -448,7 +454,13 @@ class Rooms:
         wall: float | None = None,
     ) -> Accepted | None:
         """One MQTT message as received: its size is checked before it is parsed. None for
-        a repeat; :class:`Rejected` (counted) for anything not applied."""
+        a repeat or a topic not shown (``NOT_SHOWN``); :class:`Rejected` (counted) for
+        anything not applied."""
+        head = f"{self.prefix}/v1/"
+        parts = topic[len(head) :].split("/", 2) if topic.startswith(head) else []
+        if len(parts) == 3 and (parts[2] in NOT_SHOWN or parts[2].startswith(NOT_SHOWN_PREFIX)):
+            self.ignored += 1
+            return None
         if len(data) > self.max_payload_bytes:
             exc = Rejected(
                 "payload too large",
@@ -640,6 +652,7 @@ class Rooms:
         return {
             "accepted": self.accepted,
             "repeats": self.repeats,
+            "ignored": self.ignored,
             "rejected": self.rejected,
             "rejected_by_reason": dict(sorted(by_reason.items(), key=lambda kv: -kv[1])[:50]),
             "rejected_without_room": dict(sorted(elsewhere.items())[:50]),

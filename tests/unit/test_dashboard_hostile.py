@@ -479,3 +479,15 @@ def test_an_overview_snapshot_gives_the_most_recently_valid_rooms_and_says_how_m
     assert "site-a/or-1" in snap["rooms"], "the live room is in, the oldest fakes are not"
     assert "aaa/r0" not in snap["rooms"]
     assert hub.snapshot("aaa/r0")["rooms"], "a room page still gets its room"
+
+
+def test_topics_of_the_contract_it_does_not_show_are_ignored_not_counted_as_invalid() -> None:
+    rooms = Rooms("iort")
+    for name in ("applicator", "alarms", "cmd/ack", "cmd/prescription"):
+        assert rooms.receive(T + name, b'{"anything": 1}', 0.0) is None
+    with pytest.raises(Rejected, match="unknown"):
+        rooms.receive(T + "applicator/x", b"{}", 0.0)
+    diag = rooms.snapshot(1.0)["diagnostics"]
+    assert diag["ignored"] == 4
+    assert diag["rejected"] == 1
+    assert rooms.rooms == {}
