@@ -789,6 +789,7 @@
     const add = (k, val) => rows.push(el("dt", { text: k }), el("dd", { text: val }));
     add("Accepted", String(d.accepted));
     add("Repeats dropped", String(d.repeats));
+    if (d.ignored) add("Ignored (topics not shown here: applicator, alarms, commands)", String(d.ignored));
     add("Rejected", String(d.rejected));
     for (const [r, n] of Object.entries(d.rejected_by_reason || {}).slice(0, 10)) add("  " + r, String(n));
     const elsewhere = Object.entries(d.rejected_without_room || {});
