@@ -2,38 +2,54 @@
 
 Routes:
 
-* ``/`` the overview of every room; ``/room/{site}/{room}`` one room. Both are the same
-  HTML page; its script reads the path.
-* ``/events`` (``?room=SITE/ROOM`` to follow one room): a ``text/event-stream`` that starts
-  with a ``snapshot`` of what the dashboard holds, then one ``msg`` per MQTT message
-  accepted, ``broker`` when the dashboard's own MQTT connection changes, and a ``tick``
-  every second so that the browser knows the stream itself is alive.
-* ``/api/snapshot`` (``?room=``): the same snapshot as JSON, for scripts and tests.
+* ``/`` the overview (``?site=SITE`` one site's rooms; ``&page=N`` pages them);
+  ``/room/{site}/{room}`` one room. Both are the same HTML page; its script reads the path.
+* ``/events`` (``?room=SITE/ROOM`` to follow one room, ``?site=SITE`` one site's rooms): a
+  ``text/event-stream`` that starts with a ``snapshot`` of what the dashboard holds (for
+  the overview: summaries, without plots and event lists), then one ``msg`` per MQTT
+  message accepted, ``removed`` when a room is aged out or evicted, ``broker`` when the
+  dashboard's own MQTT connection changes, and a ``tick`` every second (the stream is
+  alive; reject counters and diagnostics).
+* ``/api/snapshot`` (``?room=`` / ``?site=``): the same snapshot as JSON, for scripts,
+  tests and diagnostics (``diagnostics``: what was rejected, per reason and per room).
 * ``/static/...``: scripts, styles and fonts, all from this package. Nothing is loaded from
   any other host; the Content-Security-Policy says so to the browser too.
+
+Every request must name an allowed host in its ``Host`` header (Starlette's
+``TrustedHostMiddleware``, no ``www.`` redirect; by default the address the dashboard
+listens on, ``localhost``, ``127.0.0.1`` and ``[::1]``), else it gets 400 and nothing else:
+a page from another origin that a DNS-rebinding attack points at our address cannot read
+the snapshot, since its requests carry its own host name.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
 from starlette.applications import Starlette
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import (
+    FileResponse,
+    JSONResponse,
+    Response,
+    StreamingResponse,
+)
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from dashboard.hub import CLOSED, Hub
 
-__all__ = ["SECURITY_HEADERS", "STATIC", "build_app"]
+__all__ = ["DEFAULT_HOSTS", "SECURITY_HEADERS", "STATIC", "build_app", "host_name"]
 
 STATIC = Path(__file__).resolve().parent / "static"
 TICK_S = 1.0
+PAGE_SIZE = 48  # room cards per overview page
+DEFAULT_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 # Only this origin, for everything: a page that tried to reach another host would be
 # blocked by the browser, not only by our discipline.
 SECURITY_HEADERS = {
@@ -63,6 +79,23 @@ def _room_param(request: Request) -> str | None:
     return room or None
 
 
+def _site_param(request: Request) -> str | None:
+    site = request.query_params.get("site")
+    return site or None
+
+
+def host_name(host: str) -> str:
+    """An allowed-host entry as Starlette compares it: lower case, without a port; an IPv6
+    literal in brackets (``::1`` and ``[::1]:8080`` give ``[::1]``)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end > 0 else host
+    if host.count(":") > 1:  # a bare IPv6 literal
+        return f"[{host}]"
+    return host.split(":", 1)[0]
+
+
 class _Headers:
     """Adds the security headers to every HTTP response."""
 
@@ -88,39 +121,56 @@ class _Headers:
         await self.app(scope, receive, send_with_headers)
 
 
-def build_app(hub: Hub, *, stale_after_s: float, history_points: int) -> ASGIApp:
+def build_app(
+    hub: Hub,
+    *,
+    stale_after_s: float,
+    history_points: int,
+    allowed_hosts: Sequence[str] = DEFAULT_HOSTS,
+) -> ASGIApp:
     config = {
         "stale_after_s": stale_after_s,
         "history_points": history_points,
         "tick_s": TICK_S,
+        "age_out_s": hub.rooms.age_out_s,
+        "page_size": PAGE_SIZE,
+        "limits": hub.rooms.limits,
     }
 
     async def page(request: Request) -> Response:
         return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
 
     async def snapshot(request: Request) -> Response:
-        return JSONResponse({"config": config, **hub.snapshot(_room_param(request))})
+        snap = hub.snapshot(_room_param(request), _site_param(request))
+        return JSONResponse({"config": config, **snap})
 
     async def events(request: Request) -> Response:
-        only = _room_param(request)
+        only, site = _room_param(request), _site_param(request)
         # Subscribe before the snapshot, in the same step of the loop: nothing accepted
         # between the two can be missed.
-        sub = hub.subscribe(only)
-        first = {"config": config, "only": only, **hub.snapshot(only)}
+        sub = hub.subscribe(only, site)
+        first = {"config": config, "only": only, "site": site, **hub.snapshot(only, site)}
 
         async def stream() -> AsyncIterator[bytes]:
+            loop = asyncio.get_running_loop()
             try:
                 yield _sse("snapshot", first)
+                # A tick every TICK_S, also while messages flow (it carries the reject
+                # counters, which no message does).
+                next_tick = loop.time() + TICK_S
                 while True:
                     try:
-                        async with asyncio.timeout(TICK_S):
-                            item = await sub.queue.get()
+                        async with asyncio.timeout(max(0.0, next_tick - loop.time())):
+                            item = await sub.next()
                     except TimeoutError:
-                        yield _sse("tick", {"broker": hub.broker.connected, "t": time.time()})
-                        continue
+                        item = None
                     if item is CLOSED:
                         return
-                    yield _sse(item.event, item.data)
+                    if item is not None:
+                        yield _sse(item.event, item.data)
+                    if loop.time() >= next_tick:
+                        yield _sse("tick", hub.tick(sub))
+                        next_tick = loop.time() + TICK_S
             finally:
                 hub.unsubscribe(sub)
 
@@ -139,4 +189,5 @@ def build_app(hub: Hub, *, stale_after_s: float, history_points: int) -> ASGIApp
             Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
         ],
     )
-    return _Headers(app)
+    hosts = [host_name(h) for h in allowed_hosts]
+    return _Headers(TrustedHostMiddleware(app, allowed_hosts=hosts, www_redirect=False))

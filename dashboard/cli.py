@@ -1,7 +1,9 @@
 """``iort-dashboard``: the live delivery dashboard, an MQTT consumer with a web page.
 
 Exit status: 0 after a requested stop (SIGINT/SIGTERM); 2 for a usage or configuration
-error (a bad broker URL, a password that cannot be read, a port in use), named on stderr.
+error (a bad broker URL, a password that cannot be read, a port in use, a limit out of
+range), named on stderr. The byte limits and the age-out bound go to `dashboard.state`;
+the allowed hosts to `dashboard.app.TrustedHosts`.
 On start it prints one line to stdout, ``iort-dashboard: serving http://HOST:PORT/``,
 so that a script (``iortd demo``) can learn the port when ``--port 0`` picked it.
 """
@@ -27,7 +29,8 @@ import structlog
 import uvicorn
 
 from daemon.logs import configure_logging
-from dashboard.app import build_app
+from dashboard import state
+from dashboard.app import DEFAULT_HOSTS, build_app
 from dashboard.hub import Hub
 from dashboard.mqtt import BrokerSettings, UrlError, consume, parse_broker_url
 from dashboard.state import Rooms
@@ -37,6 +40,7 @@ __all__ = ["main"]
 EXIT_OK = 0
 EXIT_USAGE = 2
 SHUTDOWN_TIMEOUT_S = 5.0
+SWEEP_S = 1.0
 log = structlog.get_logger("iort_dashboard")
 
 
@@ -75,6 +79,44 @@ def _parser() -> argparse.ArgumentParser:
         default=4000,
         metavar="N",
         help="telemetry points kept per room for the plots (default 4000)",
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name browsers use to reach the dashboard (repeatable); the listen "
+        "address, localhost, 127.0.0.1 and [::1] are always allowed; any other Host gets 400",
+    )
+    p.add_argument(
+        "--max-payload-kib",
+        type=int,
+        default=state.MAX_PAYLOAD_BYTES // 1024,
+        metavar="N",
+        help="a larger MQTT payload is rejected and counted (default 256)",
+    )
+    p.add_argument(
+        "--events-kib",
+        type=int,
+        default=state.EVENTS_BYTES // 1024,
+        metavar="N",
+        help="events kept per room, in KiB (default 1024; at most 200 events either way)",
+    )
+    p.add_argument(
+        "--max-state-mib",
+        type=int,
+        default=state.MAX_BYTES // (1024 * 1024),
+        metavar="N",
+        help="all rooms together, in MiB; beyond it the room longest without a valid message "
+        "is evicted (default 256)",
+    )
+    p.add_argument(
+        "--age-out",
+        type=float,
+        default=state.AGE_OUT_S,
+        metavar="S",
+        help="a room with no valid message for S seconds is shown AGED OUT, and removed "
+        "after 2 x S (default 86400, a day)",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
@@ -125,6 +167,34 @@ def settings_from_args(args: argparse.Namespace) -> BrokerSettings:
         raise UsageError(f"--history-points: must be 100..100000; got {args.history_points}")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port: must be 0..65535; got {args.port}")
+    if not 1 <= args.max_payload_kib <= 64 * 1024:
+        raise UsageError(f"--max-payload-kib: must be 1..65536; got {args.max_payload_kib}")
+    if not args.max_payload_kib <= args.events_kib <= 1024 * 1024:
+        raise UsageError(
+            f"--events-kib: must be at least --max-payload-kib ({args.max_payload_kib}) and "
+            f"at most 1048576; got {args.events_kib}"
+        )
+    if not 1 <= args.max_state_mib <= 1024 * 1024:
+        raise UsageError(f"--max-state-mib: must be 1..1048576; got {args.max_state_mib}")
+    if args.max_state_mib * 1024 < 8 * args.max_payload_kib + args.events_kib:
+        raise UsageError(
+            "--max-state-mib: too small to hold one room "
+            "(8 x --max-payload-kib + --events-kib); raise it"
+        )
+    if not args.age_out > 0:
+        raise UsageError(f"--age-out: must be > 0 seconds; got {args.age_out}")
+    for name in args.allowed_host:
+        # Starlette's rule: "*" alone, or a leading "*." and no other "*".
+        wildcard_ok = (
+            "*" not in name
+            or name == "*"
+            or (name.startswith("*.") and len(name) > 2 and "*" not in name[1:])
+        )
+        if not name or any(c in name for c in "/ \t@?#") or not wildcard_ok:
+            raise UsageError(
+                f"--allowed-host: {name!r} is not a host name (no scheme, port or path; "
+                "a wildcard only as *.example.org)"
+            )
     return BrokerSettings(
         host=host,
         port=port,
@@ -169,20 +239,52 @@ class _Server(uvicorn.Server):
         yield
 
 
+def rooms_from_args(prefix: str, args: argparse.Namespace) -> Rooms:
+    return Rooms(
+        prefix,
+        history_points=args.history_points,
+        max_payload_bytes=args.max_payload_kib * 1024,
+        events_bytes=args.events_kib * 1024,
+        max_bytes=args.max_state_mib * 1024 * 1024,
+        age_out_s=args.age_out,
+    )
+
+
+def allowed_hosts(bind_host: str, extra: Sequence[str]) -> list[str]:
+    """Who may be named in a request's Host header: the listen address (unless it is a
+    wildcard), the loopback names, and what ``--allowed-host`` adds."""
+    hosts = list(DEFAULT_HOSTS)
+    if not ipaddress.ip_address(bind_host).is_unspecified:
+        hosts.append(bind_host)
+    return hosts + list(extra)
+
+
+async def sweep(hub: Hub) -> None:
+    """Remove aged-out rooms, once a second (a timer, not I/O)."""
+    while True:
+        await asyncio.sleep(SWEEP_S)
+        hub.sweep()
+
+
 async def serve(
     settings: BrokerSettings,
     sock: socket.socket,
     *,
     stale_after_s: float,
-    history_points: int,
+    rooms: Rooms,
+    hosts: Sequence[str],
 ) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    rooms = Rooms(settings.prefix, history_points=history_points)
     hub = Hub(rooms, settings.url, clock=time.monotonic)
-    app = build_app(hub, stale_after_s=stale_after_s, history_points=history_points)
+    app = build_app(
+        hub,
+        stale_after_s=stale_after_s,
+        history_points=rooms.history_points,
+        allowed_hosts=hosts,
+    )
     config = uvicorn.Config(
         app,
         log_config=None,
@@ -199,6 +301,7 @@ async def serve(
         async with asyncio.TaskGroup() as tg:
             web = tg.create_task(server.serve(sockets=[sock]), name="http")
             mqtt = tg.create_task(consume(settings, hub), name="mqtt")
+            sweeper = tg.create_task(sweep(hub), name="sweep")
             log.info("dashboard_serving", url=url, broker=settings.url, prefix=settings.prefix)
             print(f"iort-dashboard: serving {url}", flush=True)  # noqa: T201 - the ready line
             stopper = tg.create_task(stop.wait(), name="stop")
@@ -214,6 +317,7 @@ async def serve(
                 log.error("shutdown_timeout", timeout_s=SHUTDOWN_TIMEOUT_S)
                 web.cancel(msg="shutdown timed out")
             mqtt.cancel(msg="shutdown")
+            sweeper.cancel(msg="shutdown")
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
@@ -238,7 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings,
             sock,
             stale_after_s=args.stale_after,
-            history_points=args.history_points,
+            rooms=rooms_from_args(settings.prefix, args),
+            hosts=allowed_hosts(sock.getsockname()[0], args.allowed_host),
         )
     )
 

@@ -3,6 +3,18 @@
 aiomqtt has no reconnect, so this is an explicit loop with capped, jittered backoff; every
 change of connection state is logged and pushed to the browsers, which show every room as
 offline while the dashboard itself has no broker (never frozen values as live).
+
+Every message goes through `dashboard.state.Rooms.receive` (size, JSON, schema, seq); what
+is rejected is counted there and logged here, rate-limited (`RejectLog`): the first of each
+(room, reason) at once, then at most one summary line per ``REJECT_LOG_EVERY_S`` with the
+count, so a flood of bad messages cannot flood the operational log.
+
+Between paho and us, aiomqtt keeps received messages in a queue that is unbounded by
+default. Here it is `incoming_queue`, bounded in **bytes**: a payload larger than the
+dashboard's limit is counted as rejected and never queued (paho has read it, and drops it
+when the callback returns), and when ``INCOMING_BYTES`` are waiting (a flood faster than
+validation) further messages are dropped and counted (``dropped_busy``), never buffered
+without bound.
 """
 
 from __future__ import annotations
@@ -14,19 +26,19 @@ import socket
 import ssl
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiomqtt
-import orjson
 import structlog
 
 from daemon.mqtt.tls import client_tls_context
 from dashboard.hub import Hub
-from dashboard.state import Rejected
+from dashboard.state import Rejected, Rooms
 
-__all__ = ["BrokerSettings", "UrlError", "consume", "parse_broker_url"]
+__all__ = ["BrokerSettings", "RejectLog", "UrlError", "consume", "parse_broker_url"]
 
 log = structlog.get_logger("iort_dashboard.mqtt")
 _PAHO_LOG = logging.getLogger("iort_dashboard.paho")
@@ -35,7 +47,9 @@ BACKOFF_INITIAL_S = 0.5
 BACKOFF_MAX_S = 10.0
 TIMEOUT_S = 10.0  # connect and subscribe
 KEEPALIVE_S = 5  # a dead link is noticed within 1.5 x this
-REJECT_LOG_EVERY = 1000
+REJECT_LOG_EVERY_S = 10.0
+INCOMING_BYTES = 64 * 1024 * 1024  # received, not yet handled, all messages together
+REJECT_LOG_KINDS = 1024  # (room, reason) pairs logged at first sight, then only summaries
 
 
 class UrlError(ValueError):
@@ -81,13 +95,88 @@ class BrokerSettings:
         return client_tls_context(self.ca_file, self.cert_file, self.key_file)
 
 
+class RejectLog:
+    """Rate-limited logging of rejected messages (no payload is ever logged)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._seen: set[tuple[str, str]] = set()
+        self._last = -REJECT_LOG_EVERY_S
+        self.suppressed = 0
+
+    def __call__(self, topic: str, exc: Rejected, total: int) -> bool:
+        """Log ``exc`` if due; whether it was logged."""
+        kind = (exc.room or "", exc.reason)
+        now = self._clock()
+        first = kind not in self._seen and len(self._seen) < REJECT_LOG_KINDS
+        if not first and now - self._last < REJECT_LOG_EVERY_S:
+            self.suppressed += 1
+            return False
+        self._seen.add(kind)
+        self._last = now
+        log.warning(
+            "mqtt_message_rejected",
+            topic=topic[:200],
+            room=exc.room,
+            reason=exc.reason,  # bounded, and never a value from the payload
+            rejected_total=total,
+            not_logged_since_last=self.suppressed,
+        )
+        self.suppressed = 0
+        return True
+
+
+def _size(m: aiomqtt.Message) -> int:
+    p = m.payload
+    return len(p) if isinstance(p, bytes | bytearray | str) else 0
+
+
+def incoming_queue(
+    rooms: Rooms, on_reject: Callable[[str, Rejected], object], max_bytes: int = INCOMING_BYTES
+) -> type[asyncio.Queue[aiomqtt.Message]]:
+    """aiomqtt's incoming message queue class, bounded in bytes (see the module notes)."""
+
+    class Incoming(asyncio.Queue[aiomqtt.Message]):
+        def __init__(self, maxsize: int = 0) -> None:
+            super().__init__(maxsize)
+            self.bytes = 0
+
+        def put_nowait(self, item: aiomqtt.Message) -> None:
+            size = _size(item)
+            topic = item.topic.value
+            if size > rooms.max_payload_bytes:
+                exc = Rejected(
+                    "payload too large",
+                    f"payload of {size} bytes is too large (limit {rooms.max_payload_bytes})",
+                )
+                rooms.refuse(topic, exc)
+                on_reject(topic, exc)
+                return
+            if self.bytes + size > max_bytes:
+                rooms.dropped_busy += 1
+                on_reject(topic, Rejected("dropped: dashboard busy", "incoming queue full"))
+                return
+            self.bytes += size
+            super().put_nowait(item)
+
+        def _get(self) -> aiomqtt.Message:
+            item: aiomqtt.Message = super()._get()
+            self.bytes -= _size(item)
+            return item
+
+    return Incoming
+
+
 async def consume(settings: BrokerSettings, hub: Hub) -> None:
     """Run until cancelled: connect, subscribe, apply every message; reconnect on loss."""
     rng = random.Random()  # noqa: S311 - jitter, not cryptography
     backoff = BACKOFF_INITIAL_S
     tls = await asyncio.to_thread(settings.tls_context) if settings.tls else None
     identifier = f"iort-dashboard-{uuid.uuid4().hex[:12]}"
-    rejected = 0
+    reject_log = RejectLog()
+    queue_type = incoming_queue(
+        hub.rooms, lambda topic, exc: reject_log(topic, exc, hub.rooms.rejected)
+    )
     while True:
         log.info("mqtt_connecting", broker=settings.url)
         connected = False
@@ -102,6 +191,7 @@ async def consume(settings: BrokerSettings, hub: Hub) -> None:
                 protocol=aiomqtt.ProtocolVersion.V5,
                 keepalive=KEEPALIVE_S,
                 timeout=TIMEOUT_S,
+                queue_type=queue_type,
                 tls_context=tls,
                 socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
             )
@@ -114,20 +204,17 @@ async def consume(settings: BrokerSettings, hub: Hub) -> None:
                 # Bounded by the keep-alive: a dead link raises MqttError within 1.5 x it.
                 async for message in client.messages:
                     payload = message.payload
-                    raw = payload if isinstance(payload, bytes | bytearray) else b""
+                    raw = bytes(payload) if isinstance(payload, bytes | bytearray) else b""
                     try:
-                        acc = hub.rooms.accept(
-                            message.topic.value, orjson.loads(raw), time.monotonic()
+                        acc = hub.rooms.receive(
+                            message.topic.value,
+                            raw,
+                            time.monotonic(),
+                            retained=bool(message.retain),
+                            wall=time.time(),
                         )
-                    except (Rejected, orjson.JSONDecodeError) as exc:
-                        rejected += 1
-                        if rejected % REJECT_LOG_EVERY == 1:
-                            log.warning(
-                                "mqtt_message_rejected",
-                                topic=message.topic.value,
-                                reason=str(exc),
-                                rejected=rejected,
-                            )
+                    except Rejected as exc:
+                        reject_log(message.topic.value, exc, hub.rooms.rejected)
                         continue
                     if acc is not None:
                         hub.message(acc)

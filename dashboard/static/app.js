@@ -7,11 +7,20 @@
  * message arrived, so that a dead server, a dead stream or a dead daemon all end in the
  * same visible state: greyed values, the word STALE or OFFLINE, and the age of the last
  * message. No request goes anywhere but this page's own origin.
+ *
+ * Hostile input (issue 13): the server validates every payload against the published
+ * schemas, so only valid messages arrive here; still, each room card and each section of
+ * a room page is drawn in isolation (try/catch): a room whose data cannot be drawn shows
+ * DISPLAY ERROR on its own card and every other room goes on updating. Liveness derives
+ * only from messages the server accepted. The overview lists sites and pages rooms
+ * (?site=SITE&page=N); a room with nothing valid for the age-out bound is AGED OUT, and
+ * the server's "removed" takes it off.
  */
 "use strict";
 
 (function () {
   const RETAINED = ["status", "interlocks", "delivery", "audit/checkpoint"];
+  const MAX_ROOMS = 2000;  // rooms the overview holds (the server's snapshot gives <= 1000)
   const INTERLOCK_NAMES = {
     door: "Door",
     emergency_stop: "Emergency stop",
@@ -39,9 +48,13 @@
 
   // ---- the model: the server's snapshot, then every message applied in order ----------
   const model = {
-    config: { stale_after_s: 5, history_points: 4000, tick_s: 1 },
+    config: { stale_after_s: 5, history_points: 4000, tick_s: 1, age_out_s: 86400, page_size: 48 },
     only: null,
+    site: null,
+    sites: {},
+    diagnostics: null,
     rooms: new Map(),
+    omitted: 0,
     broker: { connected: false, reason: "not connected yet", url: "" },
     streamOpen: false,
     lastServerEvent: -Infinity,
@@ -55,6 +68,10 @@
       historyDelivery: null,
       history: [],
       events: [],
+      rejected: {},
+      rejectedTotal: 0,
+      eventsDropped: 0,
+      lastValid: null,
       dirty: true,
     };
   }
@@ -67,16 +84,30 @@
     const now = performance.now();
     model.config = data.config;
     model.only = data.only || null;
+    model.site = data.site || null;
+    model.sites = data.sites || {};
+    model.diagnostics = data.diagnostics || null;
+    model.omitted = data.rooms_omitted || 0;
     model.broker = data.broker;
     model.rooms = new Map();
     for (const [key, r] of Object.entries(data.rooms)) {
-      const room = newRoom(key, r.site, r.room);
-      for (const [name, h] of Object.entries(r.retained)) room.retained[name] = held(h, now);
-      room.telemetry = r.telemetry ? held(r.telemetry, now) : null;
-      room.historyDelivery = r.history_delivery;
-      room.history = r.history;
-      room.events = r.events.map((e) => held(e, now));
-      model.rooms.set(key, room);
+      // One room's snapshot that cannot be read is left out; the others load.
+      try {
+        const room = newRoom(key, r.site, r.room);
+        for (const [name, h] of Object.entries(r.retained)) room.retained[name] = held(h, now);
+        room.telemetry = r.telemetry ? held(r.telemetry, now) : null;
+        room.historyDelivery = r.history_delivery || null;
+        room.history = r.history || [];  // the overview's snapshot has no plots
+        room.events = (r.events || []).map((e) => held(e, now));
+        room.rejected = r.rejected || {};
+        room.rejectedTotal = Object.values(room.rejected).reduce((a, b) => a + b, 0);
+        room.eventsDropped = r.events_dropped || 0;
+        room.notices = r.notices || {};
+        room.lastValid = typeof r.last_valid_age_ms === "number" ? now - r.last_valid_age_ms : now;
+        model.rooms.set(key, room);
+      } catch (err) {
+        console.warn("room " + key + " left out of the snapshot: " + err);
+      }
     }
     structureChanged = true;
   }
@@ -126,21 +157,27 @@
   function applyMessage(m) {
     let room = model.rooms.get(m.room);
     if (!room) {
+      // The overview holds a bounded number of rooms: the server's snapshot gives the
+      // most recently valid ones; a flood of new rooms past that is counted, not held.
+      if (!model.only && model.rooms.size >= MAX_ROOMS) { model.omitted += 1; return; }
       const [site, name] = m.room.split("/");
       room = newRoom(m.room, site, name);
       model.rooms.set(m.room, room);
+      model.sites[site] = (model.sites[site] || 0) + 1;
       structureChanged = true;
     }
     const h = { payload: m.payload, rx: performance.now() - (m.age_ms || 0) };
+    room.lastValid = h.rx;
     if (RETAINED.includes(m.name)) {
       room.retained[m.name] = h;
     } else if (m.name === "events") {
+      if (!model.only) { room.dirty = true; return; }  // the overview shows no event list
       room.events.push(h);
       if (room.events.length > 200) room.events.splice(0, room.events.length - 200);
     } else if (m.name === "telemetry") {
       // A replayed sample is history, never the current state (docs/mqtt-topics.md rule 2).
       if (!m.payload.historical) room.telemetry = h;
-      addPoint(room, m.payload);
+      if (model.only) addPoint(room, m.payload);  // plots only on a room page
     }
     room.dirty = true;
   }
@@ -152,6 +189,9 @@
     const age = last === null ? null : now - last;
     const linkDead = !model.streamOpen || now - model.lastServerEvent > 3000 * model.config.tick_s;
     if (linkDead) return { live: false, word: "STALE", why: "no connection to the dashboard server", age };
+    if (room.lastValid !== null && now - room.lastValid > model.config.age_out_s * 1000) {
+      return { live: false, word: "AGED OUT", why: "nothing valid from this room for more than " + fmtSecs(model.config.age_out_s) + "; it will be removed", age };
+    }
     if (!model.broker.connected) {
       return { live: false, word: "OFFLINE", why: "the dashboard has no broker connection (" + model.broker.reason + ")", age };
     }
@@ -267,6 +307,7 @@
     v.staleText = el("span");
     v.stale.append(v.staleIcon, v.staleText);
     v.notice = el("div", { class: "banner notice", id: "notice", role: "alert", hidden: "" });
+    v.err = el("div", { class: "banner display-error", id: "display-error", role: "alert", hidden: "" });
     v.title = el("h1", { text: "Room " + key });
     v.age = el("div", { class: "age", id: "age" });
     v.liveWord = el("span", { class: "live-word", id: "live-word" });
@@ -349,7 +390,7 @@
       el("section", { class: "panel", "aria-labelledby": "h-al" }, el("h2", { id: "h-al", text: "Alarms and notices, newest first" }), v.alarms),
       el("section", { class: "panel", "aria-labelledby": "h-dl" }, el("h2", { id: "h-dl", text: "Delivery and applicator" }), v.facts));
 
-    v.root.append(v.sim, v.stale, v.notice, head,
+    v.root.append(v.sim, v.stale, v.notice, v.err, head,
       el("div", { class: "grid row1" }, beamPanel, dosePanel, timePanel), plots, row3);
     main.append(v.root);
     return v;
@@ -372,6 +413,28 @@
       setText(v.staleText, live.word + " — NOT LIVE: " + live.why + "; " + ageText + ". Values shown are the last received.");
     }
     if (!room) return;
+    // Each part is drawn on its own: one that throws is named in a banner, the others
+    // (and the liveness above) go on updating.
+    const failed = [];
+    const guard = (name, fn) => {
+      try { fn(); } catch (err) { failed.push(name); console.warn("room " + room.key + ", " + name + ": " + err); }
+    };
+    guard("beam, dose, time and interlocks", () => renderRoomFigures(v, room));
+    if (plotsToo) {
+      const dEnv = room.retained.delivery ? room.retained.delivery.payload : null;
+      const d = dEnv ? dEnv.delivery : null;
+      guard("alarms", () => renderAlarms(v, room));
+      guard("delivery facts", () => renderFacts(v, room, d));
+      guard("notices", () => renderNotice(v, room));
+      guard("plots", () => renderPlots(v, room, d));
+      v.plotFailed = failed.slice();
+    }
+    const all = [...new Set([...failed, ...(v.plotFailed || [])])];
+    v.err.hidden = all.length === 0;
+    if (all.length) setText(v.err, "DISPLAY ERROR — this room's " + all.join(", ") + " could not be shown; see the browser console");
+  }
+
+  function renderRoomFigures(v, room) {
     v.sim.hidden = !isSim(room);
 
     const t = room.telemetry ? room.telemetry.payload : null;
@@ -434,14 +497,6 @@
     else {
       const bad = Object.values(il.interlocks || {}).filter((s) => s !== "ok").length;
       setText(v.allClear, "NOT CLEAR: " + bad + " tripped or unknown");
-    }
-
-    // The lists and plots are redrawn together, at most every 500 ms.
-    if (plotsToo) {
-      renderAlarms(v, room);
-      renderFacts(v, room, d);
-      renderNotice(v, room);
-      renderPlots(v, room, d);
     }
   }
 
@@ -508,6 +563,16 @@
     if (cp) add("Audit checkpoint", cp.payload.count + " entries, head " + String(cp.payload.head).slice(0, 12) + "…");
     const st = room.retained.status;
     if (st) add("Daemon", "iortd " + st.payload.software_version + ", session " + st.payload.session + (st.payload.online ? ", online" : ", OFFLINE"));
+    const reasons = Object.entries(room.rejected).sort((a, b) => b[1] - a[1]).slice(0, 5);
+    add("Rejected messages", room.rejectedTotal === 0 ? "none" :
+      room.rejectedTotal + (reasons.length ? " (" + reasons.map(([r, n]) => r + ": " + n).join("; ") + ")" : ""), "rejected");
+    if (room.eventsDropped) add("Events dropped", room.eventsDropped + " older events not kept (memory bound)", "events-dropped");
+    const n = room.notices || {};
+    if (n.seq_reset || n.seq_below_high_water) {
+      add("Sequence", (n.seq_reset ? n.seq_reset + " mark(s) overtaken by the live stream (a forged or out-of-sequence seq)" : "") +
+        (n.seq_reset && n.seq_below_high_water ? "; " : "") +
+        (n.seq_below_high_water ? n.seq_below_high_water + " message(s) below the mark dropped" : ""), "sequence");
+    }
     v.facts.replaceChildren(...rows);
   }
 
@@ -652,15 +717,88 @@
     main.replaceChildren();
     const v = { cards: new Map() };
     v.root = el("div", { class: "overview", id: "overview" });
-    v.h1 = el("h1", { text: "All rooms" });
+    const site = pageParams().site;
+    v.h1 = el("h1", { text: site ? "Rooms of site " + site : "All rooms" });
     v.sim = el("div", { class: "banner sim", id: "sim-banner", role: "note", hidden: "" });
     v.sim.innerHTML = ICONS.sim;
     v.sim.append(el("span", { text: "SIMULATED data on this page: marked on each room" }));
     v.grid = el("div", { class: "cards", id: "cards" });
     v.none = el("p", { class: "no-rooms", text: "No room has published yet." });
-    v.root.append(v.sim, v.h1, v.none, v.grid);
+    v.sites = el("nav", { class: "sites", id: "sites", "aria-label": "Sites" });
+    v.pages = el("nav", { class: "pages", id: "pages", "aria-label": "Pages of rooms" });
+    v.diag = el("details", { class: "diagnostics", id: "diagnostics" });
+    v.diagSummary = el("summary");
+    v.diagBody = el("dl", { class: "facts" });
+    v.diag.append(v.diagSummary, v.diagBody);
+    v.root.append(v.sim, v.h1, v.sites, v.none, v.pages, v.grid, v.diag);
     main.append(v.root);
     return v;
+  }
+
+  function pageParams() {
+    const q = new URLSearchParams(location.search);
+    const page = parseInt(q.get("page") || "1", 10);
+    return { site: q.get("site") || null, page: Number.isFinite(page) && page > 0 ? page : 1 };
+  }
+
+  function overviewHref(site, page) {
+    const q = new URLSearchParams();
+    if (site) q.set("site", site);
+    if (page > 1) q.set("page", String(page));
+    const qs = q.toString();
+    return "/" + (qs ? "?" + qs : "");
+  }
+
+  // The list of sites (each a link to its rooms) and the page links: rebuilt only when
+  // the set of sites or the number of pages changes.
+  function renderSites(v, keys) {
+    const { site, page } = pageParams();
+    const sig = JSON.stringify([model.sites, site, page, keys.length, model.omitted]);
+    if (v.sitesSig === sig) return;
+    v.sitesSig = sig;
+    const names = Object.keys(model.sites).sort();
+    const links = [el("a", site ? { href: "/" } : { href: "/", "aria-current": "page" }, "All sites")];
+    for (const name of names) {
+      const attrs = { href: overviewHref(name, 1), "data-site": name };
+      if (name === site) attrs["aria-current"] = "page";
+      links.push(el("a", attrs, name + " (" + model.sites[name] + ")"));
+    }
+    v.sites.replaceChildren(el("span", { text: "Sites: " }), ...links);
+    v.sites.hidden = names.length < 2 && !site;
+    const n = Math.max(1, Math.ceil(keys.length / model.config.page_size));
+    const items = [];
+    for (let i = 1; i <= n; i++) {
+      const attrs = { href: overviewHref(site, i) };
+      if (i === page) attrs["aria-current"] = "page";
+      items.push(el("a", attrs, String(i)));
+    }
+    const omitted = model.omitted ? " (and " + model.omitted + " less recently active rooms not listed: choose a site)" : "";
+    v.pages.replaceChildren(el("span", { text: "Page " + Math.min(page, n) + " of " + n + ", " + keys.length + " rooms" + omitted + ": " }), ...items);
+    v.pages.hidden = n < 2 && !model.omitted;
+  }
+
+  function renderDiagnostics(v) {
+    const d = model.diagnostics;
+    if (!d) { v.diag.hidden = true; return; }
+    v.diag.hidden = false;
+    setText(v.diagSummary, "Diagnostics: " + d.rejected + " messages rejected, " + d.rooms_evicted + " rooms evicted, " + d.rooms_removed + " aged out");
+    const sig = JSON.stringify(d);
+    if (v.diagSig === sig) return;
+    v.diagSig = sig;
+    const rows = [];
+    const add = (k, val) => rows.push(el("dt", { text: k }), el("dd", { text: val }));
+    add("Accepted", String(d.accepted));
+    add("Repeats dropped", String(d.repeats));
+    if (d.ignored) add("Ignored (topics not shown here: applicator, alarms, commands)", String(d.ignored));
+    add("Rejected", String(d.rejected));
+    for (const [r, n] of Object.entries(d.rejected_by_reason || {}).slice(0, 10)) add("  " + r, String(n));
+    const elsewhere = Object.entries(d.rejected_without_room || {});
+    if (elsewhere.length) add("Rejected from topics with no valid room", elsewhere.slice(0, 10).map(([k, c]) => k + ": " + Object.values(c).reduce((a, b) => a + b, 0)).join("; "));
+    add("Held", (d.bytes / 1048576).toFixed(1) + " MiB of " + (d.limits.max_bytes / 1048576).toFixed(0) + " MiB");
+    add("Rooms evicted (memory)", String(d.rooms_evicted));
+    add("Rooms aged out and removed", String(d.rooms_removed));
+    if (d.dropped_busy) add("Dropped unread (dashboard busy)", String(d.dropped_busy));
+    v.diagBody.replaceChildren(...rows);
   }
 
   function buildCard(room) {
@@ -684,52 +822,84 @@
     c.il = el("div", { class: "card-line" });
     c.term = el("div", { class: "card-line" });
     c.age = el("div", { class: "age" });
-    c.root.append(c.times, c.il, c.term, c.age);
+    c.rejected = el("div", { class: "card-line rejected", hidden: "" });
+    c.err = el("div", { class: "card-line display-error", role: "alert", hidden: "" });
+    c.root.append(c.times, c.il, c.term, c.age, c.rejected, c.err);
     return c;
+  }
+
+  function renderCard(c, room, now) {
+    const live = liveness(room, now);
+    c.root.classList.toggle("stale", !live.live);
+    setAttr(c.root, "data-live", String(live.live));
+    setText(c.live, live.word);
+    setAttr(c.live, "data-live", String(live.live));
+    const sim = isSim(room);
+    c.badge.hidden = !sim;
+    const t = room.telemetry ? room.telemetry.payload : null;
+    const dEnv = room.retained.delivery ? room.retained.delivery.payload : null;
+    const d = dEnv ? dEnv.delivery : null;
+    const beam = beamOf(t ? t.state : undefined);
+    setAttr(c.beam, "data-beam", beam.key);
+    icon(c.beamIcon, beam.key);
+    setText(c.beamWord, beam.word);
+    const preset = t && num(t.preset_gy) !== null ? t.preset_gy : d ? d.preset_gy : null;
+    const d1 = t ? t.dose_primary_gy : d ? d.delivered_primary_gy : null;
+    setText(c.dose, fmtGy(d1));
+    setText(c.preset, "of " + fmtGy(preset) + " Gy");
+    const f = num(d1) !== null && num(preset) ? d1 / preset : 0;
+    setBar(c.bar, f, Math.round(f * 100) + " %");
+    const rem = t && t.estimated_remaining_s !== null ? t.estimated_remaining_s : d ? d.estimated_remaining_s : null;
+    setText(c.times, "Elapsed " + fmtTime(t && t.elapsed_s !== null ? t.elapsed_s : d ? d.elapsed_s : null) + " · remaining " + fmtTime(rem));
+    const il = room.retained.interlocks ? room.retained.interlocks.payload : null;
+    const bad = il ? Object.entries(il.interlocks || {}).filter(([, s]) => s !== "ok") : [];
+    setText(c.il, !il ? "Interlocks: no report" : il.all_clear ? "Interlocks: all clear" : "Interlocks NOT CLEAR: " + bad.map(([k, s]) => k + " " + s.toUpperCase()).join(", "));
+    setText(c.term, d && d.termination ? "Terminated " + d.termination + (d.termination_reason ? " (" + d.termination_reason + ")" : "") : d ? "Delivery " + d.phase : "No delivery yet");
+    const ageText = live.age === null ? "no message yet" : "last message " + fmtSecs(Math.max(0, live.age) / 1000) + " ago";
+    setText(c.age, live.live ? ageText : live.word + ": " + live.why + "; " + ageText);
+    c.rejected.hidden = room.rejectedTotal === 0;
+    setAttr(c.root, "data-rejected", String(room.rejectedTotal));
+    if (room.rejectedTotal) setText(c.rejected, room.rejectedTotal + " invalid messages rejected (not shown)");
+    return sim;
   }
 
   function renderOverview(v, now) {
     v.none.hidden = model.rooms.size > 0;
     let anySim = false;
     const keys = [...model.rooms.keys()].sort();
-    for (const key of keys) {
+    const { page } = pageParams();
+    const size = model.config.page_size;
+    const last = Math.max(1, Math.ceil(keys.length / size));
+    const shown = keys.slice((Math.min(page, last) - 1) * size, Math.min(page, last) * size);
+    for (const key of v.cards.keys()) if (!model.rooms.has(key)) v.cards.delete(key);
+    for (const key of shown) {
       const room = model.rooms.get(key);
       let c = v.cards.get(key);
-      if (!c) { c = buildCard(room); v.cards.set(key, c); }
-      const live = liveness(room, now);
-      c.root.classList.toggle("stale", !live.live);
-      setAttr(c.root, "data-live", String(live.live));
-      setText(c.live, live.word);
-      setAttr(c.live, "data-live", String(live.live));
-      const sim = isSim(room);
-      anySim = anySim || sim;
-      c.badge.hidden = !sim;
-      const t = room.telemetry ? room.telemetry.payload : null;
-      const dEnv = room.retained.delivery ? room.retained.delivery.payload : null;
-      const d = dEnv ? dEnv.delivery : null;
-      const beam = beamOf(t ? t.state : undefined);
-      setAttr(c.beam, "data-beam", beam.key);
-      icon(c.beamIcon, beam.key);
-      setText(c.beamWord, beam.word);
-      const preset = t && num(t.preset_gy) !== null ? t.preset_gy : d ? d.preset_gy : null;
-      const d1 = t ? t.dose_primary_gy : d ? d.delivered_primary_gy : null;
-      setText(c.dose, fmtGy(d1));
-      setText(c.preset, "of " + fmtGy(preset) + " Gy");
-      const f = num(d1) !== null && num(preset) ? d1 / preset : 0;
-      setBar(c.bar, f, Math.round(f * 100) + " %");
-      const rem = t && t.estimated_remaining_s !== null ? t.estimated_remaining_s : d ? d.estimated_remaining_s : null;
-      setText(c.times, "Elapsed " + fmtTime(t && t.elapsed_s !== null ? t.elapsed_s : d ? d.elapsed_s : null) + " · remaining " + fmtTime(rem));
-      const il = room.retained.interlocks ? room.retained.interlocks.payload : null;
-      const bad = il ? Object.entries(il.interlocks || {}).filter(([, s]) => s !== "ok") : [];
-      setText(c.il, !il ? "Interlocks: no report" : il.all_clear ? "Interlocks: all clear" : "Interlocks NOT CLEAR: " + bad.map(([k, s]) => k + " " + s.toUpperCase()).join(", "));
-      setText(c.term, d && d.termination ? "Terminated " + d.termination + (d.termination_reason ? " (" + d.termination_reason + ")" : "") : d ? "Delivery " + d.phase : "No delivery yet");
-      const ageText = live.age === null ? "no message yet" : "last message " + fmtSecs(Math.max(0, live.age) / 1000) + " ago";
-      setText(c.age, live.live ? ageText : live.word + ": " + live.why + "; " + ageText);
+      // One room that cannot be drawn shows DISPLAY ERROR on its own card; the loop goes on.
+      try {
+        if (!c) { c = buildCard(room); v.cards.set(key, c); }
+        anySim = renderCard(c, room, now) || anySim;
+        c.err.hidden = true;
+        c.root.removeAttribute("data-error");
+      } catch (err) {
+        console.warn("room " + key + ": " + err);
+        if (c) {
+          c.root.setAttribute("data-error", "true");
+          c.root.setAttribute("data-live", "false");  // never LIVE on a card that failed
+          c.root.classList.add("stale");
+          c.err.hidden = false;
+          setText(c.err, "DISPLAY ERROR: this room's data could not be shown");
+        }
+      }
     }
-    const ordered = keys.map((k) => v.cards.get(k).root);
+    const ordered = shown.map((k) => v.cards.get(k)).filter(Boolean).map((c) => c.root);
     if (ordered.length !== v.grid.children.length || ordered.some((n, i) => v.grid.children[i] !== n)) v.grid.replaceChildren(...ordered);
     v.sim.hidden = !anySim;
+    try { renderSites(v, keys); } catch (err) { console.warn("sites: " + err); }
+    try { renderDiagnostics(v); } catch (err) { console.warn("diagnostics: " + err); }
   }
+
+
 
   // ---- the link to the server -----------------------------------------------------------
   const linkEl = () => document.getElementById("link");
@@ -737,8 +907,8 @@
   let source = null;
   let lastPlot = 0;
 
-  function connect(roomKey) {
-    const url = "/events" + (roomKey ? "?room=" + encodeURIComponent(roomKey) : "");
+  function connect(roomKey, site) {
+    const url = "/events" + (roomKey ? "?room=" + encodeURIComponent(roomKey) : site ? "?site=" + encodeURIComponent(site) : "");
     source = new EventSource(url);
     source.addEventListener("open", () => { model.streamOpen = true; model.lastServerEvent = performance.now(); });
     source.addEventListener("error", () => {
@@ -746,7 +916,7 @@
       // The browser retries by itself unless it gave up (CLOSED): then we do.
       if (source.readyState === EventSource.CLOSED) {
         source.close();
-        setTimeout(() => connect(roomKey), 2000);
+        setTimeout(() => connect(roomKey, site), 2000);
       }
     });
     source.addEventListener("snapshot", (e) => {
@@ -755,9 +925,28 @@
       model.lastServerEvent = performance.now();
       lastPlot = 0;
     });
-    source.addEventListener("msg", (e) => { applyMessage(JSON.parse(e.data)); model.lastServerEvent = performance.now(); });
+    source.addEventListener("msg", (e) => {
+      model.lastServerEvent = performance.now();
+      try { applyMessage(JSON.parse(e.data)); } catch (err) { console.warn("message not applied: " + err); }
+    });
+    source.addEventListener("removed", (e) => {
+      model.lastServerEvent = performance.now();
+      const m = JSON.parse(e.data);
+      if (model.rooms.delete(m.room)) structureChanged = true;
+      const site = m.room.split("/")[0];
+      if (model.sites[site] > 1) model.sites[site] -= 1; else delete model.sites[site];
+    });
     source.addEventListener("broker", (e) => { model.broker = JSON.parse(e.data); model.lastServerEvent = performance.now(); });
-    source.addEventListener("tick", () => { model.lastServerEvent = performance.now(); });
+    source.addEventListener("tick", (e) => {
+      model.lastServerEvent = performance.now();
+      const t = JSON.parse(e.data);
+      if (t.diagnostics) model.diagnostics = t.diagnostics;
+      if (t.sites) model.sites = t.sites;
+      for (const [key, n] of Object.entries(t.rejected || {})) {
+        const room = model.rooms.get(key);
+        if (room) room.rejectedTotal = n;
+      }
+    });
   }
 
   function renderLink(now) {
@@ -780,10 +969,11 @@
       setText(document.getElementById("nav-title"), "Room " + roomKey.split("/")[1]);
       view = { kind: "room", v: buildRoomPage(main, roomKey), key: roomKey };
     } else {
-      setText(document.getElementById("nav-title"), "Overview");
+      const { site } = pageParams();
+      setText(document.getElementById("nav-title"), site ? "Site " + site : "Overview");
       view = { kind: "overview", v: buildOverview(main) };
     }
-    connect(roomKey);
+    connect(roomKey, roomKey ? null : pageParams().site);
     const frame = () => {
       const now = performance.now();
       renderLink(now);

@@ -51,6 +51,11 @@ def broker(tmp_path: Path) -> Iterator[Mosquitto]:
         (("--broker", "mqtt://h", "--ca-file", "/etc/hostname"), "--ca-file: only with TLS"),
         (("--broker", "mqtt://h", "--password-env", "IORT_NOPE_UNSET"), "IORT_NOPE_UNSET"),
         (("--broker", "mqtt://h", "--host", "localhost"), "--host: expected an IP address"),
+        (("--broker", "mqtt://h", "--allowed-host", "http://x"), "--allowed-host: 'http://x'"),
+        (("--broker", "mqtt://h", "--allowed-host", "a*.b"), "--allowed-host: 'a*.b'"),
+        (("--broker", "mqtt://h", "--max-payload-kib", "0"), "--max-payload-kib: must be"),
+        (("--broker", "mqtt://h", "--max-state-mib", "1"), "--max-state-mib: too small"),
+        (("--broker", "mqtt://h", "--age-out", "0"), "--age-out: must be > 0"),
     ],
 )
 def test_usage_errors_exit_2_and_name_the_option(args: tuple[str, ...], message: str) -> None:
@@ -113,10 +118,21 @@ async def test_what_is_served_is_local_and_a_stop_with_a_stream_open_is_clean(
         status, _, body = await asyncio.to_thread(_get, dash.url + "api/snapshot")
         assert status == 200
         assert '"rooms":{}' in body
+        # DNS rebinding: a page of another origin whose name now points here sends its
+        # own name as Host; the real process refuses it (400) and serves no snapshot.
+        for path in ("api/snapshot", "events", ""):
+            reader, writer = await asyncio.open_connection("127.0.0.1", dash.port)
+            writer.write(f"GET /{path} HTTP/1.1\r\nHost: evil.example:{dash.port}\r\n\r\n".encode())
+            await writer.drain()
+            async with asyncio.timeout(5):
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 400 "), head
+                assert b"default-src 'none'" in head
+            writer.close()
         # A browser's event stream is open when the stop is asked for: it is ended, and
         # the process exits 0 within the bound.
         reader, writer = await asyncio.open_connection("127.0.0.1", dash.port)
-        writer.write(b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(f"GET /events HTTP/1.1\r\nHost: 127.0.0.1:{dash.port}\r\n\r\n".encode())
         await writer.drain()
         async with asyncio.timeout(5):
             while b"event: snapshot" not in await reader.readline():
