@@ -62,6 +62,10 @@ SHUTDOWN_TIMEOUT_S = 5.0
 DRIVER_CALL_TIMEOUTS = 4
 
 
+def _ignore_heard(mono_ns: int) -> None:
+    """Replies of a device the tracker does not watch for staleness."""
+
+
 def _call_bound(dev: DeviceConfig) -> float:
     return dev.timeout_s * DRIVER_CALL_TIMEOUTS
 
@@ -329,8 +333,10 @@ class Daemon:
             transport=dev.transport,
             options=dev.options,
         )
+        heard = self.tracker.on_device_heard if dev.role == "source" else _ignore_heard
         return factory.create(
-            spec, DriverContext(clock=self._clock, seed=self.config.simulation.seed)
+            spec,
+            DriverContext(clock=self._clock, seed=self.config.simulation.seed, heard=heard),
         )
 
     async def _poll_source(self, dev: DeviceConfig, stop: asyncio.Event) -> None:
@@ -469,14 +475,18 @@ class Daemon:
                 ended = True
         durable = None
         if self._audit is not None:
-            snap = self.tracker.snapshot()
-            current = snap.delivery_id if snap is not None else None
+            pending = None if sample is None else sample_entry(sample, ended_now=ended)
             for ev in events:
-                kind, data, did = event_entry(ev, current)
+                if pending is not None and isinstance(ev, Terminated):
+                    # The sample that ends a delivery belongs to it: it goes before the
+                    # end entry, after which nothing names that delivery.
+                    self._audit.append(pending[0], pending[1], delivery_id=pending[2])
+                    pending = None
+                # Every event names its delivery itself (None: the room's).
+                kind, data, did = event_entry(ev, None)
                 durable = self._audit.append(kind, data, delivery_id=did, durable=True).committed
-            if sample is not None:
-                kind, data, did = sample_entry(sample, ended_now=ended)
-                self._audit.append(kind, data, delivery_id=did)
+            if pending is not None:
+                self._audit.append(pending[0], pending[1], delivery_id=pending[2])
         delivery = self.tracker.snapshot() if sample is None else sample.delivery
         self._queue.put_nowait(
             _Item(durable=durable, sample=sample, events=tuple(events), delivery=delivery)

@@ -250,6 +250,8 @@ class InterlockChanged:
     new: InterlockState
     mono_ns: int
     utc: datetime
+    # The open delivery the change happened in; None between deliveries (the room's).
+    delivery_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +340,25 @@ class _Delivery:
     dose_at_close_gy: float | None = None
 
 
+def _first_beam(r: SourceReading) -> int:
+    """When the beam first came on, on the host's clock: the console's own timer says it
+    has been on ``beam_on_s`` by this reading, so it came on at least that long ago (the
+    start fell between two polls). Elapsed time and beam-on time then share one time
+    base, and elapsed is never shorter than beam-on."""
+    return r.mono_ns - max(round(r.beam_on_s * NS), 0)
+
+
+def _beam_on_s(d: _Delivery) -> float:
+    """Beam-on time: the console's own timer, or what the host saw with the beam on
+    between two consecutive readings when that is more (a console timer that lags). Time
+    inside a monitoring gap is never counted: it is unknown, not beam-on."""
+    return max(d.device_beam_on_s, d.observed_beam_on_ns / NS)
+
+
+def _hms(t: datetime | None) -> str:
+    return "?" if t is None else f"{t:%H:%M:%S.%f}"[:-3]
+
+
 def _finite_nonneg(*values: float | None) -> bool:
     return all(v is None or (math.isfinite(v) and v >= 0) for v in values)
 
@@ -357,6 +378,15 @@ class DeliveryTracker:
         self._last_utc: datetime | None = None
         self._last_state: DeviceState | None = None
         self._gap: Gap | None = None
+        # Beam state when the open gap started: which phase, and the console's timer.
+        self._gap_phase: Phase = Phase.IDLE
+        self._gap_beam_on_s = 0.0
+        # Set while one reading is taken: the gap it ended, and the delivery it closed.
+        self._gap_ended: Gap | None = None
+        self._ending_id: str | None = None
+        # The last time the device was heard from (any reply, also one a driver has not
+        # turned into a reading yet): staleness is about the device, not the driver.
+        self._heard_mono_ns: int | None = None
         self._ids_issued: set[str] = set()
 
     # ---- public view ------------------------------------------------------------------
@@ -389,6 +419,8 @@ class DeliveryTracker:
     def on_reading(self, r: SourceReading) -> list[TrackerEvent]:
         """Take one reading from the source console; return what happened, in order."""
         out: list[TrackerEvent] = []
+        self._gap_ended = None
+        self._ending_id = None
         if self._last_mono_ns is not None and r.mono_ns < self._last_mono_ns:
             # Monotonic time went backwards: the reading cannot be placed, so none of it is
             # believed: not its doses, and not its interlocks either, which become unknown
@@ -398,15 +430,22 @@ class DeliveryTracker:
             self._to_fault(mono, utc, "reading timestamp went backwards", out, None)
             self._interlock_alarms(mono, utc, out)
             return out
+        prev_mono = self._last_mono_ns
         if self._gap is not None:
             gap = replace(self._gap, end_mono_ns=r.mono_ns, end_utc=r.utc)
+            d = self._delivery
+            # Only a gap that began inside the open delivery is one of its gaps.
+            if d is not None and d.gaps and d.gaps[-1] is self._gap:
+                d.gaps[-1] = gap
+                self._gap_ended = gap
             self._gap = None
-            if self._delivery is not None:
-                self._delivery.gaps[-1] = gap
             out.append(MonitoringGapEnded(self._delivery_id(), gap))
+            # Time across a gap is unknown, not beam-on: nothing is counted from the last
+            # reading before it (the beam may have paused inside it).
+            prev_mono = None
         self._clear_alarm(f"{AlarmCode.STALE_DATA}", r.mono_ns, r.utc, out)
-        prev_mono = self._last_mono_ns
         self._last_mono_ns, self._last_utc = r.mono_ns, r.utc
+        self._heard_mono_ns = max(self._heard_mono_ns or r.mono_ns, r.mono_ns)
 
         sane = _finite_nonneg(
             r.dose_rate_gy_min,
@@ -436,25 +475,56 @@ class DeliveryTracker:
 
         self._evaluate_alarms(r, out)
         self._last_state = r.state
-        return out
+        return self._end_last(out)
+
+    @staticmethod
+    def _end_last(out: list[TrackerEvent]) -> list[TrackerEvent]:
+        """After a delivery's end entry nothing names it: the alarms judged on the reading
+        that ended it come before the end (they are about it), and a move back to idle in
+        the same reading comes after it and belongs to the room."""
+        ends = [i for i, ev in enumerate(out) if isinstance(ev, Terminated)]
+        if not ends:
+            return out
+        i = ends[-1]
+        before, end, after = out[:i], out[i], out[i + 1 :]
+        alarms = [ev for ev in after if isinstance(ev, AlarmRaised | AlarmCleared)]
+        rest: list[TrackerEvent] = [
+            replace(ev, delivery_id=None)
+            if isinstance(ev, PhaseChanged | InterlockChanged | MonitoringGapStarted)
+            else ev
+            for ev in after
+            if not isinstance(ev, AlarmRaised | AlarmCleared)
+        ]
+        return [*before, *alarms, end, *rest]
 
     def stale_at_ns(self) -> int | None:
         """When the data become stale if no reading comes (monotonic ns), or None when
         there is nothing to watch (no reading yet, or a gap already open)."""
         if self._last_mono_ns is None or self._gap is not None:
             return None
-        return self._last_mono_ns + round(self.settings.stale_after_s * NS)
+        return self._heard() + round(self.settings.stale_after_s * NS)
+
+    def _heard(self) -> int:
+        last = self._last_mono_ns or 0
+        return max(last, self._heard_mono_ns or last)
+
+    def on_device_heard(self, mono_ns: int) -> None:
+        """The device answered (a reply a driver has not yet turned into a reading): the
+        stale bound counts from its last reply, not from the driver's last reading."""
+        self._heard_mono_ns = max(self._heard_mono_ns or mono_ns, mono_ns)
 
     def on_tick(self, now_mono_ns: int, now_utc: datetime) -> list[TrackerEvent]:
         """Time passes with no reading; detects stale data."""
         out: list[TrackerEvent] = []
-        last = self._last_mono_ns
-        if last is None or self._gap is not None:
+        self._ending_id = None
+        if self._last_mono_ns is None or self._gap is not None:
             return out
+        last = self._heard()
         if (now_mono_ns - last) / NS > self.settings.stale_after_s:
             age = (now_mono_ns - last) / NS
             self._start_gap(
-                f"no reading for {age:.1f} s (bound {self.settings.stale_after_s:.1f} s)",
+                f"nothing heard from the device for {age:.1f} s "
+                f"(bound {self.settings.stale_after_s:.1f} s)",
                 now_mono_ns,
                 now_utc,
                 out,
@@ -463,7 +533,7 @@ class DeliveryTracker:
                 AlarmCode.STALE_DATA,
                 f"{AlarmCode.STALE_DATA}",
                 Severity.HIGH,
-                f"readings stopped: last one {age:.1f} s ago; interlocks unknown",
+                f"readings stopped: device last heard {age:.1f} s ago; interlocks unknown",
                 now_mono_ns,
                 now_utc,
                 out,
@@ -473,6 +543,7 @@ class DeliveryTracker:
     def on_link_lost(self, now_mono_ns: int, now_utc: datetime, reason: str) -> list[TrackerEvent]:
         """The driver reports the device unreachable: fail safe at once."""
         out: list[TrackerEvent] = []
+        self._ending_id = None
         if self._gap is None:
             self._start_gap(f"link lost: {reason}", now_mono_ns, now_utc, out)
         return out
@@ -480,14 +551,22 @@ class DeliveryTracker:
     # ---- internals --------------------------------------------------------------------
 
     def _delivery_id(self) -> str | None:
-        return self._delivery.delivery_id if self._delivery else None
+        """The delivery an event belongs to: the open one; after its end entry, only the
+        alarms judged on the reading that ended it (put before the end, see _end_last)."""
+        d = self._delivery
+        if d is None:
+            return None
+        return d.delivery_id if d.termination is None else self._ending_id
 
     def _start_gap(self, cause: str, mono: int, utc: datetime, out: list[TrackerEvent]) -> None:
         start_mono = self._last_mono_ns if self._last_mono_ns is not None else mono
         start_utc = self._last_utc if self._last_utc is not None else utc
         self._gap = Gap(cause=cause, start_mono_ns=start_mono, start_utc=start_utc)
-        if self._delivery is not None:
-            self._delivery.gaps.append(self._gap)
+        d = self._delivery
+        self._gap_phase = self.phase
+        self._gap_beam_on_s = d.device_beam_on_s if d is not None else 0.0
+        if d is not None and d.termination is None:
+            d.gaps.append(self._gap)
         out.append(MonitoringGapStarted(self._delivery_id(), self._gap))
         lost = dict.fromkeys(Interlock, InterlockState.UNKNOWN)
         lost[Interlock.COMMUNICATION] = InterlockState.TRIPPED
@@ -508,7 +587,7 @@ class DeliveryTracker:
             old = self._interlocks[il]
             if new is not old:
                 self._interlocks[il] = new
-                out.append(InterlockChanged(il, old, new, mono, utc))
+                out.append(InterlockChanged(il, old, new, mono, utc, self._delivery_id()))
 
     def _move(
         self, dst: Phase, cause: str, mono: int, utc: datetime, out: list[TrackerEvent]
@@ -538,7 +617,8 @@ class DeliveryTracker:
             applicator=r.applicator,
             simulated=r.simulated,
         )
-        # Alarms of the previous delivery do not carry over (cleared under its own id); the
+        # Alarms of the previous delivery do not carry over: they are cleared before the new
+        # one starts, as the room's (nothing after an end entry names that delivery); the
         # conditions are re-evaluated for the new one.
         for key in list(self._alarms):
             self._clear_alarm(key, r.mono_ns, r.utc, out)
@@ -606,9 +686,9 @@ class DeliveryTracker:
             self._move(target, why, r.mono_ns, r.utc, out)
             if target is P.IRRADIATING:
                 self._open_segment(d, "beam", r.mono_ns)
-                d.first_beam_mono_ns = r.mono_ns
+                d.first_beam_mono_ns = _first_beam(r)
             elif target is P.INTERRUPTED:
-                d.first_beam_mono_ns = r.mono_ns
+                d.first_beam_mono_ns = _first_beam(r)
                 d.interruptions.append(Interruption("unknown (joined)", r.mono_ns, d.primary_gy))
             self._take_values(d, r, prev_mono, out)
             return
@@ -647,7 +727,7 @@ class DeliveryTracker:
             else:
                 cause = "beam on"
             if d.first_beam_mono_ns is None:
-                d.first_beam_mono_ns = r.mono_ns
+                d.first_beam_mono_ns = _first_beam(r)
             self._open_segment(d, "beam", r.mono_ns)
             self._move(P.IRRADIATING, cause, r.mono_ns, r.utc, out)
             self._take_values(d, r, prev_mono, out)
@@ -822,7 +902,7 @@ class DeliveryTracker:
             s = self.settings
             limit = max(s.dose_channel_abs_gy, s.dose_channel_rel * d.primary_gy)
             backup = self._backup_limit_s(d)
-            beam_on = max(d.device_beam_on_s, d.observed_beam_on_ns / NS)
+            beam_on = _beam_on_s(d)
             doubt = None
             if abs(d.primary_gy - d.secondary_gy) > limit:
                 doubt = (
@@ -852,12 +932,26 @@ class DeliveryTracker:
         phase: Phase,
         out: list[TrackerEvent],
     ) -> None:
-        self._close_segment(d, mono)
+        end = mono
+        g = self._gap_ended
+        if g is not None and g.end_mono_ns == mono:
+            # The end fell inside a monitoring gap: it happened after the last reading
+            # before the gap, and at least as much later as the console's beam-on timer
+            # advanced across it; that earliest end bounds elapsed time, not the moment
+            # the end was first seen.
+            advance = max(d.device_beam_on_s - self._gap_beam_on_s, 0.0)
+            end = min(g.start_mono_ns + round(advance * NS), mono)
+            reason = (
+                f"{reason}; the end fell inside a monitoring gap ({_hms(g.start_utc)} to "
+                f"{_hms(g.end_utc)} UTC): its time is known only to within the gap"
+            )
+        self._close_segment(d, end)
         if d.interruptions and d.interruptions[-1].end_mono_ns is None:
-            d.interruptions[-1] = replace(d.interruptions[-1], end_mono_ns=mono)
+            d.interruptions[-1] = replace(d.interruptions[-1], end_mono_ns=end)
+        self._ending_id = d.delivery_id
         d.termination = status
         d.termination_reason = reason
-        d.end_mono_ns = mono
+        d.end_mono_ns = end
         d.dose_at_close_gy = d.primary_gy
         self._move(phase, f"terminated {status}: {reason}", mono, utc, out)
         out.append(Terminated(d.delivery_id, status, reason, self._snapshot(d, mono)))
@@ -970,7 +1064,7 @@ class DeliveryTracker:
         # Conditions that judge the delivery itself are evaluated up to and including the
         # reading that ends it, and then left standing (not cleared because it ended):
         # they are cleared at the next selection.
-        judging = d.termination is None or d.end_mono_ns == mono
+        judging = d.termination is None or self._ending_id == d.delivery_id
 
         # Two independent dose channels must agree (25 Pa. Code §228.66).
         diff = abs(d.primary_gy - d.secondary_gy)
@@ -1020,7 +1114,7 @@ class DeliveryTracker:
             out,
         )
 
-        beam_on = max(d.device_beam_on_s, d.observed_beam_on_ns / NS)
+        beam_on = _beam_on_s(d)
         backup = self._backup_limit_s(d)
         self._set_alarm(
             backup is not None and beam_on > backup,
@@ -1058,6 +1152,10 @@ class DeliveryTracker:
             est = remaining / rate * 60.0
         end = d.end_mono_ns if d.end_mono_ns is not None else now
         elapsed = 0.0 if d.first_beam_mono_ns is None else max(end - d.first_beam_mono_ns, 0) / NS
+        beam_on = _beam_on_s(d)
+        # One time base: a console timer that runs a little fast cannot put beam-on ahead
+        # of elapsed (elapsed includes every interruption, so it is never the shorter).
+        elapsed = max(elapsed, beam_on)
         return DeliverySnapshot(
             delivery_id=d.delivery_id,
             phase=self.phase,
@@ -1072,7 +1170,7 @@ class DeliveryTracker:
             backup_timer_limit_s=(
                 planned * (1 + self.settings.backup_timer_margin_rel) if planned else None
             ),
-            beam_on_s=max(d.device_beam_on_s, d.observed_beam_on_ns / NS),
+            beam_on_s=beam_on,
             elapsed_s=elapsed,
             estimated_remaining_s=est,
             applicator=d.applicator,

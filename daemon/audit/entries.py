@@ -140,7 +140,10 @@ def event_entry(ev: TrackerEvent, current_delivery: str | None) -> EntrySpec:
                 "to": str(ev.new),
                 "at": _ts(ev.utc),
             }
-            return "interlock_changed", data, current_delivery
+            # The tracker names the open delivery it happened in (None between deliveries,
+            # and after an end entry); ``current_delivery`` is only a fallback for an event
+            # built by hand without one while a delivery is open.
+            return "interlock_changed", data, ev.delivery_id or current_delivery
         case AlarmRaised():
             a = ev.alarm
             data = {
