@@ -199,4 +199,5 @@ class SerialXrsDriver:
             termination=status.termination,
             applicator=self._applicator,
             simulated=self._simulated,
+            selection=status.selection,
         )

@@ -195,6 +195,8 @@ def sample_entry(sample: Sample, *, ended_now: bool = False) -> EntrySpec:
         "all_clear": sample.all_clear,
         "simulated": r.simulated,
     }
+    if r.selection is not None:  # the console's selection counter, when it reports one
+        data["selection"] = r.selection
     if r.extra:  # further numbers a device's register map records (extra.<name>)
         data["extra"] = {k: num(v) for k, v in sorted(r.extra.items())}
     if d is not None:
