@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import random
 from collections.abc import Sequence
@@ -34,6 +35,8 @@ from daemon.sinks import Sample, Sink
 from daemon.tracker import (
     DeliverySnapshot,
     DeliveryTracker,
+    Phase,
+    ResumedDelivery,
     Terminated,
     TrackerEvent,
     TrackerSettings,
@@ -44,7 +47,7 @@ from drivers.interface import DriverContext, DriverSpec, SourceDriver
 from drivers.registry import DriverRegistry
 from drivers.types import DeviceIdentity
 
-__all__ = ["Daemon", "RunResult", "tracker_settings"]
+__all__ = ["Daemon", "RunResult", "resumable", "tracker_settings"]
 
 log = structlog.get_logger("iortd")
 
@@ -68,6 +71,52 @@ def _ignore_heard(mono_ns: int) -> None:
 
 def _call_bound(dev: DeviceConfig) -> float:
     return dev.timeout_s * DRIVER_CALL_TIMEOUTS
+
+
+_RESUMABLE = {
+    p.value: p for p in (Phase.PREPARATORY, Phase.READY, Phase.IRRADIATING, Phase.INTERRUPTED)
+}
+
+
+def resumable(rec: RecoveryReport) -> ResumedDelivery | None:
+    """The delivery the log shows open, as the tracker takes it over after a restart; None
+    when there is none, or when its record is too thin to continue (no sample of it, or a
+    sample this version cannot read): that one is closed UNKNOWN at start-up instead."""
+    did, s, started = rec.open_delivery_id, rec.open_delivery_last_sample, rec.open_delivery_started
+    if did is None or s is None or rec.last_ts is None:
+        return None
+    phase = _RESUMABLE.get(str(s.get("phase")))
+    numbers = [s.get(k) for k in ("preset_gy", "delivered_primary_gy", "delivered_secondary_gy")]
+    numbers += [s.get("beam_on_s"), s.get("elapsed_s")]
+    if phase is None or not all(
+        isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+        for x in numbers
+    ):
+        return None
+    selection = s.get("selection")
+    preset, primary, secondary, beam_on, elapsed = (float(x) for x in numbers)  # type: ignore[arg-type]
+    try:
+        since = datetime.fromisoformat(rec.last_ts.replace("Z", "+00:00"))
+        at = (started or {}).get("at") or s.get("at")
+        started_utc = datetime.fromisoformat(str(at).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return ResumedDelivery(
+        delivery_id=did,
+        started_utc=started_utc,
+        phase=phase,
+        preset_gy=preset,
+        primary_gy=primary,
+        secondary_gy=secondary,
+        beam_on_s=beam_on,
+        elapsed_s=elapsed,
+        selection=selection
+        if isinstance(selection, int) and not isinstance(selection, bool)
+        else None,
+        simulated=bool(s.get("simulated")),
+        unwatched_since_utc=since,
+        cause=f"daemon not running ({rec.previous_stop} stop)",
+    )
 
 
 def tracker_settings(config: Config, clock_speed: float) -> TrackerSettings:
@@ -208,9 +257,11 @@ class Daemon:
                 },
                 durable=True,
             )
-        if rec.open_delivery_id is not None:
-            # The previous run ended during a delivery: nobody watched from its last entry
-            # until now. Close that delivery as interrupted by a monitoring gap.
+        resumed = resumable(rec)
+        if rec.open_delivery_id is not None and resumed is None:
+            # The previous run ended during a delivery that cannot be taken over (no sample
+            # of it was recorded): nobody watched from its last entry until now. Close that
+            # delivery as interrupted by a monitoring gap.
             gap = {
                 "cause": f"daemon not running ({rec.previous_stop} stop)",
                 "start": rec.last_ts,
@@ -237,6 +288,8 @@ class Daemon:
                 "previous_stop": rec.previous_stop,
                 "clock_speed": self._clock.speed,
                 "verifier_key": None if signer is None else signer.verifier.text,
+                # Taken over, not closed: the first reading decides (docs/audit-log.md).
+                "open_delivery": None if resumed is None else resumed.delivery_id,
             },
             durable=True,
         )
@@ -249,6 +302,11 @@ class Daemon:
             },
             durable=True,
         )
+        if resumed is not None:
+            self._emit(
+                None,
+                self.tracker.resume(resumed, self._clock.monotonic_ns(), self._clock.utc()),
+            )
 
     async def _record_stop(self) -> None:
         if self._audit is None:

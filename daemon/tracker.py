@@ -52,6 +52,7 @@ __all__ = [
     "MonitoringGapStarted",
     "Phase",
     "PhaseChanged",
+    "ResumedDelivery",
     "Segment",
     "Severity",
     "Terminated",
@@ -196,6 +197,25 @@ class Gap:
 
 
 @dataclass(frozen=True, slots=True)
+class ResumedDelivery:
+    """A delivery the audit log shows open when the daemon starts (it stopped or crashed
+    during it): what its last recorded sample said, and since when nobody watched."""
+
+    delivery_id: str
+    started_utc: datetime
+    phase: Phase  # the tracker's phase at the last sample
+    preset_gy: float
+    primary_gy: float
+    secondary_gy: float
+    beam_on_s: float
+    elapsed_s: float
+    selection: int | None  # the console's selection counter then (None: not reported)
+    simulated: bool
+    unwatched_since_utc: datetime  # the last vouched entry of the log
+    cause: str  # why nobody watched (e.g. "daemon not running (crash stop)")
+
+
+@dataclass(frozen=True, slots=True)
 class DeliverySnapshot:
     delivery_id: str
     phase: Phase
@@ -231,6 +251,10 @@ class DeliveryStarted:
     utc: datetime
     preset_gy: float
     joined_in_progress: bool
+    # An explicit link when this record may continue the treatment of an earlier one that
+    # the daemon could not be sure of after a restart (closed UNKNOWN): its id and why.
+    continues: str | None = None
+    continues_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,6 +379,54 @@ def _beam_on_s(d: _Delivery) -> float:
     return max(d.device_beam_on_s, d.observed_beam_on_ns / NS)
 
 
+_IN_SELECTION = frozenset(
+    {
+        DeviceState.PREPARATORY,
+        DeviceState.READY,
+        DeviceState.IRRADIATING,
+        DeviceState.INTERRUPTED,
+        DeviceState.TERMINATED,
+        DeviceState.FAULT,
+        DeviceState.EMERGENCY_STOP,
+    }
+)
+
+
+def _same_selection(rd: ResumedDelivery, r: SourceReading) -> tuple[str, str]:
+    """Is the console still in the selection the record shows open? ("same" | "new" |
+    "unsure", why). With a selection counter on both sides, the counter decides (with the
+    preset and the counts); without one, the fallback is: same preset, and the dose and
+    beam-on counts not reset, with some dose already recorded (before any dose a new
+    selection of the same preset looks the same, so that is "unsure")."""
+    if r.state not in _IN_SELECTION:
+        return "new", f"the console left the selection meanwhile (now {r.state})"
+    if r.preset_gy != rd.preset_gy:
+        return "new", f"the console shows another preset ({rd.preset_gy} -> {r.preset_gy} Gy)"
+    if r.dose_primary_gy < rd.primary_gy or r.beam_on_s < rd.beam_on_s:
+        return "new", (
+            f"the console's counters were reset (dose {rd.primary_gy:.4f} -> "
+            f"{r.dose_primary_gy:.4f} Gy): a new selection"
+        )
+    if rd.selection is not None and r.selection is not None:
+        if rd.selection != r.selection:
+            return (
+                "new",
+                f"the console's selection counter changed ({rd.selection} -> {r.selection})",
+            )
+        return "same", "same selection counter"
+    if rd.selection is not None or r.selection is not None:
+        return "unsure", (
+            "the selection counter is known on one side only (recorded "
+            f"{rd.selection}, console {r.selection}): cannot be sure it is the same selection"
+        )
+    if rd.primary_gy > 0:
+        return "same", "same preset, counts not reset (the console reports no selection counter)"
+    return "unsure", (
+        "no dose recorded yet and the console reports no selection counter: cannot be sure "
+        "it is the same selection"
+    )
+
+
 def _hms(t: datetime | None) -> str:
     return "?" if t is None else f"{t:%H:%M:%S.%f}"[:-3]
 
@@ -388,6 +460,10 @@ class DeliveryTracker:
         # turned into a reading yet): staleness is about the device, not the driver.
         self._heard_mono_ns: int | None = None
         self._ids_issued: set[str] = set()
+        # After a restart: the delivery the log shows open, until a reading decides whether
+        # the console is still in it; and, when it cannot be sure, the link for the next.
+        self._resume: ResumedDelivery | None = None
+        self._link: tuple[str, str, float] | None = None  # (old id, why, its dose)
 
     # ---- public view ------------------------------------------------------------------
 
@@ -466,6 +542,8 @@ class DeliveryTracker:
             # driver says anything about it (wire protocols do not; a gap trips it).
             reported[Interlock.COMMUNICATION] = InterlockState.OK
         self._update_interlocks(reported, r.mono_ns, r.utc, out)
+        if self._resume is not None and trusted:
+            self._decide_resume(self._resume, r, out)
         if not sane:
             self._to_fault(r.mono_ns, r.utc, "non-finite or negative value in reading", out, r)
         elif r.state is DeviceState.UNKNOWN:
@@ -548,6 +626,78 @@ class DeliveryTracker:
             self._start_gap(f"link lost: {reason}", now_mono_ns, now_utc, out)
         return out
 
+    def resume(
+        self, rd: ResumedDelivery, now_mono_ns: int, now_utc: datetime
+    ) -> list[TrackerEvent]:
+        """Take over a delivery the log shows open after a restart. It stays open, in a
+        monitoring gap from the last vouched entry (``unwatched_since_utc``), until the
+        first believed reading decides: the console still in the same selection continues
+        it (the outage is a gap in it, dose given meanwhile an ``unmonitored`` segment);
+        otherwise it is closed UNKNOWN, and linked to the next record when that one may
+        be the same treatment. If the console never answers, it stays open (in a gap)."""
+        if self._delivery is not None or self._last_mono_ns is not None:
+            raise ValueError("resume() comes before any reading")
+        out: list[TrackerEvent] = []
+        ago_ns = max(round((now_utc - rd.unwatched_since_utc).total_seconds() * NS), 0)
+        since = now_mono_ns - ago_ns
+        d = _Delivery(
+            delivery_id=rd.delivery_id,
+            joined=False,
+            started_mono_ns=since,
+            started_utc=rd.started_utc,
+            preset_gy=rd.preset_gy,
+            planned_time_s=None,
+            applicator=None,
+            simulated=rd.simulated,
+            primary_gy=rd.primary_gy,
+            secondary_gy=rd.secondary_gy,
+            device_beam_on_s=rd.beam_on_s,
+        )
+        if rd.primary_gy > 0:
+            # What the earlier run recorded, as one stretch: its samples hold the detail.
+            d.segments.append(Segment("before_restart", 0.0, rd.primary_gy, since, since))
+        if rd.phase in (P.IRRADIATING, P.INTERRUPTED) or rd.primary_gy > 0:
+            d.first_beam_mono_ns = since - round(rd.elapsed_s * NS)
+        self._ids_issued.add(rd.delivery_id)
+        self._delivery = d
+        self.phase = rd.phase
+        self._resume = rd
+        self._last_mono_ns, self._last_utc = since, rd.unwatched_since_utc
+        self._start_gap(rd.cause, now_mono_ns, now_utc, out)
+        return out
+
+    def _decide_resume(
+        self, rd: ResumedDelivery, r: SourceReading, out: list[TrackerEvent]
+    ) -> None:
+        """The first believed reading after a restart: same selection or not."""
+        self._resume = None
+        d = self._delivery
+        if d is None:  # pragma: no cover - resume() made it
+            return
+        verdict, why = _same_selection(rd, r)
+        if verdict == "same":
+            if r.dose_primary_gy > d.primary_gy:
+                # Given while nobody watched: kept, never counted twice, never beam-off.
+                d.segments.append(
+                    Segment("unmonitored", d.primary_gy, r.dose_primary_gy, r.mono_ns, r.mono_ns)
+                )
+                d.primary_gy = r.dose_primary_gy
+            d.secondary_gy = max(d.secondary_gy, r.dose_secondary_gy)
+            d.planned_time_s = r.planned_time_s or d.planned_time_s
+            d.applicator = r.applicator or d.applicator
+            if self.phase is P.IRRADIATING:
+                self._open_segment(d, "beam", r.mono_ns)
+            elif self.phase is P.INTERRUPTED and not d.interruptions:
+                d.interruptions.append(
+                    Interruption("unknown (before the restart)", r.mono_ns, d.primary_gy)
+                )
+            return
+        reason = f"not followed to its end: the daemon was not running; {why}"
+        self._close(d, TerminationStatus.UNKNOWN, reason, r.mono_ns, r.utc, P.TERMINATED, out)
+        self._move(P.IDLE, "the console's selection could not be continued", r.mono_ns, r.utc, out)
+        if verdict == "unsure":
+            self._link = (d.delivery_id, why, d.primary_gy)
+
     # ---- internals --------------------------------------------------------------------
 
     def _delivery_id(self) -> str | None:
@@ -623,7 +773,23 @@ class DeliveryTracker:
         for key in list(self._alarms):
             self._clear_alarm(key, r.mono_ns, r.utc, out)
         self._delivery = d
-        out.append(DeliveryStarted(delivery_id, r.mono_ns, r.utc, r.preset_gy, joined))
+        link, self._link = self._link, None
+        out.append(
+            DeliveryStarted(
+                delivery_id,
+                r.mono_ns,
+                r.utc,
+                r.preset_gy,
+                joined,
+                continues=None if link is None else link[0],
+                continues_reason=None if link is None else link[1],
+            )
+        )
+        if link is not None and r.dose_primary_gy > 0:
+            # The dose the earlier record already holds is not counted again here.
+            carried = min(link[2], r.dose_primary_gy)
+            d.segments.append(Segment("in_previous_record", 0.0, carried, r.mono_ns, r.mono_ns))
+            d.primary_gy = carried
         return d
 
     def _target_phase(self, state: DeviceState) -> Phase | None:
@@ -676,12 +842,12 @@ class DeliveryTracker:
             # between two polls; past beam-on, dose may have been given unobserved.
             joined = target is not P.READY or r.dose_primary_gy > 0 or r.beam_on_s > 0
             d = self._new_delivery(r, joined=joined, out=out)
-            if r.dose_primary_gy > 0:
+            if r.dose_primary_gy > d.primary_gy:
                 # Dose given before monitoring began: recorded, but not as observed beam.
                 d.segments.append(
-                    Segment("unmonitored", 0.0, r.dose_primary_gy, r.mono_ns, r.mono_ns)
+                    Segment("unmonitored", d.primary_gy, r.dose_primary_gy, r.mono_ns, r.mono_ns)
                 )
-                d.primary_gy, d.secondary_gy = r.dose_primary_gy, r.dose_secondary_gy
+            d.primary_gy, d.secondary_gy = r.dose_primary_gy, r.dose_secondary_gy
             why = "monitoring joined a delivery in progress" if joined else "plan selected"
             self._move(target, why, r.mono_ns, r.utc, out)
             if target is P.IRRADIATING:
@@ -707,6 +873,20 @@ class DeliveryTracker:
         if target is self.phase:
             self._take_values(d, r, prev_mono, out)
             return
+        if (
+            self._gap_ended is not None
+            and self.phase in (P.PREPARATORY, P.READY)
+            and target in (P.IRRADIATING, P.INTERRUPTED)
+        ):
+            # Steps the console took inside a monitoring gap are not a contradiction: the
+            # beam came on (and for INTERRUPTED went off again) while nobody watched.
+            if self.phase is P.PREPARATORY:
+                self._move(P.READY, "ready inside a monitoring gap", r.mono_ns, r.utc, out)
+            if target is P.INTERRUPTED:
+                if d.first_beam_mono_ns is None:
+                    d.first_beam_mono_ns = _first_beam(r)
+                self._open_segment(d, "unmonitored", r.mono_ns)
+                self._move(P.IRRADIATING, "beam on inside a monitoring gap", r.mono_ns, r.utc, out)
         cancel = target is P.IDLE and self.phase in (P.PREPARATORY, P.READY)
         if (
             (self.phase, target) not in TRANSITIONS

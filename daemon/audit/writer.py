@@ -130,6 +130,7 @@ class RecoveryReport:
     segments_set_aside: tuple[str, ...] = ()
     open_delivery_id: str | None = None
     open_delivery_last_sample: Mapping[str, Any] | None = None
+    open_delivery_started: Mapping[str, Any] | None = None  # its delivery_started data
 
 
 class _Pending(NamedTuple):
@@ -731,7 +732,7 @@ def _recover(directory: Path, origin: str) -> tuple[_Segment | None, RecoveryRep
     fd = os.open(last, os.O_WRONLY | os.O_APPEND)
     date = last.name.split("-")[2].removesuffix(".jsonl")  # segment_paths matched the name
     segment = _Segment(last, fd, scan.intact, date)
-    open_id, open_sample = _open_delivery(segments)
+    open_id, open_sample, open_started = _open_delivery(segments)
     report = RecoveryReport(
         created=False,
         origin=_read_origin(segments[0]) or origin,
@@ -744,6 +745,7 @@ def _recover(directory: Path, origin: str) -> tuple[_Segment | None, RecoveryRep
         segments_set_aside=tuple(set_aside),
         open_delivery_id=open_id,
         open_delivery_last_sample=open_sample,
+        open_delivery_started=open_started,
     )
     return segment, report
 
@@ -768,20 +770,33 @@ def _later_entry(data: bytes, start: int) -> bool:
     return False
 
 
-def _open_delivery(segments: list[Path]) -> tuple[str | None, Mapping[str, Any] | None]:
-    """The delivery left open by the previous run, if any, with its last sample.
+_Open = tuple[str | None, Mapping[str, Any] | None, Mapping[str, Any] | None]
 
-    Scans backwards to the newest delivery_started or delivery_terminated entry, and no
-    further than the newest daemon_start: every start closes a delivery left open before
-    it (before writing daemon_start), so nothing older can still be open. This bounds the
-    work at start-up to the last run, however long the log.
+
+def _open_delivery(segments: list[Path]) -> _Open:
+    """The delivery left open by the previous run, if any, with its last sample and its
+    delivery_started data.
+
+    Scans backwards to the newest delivery_started or delivery_terminated entry. A
+    daemon_start either closed what was open before it (it then names no open delivery:
+    nothing older can still be open, so the scan stops there) or took it over (it names
+    it in ``open_delivery``: the scan goes on to that delivery's start, through runs that
+    each carried it). This bounds the work at start-up to the open delivery's own runs.
     """
     last_sample: dict[str, Mapping[str, Any]] = {}
+    carried: str | None = None
     for path in reversed(segments):
         for raw in reversed(path.read_bytes().splitlines()):
             # "type" sorts last, so the kind is the end of the line: no parse needed.
             if raw.endswith(b'"type":"daemon_start"}'):
-                return None, None
+                try:
+                    opened = orjson.loads(raw).get("data", {}).get("open_delivery")
+                except orjson.JSONDecodeError:
+                    opened = None
+                if not isinstance(opened, str) or carried not in (None, opened):
+                    return None, None, None
+                carried = opened
+                continue
             if b'"delivery_id":' not in raw:
                 continue
             try:
@@ -794,10 +809,12 @@ def _open_delivery(segments: list[Path]) -> tuple[str | None, Mapping[str, Any] 
             if kind == "sample" and did not in last_sample:
                 last_sample[did] = entry.get("data", {})
             elif kind == "delivery_terminated":
-                return None, None
+                return None, None, None
             elif kind == "delivery_started":
-                return did, last_sample.get(did)
-    return None, None
+                if carried not in (None, did):
+                    return None, None, None
+                return did, last_sample.get(did), entry.get("data", {})
+    return None, None, None
 
 
 def new_origin(site: str, room: str) -> str:

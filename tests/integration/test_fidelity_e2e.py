@@ -8,6 +8,7 @@ longest (a small preset at the Axxent-like 2.5 Gy/min: about 7 s of beam)."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import subprocess
 import sys
@@ -90,6 +91,13 @@ duration = "1.5s"
 at = "21.5s"
 action = "open_door"
 """,
+    # Item 2: the daemon is killed (SIGKILL) during irradiation and started again; the
+    # console goes on. A harmless step after the end, so that the run has a scenario.
+    "restart": """
+[[step]]
+at = "40s"
+action = "close_door"
+""",
     # Item 4: every reply 0.15 s late (half the 0.3 s stale bound), with the applicator
     # asked at every read (two exchanges per reading): no false gap, no alarm.
     "slow-0.15": """
@@ -113,6 +121,7 @@ SITE_OPTIONS = {
     "pause-in-gap": (5, 5),
     "end-in-gap": (5, 5),
     "after-end": (5, 5),
+    "restart": (5, 5),
     "slow-0.15": (3, 1),
     "slow-0.4": (3, 1000),
 }
@@ -124,6 +133,19 @@ class Run:
     truth: dict[str, Any]
     site: Site
     entries: list[dict[str, Any]]
+
+
+async def _dose_on_disk(site: Site, gy: float, within_s: float) -> None:
+    """A bounded poll of the audit log (written by another process, which tells us
+    nothing) until a sample with at least ``gy`` delivered is on disk."""
+    async with asyncio.timeout(within_s):
+        while True:
+            for seg in sorted(site.log_dir.glob("log-*.jsonl")):
+                for line in seg.read_text("utf-8").splitlines():
+                    e = json.loads(line)
+                    if e["type"] == "sample" and (e["data"].get("delivered_primary_gy") or 0) >= gy:
+                        return
+            await asyncio.sleep(0.05)
 
 
 def _done(key: str) -> Callable[[dict[str, Any]], bool]:
@@ -163,6 +185,21 @@ async def _run(base: Path, key: str) -> Run:
         )
         site = Site(cfg, base / "log", pub)
         daemon = await Daemon.follow(site)
+        if key == "restart":
+            try:
+                await daemon.seen(
+                    lambda r: r.get("event") == "phase" and r.get("dst") == "IRRADIATING",
+                    "beam on",
+                    within_s=30,
+                )
+                # Some dose on disk, then a crash: SIGKILL, nothing flushed on purpose.
+                await _dose_on_disk(site, 0.05, within_s=15)
+                await daemon.kill()
+            finally:
+                await daemon.ensure_dead()
+            first = daemon
+            daemon = await Daemon.follow(site)
+            daemon.lines[:0] = first.lines
         try:
             await daemon.seen(_done(key), f"the end of run {key}", within_s=60)
             if key == "slow-0.4":
@@ -344,3 +381,49 @@ def test_a_console_replying_past_the_stale_bound_alarms_within_it(
     # watchdog wakes at the bound; what it may be late by is the loop's scheduling on a
     # loaded machine, well under one poll period.
     assert all(bound_s <= lag < bound_s + 0.08 for lag in lags), lags
+
+
+def test_a_restart_during_a_delivery_continues_the_same_record(
+    runs: dict[str, Run | BaseException], tmp_path: Path
+) -> None:
+    r = run_of(runs, "restart")
+    starts = of_type(r, "delivery_started")
+    ends = of_type(r, "delivery_terminated")
+    assert len(starts) == 1, f"one treatment, one record: {[e['delivery_id'] for e in starts]}"
+    assert [e["delivery_id"] for e in ends] == [starts[0]["delivery_id"]]
+    did = starts[0]["delivery_id"]
+    (taken_over,) = [e for e in of_type(r, "daemon_start") if e["data"].get("open_delivery")]
+    assert taken_over["data"]["open_delivery"] == did
+    end = ends[0]["data"]
+    assert end["status"] == r.truth["termination"] == "NORMAL", end["reason"]
+    s = end["summary"]
+    dose = r.truth["dose_primary_gy"]
+    assert s["delivered_primary_gy"] == pytest.approx(dose, rel=0.005, abs=1e-4)
+    segs = s["segments"]
+    assert segs[0]["start_gy"] == 0
+    for a, b in itertools.pairwise(segs):
+        assert b["start_gy"] == a["end_gy"], f"segments tile: {segs}"
+    assert segs[-1]["end_gy"] == s["delivered_primary_gy"]
+    assert any("daemon not running" in g["cause"] for g in s["gaps"]), s["gaps"]
+    out = subprocess.run(
+        [str(BIN / "iort-audit"), "deliveries", str(r.site.log_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode in (0, 1), out.stderr
+    rows = [x for x in out.stdout.splitlines() if "D-" in x or "or-5-" in x]
+    assert len(rows) == 1, out.stdout
+    dcm = tmp_path / "d.dcm"
+    out = subprocess.run(
+        [
+            *(str(BIN / "iort-audit"), "export", "--format", "dicom", "--delivery", did),
+            *("--out", str(dcm), "--pubkey", str(r.site.pubkey), str(r.site.log_dir)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
