@@ -118,15 +118,16 @@ def event_entry(ev: TrackerEvent, current_delivery: str | None) -> EntrySpec:
     data: dict[str, Any]
     match ev:
         case DeliveryStarted():
-            return (
-                "delivery_started",
-                {
-                    "preset_gy": num(ev.preset_gy),
-                    "joined_in_progress": ev.joined_in_progress,
-                    "at": _ts(ev.utc),
-                },
-                ev.delivery_id,
-            )
+            data = {
+                "preset_gy": num(ev.preset_gy),
+                "joined_in_progress": ev.joined_in_progress,
+                "at": _ts(ev.utc),
+            }
+            if ev.continues is not None:
+                # An explicit link to an earlier record of what may be the same treatment.
+                data["continues"] = ev.continues
+                data["continues_reason"] = ev.continues_reason
+            return "delivery_started", data, ev.delivery_id
         case PhaseChanged():
             return (
                 "phase_changed",
