@@ -1,8 +1,10 @@
 """The composition root: builds drivers, tracker, audit log and sinks; runs one TaskGroup.
 
 Start-up: config already validated (nothing here re-checks it) -> audit log opened and
-recovered by the caller -> drivers built from the registry -> one poll task per device, a
-stale-data watchdog, a checkpoint timer and the sink dispatcher.
+recovered by the caller -> a delivery the log shows open is handed to the tracker (named
+in ``daemon_start``; the first reading decides whether it continues) -> drivers built from
+the registry -> one poll task per device, a stale-data watchdog (fed by every device reply
+through ``DriverContext.heard``), a checkpoint timer and the sink dispatcher.
 
 The record comes first: every event is appended to the audit log and fsync'd before any
 other sink hears of it; samples are appended (and group-committed within the window)

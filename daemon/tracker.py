@@ -12,8 +12,17 @@ Rules it enforces (DOMAIN.md):
 - an interrupted-then-resumed delivery is a sequence of dose segments that tile the
   delivered dose with no gap and no double count; dose that rises while the beam is
   supposed to be off is kept (never lost) in a segment of its own, flagged, and alarmed;
-- a monitoring gap (link lost, readings stopped) makes every interlock unknown and is
-  recorded with its start and end.
+- a monitoring gap (link lost, nothing heard from the device) makes every interlock
+  unknown and is recorded with its start and end. Time inside it is unknown, not beam-on,
+  and never a contradiction: beam-on is the console's timer, or the host's view between
+  two consecutive readings; an end that fell inside a gap is bounded by it and says so;
+- elapsed runs from the first beam as the console's timer places it, and is never shorter
+  than beam-on (one time base on every display);
+- an event carries the delivery id only while that delivery is open: the end entry is the
+  last of its reading, and after it everything belongs to the room;
+- after a restart, ``resume`` takes over the delivery the log shows open; the first
+  believed reading decides whether the console is in the same selection (continue it),
+  a new one (close it UNKNOWN), or cannot tell (close it and link the next record).
 """
 
 from __future__ import annotations
