@@ -393,11 +393,16 @@ class Daemon:
             transport=dev.transport,
             options=dev.options,
         )
-        heard = self.tracker.on_device_heard if dev.role == "source" else _ignore_heard
+        heard = self._source_heard if dev.role == "source" else _ignore_heard
         return factory.create(
             spec,
             DriverContext(clock=self._clock, seed=self.config.simulation.seed, heard=heard),
         )
+
+    def _source_heard(self, mono_ns: int) -> None:
+        """A reply from the source, reported by its driver. A time in the future (a
+        plug-in's bug) must not hold the stale alarm off: it counts as now at most."""
+        self.tracker.on_device_heard(min(mono_ns, self._clock.monotonic_ns()))
 
     async def _poll_source(self, dev: DeviceConfig, stop: asyncio.Event) -> None:
         # The backoff is reset by the first good reading of a connection, not by the
