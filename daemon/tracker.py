@@ -514,7 +514,7 @@ class DeliveryTracker:
             self._update_interlocks({}, mono, utc, out)
             self._to_fault(mono, utc, "reading timestamp went backwards", out, None)
             self._interlock_alarms(mono, utc, out)
-            return out
+            return self._end_last(out)
         prev_mono = self._last_mono_ns
         if self._gap is not None:
             gap = replace(self._gap, end_mono_ns=r.mono_ns, end_utc=r.utc)
@@ -573,16 +573,28 @@ class DeliveryTracker:
         if not ends:
             return out
         i = ends[-1]
-        before, end, after = out[:i], out[i], out[i + 1 :]
-        alarms = [ev for ev in after if isinstance(ev, AlarmRaised | AlarmCleared)]
+        end = out[i]
+        # Up to the next delivery's start in the same reading (after a restart the old
+        # one is closed and a new one may start at once): what follows that is the new
+        # one's and stays as it is.
+        j = next(
+            (k for k in range(i + 1, len(out)) if isinstance(out[k], DeliveryStarted)), len(out)
+        )
+        window = out[i + 1 : j]
+        ours = [
+            isinstance(ev, AlarmRaised | AlarmCleared) and ev.delivery_id == end.delivery_id
+            for ev in window
+        ]
+        alarms = [ev for ev, o in zip(window, ours, strict=True) if o]
         rest: list[TrackerEvent] = [
             replace(ev, delivery_id=None)
-            if isinstance(ev, PhaseChanged | InterlockChanged | MonitoringGapStarted)
+            if isinstance(ev, PhaseChanged | InterlockChanged | AlarmRaised | AlarmCleared)
+            and ev.delivery_id == end.delivery_id
             else ev
-            for ev in after
-            if not isinstance(ev, AlarmRaised | AlarmCleared)
+            for ev, o in zip(window, ours, strict=True)
+            if not o
         ]
-        return [*before, *alarms, end, *rest]
+        return [*out[:i], *alarms, end, *rest, *out[j:]]
 
     def stale_at_ns(self) -> int | None:
         """When the data become stale if no reading comes (monotonic ns), or None when
@@ -1120,10 +1132,12 @@ class DeliveryTracker:
         utc: datetime,
         phase: Phase,
         out: list[TrackerEvent],
+        *,
+        seen_now: bool = False,
     ) -> None:
         end = mono
         g = self._gap_ended
-        if g is not None and g.end_mono_ns == mono:
+        if g is not None and g.end_mono_ns == mono and not seen_now:
             # The end fell inside a monitoring gap: it happened after the last reading
             # before the gap, and at least as much later as the console's beam-on timer
             # advanced across it; that earliest end bounds elapsed time, not the moment
@@ -1162,7 +1176,9 @@ class DeliveryTracker:
             # A delivery closed from FAULT is never NORMAL: MACHINE when the console itself
             # reported the fault or emergency stop, UNKNOWN when we cannot trust the input.
             status = TerminationStatus.MACHINE if device else TerminationStatus.UNKNOWN
-            self._close(d, status, cause, mono, utc, P.FAULT, out)
+            # A contradiction ends the delivery when it is seen; a fault the console
+            # reported may have happened inside a gap before it.
+            self._close(d, status, cause, mono, utc, P.FAULT, out, seen_now=not device)
         elif self.phase is not P.FAULT:
             self._move(P.FAULT, cause, mono, utc, out)
 

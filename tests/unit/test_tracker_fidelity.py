@@ -467,3 +467,33 @@ def test_status_never_worse_than_the_consoles_and_dose_counted_once(
     assert rec.summary.delivered_primary_gy == pytest.approx(c.dose)
     assert sum(s.end_gy - s.start_gy for s in segs) == pytest.approx(c.dose)
     assert rec.summary.elapsed_s >= rec.summary.beam_on_s
+
+
+def test_a_restart_into_a_new_selection_closes_the_old_and_starts_the_new_in_order() -> None:
+    rd = resumed(selection=3)
+    f, _ = restarted(rd)
+    r = reading(f, S.IRRADIATING, beam_on=60.0, dose=0.8, selection=4)
+    ev = f.tracker.on_reading(r)
+    (end,) = of(ev, Terminated)
+    (start,) = of(ev, DeliveryStarted)
+    i, j = ev.index(end), ev.index(start)
+    assert i < j
+    assert all(getattr(e, "delivery_id", None) in (None, start.delivery_id) for e in ev[i + 1 :])
+    assert all(getattr(e, "delivery_id", None) == start.delivery_id for e in ev[j:])
+    assert start.continues is None
+    snap = f.tracker.snapshot()
+    assert snap is not None
+    assert snap.delivery_id == start.delivery_id
+    assert [s.kind for s in snap.segments] == ["unmonitored", "beam"]
+
+
+def test_a_contradiction_right_after_a_gap_ends_when_it_is_seen() -> None:
+    f = Feed()
+    start_delivery(f)
+    f.irradiate(100, step=10.0)
+    f.tick(5.0)
+    f.primary -= 1.0  # the dose count went down: contradictory
+    ev = f.read(S.IRRADIATING, dt=20.0)
+    (end,) = of(ev, Terminated)
+    assert end.status is TerminationStatus.UNKNOWN
+    assert "inside a monitoring gap" not in end.reason
