@@ -706,7 +706,7 @@ class DeliveryTracker:
             d.secondary_gy = max(d.secondary_gy, r.dose_secondary_gy)
             d.planned_time_s = r.planned_time_s or d.planned_time_s
             d.applicator = r.applicator or d.applicator
-            if self.phase is P.IRRADIATING:
+            if self.phase is P.IRRADIATING and r.state is DeviceState.IRRADIATING:
                 self._open_segment(d, "beam", r.mono_ns)
             elif self.phase is P.INTERRUPTED and not d.interruptions:
                 d.interruptions.append(
@@ -806,9 +806,9 @@ class DeliveryTracker:
                 continues_reason=None if link is None else link[1],
             )
         )
-        if link is not None and r.dose_primary_gy > 0:
+        carried = 0.0 if link is None else min(link[2], r.dose_primary_gy)
+        if carried > 0:
             # The dose the earlier record already holds is not counted again here.
-            carried = min(link[2], r.dose_primary_gy)
             d.segments.append(Segment("in_previous_record", 0.0, carried, r.mono_ns, r.mono_ns))
             d.primary_gy = carried
         return d

@@ -339,6 +339,7 @@ class Console:
     t: float = 0.0
     beam: float = 0.0
     dose: float = 0.0
+    counter: int | None = 7
     readings: list[SourceReading] = field(default_factory=list)
 
     def at(self, state: DeviceState, term: TerminationStatus | None = None) -> SourceReading:
@@ -357,7 +358,7 @@ class Console:
             planned_time_s=PLANNED_S,
             termination=term,
             simulated=True,
-            selection=7,
+            selection=self.counter,
         )
 
 
@@ -372,16 +373,23 @@ steps = st.lists(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(plan=steps, end=st.sampled_from(list(TerminationStatus)))
+@given(
+    plan=steps,
+    end=st.sampled_from(list(TerminationStatus)),
+    counter=st.sampled_from([7, None]),
+)
 def test_status_never_worse_than_the_consoles_and_dose_counted_once(
-    plan: list[tuple[str, float]], end: TerminationStatus
+    plan: list[tuple[str, float]], end: TerminationStatus, counter: int | None
 ) -> None:
     """Readings every 10 s (the console's own timer exact); gaps hide stretches of it
     (with the beam going on or paused inside); restarts hand the open delivery to a new
     tracker from what the last sample recorded. The recorded status is never worse than
-    the console's, and the records of the treatment hold its dose once."""
+    the console's, and the records of the treatment hold its dose once. With a selection
+    counter the treatment is one record; without one (the fallback), a restart before any
+    dose may split it into records linked by ``continues``, the earlier closed UNKNOWN with
+    no dose of their own (docs/audit-log.md)."""
     st_ = TrackerSettings(stale_after_s=30.0, rate_settle_s=5.0)
-    c = Console()
+    c = Console(counter=counter)
     tracker = DeliveryTracker(st_)
     events: list[TrackerEvent] = []
     last_snap = None
@@ -432,7 +440,7 @@ def test_status_never_worse_than_the_consoles_and_dose_counted_once(
                 secondary_gy=snap.delivered_secondary_gy,
                 beam_on_s=snap.beam_on_s,
                 elapsed_s=snap.elapsed_s,
-                selection=7,
+                selection=counter,
                 simulated=True,
                 unwatched_since_utc=T0 + timedelta(seconds=c.t),
                 cause="daemon not running (crash stop)",
@@ -453,9 +461,15 @@ def test_status_never_worse_than_the_consoles_and_dose_counted_once(
 
     ends = of(events, Terminated)
     starts = of(events, DeliveryStarted)
-    assert len(starts) == 1, "one treatment, one record (the counter never changed)"
-    assert [e.delivery_id for e in ends] == [starts[0].delivery_id]
-    (rec,) = ends
+    if counter is not None:
+        assert len(starts) == 1, "one treatment, one record (the counter never changed)"
+    assert [e.delivery_id for e in ends] == [s.delivery_id for s in starts]
+    for a, b in itertools.pairwise(zip(starts, ends, strict=True)):
+        assert b[0].continues == a[1].delivery_id, "an explicit link, with the reason"
+        assert b[0].continues_reason
+        assert a[1].status is TerminationStatus.UNKNOWN
+        assert a[1].summary.delivered_primary_gy == 0.0
+    rec = ends[-1]
     contradicted = any(
         isinstance(e, AlarmRaised) and e.alarm.code is AlarmCode.CONTRADICTORY_INPUT for e in events
     )
