@@ -14,7 +14,7 @@ Three simulators are started (``iort-sim serve``, Axxent-like console, BAL34, pr
   "bare" round trip can be the slower one: the overhead then comes out negative.
 - **modbus-xrs over Modbus TCP** (XRS-MB/1). (1) iortd: the ``modbus-xrs`` driver with the
   bundled map; one cycle is one ``await driver.read()``: one request for input registers
-  0-37 and the decoding of all 29 points into a reading. (2) baseline: pymodbus's own
+  0-37 and the decoding of all its points into a reading. (2) baseline: pymodbus's own
   client, ``AsyncModbusTcpClient`` (retries 0, no reconnect), ``read_input_registers(0,
   count=38, device_id=1)``: the same request, registers only, no decoding.
 - **modbus-xrs over Modbus RTU on a pty**: as TCP, with ``AsyncModbusSerialClient``
