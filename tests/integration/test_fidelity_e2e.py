@@ -106,6 +106,13 @@ action = "close_door"
 at = "40s"
 action = "close_door"
 """,
+    # Item 2: the daemon is killed during irradiation and the console is gone when it
+    # starts again (twice): the delivery stays open, in a gap, until a reading decides.
+    "console-gone": """
+[[step]]
+at = "40s"
+action = "close_door"
+""",
     # Item 4: every reply 0.15 s late (half the 0.3 s stale bound), with the applicator
     # asked at every read (two exchanges per reading): no false gap, no alarm.
     "slow-0.15": """
@@ -132,6 +139,7 @@ SITE_OPTIONS = {
     "after-end": (5, 5),
     "restart": (5, 5),
     "restart-no-counter": (5, 5),
+    "console-gone": (5, 5),
     "slow-0.15": (3, 1),
     "slow-0.4": (3, 1000),
 }
@@ -227,7 +235,7 @@ async def _run(base: Path, key: str) -> Run:
         cfg.write_text(text, "utf-8")
         site = Site(cfg, base / "log", pub)
         daemon = await Daemon.follow(site)
-        if key.startswith("restart"):
+        if key.startswith("restart") or key == "console-gone":
             try:
                 await daemon.seen(
                     lambda r: r.get("event") == "phase" and r.get("dst") == "IRRADIATING",
@@ -240,6 +248,18 @@ async def _run(base: Path, key: str) -> Run:
             finally:
                 await daemon.ensure_dead()
             first = daemon
+            if key == "console-gone":
+                await sim.stop()
+                for _ in range(2):
+                    daemon = await Daemon.follow(site)
+                    try:
+                        await daemon.seen(
+                            lambda r: r.get("event") == "device_link_lost", "no console", 15
+                        )
+                        assert await daemon.stop() == 0
+                    finally:
+                        await daemon.ensure_dead()
+                return Run(daemon, {}, site, _entries(site))
             daemon = await Daemon.follow(site)
             daemon.lines[:0] = first.lines
         try:
@@ -261,10 +281,14 @@ async def _run(base: Path, key: str) -> Run:
             truth = await sim.until("terminated", within_s=5)
     finally:
         await sim.stop()
+    return Run(daemon, truth, site, _entries(site))
+
+
+def _entries(site: Site) -> list[dict[str, Any]]:
     entries = []
     for seg in sorted(site.log_dir.glob("log-*.jsonl")):
         entries += [json.loads(line) for line in seg.read_text("utf-8").splitlines()]
-    return Run(daemon, truth, site, entries)
+    return entries
 
 
 @pytest.fixture(scope="module")
@@ -475,3 +499,31 @@ def test_a_restart_during_a_delivery_continues_the_same_record(
         check=False,
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_a_console_gone_after_a_restart_leaves_the_delivery_open_in_a_gap(
+    runs: dict[str, Run | BaseException],
+) -> None:
+    """Killed during irradiation, started twice with the console gone: nothing closes the
+    delivery (only a reading can decide), each start takes it over and says so, each
+    outage is a gap in it, and the auditors' listing shows it IN PROGRESS."""
+    r = run_of(runs, "console-gone")
+    (start,) = of_type(r, "delivery_started")
+    did = start["delivery_id"]
+    assert of_type(r, "delivery_terminated") == []
+    taken = [e["data"].get("open_delivery") for e in of_type(r, "daemon_start")]
+    assert taken == [None, did, did]
+    stops = [e["data"]["open_delivery"] for e in of_type(r, "daemon_stop")]
+    assert stops == [did, did], "a clean stop names the delivery still open"
+    gaps = [e for e in of_type(r, "monitoring_gap_started") if e.get("delivery_id") == did]
+    assert len(gaps) == 2
+    assert all(g["data"]["cause"].startswith("daemon not running") for g in gaps)
+    out = subprocess.run(
+        [str(BIN / "iort-audit"), "deliveries", str(r.site.log_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    line = next(x for x in out.stdout.splitlines() if did in x)
+    assert "IN PROGRESS" in line, line
