@@ -13,16 +13,18 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from daemonproc import Daemon, Site
+from mqttobs import Message, Observer
 from simproc import Simulator
 
 from daemon.audit.note import generate_keypair, write_keypair
+from daemon.mqtt.broker import BrokerOptions, Mosquitto
 
 pytestmark = pytest.mark.integration
 
@@ -151,6 +153,7 @@ class Run:
     truth: dict[str, Any]
     site: Site
     entries: list[dict[str, Any]]
+    mqtt: list[Message] = field(default_factory=list)
 
 
 async def _dose_on_disk(site: Site, gy: float, within_s: float) -> None:
@@ -213,7 +216,7 @@ def _prepare(base: Path, key: str) -> Path:
     return script
 
 
-async def _run(base: Path, key: str) -> Run:
+async def _run(base: Path, key: str, broker: Mosquitto | None = None) -> Run:
     script = base / f"{key}.toml"
     modbus = key == "restart-no-counter"
     sim = await Simulator.start(
@@ -228,6 +231,11 @@ async def _run(base: Path, key: str) -> Run:
         stale, every = SITE_OPTIONS[key]
         cfg = base / "site.toml"
         text = SITE.format(port=sim.device, stale_polls=stale, applicator_every=every)
+        observer = None
+        if key == "after-end" and broker is not None:
+            # This run also publishes: every MQTT message is checked too (item 6).
+            text = text.replace("enabled = false", f'url = "{broker.url}"\nkeepalive_s = 2')
+            observer = await Observer(broker.port).start()
         if modbus:
             text = text[: text.index("[[devices]]")] + MODBUS_DEVICE.format(
                 map=base / "no-counter.toml", host=sim.serving["host"], port=sim.serving["port"]
@@ -276,12 +284,14 @@ async def _run(base: Path, key: str) -> Run:
             assert await daemon.stop() == 0
         finally:
             await daemon.ensure_dead()
+            if observer is not None:
+                await observer.stop()
         truth = {}
         if key not in ("slow-0.4",):
             truth = await sim.until("terminated", within_s=5)
     finally:
         await sim.stop()
-    return Run(daemon, truth, site, _entries(site))
+    return Run(daemon, truth, site, _entries(site), [] if observer is None else observer.messages)
 
 
 def _entries(site: Site) -> list[dict[str, Any]]:
@@ -299,11 +309,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run | BaseExcept
     for key in keys:
         _prepare(base / key, key)
 
-    async def all_runs() -> dict[str, Run | BaseException]:
-        got = await asyncio.gather(*(_run(base / k, k) for k in keys), return_exceptions=True)
+    async def all_runs(broker: Mosquitto) -> dict[str, Run | BaseException]:
+        got = await asyncio.gather(
+            *(_run(base / k, k, broker) for k in keys), return_exceptions=True
+        )
         return dict(zip(keys, got, strict=True))
 
-    return asyncio.run(all_runs())
+    with Mosquitto(BrokerOptions(), base / "broker") as broker:
+        return asyncio.run(all_runs(broker))
 
 
 def run_of(runs: dict[str, Run | BaseException], key: str) -> Run:
@@ -414,6 +427,26 @@ def test_elapsed_is_never_shorter_than_beam_on_on_any_sample(
         for e in of_type(r, "delivery_terminated"):
             s = e["data"]["summary"]
             assert s["elapsed_s"] >= s["beam_on_s"], s
+
+
+def test_elapsed_is_never_shorter_than_beam_on_on_any_mqtt_message(
+    runs: dict[str, Run | BaseException],
+) -> None:
+    """Every telemetry message and retained delivery state of the delivery, as a consumer
+    (mosquitto_sub) receives them from a real broker."""
+    r = run_of(runs, "after-end")
+    telemetry = [m.payload for m in r.mqtt if m.name == "telemetry"]
+    during = [p for p in telemetry if p.get("delivery_id")]
+    assert during, "the run published its telemetry"
+    behind = [
+        (p["at"], p["beam_on_s"], p["elapsed_s"]) for p in during if p["elapsed_s"] < p["beam_on_s"]
+    ]
+    assert behind == [], f"MQTT telemetry: elapsed shorter than beam-on: {behind[:5]}"
+    states = [
+        m.payload["delivery"] for m in r.mqtt if m.name == "delivery" and m.payload["delivery"]
+    ]
+    assert states
+    assert all(d["elapsed_s"] >= d["beam_on_s"] for d in states), states[-1]
 
 
 def test_a_console_replying_at_half_the_stale_bound_gives_no_false_gap(
