@@ -532,6 +532,13 @@ def test_a_restart_during_a_delivery_continues_the_same_record(
         check=False,
     )
     assert out.returncode == 0, out.stderr
+    # One treatment record, valid: Debian's dciodvfy (dicom3tools), no error, no warning.
+    v = subprocess.run(
+        ["dciodvfy", str(dcm)], capture_output=True, text=True, timeout=60, check=False
+    )
+    lines = (v.stdout + v.stderr).splitlines()
+    assert lines[0] == "RTBeamsTreatmentRecord", lines
+    assert [x for x in lines if x.startswith(("Error", "Warning"))] == []
 
 
 def test_a_console_gone_after_a_restart_leaves_the_delivery_open_in_a_gap(
