@@ -790,9 +790,10 @@ def _open_delivery(segments: list[Path]) -> _Open:
             # "type" sorts last, so the kind is the end of the line: no parse needed.
             if raw.endswith(b'"type":"daemon_start"}'):
                 try:
-                    opened = orjson.loads(raw).get("data", {}).get("open_delivery")
+                    data = orjson.loads(raw).get("data")
                 except orjson.JSONDecodeError:
-                    opened = None
+                    data = None
+                opened = data.get("open_delivery") if isinstance(data, dict) else None
                 if not isinstance(opened, str) or carried not in (None, opened):
                     return None, None, None
                 carried = opened
