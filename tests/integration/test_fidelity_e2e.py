@@ -1,10 +1,11 @@
-"""The record matches the console at the real time base (issue 14), end to end over a real
-pty: `iort-sim serve --transport serial` plays a timed scenario, `iortd run` follows it
-with the production `serial-xrs` driver, and the audit log is compared with the
-simulator's ground truth. Every run is a simulator and a daemon of its own; they all run
-at the same time (one module fixture), so together they take about as long as the
-longest (a small preset at the Axxent-like 2.5 Gy/min, about 5-7 s of beam, and a 2 s self-test:
-about 13 s in all)."""
+"""The record matches the console at the real time base (issue 14), end to end: `iort-sim
+serve` plays a timed scenario over a real pty (XRS-ASCII/1, the production `serial-xrs`
+driver) or Modbus TCP (one restart run, a console without a selection counter), `iortd
+run` follows it (one run also publishing to a real Mosquitto), and the audit log is
+compared with the simulator's ground truth. Every run is a simulator and a daemon of its
+own; they all run at the same time (one module fixture), so together they take about as
+long as the longest: a small preset at the Axxent-like 2.5 Gy/min (5-7 s of beam) and a
+2 s self-test, about 13 s in all."""
 
 from __future__ import annotations
 
