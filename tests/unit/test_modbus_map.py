@@ -325,3 +325,32 @@ def test_a_value_that_scales_out_of_range_is_refused(tmp_path: Path) -> None:
     m = load_map(path)
     with pytest.raises(ProtocolViolation, match=r"extra\.rate_deviation: -inf after scaling"):
         m.decode(m.telemetry, [TELEMETRY])
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (
+            'name = "selection"                # the console\'s selection counter (optional point)\ntable = "input"\naddress = 36\ntype = "u32"',
+            'name = "selection"\ntable = "input"\naddress = 36\ntype = "f32"',
+        ),
+        ('address = 36\ntype = "u32"', 'address = 36\ntype = "u32"\nscale = 0.1'),
+        ('address = 36\ntype = "u32"', 'address = 36\ntype = "u32"\nunit = "s"'),
+    ],
+)
+def test_the_selection_counter_is_an_unscaled_integer(tmp_path: Path, old: str, new: str) -> None:
+    assert "selection is a counter" in _broken(tmp_path, old, new)
+
+
+def test_a_map_without_the_selection_counter_reads_none(tmp_path: Path) -> None:
+    """It is optional: a console that keeps none has no such point (docs/protocols.md)."""
+    text = BUNDLED.read_text(encoding="utf-8")
+    head, _, rest = text.partition('[[point]]\nname = "selection"')
+    path = tmp_path / "no-counter.toml"
+    path.write_text(head + rest[rest.index("[[point]]") :], encoding="utf-8")
+    m = load_map(path)
+    assert "selection" not in m.points
+    assert "selection" not in m.decode(m.telemetry, [TELEMETRY[:36]])
+    bundled = load_map(BUNDLED)
+    missing = [*TELEMETRY[:36], 0xFFFF, 0xFFFF]  # the map's "missing": no counter kept
+    assert bundled.decode(bundled.telemetry, [missing])["selection"] is None
