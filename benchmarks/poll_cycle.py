@@ -14,9 +14,9 @@ Three simulators are started (``iort-sim serve``, Axxent-like console, BAL34, pr
   "bare" round trip can be the slower one: the overhead then comes out negative.
 - **modbus-xrs over Modbus TCP** (XRS-MB/1). (1) iortd: the ``modbus-xrs`` driver with the
   bundled map; one cycle is one ``await driver.read()``: one request for input registers
-  0-35 and the decoding of all 28 points into a reading. (2) baseline: pymodbus's own
+  0-37 and the decoding of all its points into a reading. (2) baseline: pymodbus's own
   client, ``AsyncModbusTcpClient`` (retries 0, no reconnect), ``read_input_registers(0,
-  count=36, device_id=1)``: the same request, registers only, no decoding.
+  count=38, device_id=1)``: the same request, registers only, no decoding.
 - **modbus-xrs over Modbus RTU on a pty**: as TCP, with ``AsyncModbusSerialClient``
   (RTU framer) as the baseline. The simulator's line-time model is off (``--baudrate 0``)
   so that both sides measure software, not a modelled wire.
@@ -223,7 +223,7 @@ def bare_cycles(device: str, n: int, warmup: int) -> tuple[Cycles, int]:
 
 # ---- Modbus: the driver and pymodbus's client ------------------------------------------
 
-MODBUS_COUNT = 36  # input registers 0-35: the map's telemetry block, one request
+MODBUS_COUNT = 38  # input registers 0-37: the map's telemetry block, one request
 
 
 def modbus_transport(serving: dict[str, object]) -> dict[str, object]:

@@ -3,10 +3,13 @@
 Start-up: config already validated (nothing here re-checks it) -> audit log opened and
 recovered by the caller -> what recovery found recorded first (a crash, unvouched
 entries, spilled entries, an accepted rollback, a wall clock behind the log), before the
-run's first seal -> drivers built from the registry -> one poll task per device, a
-stale-data watchdog, the checkpoint task (one signed at once, then at delivery ends and
-every interval) and the sink dispatcher. The MQTT sink asks the daemon whether the log
-contains the broker's retained checkpoint before it overwrites it.
+run's first seal -> a delivery the log shows open (from vouched entries only) is handed to
+the tracker (named in ``daemon_start``; the first reading decides whether it continues) ->
+drivers built from the registry -> one poll task per device, a stale-data watchdog (fed by
+every device reply through ``DriverContext.heard``), the checkpoint task (one signed at
+once, then at delivery ends and every interval) and the sink dispatcher. The MQTT sink asks
+the daemon whether the log contains the broker's retained checkpoint before it overwrites
+it.
 
 The record comes first: every event is appended to the audit log and fsync'd before any
 other sink hears of it; samples are appended (and group-committed within the window)
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import random
 from collections.abc import Mapping, Sequence
@@ -40,6 +44,8 @@ from daemon.sinks import Sample, Sink
 from daemon.tracker import (
     DeliverySnapshot,
     DeliveryTracker,
+    Phase,
+    ResumedDelivery,
     Terminated,
     TrackerEvent,
     TrackerSettings,
@@ -50,7 +56,7 @@ from drivers.interface import DriverContext, DriverSpec, SourceDriver
 from drivers.registry import DriverRegistry
 from drivers.types import DeviceIdentity
 
-__all__ = ["Daemon", "RunResult", "tracker_settings"]
+__all__ = ["Daemon", "RunResult", "resumable", "tracker_settings"]
 
 log = structlog.get_logger("iortd")
 
@@ -68,8 +74,66 @@ SHUTDOWN_TIMEOUT_S = 5.0
 DRIVER_CALL_TIMEOUTS = 4
 
 
+def _ignore_heard(mono_ns: int) -> None:
+    """Replies of a device the tracker does not watch for staleness."""
+
+
 def _call_bound(dev: DeviceConfig) -> float:
     return dev.timeout_s * DRIVER_CALL_TIMEOUTS
+
+
+_RESUMABLE = {
+    p.value: p for p in (Phase.PREPARATORY, Phase.READY, Phase.IRRADIATING, Phase.INTERRUPTED)
+}
+
+
+def resumable(rec: RecoveryReport) -> ResumedDelivery | None:
+    """The delivery the log shows open, as the tracker takes it over after a restart; None
+    when there is none, or when its record is too thin to continue (no sample of it, or a
+    sample this version cannot read): that one is closed UNKNOWN at start-up instead."""
+    did, s, started = rec.open_delivery_id, rec.open_delivery_last_sample, rec.open_delivery_started
+    if did is None or s is None or rec.last_ts is None:
+        return None
+    phase = _RESUMABLE.get(str(s.get("phase")))
+    numbers = [s.get(k) for k in ("preset_gy", "delivered_primary_gy", "delivered_secondary_gy")]
+    numbers += [s.get("beam_on_s"), s.get("elapsed_s")]
+    if phase is None or not all(
+        isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+        for x in numbers
+    ):
+        return None
+    selection = s.get("selection")
+    preset, primary, secondary, beam_on, elapsed = (float(x) for x in numbers)  # type: ignore[arg-type]
+    try:
+        # Unvouched entries (written after the last seal before a crash) are not what the
+        # daemon saw for certain: the gap starts at the last vouched entry.
+        since = datetime.fromisoformat((rec.last_vouched_ts or rec.last_ts).replace("Z", "+00:00"))
+        at = (started or {}).get("at") or s.get("at")
+        started_utc = datetime.fromisoformat(str(at).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return ResumedDelivery(
+        delivery_id=did,
+        started_utc=started_utc,
+        phase=phase,
+        preset_gy=preset,
+        primary_gy=primary,
+        secondary_gy=secondary,
+        beam_on_s=beam_on,
+        elapsed_s=elapsed,
+        selection=selection
+        if isinstance(selection, int) and not isinstance(selection, bool)
+        else None,
+        simulated=bool(s.get("simulated")),
+        unwatched_since_utc=since,
+        cause=f"daemon not running ({rec.previous_stop} stop)"
+        + (
+            ""
+            if rec.unvouched is None
+            else f"; entries seq {rec.unvouched[0]}..{rec.unvouched[1]} after the last seal "
+            "are unvouched"
+        ),
+    )
 
 
 def tracker_settings(config: Config, clock_speed: float) -> TrackerSettings:
@@ -274,12 +338,14 @@ class Daemon:
             return
         now = utc_ts(datetime.now(UTC))
         _record_recovery(audit, rec, now)
-        if rec.open_delivery_id is not None:
-            # The previous run ended during a delivery: nobody watched from its last entry
-            # until now. Close that delivery as interrupted by a monitoring gap.
+        resumed = resumable(rec)
+        if rec.open_delivery_id is not None and resumed is None:
+            # The previous run ended during a delivery that cannot be taken over (no sample
+            # of it was recorded): nobody watched from its last entry until now. Close that
+            # delivery as interrupted by a monitoring gap.
             gap = {
                 "cause": f"daemon not running ({rec.previous_stop} stop)",
-                "start": rec.last_ts,
+                "start": rec.last_vouched_ts or rec.last_ts,
                 "end": now,
             }
             audit.append("monitoring_gap", gap, delivery_id=rec.open_delivery_id, durable=True)
@@ -303,6 +369,8 @@ class Daemon:
                 "previous_stop": rec.previous_stop,
                 "clock_speed": self._clock.speed,
                 "verifier_key": None if signer is None else signer.verifier.text,
+                # Taken over, not closed: the first reading decides (docs/audit-log.md).
+                "open_delivery": None if resumed is None else resumed.delivery_id,
             },
             durable=True,
         )
@@ -315,6 +383,11 @@ class Daemon:
             },
             durable=True,
         )
+        if resumed is not None:
+            self._emit(
+                None,
+                self.tracker.resume(resumed, self._clock.monotonic_ns(), self._clock.utc()),
+            )
 
     async def _record_stop(self) -> None:
         if self._audit is None:
@@ -459,9 +532,16 @@ class Daemon:
             transport=dev.transport,
             options=dev.options,
         )
+        heard = self._source_heard if dev.role == "source" else _ignore_heard
         return factory.create(
-            spec, DriverContext(clock=self._clock, seed=self.config.simulation.seed)
+            spec,
+            DriverContext(clock=self._clock, seed=self.config.simulation.seed, heard=heard),
         )
+
+    def _source_heard(self, mono_ns: int) -> None:
+        """A reply from the source, reported by its driver. A time in the future (a
+        plug-in's bug) must not hold the stale alarm off: it counts as now at most."""
+        self.tracker.on_device_heard(min(mono_ns, self._clock.monotonic_ns()))
 
     async def _poll_source(self, dev: DeviceConfig, stop: asyncio.Event) -> None:
         # The backoff is reset by the first good reading of a connection, not by the
@@ -599,14 +679,18 @@ class Daemon:
                 ended = True
         durable = None
         if self._audit is not None:
-            snap = self.tracker.snapshot()
-            current = snap.delivery_id if snap is not None else None
+            pending = None if sample is None else sample_entry(sample, ended_now=ended)
             for ev in events:
-                kind, data, did = event_entry(ev, current)
+                if pending is not None and isinstance(ev, Terminated):
+                    # The sample that ends a delivery belongs to it: it goes before the
+                    # end entry, after which nothing names that delivery.
+                    self._audit.append(pending[0], pending[1], delivery_id=pending[2])
+                    pending = None
+                # Every event names its delivery itself (None: the room's).
+                kind, data, did = event_entry(ev, None)
                 durable = self._audit.append(kind, data, delivery_id=did, durable=True).committed
-            if sample is not None:
-                kind, data, did = sample_entry(sample, ended_now=ended)
-                self._audit.append(kind, data, delivery_id=did)
+            if pending is not None:
+                self._audit.append(pending[0], pending[1], delivery_id=pending[2])
         delivery = self.tracker.snapshot() if sample is None else sample.delivery
         self._queue.put_nowait(
             _Item(durable=durable, sample=sample, events=tuple(events), delivery=delivery)

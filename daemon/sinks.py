@@ -104,9 +104,15 @@ class OperationalLogSink:
         self, events: Sequence[TrackerEvent], delivery: DeliverySnapshot | None
     ) -> None:
         for ev in events:
+            # Each line names the delivery its event belongs to, as the audit log does
+            # (none for the room's events, also after a restart took a delivery over).
+            did = getattr(ev, "delivery_id", None)
+            if did is None:
+                structlog.contextvars.unbind_contextvars("delivery_id")
+            else:
+                structlog.contextvars.bind_contextvars(delivery_id=did)
             match ev:
                 case DeliveryStarted():
-                    structlog.contextvars.bind_contextvars(delivery_id=ev.delivery_id)
                     self._log.info(
                         "delivery_started", preset_gy=ev.preset_gy, joined=ev.joined_in_progress
                     )
@@ -151,7 +157,6 @@ class OperationalLogSink:
                         interruptions=len(s.interruptions),
                         gaps=len(s.gaps),
                     )
-                    structlog.contextvars.unbind_contextvars("delivery_id")
                 case DeliveryAmended():
                     self._log.warning(
                         "delivery_amended",

@@ -12,8 +12,17 @@ Rules it enforces (DOMAIN.md):
 - an interrupted-then-resumed delivery is a sequence of dose segments that tile the
   delivered dose with no gap and no double count; dose that rises while the beam is
   supposed to be off is kept (never lost) in a segment of its own, flagged, and alarmed;
-- a monitoring gap (link lost, readings stopped) makes every interlock unknown and is
-  recorded with its start and end.
+- a monitoring gap (link lost, nothing heard from the device) makes every interlock
+  unknown and is recorded with its start and end. Time inside it is unknown, not beam-on,
+  and never a contradiction: beam-on is the console's timer, or the host's view between
+  two consecutive readings; an end that fell inside a gap is bounded by it and says so;
+- elapsed runs from the first beam as the console's timer places it, and is never shorter
+  than beam-on (one time base on every display);
+- an event carries the delivery id only while that delivery is open: the end entry is the
+  last of its reading, and after it everything belongs to the room;
+- after a restart, ``resume`` takes over the delivery the log shows open; the first
+  believed reading decides whether the console is in the same selection (continue it),
+  a new one (close it UNKNOWN), or cannot tell (close it and link the next record).
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ __all__ = [
     "MonitoringGapStarted",
     "Phase",
     "PhaseChanged",
+    "ResumedDelivery",
     "Segment",
     "Severity",
     "Terminated",
@@ -196,6 +206,25 @@ class Gap:
 
 
 @dataclass(frozen=True, slots=True)
+class ResumedDelivery:
+    """A delivery the audit log shows open when the daemon starts (it stopped or crashed
+    during it): what its last recorded sample said, and since when nobody watched."""
+
+    delivery_id: str
+    started_utc: datetime
+    phase: Phase  # the tracker's phase at the last sample
+    preset_gy: float
+    primary_gy: float
+    secondary_gy: float
+    beam_on_s: float
+    elapsed_s: float
+    selection: int | None  # the console's selection counter then (None: not reported)
+    simulated: bool
+    unwatched_since_utc: datetime  # the last vouched entry of the log
+    cause: str  # why nobody watched (e.g. "daemon not running (crash stop)")
+
+
+@dataclass(frozen=True, slots=True)
 class DeliverySnapshot:
     delivery_id: str
     phase: Phase
@@ -231,6 +260,10 @@ class DeliveryStarted:
     utc: datetime
     preset_gy: float
     joined_in_progress: bool
+    # An explicit link when this record may continue the treatment of an earlier one that
+    # the daemon could not be sure of after a restart (closed UNKNOWN): its id and why.
+    continues: str | None = None
+    continues_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +283,8 @@ class InterlockChanged:
     new: InterlockState
     mono_ns: int
     utc: datetime
+    # The open delivery the change happened in; None between deliveries (the room's).
+    delivery_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +373,73 @@ class _Delivery:
     dose_at_close_gy: float | None = None
 
 
+def _first_beam(r: SourceReading) -> int:
+    """When the beam first came on, on the host's clock: the console's own timer says it
+    has been on ``beam_on_s`` by this reading, so it came on at least that long ago (the
+    start fell between two polls). Elapsed time and beam-on time then share one time
+    base, and elapsed is never shorter than beam-on."""
+    return r.mono_ns - max(round(r.beam_on_s * NS), 0)
+
+
+def _beam_on_s(d: _Delivery) -> float:
+    """Beam-on time: the console's own timer, or what the host saw with the beam on
+    between two consecutive readings when that is more (a console timer that lags). Time
+    inside a monitoring gap is never counted: it is unknown, not beam-on."""
+    return max(d.device_beam_on_s, d.observed_beam_on_ns / NS)
+
+
+_IN_SELECTION = frozenset(
+    {
+        DeviceState.PREPARATORY,
+        DeviceState.READY,
+        DeviceState.IRRADIATING,
+        DeviceState.INTERRUPTED,
+        DeviceState.TERMINATED,
+        DeviceState.FAULT,
+        DeviceState.EMERGENCY_STOP,
+    }
+)
+
+
+def _same_selection(rd: ResumedDelivery, r: SourceReading) -> tuple[str, str]:
+    """Is the console still in the selection the record shows open? ("same" | "new" |
+    "unsure", why). With a selection counter on both sides, the counter decides (with the
+    preset and the counts); without one, the fallback is: same preset, and the dose and
+    beam-on counts not reset, with some dose already recorded (before any dose a new
+    selection of the same preset looks the same, so that is "unsure")."""
+    if r.state not in _IN_SELECTION:
+        return "new", f"the console left the selection meanwhile (now {r.state})"
+    if r.preset_gy != rd.preset_gy:
+        return "new", f"the console shows another preset ({rd.preset_gy} -> {r.preset_gy} Gy)"
+    if r.dose_primary_gy < rd.primary_gy or r.beam_on_s < rd.beam_on_s:
+        return "new", (
+            f"the console's counters were reset (dose {rd.primary_gy:.4f} -> "
+            f"{r.dose_primary_gy:.4f} Gy): a new selection"
+        )
+    if rd.selection is not None and r.selection is not None:
+        if rd.selection != r.selection:
+            return (
+                "new",
+                f"the console's selection counter changed ({rd.selection} -> {r.selection})",
+            )
+        return "same", "same selection counter"
+    if rd.selection is not None or r.selection is not None:
+        return "unsure", (
+            "the selection counter is known on one side only (recorded "
+            f"{rd.selection}, console {r.selection}): cannot be sure it is the same selection"
+        )
+    if rd.primary_gy > 0:
+        return "same", "same preset, counts not reset (the console reports no selection counter)"
+    return "unsure", (
+        "no dose recorded yet and the console reports no selection counter: cannot be sure "
+        "it is the same selection"
+    )
+
+
+def _hms(t: datetime | None) -> str:
+    return "?" if t is None else f"{t:%H:%M:%S.%f}"[:-3]
+
+
 def _finite_nonneg(*values: float | None) -> bool:
     return all(v is None or (math.isfinite(v) and v >= 0) for v in values)
 
@@ -357,7 +459,20 @@ class DeliveryTracker:
         self._last_utc: datetime | None = None
         self._last_state: DeviceState | None = None
         self._gap: Gap | None = None
+        # Beam state when the open gap started: which phase, and the console's timer.
+        self._gap_phase: Phase = Phase.IDLE
+        self._gap_beam_on_s = 0.0
+        # Set while one reading is taken: the gap it ended, and the delivery it closed.
+        self._gap_ended: Gap | None = None
+        self._ending_id: str | None = None
+        # The last time the device was heard from (any reply, also one a driver has not
+        # turned into a reading yet): staleness is about the device, not the driver.
+        self._heard_mono_ns: int | None = None
         self._ids_issued: set[str] = set()
+        # After a restart: the delivery the log shows open, until a reading decides whether
+        # the console is still in it; and, when it cannot be sure, the link for the next.
+        self._resume: ResumedDelivery | None = None
+        self._link: tuple[str, str, float] | None = None  # (old id, why, its dose)
 
     # ---- public view ------------------------------------------------------------------
 
@@ -389,6 +504,8 @@ class DeliveryTracker:
     def on_reading(self, r: SourceReading) -> list[TrackerEvent]:
         """Take one reading from the source console; return what happened, in order."""
         out: list[TrackerEvent] = []
+        self._gap_ended = None
+        self._ending_id = None
         if self._last_mono_ns is not None and r.mono_ns < self._last_mono_ns:
             # Monotonic time went backwards: the reading cannot be placed, so none of it is
             # believed: not its doses, and not its interlocks either, which become unknown
@@ -397,16 +514,23 @@ class DeliveryTracker:
             self._update_interlocks({}, mono, utc, out)
             self._to_fault(mono, utc, "reading timestamp went backwards", out, None)
             self._interlock_alarms(mono, utc, out)
-            return out
+            return self._end_last(out)
+        prev_mono = self._last_mono_ns
         if self._gap is not None:
             gap = replace(self._gap, end_mono_ns=r.mono_ns, end_utc=r.utc)
+            d = self._delivery
+            # Only a gap that began inside the open delivery is one of its gaps.
+            if d is not None and d.gaps and d.gaps[-1] is self._gap:
+                d.gaps[-1] = gap
+                self._gap_ended = gap
             self._gap = None
-            if self._delivery is not None:
-                self._delivery.gaps[-1] = gap
             out.append(MonitoringGapEnded(self._delivery_id(), gap))
+            # Time across a gap is unknown, not beam-on: nothing is counted from the last
+            # reading before it (the beam may have paused inside it).
+            prev_mono = None
         self._clear_alarm(f"{AlarmCode.STALE_DATA}", r.mono_ns, r.utc, out)
-        prev_mono = self._last_mono_ns
         self._last_mono_ns, self._last_utc = r.mono_ns, r.utc
+        self._heard_mono_ns = max(self._heard_mono_ns or r.mono_ns, r.mono_ns)
 
         sane = _finite_nonneg(
             r.dose_rate_gy_min,
@@ -427,6 +551,8 @@ class DeliveryTracker:
             # driver says anything about it (wire protocols do not; a gap trips it).
             reported[Interlock.COMMUNICATION] = InterlockState.OK
         self._update_interlocks(reported, r.mono_ns, r.utc, out)
+        if self._resume is not None and trusted:
+            self._decide_resume(self._resume, r, out)
         if not sane:
             self._to_fault(r.mono_ns, r.utc, "non-finite or negative value in reading", out, r)
         elif r.state is DeviceState.UNKNOWN:
@@ -436,25 +562,68 @@ class DeliveryTracker:
 
         self._evaluate_alarms(r, out)
         self._last_state = r.state
-        return out
+        return self._end_last(out)
+
+    @staticmethod
+    def _end_last(out: list[TrackerEvent]) -> list[TrackerEvent]:
+        """After a delivery's end entry nothing names it: the alarms judged on the reading
+        that ended it come before the end (they are about it), and a move back to idle in
+        the same reading comes after it and belongs to the room."""
+        ends = [i for i, ev in enumerate(out) if isinstance(ev, Terminated)]
+        if not ends:
+            return out
+        i = ends[-1]
+        end = out[i]
+        # Up to the next delivery's start in the same reading (after a restart the old
+        # one is closed and a new one may start at once): what follows that is the new
+        # one's and stays as it is.
+        j = next(
+            (k for k in range(i + 1, len(out)) if isinstance(out[k], DeliveryStarted)), len(out)
+        )
+        window = out[i + 1 : j]
+        ours = [
+            isinstance(ev, AlarmRaised | AlarmCleared) and ev.delivery_id == end.delivery_id
+            for ev in window
+        ]
+        alarms = [ev for ev, o in zip(window, ours, strict=True) if o]
+        rest: list[TrackerEvent] = [
+            replace(ev, delivery_id=None)
+            if isinstance(ev, PhaseChanged | InterlockChanged | AlarmRaised | AlarmCleared)
+            and ev.delivery_id == end.delivery_id
+            else ev
+            for ev, o in zip(window, ours, strict=True)
+            if not o
+        ]
+        return [*out[:i], *alarms, end, *rest, *out[j:]]
 
     def stale_at_ns(self) -> int | None:
         """When the data become stale if no reading comes (monotonic ns), or None when
         there is nothing to watch (no reading yet, or a gap already open)."""
         if self._last_mono_ns is None or self._gap is not None:
             return None
-        return self._last_mono_ns + round(self.settings.stale_after_s * NS)
+        return self._heard() + round(self.settings.stale_after_s * NS)
+
+    def _heard(self) -> int:
+        last = self._last_mono_ns or 0
+        return max(last, self._heard_mono_ns or last)
+
+    def on_device_heard(self, mono_ns: int) -> None:
+        """The device answered (a reply a driver has not yet turned into a reading): the
+        stale bound counts from its last reply, not from the driver's last reading."""
+        self._heard_mono_ns = max(self._heard_mono_ns or mono_ns, mono_ns)
 
     def on_tick(self, now_mono_ns: int, now_utc: datetime) -> list[TrackerEvent]:
         """Time passes with no reading; detects stale data."""
         out: list[TrackerEvent] = []
-        last = self._last_mono_ns
-        if last is None or self._gap is not None:
+        self._ending_id = None
+        if self._last_mono_ns is None or self._gap is not None:
             return out
+        last = self._heard()
         if (now_mono_ns - last) / NS > self.settings.stale_after_s:
             age = (now_mono_ns - last) / NS
             self._start_gap(
-                f"no reading for {age:.1f} s (bound {self.settings.stale_after_s:.1f} s)",
+                f"nothing heard from the device for {age:.1f} s "
+                f"(bound {self.settings.stale_after_s:.1f} s)",
                 now_mono_ns,
                 now_utc,
                 out,
@@ -463,7 +632,7 @@ class DeliveryTracker:
                 AlarmCode.STALE_DATA,
                 f"{AlarmCode.STALE_DATA}",
                 Severity.HIGH,
-                f"readings stopped: last one {age:.1f} s ago; interlocks unknown",
+                f"readings stopped: device last heard {age:.1f} s ago; interlocks unknown",
                 now_mono_ns,
                 now_utc,
                 out,
@@ -473,21 +642,109 @@ class DeliveryTracker:
     def on_link_lost(self, now_mono_ns: int, now_utc: datetime, reason: str) -> list[TrackerEvent]:
         """The driver reports the device unreachable: fail safe at once."""
         out: list[TrackerEvent] = []
+        self._ending_id = None
         if self._gap is None:
             self._start_gap(f"link lost: {reason}", now_mono_ns, now_utc, out)
+        elif self._interlocks[Interlock.COMMUNICATION] is not InterlockState.TRIPPED:
+            # Already in a gap, but an unplaceable reading since made communication merely
+            # unknown: a lost link is communication tripped, whatever came before.
+            lost = dict.fromkeys(Interlock, InterlockState.UNKNOWN)
+            lost[Interlock.COMMUNICATION] = InterlockState.TRIPPED
+            self._update_interlocks(lost, now_mono_ns, now_utc, out)
+            self._interlock_alarms(now_mono_ns, now_utc, out)
         return out
+
+    def resume(
+        self, rd: ResumedDelivery, now_mono_ns: int, now_utc: datetime
+    ) -> list[TrackerEvent]:
+        """Take over a delivery the log shows open after a restart. It stays open, in a
+        monitoring gap from the last vouched entry (``unwatched_since_utc``), until the
+        first believed reading decides: the console still in the same selection continues
+        it (the outage is a gap in it, dose given meanwhile an ``unmonitored`` segment);
+        otherwise it is closed UNKNOWN, and linked to the next record when that one may
+        be the same treatment. If the console never answers, it stays open (in a gap)."""
+        if self._delivery is not None or self._last_mono_ns is not None:
+            raise ValueError("resume() comes before any reading")
+        out: list[TrackerEvent] = []
+        ago_ns = max(round((now_utc - rd.unwatched_since_utc).total_seconds() * NS), 0)
+        since = now_mono_ns - ago_ns
+        d = _Delivery(
+            delivery_id=rd.delivery_id,
+            joined=False,
+            started_mono_ns=since,
+            started_utc=rd.started_utc,
+            preset_gy=rd.preset_gy,
+            planned_time_s=None,
+            applicator=None,
+            simulated=rd.simulated,
+            primary_gy=rd.primary_gy,
+            secondary_gy=rd.secondary_gy,
+            device_beam_on_s=rd.beam_on_s,
+        )
+        if rd.primary_gy > 0:
+            # What the earlier run recorded, as one stretch: its samples hold the detail.
+            d.segments.append(Segment("before_restart", 0.0, rd.primary_gy, since, since))
+        if rd.phase in (P.IRRADIATING, P.INTERRUPTED) or rd.primary_gy > 0:
+            d.first_beam_mono_ns = since - round(rd.elapsed_s * NS)
+        self._ids_issued.add(rd.delivery_id)
+        self._delivery = d
+        self.phase = rd.phase
+        self._resume = rd
+        self._last_mono_ns, self._last_utc = since, rd.unwatched_since_utc
+        self._start_gap(rd.cause, now_mono_ns, now_utc, out)
+        return out
+
+    def _decide_resume(
+        self, rd: ResumedDelivery, r: SourceReading, out: list[TrackerEvent]
+    ) -> None:
+        """The first believed reading after a restart: same selection or not."""
+        self._resume = None
+        d = self._delivery
+        if d is None:  # pragma: no cover - resume() made it
+            return
+        verdict, why = _same_selection(rd, r)
+        if verdict == "same":
+            if r.dose_primary_gy > d.primary_gy:
+                # Given while nobody watched: kept, never counted twice, never beam-off.
+                d.segments.append(
+                    Segment("unmonitored", d.primary_gy, r.dose_primary_gy, r.mono_ns, r.mono_ns)
+                )
+                d.primary_gy = r.dose_primary_gy
+            d.secondary_gy = max(d.secondary_gy, r.dose_secondary_gy)
+            d.planned_time_s = r.planned_time_s or d.planned_time_s
+            d.applicator = r.applicator or d.applicator
+            if self.phase is P.IRRADIATING and r.state is DeviceState.IRRADIATING:
+                self._open_segment(d, "beam", r.mono_ns)
+            elif self.phase is P.INTERRUPTED and not d.interruptions:
+                d.interruptions.append(
+                    Interruption("unknown (before the restart)", r.mono_ns, d.primary_gy)
+                )
+            return
+        reason = f"not followed to its end: the daemon was not running; {why}"
+        self._close(d, TerminationStatus.UNKNOWN, reason, r.mono_ns, r.utc, P.TERMINATED, out)
+        self._move(P.IDLE, "the console's selection could not be continued", r.mono_ns, r.utc, out)
+        if verdict == "unsure":
+            self._link = (d.delivery_id, why, d.primary_gy)
 
     # ---- internals --------------------------------------------------------------------
 
     def _delivery_id(self) -> str | None:
-        return self._delivery.delivery_id if self._delivery else None
+        """The delivery an event belongs to: the open one; after its end entry, only the
+        alarms judged on the reading that ended it (put before the end, see _end_last)."""
+        d = self._delivery
+        if d is None:
+            return None
+        return d.delivery_id if d.termination is None else self._ending_id
 
     def _start_gap(self, cause: str, mono: int, utc: datetime, out: list[TrackerEvent]) -> None:
         start_mono = self._last_mono_ns if self._last_mono_ns is not None else mono
         start_utc = self._last_utc if self._last_utc is not None else utc
         self._gap = Gap(cause=cause, start_mono_ns=start_mono, start_utc=start_utc)
-        if self._delivery is not None:
-            self._delivery.gaps.append(self._gap)
+        d = self._delivery
+        self._gap_phase = self.phase
+        self._gap_beam_on_s = d.device_beam_on_s if d is not None else 0.0
+        if d is not None and d.termination is None:
+            d.gaps.append(self._gap)
         out.append(MonitoringGapStarted(self._delivery_id(), self._gap))
         lost = dict.fromkeys(Interlock, InterlockState.UNKNOWN)
         lost[Interlock.COMMUNICATION] = InterlockState.TRIPPED
@@ -508,7 +765,7 @@ class DeliveryTracker:
             old = self._interlocks[il]
             if new is not old:
                 self._interlocks[il] = new
-                out.append(InterlockChanged(il, old, new, mono, utc))
+                out.append(InterlockChanged(il, old, new, mono, utc, self._delivery_id()))
 
     def _move(
         self, dst: Phase, cause: str, mono: int, utc: datetime, out: list[TrackerEvent]
@@ -538,12 +795,29 @@ class DeliveryTracker:
             applicator=r.applicator,
             simulated=r.simulated,
         )
-        # Alarms of the previous delivery do not carry over (cleared under its own id); the
+        # Alarms of the previous delivery do not carry over: they are cleared before the new
+        # one starts, as the room's (nothing after an end entry names that delivery); the
         # conditions are re-evaluated for the new one.
         for key in list(self._alarms):
             self._clear_alarm(key, r.mono_ns, r.utc, out)
         self._delivery = d
-        out.append(DeliveryStarted(delivery_id, r.mono_ns, r.utc, r.preset_gy, joined))
+        link, self._link = self._link, None
+        out.append(
+            DeliveryStarted(
+                delivery_id,
+                r.mono_ns,
+                r.utc,
+                r.preset_gy,
+                joined,
+                continues=None if link is None else link[0],
+                continues_reason=None if link is None else link[1],
+            )
+        )
+        carried = 0.0 if link is None else min(link[2], r.dose_primary_gy)
+        if carried > 0:
+            # The dose the earlier record already holds is not counted again here.
+            d.segments.append(Segment("in_previous_record", 0.0, carried, r.mono_ns, r.mono_ns))
+            d.primary_gy = carried
         return d
 
     def _target_phase(self, state: DeviceState) -> Phase | None:
@@ -596,19 +870,19 @@ class DeliveryTracker:
             # between two polls; past beam-on, dose may have been given unobserved.
             joined = target is not P.READY or r.dose_primary_gy > 0 or r.beam_on_s > 0
             d = self._new_delivery(r, joined=joined, out=out)
-            if r.dose_primary_gy > 0:
+            if r.dose_primary_gy > d.primary_gy:
                 # Dose given before monitoring began: recorded, but not as observed beam.
                 d.segments.append(
-                    Segment("unmonitored", 0.0, r.dose_primary_gy, r.mono_ns, r.mono_ns)
+                    Segment("unmonitored", d.primary_gy, r.dose_primary_gy, r.mono_ns, r.mono_ns)
                 )
-                d.primary_gy, d.secondary_gy = r.dose_primary_gy, r.dose_secondary_gy
+            d.primary_gy, d.secondary_gy = r.dose_primary_gy, r.dose_secondary_gy
             why = "monitoring joined a delivery in progress" if joined else "plan selected"
             self._move(target, why, r.mono_ns, r.utc, out)
             if target is P.IRRADIATING:
                 self._open_segment(d, "beam", r.mono_ns)
-                d.first_beam_mono_ns = r.mono_ns
+                d.first_beam_mono_ns = _first_beam(r)
             elif target is P.INTERRUPTED:
-                d.first_beam_mono_ns = r.mono_ns
+                d.first_beam_mono_ns = _first_beam(r)
                 d.interruptions.append(Interruption("unknown (joined)", r.mono_ns, d.primary_gy))
             self._take_values(d, r, prev_mono, out)
             return
@@ -627,6 +901,20 @@ class DeliveryTracker:
         if target is self.phase:
             self._take_values(d, r, prev_mono, out)
             return
+        if (
+            self._gap_ended is not None
+            and self.phase in (P.PREPARATORY, P.READY)
+            and target in (P.IRRADIATING, P.INTERRUPTED)
+        ):
+            # Steps the console took inside a monitoring gap are not a contradiction: the
+            # beam came on (and for INTERRUPTED went off again) while nobody watched.
+            if self.phase is P.PREPARATORY:
+                self._move(P.READY, "ready inside a monitoring gap", r.mono_ns, r.utc, out)
+            if target is P.INTERRUPTED:
+                if d.first_beam_mono_ns is None:
+                    d.first_beam_mono_ns = _first_beam(r)
+                self._open_segment(d, "unmonitored", r.mono_ns)
+                self._move(P.IRRADIATING, "beam on inside a monitoring gap", r.mono_ns, r.utc, out)
         cancel = target is P.IDLE and self.phase in (P.PREPARATORY, P.READY)
         if (
             (self.phase, target) not in TRANSITIONS
@@ -647,7 +935,7 @@ class DeliveryTracker:
             else:
                 cause = "beam on"
             if d.first_beam_mono_ns is None:
-                d.first_beam_mono_ns = r.mono_ns
+                d.first_beam_mono_ns = _first_beam(r)
             self._open_segment(d, "beam", r.mono_ns)
             self._move(P.IRRADIATING, cause, r.mono_ns, r.utc, out)
             self._take_values(d, r, prev_mono, out)
@@ -822,7 +1110,7 @@ class DeliveryTracker:
             s = self.settings
             limit = max(s.dose_channel_abs_gy, s.dose_channel_rel * d.primary_gy)
             backup = self._backup_limit_s(d)
-            beam_on = max(d.device_beam_on_s, d.observed_beam_on_ns / NS)
+            beam_on = _beam_on_s(d)
             doubt = None
             if abs(d.primary_gy - d.secondary_gy) > limit:
                 doubt = (
@@ -851,13 +1139,29 @@ class DeliveryTracker:
         utc: datetime,
         phase: Phase,
         out: list[TrackerEvent],
+        *,
+        seen_now: bool = False,
     ) -> None:
-        self._close_segment(d, mono)
+        end = mono
+        g = self._gap_ended
+        if g is not None and g.end_mono_ns == mono and not seen_now:
+            # The end fell inside a monitoring gap: it happened after the last reading
+            # before the gap, and at least as much later as the console's beam-on timer
+            # advanced across it; that earliest end bounds elapsed time, not the moment
+            # the end was first seen.
+            advance = max(d.device_beam_on_s - self._gap_beam_on_s, 0.0)
+            end = min(g.start_mono_ns + round(advance * NS), mono)
+            reason = (
+                f"{reason}; the end fell inside a monitoring gap ({_hms(g.start_utc)} to "
+                f"{_hms(g.end_utc)} UTC): its time is known only to within the gap"
+            )
+        self._close_segment(d, end)
         if d.interruptions and d.interruptions[-1].end_mono_ns is None:
-            d.interruptions[-1] = replace(d.interruptions[-1], end_mono_ns=mono)
+            d.interruptions[-1] = replace(d.interruptions[-1], end_mono_ns=end)
+        self._ending_id = d.delivery_id
         d.termination = status
         d.termination_reason = reason
-        d.end_mono_ns = mono
+        d.end_mono_ns = end
         d.dose_at_close_gy = d.primary_gy
         self._move(phase, f"terminated {status}: {reason}", mono, utc, out)
         out.append(Terminated(d.delivery_id, status, reason, self._snapshot(d, mono)))
@@ -879,7 +1183,9 @@ class DeliveryTracker:
             # A delivery closed from FAULT is never NORMAL: MACHINE when the console itself
             # reported the fault or emergency stop, UNKNOWN when we cannot trust the input.
             status = TerminationStatus.MACHINE if device else TerminationStatus.UNKNOWN
-            self._close(d, status, cause, mono, utc, P.FAULT, out)
+            # A contradiction ends the delivery when it is seen; a fault the console
+            # reported may have happened inside a gap before it.
+            self._close(d, status, cause, mono, utc, P.FAULT, out, seen_now=not device)
         elif self.phase is not P.FAULT:
             self._move(P.FAULT, cause, mono, utc, out)
 
@@ -970,7 +1276,7 @@ class DeliveryTracker:
         # Conditions that judge the delivery itself are evaluated up to and including the
         # reading that ends it, and then left standing (not cleared because it ended):
         # they are cleared at the next selection.
-        judging = d.termination is None or d.end_mono_ns == mono
+        judging = d.termination is None or self._ending_id == d.delivery_id
 
         # Two independent dose channels must agree (25 Pa. Code §228.66).
         diff = abs(d.primary_gy - d.secondary_gy)
@@ -1020,7 +1326,7 @@ class DeliveryTracker:
             out,
         )
 
-        beam_on = max(d.device_beam_on_s, d.observed_beam_on_ns / NS)
+        beam_on = _beam_on_s(d)
         backup = self._backup_limit_s(d)
         self._set_alarm(
             backup is not None and beam_on > backup,
@@ -1058,6 +1364,10 @@ class DeliveryTracker:
             est = remaining / rate * 60.0
         end = d.end_mono_ns if d.end_mono_ns is not None else now
         elapsed = 0.0 if d.first_beam_mono_ns is None else max(end - d.first_beam_mono_ns, 0) / NS
+        beam_on = _beam_on_s(d)
+        # One time base: a console timer that runs a little fast cannot put beam-on ahead
+        # of elapsed (elapsed includes every interruption, so it is never the shorter).
+        elapsed = max(elapsed, beam_on)
         return DeliverySnapshot(
             delivery_id=d.delivery_id,
             phase=self.phase,
@@ -1072,7 +1382,7 @@ class DeliveryTracker:
             backup_timer_limit_s=(
                 planned * (1 + self.settings.backup_timer_margin_rel) if planned else None
             ),
-            beam_on_s=max(d.device_beam_on_s, d.observed_beam_on_ns / NS),
+            beam_on_s=beam_on,
             elapsed_s=elapsed,
             estimated_remaining_s=est,
             applicator=d.applicator,

@@ -8,7 +8,7 @@ touching this repository.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Protocol, Self, runtime_checkable
@@ -78,12 +78,21 @@ class DriverSpec:
     options: Mapping[str, Any]
 
 
+def _nobody_listens(mono_ns: int) -> None:
+    """The default ``heard``: nobody is watching the replies."""
+
+
 @dataclass(frozen=True, slots=True)
 class DriverContext:
-    """What the composition root lends a driver: the shared clock and the run's seed."""
+    """What the composition root lends a driver: the shared clock, the run's seed, and
+    ``heard``: a driver that makes several exchanges per reading calls it with the clock's
+    monotonic time of each good reply, so that staleness is measured from the device's last
+    reply and not from the driver's last finished reading (optional for a driver: one that
+    never calls it is judged by its readings alone)."""
 
     clock: Clock
     seed: int
+    heard: Callable[[int], None] = _nobody_listens
 
 
 class DriverFactory(Protocol):

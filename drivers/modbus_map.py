@@ -95,7 +95,9 @@ REQUIRED: Final = (
     "kv",
     "ua",
 )
-_MISSING_ALLOWED: Final = frozenset({"planned_time"})
+_MISSING_ALLOWED: Final = frozenset({"planned_time", "selection"})
+# Unitless integer points: counters the console keeps.
+_COUNTERS: Final = frozenset({"selection"})
 _EXTRA = re.compile(r"^extra\.[a-z][a-z0-9_]{0,31}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 _MEANING = re.compile(r"^[A-Za-z][A-Za-z0-9_./-]{0,31}$")
@@ -352,7 +354,7 @@ def _point(
     if not isinstance(name, str):
         raise fail(f"{where}.name", f"expected a point name; got {name!r}")
     where = f"{where} ({name})"
-    known = name in _ENUMS | _STRINGS | set(_UNITS) or _EXTRA.fullmatch(name)
+    known = name in _ENUMS | _STRINGS | set(_UNITS) | _COUNTERS or _EXTRA.fullmatch(name)
     if not known:
         raise fail(f"{where}.name", "unknown point name (docs/protocols.md lists them)")
     unknown = sorted(set(raw) - _POINT_KEYS)
@@ -470,6 +472,10 @@ def _scale_and_unit(
     units = _UNITS.get(name)
     if units is not None and scale < 0:
         raise fail(f"{where}.scale", f"{name} is never negative: the scale must be > 0")
+    if name in _COUNTERS:
+        if raw.get("type") not in ("u16", "u32") or scale != 1 or unit is not None:
+            raise fail(f"{where}.type", f"{name} is a counter: u16 or u32, no scale, no unit")
+        return 1.0, None, 1.0
     if units is None:  # extra.*: recorded as read, in the unit the map says
         if unit is not None and (not isinstance(unit, str) or not 0 < len(unit) <= 16):
             raise fail(f"{where}.unit", f"expected a short unit symbol; got {unit!r}")

@@ -344,6 +344,7 @@ class ModbusXrsDriver:
             termination=termination,
             applicator=self._applicator(v),
             simulated=self._simulated,
+            selection=_counter(v.get("selection")),
             extra=MappingProxyType(
                 {
                     k.removeprefix("extra."): float(x)
@@ -368,3 +369,12 @@ class ModbusXrsDriver:
             diameter_mm=float(diameter),
             serial=str(v.get("applicator.serial") or "-"),
         )
+
+
+def _counter(x: object) -> int | None:
+    """The selection counter as read (None: not mapped, or the map's "missing" value)."""
+    if x is None:
+        return None
+    if not isinstance(x, int | float) or x < 0 or x != int(x):
+        raise ProtocolViolation(f"selection = {x!r}: a counter is a non-negative integer")
+    return int(x)

@@ -2,7 +2,11 @@
 
 The protocol (docs/protocols.md) is decoded by the sans-I/O codec in drivers/xrs_ascii.py;
 this module only runs the exchanges over a transport (drivers/transport.py): one request,
-one reply, every exchange bounded by the device's ``timeout_s``. Pending input is discarded
+one reply, every exchange bounded by the device's ``timeout_s``. A reading may take two
+exchanges (status, then every ``applicator_every`` reads the applicator): it is
+timestamped at the status reply, and every good reply is reported to the daemon as it comes
+(``DriverContext.heard``), so that a slow console is judged stale by its last reply, not by
+the driver's last finished reading. Pending input is discarded
 before every request, and after a timeout or a frame that cannot be read the driver also
 waits (one timeout at most) for a late reply and drops it, so that a late reply is never
 taken for the answer to the next request.
@@ -95,6 +99,7 @@ class SerialXrsDriver:
     ) -> None:
         self._transport = transport
         self._clock = context.clock
+        self._heard = context.heard
         self._every = applicator_every
         self._reads = 0
         self._applicator: ApplicatorIdentity | None = None
@@ -129,7 +134,11 @@ class SerialXrsDriver:
         await self._transport.drain_input()
         await self._transport.write(encode_request(command))
         line = await self._transport.read_until(b"\n", MAX_FRAME)
-        return parse_frame(line)
+        frame = parse_frame(line)
+        # The device answered: staleness counts from here, also while the reading this
+        # reply belongs to is still being assembled (a status, then an applicator).
+        self._heard(self._clock.monotonic_ns())
+        return frame
 
     async def _settle(self) -> None:
         """After a timeout or a frame that could not be read, the console may still be
@@ -162,6 +171,8 @@ class SerialXrsDriver:
         )
 
     async def read(self) -> SourceReading:
+        # The reading is timestamped at the status reply, which all its values come from;
+        # the applicator exchange that may follow reports itself through ``heard``.
         status = decode_status(await self._ask(Command.STATUS))
         mono_ns, utc = self._clock.monotonic_ns(), self._clock.utc()
         if self._reads % self._every == 0:
@@ -188,4 +199,5 @@ class SerialXrsDriver:
             termination=status.termination,
             applicator=self._applicator,
             simulated=self._simulated,
+            selection=status.selection,
         )

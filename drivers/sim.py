@@ -151,4 +151,5 @@ class SimDriver:
             termination_reason=snap.termination_reason,
             applicator=snap.applicator,
             simulated=True,
+            selection=snap.selection,
         )

@@ -143,6 +143,10 @@ class SourceReading:
     applicator: ApplicatorIdentity | None = None
     simulated: bool = False
     extra: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    # The console's selection counter, when it reports one: a number that changes at every
+    # new selection (plan loaded), so that the same selection is recognised across a
+    # restart of the daemon. None: the console does not report one.
+    selection: int | None = None
 
     def interlock(self, which: Interlock) -> InterlockState:
         """State of one interlock; an interlock the device did not report is unknown."""

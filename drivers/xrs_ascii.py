@@ -229,6 +229,11 @@ class XrsStatus:
     ua: float
     interlocks: dict[Interlock, InterlockState]
     termination: TerminationStatus | None
+    selection: int | None = None  # optional twelfth field: the selection counter
+
+
+MAX_SELECTION: Final = 0xFFFF_FFFF
+_COUNTER = re.compile(rb"[0-9]{1,10}")
 
 
 def _expect(frame: Frame, command: Command, count: int, optional: int = 0) -> None:
@@ -287,7 +292,7 @@ def decode_identity(frame: Frame) -> XrsIdentity:
 
 
 def decode_status(frame: Frame) -> XrsStatus:
-    _expect(frame, Command.STATUS, 11)
+    _expect(frame, Command.STATUS, 11, optional=1)
     state = frame.fields[0]
     if not _WORD.fullmatch(state) or state.decode() not in _WIRE_STATES:
         raise ProtocolViolation(f"unknown device state {state!r} in {_show(frame.raw)}")
@@ -324,7 +329,20 @@ def decode_status(frame: Frame) -> XrsStatus:
         ua=values["uA"],
         interlocks=_interlocks(frame, 9),
         termination=termination,
+        selection=_selection(frame),
     )
+
+
+def _selection(frame: Frame) -> int | None:
+    """The optional twelfth ``ST`` field: absent or ``-`` when the console has none."""
+    if len(frame.fields) < 12 or frame.fields[11] == b"-":
+        return None
+    raw = frame.fields[11]
+    if not _COUNTER.fullmatch(raw) or int(raw) > MAX_SELECTION:
+        raise ProtocolViolation(
+            f"selection counter is not an integer 0..{MAX_SELECTION}: {raw!r} in {_show(frame.raw)}"
+        )
+    return int(raw)
 
 
 def decode_interlocks(frame: Frame) -> dict[Interlock, InterlockState]:

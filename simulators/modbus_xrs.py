@@ -336,6 +336,7 @@ def point_values(
         "applicator.diameter": app.diameter_mm if app is not None else 0.0,
         "applicator.serial": app.serial if app is not None else "",
         "extra.rate_deviation": deviation,
+        "selection": float(snap.selection),
         "identity.manufacturer": identity.manufacturer,
         "identity.model": identity.model,
         "identity.serial": identity.serial,

@@ -186,6 +186,9 @@ class ModelSnapshot:
     expected_rate_gy_min: float | None
     interruption_reason: str | None = None
     simulated: bool = True
+    # The selection counter: one more at every plan loaded (a new selection), so that a
+    # host can tell the same selection from a new one with the same preset.
+    selection: int = 0
 
 
 def _finite(name: str, value: float, *, minimum: float | None = None) -> float:
@@ -229,6 +232,7 @@ class SourceModel:
         # The current selection and its delivery.
         self._plan_code: str | None = None
         self._preset_gy = 0.0
+        self._selection = 0  # one more at every plan loaded (ModelSnapshot.selection)
         self._dose_primary_gy = 0.0
         self._dose_secondary_gy = 0.0
         self._beam_on_s = 0.0
@@ -294,6 +298,7 @@ class SourceModel:
             expected_rate_gy_min=plan.surface_dose_rate_gy_min if plan is not None else None,
             interruption_reason=self._interruption_reason,
             simulated=True,
+            selection=self._selection,
         )
 
     # --- operator actions -----------------------------------------------------------------
@@ -322,6 +327,7 @@ class SourceModel:
                 f"{self._profile.name!r} (known: {known})"
             )
         self._plan_code = applicator_code
+        self._selection = (self._selection + 1) % 0x1_0000_0000
         self._preset_gy = preset
         self._dose_primary_gy = 0.0
         self._dose_secondary_gy = 0.0

@@ -154,6 +154,7 @@ class ConsoleProtocol:
             _num(snap.ua, 2),
             self._interlocks(snap),
             snap.termination.value if snap.termination is not None else "-",
+            str(snap.selection),
         )
 
 

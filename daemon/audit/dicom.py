@@ -210,7 +210,10 @@ def _termination_of(row: SegmentRow, rec: DeliveryRecord, last: bool) -> str:
 _KIND_TEXT = {
     "beam": "irradiation reported by the console",
     "beam_off": "dose counted while the console reported the beam off (alarmed)",
-    "unmonitored": "dose given before monitoring began (joined in progress)",
+    "unmonitored": "dose given while not monitored (before monitoring began, or while the "
+    "daemon was not running)",
+    "before_restart": "dose recorded before a restart of the monitor (its samples hold the detail)",
+    "in_previous_record": "dose already recorded in the record this one continues",
 }
 
 

@@ -118,15 +118,16 @@ def event_entry(ev: TrackerEvent, current_delivery: str | None) -> EntrySpec:
     data: dict[str, Any]
     match ev:
         case DeliveryStarted():
-            return (
-                "delivery_started",
-                {
-                    "preset_gy": num(ev.preset_gy),
-                    "joined_in_progress": ev.joined_in_progress,
-                    "at": _ts(ev.utc),
-                },
-                ev.delivery_id,
-            )
+            data = {
+                "preset_gy": num(ev.preset_gy),
+                "joined_in_progress": ev.joined_in_progress,
+                "at": _ts(ev.utc),
+            }
+            if ev.continues is not None:
+                # An explicit link to an earlier record of what may be the same treatment.
+                data["continues"] = ev.continues
+                data["continues_reason"] = ev.continues_reason
+            return "delivery_started", data, ev.delivery_id
         case PhaseChanged():
             return (
                 "phase_changed",
@@ -140,7 +141,10 @@ def event_entry(ev: TrackerEvent, current_delivery: str | None) -> EntrySpec:
                 "to": str(ev.new),
                 "at": _ts(ev.utc),
             }
-            return "interlock_changed", data, current_delivery
+            # The tracker names the open delivery it happened in (None between deliveries,
+            # and after an end entry); ``current_delivery`` is only a fallback for an event
+            # built by hand without one while a delivery is open.
+            return "interlock_changed", data, ev.delivery_id or current_delivery
         case AlarmRaised():
             a = ev.alarm
             data = {
@@ -192,6 +196,8 @@ def sample_entry(sample: Sample, *, ended_now: bool = False) -> EntrySpec:
         "all_clear": sample.all_clear,
         "simulated": r.simulated,
     }
+    if r.selection is not None:  # the console's selection counter, when it reports one
+        data["selection"] = r.selection
     if r.extra:  # further numbers a device's register map records (extra.<name>)
         data["extra"] = {k: num(v) for k, v in sorted(r.extra.items())}
     if d is not None:

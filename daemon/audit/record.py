@@ -130,6 +130,8 @@ class DeliveryRecord:
     started: str | None = None
     preset_gy: float | None = None
     joined_in_progress: bool = False
+    continues: str | None = None  # an earlier record of the same treatment (after a restart)
+    continues_reason: str | None = None
     status: str | None = None
     reason: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)
@@ -287,6 +289,8 @@ def _collect(
             rec.started = d.get("at") or e.get("ts")
             rec.preset_gy = d.get("preset_gy")
             rec.joined_in_progress = bool(d.get("joined_in_progress"))
+            rec.continues = d.get("continues")
+            rec.continues_reason = d.get("continues_reason")
         elif kind == "delivery_terminated":
             rec.status, rec.reason = d.get("status"), d.get("reason")
             rec.summary = d.get("summary") or {}

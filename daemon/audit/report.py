@@ -274,6 +274,11 @@ def build_doc(rec: DeliveryRecord, *, pubkey_name: str | None = None) -> ReportD
                     else "no",
                 ),
             ]
+            + (
+                [("Continues record", f"{rec.continues}: {rec.continues_reason}")]
+                if rec.continues
+                else []
+            )
             + [(f"Amendment {n}", str(a.get("reason"))) for n, a in enumerate(rec.amendments, 1)]
         )
     )

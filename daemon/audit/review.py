@@ -107,6 +107,7 @@ class DeliveryRecord:
     last_hash: str | None = None
     covering_checkpoint: int | None = None  # seq of the first checkpoint after the end
     simulated: bool = False
+    continues: str | None = None  # an earlier record of the same treatment (after a restart)
 
 
 def collect_deliveries(entries: Iterable[dict[str, Any]]) -> list[DeliveryRecord]:
@@ -130,6 +131,7 @@ def collect_deliveries(entries: Iterable[dict[str, Any]]) -> list[DeliveryRecord
             rec.started = d.get("at") or e.get("ts")
             rec.preset_gy = d.get("preset_gy")
             rec.joined = bool(d.get("joined_in_progress"))
+            rec.continues = d.get("continues")
         elif kind == "sample":
             rec.last_sample = d
             rec.simulated = rec.simulated or bool(d.get("simulated"))
@@ -200,7 +202,8 @@ def format_summary(rec: DeliveryRecord) -> str:
         )
     lines += [
         f"  started         {rec.started}"
-        + ("  (monitoring joined in progress)" if rec.joined else ""),
+        + ("  (monitoring joined in progress)" if rec.joined else "")
+        + (f"  (continues record {rec.continues})" if rec.continues else ""),
         f"  prescribed      {_gy(rec.preset_gy)} Gy",
         f"  delivered       primary {_gy(p)} Gy   secondary {_gy(sec)} Gy",
         f"  beam-on time    {_mmss(s.get('beam_on_s', rec.last_sample.get('beam_on_s')))}"

@@ -52,7 +52,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -64,6 +64,7 @@ from orjson import dumps
 from daemon.audit.canonical import (
     ZERO_HASH,
     CanonicalError,
+    Envelope,
     canonical,
     check_json_value,
     open_line,
@@ -208,6 +209,11 @@ class RecoveryReport:
     def unvouched_count(self) -> int:
         u = self.unvouched
         return 0 if u is None else u[1] - u[0] + 1
+
+    open_delivery_started: Mapping[str, Any] | None = None  # its delivery_started data
+    # The ts of the last vouched entry when some are unvouched: what the daemon saw for
+    # certain ends there, so a monitoring gap after a crash starts there.
+    last_vouched_ts: str | None = None
 
 
 class _Pending(NamedTuple):
@@ -986,7 +992,7 @@ def _recover(
     fd = os.open(last, os.O_WRONLY | os.O_APPEND)
     date = last.name.split("-")[2].removesuffix(".jsonl")  # segment_paths matched the name
     segment = _Segment(last, fd, size, date)
-    open_id, open_sample = _open_delivery(segments, vouch.count)
+    open_id, open_sample, open_started = _open_delivery(segments, vouch.count)
     report = RecoveryReport(
         created=False,
         origin=log_origin,
@@ -1004,7 +1010,11 @@ def _recover(
         anchor_problems=tuple(vouch.problems),
         rollback=vouch.rollback,
         spilled=spilled,
+        open_delivery_started=open_started,
     )
+    if report.unvouched is not None and report.unvouched[0] > 0:
+        env = _envelope_at(segments, report.unvouched[0] - 1)
+        report = replace(report, last_vouched_ts=None if env is None else env.ts)
     if report.unvouched is not None:
         first, last_u = report.unvouched
         log.warning(
@@ -1205,9 +1215,9 @@ def _entry_seq(raw: bytes) -> int | None:
         return None
 
 
-def _hash_at(segments: list[Path], seq: int) -> str | None:
-    """The hash of the entry with ``seq`` (its claimed hash; recovery has checked the
-    chain of the newest segments, and verify checks all of it)."""
+def _envelope_at(segments: list[Path], seq: int) -> Envelope | None:
+    """The envelope of the entry with ``seq`` (its claimed hash and ts; recovery has
+    checked the chain of the newest segments, and verify checks all of it)."""
     for path in reversed(segments):
         first = int(path.name[4:20])
         if first > seq:
@@ -1215,11 +1225,16 @@ def _hash_at(segments: list[Path], seq: int) -> str | None:
         for raw in path.read_bytes().splitlines():
             if _entry_seq(raw) == seq:
                 try:
-                    return open_line(raw).hash
+                    return open_line(raw)
                 except ValueError:
                     return None
         return None
     return None
+
+
+def _hash_at(segments: list[Path], seq: int) -> str | None:
+    env = _envelope_at(segments, seq)
+    return None if env is None else env.hash
 
 
 def _last_checkpoint_entry(segments: list[Path], verifier: Verifier, floor: int) -> int | None:
@@ -1266,20 +1281,23 @@ def _later_entry(data: bytes, start: int) -> bool:
     return False
 
 
-def _open_delivery(
-    segments: list[Path], vouched_count: int | None = None
-) -> tuple[str | None, Mapping[str, Any] | None]:
-    """The delivery left open by the previous run, if any, with its last sample, from
-    vouched entries only (seq < ``vouched_count``, when given): a forged
-    delivery_terminated in an unvouched tail must not close the delivery, nor a forged
-    sample stand as its last.
+_Open = tuple[str | None, Mapping[str, Any] | None, Mapping[str, Any] | None]
 
-    Scans backwards to the newest delivery_started or delivery_terminated entry, and no
-    further than the newest daemon_start: every start closes a delivery left open before
-    it (before writing daemon_start), so nothing older can still be open. This bounds the
-    work at start-up to the last run, however long the log.
+
+def _open_delivery(segments: list[Path], vouched_count: int | None = None) -> _Open:
+    """The delivery left open by the previous run, if any, with its last sample and its
+    delivery_started data, from vouched entries only (seq < ``vouched_count``, when
+    given): a forged delivery_terminated in an unvouched tail must not close the delivery,
+    nor a forged sample stand as its last.
+
+    Scans backwards to the newest delivery_started or delivery_terminated entry. A
+    daemon_start either closed what was open before it (it then names no open delivery:
+    nothing older can still be open, so the scan stops there) or took it over (it names
+    it in ``open_delivery``: the scan goes on to that delivery's start, through runs that
+    each carried it). This bounds the work at start-up to the open delivery's own runs.
     """
     last_sample: dict[str, Mapping[str, Any]] = {}
+    carried: str | None = None
     for path in reversed(segments):
         for raw in reversed(path.read_bytes().splitlines()):
             if vouched_count is not None:
@@ -1288,7 +1306,15 @@ def _open_delivery(
                     continue
             # "type" sorts last, so the kind is the end of the line: no parse needed.
             if raw.endswith(b'"type":"daemon_start"}'):
-                return None, None
+                try:
+                    data = orjson.loads(raw).get("data")
+                except orjson.JSONDecodeError:
+                    data = None
+                opened = data.get("open_delivery") if isinstance(data, dict) else None
+                if not isinstance(opened, str) or carried not in (None, opened):
+                    return None, None, None
+                carried = opened
+                continue
             if b'"delivery_id":' not in raw:
                 continue
             try:
@@ -1301,10 +1327,12 @@ def _open_delivery(
             if kind == "sample" and did not in last_sample:
                 last_sample[did] = entry.get("data", {})
             elif kind == "delivery_terminated":
-                return None, None
+                return None, None, None
             elif kind == "delivery_started":
-                return did, last_sample.get(did)
-    return None, None
+                if carried not in (None, did):
+                    return None, None, None
+                return did, last_sample.get(did), entry.get("data", {})
+    return None, None, None
 
 
 def new_origin(site: str, room: str) -> str:

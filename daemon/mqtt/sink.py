@@ -90,7 +90,13 @@ from daemon.mqtt.payloads import (
 )
 from daemon.mqtt.tls import client_tls_context
 from daemon.sinks import Sample
-from daemon.tracker import DeliverySnapshot, DeliveryStarted, InterlockChanged, TrackerEvent
+from daemon.tracker import (
+    DeliverySnapshot,
+    DeliveryStarted,
+    InterlockChanged,
+    Terminated,
+    TrackerEvent,
+)
 from drivers.types import DeviceIdentity, Interlock, InterlockState
 
 __all__ = ["BrokerSettings", "MqttSink", "client_id_for", "settings_from_config"]
@@ -351,13 +357,14 @@ class MqttSink:
     async def events(
         self, events: Sequence[TrackerEvent], delivery: DeliverySnapshot | None
     ) -> None:
+        for payload in event_payloads(lambda: self._env("events"), events, current_delivery=None):
+            self.outbox.add("events", payload)
         for ev in events:
+            # A notice names the open delivery; after its end it is the room's.
             if isinstance(ev, DeliveryStarted):
                 self._current_delivery = ev.delivery_id
-        for payload in event_payloads(
-            lambda: self._env("events"), events, current_delivery=self._current_delivery
-        ):
-            self.outbox.add("events", payload)
+            elif isinstance(ev, Terminated):
+                self._current_delivery = None
         changed = False
         for ev in events:
             if isinstance(ev, InterlockChanged) and self._interlocks.get(ev.interlock) != ev.new:

@@ -58,6 +58,15 @@ def test_demo_runs_one_simulated_delivery_to_normal_termination(
     ]
     assert len(fractions) >= 5
     assert fractions == sorted(fractions)
+    # One time base on the console (issue 14): elapsed is never shorter than beam-on, on
+    # any progress line or the end line.
+    shown = re.findall(r"beam-on ([\d:]+),? +elapsed ([\d:]+)", out)
+    assert len(shown) >= 5
+    secs = [
+        tuple(sum(int(x) * 60**i for i, x in enumerate(reversed(t.split(":")))) for t in p)
+        for p in shown
+    ]
+    assert all(e >= b for b, e in secs), [p for p, (b, e) in zip(shown, secs, strict=True) if e < b]
     # What the demo showed is what the log holds, and the log verifies against the key.
     v = run(IORT_AUDIT, "verify", str(logdir), "--pubkey", str(pub))
     assert v.returncode == 0, v.stdout + v.stderr

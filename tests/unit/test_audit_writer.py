@@ -874,3 +874,30 @@ async def test_the_open_delivery_search_stops_at_the_last_start(tmp_path: Path) 
     await crash(log, task)
     async with running(tmp_path) as (_, report):
         assert report.open_delivery_id is None
+
+
+async def test_an_open_delivery_taken_over_at_a_start_is_still_found(tmp_path: Path) -> None:
+    """A start that took the open delivery over names it in daemon_start: the search goes
+    on past it to that delivery's last sample and its start (issue 14: one treatment is
+    one record across restarts), and stops at a start that names another or none."""
+    log, _, task = await start(tmp_path)
+    log.append("delivery_started", {"preset_gy": 20.0, "at": "t0"}, delivery_id="d-9", durable=True)
+    last = {"dose_primary_gy": 2.5, "phase": "IRRADIATING"}
+    log.append("sample", last, delivery_id="d-9")
+    log.append("daemon_start", {"open_delivery": "d-9"}, durable=True)
+    log.append("monitoring_gap_started", {"cause": "daemon not running"}, delivery_id="d-9")
+    await log.append("daemon_start", {"open_delivery": "d-9"}, durable=True).committed
+    await crash(log, task)
+    async with running(tmp_path) as (_, report):
+        assert report.open_delivery_id == "d-9"
+        assert report.open_delivery_last_sample == last
+        assert report.open_delivery_started == {"preset_gy": 20.0, "at": "t0"}
+
+
+async def test_a_start_naming_another_delivery_ends_the_search(tmp_path: Path) -> None:
+    log, _, task = await start(tmp_path)
+    log.append("delivery_started", {"preset_gy": 20.0}, delivery_id="d-1", durable=True)
+    await log.append("daemon_start", {"open_delivery": "d-2"}, durable=True).committed
+    await crash(log, task)
+    async with running(tmp_path) as (_, report):
+        assert report.open_delivery_id is None

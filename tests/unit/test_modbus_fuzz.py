@@ -1281,7 +1281,7 @@ def test_signed_missing_sentinel_is_not_reported(tmp_path: Path) -> None:
 
 CTX = DriverContext(clock=SystemClock(), seed=0)
 T = 0.5  # the device's timeout_s
-TELEMETRY = Req(Table.INPUT, 0, 36, 1, 0)  # XRS-MB/1: input registers 0-35 in one read
+TELEMETRY = Req(Table.INPUT, 0, 38, 1, 0)  # XRS-MB/1: input registers 0-37 in one read
 INTERLOCK_ORDER = (
     ("door", Interlock.DOOR),
     ("emergency_stop", Interlock.EMERGENCY_STOP),
@@ -1356,9 +1356,9 @@ def reading_view(r: SourceReading) -> tuple[object, ...]:
 
 
 def plausible_telemetry(rng: random.Random, serial_no: int) -> list[int]:
-    """Registers 0-35 as a console sends them, now and then out of range; dose_primary is
+    """Registers 0-37 as a console sends them, now and then out of range; dose_primary is
     ``serial_no``, so a reply taken for another request's shows."""
-    regs = [0] * 36
+    regs = [0] * 38
     regs[0] = rng.choice((rng.randint(0, 9), rng.randint(0, 9), 10, 0xFFFF))
     regs[1] = rng.choice((0, 0, rng.randint(1, 4), 5))
     for at, value in (
@@ -1367,6 +1367,7 @@ def plausible_telemetry(rng: random.Random, serial_no: int) -> list[int]:
         (6, rng.randrange(1 << 32)),
         (10, rng.randrange(1 << 24)),
         (12, rng.choice((0xFFFFFFFF, rng.randrange(1 << 16)))),
+        (36, rng.choice((0xFFFFFFFF, rng.randrange(1 << 32)))),
     ):
         regs[at : at + 2] = divmod(value, 0x10000)
     preset = rng.choice((20.0, rng.uniform(0, 40), -1.0))
@@ -1601,7 +1602,7 @@ async def test_fuzz_driver_reads(
     rng = make_rng(seed)
     report = DriverReport(seed)
     regmap, points = load_map(BUNDLED_MAP), spec_points(BUNDLED_MAP)
-    assert [(b.table, b.address, b.count) for b in regmap.telemetry] == [(Table.INPUT, 0, 36)]
+    assert [(b.table, b.address, b.count) for b in regmap.telemetry] == [(Table.INPUT, 0, 38)]
     for s in range(DRIVER_SESSIONS):
         await run_session(rng, framing, regmap, points, report, serial_base=10 * s)
     record_property(f"modbus_driver_fuzz_{framing.value}_seed", hex(seed))
@@ -1619,11 +1620,11 @@ async def test_fuzz_driver_reads(
 async def test_rtu_reply_after_noise_is_never_taken_for_the_next_answer() -> None:
     """Noise of two short frames, then the real reply: the next read must not return it."""
     regmap = load_map(BUNDLED_MAP)
-    req1, req2 = (Req(Table.INPUT, 0, 36, 1, 0) for _ in range(2))
+    req1, req2 = (Req(Table.INPUT, 0, 38, 1, 0) for _ in range(2))
     # Noise that starts like a reply to this very request (unit 1, function 04, no data),
     # with a bad CRC, twice; the real reply 50 ms later.
     noise = bytes.fromhex("01 04 00 00 00") * 2
-    first = spec_reply(Framing.RTU, req1, [0] * 4 + [0, 111] + [0] * 30)  # dose 0.00111 Gy
+    first = spec_reply(Framing.RTU, req1, [0] * 4 + [0, 111] + [0] * 32)  # dose 0.00111 Gy
     second = spec_reply(Framing.RTU, req2, [0] * 4 + [0, 222] + [0] * 30)  # dose 0.00222 Gy
     request = spec_request(Framing.RTU, req1)
     script: list[ScriptStep] = [

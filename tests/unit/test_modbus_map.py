@@ -33,6 +33,7 @@ TELEMETRY = [
     300,  # 26 diameter 30.0 mm
     0x4150, 0x502D, 0x3030, 0x3432, 0, 0, 0, 0,  # 27-34 "APP-0042"
     0xFF83,  # 35 rate deviation -125 x 0.01 = -1.25 %
+    0x0000, 0x0007,  # 36-37 selection counter 7
 ]  # fmt: skip
 
 
@@ -44,7 +45,7 @@ def text_registers(text: str, length: int) -> list[int]:
 def test_the_bundled_map_reads_in_one_telemetry_and_one_identity_request() -> None:
     m = load_map(resolve_map("xrs-mb1"))
     assert Path(m.path).read_bytes() == BUNDLED.read_bytes()
-    assert [(b.table, b.address, b.count) for b in m.telemetry] == [(Table.INPUT, 0, 36)]
+    assert [(b.table, b.address, b.count) for b in m.telemetry] == [(Table.INPUT, 0, 38)]
     assert [(b.table, b.address, b.count) for b in m.identity] == [(Table.HOLDING, 100, 72)]
 
 
@@ -58,6 +59,7 @@ def test_the_bundled_map_decodes_the_documented_values() -> None:
     assert v["dose_secondary"] == pytest.approx(9.63871, abs=1e-12)
     assert v["preset"] == 20.0
     assert v["beam_on_time"] == pytest.approx(723.12, abs=1e-9)
+    assert v["selection"] == 7
     assert v["planned_time"] == pytest.approx(1380.0, abs=1e-9)
     assert (v["kv"], v["ua"]) == (pytest.approx(50.0), pytest.approx(40.1))
     assert [v[f"interlock.{n}"] for n in ("door", "cooling", "backup_timer")] == [
@@ -214,7 +216,7 @@ def test_every_type_word_order_bit_and_unit_decodes_as_specified(tmp_path: Path)
 
 def test_a_block_of_the_wrong_size_is_refused() -> None:
     m = load_map(BUNDLED)
-    with pytest.raises(ProtocolViolation, match="35 registers for a block of 36"):
+    with pytest.raises(ProtocolViolation, match="37 registers for a block of 38"):
         m.decode(m.telemetry, [TELEMETRY[:-1]])
     block = Block(Table.INPUT, 0, 1, (m.points["state"],))
     with pytest.raises(ProtocolViolation, match="not 16 bits"):
@@ -323,3 +325,32 @@ def test_a_value_that_scales_out_of_range_is_refused(tmp_path: Path) -> None:
     m = load_map(path)
     with pytest.raises(ProtocolViolation, match=r"extra\.rate_deviation: -inf after scaling"):
         m.decode(m.telemetry, [TELEMETRY])
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        (
+            'name = "selection"                # the console\'s selection counter (optional point)\ntable = "input"\naddress = 36\ntype = "u32"',
+            'name = "selection"\ntable = "input"\naddress = 36\ntype = "f32"',
+        ),
+        ('address = 36\ntype = "u32"', 'address = 36\ntype = "u32"\nscale = 0.1'),
+        ('address = 36\ntype = "u32"', 'address = 36\ntype = "u32"\nunit = "s"'),
+    ],
+)
+def test_the_selection_counter_is_an_unscaled_integer(tmp_path: Path, old: str, new: str) -> None:
+    assert "selection is a counter" in _broken(tmp_path, old, new)
+
+
+def test_a_map_without_the_selection_counter_reads_none(tmp_path: Path) -> None:
+    """It is optional: a console that keeps none has no such point (docs/protocols.md)."""
+    text = BUNDLED.read_text(encoding="utf-8")
+    head, _, rest = text.partition('[[point]]\nname = "selection"')
+    path = tmp_path / "no-counter.toml"
+    path.write_text(head + rest[rest.index("[[point]]") :], encoding="utf-8")
+    m = load_map(path)
+    assert "selection" not in m.points
+    assert "selection" not in m.decode(m.telemetry, [TELEMETRY[:36]])
+    bundled = load_map(BUNDLED)
+    missing = [*TELEMETRY[:36], 0xFFFF, 0xFFFF]  # the map's "missing": no counter kept
+    assert bundled.decode(bundled.telemetry, [missing])["selection"] is None

@@ -53,10 +53,10 @@ def identity(manufacturer: str, scenario: str = "") -> list[int]:
     )
 
 
-# Requests worked by hand: read holding 100+72 and input 0+36 of unit 1.
+# Requests worked by hand: read holding 100+72 and input 0+38 of unit 1.
 TCP_ID = lambda tid: tid.to_bytes(2, "big") + H("00 00 00 06 01 03 00 64 00 48")  # noqa: E731
-TCP_ST = lambda tid: tid.to_bytes(2, "big") + H("00 00 00 06 01 04 00 00 00 24")  # noqa: E731
-RTU_ST = H("01 04 00 00 00 24") + crc16_modbus(H("01 04 00 00 00 24")).to_bytes(2, "little")
+TCP_ST = lambda tid: tid.to_bytes(2, "big") + H("00 00 00 06 01 04 00 00 00 26")  # noqa: E731
+RTU_ST = H("01 04 00 00 00 26") + crc16_modbus(H("01 04 00 00 00 26")).to_bytes(2, "little")
 
 
 def driver(t: ScriptedTransport, framing: Framing, timeout_s: float = 1.0) -> ModbusXrsDriver:
@@ -95,6 +95,7 @@ async def test_identify_and_read_over_tcp() -> None:
     assert reading.applicator is not None
     assert (reading.applicator.type, reading.applicator.serial) == ("spherical", "APP-0042")
     assert reading.extra == {"rate_deviation": pytest.approx(-1.25)}
+    assert reading.selection == 7
 
 
 async def test_a_real_console_is_neither_simulated_nor_given_a_scenario() -> None:

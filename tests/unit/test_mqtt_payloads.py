@@ -1098,3 +1098,22 @@ def test_a_notice_refuses_an_unknown_severity() -> None:
     env = Envelope(0, 1, "2026-11-26T10:00:00.000000Z")
     with pytest.raises(ValueError, match="severity"):
         notice_payload(env, "warning", "x")
+
+
+def test_a_record_that_may_continue_an_earlier_one_names_it_on_the_wire() -> None:
+    """After a restart the daemon could not be sure of (issue 14): the link is explicit."""
+    ev = DeliveryStarted(
+        "or-1-20261126T101000000000Z",
+        NS,
+        T0,
+        20.0,
+        True,
+        continues="or-1-20261126T100000000000Z",
+        continues_reason="the selection counter is known on one side only",
+    )
+    (p,) = event_payloads(counter(), [ev])
+    check("events", p)
+    assert p["continues"] == "or-1-20261126T100000000000Z"
+    assert p["continues_reason"].startswith("the selection counter")
+    (plain,) = event_payloads(counter(), [DeliveryStarted("or-1-x", NS, T0, 20.0, False)])
+    assert "continues" not in plain

@@ -186,7 +186,9 @@ GOOD_ST = b"ST,READY,0,0,0,20,0,1380,50,40,OOOOOOOOO,-"
         (GOOD_ST.replace(b"OOOOOOOOO", b"OOOOOOOO"), "interlocks must be 9 letters"),
         (GOOD_ST.replace(b"OOOOOOOOO", b"OOOOOOOOX"), "interlocks must be 9 letters"),
         (GOOD_ST.replace(b",-", b",DONE"), "unknown termination status"),
-        (GOOD_ST + b",extra", "needs 11 fields, got 12"),
+        (GOOD_ST + b",7,extra", "needs 11 to 12 fields, got 13"),
+        (GOOD_ST + b",x7", "selection counter is not an integer"),
+        (GOOD_ST + b",4294967296", "selection counter is not an integer"),
         (b"ID,a,b,c", "needs 4 to 5 fields, got 3"),
         (b"ID,a,b,c,d,e,f", "needs 4 to 5 fields, got 6"),
         (b"IL,OOOOOOOOO", "expected a ST reply, got IL"),
@@ -238,3 +240,13 @@ def test_reset_drops_what_is_held() -> None:
     sp.feed(b"$ST,READY")
     assert sp.reset() == 9
     assert sp.feed(AP_REPLY) == [AP_REPLY]
+
+
+@pytest.mark.parametrize(
+    ("tail", "selection"),
+    [(b"", None), (b",-", None), (b",0", 0), (b",7", 7), (b",4294967295", 4294967295)],
+)
+def test_the_selection_counter_is_optional(tail: bytes, selection: int | None) -> None:
+    """A console that keeps no selection counter sends 11 fields (or ``-``): tolerated."""
+    st = decode_status(parse_frame(frame(GOOD_ST + tail)))
+    assert st.selection == selection

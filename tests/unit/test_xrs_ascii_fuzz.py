@@ -207,9 +207,15 @@ def spec_reply(request: str, command: str, fields: tuple[bytes, ...]) -> Expecte
 
 
 def _spec_status(fields: tuple[bytes, ...]) -> Expected:
-    if len(fields) != 11:
+    if len(fields) not in (11, 12):
         return None
-    state, rate, dose1, dose2, preset, beam_on, planned, kv, ua, il, term = fields
+    state, rate, dose1, dose2, preset, beam_on, planned, kv, ua, il, term = fields[:11]
+    selection = None
+    if len(fields) == 12 and fields[11] != b"-":
+        # docs/protocols.md: an integer 0..4294967295, or "-" (or absent): none reported
+        if not re.fullmatch(rb"[0-9]{1,10}", fields[11]) or int(fields[11]) > 0xFFFFFFFF:
+            return None
+        selection = int(fields[11])
     if state not in STATES_B or not WORD_RE.fullmatch(state):
         return None
     numbers = [_number(f) for f in (rate, dose1, dose2, preset, beam_on, kv, ua)]
@@ -235,6 +241,7 @@ def _spec_status(fields: tuple[bytes, ...]) -> Expected:
         u,
         interlocks,
         termination,
+        selection,
     )
 
 
@@ -260,6 +267,7 @@ def view(request: Command, value: object) -> object:
             value.ua,
             value.interlocks,
             value.termination,
+            value.selection,
         )
     if request is Command.INTERLOCKS:
         assert type(value) is dict
