@@ -49,9 +49,15 @@ def tracked_files() -> tuple[str, ...]:
     git = shutil.which("git")
     if git is None:
         pytest.fail("git is not on PATH: this test lists the repository's files with git ls-files")
-    out = subprocess.run(
-        [git, "-C", str(ROOT), "ls-files", "-z"], capture_output=True, check=True, timeout=30
-    ).stdout
+    done = subprocess.run(
+        [git, "-C", str(ROOT), "ls-files", "-z"], capture_output=True, check=False, timeout=30
+    )
+    if done.returncode != 0:
+        pytest.fail(
+            f"git ls-files in {ROOT} failed ({done.stderr.decode(errors='replace').strip()}): "
+            "this test checks a git checkout of the repository"
+        )
+    out = done.stdout
     return tuple(sorted(name for name in out.decode("utf-8").split("\0") if name))
 
 
