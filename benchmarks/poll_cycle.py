@@ -23,7 +23,7 @@ Three simulators are started (``iort-sim serve``, Axxent-like console, BAL34, pr
 
 Same number of cycles for each (``--cycles``, after ``--warmup`` unmeasured ones);
 p50/p90/p99/max per cycle in ms and cycles/s; overhead = driver p50 - bare p50 (and the
-ratio). A pty ignores the baud rate (LIBRARIES.md): on a real 19200-baud line each
+ratio). A pty ignores the baud rate (docs/dependencies.md): on a real 19200-baud line each
 exchange would also take its bytes' time on the wire; that figure is printed as a
 reference. There is no pass/miss goal in the issue for this item: the figures say how
 much of a poll cycle is iortd's own work and how it compares with the wire time. A

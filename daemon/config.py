@@ -161,7 +161,7 @@ class PlanConfig(_Model):
 
 
 class Tolerances(_Model):
-    """Per-site settings (DOMAIN.md: not public constants). Written to the log in force."""
+    """Per-site settings (docs/domain.md: not public constants). Written to the log in force."""
 
     dose_channel_rel: float = Field(default=0.05, gt=0, le=1)
     dose_channel_abs_gy: float = Field(default=0.05, ge=0, le=5)

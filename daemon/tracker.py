@@ -3,7 +3,7 @@
 No I/O and no clock reads: time arrives with the readings (``mono_ns``, ``utc``) and with
 ``tick``. Feed it by hand in tests; the daemon feeds it from drivers.
 
-Rules it enforces (DOMAIN.md):
+Rules it enforces (docs/domain.md, "How delivery is controlled"):
 - delivered dose never decreases; a console whose cumulative count goes down, reports an
   unknown state or non-finite values is contradictory input and drives the tracker to FAULT;
   a delivery closed from FAULT is never NORMAL;

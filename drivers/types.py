@@ -1,6 +1,6 @@
 """Typed readings that every driver produces and the daemon consumes.
 
-Names follow DOMAIN.md (IEC vocabulary). Values are frozen dataclasses: a reading is a
+Names follow docs/domain.md (IEC vocabulary). Values are frozen dataclasses: a reading is a
 fact observed at one instant and is never edited afterwards.
 """
 
@@ -64,7 +64,7 @@ class InterlockState(enum.StrEnum):
 
 
 class Interlock(enum.StrEnum):
-    """Interlocks an IORT source monitors (DOMAIN.md, 'How delivery is controlled')."""
+    """Interlocks an IORT source monitors (docs/domain.md, 'How delivery is controlled')."""
 
     DOOR = "door"
     EMERGENCY_STOP = "emergency_stop"

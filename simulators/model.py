@@ -11,7 +11,7 @@ console would refuse them. Environment actions (door, emergency stop, applicator
 output and channel faults) are physical events: they are always accepted and the model
 reacts to them as a source's interlock chain would.
 
-Interlock behaviour, in DOMAIN.md's terms:
+Interlock behaviour, in the terms of docs/domain.md:
 
 * door, emergency stop, applicator and cooling reflect their physical condition; the
   applicator interlock also latches when the applicator is removed or swapped during a
@@ -588,7 +588,7 @@ class SourceModel:
             raise InterlocksNotClear(action, self._state, ACTIONS[action][1], tripped)
 
     def _require_reset_possible(self, action: str) -> None:
-        # Reset at the interlock first, at the console last (DOMAIN.md).
+        # Reset at the interlock first, at the console last (docs/domain.md).
         live: set[Interlock] = set()
         if self._estop_pressed:
             live.add(Interlock.EMERGENCY_STOP)

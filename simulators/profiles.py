@@ -67,7 +67,7 @@ class Profile:
     """Everything the simulator needs to behave like one model of source.
 
     Relative quantities are fractions (0.009 means 0.9 %). Tolerances and margins are
-    per-device settings, not physics: DOMAIN.md records that they are not public.
+    per-device settings, not physics: docs/domain.md records that they are not public.
     """
 
     name: str

@@ -1,7 +1,7 @@
 """`iortd check-config FILE` as an operator runs it: the installed console script, as a
 subprocess, against every broken fixture and the shipped configs.
 
-Contract (ARCHITECTURE.md): exit 0 success, 2 usage or configuration error; an error names
+Contract (docs/architecture.md): exit 0 success, 2 usage or configuration error; an error names
 the file, the key or line, and what to do. A broken fixture has exactly one defect, so it
 must give exactly one line on stderr and nothing on stdout.
 """

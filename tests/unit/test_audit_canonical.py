@@ -1,6 +1,6 @@
 """Canonical JSON and the entry hash (daemon/audit/canonical.py).
 
-The contract (docs/audit-log.md, ARCHITECTURE.md): an entry is the canonical JSON of the
+The contract (docs/audit-log.md, docs/architecture.md): an entry is the canonical JSON of the
 entry (orjson, OPT_SORT_KEYS) followed by a newline, and its ``hash`` is the SHA-256 of the
 canonical entry without ``hash``. ``seal`` and ``open_line`` do this by splicing text in
 and out; here every result is checked against an independent computation that serialises

@@ -66,7 +66,7 @@ def test_builtin_profiles_are_listed() -> None:
 def test_every_builtin_profile_loads(name: str) -> None:
     profile = load_profile(name)
     assert profile.name == name
-    assert profile.nominal_kv == 50.0  # DOMAIN.md: 50 kV for both source classes
+    assert profile.nominal_kv == 50.0  # docs/domain.md: 50 kV for both source classes
     assert profile.applicators
     for code, spec in profile.applicators.items():
         assert spec.code == code
