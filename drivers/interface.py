@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Protocol, Self, runtime_checkable
 
-from drivers.clock import Clock
-from drivers.types import ApplicatorReading, Capability, DeviceIdentity, SourceReading
+from iortd.drivers.clock import Clock
+from iortd.drivers.types import ApplicatorReading, Capability, DeviceIdentity, SourceReading
 
 __all__ = [
     "ApplicatorDriver",
