@@ -120,6 +120,7 @@ def test_wheel_in_fresh_venv_has_one_namespace_and_finds_the_example_driver(
         "iortd/config/profiles/intrabeam.toml",
         "iortd/schemas/v1/telemetry.schema.json",
         "iortd/py.typed",
+        "iortd/dashboard/static/index.html",
     ):
         assert data in names, f"{data} missing from {wheel.name}"
 
