@@ -40,9 +40,9 @@ from typing import Any
 
 from machine import filesystem, print_header, work_dir
 
-from daemon.audit.note import Signer, generate_keypair
-from daemon.audit.verify import verify_log
-from daemon.audit.writer import AuditLog, Entry, segment_paths
+from iortd.daemon.audit.note import Signer, generate_keypair
+from iortd.daemon.audit.verify import verify_log
+from iortd.daemon.audit.writer import AuditLog, Entry, segment_paths
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ENTRIES = 100_000  # samples for (1) and the log that (4) verifies

@@ -7,9 +7,9 @@ Per topic, on the JSON examples of docs/mqtt-topics.md (the latest example of ea
 - (a) baseline: ``orjson.loads`` alone, what the dashboard did before it validated;
 - (b) baseline: jsonschema's ``Draft202012Validator`` on the published schema as it is
   (``is_valid``), the obvious way to validate;
-- (c) ``dashboard.schemas.schema_error``: the same verdict (a test keeps it equal), with
+- (c) ``iortd.dashboard.schemas.schema_error``: the same verdict (a test keeps it equal), with
   ``$ref``s inlined and ``events`` split by ``kind`` at start;
-- (d) ``dashboard.state.Rooms.receive``: everything (size, JSON, schema, plausibility,
+- (d) ``iortd.dashboard.state.Rooms.receive``: everything (size, JSON, schema, plausibility,
   ``seq``, holding the message), i.e. the dashboard's cost per message.
 
 Median of ``--rounds`` rounds of ``--n`` messages each, in µs per message, and messages/s
@@ -32,8 +32,8 @@ import orjson
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
 from machine import REPO, print_header
 
-from dashboard.schemas import STEMS, published, schema_error
-from dashboard.state import Rooms
+from iortd.dashboard.schemas import STEMS, published, schema_error
+from iortd.dashboard.state import Rooms
 
 DOC = REPO / "docs" / "mqtt-topics.md"
 

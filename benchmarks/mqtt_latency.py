@@ -51,8 +51,8 @@ import aiomqtt
 import orjson
 from machine import filesystem, print_header, work_dir
 
-from daemon.audit.note import generate_keypair, write_keypair
-from daemon.mqtt.broker import (
+from iortd.daemon.audit.note import generate_keypair, write_keypair
+from iortd.daemon.mqtt.broker import (
     MOSQUITTO_INSTALL_HINT,
     BrokerError,
     BrokerOptions,
@@ -386,7 +386,7 @@ def run_iortd(
     with Subscriber(sub_kind, port, TELEMETRY_TOPIC, d / "received.txt") as sub:
         with daemon_log.open("wb") as logf:
             proc = subprocess.Popen(  # noqa: S603 - our daemon, our config
-                [sys.executable, "-m", "daemon.cli", "run", "--config", str(cfg)],
+                [sys.executable, "-m", "iortd.daemon.cli", "run", "--config", str(cfg)],
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
                 stderr=logf,

@@ -51,11 +51,11 @@ from machine import print_header
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.framer import FramerType
 
-from drivers.clock import SystemClock
-from drivers.interface import DriverContext, DriverSpec
-from drivers.modbus_xrs import ModbusXrsFactory
-from drivers.serial_xrs import SerialXrsFactory
-from drivers.xrs_ascii import Command, encode_request
+from iortd.drivers.clock import SystemClock
+from iortd.drivers.interface import DriverContext, DriverSpec
+from iortd.drivers.modbus_xrs import ModbusXrsFactory
+from iortd.drivers.serial_xrs import SerialXrsFactory
+from iortd.drivers.xrs_ascii import Command, encode_request
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CYCLES = 2_000

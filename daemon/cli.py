@@ -22,15 +22,15 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from daemon import __version__
-from daemon.audit.note import (
+from iortd.daemon import __version__
+from iortd.daemon.audit.note import (
     KeyFileError,
     Signer,
     generate_keypair,
     load_signer,
     write_keypair,
 )
-from daemon.audit.writer import (
+from iortd.daemon.audit.writer import (
     DEFAULT_SPILL_DIR,
     AuditLog,
     LogDamaged,
@@ -38,22 +38,22 @@ from daemon.audit.writer import (
     LogRolledBack,
     new_origin,
 )
-from daemon.config import ConfigError, LoadedConfig, load_config
-from daemon.console import ConsoleView
-from daemon.logs import configure_logging
-from daemon.mqtt.broker import (
+from iortd.daemon.config import ConfigError, LoadedConfig, load_config
+from iortd.daemon.console import ConsoleView
+from iortd.daemon.logs import configure_logging
+from iortd.daemon.mqtt.broker import (
     MOSQUITTO_INSTALL_HINT,
     BrokerError,
     BrokerOptions,
     Mosquitto,
     find_mosquitto,
 )
-from daemon.mqtt.outbox import Outbox, OutboxError
-from daemon.mqtt.sink import MqttSink, settings_from_config
-from daemon.service import SHUTDOWN_TIMEOUT_S, Daemon, RunResult
-from daemon.sinks import OperationalLogSink, Sink
-from drivers.clock import Clock, ScaledClock, SystemClock
-from drivers.registry import DriverRegistry
+from iortd.daemon.mqtt.outbox import Outbox, OutboxError
+from iortd.daemon.mqtt.sink import MqttSink, settings_from_config
+from iortd.daemon.service import SHUTDOWN_TIMEOUT_S, Daemon, RunResult
+from iortd.daemon.sinks import OperationalLogSink, Sink
+from iortd.drivers.clock import Clock, ScaledClock, SystemClock
+from iortd.drivers.registry import DriverRegistry
 
 __all__ = ["main"]
 
@@ -67,7 +67,7 @@ log = structlog.get_logger("iortd")
 
 
 def default_demo_config() -> Path:
-    return Path(str(importlib.resources.files("iort_config") / "demo.toml"))
+    return Path(str(importlib.resources.files("iortd.config") / "demo.toml"))
 
 
 def default_data_dir() -> Path:
@@ -416,7 +416,7 @@ def _demo_dashboard(stack: contextlib.ExitStack, broker_url: str, prefix: str) -
     """`iort-dashboard` on the demo's stream (127.0.0.1, a free port), as a process
     stopped by PID when the demo ends; its URL. The demo goes on without it if it cannot
     start (None)."""
-    argv = [sys.executable, "-m", "dashboard.cli", "--broker", broker_url, "--port", "0"]
+    argv = [sys.executable, "-m", "iortd.dashboard.cli", "--broker", broker_url, "--port", "0"]
     proc = subprocess.Popen(  # noqa: S603 - our own module, with our own arguments
         [*argv, "--prefix", prefix, "--log-level", "warning"],
         stdin=subprocess.DEVNULL,

@@ -30,10 +30,10 @@ from pydantic import (
     model_validator,
 )
 
-from daemon.audit.note import KeyFileError, load_signer
-from drivers.errors import DriverConfigError, DriverOptionError
-from drivers.files import FileReadError, read_small_file
-from drivers.registry import DriverRegistry
+from iortd.daemon.audit.note import KeyFileError, load_signer
+from iortd.drivers.errors import DriverConfigError, DriverOptionError
+from iortd.drivers.files import FileReadError, read_small_file
+from iortd.drivers.registry import DriverRegistry
 
 __all__ = [
     "Config",

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TextIO
 
-from daemon.sinks import Sample
-from daemon.tracker import (
+from iortd.daemon.sinks import Sample
+from iortd.daemon.tracker import (
     AlarmCleared,
     AlarmRaised,
     DeliveryAmended,
@@ -23,7 +23,7 @@ from daemon.tracker import (
     Terminated,
     TrackerEvent,
 )
-from drivers.types import DeviceIdentity, InterlockState
+from iortd.drivers.types import DeviceIdentity, InterlockState
 
 __all__ = ["ConsoleView", "format_duration", "progress_bar"]
 

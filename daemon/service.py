@@ -35,13 +35,13 @@ from typing import Any
 
 import structlog
 
-from daemon import __version__
-from daemon.audit.entries import event_entry, plain, sample_entry
-from daemon.audit.note import Checkpoint
-from daemon.audit.writer import AuditLog, AuditLogClosed, RecoveryReport, utc_ts
-from daemon.config import Config, DeviceConfig, LoadedConfig
-from daemon.sinks import Sample, Sink
-from daemon.tracker import (
+from iortd.daemon import __version__
+from iortd.daemon.audit.entries import event_entry, plain, sample_entry
+from iortd.daemon.audit.note import Checkpoint
+from iortd.daemon.audit.writer import AuditLog, AuditLogClosed, RecoveryReport, utc_ts
+from iortd.daemon.config import Config, DeviceConfig, LoadedConfig
+from iortd.daemon.sinks import Sample, Sink
+from iortd.daemon.tracker import (
     DeliverySnapshot,
     DeliveryTracker,
     Phase,
@@ -50,11 +50,11 @@ from daemon.tracker import (
     TrackerEvent,
     TrackerSettings,
 )
-from drivers.clock import Clock
-from drivers.errors import DeviceFault, DriverError, ProtocolViolation
-from drivers.interface import DriverContext, DriverSpec, SourceDriver
-from drivers.registry import DriverRegistry
-from drivers.types import DeviceIdentity
+from iortd.drivers.clock import Clock
+from iortd.drivers.errors import DeviceFault, DriverError, ProtocolViolation
+from iortd.drivers.interface import DriverContext, DriverSpec, SourceDriver
+from iortd.drivers.registry import DriverRegistry
+from iortd.drivers.types import DeviceIdentity
 
 __all__ = ["Daemon", "RunResult", "resumable", "tracker_settings"]
 

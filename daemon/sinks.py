@@ -14,7 +14,7 @@ from typing import Protocol
 
 import structlog
 
-from daemon.tracker import (
+from iortd.daemon.tracker import (
     AlarmCleared,
     AlarmRaised,
     DeliveryAmended,
@@ -27,7 +27,7 @@ from daemon.tracker import (
     Terminated,
     TrackerEvent,
 )
-from drivers.types import DeviceIdentity, Interlock, InterlockState, SourceReading
+from iortd.drivers.types import DeviceIdentity, Interlock, InterlockState, SourceReading
 
 __all__ = ["OperationalLogSink", "Sample", "Sink"]
 

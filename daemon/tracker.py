@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from types import MappingProxyType
 
-from drivers.types import (
+from iortd.drivers.types import (
     ApplicatorIdentity,
     DeviceState,
     Interlock,

@@ -1,6 +1,7 @@
 """iort-dashboard: the live delivery dashboard, a consumer of the MQTT stream only.
 
-``dashboard.cli`` (the command), ``dashboard.mqtt`` (the one MQTT connection),
-``dashboard.state`` (what is held, built from messages only), ``dashboard.hub`` (fan-out
-to browser streams), ``dashboard.app`` (the web app) and ``static/`` (the page itself).
+``iortd.dashboard.cli`` (the command), ``iortd.dashboard.mqtt`` (the one MQTT
+connection), ``iortd.dashboard.state`` (what is held, built from messages only),
+``iortd.dashboard.hub`` (fan-out to browser streams), ``iortd.dashboard.app`` (the web app)
+and ``static/`` (the page itself).
 """

@@ -42,7 +42,7 @@ from starlette.responses import (
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from dashboard.hub import CLOSED, Hub
+from iortd.dashboard.hub import CLOSED, Hub
 
 __all__ = ["DEFAULT_HOSTS", "SECURITY_HEADERS", "STATIC", "build_app", "host_name"]
 

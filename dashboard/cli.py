@@ -2,8 +2,8 @@
 
 Exit status: 0 after a requested stop (SIGINT/SIGTERM); 2 for a usage or configuration
 error (a bad broker URL, a password that cannot be read, a port in use, a limit out of
-range), named on stderr. The byte limits and the age-out bound go to `dashboard.state`;
-the allowed hosts to `dashboard.app.TrustedHosts`.
+range), named on stderr. The byte limits and the age-out bound go to `iortd.dashboard.state`;
+the allowed hosts to `iortd.dashboard.app.TrustedHosts`.
 On start it prints one line to stdout, ``iort-dashboard: serving http://HOST:PORT/``,
 so that a script (``iortd demo``) can learn the port when ``--port 0`` picked it.
 """
@@ -28,12 +28,12 @@ from urllib.parse import urlsplit
 import structlog
 import uvicorn
 
-from daemon.logs import configure_logging
-from dashboard import state
-from dashboard.app import DEFAULT_HOSTS, build_app
-from dashboard.hub import Hub
-from dashboard.mqtt import BrokerSettings, UrlError, consume, parse_broker_url
-from dashboard.state import Rooms
+from iortd.daemon.logs import configure_logging
+from iortd.dashboard import state
+from iortd.dashboard.app import DEFAULT_HOSTS, build_app
+from iortd.dashboard.hub import Hub
+from iortd.dashboard.mqtt import BrokerSettings, UrlError, consume, parse_broker_url
+from iortd.dashboard.state import Rooms
 
 __all__ = ["main"]
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from dashboard.state import Accepted, Rooms
+from iortd.dashboard.state import Accepted, Rooms
 
 __all__ = [
     "CLOSED",

@@ -4,7 +4,7 @@ aiomqtt has no reconnect, so this is an explicit loop with capped, jittered back
 change of connection state is logged and pushed to the browsers, which show every room as
 offline while the dashboard itself has no broker (never frozen values as live).
 
-Every message goes through `dashboard.state.Rooms.receive` (size, JSON, schema, seq); what
+Every message goes through `iortd.dashboard.state.Rooms.receive` (size, JSON, schema, seq); what
 is rejected is counted there and logged here, rate-limited (`RejectLog`): the first of each
 (room, reason) at once, then at most one summary line per ``REJECT_LOG_EVERY_S`` with the
 count, so a flood of bad messages cannot flood the operational log.
@@ -34,9 +34,9 @@ from urllib.parse import urlsplit
 import aiomqtt
 import structlog
 
-from daemon.mqtt.tls import client_tls_context
-from dashboard.hub import Hub
-from dashboard.state import Rejected, Rooms
+from iortd.daemon.mqtt.tls import client_tls_context
+from iortd.dashboard.hub import Hub
+from iortd.dashboard.state import Rejected, Rooms
 
 __all__ = ["BrokerSettings", "RejectLog", "UrlError", "consume", "parse_broker_url"]
 

@@ -2,7 +2,7 @@
 
 The browser only ever sees what passed: a boolean dose, an interlock state of ``1`` or a
 field the schema does not know never reaches a page (issue 13). The schema files are the
-very ones the documentation links to, installed as package data (``iort_schemas``); one
+very ones the documentation links to, installed as package data (``iortd.schemas``); one
 validator per topic is built once, at start (jsonschema 4.26, Draft 2020-12). The
 ``date-time`` format is not asserted separately: every timestamp in v1 also carries a
 ``pattern`` (RFC 3339, microseconds, ``Z``), which is.
@@ -52,7 +52,7 @@ _INLINE_DEPTH = 32
 
 def published(name: str) -> dict[str, Any]:
     """The published schema of topic ``name``, as installed."""
-    root = importlib.resources.files("iort_schemas") / "v1"
+    root = importlib.resources.files("iortd.schemas") / "v1"
     schema: dict[str, Any] = json.loads((root / f"{STEMS[name]}.schema.json").read_text("utf-8"))
     return schema
 

@@ -22,7 +22,7 @@ and reason (shown in the snapshot's ``rejected`` and ``diagnostics``) and never 
 1. the topic is ``{prefix}/v1/{site}/{room}/{name}`` with a known name;
 2. the payload is at most ``max_payload_bytes``, checked *before* parsing;
 3. it is JSON (orjson: no NaN/Infinity, integers within 64 bits, nesting bounded);
-4. it validates against the published schema of its topic (`dashboard.schemas`), and a
+4. it validates against the published schema of its topic (`iortd.dashboard.schemas`), and a
    ``status`` names the room of its topic;
 5. its ``seq`` and ``session`` are at most 2^53 (the schema allows 64 bits, but no daemon
    gets there and a browser cannot represent more), and ``seq`` is not a jump of more
@@ -65,7 +65,7 @@ from typing import Any
 
 import orjson
 
-from dashboard.schemas import schema_error
+from iortd.dashboard.schemas import schema_error
 
 __all__ = [
     "RETAINED",

@@ -34,7 +34,7 @@ from pymodbus.pdu.register_message import (
     ReadInputRegistersResponse,
 )
 
-from drivers.errors import DeviceFault, ProtocolViolation
+from iortd.drivers.errors import DeviceFault, ProtocolViolation
 
 __all__ = [
     "EXCEPTION_NAMES",

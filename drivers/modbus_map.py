@@ -24,9 +24,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-from drivers.errors import ProtocolViolation
-from drivers.files import FileReadError, read_small_file, toml_error
-from drivers.modbus_codec import MAX_READ, Table
+from iortd.drivers.errors import ProtocolViolation
+from iortd.drivers.files import FileReadError, read_small_file, toml_error
+from iortd.drivers.modbus_codec import MAX_READ, Table
 
 __all__ = [
     "INTERLOCK_POINTS",
@@ -253,7 +253,7 @@ def resolve_map(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.suffix == ".toml" or "/" in name_or_path:
         return path
-    return Path(str(importlib.resources.files("iort_config") / "maps" / f"{name_or_path}.toml"))
+    return Path(str(importlib.resources.files("iortd.config") / "maps" / f"{name_or_path}.toml"))
 
 
 def load_map(path: Path) -> RegisterMap:

@@ -37,14 +37,14 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType, TracebackType
 from typing import Any, Self
 
-from drivers.errors import (
+from iortd.drivers.errors import (
     DriverOptionError,
     ProtocolViolation,
     TransportClosed,
     TransportTimeout,
 )
-from drivers.interface import DriverContext, DriverSpec, Role
-from drivers.modbus_codec import (
+from iortd.drivers.interface import DriverContext, DriverSpec, Role
+from iortd.drivers.modbus_codec import (
     Framing,
     Table,
     decode_reply,
@@ -52,9 +52,16 @@ from drivers.modbus_codec import (
     reply_head_size,
     reply_rest_size,
 )
-from drivers.modbus_map import INTERLOCK_POINTS, Block, MapError, RegisterMap, load_map, resolve_map
-from drivers.transport import Transport, transport_from_config, validate_transport
-from drivers.types import (
+from iortd.drivers.modbus_map import (
+    INTERLOCK_POINTS,
+    Block,
+    MapError,
+    RegisterMap,
+    load_map,
+    resolve_map,
+)
+from iortd.drivers.transport import Transport, transport_from_config, validate_transport
+from iortd.drivers.types import (
     ApplicatorIdentity,
     Capability,
     DeviceIdentity,

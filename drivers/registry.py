@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from importlib.metadata import EntryPoint, entry_points
 
-from drivers.errors import DriverConfigError, UnknownDriverError
-from drivers.interface import DriverFactory
+from iortd.drivers.errors import DriverConfigError, UnknownDriverError
+from iortd.drivers.interface import DriverFactory
 
 __all__ = ["ENTRY_POINT_GROUP", "DriverRegistry"]
 

@@ -25,17 +25,17 @@ from collections.abc import Mapping
 from types import MappingProxyType, TracebackType
 from typing import Any, Self
 
-from drivers.errors import (
+from iortd.drivers.errors import (
     DeviceFault,
     DriverOptionError,
     ProtocolViolation,
     TransportClosed,
     TransportTimeout,
 )
-from drivers.interface import DriverContext, DriverSpec, Role
-from drivers.transport import Transport, transport_from_config, validate_transport
-from drivers.types import ApplicatorIdentity, Capability, DeviceIdentity, SourceReading
-from drivers.xrs_ascii import (
+from iortd.drivers.interface import DriverContext, DriverSpec, Role
+from iortd.drivers.transport import Transport, transport_from_config, validate_transport
+from iortd.drivers.types import ApplicatorIdentity, Capability, DeviceIdentity, SourceReading
+from iortd.drivers.xrs_ascii import (
     MAX_FRAME,
     Command,
     Frame,

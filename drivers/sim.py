@@ -14,12 +14,12 @@ from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from drivers.errors import DriverOptionError, TransportClosed
-from drivers.interface import DriverContext, DriverSpec, Role
-from drivers.types import Capability, DeviceIdentity, SourceReading
-from simulators.model import SourceModel
-from simulators.profiles import ProfileError, load_profile
-from simulators.sequence import ClinicalSequence
+from iortd.drivers.errors import DriverOptionError, TransportClosed
+from iortd.drivers.interface import DriverContext, DriverSpec, Role
+from iortd.drivers.types import Capability, DeviceIdentity, SourceReading
+from iortd.simulators.model import SourceModel
+from iortd.simulators.profiles import ProfileError, load_profile
+from iortd.simulators.sequence import ClinicalSequence
 
 __all__ = ["SimDriver", "SimDriverFactory", "SimOptions"]
 

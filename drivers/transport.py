@@ -5,10 +5,10 @@ up to a terminator (or an exact byte count), drop pending input to resynchronise
 I/O is bounded by the ``timeout_s`` the transport was built with (the device's
 ``timeout_s`` in the config), and every failure is one of drivers.errors:
 
-- :class:`~drivers.errors.TransportTimeout`: nothing (or not enough) arrived in time;
-- :class:`~drivers.errors.TransportClosed`: the link is gone (EOF, cable pulled, port
+- :class:`~iortd.drivers.errors.TransportTimeout`: nothing (or not enough) arrived in time;
+- :class:`~iortd.drivers.errors.TransportClosed`: the link is gone (EOF, cable pulled, port
   vanished, connection refused) or was never opened;
-- :class:`~drivers.errors.ProtocolViolation`: bytes arrived but no terminator within
+- :class:`~iortd.drivers.errors.ProtocolViolation`: bytes arrived but no terminator within
   ``max_bytes``.
 
 Nothing reconnects behind the caller's back: after TransportClosed the owner closes the
@@ -36,7 +36,7 @@ from typing import Any, Final, Protocol, Self, runtime_checkable
 import serial
 import serial_asyncio_fast
 
-from drivers.errors import (
+from iortd.drivers.errors import (
     DriverOptionError,
     ProtocolViolation,
     TransportClosed,

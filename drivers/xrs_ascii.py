@@ -2,9 +2,9 @@
 
 No sockets, no clocks, no asyncio: bytes in, typed values or typed errors out, so that it
 is tested exhaustively by golden vectors and fuzzing and reused by any transport. Every
-problem raises :class:`~drivers.errors.ProtocolViolation` (the frame is dropped, the
+problem raises :class:`~iortd.drivers.errors.ProtocolViolation` (the frame is dropped, the
 caller resynchronises) naming the frame; a console's own error reply raises
-:class:`~drivers.errors.DeviceFault`. Nothing here ever accepts a value that does not
+:class:`~iortd.drivers.errors.DeviceFault`. Nothing here ever accepts a value that does not
 match the specification exactly.
 
 The simulator's side of the protocol is written separately (the issue asks for two
@@ -19,8 +19,8 @@ import re
 from dataclasses import dataclass
 from typing import Final
 
-from drivers.errors import DeviceFault, ProtocolViolation
-from drivers.types import (
+from iortd.drivers.errors import DeviceFault, ProtocolViolation
+from iortd.drivers.types import (
     ApplicatorIdentity,
     DeviceState,
     Interlock,

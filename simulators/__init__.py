@@ -2,20 +2,20 @@
 and the wire adapters (serial_xrs, modbus_xrs) with their shared core (device), scenarios,
 the control channel and the serving loop (serve, control)."""
 
-from simulators.model import (
+from iortd.simulators.model import (
     IllegalTransition,
     InterlocksNotClear,
     ModelSnapshot,
     SourceModel,
 )
-from simulators.profiles import (
+from iortd.simulators.profiles import (
     ApplicatorSpec,
     Profile,
     ProfileError,
     available_profiles,
     load_profile,
 )
-from simulators.sequence import ClinicalSequence, SequenceStage
+from iortd.simulators.sequence import ClinicalSequence, SequenceStage
 
 __all__ = [
     "ApplicatorSpec",

@@ -28,11 +28,11 @@ from typing import TextIO
 
 import orjson
 
-from simulators.control import ControlError, request
-from simulators.model import SourceModel
-from simulators.profiles import Profile, ProfileError, available_profiles, load_profile
-from simulators.sequence import ClinicalSequence
-from simulators.serve import (
+from iortd.simulators.control import ControlError, request
+from iortd.simulators.model import SourceModel
+from iortd.simulators.profiles import Profile, ProfileError, available_profiles, load_profile
+from iortd.simulators.sequence import ClinicalSequence
+from iortd.simulators.serve import (
     FIELDS,
     TRANSPORTS,
     ServeError,

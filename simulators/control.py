@@ -37,8 +37,8 @@ from typing import Any
 
 import orjson
 
-from simulators.device import ActionError, SimDevice
-from simulators.scenario import parse_duration
+from iortd.simulators.device import ActionError, SimDevice
+from iortd.simulators.scenario import parse_duration
 
 __all__ = [
     "LINE_LIMIT",

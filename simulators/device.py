@@ -18,11 +18,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from drivers.clock import Clock
-from drivers.types import DeviceIdentity
-from simulators.model import IllegalTransition, ModelSnapshot, SourceModel
-from simulators.scenario import DEVICE_ACTIONS, LINK_ACTIONS, Scenario, Step
-from simulators.sequence import ClinicalSequence
+from iortd.drivers.clock import Clock
+from iortd.drivers.types import DeviceIdentity
+from iortd.simulators.model import IllegalTransition, ModelSnapshot, SourceModel
+from iortd.simulators.scenario import DEVICE_ACTIONS, LINK_ACTIONS, Scenario, Step
+from iortd.simulators.sequence import ClinicalSequence
 
 __all__ = ["ActionError", "LinkState", "SimDevice"]
 

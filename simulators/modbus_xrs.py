@@ -13,7 +13,7 @@ Layers, from the bottom:
   frame), advancing the device once per request so that one read is one snapshot;
 * :class:`RtuFramer`: finds RTU request frames in a byte stream (sans-I/O);
 * :class:`ModbusTcpServer` and :class:`RtuPtyConsole`: the console on a TCP port and on a
-  pseudo-terminal, with the link faults of :class:`simulators.device.SimDevice` (dropped,
+  pseudo-terminal, with the link faults of :class:`iortd.simulators.device.SimDevice` (dropped,
   garbled, slow) and, on RTU, the time the bytes would take on a real line.
 """
 
@@ -32,10 +32,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from drivers.files import FileReadError, read_small_file, toml_error
-from drivers.types import DeviceIdentity, DeviceState, Interlock
-from simulators.device import SimDevice
-from simulators.model import ModelSnapshot
+from iortd.drivers.files import FileReadError, read_small_file, toml_error
+from iortd.drivers.types import DeviceIdentity, DeviceState, Interlock
+from iortd.simulators.device import SimDevice
+from iortd.simulators.model import ModelSnapshot
 
 __all__ = [
     "HOLDING_WINDOW",
@@ -177,7 +177,7 @@ class RegisterMap:
 
 
 def default_map_path() -> Path:
-    return Path(str(importlib.resources.files("iort_config") / "maps" / "xrs-mb1.toml"))
+    return Path(str(importlib.resources.files("iortd.config") / "maps" / "xrs-mb1.toml"))
 
 
 def _int(where: str, raw: object, lo: int, hi: int) -> int:

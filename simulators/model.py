@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from drivers.types import (
+from iortd.drivers.types import (
     ApplicatorIdentity,
     DeviceIdentity,
     DeviceState,
@@ -41,7 +41,7 @@ from drivers.types import (
     InterlockState,
     TerminationStatus,
 )
-from simulators.profiles import ApplicatorSpec, Profile
+from iortd.simulators.profiles import ApplicatorSpec, Profile
 
 __all__ = [
     "ACTIONS",

@@ -1,7 +1,7 @@
 """Device profiles: a simulated source described as data (the pyvisa-sim idea).
 
 A profile is a TOML file. The built-in ones ship in the data package
-``iort_config.profiles`` (``config/profiles/`` in the source tree); a site can pass the
+``iortd.config.profiles`` (``config/profiles/`` in the source tree); a site can pass the
 path of its own file instead. Files are validated strictly: a typo in a key, a string where
 a number belongs or a non-positive dose rate is a :class:`ProfileError` that names the
 file, the key and what was expected, because a silently ignored key in a device description
@@ -20,7 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from drivers.files import FileReadError, read_small_file, toml_error
+from iortd.drivers.files import FileReadError, read_small_file, toml_error
 
 __all__ = [
     "BUILTIN_PROFILES_PACKAGE",
@@ -31,7 +31,7 @@ __all__ = [
     "load_profile",
 ]
 
-BUILTIN_PROFILES_PACKAGE = "iort_config.profiles"
+BUILTIN_PROFILES_PACKAGE = "iortd.config.profiles"
 
 
 class ProfileError(ValueError):

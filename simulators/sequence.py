@@ -15,8 +15,8 @@ from __future__ import annotations
 import enum
 import math
 
-from drivers.types import DeviceState
-from simulators.model import IllegalTransition, SourceModel
+from iortd.drivers.types import DeviceState
+from iortd.simulators.model import IllegalTransition, SourceModel
 
 __all__ = ["ClinicalSequence", "SequenceStage"]
 

@@ -19,9 +19,9 @@ import random
 import string
 import tty
 
-from drivers.types import DeviceState, Interlock, InterlockState
-from simulators.device import SimDevice
-from simulators.model import ModelSnapshot
+from iortd.drivers.types import DeviceState, Interlock, InterlockState
+from iortd.simulators.device import SimDevice
+from iortd.simulators.model import ModelSnapshot
 
 __all__ = ["ConsoleProtocol", "PtyConsole", "crc_ccitt"]
 

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from drivers.clock import Clock, ScaledClock, SystemClock
-from drivers.files import FileReadError, read_small_file, toml_error
-from drivers.types import DeviceState, InterlockState
-from simulators.control import ControlError, ControlHandler, ControlServer, Served
-from simulators.device import SimDevice
-from simulators.modbus_xrs import (
+from iortd.drivers.clock import Clock, ScaledClock, SystemClock
+from iortd.drivers.files import FileReadError, read_small_file, toml_error
+from iortd.drivers.types import DeviceState, InterlockState
+from iortd.simulators.control import ControlError, ControlHandler, ControlServer, Served
+from iortd.simulators.device import SimDevice
+from iortd.simulators.modbus_xrs import (
     MapError,
     ModbusConsole,
     ModbusTcpServer,
@@ -36,11 +36,11 @@ from simulators.modbus_xrs import (
     default_map_path,
     load_map,
 )
-from simulators.model import ModelSnapshot, SourceModel
-from simulators.profiles import Profile, ProfileError, load_profile
-from simulators.scenario import Scenario, ScenarioError, Step, load_scenario
-from simulators.sequence import ClinicalSequence
-from simulators.serial_xrs import ConsoleProtocol, PtyConsole
+from iortd.simulators.model import ModelSnapshot, SourceModel
+from iortd.simulators.profiles import Profile, ProfileError, load_profile
+from iortd.simulators.scenario import Scenario, ScenarioError, Step, load_scenario
+from iortd.simulators.sequence import ClinicalSequence
+from iortd.simulators.serial_xrs import ConsoleProtocol, PtyConsole
 
 __all__ = [
     "FIELDS",
@@ -107,7 +107,7 @@ def scenario_path(name: str) -> Path:
     path = Path(name)
     if path.suffix == ".toml" or path.exists():
         return path
-    return Path(str(importlib.resources.files("iort_config") / "scenarios" / f"{name}.toml"))
+    return Path(str(importlib.resources.files("iortd.config") / "scenarios" / f"{name}.toml"))
 
 
 def build_spec(

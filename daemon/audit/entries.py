@@ -11,9 +11,9 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from daemon.audit.writer import utc_ts
-from daemon.sinks import Sample
-from daemon.tracker import (
+from iortd.daemon.audit.writer import utc_ts
+from iortd.daemon.sinks import Sample
+from iortd.daemon.tracker import (
     AlarmCleared,
     AlarmRaised,
     DeliveryAmended,
@@ -27,7 +27,7 @@ from daemon.tracker import (
     Terminated,
     TrackerEvent,
 )
-from drivers.types import ApplicatorIdentity
+from iortd.drivers.types import ApplicatorIdentity
 
 __all__ = ["EVENT_TYPES", "event_entry", "num", "sample_entry", "summary_data"]
 

@@ -20,10 +20,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from daemon import __version__
-from daemon.audit.dicom import segments_with_context
-from daemon.audit.export import describe
-from daemon.audit.record import DeliveryRecord
+from iortd.daemon import __version__
+from iortd.daemon.audit.dicom import segments_with_context
+from iortd.daemon.audit.export import describe
+from iortd.daemon.audit.record import DeliveryRecord
 
 __all__ = ["html_report", "pdf_report", "plot_png", "plot_svg"]
 

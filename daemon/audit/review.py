@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from daemon.audit.verify import iter_entries
+from iortd.daemon.audit.verify import iter_entries
 
 __all__ = [
     "DeliveryRecord",

@@ -25,10 +25,10 @@ from typing import Any
 
 import orjson
 
-from daemon.audit.canonical import ZERO_HASH
-from daemon.audit.note import Checkpoint, NoteError, Verifier
-from daemon.audit.segments import SegmentError, open_segment
-from daemon.audit.writer import CHECKPOINT_FILE, SEAL_FILE, SEGMENT_RE, segment_paths
+from iortd.daemon.audit.canonical import ZERO_HASH
+from iortd.daemon.audit.note import Checkpoint, NoteError, Verifier
+from iortd.daemon.audit.segments import SegmentError, open_segment
+from iortd.daemon.audit.writer import CHECKPOINT_FILE, SEAL_FILE, SEGMENT_RE, segment_paths
 
 _HASH_KEY = b',"hash":"'
 

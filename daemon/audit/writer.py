@@ -61,7 +61,7 @@ import orjson
 import structlog
 from orjson import dumps
 
-from daemon.audit.canonical import (
+from iortd.daemon.audit.canonical import (
     ZERO_HASH,
     CanonicalError,
     Envelope,
@@ -70,8 +70,8 @@ from daemon.audit.canonical import (
     open_line,
     seal_parts,
 )
-from daemon.audit.note import Checkpoint, NoteError, Signer, Verifier
-from daemon.durable import fsync_dir, write_all, write_atomic
+from iortd.daemon.audit.note import Checkpoint, NoteError, Signer, Verifier
+from iortd.daemon.durable import fsync_dir, write_all, write_atomic
 
 __all__ = [
     "FORMAT",

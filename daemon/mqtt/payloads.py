@@ -22,12 +22,12 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
-from daemon.audit.entries import EVENT_TYPES, event_entry, num, summary_data
-from daemon.audit.note import Checkpoint
-from daemon.audit.writer import utc_ts
-from daemon.sinks import Sample
-from daemon.tracker import DeliveryAmended, DeliverySnapshot, Terminated, TrackerEvent
-from drivers.types import Interlock, InterlockState
+from iortd.daemon.audit.entries import EVENT_TYPES, event_entry, num, summary_data
+from iortd.daemon.audit.note import Checkpoint
+from iortd.daemon.audit.writer import utc_ts
+from iortd.daemon.sinks import Sample
+from iortd.daemon.tracker import DeliveryAmended, DeliverySnapshot, Terminated, TrackerEvent
+from iortd.drivers.types import Interlock, InterlockState
 
 __all__ = [
     "EVENTS_TOPIC_KINDS",

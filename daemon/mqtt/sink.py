@@ -7,7 +7,7 @@ aiomqtt has no reconnect and no offline queue, so this sink owns both:
   publisher notices a dropped link within milliseconds (a QoS 1 publish in flight would
   otherwise wait out its whole timeout).
 * Nothing here blocks the daemon: :meth:`sample` and :meth:`events` only build payloads and
-  hand them to the :class:`~daemon.mqtt.outbox.Outbox`, which journals them to disk whether
+  hand them to the :class:`~iortd.daemon.mqtt.outbox.Outbox`, which journals them to disk whether
   or not a broker is there.
 * On every (re)connect: ``status`` online; the retained state topics (``interlocks``,
   ``delivery``, ``audit/checkpoint``) republished; then the backlog of ``telemetry`` and
@@ -71,12 +71,12 @@ import orjson
 import paho.mqtt.client as paho
 import structlog
 
-from daemon import __version__
-from daemon.audit.note import Checkpoint, Verifier
-from daemon.audit.writer import utc_ts
-from daemon.config import MqttConfig, SiteConfig
-from daemon.mqtt.outbox import Outbox, Record
-from daemon.mqtt.payloads import (
+from iortd.daemon import __version__
+from iortd.daemon.audit.note import Checkpoint, Verifier
+from iortd.daemon.audit.writer import utc_ts
+from iortd.daemon.config import MqttConfig, SiteConfig
+from iortd.daemon.mqtt.outbox import Outbox, Record
+from iortd.daemon.mqtt.payloads import (
     Envelope,
     Payload,
     checkpoint_payload,
@@ -88,16 +88,16 @@ from daemon.mqtt.payloads import (
     telemetry_payload,
     topic,
 )
-from daemon.mqtt.tls import client_tls_context
-from daemon.sinks import Sample
-from daemon.tracker import (
+from iortd.daemon.mqtt.tls import client_tls_context
+from iortd.daemon.sinks import Sample
+from iortd.daemon.tracker import (
     DeliverySnapshot,
     DeliveryStarted,
     InterlockChanged,
     Terminated,
     TrackerEvent,
 )
-from drivers.types import DeviceIdentity, Interlock, InterlockState
+from iortd.drivers.types import DeviceIdentity, Interlock, InterlockState
 
 __all__ = ["BrokerSettings", "MqttSink", "client_id_for", "settings_from_config"]
 

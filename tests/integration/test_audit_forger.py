@@ -23,9 +23,9 @@ from daemonproc import Daemon, Site
 from forger import append, entries, halve_doses, rewrite_from
 from mqttobs import Observer
 
-from daemon.audit.note import Checkpoint
-from daemon.audit.verify import collect_files
-from daemon.mqtt.broker import BrokerOptions, Mosquitto
+from iortd.daemon.audit.note import Checkpoint
+from iortd.daemon.audit.verify import collect_files
+from iortd.daemon.mqtt.broker import BrokerOptions, Mosquitto
 
 pytestmark = pytest.mark.integration
 

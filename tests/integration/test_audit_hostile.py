@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon.audit.note import Checkpoint, Signer, generate_keypair, write_keypair
-from daemon.audit.writer import AuditLog
-from daemon.audit_cli import main
-from daemon.mqtt.payloads import Envelope, checkpoint_payload
+from iortd.daemon.audit.note import Checkpoint, Signer, generate_keypair, write_keypair
+from iortd.daemon.audit.writer import AuditLog
+from iortd.daemon.audit_cli import main
+from iortd.daemon.mqtt.payloads import Envelope, checkpoint_payload
 
 pytestmark = pytest.mark.integration
 

@@ -28,7 +28,7 @@ import pydicom
 import pytest
 from reportlogs import KINDS, LogRun, make_all, read_log
 
-from daemon import audit_cli
+from iortd.daemon import audit_cli
 
 pytestmark = pytest.mark.integration
 

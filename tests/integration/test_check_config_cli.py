@@ -25,7 +25,7 @@ BROKEN = ROOT / "tests" / "fixtures" / "broken_configs"
 TIMEOUT_S = 60
 
 _SCRIPT = Path(sys.executable).with_name("iortd")
-IORTD = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "daemon.cli"]
+IORTD = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "iortd.daemon.cli"]
 
 ERROR_PREFIX = "iortd: config error: "
 

@@ -14,26 +14,26 @@ from typing import Any, Self
 
 import pytest
 
-from daemon import service
-from daemon.audit import writer
-from daemon.audit.entries import event_entry
-from daemon.audit.writer import AuditLog
-from daemon.config import LoadedConfig, load_config
-from daemon.service import Daemon
-from daemon.sinks import Sample
-from daemon.tracker import (
+from iortd.daemon import service
+from iortd.daemon.audit import writer
+from iortd.daemon.audit.entries import event_entry
+from iortd.daemon.audit.writer import AuditLog
+from iortd.daemon.config import LoadedConfig, load_config
+from iortd.daemon.service import Daemon
+from iortd.daemon.sinks import Sample
+from iortd.daemon.tracker import (
     AlarmRaised,
     DeliverySnapshot,
     MonitoringGapEnded,
     MonitoringGapStarted,
     TrackerEvent,
 )
-from drivers.clock import ScaledClock
-from drivers.errors import DeviceFault, TransportClosed
-from drivers.interface import DriverContext, DriverSpec, Role
-from drivers.registry import DriverRegistry
-from drivers.sim import SimDriverFactory
-from drivers.types import (
+from iortd.drivers.clock import ScaledClock
+from iortd.drivers.errors import DeviceFault, TransportClosed
+from iortd.drivers.interface import DriverContext, DriverSpec, Role
+from iortd.drivers.registry import DriverRegistry
+from iortd.drivers.sim import SimDriverFactory
+from iortd.drivers.types import (
     Capability,
     DeviceIdentity,
     DeviceState,

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from dashproc import Dashboard
 
-from daemon.mqtt.broker import BrokerOptions, Mosquitto
+from iortd.daemon.mqtt.broker import BrokerOptions, Mosquitto
 
 pytestmark = pytest.mark.integration
 

@@ -37,7 +37,7 @@ import pytest
 from dashproc import Dashboard, Recorder, chromium, shot
 from playwright.async_api import expect
 
-from daemon.mqtt.broker import BrokerOptions, Mosquitto
+from iortd.daemon.mqtt.broker import BrokerOptions, Mosquitto
 
 pytestmark = [pytest.mark.integration]
 

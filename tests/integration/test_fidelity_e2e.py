@@ -25,8 +25,8 @@ from daemonproc import Daemon, Site
 from mqttobs import Message, Observer
 from simproc import Simulator
 
-from daemon.audit.note import generate_keypair, write_keypair
-from daemon.mqtt.broker import BrokerOptions, Mosquitto
+from iortd.daemon.audit.note import generate_keypair, write_keypair
+from iortd.daemon.mqtt.broker import BrokerOptions, Mosquitto
 
 pytestmark = pytest.mark.integration
 

@@ -28,8 +28,8 @@ from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.reasoncodes import ReasonCode
 from tlscerts import CLIENT_CN, TlsFiles, make_tls_files
 
-import daemon.mqtt.broker as broker_mod
-from daemon.mqtt.broker import (
+import iortd.daemon.mqtt.broker as broker_mod
+from iortd.daemon.mqtt.broker import (
     MOSQUITTO_INSTALL_HINT,
     BrokerError,
     BrokerOptions,

@@ -20,8 +20,8 @@ import aiomqtt
 import pytest
 from daemonproc import Daemon, Site
 
-from daemon.mqtt.broker import BrokerOptions, Mosquitto
-from daemon.mqtt.sink import TAKEOVER_BACKOFF_INITIAL_S, client_id_for
+from iortd.daemon.mqtt.broker import BrokerOptions, Mosquitto
+from iortd.daemon.mqtt.sink import TAKEOVER_BACKOFF_INITIAL_S, client_id_for
 
 pytestmark = pytest.mark.integration
 

@@ -34,14 +34,14 @@ from daemonproc import Daemon, Site
 from mqttobs import Message, Observer
 from tlscerts import CLIENT_CN, TlsFiles, make_tls_files
 
-from daemon.mqtt.broker import (
+from iortd.daemon.mqtt.broker import (
     MOSQUITTO_INSTALL_HINT,
     BrokerOptions,
     Mosquitto,
     TlsOptions,
     find_mosquitto,
 )
-from daemon.mqtt.sink import BACKOFF_INITIAL_S, BACKOFF_MAX_S
+from iortd.daemon.mqtt.sink import BACKOFF_INITIAL_S, BACKOFF_MAX_S
 
 pytestmark = pytest.mark.integration
 

@@ -28,7 +28,7 @@ import pytest
 from daemonproc import Daemon, Site
 from mqttobs import Message, Observer, dedupe, schema_errors
 
-from daemon.mqtt.broker import BrokerOptions, Mosquitto
+from iortd.daemon.mqtt.broker import BrokerOptions, Mosquitto
 
 pytestmark = pytest.mark.integration
 

@@ -15,8 +15,8 @@ from typing import TypeVar
 
 import pytest
 
-from drivers.errors import TransportClosed, TransportError, TransportTimeout
-from drivers.transport import SerialTransport
+from iortd.drivers.errors import TransportClosed, TransportError, TransportTimeout
+from iortd.drivers.transport import SerialTransport
 
 pytestmark = pytest.mark.integration
 

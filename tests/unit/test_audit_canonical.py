@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.audit.canonical import (
+from iortd.daemon.audit.canonical import (
     INT_MAX,
     INT_MIN,
     ZERO_HASH,

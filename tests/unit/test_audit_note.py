@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.audit.note import (
+from iortd.daemon.audit.note import (
     Checkpoint,
     KeyFileError,
     NoteError,

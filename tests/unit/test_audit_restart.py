@@ -13,10 +13,10 @@ from typing import Any
 
 import orjson
 
-from daemon import service
-from daemon.audit.note import generate_keypair
-from daemon.audit.verify import verify_log
-from daemon.audit.writer import AuditLog, segment_paths
+from iortd.daemon import service
+from iortd.daemon.audit.note import generate_keypair
+from iortd.daemon.audit.verify import verify_log
+from iortd.daemon.audit.writer import AuditLog, segment_paths
 
 ORIGIN = "iortd/test-site/or-9/00112233aabbccdd"
 

@@ -21,11 +21,11 @@ from typing import Any
 import orjson
 import pytest
 
-from daemon import durable
-from daemon.audit import writer
-from daemon.audit.note import Checkpoint, Signer, generate_keypair
-from daemon.audit.verify import verify_log
-from daemon.audit.writer import AuditLog, RecoveryReport, segment_paths
+from iortd.daemon import durable
+from iortd.daemon.audit import writer
+from iortd.daemon.audit.note import Checkpoint, Signer, generate_keypair
+from iortd.daemon.audit.verify import verify_log
+from iortd.daemon.audit.writer import AuditLog, RecoveryReport, segment_paths
 
 ORIGIN = "iortd/test-site/or-9/00112233aabbccdd"
 DID = "or-9-20260301T120000000000Z"

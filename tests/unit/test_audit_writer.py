@@ -25,11 +25,11 @@ from typing import Any
 import orjson
 import pytest
 
-from daemon.audit import writer
-from daemon.audit.canonical import ZERO_HASH, CanonicalError, check_json_value
-from daemon.audit.note import Checkpoint, generate_keypair
-from daemon.audit.verify import verify_log
-from daemon.audit.writer import (
+from iortd.daemon.audit import writer
+from iortd.daemon.audit.canonical import ZERO_HASH, CanonicalError, check_json_value
+from iortd.daemon.audit.note import Checkpoint, generate_keypair
+from iortd.daemon.audit.verify import verify_log
+from iortd.daemon.audit.writer import (
     FORMAT,
     AuditLog,
     AuditLogClosed,

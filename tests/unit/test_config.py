@@ -21,9 +21,9 @@ from typing import Any, NamedTuple
 import pytest
 from pydantic import ValidationError
 
-from daemon.audit.note import generate_keypair, write_keypair
-from daemon.config import ConfigError, ConfigIssue, LoadedConfig, MqttConfig, load_config
-from drivers.registry import ENTRY_POINT_GROUP, DriverRegistry
+from iortd.daemon.audit.note import generate_keypair, write_keypair
+from iortd.daemon.config import ConfigError, ConfigIssue, LoadedConfig, MqttConfig, load_config
+from iortd.drivers.registry import ENTRY_POINT_GROUP, DriverRegistry
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = ROOT / "config"

@@ -10,9 +10,9 @@ from typing import Any
 import orjson
 import pytest
 
-from dashboard.app import build_app, host_name
-from dashboard.hub import Hub
-from dashboard.state import Rooms
+from iortd.dashboard.app import build_app, host_name
+from iortd.dashboard.hub import Hub
+from iortd.dashboard.state import Rooms
 
 
 async def get(path: str, host: str | None, **kw: Any) -> tuple[int, dict[str, str], bytes]:

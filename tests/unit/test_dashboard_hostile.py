@@ -3,7 +3,7 @@ validated against the published schemas and what fails is counted per room and r
 a poisoned ``seq`` never hides the real stream; memory is bounded in bytes; there is no
 room cap that keeps real rooms out, and a room that sends nothing valid ages out.
 
-Everything here is fed by hand into `dashboard.state.Rooms`: no broker, no clock."""
+Everything here is fed by hand into `iortd.dashboard.state.Rooms`: no broker, no clock."""
 
 from __future__ import annotations
 
@@ -19,10 +19,10 @@ import pytest
 import structlog
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
 
-from dashboard.hub import SNAPSHOT_ROOMS, Hub
-from dashboard.mqtt import RejectLog, incoming_queue
-from dashboard.schemas import STEMS, published, schema_error
-from dashboard.state import Rejected, Rooms
+from iortd.dashboard.hub import SNAPSHOT_ROOMS, Hub
+from iortd.dashboard.mqtt import RejectLog, incoming_queue
+from iortd.dashboard.schemas import STEMS, published, schema_error
+from iortd.dashboard.state import Rejected, Rooms
 
 T = "iort/v1/site-a/or-1/"
 TS = "2026-11-26T10:00:00.000000Z"

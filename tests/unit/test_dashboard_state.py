@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from dashboard.state import Rejected, Rooms, parse_topic
+from iortd.dashboard.state import Rejected, Rooms, parse_topic
 
 T = "iort/v1/site-a/or-1/"
 

@@ -7,8 +7,8 @@ import contextlib
 
 import pytest
 
-from daemon import cli
-from daemon.mqtt.broker import MOSQUITTO_INSTALL_HINT
+from iortd.daemon import cli
+from iortd.daemon.mqtt.broker import MOSQUITTO_INSTALL_HINT
 
 
 def test_no_mosquitto_means_no_stream_and_the_exact_install_command(

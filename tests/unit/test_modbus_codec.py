@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from drivers.errors import DeviceFault, ProtocolViolation
-from drivers.modbus_codec import (
+from iortd.drivers.errors import DeviceFault, ProtocolViolation
+from iortd.drivers.modbus_codec import (
     Framing,
     ModbusDeviceError,
     Table,

@@ -50,15 +50,15 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from drivers.clock import SystemClock
-from drivers.errors import (
+from iortd.drivers.clock import SystemClock
+from iortd.drivers.errors import (
     DeviceFault,
     ProtocolViolation,
     TransportClosed,
     TransportTimeout,
 )
-from drivers.interface import DriverContext
-from drivers.modbus_codec import (
+from iortd.drivers.interface import DriverContext
+from iortd.drivers.modbus_codec import (
     Framing,
     ModbusDeviceError,
     Table,
@@ -67,10 +67,10 @@ from drivers.modbus_codec import (
     reply_head_size,
     reply_rest_size,
 )
-from drivers.modbus_map import Block, RegisterMap, load_map, resolve_map
-from drivers.modbus_xrs import ModbusXrsDriver
-from drivers.transport import Eof, Expect, Reply, ScriptedTransport, ScriptStep
-from drivers.types import (
+from iortd.drivers.modbus_map import Block, RegisterMap, load_map, resolve_map
+from iortd.drivers.modbus_xrs import ModbusXrsDriver
+from iortd.drivers.transport import Eof, Expect, Reply, ScriptedTransport, ScriptStep
+from iortd.drivers.types import (
     DeviceState,
     Interlock,
     InterlockState,

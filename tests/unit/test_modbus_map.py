@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from drivers.errors import ProtocolViolation
-from drivers.modbus_codec import Table
-from drivers.modbus_map import Block, MapError, load_map, resolve_map
+from iortd.drivers.errors import ProtocolViolation
+from iortd.drivers.modbus_codec import Table
+from iortd.drivers.modbus_map import Block, MapError, load_map, resolve_map
 
 BUNDLED = Path(__file__).resolve().parents[2] / "config" / "maps" / "xrs-mb1.toml"
 

@@ -8,14 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from drivers.types import (
+from iortd.drivers.types import (
     ApplicatorIdentity,
     DeviceState,
     Interlock,
     InterlockState,
     TerminationStatus,
 )
-from simulators.model import (
+from iortd.simulators.model import (
     ACTIONS,
     RATE_SETTLING_S,
     TRANSITIONS,
@@ -24,8 +24,8 @@ from simulators.model import (
     ModelSnapshot,
     SourceModel,
 )
-from simulators.profiles import Profile, available_profiles, load_profile
-from simulators.sequence import ClinicalSequence, SequenceStage
+from iortd.simulators.profiles import Profile, available_profiles, load_profile
+from iortd.simulators.sequence import ClinicalSequence, SequenceStage
 
 PROFILES: dict[str, Profile] = {name: load_profile(name) for name in available_profiles()}
 EVERY_APPLICATOR = [(name, code) for name, p in PROFILES.items() for code in sorted(p.applicators)]

@@ -22,9 +22,9 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.mqtt import outbox as outbox_mod
-from daemon.mqtt.outbox import STREAM_TOPICS, Outbox, OutboxError, Record
-from daemon.mqtt.payloads import SEQ_MAX, TOPICS, Envelope, Payload
+from iortd.daemon.mqtt import outbox as outbox_mod
+from iortd.daemon.mqtt.outbox import STREAM_TOPICS, Outbox, OutboxError, Record
+from iortd.daemon.mqtt.payloads import SEQ_MAX, TOPICS, Envelope, Payload
 
 TS = "2026-01-01T00:00:00.000000Z"
 MAX_BYTES = 1024 * 1024  # the smallest bound the config allows

@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator, FormatChecker  # type: ignore[import-untyped]
 
-from daemon.audit.entries import summary_data
-from daemon.audit.note import Checkpoint, generate_keypair
-from daemon.mqtt.payloads import (
+from iortd.daemon.audit.entries import summary_data
+from iortd.daemon.audit.note import Checkpoint, generate_keypair
+from iortd.daemon.mqtt.payloads import (
     EVENT_KINDS,
     EVENTS_TOPIC_KINDS,
     NOTICE_KIND,
@@ -43,8 +43,8 @@ from daemon.mqtt.payloads import (
     telemetry_payload,
     topic,
 )
-from daemon.sinks import Sample
-from daemon.tracker import (
+from iortd.daemon.sinks import Sample
+from iortd.daemon.tracker import (
     Alarm,
     AlarmCleared,
     AlarmCode,
@@ -66,7 +66,7 @@ from daemon.tracker import (
     TrackerEvent,
     TrackerSettings,
 )
-from drivers.types import (
+from iortd.drivers.types import (
     ApplicatorIdentity,
     DeviceState,
     Interlock,

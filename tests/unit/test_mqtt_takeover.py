@@ -6,7 +6,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from daemon.mqtt.sink import SHORT_LIVED_STREAK, _takeover_reason, client_id_for
+from iortd.daemon.mqtt.sink import SHORT_LIVED_STREAK, _takeover_reason, client_id_for
 
 
 def _lost(reason: int | str) -> aiomqtt.MqttError:

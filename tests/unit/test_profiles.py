@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from simulators.profiles import (
+from iortd.simulators.profiles import (
     ApplicatorSpec,
     Profile,
     ProfileError,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from simulators.scenario import ScenarioError, load_scenario, parse_duration
+from iortd.simulators.scenario import ScenarioError, load_scenario, parse_duration
 
 BUNDLED = Path(__file__).resolve().parents[2] / "config" / "scenarios"
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from drivers.clock import SystemClock
-from drivers.errors import DriverOptionError, ProtocolViolation, TransportTimeout
-from drivers.interface import DriverContext
-from drivers.serial_xrs import SerialXrsDriver, SerialXrsFactory
-from drivers.transport import Expect, Reply, ScriptedTransport
-from drivers.types import DeviceState, Interlock, InterlockState
-from drivers.xrs_ascii import Command, crc16, encode_request
+from iortd.drivers.clock import SystemClock
+from iortd.drivers.errors import DriverOptionError, ProtocolViolation, TransportTimeout
+from iortd.drivers.interface import DriverContext
+from iortd.drivers.serial_xrs import SerialXrsDriver, SerialXrsFactory
+from iortd.drivers.transport import Expect, Reply, ScriptedTransport
+from iortd.drivers.types import DeviceState, Interlock, InterlockState
+from iortd.drivers.xrs_ascii import Command, crc16, encode_request
 
 CTX = DriverContext(clock=SystemClock(), seed=0)
 

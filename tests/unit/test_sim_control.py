@@ -14,8 +14,8 @@ import orjson
 import pytest
 from manualclock import ManualClock
 
-from simulators.cli import main
-from simulators.control import (
+from iortd.simulators.cli import main
+from iortd.simulators.control import (
     LINE_LIMIT,
     ControlError,
     ControlHandler,
@@ -23,11 +23,11 @@ from simulators.control import (
     Served,
     request,
 )
-from simulators.device import SimDevice
-from simulators.model import SourceModel
-from simulators.profiles import load_profile
-from simulators.sequence import ClinicalSequence
-from simulators.serve import SpecError, load_devices
+from iortd.simulators.device import SimDevice
+from iortd.simulators.model import SourceModel
+from iortd.simulators.profiles import load_profile
+from iortd.simulators.sequence import ClinicalSequence
+from iortd.simulators.serve import SpecError, load_devices
 
 
 def served(name: str, clock: ManualClock) -> Served:

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from manualclock import ManualClock
 
-from drivers.types import DeviceState, Interlock, InterlockState
-from simulators.device import ActionError, SimDevice
-from simulators.model import SourceModel
-from simulators.profiles import load_profile
-from simulators.scenario import Step, load_scenario
-from simulators.sequence import ClinicalSequence
+from iortd.drivers.types import DeviceState, Interlock, InterlockState
+from iortd.simulators.device import ActionError, SimDevice
+from iortd.simulators.model import SourceModel
+from iortd.simulators.profiles import load_profile
+from iortd.simulators.scenario import Step, load_scenario
+from iortd.simulators.sequence import ClinicalSequence
 
 
 def make(tmp_path: Path, script: str | None = None) -> tuple[SimDevice, ManualClock]:

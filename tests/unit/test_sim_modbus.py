@@ -21,7 +21,7 @@ from types import MappingProxyType
 import pytest
 from manualclock import ManualClock
 
-from drivers.types import (
+from iortd.drivers.types import (
     ApplicatorIdentity,
     DeviceIdentity,
     DeviceState,
@@ -29,9 +29,9 @@ from drivers.types import (
     InterlockState,
     TerminationStatus,
 )
-from simulators import modbus_xrs
-from simulators.device import SimDevice
-from simulators.modbus_xrs import (
+from iortd.simulators import modbus_xrs
+from iortd.simulators.device import SimDevice
+from iortd.simulators.modbus_xrs import (
     MapError,
     ModbusConsole,
     ModbusTcpServer,
@@ -43,9 +43,9 @@ from simulators.modbus_xrs import (
     line_time_s,
     load_map,
 )
-from simulators.model import ModelSnapshot, SourceModel
-from simulators.profiles import load_profile
-from simulators.sequence import ClinicalSequence
+from iortd.simulators.model import ModelSnapshot, SourceModel
+from iortd.simulators.profiles import load_profile
+from iortd.simulators.sequence import ClinicalSequence
 
 MAP = load_map(default_map_path())
 IDENT = DeviceIdentity("iortd simulator", "XRS-50", "SIM-0042", "sim-1.0", simulated=True)
@@ -348,7 +348,7 @@ def test_the_codec_is_independent_of_the_driver_and_of_pymodbus() -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module)
     assert not [m for m in imported if m.startswith(("pymodbus", "drivers.modbus"))]
-    assert imported & {"drivers.types"}  # types are shared; codecs are not
+    assert imported & {"iortd.drivers.types"}  # types are shared; codecs are not
 
 
 # ---- over TCP ------------------------------------------------------------------------

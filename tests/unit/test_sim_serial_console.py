@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from manualclock import ManualClock
 
-from drivers.clock import SystemClock
-from drivers.errors import ProtocolViolation
-from drivers.types import DeviceState
-from drivers.xrs_ascii import (
+from iortd.drivers.clock import SystemClock
+from iortd.drivers.errors import ProtocolViolation
+from iortd.drivers.types import DeviceState
+from iortd.drivers.xrs_ascii import (
     Command,
     ConsoleError,
     crc16,
@@ -21,12 +21,12 @@ from drivers.xrs_ascii import (
     encode_request,
     parse_frame,
 )
-from simulators.device import SimDevice
-from simulators.model import SourceModel
-from simulators.profiles import load_profile
-from simulators.scenario import load_scenario
-from simulators.sequence import ClinicalSequence
-from simulators.serial_xrs import ConsoleProtocol, crc_ccitt
+from iortd.simulators.device import SimDevice
+from iortd.simulators.model import SourceModel
+from iortd.simulators.profiles import load_profile
+from iortd.simulators.scenario import load_scenario
+from iortd.simulators.sequence import ClinicalSequence
+from iortd.simulators.serial_xrs import ConsoleProtocol, crc_ccitt
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from daemon.tracker import (
+from iortd.daemon.tracker import (
     TRANSITIONS,
     AlarmCleared,
     AlarmCode,
@@ -30,7 +30,7 @@ from daemon.tracker import (
     TrackerEvent,
     TrackerSettings,
 )
-from drivers.types import (
+from iortd.drivers.types import (
     DeviceState,
     Interlock,
     InterlockState,

@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_tracker import ALL_OK, PLANNED_S, PRESET, RATE, T0, Feed, of, raised, start_delivery
 
-from daemon.console import ConsoleView
-from daemon.mqtt.payloads import Envelope, telemetry_payload
-from daemon.sinks import Sample
-from daemon.tracker import (
+from iortd.daemon.console import ConsoleView
+from iortd.daemon.mqtt.payloads import Envelope, telemetry_payload
+from iortd.daemon.sinks import Sample
+from iortd.daemon.tracker import (
     AlarmCode,
     AlarmRaised,
     DeliveryStarted,
@@ -29,7 +29,7 @@ from daemon.tracker import (
     TrackerEvent,
     TrackerSettings,
 )
-from drivers.types import DeviceState, SourceReading, TerminationStatus
+from iortd.drivers.types import DeviceState, SourceReading, TerminationStatus
 
 S = DeviceState
 NS = 1_000_000_000

@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from daemon.tracker import (
+from iortd.daemon.tracker import (
     AlarmCode,
     AlarmRaised,
     DeliveryStarted,
@@ -27,7 +27,13 @@ from daemon.tracker import (
     TrackerEvent,
     TrackerSettings,
 )
-from drivers.types import DeviceState, Interlock, InterlockState, SourceReading, TerminationStatus
+from iortd.drivers.types import (
+    DeviceState,
+    Interlock,
+    InterlockState,
+    SourceReading,
+    TerminationStatus,
+)
 
 T0 = datetime(2026, 11, 26, tzinfo=UTC)
 NS = 1_000_000_000

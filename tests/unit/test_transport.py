@@ -14,13 +14,13 @@ from typing import Any, TypeVar
 
 import pytest
 
-from drivers.errors import (
+from iortd.drivers.errors import (
     DriverOptionError,
     ProtocolViolation,
     TransportClosed,
     TransportTimeout,
 )
-from drivers.transport import (
+from iortd.drivers.transport import (
     Eof,
     Expect,
     Reply,

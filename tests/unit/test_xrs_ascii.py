@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from drivers.errors import DeviceFault, ProtocolViolation
-from drivers.types import (
+from iortd.drivers.errors import DeviceFault, ProtocolViolation
+from iortd.drivers.types import (
     ApplicatorIdentity,
     DeviceState,
     Interlock,
     InterlockState,
     TerminationStatus,
 )
-from drivers.xrs_ascii import (
+from iortd.drivers.xrs_ascii import (
     INTERLOCK_ORDER,
     MAX_FRAME,
     Command,

@@ -6,7 +6,7 @@ lines and unknown replies give typed errors, never a crash or a hang".
 
 Everything the codec is judged against is written here again from the spec alone: a
 table-driven CRC, a frame encoder, and a validator/parser built on the spec's regexes, field
-counts, state words and interlock letters. Nothing of it comes from ``drivers.xrs_ascii``
+counts, state words and interlock letters. Nothing of it comes from ``iortd.drivers.xrs_ascii``
 (only the API under test and the result types are imported), so a mistake in the codec
 cannot hide behind the same mistake in its test.
 
@@ -30,15 +30,15 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from drivers.errors import DeviceFault, ProtocolViolation
-from drivers.types import (
+from iortd.drivers.errors import DeviceFault, ProtocolViolation
+from iortd.drivers.types import (
     ApplicatorIdentity,
     DeviceState,
     Interlock,
     InterlockState,
     TerminationStatus,
 )
-from drivers.xrs_ascii import (
+from iortd.drivers.xrs_ascii import (
     MAX_FRAME,
     Command,
     ConsoleError,

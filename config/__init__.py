@@ -1,1 +1,0 @@
-"""Data package: bundled site configs (installed as ``iort_config``)."""

@@ -1,1 +1,0 @@
-"""Data package: built-in simulator profiles (installed as ``iort_config.profiles``)."""

@@ -1,1 +1,0 @@
-"""Fault scenarios for `iort-sim serve --scenario NAME` (data, not code)."""
