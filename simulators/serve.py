@@ -37,7 +37,7 @@ from simulators.modbus_xrs import (
     load_map,
 )
 from simulators.model import ModelSnapshot, SourceModel
-from simulators.profiles import Profile, ProfileError, load_profile
+from simulators.profiles import Profile, ProfileError, is_builtin_profile, load_profile
 from simulators.scenario import Scenario, ScenarioError, Step, load_scenario
 from simulators.sequence import ClinicalSequence
 from simulators.serial_xrs import ConsoleProtocol, PtyConsole
@@ -99,19 +99,30 @@ class DeviceSpec:
     regmap: RegisterMap | None = None
 
 
-def scenario_path(name: str) -> Path:
-    """A path, or the name of a bundled scenario (config/scenarios/NAME.toml)."""
-    path = Path(name)
+def scenario_path(name: str, base: Path | None = None) -> Path:
+    """A path, or the name of a bundled scenario (config/scenarios/NAME.toml). A relative
+    path is taken from ``base`` (a devices file's directory) when given."""
+    path = _from(base, name)
     if path.suffix == ".toml" or path.exists():
         return path
     return Path(str(importlib.resources.files("iort_config") / "scenarios" / f"{name}.toml"))
 
 
+def _from(base: Path | None, name: str) -> Path:
+    path = Path(name)
+    return path if base is None or path.is_absolute() else base / path
+
+
 def build_spec(
-    raw: Mapping[str, Any], key: Callable[[str], str], maps: dict[Path, RegisterMap]
+    raw: Mapping[str, Any],
+    key: Callable[[str], str],
+    maps: dict[Path, RegisterMap],
+    base: Path | None = None,
 ) -> DeviceSpec:
     """A checked DeviceSpec from ``raw`` (file keys); ``key(k)`` names a key in errors
-    (``FILE: device[1].preset`` or ``--preset``)."""
+    (``FILE: device[1].preset`` or ``--preset``). Relative ``profile``, ``map`` and
+    ``scenario`` paths are taken from ``base`` (the devices file's directory, as the site
+    config does); None (the command-line flags): from the current directory."""
 
     def fail(k: str, problem: str) -> SpecError:
         return SpecError(f"{key(k)}: {problem}")
@@ -146,7 +157,10 @@ def build_spec(
         if k in raw and transport not in allowed:
             raise fail(k, f"only for transport {' or '.join(allowed)} (this is {transport})")
     try:
-        profile = load_profile(text("profile", "intrabeam"))
+        profile_name = text("profile", "intrabeam")
+        profile = load_profile(
+            profile_name if is_builtin_profile(profile_name) else _from(base, profile_name)
+        )
     except ProfileError as exc:
         raise fail("profile", str(exc)) from None
     applicator = text("applicator", None)
@@ -162,12 +176,12 @@ def build_spec(
     scenario = None
     if "scenario" in raw:
         try:
-            scenario = load_scenario(scenario_path(text("scenario", None)))
+            scenario = load_scenario(scenario_path(text("scenario", None), base))
         except ScenarioError as exc:
             raise fail("scenario", str(exc)) from None
     regmap = None
     if transport != "serial":
-        path = Path(text("map", str(default_map_path())))
+        path = _from(base, text("map", str(default_map_path())))
         if path not in maps:
             try:
                 maps[path] = load_map(path)
@@ -225,7 +239,7 @@ def load_devices(path: Path) -> tuple[list[DeviceSpec], float | None]:
         if unknown := set(raw) - _DEVICE_KEYS:
             known = ", ".join(sorted(_DEVICE_KEYS))
             raise SpecError(f"{where}: unknown key(s) {sorted(unknown)} (known: {known})")
-        spec = build_spec(raw, _keyname(where), maps)
+        spec = build_spec(raw, _keyname(where), maps, path.parent)
         if any(s.name == spec.name for s in specs):
             raise SpecError(f"{where}.name: {spec.name!r} is used by an earlier device")
         if spec.transport == "modbus-tcp" and spec.port:
