@@ -19,7 +19,8 @@ anything; one message must never freeze, pin or hide a room. So a message is app
 when all of these hold, and is otherwise rejected with a short reason, counted per room
 and reason (shown in the snapshot's ``rejected`` and ``diagnostics``) and never shown:
 
-1. the topic is ``{prefix}/v1/{site}/{room}/{name}`` with a known name;
+1. the topic is ``{prefix}/v1/{site}/{room}/{name}`` with a known name, and site and room
+   are slugs as a daemon's config requires (so no look-alike of a real room's name);
 2. the payload is at most ``max_payload_bytes``, checked *before* parsing;
 3. it is JSON (orjson: no NaN/Infinity, integers within 64 bits, nesting bounded);
 4. it validates against the published schema of its topic (`dashboard.schemas`), and a
@@ -86,8 +87,11 @@ NAMES = RETAINED + STREAMS
 # a room's card does not report its own commands or future topics as rejected.
 NOT_SHOWN = ("applicator", "alarms")
 NOT_SHOWN_PREFIX = "cmd/"
-_SLUG = re.compile(r"^[^/+#\x00]+$")
-_SLUG_MAX = 128  # bytes of a site or room name in a topic
+# A site or room level: the daemon's slug (its config and the status schema: a-z, 0-9, '-',
+# at most 63). Anything else no daemon can publish, and would let a look-alike of a real
+# room ("or-1" spelt with a bidi override, a zero-width space, a non-ASCII hyphen) show a
+# card under that room's name.
+_SLUG = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 # Defaults, also the CLI's (docs/dashboard.md, "What it holds").
 MAX_PAYLOAD_BYTES = 256 * 1024
@@ -126,8 +130,12 @@ def parse_topic(prefix: str, topic: str) -> tuple[str, str, str]:
     if not topic.startswith(head):
         raise Rejected("topic not under prefix", f"topic {topic[:200]!r} is not under {head}")
     parts = topic[len(head) :].split("/", 2)
-    if len(parts) != 3 or not all(_SLUG.match(p) and len(p) <= _SLUG_MAX for p in parts[:2]):
-        raise Rejected("topic shape", f"topic {topic[:200]!r}: expected {head}SITE/ROOM/NAME")
+    if len(parts) != 3 or not all(_SLUG.fullmatch(p) for p in parts[:2]):
+        raise Rejected(
+            "topic shape",
+            f"topic {topic[:200]!r}: expected {head}SITE/ROOM/NAME, SITE and ROOM slugs "
+            "(a-z, 0-9 and '-', at most 63)",
+        )
     site, room, name = parts
     if name not in NAMES:
         raise Rejected(
