@@ -220,7 +220,8 @@ def _parse(data: bytes, source: str) -> Profile:
     try:
         document = tomllib.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
-        raise ProfileError(source, f"not a valid UTF-8 TOML file: {toml_error(exc)}") from None
+        problem = f"not a valid UTF-8 TOML file: {toml_error(exc, data)}"
+        raise ProfileError(source, problem) from None
     if "applicators" not in document:
         expected = "a table of applicator tables, e.g. [applicators.SPH30]"
         raise ProfileError(source, f"missing, expected {expected}", key="applicators")

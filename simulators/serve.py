@@ -211,14 +211,16 @@ def _keyname(where: str) -> Callable[[str], str]:
 
 def load_devices(path: Path) -> tuple[list[DeviceSpec], float | None]:
     """The devices of a devices file and its process-wide ``speed`` (None: not given)."""
+    raw = b""
     try:
-        data = tomllib.loads(read_small_file(path).decode("utf-8"))
+        raw = read_small_file(path)
+        data = tomllib.loads(raw.decode("utf-8"))
     except FileReadError as exc:
         raise SpecError(f"{path}: cannot read: {exc.reason}") from None
     except UnicodeDecodeError as exc:
         raise SpecError(f"{path}: cannot read: {exc}") from None
     except (tomllib.TOMLDecodeError, RecursionError) as exc:
-        raise SpecError(f"{path}: not valid TOML: {toml_error(exc)}") from None
+        raise SpecError(f"{path}: not valid TOML: {toml_error(exc, raw)}") from None
     if unknown := set(data) - {"speed", "device"}:
         raise SpecError(f"{path}: unknown key(s) {sorted(unknown)} (known: device, speed)")
     speed = data.get("speed")

@@ -346,6 +346,7 @@ def test_the_shipped_two_room_example_is_valid() -> None:
             "device[1].port: 1502 is used by 'a'",
         ),
         ("[[device]\n", "not valid TOML"),
+        ("\ufeffspeed = 1\n[[device]]\n", "byte-order mark"),
     ],
 )
 def test_a_bad_devices_file_names_file_device_and_key(
