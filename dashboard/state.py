@@ -42,8 +42,10 @@ this authenticates anything: a publisher who sends the next ``seq`` with false c
 believed. Only the broker's ACL (config/mosquitto/, docs/dashboard.md) stops that.
 
 **Memory** is bounded in bytes, not counts: every held message is charged its size on
-the wire; a room holds at most five payloads, ``events_bytes`` of events and
-``history_points`` points; all rooms together at most ``max_bytes``, beyond which the room
+the wire; a room holds at most five payloads, ``events_bytes`` of events,
+``history_points`` points and ``SEQ_KEYS`` x ``RECENT`` remembered seqs (charged as
+measured: a publisher cycling sessions otherwise made a room hold ~650 KB charged under
+1 KB); all rooms together at most ``max_bytes``, beyond which the room
 that has gone longest without a valid message is evicted (counted). There is no cap on the
 number of rooms, so retained rooms that publish nothing can never keep a live one out.
 **Ageing**: a room with no valid message for ``age_out_s`` is marked ``aged_out`` in the
@@ -105,6 +107,10 @@ LOWER_RUN = 3  # fresh messages in order below a mark that take over from it
 SEQ_KEYS = 64  # (topic, session) tracks per room
 PLAUSIBLE = 2**53  # the largest seq or session believed (JavaScript's exact integers)
 POINT_BYTES = 160  # what one plot point costs, charged as such
+# What the seq bookkeeping costs, charged as such (measured with tracemalloc, CPython 3.12:
+# ~47 bytes per remembered seq, a deque slot and an int; a SeqTrack and its dict entry).
+SEQ_BYTES = 56
+TRACK_BYTES = 1024
 ROOM_BYTES = 512  # the fixed cost of a room
 REJECT_ROOMS = 1024  # rooms (or would-be rooms) with reject counters
 REASONS_PER_ROOM = 32
@@ -345,6 +351,8 @@ class Room:
             + (self.telemetry.size if self.telemetry else 0)
             + self.events_held_bytes
             + POINT_BYTES * len(self.history)
+            + TRACK_BYTES * len(self._seen)
+            + SEQ_BYTES * sum(len(t.recent) for t in self._seen.values())
         )
         return self.bytes - before
 

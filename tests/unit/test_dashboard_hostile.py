@@ -7,9 +7,11 @@ Everything here is fed by hand into `dashboard.state.Rooms`: no broker, no clock
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -529,3 +531,32 @@ def test_a_site_or_room_no_daemon_can_have_is_not_a_room(level: str, where: str)
     snap = rooms.snapshot(2.0)
     assert list(snap["rooms"]) == ["site-a/or-1"]
     assert snap["diagnostics"]["rejected"] == 1
+
+
+def test_seq_bookkeeping_is_charged_to_its_room() -> None:
+    """The seqs remembered per (topic, session) were held but not charged: a publisher
+    cycling sessions made a room hold ~650 KB while it was charged under 1 KB, so the byte
+    bound let thousands of such rooms past it. Charged now, at least what it takes."""
+    rooms = Rooms("iort")
+    topic = "iort/v1/site-a/{}/interlocks"
+    sessions = 4
+    messages = [
+        raw(interlocks(10**6 + seq, session=s))
+        for s in range(1, sessions + 1)
+        for seq in range(1, 257)
+    ]
+    for data in messages[:64]:  # warm up: caches, the first room
+        rooms.receive(topic.format("warm"), data, 0.0)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before, charged_before = tracemalloc.get_traced_memory()[0], rooms.bytes
+        for data in messages:
+            rooms.receive(topic.format("or-1"), data, 1.0)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    charged = rooms.bytes - charged_before
+    assert charged >= held, (charged, held)
+    assert charged < 4 * held  # and not wildly more
