@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+
 import pytest
+import structlog
 
 from dashboard.cli import main
 from dashboard.mqtt import UrlError, parse_broker_url
+
+
+@pytest.fixture(autouse=True)
+def _logging_restored() -> Iterator[None]:
+    """``main`` configures logging onto the stderr pytest captures and then closes: put
+    back what was there, or later tests log into a closed file."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
 
 SECRET = "s3cret-Pw"  # noqa: S105 - a made-up password the errors must not repeat
 

@@ -558,5 +558,6 @@ def test_seq_bookkeeping_is_charged_to_its_room() -> None:
     finally:
         tracemalloc.stop()
     charged = rooms.bytes - charged_before
-    assert charged >= held, (charged, held)
-    assert charged < 4 * held  # and not wildly more
+    # tracemalloc sees every allocation of the process, not only the room's: roughly.
+    assert charged >= held * 3 // 4, (charged, held)  # before: 821 bytes for ~50 KB
+    assert charged < 4 * held, (charged, held)  # and not wildly more
