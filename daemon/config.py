@@ -32,7 +32,7 @@ from pydantic import (
 
 from iortd.daemon.audit.note import KeyFileError, load_signer
 from iortd.drivers.errors import DriverConfigError, DriverOptionError
-from iortd.drivers.files import FileReadError, read_small_file
+from iortd.drivers.files import BOM_ERROR, UTF8_BOM, FileReadError, read_small_file
 from iortd.drivers.registry import DriverRegistry
 
 __all__ = [
@@ -544,7 +544,8 @@ def load_config(
         msg = f"not UTF-8 text (line {line}, byte {exc.start}); save the file as UTF-8"
         raise ConfigError([ConfigIssue(path, "", msg)]) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([ConfigIssue(path, "", f"TOML syntax error: {exc}")]) from None
+        msg = BOM_ERROR if raw_bytes.startswith(UTF8_BOM) else f"TOML syntax error: {exc}"
+        raise ConfigError([ConfigIssue(path, "", msg)]) from None
     except RecursionError:
         # tomllib parses nesting recursively: thousands of levels exhaust the stack.
         msg = f"TOML nested too deeply (a config needs at most {MAX_NESTING} levels)"

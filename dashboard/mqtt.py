@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import socket
 import ssl
 import time
@@ -56,10 +57,28 @@ class UrlError(ValueError):
     pass
 
 
+# Userinfo (``user:password@``, also an empty user) in the authority part of a URL.
+_USERINFO = re.compile(r"^[^/?#]*//[^/?#]*@")
+
+
+def _shown(url: str) -> str:
+    """``url`` as an error may repeat it: without a query or fragment (where a token may
+    sit), at most 200 characters."""
+    shown = re.split(r"[?#]", url, maxsplit=1)[0]
+    return shown if len(shown) <= 200 else shown[:200] + "..."
+
+
 def parse_broker_url(url: str) -> tuple[str, int, bool]:
     """``(host, port, tls)`` of ``mqtt://HOST[:PORT]`` or ``mqtts://HOST[:PORT]``, as the
     daemon's ``[mqtt] url``."""
-    expected = f"expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]; got {url!r}"
+    expected = f"expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]; got {_shown(url)!r}"
+    if _USERINFO.search(url):
+        # Refused before anything else, and never repeated: the error goes to stderr,
+        # which a service manager keeps in its journal.
+        raise UrlError(
+            "a URL must not carry credentials (user:password@); give the user with "
+            "--username and the password with --password-file or --password-env"
+        )
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -67,7 +86,7 @@ def parse_broker_url(url: str) -> tuple[str, int, bool]:
         raise UrlError(expected) from None
     if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or port == 0:
         raise UrlError(expected)
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise UrlError(expected)
     tls = parts.scheme == "mqtts"
     return parts.hostname, port or (8883 if tls else 1883), tls

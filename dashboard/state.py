@@ -19,7 +19,8 @@ anything; one message must never freeze, pin or hide a room. So a message is app
 when all of these hold, and is otherwise rejected with a short reason, counted per room
 and reason (shown in the snapshot's ``rejected`` and ``diagnostics``) and never shown:
 
-1. the topic is ``{prefix}/v1/{site}/{room}/{name}`` with a known name;
+1. the topic is ``{prefix}/v1/{site}/{room}/{name}`` with a known name, and site and room
+   are slugs as a daemon's config requires (so no look-alike of a real room's name);
 2. the payload is at most ``max_payload_bytes``, checked *before* parsing;
 3. it is JSON (orjson: no NaN/Infinity, integers within 64 bits, nesting bounded);
 4. it validates against the published schema of its topic (`iortd.dashboard.schemas`), and a
@@ -41,8 +42,10 @@ this authenticates anything: a publisher who sends the next ``seq`` with false c
 believed. Only the broker's ACL (config/mosquitto/, docs/dashboard.md) stops that.
 
 **Memory** is bounded in bytes, not counts: every held message is charged its size on
-the wire; a room holds at most five payloads, ``events_bytes`` of events and
-``history_points`` points; all rooms together at most ``max_bytes``, beyond which the room
+the wire; a room holds at most five payloads, ``events_bytes`` of events,
+``history_points`` points and ``SEQ_KEYS`` x ``RECENT`` remembered seqs (charged as
+measured: a publisher cycling sessions otherwise made a room hold ~650 KB charged under
+1 KB); all rooms together at most ``max_bytes``, beyond which the room
 that has gone longest without a valid message is evicted (counted). There is no cap on the
 number of rooms, so retained rooms that publish nothing can never keep a live one out.
 **Ageing**: a room with no valid message for ``age_out_s`` is marked ``aged_out`` in the
@@ -86,8 +89,11 @@ NAMES = RETAINED + STREAMS
 # a room's card does not report its own commands or future topics as rejected.
 NOT_SHOWN = ("applicator", "alarms")
 NOT_SHOWN_PREFIX = "cmd/"
-_SLUG = re.compile(r"^[^/+#\x00]+$")
-_SLUG_MAX = 128  # bytes of a site or room name in a topic
+# A site or room level: the daemon's slug (its config and the status schema: a-z, 0-9, '-',
+# at most 63). Anything else no daemon can publish, and would let a look-alike of a real
+# room ("or-1" spelt with a bidi override, a zero-width space, a non-ASCII hyphen) show a
+# card under that room's name.
+_SLUG = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 # Defaults, also the CLI's (docs/dashboard.md, "What it holds").
 MAX_PAYLOAD_BYTES = 256 * 1024
@@ -101,6 +107,10 @@ LOWER_RUN = 3  # fresh messages in order below a mark that take over from it
 SEQ_KEYS = 64  # (topic, session) tracks per room
 PLAUSIBLE = 2**53  # the largest seq or session believed (JavaScript's exact integers)
 POINT_BYTES = 160  # what one plot point costs, charged as such
+# What the seq bookkeeping costs, charged as such (measured with tracemalloc, CPython 3.12:
+# ~47 bytes per remembered seq, a deque slot and an int; a SeqTrack and its dict entry).
+SEQ_BYTES = 56
+TRACK_BYTES = 1024
 ROOM_BYTES = 512  # the fixed cost of a room
 REJECT_ROOMS = 1024  # rooms (or would-be rooms) with reject counters
 REASONS_PER_ROOM = 32
@@ -126,8 +136,12 @@ def parse_topic(prefix: str, topic: str) -> tuple[str, str, str]:
     if not topic.startswith(head):
         raise Rejected("topic not under prefix", f"topic {topic[:200]!r} is not under {head}")
     parts = topic[len(head) :].split("/", 2)
-    if len(parts) != 3 or not all(_SLUG.match(p) and len(p) <= _SLUG_MAX for p in parts[:2]):
-        raise Rejected("topic shape", f"topic {topic[:200]!r}: expected {head}SITE/ROOM/NAME")
+    if len(parts) != 3 or not all(_SLUG.fullmatch(p) for p in parts[:2]):
+        raise Rejected(
+            "topic shape",
+            f"topic {topic[:200]!r}: expected {head}SITE/ROOM/NAME, SITE and ROOM slugs "
+            "(a-z, 0-9 and '-', at most 63)",
+        )
     site, room, name = parts
     if name not in NAMES:
         raise Rejected(
@@ -337,6 +351,8 @@ class Room:
             + (self.telemetry.size if self.telemetry else 0)
             + self.events_held_bytes
             + POINT_BYTES * len(self.history)
+            + TRACK_BYTES * len(self._seen)
+            + SEQ_BYTES * sum(len(t.recent) for t in self._seen.values())
         )
         return self.bytes - before
 

@@ -17,12 +17,22 @@ regular file reads that regular file, which is all the check is about.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import stat
+import tomllib
 from pathlib import Path
 from typing import Final
 
-__all__ = ["MAX_INPUT_FILE_BYTES", "FileReadError", "read_small_file", "toml_error"]
+__all__ = [
+    "BOM_ERROR",
+    "MAX_INPUT_FILE_BYTES",
+    "UTF8_BOM",
+    "FileReadError",
+    "read_small_file",
+    "toml_error",
+]
 
 # Far above any real site config, profile or map (the shipped ones are 1-20 KB), far below
 # anything that would hurt the daemon's memory.
@@ -67,6 +77,11 @@ def read_small_file(
     except FileNotFoundError:
         raise FileReadError("file not found", missing=True) from None
     except OSError as exc:
+        if exc.errno == errno.ENXIO:  # open() of a Unix socket: say what it is
+            with contextlib.suppress(OSError):
+                mode = os.stat(path).st_mode
+                if not stat.S_ISREG(mode):
+                    raise FileReadError(f"is {_kind(mode)}, expected {expected}") from None
         raise FileReadError(f"cannot read: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
@@ -92,9 +107,21 @@ def read_small_file(
     return data
 
 
-def toml_error(exc: Exception) -> str:
-    """What went wrong parsing TOML, in words: tomllib recurses once per nesting level, so a
-    file nested thousands deep raises RecursionError rather than TOMLDecodeError."""
+UTF8_BOM: Final = b"\xef\xbb\xbf"
+BOM_ERROR: Final = (
+    "starts with a byte-order mark (BOM), which TOML does not allow; some editors add one: "
+    "save the file as UTF-8 without a BOM"
+)
+
+
+def toml_error(exc: Exception, data: bytes | str = b"") -> str:
+    """What went wrong parsing TOML (``data``: what was parsed), in words: tomllib recurses
+    once per nesting level, so a file nested thousands deep raises RecursionError rather
+    than TOMLDecodeError; a byte-order mark at the start is only "invalid statement" to it.
+    """
     if isinstance(exc, RecursionError):
         return "nested too deeply (tables or arrays thousands of levels deep)"
+    bom = data[:1] == "\ufeff" or (isinstance(data, bytes) and data.startswith(UTF8_BOM))
+    if bom and isinstance(exc, tomllib.TOMLDecodeError):
+        return BOM_ERROR
     return str(exc)

@@ -257,8 +257,10 @@ def resolve_map(name_or_path: str) -> Path:
 
 
 def load_map(path: Path) -> RegisterMap:
+    raw = b""
     try:
-        data = tomllib.loads(read_small_file(path).decode("utf-8"))
+        raw = read_small_file(path)
+        data = tomllib.loads(raw.decode("utf-8"))
     except FileReadError as exc:
         if exc.missing:
             raise MapError(f"{path}: no such register map") from None
@@ -266,7 +268,7 @@ def load_map(path: Path) -> RegisterMap:
     except UnicodeDecodeError as exc:
         raise MapError(f"{path}: cannot read: {exc}") from None
     except (tomllib.TOMLDecodeError, RecursionError) as exc:
-        raise MapError(f"{path}: not valid TOML: {toml_error(exc)}") from None
+        raise MapError(f"{path}: not valid TOML: {toml_error(exc, raw)}") from None
     return _parse(path, data)
 
 

@@ -188,14 +188,16 @@ def _int(where: str, raw: object, lo: int, hi: int) -> int:
 
 def load_map(path: Path) -> RegisterMap:
     """Read a register map file (format ``iortd-register-map/1``) for serving."""
+    raw = b""
     try:
-        data = tomllib.loads(read_small_file(path).decode("utf-8"))
+        raw = read_small_file(path)
+        data = tomllib.loads(raw.decode("utf-8"))
     except FileReadError as exc:
         raise MapError(f"{path}: cannot read: {exc.reason}") from None
     except UnicodeDecodeError as exc:
         raise MapError(f"{path}: cannot read: {exc}") from None
     except (tomllib.TOMLDecodeError, RecursionError) as exc:
-        raise MapError(f"{path}: not valid TOML: {toml_error(exc)}") from None
+        raise MapError(f"{path}: not valid TOML: {toml_error(exc, raw)}") from None
     if unknown := set(data) - _TOP_KEYS:
         raise MapError(f"{path}: unknown key(s) {sorted(unknown)}")
     if data.get("format") != MAP_FORMAT:

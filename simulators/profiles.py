@@ -28,6 +28,7 @@ __all__ = [
     "Profile",
     "ProfileError",
     "available_profiles",
+    "is_builtin_profile",
     "load_profile",
 ]
 
@@ -219,7 +220,8 @@ def _parse(data: bytes, source: str) -> Profile:
     try:
         document = tomllib.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError) as exc:
-        raise ProfileError(source, f"not a valid UTF-8 TOML file: {toml_error(exc)}") from None
+        problem = f"not a valid UTF-8 TOML file: {toml_error(exc, data)}"
+        raise ProfileError(source, problem) from None
     if "applicators" not in document:
         expected = "a table of applicator tables, e.g. [applicators.SPH30]"
         raise ProfileError(source, f"missing, expected {expected}", key="applicators")
@@ -257,7 +259,8 @@ def available_profiles() -> list[str]:
     )
 
 
-def _is_builtin_name(value: str | os.PathLike[str]) -> bool:
+def is_builtin_profile(value: str | os.PathLike[str]) -> bool:
+    """Whether ``load_profile`` takes ``value`` as a built-in name rather than a path."""
     if not isinstance(value, str):
         return False
     return bool(value) and Path(value).name == value and not value.endswith(".toml")
@@ -269,7 +272,7 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> Profile:
     A bare word without ``.toml`` and without a directory part is a built-in name;
     anything else is a path.
     """
-    if _is_builtin_name(name_or_path):
+    if is_builtin_profile(name_or_path):
         name = str(name_or_path)
         resource = resources.files(BUILTIN_PROFILES_PACKAGE).joinpath(f"{name}.toml")
         if not resource.is_file():

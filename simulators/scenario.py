@@ -88,6 +88,7 @@ class Scenario:
 
 
 def load_scenario(path: Path) -> Scenario:
+    raw_bytes = b""
     try:
         raw_bytes = read_small_file(path)
         data = tomllib.loads(raw_bytes.decode("utf-8"))
@@ -96,7 +97,7 @@ def load_scenario(path: Path) -> Scenario:
     except UnicodeDecodeError as exc:
         raise ScenarioError(f"{path}: cannot read: {exc}") from None
     except (tomllib.TOMLDecodeError, RecursionError) as exc:
-        raise ScenarioError(f"{path}: not valid TOML: {toml_error(exc)}") from None
+        raise ScenarioError(f"{path}: not valid TOML: {toml_error(exc, raw_bytes)}") from None
     unknown = set(data) - {"description", "step"}
     if unknown:
         raise ScenarioError(f"{path}: unknown key(s) {sorted(unknown)}")

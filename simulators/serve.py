@@ -37,7 +37,7 @@ from iortd.simulators.modbus_xrs import (
     load_map,
 )
 from iortd.simulators.model import ModelSnapshot, SourceModel
-from iortd.simulators.profiles import Profile, ProfileError, load_profile
+from iortd.simulators.profiles import Profile, ProfileError, is_builtin_profile, load_profile
 from iortd.simulators.scenario import Scenario, ScenarioError, Step, load_scenario
 from iortd.simulators.sequence import ClinicalSequence
 from iortd.simulators.serial_xrs import ConsoleProtocol, PtyConsole
@@ -102,19 +102,30 @@ class DeviceSpec:
     hold_until_polled: bool = False
 
 
-def scenario_path(name: str) -> Path:
-    """A path, or the name of a bundled scenario (config/scenarios/NAME.toml)."""
-    path = Path(name)
+def scenario_path(name: str, base: Path | None = None) -> Path:
+    """A path, or the name of a bundled scenario (config/scenarios/NAME.toml). A relative
+    path is taken from ``base`` (a devices file's directory) when given."""
+    path = _from(base, name)
     if path.suffix == ".toml" or path.exists():
         return path
     return Path(str(importlib.resources.files("iortd.config") / "scenarios" / f"{name}.toml"))
 
 
+def _from(base: Path | None, name: str) -> Path:
+    path = Path(name)
+    return path if base is None or path.is_absolute() else base / path
+
+
 def build_spec(
-    raw: Mapping[str, Any], key: Callable[[str], str], maps: dict[Path, RegisterMap]
+    raw: Mapping[str, Any],
+    key: Callable[[str], str],
+    maps: dict[Path, RegisterMap],
+    base: Path | None = None,
 ) -> DeviceSpec:
     """A checked DeviceSpec from ``raw`` (file keys); ``key(k)`` names a key in errors
-    (``FILE: device[1].preset`` or ``--preset``)."""
+    (``FILE: device[1].preset`` or ``--preset``). Relative ``profile``, ``map`` and
+    ``scenario`` paths are taken from ``base`` (the devices file's directory, as the site
+    config does); None (the command-line flags): from the current directory."""
 
     def fail(k: str, problem: str) -> SpecError:
         return SpecError(f"{key(k)}: {problem}")
@@ -155,7 +166,10 @@ def build_spec(
         if k in raw and transport not in allowed:
             raise fail(k, f"only for transport {' or '.join(allowed)} (this is {transport})")
     try:
-        profile = load_profile(text("profile", "intrabeam"))
+        profile_name = text("profile", "intrabeam")
+        profile = load_profile(
+            profile_name if is_builtin_profile(profile_name) else _from(base, profile_name)
+        )
     except ProfileError as exc:
         raise fail("profile", str(exc)) from None
     applicator = text("applicator", None)
@@ -171,12 +185,12 @@ def build_spec(
     scenario = None
     if "scenario" in raw:
         try:
-            scenario = load_scenario(scenario_path(text("scenario", None)))
+            scenario = load_scenario(scenario_path(text("scenario", None), base))
         except ScenarioError as exc:
             raise fail("scenario", str(exc)) from None
     regmap = None
     if transport != "serial":
-        path = Path(text("map", str(default_map_path())))
+        path = _from(base, text("map", str(default_map_path())))
         if path not in maps:
             try:
                 maps[path] = load_map(path)
@@ -207,14 +221,16 @@ def _keyname(where: str) -> Callable[[str], str]:
 
 def load_devices(path: Path) -> tuple[list[DeviceSpec], float | None]:
     """The devices of a devices file and its process-wide ``speed`` (None: not given)."""
+    raw = b""
     try:
-        data = tomllib.loads(read_small_file(path).decode("utf-8"))
+        raw = read_small_file(path)
+        data = tomllib.loads(raw.decode("utf-8"))
     except FileReadError as exc:
         raise SpecError(f"{path}: cannot read: {exc.reason}") from None
     except UnicodeDecodeError as exc:
         raise SpecError(f"{path}: cannot read: {exc}") from None
     except (tomllib.TOMLDecodeError, RecursionError) as exc:
-        raise SpecError(f"{path}: not valid TOML: {toml_error(exc)}") from None
+        raise SpecError(f"{path}: not valid TOML: {toml_error(exc, raw)}") from None
     if unknown := set(data) - {"speed", "device"}:
         raise SpecError(f"{path}: unknown key(s) {sorted(unknown)} (known: device, speed)")
     speed = data.get("speed")
@@ -235,7 +251,7 @@ def load_devices(path: Path) -> tuple[list[DeviceSpec], float | None]:
         if unknown := set(raw) - _DEVICE_KEYS:
             known = ", ".join(sorted(_DEVICE_KEYS))
             raise SpecError(f"{where}: unknown key(s) {sorted(unknown)} (known: {known})")
-        spec = build_spec(raw, _keyname(where), maps)
+        spec = build_spec(raw, _keyname(where), maps, path.parent)
         if any(s.name == spec.name for s in specs):
             raise SpecError(f"{where}.name: {spec.name!r} is used by an earlier device")
         if spec.transport == "modbus-tcp" and spec.port:

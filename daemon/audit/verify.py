@@ -10,6 +10,12 @@ for are listed as *unvouched* — those a ``recovery`` entry recorded after a cr
 those beyond the seal of a log whose writer is not running. The chain can be intact and
 such entries still not be genuine: the command says so and exits 1. Timestamps that go
 backwards are reported as warnings (a clock step), not as breaks.
+
+"The writer is running" is not taken on trust from the directory's ``LOCK``: whoever can
+write the directory can hold a lock on a file in it. A running daemon seals every group
+commit within its commit window (the last ``config_loaded`` records it), so when some
+process holds ``LOCK`` verify waits that window and a margin for the seal to cover the
+head; if it does not, the entries past it are unvouched like any others.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import fcntl
 import hashlib
 import os
 import stat
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +38,12 @@ from iortd.daemon.audit.segments import SegmentError, open_segment
 from iortd.daemon.audit.writer import CHECKPOINT_FILE, SEAL_FILE, SEGMENT_RE, segment_paths
 
 _HASH_KEY = b',"hash":"'
+# How long a running daemon may take to seal its current group commit beyond its commit
+# window (fsync and the signature in a worker thread, on a loaded machine).
+SEAL_MARGIN_S = 2.0
+DEFAULT_COMMIT_WINDOW_S = 0.05  # config log.group_commit_ms's default
+MAX_COMMIT_WINDOW_S = 10.0  # and its largest value
+SEAL_POLL_S = 0.02
 
 __all__ = [
     "Problem",
@@ -104,6 +117,7 @@ class VerifyReport:
     clock_steps_back: int = 0
     signing_key_recorded: bool = False  # some daemon_start names a verifier key
     writer_running: bool | None = None  # None: not a log directory
+    commit_window_s: float = DEFAULT_COMMIT_WINDOW_S  # as the last config_loaded records it
 
     @property
     def intact(self) -> bool:
@@ -253,6 +267,8 @@ def verify_log(
                     break
             elif kind == "recovery":
                 _note_recovery(line, seq, rep)
+            elif kind == "config_loaded":
+                rep.commit_window_s = _commit_window(line)
             elif kind == "log_rollback_accepted":
                 rep.warnings.append(
                     f"{path}:{n} (seq {seq}): the daemon was started on a log behind its own "
@@ -331,7 +347,7 @@ def verify_log(
             "that these entries were written by that key's daemon",
         )
     if rep.problem is None and log_dir is not None:
-        _unvouched_tail(rep, log_dir)
+        _unvouched_tail(rep, log_dir, pubkey or log_key)
     if rep.clock_steps_back > CLOCK_STEPS_LISTED:
         rep.warnings.append(
             f"{rep.clock_steps_back - CLOCK_STEPS_LISTED} more backward steps of the entries' ts"
@@ -353,6 +369,18 @@ def _log_directory(paths: Sequence[Path], files: Sequence[Path]) -> Path | None:
     return None
 
 
+def _read_anchor(path: Path) -> bytes | None:
+    """A seal or checkpoint file's bytes; None if it is not a small regular file (never
+    followed if a link, never waited on if a FIFO). OSError if it cannot be opened."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        text = os.read(fd, 65_537) if stat.S_ISREG(st.st_mode) else None
+    finally:
+        os.close(fd)
+    return None if text is None or len(text) > 65_536 else text
+
+
 def _read_anchors(log_dir: Path, rep: VerifyReport) -> list[tuple[str, str, Checkpoint]]:
     """The seal and checkpoint files, parsed but not yet checked (the key is known only
     once the log is read). Unreadable ones are warnings: a crash never leaves one half
@@ -361,19 +389,14 @@ def _read_anchors(log_dir: Path, rep: VerifyReport) -> list[tuple[str, str, Chec
     for name, what in ((SEAL_FILE, "seal"), (CHECKPOINT_FILE, "checkpoint file")):
         path = log_dir / name
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+            text = _read_anchor(path)
         except FileNotFoundError:
             rep.anchors.append(f"{what}: none")
             continue
         except OSError as exc:
             rep.warnings.append(f"{path}: cannot read the {what}: {exc.strerror or exc}")
             continue
-        try:
-            st = os.fstat(fd)
-            text = os.read(fd, 65_537) if stat.S_ISREG(st.st_mode) else None
-        finally:
-            os.close(fd)
-        if text is None or len(text) > 65_536:
+        if text is None:
             rep.warnings.append(f"{path}: the {what} is not a small regular file: not used")
             continue
         try:
@@ -449,9 +472,49 @@ def _writer_running(log_dir: Path) -> bool:
     return False
 
 
-def _unvouched_tail(rep: VerifyReport, log_dir: Path) -> None:
-    """Entries past the seal and every signature: the running daemon's current commit,
-    or - if no daemon writes the log - entries nobody vouches for."""
+def _commit_window(line: bytes) -> float:
+    """The commit window a config_loaded entry records (its default if unreadable)."""
+    config = _data(line).get("config")
+    log = config.get("log") if isinstance(config, dict) else None
+    ms = log.get("group_commit_ms") if isinstance(log, dict) else None
+    if isinstance(ms, bool) or not isinstance(ms, int | float) or not ms > 0:
+        return DEFAULT_COMMIT_WINDOW_S
+    return min(float(ms) / 1000, MAX_COMMIT_WINDOW_S)
+
+
+def _sealed_within_window(rep: VerifyReport, log_dir: Path, key: Verifier | None) -> bool:
+    """Whether the seal comes to cover the head within the commit window and the margin,
+    as it does behind a running daemon: signed by ``key``, for this log, and covering at
+    least the head, with the head's hash if it ends there (if it covers more, the daemon
+    has written on; the next verify checks those)."""
+    deadline = time.monotonic() + rep.commit_window_s + SEAL_MARGIN_S
+    while True:
+        try:
+            text = _read_anchor(log_dir / SEAL_FILE)
+            cp, signed = (
+                Checkpoint.parse_verified(text.decode("utf-8"), key) if text else (None, False)
+            )
+        except (OSError, NoteError, UnicodeDecodeError):
+            cp, signed = None, False
+        if (
+            cp is not None
+            and signed
+            and cp.origin == rep.origin
+            and (
+                cp.count > rep.head_seq + 1
+                or (cp.count == rep.head_seq + 1 and cp.head_hash == rep.head_hash)
+            )
+        ):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        # A bounded poll of a file another process replaces: there is nothing to wait on.
+        time.sleep(SEAL_POLL_S)
+
+
+def _unvouched_tail(rep: VerifyReport, log_dir: Path, key: Verifier | None) -> None:
+    """Entries past the seal and every signature: the running daemon's current commit
+    (sealed within its window), or entries nobody vouches for."""
     if not (rep.signing_key_recorded or rep.checkpoints):
         rep.warnings.append(
             "the log was never signed (no key recorded): its chain proves nothing against "
@@ -463,7 +526,21 @@ def _unvouched_tail(rep: VerifyReport, log_dir: Path) -> None:
         return
     rep.writer_running = _writer_running(log_dir)
     if rep.writer_running:
-        return  # the current group commit: sealed within the window
+        if _sealed_within_window(rep, log_dir, key):
+            return  # the current group commit: sealed within the window
+        rep.writer_running = False
+        rep.unvouched.append(
+            Unvouched(
+                vouched + 1,
+                rep.head_seq,
+                "after the last seal and signature: a process holds the log directory's "
+                f"LOCK, but no seal covered them within {rep.commit_window_s + SEAL_MARGIN_S:g} "
+                "s, as one would behind a running daemon (a lock held by someone else, or a "
+                "daemon that cannot write)",
+                None,
+            )
+        )
+        return
     rep.unvouched.append(
         Unvouched(
             vouched + 1,

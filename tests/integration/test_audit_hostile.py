@@ -13,13 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import hashlib
 import io
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
+import orjson
 import pytest
 
 from iortd.daemon.audit.note import Checkpoint, Signer, generate_keypair, write_keypair
@@ -285,3 +290,79 @@ def _resign(log: Log, other: Signer) -> str:
     """The signature lines of the first checkpoint signed by another key."""
     cp, _ = Checkpoint.parse_verified(log.notes[0], None)
     return cp.signed(other).split("\n\n", 1)[1]
+
+
+# ---- a held LOCK is not a daemon ----------------------------------------------------------
+
+
+def _append_entry(log: Log) -> dict[str, object]:
+    """A correctly chained entry at the end of the log (a fake delivery end), as the
+    daemon would write one, or a forger without the key."""
+    last = orjson.loads(log.seg.read_bytes().splitlines()[-1])
+    entry = {
+        "seq": last["seq"] + 1,
+        "ts": last["ts"],
+        "mono_ns": last["mono_ns"] + 1,
+        "type": "delivery_terminated",
+        "data": {"delivery_id": "D-FORGED", "reason": "NORMAL", "dose_gy": 20.0},
+        "prev": last["hash"],
+    }
+    entry["hash"] = hashlib.sha256(orjson.dumps(entry, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    with log.seg.open("ab") as f:
+        f.write(orjson.dumps(entry, option=orjson.OPT_SORT_KEYS) + b"\n")
+    return entry
+
+
+def _forge_tail(log: Log) -> int:
+    """What a forger without the key does while no daemon runs: append a correctly chained
+    entry and delete the seal and checkpoint files, which would show the log's genuine
+    size. Returns the forged entry's seq."""
+    entry = _append_entry(log)
+    (log.dir / "seal").unlink()
+    (log.dir / "checkpoint").unlink()
+    return int(str(entry["seq"]))
+
+
+def test_a_forger_holding_the_lock_does_not_pass_as_the_running_daemon(log: Log) -> None:
+    """verify excused the entries past the seal whenever some process held LOCK ("the
+    daemon is writing this log", exit 0): a forger who can write the directory can also
+    hold a lock on a file in it. A running daemon seals within its commit window; verify
+    now waits that long for the seal to cover the head, else the entries are unvouched."""
+    seq = _forge_tail(log)
+    fd = os.open(log.dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        t0 = time.monotonic()
+        p = audit("verify", log.dir, "--pubkey", log.pub)
+        waited = time.monotonic() - t0
+    finally:
+        os.close(fd)
+    assert p.returncode == 1, p.stdout
+    assert f"UNVOUCHED: seq {seq}..{seq} (1 entry)" in p.stdout, p.stdout
+    assert "holds the log directory's LOCK" in p.stdout, p.stdout
+    assert waited < 10, waited  # the log's commit window (50 ms) and the margin, not more
+
+
+def test_a_running_daemons_unsealed_commit_is_excused_once_its_seal_comes(log: Log) -> None:
+    """The other side: behind a running daemon (it holds LOCK), the entries past the seal
+    are its current group commit; verify waits for the seal that covers them and then
+    reports them as such, exit 0 (no false alarm while the daemon writes)."""
+    assert (log.dir / "seal").is_file()  # the daemon keeps one: the last commit's
+    last = _append_entry(log)  # the current commit, not sealed yet
+    covering = Checkpoint(
+        "test/or-9/hostile", int(str(last["seq"])) + 1, str(last["hash"]), ("reason seal",)
+    ).signed(log.signer)
+    fd = os.open(log.dir / "LOCK", os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        # The daemon's seal lands while verify is reading (here: a moment after it starts).
+        timer = threading.Timer(0.3, (log.dir / "seal").write_text, (covering,))
+        timer.start()
+        try:
+            p = audit("verify", log.dir, "--pubkey", log.pub)
+        finally:
+            timer.join()
+    finally:
+        os.close(fd)
+    assert p.returncode == 0, p.stdout
+    assert "the daemon is writing this log" in p.stdout

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,7 @@ EXPECTED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "log_directory_name_too_long.toml": (("log.directory",), ("path too long",)),
     "nul_in_log_directory.toml": (("log.directory",), ("NUL",)),
     "nested_5000_deep.toml": (("",), ("nested too deeply",)),
+    "utf8_bom.toml": (("",), ("byte-order mark", "without a BOM")),
     "profile_is_dev_zero.toml": (("devices[0].options.profile",), ("character device",)),
     "relative_profile_missing.toml": (
         ("devices[0].options.profile",),
@@ -190,10 +192,18 @@ def _fifo_profile(d: Path) -> Path:
     return d / "site.toml"
 
 
+def _socket_config(d: Path) -> Path:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(d / "site.toml"))
+    sock.close()  # the socket file stays
+    return d / "site.toml"
+
+
 MADE = {
     "fifo_config": (_fifo_config, "", "FIFO"),
     "dev_zero_config": (lambda _d: Path("/dev/zero"), "", "character device"),
     "config_name_too_long": (lambda d: d / ("a" * 300 + ".toml"), "", "File name too long"),
+    "socket_config": (_socket_config, "", "is a socket"),
     "fifo_profile": (_fifo_profile, "devices[0].options.profile", "FIFO"),
 }
 

@@ -104,6 +104,7 @@ BROKEN_CASES = [
     Broken("log_directory_name_too_long.toml", "log.directory", ("path too long", "255")),
     Broken("nul_in_log_directory.toml", "log.directory", ("NUL",)),
     Broken("nested_5000_deep.toml", "", ("nested too deeply",)),
+    Broken("utf8_bom.toml", "", ("byte-order mark", "without a BOM")),
     Broken(
         "profile_is_dev_zero.toml",
         "devices[0].options.profile",
@@ -185,7 +186,7 @@ def test_every_fixture_is_in_the_table_and_names_its_defect() -> None:
     assert len(on_disk) >= 12
     for name in on_disk:
         first_line = (BROKEN / name).read_bytes().split(b"\n", 1)[0]
-        assert first_line.startswith(b"# Defect: "), name
+        assert first_line.removeprefix(b"\xef\xbb\xbf").startswith(b"# Defect: "), name
 
 
 @pytest.mark.parametrize("fixture", sorted(SECRETS))

@@ -7,9 +7,11 @@ Everything here is fed by hand into `iortd.dashboard.state.Rooms`: no broker, no
 
 from __future__ import annotations
 
+import gc
 import json
 import re
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -491,3 +493,71 @@ def test_topics_of_the_contract_it_does_not_show_are_ignored_not_counted_as_inva
     assert diag["ignored"] == 4
     assert diag["rejected"] == 1
     assert rooms.rooms == {}
+
+
+# ---- topic levels no daemon can publish -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "level",
+    [
+        "\u202e1-ro",  # right-to-left override: shown as "or-1" in a browser
+        "or\u200b-1",  # a zero-width space: shown as "or-1"
+        "or\u20111",  # a non-breaking hyphen: looks like "or-1"
+        "OR-1",
+        "or 1",
+        "or\x1b[31m-1",
+        "-or-1",
+        "a" * 64,
+    ],
+)
+@pytest.mark.parametrize("where", ["room", "site"])
+def test_a_site_or_room_no_daemon_can_have_is_not_a_room(level: str, where: str) -> None:
+    """Site and room are slugs in the daemon's config (a-z, 0-9, '-', at most 63), and a
+    status's schema says so; the dashboard took any topic level, so telemetry and
+    interlocks under a look-alike of a real room made a card that a browser shows with that
+    room's name (here: "or-1" spelt with a bidi override or a zero-width space) and a state
+    its daemon never published."""
+    rooms = Rooms("iort")
+    assert rooms.receive(T + "interlocks", raw(interlocks(1, tripped=("door",))), 0.0)
+    topic = (
+        f"iort/v1/site-a/{level}/interlocks"
+        if where == "room"
+        else f"iort/v1/{level}/or-1/interlocks"
+    )
+    with pytest.raises(Rejected, match="slugs") as excinfo:
+        rooms.receive(topic, raw(interlocks(1)), 1.0)
+    assert excinfo.value.reason == "topic shape"
+    snap = rooms.snapshot(2.0)
+    assert list(snap["rooms"]) == ["site-a/or-1"]
+    assert snap["diagnostics"]["rejected"] == 1
+
+
+def test_seq_bookkeeping_is_charged_to_its_room() -> None:
+    """The seqs remembered per (topic, session) were held but not charged: a publisher
+    cycling sessions made a room hold ~650 KB while it was charged under 1 KB, so the byte
+    bound let thousands of such rooms past it. Charged now, at least what it takes."""
+    rooms = Rooms("iort")
+    topic = "iort/v1/site-a/{}/interlocks"
+    sessions = 4
+    messages = [
+        raw(interlocks(10**6 + seq, session=s))
+        for s in range(1, sessions + 1)
+        for seq in range(1, 257)
+    ]
+    for data in messages[:64]:  # warm up: caches, the first room
+        rooms.receive(topic.format("warm"), data, 0.0)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before, charged_before = tracemalloc.get_traced_memory()[0], rooms.bytes
+        for data in messages:
+            rooms.receive(topic.format("or-1"), data, 1.0)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    charged = rooms.bytes - charged_before
+    # tracemalloc sees every allocation of the process, not only the room's: roughly.
+    assert charged >= held * 3 // 4, (charged, held)  # before: 821 bytes for ~50 KB
+    assert charged < 4 * held, (charged, held)  # and not wildly more

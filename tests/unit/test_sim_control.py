@@ -333,7 +333,7 @@ def test_the_shipped_two_room_example_is_valid() -> None:
         (
             "[[device]]\nname = 'a'\ntransport = 'modbus-tcp'\napplicator = 'SPH30'\n"
             "map = 'nowhere.toml'\n",
-            "device[0].map: nowhere.toml: cannot read",
+            "device[0].map: {dir}/nowhere.toml: cannot read",  # from the file's directory
         ),
         (
             "[[device]]\nname = 'a'\ntransport = 'serial'\napplicator = 'SPH30'\n"
@@ -346,6 +346,7 @@ def test_the_shipped_two_room_example_is_valid() -> None:
             "device[1].port: 1502 is used by 'a'",
         ),
         ("[[device]\n", "not valid TOML"),
+        ("\ufeffspeed = 1\n[[device]]\n", "byte-order mark"),
     ],
 )
 def test_a_bad_devices_file_names_file_device_and_key(
@@ -356,6 +357,7 @@ def test_a_bad_devices_file_names_file_device_and_key(
     with pytest.raises(SpecError) as excinfo:
         load_devices(path)
     assert str(excinfo.value).startswith(str(path))
+    error = error.replace("{dir}", str(tmp_path))
     assert error in str(excinfo.value)
     assert main(["serve", "--devices", str(path)]) == 2  # the command says it and exits 2
     assert error in capsys.readouterr().err
@@ -372,3 +374,37 @@ def test_serve_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "--port: only for transport modbus-tcp" in capsys.readouterr().err
     assert main(["serve", "--transport", "serial", "--applicator", "SPH30", "--speed", "0"]) == 2
     assert "--speed must be in (0, 1000]" in capsys.readouterr().err
+
+
+def test_relative_paths_in_a_devices_file_resolve_from_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As in the site config: ``profile``, ``map`` and ``scenario`` paths are relative to
+    the devices file, not to wherever ``iort-sim`` was started."""
+    root = Path(__file__).parents[2] / "config"
+    sub = tmp_path / "rooms"
+    sub.mkdir()
+    (sub / "prof.toml").write_bytes((root / "profiles" / "axxent.toml").read_bytes())
+    (sub / "map.toml").write_bytes((root / "maps" / "xrs-mb1.toml").read_bytes())
+    (sub / "scen.toml").write_bytes((root / "scenarios" / "link-drop-5s.toml").read_bytes())
+    path = sub / "rooms.toml"
+    path.write_text(
+        "[[device]]\nname = 'a'\ntransport = 'modbus-tcp'\napplicator = 'BAL34'\n"
+        "profile = 'prof.toml'\nmap = 'map.toml'\nscenario = 'scen.toml'\n",
+        encoding="utf-8",
+    )
+    monkeypatch.chdir(tmp_path)  # not the file's directory
+    (spec,) = load_devices(path)[0]
+    assert spec.profile.name == load_profile(sub / "prof.toml").name
+    assert spec.scenario is not None
+    assert spec.scenario.name == "scen"
+    assert spec.regmap is not None
+    # A built-in name and a bundled scenario stay what they were.
+    path.write_text(
+        "[[device]]\nname = 'a'\ntransport = 'serial'\napplicator = 'SPH30'\n"
+        "profile = 'intrabeam'\nscenario = 'link-drop-5s'\n",
+        encoding="utf-8",
+    )
+    (spec,) = load_devices(path)[0]
+    assert spec.scenario is not None
+    assert spec.scenario.name == "link-drop-5s"
