@@ -71,6 +71,7 @@ from daemon.audit.canonical import (
     seal_parts,
 )
 from daemon.audit.note import Checkpoint, NoteError, Signer, Verifier
+from daemon.audit.segments import SegmentError, open_segment
 from daemon.durable import fsync_dir, write_all, write_atomic
 
 __all__ = [
@@ -100,6 +101,12 @@ class AuditLogClosed(RuntimeError):
 
 class LogDamaged(RuntimeError):
     """The log is damaged in a way a crash cannot explain; the daemon will not write to it."""
+
+
+class LogUnusable(LogDamaged):
+    """A file in the log directory that the daemon must not read or follow: not a regular
+    file (a FIFO, a device, a directory) or a symbolic link, under a segment's name or as
+    ``LOCK``. Someone else changed the directory; the daemon does not start on it."""
 
 
 class LogInUse(RuntimeError):
@@ -851,9 +858,36 @@ def _check_same_file(seg: _Segment) -> None:
 # ---- recovery (runs in a worker thread before the writer starts) -------------------------
 
 
+def _unusable(path: Path, what: str) -> LogUnusable:
+    return LogUnusable(
+        f"{path} {what}. Not reading it, and nothing was moved. Keep the directory as "
+        "evidence and check it with `iort-audit verify`; then remove that file if it is "
+        "not the log's, or point log.directory at a new directory to start a new log."
+    )
+
+
+def _read_segment(path: Path) -> bytes:
+    """A segment's bytes: only a regular file, never through a symbolic link (a FIFO
+    would hang the start, a link to /dev/zero exhaust memory, a link elsewhere make the
+    daemon read, truncate and append to a file of someone else's choosing)."""
+    try:
+        with open_segment(path) as seg:
+            return seg.read_all()
+    except SegmentError as exc:
+        raise _unusable(path, exc.what) from None
+
+
+def _check_segments(segments: list[Path]) -> None:
+    """Every segment a regular file, checked before anything is read or touched."""
+    for path in segments:
+        try:
+            open_segment(path).close()
+        except SegmentError as exc:
+            raise _unusable(path, exc.what) from None
+
+
 def _read_origin(first: Path) -> str | None:
-    with open(first, "rb") as f:
-        line = f.readline()
+    line = _read_segment(first).split(b"\n", 1)[0]
     try:
         entry = orjson.loads(line)
     except orjson.JSONDecodeError:
@@ -874,7 +908,17 @@ def _lock(directory: Path) -> int:
     """One writer per log directory: an exclusive flock on LOCK, held until close (the
     kernel drops it if the process dies, so a crash never leaves it stale)."""
     directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o640)
+    path = directory / "LOCK"
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o640)
+    except OSError:
+        if os.path.islink(path):
+            raise _unusable(path, "is a symbolic link, not the daemon's lock file") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _unusable(path, "is not a regular file, not the daemon's lock file")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -908,6 +952,7 @@ def _recover(
     whole entry); anything else is damage, and the log is refused as it is."""
     directory.mkdir(parents=True, exist_ok=True)
     segments = segment_paths(directory)
+    _check_segments(segments)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     new_log = RecoveryReport(
         created=True,
@@ -925,14 +970,14 @@ def _recover(
     # when a crash can happen.
     prev_scan: _Scan | None = None
     if len(segments) > 1:
-        prev_data = segments[-2].read_bytes()
+        prev_data = _read_segment(segments[-2])
         prev_scan = _scan(prev_data, None, None)
         if prev_scan.error is not None or prev_scan.intact != len(prev_data):
             line = prev_data[: prev_scan.intact].count(b"\n") + 1
             raise _damaged(f"{segments[-2]}:{line}", prev_scan.error or "incomplete entry")
 
     last = segments[-1]
-    data = last.read_bytes()
+    data = _read_segment(last)
     scan = _scan(
         data,
         None if prev_scan is None else prev_scan.last_hash,
@@ -1222,7 +1267,7 @@ def _envelope_at(segments: list[Path], seq: int) -> Envelope | None:
         first = int(path.name[4:20])
         if first > seq:
             continue
-        for raw in path.read_bytes().splitlines():
+        for raw in _read_segment(path).splitlines():
             if _entry_seq(raw) == seq:
                 try:
                     return open_line(raw)
@@ -1241,7 +1286,7 @@ def _last_checkpoint_entry(segments: list[Path], verifier: Verifier, floor: int)
     """The count vouched for by the newest checkpoint entry signed by ``verifier`` that
     covers exactly the chain before it (its own seq + 1), if above ``floor``."""
     for path in reversed(segments):
-        lines = path.read_bytes().splitlines()
+        lines = _read_segment(path).splitlines()
         for raw in reversed(lines):
             seq = _entry_seq(raw)
             if seq is None or seq < floor:
@@ -1299,7 +1344,7 @@ def _open_delivery(segments: list[Path], vouched_count: int | None = None) -> _O
     last_sample: dict[str, Mapping[str, Any]] = {}
     carried: str | None = None
     for path in reversed(segments):
-        for raw in reversed(path.read_bytes().splitlines()):
+        for raw in reversed(_read_segment(path).splitlines()):
             if vouched_count is not None:
                 seq = _entry_seq(raw)
                 if seq is None or seq >= vouched_count:

@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -285,3 +286,29 @@ def _resign(log: Log, other: Signer) -> str:
     """The signature lines of the first checkpoint signed by another key."""
     cp, _ = Checkpoint.parse_verified(log.notes[0], None)
     return cp.signed(other).split("\n\n", 1)[1]
+
+
+def test_the_daemon_refuses_a_fifo_segment_at_start_with_exit_2(make_site: Any) -> None:
+    """``iortd run`` on a log directory with a FIFO under a segment's name: one error line
+    naming the file, exit 2, at once (it used to hang in recovery, reading the FIFO)."""
+    site = make_site()
+    site.log_dir.mkdir()
+    fifo = site.log_dir / "log-0000000000000000-20260101.jsonl"
+    os.mkfifo(fifo)
+    try:
+        p = subprocess.run(
+            [str(Path(sys.executable).parent / "iortd"), "run", "--config", str(site.config)],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(OSError):  # let the stuck daemon read EOF and go
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail(f"iortd run hung for {TIMEOUT_S} s on a FIFO segment")
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr, p.stderr
+    [line] = p.stderr.strip().splitlines()[-1:]
+    assert str(fifo) in line
+    assert "FIFO" in line

@@ -1,0 +1,96 @@
+"""The daemon's own start on a log directory someone else has changed (daemon/audit/writer.py
+``_recover`` and ``_lock``): files that are not regular files under a segment's name or as
+``LOCK`` are refused with one error naming the file, never read (a FIFO would hang the
+start, a link to /dev/zero would exhaust memory) and never followed (a link would make the
+daemon truncate or read a file of the attacker's choosing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+
+import pytest
+
+from daemon.audit.writer import AuditLog, LogUnusable, segment_paths
+
+ORIGIN = "iortd/test-site/or-9/00112233aabbccdd"
+BOUND_S = 10  # the refusal is immediate; a hang is what is tested against
+
+
+async def a_log(directory: Path) -> Path:
+    """A small, cleanly stopped log; returns its (only) segment."""
+    log, _ = await AuditLog.open(directory, origin=ORIGIN)
+    task = asyncio.create_task(log.run())
+    await log.append("daemon_stop", {"clean": True}, durable=True).committed
+    await log.close()
+    await task
+    [seg] = segment_paths(directory)
+    return seg
+
+
+def later_segment(seg: Path) -> Path:
+    """A name that sorts after ``seg``: the one recovery reads as the newest."""
+    return seg.with_name(seg.name.replace("log-0000000000000000", "log-0000000000000099"))
+
+
+async def refused(directory: Path, fifo: Path | None = None) -> str:
+    try:
+        async with asyncio.timeout(BOUND_S):
+            await AuditLog.open(directory, origin=ORIGIN)
+    except LogUnusable as exc:
+        return str(exc)
+    except TimeoutError:
+        if fifo is not None:  # let the stuck reader go, so that the test can end
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail(f"the start hung for {BOUND_S} s on {fifo}")
+    pytest.fail("the start was not refused")
+
+
+async def test_a_fifo_as_the_newest_segment_is_refused_at_once(tmp_path: Path) -> None:
+    seg = await a_log(tmp_path)
+    fifo = later_segment(seg)
+    os.mkfifo(fifo)
+    err = await refused(tmp_path, fifo)
+    assert str(fifo) in err
+    assert "FIFO" in err
+
+
+async def test_a_link_to_dev_zero_as_a_segment_is_refused_without_reading_it(
+    tmp_path: Path,
+) -> None:
+    seg = await a_log(tmp_path)
+    link = later_segment(seg)
+    link.symlink_to("/dev/zero")
+    err = await refused(tmp_path)
+    assert str(link) in err
+    assert "symbolic link" in err
+
+
+async def test_a_link_to_a_regular_file_as_a_segment_is_refused(tmp_path: Path) -> None:
+    # Even one with valid content: the daemon never makes links, and following one would
+    # let whoever planted it make the daemon append to (and truncate) any file it can write.
+    seg = await a_log(tmp_path)
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere.jsonl"
+    seg.rename(elsewhere)
+    seg.symlink_to(elsewhere)
+    before = elsewhere.read_bytes()
+    err = await refused(tmp_path)
+    assert str(seg) in err
+    assert elsewhere.read_bytes() == before
+
+
+async def test_a_lock_file_linked_elsewhere_is_refused_and_its_target_untouched(
+    tmp_path: Path,
+) -> None:
+    await a_log(tmp_path)
+    victim = tmp_path.parent / f"{tmp_path.name}-victim.txt"
+    victim.write_text("the signing key, say\n")
+    (tmp_path / "LOCK").unlink()
+    (tmp_path / "LOCK").symlink_to(victim)
+    err = await refused(tmp_path)
+    assert str(tmp_path / "LOCK") in err
+    assert victim.read_text() == "the signing key, say\n"
