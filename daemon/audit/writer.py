@@ -221,6 +221,12 @@ class RecoveryReport:
     # The ts of the last vouched entry when some are unvouched: what the daemon saw for
     # certain ends there, so a monitoring gap after a crash starts there.
     last_vouched_ts: str | None = None
+    # When a later run took the open delivery over and never heard the console: the start
+    # of the gap it recorded (from vouched entries), earlier than any of its own entries.
+    open_delivery_unwatched_since: str | None = None
+    # Deliveries started in the unvouched range and not ended there: nothing vouched names
+    # them, so they cannot be taken over; the start closes them (UNKNOWN, no dose taken).
+    unvouched_open_deliveries: tuple[str, ...] = ()
 
 
 class _Pending(NamedTuple):
@@ -1037,7 +1043,7 @@ def _recover(
     fd = os.open(last, os.O_WRONLY | os.O_APPEND)
     date = last.name.split("-")[2].removesuffix(".jsonl")  # segment_paths matched the name
     segment = _Segment(last, fd, size, date)
-    open_id, open_sample, open_started = _open_delivery(segments, vouch.count)
+    open_id, open_sample, open_started, open_gap = _open_delivery(segments, vouch.count)
     report = RecoveryReport(
         created=False,
         origin=log_origin,
@@ -1056,6 +1062,10 @@ def _recover(
         rollback=vouch.rollback,
         spilled=spilled,
         open_delivery_started=open_started,
+        open_delivery_unwatched_since=open_gap,
+        unvouched_open_deliveries=()
+        if vouch.count is None
+        else tuple(d for d in _started_unvouched(segments, vouch.count) if d != open_id),
     )
     if report.unvouched is not None and report.unvouched[0] > 0:
         env = _envelope_at(segments, report.unvouched[0] - 1)
@@ -1326,14 +1336,17 @@ def _later_entry(data: bytes, start: int) -> bool:
     return False
 
 
-_Open = tuple[str | None, Mapping[str, Any] | None, Mapping[str, Any] | None]
+_Open = tuple[str | None, Mapping[str, Any] | None, Mapping[str, Any] | None, str | None]
+_NO_OPEN: _Open = (None, None, None, None)
 
 
 def _open_delivery(segments: list[Path], vouched_count: int | None = None) -> _Open:
     """The delivery left open by the previous run, if any, with its last sample and its
     delivery_started data, from vouched entries only (seq < ``vouched_count``, when
     given): a forged delivery_terminated in an unvouched tail must not close the delivery,
-    nor a forged sample stand as its last.
+    nor a forged sample stand as its last. The fourth item is the start of the oldest
+    monitoring gap of that delivery recorded after its last sample (a run that took it over
+    and never heard the console): nobody has watched it since then.
 
     Scans backwards to the newest delivery_started or delivery_terminated entry. A
     daemon_start either closed what was open before it (it then names no open delivery:
@@ -1342,6 +1355,7 @@ def _open_delivery(segments: list[Path], vouched_count: int | None = None) -> _O
     each carried it). This bounds the work at start-up to the open delivery's own runs.
     """
     last_sample: dict[str, Mapping[str, Any]] = {}
+    gap_since: dict[str, str] = {}
     carried: str | None = None
     for path in reversed(segments):
         for raw in reversed(_read_segment(path).splitlines()):
@@ -1357,7 +1371,7 @@ def _open_delivery(segments: list[Path], vouched_count: int | None = None) -> _O
                     data = None
                 opened = data.get("open_delivery") if isinstance(data, dict) else None
                 if not isinstance(opened, str) or carried not in (None, opened):
-                    return None, None, None
+                    return _NO_OPEN
                 carried = opened
                 continue
             if b'"delivery_id":' not in raw:
@@ -1371,13 +1385,47 @@ def _open_delivery(segments: list[Path], vouched_count: int | None = None) -> _O
                 continue
             if kind == "sample" and did not in last_sample:
                 last_sample[did] = entry.get("data", {})
+            elif kind == "monitoring_gap_started" and did not in last_sample:
+                start = (entry.get("data") or {}).get("start")
+                if isinstance(start, str):
+                    gap_since[did] = start  # older ones overwrite: the oldest is kept
             elif kind == "delivery_terminated":
-                return None, None, None
+                return _NO_OPEN
             elif kind == "delivery_started":
                 if carried not in (None, did):
-                    return None, None, None
-                return did, last_sample.get(did), entry.get("data", {})
-    return None, None, None
+                    return _NO_OPEN
+                return did, last_sample.get(did), entry.get("data", {}), gap_since.get(did)
+    return _NO_OPEN
+
+
+def _started_unvouched(segments: list[Path], vouched_count: int) -> list[str]:
+    """Deliveries whose delivery_started is at or after ``vouched_count`` and that no
+    delivery_terminated after it ends, oldest first (a scan of the unvouched tail only)."""
+    started: list[str] = []
+    ended: set[str] = set()
+    for path in reversed(segments):
+        for raw in reversed(_read_segment(path).splitlines()):
+            seq = _entry_seq(raw)
+            if seq is None:
+                continue
+            if seq < vouched_count:
+                return started[::-1]
+            is_end = raw.endswith(b'"type":"delivery_terminated"}')
+            if not (is_end or raw.endswith(b'"type":"delivery_started"}')):
+                continue
+            try:
+                did = orjson.loads(raw).get("delivery_id")
+            except (orjson.JSONDecodeError, AttributeError):
+                continue
+            if not isinstance(did, str):
+                continue
+            if is_end:
+                ended.add(did)
+            elif did not in ended and did not in started:
+                started.append(did)
+        if int(path.name[4:20]) <= vouched_count:
+            break
+    return started[::-1]
 
 
 def new_origin(site: str, room: str) -> str:

@@ -8,10 +8,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-from test_audit_seal import DID, crashed_mid_delivery, forge, running
+from test_audit_seal import (
+    DID,
+    ORIGIN,
+    crash,
+    crashed_mid_delivery,
+    entries,
+    forge,
+    running,
+    wait_sealed,
+)
 
 from daemon import service
 from daemon.audit import writer
@@ -72,3 +82,97 @@ async def test_a_delivery_continued_across_unvouched_entries_is_named_even_if_no
     assert code == 1
     [line] = [x for x in out.getvalue().splitlines() if DID in x]
     assert f"UNVOUCHED entries seq {first}..{last}" in line, line
+
+
+def at(dt: datetime) -> str:
+    return service.utc_ts(dt)
+
+
+async def a_run(directory: Path, wall: datetime, build: Any, **kw: Any) -> writer.RecoveryReport:
+    log, report = await AuditLog.open(directory, origin=ORIGIN, wall=lambda: wall, **kw)
+    task = asyncio.create_task(log.run())
+    build(log, report)
+    await log.close()
+    await task
+    return report
+
+
+async def test_a_second_restart_with_the_console_gone_keeps_the_gap_from_the_last_reading(
+    tmp_path: Path,
+) -> None:
+    """Run 1 watches a delivery, run 2 takes it over but never hears the console, run 3
+    takes it over again: nobody has watched it since run 1's last reading, so run 3's gap
+    (and the elapsed time counted from it) starts there, not at run 2's last entry."""
+    t1 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    t2 = t1 + timedelta(hours=1)  # run 2, console gone for its whole length
+    t3 = t2 + timedelta(hours=1)
+    sample = {
+        "at": at(t1),
+        "phase": "IRRADIATING",
+        "state": "IRRADIATING",
+        "preset_gy": 20.0,
+        "delivered_primary_gy": 5.0,
+        "delivered_secondary_gy": 5.0,
+        "beam_on_s": 60.0,
+        "elapsed_s": 61.0,
+    }
+
+    def run1(log: AuditLog, _: writer.RecoveryReport) -> None:
+        log.append("daemon_start", {"open_delivery": None}, durable=True)
+        log.append("delivery_started", {"at": at(t1)}, delivery_id=DID, durable=True)
+        log.append("sample", sample, delivery_id=DID)
+        log.append("daemon_stop", {"clean": True, "open_delivery": DID}, durable=True)
+
+    def run2(log: AuditLog, rec: writer.RecoveryReport) -> None:
+        assert rec.open_delivery_id == DID
+        log.append("daemon_start", {"open_delivery": DID}, durable=True)
+        gap = {"cause": "daemon not running (clean stop)", "start": rec.last_ts}
+        log.append("monitoring_gap_started", gap, delivery_id=DID, durable=True)
+        log.append("daemon_stop", {"clean": True, "open_delivery": DID}, durable=True)
+
+    await a_run(tmp_path, t1, run1)
+    await a_run(tmp_path, t2, run2)
+    rec = await a_run(tmp_path, t3, lambda log, rec: None)
+    assert rec.open_delivery_id == DID
+    resumed = service.resumable(rec)
+    assert resumed is not None
+    assert resumed.unwatched_since_utc == t1, (
+        f"the gap starts at run 2's last entry ({resumed.unwatched_since_utc}), not at the "
+        f"last reading ({t1}): elapsed would lose run 2's hour"
+    )
+
+
+async def test_a_delivery_whose_whole_record_is_unvouched_is_closed_at_start_not_left_open(
+    tmp_path: Path,
+) -> None:
+    """The crash came after the commit that started a delivery (a delivery joined in
+    progress writes its start and first sample in one commit) but before its seal: nothing
+    vouched names it, so it cannot be taken over; it must not stay IN PROGRESS for ever.
+    The start closes it UNKNOWN and says why; no dose is taken from its unvouched samples."""
+    signer = generate_keypair("or-9")
+    log, _ = await AuditLog.open(tmp_path, origin=ORIGIN, signer=signer)
+    task = asyncio.create_task(log.run())
+    await log.append("daemon_start", {"verifier_key": signer.verifier.text}, durable=True).committed
+    await wait_sealed(tmp_path, log.head[0] + 1)
+    log._seal_due = False  # the crash comes after the next commit, before its seal
+    log.signer = None
+    log.append("delivery_started", {"preset_gy": 20.0}, delivery_id=DID, durable=True)
+    e = log.append("sample", {"delivered_primary_gy": 9.0, "phase": "IRRADIATING"}, delivery_id=DID)
+    await e.committed
+    await crash(log, task)
+
+    async with running(tmp_path, signer=signer) as (log, report):
+        assert report.open_delivery_id is None  # nothing vouched names it
+        assert report.unvouched is not None
+        service._record_recovery(log, report, service.utc_ts(datetime.now(UTC)))
+    ends = [
+        x
+        for x in entries(tmp_path)
+        if x["type"] == "delivery_terminated" and x.get("delivery_id") == DID
+    ]
+    assert len(ends) == 1, "the delivery is left open for ever"
+    [end] = ends
+    assert end["data"]["status"] == "UNKNOWN"
+    assert "unvouched" in end["data"]["reason"]
+    assert end["data"]["last_sample"] == {}, "no dose from unvouched samples"
+    assert end["data"]["gap"]["start"] == report.last_vouched_ts
