@@ -1105,12 +1105,15 @@ def _restore_spill(
     except OSError as exc:
         log.critical("audit_log_spill_unusable", path=str(source), error=str(exc))
         return {"unusable": str(exc)}, size
+    # Order matters for a crash during this restore: kept in quarantine, then appended
+    # to the log, and only then removed. A crash before the removal finds the spill
+    # again, its entries already in the log (said so, never appended twice); a crash
+    # after it finds them in the log.
     target = _quarantine(directory) / f"{source.name}.{stamp}.spilled"
     shutil.copyfile(source, target)
     with open(target, "rb") as f:
         os.fsync(f.fileno())
     fsync_dir(target.parent)
-    source.unlink()
     seqs = [s for s in (_entry_seq(raw) for raw in data.splitlines()) if s is not None]
     found: dict[str, Any] = {
         "count": len(seqs),
@@ -1128,8 +1131,21 @@ def _restore_spill(
         size += cont.intact
         found["restored"] = cont.entries
         scan.last_seq, scan.last_hash, scan.last_ts = cont.last_seq, cont.last_hash, cont.last_ts
+    elif _already_restored(data, last):
+        found["restored"] = found["count"]
+        found["already_in_log"] = True  # by a start that crashed before removing the spill
+    source.unlink()
     log.warning("audit_log_spill_found", **found)
     return found, size
+
+
+def _already_restored(data: bytes, last: Path) -> bool:
+    """Whether the spill's whole chain is already in the newest segment, unchanged."""
+    whole = _scan(data, None, None)
+    if whole.entries == 0 or whole.error is not None:
+        return False
+    env = _envelope_at([last], whole.last_seq)
+    return env is not None and env.hash == whole.last_hash
 
 
 # ---- seal, checkpoint file and the entries they vouch for --------------------------------

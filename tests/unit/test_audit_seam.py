@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from test_audit_seal import (
     DID,
     ORIGIN,
@@ -27,7 +29,7 @@ from daemon import service
 from daemon.audit import writer
 from daemon.audit.note import generate_keypair
 from daemon.audit.verify import collect_files, unvouched_deliveries, verify_log
-from daemon.audit.writer import AuditLog
+from daemon.audit.writer import AuditLog, segment_paths
 from daemon.audit_cli import main
 
 
@@ -176,3 +178,77 @@ async def test_a_delivery_whose_whole_record_is_unvouched_is_closed_at_start_not
     assert "unvouched" in end["data"]["reason"]
     assert end["data"]["last_sample"] == {}, "no dose from unvouched samples"
     assert end["data"]["gap"]["start"] == report.last_vouched_ts
+
+
+class Crash(BaseException):
+    """The process dies here (a BaseException: nothing on the way catches it)."""
+
+
+async def spilled_log(tmp_path: Path) -> tuple[Path, Path, list[str]]:
+    """A cleanly closed log and, in its spill directory, three entries that continue its
+    chain (what a stop on a full disk leaves). Returns (log dir, spill dir, their hashes)."""
+    directory, spill, other = tmp_path / "log", tmp_path / "spill", tmp_path / "other"
+    log, _ = await AuditLog.open(directory, origin=ORIGIN)
+    task = asyncio.create_task(log.run())
+    await log.append("daemon_start", {}, durable=True).committed
+    await log.close()
+    await task
+    shutil.copytree(directory, other)
+    (other / "LOCK").unlink()
+    [seg] = segment_paths(directory)
+    size = seg.stat().st_size
+    log, _ = await AuditLog.open(other, origin=ORIGIN)
+    task = asyncio.create_task(log.run())
+    hashes = [log.append("sample", {"n": i}).hash for i in range(3)]
+    await log.append("daemon_stop", {"clean": True}, durable=True).committed
+    await log.close()
+    await task
+    spill.mkdir(mode=0o700)
+    writer.spill_path(spill, ORIGIN).write_bytes((other / seg.name).read_bytes()[size:])
+    return directory, spill, hashes
+
+
+async def test_a_crash_during_spill_restore_loses_no_spilled_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The spill file is removed once it is dealt with; a crash right after that removal
+    must find the entries in the log, not only in quarantine (nothing would say so)."""
+    directory, spill, hashes = await spilled_log(tmp_path)
+    real_unlink = Path.unlink
+
+    def unlink_then_die(self: Path, missing_ok: bool = False) -> None:
+        real_unlink(self, missing_ok)
+        if self == writer.spill_path(spill, ORIGIN):
+            raise Crash
+
+    monkeypatch.setattr(Path, "unlink", unlink_then_die)
+    with pytest.raises(Crash):
+        await AuditLog.open(directory, origin=ORIGIN, spill_dir=spill)
+    monkeypatch.undo()
+    async with running(directory, spill_dir=spill):
+        pass
+    logged = [e["hash"] for e in entries(directory)]
+    assert set(hashes) <= set(logged), "spilled entries lost by a crash during the restore"
+
+
+async def test_a_crash_before_the_spill_file_is_removed_restores_nothing_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    directory, spill, hashes = await spilled_log(tmp_path)
+
+    def die(self: Path, missing_ok: bool = False) -> None:
+        if self == writer.spill_path(spill, ORIGIN):
+            raise Crash
+
+    monkeypatch.setattr(Path, "unlink", die)
+    with pytest.raises(Crash):
+        await AuditLog.open(directory, origin=ORIGIN, spill_dir=spill)
+    monkeypatch.undo()
+    async with running(directory, spill_dir=spill) as (_, report):
+        assert report.spilled is not None
+        assert report.spilled["count"] == 4
+        assert report.spilled["restored"] == 4, report.spilled
+    logged = [e["hash"] for e in entries(directory)]
+    assert len(logged) == len(set(logged))
+    assert set(hashes) <= set(logged)
+    assert not writer.spill_path(spill, ORIGIN).exists()
