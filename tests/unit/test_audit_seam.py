@@ -20,6 +20,7 @@ from test_audit_seal import (
     crash,
     crashed_mid_delivery,
     entries,
+    fake_end,
     forge,
     running,
     wait_sealed,
@@ -252,3 +253,35 @@ async def test_a_crash_before_the_spill_file_is_removed_restores_nothing_twice(
     assert len(logged) == len(set(logged))
     assert set(hashes) <= set(logged)
     assert not writer.spill_path(spill, ORIGIN).exists()
+
+
+async def test_a_crash_during_recovery_before_its_seal_leaves_both_ranges_unvouched(
+    tmp_path: Path,
+) -> None:
+    """Run 2 records the recovery (and takes the delivery over) but dies before its first
+    seal; a forger then rewrites run 2's entries too. Run 3 still takes the delivery from
+    vouched entries only, and everything after run 1's seal stays unvouched."""
+    signer = generate_keypair("or-9")
+    head, last = await crashed_mid_delivery(tmp_path, signer)
+    forged = await forge(tmp_path, fake_end)
+    log, report = await AuditLog.open(tmp_path, origin=ORIGIN, signer=signer)
+    task = asyncio.create_task(log.run())
+    log.signer = None  # dies before its first seal
+    service._record_recovery(log, report, service.utc_ts(datetime.now(UTC)))
+    e = log.append("daemon_start", {"open_delivery": DID}, durable=True)
+    await e.committed
+    await crash(log, task)
+    more = await forge(tmp_path, fake_end)
+
+    async with running(tmp_path, signer=signer) as (log, report):
+        assert report.unvouched == (forged[0], more[-1])
+        assert report.open_delivery_id == DID
+        assert report.open_delivery_last_sample == last
+        assert report.unvouched_open_deliveries == ()
+        service._record_recovery(log, report, service.utc_ts(datetime.now(UTC)))
+        await log.checkpoint("start")
+    rep = verify_log([tmp_path], pubkey=signer.verifier)
+    assert rep.intact, rep.problem
+    assert {(u.first_seq, u.last_seq) for u in rep.unvouched} >= {(forged[0], more[-1])}
+    assert DID in unvouched_deliveries(collect_files([tmp_path]), rep.unvouched)
+    assert head < forged[0]
