@@ -46,7 +46,6 @@ import hashlib
 import os
 import re
 import secrets
-import shutil
 import stat
 import tempfile
 import threading
@@ -905,9 +904,39 @@ def _read_origin(first: Path) -> str | None:
 
 
 def _quarantine(directory: Path) -> Path:
+    """The log directory's own quarantine/: a real directory, never a link (whoever can
+    write the log directory could point it anywhere)."""
     q = directory / "quarantine"
-    q.mkdir(exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        q.mkdir()
+    if not stat.S_ISDIR(os.lstat(q).st_mode):
+        raise _unusable(q, "is not a directory (a symbolic link, or a file)")
     return q
+
+
+def _write_new(path: Path, data: bytes) -> Path:
+    """A new file in quarantine/, fsync'd; returns its path. Never through a link, never
+    over a file that is there already (its name is predictable: a planted link there would
+    make the daemon write into a file of someone else's choosing): a name taken gets a
+    suffix (.1, .2, ...; a start that crashed in the same second left its copy)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    name = path.name
+    for n in range(100):
+        path = path.with_name(name if n == 0 else f"{name}.{n}")
+        try:
+            fd = os.open(path, flags, 0o640)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise _unusable(path, "and 99 names before it exist already in quarantine/")
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)
+    return path
 
 
 def _lock(directory: Path) -> int:
@@ -1021,11 +1050,7 @@ def _recover(
     kept_at = None
     if tail_bytes:
         target = _quarantine(directory) / f"{last.name}.tail-at-{scan.intact}.{stamp}.bin"
-        with open(target, "wb") as f:
-            f.write(data[scan.intact :])
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(target.parent)
+        target = _write_new(target, data[scan.intact :])
         kept_at = str(target.relative_to(directory))
         with open(last, "r+b") as f:
             f.truncate(scan.intact)
@@ -1110,10 +1135,7 @@ def _restore_spill(
     # again, its entries already in the log (said so, never appended twice); a crash
     # after it finds them in the log.
     target = _quarantine(directory) / f"{source.name}.{stamp}.spilled"
-    shutil.copyfile(source, target)
-    with open(target, "rb") as f:
-        os.fsync(f.fileno())
-    fsync_dir(target.parent)
+    target = _write_new(target, data)
     seqs = [s for s in (_entry_seq(raw) for raw in data.splitlines()) if s is not None]
     found: dict[str, Any] = {
         "count": len(seqs),

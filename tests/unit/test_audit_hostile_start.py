@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,42 @@ async def test_a_lock_file_linked_elsewhere_is_refused_and_its_target_untouched(
     err = await refused(tmp_path)
     assert str(tmp_path / "LOCK") in err
     assert victim.read_text() == "the signing key, say\n"
+
+
+def torn(seg: Path) -> None:
+    """What a crash mid-write leaves (and what anyone can append): bytes after the last
+    newline, which recovery sets aside into quarantine/."""
+    with seg.open("ab") as f:
+        f.write(b"ssh-ed25519 AAAA... planted\n"[:-1])
+
+
+async def test_a_planted_link_at_the_quarantine_name_is_not_written_through(
+    tmp_path: Path,
+) -> None:
+    seg = await a_log(tmp_path)
+    torn(seg)
+    victim = tmp_path.parent / f"{tmp_path.name}-authorized_keys"
+    victim.write_text("the real keys\n")
+    q = tmp_path / "quarantine"
+    q.mkdir()
+    size = seg.stat().st_size - len(b"ssh-ed25519 AAAA... planted")
+    now = datetime.now(UTC)
+    for ahead in range(-1, 6):  # the name has a per-second stamp: plant a few
+        stamp = (now + timedelta(seconds=ahead)).strftime("%Y%m%dT%H%M%SZ")
+        (q / f"{seg.name}.tail-at-{size}.{stamp}.bin").symlink_to(victim)
+    with contextlib.suppress(LogUnusable):
+        async with asyncio.timeout(BOUND_S):
+            log, _ = await AuditLog.open(tmp_path, origin=ORIGIN)
+            await log.close()
+    assert victim.read_text() == "the real keys\n"
+
+
+async def test_a_quarantine_linked_elsewhere_is_refused(tmp_path: Path) -> None:
+    seg = await a_log(tmp_path)
+    torn(seg)
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "quarantine").symlink_to(elsewhere)
+    err = await refused(tmp_path)
+    assert str(tmp_path / "quarantine") in err
+    assert list(elsewhere.iterdir()) == []
