@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.audit.note import generate_keypair
 from daemon.audit.writer import AuditLog, LogUnusable, segment_paths
 
 ORIGIN = "iortd/test-site/or-9/00112233aabbccdd"
@@ -134,3 +135,26 @@ async def test_a_quarantine_linked_elsewhere_is_refused(tmp_path: Path) -> None:
     err = await refused(tmp_path)
     assert str(tmp_path / "quarantine") in err
     assert list(elsewhere.iterdir()) == []
+
+
+async def test_a_link_planted_as_the_seals_temporary_file_is_not_written_through(
+    tmp_path: Path,
+) -> None:
+    """The seal and checkpoint file are replaced through seal.tmp / checkpoint.tmp, fixed
+    names in the log directory: a link planted there must not make the daemon truncate
+    and overwrite its target (its signing key, say) with a note."""
+    signer = generate_keypair("or-9")
+    key = tmp_path.parent / f"{tmp_path.name}-signing.key"
+    key.write_text("the signing key\n")
+    for name in ("seal.tmp", "checkpoint.tmp"):
+        (tmp_path / name).symlink_to(key)
+    log, _ = await AuditLog.open(tmp_path, origin=ORIGIN, signer=signer)
+    task = asyncio.create_task(log.run())
+    await log.append("daemon_start", {}, durable=True).committed
+    await log.checkpoint("start")
+    await asyncio.wait_for(log.close(), BOUND_S)
+    await task
+    assert key.read_text() == "the signing key\n"
+    for name in ("seal", "checkpoint"):
+        assert (tmp_path / name).is_file()
+        assert not (tmp_path / name).is_symlink()
