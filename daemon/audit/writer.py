@@ -790,7 +790,7 @@ class AuditLog:
             os.close(old.fd)
             self._segment = None
         path = self.directory / f"log-{first_seq:016d}-{date}.jsonl"
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        fd = _open_for_append(path, os.O_CREAT)
         size = os.fstat(fd).st_size
         fsync_dir(self.directory)
         self._segment = _Segment(path, fd, size, date)
@@ -842,6 +842,21 @@ class AuditLog:
             self._seal_due = True
         if self._side_due():
             await self._side_files()  # once: a failure is logged and alarmed, not raised
+
+
+def _open_for_append(path: Path, extra: int = 0) -> int:
+    """A segment opened for appending: never through a link (the next segment's name is
+    predictable; a link planted there would have the log appended to another file) and
+    only a regular file (O_NONBLOCK: a FIFO planted there fails at once instead of
+    waiting for a reader). Otherwise an OSError: a failing write, alarmed and retried."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | extra
+    fd = os.open(path, flags, 0o640)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(
+            errno.EINVAL, f"{path}: not a regular file: someone changed the log directory"
+        )
+    return fd
 
 
 def _check_same_file(seg: _Segment) -> None:
@@ -1065,7 +1080,7 @@ def _recover(
     size = scan.intact
     if spill_dir is not None:
         spilled, size = _restore_spill(directory, spill_dir, log_origin, last, scan, stamp)
-    fd = os.open(last, os.O_WRONLY | os.O_APPEND)
+    fd = _open_for_append(last)
     date = last.name.split("-")[2].removesuffix(".jsonl")  # segment_paths matched the name
     segment = _Segment(last, fd, size, date)
     open_id, open_sample, open_started, open_gap = _open_delivery(segments, vouch.count)

@@ -158,3 +158,32 @@ async def test_a_link_planted_as_the_seals_temporary_file_is_not_written_through
     for name in ("seal", "checkpoint"):
         assert (tmp_path / name).is_file()
         assert not (tmp_path / name).is_symlink()
+
+
+async def test_a_link_planted_at_the_next_segments_name_is_not_written_through(
+    tmp_path: Path,
+) -> None:
+    """The next segment's name is predictable (its first seq and the date): a link planted
+    there is a failing write (alarmed, retried), never a log appended to another file."""
+    victim = tmp_path.parent / f"{tmp_path.name}-victim.txt"
+    victim.write_text("not a log\n")
+    failures: list[OSError] = []
+    log, _ = await AuditLog.open(
+        tmp_path, origin=ORIGIN, rotate_max_bytes=1, on_failure=failures.append
+    )
+    task = asyncio.create_task(log.run())
+    await log.append("daemon_start", {}, durable=True).committed
+    seq, _ = log.head
+    date = segment_paths(tmp_path)[-1].name.split("-")[2]
+    (tmp_path / f"log-{seq + 1:016d}-{date}").symlink_to(victim)
+    entry = log.append("sample", {"n": 1}, durable=True)
+    async with asyncio.timeout(BOUND_S):
+        while not (failures or entry.committed.done()):  # noqa: ASYNC110 - the writer's state
+            await asyncio.sleep(0.005)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, OSError):
+        await task
+    with contextlib.suppress(OSError):
+        await asyncio.wait_for(log.close(), BOUND_S)
+    assert victim.read_text() == "not a log\n", "the log was appended to the link's target"
+    assert failures, "a link at the next segment's name is a failing write, alarmed"
