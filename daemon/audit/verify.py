@@ -179,6 +179,11 @@ def verify_log(
     ext_seqs = {c.count - 1 for c in ext_cps}
     log_dir = _log_directory(paths, rep.files)
     anchors = _read_anchors(log_dir, rep) if log_dir is not None else []
+    if anchors:
+        # Listed again after the seal was read: a daemon writing the log seals entries
+        # only once they are on disk, so every segment holding what the seal covers exists
+        # now (it may have started one since the first listing: by size, or at midnight).
+        rep.files = collect_files(paths)
     anchor_hashes: dict[int, str | None] = {cp.count - 1: None for _, _, cp in anchors}
     last_ts = ""
     log_key: Verifier | None = None

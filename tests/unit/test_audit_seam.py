@@ -27,7 +27,7 @@ from test_audit_seal import (
 )
 
 from daemon import service
-from daemon.audit import writer
+from daemon.audit import verify, writer
 from daemon.audit.note import generate_keypair
 from daemon.audit.verify import collect_files, unvouched_deliveries, verify_log
 from daemon.audit.writer import AuditLog, segment_paths
@@ -285,3 +285,34 @@ async def test_a_crash_during_recovery_before_its_seal_leaves_both_ranges_unvouc
     assert {(u.first_seq, u.last_seq) for u in rep.unvouched} >= {(forged[0], more[-1])}
     assert DID in unvouched_deliveries(collect_files([tmp_path]), rep.unvouched)
     assert head < forged[0]
+
+
+async def test_verify_is_not_fooled_by_a_rotation_between_its_listing_and_the_seal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a live log the daemon may start a new segment (by size, or at midnight) and seal
+    its first entries after verify listed the segments but before it read the seal: that
+    is the daemon writing, not entries removed."""
+    signer = generate_keypair("or-9")
+    async with running(tmp_path, signer=signer, rotate_max_bytes=64 * 1024) as (log, _):
+        await log.append(
+            "daemon_start", {"verifier_key": signer.verifier.text}, durable=True
+        ).committed
+        await log.checkpoint("start")
+        for i in range(80):
+            e = log.append("sample", {"n": i, "pad": "x" * 1000})
+        await e.committed
+    segs = segment_paths(tmp_path)
+    assert len(segs) > 1
+
+    real = verify.collect_files
+    calls: list[int] = []
+
+    def listed_before_the_rotation(paths: Any) -> list[Path]:
+        calls.append(1)
+        files = real(paths)
+        return files[:-1] if len(calls) == 1 else files
+
+    monkeypatch.setattr(verify, "collect_files", listed_before_the_rotation)
+    rep = verify_log([tmp_path], pubkey=signer.verifier)
+    assert rep.intact, rep.problem
