@@ -187,3 +187,28 @@ async def test_a_link_planted_at_the_next_segments_name_is_not_written_through(
         await asyncio.wait_for(log.close(), BOUND_S)
     assert victim.read_text() == "not a log\n", "the log was appended to the link's target"
     assert failures, "a link at the next segment's name is a failing write, alarmed"
+
+
+async def test_a_seal_that_is_a_fifo_or_huge_is_not_read_and_vouches_for_nothing(
+    tmp_path: Path,
+) -> None:
+    signer = generate_keypair("or-9")
+    log, _ = await AuditLog.open(tmp_path, origin=ORIGIN, signer=signer)
+    task = asyncio.create_task(log.run())
+    await log.append("daemon_start", {}, durable=True).committed
+    await log.checkpoint("start")
+    await log.close()
+    await task
+    for plant in ("fifo", "huge"):
+        seal = tmp_path / "seal"
+        seal.unlink()
+        if plant == "fifo":
+            os.mkfifo(seal)
+        else:
+            with seal.open("wb") as f:
+                f.truncate(8 * 1024**3)  # sparse: 8 GiB that cost nothing on disk
+        async with asyncio.timeout(BOUND_S):
+            log, report = await AuditLog.open(tmp_path, origin=ORIGIN, signer=signer)
+            await log.close()
+        assert any(p.startswith("seal: ") for p in report.anchor_problems), report
+        assert report.vouched_by in ("checkpoint file", "checkpoint entry")
