@@ -114,6 +114,12 @@ class Segment:
                 yield lines
         self.torn = rest
 
+    def first_line(self) -> bytes:
+        """The first line without its newline (at most MAX_LINE_BYTES are read)."""
+        for lines in self.blocks():
+            return lines[0]
+        return self.torn
+
     def read_all(self) -> bytes:
         """The whole file at once (the daemon's recovery, which reads only the newest
         segments: a regular file, checked at open, so the reading ends)."""

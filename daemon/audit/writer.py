@@ -907,7 +907,11 @@ def _check_segments(segments: list[Path]) -> None:
 
 
 def _read_origin(first: Path) -> str | None:
-    line = _read_segment(first).split(b"\n", 1)[0]
+    try:
+        with open_segment(first) as seg:
+            line = seg.first_line()
+    except SegmentError as exc:
+        raise _unusable(first, exc.what) from None
     try:
         entry = orjson.loads(line)
     except orjson.JSONDecodeError:
