@@ -316,3 +316,39 @@ async def test_verify_is_not_fooled_by_a_rotation_between_its_listing_and_the_se
     monkeypatch.setattr(verify, "collect_files", listed_before_the_rotation)
     rep = verify_log([tmp_path], pubkey=signer.verifier)
     assert rep.intact, rep.problem
+
+
+async def test_verify_is_not_fooled_by_a_clean_stop_while_it_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify reads the seal, then the log (seconds, for a large one), then asks whether a
+    daemon is writing. One that wrote on and stopped cleanly meanwhile left entries past
+    the seal verify read, all sealed by now: not unvouched."""
+    signer = generate_keypair("or-9")
+    early = tmp_path / "early"
+    directory = tmp_path / "log"
+    async with running(directory, signer=signer) as (log, _):
+        await log.append(
+            "daemon_start", {"verifier_key": signer.verifier.text}, durable=True
+        ).committed
+        await log.checkpoint("start")
+        early.mkdir()
+        for name in ("seal", "checkpoint"):
+            shutil.copy(directory / name, early / name)  # what verify read first
+        for i in range(5):
+            e = log.append("sample", {"n": i})
+        await e.committed
+        log.append("daemon_stop", {"clean": True}, durable=True)
+        await log.checkpoint("shutdown")
+    real = verify._read_anchors
+    calls: list[Path] = []
+
+    def first_read_before_the_stop(log_dir: Path, rep: Any) -> Any:
+        calls.append(log_dir)
+        return real(early if len(calls) == 1 else log_dir, rep)
+
+    monkeypatch.setattr(verify, "_read_anchors", first_read_before_the_stop)
+    monkeypatch.setattr(verify, "_writer_running", lambda _: False)
+    rep = verify_log([directory], pubkey=signer.verifier)
+    assert rep.intact, rep.problem
+    assert rep.unvouched == [], rep.unvouched
