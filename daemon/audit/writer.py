@@ -120,6 +120,10 @@ class LogRolledBack(RuntimeError):
 SEAL_FILE = "seal"
 CHECKPOINT_FILE = "checkpoint"
 ANCHOR_MAX_BYTES = 64 * 1024  # a seal or checkpoint note is a few hundred bytes
+# Deliveries started in an unvouched tail that a start closes: a crash leaves at most one
+# or two (one commit window); a forger's thousands must not make the start write for
+# minutes (the newest are closed; the rest stay open, marked unvouched by every command).
+UNVOUCHED_CLOSED_MAX = 16
 DEFAULT_SPILL_DIR = Path(tempfile.gettempdir()) / "iortd-spill"
 
 
@@ -1109,7 +1113,9 @@ def _recover(
         open_delivery_unwatched_since=open_gap,
         unvouched_open_deliveries=()
         if vouch.count is None
-        else tuple(d for d in _started_unvouched(segments, vouch.count) if d != open_id),
+        else tuple(d for d in _started_unvouched(segments, vouch.count) if d != open_id)[
+            -UNVOUCHED_CLOSED_MAX:
+        ],
     )
     if report.unvouched is not None and report.unvouched[0] > 0:
         env = _envelope_at(segments, report.unvouched[0] - 1)
