@@ -2,9 +2,11 @@
 
 Start-up: config already validated (nothing here re-checks it) -> audit log opened and
 recovered by the caller -> what recovery found recorded first (a crash, unvouched
-entries, spilled entries, an accepted rollback, a wall clock behind the log), before the
-run's first seal -> a delivery the log shows open (from vouched entries only) is handed to
-the tracker (named in ``daemon_start``; the first reading decides whether it continues) ->
+entries, spilled entries, an accepted rollback, a wall clock behind the log, and the
+closure of any delivery started in the unvouched tail, which cannot be taken over), before
+the run's first seal -> a delivery the log shows open (from vouched entries only) is handed
+to the tracker (named in ``daemon_start``; the first reading decides whether it continues;
+its gap starts at the last vouched entry, or at an earlier run's still-open gap) ->
 drivers built from the registry -> one poll task per device, a stale-data watchdog (fed by
 every device reply through ``DriverContext.heard``), the checkpoint task (one signed at
 once, then at delivery ends and every interval) and the sink dispatcher. The MQTT sink asks

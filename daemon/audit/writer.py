@@ -34,6 +34,14 @@ A failing seal or checkpoint-file write is a failing log write: an alarm, and a 
 the same backoff; it never ends the writer. Before each write the segment's open file is
 compared with the path (device, inode, link count): a deleted or replaced segment or log
 directory is a failing write, alarmed at once, not entries written to an unlinked file.
+
+Whoever can write the log directory can plant files in it. The writer reads and writes
+only regular files there and never follows a link: a segment or ``LOCK`` that is a FIFO, a
+device or a link refuses the start (LogUnusable, naming the file); ``quarantine/`` must be
+a real directory and its files are always created anew (O_EXCL|O_NOFOLLOW); a new segment
+that cannot be opened that way is a failing write; seal.tmp / checkpoint.tmp are removed
+and created anew (daemon/durable.py). A spill file is removed only after its entries are
+in the log, so a crash during the restore loses none of them.
 """
 
 from __future__ import annotations
