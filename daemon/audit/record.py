@@ -264,6 +264,10 @@ def _collect(
         raw = e.get("data")
         d: dict[str, Any] = raw if isinstance(raw, dict) else {}
         mine = e.get("delivery_id") == delivery_id
+        if inside and kind == "daemon_start" and d.get("open_delivery") == delivery_id:
+            # Taken over by this start: an end recorded before it (in a crash's unvouched
+            # tail, possibly forged) was not believed; the outcome is what comes after.
+            rec.status, rec.reason, rec.summary = None, None, {}
         if not inside and not mine:
             if kind in ("daemon_start", "config_loaded", "device_identified"):
                 ctx[str(kind)] = d

@@ -110,6 +110,14 @@ class DeliveryRecord:
     continues: str | None = None  # an earlier record of the same treatment (after a restart)
 
 
+def _reopened(rec: DeliveryRecord | None) -> None:
+    """A start that took a delivery over (``daemon_start.open_delivery``) did not believe an
+    end recorded before it: one in the unvouched tail of a crash (possibly forged; the
+    daemon takes the delivery from vouched entries only). The outcome is what comes after."""
+    if rec is not None and rec.status is not None:
+        rec.status, rec.reason, rec.summary = None, None, {}
+
+
 def collect_deliveries(entries: Iterable[dict[str, Any]]) -> list[DeliveryRecord]:
     out: dict[str, DeliveryRecord] = {}
     device: dict[str, Any] = {}
@@ -122,6 +130,8 @@ def collect_deliveries(entries: Iterable[dict[str, Any]]) -> list[DeliveryRecord
             for rec in awaiting_checkpoint:
                 rec.covering_checkpoint = e.get("seq")
             awaiting_checkpoint = []
+        if kind == "daemon_start":
+            _reopened(out.get(str(d.get("open_delivery"))))
         did = e.get("delivery_id")
         if not isinstance(did, str):
             continue

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from test_audit_seal import (
     DID,
@@ -352,3 +353,44 @@ async def test_verify_is_not_fooled_by_a_clean_stop_while_it_reads(
     rep = verify_log([directory], pubkey=signer.verifier)
     assert rep.intact, rep.problem
     assert rep.unvouched == [], rep.unvouched
+
+
+async def test_a_forged_end_the_restart_did_not_believe_is_not_shown_as_the_outcome(
+    tmp_path: Path,
+) -> None:
+    """A chained NORMAL end forged into the crashed run's tail; the restart takes the
+    delivery over (daemon_start.open_delivery names it) and the console is gone. Every
+    command must show it open (IN PROGRESS), not the forged NORMAL, and mark it unvouched."""
+    signer = generate_keypair("or-9")
+    await crashed_mid_delivery(tmp_path, signer)
+    forged = await forge(tmp_path, fake_end)
+    async with running(tmp_path, signer=signer) as (log, report):
+        assert report.open_delivery_id == DID
+        service._record_recovery(log, report, service.utc_ts(datetime.now(UTC)))
+        log.append(
+            "daemon_start",
+            {"verifier_key": signer.verifier.text, "open_delivery": DID},
+            durable=True,
+        )
+        log.append("daemon_stop", {"clean": True, "open_delivery": DID}, durable=True)
+        await log.checkpoint("shutdown")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        code = await asyncio.to_thread(main, ["deliveries", str(tmp_path)])
+    assert code == 1
+    [line] = [x for x in out.getvalue().splitlines() if DID in x]
+    assert "IN PROGRESS" in line, line
+    assert "NORMAL" not in line, line
+    assert f"UNVOUCHED entries seq {forged[0]}..{forged[-1]}" in line, line
+    export = tmp_path.parent / f"{tmp_path.name}-export.json"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        code = await asyncio.to_thread(
+            main,
+            [
+                *("export", str(tmp_path), "--delivery", DID, "--format", "json"),
+                *("--out", str(export), "--allow-unverified"),
+            ],
+        )
+    assert code == 1
+    doc = orjson.loads(export.read_bytes())
+    assert "NORMAL" not in orjson.dumps(doc["delivery"]).decode(), doc["delivery"]
