@@ -381,6 +381,7 @@ async def test_a_forged_end_the_restart_did_not_believe_is_not_shown_as_the_outc
     [line] = [x for x in out.getvalue().splitlines() if DID in x]
     assert "IN PROGRESS" in line, line
     assert "NORMAL" not in line, line
+    assert "20.000/" not in line, f"the forged sample's dose shown: {line}"
     assert f"UNVOUCHED entries seq {forged[0]}..{forged[-1]}" in line, line
     export = tmp_path.parent / f"{tmp_path.name}-export.json"
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -394,3 +395,4 @@ async def test_a_forged_end_the_restart_did_not_believe_is_not_shown_as_the_outc
     assert code == 1
     doc = orjson.loads(export.read_bytes())
     assert "NORMAL" not in orjson.dumps(doc["delivery"]).decode(), doc["delivery"]
+    assert doc["delivery"]["delivered_primary_gy"] == 5.0, "the last vouched sample's dose"
