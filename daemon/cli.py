@@ -36,6 +36,7 @@ from iortd.daemon.audit.writer import (
     LogDamaged,
     LogInUse,
     LogRolledBack,
+    LogUnusable,
     new_origin,
 )
 from iortd.daemon.config import ConfigError, LoadedConfig, load_config
@@ -275,6 +276,9 @@ def _serve_or_exit(
         return _error(f"audit log: {exc}")
     except _LogDirectoryError as exc:
         return _error(f"config error: {loaded.path}: {exc}")
+    except LogUnusable as exc:
+        # A FIFO, a device or a link put in the log directory: refused before any reading.
+        return _error(f"audit log: {exc}")
     except LogDamaged as exc:
         print(f"iortd: audit log: {exc}", file=sys.stderr)  # noqa: T201 - CLI output
         return EXIT_BAD

@@ -6,6 +6,7 @@ Blocking: call them from a worker thread, never on the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -34,9 +35,18 @@ def write_atomic(path: Path, data: bytes, *, tmp: Path | None = None) -> None:
     rename it over ``path``, fsync the directory. ``tmp`` defaults to a name unique to
     this process and thread, so that two writers never share one."""
     tmp = tmp or path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    # The temporary file is always a new one, created without following a link: a link
+    # planted under its (fixed, predictable) name would otherwise have the data written
+    # into, and truncate, whatever file it points to. A leftover is removed first (unlink
+    # removes a link itself, never its target); one planted again in between makes the
+    # create fail, an error like any failing write.
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     tmp.replace(path)
     fsync_dir(path.parent)

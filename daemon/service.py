@@ -2,9 +2,11 @@
 
 Start-up: config already validated (nothing here re-checks it) -> audit log opened and
 recovered by the caller -> what recovery found recorded first (a crash, unvouched
-entries, spilled entries, an accepted rollback, a wall clock behind the log), before the
-run's first seal -> a delivery the log shows open (from vouched entries only) is handed to
-the tracker (named in ``daemon_start``; the first reading decides whether it continues) ->
+entries, spilled entries, an accepted rollback, a wall clock behind the log, and the
+closure of any delivery started in the unvouched tail, which cannot be taken over), before
+the run's first seal -> a delivery the log shows open (from vouched entries only) is handed
+to the tracker (named in ``daemon_start``; the first reading decides whether it continues;
+its gap starts at the last vouched entry, or at an earlier run's still-open gap) ->
 drivers built from the registry -> one poll task per device, a stale-data watchdog (fed by
 every device reply through ``DriverContext.heard``), the checkpoint task (one signed at
 once, then at delivery ends and every interval) and the sink dispatcher. The MQTT sink asks
@@ -108,6 +110,13 @@ def resumable(rec: RecoveryReport) -> ResumedDelivery | None:
         # Unvouched entries (written after the last seal before a crash) are not what the
         # daemon saw for certain: the gap starts at the last vouched entry.
         since = datetime.fromisoformat((rec.last_vouched_ts or rec.last_ts).replace("Z", "+00:00"))
+        if rec.open_delivery_unwatched_since is not None:
+            # A run in between took it over and never heard the console: the gap it
+            # recorded is still open, and nobody has watched the delivery since its start.
+            earlier = datetime.fromisoformat(
+                rec.open_delivery_unwatched_since.replace("Z", "+00:00")
+            )
+            since = min(since, earlier)
         at = (started or {}).get("at") or s.get("at")
         started_utc = datetime.fromisoformat(str(at).replace("Z", "+00:00"))
     except ValueError:
@@ -242,6 +251,30 @@ def _record_recovery(audit: AuditLog, rec: RecoveryReport, now: str) -> None:
                 last_seq=unvouched[1],
                 count=rec.unvouched_count,
             )
+    for did in rec.unvouched_open_deliveries:
+        # Started after the last seal before a crash and not ended: nothing vouched names
+        # it, so it is not taken over (its samples may be forged) and not left open for
+        # ever either. Closed UNKNOWN, with no dose taken from it; the gap starts at the
+        # last vouched entry. Its entries stay marked unvouched by every command.
+        gap = {
+            "cause": f"daemon not running ({rec.previous_stop} stop)",
+            "start": rec.last_vouched_ts or rec.last_ts,
+            "end": now,
+        }
+        audit.append("monitoring_gap", gap, delivery_id=did, durable=True)
+        audit.append(
+            "delivery_terminated",
+            {
+                "status": "UNKNOWN",
+                "reason": "not followed to its end: its record was written after the last "
+                "seal before a crash (unvouched), so it cannot be taken over",
+                "gap": gap,
+                "last_sample": {},
+            },
+            delivery_id=did,
+            durable=True,
+        )
+        log.warning("unvouched_delivery_closed", delivery_id=did)
     if rec.rollback is not None:
         audit.append("log_rollback_accepted", dict(rec.rollback), durable=True)
         log.warning("audit_log_rollback_accepted", **dict(rec.rollback))
@@ -345,7 +378,12 @@ class Daemon:
             # delivery as interrupted by a monitoring gap.
             gap = {
                 "cause": f"daemon not running ({rec.previous_stop} stop)",
-                "start": rec.last_vouched_ts or rec.last_ts,
+                "start": min(
+                    filter(
+                        None,
+                        (rec.last_vouched_ts or rec.last_ts, rec.open_delivery_unwatched_since),
+                    )
+                ),
                 "end": now,
             }
             audit.append("monitoring_gap", gap, delivery_id=rec.open_delivery_id, durable=True)

@@ -145,6 +145,11 @@ class DeliveryRecord:
     last_hash: str | None = None
     checkpoint: CheckpointInfo | None = None
     simulated: bool = False
+    # Set when a restart took the delivery over after a crash whose tail was unvouched:
+    # samples from this seq on, up to that start, are not what the daemon saw for certain,
+    # and the dose shown while no later sample or end exists comes from before them.
+    untrusted_from: int | None = None
+    untrusted_to: int | None = None
 
     @property
     def entries(self) -> list[dict[str, Any]]:
@@ -160,7 +165,11 @@ class DeliveryRecord:
         return self.summary.get("delivered_secondary_gy", self._last("dose_secondary_gy"))
 
     def _last(self, key: str) -> Any:
-        return self.samples[-1]["data"].get(key) if self.samples else None
+        lo, hi = self.untrusted_from, self.untrusted_to
+        for e in reversed(self.samples):
+            if lo is None or hi is None or not lo <= int(e["seq"]) <= hi:
+                return e["data"].get(key)
+        return None
 
     def intervals(self) -> list[Interval]:
         """Interruptions (from the phase changes) and monitoring gaps, in time order."""
@@ -259,11 +268,22 @@ def _collect(
     ctx: dict[str, dict[str, Any]] = {}
     checkpoints: list[dict[str, Any]] = []
     inside = ended = False
+    unvouched_from: Any = None
     for e in entries:
         kind = e.get("type")
         raw = e.get("data")
         d: dict[str, Any] = raw if isinstance(raw, dict) else {}
         mine = e.get("delivery_id") == delivery_id
+        if kind == "recovery":
+            u = d.get("unvouched")
+            unvouched_from = u.get("first_seq") if isinstance(u, dict) else None
+        if inside and kind == "daemon_start" and d.get("open_delivery") == delivery_id:
+            # Taken over by this start: an end recorded before it (in a crash's unvouched
+            # tail, possibly forged) was not believed; the outcome is what comes after,
+            # and nor is a sample in that tail the dose so far.
+            rec.status, rec.reason, rec.summary = None, None, {}
+            if isinstance(unvouched_from, int):
+                rec.untrusted_from, rec.untrusted_to = unvouched_from, int(e["seq"])
         if not inside and not mine:
             if kind in ("daemon_start", "config_loaded", "device_identified"):
                 ctx[str(kind)] = d

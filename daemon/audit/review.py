@@ -96,6 +96,7 @@ class DeliveryRecord:
     reason: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)
     last_sample: dict[str, Any] = field(default_factory=dict)
+    last_sample_seq: int | None = None
     device: dict[str, Any] = field(default_factory=dict)
     phases: list[dict[str, Any]] = field(default_factory=list)
     interlocks: list[dict[str, Any]] = field(default_factory=list)
@@ -110,10 +111,25 @@ class DeliveryRecord:
     continues: str | None = None  # an earlier record of the same treatment (after a restart)
 
 
+def _reopened(rec: DeliveryRecord | None, unvouched_from: Any) -> None:
+    """A start that took a delivery over (``daemon_start.open_delivery``) did not believe an
+    end recorded before it: one in the unvouched tail of a crash (possibly forged; the
+    daemon takes the delivery from vouched entries only). The outcome is what comes after;
+    a last sample in that tail is not the dose so far (unknown until a later sample)."""
+    if rec is None:
+        return
+    if rec.status is not None:
+        rec.status, rec.reason, rec.summary = None, None, {}
+    seq = rec.last_sample_seq
+    if isinstance(unvouched_from, int) and seq is not None and seq >= unvouched_from:
+        rec.last_sample, rec.last_sample_seq = {}, None
+
+
 def collect_deliveries(entries: Iterable[dict[str, Any]]) -> list[DeliveryRecord]:
     out: dict[str, DeliveryRecord] = {}
     device: dict[str, Any] = {}
     awaiting_checkpoint: list[DeliveryRecord] = []
+    unvouched_from: Any = None
     for e in entries:
         kind, d = e.get("type"), e.get("data") or {}
         if kind == "device_identified":
@@ -122,6 +138,11 @@ def collect_deliveries(entries: Iterable[dict[str, Any]]) -> list[DeliveryRecord
             for rec in awaiting_checkpoint:
                 rec.covering_checkpoint = e.get("seq")
             awaiting_checkpoint = []
+        if kind == "recovery":
+            u = d.get("unvouched")
+            unvouched_from = u.get("first_seq") if isinstance(u, dict) else None
+        if kind == "daemon_start":
+            _reopened(out.get(str(d.get("open_delivery"))), unvouched_from)
         did = e.get("delivery_id")
         if not isinstance(did, str):
             continue
@@ -133,7 +154,7 @@ def collect_deliveries(entries: Iterable[dict[str, Any]]) -> list[DeliveryRecord
             rec.joined = bool(d.get("joined_in_progress"))
             rec.continues = d.get("continues")
         elif kind == "sample":
-            rec.last_sample = d
+            rec.last_sample, rec.last_sample_seq = d, e.get("seq")
             rec.simulated = rec.simulated or bool(d.get("simulated"))
         elif kind == "phase_changed":
             rec.phases.append({**d, "seq": e.get("seq")})

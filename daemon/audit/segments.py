@@ -114,6 +114,26 @@ class Segment:
                 yield lines
         self.torn = rest
 
+    def first_line(self) -> bytes:
+        """The first line without its newline (at most MAX_LINE_BYTES are read)."""
+        for lines in self.blocks():
+            return lines[0]
+        return self.torn
+
+    def read_all(self) -> bytes:
+        """The whole file at once (the daemon's recovery, which reads only the newest
+        segments: a regular file, checked at open, so the reading ends)."""
+        parts: list[bytes] = []
+        while True:
+            try:
+                chunk = os.read(self._fd, BLOCK_BYTES)
+            except OSError as exc:
+                raise SegmentError(0, f"cannot be read: {exc.strerror}") from None
+            if not chunk:
+                return b"".join(parts)
+            self.consumed += len(chunk)
+            parts.append(chunk)
+
     @staticmethod
     def _too_long() -> str:
         return f"not a log entry (a line longer than {MAX_LINE_BYTES} bytes)"

@@ -193,6 +193,11 @@ def verify_log(
     ext_seqs = {c.count - 1 for c in ext_cps}
     log_dir = _log_directory(paths, rep.files)
     anchors = _read_anchors(log_dir, rep) if log_dir is not None else []
+    if anchors:
+        # Listed again after the seal was read: a daemon writing the log seals entries
+        # only once they are on disk, so every segment holding what the seal covers exists
+        # now (it may have started one since the first listing: by size, or at midnight).
+        rep.files = collect_files(paths)
     anchor_hashes: dict[int, str | None] = {cp.count - 1: None for _, _, cp in anchors}
     last_ts = ""
     log_key: Verifier | None = None
@@ -578,13 +583,18 @@ def _clock_back(
 
 
 def unvouched_deliveries(files: Sequence[Path], ranges: Sequence[Unvouched]) -> dict[str, str]:
-    """Each delivery with an entry in an unvouched range: delivery id -> the ranges, as
-    text (a second pass over the log, made only when there are such ranges)."""
-    out: dict[str, list[str]] = {}
+    """Each delivery whose records span an unvouched range: delivery id -> the ranges, as
+    text (a second pass over the log, made only when there are such ranges).
+
+    A delivery's span runs from its first entry to its last, or to the end of the log when
+    it has no ``delivery_terminated``: a delivery continued across a restart spans the
+    crashed run's unvouched tail even when no entry there names it (a forger can strip or
+    change the ids in that range, and what the delivery's record says about the time of
+    that tail rests on it either way)."""
     if not ranges:
         return {}
-    lo = min(u.first_seq for u in ranges)
-    hi = max(u.last_seq for u in ranges)
+    spans: dict[str, list[int]] = {}  # id -> [first seq, last seq, ended (0/1)]
+    head = -1
     for _path, _n, raw in iter_entries(files):
         at = raw.rfind(b',"seq":')
         if at < 0:
@@ -593,19 +603,47 @@ def unvouched_deliveries(files: Sequence[Path], ranges: Sequence[Unvouched]) -> 
             seq = int(raw[at + 7 : raw.find(b",", at + 7)])
         except ValueError:
             continue
-        if seq < lo or seq > hi or b'"delivery_id":' not in raw:
+        head = max(head, seq)
+        did = _delivery_id(raw)
+        if did is None:
             continue
-        try:
-            did = orjson.loads(raw).get("delivery_id")
-        except orjson.JSONDecodeError:
-            continue
-        if not isinstance(did, str):
-            continue
-        for u in ranges:
-            text = f"seq {u.first_seq}..{u.last_seq}"
-            if u.first_seq <= seq <= u.last_seq and text not in out.setdefault(did, []):
-                out[did].append(text)
-    return {did: ", ".join(r) for did, r in out.items()}
+        span = spans.get(did)
+        if span is None:
+            spans[did] = [seq, seq, 0]
+        else:
+            span[0], span[1] = min(span[0], seq), max(span[1], seq)
+        if raw.endswith(b'"type":"delivery_terminated"}'):
+            spans[did][2] = 1
+    out: dict[str, str] = {}
+    for did, (lo, last, ended) in spans.items():
+        hi = last if ended else head
+        hit = [
+            f"seq {u.first_seq}..{u.last_seq}"
+            for u in ranges
+            if u.first_seq <= hi and lo <= u.last_seq
+        ]
+        if hit:
+            out[did] = ", ".join(dict.fromkeys(hit))
+    return out
+
+
+def _delivery_id(raw: bytes) -> str | None:
+    """The envelope's delivery_id (it sorts right before "hash"), read without parsing the
+    data; a full parse when the line does not have the plain form."""
+    if b'"delivery_id":' not in raw:
+        return None
+    h = raw.rfind(b',"hash":"')
+    d = raw.rfind(b',"delivery_id":"', 0, h)
+    if d >= 0 and h > 0 and raw[h - 1 : h] == b'"':
+        value = raw[d + 16 : h - 1]
+        if b'"' not in value and b"\\" not in value:
+            return value.decode("utf-8", "replace")
+    try:
+        entry = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    did = entry.get("delivery_id") if isinstance(entry, dict) else None
+    return did if isinstance(did, str) else None
 
 
 def _data(line: bytes) -> dict[str, Any]:

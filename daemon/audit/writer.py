@@ -34,6 +34,14 @@ A failing seal or checkpoint-file write is a failing log write: an alarm, and a 
 the same backoff; it never ends the writer. Before each write the segment's open file is
 compared with the path (device, inode, link count): a deleted or replaced segment or log
 directory is a failing write, alarmed at once, not entries written to an unlinked file.
+
+Whoever can write the log directory can plant files in it. The writer reads and writes
+only regular files there and never follows a link: a segment or ``LOCK`` that is a FIFO, a
+device or a link refuses the start (LogUnusable, naming the file); ``quarantine/`` must be
+a real directory and its files are always created anew (O_EXCL|O_NOFOLLOW); a new segment
+that cannot be opened that way is a failing write; seal.tmp / checkpoint.tmp are removed
+and created anew (daemon/durable.py). A spill file is removed only after its entries are
+in the log, so a crash during the restore loses none of them.
 """
 
 from __future__ import annotations
@@ -46,7 +54,6 @@ import hashlib
 import os
 import re
 import secrets
-import shutil
 import stat
 import tempfile
 import threading
@@ -71,6 +78,7 @@ from iortd.daemon.audit.canonical import (
     seal_parts,
 )
 from iortd.daemon.audit.note import Checkpoint, NoteError, Signer, Verifier
+from iortd.daemon.audit.segments import SegmentError, open_segment
 from iortd.daemon.durable import fsync_dir, write_all, write_atomic
 
 __all__ = [
@@ -102,6 +110,12 @@ class LogDamaged(RuntimeError):
     """The log is damaged in a way a crash cannot explain; the daemon will not write to it."""
 
 
+class LogUnusable(LogDamaged):
+    """A file in the log directory that the daemon must not read or follow: not a regular
+    file (a FIFO, a device, a directory) or a symbolic link, under a segment's name or as
+    ``LOCK``. Someone else changed the directory; the daemon does not start on it."""
+
+
 class LogInUse(RuntimeError):
     """Another process holds the log directory."""
 
@@ -114,6 +128,10 @@ class LogRolledBack(RuntimeError):
 SEAL_FILE = "seal"
 CHECKPOINT_FILE = "checkpoint"
 ANCHOR_MAX_BYTES = 64 * 1024  # a seal or checkpoint note is a few hundred bytes
+# Deliveries started in an unvouched tail that a start closes: a crash leaves at most one
+# or two (one commit window); a forger's thousands must not make the start write for
+# minutes (the newest are closed; the rest stay open, marked unvouched by every command).
+UNVOUCHED_CLOSED_MAX = 16
 DEFAULT_SPILL_DIR = Path(tempfile.gettempdir()) / "iortd-spill"
 
 
@@ -214,6 +232,12 @@ class RecoveryReport:
     # The ts of the last vouched entry when some are unvouched: what the daemon saw for
     # certain ends there, so a monitoring gap after a crash starts there.
     last_vouched_ts: str | None = None
+    # When a later run took the open delivery over and never heard the console: the start
+    # of the gap it recorded (from vouched entries), earlier than any of its own entries.
+    open_delivery_unwatched_since: str | None = None
+    # Deliveries started in the unvouched range and not ended there: nothing vouched names
+    # them, so they cannot be taken over; the start closes them (UNKNOWN, no dose taken).
+    unvouched_open_deliveries: tuple[str, ...] = ()
 
 
 class _Pending(NamedTuple):
@@ -778,7 +802,7 @@ class AuditLog:
             os.close(old.fd)
             self._segment = None
         path = self.directory / f"log-{first_seq:016d}-{date}.jsonl"
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        fd = _open_for_append(path, os.O_CREAT)
         size = os.fstat(fd).st_size
         fsync_dir(self.directory)
         self._segment = _Segment(path, fd, size, date)
@@ -832,6 +856,21 @@ class AuditLog:
             await self._side_files()  # once: a failure is logged and alarmed, not raised
 
 
+def _open_for_append(path: Path, extra: int = 0) -> int:
+    """A segment opened for appending: never through a link (the next segment's name is
+    predictable; a link planted there would have the log appended to another file) and
+    only a regular file (O_NONBLOCK: a FIFO planted there fails at once instead of
+    waiting for a reader). Otherwise an OSError: a failing write, alarmed and retried."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | extra
+    fd = os.open(path, flags, 0o640)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(
+            errno.EINVAL, f"{path}: not a regular file: someone changed the log directory"
+        )
+    return fd
+
+
 def _check_same_file(seg: _Segment) -> None:
     """The open segment is still the file at its path: not deleted, not replaced, its
     directory not moved or deleted. Otherwise writing on would go to a file nobody sees."""
@@ -851,9 +890,40 @@ def _check_same_file(seg: _Segment) -> None:
 # ---- recovery (runs in a worker thread before the writer starts) -------------------------
 
 
+def _unusable(path: Path, what: str) -> LogUnusable:
+    return LogUnusable(
+        f"{path} {what}. Not reading it, and nothing was moved. Keep the directory as "
+        "evidence and check it with `iort-audit verify`; then remove that file if it is "
+        "not the log's, or point log.directory at a new directory to start a new log."
+    )
+
+
+def _read_segment(path: Path) -> bytes:
+    """A segment's bytes: only a regular file, never through a symbolic link (a FIFO
+    would hang the start, a link to /dev/zero exhaust memory, a link elsewhere make the
+    daemon read, truncate and append to a file of someone else's choosing)."""
+    try:
+        with open_segment(path) as seg:
+            return seg.read_all()
+    except SegmentError as exc:
+        raise _unusable(path, exc.what) from None
+
+
+def _check_segments(segments: list[Path]) -> None:
+    """Every segment a regular file, checked before anything is read or touched."""
+    for path in segments:
+        try:
+            open_segment(path).close()
+        except SegmentError as exc:
+            raise _unusable(path, exc.what) from None
+
+
 def _read_origin(first: Path) -> str | None:
-    with open(first, "rb") as f:
-        line = f.readline()
+    try:
+        with open_segment(first) as seg:
+            line = seg.first_line()
+    except SegmentError as exc:
+        raise _unusable(first, exc.what) from None
     try:
         entry = orjson.loads(line)
     except orjson.JSONDecodeError:
@@ -865,16 +935,56 @@ def _read_origin(first: Path) -> str | None:
 
 
 def _quarantine(directory: Path) -> Path:
+    """The log directory's own quarantine/: a real directory, never a link (whoever can
+    write the log directory could point it anywhere)."""
     q = directory / "quarantine"
-    q.mkdir(exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        q.mkdir()
+    if not stat.S_ISDIR(os.lstat(q).st_mode):
+        raise _unusable(q, "is not a directory (a symbolic link, or a file)")
     return q
+
+
+def _write_new(path: Path, data: bytes) -> Path:
+    """A new file in quarantine/, fsync'd; returns its path. Never through a link, never
+    over a file that is there already (its name is predictable: a planted link there would
+    make the daemon write into a file of someone else's choosing): a name taken gets a
+    suffix (.1, .2, ...; a start that crashed in the same second left its copy)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    name = path.name
+    for n in range(100):
+        path = path.with_name(name if n == 0 else f"{name}.{n}")
+        try:
+            fd = os.open(path, flags, 0o640)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise _unusable(path, "and 99 names before it exist already in quarantine/")
+    try:
+        write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)
+    return path
 
 
 def _lock(directory: Path) -> int:
     """One writer per log directory: an exclusive flock on LOCK, held until close (the
     kernel drops it if the process dies, so a crash never leaves it stale)."""
     directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o640)
+    path = directory / "LOCK"
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o640)
+    except OSError:
+        if os.path.islink(path):
+            raise _unusable(path, "is a symbolic link, not the daemon's lock file") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _unusable(path, "is not a regular file, not the daemon's lock file")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -908,6 +1018,7 @@ def _recover(
     whole entry); anything else is damage, and the log is refused as it is."""
     directory.mkdir(parents=True, exist_ok=True)
     segments = segment_paths(directory)
+    _check_segments(segments)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     new_log = RecoveryReport(
         created=True,
@@ -925,14 +1036,14 @@ def _recover(
     # when a crash can happen.
     prev_scan: _Scan | None = None
     if len(segments) > 1:
-        prev_data = segments[-2].read_bytes()
+        prev_data = _read_segment(segments[-2])
         prev_scan = _scan(prev_data, None, None)
         if prev_scan.error is not None or prev_scan.intact != len(prev_data):
             line = prev_data[: prev_scan.intact].count(b"\n") + 1
             raise _damaged(f"{segments[-2]}:{line}", prev_scan.error or "incomplete entry")
 
     last = segments[-1]
-    data = last.read_bytes()
+    data = _read_segment(last)
     scan = _scan(
         data,
         None if prev_scan is None else prev_scan.last_hash,
@@ -970,11 +1081,7 @@ def _recover(
     kept_at = None
     if tail_bytes:
         target = _quarantine(directory) / f"{last.name}.tail-at-{scan.intact}.{stamp}.bin"
-        with open(target, "wb") as f:
-            f.write(data[scan.intact :])
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(target.parent)
+        target = _write_new(target, data[scan.intact :])
         kept_at = str(target.relative_to(directory))
         with open(last, "r+b") as f:
             f.truncate(scan.intact)
@@ -989,10 +1096,10 @@ def _recover(
     size = scan.intact
     if spill_dir is not None:
         spilled, size = _restore_spill(directory, spill_dir, log_origin, last, scan, stamp)
-    fd = os.open(last, os.O_WRONLY | os.O_APPEND)
+    fd = _open_for_append(last)
     date = last.name.split("-")[2].removesuffix(".jsonl")  # segment_paths matched the name
     segment = _Segment(last, fd, size, date)
-    open_id, open_sample, open_started = _open_delivery(segments, vouch.count)
+    open_id, open_sample, open_started, open_gap = _open_delivery(segments, vouch.count)
     report = RecoveryReport(
         created=False,
         origin=log_origin,
@@ -1011,6 +1118,12 @@ def _recover(
         rollback=vouch.rollback,
         spilled=spilled,
         open_delivery_started=open_started,
+        open_delivery_unwatched_since=open_gap,
+        unvouched_open_deliveries=()
+        if vouch.count is None
+        else tuple(d for d in _started_unvouched(segments, vouch.count) if d != open_id)[
+            -UNVOUCHED_CLOSED_MAX:
+        ],
     )
     if report.unvouched is not None and report.unvouched[0] > 0:
         env = _envelope_at(segments, report.unvouched[0] - 1)
@@ -1050,12 +1163,12 @@ def _restore_spill(
     except OSError as exc:
         log.critical("audit_log_spill_unusable", path=str(source), error=str(exc))
         return {"unusable": str(exc)}, size
+    # Order matters for a crash during this restore: kept in quarantine, then appended
+    # to the log, and only then removed. A crash before the removal finds the spill
+    # again, its entries already in the log (said so, never appended twice); a crash
+    # after it finds them in the log.
     target = _quarantine(directory) / f"{source.name}.{stamp}.spilled"
-    shutil.copyfile(source, target)
-    with open(target, "rb") as f:
-        os.fsync(f.fileno())
-    fsync_dir(target.parent)
-    source.unlink()
+    target = _write_new(target, data)
     seqs = [s for s in (_entry_seq(raw) for raw in data.splitlines()) if s is not None]
     found: dict[str, Any] = {
         "count": len(seqs),
@@ -1073,8 +1186,21 @@ def _restore_spill(
         size += cont.intact
         found["restored"] = cont.entries
         scan.last_seq, scan.last_hash, scan.last_ts = cont.last_seq, cont.last_hash, cont.last_ts
+    elif _already_restored(data, last):
+        found["restored"] = found["count"]
+        found["already_in_log"] = True  # by a start that crashed before removing the spill
+    source.unlink()
     log.warning("audit_log_spill_found", **found)
     return found, size
+
+
+def _already_restored(data: bytes, last: Path) -> bool:
+    """Whether the spill's whole chain is already in the newest segment, unchanged."""
+    whole = _scan(data, None, None)
+    if whole.entries == 0 or whole.error is not None:
+        return False
+    env = _envelope_at([last], whole.last_seq)
+    return env is not None and env.hash == whole.last_hash
 
 
 # ---- seal, checkpoint file and the entries they vouch for --------------------------------
@@ -1222,7 +1348,7 @@ def _envelope_at(segments: list[Path], seq: int) -> Envelope | None:
         first = int(path.name[4:20])
         if first > seq:
             continue
-        for raw in path.read_bytes().splitlines():
+        for raw in _read_segment(path).splitlines():
             if _entry_seq(raw) == seq:
                 try:
                     return open_line(raw)
@@ -1241,7 +1367,7 @@ def _last_checkpoint_entry(segments: list[Path], verifier: Verifier, floor: int)
     """The count vouched for by the newest checkpoint entry signed by ``verifier`` that
     covers exactly the chain before it (its own seq + 1), if above ``floor``."""
     for path in reversed(segments):
-        lines = path.read_bytes().splitlines()
+        lines = _read_segment(path).splitlines()
         for raw in reversed(lines):
             seq = _entry_seq(raw)
             if seq is None or seq < floor:
@@ -1281,14 +1407,17 @@ def _later_entry(data: bytes, start: int) -> bool:
     return False
 
 
-_Open = tuple[str | None, Mapping[str, Any] | None, Mapping[str, Any] | None]
+_Open = tuple[str | None, Mapping[str, Any] | None, Mapping[str, Any] | None, str | None]
+_NO_OPEN: _Open = (None, None, None, None)
 
 
 def _open_delivery(segments: list[Path], vouched_count: int | None = None) -> _Open:
     """The delivery left open by the previous run, if any, with its last sample and its
     delivery_started data, from vouched entries only (seq < ``vouched_count``, when
     given): a forged delivery_terminated in an unvouched tail must not close the delivery,
-    nor a forged sample stand as its last.
+    nor a forged sample stand as its last. The fourth item is the start of the oldest
+    monitoring gap of that delivery recorded after its last sample (a run that took it over
+    and never heard the console): nobody has watched it since then.
 
     Scans backwards to the newest delivery_started or delivery_terminated entry. A
     daemon_start either closed what was open before it (it then names no open delivery:
@@ -1297,9 +1426,10 @@ def _open_delivery(segments: list[Path], vouched_count: int | None = None) -> _O
     each carried it). This bounds the work at start-up to the open delivery's own runs.
     """
     last_sample: dict[str, Mapping[str, Any]] = {}
+    gap_since: dict[str, str] = {}
     carried: str | None = None
     for path in reversed(segments):
-        for raw in reversed(path.read_bytes().splitlines()):
+        for raw in reversed(_read_segment(path).splitlines()):
             if vouched_count is not None:
                 seq = _entry_seq(raw)
                 if seq is None or seq >= vouched_count:
@@ -1312,7 +1442,7 @@ def _open_delivery(segments: list[Path], vouched_count: int | None = None) -> _O
                     data = None
                 opened = data.get("open_delivery") if isinstance(data, dict) else None
                 if not isinstance(opened, str) or carried not in (None, opened):
-                    return None, None, None
+                    return _NO_OPEN
                 carried = opened
                 continue
             if b'"delivery_id":' not in raw:
@@ -1326,13 +1456,47 @@ def _open_delivery(segments: list[Path], vouched_count: int | None = None) -> _O
                 continue
             if kind == "sample" and did not in last_sample:
                 last_sample[did] = entry.get("data", {})
+            elif kind == "monitoring_gap_started" and did not in last_sample:
+                start = (entry.get("data") or {}).get("start")
+                if isinstance(start, str):
+                    gap_since[did] = start  # older ones overwrite: the oldest is kept
             elif kind == "delivery_terminated":
-                return None, None, None
+                return _NO_OPEN
             elif kind == "delivery_started":
                 if carried not in (None, did):
-                    return None, None, None
-                return did, last_sample.get(did), entry.get("data", {})
-    return None, None, None
+                    return _NO_OPEN
+                return did, last_sample.get(did), entry.get("data", {}), gap_since.get(did)
+    return _NO_OPEN
+
+
+def _started_unvouched(segments: list[Path], vouched_count: int) -> list[str]:
+    """Deliveries whose delivery_started is at or after ``vouched_count`` and that no
+    delivery_terminated after it ends, oldest first (a scan of the unvouched tail only)."""
+    started: list[str] = []
+    ended: set[str] = set()
+    for path in reversed(segments):
+        for raw in reversed(_read_segment(path).splitlines()):
+            seq = _entry_seq(raw)
+            if seq is None:
+                continue
+            if seq < vouched_count:
+                return started[::-1]
+            is_end = raw.endswith(b'"type":"delivery_terminated"}')
+            if not (is_end or raw.endswith(b'"type":"delivery_started"}')):
+                continue
+            try:
+                did = orjson.loads(raw).get("delivery_id")
+            except (orjson.JSONDecodeError, AttributeError):
+                continue
+            if not isinstance(did, str):
+                continue
+            if is_end:
+                ended.add(did)
+            elif did not in ended and did not in started:
+                started.append(did)
+        if int(path.name[4:20]) <= vouched_count:
+            break
+    return started[::-1]
 
 
 def new_origin(site: str, room: str) -> str:

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -366,3 +367,29 @@ def test_a_running_daemons_unsealed_commit_is_excused_once_its_seal_comes(log: L
         os.close(fd)
     assert p.returncode == 0, p.stdout
     assert "the daemon is writing this log" in p.stdout
+
+
+def test_the_daemon_refuses_a_fifo_segment_at_start_with_exit_2(make_site: Any) -> None:
+    """``iortd run`` on a log directory with a FIFO under a segment's name: one error line
+    naming the file, exit 2, at once (it used to hang in recovery, reading the FIFO)."""
+    site = make_site()
+    site.log_dir.mkdir()
+    fifo = site.log_dir / "log-0000000000000000-20260101.jsonl"
+    os.mkfifo(fifo)
+    try:
+        p = subprocess.run(
+            [str(Path(sys.executable).parent / "iortd"), "run", "--config", str(site.config)],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(OSError):  # let the stuck daemon read EOF and go
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        pytest.fail(f"iortd run hung for {TIMEOUT_S} s on a FIFO segment")
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr, p.stderr
+    [line] = p.stderr.strip().splitlines()[-1:]
+    assert str(fifo) in line
+    assert "FIFO" in line

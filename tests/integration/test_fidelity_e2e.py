@@ -25,7 +25,7 @@ from daemonproc import Daemon, Site
 from mqttobs import Message, Observer
 from simproc import Simulator
 
-from iortd.daemon.audit.note import generate_keypair, write_keypair
+from iortd.daemon.audit.note import Checkpoint, generate_keypair, write_keypair
 from iortd.daemon.mqtt.broker import BrokerOptions, Mosquitto
 
 pytestmark = pytest.mark.integration
@@ -161,13 +161,20 @@ class Run:
 
 async def _dose_on_disk(site: Site, gy: float, within_s: float) -> None:
     """A bounded poll of the audit log (written by another process, which tells us
-    nothing) until a sample with at least ``gy`` delivered is on disk."""
+    nothing) until a sample with at least ``gy`` delivered is on disk and sealed: a
+    restart takes a delivery over only from vouched entries (docs/audit-log.md), and a
+    crash between a commit and its seal leaves that commit unvouched."""
     async with asyncio.timeout(within_s):
         while True:
+            seal = site.log_dir / "seal"
+            sealed = 0
+            if seal.exists():
+                sealed = Checkpoint.parse_verified(seal.read_text(), None)[0].count
             for seg in sorted(site.log_dir.glob("log-*.jsonl")):
                 for line in seg.read_text("utf-8").splitlines():
                     e = json.loads(line)
-                    if e["type"] == "sample" and (e["data"].get("delivered_primary_gy") or 0) >= gy:
+                    dose = e["data"].get("delivered_primary_gy") or 0
+                    if e["type"] == "sample" and dose >= gy and e["seq"] < sealed:
                         return
             await asyncio.sleep(0.05)
 
@@ -579,6 +586,9 @@ def test_a_console_gone_after_a_restart_leaves_the_delivery_open_in_a_gap(
     gaps = [e for e in of_type(r, "monitoring_gap_started") if e.get("delivery_id") == did]
     assert len(gaps) == 2
     assert all(g["data"]["cause"].startswith("daemon not running") for g in gaps)
+    # Nobody heard the console since the first run: the second gap starts where the first
+    # did, not at the second run's last entry (elapsed would lose that run's length).
+    assert gaps[1]["data"]["start"] == gaps[0]["data"]["start"], gaps
     out = subprocess.run(
         [str(BIN / "iort-audit"), "deliveries", str(r.site.log_dir)],
         capture_output=True,
