@@ -5,7 +5,7 @@ publishes or writes records; the daemon does. Drivers are found through the entr
 group ``iort.drivers`` (see drivers.registry), so a third-party package adds one without
 touching this repository (examples/iortd-driver-example is one). This module, with
 ``iortd.drivers.types``, ``.errors``, ``.transport`` and ``.clock``, is the public API such
-a package may import (README, "Writing a driver"); the other driver modules are private.
+a package may import (docs/engineers.md, "Writing a driver"); the other driver modules are private.
 """
 
 from __future__ import annotations

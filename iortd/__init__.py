@@ -6,7 +6,7 @@ The source tree keeps one folder per part (``daemon/``, ``drivers/``, ``simulato
 ``iortd.config`` and ``iortd.schemas``, so no generic top-level name (``daemon`` is also the
 import name of python-daemon) lands in site-packages.
 
-How the name resolves (README, "Development"):
+How the name resolves (docs/development.md, "The iortd namespace"):
 
 - **wheels and editable installs**: ``[tool.setuptools] package-dir`` in pyproject.toml maps
   each subpackage to its folder; this file's folder is the package ``iortd`` itself.

@@ -243,6 +243,24 @@ def test_the_changelog_is_linked_from_the_readme_and_has_an_unreleased_section()
     assert "(CHANGELOG.md)" in readme, "README.md does not link CHANGELOG.md"
 
 
+USER_DOCS = ("docs/physicists.md", "docs/engineers.md", "docs/auditors.md", "docs/development.md")
+README_MAX_LINES = 160
+
+
+def test_the_readme_is_a_front_door_with_one_link_per_user() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    lines = readme.count("\n") + (0 if readme.endswith("\n") else 1)
+    assert lines <= README_MAX_LINES, (
+        f"README.md has {lines} lines (at most {README_MAX_LINES}): move the detail into "
+        "the user docs it links"
+    )
+    links = {m.group(1).partition("#")[0] for m in _INLINE_LINK.finditer(readme)}
+    missing = [doc for doc in USER_DOCS if doc not in links]
+    assert missing == [], f"README.md does not link {missing}"
+    for doc in USER_DOCS:
+        assert doc in tracked_files(), f"{doc} is not in the repository"
+
+
 # --- the checks themselves catch what they claim to -------------------------------------
 
 

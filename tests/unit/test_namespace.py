@@ -6,7 +6,7 @@
 - no file names the old top-level packages (``from daemon.x``, ``"drivers.sim:..."``):
   the rewrite script finds nothing to do, so a branch merged from before the namespace is
   caught here, with the command that fixes it;
-- the example third-party driver imports only the public modules the README names, and
+- the example third-party driver imports only the public modules docs/engineers.md names, and
   behaves like a driver (identify, read, bad bytes, a device error, an unreported
   interlock) on the scripted transport.
 
@@ -35,7 +35,7 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))
 SETUPTOOLS = PYPROJECT["tool"]["setuptools"]
 EXAMPLE_SRC = ROOT / "examples" / "iortd-driver-example" / "src" / "iortd_driver_example"
 
-# What a plug-in may import (README, "Writing a driver"); everything else is private.
+# What a plug-in may import (docs/engineers.md, "Writing a driver"); everything else is private.
 PUBLIC = (
     "iortd.drivers.interface",
     "iortd.drivers.types",
@@ -143,12 +143,18 @@ def test_example_driver_imports_only_public_modules() -> None:
     assert used <= set(PUBLIC), f"private iortd modules imported: {sorted(used - set(PUBLIC))}"
 
 
-def test_readme_names_the_public_modules() -> None:
-    readme = (ROOT / "README.md").read_text("utf-8")
-    assert "### Writing a driver" in readme, "README has no 'Writing a driver' section"
-    section = readme.split("### Writing a driver", 1)[1].split("\n## ", 1)[0]
+def test_engineers_doc_names_the_public_modules() -> None:
+    doc = (ROOT / "docs" / "engineers.md").read_text("utf-8")
+    heading = re.search(r"^(#{2,3}) Writing a driver\s*$", doc, re.MULTILINE)
+    assert heading, "docs/engineers.md has no 'Writing a driver' section"
+    level = heading.group(1)
+    rest = doc[heading.end() :]
+    following = re.search(rf"^#{{1,{len(level)}}} ", rest, re.MULTILINE)
+    section = rest[: following.start()] if following else rest
     named = set(re.findall(r"`(iortd\.[a-z_.]+)`", section))
-    assert named >= set(PUBLIC), f"README 'Writing a driver' does not name {set(PUBLIC) - named}"
+    assert named >= set(PUBLIC), (
+        f"docs/engineers.md 'Writing a driver' does not name {set(PUBLIC) - named}"
+    )
     assert "examples/iortd-driver-example" in section
 
 

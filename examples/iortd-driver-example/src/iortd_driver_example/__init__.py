@@ -13,7 +13,7 @@ line or a TCP serial server, with space-separated ``key=value`` pairs::
 It is a template, not a product: copy the folder, rename the package and the entry point,
 and replace the protocol. What it shows:
 
-- it imports only iortd's public driver modules (README, "Writing a driver"):
+- it imports only iortd's public driver modules (docs/engineers.md, "Writing a driver"):
   ``iortd.drivers.interface``, ``.types``, ``.errors`` and ``.transport``;
 - the factory checks every option and the transport in ``validate`` without opening
   anything, and each error names the key (``options.max_line``), so ``iortd check-config``
