@@ -114,3 +114,30 @@ async def test_a_flood_of_valid_messages_from_one_room_does_not_delay_another() 
     )
     assert "site-a/or-2" not in rooms.rejects, rooms.rejects
     assert rejects["dropped_busy"] == rooms.rejects["site-a/or-1"][BUSY]
+
+
+def test_each_room_is_bounded_in_messages_and_bytes_and_served_in_turn() -> None:
+    rooms = Rooms("iort")
+    queue = incoming_queue(
+        rooms, lambda _t, _e: None, max_bytes=10**9, room_bytes=10**9, room_messages=3
+    )()
+    for _ in range(5):
+        queue.put_nowait(message(FLOOD, b""))
+    queue.put_nowait(message(QUIET, b""))
+    queue.put_nowait(message("elsewhere", b""))
+    assert queue.qsize() == 5, "3 of or-1 (2 dropped), 1 of or-2, 1 of no room"
+    assert rooms.rejects == {"site-a/or-1": {BUSY: 2}}
+    order = [queue.get_nowait().topic.value for _ in range(5)]
+    assert order == [FLOOD, QUIET, "elsewhere", FLOOD, FLOOD], "one each, in turn"
+    assert queue.qsize() == 0
+    assert queue.bytes == 0  # type: ignore[attr-defined]
+
+
+def test_empty_payloads_are_charged_so_the_queue_stays_bounded() -> None:
+    """A flood of empty payloads was free of charge, so unbounded in number."""
+    rooms = Rooms("iort")
+    queue = incoming_queue(rooms, lambda _t, _e: None, max_bytes=1024 * 1024)()
+    for i in range(100_000):
+        queue.put_nowait(message(f"iort/v1/site-a/or-{i % 50}/telemetry", b""))
+    assert queue.qsize() <= 1024 * 1024 // 512
+    assert rooms.dropped_busy == 100_000 - queue.qsize()
