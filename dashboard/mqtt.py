@@ -12,9 +12,9 @@ count, so a flood of bad messages cannot flood the operational log.
 Between paho and us, aiomqtt keeps received messages in a queue that is unbounded by
 default. Here it is `incoming_queue`: **one bounded queue per room, served in turn**
 (issue 13: one room can never stop another from updating). Validation costs about
-0.5 ms a message, so a single publisher of *valid* messages can outrun it; in one shared
-FIFO its backlog then delayed every other room by seconds, and once the byte bound was
-reached every room's messages were dropped. Now:
+0.25 ms a message (docs/dashboard.md), so a single publisher of *valid* messages can
+outrun it; in one shared FIFO its backlog then delayed every other room by seconds, and
+once the byte bound was reached every room's messages were dropped. Now:
 
 * a payload larger than the dashboard's limit is counted as rejected and never queued
   (paho has read it, and drops it when the callback returns);
@@ -30,8 +30,8 @@ reached every room's messages were dropped. Now:
 The room of a message is its topic's ``{site}/{room}`` (`Rooms.room_of`); every topic that
 names no room shares one turn. Limit: a publisher that floods under many room names gets
 a turn for each, so the rooms' latency grows with the number of *busy* rooms (about
-0.5 ms each), and ``INCOMING_BYTES`` / ``ROOM_BYTES`` (16) such rooms fill the total bound;
-only the broker's ACL (docs/dashboard.md) stops a publisher from using many names.
+0.25 ms each), and ``INCOMING_BYTES`` / ``ROOM_BYTES`` (16) such rooms fill the total
+bound; only the broker's ACL (docs/dashboard.md) stops a publisher from using many names.
 """
 
 from __future__ import annotations
