@@ -17,7 +17,9 @@ outrun it; in one shared FIFO its backlog then delayed every other room by secon
 once the byte bound was reached every room's messages were dropped. Now:
 
 * a payload larger than the dashboard's limit is counted as rejected and never queued
-  (paho has read it, and drops it when the callback returns);
+  (paho has read it, and drops it when the callback returns), and a topic the dashboard
+  passes over (commands, ``applicator``, ``alarms``) is counted as ignored and not queued
+  either, so a flood of them under a room's name cannot use up that room's queue;
 * each message is charged its payload plus ``MESSAGE_OVERHEAD`` (so that empty payloads
   are not free); a room may have at most ``ROOM_MESSAGES`` messages and ``ROOM_BYTES``
   waiting, all rooms together at most ``INCOMING_BYTES``; a message beyond either is
@@ -256,6 +258,9 @@ def incoming_queue(
                 )
                 rooms.refuse(topic, exc)
                 on_reject(topic, exc)
+                return
+            if rooms.not_shown(topic):  # passed over anyway: takes no place in a queue
+                rooms.ignored += 1
                 return
             key = rooms.room_of(topic)
             cost = size + MESSAGE_OVERHEAD

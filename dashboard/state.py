@@ -472,9 +472,7 @@ class Rooms:
         """One MQTT message as received: its size is checked before it is parsed. None for
         a repeat or a topic not shown (``NOT_SHOWN``); :class:`Rejected` (counted) for
         anything not applied."""
-        head = f"{self.prefix}/v1/"
-        parts = topic[len(head) :].split("/", 2) if topic.startswith(head) else []
-        if len(parts) == 3 and (parts[2] in NOT_SHOWN or parts[2].startswith(NOT_SHOWN_PREFIX)):
+        if self.not_shown(topic):
             self.ignored += 1
             return None
         if len(data) > self.max_payload_bytes:
@@ -601,6 +599,12 @@ class Rooms:
             self._remove(key)
             self.rooms_removed += 1
         return gone
+
+    def not_shown(self, topic: str) -> bool:
+        """Whether ``topic`` is one of the contract's that the dashboard passes over."""
+        head = f"{self.prefix}/v1/"
+        parts = topic[len(head) :].split("/", 2) if topic.startswith(head) else []
+        return len(parts) == 3 and (parts[2] in NOT_SHOWN or parts[2].startswith(NOT_SHOWN_PREFIX))
 
     def room_of(self, topic: str) -> str:
         """The room key of ``topic`` (``site/room``), or ``NO_ROOM`` if it names none."""
