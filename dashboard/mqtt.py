@@ -22,9 +22,12 @@ once the byte bound was reached every room's messages were dropped. Now:
   either, so a flood of them under a room's name cannot use up that room's queue;
 * each message is charged its payload plus ``MESSAGE_OVERHEAD`` (so that empty payloads
   are not free); a room may have at most ``ROOM_MESSAGES`` messages and ``ROOM_BYTES``
-  waiting, all rooms together at most ``INCOMING_BYTES``; a message beyond either is
-  dropped and counted (``dropped_busy`` in total, and ``dropped: dashboard busy`` under
-  its own room, shown as the room's other rejects are);
+  waiting, all rooms together at most ``INCOMING_BYTES``. A message beyond its room's
+  bounds is dropped; when all together are full, the room holding most (tracked as of
+  its last push) drops its oldest, unless that is the newcomer's own room or holds no
+  more than it, and then the newcomer is dropped. Either is counted under the room that
+  lost it (``dropped: dashboard busy``, shown as the room's other rejects are) and in
+  total (``dropped_busy``);
 * the consumer takes one message from each room that has any, in turn (round robin). So
   a room's messages wait behind at most one message of each other busy room, however
   deep their backlogs: a flooding room delays and drops only its own messages.
@@ -32,8 +35,9 @@ once the byte bound was reached every room's messages were dropped. Now:
 The room of a message is its topic's ``{site}/{room}`` (`Rooms.room_of`); every topic that
 names no room shares one turn. Limit: a publisher that floods under many room names gets
 a turn for each, so the rooms' latency grows with the number of *busy* rooms (about
-0.25 ms each), and ``INCOMING_BYTES`` / ``ROOM_BYTES`` (16) such rooms fill the total
-bound; only the broker's ACL (docs/dashboard.md) stops a publisher from using many names.
+0.25 ms each); once 16 such rooms (``INCOMING_BYTES`` / ``ROOM_BYTES``) fill the total, a
+quiet room's message still gets in, at the heaviest room's expense. Only the broker's
+ACL (docs/dashboard.md) stops a publisher from using many names.
 """
 
 from __future__ import annotations
@@ -182,6 +186,9 @@ class FairQueue:
         self.rooms: dict[str, deque[tuple[aiomqtt.Message, int]]] = {}
         self.room_bytes: dict[str, int] = {}
         self.turns: deque[str] = deque()  # rooms with a message waiting, next first
+        # The room holding most bytes, as of its last push (cheap, and close enough: it
+        # is reset to the next busy room when it empties).
+        self.heaviest: str | None = None
         self.bytes = 0
         self.count = 0
 
@@ -193,13 +200,27 @@ class FairQueue:
             for item, _ in waiting:
                 yield item
 
-    def admits(self, key: str, cost: int, *, max_bytes: int, room_bytes: int, room_n: int) -> bool:
+    def admits(self, key: str, cost: int, *, room_bytes: int, room_n: int) -> bool:
+        """Whether ``key``'s own bounds leave room for one more message of ``cost``."""
         waiting = self.rooms.get(key)
-        if self.bytes + cost > max_bytes:
-            return False
         return waiting is None or (
             len(waiting) < room_n and self.room_bytes[key] + cost <= room_bytes
         )
+
+    def make_way(self, key: str, cost: int) -> tuple[str, aiomqtt.Message] | None:
+        """Drop the oldest message of the heaviest room, if that is another room holding
+        more than ``key`` would with ``cost`` more (and it keeps one message); the room
+        and the message dropped, or None (then the newcomer is the one to drop)."""
+        h = self.heaviest
+        if h is None or h == key or len(self.rooms[h]) <= 1:
+            return None
+        if self.room_bytes[h] <= self.room_bytes.get(key, 0) + cost:
+            return None
+        item, dropped = self.rooms[h].popleft()
+        self.room_bytes[h] -= dropped
+        self.bytes -= dropped
+        self.count -= 1
+        return h, item
 
     def push(self, key: str, item: aiomqtt.Message, cost: int) -> None:
         waiting = self.rooms.get(key)
@@ -209,6 +230,8 @@ class FairQueue:
             self.turns.append(key)
         waiting.append((item, cost))
         self.room_bytes[key] += cost
+        if self.heaviest is None or self.room_bytes[key] > self.room_bytes[self.heaviest]:
+            self.heaviest = key
         self.bytes += cost
         self.count += 1
 
@@ -221,6 +244,8 @@ class FairQueue:
             self.room_bytes[key] -= cost
         else:
             del self.rooms[key], self.room_bytes[key]
+            if key == self.heaviest:
+                self.heaviest = self.turns[0] if self.turns else None
         self.bytes -= cost
         self.count -= 1
         return item
@@ -236,6 +261,12 @@ def incoming_queue(
 ) -> type[asyncio.Queue[aiomqtt.Message]]:
     """aiomqtt's incoming message queue class: per room, bounded, served in turn (see the
     module notes)."""
+
+    def busy(topic: str, key: str) -> None:
+        rooms.dropped_busy += 1
+        exc = Rejected(BUSY, "incoming queue full", room=key)
+        rooms.refuse(topic, exc)
+        on_reject(topic, exc)
 
     class Incoming(asyncio.Queue[aiomqtt.Message]):
         _queue: FairQueue  # asyncio.Queue's storage, replaced in _init
@@ -264,13 +295,16 @@ def incoming_queue(
                 return
             key = rooms.room_of(topic)
             cost = size + MESSAGE_OVERHEAD
-            if not self._queue.admits(
-                key, cost, max_bytes=max_bytes, room_bytes=room_bytes, room_n=room_messages
-            ):
-                rooms.dropped_busy += 1
-                exc = Rejected(BUSY, "incoming queue full", room=key)
-                rooms.refuse(topic, exc)
-                on_reject(topic, exc)
+            fits = self._queue.admits(key, cost, room_bytes=room_bytes, room_n=room_messages)
+            while fits and self._queue.bytes + cost > max_bytes:
+                # All rooms together are full: the heaviest room makes way, or nobody.
+                made = self._queue.make_way(key, cost)
+                if made is None:
+                    fits = False
+                else:
+                    busy(made[1].topic.value, made[0])
+            if not fits:
+                busy(topic, key)
                 return
             self._next = (key, cost)
             super().put_nowait(item)

@@ -13,7 +13,7 @@ import time
 import aiomqtt
 import orjson
 
-from iortd.dashboard.mqtt import incoming_queue
+from iortd.dashboard.mqtt import MESSAGE_OVERHEAD, incoming_queue
 from iortd.dashboard.state import Rooms
 
 TS = "2026-11-26T10:00:00.000000Z"
@@ -156,3 +156,21 @@ def test_topics_not_shown_take_no_place_in_a_rooms_queue() -> None:
     assert queue.qsize() == 1
     assert rooms.ignored == 20
     assert rooms.dropped_busy == 0, rooms.rejects
+
+
+def test_when_all_rooms_together_are_full_the_heaviest_room_loses_not_the_newcomer() -> None:
+    """Many flooding rooms can fill the total bound; a quiet room's message then still
+    gets in, and the message that makes way is the oldest of the room holding most."""
+    rooms = Rooms("iort")
+    cost = 100 + MESSAGE_OVERHEAD
+    queue = incoming_queue(rooms, lambda _t, _e: None, max_bytes=10 * cost)()
+    for i in range(10):
+        queue.put_nowait(message(FLOOD if i < 7 else "iort/v1/site-a/or-3/telemetry", b"x" * 100))
+    queue.put_nowait(message(QUIET, b"q" * 100))
+    assert queue.qsize() == 10
+    assert rooms.rejects == {"site-a/or-1": {BUSY: 1}}, "counted under the heaviest room"
+    taken = [queue.get_nowait() for _ in range(10)]
+    assert [m.payload for m in taken].count(b"q" * 100) == 1
+    queue.put_nowait(message(FLOOD, b"x" * 100))
+    queue.put_nowait(message(FLOOD, b"x" * 100))
+    assert queue.qsize() == 2
