@@ -10,11 +10,34 @@ is rejected is counted there and logged here, rate-limited (`RejectLog`): the fi
 count, so a flood of bad messages cannot flood the operational log.
 
 Between paho and us, aiomqtt keeps received messages in a queue that is unbounded by
-default. Here it is `incoming_queue`, bounded in **bytes**: a payload larger than the
-dashboard's limit is counted as rejected and never queued (paho has read it, and drops it
-when the callback returns), and when ``INCOMING_BYTES`` are waiting (a flood faster than
-validation) further messages are dropped and counted (``dropped_busy``), never buffered
-without bound.
+default. Here it is `incoming_queue`: **one bounded queue per room, served in turn**
+(issue 13: one room can never stop another from updating). Validation costs about
+0.25 ms a message (docs/dashboard.md), so a single publisher of *valid* messages can
+outrun it; in one shared FIFO its backlog then delayed every other room by seconds, and
+once the byte bound was reached every room's messages were dropped. Now:
+
+* a payload larger than the dashboard's limit is counted as rejected and never queued
+  (paho has read it, and drops it when the callback returns), and a topic the dashboard
+  passes over (commands, ``applicator``, ``alarms``) is counted as ignored and not queued
+  either, so a flood of them under a room's name cannot use up that room's queue;
+* each message is charged its payload plus ``MESSAGE_OVERHEAD`` (so that empty payloads
+  are not free); a room may have at most ``ROOM_MESSAGES`` messages and ``ROOM_BYTES``
+  waiting, all rooms together at most ``INCOMING_BYTES``. A message beyond its room's
+  bounds is dropped; when all together are full, the room holding most (tracked as of
+  its last push) drops its oldest, unless that is the newcomer's own room or holds no
+  more than it, and then the newcomer is dropped. Either is counted under the room that
+  lost it (``dropped: dashboard busy``, shown as the room's other rejects are) and in
+  total (``dropped_busy``);
+* the consumer takes one message from each room that has any, in turn (round robin). So
+  a room's messages wait behind at most one message of each other busy room, however
+  deep their backlogs: a flooding room delays and drops only its own messages.
+
+The room of a message is its topic's ``{site}/{room}`` (`Rooms.room_of`); every topic that
+names no room shares one turn. Limit: a publisher that floods under many room names gets
+a turn for each, so the rooms' latency grows with the number of *busy* rooms (about
+0.25 ms each); once 16 such rooms (``INCOMING_BYTES`` / ``ROOM_BYTES``) fill the total, a
+quiet room's message still gets in, at the heaviest room's expense. Only the broker's
+ACL (docs/dashboard.md) stops a publisher from using many names.
 """
 
 from __future__ import annotations
@@ -27,7 +50,8 @@ import socket
 import ssl
 import time
 import uuid
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -50,6 +74,10 @@ TIMEOUT_S = 10.0  # connect and subscribe
 KEEPALIVE_S = 5  # a dead link is noticed within 1.5 x this
 REJECT_LOG_EVERY_S = 10.0
 INCOMING_BYTES = 64 * 1024 * 1024  # received, not yet handled, all messages together
+ROOM_BYTES = 4 * 1024 * 1024  # ... of one room
+ROOM_MESSAGES = 4096  # ... of one room (about 2 s of validation)
+MESSAGE_OVERHEAD = 512  # charged per waiting message on top of its payload
+BUSY = "dropped: dashboard busy"
 REJECT_LOG_KINDS = 1024  # (room, reason) pairs logged at first sight, then only summaries
 
 
@@ -150,15 +178,106 @@ def _size(m: aiomqtt.Message) -> int:
     return len(p) if isinstance(p, bytes | bytearray | str) else 0
 
 
+class FairQueue:
+    """Messages waiting, per room, and the rooms with any in turn order (the storage of
+    `incoming_queue`'s queue)."""
+
+    def __init__(self) -> None:
+        self.rooms: dict[str, deque[tuple[aiomqtt.Message, int]]] = {}
+        self.room_bytes: dict[str, int] = {}
+        self.turns: deque[str] = deque()  # rooms with a message waiting, next first
+        # The room holding most bytes, as of its last push (cheap, and close enough: it
+        # is reset to the next busy room when it empties).
+        self.heaviest: str | None = None
+        self.bytes = 0
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[aiomqtt.Message]:
+        for waiting in self.rooms.values():
+            for item, _ in waiting:
+                yield item
+
+    def admits(self, key: str, cost: int, *, room_bytes: int, room_n: int) -> bool:
+        """Whether ``key``'s own bounds leave room for one more message of ``cost``."""
+        waiting = self.rooms.get(key)
+        return waiting is None or (
+            len(waiting) < room_n and self.room_bytes[key] + cost <= room_bytes
+        )
+
+    def make_way(self, key: str, cost: int) -> tuple[str, aiomqtt.Message] | None:
+        """Drop the oldest message of the heaviest room, if that is another room holding
+        more than ``key`` would with ``cost`` more (and it keeps one message); the room
+        and the message dropped, or None (then the newcomer is the one to drop)."""
+        h = self.heaviest
+        if h is None or h == key or len(self.rooms[h]) <= 1:
+            return None
+        if self.room_bytes[h] <= self.room_bytes.get(key, 0) + cost:
+            return None
+        item, dropped = self.rooms[h].popleft()
+        self.room_bytes[h] -= dropped
+        self.bytes -= dropped
+        self.count -= 1
+        return h, item
+
+    def push(self, key: str, item: aiomqtt.Message, cost: int) -> None:
+        waiting = self.rooms.get(key)
+        if waiting is None:
+            waiting = self.rooms[key] = deque()
+            self.room_bytes[key] = 0
+            self.turns.append(key)
+        waiting.append((item, cost))
+        self.room_bytes[key] += cost
+        if self.heaviest is None or self.room_bytes[key] > self.room_bytes[self.heaviest]:
+            self.heaviest = key
+        self.bytes += cost
+        self.count += 1
+
+    def pop(self) -> aiomqtt.Message:
+        key = self.turns.popleft()
+        waiting = self.rooms[key]
+        item, cost = waiting.popleft()
+        if waiting:
+            self.turns.append(key)
+            self.room_bytes[key] -= cost
+        else:
+            del self.rooms[key], self.room_bytes[key]
+            if key == self.heaviest:
+                self.heaviest = self.turns[0] if self.turns else None
+        self.bytes -= cost
+        self.count -= 1
+        return item
+
+
 def incoming_queue(
-    rooms: Rooms, on_reject: Callable[[str, Rejected], object], max_bytes: int = INCOMING_BYTES
+    rooms: Rooms,
+    on_reject: Callable[[str, Rejected], object],
+    max_bytes: int = INCOMING_BYTES,
+    *,
+    room_bytes: int = ROOM_BYTES,
+    room_messages: int = ROOM_MESSAGES,
 ) -> type[asyncio.Queue[aiomqtt.Message]]:
-    """aiomqtt's incoming message queue class, bounded in bytes (see the module notes)."""
+    """aiomqtt's incoming message queue class: per room, bounded, served in turn (see the
+    module notes)."""
+
+    def busy(topic: str, key: str) -> None:
+        rooms.dropped_busy += 1
+        exc = Rejected(BUSY, "incoming queue full", room=key)
+        rooms.refuse(topic, exc)
+        on_reject(topic, exc)
 
     class Incoming(asyncio.Queue[aiomqtt.Message]):
-        def __init__(self, maxsize: int = 0) -> None:
-            super().__init__(maxsize)
-            self.bytes = 0
+        _queue: FairQueue  # asyncio.Queue's storage, replaced in _init
+        _next: tuple[str, int] = ("", 0)  # the room and cost of the message being put
+
+        def _init(self, maxsize: int) -> None:
+            self._queue = FairQueue()
+
+        @property
+        def bytes(self) -> int:
+            return self._queue.bytes
 
         def put_nowait(self, item: aiomqtt.Message) -> None:
             size = _size(item)
@@ -171,17 +290,31 @@ def incoming_queue(
                 rooms.refuse(topic, exc)
                 on_reject(topic, exc)
                 return
-            if self.bytes + size > max_bytes:
-                rooms.dropped_busy += 1
-                on_reject(topic, Rejected("dropped: dashboard busy", "incoming queue full"))
+            if rooms.not_shown(topic):  # passed over anyway: takes no place in a queue
+                rooms.ignored += 1
                 return
-            self.bytes += size
+            key = rooms.room_of(topic)
+            cost = size + MESSAGE_OVERHEAD
+            fits = self._queue.admits(key, cost, room_bytes=room_bytes, room_n=room_messages)
+            while fits and self._queue.bytes + cost > max_bytes:
+                # All rooms together are full: the heaviest room makes way, or nobody.
+                made = self._queue.make_way(key, cost)
+                if made is None:
+                    fits = False
+                else:
+                    busy(made[1].topic.value, made[0])
+            if not fits:
+                busy(topic, key)
+                return
+            self._next = (key, cost)
             super().put_nowait(item)
 
+        def _put(self, item: aiomqtt.Message) -> None:
+            key, cost = self._next
+            self._queue.push(key, item, cost)
+
         def _get(self) -> aiomqtt.Message:
-            item: aiomqtt.Message = super()._get()
-            self.bytes -= _size(item)
-            return item
+            return self._queue.pop()
 
     return Incoming
 

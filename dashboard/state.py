@@ -472,9 +472,7 @@ class Rooms:
         """One MQTT message as received: its size is checked before it is parsed. None for
         a repeat or a topic not shown (``NOT_SHOWN``); :class:`Rejected` (counted) for
         anything not applied."""
-        head = f"{self.prefix}/v1/"
-        parts = topic[len(head) :].split("/", 2) if topic.startswith(head) else []
-        if len(parts) == 3 and (parts[2] in NOT_SHOWN or parts[2].startswith(NOT_SHOWN_PREFIX)):
+        if self.not_shown(topic):
             self.ignored += 1
             return None
         if len(data) > self.max_payload_bytes:
@@ -482,13 +480,13 @@ class Rooms:
                 "payload too large",
                 f"payload of {len(data)} bytes is too large (limit {self.max_payload_bytes})",
             )
-            self._count(exc, self._room_of(topic))
+            self._count(exc, self.room_of(topic))
             raise exc
         try:
             payload = orjson.loads(data)
         except orjson.JSONDecodeError as err:
             exc = Rejected("not JSON", f"not JSON: {str(err)[:120]}")
-            self._count(exc, self._room_of(topic))
+            self._count(exc, self.room_of(topic))
             raise exc from None
         return self.accept(topic, payload, mono, size=len(data), retained=retained, wall=wall)
 
@@ -508,7 +506,7 @@ class Rooms:
         try:
             return self._accept(topic, payload, mono, size, retained, wall)
         except Rejected as exc:
-            self._count(exc, exc.room or self._room_of(topic))
+            self._count(exc, exc.room or self.room_of(topic))
             raise
 
     def _accept(
@@ -602,7 +600,14 @@ class Rooms:
             self.rooms_removed += 1
         return gone
 
-    def _room_of(self, topic: str) -> str:
+    def not_shown(self, topic: str) -> bool:
+        """Whether ``topic`` is one of the contract's that the dashboard passes over."""
+        head = f"{self.prefix}/v1/"
+        parts = topic[len(head) :].split("/", 2) if topic.startswith(head) else []
+        return len(parts) == 3 and (parts[2] in NOT_SHOWN or parts[2].startswith(NOT_SHOWN_PREFIX))
+
+    def room_of(self, topic: str) -> str:
+        """The room key of ``topic`` (``site/room``), or ``NO_ROOM`` if it names none."""
         try:
             site, room, _ = parse_topic(self.prefix, topic)
         except Rejected as exc:
@@ -611,7 +616,7 @@ class Rooms:
 
     def refuse(self, topic: str, exc: Rejected) -> None:
         """Count a message refused before it reached `receive` (see dashboard.mqtt)."""
-        self._count(exc, exc.room or self._room_of(topic))
+        self._count(exc, exc.room or self.room_of(topic))
 
     def _count(self, exc: Rejected, room: str) -> None:
         self.rejected += 1

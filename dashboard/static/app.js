@@ -859,7 +859,7 @@
     setText(c.age, live.live ? ageText : live.word + ": " + live.why + "; " + ageText);
     c.rejected.hidden = room.rejectedTotal === 0;
     setAttr(c.root, "data-rejected", String(room.rejectedTotal));
-    if (room.rejectedTotal) setText(c.rejected, room.rejectedTotal + " invalid messages rejected (not shown)");
+    if (room.rejectedTotal) setText(c.rejected, room.rejectedTotal + " messages rejected or dropped (not shown)");
     return sim;
   }
 

@@ -22,7 +22,7 @@ import structlog
 from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
 
 from iortd.dashboard.hub import SNAPSHOT_ROOMS, Hub
-from iortd.dashboard.mqtt import RejectLog, incoming_queue
+from iortd.dashboard.mqtt import MESSAGE_OVERHEAD, RejectLog, incoming_queue
 from iortd.dashboard.schemas import STEMS, published, schema_error
 from iortd.dashboard.state import Rejected, Rooms
 
@@ -434,7 +434,8 @@ def test_the_incoming_queue_is_bounded_in_bytes_and_never_holds_an_oversized_pay
     faster than validation, or 10 MB payloads, would pile up there before any check."""
     rooms = Rooms("iort", max_payload_bytes=1024)
     seen: list[str] = []
-    queue = incoming_queue(rooms, lambda _t, exc: seen.append(exc.reason), max_bytes=3000)()
+    limit = 3 * (1000 + MESSAGE_OVERHEAD)  # each waiting message is charged its overhead too
+    queue = incoming_queue(rooms, lambda _t, exc: seen.append(exc.reason), max_bytes=limit)()
 
     def msg(n: int) -> aiomqtt.Message:
         return aiomqtt.Message(T + "telemetry", b"x" * n, 1, False, 1, None)
@@ -445,7 +446,7 @@ def test_the_incoming_queue_is_bounded_in_bytes_and_never_holds_an_oversized_pay
     for _ in range(3):
         queue.put_nowait(msg(1000))
     queue.put_nowait(msg(1000))
-    assert queue.qsize() == 3, "beyond 3000 bytes waiting, a message is dropped"
+    assert queue.qsize() == 3, "beyond the byte bound, a message is dropped"
     assert rooms.dropped_busy == 1
     assert seen == ["payload too large", "dropped: dashboard busy"]
     queue.get_nowait()
