@@ -371,6 +371,10 @@ class Daemon:
             return
         now = utc_ts(datetime.now(UTC))
         _record_recovery(audit, rec, now)
+        if rec.unvouched_open_deliveries:
+            # Closed just now, whole record unvouched: the next record may continue the
+            # newest of them (the tracker decides on the first reading, and says why).
+            self.tracker.link_unvouched(rec.unvouched_open_deliveries[-1])
         resumed = resumable(rec)
         if rec.open_delivery_id is not None and resumed is None:
             # The previous run ended during a delivery that cannot be taken over (no sample
