@@ -4,7 +4,9 @@ Start-up: config already validated (nothing here re-checks it) -> audit log open
 recovered by the caller -> what recovery found recorded first (a crash, unvouched
 entries, spilled entries, an accepted rollback, a wall clock behind the log, and the
 closure of any delivery started in the unvouched tail, which cannot be taken over), before
-the run's first seal -> a delivery the log shows open (from vouched entries only) is handed
+the run's first seal -> the newest of those closed is handed to the tracker, so that a
+record the first reading starts with the console in a delivery names it (``continues``)
+-> a delivery the log shows open (from vouched entries only) is handed
 to the tracker (named in ``daemon_start``; the first reading decides whether it continues;
 its gap starts at the last vouched entry, or at an earlier run's still-open gap) ->
 drivers built from the registry -> one poll task per device, a stale-data watchdog (fed by

@@ -22,7 +22,11 @@ Rules it enforces (docs/domain.md, "How delivery is controlled"):
   last of its reading, and after it everything belongs to the room;
 - after a restart, ``resume`` takes over the delivery the log shows open; the first
   believed reading decides whether the console is in the same selection (continue it),
-  a new one (close it UNKNOWN), or cannot tell (close it and link the next record).
+  a new one (close it UNKNOWN), or cannot tell (close it and link the next record);
+  ``link_unvouched`` names a delivery the start closed because its whole record was
+  unvouched: a record started on the first believed reading links to it, with all the
+  dose shown then as ``in_previous_record``. A link is only for a record that starts on
+  the reading that decided it.
 """
 
 from __future__ import annotations
