@@ -373,10 +373,19 @@ class Daemon:
             return
         now = utc_ts(datetime.now(UTC))
         _record_recovery(audit, rec, now)
-        if rec.unvouched_open_deliveries:
-            # Closed just now, whole record unvouched: the next record may continue the
-            # newest of them (the tracker decides on the first reading, and says why).
-            self.tracker.link_unvouched(rec.unvouched_open_deliveries[-1])
+        # Closed just now, whole record unvouched: the next record may continue the newest
+        # of them in this daemon's own id form (the tracker decides on the first reading,
+        # and says why). Others are never named: a forger may have written them.
+        linked = next(
+            (d for d in reversed(rec.unvouched_open_deliveries) if self.tracker.link_unvouched(d)),
+            None,
+        )
+        if len(rec.unvouched_open_deliveries) > (linked is not None):
+            log.warning(
+                "unvouched_deliveries_not_linked",
+                count=len(rec.unvouched_open_deliveries) - (linked is not None),
+                why="not the newest in this daemon's delivery id form for this room",
+            )
         resumed = resumable(rec)
         if rec.open_delivery_id is not None and resumed is None:
             # The previous run ended during a delivery that cannot be taken over (no sample

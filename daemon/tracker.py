@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -440,6 +441,10 @@ def _same_selection(rd: ResumedDelivery, r: SourceReading) -> tuple[str, str]:
     )
 
 
+# What follows the room in a delivery id this daemon makes (see _new_delivery): the start
+# time to the microsecond, and a counter when two start within one.
+_OWN_ID_SUFFIX = r"-[0-9]{8}T[0-9]{12}Z(?:-[1-9][0-9]{0,5})?"
+
 # The console states from which a reading with no delivery open starts a record.
 _STARTS_A_RECORD = frozenset(
     {DeviceState.PREPARATORY, DeviceState.READY, DeviceState.IRRADIATING, DeviceState.INTERRUPTED}
@@ -712,17 +717,25 @@ class DeliveryTracker:
         self._start_gap(rd.cause, now_mono_ns, now_utc, out)
         return out
 
-    def link_unvouched(self, delivery_id: str) -> None:
+    def link_unvouched(self, delivery_id: str) -> bool:
         """After a crash, the start closed ``delivery_id`` UNKNOWN because its whole record
         was written after the last seal (unvouched): nothing vouched says what it was, so
         it cannot be taken over. If the first believed reading finds the console in a
         delivery, the record that starts then may be the same treatment: it names the
         closed one in ``continues`` and says why. None of the unvouched entries' dose is
         taken: all the dose the console shows at joining is the closed record's
-        (``in_previous_record``), since how much of it was watched is unknown."""
+        (``in_previous_record``), since how much of it was watched is unknown. False (and
+        no link) when the id is not in the form this daemon gives its deliveries."""
         if self._last_mono_ns is not None and self._resume is None:
             raise ValueError("link_unvouched() comes before any reading")
+        # The id comes from entries anyone who can write the log directory may have
+        # written; it is repeated on the events topic and in reports only if it has the
+        # form of this daemon's own ids for this room (never a name, never oversized).
+        own = re.escape(self.settings.delivery_id_prefix) + _OWN_ID_SUFFIX
+        if re.fullmatch(own, delivery_id, flags=re.ASCII) is None:
+            return False
         self._unvouched = delivery_id
+        return True
 
     def _decide_unvouched_link(self, delivery_id: str, r: SourceReading) -> None:
         self._unvouched = None

@@ -153,7 +153,7 @@ async def test_a_second_restart_with_the_console_gone_keeps_the_gap_from_the_las
     )
 
 
-async def crashed_before_the_delivery_was_sealed(directory: Path) -> Signer:
+async def crashed_before_the_delivery_was_sealed(directory: Path, did: str = DID) -> Signer:
     """The crash came after the commit that started a delivery (a delivery joined in
     progress writes its start and first sample in one commit) but before its seal: the
     delivery's whole record is unvouched (its one sample says 9 Gy)."""
@@ -164,8 +164,8 @@ async def crashed_before_the_delivery_was_sealed(directory: Path) -> Signer:
     await wait_sealed(directory, log.head[0] + 1)
     log._seal_due = False  # the crash comes after the next commit, before its seal
     log.signer = None
-    log.append("delivery_started", {"preset_gy": 20.0}, delivery_id=DID, durable=True)
-    e = log.append("sample", {"delivered_primary_gy": 9.0, "phase": "IRRADIATING"}, delivery_id=DID)
+    log.append("delivery_started", {"preset_gy": 20.0}, delivery_id=did, durable=True)
+    e = log.append("sample", {"delivered_primary_gy": 9.0, "phase": "IRRADIATING"}, delivery_id=did)
     await e.committed
     await crash(log, task)
     return signer
@@ -194,6 +194,10 @@ async def test_a_delivery_whose_whole_record_is_unvouched_is_closed_at_start_not
     assert "unvouched" in end["data"]["reason"]
     assert end["data"]["last_sample"] == {}, "no dose from unvouched samples"
     assert end["data"]["gap"]["start"] == report.last_vouched_ts
+
+
+# A delivery id as this daemon makes them for the demo's room ("or-1").
+OURS = "or-1-20260301T120000000000Z"
 
 
 def a_daemon(log: AuditLog, report: writer.RecoveryReport) -> service.Daemon:
@@ -229,9 +233,9 @@ async def test_the_record_after_a_wholly_unvouched_delivery_says_it_may_continue
     reading. The next record names the closed one in ``continues`` and says why; none of
     the unvouched entries' dose (9 Gy) is taken: the dose the console shows at joining
     is the earlier record's (``in_previous_record``), never observed beam."""
-    signer = await crashed_before_the_delivery_was_sealed(tmp_path)
+    signer = await crashed_before_the_delivery_was_sealed(tmp_path, OURS)
     async with running(tmp_path, signer=signer) as (log, report):
-        assert report.unvouched_open_deliveries == (DID,)
+        assert report.unvouched_open_deliveries == (OURS,)
         daemon = a_daemon(log, report)
         daemon._record_start()
         events = daemon.tracker.on_reading(
@@ -240,9 +244,9 @@ async def test_the_record_after_a_wholly_unvouched_delivery_says_it_may_continue
     starts = [ev for ev in events if isinstance(ev, DeliveryStarted)]
     assert len(starts) == 1, events
     [start] = starts
-    assert start.delivery_id != DID
+    assert start.delivery_id != OURS
     assert start.joined_in_progress
-    assert start.continues == DID, "one treatment shown as two unlinked records"
+    assert start.continues == OURS, "one treatment shown as two unlinked records"
     assert start.continues_reason is not None
     assert "unvouched" in start.continues_reason, start.continues_reason
     snap = daemon.tracker.snapshot()
@@ -256,7 +260,7 @@ async def test_the_record_after_a_wholly_unvouched_delivery_says_it_may_continue
     [written] = [
         x
         for x in entries(tmp_path)
-        if x["type"] == "delivery_terminated" and x.get("delivery_id") == DID
+        if x["type"] == "delivery_terminated" and x.get("delivery_id") == OURS
     ]
     assert written["data"]["status"] == "UNKNOWN"
 
@@ -279,6 +283,35 @@ async def test_no_link_when_the_console_is_not_in_a_delivery_at_the_first_readin
         )
     [start] = [ev for ev in events if isinstance(ev, DeliveryStarted)]
     assert start.continues is None, start
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        "Doe, Jane 1961-04-02",  # a name where a pseudonymous code belongs
+        "or-1-20260301T120000000000Z" + "x" * 200,  # beyond what a payload may carry
+        "other-room-20260301T120000000000Z",  # not this room's
+    ],
+)
+async def test_an_unvouched_id_not_in_this_daemons_form_is_never_linked_to(
+    tmp_path: Path, forged: str
+) -> None:
+    """The id comes from unvouched entries, which anyone who can write the directory may
+    have written: it is named in ``continues`` (the events topic, reports, DICOM) only if
+    it has the form of this daemon's own delivery ids, for this room."""
+    signer = await crashed_before_the_delivery_was_sealed(tmp_path, forged)
+    async with running(tmp_path, signer=signer) as (log, report):
+        assert report.unvouched_open_deliveries == (forged,)
+        daemon = a_daemon(log, report)
+        daemon._record_start()
+        events = daemon.tracker.on_reading(
+            in_progress(time.monotonic_ns(), 12.0, DeviceState.IRRADIATING)
+        )
+    [start] = [ev for ev in events if isinstance(ev, DeliveryStarted)]
+    assert start.continues is None, start.continues_reason
+    snap = daemon.tracker.snapshot()
+    assert snap is not None
+    assert [s.kind for s in snap.segments] == ["unmonitored", "beam"], snap.segments
 
 
 class Crash(BaseException):

@@ -539,7 +539,9 @@ def test_a_delivery_taken_over_and_continued_is_not_linked_to_an_unvouched_one()
     and no record is linked to the closed one."""
     rd = resumed()
     f, _ = restarted(rd)
-    f.tracker.link_unvouched("or-1-20261126T095900000000Z")
+    assert f.tracker.link_unvouched(
+        f"{f.tracker.settings.delivery_id_prefix}-20261126T095900000000Z"
+    )
     dose = rd.primary_gy + 1.0
     f.events += f.tracker.on_reading(
         reading(f, S.IRRADIATING, beam_on=dose / RATE * 60, dose=dose, selection=3)
