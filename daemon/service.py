@@ -4,7 +4,9 @@ Start-up: config already validated (nothing here re-checks it) -> audit log open
 recovered by the caller -> what recovery found recorded first (a crash, unvouched
 entries, spilled entries, an accepted rollback, a wall clock behind the log, and the
 closure of any delivery started in the unvouched tail, which cannot be taken over), before
-the run's first seal -> a delivery the log shows open (from vouched entries only) is handed
+the run's first seal -> the newest of those closed is handed to the tracker, so that a
+record the first reading starts with the console in a delivery names it (``continues``)
+-> a delivery the log shows open (from vouched entries only) is handed
 to the tracker (named in ``daemon_start``; the first reading decides whether it continues;
 its gap starts at the last vouched entry, or at an earlier run's still-open gap) ->
 drivers built from the registry -> one poll task per device, a stale-data watchdog (fed by
@@ -371,6 +373,19 @@ class Daemon:
             return
         now = utc_ts(datetime.now(UTC))
         _record_recovery(audit, rec, now)
+        # Closed just now, whole record unvouched: the next record may continue the newest
+        # of them in this daemon's own id form (the tracker decides on the first reading,
+        # and says why). Others are never named: a forger may have written them.
+        linked = next(
+            (d for d in reversed(rec.unvouched_open_deliveries) if self.tracker.link_unvouched(d)),
+            None,
+        )
+        if len(rec.unvouched_open_deliveries) > (linked is not None):
+            log.warning(
+                "unvouched_deliveries_not_linked",
+                count=len(rec.unvouched_open_deliveries) - (linked is not None),
+                why="not the newest in this daemon's delivery id form for this room",
+            )
         resumed = resumable(rec)
         if rec.open_delivery_id is not None and resumed is None:
             # The previous run ended during a delivery that cannot be taken over (no sample

@@ -22,13 +22,18 @@ Rules it enforces (docs/domain.md, "How delivery is controlled"):
   last of its reading, and after it everything belongs to the room;
 - after a restart, ``resume`` takes over the delivery the log shows open; the first
   believed reading decides whether the console is in the same selection (continue it),
-  a new one (close it UNKNOWN), or cannot tell (close it and link the next record).
+  a new one (close it UNKNOWN), or cannot tell (close it and link the next record);
+  ``link_unvouched`` names a delivery the start closed because its whole record was
+  unvouched: a record started on the first believed reading links to it, with all the
+  dose shown then as ``in_previous_record``. A link is only for a record that starts on
+  the reading that decided it.
 """
 
 from __future__ import annotations
 
 import enum
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -436,6 +441,16 @@ def _same_selection(rd: ResumedDelivery, r: SourceReading) -> tuple[str, str]:
     )
 
 
+# What follows the room in a delivery id this daemon makes (see _new_delivery): the start
+# time to the microsecond, and a counter when two start within one.
+_OWN_ID_SUFFIX = r"-[0-9]{8}T[0-9]{12}Z(?:-[1-9][0-9]{0,5})?"
+
+# The console states from which a reading with no delivery open starts a record.
+_STARTS_A_RECORD = frozenset(
+    {DeviceState.PREPARATORY, DeviceState.READY, DeviceState.IRRADIATING, DeviceState.INTERRUPTED}
+)
+
+
 def _hms(t: datetime | None) -> str:
     return "?" if t is None else f"{t:%H:%M:%S.%f}"[:-3]
 
@@ -473,6 +488,9 @@ class DeliveryTracker:
         # the console is still in it; and, when it cannot be sure, the link for the next.
         self._resume: ResumedDelivery | None = None
         self._link: tuple[str, str, float] | None = None  # (old id, why, its dose)
+        # After a crash: a delivery whose whole record was unvouched, closed UNKNOWN at
+        # start, until a reading decides whether the next record may continue it.
+        self._unvouched: str | None = None
 
     # ---- public view ------------------------------------------------------------------
 
@@ -553,6 +571,8 @@ class DeliveryTracker:
         self._update_interlocks(reported, r.mono_ns, r.utc, out)
         if self._resume is not None and trusted:
             self._decide_resume(self._resume, r, out)
+        if self._unvouched is not None and trusted:
+            self._decide_unvouched_link(self._unvouched, r)
         if not sane:
             self._to_fault(r.mono_ns, r.utc, "non-finite or negative value in reading", out, r)
         elif r.state is DeviceState.UNKNOWN:
@@ -562,6 +582,9 @@ class DeliveryTracker:
 
         self._evaluate_alarms(r, out)
         self._last_state = r.state
+        # A link is for a record that starts on the reading that decided it; a delivery
+        # begun later is a new selection (the console was seen idle or at an end first).
+        self._link = None
         return self._end_last(out)
 
     @staticmethod
@@ -693,6 +716,43 @@ class DeliveryTracker:
         self._last_mono_ns, self._last_utc = since, rd.unwatched_since_utc
         self._start_gap(rd.cause, now_mono_ns, now_utc, out)
         return out
+
+    def link_unvouched(self, delivery_id: str) -> bool:
+        """After a crash, the start closed ``delivery_id`` UNKNOWN because its whole record
+        was written after the last seal (unvouched): nothing vouched says what it was, so
+        it cannot be taken over. If the first believed reading finds the console in a
+        delivery, the record that starts then may be the same treatment: it names the
+        closed one in ``continues`` and says why. None of the unvouched entries' dose is
+        taken: all the dose the console shows at joining is the closed record's
+        (``in_previous_record``), since how much of it was watched is unknown. False (and
+        no link) when the id is not in the form this daemon gives its deliveries."""
+        if self._last_mono_ns is not None and self._resume is None:
+            raise ValueError("link_unvouched() comes before any reading")
+        # The id comes from entries anyone who can write the log directory may have
+        # written; it is repeated on the events topic and in reports only if it has the
+        # form of this daemon's own ids for this room (never a name, never oversized).
+        own = re.escape(self.settings.delivery_id_prefix) + _OWN_ID_SUFFIX
+        if re.fullmatch(own, delivery_id, flags=re.ASCII) is None:
+            return False
+        self._unvouched = delivery_id
+        return True
+
+    def _decide_unvouched_link(self, delivery_id: str, r: SourceReading) -> None:
+        self._unvouched = None
+        d = self._delivery
+        if self._link is not None or (d is not None and d.termination is None):
+            return  # the delivery taken over continues, or its own link comes first
+        if r.state not in _STARTS_A_RECORD:
+            return  # idle or at an end: the next delivery is a new selection
+        why = (
+            f"the record of {delivery_id} was written after the last seal before a crash "
+            f"(unvouched) and was closed UNKNOWN at start: nothing vouched says which "
+            f"selection it was; the console was in a delivery at the first reading "
+            f"({r.state}, {r.dose_primary_gy:.4f} Gy), which may be the same treatment. "
+            "That dose is counted as the earlier record's (in_previous_record): how much of "
+            "it was watched is unknown"
+        )
+        self._link = (delivery_id, why, math.inf)
 
     def _decide_resume(
         self, rd: ResumedDelivery, r: SourceReading, out: list[TrackerEvent]

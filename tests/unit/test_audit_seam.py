@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import io
 import shutil
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,19 @@ from test_audit_seal import (
     running,
     wait_sealed,
 )
+from test_config import ROOT
 
 from iortd.daemon import service
 from iortd.daemon.audit import verify, writer
-from iortd.daemon.audit.note import generate_keypair
+from iortd.daemon.audit.note import Signer, generate_keypair
 from iortd.daemon.audit.verify import collect_files, unvouched_deliveries, verify_log
 from iortd.daemon.audit.writer import AuditLog, segment_paths
 from iortd.daemon.audit_cli import main
+from iortd.daemon.config import load_config
+from iortd.daemon.tracker import DeliveryStarted
+from iortd.drivers.clock import SystemClock
+from iortd.drivers.registry import DriverRegistry
+from iortd.drivers.types import DeviceState, Interlock, InterlockState, SourceReading
 
 
 def room_level_alarm(log: AuditLog) -> list[writer.Entry]:
@@ -146,24 +153,31 @@ async def test_a_second_restart_with_the_console_gone_keeps_the_gap_from_the_las
     )
 
 
+async def crashed_before_the_delivery_was_sealed(directory: Path, did: str = DID) -> Signer:
+    """The crash came after the commit that started a delivery (a delivery joined in
+    progress writes its start and first sample in one commit) but before its seal: the
+    delivery's whole record is unvouched (its one sample says 9 Gy)."""
+    signer = generate_keypair("or-9")
+    log, _ = await AuditLog.open(directory, origin=ORIGIN, signer=signer)
+    task = asyncio.create_task(log.run())
+    await log.append("daemon_start", {"verifier_key": signer.verifier.text}, durable=True).committed
+    await wait_sealed(directory, log.head[0] + 1)
+    log._seal_due = False  # the crash comes after the next commit, before its seal
+    log.signer = None
+    log.append("delivery_started", {"preset_gy": 20.0}, delivery_id=did, durable=True)
+    e = log.append("sample", {"delivered_primary_gy": 9.0, "phase": "IRRADIATING"}, delivery_id=did)
+    await e.committed
+    await crash(log, task)
+    return signer
+
+
 async def test_a_delivery_whose_whole_record_is_unvouched_is_closed_at_start_not_left_open(
     tmp_path: Path,
 ) -> None:
-    """The crash came after the commit that started a delivery (a delivery joined in
-    progress writes its start and first sample in one commit) but before its seal: nothing
-    vouched names it, so it cannot be taken over; it must not stay IN PROGRESS for ever.
-    The start closes it UNKNOWN and says why; no dose is taken from its unvouched samples."""
-    signer = generate_keypair("or-9")
-    log, _ = await AuditLog.open(tmp_path, origin=ORIGIN, signer=signer)
-    task = asyncio.create_task(log.run())
-    await log.append("daemon_start", {"verifier_key": signer.verifier.text}, durable=True).committed
-    await wait_sealed(tmp_path, log.head[0] + 1)
-    log._seal_due = False  # the crash comes after the next commit, before its seal
-    log.signer = None
-    log.append("delivery_started", {"preset_gy": 20.0}, delivery_id=DID, durable=True)
-    e = log.append("sample", {"delivered_primary_gy": 9.0, "phase": "IRRADIATING"}, delivery_id=DID)
-    await e.committed
-    await crash(log, task)
+    """Nothing vouched names the delivery, so it cannot be taken over; it must not stay IN
+    PROGRESS for ever. The start closes it UNKNOWN and says why; no dose is taken from its
+    unvouched samples."""
+    signer = await crashed_before_the_delivery_was_sealed(tmp_path)
 
     async with running(tmp_path, signer=signer) as (log, report):
         assert report.open_delivery_id is None  # nothing vouched names it
@@ -180,6 +194,124 @@ async def test_a_delivery_whose_whole_record_is_unvouched_is_closed_at_start_not
     assert "unvouched" in end["data"]["reason"]
     assert end["data"]["last_sample"] == {}, "no dose from unvouched samples"
     assert end["data"]["gap"]["start"] == report.last_vouched_ts
+
+
+# A delivery id as this daemon makes them for the demo's room ("or-1").
+OURS = "or-1-20260301T120000000000Z"
+
+
+def a_daemon(log: AuditLog, report: writer.RecoveryReport) -> service.Daemon:
+    """The composition root over a real log, with no device and no sink: what a start
+    records, and the tracker it hands the first reading to."""
+    registry = DriverRegistry.from_entry_points()
+    loaded = load_config(ROOT / "config" / "demo.toml", registry)
+    return service.Daemon(loaded, registry, SystemClock(), [], audit=(log, report))
+
+
+def in_progress(clock_ns: int, dose: float, state: DeviceState) -> SourceReading:
+    return SourceReading(
+        mono_ns=clock_ns,
+        utc=datetime.now(UTC),
+        state=state,
+        dose_rate_gy_min=2.0 if state is DeviceState.IRRADIATING else 0.0,
+        dose_primary_gy=dose,
+        dose_secondary_gy=dose,
+        preset_gy=20.0,
+        beam_on_s=dose * 30,
+        kv=50.0,
+        ua=40.0,
+        interlocks=dict.fromkeys(Interlock, InterlockState.OK),
+        simulated=True,
+    )
+
+
+async def test_the_record_after_a_wholly_unvouched_delivery_says_it_may_continue_it(
+    tmp_path: Path,
+) -> None:
+    """Issue 14 item 2 where it meets issue 12: the delivery closed UNKNOWN at start because
+    its whole record is unvouched, and the console still in a delivery at the first
+    reading. The next record names the closed one in ``continues`` and says why; none of
+    the unvouched entries' dose (9 Gy) is taken: the dose the console shows at joining
+    is the earlier record's (``in_previous_record``), never observed beam."""
+    signer = await crashed_before_the_delivery_was_sealed(tmp_path, OURS)
+    async with running(tmp_path, signer=signer) as (log, report):
+        assert report.unvouched_open_deliveries == (OURS,)
+        daemon = a_daemon(log, report)
+        daemon._record_start()
+        events = daemon.tracker.on_reading(
+            in_progress(time.monotonic_ns(), 12.0, DeviceState.IRRADIATING)
+        )
+    starts = [ev for ev in events if isinstance(ev, DeliveryStarted)]
+    assert len(starts) == 1, events
+    [start] = starts
+    assert start.delivery_id != OURS
+    assert start.joined_in_progress
+    assert start.continues == OURS, "one treatment shown as two unlinked records"
+    assert start.continues_reason is not None
+    assert "unvouched" in start.continues_reason, start.continues_reason
+    snap = daemon.tracker.snapshot()
+    assert snap is not None
+    seg, *after = snap.segments
+    assert (seg.kind, seg.start_gy, seg.end_gy) == ("in_previous_record", 0.0, 12.0), seg
+    assert [s.kind for s in after] == ["beam"], after  # followed on from here
+    assert snap.delivered_primary_gy == 12.0
+    assert not any(s.end_gy == 9.0 for s in snap.segments), "dose from unvouched entries"
+    # The earlier record stays closed UNKNOWN, as before.
+    [written] = [
+        x
+        for x in entries(tmp_path)
+        if x["type"] == "delivery_terminated" and x.get("delivery_id") == OURS
+    ]
+    assert written["data"]["status"] == "UNKNOWN"
+
+
+@pytest.mark.parametrize("state", [DeviceState.STANDBY, DeviceState.TERMINATED])
+async def test_no_link_when_the_console_is_not_in_a_delivery_at_the_first_reading(
+    tmp_path: Path, state: DeviceState
+) -> None:
+    """A console found idle, or at an end, after the restart: the next delivery is a new
+    selection, not the unvouched one, and is not linked to it."""
+    signer = await crashed_before_the_delivery_was_sealed(tmp_path)
+    async with running(tmp_path, signer=signer) as (log, report):
+        daemon = a_daemon(log, report)
+        daemon._record_start()
+        t = time.monotonic_ns()
+        events = daemon.tracker.on_reading(in_progress(t, 12.0 if state else 0.0, state))
+        events += daemon.tracker.on_reading(in_progress(t + 10**9, 0.0, DeviceState.STANDBY))
+        events += daemon.tracker.on_reading(
+            in_progress(t + 2 * 10**9, 0.0, DeviceState.PREPARATORY)
+        )
+    [start] = [ev for ev in events if isinstance(ev, DeliveryStarted)]
+    assert start.continues is None, start
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        "Doe, Jane 1961-04-02",  # a name where a pseudonymous code belongs
+        "or-1-20260301T120000000000Z" + "x" * 200,  # beyond what a payload may carry
+        "other-room-20260301T120000000000Z",  # not this room's
+    ],
+)
+async def test_an_unvouched_id_not_in_this_daemons_form_is_never_linked_to(
+    tmp_path: Path, forged: str
+) -> None:
+    """The id comes from unvouched entries, which anyone who can write the directory may
+    have written: it is named in ``continues`` (the events topic, reports, DICOM) only if
+    it has the form of this daemon's own delivery ids, for this room."""
+    signer = await crashed_before_the_delivery_was_sealed(tmp_path, forged)
+    async with running(tmp_path, signer=signer) as (log, report):
+        assert report.unvouched_open_deliveries == (forged,)
+        daemon = a_daemon(log, report)
+        daemon._record_start()
+        events = daemon.tracker.on_reading(
+            in_progress(time.monotonic_ns(), 12.0, DeviceState.IRRADIATING)
+        )
+    [start] = [ev for ev in events if isinstance(ev, DeliveryStarted)]
+    assert start.continues is None, start.continues_reason
+    snap = daemon.tracker.snapshot()
+    assert snap is not None
+    assert [s.kind for s in snap.segments] == ["unmonitored", "beam"], snap.segments
 
 
 class Crash(BaseException):

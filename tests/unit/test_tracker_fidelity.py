@@ -511,3 +511,40 @@ def test_a_contradiction_right_after_a_gap_ends_when_it_is_seen() -> None:
     (end,) = of(ev, Terminated)
     assert end.status is TerminationStatus.UNKNOWN
     assert "inside a monitoring gap" not in end.reason
+
+
+def test_an_unsure_link_is_not_given_to_a_delivery_begun_after_the_console_was_seen_ended() -> None:
+    """The link is for a record that starts on the reading that decided it: a console
+    seen at an end first, then a new selection, is not "maybe the same treatment"."""
+    rd = resumed(selection=None)
+    f, _ = restarted(rd)
+    dose = rd.primary_gy + 1.0
+    f.events += f.tracker.on_reading(
+        reading(f, S.TERMINATED, beam_on=dose / RATE * 60, dose=dose, selection=3)
+    )
+    f.events += f.tracker.on_reading(reading(f, S.STANDBY, beam_on=0.0, dose=0.0, selection=3))
+    f.events += f.tracker.on_reading(reading(f, S.PREPARATORY, beam_on=0.0, dose=0.0, selection=4))
+    (end,) = of(f.events, Terminated)
+    assert end.delivery_id == rd.delivery_id
+    (start,) = of(f.events, DeliveryStarted)
+    assert start.continues is None, start.continues_reason
+    snap = f.tracker.snapshot()
+    assert snap is not None
+    assert [s.kind for s in snap.segments] == [], snap.segments
+
+
+def test_a_delivery_taken_over_and_continued_is_not_linked_to_an_unvouched_one() -> None:
+    """Both after one crash: a delivery the log shows open (taken over) and one started in
+    the unvouched tail (closed at start). The console still in the first: it continues,
+    and no record is linked to the closed one."""
+    rd = resumed()
+    f, _ = restarted(rd)
+    assert f.tracker.link_unvouched(
+        f"{f.tracker.settings.delivery_id_prefix}-20261126T095900000000Z"
+    )
+    dose = rd.primary_gy + 1.0
+    f.events += f.tracker.on_reading(
+        reading(f, S.IRRADIATING, beam_on=dose / RATE * 60, dose=dose, selection=3)
+    )
+    assert of(f.events, DeliveryStarted) == []
+    assert of(f.events, Terminated) == []
