@@ -43,6 +43,7 @@ from machine import filesystem, print_header, work_dir
 from iortd.daemon.audit.note import Signer, generate_keypair
 from iortd.daemon.audit.verify import verify_log
 from iortd.daemon.audit.writer import AuditLog, Entry, segment_paths
+from iortd.drivers.types import Interlock
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ENTRIES = 100_000  # samples for (1) and the log that (4) verifies
@@ -53,18 +54,7 @@ PACED_RATE = 1_000  # entries/s for the paced commit-latency measurement
 PACED_SECONDS = 0.5
 GOAL_WRITER_VS_SQLITE = 10.0
 GOAL_VERIFY_VS_SHA = 0.5
-INTERLOCKS = (
-    "door",
-    "emergency_stop",
-    "applicator",
-    "kv",
-    "ua",
-    "cooling",
-    "dose_channels",
-    "dose_rate",
-    "backup_timer",
-    "communication",
-)
+INTERLOCKS = tuple(str(il) for il in Interlock)
 
 
 # ---- the entries ------------------------------------------------------------------------

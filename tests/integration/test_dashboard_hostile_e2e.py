@@ -38,6 +38,7 @@ from dashproc import Dashboard, Recorder, chromium, shot
 from playwright.async_api import expect
 
 from iortd.daemon.mqtt.broker import BrokerOptions, Mosquitto
+from iortd.drivers.types import Interlock
 
 pytestmark = [pytest.mark.integration]
 
@@ -47,18 +48,7 @@ SITE = "hospital-b"
 STALE_AFTER_S = 2.0
 AGE_OUT_S = 6.0  # long enough for the paging checks on a loaded machine
 U64_MAX = 2**64 - 1
-IL_NAMES = (
-    "door",
-    "emergency_stop",
-    "applicator",
-    "kv",
-    "ua",
-    "cooling",
-    "dose_channels",
-    "dose_rate",
-    "backup_timer",
-    "communication",
-)
+IL_NAMES = tuple(str(il) for il in Interlock)  # the published interlock names
 
 
 def ts() -> str:

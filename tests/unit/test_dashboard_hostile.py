@@ -25,22 +25,12 @@ from iortd.dashboard.hub import SNAPSHOT_ROOMS, Hub
 from iortd.dashboard.mqtt import MESSAGE_OVERHEAD, RejectLog, incoming_queue
 from iortd.dashboard.schemas import STEMS, published, schema_error
 from iortd.dashboard.state import Rejected, Rooms
+from iortd.drivers.types import Interlock
 
 T = "iort/v1/site-a/or-1/"
 TS = "2026-11-26T10:00:00.000000Z"
 U64_MAX = 2**64 - 1
-IL_NAMES = (
-    "door",
-    "emergency_stop",
-    "applicator",
-    "kv",
-    "ua",
-    "cooling",
-    "dose_channels",
-    "dose_rate",
-    "backup_timer",
-    "communication",
-)
+IL_NAMES = tuple(str(il) for il in Interlock)  # the published interlock names
 
 
 def env(seq: int, *, session: int = 1, **data: Any) -> dict[str, Any]:
