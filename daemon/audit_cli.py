@@ -273,8 +273,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         _out(f"  checkpoint held elsewhere: {rep.external_checkpoint}")
     else:
         _out(
-            "  note: without --checkpoint, removal of the entries after the last checkpoint "
-            "cannot be detected, nor can their alteration by someone who recomputes hashes"
+            "  note: without --checkpoint, removal of the entries after the last seal or "
+            "checkpoint cannot be detected if the seal and checkpoint files were deleted too: "
+            "keep a checkpoint off this host"
         )
     return _report_unvouched(rep)
 

@@ -206,7 +206,7 @@ def test_the_untampered_log_verifies_with_and_without_the_held_checkpoint(log: L
     out = intact(log.verify())
     assert f"INTACT: {len(log.lines)} entries in 1 file(s)" in out
     assert "signed by iortd-demo" in out
-    assert "without --checkpoint, removal of the entries after the last checkpoint" in out
+    assert "without --checkpoint, removal of the entries after the last seal" in out
     out = intact(log.verify("--checkpoint", str(log.checkpoint)))
     cp, _ = Checkpoint.parse_verified(log.checkpoint.read_text(encoding="utf-8"), None)
     assert f"checkpoint held elsewhere: covers entries 0..{cp.count - 1}: consistent" in out
