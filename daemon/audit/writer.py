@@ -583,7 +583,9 @@ class AuditLog:
         """The hash of the committed entry ``seq`` as on disk (None if there is none)."""
         if seq > self.committed_seq or seq < 0:
             return None
-        return await asyncio.to_thread(_hash_at, segment_paths(self.directory), seq)
+        if seq == self.committed_seq:
+            return self._committed_hash
+        return await asyncio.to_thread(lambda: _hash_at(segment_paths(self.directory), seq))
 
     async def _spill(self, lost: list[_Pending]) -> None:
         """Keep entries that could not be written outside the log directory, for the next
@@ -620,13 +622,12 @@ class AuditLog:
     def _side_due(self) -> bool:
         return self._cp_note is not None or (self._seal_due and self.signer is not None)
 
-    def _write_side_files(self, count: int, head: str) -> None:
-        """Runs in a worker thread: the seal over (count, head), then the checkpoint file
-        if one is due. Each is replaced atomically (temp file, fsync, rename, fsync dir)."""
+    def _write_side_files(self, count: int, head: str, ts: str) -> None:
+        """Runs in a worker thread: the seal over (count, head), dated ``ts`` (the log's
+        own wall clock, read on the loop), then the checkpoint file if one is due. Each is
+        replaced atomically (temp file, fsync, rename, fsync dir)."""
         signer = self.signer
         if self._seal_due and signer is not None:
-            second, micro = divmod(time.time_ns() // 1000, 1_000_000)
-            ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)) + f".{micro:06d}Z"
             note = Checkpoint(self.origin, count, head, (f"time {ts}", "reason seal")).signed(
                 signer
             )
@@ -724,7 +725,10 @@ class AuditLog:
         if self._side_due():
             try:
                 await asyncio.to_thread(
-                    self._write_side_files, self.committed_seq + 1, self._committed_hash
+                    self._write_side_files,
+                    self.committed_seq + 1,
+                    self._committed_hash,
+                    utc_ts(datetime.fromtimestamp(self._wall_ns() / 1e9, UTC)),
                 )
             except OSError as exc:
                 self._failed(exc, "seal or checkpoint file")
