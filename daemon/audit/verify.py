@@ -23,7 +23,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +34,13 @@ import orjson
 from iortd.daemon.audit.canonical import ZERO_HASH
 from iortd.daemon.audit.note import Checkpoint, NoteError, Verifier
 from iortd.daemon.audit.segments import SegmentError, open_segment
-from iortd.daemon.audit.writer import CHECKPOINT_FILE, SEAL_FILE, SEGMENT_RE, segment_paths
+from iortd.daemon.audit.writer import (
+    CHECKPOINT_FILE,
+    SEAL_FILE,
+    SEGMENT_RE,
+    read_anchor,
+    segment_paths,
+)
 
 _HASH_KEY = b',"hash":"'
 # How long a running daemon may take to seal its current group commit beyond its commit
@@ -374,18 +379,6 @@ def _log_directory(paths: Sequence[Path], files: Sequence[Path]) -> Path | None:
     return None
 
 
-def _read_anchor(path: Path) -> bytes | None:
-    """A seal or checkpoint file's bytes; None if it is not a small regular file (never
-    followed if a link, never waited on if a FIFO). OSError if it cannot be opened."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
-    try:
-        st = os.fstat(fd)
-        text = os.read(fd, 65_537) if stat.S_ISREG(st.st_mode) else None
-    finally:
-        os.close(fd)
-    return None if text is None or len(text) > 65_536 else text
-
-
 def _read_anchors(log_dir: Path, rep: VerifyReport) -> list[tuple[str, str, Checkpoint]]:
     """The seal and checkpoint files, parsed but not yet checked (the key is known only
     once the log is read). Unreadable ones are warnings: a crash never leaves one half
@@ -394,20 +387,16 @@ def _read_anchors(log_dir: Path, rep: VerifyReport) -> list[tuple[str, str, Chec
     for name, what in ((SEAL_FILE, "seal"), (CHECKPOINT_FILE, "checkpoint file")):
         path = log_dir / name
         try:
-            text = _read_anchor(path)
-        except FileNotFoundError:
+            note = read_anchor(path)
+        except NoteError as exc:
+            rep.warnings.append(f"{path}: the {what} cannot be used ({exc}): not used")
+            continue
+        if note is None:
             rep.anchors.append(f"{what}: none")
             continue
-        except OSError as exc:
-            rep.warnings.append(f"{path}: cannot read the {what}: {exc.strerror or exc}")
-            continue
-        if text is None:
-            rep.warnings.append(f"{path}: the {what} is not a small regular file: not used")
-            continue
         try:
-            note = text.decode("utf-8")
             cp, _ = Checkpoint.parse_verified(note, None)
-        except (NoteError, UnicodeDecodeError) as exc:
+        except NoteError as exc:
             rep.warnings.append(f"{path}: the {what} is not a signed note ({exc}): not used")
             continue
         out.append((what, note, cp))
@@ -495,11 +484,9 @@ def _sealed_within_window(rep: VerifyReport, log_dir: Path, key: Verifier | None
     deadline = time.monotonic() + rep.commit_window_s + SEAL_MARGIN_S
     while True:
         try:
-            text = _read_anchor(log_dir / SEAL_FILE)
-            cp, signed = (
-                Checkpoint.parse_verified(text.decode("utf-8"), key) if text else (None, False)
-            )
-        except (OSError, NoteError, UnicodeDecodeError):
+            text = read_anchor(log_dir / SEAL_FILE)
+            cp, signed = Checkpoint.parse_verified(text, key) if text else (None, False)
+        except NoteError:
             cp, signed = None, False
         if (
             cp is not None

@@ -1218,7 +1218,7 @@ class _Vouch:
     rollback: dict[str, Any] | None = None
 
 
-def _read_anchor(path: Path) -> str | None:
+def read_anchor(path: Path) -> str | None:
     """A seal or checkpoint file's text; None when there is none. Only a small regular
     file is read (a FIFO or a device put there must not hang or flood recovery)."""
     try:
@@ -1250,7 +1250,7 @@ def _anchors(
     out: list[tuple[str, Checkpoint]] = []
     for name, what in ((SEAL_FILE, "seal"), (CHECKPOINT_FILE, "checkpoint file")):
         try:
-            text = _read_anchor(directory / name)
+            text = read_anchor(directory / name)
             if text is None:
                 problems.append(f"{what}: missing")
                 continue
