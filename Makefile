@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml requirements/lock.txt
 		{ echo "iortd needs Python 3.11 or newer; run: make PYTHON=python3.11 $(MAKECMDGOALS)" >&2; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
-		--constraint requirements/lock.txt --editable '.[dev]'
+		--constraint requirements/lock.txt --editable '.[dev,reports]'
 	@touch $(STAMP)
 
 system-packages:

@@ -2,7 +2,7 @@
 
 Measured in one run, on one disk, with entries of one size (the daemon's sample entry):
 
-1. the iortd writer (daemon/audit/writer.py): samples appended as fast as one producer
+1. the iortd writer (auditlog/writer.py): samples appended as fast as one producer
    can, group commit with the default 50 ms window, entries/s and commit latency; then
    durable=True entries appended one at a time, each awaited (one fsync each); both again
    with a signing key, so that every group commit is followed by its seal (a signed note
@@ -11,7 +11,7 @@ Measured in one run, on one disk, with entries of one size (the daemon's sample 
 2. baseline A: os.write + os.fsync per entry, the same bytes;
 3. baseline B: SQLite (stdlib sqlite3), WAL, synchronous=FULL, one transaction per entry
    inserting the same JSON text;
-4. verify_log (daemon/audit/verify.py) over the log written in (1), MB/s, against
+4. verify_log (auditlog/verify.py) over the log written in (1), MB/s, against
    baseline C: one hashlib.sha256 per line of the same files; bulk SHA-256 as a reference.
 
 Goals (the issue): writer >= 10x SQLite's per-entry-transaction rate for samples;
@@ -40,10 +40,10 @@ from typing import Any
 
 from machine import filesystem, print_header, work_dir
 
-from iortd.daemon.audit.note import Signer, generate_keypair
-from iortd.daemon.audit.verify import verify_log
-from iortd.daemon.audit.writer import AuditLog, Entry, segment_paths
-from iortd.drivers.types import Interlock
+from iortd.auditlog.note import Signer, generate_keypair
+from iortd.auditlog.verify import verify_log
+from iortd.auditlog.writer import AuditLog, Entry, segment_paths
+from iortd.kernel.types import Interlock
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ENTRIES = 100_000  # samples for (1) and the log that (4) verifies
@@ -65,7 +65,7 @@ def utc_ts(dt: datetime) -> str:
 
 
 def sample_data(i: int, start: datetime) -> dict[str, Any]:
-    """The shape daemon/audit/entries.py:sample_entry writes during an irradiation: a
+    """The shape daemon/entries.py:sample_entry writes during an irradiation: a
     reading every 100 ms, values with the precision a device reports."""
     t = i * 0.1
     delivered = round(min(t * 2.0 / 60.0, 20.0), 4)

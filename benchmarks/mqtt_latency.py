@@ -51,7 +51,7 @@ import aiomqtt
 import orjson
 from machine import filesystem, print_header, work_dir
 
-from iortd.daemon.audit.note import generate_keypair, write_keypair
+from iortd.auditlog.note import generate_keypair, write_keypair
 from iortd.daemon.mqtt.broker import (
     MOSQUITTO_INSTALL_HINT,
     BrokerError,

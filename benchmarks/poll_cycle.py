@@ -51,11 +51,11 @@ from machine import print_header
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.framer import FramerType
 
-from iortd.drivers.clock import SystemClock
 from iortd.drivers.interface import DriverContext, DriverSpec
 from iortd.drivers.modbus_xrs import ModbusXrsFactory
 from iortd.drivers.serial_xrs import SerialXrsFactory
 from iortd.drivers.xrs_ascii import Command, encode_request
+from iortd.kernel.clock import SystemClock
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CYCLES = 2_000

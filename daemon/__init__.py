@@ -1,10 +1,5 @@
-"""iortd: the daemon (composition root, config, delivery tracker, sinks)."""
+"""iortd: the daemon (composition root, config, device loops, delivery tracker, sinks)."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("iortd")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0+unknown"
+from iortd.kernel.version import __version__
 
 __all__ = ["__version__"]

@@ -22,15 +22,14 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from iortd.daemon import __version__
-from iortd.daemon.audit.note import (
+from iortd.auditlog.note import (
     KeyFileError,
     Signer,
     generate_keypair,
     load_signer,
     write_keypair,
 )
-from iortd.daemon.audit.writer import (
+from iortd.auditlog.writer import (
     DEFAULT_SPILL_DIR,
     AuditLog,
     LogDamaged,
@@ -39,9 +38,9 @@ from iortd.daemon.audit.writer import (
     LogUnusable,
     new_origin,
 )
+from iortd.daemon import __version__
 from iortd.daemon.config import ConfigError, LoadedConfig, load_config
 from iortd.daemon.console import ConsoleView
-from iortd.daemon.logs import configure_logging
 from iortd.daemon.mqtt.broker import (
     MOSQUITTO_INSTALL_HINT,
     BrokerError,
@@ -53,8 +52,9 @@ from iortd.daemon.mqtt.outbox import Outbox, OutboxError
 from iortd.daemon.mqtt.sink import MqttSink, settings_from_config
 from iortd.daemon.service import SHUTDOWN_TIMEOUT_S, Daemon, RunResult
 from iortd.daemon.sinks import OperationalLogSink, Sink
-from iortd.drivers.clock import Clock, ScaledClock, SystemClock
 from iortd.drivers.registry import DriverRegistry
+from iortd.kernel.clock import Clock, ScaledClock, SystemClock
+from iortd.kernel.logs import configure_logging
 
 __all__ = ["main"]
 

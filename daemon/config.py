@@ -30,10 +30,10 @@ from pydantic import (
     model_validator,
 )
 
-from iortd.daemon.audit.note import KeyFileError, load_signer
+from iortd.auditlog.note import KeyFileError, load_signer
 from iortd.drivers.errors import DriverConfigError, DriverOptionError
-from iortd.drivers.files import BOM_ERROR, UTF8_BOM, FileReadError, read_small_file
 from iortd.drivers.registry import DriverRegistry
+from iortd.kernel.files import BOM_ERROR, UTF8_BOM, FileReadError, read_small_file
 
 __all__ = [
     "Config",

@@ -23,7 +23,7 @@ from iortd.daemon.tracker import (
     Terminated,
     TrackerEvent,
 )
-from iortd.drivers.types import DeviceIdentity, InterlockState
+from iortd.kernel.types import DeviceIdentity, InterlockState
 
 __all__ = ["ConsoleView", "format_duration", "progress_bar"]
 

@@ -31,7 +31,6 @@ import asyncio
 import contextlib
 import math
 import os
-import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -39,11 +38,11 @@ from typing import Any
 
 import structlog
 
+from iortd.auditlog.note import Checkpoint
+from iortd.auditlog.writer import AuditLog, AuditLogClosed, RecoveryReport
 from iortd.daemon import __version__
-from iortd.daemon.audit.entries import event_entry, plain, sample_entry
-from iortd.daemon.audit.note import Checkpoint
-from iortd.daemon.audit.writer import AuditLog, AuditLogClosed, RecoveryReport, utc_ts
 from iortd.daemon.config import Config, DeviceConfig, LoadedConfig
+from iortd.daemon.entries import event_entry, plain, sample_entry
 from iortd.daemon.sinks import Sample, Sink
 from iortd.daemon.tracker import (
     DeliverySnapshot,
@@ -54,11 +53,13 @@ from iortd.daemon.tracker import (
     TrackerEvent,
     TrackerSettings,
 )
-from iortd.drivers.clock import Clock
 from iortd.drivers.errors import DeviceFault, DriverError, ProtocolViolation
 from iortd.drivers.interface import DriverContext, DriverSpec, SourceDriver
 from iortd.drivers.registry import DriverRegistry
-from iortd.drivers.types import DeviceIdentity
+from iortd.kernel.backoff import Backoff
+from iortd.kernel.clock import Clock
+from iortd.kernel.timefmt import utc_ts
+from iortd.kernel.types import DeviceIdentity
 
 __all__ = ["Daemon", "RunResult", "resumable", "tracker_settings"]
 
@@ -313,13 +314,12 @@ class Daemon:
         self._stop_after_delivery = stop_after_delivery
         self.tracker = DeliveryTracker(tracker_settings(self.config, clock.speed))
         self.result = RunResult()
-        self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._checkpoint_due = asyncio.Event()
         self._delivery_ended = False
         self._notices: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self._audit_failing = asyncio.Event()
-        self._backoff_s: dict[str, float] = {}  # per device: the next reconnect backoff
+        self._backoffs: dict[str, Backoff] = {}  # per device: reconnect backoff
 
     async def run(self, stop: asyncio.Event) -> RunResult:
         log.info(
@@ -600,7 +600,7 @@ class Daemon:
         # The backoff is reset by the first good reading of a connection, not by the
         # connection itself: a device that connects and identifies but fails every read
         # (a Modbus exception on each poll, say) backs off like one that cannot connect.
-        self._backoff_s[dev.name] = BACKOFF_INITIAL_S
+        self._backoffs[dev.name] = Backoff(BACKOFF_INITIAL_S, BACKOFF_MAX_S)
         while not stop.is_set():
             driver = self._build(dev)
             try:
@@ -646,7 +646,7 @@ class Daemon:
                     raise
             else:
                 bad = 0
-                self._backoff_s[dev.name] = BACKOFF_INITIAL_S
+                self._backoffs[dev.name].reset()
                 events = self.tracker.on_reading(reading)
                 sample = Sample(
                     device=dev.name,
@@ -695,10 +695,8 @@ class Daemon:
             self._emit(None, events)
 
     async def _backoff(self, dev: DeviceConfig, stop: asyncio.Event) -> None:
-        current = self._backoff_s[dev.name]
-        delay = self._rng.uniform(current / 2, current)
+        delay = self._backoffs[dev.name].next_delay()
         log.info("device_reconnect_wait", device=dev.name, delay_s=round(delay, 3))
-        self._backoff_s[dev.name] = min(current * 2, BACKOFF_MAX_S)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay):
                 await stop.wait()

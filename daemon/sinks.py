@@ -27,7 +27,7 @@ from iortd.daemon.tracker import (
     Terminated,
     TrackerEvent,
 )
-from iortd.drivers.types import DeviceIdentity, Interlock, InterlockState, SourceReading
+from iortd.kernel.types import DeviceIdentity, Interlock, InterlockState, SourceReading
 
 __all__ = ["OperationalLogSink", "Sample", "Sink"]
 

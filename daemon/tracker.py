@@ -39,7 +39,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from types import MappingProxyType
 
-from iortd.drivers.types import (
+from iortd.kernel.types import (
     ApplicatorIdentity,
     DeviceState,
     Interlock,

@@ -28,12 +28,12 @@ from urllib.parse import urlsplit
 import structlog
 import uvicorn
 
-from iortd.daemon.logs import configure_logging
 from iortd.dashboard import state
 from iortd.dashboard.app import DEFAULT_HOSTS, build_app
 from iortd.dashboard.hub import Hub
 from iortd.dashboard.mqtt import BrokerSettings, UrlError, consume, parse_broker_url
 from iortd.dashboard.state import Rooms
+from iortd.kernel.logs import configure_logging
 
 __all__ = ["main"]
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import re
 import socket
 import ssl
@@ -59,9 +58,10 @@ from urllib.parse import urlsplit
 import aiomqtt
 import structlog
 
-from iortd.daemon.mqtt.tls import client_tls_context
 from iortd.dashboard.hub import Hub
 from iortd.dashboard.state import Rejected, Rooms
+from iortd.kernel.backoff import Backoff
+from iortd.kernel.tls import client_tls_context
 
 __all__ = ["BrokerSettings", "RejectLog", "UrlError", "consume", "parse_broker_url"]
 
@@ -321,8 +321,7 @@ def incoming_queue(
 
 async def consume(settings: BrokerSettings, hub: Hub) -> None:
     """Run until cancelled: connect, subscribe, apply every message; reconnect on loss."""
-    rng = random.Random()  # noqa: S311 - jitter, not cryptography
-    backoff = BACKOFF_INITIAL_S
+    backoff = Backoff(BACKOFF_INITIAL_S, BACKOFF_MAX_S)
     tls = await asyncio.to_thread(settings.tls_context) if settings.tls else None
     identifier = f"iort-dashboard-{uuid.uuid4().hex[:12]}"
     reject_log = RejectLog()
@@ -350,7 +349,7 @@ async def consume(settings: BrokerSettings, hub: Hub) -> None:
             async with client:
                 await client.subscribe(f"{settings.prefix}/v1/#", qos=1, timeout=TIMEOUT_S)
                 connected = True
-                backoff = BACKOFF_INITIAL_S
+                backoff.reset()
                 log.info("mqtt_connected", broker=settings.url)
                 hub.set_broker(True, "connected")
                 # Bounded by the keep-alive: a dead link raises MqttError within 1.5 x it.
@@ -383,7 +382,6 @@ async def consume(settings: BrokerSettings, hub: Hub) -> None:
             # A bug here must not leave the page showing a frozen stream as live.
             log.exception("mqtt_consumer_error", broker=settings.url)
             hub.set_broker(False, f"internal error: {type(exc).__name__}")
-        delay = rng.uniform(backoff / 2, backoff)
+        delay = backoff.next_delay()
         log.info("mqtt_reconnect_wait", delay_s=round(delay, 3))
-        backoff = min(backoff * 2, BACKOFF_MAX_S)
         await asyncio.sleep(delay)

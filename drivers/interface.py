@@ -4,7 +4,7 @@ A driver turns bytes into typed readings and typed errors (drivers.errors). It n
 publishes or writes records; the daemon does. Drivers are found through the entry-point
 group ``iort.drivers`` (see drivers.registry), so a third-party package adds one without
 touching this repository (examples/iortd-driver-example is one). This module, with
-``iortd.drivers.types``, ``.errors``, ``.transport`` and ``.clock``, is the public API such
+``iortd.kernel.types``, ``.errors``, ``.transport`` and ``.clock``, is the public API such
 a package may import (docs/engineers.md, "Writing a driver"); the other driver modules are private.
 """
 
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Protocol, Self, runtime_checkable
 
-from iortd.drivers.clock import Clock
-from iortd.drivers.types import ApplicatorReading, Capability, DeviceIdentity, SourceReading
+from iortd.kernel.clock import Clock
+from iortd.kernel.types import ApplicatorReading, Capability, DeviceIdentity, SourceReading
 
 __all__ = [
     "ApplicatorDriver",

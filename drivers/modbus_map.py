@@ -25,8 +25,8 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from iortd.drivers.errors import ProtocolViolation
-from iortd.drivers.files import FileReadError, read_small_file, toml_error
 from iortd.drivers.modbus_codec import MAX_READ, Table
+from iortd.kernel.files import FileReadError, read_small_file, toml_error
 
 __all__ = [
     "INTERLOCK_POINTS",

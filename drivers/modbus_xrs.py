@@ -61,7 +61,7 @@ from iortd.drivers.modbus_map import (
     resolve_map,
 )
 from iortd.drivers.transport import Transport, transport_from_config, validate_transport
-from iortd.drivers.types import (
+from iortd.kernel.types import (
     ApplicatorIdentity,
     Capability,
     DeviceIdentity,

@@ -34,7 +34,6 @@ from iortd.drivers.errors import (
 )
 from iortd.drivers.interface import DriverContext, DriverSpec, Role
 from iortd.drivers.transport import Transport, transport_from_config, validate_transport
-from iortd.drivers.types import ApplicatorIdentity, Capability, DeviceIdentity, SourceReading
 from iortd.drivers.xrs_ascii import (
     MAX_FRAME,
     Command,
@@ -45,6 +44,7 @@ from iortd.drivers.xrs_ascii import (
     encode_request,
     parse_frame,
 )
+from iortd.kernel.types import ApplicatorIdentity, Capability, DeviceIdentity, SourceReading
 
 __all__ = ["SIMULATOR_MANUFACTURER", "SerialXrsDriver", "SerialXrsFactory"]
 

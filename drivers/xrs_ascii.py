@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from iortd.drivers.errors import DeviceFault, ProtocolViolation
-from iortd.drivers.types import (
+from iortd.kernel.types import (
     ApplicatorIdentity,
     DeviceState,
     Interlock,

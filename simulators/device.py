@@ -18,8 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from iortd.drivers.clock import Clock
-from iortd.drivers.types import DeviceIdentity
+from iortd.kernel.clock import Clock
+from iortd.kernel.types import DeviceIdentity
 from iortd.simulators.model import IllegalTransition, ModelSnapshot, SourceModel
 from iortd.simulators.scenario import DEVICE_ACTIONS, LINK_ACTIONS, Scenario, Step
 from iortd.simulators.sequence import ClinicalSequence

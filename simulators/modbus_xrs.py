@@ -32,8 +32,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from iortd.drivers.files import FileReadError, read_small_file, toml_error
-from iortd.drivers.types import DeviceIdentity, DeviceState, Interlock
+from iortd.kernel.files import FileReadError, read_small_file, toml_error
+from iortd.kernel.types import DeviceIdentity, DeviceState, Interlock
 from iortd.simulators.device import SimDevice
 from iortd.simulators.model import ModelSnapshot
 

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from iortd.drivers.types import (
+from iortd.kernel.types import (
     ApplicatorIdentity,
     DeviceIdentity,
     DeviceState,

@@ -20,7 +20,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from iortd.drivers.files import FileReadError, read_small_file, toml_error
+from iortd.kernel.files import FileReadError, read_small_file, toml_error
 
 __all__ = [
     "BUILTIN_PROFILES_PACKAGE",

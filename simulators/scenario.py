@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from iortd.drivers.files import FileReadError, read_small_file, toml_error
+from iortd.kernel.files import FileReadError, read_small_file, toml_error
 
 __all__ = ["Scenario", "ScenarioError", "Step", "load_scenario", "parse_duration"]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import math
 
-from iortd.drivers.types import DeviceState
+from iortd.kernel.types import DeviceState
 from iortd.simulators.model import IllegalTransition, SourceModel
 
 __all__ = ["ClinicalSequence", "SequenceStage"]

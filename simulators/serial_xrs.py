@@ -19,7 +19,7 @@ import random
 import string
 import tty
 
-from iortd.drivers.types import DeviceState, Interlock, InterlockState
+from iortd.kernel.types import DeviceState, Interlock, InterlockState
 from iortd.simulators.device import SimDevice
 from iortd.simulators.model import ModelSnapshot
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from iortd.drivers.clock import Clock, ScaledClock, SystemClock
-from iortd.drivers.files import FileReadError, read_small_file, toml_error
-from iortd.drivers.types import DeviceState, InterlockState
+from iortd.kernel.clock import Clock, ScaledClock, SystemClock
+from iortd.kernel.files import FileReadError, read_small_file, toml_error
+from iortd.kernel.types import DeviceState, InterlockState
 from iortd.simulators.control import ControlError, ControlHandler, ControlServer, Served
 from iortd.simulators.device import SimDevice
 from iortd.simulators.modbus_xrs import (

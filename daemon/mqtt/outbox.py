@@ -46,8 +46,8 @@ from typing import Any
 import orjson
 import structlog
 
-from iortd.daemon.durable import fsync_dir, write_all, write_atomic
 from iortd.daemon.mqtt.payloads import SEQ_MAX, TOPICS, Payload
+from iortd.kernel.durable import fsync_dir, write_all, write_atomic
 
 __all__ = ["STREAM_TOPICS", "Outbox", "OutboxError", "Record"]
 

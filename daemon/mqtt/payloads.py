@@ -6,7 +6,7 @@ ready for JSON (str, int, float, bool, None, list, dict only). docs/mqtt-topics.
 the topics and docs/schemas/v1/*.schema.json validate what these functions return; change
 the three together.
 
-Data is mapped the way the audit log maps it (daemon/audit/entries.py): the same helpers,
+Data is mapped the way the audit log maps it (daemon/entries.py): the same helpers,
 so a delivery looks the same in the record and on the wire. Non-finite readings are sent
 as the text ``"nan"``, ``"inf"`` or ``"-inf"`` (JSON has no NaN), never silently as null.
 Nothing here carries patient-identifying data: delivery ids are pseudonymous codes and
@@ -22,12 +22,12 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Any
 
-from iortd.daemon.audit.entries import EVENT_TYPES, event_entry, num, summary_data
-from iortd.daemon.audit.note import Checkpoint
-from iortd.daemon.audit.writer import utc_ts
+from iortd.auditlog.note import Checkpoint
+from iortd.daemon.entries import EVENT_TYPES, event_entry, num, summary_data
 from iortd.daemon.sinks import Sample
 from iortd.daemon.tracker import DeliveryAmended, DeliverySnapshot, Terminated, TrackerEvent
-from iortd.drivers.types import Interlock, InterlockState
+from iortd.kernel.timefmt import utc_ts
+from iortd.kernel.types import Interlock, InterlockState
 
 __all__ = [
     "EVENTS_TOPIC_KINDS",

@@ -54,7 +54,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import random
 import socket
 import ssl
 import time
@@ -71,9 +70,8 @@ import orjson
 import paho.mqtt.client as paho
 import structlog
 
+from iortd.auditlog.note import Checkpoint, Verifier
 from iortd.daemon import __version__
-from iortd.daemon.audit.note import Checkpoint, Verifier
-from iortd.daemon.audit.writer import utc_ts
 from iortd.daemon.config import MqttConfig, SiteConfig
 from iortd.daemon.mqtt.outbox import Outbox, Record
 from iortd.daemon.mqtt.payloads import (
@@ -88,7 +86,6 @@ from iortd.daemon.mqtt.payloads import (
     telemetry_payload,
     topic,
 )
-from iortd.daemon.mqtt.tls import client_tls_context
 from iortd.daemon.sinks import Sample
 from iortd.daemon.tracker import (
     DeliverySnapshot,
@@ -97,12 +94,15 @@ from iortd.daemon.tracker import (
     Terminated,
     TrackerEvent,
 )
-from iortd.drivers.types import DeviceIdentity, Interlock, InterlockState
+from iortd.kernel.backoff import Backoff
+from iortd.kernel.timefmt import utc_ts
+from iortd.kernel.tls import client_tls_context
+from iortd.kernel.types import DeviceIdentity, Interlock, InterlockState
 
 __all__ = ["BrokerSettings", "MqttSink", "client_id_for", "settings_from_config"]
 
 log = structlog.get_logger("iortd.mqtt")
-# paho's own log (through aiomqtt): rendered as JSON lines by daemon/logs.py.
+# paho's own log (through aiomqtt): rendered as JSON lines by kernel/logs.py.
 _PAHO_LOG = logging.getLogger("iortd.mqtt.paho")
 
 BACKOFF_INITIAL_S = 0.5
@@ -317,7 +317,6 @@ class MqttSink:
         self._closing = False
         self._close_deadline = 0.0
         self._task: asyncio.Task[None] | None = None
-        self._rng = random.Random()  # noqa: S311 - jitter, not cryptography
         self.connected = asyncio.Event()
         self._refused: dict[str, int] = {}
         self._connect_watch: _FailConnectOnTransportError | None = None
@@ -448,8 +447,8 @@ class MqttSink:
 
     async def _connect_loop(self) -> None:
         s = self.settings
-        backoff = BACKOFF_INITIAL_S
-        takeover_backoff = TAKEOVER_BACKOFF_INITIAL_S / 2
+        backoff = Backoff(BACKOFF_INITIAL_S, BACKOFF_MAX_S)
+        takeover = Backoff(TAKEOVER_BACKOFF_INITIAL_S, TAKEOVER_BACKOFF_MAX_S, jitter=False)
         short_lived = 0  # connections in a row lost soon after connecting
         attempt = 0
         while not self._closing:
@@ -467,18 +466,17 @@ class MqttSink:
                 if self.connected.is_set():
                     self.connected.clear()
                     log.error("mqtt_connection_lost", broker=s.url, reason=reason)  # noqa: TRY400
-                    backoff = BACKOFF_INITIAL_S
+                    backoff.reset()
                     attempt = 0
                     lived_s = time.monotonic() - self._connected_at
                     if lived_s >= STABLE_AFTER_S:
                         self.takeovers, short_lived = 0, 0
-                        takeover_backoff = TAKEOVER_BACKOFF_INITIAL_S / 2
+                        takeover.reset()
                     short_lived = short_lived + 1 if lived_s < SHORT_LIVED_S else 0
                     why = _takeover_reason(exc, short_lived)
                     if why is not None:
-                        takeover_backoff = min(takeover_backoff * 2, TAKEOVER_BACKOFF_MAX_S)
-                        backoff = takeover_backoff
-                        self._taken_over(why, backoff)
+                        backoff.hold(takeover.next_delay())
+                        self._taken_over(why, backoff.step_s)
                 else:
                     log.error("mqtt_connect_failed", broker=s.url, reason=reason)  # noqa: TRY400
             except (OSError, ssl.SSLError) as exc:
@@ -492,9 +490,8 @@ class MqttSink:
                 log.exception("mqtt_sink_error", broker=s.url)
             if self.closing:
                 return
-            delay = self._rng.uniform(backoff / 2, backoff)
+            delay = backoff.next_delay()
             log.info("mqtt_reconnect_wait", delay_s=round(delay, 3))
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     while not self._closing:

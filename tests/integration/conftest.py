@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from daemonproc import Site
 
-from iortd.daemon.audit.note import generate_keypair, write_keypair
+from iortd.auditlog.note import generate_keypair, write_keypair
 
 SITE_TEMPLATE = """
 [site]

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from iortd.daemon.audit.verify import collect_files
+from iortd.auditlog.verify import collect_files
 
 Entry = dict[str, Any]
 

@@ -17,7 +17,7 @@ from typing import Any
 from daemonproc import Daemon, Site
 from simproc import SERIAL_XRS_DEVICE, Simulator
 
-from iortd.daemon.audit.note import generate_keypair, write_keypair
+from iortd.auditlog.note import generate_keypair, write_keypair
 
 KINDS = ("normal", "interrupted", "interlock", "gap")
 SCENARIOS = {

@@ -19,8 +19,8 @@ import orjson
 import pytest
 from daemonproc import Daemon, Site
 
-from iortd.daemon.audit.note import load_verifier
-from iortd.daemon.audit.verify import collect_files, verify_log
+from iortd.auditlog.note import load_verifier
+from iortd.auditlog.verify import collect_files, verify_log
 
 pytestmark = pytest.mark.integration
 

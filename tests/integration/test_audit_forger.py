@@ -23,8 +23,8 @@ from daemonproc import Daemon, Site
 from forger import append, entries, halve_doses, rewrite_from
 from mqttobs import Observer
 
-from iortd.daemon.audit.note import Checkpoint
-from iortd.daemon.audit.verify import collect_files
+from iortd.auditlog.note import Checkpoint
+from iortd.auditlog.verify import collect_files
 from iortd.daemon.mqtt.broker import BrokerOptions, Mosquitto
 
 pytestmark = pytest.mark.integration

@@ -28,9 +28,9 @@ from typing import Any
 import orjson
 import pytest
 
-from iortd.daemon.audit.note import Checkpoint, Signer, generate_keypair, write_keypair
-from iortd.daemon.audit.writer import AuditLog
-from iortd.daemon.audit_cli import main
+from iortd.audit.cli import main
+from iortd.auditlog.note import Checkpoint, Signer, generate_keypair, write_keypair
+from iortd.auditlog.writer import AuditLog
 from iortd.daemon.mqtt.payloads import Envelope, checkpoint_payload
 
 pytestmark = pytest.mark.integration

@@ -12,7 +12,7 @@ import orjson
 import pytest
 from daemonproc import BIN
 
-from iortd.daemon.audit.verify import collect_files
+from iortd.auditlog.verify import collect_files
 
 pytestmark = pytest.mark.integration
 

@@ -28,7 +28,7 @@ import pydicom
 import pytest
 from reportlogs import KINDS, LogRun, make_all, read_log
 
-from iortd.daemon import audit_cli
+from iortd.audit import cli as audit_cli
 
 pytestmark = pytest.mark.integration
 

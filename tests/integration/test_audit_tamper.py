@@ -32,9 +32,9 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from iortd.daemon import audit_cli
-from iortd.daemon.audit.note import Checkpoint, generate_keypair, write_keypair
-from iortd.daemon.audit.writer import AuditLog
+from iortd.audit import cli as audit_cli
+from iortd.auditlog.note import Checkpoint, generate_keypair, write_keypair
+from iortd.auditlog.writer import AuditLog
 
 pytestmark = pytest.mark.integration
 

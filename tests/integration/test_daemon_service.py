@@ -14,11 +14,11 @@ from typing import Any, Self
 
 import pytest
 
+from iortd.auditlog import writer
+from iortd.auditlog.writer import AuditLog
 from iortd.daemon import service
-from iortd.daemon.audit import writer
-from iortd.daemon.audit.entries import event_entry
-from iortd.daemon.audit.writer import AuditLog
 from iortd.daemon.config import LoadedConfig, load_config
+from iortd.daemon.entries import event_entry
 from iortd.daemon.service import Daemon
 from iortd.daemon.sinks import Sample
 from iortd.daemon.tracker import (
@@ -28,12 +28,11 @@ from iortd.daemon.tracker import (
     MonitoringGapStarted,
     TrackerEvent,
 )
-from iortd.drivers.clock import ScaledClock
 from iortd.drivers.errors import DeviceFault, TransportClosed
 from iortd.drivers.interface import DriverContext, DriverSpec, Role
 from iortd.drivers.registry import DriverRegistry
-from iortd.drivers.sim import SimDriverFactory
-from iortd.drivers.types import (
+from iortd.kernel.clock import ScaledClock
+from iortd.kernel.types import (
     Capability,
     DeviceIdentity,
     DeviceState,
@@ -42,6 +41,7 @@ from iortd.drivers.types import (
     SourceReading,
     TerminationStatus,
 )
+from iortd.simulators.driver import SimDriverFactory
 
 pytestmark = pytest.mark.integration
 

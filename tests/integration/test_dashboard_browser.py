@@ -31,7 +31,7 @@ from dashproc import Dashboard, Recorder, chromium, number, shot, wait_number
 from playwright.async_api import Page, expect
 from simproc import SERIAL_XRS_DEVICE, Simulator
 
-from iortd.daemon.audit.note import generate_keypair, write_keypair
+from iortd.auditlog.note import generate_keypair, write_keypair
 from iortd.daemon.mqtt.broker import BrokerOptions, Mosquitto
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]

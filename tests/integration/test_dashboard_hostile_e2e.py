@@ -38,7 +38,7 @@ from dashproc import Dashboard, Recorder, chromium, shot
 from playwright.async_api import expect
 
 from iortd.daemon.mqtt.broker import BrokerOptions, Mosquitto
-from iortd.drivers.types import Interlock
+from iortd.kernel.types import Interlock
 
 pytestmark = [pytest.mark.integration]
 

@@ -25,7 +25,7 @@ from daemonproc import Daemon, Site
 from mqttobs import Message, Observer
 from simproc import Simulator
 
-from iortd.daemon.audit.note import Checkpoint, generate_keypair, write_keypair
+from iortd.auditlog.note import Checkpoint, generate_keypair, write_keypair
 from iortd.daemon.mqtt.broker import BrokerOptions, Mosquitto
 
 pytestmark = pytest.mark.integration

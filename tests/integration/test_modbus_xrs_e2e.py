@@ -25,7 +25,7 @@ from test_serial_xrs_e2e import (
     start_simulator,
 )
 
-from iortd.daemon.audit.note import generate_keypair, write_keypair
+from iortd.auditlog.note import generate_keypair, write_keypair
 
 pytestmark = pytest.mark.integration
 

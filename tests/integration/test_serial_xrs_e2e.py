@@ -16,7 +16,7 @@ import pytest
 from daemonproc import Daemon, Site
 from simproc import SERIAL_XRS_DEVICE, Simulator
 
-from iortd.daemon.audit.note import generate_keypair, write_keypair
+from iortd.auditlog.note import generate_keypair, write_keypair
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from iortd.daemon.audit.record import DeliveryRecord, Verification, _collect
+from iortd.audit.record import DeliveryRecord, Verification, _collect
 
 DID = "or-1-20261126T100000000000Z"
 VERIFIED = Verification(

@@ -1,4 +1,4 @@
-"""Canonical JSON and the entry hash (daemon/audit/canonical.py).
+"""Canonical JSON and the entry hash (auditlog/canonical.py).
 
 The contract (docs/audit-log.md, docs/architecture.md): an entry is the canonical JSON of the
 entry (orjson, OPT_SORT_KEYS) followed by a newline, and its ``hash`` is the SHA-256 of the
@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iortd.daemon.audit.canonical import (
+from iortd.auditlog.canonical import (
     INT_MAX,
     INT_MIN,
     ZERO_HASH,

@@ -1,4 +1,4 @@
-"""The daemon's own start on a log directory someone else has changed (daemon/audit/writer.py
+"""The daemon's own start on a log directory someone else has changed (auditlog/writer.py
 ``_recover`` and ``_lock``): files that are not regular files under a segment's name or as
 ``LOCK`` are refused with one error naming the file, never read (a FIFO would hang the
 start, a link to /dev/zero would exhaust memory) and never followed (a link would make the
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from iortd.daemon.audit.note import generate_keypair
-from iortd.daemon.audit.writer import AuditLog, LogUnusable, segment_paths
+from iortd.auditlog.note import generate_keypair
+from iortd.auditlog.writer import AuditLog, LogUnusable, segment_paths
 
 ORIGIN = "iortd/test-site/or-9/00112233aabbccdd"
 BOUND_S = 10  # the refusal is immediate; a hang is what is tested against

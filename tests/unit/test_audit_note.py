@@ -1,4 +1,4 @@
-"""Ed25519 keys and signed checkpoints (daemon/audit/note.py).
+"""Ed25519 keys and signed checkpoints (auditlog/note.py).
 
 The formats are golang.org/x/mod/sumdb/note's and C2SP tlog-checkpoint's; the reference
 vectors below are the PeterNeumann key and note from Go's note_test.go, so byte equality
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from iortd.daemon.audit.note import (
+from iortd.auditlog.note import (
     Checkpoint,
     KeyFileError,
     NoteError,

@@ -1,5 +1,5 @@
 """What a start records about the log it found (daemon/service.py ``_record_recovery``) and
-what verify makes of it (daemon/audit/verify.py): the unvouched range, an accepted
+what verify makes of it (auditlog/verify.py): the unvouched range, an accepted
 rollback, a wall clock behind the log's last entry; backward timestamps as warnings.
 """
 
@@ -13,10 +13,10 @@ from typing import Any
 
 import orjson
 
+from iortd.auditlog.note import generate_keypair
+from iortd.auditlog.verify import verify_log
+from iortd.auditlog.writer import AuditLog, segment_paths
 from iortd.daemon import service
-from iortd.daemon.audit.note import generate_keypair
-from iortd.daemon.audit.verify import verify_log
-from iortd.daemon.audit.writer import AuditLog, segment_paths
 
 ORIGIN = "iortd/test-site/or-9/00112233aabbccdd"
 

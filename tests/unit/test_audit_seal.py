@@ -1,4 +1,4 @@
-"""The seal and what recovery makes of it (daemon/audit/writer.py): every group commit is
+"""The seal and what recovery makes of it (auditlog/writer.py): every group commit is
 sealed; after a crash the entries beyond the seal are unvouched, a forged end in them
 cannot close the open delivery, and a log behind its own seal or checkpoint is refused.
 Failing seal/checkpoint-file writes and a deleted segment are alarms, never a crash.
@@ -21,11 +21,11 @@ from typing import Any
 import orjson
 import pytest
 
-from iortd.daemon import durable
-from iortd.daemon.audit import writer
-from iortd.daemon.audit.note import Checkpoint, Signer, generate_keypair
-from iortd.daemon.audit.verify import verify_log
-from iortd.daemon.audit.writer import AuditLog, RecoveryReport, segment_paths
+from iortd.auditlog import writer
+from iortd.auditlog.note import Checkpoint, Signer, generate_keypair
+from iortd.auditlog.verify import verify_log
+from iortd.auditlog.writer import AuditLog, RecoveryReport, segment_paths
+from iortd.kernel import durable
 
 ORIGIN = "iortd/test-site/or-9/00112233aabbccdd"
 DID = "or-9-20260301T120000000000Z"

@@ -29,17 +29,17 @@ from test_audit_seal import (
 )
 from test_config import ROOT
 
+from iortd.audit.cli import main
+from iortd.auditlog import verify, writer
+from iortd.auditlog.note import Signer, generate_keypair
+from iortd.auditlog.verify import collect_files, unvouched_deliveries, verify_log
+from iortd.auditlog.writer import AuditLog, segment_paths
 from iortd.daemon import service
-from iortd.daemon.audit import verify, writer
-from iortd.daemon.audit.note import Signer, generate_keypair
-from iortd.daemon.audit.verify import collect_files, unvouched_deliveries, verify_log
-from iortd.daemon.audit.writer import AuditLog, segment_paths
-from iortd.daemon.audit_cli import main
 from iortd.daemon.config import load_config
 from iortd.daemon.tracker import DeliveryStarted
-from iortd.drivers.clock import SystemClock
 from iortd.drivers.registry import DriverRegistry
-from iortd.drivers.types import DeviceState, Interlock, InterlockState, SourceReading
+from iortd.kernel.clock import SystemClock
+from iortd.kernel.types import DeviceState, Interlock, InterlockState, SourceReading
 
 
 def room_level_alarm(log: AuditLog) -> list[writer.Entry]:

@@ -1,8 +1,8 @@
-"""The audit-log writer (daemon/audit/writer.py): chain, durability, group commit,
+"""The audit-log writer (auditlog/writer.py): chain, durability, group commit,
 rotation, crash recovery, checkpoints and disk failures.
 
 Every test reads what is on disk and checks it with an independent reading (orjson per
-line, hashlib) and with the verifier (daemon/audit/verify.py).
+line, hashlib) and with the verifier (auditlog/verify.py).
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from typing import Any
 import orjson
 import pytest
 
-from iortd.daemon.audit import writer
-from iortd.daemon.audit.canonical import ZERO_HASH, CanonicalError, check_json_value
-from iortd.daemon.audit.note import Checkpoint, generate_keypair
-from iortd.daemon.audit.verify import verify_log
-from iortd.daemon.audit.writer import (
+from iortd.auditlog import writer
+from iortd.auditlog.canonical import ZERO_HASH, CanonicalError, check_json_value
+from iortd.auditlog.note import Checkpoint, generate_keypair
+from iortd.auditlog.verify import verify_log
+from iortd.auditlog.writer import (
     FORMAT,
     AuditLog,
     AuditLogClosed,

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import pytest
 from pydantic import ValidationError
 
-from iortd.daemon.audit.note import generate_keypair, write_keypair
+from iortd.auditlog.note import generate_keypair, write_keypair
 from iortd.daemon.config import ConfigError, ConfigIssue, LoadedConfig, MqttConfig, load_config
 from iortd.drivers.registry import ENTRY_POINT_GROUP, DriverRegistry
 

@@ -25,7 +25,7 @@ from iortd.dashboard.hub import SNAPSHOT_ROOMS, Hub
 from iortd.dashboard.mqtt import MESSAGE_OVERHEAD, RejectLog, incoming_queue
 from iortd.dashboard.schemas import STEMS, published, schema_error
 from iortd.dashboard.state import Rejected, Rooms
-from iortd.drivers.types import Interlock
+from iortd.kernel.types import Interlock
 
 T = "iort/v1/site-a/or-1/"
 TS = "2026-11-26T10:00:00.000000Z"

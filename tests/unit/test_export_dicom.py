@@ -13,15 +13,15 @@ import pydicom
 import pytest
 from handlog import DID, VERIFIED, at, interrupted_log, record
 
-from iortd.daemon.audit.dicom import (
+from iortd.audit.dicom import (
     DicomExportError,
     dicom_export,
     ds_number,
     segments_with_context,
     uid_for,
 )
-from iortd.daemon.audit.export import events_csv, fmt_value, json_export, samples_csv
-from iortd.daemon.audit.record import NoSuchDelivery, _collect
+from iortd.audit.export import events_csv, fmt_value, json_export, samples_csv
+from iortd.audit.record import NoSuchDelivery, _collect
 
 
 def test_uids_are_deterministic_valid_and_differ_by_their_parts() -> None:

@@ -50,7 +50,6 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from iortd.drivers.clock import SystemClock
 from iortd.drivers.errors import (
     DeviceFault,
     ProtocolViolation,
@@ -70,7 +69,8 @@ from iortd.drivers.modbus_codec import (
 from iortd.drivers.modbus_map import Block, RegisterMap, load_map, resolve_map
 from iortd.drivers.modbus_xrs import ModbusXrsDriver
 from iortd.drivers.transport import Eof, Expect, Reply, ScriptedTransport, ScriptStep
-from iortd.drivers.types import (
+from iortd.kernel.clock import SystemClock
+from iortd.kernel.types import (
     DeviceState,
     Interlock,
     InterlockState,

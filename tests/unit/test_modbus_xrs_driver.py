@@ -11,14 +11,14 @@ import pytest
 from test_modbus_codec import crc16_modbus
 from test_modbus_map import TELEMETRY, text_registers
 
-from iortd.drivers.clock import SystemClock
 from iortd.drivers.errors import DriverOptionError, ProtocolViolation, TransportTimeout
 from iortd.drivers.interface import DriverContext
 from iortd.drivers.modbus_codec import Framing, ModbusDeviceError
 from iortd.drivers.modbus_map import load_map, resolve_map
 from iortd.drivers.modbus_xrs import ModbusXrsDriver, ModbusXrsFactory
 from iortd.drivers.transport import Eof, Expect, Reply, ScriptedTransport
-from iortd.drivers.types import DeviceState, Interlock, InterlockState
+from iortd.kernel.clock import SystemClock
+from iortd.kernel.types import DeviceState, Interlock, InterlockState
 
 CTX = DriverContext(clock=SystemClock(), seed=0)
 MAP = load_map(resolve_map("xrs-mb1"))

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iortd.drivers.types import (
+from iortd.kernel.types import (
     ApplicatorIdentity,
     DeviceState,
     Interlock,

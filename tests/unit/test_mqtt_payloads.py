@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator, FormatChecker  # type: ignore[import-untyped]
 
-from iortd.daemon.audit.entries import summary_data
-from iortd.daemon.audit.note import Checkpoint, generate_keypair
+from iortd.auditlog.note import Checkpoint, generate_keypair
+from iortd.daemon.entries import summary_data
 from iortd.daemon.mqtt.payloads import (
     EVENT_KINDS,
     EVENTS_TOPIC_KINDS,
@@ -66,7 +66,7 @@ from iortd.daemon.tracker import (
     TrackerEvent,
     TrackerSettings,
 )
-from iortd.drivers.types import (
+from iortd.kernel.types import (
     ApplicatorIdentity,
     DeviceState,
     Interlock,

@@ -3,7 +3,7 @@
 - pyproject lists and maps every package folder, and the links in ``iortd/`` that static
   tools follow point where the mapping does (a subpackage added but not listed would be
   missing from the wheel while every test run from the tree still passes);
-- no file names the old top-level packages (``from daemon.x``, ``"drivers.sim:..."``):
+- no file names the old top-level packages (``from daemon.x``, ``"drivers.serial_xrs:..."``):
   the rewrite script finds nothing to do, so a branch merged from before the namespace is
   caught here, with the command that fixes it;
 - the example third-party driver imports only the public modules docs/engineers.md names, and
@@ -24,11 +24,11 @@ from types import ModuleType
 
 import pytest
 
-from iortd.drivers.clock import SystemClock
 from iortd.drivers.errors import DeviceFault, DriverOptionError, ProtocolViolation
 from iortd.drivers.interface import DriverContext, DriverFactory
 from iortd.drivers.transport import Expect, Reply, ScriptedTransport
-from iortd.drivers.types import DeviceState, Interlock, InterlockState
+from iortd.kernel.clock import SystemClock
+from iortd.kernel.types import DeviceState, Interlock, InterlockState
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))
@@ -38,10 +38,10 @@ EXAMPLE_SRC = ROOT / "examples" / "iortd-driver-example" / "src" / "iortd_driver
 # What a plug-in may import (docs/engineers.md, "Writing a driver"); everything else is private.
 PUBLIC = (
     "iortd.drivers.interface",
-    "iortd.drivers.types",
+    "iortd.kernel.types",
     "iortd.drivers.errors",
     "iortd.drivers.transport",
-    "iortd.drivers.clock",
+    "iortd.kernel.clock",
     "iortd.daemon.sinks",
 )
 
@@ -105,7 +105,7 @@ def test_rewrite_script_is_precise_and_idempotent() -> None:
         "from daemon.cli import main\n"
         "import daemon.mqtt.broker as broker_mod\n"
         'argv = [sys.executable, "-m", "dashboard.cli"]\n'
-        'target = "drivers.sim:SimDriverFactory"\n'
+        'target = "drivers.serial_xrs:SerialXrsFactory"\n'
         "await daemon.run(stop)\n"
         'log = tmp_path / "dashboard.log"\n'
         'files("iort_config") / "demo.toml"\n'
@@ -116,7 +116,7 @@ def test_rewrite_script_is_precise_and_idempotent() -> None:
         "from iortd.daemon.cli import main\n"
         "import iortd.daemon.mqtt.broker as broker_mod\n"
         'argv = [sys.executable, "-m", "iortd.dashboard.cli"]\n'
-        'target = "iortd.drivers.sim:SimDriverFactory"\n'
+        'target = "iortd.drivers.serial_xrs:SerialXrsFactory"\n'
         "await daemon.run(stop)\n"
         'log = tmp_path / "dashboard.log"\n'
         'files("iortd.config") / "demo.toml"\n'

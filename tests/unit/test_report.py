@@ -9,7 +9,7 @@ import re
 
 from handlog import VERIFIED, interrupted_log, record
 
-from iortd.daemon.audit.report import KeyValues, Table, build_doc, html_report, pdf_report
+from iortd.audit.report import KeyValues, Table, build_doc, html_report, pdf_report
 
 
 def test_the_document_states_specified_and_delivered_figures() -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from iortd.drivers.clock import SystemClock
 from iortd.drivers.errors import DriverOptionError, ProtocolViolation, TransportTimeout
 from iortd.drivers.interface import DriverContext
 from iortd.drivers.serial_xrs import SerialXrsDriver, SerialXrsFactory
 from iortd.drivers.transport import Expect, Reply, ScriptedTransport
-from iortd.drivers.types import DeviceState, Interlock, InterlockState
 from iortd.drivers.xrs_ascii import Command, crc16, encode_request
+from iortd.kernel.clock import SystemClock
+from iortd.kernel.types import DeviceState, Interlock, InterlockState
 
 CTX = DriverContext(clock=SystemClock(), seed=0)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from manualclock import ManualClock
 
-from iortd.drivers.types import DeviceState, Interlock, InterlockState
+from iortd.kernel.types import DeviceState, Interlock, InterlockState
 from iortd.simulators.device import ActionError, SimDevice
 from iortd.simulators.model import SourceModel
 from iortd.simulators.profiles import load_profile

@@ -21,7 +21,7 @@ from types import MappingProxyType
 import pytest
 from manualclock import ManualClock
 
-from iortd.drivers.types import (
+from iortd.kernel.types import (
     ApplicatorIdentity,
     DeviceIdentity,
     DeviceState,
@@ -348,7 +348,7 @@ def test_the_codec_is_independent_of_the_driver_and_of_pymodbus() -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module)
     assert not [m for m in imported if m.startswith(("pymodbus", "drivers.modbus"))]
-    assert imported & {"iortd.drivers.types"}  # types are shared; codecs are not
+    assert imported & {"iortd.kernel.types"}  # types are shared; codecs are not
 
 
 # ---- over TCP ------------------------------------------------------------------------

@@ -8,9 +8,7 @@ from pathlib import Path
 import pytest
 from manualclock import ManualClock
 
-from iortd.drivers.clock import SystemClock
 from iortd.drivers.errors import ProtocolViolation
-from iortd.drivers.types import DeviceState
 from iortd.drivers.xrs_ascii import (
     Command,
     ConsoleError,
@@ -21,6 +19,8 @@ from iortd.drivers.xrs_ascii import (
     encode_request,
     parse_frame,
 )
+from iortd.kernel.clock import SystemClock
+from iortd.kernel.types import DeviceState
 from iortd.simulators.device import SimDevice
 from iortd.simulators.model import SourceModel
 from iortd.simulators.profiles import load_profile

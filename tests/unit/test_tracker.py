@@ -30,7 +30,7 @@ from iortd.daemon.tracker import (
     TrackerEvent,
     TrackerSettings,
 )
-from iortd.drivers.types import (
+from iortd.kernel.types import (
     DeviceState,
     Interlock,
     InterlockState,

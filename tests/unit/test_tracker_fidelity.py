@@ -29,7 +29,7 @@ from iortd.daemon.tracker import (
     TrackerEvent,
     TrackerSettings,
 )
-from iortd.drivers.types import DeviceState, SourceReading, TerminationStatus
+from iortd.kernel.types import DeviceState, SourceReading, TerminationStatus
 
 S = DeviceState
 NS = 1_000_000_000

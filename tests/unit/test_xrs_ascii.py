@@ -12,13 +12,6 @@ from pathlib import Path
 import pytest
 
 from iortd.drivers.errors import DeviceFault, ProtocolViolation
-from iortd.drivers.types import (
-    ApplicatorIdentity,
-    DeviceState,
-    Interlock,
-    InterlockState,
-    TerminationStatus,
-)
 from iortd.drivers.xrs_ascii import (
     INTERLOCK_ORDER,
     MAX_FRAME,
@@ -34,6 +27,13 @@ from iortd.drivers.xrs_ascii import (
     decode_status,
     encode_request,
     parse_frame,
+)
+from iortd.kernel.types import (
+    ApplicatorIdentity,
+    DeviceState,
+    Interlock,
+    InterlockState,
+    TerminationStatus,
 )
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "protocols.md"

@@ -31,13 +31,6 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from iortd.drivers.errors import DeviceFault, ProtocolViolation
-from iortd.drivers.types import (
-    ApplicatorIdentity,
-    DeviceState,
-    Interlock,
-    InterlockState,
-    TerminationStatus,
-)
 from iortd.drivers.xrs_ascii import (
     MAX_FRAME,
     Command,
@@ -47,6 +40,13 @@ from iortd.drivers.xrs_ascii import (
     XrsStatus,
     decode_reply,
     parse_frame,
+)
+from iortd.kernel.types import (
+    ApplicatorIdentity,
+    DeviceState,
+    Interlock,
+    InterlockState,
+    TerminationStatus,
 )
 
 SEED = int(os.environ.get("XRS_FUZZ_SEED", "0x10A7_5EED"), 0)

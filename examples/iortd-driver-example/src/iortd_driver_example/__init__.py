@@ -34,7 +34,7 @@ from typing import Any, Self
 from iortd.drivers.errors import DeviceFault, DriverOptionError, ProtocolViolation
 from iortd.drivers.interface import DriverContext, DriverSpec, Role
 from iortd.drivers.transport import Transport, transport_from_config, validate_transport
-from iortd.drivers.types import (
+from iortd.kernel.types import (
     Capability,
     DeviceIdentity,
     DeviceState,

@@ -31,10 +31,10 @@ from typing import Any
 
 import orjson
 
-from iortd.daemon.audit.canonical import ZERO_HASH
-from iortd.daemon.audit.note import Checkpoint, NoteError, Verifier
-from iortd.daemon.audit.segments import SegmentError, open_segment
-from iortd.daemon.audit.writer import (
+from iortd.auditlog.canonical import ZERO_HASH
+from iortd.auditlog.note import Checkpoint, NoteError, Verifier
+from iortd.auditlog.segments import SegmentError, open_segment
+from iortd.auditlog.writer import (
     CHECKPOINT_FILE,
     SEAL_FILE,
     SEGMENT_RE,

@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from iortd.daemon.audit.record import DeliveryRecord, Interval
+from iortd.audit.record import DeliveryRecord, Interval
 
 __all__ = [
     "EVENT_COLUMNS",

@@ -31,28 +31,28 @@ from typing import Any
 
 import orjson
 
-from iortd.daemon import __version__
-from iortd.daemon.audit.dicom import DicomExportError, dicom_export
-from iortd.daemon.audit.export import events_csv, json_export, samples_csv
-from iortd.daemon.audit.note import (
-    Checkpoint,
-    NoteError,
-    Verifier,
-    generate_keypair,
-    write_keypair,
-)
-from iortd.daemon.audit.record import DeliveryRecord, NoSuchDelivery, Verification, read_delivery
-from iortd.daemon.audit.report import html_report, pdf_report
-from iortd.daemon.audit.review import (
+from iortd.audit.dicom import DicomExportError, dicom_export
+from iortd.audit.export import events_csv, json_export, samples_csv
+from iortd.audit.record import DeliveryRecord, NoSuchDelivery, Verification, read_delivery
+from iortd.audit.report import html_report, pdf_report
+from iortd.audit.review import (
     collect_deliveries,
     format_entry,
     format_summary,
     load_entries,
     one_line,
 )
-from iortd.daemon.audit.verify import VerifyReport, collect_files, unvouched_deliveries, verify_log
-from iortd.daemon.durable import write_atomic
-from iortd.drivers.files import FileReadError, read_small_file
+from iortd.auditlog.note import (
+    Checkpoint,
+    NoteError,
+    Verifier,
+    generate_keypair,
+    write_keypair,
+)
+from iortd.auditlog.verify import VerifyReport, collect_files, unvouched_deliveries, verify_log
+from iortd.kernel.durable import write_atomic
+from iortd.kernel.files import FileReadError, read_small_file
+from iortd.kernel.version import __version__
 
 __all__ = ["main"]
 

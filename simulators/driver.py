@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from iortd.drivers.errors import DriverOptionError, TransportClosed
 from iortd.drivers.interface import DriverContext, DriverSpec, Role
-from iortd.drivers.types import Capability, DeviceIdentity, SourceReading
+from iortd.kernel.types import Capability, DeviceIdentity, SourceReading
 from iortd.simulators.model import SourceModel
 from iortd.simulators.profiles import ProfileError, load_profile
 from iortd.simulators.sequence import ClinicalSequence

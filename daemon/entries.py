@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from iortd.daemon.audit.writer import utc_ts
 from iortd.daemon.sinks import Sample
 from iortd.daemon.tracker import (
     AlarmCleared,
@@ -27,7 +26,8 @@ from iortd.daemon.tracker import (
     Terminated,
     TrackerEvent,
 )
-from iortd.drivers.types import ApplicatorIdentity
+from iortd.kernel.timefmt import utc_ts
+from iortd.kernel.types import ApplicatorIdentity
 
 __all__ = ["EVENT_TYPES", "event_entry", "num", "sample_entry", "summary_data"]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from iortd.daemon.audit.verify import iter_entries
+from iortd.auditlog.verify import iter_entries
 
 __all__ = [
     "DeliveryRecord",

@@ -40,7 +40,7 @@ only regular files there and never follows a link: a segment or ``LOCK`` that is
 device or a link refuses the start (LogUnusable, naming the file); ``quarantine/`` must be
 a real directory and its files are always created anew (O_EXCL|O_NOFOLLOW); a new segment
 that cannot be opened that way is a failing write; seal.tmp / checkpoint.tmp are removed
-and created anew (daemon/durable.py). A spill file is removed only after its entries are
+and created anew (kernel/durable.py). A spill file is removed only after its entries are
 in the log, so a crash during the restore loses none of them.
 """
 
@@ -68,7 +68,7 @@ import orjson
 import structlog
 from orjson import dumps
 
-from iortd.daemon.audit.canonical import (
+from iortd.auditlog.canonical import (
     ZERO_HASH,
     CanonicalError,
     Envelope,
@@ -77,9 +77,11 @@ from iortd.daemon.audit.canonical import (
     open_line,
     seal_parts,
 )
-from iortd.daemon.audit.note import Checkpoint, NoteError, Signer, Verifier
-from iortd.daemon.audit.segments import SegmentError, open_segment
-from iortd.daemon.durable import fsync_dir, write_all, write_atomic
+from iortd.auditlog.note import Checkpoint, NoteError, Signer, Verifier
+from iortd.auditlog.segments import SegmentError, open_segment
+from iortd.kernel.backoff import Backoff
+from iortd.kernel.durable import fsync_dir, write_all, write_atomic
+from iortd.kernel.timefmt import epoch_ns, utc_ts
 
 __all__ = [
     "FORMAT",
@@ -163,22 +165,6 @@ def segment_paths(directory: Path) -> list[Path]:
     """Segments in chain order (their names start with the first entry's seq)."""
     found = [p for p in directory.iterdir() if SEGMENT_RE.match(p.name)]
     return sorted(found, key=lambda p: p.name)
-
-
-def _ns(dt: datetime) -> int:
-    """An aware datetime as integer nanoseconds since the epoch (exact to the microsecond)."""
-    delta = dt - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000_000 + delta.microseconds * 1000
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def utc_ts(dt: datetime) -> str:
-    """RFC 3339 UTC with microseconds and Z (the log's only time format)."""
-    if dt.utcoffset():
-        dt = dt.astimezone(UTC)
-    return dt.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 class Entry(NamedTuple):
@@ -386,7 +372,7 @@ class AuditLog:
         file, unless ``accept_rollback`` (the report then says what was accepted).
         """
         mono = mono or time.monotonic_ns
-        wall_ns = time.time_ns if wall is None else (lambda: _ns(wall()))
+        wall_ns = time.time_ns if wall is None else (lambda: epoch_ns(wall()))
         lock_fd = await asyncio.to_thread(_lock, directory)
         verifier = None if signer is None else signer.verifier
         try:
@@ -653,7 +639,7 @@ class AuditLog:
 
     async def run(self) -> None:
         """Write pending entries until closed; run this in the daemon's TaskGroup."""
-        backoff = BACKOFF_INITIAL_S
+        backoff = Backoff(BACKOFF_INITIAL_S, BACKOFF_MAX_S, jitter=False)
         self._running = True
         try:
             while True:
@@ -661,12 +647,11 @@ class AuditLog:
                     if self._side_due():
                         # A seal or checkpoint file that failed before: retry it alone.
                         if await self._side_files():
-                            backoff = BACKOFF_INITIAL_S
+                            backoff.reset()
                             continue
                         if self._closing:
                             return  # tried once more at shutdown; the alarm is up
-                        await asyncio.sleep(backoff)
-                        backoff = min(backoff * 2, BACKOFF_MAX_S)
+                        await asyncio.sleep(backoff.next_delay())
                         continue
                     if self._closing:
                         return
@@ -702,8 +687,7 @@ class AuditLog:
                     # Also while closing: the owner bounds the wait (the daemon cancels
                     # this task at its shutdown deadline); close() then tries once more
                     # and spills what is left.
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, BACKOFF_MAX_S)
+                    await asyncio.sleep(backoff.next_delay())
                     continue
                 self.committed_seq = batch[-1].seq
                 self._committed_hash = batch[-1].hash
@@ -712,10 +696,9 @@ class AuditLog:
                     if not fut.done():
                         fut.set_result(None)
                 if not await self._side_files():
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, BACKOFF_MAX_S)
+                    await asyncio.sleep(backoff.next_delay())
                     continue
-                backoff = BACKOFF_INITIAL_S
+                backoff.reset()
         finally:
             self._done.set()
 

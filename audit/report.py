@@ -20,10 +20,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from iortd.daemon import __version__
-from iortd.daemon.audit.dicom import segments_with_context
-from iortd.daemon.audit.export import describe
-from iortd.daemon.audit.record import DeliveryRecord
+from iortd.audit.dicom import segments_with_context
+from iortd.audit.export import describe
+from iortd.audit.record import DeliveryRecord
+from iortd.kernel.version import __version__
 
 __all__ = ["html_report", "pdf_report", "plot_png", "plot_svg"]
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from iortd.daemon.audit.note import Checkpoint, NoteError
-from iortd.daemon.audit.review import load_entries
-from iortd.daemon.audit.verify import VerifyReport, collect_files
+from iortd.audit.review import load_entries
+from iortd.auditlog.note import Checkpoint, NoteError
+from iortd.auditlog.verify import VerifyReport, collect_files
 
 __all__ = [
     "EVENT_TYPES",

@@ -34,8 +34,8 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, RTBeamsTreatmentRecordStorage
 
-from iortd.daemon import __version__
-from iortd.daemon.audit.record import DeliveryRecord
+from iortd.audit.record import DeliveryRecord
+from iortd.kernel.version import __version__
 
 __all__ = [
     "UID_NAMESPACE",
