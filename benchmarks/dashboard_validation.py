@@ -76,9 +76,19 @@ def main() -> None:
         raws = [orjson.dumps({**payload, "seq": i + 1}) for i in range(args.n)]
         whole = Draft202012Validator(published(name))
         parsed = orjson.loads(raws[0])
-        a = per_message_us(lambda i, raws=raws: orjson.loads(raws[i]), args.n, args.rounds)
-        b = per_message_us(lambda _i, v=whole, p=parsed: v.is_valid(p), args.n, args.rounds)
-        c = per_message_us(lambda _i, n=name, p=parsed: schema_error(n, p), args.n, args.rounds)
+
+        def parse(i: int, raws: list[bytes] = raws) -> object:
+            return orjson.loads(raws[i])
+
+        def whole_schema(_i: int, v: Draft202012Validator = whole, p: object = parsed) -> object:
+            return v.is_valid(p)
+
+        def per_field(_i: int, n: str = name, p: object = parsed) -> object:
+            return schema_error(n, p)
+
+        a = per_message_us(parse, args.n, args.rounds)
+        b = per_message_us(whole_schema, args.n, args.rounds)
+        c = per_message_us(per_field, args.n, args.rounds)
         topic = f"iort/v1/{payload.get('site', 'hospital-a')}/{payload.get('room', 'or-1')}/{name}"
         d_rounds = []
         for _ in range(args.rounds):

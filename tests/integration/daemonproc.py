@@ -104,7 +104,7 @@ class Daemon:
                         raise AssertionError(
                             f"iortd exited while waiting for {what}: {self.lines[-5:]}"
                         )
-                    rec = json.loads(raw)
+                    rec: dict[str, Any] = json.loads(raw)
                     self.lines.append(rec)
                     if pred(rec):
                         return rec

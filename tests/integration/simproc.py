@@ -63,6 +63,7 @@ class Simulator:
     async def until(self, event: str, within_s: float) -> dict[str, Any]:
         """The first line of this event, read so far or within ``within_s``."""
         assert self.proc.stdout is not None
+        rec: dict[str, Any]
         for rec in self.lines:
             if rec["event"] == event:
                 return rec

@@ -508,12 +508,12 @@ def test_rechained_edits_with_the_checkpoints_cut_off_need_the_held_checkpoint(
 def test_a_replaced_log_is_found_with_the_held_checkpoint(
     log: Log, demo2: DemoRun, tmp_path: Path
 ) -> None:
-    for p in log.dir.iterdir():
-        if p.is_file():
-            p.unlink()
-    for p in demo2.log_dir.iterdir():
-        if p.is_file():  # not mqtt-outbox/: the MQTT sink's, not part of the log
-            shutil.copy2(p, log.dir / p.name)
+    for f in log.dir.iterdir():
+        if f.is_file():
+            f.unlink()
+    for f in demo2.log_dir.iterdir():
+        if f.is_file():  # not mqtt-outbox/: the MQTT sink's, not part of the log
+            shutil.copy2(f, log.dir / f.name)
     intact(log.verify())  # a valid log in itself, signed by the same key
     p = log.verify("--checkpoint", str(log.checkpoint))  # the first run's checkpoint
     [seg] = [x for x in log.dir.iterdir() if x.name.startswith("log-")]

@@ -270,7 +270,7 @@ async def test_a_device_that_stops_answering_makes_interlocks_unknown_then_recov
     result = task.result()
     assert result.link_losses >= 1
     assert script.connects >= 2, "the driver was reconnected"
-    (gap,) = daemon.tracker.snapshot().gaps  # type: ignore[union-attr]
+    (gap,) = daemon.tracker.snapshot().gaps
     assert gap.end_mono_ns is not None
     assert gap.end_mono_ns > gap.start_mono_ns
 

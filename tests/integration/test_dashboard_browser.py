@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 from daemonproc import Daemon, Site
 from dashproc import Dashboard, Recorder, chromium, number, shot, wait_number
-from playwright.async_api import Page, expect
+from playwright.async_api import Page, ViewportSize, expect
 from simproc import SERIAL_XRS_DEVICE, Simulator
 
 from iortd.auditlog.note import generate_keypair, write_keypair
@@ -40,7 +40,7 @@ STALE_AFTER_S = 2.0
 # The daemon's: its Last Will fires within 1.5 x this after a kill, well after the stale
 # bound, so that STALE (no telemetry) is seen on its own before OFFLINE (the will).
 KEEPALIVE_S = 4
-VIEWPORT = {"width": 1500, "height": 1000}
+VIEWPORT: ViewportSize = {"width": 1500, "height": 1000}
 
 SERIAL_SITE = (
     """

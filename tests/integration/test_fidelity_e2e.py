@@ -179,6 +179,11 @@ async def _dose_on_disk(site: Site, gy: float, within_s: float) -> None:
             await asyncio.sleep(0.05)
 
 
+def _alarms_beyond(daemon: Daemon, n: int) -> Callable[[dict[str, Any]], bool]:
+    """A predicate: the daemon has logged more than ``n`` alarm_raised events."""
+    return lambda _rec: len(daemon.events("alarm_raised")) > n
+
+
 def _done(key: str) -> Callable[[dict[str, Any]], bool]:
     if key == "after-end":
         # The door opened after the end: the last scripted event was seen.
@@ -299,7 +304,7 @@ async def _run(base: Path, key: str, broker: Mosquitto | None = None) -> Run:
                 for _ in range(6):
                     n = len(daemon.events("alarm_raised"))
                     await daemon.seen(
-                        lambda r, n=n: len(daemon.events("alarm_raised")) > n,
+                        _alarms_beyond(daemon, n),
                         "another alarm",
                         within_s=10,
                     )

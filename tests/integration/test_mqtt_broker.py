@@ -101,7 +101,7 @@ def record_acks(c: aiomqtt.Client) -> list[tuple[str | None, ReasonCode]]:
     ) -> None:
         msg = client._out_messages.get(mid)
         acks.append((None if msg is None else msg.topic, reason_code))
-        original(client, userdata, mid, reason_code, properties)
+        original(client, userdata, mid, reason_code, properties)  # type: ignore[call-arg]  # aiomqtt registers a VERSION2 callback
 
     paho.on_publish = on_publish
     return acks

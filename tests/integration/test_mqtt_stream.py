@@ -38,6 +38,13 @@ OUTAGE_S = 30.0
 
 
 @pytest.fixture
+def _named(
+    name: str, after: Callable[[Message], bool] = lambda _m: True
+) -> Callable[[Message], bool]:
+    """A predicate: a message on topic ``name`` that also satisfies ``after``."""
+    return lambda m: m.name == name and after(m)
+
+
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     # Persistence, so that the observer's queued messages survive the broker's restart.
     with Mosquitto(BrokerOptions(persistence=True), tmp_path / "broker") as b:
@@ -387,7 +394,7 @@ async def test_retained_state_is_republished_after_a_broker_restart(
         watcher = await Observer(plain.port).start()  # resubscribes after the restart
         try:
             for name in names:
-                await watcher.wait_for(lambda m, n=name: m.name == n, name, within_s=30)
+                await watcher.wait_for(_named(name), name, within_s=30)
             await plain.restart()
             await daemon.seen(
                 lambda _: len(daemon.events("mqtt_connected")) >= 2, "the reconnection"
@@ -396,14 +403,14 @@ async def test_retained_state_is_republished_after_a_broker_restart(
             # The reconnect republishes status, then the state topics, before the rest.
             for name in names:
                 await watcher.wait_for(
-                    lambda m, n=name: m.name == n and watcher.messages.index(m) >= seen_before,
+                    _named(name, after=lambda m: watcher.messages.index(m) >= seen_before),
                     f"{name} again after the restart",
                 )
             late = await Observer(plain.port).start()
             try:
                 got = {
                     name: await late.wait_for(
-                        lambda m, n=name: m.name == n and m.retained, f"retained {name}"
+                        _named(name, after=lambda m: m.retained), f"retained {name}"
                     )
                     for name in names
                 }

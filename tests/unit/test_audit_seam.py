@@ -39,6 +39,7 @@ from iortd.daemon.config import load_config
 from iortd.daemon.tracker import DeliveryStarted
 from iortd.drivers.registry import DriverRegistry
 from iortd.kernel.clock import SystemClock
+from iortd.kernel.timefmt import utc_ts
 from iortd.kernel.types import DeviceState, Interlock, InterlockState, SourceReading
 
 
@@ -60,7 +61,7 @@ async def continued_across_the_restart(directory: Path) -> tuple[int, int]:
     async with running(directory, signer=signer) as (log, report):
         assert report.unvouched == (forged[0], forged[-1])
         assert report.open_delivery_id == DID
-        service._record_recovery(log, report, service.utc_ts(datetime.now(UTC)))
+        service._record_recovery(log, report, utc_ts(datetime.now(UTC)))
         log.append(
             "daemon_start",
             {"verifier_key": signer.verifier.text, "open_delivery": DID},
@@ -96,7 +97,7 @@ async def test_a_delivery_continued_across_unvouched_entries_is_named_even_if_no
 
 
 def at(dt: datetime) -> str:
-    return service.utc_ts(dt)
+    return utc_ts(dt)
 
 
 async def a_run(directory: Path, wall: datetime, build: Any, **kw: Any) -> writer.RecoveryReport:
@@ -182,7 +183,7 @@ async def test_a_delivery_whose_whole_record_is_unvouched_is_closed_at_start_not
     async with running(tmp_path, signer=signer) as (log, report):
         assert report.open_delivery_id is None  # nothing vouched names it
         assert report.unvouched is not None
-        service._record_recovery(log, report, service.utc_ts(datetime.now(UTC)))
+        service._record_recovery(log, report, utc_ts(datetime.now(UTC)))
     ends = [
         x
         for x in entries(tmp_path)
@@ -400,7 +401,7 @@ async def test_a_crash_during_recovery_before_its_seal_leaves_both_ranges_unvouc
     log, report = await AuditLog.open(tmp_path, origin=ORIGIN, signer=signer)
     task = asyncio.create_task(log.run())
     log.signer = None  # dies before its first seal
-    service._record_recovery(log, report, service.utc_ts(datetime.now(UTC)))
+    service._record_recovery(log, report, utc_ts(datetime.now(UTC)))
     e = log.append("daemon_start", {"open_delivery": DID}, durable=True)
     await e.committed
     await crash(log, task)
@@ -411,7 +412,7 @@ async def test_a_crash_during_recovery_before_its_seal_leaves_both_ranges_unvouc
         assert report.open_delivery_id == DID
         assert report.open_delivery_last_sample == last
         assert report.unvouched_open_deliveries == ()
-        service._record_recovery(log, report, service.utc_ts(datetime.now(UTC)))
+        service._record_recovery(log, report, utc_ts(datetime.now(UTC)))
         await log.checkpoint("start")
     rep = verify_log([tmp_path], pubkey=signer.verifier)
     assert rep.intact, rep.problem
@@ -498,7 +499,7 @@ async def test_a_forged_end_the_restart_did_not_believe_is_not_shown_as_the_outc
     forged = await forge(tmp_path, fake_end)
     async with running(tmp_path, signer=signer) as (log, report):
         assert report.open_delivery_id == DID
-        service._record_recovery(log, report, service.utc_ts(datetime.now(UTC)))
+        service._record_recovery(log, report, utc_ts(datetime.now(UTC)))
         log.append(
             "daemon_start",
             {"verifier_key": signer.verifier.text, "open_delivery": DID},

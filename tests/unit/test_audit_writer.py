@@ -37,6 +37,7 @@ from iortd.auditlog.writer import (
     LogInUse,
     segment_paths,
 )
+from iortd.kernel import durable
 
 
 class Phase(enum.Enum):
@@ -232,7 +233,7 @@ async def test_samples_are_group_committed_within_the_window(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writes: list[int] = []
-    real_write_all = writer.write_all
+    real_write_all = durable.write_all
 
     def counting(fd: int, data: bytes) -> None:
         writes.append(data.count(b"\n"))
@@ -728,7 +729,7 @@ async def test_a_checkpoint_right_after_a_clock_step_verifies(tmp_path: Path) ->
 def flaky_write_all(fail: Callable[[int], bool], calls: list[int]) -> Callable[[int, bytes], None]:
     """write_all that, when fail(call number) says so, writes half the bytes then raises
     ENOSPC: a torn write, as a full disk gives."""
-    real = writer.write_all
+    real = durable.write_all
 
     def write_all(fd: int, data: bytes) -> None:
         calls.append(len(data))

@@ -12,7 +12,7 @@ import dataclasses
 import hashlib
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib.metadata import EntryPoint
 from pathlib import Path
 from types import MappingProxyType
@@ -481,10 +481,11 @@ def test_loaded_config_is_frozen(registry: DriverRegistry) -> None:
 
 def test_nested_containers_cannot_be_changed_in_place(registry: DriverRegistry) -> None:
     config = load_config(DEMO, registry).config
-    for mutate in (
-        lambda: config.devices.append(config.devices[0]),
-        lambda: config.devices[0].options.__setitem__("preset_gy", 50.0),
-    ):
+    mutations: list[Callable[[], object]] = [
+        lambda: config.devices.append(config.devices[0]),  # type: ignore[attr-defined]
+        lambda: config.devices[0].options.__setitem__("preset_gy", 50.0),  # type: ignore[index]
+    ]
+    for mutate in mutations:
         try:
             mutate()
         except (TypeError, AttributeError):

@@ -5,6 +5,7 @@ the refusal too."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
@@ -34,7 +35,7 @@ async def get(path: str, host: str | None, **kw: Any) -> tuple[int, dict[str, st
         "client": ("127.0.0.1", 50000),
         "server": ("127.0.0.1", 8080),
     }
-    sent: list[dict[str, Any]] = []
+    sent: list[MutableMapping[str, Any]] = []
     requested = False
     never = asyncio.Event()
 
@@ -47,7 +48,7 @@ async def get(path: str, host: str | None, **kw: Any) -> tuple[int, dict[str, st
         requested = True
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message)
 
     async with asyncio.timeout(5):

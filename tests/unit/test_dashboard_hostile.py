@@ -99,7 +99,7 @@ def raw(payload: object) -> bytes:
     [
         # the two messages of the issue that froze the overview
         ("interlocks", {**interlocks(2), "interlocks": dict.fromkeys(IL_NAMES, 1)}, "schema"),
-        ("telemetry", telemetry(2, dose=True), "schema"),  # type: ignore[arg-type]
+        ("telemetry", telemetry(2, dose=True), "schema"),
         ("telemetry", {**telemetry(2), "dose_primary_gy": "1.5"}, "schema"),
         ("telemetry", {**telemetry(2), "dose_primary_gy": 1e400}, "not JSON"),
         ("telemetry", {**telemetry(2), "state": "BEAM_ON_FOREVER"}, "schema"),
@@ -409,10 +409,11 @@ def test_the_fast_validators_agree_with_the_published_schemas() -> None:
         names = [n for n in STEMS if reference[n].is_valid(example)]
         assert len(names) == 1, (names, example)
         (name,) = names
-        variants = [example]
+        variants: list[dict[str, Any]] = [example]
         for key in example:
             variants.append({k: v for k, v in example.items() if k != key})
-            variants += [{**example, key: bad} for bad in (True, 1, -1, "x", None, [], {})]
+            bads: tuple[object, ...] = (True, 1, -1, "x", None, [], {})
+            variants += [{**example, key: bad} for bad in bads]
         for v in variants:
             assert (schema_error(name, v) is None) == reference[name].is_valid(v), (name, v)
             checked += 1

@@ -54,8 +54,14 @@ def identity(manufacturer: str, scenario: str = "") -> list[int]:
 
 
 # Requests worked by hand: read holding 100+72 and input 0+38 of unit 1.
-TCP_ID = lambda tid: tid.to_bytes(2, "big") + H("00 00 00 06 01 03 00 64 00 48")  # noqa: E731
-TCP_ST = lambda tid: tid.to_bytes(2, "big") + H("00 00 00 06 01 04 00 00 00 26")  # noqa: E731
+def TCP_ID(tid: int) -> bytes:
+    return tid.to_bytes(2, "big") + H("00 00 00 06 01 03 00 64 00 48")
+
+
+def TCP_ST(tid: int) -> bytes:
+    return tid.to_bytes(2, "big") + H("00 00 00 06 01 04 00 00 00 26")
+
+
 RTU_ST = H("01 04 00 00 00 26") + crc16_modbus(H("01 04 00 00 00 26")).to_bytes(2, "little")
 
 

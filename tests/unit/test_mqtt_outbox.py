@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,7 +126,7 @@ def state(directory: Path) -> dict[str, Any]:
     return loaded
 
 
-def damaged(logs: list[dict[str, Any]]) -> list[str]:
+def damaged(logs: Sequence[Mapping[str, Any]]) -> list[str]:
     return [e["problem"] for e in logs if e["event"] == "mqtt_outbox_damaged"]
 
 

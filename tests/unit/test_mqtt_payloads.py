@@ -107,7 +107,7 @@ def _format_checker() -> FormatChecker:
     checker = FormatChecker()
     if "date-time" not in checker.checkers:
 
-        @checker.checks("date-time", raises=ValueError)
+        @checker.checks("date-time", raises=ValueError)  # type: ignore[untyped-decorator]
         def _date_time(value: object) -> bool:
             if not isinstance(value, str):
                 return True

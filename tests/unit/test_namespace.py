@@ -26,7 +26,7 @@ import pytest
 
 from iortd.drivers.errors import DeviceFault, DriverOptionError, ProtocolViolation
 from iortd.drivers.interface import DriverContext, DriverFactory
-from iortd.drivers.transport import Expect, Reply, ScriptedTransport
+from iortd.drivers.transport import Eof, Expect, Reply, ScriptedTransport
 from iortd.kernel.clock import SystemClock
 from iortd.kernel.types import DeviceState, Interlock, InterlockState
 
@@ -74,9 +74,9 @@ def test_every_package_folder_is_listed_mapped_and_linked() -> None:
     assert not missing, f"add to [tool.setuptools] packages in pyproject.toml: {sorted(missing)}"
     # config/ is data only: its folders are listed as (namespace) packages, no Python.
     assert not list((ROOT / "config").rglob("*.py")), "config/ holds data only"
-    for folder in [ROOT / "config", *(p for p in (ROOT / "config").iterdir() if p.is_dir())]:
-        if any(folder.glob("*.toml")):
-            name = ".".join(("iortd.config", *folder.relative_to(ROOT / "config").parts))
+    for data in [ROOT / "config", *(p for p in (ROOT / "config").iterdir() if p.is_dir())]:
+        if any(data.glob("*.toml")):
+            name = ".".join(("iortd.config", *data.relative_to(ROOT / "config").parts))
             assert name in listed, f"{name} (data) is not in [tool.setuptools] packages"
 
 
@@ -183,7 +183,7 @@ def test_example_factory_satisfies_the_interface_and_validates(example: ModuleTy
 
 
 async def test_example_driver_reads_and_fails_safe(example: ModuleType) -> None:
-    script = [
+    script: list[Expect | Reply | Eof] = [
         Expect(b"IDENT\r\n"),
         Reply(b"mfr=Example model=KV-1 serial=KV1-0042 fw=1.3\r\n"),
         Expect(b"STATUS\r\n"),

@@ -627,7 +627,9 @@ def test_interlock_not_ok_is_an_alarm_and_not_clear(state: InterlockState) -> No
 
 def test_interlock_missing_from_a_reading_counts_as_unknown() -> None:
     f = Feed()
-    partial = {k: v for k, v in ALL_OK.items() if k is not Interlock.DOOR}
+    partial: dict[Interlock, InterlockState] = {
+        k: v for k, v in ALL_OK.items() if k is not Interlock.DOOR
+    }
     ev = f.read(S.STANDBY, interlocks=partial)
     assert f.tracker.interlocks[Interlock.DOOR] is InterlockState.UNKNOWN
     assert f"{AlarmCode.INTERLOCK_UNKNOWN}:door" in raised(ev)
@@ -791,7 +793,9 @@ def test_communication_is_the_hosts_own_interlock() -> None:
     reading is communication ok (no false 'communication unknown' alarm in every
     delivery), a gap trips it, and a reading that is not believed leaves it unknown."""
     f = Feed()
-    nine = {il: st for il, st in ALL_OK.items() if il is not Interlock.COMMUNICATION}
+    nine: dict[Interlock, InterlockState] = {
+        il: st for il, st in ALL_OK.items() if il is not Interlock.COMMUNICATION
+    }
     f.read(S.STANDBY, interlocks=nine)
     assert f.tracker.interlocks[Interlock.COMMUNICATION] is InterlockState.OK
     assert f.tracker.all_clear
