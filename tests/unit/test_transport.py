@@ -1,4 +1,4 @@
-"""Transports (drivers/transport.py): the scripted fake, the [transport] config checks, and
+"""Transports (drivers/transport/): the scripted fake, the [transport] config checks, and
 TcpTransport against an in-test asyncio server on 127.0.0.1.
 
 The serial transport over a real pty is tested in tests/integration/test_transport_pty.py.
