@@ -4,7 +4,7 @@ pyserial and pyserial-asyncio-fast, the only module of the package that imports 
 The port is opened exclusively (flock) in raw 8-bit mode, in a worker thread that we own:
 if the caller stops waiting (timeout, cancellation), the port the thread still opens is
 closed again, never leaked and left locked. A setting the port refuses (a pty and parity,
-an unsupported baud rate) is a TransportError that names the settings to check. Writes never
+an unsupported baud rate) is a TransportError, and the port is closed again. Writes never
 spin on a full kernel buffer (:class:`_Serial`).
 """
 

@@ -1,8 +1,9 @@
 """The console's requests and replies, sans-I/O: one request in, one reply out.
 
 :class:`ModbusConsole` answers a request PDU, a Modbus TCP frame (MBAP header) or an RTU
-frame (address and CRC) from its register map, with every exception response of
-docs/protocols.md. It advances the device once per request, so that one read is one
+frame (address and CRC) from its register map, with the exception responses of
+docs/protocols.md (illegal function, address or value; gateway: no response for another
+unit id on TCP). It advances the device once per request, so that one read is one
 snapshot: the registers of a reply never mix two instants. No bytes are read or written
 here; the servers (tcp.py, rtu.py) move them.
 """

@@ -2,7 +2,7 @@
 
 :class:`RtuFramer` finds request frames in the bytes of an RTU line (sans-I/O): by the
 request length each function code implies and a good CRC, dropping a byte at a time to
-resynchronise after noise, and what is left at the end of the line's silence.
+resynchronise after noise (also when the line falls silent, in case a frame sits behind it).
 :class:`RtuPtyConsole` serves the console on a pty that a driver opens like a real serial
 port; since a pty moves bytes at memory speed, each reply is held back for the time the
 request and the reply would take on the wire (:func:`line_time_s`).
