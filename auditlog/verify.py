@@ -32,15 +32,15 @@ from typing import Any
 import orjson
 
 from iortd.auditlog.canonical import ZERO_HASH
-from iortd.auditlog.note import Checkpoint, NoteError, Verifier
-from iortd.auditlog.segments import SegmentError, open_segment
-from iortd.auditlog.writer import (
+from iortd.auditlog.logdir import (
     CHECKPOINT_FILE,
     SEAL_FILE,
     SEGMENT_RE,
     read_anchor,
     segment_paths,
 )
+from iortd.auditlog.note import Checkpoint, NoteError, Verifier
+from iortd.auditlog.segments import SegmentError, open_segment
 
 _HASH_KEY = b',"hash":"'
 # How long a running daemon may take to seal its current group commit beyond its commit
