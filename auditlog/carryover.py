@@ -9,7 +9,7 @@ names them), and the start closes them.
 
 The log core knows the few entry types this needs (``delivery_started``,
 ``delivery_terminated``, ``sample``, ``monitoring_gap_started``, ``daemon_start``) by name
-only; what they mean is the daemon's (daemon/entries.py). Both scans run backwards from the
+only; what they mean is the daemon's. Both scans run backwards from the
 newest entry and stop as early as the log allows, so a start reads the open delivery's own
 runs, not the whole log.
 """

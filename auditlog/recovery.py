@@ -18,7 +18,8 @@ is checked before anything is touched: a crash can only tear the end of the newe
 
 The :class:`RecoveryReport` says all of it: how the previous run stopped, what was set
 aside and where, which entries no signature vouches for, what was spilled and restored,
-what rollback was accepted. The daemon records it in the log's ``daemon_start`` entry.
+what rollback was accepted. The daemon records it in the log (a ``recovery`` entry, written
+before the first seal of its run).
 """
 
 from __future__ import annotations
