@@ -282,7 +282,7 @@ def verify_log(
     return rep
 
 
-# ---- seal, checkpoint file, unvouched entries, clock steps ---------------------------------
+# ---- recovery entries, clock steps, deliveries in unvouched ranges, checkpoint entries ----
 
 
 def _note_recovery(line: bytes, seq: int, rep: VerifyReport) -> None:
