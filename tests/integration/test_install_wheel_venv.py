@@ -86,8 +86,12 @@ def _extra_entries() -> set[str]:
     """The site-packages entries of the extra's distributions (their packages, modules and
     dist-info): the venv is built as a user gets it without the extra."""
     out: set[str] = set()
-    for dist in REPORTS_EXTRA:
-        for file in importlib.metadata.distribution(dist).files or ():
+    for name in REPORTS_EXTRA:
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # not in this environment either: nothing to leave out
+        for file in dist.files or ():
             top = file.parts[0]
             if top not in ("..", "__pycache__"):
                 out.add(top)
