@@ -16,6 +16,11 @@ not a readable regular file or directory). ``show`` and ``deliveries`` verify th
 chain too and exit 1, after printing, when it is broken. ``report`` and ``export`` verify
 first and write nothing when it is broken, unless --allow-unverified (then the output says
 so, on every page of a report, and the exit status is still 1).
+
+``report`` and ``export --format dicom`` need the optional extra ``reports`` (reportlab,
+matplotlib, pydicom); they import it only when run, and without it exit 2 with one line
+naming the missing package and ``pip install 'iortd[reports]'``. Every other command works
+without it.
 """
 
 from __future__ import annotations
@@ -29,12 +34,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from iortd.audit.dicom import DicomExportError, dicom_export
 from iortd.audit.export import events_csv, json_export, samples_csv
+from iortd.audit.extra import dicom_exporter, report_renderer, with_extra
+from iortd.audit.inputs import UsageError, held_checkpoints, load_pubkey
 from iortd.audit.record import DeliveryRecord, NoSuchDelivery, Verification, read_delivery
-from iortd.audit.report import html_report, pdf_report
 from iortd.audit.review import (
     collect_deliveries,
     format_entry,
@@ -43,7 +46,6 @@ from iortd.audit.review import (
     one_line,
 )
 from iortd.auditlog.note import (
-    Checkpoint,
     NoteError,
     Verifier,
     generate_keypair,
@@ -51,7 +53,6 @@ from iortd.auditlog.note import (
 )
 from iortd.auditlog.verify import VerifyReport, collect_files, unvouched_deliveries, verify_log
 from iortd.kernel.durable import write_atomic
-from iortd.kernel.files import FileReadError, read_small_file
 from iortd.kernel.version import __version__
 
 __all__ = ["main"]
@@ -142,87 +143,6 @@ def _check_paths(paths: Sequence[Path]) -> bool:
     return ok
 
 
-class _UsageError(Exception):
-    pass
-
-
-def _checkpoint_notes(text: str, where: Path) -> str:
-    """The signed note in a saved checkpoint: the note itself (the log directory's
-    ``checkpoint`` file) or the JSON payload of the ``audit/checkpoint`` topic
-    (docs/schemas/v1/checkpoint.schema.json), whose ``note`` is the note verbatim."""
-    if not text.lstrip().startswith("{"):
-        return text
-    try:
-        payload = orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
-        raise _UsageError(f"--checkpoint {where}: not a note nor JSON: {exc}") from None
-    note = payload.get("note") if isinstance(payload, dict) else None
-    if not isinstance(note, str):
-        raise _UsageError(
-            f"--checkpoint {where}: JSON without a 'note' string: expected the payload of "
-            "the audit/checkpoint topic"
-        )
-    try:
-        cp, _ = Checkpoint.parse_verified(note, None)
-    except NoteError as exc:
-        raise _UsageError(f"--checkpoint {where}: note: {exc}") from None
-    # The parsed fields are for display; if they disagree with the note, someone edited one.
-    shown = {k: payload.get(k) for k in ("origin", "count", "head") if k in payload}
-    actual = {"origin": cp.origin, "count": cp.count, "head": cp.head_hash}
-    if bad := [k for k, v in shown.items() if v != actual[k]]:
-        raise _UsageError(
-            f"--checkpoint {where}: the payload's {', '.join(bad)} differ from its signed note"
-        )
-    return note
-
-
-def _held_checkpoints(path: Path, pubkey: Verifier) -> list[str]:
-    """Every note held in ``path``: a file, or a directory of files (each a note or a
-    saved payload), each signed by ``pubkey`` and all of one log."""
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if not p.name.startswith("."))
-        if not files:
-            raise _UsageError(f"--checkpoint {path}: the directory holds no checkpoints")
-    else:
-        files = [path]
-    notes = []
-    origins = set()
-    for f in files:
-        try:
-            text = read_small_file(f, expected="a saved checkpoint file").decode("utf-8")
-        except FileReadError as exc:
-            raise _UsageError(f"--checkpoint {f}: {exc.reason}") from None
-        except UnicodeDecodeError:
-            raise _UsageError(f"--checkpoint {f}: not UTF-8 text") from None
-        note = _checkpoint_notes(text, f)
-        try:
-            cp, signed = Checkpoint.parse_verified(note, pubkey)
-        except NoteError as exc:
-            raise _UsageError(f"--checkpoint {f}: {exc}") from None
-        if not signed:
-            raise _UsageError(f"--checkpoint {f}: not signed by --pubkey ({pubkey.name})")
-        notes.append(note)
-        origins.add(cp.origin)
-    if len(origins) > 1:
-        raise _UsageError(
-            f"--checkpoint {path}: holds checkpoints of {len(origins)} logs "
-            f"({', '.join(sorted(origins))}); give those of this log only"
-        )
-    return notes
-
-
-def _load_pubkey(path: Path) -> Verifier:
-    try:
-        text = read_small_file(path, 64 * 1024, expected="a public key file").decode("ascii")
-        return Verifier.parse(text)
-    except FileReadError as exc:
-        raise _UsageError(f"--pubkey {path}: {exc.reason}") from None
-    except UnicodeDecodeError:
-        raise _UsageError(f"--pubkey {path}: not a public key (not ASCII text)") from None
-    except NoteError as exc:
-        raise _UsageError(f"--pubkey {path}: {exc}") from None
-
-
 def _cmd_verify(args: argparse.Namespace) -> int:
     if not _check_paths(args.paths):
         return EXIT_USAGE
@@ -235,10 +155,10 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     external: list[str] | None = None
     try:
         if args.pubkey:
-            pubkey = _load_pubkey(args.pubkey)
+            pubkey = load_pubkey(args.pubkey)
         if args.checkpoint and pubkey is not None:
-            external = _held_checkpoints(args.checkpoint, pubkey)
-    except _UsageError as exc:
+            external = held_checkpoints(args.checkpoint, pubkey)
+    except UsageError as exc:
         _err(str(exc))
         return EXIT_USAGE
     rep = _verify(args.paths, pubkey, external)
@@ -430,8 +350,8 @@ def _verified_delivery(args: argparse.Namespace) -> tuple[int, DeliveryRecord | 
     pubkey = None
     if args.pubkey:
         try:
-            pubkey = _load_pubkey(args.pubkey)
-        except _UsageError as exc:
+            pubkey = load_pubkey(args.pubkey)
+        except UsageError as exc:
             _err(str(exc))
             return EXIT_USAGE, None, None
     rep = _verify(args.paths, pubkey, None)
@@ -473,14 +393,16 @@ def _verified_delivery(args: argparse.Namespace) -> tuple[int, DeliveryRecord | 
 def _cmd_report(args: argparse.Namespace) -> int:
     if not _check_out(args.out, tuple(REPORT_SUFFIXES), "a report"):
         return EXIT_USAGE
+    kind = REPORT_SUFFIXES[args.out.suffix.lower()]
+    try:
+        render = with_extra("iort-audit report", lambda: report_renderer(kind))
+    except UsageError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
     status, rec, key_name = _verified_delivery(args)
     if rec is None:
         return status
-    kind = REPORT_SUFFIXES[args.out.suffix.lower()]
-    if kind == "pdf":
-        data = pdf_report(rec, pubkey_name=key_name)
-    else:
-        data = html_report(rec, pubkey_name=key_name)
+    data = render(rec, key_name)
     if not _write_out(args.out, data):
         return EXIT_USAGE
     v = rec.verification
@@ -504,18 +426,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
             "the log is not intact; use --format json (it records the verification result)"
         )
         return EXIT_USAGE
+    dicom_export = None
+    if args.format == "dicom":
+        try:
+            dicom_export = with_extra("iort-audit export --format dicom", dicom_exporter)
+        except UsageError as exc:
+            _err(str(exc))
+            return EXIT_USAGE
     status, rec, _ = _verified_delivery(args)
     if rec is None:
         return status
     try:
-        if args.format == "csv":
-            data = events_csv(rec) if args.table == "events" else samples_csv(rec)
-        elif args.format == "json":
-            data = json_export(rec)
-        else:
+        if dicom_export is not None:
             data = dicom_export(rec)
-    except DicomExportError as exc:
-        _err(f"--format dicom: {exc}")
+        elif args.format == "csv":
+            data = events_csv(rec) if args.table == "events" else samples_csv(rec)
+        else:
+            data = json_export(rec)
+    except UsageError as exc:
+        _err(str(exc))
         return EXIT_USAGE
     if not _write_out(args.out, data):
         return EXIT_USAGE

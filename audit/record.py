@@ -2,7 +2,7 @@
 
 Everything here comes from the log's entries and from verify.py's findings; nothing from
 outside the log (no clock, no host name, no file other than the log's segments). The
-reports (report.py) and exports (export.py, dicom.py) are pure functions of a
+reports (report/) and exports (export.py, dicom.py) are pure functions of a
 :class:`DeliveryRecord`, so the same log always gives the same record.
 """
 

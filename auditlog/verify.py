@@ -11,44 +11,32 @@ those beyond the seal of a log whose writer is not running. The chain can be int
 such entries still not be genuine: the command says so and exits 1. Timestamps that go
 backwards are reported as warnings (a clock step), not as breaks.
 
-"The writer is running" is not taken on trust from the directory's ``LOCK``: whoever can
-write the directory can hold a lock on a file in it. A running daemon seals every group
-commit within its commit window (the last ``config_loaded`` records it), so when some
-process holds ``LOCK`` verify waits that window and a margin for the seal to cover the
-head; if it does not, the entries past it are unvouched like any others.
+The checks of the directory's own files, and of a writer that may be running, are in
+dircheck.py; the report and its parts in findings.py.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
-import os
-import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import orjson
 
 from iortd.auditlog.canonical import ZERO_HASH
+from iortd.auditlog.dircheck import (
+    check_anchors,
+    commit_window,
+    log_directory,
+    read_anchors,
+    unvouched_tail,
+)
+from iortd.auditlog.findings import Problem, Unvouched, VerifyReport, entry_data
+from iortd.auditlog.logdir import SEGMENT_RE, segment_paths
 from iortd.auditlog.note import Checkpoint, NoteError, Verifier
 from iortd.auditlog.segments import SegmentError, open_segment
-from iortd.auditlog.writer import (
-    CHECKPOINT_FILE,
-    SEAL_FILE,
-    SEGMENT_RE,
-    read_anchor,
-    segment_paths,
-)
 
 _HASH_KEY = b',"hash":"'
-# How long a running daemon may take to seal its current group commit beyond its commit
-# window (fsync and the signature in a worker thread, on a loaded machine).
-SEAL_MARGIN_S = 2.0
-DEFAULT_COMMIT_WINDOW_S = 0.05  # config log.group_commit_ms's default
-MAX_COMMIT_WINDOW_S = 10.0  # and its largest value
-SEAL_POLL_S = 0.02
 
 __all__ = [
     "Problem",
@@ -61,77 +49,6 @@ __all__ = [
 ]
 
 CLOCK_STEPS_LISTED = 5  # backward steps named one by one; the rest are counted
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    file: Path
-    line: int  # 1-based; 0 when the problem is the log as a whole
-    seq: int | None
-    what: str
-
-    def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line else str(self.file)
-        seq = f" (seq {self.seq})" if self.seq is not None else ""
-        return f"{where}{seq}: {self.what}"
-
-
-@dataclass(frozen=True, slots=True)
-class Unvouched:
-    """Entries first_seq..last_seq that no signature vouches for as genuine."""
-
-    first_seq: int
-    last_seq: int
-    why: str
-    recorded_at: int | None  # seq of the recovery entry that recorded them; None: found now
-
-    @property
-    def count(self) -> int:
-        return self.last_seq - self.first_seq + 1
-
-    def __str__(self) -> str:
-        n = self.count
-        where = (
-            f"recorded by the recovery entry at seq {self.recorded_at}"
-            if self.recorded_at is not None
-            else "found now"
-        )
-        return (
-            f"seq {self.first_seq}..{self.last_seq} ({n} {'entry' if n == 1 else 'entries'}) "
-            f"{self.why}; {where}; not covered by any signature as genuine"
-        )
-
-
-@dataclass(slots=True)
-class VerifyReport:
-    files: list[Path] = field(default_factory=list)
-    entries: int = 0
-    bytes: int = 0
-    origin: str | None = None
-    head_seq: int = -1
-    head_hash: str = ZERO_HASH
-    checkpoints: int = 0
-    checkpoints_by_pubkey: int = 0
-    signed_through: int = -1  # last seq covered by a verified checkpoint (its own seq)
-    sealed_count: int = 0  # entries covered by the directory's valid seal/checkpoint file
-    external_checkpoint: str | None = None  # what was established about it
-    warnings: list[str] = field(default_factory=list)
-    problem: Problem | None = None
-    unvouched: list[Unvouched] = field(default_factory=list)
-    anchors: list[str] = field(default_factory=list)  # seal/checkpoint file findings
-    clock_steps_back: int = 0
-    signing_key_recorded: bool = False  # some daemon_start names a verifier key
-    writer_running: bool | None = None  # None: not a log directory
-    commit_window_s: float = DEFAULT_COMMIT_WINDOW_S  # as the last config_loaded records it
-
-    @property
-    def intact(self) -> bool:
-        return self.problem is None
-
-    @property
-    def vouched(self) -> bool:
-        """Intact, and every entry vouched for (or the writer is live)."""
-        return self.intact and not self.unvouched
 
 
 def collect_files(paths: Sequence[Path]) -> list[Path]:
@@ -196,8 +113,8 @@ def verify_log(
     ext_cps.sort(key=lambda c: c.count, reverse=True)  # the one covering most is checked first
     ext_hash_at: dict[int, str] = {}
     ext_seqs = {c.count - 1 for c in ext_cps}
-    log_dir = _log_directory(paths, rep.files)
-    anchors = _read_anchors(log_dir, rep) if log_dir is not None else []
+    log_dir = log_directory(paths, rep.files)
+    anchors = read_anchors(log_dir, rep) if log_dir is not None else []
     if anchors:
         # Listed again after the seal was read: a daemon writing the log seals entries
         # only once they are on disk, so every segment holding what the seal covers exists
@@ -260,9 +177,9 @@ def verify_log(
                 if kind != "log_created":
                     rep.problem = Problem(path, n, 0, "the log does not start with log_created")
                     break
-                rep.origin = _data(line).get("origin")
+                rep.origin = entry_data(line).get("origin")
             elif kind == "daemon_start":
-                key_text = _data(line).get("verifier_key")
+                key_text = entry_data(line).get("verifier_key")
                 log_key = None
                 if isinstance(key_text, str):
                     rep.signing_key_recorded = True
@@ -278,11 +195,11 @@ def verify_log(
             elif kind == "recovery":
                 _note_recovery(line, seq, rep)
             elif kind == "config_loaded":
-                rep.commit_window_s = _commit_window(line)
+                rep.commit_window_s = commit_window(line)
             elif kind == "log_rollback_accepted":
                 rep.warnings.append(
                     f"{path}:{n} (seq {seq}): the daemon was started on a log behind its own "
-                    f"seal or checkpoint (--accept-log-rollback): {_data(line).get('why')}"
+                    f"seal or checkpoint (--accept-log-rollback): {entry_data(line).get('why')}"
                 )
             if ts < last_ts:
                 _clock_back(rep, path, n, seq, last_ts, ts, kind)
@@ -347,7 +264,7 @@ def verify_log(
             "all consistent"
         )
     if rep.problem is None and log_dir is not None:
-        _check_anchors(rep, anchors, anchor_hashes, pubkey or log_key, log_dir)
+        check_anchors(rep, anchors, anchor_hashes, pubkey or log_key, log_dir)
     if rep.problem is None and pubkey is not None and rep.checkpoints_by_pubkey == 0:
         rep.problem = Problem(
             rep.files[-1],
@@ -357,7 +274,7 @@ def verify_log(
             "that these entries were written by that key's daemon",
         )
     if rep.problem is None and log_dir is not None:
-        _unvouched_tail(rep, log_dir, pubkey or log_key)
+        unvouched_tail(rep, log_dir, pubkey or log_key)
     if rep.clock_steps_back > CLOCK_STEPS_LISTED:
         rep.warnings.append(
             f"{rep.clock_steps_back - CLOCK_STEPS_LISTED} more backward steps of the entries' ts"
@@ -365,187 +282,11 @@ def verify_log(
     return rep
 
 
-# ---- seal, checkpoint file, unvouched entries, clock steps ---------------------------------
-
-
-def _log_directory(paths: Sequence[Path], files: Sequence[Path]) -> Path | None:
-    """The log directory, when the user gave one (or segments all from one directory)."""
-    dirs = [p for p in paths if p.is_dir()]
-    if len(dirs) == 1 and len(paths) == 1:
-        return dirs[0]
-    parents = {p.parent for p in files}
-    if not dirs and len(parents) == 1 and all(SEGMENT_RE.match(p.name) for p in files):
-        return parents.pop()
-    return None
-
-
-def _read_anchors(log_dir: Path, rep: VerifyReport) -> list[tuple[str, str, Checkpoint]]:
-    """The seal and checkpoint files, parsed but not yet checked (the key is known only
-    once the log is read). Unreadable ones are warnings: a crash never leaves one half
-    written (they are replaced by rename), and deleting them gains a forger nothing."""
-    out: list[tuple[str, str, Checkpoint]] = []
-    for name, what in ((SEAL_FILE, "seal"), (CHECKPOINT_FILE, "checkpoint file")):
-        path = log_dir / name
-        try:
-            note = read_anchor(path)
-        except NoteError as exc:
-            rep.warnings.append(f"{path}: the {what} cannot be used ({exc}): not used")
-            continue
-        if note is None:
-            rep.anchors.append(f"{what}: none")
-            continue
-        try:
-            cp, _ = Checkpoint.parse_verified(note, None)
-        except NoteError as exc:
-            rep.warnings.append(f"{path}: the {what} is not a signed note ({exc}): not used")
-            continue
-        out.append((what, note, cp))
-    return out
-
-
-def _check_anchors(
-    rep: VerifyReport,
-    anchors: list[tuple[str, str, Checkpoint]],
-    hashes: dict[int, str | None],
-    key: Verifier | None,
-    log_dir: Path,
-) -> None:
-    for what, note, cp in anchors:
-        path = log_dir / (SEAL_FILE if what == "seal" else CHECKPOINT_FILE)
-        try:
-            _, signed = Checkpoint.parse_verified(note, key)
-        except NoteError as exc:
-            rep.warnings.append(f"{path}: the {what} does not verify ({exc}): not used")
-            continue
-        if not signed:
-            who = key.name if key is not None else "no key (none given, none in the log)"
-            rep.warnings.append(f"{path}: the {what} is not signed by {who}: not used")
-            continue
-        if rep.origin is not None and cp.origin != rep.origin:
-            why = f"its {what} is for log {cp.origin!r}, this log is {rep.origin!r}: replaced"
-            rep.problem = Problem(path, 0, None, why)
-            return
-        if cp.count > rep.entries:
-            rep.problem = Problem(
-                path,
-                0,
-                rep.head_seq + 1,
-                f"the log has {rep.entries} entries but its {what} covers {cp.count}: "
-                f"entries from seq {rep.head_seq + 1} on were removed, or the log was "
-                "replaced by an older copy",
-            )
-            return
-        if cp.count and hashes.get(cp.count - 1) != cp.head_hash:
-            rep.problem = Problem(
-                path,
-                0,
-                cp.count - 1,
-                f"seq {cp.count - 1} differs from the log's {what}: the log was replaced "
-                "or rewritten",
-            )
-            return
-        rep.anchors.append(f"{what}: covers entries 0..{cp.count - 1}: consistent")
-        rep.sealed_count = max(rep.sealed_count, cp.count)
-
-
-def _writer_running(log_dir: Path) -> bool:
-    """Whether a daemon holds the directory's LOCK now (a shared lock is refused). Held
-    for an instant only: a daemon starting in that instant is told the log is in use."""
-    try:
-        fd = os.open(log_dir / "LOCK", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)  # closing drops the lock, if it was taken
-    return False
-
-
-def _commit_window(line: bytes) -> float:
-    """The commit window a config_loaded entry records (its default if unreadable)."""
-    config = _data(line).get("config")
-    log = config.get("log") if isinstance(config, dict) else None
-    ms = log.get("group_commit_ms") if isinstance(log, dict) else None
-    if isinstance(ms, bool) or not isinstance(ms, int | float) or not ms > 0:
-        return DEFAULT_COMMIT_WINDOW_S
-    return min(float(ms) / 1000, MAX_COMMIT_WINDOW_S)
-
-
-def _sealed_within_window(rep: VerifyReport, log_dir: Path, key: Verifier | None) -> bool:
-    """Whether the seal comes to cover the head within the commit window and the margin,
-    as it does behind a running daemon: signed by ``key``, for this log, and covering at
-    least the head, with the head's hash if it ends there (if it covers more, the daemon
-    has written on; the next verify checks those)."""
-    deadline = time.monotonic() + rep.commit_window_s + SEAL_MARGIN_S
-    while True:
-        try:
-            text = read_anchor(log_dir / SEAL_FILE)
-            cp, signed = Checkpoint.parse_verified(text, key) if text else (None, False)
-        except NoteError:
-            cp, signed = None, False
-        if (
-            cp is not None
-            and signed
-            and cp.origin == rep.origin
-            and (
-                cp.count > rep.head_seq + 1
-                or (cp.count == rep.head_seq + 1 and cp.head_hash == rep.head_hash)
-            )
-        ):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        # A bounded poll of a file another process replaces: there is nothing to wait on.
-        time.sleep(SEAL_POLL_S)
-
-
-def _unvouched_tail(rep: VerifyReport, log_dir: Path, key: Verifier | None) -> None:
-    """Entries past the seal and every signature: the running daemon's current commit
-    (sealed within its window), or entries nobody vouches for."""
-    if not (rep.signing_key_recorded or rep.checkpoints):
-        rep.warnings.append(
-            "the log was never signed (no key recorded): its chain proves nothing against "
-            "anyone who can write the directory"
-        )
-        return
-    vouched = max(rep.sealed_count - 1, rep.signed_through)
-    if rep.head_seq <= vouched:
-        return
-    rep.writer_running = _writer_running(log_dir)
-    if rep.writer_running:
-        if _sealed_within_window(rep, log_dir, key):
-            return  # the current group commit: sealed within the window
-        rep.writer_running = False
-        rep.unvouched.append(
-            Unvouched(
-                vouched + 1,
-                rep.head_seq,
-                "after the last seal and signature: a process holds the log directory's "
-                f"LOCK, but no seal covered them within {rep.commit_window_s + SEAL_MARGIN_S:g} "
-                "s, as one would behind a running daemon (a lock held by someone else, or a "
-                "daemon that cannot write)",
-                None,
-            )
-        )
-        return
-    rep.unvouched.append(
-        Unvouched(
-            vouched + 1,
-            rep.head_seq,
-            "after the last seal and signature, and no daemon is writing the log (a crash "
-            "not yet recovered, or entries added since)",
-            None,
-        )
-    )
+# ---- recovery entries, clock steps, deliveries in unvouched ranges, checkpoint entries ----
 
 
 def _note_recovery(line: bytes, seq: int, rep: VerifyReport) -> None:
-    u = _data(line).get("unvouched")
+    u = entry_data(line).get("unvouched")
     if not isinstance(u, dict):
         return
     first, last = u.get("first_seq"), u.get("last_seq")
@@ -633,17 +374,6 @@ def _delivery_id(raw: bytes) -> str | None:
     return did if isinstance(did, str) else None
 
 
-def _data(line: bytes) -> dict[str, Any]:
-    """The data of an entry whose hash already checked out; {} if it is not an object
-    (a forger can make a well-chained entry of anything: the checks that use it fail)."""
-    try:
-        entry = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return {}
-    data = entry.get("data") if isinstance(entry, dict) else None
-    return data if isinstance(data, dict) else {}
-
-
 def _check_checkpoint(
     line: bytes,
     seq: int,
@@ -652,7 +382,7 @@ def _check_checkpoint(
     pubkey: Verifier | None,
     log_key: Verifier | None,
 ) -> str | None:
-    note = _data(line).get("note")
+    note = entry_data(line).get("note")
     if not isinstance(note, str):
         return "checkpoint entry holds no note"
     key = pubkey or log_key

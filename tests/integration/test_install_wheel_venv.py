@@ -12,7 +12,10 @@ installs both into a new venv, and checks what the issue's "Done when" asks:
 - ``iortd check-config`` finds the example driver through the ``iort.drivers`` entry
   point: a config naming it validates, and a bad option is reported with its key;
 - ``pip install python-daemon`` (whose import name is ``daemon``) beside it breaks
-  neither.
+  neither;
+- without the extra ``reports`` (reportlab, matplotlib, pydicom are left out of the venv):
+  ``iortd check-config`` imports none of them, ``iort-audit verify`` of the committed golden
+  log works, and ``iort-audit report`` exits 2 with the command that installs the extra.
 
 This is the one test that builds a venv (marker ``venv``). It is bounded: the wheels
 are built by pip with build isolation (setuptools from pip's cache or index), the venv
@@ -24,6 +27,7 @@ install), so only python-daemon and lockfile are downloaded (or taken from pip's
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -43,6 +47,9 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "iortd-driver-example"
 BUDGET_S = 60
 GENERIC = ("daemon", "drivers", "simulators", "dashboard", "config", "iort_config", "iort_schemas")
+REPORTS_EXTRA = ("reportlab", "matplotlib", "pydicom")  # pyproject: optional-dependencies
+GOLDEN = Path("tests", "fixtures", "golden-log")
+GOLDEN_DELIVERY = "or-5-20261206T035245018711Z"
 
 
 def _run(argv: list[str], *, cwd: Path, deadline: float, env: dict[str, str] | None = None) -> str:
@@ -75,13 +82,33 @@ def _clean_clone(dest: Path) -> None:
         tar.extractall(dest, filter="tar")
 
 
+def _extra_entries() -> set[str]:
+    """The site-packages entries of the extra's distributions (their packages, modules and
+    dist-info): the venv is built as a user gets it without the extra."""
+    out: set[str] = set()
+    for name in REPORTS_EXTRA:
+        try:
+            dist = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # not in this environment either: nothing to leave out
+        for file in dist.files or ():
+            top = file.parts[0]
+            if top not in ("..", "__pycache__"):
+                out.add(top)
+    return out
+
+
 def _dependencies_view(view: Path) -> None:
-    """This environment's site-packages without iortd itself (its editable install)."""
+    """This environment's site-packages without iortd itself (its editable install) and
+    without the extra ``reports``."""
     view.mkdir()
     site = Path(sysconfig.get_paths()["purelib"])
+    left_out = _extra_entries()
     for entry in site.iterdir():
         name = entry.name.lower()
         if name.startswith(("iortd", "__editable__", "_iortd")) or name.endswith(".pth"):
+            continue
+        if entry.name in left_out:
             continue
         (view / entry.name).symlink_to(entry)
 
@@ -144,7 +171,7 @@ def test_wheel_in_fresh_venv_has_one_namespace_and_finds_the_example_driver(
 
     probe = (
         "import importlib.util, sys; "
-        f"found = [n for n in {GENERIC!r} if importlib.util.find_spec(n)]; "
+        f"found = [n for n in {GENERIC + REPORTS_EXTRA!r} if importlib.util.find_spec(n)]; "
         "print(found); sys.exit(1 if found else 0)"
     )
     _run([str(py), "-I", "-c", probe], cwd=tmp_path, deadline=deadline)
@@ -170,6 +197,34 @@ def test_wheel_in_fresh_venv_has_one_namespace_and_finds_the_example_driver(
         cwd=tmp_path,
         deadline=deadline,
     )
+
+    # Without the extra: the daemon imports none of its libraries, verify works, and the
+    # report says in one line what to install.
+    heavy_probe = (
+        "import sys; from iortd.daemon.cli import main; "
+        f"rc = main(['check-config', {str(tree / 'config' / 'demo.toml')!r}]); "
+        f"heavy = sorted({{m.partition('.')[0] for m in sys.modules}} & {set(REPORTS_EXTRA)!r}); "
+        "print(heavy); sys.exit(rc or bool(heavy))"
+    )
+    _run([str(py), "-I", "-c", heavy_probe], cwd=tmp_path, deadline=deadline)
+    audit = str(env_dir / "bin" / "iort-audit")
+    golden = tree / GOLDEN
+    log_args = [str(golden / "log"), "--pubkey", str(golden / "or-9.pub")]
+    out = _run([audit, "verify", *log_args], cwd=tmp_path, deadline=deadline, env=env)
+    assert out.startswith("INTACT:"), out
+    proc = subprocess.run(
+        [audit, "report", *log_args, "--delivery", GOLDEN_DELIVERY, "--out", "r.pdf"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=max(1.0, deadline - time.monotonic()),
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "pip install 'iortd[reports]'" in proc.stderr, proc.stderr
+    assert not (tmp_path / "r.pdf").exists()
 
     # The example driver is found through its entry point, and its own validate runs.
     example_cfg = tmp_path / "example.toml"

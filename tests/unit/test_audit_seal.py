@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 import pytest
 
-from iortd.auditlog import writer
+from iortd.auditlog import logdir, writer
 from iortd.auditlog.note import Checkpoint, Signer, generate_keypair
 from iortd.auditlog.verify import verify_log
 from iortd.auditlog.writer import AuditLog, RecoveryReport, segment_paths
@@ -251,7 +251,7 @@ async def test_a_failing_checkpoint_file_write_is_an_alarm_and_a_retry(
             raise OSError(28, "No space left on device")
         real(path, data, tmp=tmp)
 
-    monkeypatch.setattr(writer, "write_atomic", write_atomic)
+    monkeypatch.setattr(logdir, "write_atomic", write_atomic)
     async with running(
         tmp_path, signer=signer, on_failure=failures.append, on_recovered=recovered.append
     ) as (log, _):

@@ -30,7 +30,7 @@ from test_audit_seal import (
 from test_config import ROOT
 
 from iortd.audit.cli import main
-from iortd.auditlog import verify, writer
+from iortd.auditlog import dircheck, verify, writer
 from iortd.auditlog.note import Signer, generate_keypair
 from iortd.auditlog.verify import collect_files, unvouched_deliveries, verify_log
 from iortd.auditlog.writer import AuditLog, segment_paths
@@ -474,15 +474,15 @@ async def test_verify_is_not_fooled_by_a_clean_stop_while_it_reads(
         await e.committed
         log.append("daemon_stop", {"clean": True}, durable=True)
         await log.checkpoint("shutdown")
-    real = verify._read_anchors
+    real = dircheck.read_anchors
     calls: list[Path] = []
 
     def first_read_before_the_stop(log_dir: Path, rep: Any) -> Any:
         calls.append(log_dir)
         return real(early if len(calls) == 1 else log_dir, rep)
 
-    monkeypatch.setattr(verify, "_read_anchors", first_read_before_the_stop)
-    monkeypatch.setattr(verify, "_writer_running", lambda _: False)
+    monkeypatch.setattr(verify, "read_anchors", first_read_before_the_stop)
+    monkeypatch.setattr(dircheck, "writer_running", lambda _: False)
     rep = verify_log([directory], pubkey=signer.verifier)
     assert rep.intact, rep.problem
     assert rep.unvouched == [], rep.unvouched

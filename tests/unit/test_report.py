@@ -9,7 +9,10 @@ import re
 
 from handlog import VERIFIED, interrupted_log, record
 
-from iortd.audit.report import KeyValues, Table, build_doc, html_report, pdf_report
+from iortd.audit.report.content import build_doc
+from iortd.audit.report.html_page import html_report
+from iortd.audit.report.model import KeyValues, Table
+from iortd.audit.report.pdf import pdf_report
 
 
 def test_the_document_states_specified_and_delivered_figures() -> None:
