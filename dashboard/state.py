@@ -1,18 +1,10 @@
 """What the dashboard knows: built only from MQTT messages that pass every check, bounded
 in bytes, no I/O.
 
-Per room (``{site}/{room}`` under ``{prefix}/v1/``) it keeps:
-
-* the latest message of each retained topic (``status``, ``interlocks``, ``delivery``,
-  ``audit/checkpoint``), as the broker hands them to any new subscriber;
-* the latest *live* ``telemetry`` (the current readings; a replayed sample is never the
-  current state, docs/mqtt-topics.md rule 2) and when it arrived;
-* a recent history of one delivery's telemetry for the plots, at most ``history_points``
-  points: when full, every second point is dropped (the whole delivery stays in view at a
-  coarser step);
-* the last ``events_kept`` messages of ``events`` (alarms, notices, phase changes), and no
-  more than ``events_bytes`` of them; what is dropped is counted and shown;
-* per topic and ``session``, the highest ``seq`` handled (:class:`SeqTrack`).
+Per room (``{site}/{room}`` under ``{prefix}/v1/``) it keeps a
+:class:`~iortd.dashboard.room.Room` (the retained topics, the live telemetry, a thinned
+plot history, recent events and the ``seq`` bookkeeping; :mod:`iortd.dashboard.room` says
+what each holds). This module is the gate in front of the rooms and their common budget.
 
 **Hostile input** (issue 13). Anyone with publish rights under ``{prefix}/v1/`` can send
 anything; one message must never freeze, pin or hide a room. So a message is applied only
@@ -58,19 +50,27 @@ A restart of the dashboard forgets all of it and rebuilds from the retained topi
 
 from __future__ import annotations
 
-import bisect
-import math
 import re
-from collections import deque
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from iortd.dashboard.room import (
+    EVENTS_BYTES,
+    RETAINED,
+    Rejected,
+    Room,
+    Verdict,
+    all_finite,
+    check_envelope,
+    epoch_ms,
+    point_of,
+)
 from iortd.dashboard.schemas import schema_error
 
 __all__ = [
+    "EVENTS_BYTES",
     "RETAINED",
     "Accepted",
     "Rejected",
@@ -80,8 +80,6 @@ __all__ = [
     "point_of",
 ]
 
-SCHEMA = "iort/v1"
-RETAINED = ("status", "interlocks", "delivery", "audit/checkpoint")
 STREAMS = ("telemetry", "events")
 NAMES = RETAINED + STREAMS
 # Topics of the contract (ARCHITECTURE: applicator, alarms, signed commands in) that the
@@ -97,37 +95,17 @@ _SLUG = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 
 # Defaults, also the CLI's (docs/dashboard.md, "What it holds").
 MAX_PAYLOAD_BYTES = 256 * 1024
-EVENTS_BYTES = 1024 * 1024
 MAX_BYTES = 256 * 1024 * 1024
 SEQ_WINDOW = 1 << 24  # ~9.7 days of 20 Hz telemetry missed, still a gap, not a jump
 FUTURE_S = 3600.0  # a ts further ahead of the dashboard's clock is refused
 AGE_OUT_S = 86400.0  # a day: a running daemon publishes every sample, so only dead ones age
-RECENT = 256  # exact seqs remembered per topic and session, to drop repeats
-LOWER_RUN = 3  # fresh messages in order below a mark that take over from it
-SEQ_KEYS = 64  # (topic, session) tracks per room
 PLAUSIBLE = 2**53  # the largest seq or session believed (JavaScript's exact integers)
-POINT_BYTES = 160  # what one plot point costs, charged as such
-# What the seq bookkeeping costs, charged as such (measured with tracemalloc, CPython 3.12:
-# ~47 bytes per remembered seq, a deque slot and an int; a SeqTrack and its dict entry).
-SEQ_BYTES = 56
-TRACK_BYTES = 1024
-ROOM_BYTES = 512  # the fixed cost of a room
 REJECT_ROOMS = 1024  # rooms (or would-be rooms) with reject counters
 REASONS_PER_ROOM = 32
 NO_ROOM = "(no room)"
 OTHER = "(other)"
 
 Payload = dict[str, Any]
-
-
-class Rejected(ValueError):
-    """A message not applied; ``reason`` is short and bounded (a counter key), the text
-    says why."""
-
-    def __init__(self, reason: str, detail: str | None = None, *, room: str | None = None):
-        super().__init__(detail or reason)
-        self.reason = reason
-        self.room = room
 
 
 def parse_topic(prefix: str, topic: str) -> tuple[str, str, str]:
@@ -148,257 +126,6 @@ def parse_topic(prefix: str, topic: str) -> tuple[str, str, str]:
             "unknown topic name", f"topic {topic[:200]!r}: unknown name", room=f"{site}/{room}"
         )
     return site, room, name
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def check_envelope(payload: object) -> Payload:
-    """The payload if it carries a v1 envelope; :class:`Rejected` otherwise (the schema
-    check that follows says the same in more detail; this one names the envelope)."""
-    if not isinstance(payload, dict):
-        raise Rejected("not a JSON object")
-    if payload.get("schema") != SCHEMA:
-        raise Rejected("schema is not iort/v1", f"schema {payload.get('schema')!r}"[:120])
-    session, seq = payload.get("session"), payload.get("seq")
-    if not (isinstance(session, int) and _is_int(session) and 1 <= session < 2**64) or not (
-        isinstance(seq, int) and _is_int(seq) and 0 <= seq < 2**64
-    ):
-        raise Rejected("session/seq", f"session {session!r} / seq {seq!r}: expected integers"[:160])
-    if not isinstance(payload.get("ts"), str):
-        raise Rejected("ts missing")
-    if not isinstance(payload.get("sim"), bool) or not isinstance(payload.get("historical"), bool):
-        raise Rejected("sim/historical", "sim / historical must be booleans")
-    return payload
-
-
-def _finite(x: object) -> bool:
-    """No float in ``x`` is infinite or NaN (``x`` has passed its schema: shallow)."""
-    if isinstance(x, float):
-        return math.isfinite(x)
-    if isinstance(x, dict):
-        return all(_finite(v) for v in x.values())
-    if isinstance(x, list):
-        return all(_finite(v) for v in x)
-    return True
-
-
-def _epoch_ms(ts: object) -> float | None:
-    if not isinstance(ts, str) or not ts.endswith("Z"):
-        return None
-    try:
-        return datetime.fromisoformat(ts[:-1] + "+00:00").timestamp() * 1000.0
-    except ValueError:
-        return None
-
-
-def _num(x: object) -> float | None:
-    """A reading as a number; the texts "nan"/"inf" and null become None (not plotted)."""
-    if isinstance(x, bool) or not isinstance(x, int | float):
-        return None
-    return float(x)
-
-
-def point_of(p: Payload) -> Payload | None:
-    """One plot point of a telemetry payload (compact keys), or None when the sample
-    belongs to no delivery or has no usable time."""
-    t = _epoch_ms(p.get("at"))
-    if p.get("delivery_id") is None or t is None:
-        return None
-    return {
-        "t": t,  # device-clock time of the sample, ms since the epoch
-        "d1": _num(p.get("dose_primary_gy")),
-        "d2": _num(p.get("dose_secondary_gy")),
-        "r": _num(p.get("dose_rate_gy_min")),
-        "b": _num(p.get("beam_on_s")),
-        "h": bool(p.get("historical")),
-        "s": p.get("state"),
-    }
-
-
-@dataclass(slots=True)
-class Held:
-    payload: Payload
-    mono: float  # when it arrived (dashboard's monotonic clock, seconds)
-    size: int  # bytes on the wire, what holding it is charged
-
-    def out(self, now: float) -> Payload:
-        return {"payload": self.payload, "age_ms": round((now - self.mono) * 1000)}
-
-
-class Verdict:
-    NEW = "new"
-    REPEAT = "repeat"
-    BELOW = "below"
-    RESET = "reset"
-
-
-@dataclass(slots=True)
-class SeqTrack:
-    """Rule 1 with hostile publishers in mind: the highest ``seq`` handled in one topic
-    and session, whether it came from the broker's retained store (``soft``), the last
-    ``RECENT`` seqs (exact repeats), and a stream running below the mark, if any."""
-
-    high: int
-    soft: bool
-    high_ts: float | None = None  # the mark's ts (ms since the epoch)
-    recent: deque[int] = field(default_factory=lambda: deque(maxlen=RECENT))
-    lower: int | None = None
-    lower_run: int = 0
-
-    def judge(self, seq: int, retained: bool, window: int, ts: float | None = None) -> str:
-        if seq in self.recent:
-            return Verdict.REPEAT
-        if seq > self.high:
-            if seq - self.high > window:
-                raise Rejected(
-                    "seq jump",
-                    f"seq {seq} is more than {window} past {self.high}, the highest handled",
-                )
-            self._take(seq, retained, ts)
-            return Verdict.NEW
-        if self.soft and not retained:
-            # The mark came from the broker's store; a live message is newer whatever its
-            # seq: the retained one was out of sequence (forged, or from a stray publisher).
-            self._take(seq, retained, ts)
-            return Verdict.RESET
-        if ts is not None and self.high_ts is not None and ts > self.high_ts:
-            # Sent after the mark, with a lower seq: the mark was out of sequence. (A
-            # genuine reordering is the other way round: the late one is also older.)
-            self._take(seq, retained, ts)
-            return Verdict.RESET
-        if self.lower is not None and self.lower < seq <= self.lower + window:
-            self.lower_run += 1
-        else:
-            self.lower_run = 1
-        self.lower = seq
-        if self.lower_run >= LOWER_RUN:
-            self.recent.clear()
-            self._take(seq, retained, ts)
-            return Verdict.RESET
-        return Verdict.BELOW
-
-    def _take(self, seq: int, retained: bool, ts: float | None) -> None:
-        self.high, self.soft, self.high_ts = seq, retained, ts
-        self.recent.append(seq)
-        self.lower, self.lower_run = None, 0
-
-
-@dataclass
-class Room:
-    site: str
-    room: str
-    history_points: int
-    events_kept: int
-    events_bytes: int = EVENTS_BYTES
-    retained: dict[str, Held] = field(default_factory=dict)
-    telemetry: Held | None = None
-    history_delivery: str | None = None
-    history: list[Payload] = field(default_factory=list)
-    events: deque[Held] = field(default_factory=deque)
-    events_held_bytes: int = 0
-    events_dropped: int = 0
-    last_valid: float = 0.0  # monotonic time of the last valid message
-    bytes: int = ROOM_BYTES
-    notices: dict[str, int] = field(default_factory=dict)
-    _seen: dict[tuple[str, int], SeqTrack] = field(default_factory=dict)
-
-    @property
-    def key(self) -> str:
-        return f"{self.site}/{self.room}"
-
-    def judge_seq(self, name: str, payload: Payload, retained: bool, window: int) -> str:
-        k = (name, int(payload["session"]))
-        seq = int(payload["seq"])
-        ts = _epoch_ms(payload["ts"])
-        track = self._seen.get(k)
-        if track is None:
-            track = self._seen[k] = SeqTrack(seq, retained, ts)
-            track.recent.append(seq)
-            if len(self._seen) > SEQ_KEYS:  # bound: old sessions are forgotten, oldest first
-                for old in list(self._seen)[: SEQ_KEYS // 4]:
-                    del self._seen[old]
-            return Verdict.NEW
-        return track.judge(seq, retained, window, ts)
-
-    def note(self, what: str) -> None:
-        self.notices[what] = self.notices.get(what, 0) + 1
-
-    def apply(self, name: str, payload: Payload, mono: float, size: int) -> int:
-        """Hold one valid message; the change in bytes held."""
-        before = self.bytes
-        held = Held(payload, mono, size)
-        self.last_valid = mono
-        if name in RETAINED:
-            self.retained[name] = held
-        elif name == "events":
-            self.events.append(held)
-            self.events_held_bytes += size
-            while self.events and (
-                len(self.events) > self.events_kept or self.events_held_bytes > self.events_bytes
-            ):
-                gone = self.events.popleft()
-                self.events_held_bytes -= gone.size
-                self.events_dropped += 1
-        else:
-            if not payload["historical"]:
-                self.telemetry = held
-            self._add_point(payload)
-        self.bytes = (
-            ROOM_BYTES
-            + sum(h.size for h in self.retained.values())
-            + (self.telemetry.size if self.telemetry else 0)
-            + self.events_held_bytes
-            + POINT_BYTES * len(self.history)
-            + TRACK_BYTES * len(self._seen)
-            + SEQ_BYTES * sum(len(t.recent) for t in self._seen.values())
-        )
-        return self.bytes - before
-
-    def _add_point(self, payload: Payload) -> None:
-        pt = point_of(payload)
-        if pt is None:
-            return
-        delivery = payload["delivery_id"]
-        if delivery != self.history_delivery:
-            # A new delivery starts a new plot. A replay of another delivery does not
-            # replace live points of the current one.
-            if not pt["h"] or all(q["h"] for q in self.history):
-                self.history_delivery, self.history = delivery, []
-            else:
-                return
-        i = bisect.bisect_right([q["t"] for q in self.history[-64:]], pt["t"])
-        start = max(0, len(self.history) - 64)
-        self.history.insert(start + i, pt)
-        if len(self.history) > self.history_points:
-            self.history = thin(self.history)
-
-    def snapshot(self, now: float, *, summary: bool, age_out_s: float) -> Payload:
-        out: Payload = {
-            "site": self.site,
-            "room": self.room,
-            "retained": {n: h.out(now) for n, h in self.retained.items()},
-            "telemetry": None if self.telemetry is None else self.telemetry.out(now),
-            "last_valid_age_ms": round((now - self.last_valid) * 1000),
-            "aged_out": now - self.last_valid > age_out_s,
-            "bytes": self.bytes,
-            "events_dropped": self.events_dropped,
-            "notices": dict(self.notices),
-        }
-        if not summary:
-            out["history_delivery"] = self.history_delivery
-            out["history"] = list(self.history)
-            out["events"] = [h.out(now) for h in self.events]
-        return out
-
-
-def thin(points: list[Payload]) -> list[Payload]:
-    """Every second point, keeping the last (the newest must stay in the plot)."""
-    kept = points[::2]
-    if kept[-1] is not points[-1]:
-        kept.append(points[-1])
-    return kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -532,13 +259,13 @@ class Rooms:
             # The schema allows 64 bits; no daemon gets past 2^53 (285,000 years at 1 kHz)
             # and a browser cannot even represent it: a forgery, whatever else it says.
             raise Rejected("seq/session beyond 2^53", room=key)
-        if not _finite(p):
+        if not all_finite(p):
             # JSON has no infinity, but 1e999 parses to one and the schema's "number"
             # takes it; the daemon never sends it (it writes "inf").
             raise Rejected("number out of range", room=key)
         if name == "status" and (p["site"], p["room"]) != (site, room_name):
             raise Rejected("status names another room", room=key)
-        ts = _epoch_ms(p["ts"])
+        ts = epoch_ms(p["ts"])
         if wall is not None and ts is not None and ts > (wall + self.future_s) * 1000:
             # A future-dated message would win every comparison of time (SeqTrack); no
             # daemon's clock is that far ahead of ours.

@@ -29,9 +29,6 @@ EXEMPT: dict[str, str] = {
     "being restructured on other branches (sinks as plug-ins, issue 15 item 5). Seams for "
     "that cut: the broker settings (BrokerSettings, settings_from_config: kernel material), "
     "the connect loop and takeover handling, the publishing order",
-    "dashboard/state.py": "outside the parts this cut covered (auditlog, audit). Two halves "
-    "that could be cut apart: one room's state (Room, SeqTrack, thinning) and the gate every "
-    "message passes (Rooms: topic, size, envelope, eviction; issue 13's hostile-input rules)",
 }
 
 
