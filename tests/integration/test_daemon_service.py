@@ -399,6 +399,7 @@ async def test_while_the_audit_disk_fails_events_still_reach_the_display(
     loaded, registry, _ = scripted(tmp_path, ["ok"] * 5 + ["drop"] + ["ok"] * 1000)
     monkeypatch.setattr(writer, "write_all", disk_full)
     monkeypatch.setattr(app, "SHUTDOWN_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(app, "DEFAULT_SPILL_DIR", tmp_path / "spill")  # not the host's
     sink = RecordingSink()
     daemon = App(loaded, registry, ScaledClock(1.0), [sink])
     stop = asyncio.Event()
