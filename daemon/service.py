@@ -352,7 +352,7 @@ class Service:
             if events:
                 self._emit(None, events)
 
-    # ---- what the device loops report (their DeviceHub) --------------------------------
+    # ---- what the device loops report (their DeviceHub) ------------------------------
 
     def heard(self, device: DeviceConfig) -> Callable[[int], None]:
         """What the device's driver calls at each good reply (``DriverContext.heard``)."""
@@ -364,8 +364,12 @@ class Service:
         self.tracker.on_device_heard(min(mono_ns, self._clock.monotonic_ns()))
 
     def reading(self, device: DeviceConfig, reading: Reading) -> bool:
-        if device.role != "source" or not isinstance(reading, SourceReading):
+        if device.role != "source":
             return False  # no rule reads another role's readings yet
+        if not isinstance(reading, SourceReading):
+            # A plug-in's bug, as an unexpected error: it stops the daemon (as before).
+            msg = f"device {device.name}: read() returned {type(reading).__name__}"
+            raise TypeError(msg)
         events = self.tracker.on_reading(reading)
         sample = Sample(
             device=device.name,
@@ -385,7 +389,7 @@ class Service:
         if events:
             self._emit(None, events)
 
-    # ---- the other sinks ------------------------------------------------------------------------
+    # ---- the record first, then the other sinks --------------------------------------
 
     def identified(self, device: str, identity: DeviceIdentity) -> None:
         data: dict[str, object] = {
