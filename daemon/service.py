@@ -1,37 +1,44 @@
-"""The composition root: builds drivers, tracker, audit log and sinks; runs one TaskGroup.
+"""The running service: the tracker, the record and the sinks' queue, between the devices
+and everything they are reported to.
 
-Start-up: config already validated (nothing here re-checks it) -> audit log opened and
-recovered by the caller -> what recovery found recorded first (a crash, unvouched
-entries, spilled entries, an accepted rollback, a wall clock behind the log, and the
-closure of any delivery started in the unvouched tail, which cannot be taken over), before
-the run's first seal -> the newest of those closed is handed to the tracker, so that a
-record the first reading starts with the console in a delivery names it (``continues``)
--> a delivery the log shows open (from vouched entries only) is handed
-to the tracker (named in ``daemon_start``; the first reading decides whether it continues;
-its gap starts at the last vouched entry, or at an earlier run's still-open gap) ->
-drivers built from the registry -> one poll task per device, a stale-data watchdog (fed by
-every device reply through ``DriverContext.heard``), the checkpoint task (one signed at
-once, then at delivery ends and every interval) and the sink dispatcher. The MQTT sink asks
-the daemon whether the log contains the broker's retained checkpoint before it overwrites
-it.
+Built by the composition root (daemon/app.py) once the audit log is open (and recovered)
+and the sinks are built; the root runs its tasks in the daemon's one TaskGroup and its
+device loops (daemon/device_loop.py) report to it as their :class:`DeviceHub`.
+
+Start-up (:meth:`Service.record_start`): what recovery found is recorded first
+(daemon/recovery.py: a crash, unvouched entries, spilled entries, an accepted rollback, a
+wall clock behind the log, and the closure of any delivery started in the unvouched tail,
+which cannot be taken over), before the run's first seal -> the newest of those closed is
+handed to the tracker, so that a record the first reading starts with the console in a
+delivery names it (``continues``) -> a delivery the log shows open (from vouched entries
+only) is handed to the tracker (named in ``daemon_start``; the first reading decides whether
+it continues; its gap starts at the last vouched entry, or at an earlier run's still-open
+gap). Then the tasks: a stale-data watchdog (fed by every reply of the source through
+``DriverContext.heard``), the checkpoint task (one signed at once, then at delivery ends
+and every interval), the dispatcher and the notices. The MQTT sink asks the service whether
+the log contains the broker's retained checkpoint before it overwrites it.
 
 The record comes first: every event is appended to the audit log and fsync'd before any
 other sink hears of it; samples are appended (and group-committed within the window)
-before other sinks hear of them. The device loop never waits for the disk: a dispatcher
-task waits for durability and then tells the other sinks, in order.
+before other sinks hear of them. A device loop never waits for the disk: the dispatcher
+waits for durability and then tells the other sinks, in order.
 
-A signal only sets ``stop``. Shutdown is ordered and bounded: device tasks end, drivers
-close, ``daemon_stop`` and a final checkpoint are written, the dispatcher drains, other
-sinks close, and the audit log is flushed and closed last.
+Readings go where the device's role says: the source's to the tracker (and its replies
+keep the stale alarm off); its lost link makes the interlocks unknown. Other roles are
+connected, identified (recorded) and polled by their own loops; no rule reads their
+readings yet, and their lost link is logged and counted, not the source's alarm.
+
+At a stop (:meth:`record_stop`, :meth:`drain`): ``daemon_stop`` and a final checkpoint are
+written within a bound, and the dispatcher drains within a bound; the root then closes the
+sinks and the audit log, last.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -42,110 +49,28 @@ from iortd.auditlog.note import Checkpoint
 from iortd.auditlog.writer import AuditLog, AuditLogClosed, RecoveryReport
 from iortd.daemon import __version__
 from iortd.daemon.config import Config, DeviceConfig, LoadedConfig
+from iortd.daemon.device_loop import Reading
 from iortd.daemon.entries import event_entry, plain, sample_entry
+from iortd.daemon.recovery import close_unresumable, record_recovery, resumable
 from iortd.daemon.sinks import Sample, Sink
 from iortd.daemon.tracker import (
     DeliverySnapshot,
     DeliveryTracker,
-    Phase,
-    ResumedDelivery,
     Terminated,
     TrackerEvent,
     TrackerSettings,
 )
-from iortd.drivers.errors import DeviceFault, DriverError, ProtocolViolation
-from iortd.drivers.interface import DriverContext, DriverSpec, SourceDriver
-from iortd.drivers.registry import DriverRegistry
-from iortd.kernel.backoff import Backoff
 from iortd.kernel.clock import Clock
 from iortd.kernel.timefmt import utc_ts
-from iortd.kernel.types import DeviceIdentity
+from iortd.kernel.types import DeviceIdentity, SourceReading
 
-__all__ = ["Daemon", "RunResult", "resumable", "tracker_settings"]
+__all__ = ["RunResult", "Service", "tracker_settings"]
 
 log = structlog.get_logger("iortd")
-
-# Reconnect backoff, in real seconds: capped and jittered so that several daemons (or
-# devices) do not hammer a recovering bus in lockstep.
-BACKOFF_INITIAL_S = 0.2
-BACKOFF_MAX_S = 10.0
-SHUTDOWN_TIMEOUT_S = 5.0
-
-
-# A driver bounds each I/O by the device's timeout_s, and one call (a read) may make a few
-# exchanges (status, applicator, and after a timeout the wait for a late reply). The daemon
-# bounds the whole call by a multiple of it: a safety net for a driver that does not keep
-# its own bound, not the bound a well-behaved driver reports its timeouts by.
-DRIVER_CALL_TIMEOUTS = 4
 
 
 def _ignore_heard(mono_ns: int) -> None:
     """Replies of a device the tracker does not watch for staleness."""
-
-
-def _call_bound(dev: DeviceConfig) -> float:
-    return dev.timeout_s * DRIVER_CALL_TIMEOUTS
-
-
-_RESUMABLE = {
-    p.value: p for p in (Phase.PREPARATORY, Phase.READY, Phase.IRRADIATING, Phase.INTERRUPTED)
-}
-
-
-def resumable(rec: RecoveryReport) -> ResumedDelivery | None:
-    """The delivery the log shows open, as the tracker takes it over after a restart; None
-    when there is none, or when its record is too thin to continue (no sample of it, or a
-    sample this version cannot read): that one is closed UNKNOWN at start-up instead."""
-    did, s, started = rec.open_delivery_id, rec.open_delivery_last_sample, rec.open_delivery_started
-    if did is None or s is None or rec.last_ts is None:
-        return None
-    phase = _RESUMABLE.get(str(s.get("phase")))
-    numbers = [s.get(k) for k in ("preset_gy", "delivered_primary_gy", "delivered_secondary_gy")]
-    numbers += [s.get("beam_on_s"), s.get("elapsed_s")]
-    if phase is None or not all(
-        isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
-        for x in numbers
-    ):
-        return None
-    selection = s.get("selection")
-    preset, primary, secondary, beam_on, elapsed = (float(x) for x in numbers)  # type: ignore[arg-type]
-    try:
-        # Unvouched entries (written after the last seal before a crash) are not what the
-        # daemon saw for certain: the gap starts at the last vouched entry.
-        since = datetime.fromisoformat((rec.last_vouched_ts or rec.last_ts).replace("Z", "+00:00"))
-        if rec.open_delivery_unwatched_since is not None:
-            # A run in between took it over and never heard the console: the gap it
-            # recorded is still open, and nobody has watched the delivery since its start.
-            earlier = datetime.fromisoformat(
-                rec.open_delivery_unwatched_since.replace("Z", "+00:00")
-            )
-            since = min(since, earlier)
-        at = (started or {}).get("at") or s.get("at")
-        started_utc = datetime.fromisoformat(str(at).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return ResumedDelivery(
-        delivery_id=did,
-        started_utc=started_utc,
-        phase=phase,
-        preset_gy=preset,
-        primary_gy=primary,
-        secondary_gy=secondary,
-        beam_on_s=beam_on,
-        elapsed_s=elapsed,
-        selection=selection
-        if isinstance(selection, int) and not isinstance(selection, bool)
-        else None,
-        simulated=bool(s.get("simulated")),
-        unwatched_since_utc=since,
-        cause=f"daemon not running ({rec.previous_stop} stop)"
-        + (
-            ""
-            if rec.unvouched is None
-            else f"; entries seq {rec.unvouched[0]}..{rec.unvouched[1]} after the last seal "
-            "are unvouched"
-        ),
-    )
 
 
 def tracker_settings(config: Config, clock_speed: float) -> TrackerSettings:
@@ -189,128 +114,30 @@ class _Item:
 _END = _Item()
 
 
-def _record_recovery(audit: AuditLog, rec: RecoveryReport, now: str) -> None:
-    """What opening the log found, as entries, before anything else of this run: a crash,
-    entries no signature vouches for, an accepted rollback, a wall clock behind the log.
-
-    The unvouched range is recorded before the first seal of this run: later seals and
-    checkpoints cover the whole chain, and this entry is what says that part of it is
-    not vouched for (docs/audit-log.md)."""
-    if rec.last_ts is not None and now < rec.last_ts:
-        # The wall clock is behind the log's last entry: a step backwards across runs
-        # (how far is unknown: at least this much). Written first, so that the first
-        # entry whose ts goes back is the one that says why.
-        behind = (_parse_utc(rec.last_ts) - _parse_utc(now)).total_seconds()
-        audit.append(
-            "clock_step",
-            {
-                "step_s": -round(behind, 6),
-                "expected_wall": rec.last_ts,
-                "actual_wall": now,
-                "across_restart": True,
-            },
-            durable=True,
-        )
-        log.warning("clock_behind_the_log", last_entry=rec.last_ts, now=now, behind_s=behind)
-
-    unvouched = rec.unvouched
-    if (
-        rec.previous_stop == "crash"
-        or unvouched is not None
-        or rec.rollback is not None
-        or rec.spilled is not None
-    ):
-        audit.append(
-            "recovery",
-            {
-                "previous_stop": rec.previous_stop,
-                "last_seq": rec.last_seq,
-                "last_hash": rec.last_hash,
-                "last_ts": rec.last_ts,
-                "tail_bytes": rec.tail_bytes,
-                "tail_kept_at": rec.tail_kept_at,
-                "segments_set_aside": list(rec.segments_set_aside),
-                "vouched_by": rec.vouched_by,
-                # Entries the previous stop could not write (a full or read-only disk),
-                # from its spill file: restored (unvouched) or kept in quarantine.
-                "spilled": None if rec.spilled is None else dict(rec.spilled),
-                "anchor_problems": list(rec.anchor_problems),
-                "unvouched": None
-                if unvouched is None
-                else {
-                    "count": rec.unvouched_count,
-                    "first_seq": unvouched[0],
-                    "last_seq": unvouched[1],
-                    "why": "written after the last seal (or signed checkpoint) before the "
-                    "previous run ended; not covered by any signature as genuine",
-                },
-            },
-            durable=True,
-        )
-        if unvouched is not None:
-            log.warning(
-                "audit_log_unvouched_entries_recorded",
-                first_seq=unvouched[0],
-                last_seq=unvouched[1],
-                count=rec.unvouched_count,
-            )
-    for did in rec.unvouched_open_deliveries:
-        # Started after the last seal before a crash and not ended: nothing vouched names
-        # it, so it is not taken over (its samples may be forged) and not left open for
-        # ever either. Closed UNKNOWN, with no dose taken from it; the gap starts at the
-        # last vouched entry. Its entries stay marked unvouched by every command.
-        gap = {
-            "cause": f"daemon not running ({rec.previous_stop} stop)",
-            "start": rec.last_vouched_ts or rec.last_ts,
-            "end": now,
-        }
-        audit.append("monitoring_gap", gap, delivery_id=did, durable=True)
-        audit.append(
-            "delivery_terminated",
-            {
-                "status": "UNKNOWN",
-                "reason": "not followed to its end: its record was written after the last "
-                "seal before a crash (unvouched), so it cannot be taken over",
-                "gap": gap,
-                "last_sample": {},
-            },
-            delivery_id=did,
-            durable=True,
-        )
-        log.warning("unvouched_delivery_closed", delivery_id=did)
-    if rec.rollback is not None:
-        audit.append("log_rollback_accepted", dict(rec.rollback), durable=True)
-        log.warning("audit_log_rollback_accepted", **dict(rec.rollback))
-
-
-def _parse_utc(ts: str) -> datetime:
-    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
-
-
-class Daemon:
+class Service:
     def __init__(
         self,
         loaded: LoadedConfig,
-        registry: DriverRegistry,
         clock: Clock,
         sinks: Sequence[Sink],
+        audit: AuditLog,
+        recovery: RecoveryReport,
         *,
-        audit: tuple[AuditLog, RecoveryReport] | None = None,
         stop_after_delivery: bool = False,
     ) -> None:
         self.config = loaded.config
         self._loaded = loaded
-        self._registry = registry
         self._clock = clock
         self._sinks = list(sinks)
-        self._audit: AuditLog | None = audit[0] if audit is not None else None
-        self._recovery: RecoveryReport | None = audit[1] if audit is not None else None
-        if self._audit is not None:
-            self._audit.on_failure = self._on_audit_failure
-            self._audit.on_recovered = self._on_audit_recovered
+        self._audit = audit
+        self._recovery = recovery
+        audit.on_failure = self._on_audit_failure
+        audit.on_recovered = self._on_audit_recovered
         for sink in self._sinks:
             if hasattr(sink, "checkpoint_guard"):  # the MQTT sink: the off-host copy
                 sink.checkpoint_guard = self._guard_checkpoint
+            if hasattr(sink, "on_takeover"):  # the MQTT sink: its broker session
+                sink.on_takeover = self.mqtt_session_taken_over
         self._stop_after_delivery = stop_after_delivery
         self.tracker = DeliveryTracker(tracker_settings(self.config, clock.speed))
         self.result = RunResult()
@@ -319,60 +146,13 @@ class Daemon:
         self._delivery_ended = False
         self._notices: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self._audit_failing = asyncio.Event()
-        self._backoffs: dict[str, Backoff] = {}  # per device: reconnect backoff
-
-    async def run(self, stop: asyncio.Event) -> RunResult:
-        log.info(
-            "daemon_starting",
-            config=str(self._loaded.path),
-            config_sha256=self._loaded.sha256,
-            site=self.config.site.id,
-            room=self.config.site.room,
-            speed=self._clock.speed,
-        )
-        try:
-            async with asyncio.TaskGroup() as outer:
-                if self._audit is not None:
-                    outer.create_task(self._audit.run(), name="audit-writer")
-                for sink in self._sinks:
-                    outer.create_task(sink.run(), name=f"sink:{sink.name}")
-                dispatcher = outer.create_task(self._dispatch(), name="dispatcher")
-                notices = outer.create_task(self._notify(), name="notices")
-                self._record_start()
-                async with asyncio.TaskGroup() as tg:
-                    src = self.config.source
-                    tg.create_task(self._poll_source(src, stop), name=f"device:{src.name}")
-                    tg.create_task(self._watchdog(stop), name="watchdog")
-                    tg.create_task(self._checkpoints(stop), name="checkpoints")
-                    await stop.wait()
-                    self._checkpoint_due.set()  # wakes the checkpoint task to see stop
-                await self._record_stop()
-                self._queue.put_nowait(_END)
-                try:
-                    async with asyncio.timeout(SHUTDOWN_TIMEOUT_S):
-                        await dispatcher
-                except TimeoutError:
-                    log.error("dispatcher_drain_timeout", pending=self._queue.qsize())  # noqa: TRY400
-                    dispatcher.cancel(msg="shutdown: dispatcher did not drain in time")
-                notices.cancel(msg="shutdown")
-                await self._close_sinks()
-                if self._audit is not None:
-                    # Last of all: everything pending is written and fsync'd.
-                    await self._audit.close()
-        finally:
-            if self._audit is not None:
-                await self._audit.close()
-        log.info("daemon_stopped", deliveries=len(self.result.terminated))
-        return self.result
 
     # ---- the record ------------------------------------------------------------------
 
-    def _record_start(self) -> None:
+    def record_start(self) -> None:
         audit, rec = self._audit, self._recovery
-        if audit is None or rec is None:
-            return
         now = utc_ts(datetime.now(UTC))
-        _record_recovery(audit, rec, now)
+        record_recovery(audit, rec, now)
         # Closed just now, whole record unvouched: the next record may continue the newest
         # of them in this daemon's own id form (the tracker decides on the first reading,
         # and says why). Others are never named: a forger may have written them.
@@ -387,32 +167,8 @@ class Daemon:
                 why="not the newest in this daemon's delivery id form for this room",
             )
         resumed = resumable(rec)
-        if rec.open_delivery_id is not None and resumed is None:
-            # The previous run ended during a delivery that cannot be taken over (no sample
-            # of it was recorded): nobody watched from its last entry until now. Close that
-            # delivery as interrupted by a monitoring gap.
-            gap = {
-                "cause": f"daemon not running ({rec.previous_stop} stop)",
-                "start": min(
-                    filter(
-                        None,
-                        (rec.last_vouched_ts or rec.last_ts, rec.open_delivery_unwatched_since),
-                    )
-                ),
-                "end": now,
-            }
-            audit.append("monitoring_gap", gap, delivery_id=rec.open_delivery_id, durable=True)
-            audit.append(
-                "delivery_terminated",
-                {
-                    "status": "UNKNOWN",
-                    "reason": "interrupted by a monitoring gap",
-                    "gap": gap,
-                    "last_sample": dict(rec.open_delivery_last_sample or {}),
-                },
-                delivery_id=rec.open_delivery_id,
-                durable=True,
-            )
+        if resumed is None:
+            close_unresumable(audit, rec, now)
         signer = audit.signer
         audit.append(
             "daemon_start",
@@ -442,9 +198,10 @@ class Daemon:
                 self.tracker.resume(resumed, self._clock.monotonic_ns(), self._clock.utc()),
             )
 
-    async def _record_stop(self) -> None:
-        if self._audit is None:
-            return
+    async def record_stop(self, timeout_s: float) -> None:
+        """``daemon_stop`` and the last checkpoint, waited for up to ``timeout_s``: a
+        failing disk must not hold the shutdown for ever. What is still pending is tried
+        once more when the log is closed."""
         snap = self.tracker.snapshot()
         open_delivery = snap.delivery_id if snap is not None and snap.termination is None else None
         entry = self._audit.append(
@@ -453,13 +210,11 @@ class Daemon:
             durable=True,
         )
         try:
-            # Bounded: a failing disk must not hold the shutdown forever. What is still
-            # pending is tried once more when the log is closed.
-            async with asyncio.timeout(SHUTDOWN_TIMEOUT_S):
+            async with asyncio.timeout(timeout_s):
                 note = await self._audit.checkpoint("shutdown")
                 await entry.committed
         except TimeoutError:
-            log.critical("audit_log_not_flushed_at_shutdown", timeout_s=SHUTDOWN_TIMEOUT_S)
+            log.critical("audit_log_not_flushed_at_shutdown", timeout_s=timeout_s)
             return
         if note is not None:
             self.result.checkpoints.append(note)
@@ -481,11 +236,10 @@ class Daemon:
         """Called by the MQTT sink: another client took over its broker session (the same
         client id). Recorded, and said on every channel: this room's live stream is
         interrupted, and someone is publishing with this daemon's identity or fighting it."""
-        if self._audit is not None:
-            try:
-                self._audit.append("mqtt_session_taken_over", dict(data))
-            except AuditLogClosed:
-                log.warning("mqtt_session_taken_over_not_recorded", reason="audit log closed")
+        try:
+            self._audit.append("mqtt_session_taken_over", dict(data))
+        except AuditLogClosed:
+            log.warning("mqtt_session_taken_over_not_recorded", reason="audit log closed")
         self._notices.put_nowait(
             (
                 "critical",
@@ -500,7 +254,7 @@ class Daemon:
         by our key), or None. A conflict is recorded and alarmed: the sink will not
         overwrite the off-host copy with this log's checkpoints."""
         audit = self._audit
-        if audit is None or cp.origin != audit.origin or cp.count == 0:
+        if cp.origin != audit.origin or cp.count == 0:
             return None
         have = audit.committed_seq + 1
         if cp.count > have:
@@ -536,7 +290,10 @@ class Daemon:
         self._audit_failing.clear()
         self._notices.put_nowait(("info", f"audit log writable again after {outage_s:.1f} s"))
 
-    async def _notify(self) -> None:
+    # ---- the tasks the composition root runs -----------------------------------------
+
+    async def notify(self) -> None:
+        """Out-of-band notices to every sink, as they come (not through the queue)."""
         while True:
             severity, message = await self._notices.get()
             for sink in self._sinks:
@@ -545,9 +302,10 @@ class Daemon:
                 except Exception:
                     log.exception("sink_failed", sink=sink.name)
 
-    async def _checkpoints(self, stop: asyncio.Event) -> None:
-        """A signed checkpoint at every delivery end and every checkpoint interval."""
-        if self._audit is None or self._audit.signer is None:
+    async def checkpoints(self, stop: asyncio.Event) -> None:
+        """A signed checkpoint at every delivery end and every checkpoint interval; ends
+        at ``stop`` once woken by :meth:`wake_checkpoints` (the shutdown writes the last)."""
+        if self._audit.signer is None:
             return
         # Signed at once: a young log verifies with --pubkey from its first seconds.
         note = await self._audit.checkpoint("start")
@@ -573,102 +331,10 @@ class Daemon:
             if stop.is_set():
                 return  # the shutdown writes the last checkpoint
 
-    # ---- devices ----------------------------------------------------------------------
+    def wake_checkpoints(self) -> None:
+        self._checkpoint_due.set()
 
-    def _build(self, dev: DeviceConfig) -> SourceDriver:
-        factory = self._registry.get(dev.driver)
-        spec = DriverSpec(
-            name=dev.name,
-            role=dev.role,
-            poll_interval_s=dev.poll_interval_s,
-            timeout_s=dev.timeout_s,
-            transport=dev.transport,
-            options=dev.options,
-        )
-        heard = self._source_heard if dev.role == "source" else _ignore_heard
-        return factory.create(
-            spec,
-            DriverContext(clock=self._clock, seed=self.config.simulation.seed, heard=heard),
-        )
-
-    def _source_heard(self, mono_ns: int) -> None:
-        """A reply from the source, reported by its driver. A time in the future (a
-        plug-in's bug) must not hold the stale alarm off: it counts as now at most."""
-        self.tracker.on_device_heard(min(mono_ns, self._clock.monotonic_ns()))
-
-    async def _poll_source(self, dev: DeviceConfig, stop: asyncio.Event) -> None:
-        # The backoff is reset by the first good reading of a connection, not by the
-        # connection itself: a device that connects and identifies but fails every read
-        # (a Modbus exception on each poll, say) backs off like one that cannot connect.
-        self._backoffs[dev.name] = Backoff(BACKOFF_INITIAL_S, BACKOFF_MAX_S)
-        while not stop.is_set():
-            driver = self._build(dev)
-            try:
-                async with asyncio.timeout(_call_bound(dev)):
-                    await driver.__aenter__()
-            except (DriverError, TimeoutError, OSError) as exc:
-                await self._link_lost(dev, exc)
-                await self._backoff(dev, stop)
-                continue
-            try:
-                async with asyncio.timeout(_call_bound(dev)):
-                    identity = await driver.identify()
-                self._identified(dev.name, identity)
-                log.info("device_connected", device=dev.name, driver=dev.driver)
-                await self._poll_loop(dev, driver, stop)
-            except (DriverError, TimeoutError, OSError) as exc:
-                await self._link_lost(dev, exc)
-                await self._backoff(dev, stop)
-            finally:
-                with contextlib.suppress(DriverError, TimeoutError, OSError):
-                    async with asyncio.timeout(_call_bound(dev)):
-                        await driver.__aexit__(None, None, None)
-
-    async def _poll_loop(
-        self, dev: DeviceConfig, driver: SourceDriver, stop: asyncio.Event
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        next_at = loop.time()
-        bad = 0
-        while not stop.is_set():
-            try:
-                async with asyncio.timeout(_call_bound(dev)):
-                    reading = await driver.read()
-            except (ProtocolViolation, DeviceFault) as exc:
-                # One bad frame, or one error reply (a Modbus "busy", say), is counted and
-                # the poll skipped; a run of them is a lost link.
-                bad += 1
-                kind = (
-                    "protocol_violation" if isinstance(exc, ProtocolViolation) else "device_fault"
-                )
-                log.warning(kind, device=dev.name, error=str(exc), count=bad)
-                if bad >= self.config.tolerances.stale_after_polls:
-                    raise
-            else:
-                bad = 0
-                self._backoffs[dev.name].reset()
-                events = self.tracker.on_reading(reading)
-                sample = Sample(
-                    device=dev.name,
-                    reading=reading,
-                    delivery=self.tracker.snapshot(reading.mono_ns),
-                    interlocks=dict(self.tracker.interlocks),
-                    all_clear=self.tracker.all_clear,
-                )
-                self._emit(sample, events)
-                if self._stop_after_delivery and any(isinstance(e, Terminated) for e in events):
-                    stop.set()
-                    return
-            next_at += dev.poll_interval_s
-            delay = next_at - loop.time()
-            if delay < 0:  # fell behind (slow device): do not try to catch up in a burst
-                next_at = loop.time()
-                delay = 0
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await stop.wait()
-
-    async def _watchdog(self, stop: asyncio.Event) -> None:
+    async def watchdog(self, stop: asyncio.Event) -> None:
         """Notices readings that stopped even while a driver call is still pending. It
         wakes when the data would become stale (``stale_after_polls`` poll periods after
         the last reading, not at the next tick after that), so the alarm comes on time."""
@@ -686,40 +352,59 @@ class Daemon:
             if events:
                 self._emit(None, events)
 
-    async def _link_lost(self, dev: DeviceConfig, exc: BaseException) -> None:
+    # ---- what the device loops report (their DeviceHub) ------------------------------
+
+    def heard(self, device: DeviceConfig) -> Callable[[int], None]:
+        """What the device's driver calls at each good reply (``DriverContext.heard``)."""
+        return self._source_heard if device.role == "source" else _ignore_heard
+
+    def _source_heard(self, mono_ns: int) -> None:
+        """A reply from the source, reported by its driver. A time in the future (a
+        plug-in's bug) must not hold the stale alarm off: it counts as now at most."""
+        self.tracker.on_device_heard(min(mono_ns, self._clock.monotonic_ns()))
+
+    def reading(self, device: DeviceConfig, reading: Reading) -> bool:
+        if device.role != "source":
+            return False  # no rule reads another role's readings yet
+        if not isinstance(reading, SourceReading):
+            # A plug-in's bug, as an unexpected error: it stops the daemon (as before).
+            msg = f"device {device.name}: read() returned {type(reading).__name__}"
+            raise TypeError(msg)
+        events = self.tracker.on_reading(reading)
+        sample = Sample(
+            device=device.name,
+            reading=reading,
+            delivery=self.tracker.snapshot(reading.mono_ns),
+            interlocks=dict(self.tracker.interlocks),
+            all_clear=self.tracker.all_clear,
+        )
+        self._emit(sample, events)
+        return self._stop_after_delivery and any(isinstance(e, Terminated) for e in events)
+
+    def link_lost(self, device: DeviceConfig, reason: str) -> None:
         self.result.link_losses += 1
-        reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        log.error("device_link_lost", device=dev.name, reason=reason)
+        if device.role != "source":
+            return  # the interlocks are the source's: its link is what makes them unknown
         events = self.tracker.on_link_lost(self._clock.monotonic_ns(), self._clock.utc(), reason)
         if events:
             self._emit(None, events)
 
-    async def _backoff(self, dev: DeviceConfig, stop: asyncio.Event) -> None:
-        delay = self._backoffs[dev.name].next_delay()
-        log.info("device_reconnect_wait", device=dev.name, delay_s=round(delay, 3))
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(delay):
-                await stop.wait()
+    # ---- the record first, then the other sinks --------------------------------------
 
-    # ---- sinks ------------------------------------------------------------------------
-
-    def _identified(self, device: str, identity: DeviceIdentity) -> None:
-        durable = None
-        if self._audit is not None:
-            data: dict[str, object] = {
-                "device": device,
-                "manufacturer": identity.manufacturer,
-                "model": identity.model,
-                "serial": identity.serial,
-                "firmware": identity.firmware,
-                "simulated": identity.simulated,
-            }
-            if identity.scenario:
-                # A simulator playing a fault scenario: the record names the script.
-                data["scenario"] = identity.scenario
-            entry = self._audit.append("device_identified", data, durable=True)
-            durable = entry.committed
-        self._queue.put_nowait(_Item(durable=durable, identified=(device, identity)))
+    def identified(self, device: str, identity: DeviceIdentity) -> None:
+        data: dict[str, object] = {
+            "device": device,
+            "manufacturer": identity.manufacturer,
+            "model": identity.model,
+            "serial": identity.serial,
+            "firmware": identity.firmware,
+            "simulated": identity.simulated,
+        }
+        if identity.scenario:
+            # A simulator playing a fault scenario: the record names the script.
+            data["scenario"] = identity.scenario
+        entry = self._audit.append("device_identified", data, durable=True)
+        self._queue.put_nowait(_Item(durable=entry.committed, identified=(device, identity)))
 
     def _emit(self, sample: Sample | None, events: Sequence[TrackerEvent]) -> None:
         """Record first, then queue for the other sinks. Never waits for the disk."""
@@ -729,19 +414,18 @@ class Daemon:
                 self.result.terminated.append(ev)
                 ended = True
         durable = None
-        if self._audit is not None:
-            pending = None if sample is None else sample_entry(sample, ended_now=ended)
-            for ev in events:
-                if pending is not None and isinstance(ev, Terminated):
-                    # The sample that ends a delivery belongs to it: it goes before the
-                    # end entry, after which nothing names that delivery.
-                    self._audit.append(pending[0], pending[1], delivery_id=pending[2])
-                    pending = None
-                # Every event names its delivery itself (None: the room's).
-                kind, data, did = event_entry(ev, None)
-                durable = self._audit.append(kind, data, delivery_id=did, durable=True).committed
-            if pending is not None:
+        pending = None if sample is None else sample_entry(sample, ended_now=ended)
+        for ev in events:
+            if pending is not None and isinstance(ev, Terminated):
+                # The sample that ends a delivery belongs to it: it goes before the end
+                # entry, after which nothing names that delivery.
                 self._audit.append(pending[0], pending[1], delivery_id=pending[2])
+                pending = None
+            # Every event names its delivery itself (None: the room's).
+            kind, data, did = event_entry(ev, None)
+            durable = self._audit.append(kind, data, delivery_id=did, durable=True).committed
+        if pending is not None:
+            self._audit.append(pending[0], pending[1], delivery_id=pending[2])
         delivery = self.tracker.snapshot() if sample is None else sample.delivery
         self._queue.put_nowait(
             _Item(durable=durable, sample=sample, events=tuple(events), delivery=delivery)
@@ -765,7 +449,7 @@ class Daemon:
     async def _wait_failing(self) -> None:
         await self._audit_failing.wait()
 
-    async def _dispatch(self) -> None:
+    async def dispatch(self) -> None:
         """Tell the other sinks, in order, once what they are told is in the record. A
         failing sink is logged and misses that item; it cannot stop the daemon."""
         while True:
@@ -787,13 +471,12 @@ class Daemon:
                 except Exception:
                     log.exception("sink_failed", sink=sink.name)
 
-    async def _close_sinks(self) -> None:
-        for sink in reversed(self._sinks):
-            try:
-                async with asyncio.timeout(SHUTDOWN_TIMEOUT_S):
-                    await sink.aclose()
-            except TimeoutError:
-                # Expected, not a crash: no traceback, just which sink overran its bound.
-                log.error(  # noqa: TRY400
-                    "sink_close_timeout", sink=sink.name, timeout_s=SHUTDOWN_TIMEOUT_S
-                )
+    async def drain(self, dispatcher: asyncio.Task[None], timeout_s: float) -> None:
+        """At a stop: let the dispatcher tell the sinks what is queued, within a bound."""
+        self._queue.put_nowait(_END)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await dispatcher
+        except TimeoutError:
+            log.error("dispatcher_drain_timeout", pending=self._queue.qsize())  # noqa: TRY400
+            dispatcher.cancel(msg="shutdown: dispatcher did not drain in time")

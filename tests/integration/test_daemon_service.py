@@ -16,10 +16,10 @@ import pytest
 
 from iortd.auditlog import writer
 from iortd.auditlog.writer import AuditLog
-from iortd.daemon import service
+from iortd.daemon import app
+from iortd.daemon.app import App
 from iortd.daemon.config import LoadedConfig, load_config
 from iortd.daemon.entries import event_entry
-from iortd.daemon.service import Daemon
 from iortd.daemon.sinks import Sample
 from iortd.daemon.tracker import (
     AlarmRaised,
@@ -33,6 +33,7 @@ from iortd.drivers.interface import DriverContext, DriverSpec, Role
 from iortd.drivers.registry import DriverRegistry
 from iortd.kernel.clock import ScaledClock
 from iortd.kernel.types import (
+    ApplicatorReading,
     Capability,
     DeviceIdentity,
     DeviceState,
@@ -135,7 +136,7 @@ async def test_sim_delivery_runs_to_normal_termination(tmp_path: Path) -> None:
     registry = DriverRegistry.from_entry_points()
     loaded = load_config(path, registry)
     sink = RecordingSink()
-    daemon = Daemon(loaded, registry, ScaledClock(1200), [sink], stop_after_delivery=True)
+    daemon = App(loaded, registry, ScaledClock(1200), [sink], stop_after_delivery=True)
     stop = asyncio.Event()
     async with asyncio.timeout(30):
         result = await daemon.run(stop)
@@ -248,7 +249,7 @@ async def test_a_device_that_stops_answering_makes_interlocks_unknown_then_recov
     steps = ["ok"] * 5 + [failure] + ["ok"] * 1000
     loaded, registry, script = scripted(tmp_path, steps)
     sink = RecordingSink()
-    daemon = Daemon(loaded, registry, ScaledClock(1.0), [sink])
+    daemon = App(loaded, registry, ScaledClock(1.0), [sink])
     stop = asyncio.Event()
     async with asyncio.TaskGroup() as tg:
         task = tg.create_task(daemon.run(stop))
@@ -278,7 +279,7 @@ async def test_a_device_that_stops_answering_makes_interlocks_unknown_then_recov
 async def test_one_error_reply_is_a_skipped_poll_not_a_lost_link(tmp_path: Path) -> None:
     loaded, registry, script = scripted(tmp_path, ["ok"] * 3 + ["fault"] + ["ok"] * 1000)
     sink = RecordingSink()
-    daemon = Daemon(loaded, registry, ScaledClock(1.0), [sink])
+    daemon = App(loaded, registry, ScaledClock(1.0), [sink])
     stop = asyncio.Event()
     async with asyncio.TaskGroup() as tg:
         task = tg.create_task(daemon.run(stop))
@@ -296,7 +297,7 @@ async def test_a_device_that_fails_every_read_is_backed_off_not_hammered(
     backoff grows as if it could not connect at all (a good reading resets it, not a
     connection)."""
     loaded, registry, script = scripted(tmp_path, ["fault"])
-    daemon = Daemon(loaded, registry, ScaledClock(1.0), [RecordingSink()])
+    daemon = App(loaded, registry, ScaledClock(1.0), [RecordingSink()])
     stop = asyncio.Event()
     async with asyncio.TaskGroup() as tg:
         task = tg.create_task(daemon.run(stop))
@@ -316,7 +317,7 @@ async def test_a_device_that_fails_every_read_is_backed_off_not_hammered(
 async def test_shutdown_is_bounded_even_while_a_read_hangs(tmp_path: Path) -> None:
     loaded, registry, _ = scripted(tmp_path, ["ok", "hang"])
     sink = RecordingSink()
-    daemon = Daemon(loaded, registry, ScaledClock(1.0), [sink])
+    daemon = App(loaded, registry, ScaledClock(1.0), [sink])
     stop = asyncio.Event()
     task = asyncio.create_task(daemon.run(stop))
     await sink.wait_for(lambda: len(sink.samples) >= 1, "first sample")
@@ -330,7 +331,6 @@ async def test_other_sinks_hear_events_only_once_they_are_on_disk(tmp_path: Path
     """The record comes first: when a sink is told of an event, the audit log has already
     fsync'd it. Checked by reading the file at that moment."""
     loaded, registry, _ = scripted(tmp_path, ["ok"] * 3 + ["drop"] + ["ok"] * 1000)
-    audit = await AuditLog.open(tmp_path / "log", origin="test/or-9/x", signer=None)
     on_disk_when_heard: list[bool] = []
 
     def check(ev: TrackerEvent) -> None:
@@ -342,7 +342,7 @@ async def test_other_sinks_hear_events_only_once_they_are_on_disk(tmp_path: Path
         on_disk_when_heard.append(event_entry(ev, None)[0] in kinds)
 
     sink = RecordingSink(on_event=check)
-    daemon = Daemon(loaded, registry, ScaledClock(1.0), [sink], audit=audit)
+    daemon = App(loaded, registry, ScaledClock(1.0), [sink])
     stop = asyncio.Event()
     task = asyncio.create_task(daemon.run(stop))
     await sink.wait_for(
@@ -377,7 +377,7 @@ async def test_a_failing_later_sink_does_not_stop_the_daemon_or_the_record(
 ) -> None:
     loaded, registry, _ = scripted(tmp_path, ["ok"] * 1000)
     record, broken = RecordingSink(), BrokenSink()
-    daemon = Daemon(loaded, registry, ScaledClock(1.0), [record, broken])
+    daemon = App(loaded, registry, ScaledClock(1.0), [record, broken])
     stop = asyncio.Event()
     task = asyncio.create_task(daemon.run(stop))
     await record.wait_for(lambda: len(record.samples) >= 10, "ten samples in the record")
@@ -397,11 +397,11 @@ async def test_while_the_audit_disk_fails_events_still_reach_the_display(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     loaded, registry, _ = scripted(tmp_path, ["ok"] * 5 + ["drop"] + ["ok"] * 1000)
-    audit = await AuditLog.open(tmp_path / "log", origin="test/or-9/x", signer=None)
     monkeypatch.setattr(writer, "write_all", disk_full)
-    monkeypatch.setattr(service, "SHUTDOWN_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(app, "SHUTDOWN_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(app, "DEFAULT_SPILL_DIR", tmp_path / "spill")  # not the host's
     sink = RecordingSink()
-    daemon = Daemon(loaded, registry, ScaledClock(1.0), [sink], audit=audit)
+    daemon = App(loaded, registry, ScaledClock(1.0), [sink])
     stop = asyncio.Event()
     task = asyncio.create_task(daemon.run(stop))
     await sink.wait_for(lambda: any(s == "critical" for s, _ in sink.notices), "the alarm")
@@ -413,3 +413,149 @@ async def test_while_the_audit_disk_fails_events_still_reach_the_display(
     with pytest.raises(OSError, match="No space left"):
         async with asyncio.timeout(10):
             await task
+
+
+# ---- the composition root: one loop per device, the record required, every path closed --
+
+TWO_DEVICES = """
+[site]
+id = "test-site"
+room = "or-9"
+[log]
+directory = "log"
+[mqtt]
+enabled = false
+[tolerances]
+stale_after_polls = 3
+[[devices]]
+name = "source-1"
+driver = "scripted"
+poll_interval_s = 0.02
+timeout_s = 0.2
+[[devices]]
+name = "reader-1"
+role = "applicator"
+driver = "scripted"
+poll_interval_s = 0.02
+timeout_s = 0.2
+"""
+
+
+class ScriptedReader(ScriptedDriver):
+    """An applicator reader: the same script steps, read with read_applicator()."""
+
+    async def identify(self) -> DeviceIdentity:
+        return DeviceIdentity("test", "reader", "R-1", "0", simulated=True)
+
+    async def read_applicator(self) -> ApplicatorReading:
+        i = self._s.reads
+        self._s.reads += 1
+        step = self._s.steps[min(i, len(self._s.steps) - 1)]
+        if step == "drop":
+            raise TransportClosed("reader cable pulled")
+        return ApplicatorReading(
+            mono_ns=self._clock.monotonic_ns(),
+            utc=self._clock.utc(),
+            applicator=None,
+            simulated=True,
+        )
+
+
+class TwoRoleFactory(ScriptedFactory):
+    roles: frozenset[Role] = frozenset({"source", "applicator"})
+
+    def __init__(self, script: Script, reader: Script) -> None:
+        super().__init__(script)
+        self.reader = reader
+
+    def create(self, spec: DriverSpec, context: DriverContext) -> ScriptedDriver:
+        if spec.role == "applicator":
+            return ScriptedReader(self.reader, context)
+        return ScriptedDriver(self.script, context)
+
+
+async def wait_connects(script: Script, n: int, what: str, timeout_s: float = 10) -> None:
+    try:
+        async with asyncio.timeout(timeout_s):
+            while script.connects < n:
+                script.connected.clear()
+                await script.connected.wait()
+    except TimeoutError:
+        raise AssertionError(
+            f"timed out after {timeout_s} s waiting for {what} ({script.connects} connections)"
+        ) from None
+
+
+async def test_every_configured_device_has_its_own_loop_and_one_does_not_disturb_another(
+    tmp_path: Path,
+) -> None:
+    """Two devices, two loops: the applicator reader is connected, identified (in the
+    record) and polled beside the source; its lost link is counted and it is reconnected
+    on its own, while the source's readings, interlocks and record go on undisturbed (no
+    gap). Only the source's readings reach the tracker."""
+    source, reader = Script(["ok"] * 10_000), Script(["ok"] * 3 + ["drop"] + ["ok"] * 10_000)
+    registry = DriverRegistry.of([TwoRoleFactory(source, reader), SimDriverFactory()])
+    (tmp_path / "site.toml").write_text(TWO_DEVICES)
+    loaded = load_config(tmp_path / "site.toml", registry)
+    sink = RecordingSink()
+    daemon = App(loaded, registry, ScaledClock(1.0), [sink])
+    stop = asyncio.Event()
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(daemon.run(stop))
+        await wait_connects(reader, 2, "the applicator reader to be reconnected after its drop")
+        await sink.wait_for(lambda: len(sink.samples) >= 10, "the source's samples")
+        assert daemon.tracker.all_clear, "the reader's lost link touched the source's interlocks"
+        stop.set()
+    result = task.result()
+    assert result.link_losses == 1
+    assert source.connects == 1, "the source was reconnected because of the reader"
+    assert reader.reads >= 4
+    assert not any(isinstance(e, MonitoringGapStarted) for e in sink.seen)
+    assert {s.device for s in sink.samples} == {"source-1"}
+    identified = [
+        json.loads(line)["data"]["device"]
+        for f in sorted((tmp_path / "log").glob("log-*.jsonl"))
+        for line in f.read_text().splitlines()
+        if json.loads(line)["type"] == "device_identified"
+    ]
+    assert sorted(set(identified)) == ["reader-1", "source-1"], identified
+
+
+class Bug(Exception):
+    pass
+
+
+class BuggyDriver(ScriptedDriver):
+    async def read(self) -> SourceReading:
+        if self._s.reads >= 3:
+            raise Bug("a plug-in's bug")
+        return await super().read()
+
+
+class BuggyFactory(ScriptedFactory):
+    def create(self, spec: DriverSpec, context: DriverContext) -> ScriptedDriver:
+        return BuggyDriver(self.script, context)
+
+
+async def test_a_crash_still_closes_every_sink_and_then_the_log(tmp_path: Path) -> None:
+    """A task that dies of an unexpected error (a driver's bug) ends the run with that
+    error; on the way out every sink is closed and then the log (its lock released, what
+    was observed on disk), as at a clean stop."""
+    script = Script(["ok"] * 1000)
+    registry = DriverRegistry.of([BuggyFactory(script), SimDriverFactory()])
+    loaded = load_config(write_config(tmp_path, driver="scripted", speed=1.0, options=""), registry)
+    sink = RecordingSink()
+    with pytest.raises(ExceptionGroup) as raised:
+        async with asyncio.timeout(10):
+            await App(loaded, registry, ScaledClock(1.0), [sink]).run(asyncio.Event())
+    assert raised.group_contains(Bug)
+    assert sink.closed, "a sink was left open by the crash"
+    log, _ = await AuditLog.open(tmp_path / "log", origin="test/or-9/x")  # not LogInUse
+    await log.close()
+    kinds = [
+        json.loads(line)["type"]
+        for f in sorted((tmp_path / "log").glob("log-*.jsonl"))
+        for line in f.read_text().splitlines()
+    ]
+    assert kinds.count("sample") == 3, kinds
+    assert "daemon_stop" not in kinds, "a crash is not a clean stop"

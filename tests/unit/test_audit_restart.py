@@ -1,4 +1,4 @@
-"""What a start records about the log it found (daemon/service.py ``_record_recovery``) and
+"""What a start records about the log it found (daemon/recovery.py ``record_recovery``) and
 what verify makes of it (auditlog/verify.py): the unvouched range, an accepted
 rollback, a wall clock behind the log's last entry; backward timestamps as warnings.
 """
@@ -16,7 +16,7 @@ import orjson
 from iortd.auditlog.note import generate_keypair
 from iortd.auditlog.verify import verify_log
 from iortd.auditlog.writer import AuditLog, segment_paths
-from iortd.daemon import service
+from iortd.daemon import recovery
 from iortd.kernel.timefmt import utc_ts
 
 ORIGIN = "iortd/test-site/or-9/00112233aabbccdd"
@@ -44,7 +44,7 @@ async def test_a_wall_clock_behind_the_log_at_start_is_a_clock_step_and_a_verify
     log, report = await AuditLog.open(tmp_path, origin=ORIGIN, signer=signer)
     task = asyncio.create_task(log.run())
     now = utc_ts(datetime.now(UTC))
-    service._record_recovery(log, report, now)
+    recovery.record_recovery(log, report, now)
     await log.append("daemon_start", {"verifier_key": signer.verifier.text}, durable=True).committed
     await log.checkpoint("start")
     await log.close()
@@ -73,7 +73,7 @@ async def test_the_recovery_entry_records_the_unvouched_range_and_verify_lists_i
     log, report = await AuditLog.open(tmp_path, origin=ORIGIN, signer=signer)
     report = dataclasses.replace(report, previous_stop="crash", vouched_count=1)
     task = asyncio.create_task(log.run())
-    service._record_recovery(log, report, utc_ts(datetime.now(UTC)))
+    recovery.record_recovery(log, report, utc_ts(datetime.now(UTC)))
     await log.checkpoint("start")
     await log.close()
     await task

@@ -34,7 +34,7 @@ from iortd.auditlog import dircheck, verify, writer
 from iortd.auditlog.note import Signer, generate_keypair
 from iortd.auditlog.verify import collect_files, unvouched_deliveries, verify_log
 from iortd.auditlog.writer import AuditLog, segment_paths
-from iortd.daemon import service
+from iortd.daemon import recovery, service
 from iortd.daemon.config import load_config
 from iortd.daemon.tracker import DeliveryStarted
 from iortd.drivers.registry import DriverRegistry
@@ -61,7 +61,7 @@ async def continued_across_the_restart(directory: Path) -> tuple[int, int]:
     async with running(directory, signer=signer) as (log, report):
         assert report.unvouched == (forged[0], forged[-1])
         assert report.open_delivery_id == DID
-        service._record_recovery(log, report, utc_ts(datetime.now(UTC)))
+        recovery.record_recovery(log, report, utc_ts(datetime.now(UTC)))
         log.append(
             "daemon_start",
             {"verifier_key": signer.verifier.text, "open_delivery": DID},
@@ -146,7 +146,7 @@ async def test_a_second_restart_with_the_console_gone_keeps_the_gap_from_the_las
     await a_run(tmp_path, t2, run2)
     rec = await a_run(tmp_path, t3, lambda log, rec: None)
     assert rec.open_delivery_id == DID
-    resumed = service.resumable(rec)
+    resumed = recovery.resumable(rec)
     assert resumed is not None
     assert resumed.unwatched_since_utc == t1, (
         f"the gap starts at run 2's last entry ({resumed.unwatched_since_utc}), not at the "
@@ -183,7 +183,7 @@ async def test_a_delivery_whose_whole_record_is_unvouched_is_closed_at_start_not
     async with running(tmp_path, signer=signer) as (log, report):
         assert report.open_delivery_id is None  # nothing vouched names it
         assert report.unvouched is not None
-        service._record_recovery(log, report, utc_ts(datetime.now(UTC)))
+        recovery.record_recovery(log, report, utc_ts(datetime.now(UTC)))
     ends = [
         x
         for x in entries(tmp_path)
@@ -201,12 +201,12 @@ async def test_a_delivery_whose_whole_record_is_unvouched_is_closed_at_start_not
 OURS = "or-1-20260301T120000000000Z"
 
 
-def a_daemon(log: AuditLog, report: writer.RecoveryReport) -> service.Daemon:
+def a_daemon(log: AuditLog, report: writer.RecoveryReport) -> service.Service:
     """The composition root over a real log, with no device and no sink: what a start
     records, and the tracker it hands the first reading to."""
     registry = DriverRegistry.from_entry_points()
     loaded = load_config(ROOT / "config" / "demo.toml", registry)
-    return service.Daemon(loaded, registry, SystemClock(), [], audit=(log, report))
+    return service.Service(loaded, SystemClock(), [], log, report)
 
 
 def in_progress(clock_ns: int, dose: float, state: DeviceState) -> SourceReading:
@@ -238,7 +238,7 @@ async def test_the_record_after_a_wholly_unvouched_delivery_says_it_may_continue
     async with running(tmp_path, signer=signer) as (log, report):
         assert report.unvouched_open_deliveries == (OURS,)
         daemon = a_daemon(log, report)
-        daemon._record_start()
+        daemon.record_start()
         events = daemon.tracker.on_reading(
             in_progress(time.monotonic_ns(), 12.0, DeviceState.IRRADIATING)
         )
@@ -275,7 +275,7 @@ async def test_no_link_when_the_console_is_not_in_a_delivery_at_the_first_readin
     signer = await crashed_before_the_delivery_was_sealed(tmp_path)
     async with running(tmp_path, signer=signer) as (log, report):
         daemon = a_daemon(log, report)
-        daemon._record_start()
+        daemon.record_start()
         t = time.monotonic_ns()
         events = daemon.tracker.on_reading(in_progress(t, 12.0 if state else 0.0, state))
         events += daemon.tracker.on_reading(in_progress(t + 10**9, 0.0, DeviceState.STANDBY))
@@ -304,7 +304,7 @@ async def test_an_unvouched_id_not_in_this_daemons_form_is_never_linked_to(
     async with running(tmp_path, signer=signer) as (log, report):
         assert report.unvouched_open_deliveries == (forged,)
         daemon = a_daemon(log, report)
-        daemon._record_start()
+        daemon.record_start()
         events = daemon.tracker.on_reading(
             in_progress(time.monotonic_ns(), 12.0, DeviceState.IRRADIATING)
         )
@@ -401,7 +401,7 @@ async def test_a_crash_during_recovery_before_its_seal_leaves_both_ranges_unvouc
     log, report = await AuditLog.open(tmp_path, origin=ORIGIN, signer=signer)
     task = asyncio.create_task(log.run())
     log.signer = None  # dies before its first seal
-    service._record_recovery(log, report, utc_ts(datetime.now(UTC)))
+    recovery.record_recovery(log, report, utc_ts(datetime.now(UTC)))
     e = log.append("daemon_start", {"open_delivery": DID}, durable=True)
     await e.committed
     await crash(log, task)
@@ -412,7 +412,7 @@ async def test_a_crash_during_recovery_before_its_seal_leaves_both_ranges_unvouc
         assert report.open_delivery_id == DID
         assert report.open_delivery_last_sample == last
         assert report.unvouched_open_deliveries == ()
-        service._record_recovery(log, report, utc_ts(datetime.now(UTC)))
+        recovery.record_recovery(log, report, utc_ts(datetime.now(UTC)))
         await log.checkpoint("start")
     rep = verify_log([tmp_path], pubkey=signer.verifier)
     assert rep.intact, rep.problem
@@ -499,7 +499,7 @@ async def test_a_forged_end_the_restart_did_not_believe_is_not_shown_as_the_outc
     forged = await forge(tmp_path, fake_end)
     async with running(tmp_path, signer=signer) as (log, report):
         assert report.open_delivery_id == DID
-        service._record_recovery(log, report, utc_ts(datetime.now(UTC)))
+        recovery.record_recovery(log, report, utc_ts(datetime.now(UTC)))
         log.append(
             "daemon_start",
             {"verifier_key": signer.verifier.text, "open_delivery": DID},

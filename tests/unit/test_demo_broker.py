@@ -7,16 +7,16 @@ import contextlib
 
 import pytest
 
-from iortd.daemon import cli
+from iortd.daemon import demo
 from iortd.daemon.mqtt.broker import MOSQUITTO_INSTALL_HINT
 
 
 def test_no_mosquitto_means_no_stream_and_the_exact_install_command(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(cli, "find_mosquitto", lambda: None)
+    monkeypatch.setattr(demo, "find_mosquitto", lambda: None)
     with contextlib.ExitStack() as stack:
-        assert cli._embedded_broker(stack) is None
+        assert demo._embedded_broker(stack) is None
     err = capsys.readouterr().err
     assert "Mosquitto is not installed" in err
     assert MOSQUITTO_INSTALL_HINT in err
@@ -26,7 +26,7 @@ def test_no_mosquitto_means_no_stream_and_the_exact_install_command(
 
 def test_demo_turns_mqtt_off_when_there_is_no_broker() -> None:
     overrides = {"log": {"directory": "demo-log"}}
-    off = cli._mqtt_off(overrides)
+    off = demo._mqtt_off(overrides)
     assert off["mqtt"] == {"enabled": False}
     assert off["log"] == overrides["log"]
     assert "mqtt" not in overrides  # the caller's overrides are not changed

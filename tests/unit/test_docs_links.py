@@ -294,3 +294,25 @@ def test_github_anchors() -> None:
     durability = 'Durability: what "in the log" means'
     assert github_anchor(durability) == "durability-what-in-the-log-means"
     assert github_anchor("XRS-ASCII/1: serial line protocol") == "xrs-ascii1-serial-line-protocol"
+
+
+def test_no_merge_conflict_markers_anywhere() -> None:
+    """A merge resolved in a hurry must not leave its markers in a doc, a config or code."""
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    marker = re.compile(rb"^(<{7} |>{7} |={7}$)", re.M)
+    found = []
+    for name in filter(None, tracked):
+        path = ROOT / name.decode()
+        if (
+            path.is_file()
+            and not path.is_symlink()
+            and path.suffix not in {".png", ".pdf", ".dcm", ".woff2"}
+        ):
+            data = path.read_bytes()
+            m = marker.search(data)
+            if m:
+                line = data.count(b"\n", 0, m.start()) + 1
+                found.append(f"{name.decode()}:{line}")
+    assert not found, f"merge conflict markers left in: {found}"

@@ -1,0 +1,377 @@
+"""The composition root: the one place that builds and runs everything of ``iortd run``.
+
+:class:`App` opens what the run holds in one ``contextlib.AsyncExitStack``, in this order,
+so that it is closed in the reverse order on every path (a clean stop, a start-up that
+fails half-way, a crash of any task):
+
+1. the **audit log**, opened and recovered before any device is touched, and closed last
+   (flushed and fsync'd; a close that cannot write raises OSError after keeping what was
+   pending in the spill directory);
+2. the **sinks** (:func:`_open_sinks`: the operational log, the caller's own, and the MQTT
+   sink with its outbox when the config enables it), each closed within
+   ``SHUTDOWN_TIMEOUT_S``, in reverse order;
+
+then builds the :class:`~iortd.daemon.service.Service` (tracker, record, dispatcher) and
+runs everything in **one** ``asyncio.TaskGroup``: the audit writer, each sink's own work,
+the dispatcher and the notices, then one :class:`~iortd.daemon.device_loop.DeviceLoop` per
+configured device, the stale-data watchdog and the checkpoint task.
+
+A signal (or the end of ``--duration``, or the end of the delivery under
+``stop_after_delivery``) only sets ``stop``. Shutdown is ordered and bounded: the device
+loops, the watchdog and the checkpoint task end; ``daemon_stop`` and a final checkpoint are
+written (bounded); the dispatcher drains (bounded); the notices stop; the sinks close
+(each bounded); the audit log closes last. The whole shutdown is bounded by twice
+``SHUTDOWN_TIMEOUT_S`` from the stop: what has not finished then is cancelled, with a
+reason, and the exit stack still closes the log (which spills what it cannot write).
+
+A stop that comes while the log is being opened (a large recovery) does not tear through
+the recovery: the run ends once the log is open, before any device is touched.
+
+:func:`serve` is what the commands call: it turns SIGINT and SIGTERM into ``stop``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from iortd.auditlog.note import Signer
+from iortd.auditlog.writer import (
+    DEFAULT_SPILL_DIR,
+    AuditLog,
+    LogDamaged,
+    LogInUse,
+    LogRolledBack,
+    LogUnusable,
+    RecoveryReport,
+    new_origin,
+)
+from iortd.daemon.config import Config, ConfigError, DeviceConfig, LoadedConfig, load_config
+from iortd.daemon.device_loop import DeviceLoop
+from iortd.daemon.mqtt.outbox import Outbox, OutboxError
+from iortd.daemon.mqtt.sink import MqttSink, settings_from_config
+from iortd.daemon.service import RunResult, Service
+from iortd.daemon.sinks import OperationalLogSink, Sink
+from iortd.daemon.tracker import DeliveryTracker
+from iortd.drivers.interface import DriverContext
+from iortd.drivers.registry import DriverRegistry
+from iortd.kernel.clock import Clock, ScaledClock, SystemClock
+
+__all__ = [
+    "EXIT_BAD",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "SHUTDOWN_TIMEOUT_S",
+    "App",
+    "RunResult",
+    "StartError",
+    "clock_for",
+    "load_or_report",
+    "run_to_exit",
+    "serve",
+    "usage_error",
+]
+
+log = structlog.get_logger("iortd")
+
+EXIT_OK = 0
+EXIT_BAD = 1
+EXIT_USAGE = 2
+SHUTDOWN_TIMEOUT_S = 5.0
+OUTBOX_DIR = "mqtt-outbox"
+
+
+class StartError(Exception):
+    """Something the config names cannot be used at start (the log directory, the MQTT
+    password, the outbox); the message names the key and why."""
+
+
+def clock_for(loaded: LoadedConfig) -> Clock:
+    speed = loaded.config.simulation.speed
+    return SystemClock() if speed == 1.0 else ScaledClock(speed)
+
+
+class App:
+    """One run of the daemon over a loaded (validated) config.
+
+    ``sinks`` are the caller's own (the demo's console view), told after the operational
+    log and before the MQTT sink. ``signer`` signs the log's checkpoints (None: none are
+    signed). ``broker_url`` replaces the config's (the demo's private broker).
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        registry: DriverRegistry,
+        clock: Clock,
+        sinks: Sequence[Sink] = (),
+        *,
+        signer: Signer | None = None,
+        accept_rollback: bool = False,
+        broker_url: str | None = None,
+        stop_after_delivery: bool = False,
+    ) -> None:
+        self.config = loaded.config
+        self.loaded = loaded
+        self._registry = registry
+        self._clock = clock
+        self._sinks = list(sinks)
+        self._signer = signer
+        self._accept_rollback = accept_rollback
+        self._broker_url = broker_url
+        self._stop_after_delivery = stop_after_delivery
+        self._service: Service | None = None
+
+    @property
+    def tracker(self) -> DeliveryTracker:
+        """The running service's tracker (once :meth:`run` has opened the log)."""
+        if self._service is None:
+            raise RuntimeError("the daemon is not running yet")
+        return self._service.tracker
+
+    async def run(self, stop: asyncio.Event, *, duration_s: float | None = None) -> RunResult:
+        """Run until ``stop`` (or ``duration_s`` real seconds after the start); then shut
+        down in order, within bounds (see the module doc)."""
+        c = self.config
+        async with contextlib.AsyncExitStack() as stack:
+            audit, recovery = await self._open_log()
+            stack.push_async_callback(audit.close)  # last, on every path
+            if stop.is_set():
+                return RunResult()
+            sinks_stack = await stack.enter_async_context(contextlib.AsyncExitStack())
+            sinks = await _open_sinks(
+                c,
+                sinks_stack,
+                self._sinks,
+                registry=self._registry,
+                origin=audit.origin,
+                signer=self._signer,
+                broker_url=self._broker_url,
+            )
+            service = self._service = Service(
+                self.loaded,
+                self._clock,
+                sinks,
+                audit,
+                recovery,
+                stop_after_delivery=self._stop_after_delivery,
+            )
+            log.info(
+                "daemon_starting",
+                config=str(self.loaded.path),
+                config_sha256=self.loaded.sha256,
+                site=c.site.id,
+                room=c.site.room,
+                speed=self._clock.speed,
+            )
+            main = self._main(service, audit, sinks, sinks_stack, stop)
+            return await _until_stopped(main, stop, duration_s)
+
+    async def _open_log(self) -> tuple[AuditLog, RecoveryReport]:
+        c = self.config
+        try:
+            return await AuditLog.open(
+                c.log.directory,
+                origin=new_origin(c.site.id, c.site.room),
+                group_commit_s=c.log.group_commit_ms / 1000,
+                rotate_max_bytes=c.log.rotate_max_bytes,
+                signer=self._signer,
+                accept_rollback=self._accept_rollback,
+                spill_dir=DEFAULT_SPILL_DIR,
+            )
+        except OSError as exc:
+            raise StartError(
+                f"log.directory: cannot use {c.log.directory}: {exc.strerror or exc}"
+            ) from None
+
+    async def _main(
+        self,
+        service: Service,
+        audit: AuditLog,
+        sinks: Sequence[Sink],
+        sinks_stack: contextlib.AsyncExitStack,
+        stop: asyncio.Event,
+    ) -> RunResult:
+        c = self.config
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(audit.run(), name="audit-writer")
+            for sink in sinks:
+                tg.create_task(sink.run(), name=f"sink:{sink.name}")
+            dispatcher = tg.create_task(service.dispatch(), name="dispatcher")
+            notices = tg.create_task(service.notify(), name="notices")
+            service.record_start()
+            until_stop = [
+                tg.create_task(self._device_loop(dev, service).run(stop), name=f"device:{dev.name}")
+                for dev in c.devices
+            ]
+            until_stop.append(tg.create_task(service.watchdog(stop), name="watchdog"))
+            until_stop.append(tg.create_task(service.checkpoints(stop), name="checkpoints"))
+            await stop.wait()
+            service.wake_checkpoints()  # the checkpoint task sees the stop
+            await asyncio.wait(until_stop)
+            await service.record_stop(SHUTDOWN_TIMEOUT_S)
+            await service.drain(dispatcher, SHUTDOWN_TIMEOUT_S)
+            notices.cancel(msg="shutdown")
+            await sinks_stack.aclose()  # each within its bound, in reverse order
+            await audit.close()  # last of all: everything pending is written and fsync'd
+        log.info("daemon_stopped", deliveries=len(service.result.terminated))
+        return service.result
+
+    def _device_loop(self, dev: DeviceConfig, service: Service) -> DeviceLoop:
+        context = DriverContext(
+            clock=self._clock, seed=self.config.simulation.seed, heard=service.heard(dev)
+        )
+        return DeviceLoop(
+            dev,
+            self._registry.get(dev.driver),
+            context,
+            service,
+            bad_reads_limit=self.config.tolerances.stale_after_polls,
+        )
+
+
+async def _open_sinks(
+    c: Config,
+    stack: contextlib.AsyncExitStack,
+    own: Sequence[Sink],
+    *,
+    registry: DriverRegistry,
+    origin: str,
+    signer: Signer | None,
+    broker_url: str | None,
+) -> list[Sink]:
+    """Every sink of the run, in the order they are told: the operational log, the
+    caller's own, then the MQTT sink (with its outbox) when the config enables it. Each is
+    closed by ``stack`` within ``SHUTDOWN_TIMEOUT_S``."""
+    sinks: list[Sink] = [OperationalLogSink(), *own]
+    for sink in sinks:
+        stack.push_async_callback(_close_sink, sink)
+    if c.mqtt.enabled:
+        try:
+            # The password is read now: it may have gone since check-config.
+            settings = settings_from_config(c.mqtt, c.site, origin=origin, url=broker_url)
+        except (OSError, KeyError, ValueError) as exc:
+            what = "password_env" if isinstance(exc, KeyError) else "password_file"
+            raise StartError(f"mqtt.{what}: cannot read the password: {exc}") from None
+        try:
+            # Inside the log directory, so under its LOCK: one daemon per outbox.
+            outbox = await Outbox.open(c.log.directory / OUTBOX_DIR, c.mqtt.outbox_max_bytes)
+        except OutboxError as exc:
+            raise StartError(f"mqtt outbox: {exc}") from None
+        mqtt_sink = MqttSink(
+            settings,
+            outbox,
+            # "sim": true on every message when any device is a simulator.
+            simulated=any(registry.get(d.driver).simulated for d in c.devices),
+            verifier=None if signer is None else signer.verifier,
+        )
+        sinks.append(mqtt_sink)
+        stack.push_async_callback(_close_sink, mqtt_sink)  # it closes its outbox
+        log.info(
+            "mqtt_enabled",
+            broker=settings.url,
+            session=outbox.session,
+            client_id=settings.client_id,
+        )
+    return sinks
+
+
+async def _close_sink(sink: Sink) -> None:
+    try:
+        async with asyncio.timeout(SHUTDOWN_TIMEOUT_S):
+            await sink.aclose()
+    except TimeoutError:
+        # Expected, not a crash: no traceback, just which sink overran its bound.
+        log.error("sink_close_timeout", sink=sink.name, timeout_s=SHUTDOWN_TIMEOUT_S)  # noqa: TRY400
+
+
+async def _until_stopped(
+    main: Coroutine[Any, Any, RunResult], stop: asyncio.Event, duration_s: float | None
+) -> RunResult:
+    task = asyncio.create_task(main, name="daemon")
+    try:
+        waiter = asyncio.create_task(stop.wait(), name="stop")
+        await asyncio.wait({task, waiter}, timeout=duration_s, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        stop.set()
+        # Shutdown is bounded: whatever has not finished in time is cancelled, with a reason.
+        done, _ = await asyncio.wait({task}, timeout=SHUTDOWN_TIMEOUT_S * 2)
+        if not done:
+            log.error("shutdown_timeout", timeout_s=SHUTDOWN_TIMEOUT_S * 2)
+            task.cancel(msg="shutdown timed out")
+        return await task
+    finally:
+        if not task.done():
+            task.cancel(msg="shutdown")
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def serve(app: App, *, duration_s: float | None = None) -> RunResult:
+    """Run ``app`` with SIGINT and SIGTERM as the stop, from the very start: a signal while
+    a large log is being recovered must not tear through the recovery."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        return await app.run(stop, duration_s=duration_s)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+# ---- the commands' entry: what can go wrong at start, as an exit status ---------------
+
+
+def load_or_report(
+    path: Path, overrides: dict[str, dict[str, Any]] | None = None
+) -> LoadedConfig | None:
+    """The config, validated; None after printing each issue (file, key, what to do)."""
+    try:
+        return load_config(path, DriverRegistry.from_entry_points(), overrides)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(f"iortd: config error: {issue}", file=sys.stderr)  # noqa: T201 - CLI output
+        return None
+
+
+def usage_error(message: str) -> int:
+    print(f"iortd: {message}", file=sys.stderr)  # noqa: T201 - CLI output
+    return EXIT_USAGE
+
+
+def run_to_exit(app: App, *, duration_s: float | None = None) -> RunResult | int:
+    """Run the daemon (:func:`serve`); an exit status instead when the audit log or what
+    the config names cannot be used."""
+    path = app.loaded.path
+    try:
+        return asyncio.run(serve(app, duration_s=duration_s))
+    except LogInUse as exc:
+        return usage_error(str(exc))
+    except LogRolledBack as exc:
+        return usage_error(f"audit log: {exc}")
+    except StartError as exc:
+        return usage_error(f"config error: {path}: {exc}")
+    except LogUnusable as exc:
+        # A FIFO, a device or a link put in the log directory: refused before any reading.
+        return usage_error(f"audit log: {exc}")
+    except LogDamaged as exc:
+        print(f"iortd: audit log: {exc}", file=sys.stderr)  # noqa: T201 - CLI output
+        return EXIT_BAD
+    except OSError as exc:
+        # The final flush failed (disk still failing at shutdown): say so, loudly.
+        print(  # noqa: T201 - CLI output
+            f"iortd: audit log: entries could not be written at shutdown: {exc}; they are "
+            f"kept in {DEFAULT_SPILL_DIR} (see the operational log) and restored, marked "
+            "unvouched, by the next start",
+            file=sys.stderr,
+        )
+        return EXIT_BAD

@@ -1,0 +1,244 @@
+"""``iortd demo``: one simulated delivery, time-compressed, with everything a new user looks at.
+
+What only the demo does, around the same composition root as ``iortd run``
+(daemon/app.py):
+
+- its **signing key**, made once in the per-user data directory (XDG), so that the demo's
+  log verifies with ``--pubkey`` like any other;
+- a **private Mosquitto** (127.0.0.1, a free port, no persistence) unless ``--broker`` names
+  one; without Mosquitto installed it says how to install it and runs with the stream off;
+- the **live dashboard** (``iort-dashboard``) on that stream, as a child process;
+- the **console output**: a header (where the log is, how to verify it, how to watch the
+  stream) and the live console view (daemon/console.py) as one more sink;
+- the **linger**: at a terminal, the broker and the dashboard stay up after the delivery
+  until Enter (or Ctrl-C, or SIGTERM).
+
+Every process it starts is stopped by PID when the demo ends (an ``ExitStack``), also when
+the run fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.resources
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from iortd.auditlog.note import KeyFileError, Signer, generate_keypair, load_signer, write_keypair
+from iortd.daemon import __version__
+from iortd.daemon.app import (
+    EXIT_OK,
+    EXIT_USAGE,
+    SHUTDOWN_TIMEOUT_S,
+    App,
+    clock_for,
+    load_or_report,
+    run_to_exit,
+    usage_error,
+)
+from iortd.daemon.config import LoadedConfig
+from iortd.daemon.console import ConsoleView
+from iortd.daemon.mqtt.broker import (
+    MOSQUITTO_INSTALL_HINT,
+    BrokerError,
+    BrokerOptions,
+    Mosquitto,
+    find_mosquitto,
+)
+from iortd.drivers.registry import DriverRegistry
+
+__all__ = ["default_data_dir", "default_demo_config", "run_demo"]
+
+DEMO_KEY_NAME = "iortd-demo"
+DASHBOARD_START_S = 10.0
+
+
+def default_demo_config() -> Path:
+    return Path(str(importlib.resources.files("iortd.config") / "demo.toml"))
+
+
+def default_data_dir() -> Path:
+    """Per-user data directory (XDG), where the demo keeps its log unless told otherwise."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "iortd"
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """``iortd demo`` with its parsed arguments; the exit status."""
+    overrides: dict[str, dict[str, Any]] = {}
+    if args.speed is not None:
+        overrides["simulation"] = {"speed": args.speed}
+    if args.duration is not None and not args.duration > 0:
+        print("iortd: --duration must be > 0 seconds", file=sys.stderr)  # noqa: T201
+        return EXIT_USAGE
+    log_dir = args.log_dir or (default_data_dir() / "demo-log")
+    # A directory given on the command line is relative to where the user is, not to the
+    # config file (which is where relative paths inside the file are taken from).
+    overrides["log"] = {"directory": str(log_dir.expanduser().resolve())}
+    if args.broker is not None:
+        overrides["mqtt"] = {"url": args.broker, "enabled": True}
+    loaded = load_or_report(args.config or default_demo_config(), overrides)
+    if loaded is None:
+        return EXIT_USAGE
+    try:
+        signer, pub = _demo_signer()
+    except (OSError, KeyFileError) as exc:
+        return usage_error(f"demo signing key: {exc}")
+    with contextlib.ExitStack() as stack:
+        broker_url = args.broker
+        if broker_url is None and loaded.config.mqtt.enabled:
+            started = _embedded_broker(stack)
+            if isinstance(started, int):
+                return started
+            broker_url = started
+        if broker_url is None and loaded.config.mqtt.enabled:
+            loaded = load_or_report(args.config or default_demo_config(), _mqtt_off(overrides))
+            if loaded is None:
+                return EXIT_USAGE
+        dashboard_url = None
+        if broker_url is not None and not args.no_dashboard:
+            dashboard_url = _demo_dashboard(stack, broker_url, loaded.config.mqtt.prefix)
+        code = _run(loaded, signer, pub, broker_url, args.duration)
+        if dashboard_url is not None and code == 0 and sys.stdin.isatty() and sys.stdout.isatty():
+            _linger(dashboard_url)
+        return code
+
+
+def _demo_signer() -> tuple[Signer, Path]:
+    """The demo signs with a key of its own, made once in the per-user data directory."""
+    directory = default_data_dir() / "demo-key"
+    key = directory / f"{DEMO_KEY_NAME}.key"
+    if not key.exists():
+        write_keypair(generate_keypair(DEMO_KEY_NAME), directory)
+    return load_signer(key), directory / f"{DEMO_KEY_NAME}.pub"
+
+
+def _linger(url: str) -> None:
+    """At a terminal, keep the broker and the dashboard up after the delivery so that the
+    user can look at it in a browser, until Enter (or Ctrl-C, or SIGTERM); then stop them
+    by PID as usual. Enter ends it quietly under `make demo` too (Ctrl-C also interrupts
+    make). Not at all when the demo is not run from a terminal (scripts, tests)."""
+    print(  # noqa: T201 - CLI output
+        f"The delivery is over; the dashboard stays up at {url} (retained state). "
+        "Press Enter (or Ctrl-C) to stop it.",
+        flush=True,
+    )
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        sys.stdin.readline()  # returns at Enter, or at once at end of input
+    except KeyboardInterrupt:
+        print()  # noqa: T201 - end the ^C line
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _mqtt_off(overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {**overrides, "mqtt": {"enabled": False}}
+
+
+def _embedded_broker(stack: contextlib.ExitStack) -> str | int | None:
+    """A private Mosquitto for the demo (127.0.0.1, a free port, no persistence), stopped
+    by PID when the demo ends. None (stream off) when Mosquitto is not installed."""
+    exe = find_mosquitto()
+    if exe is None:
+        print(  # noqa: T201 - CLI output
+            "iortd demo: Mosquitto is not installed, so the live MQTT stream is off. "
+            f"Install it with: {MOSQUITTO_INSTALL_HINT} (or pass --broker mqtt://HOST:PORT)",
+            file=sys.stderr,
+        )
+        return None
+    workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="iortd-demo-mqtt-")))
+    try:
+        broker = Mosquitto.start_sync(BrokerOptions(), workdir, executable=exe)
+    except BrokerError as exc:
+        return usage_error(f"the demo's private Mosquitto did not start: {exc}")
+    stack.callback(broker.stop_sync)
+    print(  # noqa: T201 - CLI output
+        f"MQTT broker: private Mosquitto (pid {broker.pid}) on {broker.url}, for this demo only",
+    )
+    return broker.url
+
+
+def _demo_dashboard(stack: contextlib.ExitStack, broker_url: str, prefix: str) -> str | None:
+    """`iort-dashboard` on the demo's stream (127.0.0.1, a free port), as a process
+    stopped by PID when the demo ends; its URL. The demo goes on without it if it cannot
+    start (None)."""
+    argv = [sys.executable, "-m", "iortd.dashboard.cli", "--broker", broker_url, "--port", "0"]
+    proc = subprocess.Popen(  # noqa: S603 - our own module, with our own arguments
+        [*argv, "--prefix", prefix, "--log-level", "warning"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    stack.callback(_stop_process, proc)
+    out = proc.stdout
+    ready, _, _ = select.select([] if out is None else [out], [], [], DASHBOARD_START_S)
+    line = out.readline() if out is not None and ready else ""
+    if not line.startswith("iort-dashboard: serving "):
+        print("iortd demo: the live dashboard did not start", file=sys.stderr)  # noqa: T201
+        return None
+    url = line.split()[-1]
+    print(f"live dashboard: {url} (pid {proc.pid}): open it in a browser")  # noqa: T201
+    return url
+
+
+def _stop_process(proc: subprocess.Popen[str]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=SHUTDOWN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _run(
+    loaded: LoadedConfig,
+    signer: Signer,
+    pub: Path,
+    broker_url: str | None,
+    duration_s: float | None,
+) -> int:
+    """The header, then the run with the console view as one more sink."""
+    c = loaded.config
+    out = sys.stdout
+    print(
+        f"iortd demo {__version__}: site {c.site.id}, room {c.site.room}, "
+        f"speed x{c.simulation.speed:g}, seed {c.simulation.seed}\n"
+        f"audit log: {c.log.directory}\n"
+        f"verify it: iort-audit verify {c.log.directory} --pubkey {pub}",
+        file=out,
+    )
+    if broker_url is not None:
+        parts = urlsplit(broker_url)
+        prefix = f"{c.mqtt.prefix}/v1/{c.site.id}/{c.site.room}"
+        print(
+            f"live stream: {prefix}/... on {broker_url}; watch it with\n"
+            f"  mosquitto_sub -h {parts.hostname} -p {parts.port or 1883} -t '{prefix}/#' -v",
+            file=out,
+        )
+    else:
+        print("live stream: off (no MQTT broker)", file=out)
+    out.flush()
+    app = App(
+        loaded,
+        DriverRegistry.from_entry_points(),
+        clock_for(loaded),
+        [ConsoleView(out, live=out.isatty())],
+        signer=signer,
+        broker_url=broker_url,
+        stop_after_delivery=True,
+    )
+    result = run_to_exit(app, duration_s=duration_s)
+    if isinstance(result, int):
+        return result
+    if not result.terminated:
+        print("demo stopped before the delivery ended", file=out)
+    return EXIT_OK
