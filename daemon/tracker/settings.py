@@ -1,0 +1,43 @@
+"""The tolerances the tracker judges by: the single source of every default.
+
+The public literature gives no dual-channel, dose-rate or overtime tolerances for these
+devices (docs/domain.md), so each is a per-site setting and the values in force are written
+to the audit log. The defaults live here and only here: the config's ``[tolerances]`` table
+takes its defaults from :class:`TrackerSettings` (daemon/config.py), and docs/alarms.md is
+checked against them by a test. The tracker never reads the config; the daemon builds a
+``TrackerSettings`` from it (``iortd.daemon.config.tracker_settings``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, fields
+
+__all__ = ["STALE_AFTER_POLLS", "TrackerSettings", "setting_default"]
+
+# The config states staleness in poll periods (``stale_after_polls``); the daemon turns it
+# into ``stale_after_s`` with the source's poll interval and the clock's speed.
+STALE_AFTER_POLLS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerSettings:
+    """Tolerances in force (per-device settings; the daemon logs them)."""
+
+    stale_after_s: float
+    expected_rate_gy_min: float | None = None
+    dose_channel_rel: float = 0.05
+    dose_channel_abs_gy: float = 0.05
+    dose_rate_rel: float = 0.10
+    rate_settle_s: float = 10.0
+    overdose_rel: float = 0.02
+    stop_accuracy_rel: float = 0.01
+    backup_timer_margin_rel: float = 0.10
+    delivery_id_prefix: str = "D"
+
+
+def setting_default(name: str) -> float:
+    """The default of one numeric tolerance, for the config to declare its own with."""
+    for f in fields(TrackerSettings):
+        if f.name == name and f.default is not MISSING and isinstance(f.default, float):
+            return f.default
+    raise KeyError(f"TrackerSettings has no numeric default named {name!r}")
