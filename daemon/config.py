@@ -178,6 +178,9 @@ class Tolerances(_Model):
     # How far below the preset a console may stop and still call it a normal termination.
     stop_accuracy_rel: float = Field(default=_d("stop_accuracy_rel"), ge=0, le=0.2)
     backup_timer_margin_rel: float = Field(default=_d("backup_timer_margin_rel"), ge=0, le=2)
+    # Tube voltage with the beam on: nominal and the band around it (kv_out_of_range).
+    nominal_kv: float = Field(default=_d("nominal_kv"), gt=0, le=500)
+    kv_tolerance_kv: float = Field(default=_d("kv_tolerance_kv"), gt=0, le=100)
     stale_after_polls: int = Field(default=STALE_AFTER_POLLS, ge=2, le=100)
 
 
@@ -242,6 +245,8 @@ def tracker_settings(config: Config, clock_speed: float) -> TrackerSettings:
         overdose_rel=t.overdose_rel,
         stop_accuracy_rel=t.stop_accuracy_rel,
         backup_timer_margin_rel=t.backup_timer_margin_rel,
+        nominal_kv=t.nominal_kv,
+        kv_tolerance_kv=t.kv_tolerance_kv,
         delivery_id_prefix=f"{config.site.room}",
     )
 

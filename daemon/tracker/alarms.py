@@ -46,7 +46,7 @@ from iortd.daemon.tracker.events import (
 )
 from iortd.daemon.tracker.machine import ACTIVE
 from iortd.daemon.tracker.settings import TrackerSettings
-from iortd.kernel.types import Interlock, InterlockState, SourceReading
+from iortd.kernel.types import DeviceState, Interlock, InterlockState, SourceReading
 
 __all__ = ["RULES", "AlarmBook", "Clears", "Finding", "Rule", "Situation", "When"]
 
@@ -194,6 +194,19 @@ def _overdose(s: Situation, _: Interlock | None) -> Finding | None:
     )
 
 
+def _kv(s: Situation, _: Interlock | None) -> Finding | None:
+    r = s.reading
+    if r is None:
+        return None
+    st = s.settings
+    beam = s.phase is Phase.IRRADIATING and r.state is DeviceState.IRRADIATING
+    return Finding(
+        beam and abs(r.kv - st.nominal_kv) > st.kv_tolerance_kv,
+        f"tube voltage {r.kv:.1f} kV outside {st.nominal_kv:g} ± {st.kv_tolerance_kv:g} kV "
+        "with the beam on",
+    )
+
+
 # ---- the table ----------------------------------------------------------------------------
 
 H, M, L = Severity.HIGH, Severity.MEDIUM, Severity.LOW
@@ -219,6 +232,9 @@ RULES: tuple[Rule, ...] = (
          what="beam-on time passes the planned time plus the margin"),
     Rule(C.OVERDOSE, (H,), When.READING, _overdose, Clears.WHEN_FALSE,
          settings=("overdose_rel",), what="the primary dose exceeds the preset by the limit"),
+    Rule(C.KV_OUT_OF_RANGE, (H,), When.READING, _kv, Clears.WHEN_FALSE, hold_s=2.0,
+         settings=("nominal_kv", "kv_tolerance_kv"),
+         what="the tube voltage stays outside the band around nominal with the beam on"),
     Rule(C.STALE_DATA, (H,), When.EVENT, None, Clears.NEXT_READING,
          settings=("stale_after_s",), what="nothing heard from the device for the bound"),
     Rule(C.CONTRADICTORY_INPUT, (H,), When.EVENT, None, Clears.NEXT_SELECTION,

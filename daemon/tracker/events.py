@@ -71,6 +71,7 @@ class AlarmCode(enum.StrEnum):
     DEVICE_FAULT = "device_fault"
     DOSE_WHILE_BEAM_OFF = "dose_while_beam_off"
     NO_EXPECTED_RATE = "no_expected_rate"
+    KV_OUT_OF_RANGE = "kv_out_of_range"
 
 
 @dataclass(frozen=True, slots=True)

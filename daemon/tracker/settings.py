@@ -1,6 +1,6 @@
 """The tolerances the tracker judges by: the single source of every default.
 
-The public literature gives no dual-channel, dose-rate or overtime tolerances for these
+The public literature gives no kV, dual-channel, dose-rate or overtime tolerances for these
 devices (docs/domain.md), so each is a per-site setting and the values in force are written
 to the audit log. The defaults live here and only here: the config's ``[tolerances]`` table
 takes its defaults from :class:`TrackerSettings` (daemon/config.py), and docs/alarms.md is
@@ -32,6 +32,14 @@ class TrackerSettings:
     overdose_rel: float = 0.02
     stop_accuracy_rel: float = 0.01
     backup_timer_margin_rel: float = 0.10
+    # Tube voltage while the beam is on: both reference classes (INTRABEAM-like, Xoft
+    # Axxent-like) run at 50 kV (Radiat Oncol 2007;2:11; Xoft clinical reports). The band
+    # is 10 % of that: wider than a console's own kV interlock is likely to be (the
+    # simulated profiles trip at 5 %), so the monitor's alarm is an independent backstop
+    # for a console that kept irradiating out of tolerance, not a second copy of its
+    # interlock; the alarm's 2 s hold covers the ramp at beam-on and single noisy samples.
+    nominal_kv: float = 50.0
+    kv_tolerance_kv: float = 5.0
     delivery_id_prefix: str = "D"
 
 
