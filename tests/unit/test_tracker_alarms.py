@@ -167,9 +167,7 @@ class Console:
 
 
 def kv_events(events: list[TrackerEvent]) -> list[TrackerEvent]:
-    return [
-        e for e in events if isinstance(e, AlarmRaised | AlarmCleared) and e.alarm.key == KV
-    ]
+    return [e for e in events if isinstance(e, AlarmRaised | AlarmCleared) and e.alarm.key == KV]
 
 
 def test_kv_out_of_range_for_2_s_raises_a_high_alarm_and_clears_when_kv_returns() -> None:
