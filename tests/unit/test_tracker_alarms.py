@@ -33,7 +33,7 @@ S = DeviceState
 NS = 1_000_000_000
 T0 = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
 ALL_OK: Mapping[Interlock, InterlockState] = dict.fromkeys(Interlock, InterlockState.OK)
-KV = f"{AlarmCode.KV_OUT_OF_RANGE}" if hasattr(AlarmCode, "KV_OUT_OF_RANGE") else "kv_out_of_range"
+KV = f"{AlarmCode.KV_OUT_OF_RANGE}"
 
 
 # ---- the primitive, on a made-up table --------------------------------------------------
