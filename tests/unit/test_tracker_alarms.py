@@ -296,3 +296,13 @@ def test_the_simulators_normal_runs_never_trip_the_kv_alarm(profile: str, applic
     assert model.state is S.TERMINATED
     assert kv_events(events) == []
     assert not any(isinstance(e, AlarmRaised) and e.alarm.severity is Severity.HIGH for e in events)
+
+
+def test_a_band_wider_than_nominal_is_how_a_site_does_without_kv() -> None:
+    """docs/alarms.md: a console that does not report kV reads 0 kV; the site that accepts
+    that sets the band above nominal, explicitly and on the record."""
+    c = Console(tracker=DeliveryTracker(TrackerSettings(stale_after_s=3.0, kv_tolerance_kv=60.0)))
+    c.beam_on_at(kv=0.0)
+    for _ in range(10):
+        c.read(S.IRRADIATING, 0.0)
+    assert kv_events(c.events) == []
