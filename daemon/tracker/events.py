@@ -1,9 +1,9 @@
 """The tracker's vocabulary: phases, alarms, dose segments, snapshots and events.
 
 These are the types sinks consume (the audit log's entries, the MQTT payloads, the console
-printer): plain frozen data, no behaviour beyond a derived property. The tracker makes
-them; nothing else constructs them except tests and the sinks' own fixtures. An event
-carries the delivery id only while that delivery is open (see :func:`end_last`).
+printer): plain frozen data, no behaviour beyond a derived property. The tracker makes the
+events; the daemon makes a ``ResumedDelivery`` from the log for the tracker to take over.
+An event carries the delivery id only while that delivery is open (see :func:`end_last`).
 """
 
 from __future__ import annotations
