@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from iortd.daemon.tracker import (
     AlarmCleared,
@@ -119,6 +121,39 @@ def test_a_clear_after_time_keeps_the_alarm_until_the_condition_was_false_that_l
     assert judge(book, 1.0) == []
     assert judge(book, 1.9) == []
     assert [type(e) for e in judge(book, 2.0)] == [AlarmCleared]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.floats(min_value=0.0, max_value=1.5, allow_nan=False), st.booleans()),
+        max_size=40,
+    ),
+    st.sampled_from([0.0, 0.5, 2.0]),
+)
+def test_the_alarm_stands_exactly_while_the_condition_has_held_for_the_hold(
+    readings: list[tuple[float, bool]], hold_s: float
+) -> None:
+    """Against a model: after each reading the alarm stands iff the condition is true on
+    this reading and on every reading back to one at least ``hold_s`` earlier, with no
+    false reading between; one raise per such run, one clear when a run ends."""
+    cond = Cond()
+    book = book_with(cond, hold_s=hold_s)
+    t, run_start = 0.0, None
+    raised = cleared = 0
+    for dt, on in readings:
+        t += dt
+        cond.on = on
+        events = judge(book, t)
+        raised += sum(isinstance(e, AlarmRaised) for e in events)
+        cleared += sum(isinstance(e, AlarmCleared) for e in events)
+        was = bool(book.standing)
+        run_start = (t if run_start is None else run_start) if on else None
+        # (held time in the tracker's own unit, whole nanoseconds, as judge() stamps them)
+        held_s = None if run_start is None else (round(t * NS) - round(run_start * NS)) / NS
+        expect = held_s is not None and held_s >= hold_s
+        assert was == expect, (t, run_start)
+    assert raised - cleared == int(bool(book.standing))
 
 
 # ---- kV out of range for 2 s --------------------------------------------------------------
