@@ -31,6 +31,8 @@ from pydantic import (
 )
 
 from iortd.auditlog.note import KeyFileError, load_signer
+from iortd.daemon.tracker.settings import STALE_AFTER_POLLS, TrackerSettings
+from iortd.daemon.tracker.settings import setting_default as _d
 from iortd.drivers.errors import DriverConfigError, DriverOptionError
 from iortd.drivers.registry import DriverRegistry
 from iortd.kernel.files import BOM_ERROR, UTF8_BOM, FileReadError, read_small_file
@@ -42,6 +44,7 @@ __all__ = [
     "DeviceConfig",
     "LoadedConfig",
     "load_config",
+    "tracker_settings",
 ]
 
 # Identifiers that appear in MQTT topics and file names: lower-case slugs only, so that no
@@ -161,17 +164,24 @@ class PlanConfig(_Model):
 
 
 class Tolerances(_Model):
-    """Per-site settings (docs/domain.md: not public constants). Written to the log in force."""
+    """Per-site settings (docs/domain.md: not public constants). Written to the log in force.
 
-    dose_channel_rel: float = Field(default=0.05, gt=0, le=1)
-    dose_channel_abs_gy: float = Field(default=0.05, ge=0, le=5)
-    dose_rate_rel: float = Field(default=0.10, gt=0, le=1)
-    rate_settle_s: float = Field(default=10.0, ge=0, le=600)
-    overdose_rel: float = Field(default=0.02, ge=0, le=1)
+    The defaults are the tracker's (``TrackerSettings``, the single source); this table
+    only adds the bounds a config value must keep. docs/alarms.md lists which alarm each
+    one sets."""
+
+    dose_channel_rel: float = Field(default=_d("dose_channel_rel"), gt=0, le=1)
+    dose_channel_abs_gy: float = Field(default=_d("dose_channel_abs_gy"), ge=0, le=5)
+    dose_rate_rel: float = Field(default=_d("dose_rate_rel"), gt=0, le=1)
+    rate_settle_s: float = Field(default=_d("rate_settle_s"), ge=0, le=600)
+    overdose_rel: float = Field(default=_d("overdose_rel"), ge=0, le=1)
     # How far below the preset a console may stop and still call it a normal termination.
-    stop_accuracy_rel: float = Field(default=0.01, ge=0, le=0.2)
-    backup_timer_margin_rel: float = Field(default=0.10, ge=0, le=2)
-    stale_after_polls: int = Field(default=3, ge=2, le=100)
+    stop_accuracy_rel: float = Field(default=_d("stop_accuracy_rel"), ge=0, le=0.2)
+    backup_timer_margin_rel: float = Field(default=_d("backup_timer_margin_rel"), ge=0, le=2)
+    # Tube voltage with the beam on: nominal and the band around it (kv_out_of_range).
+    nominal_kv: float = Field(default=_d("nominal_kv"), gt=0, le=500)
+    kv_tolerance_kv: float = Field(default=_d("kv_tolerance_kv"), gt=0, le=100)
+    stale_after_polls: int = Field(default=STALE_AFTER_POLLS, ge=2, le=100)
 
 
 class SimulationConfig(_Model):
@@ -217,6 +227,28 @@ class Config(_Model):
     def source(self) -> DeviceConfig:
         """The one source device (load_config has checked there is exactly one)."""
         return next(d for d in self.devices if d.role == "source")
+
+
+def tracker_settings(config: Config, clock_speed: float) -> TrackerSettings:
+    """The tracker's settings from a validated config. Tolerances are in clock seconds:
+    poll periods are real seconds, and under a speed factor the tracker's time runs
+    faster, so the stale bound is scaled to match."""
+    src = config.source
+    t = config.tolerances
+    return TrackerSettings(
+        stale_after_s=t.stale_after_polls * src.poll_interval_s * clock_speed,
+        expected_rate_gy_min=config.plan.expected_dose_rate_gy_min,
+        dose_channel_rel=t.dose_channel_rel,
+        dose_channel_abs_gy=t.dose_channel_abs_gy,
+        dose_rate_rel=t.dose_rate_rel,
+        rate_settle_s=t.rate_settle_s,
+        overdose_rel=t.overdose_rel,
+        stop_accuracy_rel=t.stop_accuracy_rel,
+        backup_timer_margin_rel=t.backup_timer_margin_rel,
+        nominal_kv=t.nominal_kv,
+        kv_tolerance_kv=t.kv_tolerance_kv,
+        delivery_id_prefix=f"{config.site.room}",
+    )
 
 
 def _thaw(value: Any) -> Any:

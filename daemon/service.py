@@ -48,7 +48,7 @@ import structlog
 from iortd.auditlog.note import Checkpoint
 from iortd.auditlog.writer import AuditLog, AuditLogClosed, RecoveryReport
 from iortd.daemon import __version__
-from iortd.daemon.config import Config, DeviceConfig, LoadedConfig
+from iortd.daemon.config import DeviceConfig, LoadedConfig, tracker_settings
 from iortd.daemon.device_loop import Reading
 from iortd.daemon.entries import event_entry, plain, sample_entry
 from iortd.daemon.recovery import close_unresumable, record_recovery, resumable
@@ -58,38 +58,18 @@ from iortd.daemon.tracker import (
     DeliveryTracker,
     Terminated,
     TrackerEvent,
-    TrackerSettings,
 )
 from iortd.kernel.clock import Clock
 from iortd.kernel.timefmt import utc_ts
 from iortd.kernel.types import DeviceIdentity, SourceReading
 
-__all__ = ["RunResult", "Service", "tracker_settings"]
+__all__ = ["RunResult", "Service"]
 
 log = structlog.get_logger("iortd")
 
 
 def _ignore_heard(mono_ns: int) -> None:
     """Replies of a device the tracker does not watch for staleness."""
-
-
-def tracker_settings(config: Config, clock_speed: float) -> TrackerSettings:
-    """Tolerances in clock seconds. Poll periods are real seconds; under a speed factor the
-    tracker's time runs faster, so the stale bound is scaled to match."""
-    src = config.source
-    t = config.tolerances
-    return TrackerSettings(
-        stale_after_s=t.stale_after_polls * src.poll_interval_s * clock_speed,
-        expected_rate_gy_min=config.plan.expected_dose_rate_gy_min,
-        dose_channel_rel=t.dose_channel_rel,
-        dose_channel_abs_gy=t.dose_channel_abs_gy,
-        dose_rate_rel=t.dose_rate_rel,
-        rate_settle_s=t.rate_settle_s,
-        overdose_rel=t.overdose_rel,
-        stop_accuracy_rel=t.stop_accuracy_rel,
-        backup_timer_margin_rel=t.backup_timer_margin_rel,
-        delivery_id_prefix=f"{config.site.room}",
-    )
 
 
 @dataclass

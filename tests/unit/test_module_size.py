@@ -23,7 +23,8 @@ _BEING_CUT = "TEMPORARY: being cut on another branch (issue 15)"
 
 # path (from the repository root) -> why it may be longer than MAX_LINES
 EXEMPT: dict[str, str] = {
-    "daemon/tracker.py": _BEING_CUT,
+    "daemon/config.py": "TEMPORARY: grows with [[sinks]] on another branch; to be cut at merge "
+    "(models apart from loading and checking)",
     "daemon/mqtt/sink.py": "outside the parts this cut covered (auditlog, audit); daemon/ is "
     "being restructured on other branches (sinks as plug-ins, issue 15 item 5). Seams for "
     "that cut: the broker settings (BrokerSettings, settings_from_config: kernel material), "
@@ -69,12 +70,20 @@ def test_every_exemption_is_still_needed_and_says_why() -> None:
     assert all(len(reason) > 20 for reason in EXEMPT.values()), "give each exemption a reason"
 
 
-@pytest.mark.xfail(strict=True, reason="TEMPORARY: tracker split on another branch")
+@pytest.mark.xfail(
+    strict=True,
+    reason="TEMPORARY: DeliveryTracker inherits DeliveryMachine (276 + 319 lines); composition pending",
+)
 def test_the_delivery_tracker_class_is_small() -> None:
     from iortd.daemon.tracker import DeliveryTracker  # noqa: PLC0415 - only this test
 
-    lines, _ = inspect.getsourcelines(DeliveryTracker)
-    assert len(lines) < TRACKER_MAX_LINES, (
-        f"DeliveryTracker is {len(lines)} lines (limit {TRACKER_MAX_LINES}): its events, "
-        "settings, alarm rules and state machine belong in their own modules (issue 15)"
+    # The class and every class of the project it inherits from: moving methods into a base
+    # class makes no class smaller.
+    own = [c for c in DeliveryTracker.__mro__ if c.__module__.startswith("iortd.")]
+    sizes = {c.__qualname__: len(inspect.getsourcelines(c)[0]) for c in own}
+    total = sum(sizes.values())
+    assert total < TRACKER_MAX_LINES, (
+        f"DeliveryTracker is {total} lines with its bases {sizes} (limit {TRACKER_MAX_LINES}): "
+        "its events, settings, alarm rules and state machine belong in their own modules, "
+        "held by it, not inherited (issue 15)"
     )

@@ -1,0 +1,346 @@
+"""The delivery tracker itself: inputs in, events out, in order.
+
+It follows the console through the state table (follow.py, machine.py), keeps the open
+delivery's numbers (dose.py), judges the alarm table after every input (alarms.py) and
+decides a restart's takeover (restart.py). What it does with a reading:
+1. monotonic time went backwards: nothing in it is believed (interlocks unknown, FAULT);
+2. an open monitoring gap ends; the stale-data alarm clears;
+3. the interlocks are taken (only from a believed reading; communication is the host's
+   own interlock, ok for a believed reading that arrived in time);
+4. after a restart, the first believed reading decides the takeover and the link;
+5. a reading that cannot be believed goes to FAULT; a believed one is followed;
+6. the alarm table is judged once, and the events are put in order (``end_last``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import replace
+from datetime import datetime
+from types import MappingProxyType
+
+from iortd.daemon.tracker.alarms import Situation, When
+from iortd.daemon.tracker.events import (
+    NS,
+    Alarm,
+    AlarmCode,
+    DeliverySnapshot,
+    Gap,
+    InterlockChanged,
+    MonitoringGapEnded,
+    MonitoringGapStarted,
+    Phase,
+    ResumedDelivery,
+    TrackerEvent,
+    end_last,
+)
+from iortd.daemon.tracker.follow import DeliveryMachine
+from iortd.daemon.tracker.restart import (
+    continue_selection,
+    is_own_id,
+    resumed_record,
+    same_selection,
+    unvouched_link_reason,
+)
+from iortd.daemon.tracker.settings import TrackerSettings
+from iortd.kernel.types import (
+    DeviceState,
+    Interlock,
+    InterlockState,
+    SourceReading,
+    TerminationStatus,
+)
+
+__all__ = ["DeliveryTracker"]
+
+P = Phase
+
+
+def _finite_nonneg(*values: float | None) -> bool:
+    return all(v is None or (math.isfinite(v) and v >= 0) for v in values)
+
+
+def _lost() -> dict[Interlock, InterlockState]:
+    """The interlocks in a gap: all unknown, and communication tripped."""
+    lost = dict.fromkeys(Interlock, InterlockState.UNKNOWN)
+    lost[Interlock.COMMUNICATION] = InterlockState.TRIPPED
+    return lost
+
+
+class DeliveryTracker(DeliveryMachine):
+    def __init__(self, settings: TrackerSettings) -> None:
+        if not (settings.stale_after_s > 0):
+            raise ValueError("stale_after_s must be > 0")
+        super().__init__(settings)
+        self._last_mono_ns: int | None = None
+        self._last_utc: datetime | None = None
+        self._gap: Gap | None = None
+        # The last time the device was heard from (any reply, also one a driver has not
+        # turned into a reading yet): staleness is about the device, not the driver.
+        self._heard_mono_ns: int | None = None
+        # After a restart: the delivery the log shows open, until a reading decides whether
+        # the console is still in it.
+        self._resume: ResumedDelivery | None = None
+        # After a crash: a delivery whose whole record was unvouched, closed UNKNOWN at
+        # start, until a reading decides whether the next record may continue it.
+        self._unvouched: str | None = None
+
+    # ---- public view ------------------------------------------------------------------
+
+    @property
+    def interlocks(self) -> Mapping[Interlock, InterlockState]:
+        return MappingProxyType(self._interlocks)
+
+    @property
+    def all_clear(self) -> bool:
+        return all(s is InterlockState.OK for s in self._interlocks.values())
+
+    @property
+    def alarms(self) -> tuple[Alarm, ...]:
+        return self._alarms.standing
+
+    @property
+    def in_gap(self) -> bool:
+        return self._gap is not None
+
+    def snapshot(self, now_mono_ns: int | None = None) -> DeliverySnapshot | None:
+        d = self._delivery
+        if d is None:
+            return None
+        now = now_mono_ns if now_mono_ns is not None else (self._last_mono_ns or 0)
+        return d.snapshot(self.phase, self.settings, now)
+
+    def stale_at_ns(self) -> int | None:
+        """When the data become stale if no reading comes (monotonic ns), or None when
+        there is nothing to watch (no reading yet, or a gap already open)."""
+        if self._last_mono_ns is None or self._gap is not None:
+            return None
+        return self._heard() + round(self.settings.stale_after_s * NS)
+
+    # ---- inputs -----------------------------------------------------------------------
+
+    def on_reading(self, r: SourceReading) -> list[TrackerEvent]:
+        """Take one reading from the source console; return what happened, in order."""
+        out: list[TrackerEvent] = []
+        self._gap_ended = None
+        self._ending_id = None
+        if self._last_mono_ns is not None and r.mono_ns < self._last_mono_ns:
+            # Monotonic time went backwards: the reading cannot be placed, so none of it is
+            # believed: not its doses, and not its interlocks either, which become unknown
+            # (fail-safe) rather than keeping the last ok. Events keep the last good time.
+            mono, utc = self._last_mono_ns, self._last_utc or r.utc
+            self._update_interlocks({}, mono, utc, out)
+            self._to_fault(mono, utc, "reading timestamp went backwards", out)
+            self._judge(When.INTERLOCKS, mono, utc, out)
+            return end_last(out)
+        prev_mono = self._last_mono_ns
+        if self._gap is not None:
+            gap = replace(self._gap, end_mono_ns=r.mono_ns, end_utc=r.utc)
+            d = self._delivery
+            # Only a gap that began inside the open delivery is one of its gaps.
+            if d is not None and d.gaps and d.gaps[-1] is self._gap:
+                d.gaps[-1] = gap
+                self._gap_ended = gap
+            self._gap = None
+            out.append(MonitoringGapEnded(self._delivery_id(), gap))
+            # Time across a gap is unknown, not beam-on: nothing is counted from the last
+            # reading before it (the beam may have paused inside it).
+            prev_mono = None
+        self._alarms.clear(f"{AlarmCode.STALE_DATA}", r.mono_ns, r.utc, self._delivery_id(), out)
+        self._last_mono_ns, self._last_utc = r.mono_ns, r.utc
+        self._heard_mono_ns = max(self._heard_mono_ns or r.mono_ns, r.mono_ns)
+
+        sane = _finite_nonneg(
+            r.dose_rate_gy_min,
+            r.dose_primary_gy,
+            r.dose_secondary_gy,
+            r.preset_gy,
+            r.beam_on_s,
+            r.kv,
+            r.ua,
+            r.planned_time_s,
+        )
+        trusted = sane and r.state is not DeviceState.UNKNOWN
+        # Nothing in a rejected reading is believed, its interlocks included (fail-safe).
+        reported: dict[Interlock, InterlockState] = dict(r.interlocks) if trusted else {}
+        if trusted:
+            # Communication is the host's own interlock, not the console's: a reading that
+            # arrived in time and is believed is communication ok, whether or not the
+            # driver says anything about it (wire protocols do not; a gap trips it).
+            reported[Interlock.COMMUNICATION] = InterlockState.OK
+        self._update_interlocks(reported, r.mono_ns, r.utc, out)
+        if self._resume is not None and trusted:
+            self._decide_resume(self._resume, r, out)
+        if self._unvouched is not None and trusted:
+            self._decide_unvouched_link(self._unvouched, r)
+        if not sane:
+            self._to_fault(r.mono_ns, r.utc, "non-finite or negative value in reading", out)
+        elif r.state is DeviceState.UNKNOWN:
+            self._to_fault(r.mono_ns, r.utc, "console reported an unknown state", out)
+        else:
+            self._follow_state(r, prev_mono, out)
+
+        self._judge(When.READING, r.mono_ns, r.utc, out, r)
+        self._last_state = r.state
+        # A link is for a record that starts on the reading that decided it; a delivery
+        # begun later is a new selection (the console was seen idle or at an end first).
+        self._link = None
+        return end_last(out)
+
+    def on_device_heard(self, mono_ns: int) -> None:
+        """The device answered (a reply a driver has not yet turned into a reading): the
+        stale bound counts from its last reply, not from the driver's last reading."""
+        self._heard_mono_ns = max(self._heard_mono_ns or mono_ns, mono_ns)
+
+    def on_tick(self, now_mono_ns: int, now_utc: datetime) -> list[TrackerEvent]:
+        """Time passes with no reading; detects stale data."""
+        out: list[TrackerEvent] = []
+        self._ending_id = None
+        if self._last_mono_ns is None or self._gap is not None:
+            return out
+        age = (now_mono_ns - self._heard()) / NS
+        if age > self.settings.stale_after_s:
+            bound = self.settings.stale_after_s
+            cause = f"nothing heard from the device for {age:.1f} s (bound {bound:.1f} s)"
+            self._start_gap(cause, now_mono_ns, now_utc, out)
+            self._alarms.raise_event(
+                AlarmCode.STALE_DATA,
+                f"readings stopped: device last heard {age:.1f} s ago; interlocks unknown",
+                now_mono_ns,
+                now_utc,
+                self._delivery_id(),
+                out,
+            )
+        return out
+
+    def on_link_lost(self, now_mono_ns: int, now_utc: datetime, reason: str) -> list[TrackerEvent]:
+        """The driver reports the device unreachable: fail safe at once."""
+        out: list[TrackerEvent] = []
+        self._ending_id = None
+        if self._gap is None:
+            self._start_gap(f"link lost: {reason}", now_mono_ns, now_utc, out)
+        elif self._interlocks[Interlock.COMMUNICATION] is not InterlockState.TRIPPED:
+            # Already in a gap, but an unplaceable reading since made communication merely
+            # unknown: a lost link is communication tripped, whatever came before.
+            self._update_interlocks(_lost(), now_mono_ns, now_utc, out)
+            self._judge(When.INTERLOCKS, now_mono_ns, now_utc, out)
+        return out
+
+    def resume(
+        self, rd: ResumedDelivery, now_mono_ns: int, now_utc: datetime
+    ) -> list[TrackerEvent]:
+        """Take over a delivery the log shows open after a restart. It stays open, in a
+        monitoring gap from the last vouched entry (``unwatched_since_utc``), until the
+        first believed reading decides: the console still in the same selection continues
+        it (the outage is a gap in it, dose given meanwhile an ``unmonitored`` segment);
+        otherwise it is closed UNKNOWN, and linked to the next record when that one may
+        be the same treatment. If the console never answers, it stays open (in a gap)."""
+        if self._delivery is not None or self._last_mono_ns is not None:
+            raise ValueError("resume() comes before any reading")
+        out: list[TrackerEvent] = []
+        d = resumed_record(rd, now_mono_ns, now_utc)
+        self._ids_issued.add(rd.delivery_id)
+        self._delivery = d
+        self.phase = rd.phase
+        self._resume = rd
+        self._last_mono_ns, self._last_utc = d.started_mono_ns, rd.unwatched_since_utc
+        self._start_gap(rd.cause, now_mono_ns, now_utc, out)
+        return out
+
+    def link_unvouched(self, delivery_id: str) -> bool:
+        """After a crash, the start closed ``delivery_id`` UNKNOWN because its whole record
+        was written after the last seal (unvouched): nothing vouched says what it was, so
+        it cannot be taken over. If the first believed reading finds the console in a
+        delivery, the record that starts then may be the same treatment: it names the
+        closed one in ``continues`` and says why. None of the unvouched entries' dose is
+        taken: all the dose the console shows at joining is the closed record's
+        (``in_previous_record``), since how much of it was watched is unknown. False (and
+        no link) when the id is not in the form this daemon gives its deliveries."""
+        if self._last_mono_ns is not None and self._resume is None:
+            raise ValueError("link_unvouched() comes before any reading")
+        if not is_own_id(self.settings.delivery_id_prefix, delivery_id):
+            return False
+        self._unvouched = delivery_id
+        return True
+
+    # ---- restart decisions ------------------------------------------------------------
+
+    def _decide_unvouched_link(self, delivery_id: str, r: SourceReading) -> None:
+        self._unvouched = None
+        d = self._delivery
+        if self._link is not None or (d is not None and d.termination is None):
+            return  # the delivery taken over continues, or its own link comes first
+        why = unvouched_link_reason(delivery_id, r)
+        if why is not None:
+            self._link = (delivery_id, why, math.inf)
+
+    def _decide_resume(
+        self, rd: ResumedDelivery, r: SourceReading, out: list[TrackerEvent]
+    ) -> None:
+        """The first believed reading after a restart: same selection or not."""
+        self._resume = None
+        d = self._delivery
+        if d is None:  # pragma: no cover - resume() made it
+            return
+        verdict, why = same_selection(rd, r)
+        if verdict == "same":
+            continue_selection(d, self.phase, r)
+            return
+        reason = f"not followed to its end: the daemon was not running; {why}"
+        self._close(d, TerminationStatus.UNKNOWN, reason, r.mono_ns, r.utc, P.TERMINATED, out)
+        self._move(P.IDLE, "the console's selection could not be continued", r.mono_ns, r.utc, out)
+        if verdict == "unsure":
+            self._link = (d.delivery_id, why, d.primary_gy)
+
+    # ---- internals --------------------------------------------------------------------
+
+    def _heard(self) -> int:
+        last = self._last_mono_ns or 0
+        return max(last, self._heard_mono_ns or last)
+
+    def _judge(
+        self,
+        when: When,
+        mono: int,
+        utc: datetime,
+        out: list[TrackerEvent],
+        r: SourceReading | None = None,
+    ) -> None:
+        """The alarm table, judged once on this input."""
+        d = self._delivery
+        # Conditions that judge the delivery itself are evaluated up to and including the
+        # reading that ends it, and then left standing (not cleared because it ended):
+        # they are cleared at the next selection.
+        judging = d is not None and (d.termination is None or self._ending_id == d.delivery_id)
+        s = Situation(self.phase, self._interlocks, d, r, self.settings, mono, utc, judging)
+        self._alarms.evaluate(s, when, self._delivery_id(), out)
+
+    def _start_gap(self, cause: str, mono: int, utc: datetime, out: list[TrackerEvent]) -> None:
+        start_mono = self._last_mono_ns if self._last_mono_ns is not None else mono
+        start_utc = self._last_utc if self._last_utc is not None else utc
+        self._gap = Gap(cause=cause, start_mono_ns=start_mono, start_utc=start_utc)
+        d = self._delivery
+        self._gap_beam_on_s = d.device_beam_on_s if d is not None else 0.0
+        if d is not None and d.termination is None:
+            d.gaps.append(self._gap)
+        out.append(MonitoringGapStarted(self._delivery_id(), self._gap))
+        self._alarms.restart_holds()
+        self._update_interlocks(_lost(), mono, utc, out)
+        self._judge(When.INTERLOCKS, mono, utc, out)
+
+    def _update_interlocks(
+        self,
+        reported: Mapping[Interlock, InterlockState],
+        mono: int,
+        utc: datetime,
+        out: list[TrackerEvent],
+    ) -> None:
+        for il in Interlock:
+            # A third-party driver may hand us anything; only a real state counts as known.
+            raw: object = reported.get(il, InterlockState.UNKNOWN)
+            new = raw if isinstance(raw, InterlockState) else InterlockState.UNKNOWN
+            old = self._interlocks[il]
+            if new is not old:
+                self._interlocks[il] = new
+                out.append(InterlockChanged(il, old, new, mono, utc, self._delivery_id()))
