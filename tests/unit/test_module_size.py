@@ -72,7 +72,7 @@ def test_every_exemption_is_still_needed_and_says_why() -> None:
 
 @pytest.mark.xfail(
     strict=True,
-    reason="TEMPORARY: DeliveryTracker inherits DeliveryMachine (276 + 319 lines); composition pending",
+    reason="TEMPORARY: DeliveryTracker inherits DeliveryMachine; composition pending",
 )
 def test_the_delivery_tracker_class_is_small() -> None:
     from iortd.daemon.tracker import DeliveryTracker  # noqa: PLC0415 - only this test
