@@ -51,7 +51,8 @@ from iortd.daemon.mqtt.broker import (
 from iortd.daemon.mqtt.outbox import Outbox, OutboxError
 from iortd.daemon.mqtt.sink import MqttSink, settings_from_config
 from iortd.daemon.service import SHUTDOWN_TIMEOUT_S, Daemon, RunResult
-from iortd.daemon.sinks import OperationalLogSink, Sink
+from iortd.daemon.sink_registry import SinkRegistry, open_configured_sinks
+from iortd.daemon.sinks import OperationalLogSink, Sink, SinkConfigError
 from iortd.drivers.registry import DriverRegistry
 from iortd.kernel.clock import Clock, ScaledClock, SystemClock
 from iortd.kernel.logs import configure_logging
@@ -167,6 +168,22 @@ async def _serve(
         if stop.is_set():
             await audit[0].close()
             return RunResult()
+        try:
+            # The [[sinks]] tables (plug-ins), in file order, each behind its own queue.
+            sinks = [
+                *sinks,
+                *await open_configured_sinks(
+                    c.sinks,
+                    SinkRegistry.from_entry_points(),
+                    site=c.site.id,
+                    room=c.site.room,
+                    simulated=DriverRegistry.from_entry_points().get(c.source.driver).simulated,
+                    log_directory=c.log.directory,
+                ),
+            ]
+        except SinkConfigError as exc:
+            await audit[0].close()
+            raise _LogDirectoryError(str(exc)) from None
         if c.mqtt.enabled:
             try:
                 # The password is read now: it may have gone since check-config.

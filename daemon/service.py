@@ -18,7 +18,9 @@ it.
 The record comes first: every event is appended to the audit log and fsync'd before any
 other sink hears of it; samples are appended (and group-committed within the window)
 before other sinks hear of them. The device loop never waits for the disk: a dispatcher
-task waits for durability and then tells the other sinks, in order.
+task waits for durability and then tells the other sinks, in order, each through a
+bounded queue and task of its own (:mod:`iortd.daemon.sink_queue`), so that a slow sink
+delays only itself; what a sink's queue drops is recorded (``sink_overflow``).
 
 A signal only sets ``stop``. Shutdown is ordered and bounded: device tasks end, drivers
 close, ``daemon_stop`` and a final checkpoint are written, the dispatcher drains, other
@@ -43,7 +45,8 @@ from iortd.auditlog.writer import AuditLog, AuditLogClosed, RecoveryReport
 from iortd.daemon import __version__
 from iortd.daemon.config import Config, DeviceConfig, LoadedConfig
 from iortd.daemon.entries import event_entry, plain, sample_entry
-from iortd.daemon.sinks import Sample, Sink
+from iortd.daemon.sink_queue import QueuedSink, SinkLike, queued
+from iortd.daemon.sinks import Sample
 from iortd.daemon.tracker import (
     DeliverySnapshot,
     DeliveryTracker,
@@ -293,7 +296,7 @@ class Daemon:
         loaded: LoadedConfig,
         registry: DriverRegistry,
         clock: Clock,
-        sinks: Sequence[Sink],
+        sinks: Sequence[SinkLike | QueuedSink],
         *,
         audit: tuple[AuditLog, RecoveryReport] | None = None,
         stop_after_delivery: bool = False,
@@ -302,15 +305,19 @@ class Daemon:
         self._loaded = loaded
         self._registry = registry
         self._clock = clock
-        self._sinks = list(sinks)
         self._audit: AuditLog | None = audit[0] if audit is not None else None
         self._recovery: RecoveryReport | None = audit[1] if audit is not None else None
         if self._audit is not None:
             self._audit.on_failure = self._on_audit_failure
             self._audit.on_recovered = self._on_audit_recovered
-        for sink in self._sinks:
-            if hasattr(sink, "checkpoint_guard"):  # the MQTT sink: the off-host copy
-                sink.checkpoint_guard = self._guard_checkpoint
+        for sink in sinks:
+            inner = sink.inner if isinstance(sink, QueuedSink) else sink
+            if hasattr(inner, "checkpoint_guard"):  # the MQTT sink: the off-host copy
+                inner.checkpoint_guard = self._guard_checkpoint
+        # Each sink at its own pace, behind its own queue (daemon/sink_queue.py).
+        self._sinks = [queued(s) for s in sinks]
+        for q in self._sinks:
+            q.on_overflow = self._sink_overflow
         self._stop_after_delivery = stop_after_delivery
         self.tracker = DeliveryTracker(tracker_settings(self.config, clock.speed))
         self.result = RunResult()
@@ -320,6 +327,7 @@ class Daemon:
         self._notices: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self._audit_failing = asyncio.Event()
         self._backoffs: dict[str, Backoff] = {}  # per device: reconnect backoff
+        self._stopped = False  # daemon_stop is written: nothing may follow it in the log
 
     async def run(self, stop: asyncio.Event) -> RunResult:
         log.info(
@@ -445,8 +453,11 @@ class Daemon:
     async def _record_stop(self) -> None:
         if self._audit is None:
             return
+        for sink in self._sinks:
+            sink.report_overflow()  # every drop of this run is in the record before its end
         snap = self.tracker.snapshot()
         open_delivery = snap.delivery_id if snap is not None and snap.termination is None else None
+        self._stopped = True
         entry = self._audit.append(
             "daemon_stop",
             {"clean": True, "open_delivery": open_delivery},
@@ -494,6 +505,16 @@ class Daemon:
                 f"attempt in {data.get('retry_in_s')} s",
             )
         )
+
+    def _sink_overflow(self, data: Mapping[str, Any]) -> None:
+        """Called by a sink's queue when it dropped calls: recorded, so that the record
+        says which sink missed what (after ``daemon_stop``, only the operational log)."""
+        if self._audit is None or self._stopped:
+            return
+        try:
+            self._audit.append("sink_overflow", dict(data))
+        except AuditLogClosed:
+            log.warning("sink_overflow_not_recorded", reason="audit log closed")
 
     async def _guard_checkpoint(self, cp: Checkpoint) -> str | None:
         """Why this log does not contain ``cp`` (the broker's retained checkpoint, signed

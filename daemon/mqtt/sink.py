@@ -86,7 +86,7 @@ from iortd.daemon.mqtt.payloads import (
     telemetry_payload,
     topic,
 )
-from iortd.daemon.sinks import Sample
+from iortd.daemon.sinks import Overflow, Sample, Sink
 from iortd.daemon.tracker import (
     DeliverySnapshot,
     DeliveryStarted,
@@ -97,7 +97,7 @@ from iortd.daemon.tracker import (
 from iortd.kernel.backoff import Backoff
 from iortd.kernel.timefmt import utc_ts
 from iortd.kernel.tls import client_tls_context
-from iortd.kernel.types import DeviceIdentity, Interlock, InterlockState
+from iortd.kernel.types import Interlock, InterlockState
 
 __all__ = ["BrokerSettings", "MqttSink", "client_id_for", "settings_from_config"]
 
@@ -282,8 +282,14 @@ class _FailConnectOnTransportError(logging.Handler):
             pending.set_exception(aiomqtt.MqttError(f"transport error: {message}"))
 
 
-class MqttSink:
+class MqttSink(Sink):
     name = "mqtt"
+    # Its queue (daemon/sink_queue.py): the callbacks below only build payloads and hand
+    # them to the outbox, so the queue fills only when the loop itself is starved. Then the
+    # dispatcher waits for room (bounded) rather than cut a hole in a stream that promises
+    # gap-free replay; the outbox has its own bound (it thins old telemetry, never events).
+    queue_size = 10_000
+    overflow: Overflow = "block"
 
     def __init__(
         self,
@@ -335,13 +341,10 @@ class MqttSink:
     def session(self) -> int:
         return self.outbox.session
 
-    # ---- the Sink protocol: build, hand to the outbox, never wait ----------------------
+    # ---- the Sink callbacks: build, hand to the outbox, never wait -----------------------
 
     def _env(self, name: str) -> Envelope:
         return Envelope(self.outbox.next_seq(name), self.outbox.session, _now(), sim=self._sim)
-
-    async def started(self, device: str, identity: DeviceIdentity) -> None:
-        return None
 
     async def sample(self, sample: Sample) -> None:
         self.outbox.add("telemetry", telemetry_payload(self._env("telemetry"), sample))

@@ -1,0 +1,144 @@
+"""Discovery of sinks through the ``iort.sinks`` entry-point group, and building the
+sinks a site config names in its ``[[sinks]]`` tables.
+
+The lookup is the kernel's (:mod:`iortd.kernel.plugins`, shared with drivers); this module
+says how a sink's errors read, and builds and starts the configured sinks in file order,
+each wrapped in its own queue (:mod:`iortd.daemon.sink_queue`). The options were
+validated by each factory when the config was loaded (:mod:`iortd.daemon.config`), so a
+problem here is a plug-in that accepted what it cannot use, or a start that failed: both
+name the table (``sinks[i]``) and refuse the start.
+
+The built-in MQTT sink is registered under ``mqtt`` as well, but is configured by the
+``[mqtt]`` table (one broker connection and one outbox per daemon): ``[[sinks]]`` with
+``type = "mqtt"`` is refused, naming ``[mqtt]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping, Sequence
+from importlib.metadata import EntryPoint
+from pathlib import Path
+from typing import Any, Protocol
+
+from iortd.daemon.sink_queue import QueuedSink
+from iortd.daemon.sinks import (
+    Overflow,
+    SinkConfigError,
+    SinkContext,
+    SinkFactory,
+    SinkSpec,
+    UnknownSinkError,
+)
+from iortd.kernel.plugins import PluginRegistry
+
+__all__ = [
+    "BUILT_IN_NAMES",
+    "CONFIGURED_BY_SECTION",
+    "ENTRY_POINT_GROUP",
+    "SinkRegistry",
+    "SinkTable",
+    "open_configured_sinks",
+]
+
+ENTRY_POINT_GROUP = "iort.sinks"
+# Names the daemon's own sinks use in logs and in the audit log: a [[sinks]] table may not
+# take them.
+BUILT_IN_NAMES = frozenset({"oplog", "console", "mqtt"})
+# Sink types configured by a table of their own, not by [[sinks]].
+CONFIGURED_BY_SECTION = {"mqtt": "[mqtt]"}
+SINKS_DIR = "sinks"
+
+
+class SinkTable(Protocol):
+    """One validated ``[[sinks]]`` table (``iortd.daemon.config.SinkConfig``)."""
+
+    @property
+    def type(self) -> str: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def queue_size(self) -> int: ...
+    @property
+    def overflow(self) -> Overflow: ...
+    @property
+    def timeout_s(self) -> float: ...
+    @property
+    def options(self) -> Mapping[str, Any]: ...
+
+
+class SinkRegistry(PluginRegistry[SinkFactory]):
+    group = ENTRY_POINT_GROUP
+
+    @classmethod
+    def from_entry_points(cls) -> SinkRegistry:
+        return cls(cls._entry_points())
+
+    @classmethod
+    def of(cls, factories: Iterable[SinkFactory]) -> SinkRegistry:
+        return cls({f.name: f for f in factories})
+
+    def unknown(self, name: str) -> Exception:
+        return UnknownSinkError(name, self.names())
+
+    def failed_to_load(self, name: str, entry: EntryPoint, exc: Exception) -> Exception:
+        return SinkConfigError(
+            f"sink {name!r} is installed but failed to load ({entry.value}): {exc}"
+        )
+
+
+def state_dir(log_directory: Path, name: str) -> Path:
+    """Where sink ``name`` may keep files of its own: under the log directory (and so
+    under its lock)."""
+    return log_directory / SINKS_DIR / name
+
+
+async def open_configured_sinks(
+    tables: Sequence[SinkTable],
+    registry: SinkRegistry,
+    *,
+    site: str,
+    room: str,
+    simulated: bool,
+    log_directory: Path,
+) -> list[QueuedSink]:
+    """Build and start each ``[[sinks]]`` table's sink, in file order, each behind its own
+    queue. Raises SinkConfigError naming ``sinks[i]`` (after closing those already
+    started) when a factory or a start fails."""
+    opened: list[QueuedSink] = []
+    try:
+        for i, table in enumerate(tables):
+            name = table.name or table.type
+            try:
+                factory = registry.get(table.type)
+                sink = factory.create(
+                    SinkSpec(name=name, type=table.type, options=table.options),
+                    SinkContext(
+                        site=site,
+                        room=room,
+                        simulated=simulated,
+                        state_dir=state_dir(log_directory, name),
+                    ),
+                )
+                sink.name = name
+                async with asyncio.timeout(table.timeout_s):
+                    await sink.start()
+            except TimeoutError:
+                raise SinkConfigError(
+                    f"sinks[{i}] ({name}): did not start within timeout_s = {table.timeout_s} s"
+                ) from None
+            except Exception as exc:
+                raise SinkConfigError(f"sinks[{i}] ({name}): cannot start: {exc}") from exc
+            opened.append(
+                QueuedSink(
+                    sink,
+                    queue_size=table.queue_size,
+                    overflow=table.overflow,
+                    timeout_s=table.timeout_s,
+                )
+            )
+    except BaseException:
+        for q in reversed(opened):
+            await q.aclose()
+        raise
+    return opened
