@@ -99,6 +99,7 @@ class QueuedSink(Sink):
         queue_size: int = DEFAULT_QUEUE_SIZE,
         overflow: Overflow = "drop_oldest",
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        block_s: float | None = None,
         drain_s: float = DRAIN_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -109,6 +110,9 @@ class QueuedSink(Sink):
         self.queue_size = queue_size
         self.overflow: Overflow = overflow
         self.timeout_s = timeout_s
+        # How long ``block`` waits for room: ``timeout_s`` (a hung callback is cut then,
+        # which makes room) unless a test says otherwise.
+        self.block_s = timeout_s if block_s is None else block_s
         self.drain_s = drain_s
         self._clock = clock
         self._queue: deque[_Call] = deque()
@@ -160,7 +164,7 @@ class QueuedSink(Sink):
             return
         if len(self._queue) >= self.queue_size and self.overflow == "block" and not self._stalled:
             try:
-                async with asyncio.timeout(self.timeout_s):
+                async with asyncio.timeout(self.block_s):
                     while len(self._queue) >= self.queue_size and not self._closing:
                         self._room.clear()
                         await self._room.wait()
@@ -169,7 +173,7 @@ class QueuedSink(Sink):
                 log.error(  # noqa: TRY400 - expected, not a crash: no traceback
                     "sink_stalled",
                     sink=self.name,
-                    waited_s=self.timeout_s,
+                    waited_s=self.block_s,
                     queued=len(self._queue),
                     why="no room within timeout_s: dropping until its queue is half empty",
                 )
@@ -233,6 +237,8 @@ class QueuedSink(Sink):
     async def run(self) -> None:
         """The sink's work and its queue's consumer, until :meth:`aclose`. Never raises
         (but cancellation)."""
+        if self._closed:
+            return  # closed before it ran (a start that failed further on)
         async with asyncio.TaskGroup() as tg:
             self._consumer = tg.create_task(self._consume(), name=f"sink-queue:{self.name}")
             tg.create_task(self._inner_run(), name=f"sink:{self.name}")
