@@ -204,6 +204,8 @@ async def _serve(
             mqtt_sink = MqttSink(
                 settings,
                 outbox,
+                site=c.site.id,
+                room=c.site.room,
                 simulated=factory.simulated,
                 verifier=None if signer is None else signer.verifier,
             )

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Literal, Self
-from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -35,6 +34,7 @@ from iortd.daemon.sink_registry import BUILT_IN_NAMES, CONFIGURED_BY_SECTION, Si
 from iortd.daemon.sinks import Overflow, SinkConfigError, SinkOptionError
 from iortd.drivers.errors import DriverConfigError, DriverOptionError
 from iortd.drivers.registry import DriverRegistry
+from iortd.kernel.broker import parse_broker_url
 from iortd.kernel.files import BOM_ERROR, UTF8_BOM, FileReadError, read_small_file
 
 __all__ = [
@@ -110,6 +110,10 @@ class LogConfig(_Model):
     signing_key_file: ConfigPath | None = None
 
 
+# Where the daemon's broker credentials go instead of the URL.
+MQTT_CREDENTIALS_HINT = "use mqtt.username and mqtt.password_file or mqtt.password_env"
+
+
 class MqttConfig(_Model):
     enabled: bool = True
     url: str = "mqtt://127.0.0.1:1883"
@@ -127,22 +131,8 @@ class MqttConfig(_Model):
     @field_validator("url")
     @classmethod
     def _broker_url(cls, url: str) -> str:
-        expected = "expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
-        try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError as exc:
-            raise ValueError(f"{expected}; {exc}; got {url!r}") from None
-        if "@" in parts.netloc:
-            # Never echoed: the part before '@' may be a password.
-            raise ValueError(
-                "a URL must not carry credentials (user:password@); use mqtt.username and "
-                "mqtt.password_file or mqtt.password_env"
-            )
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ValueError(f"{expected}; got {url!r}")
-        if parts.path not in ("", "/") or parts.query or parts.fragment or port == 0:
-            raise ValueError(f"{expected}; got {url!r}")
+        # The rules every MQTT client of iortd shares (iortd.kernel.broker).
+        parse_broker_url(url, credentials_hint=MQTT_CREDENTIALS_HINT)
         return url
 
     @model_validator(mode="after")

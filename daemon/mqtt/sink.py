@@ -58,12 +58,10 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import islice
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiomqtt
 import orjson
@@ -72,7 +70,7 @@ import structlog
 
 from iortd.auditlog.note import Checkpoint, Verifier
 from iortd.daemon import __version__
-from iortd.daemon.config import MqttConfig, SiteConfig
+from iortd.daemon.config import MQTT_CREDENTIALS_HINT, MqttConfig, SiteConfig
 from iortd.daemon.mqtt.outbox import Outbox, Record
 from iortd.daemon.mqtt.payloads import (
     Envelope,
@@ -95,11 +93,11 @@ from iortd.daemon.tracker import (
     TrackerEvent,
 )
 from iortd.kernel.backoff import Backoff
+from iortd.kernel.broker import BrokerSettings, parse_broker_url
 from iortd.kernel.timefmt import utc_ts
-from iortd.kernel.tls import client_tls_context
 from iortd.kernel.types import Interlock, InterlockState
 
-__all__ = ["BrokerSettings", "MqttSink", "client_id_for", "settings_from_config"]
+__all__ = ["MqttSink", "client_id_for", "settings_from_config"]
 
 log = structlog.get_logger("iortd.mqtt")
 # paho's own log (through aiomqtt): rendered as JSON lines by kernel/logs.py.
@@ -130,54 +128,25 @@ def client_id_for(site: str, room: str, origin: str) -> str:
     return f"iortd-{site}-{room}-{digest}"
 
 
-@dataclass(frozen=True, slots=True)
-class BrokerSettings:
-    """Where and how to connect; secrets already read from their file or environment."""
-
-    host: str
-    port: int
-    tls: bool
-    prefix: str
-    site: str
-    room: str
-    client_id: str  # client_id_for(site, room, the audit log's origin)
-    keepalive_s: int = 10
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-
-    @property
-    def url(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
-
-    def tls_context(self) -> ssl.SSLContext | None:
-        if not self.tls:
-            return None
-        return client_tls_context(self.ca_file, self.cert_file, self.key_file)
-
-
 def settings_from_config(
     mqtt: MqttConfig, site: SiteConfig, *, origin: str, url: str | None = None
 ) -> BrokerSettings:
     """The config's broker, or ``url`` instead (``iortd demo --broker``, the embedded
     broker). Reads the password from its file or environment variable (load_config has
     checked that they exist). ``origin`` is the audit log's: the client id derives from it."""
-    parts = urlsplit(url or mqtt.url)
-    tls = parts.scheme == "mqtts"
+    # load_config has checked the config's URL; one given on the command line is checked
+    # here, with the same rules (iortd.kernel.broker).
+    host, port, tls = parse_broker_url(url or mqtt.url, credentials_hint=MQTT_CREDENTIALS_HINT)
     password = None
     if mqtt.password_file is not None:
         password = mqtt.password_file.read_text(encoding="utf-8").rstrip("\r\n")
     elif mqtt.password_env is not None:
         password = os.environ[mqtt.password_env]
     return BrokerSettings(
-        host=parts.hostname or "127.0.0.1",
-        port=parts.port or (8883 if tls else 1883),
+        host=host,
+        port=port,
         tls=tls,
         prefix=mqtt.prefix,
-        site=site.id,
-        room=site.room,
         client_id=client_id_for(site.id, site.room, origin),
         keepalive_s=mqtt.keepalive_s,
         username=mqtt.username,
@@ -296,10 +265,13 @@ class MqttSink(Sink):
         settings: BrokerSettings,
         outbox: Outbox,
         *,
+        site: str,
+        room: str,
         simulated: bool,
         verifier: Verifier | None = None,
     ) -> None:
         self.settings = settings
+        self.site, self.room = site, room
         self.verifier = verifier  # whose retained checkpoints count (see the module doc)
         # Set by the daemon: why the log does not contain this checkpoint, or None.
         self.checkpoint_guard: Callable[[Checkpoint], Awaitable[str | None]] | None = None
@@ -308,7 +280,7 @@ class MqttSink(Sink):
         self.outbox = outbox
         self._sim = simulated
         self._topics = {
-            n: topic(settings.prefix, settings.site, settings.room, n)
+            n: topic(settings.prefix, site, room, n)
             for n in ("status", "telemetry", "interlocks", "delivery", "events", "audit/checkpoint")
         }
         self._cells = {n: _Cell(n) for n in STATE_TOPICS}
@@ -528,9 +500,8 @@ class MqttSink(Sink):
         ones each time, since a broker that got a CONNECT may publish that attempt's will
         however the attempt ends. The will's ``seq`` is the larger, so that a consumer
         keeping the newest takes it over the online message."""
-        s = self.settings
-        on = status_payload(self._env("status"), True, __version__, s.site, s.room)
-        off = status_payload(self._env("status"), False, __version__, s.site, s.room)
+        on = status_payload(self._env("status"), True, __version__, self.site, self.room)
+        off = status_payload(self._env("status"), False, __version__, self.site, self.room)
         return self.outbox.add("status", on), self.outbox.add("status", off)
 
     async def _connection(self, online: Record, will: Record, attempt_ns: int) -> None:
