@@ -10,8 +10,9 @@ A sink from another package subclasses :class:`Sink`, overrides the callbacks it
 about (the others are no-ops), and registers a :class:`SinkFactory` under the entry-point
 group ``iort.sinks``; a ``[[sinks]]`` table in the site config names it by ``type`` and
 gives its ``options``, which the factory validates at config load (docs/engineers.md,
-"Writing a sink"). This module, with ``iortd.daemon.tracker``'s events and snapshots and
-``iortd.kernel.types``, is what such a package may import.
+"Writing a sink"). This module (which re-exports the tracker's events and its delivery
+snapshot, so that a plug-in never reaches into the tracker's own modules) and
+``iortd.kernel.types`` are what such a package may import.
 
 Callbacks run in the sink's own task, one at a time and in order, each bounded by the
 sink's ``timeout_s``; an exception is logged (``sink_failed``) and the sink misses that
@@ -45,8 +46,17 @@ from iortd.kernel.types import DeviceIdentity, Interlock, InterlockState, Source
 
 __all__ = [
     "OVERFLOW_POLICIES",
+    "AlarmCleared",
+    "AlarmRaised",
+    "DeliveryAmended",
+    "DeliverySnapshot",
+    "DeliveryStarted",
+    "InterlockChanged",
+    "MonitoringGapEnded",
+    "MonitoringGapStarted",
     "OperationalLogSink",
     "Overflow",
+    "PhaseChanged",
     "Sample",
     "Sink",
     "SinkConfigError",
@@ -54,6 +64,8 @@ __all__ = [
     "SinkFactory",
     "SinkOptionError",
     "SinkSpec",
+    "Terminated",
+    "TrackerEvent",
     "UnknownSinkError",
 ]
 

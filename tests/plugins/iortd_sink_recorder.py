@@ -16,8 +16,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from iortd.daemon.sinks import Sample, Sink, SinkContext, SinkOptionError, SinkSpec
-from iortd.daemon.tracker import DeliverySnapshot, TrackerEvent
+from iortd.daemon.sinks import (
+    DeliverySnapshot,
+    Sample,
+    Sink,
+    SinkContext,
+    SinkOptionError,
+    SinkSpec,
+    TrackerEvent,
+)
 from iortd.kernel.types import DeviceIdentity
 
 OPTIONS = frozenset({"path", "delay_s"})
