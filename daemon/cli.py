@@ -48,10 +48,8 @@ from iortd.daemon.mqtt.broker import (
     Mosquitto,
     find_mosquitto,
 )
-from iortd.daemon.mqtt.outbox import Outbox, OutboxError
-from iortd.daemon.mqtt.sink import MqttSink, settings_from_config
 from iortd.daemon.service import SHUTDOWN_TIMEOUT_S, Daemon, RunResult
-from iortd.daemon.sink_registry import SinkRegistry, open_configured_sinks
+from iortd.daemon.sink_registry import SinkRegistry, open_sinks
 from iortd.daemon.sinks import OperationalLogSink, Sink, SinkConfigError
 from iortd.drivers.registry import DriverRegistry
 from iortd.kernel.clock import Clock, ScaledClock, SystemClock
@@ -63,7 +61,6 @@ EXIT_OK = 0
 EXIT_BAD = 1
 EXIT_USAGE = 2
 DEMO_KEY_NAME = "iortd-demo"
-OUTBOX_DIR = "mqtt-outbox"
 
 log = structlog.get_logger("iortd")
 
@@ -169,53 +166,28 @@ async def _serve(
             await audit[0].close()
             return RunResult()
         try:
-            # The [[sinks]] tables (plug-ins), in file order, each behind its own queue.
+            # The [[sinks]] tables and [mqtt], each a plug-in behind its own queue.
+            mqtt = None
+            if c.mqtt.enabled:
+                url = broker_url or c.mqtt.url
+                mqtt = {**c.mqtt.model_dump(exclude={"enabled"}), "url": url}
             sinks = [
                 *sinks,
-                *await open_configured_sinks(
+                *await open_sinks(
                     c.sinks,
                     SinkRegistry.from_entry_points(),
+                    mqtt=mqtt,
                     site=c.site.id,
                     room=c.site.room,
                     simulated=DriverRegistry.from_entry_points().get(c.source.driver).simulated,
                     log_directory=c.log.directory,
+                    origin=audit[0].origin,
+                    verifier=None if signer is None else signer.verifier,
                 ),
             ]
         except SinkConfigError as exc:
             await audit[0].close()
             raise _LogDirectoryError(str(exc)) from None
-        if c.mqtt.enabled:
-            try:
-                # The password is read now: it may have gone since check-config.
-                settings = settings_from_config(
-                    c.mqtt, c.site, origin=audit[0].origin, url=broker_url
-                )
-            except (OSError, KeyError, ValueError) as exc:
-                await audit[0].close()
-                what = "password_env" if isinstance(exc, KeyError) else "password_file"
-                raise _LogDirectoryError(f"mqtt.{what}: cannot read the password: {exc}") from None
-            try:
-                # Inside the log directory, so under its LOCK: one daemon per outbox.
-                outbox = await Outbox.open(c.log.directory / OUTBOX_DIR, c.mqtt.outbox_max_bytes)
-            except OutboxError as exc:
-                await audit[0].close()
-                raise _LogDirectoryError(f"mqtt outbox: {exc}") from None
-            factory = DriverRegistry.from_entry_points().get(c.source.driver)
-            mqtt_sink = MqttSink(
-                settings,
-                outbox,
-                site=c.site.id,
-                room=c.site.room,
-                simulated=factory.simulated,
-                verifier=None if signer is None else signer.verifier,
-            )
-            sinks = [*sinks, mqtt_sink]
-            log.info(
-                "mqtt_enabled",
-                broker=settings.url,
-                session=outbox.session,
-                client_id=settings.client_id,
-            )
         daemon = Daemon(
             loaded,
             DriverRegistry.from_entry_points(),
@@ -224,8 +196,6 @@ async def _serve(
             audit=audit,
             stop_after_delivery=stop_after_delivery,
         )
-        if c.mqtt.enabled:
-            mqtt_sink.on_takeover = daemon.mqtt_session_taken_over
         return await _run_until_stopped(daemon, stop, duration_s)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):

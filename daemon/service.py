@@ -314,6 +314,8 @@ class Daemon:
             inner = sink.inner if isinstance(sink, QueuedSink) else sink
             if hasattr(inner, "checkpoint_guard"):  # the MQTT sink: the off-host copy
                 inner.checkpoint_guard = self._guard_checkpoint
+            if hasattr(inner, "on_takeover"):  # the MQTT sink: its broker session lost
+                inner.on_takeover = self.mqtt_session_taken_over
         # Each sink at its own pace, behind its own queue (daemon/sink_queue.py).
         self._sinks = [queued(s) for s in sinks]
         for q in self._sinks:
@@ -809,12 +811,19 @@ class Daemon:
                     log.exception("sink_failed", sink=sink.name)
 
     async def _close_sinks(self) -> None:
-        for sink in reversed(self._sinks):
-            try:
-                async with asyncio.timeout(SHUTDOWN_TIMEOUT_S):
-                    await sink.aclose()
-            except TimeoutError:
-                # Expected, not a crash: no traceback, just which sink overran its bound.
-                log.error(  # noqa: TRY400
-                    "sink_close_timeout", sink=sink.name, timeout_s=SHUTDOWN_TIMEOUT_S
-                )
+        """All at once, each within its bound: one sink's drain (daemon/sink_queue.py) does
+        not add to the next one's before the audit log closes. A sink's close never
+        raises (its queue logs a failure)."""
+        async with asyncio.TaskGroup() as tg:
+            for sink in reversed(self._sinks):
+                tg.create_task(self._close_sink(sink), name=f"close:{sink.name}")
+
+    async def _close_sink(self, sink: QueuedSink) -> None:
+        try:
+            async with asyncio.timeout(SHUTDOWN_TIMEOUT_S):
+                await sink.aclose()
+        except TimeoutError:
+            # Expected, not a crash: no traceback, just which sink overran its bound.
+            log.error(  # noqa: TRY400
+                "sink_close_timeout", sink=sink.name, timeout_s=SHUTDOWN_TIMEOUT_S
+            )

@@ -297,7 +297,11 @@ class QueuedSink(Sink):
                 with contextlib.suppress(asyncio.CancelledError):
                     await consumer
         self.report_overflow(why="closed")
-        await self.inner.aclose()
+        try:
+            await self.inner.aclose()
+        except Exception:
+            # A sink that fails to close must not stop the others, or the audit log's close.
+            log.exception("sink_failed", sink=self.name, callback="aclose")
 
 
 def queued(sink: SinkLike | QueuedSink) -> QueuedSink:

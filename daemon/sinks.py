@@ -29,6 +29,7 @@ from typing import Any, Literal, Protocol
 
 import structlog
 
+from iortd.auditlog.note import Verifier
 from iortd.daemon.tracker import (
     AlarmCleared,
     AlarmRaised,
@@ -172,12 +173,16 @@ class SinkContext:
     """What the composition root lends a sink. ``simulated``: the data come from a
     simulator (say so in anything shown or sent). ``state_dir``: a directory of the
     sink's own, under the audit log's directory (and so under its lock: one daemon per
-    directory); not created until the sink creates it."""
+    directory); not created until the sink creates it. ``origin``: the audit log's name
+    (as in its checkpoints); ``verifier``: the public key its checkpoints are signed with
+    (None when they are not signed), for a sink that keeps checkpoints off the host."""
 
     site: str
     room: str
     simulated: bool
     state_dir: Path
+    origin: str = ""
+    verifier: Verifier | None = None
 
 
 class SinkFactory(Protocol):

@@ -32,6 +32,10 @@ aiomqtt has no reconnect and no offline queue, so this sink owns both:
   so that two clients with one id do not fight in a tight loop. A connection that stays up
   :data:`STABLE_AFTER_S` ends the streak.
 
+It is a sink plug-in like any other (:class:`MqttSinkFactory`, entry point ``mqtt``),
+configured by the ``[mqtt]`` table and behind its own queue with the ``block`` policy
+(see :class:`MqttSink`); ``start`` opens the outbox.
+
 State topics are rate-limited: ``delivery`` at most once per second while only the dose
 moves (at once on any event), ``interlocks`` on change.
 
@@ -57,21 +61,23 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
 import orjson
 import paho.mqtt.client as paho
 import structlog
+from pydantic import ValidationError
 
 from iortd.auditlog.note import Checkpoint, Verifier
 from iortd.daemon import __version__
 from iortd.daemon.config import MQTT_CREDENTIALS_HINT, MqttConfig, SiteConfig
-from iortd.daemon.mqtt.outbox import Outbox, Record
+from iortd.daemon.mqtt.outbox import Outbox, OutboxError, Record
 from iortd.daemon.mqtt.payloads import (
     Envelope,
     Payload,
@@ -84,7 +90,15 @@ from iortd.daemon.mqtt.payloads import (
     telemetry_payload,
     topic,
 )
-from iortd.daemon.sinks import Overflow, Sample, Sink
+from iortd.daemon.sinks import (
+    Overflow,
+    Sample,
+    Sink,
+    SinkConfigError,
+    SinkContext,
+    SinkOptionError,
+    SinkSpec,
+)
 from iortd.daemon.tracker import (
     DeliverySnapshot,
     DeliveryStarted,
@@ -97,7 +111,7 @@ from iortd.kernel.broker import BrokerSettings, parse_broker_url
 from iortd.kernel.timefmt import utc_ts
 from iortd.kernel.types import Interlock, InterlockState
 
-__all__ = ["MqttSink", "client_id_for", "settings_from_config"]
+__all__ = ["MqttSink", "MqttSinkFactory", "client_id_for", "settings_from_config"]
 
 log = structlog.get_logger("iortd.mqtt")
 # paho's own log (through aiomqtt): rendered as JSON lines by kernel/logs.py.
@@ -263,13 +277,15 @@ class MqttSink(Sink):
     def __init__(
         self,
         settings: BrokerSettings,
-        outbox: Outbox,
+        outbox: Outbox | Path,
         *,
         site: str,
         room: str,
         simulated: bool,
         verifier: Verifier | None = None,
+        outbox_max_bytes: int = 64 * 1024 * 1024,
     ) -> None:
+        """``outbox``: an open one, or the directory :meth:`start` opens it in."""
         self.settings = settings
         self.site, self.room = site, room
         self.verifier = verifier  # whose retained checkpoints count (see the module doc)
@@ -277,7 +293,9 @@ class MqttSink(Sink):
         self.checkpoint_guard: Callable[[Checkpoint], Awaitable[str | None]] | None = None
         self._cp_blocked = False
         self._last_note: str | None = None  # ours: its echo needs no check
-        self.outbox = outbox
+        self._outbox = outbox if isinstance(outbox, Outbox) else None
+        self._outbox_dir = outbox if isinstance(outbox, Path) else None
+        self._outbox_max_bytes = outbox_max_bytes
         self._sim = simulated
         self._topics = {
             n: topic(settings.prefix, site, room, n)
@@ -308,6 +326,27 @@ class MqttSink(Sink):
     @property
     def closing(self) -> bool:
         return self._closing
+
+    @property
+    def outbox(self) -> Outbox:
+        if self._outbox is None:
+            raise RuntimeError("the MQTT sink's outbox is opened by start()")
+        return self._outbox
+
+    async def start(self) -> None:
+        """Open the outbox (inside the log directory, so under its LOCK: one daemon per
+        outbox). Refuses the start when it cannot be used."""
+        if self._outbox is None and self._outbox_dir is not None:
+            try:
+                self._outbox = await Outbox.open(self._outbox_dir, self._outbox_max_bytes)
+            except OutboxError as exc:
+                raise SinkConfigError(f"mqtt outbox: {exc}") from None
+        log.info(
+            "mqtt_enabled",
+            broker=self.settings.url,
+            session=self.outbox.session,
+            client_id=self.settings.client_id,
+        )
 
     @property
     def session(self) -> int:
@@ -722,7 +761,8 @@ class MqttSink(Sink):
         self.outbox.changed.set()
         task = self._task
         if task is None:
-            await self.outbox.close()
+            if self._outbox is not None:  # never ran (or never started)
+                await self._outbox.close()
             return
         done, _ = await asyncio.wait({task}, timeout=FLUSH_AT_CLOSE_S + 1.5)
         if not done:
@@ -730,3 +770,42 @@ class MqttSink(Sink):
             task.cancel(msg="mqtt sink: close timed out")
             await asyncio.wait({task})  # its disk work finishes first (see the outbox)
             await self.outbox.close()
+
+
+class MqttSinkFactory:
+    """The MQTT sink as a plug-in (entry point ``mqtt`` of ``iort.sinks``), built like any
+    other sink. Its options are the ``[mqtt]`` table, which configures it (one broker
+    connection and one outbox per daemon; ``[[sinks]]`` with ``type = "mqtt"`` is
+    refused). The context's ``state_dir`` is its outbox directory, ``origin`` gives the
+    client id, ``verifier`` says which retained checkpoints are its own."""
+
+    name = "mqtt"
+
+    def validate(self, options: Mapping[str, Any]) -> None:
+        try:
+            MqttConfig.model_validate(dict(options))
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            key = ".".join(str(p) for p in err["loc"])
+            raise SinkOptionError(f"options.{key}", str(err["msg"])) from None
+
+    def create(self, spec: SinkSpec, context: SinkContext) -> MqttSink:
+        self.validate(spec.options)
+        mqtt = MqttConfig.model_validate(dict(spec.options))
+        try:
+            # The password is read now: it may have gone since check-config.
+            settings = settings_from_config(
+                mqtt, SiteConfig(id=context.site, room=context.room), origin=context.origin
+            )
+        except (OSError, KeyError, ValueError) as exc:
+            what = "password_env" if isinstance(exc, KeyError) else "password_file"
+            raise SinkConfigError(f"mqtt.{what}: cannot read the password: {exc}") from None
+        return MqttSink(
+            settings,
+            context.state_dir,
+            site=context.site,
+            room=context.room,
+            simulated=context.simulated,
+            verifier=context.verifier,
+            outbox_max_bytes=mqtt.outbox_max_bytes,
+        )

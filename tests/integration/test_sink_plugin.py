@@ -167,7 +167,7 @@ def check_config(path: Path, env: dict[str, str]) -> subprocess.CompletedProcess
         (
             '[[sinks]]\ntype = "recoder"\n',
             "sinks[0].type",
-            "installed sinks: recorder",
+            "installed sinks: mqtt, recorder",
         ),
         (
             '[[sinks]]\ntype = "recorder"\nname = "mqtt"\n[sinks.options]\npath = "/tmp/x"\n',

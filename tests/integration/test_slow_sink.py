@@ -99,3 +99,28 @@ async def test_a_slow_sink_delays_neither_the_record_nor_another_sink(tmp_path: 
     assert 0 < recorded <= slow_q.dropped_total
     assert slow.closed
     assert timed.closed
+
+
+class SlowToClose(RecordingSink):
+    async def aclose(self) -> None:
+        await asyncio.sleep(SLOW_S)  # deliberately slow: a flush to a slow server
+        await super().aclose()
+
+
+async def test_sinks_close_together_not_one_after_another(tmp_path: Path) -> None:
+    loaded, registry, _ = scripted(tmp_path, ["ok"] * 100_000)
+    sinks = [SlowToClose() for _ in range(3)]
+    for i, s in enumerate(sinks):
+        s.name = f"slow-close-{i}"
+    daemon = Daemon(loaded, registry, SystemClock(), sinks)
+    stop = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop))
+    await sinks[0].wait_for(lambda: len(sinks[0].samples) >= 5, "a few samples")
+    t0 = time.monotonic()
+    stop.set()
+    async with asyncio.timeout(20):
+        await task
+    took_s = time.monotonic() - t0
+    assert all(s.closed for s in sinks)
+    # One after another would take 3 x SLOW_S.
+    assert took_s < 2.5 * SLOW_S, f"shutdown took {took_s:.2f} s"
