@@ -24,10 +24,11 @@ policy decides:
   until its queue has drained to half, so that a sink that has stopped cannot hold the
   others up for ``timeout_s`` per reading.
 
-Every drop is counted by kind (``sample``, ``events``, ...), logged (``sink_overflow``,
-the first of a run of drops at once, then at most every ``REPORT_EVERY_S``) and handed to
-``on_overflow`` with the same figures, which the daemon records in the audit log as a
-``sink_overflow`` entry: a sink that missed part of a delivery says so in the record.
+Every drop is counted by kind (``sample``, ``events``, ...), logged (``sink_overflow``:
+the first drop at once, then at most one report every ``REPORT_EVERY_S``, with the counts
+since the last) and handed to ``on_overflow`` with the same figures, which the daemon
+records in the audit log as a ``sink_overflow`` entry (the last before ``daemon_stop``): a
+sink that missed part of a delivery says so in the record.
 
 Shutdown: :meth:`aclose` stops taking calls, lets the queue drain for at most
 ``drain_s``, cancels the rest (counted and logged as ``sink_drain_timeout``), then closes
@@ -128,7 +129,6 @@ class QueuedSink(Sink):
         self.dropped_total = 0
         self._unreported: Counter[str] = Counter()
         self._last_report = -REPORT_EVERY_S
-        self._in_a_run = False  # drops since the queue last had room without dropping
 
     @property
     def closing(self) -> bool:
@@ -185,8 +185,6 @@ class QueuedSink(Sink):
             self._drop(victim or call[0], why="queue full")
             if victim is None:
                 return  # the newcomer was the one to go
-        else:
-            self._in_a_run = False
         self._queue.append(call)
         self._ready.set()
 
@@ -205,9 +203,7 @@ class QueuedSink(Sink):
     def _drop(self, kind: str, *, why: str) -> None:
         self.dropped_total += 1
         self._unreported[kind] += 1
-        now = self._clock()
-        if not self._in_a_run or now - self._last_report >= REPORT_EVERY_S:
-            self._in_a_run = True
+        if self._clock() - self._last_report >= REPORT_EVERY_S:
             self.report_overflow(why=why)
 
     def report_overflow(self, *, why: str = "queue full") -> None:

@@ -223,3 +223,24 @@ async def test_a_sink_whose_run_raises_does_not_raise_out_of_its_queue() -> None
 def test_queue_size_must_be_positive() -> None:
     with pytest.raises(ValueError, match="queue_size"):
         QueuedSink(Gated(), queue_size=0)
+
+
+async def test_drop_reports_are_rate_limited_and_flushed_on_demand() -> None:
+    now = [0.0]
+    inner = Gated()
+    inner.gate.clear()
+    reports: list[Mapping[str, Any]] = []
+    q = QueuedSink(inner, queue_size=1, clock=lambda: now[0])
+    q.on_overflow = reports.append
+    for i in range(5):  # not running: the first fills the queue, the others each drop one
+        await q.sample(sample(i))
+    assert [r["dropped"] for r in reports] == [{"sample": 1}], "the first drop at once"
+    now[0] = 10.0
+    await q.sample(sample(5))
+    assert [r["dropped"] for r in reports][1:] == [{"sample": 4}], "then one per 10 s"
+    await q.sample(sample(6))
+    q.report_overflow()  # the daemon, before daemon_stop
+    assert [r["dropped"] for r in reports][2:] == [{"sample": 1}]
+    assert reports[-1]["dropped_total"] == 6
+    q.report_overflow()
+    assert len(reports) == 3, "nothing new: no report"
