@@ -381,7 +381,28 @@ def _resolve_device_paths(dev: DeviceConfig, base: Path, registry: DriverRegistr
     return dev.model_copy(update={"options": _freeze({**_thaw(dev.options), **update})})
 
 
-def _resolve_paths(config: Config, base: Path, registry: DriverRegistry) -> Config:
+def _resolve_sink_paths(table: SinkConfig, base: Path, registry: SinkRegistry) -> SinkConfig:
+    """Make a sink's file options (its factory's ``path_options``) relative to ``base``."""
+    try:
+        keys: frozenset[str] = getattr(registry.get(table.type), "path_options", frozenset())
+    except SinkConfigError:
+        return table  # reported by _check_sinks
+    update = {
+        k: str(base / v)
+        for k in keys
+        if isinstance(v := table.options.get(k), str)
+        and v
+        and "\0" not in v
+        and not Path(v).is_absolute()
+    }
+    if not update:
+        return table
+    return table.model_copy(update={"options": _freeze({**_thaw(table.options), **update})})
+
+
+def _resolve_paths(
+    config: Config, base: Path, registry: DriverRegistry, sinks: SinkRegistry
+) -> Config:
     def fix(p: Path | None) -> Path | None:
         return None if p is None else (p if p.is_absolute() else (base / p))
 
@@ -398,7 +419,8 @@ def _resolve_paths(config: Config, base: Path, registry: DriverRegistry) -> Conf
         }
     )
     devices = tuple(_resolve_device_paths(d, base, registry) for d in config.devices)
-    return config.model_copy(update={"log": log, "mqtt": mqtt, "devices": devices})
+    tables = tuple(_resolve_sink_paths(t, base, sinks) for t in config.sinks)
+    return config.model_copy(update={"log": log, "mqtt": mqtt, "devices": devices, "sinks": tables})
 
 
 def _check_files(config: Config, file: Path) -> list[ConfigIssue]:
@@ -683,13 +705,14 @@ def load_config(
             issues.append(ConfigIssue(path, key, msg))
         raise ConfigError(issues) from None
 
-    config = _resolve_paths(config, path.parent.resolve(), registry)
+    sinks = sinks or SinkRegistry.from_entry_points()
+    config = _resolve_paths(config, path.parent.resolve(), registry, sinks)
     # Device structure first: with duplicate names or no source, per-driver checks would
     # only add noise about the wrong device.
     issues = _check_devices(config, path)
     if not issues:
         issues = _check_files(config, path) + _check_drivers(config, path, registry)
-        issues += _check_sinks(config, path, sinks or SinkRegistry.from_entry_points())
+        issues += _check_sinks(config, path, sinks)
     if issues:
         raise ConfigError(issues)
     return LoadedConfig(config=config, path=path, sha256=hashlib.sha256(raw_bytes).hexdigest())

@@ -187,7 +187,12 @@ class SinkContext:
 
 class SinkFactory(Protocol):
     """The object an ``iort.sinks`` entry point resolves to (a class, instantiated once
-    without arguments, or an instance with these members)."""
+    without arguments, or an instance with these members).
+
+    A factory may also have ``path_options: frozenset[str]``: the option keys that hold a
+    file path. The config loader makes such a relative path absolute against the config
+    file's directory, like every other path in the config, before ``validate``.
+    """
 
     name: str
 

@@ -62,7 +62,7 @@ delay_s = 1.0
 type = "recorder"
 name = "fast"
 [sinks.options]
-path = "{tmp_path / "fast.jsonl"}"
+path = "fast.jsonl"  # relative: taken from the config file's folder
 """
 
 
@@ -160,9 +160,9 @@ def check_config(path: Path, env: dict[str, str]) -> subprocess.CompletedProcess
             "unknown key",
         ),
         (
-            '[[sinks]]\ntype = "recorder"\n[sinks.options]\npath = "relative.jsonl"\n',
-            "sinks[0].options.path",
-            "absolute",
+            '[[sinks]]\ntype = "recorder"\n[sinks.options]\npath = "x.jsonl"\ndelay_s = -1\n',
+            "sinks[0].options.delay_s",
+            "expected 0..60 seconds",
         ),
         (
             '[[sinks]]\ntype = "recoder"\n',

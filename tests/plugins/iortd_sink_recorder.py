@@ -70,6 +70,7 @@ class RecorderSink(Sink):
 
 class RecorderFactory:
     name = "recorder"
+    path_options = frozenset({"path"})  # a relative one is taken from the config's folder
 
     def validate(self, options: Mapping[str, Any]) -> None:
         for key in options:
@@ -77,7 +78,7 @@ class RecorderFactory:
                 raise SinkOptionError(f"options.{key}", f"unknown key (known: {sorted(OPTIONS)})")
         path = options.get("path")
         if not isinstance(path, str) or not Path(path).is_absolute():
-            raise SinkOptionError("options.path", "required: an absolute file path")
+            raise SinkOptionError("options.path", "required: a file path")
         delay = options.get("delay_s", 0.0)
         if not isinstance(delay, int | float) or isinstance(delay, bool) or not 0 <= delay <= 60:
             raise SinkOptionError("options.delay_s", f"expected 0..60 seconds; got {delay!r}")

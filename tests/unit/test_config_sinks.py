@@ -145,3 +145,24 @@ def test_the_number_of_sinks_is_bounded(tmp_path: Path) -> None:
     [issue] = issues(config_with(tmp_path, table * 17))
     assert issue.key == "sinks"
     assert "at most 16" in issue.message
+
+
+class PathSinkFactory(FileSinkFactory):
+    name = "pathy"
+    path_options = frozenset({"path"})
+
+
+def test_a_factorys_path_options_are_taken_from_the_config_files_folder(tmp_path: Path) -> None:
+    registry = SinkRegistry.of([PathSinkFactory()])
+    tables = (
+        '[[sinks]]\ntype = "pathy"\nname = "rel"\n[sinks.options]\npath = "out/x.jsonl"\n'
+        '[[sinks]]\ntype = "pathy"\nname = "abs"\n[sinks.options]\npath = "/var/x.jsonl"\n'
+        '[[sinks]]\ntype = "pathy"\nname = "other"\n[sinks.options]\npath = "/y"\nfsync = "z"\n'
+    )
+    loaded = load_config(
+        config_with(tmp_path, tables), DriverRegistry.from_entry_points(), sinks=registry
+    )
+    rel, ab, other = loaded.config.sinks
+    assert rel.options["path"] == str(tmp_path / "out" / "x.jsonl")
+    assert ab.options["path"] == "/var/x.jsonl"
+    assert other.options["fsync"] == "z", "only the factory's path options"
