@@ -95,6 +95,11 @@ def test_a_valid_table_loads_with_its_queue_defaults_and_read_only_options(
         ('[[sinks]]\ntype = "file"\nqueue_sise = 5\n', "sinks[0].queue_sise", ("unknown key",)),
         ('[[sinks]]\ntype = "file"\nqueue_size = 0\n', "sinks[0].queue_size", ("greater than",)),
         ('[[sinks]]\ntype = "File"\n', "sinks[0].type", ("sink type as installed",)),
+        (
+            '[[sinks]]\ntype = "file"\noverflow = "drop_all"\n',
+            "sinks[0].overflow",
+            ("'drop_oldest' or 'block'",),
+        ),
         ('[[sinks]]\ntype = "mqtt"\n', "sinks[0].type", ("[mqtt] table",)),
         (
             '[[sinks]]\ntype = "file"\nname = "oplog"\n[sinks.options]\npath = "/x"\n',
