@@ -7,9 +7,10 @@ fails half-way, a crash of any task):
 1. the **audit log**, opened and recovered before any device is touched, and closed last
    (flushed and fsync'd; a close that cannot write raises OSError after keeping what was
    pending in the spill directory);
-2. the **sinks** (:func:`_open_sinks`: the operational log, the caller's own, and the MQTT
-   sink with its outbox when the config enables it), each closed within
-   ``SHUTDOWN_TIMEOUT_S``, in reverse order;
+2. the **sinks** (:func:`_open_sinks`: the operational log, the caller's own, the
+   ``[[sinks]]`` plug-ins and the MQTT sink with its outbox when the config enables it),
+   each behind its own bounded queue, closed all at once, each within
+   ``SHUTDOWN_TIMEOUT_S``;
 
 then builds the :class:`~iortd.daemon.service.Service` (tracker, record, dispatcher) and
 runs everything in **one** ``asyncio.TaskGroup``: the audit writer, each sink's own work,
@@ -55,10 +56,10 @@ from iortd.auditlog.writer import (
 )
 from iortd.daemon.config import Config, ConfigError, DeviceConfig, LoadedConfig, load_config
 from iortd.daemon.device_loop import DeviceLoop
-from iortd.daemon.mqtt.outbox import Outbox, OutboxError
-from iortd.daemon.mqtt.sink import MqttSink, settings_from_config
 from iortd.daemon.service import RunResult, Service
-from iortd.daemon.sinks import OperationalLogSink, Sink
+from iortd.daemon.sink_queue import QueuedSink, SinkLike, queued
+from iortd.daemon.sink_registry import SinkRegistry, open_sinks
+from iortd.daemon.sinks import OperationalLogSink, Sink, SinkConfigError
 from iortd.daemon.tracker import DeliveryTracker
 from iortd.drivers.interface import DriverContext
 from iortd.drivers.registry import DriverRegistry
@@ -85,7 +86,6 @@ EXIT_OK = 0
 EXIT_BAD = 1
 EXIT_USAGE = 2
 SHUTDOWN_TIMEOUT_S = 5.0
-OUTBOX_DIR = "mqtt-outbox"
 
 
 class StartError(Exception):
@@ -111,7 +111,7 @@ class App:
         loaded: LoadedConfig,
         registry: DriverRegistry,
         clock: Clock,
-        sinks: Sequence[Sink] = (),
+        sinks: Sequence[SinkLike] = (),
         *,
         signer: Signer | None = None,
         accept_rollback: bool = False,
@@ -195,7 +195,7 @@ class App:
         self,
         service: Service,
         audit: AuditLog,
-        sinks: Sequence[Sink],
+        sinks: Sequence[QueuedSink],
         sinks_stack: contextlib.AsyncExitStack,
         stop: asyncio.Event,
     ) -> RunResult:
@@ -240,47 +240,48 @@ class App:
 async def _open_sinks(
     c: Config,
     stack: contextlib.AsyncExitStack,
-    own: Sequence[Sink],
+    own: Sequence[SinkLike],
     *,
     registry: DriverRegistry,
     origin: str,
     signer: Signer | None,
     broker_url: str | None,
-) -> list[Sink]:
-    """Every sink of the run, in the order they are told: the operational log, the
-    caller's own, then the MQTT sink (with its outbox) when the config enables it. Each is
-    closed by ``stack`` within ``SHUTDOWN_TIMEOUT_S``."""
-    sinks: list[Sink] = [OperationalLogSink(), *own]
-    for sink in sinks:
-        stack.push_async_callback(_close_sink, sink)
+) -> list[QueuedSink]:
+    """Every sink of the run, each behind its own queue (:mod:`iortd.daemon.sink_queue`),
+    in the order they are told: the operational log, the caller's own, the ``[[sinks]]``
+    tables in file order, then the MQTT sink (with its outbox) when ``[mqtt]`` enables it;
+    the plug-ins are built by their factories from the ``iort.sinks`` entry points
+    (:func:`iortd.daemon.sink_registry.open_sinks`). ``stack`` closes them all at once,
+    each within ``SHUTDOWN_TIMEOUT_S``."""
+    sinks: list[QueuedSink] = [queued(OperationalLogSink()), *(queued(s) for s in own)]
+    stack.push_async_callback(_close_sinks, sinks)  # the list grows below: all are closed
+    mqtt = None
     if c.mqtt.enabled:
-        try:
-            # The password is read now: it may have gone since check-config.
-            settings = settings_from_config(c.mqtt, c.site, origin=origin, url=broker_url)
-        except (OSError, KeyError, ValueError) as exc:
-            what = "password_env" if isinstance(exc, KeyError) else "password_file"
-            raise StartError(f"mqtt.{what}: cannot read the password: {exc}") from None
-        try:
-            # Inside the log directory, so under its LOCK: one daemon per outbox.
-            outbox = await Outbox.open(c.log.directory / OUTBOX_DIR, c.mqtt.outbox_max_bytes)
-        except OutboxError as exc:
-            raise StartError(f"mqtt outbox: {exc}") from None
-        mqtt_sink = MqttSink(
-            settings,
-            outbox,
+        mqtt = {**c.mqtt.model_dump(exclude={"enabled"}), "url": broker_url or c.mqtt.url}
+    try:
+        sinks += await open_sinks(
+            c.sinks,
+            SinkRegistry.from_entry_points(),
+            mqtt=mqtt,
+            site=c.site.id,
+            room=c.site.room,
             # "sim": true on every message when any device is a simulator.
             simulated=any(registry.get(d.driver).simulated for d in c.devices),
+            log_directory=c.log.directory,
+            origin=origin,
             verifier=None if signer is None else signer.verifier,
         )
-        sinks.append(mqtt_sink)
-        stack.push_async_callback(_close_sink, mqtt_sink)  # it closes its outbox
-        log.info(
-            "mqtt_enabled",
-            broker=settings.url,
-            session=outbox.session,
-            client_id=settings.client_id,
-        )
+    except SinkConfigError as exc:
+        raise StartError(str(exc)) from None
     return sinks
+
+
+async def _close_sinks(sinks: Sequence[QueuedSink]) -> None:
+    """All at once, each within its bound: one sink's drain does not add to the next one's
+    before the audit log closes. A sink's close never raises (its queue logs a failure)."""
+    async with asyncio.TaskGroup() as tg:
+        for sink in reversed(sinks):
+            tg.create_task(_close_sink(sink), name=f"close:{sink.name}")
 
 
 async def _close_sink(sink: Sink) -> None:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Literal, Self
-from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -31,10 +30,13 @@ from pydantic import (
 )
 
 from iortd.auditlog.note import KeyFileError, load_signer
+from iortd.daemon.sink_registry import BUILT_IN_NAMES, CONFIGURED_BY_SECTION, SinkRegistry
+from iortd.daemon.sinks import Overflow, SinkConfigError, SinkOptionError
 from iortd.daemon.tracker.settings import STALE_AFTER_POLLS, TrackerSettings
 from iortd.daemon.tracker.settings import setting_default as _d
 from iortd.drivers.errors import DriverConfigError, DriverOptionError
 from iortd.drivers.registry import DriverRegistry
+from iortd.kernel.broker import parse_broker_url
 from iortd.kernel.files import BOM_ERROR, UTF8_BOM, FileReadError, read_small_file
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "ConfigIssue",
     "DeviceConfig",
     "LoadedConfig",
+    "SinkConfig",
     "load_config",
     "tracker_settings",
 ]
@@ -56,12 +59,15 @@ _ID_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 PseudonymousId = Annotated[str, Field(pattern=_ID_RE)]
 _DRIVER_RE = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 _ENV_RE = r"^[A-Z_][A-Z0-9_]*$"
+# The same shape as a driver name, written apart so that its error says "sink type".
+_SINK_RE = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 # What a pattern means, in words, for error messages (a regex is no help to a reader).
 _PATTERN_MEANING: Mapping[str, str] = {
     _SLUG_RE: "a lower-case slug (a-z, 0-9 and '-', at most 63 characters)",
     _ID_RE: "a pseudonymous code (letters, digits, '.', '_', '-'; never a name)",
     _DRIVER_RE: "a driver name as installed (lower-case, e.g. 'sim')",
     _ENV_RE: "an environment variable name (A-Z, 0-9, '_')",
+    _SINK_RE: "a sink type as installed (lower-case, e.g. 'mqtt')",
 }
 
 
@@ -107,6 +113,10 @@ class LogConfig(_Model):
     signing_key_file: ConfigPath | None = None
 
 
+# Where the daemon's broker credentials go instead of the URL.
+MQTT_CREDENTIALS_HINT = "use mqtt.username and mqtt.password_file or mqtt.password_env"
+
+
 class MqttConfig(_Model):
     enabled: bool = True
     url: str = "mqtt://127.0.0.1:1883"
@@ -124,22 +134,8 @@ class MqttConfig(_Model):
     @field_validator("url")
     @classmethod
     def _broker_url(cls, url: str) -> str:
-        expected = "expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
-        try:
-            parts = urlsplit(url)
-            port = parts.port
-        except ValueError as exc:
-            raise ValueError(f"{expected}; {exc}; got {url!r}") from None
-        if "@" in parts.netloc:
-            # Never echoed: the part before '@' may be a password.
-            raise ValueError(
-                "a URL must not carry credentials (user:password@); use mqtt.username and "
-                "mqtt.password_file or mqtt.password_env"
-            )
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise ValueError(f"{expected}; got {url!r}")
-        if parts.path not in ("", "/") or parts.query or parts.fragment or port == 0:
-            raise ValueError(f"{expected}; got {url!r}")
+        # The rules every MQTT client of iortd shares (iortd.kernel.broker).
+        parse_broker_url(url, credentials_hint=MQTT_CREDENTIALS_HINT)
         return url
 
     @model_validator(mode="after")
@@ -212,6 +208,32 @@ class DeviceConfig(_Model):
         return thawed
 
 
+class SinkConfig(_Model):
+    """One ``[[sinks]]`` table: a sink plug-in (entry point group ``iort.sinks``) by its
+    ``type``, its queue (daemon/sink_queue.py) and its own ``options``, which the sink's
+    factory validates (docs/engineers.md, "Writing a sink")."""
+
+    type: Annotated[str, Field(pattern=_SINK_RE)]
+    # Names it in the logs and in the audit log; the type unless given (two sinks of one
+    # type need names of their own).
+    name: Slug | None = None
+    queue_size: int = Field(default=1000, ge=1, le=1_000_000)
+    overflow: Overflow = "drop_oldest"
+    timeout_s: float = Field(default=10.0, gt=0, le=600)
+    options: Mapping[str, Any] = Field(default_factory=dict, strict=False)
+
+    @field_validator("options", mode="after")
+    @classmethod
+    def _read_only(cls, value: Mapping[str, Any]) -> Mapping[str, Any]:
+        frozen: Mapping[str, Any] = _freeze(value)
+        return frozen
+
+    @field_serializer("options")
+    def _plain(self, value: Mapping[str, Any]) -> dict[str, Any]:
+        thawed: dict[str, Any] = _thaw(value)
+        return thawed
+
+
 class Config(_Model):
     site: SiteConfig
     log: LogConfig
@@ -222,6 +244,9 @@ class Config(_Model):
     # No length bounds here: pydantic reports a bound again when an item fails, which would
     # double every device error. _check_devices bounds the count instead.
     devices: tuple[DeviceConfig, ...] = Field(strict=False)
+    # Sinks besides the built-in ones ([mqtt], the operational log), in the order they are
+    # told; bounded by _check_sinks, like devices.
+    sinks: tuple[SinkConfig, ...] = Field(default=(), strict=False)
 
     @property
     def source(self) -> DeviceConfig:
@@ -388,7 +413,28 @@ def _resolve_device_paths(dev: DeviceConfig, base: Path, registry: DriverRegistr
     return dev.model_copy(update={"options": _freeze({**_thaw(dev.options), **update})})
 
 
-def _resolve_paths(config: Config, base: Path, registry: DriverRegistry) -> Config:
+def _resolve_sink_paths(table: SinkConfig, base: Path, registry: SinkRegistry) -> SinkConfig:
+    """Make a sink's file options (its factory's ``path_options``) relative to ``base``."""
+    try:
+        keys: frozenset[str] = getattr(registry.get(table.type), "path_options", frozenset())
+    except SinkConfigError:
+        return table  # reported by _check_sinks
+    update = {
+        k: str(base / v)
+        for k in keys
+        if isinstance(v := table.options.get(k), str)
+        and v
+        and "\0" not in v
+        and not Path(v).is_absolute()
+    }
+    if not update:
+        return table
+    return table.model_copy(update={"options": _freeze({**_thaw(table.options), **update})})
+
+
+def _resolve_paths(
+    config: Config, base: Path, registry: DriverRegistry, sinks: SinkRegistry
+) -> Config:
     def fix(p: Path | None) -> Path | None:
         return None if p is None else (p if p.is_absolute() else (base / p))
 
@@ -405,7 +451,8 @@ def _resolve_paths(config: Config, base: Path, registry: DriverRegistry) -> Conf
         }
     )
     devices = tuple(_resolve_device_paths(d, base, registry) for d in config.devices)
-    return config.model_copy(update={"log": log, "mqtt": mqtt, "devices": devices})
+    tables = tuple(_resolve_sink_paths(t, base, sinks) for t in config.sinks)
+    return config.model_copy(update={"log": log, "mqtt": mqtt, "devices": devices, "sinks": tables})
 
 
 def _check_files(config: Config, file: Path) -> list[ConfigIssue]:
@@ -484,6 +531,7 @@ def _check_file_system(config: Config, file: Path) -> list[ConfigIssue]:
 
 
 MAX_DEVICES = 32
+MAX_SINKS = 16
 # Far beyond any real config (the shipped ones are a few KB and 4 levels deep); what is
 # bounded here is the damage a hostile or mistaken file can do.
 MAX_CONFIG_BYTES = 1024 * 1024
@@ -555,15 +603,91 @@ def _check_drivers(config: Config, file: Path, registry: DriverRegistry) -> list
     return issues
 
 
+# Option names that hold a secret themselves (rather than naming its file or variable).
+_SECRET_OPTION_NAMES = frozenset(
+    {"password", "passwd", "secret", "token", "api_key", "apikey", "access_key", "private_key"}
+)
+
+
+def _secret_keys(options: Mapping[str, Any], where: str) -> list[str]:
+    found = []
+    for k, v in options.items():
+        path = f"{where}.{k}"
+        if k.lower() in _SECRET_OPTION_NAMES:
+            found.append(path)
+        elif isinstance(v, Mapping):
+            found += _secret_keys(v, path)
+    return found
+
+
+def _check_sinks(config: Config, file: Path, registry: SinkRegistry) -> list[ConfigIssue]:
+    """Each ``[[sinks]]`` table: a unique name, an installed type, and options its own
+    factory accepts (validated without touching anything)."""
+    if len(config.sinks) > MAX_SINKS:
+        msg = f"at most {MAX_SINKS} sinks per daemon; found {len(config.sinks)}"
+        return [ConfigIssue(file, "sinks", msg)]
+    issues = []
+    first: dict[str, int] = {}
+    for i, table in enumerate(config.sinks):
+        key = f"sinks[{i}]"
+        name = table.name or table.type
+        name_key = f"{key}.name" if table.name else f"{key}.type"
+        if table.type in CONFIGURED_BY_SECTION:
+            section = CONFIGURED_BY_SECTION[table.type]
+            msg = f"the {table.type!r} sink is configured by the {section} table, not [[sinks]]"
+            issues.append(ConfigIssue(file, f"{key}.type", msg))
+            continue
+        if name in BUILT_IN_NAMES:
+            msg = (
+                f"{name!r} is the name of a built-in sink; give this one a name of its own "
+                '(name = "...")'
+            )
+            issues.append(ConfigIssue(file, name_key, msg))
+        elif name in first:
+            msg = (
+                f"sink names must be unique: {name!r} is already sinks[{first[name]}]; "
+                'give this one a name of its own (name = "...")'
+            )
+            issues.append(ConfigIssue(file, name_key, msg))
+        first.setdefault(name, i)
+        secrets = _secret_keys(table.options, f"{key}.options")
+        for where in secrets:
+            msg = (
+                "secrets never go in the TOML (the config is recorded in the audit log); "
+                "give the sink a file (e.g. password_file, mode 0600) or an environment "
+                "variable (e.g. password_env) instead"
+            )
+            issues.append(ConfigIssue(file, where, msg))
+        if secrets:
+            continue
+        try:
+            factory = registry.get(table.type)
+        except SinkConfigError as exc:
+            issues.append(ConfigIssue(file, f"{key}.type", str(exc)))
+            continue
+        try:
+            factory.validate(table.options)
+        except SinkOptionError as exc:
+            issues.append(ConfigIssue(file, f"{key}.{exc.key}", exc.message))
+        except Exception as exc:
+            # A plug-in's bug, not the user's: still one line naming the table.
+            msg = f"sink {table.type!r} could not check its options: {type(exc).__name__}: {exc}"
+            issues.append(ConfigIssue(file, f"{key}.options", msg))
+    return issues
+
+
 def load_config(
     path: Path,
     registry: DriverRegistry,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    sinks: SinkRegistry | None = None,
 ) -> LoadedConfig:
     """Read, parse and validate a config file; raise ConfigError naming every problem.
 
     ``overrides`` (from command-line options) are merged into their sections before
-    validation, so they are checked exactly like the file's own values.
+    validation, so they are checked exactly like the file's own values. ``sinks``: where
+    ``[[sinks]]`` types are looked up (default: the installed ``iort.sinks`` entry points).
     """
     try:
         raw_bytes = read_small_file(path, MAX_CONFIG_BYTES, expected="a TOML file")
@@ -613,12 +737,14 @@ def load_config(
             issues.append(ConfigIssue(path, key, msg))
         raise ConfigError(issues) from None
 
-    config = _resolve_paths(config, path.parent.resolve(), registry)
+    sinks = sinks or SinkRegistry.from_entry_points()
+    config = _resolve_paths(config, path.parent.resolve(), registry, sinks)
     # Device structure first: with duplicate names or no source, per-driver checks would
     # only add noise about the wrong device.
     issues = _check_devices(config, path)
     if not issues:
         issues = _check_files(config, path) + _check_drivers(config, path, registry)
+        issues += _check_sinks(config, path, sinks)
     if issues:
         raise ConfigError(issues)
     return LoadedConfig(config=config, path=path, sha256=hashlib.sha256(raw_bytes).hexdigest())

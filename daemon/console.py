@@ -3,6 +3,10 @@
 On a terminal it redraws one status line in place; otherwise (CI, a pipe) it prints a
 line at each 10 % of the preset so that logs stay short. Events (phase changes, alarms,
 gaps, the end) are always printed on lines of their own.
+
+A :class:`~iortd.daemon.sinks.Sink` like any other: it runs behind its own queue
+(:mod:`iortd.daemon.sink_queue`), so a terminal that cannot keep up (a paused ``less``, a
+slow SSH link) delays only the view, never the record or the live stream.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TextIO
 
-from iortd.daemon.sinks import Sample
+from iortd.daemon.sinks import Sample, Sink
 from iortd.daemon.tracker import (
     AlarmCleared,
     AlarmRaised,
@@ -43,7 +47,7 @@ def progress_bar(fraction: float, width: int = 30) -> str:
     return "[" + "#" * filled + "-" * (width - filled) + "]"
 
 
-class ConsoleView:
+class ConsoleView(Sink):
     name = "console"
 
     def __init__(self, out: TextIO, *, live: bool) -> None:
@@ -132,9 +136,6 @@ class ConsoleView:
 
     async def notice(self, severity: str, message: str) -> None:
         self._println(f"  {severity.upper()}: {message}")
-
-    async def run(self) -> None:
-        return None
 
     async def aclose(self) -> None:
         if self._line_open:

@@ -21,7 +21,9 @@ the log contains the broker's retained checkpoint before it overwrites it.
 The record comes first: every event is appended to the audit log and fsync'd before any
 other sink hears of it; samples are appended (and group-committed within the window)
 before other sinks hear of them. A device loop never waits for the disk: the dispatcher
-waits for durability and then tells the other sinks, in order.
+waits for durability and then tells the other sinks, in order, each through a bounded queue
+and task of its own (:mod:`iortd.daemon.sink_queue`), so that a slow sink delays only
+itself; what a sink's queue drops is recorded (``sink_overflow``).
 
 Readings go where the device's role says: the source's to the tracker (and its replies
 keep the stale alarm off); its lost link makes the interlocks unknown. Other roles are
@@ -52,7 +54,8 @@ from iortd.daemon.config import DeviceConfig, LoadedConfig, tracker_settings
 from iortd.daemon.device_loop import Reading
 from iortd.daemon.entries import event_entry, plain, sample_entry
 from iortd.daemon.recovery import close_unresumable, record_recovery, resumable
-from iortd.daemon.sinks import Sample, Sink
+from iortd.daemon.sink_queue import QueuedSink, SinkLike, queued
+from iortd.daemon.sinks import Sample
 from iortd.daemon.tracker import (
     DeliverySnapshot,
     DeliveryTracker,
@@ -99,7 +102,7 @@ class Service:
         self,
         loaded: LoadedConfig,
         clock: Clock,
-        sinks: Sequence[Sink],
+        sinks: Sequence[SinkLike | QueuedSink],
         audit: AuditLog,
         recovery: RecoveryReport,
         *,
@@ -108,16 +111,21 @@ class Service:
         self.config = loaded.config
         self._loaded = loaded
         self._clock = clock
-        self._sinks = list(sinks)
         self._audit = audit
         self._recovery = recovery
         audit.on_failure = self._on_audit_failure
         audit.on_recovered = self._on_audit_recovered
-        for sink in self._sinks:
-            if hasattr(sink, "checkpoint_guard"):  # the MQTT sink: the off-host copy
-                sink.checkpoint_guard = self._guard_checkpoint
-            if hasattr(sink, "on_takeover"):  # the MQTT sink: its broker session
-                sink.on_takeover = self.mqtt_session_taken_over
+        for sink in sinks:
+            inner = sink.inner if isinstance(sink, QueuedSink) else sink
+            if hasattr(inner, "checkpoint_guard"):  # the MQTT sink: the off-host copy
+                inner.checkpoint_guard = self._guard_checkpoint
+            if hasattr(inner, "on_takeover"):  # the MQTT sink: its broker session lost
+                inner.on_takeover = self.mqtt_session_taken_over
+        # Each sink at its own pace, behind its own queue (daemon/sink_queue.py).
+        self._sinks = [queued(s) for s in sinks]
+        for q in self._sinks:
+            q.on_overflow = self._sink_overflow
+        self._stopped = False  # daemon_stop is written: nothing may follow it in the log
         self._stop_after_delivery = stop_after_delivery
         self.tracker = DeliveryTracker(tracker_settings(self.config, clock.speed))
         self.result = RunResult()
@@ -182,8 +190,11 @@ class Service:
         """``daemon_stop`` and the last checkpoint, waited for up to ``timeout_s``: a
         failing disk must not hold the shutdown for ever. What is still pending is tried
         once more when the log is closed."""
+        for sink in self._sinks:
+            sink.report_overflow()  # every drop of this run is in the record before its end
         snap = self.tracker.snapshot()
         open_delivery = snap.delivery_id if snap is not None and snap.termination is None else None
+        self._stopped = True
         entry = self._audit.append(
             "daemon_stop",
             {"clean": True, "open_delivery": open_delivery},
@@ -228,6 +239,16 @@ class Service:
                 f"attempt in {data.get('retry_in_s')} s",
             )
         )
+
+    def _sink_overflow(self, data: Mapping[str, Any]) -> None:
+        """Called by a sink's queue when it dropped calls: recorded, so that the record
+        says which sink missed what (after ``daemon_stop``, only the operational log)."""
+        if self._stopped:
+            return
+        try:
+            self._audit.append("sink_overflow", dict(data))
+        except AuditLogClosed:
+            log.warning("sink_overflow_not_recorded", reason="audit log closed")
 
     async def _guard_checkpoint(self, cp: Checkpoint) -> str | None:
         """Why this log does not contain ``cp`` (the broker's retained checkpoint, signed

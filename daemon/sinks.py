@@ -1,19 +1,35 @@
-"""Where the daemon's observations go.
+"""Where the daemon's observations go: the sink base, public for plug-ins.
 
 The daemon hands every sample and every tracker event to its sinks in order; the first
-sink is the record (the audit log, once it exists) and is awaited before any other sink is
-told, so nothing is shown that is not recorded. A sink must not block the device loop for
-long: sinks that talk to the network queue internally.
+is the record (the audit log) and is written before any other sink is told, so nothing is
+shown that is not recorded. Every other sink is a :class:`Sink`: it runs behind its own
+bounded queue and task (:mod:`iortd.daemon.sink_queue`), so a slow sink delays only
+itself, and what it misses when its queue overflows is counted, logged and recorded.
+
+A sink from another package subclasses :class:`Sink`, overrides the callbacks it cares
+about (the others are no-ops), and registers a :class:`SinkFactory` under the entry-point
+group ``iort.sinks``; a ``[[sinks]]`` table in the site config names it by ``type`` and
+gives its ``options``, which the factory validates at config load (docs/engineers.md,
+"Writing a sink"). This module (which re-exports the tracker's events and its delivery
+snapshot, so that a plug-in never reaches into the tracker's own modules) and
+``iortd.kernel.types`` are what such a package may import.
+
+Callbacks run in the sink's own task, one at a time and in order, each bounded by the
+sink's ``timeout_s``; an exception is logged (``sink_failed``) and the sink misses that
+item, nothing more. A callback must not block the event loop (file or database work goes
+through ``asyncio.to_thread`` or an async client).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
 
 import structlog
 
+from iortd.auditlog.note import Verifier
 from iortd.daemon.tracker import (
     AlarmCleared,
     AlarmRaised,
@@ -29,7 +45,33 @@ from iortd.daemon.tracker import (
 )
 from iortd.kernel.types import DeviceIdentity, Interlock, InterlockState, SourceReading
 
-__all__ = ["OperationalLogSink", "Sample", "Sink"]
+__all__ = [
+    "OVERFLOW_POLICIES",
+    "AlarmCleared",
+    "AlarmRaised",
+    "DeliveryAmended",
+    "DeliverySnapshot",
+    "DeliveryStarted",
+    "InterlockChanged",
+    "MonitoringGapEnded",
+    "MonitoringGapStarted",
+    "OperationalLogSink",
+    "Overflow",
+    "PhaseChanged",
+    "Sample",
+    "Sink",
+    "SinkConfigError",
+    "SinkContext",
+    "SinkFactory",
+    "SinkOptionError",
+    "SinkSpec",
+    "Terminated",
+    "TrackerEvent",
+    "UnknownSinkError",
+]
+
+Overflow = Literal["drop_oldest", "block"]
+OVERFLOW_POLICIES: tuple[Overflow, ...] = ("drop_oldest", "block")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,38 +85,129 @@ class Sample:
     all_clear: bool
 
 
-class Sink(Protocol):
-    name: str
+class Sink:
+    """A destination for what the daemon observes. Every callback is a no-op here:
+    override the ones you need. ``name`` names the sink in the operational log and in the
+    audit log's ``sink_overflow`` entries (a slug: never patient data)."""
+
+    name: str = "sink"
+
+    async def start(self) -> None:
+        """Open what the sink needs (a connection pool, a file) before the daemon runs;
+        bounded by the sink's ``timeout_s``. Raise :class:`SinkConfigError` to refuse to
+        start (exit status 2, nothing touched yet but the audit log)."""
+        return None
 
     async def run(self) -> None:
-        """The sink's own work (a network connection), run as a task from start until
-        :meth:`aclose`; return at once if there is none. Must not raise for trouble it
-        can retry."""
-        ...
+        """The sink's own background work (a network connection), run as a task from the
+        start until :meth:`aclose`; return at once if there is none. Must not raise for
+        trouble it can retry."""
+        return None
 
-    async def started(self, device: str, identity: DeviceIdentity) -> None: ...
+    async def started(self, device: str, identity: DeviceIdentity) -> None:
+        """A device was connected and identified (also after each reconnection)."""
+        return None
 
-    async def sample(self, sample: Sample) -> None: ...
+    async def sample(self, sample: Sample) -> None:
+        """One reading, with the tracker's view after it."""
+        return None
 
     async def events(
         self, events: Sequence[TrackerEvent], delivery: DeliverySnapshot | None
     ) -> None:
         """Tracker events in order; ``delivery`` is the tracker's view after them (also
         when no reading came with them: a gap, a lost link)."""
-        ...
+        return None
 
     async def checkpoint(self, note: str) -> None:
-        """A signed checkpoint of the audit log, to keep a copy off the host."""
-        ...
+        """A signed checkpoint of the audit log (C2SP signed-note text), to keep a copy off
+        the host."""
+        return None
 
     async def notice(self, severity: str, message: str) -> None:
-        """Out-of-band news that cannot wait for the record (the log itself failing)."""
+        """Out-of-band news that cannot wait for the record (the log itself failing);
+        ``severity`` is ``"critical"`` or ``"info"``."""
+        return None
+
+    async def aclose(self) -> None:
+        """Flush and close; bounded by the daemon's shutdown. Called once, after the
+        sink's queue has drained (or its drain bound has passed)."""
+        return None
+
+
+class SinkConfigError(Exception):
+    """A sink cannot be built from its config, or refuses to start: fix the config."""
+
+
+class UnknownSinkError(SinkConfigError):
+    """A config names a sink type that is not installed."""
+
+    def __init__(self, name: str, installed: list[str]) -> None:
+        self.name = name
+        self.installed = sorted(installed)
+        listed = ", ".join(self.installed) or "none"
+        super().__init__(f"sink type {name!r} is not installed (installed sinks: {listed})")
+
+
+class SinkOptionError(SinkConfigError):
+    """One option of a sink is wrong; ``key`` is its path below the ``[[sinks]]`` table
+    (e.g. ``options.url``)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}")
+
+
+@dataclass(frozen=True, slots=True)
+class SinkSpec:
+    """What one ``[[sinks]]`` table says, handed to its factory's ``create``."""
+
+    name: str  # unique among the daemon's sinks; the type unless the table names it
+    type: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SinkContext:
+    """What the composition root lends a sink. ``simulated``: the data come from a
+    simulator (say so in anything shown or sent). ``state_dir``: a directory of the
+    sink's own, under the audit log's directory (and so under its lock: one daemon per
+    directory); not created until the sink creates it. ``origin``: the audit log's name
+    (as in its checkpoints); ``verifier``: the public key its checkpoints are signed with
+    (None when they are not signed), for a sink that keeps checkpoints off the host."""
+
+    site: str
+    room: str
+    simulated: bool
+    state_dir: Path
+    origin: str = ""
+    verifier: Verifier | None = None
+
+
+class SinkFactory(Protocol):
+    """The object an ``iort.sinks`` entry point resolves to (a class, instantiated once
+    without arguments, or an instance with these members).
+
+    A factory may also have ``path_options: frozenset[str]``: the option keys that hold a
+    file path. The config loader makes such a relative path absolute against the config
+    file's directory, like every other path in the config, before ``validate``.
+    """
+
+    name: str
+
+    def validate(self, options: Mapping[str, Any]) -> None:
+        """Check the ``options`` table without touching anything (no network, no file
+        writes); raise :class:`SinkOptionError` naming the key (``options.KEY``). Unknown
+        keys are errors."""
         ...
 
-    async def aclose(self) -> None: ...
+    def create(self, spec: SinkSpec, context: SinkContext) -> Sink:
+        """Build the sink from validated options; it starts in :meth:`Sink.start`."""
+        ...
 
 
-class OperationalLogSink:
+class OperationalLogSink(Sink):
     """Events (not samples) to the operational log. Carries no patient data: delivery ids
     are pseudonymous and readings hold none."""
 
@@ -82,9 +215,6 @@ class OperationalLogSink:
 
     def __init__(self) -> None:
         self._log = structlog.get_logger("iortd.events")
-
-    async def run(self) -> None:
-        return None
 
     async def started(self, device: str, identity: DeviceIdentity) -> None:
         self._log.info(
@@ -96,9 +226,6 @@ class OperationalLogSink:
             simulated=identity.simulated,
             scenario=identity.scenario,
         )
-
-    async def sample(self, sample: Sample) -> None:
-        return None
 
     async def events(
         self, events: Sequence[TrackerEvent], delivery: DeliverySnapshot | None
@@ -172,6 +299,3 @@ class OperationalLogSink:
     async def notice(self, severity: str, message: str) -> None:
         level = "critical" if severity == "critical" else "info"
         getattr(self._log, level)("notice", message=message)
-
-    async def aclose(self) -> None:
-        return None

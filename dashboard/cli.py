@@ -31,8 +31,9 @@ import uvicorn
 from iortd.dashboard import state
 from iortd.dashboard.app import DEFAULT_HOSTS, build_app
 from iortd.dashboard.hub import Hub
-from iortd.dashboard.mqtt import BrokerSettings, UrlError, consume, parse_broker_url
+from iortd.dashboard.mqtt import KEEPALIVE_S, UrlError, consume, parse_broker_url
 from iortd.dashboard.state import Rooms
+from iortd.kernel.broker import BrokerSettings
 from iortd.kernel.logs import configure_logging
 
 __all__ = ["main"]
@@ -200,6 +201,7 @@ def settings_from_args(args: argparse.Namespace) -> BrokerSettings:
         port=port,
         tls=tls,
         prefix=args.prefix,
+        keepalive_s=KEEPALIVE_S,
         username=args.username,
         password=_password(args),
         ca_file=args.ca_file,

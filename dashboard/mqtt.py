@@ -44,16 +44,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import socket
 import ssl
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from urllib.parse import urlsplit
 
 import aiomqtt
 import structlog
@@ -61,7 +57,8 @@ import structlog
 from iortd.dashboard.hub import Hub
 from iortd.dashboard.state import Rejected, Rooms
 from iortd.kernel.backoff import Backoff
-from iortd.kernel.tls import client_tls_context
+from iortd.kernel.broker import BrokerSettings, BrokerUrlError
+from iortd.kernel.broker import parse_broker_url as _parse_broker_url
 
 __all__ = ["BrokerSettings", "RejectLog", "UrlError", "consume", "parse_broker_url"]
 
@@ -81,65 +78,17 @@ BUSY = "dropped: dashboard busy"
 REJECT_LOG_KINDS = 1024  # (room, reason) pairs logged at first sight, then only summaries
 
 
-class UrlError(ValueError):
-    pass
-
-
-# Userinfo (``user:password@``, also an empty user) in the authority part of a URL.
-_USERINFO = re.compile(r"^[^/?#]*//[^/?#]*@")
-
-
-def _shown(url: str) -> str:
-    """``url`` as an error may repeat it: without a query or fragment (where a token may
-    sit), at most 200 characters."""
-    shown = re.split(r"[?#]", url, maxsplit=1)[0]
-    return shown if len(shown) <= 200 else shown[:200] + "..."
+# Broker URLs follow the rules every MQTT client of iortd shares (iortd.kernel.broker).
+UrlError = BrokerUrlError
+CREDENTIALS_HINT = (
+    "give the user with --username and the password with --password-file or --password-env"
+)
 
 
 def parse_broker_url(url: str) -> tuple[str, int, bool]:
     """``(host, port, tls)`` of ``mqtt://HOST[:PORT]`` or ``mqtts://HOST[:PORT]``, as the
     daemon's ``[mqtt] url``."""
-    expected = f"expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT]; got {_shown(url)!r}"
-    if _USERINFO.search(url):
-        # Refused before anything else, and never repeated: the error goes to stderr,
-        # which a service manager keeps in its journal.
-        raise UrlError(
-            "a URL must not carry credentials (user:password@); give the user with "
-            "--username and the password with --password-file or --password-env"
-        )
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        raise UrlError(expected) from None
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or port == 0:
-        raise UrlError(expected)
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise UrlError(expected)
-    tls = parts.scheme == "mqtts"
-    return parts.hostname, port or (8883 if tls else 1883), tls
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerSettings:
-    host: str
-    port: int
-    tls: bool
-    prefix: str = "iort"
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-
-    @property
-    def url(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
-
-    def tls_context(self) -> ssl.SSLContext | None:
-        if not self.tls:
-            return None
-        return client_tls_context(self.ca_file, self.cert_file, self.key_file)
+    return _parse_broker_url(url, credentials_hint=CREDENTIALS_HINT)
 
 
 class RejectLog:
@@ -323,7 +272,7 @@ async def consume(settings: BrokerSettings, hub: Hub) -> None:
     """Run until cancelled: connect, subscribe, apply every message; reconnect on loss."""
     backoff = Backoff(BACKOFF_INITIAL_S, BACKOFF_MAX_S)
     tls = await asyncio.to_thread(settings.tls_context) if settings.tls else None
-    identifier = f"iort-dashboard-{uuid.uuid4().hex[:12]}"
+    identifier = settings.client_id or f"iort-dashboard-{uuid.uuid4().hex[:12]}"
     reject_log = RejectLog()
     queue_type = incoming_queue(
         hub.rooms, lambda topic, exc: reject_log(topic, exc, hub.rooms.rejected)
@@ -340,7 +289,7 @@ async def consume(settings: BrokerSettings, hub: Hub) -> None:
                 username=settings.username,
                 password=settings.password,
                 protocol=aiomqtt.ProtocolVersion.V5,
-                keepalive=KEEPALIVE_S,
+                keepalive=settings.keepalive_s,
                 timeout=TIMEOUT_S,
                 queue_type=queue_type,
                 tls_context=tls,

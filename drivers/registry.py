@@ -2,54 +2,39 @@
 
 Only the composition root (and check-config) builds a registry; nothing imports driver
 modules directly, so an installed third-party driver is found exactly like a built-in one.
+The lookup itself is the kernel's (:mod:`iortd.kernel.plugins`, shared with sinks); this
+module says how a driver's errors read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from importlib.metadata import EntryPoint, entry_points
+from collections.abc import Iterable
+from importlib.metadata import EntryPoint
 
 from iortd.drivers.errors import DriverConfigError, UnknownDriverError
 from iortd.drivers.interface import DriverFactory
+from iortd.kernel.plugins import PluginRegistry
 
 __all__ = ["ENTRY_POINT_GROUP", "DriverRegistry"]
 
 ENTRY_POINT_GROUP = "iort.drivers"
 
 
-class DriverRegistry:
-    def __init__(self, entries: Mapping[str, EntryPoint | DriverFactory]) -> None:
-        self._entries = dict(entries)
-        self._loaded: dict[str, DriverFactory] = {}
+class DriverRegistry(PluginRegistry[DriverFactory]):
+    group = ENTRY_POINT_GROUP
 
     @classmethod
     def from_entry_points(cls) -> DriverRegistry:
-        return cls({ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)})
+        return cls(cls._entry_points())
 
     @classmethod
     def of(cls, factories: Iterable[DriverFactory]) -> DriverRegistry:
         return cls({f.name: f for f in factories})
 
-    def names(self) -> list[str]:
-        return sorted(self._entries)
+    def unknown(self, name: str) -> Exception:
+        return UnknownDriverError(name, self.names())
 
-    def get(self, name: str) -> DriverFactory:
-        if name in self._loaded:
-            return self._loaded[name]
-        try:
-            entry = self._entries[name]
-        except KeyError:
-            raise UnknownDriverError(name, self.names()) from None
-        if isinstance(entry, EntryPoint):
-            try:
-                obj = entry.load()
-            except Exception as exc:
-                # A broken plug-in must not look like a missing one: say which and why.
-                raise DriverConfigError(
-                    f"driver {name!r} is installed but failed to load ({entry.value}): {exc}"
-                ) from exc
-            factory: DriverFactory = obj() if isinstance(obj, type) else obj
-        else:
-            factory = entry
-        self._loaded[name] = factory
-        return factory
+    def failed_to_load(self, name: str, entry: EntryPoint, exc: Exception) -> Exception:
+        return DriverConfigError(
+            f"driver {name!r} is installed but failed to load ({entry.value}): {exc}"
+        )

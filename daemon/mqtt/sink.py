@@ -32,6 +32,10 @@ aiomqtt has no reconnect and no offline queue, so this sink owns both:
   so that two clients with one id do not fight in a tight loop. A connection that stays up
   :data:`STABLE_AFTER_S` ends the streak.
 
+It is a sink plug-in like any other (:class:`MqttSinkFactory`, entry point ``mqtt``),
+configured by the ``[mqtt]`` table and behind its own queue with the ``block`` policy
+(see :class:`MqttSink`); ``start`` opens the outbox.
+
 State topics are rate-limited: ``delivery`` at most once per second while only the dose
 moves (at once on any event), ``interlocks`` on change.
 
@@ -57,23 +61,23 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiomqtt
 import orjson
 import paho.mqtt.client as paho
 import structlog
+from pydantic import ValidationError
 
 from iortd.auditlog.note import Checkpoint, Verifier
 from iortd.daemon import __version__
-from iortd.daemon.config import MqttConfig, SiteConfig
-from iortd.daemon.mqtt.outbox import Outbox, Record
+from iortd.daemon.config import MQTT_CREDENTIALS_HINT, MqttConfig, SiteConfig
+from iortd.daemon.mqtt.outbox import Outbox, OutboxError, Record
 from iortd.daemon.mqtt.payloads import (
     Envelope,
     Payload,
@@ -86,7 +90,15 @@ from iortd.daemon.mqtt.payloads import (
     telemetry_payload,
     topic,
 )
-from iortd.daemon.sinks import Sample
+from iortd.daemon.sinks import (
+    Overflow,
+    Sample,
+    Sink,
+    SinkConfigError,
+    SinkContext,
+    SinkOptionError,
+    SinkSpec,
+)
 from iortd.daemon.tracker import (
     DeliverySnapshot,
     DeliveryStarted,
@@ -95,11 +107,11 @@ from iortd.daemon.tracker import (
     TrackerEvent,
 )
 from iortd.kernel.backoff import Backoff
+from iortd.kernel.broker import BrokerSettings, parse_broker_url
 from iortd.kernel.timefmt import utc_ts
-from iortd.kernel.tls import client_tls_context
-from iortd.kernel.types import DeviceIdentity, Interlock, InterlockState
+from iortd.kernel.types import Interlock, InterlockState
 
-__all__ = ["BrokerSettings", "MqttSink", "client_id_for", "settings_from_config"]
+__all__ = ["MqttSink", "MqttSinkFactory", "client_id_for", "settings_from_config"]
 
 log = structlog.get_logger("iortd.mqtt")
 # paho's own log (through aiomqtt): rendered as JSON lines by kernel/logs.py.
@@ -130,54 +142,25 @@ def client_id_for(site: str, room: str, origin: str) -> str:
     return f"iortd-{site}-{room}-{digest}"
 
 
-@dataclass(frozen=True, slots=True)
-class BrokerSettings:
-    """Where and how to connect; secrets already read from their file or environment."""
-
-    host: str
-    port: int
-    tls: bool
-    prefix: str
-    site: str
-    room: str
-    client_id: str  # client_id_for(site, room, the audit log's origin)
-    keepalive_s: int = 10
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-
-    @property
-    def url(self) -> str:
-        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
-
-    def tls_context(self) -> ssl.SSLContext | None:
-        if not self.tls:
-            return None
-        return client_tls_context(self.ca_file, self.cert_file, self.key_file)
-
-
 def settings_from_config(
     mqtt: MqttConfig, site: SiteConfig, *, origin: str, url: str | None = None
 ) -> BrokerSettings:
     """The config's broker, or ``url`` instead (``iortd demo --broker``, the embedded
     broker). Reads the password from its file or environment variable (load_config has
     checked that they exist). ``origin`` is the audit log's: the client id derives from it."""
-    parts = urlsplit(url or mqtt.url)
-    tls = parts.scheme == "mqtts"
+    # load_config has checked the config's URL; one given on the command line is checked
+    # here, with the same rules (iortd.kernel.broker).
+    host, port, tls = parse_broker_url(url or mqtt.url, credentials_hint=MQTT_CREDENTIALS_HINT)
     password = None
     if mqtt.password_file is not None:
         password = mqtt.password_file.read_text(encoding="utf-8").rstrip("\r\n")
     elif mqtt.password_env is not None:
         password = os.environ[mqtt.password_env]
     return BrokerSettings(
-        host=parts.hostname or "127.0.0.1",
-        port=parts.port or (8883 if tls else 1883),
+        host=host,
+        port=port,
         tls=tls,
         prefix=mqtt.prefix,
-        site=site.id,
-        room=site.room,
         client_id=client_id_for(site.id, site.room, origin),
         keepalive_s=mqtt.keepalive_s,
         username=mqtt.username,
@@ -282,27 +265,40 @@ class _FailConnectOnTransportError(logging.Handler):
             pending.set_exception(aiomqtt.MqttError(f"transport error: {message}"))
 
 
-class MqttSink:
+class MqttSink(Sink):
     name = "mqtt"
+    # Its queue (daemon/sink_queue.py): the callbacks below only build payloads and hand
+    # them to the outbox, so the queue fills only when the loop itself is starved. Then the
+    # dispatcher waits for room (bounded) rather than cut a hole in a stream that promises
+    # gap-free replay; the outbox has its own bound (it thins old telemetry, never events).
+    queue_size = 10_000
+    overflow: Overflow = "block"
 
     def __init__(
         self,
         settings: BrokerSettings,
-        outbox: Outbox,
+        outbox: Outbox | Path,
         *,
+        site: str,
+        room: str,
         simulated: bool,
         verifier: Verifier | None = None,
+        outbox_max_bytes: int = 64 * 1024 * 1024,
     ) -> None:
+        """``outbox``: an open one, or the directory :meth:`start` opens it in."""
         self.settings = settings
+        self.site, self.room = site, room
         self.verifier = verifier  # whose retained checkpoints count (see the module doc)
         # Set by the daemon: why the log does not contain this checkpoint, or None.
         self.checkpoint_guard: Callable[[Checkpoint], Awaitable[str | None]] | None = None
         self._cp_blocked = False
         self._last_note: str | None = None  # ours: its echo needs no check
-        self.outbox = outbox
+        self._outbox = outbox if isinstance(outbox, Outbox) else None
+        self._outbox_dir = outbox if isinstance(outbox, Path) else None
+        self._outbox_max_bytes = outbox_max_bytes
         self._sim = simulated
         self._topics = {
-            n: topic(settings.prefix, settings.site, settings.room, n)
+            n: topic(settings.prefix, site, room, n)
             for n in ("status", "telemetry", "interlocks", "delivery", "events", "audit/checkpoint")
         }
         self._cells = {n: _Cell(n) for n in STATE_TOPICS}
@@ -332,16 +328,34 @@ class MqttSink:
         return self._closing
 
     @property
+    def outbox(self) -> Outbox:
+        if self._outbox is None:
+            raise RuntimeError("the MQTT sink's outbox is opened by start()")
+        return self._outbox
+
+    async def start(self) -> None:
+        """Open the outbox (inside the log directory, so under its LOCK: one daemon per
+        outbox). Refuses the start when it cannot be used."""
+        if self._outbox is None and self._outbox_dir is not None:
+            try:
+                self._outbox = await Outbox.open(self._outbox_dir, self._outbox_max_bytes)
+            except OutboxError as exc:
+                raise SinkConfigError(f"mqtt outbox: {exc}") from None
+        log.info(
+            "mqtt_enabled",
+            broker=self.settings.url,
+            session=self.outbox.session,
+            client_id=self.settings.client_id,
+        )
+
+    @property
     def session(self) -> int:
         return self.outbox.session
 
-    # ---- the Sink protocol: build, hand to the outbox, never wait ----------------------
+    # ---- the Sink callbacks: build, hand to the outbox, never wait -----------------------
 
     def _env(self, name: str) -> Envelope:
         return Envelope(self.outbox.next_seq(name), self.outbox.session, _now(), sim=self._sim)
-
-    async def started(self, device: str, identity: DeviceIdentity) -> None:
-        return None
 
     async def sample(self, sample: Sample) -> None:
         self.outbox.add("telemetry", telemetry_payload(self._env("telemetry"), sample))
@@ -525,9 +539,8 @@ class MqttSink:
         ones each time, since a broker that got a CONNECT may publish that attempt's will
         however the attempt ends. The will's ``seq`` is the larger, so that a consumer
         keeping the newest takes it over the online message."""
-        s = self.settings
-        on = status_payload(self._env("status"), True, __version__, s.site, s.room)
-        off = status_payload(self._env("status"), False, __version__, s.site, s.room)
+        on = status_payload(self._env("status"), True, __version__, self.site, self.room)
+        off = status_payload(self._env("status"), False, __version__, self.site, self.room)
         return self.outbox.add("status", on), self.outbox.add("status", off)
 
     async def _connection(self, online: Record, will: Record, attempt_ns: int) -> None:
@@ -748,7 +761,8 @@ class MqttSink:
         self.outbox.changed.set()
         task = self._task
         if task is None:
-            await self.outbox.close()
+            if self._outbox is not None:  # never ran (or never started)
+                await self._outbox.close()
             return
         done, _ = await asyncio.wait({task}, timeout=FLUSH_AT_CLOSE_S + 1.5)
         if not done:
@@ -756,3 +770,42 @@ class MqttSink:
             task.cancel(msg="mqtt sink: close timed out")
             await asyncio.wait({task})  # its disk work finishes first (see the outbox)
             await self.outbox.close()
+
+
+class MqttSinkFactory:
+    """The MQTT sink as a plug-in (entry point ``mqtt`` of ``iort.sinks``), built like any
+    other sink. Its options are the ``[mqtt]`` table, which configures it (one broker
+    connection and one outbox per daemon; ``[[sinks]]`` with ``type = "mqtt"`` is
+    refused). The context's ``state_dir`` is its outbox directory, ``origin`` gives the
+    client id, ``verifier`` says which retained checkpoints are its own."""
+
+    name = "mqtt"
+
+    def validate(self, options: Mapping[str, Any]) -> None:
+        try:
+            MqttConfig.model_validate(dict(options))
+        except ValidationError as exc:
+            err = exc.errors(include_url=False)[0]
+            key = ".".join(str(p) for p in err["loc"])
+            raise SinkOptionError(f"options.{key}", str(err["msg"])) from None
+
+    def create(self, spec: SinkSpec, context: SinkContext) -> MqttSink:
+        self.validate(spec.options)
+        mqtt = MqttConfig.model_validate(dict(spec.options))
+        try:
+            # The password is read now: it may have gone since check-config.
+            settings = settings_from_config(
+                mqtt, SiteConfig(id=context.site, room=context.room), origin=context.origin
+            )
+        except (OSError, KeyError, ValueError) as exc:
+            what = "password_env" if isinstance(exc, KeyError) else "password_file"
+            raise SinkConfigError(f"mqtt.{what}: cannot read the password: {exc}") from None
+        return MqttSink(
+            settings,
+            context.state_dir,
+            site=context.site,
+            room=context.room,
+            simulated=context.simulated,
+            verifier=context.verifier,
+            outbox_max_bytes=mqtt.outbox_max_bytes,
+        )
