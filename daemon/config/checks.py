@@ -1,0 +1,386 @@
+"""The checks of a site configuration that go beyond its models: secrets and credentials
+in the wrong place, paths resolved against the config's folder and usable, the devices'
+structure, each driver's and each sink's own validation of its options, nesting and size.
+Each returns :class:`~iortd.daemon.config.model.ConfigIssue` values naming the file and key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from iortd.auditlog.note import KeyFileError, load_signer
+from iortd.daemon.sink_registry import BUILT_IN_NAMES, CONFIGURED_BY_SECTION, SinkRegistry
+from iortd.daemon.sinks import SinkConfigError, SinkOptionError
+from iortd.drivers.errors import DriverConfigError, DriverOptionError
+from iortd.drivers.registry import DriverRegistry
+
+from .model import (
+    _PATTERN_MEANING,
+    Config,
+    ConfigIssue,
+    DeviceConfig,
+    SinkConfig,
+    _freeze,
+    _thaw,
+)
+
+_SECRET_KEYS = (
+    ("mqtt", "password", "use mqtt.password_file or mqtt.password_env"),
+    ("log", "signing_key", "point log.signing_key_file at a key file (mode 0600)"),
+)
+
+
+# scheme://user[:password]@host: userinfo in any URL-like value, anywhere in the file (a
+# driver's transport or options included: they are recorded in the audit log as well).
+_URL_USERINFO_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*@")
+_CREDENTIALS_HINT: Mapping[str, str] = {
+    "mqtt.url": "put the user in mqtt.username and the password in a file named by "
+    "mqtt.password_file (mode 0600) or a variable named by mqtt.password_env",
+}
+
+
+def _credentials_in_urls(data: Mapping[str, Any], file: Path, given: set[str]) -> list[ConfigIssue]:
+    """Every string that carries URL credentials, named by key path and never repeated:
+    the config is written to the audit log (``config_loaded``), which keeps it for ever."""
+    issues = []
+    todo: list[tuple[Any, tuple[int | str, ...]]] = [(data, ())]
+    while todo:
+        value, loc = todo.pop()
+        if isinstance(value, Mapping):
+            todo.extend((v, (*loc, k)) for k, v in value.items())
+        elif isinstance(value, list):
+            todo.extend((v, (*loc, i)) for i, v in enumerate(value))
+        elif isinstance(value, str) and _URL_USERINFO_RE.search(value):
+            key = _key_path(loc)
+            hint = _CREDENTIALS_HINT.get(
+                key, "give credentials through a file or an environment variable"
+            )
+            msg = (
+                "a URL must not carry credentials (user:password@): secrets never go in the "
+                f"TOML or a URL, and the config is recorded in the audit log; {hint}"
+            )
+            if key in given:
+                msg += " (value given on the command line)"
+            issues.append(ConfigIssue(file, key, msg))
+    return sorted(issues, key=lambda i: i.key)
+
+
+def _key_path(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+_EXPECTATIONS: Mapping[str, str] = {
+    "extra_forbidden": "unknown key (check its spelling against config/site.example.toml)",
+    "missing": "required key is missing",
+}
+
+
+def _describe(err: Mapping[str, Any]) -> str:
+    kind = err["type"]
+    if kind in _EXPECTATIONS:
+        return _EXPECTATIONS[kind]
+    if kind == "string_pattern_mismatch":
+        pattern = str(err.get("ctx", {}).get("pattern", ""))
+        meaning = _PATTERN_MEANING.get(pattern, f"text matching {pattern}")
+        return f"expected {meaning}; got {err['input']!r}"
+    msg = str(err["msg"])
+    msg = re.sub(r"^Value error, ", "", msg)
+    if "input" in err and kind != "value_error" and not isinstance(err["input"], dict):
+        return f"{msg}; got {err['input']!r}"
+    return msg
+
+
+def _names_a_file(value: str) -> bool:
+    return "/" in value or value.endswith(".toml")
+
+
+def _resolve_device_paths(dev: DeviceConfig, base: Path, registry: DriverRegistry) -> DeviceConfig:
+    """Make the driver's file options (a profile, a register map) relative to ``base``."""
+    try:
+        keys: frozenset[str] = getattr(registry.get(dev.driver), "path_options", frozenset())
+    except DriverConfigError:
+        return dev  # reported by _check_drivers
+    update = {
+        k: str(base / v)
+        for k in keys
+        if isinstance(v := dev.options.get(k), str)
+        and _names_a_file(v)
+        and "\0" not in v
+        and not Path(v).is_absolute()
+    }
+    if not update:
+        return dev
+    return dev.model_copy(update={"options": _freeze({**_thaw(dev.options), **update})})
+
+
+def _resolve_sink_paths(table: SinkConfig, base: Path, registry: SinkRegistry) -> SinkConfig:
+    """Make a sink's file options (its factory's ``path_options``) relative to ``base``."""
+    try:
+        keys: frozenset[str] = getattr(registry.get(table.type), "path_options", frozenset())
+    except SinkConfigError:
+        return table  # reported by _check_sinks
+    update = {
+        k: str(base / v)
+        for k in keys
+        if isinstance(v := table.options.get(k), str)
+        and v
+        and "\0" not in v
+        and not Path(v).is_absolute()
+    }
+    if not update:
+        return table
+    return table.model_copy(update={"options": _freeze({**_thaw(table.options), **update})})
+
+
+def _resolve_paths(
+    config: Config, base: Path, registry: DriverRegistry, sinks: SinkRegistry
+) -> Config:
+    def fix(p: Path | None) -> Path | None:
+        return None if p is None else (p if p.is_absolute() else (base / p))
+
+    log = config.log.model_copy(
+        update={
+            "directory": fix(config.log.directory),
+            "signing_key_file": fix(config.log.signing_key_file),
+        }
+    )
+    mqtt = config.mqtt.model_copy(
+        update={
+            k: fix(getattr(config.mqtt, k))
+            for k in ("password_file", "ca_file", "cert_file", "key_file")
+        }
+    )
+    devices = tuple(_resolve_device_paths(d, base, registry) for d in config.devices)
+    tables = tuple(_resolve_sink_paths(t, base, sinks) for t in config.sinks)
+    return config.model_copy(update={"log": log, "mqtt": mqtt, "devices": devices, "sinks": tables})
+
+
+def _check_files(config: Config, file: Path) -> list[ConfigIssue]:
+    try:
+        return _check_file_system(config, file)
+    except OSError as exc:
+        # Whatever the probes below did not foresee (a path made too long by the config
+        # file's own directory, an I/O error): one line, not a traceback.
+        where = f" ({exc.filename})" if exc.filename else ""
+        return [ConfigIssue(file, "", f"a configured path cannot be used: {exc.strerror}{where}")]
+
+
+def _check_file_system(config: Config, file: Path) -> list[ConfigIssue]:
+    issues = []
+    for section, key, value in (
+        ("log", "signing_key_file", config.log.signing_key_file),
+        ("mqtt", "password_file", config.mqtt.password_file),
+        ("mqtt", "ca_file", config.mqtt.ca_file),
+        ("mqtt", "cert_file", config.mqtt.cert_file),
+        ("mqtt", "key_file", config.mqtt.key_file),
+    ):
+        if value is not None and not value.is_file():
+            issues.append(ConfigIssue(file, f"{section}.{key}", f"file not found: {value}"))
+    # The log directory is created at start if missing, so its nearest existing
+    # ancestor must be a writable directory; found here rather than as a traceback.
+    target = config.log.directory
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe == target and not target.is_dir():
+        issues.append(ConfigIssue(file, "log.directory", f"not a directory: {target}"))
+    elif not probe.is_dir():
+        issues.append(
+            ConfigIssue(file, "log.directory", f"cannot be created: {probe} is not a directory")
+        )
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        issues.append(ConfigIssue(file, "log.directory", f"not writable: {probe}"))
+    mqtt = config.mqtt
+    if mqtt.enabled and mqtt.password_env is not None and mqtt.password_env not in os.environ:
+        issues.append(
+            ConfigIssue(
+                file,
+                "mqtt.password_env",
+                f"environment variable {mqtt.password_env} is not set",
+            )
+        )
+    pw = mqtt.password_file
+    if mqtt.enabled and pw is not None and pw.is_file():
+        mode = pw.stat().st_mode & 0o777
+        if mode & 0o077:
+            issues.append(
+                ConfigIssue(
+                    file,
+                    "mqtt.password_file",
+                    f"{pw} is readable by others (mode {mode:04o}); chmod 600 it",
+                )
+            )
+        elif not os.access(pw, os.R_OK):
+            issues.append(ConfigIssue(file, "mqtt.password_file", f"cannot read {pw}"))
+    if mqtt.enabled and (mqtt.ca_file or mqtt.cert_file) and not mqtt.url.startswith("mqtts:"):
+        issues.append(
+            ConfigIssue(
+                file,
+                "mqtt.url",
+                "ca_file/cert_file are set but the url is mqtt:// (plain TCP); use mqtts://",
+            )
+        )
+    key_file = config.log.signing_key_file
+    if key_file is not None and key_file.is_file():
+        # Refused here, before anything starts, rather than at the first checkpoint.
+        try:
+            load_signer(key_file)
+        except KeyFileError as exc:
+            issues.append(ConfigIssue(file, "log.signing_key_file", str(exc)))
+    return issues
+
+
+MAX_DEVICES = 32
+MAX_SINKS = 16
+# Far beyond any real config (the shipped ones are a few KB and 4 levels deep); what is
+# bounded here is the damage a hostile or mistaken file can do.
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_NESTING = 32
+
+
+def _too_deep(data: Mapping[str, Any]) -> str | None:
+    """The key path of the first value nested deeper than MAX_NESTING, or None."""
+    todo: list[tuple[Any, tuple[int | str, ...]]] = [(data, ())]
+    while todo:
+        value, loc = todo.pop()
+        if len(loc) > MAX_NESTING:
+            return _key_path(loc)
+        if isinstance(value, Mapping):
+            todo.extend((v, (*loc, k)) for k, v in value.items())
+        elif isinstance(value, list):
+            todo.extend((v, (*loc, i)) for i, v in enumerate(value))
+    return None
+
+
+def _check_devices(config: Config, file: Path) -> list[ConfigIssue]:
+    if len(config.devices) > MAX_DEVICES:
+        msg = f"at most {MAX_DEVICES} devices per daemon; found {len(config.devices)}"
+        return [ConfigIssue(file, "devices", msg)]
+    issues = []
+    first: dict[str, int] = {}
+    for i, dev in enumerate(config.devices):
+        if dev.name in first:
+            msg = f"device names must be unique: {dev.name!r} is already devices[{first[dev.name]}]"
+            issues.append(ConfigIssue(file, f"devices[{i}].name", msg))
+        first.setdefault(dev.name, i)
+    sources = [i for i, d in enumerate(config.devices) if d.role == "source"]
+    if not issues and len(sources) != 1:
+        where = ", ".join(f"devices[{i}]" for i in sources) or "none"
+        msg = f"exactly one device with role 'source' is needed; found {len(sources)} ({where})"
+        issues.append(ConfigIssue(file, "devices", msg))
+    return issues
+
+
+def _check_drivers(config: Config, file: Path, registry: DriverRegistry) -> list[ConfigIssue]:
+    issues = []
+    for i, dev in enumerate(config.devices):
+        key = f"devices[{i}]"
+        try:
+            factory = registry.get(dev.driver)
+        except DriverConfigError as exc:
+            issues.append(ConfigIssue(file, f"{key}.driver", str(exc)))
+            continue
+        if dev.role not in factory.roles:
+            roles = ", ".join(sorted(factory.roles))
+            issues.append(
+                ConfigIssue(
+                    file, f"{key}.role", f"driver {dev.driver!r} serves {roles}, not {dev.role!r}"
+                )
+            )
+        try:
+            factory.validate(dev.options, dev.transport)
+        except DriverOptionError as exc:
+            issues.append(ConfigIssue(file, f"{key}.{exc.key}", exc.message))
+        if config.simulation.speed != 1.0 and not factory.simulated:
+            issues.append(
+                ConfigIssue(
+                    file,
+                    "simulation.speed",
+                    f"must be 1 when a real device is configured (devices[{i}] uses "
+                    f"driver {dev.driver!r}); time compression is for simulators only",
+                )
+            )
+    return issues
+
+
+# Option names that hold a secret themselves (rather than naming its file or variable).
+_SECRET_OPTION_NAMES = frozenset(
+    {"password", "passwd", "secret", "token", "api_key", "apikey", "access_key", "private_key"}
+)
+
+
+def _secret_keys(options: Mapping[str, Any], where: str) -> list[str]:
+    found = []
+    for k, v in options.items():
+        path = f"{where}.{k}"
+        if k.lower() in _SECRET_OPTION_NAMES:
+            found.append(path)
+        elif isinstance(v, Mapping):
+            found += _secret_keys(v, path)
+    return found
+
+
+def _check_sinks(config: Config, file: Path, registry: SinkRegistry) -> list[ConfigIssue]:
+    """Each ``[[sinks]]`` table: a unique name, an installed type, and options its own
+    factory accepts (validated without touching anything)."""
+    if len(config.sinks) > MAX_SINKS:
+        msg = f"at most {MAX_SINKS} sinks per daemon; found {len(config.sinks)}"
+        return [ConfigIssue(file, "sinks", msg)]
+    issues = []
+    first: dict[str, int] = {}
+    for i, table in enumerate(config.sinks):
+        key = f"sinks[{i}]"
+        name = table.name or table.type
+        name_key = f"{key}.name" if table.name else f"{key}.type"
+        if table.type in CONFIGURED_BY_SECTION:
+            section = CONFIGURED_BY_SECTION[table.type]
+            msg = f"the {table.type!r} sink is configured by the {section} table, not [[sinks]]"
+            issues.append(ConfigIssue(file, f"{key}.type", msg))
+            continue
+        if name in BUILT_IN_NAMES:
+            msg = (
+                f"{name!r} is the name of a built-in sink; give this one a name of its own "
+                '(name = "...")'
+            )
+            issues.append(ConfigIssue(file, name_key, msg))
+        elif name in first:
+            msg = (
+                f"sink names must be unique: {name!r} is already sinks[{first[name]}]; "
+                'give this one a name of its own (name = "...")'
+            )
+            issues.append(ConfigIssue(file, name_key, msg))
+        first.setdefault(name, i)
+        secrets = _secret_keys(table.options, f"{key}.options")
+        for where in secrets:
+            msg = (
+                "secrets never go in the TOML (the config is recorded in the audit log); "
+                "give the sink a file (e.g. password_file, mode 0600) or an environment "
+                "variable (e.g. password_env) instead"
+            )
+            issues.append(ConfigIssue(file, where, msg))
+        if secrets:
+            continue
+        try:
+            factory = registry.get(table.type)
+        except SinkConfigError as exc:
+            issues.append(ConfigIssue(file, f"{key}.type", str(exc)))
+            continue
+        try:
+            factory.validate(table.options)
+        except SinkOptionError as exc:
+            issues.append(ConfigIssue(file, f"{key}.{exc.key}", exc.message))
+        except Exception as exc:
+            # A plug-in's bug, not the user's: still one line naming the table.
+            msg = f"sink {table.type!r} could not check its options: {type(exc).__name__}: {exc}"
+            issues.append(ConfigIssue(file, f"{key}.options", msg))
+    return issues

@@ -1,0 +1,299 @@
+"""The site configuration's typed, frozen models (pydantic), and what a loaded config is.
+
+Every section of the TOML is a model here; unknown keys are errors, identifiers that reach
+topics and file names are slugs, and secrets have no field at all (they come from files or
+the environment). The defaults of ``[tolerances]`` come from the tracker's
+:class:`~iortd.daemon.tracker.settings.TrackerSettings`, the single source of each one.
+Loading and the checks that need more than one field are :mod:`iortd.daemon.config`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+
+from iortd.daemon.sinks import Overflow
+from iortd.daemon.tracker.settings import STALE_AFTER_POLLS, TrackerSettings
+from iortd.daemon.tracker.settings import setting_default as _d
+from iortd.kernel.broker import parse_broker_url
+
+# Identifiers that appear in MQTT topics and file names: lower-case slugs only, so that no
+# free text (and so no patient name) can end up there.
+_SLUG_RE = r"^[a-z0-9][a-z0-9-]{0,62}$"
+Slug = Annotated[str, Field(pattern=_SLUG_RE)]
+# Treatment, plan and operator identifiers are pseudonymous codes, never names.
+_ID_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+PseudonymousId = Annotated[str, Field(pattern=_ID_RE)]
+_DRIVER_RE = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+_ENV_RE = r"^[A-Z_][A-Z0-9_]*$"
+# The same shape as a driver name, written apart so that its error says "sink type".
+_SINK_RE = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+# What a pattern means, in words, for error messages (a regex is no help to a reader).
+_PATTERN_MEANING: Mapping[str, str] = {
+    _SLUG_RE: "a lower-case slug (a-z, 0-9 and '-', at most 63 characters)",
+    _ID_RE: "a pseudonymous code (letters, digits, '.', '_', '-'; never a name)",
+    _DRIVER_RE: "a driver name as installed (lower-case, e.g. 'sim')",
+    _ENV_RE: "an environment variable name (A-Z, 0-9, '_')",
+    _SINK_RE: "a sink type as installed (lower-case, e.g. 'mqtt')",
+}
+
+
+# Linux limits (NAME_MAX, PATH_MAX); checked here so that a typo is one line, not ENAMETOOLONG
+# in a traceback when the daemon first touches the path.
+_NAME_MAX = 255
+_PATH_MAX = 4095
+
+
+def _usable_path(path: Path) -> Path:
+    # A NUL cannot be in a file name: os calls would raise ValueError at start-up instead.
+    if "\0" in str(path):
+        raise ValueError("a path cannot contain a NUL character; remove it")
+    if len(os.fsencode(path)) > _PATH_MAX:
+        raise ValueError(f"path too long (at most {_PATH_MAX} bytes)")
+    longest = max((len(os.fsencode(part)) for part in path.parts), default=0)
+    if longest > _NAME_MAX:
+        raise ValueError(
+            f"path too long: a file or directory name is {longest} bytes (at most {_NAME_MAX})"
+        )
+    return path
+
+
+# Paths come from TOML strings; resolved against the config file's directory on load.
+ConfigPath = Annotated[Path, Field(strict=False), AfterValidator(_usable_path)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class SiteConfig(_Model):
+    id: Slug
+    room: Slug
+    name: str | None = Field(default=None, max_length=200)
+
+
+class LogConfig(_Model):
+    directory: ConfigPath
+    group_commit_ms: int = Field(default=50, ge=1, le=10_000)
+    rotate_max_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024)
+    checkpoint_interval_s: float = Field(default=300.0, gt=0, le=86_400)
+    signing_key_file: ConfigPath | None = None
+
+
+# Where the daemon's broker credentials go instead of the URL.
+MQTT_CREDENTIALS_HINT = "use mqtt.username and mqtt.password_file or mqtt.password_env"
+
+
+class MqttConfig(_Model):
+    enabled: bool = True
+    url: str = "mqtt://127.0.0.1:1883"
+    prefix: Slug = "iort"
+    keepalive_s: int = Field(default=10, ge=1, le=3600)
+    username: str | None = Field(default=None, min_length=1, max_length=200)
+    password_file: ConfigPath | None = None
+    password_env: str | None = Field(default=None, pattern=_ENV_RE)
+    ca_file: ConfigPath | None = None
+    cert_file: ConfigPath | None = None
+    key_file: ConfigPath | None = None
+    # About 3.5 h of a 10 Hz outage at ~500 B a sample; held in memory as well as on disk.
+    outbox_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024, le=4 * 1024**3)
+
+    @field_validator("url")
+    @classmethod
+    def _broker_url(cls, url: str) -> str:
+        # The rules every MQTT client of iortd shares (iortd.kernel.broker).
+        parse_broker_url(url, credentials_hint=MQTT_CREDENTIALS_HINT)
+        return url
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> Self:
+        if self.password_file is not None and self.password_env is not None:
+            raise ValueError("set password_file or password_env, not both")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (client certificate)")
+        return self
+
+
+class PlanConfig(_Model):
+    """Plan defaults; a console that reports its own preset overrides prescribed_dose_gy."""
+
+    treatment_id: PseudonymousId = "T-0001"
+    plan_id: PseudonymousId = "P-0001"
+    fraction: int = Field(default=1, ge=1, le=100)
+    prescribed_dose_gy: float = Field(default=20.0, gt=0, le=50)
+    applicator: str | None = Field(default=None, min_length=1, max_length=64)
+    # Expected surface dose rate; when absent the tracker takes the console's nominal rate.
+    expected_dose_rate_gy_min: float | None = Field(default=None, gt=0, le=100)
+
+
+class Tolerances(_Model):
+    """Per-site settings (docs/domain.md: not public constants). Written to the log in force.
+
+    The defaults are the tracker's (``TrackerSettings``, the single source); this table
+    only adds the bounds a config value must keep. docs/alarms.md lists which alarm each
+    one sets."""
+
+    dose_channel_rel: float = Field(default=_d("dose_channel_rel"), gt=0, le=1)
+    dose_channel_abs_gy: float = Field(default=_d("dose_channel_abs_gy"), ge=0, le=5)
+    dose_rate_rel: float = Field(default=_d("dose_rate_rel"), gt=0, le=1)
+    rate_settle_s: float = Field(default=_d("rate_settle_s"), ge=0, le=600)
+    overdose_rel: float = Field(default=_d("overdose_rel"), ge=0, le=1)
+    # How far below the preset a console may stop and still call it a normal termination.
+    stop_accuracy_rel: float = Field(default=_d("stop_accuracy_rel"), ge=0, le=0.2)
+    backup_timer_margin_rel: float = Field(default=_d("backup_timer_margin_rel"), ge=0, le=2)
+    # Tube voltage with the beam on: nominal and the band around it (kv_out_of_range).
+    nominal_kv: float = Field(default=_d("nominal_kv"), gt=0, le=500)
+    kv_tolerance_kv: float = Field(default=_d("kv_tolerance_kv"), gt=0, le=100)
+    stale_after_polls: int = Field(default=STALE_AFTER_POLLS, ge=2, le=100)
+
+
+class SimulationConfig(_Model):
+    speed: float = Field(default=1.0, ge=0.01, le=10_000)
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
+
+
+class DeviceConfig(_Model):
+    name: Slug
+    role: Literal["source", "applicator"] = "source"
+    driver: Annotated[str, Field(pattern=_DRIVER_RE)]
+    poll_interval_s: float = Field(default=0.1, ge=0.01, le=60)
+    timeout_s: float = Field(default=1.0, gt=0, le=60)
+    # Opaque to the daemon: each driver validates its own transport and options. Read-only
+    # views, so that nothing (a driver included) can change the config after validation.
+    transport: Mapping[str, Any] = Field(default_factory=dict, strict=False)
+    options: Mapping[str, Any] = Field(default_factory=dict, strict=False)
+
+    @field_validator("transport", "options", mode="after")
+    @classmethod
+    def _read_only(cls, value: Mapping[str, Any]) -> Mapping[str, Any]:
+        frozen: Mapping[str, Any] = _freeze(value)
+        return frozen
+
+    @field_serializer("transport", "options")
+    def _plain(self, value: Mapping[str, Any]) -> dict[str, Any]:
+        thawed: dict[str, Any] = _thaw(value)
+        return thawed
+
+
+class SinkConfig(_Model):
+    """One ``[[sinks]]`` table: a sink plug-in (entry point group ``iort.sinks``) by its
+    ``type``, its queue (daemon/sink_queue.py) and its own ``options``, which the sink's
+    factory validates (docs/engineers.md, "Writing a sink")."""
+
+    type: Annotated[str, Field(pattern=_SINK_RE)]
+    # Names it in the logs and in the audit log; the type unless given (two sinks of one
+    # type need names of their own).
+    name: Slug | None = None
+    queue_size: int = Field(default=1000, ge=1, le=1_000_000)
+    overflow: Overflow = "drop_oldest"
+    timeout_s: float = Field(default=10.0, gt=0, le=600)
+    options: Mapping[str, Any] = Field(default_factory=dict, strict=False)
+
+    @field_validator("options", mode="after")
+    @classmethod
+    def _read_only(cls, value: Mapping[str, Any]) -> Mapping[str, Any]:
+        frozen: Mapping[str, Any] = _freeze(value)
+        return frozen
+
+    @field_serializer("options")
+    def _plain(self, value: Mapping[str, Any]) -> dict[str, Any]:
+        thawed: dict[str, Any] = _thaw(value)
+        return thawed
+
+
+class Config(_Model):
+    site: SiteConfig
+    log: LogConfig
+    mqtt: MqttConfig = MqttConfig()
+    plan: PlanConfig = PlanConfig()
+    tolerances: Tolerances = Tolerances()
+    simulation: SimulationConfig = SimulationConfig()
+    # No length bounds here: pydantic reports a bound again when an item fails, which would
+    # double every device error. _check_devices bounds the count instead.
+    devices: tuple[DeviceConfig, ...] = Field(strict=False)
+    # Sinks besides the built-in ones ([mqtt], the operational log), in the order they are
+    # told; bounded by _check_sinks, like devices.
+    sinks: tuple[SinkConfig, ...] = Field(default=(), strict=False)
+
+    @property
+    def source(self) -> DeviceConfig:
+        """The one source device (load_config has checked there is exactly one)."""
+        return next(d for d in self.devices if d.role == "source")
+
+
+def tracker_settings(config: Config, clock_speed: float) -> TrackerSettings:
+    """The tracker's settings from a validated config. Tolerances are in clock seconds:
+    poll periods are real seconds, and under a speed factor the tracker's time runs
+    faster, so the stale bound is scaled to match."""
+    src = config.source
+    t = config.tolerances
+    return TrackerSettings(
+        stale_after_s=t.stale_after_polls * src.poll_interval_s * clock_speed,
+        expected_rate_gy_min=config.plan.expected_dose_rate_gy_min,
+        dose_channel_rel=t.dose_channel_rel,
+        dose_channel_abs_gy=t.dose_channel_abs_gy,
+        dose_rate_rel=t.dose_rate_rel,
+        rate_settle_s=t.rate_settle_s,
+        overdose_rel=t.overdose_rel,
+        stop_accuracy_rel=t.stop_accuracy_rel,
+        backup_timer_margin_rel=t.backup_timer_margin_rel,
+        nominal_kv=t.nominal_kv,
+        kv_tolerance_kv=t.kv_tolerance_kv,
+        delivery_id_prefix=f"{config.site.room}",
+    )
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    file: Path
+    key: str  # "" for the file as a whole
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}: {self.key}" if self.key else str(self.file)
+        return f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``issues`` says where and why."""
+
+    def __init__(self, issues: Sequence[ConfigIssue]) -> None:
+        self.issues = tuple(issues)
+        super().__init__("\n".join(str(i) for i in self.issues))
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    config: Config
+    path: Path
+    sha256: str  # of the file's bytes, as logged at load
