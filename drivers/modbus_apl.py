@@ -536,24 +536,39 @@ def decode_points(
     regmap: RegisterMap, blocks: Sequence[Block], data: Sequence[Sequence[int]]
 ) -> tuple[dict[str, Any], dict[str, int]]:
     """The values of every point (as drivers/modbus_map.py decodes them), and the raw
-    register contents of each one- or two-register point, for messages. A value that
-    cannot be decoded is refused naming its register."""
-    values: dict[str, Any] = {}
+    register contents of each enumerated point, for messages. A value that cannot be
+    decoded is refused naming its register."""
+    try:
+        values = regmap.decode(blocks, data)
+    except ProtocolViolation:
+        values = _decode_naming(regmap, blocks, data)  # raises, naming the register
     raws: dict[str, int] = {}
+    for block, regs in zip(blocks, data, strict=True):
+        for p in block.points:
+            if p.values is not None:
+                start = p.address - block.address
+                raws[p.name] = (
+                    regs[start] if p.count == 1 else (regs[start] << 16) | regs[start + 1]
+                )
+    return values, raws
+
+
+def _decode_naming(
+    regmap: RegisterMap, blocks: Sequence[Block], data: Sequence[Sequence[int]]
+) -> dict[str, Any]:
+    """Point by point, so that the error names the register."""
+    values: dict[str, Any] = {}
     for block, regs in zip(blocks, data, strict=True):
         if len(regs) != block.count:
             raise ProtocolViolation(f"{len(regs)} registers for a block of {block.count}")
         for p in block.points:
             start = p.address - block.address
-            part = list(regs[start : start + p.count])
             one = Block(p.table, p.address, p.count, (p,))
             try:
-                values.update(regmap.decode((one,), (part,)))
+                values.update(regmap.decode((one,), (list(regs[start : start + p.count]),)))
             except ProtocolViolation as exc:
                 raise ProtocolViolation(f"{_where(regmap, p.name)}: {exc}") from None
-            if p.count <= 2 and p.type != "string":
-                raws[p.name] = part[0] if p.count == 1 else (part[0] << 16) | part[1]
-    return values, raws
+    return values
 
 
 def _flag(word: object) -> Flag:
