@@ -403,3 +403,44 @@ def test_options_are_checked_with_the_key_named(
         ModbusAplFactory().validate(options, transport)
     assert excinfo.value.key == key
     assert text in excinfo.value.message
+
+
+def test_flags_may_be_bits_of_one_status_word(tmp_path: Path) -> None:
+    """A reader that packs seated / latched / braked into one status word is a map,
+    not code; two flags on one bit are refused."""
+    text = BUNDLED.read_text("utf-8")
+    text = text.replace("[values.flag]", '[values.bit]\n0 = "no"\n1 = "yes"\n\n[values.flag]')
+    for name, old, bit in (("seated", 2, 0), ("source_locked", 3, 1), ("brakes_engaged", 4, 2)):
+        block = f'name = "{name}"\ntable = "input"\naddress = {old}\ntype = "u16"\nvalues = "flag"'
+        assert block in text
+        text = text.replace(
+            block,
+            block.replace(f"address = {old}", "address = 2").replace(
+                'values = "flag"', f'values = "bit"\nbit = {bit}'
+            ),
+        )
+    path = tmp_path / "bits.toml"
+    path.write_text(text, "utf-8")
+    regmap = load_apl_map(path)
+    regs = with_({2: 0b101, 3: 0, 4: 0})  # seated, not latched, braked
+    data = [regs[b.address : b.address + b.count] for b in regmap.telemetry]
+    assert len(data) == 2  # registers 3-4 are no longer mapped: two reads
+    values, raws = decode_points(regmap, regmap.telemetry, data)
+    s = decode_sample(regmap, values, mono_ns=1, utc=T0, simulated=False, raws=raws)
+    assert (s.seated, s.source_locked, s.brakes_engaged) == (Flag.YES, Flag.NO, Flag.YES)
+    path.write_text(text.replace("bit = 2", "bit = 1"), "utf-8")
+    with pytest.raises(
+        MapError,
+        match=r"point \(brakes_engaged\)\.address: input register 2 is already part of source_locked",
+    ):
+        load_apl_map(path)
+
+
+async def test_a_stale_tcp_reply_before_the_answer_is_passed_over() -> None:
+    stale = with_({20: 5000, 21: 0, 22: 0, 23: 5000})
+    t = ScriptedTransport(
+        [Expect(TCP_ST(1)), Reply(tcp_reply(7, 4, stale) + tcp_reply(1, 4, TELEMETRY))]
+    )
+    async with driver(t, Framing.TCP) as d:
+        assert (await d.read_sample()).displacement_magnitude_mm == pytest.approx(2.4)
+    t.assert_done()
