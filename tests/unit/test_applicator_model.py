@@ -3,7 +3,9 @@ physics and actions by hand, and its register image against hand-worked register
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 
@@ -13,6 +15,7 @@ from iortd.simulators.applicator import (
     INPUT_WINDOW,
     ApplicatorModel,
     IllegalAction,
+    MapError,
     build_image,
     load_register_map,
 )
@@ -194,3 +197,26 @@ def test_the_image_of_unavailable_values_uses_the_sentinels() -> None:
     assert regs[0:7] == (1, 0, 0, 0, 1, 0, 0)  # self-test, nothing seated
     assert regs[15] == 0xFFFF
     assert regs[20:25] == (0x8000, 0x8000, 0x8000, 0xFFFF, 0xFFFF)
+
+
+def test_a_map_the_simulator_cannot_serve_is_refused(tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parents[2] / "config" / "maps" / "apl-mb1.toml").read_text()
+    bad = tmp_path / "apl.toml"
+    bad.write_text(text.replace("address = 25", "address = 40"))
+    with pytest.raises(MapError, match=r"point\[16\] \(heartbeat\): registers 40\+1 outside"):
+        load_register_map(bad)
+    bad.write_text(text.replace('name = "tilt"', 'name = "extra.tilt"'))
+    with pytest.raises(MapError, match="not a point the applicator simulator serves"):
+        load_register_map(bad)
+
+
+def test_the_image_never_wraps_a_value() -> None:
+    regmap = load_register_map()
+    m = ready()
+    snap = m.snapshot()
+    wide = dataclasses.replace(snap, displacement_mm=(327.68, 0.0, 0.0))
+    with pytest.raises(ValueError, match=r"displacement\.x: 327\.68 does not fit i16"):
+        build_image(wide, m.identity, regmap)
+    sentinel = dataclasses.replace(snap, displacement_mm=(-327.68, 0.0, 0.0))
+    with pytest.raises(ValueError, match="does not fit"):
+        build_image(sentinel, m.identity, regmap)

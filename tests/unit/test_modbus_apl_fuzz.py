@@ -594,3 +594,18 @@ def test_any_model_state_decodes_to_itself(
     text = b"".join(r.to_bytes(2, "big") for r in ident[40:72]).rstrip(b"\0")
     assert text == b"hypothesis"
     assert struct.pack(">H", image.input[N]) == b"\0\0"  # outside the map: 0
+
+
+def test_the_simulators_identity_registers_read_as_its_identity() -> None:
+    model = ApplicatorModel(seed=3, serial="APL-SIM-0042")
+    holding = build_image(
+        model.snapshot(), model.identity, SIM_MAP, scenario="drift 0123ab"
+    ).holding
+    values, _ = decode_points(MAP, MAP.identity, [list(holding[:72])])
+    assert {k.removeprefix("identity."): v for k, v in values.items()} == {
+        "manufacturer": "iortd simulator",
+        "model": "APL-SIM",
+        "serial": "APL-SIM-0042",
+        "firmware": "1.0",
+        "scenario": "drift 0123ab",
+    }
