@@ -5,7 +5,7 @@ Three simulators are started (``iort-sim serve``, Axxent-like console, BAL34, pr
 20 Gy, start delay 600 s so the model stays put while we measure), one per transport:
 
 - **serial-xrs over a pty** (XRS-ASCII/1). (1) iortd: the ``serial-xrs`` driver
-  (drivers/serial_xrs.py over drivers/transport.py's SerialTransport,
+  (drivers/serial_xrs.py over drivers/transport/'s SerialTransport,
   pyserial-asyncio-fast), ``applicator_every = 10``; one cycle is one ``await
   driver.read()``: an ST exchange, plus an AP exchange on every 10th read. (2) baseline:
   pyserial, ``serial.Serial(port, 19200, timeout=1)``, blocking, ``write(b"$ST*5C92\r\n")``

@@ -1,7 +1,7 @@
 """The ``serial-xrs`` driver: an IORT source console speaking XRS-ASCII/1 on a serial line.
 
 The protocol (docs/protocols.md) is decoded by the sans-I/O codec in drivers/xrs_ascii.py;
-this module only runs the exchanges over a transport (drivers/transport.py): one request,
+this module only runs the exchanges over a transport (drivers/transport/): one request,
 one reply, every exchange bounded by the device's ``timeout_s``. A reading may take two
 exchanges (status, then every ``applicator_every`` reads the applicator): it is
 timestamped at the status reply, and every good reply is reported to the daemon as it comes

@@ -6,10 +6,11 @@ drive it at any speed and get the same result for the same seed. Its only random
 one seeded :class:`random.Random`, drawn from in a fixed order.
 
 Operator actions (``power_on``, ``load_plan``, ``arm``, ...) are checked against
-:data:`ACTIONS` and :data:`TRANSITIONS` and raise :class:`IllegalTransition` when the
-console would refuse them. Environment actions (door, emergency stop, applicator, cooling,
-output and channel faults) are physical events: they are always accepted and the model
-reacts to them as a source's interlock chain would.
+:data:`ACTIONS` and :data:`TRANSITIONS` (the state table, in simulators/states.py,
+re-exported here) and raise :class:`IllegalTransition` when the console would refuse them.
+Environment actions (door, emergency stop, applicator, cooling, output and channel faults)
+are physical events: they are always accepted and the model reacts to them as a source's
+interlock chain would.
 
 Interlock behaviour, in the terms of docs/domain.md:
 
@@ -17,7 +18,8 @@ Interlock behaviour, in the terms of docs/domain.md:
   applicator interlock also latches when the applicator is removed or swapped during a
   delivery;
 * kV, µA, dose channels, dose rate and backup timer are measured during beam-on and latch
-  when they trip, until a console reset (or, for a terminated delivery, a new selection);
+  when they trip (:data:`~iortd.simulators.states.LATCHING`), until a console reset (or,
+  for a terminated delivery, a new selection);
 * communication is always OK here: only a driver can tell whether it hears the device.
 
 The dose-rate interlock trips on a rate *above* plan. A rate below plan only lengthens the
@@ -42,6 +44,16 @@ from iortd.kernel.types import (
     TerminationStatus,
 )
 from iortd.simulators.profiles import ApplicatorSpec, Profile
+from iortd.simulators.states import (
+    ACTIONS,
+    DELIVERING,
+    LATCHING,
+    POWERED,
+    SELECTION_ACTIVE,
+    TRANSITIONS,
+    IllegalTransition,
+    InterlocksNotClear,
+)
 
 __all__ = [
     "ACTIONS",
@@ -53,110 +65,11 @@ __all__ = [
     "SourceModel",
 ]
 
-_S = DeviceState
-
-# States in which the source is powered up and a machine fault can latch.
-_POWERED: tuple[DeviceState, ...] = (
-    _S.SELF_TEST,
-    _S.STANDBY,
-    _S.PREPARATORY,
-    _S.READY,
-    _S.IRRADIATING,
-    _S.INTERRUPTED,
-    _S.TERMINATED,
-)
-# A selection (plan + applicator) is being prepared or delivered.
-_SELECTION_ACTIVE = frozenset({_S.PREPARATORY, _S.READY, _S.IRRADIATING, _S.INTERRUPTED})
-# A delivery has started and not yet terminated.
-_DELIVERING = frozenset({_S.IRRADIATING, _S.INTERRUPTED})
-
-TRANSITIONS: frozenset[tuple[DeviceState, DeviceState]] = frozenset(
-    {
-        (_S.OFF, _S.SELF_TEST),
-        (_S.SELF_TEST, _S.STANDBY),
-        (_S.STANDBY, _S.PREPARATORY),
-        (_S.TERMINATED, _S.PREPARATORY),  # a new selection after a termination
-        (_S.PREPARATORY, _S.READY),
-        (_S.READY, _S.PREPARATORY),  # an interlock opened while armed: disarm
-        (_S.READY, _S.IRRADIATING),
-        (_S.IRRADIATING, _S.INTERRUPTED),
-        (_S.INTERRUPTED, _S.IRRADIATING),
-        (_S.IRRADIATING, _S.TERMINATED),
-        (_S.INTERRUPTED, _S.TERMINATED),
-        (_S.FAULT, _S.STANDBY),  # two-step console reset
-        (_S.EMERGENCY_STOP, _S.STANDBY),  # release at the button, then console reset
-        *((s, _S.FAULT) for s in _POWERED),
-        *((s, _S.EMERGENCY_STOP) for s in (*_POWERED, _S.FAULT)),
-        # Power can always be cut; latched faults survive it (see power_on).
-        *((s, _S.OFF) for s in (*_POWERED, _S.FAULT, _S.EMERGENCY_STOP)),
-    }
-)
-
-# Operator actions: the states the console accepts each one in, and where it leads.
-ACTIONS: Mapping[str, tuple[frozenset[DeviceState], DeviceState]] = MappingProxyType(
-    {
-        "power_on": (frozenset({_S.OFF}), _S.SELF_TEST),
-        "power_off": (frozenset({*_POWERED, _S.FAULT, _S.EMERGENCY_STOP}), _S.OFF),
-        "load_plan": (frozenset({_S.STANDBY, _S.TERMINATED}), _S.PREPARATORY),
-        "arm": (frozenset({_S.PREPARATORY}), _S.READY),
-        "start_beam": (frozenset({_S.READY}), _S.IRRADIATING),
-        "pause": (frozenset({_S.IRRADIATING}), _S.INTERRUPTED),
-        "resume": (frozenset({_S.INTERRUPTED}), _S.IRRADIATING),
-        "end_delivery": (frozenset(_DELIVERING), _S.TERMINATED),
-        "reset_request": (frozenset({_S.FAULT, _S.EMERGENCY_STOP}), _S.STANDBY),
-        "reset_confirm": (frozenset({_S.FAULT, _S.EMERGENCY_STOP}), _S.STANDBY),
-    }
-)
-
 # Illustrative per-device settings that are not worth a profile key.
 RATE_SETTLING_S = 3.0  # beam-on seconds after a start/resume before the rate is judged
 _TUBE_READING_NOISE_REL_SD = 0.002  # kV/µA read-back noise
 # Simulated time accumulates in floats; a self-test that ends 1e-15 s "late" has ended.
 _TIME_EPS_S = 1e-9
-
-# Interlocks that latch when tripped (the others follow their physical condition).
-_LATCHING = frozenset(
-    {
-        Interlock.APPLICATOR,
-        Interlock.TUBE_VOLTAGE,
-        Interlock.TUBE_CURRENT,
-        Interlock.DOSE_CHANNELS,
-        Interlock.DOSE_RATE,
-        Interlock.BACKUP_TIMER,
-    }
-)
-
-
-class IllegalTransition(Exception):
-    """The console refuses an operator action in the current state."""
-
-    def __init__(
-        self,
-        action: str,
-        from_state: DeviceState,
-        to_state: DeviceState,
-        detail: str | None = None,
-    ) -> None:
-        self.action = action
-        self.from_state = from_state
-        self.to_state = to_state
-        message = f"{action}: {from_state} -> {to_state} is not allowed"
-        super().__init__(f"{message} ({detail})" if detail else message)
-
-
-class InterlocksNotClear(IllegalTransition):
-    """The action needs every interlock clear, and some are not."""
-
-    def __init__(
-        self,
-        action: str,
-        from_state: DeviceState,
-        to_state: DeviceState,
-        tripped: frozenset[Interlock],
-    ) -> None:
-        self.tripped = tripped
-        names = ", ".join(sorted(str(i) for i in tripped))
-        super().__init__(action, from_state, to_state, f"interlocks not clear: {names}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -310,7 +223,7 @@ class SourceModel:
 
     def power_off(self) -> None:
         self._check("power_off")
-        if self._state in _DELIVERING:
+        if self._state in DELIVERING:
             self._record_termination(TerminationStatus.OPERATOR, "power_off")
         self._enter(DeviceState.OFF, "power_off")
 
@@ -402,9 +315,9 @@ class SourceModel:
     def press_estop(self) -> None:
         self._estop_pressed = True
         self._reset_requested = False
-        if self._state in (*_POWERED, DeviceState.FAULT):
+        if self._state in (*POWERED, DeviceState.FAULT):
             self._estop_latched = True
-            if self._state in _DELIVERING:
+            if self._state in DELIVERING:
                 self._record_termination(TerminationStatus.MACHINE, "emergency_stop")
             self._enter(DeviceState.EMERGENCY_STOP, "press_estop")
 
@@ -422,7 +335,7 @@ class SourceModel:
         self._applicator_code = code
         if code == previous:
             return
-        if self._state in _DELIVERING:
+        if self._state in DELIVERING:
             self._latched.add(Interlock.APPLICATOR)
             reason = "applicator_removed" if code is None else "applicator_changed"
             self._terminate(TerminationStatus.MACHINE, reason)
@@ -446,7 +359,7 @@ class SourceModel:
         self._cooling_ok = ok
         if not ok:
             self._reset_requested = False
-            if self._state in _POWERED:
+            if self._state in POWERED:
                 self._fault(None, "cooling_failure")
 
     # --- time ---------------------------------------------------------------------------
@@ -571,10 +484,10 @@ class SourceModel:
         self._enter(DeviceState.TERMINATED, reason)
 
     def _fault(self, interlock: Interlock | None, reason: str) -> None:
-        if interlock is not None and interlock in _LATCHING:
+        if interlock is not None and interlock in LATCHING:
             self._latched.add(interlock)
         self._fault_latched = True
-        if self._state in _DELIVERING:
+        if self._state in DELIVERING:
             self._record_termination(TerminationStatus.MACHINE, reason)
         self._enter(DeviceState.FAULT, reason)
 
@@ -607,7 +520,7 @@ class SourceModel:
             tripped.add(Interlock.COOLING)
         code = self._applicator_code
         if (code is not None and code not in self._profile.applicators) or (
-            self._state in _SELECTION_ACTIVE and code != self._plan_code
+            self._state in SELECTION_ACTIVE and code != self._plan_code
         ):
             tripped.add(Interlock.APPLICATOR)
         return frozenset(tripped)

@@ -1,4 +1,4 @@
-"""Transports (drivers/transport.py): the scripted fake, the [transport] config checks, and
+"""Transports (drivers/transport/): the scripted fake, the [transport] config checks, and
 TcpTransport against an in-test asyncio server on 127.0.0.1.
 
 The serial transport over a real pty is tested in tests/integration/test_transport_pty.py.
@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import socket
+import types
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
@@ -504,3 +506,39 @@ async def test_read_exactly_can_wait_less_than_the_timeout_never_more() -> None:
         assert t.elapsed_s == pytest.approx(1.3)
         with pytest.raises(ValueError, match="timeout_s must be > 0"):
             await t.read_exactly(1, timeout_s=0)
+
+
+# ---- the public surface -----------------------------------------------------------------
+
+# What third-party drivers and their tests import (docs/engineers.md, "Writing a driver";
+# examples/iortd-driver-example): the package may be laid out in any number of modules, but
+# this list only grows, and only on purpose.
+PUBLIC_NAMES = {
+    "Eof",
+    "Expect",
+    "Reply",
+    "ScriptError",
+    "ScriptStep",
+    "ScriptedTransport",
+    "SerialTransport",
+    "TcpTransport",
+    "Transport",
+    "transport_from_config",
+    "validate_transport",
+}
+
+
+def test_public_surface_is_stable_and_defined_in_the_transport_package() -> None:
+    module = importlib.import_module("iortd.drivers.transport")
+    assert set(module.__all__) == PUBLIC_NAMES, "iortd.drivers.transport.__all__ changed"
+    assert len(module.__all__) == len(PUBLIC_NAMES), "a name is listed twice in __all__"
+    for name in PUBLIC_NAMES:
+        value = getattr(module, name)
+        if isinstance(value, types.UnionType):  # ScriptStep: an alias, no home of its own
+            continue
+        home = value.__module__
+        assert home.startswith("iortd.drivers.transport"), f"{name} comes from {home}"
+    # The scripted fake is a Transport by the same protocol the real links satisfy.
+    assert issubclass(ScriptedTransport, Transport)
+    assert issubclass(TcpTransport, Transport)
+    assert issubclass(SerialTransport, Transport)
