@@ -150,6 +150,7 @@ def test_the_applicator_loader_refuses_a_source_map() -> None:
         ("missing = 32768", "", r"point\[11\] \(displacement\.x\)\.missing: required"),
         ('format = "iortd-register-map/1"', 'format = "x"', r"format: expected 'iortd-register-map/1'"),
         ('word_order = "big"', 'word_order = "big"\ncolour = 1', r"colour: unknown key"),
+        ('values = "state"', 'values = "state"\nscale = 1', r"point\[0\] \(state\)\.scale: not for an enumerated point"),
     ],
 )  # fmt: skip
 def test_a_broken_map_names_the_file_the_point_and_the_key(
@@ -431,7 +432,7 @@ def test_flags_may_be_bits_of_one_status_word(tmp_path: Path) -> None:
     path.write_text(text.replace("bit = 2", "bit = 1"), "utf-8")
     with pytest.raises(
         MapError,
-        match=r"point \(brakes_engaged\)\.address: input register 2 is already part of source_locked",
+        match=r"point \(brakes_engaged\)\.bit: bit 1 of input register 2 is already source_locked",
     ):
         load_apl_map(path)
 
