@@ -25,7 +25,7 @@ import math
 import re
 import struct
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -121,30 +121,13 @@ _RATE = MappingProxyType(
 )
 _TIME = MappingProxyType({"s": 1.0, "ms": 0.001, "min": 60.0})
 INTERLOCK_POINTS: Final = (
-    "door",
-    "emergency_stop",
-    "applicator",
-    "kv",
-    "ua",
-    "cooling",
-    "dose_channels",
-    "dose_rate",
-    "backup_timer",
+    *("door", "emergency_stop", "applicator", "kv", "ua", "cooling", "dose_channels"),
+    *("dose_rate", "backup_timer"),
 )
 # What the daemon accepts as a value-table meaning, per enumerated point.
 _STATES: Final = frozenset(
-    {
-        "OFF",
-        "SELF_TEST",
-        "STANDBY",
-        "PREPARATORY",
-        "READY",
-        "IRRADIATING",
-        "INTERRUPTED",
-        "TERMINATED",
-        "FAULT",
-        "EMERGENCY_STOP",
-    }
+    {"OFF", "SELF_TEST", "STANDBY", "PREPARATORY", "READY", "IRRADIATING", "INTERRUPTED"}
+    | {"TERMINATED", "FAULT", "EMERGENCY_STOP"}
 )
 _INTERLOCK = PointKind(
     enumerated=True,
@@ -333,18 +316,13 @@ def load_map(path: Path, vocabulary: Vocabulary = XRS_MB1) -> RegisterMap:
     return _parse(path, data, vocabulary)
 
 
-class _Fail:
-    """Makes the error for ``where`` in the map at ``path``."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __call__(self, where: str, msg: str) -> MapError:
-        return MapError(f"{self.path}: {where}: {msg}")
+_Fail = Callable[[str, str], MapError]  # (where, what) -> the error naming the file
 
 
 def _parse(path: Path, data: dict[str, Any], vocabulary: Vocabulary) -> RegisterMap:
-    fail = _Fail(path)
+    def fail(where: str, msg: str) -> MapError:
+        return MapError(f"{path}: {where}: {msg}")
+
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
         raise fail(unknown[0], f"unknown key (a map has: {', '.join(sorted(_TOP_KEYS))})")
