@@ -47,14 +47,19 @@ from datetime import datetime
 from types import MappingProxyType, TracebackType
 from typing import Any, Final, Self
 
-from iortd.drivers.apl_map import load_apl_map
+from iortd.drivers.apl_map import APL_MB1, load_apl_map
 from iortd.drivers.apl_types import ApplicatorFault, ApplicatorSample, ApplicatorState, Flag
-from iortd.drivers.errors import DriverOptionError, ProtocolViolation
+from iortd.drivers.errors import ProtocolViolation
 from iortd.drivers.interface import DriverContext, DriverSpec, Role
 from iortd.drivers.modbus_codec import Framing
-from iortd.drivers.modbus_exchange import ModbusExchange
-from iortd.drivers.modbus_map import Block, MapError, RegisterMap, resolve_map
-from iortd.drivers.transport import Transport, transport_from_config, validate_transport
+from iortd.drivers.modbus_exchange import (
+    SIMULATOR_MANUFACTURER,
+    ModbusExchange,
+    check_options,
+    device_identity,
+)
+from iortd.drivers.modbus_map import Block, RegisterMap
+from iortd.drivers.transport import Transport, transport_from_config
 from iortd.kernel.types import ApplicatorIdentity, ApplicatorReading, Capability, DeviceIdentity
 
 __all__ = [
@@ -74,7 +79,6 @@ __all__ = [
     "load_apl_map",
 ]
 
-SIMULATOR_MANUFACTURER: Final = "iortd simulator"
 DEFAULT_UNIT: Final = 2  # the source console is unit 1 on a shared line
 MAX_DIAMETER_MM: Final = 200.0  # as XRS-ASCII/1's and XRS-MB/1's applicator diameter
 MAX_TILT_DEG: Final = 180.0
@@ -281,44 +285,18 @@ def _applicator(
 
 # ---- the driver ----------------------------------------------------------------------------
 
-_OPTIONS = ("map", "unit_id", "framing")
-
 
 def _check(
     options: Mapping[str, Any], transport: Mapping[str, Any]
 ) -> tuple[RegisterMap, int, Framing]:
-    for key in options:
-        if key not in _OPTIONS:
-            raise DriverOptionError(
-                f"options.{key}", f"unknown key (modbus-apl takes: {', '.join(_OPTIONS)})"
-            )
-    unit = options.get("unit_id", DEFAULT_UNIT)
-    if not isinstance(unit, int) or isinstance(unit, bool) or not 1 <= unit <= 247:
-        raise DriverOptionError("options.unit_id", f"expected an integer 1..247; got {unit!r}")
-    if not transport:
-        raise DriverOptionError(
-            "transport", 'modbus-apl needs a [devices.transport] table, e.g. type = "tcp"'
-        )
-    validate_transport(transport)
-    framing_opt = options.get("framing", "auto")
-    if framing_opt not in ("auto", "tcp", "rtu"):
-        raise DriverOptionError(
-            "options.framing", f"expected 'auto', 'tcp' or 'rtu'; got {framing_opt!r}"
-        )
-    if framing_opt == "auto":
-        framing = Framing.TCP if transport.get("type") == "tcp" else Framing.RTU
-    else:
-        framing = Framing(framing_opt)
-    if framing is Framing.TCP and transport.get("type") != "tcp":
-        raise DriverOptionError("options.framing", "Modbus TCP framing needs a tcp transport")
-    name = options.get("map", "apl-mb1")
-    if not isinstance(name, str) or not name:
-        raise DriverOptionError("options.map", f"expected a map name or path; got {name!r}")
-    try:
-        regmap = load_apl_map(resolve_map(name))
-    except MapError as exc:
-        raise DriverOptionError("options.map", str(exc)) from None
-    return regmap, unit, framing
+    return check_options(
+        "modbus-apl",
+        options,
+        transport,
+        default_unit=DEFAULT_UNIT,
+        default_map="apl-mb1",
+        vocabulary=APL_MB1,
+    )
 
 
 class ModbusAplFactory:
@@ -393,26 +371,13 @@ class ModbusAplDriver:
         await self._link.close()
 
     async def _read(self, blocks: Sequence[Block]) -> tuple[dict[str, Any], dict[str, int]]:
-        data = [await self._link.read(b.table, b.address, b.count) for b in blocks]
-        return decode_points(self._map, blocks, data)
+        return decode_points(self._map, blocks, await self._link.read_blocks(blocks))
 
     async def identify(self) -> DeviceIdentity:
         values, _ = await self._read(self._map.identity)
-
-        def text(key: str) -> str:
-            return str(values.get(f"identity.{key}") or "-")
-
-        manufacturer = text("manufacturer")
-        self._simulated = manufacturer == SIMULATOR_MANUFACTURER
-        scenario = values.get("identity.scenario") or None
-        return DeviceIdentity(
-            manufacturer=manufacturer,
-            model=text("model"),
-            serial=text("serial"),
-            firmware=text("firmware"),
-            simulated=self._simulated,
-            scenario=scenario if self._simulated else None,
-        )
+        identity = device_identity(values)
+        self._simulated = identity.simulated
+        return identity
 
     async def read_sample(self) -> ApplicatorSample:
         values, raws = await self._read(self._map.telemetry)
