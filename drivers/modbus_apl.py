@@ -3,10 +3,10 @@ RTU (APL-MB/1, docs/protocols.md), read through a register map (config/maps/apl-
 
 Three layers, each usable alone:
 
-* :func:`~iortd.drivers.apl_map.load_apl_map` (drivers/apl_map.py): a map in the format of
-  drivers/modbus_map.py with the applicator's point names, checked completely; the values
-  are decoded by drivers/modbus_map.py's :meth:`RegisterMap.decode`, unchanged. The
-  reading's types are in drivers/apl_types.py (re-exported here).
+* :func:`~iortd.drivers.apl_map.load_apl_map`: a map in the format of
+  drivers/modbus_map.py, loaded and checked there against APL-MB/1's point names
+  (drivers/apl_map.py); the values are decoded by :meth:`RegisterMap.decode`, unchanged.
+  The reading's types are in drivers/apl_types.py (re-exported here).
 * :func:`decode_points` and :func:`decode_sample` (sans-I/O): registers to an
   :class:`ApplicatorSample`, refusing with a ProtocolViolation that names the register any
   value outside its documented range or inconsistent with the others (a magnitude that is
@@ -15,9 +15,10 @@ Three layers, each usable alone:
   half of the displacement missing). A state, fault or flag code the map does not list reads
   as UNKNOWN (fail safe: an unknown flag counts as the unsafe case), as in XRS-MB/1.
 * :class:`ModbusAplDriver`: identity once after connecting (holding registers), then one
-  telemetry read per poll, so that all the values of a sample come from one instant; the
-  exchanges are drivers/modbus_exchange.py's (timeouts, resynchronisation after a late
-  reply, noise before an RTU reply). It only reads: a passive monitor.
+  telemetry read per poll, so that all the values of a sample come from one instant. What
+  is not the applicator's is shared with ``modbus-xrs`` (drivers/modbus_device.py: options,
+  identity, connecting; drivers/modbus_exchange.py: timeouts, resynchronisation after a
+  late reply, noise before an RTU reply). It only reads: a passive monitor.
 
 The reader is usually on the RS-485 line of the source console at another unit id (2 by
 default; the console is at 1). A reply from the other unit is never read as this one's:
@@ -44,23 +45,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from types import MappingProxyType, TracebackType
-from typing import Any, Final, Self
+from types import MappingProxyType
+from typing import Any, Final
 
 from iortd.drivers.apl_map import APL_MB1, load_apl_map
 from iortd.drivers.apl_types import ApplicatorFault, ApplicatorSample, ApplicatorState, Flag
 from iortd.drivers.errors import ProtocolViolation
-from iortd.drivers.interface import DriverContext, DriverSpec, Role
-from iortd.drivers.modbus_codec import Framing
-from iortd.drivers.modbus_exchange import (
-    SIMULATOR_MANUFACTURER,
-    ModbusExchange,
-    check_options,
-    device_identity,
-)
+from iortd.drivers.interface import Role
+from iortd.drivers.modbus_device import SIMULATOR_MANUFACTURER, ModbusMapDriver, ModbusMapFactory
 from iortd.drivers.modbus_map import Block, RegisterMap
-from iortd.drivers.transport import Transport, transport_from_config
-from iortd.kernel.types import ApplicatorIdentity, ApplicatorReading, Capability, DeviceIdentity
+from iortd.kernel.types import ApplicatorIdentity, ApplicatorReading, Capability
 
 __all__ = [
     "DEFAULT_UNIT",
@@ -286,101 +280,21 @@ def _applicator(
 # ---- the driver ----------------------------------------------------------------------------
 
 
-def _check(
-    options: Mapping[str, Any], transport: Mapping[str, Any]
-) -> tuple[RegisterMap, int, Framing]:
-    return check_options(
-        "modbus-apl",
-        options,
-        transport,
-        default_unit=DEFAULT_UNIT,
-        default_map="apl-mb1",
-        vocabulary=APL_MB1,
-    )
-
-
-class ModbusAplFactory:
-    """The ``modbus-apl`` entry point's factory (role ``applicator``)."""
-
-    name = "modbus-apl"
-    roles: frozenset[Role] = frozenset({"applicator"})
-    simulated = False  # real equipment; a simulator says so in its identity registers
-    path_options = frozenset({"map"})
-
-    def validate(self, options: Mapping[str, Any], transport: Mapping[str, Any]) -> None:
-        _check(options, transport)
-
-    def create(self, spec: DriverSpec, context: DriverContext) -> ModbusAplDriver:
-        regmap, unit, framing = _check(spec.options, spec.transport)
-        return ModbusAplDriver(
-            transport_from_config(spec.transport, timeout_s=spec.timeout_s),
-            context,
-            regmap,
-            unit=unit,
-            framing=framing,
-            timeout_s=spec.timeout_s,
-        )
-
-
-class ModbusAplDriver:
+class ModbusAplDriver(ModbusMapDriver):
     """An :class:`~iortd.drivers.interface.ApplicatorDriver` for APL-MB/1 devices."""
 
+    NAME = "modbus-apl"
+    DEFAULT_UNIT = DEFAULT_UNIT
     capabilities = frozenset({Capability.READ_APPLICATOR})
 
-    def __init__(
-        self,
-        transport: Transport,
-        context: DriverContext,
-        regmap: RegisterMap,
-        *,
-        unit: int = DEFAULT_UNIT,
-        framing: Framing = Framing.TCP,
-        timeout_s: float = 1.0,
-    ) -> None:
-        self._clock = context.clock
-        self._map = regmap
-        self._link = ModbusExchange(
-            transport,
-            unit=unit,
-            framing=framing,
-            timeout_s=timeout_s,
-            name="modbus-apl",
-            heard=context.heard,
-            monotonic_ns=context.clock.monotonic_ns,
-        )
-        self._simulated = False
-
-    @property
-    def unit(self) -> int:
-        return self._link.unit
-
-    @property
-    def framing(self) -> Framing:
-        return self._link.framing
-
-    async def __aenter__(self) -> Self:
-        await self._link.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._link.close()
-
-    async def _read(self, blocks: Sequence[Block]) -> tuple[dict[str, Any], dict[str, int]]:
+    async def _points(self, blocks: Sequence[Block]) -> tuple[dict[str, Any], dict[str, int]]:
         return decode_points(self._map, blocks, await self._link.read_blocks(blocks))
 
-    async def identify(self) -> DeviceIdentity:
-        values, _ = await self._read(self._map.identity)
-        identity = device_identity(values)
-        self._simulated = identity.simulated
-        return identity
+    async def _values(self, blocks: Sequence[Block]) -> dict[str, Any]:
+        return (await self._points(blocks))[0]  # a value refused names its register
 
     async def read_sample(self) -> ApplicatorSample:
-        values, raws = await self._read(self._map.telemetry)
+        values, raws = await self._points(self._map.telemetry)
         return decode_sample(
             self._map,
             values,
@@ -392,3 +306,13 @@ class ModbusAplDriver:
 
     async def read_applicator(self) -> ApplicatorReading:
         return (await self.read_sample()).reading()
+
+
+class ModbusAplFactory(ModbusMapFactory[ModbusAplDriver]):
+    """The ``modbus-apl`` entry point's factory (role ``applicator``)."""
+
+    name = "modbus-apl"
+    roles: frozenset[Role] = frozenset({"applicator"})
+    driver = ModbusAplDriver
+    default_map = "apl-mb1"
+    vocabulary = APL_MB1

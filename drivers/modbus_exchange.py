@@ -1,5 +1,4 @@
-"""One Modbus master's request/reply exchanges over a :class:`~iortd.drivers.transport.Transport`,
-and what else every map-driven Modbus driver shares: its options and its identity.
+"""One Modbus master's request/reply exchanges over a :class:`~iortd.drivers.transport.Transport`.
 
 The lifecycle of the ``modbus-xrs`` and ``modbus-apl`` drivers (drivers/modbus_xrs.py,
 drivers/modbus_apl.py), with the rules of docs/protocols.md, XRS-MB/1 "Link":
@@ -18,25 +17,15 @@ drivers/modbus_apl.py), with the rules of docs/protocols.md, XRS-MB/1 "Link":
 
 Framing, CRC and reply checks are drivers/modbus_codec.py's; errors are those of
 drivers/errors.py plus :class:`~iortd.drivers.modbus_codec.ModbusDeviceError`.
-
-:func:`check_options` validates a driver's ``map``, ``unit_id`` and ``framing`` options
-and its transport (the map loaded against the driver's vocabulary), naming the key;
-:func:`device_identity` reads the ``identity.*`` points the same way for every device, a
-simulator recognised by its manufacturer.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final
+from collections.abc import Callable, Sequence
+from typing import Final
 
-from iortd.drivers.errors import (
-    DriverOptionError,
-    ProtocolViolation,
-    TransportClosed,
-    TransportTimeout,
-)
+from iortd.drivers.errors import ProtocolViolation, TransportClosed, TransportTimeout
 from iortd.drivers.modbus_codec import (
     Framing,
     Table,
@@ -45,95 +34,12 @@ from iortd.drivers.modbus_codec import (
     reply_head_size,
     reply_rest_size,
 )
-from iortd.drivers.modbus_map import (
-    Block,
-    MapError,
-    RegisterMap,
-    Vocabulary,
-    load_map,
-    resolve_map,
-)
-from iortd.drivers.transport import Transport, validate_transport
-from iortd.kernel.types import DeviceIdentity
+from iortd.drivers.modbus_map import Block
+from iortd.drivers.transport import Transport
 
-__all__ = [
-    "MAX_LEADING_NOISE",
-    "OPTIONS",
-    "SIMULATOR_MANUFACTURER",
-    "ModbusExchange",
-    "check_options",
-    "device_identity",
-]
+__all__ = ["MAX_LEADING_NOISE", "ModbusExchange"]
 
 MAX_LEADING_NOISE: Final = 16  # bytes skipped before an RTU reply, at most
-SIMULATOR_MANUFACTURER: Final = "iortd simulator"  # the project's simulators call themselves
-OPTIONS: Final = ("map", "unit_id", "framing")
-
-
-def check_options(
-    driver: str,
-    options: Mapping[str, Any],
-    transport: Mapping[str, Any],
-    *,
-    default_unit: int,
-    default_map: str,
-    vocabulary: Vocabulary,
-) -> tuple[RegisterMap, int, Framing]:
-    """The map (loaded and checked against ``vocabulary``), the unit id and the framing a
-    Modbus driver's options and transport give; a DriverOptionError names the key."""
-    for key in options:
-        if key not in OPTIONS:
-            raise DriverOptionError(
-                f"options.{key}", f"unknown key ({driver} takes: {', '.join(OPTIONS)})"
-            )
-    unit = options.get("unit_id", default_unit)
-    if not isinstance(unit, int) or isinstance(unit, bool) or not 1 <= unit <= 247:
-        raise DriverOptionError("options.unit_id", f"expected an integer 1..247; got {unit!r}")
-    if not transport:
-        raise DriverOptionError(
-            "transport", f'{driver} needs a [devices.transport] table, e.g. type = "tcp"'
-        )
-    validate_transport(transport)
-    framing_opt = options.get("framing", "auto")
-    if framing_opt not in ("auto", "tcp", "rtu"):
-        raise DriverOptionError(
-            "options.framing", f"expected 'auto', 'tcp' or 'rtu'; got {framing_opt!r}"
-        )
-    if framing_opt == "auto":
-        framing = Framing.TCP if transport.get("type") == "tcp" else Framing.RTU
-    else:
-        framing = Framing(framing_opt)
-    if framing is Framing.TCP and transport.get("type") != "tcp":
-        raise DriverOptionError("options.framing", "Modbus TCP framing needs a tcp transport")
-    name = options.get("map", default_map)
-    if not isinstance(name, str) or not name:
-        raise DriverOptionError("options.map", f"expected a map name or path; got {name!r}")
-    try:
-        regmap = load_map(resolve_map(name), vocabulary)
-    except MapError as exc:
-        raise DriverOptionError("options.map", str(exc)) from None
-    return regmap, unit, framing
-
-
-def device_identity(values: Mapping[str, Any]) -> DeviceIdentity:
-    """The identity from a map's decoded ``identity.*`` points ("-" for one not mapped or
-    empty); a device whose manufacturer is :data:`SIMULATOR_MANUFACTURER` is simulated,
-    and only a simulator's scenario is kept."""
-
-    def text(key: str) -> str:
-        return str(values.get(f"identity.{key}") or "-")
-
-    manufacturer = text("manufacturer")
-    simulated = manufacturer == SIMULATOR_MANUFACTURER
-    scenario = values.get("identity.scenario") or None
-    return DeviceIdentity(
-        manufacturer=manufacturer,
-        model=text("model"),
-        serial=text("serial"),
-        firmware=text("firmware"),
-        simulated=simulated,
-        scenario=scenario if simulated else None,
-    )
 
 
 class ModbusExchange:

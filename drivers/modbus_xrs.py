@@ -34,25 +34,17 @@ driver only reads (functions 03 and 04): it is a passive monitor.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from types import MappingProxyType, TracebackType
-from typing import Any, Self
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
 
 from iortd.drivers.errors import ProtocolViolation
-from iortd.drivers.interface import DriverContext, DriverSpec, Role
-from iortd.drivers.modbus_codec import Framing
-from iortd.drivers.modbus_exchange import (
-    SIMULATOR_MANUFACTURER,
-    ModbusExchange,
-    check_options,
-    device_identity,
-)
-from iortd.drivers.modbus_map import INTERLOCK_POINTS, XRS_MB1, Block, RegisterMap
-from iortd.drivers.transport import Transport, transport_from_config
+from iortd.drivers.interface import Role
+from iortd.drivers.modbus_device import SIMULATOR_MANUFACTURER, ModbusMapDriver, ModbusMapFactory
+from iortd.drivers.modbus_map import INTERLOCK_POINTS, XRS_MB1
 from iortd.kernel.types import (
     ApplicatorIdentity,
     Capability,
-    DeviceIdentity,
     DeviceState,
     Interlock,
     InterlockState,
@@ -78,87 +70,18 @@ _INTERLOCKS: Mapping[str, Interlock] = MappingProxyType(
 assert tuple(_INTERLOCKS) == INTERLOCK_POINTS  # noqa: S101 - one list, two modules
 
 
-def _check(
-    options: Mapping[str, Any], transport: Mapping[str, Any]
-) -> tuple[RegisterMap, int, Framing]:
-    return check_options(
-        "modbus-xrs", options, transport, default_unit=1, default_map="xrs-mb1", vocabulary=XRS_MB1
-    )
+class ModbusXrsDriver(ModbusMapDriver):
+    """A :class:`~iortd.drivers.interface.SourceDriver` for consoles with a register map
+    (XRS-MB/1's by default)."""
 
-
-class ModbusXrsFactory:
-    name = "modbus-xrs"
-    roles: frozenset[Role] = frozenset({"source"})
-    simulated = False  # real equipment; a simulator says so in its identity registers
-    path_options = frozenset({"map"})
-
-    def validate(self, options: Mapping[str, Any], transport: Mapping[str, Any]) -> None:
-        _check(options, transport)
-
-    def create(self, spec: DriverSpec, context: DriverContext) -> ModbusXrsDriver:
-        regmap, unit, framing = _check(spec.options, spec.transport)
-        return ModbusXrsDriver(
-            transport_from_config(spec.transport, timeout_s=spec.timeout_s),
-            context,
-            regmap,
-            unit=unit,
-            framing=framing,
-            timeout_s=spec.timeout_s,
-        )
-
-
-class ModbusXrsDriver:
+    NAME = "modbus-xrs"
+    DEFAULT_UNIT = 1
     capabilities = frozenset(
         {Capability.READ_TELEMETRY, Capability.READ_INTERLOCKS, Capability.READ_APPLICATOR}
     )
 
-    def __init__(
-        self,
-        transport: Transport,
-        context: DriverContext,
-        regmap: RegisterMap,
-        *,
-        unit: int = 1,
-        framing: Framing = Framing.TCP,
-        timeout_s: float = 1.0,
-    ) -> None:
-        self._clock = context.clock
-        self._map = regmap
-        self._link = ModbusExchange(
-            transport,
-            unit=unit,
-            framing=framing,
-            timeout_s=timeout_s,
-            name="modbus-xrs",
-            heard=context.heard,
-            monotonic_ns=context.clock.monotonic_ns,
-        )
-        self._simulated = False
-
-    async def __aenter__(self) -> Self:
-        await self._link.open()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._link.close()
-
-    async def _read(self, blocks: Sequence[Block]) -> dict[str, Any]:
-        return self._map.decode(blocks, await self._link.read_blocks(blocks))
-
-    # ---- the driver interface --------------------------------------------------------
-
-    async def identify(self) -> DeviceIdentity:
-        identity = device_identity(await self._read(self._map.identity))
-        self._simulated = identity.simulated
-        return identity
-
     async def read(self) -> SourceReading:
-        v = await self._read(self._map.telemetry)
+        v = await self._values(self._map.telemetry)
         mono_ns, utc = self._clock.monotonic_ns(), self._clock.utc()
         state_word = v["state"]
         state = DeviceState(state_word) if state_word in DeviceState.__members__ else None
@@ -220,6 +143,14 @@ class ModbusXrsDriver:
             diameter_mm=float(diameter),
             serial=str(v.get("applicator.serial") or "-"),
         )
+
+
+class ModbusXrsFactory(ModbusMapFactory[ModbusXrsDriver]):
+    name = "modbus-xrs"
+    roles: frozenset[Role] = frozenset({"source"})
+    driver = ModbusXrsDriver
+    default_map = "xrs-mb1"
+    vocabulary = XRS_MB1
 
 
 def _counter(x: object) -> int | None:
