@@ -49,15 +49,18 @@ from test_modbus_fuzz import (
     CLEAN,
     CLOSED,
     DEVICE,
-    READ_BOUND,
     SPEC_EXCEPTION_CODES,
     SUCCESS,
     TIMEOUT,
     VIOLATION,
+    DriverReport,
+    Failures,
+    Plan,
     Req,
     T,
     Valid,
     f_mutate,
+    judge_read,
     plan_read,
     rand_garbage,
     spec_exception,
@@ -66,7 +69,7 @@ from test_modbus_fuzz import (
     spec_request,
 )
 
-from iortd.drivers.errors import ProtocolViolation, TransportClosed, TransportTimeout
+from iortd.drivers.errors import ProtocolViolation
 from iortd.drivers.interface import DriverContext
 from iortd.drivers.modbus_apl import (
     ApplicatorSample,
@@ -296,22 +299,15 @@ def model_images(rng: random.Random, n: int) -> list[list[int]]:
 
 
 @dataclass
-class Report:
+class Report(Failures):
     seed: int
     inputs: int = 0
     outcomes: Counter[str] = field(default_factory=Counter)
     failures: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
 
-    def fail(self, what: str, detail: str) -> None:
-        if len(self.failures[what]) < 3:
-            self.failures[what].append(detail)
-
     def summary(self) -> str:
-        lines = [f"seed={self.seed:#x} inputs={self.inputs} outcomes={dict(self.outcomes)}"]
-        for what, examples in self.failures.items():
-            lines.append(f"  {what}:")
-            lines.extend(f"    {e}" for e in examples)
-        return "\n".join(lines)
+        head = f"seed={self.seed:#x} inputs={self.inputs} outcomes={dict(self.outcomes)}"
+        return "\n".join([head, *self.failure_lines()])
 
 
 def judge(framing: Framing, req: Req, data: bytes, report: Report) -> None:
@@ -421,24 +417,11 @@ def test_the_oracle_against_hand_worked_registers() -> None:
 # ---- 2. the driver over a scripted device ------------------------------------------------
 
 
-@dataclass
-class DriverReport:
-    seed: int
-    reads: int = 0
-    max_read_s: float = 0.0
-    outcomes: Counter[str] = field(default_factory=Counter)
-    failures: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
-
-    def fail(self, what: str, detail: str) -> None:
-        if len(self.failures[what]) < 3:
-            self.failures[what].append(detail)
-
-
 async def run_session(rng: random.Random, framing: Framing, report: DriverReport) -> None:
     unit = rng.choice((2, 2, 1, 247))
     reads = rng.randint(1, 4)
     script: list[ScriptStep] = []
-    plans: list[tuple[str, list[int], frozenset[str], int | None]] = []
+    plans: list[Plan] = []
     for i in range(reads):
         req = Req(Table.INPUT, 0, N, unit, i + 1)
         regs = plausible(rng) if rng.random() < 0.5 else bend(rng, plausible(rng))
@@ -447,44 +430,15 @@ async def run_session(rng: random.Random, framing: Framing, report: DriverReport
         if any(k not in CLEAN for k, *_ in plans):
             allowed = allowed | ANY_FAILURE | ({DEVICE} if SUCCESS in allowed else set())
         plans.append((kind, regs, allowed, code))
+        report.scenarios[kind] += 1
     transport = ScriptedTransport(script, timeout_s=T)
+    report.sessions += 1
     async with ModbusAplDriver(transport, CTX, MAP, unit=unit, framing=framing, timeout_s=T) as d:
-        for i, (kind, regs, allowed, code) in enumerate(plans):
-            report.reads += 1
-            where = f"{framing.value} unit={unit} read {i + 1}/{reads} {kind}"
-            t0 = transport.elapsed_s
-            try:
-                sample = await d.read_sample()
-            except TransportTimeout:
-                outcome = TIMEOUT
-            except TransportClosed:
-                outcome = CLOSED
-            except ProtocolViolation:
-                outcome = VIOLATION
-                if SUCCESS in allowed and spec_sample(regs) is None:
-                    outcome = SUCCESS  # the reply was read; its values are refused
-            except ModbusDeviceError as exc:
-                outcome = DEVICE
-                if code is not None and exc.code != code:
-                    report.fail("wrong exception code", f"{where}: {exc.code} != {code}")
-            except Exception as exc:
-                report.fail(f"read raised {type(exc).__name__}", f"{where}: {exc}")
-                return
-            else:
-                outcome = SUCCESS
-                want = spec_sample(regs)
-                if want is None:
-                    report.fail("accepted registers the documentation refuses", f"{where}: {regs}")
-                elif view(sample) != want:
-                    report.fail("wrong value", f"{where}: {view(sample)} != {want}")
-            report.outcomes[outcome] += 1
-            if outcome not in allowed:
-                report.fail(f"{kind}: {outcome}", f"{where}: allowed {sorted(allowed)}")
-            spent = transport.elapsed_s - t0
-            report.max_read_s = max(report.max_read_s, spent)
-            if spent > READ_BOUND + 1e-9:
-                report.fail("read took too long", f"{where}: {spent / T:.2f} T")
-            if outcome == CLOSED:
+        for i, plan in enumerate(plans):
+            where = f"{framing.value} unit={unit} read {i + 1}/{reads} {plan[0]}"
+            want = spec_sample(plan[1])
+            outcome = await judge_read(report, transport, d.read_sample, view, want, plan, where)
+            if outcome in (None, CLOSED):
                 return
 
 
@@ -495,8 +449,8 @@ async def test_fuzz_driver_reads(framing: Framing) -> None:
     report = DriverReport(seed)
     for _ in range(DRIVER_SESSIONS):
         await run_session(rng, framing, report)
-    summary = f"seed={seed:#x} reads={report.reads} outcomes={dict(report.outcomes)}"
-    assert not report.failures, f"{summary}\n{dict(report.failures)}"
+    summary = report.summary()
+    assert not report.failures, summary
     for outcome in (SUCCESS, TIMEOUT, VIOLATION, DEVICE, CLOSED):
         assert report.outcomes[outcome] >= 10, summary
 
