@@ -34,7 +34,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -586,9 +586,13 @@ class Daemon:
             options=dev.options,
         )
         heard = self._source_heard if dev.role == "source" else _ignore_heard
-        return factory.create(
-            spec,
-            DriverContext(clock=self._clock, seed=self.config.simulation.seed, heard=heard),
+        # The config accepts a device only in a role its factory serves (a source here).
+        return cast(
+            SourceDriver,
+            factory.create(
+                spec,
+                DriverContext(clock=self._clock, seed=self.config.simulation.seed, heard=heard),
+            ),
         )
 
     def _source_heard(self, mono_ns: int) -> None:

@@ -16,9 +16,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Final
 
-from iortd.drivers.apl_types import ApplicatorFault, ApplicatorState
 from iortd.drivers.modbus_codec import Table
 from iortd.drivers.modbus_map import STRING, PointKind, RegisterMap, Vocabulary, load_map
+from iortd.kernel.types import ApplicatorFault, ApplicatorState
 
 __all__ = ["APL_MB1", "load_apl_map"]
 

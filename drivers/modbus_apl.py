@@ -6,14 +6,15 @@ Three layers, each usable alone:
 * :func:`~iortd.drivers.apl_map.load_apl_map`: a map in the format of
   drivers/modbus_map.py, loaded and checked there against APL-MB/1's point names
   (drivers/apl_map.py); the values are decoded by :meth:`RegisterMap.decode`, unchanged.
-  The reading's types are in drivers/apl_types.py (re-exported here).
 * :func:`decode_points` and :func:`decode_sample` (sans-I/O): registers to an
-  :class:`ApplicatorSample`, refusing with a ProtocolViolation that names the register any
-  value outside its documented range or inconsistent with the others (a magnitude that is
-  not the length of its components beyond rounding, a fault code without the FAULT state,
-  an applicator type code the map does not list, a diameter or serial with no applicator,
-  half of the displacement missing). A state, fault or flag code the map does not list reads
-  as UNKNOWN (fail safe: an unknown flag counts as the unsafe case), as in XRS-MB/1.
+  :class:`~iortd.kernel.types.ApplicatorReading` (with its ApplicatorState,
+  ApplicatorFault and Tristate flags, all in the kernel), refusing with a
+  ProtocolViolation that names the register any value outside its documented range or
+  inconsistent with the others (a magnitude that is not the length of its components
+  beyond rounding, a fault code without the FAULT state, an applicator type code the map
+  does not list, a diameter or serial with no applicator, half of the displacement
+  missing). A state, fault or flag code the map does not list reads as UNKNOWN (fail safe:
+  an unknown flag counts as the unsafe case), as in XRS-MB/1.
 * :class:`ModbusAplDriver`: identity once after connecting (holding registers), then one
   telemetry read per poll, so that all the values of a sample come from one instant. What
   is not the applicator's is shared with ``modbus-xrs`` (drivers/modbus_device.py: options,
@@ -49,12 +50,18 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from iortd.drivers.apl_map import APL_MB1, load_apl_map
-from iortd.drivers.apl_types import ApplicatorFault, ApplicatorSample, ApplicatorState, Flag
 from iortd.drivers.errors import ProtocolViolation
 from iortd.drivers.interface import Role
 from iortd.drivers.modbus_device import SIMULATOR_MANUFACTURER, ModbusMapDriver, ModbusMapFactory
 from iortd.drivers.modbus_map import Block, RegisterMap
-from iortd.kernel.types import ApplicatorIdentity, ApplicatorReading, Capability
+from iortd.kernel.types import (
+    ApplicatorFault,
+    ApplicatorIdentity,
+    ApplicatorReading,
+    ApplicatorState,
+    Capability,
+    Tristate,
+)
 
 __all__ = [
     "DEFAULT_UNIT",
@@ -62,10 +69,6 @@ __all__ = [
     "MAX_DIAMETER_MM",
     "MAX_TILT_DEG",
     "SIMULATOR_MANUFACTURER",
-    "ApplicatorFault",
-    "ApplicatorSample",
-    "ApplicatorState",
-    "Flag",
     "ModbusAplDriver",
     "ModbusAplFactory",
     "decode_points",
@@ -143,8 +146,8 @@ def _decode_naming(
     return values
 
 
-def _flag(word: object) -> Flag:
-    return Flag.__members__.get(str(word).upper(), Flag.UNKNOWN)
+def _flag(word: object) -> Tristate:
+    return Tristate.__members__.get(str(word).upper(), Tristate.UNKNOWN)
 
 
 def _count(regmap: RegisterMap, values: Mapping[str, Any], name: str) -> int | None:
@@ -164,7 +167,7 @@ def decode_sample(
     utc: datetime,
     simulated: bool,
     raws: Mapping[str, int] | None = None,
-) -> ApplicatorSample:
+) -> ApplicatorReading:
     """A sample from decoded point values (:func:`decode_points`), every documented
     invariant checked; a refusal names the register (docs/protocols.md, APL-MB/1, "What a
     master does with a bad value")."""
@@ -217,7 +220,7 @@ def decode_sample(
         if n is None:  # a counter has no "missing": cannot happen with a checked map
             raise ProtocolViolation(f"{bad(name)}: not reported")
         counters[name] = n
-    return ApplicatorSample(
+    return ApplicatorReading(
         mono_ns=mono_ns,
         utc=utc,
         state=state,
@@ -293,7 +296,7 @@ class ModbusAplDriver(ModbusMapDriver):
     async def _values(self, blocks: Sequence[Block]) -> dict[str, Any]:
         return (await self._points(blocks))[0]  # a value refused names its register
 
-    async def read_sample(self) -> ApplicatorSample:
+    async def read_applicator(self) -> ApplicatorReading:
         values, raws = await self._points(self._map.telemetry)
         return decode_sample(
             self._map,
@@ -303,9 +306,6 @@ class ModbusAplDriver(ModbusMapDriver):
             simulated=self._simulated,
             raws=raws,
         )
-
-    async def read_applicator(self) -> ApplicatorReading:
-        return (await self.read_sample()).reading()
 
 
 class ModbusAplFactory(ModbusMapFactory[ModbusAplDriver]):

@@ -14,13 +14,9 @@ from test_modbus_codec import crc16_modbus
 from test_modbus_map import text_registers
 
 from iortd.drivers.errors import DriverOptionError, ProtocolViolation, TransportTimeout
-from iortd.drivers.interface import ApplicatorDriver, DriverContext, DriverSpec
+from iortd.drivers.interface import ApplicatorDriver, DriverContext, DriverFactory, DriverSpec
 from iortd.drivers.modbus_apl import (
     MAGNITUDE_TOLERANCE_MM,
-    ApplicatorFault,
-    ApplicatorSample,
-    ApplicatorState,
-    Flag,
     ModbusAplDriver,
     ModbusAplFactory,
     decode_points,
@@ -29,9 +25,16 @@ from iortd.drivers.modbus_apl import (
 )
 from iortd.drivers.modbus_codec import Framing, ModbusDeviceError, Table
 from iortd.drivers.modbus_map import MapError, load_map, resolve_map
+from iortd.drivers.registry import DriverRegistry
 from iortd.drivers.transport import Eof, Expect, Reply, ScriptedTransport
 from iortd.kernel.clock import SystemClock
-from iortd.kernel.types import ApplicatorIdentity
+from iortd.kernel.types import (
+    ApplicatorFault,
+    ApplicatorIdentity,
+    ApplicatorReading,
+    ApplicatorState,
+    Tristate,
+)
 
 CTX = DriverContext(clock=SystemClock(), seed=0)
 BUNDLED = Path(__file__).resolve().parents[2] / "config" / "maps" / "apl-mb1.toml"
@@ -103,7 +106,7 @@ RTU_ST = H("02 04 00 00 00 1A") + crc16_modbus(H("02 04 00 00 00 1A")).to_bytes(
 RTU_ID = H("02 03 00 64 00 48") + crc16_modbus(H("02 03 00 64 00 48")).to_bytes(2, "little")
 
 
-def decode(regs: Sequence[int]) -> ApplicatorSample:
+def decode(regs: Sequence[int]) -> ApplicatorReading:
     values, raws = decode_points(MAP, MAP.telemetry, [list(regs)])
     return decode_sample(MAP, values, mono_ns=1, utc=T0, simulated=False, raws=raws)
 
@@ -171,7 +174,11 @@ def test_the_documented_values() -> None:
     s = decode(TELEMETRY)
     assert s.state is ApplicatorState.READY
     assert s.fault is None
-    assert (s.seated, s.source_locked, s.brakes_engaged) == (Flag.YES, Flag.YES, Flag.YES)
+    assert (s.seated, s.source_locked, s.brakes_engaged) == (
+        Tristate.YES,
+        Tristate.YES,
+        Tristate.YES,
+    )
     assert s.applicator == ApplicatorIdentity(type="spherical", diameter_mm=30.0, serial="APP-0042")
     assert s.uses_left == 17
     assert (s.seat_counter, s.lock_counter, s.heartbeat) == (3, 65538, 0xBEEF)
@@ -179,8 +186,19 @@ def test_the_documented_values() -> None:
     assert s.displacement_magnitude_mm == pytest.approx(2.40, abs=1e-12)
     assert s.tilt_deg == pytest.approx(0.35, abs=1e-12)
     assert (s.mono_ns, s.utc, s.simulated) == (1, T0, False)
-    reading = s.reading()
-    assert (reading.applicator, reading.mono_ns, reading.simulated) == (s.applicator, 1, False)
+
+
+def test_the_driver_reads_the_kernels_applicator_reading() -> None:
+    """One type for the applicator side (kernel.types), so the daemon needs nothing from
+    the driver's modules; a reading that carries only an identity (a console's report of
+    its applicator) is never read as safe."""
+    assert type(decode(TELEMETRY)) is ApplicatorReading
+    bare = ApplicatorReading(mono_ns=1, utc=T0, applicator=None, simulated=False)
+    assert (bare.state, bare.fault) == (ApplicatorState.UNKNOWN, None)
+    assert (bare.seated, bare.source_locked, bare.brakes_engaged) == (Tristate.UNKNOWN,) * 3
+    assert (bare.uses_left, bare.seat_counter, bare.lock_counter, bare.heartbeat) == (None,) * 4
+    assert (bare.displacement_mm, bare.displacement_magnitude_mm, bare.tilt_deg) == (None,) * 3
+    assert bare.extra == {}
 
 
 def test_not_available_values() -> None:
@@ -190,7 +208,7 @@ def test_not_available_values() -> None:
 
 def test_no_applicator() -> None:
     s = decode(with_({2: 0, 3: 0, 5: 0, 6: 0, **dict.fromkeys(range(7, 15), 0), 15: 0xFFFF}))
-    assert (s.applicator, s.seated, s.source_locked) == (None, Flag.NO, Flag.NO)
+    assert (s.applicator, s.seated, s.source_locked) == (None, Tristate.NO, Tristate.NO)
 
 
 def test_a_fault_with_its_code_and_unlisted_codes_fail_safe() -> None:
@@ -200,7 +218,7 @@ def test_a_fault_with_its_code_and_unlisted_codes_fail_safe() -> None:
     assert (s.state, s.fault) == (ApplicatorState.FAULT, ApplicatorFault.UNKNOWN)
     s = decode(with_({0: 42, 1: 7, 2: 9, 4: 3}))  # a state, a fault and flags not listed
     assert (s.state, s.fault) == (ApplicatorState.UNKNOWN, ApplicatorFault.UNKNOWN)
-    assert (s.seated, s.brakes_engaged) == (Flag.UNKNOWN, Flag.UNKNOWN)
+    assert (s.seated, s.brakes_engaged) == (Tristate.UNKNOWN, Tristate.UNKNOWN)
 
 
 def test_the_magnitude_may_differ_from_the_components_by_rounding_only() -> None:
@@ -261,7 +279,7 @@ async def test_identify_and_read_over_tcp() -> None:
     assert isinstance(d, ApplicatorDriver)
     async with d:
         ident = await d.identify()
-        sample = await d.read_sample()
+        sample = await d.read_applicator()
     t.assert_done()
     assert (ident.manufacturer, ident.model, ident.serial, ident.firmware) == (
         "iortd simulator",
@@ -287,7 +305,7 @@ async def test_identify_and_read_over_rtu_unit_2_by_default() -> None:
     async with driver(t, Framing.RTU, 0.5) as d:
         ident = await d.identify()
         reading = await d.read_applicator()
-        second = await d.read_sample()
+        second = await d.read_applicator()
     t.assert_done()
     assert (ident.simulated, ident.scenario) == (False, None)
     assert reading.applicator is not None
@@ -305,10 +323,10 @@ async def test_an_exception_and_a_bad_value_then_the_next_read_works() -> None:
     )
     async with driver(t, Framing.RTU) as d:
         with pytest.raises(ModbusDeviceError, match="Server Device Failure"):
-            await d.read_sample()
+            await d.read_applicator()
         with pytest.raises(ProtocolViolation, match="tilt"):
-            await d.read_sample()
-        assert (await d.read_sample()).tilt_deg == pytest.approx(0.35)
+            await d.read_applicator()
+        assert (await d.read_applicator()).tilt_deg == pytest.approx(0.35)
     t.assert_done()
 
 
@@ -323,8 +341,8 @@ async def test_a_late_rtu_reply_is_never_taken_for_the_next_one() -> None:
     )
     async with driver(t, Framing.RTU, 0.5) as d:
         with pytest.raises(TransportTimeout):
-            await d.read_sample()
-        assert (await d.read_sample()).displacement_magnitude_mm == pytest.approx(2.4)
+            await d.read_applicator()
+        assert (await d.read_applicator()).displacement_magnitude_mm == pytest.approx(2.4)
     t.assert_done()
 
 
@@ -334,14 +352,14 @@ async def test_another_units_reply_on_a_shared_line_is_not_taken() -> None:
     t = ScriptedTransport([Expect(RTU_ST), Reply(rtu_reply(4, TELEMETRY, unit=1))], timeout_s=0.5)
     async with driver(t, Framing.RTU, 0.5) as d:
         with pytest.raises((ProtocolViolation, TransportTimeout)):
-            await d.read_sample()
+            await d.read_applicator()
 
 
 async def test_a_closed_link_is_transport_closed() -> None:
     t = ScriptedTransport([Expect(TCP_ST(1)), Eof()])
     async with driver(t, Framing.TCP) as d:
         with pytest.raises(Exception, match="closed") as excinfo:
-            await d.read_sample()
+            await d.read_applicator()
     assert type(excinfo.value).__name__ == "TransportClosed"
 
 
@@ -353,6 +371,8 @@ TCP = {"type": "tcp", "host": "192.0.2.20", "port": 502}
 
 def test_the_factory_serves_the_applicator_role() -> None:
     f = ModbusAplFactory()
+    factory: DriverFactory = f  # a valid factory for mypy too
+    assert DriverRegistry.of([factory]).get("modbus-apl") is f
     assert (f.name, f.roles, f.simulated, f.path_options) == (
         "modbus-apl",
         frozenset({"applicator"}),
@@ -369,8 +389,9 @@ def test_the_factory_serves_the_applicator_role() -> None:
     )
     d = f.create(spec, CTX)
     assert isinstance(d, ModbusAplDriver)
+    assert isinstance(d, ApplicatorDriver)
     assert (d.unit, d.framing) == (2, Framing.TCP)
-    rtu = f.create(
+    rtu = ModbusAplFactory().create(
         DriverSpec(
             "stand-1",
             "applicator",
@@ -428,7 +449,11 @@ def test_flags_may_be_bits_of_one_status_word(tmp_path: Path) -> None:
     assert len(data) == 2  # registers 3-4 are no longer mapped: two reads
     values, raws = decode_points(regmap, regmap.telemetry, data)
     s = decode_sample(regmap, values, mono_ns=1, utc=T0, simulated=False, raws=raws)
-    assert (s.seated, s.source_locked, s.brakes_engaged) == (Flag.YES, Flag.NO, Flag.YES)
+    assert (s.seated, s.source_locked, s.brakes_engaged) == (
+        Tristate.YES,
+        Tristate.NO,
+        Tristate.YES,
+    )
     path.write_text(text.replace("bit = 2", "bit = 1"), "utf-8")
     with pytest.raises(
         MapError,
@@ -443,5 +468,5 @@ async def test_a_stale_tcp_reply_before_the_answer_is_passed_over() -> None:
         [Expect(TCP_ST(1)), Reply(tcp_reply(7, 4, stale) + tcp_reply(1, 4, TELEMETRY))]
     )
     async with driver(t, Framing.TCP) as d:
-        assert (await d.read_sample()).displacement_magnitude_mm == pytest.approx(2.4)
+        assert (await d.read_applicator()).displacement_magnitude_mm == pytest.approx(2.4)
     t.assert_done()

@@ -72,7 +72,6 @@ from test_modbus_fuzz import (
 from iortd.drivers.errors import ProtocolViolation
 from iortd.drivers.interface import DriverContext
 from iortd.drivers.modbus_apl import (
-    ApplicatorSample,
     ModbusAplDriver,
     decode_points,
     decode_sample,
@@ -89,7 +88,7 @@ from iortd.drivers.modbus_codec import (
 from iortd.drivers.modbus_map import resolve_map
 from iortd.drivers.transport import Expect, ScriptedTransport, ScriptStep
 from iortd.kernel.clock import SystemClock
-from iortd.kernel.types import ApplicatorIdentity
+from iortd.kernel.types import ApplicatorIdentity, ApplicatorReading
 from iortd.simulators.applicator import (
     FAULT_CODES,
     ApplicatorModel,
@@ -191,7 +190,7 @@ def spec_sample(regs: Sequence[int]) -> View | None:
     )
 
 
-def view(s: ApplicatorSample) -> View:
+def view(s: ApplicatorReading) -> View:
     a = s.applicator
     d = s.displacement_mm
     m = s.displacement_magnitude_mm
@@ -437,7 +436,9 @@ async def run_session(rng: random.Random, framing: Framing, report: DriverReport
         for i, plan in enumerate(plans):
             where = f"{framing.value} unit={unit} read {i + 1}/{reads} {plan[0]}"
             want = spec_sample(plan[1])
-            outcome = await judge_read(report, transport, d.read_sample, view, want, plan, where)
+            outcome = await judge_read(
+                report, transport, d.read_applicator, view, want, plan, where
+            )
             if outcome in (None, CLOSED):
                 return
 
