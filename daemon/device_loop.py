@@ -41,6 +41,7 @@ from iortd.daemon.config import DeviceConfig
 from iortd.drivers.errors import DeviceFault, DriverError, ProtocolViolation
 from iortd.drivers.interface import (
     ApplicatorDriver,
+    DeviceDriver,
     DriverContext,
     DriverFactory,
     DriverSpec,
@@ -126,7 +127,7 @@ class DeviceLoop:
                     async with asyncio.timeout(self._bound):
                         await driver.__aexit__(None, None, None)
 
-    def _build(self) -> SourceDriver:
+    def _build(self) -> DeviceDriver:
         dev = self.device
         spec = DriverSpec(
             name=dev.name,
@@ -138,18 +139,21 @@ class DeviceLoop:
         )
         return self._factory.create(spec, self._context)
 
-    async def _read(self, driver: SourceDriver) -> Reading:
+    async def _read(self, driver: DeviceDriver) -> Reading:
+        # A driver without the role's read is a plug-in's mistake, found at the first poll:
+        # a lost link, said in its reason.
         if self.device.role == "source":
+            if not isinstance(driver, SourceDriver):
+                raise DriverError(f"driver {self.device.driver!r} has no read() for role 'source'")
             return await driver.read()
         if not isinstance(driver, ApplicatorDriver):
-            # A plug-in's mistake, found at the first poll: a lost link, said in its reason.
             raise DriverError(
                 f"driver {self.device.driver!r} has no read_applicator() for role "
                 f"{self.device.role!r}"
             )
         return await driver.read_applicator()
 
-    async def _poll(self, driver: SourceDriver, stop: asyncio.Event) -> None:
+    async def _poll(self, driver: DeviceDriver, stop: asyncio.Event) -> None:
         dev = self.device
         loop = asyncio.get_running_loop()
         next_at = loop.time()

@@ -116,6 +116,7 @@ class DriverFactory(Protocol):
         drivers.errors.DriverOptionError naming the key."""
         ...
 
-    def create(self, spec: DriverSpec, context: DriverContext) -> SourceDriver:
-        """Build a driver; it connects when entered as an async context manager."""
+    def create(self, spec: DriverSpec, context: DriverContext) -> DeviceDriver:
+        """Build a driver; it connects when entered as an async context manager. For the
+        role ``source`` it is a SourceDriver, for ``applicator`` an ApplicatorDriver."""
         ...

@@ -1,10 +1,17 @@
-"""Register maps: where a Modbus console keeps each value, as data (TOML), not code.
+"""Register maps: where a Modbus device keeps each value, as data (TOML), not code.
 
 The format (``format = "iortd-register-map/1"``) is specified in docs/protocols.md,
 "Register maps"; config/maps/xrs-mb1.toml is the reference console's. :func:`load_map`
 checks a map completely, before any device is touched, and names the file, the point and
 the key of every problem. Decoding registers into values is sans-I/O
 (:meth:`RegisterMap.decode`), locked by golden vectors in tests/unit/test_modbus_map.py.
+
+What a map may name is a :class:`Vocabulary`: a table of point names, each with its
+:class:`PointKind` (wire types, units, value-table meanings, whether it is required, may be
+"not available", may be one bit of a status word, the register table it lives in). The
+format's rules are this module's and the same for every kind of device; the vocabulary is
+data. :data:`XRS_MB1` (a source console: doses, kV, interlocks, ...) is the default;
+drivers/apl_map.py holds the applicator reader's.
 
 Fail-safe reading: a value-table entry that is not listed reads as UNKNOWN (a state the
 tracker treats as FAULT, an interlock that counts as tripped), never as a plausible value;
@@ -18,11 +25,11 @@ import math
 import re
 import struct
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from iortd.drivers.errors import ProtocolViolation
 from iortd.drivers.modbus_codec import MAX_READ, Table
@@ -31,15 +38,80 @@ from iortd.kernel.files import FileReadError, read_small_file, toml_error
 __all__ = [
     "INTERLOCK_POINTS",
     "MAP_FORMAT",
+    "NUMERIC",
+    "STRING",
+    "XRS_MB1",
     "Block",
     "MapError",
     "Point",
+    "PointKind",
     "RegisterMap",
+    "Vocabulary",
     "load_map",
     "resolve_map",
 ]
 
 MAP_FORMAT: Final = "iortd-register-map/1"
+
+# The wire types and how many registers each takes (a string: its ``length``).
+_TYPES: Final = MappingProxyType({"u16": 1, "i16": 1, "u32": 2, "i32": 2, "f32": 2, "string": 0})
+NUMERIC: Final = frozenset({"u16", "i16", "u32", "i32", "f32"})
+STRING: Final = frozenset({"string"})
+_EXTRA = re.compile(r"^extra\.[a-z][a-z0-9_]{0,31}$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+_MEANING = re.compile(r"^[A-Za-z][A-Za-z0-9_./-]{0,31}$")
+_POINT_KEYS: Final = frozenset(
+    {"name", "table", "address", "type", "scale", "unit", "word_order", "bit", "missing"}
+    | {"values", "length"}
+)
+_TOP_KEYS: Final = frozenset({"format", "name", "description", "word_order", "values", "point"})
+
+
+@dataclass(frozen=True, slots=True)
+class PointKind:
+    """What a map may say about one point name: a row of a :class:`Vocabulary`.
+
+    The format's own rules hold for every kind: a string is ``type = "string"`` with a
+    ``length``; an enumerated point (``enumerated``) is u16 or u32 and names a value table,
+    without scale or unit; a ``counter`` is u16 or u32 without scale or unit; a physical
+    quantity (``units``) needs one of its units and a positive scale; a point with neither
+    (``extra.*``) is recorded as read, in the unit the map gives it.
+    """
+
+    types: frozenset[str] = NUMERIC  # the wire types it may have
+    units: Mapping[str, float] | None = None  # unit -> factor to the daemon's unit
+    enumerated: bool = False
+    meanings: frozenset[str] | None = None  # enumerated: what a value may mean (None: any word)
+    must_mean: frozenset[str] = frozenset()  # enumerated: what its table must list
+    counter: bool = False
+    bit: bool = False  # may be one flag of a status word (u16)
+    missing: Literal["never", "allowed", "required"] = "never"  # a "not available" value
+    required: bool = False  # every map of this vocabulary has it
+    signed: bool = False  # a physical quantity that may be negative (the device's sign)
+    table: Table | None = None  # the register table it is read from (None: either)
+    needs: tuple[str, ...] = ()  # points that must be mapped with it
+
+
+@dataclass(frozen=True, slots=True)
+class Vocabulary:
+    """The point names a kind of device's maps may use, each with its :class:`PointKind`;
+    ``extra`` is the kind of every ``extra.<word>`` point. ``listed_in`` and ``bit_for``
+    complete two messages: where the names are listed, and which points may be a bit."""
+
+    name: str
+    points: Mapping[str, PointKind]
+    extra: PointKind
+    listed_in: str
+    bit_for: str
+
+    def kind(self, name: str) -> PointKind | None:
+        kind = self.points.get(name)
+        if kind is None and _EXTRA.fullmatch(name):
+            return self.extra
+        return kind
+
+
+# ---- XRS-MB/1: a source console (docs/protocols.md, "Register maps") --------------------
 
 # What each physical point is measured in, inside the daemon, and the units a map may use
 # for it (with the factor to the daemon's unit).
@@ -48,87 +120,57 @@ _RATE = MappingProxyType(
     {"Gy/min": 1.0, "cGy/min": 0.01, "mGy/min": 0.001, "Gy/s": 60.0, "mGy/s": 0.06}
 )
 _TIME = MappingProxyType({"s": 1.0, "ms": 0.001, "min": 60.0})
-_UNITS: Final[Mapping[str, Mapping[str, float]]] = MappingProxyType(
-    {
-        "dose_rate": _RATE,
-        "dose_primary": _DOSE,
-        "dose_secondary": _DOSE,
-        "preset": _DOSE,
-        "beam_on_time": _TIME,
-        "planned_time": _TIME,
-        "kv": MappingProxyType({"kV": 1.0, "V": 0.001}),
-        "ua": MappingProxyType({"uA": 1.0, "µA": 1.0, "mA": 1000.0}),
-        "applicator.diameter": MappingProxyType({"mm": 1.0, "cm": 10.0}),
-    }
-)
 INTERLOCK_POINTS: Final = (
-    "door",
-    "emergency_stop",
-    "applicator",
-    "kv",
-    "ua",
-    "cooling",
-    "dose_channels",
-    "dose_rate",
-    "backup_timer",
+    *("door", "emergency_stop", "applicator", "kv", "ua", "cooling", "dose_channels"),
+    *("dose_rate", "backup_timer"),
 )
-_ENUMS: Final = frozenset(
-    {"state", "termination", "applicator.type", *(f"interlock.{i}" for i in INTERLOCK_POINTS)}
-)
-_STRINGS: Final = frozenset(
-    {
-        "applicator.serial",
-        "identity.manufacturer",
-        "identity.model",
-        "identity.serial",
-        "identity.firmware",
-        "identity.scenario",
-    }
-)
-REQUIRED: Final = (
-    "state",
-    "dose_rate",
-    "dose_primary",
-    "dose_secondary",
-    "preset",
-    "beam_on_time",
-    "kv",
-    "ua",
-)
-_MISSING_ALLOWED: Final = frozenset({"planned_time", "selection"})
-# Unitless integer points: counters the console keeps.
-_COUNTERS: Final = frozenset({"selection"})
-_EXTRA = re.compile(r"^extra\.[a-z][a-z0-9_]{0,31}$")
-_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
-_MEANING = re.compile(r"^[A-Za-z][A-Za-z0-9_./-]{0,31}$")
-_TYPES: Final = MappingProxyType({"u16": 1, "i16": 1, "u32": 2, "i32": 2, "f32": 2, "string": 0})
-_POINT_KEYS: Final = frozenset(
-    {"name", "table", "address", "type", "scale", "unit", "word_order", "bit", "missing"}
-    | {"values", "length"}
-)
-_TOP_KEYS: Final = frozenset({"format", "name", "description", "word_order", "values", "point"})
 # What the daemon accepts as a value-table meaning, per enumerated point.
 _STATES: Final = frozenset(
-    {
-        "OFF",
-        "SELF_TEST",
-        "STANDBY",
-        "PREPARATORY",
-        "READY",
-        "IRRADIATING",
-        "INTERRUPTED",
-        "TERMINATED",
-        "FAULT",
-        "EMERGENCY_STOP",
-    }
+    {"OFF", "SELF_TEST", "STANDBY", "PREPARATORY", "READY", "IRRADIATING", "INTERRUPTED"}
+    | {"TERMINATED", "FAULT", "EMERGENCY_STOP"}
 )
-_MEANINGS: Final[Mapping[str, frozenset[str] | None]] = MappingProxyType(
-    {
-        "state": _STATES,
-        "termination": frozenset({"NONE", "NORMAL", "OPERATOR", "MACHINE", "UNKNOWN"}),
-        "interlock": frozenset({"ok", "tripped", "unknown"}),
-        "applicator.type": None,  # free text (the applicator's type), or NONE
-    }
+_INTERLOCK = PointKind(
+    enumerated=True,
+    meanings=frozenset({"ok", "tripped", "unknown"}),
+    must_mean=frozenset({"ok", "tripped"}),
+    bit=True,
+)
+_TEXT = PointKind(types=STRING)
+XRS_MB1: Final = Vocabulary(
+    name="XRS-MB/1",
+    points=MappingProxyType(
+        {
+            # The required points first, in the order a message lists the missing ones.
+            "state": PointKind(enumerated=True, meanings=_STATES, required=True),
+            "dose_rate": PointKind(units=_RATE, required=True),
+            "dose_primary": PointKind(units=_DOSE, required=True),
+            "dose_secondary": PointKind(units=_DOSE, required=True),
+            "preset": PointKind(units=_DOSE, required=True),
+            "beam_on_time": PointKind(units=_TIME, required=True),
+            "kv": PointKind(units=MappingProxyType({"kV": 1.0, "V": 0.001}), required=True),
+            "ua": PointKind(
+                units=MappingProxyType({"uA": 1.0, "µA": 1.0, "mA": 1000.0}), required=True
+            ),
+            "planned_time": PointKind(units=_TIME, missing="allowed"),
+            "termination": PointKind(
+                enumerated=True,
+                meanings=frozenset({"NONE", "NORMAL", "OPERATOR", "MACHINE", "UNKNOWN"}),
+            ),
+            **{f"interlock.{i}": _INTERLOCK for i in INTERLOCK_POINTS},
+            # Free text (the applicator's type), or NONE.
+            "applicator.type": PointKind(enumerated=True, needs=("applicator.diameter",)),
+            "applicator.diameter": PointKind(units=MappingProxyType({"mm": 1.0, "cm": 10.0})),
+            "applicator.serial": _TEXT,
+            "selection": PointKind(counter=True, missing="allowed"),  # the selection counter
+            **{
+                f"identity.{k}": _TEXT
+                for k in ("manufacturer", "model", "serial", "firmware", "scenario")
+            },
+        }
+    ),
+    extra=PointKind(missing="allowed"),
+    listed_in="docs/protocols.md",
+    bit_for="an interlock (a flag of a status word)",
 )
 
 
@@ -256,7 +298,9 @@ def resolve_map(name_or_path: str) -> Path:
     return Path(str(importlib.resources.files("iortd.config") / "maps" / f"{name_or_path}.toml"))
 
 
-def load_map(path: Path) -> RegisterMap:
+def load_map(path: Path, vocabulary: Vocabulary = XRS_MB1) -> RegisterMap:
+    """A register map, checked completely against the format and ``vocabulary``'s point
+    names; every problem is a :class:`MapError` naming the file, the point and the key."""
     raw = b""
     try:
         raw = read_small_file(path)
@@ -269,10 +313,13 @@ def load_map(path: Path) -> RegisterMap:
         raise MapError(f"{path}: cannot read: {exc}") from None
     except (tomllib.TOMLDecodeError, RecursionError) as exc:
         raise MapError(f"{path}: not valid TOML: {toml_error(exc, raw)}") from None
-    return _parse(path, data)
+    return _parse(path, data, vocabulary)
 
 
-def _parse(path: Path, data: dict[str, Any]) -> RegisterMap:
+_Fail = Callable[[str, str], MapError]  # (where, what) -> the error naming the file
+
+
+def _parse(path: Path, data: dict[str, Any], vocabulary: Vocabulary) -> RegisterMap:
     def fail(where: str, msg: str) -> MapError:
         return MapError(f"{path}: {where}: {msg}")
 
@@ -296,15 +343,18 @@ def _parse(path: Path, data: dict[str, Any]) -> RegisterMap:
         raise fail("point", "expected one or more [[point]] tables")
     points: dict[str, Point] = {}
     for i, raw in enumerate(raw_points):
-        p = _point(raw, f"point[{i}]", default_order, tables, fail)
+        p = _point(raw, f"point[{i}]", default_order, tables, vocabulary, fail)
         if p.name in points:
             raise fail(f"point[{i}].name", f"{p.name!r} is mapped twice")
         points[p.name] = p
-    missing = [n for n in REQUIRED if n not in points]
+    missing = [n for n, k in vocabulary.points.items() if k.required and n not in points]
     if missing:
         raise fail("point", f"required point(s) missing: {', '.join(missing)}")
-    if "applicator.type" in points and "applicator.diameter" not in points:
-        raise fail("point", "applicator.type is mapped without applicator.diameter")
+    for p in points.values():
+        kind = vocabulary.kind(p.name)
+        for other in kind.needs if kind is not None else ():
+            if other not in points:
+                raise fail("point", f"{p.name} is mapped without {other}")
     _check_overlaps(list(points.values()), fail)
     telemetry = _blocks([p for p in points.values() if not p.name.startswith("identity.")])
     identity = _blocks([p for p in points.values() if p.name.startswith("identity.")])
@@ -313,7 +363,7 @@ def _parse(path: Path, data: dict[str, Any]) -> RegisterMap:
     )
 
 
-def _value_tables(raw: Any, fail: Any) -> dict[str, Mapping[int, str]]:
+def _value_tables(raw: Any, fail: _Fail) -> dict[str, Mapping[int, str]]:
     if not isinstance(raw, dict):
         raise fail("values", "expected tables of raw value = meaning")
     out: dict[str, Mapping[int, str]] = {}
@@ -336,7 +386,7 @@ def _value_tables(raw: Any, fail: Any) -> dict[str, Mapping[int, str]]:
     return out
 
 
-def _int(raw: dict[str, Any], key: str, where: str, lo: int, hi: int, fail: Any) -> int:
+def _int(raw: dict[str, Any], key: str, where: str, lo: int, hi: int, fail: _Fail) -> int:
     v = raw.get(key)
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
         raise fail(f"{where}.{key}", f"expected an integer {lo}..{hi}; got {v!r}")
@@ -348,7 +398,8 @@ def _point(
     where: str,
     default_order: str,
     tables: Mapping[str, Mapping[int, str]],
-    fail: Any,
+    vocabulary: Vocabulary,
+    fail: _Fail,
 ) -> Point:
     if not isinstance(raw, dict):
         raise fail(where, "expected a table")
@@ -356,23 +407,27 @@ def _point(
     if not isinstance(name, str):
         raise fail(f"{where}.name", f"expected a point name; got {name!r}")
     where = f"{where} ({name})"
-    known = name in _ENUMS | _STRINGS | set(_UNITS) | _COUNTERS or _EXTRA.fullmatch(name)
-    if not known:
-        raise fail(f"{where}.name", "unknown point name (docs/protocols.md lists them)")
+    kind = vocabulary.kind(name)
+    if kind is None:
+        raise fail(f"{where}.name", f"unknown point name ({vocabulary.listed_in} lists them)")
     unknown = sorted(set(raw) - _POINT_KEYS)
     if unknown:
         raise fail(f"{where}.{unknown[0]}", "unknown key")
     table = raw.get("table")
     if table not in ("input", "holding"):
         raise fail(f"{where}.table", f"expected 'input' or 'holding'; got {table!r}")
+    if kind.table is not None and table != kind.table:
+        raise fail(f"{where}.table", f"{name} is read from the {kind.table} registers")
     address = _int(raw, "address", where, 0, 0xFFFF, fail)
     ptype = raw.get("type")
     if not isinstance(ptype, str) or ptype not in _TYPES:
         raise fail(f"{where}.type", f"expected one of {', '.join(_TYPES)}; got {ptype!r}")
-    is_string = name in _STRINGS
+    is_string = kind.types == STRING
     if is_string != (ptype == "string"):
         need = "type = 'string'" if is_string else "a numeric type"
         raise fail(f"{where}.type", f"{name} needs {need}")
+    if ptype not in kind.types:
+        raise fail(f"{where}.type", f"expected {' or '.join(sorted(kind.types))}; got {ptype!r}")
     count = _TYPES[ptype]
     if ptype == "string":
         count = _int(raw, "length", where, 1, MAX_READ, fail)
@@ -392,18 +447,24 @@ def _point(
     if "bit" in raw:
         if ptype != "u16":
             raise fail(f"{where}.bit", "only for type = 'u16'")
-        if not name.startswith("interlock."):
-            raise fail(f"{where}.bit", "only for an interlock (a flag of a status word)")
+        if not kind.bit:
+            raise fail(f"{where}.bit", f"only for {vocabulary.bit_for}")
         bit = _int(raw, "bit", where, 0, 15, fail)
-    values = _values_of(raw, name, where, ptype, tables, fail)
+    values = _values_of(raw, name, kind, where, ptype, tables, fail)
     if bit is not None and values is not None and set(values) != {0, 1}:
         raise fail(f"{where}.values", "a bit's value table lists exactly the raw values 0 and 1")
-    scale, unit, factor = _scale_and_unit(raw, name, where, values is not None, fail)
+    scale, unit, factor = _scale_and_unit(raw, name, kind, where, fail)
     missing = None
     if "missing" in raw:
-        if name not in _MISSING_ALLOWED and not name.startswith("extra."):
+        if kind.missing == "never":
             raise fail(f"{where}.missing", f"{name} must always be reported")
         missing = _int(raw, "missing", where, 0, 0xFFFF_FFFF, fail)
+    elif kind.missing == "required":
+        raise fail(
+            f"{where}.missing",
+            "required: the register contents that mean 'not available' (a device that "
+            "cannot measure must never report a plausible value such as 0)",
+        )
     return Point(
         name=name,
         table=Table(table),
@@ -423,12 +484,13 @@ def _point(
 def _values_of(
     raw: dict[str, Any],
     name: str,
+    kind: PointKind,
     where: str,
     ptype: str,
     tables: Mapping[str, Mapping[int, str]],
-    fail: Any,
+    fail: _Fail,
 ) -> Mapping[int, str] | None:
-    if name not in _ENUMS:
+    if not kind.enumerated:
         if "values" in raw:
             raise fail(f"{where}.values", f"{name} is a number, not an enumeration")
         return None
@@ -441,23 +503,23 @@ def _values_of(
     if ptype not in ("u16", "u32"):
         raise fail(f"{where}.type", "an enumerated point is u16 or u32")
     table = tables[ref]
-    if name.startswith("interlock.") and not {"ok", "tripped"} <= set(table.values()):
-        raise fail(f"{where}.values", f"table {ref!r} must say which raw value is ok and tripped")
-    allowed = _MEANINGS["interlock" if name.startswith("interlock.") else name]
-    if allowed is not None:
-        bad = sorted({m for m in table.values() if m not in allowed})
+    if not kind.must_mean <= set(table.values()):
+        must = " and ".join(sorted(kind.must_mean))
+        raise fail(f"{where}.values", f"table {ref!r} must say which raw value is {must}")
+    if kind.meanings is not None:
+        bad = sorted({m for m in table.values() if m not in kind.meanings})
         if bad:
             raise fail(
                 f"{where}.values",
-                f"table {ref!r} means {bad[0]!r}, not one of {', '.join(sorted(allowed))}",
+                f"table {ref!r} means {bad[0]!r}, not one of {', '.join(sorted(kind.meanings))}",
             )
     return table
 
 
 def _scale_and_unit(
-    raw: dict[str, Any], name: str, where: str, enumerated: bool, fail: Any
+    raw: dict[str, Any], name: str, kind: PointKind, where: str, fail: _Fail
 ) -> tuple[float, str | None, float]:
-    if enumerated:
+    if kind.enumerated:
         for k in ("scale", "unit"):
             if k in raw:
                 raise fail(f"{where}.{k}", "not for an enumerated point")
@@ -471,10 +533,14 @@ def _scale_and_unit(
     ):
         raise fail(f"{where}.scale", f"expected a non-zero number; got {scale!r}")
     unit = raw.get("unit")
-    units = _UNITS.get(name)
+    units = kind.units
     if units is not None and scale < 0:
+        if kind.signed:
+            raise fail(
+                f"{where}.scale", f"{name} takes its sign from the device: the scale must be > 0"
+            )
         raise fail(f"{where}.scale", f"{name} is never negative: the scale must be > 0")
-    if name in _COUNTERS:
+    if kind.counter:
         if raw.get("type") not in ("u16", "u32") or scale != 1 or unit is not None:
             raise fail(f"{where}.type", f"{name} is a counter: u16 or u32, no scale, no unit")
         return 1.0, None, 1.0
@@ -487,7 +553,7 @@ def _scale_and_unit(
     return float(scale), unit, units[unit]
 
 
-def _check_overlaps(points: list[Point], fail: Any) -> None:
+def _check_overlaps(points: list[Point], fail: _Fail) -> None:
     """Every register belongs to one point, or each of its bits to at most one point."""
     owner: dict[tuple[Table, int], str] = {}
     bits: dict[tuple[Table, int, int], str] = {}

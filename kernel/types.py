@@ -13,8 +13,10 @@ from datetime import datetime
 from types import MappingProxyType
 
 __all__ = [
+    "ApplicatorFault",
     "ApplicatorIdentity",
     "ApplicatorReading",
+    "ApplicatorState",
     "Capability",
     "DeviceIdentity",
     "DeviceState",
@@ -22,6 +24,7 @@ __all__ = [
     "InterlockState",
     "SourceReading",
     "TerminationStatus",
+    "Tristate",
 ]
 
 
@@ -107,12 +110,73 @@ class ApplicatorIdentity:
     serial: str
 
 
+class ApplicatorState(enum.StrEnum):
+    """An applicator reader and stand's own state (APL-MB/1 input register 0)."""
+
+    OFF = "OFF"
+    SELF_TEST = "SELF_TEST"
+    READY = "READY"
+    FAULT = "FAULT"
+    # A code the driver cannot map, or a reading that does not say (one that carries the
+    # applicator's identity only): the device's state cannot be trusted.
+    UNKNOWN = "UNKNOWN"
+
+
+class ApplicatorFault(enum.StrEnum):
+    """What failed, when an applicator reader and stand is in FAULT (APL-MB/1 input
+    register 1)."""
+
+    READER = "READER"
+    POSITION = "POSITION"
+    TILT = "TILT"
+    BRAKE = "BRAKE"
+    INTERNAL = "INTERNAL"
+    UNKNOWN = "UNKNOWN"  # a code the map does not list: still a fault
+
+
+class Tristate(enum.StrEnum):
+    """A yes/no sensor that may not be able to tell. Fail safe: UNKNOWN counts as the
+    unsafe answer (not seated, not locked, brakes released)."""
+
+    YES = "yes"
+    NO = "no"
+    UNKNOWN = "unknown"
+
+
 @dataclass(frozen=True, slots=True)
 class ApplicatorReading:
+    """One sample of an applicator reader and positioning stand (docs/protocols.md,
+    APL-MB/1), or only the applicator's identity from a device that reports no more: every
+    other field then keeps its default, which never reads as safe (state and flags
+    UNKNOWN, measurements and counters None).
+
+    ``displacement_mm`` is the tip's displacement (x, y, z) since the stand was last locked,
+    ``displacement_magnitude_mm`` its length as the device computed it, ``tilt_deg`` the
+    angle between the applicator's axis now and at that lock; each None when the device
+    cannot say (never locked, a position or tilt fault). ``lock_counter`` changes at every
+    lock (a re-lock moves the reference), ``seat_counter`` at every seating (a swap
+    included), ``heartbeat`` at every refresh of the measurements (unchanged over several
+    polls: the values are frozen). ``fault`` is None when none is reported. ``mono_ns`` and
+    ``utc``: when the sample was taken, on the daemon's clock.
+    """
+
     mono_ns: int
     utc: datetime
     applicator: ApplicatorIdentity | None  # None: no applicator attached / not recognised
     simulated: bool
+    state: ApplicatorState = ApplicatorState.UNKNOWN
+    fault: ApplicatorFault | None = None
+    seated: Tristate = Tristate.UNKNOWN
+    source_locked: Tristate = Tristate.UNKNOWN
+    brakes_engaged: Tristate = Tristate.UNKNOWN
+    uses_left: int | None = None
+    seat_counter: int | None = None
+    lock_counter: int | None = None
+    heartbeat: int | None = None
+    displacement_mm: tuple[float, float, float] | None = None
+    displacement_magnitude_mm: float | None = None
+    tilt_deg: float | None = None
+    extra: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True, slots=True)

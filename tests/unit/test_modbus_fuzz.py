@@ -41,7 +41,7 @@ import struct
 import time
 import tomllib
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,8 +195,27 @@ def spec_first_frame(framing: Framing, data: bytes) -> bytes:
 # ---- judging one input on the driver's reply path ------------------------------------------
 
 
+class Failures:
+    """What a fuzz run found wrong: up to three examples of each kind of failure. The
+    dataclass that mixes it in has the field ``failures``."""
+
+    failures: dict[str, list[str]]
+
+    def fail(self, what: str, detail: str) -> None:
+        examples = self.failures[what]
+        if len(examples) < 3:
+            examples.append(detail)
+
+    def failure_lines(self) -> list[str]:
+        lines = []
+        for what, examples in self.failures.items():
+            lines.append(f"  {what}:")
+            lines.extend(f"    {e}" for e in examples)
+        return lines
+
+
 @dataclass
-class Report:
+class Report(Failures):
     seed: int
     inputs: int = 0
     short: int = 0  # fewer bytes than a head: the driver would wait, then time out
@@ -211,11 +230,6 @@ class Report:
     failures: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     tolerated: Counter[str] = field(default_factory=Counter)
     kinds: Counter[str] = field(default_factory=Counter)
-
-    def fail(self, what: str, detail: str) -> None:
-        examples = self.failures[what]
-        if len(examples) < 3:
-            examples.append(detail)
 
     def counts(self) -> dict[str, object]:
         return {
@@ -232,11 +246,8 @@ class Report:
         }
 
     def summary(self) -> str:
-        lines = [f"seed={self.seed:#x} {self.counts()} kinds={dict(self.kinds)}"]
-        for what, examples in self.failures.items():
-            lines.append(f"  {what}:")
-            lines.extend(f"    {e}" for e in examples)
-        return "\n".join(lines)
+        head = f"seed={self.seed:#x} {self.counts()} kinds={dict(self.kinds)}"
+        return "\n".join([head, *self.failure_lines()])
 
 
 def _show(framing: Framing, req: Req, data: bytes) -> str:
@@ -1127,7 +1138,7 @@ def rand_block_data(rng: random.Random, points: Mapping[str, SpecPoint], block: 
 
 
 @dataclass
-class MapReport:
+class MapReport(Failures):
     seed: int
     inputs: int = 0
     decoded: int = 0
@@ -1135,19 +1146,12 @@ class MapReport:
     values: Counter[str] = field(default_factory=Counter)
     failures: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
 
-    def fail(self, what: str, detail: str) -> None:
-        if len(self.failures[what]) < 3:
-            self.failures[what].append(detail)
-
     def summary(self) -> str:
-        lines = [
+        head = (
             f"seed={self.seed:#x} inputs={self.inputs} decoded={self.decoded} "
             f"refused={self.refused} values={dict(self.values)}"
-        ]
-        for what, examples in self.failures.items():
-            lines.append(f"  {what}:")
-            lines.extend(f"    {e}" for e in examples)
-        return "\n".join(lines)
+        )
+        return "\n".join([head, *self.failure_lines()])
 
 
 def _same(got: object, want: object) -> bool:
@@ -1384,7 +1388,7 @@ def plausible_telemetry(rng: random.Random, serial_no: int) -> list[int]:
 
 
 @dataclass
-class DriverReport:
+class DriverReport(Failures):
     seed: int
     sessions: int = 0
     reads: int = 0
@@ -1393,23 +1397,18 @@ class DriverReport:
     max_read_s: float = 0.0
     failures: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
 
-    def fail(self, what: str, detail: str) -> None:
-        if len(self.failures[what]) < 3:
-            self.failures[what].append(detail)
-
     def summary(self) -> str:
-        lines = [
+        head = (
             f"seed={self.seed:#x} sessions={self.sessions} reads={self.reads} "
             f"outcomes={dict(self.outcomes)} scenarios={dict(self.scenarios)} "
             f"max_read={self.max_read_s / T:.2f} timeouts"
-        ]
-        for what, examples in self.failures.items():
-            lines.append(f"  {what}:")
-            lines.extend(f"    {e}" for e in examples)
-        return "\n".join(lines)
+        )
+        return "\n".join([head, *self.failure_lines()])
 
 
 SUCCESS, TIMEOUT, CLOSED, VIOLATION, DEVICE = "ok", "timeout", "closed", "violation", "device"
+# One read of a session: the scenario, the registers, the outcomes allowed, the exception code.
+Plan = tuple[str, list[int], frozenset[str], int | None]
 ANY_FAILURE = frozenset({TIMEOUT, VIOLATION})
 # after these, nothing of the exchange is left on the line once the next read has settled
 CLEAN = frozenset({"ok", "chunked", "late", "silent", "truncated", "exception", "stale_then_ok"})
@@ -1527,7 +1526,7 @@ async def run_session(
     unit = rng.choice((1, 1, 2, 247, rng.randint(1, 247)))
     reads = rng.randint(1, 4)
     script: list[ScriptStep] = []
-    plans: list[tuple[str, list[int], frozenset[str], int | None]] = []
+    plans: list[Plan] = []
     for i in range(reads):
         req = Req(TELEMETRY.table, TELEMETRY.address, TELEMETRY.count, unit, i + 1)
         regs = plausible_telemetry(rng, serial_base + i)
@@ -1543,44 +1542,63 @@ async def run_session(
     driver = ModbusXrsDriver(transport, CTX, regmap, unit=unit, framing=framing, timeout_s=T)
     report.sessions += 1
     async with driver:
-        for i, (kind, regs, allowed, code) in enumerate(plans):
-            report.reads += 1
-            where = f"{framing.value} unit={unit} read {i + 1}/{reads} {kind}"
-            t0 = transport.elapsed_s
-            outcome = ""
-            try:
-                reading = await driver.read()
-            except TransportTimeout:
-                outcome = TIMEOUT
-            except TransportClosed:
-                outcome = CLOSED
-            except ProtocolViolation:
-                outcome = VIOLATION
-            except ModbusDeviceError as exc:
-                outcome = DEVICE
-                if code is not None and exc.code != code:
-                    report.fail("wrong exception code", f"{where}: {exc.code} != {code}")
-            except Exception as exc:
-                report.fail(f"read raised {type(exc).__name__}", f"{where}: {exc}")
+        for i, plan in enumerate(plans):
+            where = f"{framing.value} unit={unit} read {i + 1}/{reads} {plan[0]}"
+            want = spec_reading(points, plan[1])
+            outcome = await judge_read(
+                report, transport, driver.read, reading_view, want, plan, where
+            )
+            if outcome in (None, CLOSED):
                 return
-            else:
-                want = spec_reading(points, regs)
-                outcome = SUCCESS if want is not None else "misread"
-                if want is None:
-                    report.fail("read accepted registers the oracle refuses", f"{where}: {regs}")
-                elif reading_view(reading) != want:
-                    report.fail("wrong value", f"{where}: {reading_view(reading)} != {want}")
-            if outcome == VIOLATION and SUCCESS in allowed and spec_reading(points, regs) is None:
-                outcome = SUCCESS  # the reply was read; its values are refused (negative dose...)
-            report.outcomes[outcome] += 1
-            if outcome not in allowed:
-                report.fail(f"{kind}: {outcome}", f"{where}: allowed {sorted(allowed)}")
-            spent = transport.elapsed_s - t0
-            report.max_read_s = max(report.max_read_s, spent)
-            if spent > READ_BOUND + 1e-9:
-                report.fail("read took too long", f"{where}: {spent / T:.2f} T")
-            if outcome == CLOSED:
-                return
+
+
+async def judge_read(
+    report: DriverReport,
+    transport: ScriptedTransport,
+    read: Callable[[], Awaitable[Any]],
+    view: Callable[[Any], tuple[object, ...]],
+    want: tuple[object, ...] | None,
+    plan: Plan,
+    where: str,
+) -> str | None:
+    """One read of a scripted session, judged: a reading must be the oracle's view
+    ``want`` of the plan's registers (None: the oracle refuses them), an error one the plan
+    allows, within the time bound. Returns the outcome, recorded (None: the read raised
+    what no driver may raise, and the session ends)."""
+    kind, regs, allowed, code = plan
+    report.reads += 1
+    t0 = transport.elapsed_s
+    try:
+        reading = await read()
+    except TransportTimeout:
+        outcome = TIMEOUT
+    except TransportClosed:
+        outcome = CLOSED
+    except ProtocolViolation:
+        outcome = VIOLATION
+    except ModbusDeviceError as exc:
+        outcome = DEVICE
+        if code is not None and exc.code != code:
+            report.fail("wrong exception code", f"{where}: {exc.code} != {code}")
+    except Exception as exc:
+        report.fail(f"read raised {type(exc).__name__}", f"{where}: {exc}")
+        return None
+    else:
+        outcome = SUCCESS if want is not None else "misread"
+        if want is None:
+            report.fail("read accepted registers the oracle refuses", f"{where}: {regs}")
+        elif view(reading) != want:
+            report.fail("wrong value", f"{where}: {view(reading)} != {want}")
+    if outcome == VIOLATION and SUCCESS in allowed and want is None:
+        outcome = SUCCESS  # the reply was read; its values are refused (negative dose...)
+    report.outcomes[outcome] += 1
+    if outcome not in allowed:
+        report.fail(f"{kind}: {outcome}", f"{where}: allowed {sorted(allowed)}")
+    spent = transport.elapsed_s - t0
+    report.max_read_s = max(report.max_read_s, spent)
+    if spent > READ_BOUND + 1e-9:
+        report.fail("read took too long", f"{where}: {spent / T:.2f} T")
+    return outcome
 
 
 RTU_STALE = (

@@ -7,12 +7,21 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 
 from iortd.drivers.errors import ProtocolViolation
 from iortd.drivers.modbus_codec import Table
-from iortd.drivers.modbus_map import Block, MapError, load_map, resolve_map
+from iortd.drivers.modbus_map import (
+    XRS_MB1,
+    Block,
+    MapError,
+    PointKind,
+    Vocabulary,
+    load_map,
+    resolve_map,
+)
 
 BUNDLED = Path(__file__).resolve().parents[2] / "config" / "maps" / "xrs-mb1.toml"
 
@@ -354,3 +363,114 @@ def test_a_map_without_the_selection_counter_reads_none(tmp_path: Path) -> None:
     bundled = load_map(BUNDLED)
     missing = [*TELEMETRY[:36], 0xFFFF, 0xFFFF]  # the map's "missing": no counter kept
     assert bundled.decode(bundled.telemetry, [missing])["selection"] is None
+
+
+# ---- the vocabulary: what a map may name is data ---------------------------------------
+
+TOY = Vocabulary(
+    name="TOY/1",
+    points=MappingProxyType(
+        {
+            "count": PointKind(counter=True, required=True),
+            "level": PointKind(
+                units=MappingProxyType({"m": 1.0, "cm": 0.01}),
+                missing="required",
+                table=Table.INPUT,
+            ),
+            "alarm": PointKind(
+                enumerated=True,
+                meanings=frozenset({"on", "off"}),
+                must_mean=frozenset({"on", "off"}),
+                bit=True,
+            ),
+            "offset": PointKind(
+                types=frozenset({"i16"}),
+                units=MappingProxyType({"m": 1.0}),
+                signed=True,
+                needs=("level",),
+            ),
+        }
+    ),
+    extra=PointKind(missing="allowed"),
+    listed_in="the toy's manual",
+    bit_for="an alarm (a flag of a status word)",
+)
+TOY_MAP = """
+format = "iortd-register-map/1"
+name = "toy"
+[values.alarm]
+0 = "off"
+1 = "on"
+[[point]]
+name = "level"
+table = "input"
+address = 0
+type = "u16"
+scale = 0.5
+unit = "cm"
+missing = 65535
+[[point]]
+name = "alarm"
+table = "input"
+address = 1
+type = "u16"
+bit = 3
+values = "alarm"
+[[point]]
+name = "offset"
+table = "input"
+address = 2
+type = "i16"
+unit = "m"
+[[point]]
+name = "count"
+table = "holding"
+address = 0
+type = "u32"
+"""
+
+
+def test_a_map_is_checked_against_the_vocabulary_it_is_loaded_with(tmp_path: Path) -> None:
+    path = tmp_path / "toy.toml"
+    path.write_text(TOY_MAP, encoding="utf-8")
+    m = load_map(path, TOY)
+    v = m.decode(m.telemetry, [[4, 0b1000, 0xFFFE], [0, 7]])
+    assert (v["level"], v["alarm"], v["offset"], v["count"]) == (0.02, "on", -2.0, 7)
+    assert m.decode(m.telemetry[:1], [[0xFFFF, 0, 0]])["level"] is None
+    with pytest.raises(
+        MapError,
+        match=r"point\[0\] \(level\)\.name: unknown point name \(docs/protocols\.md lists them\)",
+    ):
+        load_map(path)  # the default is XRS-MB/1's
+    with pytest.raises(
+        MapError,
+        match=r"point\[0\] \(state\)\.name: unknown point name \(the toy's manual lists them\)",
+    ):
+        load_map(BUNDLED, TOY)
+    assert load_map(BUNDLED, XRS_MB1) == load_map(BUNDLED)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ('name = "count"', 'name = "extra.count"', "point: required point(s) missing: count"),
+        ("missing = 65535\n", "", "point[0] (level).missing: required: the register contents that mean 'not available'"),
+        ('table = "input"\naddress = 0', 'table = "holding"\naddress = 10', "point[0] (level).table: level is read from the input registers"),
+        ('type = "i16"', 'type = "i32"', "point[2] (offset).type: expected i16; got 'i32'"),
+        ('unit = "m"', 'unit = "m"\nscale = -1', "point[2] (offset).scale: offset takes its sign from the device: the scale must be > 0"),
+        ('scale = 0.5', 'scale = -0.5', "point[0] (level).scale: level is never negative: the scale must be > 0"),
+        ('name = "level"', 'name = "extra.level"', "point: offset is mapped without level"),
+        ('1 = "on"', '1 = "off"\n2 = "unknown"', "point[1] (alarm).values: table 'alarm' must say which raw value is off and on"),
+        ('missing = 65535', 'missing = 65535\nbit = 1', "point[0] (level).bit: only for an alarm (a flag of a status word)"),
+        ('type = "u32"', 'type = "u32"\nscale = 2', "point[3] (count).type: count is a counter: u16 or u32, no scale, no unit"),
+    ],
+)  # fmt: skip
+def test_a_vocabularys_rules_name_the_point_and_the_key(
+    tmp_path: Path, old: str, new: str, expected: str
+) -> None:
+    assert old in TOY_MAP, old
+    path = tmp_path / "toy.toml"
+    path.write_text(TOY_MAP.replace(old, new, 1), encoding="utf-8")
+    with pytest.raises(MapError) as excinfo:
+        load_map(path, TOY)
+    assert str(excinfo.value).startswith(f"{path}: {expected}")

@@ -104,6 +104,33 @@ async def test_identify_and_read_over_tcp() -> None:
     assert reading.selection == 7
 
 
+async def test_each_good_reply_is_heard_for_staleness_an_exception_is_not() -> None:
+    """As serial-xrs does: the daemon judges staleness from the console's last good reply
+    (drivers/modbus_exchange.py reports each one)."""
+    heard: list[int] = []
+    clock = SystemClock()
+    ctx = DriverContext(clock=clock, seed=0, heard=heard.append)
+    exception = (2).to_bytes(2, "big") + H("00 00 00 03 01 84 04")
+    t = ScriptedTransport(
+        [
+            *(Expect(TCP_ID(1)), Reply(tcp_reply(1, 3, identity("Example Medical")))),
+            *(Expect(TCP_ST(2)), Reply(exception)),
+            *(Expect(TCP_ST(3)), Reply(tcp_reply(3, 4, TELEMETRY))),
+        ]
+    )
+    before = clock.monotonic_ns()
+    async with ModbusXrsDriver(t, ctx, MAP, unit=1, framing=Framing.TCP) as d:
+        await d.identify()
+        assert len(heard) == 1
+        with pytest.raises(ModbusDeviceError):
+            await d.read()
+        assert len(heard) == 1
+        reading = await d.read()
+    t.assert_done()
+    assert len(heard) == 2
+    assert before <= heard[0] <= heard[1] <= reading.mono_ns
+
+
 async def test_a_real_console_is_neither_simulated_nor_given_a_scenario() -> None:
     t = ScriptedTransport(
         [Expect(TCP_ID(1)), Reply(tcp_reply(1, 3, identity("Example Medical", "fake")))]
