@@ -37,7 +37,6 @@ KEEPALIVE_S = 2
 OUTAGE_S = 30.0
 
 
-@pytest.fixture
 def _named(
     name: str, after: Callable[[Message], bool] = lambda _m: True
 ) -> Callable[[Message], bool]:
@@ -45,6 +44,7 @@ def _named(
     return lambda m: m.name == name and after(m)
 
 
+@pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     # Persistence, so that the observer's queued messages survive the broker's restart.
     with Mosquitto(BrokerOptions(persistence=True), tmp_path / "broker") as b:
