@@ -3,7 +3,7 @@
 The public literature gives no kV, dual-channel, dose-rate or overtime tolerances for these
 devices (docs/domain.md), so each is a per-site setting and the values in force are written
 to the audit log. The defaults live here and only here: the config's ``[tolerances]`` table
-takes its defaults from :class:`TrackerSettings` (daemon/config.py), and docs/alarms.md is
+takes its defaults from :class:`TrackerSettings` (daemon/config/model.py), and docs/alarms.md is
 checked against them by a test. The tracker never reads the config; the daemon builds a
 ``TrackerSettings`` from it (``iortd.daemon.config.tracker_settings``).
 """

@@ -1,7 +1,7 @@
 """TrackerSettings is the single source of every tolerance default; the config derives.
 
 The config's ``[tolerances]`` table declares its own bounds but takes every default from
-the tracker's settings, and ``tracker_settings`` (in daemon/config.py) turns a validated
+the tracker's settings, and ``tracker_settings`` (in daemon/config/model.py) turns a validated
 config into the settings the tracker runs with.
 """
 
