@@ -1,4 +1,4 @@
-"""Session takeover detection (daemon/mqtt/sink.py), from the exceptions aiomqtt raises."""
+"""Session takeover detection (daemon/mqtt/link.py), from the exceptions aiomqtt raises."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from iortd.daemon.mqtt.sink import SHORT_LIVED_STREAK, _takeover_reason, client_id_for
+from iortd.daemon.mqtt.link import SHORT_LIVED_STREAK, client_id_for, takeover_reason
 
 
 def _lost(reason: int | str) -> aiomqtt.MqttError:
@@ -23,15 +23,15 @@ def _lost(reason: int | str) -> aiomqtt.MqttError:
 
 
 def test_the_brokers_session_taken_over_reason_is_a_takeover_at_once() -> None:
-    why = _takeover_reason(_lost(0x8E), short_lived=1)
+    why = takeover_reason(_lost(0x8E), short_lived=1)
     assert why is not None
     assert "0x8E" in why
 
 
 def test_other_disconnects_are_a_takeover_only_as_a_streak() -> None:
-    assert _takeover_reason(_lost("Unspecified error"), 1) is None
-    assert _takeover_reason(_lost("Unspecified error"), SHORT_LIVED_STREAK - 1) is None
-    why = _takeover_reason(_lost("Unspecified error"), SHORT_LIVED_STREAK)
+    assert takeover_reason(_lost("Unspecified error"), 1) is None
+    assert takeover_reason(_lost("Unspecified error"), SHORT_LIVED_STREAK - 1) is None
+    why = takeover_reason(_lost("Unspecified error"), SHORT_LIVED_STREAK)
     assert why is not None
     assert "in a row" in why
 
