@@ -169,6 +169,9 @@ class DeliveryMachine:
     # ---- following the console ----------------------------------------------------------
 
     def follow(self, r: SourceReading, prev_mono: int | None, out: list[TrackerEvent]) -> None:
+        """Follow a believed reading (its state known, its numbers finite): the move its
+        state asks for, and its numbers into the delivery. ``prev_mono`` is the reading
+        before it, or None when beam-on since then is unknown (across a gap)."""
         target = TARGET_PHASE.get(r.state)
         if target is None:  # pragma: no cover - every DeviceState but UNKNOWN is mapped
             self.to_fault(r.mono_ns, r.utc, f"unmapped console state {r.state}", out)
@@ -369,6 +372,9 @@ class DeliveryMachine:
         *,
         seen_now: bool = False,
     ) -> None:
+        """End delivery ``d`` and move to ``phase``. When the input that shows the end also
+        ended a monitoring gap, the end fell inside it (unless ``seen_now``: it happened
+        when seen) and is bounded by it."""
         end = mono
         g = self.gap_ended
         if g is not None and g.end_mono_ns == mono and not seen_now:
@@ -382,6 +388,8 @@ class DeliveryMachine:
     def to_fault(
         self, mono: int, utc: datetime, cause: str, out: list[TrackerEvent], *, device: bool = False
     ) -> None:
+        """To FAULT, with its alarm: ``device`` when the console reported it, else the
+        input contradicts itself; an open delivery is closed on the way."""
         code = AlarmCode.DEVICE_FAULT if device else AlarmCode.CONTRADICTORY_INPUT
         self._raise(code, cause, mono, utc, out)
         d = self.delivery
