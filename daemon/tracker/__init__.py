@@ -6,8 +6,10 @@ No I/O and no clock reads: time arrives with the readings (``mono_ns``, ``utc``)
 The package, by concern: ``events`` (the vocabulary sinks consume: phases, alarms,
 segments, snapshots, events), ``settings`` (the tolerances, the single source of every
 default), ``machine`` (the state table), ``dose`` (dose accounting of one delivery),
-``alarms`` (the alarm rules as a table, and the one loop that judges it), ``restart``
-(taking over after a restart) and ``core`` (``DeliveryTracker``: inputs in, events out).
+``alarms`` (the alarm rules as a table, and the one loop that judges it), ``follow``
+(``DeliveryMachine``: the phase machine, the moves that follow the console), ``restart``
+(taking over after a restart) and ``core`` (``DeliveryTracker``: inputs in, events out; it
+holds a ``DeliveryMachine``, an ``AlarmBook`` and a ``Takeover``, and inherits nothing).
 Import from the package, which re-exports what the daemon and the sinks use.
 
 Rules it enforces (docs/domain.md, "How delivery is controlled"):

@@ -1,8 +1,12 @@
 """The delivery tracker itself: inputs in, events out, in order.
 
-It follows the console through the state table (follow.py, machine.py), keeps the open
-delivery's numbers (dose.py), judges the alarm table after every input (alarms.py) and
-decides a restart's takeover (restart.py). What it does with a reading:
+A thin coordinator that holds its parts rather than inheriting them: the phase machine that
+follows the console through the state table and keeps the open delivery's record
+(``DeliveryMachine``, follow.py, machine.py, dose.py), the alarm book (alarms.py), judged
+once after every input, and the takeover after a restart (``Takeover``, restart.py). What
+it keeps itself is what every input shares: time (the last reading, the last time the
+device was heard), monitoring gaps, and the interlocks as last believed (the machine reads
+them through a read-only view). What it does with a reading:
 1. monotonic time went backwards: nothing in it is believed (interlocks unknown, FAULT);
 2. an open monitoring gap ends; the stale-data alarm clears;
 3. the interlocks are taken (only from a believed reading; communication is the host's
@@ -20,7 +24,7 @@ from dataclasses import replace
 from datetime import datetime
 from types import MappingProxyType
 
-from iortd.daemon.tracker.alarms import Situation, When
+from iortd.daemon.tracker.alarms import AlarmBook, Situation, When
 from iortd.daemon.tracker.events import (
     NS,
     Alarm,
@@ -36,25 +40,16 @@ from iortd.daemon.tracker.events import (
     end_last,
 )
 from iortd.daemon.tracker.follow import DeliveryMachine
-from iortd.daemon.tracker.restart import (
-    continue_selection,
-    is_own_id,
-    resumed_record,
-    same_selection,
-    unvouched_link_reason,
-)
+from iortd.daemon.tracker.restart import Takeover, is_own_id, resumed_record
 from iortd.daemon.tracker.settings import TrackerSettings
 from iortd.kernel.types import (
     DeviceState,
     Interlock,
     InterlockState,
     SourceReading,
-    TerminationStatus,
 )
 
 __all__ = ["DeliveryTracker"]
-
-P = Phase
 
 
 def _finite_nonneg(*values: float | None) -> bool:
@@ -68,25 +63,34 @@ def _lost() -> dict[Interlock, InterlockState]:
     return lost
 
 
-class DeliveryTracker(DeliveryMachine):
+class DeliveryTracker:
+    """Inputs in, events out: the coordinator of the parts it holds (the phase machine, the
+    alarm book, the restart's takeover) and the keeper of time, gaps and interlocks."""
+
     def __init__(self, settings: TrackerSettings) -> None:
         if not (settings.stale_after_s > 0):
             raise ValueError("stale_after_s must be > 0")
-        super().__init__(settings)
+        self.settings = settings
+        # The interlocks as last believed: the tracker writes them, the machine reads them.
+        self._interlocks: dict[Interlock, InterlockState] = dict.fromkeys(
+            Interlock, InterlockState.UNKNOWN
+        )
+        self._alarms = AlarmBook()
+        self._machine = DeliveryMachine(settings, self._alarms, MappingProxyType(self._interlocks))
+        # After a restart: what is pending until a reading decides it.
+        self._restart = Takeover()
         self._last_mono_ns: int | None = None
         self._last_utc: datetime | None = None
         self._gap: Gap | None = None
         # The last time the device was heard from (any reply, also one a driver has not
         # turned into a reading yet): staleness is about the device, not the driver.
         self._heard_mono_ns: int | None = None
-        # After a restart: the delivery the log shows open, until a reading decides whether
-        # the console is still in it.
-        self._resume: ResumedDelivery | None = None
-        # After a crash: a delivery whose whole record was unvouched, closed UNKNOWN at
-        # start, until a reading decides whether the next record may continue it.
-        self._unvouched: str | None = None
 
     # ---- public view ------------------------------------------------------------------
+
+    @property
+    def phase(self) -> Phase:
+        return self._machine.phase
 
     @property
     def interlocks(self) -> Mapping[Interlock, InterlockState]:
@@ -105,11 +109,8 @@ class DeliveryTracker(DeliveryMachine):
         return self._gap is not None
 
     def snapshot(self, now_mono_ns: int | None = None) -> DeliverySnapshot | None:
-        d = self._delivery
-        if d is None:
-            return None
         now = now_mono_ns if now_mono_ns is not None else (self._last_mono_ns or 0)
-        return d.snapshot(self.phase, self.settings, now)
+        return self._machine.snapshot(now)
 
     def stale_at_ns(self) -> int | None:
         """When the data become stale if no reading comes (monotonic ns), or None when
@@ -123,31 +124,31 @@ class DeliveryTracker(DeliveryMachine):
     def on_reading(self, r: SourceReading) -> list[TrackerEvent]:
         """Take one reading from the source console; return what happened, in order."""
         out: list[TrackerEvent] = []
-        self._gap_ended = None
-        self._ending_id = None
+        m = self._machine
+        m.start_input()
         if self._last_mono_ns is not None and r.mono_ns < self._last_mono_ns:
             # Monotonic time went backwards: the reading cannot be placed, so none of it is
             # believed: not its doses, and not its interlocks either, which become unknown
             # (fail-safe) rather than keeping the last ok. Events keep the last good time.
             mono, utc = self._last_mono_ns, self._last_utc or r.utc
             self._update_interlocks({}, mono, utc, out)
-            self._to_fault(mono, utc, "reading timestamp went backwards", out)
+            m.to_fault(mono, utc, "reading timestamp went backwards", out)
             self._judge(When.INTERLOCKS, mono, utc, out)
             return end_last(out)
         prev_mono = self._last_mono_ns
         if self._gap is not None:
             gap = replace(self._gap, end_mono_ns=r.mono_ns, end_utc=r.utc)
-            d = self._delivery
+            d = m.delivery
             # Only a gap that began inside the open delivery is one of its gaps.
             if d is not None and d.gaps and d.gaps[-1] is self._gap:
                 d.gaps[-1] = gap
-                self._gap_ended = gap
+                m.gap_ended = gap
             self._gap = None
-            out.append(MonitoringGapEnded(self._delivery_id(), gap))
+            out.append(MonitoringGapEnded(m.delivery_id(), gap))
             # Time across a gap is unknown, not beam-on: nothing is counted from the last
             # reading before it (the beam may have paused inside it).
             prev_mono = None
-        self._alarms.clear(f"{AlarmCode.STALE_DATA}", r.mono_ns, r.utc, self._delivery_id(), out)
+        self._alarms.clear(f"{AlarmCode.STALE_DATA}", r.mono_ns, r.utc, m.delivery_id(), out)
         self._last_mono_ns, self._last_utc = r.mono_ns, r.utc
         self._heard_mono_ns = max(self._heard_mono_ns or r.mono_ns, r.mono_ns)
 
@@ -170,22 +171,20 @@ class DeliveryTracker(DeliveryMachine):
             # driver says anything about it (wire protocols do not; a gap trips it).
             reported[Interlock.COMMUNICATION] = InterlockState.OK
         self._update_interlocks(reported, r.mono_ns, r.utc, out)
-        if self._resume is not None and trusted:
-            self._decide_resume(self._resume, r, out)
-        if self._unvouched is not None and trusted:
-            self._decide_unvouched_link(self._unvouched, r)
+        if trusted:
+            self._restart.decide(m, r, out)
         if not sane:
-            self._to_fault(r.mono_ns, r.utc, "non-finite or negative value in reading", out)
+            m.to_fault(r.mono_ns, r.utc, "non-finite or negative value in reading", out)
         elif r.state is DeviceState.UNKNOWN:
-            self._to_fault(r.mono_ns, r.utc, "console reported an unknown state", out)
+            m.to_fault(r.mono_ns, r.utc, "console reported an unknown state", out)
         else:
-            self._follow_state(r, prev_mono, out)
+            m.follow(r, prev_mono, out)
 
         self._judge(When.READING, r.mono_ns, r.utc, out, r)
-        self._last_state = r.state
+        m.last_state = r.state
         # A link is for a record that starts on the reading that decided it; a delivery
         # begun later is a new selection (the console was seen idle or at an end first).
-        self._link = None
+        m.link = None
         return end_last(out)
 
     def on_device_heard(self, mono_ns: int) -> None:
@@ -196,7 +195,7 @@ class DeliveryTracker(DeliveryMachine):
     def on_tick(self, now_mono_ns: int, now_utc: datetime) -> list[TrackerEvent]:
         """Time passes with no reading; detects stale data."""
         out: list[TrackerEvent] = []
-        self._ending_id = None
+        self._machine.start_input()
         if self._last_mono_ns is None or self._gap is not None:
             return out
         age = (now_mono_ns - self._heard()) / NS
@@ -209,7 +208,7 @@ class DeliveryTracker(DeliveryMachine):
                 f"readings stopped: device last heard {age:.1f} s ago; interlocks unknown",
                 now_mono_ns,
                 now_utc,
-                self._delivery_id(),
+                self._machine.delivery_id(),
                 out,
             )
         return out
@@ -217,7 +216,7 @@ class DeliveryTracker(DeliveryMachine):
     def on_link_lost(self, now_mono_ns: int, now_utc: datetime, reason: str) -> list[TrackerEvent]:
         """The driver reports the device unreachable: fail safe at once."""
         out: list[TrackerEvent] = []
-        self._ending_id = None
+        self._machine.start_input()
         if self._gap is None:
             self._start_gap(f"link lost: {reason}", now_mono_ns, now_utc, out)
         elif self._interlocks[Interlock.COMMUNICATION] is not InterlockState.TRIPPED:
@@ -236,14 +235,12 @@ class DeliveryTracker(DeliveryMachine):
         it (the outage is a gap in it, dose given meanwhile an ``unmonitored`` segment);
         otherwise it is closed UNKNOWN, and linked to the next record when that one may
         be the same treatment. If the console never answers, it stays open (in a gap)."""
-        if self._delivery is not None or self._last_mono_ns is not None:
+        if self._machine.delivery is not None or self._last_mono_ns is not None:
             raise ValueError("resume() comes before any reading")
         out: list[TrackerEvent] = []
         d = resumed_record(rd, now_mono_ns, now_utc)
-        self._ids_issued.add(rd.delivery_id)
-        self._delivery = d
-        self.phase = rd.phase
-        self._resume = rd
+        self._machine.take_over(d, rd.phase)
+        self._restart.resumed = rd
         self._last_mono_ns, self._last_utc = d.started_mono_ns, rd.unwatched_since_utc
         self._start_gap(rd.cause, now_mono_ns, now_utc, out)
         return out
@@ -257,41 +254,12 @@ class DeliveryTracker(DeliveryMachine):
         taken: all the dose the console shows at joining is the closed record's
         (``in_previous_record``), since how much of it was watched is unknown. False (and
         no link) when the id is not in the form this daemon gives its deliveries."""
-        if self._last_mono_ns is not None and self._resume is None:
+        if self._last_mono_ns is not None and self._restart.resumed is None:
             raise ValueError("link_unvouched() comes before any reading")
         if not is_own_id(self.settings.delivery_id_prefix, delivery_id):
             return False
-        self._unvouched = delivery_id
+        self._restart.unvouched = delivery_id
         return True
-
-    # ---- restart decisions ------------------------------------------------------------
-
-    def _decide_unvouched_link(self, delivery_id: str, r: SourceReading) -> None:
-        self._unvouched = None
-        d = self._delivery
-        if self._link is not None or (d is not None and d.termination is None):
-            return  # the delivery taken over continues, or its own link comes first
-        why = unvouched_link_reason(delivery_id, r)
-        if why is not None:
-            self._link = (delivery_id, why, math.inf)
-
-    def _decide_resume(
-        self, rd: ResumedDelivery, r: SourceReading, out: list[TrackerEvent]
-    ) -> None:
-        """The first believed reading after a restart: same selection or not."""
-        self._resume = None
-        d = self._delivery
-        if d is None:  # pragma: no cover - resume() made it
-            return
-        verdict, why = same_selection(rd, r)
-        if verdict == "same":
-            continue_selection(d, self.phase, r)
-            return
-        reason = f"not followed to its end: the daemon was not running; {why}"
-        self._close(d, TerminationStatus.UNKNOWN, reason, r.mono_ns, r.utc, P.TERMINATED, out)
-        self._move(P.IDLE, "the console's selection could not be continued", r.mono_ns, r.utc, out)
-        if verdict == "unsure":
-            self._link = (d.delivery_id, why, d.primary_gy)
 
     # ---- internals --------------------------------------------------------------------
 
@@ -307,24 +275,22 @@ class DeliveryTracker(DeliveryMachine):
         out: list[TrackerEvent],
         r: SourceReading | None = None,
     ) -> None:
-        """The alarm table, judged once on this input."""
-        d = self._delivery
-        # Conditions that judge the delivery itself are evaluated up to and including the
-        # reading that ends it, and then left standing (not cleared because it ended):
-        # they are cleared at the next selection.
-        judging = d is not None and (d.termination is None or self._ending_id == d.delivery_id)
-        s = Situation(self.phase, self._interlocks, d, r, self.settings, mono, utc, judging)
-        self._alarms.evaluate(s, when, self._delivery_id(), out)
+        """The alarm table, judged once on this input. Conditions that judge the delivery
+        itself are evaluated up to and including the reading that ends it, and then left
+        standing (not cleared because it ended): they are cleared at the next selection."""
+        m = self._machine
+        s = Situation(m.phase, self._interlocks, m.delivery, r, self.settings, mono, utc, m.judging)
+        self._alarms.evaluate(s, when, m.delivery_id(), out)
 
     def _start_gap(self, cause: str, mono: int, utc: datetime, out: list[TrackerEvent]) -> None:
         start_mono = self._last_mono_ns if self._last_mono_ns is not None else mono
         start_utc = self._last_utc if self._last_utc is not None else utc
         self._gap = Gap(cause=cause, start_mono_ns=start_mono, start_utc=start_utc)
-        d = self._delivery
-        self._gap_beam_on_s = d.device_beam_on_s if d is not None else 0.0
+        d = self._machine.delivery
+        self._machine.gap_beam_on_s = d.device_beam_on_s if d is not None else 0.0
         if d is not None and d.termination is None:
             d.gaps.append(self._gap)
-        out.append(MonitoringGapStarted(self._delivery_id(), self._gap))
+        out.append(MonitoringGapStarted(self._machine.delivery_id(), self._gap))
         self._alarms.restart_holds()
         self._update_interlocks(_lost(), mono, utc, out)
         self._judge(When.INTERLOCKS, mono, utc, out)
@@ -343,4 +309,4 @@ class DeliveryTracker(DeliveryMachine):
             old = self._interlocks[il]
             if new is not old:
                 self._interlocks[il] = new
-                out.append(InterlockChanged(il, old, new, mono, utc, self._delivery_id()))
+                out.append(InterlockChanged(il, old, new, mono, utc, self._machine.delivery_id()))

@@ -1,12 +1,15 @@
-"""Following the console: the moves the tracker makes through its state table.
+"""Following the console: the phase machine, and the moves it makes through its state table.
 
-``DeliveryMachine`` holds what the moves change (the phase, the open delivery, the
-interlocks as last believed, the alarms standing) and makes the moves: a new selection, a
-delivery joined in progress, beam on and off, the console's own end (a NORMAL end is
-checked against the tolerances first), a fault, and dose seen after the end. Every move is
-checked against ``TRANSITIONS``; what the console reports outside the table is
-contradictory and goes to FAULT. ``DeliveryTracker`` (core.py) builds on it and owns the
-inputs: readings, ticks, a lost link, gaps and the restart.
+``DeliveryMachine`` holds what the moves change (the phase, the open delivery, the ids it
+issued, a pending restart link) and makes the moves: a new selection, a delivery joined in
+progress, beam on and off, the console's own end (a NORMAL end is checked against the
+tolerances first), a fault, and dose seen after the end. Every move is checked against
+``TRANSITIONS``; what the console reports outside the table is contradictory and goes to
+FAULT. ``DeliveryTracker`` (core.py) holds one, and owns the inputs: readings, ticks, a
+lost link, gaps and the restart. The machine reads, never writes, the interlocks (a view
+the tracker gives it: an interruption names the ones not clear) and raises the alarms that
+its moves are (through the alarm book it is given); judging the alarm table is the
+tracker's.
 
 A delivery closed from FAULT is never NORMAL: MACHINE when the console itself reported the
 fault or emergency stop, UNKNOWN when the input cannot be trusted. After a termination a
@@ -17,6 +20,7 @@ is followed, never missed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime
 
@@ -50,39 +54,66 @@ P = Phase
 
 
 class DeliveryMachine:
-    def __init__(self, settings: TrackerSettings) -> None:
+    """The phase, the open delivery, and the moves that follow the console."""
+
+    def __init__(
+        self,
+        settings: TrackerSettings,
+        alarms: AlarmBook,
+        interlocks: Mapping[Interlock, InterlockState],
+    ) -> None:
         self.settings = settings
         self.phase = Phase.IDLE
-        self._delivery: DeliveryRecord | None = None
-        self._interlocks: dict[Interlock, InterlockState] = dict.fromkeys(
-            Interlock, InterlockState.UNKNOWN
-        )
-        self._alarms = AlarmBook()
-        self._last_state: DeviceState | None = None
-        # Set while one reading is taken: the gap it ended, and the delivery it closed;
-        # and the console's beam-on timer when the last gap started.
-        self._gap_ended: Gap | None = None
-        self._ending_id: str | None = None
-        self._gap_beam_on_s = 0.0
+        self.delivery: DeliveryRecord | None = None
+        self._alarms = alarms
+        self._interlocks = interlocks  # read only: the tracker keeps them
+        self.last_state: DeviceState | None = None  # the console's, at the last reading
+        # Set while one input is taken: the gap it ended, and the delivery it closed; and
+        # the console's beam-on timer when the last gap started.
+        self.gap_ended: Gap | None = None
+        self.ending_id: str | None = None
+        self.gap_beam_on_s = 0.0
         self._ids_issued: set[str] = set()
         # After a restart, when the tracker cannot be sure the console is in the selection
         # it took over: the link for the record that starts on that reading.
-        self._link: tuple[str, str, float] | None = None  # (old id, why, its dose)
+        self.link: tuple[str, str, float] | None = None  # (old id, why, its dose)
 
-    def _delivery_id(self) -> str | None:
+    def start_input(self) -> None:
+        """A new input: no gap ended by it yet, and no delivery closed by it."""
+        self.gap_ended = None
+        self.ending_id = None
+
+    def take_over(self, d: DeliveryRecord, phase: Phase) -> None:
+        """After a restart: the delivery the log shows open, in the phase it was in."""
+        self._ids_issued.add(d.delivery_id)
+        self.delivery = d
+        self.phase = phase
+
+    @property
+    def judging(self) -> bool:
+        """The delivery is open, or ends on this input: conditions that judge the
+        delivery itself are evaluated up to and including the reading that ends it."""
+        d = self.delivery
+        return d is not None and (d.termination is None or self.ending_id == d.delivery_id)
+
+    def snapshot(self, now: int) -> DeliverySnapshot | None:
+        d = self.delivery
+        return None if d is None else self._snapshot(d, now)
+
+    def delivery_id(self) -> str | None:
         """The delivery an event belongs to: the open one; after its end entry, only the
         alarms judged on the reading that ended it (put before the end, see end_last)."""
-        d = self._delivery
+        d = self.delivery
         if d is None:
             return None
-        return d.delivery_id if d.termination is None else self._ending_id
+        return d.delivery_id if d.termination is None else self.ending_id
 
     def _raise(
         self, code: AlarmCode, message: str, mono: int, utc: datetime, out: list[TrackerEvent]
     ) -> None:
-        self._alarms.raise_event(code, message, mono, utc, self._delivery_id(), out)
+        self._alarms.raise_event(code, message, mono, utc, self.delivery_id(), out)
 
-    def _move(
+    def move(
         self, dst: Phase, cause: str, mono: int, utc: datetime, out: list[TrackerEvent]
     ) -> None:
         src = self.phase
@@ -91,7 +122,7 @@ class DeliveryMachine:
         if (src, dst) not in TRANSITIONS:
             raise IllegalTransition(src, dst)
         self.phase = dst
-        out.append(PhaseChanged(self._delivery_id(), src, dst, cause, mono, utc))
+        out.append(PhaseChanged(self.delivery_id(), src, dst, cause, mono, utc))
 
     def _new_delivery(
         self, r: SourceReading, joined: bool, out: list[TrackerEvent]
@@ -115,9 +146,9 @@ class DeliveryMachine:
         # Alarms of the previous delivery do not carry over: they are cleared before the new
         # one starts, as the room's (nothing after an end entry names that delivery); the
         # conditions are re-evaluated for the new one.
-        self._alarms.clear_all(r.mono_ns, r.utc, self._delivery_id(), out)
-        self._delivery = d
-        link, self._link = self._link, None
+        self._alarms.clear_all(r.mono_ns, r.utc, self.delivery_id(), out)
+        self.delivery = d
+        link, self.link = self.link, None
         out.append(
             DeliveryStarted(
                 delivery_id,
@@ -137,20 +168,21 @@ class DeliveryMachine:
 
     # ---- following the console ----------------------------------------------------------
 
-    def _follow_state(
-        self, r: SourceReading, prev_mono: int | None, out: list[TrackerEvent]
-    ) -> None:
+    def follow(self, r: SourceReading, prev_mono: int | None, out: list[TrackerEvent]) -> None:
+        """Follow a believed reading (its state known, its numbers finite): the move its
+        state asks for, and its numbers into the delivery. ``prev_mono`` is the reading
+        before it, or None when beam-on since then is unknown (across a gap)."""
         target = TARGET_PHASE.get(r.state)
         if target is None:  # pragma: no cover - every DeviceState but UNKNOWN is mapped
-            self._to_fault(r.mono_ns, r.utc, f"unmapped console state {r.state}", out)
+            self.to_fault(r.mono_ns, r.utc, f"unmapped console state {r.state}", out)
             return
-        d = self._delivery
+        d = self.delivery
 
         # A new selection: the console entered PREPARATORY from idle or after an end (IEC:
         # after a termination a new selection is required before irradiating again).
         if target is P.PREPARATORY and self.phase in (P.IDLE, P.TERMINATED, P.FAULT):
             d = self._new_delivery(r, joined=False, out=out)
-            self._move(P.PREPARATORY, "plan selected", r.mono_ns, r.utc, out)
+            self.move(P.PREPARATORY, "plan selected", r.mono_ns, r.utc, out)
             self._take_values(d, r, prev_mono, out)
             return
 
@@ -166,7 +198,7 @@ class DeliveryMachine:
         ):
             # The console cleared its counters (or had never started the last selection):
             # a new selection happened between two readings. Follow it, never miss it.
-            self._move(P.IDLE, "console counters reset: a new selection", r.mono_ns, r.utc, out)
+            self.move(P.IDLE, "console counters reset: a new selection", r.mono_ns, r.utc, out)
 
         if self.phase is P.IDLE and target in (P.READY, P.IRRADIATING, P.INTERRUPTED):
             self._join(r, target, prev_mono, out)
@@ -178,28 +210,28 @@ class DeliveryMachine:
             if d is not None and self.phase is not P.IDLE:
                 self._watch_after_close(d, r, out)
             if target is P.IDLE and self.phase is not P.IDLE:
-                self._move(P.IDLE, f"console {r.state}", r.mono_ns, r.utc, out)
+                self.move(P.IDLE, f"console {r.state}", r.mono_ns, r.utc, out)
             elif target is P.FAULT and self.phase is not P.FAULT:
-                self._to_fault(r.mono_ns, r.utc, f"console {r.state}", out, device=True)
+                self.to_fault(r.mono_ns, r.utc, f"console {r.state}", out, device=True)
             return
 
         if target is self.phase:
             self._take_values(d, r, prev_mono, out)
             return
         if (
-            self._gap_ended is not None
+            self.gap_ended is not None
             and self.phase in (P.PREPARATORY, P.READY)
             and target in (P.IRRADIATING, P.INTERRUPTED)
         ):
             # Steps the console took inside a monitoring gap are not a contradiction: the
             # beam came on (and for INTERRUPTED went off again) while nobody watched.
             if self.phase is P.PREPARATORY:
-                self._move(P.READY, "ready inside a monitoring gap", r.mono_ns, r.utc, out)
+                self.move(P.READY, "ready inside a monitoring gap", r.mono_ns, r.utc, out)
             if target is P.INTERRUPTED:
                 if d.first_beam_mono_ns is None:
                     d.first_beam_mono_ns = first_beam(r)
                 d.open_segment("unmonitored", r.mono_ns)
-                self._move(P.IRRADIATING, "beam on inside a monitoring gap", r.mono_ns, r.utc, out)
+                self.move(P.IRRADIATING, "beam on inside a monitoring gap", r.mono_ns, r.utc, out)
         cancel = target is P.IDLE and self.phase in (P.PREPARATORY, P.READY)
         if (
             (self.phase, target) not in TRANSITIONS
@@ -207,7 +239,7 @@ class DeliveryMachine:
             and not cancel
         ):
             self._take_values(d, r, prev_mono, out)
-            self._to_fault(
+            self.to_fault(
                 r.mono_ns, r.utc, f"console went {self.phase} -> {r.state} (not allowed)", out
             )
             return
@@ -222,7 +254,7 @@ class DeliveryMachine:
             if d.first_beam_mono_ns is None:
                 d.first_beam_mono_ns = first_beam(r)
             d.open_segment("beam", r.mono_ns)
-            self._move(P.IRRADIATING, cause, r.mono_ns, r.utc, out)
+            self.move(P.IRRADIATING, cause, r.mono_ns, r.utc, out)
             self._take_values(d, r, prev_mono, out)
             return
 
@@ -232,7 +264,7 @@ class DeliveryMachine:
         if target is P.FAULT:
             reason = "emergency_stop" if r.state is DeviceState.EMERGENCY_STOP else "device_fault"
             reason = r.termination_reason or reason
-            self._to_fault(r.mono_ns, r.utc, f"console {r.state}: {reason}", out, device=True)
+            self.to_fault(r.mono_ns, r.utc, f"console {r.state}: {reason}", out, device=True)
         elif target is P.TERMINATED:
             self._terminate_from_console(d, r, out)
         elif target is P.INTERRUPTED:
@@ -240,14 +272,14 @@ class DeliveryMachine:
             cause = "interlock " + ",".join(tripped) if tripped else "operator"
             d.close_segment(r.mono_ns)
             d.interruptions.append(Interruption(cause, r.mono_ns, d.primary_gy))
-            self._move(P.INTERRUPTED, f"interrupted: {cause}", r.mono_ns, r.utc, out)
+            self.move(P.INTERRUPTED, f"interrupted: {cause}", r.mono_ns, r.utc, out)
         elif target is P.IDLE:
             # The selection was dropped before any beam: close it as an operator end.
             why = "selection cancelled before beam-on"
-            self._close(d, TerminationStatus.OPERATOR, why, r.mono_ns, r.utc, P.TERMINATED, out)
-            self._move(P.IDLE, f"console {r.state}", r.mono_ns, r.utc, out)
+            self.close(d, TerminationStatus.OPERATOR, why, r.mono_ns, r.utc, P.TERMINATED, out)
+            self.move(P.IDLE, f"console {r.state}", r.mono_ns, r.utc, out)
         else:
-            self._move(target, f"console {r.state}", r.mono_ns, r.utc, out)
+            self.move(target, f"console {r.state}", r.mono_ns, r.utc, out)
 
     def _join(
         self, r: SourceReading, target: Phase, prev_mono: int | None, out: list[TrackerEvent]
@@ -262,7 +294,7 @@ class DeliveryMachine:
             d.add_dose_segment("unmonitored", r.dose_primary_gy, r.mono_ns)
         d.primary_gy, d.secondary_gy = r.dose_primary_gy, r.dose_secondary_gy
         why = "monitoring joined a delivery in progress" if joined else "plan selected"
-        self._move(target, why, r.mono_ns, r.utc, out)
+        self.move(target, why, r.mono_ns, r.utc, out)
         if target is P.IRRADIATING:
             d.open_segment("beam", r.mono_ns)
             d.first_beam_mono_ns = first_beam(r)
@@ -288,7 +320,7 @@ class DeliveryMachine:
     ) -> bool:
         """Fold a reading's numbers into the delivery. False if they contradict it."""
         if r.dose_primary_gy < d.primary_gy or r.dose_secondary_gy < d.secondary_gy:
-            self._to_fault(
+            self.to_fault(
                 r.mono_ns,
                 r.utc,
                 f"cumulative dose decreased (primary {d.primary_gy:.4f} -> "
@@ -299,13 +331,13 @@ class DeliveryMachine:
             return False
         if self.phase in ACTIVE and r.preset_gy != d.preset_gy and d.first_beam_mono_ns is not None:
             why = f"preset changed during delivery ({d.preset_gy} -> {r.preset_gy} Gy)"
-            self._to_fault(r.mono_ns, r.utc, why, out)
+            self.to_fault(r.mono_ns, r.utc, why, out)
             return False
         if r.dose_primary_gy > d.primary_gy and self.phase is not P.IRRADIATING:
             self._beam_off_dose(d, r, out, f"while the console reported {r.state}")
         # Beam-on the host saw: between two consecutive readings both with the beam on.
         beam = P.IRRADIATING is self.phase and r.state is DeviceState.IRRADIATING
-        seen = prev_mono is not None and beam and self._last_state is DeviceState.IRRADIATING
+        seen = prev_mono is not None and beam and self.last_state is DeviceState.IRRADIATING
         d.take(r, r.mono_ns - prev_mono if seen and prev_mono is not None else 0)
         return True
 
@@ -324,11 +356,11 @@ class DeliveryMachine:
         if status is TerminationStatus.NORMAL:
             doubt = d.normal_end_doubt(self.settings)
             if doubt is not None:
-                self._to_fault(r.mono_ns, r.utc, doubt, out)
+                self.to_fault(r.mono_ns, r.utc, doubt, out)
                 return
-        self._close(d, status, reason, r.mono_ns, r.utc, P.TERMINATED, out)
+        self.close(d, status, reason, r.mono_ns, r.utc, P.TERMINATED, out)
 
-    def _close(
+    def close(
         self,
         d: DeliveryRecord,
         status: TerminationStatus,
@@ -340,31 +372,36 @@ class DeliveryMachine:
         *,
         seen_now: bool = False,
     ) -> None:
+        """End delivery ``d`` and move to ``phase``. When the input that shows the end also
+        ended a monitoring gap, the end fell inside it (unless ``seen_now``: it happened
+        when seen) and is bounded by it."""
         end = mono
-        g = self._gap_ended
+        g = self.gap_ended
         if g is not None and g.end_mono_ns == mono and not seen_now:
-            end, more = d.end_in_gap(g, self._gap_beam_on_s, mono)
+            end, more = d.end_in_gap(g, self.gap_beam_on_s, mono)
             reason += more
         d.close(status, reason, end)
-        self._ending_id = d.delivery_id
-        self._move(phase, f"terminated {status}: {reason}", mono, utc, out)
+        self.ending_id = d.delivery_id
+        self.move(phase, f"terminated {status}: {reason}", mono, utc, out)
         out.append(Terminated(d.delivery_id, status, reason, self._snapshot(d, mono)))
 
-    def _to_fault(
+    def to_fault(
         self, mono: int, utc: datetime, cause: str, out: list[TrackerEvent], *, device: bool = False
     ) -> None:
+        """To FAULT, with its alarm: ``device`` when the console reported it, else the
+        input contradicts itself; an open delivery is closed on the way."""
         code = AlarmCode.DEVICE_FAULT if device else AlarmCode.CONTRADICTORY_INPUT
         self._raise(code, cause, mono, utc, out)
-        d = self._delivery
+        d = self.delivery
         if d is not None and self.phase in ACTIVE and d.termination is None:
             # A delivery closed from FAULT is never NORMAL: MACHINE when the console itself
             # reported the fault or emergency stop, UNKNOWN when we cannot trust the input.
             status = TerminationStatus.MACHINE if device else TerminationStatus.UNKNOWN
             # A contradiction ends the delivery when it is seen; a fault the console
             # reported may have happened inside a gap before it.
-            self._close(d, status, cause, mono, utc, P.FAULT, out, seen_now=not device)
+            self.close(d, status, cause, mono, utc, P.FAULT, out, seen_now=not device)
         elif self.phase is not P.FAULT:
-            self._move(P.FAULT, cause, mono, utc, out)
+            self.move(P.FAULT, cause, mono, utc, out)
 
     def _snapshot(self, d: DeliveryRecord, now: int) -> DeliverySnapshot:
         return d.snapshot(self.phase, self.settings, now)

@@ -7,21 +7,32 @@ reading decides whether the console is in the same selection (continue it), a ne
 ``link_unvouched`` names a delivery the start closed because its whole record was
 unvouched: a record started on the first believed reading links to it, with all the dose
 shown then as ``in_previous_record``. A link is only for a record that starts on the
-reading that decided it. The decisions are pure functions of the record and the reading,
-here; the tracker applies them.
+reading that decided it. The decisions are pure functions of the record and the reading;
+:class:`Takeover`, which the tracker holds, keeps what is pending until the first believed
+reading and applies the verdict to the phase machine (follow.py).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime
 
 from iortd.daemon.tracker.dose import DeliveryRecord
-from iortd.daemon.tracker.events import NS, Interruption, Phase, ResumedDelivery, Segment
-from iortd.kernel.types import DeviceState, SourceReading
+from iortd.daemon.tracker.events import (
+    NS,
+    Interruption,
+    Phase,
+    ResumedDelivery,
+    Segment,
+    TrackerEvent,
+)
+from iortd.daemon.tracker.follow import DeliveryMachine
+from iortd.kernel.types import DeviceState, SourceReading, TerminationStatus
 
 __all__ = [
     "STARTS_A_RECORD",
+    "Takeover",
     "continue_selection",
     "is_own_id",
     "resumed_record",
@@ -79,7 +90,7 @@ def same_selection(rd: ResumedDelivery, r: SourceReading) -> tuple[str, str]:
     )
 
 
-# What follows the room in a delivery id this daemon makes (DeliveryTracker._new_delivery):
+# What follows the room in a delivery id this daemon makes (DeliveryMachine._new_delivery):
 # the start time to the microsecond, and a counter when two start within one.
 OWN_ID_SUFFIX = r"-[0-9]{8}T[0-9]{12}Z(?:-[1-9][0-9]{0,5})?"
 
@@ -154,3 +165,46 @@ def unvouched_link_reason(delivery_id: str, r: SourceReading) -> str | None:
         "That dose is counted as the earlier record's (in_previous_record): how much of "
         "it was watched is unknown"
     )
+
+
+class Takeover:
+    """What a restart leaves pending until the first believed reading: the delivery the
+    log shows open (``resume``), or the id of one closed because its whole record was
+    unvouched (``link_unvouched``); and the verdict that reading gives."""
+
+    def __init__(self) -> None:
+        self.resumed: ResumedDelivery | None = None
+        self.unvouched: str | None = None
+
+    def decide(self, m: DeliveryMachine, r: SourceReading, out: list[TrackerEvent]) -> None:
+        """The first believed reading after a restart (``r``): apply what it decides."""
+        if self.resumed is not None:
+            rd, self.resumed = self.resumed, None
+            self._decide_resume(m, rd, r, out)
+        if self.unvouched is not None:
+            delivery_id, self.unvouched = self.unvouched, None
+            d = m.delivery
+            if m.link is not None or (d is not None and d.termination is None):
+                return  # the delivery taken over continues, or its own link comes first
+            why = unvouched_link_reason(delivery_id, r)
+            if why is not None:
+                m.link = (delivery_id, why, math.inf)
+
+    @staticmethod
+    def _decide_resume(
+        m: DeliveryMachine, rd: ResumedDelivery, r: SourceReading, out: list[TrackerEvent]
+    ) -> None:
+        """Same selection (continue it), a new one (close it UNKNOWN), or cannot tell
+        (close it, and link the record that starts on this reading)."""
+        d = m.delivery
+        if d is None:  # pragma: no cover - resume() made it
+            return
+        verdict, why = same_selection(rd, r)
+        if verdict == "same":
+            continue_selection(d, m.phase, r)
+            return
+        reason = f"not followed to its end: the daemon was not running; {why}"
+        m.close(d, TerminationStatus.UNKNOWN, reason, r.mono_ns, r.utc, P.TERMINATED, out)
+        m.move(P.IDLE, "the console's selection could not be continued", r.mono_ns, r.utc, out)
+        if verdict == "unsure":
+            m.link = (d.delivery_id, why, d.primary_gy)

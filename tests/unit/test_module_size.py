@@ -12,8 +12,6 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
 PARTS = ("kernel", "drivers", "simulators", "auditlog", "daemon", "audit", "dashboard")
 MAX_LINES = 600
@@ -63,10 +61,6 @@ def test_every_exemption_is_still_needed_and_says_why() -> None:
     assert all(len(reason) > 20 for reason in EXEMPT.values()), "give each exemption a reason"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TEMPORARY: DeliveryTracker inherits DeliveryMachine; composition pending",
-)
 def test_the_delivery_tracker_class_is_small() -> None:
     from iortd.daemon.tracker import DeliveryTracker  # noqa: PLC0415 - only this test
 

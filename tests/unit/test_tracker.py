@@ -273,7 +273,7 @@ def test_transition_table_has_no_way_out_of_fault_but_idle_or_new_selection() ->
 def test_illegal_internal_move_raises() -> None:
     t = DeliveryTracker(settings())
     with pytest.raises(IllegalTransition, match="IDLE -> TERMINATED"):
-        t._move(Phase.TERMINATED, "test", 0, T0, [])
+        t._machine.move(Phase.TERMINATED, "test", 0, T0, [])
 
 
 def test_console_moving_outside_the_table_is_contradictory() -> None:
