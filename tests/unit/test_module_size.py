@@ -17,8 +17,6 @@ PARTS = ("kernel", "drivers", "simulators", "auditlog", "daemon", "audit", "dash
 MAX_LINES = 600
 TRACKER_MAX_LINES = 420
 
-_BEING_CUT = "TEMPORARY: being cut on another branch (issue 15)"
-
 # path (from the repository root) -> why it may be longer than MAX_LINES
 EXEMPT: dict[str, str] = {}
 
