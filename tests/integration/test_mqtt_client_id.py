@@ -21,7 +21,7 @@ import pytest
 from daemonproc import Daemon, Site
 
 from iortd.daemon.mqtt.broker import BrokerOptions, Mosquitto
-from iortd.daemon.mqtt.sink import TAKEOVER_BACKOFF_INITIAL_S, client_id_for
+from iortd.daemon.mqtt.link import TAKEOVER_BACKOFF_INITIAL_S, client_id_for
 
 pytestmark = pytest.mark.integration
 

@@ -41,7 +41,7 @@ from iortd.daemon.mqtt.broker import (
     TlsOptions,
     find_mosquitto,
 )
-from iortd.daemon.mqtt.sink import BACKOFF_INITIAL_S, BACKOFF_MAX_S
+from iortd.daemon.mqtt.link import BACKOFF_INITIAL_S, BACKOFF_MAX_S
 
 pytestmark = pytest.mark.integration
 

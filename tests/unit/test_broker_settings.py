@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from iortd.daemon.config import ConfigError, MqttConfig, SiteConfig, load_config
-from iortd.daemon.mqtt.sink import client_id_for, settings_from_config
+from iortd.daemon.mqtt.link import client_id_for, settings_from_config
 from iortd.dashboard import cli as dashboard_cli
 from iortd.dashboard import mqtt as dashboard_mqtt
 from iortd.drivers.registry import DriverRegistry

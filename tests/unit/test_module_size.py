@@ -17,15 +17,8 @@ PARTS = ("kernel", "drivers", "simulators", "auditlog", "daemon", "audit", "dash
 MAX_LINES = 600
 TRACKER_MAX_LINES = 420
 
-_BEING_CUT = "TEMPORARY: being cut on another branch (issue 15)"
-
 # path (from the repository root) -> why it may be longer than MAX_LINES
-EXEMPT: dict[str, str] = {
-    "daemon/mqtt/sink.py": "outside the parts this cut covered (auditlog, audit); daemon/ is "
-    "being restructured on other branches (sinks as plug-ins, issue 15 item 5). Seams for "
-    "that cut: the broker settings (BrokerSettings, settings_from_config: kernel material), "
-    "the connect loop and takeover handling, the publishing order",
-}
+EXEMPT: dict[str, str] = {}
 
 
 def _modules() -> dict[str, int]:

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from iortd.daemon.config import MqttConfig
-from iortd.daemon.mqtt.sink import MqttSink, MqttSinkFactory
+from iortd.daemon.mqtt.factory import MqttSinkFactory
+from iortd.daemon.mqtt.sink import MqttSink
 from iortd.daemon.sink_registry import SinkRegistry, open_sinks
 from iortd.daemon.sinks import SinkConfigError, SinkOptionError
 
