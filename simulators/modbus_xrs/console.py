@@ -7,9 +7,9 @@ unit id on TCP). It advances the device once per request (:meth:`ModbusSlave._ti
 that one read is one snapshot: the registers of a reply never mix two instants. What is
 device-specific is small: the readable windows, the tick and the image of the last tick;
 :class:`ModbusConsole` is XRS-MB/1's (a console's register map), and
-simulators/apl_device.py has APL-MB/1's. Every slave has a ``link`` (faults.Link: the
-device's link faults and reply delay), which the servers consult. No bytes are read or
-written here; the servers (tcp.py, rtu.py) move them.
+simulators/apl_device.py has APL-MB/1's. Every slave has a ``device``
+(faults.ServedDevice: its link faults and reply delay, which the servers consult). No
+bytes are read or written here; the servers (tcp.py, rtu.py) move them.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Mapping
 
 from iortd.simulators.device import SimDevice
 from iortd.simulators.modbus_xrs.crc import crc_ok, with_crc
-from iortd.simulators.modbus_xrs.faults import Link
+from iortd.simulators.modbus_xrs.faults import ServedDevice
 from iortd.simulators.modbus_xrs.image import build_image
 from iortd.simulators.modbus_xrs.regmap import (
     HOLDING_WINDOW,
@@ -57,15 +57,15 @@ class ModbusSlave:
     input_window: range = INPUT_WINDOW
     holding_window: range = HOLDING_WINDOW
 
-    def __init__(self, link: Link, unit_id: int = 1) -> None:
+    def __init__(self, device: ServedDevice, unit_id: int = 1) -> None:
         if not 1 <= unit_id <= 247:
             raise ValueError(f"unit id must be in 1..247, got {unit_id}")
-        self.link = link
+        self.device = device
         self.unit_id = unit_id
 
     @property
     def requests(self) -> int:
-        return self.link.requests
+        return self.device.requests
 
     def _tick(self) -> None:
         raise NotImplementedError
@@ -119,7 +119,7 @@ class ModbusConsole(ModbusSlave):
 
     def __init__(self, device: SimDevice, regmap: RegisterMap, unit_id: int = 1) -> None:
         super().__init__(device, unit_id)
-        self.device = device
+        self.device: SimDevice = device
         self.regmap = regmap
         self._snap: ModelSnapshot | None = None
 

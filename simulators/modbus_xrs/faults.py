@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import random
 import struct
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
-__all__ = ["Link", "Noise", "Sender", "through_link"]
+__all__ = ["Link", "Noise", "Sender", "ServedDevice", "through_link"]
 
 
 class Link(Protocol):
@@ -30,6 +30,15 @@ class Link(Protocol):
     def garbled(self) -> bool: ...
 
     def reply_delay_s(self) -> float: ...
+
+
+class ServedDevice(Link, Protocol):
+    """A device behind a Modbus slave: its link, its time and its actions."""
+
+    @property
+    def time_s(self) -> float: ...
+
+    def apply(self, action: str, args: Mapping[str, Any]) -> object: ...
 
 
 class Noise:

@@ -134,7 +134,8 @@ class RtuPtyConsole:
             raise ValueError(f"baudrate must be >= 0, got {baudrate}")
         self.console = console
         self.units: dict[int, ModbusSlave] = {}
-        for slave in (console, *others):
+        slaves: list[ModbusSlave] = [console, *others]
+        for slave in slaves:
             if slave.unit_id in self.units:
                 raise ValueError(f"unit id {slave.unit_id} is served twice on one line")
             self.units[slave.unit_id] = slave
@@ -189,7 +190,7 @@ class RtuPtyConsole:
             reply = slave.rtu_reply(frame)
             if reply is None:
                 continue
-            device = slave.link
+            device = slave.device
             out = through_link(device, reply, lambda _r: self.noise.random_bytes(1, 40))
             if out is not None and self._sender is not None:
                 hold = line_time_s(len(frame) + len(out), self.baudrate)

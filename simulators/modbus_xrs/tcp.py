@@ -74,9 +74,9 @@ class _TcpConnection(asyncio.Protocol):
                 return
             adu = bytes(self._buf[:end])
             del self._buf[:end]
-            reply = through_link(console.link, console.tcp_reply(adu), self._server.noise.tcp)
+            reply = through_link(console.device, console.tcp_reply(adu), self._server.noise.tcp)
             if reply is not None and self._sender is not None:
-                self._sender.send(reply, console.link.reply_delay_s())
+                self._sender.send(reply, console.device.reply_delay_s())
 
 
 class ModbusTcpServer:

@@ -20,15 +20,12 @@ from manualclock import ManualClock
 
 from iortd.drivers.interface import DriverContext, DriverSpec
 from iortd.kernel.types import ApplicatorState, Tristate
-from iortd.simulators.apl_device import (
-    ApplicatorConsole,
-    ApplicatorDevice,
-    parse_apl_step,
-)
-from iortd.simulators.applicator import ApplicatorModel, load_register_map
+from iortd.simulators.apl_actions import parse_apl_step
+from iortd.simulators.apl_device import ApplicatorConsole, ApplicatorDevice
+from iortd.simulators.applicator import load_register_map
 from iortd.simulators.control import ControlHandler, Served
 from iortd.simulators.device import ActionError, SimDevice
-from iortd.simulators.driver import SimDriverFactory
+from iortd.simulators.driver import SimApplicatorDriver, SimDriverFactory
 from iortd.simulators.modbus_xrs import (
     ModbusConsole,
     RtuPtyConsole,
@@ -152,8 +149,13 @@ def test_a_refused_action_names_itself_and_the_model_is_unchanged() -> None:
 def test_bad_arguments_are_refused_naming_action_and_key(
     action: str, raw: dict[str, Any], message: str
 ) -> None:
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")
-                       .replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(
+        ValueError,
+        match=message.replace("(", r"\(")
+        .replace(")", r"\)")
+        .replace("[", r"\[")
+        .replace("]", r"\]"),
+    ):
         parse_apl_step(action, raw)
 
 
@@ -189,7 +191,10 @@ def test_control_channel_drives_a_reader_beside_a_console() -> None:
     assert ok["ok"] is True, ok
     assert ok["state"] == "READY"
     bad = ask({"device": "stand-1", "action": "drift", "rate": "fast"})
-    assert bad == {"ok": False, "error": "drift: 'rate' must be a number of mm/min in 0..1000"}
+    assert bad == {
+        "ok": False,
+        "error": "drift: 'rate' must be a number of mm/min in 0..1000, got 'fast'",
+    }
     refused = ask({"device": "stand-1", "action": "open_door"})
     assert "unknown action 'open_door'" in refused["error"]
     assert "release_brakes" in refused["error"]
@@ -217,9 +222,13 @@ def test_a_scenario_step_for_the_wrong_kind_is_refused_naming_file_step_and_key(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "s.toml"
-    path.write_text('[[step]]\nat = "5s"\naction = "drift"\nrate = "x"\n', encoding="utf-8")
+    body = '[[step]]\nat = "5s"\naction = "drift"\nrate = "x"\n'
+    path.write_text(f'kind = "applicator"\n{body}', encoding="utf-8")
     with pytest.raises(ScenarioError, match=r"s.toml: step\[0\]: drift: 'rate'"):
-        load_scenario(path, kind="applicator")
+        load_scenario(path)
+    with pytest.raises(ScenarioError, match="for a device of kind 'applicator', not 'source'"):
+        load_scenario(path, kind="source")
+    path.write_text(body, encoding="utf-8")
     with pytest.raises(ScenarioError, match=r"step\[0\].action: unknown action 'drift'"):
         load_scenario(path)
 
@@ -320,7 +329,8 @@ async def test_one_rtu_line_two_units_line_time_and_one_slow_unit(baudrate: int)
     clock = ManualClock()
     model = SourceModel(load_profile("intrabeam"), seed=3)
     seq = ClinicalSequence(model, preset_gy=5.0, applicator_code="SPH30", start_delay_s=0)
-    console = ModbusConsole(SimDevice("room-1", seq, clock), load_map(default_map_path()), unit_id=1)
+    source = SimDevice("room-1", seq, clock)
+    console = ModbusConsole(source, load_map(default_map_path()), unit_id=1)
     stand = reader(clock)
     line = RtuPtyConsole(
         console, others=[ApplicatorConsole(stand, APL_MAP, unit_id=2)], baudrate=baudrate
@@ -374,12 +384,13 @@ async def test_the_sim_driver_plays_the_applicator_role() -> None:
     clock = ManualClock()
     spec = DriverSpec("stand", "applicator", 0.1, 0.5, {}, options)
     driver = factory.create(spec, DriverContext(clock=clock, seed=1))
+    assert isinstance(driver, SimApplicatorDriver)
     async with driver:
         clock.at(0.5)
-        first = await driver.read_applicator()  # type: ignore[attr-defined]
+        first = await driver.read_applicator()
         assert first.state is ApplicatorState.SELF_TEST
         clock.at(2.0)
-        reading = await driver.read_applicator()  # type: ignore[attr-defined]
+        reading = await driver.read_applicator()
         assert reading.simulated is True
         assert reading.state is ApplicatorState.READY
         assert reading.seated is Tristate.YES
@@ -391,9 +402,8 @@ async def test_the_sim_driver_plays_the_applicator_role() -> None:
         assert reading.lock_counter == 1
         assert reading.heartbeat is not None
         assert reading.heartbeat >= 15
-        assert isinstance(driver.model, ApplicatorModel)  # type: ignore[attr-defined]
-        driver.model.drift(6.0, (0.0, 1.0, 0.0))  # type: ignore[attr-defined]
+        driver.model.drift(6.0, (0.0, 1.0, 0.0))
         clock.at(12.0)
-        moved = await driver.read_applicator()  # type: ignore[attr-defined]
+        moved = await driver.read_applicator()
         assert moved.displacement_mm is not None
         assert math.isclose(moved.displacement_mm[1], 1.0, abs_tol=1e-9)
