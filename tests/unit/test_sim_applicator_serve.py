@@ -23,6 +23,7 @@ from iortd.kernel.types import ApplicatorState, Tristate
 from iortd.simulators.apl_actions import parse_apl_step
 from iortd.simulators.apl_device import ApplicatorConsole, ApplicatorDevice
 from iortd.simulators.applicator import load_register_map
+from iortd.simulators.cli import main
 from iortd.simulators.control import ControlHandler, Served
 from iortd.simulators.device import ActionError, SimDevice
 from iortd.simulators.driver import SimApplicatorDriver, SimDriverFactory
@@ -407,3 +408,42 @@ async def test_the_sim_driver_plays_the_applicator_role() -> None:
         moved = await driver.read_applicator()
         assert moved.displacement_mm is not None
         assert math.isclose(moved.displacement_mm[1], 1.0, abs_tol=1e-9)
+
+
+# ---- the command line and the entry point ----------------------------------------------
+
+
+def test_serve_flags_for_a_reader_are_checked_like_the_file_keys(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["serve", "--kind", "applicator", "--transport", "serial"]) == 2
+    assert "--transport: an applicator reader speaks APL-MB/1" in capsys.readouterr().err
+    assert (
+        main(["serve", "--kind", "applicator", "--transport", "modbus-tcp", "--preset", "5"]) == 2
+    )
+    assert "--preset: only for kind source" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "serve",
+                "--transport",
+                "modbus-tcp",
+                "--applicator",
+                "SPH30",
+                "--reply-delay-ms",
+                "-1",
+            ]
+        )
+        == 2
+    )
+    assert "--reply-delay-ms: must be >= 0" in capsys.readouterr().err
+
+
+def test_modbus_apl_is_an_installed_driver() -> None:
+    from importlib.metadata import entry_points  # noqa: PLC0415
+
+    from iortd.drivers.modbus_apl import ModbusAplFactory  # noqa: PLC0415
+
+    found = {e.name: e for e in entry_points(group="iort.drivers")}
+    assert "modbus-apl" in found
+    assert found["modbus-apl"].load() is ModbusAplFactory
