@@ -37,7 +37,7 @@ from iortd.simulators.applicator import (
     build_image,
 )
 from iortd.simulators.device import ActionError, LinkState, link_action
-from iortd.simulators.modbus_xrs.console import ModbusSlave
+from iortd.simulators.modbus_xrs.console import ImageError, ModbusSlave
 from iortd.simulators.profiles import Profile
 from iortd.simulators.scenario import Scenario, Step
 
@@ -232,7 +232,12 @@ class ApplicatorConsole(ModbusSlave):
 
     def _registers(self, table: str) -> Mapping[int, int]:
         snap = self._snap if self._snap is not None else self.device.advance()
-        image = build_image(snap, self.device.identity(), self.regmap, self.device.scenario_note())
+        try:
+            image = build_image(
+                snap, self.device.identity(), self.regmap, self.device.scenario_note()
+            )
+        except ValueError as exc:  # e.g. an applicator type the map's table does not list
+            raise ImageError(str(exc)) from None
         if table == "input":
             return dict(zip(INPUT_WINDOW, image.input, strict=True))
         return dict(zip(HOLDING_WINDOW, image.holding, strict=True))

@@ -48,6 +48,7 @@ __all__ = [
     "DeviceSpec",
     "ServeError",
     "SpecError",
+    "build_device",
     "build_spec",
     "load_devices",
     "scenario_path",
@@ -265,6 +266,15 @@ def _where(spec: DeviceSpec, ep: Endpoint) -> dict[str, object]:
     return where
 
 
+def build_device(spec: DeviceSpec, clock: Clock, emit: Emit) -> Device:
+    """The simulated device ``spec`` describes, printing its events through ``emit``."""
+    if spec.kind == "applicator":
+        return _reader(spec, clock, emit)
+    device = _device(spec, clock, emit)
+    device.reply_delay_base_s = spec.reply_delay_s
+    return device
+
+
 async def serve(
     specs: list[DeviceSpec], speed: float, control_path: Path | None, emit: Emit
 ) -> int:
@@ -274,8 +284,7 @@ async def serve(
     served: dict[str, Served] = {}
     devices: dict[str, Device] = {}
     for spec in specs:
-        dev = _reader(spec, clock, emit) if spec.kind == "applicator" else None
-        devices[spec.name] = device = dev or _device(spec, clock, emit)
+        devices[spec.name] = device = build_device(spec, clock, emit)
         served[spec.name] = Served(device, spec.transport, protocol_of(spec.kind, spec.transport))
     endpoints = _endpoints(specs, devices)
     control = ControlServer(ControlHandler(served), control_path)

@@ -206,6 +206,16 @@ def build_spec(
             except AplMapError as exc:
                 raise fail("map", str(exc)) from None
         apl_map = cached
+        codes = cached.points["applicator.type"].codes or {}
+        if (
+            applicator is not None
+            and (kind_of := profile.applicators[applicator].type) not in codes
+        ):
+            raise fail(
+                "applicator",
+                f"type {kind_of!r} of applicator {applicator!r} has no code in the map "
+                f"{cached.path} (its applicator types: {', '.join(codes)})",
+            )
     elif transport != "serial":
         path = _from(base, text("map", str(default_map_path())))
         cached = maps.get(path)

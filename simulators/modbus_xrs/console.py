@@ -29,13 +29,14 @@ from iortd.simulators.modbus_xrs.regmap import (
 )
 from iortd.simulators.model import ModelSnapshot
 
-__all__ = ["MAX_MBAP_LENGTH", "MBAP_LEN", "ModbusConsole", "ModbusSlave"]
+__all__ = ["MAX_MBAP_LENGTH", "MBAP_LEN", "ImageError", "ModbusConsole", "ModbusSlave"]
 
 READ_HOLDING = 0x03
 READ_INPUT = 0x04
 ILLEGAL_FUNCTION = 0x01
 ILLEGAL_ADDRESS = 0x02
 ILLEGAL_VALUE = 0x03
+SERVER_DEVICE_FAILURE = 0x04
 GATEWAY_NO_RESPONSE = 0x0B
 
 MBAP_LEN = 7
@@ -46,13 +47,19 @@ def _exception(function: int, code: int) -> bytes:
     return bytes([(function | 0x80) & 0xFF, code])
 
 
+class ImageError(Exception):
+    """The device's state cannot be laid out in its registers (e.g. a value its map has no
+    code for): that read is answered with exception 04, the device goes on."""
+
+
 class ModbusSlave:
     """One simulated Modbus device answering requests from its register image.
 
     A subclass says what is device-specific: :attr:`input_window` and
     :attr:`holding_window` (a read touching any other register: exception 02),
     :meth:`_tick` (advance the device once and count the request) and :meth:`_registers`
-    (one table of the image of the last tick; registers absent read 0)."""
+    (one table of the image of the last tick; registers absent read 0; ImageError: that
+    read is answered with exception 04, SERVER DEVICE FAILURE)."""
 
     input_window: range = INPUT_WINDOW
     holding_window: range = HOLDING_WINDOW
@@ -89,7 +96,10 @@ class ModbusSlave:
         window = self.input_window if function == READ_INPUT else self.holding_window
         if start < window.start or start + count > window.stop:
             return _exception(function, ILLEGAL_ADDRESS)
-        regs = self._registers("input" if function == READ_INPUT else "holding")
+        try:
+            regs = self._registers("input" if function == READ_INPUT else "holding")
+        except ImageError:
+            return _exception(function, SERVER_DEVICE_FAILURE)
         words = [regs.get(a, 0) for a in range(start, start + count)]
         return bytes([function, 2 * count]) + struct.pack(f">{count}H", *words)
 

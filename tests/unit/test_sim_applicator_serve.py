@@ -18,8 +18,8 @@ import orjson
 import pytest
 from manualclock import ManualClock
 
-from iortd.drivers.interface import DriverContext, DriverSpec
-from iortd.kernel.types import ApplicatorState, Tristate
+from iortd.drivers.interface import ApplicatorDriver, DriverContext, DriverSpec
+from iortd.kernel.types import ApplicatorIdentity, ApplicatorState, Tristate
 from iortd.simulators.apl_actions import parse_apl_step
 from iortd.simulators.apl_device import ApplicatorConsole, ApplicatorDevice
 from iortd.simulators.applicator import load_register_map
@@ -38,7 +38,7 @@ from iortd.simulators.model import SourceModel
 from iortd.simulators.profiles import load_profile
 from iortd.simulators.scenario import ScenarioError, load_scenario
 from iortd.simulators.sequence import ClinicalSequence
-from iortd.simulators.serve import SpecError, load_devices
+from iortd.simulators.serve import SpecError, build_device, load_devices
 
 SCENARIOS = Path(__file__).parents[2] / "config" / "scenarios"
 APL_MAP = load_register_map()
@@ -386,6 +386,7 @@ async def test_the_sim_driver_plays_the_applicator_role() -> None:
     spec = DriverSpec("stand", "applicator", 0.1, 0.5, {}, options)
     driver = factory.create(spec, DriverContext(clock=clock, seed=1))
     assert isinstance(driver, SimApplicatorDriver)
+    assert isinstance(driver, ApplicatorDriver), "what the daemon's device loop checks"
     async with driver:
         clock.at(0.5)
         first = await driver.read_applicator()
@@ -447,3 +448,45 @@ def test_modbus_apl_is_an_installed_driver() -> None:
     found = {e.name: e for e in entry_points(group="iort.drivers")}
     assert "modbus-apl" in found
     assert found["modbus-apl"].load() is ModbusAplFactory
+
+
+def test_reply_delay_ms_reaches_a_console_and_a_reader(tmp_path: Path) -> None:
+    path = tmp_path / "room.toml"
+    path.write_text(
+        '[[device]]\nname = "c"\ntransport = "modbus-tcp"\napplicator = "SPH30"\n'
+        "reply_delay_ms = 150\n"
+        '[[device]]\nname = "s"\nkind = "applicator"\ntransport = "modbus-tcp"\n'
+        "reply_delay_ms = 40\n",
+        encoding="utf-8",
+    )
+    specs, _ = load_devices(path)
+    clock = ManualClock()
+    built = [build_device(spec, clock, lambda *_a, **_k: None) for spec in specs]
+    assert [d.reply_delay_s() for d in built] == [0.15, 0.04]
+    assert isinstance(built[1], ApplicatorDevice)
+    assert built[1].model.snapshot().applicator is None, "no applicator key: none seated"
+
+
+def test_a_reader_whose_applicator_type_the_map_cannot_name_is_refused(tmp_path: Path) -> None:
+    profile = tmp_path / "odd.toml"
+    base = (Path(__file__).parents[2] / "config" / "profiles" / "intrabeam.toml").read_text()
+    profile.write_text(base.replace('type = "spherical"', 'type = "conical"'), encoding="utf-8")
+    path = tmp_path / "room.toml"
+    path.write_text(
+        f'[[device]]\nname = "s"\nkind = "applicator"\ntransport = "modbus-tcp"\n'
+        f'profile = "{profile}"\napplicator = "SPH30"\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(SpecError, match=r"device\[0\].applicator: type 'conical'"):
+        load_devices(path)
+
+
+def test_an_image_the_map_cannot_encode_is_a_device_failure_not_a_crash() -> None:
+    clock = ManualClock()
+    device = reader(clock)
+    console = ApplicatorConsole(device, APL_MAP, unit_id=2)
+    clock.at(2.0)
+    device.model.swap(ApplicatorIdentity("conical", 30.0, "X-1"))
+    assert console.pdu_reply(read(4, 0, 26)) == bytes([0x84, 4])  # SERVER DEVICE FAILURE
+    device.apply("swap", parse_apl_step("swap", {"code": "SPH40"}))
+    assert words(console.pdu_reply(read(4, 6, 1))) == (400,)  # and it goes on
