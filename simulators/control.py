@@ -143,6 +143,12 @@ class ControlHandler:
         if target is not None and isinstance(target[1].device, ApplicatorDevice):
             return self._handle_reader(req, target[0], target[1].device)
         action = req.get("action")
+        readers = [n for n, s in self.devices.items() if isinstance(s.device, ApplicatorDevice)]
+        if readers and action in APL_ACTIONS and action not in ACTIONS:
+            raise BadRequest(
+                f"{action} is an applicator reader's action: name the device "
+                f"(readers: {', '.join(readers)})"
+            )
         if not isinstance(action, str) or action not in ACTIONS:
             known = ", ".join(sorted(ACTIONS))
             raise BadRequest(f"unknown action {action!r} (known: {known})")

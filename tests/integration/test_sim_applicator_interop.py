@@ -15,12 +15,11 @@ import math
 import re
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 from simproc import Simulator
-from test_sim_modbus_interop import BIN, poll, registers, run, text  # XRS-MB/1's helpers
+from test_sim_modbus_interop import BIN, REPO, poll, registers, run, text  # XRS-MB/1's helpers
 
 from iortd.drivers.errors import TransportTimeout
 from iortd.drivers.interface import DriverContext, DriverSpec
@@ -121,22 +120,16 @@ async def test_mbpoll_reads_the_reader_as_the_protocol_document_says(
     assert "Illegal function" in err
 
 
-async def test_one_rtu_line_a_console_at_unit_1_and_the_reader_at_unit_2(
-    mbpoll: str, start: Callable[..., Awaitable[Simulator]], tmp_path: Path
+async def test_the_shipped_shared_line_a_console_at_unit_1_and_the_reader_at_unit_2(
+    mbpoll: str, start: Callable[..., Awaitable[Simulator]]
 ) -> None:
-    devices = tmp_path / "room.toml"
-    devices.write_text(
-        'speed = 10\n[[device]]\nname = "console"\ntransport = "modbus-rtu"\n'
-        'applicator = "SPH30"\nline = "rs485-a"\n'
-        '[[device]]\nname = "stand"\nkind = "applicator"\ntransport = "modbus-rtu"\n'
-        'applicator = "SPH30"\nline = "rs485-a"\n',
-        encoding="utf-8",
-    )
-    sim: Simulator = await start("--devices", str(devices))
-    console, stand = serving_of(sim, "console"), serving_of(sim, "stand")
+    shipped = REPO / "config" / "sim-shared-line.toml"
+    sim: Simulator = await start("--devices", str(shipped), "--speed", "10")
+    console, stand = serving_of(sim, "or-1"), serving_of(sim, "or-1-stand")
     assert console["device"] == stand["device"], "one pty: one line"
     assert (console["unit_id"], stand["unit_id"]) == (1, 2)
-    assert console["line"] == stand["line"] == "rs485-a"
+    assert console["line"] == stand["line"] == "or-1-rs485"
+    assert console["baudrate"] == stand["baudrate"] == 38400
     assert (console["protocol"], stand["protocol"]) == ("XRS-MB/1", "APL-MB/1")
     await until_ready(mbpoll, stand)
     ours = await registers(mbpoll, stand, "-a", "2", "-t", "4", "-r", "116", "-c", "8")

@@ -490,3 +490,21 @@ def test_an_image_the_map_cannot_encode_is_a_device_failure_not_a_crash() -> Non
     assert console.pdu_reply(read(4, 0, 26)) == bytes([0x84, 4])  # SERVER DEVICE FAILURE
     device.apply("swap", parse_apl_step("swap", {"code": "SPH40"}))
     assert words(console.pdu_reply(read(4, 6, 1))) == (400,)  # and it goes on
+
+
+def test_a_reader_action_without_a_device_says_which_devices_are_readers() -> None:
+    clock = ManualClock()
+    model = SourceModel(load_profile("intrabeam"), seed=3)
+    seq = ClinicalSequence(model, preset_gy=5.0, applicator_code="SPH30", start_delay_s=0)
+    handler = ControlHandler(
+        {
+            "room-1": Served(SimDevice("room-1", seq, clock), "modbus-tcp", "XRS-MB/1"),
+            "stand-1": Served(reader(clock), "modbus-tcp", "APL-MB/1"),
+        }
+    )
+    reply = orjson.loads(handler.handle_line(b'{"action": "release_brakes"}'))
+    assert reply == {
+        "ok": False,
+        "error": "release_brakes is an applicator reader's action: name the device "
+        "(readers: stand-1)",
+    }
