@@ -7,7 +7,8 @@ garbled, slow: the same :func:`~iortd.simulators.device.link_action`), and one e
 for actions, :meth:`ApplicatorDevice.apply`, used by the control channel and by scenario
 steps alike. The model is advanced in steps of at most :data:`REFRESH_S` (100 ms) of
 simulated time, one measurement each, so the heartbeat counts what APL-MB/1 promises
-(a refresh at least every 100 ms) whatever the poll rate.
+(a refresh at least every 100 ms) whatever the poll rate; a gap nobody polled longer than
+:data:`CATCH_UP_REFRESHES` periods is caught up in one step and then that many periods.
 
 The actions and their arguments are apl_actions.py's. :class:`ApplicatorConsole` is
 the device's Modbus face: a :class:`~iortd.simulators.modbus_xrs.console.ModbusSlave`
@@ -41,9 +42,19 @@ from iortd.simulators.modbus_xrs.console import ImageError, ModbusSlave
 from iortd.simulators.profiles import Profile
 from iortd.simulators.scenario import Scenario, Step
 
-__all__ = ["REFRESH_S", "ApplicatorConsole", "ApplicatorDevice", "identity_of"]
+__all__ = [
+    "CATCH_UP_REFRESHES",
+    "REFRESH_S",
+    "ApplicatorConsole",
+    "ApplicatorDevice",
+    "identity_of",
+]
 
 REFRESH_S: Final = 0.1  # the longest step between two measurements (APL-MB/1)
+# A gap nobody polled (hours under a speed factor) is caught up in bounded work: the time
+# before the last CATCH_UP_REFRESHES periods in one step (drift is linear: the position is
+# the same), then those periods one measurement each.
+CATCH_UP_REFRESHES: Final = 600
 
 
 def identity_of(profile: Profile, code: str) -> ApplicatorIdentity:
@@ -120,6 +131,10 @@ class ApplicatorDevice:
     # ---- time ------------------------------------------------------------------------
 
     def _process_to(self, target: float) -> None:
+        skip = target - self._time_s - CATCH_UP_REFRESHES * REFRESH_S
+        if skip > 0:
+            self.model.process(skip)
+            self._time_s += skip
         while self._time_s < target:
             step = min(REFRESH_S, target - self._time_s)
             self.model.process(step)

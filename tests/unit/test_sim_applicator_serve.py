@@ -21,7 +21,7 @@ from manualclock import ManualClock
 from iortd.drivers.interface import ApplicatorDriver, DriverContext, DriverSpec
 from iortd.kernel.types import ApplicatorIdentity, ApplicatorState, Tristate
 from iortd.simulators.apl_actions import parse_apl_step
-from iortd.simulators.apl_device import ApplicatorConsole, ApplicatorDevice
+from iortd.simulators.apl_device import CATCH_UP_REFRESHES, ApplicatorConsole, ApplicatorDevice
 from iortd.simulators.applicator import load_register_map
 from iortd.simulators.cli import main
 from iortd.simulators.control import ControlHandler, Served
@@ -508,3 +508,16 @@ def test_a_reader_action_without_a_device_says_which_devices_are_readers() -> No
         "error": "release_brakes is an applicator reader's action: name the device "
         "(readers: stand-1)",
     }
+
+
+def test_a_long_unpolled_gap_is_caught_up_in_bounded_work() -> None:
+    clock = ManualClock()
+    device = reader(clock)
+    clock.at(2.0)
+    device.apply("drift", parse_apl_step("drift", {"rate": 0.01, "direction": "x"}))
+    before = device.advance().heartbeat
+    clock.at(2.0 + 10 * 3600)  # ten hours nobody asked (360,000 refresh periods)
+    snap = device.advance()
+    assert snap.displacement_mm is not None
+    assert math.isclose(snap.displacement_mm[0], 6.0, abs_tol=1e-6)  # 600 min x 0.01
+    assert 0 < (snap.heartbeat - before) % 0x10000 <= CATCH_UP_REFRESHES + 1
