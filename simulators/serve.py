@@ -120,38 +120,31 @@ def _endpoints(
 ) -> list[tuple[list[DeviceSpec], Endpoint]]:
     """One endpoint per device, but one pty per shared RTU ``line`` (its devices, in
     the order given, each answering at its own unit id)."""
-    out: list[tuple[list[DeviceSpec], Endpoint]] = []
-    lines: dict[str, list[DeviceSpec]] = {}
+    groups: list[list[DeviceSpec]] = []
+    by_line: dict[str, list[DeviceSpec]] = {}
     for spec in specs:
+        if spec.line is None:
+            groups.append([spec])
+        elif spec.line in by_line:
+            by_line[spec.line].append(spec)
+        else:
+            by_line[spec.line] = [spec]
+            groups.append(by_line[spec.line])
+    out: list[tuple[list[DeviceSpec], Endpoint]] = []
+    for group in groups:
+        spec = group[0]
         device = devices[spec.name]
         if spec.transport == "serial":
             assert isinstance(device, SimDevice)  # noqa: S101 - build_spec: consoles only
-            out.append(([spec], _SerialEndpoint(device)))
+            out.append((group, _SerialEndpoint(device)))
         elif spec.transport == "modbus-tcp":
             slave = _slave(spec, device)
-            out.append(([spec], ModbusTcpServer(slave, port=spec.port, seed=spec.seed)))
-        elif spec.line is None:
-            pty = RtuPtyConsole(_slave(spec, device), baudrate=spec.baudrate, seed=spec.seed)
-            out.append(([spec], _RtuEndpoint(pty)))
+            out.append((group, ModbusTcpServer(slave, port=spec.port, seed=spec.seed)))
         else:
-            if spec.line not in lines:
-                lines[spec.line] = []
-                out.append((lines[spec.line], _LineEndpoint()))
-            lines[spec.line].append(spec)
-    for group, ep in out:
-        if isinstance(ep, _LineEndpoint):
-            first, *rest = (_slave(sp, devices[sp.name]) for sp in group)
-            ep.console = RtuPtyConsole(
-                first, others=rest, baudrate=group[0].baudrate, seed=group[0].seed
-            )
+            first, *rest = (_slave(member, devices[member.name]) for member in group)
+            pty = RtuPtyConsole(first, others=rest, baudrate=spec.baudrate, seed=spec.seed)
+            out.append((group, _RtuEndpoint(pty)))
     return out
-
-
-class _LineEndpoint(_RtuEndpoint):
-    """The pty of a shared line, built once all its devices are known."""
-
-    def __init__(self) -> None:
-        pass
 
 
 FIELDS = (
