@@ -4,7 +4,8 @@
     iort-sim run --applicator SPH30 [...]       one delivery, the trace as JSON Lines or CSV
     iort-sim serve --transport serial [...]     the console on a pty, speaking XRS-ASCII/1
     iort-sim serve --transport modbus-tcp|modbus-rtu [...]   XRS-MB/1 over Modbus
-    iort-sim serve --devices FILE.toml          several consoles, each on its own endpoint
+    iort-sim serve --kind applicator --transport modbus-tcp|modbus-rtu [...]   APL-MB/1
+    iort-sim serve --devices FILE.toml          several devices, each on its own endpoint
     iort-sim ctl [--control PATH] [--device NAME] ACTION [key=value ...]
 
 ``run`` needs no clock: the model is advanced in fixed simulated steps, so the same seed
@@ -31,6 +32,7 @@ import orjson
 from iortd.simulators.control import ControlError, request
 from iortd.simulators.model import SourceModel
 from iortd.simulators.profiles import Profile, ProfileError, available_profiles, load_profile
+from iortd.simulators.scenario import KINDS
 from iortd.simulators.sequence import ClinicalSequence
 from iortd.simulators.serve import (
     FIELDS,
@@ -135,6 +137,9 @@ _DEVICE_FLAGS = (
     "map",
     "name",
     "hold_until_polled",
+    "kind",
+    "reply_delay_ms",
+    "uses_left",
 )
 
 
@@ -150,12 +155,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             specs, file_speed = load_devices(Path(args.devices))
             speed = args.speed if args.speed is not None else (file_speed or 1.0)
         else:
-            if "transport" not in given or "applicator" not in given:
+            reader = given.get("kind") == "applicator"
+            if "transport" not in given or ("applicator" not in given and not reader):
                 return _fail(
                     "serve needs --transport and --applicator (or --devices FILE); "
                     "see iort-sim serve --help"
                 )
-            given.setdefault("name", "console")
+            given.setdefault("name", "applicator" if reader else "console")
             specs = [build_spec(given, lambda k: "--" + k.replace("_", "-"), {})]
             speed = args.speed if args.speed is not None else 1.0
     except SpecError as exc:
@@ -219,10 +225,17 @@ def _parser() -> argparse.ArgumentParser:
         "docs/simulators.md. Prints JSON lines on stdout until SIGINT/SIGTERM.",
     )
     serve.add_argument("--devices", metavar="FILE", help="[[device]] tables, one per console")
+    serve.add_argument(
+        "--kind",
+        choices=KINDS,
+        help="source (a console, the default) or applicator (an APL-MB/1 reader and stand)",
+    )
     serve.add_argument("--transport", choices=TRANSPORTS)
     serve.add_argument("--name", help="the device's name in JSON lines and ctl (console)")
     serve.add_argument("--profile", help="built-in name or a TOML file (intrabeam)")
-    serve.add_argument("--applicator", help="applicator code, e.g. SPH30")
+    serve.add_argument(
+        "--applicator", help="applicator code, e.g. SPH30 (a reader: the one seated; none)"
+    )
     serve.add_argument("--preset", type=float, help="preset dose in Gy (20)")
     serve.add_argument("--start-delay", type=float, help="simulated seconds (5)")
     serve.add_argument(
@@ -232,13 +245,23 @@ def _parser() -> argparse.ArgumentParser:
         help="the console's clock (and its scenario) starts at the first request, not at start",
     )
     serve.add_argument("--seed", type=int, help="model noise seed (0)")
-    serve.add_argument("--serial", help="the console's serial number (SIM-0001)")
+    serve.add_argument(
+        "--serial", help="the device's serial number (SIM-0001; a reader: APL-SIM-0001)"
+    )
     serve.add_argument(
         "--scenario", metavar="NAME|FILE", help="timed faults (config/scenarios/NAME.toml)"
     )
     serve.add_argument("--port", type=int, help="modbus-tcp: TCP port on 127.0.0.1 (0: free)")
-    serve.add_argument("--unit-id", type=int, help="modbus: unit id / RTU address (1)")
-    serve.add_argument("--map", metavar="FILE", help="modbus: register map (xrs-mb1)")
+    serve.add_argument("--unit-id", type=int, help="modbus: unit id / RTU address (1; a reader: 2)")
+    serve.add_argument(
+        "--map", metavar="FILE", help="modbus: register map (xrs-mb1; a reader: apl-mb1)"
+    )
+    serve.add_argument(
+        "--reply-delay-ms", type=float, help="modbus: the device's own turnaround (0)"
+    )
+    serve.add_argument(
+        "--uses-left", type=int, help="applicator: uses left on the seated applicator (not counted)"
+    )
     serve.add_argument(
         "--baudrate", type=int, help="modbus-rtu: line time modelled at this rate (19200; 0: off)"
     )
@@ -249,9 +272,13 @@ def _parser() -> argparse.ArgumentParser:
     ctl = sub.add_parser(
         "ctl",
         help="send one request to a running simulator's control channel",
-        description="Actions: open_door close_door press_estop release_estop resume "
-        "swap_applicator [code=X] set_output_factor factor=F drop_link duration=5s "
+        description="Actions of a console: open_door close_door press_estop release_estop "
+        "resume swap_applicator [code=X] set_output_factor factor=F drop_link duration=5s "
         "garble duration=5s delay_replies duration=10s delay=0.8s restore_link status list. "
+        "Of an applicator reader: drift rate=MM_PER_MIN [direction=x|-z|1,0,0] bump mm=N "
+        "[direction=..] tilt deg=N [direction=x|1,0] release_brakes engage_brakes lock "
+        "unseat seat [code=X] swap code=X unlatch_source latch_source fault [code=READER] "
+        "clear_fault, and the link actions above. "
         "Exit 0: done; 1: refused; 2: usage error or no simulator.",
     )
     ctl.add_argument("--control", metavar="PATH", help="the simulator's control socket")

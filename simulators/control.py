@@ -14,7 +14,10 @@ Actions: everything a scenario step can do (``open_door``, ``close_door``,
 ``delay_replies`` ``duration`` ``delay``), ``restore_link``, and two questions:
 ``status`` (one device: state, time, doses, interlocks, link) and ``list`` (the devices
 and where each is served). A fault goes through :meth:`SimDevice.apply`, as a scenario
-step does, so both do the same thing.
+step does, so both do the same thing. A request to an applicator reader (a device of kind
+``applicator``) takes the reader's actions instead (simulators/apl_actions.py: ``drift``
+``rate`` [``direction``], ``bump`` ``mm``, ``release_brakes``, ``swap`` ``code``, ...),
+through :meth:`ApplicatorDevice.apply`, and its ``status`` tells the reader's state.
 
 :class:`ControlHandler` is sans-I/O (a line in, a line out); :class:`ControlServer` puts
 it on the socket; :func:`request` is the client ``iort-sim ctl`` uses.
@@ -37,6 +40,8 @@ from typing import Any
 
 import orjson
 
+from iortd.simulators.apl_actions import APL_ACTIONS, parse_apl_step
+from iortd.simulators.apl_device import ApplicatorDevice
 from iortd.simulators.device import ActionError, SimDevice
 from iortd.simulators.scenario import parse_duration
 
@@ -86,7 +91,7 @@ class BadRequest(ValueError):
 class Served:
     """One device of the process and where it is served (for ``list``)."""
 
-    device: SimDevice
+    device: SimDevice | ApplicatorDevice
     transport: str
     protocol: str
     endpoint: dict[str, object] = field(default_factory=dict)
@@ -134,7 +139,16 @@ class ControlHandler:
     def _handle(self, req: object) -> dict[str, Any]:
         if not isinstance(req, dict):
             raise BadRequest('expected a JSON object like {"action": "status"}')
+        target = self._peek(req.get("device"))
+        if target is not None and isinstance(target[1].device, ApplicatorDevice):
+            return self._handle_reader(req, target[0], target[1].device)
         action = req.get("action")
+        readers = [n for n, s in self.devices.items() if isinstance(s.device, ApplicatorDevice)]
+        if readers and action in APL_ACTIONS and action not in ACTIONS:
+            raise BadRequest(
+                f"{action} is an applicator reader's action: name the device "
+                f"(readers: {', '.join(readers)})"
+            )
         if not isinstance(action, str) or action not in ACTIONS:
             known = ", ".join(sorted(ACTIONS))
             raise BadRequest(f"unknown action {action!r} (known: {known})")
@@ -149,6 +163,8 @@ class ControlHandler:
             return {"ok": True, "devices": [self._describe(n, s) for n, s in self.devices.items()]}
         name, served = self._device(req.get("device"))
         device = served.device
+        if not isinstance(device, SimDevice):  # pragma: no cover - _peek sent readers away
+            raise BadRequest(f"{action}: not an action of device {name!r}")
         if action == "status":
             return {"ok": True, "device": name, **self._status(device)}
         args: dict[str, Any] = {}
@@ -176,6 +192,78 @@ class ControlHandler:
             "time_s": round(device.time_s, 3),
             "state": snap.state.value,
         }
+
+    def _handle_reader(
+        self, req: dict[str, Any], name: str, device: ApplicatorDevice
+    ) -> dict[str, Any]:
+        """A request to an applicator reader: its own actions (apl_actions.py)."""
+        action = req.get("action")
+        if action == "list":
+            return {"ok": True, "devices": [self._describe(n, s) for n, s in self.devices.items()]}
+        if not isinstance(action, str) or action not in {*APL_ACTIONS, "status"}:
+            known = ", ".join(sorted({*APL_ACTIONS, "status", "list"}))
+            raise BadRequest(
+                f"unknown action {action!r} for applicator reader {name!r} (known: {known})"
+            )
+        given = {k: v for k, v in req.items() if k not in ("action", "device")}
+        if action == "status":
+            if given:
+                raise BadRequest(f"status: unknown argument(s) {sorted(given)} (takes: none)")
+            return {"ok": True, "device": name, **self._reader_status(device)}
+        try:
+            args = parse_apl_step(action, given)
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        snap = device.apply(action, args)
+        return {
+            "ok": True,
+            "device": name,
+            "action": action,
+            "time_s": round(device.time_s, 3),
+            "state": snap.state,
+        }
+
+    @staticmethod
+    def _reader_status(device: ApplicatorDevice) -> dict[str, Any]:
+        snap = device.advance()
+        app = snap.applicator
+        link = device.link
+        return {
+            "time_s": round(device.time_s, 3),
+            "state": snap.state,
+            "fault": snap.fault,
+            "seated": snap.seated,
+            "source_locked": snap.source_locked,
+            "brakes_engaged": snap.brakes_engaged,
+            "applicator": (
+                None
+                if app is None
+                else {"type": app.type, "diameter_mm": app.diameter_mm, "serial": app.serial}
+            ),
+            "uses_left": snap.uses_left,
+            "seat_counter": snap.seat_counter,
+            "lock_counter": snap.lock_counter,
+            "displacement_mm": snap.displacement_mm,
+            "true_displacement_mm": device.model.true_displacement_mm,
+            "tilt_deg": snap.tilt_deg,
+            "heartbeat": snap.heartbeat,
+            "link": {
+                "down": device.link_down(),
+                "garbled": device.garbled(),
+                "reply_delay_s": device.reply_delay_s(),
+                "down_until_s": link.down_until if device.link_down() else None,
+                "garbled_until_s": link.garbled_until if device.garbled() else None,
+            },
+            "requests": device.requests,
+        }
+
+    def _peek(self, name: object) -> tuple[str, Served] | None:
+        """The device a request names (or the only one), if there is one; no error."""
+        if name is None and len(self.devices) == 1:
+            return next(iter(self.devices.items()))
+        if isinstance(name, str) and name in self.devices:
+            return name, self.devices[name]
+        return None
 
     def _device(self, name: object) -> tuple[str, Served]:
         if name is None:

@@ -24,7 +24,7 @@ from iortd.simulators.model import IllegalTransition, ModelSnapshot, SourceModel
 from iortd.simulators.scenario import DEVICE_ACTIONS, LINK_ACTIONS, Scenario, Step
 from iortd.simulators.sequence import ClinicalSequence
 
-__all__ = ["ActionError", "LinkState", "SimDevice"]
+__all__ = ["ActionError", "LinkState", "SimDevice", "link_action"]
 
 
 class ActionError(ValueError):
@@ -40,6 +40,22 @@ class LinkState:
     garbled_until: float = -1.0
     delayed_until: float = -1.0
     delay_s: float = 0.0
+
+
+def link_action(link: LinkState, action: str, args: Mapping[str, Any], at_s: float) -> LinkState:
+    """The link after a link action (``drop_link``, ``garble``, ``delay_replies``,
+    ``restore_link``) at ``at_s``; any other action leaves it as it is. Every simulated
+    device (a console, an applicator reader) takes its link faults from here."""
+    if action == "drop_link":
+        link.down_until = at_s + float(args["duration_s"])
+    elif action == "garble":
+        link.garbled_until = at_s + float(args["duration_s"])
+    elif action == "delay_replies":
+        link.delayed_until = at_s + float(args["duration_s"])
+        link.delay_s = float(args["delay_s"])
+    elif action == "restore_link":
+        return LinkState()
+    return link
 
 
 class SimDevice:
@@ -61,6 +77,9 @@ class SimDevice:
         self.scenario = scenario
         self.link = LinkState()
         self.requests = 0
+        # A turnaround the console always takes (real seconds, ``reply_delay_ms`` of a
+        # devices file), on top of a ``delay_replies`` fault.
+        self.reply_delay_base_s = 0.0
         self.on_step: Callable[[Step, str], None] | None = None
         self.on_snapshot: Callable[[ModelSnapshot], None] | None = None
         self._clock = clock
@@ -126,16 +145,8 @@ class SimDevice:
     def _apply(
         self, action: str, args: Mapping[str, Any], at_s: float, *, strict: bool = False
     ) -> None:
-        link = self.link
-        if action == "drop_link":
-            link.down_until = at_s + float(args["duration_s"])
-        elif action == "garble":
-            link.garbled_until = at_s + float(args["duration_s"])
-        elif action == "delay_replies":
-            link.delayed_until = at_s + float(args["duration_s"])
-            link.delay_s = float(args["delay_s"])
-        elif action == "restore_link":
-            self.link = LinkState()
+        if action in LINK_ACTIONS or action == "restore_link":
+            self.link = link_action(self.link, action, args, at_s)
         elif action == "swap_applicator":
             code = args.get("code")
             if strict and code is not None and code not in self.model.profile.applicators:
@@ -163,4 +174,5 @@ class SimDevice:
 
     def reply_delay_s(self) -> float:
         """Real seconds to hold back the next reply (0: answer at once)."""
-        return self.link.delay_s if self.sequence.time_s < self.link.delayed_until else 0.0
+        slow = self.sequence.time_s < self.link.delayed_until
+        return self.reply_delay_base_s + (self.link.delay_s if slow else 0.0)

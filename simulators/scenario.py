@@ -12,12 +12,16 @@ Actions on the device: ``open_door``, ``close_door``, ``press_estop``, ``release
 "5s"``: ``drop_link`` (no reply at all), ``garble`` (noise instead of replies) and
 ``delay_replies`` (``delay = "0.8s"`` real time before each reply). Steps run in time
 order; the same scenario gives the same run.
+
+An applicator reader's scenario (``kind = "applicator"`` at the top of the file, loaded
+for a device of that kind) takes the reader's actions instead, with their arguments as keys
+of the step (simulators/apl_actions.py, docs/simulators.md), e.g. ``action = "drift"``,
+``rate = 0.6``, ``direction = "-z"``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from iortd.kernel.files import FileReadError, read_small_file, toml_error
+from iortd.simulators.apl_actions import APL_ACTIONS, parse_apl_step
+from iortd.simulators.durations import parse_duration
 
 __all__ = ["Scenario", "ScenarioError", "Step", "load_scenario", "parse_duration"]
 
-_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?$")
 DEVICE_ACTIONS = frozenset(
     {
         "open_door",
@@ -41,19 +46,11 @@ DEVICE_ACTIONS = frozenset(
     }
 )
 LINK_ACTIONS = frozenset({"drop_link", "garble", "delay_replies"})
+KINDS = ("source", "applicator")  # what a scenario (and a served device) can be
 
 
 class ScenarioError(Exception):
     """A scenario file that cannot be used; the message names the file, step and key."""
-
-
-def parse_duration(text: str) -> float:
-    """``"2m30s"`` -> 150.0; ``"1h"``, ``"45s"``, ``"0.5s"``."""
-    m = _DURATION.fullmatch(text.strip()) if isinstance(text, str) else None
-    if m is None or not any(m.groups()):
-        raise ValueError(f"expected a duration like '45s', '2m30s' or '1h'; got {text!r}")
-    h, mi, s = (float(g) if g else 0.0 for g in m.groups())
-    return h * 3600 + mi * 60 + s
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +69,7 @@ class Scenario:
     description: str
     steps: list[Step]
     sha256: str = ""
+    kind: str = "source"  # the kind of device it is for (KINDS)
     _next: int = 0
 
     def next_at(self) -> float | None:
@@ -87,7 +85,10 @@ class Scenario:
         return done
 
 
-def load_scenario(path: Path) -> Scenario:
+def load_scenario(path: Path, kind: str | None = None) -> Scenario:
+    """The scenario at ``path``: for a source console (a console's actions), or for an
+    applicator reader when the file says ``kind = "applicator"`` (a reader's actions,
+    apl_actions.py). With ``kind``, a file for another kind is refused."""
     raw_bytes = b""
     try:
         raw_bytes = read_small_file(path)
@@ -98,9 +99,16 @@ def load_scenario(path: Path) -> Scenario:
         raise ScenarioError(f"{path}: cannot read: {exc}") from None
     except (tomllib.TOMLDecodeError, RecursionError) as exc:
         raise ScenarioError(f"{path}: not valid TOML: {toml_error(exc, raw_bytes)}") from None
-    unknown = set(data) - {"description", "step"}
+    unknown = set(data) - {"description", "step", "kind"}
     if unknown:
         raise ScenarioError(f"{path}: unknown key(s) {sorted(unknown)}")
+    declared = data.get("kind", "source")
+    if declared not in KINDS:
+        raise ScenarioError(f"{path}: kind: expected one of {', '.join(KINDS)}, got {declared!r}")
+    if kind is not None and declared != kind:
+        raise ScenarioError(
+            f"{path}: kind: this scenario is for a device of kind {declared!r}, not {kind!r}"
+        )
     steps = []
     for i, raw in enumerate(data.get("step", [])):
         where = f"{path}: step[{i}]"
@@ -111,6 +119,19 @@ def load_scenario(path: Path) -> Scenario:
         except ValueError as exc:
             raise ScenarioError(f"{where}.at: {exc}") from None
         action = raw.get("action")
+        if declared == "applicator":
+            if not isinstance(action, str) or action not in APL_ACTIONS:
+                known = ", ".join(sorted(APL_ACTIONS))
+                raise ScenarioError(
+                    f"{where}.action: unknown action {action!r} for an applicator reader "
+                    f"(known: {known})"
+                )
+            try:
+                given = {k: v for k, v in raw.items() if k not in ("at", "action")}
+                steps.append(Step(at, action, parse_apl_step(action, given)))
+            except ValueError as exc:
+                raise ScenarioError(f"{where}: {exc}") from None
+            continue
         if action not in DEVICE_ACTIONS | LINK_ACTIONS:
             known = ", ".join(sorted(DEVICE_ACTIONS | LINK_ACTIONS))
             raise ScenarioError(f"{where}.action: unknown action {action!r} (known: {known})")
@@ -144,4 +165,5 @@ def load_scenario(path: Path) -> Scenario:
         str(data.get("description", "")),
         steps,
         sha256=hashlib.sha256(raw_bytes).hexdigest(),
+        kind=declared,
     )

@@ -1,46 +1,45 @@
-"""``iort-sim serve``: one or several simulated consoles, each on its own endpoint.
+"""``iort-sim serve``: one or several simulated devices, each on its own endpoint.
 
-A device is described by a :class:`DeviceSpec`, from the single-device flags or from a
-devices file (``--devices FILE.toml``, one ``[[device]]`` table each, validated whole
-before anything is started). :func:`serve` builds a :class:`SimDevice` per spec, serves it
-over its transport (XRS-ASCII/1 on a pty, XRS-MB/1 over Modbus TCP or RTU on a pty), opens
-the control channel, and prints JSON lines until SIGINT/SIGTERM. Simulated time runs at one
-speed for the whole process (one clock): rooms of one process stay comparable.
+A device is described by a :class:`DeviceSpec` (specs.py), from the single-device flags or
+from a devices file (``--devices FILE.toml``, one ``[[device]]`` table each, validated
+whole before anything is started). :func:`serve` builds a :class:`SimDevice` per console
+and an :class:`ApplicatorDevice` per applicator reader, serves each over its transport
+(XRS-ASCII/1 on a pty, XRS-MB/1 or APL-MB/1 over Modbus TCP or RTU on a pty; the RTU
+devices of one ``line`` together on one pty, each at its unit id), opens the control
+channel, and prints JSON lines until SIGINT/SIGTERM. Simulated time runs at one speed for
+the whole process (one clock): rooms of one process stay comparable.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.resources
-import math
-import re
 import signal
-import tomllib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from iortd.kernel.clock import Clock, ScaledClock, SystemClock
-from iortd.kernel.files import FileReadError, read_small_file, toml_error
 from iortd.kernel.types import DeviceState, InterlockState
+from iortd.simulators.apl_device import ApplicatorConsole, ApplicatorDevice
+from iortd.simulators.applicator import ApplicatorSnapshot
 from iortd.simulators.control import ControlError, ControlHandler, ControlServer, Served
 from iortd.simulators.device import SimDevice
-from iortd.simulators.modbus_xrs import (
-    MapError,
-    ModbusConsole,
-    ModbusTcpServer,
-    RegisterMap,
-    RtuPtyConsole,
-    default_map_path,
-    load_map,
-)
+from iortd.simulators.modbus_xrs import ModbusConsole, ModbusSlave, ModbusTcpServer, RtuPtyConsole
 from iortd.simulators.model import ModelSnapshot, SourceModel
-from iortd.simulators.profiles import Profile, ProfileError, is_builtin_profile, load_profile
-from iortd.simulators.scenario import Scenario, ScenarioError, Step, load_scenario
+from iortd.simulators.scenario import Step
 from iortd.simulators.sequence import ClinicalSequence
 from iortd.simulators.serial_xrs import ConsoleProtocol, PtyConsole
+from iortd.simulators.specs import (
+    PROTOCOLS,
+    TRANSPORTS,
+    DeviceSpec,
+    SpecError,
+    build_spec,
+    load_devices,
+    protocol_of,
+    scenario_path,
+)
 
 __all__ = [
     "FIELDS",
@@ -49,217 +48,21 @@ __all__ = [
     "DeviceSpec",
     "ServeError",
     "SpecError",
+    "build_device",
     "build_spec",
     "load_devices",
+    "scenario_path",
     "serve",
     "trace_row",
 ]
 
-TRANSPORTS = ("serial", "modbus-tcp", "modbus-rtu")
-PROTOCOLS = {"serial": "XRS-ASCII/1", "modbus-tcp": "XRS-MB/1", "modbus-rtu": "XRS-MB/1"}
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_DEVICE_KEYS = frozenset(
-    {"name", "transport", "profile", "applicator", "preset", "start_delay", "seed", "serial"}
-    | {"scenario", "port", "unit_id", "baudrate", "map", "hold_until_polled"}
-)
-# Keys that only make sense for some transports.
-_ONLY_FOR = {
-    "port": ("modbus-tcp",),
-    "unit_id": ("modbus-tcp", "modbus-rtu"),
-    "map": ("modbus-tcp", "modbus-rtu"),
-    "baudrate": ("modbus-rtu",),
-}
 STOP_TIMEOUT_S = 2.0
 
 Emit = Callable[..., None]
 
 
-class SpecError(ValueError):
-    """A device description that cannot be served; the message names file, device, key."""
-
-
 class ServeError(Exception):
     """An endpoint or the control socket cannot be opened; the message says which."""
-
-
-@dataclass
-class DeviceSpec:
-    name: str
-    transport: str
-    profile: Profile
-    applicator: str
-    preset: float = 20.0
-    start_delay: float = 5.0
-    seed: int = 0
-    serial: str = "SIM-0001"
-    scenario: Scenario | None = None
-    port: int = 0
-    unit_id: int = 1
-    baudrate: int = 19200
-    regmap: RegisterMap | None = None
-    # The console's clock (and so its scenario) starts at the first request or control
-    # command, not when the simulator starts: a monitor that is slow to start misses nothing.
-    hold_until_polled: bool = False
-
-
-def scenario_path(name: str, base: Path | None = None) -> Path:
-    """A path, or the name of a bundled scenario (config/scenarios/NAME.toml). A relative
-    path is taken from ``base`` (a devices file's directory) when given."""
-    path = _from(base, name)
-    if path.suffix == ".toml" or path.exists():
-        return path
-    return Path(str(importlib.resources.files("iortd.config") / "scenarios" / f"{name}.toml"))
-
-
-def _from(base: Path | None, name: str) -> Path:
-    path = Path(name)
-    return path if base is None or path.is_absolute() else base / path
-
-
-def build_spec(
-    raw: Mapping[str, Any],
-    key: Callable[[str], str],
-    maps: dict[Path, RegisterMap],
-    base: Path | None = None,
-) -> DeviceSpec:
-    """A checked DeviceSpec from ``raw`` (file keys); ``key(k)`` names a key in errors
-    (``FILE: device[1].preset`` or ``--preset``). Relative ``profile``, ``map`` and
-    ``scenario`` paths are taken from ``base`` (the devices file's directory, as the site
-    config does); None (the command-line flags): from the current directory."""
-
-    def fail(k: str, problem: str) -> SpecError:
-        return SpecError(f"{key(k)}: {problem}")
-
-    def number(k: str, default: float, *, positive: bool) -> float:
-        v = raw.get(k, default)
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-            raise fail(k, f"expected a number, got {v!r}")
-        if (positive and v <= 0) or v < 0:
-            raise fail(k, f"must be {'> 0' if positive else '>= 0'}, got {v!r}")
-        return float(v)
-
-    def integer(k: str, default: int, lo: int, hi: int) -> int:
-        v = raw.get(k, default)
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise fail(k, f"expected an integer in {lo}..{hi}, got {v!r}")
-        return v
-
-    def flag(k: str) -> bool:
-        v = raw.get(k, False)
-        if not isinstance(v, bool):
-            raise fail(k, f"true or false, got {v!r}")
-        return v
-
-    def text(k: str, default: str | None) -> str:
-        v = raw.get(k, default)
-        if not isinstance(v, str) or not v:
-            raise fail(k, f"expected a non-empty string, got {v!r}")
-        return v
-
-    name = text("name", None)
-    if not _NAME.fullmatch(name):
-        raise fail("name", f"use letters, digits, '.', '_' and '-' (at most 64), got {name!r}")
-    transport = text("transport", None)
-    if transport not in TRANSPORTS:
-        raise fail("transport", f"expected one of {', '.join(TRANSPORTS)}, got {transport!r}")
-    for k, allowed in _ONLY_FOR.items():
-        if k in raw and transport not in allowed:
-            raise fail(k, f"only for transport {' or '.join(allowed)} (this is {transport})")
-    try:
-        profile_name = text("profile", "intrabeam")
-        profile = load_profile(
-            profile_name if is_builtin_profile(profile_name) else _from(base, profile_name)
-        )
-    except ProfileError as exc:
-        raise fail("profile", str(exc)) from None
-    applicator = text("applicator", None)
-    if applicator not in profile.applicators:
-        known = ", ".join(sorted(profile.applicators))
-        raise fail(
-            "applicator",
-            f"unknown applicator {applicator!r} for profile {profile.name!r} (known: {known})",
-        )
-    serial = text("serial", "SIM-0001")
-    if not serial.isprintable() or len(serial) > 16:
-        raise fail("serial", f"at most 16 printable characters, got {serial!r}")
-    scenario = None
-    if "scenario" in raw:
-        try:
-            scenario = load_scenario(scenario_path(text("scenario", None), base))
-        except ScenarioError as exc:
-            raise fail("scenario", str(exc)) from None
-    regmap = None
-    if transport != "serial":
-        path = _from(base, text("map", str(default_map_path())))
-        if path not in maps:
-            try:
-                maps[path] = load_map(path)
-            except MapError as exc:
-                raise fail("map", str(exc)) from None
-        regmap = maps[path]
-    return DeviceSpec(
-        name=name,
-        transport=transport,
-        profile=profile,
-        applicator=applicator,
-        preset=number("preset", 20.0, positive=True),
-        start_delay=number("start_delay", 5.0, positive=False),
-        seed=integer("seed", 0, -(2**63), 2**63 - 1),
-        serial=serial,
-        scenario=scenario,
-        port=integer("port", 0, 0, 65535),
-        unit_id=integer("unit_id", 1, 1, 247),
-        baudrate=integer("baudrate", 19200, 0, 4_000_000),
-        regmap=regmap,
-        hold_until_polled=flag("hold_until_polled"),
-    )
-
-
-def _keyname(where: str) -> Callable[[str], str]:
-    return lambda k: f"{where}.{k}"
-
-
-def load_devices(path: Path) -> tuple[list[DeviceSpec], float | None]:
-    """The devices of a devices file and its process-wide ``speed`` (None: not given)."""
-    raw = b""
-    try:
-        raw = read_small_file(path)
-        data = tomllib.loads(raw.decode("utf-8"))
-    except FileReadError as exc:
-        raise SpecError(f"{path}: cannot read: {exc.reason}") from None
-    except UnicodeDecodeError as exc:
-        raise SpecError(f"{path}: cannot read: {exc}") from None
-    except (tomllib.TOMLDecodeError, RecursionError) as exc:
-        raise SpecError(f"{path}: not valid TOML: {toml_error(exc, raw)}") from None
-    if unknown := set(data) - {"speed", "device"}:
-        raise SpecError(f"{path}: unknown key(s) {sorted(unknown)} (known: device, speed)")
-    speed = data.get("speed")
-    if speed is not None and (
-        isinstance(speed, bool) or not isinstance(speed, int | float) or not 0 < speed <= 1000
-    ):
-        raise SpecError(f"{path}: speed: expected a number in (0, 1000], got {speed!r}")
-    raw_devices = data.get("device")
-    if not isinstance(raw_devices, list) or not raw_devices:
-        raise SpecError(f"{path}: expected at least one [[device]] table")
-    specs: list[DeviceSpec] = []
-    maps: dict[Path, RegisterMap] = {}
-    ports: dict[int, str] = {}
-    for i, raw in enumerate(raw_devices):
-        where = f"{path}: device[{i}]"
-        if not isinstance(raw, dict):
-            raise SpecError(f"{where}: expected a table")
-        if unknown := set(raw) - _DEVICE_KEYS:
-            known = ", ".join(sorted(_DEVICE_KEYS))
-            raise SpecError(f"{where}: unknown key(s) {sorted(unknown)} (known: {known})")
-        spec = build_spec(raw, _keyname(where), maps, path.parent)
-        if any(s.name == spec.name for s in specs):
-            raise SpecError(f"{where}.name: {spec.name!r} is used by an earlier device")
-        if spec.transport == "modbus-tcp" and spec.port:
-            if spec.port in ports:
-                raise SpecError(f"{where}.port: {spec.port} is used by {ports[spec.port]!r}")
-            ports[spec.port] = spec.name
-        specs.append(spec)
-    return specs, float(speed) if speed is not None else None
 
 
 # ---- serving ---------------------------------------------------------------------------
@@ -301,14 +104,47 @@ class _RtuEndpoint:
         await self.console.close()
 
 
-def _endpoint(spec: DeviceSpec, device: SimDevice) -> Endpoint:
-    if spec.transport == "serial":
-        return _SerialEndpoint(device)
+Device = SimDevice | ApplicatorDevice
+
+
+def _slave(spec: DeviceSpec, device: Device) -> ModbusSlave:
+    if isinstance(device, ApplicatorDevice):
+        assert spec.apl_map is not None  # noqa: S101 - build_spec loads one for a reader
+        return ApplicatorConsole(device, spec.apl_map, spec.unit_id)
     assert spec.regmap is not None  # noqa: S101 - build_spec loads one for Modbus
-    console = ModbusConsole(device, spec.regmap, spec.unit_id)
-    if spec.transport == "modbus-tcp":
-        return ModbusTcpServer(console, port=spec.port, seed=spec.seed)
-    return _RtuEndpoint(RtuPtyConsole(console, baudrate=spec.baudrate, seed=spec.seed))
+    return ModbusConsole(device, spec.regmap, spec.unit_id)
+
+
+def _endpoints(
+    specs: list[DeviceSpec], devices: dict[str, Device]
+) -> list[tuple[list[DeviceSpec], Endpoint]]:
+    """One endpoint per device, but one pty per shared RTU ``line`` (its devices, in
+    the order given, each answering at its own unit id)."""
+    groups: list[list[DeviceSpec]] = []
+    by_line: dict[str, list[DeviceSpec]] = {}
+    for spec in specs:
+        if spec.line is None:
+            groups.append([spec])
+        elif spec.line in by_line:
+            by_line[spec.line].append(spec)
+        else:
+            by_line[spec.line] = [spec]
+            groups.append(by_line[spec.line])
+    out: list[tuple[list[DeviceSpec], Endpoint]] = []
+    for group in groups:
+        spec = group[0]
+        device = devices[spec.name]
+        if spec.transport == "serial":
+            assert isinstance(device, SimDevice)  # noqa: S101 - build_spec: consoles only
+            out.append((group, _SerialEndpoint(device)))
+        elif spec.transport == "modbus-tcp":
+            slave = _slave(spec, device)
+            out.append((group, ModbusTcpServer(slave, port=spec.port, seed=spec.seed)))
+        else:
+            first, *rest = (_slave(member, devices[member.name]) for member in group)
+            pty = RtuPtyConsole(first, others=rest, baudrate=spec.baudrate, seed=spec.seed)
+            out.append((group, _RtuEndpoint(pty)))
+    return out
 
 
 FIELDS = (
@@ -336,6 +172,7 @@ def trace_row(s: ModelSnapshot) -> dict[str, object]:
 
 
 def _device(spec: DeviceSpec, clock: Clock, emit: Emit) -> SimDevice:
+    assert spec.applicator is not None  # noqa: S101 - build_spec: a console has one
     model = SourceModel(spec.profile, seed=spec.seed, serial=spec.serial)
     seq = ClinicalSequence(
         model,
@@ -378,6 +215,59 @@ def _device(spec: DeviceSpec, clock: Clock, emit: Emit) -> SimDevice:
     return device
 
 
+def _reader(spec: DeviceSpec, clock: Clock, emit: Emit) -> ApplicatorDevice:
+    device = ApplicatorDevice.build(
+        spec.name,
+        spec.profile,
+        spec.applicator,
+        clock,
+        seed=spec.seed,
+        serial=spec.serial,
+        uses_left=spec.uses_left,
+        scenario=spec.scenario,
+        hold=spec.hold_until_polled,
+        reply_delay_s=spec.reply_delay_s,
+    )
+    name = spec.name
+
+    def on_step(step: Step, source: str) -> None:
+        t = round(device.time_s, 3)
+        if source == "scenario":
+            emit("scenario_step", device_name=name, action=step.action, at_s=step.at_s, time_s=t)
+        else:
+            emit("control", device_name=name, action=step.action, args=dict(step.args), time_s=t)
+
+    last: list[str] = []
+
+    def watch(snap: ApplicatorSnapshot) -> None:
+        if not last or snap.state != last[-1]:
+            last.append(snap.state)
+            emit("state", device_name=name, state=snap.state, time_s=round(device.time_s, 3))
+
+    device.on_step = on_step
+    device.on_snapshot = watch
+    return device
+
+
+def _where(spec: DeviceSpec, ep: Endpoint) -> dict[str, object]:
+    """Where ``spec`` is served: its endpoint's place, with its own unit id on a line."""
+    where = ep.where()
+    if "unit_id" in where:
+        where["unit_id"] = spec.unit_id
+    if spec.line is not None:
+        where["line"] = spec.line
+    return where
+
+
+def build_device(spec: DeviceSpec, clock: Clock, emit: Emit) -> Device:
+    """The simulated device ``spec`` describes, printing its events through ``emit``."""
+    if spec.kind == "applicator":
+        return _reader(spec, clock, emit)
+    device = _device(spec, clock, emit)
+    device.reply_delay_base_s = spec.reply_delay_s
+    return device
+
+
 async def serve(
     specs: list[DeviceSpec], speed: float, control_path: Path | None, emit: Emit
 ) -> int:
@@ -385,11 +275,11 @@ async def serve(
     closing what was opened) if an endpoint or the control socket cannot be opened."""
     clock: Clock = SystemClock() if speed == 1 else ScaledClock(speed)
     served: dict[str, Served] = {}
-    endpoints: list[tuple[DeviceSpec, Endpoint]] = []
+    devices: dict[str, Device] = {}
     for spec in specs:
-        device = _device(spec, clock, emit)
-        served[spec.name] = Served(device, spec.transport, PROTOCOLS[spec.transport])
-        endpoints.append((spec, _endpoint(spec, device)))
+        devices[spec.name] = device = build_device(spec, clock, emit)
+        served[spec.name] = Served(device, spec.transport, protocol_of(spec.kind, spec.transport))
+    endpoints = _endpoints(specs, devices)
     control = ControlServer(ControlHandler(served), control_path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -398,11 +288,13 @@ async def serve(
     started: list[Endpoint] = []
     try:
         try:
-            for spec, ep in endpoints:
+            for group, ep in endpoints:
+                spec = group[0]
                 async with asyncio.timeout(STOP_TIMEOUT_S * 2):
                     await ep.start()
                 started.append(ep)
-                served[spec.name].endpoint = ep.where()
+                for member in group:
+                    served[member.name].endpoint = _where(member, ep)
             await control.start()
         except (OSError, TimeoutError) as exc:
             where = f" on port {spec.port}" if spec.transport == "modbus-tcp" else ""
@@ -411,15 +303,17 @@ async def serve(
             ) from None
         except ControlError as exc:
             raise ServeError(str(exc)) from None
-        for spec, ep in endpoints:
-            emit(
-                "serving",
-                device_name=spec.name,
-                transport=spec.transport,
-                protocol=PROTOCOLS[spec.transport],
-                **ep.where(),
-                control=str(control.path),
-            )
+        for group, ep in endpoints:
+            for spec in group:
+                emit(
+                    "serving",
+                    device_name=spec.name,
+                    kind=spec.kind,
+                    transport=spec.transport,
+                    protocol=protocol_of(spec.kind, spec.transport),
+                    **_where(spec, ep),
+                    control=str(control.path),
+                )
         emit("ready", devices=[s.name for s in specs], control=str(control.path))
         await stop.wait()
     finally:

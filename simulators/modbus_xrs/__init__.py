@@ -22,7 +22,7 @@ Layers, from the bottom, one module each:
 Import from ``iortd.simulators.modbus_xrs``; the modules are its layout.
 """
 
-from iortd.simulators.modbus_xrs.console import ModbusConsole
+from iortd.simulators.modbus_xrs.console import ModbusConsole, ModbusSlave
 from iortd.simulators.modbus_xrs.crc import crc16_modbus
 from iortd.simulators.modbus_xrs.image import build_image
 from iortd.simulators.modbus_xrs.regmap import (
@@ -42,6 +42,7 @@ __all__ = [
     "INPUT_WINDOW",
     "MapError",
     "ModbusConsole",
+    "ModbusSlave",
     "ModbusTcpServer",
     "Point",
     "RegisterMap",

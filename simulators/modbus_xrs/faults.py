@@ -1,8 +1,8 @@
 """Link faults and reply timing, shared by the TCP and RTU servers.
 
-A reply passes :func:`through_link` on its way out: with the link dropped
-(:meth:`~iortd.simulators.device.SimDevice.link_down`) nothing arrives, with garbling on
-(:meth:`~iortd.simulators.device.SimDevice.garbled`) the server's :class:`Noise` replaces
+A reply passes :func:`through_link` on its way out: with the device's link dropped
+(:meth:`Link.link_down`) nothing arrives, with garbling on (:meth:`Link.garbled`) the
+server's :class:`Noise` replaces
 it. The noise is seeded, so a garbled run can be reproduced. :class:`Sender` then writes
 replies in order, each held back for its delay (a slow console, the RTU line time), and
 cancels what is pending when the connection closes.
@@ -13,11 +13,32 @@ from __future__ import annotations
 import asyncio
 import random
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
-from iortd.simulators.device import SimDevice
+__all__ = ["Link", "Noise", "Sender", "ServedDevice", "through_link"]
 
-__all__ = ["Noise", "Sender", "through_link"]
+
+class Link(Protocol):
+    """What the servers ask a served device: its link faults, its reply delay, and its
+    request count (a source console's SimDevice, an applicator's ApplicatorDevice)."""
+
+    requests: int
+
+    def link_down(self) -> bool: ...
+
+    def garbled(self) -> bool: ...
+
+    def reply_delay_s(self) -> float: ...
+
+
+class ServedDevice(Link, Protocol):
+    """A device behind a Modbus slave: its link, its time and its actions."""
+
+    @property
+    def time_s(self) -> float: ...
+
+    def apply(self, action: str, args: Mapping[str, Any]) -> object: ...
 
 
 class Noise:
@@ -76,7 +97,7 @@ class Sender:
         self._pending.clear()
 
 
-def through_link(device: SimDevice, reply: bytes, garble: Callable[[bytes], bytes]) -> bytes | None:
+def through_link(device: Link, reply: bytes, garble: Callable[[bytes], bytes]) -> bytes | None:
     """The reply as the link delivers it now (``None``: nothing arrives)."""
     if device.link_down():
         return None  # the cable is pulled: the request goes nowhere

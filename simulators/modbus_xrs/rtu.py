@@ -1,11 +1,14 @@
-"""The console as an RTU slave on a pseudo-terminal, with the time a real line takes.
+"""RTU slaves on a pseudo-terminal, with the time a real line takes.
 
 :class:`RtuFramer` finds request frames in the bytes of an RTU line (sans-I/O): by the
 request length each function code implies and a good CRC, dropping a byte at a time to
 resynchronise after noise (also when the line falls silent, in case a frame sits behind it).
-:class:`RtuPtyConsole` serves the console on a pty that a driver opens like a real serial
-port; since a pty moves bytes at memory speed, each reply is held back for the time the
-request and the reply would take on the wire (:func:`line_time_s`).
+:class:`RtuPtyConsole` serves one device, or several at their own unit ids (one RS-485
+line shared by a source console and an applicator reader), on a pty that a driver opens
+like a real serial port; since a pty moves bytes at memory speed, each reply is held back
+for the time the request and the reply would take on the wire (:func:`line_time_s`), and
+the line carries one frame at a time: a reply never starts before the previous one, of
+whichever unit, has gone.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import asyncio
 import contextlib
 import os
 import tty
+from collections.abc import Sequence
 
-from iortd.simulators.modbus_xrs.console import ModbusConsole
+from iortd.simulators.modbus_xrs.console import ModbusSlave
 from iortd.simulators.modbus_xrs.crc import crc_ok
 from iortd.simulators.modbus_xrs.faults import Noise, Sender, through_link
 
@@ -107,19 +111,34 @@ class RtuFramer:
 
 
 class RtuPtyConsole:
-    """The console on a pseudo-terminal, as RTU slave: :attr:`device` is the path a
-    driver opens like a real serial port.
+    """RTU slaves on a pseudo-terminal: :attr:`device` is the path a driver opens like a
+    real serial port. ``console`` answers at its unit id, each of ``others`` at its own
+    (a shared line); a frame for any other address is not answered.
 
     A pty moves bytes at memory speed whatever baud rate is set on it, so the time a real
     line takes is modelled: each reply is held for the time the request and the reply
     would take on the wire, ``(request + reply bytes) x 11 bits / baudrate`` (11 bits a
     character: 8E1), e.g. 53 ms for a 40-register read at 19200 baud. ``baudrate=0``
-    turns the model off (benchmarks)."""
+    turns the model off (benchmarks). One :class:`Sender` for the line: the replies of all
+    units go out in the order they were asked for, never overlapping."""
 
-    def __init__(self, console: ModbusConsole, *, baudrate: int = 19200, seed: int = 0) -> None:
+    def __init__(
+        self,
+        console: ModbusSlave,
+        *,
+        others: Sequence[ModbusSlave] = (),
+        baudrate: int = 19200,
+        seed: int = 0,
+    ) -> None:
         if baudrate < 0:
             raise ValueError(f"baudrate must be >= 0, got {baudrate}")
         self.console = console
+        self.units: dict[int, ModbusSlave] = {}
+        slaves: list[ModbusSlave] = [console, *others]
+        for slave in slaves:
+            if slave.unit_id in self.units:
+                raise ValueError(f"unit id {slave.unit_id} is served twice on one line")
+            self.units[slave.unit_id] = slave
         self.baudrate = baudrate
         self.framer = RtuFramer()
         self.noise = Noise(0x5A7E ^ seed)
@@ -140,8 +159,10 @@ class RtuPtyConsole:
         os.set_blocking(self._master, False)
         self._loop.add_reader(self._master, self._readable)
 
-    def where(self) -> dict[str, object]:
-        return {"device": self.device, "unit_id": self.console.unit_id, "baudrate": self.baudrate}
+    def where(self, unit_id: int | None = None) -> dict[str, object]:
+        """Where ``unit_id`` (the first device's by default) is served."""
+        unit = self.console.unit_id if unit_id is None else unit_id
+        return {"device": self.device, "unit_id": unit, "baudrate": self.baudrate}
 
     def _readable(self) -> None:
         try:
@@ -163,10 +184,13 @@ class RtuPtyConsole:
 
     def _frames(self, frames: list[bytes]) -> None:
         for frame in frames:
-            reply = self.console.rtu_reply(frame)
+            slave = self.units.get(frame[0])
+            if slave is None:
+                continue  # another address (or a broadcast): nobody here answers
+            reply = slave.rtu_reply(frame)
             if reply is None:
                 continue
-            device = self.console.device
+            device = slave.device
             out = through_link(device, reply, lambda _r: self.noise.random_bytes(1, 40))
             if out is not None and self._sender is not None:
                 hold = line_time_s(len(frame) + len(out), self.baudrate)

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import struct
 
-from iortd.simulators.modbus_xrs.console import MAX_MBAP_LENGTH, MBAP_LEN, ModbusConsole
+from iortd.simulators.modbus_xrs.console import MAX_MBAP_LENGTH, MBAP_LEN, ModbusSlave
 from iortd.simulators.modbus_xrs.faults import Noise, Sender, through_link
 
 __all__ = ["WRITE_BUFFER_LIMIT", "ModbusTcpServer"]
@@ -80,10 +80,11 @@ class _TcpConnection(asyncio.Protocol):
 
 
 class ModbusTcpServer:
-    """The console on a TCP port (``port=0``: a free one), several clients at once."""
+    """A device (a console, an applicator reader) on a TCP port (``port=0``: a free
+    one), several clients at once."""
 
     def __init__(
-        self, console: ModbusConsole, *, host: str = "127.0.0.1", port: int = 0, seed: int = 0
+        self, console: ModbusSlave, *, host: str = "127.0.0.1", port: int = 0, seed: int = 0
     ) -> None:
         self.console = console
         self.host = host
