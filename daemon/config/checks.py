@@ -273,6 +273,16 @@ def _check_devices(config: Config, file: Path) -> list[ConfigIssue]:
             msg = f"device names must be unique: {dev.name!r} is already devices[{first[dev.name]}]"
             issues.append(ConfigIssue(file, f"devices[{i}].name", msg))
         first.setdefault(dev.name, i)
+    for i, dev in enumerate(config.devices):
+        if not issues and dev.role == "applicator":
+            # Drivers and the simulator serve this role already (issue 16), but no rule of
+            # this version reads what it reports: polled, it would look watched and not be.
+            msg = (
+                "an applicator reader is not monitored by this version of iortd (no rule "
+                "reads its identity, seating, brakes or displacement yet); remove the device "
+                "rather than run with an applicator that looks watched and is not"
+            )
+            issues.append(ConfigIssue(file, f"devices[{i}].role", msg))
     sources = [i for i, d in enumerate(config.devices) if d.role == "source"]
     if not issues and len(sources) != 1:
         where = ", ".join(f"devices[{i}]" for i in sources) or "none"

@@ -44,7 +44,7 @@ EXPECTED: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "missing_site.toml": (("site",), ("missing",)),
     "missing_driver.toml": (
         ("devices[0].driver",),
-        ("'modbus-nope'", "installed drivers: modbus-xrs, serial-xrs, sim"),
+        ("'modbus-nope'", "installed drivers: modbus-apl, modbus-xrs, serial-xrs, sim"),
     ),
     "unknown_applicator.toml": (("devices[0].options.applicator",), ("'SPH99'", "SPH30")),
     "bad_sim_transport.toml": (("devices[0].transport",), ("in-process",)),

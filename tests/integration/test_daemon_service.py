@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import itertools
 import json
+import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,7 +20,7 @@ from iortd.auditlog import writer
 from iortd.auditlog.writer import AuditLog
 from iortd.daemon import app
 from iortd.daemon.app import App
-from iortd.daemon.config import LoadedConfig, load_config
+from iortd.daemon.config import DeviceConfig, LoadedConfig, load_config
 from iortd.daemon.entries import event_entry
 from iortd.daemon.sinks import Sample
 from iortd.daemon.tracker import (
@@ -495,8 +497,17 @@ async def test_every_configured_device_has_its_own_loop_and_one_does_not_disturb
     gap). Only the source's readings reach the tracker."""
     source, reader = Script(["ok"] * 10_000), Script(["ok"] * 3 + ["drop"] + ["ok"] * 10_000)
     registry = DriverRegistry.of([TwoRoleFactory(source, reader), SimDriverFactory()])
-    (tmp_path / "site.toml").write_text(TWO_DEVICES)
+    # load_config refuses an applicator device until a rule reads it (issue 16); the loop
+    # under test runs any configured device, so the reader is added after validation.
+    source_only, _, reader_table = TWO_DEVICES.rpartition("[[devices]]")
+    (tmp_path / "site.toml").write_text(source_only)
     loaded = load_config(tmp_path / "site.toml", registry)
+    spec = tomllib.loads(reader_table)
+    reader_dev = DeviceConfig.model_validate(spec)
+    loaded = dataclasses.replace(
+        loaded,
+        config=loaded.config.model_copy(update={"devices": (*loaded.config.devices, reader_dev)}),
+    )
     sink = RecordingSink()
     daemon = App(loaded, registry, ScaledClock(1.0), [sink])
     stop = asyncio.Event()

@@ -768,3 +768,17 @@ def test_the_url_validator_itself_refuses_credentials() -> None:
     with pytest.raises(ValidationError) as excinfo:
         MqttConfig(url="mqtt://u:hunter2-not-a-real-secret@host")
     assert "hunter2" not in str(excinfo.value.errors(include_input=False))
+
+
+def test_an_applicator_reader_is_refused_until_a_rule_watches_it(tmp_path: Path) -> None:
+    """Drivers and the simulator serve the applicator role (issue 16), but nothing in this
+    version reads what a reader reports: a configured one would look watched and not be."""
+    text = _demo_text() + (
+        '\n[[devices]]\nname = "stand-1"\nrole = "applicator"\ndriver = "sim"\n'
+        '[devices.options]\nprofile = "intrabeam"\napplicator = "SPH30"\n'
+    )
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(_write(tmp_path, text), DriverRegistry.from_entry_points())
+    issue = _issue(excinfo)
+    assert issue.key == "devices[1].role"
+    assert "not monitored" in issue.message
