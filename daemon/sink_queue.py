@@ -48,7 +48,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from iortd.daemon.sinks import Overflow, Sample, Sink
+from iortd.daemon.sinks import ApplicatorSample, Overflow, Sample, Sink
 from iortd.daemon.tracker import DeliverySnapshot, TrackerEvent
 from iortd.kernel.types import DeviceIdentity
 
@@ -88,6 +88,8 @@ class SinkLike(Protocol):
 
 
 _Call = tuple[str, tuple[Any, ...]]  # (callback name, its arguments)
+# What goes first when a queue is full: the next reading supersedes a dropped one.
+_SAMPLES = frozenset({"sample", "applicator"})
 
 
 class QueuedSink(Sink):
@@ -147,6 +149,10 @@ class QueuedSink(Sink):
     async def sample(self, sample: Sample) -> None:
         await self._put(("sample", (sample,)))
 
+    async def applicator(self, sample: ApplicatorSample) -> None:
+        if hasattr(self.inner, "applicator"):  # a plain test sink may not have it
+            await self._put(("applicator", (sample,)))
+
     async def events(
         self, events: Sequence[TrackerEvent], delivery: DeliverySnapshot | None
     ) -> None:
@@ -192,10 +198,10 @@ class QueuedSink(Sink):
         """Remove one queued call (see the module notes) and return its kind; None when
         the newcomer is the one to go."""
         for i, (kind, _) in enumerate(self._queue):
-            if kind == "sample":
+            if kind in _SAMPLES:
                 del self._queue[i]
                 return kind
-        if call[0] == "sample":
+        if call[0] in _SAMPLES:
             return None
         kind, _ = self._queue.popleft()
         return kind

@@ -43,12 +43,19 @@ from iortd.daemon.tracker import (
     Terminated,
     TrackerEvent,
 )
-from iortd.kernel.types import DeviceIdentity, Interlock, InterlockState, SourceReading
+from iortd.kernel.types import (
+    ApplicatorReading,
+    DeviceIdentity,
+    Interlock,
+    InterlockState,
+    SourceReading,
+)
 
 __all__ = [
     "OVERFLOW_POLICIES",
     "AlarmCleared",
     "AlarmRaised",
+    "ApplicatorSample",
     "DeliveryAmended",
     "DeliverySnapshot",
     "DeliveryStarted",
@@ -85,6 +92,20 @@ class Sample:
     all_clear: bool
 
 
+@dataclass(frozen=True, slots=True)
+class ApplicatorSample:
+    """One reading of an applicator reader and stand (role ``applicator``), with what the
+    daemon derived from it: the tip's displacement since beam-on and the delivery's peak
+    displacement (from the stand's lock; a re-lock never resets it). ``None`` where it is
+    not known (no delivery, no beam-on yet, the reader reports no displacement)."""
+
+    device: str
+    reading: ApplicatorReading
+    delivery_id: str | None
+    displacement_from_beam_on_mm: float | None
+    peak_displacement_mm: float | None
+
+
 class Sink:
     """A destination for what the daemon observes. Every callback is a no-op here:
     override the ones you need. ``name`` names the sink in the operational log and in the
@@ -110,6 +131,10 @@ class Sink:
 
     async def sample(self, sample: Sample) -> None:
         """One reading, with the tracker's view after it."""
+        return None
+
+    async def applicator(self, sample: ApplicatorSample) -> None:
+        """One reading of an applicator reader and stand, with what the daemon derived."""
         return None
 
     async def events(

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from iortd.daemon.sink_queue import QueuedSink
-from iortd.daemon.sinks import Sample, Sink
+from iortd.daemon.sinks import ApplicatorSample, Sample, Sink
 from iortd.daemon.tracker import DeliverySnapshot, TrackerEvent
 
 
@@ -244,3 +244,52 @@ async def test_drop_reports_are_rate_limited_and_flushed_on_demand() -> None:
     assert reports[-1]["dropped_total"] == 6
     q.report_overflow()
     assert len(reports) == 3, "nothing new: no report"
+
+
+def reader_sample(n: int) -> ApplicatorSample:
+    return ApplicatorSample(
+        device=f"r{n}",
+        reading=None,  # type: ignore[arg-type]
+        delivery_id=None,
+        displacement_from_beam_on_mm=None,
+        peak_displacement_mm=None,
+    )
+
+
+class GatedWithReader(Gated):
+    async def applicator(self, sample: ApplicatorSample) -> None:
+        await self._call("applicator", sample.device)
+
+
+async def test_applicator_samples_are_forwarded_in_order_and_dropped_like_samples() -> None:
+    inner = GatedWithReader()
+    async with running(QueuedSink(inner)) as q:
+        await q.sample(sample(1))
+        await q.applicator(reader_sample(1))
+        await q.notice("info", "n1")
+        await inner.until(3)
+    assert inner.calls == [("sample", "d1"), ("applicator", "r1"), ("notice", "n1")]
+
+    inner = GatedWithReader()
+    inner.gate.clear()
+    q = QueuedSink(inner, queue_size=2)
+    async with running(q):
+        await q.notice("info", "n0")  # taken by the sink's task, which waits at the gate
+        await inner.entered.wait()
+        await q.applicator(reader_sample(1))
+        await q.notice("info", "n1")  # the queue is full now
+        await q.notice("info", "n2")  # the reader's sample goes, the notices stay
+        assert q.dropped_total == 1
+        inner.gate.set()
+        await inner.until(3)
+    assert [c[1] for c in inner.calls] == ["n0", "n1", "n2"]
+
+
+async def test_a_sink_that_ignores_applicator_samples_sees_only_the_rest() -> None:
+    inner = Gated()  # the base class's applicator() is a no-op
+    async with running(QueuedSink(inner)) as q:
+        await q.applicator(reader_sample(1))
+        await q.sample(sample(1))
+        await inner.until(1)
+    assert inner.calls == [("sample", "d1")]
+    assert q.dropped_total == 0
