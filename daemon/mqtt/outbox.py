@@ -19,9 +19,10 @@ How:
   (``session``, ``seq``) misses nothing and sees nothing twice.
 * State messages (retained topics) are not queued: only the latest matters. They get a
   ``seq`` when they are published and are journaled only so that the ``seq`` is durable.
-* Bounded: when pending bytes exceed ``max_bytes``, the oldest telemetry samples are
-  thinned (every second one, oldest first, until below 3/4 of the bound) and the journal
-  is compacted. Events are never dropped; the audit log keeps every sample regardless.
+* Bounded: when pending bytes exceed ``max_bytes``, the oldest samples (``telemetry``
+  and ``applicator``, each topic on its own) are thinned (every second one, oldest first,
+  until below 3/4 of the bound) and the journal is compacted. Events are never dropped;
+  the audit log keeps every sample regardless.
 
 Layout, inside the audit log's directory (and so under its LOCK)::
 
@@ -54,6 +55,9 @@ __all__ = ["STREAM_TOPICS", "Outbox", "OutboxError", "Record"]
 log = structlog.get_logger("iortd.mqtt")
 
 STREAM_TOPICS = frozenset(t for t, spec in TOPICS.items() if not spec.retain)
+# The sample streams: under the bound, every second one of each is dropped, oldest first;
+# events never are.
+THINNED_TOPICS = ("telemetry", "applicator")
 STATE_FILE = "state.json"
 PREV_STATE_FILE = "state.copy.json"
 SEGMENT_RE = re.compile(r"^outbox-(\d{16})\.jsonl$")
@@ -405,22 +409,27 @@ class Outbox:
         self._wake.set()
 
     def _thin(self) -> None:
-        """Oldest telemetry first, every second sample, until below 3/4 of the bound."""
+        """Oldest samples first (``telemetry`` and ``applicator``), every second one of
+        each topic, until below 3/4 of the bound."""
         low = self.max_bytes * 3 // 4
         dropped: list[int] = []
+        by_topic: dict[str, list[int]] = {t: [] for t in THINNED_TOPICS}
         while self.pending_bytes > low:
             before = len(dropped)
-            skip = True
+            # Alternate per topic: one alternation over interleaved streams would drop
+            # one of them whole.
+            skip = dict.fromkeys(THINNED_TOPICS, True)
             for rec in self.pending:
                 if self.pending_bytes <= low:
                     break
-                if rec.done or rec.topic != "telemetry" or not rec.journaled:
+                if rec.done or rec.topic not in skip or not rec.journaled:
                     continue
-                skip = not skip
-                if not skip:
+                skip[rec.topic] = not skip[rec.topic]
+                if not skip[rec.topic]:
                     rec.done = True
                     self.pending_bytes -= len(rec.line)
                     dropped.append(rec.seq)
+                    by_topic[rec.topic].append(rec.seq)
             if len(dropped) == before:
                 break  # only events (and samples not yet on disk) left: never dropped
         # Events (never dropped) may hold the outbox above its bound: do not walk it all
@@ -436,8 +445,11 @@ class Outbox:
         log.warning(
             "mqtt_outbox_thinned",
             dropped_samples=len(dropped),
-            telemetry_seq_first=min(dropped),
-            telemetry_seq_last=max(dropped),
+            telemetry_seq_first=min(by_topic["telemetry"], default=None),
+            telemetry_seq_last=max(by_topic["telemetry"], default=None),
+            applicator_samples=len(by_topic["applicator"]),
+            applicator_seq_first=min(by_topic["applicator"], default=None),
+            applicator_seq_last=max(by_topic["applicator"], default=None),
             pending_bytes=self.pending_bytes,
             max_bytes=self.max_bytes,
         )
