@@ -227,7 +227,9 @@ def _bounded(x: float | None, bound: str) -> float | str | None:
 
 
 def _count(x: int | None) -> int | None:
-    return x if _is_int(x) and 0 <= x <= COUNT_MAX else None  # type: ignore[operator]
+    if isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= COUNT_MAX:
+        return x
+    return None
 
 
 def _identity(a: ApplicatorIdentity | None) -> Payload | None:
