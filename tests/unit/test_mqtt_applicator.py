@@ -187,7 +187,9 @@ def test_the_schema_rejects(key: str, value: Any) -> None:
 def test_every_number_in_the_schema_is_bounded() -> None:
     def walk(node: Any, where: str) -> None:
         if isinstance(node, dict):
-            if node.get("type") in ("number", "integer"):
+            kinds = node.get("type")  # a str or list; a dict is a property named "type"
+            kinds = kinds if isinstance(kinds, list) else [kinds] if isinstance(kinds, str) else []
+            if {"number", "integer"} & set(kinds):
                 assert "minimum" in node, where
                 assert "maximum" in node, where
             for k, v in node.items():
