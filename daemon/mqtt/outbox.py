@@ -1,8 +1,9 @@
 """The MQTT outbox: on-disk store-and-forward with per-topic sequence numbers.
 
 Why: the broker is a sink, never the record, and it can be away (restart, network, a
-crashed daemon). A subscriber must still end with every ``events`` and ``telemetry``
-message, in order, none missing, and ``seq`` must never repeat, also across restarts.
+crashed daemon). A subscriber must still end with every ``events``, ``telemetry`` and
+``applicator`` message, in order, none missing, and ``seq`` must never repeat, also
+across restarts.
 
 How:
 
@@ -10,8 +11,8 @@ How:
   ``outbox-<n>.jsonl``) and fsync'd **before** it is published. A ``seq`` the broker has
   seen is therefore always on disk, and after any crash the next one is larger. Writes and
   fsyncs run in a worker thread in groups, never on the event loop.
-* Stream messages (``telemetry``, ``events``) stay *pending* until the broker acknowledges
-  them (QoS 1). ``acked_through`` -- the longest acknowledged prefix -- is kept in
+* Stream messages (``telemetry``, ``applicator``, ``events``) stay *pending* until the
+  broker acknowledges them (QoS 1). ``acked_through`` -- the longest acknowledged prefix -- is kept in
   ``state.json`` with the session counter and the next ``seq`` of every topic; a segment
   is deleted once everything in it is acknowledged. After a restart, pending messages
   from the previous run are replayed with their original ``session`` and ``seq`` (marked

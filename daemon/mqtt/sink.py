@@ -11,12 +11,13 @@ checkpoint), :mod:`~iortd.daemon.mqtt.outbox` (the journal).
   publisher notices a dropped link within milliseconds (a QoS 1 publish in flight would
   otherwise wait out its whole timeout), and reads the retained checkpoint.
 * Nothing here blocks the daemon: :meth:`sample`, :meth:`applicator` and :meth:`events`
-  only build payloads and
-  hand them to the :class:`~iortd.daemon.mqtt.outbox.Outbox`, which journals them to disk whether
-  or not a broker is there, or update the :class:`~iortd.daemon.mqtt.retained.RetainedState`.
+  only build payloads and hand them to the :class:`~iortd.daemon.mqtt.outbox.Outbox`,
+  which journals them to disk whether or not a broker is there, or update the
+  :class:`~iortd.daemon.mqtt.retained.RetainedState`.
 * On every (re)connect: ``status`` online; the retained state topics (``interlocks``,
-  ``delivery``, ``audit/checkpoint``) republished; then the backlog of ``telemetry`` and
-  ``events`` in order, marked ``historical``; then live data. The Last Will is the
+  ``delivery``, ``audit/checkpoint``) republished; then the backlog of the streams
+  (``telemetry``, ``applicator``, ``events``) in order, marked ``historical``; then live
+  data. The Last Will is the
   ``status`` offline message, retained; a clean shutdown publishes it itself.
 * A lost connection that looks like another client holding our client id (a session
   takeover: see :mod:`~iortd.daemon.mqtt.link`) is handed to :attr:`MqttSink.on_takeover`
