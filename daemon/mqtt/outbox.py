@@ -12,11 +12,11 @@ How:
   seen is therefore always on disk, and after any crash the next one is larger. Writes and
   fsyncs run in a worker thread in groups, never on the event loop.
 * Stream messages (``telemetry``, ``applicator``, ``events``) stay *pending* until the
-  broker acknowledges them (QoS 1). ``acked_through`` -- the longest acknowledged prefix -- is kept in
-  ``state.json`` with the session counter and the next ``seq`` of every topic; a segment
-  is deleted once everything in it is acknowledged. After a restart, pending messages
-  from the previous run are replayed with their original ``session`` and ``seq`` (marked
-  ``historical`` by the publisher), so a consumer that drops a repeated
+  broker acknowledges them (QoS 1). ``acked_through`` -- the longest acknowledged prefix
+  -- is kept in ``state.json`` with the session counter and the next ``seq`` of every
+  topic; a segment is deleted once everything in it is acknowledged. After a restart,
+  pending messages from the previous run are replayed with their original ``session`` and
+  ``seq`` (marked ``historical`` by the publisher), so a consumer that drops a repeated
   (``session``, ``seq``) misses nothing and sees nothing twice.
 * State messages (retained topics) are not queued: only the latest matters. They get a
   ``seq`` when they are published and are journaled only so that the ``seq`` is durable.
