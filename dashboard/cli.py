@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=4000,
         metavar="N",
-        help="telemetry points kept per room for the plots (default 4000)",
+        help="points kept per room for the plots, and as many for the applicator's "
+        "displacement trace (default 4000)",
     )
     p.add_argument(
         "--allowed-host",

@@ -9,6 +9,14 @@
 * a recent history of one delivery's telemetry for the plots, at most ``history_points``
   points: when full, every second point is dropped (:func:`thin`: the whole delivery stays
   in view at a coarser step);
+* for the ``applicator`` topic (:class:`ApplicatorView`): the latest *live* message and when
+  it arrived (its age is what the browser judges the reader's staleness by, apart from the
+  source's telemetry: a silent reader shows stale on its panel while the dose goes on),
+  and a displacement trace for the panel's plot, one delivery at a time (``None``, no
+  delivery, is a trace of its own: the positioning before beam-on), at most
+  ``history_points`` points thinned like the plots'. Values are kept as validated:
+  ``"unknown"`` stays unknown and a null or ``"nan"`` reading is a gap in the trace,
+  never a zero;
 * the last ``events_kept`` messages of ``events``, and no more than ``events_bytes`` of
   them; what is dropped is counted and shown;
 * per topic and ``session``, the highest ``seq`` handled (:class:`SeqTrack`), with the
@@ -30,6 +38,7 @@ from datetime import datetime
 from typing import Any
 
 __all__ = [
+    "ApplicatorView",
     "Held",
     "Rejected",
     "Room",
@@ -40,6 +49,7 @@ __all__ = [
     "epoch_ms",
     "point_of",
     "thin",
+    "trace_point",
 ]
 
 Payload = dict[str, Any]
@@ -135,6 +145,28 @@ def point_of(p: Payload) -> Payload | None:
     }
 
 
+def trace_point(p: Payload) -> Payload | None:
+    """One trace point of an ``applicator`` payload (compact keys), or None without a
+    usable time."""
+    t = epoch_ms(p.get("at"))
+    if t is None:
+        return None
+    return {
+        "t": t,  # device-clock time, ms since the epoch
+        "m": _num(p.get("displacement_magnitude_mm")),
+        "b": _num(p.get("displacement_from_beam_on_mm")),
+        "h": bool(p.get("historical")),
+    }
+
+
+def _insert(points: list[Payload], pt: Payload, max_points: int) -> list[Payload]:
+    """``pt`` placed in time order among the last 64 points; thinned when over the bound."""
+    start = max(0, len(points) - 64)
+    i = bisect.bisect_right([q["t"] for q in points[start:]], pt["t"])
+    points.insert(start + i, pt)
+    return thin(points) if len(points) > max_points else points
+
+
 @dataclass(slots=True)
 class Held:
     payload: Payload
@@ -203,6 +235,42 @@ class SeqTrack:
         self.lower, self.lower_run = None, 0
 
 
+@dataclass(slots=True)
+class ApplicatorView:
+    """A room's applicator reader: the latest live message and the displacement trace."""
+
+    latest: Held | None = None
+    trace_delivery: str | None = None
+    trace: list[Payload] = field(default_factory=list)
+
+    def add(self, payload: Payload, held: Held, max_points: int) -> None:
+        if not payload["historical"]:
+            self.latest = held
+        pt = trace_point(payload)
+        if pt is None:
+            return
+        delivery = payload["delivery_id"]
+        if delivery != self.trace_delivery:
+            # Another delivery starts another trace; a replay of another one does not
+            # replace the live points of the current one.
+            if not pt["h"] or all(q["h"] for q in self.trace):
+                self.trace_delivery, self.trace = delivery, []
+            else:
+                return
+        self.trace = _insert(self.trace, pt, max_points)
+
+    @property
+    def bytes(self) -> int:
+        return (self.latest.size if self.latest else 0) + POINT_BYTES * len(self.trace)
+
+    def snapshot(self, now: float, *, summary: bool) -> Payload:
+        out: Payload = {"applicator": None if self.latest is None else self.latest.out(now)}
+        if not summary:
+            out["applicator_trace_delivery"] = self.trace_delivery
+            out["applicator_trace"] = list(self.trace)
+        return out
+
+
 @dataclass
 class Room:
     site: str
@@ -214,6 +282,7 @@ class Room:
     telemetry: Held | None = None
     history_delivery: str | None = None
     history: list[Payload] = field(default_factory=list)
+    applicator: ApplicatorView = field(default_factory=ApplicatorView)
     events: deque[Held] = field(default_factory=deque)
     events_held_bytes: int = 0
     events_dropped: int = 0
@@ -259,6 +328,8 @@ class Room:
                 gone = self.events.popleft()
                 self.events_held_bytes -= gone.size
                 self.events_dropped += 1
+        elif name == "applicator":
+            self.applicator.add(payload, held, self.history_points)
         else:
             if not payload["historical"]:
                 self.telemetry = held
@@ -269,6 +340,7 @@ class Room:
             + (self.telemetry.size if self.telemetry else 0)
             + self.events_held_bytes
             + POINT_BYTES * len(self.history)
+            + self.applicator.bytes
             + TRACK_BYTES * len(self._seen)
             + SEQ_BYTES * sum(len(t.recent) for t in self._seen.values())
         )
@@ -286,11 +358,7 @@ class Room:
                 self.history_delivery, self.history = delivery, []
             else:
                 return
-        i = bisect.bisect_right([q["t"] for q in self.history[-64:]], pt["t"])
-        start = max(0, len(self.history) - 64)
-        self.history.insert(start + i, pt)
-        if len(self.history) > self.history_points:
-            self.history = thin(self.history)
+        self.history = _insert(self.history, pt, self.history_points)
 
     def snapshot(self, now: float, *, summary: bool, age_out_s: float) -> Payload:
         out: Payload = {
@@ -303,6 +371,7 @@ class Room:
             "bytes": self.bytes,
             "events_dropped": self.events_dropped,
             "notices": dict(self.notices),
+            **self.applicator.snapshot(now, summary=summary),
         }
         if not summary:
             out["history_delivery"] = self.history_delivery

@@ -39,6 +39,7 @@ __all__ = ["STEMS", "Check", "build", "published", "schema_error", "validators"]
 STEMS = {
     "status": "status",
     "telemetry": "telemetry",
+    "applicator": "applicator",
     "interlocks": "interlocks",
     "delivery": "delivery",
     "events": "events",

@@ -3,8 +3,9 @@ in bytes, no I/O.
 
 Per room (``{site}/{room}`` under ``{prefix}/v1/``) it keeps a
 :class:`~iortd.dashboard.room.Room` (the retained topics, the live telemetry, a thinned
-plot history, recent events and the ``seq`` bookkeeping; :mod:`iortd.dashboard.room` says
-what each holds). This module is the gate in front of the rooms and their common budget.
+plot history, the applicator reader's latest message and displacement trace, recent
+events and the ``seq`` bookkeeping; :mod:`iortd.dashboard.room` says what each holds).
+This module is the gate in front of the rooms and their common budget.
 
 **Hostile input** (issue 13). Anyone with publish rights under ``{prefix}/v1/`` can send
 anything; one message must never freeze, pin or hide a room. So a message is applied only
@@ -34,11 +35,11 @@ this authenticates anything: a publisher who sends the next ``seq`` with false c
 believed. Only the broker's ACL (config/mosquitto/, docs/dashboard.md) stops that.
 
 **Memory** is bounded in bytes, not counts: every held message is charged its size on
-the wire; a room holds at most five payloads, ``events_bytes`` of events,
-``history_points`` points and ``SEQ_KEYS`` x ``RECENT`` remembered seqs (charged as
-measured: a publisher cycling sessions otherwise made a room hold ~650 KB charged under
-1 KB); all rooms together at most ``max_bytes``, beyond which the room
-that has gone longest without a valid message is evicted (counted). There is no cap on the
+the wire; a room holds at most six payloads, ``events_bytes`` of events,
+``history_points`` plot points and as many trace points, and ``SEQ_KEYS`` x ``RECENT``
+remembered seqs (charged as measured: a publisher cycling sessions otherwise made a room
+hold ~650 KB charged under 1 KB); all rooms together at most ``max_bytes``, beyond which
+the room that has gone longest without a valid message is evicted (counted). There is no cap on the
 number of rooms, so retained rooms that publish nothing can never keep a live one out.
 **Ageing**: a room with no valid message for ``age_out_s`` is marked ``aged_out`` in the
 snapshot; after twice that, `Rooms.sweep` removes it (counted).
@@ -80,12 +81,12 @@ __all__ = [
     "point_of",
 ]
 
-STREAMS = ("telemetry", "events")
+STREAMS = ("telemetry", "applicator", "events")
 NAMES = RETAINED + STREAMS
-# Topics of the contract (ARCHITECTURE: applicator, alarms, signed commands in) that the
-# dashboard does not show: passed over, counted as ``ignored``, never as invalid, so that
-# a room's card does not report its own commands or future topics as rejected.
-NOT_SHOWN = ("applicator", "alarms")
+# Topics of the contract (ARCHITECTURE: alarms, signed commands in) that the dashboard
+# does not show: passed over, counted as ``ignored``, never as invalid, so that a room's
+# card does not report its own commands or future topics as rejected.
+NOT_SHOWN = ("alarms",)
 NOT_SHOWN_PREFIX = "cmd/"
 # A site or room level: the daemon's slug (its config and the status schema: a-z, 0-9, '-',
 # at most 63). Anything else no daemon can publish, and would let a look-alike of a real

@@ -1,8 +1,9 @@
 """The MQTT outbox: on-disk store-and-forward with per-topic sequence numbers.
 
 Why: the broker is a sink, never the record, and it can be away (restart, network, a
-crashed daemon). A subscriber must still end with every ``events`` and ``telemetry``
-message, in order, none missing, and ``seq`` must never repeat, also across restarts.
+crashed daemon). A subscriber must still end with every ``events``, ``telemetry`` and
+``applicator`` message, in order, none missing, and ``seq`` must never repeat, also
+across restarts.
 
 How:
 
@@ -10,18 +11,19 @@ How:
   ``outbox-<n>.jsonl``) and fsync'd **before** it is published. A ``seq`` the broker has
   seen is therefore always on disk, and after any crash the next one is larger. Writes and
   fsyncs run in a worker thread in groups, never on the event loop.
-* Stream messages (``telemetry``, ``events``) stay *pending* until the broker acknowledges
-  them (QoS 1). ``acked_through`` -- the longest acknowledged prefix -- is kept in
-  ``state.json`` with the session counter and the next ``seq`` of every topic; a segment
-  is deleted once everything in it is acknowledged. After a restart, pending messages
-  from the previous run are replayed with their original ``session`` and ``seq`` (marked
-  ``historical`` by the publisher), so a consumer that drops a repeated
+* Stream messages (``telemetry``, ``applicator``, ``events``) stay *pending* until the
+  broker acknowledges them (QoS 1). ``acked_through`` -- the longest acknowledged prefix
+  -- is kept in ``state.json`` with the session counter and the next ``seq`` of every
+  topic; a segment is deleted once everything in it is acknowledged. After a restart,
+  pending messages from the previous run are replayed with their original ``session`` and
+  ``seq`` (marked ``historical`` by the publisher), so a consumer that drops a repeated
   (``session``, ``seq``) misses nothing and sees nothing twice.
 * State messages (retained topics) are not queued: only the latest matters. They get a
   ``seq`` when they are published and are journaled only so that the ``seq`` is durable.
-* Bounded: when pending bytes exceed ``max_bytes``, the oldest telemetry samples are
-  thinned (every second one, oldest first, until below 3/4 of the bound) and the journal
-  is compacted. Events are never dropped; the audit log keeps every sample regardless.
+* Bounded: when pending bytes exceed ``max_bytes``, the oldest samples (``telemetry``
+  and ``applicator``, each topic on its own) are thinned (every second one, oldest first,
+  until below 3/4 of the bound) and the journal is compacted. Events are never dropped;
+  the audit log keeps every sample regardless.
 
 Layout, inside the audit log's directory (and so under its LOCK)::
 
@@ -54,6 +56,9 @@ __all__ = ["STREAM_TOPICS", "Outbox", "OutboxError", "Record"]
 log = structlog.get_logger("iortd.mqtt")
 
 STREAM_TOPICS = frozenset(t for t, spec in TOPICS.items() if not spec.retain)
+# The sample streams: under the bound, every second one of each is dropped, oldest first;
+# events never are.
+THINNED_TOPICS = ("telemetry", "applicator")
 STATE_FILE = "state.json"
 PREV_STATE_FILE = "state.copy.json"
 SEGMENT_RE = re.compile(r"^outbox-(\d{16})\.jsonl$")
@@ -405,22 +410,27 @@ class Outbox:
         self._wake.set()
 
     def _thin(self) -> None:
-        """Oldest telemetry first, every second sample, until below 3/4 of the bound."""
+        """Oldest samples first (``telemetry`` and ``applicator``), every second one of
+        each topic, until below 3/4 of the bound."""
         low = self.max_bytes * 3 // 4
         dropped: list[int] = []
+        by_topic: dict[str, list[int]] = {t: [] for t in THINNED_TOPICS}
         while self.pending_bytes > low:
             before = len(dropped)
-            skip = True
+            # Alternate per topic: one alternation over interleaved streams would drop
+            # one of them whole.
+            skip = dict.fromkeys(THINNED_TOPICS, True)
             for rec in self.pending:
                 if self.pending_bytes <= low:
                     break
-                if rec.done or rec.topic != "telemetry" or not rec.journaled:
+                if rec.done or rec.topic not in skip or not rec.journaled:
                     continue
-                skip = not skip
-                if not skip:
+                skip[rec.topic] = not skip[rec.topic]
+                if not skip[rec.topic]:
                     rec.done = True
                     self.pending_bytes -= len(rec.line)
                     dropped.append(rec.seq)
+                    by_topic[rec.topic].append(rec.seq)
             if len(dropped) == before:
                 break  # only events (and samples not yet on disk) left: never dropped
         # Events (never dropped) may hold the outbox above its bound: do not walk it all
@@ -436,8 +446,11 @@ class Outbox:
         log.warning(
             "mqtt_outbox_thinned",
             dropped_samples=len(dropped),
-            telemetry_seq_first=min(dropped),
-            telemetry_seq_last=max(dropped),
+            telemetry_seq_first=min(by_topic["telemetry"], default=None),
+            telemetry_seq_last=max(by_topic["telemetry"], default=None),
+            applicator_samples=len(by_topic["applicator"]),
+            applicator_seq_first=min(by_topic["applicator"], default=None),
+            applicator_seq_last=max(by_topic["applicator"], default=None),
             pending_bytes=self.pending_bytes,
             max_bytes=self.max_bytes,
         )

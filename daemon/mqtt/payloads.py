@@ -15,6 +15,7 @@ readings hold none.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -24,12 +25,13 @@ from typing import Any
 
 from iortd.auditlog.note import Checkpoint
 from iortd.daemon.entries import EVENT_TYPES, event_entry, num, summary_data
-from iortd.daemon.sinks import Sample
+from iortd.daemon.sinks import ApplicatorSample, Sample
 from iortd.daemon.tracker import DeliveryAmended, DeliverySnapshot, Terminated, TrackerEvent
 from iortd.kernel.timefmt import utc_ts
-from iortd.kernel.types import Interlock, InterlockState
+from iortd.kernel.types import ApplicatorIdentity, Interlock, InterlockState
 
 __all__ = [
+    "APPLICATOR_BOUNDS",
     "EVENTS_TOPIC_KINDS",
     "EVENT_KINDS",
     "NOTICE_KIND",
@@ -38,6 +40,7 @@ __all__ = [
     "Envelope",
     "Payload",
     "TopicSpec",
+    "applicator_payload",
     "checkpoint_payload",
     "delivery_payload",
     "event_payloads",
@@ -74,6 +77,7 @@ TOPICS: Mapping[str, TopicSpec] = MappingProxyType(
     {
         "status": TopicSpec(qos=1, retain=True),
         "telemetry": TopicSpec(qos=1, retain=False),
+        "applicator": TopicSpec(qos=1, retain=False),
         "interlocks": TopicSpec(qos=1, retain=True),
         "delivery": TopicSpec(qos=1, retain=True),
         "events": TopicSpec(qos=1, retain=False),
@@ -196,6 +200,89 @@ def telemetry_payload(env: Envelope, sample: Sample) -> Payload:
         "kv": num(r.kv),
         "ua": num(r.ua),
     }
+
+
+# The plausible range of each applicator number (docs/schemas/v1/applicator.schema.json says
+# the same): a finite reading outside it is no measurement (a driver or device fault) and is
+# sent as null, "not known", which a consumer never reads as safe.
+APPLICATOR_BOUNDS: Mapping[str, tuple[float, float]] = MappingProxyType(
+    {
+        "diameter_mm": (0.0, 1000.0),
+        "component_mm": (-10000.0, 10000.0),
+        "magnitude_mm": (0.0, 20000.0),
+        "tilt_deg": (0.0, 180.0),
+        "tolerance_mm": (0.0, 1000.0),
+    }
+)
+COUNT_MAX = 2**64 - 1
+
+
+def _bounded(x: float | None, bound: str) -> float | str | None:
+    if x is None or isinstance(x, bool):
+        return None
+    lo, hi = APPLICATOR_BOUNDS[bound]
+    if math.isfinite(x) and not lo <= x <= hi:
+        return None
+    return num(float(x))
+
+
+def _count(x: int | None) -> int | None:
+    if isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= COUNT_MAX:
+        return x
+    return None
+
+
+def _identity(a: ApplicatorIdentity | None) -> Payload | None:
+    if a is None:
+        return None
+    return {
+        "type": a.type,
+        "diameter_mm": _bounded(a.diameter_mm, "diameter_mm"),
+        "serial": a.serial,
+    }
+
+
+def applicator_payload(env: Envelope, sample: ApplicatorSample) -> Payload:
+    """``applicator``: one per reading of an applicator reader and stand. The reading is
+    the device's own (``at`` on the device clock; the yes/no sensors as ``"yes"``, ``"no"``
+    or ``"unknown"``; displacement since the stand's lock); ``displacement_from_beam_on_mm``
+    and ``peak_displacement_mm`` are the daemon's, null when not known (no delivery, no
+    beam-on yet). ``tolerance_mm`` is present only when the daemon supplies one. A finite
+    number outside its plausible range (:data:`APPLICATOR_BOUNDS`) is sent as null."""
+    r = sample.reading
+    d = r.displacement_mm
+    out: Payload = {
+        **env.fields(sim=r.simulated),
+        "device": sample.device,
+        "at": utc_ts(r.utc),
+        "delivery_id": sample.delivery_id,
+        "applicator": _identity(r.applicator),
+        "uses_left": _count(r.uses_left),
+        "state": str(r.state),
+        "fault": None if r.fault is None else str(r.fault),
+        "seated": str(r.seated),
+        "source_locked": str(r.source_locked),
+        "brakes_engaged": str(r.brakes_engaged),
+        "displacement_mm": None
+        if d is None
+        else {k: _bounded(v, "component_mm") for k, v in zip("xyz", d, strict=True)},
+        "displacement_magnitude_mm": _bounded(r.displacement_magnitude_mm, "magnitude_mm"),
+        "displacement_from_beam_on_mm": _bounded(
+            sample.displacement_from_beam_on_mm, "magnitude_mm"
+        ),
+        "peak_displacement_mm": _bounded(sample.peak_displacement_mm, "magnitude_mm"),
+        "tilt_deg": _bounded(r.tilt_deg, "tilt_deg"),
+        "lock_counter": _count(r.lock_counter),
+        "seat_counter": _count(r.seat_counter),
+        "heartbeat": _count(r.heartbeat),
+    }
+    # Not on ApplicatorSample yet (the applicator rules add it): sent when it is there.
+    tolerance = getattr(sample, "tolerance_mm", None)
+    if isinstance(tolerance, int | float) and not isinstance(tolerance, bool):
+        bounded = _bounded(float(tolerance), "tolerance_mm")
+        if isinstance(bounded, float):
+            out["tolerance_mm"] = bounded
+    return out
 
 
 def interlocks_payload(

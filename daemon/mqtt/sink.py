@@ -10,12 +10,14 @@ checkpoint), :mod:`~iortd.daemon.mqtt.outbox` (the journal).
   change of connection state is logged. A task iterating ``client.messages`` beside the
   publisher notices a dropped link within milliseconds (a QoS 1 publish in flight would
   otherwise wait out its whole timeout), and reads the retained checkpoint.
-* Nothing here blocks the daemon: :meth:`sample` and :meth:`events` only build payloads and
-  hand them to the :class:`~iortd.daemon.mqtt.outbox.Outbox`, which journals them to disk whether
-  or not a broker is there, or update the :class:`~iortd.daemon.mqtt.retained.RetainedState`.
+* Nothing here blocks the daemon: :meth:`sample`, :meth:`applicator` and :meth:`events`
+  only build payloads and hand them to the :class:`~iortd.daemon.mqtt.outbox.Outbox`,
+  which journals them to disk whether or not a broker is there, or update the
+  :class:`~iortd.daemon.mqtt.retained.RetainedState`.
 * On every (re)connect: ``status`` online; the retained state topics (``interlocks``,
-  ``delivery``, ``audit/checkpoint``) republished; then the backlog of ``telemetry`` and
-  ``events`` in order, marked ``historical``; then live data. The Last Will is the
+  ``delivery``, ``audit/checkpoint``) republished; then the backlog of the streams
+  (``telemetry``, ``applicator``, ``events``) in order, marked ``historical``; then live
+  data. The Last Will is the
   ``status`` offline message, retained; a clean shutdown publishes it itself.
 * A lost connection that looks like another client holding our client id (a session
   takeover: see :mod:`~iortd.daemon.mqtt.link`) is handed to :attr:`MqttSink.on_takeover`
@@ -58,7 +60,9 @@ from iortd.daemon.mqtt.link import (
 )
 from iortd.daemon.mqtt.outbox import Outbox, OutboxError, Record
 from iortd.daemon.mqtt.payloads import (
+    TOPICS,
     Envelope,
+    applicator_payload,
     event_payloads,
     notice_payload,
     status_payload,
@@ -66,7 +70,7 @@ from iortd.daemon.mqtt.payloads import (
     topic,
 )
 from iortd.daemon.mqtt.retained import RetainedState
-from iortd.daemon.sinks import Overflow, Sample, Sink, SinkConfigError
+from iortd.daemon.sinks import ApplicatorSample, Overflow, Sample, Sink, SinkConfigError
 from iortd.daemon.tracker import DeliverySnapshot, DeliveryStarted, Terminated, TrackerEvent
 from iortd.kernel.backoff import Backoff
 from iortd.kernel.broker import BrokerSettings
@@ -116,10 +120,7 @@ class MqttSink(Sink):
         self._outbox_dir = outbox if isinstance(outbox, Path) else None
         self._outbox_max_bytes = outbox_max_bytes
         self._sim = simulated
-        self._topics = {
-            n: topic(settings.prefix, site, room, n)
-            for n in ("status", "telemetry", "interlocks", "delivery", "events", "audit/checkpoint")
-        }
+        self._topics = {n: topic(settings.prefix, site, room, n) for n in TOPICS}
         self._current_delivery: str | None = None
         self._tls: ssl.SSLContext | None = None
         self._outage = False  # a connection failed or was lost since the last catch-up
@@ -200,6 +201,11 @@ class MqttSink(Sink):
     async def sample(self, sample: Sample) -> None:
         self.outbox.add("telemetry", telemetry_payload(self._env("telemetry"), sample))
         self._state.reading(sample.interlocks, sample.all_clear, sample.delivery)
+        self._wake.set()
+
+    async def applicator(self, sample: ApplicatorSample) -> None:
+        # A stream like telemetry: journaled, replayed, thinned with it (outbox.py).
+        self.outbox.add("applicator", applicator_payload(self._env("applicator"), sample))
         self._wake.set()
 
     async def events(

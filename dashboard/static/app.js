@@ -67,6 +67,9 @@
       telemetry: null,
       historyDelivery: null,
       history: [],
+      applicator: null,
+      aplTraceDelivery: null,
+      aplTrace: [],
       events: [],
       rejected: {},
       rejectedTotal: 0,
@@ -98,6 +101,9 @@
         room.telemetry = r.telemetry ? held(r.telemetry, now) : null;
         room.historyDelivery = r.history_delivery || null;
         room.history = r.history || [];  // the overview's snapshot has no plots
+        room.applicator = r.applicator ? held(r.applicator, now) : null;
+        room.aplTraceDelivery = r.applicator_trace_delivery || null;
+        room.aplTrace = r.applicator_trace || [];
         room.events = (r.events || []).map((e) => held(e, now));
         room.rejected = r.rejected || {};
         room.rejectedTotal = Object.values(room.rejected).reduce((a, b) => a + b, 0);
@@ -154,6 +160,26 @@
     if (room.history.length > model.config.history_points) room.history = thin(room.history);
   }
 
+  // The applicator's displacement trace: one delivery at a time (null, no delivery, is a
+  // trace of its own), as the server keeps it (dashboard/room.py, ApplicatorView).
+  function addTracePoint(room, p) {
+    const t = epochMs(p.at);
+    if (t === null) return;
+    const pt = { t, m: num(p.displacement_magnitude_mm), b: num(p.displacement_from_beam_on_mm), h: !!p.historical };
+    if (p.delivery_id !== room.aplTraceDelivery) {
+      if (!pt.h || room.aplTrace.every((q) => q.h)) {
+        room.aplTraceDelivery = p.delivery_id;
+        room.aplTrace = [];
+      } else {
+        return;
+      }
+    }
+    let i = room.aplTrace.length;
+    while (i > 0 && room.aplTrace[i - 1].t > pt.t) i--;
+    room.aplTrace.splice(i, 0, pt);
+    if (room.aplTrace.length > model.config.history_points) room.aplTrace = thin(room.aplTrace);
+  }
+
   function applyMessage(m) {
     let room = model.rooms.get(m.room);
     if (!room) {
@@ -178,6 +204,9 @@
       // A replayed sample is history, never the current state (docs/mqtt-topics.md rule 2).
       if (!m.payload.historical) room.telemetry = h;
       if (model.only) addPoint(room, m.payload);  // plots only on a room page
+    } else if (m.name === "applicator") {
+      if (!m.payload.historical) room.applicator = h;
+      if (model.only) addTracePoint(room, m.payload);
     }
     room.dirty = true;
   }
@@ -391,9 +420,127 @@
       el("section", { class: "panel", "aria-labelledby": "h-dl" }, el("h2", { id: "h-dl", text: "Delivery and applicator" }), v.facts));
 
     v.root.append(v.sim, v.stale, v.notice, v.err, head,
-      el("div", { class: "grid row1" }, beamPanel, dosePanel, timePanel), plots, row3);
+      el("div", { class: "grid row1" }, beamPanel, dosePanel, timePanel), plots, row3, buildApplicatorPanel(v));
     main.append(v.root);
     return v;
+  }
+
+  // ---- the applicator reader and stand ----------------------------------------------------
+  // Its own liveness: the reader's messages stop while the source's go on (a lost reader
+  // link), so the panel says STALE by itself, with the same rule and words as the room.
+  function applicatorLiveness(room, now) {
+    const roomLive = liveness(room, now);
+    if (!room.applicator) return { live: false, word: "NO DATA", why: "no message from an applicator reader" };
+    const age = now - room.applicator.rx;
+    if (!roomLive.live && roomLive.word !== "STALE") return { live: false, word: roomLive.word, why: roomLive.why, age };
+    if (!model.streamOpen || now - model.lastServerEvent > 3000 * model.config.tick_s) {
+      return { live: false, word: "STALE", why: "no connection to the dashboard server", age };
+    }
+    if (age > model.config.stale_after_s * 1000) {
+      return { live: false, word: "STALE", why: "no reading for more than " + fmtSecs(model.config.stale_after_s), age };
+    }
+    return { live: true, word: "LIVE", why: "", age };
+  }
+
+  // A yes/no sensor: "unknown" (or anything else) is shown as unknown, never as OK.
+  function triState(x, yesWord, noWord) {
+    if (x === "yes") return { state: "ok", word: yesWord };
+    if (x === "no") return { state: "bad", word: noWord };
+    return { state: "unknown", word: "UNKNOWN" };
+  }
+
+  function buildApplicatorPanel(v) {
+    const a = {};
+    a.live = el("span", { class: "live-word", id: "apl-live" });
+    a.age = el("span", { class: "age", id: "apl-age" });
+    a.identity = el("dd", { id: "apl-identity" });
+    a.state = el("dd", { id: "apl-state" });
+    const sensor = (id) => { const ic = el("span"); const w = el("span", { class: "il-state" }); return { dd: el("dd", { id, "data-state": "unknown" }, ic, w), ic, w }; };
+    a.seated = sensor("apl-seated");
+    a.locked = sensor("apl-locked");
+    a.brakes = sensor("apl-brakes");
+    a.disp = el("dd", { id: "apl-displacement" });
+    a.fromBeam = el("dd", { id: "apl-from-beam-on" });
+    a.peak = el("dd", { id: "apl-peak" });
+    a.tilt = el("dd", { id: "apl-tilt" });
+    a.plot = el("div", { class: "plot", id: "plot-applicator" });
+    a.legend = el("div", { class: "legend" }, el("span", { class: "l-delivered", text: "displacement from the lock" }),
+      el("span", { class: "l-replayed", text: "replayed (historical)" }), el("span", { class: "l-tolerance", text: "tolerance" }));
+    a.root = el("section", { class: "panel applicator", id: "applicator-panel", "aria-labelledby": "h-apl", "data-live": "false" },
+      el("h2", { id: "h-apl" }, "Applicator and stand ", a.live, " ", a.age),
+      el("div", { class: "grid apl" },
+        el("dl", { class: "facts" },
+          el("dt", { text: "Applicator" }), a.identity,
+          el("dt", { text: "Reader" }), a.state,
+          el("dt", { text: "Seated" }), a.seated.dd,
+          el("dt", { text: "Locked to source" }), a.locked.dd,
+          el("dt", { text: "Stand brakes" }), a.brakes.dd,
+          el("dt", { text: "Displacement (mm)" }), a.disp,
+          el("dt", { text: "Since beam-on (mm)" }), a.fromBeam,
+          el("dt", { text: "Peak (mm)" }), a.peak,
+          el("dt", { text: "Tilt (°)" }), a.tilt),
+        el("div", {}, a.plot, a.legend)));
+    v.apl = a;
+    return a.root;
+  }
+
+  function fmtMm(x) {
+    if (x === null || x === undefined) return "unknown";
+    if (typeof x === "string") return x.toUpperCase();  // "nan", "inf": the reader said so
+    return x.toFixed(2);
+  }
+
+  function renderApplicator(v, room, now) {
+    const a = v.apl;
+    const live = applicatorLiveness(room, now);
+    setAttr(a.root, "data-live", String(live.live));
+    a.root.classList.toggle("stale", !live.live);
+    setText(a.live, live.word);
+    setAttr(a.live, "data-live", String(live.live));
+    setText(a.age, live.age === undefined ? "" : "last reading " + fmtSecs(Math.max(0, live.age) / 1000) + " ago" + (live.live ? "" : " — " + live.why));
+    const p = room.applicator ? room.applicator.payload : null;
+    const id = p ? p.applicator : null;
+    setText(a.identity, !p ? "—" : id ? [id.type, typeof id.diameter_mm === "number" ? id.diameter_mm + " mm" : null, id.serial ? "s/n " + id.serial : null,
+      typeof p.uses_left === "number" ? p.uses_left + " uses left" : null].filter(Boolean).join(", ") : "none attached or not recognised");
+    setText(a.state, !p ? "—" : p.state + (p.fault ? " — fault " + p.fault : "") + (p.device ? " (" + p.device + ")" : ""));
+    setAttr(a.state, "data-state", p ? p.state : "");
+    for (const [node, key, yes, no] of [[a.seated, "seated", "SEATED", "NOT SEATED"], [a.locked, "source_locked", "LOCKED", "NOT LOCKED"], [a.brakes, "brakes_engaged", "ENGAGED", "RELEASED"]]) {
+      const t = triState(p ? p[key] : undefined, yes, no);
+      setAttr(node.dd, "data-state", t.state);
+      icon(node.ic, t.state === "ok" ? "ok" : t.state === "bad" ? "tripped" : "unknown");
+      setText(node.w, t.word);
+    }
+    const dxyz = p && p.displacement_mm ? p.displacement_mm : null;
+    setText(a.disp, !p ? "—" : fmtMm(p.displacement_magnitude_mm) + (dxyz ? " (x " + fmtMm(dxyz.x) + ", y " + fmtMm(dxyz.y) + ", z " + fmtMm(dxyz.z) + ")" : "") +
+      (typeof p.tolerance_mm === "number" ? " · tolerance " + p.tolerance_mm.toFixed(2) : ""));
+    setText(a.fromBeam, !p ? "—" : p.displacement_from_beam_on_mm === null ? "— (no beam-on yet)" : fmtMm(p.displacement_from_beam_on_mm));
+    setText(a.peak, !p ? "—" : p.peak_displacement_mm === null ? "—" : fmtMm(p.peak_displacement_mm));
+    setText(a.tilt, !p ? "—" : fmtMm(p.tilt_deg));
+  }
+
+  function renderApplicatorTrace(v, room) {
+    const a = v.apl;
+    const pts = room.aplTrace;
+    const p = room.applicator ? room.applicator.payload : null;
+    const tol = p && typeof p.tolerance_mm === "number" ? p.tolerance_mm : null;
+    const t0 = pts.length ? pts[0].t : 0;
+    const x = (q) => (q.t - t0) / 1000;
+    const line = (wantHist) => {
+      const out = [];
+      for (const q of pts) out.push([x(q), q.h === wantHist ? q.m : null]);
+      return out;
+    };
+    let ymax = tol !== null ? tol * 1.25 : 0;
+    for (const q of pts) if (q.m !== null) ymax = Math.max(ymax, q.m * 1.1);
+    drawPlot(a.plot, {
+      xmax: Math.max(10, pts.length ? x(pts[pts.length - 1]) * 1.05 : 0), ymax: Math.max(0.5, ymax), bands: [],
+      ylabel: "applicator displacement in mm over time",
+      hlines: tol !== null ? [{ cls: "tolerance", y: tol }] : [],
+      series: [{ cls: "series", points: line(false) }, { cls: "replayed", points: line(true) }],
+    });
+    a.legend.lastChild.hidden = tol === null;
+    setAttr(a.plot, "data-points", String(pts.length));
+    setAttr(a.plot, "data-tolerance", tol === null ? "" : String(tol));
   }
 
   function renderRoom(v, room, now, plotsToo) {
@@ -420,6 +567,7 @@
       try { fn(); } catch (err) { failed.push(name); console.warn("room " + room.key + ", " + name + ": " + err); }
     };
     guard("beam, dose, time and interlocks", () => renderRoomFigures(v, room));
+    guard("applicator", () => renderApplicator(v, room, now));
     if (plotsToo) {
       const dEnv = room.retained.delivery ? room.retained.delivery.payload : null;
       const d = dEnv ? dEnv.delivery : null;
@@ -427,6 +575,7 @@
       guard("delivery facts", () => renderFacts(v, room, d));
       guard("notices", () => renderNotice(v, room));
       guard("plots", () => renderPlots(v, room, d));
+      guard("applicator trace", () => renderApplicatorTrace(v, room));
       v.plotFailed = failed.slice();
     }
     const all = [...new Set([...failed, ...(v.plotFailed || [])])];
@@ -821,10 +970,11 @@
     c.times = el("div", { class: "card-line" });
     c.il = el("div", { class: "card-line" });
     c.term = el("div", { class: "card-line" });
+    c.apl = el("div", { class: "card-line apl", hidden: "" });
     c.age = el("div", { class: "age" });
     c.rejected = el("div", { class: "card-line rejected", hidden: "" });
     c.err = el("div", { class: "card-line display-error", role: "alert", hidden: "" });
-    c.root.append(c.times, c.il, c.term, c.age, c.rejected, c.err);
+    c.root.append(c.times, c.il, c.apl, c.term, c.age, c.rejected, c.err);
     return c;
   }
 
@@ -854,6 +1004,15 @@
     const il = room.retained.interlocks ? room.retained.interlocks.payload : null;
     const bad = il ? Object.entries(il.interlocks || {}).filter(([, s]) => s !== "ok") : [];
     setText(c.il, !il ? "Interlocks: no report" : il.all_clear ? "Interlocks: all clear" : "Interlocks NOT CLEAR: " + bad.map(([k, s]) => k + " " + s.toUpperCase()).join(", "));
+    c.apl.hidden = !room.applicator;
+    if (room.applicator) {
+      const ap = room.applicator.payload;
+      const al = applicatorLiveness(room, now);
+      const w = (k, yes, no) => triState(ap[k], yes, no).word;
+      setAttr(c.apl, "data-live", String(al.live));
+      setText(c.apl, "Applicator " + w("seated", "seated", "NOT SEATED") + ", brakes " + w("brakes_engaged", "engaged", "RELEASED") +
+        ", displacement " + fmtMm(ap.displacement_magnitude_mm) + " mm" + (al.live ? "" : " — " + al.word));
+    }
     setText(c.term, d && d.termination ? "Terminated " + d.termination + (d.termination_reason ? " (" + d.termination_reason + ")" : "") : d ? "Delivery " + d.phase : "No delivery yet");
     const ageText = live.age === null ? "no message yet" : "last message " + fmtSecs(Math.max(0, live.age) / 1000) + " ago";
     setText(c.age, live.live ? ageText : live.word + ": " + live.why + "; " + ageText);

@@ -160,6 +160,7 @@ def validators() -> dict[str, Any]:
     stems = {
         "status": "status",
         "telemetry": "telemetry",
+        "applicator": "applicator",
         "interlocks": "interlocks",
         "delivery": "delivery",
         "events": "events",

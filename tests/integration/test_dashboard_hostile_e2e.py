@@ -494,7 +494,13 @@ async def test_the_page_draws_each_room_and_section_in_isolation(
     update = {"room": f"{SITE}/b-good", "name": "telemetry", "payload": telemetry(2, 0.75)}
     body = "retry: 600000\n\n" + _sse("snapshot", snap) + _sse("msg", update)
     broken_delivery = env(1, delivery={"delivery_id": "d", "phase": "IRRADIATING", "gaps": 5})
-    room_snap = {**snap, "rooms": {f"{SITE}/a-bad": room("a-bad", delivery=broken_delivery)}}
+    # The applicator panel's data that throws (a tilt no schema passes): named, and the
+    # rest of the page drawn.
+    bad_room = room("a-bad", delivery=broken_delivery)
+    bad_room["applicator"] = _held(
+        env(1, device="stand", state="READY", seated="yes", brakes_engaged="yes", tilt_deg={})
+    )
+    room_snap = {**snap, "rooms": {f"{SITE}/a-bad": bad_room}}
     room_body = "retry: 600000\n\n" + _sse("snapshot", {**room_snap, "only": f"{SITE}/a-bad"})
     rec = Recorder()
     try:
@@ -521,6 +527,8 @@ async def test_the_page_draws_each_room_and_section_in_isolation(
             await expect(page.locator("#display-error")).to_contain_text(
                 "delivery facts", timeout=5_000
             )
+            await expect(page.locator("#display-error")).to_contain_text("applicator")
+            await expect(page.locator("#apl-seated")).to_contain_text("SEATED")
             await expect(page.locator("#dose-primary")).to_have_text("0.50")
             await expect(page.locator("#all-clear")).to_contain_text("No interlock report")
             await shot(page, "24-room-one-part-cannot-be-drawn")

@@ -76,6 +76,31 @@ def telemetry(seq: int, dose: float = 1.0, **kw: Any) -> dict[str, Any]:
     )
 
 
+def applicator(seq: int, mag: float = 0.5, **kw: Any) -> dict[str, Any]:
+    return env(
+        seq,
+        device="stand",
+        at=TS,
+        delivery_id="or-1-20261126T100000000000Z",
+        applicator={"type": "spherical", "diameter_mm": 40.0, "serial": "APL-40-0042"},
+        uses_left=17,
+        state="READY",
+        fault=None,
+        seated="yes",
+        source_locked="yes",
+        brakes_engaged="yes",
+        displacement_mm={"x": 0.3, "y": -0.4, "z": 0.0},
+        displacement_magnitude_mm=mag,
+        displacement_from_beam_on_mm=0.2,
+        peak_displacement_mm=0.6,
+        tilt_deg=0.1,
+        lock_counter=5,
+        seat_counter=3,
+        heartbeat=seq,
+        **kw,
+    )
+
+
 def notice(seq: int, message: str = "audit log writable again") -> dict[str, Any]:
     return env(
         seq,
@@ -104,6 +129,14 @@ def raw(payload: object) -> bytes:
         ("telemetry", {**telemetry(2), "dose_primary_gy": 1e400}, "not JSON"),
         ("telemetry", {**telemetry(2), "state": "BEAM_ON_FOREVER"}, "schema"),
         ("telemetry", {**telemetry(2), "extra": 1}, "schema"),
+        ("applicator", {**applicator(2), "seated": True}, "schema"),
+        ("applicator", {**applicator(2), "brakes_engaged": "engaged"}, "schema"),
+        ("applicator", {**applicator(2), "displacement_magnitude_mm": "0.5"}, "schema"),
+        ("applicator", {**applicator(2), "displacement_magnitude_mm": 1e400}, "not JSON"),
+        ("applicator", {**applicator(2), "tilt_deg": 1e6}, "schema"),
+        ("applicator", {**applicator(2), "displacement_mm": {"x": 0, "y": 0}}, "schema"),
+        ("applicator", {**applicator(2), "patient": "x"}, "schema"),
+        ("applicator", {**applicator(2), "tolerance_mm": -2}, "schema"),
         ("status", {**status(2), "online": "yes"}, "schema"),
         ("status", status(2, room="or-9"), "another room"),
         ("delivery", env(2, delivery=[]), "schema"),
@@ -126,6 +159,7 @@ def test_a_payload_that_breaks_its_schema_is_rejected_and_counted(
     # Nothing of it is held: the room still shows only its daemon's status.
     assert set(room["retained"]) == {"status"}
     assert room["telemetry"] is None
+    assert room["applicator"] is None
 
 
 def test_rejects_are_counted_per_room_and_reason_and_never_touch_another_room() -> None:
@@ -278,12 +312,16 @@ def test_a_retained_forgery_is_overtaken_by_the_first_live_message() -> None:
     assert held["interlocks"]["door"] == "tripped"
 
 
-@pytest.mark.parametrize("name", ["telemetry", "interlocks"])
+@pytest.mark.parametrize("name", ["telemetry", "interlocks", "applicator"])
 def test_a_first_message_with_an_implausible_seq_is_rejected(name: str) -> None:
     """The first message of a session has no mark to be judged against; a seq past 2^53
     (which no daemon reaches, and no browser can represent) is refused anyway."""
     rooms = Rooms("iort")
-    forged = telemetry(2**53 + 1, 19.9) if name == "telemetry" else interlocks(U64_MAX)
+    forged = {
+        "telemetry": telemetry(2**53 + 1, 19.9),
+        "interlocks": interlocks(U64_MAX),
+        "applicator": applicator(2**53 + 1, 0.0),
+    }[name]
     with pytest.raises(Rejected, match="2\\^53"):
         rooms.receive(T + name, raw(forged), 0.0)
     with pytest.raises(Rejected, match="2\\^53"):
@@ -477,12 +515,12 @@ def test_an_overview_snapshot_gives_the_most_recently_valid_rooms_and_says_how_m
 
 def test_topics_of_the_contract_it_does_not_show_are_ignored_not_counted_as_invalid() -> None:
     rooms = Rooms("iort")
-    for name in ("applicator", "alarms", "cmd/ack", "cmd/prescription"):
+    for name in ("alarms", "cmd/ack", "cmd/prescription"):
         assert rooms.receive(T + name, b'{"anything": 1}', 0.0) is None
     with pytest.raises(Rejected, match="unknown"):
         rooms.receive(T + "applicator/x", b"{}", 0.0)
     diag = rooms.snapshot(1.0)["diagnostics"]
-    assert diag["ignored"] == 4
+    assert diag["ignored"] == 3
     assert diag["rejected"] == 1
     assert rooms.rooms == {}
 

@@ -184,6 +184,7 @@ async def test_restart_after_close_is_next_session_and_seq_continues_for_every_t
 ) -> None:
     counts = {
         "telemetry": 5,
+        "applicator": 2,
         "events": 3,
         "status": 2,
         "interlocks": 1,

@@ -34,6 +34,7 @@ from iortd.daemon.mqtt.payloads import (
     SCHEMA,
     TOPICS,
     Envelope,
+    applicator_payload,
     checkpoint_payload,
     delivery_payload,
     event_payloads,
@@ -43,7 +44,7 @@ from iortd.daemon.mqtt.payloads import (
     telemetry_payload,
     topic,
 )
-from iortd.daemon.sinks import Sample
+from iortd.daemon.sinks import ApplicatorSample, Sample
 from iortd.daemon.tracker import (
     Alarm,
     AlarmCleared,
@@ -67,12 +68,16 @@ from iortd.daemon.tracker import (
     TrackerSettings,
 )
 from iortd.kernel.types import (
+    ApplicatorFault,
     ApplicatorIdentity,
+    ApplicatorReading,
+    ApplicatorState,
     DeviceState,
     Interlock,
     InterlockState,
     SourceReading,
     TerminationStatus,
+    Tristate,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,6 +91,7 @@ ALL_OK: Mapping[Interlock, InterlockState] = dict.fromkeys(Interlock, InterlockS
 SCHEMA_OF = {
     "status": "status",
     "telemetry": "telemetry",
+    "applicator": "applicator",
     "interlocks": "interlocks",
     "delivery": "delivery",
     "events": "events",
@@ -213,6 +219,40 @@ def reading(**kw: Any) -> SourceReading:
 
 
 APPLICATOR = ApplicatorIdentity("spherical", 40.0, "APP-0042")
+
+
+def apl_reading(**kw: Any) -> ApplicatorReading:
+    base: dict[str, Any] = {
+        "mono_ns": 100 * NS,
+        "utc": T0,
+        "applicator": APPLICATOR,
+        "simulated": False,
+        "state": ApplicatorState.READY,
+        "seated": Tristate.YES,
+        "source_locked": Tristate.YES,
+        "brakes_engaged": Tristate.YES,
+        "uses_left": 17,
+        "seat_counter": 3,
+        "lock_counter": 5,
+        "heartbeat": 812,
+        "displacement_mm": (0.3, -0.4, 0.0),
+        "displacement_magnitude_mm": 0.5,
+        "tilt_deg": 0.12,
+    }
+    base.update(kw)
+    return ApplicatorReading(**base)
+
+
+def apl_sample(r: ApplicatorReading | None = None, **kw: Any) -> ApplicatorSample:
+    base: dict[str, Any] = {
+        "device": "stand",
+        "reading": apl_reading() if r is None else r,
+        "delivery_id": "or-1-20261126T100000000000Z",
+        "displacement_from_beam_on_mm": 0.2,
+        "peak_displacement_mm": 0.6,
+    }
+    base.update(kw)
+    return ApplicatorSample(**base)
 
 
 def snapshot(**kw: Any) -> DeliverySnapshot:
@@ -361,6 +401,15 @@ def run_payloads() -> dict[str, list[dict[str, Any]]]:
         current = s.delivery.delivery_id if s.delivery is not None else None
         out["events"] += event_payloads(seqs["events"], batch, current_delivery=current)
         out["telemetry"].append(telemetry_payload(seqs["telemetry"](), s))
+        out["applicator"].append(
+            applicator_payload(
+                seqs["applicator"](),
+                apl_sample(
+                    apl_reading(utc=s.reading.utc, simulated=s.reading.simulated),
+                    delivery_id=None if s.delivery is None else s.delivery.delivery_id,
+                ),
+            )
+        )
         out["interlocks"].append(
             interlocks_payload(seqs["interlocks"](), s.interlocks, s.all_clear)
         )
@@ -738,6 +787,9 @@ def values(e: type[Any]) -> set[str]:
     ("stems", "name", "enum"),
     [
         (["telemetry"], "device_state", DeviceState),
+        (["applicator"], "applicator_state", ApplicatorState),
+        (["applicator"], "applicator_fault", ApplicatorFault),
+        (["applicator"], "tristate", Tristate),
         (["telemetry", "delivery", "events"], "phase", Phase),
         (["delivery", "events"], "termination", TerminationStatus),
         (["interlocks", "events"], "interlock_state", InterlockState),
@@ -782,6 +834,9 @@ def test_every_enum_in_the_schemas_is_a_python_enum() -> None:
             Interlock,
             Severity,
             AlarmCode,
+            ApplicatorState,
+            ApplicatorFault,
+            Tristate,
         )
     ]
     known += [set(EVENTS_TOPIC_KINDS), {"nan", "inf", "-inf"}, set(NOTICE_SEVERITIES)]
