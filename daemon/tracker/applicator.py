@@ -207,10 +207,13 @@ class ApplicatorWatch:
         self, delivery_id: str | None, mono: int, utc: datetime, out: list[TrackerEvent]
     ) -> None:
         """The beam is on: the first time in this delivery, the reference is taken from
-        the last believed reading (none yet: from the next one)."""
+        the last believed reading of a READY reader with a position (none yet: from the
+        next one)."""
         r = self.reading
         if self._beam_on_ref is not None or r is None or delivery_id is None:
             return
+        if r.state is not ApplicatorState.READY or r.displacement_mm is None:
+            return  # no position to refer to yet (a self-test, never locked): the next
         self._beam_on_ref = self._frame(r)
         out.append(
             ApplicatorAtBeamOn(
