@@ -156,6 +156,10 @@ async def test_drift_mid_beam_then_the_reader_lost_while_the_source_delivers(
         await sim.stop()
     log = entries(site)
     kinds = [e["type"] for e in log]
+    # The tolerances in force are in the record (config_loaded holds every setting).
+    loaded = next(e for e in log if e["type"] == "config_loaded")["data"]["config"]
+    assert loaded["tolerances"]["applicator_displacement_mm"] == 2.0
+    assert loaded["tolerances"]["applicator_tilt_deg"] == 2.0
     # Raised on the reading that first showed the crossing: its events come first (log
     # first), then that reading's applicator sample, the first beyond the tolerance.
     beyond = next(
