@@ -16,7 +16,9 @@ the stand was locked and its tilt. An :class:`ApplicatorWatch` keeps, per reader
   offset; "displacement since beam-on" is then measured across re-locks, and a re-lock
   inside a delivery is an event (:class:`ApplicatorRelocked`) that never resets the
   delivery's peak (the largest displacement from a lock the reader showed in it);
-- the reference at the delivery's first beam-on (:class:`ApplicatorAtBeamOn`).
+- the reference at the delivery's first beam-on (:class:`ApplicatorAtBeamOn`); for a
+  delivery taken over after a restart there is none in this run (the earlier run's record
+  holds it): "since beam-on" is then unknown, and the peak counts from the restart.
 
 The monitor's applicator interlock (``monitor_interlocks``, recorded as
 ``monitor_interlock_changed``, never as the console's ``interlock_changed``) is, in order:
@@ -134,6 +136,7 @@ class ApplicatorWatch:
         self._last_vec: Vec | None = None
         self._delivery: str | None = None
         self._beam_on_ref: Vec | None = None
+        self._ref_lost = False  # a delivery taken over after a restart: no reference here
         self._peak: float | None = None
 
     # ---- inputs -----------------------------------------------------------------------
@@ -199,9 +202,15 @@ class ApplicatorWatch:
         if delivery_id is not None and delivery_id != self._delivery:
             self._delivery = delivery_id
             self._beam_on_ref = None
-            self._peak = None
-            mag = None if self.reading is None else self._magnitude(self.reading)
-            self._peak = mag
+            self._ref_lost = False
+            self._peak = None if self.reading is None else self._magnitude(self.reading)
+
+    def taken_over(self, delivery_id: str) -> None:
+        """A delivery taken over after a restart: where the applicator was at its beam-on
+        is in the earlier run's record, not here, so "since beam-on" stays unknown (never
+        a new reference mid-delivery); its peak counts from the restart."""
+        self.follow_delivery(delivery_id)
+        self._ref_lost = True
 
     def at_beam_on(
         self, delivery_id: str | None, mono: int, utc: datetime, out: list[TrackerEvent]
@@ -210,7 +219,7 @@ class ApplicatorWatch:
         the last believed reading of a READY reader with a position (none yet: from the
         next one)."""
         r = self.reading
-        if self._beam_on_ref is not None or r is None or delivery_id is None:
+        if self._beam_on_ref is not None or self._ref_lost or r is None or delivery_id is None:
             return
         if r.state is not ApplicatorState.READY or r.displacement_mm is None:
             return  # no position to refer to yet (a self-test, never locked): the next

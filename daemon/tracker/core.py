@@ -290,6 +290,8 @@ class DeliveryTracker:
         out: list[TrackerEvent] = []
         d = resumed_record(rd, now_mono_ns, now_utc)
         self._machine.take_over(d, rd.phase)
+        if self._watch is not None:
+            self._watch.taken_over(d.delivery_id)
         self._restart.resumed = rd
         self._last_mono_ns, self._last_utc = d.started_mono_ns, rd.unwatched_since_utc
         self._start_gap(rd.cause, now_mono_ns, now_utc, out)

@@ -11,12 +11,15 @@ from iortd.daemon.tracker import (
     NS,
     AlarmCleared,
     AlarmRaised,
+    ApplicatorAtBeamOn,
     ApplicatorRelocked,
     DeliveryTracker,
     DeviceGapEnded,
     DeviceGapStarted,
     MonitoringGapStarted,
     MonitorInterlockChanged,
+    Phase,
+    ResumedDelivery,
     TrackerEvent,
     TrackerSettings,
 )
@@ -277,3 +280,35 @@ def test_reader_link_lost_is_a_gap_of_that_device_only_and_dose_goes_on() -> Non
     ev = room.reader()
     assert [e.device for e in ev if isinstance(e, DeviceGapEnded)] == [READER]
     assert monitor(ev) == [InterlockState.OK]
+
+
+def test_a_delivery_taken_over_after_a_restart_has_no_new_beam_on_reference() -> None:
+    """After a restart mid-beam, where the applicator was at beam-on is in the earlier
+    run's record, not in this one: displacement since beam-on stays unknown (no second
+    applicator_at_beam_on for the same delivery); the displacement from the lock goes on."""
+    room = Room()
+    rd = ResumedDelivery(
+        delivery_id="D-20260101T000000000000Z",
+        started_utc=T0,
+        phase=Phase.IRRADIATING,
+        preset_gy=1.0,
+        primary_gy=0.2,
+        secondary_gy=0.2,
+        beam_on_s=15.0,
+        elapsed_s=16.0,
+        selection=None,
+        simulated=True,
+        unwatched_since_utc=T0,
+        cause="daemon not running (crash stop)",
+    )
+    room.t_s = 20.0
+    room.beam_on, room.dose = 15.0, 0.2
+    room.events += room.tracker.resume(rd, round(room.t_s * NS), room.utc())
+    room.reader((0.5, 0.0, 0.0))
+    room.source(S.IRRADIATING)
+    room.reader((0.6, 0.0, 0.0))
+    assert not [e for e in room.events if isinstance(e, ApplicatorAtBeamOn)]
+    view = room.tracker.applicator_view
+    assert view is not None
+    assert view.displacement_from_beam_on_mm is None
+    assert view.displacement_mm == 0.6
