@@ -4,9 +4,12 @@ re-lock, a frozen heartbeat and a lost reader (a gap of that device only)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from iortd.daemon.entries import applicator_sample_entry
+from iortd.daemon.sinks import ApplicatorSample
 from iortd.daemon.tracker import (
     NS,
     AlarmCleared,
@@ -312,3 +315,40 @@ def test_a_delivery_taken_over_after_a_restart_has_no_new_beam_on_reference() ->
     assert view is not None
     assert view.displacement_from_beam_on_mm is None
     assert view.displacement_mm == 0.6
+
+
+def test_a_reading_that_cannot_be_believed_makes_the_reader_unknown() -> None:
+    """A non-finite displacement, or a reading stamped before the last one: its values are
+    not believed (never read as in place), the monitor's interlock is unknown."""
+    room = Room()
+    room.to_beam()
+    ev = room.reader((math.nan, 0.0, 0.0))
+    assert monitor(ev) == [InterlockState.UNKNOWN]
+    assert "applicator_displaced" not in raised(ev)
+    assert monitor(room.reader()) == [InterlockState.OK]
+    room.t_s -= 1.0  # the next reading is stamped before the last
+    assert monitor(room.reader()) == [InterlockState.UNKNOWN]
+
+
+def test_the_record_of_a_reader_sample_carries_what_the_daemon_derived() -> None:
+    r = ApplicatorReading(
+        mono_ns=NS,
+        utc=T0,
+        applicator=SPH30,
+        simulated=True,
+        state=ApplicatorState.READY,
+        seated=Tristate.YES,
+        displacement_mm=(math.inf, 0.0, 0.0),
+        tilt_deg=0.1,
+    )
+    sample = ApplicatorSample(READER, r, "D-1", 0.4, 1.2)
+    kind, data, did = applicator_sample_entry(
+        sample, {Interlock.APPLICATOR: InterlockState.UNKNOWN}
+    )
+    assert (kind, did) == ("applicator_sample", "D-1")
+    assert data["displacement_mm"] == ["inf", 0.0, 0.0]  # kept as the device said it
+    assert data["displacement_from_beam_on_mm"] == 0.4
+    assert data["peak_displacement_mm"] == 1.2
+    assert data["monitor_interlocks"] == {"applicator": "unknown"}
+    assert data["applicator"] == {"type": "spherical", "diameter_mm": 30.0, "serial": "SIM-SPH30"}
+    assert (data["seated"], data["brakes_engaged"]) == ("yes", "unknown")
