@@ -188,6 +188,9 @@ async def test_drift_mid_beam_then_the_reader_lost_while_the_source_delivers(
     gaps = [e["data"] for e in log if e["type"] == "device_gap_started"]
     assert [g["device"] for g in gaps] == ["stand-1"]
     assert "monitoring_gap_started" not in kinds
+    assert kinds.index("device_gap_ended") < kinds.index("delivery_terminated"), (
+        "the reader was lost and back while the source was still delivering"
+    )
     assert end["status"] == sim_end["termination"] == "NORMAL"
     summary = next(e for e in log if e["type"] == "delivery_terminated")["data"]["summary"]
     assert abs(summary["delivered_primary_gy"] - sim_end["dose_primary_gy"]) <= 1e-5
