@@ -18,11 +18,15 @@ from iortd.daemon.sinks import Sample, Sink
 from iortd.daemon.tracker import (
     AlarmCleared,
     AlarmRaised,
+    ApplicatorRelocked,
     DeliveryAmended,
     DeliverySnapshot,
     DeliveryStarted,
+    DeviceGapEnded,
+    DeviceGapStarted,
     MonitoringGapEnded,
     MonitoringGapStarted,
+    MonitorInterlockChanged,
     PhaseChanged,
     Terminated,
     TrackerEvent,
@@ -127,6 +131,16 @@ class ConsoleView(Sink):
                     )
                 case DeliveryAmended():
                     self._println(f"delivery {ev.delivery_id} amended: {ev.reason}")
+                case MonitorInterlockChanged():
+                    self._println(
+                        f"  {ev.device}: monitor's {ev.interlock} interlock {ev.new} ({ev.cause})"
+                    )
+                case DeviceGapStarted():
+                    self._println(f"  {ev.device}: MONITORING GAP of this device: {ev.gap.cause}")
+                case DeviceGapEnded():
+                    self._println(f"  {ev.device}: monitoring resumed")
+                case ApplicatorRelocked():
+                    self._println(f"  {ev.device}: stand locked again (the peak is kept)")
                 case _:
                     pass
 

@@ -11,25 +11,37 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from iortd.daemon.sinks import Sample
+from iortd.daemon.sinks import ApplicatorSample, Sample
 from iortd.daemon.tracker import (
     AlarmCleared,
     AlarmRaised,
+    ApplicatorAtBeamOn,
+    ApplicatorRelocked,
     DeliveryAmended,
     DeliverySnapshot,
     DeliveryStarted,
+    DeviceGapEnded,
+    DeviceGapStarted,
     Gap,
     InterlockChanged,
     MonitoringGapEnded,
     MonitoringGapStarted,
+    MonitorInterlockChanged,
     PhaseChanged,
     Terminated,
     TrackerEvent,
 )
 from iortd.kernel.timefmt import utc_ts
-from iortd.kernel.types import ApplicatorIdentity
+from iortd.kernel.types import ApplicatorIdentity, InterlockState
 
-__all__ = ["EVENT_TYPES", "event_entry", "num", "sample_entry", "summary_data"]
+__all__ = [
+    "EVENT_TYPES",
+    "applicator_sample_entry",
+    "event_entry",
+    "num",
+    "sample_entry",
+    "summary_data",
+]
 
 EntrySpec = tuple[str, dict[str, Any], str | None]
 
@@ -43,6 +55,13 @@ EVENT_TYPES = (
     "monitoring_gap_ended",
     "delivery_terminated",
     "delivery_amended",
+    # The applicator reader (issue 16): the monitor's own interlock, a gap of that device
+    # only, a re-lock of the stand, and what the reader showed at beam-on.
+    "monitor_interlock_changed",
+    "device_gap_started",
+    "device_gap_ended",
+    "applicator_relocked",
+    "applicator_at_beam_on",
 )
 
 
@@ -172,6 +191,40 @@ def event_entry(ev: TrackerEvent, current_delivery: str | None) -> EntrySpec:
         case DeliveryAmended():
             data = {"reason": ev.reason, "summary": summary_data(ev.summary)}
             return "delivery_amended", data, ev.delivery_id
+        case MonitorInterlockChanged():
+            data = {
+                "device": ev.device,
+                "interlock": str(ev.interlock),
+                "from": str(ev.old),
+                "to": str(ev.new),
+                "cause": ev.cause,
+                "at": _ts(ev.utc),
+            }
+            return "monitor_interlock_changed", data, ev.delivery_id
+        case DeviceGapStarted():
+            data = {"device": ev.device, **_gap(ev.gap), "at": _ts(ev.gap.start_utc)}
+            return "device_gap_started", data, ev.delivery_id
+        case DeviceGapEnded():
+            data = {"device": ev.device, **_gap(ev.gap), "at": _ts(ev.gap.end_utc)}
+            return "device_gap_ended", data, ev.delivery_id
+        case ApplicatorRelocked():
+            data = {
+                "device": ev.device,
+                "from_counter": ev.old_counter,
+                "to_counter": ev.new_counter,
+                "displacement_before_mm": num(ev.displacement_before_mm),
+                "at": _ts(ev.utc),
+            }
+            return "applicator_relocked", data, ev.delivery_id
+        case ApplicatorAtBeamOn():
+            data = {
+                "device": ev.device,
+                "applicator": _applicator(ev.applicator),
+                "displacement_mm": num(ev.displacement_mm),
+                "tilt_deg": num(ev.tilt_deg),
+                "at": _ts(ev.utc),
+            }
+            return "applicator_at_beam_on", data, ev.delivery_id
     raise TypeError(f"no audit entry for {type(ev).__name__}")  # pragma: no cover
 
 
@@ -209,6 +262,40 @@ def sample_entry(sample: Sample, *, ended_now: bool = False) -> EntrySpec:
         data["phase"] = str(d.phase)
     belongs = d is not None and (d.termination is None or ended_now)
     return "sample", data, (d.delivery_id if d is not None and belongs else None)
+
+
+def applicator_sample_entry(
+    sample: ApplicatorSample, monitor_interlocks: Mapping[Any, InterlockState]
+) -> EntrySpec:
+    """One reading of the applicator reader, with what the daemon derived from it and the
+    monitor's interlocks after it; it belongs to the delivery open then."""
+    r = sample.reading
+    d = r.displacement_mm
+    data: dict[str, Any] = {
+        "device": sample.device,
+        "at": _ts(r.utc),
+        "device_mono_ns": r.mono_ns,
+        "state": str(r.state),
+        "fault": None if r.fault is None else str(r.fault),
+        "applicator": _applicator(r.applicator),
+        "seated": str(r.seated),
+        "source_locked": str(r.source_locked),
+        "brakes_engaged": str(r.brakes_engaged),
+        "uses_left": r.uses_left,
+        "seat_counter": r.seat_counter,
+        "lock_counter": r.lock_counter,
+        "heartbeat": r.heartbeat,
+        "displacement_mm": None if d is None else [num(c) for c in d],
+        "displacement_magnitude_mm": num(r.displacement_magnitude_mm),
+        "tilt_deg": num(r.tilt_deg),
+        "displacement_from_beam_on_mm": num(sample.displacement_from_beam_on_mm),
+        "peak_displacement_mm": num(sample.peak_displacement_mm),
+        "monitor_interlocks": {str(k): str(v) for k, v in monitor_interlocks.items()},
+        "simulated": r.simulated,
+    }
+    if r.extra:
+        data["extra"] = {k: num(v) for k, v in sorted(r.extra.items())}
+    return "applicator_sample", data, sample.delivery_id
 
 
 def plain(mapping: Mapping[str, Any]) -> dict[str, Any]:

@@ -26,9 +26,12 @@ and task of its own (:mod:`iortd.daemon.sink_queue`), so that a slow sink delays
 itself; what a sink's queue drops is recorded (``sink_overflow``).
 
 Readings go where the device's role says: the source's to the tracker (and its replies
-keep the stale alarm off); its lost link makes the interlocks unknown. Other roles are
-connected, identified (recorded) and polled by their own loops; no rule reads their
-readings yet, and their lost link is logged and counted, not the source's alarm.
+keep the stale alarm off); its lost link makes the interlocks unknown. The applicator
+reader's go to the tracker too (``on_applicator``: the applicator rules and the monitor's
+own applicator interlock), are recorded as ``applicator_sample`` entries (log-first, like
+the source's samples, with the displacement since beam-on, the delivery's peak and the
+monitor's interlocks) and reach the sinks through ``Sink.applicator``; its lost link is a
+gap of the reader only, and the source's record goes on.
 
 At a stop (:meth:`record_stop`, :meth:`drain`): ``daemon_stop`` and a final checkpoint are
 written within a bound, and the dispatcher drains within a bound; the root then closes the
@@ -52,10 +55,10 @@ from iortd.auditlog.writer import AuditLog, AuditLogClosed, RecoveryReport
 from iortd.daemon import __version__
 from iortd.daemon.config import DeviceConfig, LoadedConfig, tracker_settings
 from iortd.daemon.device_loop import Reading
-from iortd.daemon.entries import event_entry, plain, sample_entry
+from iortd.daemon.entries import applicator_sample_entry, event_entry, plain, sample_entry
 from iortd.daemon.recovery import close_unresumable, record_recovery, resumable
 from iortd.daemon.sink_queue import QueuedSink, SinkLike, queued
-from iortd.daemon.sinks import Sample
+from iortd.daemon.sinks import ApplicatorSample, Sample
 from iortd.daemon.tracker import (
     DeliverySnapshot,
     DeliveryTracker,
@@ -64,7 +67,7 @@ from iortd.daemon.tracker import (
 )
 from iortd.kernel.clock import Clock
 from iortd.kernel.timefmt import utc_ts
-from iortd.kernel.types import DeviceIdentity, SourceReading
+from iortd.kernel.types import ApplicatorReading, DeviceIdentity, SourceReading
 
 __all__ = ["RunResult", "Service"]
 
@@ -88,6 +91,7 @@ class _Item:
 
     durable: asyncio.Future[None] | None = None
     sample: Sample | None = None
+    applicator: ApplicatorSample | None = None
     events: Sequence[TrackerEvent] = ()
     delivery: DeliverySnapshot | None = None  # the tracker's view after ``events``
     identified: tuple[str, DeviceIdentity] | None = None
@@ -127,7 +131,8 @@ class Service:
             q.on_overflow = self._sink_overflow
         self._stopped = False  # daemon_stop is written: nothing may follow it in the log
         self._stop_after_delivery = stop_after_delivery
-        self.tracker = DeliveryTracker(tracker_settings(self.config, clock.speed))
+        readers = tuple(d.name for d in self.config.devices if d.role == "applicator")
+        self.tracker = DeliveryTracker(tracker_settings(self.config, clock.speed), readers)
         self.result = RunResult()
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._checkpoint_due = asyncio.Event()
@@ -365,8 +370,9 @@ class Service:
         self.tracker.on_device_heard(min(mono_ns, self._clock.monotonic_ns()))
 
     def reading(self, device: DeviceConfig, reading: Reading) -> bool:
-        if device.role != "source":
-            return False  # no rule reads another role's readings yet
+        if device.role == "applicator":
+            self._applicator_reading(device, reading)
+            return False
         if not isinstance(reading, SourceReading):
             # A plug-in's bug, as an unexpected error: it stops the daemon (as before).
             msg = f"device {device.name}: read() returned {type(reading).__name__}"
@@ -382,11 +388,38 @@ class Service:
         self._emit(sample, events)
         return self._stop_after_delivery and any(isinstance(e, Terminated) for e in events)
 
+    def _applicator_reading(self, device: DeviceConfig, reading: Reading) -> None:
+        if not isinstance(reading, ApplicatorReading):
+            # A plug-in's bug, as an unexpected error: it stops the daemon (as for a source).
+            msg = f"device {device.name}: read() returned {type(reading).__name__}"
+            raise TypeError(msg)
+        events = self.tracker.on_applicator(device.name, reading)
+        view = self.tracker.applicator_view
+        snap = self.tracker.snapshot(reading.mono_ns)
+        open_id = snap.delivery_id if snap is not None and snap.termination is None else None
+        sample = ApplicatorSample(
+            device=device.name,
+            reading=reading,
+            delivery_id=open_id,
+            displacement_from_beam_on_mm=None
+            if view is None
+            else view.displacement_from_beam_on_mm,
+            peak_displacement_mm=None if view is None else view.peak_displacement_mm,
+        )
+        # Log-first, as a source's sample: its events (durable), then the sample itself.
+        self._emit(None, events, quiet=True)
+        kind, data, did = applicator_sample_entry(sample, self.tracker.monitor_interlocks)
+        entry = self._audit.append(kind, data, delivery_id=did)
+        self._queue.put_nowait(_Item(durable=entry.committed, applicator=sample))
+
     def link_lost(self, device: DeviceConfig, reason: str) -> None:
         self.result.link_losses += 1
-        if device.role != "source":
-            return  # the interlocks are the source's: its link is what makes them unknown
-        events = self.tracker.on_link_lost(self._clock.monotonic_ns(), self._clock.utc(), reason)
+        now, utc = self._clock.monotonic_ns(), self._clock.utc()
+        if device.role == "applicator":
+            # A gap of the reader only: the monitor's applicator interlock unknown.
+            events = self.tracker.on_applicator_lost(device.name, now, utc, reason)
+        else:
+            events = self.tracker.on_link_lost(now, utc, reason)
         if events:
             self._emit(None, events)
 
@@ -407,8 +440,11 @@ class Service:
         entry = self._audit.append("device_identified", data, durable=True)
         self._queue.put_nowait(_Item(durable=entry.committed, identified=(device, identity)))
 
-    def _emit(self, sample: Sample | None, events: Sequence[TrackerEvent]) -> None:
-        """Record first, then queue for the other sinks. Never waits for the disk."""
+    def _emit(
+        self, sample: Sample | None, events: Sequence[TrackerEvent], *, quiet: bool = False
+    ) -> None:
+        """Record first, then queue for the other sinks. Never waits for the disk.
+        ``quiet``: nothing to queue when there are no events (the caller queues its own)."""
         ended = False
         for ev in events:
             if isinstance(ev, Terminated):
@@ -427,6 +463,8 @@ class Service:
             durable = self._audit.append(kind, data, delivery_id=did, durable=True).committed
         if pending is not None:
             self._audit.append(pending[0], pending[1], delivery_id=pending[2])
+        if quiet and not events:
+            return
         delivery = self.tracker.snapshot() if sample is None else sample.delivery
         self._queue.put_nowait(
             _Item(durable=durable, sample=sample, events=tuple(events), delivery=delivery)
@@ -467,6 +505,8 @@ class Service:
                         await sink.events(item.events, item.delivery)
                     if item.sample is not None:
                         await sink.sample(item.sample)
+                    if item.applicator is not None:
+                        await sink.applicator(item.applicator)
                     if item.checkpoint is not None:
                         await sink.checkpoint(item.checkpoint)
                 except Exception:

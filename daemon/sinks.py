@@ -33,12 +33,17 @@ from iortd.auditlog.note import Verifier
 from iortd.daemon.tracker import (
     AlarmCleared,
     AlarmRaised,
+    ApplicatorAtBeamOn,
+    ApplicatorRelocked,
     DeliveryAmended,
     DeliverySnapshot,
     DeliveryStarted,
+    DeviceGapEnded,
+    DeviceGapStarted,
     InterlockChanged,
     MonitoringGapEnded,
     MonitoringGapStarted,
+    MonitorInterlockChanged,
     PhaseChanged,
     Terminated,
     TrackerEvent,
@@ -315,6 +320,32 @@ class OperationalLogSink(Sink):
                         delivery_id=ev.delivery_id,
                         reason=ev.reason,
                         delivered_primary_gy=round(ev.summary.delivered_primary_gy, 4),
+                    )
+                case MonitorInterlockChanged():
+                    self._log.info(
+                        "monitor_interlock",
+                        device=ev.device,
+                        interlock=str(ev.interlock),
+                        old=str(ev.old),
+                        new=str(ev.new),
+                        cause=ev.cause,
+                    )
+                case DeviceGapStarted():
+                    self._log.error("device_gap_started", device=ev.device, cause=ev.gap.cause)
+                case DeviceGapEnded():
+                    self._log.warning("device_gap_ended", device=ev.device)
+                case ApplicatorRelocked():
+                    self._log.warning(
+                        "applicator_relocked",
+                        device=ev.device,
+                        displacement_before_mm=ev.displacement_before_mm,
+                    )
+                case ApplicatorAtBeamOn():
+                    self._log.info(
+                        "applicator_at_beam_on",
+                        device=ev.device,
+                        displacement_mm=ev.displacement_mm,
+                        tilt_deg=ev.tilt_deg,
                     )
 
     async def checkpoint(self, note: str) -> None:

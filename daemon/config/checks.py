@@ -273,16 +273,25 @@ def _check_devices(config: Config, file: Path) -> list[ConfigIssue]:
             msg = f"device names must be unique: {dev.name!r} is already devices[{first[dev.name]}]"
             issues.append(ConfigIssue(file, f"devices[{i}].name", msg))
         first.setdefault(dev.name, i)
-    for i, dev in enumerate(config.devices):
-        if not issues and dev.role == "applicator":
-            # Drivers and the simulator serve this role already (issue 16), but no rule of
-            # this version reads what it reports: polled, it would look watched and not be.
-            msg = (
-                "an applicator reader is not monitored by this version of iortd (no rule "
-                "reads its identity, seating, brakes or displacement yet); remove the device "
-                "rather than run with an applicator that looks watched and is not"
-            )
-            issues.append(ConfigIssue(file, f"devices[{i}].role", msg))
+    readers = [i for i, d in enumerate(config.devices) if d.role == "applicator"]
+    if not issues and len(readers) > 1:
+        # One applicator per delivery: the rules compare THE applicator with the console's.
+        msg = (
+            f"one applicator reader per room; devices[{readers[0]}] is one already "
+            "(run a daemon per room)"
+        )
+        issues.append(ConfigIssue(file, f"devices[{readers[1]}].role", msg))
+    if not issues and readers:
+        # No public figure exists for how far an IORT applicator may move during a delivery
+        # (docs/alarms.md): a site that watches one states its own, never a made-up default.
+        t = config.tolerances
+        for key, unit in (("applicator_displacement_mm", "mm"), ("applicator_tilt_deg", "deg")):
+            if getattr(t, key) is None:
+                msg = (
+                    f"required with an applicator reader (devices[{readers[0]}]) and it has no "
+                    f"default: set {key} ({unit}) in [tolerances] to your site's tolerance"
+                )
+                issues.append(ConfigIssue(file, f"tolerances.{key}", msg))
     sources = [i for i, d in enumerate(config.devices) if d.role == "source"]
     if not issues and len(sources) != 1:
         where = ", ".join(f"devices[{i}]" for i in sources) or "none"

@@ -159,6 +159,10 @@ class Tolerances(_Model):
     nominal_kv: float = Field(default=_d("nominal_kv"), gt=0, le=500)
     kv_tolerance_kv: float = Field(default=_d("kv_tolerance_kv"), gt=0, le=100)
     stale_after_polls: int = Field(default=STALE_AFTER_POLLS, ge=2, le=100)
+    # The applicator reader's movement tolerances: no default (no public figure exists), so
+    # a config with an applicator device must set both (checks.py says so, naming the key).
+    applicator_displacement_mm: float | None = Field(default=None, gt=0, le=50)
+    applicator_tilt_deg: float | None = Field(default=None, gt=0, le=45)
 
 
 class SimulationConfig(_Model):
@@ -254,6 +258,8 @@ def tracker_settings(config: Config, clock_speed: float) -> TrackerSettings:
         nominal_kv=t.nominal_kv,
         kv_tolerance_kv=t.kv_tolerance_kv,
         delivery_id_prefix=f"{config.site.room}",
+        applicator_displacement_mm=t.applicator_displacement_mm,
+        applicator_tilt_deg=t.applicator_tilt_deg,
     )
 
 

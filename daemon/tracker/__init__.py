@@ -6,7 +6,9 @@ No I/O and no clock reads: time arrives with the readings (``mono_ns``, ``utc``)
 The package, by concern: ``events`` (the vocabulary sinks consume: phases, alarms,
 segments, snapshots, events), ``settings`` (the tolerances, the single source of every
 default), ``machine`` (the state table), ``dose`` (dose accounting of one delivery),
-``alarms`` (the alarm rules as a table, and the one loop that judges it), ``follow``
+``alarms`` (the alarm rules as a table, and the one loop that judges it), ``applicator``
+(what the tracker keeps of the applicator reader, and the monitor's own applicator
+interlock), ``follow``
 (``DeliveryMachine``: the phase machine, the moves that follow the console), ``restart``
 (taking over after a restart) and ``core`` (``DeliveryTracker``: inputs in, events out; it
 holds a ``DeliveryMachine``, an ``AlarmBook`` and a ``Takeover``, and inherits nothing).
@@ -40,20 +42,27 @@ Rules it enforces (docs/domain.md, "How delivery is controlled"):
   the reading that decided it.
 """
 
+from iortd.daemon.tracker.applicator import ApplicatorView
 from iortd.daemon.tracker.core import DeliveryTracker
 from iortd.daemon.tracker.events import (
+    NS,
     Alarm,
     AlarmCleared,
     AlarmCode,
     AlarmRaised,
+    ApplicatorAtBeamOn,
+    ApplicatorRelocked,
     DeliveryAmended,
     DeliverySnapshot,
     DeliveryStarted,
+    DeviceGapEnded,
+    DeviceGapStarted,
     Gap,
     InterlockChanged,
     Interruption,
     MonitoringGapEnded,
     MonitoringGapStarted,
+    MonitorInterlockChanged,
     Phase,
     PhaseChanged,
     ResumedDelivery,
@@ -66,19 +75,26 @@ from iortd.daemon.tracker.machine import TRANSITIONS, IllegalTransition
 from iortd.daemon.tracker.settings import TrackerSettings
 
 __all__ = [
+    "NS",
     "TRANSITIONS",
     "Alarm",
     "AlarmCleared",
     "AlarmCode",
     "AlarmRaised",
+    "ApplicatorAtBeamOn",
+    "ApplicatorRelocked",
+    "ApplicatorView",
     "DeliveryAmended",
     "DeliverySnapshot",
     "DeliveryStarted",
     "DeliveryTracker",
+    "DeviceGapEnded",
+    "DeviceGapStarted",
     "Gap",
     "IllegalTransition",
     "InterlockChanged",
     "Interruption",
+    "MonitorInterlockChanged",
     "MonitoringGapEnded",
     "MonitoringGapStarted",
     "Phase",

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
+from iortd.daemon.tracker.applicator import ApplicatorView
 from iortd.daemon.tracker.dose import DeliveryRecord
 from iortd.daemon.tracker.events import (
     NS,
@@ -56,6 +57,7 @@ class When(enum.StrEnum):
 
     READING = "reading"  # every reading the tracker takes (believed or not)
     INTERLOCKS = "interlocks"  # every reading, and every change of the interlocks without one
+    APPLICATOR = "applicator"  # every reading of the source and every input of the reader
     EVENT = "event"  # never by the loop: raised by the event the row names
 
 
@@ -78,6 +80,8 @@ class Situation:
     mono_ns: int
     utc: datetime
     judging: bool  # the delivery is open, or ends on this reading
+    # The applicator reader, when one is configured (its readings may be unknown).
+    applicator: ApplicatorView | None = None
 
 
 class Finding(NamedTuple):
@@ -103,6 +107,7 @@ class Rule:
     per_interlock: bool = False
     settings: tuple[str, ...] = ()  # the TrackerSettings fields it judges by
     what: str = ""  # one line; docs/alarms.md says it for physicists
+    subject: Interlock | None = None  # the one interlock a row that is not per-interlock judges
 
     def key(self, subject: Interlock | None) -> str:
         return f"{self.code}" if subject is None else f"{self.code}:{subject.value}"
@@ -207,6 +212,59 @@ def _kv(s: Situation, _: Interlock | None) -> Finding | None:
     )
 
 
+def _beam(s: Situation) -> bool:
+    return s.phase is Phase.IRRADIATING
+
+
+def _mismatch(s: Situation, _: Interlock | None) -> Finding | None:
+    v = s.applicator
+    if v is None or v.reading is None:
+        return None  # unknown readings: the monitor's interlock is unknown (its own row)
+    return Finding(v.mismatch is not None, f"applicator identity mismatch: {v.mismatch}")
+
+
+def _displaced(s: Situation, _: Interlock | None) -> Finding | None:
+    v, tol = s.applicator, s.settings.applicator_displacement_mm
+    if v is None or v.reading is None or tol is None:
+        return None
+    lock, since = v.displacement_mm, v.displacement_from_beam_on_mm
+    known = [x for x in (lock, since) if x is not None]
+    mag = max(known, default=0.0)
+
+    def mm(x: float | None) -> str:
+        return "unknown" if x is None else f"{x:.2f} mm"
+
+    return Finding(
+        _beam(s) and mag > tol,
+        f"applicator displaced {mag:.2f} mm with the beam on (from the stand's lock "
+        f"{mm(lock)}, from beam-on {mm(since)}; tolerance {tol:g} mm)",
+    )
+
+
+def _tilted(s: Situation, _: Interlock | None) -> Finding | None:
+    v, tol = s.applicator, s.settings.applicator_tilt_deg
+    if v is None or v.reading is None or tol is None or v.tilt_deg is None:
+        return None
+    return Finding(
+        _beam(s) and abs(v.tilt_deg) > tol,
+        f"applicator tilted {v.tilt_deg:.2f} deg from the stand's lock with the beam on "
+        f"(tolerance {tol:g} deg)",
+    )
+
+
+def _monitor_interlock(s: Situation, _: Interlock | None) -> Finding | None:
+    v = s.applicator
+    if v is None:
+        return None
+    beam = _beam(s)
+    return Finding(
+        v.monitor_interlock is not InterlockState.OK and s.phase in ACTIVE,
+        f"monitor's applicator interlock {v.monitor_interlock.value} ({v.device}): {v.cause}"
+        + (" with beam on" if beam and "with the beam on" not in v.cause else ""),
+        Severity.HIGH if beam else Severity.MEDIUM,
+    )
+
+
 # ---- the table ----------------------------------------------------------------------------
 
 H, M, L = Severity.HIGH, Severity.MEDIUM, Severity.LOW
@@ -243,6 +301,17 @@ RULES: tuple[Rule, ...] = (
          what="the console reported FAULT or EMERGENCY_STOP"),
     Rule(C.DOSE_WHILE_BEAM_OFF, (H,), When.EVENT, None, Clears.NEXT_SELECTION,
          what="the dose count rose while the console reported the beam off"),
+    Rule(C.MONITOR_INTERLOCK, (H, M), When.APPLICATOR, _monitor_interlock, Clears.WHEN_FALSE,
+         subject=Interlock.APPLICATOR,
+         what="the monitor's own applicator interlock (from the reader) is not ok in a delivery"),
+    Rule(C.APPLICATOR_MISMATCH, (H,), When.APPLICATOR, _mismatch, Clears.WHEN_FALSE,
+         what="the applicator the reader sees is not the one the console reports"),
+    Rule(C.APPLICATOR_DISPLACED, (H,), When.APPLICATOR, _displaced, Clears.WHEN_FALSE,
+         settings=("applicator_displacement_mm",),
+         what="the applicator moved beyond the tolerance with the beam on"),
+    Rule(C.APPLICATOR_TILTED, (H,), When.APPLICATOR, _tilted, Clears.WHEN_FALSE,
+         settings=("applicator_tilt_deg",),
+         what="the applicator tilted beyond the tolerance with the beam on"),
 )  # fmt: skip
 
 
@@ -259,7 +328,7 @@ def _order(rules: Sequence[Rule]) -> tuple[tuple[Rule, Interlock | None], ...]:
             out += [(r, il) for il in Interlock for r in rules[i:j]]
             i = j
         else:
-            out.append((rules[i], None))
+            out.append((rules[i], rules[i].subject))
             i += 1
     return tuple(out)
 
@@ -271,8 +340,9 @@ class AlarmBook:
     def __init__(self, rules: Sequence[Rule] = RULES) -> None:
         self._by_code = {r.code: r for r in rules}
         self._on: Mapping[When, tuple[tuple[Rule, Interlock | None], ...]] = {
-            When.READING: _order([r for r in rules if r.when in (When.READING, When.INTERLOCKS)]),
+            When.READING: _order([r for r in rules if r.when is not When.EVENT]),
             When.INTERLOCKS: _order([r for r in rules if r.when is When.INTERLOCKS]),
+            When.APPLICATOR: _order([r for r in rules if r.when is When.APPLICATOR]),
         }
         self._standing: dict[str, Alarm] = {}
         self._true_since: dict[str, int] = {}  # key -> mono_ns the condition became true

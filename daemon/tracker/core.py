@@ -14,6 +14,13 @@ them through a read-only view). What it does with a reading:
 4. after a restart, the first believed reading decides the takeover and the link;
 5. a reading that cannot be believed goes to FAULT; a believed one is followed;
 6. the alarm table is judged once, and the events are put in order (``end_last``).
+
+Applicator readers (issue 16, applicator.py) are inputs of their own: ``on_applicator``
+and ``on_applicator_lost`` touch only that reader's watch, the monitor's applicator
+interlock (``monitor_interlocks``, never the console's ``interlocks``) and the applicator
+rows of the table; the source's record, gaps and interlocks never hear of them. The
+monitor's interlock is derived again after every input of either device (the beam coming
+on is the source's news), before the table is judged.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from datetime import datetime
 from types import MappingProxyType
 
 from iortd.daemon.tracker.alarms import AlarmBook, Situation, When
+from iortd.daemon.tracker.applicator import ApplicatorView, ApplicatorWatch
 from iortd.daemon.tracker.events import (
     NS,
     Alarm,
@@ -34,6 +42,7 @@ from iortd.daemon.tracker.events import (
     InterlockChanged,
     MonitoringGapEnded,
     MonitoringGapStarted,
+    MonitorInterlockChanged,
     Phase,
     ResumedDelivery,
     TrackerEvent,
@@ -43,6 +52,8 @@ from iortd.daemon.tracker.follow import DeliveryMachine
 from iortd.daemon.tracker.restart import Takeover, is_own_id, resumed_record
 from iortd.daemon.tracker.settings import TrackerSettings
 from iortd.kernel.types import (
+    ApplicatorIdentity,
+    ApplicatorReading,
     DeviceState,
     Interlock,
     InterlockState,
@@ -67,9 +78,14 @@ class DeliveryTracker:
     """Inputs in, events out: the coordinator of the parts it holds (the phase machine, the
     alarm book, the restart's takeover) and the keeper of time, gaps and interlocks."""
 
-    def __init__(self, settings: TrackerSettings) -> None:
+    def __init__(self, settings: TrackerSettings, applicators: tuple[str, ...] = ()) -> None:
         if not (settings.stale_after_s > 0):
             raise ValueError("stale_after_s must be > 0")
+        if len(applicators) > 1:
+            raise ValueError("at most one applicator reader per room")
+        # The applicator reader (issue 16), and the applicator the console last reported.
+        self._watch = ApplicatorWatch(applicators[0]) if applicators else None
+        self._console_applicator: ApplicatorIdentity | None = None
         self.settings = settings
         # The interlocks as last believed: the tracker writes them, the machine reads them.
         self._interlocks: dict[Interlock, InterlockState] = dict.fromkeys(
@@ -99,6 +115,18 @@ class DeliveryTracker:
     @property
     def all_clear(self) -> bool:
         return all(s is InterlockState.OK for s in self._interlocks.values())
+
+    @property
+    def monitor_interlocks(self) -> Mapping[Interlock, InterlockState]:
+        """The interlocks the monitor derives itself (the applicator's, from its reader),
+        apart from the console's own; empty without a reader."""
+        w = self._watch
+        return MappingProxyType({} if w is None else {Interlock.APPLICATOR: w.state})
+
+    @property
+    def applicator_view(self) -> ApplicatorView | None:
+        """The applicator reader as the rules see it; None without one."""
+        return None if self._watch is None else self._watch.view(self._console_applicator)
 
     @property
     def alarms(self) -> tuple[Alarm, ...]:
@@ -173,6 +201,7 @@ class DeliveryTracker:
         self._update_interlocks(reported, r.mono_ns, r.utc, out)
         if trusted:
             self._restart.decide(m, r, out)
+            self._console_applicator = r.applicator
         if not sane:
             m.to_fault(r.mono_ns, r.utc, "non-finite or negative value in reading", out)
         elif r.state is DeviceState.UNKNOWN:
@@ -180,12 +209,33 @@ class DeliveryTracker:
         else:
             m.follow(r, prev_mono, out)
 
+        self._monitor(r.mono_ns, r.utc, out)
         self._judge(When.READING, r.mono_ns, r.utc, out, r)
         m.last_state = r.state
         # A link is for a record that starts on the reading that decided it; a delivery
         # begun later is a new selection (the console was seen idle or at an end first).
         m.link = None
         return end_last(out)
+
+    def on_applicator(self, device: str, r: ApplicatorReading) -> list[TrackerEvent]:
+        """Take one reading of the applicator reader; return what happened, in order."""
+        w = self._applicator(device)
+        out: list[TrackerEvent] = []
+        w.take(r, self._machine.delivery_id(), out)
+        self._monitor(r.mono_ns, r.utc, out)
+        self._judge(When.APPLICATOR, r.mono_ns, r.utc, out)
+        return out
+
+    def on_applicator_lost(
+        self, device: str, now_mono_ns: int, now_utc: datetime, reason: str
+    ) -> list[TrackerEvent]:
+        """The reader is unreachable: its readings unknown, a gap of that device only,
+        the monitor's applicator interlock unknown (fail safe); the source goes on."""
+        w = self._applicator(device)
+        out = w.lose(reason, now_mono_ns, now_utc, self._machine.delivery_id())
+        self._monitor(now_mono_ns, now_utc, out)
+        self._judge(When.APPLICATOR, now_mono_ns, now_utc, out)
+        return out
 
     def on_device_heard(self, mono_ns: int) -> None:
         """The device answered (a reply a driver has not yet turned into a reading): the
@@ -240,6 +290,8 @@ class DeliveryTracker:
         out: list[TrackerEvent] = []
         d = resumed_record(rd, now_mono_ns, now_utc)
         self._machine.take_over(d, rd.phase)
+        if self._watch is not None:
+            self._watch.taken_over(d.delivery_id)
         self._restart.resumed = rd
         self._last_mono_ns, self._last_utc = d.started_mono_ns, rd.unwatched_since_utc
         self._start_gap(rd.cause, now_mono_ns, now_utc, out)
@@ -263,6 +315,32 @@ class DeliveryTracker:
 
     # ---- internals --------------------------------------------------------------------
 
+    def _applicator(self, device: str) -> ApplicatorWatch:
+        if self._watch is None or self._watch.device != device:
+            raise KeyError(f"{device!r} is not the applicator reader this tracker watches")
+        return self._watch
+
+    def _monitor(self, mono: int, utc: datetime, out: list[TrackerEvent]) -> None:
+        """Derive the monitor's applicator interlock again; record a change."""
+        w = self._watch
+        if w is None:
+            return
+        m = self._machine
+        did = m.delivery_id()
+        w.follow_delivery(did)
+        beam = m.phase is Phase.IRRADIATING
+        if beam:
+            w.at_beam_on(did, mono, utc, out)
+        new, cause = w.judge(self._console_applicator, beam)
+        w.cause = cause
+        if new is not w.state:
+            old, w.state = w.state, new
+            out.append(
+                MonitorInterlockChanged(
+                    w.device, Interlock.APPLICATOR, old, new, cause, mono, utc, did
+                )
+            )
+
     def _heard(self) -> int:
         last = self._last_mono_ns or 0
         return max(last, self._heard_mono_ns or last)
@@ -279,7 +357,10 @@ class DeliveryTracker:
         itself are evaluated up to and including the reading that ends it, and then left
         standing (not cleared because it ended): they are cleared at the next selection."""
         m = self._machine
-        s = Situation(m.phase, self._interlocks, m.delivery, r, self.settings, mono, utc, m.judging)
+        view = self.applicator_view
+        s = Situation(
+            m.phase, self._interlocks, m.delivery, r, self.settings, mono, utc, m.judging, view
+        )
         self._alarms.evaluate(s, when, m.delivery_id(), out)
 
     def _start_gap(self, cause: str, mono: int, utc: datetime, out: list[TrackerEvent]) -> None:

@@ -20,12 +20,17 @@ __all__ = [
     "AlarmCleared",
     "AlarmCode",
     "AlarmRaised",
+    "ApplicatorAtBeamOn",
+    "ApplicatorRelocked",
     "DeliveryAmended",
     "DeliverySnapshot",
     "DeliveryStarted",
+    "DeviceGapEnded",
+    "DeviceGapStarted",
     "Gap",
     "InterlockChanged",
     "Interruption",
+    "MonitorInterlockChanged",
     "MonitoringGapEnded",
     "MonitoringGapStarted",
     "Phase",
@@ -72,6 +77,11 @@ class AlarmCode(enum.StrEnum):
     DOSE_WHILE_BEAM_OFF = "dose_while_beam_off"
     NO_EXPECTED_RATE = "no_expected_rate"
     KV_OUT_OF_RANGE = "kv_out_of_range"
+    # The applicator reader and stand (issue 16): the monitor's own checks.
+    APPLICATOR_MISMATCH = "applicator_mismatch"
+    APPLICATOR_DISPLACED = "applicator_displaced"
+    APPLICATOR_TILTED = "applicator_tilted"
+    MONITOR_INTERLOCK = "monitor_interlock"
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +256,67 @@ class DeliveryAmended:
     summary: DeliverySnapshot
 
 
+@dataclass(frozen=True, slots=True)
+class MonitorInterlockChanged:
+    """An interlock the MONITOR derives (from the applicator reader and stand, and the
+    console's view of the applicator), never the console's own: recorded apart from
+    :class:`InterlockChanged`, as ``monitor_interlock_changed``. ``cause`` says why."""
+
+    device: str  # the reader it is derived from
+    interlock: Interlock
+    old: InterlockState
+    new: InterlockState
+    cause: str
+    mono_ns: int
+    utc: datetime
+    delivery_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceGapStarted:
+    """A monitoring gap of one device other than the source (its readings unknown); the
+    source's record, and its gaps, are not touched."""
+
+    device: str
+    delivery_id: str | None
+    gap: Gap
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceGapEnded:
+    device: str
+    delivery_id: str | None
+    gap: Gap
+
+
+@dataclass(frozen=True, slots=True)
+class ApplicatorRelocked:
+    """The stand was locked again (its lock counter changed) while a delivery was open:
+    its displacement restarts from the new lock; the delivery's peak is kept."""
+
+    device: str
+    delivery_id: str | None
+    old_counter: int | None
+    new_counter: int | None
+    displacement_before_mm: float | None  # the last magnitude from the old lock
+    mono_ns: int
+    utc: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class ApplicatorAtBeamOn:
+    """What the reader showed at the delivery's first beam-on: the applicator's identity
+    and the displacement from the lock, the reference of "displacement since beam-on"."""
+
+    device: str
+    delivery_id: str | None
+    applicator: ApplicatorIdentity | None
+    displacement_mm: float | None
+    tilt_deg: float | None
+    mono_ns: int
+    utc: datetime
+
+
 TrackerEvent = (
     DeliveryStarted
     | PhaseChanged
@@ -256,6 +327,11 @@ TrackerEvent = (
     | MonitoringGapEnded
     | Terminated
     | DeliveryAmended
+    | MonitorInterlockChanged
+    | DeviceGapStarted
+    | DeviceGapEnded
+    | ApplicatorRelocked
+    | ApplicatorAtBeamOn
 )
 
 
@@ -280,7 +356,10 @@ def end_last(out: list[TrackerEvent]) -> list[TrackerEvent]:
     alarms = [ev for ev, o in zip(window, ours, strict=True) if o]
     rest: list[TrackerEvent] = [
         replace(ev, delivery_id=None)
-        if isinstance(ev, PhaseChanged | InterlockChanged | AlarmRaised | AlarmCleared)
+        if isinstance(
+            ev,
+            PhaseChanged | InterlockChanged | MonitorInterlockChanged | AlarmRaised | AlarmCleared,
+        )
         and ev.delivery_id == end.delivery_id
         else ev
         for ev, o in zip(window, ours, strict=True)

@@ -41,6 +41,12 @@ class TrackerSettings:
     nominal_kv: float = 50.0
     kv_tolerance_kv: float = 5.0
     delivery_id_prefix: str = "D"
+    # The applicator reader and stand (issue 16): how far the applicator's tip may move
+    # (mm, from the stand's lock or from beam-on) and tilt (degrees) with the beam on. No
+    # default on purpose: the literature gives no public figure, so a site that configures
+    # a reader must state its own (the config refuses one without them). None: no reader.
+    applicator_displacement_mm: float | None = None
+    applicator_tilt_deg: float | None = None
 
 
 def setting_default(name: str) -> float:

@@ -76,6 +76,22 @@ def test_demo_runs_one_simulated_delivery_to_normal_termination(
     (line,) = listing.stdout.splitlines()
     assert " NORMAL " in line
     assert "20.000/20.000 Gy" in line
+    # The demo's applicator reader (issue 16) is polled, recorded and cross-checked beside
+    # the source: it agrees with the console (no applicator alarm), and the monitor's own
+    # applicator interlock is recorded as the monitor's.
+    entries = [
+        json.loads(text)
+        for seg in sorted(logdir.glob("log-*.jsonl"))
+        for text in seg.read_text("utf-8").splitlines()
+    ]
+    readings = [e for e in entries if e["type"] == "applicator_sample"]
+    assert readings
+    assert {e["data"]["device"] for e in readings} == {"stand-1"}
+    codes = {e["data"]["code"] for e in entries if e["type"] == "alarm_raised"}
+    assert not codes & {"applicator_mismatch", "applicator_displaced", "applicator_tilted"}
+    assert any(
+        e["type"] == "monitor_interlock_changed" and e["data"]["to"] == "ok" for e in entries
+    )
 
 
 def test_demo_log_dir_is_relative_to_the_working_directory(tmp_path: Path) -> None:

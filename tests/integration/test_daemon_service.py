@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import errno
 import itertools
 import json
-import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,12 +18,13 @@ from iortd.auditlog import writer
 from iortd.auditlog.writer import AuditLog
 from iortd.daemon import app
 from iortd.daemon.app import App
-from iortd.daemon.config import DeviceConfig, LoadedConfig, load_config
+from iortd.daemon.config import LoadedConfig, load_config
 from iortd.daemon.entries import event_entry
-from iortd.daemon.sinks import Sample
+from iortd.daemon.sinks import ApplicatorSample, Sample
 from iortd.daemon.tracker import (
     AlarmRaised,
     DeliverySnapshot,
+    DeviceGapStarted,
     MonitoringGapEnded,
     MonitoringGapStarted,
     TrackerEvent,
@@ -44,7 +43,7 @@ from iortd.kernel.types import (
     SourceReading,
     TerminationStatus,
 )
-from iortd.simulators.driver import SimDriverFactory
+from iortd.simulators.driver import SimApplicatorDriver, SimDriverFactory
 
 pytestmark = pytest.mark.integration
 
@@ -82,6 +81,7 @@ class RecordingSink:
 
     def __init__(self, on_event: Callable[[TrackerEvent], None] | None = None) -> None:
         self.samples: list[Sample] = []
+        self.applicator_samples: list[ApplicatorSample] = []
         self.seen: list[TrackerEvent] = []
         self.closed = False
         self.checkpoints: list[str] = []
@@ -94,6 +94,10 @@ class RecordingSink:
 
     async def sample(self, sample: Sample) -> None:
         self.samples.append(sample)
+        self.changed.set()
+
+    async def applicator(self, sample: ApplicatorSample) -> None:
+        self.applicator_samples.append(sample)
         self.changed.set()
 
     async def events(
@@ -429,6 +433,8 @@ directory = "log"
 enabled = false
 [tolerances]
 stale_after_polls = 3
+applicator_displacement_mm = 2.0
+applicator_tilt_deg = 2.0
 [[devices]]
 name = "source-1"
 driver = "scripted"
@@ -494,20 +500,11 @@ async def test_every_configured_device_has_its_own_loop_and_one_does_not_disturb
     """Two devices, two loops: the applicator reader is connected, identified (in the
     record) and polled beside the source; its lost link is counted and it is reconnected
     on its own, while the source's readings, interlocks and record go on undisturbed (no
-    gap). Only the source's readings reach the tracker."""
+    gap of the source: the reader's own gap names it)."""
     source, reader = Script(["ok"] * 10_000), Script(["ok"] * 3 + ["drop"] + ["ok"] * 10_000)
     registry = DriverRegistry.of([TwoRoleFactory(source, reader), SimDriverFactory()])
-    # load_config refuses an applicator device until a rule reads it (issue 16); the loop
-    # under test runs any configured device, so the reader is added after validation.
-    source_only, _, reader_table = TWO_DEVICES.rpartition("[[devices]]")
-    (tmp_path / "site.toml").write_text(source_only)
+    (tmp_path / "site.toml").write_text(TWO_DEVICES)
     loaded = load_config(tmp_path / "site.toml", registry)
-    spec = tomllib.loads(reader_table)
-    reader_dev = DeviceConfig.model_validate(spec)
-    loaded = dataclasses.replace(
-        loaded,
-        config=loaded.config.model_copy(update={"devices": (*loaded.config.devices, reader_dev)}),
-    )
     sink = RecordingSink()
     daemon = App(loaded, registry, ScaledClock(1.0), [sink])
     stop = asyncio.Event()
@@ -522,6 +519,7 @@ async def test_every_configured_device_has_its_own_loop_and_one_does_not_disturb
     assert source.connects == 1, "the source was reconnected because of the reader"
     assert reader.reads >= 4
     assert not any(isinstance(e, MonitoringGapStarted) for e in sink.seen)
+    assert [e.device for e in sink.seen if isinstance(e, DeviceGapStarted)] == ["reader-1"]
     assert {s.device for s in sink.samples} == {"source-1"}
     identified = [
         json.loads(line)["data"]["device"]
@@ -570,3 +568,119 @@ async def test_a_crash_still_closes_every_sink_and_then_the_log(tmp_path: Path) 
     ]
     assert kinds.count("sample") == 3, kinds
     assert "daemon_stop" not in kinds, "a crash is not a clean stop"
+
+
+# ---- the applicator reader beside the source (issue 16) ----------------------------------
+
+SIM_ROOM = """
+[site]
+id = "test-site"
+room = "or-9"
+[log]
+directory = "log"
+[mqtt]
+enabled = false
+[simulation]
+speed = 30
+seed = 7
+[tolerances]
+stale_after_polls = 5
+applicator_displacement_mm = 2.0
+applicator_tilt_deg = 2.0
+[[devices]]
+name = "source-1"
+driver = "sim"
+poll_interval_s = 0.02
+[devices.options]
+applicator = "SPH30"
+start_delay_s = 2.0
+[[devices]]
+name = "stand-1"
+role = "applicator"
+driver = "sim"
+poll_interval_s = 0.02
+[devices.options]
+applicator = "SPH30"
+"""
+
+
+class CapturingSimFactory(SimDriverFactory):
+    """The sim driver, keeping the reader it builds (to move its stand in-process)."""
+
+    def __init__(self) -> None:
+        self.reader: SimApplicatorDriver | None = None
+
+    def create(self, spec: DriverSpec, context: DriverContext) -> Any:
+        driver = super().create(spec, context)
+        if isinstance(driver, SimApplicatorDriver):
+            self.reader = driver
+        return driver
+
+
+async def test_a_bump_past_tolerance_mid_beam_is_alarmed_at_once_with_the_true_magnitude(
+    tmp_path: Path,
+) -> None:
+    """The in-process sim source and reader: a clean beam-on with the monitor's applicator
+    interlock ok and no alarm; then the stand is bumped 3 mm (tolerance 2 mm) mid-beam:
+    ``applicator_displaced`` within 3 of the reader's polls, its magnitude within 0.1 mm of
+    the simulator's truth, recorded log-first as applicator samples."""
+    (tmp_path / "site.toml").write_text(SIM_ROOM)
+    factory = CapturingSimFactory()
+    registry = DriverRegistry.of([factory])
+    loaded = load_config(tmp_path / "site.toml", registry)
+    sink = RecordingSink()
+    clock = ScaledClock(30)
+    daemon = App(loaded, registry, clock, [sink])
+    stop = asyncio.Event()
+
+    def beam_and_reader_ok() -> bool:
+        if not sink.applicator_samples:
+            return False  # (the daemon's tracker exists once it runs)
+        t = daemon.tracker
+        mon = t.monitor_interlocks.get(Interlock.APPLICATOR)
+        view = t.applicator_view
+        return (
+            t.phase.value == "IRRADIATING"
+            and mon is InterlockState.OK
+            and view is not None
+            and view.displacement_from_beam_on_mm is not None
+        )
+
+    async with asyncio.TaskGroup() as tg:
+        task = tg.create_task(daemon.run(stop))
+        await sink.wait_for(beam_and_reader_ok, "the beam on with the reader ok")
+        assert not [e for e in sink.seen if isinstance(e, AlarmRaised)], "a clean start"
+        assert factory.reader is not None
+        factory.reader.model.bump(3.0, (1.0, 0.0, 0.0))
+        truth = factory.reader.model.true_displacement_mm
+        assert truth is not None
+        bumped_ns = clock.monotonic_ns()
+
+        def displaced() -> list[AlarmRaised]:
+            return [
+                e
+                for e in sink.seen
+                if isinstance(e, AlarmRaised) and e.alarm.code.value == "applicator_displaced"
+            ]
+
+        await sink.wait_for(lambda: bool(displaced()), "applicator_displaced")
+        # The reader's polls after the bump up to the one that raised it (by their own
+        # time stamps: a dispatcher slowed by a loaded machine does not count).
+        raised_ns = displaced()[0].alarm.raised_mono_ns
+        polls = sum(bumped_ns < a.reading.mono_ns <= raised_ns for a in sink.applicator_samples)
+        stop.set()
+    task.result()
+    assert 1 <= polls <= 3, f"raised after {polls} polls of the reader"
+    true_mag = sum(c * c for c in truth) ** 0.5
+    peak = sink.applicator_samples[-1].peak_displacement_mm
+    assert peak is not None
+    assert abs(peak - true_mag) < 0.1, (peak, true_mag)
+    assert "applicator displaced 3.0" in displaced()[0].alarm.message
+    kinds = [
+        json.loads(line)["type"]
+        for f in sorted((tmp_path / "log").glob("log-*.jsonl"))
+        for line in f.read_text().splitlines()
+    ]
+    assert "applicator_sample" in kinds
+    assert "applicator_at_beam_on" in kinds
+    assert kinds.index("applicator_at_beam_on") < kinds.index("alarm_raised")

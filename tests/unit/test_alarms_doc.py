@@ -66,9 +66,14 @@ def _cleared(rule: Rule) -> str:
     return label
 
 
-def _tolerances(cell: str) -> dict[str, float]:
-    """`key` = 0.05 pairs in a cell (a unit may follow the number)."""
-    return {k: float(v) for k, v in re.findall(r"`([a-z_]+)` = ([0-9.]+)", cell)}
+def _tolerances(cell: str) -> dict[str, float | None]:
+    """`key` = 0.05 pairs in a cell (a unit may follow the number), and `key` (required)
+    for a tolerance with no default that a config must set (None)."""
+    out: dict[str, float | None] = {
+        k: float(v) for k, v in re.findall(r"`([a-z_]+)` = ([0-9.]+)", cell)
+    }
+    out.update(dict.fromkeys(re.findall(r"`([a-z_]+)` \(required", cell)))
+    return out
 
 
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: f"{r.code}")

@@ -22,7 +22,14 @@ import pytest
 from pydantic import ValidationError
 
 from iortd.auditlog.note import generate_keypair, write_keypair
-from iortd.daemon.config import ConfigError, ConfigIssue, LoadedConfig, MqttConfig, load_config
+from iortd.daemon.config import (
+    ConfigError,
+    ConfigIssue,
+    LoadedConfig,
+    MqttConfig,
+    load_config,
+    tracker_settings,
+)
 from iortd.drivers.registry import ENTRY_POINT_GROUP, DriverRegistry
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,7 +158,9 @@ def _write(directory: Path, text: str, name: str = "site.toml") -> Path:
 
 
 def _demo_text() -> str:
-    return DEMO.read_text(encoding="utf-8")
+    """The demo's source alone (its applicator reader, last in the file, cut off)."""
+    text = DEMO.read_text(encoding="utf-8")
+    return text.split("# The applicator reader and positioning stand", 1)[0]
 
 
 def _replace_once(text: str, old: str, new: str) -> str:
@@ -225,8 +234,10 @@ def test_shipped_configs_load(path: Path, registry: DriverRegistry) -> None:
     assert loaded.path == path
     assert loaded.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     config = loaded.config
-    assert [d.driver for d in config.devices] == ["sim"]
+    assert config.source.driver == "sim"
     assert config.source.name == "source-1"
+    readers = [d for d in config.devices if d.role == "applicator"]
+    assert [d.driver for d in readers] == (["sim"] if path == DEMO else [])
     assert config.source.options["applicator"] == "SPH30"
     assert config.log.directory.is_absolute()
 
@@ -770,15 +781,46 @@ def test_the_url_validator_itself_refuses_credentials() -> None:
     assert "hunter2" not in str(excinfo.value.errors(include_input=False))
 
 
-def test_an_applicator_reader_is_refused_until_a_rule_watches_it(tmp_path: Path) -> None:
-    """Drivers and the simulator serve the applicator role (issue 16), but nothing in this
-    version reads what a reader reports: a configured one would look watched and not be."""
-    text = _demo_text() + (
-        '\n[[devices]]\nname = "stand-1"\nrole = "applicator"\ndriver = "sim"\n'
-        '[devices.options]\nprofile = "intrabeam"\napplicator = "SPH30"\n'
+READER = (
+    '\n[[devices]]\nname = "stand-2"\nrole = "applicator"\ndriver = "sim"\n'
+    '[devices.options]\nprofile = "intrabeam"\napplicator = "SPH30"\n'
+)
+
+
+def _source_only() -> str:
+    """The demo without its applicator reader and the reader's tolerances."""
+    return "".join(
+        line
+        for line in _demo_text().splitlines(keepends=True)
+        if not line.startswith("applicator_")
     )
+
+
+def test_an_applicator_reader_needs_its_tolerances(tmp_path: Path) -> None:
+    """Movement tolerances have no default: a reader without them is a config error that
+    names each key (exit 2), never a reader judged by a made-up figure."""
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(_write(tmp_path, _source_only() + READER), DriverRegistry.from_entry_points())
+    keys = {i.key: i.message for i in excinfo.value.issues}
+    assert set(keys) == {"tolerances.applicator_displacement_mm", "tolerances.applicator_tilt_deg"}
+    assert all("devices[1]" in m and "no default" in m for m in keys.values())
+
+
+def test_an_applicator_reader_with_its_tolerances_loads(tmp_path: Path) -> None:
+    text = _replace_once(
+        _source_only() + READER,
+        "[tolerances]\n",
+        "[tolerances]\napplicator_displacement_mm = 2.0\napplicator_tilt_deg = 1.5\n",
+    )
+    loaded = load_config(_write(tmp_path, text), DriverRegistry.from_entry_points())
+    st = tracker_settings(loaded.config, 1.0)
+    assert (st.applicator_displacement_mm, st.applicator_tilt_deg) == (2.0, 1.5)
+
+
+def test_one_applicator_reader_per_room(tmp_path: Path) -> None:
+    text = DEMO.read_text(encoding="utf-8") + READER
     with pytest.raises(ConfigError) as excinfo:
         load_config(_write(tmp_path, text), DriverRegistry.from_entry_points())
     issue = _issue(excinfo)
-    assert issue.key == "devices[1].role"
-    assert "not monitored" in issue.message
+    assert issue.key == "devices[2].role"
+    assert "one applicator reader" in issue.message

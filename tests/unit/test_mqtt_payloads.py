@@ -50,15 +50,20 @@ from iortd.daemon.tracker import (
     AlarmCleared,
     AlarmCode,
     AlarmRaised,
+    ApplicatorAtBeamOn,
+    ApplicatorRelocked,
     DeliveryAmended,
     DeliverySnapshot,
     DeliveryStarted,
     DeliveryTracker,
+    DeviceGapEnded,
+    DeviceGapStarted,
     Gap,
     InterlockChanged,
     Interruption,
     MonitoringGapEnded,
     MonitoringGapStarted,
+    MonitorInterlockChanged,
     Phase,
     PhaseChanged,
     Segment,
@@ -323,10 +328,21 @@ def every_event(d: str = "or-1-20261126T100000000000Z") -> list[TrackerEvent]:
         AlarmCleared(d, alarm, 2 * NS, T0 + timedelta(seconds=1)),
         MonitoringGapStarted(d, open_gap),
         MonitoringGapEnded(d, closed_gap),
+        # The applicator reader's (issue 16).
+        MonitorInterlockChanged(
+            "stand-1", Interlock.APPLICATOR, InterlockState.OK, InterlockState.TRIPPED,
+            "stand brakes engaged: no with the beam on", NS, T0, d,
+        ),
+        DeviceGapStarted("stand-1", d, Gap("link lost: timeout", NS, T0)),
+        DeviceGapEnded("stand-1", d, closed_gap),
+        ApplicatorRelocked("stand-1", d, 3, 4, 0.4, NS, T0),
+        ApplicatorAtBeamOn(
+            "stand-1", d, ApplicatorIdentity("spherical", 30.0, "SIM-SPH30"), 0.1, 0.0, NS, T0
+        ),
         PhaseChanged(d, Phase.IRRADIATING, Phase.TERMINATED, "terminated NORMAL", NS, T0),
         Terminated(d, TerminationStatus.NORMAL, "preset reached", done),
         DeliveryAmended(d, "0.1000 Gy more was given after closing", done),
-    ]
+    ]  # fmt: skip
 
 
 # A real run: selection, beam, an interruption by the door, a monitoring gap, resumption,
