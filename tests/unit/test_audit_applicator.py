@@ -1,0 +1,179 @@
+"""The applicator reader's side in the auditors' outputs (issue 16): the record, the CSV
+and JSON exports, the report's section. A log written by hand (handlog.py) with the
+entries the daemon writes for a reader (daemon/entries.py, docs/audit-log.md)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+import orjson
+from handlog import DID, Log, at, interrupted_log, record
+
+from iortd.audit.applicator import applicator_side
+from iortd.audit.export import APPLICATOR_COLUMNS, applicator_csv, events_csv, json_export
+
+SPH30 = {"type": "spherical", "diameter_mm": 30.0, "serial": "A-7"}
+
+
+def _app_sample(t: float, disp: float, from_on: float, peak: float, tilt: float) -> dict[str, Any]:
+    return {
+        "device": "stand-1",
+        "at": at(t),
+        "device_mono_ns": int(t * 1e9),
+        "state": "READY",
+        "fault": None,
+        "applicator": SPH30,
+        "seated": "yes",
+        "source_locked": "yes",
+        "brakes_engaged": "yes",
+        "uses_left": 12,
+        "seat_counter": 1,
+        "lock_counter": 1,
+        "heartbeat": int(t),
+        "displacement_mm": [disp, 0.0, 0.0],
+        "displacement_magnitude_mm": disp,
+        "tilt_deg": tilt,
+        "displacement_from_beam_on_mm": from_on,
+        "peak_displacement_mm": peak,
+        "monitor_interlocks": {"applicator": "ok" if disp < 2 else "tripped"},
+        "simulated": True,
+    }
+
+
+def applicator_log() -> Log:
+    """interrupted_log with a reader: identity at beam-on, drift past 2 mm, the brakes
+    released (the monitor's interlock trips), a re-lock, a gap of the reader only."""
+    base = interrupted_log().entries
+    cut = next(i for i, e in enumerate(base) if e["type"] == "delivery_terminated")
+    log = Log()
+    for e in base[:cut]:
+        data = e["data"]
+        if e["type"] == "config_loaded":
+            data = {
+                **data,
+                "config": {
+                    **data["config"],
+                    "tolerances": {"applicator_displacement_mm": 2.0, "applicator_tilt_deg": 2.0},
+                },
+            }
+        log.add(e["type"], data, e.get("delivery_id"))
+    add = log.add
+    add(
+        "applicator_at_beam_on",
+        {
+            "device": "stand-1",
+            "applicator": SPH30,
+            "displacement_mm": 0.1,
+            "tilt_deg": 0.2,
+            "at": at(1),
+        },
+    )
+    for t, disp in ((2, 0.1), (10, 1.0), (20, 2.5)):
+        add("applicator_sample", _app_sample(t, disp, disp - 0.1, disp, 0.3))
+    add(
+        "alarm_raised",
+        {
+            "code": "applicator_displaced",
+            "key": "applicator_displaced",
+            "severity": "high",
+            "message": "applicator displaced 2.40 mm from beam-on (tolerance 2.0 mm)",
+            "at": at(20),
+        },
+    )
+    add(
+        "monitor_interlock_changed",
+        {
+            "device": "stand-1",
+            "interlock": "applicator",
+            "from": "ok",
+            "to": "tripped",
+            "cause": "brakes released",
+            "at": at(21),
+        },
+    )
+    add(
+        "applicator_relocked",
+        {
+            "device": "stand-1",
+            "from_counter": 1,
+            "to_counter": 2,
+            "displacement_before_mm": 2.5,
+            "at": at(22),
+        },
+    )
+    gap = {"cause": "reader link lost", "start": at(30), "end": None, "duration_s": None}
+    add("device_gap_started", {"device": "stand-1", **gap, "at": at(30)})
+    add(
+        "device_gap_ended",
+        {"device": "stand-1", **gap, "end": at(33), "duration_s": 3.0, "at": at(33)},
+    )
+    add("applicator_sample", _app_sample(34, 0.2, 0.1, 2.5, 0.4))
+    for e in base[cut:]:
+        log.add(e["type"], e["data"], e.get("delivery_id"))
+    return log
+
+
+def test_a_log_without_a_reader_has_no_applicator_side_and_exports_as_before() -> None:
+    rec = record(interrupted_log())
+    assert applicator_side(rec) is None
+    assert rec.applicator_samples == []
+    assert b'"applicator":{' not in json_export(rec).replace(b" ", b"").split(b'"context"')[0]
+    assert "applicator" not in orjson.loads(json_export(rec))
+    assert applicator_csv(rec).count(b"\r\n") == 1  # the header only
+
+
+def test_the_record_holds_the_readers_identity_peaks_events_and_gaps() -> None:
+    rec = record(applicator_log())
+    side = applicator_side(rec)
+    assert side is not None
+    assert side.device == "stand-1"
+    assert side.identity == SPH30
+    assert (side.displacement_tolerance_mm, side.tilt_tolerance_deg) == (2.0, 2.0)
+    assert side.peak_from_lock_mm == 2.5
+    assert side.peak_from_beam_on_mm == 2.4
+    assert side.peak_tilt_deg == 0.4
+    assert [e["type"] for e in side.events] == [
+        "applicator_at_beam_on",
+        "alarm_raised",
+        "monitor_interlock_changed",
+        "applicator_relocked",
+        "device_gap_started",
+        "device_gap_ended",
+    ]
+    assert side.gaps == [(at(30), at(33), "reader link lost")]
+    assert side.samples == 4
+    # the reader's samples are not events (the events table and CSV stay readable) but
+    # are entries of the delivery (the JSON export holds every one)
+    assert all(e["type"] != "applicator_sample" for e in rec.events)
+    assert sum(e["type"] == "applicator_sample" for e in rec.entries) == 4
+
+
+def test_the_applicator_csv_has_every_sample_in_documented_columns() -> None:
+    rec = record(applicator_log())
+    rows = list(csv.DictReader(io.StringIO(applicator_csv(rec).decode())))
+    assert len(rows) == 4
+    assert list(rows[0]) == [c for c, _ in APPLICATOR_COLUMNS]
+    third = rows[2]
+    assert third["displacement_x_mm"] == "2.5"
+    assert third["displacement_from_beam_on_mm"] == "2.4"
+    assert third["applicator_serial"] == "A-7"
+    assert third["monitor_interlocks_not_ok"] == "applicator=tripped"
+    assert [r["seq"] for r in rows] == [str(e["seq"]) for e in rec.applicator_samples]
+    assert applicator_csv(rec) == applicator_csv(record(applicator_log()))
+
+
+def test_the_events_csv_and_json_describe_the_stand_events() -> None:
+    rec = record(applicator_log())
+    text = events_csv(rec).decode()
+    assert "monitor interlock applicator (stand-1): ok -> tripped: brakes released" in text
+    assert "stand re-locked (stand-1): lock counter 1 -> 2" in text
+    assert "gap of stand-1 only ended: reader link lost, 3.0 s" in text
+    assert "applicator at beam-on (stand-1): spherical 30.0 mm s/n A-7" in text
+    block = orjson.loads(json_export(rec))["applicator"]
+    assert block["identity_at_beam_on"] == SPH30
+    assert block["peak_displacement_from_beam_on_mm"] == 2.4
+    assert block["reader_gaps"] == [{"start": at(30), "end": at(33), "cause": "reader link lost"}]
+    assert len(block["events"]) == 6
+    assert DID
