@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import csv
 import io
+import re
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -13,6 +16,10 @@ from handlog import DID, Log, at, interrupted_log, record
 
 from iortd.audit.applicator import applicator_side
 from iortd.audit.export import APPLICATOR_COLUMNS, applicator_csv, events_csv, json_export
+from iortd.audit.report.content import build_doc
+from iortd.audit.report.html_page import html_report
+from iortd.audit.report.model import Heading, KeyValues, Plot
+from iortd.audit.report.pdf import pdf_report
 
 SPH30 = {"type": "spherical", "diameter_mm": 30.0, "serial": "A-7"}
 
@@ -177,3 +184,51 @@ def test_the_events_csv_and_json_describe_the_stand_events() -> None:
     assert block["reader_gaps"] == [{"start": at(30), "end": at(33), "cause": "reader link lost"}]
     assert len(block["events"]) == 6
     assert DID
+
+
+def _pdf_text(pdf: bytes, tmp: Path) -> str:
+    f = tmp / "r.pdf"
+    f.write_bytes(pdf)
+    p = subprocess.run(
+        ["pdftotext", "-layout", str(f), "-"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert p.returncode == 0, p.stderr
+    return " ".join(p.stdout.split())
+
+
+def test_the_report_shows_the_applicator_and_every_stand_event(tmp_path: Path) -> None:
+    rec = record(applicator_log())
+    doc = build_doc(rec)
+    kv = {k: v for b in doc.blocks if isinstance(b, KeyValues) for k, v in b.rows}
+    assert kv["Applicator at beam-on (reader)"] == "spherical 30.0 mm, s/n A-7"
+    assert kv["Tolerances in force (config)"] == "displacement 2.00 mm, tilt 2.00°"
+    assert kv["Peak displacement from beam-on"] == "2.40 mm (beyond tolerance)"
+    assert kv["Peak displacement from the stand's lock"] == "2.50 mm (beyond tolerance)"
+    assert kv["Reader gaps"].endswith("reader link lost")
+    assert any(isinstance(b, Plot) and b.kind == "displacement" for b in doc.blocks)
+    pdf = pdf_report(rec)
+    assert pdf == pdf_report(record(applicator_log()))  # deterministic
+    html = html_report(rec)
+    assert html == html_report(record(applicator_log()))
+    text = _pdf_text(pdf, tmp_path)
+    page = " ".join(re.sub(r"<[^>]+>", " ", html.decode()).split())
+    for want in (
+        "Applicator and stand",
+        "monitor interlock applicator (stand-1): ok -> tripped: brakes released",
+        "stand re-locked (stand-1): lock counter 1 -> 2",
+        "gap of stand-1 only ended: reader link lost",
+        "applicator displaced 2.40 mm",
+        "Applicator displacement against time",
+    ):
+        assert want in text, want
+        assert want.replace(">", "&gt;") in page, want
+
+
+def test_a_report_without_a_reader_has_no_applicator_section() -> None:
+    doc = build_doc(record(interrupted_log()))
+    assert not any(isinstance(b, Heading) and "Applicator" in b.text for b in doc.blocks)
+    assert all(not isinstance(b, Plot) or b.kind == "dose" for b in doc.blocks)
