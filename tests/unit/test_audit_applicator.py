@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pydicom
 from handlog import DID, Log, at, interrupted_log, record
 
 from iortd.audit.applicator import applicator_side
+from iortd.audit.dicom import dicom_export
 from iortd.audit.export import APPLICATOR_COLUMNS, applicator_csv, events_csv, json_export
 from iortd.audit.report.content import build_doc
 from iortd.audit.report.html_page import html_report
@@ -232,3 +234,35 @@ def test_a_report_without_a_reader_has_no_applicator_section() -> None:
     doc = build_doc(record(interrupted_log()))
     assert not any(isinstance(b, Heading) and "Applicator" in b.text for b in doc.blocks)
     assert all(not isinstance(b, Plot) or b.kind == "dose" for b in doc.blocks)
+
+
+def _reader_log(serial: str) -> Log:
+    """applicator_log with the reader reading a given serial at beam-on."""
+    log = applicator_log()
+    for e in log.entries:
+        if e["type"] == "applicator_at_beam_on":
+            e["data"] = {**e["data"], "applicator": {**SPH30, "serial": serial}}
+    return log
+
+
+def test_the_dicom_applicator_is_the_readers_at_beam_on_and_passes_dciodvfy(
+    tmp_path: Path,
+) -> None:
+    ds = pydicom.dcmread(io.BytesIO(dicom_export(record(_reader_log("R-9")))))
+    for item in ds.TreatmentSessionBeamSequence:
+        [a] = item.ApplicatorSequence
+        assert a.ApplicatorID == "R-9"
+        assert a.ApplicatorType == "INTRAOPERATIVE"
+        assert a.ApplicatorDescription == ("spherical 30.0 mm, applicator reader, console s/n A-7")
+    f = tmp_path / "record.dcm"
+    f.write_bytes(dicom_export(record(applicator_log())))
+    p = subprocess.run(
+        ["dciodvfy", str(f)], capture_output=True, text=True, timeout=60, check=False
+    )
+    lines = (p.stdout + p.stderr).splitlines()
+    assert lines[0] == "RTBeamsTreatmentRecord", lines
+    assert [x for x in lines if x.startswith(("Error", "Warning"))] == []
+    # without a reader: the console's, as before
+    ds = pydicom.dcmread(io.BytesIO(dicom_export(record(interrupted_log()))))
+    [a] = ds.TreatmentSessionBeamSequence[0].ApplicatorSequence
+    assert (a.ApplicatorID, a.ApplicatorDescription) == ("A-7", "spherical 30.0 mm")
