@@ -266,3 +266,29 @@ def test_the_dicom_applicator_is_the_readers_at_beam_on_and_passes_dciodvfy(
     ds = pydicom.dcmread(io.BytesIO(dicom_export(record(interrupted_log()))))
     [a] = ds.TreatmentSessionBeamSequence[0].ApplicatorSequence
     assert (a.ApplicatorID, a.ApplicatorDescription) == ("A-7", "spherical 30.0 mm")
+
+
+def test_malformed_reader_entries_never_break_the_outputs() -> None:
+    """What an unverified log (--allow-unverified) or a confused reader can put there:
+    identities that are not objects, vectors of the wrong length, numbers that are text."""
+    log = applicator_log()
+    cut = next(i for i, e in enumerate(log.entries) if e["type"] == "delivery_terminated")
+    bad: list[Any] = [
+        {"applicator": "SPH30", "displacement_mm": {"x": 1}, "tilt_deg": "level"},
+        {"applicator": {"serial": None}, "displacement_mm": [1, 2], "at": 5},
+        {"peak_displacement_mm": True, "monitor_interlocks": "tripped", "device": 7},
+    ]
+    for n, data in enumerate(bad):
+        e = dict(log.entries[cut - 1], seq=cut - 1, data=data, type="applicator_sample")
+        log.entries.insert(cut - 1, e)
+        log.entries.insert(cut - 1, dict(e, type="applicator_relocked", hash=f"{n}"))
+    rec = record(log)
+    side = applicator_side(rec)
+    assert side is not None
+    assert side.peak_from_lock_mm == 2.5  # a boolean is not a displacement
+    assert applicator_csv(rec).count(b"\r\n") == 1 + 4 + len(bad)
+    assert b"applicator" in json_export(rec)
+    build_doc(rec)
+    pdf_report(rec)
+    html_report(rec)
+    dicom_export(rec)
