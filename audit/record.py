@@ -311,6 +311,8 @@ def _collect(
             continue
         if kind == "applicator_sample":
             rec.applicator_samples.append(e)
+            # a simulated reader beside a real console: the record is still simulated
+            rec.simulated = rec.simulated or bool(d.get("simulated"))
             continue
         rec.events.append(e)
         if kind == "delivery_started":

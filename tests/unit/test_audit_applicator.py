@@ -292,3 +292,16 @@ def test_malformed_reader_entries_never_break_the_outputs() -> None:
     pdf_report(rec)
     html_report(rec)
     dicom_export(rec)
+
+
+def test_a_simulated_reader_marks_the_delivery_simulated() -> None:
+    """A real console with a simulated reader: the report still says SIMULATED."""
+    log = applicator_log()
+    for e in log.entries:
+        if e["type"] == "sample":
+            e["data"] = {**e["data"], "simulated": False}
+    assert record(log).simulated
+    for e in log.entries:
+        if e["type"] == "applicator_sample":
+            e["data"] = {**e["data"], "simulated": False}
+    assert not record(log).simulated
