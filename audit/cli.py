@@ -7,7 +7,8 @@
     iort-audit report PATH... --delivery ID --out FILE.pdf|FILE.html [--pubkey FILE]
                               [--allow-unverified]
     iort-audit export PATH... --delivery ID --format csv|json|dicom --out FILE
-                              [--table samples|events] [--pubkey FILE] [--allow-unverified]
+                              [--table samples|events|applicator] [--pubkey FILE]
+                              [--allow-unverified]
 
 Exit status: 0 intact / done; 1 the log is not intact (the first bad entry is named:
 file, line, seq, what is wrong; a segment that is not a regular file, e.g. a FIFO or a
@@ -34,7 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from iortd.audit.export import events_csv, json_export, samples_csv
+from iortd.audit.export import applicator_csv, events_csv, json_export, samples_csv
 from iortd.audit.extra import dicom_exporter, report_renderer, with_extra
 from iortd.audit.inputs import UsageError, held_checkpoints, load_pubkey
 from iortd.audit.record import DeliveryRecord, NoSuchDelivery, Verification, read_delivery
@@ -440,7 +441,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if dicom_export is not None:
             data = dicom_export(rec)
         elif args.format == "csv":
-            data = events_csv(rec) if args.table == "events" else samples_csv(rec)
+            table = {"events": events_csv, "applicator": applicator_csv}
+            data = table.get(args.table or "samples", samples_csv)(rec)
         else:
             data = json_export(rec)
     except UsageError as exc:
@@ -486,7 +488,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="log directory or files")
     e.add_argument("--format", required=True, choices=["csv", "json", "dicom"])
     e.add_argument(
-        "--table", choices=["samples", "events"], help="with --format csv (default: samples)"
+        "--table",
+        choices=["samples", "events", "applicator"],
+        help="with --format csv (default: samples; applicator: the reader's samples)",
     )
     for c in (r, e):
         c.add_argument("--delivery", required=True, metavar="ID", help="see: iort-audit deliveries")

@@ -6,7 +6,9 @@ half-life and reference air-kerma rate for every recorded source, which such a s
 not have and the log does not hold; inventing them would put data from outside the log in
 the record. The RT Beams record describes it without invention: Radiation Type PHOTON,
 Applicator Type INTRAOPERATIVE, the console as the treatment machine, the dose monitor as
-the primary dosimeter. The mapping, attribute by attribute: docs/reports.md.
+the primary dosimeter. The mapping, attribute by attribute: docs/reports.md. The
+Applicator Sequence names the applicator the reader read at beam-on when the room has an
+applicator reader (its serial as Applicator ID), the console's otherwise.
 
 Interruption and resumption (PS3.3 C.8.8.21.2): each dose segment of the delivery (the
 tracker's segments tile the delivered dose with no gap and no double count) is one item of
@@ -32,6 +34,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, RTBeamsTreatmentRecordStorage
 
+from iortd.audit.applicator import applicator_side
 from iortd.audit.dose_segments import SegmentRow, segments_with_context
 from iortd.audit.record import DeliveryRecord
 from iortd.kernel.version import __version__
@@ -138,7 +141,13 @@ def dicom_export(rec: DeliveryRecord) -> bytes:
     planned_s = _num(rec.summary.get("planned_time_s"))
     expected_rate = _num(rec.summary.get("expected_rate_gy_min"))
     start_ts, end_ts = rec.started or rec.first_ts, rec.last_ts
-    app = rec.summary.get("applicator") if isinstance(rec.summary.get("applicator"), dict) else {}
+    console_app = rec.summary.get("applicator")
+    console_app = console_app if isinstance(console_app, dict) else {}
+    # The applicator reader's identity at beam-on when the room has one (issue 16), else
+    # the console's: the reader reads the applicator itself, the console what it was told.
+    side = applicator_side(rec)
+    reader_app = side.identity if side is not None and side.identity else None
+    app = reader_app or console_app
 
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
@@ -240,7 +249,13 @@ def dicom_export(rec: DeliveryRecord) -> bytes:
             a.ApplicatorType = "INTRAOPERATIVE"
             a.ApplicatorDescription = _lo(
                 f"{app.get('type')} {app.get('diameter_mm')} mm"
+                + (", applicator reader" if reader_app else "")
                 + (f", plan {plan.get('applicator')}" if plan.get("applicator") else "")
+                + (
+                    f", console s/n {console_app.get('serial')}"
+                    if reader_app and console_app and console_app != reader_app
+                    else ""
+                )
             )
             item.ApplicatorSequence = Sequence([a])
         item.CurrentFractionNumber = str(int(plan.get("fraction") or 1))

@@ -1,4 +1,4 @@
-"""Machine-readable exports of one delivery: CSV (samples, events) and JSON.
+"""Machine-readable exports of one delivery: CSV (samples, events, applicator) and JSON.
 
 Pure functions of a DeliveryRecord, returning bytes: the same log gives byte-identical
 files (fixed column order, entries in seq order, numbers written as the log holds them,
@@ -15,12 +15,15 @@ from typing import Any
 
 import orjson
 
+from iortd.audit.applicator import ApplicatorSide, applicator_side
 from iortd.audit.record import DeliveryRecord, Interval
 
 __all__ = [
+    "APPLICATOR_COLUMNS",
     "EVENT_COLUMNS",
     "JSON_FORMAT",
     "SAMPLE_COLUMNS",
+    "applicator_csv",
     "describe",
     "events_csv",
     "fmt_value",
@@ -52,6 +55,35 @@ SAMPLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("ua", "ua"),
     ("all_clear", "all_clear"),
     ("interlocks_not_ok", ""),
+    ("simulated", "simulated"),
+    ("hash", ""),
+)
+
+# The applicator reader's samples (issue 16): (column, key in the entry's data).
+APPLICATOR_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("seq", ""),
+    ("ts", ""),
+    ("at", "at"),
+    ("device", "device"),
+    ("state", "state"),
+    ("fault", "fault"),
+    ("applicator_type", ""),
+    ("applicator_diameter_mm", ""),
+    ("applicator_serial", ""),
+    ("seated", "seated"),
+    ("source_locked", "source_locked"),
+    ("brakes_engaged", "brakes_engaged"),
+    ("uses_left", "uses_left"),
+    ("seat_counter", "seat_counter"),
+    ("lock_counter", "lock_counter"),
+    ("displacement_x_mm", ""),
+    ("displacement_y_mm", ""),
+    ("displacement_z_mm", ""),
+    ("displacement_magnitude_mm", "displacement_magnitude_mm"),
+    ("tilt_deg", "tilt_deg"),
+    ("displacement_from_beam_on_mm", "displacement_from_beam_on_mm"),
+    ("peak_displacement_mm", "peak_displacement_mm"),
+    ("monitor_interlocks_not_ok", ""),
     ("simulated", "simulated"),
     ("hash", ""),
 )
@@ -101,6 +133,74 @@ def samples_csv(rec: DeliveryRecord) -> bytes:
     return _csv((c for c, _ in SAMPLE_COLUMNS), rows)
 
 
+def applicator_csv(rec: DeliveryRecord) -> bytes:
+    """Every applicator_sample entry of the delivery, one row each (a delivery without a
+    reader gives the header only)."""
+    rows = []
+    for e in rec.applicator_samples:
+        d = e["data"]
+        app = d.get("applicator") if isinstance(d.get("applicator"), Mapping) else {}
+        disp = d.get("displacement_mm")
+        xyz = list(disp) if isinstance(disp, list) and len(disp) == 3 else [None] * 3
+        derived = {
+            "seq": e.get("seq"),
+            "ts": e.get("ts"),
+            "hash": e.get("hash"),
+            "applicator_type": app.get("type"),
+            "applicator_diameter_mm": app.get("diameter_mm"),
+            "applicator_serial": app.get("serial"),
+            "displacement_x_mm": xyz[0],
+            "displacement_y_mm": xyz[1],
+            "displacement_z_mm": xyz[2],
+        }
+        row = []
+        for col, key in APPLICATOR_COLUMNS:
+            if col == "monitor_interlocks_not_ok":
+                row.append(_not_ok(d.get("monitor_interlocks")))
+            elif key:
+                row.append(fmt_value(d.get(key)))
+            else:
+                row.append(fmt_value(derived.get(col)))
+        rows.append(row)
+    return _csv((c for c, _ in APPLICATOR_COLUMNS), rows)
+
+
+def _app(a: Any) -> str:
+    if not isinstance(a, Mapping):
+        return "none"
+    return f"{a.get('type')} {fmt_value(a.get('diameter_mm'))} mm s/n {a.get('serial')}"
+
+
+def _mm(v: Any) -> str:
+    return f"{v:.2f} mm" if isinstance(v, int | float) else "unknown"
+
+
+def _describe_applicator(kind: Any, d: Mapping[str, Any]) -> str | None:
+    """The applicator reader's own entries in words (None: not one of them)."""
+    if kind == "applicator_at_beam_on":
+        return (
+            f"applicator at beam-on ({d.get('device')}): {_app(d.get('applicator'))}, "
+            f"displacement {_mm(d.get('displacement_mm'))}, tilt {fmt_value(d.get('tilt_deg'))} deg"
+        )
+    if kind == "applicator_relocked":
+        return (
+            f"stand re-locked ({d.get('device')}): lock counter {d.get('from_counter')} -> "
+            f"{d.get('to_counter')}, displacement before {_mm(d.get('displacement_before_mm'))} "
+            "(the peak is not reset)"
+        )
+    if kind == "monitor_interlock_changed":
+        return (
+            f"monitor interlock {d.get('interlock')} ({d.get('device')}): {d.get('from')} -> "
+            f"{d.get('to')}: {d.get('cause')}"
+        )
+    if kind in ("device_gap_started", "device_gap_ended"):
+        what = "started" if kind == "device_gap_started" else "ended"
+        dur = d.get("duration_s")
+        lasted = f", {dur:.1f} s" if isinstance(dur, int | float) else ""
+        return f"gap of {d.get('device')} only {what}: {d.get('cause')}{lasted}"
+    return None
+
+
 def describe(e: Mapping[str, Any]) -> str:
     """One event entry in words, for the report's table and the events CSV."""
     d: Mapping[str, Any] = e.get("data") or {}
@@ -133,7 +233,7 @@ def describe(e: Mapping[str, Any]) -> str:
         return f"terminated {d.get('status')}: {d.get('reason')}"
     if kind == "delivery_amended":
         return f"amended: {d.get('reason')}"
-    return str(kind)
+    return _describe_applicator(kind, d) or str(kind)
 
 
 def events_csv(rec: DeliveryRecord) -> bytes:
@@ -157,6 +257,27 @@ def events_csv(rec: DeliveryRecord) -> bytes:
 
 def _interval(i: Interval) -> dict[str, Any]:
     return {"kind": i.kind, "start": i.start, "end": i.end, "cause": i.cause}
+
+
+def _applicator_block(side: ApplicatorSide) -> dict[str, Any]:
+    return {
+        "device": side.device,
+        "identity_at_beam_on": side.identity,
+        "at_beam_on": side.at_beam_on,
+        "tolerances": {
+            "applicator_displacement_mm": side.displacement_tolerance_mm,
+            "applicator_tilt_deg": side.tilt_tolerance_deg,
+        },
+        "peak_displacement_from_lock_mm": side.peak_from_lock_mm,
+        "peak_displacement_from_beam_on_mm": side.peak_from_beam_on_mm,
+        "peak_tilt_deg": side.peak_tilt_deg,
+        "events": [
+            {"seq": e.get("seq"), "type": e.get("type"), "description": describe(e)}
+            for e in side.events
+        ],
+        "reader_gaps": [{"start": s, "end": e, "cause": c} for s, e, c in side.gaps],
+        "samples": side.samples,
+    }
 
 
 def json_export(rec: DeliveryRecord) -> bytes:
@@ -226,4 +347,7 @@ def json_export(rec: DeliveryRecord) -> bytes:
         },
         "entries": rec.entries,
     }
+    side = applicator_side(rec)
+    if side is not None:  # only with a reader: a log without one exports as before
+        doc["applicator"] = _applicator_block(side)
     return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2) + b"\n"

@@ -28,7 +28,8 @@ __all__ = [
     "read_delivery",
 ]
 
-# The entries of a delivery that are events (everything but samples), in the order the
+# The entries of a delivery that are events (everything but samples and the applicator
+# reader's samples; the reader's events are in audit/applicator.py), in the order the
 # report's table and the events CSV list them: the log's own order (seq).
 EVENT_TYPES = (
     "delivery_started",
@@ -137,6 +138,8 @@ class DeliveryRecord:
     summary: dict[str, Any] = field(default_factory=dict)
     amendments: list[dict[str, Any]] = field(default_factory=list)
     samples: list[dict[str, Any]] = field(default_factory=list)  # entries, whole
+    # the applicator reader's readings (applicator_sample entries, whole; issue 16)
+    applicator_samples: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)  # entries, whole
     first_seq: int = -1
     first_ts: str | None = None
@@ -154,7 +157,9 @@ class DeliveryRecord:
     @property
     def entries(self) -> list[dict[str, Any]]:
         """Every entry of the delivery, in seq order."""
-        return sorted(self.samples + self.events, key=lambda e: int(e["seq"]))
+        return sorted(
+            self.samples + self.applicator_samples + self.events, key=lambda e: int(e["seq"])
+        )
 
     @property
     def delivered_primary_gy(self) -> Any:
@@ -302,6 +307,11 @@ def _collect(
         ended = True if kind in ("delivery_terminated", "delivery_amended") else ended
         if kind == "sample":
             rec.samples.append(e)
+            rec.simulated = rec.simulated or bool(d.get("simulated"))
+            continue
+        if kind == "applicator_sample":
+            rec.applicator_samples.append(e)
+            # a simulated reader beside a real console: the record is still simulated
             rec.simulated = rec.simulated or bool(d.get("simulated"))
             continue
         rec.events.append(e)

@@ -29,6 +29,7 @@ from iortd.audit.report.model import (
     secs,
     when,
 )
+from iortd.audit.report.stand import stand_blocks
 from iortd.kernel.version import __version__
 
 __all__ = ["UNVOUCHED_HEAD", "build_doc"]
@@ -239,6 +240,8 @@ def build_doc(rec: DeliveryRecord, *, pubkey_name: str | None = None) -> ReportD
                 [0.14, 0.25, 0.25, 0.36],
             )
         )
+
+    b.extend(stand_blocks(rec))  # only when the log has an applicator reader
 
     b.append(Heading("State transitions, interlock events and alarms"))
     # An entry without its own observation time (a termination, an amendment) happened

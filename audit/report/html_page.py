@@ -75,7 +75,7 @@ def html_report(rec: DeliveryRecord, *, pubkey_name: str | None = None) -> bytes
                 out.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>")
             out.append("</table>")
         elif isinstance(blk, Plot):
-            out.append(f"<h2>{e(blk.caption)}</h2><figure>{plot_svg(rec)}</figure>")
+            out.append(f"<h2>{e(blk.caption)}</h2><figure>{plot_svg(rec, blk.kind)}</figure>")
         elif isinstance(blk, SignOff):
             out.append(
                 '<h2>Review and sign-off</h2><table class="signoff">'

@@ -108,6 +108,7 @@ class Table:
 @dataclass(frozen=True)
 class Plot:
     caption: str
+    kind: str = "dose"  # "dose" or "displacement" (the applicator reader's, plot.py)
 
 
 @dataclass(frozen=True)

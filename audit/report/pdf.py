@@ -49,7 +49,7 @@ from iortd.audit.report.model import (
     looks_hex,
     parse_ts,
 )
-from iortd.audit.report.plot import plot_png
+from iortd.audit.report.plot import PLOT_SIZES, plot_png
 from iortd.kernel.version import __version__
 
 __all__ = ["pdf_report"]
@@ -181,8 +181,9 @@ def pdf_report(rec: DeliveryRecord, *, pubkey_name: str | None = None) -> bytes:
             story.append(t)
             story.append(Spacer(1, 2 * mm))
         elif isinstance(blk, Plot):
-            png = plot_png(rec)
-            img = Image(io.BytesIO(png), width=width, height=width * 4.4 / 7.2)
+            png = plot_png(rec, blk.kind)
+            w_in, h_in = PLOT_SIZES[blk.kind]
+            img = Image(io.BytesIO(png), width=width, height=width * h_in / w_in)
             story.append(KeepTogether([p(blk.caption, "head"), img]))
         elif isinstance(blk, SignOff):
             box = RLTable(

@@ -1,4 +1,5 @@
-"""The dose plot: accumulated dose on both channels and the dose rate against time.
+"""The dose plot: accumulated dose on both channels and the dose rate against time; and,
+for a delivery with an applicator reader, its displacement trace with the tolerance line.
 
 Drawn with matplotlib's object API (``Figure``, the Agg canvas; no pyplot state, no
 display), as PNG for the PDF and SVG for the HTML. Byte-stable: a fixed SVG hash salt,
@@ -19,9 +20,11 @@ from matplotlib.patches import Patch
 from iortd.audit.record import DeliveryRecord
 from iortd.audit.report.model import number, parse_ts
 
-__all__ = ["PLOT_DPI", "plot_png", "plot_svg"]
+__all__ = ["PLOT_DPI", "PLOT_SIZES", "plot_png", "plot_svg"]
 
 PLOT_DPI = 200
+# Figure sizes (inches) by plot kind: the PDF scales each image to the text width.
+PLOT_SIZES = {"dose": (7.2, 4.4), "displacement": (7.2, 2.6)}
 
 
 def _figure(rec: DeliveryRecord) -> Any:
@@ -74,7 +77,7 @@ def _figure(rec: DeliveryRecord) -> Any:
                 series.insert(k, nan)
             xs.insert(k, a)
 
-    fig = Figure(figsize=(7.2, 4.4), layout="constrained")
+    fig = Figure(figsize=PLOT_SIZES["dose"], layout="constrained")
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[3, 2])
     for iv in rec.intervals():
         a0 = minutes(iv.start)
@@ -124,6 +127,69 @@ def _figure(rec: DeliveryRecord) -> Any:
     return fig
 
 
+def _displacement_figure(rec: DeliveryRecord) -> Any:
+    """The applicator reader's displacement (from the lock and from beam-on) against the
+    same time axis as the dose plot, the tolerance in force as a dashed line, the reader's
+    gaps shaded red and hatched (no line across them)."""
+    t0 = parse_ts(rec.started) or parse_ts(
+        rec.applicator_samples[0]["data"].get("at") if rec.applicator_samples else None
+    )
+    xs: list[float] = []
+    lock: list[float] = []
+    beam: list[float] = []
+    for e in rec.applicator_samples:
+        d = e["data"]
+        t = parse_ts(d.get("at"))
+        if t is None or t0 is None:
+            continue
+        xs.append((t - t0).total_seconds() / 60.0)
+        v = number(d.get("displacement_magnitude_mm"))
+        w = number(d.get("displacement_from_beam_on_mm"))
+        lock.append(float("nan") if v is None else v)
+        beam.append(float("nan") if w is None else w)
+    fig = Figure(figsize=PLOT_SIZES["displacement"], layout="constrained")
+    ax = fig.subplots()
+    gaps: list[tuple[float, float]] = []
+    for e in rec.events:
+        if e.get("type") != "device_gap_ended":
+            continue
+        ga, gz = parse_ts(e["data"].get("start")), parse_ts(e["data"].get("end"))
+        if ga is None or gz is None or t0 is None:
+            continue
+        gaps.append(((ga - t0).total_seconds() / 60.0, (gz - t0).total_seconds() / 60.0))
+    for a, z in sorted(gaps, reverse=True):
+        ax.axvspan(a, z, facecolor="#d62728", alpha=0.18, hatch="///", edgecolor="#d62728", lw=0)
+        k = next((n for n in range(1, len(xs)) if xs[n - 1] <= a and xs[n] >= z), None)
+        if k is not None:
+            xs.insert(k, a)
+            lock.insert(k, float("nan"))
+            beam.insert(k, float("nan"))
+    ax.plot(xs, lock, color="#1f4e79", lw=1.4, label="from the stand's lock")
+    ax.plot(xs, beam, color="#2ca02c", lw=1.0, ls="--", label="from beam-on")
+    tol = number(rec.tolerances.get("applicator_displacement_mm"))
+    if tol is not None:
+        ax.axhline(tol, color="#d62728", lw=1.0, ls="-.", label=f"tolerance {tol:g} mm")
+    ax.set_ylabel("displacement (mm)")
+    ax.set_xlabel("time since the delivery started (min)")
+    ax.grid(True, lw=0.3, alpha=0.6)
+    ax.set_ylim(bottom=0)
+    handles = ax.get_legend_handles_labels()[0]
+    if gaps:
+        handles.append(
+            Patch(
+                facecolor="#d62728",
+                alpha=0.18,
+                hatch="///",
+                edgecolor="#d62728",
+                label="reader gap",
+            )
+        )
+    fig.legend(handles=handles, loc="outside upper center", ncols=4, fontsize=7, frameon=False)
+    return fig
+
+
+_FIGURES = {"dose": _figure, "displacement": _displacement_figure}
+
 # Typed as Any: matplotlib's stubs accept only literal rc keys.
 _RC: Any = {
     "font.family": "DejaVu Sans",
@@ -134,17 +200,17 @@ _RC: Any = {
 }
 
 
-def plot_png(rec: DeliveryRecord) -> bytes:
+def plot_png(rec: DeliveryRecord, kind: str = "dose") -> bytes:
     with rc_context(_RC):
-        fig = _figure(rec)
+        fig = _FIGURES[kind](rec)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=PLOT_DPI, metadata={"Software": None})
     return buf.getvalue()
 
 
-def plot_svg(rec: DeliveryRecord) -> str:
+def plot_svg(rec: DeliveryRecord, kind: str = "dose") -> str:
     with rc_context(_RC):
-        fig = _figure(rec)
+        fig = _FIGURES[kind](rec)
         buf = io.StringIO()
         fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
     text = buf.getvalue()

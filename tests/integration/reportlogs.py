@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from daemonproc import Daemon, Site
-from simproc import SERIAL_XRS_DEVICE, Simulator
+from simproc import BIN, SERIAL_XRS_DEVICE, Simulator
 
 from iortd.auditlog.note import generate_keypair, write_keypair
 
@@ -153,3 +153,133 @@ def read_log(log_dir: Path) -> list[dict[str, Any]]:
     for seg in sorted(log_dir.glob("log-*.jsonl")):
         out += [json.loads(line) for line in seg.read_text("utf-8").splitlines()]
     return out
+
+
+# ---- a room with an applicator reader (issue 16) ---------------------------------------------
+
+STAND_DEVICES = """
+speed = 5.0
+
+[[device]]
+name = "console"
+transport = "modbus-tcp"
+profile = "axxent"
+applicator = "BAL34"
+preset = 1.5
+start_delay = 1
+seed = 11
+
+[[device]]
+name = "stand"
+kind = "applicator"
+transport = "modbus-tcp"
+profile = "axxent"
+applicator = "BAL34"
+"""
+
+STAND_SITE = """
+[site]
+id = "report-site"
+room = "or-7"
+[log]
+directory = "log"
+signing_key_file = "keys/or-9.key"
+checkpoint_interval_s = 300
+[mqtt]
+enabled = false
+[tolerances]
+stale_after_polls = 5
+applicator_displacement_mm = 2.0
+applicator_tilt_deg = 2.0
+{plan}
+[[devices]]
+name = "console-1"
+driver = "modbus-xrs"
+poll_interval_s = 0.1
+timeout_s = 0.5
+[devices.options]
+map = "xrs-mb1"
+unit_id = 1
+[devices.transport]
+type = "tcp"
+host = "127.0.0.1"
+port = {console_port}
+[[devices]]
+name = "stand-1"
+role = "applicator"
+driver = "modbus-apl"
+poll_interval_s = 0.1
+timeout_s = 0.3
+[devices.options]
+unit_id = 2
+[devices.transport]
+type = "tcp"
+host = "127.0.0.1"
+port = {stand_port}
+"""
+
+
+async def sim_ctl(sim: Simulator, device: str, *args: str) -> None:
+    """``iort-sim ctl`` on one device of a ``--devices`` simulator."""
+    control = next(r for r in sim.lines if r["event"] == "ready")["control"]
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "iort-sim"), "ctl", "--control", control, "--device", device, *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(15):
+        _, err = await proc.communicate()
+    assert proc.returncode == 0, f"iort-sim ctl {' '.join(args)}: {err.decode()}"
+
+
+async def make_stand(base: Path) -> LogRun:
+    """A delivery in a room with a console and an applicator reader over Modbus TCP
+    (``iort-sim serve --devices``, production drivers): mid-beam the stand is bumped 3 mm
+    past the 2 mm tolerance (applicator_displaced), its brakes are released (the monitor's
+    applicator interlock trips), engaged again and the stand re-locked; the console
+    delivers to its preset throughout."""
+    pub = _keys(base)
+    devices = base / "devices.toml"
+    devices.write_text(STAND_DEVICES, "utf-8")
+    sim = await Simulator.start("--devices", str(devices), transport=None)
+    try:
+        port = {r["device_name"]: r["port"] for r in sim.lines if r["event"] == "serving"}
+        cfg = base / "site.toml"
+        cfg.write_text(
+            STAND_SITE.format(
+                plan=PLAN.format(n=7, preset=1.5),
+                console_port=port["console"],
+                stand_port=port["stand"],
+            ),
+            "utf-8",
+        )
+        daemon = await Daemon.follow(Site(cfg, base / "log", pub))
+        try:
+            await daemon.seen(
+                lambda r: r.get("event") == "phase" and r.get("dst") == "IRRADIATING",
+                "the beam on",
+            )
+            await sim_ctl(sim, "stand", "bump", "mm=3", "direction=x")
+            await daemon.seen(
+                lambda r: (
+                    r.get("event") == "alarm_raised" and r.get("code") == "applicator_displaced"
+                ),
+                "applicator_displaced",
+                within_s=10,
+            )
+            await sim_ctl(sim, "stand", "release_brakes")
+            await daemon.seen(
+                lambda r: r.get("event") == "monitor_interlock",
+                "the monitor's applicator interlock",
+                within_s=10,
+            )
+            await sim_ctl(sim, "stand", "engage_brakes")
+            await sim_ctl(sim, "stand", "lock")
+            end = await daemon.seen(
+                lambda r: r.get("event") == "delivery_terminated", "the delivery's end", within_s=60
+            )
+            assert await daemon.stop() == 0, "iortd exited non-zero (the stand delivery)"
+        finally:
+            await daemon.ensure_dead()
+    finally:
+        await sim.stop()
+    return LogRun("stand", base / "log", pub, str(end["delivery_id"]), end)
