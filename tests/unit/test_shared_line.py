@@ -11,10 +11,10 @@ import itertools
 import pytest
 from test_modbus_xrs_driver import rtu_reply
 
-from iortd.drivers.errors import ProtocolViolation, TransportTimeout
+from iortd.drivers.errors import ProtocolViolation, TransportClosed, TransportTimeout
 from iortd.drivers.modbus_codec import Framing, Table, encode_read
 from iortd.drivers.modbus_exchange import ModbusExchange
-from iortd.drivers.transport import Expect, Reply, ScriptedTransport, ScriptStep
+from iortd.drivers.transport import Eof, Expect, Reply, ScriptedTransport, ScriptStep
 from iortd.drivers.transport.shared import LineView, SharedLine
 
 TIMEOUT_S = 0.5
@@ -173,3 +173,27 @@ def holder_of(line: SharedLine) -> str | None:
 async def _hold(view: LineView) -> None:
     async with view.turn():
         await asyncio.Event().wait()
+
+
+async def test_a_lost_line_is_reopened_once_by_whichever_device_comes_back_first() -> None:
+    script: list[ScriptStep] = [
+        Expect(req(1)),
+        Eof(),
+        Expect(req(2)),
+        Reply(rep(2, 4)),
+        Expect(req(1)),
+        Reply(rep(1, 6)),
+    ]
+    t = ScriptedTransport(script, timeout_s=TIMEOUT_S)
+    line = SharedLine(t)
+    x1, x2 = exchange(line.view("source"), 1), exchange(line.view("stand"), 2)
+    await _open(x1, x2)
+    with pytest.raises(TransportClosed):
+        await x1.read(Table.INPUT, 0, 2)
+    # The source's loop closes and reopens its driver: the line is reopened under both.
+    await x1.close()
+    await x1.open()
+    assert t._open
+    assert await x2.read(Table.INPUT, 0, 2) == [4, 2]
+    assert await x1.read(Table.INPUT, 0, 2) == [6, 1]
+    t.assert_done()
