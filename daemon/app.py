@@ -15,7 +15,10 @@ fails half-way, a crash of any task):
 then builds the :class:`~iortd.daemon.service.Service` (tracker, record, dispatcher) and
 runs everything in **one** ``asyncio.TaskGroup``: the audit writer, each sink's own work,
 the dispatcher and the notices, then one :class:`~iortd.daemon.device_loop.DeviceLoop` per
-configured device, the stale-data watchdog and the checkpoint task.
+configured device, the stale-data watchdog and the checkpoint task. Devices that name one
+serial port share one line (an RS-485 bus): :func:`_shared_lines` builds one
+:class:`~iortd.drivers.transport.shared.SharedLine` per such port, owning its one
+transport, and each device's driver gets a view of it in its context (turns round-robin).
 
 A signal (or the end of ``--duration``, or the end of the delivery under
 ``stop_after_delivery``) only sets ``stop``. Shutdown is ordered and bounded: the device
@@ -63,6 +66,9 @@ from iortd.daemon.sinks import OperationalLogSink, Sink, SinkConfigError
 from iortd.daemon.tracker import DeliveryTracker
 from iortd.drivers.interface import DriverContext
 from iortd.drivers.registry import DriverRegistry
+from iortd.drivers.transport import transport_from_config
+from iortd.drivers.transport.config import serial_line
+from iortd.drivers.transport.shared import SharedLine
 from iortd.kernel.clock import Clock, ScaledClock, SystemClock
 
 __all__ = [
@@ -207,8 +213,11 @@ class App:
             dispatcher = tg.create_task(service.dispatch(), name="dispatcher")
             notices = tg.create_task(service.notify(), name="notices")
             service.record_start()
+            lines = _shared_lines(c.devices)
             until_stop = [
-                tg.create_task(self._device_loop(dev, service).run(stop), name=f"device:{dev.name}")
+                tg.create_task(
+                    self._device_loop(dev, service, lines).run(stop), name=f"device:{dev.name}"
+                )
                 for dev in c.devices
             ]
             until_stop.append(tg.create_task(service.watchdog(stop), name="watchdog"))
@@ -224,17 +233,49 @@ class App:
         log.info("daemon_stopped", deliveries=len(service.result.terminated))
         return service.result
 
-    def _device_loop(self, dev: DeviceConfig, service: Service) -> DeviceLoop:
+    def _device_loop(
+        self, dev: DeviceConfig, service: Service, lines: dict[str, SharedLine]
+    ) -> DeviceLoop:
+        line = lines.get(dev.name)
         context = DriverContext(
-            clock=self._clock, seed=self.config.simulation.seed, heard=service.heard(dev)
+            clock=self._clock,
+            seed=self.config.simulation.seed,
+            heard=service.heard(dev),
+            shared_line=line.view(dev.name) if line else None,
         )
+        # On a shared line each exchange may first wait for one exchange of every other
+        # device on it: the loop's safety bound grows by their timeouts.
+        others = [
+            d.timeout_s for d in self.config.devices if d is not dev and lines.get(d.name) is line
+        ]
         return DeviceLoop(
             dev,
             self._registry.get(dev.driver),
             context,
             service,
             bad_reads_limit=self.config.tolerances.stale_after_polls,
+            line_wait_s=sum(others) if line else 0.0,
         )
+
+
+def _shared_lines(devices: Sequence[DeviceConfig]) -> dict[str, SharedLine]:
+    """One :class:`SharedLine` per serial port that several devices name (the config
+    check allowed it: Modbus RTU, distinct units, the same settings), by device name. The
+    line's transport is bounded by the longest of its devices' timeouts; each exchange
+    keeps its own device's timeout."""
+    ports: dict[str, list[DeviceConfig]] = {}
+    for dev in devices:
+        line = serial_line(dev.transport) if dev.transport else None
+        if line is not None:
+            ports.setdefault(line[0], []).append(dev)
+    lines: dict[str, SharedLine] = {}
+    for members in ports.values():
+        if len(members) < 2:
+            continue
+        timeout_s = max(d.timeout_s for d in members)
+        shared = SharedLine(transport_from_config(members[0].transport, timeout_s=timeout_s))
+        lines.update((d.name, shared) for d in members)
+    return lines
 
 
 async def _open_sinks(

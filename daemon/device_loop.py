@@ -22,7 +22,9 @@ The cycle, for ever until ``stop``:
 
 Every driver call is bounded by ``DRIVER_CALL_TIMEOUTS`` times the device's ``timeout_s``:
 a safety net for a driver that does not keep its own bound (a driver bounds each exchange
-by ``timeout_s`` and one call may make a few). The waits between polls and during the
+by ``timeout_s`` and one call may make a few). A device on a shared serial line may wait
+for the other devices' exchanges before each of its own (drivers/transport/shared.py):
+its bound adds their timeouts (``line_wait_s``). The waits between polls and during the
 backoff end at once when ``stop`` is set.
 
 What a device reads depends on its role: a ``source`` is read with ``read()``, an
@@ -93,6 +95,7 @@ class DeviceLoop:
         hub: DeviceHub,
         *,
         bad_reads_limit: int,
+        line_wait_s: float = 0.0,
     ) -> None:
         self.device = device
         self._factory = factory
@@ -100,7 +103,7 @@ class DeviceLoop:
         self._hub = hub
         self._bad_reads_limit = bad_reads_limit
         self.backoff = Backoff(BACKOFF_INITIAL_S, BACKOFF_MAX_S)
-        self._bound = device.timeout_s * DRIVER_CALL_TIMEOUTS
+        self._bound = (device.timeout_s + line_wait_s) * DRIVER_CALL_TIMEOUTS
 
     async def run(self, stop: asyncio.Event) -> None:
         dev = self.device

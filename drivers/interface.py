@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal, Protocol, Self, runtime_checkable
 
+from iortd.drivers.transport.base import Transport
 from iortd.kernel.clock import Clock
 from iortd.kernel.types import ApplicatorReading, Capability, DeviceIdentity, SourceReading
 
@@ -95,6 +96,11 @@ class DriverContext:
     clock: Clock
     seed: int
     heard: Callable[[int], None] = _nobody_listens
+    # A view of a serial line this device shares with others (drivers/transport/shared.py),
+    # lent by the composition root when the config puts several devices on one port; a
+    # driver that can share a line (its factory has ``shared_line_unit``) talks through it
+    # instead of building a transport from ``spec.transport``. None: a line of its own.
+    shared_line: Transport | None = None
 
 
 class DriverFactory(Protocol):

@@ -14,6 +14,9 @@ vocabulary of point names (drivers/modbus_map.py) read through one unit's exchan
   closing on exit, and the identity read once after connecting. A subclass adds what its
   device's readings are;
 - :class:`ModbusMapFactory`: an ``iort.drivers`` factory for such a driver, generic in it.
+  Over RTU it can share a serial line with other units (``shared_line_unit``): it then
+  talks through the view of the line the composition root lends in the context
+  (``DriverContext.shared_line``), one exchange per turn (drivers/transport/shared.py).
 """
 
 from __future__ import annotations
@@ -208,10 +211,19 @@ class ModbusMapFactory(Generic[D]):
     def validate(self, options: Mapping[str, Any], transport: Mapping[str, Any]) -> None:
         self._check(options, transport)
 
+    def shared_line_unit(
+        self, options: Mapping[str, Any], transport: Mapping[str, Any]
+    ) -> int | None:
+        """The unit id this device answers to on a shared serial line, or None when it
+        cannot share one (Modbus TCP framing). Raises DriverOptionError like validate."""
+        _, unit, framing = self._check(options, transport)
+        return unit if framing is Framing.RTU else None
+
     def create(self, spec: DriverSpec, context: DriverContext) -> D:
         regmap, unit, framing = self._check(spec.options, spec.transport)
+        shared = context.shared_line if framing is Framing.RTU else None
         return self.driver(
-            transport_from_config(spec.transport, timeout_s=spec.timeout_s),
+            shared or transport_from_config(spec.transport, timeout_s=spec.timeout_s),
             context,
             regmap,
             unit=unit,

@@ -13,7 +13,12 @@ drivers/modbus_apl.py), with the rules of docs/protocols.md, XRS-MB/1 "Link":
   0x00 or 0xFF) are skipped, at most :data:`MAX_LEADING_NOISE`; over TCP a reply to an
   older transaction is skipped;
 - every good reply is reported to ``heard`` (the clock's monotonic time), so staleness is
-  measured from the device's last reply.
+  measured from the device's last reply;
+- on a line shared with other units (a :class:`~iortd.drivers.transport.shared.LineView` of an
+  RS-485 line, drivers/transport/shared.py) each exchange is one turn of the line, taken
+  in round-robin order with the other units, and "a late reply may be on its way" is the
+  line's, not this unit's: a timeout on one unit's turn makes the next unit (whichever)
+  settle the line before its request.
 
 Framing, CRC and reply checks are drivers/modbus_codec.py's; errors are those of
 drivers/errors.py plus :class:`~iortd.drivers.modbus_codec.ModbusDeviceError`.
@@ -22,6 +27,7 @@ drivers/errors.py plus :class:`~iortd.drivers.modbus_codec.ModbusDeviceError`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -36,6 +42,7 @@ from iortd.drivers.modbus_codec import (
 )
 from iortd.drivers.modbus_map import Block
 from iortd.drivers.transport import Transport
+from iortd.drivers.transport.shared import LineView
 
 __all__ = ["MAX_LEADING_NOISE", "ModbusExchange"]
 
@@ -89,9 +96,18 @@ class ModbusExchange:
         """The ``count`` registers of ``table`` from ``address``."""
         if not self._open:
             raise TransportClosed(f"{self._name}: {self._transport.describe()} is not open")
+        shared = self._transport if isinstance(self._transport, LineView) else None
+        async with shared.turn() if shared else contextlib.nullcontext():
+            return await self._exchange(table, address, count, shared)
+
+    async def _exchange(
+        self, table: Table, address: int, count: int, shared: LineView | None
+    ) -> list[int]:
         try:
-            if self._late_reply_possible:
+            if self._late_reply_possible or (shared is not None and shared.unsettled):
                 await self._settle()
+                if shared is not None:
+                    shared.unsettled = False
             # A server never talks unasked: anything pending is stale.
             await self._transport.drain_input()
             self._tid = (self._tid + 1) & 0xFFFF
@@ -109,6 +125,8 @@ class ModbusExchange:
                 ) from None
         except (TransportTimeout, ProtocolViolation):
             self._late_reply_possible = True
+            if shared is not None:
+                shared.unsettled = True
             raise
         self._heard(self._monotonic_ns())
         return registers

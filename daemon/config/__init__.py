@@ -30,6 +30,7 @@ from .checks import (
     _check_devices,
     _check_drivers,
     _check_files,
+    _check_shared_lines,
     _check_sinks,
     _credentials_in_urls,
     _describe,
@@ -137,6 +138,7 @@ def load_config(
     issues = _check_devices(config, path)
     if not issues:
         issues = _check_files(config, path) + _check_drivers(config, path, registry)
+        issues += _check_shared_lines(config, path, registry)
         issues += _check_sinks(config, path, sinks)
     if issues:
         raise ConfigError(issues)

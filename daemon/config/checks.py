@@ -17,6 +17,7 @@ from iortd.daemon.sink_registry import BUILT_IN_NAMES, CONFIGURED_BY_SECTION, Si
 from iortd.daemon.sinks import SinkConfigError, SinkOptionError
 from iortd.drivers.errors import DriverConfigError, DriverOptionError
 from iortd.drivers.registry import DriverRegistry
+from iortd.drivers.transport.config import SERIAL_SETTINGS, serial_line
 
 from .model import (
     _PATTERN_MEANING,
@@ -329,6 +330,68 @@ def _check_drivers(config: Config, file: Path, registry: DriverRegistry) -> list
                     f"driver {dev.driver!r}); time compression is for simulators only",
                 )
             )
+    return issues
+
+
+def _check_shared_lines(config: Config, file: Path, registry: DriverRegistry) -> list[ConfigIssue]:
+    """Devices whose serial transport names one port share that line (an RS-485 bus):
+    allowed only for drivers that can share one (Modbus RTU: the factory's
+    ``shared_line_unit``), at distinct unit ids, with the same serial settings. A device
+    whose driver or transport is already reported bad is left out (no noise on noise)."""
+    issues: list[ConfigIssue] = []
+    first: dict[str, tuple[int, tuple[Any, ...]]] = {}  # port -> (device, its settings)
+    units: dict[str, dict[int, int]] = {}  # port -> unit id -> device
+    lines: dict[str, list[int]] = {}
+    for i, dev in enumerate(config.devices):
+        try:
+            line = serial_line(dev.transport) if dev.transport else None
+        except DriverOptionError:
+            continue
+        if line is not None:
+            lines.setdefault(line[0], []).append(i)
+    for port, members in lines.items():
+        if len(members) < 2:
+            continue
+        for i in members:
+            dev = config.devices[i]
+            key = f"devices[{i}]"
+            line = serial_line(dev.transport)
+            assert line is not None  # noqa: S101 - grouped by it above
+            settings = line[1]
+            j, first_settings = first.setdefault(port, (i, settings))
+            others = ", ".join(f"devices[{m}]" for m in members if m != i)
+            try:
+                factory = registry.get(dev.driver)
+                unit_of = getattr(factory, "shared_line_unit", None)
+                unit = unit_of(dev.options, dev.transport) if unit_of else None
+            except (DriverConfigError, DriverOptionError):
+                continue  # reported by _check_drivers
+            if unit is None:
+                msg = (
+                    f"port {port!r} is also {others}'s: only Modbus RTU devices can share "
+                    f"a serial line (driver {dev.driver!r} cannot); give it a port of its own"
+                )
+                issues.append(ConfigIssue(file, f"{key}.driver", msg))
+                continue
+            if j != i:
+                for name, mine, theirs in zip(
+                    SERIAL_SETTINGS, settings, first_settings, strict=True
+                ):
+                    if mine != theirs:
+                        msg = (
+                            f"{mine!r} but devices[{j}] on the same line (port {port!r}) has "
+                            f"{theirs!r}: every device on one RS-485 line needs the same "
+                            f"{', '.join(SERIAL_SETTINGS)}"
+                        )
+                        issues.append(ConfigIssue(file, f"{key}.transport.{name}", msg))
+            seen = units.setdefault(port, {})
+            if unit in seen:
+                msg = (
+                    f"unit id {unit} is already devices[{seen[unit]}]'s on the same line "
+                    f"(port {port!r}): each device on one RS-485 line needs its own unit id"
+                )
+                issues.append(ConfigIssue(file, f"{key}.options.unit_id", msg))
+            seen.setdefault(unit, i)
     return issues
 
 

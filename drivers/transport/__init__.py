@@ -28,6 +28,9 @@ move:
 - ``link``: the asyncio protocol and lifecycle the real links share (open, write, wait
   for input, close; timeouts and error mapping);
 - ``serial_port`` and ``tcp``: the two real links;
+- ``shared``: one serial line shared by several devices (``SharedLine``, a ``LineView``
+  per device: one exchange at a time, turns round-robin); built by the composition root,
+  not part of the public surface above (import it from ``iortd.drivers.transport.shared``);
 - ``scripted``: the scripted fake (:class:`ScriptedTransport`, :class:`Expect`,
   :class:`Reply`, :class:`Eof`);
 - ``config``: the ``[transport]`` table, checked and built.

@@ -9,6 +9,7 @@ never silently ignored.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -25,7 +26,10 @@ from iortd.drivers.transport.serial_port import (
 )
 from iortd.drivers.transport.tcp import TcpTransport
 
-__all__ = ["transport_from_config", "validate_transport"]
+__all__ = ["SERIAL_SETTINGS", "serial_line", "transport_from_config", "validate_transport"]
+
+# The settings every device on one shared serial line must agree on, in this order.
+SERIAL_SETTINGS: Final = ("baudrate", "bytesize", "parity", "stopbits")
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +147,24 @@ def validate_transport(transport: Mapping[str, Any]) -> None:
     ``{type = "tcp", host = "192.0.2.10", port = 502}``. Unknown keys are errors.
     """
     _parse(transport)
+
+
+def serial_line(transport: Mapping[str, Any]) -> tuple[str, tuple[Any, ...]] | None:
+    """The serial port a (valid) ``[transport]`` table names, normalised, and its
+    :data:`SERIAL_SETTINGS` with the defaults filled in; None for a TCP transport. Two
+    devices with the same port are on one line (docs/engineers.md, "Two devices on one
+    RS-485 line"). The path is compared as written (normalised, not resolved): two
+    names for one port (a symlink in /dev/serial/by-id) are not recognised here, and
+    the second device then finds the port locked at run time (its link is lost, said)."""
+    settings = _parse(transport)
+    if isinstance(settings, _TcpSettings):
+        return None
+    return os.path.normpath(settings.port), (
+        settings.baudrate,
+        settings.bytesize,
+        settings.parity,
+        settings.stopbits,
+    )
 
 
 def transport_from_config(transport: Mapping[str, Any], *, timeout_s: float) -> Transport:
