@@ -20,7 +20,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from iortd.simulators.applicator import FAULT_CODES, RANGE_MM, TILT_RANGE_DEG
-from iortd.simulators.durations import parse_duration
+from iortd.simulators.durations import checked_duration
 
 __all__ = ["APL_ACTIONS", "LINK_ACTIONS", "StepError", "parse_apl_step"]
 
@@ -97,21 +97,6 @@ def _number(action: str, key: str, raw: object, lo: float, hi: float, what: str)
     return float(raw)
 
 
-def _seconds(action: str, key: str, raw: object, limit_s: float) -> float:
-    if isinstance(raw, bool):
-        raise StepError(f'{action}: {key!r} must be a duration like "5s", got {raw!r}')
-    if isinstance(raw, int | float):
-        seconds = float(raw)
-    else:
-        try:
-            seconds = parse_duration(raw)  # type: ignore[arg-type]  # checked inside
-        except ValueError as exc:
-            raise StepError(f"{action}: {key!r}: {exc}") from None
-    if not (math.isfinite(seconds) and 0 < seconds <= limit_s):
-        raise StepError(f"{action}: {key!r} must be > 0 and at most {limit_s:g} s, got {raw!r}")
-    return seconds
-
-
 def parse_apl_step(action: str, raw: Mapping[str, Any]) -> dict[str, Any]:
     """The checked arguments of one applicator action (``raw``: its keys besides
     ``action``, as a control request or a scenario step gives them). Raises ValueError
@@ -154,7 +139,9 @@ def parse_apl_step(action: str, raw: Mapping[str, Any]) -> dict[str, Any]:
             raise StepError(f"{action}: 'code' must be one of {', '.join(FAULT_CODES)}")
         args["code"] = code
     if "duration" in raw:
-        args["duration_s"] = _seconds(action, "duration", raw["duration"], MAX_DURATION_S)
+        args["duration_s"] = checked_duration(
+            action, "duration", raw["duration"], MAX_DURATION_S, StepError
+        )
     if "delay" in raw:
-        args["delay_s"] = _seconds(action, "delay", raw["delay"], MAX_DELAY_S)
+        args["delay_s"] = checked_duration(action, "delay", raw["delay"], MAX_DELAY_S, StepError)
     return args

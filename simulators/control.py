@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import os
 import shutil
 import socket
@@ -43,7 +42,7 @@ import orjson
 from iortd.simulators.apl_actions import APL_ACTIONS, parse_apl_step
 from iortd.simulators.apl_device import ApplicatorDevice
 from iortd.simulators.device import ActionError, SimDevice
-from iortd.simulators.scenario import parse_duration
+from iortd.simulators.durations import checked_duration
 
 __all__ = [
     "LINE_LIMIT",
@@ -95,21 +94,6 @@ class Served:
     transport: str
     protocol: str
     endpoint: dict[str, object] = field(default_factory=dict)
-
-
-def _duration(action: str, key: str, raw: object, limit_s: float) -> float:
-    if isinstance(raw, bool):
-        raise BadRequest(f'{action}: {key!r} must be a duration like "5s", got {raw!r}')
-    if isinstance(raw, int | float):
-        seconds = float(raw)
-    else:
-        try:
-            seconds = parse_duration(raw)  # type: ignore[arg-type]  # checked inside
-        except ValueError as exc:
-            raise BadRequest(f"{action}: {key!r}: {exc}") from None
-    if not (math.isfinite(seconds) and 0 < seconds <= limit_s):
-        raise BadRequest(f"{action}: {key!r} must be > 0 and at most {limit_s:g} s, got {raw!r}")
-    return seconds
 
 
 class ControlHandler:
@@ -169,9 +153,13 @@ class ControlHandler:
             return {"ok": True, "device": name, **self._status(device)}
         args: dict[str, Any] = {}
         if "duration" in req:
-            args["duration_s"] = _duration(action, "duration", req["duration"], MAX_DURATION_S)
+            args["duration_s"] = checked_duration(
+                action, "duration", req["duration"], MAX_DURATION_S, BadRequest
+            )
         if "delay" in req:
-            args["delay_s"] = _duration(action, "delay", req["delay"], MAX_DELAY_S)
+            args["delay_s"] = checked_duration(
+                action, "delay", req["delay"], MAX_DELAY_S, BadRequest
+            )
         if "factor" in req:
             factor = req["factor"]
             if isinstance(factor, bool) or not isinstance(factor, int | float):
