@@ -545,7 +545,7 @@
     const mt = ms === "ok" ? { state: "ok", word: "OK" } : ms === "tripped" ? { state: "bad", word: "TRIPPED" } : { state: "unknown", word: "UNKNOWN" };
     setAttr(a.monitor.dd, "data-state", mt.state);
     icon(a.monitor.ic, mt.state === "ok" ? "ok" : mt.state === "bad" ? "tripped" : "unknown");
-    setText(a.monitor.w, mt.word + (mi ? (mi.cause ? " — " + mi.cause : "") : " — no change reported since this page opened"));
+    setText(a.monitor.w, mt.word + (mi ? (mi.cause ? " — " + mi.cause : "") : " — not reported among the events this dashboard holds"));
     const dxyz = p && p.displacement_mm ? p.displacement_mm : null;
     setText(a.disp, !p ? "—" : fmtMm(p.displacement_magnitude_mm) + (dxyz ? " (x " + fmtMm(dxyz.x) + ", y " + fmtMm(dxyz.y) + ", z " + fmtMm(dxyz.z) + ")" : "") +
       (typeof p.tolerance_mm === "number" ? " · tolerance " + p.tolerance_mm.toFixed(2) : ""));
