@@ -442,6 +442,25 @@
     return { live: true, word: "LIVE", why: "", age };
   }
 
+  // The daemon's applicator alarms (docs/alarms.md) and its own applicator interlock, from
+  // the events this page holds (in arrival order): an alarm stands from its alarm_raised
+  // until an alarm_cleared of its key; the interlock is the last monitor_interlock_changed.
+  // None seen since the page opened leaves the interlock unknown, never OK.
+  const APL_ALARMS = ["monitor_interlock", "applicator_mismatch", "applicator_displaced", "applicator_tilted"];
+  const SEV_RANK = { high: 3, medium: 2, low: 1 };
+  function applicatorAlarms(room) {
+    const standing = new Map();
+    let monitor = null;
+    for (const e of room.events) {
+      const p = e.payload;
+      if (p.kind === "alarm_raised" && APL_ALARMS.includes(p.code)) { standing.delete(p.key); standing.set(p.key, p); }
+      else if (p.kind === "alarm_cleared") standing.delete(p.key);
+      else if (p.kind === "monitor_interlock_changed" && p.interlock === "applicator") monitor = p;
+    }
+    const alarms = [...standing.values()].sort((x, y) => (SEV_RANK[y.severity] || 0) - (SEV_RANK[x.severity] || 0));
+    return { alarms, monitor };
+  }
+
   // A yes/no sensor: "unknown" (or anything else) is shown as unknown, never as OK.
   function triState(x, yesWord, noWord) {
     if (x === "yes") return { state: "ok", word: yesWord };
@@ -459,6 +478,8 @@
     a.seated = sensor("apl-seated");
     a.locked = sensor("apl-locked");
     a.brakes = sensor("apl-brakes");
+    a.monitor = sensor("apl-monitor");
+    a.alarm = el("p", { class: "apl-alarm", id: "apl-alarm", role: "alert", hidden: "" });
     a.disp = el("dd", { id: "apl-displacement" });
     a.fromBeam = el("dd", { id: "apl-from-beam-on" });
     a.peak = el("dd", { id: "apl-peak" });
@@ -466,8 +487,9 @@
     a.plot = el("div", { class: "plot", id: "plot-applicator" });
     a.legend = el("div", { class: "legend" }, el("span", { class: "l-delivered", text: "displacement from the lock" }),
       el("span", { class: "l-replayed", text: "replayed (historical)" }), el("span", { class: "l-tolerance", text: "tolerance" }));
-    a.root = el("section", { class: "panel applicator", id: "applicator-panel", "aria-labelledby": "h-apl", "data-live": "false" },
+    a.root = el("section", { class: "panel applicator", id: "applicator-panel", "aria-labelledby": "h-apl", "data-live": "false", "data-alarm": "" },
       el("h2", { id: "h-apl" }, "Applicator and stand ", a.live, " ", a.age),
+      a.alarm,
       el("div", { class: "grid apl" },
         el("dl", { class: "facts" },
           el("dt", { text: "Applicator" }), a.identity,
@@ -475,6 +497,7 @@
           el("dt", { text: "Seated" }), a.seated.dd,
           el("dt", { text: "Locked to source" }), a.locked.dd,
           el("dt", { text: "Stand brakes" }), a.brakes.dd,
+          el("dt", { text: "Monitor interlock" }), a.monitor.dd,
           el("dt", { text: "Displacement (mm)" }), a.disp,
           el("dt", { text: "Since beam-on (mm)" }), a.fromBeam,
           el("dt", { text: "Peak (mm)" }), a.peak,
@@ -510,6 +533,19 @@
       icon(node.ic, t.state === "ok" ? "ok" : t.state === "bad" ? "tripped" : "unknown");
       setText(node.w, t.word);
     }
+    // The daemon's judgement: its applicator alarms in the panel's header, its interlock.
+    const judged = applicatorAlarms(room);
+    const top = judged.alarms[0];
+    setAttr(a.root, "data-alarm", top ? (top.severity || "high") : "");
+    a.alarm.hidden = !top;
+    setText(a.alarm, !top ? "" : judged.alarms.map((x) => "ALARM " + String(x.severity || "").toUpperCase() + " " + x.code + ": " + (x.message || x.key) +
+      " (since " + fmtClock(x.at || x.ts) + ")" + (x.historical ? " — REPLAYED" : "")).join(" · "));
+    const mi = judged.monitor;
+    const ms = mi ? mi.to : null;
+    const mt = ms === "ok" ? { state: "ok", word: "OK" } : ms === "tripped" ? { state: "bad", word: "TRIPPED" } : { state: "unknown", word: "UNKNOWN" };
+    setAttr(a.monitor.dd, "data-state", mt.state);
+    icon(a.monitor.ic, mt.state === "ok" ? "ok" : mt.state === "bad" ? "tripped" : "unknown");
+    setText(a.monitor.w, mt.word + (mi ? (mi.cause ? " — " + mi.cause : "") : " — not reported among the events this dashboard holds"));
     const dxyz = p && p.displacement_mm ? p.displacement_mm : null;
     setText(a.disp, !p ? "—" : fmtMm(p.displacement_magnitude_mm) + (dxyz ? " (x " + fmtMm(dxyz.x) + ", y " + fmtMm(dxyz.y) + ", z " + fmtMm(dxyz.z) + ")" : "") +
       (typeof p.tolerance_mm === "number" ? " · tolerance " + p.tolerance_mm.toFixed(2) : ""));

@@ -96,6 +96,11 @@ def applicator(seq: int, mag: float, **kw: Any) -> dict[str, Any]:
     )
 
 
+def event(seq: int, kind: str, **data: Any) -> dict[str, Any]:
+    """A schema-valid ``events`` message as the daemon sends it (docs/schemas/v1)."""
+    return env(seq, kind=kind, delivery_id=DELIVERY, at=now_ts(), **data)
+
+
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     with Mosquitto(BrokerOptions(), tmp_path / "broker") as b:
@@ -169,6 +174,56 @@ async def test_the_applicator_panel_shows_the_reader_unknown_and_stale(
             await expect(page.locator("#apl-brakes")).to_have_attribute("data-state", "bad")
             await expect(page.locator("#apl-brakes")).to_contain_text("RELEASED")
             await shot(page, "20-applicator-panel-unknown")
+
+            # The daemon's applicator alarm and its monitor interlock reach the panel itself
+            # (its header in the alarm colour, naming the alarm), as well as the alarm list.
+            await expect(page.locator("#apl-monitor")).to_have_attribute("data-state", "unknown")
+            await expect(page.locator("#apl-alarm")).to_be_hidden()
+            msg = (
+                "applicator displaced 2.60 mm with the beam on (from the stand's lock 2.60 mm, "
+                "from beam-on 1.30 mm; tolerance 2 mm)"
+            )
+            raised = event(
+                1, "alarm_raised", code="applicator_displaced", key="applicator_displaced",
+                severity="high", message=msg,
+            )  # fmt: skip
+            tripped = event(
+                2, "monitor_interlock_changed", device="stand", interlock="applicator",
+                **{"from": "unknown", "to": "tripped"}, cause="brakes released with the beam on",
+            )  # fmt: skip
+            for m in (raised, tripped):
+                await mq.publish(base + "events", orjson.dumps(m), qos=1)
+            await mq.publish(
+                base + "applicator",
+                orjson.dumps(
+                    applicator(
+                        14, 2.6, seated="unknown", source_locked="unknown", brakes_engaged="no"
+                    )
+                ),
+                qos=1,
+            )
+            await source_tick()
+            await expect(panel).to_have_attribute("data-alarm", "high")
+            await expect(page.locator("#apl-alarm")).to_be_visible()
+            await expect(page.locator("#apl-alarm")).to_contain_text("applicator_displaced")
+            await expect(page.locator("#apl-alarm")).to_contain_text("displaced 2.60 mm")
+            await expect(page.locator("#apl-monitor")).to_have_attribute("data-state", "bad")
+            await expect(page.locator("#apl-monitor")).to_contain_text("TRIPPED")
+            listed = page.locator("#alarms li[data-kind=alarm_raised]")
+            await expect(listed).to_contain_text(msg)
+            await expect(listed).to_contain_text("ACTIVE")
+            await shot(page, "22-applicator-panel-alarm")
+
+            cleared = event(
+                3, "alarm_cleared", code="applicator_displaced", key="applicator_displaced"
+            )
+            await mq.publish(base + "events", orjson.dumps(cleared), qos=1)
+            await source_tick()
+            await expect(panel).to_have_attribute("data-alarm", "")
+            await expect(page.locator("#apl-alarm")).to_be_hidden()
+            await expect(listed).to_contain_text("CLEARED")
+            # The interlock has not come back: it is still shown tripped, never as OK.
+            await expect(page.locator("#apl-monitor")).to_contain_text("TRIPPED")
 
             # The reader falls silent while the source goes on: the panel alone is stale.
             stale_seen = asyncio.create_task(
