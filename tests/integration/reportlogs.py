@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from daemonproc import Daemon, Site
-from simproc import BIN, SERIAL_XRS_DEVICE, Simulator
+from simproc import APPLICATOR_ROOM_DEVICES, APPLICATOR_ROOM_SIM, SERIAL_XRS_DEVICE, Simulator
 
 from iortd.auditlog.note import generate_keypair, write_keypair
 
@@ -157,27 +157,10 @@ def read_log(log_dir: Path) -> list[dict[str, Any]]:
 
 # ---- a room with an applicator reader (issue 16) ---------------------------------------------
 
-STAND_DEVICES = """
-speed = 5.0
+STAND_DEVICES = APPLICATOR_ROOM_SIM.format(speed=5.0, seed=11)
 
-[[device]]
-name = "console"
-transport = "modbus-tcp"
-profile = "axxent"
-applicator = "BAL34"
-preset = 1.5
-start_delay = 1
-seed = 11
-
-[[device]]
-name = "stand"
-kind = "applicator"
-transport = "modbus-tcp"
-profile = "axxent"
-applicator = "BAL34"
-"""
-
-STAND_SITE = """
+STAND_SITE = (
+    """
 [site]
 id = "report-site"
 room = "or-7"
@@ -191,44 +174,9 @@ enabled = false
 stale_after_polls = 5
 applicator_displacement_mm = 2.0
 applicator_tilt_deg = 2.0
-{plan}
-[[devices]]
-name = "console-1"
-driver = "modbus-xrs"
-poll_interval_s = 0.1
-timeout_s = 0.5
-[devices.options]
-map = "xrs-mb1"
-unit_id = 1
-[devices.transport]
-type = "tcp"
-host = "127.0.0.1"
-port = {console_port}
-[[devices]]
-name = "stand-1"
-role = "applicator"
-driver = "modbus-apl"
-poll_interval_s = 0.1
-timeout_s = 0.3
-[devices.options]
-unit_id = 2
-[devices.transport]
-type = "tcp"
-host = "127.0.0.1"
-port = {stand_port}
-"""
-
-
-async def sim_ctl(sim: Simulator, device: str, *args: str) -> None:
-    """``iort-sim ctl`` on one device of a ``--devices`` simulator."""
-    control = next(r for r in sim.lines if r["event"] == "ready")["control"]
-    proc = await asyncio.create_subprocess_exec(
-        str(BIN / "iort-sim"), "ctl", "--control", control, "--device", device, *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    async with asyncio.timeout(15):
-        _, err = await proc.communicate()
-    assert proc.returncode == 0, f"iort-sim ctl {' '.join(args)}: {err.decode()}"
+{plan}"""
+    + APPLICATOR_ROOM_DEVICES
+)
 
 
 async def make_stand(base: Path) -> LogRun:
@@ -258,7 +206,7 @@ async def make_stand(base: Path) -> LogRun:
                 lambda r: r.get("event") == "phase" and r.get("dst") == "IRRADIATING",
                 "the beam on",
             )
-            await sim_ctl(sim, "stand", "bump", "mm=3", "direction=x")
+            await sim.ctl("stand", "bump", "mm=3", "direction=x")
             await daemon.seen(
                 lambda r: (
                     r.get("event") == "alarm_raised" and r.get("code") == "applicator_displaced"
@@ -266,14 +214,14 @@ async def make_stand(base: Path) -> LogRun:
                 "applicator_displaced",
                 within_s=10,
             )
-            await sim_ctl(sim, "stand", "release_brakes")
+            await sim.ctl("stand", "release_brakes")
             await daemon.seen(
                 lambda r: r.get("event") == "monitor_interlock",
                 "the monitor's applicator interlock",
                 within_s=10,
             )
-            await sim_ctl(sim, "stand", "engage_brakes")
-            await sim_ctl(sim, "stand", "lock")
+            await sim.ctl("stand", "engage_brakes")
+            await sim.ctl("stand", "lock")
             end = await daemon.seen(
                 lambda r: r.get("event") == "delivery_terminated", "the delivery's end", within_s=60
             )

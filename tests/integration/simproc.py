@@ -29,6 +29,55 @@ baudrate = 19200
 applicator_every = 5
 """
 
+# A room with a console and an applicator reader and stand over Modbus TCP (issue 16):
+# the simulator's --devices file ({speed}, {seed}) and the daemon's [[devices]] tables
+# reading it with the production drivers ({console_port}, {stand_port}).
+APPLICATOR_ROOM_SIM = """
+speed = {speed}
+
+[[device]]
+name = "console"
+transport = "modbus-tcp"
+profile = "axxent"
+applicator = "BAL34"
+preset = 1.5
+start_delay = 1
+seed = {seed}
+
+[[device]]
+name = "stand"
+kind = "applicator"
+transport = "modbus-tcp"
+profile = "axxent"
+applicator = "BAL34"
+"""
+APPLICATOR_ROOM_DEVICES = """
+[[devices]]
+name = "console-1"
+driver = "modbus-xrs"
+poll_interval_s = 0.1
+timeout_s = 0.5
+[devices.options]
+map = "xrs-mb1"
+unit_id = 1
+[devices.transport]
+type = "tcp"
+host = "127.0.0.1"
+port = {console_port}
+[[devices]]
+name = "stand-1"
+role = "applicator"
+driver = "modbus-apl"
+poll_interval_s = 0.1
+timeout_s = 0.3
+[devices.options]
+unit_id = 2
+[devices.transport]
+type = "tcp"
+host = "127.0.0.1"
+port = {stand_port}
+"""
+
 
 @dataclass
 class Simulator:
@@ -74,6 +123,19 @@ class Simulator:
                 if rec["event"] == event:
                     return rec
         raise AssertionError(f"iort-sim exited before {event}: {self.lines[-3:]}")
+
+    async def ctl(self, device: str, *args: str) -> dict[str, Any]:
+        """``iort-sim ctl`` on one device of this simulator; its JSON reply ({} if none)."""
+        control = next(r for r in self.lines if r["event"] == "ready")["control"]
+        proc = await asyncio.create_subprocess_exec(
+            str(BIN / "iort-sim"), "ctl", "--control", control, "--device", device, *args,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        async with asyncio.timeout(15):
+            out, err = await proc.communicate()
+        assert proc.returncode == 0, f"iort-sim ctl {' '.join(args)}: {err.decode()}"
+        reply: dict[str, Any] = json.loads(out) if out.strip() else {}
+        return reply
 
     async def stop(self) -> None:
         """SIGTERM, then SIGKILL if it has not exited within 10 s."""

@@ -8,7 +8,6 @@ simulator's truth and the gap is the reader's alone."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 from pathlib import Path
@@ -16,33 +15,16 @@ from typing import Any
 
 import pytest
 from daemonproc import Daemon, Site
-from simproc import BIN, Simulator
+from simproc import APPLICATOR_ROOM_DEVICES, APPLICATOR_ROOM_SIM, Simulator
 
 from iortd.auditlog.note import generate_keypair, write_keypair
 
 pytestmark = pytest.mark.integration
 
 SPEED = 4.0
-DEVICES = """
-speed = {speed}
-
-[[device]]
-name = "console"
-transport = "modbus-tcp"
-profile = "axxent"
-applicator = "BAL34"
-preset = 1.5
-start_delay = 1
-seed = 5
-
-[[device]]
-name = "stand"
-kind = "applicator"
-transport = "modbus-tcp"
-profile = "axxent"
-applicator = "BAL34"
-"""
-SITE = """
+DEVICES = APPLICATOR_ROOM_SIM
+SITE = (
+    """
 [site]
 id = "test-site"
 room = "or-7"
@@ -54,49 +36,13 @@ enabled = false
 [tolerances]
 stale_after_polls = 5
 applicator_displacement_mm = 2.0
-applicator_tilt_deg = 2.0
-[[devices]]
-name = "console-1"
-driver = "modbus-xrs"
-poll_interval_s = 0.1
-timeout_s = 0.5
-[devices.options]
-map = "xrs-mb1"
-unit_id = 1
-[devices.transport]
-type = "tcp"
-host = "127.0.0.1"
-port = {console_port}
-[[devices]]
-name = "stand-1"
-role = "applicator"
-driver = "modbus-apl"
-poll_interval_s = 0.1
-timeout_s = 0.3
-[devices.options]
-unit_id = 2
-[devices.transport]
-type = "tcp"
-host = "127.0.0.1"
-port = {stand_port}
-"""
+applicator_tilt_deg = 2.0"""
+    + APPLICATOR_ROOM_DEVICES
+)
 
 
 def serving(sim: Simulator, name: str) -> dict[str, Any]:
     return next(r for r in sim.lines if r["event"] == "serving" and r.get("device_name") == name)
-
-
-async def ctl(sim: Simulator, *args: str) -> dict[str, Any]:
-    control = next(r for r in sim.lines if r["event"] == "ready")["control"]
-    proc = await asyncio.create_subprocess_exec(
-        str(BIN / "iort-sim"), "ctl", "--control", control, "--device", "stand", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    async with asyncio.timeout(10):
-        out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()
-    reply: dict[str, Any] = json.loads(out) if out.strip() else {}
-    return reply
 
 
 def entries(site: Site) -> list[dict[str, Any]]:
@@ -110,7 +56,7 @@ async def test_drift_mid_beam_then_the_reader_lost_while_the_source_delivers(
     tmp_path: Path,
 ) -> None:
     devices = tmp_path / "devices.toml"
-    devices.write_text(DEVICES.format(speed=SPEED), "utf-8")
+    devices.write_text(DEVICES.format(speed=SPEED, seed=5), "utf-8")
     sim = await Simulator.start("--devices", str(devices), transport=None)
     try:
         _, pub = write_keypair(generate_keypair("or-7"), tmp_path / "keys")
@@ -129,7 +75,7 @@ async def test_drift_mid_beam_then_the_reader_lost_while_the_source_delivers(
                 lambda r: r.get("event") == "phase" and r.get("dst") == "IRRADIATING",
                 "the beam on",
             )
-            await ctl(sim, "drift", "rate=60", "direction=1,0,0")
+            await sim.ctl("stand", "drift", "rate=60", "direction=1,0,0")
             alarm = await daemon.seen(
                 lambda r: (
                     r.get("event") == "alarm_raised" and r.get("code") == "applicator_displaced"
@@ -137,9 +83,9 @@ async def test_drift_mid_beam_then_the_reader_lost_while_the_source_delivers(
                 "applicator_displaced",
                 within_s=10,
             )
-            await ctl(sim, "drift", "rate=0")
-            truth = (await ctl(sim, "status"))["true_displacement_mm"]
-            await ctl(sim, "drop_link", "duration=10s")
+            await sim.ctl("stand", "drift", "rate=0")
+            truth = (await sim.ctl("stand", "status"))["true_displacement_mm"]
+            await sim.ctl("stand", "drop_link", "duration=10s")
             await daemon.seen(
                 lambda r: r.get("event") == "device_gap_ended", "the reader back", within_s=15
             )

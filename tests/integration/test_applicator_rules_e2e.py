@@ -100,7 +100,7 @@ async def test_brakes_released_then_a_swap_on_the_reader_only_trip_the_monitor(
 ) -> None:
     devices = tmp_path / "devices.toml"
     # A longer beam than the drift test's so that both actions fall inside it.
-    text = tcp.DEVICES.format(speed=tcp.SPEED).replace("preset = 1.5", "preset = 6")
+    text = tcp.DEVICES.format(speed=tcp.SPEED, seed=5).replace("preset = 1.5", "preset = 6")
     devices.write_text(text, "utf-8")
     sim = await Simulator.start("--devices", str(devices), transport=None)
     try:
@@ -123,7 +123,7 @@ async def test_brakes_released_then_a_swap_on_the_reader_only_trip_the_monitor(
             )
             # Only what follows the action (a start-up alarm may precede it).
             mark = len(daemon.lines)
-            await tcp.ctl(sim, "release_brakes")
+            await sim.ctl("stand", "release_brakes")
             brakes = await daemon.seen(
                 lambda r: (
                     r.get("event") == "alarm_raised"
@@ -134,14 +134,14 @@ async def test_brakes_released_then_a_swap_on_the_reader_only_trip_the_monitor(
                 within_s=10,
             )
             mark = len(daemon.lines)
-            await tcp.ctl(sim, "engage_brakes")
+            await sim.ctl("stand", "engage_brakes")
             await daemon.seen(
                 lambda r: r.get("event") == "monitor_interlock" and r.get("new") == "ok"
                 and any(r is x for x in daemon.lines[mark:]),
                 "the monitor's interlock ok again",
                 within_s=10,
             )  # fmt: skip
-            await tcp.ctl(sim, "swap", "code=BAL45")
+            await sim.ctl("stand", "swap", "code=BAL45")
             mismatch = await daemon.seen(
                 lambda r: (
                     r.get("event") == "alarm_raised" and r.get("code") == "applicator_mismatch"
