@@ -260,7 +260,20 @@ def tracker_settings(config: Config, clock_speed: float) -> TrackerSettings:
         delivery_id_prefix=f"{config.site.room}",
         applicator_displacement_mm=t.applicator_displacement_mm,
         applicator_tilt_deg=t.applicator_tilt_deg,
+        applicator_first_reading_s=_first_reading_grace_s(config, clock_speed),
     )
+
+
+def _first_reading_grace_s(config: Config, clock_speed: float) -> float | None:
+    """How long the applicator reader may take, from the daemon's start, to give its
+    first reading before the monitor's interlock alarms with the beam off: its connect,
+    identify and first read, each within its ``timeout_s``, plus the stale bound in its
+    own poll periods (clock seconds). None without a reader."""
+    readers = [d for d in config.devices if d.role == "applicator"]
+    if not readers:
+        return None
+    polls = config.tolerances.stale_after_polls
+    return max(3 * d.timeout_s + polls * d.poll_interval_s for d in readers) * clock_speed
 
 
 def _thaw(value: Any) -> Any:
