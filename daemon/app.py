@@ -40,7 +40,7 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -213,7 +213,7 @@ class App:
             dispatcher = tg.create_task(service.dispatch(), name="dispatcher")
             notices = tg.create_task(service.notify(), name="notices")
             service.record_start()
-            lines = _shared_lines(c.devices)
+            lines = _shared_lines(c.devices, self._clock.monotonic_ns)
             until_stop = [
                 tg.create_task(
                     self._device_loop(dev, service, lines).run(stop), name=f"device:{dev.name}"
@@ -237,17 +237,26 @@ class App:
         self, dev: DeviceConfig, service: Service, lines: dict[str, SharedLine]
     ) -> DeviceLoop:
         line = lines.get(dev.name)
+        # On a shared line each exchange may first wait for one exchange of every other
+        # device on it: the loop's safety bound grows by their timeouts. The same round,
+        # plus the settling after another's timeout (up to two line timeouts), bounds each
+        # wait the device's staleness pauses by (daemon/service.py).
+        others = [
+            d.timeout_s for d in self.config.devices if d is not dev and lines.get(d.name) is line
+        ]
+        view = None
+        if line is not None:
+            line_timeout = max([dev.timeout_s, *others])
+            cap_s = (sum(others) + 2 * line_timeout) * self._clock.speed
+            view = line.view(dev.name, wait_cap_ns=round(cap_s * 1e9))
+            if dev.role == "source":
+                service.source_shares_a_line(view.waited_ns)
         context = DriverContext(
             clock=self._clock,
             seed=self.config.simulation.seed,
             heard=service.heard(dev),
-            shared_line=line.view(dev.name) if line else None,
+            shared_line=view,
         )
-        # On a shared line each exchange may first wait for one exchange of every other
-        # device on it: the loop's safety bound grows by their timeouts.
-        others = [
-            d.timeout_s for d in self.config.devices if d is not dev and lines.get(d.name) is line
-        ]
         return DeviceLoop(
             dev,
             self._registry.get(dev.driver),
@@ -258,7 +267,9 @@ class App:
         )
 
 
-def _shared_lines(devices: Sequence[DeviceConfig]) -> dict[str, SharedLine]:
+def _shared_lines(
+    devices: Sequence[DeviceConfig], now_ns: Callable[[], int]
+) -> dict[str, SharedLine]:
     """One :class:`SharedLine` per serial port that several devices name (the config
     check allowed it: Modbus RTU, distinct units, the same settings), by device name. The
     line's transport is bounded by the longest of its devices' timeouts; each exchange
@@ -273,7 +284,9 @@ def _shared_lines(devices: Sequence[DeviceConfig]) -> dict[str, SharedLine]:
         if len(members) < 2:
             continue
         timeout_s = max(d.timeout_s for d in members)
-        shared = SharedLine(transport_from_config(members[0].transport, timeout_s=timeout_s))
+        shared = SharedLine(
+            transport_from_config(members[0].transport, timeout_s=timeout_s), now_ns=now_ns
+        )
         lines.update((d.name, shared) for d in members)
     return lines
 
