@@ -42,12 +42,14 @@ async def test_a_clean_delivery_with_two_devices_on_one_line_raises_no_alarm(
     tmp_path: Path,
 ) -> None:
     # The shared line's set-up without its slow unit: both answer at once. Twice as fast,
-    # with the console's start delay kept at 1 s of real time: the beam must come on after
-    # the daemon's first reading of the reader, or the monitor's interlock is rightly
-    # unknown with the beam on (a HIGH alarm; seen with start_delay = 1 at speed 8).
+    # with the console's beam-on 4 s of real time after the simulator's start: the plan is
+    # selected before the daemon's first reading (the reader's start-up grace is what is
+    # exercised) and the beam comes on after the daemon's first reading of the reader even
+    # on a loaded machine, or the monitor's interlock is rightly unknown with the beam on
+    # (a HIGH alarm: seen with the beam-on 1 s after the start, on a loaded machine).
     devices = tmp_path / "devices.toml"
     text = rtu.DEVICES.replace("reply_delay_ms = 150\n", "")
-    text = text.replace("speed = 4.0", "speed = 8.0").replace("start_delay = 1", "start_delay = 8")
+    text = text.replace("speed = 4.0", "speed = 8.0").replace("start_delay = 1", "start_delay = 32")
     devices.write_text(text, "utf-8")
     sim = await Simulator.start("--devices", str(devices), transport=None)
     try:
