@@ -3,16 +3,22 @@ loop's announced bounds, the audit writer's committed head, and ``[health] liste
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from prometheus_client import CollectorRegistry
+from structlog.testing import capture_logs
 
 from iortd.auditlog.writer import AuditLog
 from iortd.daemon.config import ConfigError, LoadedConfig, load_config, tracker_settings
 from iortd.daemon.health import WRITER_STALL_S, Health, WriterWatch
+from iortd.daemon.health_http import HealthServer, build_app
 from iortd.daemon.progress import WEDGE_GRACE_S, DeviceProgress
 from iortd.daemon.tracker import DeliveryTracker
 from iortd.drivers.registry import DriverRegistry
@@ -271,3 +277,72 @@ def test_an_unknown_health_key_is_refused(tmp_path: Path) -> None:
         load(tmp_path, "[health]\nport = 9108\n")
     (issue,) = excinfo.value.issues
     assert issue.key == "health.port"
+
+
+# ---- the endpoint, in process --------------------------------------------------------------
+
+
+async def asgi_get(app: Any, path: str, host: str = "127.0.0.1:9108") -> tuple[int, Any]:
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", host.encode())],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 9108),
+    }
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    async with asyncio.timeout(5):
+        await app(scope, receive, send)
+    body = b"".join(m.get("body", b"") for m in sent[1:])
+    return sent[0]["status"], body
+
+
+async def test_the_endpoints_answer_503_with_reasons_and_refuse_other_hosts(
+    tmp_path: Path,
+) -> None:
+    clock = Clock()
+    h, _, dev = health_for(tmp_path, clock)
+    app = build_app(h, CollectorRegistry())
+    code, body = await asgi_get(app, "/readyz")
+    assert (code, json.loads(body)) == (503, {"ready": False, "reasons": ["starting"]})
+    h.mark_started()
+    assert await asgi_get(app, "/readyz") == (200, b'{"ready":true}')
+    dev.expect(0.4)
+    clock.now += 10
+    code, body = await asgi_get(app, "/healthz")
+    assert code == 503
+    assert json.loads(body)["reasons"][0].startswith("device source-1")
+    assert (await asgi_get(app, "/status", host="rebound.example"))[0] == 400
+    assert (await asgi_get(app, "/status", host="localhost:9108"))[0] == 200
+
+
+async def test_a_port_in_use_is_logged_and_the_daemon_goes_on(tmp_path: Path) -> None:
+    clock = Clock()
+    h, _, _ = health_for(tmp_path, clock)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        with capture_logs() as logs:
+            server = HealthServer.bind(h, CollectorRegistry(), taken.getsockname())
+        assert server.url is None
+        await server.serve()  # returns at once: nothing to serve
+        (line,) = [r for r in logs if r["event"] == "health_unavailable"]
+        assert line["log_level"] == "error"
+        assert line["error"] == "in use"
+    finally:
+        taken.close()
