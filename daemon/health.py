@@ -210,12 +210,12 @@ class Health:
 async def supervise(notifier: Notifier, health: Health, stop: asyncio.Event) -> None:
     """Until ``stop``: ``STATUS=`` on change; ``WATCHDOG=1`` at half the period while
     alive. Logs (once per change) why pings are withheld."""
-    period = STATUS_EVERY_S
-    if notifier.watchdog_s is not None:
-        period = min(period, notifier.watchdog_s / 2)
+    half = None if notifier.watchdog_s is None else notifier.watchdog_s / 2
+    period = STATUS_EVERY_S if half is None else min(STATUS_EVERY_S, half)
     shown = ""
     alive = True
     ready = False
+    next_ping = 0.0
     while not stop.is_set():
         line = health.status_line()
         if not ready and not health.readiness():
@@ -232,8 +232,10 @@ async def supervise(notifier: Notifier, health: Health, stop: asyncio.Event) -> 
         elif not alive and not why:
             log.warning("daemon_alive_again")
         alive = not why
-        if alive and notifier.watchdog_s is not None:
+        now = time.monotonic()
+        if alive and half is not None and now >= next_ping:
             notifier.watchdog()
+            next_ping = now + half - period / 2  # a tick late is still within the period
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(period if ready else READY_POLL_S):
                 await stop.wait()
