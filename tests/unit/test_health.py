@@ -346,3 +346,11 @@ async def test_a_port_in_use_is_logged_and_the_daemon_goes_on(tmp_path: Path) ->
         assert line["error"] == "in use"
     finally:
         taken.close()
+
+
+def test_the_metrics_sink_name_is_reserved(tmp_path: Path) -> None:
+    """Two sinks named alike would be two series with one label in /metrics."""
+    with pytest.raises(ConfigError) as excinfo:
+        load(tmp_path, '[[sinks]]\ntype = "recorder"\nname = "metrics"\n')
+    found = {i.key: str(i) for i in excinfo.value.issues}
+    assert "is the name of a built-in sink" in found["sinks[0].name"]
