@@ -7,21 +7,32 @@ import asyncio
 import json
 import math
 import socket
-from collections.abc import Callable, MutableMapping
+import time
+from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Self, cast
 
 import pytest
 from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from iortd.auditlog.writer import AuditLog
-from iortd.daemon.config import ConfigError, LoadedConfig, load_config, tracker_settings
+from iortd.daemon.config import (
+    ConfigError,
+    DeviceConfig,
+    LoadedConfig,
+    load_config,
+    tracker_settings,
+)
+from iortd.daemon.device_loop import DeviceLoop, Reading
 from iortd.daemon.health import WRITER_STALL_S, Health, WriterWatch
 from iortd.daemon.health_http import HealthServer, build_app
 from iortd.daemon.progress import WEDGE_GRACE_S, DeviceProgress
 from iortd.daemon.tracker import DeliveryTracker
+from iortd.drivers.interface import DriverContext, DriverSpec, Role
 from iortd.drivers.registry import DriverRegistry
+from iortd.kernel.clock import SystemClock
+from iortd.kernel.types import Capability, DeviceIdentity, SourceReading
 from iortd.kernel.version import __version__
 
 SITE = """
@@ -354,3 +365,83 @@ def test_the_metrics_sink_name_is_reserved(tmp_path: Path) -> None:
         load(tmp_path, '[[sinks]]\ntype = "recorder"\nname = "metrics"\n')
     found = {i.key: str(i) for i in excinfo.value.issues}
     assert "is the name of a built-in sink" in found["sinks[0].name"]
+
+
+# ---- the device loop announces its bounds ---------------------------------------------------
+
+
+class HangingRead:
+    """Connects and identifies; every read waits (and honours its cancellation)."""
+
+    capabilities = frozenset({Capability.READ_TELEMETRY})
+
+    def __init__(self, reading: asyncio.Event) -> None:
+        self._reading = reading
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    async def identify(self) -> DeviceIdentity:
+        return DeviceIdentity("test", "hanging", "H-1", "0", simulated=True)
+
+    async def read(self) -> SourceReading:
+        self._reading.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+class HangingFactory:
+    name = "hanging"
+    roles: frozenset[Role] = frozenset({"source"})
+    simulated = True
+
+    def __init__(self) -> None:
+        self.reading = asyncio.Event()
+
+    def validate(self, options: Mapping[str, Any], transport: Mapping[str, Any]) -> None:
+        return None
+
+    def create(self, spec: DriverSpec, context: DriverContext) -> HangingRead:
+        return HangingRead(self.reading)
+
+
+class StopAtLoss:
+    def __init__(self, stop: asyncio.Event) -> None:
+        self.stop = stop
+
+    def identified(self, device: str, identity: DeviceIdentity) -> None:
+        return None
+
+    def reading(self, device: DeviceConfig, reading: Reading) -> bool:
+        return False
+
+    def link_lost(self, device: DeviceConfig, reason: str) -> None:
+        self.stop.set()
+
+
+async def test_a_loop_announces_each_calls_bound_and_counts_the_lost_link() -> None:
+    stop = asyncio.Event()
+    dev = DeviceConfig(name="source-1", driver="hanging", timeout_s=0.05)
+    factory = HangingFactory()
+    progress = DeviceProgress("source-1")
+    loop = DeviceLoop(
+        dev,
+        factory,
+        DriverContext(clock=SystemClock(), seed=0),
+        StopAtLoss(stop),
+        bad_reads_limit=3,
+        progress=progress,
+    )
+    task = asyncio.create_task(loop.run(stop))
+    async with asyncio.timeout(5):
+        await factory.reading.wait()
+        # Inside the read: back by the call's bound (4 x timeout_s), connected, not wedged.
+        ahead = progress.back_by - time.monotonic()
+        assert 0 < ahead <= 4 * 0.05
+        assert (progress.connected, progress.wedged()) == (True, False)
+        await task
+    assert (progress.errors["link_lost"], progress.connected) == (1, False)
+    assert math.isinf(progress.back_by)  # the loop ended: nothing more to wait for
