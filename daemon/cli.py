@@ -1,4 +1,5 @@
-"""``iortd``: argument parsing and dispatch: run the daemon, run the demo, check a config.
+"""``iortd``: argument parsing and dispatch: run the daemon, run the demo, check a config,
+wait until a running daemon is idle (daemon/waitidle.py).
 
 The daemon itself is built and run by the composition root (daemon/app.py); what only the
 demo does is in daemon/demo.py.
@@ -25,6 +26,7 @@ from iortd.daemon.app import (
     usage_error,
 )
 from iortd.daemon.demo import default_data_dir, run_demo
+from iortd.daemon.waitidle import DEFAULT_URL, UsageError, parse_url, wait_idle
 from iortd.drivers.registry import DriverRegistry
 from iortd.kernel.logs import configure_logging
 
@@ -73,7 +75,34 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("file", type=Path, metavar="FILE")
+
+    idle = sub.add_parser(
+        "wait-idle",
+        help="wait until the running daemon follows no delivery (before a restart)",
+        description="Exit 0 when the daemon at URL reports no delivery in progress or is not "
+        "running; 1 when it is still delivering at the timeout or its reply cannot be read.",
+    )
+    idle.add_argument(
+        "--url", default=DEFAULT_URL, help=f"the daemon's status endpoint (default {DEFAULT_URL})"
+    )
+    idle.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        metavar="S",
+        help="wait at most S seconds (default 3600; 0: ask once)",
+    )
+    idle.add_argument(
+        "--interval", type=float, default=2.0, metavar="S", help="between polls (default 2)"
+    )
     return p
+
+
+def _cmd_wait_idle(args: argparse.Namespace) -> int:
+    try:
+        return wait_idle(parse_url(args.url), args.timeout, interval_s=args.interval)
+    except UsageError as exc:
+        return usage_error(f"wait-idle: {exc}")
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -123,7 +152,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Operational logs go to stderr; the demo's console view owns stdout.
     configure_logging("warning" if args.command == "demo" else args.log_level)
-    handlers = {"run": _cmd_run, "demo": run_demo, "check-config": _cmd_check}
+    handlers = {
+        "run": _cmd_run,
+        "demo": run_demo,
+        "check-config": _cmd_check,
+        "wait-idle": _cmd_wait_idle,
+    }
     return handlers[args.command](args)
 
 
