@@ -10,7 +10,9 @@ Exit status: 0 success; 1 the thing checked is bad; 2 usage or configuration err
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from iortd.daemon.app import (
     run_to_exit,
     usage_error,
 )
+from iortd.daemon.config.credentials import CREDENTIAL_PREFIX, credential_name
 from iortd.daemon.demo import default_data_dir, run_demo
 from iortd.daemon.waitidle import DEFAULT_URL, UsageError, parse_url, wait_idle
 from iortd.drivers.registry import DriverRegistry
@@ -75,6 +78,14 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("file", type=Path, metavar="FILE")
+    check.add_argument(
+        "--credential",
+        action="append",
+        default=[],
+        metavar="NAME:FILE",
+        help="check as if systemd's LoadCredential=NAME:FILE had handed FILE over as NAME "
+        "(for a config that names credential:NAME; repeat for each)",
+    )
 
     idle = sub.add_parser(
         "wait-idle",
@@ -106,6 +117,8 @@ def _cmd_wait_idle(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
+    if args.credential:
+        return _check_with_credentials(args)
     loaded = load_or_report(args.file)
     if loaded is None:
         return EXIT_USAGE
@@ -120,6 +133,32 @@ def _cmd_check(args: argparse.Namespace) -> int:
             "(`iortd demo` makes its own key); create one with: iort-audit keygen --name NAME"
         )
     return EXIT_OK
+
+
+def _check_with_credentials(args: argparse.Namespace) -> int:
+    """What the unit's LoadCredential= lines do, for a check outside the unit: a private
+    directory with each FILE as NAME (a link: the file itself is what is checked)."""
+    with tempfile.TemporaryDirectory(prefix="iortd-credentials-") as directory:
+        for spec in args.credential:
+            name, _, file = str(spec).partition(":")
+            try:
+                valid = credential_name(CREDENTIAL_PREFIX + name) is not None
+            except ValueError as exc:
+                return usage_error(f"--credential {spec}: {exc}")
+            if not (valid and file):
+                return usage_error(f"--credential {spec}: expected NAME:FILE")
+            source = Path(file).absolute()
+            if not source.is_file():
+                return usage_error(f"--credential {spec}: file not found: {source}")
+            link = Path(directory) / name
+            if link.is_symlink():
+                return usage_error(f"--credential {spec}: {name} is given twice")
+            link.symlink_to(source)
+        os.environ["CREDENTIALS_DIRECTORY"] = directory
+        try:
+            return _cmd_check(argparse.Namespace(**{**vars(args), "credential": []}))
+        finally:
+            del os.environ["CREDENTIALS_DIRECTORY"]
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -162,8 +162,8 @@ def _resolve_credentials(
             msg = (
                 f"the systemd credential {name!r} is not available: $CREDENTIALS_DIRECTORY is "
                 f"not set (systemd sets it for a unit with LoadCredential={name}:FILE, as "
-                f"iortd.service does). Run under the unit, or to check by hand set "
-                f"CREDENTIALS_DIRECTORY to a directory that holds the file as {name!r}"
+                f"iortd.service does). Run under the unit; to check by hand: "
+                f"iortd check-config --credential {name}:FILE CONFIG"
             )
         elif not Path(directory).is_absolute():
             msg = f"$CREDENTIALS_DIRECTORY must be an absolute path; got {directory!r}"

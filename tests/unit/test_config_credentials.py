@@ -138,4 +138,34 @@ def test_check_config_and_run_accept_the_credential(tmp_path: Path) -> None:
     bad = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert bad.returncode == 2
     assert "log.signing_key_file" in bad.stderr
-    assert "CREDENTIALS_DIRECTORY" in bad.stderr
+    assert "iortd check-config --credential signing-key:FILE CONFIG" in bad.stderr
+
+
+def test_check_config_given_the_units_credential_lines(tmp_path: Path) -> None:
+    """``--credential NAME:FILE``: the check of a config the unit will run, by hand or in
+    the package's postinst, with the same NAME:FILE as the unit's LoadCredential=."""
+    creds = _credentials_dir(tmp_path)
+    key = creds / "signing-key"
+    cfg = _site(tmp_path, 'signing_key_file = "credential:signing-key"')
+    env = {"PATH": "/usr/bin:/bin"}
+
+    def check(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "iortd.daemon.cli", "check-config", *args, str(cfg)]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=False)
+
+    ok = check("--credential", f"signing-key:{key}")
+    assert (ok.returncode, ok.stderr) == (0, "")
+    key.chmod(0o644)
+    loose = check("--credential", f"signing-key:{key}")
+    assert loose.returncode == 2
+    assert "log.signing_key_file" in loose.stderr
+    assert "chmod 600" in loose.stderr
+    for spec, says in (
+        (f"signing-key:{tmp_path / 'nope.key'}", "file not found"),
+        ("signing-key", "expected NAME:FILE"),
+        (f"../x:{key}", "systemd credential name"),
+    ):
+        usage = check("--credential", spec)
+        assert usage.returncode == 2, usage
+        assert usage.stderr.startswith(f"iortd: --credential {spec}: "), usage.stderr
+        assert says in usage.stderr
