@@ -106,12 +106,23 @@ def _parser() -> argparse.ArgumentParser:
     idle.add_argument(
         "--interval", type=float, default=2.0, metavar="S", help="between polls (default 2)"
     )
+    idle.add_argument(
+        "--expect-running",
+        action="store_true",
+        help="the daemon is known to run (systemctl is-active): a refused connection means "
+        "its state cannot be read (exit 1), not that it is stopped",
+    )
     return p
 
 
 def _cmd_wait_idle(args: argparse.Namespace) -> int:
     try:
-        return wait_idle(parse_url(args.url), args.timeout, interval_s=args.interval)
+        return wait_idle(
+            parse_url(args.url),
+            args.timeout,
+            interval_s=args.interval,
+            expect_running=args.expect_running,
+        )
     except UsageError as exc:
         return usage_error(f"wait-idle: {exc}")
 

@@ -9,7 +9,9 @@ Exit status, and why each is what it is:
 
 - **0, idle**: the reply says ``delivery_active: false``; or the connection is refused,
   which on a loopback port means no daemon is listening (not running), so there is nothing
-  a restart could interrupt.
+  a restart could interrupt. With ``--expect-running`` (the caller has just seen the
+  service active, as the maintainer scripts have) a refused connection is **1** instead:
+  a running daemon whose endpoint is off or elsewhere cannot say it is idle.
 - **1, not idle, or cannot tell**: still delivering when ``--timeout`` runs out; a reply that
   is not the contract (not HTTP 200, not a JSON object, no boolean ``delivery_active``,
   larger than :data:`MAX_REPLY_BYTES`); or no answer at all until the timeout (a daemon that
@@ -166,11 +168,13 @@ def wait_idle(
     timeout_s: float,
     *,
     interval_s: float = 2.0,
+    expect_running: bool = False,
     out: TextIO | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> int:
-    """Poll until idle (0) or the timeout (1); 1 at once on a malformed reply."""
+    """Poll until idle (0) or the timeout (1); 1 at once on a malformed reply, and on a
+    refused connection when ``expect_running`` (the caller knows the daemon runs)."""
     if not (math.isfinite(timeout_s) and timeout_s >= 0):
         raise UsageError(f"--timeout must be a number of seconds >= 0; got {timeout_s}")
     if not (math.isfinite(interval_s) and interval_s > 0):
@@ -183,6 +187,14 @@ def wait_idle(
         try:
             status = _fetch(endpoint, max(MIN_REQUEST_TIMEOUT_S, min(REQUEST_TIMEOUT_S, left)))
         except _Refused:
+            if expect_running:
+                print(
+                    f"cannot tell whether a delivery is in progress: nothing listens at "
+                    f"{endpoint.url}, yet the daemon is running (is [health] listen off, or "
+                    "another address?); not idle",
+                    file=out,
+                )
+                return EXIT_BUSY
             print(f"idle: no daemon is listening at {endpoint.url} (not running)", file=out)
             return EXIT_IDLE
         except _Malformed as exc:

@@ -129,6 +129,15 @@ def test_no_daemon_listening_is_idle() -> None:
     assert "not running" in out
 
 
+def test_no_one_listening_while_the_service_runs_is_not_idle() -> None:
+    """--expect-running: the maintainer scripts ask only when systemd says the service is
+    active; then a refused connection means the state cannot be read (health endpoint off)."""
+    endpoint = Endpoint("127.0.0.1", _free_port_nobody_listens_on(), "/status")
+    out = io.StringIO()
+    assert wait_idle(endpoint, 30, expect_running=True, out=out) == 1
+    assert "yet the daemon is running" in out.getvalue()
+
+
 def test_waits_while_delivering_and_says_why(
     serve: Serve,
 ) -> None:
