@@ -12,8 +12,10 @@ without systemd as PID 1 allows (issue 17 item 1):
   (Linux 6.3+, inherited across exec), ``UMask=0077``, and ``LoadCredential=`` by what it
   leaves the daemon (``$CREDENTIALS_DIRECTORY`` with the key as ``signing-key``): a real
   ``iortd run`` under all three follows a delivery, signs a checkpoint with the key and
-  stops cleanly on SIGTERM. The system call filter and the device policy need systemd to
-  apply them; they are not exercised here (docs/operations.md says so).
+  stops cleanly on SIGTERM; run under strace (when installed), every system call it made
+  must be one the unit's ``SystemCallFilter=`` lines allow (groups expanded by
+  ``systemd-analyze syscall-filter``). The filter itself and the device policy need systemd
+  to apply them; they are not applied here (docs/operations.md says so).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import asyncio
 import ctypes
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -33,6 +36,7 @@ from daemonproc import BIN, Daemon, Site
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "deploy" / "systemd" / "iortd.service"
 ANALYZE = shutil.which("systemd-analyze")
+STRACE = shutil.which("strace")
 # `systemd-analyze security` prints the exposure as 0.0-10.0 and takes --threshold in
 # tenths; 2.0 leaves room for one site-specific relaxation, not for a lost line.
 MAX_EXPOSURE_TENTHS = 20
@@ -86,6 +90,55 @@ os.execv(sys.argv[1], sys.argv[1:])
 """
 
 
+def _syscall_group(name: str, seen: set[str] | None = None) -> set[str]:
+    """The system calls of a systemd syscall group (``@system-service``), expanded."""
+    assert ANALYZE is not None
+    seen = set() if seen is None else seen
+    listing = subprocess.run(
+        [ANALYZE, "syscall-filter", name], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
+    calls: set[str] = set()
+    for line in listing.splitlines()[1:]:
+        item = line.strip()
+        if not item or item.startswith("#"):
+            continue
+        if item.startswith("@"):
+            if item not in seen:
+                seen.add(item)
+                calls |= _syscall_group(item, seen)
+        else:
+            calls.add(item)
+    return calls
+
+
+def _unit_allows() -> tuple[set[str], set[str]]:
+    """The system calls the unit's SystemCallFilter= lines allow, and those it denies."""
+    allowed: set[str] = set()
+    denied: set[str] = set()
+    for line in UNIT.read_text(encoding="utf-8").splitlines():
+        if line.startswith("SystemCallFilter="):
+            value = line.removeprefix("SystemCallFilter=")
+            target = denied if value.startswith("~") else allowed
+            for group in value.removeprefix("~").split():
+                target |= _syscall_group(group) if group.startswith("@") else {group}
+    return allowed - denied, denied
+
+
+def _only_child(pid: int) -> int:
+    (child,) = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return int(child)
+
+
+def _strace_calls(path: Path) -> set[str]:
+    """Syscall names from ``strace -c`` output (the summary table's last column)."""
+    calls = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        fields = line.split()
+        if len(fields) >= 5 and fields[0][0].isdigit() and fields[-1] != "total":
+            calls.add(fields[-1])
+    return calls
+
+
 @pytest.mark.integration
 @pytest.mark.skipif(not _mdwe_supported(), reason="the kernel has no PR_SET_MDWE (Linux < 6.3)")
 async def test_daemon_runs_sandboxed_like_the_unit_with_the_key_as_a_credential(
@@ -100,7 +153,13 @@ async def test_daemon_runs_sandboxed_like_the_unit_with_the_key_as_a_credential(
         text.replace('"keys/or-7.key"', '"credential:signing-key"'), encoding="utf-8"
     )
     env = {**os.environ, "CREDENTIALS_DIRECTORY": str(credentials)}
+    # Every system call the daemon makes, counted by strace (when installed) and compared
+    # with what the unit's SystemCallFilter= allows: a call outside it would be EPERM under
+    # systemd (SystemCallErrorNumber=), which no other test here could show.
+    syscalls = tmp_path / "syscalls.txt"
+    strace = [STRACE, "-f", "-qq", "-c", "-o", str(syscalls)] if STRACE and ANALYZE else []
     proc = await asyncio.create_subprocess_exec(
+        *strace,
         sys.executable,
         "-c",
         _SANDBOX,
@@ -119,9 +178,23 @@ async def test_daemon_runs_sandboxed_like_the_unit_with_the_key_as_a_credential(
             "the beam on, under MemoryDenyWriteExecute",
             within_s=60,
         )
-        assert await daemon.stop() == 0, daemon.lines[-5:]
+        if strace:
+            # SIGTERM to strace would detach it and orphan the daemon: stop the daemon.
+            os.kill(_only_child(proc.pid), signal.SIGTERM)
+            async with asyncio.timeout(30):
+                await daemon.drain()
+                assert await proc.wait() == 0, daemon.lines[-5:]
+        else:
+            assert await daemon.stop() == 0, daemon.lines[-5:]
     finally:
         await daemon.ensure_dead()
+    if strace:
+        allowed, denied = _unit_allows()
+        made = _strace_calls(syscalls)
+        assert len(made) > 20, syscalls.read_text()
+        print(f"system calls made: {len(made)}, all allowed by the unit")  # noqa: T201
+        assert not made & denied, f"the unit denies system calls the daemon made: {made & denied}"
+        assert made <= allowed, f"not in the unit's SystemCallFilter=: {made - allowed}"
     assert daemon.events("audit_checkpoint"), "no checkpoint signed with the credential's key"
     files = [p for p in site.log_dir.rglob("*") if p.is_file()]
     assert files
