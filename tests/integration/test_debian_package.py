@@ -194,6 +194,17 @@ class Host:
             stdin=subprocess.DEVNULL,
         )
 
+    def script(self, name: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """The installed maintainer script NAME, run as dpkg runs it (chrootless)."""
+        return subprocess.run(
+            [str(self.root / "var/lib/dpkg/info" / f"iortd.{name}"), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env={**self.env, "DPKG_ROOT": str(self.root), "DPKG_MAINTSCRIPT_NAME": name},
+        )
+
     def took(self) -> list[str]:
         """The calls the maintainer scripts made to systemd since the last look."""
         lines = self.calls.read_text().splitlines() if self.calls.exists() else []
@@ -373,6 +384,15 @@ def test_package_installs_configures_and_upgrades_without_interrupting_a_deliver
     ], idle.stderr
     assert not (host.root / "run/iortd.upgrade-stopped").exists()
 
+    # 3b. An upgrade that fails after prerm stopped the idle daemon: dpkg calls the old
+    #     postinst with abort-upgrade, which starts the old version again.
+    host.set_active(False)
+    (host.root / "run/iortd.upgrade-stopped").touch()
+    abort = host.script("postinst", "abort-upgrade", "0.1.0-2")
+    assert abort.returncode == 0, abort.stderr
+    assert "deb-systemd-invoke start iortd.service" in host.took()
+    assert not (host.root / "run/iortd.upgrade-stopped").exists()
+
     # 4. A removal during a delivery is refused; the package stays.
     status.delivery_active = True
     refused = host.dpkg("--remove", "iortd")
@@ -384,14 +404,7 @@ def test_package_installs_configures_and_upgrades_without_interrupting_a_deliver
     # 5. Purge never deletes the audit log: the installed postrm, run as dpkg runs it (a
     #    real purge would first delete ~2000 files, seconds of the suite for nothing more).
     (host.root / "var/lib/iortd/log").mkdir(parents=True)
-    purge = subprocess.run(
-        [str(host.root / "var/lib/dpkg/info/iortd.postrm"), "purge"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**host.env, "DPKG_ROOT": str(host.root), "DPKG_MAINTSCRIPT_NAME": "postrm"},
-    )
+    purge = host.script("postrm", "purge")
     assert purge.returncode == 0, purge.stderr
     assert "kept /var/lib/iortd (the audit log)" in purge.stderr
     assert (host.root / "var/lib/iortd/log").is_dir()
