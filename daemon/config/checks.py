@@ -19,6 +19,7 @@ from iortd.drivers.errors import DriverConfigError, DriverOptionError
 from iortd.drivers.registry import DriverRegistry
 from iortd.drivers.transport.config import SERIAL_SETTINGS, serial_line
 
+from .credentials import SECRET_FILE_KEYS, credential_name
 from .model import (
     _PATTERN_MEANING,
     Config,
@@ -141,6 +142,43 @@ def _resolve_sink_paths(table: SinkConfig, base: Path, registry: SinkRegistry) -
     if not update:
         return table
     return table.model_copy(update={"options": _freeze({**_thaw(table.options), **update})})
+
+
+def _resolve_credentials(
+    config: Config, file: Path, environ: Mapping[str, str]
+) -> tuple[Config, list[ConfigIssue]]:
+    """Replace every ``credential:NAME`` secret-file value by its file in
+    ``$CREDENTIALS_DIRECTORY``; a credential that cannot be resolved is an issue (and its
+    key is cleared, so that no later check reports it a second time)."""
+    issues: list[ConfigIssue] = []
+    updates: dict[str, dict[str, Path | None]] = {}
+    directory = environ.get("CREDENTIALS_DIRECTORY", "")
+    for section, key in SECRET_FILE_KEYS:
+        value = getattr(getattr(config, section), key)
+        name = None if value is None else credential_name(value)  # the models checked the form
+        if name is None:
+            continue
+        if not directory:
+            msg = (
+                f"the systemd credential {name!r} is not available: $CREDENTIALS_DIRECTORY is "
+                f"not set (systemd sets it for a unit with LoadCredential={name}:FILE, as "
+                f"iortd.service does). Run under the unit; to check by hand: "
+                f"iortd check-config --credential {name}:FILE CONFIG"
+            )
+        elif not Path(directory).is_absolute():
+            msg = f"$CREDENTIALS_DIRECTORY must be an absolute path; got {directory!r}"
+        else:
+            updates.setdefault(section, {})[key] = Path(directory) / name
+            continue
+        issues.append(ConfigIssue(file, f"{section}.{key}", msg))
+        updates.setdefault(section, {})[key] = None
+    if not updates:
+        return config, issues
+    changed = {
+        section: getattr(config, section).model_copy(update=values)
+        for section, values in updates.items()
+    }
+    return config.model_copy(update=changed), issues
 
 
 def _resolve_paths(

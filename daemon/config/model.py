@@ -32,6 +32,8 @@ from iortd.daemon.tracker.settings import STALE_AFTER_POLLS, TrackerSettings
 from iortd.daemon.tracker.settings import setting_default as _d
 from iortd.kernel.broker import parse_broker_url
 
+from .credentials import credential_name
+
 # Identifiers that appear in MQTT topics and file names: lower-case slugs only, so that no
 # free text (and so no patient name) can end up there.
 _SLUG_RE = r"^[a-z0-9][a-z0-9-]{0,62}$"
@@ -77,6 +79,15 @@ def _usable_path(path: Path) -> Path:
 ConfigPath = Annotated[Path, Field(strict=False), AfterValidator(_usable_path)]
 
 
+def _credential_form(path: Path) -> Path:
+    credential_name(path)  # raises ValueError for credential:NAME with a bad NAME
+    return path
+
+
+# A secret file: a path, or "credential:NAME" for a file systemd hands over (credentials.py).
+SecretPath = Annotated[ConfigPath, AfterValidator(_credential_form)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -92,7 +103,7 @@ class LogConfig(_Model):
     group_commit_ms: int = Field(default=50, ge=1, le=10_000)
     rotate_max_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024)
     checkpoint_interval_s: float = Field(default=300.0, gt=0, le=86_400)
-    signing_key_file: ConfigPath | None = None
+    signing_key_file: SecretPath | None = None
 
 
 # Where the daemon's broker credentials go instead of the URL.
@@ -105,11 +116,11 @@ class MqttConfig(_Model):
     prefix: Slug = "iort"
     keepalive_s: int = Field(default=10, ge=1, le=3600)
     username: str | None = Field(default=None, min_length=1, max_length=200)
-    password_file: ConfigPath | None = None
+    password_file: SecretPath | None = None
     password_env: str | None = Field(default=None, pattern=_ENV_RE)
     ca_file: ConfigPath | None = None
     cert_file: ConfigPath | None = None
-    key_file: ConfigPath | None = None
+    key_file: SecretPath | None = None
     # About 3.5 h of a 10 Hz outage at ~500 B a sample; held in memory as well as on disk.
     outbox_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024, le=4 * 1024**3)
 
