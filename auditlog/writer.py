@@ -153,6 +153,7 @@ class AuditLog:
         # Set by the owner (the daemon) to raise the alarm on every channel it has.
         self.on_failure = on_failure
         self.on_recovered = on_recovered
+        self.on_rotate: Callable[[], None] | None = None  # in the writer's thread (retention)
         self._wall_ns = wall_ns
         self._mono = mono
         self._pending: list[_Pending] = []
@@ -541,6 +542,8 @@ class AuditLog:
             os.close(old.fd)
             self._segment = None
         self._segment = create_segment(self.directory, first_seq, date)
+        if self.on_rotate is not None:
+            self.on_rotate()
         return self._segment
 
     async def close(self) -> None:

@@ -1,0 +1,217 @@
+"""Archiving and deleting closed segments: the blocking steps of retention (retention.py).
+
+Everything here is synchronous and runs in a worker thread. A closed segment leaves the
+log directory only through these steps, each safe to be cut short by a crash at any point:
+
+1. **check** (:func:`check_segment`): its bytes are read once, as a regular file never
+   through a link (logdir.py), and every entry's hash, seq and ``prev`` is checked, the
+   first one against the last entry of the segment before it (local, or its archived copy)
+   and the last one against the first entry of the segment after it. What is copied is
+   exactly the bytes that were checked.
+2. **copy** (:func:`archive_segment`): to ``.NAME.part`` in the log's archive directory
+   (created anew, never through a link; a leftover of a crash is removed first), fsync'd,
+   renamed to ``NAME``, the directory fsync'd; then the copy is read back and its SHA-256
+   compared. A crash leaves at most a ``.part`` file, which no tool takes for a segment
+   (the name does not match) and the next round replaces. A file already under ``NAME``
+   that differs is never overwritten nor deleted: it is renamed aside
+   (``NAME.differs-<UTC time>``) and the copy made again.
+3. **delete** (:func:`delete_segment`): the local segment and the archived copy are both
+   read again and must still have the checked SHA-256; the marker (below) is written
+   first, then the segment is unlinked and the directory fsync'd. A crash before the
+   unlink leaves the segment in place (the next round deletes it again); after it, the
+   segment is in the archive.
+
+Before a deletion the marker (marker.py) says where the archive is and what stays local.
+
+The log's archive directory is ``ARCHIVE_DIR/<origin>`` (``iortd/SITE/ROOM/ID``): several
+rooms can share one mounted share without their segments' names colliding.
+
+Crash tests name a step in the environment variable :data:`CRASH_ENV` and the process
+kills itself (SIGKILL) there. Unset, as in production, it does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import re
+import signal
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from iortd.auditlog.canonical import open_line
+from iortd.auditlog.logdir import LogDamaged, read_segment
+from iortd.auditlog.recovery import scan_chain
+from iortd.auditlog.segments import SegmentError, open_segment
+from iortd.kernel.durable import fsync_dir, write_all
+
+__all__ = [
+    "CRASH_ENV",
+    "ArchiveError",
+    "SegInfo",
+    "archive_dir_for",
+    "archive_segment",
+    "check_segment",
+    "crash_point",
+    "delete_segment",
+    "same_bytes",
+]
+
+CRASH_ENV = "IORTD_RETENTION_CRASH_AT"
+CRASH_POINTS = ("copy-mid", "copy-before-rename", "renamed-before-delete", "delete-mid")
+_PART = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+
+
+class ArchiveError(Exception):
+    """A segment that cannot be archived or deleted now, and why (in words)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SegInfo:
+    """A closed segment as checked: its entries' seqs, the link hashes, its bytes."""
+
+    name: str
+    first_seq: int
+    last_seq: int
+    last_hash: str
+    size: int
+    sha256: str
+
+
+def crash_point(step: str) -> None:
+    """Die here (SIGKILL, as a power cut would stop the process) when a crash test names
+    ``step`` in CRASH_ENV; nothing otherwise."""
+    if os.environ.get(CRASH_ENV) == step:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def archive_dir_for(root: Path, origin: str) -> Path:
+    """The log's own directory in the archive: ``root/<origin>``. The origin is checked
+    part by part (it becomes a path): ArchiveError for one that cannot be used."""
+    parts = origin.split("/")
+    if not all(_PART.match(p) and p not in (".", "..") for p in parts):
+        raise ArchiveError(f"the log's origin {origin!r} cannot name an archive directory")
+    return root.joinpath(*parts)
+
+
+def check_segment(path: Path, prev: tuple[int, str] | None, nxt: Path) -> tuple[SegInfo, bytes]:
+    """Check a closed segment whole: its chain, its link to ``prev`` ((seq, hash) of the
+    entry before it; None only for the segment that starts the log) and the link of the
+    first entry of ``nxt`` to it. Returns what was checked and the bytes themselves."""
+    try:
+        data = read_segment(path)
+    except LogDamaged as exc:
+        raise ArchiveError(str(exc)) from None
+    first_seq = int(path.name[4:20])
+    if prev is None and first_seq != 0:
+        raise ArchiveError(
+            f"{path.name}: the segment before it is neither in the log directory nor in "
+            "the archive: its link cannot be checked"
+        )
+    scan = scan_chain(data, None if prev is None else prev[1], None if prev is None else prev[0])
+    if scan.error is not None or scan.intact != len(data) or scan.entries == 0:
+        line = data[: scan.intact].count(b"\n") + 1
+        why = scan.error or ("no entries" if not data else "incomplete last line")
+        raise ArchiveError(f"{path.name}:{line}: does not verify ({why})")
+    if scan.last_seq - scan.entries + 1 != first_seq:
+        raise ArchiveError(f"{path.name}: its first entry is not seq {first_seq}")
+    try:
+        with open_segment(nxt) as seg:
+            env = open_line(seg.first_line())
+    except (SegmentError, ValueError) as exc:
+        raise ArchiveError(f"{nxt.name}:1: cannot be read to check the link ({exc})") from None
+    if env.seq != scan.last_seq + 1 or env.prev != scan.last_hash:
+        raise ArchiveError(f"{nxt.name}:1: does not link to the end of {path.name}")
+    digest = hashlib.sha256(data).hexdigest()
+    info = SegInfo(path.name, first_seq, scan.last_seq, scan.last_hash, len(data), digest)
+    return info, data
+
+
+def last_entry(path: Path) -> tuple[int, str]:
+    """(seq, hash) of a segment's last entry (the archived copy of the segment before the
+    first local one; its own chain is checked, its link is the archive's business)."""
+    try:
+        data = read_segment(path)
+    except LogDamaged as exc:
+        raise ArchiveError(str(exc)) from None
+    scan = scan_chain(data, None, None)
+    if scan.error is not None or scan.entries == 0:
+        raise ArchiveError(f"archived {path.name}: does not verify ({scan.error or 'empty'})")
+    return scan.last_seq, scan.last_hash
+
+
+def file_sha256(path: Path) -> str | None:
+    """SHA-256 of a regular file read without following a link; None if there is none."""
+    h = hashlib.sha256()
+    try:
+        with open_segment(path) as seg:
+            for block in seg.blocks():
+                for line in block:
+                    h.update(line)
+                    h.update(b"\n")
+            h.update(seg.torn)
+    except SegmentError as exc:
+        if not path.exists() and not path.is_symlink():
+            return None
+        raise ArchiveError(f"{path}: {exc.what}") from None
+    return h.hexdigest()
+
+
+def same_bytes(a: Path, b: Path) -> bool:
+    """Whether two segment files hold the same bytes (read in bounded memory)."""
+    return file_sha256(a) == file_sha256(b)
+
+
+def archive_segment(info: SegInfo, data: bytes, dest_dir: Path) -> bool:
+    """Copy a checked segment's bytes to ``dest_dir`` (see the module doc); True if a
+    copy was made, False if an equal one was there already. OSError: the archive cannot
+    be written (not mounted, not writable, full); ArchiveError: the copy read back differs."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / info.name
+    have = file_sha256(dest)
+    if have == info.sha256:
+        return False
+    if have is not None:
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        dest.rename(dest_dir / f"{info.name}.differs-{stamp}")
+        fsync_dir(dest_dir)
+    tmp = dest_dir / f".{info.name}.part"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # a crash's half copy (unlink removes a planted link, not its target)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+    try:
+        half = len(data) // 2
+        write_all(fd, data[:half])
+        crash_point("copy-mid")
+        write_all(fd, data[half:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    crash_point("copy-before-rename")
+    tmp.rename(dest)
+    fsync_dir(dest_dir)
+    if file_sha256(dest) != info.sha256:
+        raise ArchiveError(f"{dest}: the copy read back differs from the segment")
+    return True
+
+
+def delete_segment(path: Path, info: SegInfo, archived: Path) -> None:
+    """Unlink a local segment once both it and its archived copy still hold the checked
+    bytes (ArchiveError otherwise: nothing is deleted)."""
+    if file_sha256(archived) != info.sha256:
+        raise ArchiveError(f"{archived}: the archived copy is missing or differs: not deleting")
+    if file_sha256(path) != info.sha256:
+        raise ArchiveError(f"{path.name}: changed since it was checked: not deleting")
+    path.unlink()
+    crash_point("delete-mid")
+    fsync_dir(path.parent)
+
+
+def errno_text(exc: OSError) -> str:
+    """An OSError in a few words, for the record and the status: the errno name and its
+    text (no path: the archive directory is in the config already)."""
+    name = errno.errorcode.get(exc.errno or 0, "error")
+    return f"{name}: {exc.strerror or exc}"
