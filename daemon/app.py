@@ -15,18 +15,22 @@ fails half-way, a crash of any task):
 then builds the :class:`~iortd.daemon.service.Service` (tracker, record, dispatcher) and
 runs everything in **one** ``asyncio.TaskGroup``: the audit writer, each sink's own work,
 the dispatcher and the notices, then one :class:`~iortd.daemon.device_loop.DeviceLoop` per
-configured device, the stale-data watchdog and the checkpoint task. Devices that name one
-serial port share one line (an RS-485 bus): :func:`_shared_lines` builds one
-:class:`~iortd.drivers.transport.shared.SharedLine` per such port, owning its one
-transport, and each device's driver gets a view of it in its context (turns round-robin).
+configured device, the stale-data watchdog, the checkpoint task and, with
+``[log.retention]``, the retention task (auditlog/retention.py: the disk budget and the
+archive, woken by every segment roll; ``App.retention.status()`` is its state for health
+and metrics). Devices that name one serial port share one line (an RS-485 bus):
+:func:`_shared_lines` builds one :class:`~iortd.drivers.transport.shared.SharedLine` per
+such port, owning its one transport, and each device's driver gets a view of it in its
+context (turns round-robin).
 
 A signal (or the end of ``--duration``, or the end of the delivery under
 ``stop_after_delivery``) only sets ``stop``. Shutdown is ordered and bounded: the device
-loops, the watchdog and the checkpoint task end; ``daemon_stop`` and a final checkpoint are
-written (bounded); the dispatcher drains (bounded); the notices stop; the sinks close
-(each bounded); the audit log closes last. The whole shutdown is bounded by twice
-``SHUTDOWN_TIMEOUT_S`` from the stop: what has not finished then is cancelled, with a
-reason, and the exit stack still closes the log (which spills what it cannot write).
+loops, the watchdog, the checkpoint and the retention tasks end; ``daemon_stop`` and a
+final checkpoint are written (bounded); the dispatcher drains (bounded); the notices
+stop; the sinks close (each bounded); the audit log closes last. The whole shutdown is
+bounded by twice ``SHUTDOWN_TIMEOUT_S`` from the stop: what has not finished then is
+cancelled, with a reason, and the exit stack still closes the log (which spills what it
+cannot write).
 
 A stop that comes while the log is being opened (a large recovery) does not tear through
 the recovery: the run ends once the log is open, before any device is touched.
@@ -47,6 +51,7 @@ from typing import Any
 import structlog
 
 from iortd.auditlog.note import Signer
+from iortd.auditlog.retention import RetentionManager, RetentionSettings
 from iortd.auditlog.writer import (
     DEFAULT_SPILL_DIR,
     AuditLog,
@@ -58,6 +63,7 @@ from iortd.auditlog.writer import (
     new_origin,
 )
 from iortd.daemon.config import Config, ConfigError, DeviceConfig, LoadedConfig, load_config
+from iortd.daemon.config.model import RetentionConfig
 from iortd.daemon.device_loop import DeviceLoop
 from iortd.daemon.service import RunResult, Service
 from iortd.daemon.sink_queue import QueuedSink, SinkLike, queued
@@ -134,6 +140,8 @@ class App:
         self._broker_url = broker_url
         self._stop_after_delivery = stop_after_delivery
         self._service: Service | None = None
+        # The retention task, when [log.retention] is set; status() for health/metrics.
+        self.retention: RetentionManager | None = None
 
     @property
     def tracker(self) -> DeliveryTracker:
@@ -222,6 +230,9 @@ class App:
             ]
             until_stop.append(tg.create_task(service.watchdog(stop), name="watchdog"))
             until_stop.append(tg.create_task(service.checkpoints(stop), name="checkpoints"))
+            if c.log.retention is not None:
+                self.retention = _retention(c.log.retention, audit, service)
+                until_stop.append(tg.create_task(self.retention.run(stop), name="retention"))
             await stop.wait()
             service.wake_checkpoints()  # the checkpoint task sees the stop
             await asyncio.wait(until_stop)
@@ -256,6 +267,24 @@ class App:
             bad_reads_limit=self.config.tolerances.stale_after_polls,
             line_wait_s=sum(others) if line else 0.0,
         )
+
+
+def _retention(r: RetentionConfig, audit: AuditLog, service: Service) -> RetentionManager:
+    """The retention task over ``[log.retention]``, woken by every segment roll."""
+    mgr = RetentionManager(
+        audit,
+        RetentionSettings(
+            budget_bytes=r.budget_mb * 1024 * 1024,
+            warn_fraction=r.warn_fraction,
+            keep_fraction=r.keep_fraction,
+            archive_dir=r.archive_dir,
+            archive_mount_required=r.archive_mount_required,
+            interval_s=r.interval_s,
+        ),
+        notice=service.notice,
+    )
+    audit.on_rotate = mgr.wake_threadsafe
+    return mgr
 
 
 def _shared_lines(devices: Sequence[DeviceConfig]) -> dict[str, SharedLine]:
