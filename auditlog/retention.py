@@ -41,6 +41,7 @@ import os
 import stat
 import threading
 import time
+from asyncio import FIRST_COMPLETED
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -120,6 +121,9 @@ class RoundResult:
     deleted: list[SegInfo] = field(default_factory=list)
     archive_error: str | None = None
     problem: str | None = None  # a segment that does not verify: nothing past it is touched
+    dest: Path | None = None  # the log's archive directory, when usable
+    # (segment, what was checked, the first seq of the segment after it): may be deleted
+    deletable: list[tuple[Path, SegInfo, int]] = field(default_factory=list)
 
 
 def dir_bytes(log_dir: Path) -> int:
@@ -189,12 +193,13 @@ class _Work:
             prev = (info.last_seq, info.last_hash)
             checked.append((path, info))
         res.unarchived = sum(1 for p in closed if p.name not in self._archived)
+        res.dest = dest
         if (
             dest is not None
             and res.archive_error is None
             and res.used_bytes >= s.warn_fraction * s.budget_bytes
         ):
-            self._delete(s, res, checked, dest, segs)
+            self._plan_deletion(s, res, checked, segs)
         return res
 
     def _archive_ready(self, s: RetentionSettings) -> Path | None:
@@ -255,40 +260,51 @@ class _Work:
             return 0
         return cp.count if hash_at(segs, cp.count - 1) == cp.head_hash else 0
 
-    def _delete(
+    def _plan_deletion(
         self,
         s: RetentionSettings,
         res: RoundResult,
         checked: list[tuple[Path, SegInfo]],
-        dest: Path,
         segs: list[Path],
     ) -> None:
+        """The oldest segments that may go (see the module doc), as many as bring the
+        directory under keep_fraction of the budget; none is deleted here."""
         covered = self._covered_count(segs)
         floor = open_delivery_floor(segs)
-        keep = s.keep_fraction * s.budget_bytes
+        used = res.used_bytes
         for i, (path, info) in enumerate(checked):
-            if res.used_bytes <= keep or self.stop.is_set():
+            if used <= s.keep_fraction * s.budget_bytes:
                 return
             if path.name not in self._archived or info.last_seq >= covered - 1:
                 return  # not archived, or not covered with its checkpoint's entry kept
             if floor is not None and info.last_seq >= floor:
                 return  # an open delivery has entries here
-            crash_point("renamed-before-delete")
+            res.deletable.append((path, info, int(segs[i + 1].name[4:20])))
+            used -= info.size
+
+    def delete(self, res: RoundResult, dest: Path) -> RoundResult:
+        """Delete what the round planned (recorded in the log first, by the manager), each
+        checked again against its archived copy; stops at the first that cannot go."""
+        crash_point("renamed-before-delete")
+        for path, info, next_first in res.deletable:
+            if self.stop.is_set():
+                break
             try:
-                write_marker(self.log_dir, self.origin, dest, int(segs[i + 1].name[4:20]))
+                write_marker(self.log_dir, self.origin, dest, next_first)
                 delete_segment(path, info, dest / path.name)
             except OSError as exc:
                 res.archive_error = errno_text(exc)
-                return
+                break
             except ArchiveError as exc:
                 res.problem = str(exc)
                 self._archived.discard(path.name)
-                return
+                break
             self._checked.pop(path.name, None)
             res.deleted.append(info)
             res.used_bytes -= info.size
             res.local_segments -= 1
-            res.oldest_local = segs[i + 1].name
+        res.oldest_local = next((p.name for p in segment_paths(self.log_dir)), None)
+        return res
 
 
 def open_delivery_floor(segs: list[Path]) -> int | None:
@@ -357,7 +373,7 @@ class RetentionManager:
                     async with asyncio.timeout(self.settings.interval_s):
                         waker = asyncio.create_task(self._wake.wait())
                         try:
-                            await asyncio.wait({waker, stopping}, return_when="FIRST_COMPLETED")
+                            await asyncio.wait({waker, stopping}, return_when=FIRST_COMPLETED)
                         finally:
                             waker.cancel()
         finally:
@@ -372,13 +388,35 @@ class RetentionManager:
         return await self._one_round(None)
 
     async def _one_round(self, stopping: asyncio.Task[Any] | None) -> RoundResult | None:
+        res = await self._in_thread(self._work.round, stopping, self.settings)
+        if res is not None and res.deletable and res.dest is not None:
+            # The record first: what is about to leave the directory, and its SHA-256.
+            names = [_seg(info) for _, info, _ in res.deletable]
+            try:
+                entry = self._audit.append("segments_deleted", {"segments": names}, durable=True)
+                async with asyncio.timeout(ROUND_TIMEOUT_S):
+                    await entry.committed
+            except (AuditLogClosed, TimeoutError):
+                res.deletable.clear()  # not recorded: not deleted
+            if res.deletable:
+                res = await self._in_thread(self._work.delete, stopping, res, res.dest)
+        if res is not None:
+            self._report(res)
+        return res
+
+    async def _in_thread(
+        self, fn: Callable[..., RoundResult], stopping: asyncio.Task[Any] | None, *args: Any
+    ) -> RoundResult | None:
+        """``fn`` in a worker thread, one at a time, bounded by ROUND_TIMEOUT_S; None if
+        it failed, is still running (a hung share: never a second one beside it) or the
+        daemon is stopping."""
         if self._round is not None and not self._round.done():
-            return None  # the previous round is still in its thread (a hung share)
-        self._round = asyncio.create_task(asyncio.to_thread(self._work.round, self.settings))
+            return None
+        self._round = asyncio.create_task(asyncio.to_thread(fn, *args))
         waits: set[asyncio.Future[Any]] = {self._round}
         if stopping is not None:
             waits.add(stopping)
-        done, _ = await asyncio.wait(waits, timeout=ROUND_TIMEOUT_S, return_when="FIRST_COMPLETED")
+        done, _ = await asyncio.wait(waits, timeout=ROUND_TIMEOUT_S, return_when=FIRST_COMPLETED)
         if self._round not in done:
             if stopping is None or stopping not in done:
                 self._status = replace(
@@ -388,13 +426,11 @@ class RetentionManager:
                 log.error("retention_round_timeout", timeout_s=ROUND_TIMEOUT_S)
             return None
         try:
-            res = self._round.result()
+            return self._round.result()
         except Exception as exc:
             log.exception("retention_round_failed")
             self._status = replace(self._status, last_round_error=f"{type(exc).__name__}: {exc}")
             return None
-        self._report(res)
-        return res
 
     def _report(self, res: RoundResult) -> None:
         s, old = self.settings, self._status
@@ -433,7 +469,6 @@ class RetentionManager:
             self._append("segments_archived", {"segments": [_seg(i) for i in res.archived]})
             log.info("segments_archived", count=len(res.archived))
         if res.deleted:
-            self._append("segments_deleted", {"segments": [_seg(i) for i in res.deleted]})
             log.info("segments_deleted", count=len(res.deleted), used_bytes=res.used_bytes)
         if res.problem and res.problem != old.last_round_error:
             log.critical("retention_segment_not_verified", why=res.problem)
