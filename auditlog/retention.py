@@ -389,6 +389,9 @@ class RetentionManager:
 
     async def _one_round(self, stopping: asyncio.Task[Any] | None) -> RoundResult | None:
         res = await self._in_thread(self._work.round, stopping, self.settings)
+        if res is not None and res.archived:
+            self._append("segments_archived", {"segments": [_seg(i) for i in res.archived]})
+            log.info("segments_archived", count=len(res.archived))
         if res is not None and res.deletable and res.dest is not None:
             # The record first: what is about to leave the directory, and its SHA-256.
             names = [_seg(info) for _, info, _ in res.deletable]
@@ -465,9 +468,6 @@ class RetentionManager:
             else ("unreachable" if res.archive_error else "ok"),
             "archive_error": res.archive_error,
         }
-        if res.archived:
-            self._append("segments_archived", {"segments": [_seg(i) for i in res.archived]})
-            log.info("segments_archived", count=len(res.archived))
         if res.deleted:
             log.info("segments_deleted", count=len(res.deleted), used_bytes=res.used_bytes)
         if res.problem and res.problem != old.last_round_error:
