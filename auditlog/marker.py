@@ -6,7 +6,8 @@ locally (JSON, replaced atomically). The log's first segment, which names the or
 be gone from the directory: recovery takes the origin from the marker then. A forged one
 only makes the daemon refuse to start: the origin is checked against the daemon's own
 signatures (vouch.py). ``iort-audit verify`` uses it only to say where the archive is; the
-archive's own segments are what is verified.
+archive's own segments are what is verified. The writer's ``hash_at`` looks there for an
+entry before the first local segment (:func:`hash_at_anywhere`).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from typing import Any
 
 import orjson
 
+from iortd.auditlog.logdir import hash_at, segment_paths
 from iortd.kernel.durable import write_atomic
 
-__all__ = ["MARKER_FILE", "marker_origin", "read_marker", "write_marker"]
+__all__ = ["MARKER_FILE", "hash_at_anywhere", "marker_origin", "read_marker", "write_marker"]
 
 MARKER_FILE = "retention"
 MARKER_FORMAT = "iortd-retention/1"
@@ -69,3 +71,20 @@ def marker_origin(log_dir: Path) -> str | None:
     marker = read_marker(log_dir)
     origin = None if marker is None else marker.get("origin")
     return origin if isinstance(origin, str) else None
+
+
+def hash_at_anywhere(directory: Path, seq: int) -> str | None:
+    """The hash of entry ``seq``: from the log directory, or, for an entry before its first
+    segment, from the archive the marker names. The writer's ``hash_at`` uses it: the MQTT
+    sink compares it with the broker's signed checkpoint before overwriting the off-host
+    copy, and an entry retention archived is not a fork. It is a start-time guard, not a
+    proof: whether the local segments continue the archived ones is what
+    ``iort-audit verify --archive`` checks."""
+    local = segment_paths(directory)
+    if local and seq < int(local[0].name[4:20]):
+        marker = read_marker(directory)
+        where = None if marker is None else marker.get("archive")
+        if not isinstance(where, str) or not Path(where).is_dir():
+            return None
+        return hash_at(segment_paths(Path(where)), seq)
+    return hash_at(local, seq)

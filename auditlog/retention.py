@@ -413,7 +413,9 @@ class RetentionManager:
         """``fn`` in a worker thread, one at a time, bounded by ROUND_TIMEOUT_S; None if
         it failed, is still running (a hung share: never a second one beside it) or the
         daemon is stopping."""
-        if self._round is not None and not self._round.done():
+        if (self._round is not None and not self._round.done()) or (
+            stopping is not None and stopping.done()
+        ):
             return None
         self._round = asyncio.create_task(asyncio.to_thread(fn, *args))
         waits: set[asyncio.Future[Any]] = {self._round}

@@ -51,12 +51,12 @@ from iortd.auditlog.logdir import (
     OpenSegment,
     check_same_file,
     create_segment,
-    hash_at,
     lock_directory,
     read_anchor,
     segment_paths,
     write_anchor,
 )
+from iortd.auditlog.marker import hash_at_anywhere
 from iortd.auditlog.note import Checkpoint, Signer
 from iortd.auditlog.recovery import RecoveryReport, recover
 from iortd.auditlog.spill import DEFAULT_SPILL_DIR, spill_entries, spill_path
@@ -355,7 +355,7 @@ class AuditLog:
             return None
         if seq == self.committed_seq:
             return self._committed_hash
-        return await asyncio.to_thread(lambda: hash_at(segment_paths(self.directory), seq))
+        return await asyncio.to_thread(hash_at_anywhere, self.directory, seq)
 
     async def _spill(self, lost: list[_Pending]) -> None:
         """Keep entries that could not be written outside the log directory (spill.py)."""

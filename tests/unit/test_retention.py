@@ -309,3 +309,20 @@ def test_half_copy_under_its_final_name_is_not_accepted(tmp_path: Path, signer: 
     rep = verify_log([logdir], pubkey=signer.verifier, archive=dest)
     assert rep.problem is not None
     assert rep.problem.file.name == gone[0]
+
+
+async def test_hash_of_an_archived_entry_is_still_known_to_the_writer(
+    tmp_path: Path, signer: Signer
+) -> None:
+    """The MQTT sink asks the log for the hash at the broker's retained checkpoint before
+    it overwrites it (service.py): an entry retention moved to the archive is not a fork."""
+    logdir, share = tmp_path / "log", tmp_path / "share"
+    share.mkdir()
+    async with running(logdir, signer) as log:
+        await fill(log, 120)
+        first = entries(logdir)[5]
+        res = await RetentionManager(log, settings(share, 1024)).run_once()
+        assert res is not None
+        assert res.deleted
+        assert int(segment_paths(logdir)[0].name[4:20]) > 5
+        assert await log.hash_at(5) == first["hash"]
