@@ -203,6 +203,9 @@ def delete_segment(path: Path, info: SegInfo, archived: Path) -> None:
     bytes (ArchiveError otherwise: nothing is deleted)."""
     if file_sha256(archived) != info.sha256:
         raise ArchiveError(f"{archived}: the archived copy is missing or differs: not deleting")
+    a, b = os.stat(archived, follow_symlinks=False), os.stat(path, follow_symlinks=False)
+    if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+        raise ArchiveError(f"{archived}: is the local segment itself, not a copy: not deleting")
     if file_sha256(path) != info.sha256:
         raise ArchiveError(f"{path.name}: changed since it was checked: not deleting")
     path.unlink()

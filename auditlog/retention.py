@@ -1,32 +1,38 @@
 """Segment retention: a disk budget for the log directory, an archive, and alarms.
 
 :class:`RetentionManager` runs as a task of the daemon (daemon/app.py), off the delivery
-loop: a round at most every ``interval_s`` and after each segment roll (the writer's
-``on_rotate``), its blocking work (reading, checking, hashing, copying, deleting) in a
-worker thread, one round at a time and bounded by :data:`ROUND_TIMEOUT_S`. A round that
-fails is logged and tried again at the next one. It never blocks the poll loops or the
-writer, and it never stops the record: a full budget with no archive only raises alarms.
+loop: a round at once, then at most ``interval_s`` apart and after each segment roll (the
+writer's ``on_rotate``). Its blocking work (reading, checking, hashing, copying, deleting:
+retention_round.py, with the steps in archive.py) runs in a worker thread, one at a time,
+each bounded by :data:`ROUND_TIMEOUT_S` (a hung share: an error, and no second round
+beside it). A round that fails is logged and tried again at the next one. It never blocks
+the poll loops or the writer, and never stops the record: a full budget with no archive
+only raises alarms.
 
 Each round:
 
 1. **archives** every closed segment (every segment but the newest, which the writer
-   appends to, also after a restart) that is not in the archive yet, oldest first, through
-   the steps of archive.py (checked, copied to a temporary name, fsync'd, renamed, read
-   back and compared);
-2. when the directory has reached ``warn_fraction`` of the budget, **deletes** the oldest
-   local segments until it is under ``keep_fraction`` of it (so that a working archive
-   keeps it below the warning), each only if ALL of: it verified (its chain, and its links
-   to the segments on both sides), it is in the archive with the same bytes (both read
-   again just before), the ``checkpoint`` file signed by this daemon's key covers it and
-   the entry that checkpoint names is in a later local segment (recovery checks it there
-   at the next start), and no open delivery has entries in it (the delivery the log shows
-   open, found as recovery finds it: carryover.py, across restarts). Only the oldest
-   segments go, with no hole: the local log is always a contiguous tail of the whole;
-3. **records and alarms** (entries in the log, an operational log line, a notice to every
-   sink: the MQTT ``events`` topic and the dashboard's banner): a change of level (``ok``,
-   ``warning`` at ``warn_fraction``, ``budget_reached`` at the budget), the archive failing
-   and working again, and what it archived and deleted (names, seqs, SHA-256). No path of
-   a segment is recorded: segment names hold seqs and dates only.
+   appends to, also after a restart) not in the archive yet, oldest first: checked,
+   copied to a temporary name, fsync'd, renamed, read back and compared (archive.py);
+2. when the directory has reached ``warn_fraction`` of the budget, **plans** to delete the
+   oldest local segments until it is under ``keep_fraction`` of it (so that a working
+   archive keeps it below the warning), each only if ALL of: it verified (its chain, and
+   its links to the segments on both sides), it is in the archive, the ``checkpoint``
+   file signed by this daemon's key covers it and the entry that checkpoint names is in a
+   later local segment (recovery checks it there at the next start), and no open delivery
+   has entries in it (the delivery the log shows open, found as recovery finds it:
+   carryover.py, across restarts). Only the oldest go, with no hole: the local log is
+   always an unbroken run of the newest segments;
+3. **records** the plan (``segments_deleted``, durable) and only then **deletes**, each
+   segment and its archived copy read again first. On a disk that cannot be written (a
+   full one) the entry cannot become durable; the deletion then goes ahead after
+   :data:`FAILING_WAIT_S`, since it is what frees the space, and the entry, pending in the
+   writer in its place, is written once it can be;
+4. **alarms** (an entry, an operational log line and a notice to every sink: the MQTT
+   ``events`` topic and the dashboard's banner) at a change of level (``ok``, ``warning``
+   at ``warn_fraction``, ``budget_reached`` at the budget), when the archive fails and
+   works again, and when a segment does not verify (``retention_blocked``). No path of a
+   segment is recorded: segment names hold seqs and dates only.
 
 Without an archive directory nothing is ever deleted, and without a signing key neither
 (a deletion needs a signed checkpoint). :meth:`RetentionManager.status` gives a
@@ -37,59 +43,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import stat
-import threading
 import time
 from asyncio import FIRST_COMPLETED
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
-import orjson
 import structlog
 
-from iortd.auditlog.archive import (
-    ArchiveError,
-    SegInfo,
-    archive_dir_for,
-    archive_segment,
-    check_segment,
-    crash_point,
-    delete_segment,
-    errno_text,
-    last_entry,
-)
-from iortd.auditlog.carryover import open_delivery
-from iortd.auditlog.logdir import (
-    CHECKPOINT_FILE,
-    entry_seq,
-    hash_at,
-    read_anchor,
-    read_segment,
-    segment_paths,
-)
-from iortd.auditlog.marker import write_marker
-from iortd.auditlog.note import Checkpoint, NoteError, Verifier
+from iortd.auditlog.archive import SegInfo
+from iortd.auditlog.retention_round import RetentionSettings, RoundResult, Rounds
 from iortd.auditlog.writer import AuditLog, AuditLogClosed
 
-__all__ = ["ROUND_TIMEOUT_S", "RetentionManager", "RetentionSettings", "RetentionStatus"]
+__all__ = [
+    "ROUND_TIMEOUT_S",
+    "RetentionManager",
+    "RetentionSettings",
+    "RetentionStatus",
+    "RoundResult",
+]
 
 ROUND_TIMEOUT_S = 600.0  # a round copies at most a few segments; a hung share must not stall
+FAILING_WAIT_S = 5.0  # how long a deletion waits for its entry on a failing disk
 STOP_WAIT_S = 2.0  # how long a stop waits for a round in its thread to notice it
 
 log = structlog.get_logger("iortd.retention")
-
-
-@dataclass(frozen=True, slots=True)
-class RetentionSettings:
-    budget_bytes: int
-    warn_fraction: float = 0.8
-    keep_fraction: float = 0.7
-    archive_dir: Path | None = None  # None: nothing is ever deleted
-    archive_mount_required: bool = True  # an unmounted share is an unreachable archive
-    interval_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,216 +89,6 @@ class RetentionStatus:
     deleted_total: int = 0  # by this run
 
 
-@dataclass(slots=True)
-class RoundResult:
-    used_bytes: int = 0
-    local_segments: int = 0
-    oldest_local: str | None = None
-    unarchived: int = 0
-    archived: list[SegInfo] = field(default_factory=list)
-    deleted: list[SegInfo] = field(default_factory=list)
-    archive_error: str | None = None
-    problem: str | None = None  # a segment that does not verify: nothing past it is touched
-    dest: Path | None = None  # the log's archive directory, when usable
-    # (segment, what was checked, the first seq of the segment after it): may be deleted
-    deletable: list[tuple[Path, SegInfo, int]] = field(default_factory=list)
-
-
-def dir_bytes(log_dir: Path) -> int:
-    """Bytes of the regular files in the log directory and its quarantine/ (never
-    following a link)."""
-    total = 0
-    for d in (log_dir, log_dir / "quarantine"):
-        try:
-            names = list(os.scandir(d))
-        except OSError:
-            continue
-        for e in names:
-            with contextlib.suppress(OSError):
-                st = e.stat(follow_symlinks=False)
-                if stat.S_ISREG(st.st_mode):
-                    total += st.st_size
-    return total
-
-
-class _Work:
-    """The blocking side: one round at a time, in a worker thread. Caches what it checked
-    (by name, size and inode: a closed segment never changes) between rounds."""
-
-    def __init__(self, log_dir: Path, origin: str, verifier: Verifier | None) -> None:
-        self.log_dir = log_dir
-        self.origin = origin
-        self.verifier = verifier
-        self.stop = threading.Event()
-        self._checked: dict[str, tuple[tuple[int, int], SegInfo, str]] = {}
-        self._archived: set[str] = set()  # names whose copy was compared equal
-
-    def round(self, s: RetentionSettings) -> RoundResult:
-        res = RoundResult()
-        segs = segment_paths(self.log_dir)
-        res.used_bytes = dir_bytes(self.log_dir)
-        res.local_segments = len(segs)
-        res.oldest_local = segs[0].name if segs else None
-        closed = segs[:-1]
-        dest: Path | None = None
-        if s.archive_dir is not None:
-            try:
-                dest = self._archive_ready(s)
-            except OSError as exc:
-                res.archive_error = errno_text(exc)
-            except ArchiveError as exc:
-                res.archive_error = str(exc)
-        checked: list[tuple[Path, SegInfo]] = []
-        prev: tuple[int, str] | None = None
-        for i, path in enumerate(closed):
-            if self.stop.is_set():
-                break
-            copy = dest is not None and res.archive_error is None
-            try:
-                if prev is None and int(path.name[4:20]) != 0:
-                    prev = self._archived_before(path.name, dest)
-                info, data = self._check(path, prev, segs[i + 1], copy)
-                if dest is not None and copy and path.name not in self._archived:
-                    try:
-                        if archive_segment(info, data, dest):
-                            res.archived.append(info)
-                        self._archived.add(path.name)
-                    except OSError as exc:
-                        res.archive_error = errno_text(exc)
-            except (ArchiveError, OSError) as exc:
-                res.problem = str(exc)
-                break
-            prev = (info.last_seq, info.last_hash)
-            checked.append((path, info))
-        res.unarchived = sum(1 for p in closed if p.name not in self._archived)
-        res.dest = dest
-        if (
-            dest is not None
-            and res.archive_error is None
-            and res.used_bytes >= s.warn_fraction * s.budget_bytes
-        ):
-            self._plan_deletion(s, res, checked, segs)
-        return res
-
-    def _archive_ready(self, s: RetentionSettings) -> Path | None:
-        root = s.archive_dir
-        if root is None:
-            return None
-        if s.archive_mount_required and not os.path.ismount(root):
-            raise ArchiveError(
-                "the archive directory is not a mount point (the share is not mounted)"
-            )
-        dest = archive_dir_for(root, self.origin)
-        dest.mkdir(parents=True, exist_ok=True)
-        if not os.access(dest, os.W_OK | os.X_OK):
-            raise ArchiveError("the archive directory is not writable by the daemon")
-        return dest
-
-    def _check(
-        self, path: Path, prev: tuple[int, str] | None, nxt: Path, copy: bool
-    ) -> tuple[SegInfo, bytes]:
-        """Checked once (a closed segment never changes: by name, inode and size); read
-        again when its bytes are needed for a copy."""
-        st = os.lstat(path)
-        key = (st.st_ino, st.st_size)
-        hit = self._checked.get(path.name)
-        if (
-            hit is not None
-            and hit[0] == key
-            and (prev is None or prev[1] == hit[2])
-            and not (copy and path.name not in self._archived)
-        ):
-            return hit[1], b""
-        info, data = check_segment(path, prev, nxt)
-        self._checked[path.name] = (key, info, "" if prev is None else prev[1])
-        return info, data
-
-    def _archived_before(self, name: str, dest: Path | None) -> tuple[int, str]:
-        """The last entry of the archived segment before the first local one ``name``."""
-        if dest is None:
-            raise ArchiveError(f"{name}: the segments before it are gone and no archive is set")
-        before = [p for p in segment_paths(dest) if p.name < name] if dest.is_dir() else []
-        if not before:
-            raise ArchiveError(f"{name}: the segment before it is in neither place")
-        return last_entry(before[-1])
-
-    def _covered_count(self, segs: list[Path]) -> int:
-        """Entries the checkpoint file covers, when it is signed by this daemon's key, for
-        this log, and its head is the log's entry there (0 otherwise)."""
-        if self.verifier is None:
-            return 0
-        try:
-            text = read_anchor(self.log_dir / CHECKPOINT_FILE)
-            if text is None:
-                return 0
-            cp, signed = Checkpoint.parse_verified(text, self.verifier)
-        except NoteError:
-            return 0
-        if not signed or cp.origin != self.origin or cp.count < 1:
-            return 0
-        return cp.count if hash_at(segs, cp.count - 1) == cp.head_hash else 0
-
-    def _plan_deletion(
-        self,
-        s: RetentionSettings,
-        res: RoundResult,
-        checked: list[tuple[Path, SegInfo]],
-        segs: list[Path],
-    ) -> None:
-        """The oldest segments that may go (see the module doc), as many as bring the
-        directory under keep_fraction of the budget; none is deleted here."""
-        covered = self._covered_count(segs)
-        floor = open_delivery_floor(segs)
-        used = res.used_bytes
-        for i, (path, info) in enumerate(checked):
-            if used <= s.keep_fraction * s.budget_bytes:
-                return
-            if path.name not in self._archived or info.last_seq >= covered - 1:
-                return  # not archived, or not covered with its checkpoint's entry kept
-            if floor is not None and info.last_seq >= floor:
-                return  # an open delivery has entries here
-            res.deletable.append((path, info, int(segs[i + 1].name[4:20])))
-            used -= info.size
-
-    def delete(self, res: RoundResult, dest: Path) -> RoundResult:
-        """Delete what the round planned (recorded in the log first, by the manager), each
-        checked again against its archived copy; stops at the first that cannot go."""
-        crash_point("renamed-before-delete")
-        for path, info, next_first in res.deletable:
-            if self.stop.is_set():
-                break
-            try:
-                write_marker(self.log_dir, self.origin, dest, next_first)
-                delete_segment(path, info, dest / path.name)
-            except OSError as exc:
-                res.archive_error = errno_text(exc)
-                break
-            except ArchiveError as exc:
-                res.problem = str(exc)
-                self._archived.discard(path.name)
-                break
-            self._checked.pop(path.name, None)
-            res.deleted.append(info)
-            res.used_bytes -= info.size
-            res.local_segments -= 1
-        res.oldest_local = next((p.name for p in segment_paths(self.log_dir)), None)
-        return res
-
-
-def open_delivery_floor(segs: list[Path]) -> int | None:
-    """The seq of the ``delivery_started`` of the delivery the log shows open (as recovery
-    would take it over), or None when none is open."""
-    did = open_delivery(segs)[0]
-    if did is None:
-        return None
-    needle = b'"delivery_id":' + orjson.dumps(did)
-    for path in reversed(segs):
-        for raw in reversed(read_segment(path).splitlines()):
-            if raw.endswith(b'"type":"delivery_started"}') and needle in raw:
-                return entry_seq(raw)
-    return 0  # open, its start not found locally: keep everything
-
-
 class RetentionManager:
     """The daemon's retention task (see the module doc). ``notice(severity, message)``
     reaches every sink (the daemon's notices: MQTT ``events``, the dashboard)."""
@@ -336,7 +104,7 @@ class RetentionManager:
         self.settings = settings
         self._notice = notice
         verifier = None if audit.signer is None else audit.signer.verifier
-        self._work = _Work(audit.directory, audit.origin, verifier)
+        self._work = Rounds(audit.directory, audit.origin, verifier)
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._round: asyncio.Task[RoundResult] | None = None
@@ -397,15 +165,36 @@ class RetentionManager:
             names = [_seg(info) for _, info, _ in res.deletable]
             try:
                 entry = self._audit.append("segments_deleted", {"segments": names}, durable=True)
-                async with asyncio.timeout(ROUND_TIMEOUT_S):
-                    await entry.committed
-            except (AuditLogClosed, TimeoutError):
+            except AuditLogClosed:
                 res.deletable.clear()  # not recorded: not deleted
+            else:
+                if not await self._recorded(entry.committed):
+                    res.deletable.clear()
             if res.deletable:
                 res = await self._in_thread(self._work.delete, stopping, res, res.dest)
         if res is not None:
             self._report(res)
         return res
+
+    async def _recorded(self, committed: asyncio.Future[None]) -> bool:
+        """Whether the deletion may go ahead: its entry is on disk, or the log cannot be
+        written at all (a full disk: then the entry waits in the writer, in its place
+        before anything later, and the deletion is what lets it be written)."""
+        deadline = time.monotonic() + ROUND_TIMEOUT_S
+        while not committed.done():
+            await asyncio.wait({committed}, timeout=FAILING_WAIT_S)
+            if committed.done():
+                break
+            if self._audit.failing_since is not None:
+                log.warning(
+                    "retention_deleting_before_recorded",
+                    why="the audit log cannot be written (a full disk?): its segments_deleted "
+                    "entry is pending and is written once the space is freed",
+                )
+                return True
+            if time.monotonic() > deadline:
+                return False
+        return True
 
     async def _in_thread(
         self, fn: Callable[..., RoundResult], stopping: asyncio.Task[Any] | None, *args: Any

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,11 +21,13 @@ import orjson
 import pytest
 
 from iortd.audit.cli import main as audit_main
+from iortd.auditlog import retention, retention_round, writer
 from iortd.auditlog.archive import archive_dir_for
 from iortd.auditlog.note import Signer, generate_keypair
 from iortd.auditlog.retention import RetentionManager, RetentionSettings
 from iortd.auditlog.verify import verify_log
 from iortd.auditlog.writer import AuditLog, segment_paths
+from iortd.kernel import durable
 
 ORIGIN = "iortd/test-site/or-9/00112233aabbccdd"
 DID = "or-9-20260301T120000000000Z"
@@ -326,3 +330,42 @@ async def test_hash_of_an_archived_entry_is_still_known_to_the_writer(
         assert res.deleted
         assert int(segment_paths(logdir)[0].name[4:20]) > 5
         assert await log.hash_at(5) == first["hash"]
+
+
+async def test_full_disk_deletes_archived_segments_and_records_it_once_space_is_free(
+    tmp_path: Path, signer: Signer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk is full: the log cannot be written, so the deletion's entry cannot become
+    durable first. Archived, covered segments are deleted anyway (that frees the space),
+    and the entry, pending in the writer in its place, is written after."""
+    logdir, share = tmp_path / "log", tmp_path / "share"
+    share.mkdir()
+    monkeypatch.setattr(retention, "FAILING_WAIT_S", 0.05)
+    monkeypatch.setattr(retention, "ROUND_TIMEOUT_S", 5.0)
+    full = {"on": False}
+
+    def write_all(fd: int, data: bytes) -> None:
+        if full["on"]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        durable.write_all(fd, data)
+
+    def delete_segment(*args: Any) -> None:
+        real_delete(*args)
+        full["on"] = False  # space freed
+
+    real_delete = retention_round.delete_segment
+    monkeypatch.setattr(writer, "write_all", write_all)
+    monkeypatch.setattr(retention_round, "delete_segment", delete_segment)
+    async with running(logdir, signer) as log:
+        await fill(log, 120)
+        await RetentionManager(log, settings(share, 10**9)).run_once()  # archived, marker
+        full["on"] = True
+        res = await RetentionManager(log, settings(share, 1024)).run_once()
+        assert res is not None
+        assert res.deleted, "archived segments deleted to free the space"
+        e = log.append("sample", {"i": -1}, durable=True)
+        await asyncio.wait_for(e.committed, 10)
+    got = kinds(logdir)
+    assert got.index("segments_deleted") < got.index("write_recovered")
+    rep = verify_log([logdir], pubkey=signer.verifier, archive=share)
+    assert rep.problem is None, rep.problem
