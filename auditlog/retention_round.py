@@ -42,8 +42,16 @@ from iortd.auditlog.logdir import (
 )
 from iortd.auditlog.marker import marker_origin, read_marker, write_marker
 from iortd.auditlog.note import Checkpoint, NoteError, Verifier
+from iortd.auditlog.segments import SegmentError, open_segment
 
-__all__ = ["RetentionSettings", "RoundResult", "Rounds", "dir_bytes", "open_delivery_floor"]
+__all__ = [
+    "RetentionSettings",
+    "RoundResult",
+    "Rounds",
+    "dir_bytes",
+    "has_entry",
+    "open_delivery_floor",
+]
 
 log = structlog.get_logger("iortd.retention")
 
@@ -108,7 +116,9 @@ class Rounds:
         res.used_bytes = dir_bytes(self.log_dir)
         res.local_segments = len(segs)
         res.oldest_local = segs[0].name if segs else None
-        closed = segs[:-1]
+        # Closed: every segment before the newest one that holds an entry (the writer
+        # creates a segment before its first write; on a failing disk it stays empty).
+        closed = segs[:-1] if segs and has_entry(segs[-1]) else segs[:-2]
         dest: Path | None = None
         if s.archive_dir is not None:
             try:
@@ -286,6 +296,15 @@ class Rounds:
             str(dest),
         ):
             write_marker(self.log_dir, self.origin, dest, int(segs[0].name[4:20]) if segs else 0)
+
+
+def has_entry(path: Path) -> bool:
+    """Whether a segment holds at least one whole line (read without following a link)."""
+    try:
+        with open_segment(path) as seg:
+            return any(True for _ in seg.blocks())
+    except SegmentError:
+        return True  # not for this check to judge: the segment's own check says what it is
 
 
 def open_delivery_floor(segs: list[Path]) -> int | None:

@@ -23,6 +23,7 @@ import pytest
 from iortd.audit.cli import main as audit_main
 from iortd.auditlog import retention, retention_round, writer
 from iortd.auditlog.archive import archive_dir_for
+from iortd.auditlog.archive import delete_segment as real_delete
 from iortd.auditlog.note import Signer, generate_keypair
 from iortd.auditlog.retention import RetentionManager, RetentionSettings
 from iortd.auditlog.verify import verify_log
@@ -353,7 +354,6 @@ async def test_full_disk_deletes_archived_segments_and_records_it_once_space_is_
         real_delete(*args)
         full["on"] = False  # space freed
 
-    real_delete = retention_round.delete_segment
     monkeypatch.setattr(writer, "write_all", write_all)
     monkeypatch.setattr(retention_round, "delete_segment", delete_segment)
     async with running(logdir, signer) as log:
@@ -369,3 +369,22 @@ async def test_full_disk_deletes_archived_segments_and_records_it_once_space_is_
     assert got.index("segments_deleted") < got.index("write_recovered")
     rep = verify_log([logdir], pubkey=signer.verifier, archive=share)
     assert rep.problem is None, rep.problem
+
+
+async def test_a_segment_just_created_and_still_empty_does_not_block(
+    tmp_path: Path, signer: Signer
+) -> None:
+    """The writer creates the next segment before its first write (and on a failing disk
+    it stays empty): the segment before it is not closed yet, and nothing is wrong."""
+    logdir, share = tmp_path / "log", tmp_path / "share"
+    share.mkdir()
+    async with running(logdir, signer) as log:
+        await fill(log, 60)
+        newest = segment_paths(logdir)[-1]
+        seq, _ = log.head
+        (logdir / f"log-{seq + 1:016d}-{newest.name[21:29]}.jsonl").touch()
+        res = await RetentionManager(log, settings(share, 10**9)).run_once()
+        assert res is not None
+        assert res.problem is None
+        dest = archive_dir_for(share, ORIGIN)
+        assert newest.name not in {p.name for p in segment_paths(dest)}
