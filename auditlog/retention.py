@@ -106,6 +106,7 @@ class RetentionManager:
         verifier = None if audit.signer is None else audit.signer.verifier
         self._work = Rounds(audit.directory, audit.origin, verifier)
         self._wake = asyncio.Event()
+        self.round_finished = asyncio.Event()  # set after each round (a reader clears it)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._round: asyncio.Task[RoundResult] | None = None
         self._status = RetentionStatus(
@@ -125,7 +126,9 @@ class RetentionManager:
     def wake_threadsafe(self) -> None:
         """:meth:`wake` from another thread (the writer's, at a roll)."""
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._wake.set)
+            # Never an error in the writer's thread: a loop already closed has no rounds.
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._wake.set)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Rounds until ``stop``: at once, then every ``interval_s`` and at each wake."""
@@ -174,6 +177,7 @@ class RetentionManager:
                 res = await self._in_thread(self._work.delete, stopping, res, res.dest)
         if res is not None:
             self._report(res)
+            self.round_finished.set()
         return res
 
     async def _recorded(self, committed: asyncio.Future[None]) -> bool:

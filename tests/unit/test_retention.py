@@ -388,3 +388,28 @@ async def test_a_segment_just_created_and_still_empty_does_not_block(
         assert res.problem is None
         dest = archive_dir_for(share, ORIGIN)
         assert newest.name not in {p.name for p in segment_paths(dest)}
+
+
+async def test_a_segment_roll_wakes_the_task_before_its_interval(
+    tmp_path: Path, signer: Signer
+) -> None:
+    logdir, share = tmp_path / "log", tmp_path / "share"
+    share.mkdir()
+    async with running(logdir, signer) as log:
+        log.append("daemon_start", {"verifier_key": signer.verifier.text}, durable=True)
+        mgr = RetentionManager(log, settings(share, 10**9, interval_s=3600))
+        log.on_rotate = mgr.wake_threadsafe
+        stop = asyncio.Event()
+        task = asyncio.create_task(mgr.run(stop))
+        try:
+            await asyncio.wait_for(mgr.round_finished.wait(), 10)  # the first, at once
+            assert mgr.status().archived_total == 0
+            mgr.round_finished.clear()
+            for i in range(40):  # several rolls of a 4 KiB segment
+                e = log.append("sample", {"i": i, "pad": "x" * 240})
+            await e.committed
+            await asyncio.wait_for(mgr.round_finished.wait(), 10)  # not the hour's interval
+            assert mgr.status().archived_total > 0
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
