@@ -97,16 +97,19 @@ def archive_dir_for(root: Path, origin: str) -> Path:
     return root.joinpath(*parts)
 
 
-def check_segment(path: Path, prev: tuple[int, str] | None, nxt: Path) -> tuple[SegInfo, bytes]:
+def check_segment(
+    path: Path, prev: tuple[int, str] | None, nxt: Path, *, linked: bool = True
+) -> tuple[SegInfo, bytes]:
     """Check a closed segment whole: its chain, its link to ``prev`` ((seq, hash) of the
-    entry before it; None only for the segment that starts the log) and the link of the
-    first entry of ``nxt`` to it. Returns what was checked and the bytes themselves."""
+    entry before it; None for the segment that starts the log, or, with ``linked`` False,
+    when the segment before it cannot be read now) and the link of the first entry of
+    ``nxt`` to it. Returns what was checked and the bytes themselves."""
     try:
         data = read_segment(path)
     except LogDamaged as exc:
         raise ArchiveError(str(exc)) from None
     first_seq = int(path.name[4:20])
-    if prev is None and first_seq != 0:
+    if prev is None and first_seq != 0 and linked:
         raise ArchiveError(
             f"{path.name}: the segment before it is neither in the log directory nor in "
             "the archive: its link cannot be checked"

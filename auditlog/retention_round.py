@@ -139,8 +139,10 @@ class Rounds:
                 break
             copy = dest is not None and res.archive_error is None
             try:
-                if prev is None and int(path.name[4:20]) != 0:
+                if prev is None and int(path.name[4:20]) != 0 and copy:
                     prev = self._archived_before(path.name, dest)
+                # Without the archive, the first local segment's link to the archived one
+                # before it is not checked now: nothing is archived or deleted meanwhile.
                 info, data = self._check(path, prev, segs[i + 1], copy)
                 if dest is not None and copy and path.name not in self._archived:
                     try:
@@ -169,6 +171,8 @@ class Rounds:
         root = s.archive_dir
         if root is None:
             return None
+        if not root.is_dir():
+            raise ArchiveError("the archive directory is missing (is the share mounted?)")
         if s.archive_mount_required and not os.path.ismount(root):
             raise ArchiveError(
                 "the archive directory is not a mount point (the share is not mounted)"
@@ -198,15 +202,13 @@ class Rounds:
             and not (copy and path.name not in self._archived)
         ):
             return hit[1], b""
-        info, data = check_segment(path, prev, nxt)
+        info, data = check_segment(path, prev, nxt, linked=copy)
         self._checked[path.name] = (key, info, "" if prev is None else prev[1])
         return info, data
 
     def _archived_before(self, name: str, dest: Path | None) -> tuple[int, str]:
         """The last entry of the archived segment before the first local one ``name``."""
-        if dest is None:
-            raise ArchiveError(f"{name}: the segments before it are gone and no archive is set")
-        before = [p for p in segment_paths(dest) if p.name < name] if dest.is_dir() else []
+        before = [p for p in segment_paths(dest) if p.name < name] if dest else []
         if not before:
             raise ArchiveError(f"{name}: the segment before it is in neither place")
         return last_entry(before[-1])

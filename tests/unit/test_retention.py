@@ -413,3 +413,26 @@ async def test_a_segment_roll_wakes_the_task_before_its_interval(
         finally:
             stop.set()
             await asyncio.wait_for(task, 10)
+
+
+async def test_share_gone_after_deletions_is_an_archive_alarm_not_a_broken_log(
+    tmp_path: Path, signer: Signer
+) -> None:
+    """Once the oldest segments are only in the archive, an unmounted share must not be
+    taken for a log whose first segment does not link (nor be recreated empty)."""
+    logdir, share = tmp_path / "log", tmp_path / "share"
+    share.mkdir()
+    async with running(logdir, signer) as log:
+        await fill(log, 120)
+        res = await RetentionManager(log, settings(share, 1024)).run_once()
+        assert res is not None
+        assert res.deleted
+        share.rename(tmp_path / "unmounted")
+        mgr = RetentionManager(log, settings(share, 1024))
+        res = await mgr.run_once()
+        assert res is not None
+        assert res.problem is None
+        assert res.archive_error is not None
+        assert "missing" in res.archive_error
+        assert not share.exists()
+    assert "retention_blocked" not in kinds(logdir)
