@@ -137,7 +137,9 @@ class RetentionManager:
         try:
             while not stop.is_set():
                 self._wake.clear()
-                await self._one_round(stopping)
+                res = await self._one_round(stopping)
+                if res is not None and res.more:
+                    continue  # more to do: the next round at once
                 if stop.is_set():
                     return
                 with contextlib.suppress(TimeoutError):

@@ -55,6 +55,11 @@ __all__ = [
 
 log = structlog.get_logger("iortd.retention")
 
+# A round reads at most this much of the log (checks and copies), and deletes at most this
+# much: a first round on a large log, or a share that has been away for days, goes on in
+# the rounds that follow at once, each bounded in time.
+ROUND_BYTES = 1024 * 1024 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class RetentionSettings:
@@ -77,6 +82,7 @@ class RoundResult:
     archive_error: str | None = None
     problem: str | None = None  # a segment that does not verify: nothing past it is touched
     dest: Path | None = None  # the log's archive directory, when usable
+    more: bool = False  # stopped at ROUND_BYTES: the next round comes at once
     # (segment, what was checked, the first seq of the segment after it): may be deleted
     deletable: list[tuple[Path, SegInfo, int]] = field(default_factory=list)
 
@@ -134,8 +140,12 @@ class Rounds:
                 log.warning("retention_marker_not_written", error=errno_text(exc))
         checked: list[tuple[Path, SegInfo]] = []
         prev: tuple[int, str] | None = None
+        read = 0
         for i, path in enumerate(closed):
             if self.stop.is_set():
+                break
+            if read >= ROUND_BYTES:
+                res.more = True  # the next round comes at once and goes on from here
                 break
             copy = dest is not None and res.archive_error is None
             try:
@@ -144,6 +154,7 @@ class Rounds:
                 # Without the archive, the first local segment's link to the archived one
                 # before it is not checked now: nothing is archived or deleted meanwhile.
                 info, data = self._check(path, prev, segs[i + 1], copy)
+                read += len(data)
                 if dest is not None and copy and path.name not in self._archived:
                     try:
                         if archive_segment(info, data, dest):
@@ -250,6 +261,9 @@ class Rounds:
                 floor = open_delivery_floor(segs)
             if floor is not None and info.last_seq >= floor:
                 return  # an open delivery has entries here
+            if sum(x.size for _, x, _ in res.deletable) + info.size > ROUND_BYTES:
+                res.more = True  # each is read twice more before it goes: bounded too
+                return
             res.deletable.append((path, info, int(segs[i + 1].name[4:20])))
             used -= info.size
 

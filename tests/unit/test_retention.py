@@ -438,3 +438,33 @@ async def test_share_gone_after_deletions_is_an_archive_alarm_not_a_broken_log(
         assert "missing" in res.archive_error
         assert not share.exists()
     assert "retention_blocked" not in kinds(logdir)
+
+
+async def test_a_round_is_bounded_and_the_next_goes_on_at_once(
+    tmp_path: Path, signer: Signer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first round on a large log (or after days without the share) reads at most
+    ROUND_BYTES; the task runs the next round at once, not an interval later."""
+    logdir, share = tmp_path / "log", tmp_path / "share"
+    share.mkdir()
+    monkeypatch.setattr(retention_round, "ROUND_BYTES", 3 * SEG)
+    async with running(logdir, signer) as log:
+        await fill(log, 120)
+        closed = len(segment_paths(logdir)) - 1
+        mgr = RetentionManager(log, settings(share, 10**9, interval_s=3600))
+        res = await mgr.run_once()
+        assert res is not None
+        assert res.more
+        assert 0 < len(res.archived) < closed
+        stop = asyncio.Event()
+        task = asyncio.create_task(mgr.run(stop))
+        try:
+            while True:  # each round sets round_finished; the last one archived the rest
+                await asyncio.wait_for(mgr.round_finished.wait(), 10)
+                mgr.round_finished.clear()
+                if not mgr.status().unarchived_segments:
+                    break
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+        assert mgr.status().archived_total >= closed  # (its own entries may roll one more)
