@@ -2,21 +2,27 @@
 deletes in its own task; SIGKILLed between archiving and deleting (the crash point
 ``renamed-before-delete``), it deletes nothing, and the next start completes the step; the
 log directory and the archive then verify as one log (``iort-audit verify --archive``).
+Over its budget with the share not mounted, it records on, deletes nothing, and says so
+on the MQTT ``events`` topic (a real Mosquitto, an independent ``mosquitto_sub``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import pytest
 from daemonproc import Daemon, Site
+from mqttobs import Message, Observer, schema_errors
 
 from iortd.auditlog.archive import CRASH_ENV, archive_dir_for
 from iortd.auditlog.note import load_signer, load_verifier
 from iortd.auditlog.verify import verify_log
 from iortd.auditlog.writer import AuditLog, new_origin, segment_paths
+from iortd.daemon.mqtt.broker import BrokerOptions, Mosquitto
 
 RETENTION = """
 [log.retention]
@@ -87,3 +93,53 @@ async def test_daemon_killed_before_delete_deletes_nothing_then_completes(
     assert rep.archive_counts is not None
     assert rep.archive_counts[1] == len(set(before) - set(local))
     assert all(u.recorded_at is not None for u in rep.unvouched), rep.unvouched
+
+
+def _notice(words: str) -> Callable[[Message], bool]:
+    return lambda m: (
+        m.name == "events" and m.payload.get("kind") == "daemon_notice" and words in m.raw
+    )
+
+
+@pytest.fixture
+async def observed(tmp_path: Path) -> AsyncIterator[tuple[Mosquitto, Observer]]:
+    with Mosquitto(BrokerOptions(), tmp_path / "broker") as broker:
+        obs = await Observer(broker.port).start()
+        try:
+            yield broker, obs
+        finally:
+            await obs.stop()
+
+
+async def test_over_budget_with_the_share_unmounted_records_on_and_alarms_on_mqtt(
+    make_site: Callable[..., Site], tmp_path: Path, observed: tuple[Mosquitto, Observer]
+) -> None:
+    broker, obs = observed
+    site = make_site(rotate=SEG, mqtt=f'url = "{broker.url}"')
+    # archive_dir exists but is no mount point: the share is "not mounted".
+    site.config.write_text(
+        site.config.read_text() + RETENTION.replace("archive_mount_required = false\n", "")
+    )
+    (tmp_path / "share").mkdir()
+    await prefill(site, tmp_path / "keys" / "or-7.key")
+    before = [p.name for p in segment_paths(site.log_dir)]
+    daemon = await Daemon.follow(site)
+    try:
+        unmounted = await obs.wait_for(_notice("archive unreachable"), "the archive notice")
+        assert unmounted.payload["severity"] == "critical"
+        assert "not a mount point" in unmounted.payload["message"]
+        budget = await obs.wait_for(_notice("disk use"), "the budget notice")
+        assert budget.payload["severity"] == "critical"
+        assert await daemon.stop() == 0
+    finally:
+        await daemon.ensure_dead()
+    assert [p.name for p in segment_paths(site.log_dir)][: len(before)] == before
+    kinds = [
+        json.loads(line)["type"]
+        for p in segment_paths(site.log_dir)
+        for line in p.read_bytes().splitlines()
+    ]
+    assert "archive_failed" in kinds
+    assert "storage_warning" in kinds or "storage_budget_reached" in kinds
+    assert kinds[-2:] == ["daemon_stop", "checkpoint"], "recording went on to the end"
+    assert schema_errors(obs.messages) == []
