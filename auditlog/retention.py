@@ -63,8 +63,9 @@ __all__ = [
     "RoundResult",
 ]
 
-ROUND_TIMEOUT_S = 600.0  # a round copies at most a few segments; a hung share must not stall
+ROUND_TIMEOUT_S = 600.0  # a round reads at most ROUND_BYTES; a hung share must not stall us
 FAILING_WAIT_S = 5.0  # how long a deletion waits for its entry on a failing disk
+SOON_S, SOON_TIMES = 1.0, 3  # after a round that found a roll in progress
 STOP_WAIT_S = 2.0  # how long a stop waits for a round in its thread to notice it
 
 log = structlog.get_logger("iortd.retention")
@@ -134,6 +135,7 @@ class RetentionManager:
         """Rounds until ``stop``: at once, then every ``interval_s`` and at each wake."""
         self._loop = asyncio.get_running_loop()
         stopping = asyncio.create_task(stop.wait())
+        soon = 0  # rounds in a row that found a roll in progress
         try:
             while not stop.is_set():
                 self._wake.clear()
@@ -142,8 +144,13 @@ class RetentionManager:
                     continue  # more to do: the next round at once
                 if stop.is_set():
                     return
+                # Woken by a roll before the writer's first write to the new segment:
+                # the segment it closed is archived by a round soon after (a few times;
+                # on a disk that cannot be written the new one stays empty).
+                soon = soon + 1 if res is not None and res.newest_empty else 0
+                wait = SOON_S if 0 < soon <= SOON_TIMES else self.settings.interval_s
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.settings.interval_s):
+                    async with asyncio.timeout(wait):
                         waker = asyncio.create_task(self._wake.wait())
                         try:
                             await asyncio.wait({waker, stopping}, return_when=FIRST_COMPLETED)
@@ -176,6 +183,8 @@ class RetentionManager:
                 if not await self._recorded(entry.committed):
                     res.deletable.clear()
             if res.deletable:
+                # None: the deletion failed, is still running past the bound, or the
+                # daemon is stopping; what it did is said by the next round.
                 res = await self._in_thread(self._work.delete, stopping, res, res.dest)
         if res is not None:
             self._report(res)
@@ -296,12 +305,12 @@ class RetentionManager:
             self._say("info", f"audit log archive reachable again after {outage:.0f} s")
 
     def _level_change(self, level: str, before: str, figures: dict[str, Any]) -> None:
-        mb = figures["used_bytes"] / 1e6
-        budget_mb = self.settings.budget_bytes / 1e6
+        mb = figures["used_bytes"] / 2**20
+        budget_mb = self.settings.budget_bytes / 2**20
         if level == "ok":
             log.warning("storage_ok", **figures)
             self._append("storage_ok", {**figures, "was": before})
-            self._say("info", f"audit log disk use back to {mb:.0f} MB of {budget_mb:.0f} MB")
+            self._say("info", f"audit log disk use back to {mb:.1f} MiB of {budget_mb:.0f} MiB")
             return
         kind = "storage_budget_reached" if level == "budget_reached" else "storage_warning"
         log.critical(kind, **figures)
@@ -309,7 +318,7 @@ class RetentionManager:
         what = "has reached its budget" if level == "budget_reached" else "is nearing its budget"
         self._say(
             "critical",
-            f"audit log disk use {what}: {mb:.0f} MB of {budget_mb:.0f} MB; "
+            f"audit log disk use {what}: {mb:.1f} MiB of {budget_mb:.0f} MiB; "
             f"{figures['unarchived_segments']} segment(s) not archived (archive: "
             f"{figures['archive']}). Recording goes on; free space or fix the archive",
         )

@@ -83,6 +83,7 @@ class RoundResult:
     problem: str | None = None  # a segment that does not verify: nothing past it is touched
     dest: Path | None = None  # the log's archive directory, when usable
     more: bool = False  # stopped at ROUND_BYTES: the next round comes at once
+    newest_empty: bool = False  # a roll in progress: the next round comes soon
     # (segment, what was checked, the first seq of the segment after it): may be deleted
     deletable: list[tuple[Path, SegInfo, int]] = field(default_factory=list)
 
@@ -115,6 +116,7 @@ class Rounds:
         self.stop = threading.Event()
         self._checked: dict[str, tuple[tuple[int, int], SegInfo, str]] = {}
         self._archived: set[str] = set()  # names whose copy was compared equal
+        self._before: tuple[str, tuple[int, str]] | None = None  # _archived_before's last
 
     def round(self, s: RetentionSettings) -> RoundResult:
         res = RoundResult()
@@ -124,7 +126,8 @@ class Rounds:
         res.oldest_local = segs[0].name if segs else None
         # Closed: every segment before the newest one that holds an entry (the writer
         # creates a segment before its first write; on a failing disk it stays empty).
-        closed = segs[:-1] if segs and has_entry(segs[-1]) else segs[:-2]
+        res.newest_empty = bool(segs) and not has_entry(segs[-1])
+        closed = segs[:-2] if res.newest_empty else segs[:-1]
         dest: Path | None = None
         if s.archive_dir is not None:
             try:
@@ -218,11 +221,15 @@ class Rounds:
         return info, data
 
     def _archived_before(self, name: str, dest: Path | None) -> tuple[int, str]:
-        """The last entry of the archived segment before the first local one ``name``."""
+        """The last entry of the archived segment before the first local one ``name``
+        (read once for each first local segment, not at every round)."""
+        if self._before is not None and self._before[0] == name:
+            return self._before[1]
         before = [p for p in segment_paths(dest) if p.name < name] if dest else []
         if not before:
             raise ArchiveError(f"{name}: the segment before it is in neither place")
-        return last_entry(before[-1])
+        self._before = (name, last_entry(before[-1]))
+        return self._before[1]
 
     def _covered_count(self, segs: list[Path]) -> int:
         """Entries the checkpoint file covers, when it is signed by this daemon's key, for
