@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from iortd.daemon.cli import main as cli_main
 from iortd.daemon.config import ConfigError, load_config
 from iortd.drivers.registry import DriverRegistry
 
@@ -50,3 +51,14 @@ def test_each_problem_names_its_key(tmp_path: Path, text: str, key: str, words: 
     got_key, message = issue(tmp_path, text)
     assert got_key == key
     assert words in message
+
+
+def test_check_config_says_what_retention_will_do_on_this_host(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "share").mkdir()
+    path = tmp_path / "site.toml"
+    path.write_text(DEMO.read_text("utf-8") + '\n[log.retention]\narchive_dir = "share"\n')
+    assert cli_main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"archive_dir {tmp_path / 'share'} is not a mount point now" in out
