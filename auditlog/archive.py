@@ -57,7 +57,7 @@ __all__ = [
     "check_segment",
     "crash_point",
     "delete_segment",
-    "same_bytes",
+    "make_dirs",
 ]
 
 CRASH_ENV = "IORTD_RETENTION_CRASH_AT"
@@ -159,20 +159,30 @@ def file_sha256(path: Path) -> str | None:
     except SegmentError as exc:
         if not path.exists() and not path.is_symlink():
             return None
+        if exc.what.startswith("cannot be"):  # an I/O error (a share gone): not the file
+            raise OSError(errno.EIO, f"{path}: {exc.what}") from None
         raise ArchiveError(f"{path}: {exc.what}") from None
     return h.hexdigest()
 
 
-def same_bytes(a: Path, b: Path) -> bool:
-    """Whether two segment files hold the same bytes (read in bounded memory)."""
-    return file_sha256(a) == file_sha256(b)
+def make_dirs(root: Path, dest: Path) -> None:
+    """``dest`` and the directories between it and ``root``, each made durable in its
+    parent (a power cut on the share must not lose the directory with the copies)."""
+    missing = []
+    d = dest
+    while d != root and not d.is_dir():
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir()
+        fsync_dir(d.parent)
 
 
 def archive_segment(info: SegInfo, data: bytes, dest_dir: Path) -> bool:
     """Copy a checked segment's bytes to ``dest_dir`` (see the module doc); True if a
     copy was made, False if an equal one was there already. OSError: the archive cannot
     be written (not mounted, not writable, full); ArchiveError: the copy read back differs."""
-    dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / info.name
     have = file_sha256(dest)
     if have == info.sha256:

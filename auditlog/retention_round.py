@@ -30,6 +30,7 @@ from iortd.auditlog.archive import (
     delete_segment,
     errno_text,
     last_entry,
+    make_dirs,
 )
 from iortd.auditlog.carryover import open_delivery
 from iortd.auditlog.logdir import (
@@ -192,7 +193,7 @@ class Rounds:
                 "the archive directory is not a mount point (the share is not mounted)"
             )
         dest = archive_dir_for(root, self.origin)
-        dest.mkdir(parents=True, exist_ok=True)
+        make_dirs(root, dest)
         real, logs = dest.resolve(), self.log_dir.resolve()
         if real == logs or real.is_relative_to(logs) or logs.is_relative_to(real):
             # A link planted in the share could make the "copy" the log itself.
