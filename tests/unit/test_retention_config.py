@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from iortd.daemon.cli import main as cli_main
 from iortd.daemon.config import ConfigError, load_config
@@ -53,6 +56,20 @@ def test_each_problem_names_its_key(tmp_path: Path, text: str, key: str, words: 
     assert words in message
 
 
+@pytest.fixture
+def _logging_restored() -> Iterator[None]:
+    """``main`` configures logging onto the stderr pytest captures and then closes: put
+    back what was there, or later tests log into a closed file."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("_logging_restored")
 def test_check_config_says_what_retention_will_do_on_this_host(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
