@@ -38,15 +38,15 @@ import hashlib
 import os
 import re
 import signal
+import stat
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from iortd.auditlog.canonical import open_line
-from iortd.auditlog.logdir import LogDamaged, read_segment
-from iortd.auditlog.recovery import scan_chain
+from iortd.auditlog.canonical import ZERO_HASH, open_line
 from iortd.auditlog.segments import SegmentError, open_segment
-from iortd.kernel.durable import fsync_dir, write_all
+from iortd.kernel.durable import fsync_dir
 
 __all__ = [
     "CRASH_ENV",
@@ -63,6 +63,9 @@ __all__ = [
 CRASH_ENV = "IORTD_RETENTION_CRASH_AT"
 CRASH_POINTS = ("copy-mid", "copy-before-rename", "renamed-before-delete", "delete-mid")
 _PART = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+BLOCK = 1024 * 1024  # reads and hashes go this much at a time, the GIL let go
+YIELD_EVERY = 256  # entries checked between two moments the GIL is let go
+YIELD_S = 0.001  # for this long: a background check takes a share of the CPU, not all of it
 
 
 class ArchiveError(Exception):
@@ -97,71 +100,125 @@ def archive_dir_for(root: Path, origin: str) -> Path:
     return root.joinpath(*parts)
 
 
+def read_whole(path: Path) -> bytearray:
+    """A segment's bytes, a regular file opened without following a link, read into one
+    buffer with the GIL released (joining 64 MiB from blocks would hold it for tens of
+    milliseconds, and the poll loops share it). OSError if it cannot be read."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if os.path.islink(path):
+            raise ArchiveError(f"{path}: is a symbolic link, not a segment file") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ArchiveError(f"{path}: not a regular file: someone changed the directory")
+        buf = bytearray(st.st_size)
+        view = memoryview(buf)
+        got = 0
+        while got < len(buf):
+            n = os.readv(fd, [view[got : got + BLOCK]])
+            if n == 0:
+                break
+            got += n
+        view.release()
+        del buf[got:]
+        return buf
+    finally:
+        os.close(fd)
+
+
+def scan(data: bytearray, prev: tuple[int, str] | None) -> tuple[int, int, str, str | None, int]:
+    """(entries, last seq, last hash, what is wrong or None, bytes of whole valid entries)
+    of a segment's bytes, each entry's hash, seq and prev checked (the first one against
+    ``prev`` when given), as recovery's scan does; the GIL is let go every
+    :data:`YIELD_EVERY` entries, so that the event loop is not held up."""
+    n, pos = 0, 0
+    last_seq, last_hash = (-1, ZERO_HASH) if prev is None else prev
+    while pos < len(data):
+        nl = data.find(b"\n", pos)
+        if nl < 0:
+            return n, last_seq, last_hash, "incomplete last line", pos
+        try:
+            env = open_line(data[pos:nl])  # type: ignore[arg-type]  # bytes-like is enough
+        except ValueError as exc:
+            return n, last_seq, last_hash, f"unreadable entry: {exc}", pos
+        if env.hash != env.computed:
+            return n, last_seq, last_hash, "hash mismatch", pos
+        linked = n > 0 or prev is not None
+        if linked and env.prev != last_hash:
+            return n, last_seq, last_hash, "prev does not link to the previous entry", pos
+        if linked and env.seq != last_seq + 1:
+            return n, last_seq, last_hash, f"seq {env.seq} does not follow {last_seq}", pos
+        n, last_seq, last_hash, pos = n + 1, env.seq, env.hash, nl + 1
+        if not n % YIELD_EVERY:
+            time.sleep(YIELD_S)  # lets the GIL go: the poll loops and the writer run meanwhile
+    return n, last_seq, last_hash, None, pos
+
+
 def check_segment(
     path: Path, prev: tuple[int, str] | None, nxt: Path, *, linked: bool = True
-) -> tuple[SegInfo, bytes]:
+) -> tuple[SegInfo, bytearray]:
     """Check a closed segment whole: its chain, its link to ``prev`` ((seq, hash) of the
     entry before it; None for the segment that starts the log, or, with ``linked`` False,
     when the segment before it cannot be read now) and the link of the first entry of
     ``nxt`` to it. Returns what was checked and the bytes themselves."""
-    try:
-        data = read_segment(path)
-    except LogDamaged as exc:
-        raise ArchiveError(str(exc)) from None
+    data = read_whole(path)
     first_seq = int(path.name[4:20])
     if prev is None and first_seq != 0 and linked:
         raise ArchiveError(
             f"{path.name}: the segment before it is neither in the log directory nor in "
             "the archive: its link cannot be checked"
         )
-    scan = scan_chain(data, None if prev is None else prev[1], None if prev is None else prev[0])
-    if scan.error is not None or scan.intact != len(data) or scan.entries == 0:
-        line = data[: scan.intact].count(b"\n") + 1
-        why = scan.error or ("no entries" if not data else "incomplete last line")
+    entries, last_seq, last_hash, error, intact = scan(data, prev)
+    if error is not None or intact != len(data) or entries == 0:
+        line = data.count(b"\n", 0, intact) + 1
+        why = error or "no entries"
         raise ArchiveError(f"{path.name}:{line}: does not verify ({why})")
-    if scan.last_seq - scan.entries + 1 != first_seq:
+    if last_seq - entries + 1 != first_seq:
         raise ArchiveError(f"{path.name}: its first entry is not seq {first_seq}")
     try:
         with open_segment(nxt) as seg:
             env = open_line(seg.first_line())
     except (SegmentError, ValueError) as exc:
         raise ArchiveError(f"{nxt.name}:1: cannot be read to check the link ({exc})") from None
-    if env.seq != scan.last_seq + 1 or env.prev != scan.last_hash:
+    if env.seq != last_seq + 1 or env.prev != last_hash:
         raise ArchiveError(f"{nxt.name}:1: does not link to the end of {path.name}")
     digest = hashlib.sha256(data).hexdigest()
-    info = SegInfo(path.name, first_seq, scan.last_seq, scan.last_hash, len(data), digest)
-    return info, data
+    return SegInfo(path.name, first_seq, last_seq, last_hash, len(data), digest), data
 
 
 def last_entry(path: Path) -> tuple[int, str]:
     """(seq, hash) of a segment's last entry (the archived copy of the segment before the
     first local one; its own chain is checked, its link is the archive's business)."""
-    try:
-        data = read_segment(path)
-    except LogDamaged as exc:
-        raise ArchiveError(str(exc)) from None
-    scan = scan_chain(data, None, None)
-    if scan.error is not None or scan.entries == 0:
-        raise ArchiveError(f"archived {path.name}: does not verify ({scan.error or 'empty'})")
-    return scan.last_seq, scan.last_hash
+    entries, last_seq, last_hash, error, _ = scan(read_whole(path), None)
+    if error is not None or entries == 0:
+        raise ArchiveError(f"archived {path.name}: does not verify ({error or 'empty'})")
+    return last_seq, last_hash
 
 
 def file_sha256(path: Path) -> str | None:
-    """SHA-256 of a regular file read without following a link; None if there is none."""
+    """SHA-256 of a regular file read without following a link, in blocks (hashing lets
+    the GIL go); None if there is none."""
     h = hashlib.sha256()
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
-        with open_segment(path) as seg:
-            for block in seg.blocks():
-                for line in block:
-                    h.update(line)
-                    h.update(b"\n")
-            h.update(seg.torn)
-    except SegmentError as exc:
-        if not path.exists() and not path.is_symlink():
-            return None
-        if exc.what.startswith("cannot be"):  # an I/O error (a share gone): not the file
-            raise OSError(errno.EIO, f"{path}: {exc.what}") from None
-        raise ArchiveError(f"{path}: {exc.what}") from None
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        if os.path.islink(path):
+            raise ArchiveError(f"{path}: is a symbolic link, not a segment file") from None
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ArchiveError(f"{path}: not a regular file")
+        while chunk := os.read(fd, BLOCK):
+            h.update(chunk)
+    finally:
+        os.close(fd)
     return h.hexdigest()
 
 
@@ -179,7 +236,7 @@ def make_dirs(root: Path, dest: Path) -> None:
         fsync_dir(d.parent)
 
 
-def archive_segment(info: SegInfo, data: bytes, dest_dir: Path) -> bool:
+def archive_segment(info: SegInfo, data: bytes | bytearray, dest_dir: Path) -> bool:
     """Copy a checked segment's bytes to ``dest_dir`` (see the module doc); True if a
     copy was made, False if an equal one was there already. OSError: the archive cannot
     be written (not mounted, not writable, full); ArchiveError: the copy read back differs."""
@@ -196,10 +253,10 @@ def archive_segment(info: SegInfo, data: bytes, dest_dir: Path) -> bool:
         tmp.unlink()  # a crash's half copy (unlink removes a planted link, not its target)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
     try:
-        half = len(data) // 2
-        write_all(fd, data[:half])
+        view, half = memoryview(data), len(data) // 2
+        _write_view(fd, view[:half])  # slices of a view: no copy of the segment
         crash_point("copy-mid")
-        write_all(fd, data[half:])
+        _write_view(fd, view[half:])
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -209,6 +266,12 @@ def archive_segment(info: SegInfo, data: bytes, dest_dir: Path) -> bool:
     if file_sha256(dest) != info.sha256:
         raise ArchiveError(f"{dest}: the copy read back differs from the segment")
     return True
+
+
+def _write_view(fd: int, view: memoryview) -> None:
+    """Every byte of ``view`` (``os.write`` may write fewer)."""
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def delete_segment(path: Path, info: SegInfo, archived: Path) -> None:

@@ -204,7 +204,7 @@ class Rounds:
 
     def _check(
         self, path: Path, prev: tuple[int, str] | None, nxt: Path, copy: bool
-    ) -> tuple[SegInfo, bytes]:
+    ) -> tuple[SegInfo, bytes | bytearray]:
         """Checked once (a closed segment never changes: by name, inode and size); read
         again when its bytes are needed for a copy."""
         st = os.lstat(path)
