@@ -4,10 +4,12 @@ Everything here is synchronous and runs in a worker thread. A closed segment lea
 log directory only through these steps, each safe to be cut short by a crash at any point:
 
 1. **check** (:func:`check_segment`): its bytes are read once, as a regular file never
-   through a link (logdir.py), and every entry's hash, seq and ``prev`` is checked, the
-   first one against the last entry of the segment before it (local, or its archived copy)
-   and the last one against the first entry of the segment after it. What is copied is
-   exactly the bytes that were checked.
+   through a link (:func:`read_whole`), and every entry's hash, seq and ``prev`` is
+   checked (:func:`scan`), the first one against the last entry of the segment before it
+   (local, or its archived copy) and the last one against the first entry of the segment
+   after it. What is copied is exactly the bytes that were checked. The reading and
+   hashing let the GIL go, and the check pauses every :data:`YIELD_EVERY` entries: it
+   runs beside the event loop of the poll loops and the writer.
 2. **copy** (:func:`archive_segment`): to ``.NAME.part`` in the log's archive directory
    (created anew, never through a link; a leftover of a crash is removed first), fsync'd,
    renamed to ``NAME``, the directory fsync'd; then the copy is read back and its SHA-256
