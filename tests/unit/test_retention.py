@@ -469,3 +469,29 @@ async def test_a_round_is_bounded_and_the_next_goes_on_at_once(
             stop.set()
             await asyncio.wait_for(task, 10)
         assert mgr.status().archived_total >= closed  # (its own entries may roll one more)
+
+
+async def test_a_delivery_carried_across_a_restart_keeps_its_start_local(
+    tmp_path: Path, signer: Signer
+) -> None:
+    """The delivery left open by one run and taken over by the next (its daemon_start
+    names it) spans both runs' segments: none of them goes, from its delivery_started on."""
+    logdir, share = tmp_path / "log", tmp_path / "share"
+    share.mkdir()
+    async with running(logdir, signer) as log:
+        await fill(log, 60, delivery_at=30)  # left open
+    async with running(logdir, signer) as log:
+        log.append(
+            "daemon_start",
+            {"verifier_key": signer.verifier.text, "open_delivery": DID},
+            durable=True,
+        )
+        for i in range(80):
+            e = log.append("sample", {"i": i, "pad": "x" * 240}, delivery_id=DID)
+        await e.committed
+        await log.checkpoint("test")
+        res = await RetentionManager(log, settings(share, 1024)).run_once()
+        assert res is not None
+        assert res.deleted, "what is before the delivery went"
+    start = next(e["seq"] for e in entries(logdir) if e["type"] == "delivery_started")
+    assert int(segment_paths(logdir)[0].name[4:20]) <= start
