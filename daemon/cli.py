@@ -27,6 +27,7 @@ from iortd.daemon.app import (
     run_to_exit,
     usage_error,
 )
+from iortd.daemon.config import Config
 from iortd.daemon.config.credentials import CREDENTIAL_PREFIX, credential_name
 from iortd.daemon.demo import default_data_dir, run_demo
 from iortd.daemon.waitidle import DEFAULT_URL, UsageError, parse_url, wait_idle
@@ -143,6 +144,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
             "note: log.signing_key_file is not set: `iortd run` will refuse to start "
             "(`iortd demo` makes its own key); create one with: iort-audit keygen --name NAME"
         )
+    _retention_notes(c)
     return EXIT_OK
 
 
@@ -170,6 +172,24 @@ def _check_with_credentials(args: argparse.Namespace) -> int:
             return _cmd_check(argparse.Namespace(**{**vars(args), "credential": []}))
         finally:
             del os.environ["CREDENTIALS_DIRECTORY"]
+
+
+def _retention_notes(c: Config) -> None:
+    """What ``[log.retention]`` will do with this host as it is now."""
+    ret = c.log.retention
+    if ret is None:
+        return
+    arch = ret.archive_dir
+    if arch is None:
+        what = "has no archive_dir: nothing is ever deleted, only alarmed"
+    elif ret.archive_mount_required and not os.path.ismount(arch):
+        what = (
+            f"archive_dir {arch} is not a mount point now: retention alarms (archive "
+            "unreachable) and deletes nothing until the share is mounted"
+        )
+    else:
+        return
+    print(f"note: log.retention {what}")  # noqa: T201 - CLI output
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -187,10 +187,12 @@ def _resolve_paths(
     def fix(p: Path | None) -> Path | None:
         return None if p is None else (p if p.is_absolute() else (base / p))
 
+    ret = config.log.retention
     log = config.log.model_copy(
         update={
             "directory": fix(config.log.directory),
             "signing_key_file": fix(config.log.signing_key_file),
+            "retention": ret and ret.model_copy(update={"archive_dir": fix(ret.archive_dir)}),
         }
     )
     mqtt = config.mqtt.model_copy(
@@ -269,6 +271,7 @@ def _check_file_system(config: Config, file: Path) -> list[ConfigIssue]:
                 "ca_file/cert_file are set but the url is mqtt:// (plain TCP); use mqtts://",
             )
         )
+    issues += _check_retention(config, file)
     key_file = config.log.signing_key_file
     if key_file is not None and key_file.is_file():
         # Refused here, before anything starts, rather than at the first checkpoint.
@@ -276,6 +279,42 @@ def _check_file_system(config: Config, file: Path) -> list[ConfigIssue]:
             load_signer(key_file)
         except KeyFileError as exc:
             issues.append(ConfigIssue(file, "log.signing_key_file", str(exc)))
+    return issues
+
+
+def _check_retention(config: Config, file: Path) -> list[ConfigIssue]:
+    """``[log.retention]``: a budget that holds more than the segments retention may never
+    delete, and an archive that is a directory of its own, apart from the log."""
+    ret, log = config.log.retention, config.log
+    if ret is None:
+        return []
+    issues = []
+    if ret.budget_mb * 1024 * 1024 < 4 * log.rotate_max_bytes:
+        issues.append(
+            ConfigIssue(
+                file,
+                "log.retention.budget_mb",
+                f"{ret.budget_mb} MiB holds fewer than 4 segments of log.rotate_max_bytes "
+                f"({log.rotate_max_bytes} bytes): raise it, or lower rotate_max_bytes",
+            )
+        )
+    arch = ret.archive_dir
+    if arch is None:
+        return issues
+    a, d = arch.resolve(), log.directory.resolve()
+    key = "log.retention.archive_dir"
+    if a == d or a.is_relative_to(d):
+        why = f"{arch} is inside log.directory: an archive is a copy kept elsewhere"
+        issues.append(ConfigIssue(file, key, why))
+    elif d.is_relative_to(a):
+        why = f"{arch} holds log.directory: give the archive a directory of its own"
+        issues.append(ConfigIssue(file, key, why))
+    elif not arch.is_dir():
+        issues.append(
+            ConfigIssue(file, key, f"not a directory: {arch} (create it, or its mount point)")
+        )
+    # Whether the share is mounted is not checked here: it may be mounted after the start
+    # (each retention round checks it, and an unmounted share is an alarm, not a refusal).
     return issues
 
 

@@ -98,12 +98,37 @@ class SiteConfig(_Model):
     name: str | None = Field(default=None, max_length=200)
 
 
+class RetentionConfig(_Model):
+    """``[log.retention]``: a disk budget for the log directory and an archive
+    (docs/operations.md, "Disk budget, archive and retention"). Absent: nothing is ever
+    deleted and no budget is watched."""
+
+    # 4 GiB: 64 default segments; over 5 days at the full idle rate of 10 samples/s
+    # (~780 MB a day), far more with idle thinning.
+    budget_mb: int = Field(default=4096, ge=1, le=16 * 1024 * 1024)
+    warn_fraction: float = Field(default=0.8, gt=0, lt=1)
+    keep_fraction: float = Field(default=0.7, gt=0, lt=1)
+    archive_dir: ConfigPath | None = None
+    archive_mount_required: bool = True
+    interval_s: float = Field(default=60.0, ge=1, le=3600)
+
+    @model_validator(mode="after")
+    def _keep_below_warn(self) -> Self:
+        if self.keep_fraction >= self.warn_fraction:
+            raise ValueError(
+                "keep_fraction must be below warn_fraction (deletion brings the directory "
+                "down to keep_fraction once it reaches warn_fraction)"
+            )
+        return self
+
+
 class LogConfig(_Model):
     directory: ConfigPath
     group_commit_ms: int = Field(default=50, ge=1, le=10_000)
     rotate_max_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024)
     checkpoint_interval_s: float = Field(default=300.0, gt=0, le=86_400)
     signing_key_file: SecretPath | None = None
+    retention: RetentionConfig | None = None
 
 
 # Where the daemon's broker credentials go instead of the URL.
