@@ -4,6 +4,7 @@ without the stream, rather than failing or reaching for a system broker."""
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import pytest
 
@@ -12,11 +13,11 @@ from iortd.daemon.mqtt.broker import MOSQUITTO_INSTALL_HINT
 
 
 def test_no_mosquitto_means_no_stream_and_the_exact_install_command(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     monkeypatch.setattr(demo, "find_mosquitto", lambda: None)
     with contextlib.ExitStack() as stack:
-        assert demo._embedded_broker(stack) is None
+        assert demo._embedded_broker(stack, tmp_path / "mqtt") is None
     err = capsys.readouterr().err
     assert "Mosquitto is not installed" in err
     assert MOSQUITTO_INSTALL_HINT in err
