@@ -12,7 +12,7 @@ How a child is started: ``[python, -I, -S, reaper.py, --lifeline FD, --name N, -
 --, CMD...]`` (this file run as a script, so only the standard library is imported and the
 start costs ~10 ms). The **shim** forks the watcher (twice, so that it is nobody's child
 but init's and sits in a session of its own, out of reach of the terminal's Ctrl-C and
-hang-up), waits until the watcher holds a pidfd of the shim's PID, and then ``exec``\\ s
+hang-up), waits until the watcher holds a pidfd of the shim's PID, and then execs
 CMD: the command keeps the shim's PID, so ``Popen.pid``, signals and exit codes are those
 of the command itself. There is no window: the lifeline is in the shim from the moment it
 is forked, so a parent that dies at any point after ``Popen`` is seen by the watcher.
@@ -22,8 +22,8 @@ Why not ``prctl(PR_SET_PDEATHSIG)`` in the child (prctl(2)):
 - it fires when the parent *thread* that forked the child exits, not the process
   (``Mosquitto.start`` forks from a worker thread);
 - it is cleared when the child changes its credentials: Mosquitto started as root
-  ``setuid()``\\ s to the user ``mosquitto`` unless told otherwise, and with it the signal
-  is gone;
+  calls ``setuid()`` to become the user ``mosquitto`` unless told otherwise, and with
+  that the signal is gone;
 - it needs ``preexec_fn``, which is unsafe in a process with threads, and it is Linux only.
 
 A pipe's end-of-file has none of these limits. The watcher needs ``pidfd_open`` (Linux
