@@ -220,6 +220,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(f"iortd reaper: no watcher for {args.name}; it will outlive a killed parent")
     os.close(ready_r)
     os.close(args.lifeline)
+    # What Popen's restore_signals does for its child: Python ignores these at start-up,
+    # and an exec keeps a signal ignored.
+    for name in ("SIGPIPE", "SIGXFZ", "SIGXFSZ"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
     try:
         os.execvp(args.command[0], args.command)  # noqa: S606 - the command we were given
     except OSError as exc:
@@ -248,5 +253,7 @@ def _become_watcher(shim: int, ready_w: int, args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # A Ctrl-C in the few milliseconds before the exec ends the shim quietly, as it would
+    # the command (and the watcher, in its own session, then finds nothing to stop).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     sys.exit(main())

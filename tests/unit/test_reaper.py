@@ -220,6 +220,30 @@ def test_closing_the_tether_stops_a_child_still_running(
     assert child.wait(GONE_BOUND_S) == -signal.SIGTERM
 
 
+def _ignored_signals(pid: int) -> set[int]:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            mask = int(line.split()[1], 16)
+            return {n for n in range(1, 65) if mask & (1 << (n - 1))}
+    raise AssertionError("no SigIgn in /proc/PID/status")
+
+
+def test_the_command_gets_the_signal_dispositions_popen_would_give_it(
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    """Python ignores SIGPIPE and SIGXFSZ and an exec keeps what is ignored; Popen
+    restores them for its child, and so must the shim (a broker that ignores SIGPIPE is
+    not the broker the user runs)."""
+    with Tether("probe") as tether:
+        child = subprocess.Popen(tether.argv(["sleep", "60"]), pass_fds=tether.pass_fds)
+        children.append(child)
+        tether.started()
+        _wait_exec(child.pid, b"sleep")
+        plain = _spawn(children, "sleep", "60")
+        assert _ignored_signals(child.pid) == _ignored_signals(plain.pid)
+        assert signal.SIGPIPE not in _ignored_signals(child.pid)
+
+
 def test_a_missing_command_exits_127_and_says_so(
     children: list[subprocess.Popen[bytes]],
 ) -> None:
