@@ -10,7 +10,8 @@ signals no one who merely reuses its PID).
 
 How a child is started: ``[python, -I, -S, reaper.py, --lifeline FD, --name N, --grace S,
 --, CMD...]`` (this file run as a script, so only the standard library is imported and the
-start costs ~10 ms). The **shim** forks the watcher (twice, so that it is nobody's child
+start costs ~10 ms; ``-I`` also keeps this file's folder, which holds ``types.py``, off
+``sys.path``). The **shim** forks the watcher (twice, so that it is nobody's child
 but init's and sits in a session of its own, out of reach of the terminal's Ctrl-C and
 hang-up), waits until the watcher holds a pidfd of the shim's PID, and then execs
 CMD: the command keeps the shim's PID, so ``Popen.pid``, signals and exit codes are those
