@@ -36,15 +36,18 @@ demo that shows its stream matters more than its tidiness.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import os
 import select
 import signal
 import sys
-from collections.abc import Sequence
-from types import FrameType, TracebackType
-from typing import Self
+
+# Run as a script, this module imports only what it needs at run time: contextlib, typing
+# and collections.abc would treble the shim's start-up (python -X importtime).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from types import FrameType, TracebackType
+    from typing import NoReturn, Self
 
 __all__ = ["DEFAULT_GRACE_S", "Tether", "tether_unavailable", "watch"]
 
@@ -169,13 +172,11 @@ def watch(pidfd: int, lifeline: int, *, grace_s: float, name: str, pid: int) -> 
 
 def _stop(pidfd: int, *, grace_s: float, name: str, pid: int) -> str:
     for sig in (signal.SIGTERM, signal.SIGCONT):
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(pidfd, sig)
+        _signal(pidfd, sig)
     if _ended(pidfd, grace_s):
         how = "SIGTERM"
     else:
-        with contextlib.suppress(ProcessLookupError):
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        _signal(pidfd, signal.SIGKILL)
         how = "SIGKILL" if _ended(pidfd, KILL_WAIT_S) else "lost"
     _say(f"iortd reaper: the parent of {name} (pid {pid}) is gone; stopped it ({how})")
     return how
@@ -186,24 +187,60 @@ def _ended(pidfd: int, within_s: float) -> bool:
     return bool(ready)
 
 
+def _signal(pidfd: int, sig: int) -> None:
+    try:  # noqa: SIM105 - no contextlib in the shim (start-up time)
+        signal.pidfd_send_signal(pidfd, sig)
+    except ProcessLookupError:
+        pass  # it has ended meanwhile
+
+
 def _say(text: str) -> None:
-    # Best effort: the terminal may be gone with the parent.
-    with contextlib.suppress(OSError):
+    try:  # noqa: SIM105 - no contextlib in the shim (start-up time)
         os.write(2, (text + "\n").encode())
+    except OSError:
+        pass  # best effort: the terminal may be gone with the parent
 
 
 # -- the shim -----------------------------------------------------------------------------
 
 
-def _parse(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="iortd-reaper", description="Run COMMAND; stop it when the lifeline closes."
-    )
-    p.add_argument("--lifeline", type=int, required=True)
-    p.add_argument("--name", required=True)
-    p.add_argument("--grace", type=float, default=DEFAULT_GRACE_S)
-    p.add_argument("command", nargs="+")
-    return p.parse_args(argv)
+class _Args:
+    __slots__ = ("command", "grace", "lifeline", "name")
+
+    def __init__(self, lifeline: int, name: str, grace: float, command: list[str]) -> None:
+        self.lifeline, self.name, self.grace, self.command = lifeline, name, grace, command
+
+
+_USAGE = "usage: reaper.py --lifeline FD --name NAME [--grace SECONDS] -- COMMAND [ARG...]"
+
+
+def _parse(argv: Sequence[str]) -> _Args:
+    """The shim's arguments, by hand: argparse alone would double its start-up time. A
+    usage error exits 2."""
+    argv = list(argv)
+    if "--" not in argv:
+        _usage("no -- before the command")
+    split = argv.index("--")
+    options, command = argv[:split], argv[split + 1 :]
+    keys, values = options[::2], options[1::2]
+    given = dict(zip(keys, values, strict=False))
+    unknown = set(keys) - {"--lifeline", "--name", "--grace"}
+    if len(keys) != len(values) or unknown or not command:
+        _usage(f"got {options} and command {command}")
+    try:
+        return _Args(
+            lifeline=int(given["--lifeline"]),
+            name=given["--name"],
+            grace=float(given.get("--grace", DEFAULT_GRACE_S)),
+            command=command,
+        )
+    except (KeyError, ValueError) as exc:
+        _usage(repr(exc))
+
+
+def _usage(what: str) -> NoReturn:
+    _say(f"{_USAGE}\n({what})")
+    raise SystemExit(2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -233,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 127
 
 
-def _become_watcher(shim: int, ready_w: int, args: argparse.Namespace) -> None:
+def _become_watcher(shim: int, ready_w: int, args: _Args) -> None:
     code = 0
     try:
         os.setsid()  # out of the terminal's process group: Ctrl-C and hang-up are not ours

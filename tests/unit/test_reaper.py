@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from iortd.kernel import reaper
 from iortd.kernel.reaper import Tether, tether_unavailable, watch
 from iortd.kernel.scratch import process_start
 
@@ -278,3 +279,25 @@ def test_without_pidfd_the_command_runs_plainly(monkeypatch: pytest.MonkeyPatch)
     assert tether.argv(["sleep", "1"]) == ["sleep", "1"]
     assert tether.pass_fds == ()
     tether.close()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--lifeline", "3", "--name", "x"],  # no -- and no command
+        ["--lifeline", "3", "--name", "x", "--"],  # no command
+        ["--lifeline", "three", "--name", "x", "--", "true"],
+        ["--name", "x", "--", "true"],  # no lifeline
+        ["--lifeline", "3", "--name", "x", "--colour", "red", "--", "true"],
+    ],
+)
+def test_the_shim_refuses_bad_arguments_with_exit_2(args: list[str]) -> None:
+    p = subprocess.run(
+        [sys.executable, "-I", "-S", reaper.__file__, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert p.returncode == 2
+    assert "usage: reaper.py --lifeline FD --name NAME" in p.stderr
