@@ -13,8 +13,8 @@ when it is killed outright (SIGKILL, a crash): it is started through the kernel'
 broker keeps its PID (the tether's shim execs Mosquitto), so `pid`, signals and exit
 codes are Mosquitto's own. A parent-death signal would not do: as root, Mosquitto drops its
 privileges unless its ``user`` is root, which clears the signal. The tests' brokers are
-left untethered: they are stopped by their fixtures, and every start would cost the shim's
-~10 ms.
+left untethered: they are stopped by their fixtures, and the shim adds some 50 ms to every
+start.
 
 The core is synchronous (`subprocess.Popen`; Mosquitto is listening within ~10 ms of its
 exec), so a plain pytest fixture can use it directly; the ``async`` methods run the same
