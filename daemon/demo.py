@@ -37,6 +37,7 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -105,7 +106,13 @@ def run_demo(args: argparse.Namespace) -> int:
     except (OSError, KeyFileError) as exc:
         return usage_error(f"demo signing key: {exc}")
     with contextlib.ExitStack() as stack:
-        scratch = _scratch(stack)
+        try:
+            scratch = _scratch(stack)
+        except OSError as exc:
+            return usage_error(
+                f"cannot make the demo's temporary directory in {tempfile.gettempdir()}: "
+                f"{exc.strerror or exc}; point TMPDIR at a writable directory"
+            )
         broker_url = args.broker
         if broker_url is None and loaded.config.mqtt.enabled:
             started = _embedded_broker(stack, scratch / "mqtt")
