@@ -4,6 +4,8 @@ also on SIGKILL."""
 
 from __future__ import annotations
 
+import os
+import pwd
 import socket
 import subprocess
 import sys
@@ -89,3 +91,76 @@ def test_sigkill_of_its_parent_stops_the_tethered_broker(tmp_path: Path) -> None
         time.sleep(0.01)
     log = (tmp_path / "b" / "mosquitto.log").read_text()
     assert "the parent of mosquitto" in log, "the watcher says what it did, in the broker's log"
+
+
+# A parent that runs Mosquitto, tethered, with a config of its own (argv[1]).
+PARENT_OWN_CONF = """
+import subprocess, sys
+from iortd.daemon.mqtt.broker import find_mosquitto
+from iortd.kernel.reaper import Tether
+t = Tether("mosquitto")
+argv = [str(find_mosquitto()), "-c", sys.argv[1]]
+p = subprocess.Popen(t.argv(argv), pass_fds=t.pass_fds, stdin=subprocess.DEVNULL)
+t.started()
+print(p.pid, flush=True)
+sys.stdin.read()
+"""
+
+
+def _mosquitto_uid() -> int | None:
+    try:
+        return pwd.getpwnam("mosquitto").pw_uid
+    except KeyError:
+        return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root's Mosquitto changes user")
+@pytest.mark.skipif(_mosquitto_uid() is None, reason="needs the user mosquitto")
+def test_a_broker_that_dropped_its_privileges_still_dies_with_its_parent(
+    tmp_path: Path,
+) -> None:
+    """Root's Mosquitto switches to the user ``mosquitto`` (``user`` unset means that),
+    which clears a parent-death signal; the tether does not rely on one."""
+    port = _free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(
+        f"listener {port} 127.0.0.1\nallow_anonymous true\nlog_dest stderr\n"
+        "log_type error\nlog_type warning\npersistence false\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT_OWN_CONF, str(conf)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert parent.stdout is not None
+        pid = int(parent.stdout.readline())
+        start = process_start(pid)
+        assert start is not None
+        t0 = time.monotonic()
+        while not _listening(port):
+            assert time.monotonic() - t0 < GONE_BOUND_S, "mosquitto did not start listening"
+            time.sleep(0.01)
+        assert os.stat(f"/proc/{pid}").st_uid == _mosquitto_uid(), "it changed user"
+        parent.kill()
+    finally:
+        parent.kill()
+        parent.communicate(timeout=5)
+    t0 = time.monotonic()
+    while process_start(pid) == start:
+        assert time.monotonic() - t0 < GONE_BOUND_S, f"mosquitto (pid {pid}) outlived its parent"
+        time.sleep(0.01)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
