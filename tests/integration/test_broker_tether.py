@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import signal
 import socket
 import subprocess
 import sys
@@ -100,7 +101,10 @@ from iortd.daemon.mqtt.broker import find_mosquitto
 from iortd.kernel.reaper import Tether
 t = Tether("mosquitto")
 argv = [str(find_mosquitto()), "-c", sys.argv[1]]
-p = subprocess.Popen(t.argv(argv), pass_fds=t.pass_fds, stdin=subprocess.DEVNULL)
+p = subprocess.Popen(
+    t.argv(argv), pass_fds=t.pass_fds,
+    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+)
 t.started()
 print(p.pid, flush=True)
 sys.stdin.read()
@@ -164,3 +168,58 @@ def _listening(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+# The same parent with a parent-death signal instead of the tether: what the tether is for.
+PARENT_PDEATHSIG = """
+import ctypes, signal, subprocess, sys
+from iortd.daemon.mqtt.broker import find_mosquitto
+libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
+def pdeathsig():
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+p = subprocess.Popen(  # preexec_fn is safe here: this process has one thread
+    [str(find_mosquitto()), "-c", sys.argv[1]], preexec_fn=pdeathsig,
+    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+)
+print(p.pid, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root's Mosquitto changes user")
+@pytest.mark.skipif(_mosquitto_uid() is None, reason="needs the user mosquitto")
+def test_a_parent_death_signal_alone_is_lost_when_mosquitto_changes_user(
+    tmp_path: Path,
+) -> None:
+    """The premise, checked on this kernel (prctl(2): the setting is cleared when the
+    effective user changes): a SIGKILLed parent leaves such a broker running."""
+    port = _free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nlog_dest stderr\n")
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT_PDEATHSIG, str(conf)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    pid = start = None
+    try:
+        assert parent.stdout is not None
+        pid = int(parent.stdout.readline())
+        start = process_start(pid)
+        t0 = time.monotonic()
+        while not _listening(port):
+            assert time.monotonic() - t0 < GONE_BOUND_S, "mosquitto did not start listening"
+            time.sleep(0.01)
+        parent.kill()
+        parent.communicate(timeout=5)
+        # Its parent is gone (the kernel has run the parent's exit by the time wait
+        # returns); a surviving broker still answers.
+        assert _listening(port)
+        assert process_start(pid) == start, "the parent-death signal was not lost after all"
+    finally:
+        if pid is not None and start is not None and process_start(pid) == start:
+            os.kill(pid, signal.SIGKILL)  # first: it may hold the parent's pipes
+        parent.kill()
+        parent.communicate(timeout=5)
