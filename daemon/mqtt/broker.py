@@ -11,10 +11,11 @@ With ``tethered=True`` (what ``iortd demo`` asks for) the broker also dies with 
 when it is killed outright (SIGKILL, a crash): it is started through the kernel's tether
 (kernel/reaper.py), whose watcher stops it when this process's end of a pipe closes. The
 broker keeps its PID (the tether's shim execs Mosquitto), so `pid`, signals and exit
-codes are Mosquitto's own. A parent-death signal would not do: as root, Mosquitto drops its
-privileges unless its ``user`` is root, which clears the signal. The tests' brokers are
-left untethered: they are stopped by their fixtures, and the shim adds some 50 ms to every
-start.
+codes are Mosquitto's own. A parent-death signal would not do: it is tied to the thread
+that forked the broker (`start` forks from a worker thread), and it is cleared when
+Mosquitto changes user (as root, whenever its ``user`` is not root). The tests' brokers
+are left untethered: they are stopped by their fixtures, and the shim adds some 50 ms to
+every start.
 
 The core is synchronous (`subprocess.Popen`; Mosquitto is listening within ~10 ms of its
 exec), so a plain pytest fixture can use it directly; the ``async`` methods run the same
