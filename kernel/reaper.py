@@ -159,6 +159,7 @@ def watch(pidfd: int, lifeline: int, *, grace_s: float, name: str, pid: int) -> 
     poller.register(pidfd, select.POLLIN)
     poller.register(lifeline, select.POLLIN | select.POLLHUP)
     previous = signal.signal(signal.SIGTERM, _raise_stop)
+    why = "its parent is gone"
     try:
         while True:
             ready = dict(poller.poll())
@@ -167,13 +168,13 @@ def watch(pidfd: int, lifeline: int, *, grace_s: float, name: str, pid: int) -> 
             if lifeline in ready and not os.read(lifeline, 512):
                 break  # end of file: the parent is gone or let go
     except _Stop:
-        pass
+        why = "its watcher got SIGTERM"
     finally:
         signal.signal(signal.SIGTERM, previous)
-    return _stop(pidfd, grace_s=grace_s, name=name, pid=pid)
+    return _stop(pidfd, grace_s=grace_s, name=name, pid=pid, why=why)
 
 
-def _stop(pidfd: int, *, grace_s: float, name: str, pid: int) -> str:
+def _stop(pidfd: int, *, grace_s: float, name: str, pid: int, why: str) -> str:
     for sig in (signal.SIGTERM, signal.SIGCONT):
         _signal(pidfd, sig)
     if _ended(pidfd, grace_s):
@@ -181,7 +182,10 @@ def _stop(pidfd: int, *, grace_s: float, name: str, pid: int) -> str:
     else:
         _signal(pidfd, signal.SIGKILL)
         how = "SIGKILL" if _ended(pidfd, KILL_WAIT_S) else "lost"
-    _say(f"iortd reaper: the parent of {name} (pid {pid}) is gone; stopped it ({how})")
+    if how == "lost":
+        _say(f"iortd reaper: {name} (pid {pid}) outlived SIGKILL ({why})")
+    else:
+        _say(f"iortd reaper: stopped {name} (pid {pid}) with {how}: {why}")
     return how
 
 
@@ -286,6 +290,7 @@ def _become_watcher(shim: int, ready_w: int, args: _Args) -> None:
         os.dup2(devnull, 0)
         os.dup2(devnull, 1)  # stdout may be a pipe the parent reads to its end
         os.close(devnull)
+        os.chdir("/")  # hold no directory (a mount point) busy
         watch(pidfd, args.lifeline, grace_s=args.grace, name=args.name, pid=shim)
     except BaseException as exc:  # a forked child must never return into its caller
         _say(f"iortd reaper: watcher of {args.name} failed: {exc!r}")

@@ -91,7 +91,9 @@ def test_sigkill_of_its_parent_stops_the_tethered_broker(tmp_path: Path) -> None
         assert time.monotonic() - t0 < GONE_BOUND_S, f"mosquitto (pid {pid}) outlived its parent"
         time.sleep(0.01)
     log = (tmp_path / "b" / "mosquitto.log").read_text()
-    assert "the parent of mosquitto" in log, "the watcher says what it did, in the broker's log"
+    assert f"iortd reaper: stopped mosquitto (pid {pid}) with SIGTERM: its parent is gone" in log, (
+        "the watcher says what it did, in the broker's log"
+    )
 
 
 # A parent that runs Mosquitto, tethered, with a config of its own (argv[1]).

@@ -103,7 +103,7 @@ def test_a_closed_lifeline_stops_the_child_with_sigterm(
         os.close(pidfd)
         os.close(r)
     assert child.wait(5) == -signal.SIGTERM
-    assert f"the parent of probe (pid {child.pid}) is gone; stopped it (SIGTERM)" in (
+    assert f"stopped probe (pid {child.pid}) with SIGTERM: its parent is gone" in (
         capfd.readouterr().err
     )
 
@@ -243,6 +243,38 @@ def test_the_command_gets_the_signal_dispositions_popen_would_give_it(
         plain = _spawn(children, "sleep", "60")
         assert _ignored_signals(child.pid) == _ignored_signals(plain.pid)
         assert signal.SIGPIPE not in _ignored_signals(child.pid)
+
+
+def test_sigterm_to_the_watcher_stops_the_child_at_once(
+    children: list[subprocess.Popen[bytes]],
+) -> None:
+    name = f"probe-{os.getpid()}-{time.monotonic_ns()}"  # finds this test's watcher in /proc
+    with Tether(name) as tether:
+        child = subprocess.Popen(
+            tether.argv(["sleep", "60"]), pass_fds=tether.pass_fds, stderr=subprocess.PIPE
+        )
+        children.append(child)
+        tether.started()
+        _wait_exec(child.pid, b"sleep")
+        [watcher] = [
+            int(p.name)
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit()
+            and int(p.name) != child.pid
+            and f"--name\0{name}\0".encode() in _cmdline(p)
+        ]
+        assert os.getsid(watcher) != os.getsid(0), "the watcher has a session of its own"
+        os.kill(watcher, signal.SIGTERM)
+        assert child.wait(GONE_BOUND_S) == -signal.SIGTERM
+        assert child.stderr is not None
+        assert b"its watcher got SIGTERM" in child.stderr.read()
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def test_a_missing_command_exits_127_and_says_so(
