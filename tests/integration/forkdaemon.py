@@ -10,7 +10,7 @@ in a process of its own with its own pid, that writes the log, is killed by SIGK
 leaves its files like any other. Its stderr (the operational log) goes to a FIFO the test
 reads; the server reaps it and reports its exit status. Tests about starting the daemon
 (the console script, its imports, its exit codes) start it with
-:meth:`daemonproc.Daemon.start`.
+``Daemon.start`` (daemonproc.py).
 
 The server has no threads (it forks) and owns no event loop; a child resets what it
 inherited from the server (signal dispositions, stdin/stdout) before calling ``main``.
