@@ -1,5 +1,6 @@
 """``iortd``: argument parsing and dispatch: run the daemon, run the demo, check a config,
-wait until a running daemon is idle (daemon/waitidle.py).
+wait until a running daemon is idle (daemon/waitidle.py). ``check-config`` is
+daemon/check.py.
 
 The daemon itself is built and run by the composition root (daemon/app.py); what only the
 demo does is in daemon/demo.py.
@@ -10,9 +11,7 @@ Exit status: 0 success; 1 the thing checked is bad; 2 usage or configuration err
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,8 +26,7 @@ from iortd.daemon.app import (
     run_to_exit,
     usage_error,
 )
-from iortd.daemon.config import Config
-from iortd.daemon.config.credentials import CREDENTIAL_PREFIX, credential_name
+from iortd.daemon.check import check_config
 from iortd.daemon.demo import default_data_dir, run_demo
 from iortd.daemon.waitidle import DEFAULT_URL, UsageError, parse_url, wait_idle
 from iortd.drivers.registry import DriverRegistry
@@ -128,70 +126,6 @@ def _cmd_wait_idle(args: argparse.Namespace) -> int:
         return usage_error(f"wait-idle: {exc}")
 
 
-def _cmd_check(args: argparse.Namespace) -> int:
-    if args.credential:
-        return _check_with_credentials(args)
-    loaded = load_or_report(args.file)
-    if loaded is None:
-        return EXIT_USAGE
-    c = loaded.config
-    print(  # noqa: T201 - CLI output
-        f"{args.file}: OK (sha256 {loaded.sha256[:16]}...; site {c.site.id}, room {c.site.room}, "
-        f"{len(c.devices)} device(s): " + ", ".join(f"{d.name}={d.driver}" for d in c.devices) + ")"
-    )
-    if c.log.signing_key_file is None:
-        print(  # noqa: T201 - CLI output
-            "note: log.signing_key_file is not set: `iortd run` will refuse to start "
-            "(`iortd demo` makes its own key); create one with: iort-audit keygen --name NAME"
-        )
-    _retention_notes(c)
-    return EXIT_OK
-
-
-def _check_with_credentials(args: argparse.Namespace) -> int:
-    """What the unit's LoadCredential= lines do, for a check outside the unit: a private
-    directory with each FILE as NAME (a link: the file itself is what is checked)."""
-    with tempfile.TemporaryDirectory(prefix="iortd-credentials-") as directory:
-        for spec in args.credential:
-            name, _, file = str(spec).partition(":")
-            try:
-                valid = credential_name(CREDENTIAL_PREFIX + name) is not None
-            except ValueError as exc:
-                return usage_error(f"--credential {spec}: {exc}")
-            if not (valid and file):
-                return usage_error(f"--credential {spec}: expected NAME:FILE")
-            source = Path(file).absolute()
-            if not source.is_file():
-                return usage_error(f"--credential {spec}: file not found: {source}")
-            link = Path(directory) / name
-            if link.is_symlink():
-                return usage_error(f"--credential {spec}: {name} is given twice")
-            link.symlink_to(source)
-        os.environ["CREDENTIALS_DIRECTORY"] = directory
-        try:
-            return _cmd_check(argparse.Namespace(**{**vars(args), "credential": []}))
-        finally:
-            del os.environ["CREDENTIALS_DIRECTORY"]
-
-
-def _retention_notes(c: Config) -> None:
-    """What ``[log.retention]`` will do with this host as it is now."""
-    ret = c.log.retention
-    if ret is None:
-        return
-    arch = ret.archive_dir
-    if arch is None:
-        what = "has no archive_dir: nothing is ever deleted, only alarmed"
-    elif ret.archive_mount_required and not os.path.ismount(arch):
-        what = (
-            f"archive_dir {arch} is not a mount point now: retention alarms (archive "
-            "unreachable) and deletes nothing until the share is mounted"
-        )
-    else:
-        return
-    print(f"note: log.retention {what}")  # noqa: T201 - CLI output
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
     loaded = load_or_report(args.config)
     if loaded is None:
@@ -225,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {
         "run": _cmd_run,
         "demo": run_demo,
-        "check-config": _cmd_check,
+        "check-config": check_config,
         "wait-idle": _cmd_wait_idle,
     }
     return handlers[args.command](args)
