@@ -54,7 +54,7 @@ from typing import Any
 
 from iortd.kernel.types import DeviceState
 
-__all__ = ["DELIVERY_STATES", "Deadbands", "SamplePolicy", "Thinner"]
+__all__ = ["DELIVERY_STATES", "Deadbands", "SamplePolicy", "Thinner", "changed", "policy_of"]
 
 EntrySpec = tuple[str, dict[str, Any], str | None]
 
@@ -125,7 +125,9 @@ def _moved(old: Any, new: Any, band: float | None) -> bool:
     if band is None or band <= 0:
         return bool(old != new)
     if isinstance(old, list) and isinstance(new, list):
-        return len(old) != len(new) or any(_moved(a, b, band) for a, b in zip(old, new, strict=True))
+        return len(old) != len(new) or any(
+            _moved(a, b, band) for a, b in zip(old, new, strict=True)
+        )
     if _finite(old) and _finite(new):
         return abs(float(new) - float(old)) > band
     return bool(old != new)
@@ -212,12 +214,11 @@ class Thinner:
     def flush(self, reason: str = "before_change") -> list[EntrySpec]:
         """Every held reading (oldest first), to be appended now: before a tracker event,
         and at a clean stop (``reason`` "stop")."""
-        held = [(s.held_mono_ns, s) for s in self._streams.values() if s.held is not None]
+        held = [(s.held_mono_ns, s, s.held) for s in self._streams.values() if s.held is not None]
         out: list[EntrySpec] = []
-        for _, stream in sorted(held, key=lambda x: x[0]):
-            assert stream.held is not None
-            out.append(self._mark(stream, stream.held, reason))
-            stream.last, stream.last_mono_ns = dict(out[-1][1]), stream.held_mono_ns
+        for mono_ns, stream, entry in sorted(held, key=lambda x: x[0]):
+            out.append(self._mark(stream, entry, reason))
+            stream.last, stream.last_mono_ns = dict(out[-1][1]), mono_ns
             stream.held = None
         self.recorded += len(out)
         return out
@@ -253,3 +254,20 @@ class Thinner:
         n = stream.unrecorded - (1 if held else 0)
         stream.unrecorded = 0
         return kind, {**data, "kept": reason, "unrecorded": n}, did
+
+
+def policy_of(log: Any) -> SamplePolicy:
+    """The policy of a config's ``[log]`` table (daemon/config/model.py ``LogConfig``)."""
+    b = log.sample_deadband
+    return SamplePolicy(
+        idle_interval_s=log.idle_sample_interval_s,
+        window_s=log.sample_window_s,
+        deadbands=Deadbands(
+            kv=b.kv,
+            ua=b.ua,
+            dose_rate_gy_min=b.dose_rate_gy_min,
+            displacement_mm=b.displacement_mm,
+            tilt_deg=b.tilt_deg,
+            extra=b.extra,
+        ),
+    )

@@ -5,7 +5,7 @@ seconds), and bounded.
 
 The figures are printed (``-s``) and quoted in docs/operations.md ("How much the audit log
 grows"); the bounds leave room for a few more fields, not for a return to logging every
-idle poll (about 54 KB a minute per device).
+idle poll (about 530 KB a minute per device).
 """
 
 from __future__ import annotations
@@ -83,10 +83,15 @@ class Room:
             if i % 50 == 0:
                 await asyncio.sleep(0)
 
+    probes: int = 0  # bytes of the entries :meth:`size` added to find out
+
     async def size(self) -> int:
-        """Bytes of entries on disk so far (every segment), once all is committed."""
+        """Bytes of entries on disk so far (every segment), once all is committed, less
+        the entries this method appended to wait for that."""
         await self.audit.append("probe", {}, durable=True).committed
-        return sum(p.stat().st_size for p in segment_paths(self.directory))
+        paths = segment_paths(self.directory)
+        self.probes += len(paths[-1].read_bytes().splitlines(keepends=True)[-1])
+        return sum(p.stat().st_size for p in paths) - self.probes
 
     def phase(self) -> str:
         return str(self.service.tracker.phase)
@@ -158,18 +163,18 @@ async def test_idle_minutes_and_a_delivery_stay_within_their_bounds(tmp_path: Pa
         await r.poll(2 * MINUTE)  # the post-delivery window (60 s by default) and more
         idle = [await idle_minute(r) for _ in range(3)]
     per_min = per_delivery / beam_min
-    print(
+    print(  # noqa: T201 - the figures docs/operations.md quotes (run with -s)
         f"\nwith a reader: 4 Gy delivery {per_delivery} B over {beam_min:.2f} min of beam "
         f"({per_min:.0f} B/min; x23 min = {per_min * 23:.0f} B), idle minutes {idle} B"
     )
     # Full rate during the delivery: 600 polls a minute of two devices, ~1 KB each.
     assert 600_000 < per_min < 1_800_000, per_min
     # At most one heartbeat of each device per minute, and the checkpoints' entries.
-    assert max(idle) <= 6_000, f"idle minute with a reader: {idle} B (bound 6 000 B)"
+    assert max(idle) <= 4_000, f"idle minute with a reader: {idle} B (bound 4 000 B)"
     log = entries(tmp_path / "log")
     kept = [e for e in log if e["type"] in ("sample", "applicator_sample") and "kept" in e["data"]]
     assert kept, "no sample of the idle stretch says why it was kept"
-    assert all(e["delivery_id"] is None for e in kept), "a thinned sample named a delivery"
+    assert all(e.get("delivery_id") is None for e in kept), "a thinned sample named a delivery"
 
 
 async def test_an_idle_room_without_a_reader(tmp_path: Path) -> None:
@@ -177,5 +182,5 @@ async def test_an_idle_room_without_a_reader(tmp_path: Path) -> None:
         await delivered(r)
         await r.poll(2 * MINUTE)
         idle = [await idle_minute(r) for _ in range(2)]
-    print(f"\nsource only: idle minutes {idle} B")
-    assert max(idle) <= 3_000, f"idle minute, source only: {idle} B (bound 3 000 B)"
+    print(f"\nsource only: idle minutes {idle} B")  # noqa: T201 - as above
+    assert max(idle) <= 2_000, f"idle minute, source only: {idle} B (bound 2 000 B)"
