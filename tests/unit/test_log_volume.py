@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from test_audit_seal import crash
 from test_config import ROOT
 
+from iortd.auditlog.note import Signer, generate_keypair
+from iortd.auditlog.verify import verify_log
 from iortd.auditlog.writer import AuditLog, segment_paths
 from iortd.daemon.config import LoadedConfig, load_config
 from iortd.daemon.service import Service
@@ -69,6 +72,8 @@ class Room:
     clock: StepClock
     drivers: list[tuple[Any, Any]]  # (device config, driver)
     directory: Path
+    writer: asyncio.Task[None]
+    crashed: bool = False
 
     async def poll(self, n: int) -> None:
         """``n`` polls of every device, 100 ms of the clock apart; the writer commits as
@@ -96,16 +101,28 @@ class Room:
     def phase(self) -> str:
         return str(self.service.tracker.phase)
 
+    async def kill(self) -> None:
+        """As a SIGKILL: nothing pending is written, nothing is closed in order."""
+        await crash(self.audit, self.writer)
+        self.crashed = True
+
 
 @asynccontextmanager
 async def room(
-    tmp: Path, *, reader: bool, preset_gy: float, extra: str = ""
+    tmp: Path,
+    *,
+    reader: bool,
+    preset_gy: float,
+    extra: str = "",
+    signer: Signer | None = None,
 ) -> AsyncIterator[Room]:
     registry = DriverRegistry.from_entry_points()
     path = site(tmp, reader=reader, preset_gy=preset_gy, extra=extra)
     loaded: LoadedConfig = load_config(path, registry)
     clock = StepClock()
-    audit, report = await AuditLog.open(loaded.config.log.directory, origin="test/or-1/volume")
+    audit, report = await AuditLog.open(
+        loaded.config.log.directory, origin="test/or-1/volume", signer=signer
+    )
     writer = asyncio.create_task(audit.run())
     service = Service(loaded, clock, [], audit, report)
     service.record_start()
@@ -119,12 +136,14 @@ async def room(
             await drv.__aenter__()
             service.identified(dev.name, await drv.identify())
             drivers.append((dev, drv))
-        yield Room(service, audit, clock, drivers, loaded.config.log.directory)
+        r = Room(service, audit, clock, drivers, loaded.config.log.directory, writer)
+        yield r
     finally:
         for _, drv in drivers:
             await drv.__aexit__(None, None, None)
-        await asyncio.wait_for(audit.close(), 10)
-        await asyncio.wait_for(writer, 10)
+        if not r.crashed:
+            await asyncio.wait_for(audit.close(), 10)
+            await asyncio.wait_for(writer, 10)
 
 
 async def delivered(r: Room) -> tuple[int, float]:
@@ -184,3 +203,71 @@ async def test_an_idle_room_without_a_reader(tmp_path: Path) -> None:
         idle = [await idle_minute(r) for _ in range(2)]
     print(f"\nsource only: idle minutes {idle} B")  # noqa: T201 - as above
     assert max(idle) <= 2_000, f"idle minute, source only: {idle} B (bound 2 000 B)"
+
+
+# ---- what the record says around a thinned stretch --------------------------------------
+
+QUICK = "sample_window_s = 0"  # thinned from the reading after the end
+
+
+async def test_the_reading_before_a_gap_and_before_a_stop_is_recorded(tmp_path: Path) -> None:
+    """The last reading of an idle stretch, held back, is written before the monitoring
+    gap the lost link starts (the record shows when the console was last heard), and
+    the last one before a clean stop; the values in force are in ``config_loaded``."""
+    async with room(tmp_path, reader=False, preset_gy=1.0, extra=QUICK) as r:
+        await delivered(r)
+        await r.poll(50)
+        last_polled = r.clock.ns
+        [(dev, _)] = r.drivers
+        r.service.link_lost(dev, "test: cable pulled")
+        await r.poll(30)  # heard again: the gap ends (an event: recorded)
+        await r.poll(20)
+        await r.service.record_stop(5)
+    log = entries(tmp_path / "log")
+    kinds = [e["type"] for e in log]
+    gap = kinds.index("monitoring_gap_started")
+    before = log[gap - 1]
+    assert before["type"] == "sample", kinds[gap - 3 : gap + 1]
+    assert before["data"]["kept"] == "before_change"
+    assert before["data"]["device_mono_ns"] == last_polled
+    prev = [e for e in log[: gap - 1] if e["type"] == "sample"][-1]["data"]["device_mono_ns"]
+    # Every poll in between is counted: taken, not recorded, within the deadbands.
+    assert before["data"]["unrecorded"] == (last_polled - prev) // POLL_NS - 1 > 0
+    end = kinds.index("monitoring_gap_ended")
+    heard = next(e for e in log[end:] if e["type"] == "sample")
+    assert heard["data"]["kept"] == "event", heard
+    stop = kinds.index("daemon_stop")
+    assert log[stop - 1]["data"]["kept"] == "stop"
+    assert log[stop - 1]["data"]["device_mono_ns"] == r.clock.ns
+    [cfg] = [e for e in log if e["type"] == "config_loaded"]
+    in_force = cfg["data"]["config"]["log"]
+    assert in_force["idle_sample_interval_s"] == 60.0
+    assert in_force["sample_window_s"] == 0.0
+    assert in_force["sample_deadband"]["kv"] == 0.5
+
+
+async def test_a_restart_after_a_kill_while_idle_finds_no_gap_and_no_open_delivery(
+    tmp_path: Path,
+) -> None:
+    """SIGKILL 40 s into a thinned stretch (no sample for 39 s), then a restart: the log
+    verifies, the delivery before stays NORMAL, and the start records the crash and
+    nothing else (no monitoring gap, no delivery closed UNKNOWN)."""
+    signer = generate_keypair("or-1")
+    async with room(tmp_path, reader=False, preset_gy=1.0, extra=QUICK, signer=signer) as r:
+        await delivered(r)
+        await r.poll(400)
+        await r.audit.append("probe", {}, durable=True).committed
+        await r.kill()
+    before = len(entries(tmp_path / "log"))
+    async with room(tmp_path, reader=False, preset_gy=1.0, extra=QUICK, signer=signer) as r:
+        assert r.service.tracker.phase == "IDLE"
+        await r.poll(10)
+    after = entries(tmp_path / "log")[before:]
+    kinds = [e["type"] for e in after]
+    assert kinds[0] == "recovery", kinds[:3]
+    assert after[0]["data"]["previous_stop"] == "crash"
+    assert not {"monitoring_gap", "monitoring_gap_started", "delivery_terminated"} & set(kinds)
+    assert "open_delivery" in after[1]["data"]
+    assert after[1]["data"]["open_delivery"] is None
+    rep = verify_log([tmp_path / "log"], pubkey=None)
+    assert rep.intact, rep.problem
