@@ -203,7 +203,9 @@ class Thinner:
         if stream.held is not None and reason != "heartbeat":
             out.append(self._mark(stream, stream.held, "before_change"))
         if reason == "full_rate":
-            out.append(self._full(stream, entry))
+            # Anything held went first (above): the count starts again.
+            stream.unrecorded = 0
+            out.append(entry)
         else:
             out.append(self._mark(stream, entry, reason))
         stream.held = None
@@ -239,13 +241,6 @@ class Thinner:
         if mono_ns - stream.last_mono_ns >= round(self.policy.idle_interval_s * 1e9):
             return "heartbeat"
         return None
-
-    def _full(self, stream: _Stream, entry: EntrySpec) -> EntrySpec:
-        kind, data, did = entry
-        if stream.unrecorded:  # the first after a thinned stretch says how long it was
-            data = {**data, "unrecorded": stream.unrecorded}
-        stream.unrecorded = 0
-        return kind, data, did
 
     def _mark(self, stream: _Stream, entry: EntrySpec, reason: str) -> EntrySpec:
         kind, data, did = entry
