@@ -174,16 +174,16 @@ async def idle_minute(r: Room) -> int:
 
 
 async def test_idle_minutes_and_a_delivery_stay_within_their_bounds(tmp_path: Path) -> None:
-    """One room with its reader: a 4 Gy delivery at the reference rate (SPH30, ~0.87
-    Gy/min: ~4.6 min of beam; a 20 Gy one is five times as long at the same rate per
+    """One room with its reader: a 2 Gy delivery at the reference rate (SPH30, ~0.87
+    Gy/min: ~2.3 min of beam; a 20 Gy one is ten times as long at the same bytes per
     minute), the window after it, then idle minutes at 10 Hz."""
-    async with room(tmp_path, reader=True, preset_gy=4.0) as r:
+    async with room(tmp_path, reader=True, preset_gy=2.0) as r:
         per_delivery, beam_min = await delivered(r)
         await r.poll(2 * MINUTE)  # the post-delivery window (60 s by default) and more
         idle = [await idle_minute(r) for _ in range(3)]
     per_min = per_delivery / beam_min
     print(  # noqa: T201 - the figures docs/operations.md quotes (run with -s)
-        f"\nwith a reader: 4 Gy delivery {per_delivery} B over {beam_min:.2f} min of beam "
+        f"\nwith a reader: 2 Gy delivery {per_delivery} B over {beam_min:.2f} min of beam "
         f"({per_min:.0f} B/min; x23 min = {per_min * 23:.0f} B), idle minutes {idle} B"
     )
     # Full rate during the delivery: 600 polls a minute of two devices, ~1 KB each.
