@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from test_config import ROOT
 
+from iortd.audit.review import format_entry
 from iortd.daemon.config import ConfigError, load_config
 from iortd.daemon.thinning import Deadbands, SamplePolicy, Thinner, policy_of
 from iortd.drivers.registry import DriverRegistry
@@ -263,3 +264,13 @@ def test_zero_is_accepted(tmp_path: Path, registry: DriverRegistry) -> None:
     lines = "idle_sample_interval_s = 0\nsample_window_s = 0"
     log = load_config(_site(tmp_path, lines), registry).config.log
     assert not policy_of(log).thinning
+
+
+def test_show_says_why_an_idle_sample_was_kept() -> None:
+    """``iort-audit show`` prints a thinned sample's reason and the readings it stands
+    for; a full-rate sample reads as before (the golden outputs hold it)."""
+    kind, data, _ = idle(kept="heartbeat", unrecorded=599)
+    line = format_entry({"seq": 7, "ts": "t", "type": kind, "data": data})
+    assert line.endswith("[heartbeat, 599 not recorded]"), line
+    kind, data, _ = idle()
+    assert "not recorded" not in format_entry({"seq": 8, "ts": "t", "type": kind, "data": data})
