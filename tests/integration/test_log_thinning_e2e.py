@@ -18,6 +18,8 @@ import orjson
 import pytest
 from daemonproc import Daemon, Site
 
+from iortd.audit.review import load_entries
+from iortd.audit.sampling import policy_findings
 from iortd.auditlog.note import load_verifier
 from iortd.auditlog.verify import collect_files, unvouched_deliveries, verify_log
 
@@ -108,3 +110,5 @@ async def test_a_kill_in_an_idle_stretch_restarts_with_no_gap_and_verifies(
     assert rep.intact, rep.problem
     touched = unvouched_deliveries(collect_files([site.log_dir]), rep.unvouched)
     assert did not in touched, touched
+    # verify's check of the samples against their policy finds nothing to question.
+    assert policy_findings(load_entries(rep.files)) == []

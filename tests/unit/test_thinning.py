@@ -5,13 +5,19 @@ that set it, checked at load with errors naming the key."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_config import ROOT
 
+from iortd.audit.cli import main as audit_main
 from iortd.audit.review import format_entry
+from iortd.audit.sampling import policy_findings
+from iortd.auditlog.writer import AuditLog
 from iortd.daemon.config import ConfigError, load_config
 from iortd.daemon.thinning import Deadbands, SamplePolicy, Thinner, policy_of
 from iortd.drivers.registry import DriverRegistry
@@ -274,3 +280,63 @@ def test_show_says_why_an_idle_sample_was_kept() -> None:
     assert line.endswith("[heartbeat, 599 not recorded]"), line
     kind, data, _ = idle()
     assert "not recorded" not in format_entry({"seq": 8, "ts": "t", "type": kind, "data": data})
+
+
+# ---- verify's check of the samples against the policy ----------------------------------
+
+
+def _run_log(samples: list[tuple[str, float, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """A run's entries: daemon_start (speed 1), config_loaded (60 s heartbeat, 0.1 s poll,
+    5 stale polls), then ``(type, seconds, data)`` entries; samples of source-1."""
+    config = {
+        "log": {"idle_sample_interval_s": 60.0},
+        "tolerances": {"stale_after_polls": 5},
+        "devices": [{"name": "source-1", "poll_interval_s": 0.1}],
+    }
+    out: list[dict[str, Any]] = [
+        {"seq": 0, "type": "daemon_start", "data": {"clock_speed": 1.0}},
+        {"seq": 1, "type": "config_loaded", "data": {"config": config}},
+    ]
+    for i, (kind, t, data) in enumerate(samples, start=2):
+        out.append(
+            {
+                "seq": i,
+                "type": kind,
+                "data": {"device": "source-1", "device_mono_ns": round(t * S), **data},
+            }
+        )
+    return out
+
+
+def test_verify_finds_a_silence_the_policy_does_not_explain() -> None:
+    ok = _run_log([("sample", 0, {}), ("sample", 60.1, {"kept": "heartbeat"})])
+    assert policy_findings(ok) == []
+    # 60 s + (5 stale + 2) polls of 0.1 s = 60.7 s allowed.
+    silent = _run_log([("sample", 0, {}), ("sample", 90, {"kept": "heartbeat"})])
+    [finding] = policy_findings(silent)
+    assert "seq 2..3: no sample of source-1 for 90.0 s and no gap recorded" in finding
+    gap = _run_log([("sample", 0, {}), ("monitoring_gap_started", 1, {}), ("sample", 90, {})])
+    assert policy_findings(gap) == [], "a recorded gap explains the silence"
+    named = _run_log([("sample", 0, {"kept": "change"})])
+    named[-1]["delivery_id"] = "or-1-x"
+    [finding] = policy_findings(named)
+    assert "names delivery or-1-x" in finding
+    # A log from before the policy (no idle_sample_interval_s in its config): not checked.
+    old = _run_log([("sample", 0, {}), ("sample", 900, {})])
+    del old[1]["data"]["config"]["log"]["idle_sample_interval_s"]
+    assert policy_findings(old) == []
+
+
+async def test_verify_prints_the_findings_as_warnings_and_exits_0(tmp_path: Path) -> None:
+    log, _ = await AuditLog.open(tmp_path, origin="test/or-1/policy")
+    writer = asyncio.create_task(log.run())
+    for e in _run_log([("sample", 0, {}), ("sample", 300, {"kept": "heartbeat"})]):
+        log.append(e["type"], e["data"])
+    await asyncio.wait_for(log.close(), 10)
+    await asyncio.wait_for(writer, 10)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = await asyncio.to_thread(audit_main, ["verify", str(tmp_path)])
+    assert code == 0, out.getvalue() + err.getvalue()
+    assert "INTACT" in out.getvalue()
+    assert "warning: samples: seq 3..4: no sample of source-1 for 300.0 s" in err.getvalue()
