@@ -174,6 +174,7 @@ class AuditLog:
         self._cp_note: str | None = None  # a checkpoint note still to write to its file
         self._cp_file_lock = threading.Lock()
         self.failing_since: float | None = None
+        self.on_commit: Callable[[int, int, float], None] = lambda n, size, t0: None  # metrics
 
     # ---- opening and recovery --------------------------------------------------------
 
@@ -423,6 +424,7 @@ class AuditLog:
                 batch, self._pending = self._pending, []
                 self._batch_future = None  # later appends belong to the next commit
                 self._urgent = False
+                t0 = time.monotonic()  # an observer (on_commit) gets entries, bytes and t0
                 try:
                     await asyncio.to_thread(self._write_batch, batch)
                 except _PartialWrite as failed:
@@ -444,6 +446,7 @@ class AuditLog:
                 self.committed_seq = batch[-1].seq
                 self._committed_hash = batch[-1].hash
                 self._seal_due = True
+                self.on_commit(len(batch), sum(len(p.line) for p in batch), t0)
                 for fut in {id(p.future): p.future for p in batch}.values():
                     if not fut.done():
                         fut.set_result(None)

@@ -85,6 +85,8 @@ room = "{room}"
 [log]
 directory = "{log_dir}"
 signing_key_file = "{key}"
+[health]
+listen = ""
 [mqtt]
 enabled = true
 url = "{url}"

@@ -12,19 +12,26 @@ fails half-way, a crash of any task):
    each behind its own bounded queue, closed all at once, each within
    ``SHUTDOWN_TIMEOUT_S``;
 
-then builds the :class:`~iortd.daemon.service.Service` (tracker, record, dispatcher) and
-runs everything in **one** ``asyncio.TaskGroup``: the audit writer, each sink's own work,
-the dispatcher and the notices, then one :class:`~iortd.daemon.device_loop.DeviceLoop` per
-configured device, the stale-data watchdog and the checkpoint task. Devices that name one
-serial port share one line (an RS-485 bus): :func:`_shared_lines` builds one
-:class:`~iortd.drivers.transport.shared.SharedLine` per such port, owning its one
-transport, and each device's driver gets a view of it in its context (turns round-robin).
+then builds the :class:`~iortd.daemon.service.Service` (tracker, record, dispatcher), the
+daemon's :class:`~iortd.daemon.health.Health` and metrics registry (daemon/metrics.py; its
+counting sink is one of the caller's own) and binds the health endpoint
+(daemon/health_http.py, ``[health] listen``), and runs everything in **one**
+``asyncio.TaskGroup``: the audit writer, each sink's own work, the dispatcher and the
+notices, the health endpoint, then one :class:`~iortd.daemon.device_loop.DeviceLoop` per
+configured device, the stale-data watchdog, the checkpoint task and the systemd supervisor
+(``READY=1`` once the loops are started and the run's start is on disk, ``STATUS=``,
+``WATCHDOG=1``: daemon/health.py); ``STOPPING=1`` when the stop comes
+(kernel/sdnotify.py). Devices that name one serial port share one line (an RS-485 bus):
+:func:`_shared_lines` builds one :class:`~iortd.drivers.transport.shared.SharedLine` per
+such port, owning its one transport, and each device's driver gets a view of it in its
+context (turns round-robin).
 
 A signal (or the end of ``--duration``, or the end of the delivery under
-``stop_after_delivery``) only sets ``stop``. Shutdown is ordered and bounded: the device
-loops, the watchdog and the checkpoint task end; ``daemon_stop`` and a final checkpoint are
-written (bounded); the dispatcher drains (bounded); the notices stop; the sinks close
-(each bounded); the audit log closes last. The whole shutdown is bounded by twice
+``stop_after_delivery``) only sets ``stop``. Shutdown is ordered and bounded: ``STOPPING=1``
+and ``/readyz`` says so; the device loops, the watchdog, the checkpoint task and the
+supervisor end; ``daemon_stop`` and a final checkpoint are written (bounded); the
+dispatcher drains (bounded); the notices stop; the health endpoint stops (bounded); the
+sinks close (each bounded); the audit log closes last. The whole shutdown is bounded by twice
 ``SHUTDOWN_TIMEOUT_S`` from the stop: what has not finished then is cancelled, with a
 reason, and the exit stack still closes the log (which spills what it cannot write).
 
@@ -40,9 +47,9 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -59,6 +66,9 @@ from iortd.auditlog.writer import (
 )
 from iortd.daemon.config import Config, ConfigError, DeviceConfig, LoadedConfig, load_config
 from iortd.daemon.device_loop import DeviceLoop
+from iortd.daemon.health import Health, supervise
+from iortd.daemon.metrics import MetricsSink, build_registry
+from iortd.daemon.progress import DeviceProgress
 from iortd.daemon.service import RunResult, Service
 from iortd.daemon.sink_queue import QueuedSink, SinkLike, queued
 from iortd.daemon.sink_registry import SinkRegistry, open_sinks
@@ -70,6 +80,10 @@ from iortd.drivers.transport import transport_from_config
 from iortd.drivers.transport.config import serial_line
 from iortd.drivers.transport.shared import SharedLine
 from iortd.kernel.clock import Clock, ScaledClock, SystemClock
+from iortd.kernel.sdnotify import Notifier
+
+if TYPE_CHECKING:
+    from iortd.daemon.health_http import HealthServer
 
 __all__ = [
     "EXIT_BAD",
@@ -92,6 +106,7 @@ EXIT_OK = 0
 EXIT_BAD = 1
 EXIT_USAGE = 2
 SHUTDOWN_TIMEOUT_S = 5.0
+HEALTH_STOP_S = 2.0
 
 
 class StartError(Exception):
@@ -110,6 +125,7 @@ class App:
     ``sinks`` are the caller's own (the demo's console view), told after the operational
     log and before the MQTT sink. ``signer`` signs the log's checkpoints (None: none are
     signed). ``broker_url`` replaces the config's (the demo's private broker).
+    ``notifier`` talks to systemd (by default from ``$NOTIFY_SOCKET``: none, nothing sent).
     """
 
     def __init__(
@@ -123,6 +139,7 @@ class App:
         accept_rollback: bool = False,
         broker_url: str | None = None,
         stop_after_delivery: bool = False,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = loaded.config
         self.loaded = loaded
@@ -134,6 +151,8 @@ class App:
         self._broker_url = broker_url
         self._stop_after_delivery = stop_after_delivery
         self._service: Service | None = None
+        self._notifier = notifier or Notifier.from_env()
+        self.health: Health | None = None
 
     @property
     def tracker(self) -> DeliveryTracker:
@@ -152,10 +171,11 @@ class App:
             if stop.is_set():
                 return RunResult()
             sinks_stack = await stack.enter_async_context(contextlib.AsyncExitStack())
+            counting = MetricsSink()
             sinks = await _open_sinks(
                 c,
                 sinks_stack,
-                self._sinks,
+                [*self._sinks, counting],
                 registry=self._registry,
                 origin=audit.origin,
                 signer=self._signer,
@@ -177,7 +197,20 @@ class App:
                 room=c.site.room,
                 speed=self._clock.speed,
             )
-            main = self._main(service, audit, sinks, sinks_stack, stop)
+            progress = {d.name: DeviceProgress(d.name) for d in c.devices}
+            health = self.health = Health(c, audit, service.tracker, list(progress.values()))
+            registry = build_registry(health, counting, sinks)
+            server = None
+            if c.health.address is not None:
+                # Imported only when served: uvicorn and Starlette cost ~0.1 s at start.
+                from iortd.daemon.health_http import HealthServer  # noqa: PLC0415
+
+                server = HealthServer.bind(
+                    health, registry, c.health.address, c.health.allowed_hosts
+                )
+                stack.callback(server.close)
+            stack.callback(self._notifier.close)
+            main = self._main(service, audit, sinks, sinks_stack, stop, progress, server)
             return await _until_stopped(main, stop, duration_s)
 
     async def _open_log(self) -> tuple[AuditLog, RecoveryReport]:
@@ -204,50 +237,76 @@ class App:
         sinks: Sequence[QueuedSink],
         sinks_stack: contextlib.AsyncExitStack,
         stop: asyncio.Event,
+        progress: dict[str, DeviceProgress],
+        server: HealthServer | None,
     ) -> RunResult:
         c = self.config
+        health, notifier = self.health, self._notifier
+        if health is None:
+            raise RuntimeError("run() builds the health model before _main()")
         async with asyncio.TaskGroup() as tg:
             tg.create_task(audit.run(), name="audit-writer")
             for sink in sinks:
                 tg.create_task(sink.run(), name=f"sink:{sink.name}")
             dispatcher = tg.create_task(service.dispatch(), name="dispatcher")
             notices = tg.create_task(service.notify(), name="notices")
+            web = None if server is None else tg.create_task(server.serve(), name="health")
             service.record_start()
-            lines = _shared_lines(c.devices)
+            lines = _shared_lines(c.devices, self._clock.monotonic_ns)
             until_stop = [
                 tg.create_task(
-                    self._device_loop(dev, service, lines).run(stop), name=f"device:{dev.name}"
+                    self._device_loop(dev, service, lines, progress[dev.name]).run(stop),
+                    name=f"device:{dev.name}",
                 )
                 for dev in c.devices
             ]
             until_stop.append(tg.create_task(service.watchdog(stop), name="watchdog"))
             until_stop.append(tg.create_task(service.checkpoints(stop), name="checkpoints"))
+            until_stop.append(tg.create_task(supervise(notifier, health, stop), name="systemd"))
+            health.mark_started()  # the supervisor sends READY=1 once the start is on disk
             await stop.wait()
+            health.stopping = True
+            notifier.stopping("stopping: recording the stop and closing the audit log")
             service.wake_checkpoints()  # the checkpoint task sees the stop
             await asyncio.wait(until_stop)
             await service.record_stop(SHUTDOWN_TIMEOUT_S)
             await service.drain(dispatcher, SHUTDOWN_TIMEOUT_S)
             notices.cancel(msg="shutdown")
+            if server is not None and web is not None:
+                await server.stop(web, HEALTH_STOP_S)
             await sinks_stack.aclose()  # each within its bound, in reverse order
             await audit.close()  # last of all: everything pending is written and fsync'd
         log.info("daemon_stopped", deliveries=len(service.result.terminated))
         return service.result
 
     def _device_loop(
-        self, dev: DeviceConfig, service: Service, lines: dict[str, SharedLine]
+        self,
+        dev: DeviceConfig,
+        service: Service,
+        lines: dict[str, SharedLine],
+        progress: DeviceProgress,
     ) -> DeviceLoop:
         line = lines.get(dev.name)
+        # On a shared line each exchange may first wait for one exchange of every other
+        # device on it: the loop's safety bound grows by their timeouts. The same round,
+        # plus the settling after another's timeout (up to two line timeouts), bounds each
+        # wait the device's staleness pauses by (daemon/service.py).
+        others = [
+            d.timeout_s for d in self.config.devices if d is not dev and lines.get(d.name) is line
+        ]
+        view = None
+        if line is not None:
+            line_timeout = max([dev.timeout_s, *others])
+            cap_s = (sum(others) + 2 * line_timeout) * self._clock.speed
+            view = line.view(dev.name, wait_cap_ns=round(cap_s * 1e9))
+            if dev.role == "source":
+                service.source_shares_a_line(view.waited_ns)
         context = DriverContext(
             clock=self._clock,
             seed=self.config.simulation.seed,
             heard=service.heard(dev),
-            shared_line=line.view(dev.name) if line else None,
+            shared_line=view,
         )
-        # On a shared line each exchange may first wait for one exchange of every other
-        # device on it: the loop's safety bound grows by their timeouts.
-        others = [
-            d.timeout_s for d in self.config.devices if d is not dev and lines.get(d.name) is line
-        ]
         return DeviceLoop(
             dev,
             self._registry.get(dev.driver),
@@ -255,10 +314,13 @@ class App:
             service,
             bad_reads_limit=self.config.tolerances.stale_after_polls,
             line_wait_s=sum(others) if line else 0.0,
+            progress=progress,
         )
 
 
-def _shared_lines(devices: Sequence[DeviceConfig]) -> dict[str, SharedLine]:
+def _shared_lines(
+    devices: Sequence[DeviceConfig], now_ns: Callable[[], int]
+) -> dict[str, SharedLine]:
     """One :class:`SharedLine` per serial port that several devices name (the config
     check allowed it: Modbus RTU, distinct units, the same settings), by device name. The
     line's transport is bounded by the longest of its devices' timeouts; each exchange
@@ -273,7 +335,9 @@ def _shared_lines(devices: Sequence[DeviceConfig]) -> dict[str, SharedLine]:
         if len(members) < 2:
             continue
         timeout_s = max(d.timeout_s for d in members)
-        shared = SharedLine(transport_from_config(members[0].transport, timeout_s=timeout_s))
+        shared = SharedLine(
+            transport_from_config(members[0].transport, timeout_s=timeout_s), now_ns=now_ns
+        )
         lines.update((d.name, shared) for d in members)
     return lines
 

@@ -83,6 +83,9 @@ def run_demo(args: argparse.Namespace) -> int:
     # A directory given on the command line is relative to where the user is, not to the
     # config file (which is where relative paths inside the file are taken from).
     overrides["log"] = {"directory": str(log_dir.expanduser().resolve())}
+    # Like its broker and dashboard, the demo keeps to itself: no health endpoint on the
+    # port a real `iortd run` on this host would use (docs/operations.md).
+    overrides["health"] = {"listen": ""}
     if args.broker is not None:
         overrides["mqtt"] = {"url": args.broker, "enabled": True}
     loaded = load_or_report(args.config or default_demo_config(), overrides)

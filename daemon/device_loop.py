@@ -20,6 +20,11 @@ The cycle, for ever until ``stop``:
    connection, not by the connection itself: a device that connects and identifies but
    fails every read backs off like one that cannot connect.
 
+Before every await that may take a while, the loop tells its
+:class:`~iortd.daemon.progress.DeviceProgress` by when it will be back (the call's bound,
+the wait's length), and counts polls and errors there: the watchdog, the health endpoint
+and the metrics read it (daemon/health.py). An offline device's loop still iterates.
+
 Every driver call is bounded by ``DRIVER_CALL_TIMEOUTS`` times the device's ``timeout_s``:
 a safety net for a driver that does not keep its own bound (a driver bounds each exchange
 by ``timeout_s`` and one call may make a few). A device on a shared serial line may wait
@@ -40,6 +45,7 @@ from typing import Protocol
 import structlog
 
 from iortd.daemon.config import DeviceConfig
+from iortd.daemon.progress import DeviceProgress
 from iortd.drivers.errors import DeviceFault, DriverError, ProtocolViolation
 from iortd.drivers.interface import (
     ApplicatorDriver,
@@ -96,6 +102,7 @@ class DeviceLoop:
         *,
         bad_reads_limit: int,
         line_wait_s: float = 0.0,
+        progress: DeviceProgress | None = None,
     ) -> None:
         self.device = device
         self._factory = factory
@@ -104,12 +111,20 @@ class DeviceLoop:
         self._bad_reads_limit = bad_reads_limit
         self.backoff = Backoff(BACKOFF_INITIAL_S, BACKOFF_MAX_S)
         self._bound = (device.timeout_s + line_wait_s) * DRIVER_CALL_TIMEOUTS
+        self.progress = progress or DeviceProgress(device.name)
 
     async def run(self, stop: asyncio.Event) -> None:
+        try:
+            await self._run(stop)
+        finally:
+            self.progress.ended()
+
+    async def _run(self, stop: asyncio.Event) -> None:
         dev = self.device
         while not stop.is_set():
             driver = self._build()
             try:
+                self.progress.expect(self._bound)
                 async with asyncio.timeout(self._bound):
                     await driver.__aenter__()
             except (DriverError, TimeoutError, OSError) as exc:
@@ -117,9 +132,11 @@ class DeviceLoop:
                 await self._back_off(stop)
                 continue
             try:
+                self.progress.expect(self._bound)
                 async with asyncio.timeout(self._bound):
                     identity = await driver.identify()
                 self._hub.identified(dev.name, identity)
+                self.progress.connected = True
                 log.info("device_connected", device=dev.name, driver=dev.driver)
                 await self._poll(driver, stop)
             except (DriverError, TimeoutError, OSError) as exc:
@@ -127,6 +144,7 @@ class DeviceLoop:
                 await self._back_off(stop)
             finally:
                 with contextlib.suppress(DriverError, TimeoutError, OSError):
+                    self.progress.expect(self._bound)
                     async with asyncio.timeout(self._bound):
                         await driver.__aexit__(None, None, None)
 
@@ -163,6 +181,7 @@ class DeviceLoop:
         bad = 0
         while not stop.is_set():
             try:
+                self.progress.expect(self._bound)
                 async with asyncio.timeout(self._bound):
                     reading = await self._read(driver)
             except (ProtocolViolation, DeviceFault) as exc:
@@ -172,11 +191,13 @@ class DeviceLoop:
                 kind = (
                     "protocol_violation" if isinstance(exc, ProtocolViolation) else "device_fault"
                 )
+                self.progress.polled(kind)
                 log.warning(kind, device=dev.name, error=str(exc), count=bad)
                 if bad >= self._bad_reads_limit:
                     raise
             else:
                 bad = 0
+                self.progress.polled()
                 self.backoff.reset()
                 if self._hub.reading(dev, reading):
                     stop.set()
@@ -186,6 +207,7 @@ class DeviceLoop:
             if delay < 0:  # fell behind (slow device): do not try to catch up in a burst
                 next_at = loop.time()
                 delay = 0
+            self.progress.expect(delay)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await stop.wait()
@@ -193,11 +215,13 @@ class DeviceLoop:
     def _link_lost(self, exc: BaseException) -> None:
         reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         log.error("device_link_lost", device=self.device.name, reason=reason)
+        self.progress.lost()
         self._hub.link_lost(self.device, reason)
 
     async def _back_off(self, stop: asyncio.Event) -> None:
         delay = self.backoff.next_delay()
         log.info("device_reconnect_wait", device=self.device.name, delay_s=round(delay, 3))
+        self.progress.expect(delay)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(delay):
                 await stop.wait()

@@ -143,6 +143,11 @@ class Service:
         self._delivery_ended = False
         self._notices: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
         self._audit_failing = asyncio.Event()
+        # The source on a line shared with other devices: how long it has waited for the
+        # line (a running total, drivers/transport/shared.py), and that total when it was
+        # last heard; its staleness pauses by the difference (its own missed turns count).
+        self._line_waited: Callable[[int], int] | None = None
+        self._waited_at_heard = 0
 
     # ---- the record ------------------------------------------------------------------
 
@@ -359,16 +364,29 @@ class Service:
         period = self.config.source.poll_interval_s
         while not stop.is_set():
             wait = period
-            stale_at = self.tracker.stale_at_ns()
+            stale_at = self.tracker.stale_at_ns(self._line_pause(self._clock.monotonic_ns()))
             if stale_at is not None:
                 ahead_s = (stale_at - self._clock.monotonic_ns()) / 1e9 / self._clock.speed
                 wait = min(period, max(ahead_s, 0.0) + 0.001)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await stop.wait()
-            events = self.tracker.on_tick(self._clock.monotonic_ns(), self._clock.utc())
+            now = self._clock.monotonic_ns()
+            events = self.tracker.on_tick(now, self._clock.utc(), self._line_pause(now))
             if events:
                 self._emit(None, events)
+
+    def source_shares_a_line(self, waited_ns: Callable[[int], int]) -> None:
+        """The source is on a line shared with other devices; ``waited_ns(now)`` is the
+        running total of its waits for the line (``LineView.waited_ns``)."""
+        self._line_waited = waited_ns
+        self._waited_at_heard = waited_ns(self._clock.monotonic_ns())
+
+    def _line_pause(self, now_ns: int) -> int:
+        """How long the source has waited for its shared line since it was last heard."""
+        if self._line_waited is None:
+            return 0
+        return max(0, self._line_waited(now_ns) - self._waited_at_heard)
 
     # ---- what the device loops report (their DeviceHub) ------------------------------
 
@@ -379,7 +397,10 @@ class Service:
     def _source_heard(self, mono_ns: int) -> None:
         """A reply from the source, reported by its driver. A time in the future (a
         plug-in's bug) must not hold the stale alarm off: it counts as now at most."""
-        self.tracker.on_device_heard(min(mono_ns, self._clock.monotonic_ns()))
+        now = self._clock.monotonic_ns()
+        if self._line_waited is not None:
+            self._waited_at_heard = self._line_waited(now)
+        self.tracker.on_device_heard(min(mono_ns, now))
 
     def reading(self, device: DeviceConfig, reading: Reading) -> bool:
         if device.role == "applicator":

@@ -12,6 +12,8 @@ Routes:
   alive; reject counters and diagnostics).
 * ``/api/snapshot`` (``?room=`` / ``?site=``): the same snapshot as JSON, for scripts,
   tests and diagnostics (``diagnostics``: what was rejected, per reason and per room).
+* ``/metrics``: the dashboard's own Prometheus metrics (dashboard/metrics.py): viewers,
+  messages received and rejected per topic kind, rooms, the broker connection.
 * ``/static/...``: scripts, styles and fonts, all from this package. Nothing is loaded from
   any other host; the Content-Security-Policy says so to the browser too.
 
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from prometheus_client import make_asgi_app
 from starlette.applications import Starlette
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
@@ -43,6 +46,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from iortd.dashboard.hub import CLOSED, Hub
+from iortd.dashboard.metrics import build_registry
 
 __all__ = ["DEFAULT_HOSTS", "SECURITY_HEADERS", "STATIC", "build_app", "host_name"]
 
@@ -94,6 +98,17 @@ def host_name(host: str) -> str:
     if host.count(":") > 1:  # a bare IPv6 literal
         return f"[{host}]"
     return host.split(":", 1)[0]
+
+
+class _Asgi:
+    """A plain ASGI app as a Starlette route endpoint (Starlette calls a function as a
+    request handler, any other callable as an ASGI app)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
 
 
 class _Headers:
@@ -186,6 +201,7 @@ def build_app(
             Route("/room/{site}/{room}", page),
             Route("/events", events),
             Route("/api/snapshot", snapshot),
+            Route("/metrics", _Asgi(make_asgi_app(build_registry(hub)))),
             Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
         ],
     )

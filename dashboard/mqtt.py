@@ -231,6 +231,7 @@ def incoming_queue(
         def put_nowait(self, item: aiomqtt.Message) -> None:
             size = _size(item)
             topic = item.topic.value
+            rooms.arrived(topic)
             if size > rooms.max_payload_bytes:
                 exc = Rejected(
                     "payload too large",

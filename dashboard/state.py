@@ -52,6 +52,7 @@ A restart of the dashboard forgets all of it and rebuilds from the retained topi
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,6 +175,10 @@ class Rooms:
         self._gone: list[str] = []  # rooms evicted since the last take_gone()
         # room key (or NO_ROOM / OTHER) -> reason -> count; bounded both ways
         self.rejects: dict[str, dict[str, int]] = {}
+        # Messages by topic kind (topic_kind: a name of the contract, "cmd" or "other"),
+        # for the dashboard's /metrics: every one that arrived, and every one rejected.
+        self.received_by_kind: Counter[str] = Counter()
+        self.rejected_by_kind: Counter[str] = Counter()
 
     @property
     def limits(self) -> Payload:
@@ -208,13 +213,13 @@ class Rooms:
                 "payload too large",
                 f"payload of {len(data)} bytes is too large (limit {self.max_payload_bytes})",
             )
-            self._count(exc, self.room_of(topic))
+            self._count(exc, self.room_of(topic), topic)
             raise exc
         try:
             payload = orjson.loads(data)
         except orjson.JSONDecodeError as err:
             exc = Rejected("not JSON", f"not JSON: {str(err)[:120]}")
-            self._count(exc, self.room_of(topic))
+            self._count(exc, self.room_of(topic), topic)
             raise exc from None
         return self.accept(topic, payload, mono, size=len(data), retained=retained, wall=wall)
 
@@ -234,7 +239,7 @@ class Rooms:
         try:
             return self._accept(topic, payload, mono, size, retained, wall)
         except Rejected as exc:
-            self._count(exc, exc.room or self.room_of(topic))
+            self._count(exc, exc.room or self.room_of(topic), topic)
             raise
 
     def _accept(
@@ -344,10 +349,27 @@ class Rooms:
 
     def refuse(self, topic: str, exc: Rejected) -> None:
         """Count a message refused before it reached `receive` (see dashboard.mqtt)."""
-        self._count(exc, exc.room or self.room_of(topic))
+        self._count(exc, exc.room or self.room_of(topic), topic)
 
-    def _count(self, exc: Rejected, room: str) -> None:
+    def arrived(self, topic: str) -> None:
+        """Count a message as it arrives from the broker (before anything else)."""
+        self.received_by_kind[self.topic_kind(topic)] += 1
+
+    def topic_kind(self, topic: str) -> str:
+        """A topic's name in the contract (``status``, ``telemetry``, ...), ``cmd`` for a
+        command, else ``other``: a bounded label, whatever a publisher sends."""
+        head = f"{self.prefix}/v1/"
+        parts = topic[len(head) :].split("/", 2) if topic.startswith(head) else []
+        if len(parts) != 3:
+            return "other"
+        name = parts[2]
+        if name.startswith(NOT_SHOWN_PREFIX):
+            return "cmd"
+        return name if name in NAMES or name in NOT_SHOWN else "other"
+
+    def _count(self, exc: Rejected, room: str, topic: str) -> None:
         self.rejected += 1
+        self.rejected_by_kind[self.topic_kind(topic)] += 1
         if room not in self.rejects and len(self.rejects) >= REJECT_ROOMS:
             room = OTHER
         counts = self.rejects.setdefault(room, {})

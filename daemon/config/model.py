@@ -9,6 +9,7 @@ Loading and the checks that need more than one field are :mod:`iortd.daemon.conf
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -158,6 +159,52 @@ class MqttConfig(_Model):
         return self
 
 
+DEFAULT_HEALTH_LISTEN = "127.0.0.1:9108"
+
+
+def parse_listen(value: str) -> tuple[str, int] | None:
+    """``host:port`` (an IP address; IPv6 in brackets: ``[::1]:9108``) as (host, port);
+    None for ``""`` (off). Raises ValueError saying what is expected."""
+    if value == "":
+        return None
+    host, sep, port_text = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"{value!r}: write an IPv6 address in brackets, e.g. '[::1]:9108'")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"{value!r}: expected IP:PORT with an IP address (e.g. '127.0.0.1:9108'), or "
+            "'' to turn the endpoint off"
+        ) from None
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"{value!r}: expected a port number 0-65535 after the ':'")
+    return host, int(port_text)
+
+
+class HealthConfig(_Model):
+    """The health, readiness and metrics endpoint (daemon/health_http.py)."""
+
+    listen: str = DEFAULT_HEALTH_LISTEN
+    # Host names a request may carry besides the listen address and the loopback names
+    # (what a Prometheus server on another host calls this one).
+    allowed_hosts: tuple[Annotated[str, Field(min_length=1, max_length=253)], ...] = Field(
+        default=(), strict=False, max_length=32
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        return parse_listen(self.listen)
+
+
 class PlanConfig(_Model):
     """Plan defaults; a console that reports its own preset overrides prescribed_dose_gy."""
 
@@ -253,6 +300,7 @@ class Config(_Model):
     site: SiteConfig
     log: LogConfig
     mqtt: MqttConfig = MqttConfig()
+    health: HealthConfig = HealthConfig()
     plan: PlanConfig = PlanConfig()
     tolerances: Tolerances = Tolerances()
     simulation: SimulationConfig = SimulationConfig()
@@ -290,7 +338,20 @@ def tracker_settings(config: Config, clock_speed: float) -> TrackerSettings:
         delivery_id_prefix=f"{config.site.room}",
         applicator_displacement_mm=t.applicator_displacement_mm,
         applicator_tilt_deg=t.applicator_tilt_deg,
+        applicator_first_reading_s=_first_reading_grace_s(config, clock_speed),
     )
+
+
+def _first_reading_grace_s(config: Config, clock_speed: float) -> float | None:
+    """How long the applicator reader may take, from the daemon's start, to give its
+    first reading before the monitor's interlock alarms with the beam off: its connect,
+    identify and first read, each within its ``timeout_s``, plus the stale bound in its
+    own poll periods (clock seconds). None without a reader."""
+    readers = [d for d in config.devices if d.role == "applicator"]
+    if not readers:
+        return None
+    polls = config.tolerances.stale_after_polls
+    return max(3 * d.timeout_s + polls * d.poll_interval_s for d in readers) * clock_speed
 
 
 def _thaw(value: Any) -> Any:

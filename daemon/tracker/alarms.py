@@ -257,6 +257,15 @@ def _monitor_interlock(s: Situation, _: Interlock | None) -> Finding | None:
     if v is None:
         return None
     beam = _beam(s)
+    grace = s.settings.applicator_first_reading_s
+    if (
+        not beam
+        and v.reading is None
+        and v.awaiting_first_s is not None
+        and grace is not None
+        and v.awaiting_first_s <= grace
+    ):
+        return None  # the reader's first reading is still due (bounded; never with beam on)
     return Finding(
         v.monitor_interlock is not InterlockState.OK and s.phase in ACTIVE,
         f"monitor's applicator interlock {v.monitor_interlock.value} ({v.device}): {v.cause}"

@@ -111,6 +111,9 @@ class ApplicatorView:
     displacement_from_beam_on_mm: float | None
     peak_displacement_mm: float | None  # the open delivery's, from a lock; never reset
     tilt_deg: float | None
+    # Seconds since the tracker's first input while the reader has given no reading and
+    # lost no link yet (its first reading still due); None once it has.
+    awaiting_first_s: float | None = None
 
 
 def _believable(r: ApplicatorReading) -> bool:
@@ -138,6 +141,9 @@ class ApplicatorWatch:
         self._beam_on_ref: Vec | None = None
         self._ref_lost = False  # a delivery taken over after a restart: no reference here
         self._peak: float | None = None
+        self._first_input: int | None = None  # the tracker's first input (mono ns)
+        self._heard_of = False  # a reading or a lost link came: the start is over
+        self.awaiting_first_s: float | None = None
 
     # ---- inputs -----------------------------------------------------------------------
 
@@ -145,6 +151,7 @@ class ApplicatorWatch:
         """One reading. A reading that cannot be placed (time went backwards) or that
         carries a non-finite measurement makes the readings unknown until the next."""
         self.follow_delivery(delivery_id)
+        self._heard_of = True
         if self.gap is not None:
             gap = replace(self.gap, end_mono_ns=r.mono_ns, end_utc=r.utc)
             out.append(DeviceGapEnded(self.device, delivery_id, gap))
@@ -189,6 +196,7 @@ class ApplicatorWatch:
         self, reason: str, mono: int, utc: datetime, delivery_id: str | None
     ) -> list[TrackerEvent]:
         """The reader's link is lost: its readings unknown, a gap of this device only."""
+        self._heard_of = True
         if self.gap is not None:
             return []
         start_mono = self._last_mono if self._last_mono is not None else mono
@@ -229,6 +237,16 @@ class ApplicatorWatch:
                 self.device, delivery_id, r.applicator, self._magnitude(r), r.tilt_deg, mono, utc
             )
         )
+
+    def note_input(self, mono: int) -> None:
+        """Any input of the tracker: while the reader's first reading is still due, how
+        long it has been due (the start's grace, judged by the rules)."""
+        if self._first_input is None:
+            self._first_input = mono
+        if self._heard_of:
+            self.awaiting_first_s = None
+        else:
+            self.awaiting_first_s = max(0, mono - self._first_input) / 1e9
 
     # ---- what the rules see ----------------------------------------------------------
 
@@ -271,6 +289,7 @@ class ApplicatorWatch:
             displacement_from_beam_on_mm=since_beam_on,
             peak_displacement_mm=self._peak,
             tilt_deg=None if r is None else r.tilt_deg,
+            awaiting_first_s=self.awaiting_first_s,
         )
 
     # ---- internals --------------------------------------------------------------------

@@ -140,12 +140,13 @@ class DeliveryTracker:
         now = now_mono_ns if now_mono_ns is not None else (self._last_mono_ns or 0)
         return self._machine.snapshot(now)
 
-    def stale_at_ns(self) -> int | None:
+    def stale_at_ns(self, paused_ns: int = 0) -> int | None:
         """When the data become stale if no reading comes (monotonic ns), or None when
-        there is nothing to watch (no reading yet, or a gap already open)."""
+        there is nothing to watch (no reading yet, or a gap already open). ``paused_ns``
+        as for :meth:`on_tick`."""
         if self._last_mono_ns is None or self._gap is not None:
             return None
-        return self._heard() + round(self.settings.stale_after_s * NS)
+        return self._heard() + max(0, paused_ns) + round(self.settings.stale_after_s * NS)
 
     # ---- inputs -----------------------------------------------------------------------
 
@@ -242,20 +243,28 @@ class DeliveryTracker:
         stale bound counts from its last reply, not from the driver's last reading."""
         self._heard_mono_ns = max(self._heard_mono_ns or mono_ns, mono_ns)
 
-    def on_tick(self, now_mono_ns: int, now_utc: datetime) -> list[TrackerEvent]:
-        """Time passes with no reading; detects stale data."""
+    def on_tick(
+        self, now_mono_ns: int, now_utc: datetime, paused_ns: int = 0
+    ) -> list[TrackerEvent]:
+        """Time passes with no reading; detects stale data. ``paused_ns``: of the time
+        since the device was last heard, how much it spent waiting for a line it shares
+        with other devices (their turns, each wait bounded by the line: see
+        drivers/transport/shared.py): staleness counts the device's own missed turns,
+        not the line's."""
         out: list[TrackerEvent] = []
         self._machine.start_input()
         if self._last_mono_ns is None or self._gap is not None:
             return out
-        age = (now_mono_ns - self._heard()) / NS
+        silent = (now_mono_ns - self._heard()) / NS
+        age = silent - max(0, paused_ns) / NS
         if age > self.settings.stale_after_s:
             bound = self.settings.stale_after_s
-            cause = f"nothing heard from the device for {age:.1f} s (bound {bound:.1f} s)"
+            line = f", {silent - age:.1f} s of it waiting for the shared line" if paused_ns else ""
+            cause = f"nothing heard from the device for {silent:.1f} s{line} (bound {bound:.1f} s)"
             self._start_gap(cause, now_mono_ns, now_utc, out)
             self._alarms.raise_event(
                 AlarmCode.STALE_DATA,
-                f"readings stopped: device last heard {age:.1f} s ago; interlocks unknown",
+                f"readings stopped: device last heard {silent:.1f} s ago; interlocks unknown",
                 now_mono_ns,
                 now_utc,
                 self._machine.delivery_id(),
@@ -327,6 +336,7 @@ class DeliveryTracker:
             return
         m = self._machine
         did = m.delivery_id()
+        w.note_input(mono)
         w.follow_delivery(did)
         beam = m.phase is Phase.IRRADIATING
         if beam:

@@ -47,6 +47,12 @@ class TrackerSettings:
     # a reader must state its own (the config refuses one without them). None: no reader.
     applicator_displacement_mm: float | None = None
     applicator_tilt_deg: float | None = None
+    # How long (clock seconds, from the tracker's first input) the reader may take to give
+    # its first reading before "no reading from the reader yet" alarms with the beam off:
+    # at start the source often answers first. Not a tolerance a site sets: the daemon
+    # derives it from the reader's own timeout and poll period (its connect, identify and
+    # first read). With the beam on there is no grace. None: no grace at all.
+    applicator_first_reading_s: float | None = None
 
 
 def setting_default(name: str) -> float:

@@ -13,6 +13,13 @@ driver written for a line of its own works unchanged. What the line adds:
 - **one owner of the port**: the first view to open opens the transport, the last to close
   closes it; closing one device's view never closes the line under another. A view that
   meets a lost link marks the line broken, and the next open (by any view) reopens it;
+- **the time a device waits for the line**: :meth:`LineView.waited_ns` is the line time a
+  device has spent waiting for its own exchange to go on the wire (the other devices'
+  turns, and the settling after another's timeout that its turn begins with), each wait
+  counted up to the view's ``wait_cap_ns`` (one round of the other devices' turns: what
+  round-robin promises; 0, the default, counts nothing). The daemon pauses the device's
+  staleness by it, so staleness counts the device's own missed turns, not the line's
+  (daemon/service.py);
 - **a line-wide "late reply possible"**: after a timeout or an unreadable frame on one
   device's turn, the reply may still be on the wire when the next device's turn begins.
   :attr:`LineView.unsettled` tells the next turn's holder to wait for the line to go quiet
@@ -25,8 +32,9 @@ All of it runs on one event loop (the daemon's); nothing here is thread-safe.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Self
@@ -40,8 +48,9 @@ __all__ = ["LineView", "SharedLine"]
 class SharedLine:
     """The owner of one shared line's transport; hands out :class:`LineView` s."""
 
-    def __init__(self, transport: Transport) -> None:
+    def __init__(self, transport: Transport, *, now_ns: Callable[[], int] | None = None) -> None:
         self._transport = transport
+        self._now_ns = now_ns or time.monotonic_ns  # the clock waits are measured on
         self._holder: LineView | None = None
         self._waiters: deque[tuple[LineView, asyncio.Future[None]]] = deque()
         self._open_views: set[LineView] = set()
@@ -49,9 +58,10 @@ class SharedLine:
         self._broken = False
         self.unsettled = False
 
-    def view(self, name: str) -> LineView:
-        """A view of the line for one device (``name`` is for messages)."""
-        return LineView(self, name)
+    def view(self, name: str, *, wait_cap_ns: int = 0) -> LineView:
+        """A view of the line for one device (``name`` is for messages); each of its
+        waits for the line counts up to ``wait_cap_ns`` in :meth:`LineView.waited_ns`."""
+        return LineView(self, name, wait_cap_ns=wait_cap_ns)
 
     def describe(self) -> str:
         return self._transport.describe()
@@ -115,10 +125,13 @@ class LineView:
     transport, plus :meth:`turn`. I/O outside a turn of this view is a programming error
     (RuntimeError): two requests must never be on the wire at once."""
 
-    def __init__(self, line: SharedLine, name: str) -> None:
+    def __init__(self, line: SharedLine, name: str, *, wait_cap_ns: int = 0) -> None:
         self._line = line
         self.name = name
         self._open = False
+        self.wait_cap_ns = max(0, wait_cap_ns)
+        self._want_since: int | None = None  # wanting the line for an exchange since
+        self._waited_ns = 0  # the waits of exchanges already on the wire, each capped
 
     @property
     def line(self) -> SharedLine:
@@ -136,12 +149,33 @@ class LineView:
     @asynccontextmanager
     async def turn(self) -> AsyncIterator[None]:
         """Hold the line for one exchange; the next waiter gets it on exit (also on an
-        error or a cancellation)."""
-        await self._line._acquire(self)
+        error or a cancellation). The wait from here until this turn's first write is
+        the device's wait for the line (:meth:`waited_ns`); a turn that writes nothing
+        (the open) counts none."""
+        self._want_since = self._line._now_ns()
         try:
-            yield
+            await self._line._acquire(self)
+            try:
+                yield
+            finally:
+                self._line._release(self)
         finally:
-            self._line._release(self)
+            self._want_since = None
+
+    def waited_ns(self, now_ns: int) -> int:
+        """A running total (ns of the line's clock): how long this device has waited for
+        its exchanges to go on the wire, each wait counted up to ``wait_cap_ns``; the
+        wait going on at ``now_ns`` included."""
+        ongoing = 0 if self._want_since is None else self._capped(now_ns - self._want_since)
+        return self._waited_ns + ongoing
+
+    def _capped(self, ns: int) -> int:
+        return min(max(0, ns), self.wait_cap_ns)
+
+    def _on_wire(self) -> None:
+        if self._want_since is not None:
+            self._waited_ns += self._capped(self._line._now_ns() - self._want_since)
+            self._want_since = None
 
     def _check(self) -> Transport:
         if not self._open:
@@ -164,7 +198,9 @@ class LineView:
 
     async def write(self, data: bytes) -> None:
         try:
-            await self._check().write(data)
+            transport = self._check()
+            self._on_wire()
+            await transport.write(data)
         except TransportClosed:
             self._line._mark_broken()
             raise

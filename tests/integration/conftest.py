@@ -20,6 +20,8 @@ signing_key_file = "keys/or-7.key"
 group_commit_ms = 50
 rotate_max_bytes = {rotate}
 checkpoint_interval_s = {checkpoint_s}
+[health]
+listen = ""
 [mqtt]
 {mqtt}
 [simulation]

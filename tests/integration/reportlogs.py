@@ -42,6 +42,8 @@ room = "or-9"
 directory = "log"
 signing_key_file = "keys/or-9.key"
 checkpoint_interval_s = 300
+[health]
+listen = ""
 [mqtt]
 enabled = false
 [simulation]
@@ -72,6 +74,8 @@ room = "or-5"
 directory = "log"
 signing_key_file = "keys/or-9.key"
 checkpoint_interval_s = 300
+[health]
+listen = ""
 [mqtt]
 enabled = false
 [tolerances]
@@ -168,6 +172,8 @@ room = "or-7"
 directory = "log"
 signing_key_file = "keys/or-9.key"
 checkpoint_interval_s = 300
+[health]
+listen = ""
 [mqtt]
 enabled = false
 [tolerances]

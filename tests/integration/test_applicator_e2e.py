@@ -31,6 +31,8 @@ room = "or-7"
 [log]
 directory = "log"
 signing_key_file = "keys/or-7.key"
+[health]
+listen = ""
 [mqtt]
 enabled = false
 [tolerances]

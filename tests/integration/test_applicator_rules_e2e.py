@@ -38,16 +38,18 @@ def _t(e: dict[str, Any]) -> datetime:
     return datetime.fromisoformat(e["data"]["at"])
 
 
-async def test_a_clean_delivery_with_two_devices_on_one_line_raises_no_alarm_once_both_are_read(
+async def test_a_clean_delivery_with_two_devices_on_one_line_raises_no_alarm(
     tmp_path: Path,
 ) -> None:
     # The shared line's set-up without its slow unit: both answer at once. Twice as fast,
-    # with the console's start delay kept at 1 s of real time: the beam must come on after
-    # the daemon's first reading of the reader, or the monitor's interlock is rightly
-    # unknown with the beam on (a HIGH alarm; seen with start_delay = 1 at speed 8).
+    # with the console's beam-on 4 s of real time after the simulator's start: the plan is
+    # selected before the daemon's first reading (the reader's start-up grace is what is
+    # exercised) and the beam comes on after the daemon's first reading of the reader even
+    # on a loaded machine, or the monitor's interlock is rightly unknown with the beam on
+    # (a HIGH alarm: seen with the beam-on 1 s after the start, on a loaded machine).
     devices = tmp_path / "devices.toml"
     text = rtu.DEVICES.replace("reply_delay_ms = 150\n", "")
-    text = text.replace("speed = 4.0", "speed = 8.0").replace("start_delay = 1", "start_delay = 8")
+    text = text.replace("speed = 4.0", "speed = 8.0").replace("start_delay = 1", "start_delay = 32")
     devices.write_text(text, "utf-8")
     sim = await Simulator.start("--devices", str(devices), transport=None)
     try:
@@ -66,25 +68,13 @@ async def test_a_clean_delivery_with_two_devices_on_one_line_raises_no_alarm_onc
     log = rtu.entries(site)
     kinds = [e["type"] for e in log]
     first_reader = kinds.index("applicator_sample")
-    raised = [(i, e["data"]) for i, e in enumerate(log) if e["type"] == "alarm_raised"]
-    # The one alarm a clean start can show: the console's first reading opens the delivery
-    # (its plan is already selected) before the reader's first turn, and the monitor's
-    # interlock is then rightly unknown ("no reading from the reader yet", MEDIUM with the
-    # beam off) until that first reading, which clears it. Anything else fails.
-    startup = [
-        i
-        for i, a in raised
-        if i < first_reader
-        and a["code"] == "monitor_interlock"
-        and a["severity"] == "medium"
-        and a["message"].endswith("no reading from the reader yet")
-    ]
-    assert [(a["code"], a["message"]) for i, a in raised if i not in startup] == []
-    for i in startup:
-        cleared = [j for j, e in enumerate(log) if e["type"] == "alarm_cleared" and j > i]
-        assert cleared, "the start-up alarm never cleared"
-        # Cleared by the reader's first reading (its events are logged before its sample).
-        assert cleared[0] < first_reader, "the start-up alarm outlived the first reading"
+    raised = [e["data"] for e in log if e["type"] == "alarm_raised"]
+    # No alarm at all: the console's first reading opens the delivery (its plan is
+    # already selected) before the reader's first turn, and the monitor's interlock is
+    # then unknown until that first reading; that is the reader's start, within its
+    # bounded grace with the beam off (docs/alarms.md), not an alarm.
+    assert [(a["code"], a["message"]) for a in raised] == []
+    assert first_reader > 0
     assert "monitoring_gap_started" not in kinds
     assert "device_gap_started" not in kinds
     assert end["status"] == sim_end["termination"] == "NORMAL"

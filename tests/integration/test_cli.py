@@ -131,6 +131,8 @@ room = "or-2"
 [log]
 directory = "log"
 {key}
+[health]
+listen = ""
 [mqtt]
 enabled = false
 [[devices]]

@@ -53,6 +53,8 @@ id = "test-site"
 room = "or-9"
 [log]
 directory = "log"
+[health]
+listen = ""
 [mqtt]
 enabled = false
 [simulation]
@@ -429,6 +431,8 @@ id = "test-site"
 room = "or-9"
 [log]
 directory = "log"
+[health]
+listen = ""
 [mqtt]
 enabled = false
 [tolerances]
@@ -578,6 +582,8 @@ id = "test-site"
 room = "or-9"
 [log]
 directory = "log"
+[health]
+listen = ""
 [mqtt]
 enabled = false
 [simulation]

@@ -50,6 +50,8 @@ room = "{room}"
 [log]
 directory = "log"
 signing_key_file = "keys/k.key"
+[health]
+listen = ""
 [mqtt]
 url = "{broker}"
 keepalive_s = {keepalive}
@@ -67,6 +69,8 @@ room = "{room}"
 directory = "log"
 signing_key_file = "keys/k.key"
 group_commit_ms = 50
+[health]
+listen = ""
 [mqtt]
 url = "{broker}"
 keepalive_s = {keepalive}

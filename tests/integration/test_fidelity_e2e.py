@@ -41,6 +41,8 @@ room = "or-5"
 [log]
 directory = "log"
 signing_key_file = "keys/or-5.key"
+[health]
+listen = ""
 [mqtt]
 enabled = false
 [tolerances]

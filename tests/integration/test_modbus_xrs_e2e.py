@@ -36,6 +36,8 @@ room = "{room}"
 [log]
 directory = "log"
 signing_key_file = "keys/{room}.key"
+[health]
+listen = ""
 [mqtt]
 enabled = false
 [tolerances]

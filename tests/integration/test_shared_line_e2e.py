@@ -52,6 +52,8 @@ room = "or-7"
 [log]
 directory = "log"
 signing_key_file = "keys/or-7.key"
+[health]
+listen = ""
 [mqtt]
 enabled = false
 [tolerances]
@@ -124,3 +126,39 @@ async def test_one_slow_unit_never_makes_the_other_stale_on_a_shared_line(
     stand = [e for e in log if e["type"] == "applicator_sample"]
     assert len(samples) >= 10, len(samples)
     assert len(stand) >= 5, "the slow unit's readings still arrive"
+
+
+async def test_a_reader_that_times_out_never_makes_the_console_stale(tmp_path: Path) -> None:
+    # The reader answers 700 ms late against its 0.5 s timeout: each of its turns (its
+    # reconnects, with backoff) holds the line for its timeout, and the console's next turn
+    # first settles the late reply. That is the line's time, not the console's missed
+    # turns: the console is never stale and has no gap; only the reader has one.
+    devices = tmp_path / "devices.toml"
+    devices.write_text(DEVICES.replace("reply_delay_ms = 150", "reply_delay_ms = 700"), "utf-8")
+    sim = await Simulator.start("--devices", str(devices), transport=None)
+    try:
+        serving = [r for r in sim.lines if r["event"] == "serving"]
+        _, pub = write_keypair(generate_keypair("or-7"), tmp_path / "keys")
+        cfg = tmp_path / "site.toml"
+        cfg.write_text(SITE.format(port=serving[0]["device"]), "utf-8")
+        site = Site(cfg, tmp_path / "log", pub)
+        daemon = await Daemon.follow(site)
+        try:
+            end = await daemon.seen(
+                lambda r: r.get("event") == "delivery_terminated", "the delivery's end"
+            )
+            assert await daemon.stop() == 0
+        finally:
+            await daemon.ensure_dead()
+    finally:
+        await sim.stop()
+    log = entries(site)
+    kinds = [e["type"] for e in log]
+    alarms = [e["data"]["code"] for e in log if e["type"] == "alarm_raised"]
+    assert "stale_data" not in alarms, alarms
+    assert "monitoring_gap_started" not in kinds
+    reader_gaps = [e["data"] for e in log if e["type"] == "device_gap_started"]
+    assert reader_gaps, "the reader that never answers in time has a gap of its own"
+    assert {g["device"] for g in reader_gaps} == {"stand-1"}
+    assert end["status"] == "NORMAL"
+    assert len([e for e in log if e["type"] == "sample"]) >= 10

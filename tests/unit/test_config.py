@@ -815,6 +815,24 @@ def test_an_applicator_reader_with_its_tolerances_loads(tmp_path: Path) -> None:
     loaded = load_config(_write(tmp_path, text), DriverRegistry.from_entry_points())
     st = tracker_settings(loaded.config, 1.0)
     assert (st.applicator_displacement_mm, st.applicator_tilt_deg) == (2.0, 1.5)
+    # The reader's first reading is due within its connect, identify and first read, and
+    # the stale bound in its own polls (clock seconds: scaled with the speed).
+    reader = next(d for d in loaded.config.devices if d.role == "applicator")
+    polls = loaded.config.tolerances.stale_after_polls
+    due = 3 * reader.timeout_s + polls * reader.poll_interval_s
+    assert st.applicator_first_reading_s == pytest.approx(due)
+    assert tracker_settings(loaded.config, 60.0).applicator_first_reading_s == pytest.approx(
+        60 * due
+    )
+    assert (
+        tracker_settings(
+            load_config(
+                _write(tmp_path, _source_only()), DriverRegistry.from_entry_points()
+            ).config,
+            1.0,
+        ).applicator_first_reading_s
+        is None
+    )
 
 
 def test_one_applicator_reader_per_room(tmp_path: Path) -> None:

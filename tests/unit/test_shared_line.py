@@ -197,3 +197,66 @@ async def test_a_lost_line_is_reopened_once_by_whichever_device_comes_back_first
     assert await x2.read(Table.INPUT, 0, 2) == [4, 2]
     assert await x1.read(Table.INPUT, 0, 2) == [6, 1]
     t.assert_done()
+
+
+async def test_the_time_a_unit_waits_for_the_line_is_counted_each_wait_capped() -> None:
+    # Unit 2 times out (0.5 s) and unit 1's turn then settles the line (up to one more
+    # timeout) before its own request: all of that is unit 1 waiting for the line, which
+    # its staleness is paused by, up to the cap per wait; unit 1's own exchange is not.
+    script: list[ScriptStep] = [
+        Expect(req(2)),
+        Reply(rep(2, 7), delay_s=0.7),  # late: after unit 2's timeout
+        Expect(req(1)),
+        Reply(rep(1, 5), delay_s=0.02),
+        Expect(req(1)),
+        Reply(rep(1, 6), delay_s=0.02),
+    ]
+    t = ScriptedTransport(script, timeout_s=TIMEOUT_S)
+    line = SharedLine(t, now_ns=lambda: round(t.elapsed_s * 1e9))
+    v1, v2 = line.view("source", wait_cap_ns=2_000_000_000), line.view("stand")
+    x1, x2 = exchange(v1, 1), exchange(v2, 2)
+    await _open(x1, x2)
+    assert v1.waited_ns(0) == 0  # opening the line is no wait for an exchange
+    start = t.elapsed_s
+
+    async def stand() -> None:
+        with pytest.raises(TransportTimeout):
+            await x2.read(Table.INPUT, 0, 2)
+
+    task = asyncio.create_task(stand())
+    await asyncio.sleep(0)  # unit 2 holds the line
+    assert line.holder == "stand"
+    assert await x1.read(Table.INPUT, 0, 2) == [5, 1]
+    await task
+    waited = v1.waited_ns(round(t.elapsed_s * 1e9)) / 1e9
+    # From the start of unit 2's turn to unit 1's request: its timeout and the settling.
+    assert waited == pytest.approx(t.elapsed_s - start - 0.02, abs=1e-6)
+    assert waited >= TIMEOUT_S
+    # A turn with nothing to wait for adds nothing.
+    assert await x1.read(Table.INPUT, 0, 2) == [6, 1]
+    assert v1.waited_ns(round(t.elapsed_s * 1e9)) / 1e9 == pytest.approx(waited, abs=1e-6)
+    t.assert_done()
+
+
+async def test_a_wait_for_the_line_counts_only_up_to_the_cap_and_nothing_by_default() -> None:
+    script: list[ScriptStep] = [Expect(req(2)), Reply(rep(2, 7), delay_s=0.7)]
+    script += [Expect(req(1)), Reply(rep(1, 5), delay_s=0.02)]
+    t = ScriptedTransport(script, timeout_s=TIMEOUT_S)
+    line = SharedLine(t, now_ns=lambda: round(t.elapsed_s * 1e9))
+    capped, uncounted = line.view("source", wait_cap_ns=100_000_000), line.view("other")
+    x1, x2 = exchange(capped, 1), exchange(line.view("stand"), 2)
+    await _open(x1, x2)
+    await uncounted.open()
+
+    async def stand() -> None:
+        with pytest.raises(TransportTimeout):
+            await x2.read(Table.INPUT, 0, 2)
+
+    task = asyncio.create_task(stand())
+    await asyncio.sleep(0)
+    async with uncounted.turn():  # wants the line while unit 2 holds it; writes nothing
+        assert uncounted.waited_ns(round(t.elapsed_s * 1e9)) == 0
+    assert await x1.read(Table.INPUT, 0, 2) == [5, 1]
+    await task
+    assert capped.waited_ns(round(t.elapsed_s * 1e9)) == 100_000_000
+    t.assert_done()

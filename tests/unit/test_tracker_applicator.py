@@ -12,6 +12,7 @@ from iortd.daemon.entries import applicator_sample_entry
 from iortd.daemon.sinks import ApplicatorSample
 from iortd.daemon.tracker import (
     NS,
+    Alarm,
     AlarmCleared,
     AlarmRaised,
     ApplicatorAtBeamOn,
@@ -352,3 +353,80 @@ def test_the_record_of_a_reader_sample_carries_what_the_daemon_derived() -> None
     assert data["monitor_interlocks"] == {"applicator": "unknown"}
     assert data["applicator"] == {"type": "spherical", "diameter_mm": 30.0, "serial": "SIM-SPH30"}
     assert (data["seated"], data["brakes_engaged"]) == ("yes", "unknown")
+
+
+def _first_reading_room(grace_s: float | None) -> Room:
+    settings = TrackerSettings(
+        stale_after_s=3.0,
+        rate_settle_s=5.0,
+        applicator_displacement_mm=2.0,
+        applicator_tilt_deg=2.0,
+        applicator_first_reading_s=grace_s,
+    )
+    return Room(tracker=DeliveryTracker(settings, applicators=(READER,)))
+
+
+def _monitor_alarms(room: Room) -> list[Alarm]:
+    return [
+        e.alarm
+        for e in room.events
+        if isinstance(e, AlarmRaised) and e.alarm.code == "monitor_interlock"
+    ]
+
+
+def test_a_reader_not_yet_read_at_start_has_a_bounded_grace_with_the_beam_off() -> None:
+    # The daemon starts with a delivery already selected on the console: the source's
+    # first reading comes before the reader's. Within the grace that is no alarm (the
+    # interlock is still recorded unknown); its first reading then makes it ok.
+    room = _first_reading_room(grace_s=2.5)
+    room.source(S.PREPARATORY)
+    room.source(S.READY)
+    assert room.tracker.monitor_interlocks[Interlock.APPLICATOR] is InterlockState.UNKNOWN
+    room.reader()
+    assert _monitor_alarms(room) == []
+    assert room.tracker.monitor_interlocks[Interlock.APPLICATOR] is InterlockState.OK
+
+
+def test_the_first_reading_grace_is_bounded() -> None:
+    room = _first_reading_room(grace_s=2.5)
+    room.source(S.PREPARATORY)
+    room.source(S.READY)
+    assert _monitor_alarms(room) == []
+    room.source(S.READY)  # 2 s after the first input: still within
+    assert _monitor_alarms(room) == []
+    room.source(S.READY)  # 3 s: past the grace, the reader still never read
+    [alarm] = _monitor_alarms(room)
+    assert alarm.message.endswith("no reading from the reader yet")
+
+
+def test_the_first_reading_grace_never_holds_an_alarm_with_the_beam_on() -> None:
+    room = _first_reading_room(grace_s=60.0)
+    room.source(S.READY)
+    room.source(S.IRRADIATING)
+    [alarm] = _monitor_alarms(room)
+    assert alarm.severity == "high"
+
+
+def test_the_first_reading_grace_is_only_for_the_first_reading() -> None:
+    # A lost link before any reading is a fault now, not a late start.
+    room = _first_reading_room(grace_s=60.0)
+    room.source(S.READY)
+    room.events += room.tracker.on_applicator_lost(
+        READER, round((room.t_s + 0.01) * NS), room.utc(), "connection refused"
+    )
+    assert [a.message for a in _monitor_alarms(room)] != []
+    # And a reader that has been read and then goes unknown alarms at once.
+    room = _first_reading_room(grace_s=60.0)
+    room.source(S.READY)
+    room.reader()
+    room.reader(frozen=True)
+    for _ in range(7):
+        room.reader(frozen=True)
+    room.source(S.READY)
+    assert any("values frozen" in a.message for a in _monitor_alarms(room))
+
+
+def test_without_a_grace_the_not_yet_read_reader_alarms_at_once() -> None:
+    room = _first_reading_room(grace_s=None)
+    room.source(S.READY)
+    assert len(_monitor_alarms(room)) == 1

@@ -548,3 +548,17 @@ def test_a_delivery_taken_over_and_continued_is_not_linked_to_an_unvouched_one()
     )
     assert of(f.events, DeliveryStarted) == []
     assert of(f.events, Terminated) == []
+
+
+def test_time_spent_waiting_for_a_shared_line_pauses_staleness_no_more() -> None:
+    # On a shared RS-485 line the device's exchange waited 2 s for another device's turn:
+    # that is the line's time, not a missed turn of this device (drivers/transport/shared).
+    f = Feed()
+    start_delivery(f)
+    last = f.mono
+    now = last + round(4.0 * NS)
+    assert f.tracker.on_tick(now, T0, paused_ns=round(2.0 * NS)) == [], "2 s own: not stale"
+    assert f.tracker.stale_at_ns(paused_ns=round(2.0 * NS)) == last + round(5.0 * NS)
+    # The same silence with only 0.5 s of waiting is 3.5 s of its own: stale (bound 3 s).
+    ev = f.tracker.on_tick(now, T0, paused_ns=round(0.5 * NS))
+    assert any(isinstance(e, AlarmRaised) and e.alarm.code is AlarmCode.STALE_DATA for e in ev)
