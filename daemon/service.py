@@ -20,7 +20,10 @@ the log contains the broker's retained checkpoint before it overwrites it.
 
 The record comes first: every event is appended to the audit log and fsync'd before any
 other sink hears of it; samples are appended (and group-committed within the window)
-before other sinks hear of them. A device loop never waits for the disk: the dispatcher
+before other sinks hear of them. Which readings become samples is the thinner's call
+(:mod:`iortd.daemon.thinning`): every one around a delivery, a heartbeat and every change
+while the room is idle, the reading held back before a change written first (also before
+any event and at a stop); the other sinks still hear of every reading. A device loop never waits for the disk: the dispatcher
 waits for durability and then tells the other sinks, in order, each through a bounded queue
 and task of its own (:mod:`iortd.daemon.sink_queue`), so that a slow sink delays only
 itself; what a sink's queue drops is recorded (``sink_overflow``).
