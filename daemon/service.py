@@ -23,10 +23,11 @@ other sink hears of it; samples are appended (and group-committed within the win
 before other sinks hear of them. Which readings become samples is the thinner's call
 (:mod:`iortd.daemon.thinning`): every one around a delivery, a heartbeat and every change
 while the room is idle, the reading held back before a change written first (also before
-any event and at a stop); the other sinks still hear of every reading. A device loop never waits for the disk: the dispatcher
-waits for durability and then tells the other sinks, in order, each through a bounded queue
-and task of its own (:mod:`iortd.daemon.sink_queue`), so that a slow sink delays only
-itself; what a sink's queue drops is recorded (``sink_overflow``).
+any event and at a stop); the other sinks still hear of every reading. A device loop
+never waits for the disk: the dispatcher waits for durability and then tells the other
+sinks, in order, each through a bounded queue and task of its own
+(:mod:`iortd.daemon.sink_queue`), so that a slow sink delays only itself; what a sink's
+queue drops is recorded (``sink_overflow``).
 
 Readings go where the device's role says: the source's to the tracker (and its replies
 keep the stale alarm off); its lost link makes the interlocks unknown. The applicator
