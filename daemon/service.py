@@ -63,14 +63,13 @@ from iortd.daemon.entries import applicator_sample_entry, event_entry, plain, sa
 from iortd.daemon.recovery import close_unresumable, record_recovery, resumable
 from iortd.daemon.sink_queue import QueuedSink, SinkLike, queued
 from iortd.daemon.sinks import ApplicatorSample, Sample
-from iortd.daemon.thinning import DELIVERY_STATES, Thinner, policy_of
+from iortd.daemon.thinning import Thinner, policy_of, room_active
 from iortd.daemon.tracker import (
     DeliverySnapshot,
     DeliveryTracker,
     Terminated,
     TrackerEvent,
 )
-from iortd.daemon.tracker.machine import ACTIVE
 from iortd.kernel.clock import Clock
 from iortd.kernel.timefmt import utc_ts
 from iortd.kernel.types import ApplicatorReading, DeviceIdentity, DeviceState, SourceReading
@@ -215,11 +214,7 @@ class Service:
         # The last reading of each device before the stop, if it was held back.
         for kind, data, did in self.thinner.flush("stop"):
             self._audit.append(kind, data, delivery_id=did)
-        log.info(
-            "samples_recorded",
-            recorded=self.thinner.recorded,
-            not_recorded=self.thinner.thinned,
-        )
+        log.info("samples", recorded=self.thinner.recorded, not_recorded=self.thinner.thinned)
         self._stopped = True
         entry = self._audit.append(
             "daemon_stop",
@@ -455,14 +450,7 @@ class Service:
         self._queue.put_nowait(_Item(durable=durable, applicator=sample))
 
     def _room_active(self, console: DeviceState | None) -> bool:
-        """Whether samples are recorded at full rate: a delivery open or being prepared,
-        by the tracker's view or the console's own state (daemon/thinning.py)."""
-        snap = self.tracker.snapshot()
-        return (
-            (snap is not None and snap.termination is None)
-            or self.tracker.phase in ACTIVE
-            or console in DELIVERY_STATES
-        )
+        return room_active(self.tracker.snapshot(), self.tracker.phase, console)
 
     def link_lost(self, device: DeviceConfig, reason: str) -> None:
         self.result.link_losses += 1

@@ -52,9 +52,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from iortd.daemon.tracker import DeliverySnapshot, Phase
+from iortd.daemon.tracker.machine import ACTIVE
 from iortd.kernel.types import DeviceState
 
-__all__ = ["DELIVERY_STATES", "Deadbands", "SamplePolicy", "Thinner", "changed", "policy_of"]
+__all__ = [
+    "DELIVERY_STATES",
+    "Deadbands",
+    "SamplePolicy",
+    "Thinner",
+    "changed",
+    "policy_of",
+    "room_active",
+]
 
 EntrySpec = tuple[str, dict[str, Any], str | None]
 
@@ -265,4 +275,16 @@ def policy_of(log: Any) -> SamplePolicy:
             tilt_deg=b.tilt_deg,
             extra=b.extra,
         ),
+    )
+
+
+def room_active(
+    snapshot: DeliverySnapshot | None, phase: Phase, console: DeviceState | None
+) -> bool:
+    """Whether the room is active (samples at full rate): a delivery open in the tracker,
+    the tracker in a delivery phase, or the console reporting a delivery state."""
+    return (
+        (snapshot is not None and snapshot.termination is None)
+        or phase in ACTIVE
+        or console in DELIVERY_STATES
     )
