@@ -10,13 +10,16 @@ STAMP  := $(VENV)/.installed-stamp
 # Debian package:command pairs the tests and the demo rely on.
 SYSTEM_PACKAGES := mosquitto:mosquitto mosquitto-clients:mosquitto_sub mbpoll:mbpoll \
 	chromium:chromium poppler-utils:pdftoppm dicom3tools:dciodvfy
+# What building and testing the Debian package needs besides dpkg (`make deb`, the package
+# and unit tests): systemd-analyze and systemd-sysusers, Debian's own Python 3.11.
+PACKAGE_TOOLS := systemd:systemd-analyze python3.11:python3.11
 
-.PHONY: demo test lint typecheck unit system-packages venv clean
+.PHONY: demo test lint typecheck unit system-packages package-tools venv deb clean
 
 demo: venv system-packages
 	$(BIN)/iortd demo
 
-test: venv system-packages lint typecheck unit
+test: venv system-packages package-tools lint typecheck unit
 
 venv: $(STAMP)
 
@@ -30,6 +33,13 @@ $(STAMP): pyproject.toml requirements/lock.txt
 
 system-packages:
 	@scripts/ensure-system-packages $(SYSTEM_PACKAGES)
+
+package-tools:
+	@scripts/ensure-system-packages $(PACKAGE_TOOLS)
+
+# The room host's Debian package: dist/iortd_VERSION_ARCH.deb (docs/operations.md).
+deb: venv package-tools
+	packaging/build-deb --out dist
 
 lint: venv
 	$(BIN)/ruff check .
@@ -50,4 +60,4 @@ unit: venv
 	@echo "coverage: $$($(BIN)/coverage report --format=total)% of production lines (test process only; per file: test-artifacts/coverage.txt)"
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis test-artifacts .coverage
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis test-artifacts .coverage build dist

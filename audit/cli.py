@@ -1,7 +1,7 @@
 """``iort-audit``: the auditors' tool for iortd delivery logs.
 
     iort-audit keygen --name NAME [--out DIR]
-    iort-audit verify PATH... [--pubkey FILE] [--checkpoint FILE|DIR]
+    iort-audit verify PATH... [--pubkey FILE] [--checkpoint FILE|DIR] [--archive DIR]
     iort-audit show PATH... [--delivery ID [--entries]] [--type T] [--since TS] [--until TS]
     iort-audit deliveries PATH...
     iort-audit report PATH... --delivery ID --out FILE.pdf|FILE.html [--pubkey FILE]
@@ -87,11 +87,16 @@ def _progress(total: int) -> Callable[[int], None] | None:
 
 
 def _verify(
-    paths: Sequence[Path], pubkey: Verifier | None, external: Sequence[str] | None
+    paths: Sequence[Path],
+    pubkey: Verifier | None,
+    external: Sequence[str] | None,
+    archive: Path | None = None,
 ) -> VerifyReport:
-    files = collect_files(paths)
+    files = collect_files(paths) + (collect_files([archive]) if archive else [])
     total = sum(f.stat().st_size for f in files if f.is_file())
-    return verify_log(paths, pubkey=pubkey, external=external, progress=_progress(total))
+    return verify_log(
+        paths, pubkey=pubkey, external=external, progress=_progress(total), archive=archive
+    )
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
@@ -153,6 +158,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             "--checkpoint needs --pubkey: a checkpoint is only evidence if its signature is checked"
         )
         return EXIT_USAGE
+    if args.archive is not None and not args.archive.is_dir():
+        _err(f"--archive {args.archive}: not a directory (mount the archive share?)")
+        return EXIT_USAGE
     pubkey = None
     external: list[str] | None = None
     try:
@@ -163,7 +171,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     except UsageError as exc:
         _err(str(exc))
         return EXIT_USAGE
-    rep = _verify(args.paths, pubkey, external)
+    rep = _verify(args.paths, pubkey, external, args.archive)
     for w in rep.warnings:
         _err(f"warning: {w}")
     if not rep.intact:
@@ -182,6 +190,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         f"origin {rep.origin}"
     )
     _out(f"  head: seq {rep.head_seq}, hash {rep.head_hash}")
+    if rep.archive_counts is not None:
+        local, archived, both = rep.archive_counts
+        _out(
+            f"  archive {rep.archive}: {archived} segment(s) read from it, {local} from the "
+            f"log directory, {both} in both places (compared equal)"
+        )
     _out(f"  checkpoints: {rep.checkpoints} verified, {who}")
     unsigned = rep.head_seq - rep.signed_through
     _out(
@@ -475,6 +489,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="a checkpoint kept off the host: the signed note, the JSON payload saved from "
         "the audit/checkpoint topic, or a directory of them",
+    )
+    v.add_argument(
+        "--archive",
+        type=Path,
+        metavar="DIR",
+        help="where retention archived the log's segments (the share's archive_dir or the "
+        "log's directory in it): the archived and local segments are verified as one log",
     )
     s = sub.add_parser("show", help="print entries, or one delivery's summary")
     s.add_argument("paths", nargs="+", type=Path, metavar="PATH")

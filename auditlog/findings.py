@@ -83,6 +83,8 @@ class VerifyReport:
     signing_key_recorded: bool = False  # some daemon_start names a verifier key
     writer_running: bool | None = None  # None: not a log directory
     commit_window_s: float = DEFAULT_COMMIT_WINDOW_S  # as the last config_loaded records it
+    archive: Path | None = None  # the log's archive directory, when verified with it
+    archive_counts: tuple[int, int, int] | None = None  # segments: local, archived, both
 
     @property
     def intact(self) -> bool:

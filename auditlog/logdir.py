@@ -29,6 +29,7 @@ import errno
 import fcntl
 import os
 import re
+import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ __all__ = [
     "LogInUse",
     "LogUnusable",
     "OpenSegment",
+    "new_origin",
     "read_anchor",
     "segment_paths",
 ]
@@ -308,3 +310,8 @@ def envelope_at(segments: list[Path], seq: int) -> Envelope | None:
 def hash_at(segments: list[Path], seq: int) -> str | None:
     env = envelope_at(segments, seq)
     return None if env is None else env.hash
+
+
+def new_origin(site: str, room: str) -> str:
+    """A log origin: where it comes from plus a random id, never patient data."""
+    return f"iortd/{site}/{room}/{secrets.token_hex(8)}"

@@ -48,6 +48,7 @@ from iortd.auditlog.logdir import (
     segment_paths,
     write_new,
 )
+from iortd.auditlog.marker import marker_origin
 from iortd.auditlog.note import Verifier
 from iortd.auditlog.spill import read_spill, spill_path
 from iortd.auditlog.vouch import check_anchors_without_log, vouch
@@ -225,7 +226,8 @@ def recover(
         # Whole, valid entries after a bad one are not what a crash leaves behind.
         line = data[: scan.intact].count(b"\n") + 1
         raise damaged(f"{last}:{line}", f"{scan.error}, but valid entries follow it")
-    log_origin = read_origin(segments[0]) or origin
+    # The first segment names the origin; once retention has deleted it, the marker does.
+    log_origin = read_origin(segments[0]) or marker_origin(directory) or origin
     # Checked before anything is touched: a log behind its own seal is refused as it is.
     vouched = vouch(
         directory, segments, log_origin, (scan.last_seq, scan.last_hash), verifier, accept_rollback

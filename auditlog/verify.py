@@ -33,8 +33,10 @@ from iortd.auditlog.dircheck import (
 )
 from iortd.auditlog.findings import Problem, Unvouched, VerifyReport, entry_data
 from iortd.auditlog.logdir import SEGMENT_RE, segment_paths
+from iortd.auditlog.marker import read_marker
 from iortd.auditlog.note import Checkpoint, NoteError, Verifier
 from iortd.auditlog.segments import SegmentError, open_segment
+from iortd.auditlog.union import find_archive, merge, missing_segment
 
 _HASH_KEY = b',"hash":"'
 
@@ -90,10 +92,17 @@ def verify_log(
     pubkey: Verifier | None = None,
     external: str | Sequence[str] | None = None,
     progress: Callable[[int], None] | None = None,
+    archive: Path | None = None,
 ) -> VerifyReport:
     """``external``: one or more signed notes held elsewhere (e.g. every checkpoint a
-    subscriber saved); the log must contain, unchanged, what each of them covered."""
+    subscriber saved); the log must contain, unchanged, what each of them covered.
+    ``archive``: where retention archived the log's segments; the union of both places
+    is verified as one log (union.py)."""
     rep = VerifyReport(files=collect_files(paths))
+    if archive is not None:
+        archive = find_archive(archive, log_directory(paths, rep.files))
+        if not _merge_archive(rep, archive):
+            return rep
     if not rep.files:
         rep.problem = Problem(Path(*paths[:1]) if paths else Path(), 0, None, "no log files found")
         return rep
@@ -120,6 +129,8 @@ def verify_log(
         # only once they are on disk, so every segment holding what the seal covers exists
         # now (it may have started one since the first listing: by size, or at midnight).
         rep.files = collect_files(paths)
+        if archive is not None and not _merge_archive(rep, archive):
+            return rep
     anchor_hashes: dict[int, str | None] = {cp.count - 1: None for _, _, cp in anchors}
     last_ts = ""
     log_key: Verifier | None = None
@@ -160,8 +171,10 @@ def verify_log(
                 break
             if seq != expect_seq:
                 what = (
-                    f"the log starts at seq {seq}, not 0: give the whole log (its directory),"
-                    " or earlier segments are missing"
+                    missing_segment(expect_seq, seq, archive)
+                    if archive is not None and n == 1 and seq > expect_seq
+                    else f"the log starts at seq {seq}, not 0: give the whole log (its directory),"
+                    f" or earlier segments are missing{_archived_hint(log_dir)}"
                     if expect_seq == 0
                     else f"seq {seq} where {expect_seq} was expected: an entry is missing, "
                     "inserted or out of order"
@@ -280,6 +293,27 @@ def verify_log(
             f"{rep.clock_steps_back - CLOCK_STEPS_LISTED} more backward steps of the entries' ts"
         )
     return rep
+
+
+def _merge_archive(rep: VerifyReport, archive: Path) -> bool:
+    """rep.files becomes the union with the archive; False (and rep.problem) when a
+    segment in both places differs."""
+    union = merge(rep.files, archive)
+    rep.files, rep.archive = union.files, archive
+    rep.archive_counts = (union.local, union.archived, union.both)
+    rep.problem = union.problem
+    return union.problem is None
+
+
+def _archived_hint(log_dir: Path | None) -> str:
+    marker = None if log_dir is None else read_marker(log_dir)
+    where = None if marker is None else marker.get("archive")
+    if not isinstance(where, str):
+        return ""
+    return (
+        f" (this directory's retention marker says they were archived to {where}: "
+        "verify with --archive)"
+    )
 
 
 # ---- recovery entries, clock steps, deliveries in unvouched ranges, checkpoint entries ----

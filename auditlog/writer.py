@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import errno
 import os
-import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -51,12 +50,13 @@ from iortd.auditlog.logdir import (
     OpenSegment,
     check_same_file,
     create_segment,
-    hash_at,
     lock_directory,
+    new_origin,
     read_anchor,
     segment_paths,
     write_anchor,
 )
+from iortd.auditlog.marker import hash_at_anywhere
 from iortd.auditlog.note import Checkpoint, Signer
 from iortd.auditlog.recovery import RecoveryReport, recover
 from iortd.auditlog.spill import DEFAULT_SPILL_DIR, spill_entries, spill_path
@@ -150,9 +150,12 @@ class AuditLog:
         self._window = group_commit_s
         self._max = rotate_max_bytes
         self.signer = signer
-        # Set by the owner (the daemon) to raise the alarm on every channel it has.
+        # Set by the owner (the daemon): the alarm on every channel it has; retention's wake
+        # at a roll (in the writer's thread); metrics at a commit (entries, bytes, start).
         self.on_failure = on_failure
         self.on_recovered = on_recovered
+        self.on_rotate: Callable[[], None] = lambda: None
+        self.on_commit: Callable[[int, int, float], None] = lambda n, size, t0: None
         self._wall_ns = wall_ns
         self._mono = mono
         self._pending: list[_Pending] = []
@@ -174,7 +177,6 @@ class AuditLog:
         self._cp_note: str | None = None  # a checkpoint note still to write to its file
         self._cp_file_lock = threading.Lock()
         self.failing_since: float | None = None
-        self.on_commit: Callable[[int, int, float], None] = lambda n, size, t0: None  # metrics
 
     # ---- opening and recovery --------------------------------------------------------
 
@@ -355,7 +357,7 @@ class AuditLog:
             return None
         if seq == self.committed_seq:
             return self._committed_hash
-        return await asyncio.to_thread(lambda: hash_at(segment_paths(self.directory), seq))
+        return await asyncio.to_thread(hash_at_anywhere, self.directory, seq)
 
     async def _spill(self, lost: list[_Pending]) -> None:
         """Keep entries that could not be written outside the log directory (spill.py)."""
@@ -544,6 +546,7 @@ class AuditLog:
             os.close(old.fd)
             self._segment = None
         self._segment = create_segment(self.directory, first_seq, date)
+        self.on_rotate()
         return self._segment
 
     async def close(self) -> None:
@@ -592,8 +595,3 @@ class AuditLog:
             self._seal_due = True
         if self._side_due():
             await self._side_files()  # once: a failure is logged and alarmed, not raised
-
-
-def new_origin(site: str, room: str) -> str:
-    """A log origin: where it comes from plus a random id, never patient data."""
-    return f"iortd/{site}/{room}/{secrets.token_hex(8)}"

@@ -18,22 +18,25 @@ counting sink is one of the caller's own) and binds the health endpoint
 (daemon/health_http.py, ``[health] listen``), and runs everything in **one**
 ``asyncio.TaskGroup``: the audit writer, each sink's own work, the dispatcher and the
 notices, the health endpoint, then one :class:`~iortd.daemon.device_loop.DeviceLoop` per
-configured device, the stale-data watchdog, the checkpoint task and the systemd supervisor
+configured device, the stale-data watchdog, the checkpoint task, the systemd supervisor
 (``READY=1`` once the loops are started and the run's start is on disk, ``STATUS=``,
-``WATCHDOG=1``: daemon/health.py); ``STOPPING=1`` when the stop comes
-(kernel/sdnotify.py). Devices that name one serial port share one line (an RS-485 bus):
+``WATCHDOG=1``: daemon/health.py; ``STOPPING=1`` when the stop comes: kernel/sdnotify.py)
+and, with ``[log.retention]``, the retention task (auditlog/retention.py: the disk budget
+and the archive, woken by every segment roll; ``App.retention.status()`` is its state for
+health and metrics). Devices that name one serial port share one line (an RS-485 bus):
 :func:`_shared_lines` builds one :class:`~iortd.drivers.transport.shared.SharedLine` per
 such port, owning its one transport, and each device's driver gets a view of it in its
 context (turns round-robin).
 
 A signal (or the end of ``--duration``, or the end of the delivery under
 ``stop_after_delivery``) only sets ``stop``. Shutdown is ordered and bounded: ``STOPPING=1``
-and ``/readyz`` says so; the device loops, the watchdog, the checkpoint task and the
-supervisor end; ``daemon_stop`` and a final checkpoint are written (bounded); the
-dispatcher drains (bounded); the notices stop; the health endpoint stops (bounded); the
-sinks close (each bounded); the audit log closes last. The whole shutdown is bounded by twice
-``SHUTDOWN_TIMEOUT_S`` from the stop: what has not finished then is cancelled, with a
-reason, and the exit stack still closes the log (which spills what it cannot write).
+and ``/readyz`` says so; the device loops, the watchdog, the checkpoint task, the
+supervisor and the retention task end; ``daemon_stop`` and a final checkpoint are written
+(bounded); the dispatcher drains (bounded); the notices stop; the health endpoint stops
+(bounded); the sinks close (each bounded); the audit log closes last. The whole shutdown is
+bounded by twice ``SHUTDOWN_TIMEOUT_S`` from the stop: what has not finished then is
+cancelled, with a reason, and the exit stack still closes the log (which spills what it
+cannot write).
 
 A stop that comes while the log is being opened (a large recovery) does not tear through
 the recovery: the run ends once the log is open, before any device is touched.
@@ -54,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from iortd.auditlog.note import Signer
+from iortd.auditlog.retention import RetentionManager, RetentionSettings
 from iortd.auditlog.writer import (
     DEFAULT_SPILL_DIR,
     AuditLog,
@@ -65,6 +69,7 @@ from iortd.auditlog.writer import (
     new_origin,
 )
 from iortd.daemon.config import Config, ConfigError, DeviceConfig, LoadedConfig, load_config
+from iortd.daemon.config.model import RetentionConfig
 from iortd.daemon.device_loop import DeviceLoop
 from iortd.daemon.health import Health, supervise
 from iortd.daemon.metrics import MetricsSink, build_registry
@@ -153,6 +158,8 @@ class App:
         self._service: Service | None = None
         self._notifier = notifier or Notifier.from_env()
         self.health: Health | None = None
+        # The retention task, when [log.retention] is set; status() for health/metrics.
+        self.retention: RetentionManager | None = None
 
     @property
     def tracker(self) -> DeliveryTracker:
@@ -262,6 +269,9 @@ class App:
             ]
             until_stop.append(tg.create_task(service.watchdog(stop), name="watchdog"))
             until_stop.append(tg.create_task(service.checkpoints(stop), name="checkpoints"))
+            if c.log.retention is not None:
+                self.retention = _retention(c.log.retention, audit, service)
+                until_stop.append(tg.create_task(self.retention.run(stop), name="retention"))
             until_stop.append(tg.create_task(supervise(notifier, health, stop), name="systemd"))
             health.mark_started()  # the supervisor sends READY=1 once the start is on disk
             await stop.wait()
@@ -316,6 +326,24 @@ class App:
             line_wait_s=sum(others) if line else 0.0,
             progress=progress,
         )
+
+
+def _retention(r: RetentionConfig, audit: AuditLog, service: Service) -> RetentionManager:
+    """The retention task over ``[log.retention]``, woken by every segment roll."""
+    mgr = RetentionManager(
+        audit,
+        RetentionSettings(
+            budget_bytes=r.budget_mb * 1024 * 1024,
+            warn_fraction=r.warn_fraction,
+            keep_fraction=r.keep_fraction,
+            archive_dir=r.archive_dir,
+            archive_mount_required=r.archive_mount_required,
+            interval_s=r.interval_s,
+        ),
+        notice=service.notice,
+    )
+    audit.on_rotate = mgr.wake_threadsafe
+    return mgr
 
 
 def _shared_lines(

@@ -14,7 +14,17 @@ What only the demo does, around the same composition root as ``iortd run``
   until Enter (or Ctrl-C, or SIGTERM).
 
 Every process it starts is stopped by PID when the demo ends (an ``ExitStack``), also when
-the run fails.
+the run fails. Nothing is left behind when the demo is killed outright either (SIGKILL, a
+crash, a closed terminal; docs/operations.md, "Nothing left behind"):
+
+- the broker and the dashboard are **tethered** (kernel/reaper.py): a watcher per child
+  stops it (SIGTERM, SIGKILL after a grace) as soon as the demo's end of a pipe closes,
+  which the kernel does at the demo's death; where the system cannot tether (no
+  ``pidfd_open``) the demo says so and names the PIDs to stop;
+- its temporary files live in one **scratch directory** (kernel/scratch.py,
+  ``$TMPDIR/iortd-demo-PID-START-*``) that it locks for its lifetime and removes at a
+  normal end; each start first reclaims the directories of demos that were killed, never
+  a live demo's.
 """
 
 from __future__ import annotations
@@ -54,10 +64,13 @@ from iortd.daemon.mqtt.broker import (
     find_mosquitto,
 )
 from iortd.drivers.registry import DriverRegistry
+from iortd.kernel.reaper import Tether, tether_unavailable
+from iortd.kernel.scratch import ScratchDir, reclaim
 
 __all__ = ["default_data_dir", "default_demo_config", "run_demo"]
 
 DEMO_KEY_NAME = "iortd-demo"
+SCRATCH_KIND = "demo"
 DASHBOARD_START_S = 10.0
 
 
@@ -96,9 +109,16 @@ def run_demo(args: argparse.Namespace) -> int:
     except (OSError, KeyFileError) as exc:
         return usage_error(f"demo signing key: {exc}")
     with contextlib.ExitStack() as stack:
+        try:
+            scratch = _scratch(stack)
+        except OSError as exc:
+            return usage_error(
+                f"cannot make the demo's temporary directory in {tempfile.gettempdir()}: "
+                f"{exc.strerror or exc}; point TMPDIR at a writable directory"
+            )
         broker_url = args.broker
         if broker_url is None and loaded.config.mqtt.enabled:
-            started = _embedded_broker(stack)
+            started = _embedded_broker(stack, scratch / "mqtt")
             if isinstance(started, int):
                 return started
             broker_url = started
@@ -113,6 +133,27 @@ def run_demo(args: argparse.Namespace) -> int:
         if dashboard_url is not None and code == 0 and sys.stdin.isatty() and sys.stdout.isatty():
             _linger(dashboard_url)
         return code
+
+
+def _scratch(stack: contextlib.ExitStack) -> Path:
+    """Reclaim what killed demos left in the temporary directory, then make this demo's
+    own scratch directory (removed when the stack closes); say if children cannot be
+    tethered here."""
+    removed = reclaim(SCRATCH_KIND)
+    if removed:
+        print(  # noqa: T201 - CLI output
+            f"iortd demo: removed {len(removed)} temporary directory(ies) left by demos "
+            f"that were killed: {', '.join(str(p) for p in removed)}",
+            file=sys.stderr,
+        )
+    unavailable = tether_unavailable()
+    if unavailable is not None:
+        print(  # noqa: T201 - CLI output
+            f"iortd demo: {unavailable}, so if this demo is killed outright (SIGKILL) its "
+            "broker and dashboard keep running: stop them by the PIDs printed below",
+            file=sys.stderr,
+        )
+    return stack.enter_context(ScratchDir(SCRATCH_KIND)).path
 
 
 def _demo_signer() -> tuple[Signer, Path]:
@@ -147,9 +188,10 @@ def _mqtt_off(overrides: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]
     return {**overrides, "mqtt": {"enabled": False}}
 
 
-def _embedded_broker(stack: contextlib.ExitStack) -> str | int | None:
-    """A private Mosquitto for the demo (127.0.0.1, a free port, no persistence), stopped
-    by PID when the demo ends. None (stream off) when Mosquitto is not installed."""
+def _embedded_broker(stack: contextlib.ExitStack, workdir: Path) -> str | int | None:
+    """A private Mosquitto for the demo (127.0.0.1, a free port, no persistence, its files
+    in ``workdir``), stopped by PID when the demo ends and tethered to the demo. None
+    (stream off) when Mosquitto is not installed."""
     exe = find_mosquitto()
     if exe is None:
         print(  # noqa: T201 - CLI output
@@ -158,9 +200,8 @@ def _embedded_broker(stack: contextlib.ExitStack) -> str | int | None:
             file=sys.stderr,
         )
         return None
-    workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="iortd-demo-mqtt-")))
     try:
-        broker = Mosquitto.start_sync(BrokerOptions(), workdir, executable=exe)
+        broker = Mosquitto.start_sync(BrokerOptions(), workdir, executable=exe, tethered=True)
     except BrokerError as exc:
         return usage_error(f"the demo's private Mosquitto did not start: {exc}")
     stack.callback(broker.stop_sync)
@@ -172,15 +213,18 @@ def _embedded_broker(stack: contextlib.ExitStack) -> str | int | None:
 
 def _demo_dashboard(stack: contextlib.ExitStack, broker_url: str, prefix: str) -> str | None:
     """`iort-dashboard` on the demo's stream (127.0.0.1, a free port), as a process
-    stopped by PID when the demo ends; its URL. The demo goes on without it if it cannot
-    start (None)."""
+    stopped by PID when the demo ends and tethered to the demo; its URL. The demo goes on
+    without it if it cannot start (None)."""
     argv = [sys.executable, "-m", "iortd.dashboard.cli", "--broker", broker_url, "--port", "0"]
+    tether = stack.enter_context(Tether("iort-dashboard"))  # closed after the stop below
     proc = subprocess.Popen(  # noqa: S603 - our own module, with our own arguments
-        [*argv, "--prefix", prefix, "--log-level", "warning"],
+        tether.argv([*argv, "--prefix", prefix, "--log-level", "warning"]),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         text=True,
+        pass_fds=tether.pass_fds,
     )
+    tether.started()
     stack.callback(_stop_process, proc)
     out = proc.stdout
     ready, _, _ = select.select([] if out is None else [out], [], [], DASHBOARD_START_S)

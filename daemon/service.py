@@ -308,6 +308,11 @@ class Service:
         )
         return why
 
+    def notice(self, severity: str, message: str) -> None:
+        """Tell every sink now, out of band (``critical`` or ``info``): the retention task's
+        alarms (auditlog/retention.py) reach MQTT ``events`` and the dashboard this way."""
+        self._notices.put_nowait((severity, message))
+
     def _on_audit_recovered(self, outage_s: float) -> None:
         self._audit_failing.clear()
         self._notices.put_nowait(("info", f"audit log writable again after {outage_s:.1f} s"))

@@ -12,6 +12,7 @@ The models are :mod:`iortd.daemon.config.model`; the checks beyond them
 from __future__ import annotations
 
 import hashlib
+import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +36,7 @@ from .checks import (
     _credentials_in_urls,
     _describe,
     _key_path,
+    _resolve_credentials,
     _resolve_paths,
     _too_deep,
 )
@@ -134,6 +136,8 @@ def load_config(
         raise ConfigError(issues) from None
 
     sinks = sinks or SinkRegistry.from_entry_points()
+    # credential:NAME first: what it resolves to is absolute, so left alone below.
+    config, credential_issues = _resolve_credentials(config, path, os.environ)
     config = _resolve_paths(config, path.parent.resolve(), registry, sinks)
     # Device structure first: with duplicate names or no source, per-driver checks would
     # only add noise about the wrong device.
@@ -142,6 +146,7 @@ def load_config(
         issues = _check_files(config, path) + _check_drivers(config, path, registry)
         issues += _check_shared_lines(config, path, registry)
         issues += _check_sinks(config, path, sinks)
+    issues = credential_issues + issues
     if issues:
         raise ConfigError(issues)
     return LoadedConfig(config=config, path=path, sha256=hashlib.sha256(raw_bytes).hexdigest())

@@ -19,6 +19,7 @@ from iortd.drivers.errors import DriverConfigError, DriverOptionError
 from iortd.drivers.registry import DriverRegistry
 from iortd.drivers.transport.config import SERIAL_SETTINGS, serial_line
 
+from .credentials import SECRET_FILE_KEYS, credential_name
 from .model import (
     _PATTERN_MEANING,
     Config,
@@ -143,16 +144,55 @@ def _resolve_sink_paths(table: SinkConfig, base: Path, registry: SinkRegistry) -
     return table.model_copy(update={"options": _freeze({**_thaw(table.options), **update})})
 
 
+def _resolve_credentials(
+    config: Config, file: Path, environ: Mapping[str, str]
+) -> tuple[Config, list[ConfigIssue]]:
+    """Replace every ``credential:NAME`` secret-file value by its file in
+    ``$CREDENTIALS_DIRECTORY``; a credential that cannot be resolved is an issue (and its
+    key is cleared, so that no later check reports it a second time)."""
+    issues: list[ConfigIssue] = []
+    updates: dict[str, dict[str, Path | None]] = {}
+    directory = environ.get("CREDENTIALS_DIRECTORY", "")
+    for section, key in SECRET_FILE_KEYS:
+        value = getattr(getattr(config, section), key)
+        name = None if value is None else credential_name(value)  # the models checked the form
+        if name is None:
+            continue
+        if not directory:
+            msg = (
+                f"the systemd credential {name!r} is not available: $CREDENTIALS_DIRECTORY is "
+                f"not set (systemd sets it for a unit with LoadCredential={name}:FILE, as "
+                f"iortd.service does). Run under the unit; to check by hand: "
+                f"iortd check-config --credential {name}:FILE CONFIG"
+            )
+        elif not Path(directory).is_absolute():
+            msg = f"$CREDENTIALS_DIRECTORY must be an absolute path; got {directory!r}"
+        else:
+            updates.setdefault(section, {})[key] = Path(directory) / name
+            continue
+        issues.append(ConfigIssue(file, f"{section}.{key}", msg))
+        updates.setdefault(section, {})[key] = None
+    if not updates:
+        return config, issues
+    changed = {
+        section: getattr(config, section).model_copy(update=values)
+        for section, values in updates.items()
+    }
+    return config.model_copy(update=changed), issues
+
+
 def _resolve_paths(
     config: Config, base: Path, registry: DriverRegistry, sinks: SinkRegistry
 ) -> Config:
     def fix(p: Path | None) -> Path | None:
         return None if p is None else (p if p.is_absolute() else (base / p))
 
+    ret = config.log.retention
     log = config.log.model_copy(
         update={
             "directory": fix(config.log.directory),
             "signing_key_file": fix(config.log.signing_key_file),
+            "retention": ret and ret.model_copy(update={"archive_dir": fix(ret.archive_dir)}),
         }
     )
     mqtt = config.mqtt.model_copy(
@@ -231,6 +271,7 @@ def _check_file_system(config: Config, file: Path) -> list[ConfigIssue]:
                 "ca_file/cert_file are set but the url is mqtt:// (plain TCP); use mqtts://",
             )
         )
+    issues += _check_retention(config, file)
     key_file = config.log.signing_key_file
     if key_file is not None and key_file.is_file():
         # Refused here, before anything starts, rather than at the first checkpoint.
@@ -238,6 +279,42 @@ def _check_file_system(config: Config, file: Path) -> list[ConfigIssue]:
             load_signer(key_file)
         except KeyFileError as exc:
             issues.append(ConfigIssue(file, "log.signing_key_file", str(exc)))
+    return issues
+
+
+def _check_retention(config: Config, file: Path) -> list[ConfigIssue]:
+    """``[log.retention]``: a budget that holds more than the segments retention may never
+    delete, and an archive that is a directory of its own, apart from the log."""
+    ret, log = config.log.retention, config.log
+    if ret is None:
+        return []
+    issues = []
+    if ret.budget_mb * 1024 * 1024 < 4 * log.rotate_max_bytes:
+        issues.append(
+            ConfigIssue(
+                file,
+                "log.retention.budget_mb",
+                f"{ret.budget_mb} MiB holds fewer than 4 segments of log.rotate_max_bytes "
+                f"({log.rotate_max_bytes} bytes): raise it, or lower rotate_max_bytes",
+            )
+        )
+    arch = ret.archive_dir
+    if arch is None:
+        return issues
+    a, d = arch.resolve(), log.directory.resolve()
+    key = "log.retention.archive_dir"
+    if a == d or a.is_relative_to(d):
+        why = f"{arch} is inside log.directory: an archive is a copy kept elsewhere"
+        issues.append(ConfigIssue(file, key, why))
+    elif d.is_relative_to(a):
+        why = f"{arch} holds log.directory: give the archive a directory of its own"
+        issues.append(ConfigIssue(file, key, why))
+    elif not arch.is_dir():
+        issues.append(
+            ConfigIssue(file, key, f"not a directory: {arch} (create it, or its mount point)")
+        )
+    # Whether the share is mounted is not checked here: it may be mounted after the start
+    # (each retention round checks it, and an unmounted share is an alarm, not a refusal).
     return issues
 
 

@@ -32,6 +32,8 @@ from iortd.daemon.tracker.settings import STALE_AFTER_POLLS, TrackerSettings
 from iortd.daemon.tracker.settings import setting_default as _d
 from iortd.kernel.broker import parse_broker_url
 
+from .credentials import credential_name
+
 # Identifiers that appear in MQTT topics and file names: lower-case slugs only, so that no
 # free text (and so no patient name) can end up there.
 _SLUG_RE = r"^[a-z0-9][a-z0-9-]{0,62}$"
@@ -77,6 +79,15 @@ def _usable_path(path: Path) -> Path:
 ConfigPath = Annotated[Path, Field(strict=False), AfterValidator(_usable_path)]
 
 
+def _credential_form(path: Path) -> Path:
+    credential_name(path)  # raises ValueError for credential:NAME with a bad NAME
+    return path
+
+
+# A secret file: a path, or "credential:NAME" for a file systemd hands over (credentials.py).
+SecretPath = Annotated[ConfigPath, AfterValidator(_credential_form)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -100,12 +111,37 @@ class SampleDeadband(_Model):
     extra: float = Field(default=0.0, ge=0)  # the device's extra numbers, in their own unit
 
 
+class RetentionConfig(_Model):
+    """``[log.retention]``: a disk budget for the log directory and an archive
+    (docs/operations.md, "Disk budget, archive and retention"). Absent: nothing is ever
+    deleted and no budget is watched."""
+
+    # 4 GiB: 64 default segments; over 5 days at the full idle rate of 10 samples/s
+    # (~780 MB a day), far more with idle thinning.
+    budget_mb: int = Field(default=4096, ge=1, le=16 * 1024 * 1024)
+    warn_fraction: float = Field(default=0.8, gt=0, lt=1)
+    keep_fraction: float = Field(default=0.7, gt=0, lt=1)
+    archive_dir: ConfigPath | None = None
+    archive_mount_required: bool = True
+    interval_s: float = Field(default=60.0, ge=1, le=3600)
+
+    @model_validator(mode="after")
+    def _keep_below_warn(self) -> Self:
+        if self.keep_fraction >= self.warn_fraction:
+            raise ValueError(
+                "keep_fraction must be below warn_fraction (deletion brings the directory "
+                "down to keep_fraction once it reaches warn_fraction)"
+            )
+        return self
+
+
 class LogConfig(_Model):
     directory: ConfigPath
     group_commit_ms: int = Field(default=50, ge=1, le=10_000)
     rotate_max_bytes: int = Field(default=64 * 1024 * 1024, ge=64 * 1024)
     checkpoint_interval_s: float = Field(default=300.0, gt=0, le=86_400)
-    signing_key_file: ConfigPath | None = None
+    signing_key_file: SecretPath | None = None
+    retention: RetentionConfig | None = None
     # Samples while the room is idle: a heartbeat at this interval plus every change; 0
     # records every reading (daemon/thinning.py). In the clock's seconds.
     idle_sample_interval_s: float = Field(default=60.0, ge=0, le=3600)
@@ -135,11 +171,11 @@ class MqttConfig(_Model):
     prefix: Slug = "iort"
     keepalive_s: int = Field(default=10, ge=1, le=3600)
     username: str | None = Field(default=None, min_length=1, max_length=200)
-    password_file: ConfigPath | None = None
+    password_file: SecretPath | None = None
     password_env: str | None = Field(default=None, pattern=_ENV_RE)
     ca_file: ConfigPath | None = None
     cert_file: ConfigPath | None = None
-    key_file: ConfigPath | None = None
+    key_file: SecretPath | None = None
     # About 3.5 h of a 10 Hz outage at ~500 B a sample; held in memory as well as on disk.
     outbox_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024, le=4 * 1024**3)
 

@@ -7,6 +7,16 @@ at start, with a configuration file generated into a working directory we own, a
 stopped by the PID we started. Nothing here looks for, signals or configures a system
 broker (no service manager, no pid file, no ``pkill``).
 
+With ``tethered=True`` (what ``iortd demo`` asks for) the broker also dies with this process
+when it is killed outright (SIGKILL, a crash): it is started through the kernel's tether
+(kernel/reaper.py), whose watcher stops it when this process's end of a pipe closes. The
+broker keeps its PID (the tether's shim execs Mosquitto), so `pid`, signals and exit
+codes are Mosquitto's own. A parent-death signal would not do: it is tied to the thread
+that forked the broker (`start` forks from a worker thread), and it is cleared when
+Mosquitto changes user (as root, whenever its ``user`` is not root). The tests' brokers
+are left untethered: they are stopped by their fixtures, and the shim adds some 50 ms to
+every start.
+
 The core is synchronous (`subprocess.Popen`; Mosquitto is listening within ~10 ms of its
 exec), so a plain pytest fixture can use it directly; the ``async`` methods run the same
 code in a worker thread so that the event loop is never blocked. An instance is not
@@ -29,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+from iortd.kernel.reaper import Tether
 
 __all__ = [
     "MOSQUITTO_INSTALL_HINT",
@@ -130,11 +142,18 @@ class Mosquitto:
     """
 
     def __init__(
-        self, options: BrokerOptions, workdir: Path, *, executable: Path | None = None
+        self,
+        options: BrokerOptions,
+        workdir: Path,
+        *,
+        executable: Path | None = None,
+        tethered: bool = False,
     ) -> None:
         self._options = options
         self._workdir = workdir.resolve()
         self._executable = executable
+        self._tethered = tethered
+        self._tether: Tether | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._port: int | None = None
         self._plain_port: int | None = None
@@ -143,19 +162,32 @@ class Mosquitto:
 
     @classmethod
     def start_sync(
-        cls, options: BrokerOptions, workdir: Path, *, executable: Path | None = None
+        cls,
+        options: BrokerOptions,
+        workdir: Path,
+        *,
+        executable: Path | None = None,
+        tethered: bool = False,
     ) -> Mosquitto:
-        broker = cls(options, workdir, executable=executable)
+        broker = cls(options, workdir, executable=executable, tethered=tethered)
         broker._launch()
         return broker
 
     @classmethod
     async def start(
-        cls, options: BrokerOptions, workdir: Path, *, executable: Path | None = None
+        cls,
+        options: BrokerOptions,
+        workdir: Path,
+        *,
+        executable: Path | None = None,
+        tethered: bool = False,
     ) -> Mosquitto:
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(
-            None, functools.partial(cls.start_sync, options, workdir, executable=executable)
+            None,
+            functools.partial(
+                cls.start_sync, options, workdir, executable=executable, tethered=tethered
+            ),
         )
         try:
             return await asyncio.shield(fut)
@@ -200,6 +232,12 @@ class Mosquitto:
         return self._proc.pid
 
     @property
+    def tethered(self) -> bool:
+        """Whether the current process dies with this one even on SIGKILL (False where
+        the system cannot tether: see kernel/reaper.py's ``tether_unavailable``)."""
+        return self._tether is not None and self._tether.active
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
@@ -227,13 +265,16 @@ class Mosquitto:
         proc = self._proc
         if proc is None:
             return None
-        if proc.poll() is None:
-            proc.terminate()  # Popen signals only a PID it has not reaped yet
-            try:
-                return proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        return proc.wait()
+        try:
+            if proc.poll() is None:
+                proc.terminate()  # Popen signals only a PID it has not reaped yet
+                try:
+                    return proc.wait(timeout=timeout_s)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+            return proc.wait()
+        finally:
+            self._untether()
 
     def restart_sync(self, timeout_s: float = 5.0) -> None:
         """Stop if running, then start the same configuration on the same port(s)."""
@@ -252,6 +293,12 @@ class Mosquitto:
             if proc.poll() is None:
                 proc.kill()
             proc.wait(timeout=2)
+        self._untether()  # if it still runs (not reaped in time), its watcher stops it
+
+    def _untether(self) -> None:
+        if self._tether is not None:
+            self._tether.close()
+            self._tether = None
 
     def __enter__(self) -> Self:
         if self._port is None:
@@ -323,14 +370,25 @@ class Mosquitto:
         log_from = self.log_path.stat().st_size if self.log_path.exists() else 0
         # Messages Mosquitto prints before it opens its log file (a bad option) go to the
         # same file, appended.
-        with self.log_path.open("ab") as early_log:
-            proc = subprocess.Popen(  # noqa: S603 - our executable, our generated config
-                [str(exe), "-c", str(self.conf_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=early_log,
-                stderr=early_log,
-            )
-        self._proc, self._port, self._plain_port = proc, port, plain_port
+        self._untether()  # the previous process's, if any (a restart)
+        tether = Tether("mosquitto") if self._tethered else None
+        argv = [str(exe), "-c", str(self.conf_path)]
+        try:
+            with self.log_path.open("ab") as early_log:
+                proc = subprocess.Popen(  # noqa: S603 - our executable, our generated config
+                    argv if tether is None else tether.argv(argv),
+                    stdin=subprocess.DEVNULL,
+                    stdout=early_log,
+                    stderr=early_log,
+                    pass_fds=() if tether is None else tether.pass_fds,
+                )
+        except BaseException:
+            if tether is not None:
+                tether.close()
+            raise
+        if tether is not None:
+            tether.started()
+        self._proc, self._port, self._plain_port, self._tether = proc, port, plain_port, tether
         try:
             self._wait_running(proc, log_from)
         except BaseException:

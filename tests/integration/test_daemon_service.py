@@ -279,9 +279,13 @@ async def test_a_device_that_stops_answering_makes_interlocks_unknown_then_recov
     result = task.result()
     assert result.link_losses >= 1
     assert script.connects >= 2, "the driver was reconnected"
-    (gap,) = daemon.tracker.snapshot().gaps
-    assert gap.end_mono_ns is not None
-    assert gap.end_mono_ns > gap.start_mono_ns
+    # The outage's gap, closed. (A machine loaded enough to stall the loop past the stale
+    # bound adds a gap of its own: honest, and closed too.)
+    gaps = daemon.tracker.snapshot().gaps
+    assert gaps
+    for gap in gaps:
+        assert gap.end_mono_ns is not None
+        assert gap.end_mono_ns > gap.start_mono_ns
 
 
 async def test_one_error_reply_is_a_skipped_poll_not_a_lost_link(tmp_path: Path) -> None:
