@@ -206,7 +206,12 @@ class App:
             )
             progress = {d.name: DeviceProgress(d.name) for d in c.devices}
             health = self.health = Health(c, audit, service.tracker, list(progress.values()))
-            registry = build_registry(health, counting, sinks)
+            registry = build_registry(
+                health,
+                counting,
+                sinks,
+                lambda: None if self.retention is None else self.retention.status(),
+            )
             server = None
             if c.health.address is not None:
                 # Imported only when served: uvicorn and Starlette cost ~0.1 s at start.

@@ -30,6 +30,7 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from iortd.auditlog.retention import RetentionStatus
 from iortd.daemon.health import Health
 from iortd.daemon.mqtt.sink import MqttSink
 from iortd.daemon.sink_queue import QueuedSink
@@ -77,8 +78,10 @@ class DaemonCollector(Collector):
         sinks: Sequence[QueuedSink],
         *,
         clock: Callable[[], float] = time.monotonic,
+        retention: Callable[[], RetentionStatus | None] = lambda: None,
     ) -> None:
         self.health = health
+        self._retention = retention
         self.sink = sink
         self.sinks = list(sinks)
         self._clock = clock
@@ -91,6 +94,7 @@ class DaemonCollector(Collector):
         yield from self._devices(now)
         yield from self._tracker()
         yield from self._audit(now)
+        yield from self._storage()
         yield from self._sinks(now)
 
     def _daemon(self) -> Iterator[Metric]:
@@ -206,6 +210,37 @@ class DaemonCollector(Collector):
             value=math.inf if last is None else now - last,
         )
 
+    def _storage(self) -> Iterator[Metric]:
+        """The disk budget and the archive (``[log.retention]``; absent without it)."""
+        st = self._retention()
+        if st is None:
+            return
+        for name, text, value in (
+            ("iortd_storage_used_bytes", "Bytes of the audit log's local segments.", st.used_bytes),
+            ("iortd_storage_budget_bytes", "The disk budget ([log.retention] budget_mb).",
+             st.budget_bytes),
+            ("iortd_storage_warn_bytes", "Where the storage warning is raised.", st.warn_bytes),
+            ("iortd_storage_local_segments", "Segments kept locally.", st.local_segments),
+            ("iortd_storage_unarchived_segments", "Closed segments not yet in the archive.",
+             st.unarchived_segments),
+            ("iortd_storage_archive_failing", "1 while the archive cannot be written.",
+             float(st.last_archive_error is not None)),
+        ):  # fmt: skip
+            yield GaugeMetricFamily(name, text, value=value)
+        level = GaugeMetricFamily(
+            "iortd_storage_level", "1 for the current storage level.", labels=["level"]
+        )
+        for name in ("ok", "warning", "budget_reached"):
+            level.add_metric([name], float(st.level == name))
+        yield level
+        for name, text, value in (
+            ("iortd_storage_segments_archived", "Segments copied to the archive in this run.",
+             st.archived_total),
+            ("iortd_storage_segments_deleted", "Archived segments deleted locally in this run.",
+             st.deleted_total),
+        ):  # fmt: skip
+            yield CounterMetricFamily(name, text, value=value)
+
     def _sinks(self, now: float) -> Iterator[Metric]:
         dropped = CounterMetricFamily(
             "iortd_sink_dropped", "Calls a sink's queue dropped (overflow).", labels=["sink"]
@@ -253,11 +288,15 @@ class DaemonCollector(Collector):
 
 
 def build_registry(
-    health: Health, sink: MetricsSink, sinks: Sequence[QueuedSink]
+    health: Health,
+    sink: MetricsSink,
+    sinks: Sequence[QueuedSink],
+    retention: Callable[[], RetentionStatus | None] = lambda: None,
 ) -> CollectorRegistry:
-    """A fresh registry for one daemon; wires the audit writer's commit observer."""
+    """A fresh registry for one daemon; wires the audit writer's commit observer.
+    ``retention()`` is the retention task's status, read at each scrape (None: none)."""
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(DaemonCollector(health, sink, sinks))
+    registry.register(DaemonCollector(health, sink, sinks, retention=retention))
     commit = Histogram(
         "iortd_audit_commit_duration_seconds",
         "Time to write and fsync one group commit of the audit log.",

@@ -170,6 +170,8 @@ class MqttConfig(_Model):
     url: str = "mqtt://127.0.0.1:1883"
     prefix: Slug = "iort"
     keepalive_s: int = Field(default=10, ge=1, le=3600)
+    # The reconnect backoff's cap (it starts at 0.5 s and doubles up to this).
+    reconnect_max_s: float = Field(default=10.0, ge=0.5, le=3600)
     username: str | None = Field(default=None, min_length=1, max_length=200)
     password_file: SecretPath | None = None
     password_env: str | None = Field(default=None, pattern=_ENV_RE)

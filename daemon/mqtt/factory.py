@@ -56,4 +56,5 @@ class MqttSinkFactory:
             simulated=context.simulated,
             verifier=context.verifier,
             outbox_max_bytes=mqtt.outbox_max_bytes,
+            reconnect_max_s=mqtt.reconnect_max_s,
         )

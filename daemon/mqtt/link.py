@@ -6,7 +6,8 @@ published:
 
 * The settings from the ``[mqtt]`` table (:func:`settings_from_config`; the settings
   themselves are :class:`~iortd.kernel.broker.BrokerSettings`), the connect loop's capped,
-  jittered backoff (:data:`BACKOFF_INITIAL_S` to :data:`BACKOFF_MAX_S`), and the client
+  jittered backoff (:data:`BACKOFF_INITIAL_S` to :data:`BACKOFF_MAX_S`, the default of
+  ``[mqtt] reconnect_max_s``), and the client
   (:func:`new_client`): MQTT v5, so that a publish the broker refuses (an ACL) comes back
   with a reason code, which :func:`watch_refusals` logs naming the topic rather than let it
   vanish.

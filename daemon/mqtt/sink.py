@@ -110,8 +110,10 @@ class MqttSink(Sink):
         simulated: bool,
         verifier: Verifier | None = None,
         outbox_max_bytes: int = 64 * 1024 * 1024,
+        reconnect_max_s: float = BACKOFF_MAX_S,
     ) -> None:
-        """``outbox``: an open one, or the directory :meth:`start` opens it in."""
+        """``outbox``: an open one, or the directory :meth:`start` opens it in;
+        ``reconnect_max_s``: the reconnect backoff's cap (``[mqtt] reconnect_max_s``)."""
         self.settings = settings
         self.site, self.room = site, room
         self._state = RetainedState(now=_now, simulated=simulated, verifier=verifier)
@@ -119,6 +121,7 @@ class MqttSink(Sink):
         self._outbox = outbox if isinstance(outbox, Outbox) else None
         self._outbox_dir = outbox if isinstance(outbox, Path) else None
         self._outbox_max_bytes = outbox_max_bytes
+        self.reconnect_max_s = reconnect_max_s
         self._sim = simulated
         self._topics = {n: topic(settings.prefix, site, room, n) for n in TOPICS}
         self._current_delivery: str | None = None
@@ -251,7 +254,7 @@ class MqttSink(Sink):
 
     async def _connect_loop(self) -> None:
         s = self.settings
-        backoff = Backoff(BACKOFF_INITIAL_S, BACKOFF_MAX_S)
+        backoff = Backoff(BACKOFF_INITIAL_S, self.reconnect_max_s)
         attempt = 0
         while not self._closing:
             attempt += 1

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 BIN = Path(sys.executable).parent
 
@@ -22,11 +22,27 @@ class Site:
     pubkey: Path
 
 
+class Proc(Protocol):
+    """What :class:`Daemon` uses of its process: an asyncio.subprocess.Process, or a forked
+    one (forkdaemon.ForkedProc)."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def returncode(self) -> int | None: ...
+
+    stderr: asyncio.StreamReader | None
+
+    def send_signal(self, sig: int) -> None: ...
+    def kill(self) -> None: ...
+    async def wait(self) -> int: ...
+
+
 @dataclass
 class Daemon:
     """`iortd run` as a process; ``lines`` are its operational-log records so far."""
 
-    proc: asyncio.subprocess.Process
+    proc: Proc
     lines: list[dict[str, Any]] = field(default_factory=list)
     _pump: asyncio.Task[None] | None = None
     _changed: asyncio.Event = field(default_factory=asyncio.Event)

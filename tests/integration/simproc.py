@@ -6,13 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from iortd.simulators.durations import parse_duration
+
 BIN = Path(sys.executable).parent
+CONFIG = Path(__file__).resolve().parents[2] / "config"
+
+# The built-in profiles self-test for 10 simulated seconds before the automatic operator
+# starts; at speed 1 that is 10 s of every real-time test spent waiting. A test that is
+# not about the self-test runs a copy of the profile with a shorter one, and the bundled
+# scenario it plays moved earlier by the difference, so that every step still falls at
+# the same moment of the delivery.
+SELF_TEST_S = 10.0
+FAST_SELF_TEST_S = 2.0
 
 # The [[devices]] table of a daemon reading the serial simulator with serial-xrs.
 SERIAL_XRS_DEVICE = """
@@ -77,6 +89,41 @@ type = "tcp"
 host = "127.0.0.1"
 port = {stand_port}
 """
+
+
+def fast_profile_text(text: str) -> str:
+    """A built-in profile's text with a :data:`FAST_SELF_TEST_S` self-test."""
+    old = f"self_test_s = {SELF_TEST_S}"
+    assert text.count(old) == 1, "the bundled profile's self-test line"
+    return text.replace(old, f"self_test_s = {FAST_SELF_TEST_S}", 1)
+
+
+def fast_console(
+    directory: Path, scenario: str | None = None, profile: str = "axxent"
+) -> tuple[str, ...]:
+    """``iort-sim serve`` arguments for the built-in ``profile`` with a short self-test and,
+    if named, the bundled ``scenario`` with every step moved earlier by the self-test
+    saved (same name, actions and durations; written to ``directory``). With
+    ``--hold-until-polled``: the console's clock starts at the daemon's first request, so
+    that a daemon slow to start on a loaded machine misses nothing the scenario does."""
+    directory.mkdir(parents=True, exist_ok=True)
+    prof = directory / f"{profile}.toml"
+    prof.write_text(fast_profile_text((CONFIG / "profiles" / f"{profile}.toml").read_text()))
+    args: tuple[str, ...] = ("--profile", str(prof), "--hold-until-polled")
+    if scenario is None:
+        return args
+    shift = SELF_TEST_S - FAST_SELF_TEST_S
+    lines = []
+    for line in (CONFIG / "scenarios" / f"{scenario}.toml").read_text().splitlines():
+        if m := re.fullmatch(r'at = "(.+)"', line):
+            at = parse_duration(m.group(1)) - shift
+            assert at >= 0, f"{scenario}: a step before the self-test's end"
+            lines.append(f'at = "{at:g}s"')
+        else:
+            lines.append(line)
+    moved = directory / f"{scenario}.toml"
+    moved.write_text("\n".join(lines) + "\n")
+    return (*args, "--scenario", str(moved))
 
 
 @dataclass

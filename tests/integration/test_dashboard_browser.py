@@ -2,7 +2,8 @@
 Mosquitto: headless Debian Chromium driven by Playwright.
 
 * one room over the production path (`iort-sim serve` on a pty playing the
-  door-mid-delivery scenario, `iortd run` with the `serial-xrs` driver): the delivered
+  door-mid-delivery scenario, with a short self-test and the scenario moved earlier to
+  match, `iortd run` with the `serial-xrs` driver): the delivered
   dose rises, the door interlock trips, the delivery is interrupted and resumes, it ends
   NORMAL; a hung daemon (no telemetry, connection still open) turns the page STALE within
   the bound, and killing it OFFLINE (the broker's Last Will);
@@ -29,7 +30,7 @@ import pytest
 from daemonproc import Daemon, Site
 from dashproc import Dashboard, Recorder, chromium, number, shot, wait_number
 from playwright.async_api import Page, ViewportSize, expect
-from simproc import SERIAL_XRS_DEVICE, Simulator
+from simproc import SERIAL_XRS_DEVICE, Simulator, fast_console
 
 from iortd.auditlog.note import generate_keypair, write_keypair
 from iortd.daemon.mqtt.broker import BrokerOptions, Mosquitto
@@ -113,9 +114,12 @@ async def open_page(page: Page, url: str) -> None:
 async def test_one_delivery_through_the_serial_path_as_a_physicist_sees_it(
     tmp_path: Path, broker: Mosquitto
 ) -> None:
+    # The Axxent-like console with a 2 s self-test, playing door-mid-delivery moved 8 s
+    # earlier to match; its clock starts at the daemon's first poll, which comes once the
+    # page is open (simproc.fast_console): the page sees the whole delivery, 8 s sooner.
     sim = await Simulator.start(
-        *("--profile", "axxent", "--applicator", "BAL34", "--preset", "0.5"),
-        *("--start-delay", "1", "--seed", "5", "--scenario", "door-mid-delivery"),
+        *fast_console(tmp_path / "sim", "door-mid-delivery"),
+        *("--applicator", "BAL34", "--preset", "0.5", "--start-delay", "1", "--seed", "5"),
     )
     dash = await Dashboard.start(
         broker.url, tmp_path / "dashboard.log", "--stale-after", str(STALE_AFTER_S)
@@ -123,7 +127,7 @@ async def test_one_delivery_through_the_serial_path_as_a_physicist_sees_it(
     site = write_site(
         tmp_path / "or-5", SERIAL_SITE, room="or-5", broker=broker.url, port=sim.device
     )
-    daemon = await Daemon.follow(site)
+    daemon: Daemon | None = None
     rec = Recorder()
     try:
         async with chromium() as browser:
@@ -132,6 +136,7 @@ async def test_one_delivery_through_the_serial_path_as_a_physicist_sees_it(
             page = await browser.new_page(viewport=VIEWPORT, bypass_csp=True)
             rec.attach(page)
             await open_page(page, dash.url + "room/hospital-b/or-5")
+            daemon = await Daemon.follow(site)
             await expect(page.locator("#sim-banner")).to_be_visible(timeout=15_000)
             await expect(page.locator("#sim-banner")).to_contain_text("SIMULATED")
 
@@ -203,7 +208,8 @@ async def test_one_delivery_through_the_serial_path_as_a_physicist_sees_it(
             await shot(page, "06-room-offline-daemon-killed")
             assert rec.errors == [], f"the page reported errors: {rec.errors}"
     finally:
-        await daemon.ensure_dead()
+        if daemon is not None:
+            await daemon.ensure_dead()
         await sim.stop()
         code = await dash.stop()
     assert code == 0, "the dashboard stops cleanly on SIGTERM"

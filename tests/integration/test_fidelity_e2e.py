@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from daemonproc import Daemon, Site
 from mqttobs import Message, Observer
-from simproc import Simulator
+from simproc import Simulator, fast_profile_text
 
 from iortd.auditlog.note import Checkpoint, generate_keypair, write_keypair
 from iortd.daemon.mqtt.broker import BrokerOptions, Mosquitto
@@ -216,13 +216,6 @@ BUNDLED_MAP = Path(__file__).parents[2] / "config" / "maps" / "xrs-mb1.toml"
 AXXENT = Path(__file__).parents[2] / "config" / "profiles" / "axxent.toml"
 
 
-def _fast_profile(text: str) -> str:
-    """The Axxent-like profile with a 2 s self-test instead of 10 s: the suite's time."""
-    old = "self_test_s = 10.0"
-    assert old in text, "the bundled profile's self-test line"
-    return text.replace(old, "self_test_s = 2.0", 1)
-
-
 def _without_counter(text: str) -> str:
     """The bundled map with its (optional) selection point left out."""
     head, sep, rest = text.partition('[[point]]\nname = "selection"')
@@ -232,7 +225,7 @@ def _without_counter(text: str) -> str:
 
 def _prepare(base: Path, key: str) -> Path:
     base.mkdir()
-    (base / "fast.toml").write_text(_fast_profile(AXXENT.read_text("utf-8")), "utf-8")
+    (base / "fast.toml").write_text(fast_profile_text(AXXENT.read_text("utf-8")), "utf-8")
     if key == "restart-no-counter":
         text = _without_counter(BUNDLED_MAP.read_text("utf-8"))
         (base / "no-counter.toml").write_text(text, "utf-8")

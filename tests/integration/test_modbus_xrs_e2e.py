@@ -17,13 +17,7 @@ from typing import Any
 import pytest
 from daemonproc import Daemon, Site
 from simproc import BIN, Simulator
-from test_serial_xrs_e2e import (
-    PRESET_GY,
-    ScenarioRun,
-    run_scenarios,
-    scenario,
-    start_simulator,
-)
+from test_serial_xrs_e2e import PRESET_GY, ScenarioRun, run_scenarios, scenario
 
 from iortd.auditlog.note import generate_keypair, write_keypair
 
@@ -86,31 +80,37 @@ def audit_entries(site: Site) -> list[dict[str, Any]]:
     return out
 
 
+# Every run is a simulator and a daemon of its own (own port or pty, own log), sharing
+# nothing; they wait in real time, so the module runs them all at once.
+SCENARIOS: dict[str, tuple[str, str | None, float]] = {
+    f"{name}-{transport}": (transport, scenario_file, preset)
+    for transport in ("modbus-tcp", "modbus-rtu")
+    for name, scenario_file, preset in (
+        ("whole", None, PRESET_GY),  # a clean delivery
+        ("link-drop", "link-drop-5s", 0.5),
+        ("garbled", "garbled-10s", 0.6),
+    )
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ScenarioRun | BaseException]:
+    base = tmp_path_factory.mktemp("modbus-scenarios")
+    return asyncio.run(run_scenarios(base, SCENARIOS, make_site=site_for))
+
+
+def _ts(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
 @pytest.mark.parametrize("transport", ["modbus-tcp", "modbus-rtu"])
-async def test_a_whole_delivery_over_modbus_matches_the_simulators_ground_truth(
-    tmp_path: Path, transport: str
+def test_a_whole_delivery_over_modbus_matches_the_simulators_ground_truth(
+    runs: dict[str, ScenarioRun | BaseException], transport: str
 ) -> None:
-    sim = await start_simulator(transport=transport)
-    try:
-        assert sim.serving is not None
-        assert sim.serving["protocol"] == "XRS-MB/1"
-        site = site_for(tmp_path, sim)
-        daemon = await Daemon.follow(site)
-        try:
-            ident = await daemon.seen(
-                lambda r: r.get("event") == "device_identified", "the console identified"
-            )
-            end = await daemon.seen(
-                lambda r: r.get("event") == "delivery_terminated",
-                "the delivery's end",
-                within_s=60,
-            )
-            assert await daemon.stop() == 0
-        finally:
-            await daemon.ensure_dead()
-        truth = await sim.until("terminated", within_s=5)
-    finally:
-        await sim.stop()
+    r = scenario(runs, f"whole-{transport}")
+    daemon, end, truth, site = r.daemon, r.end, r.truth, r.site
+    assert r.serving["protocol"] == "XRS-MB/1"
+    ident = next(r for r in daemon.lines if r.get("event") == "device_identified")
     assert ident["simulated"] is True, "the simulator says so in its identity registers"
     assert ident["serial"] == "SIM-0001"
     assert end["status"] == truth["termination"] == "NORMAL"
@@ -131,26 +131,6 @@ async def test_a_whole_delivery_over_modbus_matches_the_simulators_ground_truth(
     assert all("rate_deviation" in e["data"].get("extra", {}) for e in samples), (
         "the map's extra point is recorded with every sample"
     )
-
-
-SCENARIOS = {
-    f"{name}-{transport}": (transport, scenario_file, preset)
-    for transport in ("modbus-tcp", "modbus-rtu")
-    for name, scenario_file, preset in (
-        ("link-drop", "link-drop-5s", 0.5),
-        ("garbled", "garbled-10s", 0.6),
-    )
-}
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ScenarioRun | BaseException]:
-    base = tmp_path_factory.mktemp("modbus-scenarios")
-    return asyncio.run(run_scenarios(base, SCENARIOS, make_site=site_for))
-
-
-def _ts(text: str) -> float:
-    return datetime.fromisoformat(text).timestamp()
 
 
 @pytest.mark.parametrize("transport", ["modbus-tcp", "modbus-rtu"])

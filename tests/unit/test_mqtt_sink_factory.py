@@ -31,6 +31,9 @@ def test_the_installed_registry_builds_the_mqtt_sink_through_its_factory() -> No
         ({"url": "tcp://h"}, "options.url"),
         ({"keepalive_s": 0}, "options.keepalive_s"),
         ({"pasword_file": "/x"}, "options.pasword_file"),
+        # The cap of the reconnect backoff cannot be below its first step (0.5 s).
+        ({"reconnect_max_s": 0.4}, "options.reconnect_max_s"),
+        ({"reconnect_max_s": 3601}, "options.reconnect_max_s"),
     ],
 )
 def test_its_options_are_the_mqtt_table(options: dict[str, Any], key: str) -> None:
@@ -63,6 +66,19 @@ async def test_open_sinks_starts_it_with_its_outbox_where_it_always_was(tmp_path
         assert (tmp_path / "log" / "mqtt-outbox").is_dir()
         assert sink.settings.client_id is not None
         assert sink.settings.client_id.startswith("iortd-site-or-1-")
+    finally:
+        await q.aclose()
+
+
+async def test_the_reconnect_cap_reaches_the_sink(tmp_path: Path) -> None:
+    """``[mqtt] reconnect_max_s`` caps the sink's reconnect backoff; 10 s by default (the
+    integration test of a broker outage checks the waits the daemon logs against it)."""
+    (tmp_path / "log").mkdir()
+    assert MqttConfig().reconnect_max_s == 10.0
+    [q] = await open_mqtt(tmp_path, reconnect_max_s=2.5)
+    try:
+        assert isinstance(q.inner, MqttSink)
+        assert q.inner.reconnect_max_s == 2.5
     finally:
         await q.aclose()
 
