@@ -46,6 +46,7 @@ from iortd.audit.review import (
     load_entries,
     one_line,
 )
+from iortd.audit.sampling import policy_findings
 from iortd.auditlog.note import (
     NoteError,
     Verifier,
@@ -177,6 +178,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         _out(f"NOT INTACT: {rep.problem}")
         _out(f"  {rep.entries} entries before it verified")
         return EXIT_BAD
+    for w in policy_findings(load_entries(rep.files)):  # audit/sampling.py
+        _err(f"warning: samples: {w}")
     who = (
         f"signed by {pubkey.name}"
         if pubkey

@@ -60,6 +60,9 @@ def format_entry(e: dict[str, Any]) -> str:
             f"(2nd {_gy(d.get('dose_secondary_gy'))}) rate {_gy(d.get('dose_rate_gy_min'))} Gy/min "
             f"beam-on {_mmss(d.get('beam_on_s'))} kV {d.get('kv')} uA {d.get('ua')}"
             + ("" if d.get("all_clear") else " INTERLOCKS NOT CLEAR")
+            # Written while the room was idle (docs/operations.md): why, and for how many
+            # readings it stands.
+            + (f" [{d['kept']}, {d.get('unrecorded')} not recorded]" if "kept" in d else "")
         )
     elif kind == "checkpoint":
         text = f"count {d.get('count')} head {str(d.get('head'))[:16]}..."

@@ -20,10 +20,14 @@ the log contains the broker's retained checkpoint before it overwrites it.
 
 The record comes first: every event is appended to the audit log and fsync'd before any
 other sink hears of it; samples are appended (and group-committed within the window)
-before other sinks hear of them. A device loop never waits for the disk: the dispatcher
-waits for durability and then tells the other sinks, in order, each through a bounded queue
-and task of its own (:mod:`iortd.daemon.sink_queue`), so that a slow sink delays only
-itself; what a sink's queue drops is recorded (``sink_overflow``).
+before other sinks hear of them. Which readings become samples is the thinner's call
+(:mod:`iortd.daemon.thinning`): every one around a delivery, a heartbeat and every change
+while the room is idle, the reading held back before a change written first (also before
+any event and at a stop); the other sinks still hear of every reading. A device loop
+never waits for the disk: the dispatcher waits for durability and then tells the other
+sinks, in order, each through a bounded queue and task of its own
+(:mod:`iortd.daemon.sink_queue`), so that a slow sink delays only itself; what a sink's
+queue drops is recorded (``sink_overflow``).
 
 Readings go where the device's role says: the source's to the tracker (and its replies
 keep the stale alarm off); its lost link makes the interlocks unknown. The applicator
@@ -59,6 +63,7 @@ from iortd.daemon.entries import applicator_sample_entry, event_entry, plain, sa
 from iortd.daemon.recovery import close_unresumable, record_recovery, resumable
 from iortd.daemon.sink_queue import QueuedSink, SinkLike, queued
 from iortd.daemon.sinks import ApplicatorSample, Sample
+from iortd.daemon.thinning import Thinner, policy_of, room_active
 from iortd.daemon.tracker import (
     DeliverySnapshot,
     DeliveryTracker,
@@ -67,7 +72,7 @@ from iortd.daemon.tracker import (
 )
 from iortd.kernel.clock import Clock
 from iortd.kernel.timefmt import utc_ts
-from iortd.kernel.types import ApplicatorReading, DeviceIdentity, SourceReading
+from iortd.kernel.types import ApplicatorReading, DeviceIdentity, DeviceState, SourceReading
 
 __all__ = ["RunResult", "Service"]
 
@@ -133,6 +138,8 @@ class Service:
         self._stop_after_delivery = stop_after_delivery
         readers = tuple(d.name for d in self.config.devices if d.role == "applicator")
         self.tracker = DeliveryTracker(tracker_settings(self.config, clock.speed), readers)
+        # Which readings become samples in the record (daemon/thinning.py).
+        self.thinner = Thinner(policy_of(self.config.log))
         self.result = RunResult()
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._checkpoint_due = asyncio.Event()
@@ -204,6 +211,10 @@ class Service:
             sink.report_overflow()  # every drop of this run is in the record before its end
         snap = self.tracker.snapshot()
         open_delivery = snap.delivery_id if snap is not None and snap.termination is None else None
+        # The last reading of each device before the stop, if it was held back.
+        for kind, data, did in self.thinner.flush("stop"):
+            self._audit.append(kind, data, delivery_id=did)
+        log.info("samples", recorded=self.thinner.recorded, not_recorded=self.thinner.thinned)
         self._stopped = True
         entry = self._audit.append(
             "daemon_stop",
@@ -411,7 +422,7 @@ class Service:
             interlocks=dict(self.tracker.interlocks),
             all_clear=self.tracker.all_clear,
         )
-        self._emit(sample, events)
+        self._emit(sample, events, active=self._room_active(reading.state))
         return self._stop_after_delivery and any(isinstance(e, Terminated) for e in events)
 
     def _applicator_reading(self, device: DeviceConfig, reading: Reading) -> None:
@@ -432,11 +443,19 @@ class Service:
             else view.displacement_from_beam_on_mm,
             peak_displacement_mm=None if view is None else view.peak_displacement_mm,
         )
-        # Log-first, as a source's sample: its events (durable), then the sample itself.
+        # Log-first, as a source's sample: its events (durable), then the sample itself,
+        # when the thinner keeps it (daemon/thinning.py; the live sinks get every one).
         self._emit(None, events, quiet=True)
-        kind, data, did = applicator_sample_entry(sample, self.tracker.monitor_interlocks)
-        entry = self._audit.append(kind, data, delivery_id=did)
-        self._queue.put_nowait(_Item(durable=entry.committed, applicator=sample))
+        spec = applicator_sample_entry(sample, self.tracker.monitor_interlocks)
+        durable = None
+        for kind, data, did in self.thinner.offer(
+            spec, reading.mono_ns, active=self._room_active(None), events=bool(events)
+        ):
+            durable = self._audit.append(kind, data, delivery_id=did).committed
+        self._queue.put_nowait(_Item(durable=durable, applicator=sample))
+
+    def _room_active(self, console: DeviceState | None) -> bool:
+        return room_active(self.tracker.snapshot(), self.tracker.phase, console)
 
     def link_lost(self, device: DeviceConfig, reason: str) -> None:
         self.result.link_losses += 1
@@ -467,28 +486,48 @@ class Service:
         self._queue.put_nowait(_Item(durable=entry.committed, identified=(device, identity)))
 
     def _emit(
-        self, sample: Sample | None, events: Sequence[TrackerEvent], *, quiet: bool = False
+        self,
+        sample: Sample | None,
+        events: Sequence[TrackerEvent],
+        *,
+        quiet: bool = False,
+        active: bool = True,
     ) -> None:
         """Record first, then queue for the other sinks. Never waits for the disk.
-        ``quiet``: nothing to queue when there are no events (the caller queues its own)."""
+        ``quiet``: nothing to queue when there are no events (the caller queues its own).
+        ``active``: the room is active at this sample (the thinner records every one)."""
         ended = False
         for ev in events:
             if isinstance(ev, Terminated):
                 self.result.terminated.append(ev)
                 ended = True
         durable = None
-        pending = None if sample is None else sample_entry(sample, ended_now=ended)
+        if events:
+            # The readings held back before a change go before it (daemon/thinning.py).
+            for kind, data, did in self.thinner.flush():
+                self._audit.append(kind, data, delivery_id=did)
+        pending = (
+            []
+            if sample is None
+            else self.thinner.offer(
+                sample_entry(sample, ended_now=ended),
+                sample.reading.mono_ns,
+                active=active or ended,
+                events=bool(events),
+            )
+        )
         for ev in events:
-            if pending is not None and isinstance(ev, Terminated):
+            if pending and isinstance(ev, Terminated):
                 # The sample that ends a delivery belongs to it: it goes before the end
                 # entry, after which nothing names that delivery.
-                self._audit.append(pending[0], pending[1], delivery_id=pending[2])
-                pending = None
+                for kind, data, did in pending:
+                    self._audit.append(kind, data, delivery_id=did)
+                pending = []
             # Every event names its delivery itself (None: the room's).
             kind, data, did = event_entry(ev, None)
             durable = self._audit.append(kind, data, delivery_id=did, durable=True).committed
-        if pending is not None:
-            self._audit.append(pending[0], pending[1], delivery_id=pending[2])
+        for kind, data, did in pending:
+            self._audit.append(kind, data, delivery_id=did)
         if quiet and not events:
             return
         delivery = self.tracker.snapshot() if sample is None else sample.delivery

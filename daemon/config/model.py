@@ -98,6 +98,19 @@ class SiteConfig(_Model):
     name: str | None = Field(default=None, max_length=200)
 
 
+class SampleDeadband(_Model):
+    """How far an analog value may move, while the room is idle, before its sample is
+    recorded as a change (daemon/thinning.py). Well inside any tolerance: a reading out of
+    tolerance is an event, recorded whatever the deadband."""
+
+    kv: float = Field(default=0.5, ge=0, le=5)
+    ua: float = Field(default=1.0, ge=0, le=10)
+    dose_rate_gy_min: float = Field(default=0.01, ge=0, le=0.1)
+    displacement_mm: float = Field(default=0.2, ge=0, le=1)
+    tilt_deg: float = Field(default=0.2, ge=0, le=1)
+    extra: float = Field(default=0.0, ge=0)  # the device's extra numbers, in their own unit
+
+
 class RetentionConfig(_Model):
     """``[log.retention]``: a disk budget for the log directory and an archive
     (docs/operations.md, "Disk budget, archive and retention"). Absent: nothing is ever
@@ -129,6 +142,23 @@ class LogConfig(_Model):
     checkpoint_interval_s: float = Field(default=300.0, gt=0, le=86_400)
     signing_key_file: SecretPath | None = None
     retention: RetentionConfig | None = None
+    # Samples while the room is idle: a heartbeat at this interval plus every change; 0
+    # records every reading (daemon/thinning.py). In the clock's seconds.
+    idle_sample_interval_s: float = Field(default=60.0, ge=0, le=3600)
+    # Full rate for this long after the last reading of a delivery (or of a console in a
+    # delivery state).
+    sample_window_s: float = Field(default=60.0, ge=0, le=3600)
+    sample_deadband: SampleDeadband = SampleDeadband()
+
+    @field_validator("idle_sample_interval_s")
+    @classmethod
+    def _heartbeat(cls, v: float) -> float:
+        if 0 < v < 1:
+            raise ValueError(
+                "must be 0 (record every reading) or at least 1 second (a heartbeat "
+                "sample at that interval while idle)"
+            )
+        return v
 
 
 # Where the daemon's broker credentials go instead of the URL.
