@@ -92,11 +92,13 @@ def entries(site: Site) -> list[dict[str, Any]]:
     return out
 
 
-async def test_one_slow_unit_never_makes_the_other_stale_on_a_shared_line(
-    tmp_path: Path,
-) -> None:
+async def run_line(
+    tmp_path: Path, devices_text: str
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The simulated line on one pty and `iortd run` polling both units through the
+    delivery's end: the daemon's end line and the log's entries."""
     devices = tmp_path / "devices.toml"
-    devices.write_text(DEVICES, "utf-8")
+    devices.write_text(devices_text, "utf-8")
     sim = await Simulator.start("--devices", str(devices), transport=None)
     try:
         serving = [r for r in sim.lines if r["event"] == "serving"]
@@ -115,7 +117,13 @@ async def test_one_slow_unit_never_makes_the_other_stale_on_a_shared_line(
             await daemon.ensure_dead()
     finally:
         await sim.stop()
-    log = entries(site)
+    return end, entries(site)
+
+
+async def test_one_slow_unit_never_makes_the_other_stale_on_a_shared_line(
+    tmp_path: Path,
+) -> None:
+    end, log = await run_line(tmp_path, DEVICES)
     kinds = [e["type"] for e in log]
     alarms = [e["data"]["code"] for e in log if e["type"] == "alarm_raised"]
     assert "stale_data" not in alarms, alarms
@@ -133,26 +141,9 @@ async def test_a_reader_that_times_out_never_makes_the_console_stale(tmp_path: P
     # reconnects, with backoff) holds the line for its timeout, and the console's next turn
     # first settles the late reply. That is the line's time, not the console's missed
     # turns: the console is never stale and has no gap; only the reader has one.
-    devices = tmp_path / "devices.toml"
-    devices.write_text(DEVICES.replace("reply_delay_ms = 150", "reply_delay_ms = 700"), "utf-8")
-    sim = await Simulator.start("--devices", str(devices), transport=None)
-    try:
-        serving = [r for r in sim.lines if r["event"] == "serving"]
-        _, pub = write_keypair(generate_keypair("or-7"), tmp_path / "keys")
-        cfg = tmp_path / "site.toml"
-        cfg.write_text(SITE.format(port=serving[0]["device"]), "utf-8")
-        site = Site(cfg, tmp_path / "log", pub)
-        daemon = await Daemon.follow(site)
-        try:
-            end = await daemon.seen(
-                lambda r: r.get("event") == "delivery_terminated", "the delivery's end"
-            )
-            assert await daemon.stop() == 0
-        finally:
-            await daemon.ensure_dead()
-    finally:
-        await sim.stop()
-    log = entries(site)
+    end, log = await run_line(
+        tmp_path, DEVICES.replace("reply_delay_ms = 150", "reply_delay_ms = 700")
+    )
     kinds = [e["type"] for e in log]
     alarms = [e["data"]["code"] for e in log if e["type"] == "alarm_raised"]
     assert "stale_data" not in alarms, alarms
