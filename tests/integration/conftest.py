@@ -20,6 +20,7 @@ signing_key_file = "keys/or-7.key"
 group_commit_ms = 50
 rotate_max_bytes = {rotate}
 checkpoint_interval_s = {checkpoint_s}
+idle_sample_interval_s = {idle_sample_s}
 [health]
 listen = ""
 [mqtt]
@@ -50,9 +51,11 @@ def make_site(tmp_path: Path) -> Callable[..., Site]:
         rotate: int = 1024 * 1024,
         checkpoint_s: float = 2,
         mqtt: str | None = None,
+        idle_sample_s: float = 60.0,
     ) -> Site:
         """``mqtt``: the [mqtt] section's body; by default MQTT is off, so that no test
-        reaches a broker it did not start."""
+        reaches a broker it did not start. ``idle_sample_s``: the idle heartbeat (0: every
+        reading is logged, for a test that counts the log's samples against the stream)."""
         _, pub = write_keypair(generate_keypair("or-7"), tmp_path / "keys")
         cfg = tmp_path / "site.toml"
         cfg.write_text(
@@ -61,6 +64,7 @@ def make_site(tmp_path: Path) -> Callable[..., Site]:
                 poll=poll,
                 rotate=rotate,
                 checkpoint_s=checkpoint_s,
+                idle_sample_s=idle_sample_s,
                 mqtt="enabled = false" if mqtt is None else mqtt,
             )
         )

@@ -120,7 +120,8 @@ async def test_a_broker_outage_mid_delivery_loses_nothing(
     # Axxent-like BAL34: 20 Gy in 8 min; at x24 about 20 s of beam, enough to hold the
     # outage and the reconnection with live data on both sides of it (checked below).
     reconnect = f"reconnect_max_s = {RECONNECT_MAX_S}"
-    site = make_site(speed=24, poll=0.05, mqtt=mqtt_section(broker, reconnect))
+    # Every reading logged (no idle thinning), so the log's samples count the stream's.
+    site = make_site(speed=24, poll=0.05, mqtt=mqtt_section(broker, reconnect), idle_sample_s=0)
     daemon = await Daemon.follow(site)
     try:
         await daemon.seen(lambda r: r.get("event") == "mqtt_connected", "mqtt_connected")
@@ -305,7 +306,8 @@ async def test_the_outbox_survives_a_daemon_restart(
 ) -> None:
     """A daemon that stops while the broker is away keeps what it could not send; the next
     run replays it (old session and seq, historical) before its own live data."""
-    site = make_site(speed=10, poll=0.05, mqtt=mqtt_section(broker))
+    # Every reading logged (no idle thinning): the log's samples count what was made.
+    site = make_site(speed=10, poll=0.05, mqtt=mqtt_section(broker), idle_sample_s=0)
     first = await Daemon.follow(site)
     try:
         await observer.wait_for(
