@@ -237,7 +237,11 @@ async def test_one_silent_console_never_delays_another(tmp_path: Path) -> None:
             d = tmp_path / room
             d.mkdir()
             _, pub = write_keypair(generate_keypair(room), d / "keys")
-            head = SITE_HEAD.format(room=room)
+            # Every reading logged (no idle thinning): the other room's cadence is read
+            # from its log's samples.
+            head = SITE_HEAD.format(room=room).replace(
+                "[log]\n", "[log]\nidle_sample_interval_s = 0\n"
+            )
             if room == "or-5":
                 head = head.replace('driver = "modbus-xrs"', 'driver = "serial-xrs"').replace(
                     '[devices.options]\nmap = "xrs-mb1"\nunit_id = 1\n', ""
