@@ -11,6 +11,7 @@ import os
 import shutil
 import stat
 import subprocess
+import warnings
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -280,3 +281,47 @@ def test_check_runs_the_time_check(tmp_path: Path, capsys: pytest.CaptureFixture
 
 def test_without_dicom3tools_the_test_would_not_prove_anything() -> None:
     assert shutil.which("dciodvfy"), "install Debian's dicom3tools (make test does)"
+
+
+def test_import_without_pydicom_says_what_to_install(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`iort-plan new` and `check` need nothing beyond the base install; `import` needs the
+    extra `plan` and says so (as an installed wheel without it would)."""
+    monkeypatch.setitem(sys.modules, "pydicom", None)  # import pydicom -> ModuleNotFoundError
+    monkeypatch.delitem(sys.modules, "iortd.plan.dicom_import", raising=False)
+    plan = tmp_path / "plan.dcm"
+    plan.write_bytes(b"x")
+    code, out, err = run(["import", str(plan), *COMMON], capsys)
+    assert (code, out) == (2, "")
+    assert "pip install 'iortd[plan]'" in err
+    assert run(NEW, capsys)[0] == 0
+
+
+def test_pydicoms_own_warnings_never_print_a_patients_data(tmp_path: Path) -> None:
+    """pydicom warns about malformed values quoting them ("Invalid value for VR UI:
+    'Quixote...'"): in a real process with Python's default warning filter, nothing of it
+    reaches stderr."""
+
+    def tweak(ds: Dataset) -> None:
+        ds.SOPInstanceUID = "Quixote.1"  # not a UID: pydicom warns, quoting it, when read
+        ds.add_new(0x00100030, "DA", "Dulcinea1954")  # Patient's Birth Date, malformed
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the test's own writing of the broken values
+        raw = rt_plan(tweak=tweak)
+    plan = tmp_path / "plan.dcm"
+    plan.write_bytes(raw)
+    exe = Path(sys.executable).parent / "iort-plan"
+    real = subprocess.run(
+        [str(exe), "import", str(plan), *COMMON, "--protected-store", str(tmp_path / "s")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONWARNINGS": "default"},
+    )
+    assert real.returncode == 0, real.stderr
+    assert real.stderr == ""
+    assert "Quixote" not in real.stdout
+    assert "Dulcinea" not in real.stdout
