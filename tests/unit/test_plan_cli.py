@@ -11,8 +11,8 @@ import os
 import shutil
 import stat
 import subprocess
-import warnings
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
