@@ -38,7 +38,7 @@ import sys
 from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from iortd.kernel.durable import write_atomic
 from iortd.kernel.files import FileReadError, read_small_file
@@ -63,6 +63,9 @@ from iortd.plan.model import (
     parse_utc,
     prescription_bytes,
 )
+
+if TYPE_CHECKING:
+    from iortd.plan.dicom_import import PlanFacts
 
 __all__ = ["main"]
 
@@ -188,14 +191,13 @@ def _cmd_new(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _not_from_patient(flag: str, value: str, patient_id: str, parts: tuple[str, ...]) -> None:
+def _not_from_patient(flag: str, value: str, facts: PlanFacts) -> None:
     low = value.lower()
-    if (len(patient_id) >= 3 and patient_id.lower() in low) or any(
-        part.lower() in low for part in parts
-    ):
+    found = [facts.patient_id, facts.patient_birth_date, *facts.patient_name_parts]
+    if any(len(x) >= 3 and x.lower() in low for x in found):
         _usage(
-            f"{flag}: contains the plan's Patient ID or a part of its Patient Name; choose a "
-            "pseudonym with neither"
+            f"{flag}: contains the plan's Patient ID, a part of its Patient Name or its "
+            "birth date; choose a pseudonym with none of them"
         )
 
 
@@ -221,7 +223,7 @@ def _cmd_import(args: argparse.Namespace) -> int:
     except PlanRefused as exc:
         _bad(f"{args.plan}: {exc}")
     for flag, value in (("--treatment-id", args.treatment_id), ("--plan-id", args.plan_id)):
-        _not_from_patient(flag, value, facts.patient_id, facts.patient_name_parts)
+        _not_from_patient(flag, value, facts)
     diameter = facts.applicator_diameter_mm
     if diameter is None:
         if args.diameter_mm is None:

@@ -22,7 +22,8 @@ never imports it: tests/unit/test_layers.py). What is read, attribute by attribu
 What is missing or contradictory is refused with :class:`PlanRefused`, one line naming the
 attribute (exit 1 in the CLI). Identifying attributes: Patient ID (0010,0020) and the SOP
 Instance UID are returned only for the protected store (plan/store.py); Patient's Name
-(0010,0010) only as its parts, for refusing ids built from it; nothing else of the Patient,
+(0010,0010) only as its parts, and Patient's Birth Date (0010,0030), for refusing ids built
+from them; nothing else of the Patient,
 Study or Series modules, nor the free-text RT Plan Label, is read. No message here contains
 a value read from the file: pydicom's own warnings and log records, which can quote
 element values, are silenced while the file is read.
@@ -65,6 +66,7 @@ class PlanFacts:
     # identifying: for the protected store and the refusal of ids built from them only
     patient_id: str
     patient_name_parts: tuple[str, ...]
+    patient_birth_date: str
     sop_instance_uid: str
 
 
@@ -249,5 +251,6 @@ def _facts(ds: Dataset) -> PlanFacts:
         planned_time_s=minutes * 60.0,
         patient_id=str(ds.get("PatientID", "") or ""),
         patient_name_parts=parts,
+        patient_birth_date=str(ds.get("PatientBirthDate", "") or ""),
         sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
     )

@@ -13,8 +13,9 @@ of ``A-Z a-z 0-9 . _ -``, starting with a letter or digit, and not digits only: 
 (``Dulcinea Quixote``), a caret (DICOM's ``Family^Given``), a comma, a slash or a path
 cannot be written, and an all-digit id, the usual shape of a medical record number or a
 birth date, is refused as one. That is a filter, not a proof: a pseudonym can still be a
-surname; ``iort-plan import`` also refuses ids that contain the plan's Patient ID or a part
-of its Patient Name. The approving physicist is a keyring holder id (lower-case, as the
+surname; ``iort-plan import`` also refuses ids that contain the plan's Patient ID, a part
+of its Patient Name or its birth date. Duplicated keys are refused (parsers differ on which
+one they keep). The approving physicist is a keyring holder id (lower-case, as the
 keyring's ``holder``), staff, never a patient.
 
 Times are UTC, RFC 3339 with ``Z``; written with microseconds (the log's one format).
@@ -22,6 +23,7 @@ Times are UTC, RFC 3339 with ``Z``; written with microseconds (the log's one for
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -274,6 +276,22 @@ def _object(field: str, value: object, keys: frozenset[str]) -> Mapping[str, Any
     return value
 
 
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in seen:
+            raise PrescriptionError(f"{k}: duplicate key (a key may appear once)")
+        seen[k] = v
+    return seen
+
+
+def _no_duplicate_keys(raw: bytes) -> None:
+    """orjson keeps the last of duplicated keys, another parser may keep the first: a
+    signed document must mean one thing to all of them. Run after orjson accepted ``raw``
+    (strict JSON, bounded size and nesting), so the standard parser sees only that."""
+    json.loads(raw, object_pairs_hook=_refuse_duplicates)
+
+
 def parse_prescription(raw: bytes) -> Prescription:
     """The prescription in ``raw`` (its JSON form), strictly: unknown keys, wrong types,
     missing fields and values out of bounds are refused, each naming the field."""
@@ -287,6 +305,7 @@ def parse_prescription(raw: bytes) -> Prescription:
         raise PrescriptionError(f"not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise PrescriptionError("not a JSON object")
+    _no_duplicate_keys(raw)
     for k in sorted(set(doc) - _KEYS):
         raise PrescriptionError(f"{k}: unknown key (a prescription holds no other data)")
     for k in sorted(_KEYS - _OPTIONAL - set(doc)):

@@ -220,7 +220,7 @@ def test_ids_built_from_the_patient_are_refused(
     plan = tmp_path / "plan.dcm"
     plan.write_bytes(rt_plan())
     argv = ["import", str(plan), *COMMON]
-    for bad in ("T-" + PATIENT_ID, "quixote-1"):
+    for bad in ("T-" + PATIENT_ID, "quixote-1", "T-19540312"):
         code, out, err = run([*argv, "--treatment-id", bad], capsys)
         assert (code, out) == (2, "")
         assert "Patient" in err

@@ -123,3 +123,18 @@ def test_expiry() -> None:
     p = parse_prescription(json.dumps(good()).encode())
     assert not p.expired(T0 + timedelta(hours=23))
     assert p.expired(T0 + timedelta(hours=24, microseconds=1))
+
+
+def test_duplicate_keys_are_refused() -> None:
+    """Two parsers may keep different ones of a duplicated key (orjson keeps the last): a
+    signed prescription must mean one thing to everyone who reads it."""
+    raw = json.dumps(good()).encode()
+    dup = raw.replace(
+        b'"prescribed_dose_gy": 20.0', b'"prescribed_dose_gy": 2.0, "prescribed_dose_gy": 20.0'
+    )
+    assert dup != raw
+    with pytest.raises(PrescriptionError, match="prescribed_dose_gy: duplicate key"):
+        parse_prescription(dup)
+    nested = raw.replace(b'"code": "SPH30"', b'"code": "SPH40", "code": "SPH30"')
+    with pytest.raises(PrescriptionError, match="code: duplicate key"):
+        parse_prescription(nested)
