@@ -44,7 +44,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import RTPlanStorage
+from pydicom.uid import UID, RTPlanStorage
 
 __all__ = ["PlanFacts", "PlanRefused", "read_rt_plan"]
 
@@ -139,12 +139,15 @@ def read_rt_plan(raw: bytes) -> PlanFacts:
 
 
 def _facts(ds: Dataset) -> PlanFacts:
-    sop_class = str(ds.get("SOPClassUID", ""))
+    sop_class = UID(str(ds.get("SOPClassUID", "") or ""))
     if sop_class != RTPlanStorage:
+        # Named only when it is a known SOP class: a damaged element's value may run into
+        # the next ones (the patient's name), so nothing read is quoted as it is.
+        known = sop_class.name if isinstance(sop_class, UID) and sop_class.is_valid else ""
+        what = "missing" if not sop_class else (known if known != sop_class else "another")
         raise PlanRefused(
-            f"not an RT Plan: SOP Class UID (0008,0016) is "
-            f"{'missing' if not sop_class else repr(sop_class)[:70]}, expected RT Plan "
-            f"Storage {RTPlanStorage}"
+            f"not an RT Plan: SOP Class UID (0008,0016) is {what}, expected RT Plan Storage "
+            f"({RTPlanStorage})"
         )
     beams = ds.get("BeamSequence")
     if not beams:

@@ -8,6 +8,7 @@ import copy
 import json
 import logging
 import os
+import random
 import shutil
 import stat
 import subprocess
@@ -325,3 +326,28 @@ def test_pydicoms_own_warnings_never_print_a_patients_data(tmp_path: Path) -> No
     assert real.stderr == ""
     assert "Quixote" not in real.stdout
     assert "Dulcinea" not in real.stdout
+
+
+def test_damaged_plans_are_refused_never_crash_and_never_leak() -> None:
+    """Every truncation and a seeded set of byte flips of a good plan: read_rt_plan either
+    gives facts or refuses with one line naming no patient data; nothing else escapes."""
+    from iortd.plan.dicom_import import PlanRefused, read_rt_plan  # noqa: PLC0415
+
+    good = rt_plan()
+    rng = random.Random(20261206)  # noqa: S311 - a reproducible fuzz, not a secret
+    damaged = [good[:n] for n in range(0, len(good), 7)]
+    for _ in range(400):
+        b = bytearray(good)
+        for _ in range(rng.randint(1, 4)):
+            b[rng.randrange(128, len(b))] = rng.randrange(256)
+        damaged.append(bytes(b))
+    refused = 0
+    for raw in damaged:
+        try:
+            read_rt_plan(raw)
+        except PlanRefused as exc:
+            refused += 1
+            msg = str(exc)
+            assert "\n" not in msg
+            assert not any(s.lower() in msg.lower() for s in IDENTIFYING), msg
+    assert refused > len(damaged) // 4, refused
