@@ -12,13 +12,16 @@
                   [--dose-tolerance REL] [--time-tolerance REL]
                   [--protected-store DIR] [--out FILE]
     iort-plan check RX.json [--doserate TABLE.toml --output-factor FACTOR.json [--on DATE]]
+    iort-plan factor --value F --measured-by HOLDER --machine TEXT [--measured-on DATE]
+                  [--out FILE]
 
 ``new`` and ``import`` write the prescription's canonical JSON to FILE (atomically) or to
 stdout. ``import`` takes the dose, fractions, applicator and planned time from the RT Plan
 (plan/dicom_import.py) and what the plan cannot say from the flags; the plan's Patient ID
 and SOP Instance UID go only to ``--protected-store`` (plan/store.py), never to the output.
 ``check`` reads a prescription and, given a dose-rate table and the day's output factor,
-runs the independent time check (plan/doserate.py).
+runs the independent time check (plan/doserate.py). ``factor`` writes the day's output
+factor in its JSON form.
 
 Exit status: 0 done (``check``: valid and, when asked, the time agrees); 1 the thing checked
 is bad: an RT Plan that cannot be imported (not DICOM, not an RT Plan, something missing or
@@ -47,6 +50,7 @@ from iortd.plan.doserate import (
     DoseRateError,
     expected_time_s,
     load_doserate_table,
+    output_factor_bytes,
     parse_output_factor,
     time_agrees,
 )
@@ -130,6 +134,12 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--doserate", type=Path, help="the commissioned dose-rate table")
     chk.add_argument("--output-factor", type=Path, help="the day's output factor (JSON)")
     chk.add_argument("--on", help="the day the factor must be from (default: today, UTC)")
+    fac = sub.add_parser("factor", help="write the day's output factor (JSON)")
+    fac.add_argument("--value", type=float, required=True, help="measured / reference output")
+    fac.add_argument("--measured-on", help="YYYY-MM-DD (default: today, UTC)")
+    fac.add_argument("--measured-by", required=True, help="the physicist's keyring holder id")
+    fac.add_argument("--machine", required=True, help="the source model and serial")
+    fac.add_argument("--out", type=Path, help="write here (atomically) instead of stdout")
     return ap
 
 
@@ -164,7 +174,10 @@ def _build(args: argparse.Namespace, **fields: object) -> Prescription:
 
 
 def _write(args: argparse.Namespace, p: Prescription) -> None:
-    data = prescription_bytes(p) + b"\n"
+    _write_bytes(args, prescription_bytes(p) + b"\n")
+
+
+def _write_bytes(args: argparse.Namespace, data: bytes) -> None:
     if args.out is None:
         sys.stdout.write(data.decode("utf-8"))
         return
@@ -325,9 +338,27 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return code
 
 
+def _cmd_factor(args: argparse.Namespace) -> int:
+    try:
+        day = date.fromisoformat(args.measured_on) if args.measured_on else datetime.now(UTC).date()
+    except ValueError:
+        _usage("--measured-on: must be a date, YYYY-MM-DD")
+    try:
+        raw = output_factor_bytes(args.value, day, args.measured_by, args.machine)
+    except DoseRateError as exc:
+        _usage(str(exc))
+    _write_bytes(args, raw + b"\n")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handlers = {"new": _cmd_new, "import": _cmd_import, "check": _cmd_check}
+    handlers = {
+        "new": _cmd_new,
+        "import": _cmd_import,
+        "check": _cmd_check,
+        "factor": _cmd_factor,
+    }
     try:
         return handlers[args.command](args)
     except Failed as exc:

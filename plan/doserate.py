@@ -45,6 +45,7 @@ from typing import Any, Final
 
 import orjson
 
+from iortd.auditlog.canonical import canonical
 from iortd.kernel.files import FileReadError, read_small_file, toml_error
 from iortd.plan.model import DoseReference, Prescription
 
@@ -56,6 +57,7 @@ __all__ = [
     "OutputFactor",
     "expected_time_s",
     "load_doserate_table",
+    "output_factor_bytes",
     "parse_output_factor",
     "time_agrees",
 ]
@@ -282,3 +284,19 @@ def parse_output_factor(raw: bytes) -> OutputFactor:
         raise DoseRateError("output factor: measured_by: must be a keyring holder id")
     machine = _text("output factor: ", doc, "machine")
     return OutputFactor(value=float(value), measured_on=on, measured_by=by, machine=machine)
+
+
+def output_factor_bytes(value: float, measured_on: date, measured_by: str, machine: str) -> bytes:
+    """The output factor's JSON form, canonical (as a prescription's), after the same checks
+    :func:`parse_output_factor` makes: what ``iort-plan factor`` writes is what it reads."""
+    raw = canonical(
+        {
+            "v": 1,
+            "output_factor": value,
+            "measured_on": measured_on.isoformat(),
+            "measured_by": measured_by,
+            "machine": machine,
+        }
+    )
+    parse_output_factor(raw)
+    return raw

@@ -155,3 +155,20 @@ def test_the_bundled_examples_say_so_and_match_the_simulators_profiles() -> None
         profile = tomllib.loads((ROOT / "config/profiles" / path.name).read_text("utf-8"))
         rates = {c: a["surface_dose_rate_gy_min"] for c, a in profile["applicators"].items()}
         assert {c: r.surface_gy_min for c, r in t.applicators.items()} == rates
+
+
+def test_iort_plan_factor_writes_the_form_check_reads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from iortd.plan.cli import main  # noqa: PLC0415
+
+    out = tmp_path / "factor.json"
+    argv = ["factor", "--value", "1.012", "--measured-on", "2026-12-06"]
+    argv += ["--measured-by", "phys.curie", "--machine", "INTRABEAM s/n 0001", "--out", str(out)]
+    assert main(argv) == 0
+    f = parse_output_factor(out.read_bytes())
+    assert (f.value, f.measured_on, f.measured_by) == (1.012, TODAY, "phys.curie")
+    assert out.read_bytes().startswith(b'{"machine":')  # canonical: sorted keys
+    capsys.readouterr()
+    assert main([*argv[:2], "1.2", *argv[3:]]) == 2
+    assert "output_factor" in capsys.readouterr().err
