@@ -76,6 +76,9 @@ __all__ = ["main"]
 EXIT_OK, EXIT_BAD, EXIT_USAGE = 0, 1, 2
 MAX_PLAN_BYTES = 32 * 1024 * 1024  # an RT Plan with many control points is a few MB
 INSTALL_PLAN = "pip install 'iortd[plan]'"
+# An approval is now, give or take two machines' clocks: one dated ahead would keep a
+# prescription valid for longer than the physicist meant.
+APPROVAL_SKEW = timedelta(minutes=5)
 # fields of a prescription that `import` takes from the plan: an error there is the plan's
 _FROM_PLAN = ("prescribed_dose_gy", "fractions", "applicator.", "planned_time_s")
 
@@ -144,10 +147,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _times(args: argparse.Namespace) -> tuple[datetime, datetime]:
+    now = datetime.now(UTC)
     try:
-        approved = (
-            parse_utc("--approved-at", args.approved_at) if args.approved_at else datetime.now(UTC)
-        )
+        approved = parse_utc("--approved-at", args.approved_at) if args.approved_at else now
+        if approved > now + APPROVAL_SKEW:
+            _usage(
+                f"--approved-at: in the future (more than {APPROVAL_SKEW.seconds // 60} min "
+                "ahead of this machine's clock); give the time of the approval"
+            )
         if args.not_after:
             return approved, parse_utc("--not-after", args.not_after)
     except PrescriptionError as exc:

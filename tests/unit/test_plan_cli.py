@@ -15,6 +15,7 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -351,3 +352,12 @@ def test_damaged_plans_are_refused_never_crash_and_never_leak() -> None:
             assert "\n" not in msg
             assert not any(s.lower() in msg.lower() for s in IDENTIFYING), msg
     assert refused > len(damaged) // 4, refused
+
+
+def test_an_approval_in_the_future_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """A prescription approved "tomorrow" would stay valid a day longer than meant: the
+    approval time is when the physicist approves, give or take a clock's skew."""
+    at = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    code, out, err = run([*NEW, "--approved-at", at], capsys)
+    assert (code, out) == (2, "")
+    assert "--approved-at: in the future" in err
