@@ -1,7 +1,8 @@
 """The prescription: one delivery as the physicist approved it, and its canonical JSON.
 
-A :class:`Prescription` is frozen and valid by construction: :func:`parse_prescription`
-and :func:`make_prescription` check every field against the bounds below and raise
+A :class:`Prescription` is frozen; made through :func:`parse_prescription` or
+:func:`make_prescription` (the only ways the tools make one) every field is checked against
+the bounds below, and a bad one raises
 :class:`PrescriptionError` naming the field (``applicator.diameter_mm: ...``) on one line.
 Its JSON form (docs/schemas/v1/prescription.schema.json; docs/prescriptions.md) is written
 canonically by :func:`prescription_bytes`: the audit log's canonical JSON (sorted keys, no
