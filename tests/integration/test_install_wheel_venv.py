@@ -148,6 +148,8 @@ def test_wheel_in_fresh_venv_has_one_namespace_and_finds_the_example_driver(
         "iortd/schemas/v1/telemetry.schema.json",
         "iortd/py.typed",
         "iortd/dashboard/static/index.html",
+        "iortd/config/doserate/intrabeam.toml",
+        "iortd/schemas/v1/prescription.schema.json",
     ):
         assert data in names, f"{data} missing from {wheel.name}"
 
@@ -225,6 +227,28 @@ def test_wheel_in_fresh_venv_has_one_namespace_and_finds_the_example_driver(
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert "pip install 'iortd[reports]'" in proc.stderr, proc.stderr
     assert not (tmp_path / "r.pdf").exists()
+
+    # iort-plan: `new` needs nothing beyond the base install; `import` (pydicom, the extra
+    # `plan`) says in one line what to install.
+    plan = str(env_dir / "bin" / "iort-plan")
+    rx_args = ["--treatment-id", "T-1", "--plan-id", "P-1", "--approved-by", "phys.a"]
+    new = [*rx_args, "--dose-gy", "20", "--applicator", "SPH30", "--diameter-mm", "30"]
+    out = _run(
+        [plan, "new", *new, "--planned-time-min", "23"], cwd=tmp_path, deadline=deadline, env=env
+    )
+    assert '"prescribed_dose_gy":20.0' in out, out
+    (tmp_path / "p.dcm").write_bytes(b"x")
+    proc = subprocess.run(
+        [plan, "import", "p.dcm", *rx_args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=max(1.0, deadline - time.monotonic()),
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "pip install 'iortd[plan]'" in proc.stderr, proc.stderr
 
     # The example driver is found through its entry point, and its own validate runs.
     example_cfg = tmp_path / "example.toml"

@@ -9,7 +9,8 @@ with relative imports resolved. Then it checks three things:
    under it in :data:`ALLOWED`. The picture::
 
        dashboard      audit (auditors' tools)     daemon        simulators
-           |             |                       /    \\            |
+           |             |   plan (prescriptions)/    \\            |
+           |             |  /                   /      \\           |
            |          auditlog (log core)  <----+    drivers  <-----+
            |             |                              |
            +-------------+----------- kernel -----------+
@@ -17,7 +18,8 @@ with relative imports resolved. Then it checks three things:
 2. **No cycles** between modules (Tarjan's strongly connected components), so any module can
    be read, tested and cut without dragging in the ones that depend on it.
 3. **Heavy or protocol libraries stay where they belong**: reportlab, matplotlib and pydicom
-   only in the auditors' tools (the extra ``reports``); pymodbus only in the driver's Modbus
+   only in the auditors' tools (the extra ``reports``), pydicom also in the RT Plan import
+   ``plan/dicom_import.py`` (the extra ``plan``); pymodbus only in the driver's Modbus
    codec (its API changes between minor releases; the simulator frames Modbus without it, so
    the two sides of the protocol stay independent).
 
@@ -44,6 +46,7 @@ ALLOWED: dict[str, frozenset[str]] = {
     "daemon": frozenset({"kernel", "drivers", "auditlog"}),
     "audit": frozenset({"kernel", "auditlog"}),
     "dashboard": frozenset({"kernel"}),
+    "plan": frozenset({"kernel", "auditlog"}),
 }
 PARTS = tuple(ALLOWED)
 
@@ -51,7 +54,8 @@ PARTS = tuple(ALLOWED)
 CONFINED: dict[str, tuple[str, ...]] = {
     "reportlab": ("iortd.audit.",),
     "matplotlib": ("iortd.audit.",),
-    "pydicom": ("iortd.audit.",),
+    # and the RT Plan import (the extra ``plan``); never the daemon
+    "pydicom": ("iortd.audit.", "iortd.plan.dicom_import"),
     "pymodbus": ("iortd.drivers.modbus_codec",),
 }
 

@@ -13,7 +13,7 @@ import inspect
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PARTS = ("kernel", "drivers", "simulators", "auditlog", "daemon", "audit", "dashboard")
+PARTS = ("kernel", "drivers", "simulators", "auditlog", "daemon", "audit", "dashboard", "plan")
 MAX_LINES = 600
 TRACKER_MAX_LINES = 420
 

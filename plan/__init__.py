@@ -1,0 +1,18 @@
+"""Prescriptions: what the physicist intended for one delivery (issue 18, items 1 and 2).
+
+- ``model.py``: the :class:`~iortd.plan.model.Prescription`, its bounds, strict parsing and
+  canonical JSON (docs/schemas/v1/prescription.schema.json publishes the same shape);
+- ``doserate.py``: the independent time check: the site's commissioned dose-rate tables
+  (``config/doserate/*.toml``), the day's output factor, the expected treatment time and
+  the comparison with the planned time;
+- ``store.py``: the protected store, where the identifiers the hospital hand-off needs
+  (Patient ID, the plan's SOP Instance UID) are kept apart from everything else;
+- ``dicom_import.py``: a DICOM RT Plan to a prescription (the only module that imports
+  pydicom; the optional extra ``plan``);
+- ``cli.py``: ``iort-plan new`` and ``iort-plan import``.
+
+Layer: on the kernel and the audit-log core only (tests/unit/test_layers.py). Signing and
+sending a prescription is the command envelope's (later); the daemon's check before
+beam-on is item 3 of the issue. Nothing here logs: the CLI writes what it was asked to
+and one line on stderr per error. docs/prescriptions.md is the user's page.
+"""
