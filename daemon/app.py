@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from iortd.auditlog.keyring import KeyringError
 from iortd.auditlog.note import Signer
 from iortd.auditlog.retention import RetentionManager, RetentionSettings
 from iortd.auditlog.writer import (
@@ -68,6 +69,7 @@ from iortd.auditlog.writer import (
     RecoveryReport,
     new_origin,
 )
+from iortd.daemon.commands import CommandIntake, open_intake
 from iortd.daemon.config import Config, ConfigError, DeviceConfig, LoadedConfig, load_config
 from iortd.daemon.config.model import RetentionConfig
 from iortd.daemon.device_loop import DeviceLoop
@@ -160,6 +162,7 @@ class App:
         self.health: Health | None = None
         # The retention task, when [log.retention] is set; status() for health/metrics.
         self.retention: RetentionManager | None = None
+        self._intake: CommandIntake | None = None
 
     @property
     def tracker(self) -> DeliveryTracker:
@@ -196,6 +199,10 @@ class App:
                 recovery,
                 stop_after_delivery=self._stop_after_delivery,
             )
+            try:
+                self._intake = await open_intake(c, audit, service.notice, sinks)
+            except KeyringError as exc:
+                raise StartError(f"commands.keyring: {exc}") from None
             log.info(
                 "daemon_starting",
                 config=str(self.loaded.path),
@@ -263,9 +270,15 @@ class App:
             dispatcher = tg.create_task(service.dispatch(), name="dispatcher")
             notices = tg.create_task(service.notify(), name="notices")
             web = None if server is None else tg.create_task(server.serve(), name="health")
+            until_stop: list[asyncio.Task[Any]] = []
             service.record_start()
+            if self._intake is not None:  # signed commands in (daemon/commands.py)
+                self._intake.record_loaded()
+                cmd = c.commands
+                intake = self._intake.run(stop, cmd.inbox, cmd.inbox_poll_s)
+                until_stop.append(tg.create_task(intake, name="commands"))
             lines = _shared_lines(c.devices, self._clock.monotonic_ns)
-            until_stop = [
+            until_stop += [
                 tg.create_task(
                     self._device_loop(dev, service, lines, progress[dev.name]).run(stop),
                     name=f"device:{dev.name}",
