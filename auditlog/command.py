@@ -114,6 +114,7 @@ class RejectReason(enum.StrEnum):
     # Judged by the receiver, not by check_command (daemon/commands.py):
     retained = "retained"  # a retained MQTT message: it would replay at every reconnect
     no_handler = "no_handler"  # a known kind this daemon has no handler for (yet)
+    wrong_topic = "wrong_topic"  # cmd/{kind} on MQTT must name the envelope's kind
     busy = "busy"  # the accepted commands' queue is full
 
 

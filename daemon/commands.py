@@ -88,7 +88,7 @@ def _default_summary(body: Mapping[str, Any]) -> dict[str, Any]:
     """What is recorded of a body by default: its shape and hash, never its values."""
     return {
         "body_keys": sorted(body)[:32],
-        "body_sha256": hashlib.sha256(canonical(body)).hexdigest(),
+        "body_sha256": hashlib.sha256(canonical(dict(body))).hexdigest(),
     }
 
 
