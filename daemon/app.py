@@ -20,9 +20,12 @@ counting sink is one of the caller's own) and binds the health endpoint
 notices, the health endpoint, then one :class:`~iortd.daemon.device_loop.DeviceLoop` per
 configured device, the stale-data watchdog, the checkpoint task, the systemd supervisor
 (``READY=1`` once the loops are started and the run's start is on disk, ``STATUS=``,
-``WATCHDOG=1``: daemon/health.py; ``STOPPING=1`` when the stop comes: kernel/sdnotify.py)
-and, with ``[log.retention]``, the retention task (auditlog/retention.py: the disk budget
-and the archive, woken by every segment roll; ``App.retention.status()`` is its state for
+``WATCHDOG=1``: daemon/health.py; ``STOPPING=1`` when the stop comes: kernel/sdnotify.py),
+with ``[commands] keyring`` the command intake (daemon/commands.py: the keyring loaded and
+the nonces rebuilt from the log before any sink runs, ``keyring_loaded`` recorded after the
+start, then its task: accepted commands handled, refusals summarised, the inbox read) and,
+with ``[log.retention]``, the retention task (auditlog/retention.py: the disk budget and
+the archive, woken by every segment roll; ``App.retention.status()`` is its state for
 health and metrics). Devices that name one serial port share one line (an RS-485 bus):
 :func:`_shared_lines` builds one :class:`~iortd.drivers.transport.shared.SharedLine` per
 such port, owning its one transport, and each device's driver gets a view of it in its
