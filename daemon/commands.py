@@ -264,7 +264,9 @@ class CommandIntake:
             "body": shown,
         }
         entry = self._audit.append("command_accepted", data, durable=True)
+        self.seen.prune(self._now())  # memory bounded by the commands still valid
         self.seen.add(cmd.nonce, cmd.expires_at)
+        self._accepted_sha = {n: h for n, h in self._accepted_sha.items() if n in self.seen}
         self._accepted_sha[cmd.nonce] = cmd.sha256
         self.accepted += 1
         self._queue.put_nowait((cmd, entry.committed, handler))
