@@ -32,6 +32,11 @@ the log at start (:meth:`CommandIntake.rebuild_nonces`), so a replay across a re
 refused like any other. The keyring is loaded once at start and recorded
 (``keyring_loaded``: its SHA-256, holders, roles and windows; no keys).
 
+A crash between the record and the handler leaves an accepted command whose handler did
+not run (and whose nonce is booked): a handler (item 3's prescription verification, later
+acknowledgements) must rebuild what it needs from the ``command_accepted`` entries at start
+rather than rely on having run once.
+
 ``ping`` is built in: a documented no-op a sender uses to check its set-up end to end
 (key enrolled, role, clocks, broker ACL): accepted, recorded, answered on ``events``.
 """
