@@ -221,6 +221,7 @@ class App:
                 counting,
                 sinks,
                 lambda: None if self.retention is None else self.retention.status(),
+                self._command_counts,
             )
             server = None
             if c.health.address is not None:
@@ -234,6 +235,11 @@ class App:
             stack.callback(self._notifier.close)
             main = self._main(service, audit, sinks, sinks_stack, stop, progress, server)
             return await _until_stopped(main, stop, duration_s)
+
+    def _command_counts(self) -> tuple[int, dict[str, int]] | None:
+        """For /metrics: the intake's accepted count and refusals by reason."""
+        i = self._intake
+        return None if i is None else (i.accepted, dict(i.counts))
 
     async def _open_log(self) -> tuple[AuditLog, RecoveryReport]:
         c = self.config
