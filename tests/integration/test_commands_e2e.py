@@ -4,8 +4,8 @@
 * the abuse test: 10⁴ malformed, unsigned, forged, expired, early, foreign, unknown-signer,
   wrong-role, wrong-topic, unhandled, oversized and replayed commands (also across a
   restart of the daemon, and a retained one replayed by the broker at the resubscription)
-  change nothing, and the counts by reason in the log are exactly what was sent; the
-  ``events`` topic is rate-limited;
+  change nothing, and the counts by reason in the log are exactly what was sent (and on
+  ``/metrics`` for the run after the restart); the ``events`` topic is rate-limited;
 * config/mosquitto/acl.example, verbatim: the commands user may publish a command, the
   room's daemon and the dashboard may not.
 
