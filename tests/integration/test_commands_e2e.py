@@ -323,3 +323,53 @@ async def test_the_acl_example_lets_only_the_commands_user_publish_commands(
             ("iort-commands-hospital-a", "iort/v1/hospital-b/or-1/cmd/prescription"),
         ):
             assert "Not authorized" in publish(user, topic), (user, topic)
+
+
+async def test_an_acl_without_read_on_cmd_leaves_the_stream_alone(
+    make_site: Callable[..., Site], tmp_path: Path
+) -> None:
+    """The daemon's broker user may publish its room but not read ``cmd/#``. Mosquitto 2.0
+    grants such a subscription and applies the ACL at delivery (nothing arrives on it), so
+    the daemon cannot see the refusal; what matters is that the live stream goes on. The
+    refusal paths the daemon can see (a failure code, a timeout) are unit-tested
+    (tests/unit/test_mqtt_commands.py)."""
+    exe = shutil.which("mosquitto_passwd")
+    assert exe is not None, "mosquitto_passwd missing: apt-get install mosquitto-clients"
+    passwd = tmp_path / "passwd"
+    users = {"room": "room-Pw-1", "admin": "admin-Pw-2"}
+    for i, (user, pw) in enumerate(users.items()):
+        create = ["-c"] if i == 0 else []
+        await asyncio.to_thread(
+            subprocess.run, [exe, "-b", *create, str(passwd), user, pw], check=True, timeout=10
+        )
+    acl = tmp_path / "acl"
+    acl.write_text(
+        "user room\ntopic write iort/v1/test-site/or-7/#\n"
+        "topic read iort/v1/test-site/or-7/audit/checkpoint\n\nuser admin\ntopic readwrite #\n"
+    )
+    pw_file = tmp_path / "room.pw"
+    pw_file.write_text(users["room"] + "\n")
+    pw_file.chmod(0o600)
+    options = BrokerOptions(password_file=passwd, acl_file=acl)
+    with Mosquitto(options, tmp_path / "broker") as broker:
+        mqtt = f'url = "{broker.url}"\nusername = "room"\npassword_file = "{pw_file}"'
+        s = make_site(speed=300, mqtt=mqtt)
+        ring = keyring(tmp_path / "keyring.toml")
+        with s.config.open("a") as f:
+            f.write(f'\n[commands]\nkeyring = "{ring}"\n')
+        obs = Observer(broker.port, topic="iort/v1/test-site/or-7/#", username="admin")
+        obs.password = users["admin"]
+        await obs.start()
+        daemon = await Daemon.follow(s)
+        try:
+            await subscribed(daemon)
+            seen = len(obs.of("telemetry"))
+            await obs.wait_for(
+                lambda m: m.name == "telemetry" and len(obs.of("telemetry")) > seen + 5,
+                "telemetry going on after the cmd/# subscription",
+            )
+            assert daemon.events("mqtt_connection_lost") == []
+            assert await daemon.stop() == 0
+        finally:
+            await daemon.ensure_dead()
+            await obs.stop()
