@@ -334,7 +334,12 @@ class CommandIntake:
         """Handle accepted commands, close each minute's summary, read the inbox; until
         ``stop`` (then the pending summary is recorded)."""
         if inbox is not None:
-            await asyncio.to_thread(_prepare_inbox, inbox)
+            problem = await asyncio.to_thread(_prepare_inbox, inbox)
+            if problem is not None:
+                # Not a reason to stop the record: the inbox is off, said loudly.
+                log.error("inbox_unusable", problem=problem)
+                self._notice("critical", f"command inbox not read: {problem}")
+                inbox = None
         try:
             while not stop.is_set():
                 await self._step(stop, inbox, poll_s)
@@ -384,6 +389,14 @@ class CommandIntake:
     # ---- the inbox -------------------------------------------------------------------------
 
     async def _read_inbox(self, inbox: Path) -> None:
+        try:
+            await self._read_inbox_files(inbox)
+        except OSError as exc:
+            # The directory gone, unreadable, on a failing disk: retried at the next poll;
+            # the daemon's record goes on whatever the inbox does.
+            log.warning("inbox_unreadable", error=exc.strerror)
+
+    async def _read_inbox_files(self, inbox: Path) -> None:
         for path in await asyncio.to_thread(_inbox_files, inbox):
             raw = await asyncio.to_thread(_read_bounded, path)
             if raw is None:
@@ -393,6 +406,8 @@ class CommandIntake:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(HANDLER_TIMEOUT_S):
                         await asyncio.shield(verdict.recorded)  # on disk before the move
+                if not verdict.recorded.done() or verdict.recorded.cancelled():
+                    continue  # not on disk (yet): left in the inbox, judged again later
             ok = verdict.command is not None or verdict.redelivered
             await asyncio.to_thread(_move, path, inbox / (ACCEPTED_DIR if ok else REJECTED_DIR))
 
@@ -425,9 +440,18 @@ async def open_intake(
     return intake
 
 
-def _prepare_inbox(inbox: Path) -> None:
-    for sub in (ACCEPTED_DIR, REJECTED_DIR):
-        (inbox / sub).mkdir(mode=0o750, parents=True, exist_ok=True)
+def _prepare_inbox(inbox: Path) -> str | None:
+    """``accepted/`` and ``rejected/`` made; why the inbox cannot be used, or None. A
+    link in their place is refused: files would be moved to wherever it points."""
+    try:
+        for sub in (ACCEPTED_DIR, REJECTED_DIR):
+            d = inbox / sub
+            if d.is_symlink():
+                return f"{d} is a symbolic link; make it a directory"
+            d.mkdir(mode=0o750, parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"{exc.filename}: {exc.strerror}"
+    return None
 
 
 def _inbox_files(inbox: Path) -> list[Path]:
@@ -459,6 +483,9 @@ def _read_bounded(path: Path) -> bytes | None:
 def _move(path: Path, into: Path) -> None:
     """Into ``into`` under a free name (never over another file), then the rename made
     durable: a crash after this leaves the file judged and moved, or still in the inbox."""
+    if into.is_symlink():
+        log.error("inbox_move_refused", reason=f"{into.name}/ became a symbolic link")
+        return
     target = into / path.name
     n = 0
     while target.exists():

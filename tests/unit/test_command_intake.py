@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 import pytest
+from structlog.testing import capture_logs
 
 from iortd.auditlog.command import Command, RejectReason, sign_command
 from iortd.auditlog.keyring import parse_keyring
@@ -196,3 +197,35 @@ async def test_keyring_loaded_records_the_hash_and_no_keys(run: Run, tmp_path: P
     assert e["data"]["keyring_sha256"] == RING.sha256
     assert e["data"]["keys"][0]["holder"] == "phys-anna"
     assert PHYS.verifier.text.split("+")[2] not in orjson.dumps(e).decode()
+
+
+async def test_an_inbox_that_goes_away_or_is_a_trap_never_stops_the_intake(
+    tmp_path: Path,
+) -> None:
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    r = await start(tmp_path / "log")
+    stop_ev = asyncio.Event()
+    task = asyncio.create_task(r.intake.run(stop_ev, inbox, poll_s=0.05))
+    await until((inbox / "accepted").is_dir, "accepted/ made")
+    for sub in ("accepted", "rejected"):
+        (inbox / sub).rmdir()
+    inbox.rmdir()  # the directory gone while running: logged, retried, nothing stops
+    with capture_logs() as logs:
+        await until(lambda: any(e["event"] == "inbox_unreadable" for e in logs), "the warning")
+    assert not task.done()
+    stop_ev.set()
+    await task
+    # accepted/ planted as a link (files would be moved where it points): the inbox is off.
+    inbox.mkdir()
+    (inbox / "accepted").symlink_to(tmp_path)
+    (inbox / "a.json").write_bytes(ping())
+    stop_ev = asyncio.Event()
+    with capture_logs() as logs:
+        task = asyncio.create_task(r.intake.run(stop_ev, inbox, poll_s=0.05))
+        await until(lambda: any(e["event"] == "inbox_unusable" for e in logs), "refused")
+    stop_ev.set()
+    await task
+    assert (inbox / "a.json").exists()
+    assert any("command inbox not read" in n for n in r.notices)
+    await stop(r)
