@@ -342,7 +342,14 @@ class CommandIntake:
                 inbox = None
         try:
             while not stop.is_set():
-                await self._step(stop, inbox, poll_s)
+                try:
+                    await self._step(stop, inbox, poll_s)
+                except Exception:
+                    # A bug here must not take the daemon (and its record) down with it.
+                    log.exception("commands_error")
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(max(poll_s, 1.0)):
+                            await stop.wait()
         finally:
             self._closed = True
             self.flush_summary()
