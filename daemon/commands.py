@@ -70,7 +70,7 @@ from iortd.auditlog.command import (
     check_command,
 )
 from iortd.auditlog.keyring import Keyring, load_keyring, parse_utc
-from iortd.auditlog.logdir import SEGMENT_RE, read_segment, segment_paths
+from iortd.auditlog.logdir import SEGMENT_RE, LogDamaged, read_segment, segment_paths
 from iortd.auditlog.writer import AuditLog, AuditLogClosed
 from iortd.daemon.config import Config
 from iortd.kernel.timefmt import utc_ts
@@ -438,7 +438,14 @@ async def open_intake(
         max_per_minute=c.max_per_minute,
         notice=notice,
     )
-    booked = await asyncio.to_thread(intake.rebuild_nonces, config.log.directory)
+    try:
+        booked = await asyncio.to_thread(intake.rebuild_nonces, config.log.directory)
+    except (OSError, LogDamaged) as exc:
+        # Without the nonces a replay could pass: no commands this run, said loudly; the
+        # monitoring and its record go on.
+        log.error("commands_off", reason=f"nonces not rebuilt from the log: {exc}")  # noqa: TRY400
+        notice("critical", "signed commands are OFF this run: the log could not be read back")
+        return None
     log.info("command_nonces_rebuilt", booked=booked)
     for sink in sinks:
         inner = getattr(sink, "inner", sink)
