@@ -29,8 +29,9 @@ has no handler for is ``no_handler``; a full queue of accepted commands is ``bus
 
 The nonces of every command accepted within the last ``MAX_TTL_S`` + skew are rebuilt from
 the log at start (:meth:`CommandIntake.rebuild_nonces`), so a replay across a restart is
-refused like any other. The keyring is loaded once at start and recorded
-(``keyring_loaded``: its SHA-256, holders, roles and windows; no keys).
+refused like any other; if the log cannot be read back, there are no commands this run
+(said loudly) rather than a chance of a replay. The keyring is loaded once at start and
+recorded (``keyring_loaded``: its SHA-256, holders, roles and windows; no keys).
 
 A crash between the record and the handler leaves an accepted command whose handler did
 not run (and whose nonce is booked): a handler (item 3's prescription verification, later
