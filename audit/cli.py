@@ -1,6 +1,7 @@
 """``iort-audit``: the auditors' tool for iortd delivery logs.
 
     iort-audit keygen --name NAME [--out DIR]
+    iort-audit keyring check|list FILE; keyring add FILE --holder ... (audit/keyring_cli.py)
     iort-audit verify PATH... [--pubkey FILE] [--checkpoint FILE|DIR] [--archive DIR]
     iort-audit show PATH... [--delivery ID [--entries]] [--type T] [--since TS] [--until TS]
     iort-audit deliveries PATH...
@@ -35,6 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from iortd.audit import keyring_cli
 from iortd.audit.export import applicator_csv, events_csv, json_export, samples_csv
 from iortd.audit.extra import dicom_exporter, report_renderer, with_extra
 from iortd.audit.inputs import UsageError, held_checkpoints, load_pubkey
@@ -480,6 +482,7 @@ def _parser() -> argparse.ArgumentParser:
     k = sub.add_parser("keygen", help="make an Ed25519 key pair for signing checkpoints")
     k.add_argument("--name", required=True, help="key name, e.g. iortd-or-3 (no '+' or spaces)")
     k.add_argument("--out", type=Path, default=Path(), help="directory for NAME.key and NAME.pub")
+    keyring_cli.add_parser(sub)
     v = sub.add_parser("verify", help="check the chain, seqs and signatures of a log")
     v.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="log directory or files")
     v.add_argument("--pubkey", type=Path, metavar="FILE", help="the daemon's public key (NAME.pub)")
@@ -542,6 +545,7 @@ def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     handlers = {
         "keygen": _cmd_keygen,
+        "keyring": keyring_cli.run,
         "verify": _cmd_verify,
         "show": _cmd_show,
         "deliveries": _cmd_deliveries,

@@ -20,9 +20,12 @@ counting sink is one of the caller's own) and binds the health endpoint
 notices, the health endpoint, then one :class:`~iortd.daemon.device_loop.DeviceLoop` per
 configured device, the stale-data watchdog, the checkpoint task, the systemd supervisor
 (``READY=1`` once the loops are started and the run's start is on disk, ``STATUS=``,
-``WATCHDOG=1``: daemon/health.py; ``STOPPING=1`` when the stop comes: kernel/sdnotify.py)
-and, with ``[log.retention]``, the retention task (auditlog/retention.py: the disk budget
-and the archive, woken by every segment roll; ``App.retention.status()`` is its state for
+``WATCHDOG=1``: daemon/health.py; ``STOPPING=1`` when the stop comes: kernel/sdnotify.py),
+with ``[commands] keyring`` the command intake (daemon/commands.py: the keyring loaded and
+the nonces rebuilt from the log before any sink runs, ``keyring_loaded`` recorded after the
+start, then its task: accepted commands handled, refusals summarised, the inbox read) and,
+with ``[log.retention]``, the retention task (auditlog/retention.py: the disk budget and
+the archive, woken by every segment roll; ``App.retention.status()`` is its state for
 health and metrics). Devices that name one serial port share one line (an RS-485 bus):
 :func:`_shared_lines` builds one :class:`~iortd.drivers.transport.shared.SharedLine` per
 such port, owning its one transport, and each device's driver gets a view of it in its
@@ -56,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from iortd.auditlog.keyring import KeyringError
 from iortd.auditlog.note import Signer
 from iortd.auditlog.retention import RetentionManager, RetentionSettings
 from iortd.auditlog.writer import (
@@ -68,6 +72,7 @@ from iortd.auditlog.writer import (
     RecoveryReport,
     new_origin,
 )
+from iortd.daemon.commands import CommandIntake, open_intake
 from iortd.daemon.config import Config, ConfigError, DeviceConfig, LoadedConfig, load_config
 from iortd.daemon.config.model import RetentionConfig
 from iortd.daemon.device_loop import DeviceLoop
@@ -160,6 +165,7 @@ class App:
         self.health: Health | None = None
         # The retention task, when [log.retention] is set; status() for health/metrics.
         self.retention: RetentionManager | None = None
+        self._intake: CommandIntake | None = None
 
     @property
     def tracker(self) -> DeliveryTracker:
@@ -196,6 +202,10 @@ class App:
                 recovery,
                 stop_after_delivery=self._stop_after_delivery,
             )
+            try:
+                self._intake = await open_intake(c, audit, service.notice, sinks)
+            except KeyringError as exc:
+                raise StartError(f"commands.keyring: {exc}") from None
             log.info(
                 "daemon_starting",
                 config=str(self.loaded.path),
@@ -211,6 +221,7 @@ class App:
                 counting,
                 sinks,
                 lambda: None if self.retention is None else self.retention.status(),
+                self._command_counts,
             )
             server = None
             if c.health.address is not None:
@@ -224,6 +235,11 @@ class App:
             stack.callback(self._notifier.close)
             main = self._main(service, audit, sinks, sinks_stack, stop, progress, server)
             return await _until_stopped(main, stop, duration_s)
+
+    def _command_counts(self) -> tuple[int, dict[str, int]] | None:
+        """For /metrics: the intake's accepted count and refusals by reason."""
+        i = self._intake
+        return None if i is None else (i.accepted, dict(i.counts))
 
     async def _open_log(self) -> tuple[AuditLog, RecoveryReport]:
         c = self.config
@@ -263,9 +279,15 @@ class App:
             dispatcher = tg.create_task(service.dispatch(), name="dispatcher")
             notices = tg.create_task(service.notify(), name="notices")
             web = None if server is None else tg.create_task(server.serve(), name="health")
+            until_stop: list[asyncio.Task[Any]] = []
             service.record_start()
+            if self._intake is not None:  # signed commands in (daemon/commands.py)
+                self._intake.record_loaded()
+                cmd = c.commands
+                intake = self._intake.run(stop, cmd.inbox, cmd.inbox_poll_s)
+                until_stop.append(tg.create_task(intake, name="commands"))
             lines = _shared_lines(c.devices, self._clock.monotonic_ns)
-            until_stop = [
+            until_stop += [
                 tg.create_task(
                     self._device_loop(dev, service, lines, progress[dev.name]).run(stop),
                     name=f"device:{dev.name}",

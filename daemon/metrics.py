@@ -6,7 +6,8 @@ is process-wide) holding
 
 * :class:`DaemonCollector`, which reads the running daemon's state when scraped (the device
   loops' progress, the tracker, the audit writer, the sinks' queues, the MQTT sink and its
-  outbox), so that no figure can drift from what the daemon itself acts on;
+  outbox, the command intake's counts), so that no figure can drift from what the daemon
+  itself acts on;
 * the audit writer's commit histogram and byte counter, fed by the writer's ``on_commit``
   observer (auditlog/writer.py);
 * the alarms raised and the last checkpoint, counted by :class:`MetricsSink` from what the
@@ -23,13 +24,14 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client import Counter as PromCounter
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from iortd.auditlog.command import RejectReason
 from iortd.auditlog.retention import RetentionStatus
 from iortd.daemon.health import Health
 from iortd.daemon.mqtt.sink import MqttSink
@@ -41,6 +43,9 @@ from iortd.kernel.version import __version__
 __all__ = ["COMMIT_BUCKETS", "DaemonCollector", "MetricsSink", "build_registry"]
 
 # From a group commit on a fast SSD (~1 ms) to a failing card (seconds).
+# The command intake's counts (daemon/commands.py): accepted, and refused by reason.
+CommandCounts = tuple[int, Mapping[str, int]]
+
 COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -79,9 +84,11 @@ class DaemonCollector(Collector):
         *,
         clock: Callable[[], float] = time.monotonic,
         retention: Callable[[], RetentionStatus | None] = lambda: None,
+        commands: Callable[[], CommandCounts | None] = lambda: None,
     ) -> None:
         self.health = health
         self._retention = retention
+        self._commands_counts = commands
         self.sink = sink
         self.sinks = list(sinks)
         self._clock = clock
@@ -95,6 +102,7 @@ class DaemonCollector(Collector):
         yield from self._tracker()
         yield from self._audit(now)
         yield from self._storage()
+        yield from self._commands()
         yield from self._sinks(now)
 
     def _daemon(self) -> Iterator[Metric]:
@@ -241,6 +249,23 @@ class DaemonCollector(Collector):
         ):  # fmt: skip
             yield CounterMetricFamily(name, text, value=value)
 
+    def _commands(self) -> Iterator[Metric]:
+        """Signed commands (``[commands] keyring``; absent without it): every refusal is
+        counted here, also those only summarised in the log under a flood."""
+        got = self._commands_counts()
+        if got is None:
+            return
+        accepted, refused = got
+        yield CounterMetricFamily(
+            "iortd_commands_accepted", "Signed commands accepted in this run.", value=accepted
+        )
+        rejected = CounterMetricFamily(
+            "iortd_commands_rejected", "Commands refused in this run, by reason.", labels=["reason"]
+        )
+        for reason in RejectReason:
+            rejected.add_metric([reason.value], refused.get(reason.value, 0))
+        yield rejected
+
     def _sinks(self, now: float) -> Iterator[Metric]:
         dropped = CounterMetricFamily(
             "iortd_sink_dropped", "Calls a sink's queue dropped (overflow).", labels=["sink"]
@@ -292,11 +317,13 @@ def build_registry(
     sink: MetricsSink,
     sinks: Sequence[QueuedSink],
     retention: Callable[[], RetentionStatus | None] = lambda: None,
+    commands: Callable[[], CommandCounts | None] = lambda: None,
 ) -> CollectorRegistry:
     """A fresh registry for one daemon; wires the audit writer's commit observer.
-    ``retention()`` is the retention task's status, read at each scrape (None: none)."""
+    ``retention()`` is the retention task's status, ``commands()`` the command intake's
+    counts (accepted, refused by reason), each read at each scrape (None: none)."""
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(DaemonCollector(health, sink, sinks, retention=retention))
+    registry.register(DaemonCollector(health, sink, sinks, retention=retention, commands=commands))
     commit = Histogram(
         "iortd_audit_commit_duration_seconds",
         "Time to write and fsync one group commit of the audit log.",

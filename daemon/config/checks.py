@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from iortd.auditlog.keyring import KeyringError, load_keyring
 from iortd.auditlog.note import KeyFileError, load_signer
 from iortd.daemon.sink_registry import BUILT_IN_NAMES, CONFIGURED_BY_SECTION, SinkRegistry
 from iortd.daemon.sinks import SinkConfigError, SinkOptionError
@@ -201,9 +202,20 @@ def _resolve_paths(
             for k in ("password_file", "ca_file", "cert_file", "key_file")
         }
     )
+    commands = config.commands.model_copy(
+        update={k: fix(getattr(config.commands, k)) for k in ("keyring", "inbox")}
+    )
     devices = tuple(_resolve_device_paths(d, base, registry) for d in config.devices)
     tables = tuple(_resolve_sink_paths(t, base, sinks) for t in config.sinks)
-    return config.model_copy(update={"log": log, "mqtt": mqtt, "devices": devices, "sinks": tables})
+    return config.model_copy(
+        update={
+            "log": log,
+            "mqtt": mqtt,
+            "commands": commands,
+            "devices": devices,
+            "sinks": tables,
+        }
+    )
 
 
 def _check_files(config: Config, file: Path) -> list[ConfigIssue]:
@@ -216,6 +228,25 @@ def _check_files(config: Config, file: Path) -> list[ConfigIssue]:
         return [ConfigIssue(file, "", f"a configured path cannot be used: {exc.strerror}{where}")]
 
 
+def _check_commands(config: Config, file: Path) -> list[ConfigIssue]:
+    """The keyring is read and checked now (each of its problems one issue), so that a bad
+    entry is found by check-config, not by the first command."""
+    c = config.commands
+    issues = []
+    if c.keyring is not None and c.keyring.is_file():
+        try:
+            load_keyring(c.keyring)
+        except KeyringError as exc:
+            issues += [ConfigIssue(file, "commands.keyring", p) for p in exc.problems]
+    if c.inbox is not None and c.keyring is None:
+        issues.append(
+            ConfigIssue(file, "commands.inbox", "needs commands.keyring (who may sign them)")
+        )
+    if c.inbox is not None and c.inbox.exists() and not c.inbox.is_dir():
+        issues.append(ConfigIssue(file, "commands.inbox", f"not a directory: {c.inbox}"))
+    return issues
+
+
 def _check_file_system(config: Config, file: Path) -> list[ConfigIssue]:
     issues = []
     for section, key, value in (
@@ -224,9 +255,11 @@ def _check_file_system(config: Config, file: Path) -> list[ConfigIssue]:
         ("mqtt", "ca_file", config.mqtt.ca_file),
         ("mqtt", "cert_file", config.mqtt.cert_file),
         ("mqtt", "key_file", config.mqtt.key_file),
+        ("commands", "keyring", config.commands.keyring),
     ):
         if value is not None and not value.is_file():
             issues.append(ConfigIssue(file, f"{section}.{key}", f"file not found: {value}"))
+    issues += _check_commands(config, file)
     # The log directory is created at start if missing, so its nearest existing
     # ancestor must be a writable directory; found here rather than as a traceback.
     target = config.log.directory

@@ -11,7 +11,8 @@ credential's name, not by where systemd puts it::
     signing_key_file = "credential:signing-key"
 
 The keys that hold secrets accept this form: ``log.signing_key_file``, ``mqtt.password_file``
-and ``mqtt.key_file``. It resolves on load against the environment of the process, so
+``mqtt.key_file`` and
+``commands.keyring``. It resolves on load against the environment of the process, so
 ``iortd check-config`` checks exactly the file ``iortd run`` will open, and nothing is
 guessed: without ``$CREDENTIALS_DIRECTORY`` (not started by systemd with a credential) the
 key is a configuration error that says how to give it. Only the name reaches the audit log
@@ -38,6 +39,7 @@ SECRET_FILE_KEYS = (
     ("log", "signing_key_file"),
     ("mqtt", "password_file"),
     ("mqtt", "key_file"),
+    ("commands", "keyring"),
 )
 
 

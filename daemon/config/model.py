@@ -243,6 +243,21 @@ class HealthConfig(_Model):
         return parse_listen(self.listen)
 
 
+class CommandsConfig(_Model):
+    """Signed commands in (daemon/commands.py, docs/commands.md). Without ``keyring`` the
+    daemon takes no commands at all: it does not subscribe and reads no inbox."""
+
+    # The keyring file (auditlog/keyring.py); a path or credential:NAME.
+    keyring: SecretPath | None = None
+    # How far the sender's clock may be off ours, both ways (issued_at, expires_at).
+    clock_skew_s: float = Field(default=60.0, ge=0, le=3600)
+    # Refusals recorded (and reported) one by one per minute; beyond, one summary a minute.
+    max_per_minute: int = Field(default=60, ge=1, le=100_000)
+    # A directory watched for command files (moved to accepted/ or rejected/ once judged).
+    inbox: ConfigPath | None = None
+    inbox_poll_s: float = Field(default=1.0, ge=0.05, le=60)
+
+
 class PlanConfig(_Model):
     """Plan defaults; a console that reports its own preset overrides prescribed_dose_gy."""
 
@@ -340,6 +355,7 @@ class Config(_Model):
     mqtt: MqttConfig = MqttConfig()
     health: HealthConfig = HealthConfig()
     plan: PlanConfig = PlanConfig()
+    commands: CommandsConfig = CommandsConfig()
     tolerances: Tolerances = Tolerances()
     simulation: SimulationConfig = SimulationConfig()
     # No length bounds here: pydantic reports a bound again when an item fails, which would

@@ -135,6 +135,10 @@ class MqttSink(Sink):
         self._refused: dict[str, int] = {}
         self._connect_watch: FailConnectOnTransportError | None = None
         self._connected_at = 0.0
+        # Set by the composition root when [commands] is on: each message on cmd/# (its
+        # kind, the topic's last level; its bytes; its retain flag) goes to the intake.
+        self.on_command: Callable[[str, bytes, bool], None] | None = None
+        self._cmd_prefix = self._topics["status"].removesuffix("status") + "cmd/"
 
     # Set by the composition root (daemon/service.py), held by the parts that use them.
 
@@ -367,13 +371,42 @@ class MqttSink(Sink):
         cp_topic = self._topics["audit/checkpoint"]
         if self._state.verifier is not None:
             await client.subscribe(cp_topic, qos=1, timeout=CONNECT_TIMEOUT_S)
+        if self.on_command is not None:
+            await self._subscribe_commands(client)
         async for msg in client.messages:
-            if (
+            if self.on_command is not None and msg.topic.value.startswith(self._cmd_prefix):
+                self._command(msg)
+            elif (
                 msg.topic.matches(cp_topic)
                 and isinstance(msg.payload, bytes | bytearray)
                 and await self._state.retained_checkpoint(bytes(msg.payload))
             ):
                 self._wake.set()  # ours may go out now
+
+    async def _subscribe_commands(self, client: aiomqtt.Client) -> None:
+        """``cmd/#`` at QoS 1. A refusal (the broker's ACL) or a timeout is logged and the
+        link goes on publishing: commands are the lesser loss than the live stream."""
+        try:
+            granted = await client.subscribe(
+                self._cmd_prefix + "#", qos=1, timeout=CONNECT_TIMEOUT_S
+            )
+        except aiomqtt.MqttError as exc:
+            log.error("mqtt_command_subscribe_failed", reason=str(exc))  # noqa: TRY400
+            return
+        codes = [g if isinstance(g, int) else int(g.value) for g in granted]
+        if any(c >= 0x80 for c in codes):
+            log.error("mqtt_command_subscribe_refused", codes=codes, topic=self._cmd_prefix + "#")
+        else:
+            log.info("mqtt_command_subscribed", topic=self._cmd_prefix + "#")
+
+    def _command(self, msg: aiomqtt.Message) -> None:
+        payload = msg.payload if isinstance(msg.payload, bytes | bytearray) else b""
+        kind = msg.topic.value.removeprefix(self._cmd_prefix)
+        try:
+            if self.on_command is not None:
+                self.on_command(kind, bytes(payload), bool(msg.retain))
+        except Exception:  # one bad command must not end the link for everyone
+            log.exception("mqtt_command_failed")
 
     async def _publish_all(
         self, client: aiomqtt.Client, online: Record, will: Record, attempt_ns: int
