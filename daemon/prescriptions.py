@@ -172,7 +172,12 @@ class Prescriptions:
         await self._audit.append("prescription_received", entry, durable=True).committed
         p = parse_prescription(canonical(entry["prescription"]))
         self._pending = Pending(p, entry["sha256"], cmd.nonce)
-        log.info("prescription_received", outcome=entry["outcome"], sha256=entry["sha256"])
+        log.info(
+            "prescription_received",
+            outcome=entry["outcome"],
+            sha256=entry["sha256"],
+            nonce=cmd.nonce,
+        )
         self._notice("info", _said(entry, p))
 
     def _judge(self, cmd: Command) -> dict[str, Any]:

@@ -14,8 +14,9 @@
   into the daemon's inbox (the daemon's side: daemon/prescriptions.py);
 - ``cli.py``: ``iort-plan new``, ``import``, ``check``, ``factor`` and ``send``.
 
-Layer: on the kernel and the audit-log core only (tests/unit/test_layers.py). Sending uses
-the command envelope (auditlog/command.py) and aiomqtt (imported only by ``send``); the
-daemon's check before beam-on is item 3 of the issue. Nothing here logs: the CLI writes what it was asked to
-and one line on stderr per error. docs/prescriptions.md is the user's page.
+Layer: on the kernel and the audit-log core only (tests/unit/test_layers.py). Sending
+uses the command envelope (auditlog/command.py) and aiomqtt (imported only by ``send``);
+the daemon's check before beam-on is item 3 of the issue. Nothing here logs: the CLI
+writes what it was asked to and one line on stderr per error. docs/prescriptions.md is
+the user's page.
 """
