@@ -142,6 +142,8 @@ class Prescriptions:
         self._now = now or (lambda: datetime.now(UTC))
         self._pending: Pending | None = None
         self._orphans: list[Command] = []  # accepted, not handled (a crash): see resume()
+        # One judged and recorded at a time: resume() at start runs beside the intake's task.
+        self._lock = asyncio.Lock()
 
     @property
     def pending(self) -> Pending | None:
@@ -155,6 +157,10 @@ class Prescriptions:
 
     async def handle(self, cmd: Command) -> None:
         """Judge an accepted ``prescription`` command and record the outcome (durably)."""
+        async with self._lock:
+            await self._handle(cmd)
+
+    async def _handle(self, cmd: Command) -> None:
         try:
             entry = self._judge(cmd)
         except RxRefused as exc:

@@ -183,8 +183,11 @@ async def test_expired_and_signer_not_approver_are_refused(room: Room) -> None:
     got = await room.send(cmd(rx(), signer=ANNA))  # approved by phys.curie
     assert got["data"]["reason"] == "signer_not_approver"
     assert "signed by phys-anna" in got["data"]["detail"]
+    ahead = rx(approved_at=datetime.now(UTC) + timedelta(minutes=10))
+    got = await room.send(cmd(ahead))
+    assert got["data"]["reason"] == "approved_in_future"
     assert room.rx.pending is None
-    assert sum("critical: prescription refused" in n for n in room.notices) == 2
+    assert sum("critical: prescription refused" in n for n in room.notices) == 3
 
 
 async def test_same_again_newer_replaces_older_refused(room: Room) -> None:
