@@ -78,6 +78,7 @@ from iortd.daemon.config.model import RetentionConfig
 from iortd.daemon.device_loop import DeviceLoop
 from iortd.daemon.health import Health, supervise
 from iortd.daemon.metrics import MetricsSink, build_registry
+from iortd.daemon.prescriptions import install as install_prescriptions
 from iortd.daemon.progress import DeviceProgress
 from iortd.daemon.service import RunResult, Service
 from iortd.daemon.sink_queue import QueuedSink, SinkLike, queued
@@ -166,6 +167,7 @@ class App:
         # The retention task, when [log.retention] is set; status() for health/metrics.
         self.retention: RetentionManager | None = None
         self._intake: CommandIntake | None = None
+        self._rx_resume: Callable[[], Coroutine[Any, Any, None]] | None = None
 
     @property
     def tracker(self) -> DeliveryTracker:
@@ -206,6 +208,11 @@ class App:
                 self._intake = await open_intake(c, audit, service.notice, sinks)
             except KeyringError as exc:
                 raise StartError(f"commands.keyring: {exc}") from None
+            if self._intake is not None:  # the prescription handler (daemon/prescriptions.py)
+                rx = await install_prescriptions(
+                    self._intake, audit, c.log.directory, service.tracker, service.notice
+                )
+                self._rx_resume = None if rx is None else rx.resume
             log.info(
                 "daemon_starting",
                 config=str(self.loaded.path),
@@ -283,6 +290,8 @@ class App:
             service.record_start()
             if self._intake is not None:  # signed commands in (daemon/commands.py)
                 self._intake.record_loaded()
+                if self._rx_resume is not None:  # a crash's unhandled prescription, now
+                    tg.create_task(self._rx_resume(), name="prescriptions-resume")
                 cmd = c.commands
                 intake = self._intake.run(stop, cmd.inbox, cmd.inbox_poll_s)
                 until_stop.append(tg.create_task(intake, name="commands"))

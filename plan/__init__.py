@@ -9,10 +9,14 @@
   (Patient ID, the plan's SOP Instance UID) are kept apart from everything else;
 - ``dicom_import.py``: a DICOM RT Plan to a prescription (the only module that imports
   pydicom; the optional extra ``plan``);
-- ``cli.py``: ``iort-plan new`` and ``iort-plan import``.
+- ``send.py``: ``iort-plan send``: a prescription signed as a ``prescription`` command
+  (auditlog/command.py) and published to the room's ``cmd/prescription`` topic or written
+  into the daemon's inbox (the daemon's side: daemon/prescriptions.py);
+- ``cli.py``: ``iort-plan new``, ``import``, ``check``, ``factor`` and ``send``.
 
-Layer: on the kernel and the audit-log core only (tests/unit/test_layers.py). Signing and
-sending a prescription is the command envelope's (later); the daemon's check before
-beam-on is item 3 of the issue. Nothing here logs: the CLI writes what it was asked to
-and one line on stderr per error. docs/prescriptions.md is the user's page.
+Layer: on the kernel and the audit-log core only (tests/unit/test_layers.py). Sending
+uses the command envelope (auditlog/command.py) and aiomqtt (imported only by ``send``);
+the daemon's check before beam-on is item 3 of the issue. Nothing here logs: the CLI
+writes what it was asked to and one line on stderr per error. docs/prescriptions.md is
+the user's page.
 """

@@ -134,13 +134,13 @@ def the_flood(accepted_ping: bytes) -> tuple[list[tuple[str, bytes]], Counter[st
         ("role_not_allowed", 400, lambda i: signed("signoff", signer=OPER, holder="op-bob")),
         ("unknown_version", 300, lambda i: orjson.dumps({**orjson.loads(signed()), "v": 2})),
         ("oversized", 300, lambda i: b"{" + b" " * MAX_COMMAND_BYTES + b"}"),
-        ("no_handler", 300, lambda i: signed("prescription")),
+        ("no_handler", 300, lambda i: signed("signoff")),
         ("replayed", 2000, lambda i: accepted_ping),
     ]
     flood: list[tuple[str, bytes]] = []
     for reason, n, make in plan:
-        # The unhandled prescription goes to its own topic (on cmd/ping it is wrong_topic).
-        kind = "prescription" if reason == "no_handler" else "ping"
+        # The unhandled sign-off goes to its own topic (on cmd/ping it is wrong_topic).
+        kind = "signoff" if reason == "no_handler" else "ping"
         flood += [(kind, make(i)) for i in range(n)]
     # A valid ping on another kind's topic: the ACL per topic must mean what it says.
     flood += [("prescription", signed()) for _ in range(100)]
