@@ -46,6 +46,7 @@ from typing import Any, Final
 import orjson
 
 from iortd.auditlog.canonical import canonical
+from iortd.auditlog.keyring import HOLDER_RE
 from iortd.kernel.files import FileReadError, read_small_file, toml_error
 from iortd.plan.model import DoseReference, Prescription
 
@@ -66,7 +67,7 @@ TABLE_FORMAT: Final = 1
 MAX_FACTOR_DEVIATION: Final = 0.05
 _MAX_RATE_GY_MIN: Final = 100.0  # far above any IORT source (0.45-3.4 Gy/min: docs/domain.md)
 _CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
-_HOLDER = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_HOLDER = HOLDER_RE  # the keyring's holder id
 
 
 class DoseRateError(ValueError):

@@ -36,6 +36,7 @@ from typing import Any, Final
 import orjson
 
 from iortd.auditlog.canonical import canonical
+from iortd.auditlog.keyring import HOLDER_RE
 from iortd.kernel.timefmt import utc_ts
 
 __all__ = [
@@ -59,7 +60,7 @@ FORMAT_VERSION: Final = 1
 MAX_PRESCRIPTION_BYTES: Final = 8192  # a prescription is ~450 bytes; room for the envelope
 
 _PSEUDONYM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-_HOLDER = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # the keyring's holder id
+_HOLDER = HOLDER_RE  # the keyring's holder id
 _APPLICATOR = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
 _UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z")
 
