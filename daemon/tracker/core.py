@@ -221,6 +221,7 @@ class DeliveryTracker:
     def on_applicator(self, device: str, r: ApplicatorReading) -> list[TrackerEvent]:
         """Take one reading of the applicator reader; return what happened, in order."""
         w = self._applicator(device)
+        self._machine.start_input()  # a delivery that ended on the last input is over
         out: list[TrackerEvent] = []
         w.take(r, self._machine.delivery_id(), out)
         self._monitor(r.mono_ns, r.utc, out)
@@ -233,6 +234,7 @@ class DeliveryTracker:
         """The reader is unreachable: its readings unknown, a gap of that device only,
         the monitor's applicator interlock unknown (fail safe); the source goes on."""
         w = self._applicator(device)
+        self._machine.start_input()
         out = w.lose(reason, now_mono_ns, now_utc, self._machine.delivery_id())
         self._monitor(now_mono_ns, now_utc, out)
         self._judge(When.APPLICATOR, now_mono_ns, now_utc, out)

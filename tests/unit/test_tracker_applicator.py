@@ -24,6 +24,7 @@ from iortd.daemon.tracker import (
     MonitorInterlockChanged,
     Phase,
     ResumedDelivery,
+    Terminated,
     TrackerEvent,
     TrackerSettings,
 )
@@ -430,3 +431,21 @@ def test_without_a_grace_the_not_yet_read_reader_alarms_at_once() -> None:
     room = _first_reading_room(grace_s=None)
     room.source(S.READY)
     assert len(_monitor_alarms(room)) == 1
+
+
+def test_a_reader_input_after_a_delivery_ended_names_no_delivery() -> None:
+    # Nothing names a delivery after its end entry: the reader's next input (a reading, or
+    # its link lost) belongs to no delivery, and the rules judge no closed one.
+    room = Room()
+    room.to_beam()
+    room.source(S.TERMINATED)
+    [end] = [e for e in room.events if isinstance(e, Terminated)]
+    before = len(room.events)
+    room.reader(applicator=ApplicatorIdentity("flat", 40.0, "OTHER"))
+    room.events += room.tracker.on_applicator_lost(
+        READER, round((room.t_s + 0.01) * NS), room.utc(), "cable pulled"
+    )
+    after = room.events[before:]
+    assert after, "the swap and the loss are still events"
+    named = [e for e in after if getattr(e, "delivery_id", None) == end.delivery_id]
+    assert named == [], named
