@@ -144,6 +144,9 @@ def parse_keyring(raw: bytes, path: Path) -> Keyring:
         tables = []
     entries: list[KeyEntry] = []
     for i, table in enumerate(tables):
+        if not isinstance(table, dict):
+            problems.append(f"{path}: key[{i}]: expected a [[key]] table, got {table!r:.40}")
+            continue
         entry = _entry(table, f"{path}: key[{i}]", problems)
         if entry is not None:
             entries.append(entry)
@@ -190,6 +193,13 @@ def _entry(table: Mapping[str, Any], where: str, problems: list[str]) -> KeyEntr
                 f"{where}: public_key: {exc}; paste the line of the .pub file that "
                 "`iort-audit keygen` wrote"
             )
+        else:
+            if isinstance(holder, str) and verifier.name != holder:
+                # A mis-pasted line would let another key's owner sign as this holder.
+                problems.append(
+                    f"{where}: public_key: the key is named {verifier.name!r}, not {holder!r}: "
+                    f"paste the .pub line of `iort-audit keygen --name {holder}`"
+                )
     times: dict[str, datetime] = {}
     for key in ("valid_from", "valid_until"):
         if key in table:

@@ -272,7 +272,8 @@ class Prescriptions:
                 accepted.pop(data["nonce"], None)
                 p = parse_prescription(canonical(data["prescription"]))
                 self._pending = Pending(p, data["sha256"], data["nonce"])
-            elif kind == "prescription_refused":
+            elif kind in ("prescription_refused", "command_failed"):
+                # Judged, or failed and never retried (daemon/commands.py): not an orphan.
                 accepted.pop(data["nonce"], None)
             else:
                 return 0

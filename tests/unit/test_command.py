@@ -258,7 +258,7 @@ def test_keyring_hash_and_summary_have_no_keys() -> None:
 
 
 def test_keyring_accepts_unquoted_toml_datetimes() -> None:
-    text = keyring_text(("a", PHYS, ["viewer"], "X", "Y"))
+    text = keyring_text(("phys-anna", PHYS, ["viewer"], "X", "Y"))
     text = text.replace('"X"', "2026-01-01T00:00:00Z").replace('"Y"', "2027-01-01T00:00:00Z")
     ring = parse_keyring(text.encode(), Path("k.toml"))
     assert ring.entries[0].valid_at(NOW)
@@ -287,3 +287,18 @@ def test_keyring_names_every_problem_with_file_entry_and_key() -> None:
 def test_keyring_not_toml() -> None:
     with pytest.raises(KeyringError, match=r"k\.toml: not valid TOML"):
         parse_keyring(b"[[key]\n", Path("k.toml"))
+
+
+def test_keyring_refuses_a_key_under_another_holder_and_an_entry_that_is_no_table() -> None:
+    # A mis-pasted .pub line would let its owner sign as the holder it was pasted under.
+    text = keyring_text(
+        ("phys-bob", PHYS, ["physicist"], "2026-01-01T00:00:00Z", "2027-01-01T00:00:00Z")
+    )
+    with pytest.raises(KeyringError) as info:
+        parse_keyring(text.encode(), Path("k.toml"))
+    assert "k.toml: key[0] (holder phys-bob): public_key: the key is named 'phys-anna'" in str(
+        info.value
+    )
+    with pytest.raises(KeyringError) as info:
+        parse_keyring(b"key = [1]\n", Path("k.toml"))
+    assert "k.toml: key[0]: expected a [[key]] table" in str(info.value)
