@@ -63,11 +63,15 @@ def _check_with_credentials(args: argparse.Namespace) -> int:
             if link.is_symlink():
                 return usage_error(f"--credential {spec}: {name} is given twice")
             link.symlink_to(source)
+        before = os.environ.get("CREDENTIALS_DIRECTORY")
         os.environ["CREDENTIALS_DIRECTORY"] = directory
         try:
             return check_config(argparse.Namespace(**{**vars(args), "credential": []}))
         finally:
-            del os.environ["CREDENTIALS_DIRECTORY"]
+            if before is None:
+                del os.environ["CREDENTIALS_DIRECTORY"]
+            else:
+                os.environ["CREDENTIALS_DIRECTORY"] = before
 
 
 def _retention_notes(c: Config) -> None:

@@ -414,7 +414,8 @@ class CommandIntake:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(HANDLER_TIMEOUT_S):
                         await asyncio.shield(verdict.recorded)  # on disk before the move
-                if not verdict.recorded.done() or verdict.recorded.cancelled():
+                r = verdict.recorded
+                if not r.done() or r.cancelled() or r.exception() is not None:
                     continue  # not on disk (yet): left in the inbox, judged again later
             ok = verdict.command is not None or verdict.redelivered
             await asyncio.to_thread(_move, path, inbox / (ACCEPTED_DIR if ok else REJECTED_DIR))

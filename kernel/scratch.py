@@ -147,6 +147,8 @@ def _reclaim_one(path: Path, pid: int, start: int, wall: float) -> bool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False  # the owner lives
+        if _running(pid, start):
+            return False  # its owner made the lock file and has not locked it yet
         _remove(path)
         return True
     finally:
