@@ -79,10 +79,21 @@ def _same(a: Path, b: Path) -> str | None:
 def merge(local: Sequence[Path], archive: Path) -> Union:
     """The union of the local segments and the archived ones, in chain order."""
     by_name = {p.name: p for p in local}
+    first_local = min(by_name, default=None)
     out = Union(files=[])
     for arch in segment_paths(archive) if archive.is_dir() else []:
         here = by_name.get(arch.name)
         if here is None:
+            if first_local is not None and arch.name > first_local:
+                # Retention deletes oldest first: a segment missing here after the first
+                # local one was never deleted by it. Were it taken, whoever can write the
+                # share could continue (or fill in) the log with entries of their making.
+                out.problem = Problem(
+                    arch, 0, None,
+                    "is in the archive only, but comes after the first local segment "
+                    f"({first_local}): retention never deletes that one; not part of this log",
+                )  # fmt: skip
+                continue
             by_name[arch.name] = arch
             out.archived += 1
             continue

@@ -495,3 +495,18 @@ async def test_a_delivery_carried_across_a_restart_keeps_its_start_local(
         assert res.deleted, "what is before the delivery went"
     start = next(e["seq"] for e in entries(logdir) if e["type"] == "delivery_started")
     assert int(segment_paths(logdir)[0].name[4:20]) <= start
+
+
+def test_a_segment_in_the_archive_only_after_the_first_local_one_is_refused(
+    tmp_path: Path, signer: Signer
+) -> None:
+    # Whoever can write the share must not extend the log: retention deletes oldest first,
+    # so an archive-only segment after the first local one was never one of its deletions.
+    logdir, dest, _gone = _retained(tmp_path, signer)
+    newest = segment_paths(logdir)[-1]
+    forged = dest / f"log-{int(newest.name[4:20]) + 10**6:016d}{newest.name[20:]}"
+    forged.write_bytes(newest.read_bytes())
+    rep = verify_log([logdir], pubkey=signer.verifier, archive=dest)
+    assert rep.problem is not None
+    assert rep.problem.file == forged
+    assert "comes after the first local segment" in rep.problem.what
