@@ -198,16 +198,13 @@ class CommandIntake:
         """Judge one command now (never waits); records and queues an accepted one.
         ``topic_kind``: the last level of its MQTT topic, which must be its kind (so that a
         broker ACL per command topic means what it says)."""
+        if source == "inbox" and hashlib.sha256(raw).hexdigest() in self._accepted_sha.values():
+            # Accepted and recorded before a crash left it in the inbox: filed as accepted,
+            # whatever it would be judged now (expired since, its key's window closed).
+            return Verdict(None, RejectReason.replayed, None, redelivered=True)
         try:
             cmd, handled = self._judge(raw, retained, topic_kind)
         except CommandRejected as exc:
-            redelivered = (
-                exc.reason is RejectReason.replayed
-                and source == "inbox"
-                and hashlib.sha256(raw).hexdigest() in self._accepted_sha.values()
-            )
-            if redelivered:
-                return Verdict(None, exc.reason, None, redelivered=True)
             return Verdict(None, exc.reason, self._refused(exc, raw, source))
         return Verdict(cmd, None, self._accept(cmd, handled, source))
 

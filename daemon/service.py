@@ -414,6 +414,8 @@ class Service:
             # A plug-in's bug, as an unexpected error: it stops the daemon (as before).
             msg = f"device {device.name}: read() returned {type(reading).__name__}"
             raise TypeError(msg)
+        if self._line_waited is not None:  # a reading is the device heard, too
+            self._waited_at_heard = self._line_waited(self._clock.monotonic_ns())
         events = self.tracker.on_reading(reading)
         sample = Sample(
             device=device.name,
