@@ -25,6 +25,9 @@ __all__ = [
     "SourceReading",
     "TerminationStatus",
     "Tristate",
+    "VerificationItem",
+    "VerificationOutcome",
+    "VerificationTrigger",
 ]
 
 
@@ -141,6 +144,39 @@ class Tristate(enum.StrEnum):
     YES = "yes"
     NO = "no"
     UNKNOWN = "unknown"
+
+
+class VerificationOutcome(enum.StrEnum):
+    """The outcome of the check of the console against the prescription before beam-on:
+    DICOM's Treatment Verification Status (3008,002C), the same spelling."""
+
+    VERIFIED = "VERIFIED"
+    NOT_VERIFIED = "NOT_VERIFIED"
+    VERIFIED_OVR = "VERIFIED_OVR"  # a physicist's signed override of the named mismatches
+
+
+class VerificationItem(enum.StrEnum):
+    """One item of that check; a failed item is a reason (docs/prescriptions.md)."""
+
+    NO_PRESCRIPTION = "no_prescription"  # none pending for the room
+    SIGNATURE = "signature"  # the approver's key is no longer enrolled / valid / a physicist
+    EXPIRED = "expired"  # the prescription's not_after has passed
+    ALREADY_DELIVERED = "already_delivered"  # a delivery was already given under it
+    APPLICATOR = "applicator"  # the console's applicator is not the prescribed one
+    APPLICATOR_READER = "applicator_reader"  # the reader's applicator is not the prescribed one
+    DOSE = "dose"  # the console's preset vs the prescribed dose, beyond tolerance
+    TIME = "time"  # the console's planned time vs the independent time, beyond tolerance
+    TIME_UNCHECKED = "time_unchecked"  # no independent time (no table entry / output factor)
+
+
+class VerificationTrigger(enum.StrEnum):
+    """What made a check."""
+
+    READY = "ready"  # the console became READY (a plan selected, before beam-on)
+    BEAM_ON = "beam_on"  # the beam came on with no check made at READY
+    PRESCRIPTION = "prescription"  # a prescription or output factor arrived while READY
+    OVERRIDE = "override"  # a physicist's signed override
+    JOINED = "joined"  # a delivery joined in progress (the daemon started late)
 
 
 @dataclass(frozen=True, slots=True)

@@ -82,6 +82,9 @@ class AlarmCode(enum.StrEnum):
     APPLICATOR_DISPLACED = "applicator_displaced"
     APPLICATOR_TILTED = "applicator_tilted"
     MONITOR_INTERLOCK = "monitor_interlock"
+    # Verification before beam-on (issue 18): the console against the room's prescription.
+    PRESCRIPTION_NOT_VERIFIED = "prescription_not_verified"
+    NO_PRESCRIPTION = "no_prescription"
 
 
 @dataclass(frozen=True, slots=True)

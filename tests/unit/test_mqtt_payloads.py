@@ -83,6 +83,9 @@ from iortd.kernel.types import (
     SourceReading,
     TerminationStatus,
     Tristate,
+    VerificationItem,
+    VerificationOutcome,
+    VerificationTrigger,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -853,6 +856,9 @@ def test_every_enum_in_the_schemas_is_a_python_enum() -> None:
             ApplicatorState,
             ApplicatorFault,
             Tristate,
+            VerificationOutcome,
+            VerificationItem,
+            VerificationTrigger,
         )
     ]
     known += [set(EVENTS_TOPIC_KINDS), {"nan", "inf", "-inf"}, set(NOTICE_SEVERITIES)]
