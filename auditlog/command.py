@@ -81,6 +81,8 @@ ALL_ROLES = frozenset({"physicist", "operator", "viewer", "admin", "service"})
 ROLES_FOR_KIND: Mapping[str, frozenset[str]] = MappingProxyType(
     {
         "prescription": frozenset({"physicist"}),
+        "output_factor": frozenset({"physicist"}),  # the day's QA output factor
+        "override": frozenset({"physicist"}),  # of a named verification mismatch
         "ack": frozenset({"operator", "physicist"}),
         "signoff": frozenset({"physicist"}),
         "replay": frozenset({"service", "admin"}),
