@@ -304,18 +304,24 @@ def output_factor_bytes(value: float, measured_on: date, measured_by: str, machi
     return raw
 
 
-def factor_date_problem(measured_on: date, now: datetime, skew: timedelta) -> str | None:
-    """Why a factor measured on ``measured_on`` is not taken at ``now`` (UTC), or None. A
-    day that has not begun yet (beyond ``skew``) is a mistake or a factor entered ahead; one
-    more than a day old is stale (yesterday's is still taken, for a factor sent just after
-    midnight UTC, but it is not today's: :meth:`OutputFactor.valid_on`). The sender and the
-    daemon (daemon/output_factor.py) apply this same rule."""
-    latest = (now + skew).date()
-    if measured_on > latest:
-        return f"measured_on {measured_on}: in the future (today is {now.date()}, UTC)"
+def factor_date_problem(
+    measured_on: date, now: datetime, skew: timedelta
+) -> tuple[str, str] | None:
+    """Why a factor measured on ``measured_on`` is not taken at ``now`` (UTC): a fixed word
+    (``measured_in_future``, ``too_old``) and a line; None when it is taken. A day that has
+    not begun yet (beyond ``skew``) is a mistake or a factor entered ahead; one more than a
+    day old is stale (yesterday's is still taken, for a factor sent just after midnight UTC,
+    but it is not today's: :meth:`OutputFactor.valid_on`). The sender and the daemon
+    (daemon/output_factor.py) apply this same rule."""
+    if measured_on > (now + skew).date():
+        return (
+            "measured_in_future",
+            f"measured_on {measured_on}: in the future (today is {now.date()}, UTC)",
+        )
     if measured_on < (now - skew).date() - timedelta(days=1):
         return (
+            "too_old",
             f"measured_on {measured_on}: more than 1 day ago (today is {now.date()}, UTC); "
-            "send today's factor"
+            "measure and send today's factor",
         )
     return None

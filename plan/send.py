@@ -242,7 +242,7 @@ def _output_factor(args: argparse.Namespace, now: datetime) -> Outgoing:
         )
     problem = factor_date_problem(f.measured_on, now, FACTOR_SKEW)
     if problem is not None:
-        raise _refused(f"{path}: {problem}")
+        raise _refused(f"{path}: {problem[1]}")
     canon = output_factor_bytes(f.value, f.measured_on, f.measured_by, f.machine)
     sha = hashlib.sha256(canon).hexdigest()
     return Outgoing("output_factor", orjson.loads(canon), f"output factor sha256 {sha}")
