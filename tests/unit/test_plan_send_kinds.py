@@ -5,7 +5,7 @@ what they refuse before signing, and the override body's validation, one line pe
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import orjson
@@ -15,7 +15,7 @@ from iortd.auditlog.command import NonceBook, check_command
 from iortd.auditlog.keyring import parse_keyring
 from iortd.auditlog.note import generate_keypair, write_keypair
 from iortd.plan.cli import main
-from iortd.plan.doserate import output_factor_bytes
+from iortd.plan.doserate import factor_date_problem
 from iortd.plan.override import OverrideError, override_body
 
 CURIE = generate_keypair("phys.curie")
@@ -111,9 +111,24 @@ def test_a_file_that_is_not_a_factor_is_refused(
     assert list(files["inbox"].iterdir()) == []
 
 
-def test_the_output_factor_bytes_are_what_the_sender_hashes() -> None:
-    raw = output_factor_bytes(1.0, datetime.now(UTC).date(), "phys.curie", "m")
-    assert orjson.loads(raw)["output_factor"] == 1.0
+@pytest.mark.parametrize(
+    ("now", "measured_on", "reason"),
+    [
+        ("2026-12-06T12:00:00Z", "2026-12-06", None),
+        ("2026-12-06T12:00:00Z", "2026-12-05", None),  # yesterday's is taken (not today's)
+        ("2026-12-06T12:00:00Z", "2026-12-04", "too_old"),
+        ("2026-12-06T12:00:00Z", "2026-12-07", "measured_in_future"),
+        ("2026-12-06T23:58:00Z", "2026-12-07", None),  # within the skew of midnight
+        ("2026-12-07T00:02:00Z", "2026-12-05", None),  # within the skew, the other side
+        ("2026-12-07T00:06:00Z", "2026-12-05", "too_old"),
+    ],
+)
+def test_the_day_rule_the_sender_and_the_daemon_share(
+    now: str, measured_on: str, reason: str | None
+) -> None:
+    at = datetime.fromisoformat(now.replace("Z", "+00:00"))
+    got = factor_date_problem(date.fromisoformat(measured_on), at, timedelta(minutes=5))
+    assert (None if got is None else got[0]) == reason
 
 
 # ---- override -------------------------------------------------------------------------
