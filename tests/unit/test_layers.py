@@ -48,8 +48,13 @@ ALLOWED: dict[str, frozenset[str]] = {
     # stays confined to plan/dicom_import.py (CONFINED), which the daemon does not import.
     "daemon": frozenset({"kernel", "drivers", "auditlog", "plan"}),
     "audit": frozenset({"kernel", "auditlog"}),
-    "dashboard": frozenset({"kernel"}),
+    # dashboard -> users: the login (issue 19, item 2) unlocks a user's signing key with
+    # users.unlock; users sits on the log core, below every tool that acts for a person.
+    "dashboard": frozenset({"kernel", "users"}),
     "plan": frozenset({"kernel", "auditlog"}),
+    # iort-users' account store (issue 19): on the log core (the keyring format, the signed
+    # record, Ed25519 keys). The daemon never imports it: it reads the keyring file only.
+    "users": frozenset({"kernel", "auditlog"}),
 }
 PARTS = tuple(ALLOWED)
 
@@ -60,6 +65,8 @@ CONFINED: dict[str, tuple[str, ...]] = {
     # and the RT Plan import (the extra ``plan``); never the daemon
     "pydicom": ("iortd.audit.", "iortd.plan.dicom_import"),
     "pymodbus": ("iortd.drivers.modbus_codec",),
+    # password hashing and key derivation: one implementation, in the account store
+    "argon2": ("iortd.users.",),
 }
 
 
