@@ -8,8 +8,9 @@
   its replay (``iort-users check``);
 - ``keyring.py``: the keyring derived from the store, in the daemon's format
   (auditlog/keyring.py, parsed before it is written);
-- ``api.py``: :func:`unlock` (a holder and password to a Signer) and
-  :func:`verify_password`, for the dashboard's login and sign-off;
+- ``api.py``: :func:`unlock` (a holder and password to a Signer),
+  :func:`verify_password` and :func:`load_checked_store`, for the dashboard's login and
+  sign-off;
 - ``changes.py`` and ``cli.py``: ``iort-users``.
 
 Layer: on the kernel and the audit-log core only; the daemon never imports it (it reads the
@@ -17,7 +18,13 @@ keyring file). argon2 is imported here and nowhere else (tests/unit/test_layers.
 docs/accounts.md is the user's page.
 """
 
-from iortd.users.api import AuthError, PasswordChangeRequired, unlock, verify_password
+from iortd.users.api import (
+    AuthError,
+    PasswordChangeRequired,
+    load_checked_store,
+    unlock,
+    verify_password,
+)
 from iortd.users.store import Store, StoreError, load_store
 
 __all__ = [
@@ -25,6 +32,7 @@ __all__ = [
     "PasswordChangeRequired",
     "Store",
     "StoreError",
+    "load_checked_store",
     "load_store",
     "unlock",
     "verify_password",

@@ -6,10 +6,14 @@
 that needs no key). Both raise one error, :class:`AuthError`, with one message, for an
 unknown holder, a wrong password, a disabled account and an account past its end: a caller
 cannot tell them apart, by the message or by the time taken (an unknown holder costs one
-argon2id verification against a dummy hash of the default parameters, like a known one).
+argon2id verification against a fixed hash at the default parameters, like a known one).
 Only after the right password for an active account do they say more:
 :class:`PasswordChangeRequired` when the password was set by an admin (``add``, ``reset``)
 and the user must choose their own before they can sign (no key exists until then).
+
+:func:`load_checked_store` is the store as a login should load it: only when the account
+record (record.py) vouches for it, so that a user written into ``users.json`` by hand, with
+a password and a key of their own making, cannot log in.
 
 The two derivations (kdf.py) make one unlock cost about two argon2id hashes at the
 parameters of the user's hash and sealed key; nothing is cached here. Callers hold the
@@ -19,18 +23,29 @@ returned Signer only as long as the session needs it.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from iortd.auditlog.keyring import parse_utc
 from iortd.auditlog.note import KeyFileError, Signer, Verifier
-from iortd.users.kdf import DEFAULT_COST, SealError, hash_password, open_seed, verify_hash
-from iortd.users.store import Store, User
+from iortd.users.kdf import SealError, open_seed, verify_hash
+from iortd.users.record import check_record
+from iortd.users.store import RECORD_DIR, Store, StoreError, User, load_store
 
-__all__ = ["AuthError", "PasswordChangeRequired", "unlock", "verify_password"]
+__all__ = [
+    "AuthError",
+    "PasswordChangeRequired",
+    "load_checked_store",
+    "unlock",
+    "verify_password",
+]
 
 AUTH_FAILED = "unknown user, wrong password, or account not active"
-_dummy_hash: str | None = None
+# What an unknown holder's password is checked against: a hash at DEFAULT_COST of a random
+# password nobody kept (made once, for this line), so that the work is the same as for a
+# known holder from the first call on (a hash made lazily would double the first one).
+_DUMMY_HASH = "$argon2id$v=19$m=65536,t=3,p=4$dRlqzsjKg816mCd9IL/4AQ$4GXaUJEbeaFHTLzC7bcpNbl8R91WkLAye3epd/uJvtE"  # noqa: E501
 
 
 class AuthError(Exception):
@@ -51,11 +66,21 @@ class PasswordChangeRequired(Exception):
         self.holder = holder
 
 
-def _dummy() -> str:
-    global _dummy_hash  # noqa: PLW0603 - one lazily made constant, not state
-    if _dummy_hash is None:
-        _dummy_hash = hash_password("not a password of anyone here", DEFAULT_COST)
-    return _dummy_hash
+def load_checked_store(directory: Path) -> Store:
+    """The store, only if the account record vouches for it: its chain and signatures
+    check and its last entry names this store's SHA-256 (record.py). What a login should
+    load: a user written into ``users.json`` by hand cannot log in. StoreError otherwise."""
+    store = load_store(directory)
+    state = check_record(directory / RECORD_DIR)
+    if state.problems:
+        raise StoreError(f"{directory / RECORD_DIR}: the account record does not check: "
+                         f"{state.problems[0]}; run iort-users check")  # fmt: skip
+    if store.sha256 != state.store_sha256:
+        raise StoreError(
+            f"{store.path}: not the store the account record names: changed behind "
+            "iort-users' back; run iort-users check"
+        )
+    return store
 
 
 def active(user: User, now: datetime) -> bool:
@@ -70,7 +95,7 @@ def verify_password(
     """The active user ``holder`` if ``password`` is theirs; AuthError otherwise."""
     user = store.users.get(holder)
     if user is None:
-        verify_hash(_dummy(), password)  # the same work as for a known holder
+        verify_hash(_DUMMY_HASH, password)  # the same work as for a known holder
         raise AuthError
     ok = verify_hash(user.password_hash, password)
     if not ok or not active(user, now or datetime.now(UTC)):

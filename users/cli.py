@@ -20,9 +20,13 @@ line or the environment: both are visible to other users of the host (``ps``,
 ``/proc/PID/environ``) and end up in shell histories.
 
 Every change is recorded (record.py) and rewrites ``DIR/keyring.toml``; ``keyring --out``
-copies it to where the daemon reads it. Exit status: 0 done; 1 refused (a wrong password, an
-unknown user, a password the rules refuse, a store that does not check); 2 usage (a flag,
-a directory that cannot be used). Output never holds a password, a hash or a key.
+copies it to where the daemon reads it, only from a store the record vouches for (``list``
+warns about one it does not). Without ``--password-fd`` and without a terminal, no password
+is read at all (getpass would fall back to reading it with echo).
+
+Exit status: 0 done; 1 refused (a wrong password, an unknown user, a password the rules
+refuse, a store that does not check); 2 usage (a flag, a directory that cannot be used).
+Output never holds a password, a hash or a key.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from typing import Any
 
 from iortd.auditlog.keyring import HOLDER_RE, ROLES, KeyringError, parse_utc
 from iortd.auditlog.note import NoteError, Verifier
+from iortd.users.api import load_checked_store
 from iortd.users.changes import Refused, Session, open_session
 from iortd.users.kdf import DEFAULT_COST, MIN_COST, Cost, hash_cost, sealed_cost
 from iortd.users.keyring import keyring_bytes, write_keyring
@@ -87,14 +92,27 @@ class Passwords:
             raise _Usage(f"--password-fd {self._fd}: no line for {what}")
         return self._lines.pop()
 
+    @staticmethod
+    def _terminal() -> None:
+        """getpass falls back to reading stdin *with echo* when there is no terminal (a
+        cron job, a pipe): refuse instead, before anything is prompted."""
+        try:
+            os.close(os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC))
+        except OSError:
+            raise _Usage(
+                "no terminal to read a password from without echo; give --password-fd N"
+            ) from None
+
     def old(self, what: str) -> str:
         if self._fd is not None:
             return self._next(what)
+        self._terminal()
         return getpass.getpass(f"{what}: ")
 
     def new(self, what: str) -> str:
         if self._fd is not None:
             return self._next(what)
+        self._terminal()
         first = getpass.getpass(f"{what}: ")
         if getpass.getpass(f"{what} (again): ") != first:
             raise _Usage("the two entries differ; nothing is changed")
@@ -204,6 +222,9 @@ def _init(args: argparse.Namespace, cost: Cost) -> int:
 
 
 def _add(args: argparse.Namespace, cost: Cost) -> int:
+    if args.valid_until and parse_utc(args.valid_until) <= datetime.now(UTC):
+        raise _Usage(f"--valid-until {args.valid_until}: in the past; the account would never work")
+
     def act(s: Session, pw: Passwords) -> str:
         admin = s.admin(args.admin, pw.old(f"password of {args.admin}"))
         temp = pw.new(f"temporary password for {args.holder}")
@@ -260,6 +281,10 @@ def _passwd(args: argparse.Namespace, cost: Cost) -> int:
 
 def _list(args: argparse.Namespace, cost: Cost) -> int:
     store = load_store(args.dir)
+    try:
+        load_checked_store(args.dir)
+    except StoreError as exc:
+        _err(f"warning: the store does not check ({exc}); run iort-users check")
     now = datetime.now(UTC)
     _out(f"# {store.path} sha256 {store.sha256 or '(empty)'}")
     _out("holder\tname\troles\tstate\taccount end\tpassword\tsigning key")
@@ -314,7 +339,11 @@ def _check(args: argparse.Namespace, cost: Cost) -> int:
 
 
 def _keyring(args: argparse.Namespace, cost: Cost) -> int:
-    store = load_store(args.dir)
+    load_store(args.dir)  # a directory or file that cannot be used: exit 2
+    try:
+        store = load_checked_store(args.dir)
+    except StoreError as exc:  # the record does not vouch for it: never hand it on
+        raise Refused(f"{exc}; the keyring is not written") from None
     try:
         text, ring = keyring_bytes(store)
     except KeyringError as exc:

@@ -59,6 +59,7 @@ __all__ = [
     "RecordError",
     "RecordState",
     "append_event",
+    "append_event_async",
     "check_record",
 ]
 
@@ -108,7 +109,11 @@ def _key_hex(signer_or_verifier: Signer | Verifier) -> str:
     return f"{signer_or_verifier.key_hash:08x}"
 
 
-async def _append(record: Path, type: str, data: dict[str, Any], actor: Signer) -> None:
+async def append_event_async(record: Path, type: str, data: dict[str, Any], actor: Signer) -> None:
+    """Append one signed change and wait until it is on disk (from a running event loop;
+    the caller holds the store's lock, changes.py)."""
+    if type not in EVENT_TYPES:
+        raise ValueError(f"not an account event: {type}")
     try:
         log, _ = await AuditLog.open(record, origin=ORIGIN)
     except OSError as exc:
@@ -127,10 +132,8 @@ async def _append(record: Path, type: str, data: dict[str, Any], actor: Signer) 
 
 
 def append_event(record: Path, type: str, data: dict[str, Any], actor: Signer) -> None:
-    """Append one signed change and wait until it is on disk (blocking)."""
-    if type not in EVENT_TYPES:
-        raise ValueError(f"not an account event: {type}")
-    asyncio.run(_append(record, type, data, actor))
+    """The same, blocking (the command-line tool)."""
+    asyncio.run(append_event_async(record, type, data, actor))
 
 
 def _verifier(text: Any, where: str, holder: str, problems: list[str]) -> Verifier | None:

@@ -243,3 +243,33 @@ def test_the_last_admin_cannot_be_disabled(tmp_path: Path) -> None:
 def test_test_cost_is_not_the_default() -> None:
     assert kdf.DEFAULT_COST.at_least(kdf.MIN_COST)
     assert not kdf.TEST_COST.at_least(kdf.MIN_COST)
+
+
+def test_load_checked_store_refuses_an_unrecorded_user(tmp_path: Path) -> None:
+    """What the dashboard's login loads: a user added by hand cannot log in."""
+    import orjson  # noqa: PLC0415
+
+    from iortd.users import load_checked_store  # noqa: PLC0415
+
+    d = _store_with_anna(tmp_path)
+    assert set(load_checked_store(d).users) == {"admin-eva", "phys-anna"}
+    doc = orjson.loads((d / "users.json").read_bytes())
+    doc["users"].append(dict(doc["users"][1], holder="intruder"))
+    (d / "users.json").write_bytes(orjson.dumps(doc))
+    with pytest.raises(StoreError, match="behind iort-users' back"):
+        load_checked_store(d)
+
+
+async def test_a_change_can_be_recorded_from_a_running_event_loop(tmp_path: Path) -> None:
+    """The dashboard (item 2) runs in an event loop: the record has an async door."""
+    import asyncio  # noqa: PLC0415
+
+    from iortd.users.record import append_event_async  # noqa: PLC0415
+
+    d = await asyncio.to_thread(_store_with_anna, tmp_path)  # the CLI's path runs its own loop
+    before = load_store(d).sha256
+    data = {"holder": "phys-anna", "reason": "test", "by": "admin-eva",
+            "store_sha256_before": before, "store_sha256": before}  # fmt: skip
+    signer = unlock(load_store(d), "admin-eva", PW_ADMIN)
+    await append_event_async(d / RECORD_DIR, "account_disabled", data, signer)
+    assert check_record(d / RECORD_DIR).changes == 4

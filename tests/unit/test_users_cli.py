@@ -246,3 +246,48 @@ def test_console_script_at_the_real_parameters(tmp_path: Path) -> None:
     assert (
         load_store(d).users["admin-eva"].password_hash.startswith("$argon2id$v=19$m=65536,t=3,p=4$")
     )
+
+
+def test_keyring_out_refuses_a_store_edited_behind_its_back(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Exporting would hand the daemon a user nobody recorded."""
+    d = tmp_path / "users"
+    assert run(capsys, d, "init", "admin-eva", "--name", "E. Admin", passwords=(PW_EVA,))[0] == 0
+    doc = orjson.loads((d / "users.json").read_bytes())
+    doc["users"][0]["roles"] = ["admin", "physicist"]
+    (d / "users.json").write_bytes(orjson.dumps(doc))
+    out_path = tmp_path / "keyring.toml"
+    code, _, err = run(capsys, d, "keyring", "--out", str(out_path))
+    assert code == 1
+    assert "behind iort-users' back" in err
+    assert not out_path.exists()
+    code, _, err = run(capsys, d, "list")
+    assert code == 0
+    assert "warning: the store does not check" in err
+
+
+def test_valid_until_in_the_past_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    d = tmp_path / "users"
+    assert run(capsys, d, "init", "admin-eva", "--name", "E. Admin", passwords=(PW_EVA,))[0] == 0
+    code, _, err = run(capsys, d, "add", "op-tom", "--name", "T. Op", "--role", "operator",
+                       "--valid-until", "2020-01-01T00:00:00Z", "--admin", "admin-eva",
+                       passwords=(PW_EVA, PW_TEMP))  # fmt: skip
+    assert code == 2
+    assert "--valid-until" in err
+    assert "op-tom" not in load_store(d).users
+
+
+def test_without_a_terminal_or_password_fd_it_refuses_to_read_a_password(tmp_path: Path) -> None:
+    """No terminal (a cron job, a pipe): never fall back to reading a password with echo."""
+    exe = Path(sys.executable).with_name("iort-users")
+    proc = subprocess.run(
+        [str(exe), "init", "admin-eva", "--name", "E. Admin", "--dir", str(tmp_path / "u")],
+        input=f"{PW_EVA}\n", capture_output=True, text=True, timeout=60, check=False,
+        start_new_session=True,  # no controlling terminal
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "--password-fd" in proc.stderr
+    assert PW_EVA not in proc.stdout + proc.stderr
