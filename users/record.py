@@ -24,10 +24,11 @@ The signature is what a person with write access to the directory cannot make: t
 alone they could rebuild, the signature of an active admin they cannot without that admin's
 password. :func:`check_record` replays the record from its first entry: the first change
 must be an ``init`` (an admin creating themselves, signed by the key it records); every
-later change must be signed by an admin active at that moment with the key the record gave
-them (a user's own ``passwd``: by that user, with the key it records); and the store's
-SHA-256 must equal the last entry's ``store_sha256``. A user added to ``users.json`` by hand,
-a role edited, a key swapped: ``iort-users check`` names it (exit 1), and every other
+later change must be signed by an admin active at that moment (not disabled, not past the
+account's end, an admin then) with the key the record gave them (a user's own ``passwd``:
+by that user, with the key it records); and the store's SHA-256 must equal the last
+entry's ``store_sha256``. A user added to ``users.json`` by hand, a role edited, a key
+swapped: ``iort-users check`` names it (exit 1), and every other
 command refuses to change a store that does not check.
 
 What this does not stop: someone who can write the directory can put back an older store
@@ -43,6 +44,7 @@ import base64
 import binascii
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,7 @@ import orjson
 from cryptography.exceptions import InvalidSignature
 
 from iortd.auditlog.canonical import canonical
+from iortd.auditlog.keyring import parse_utc
 from iortd.auditlog.note import KeyFileError, Signer, Verifier
 from iortd.auditlog.verify import collect_files, iter_entries, verify_log
 from iortd.auditlog.writer import AuditLog
@@ -87,6 +90,15 @@ class _Account:
     keys: dict[str, Verifier] = field(default_factory=dict)  # key hash hex -> verifier
     current: str | None = None  # key hash hex of the key that signs now
     must_change: bool = False
+    ends: datetime | None = None  # the account's valid_until
+
+    def may_admin(self, at: datetime) -> bool:
+        return (
+            self.active
+            and "admin" in self.roles
+            and self.current is not None
+            and (self.ends is None or at < self.ends)
+        )
 
 
 @dataclass(slots=True)
@@ -219,7 +231,7 @@ def _replay(state: RecordState, entry: dict[str, Any], where: str) -> None:
             acc_or_none.must_change = False
     else:
         admin = accounts.get(by)
-        if admin is None or not admin.active or "admin" not in admin.roles or not admin.current:
+        if admin is None or admin.current is None or not admin.may_admin(_ts(entry)):
             state.problems.append(f"{where}: made by {by!r}, not an active admin at that time")
         else:
             signer_key = admin.keys[admin.current]
@@ -230,6 +242,23 @@ def _replay(state: RecordState, entry: dict[str, Any], where: str) -> None:
     state.changes += 1
 
 
+def _ts(entry: dict[str, Any]) -> datetime:
+    try:
+        return parse_utc(entry.get("ts"))
+    except ValueError:
+        return datetime.max.replace(tzinfo=UTC)  # verify_log checked it; never an admin then
+
+
+def _end(value: Any, where: str, problems: list[str]) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        return parse_utc(value)
+    except ValueError:
+        problems.append(f"{where}: valid_until is not an RFC 3339 UTC time")
+        return datetime.min.replace(tzinfo=UTC)
+
+
 def _apply_admin_change(
     state: RecordState, kind: str, holder: str, data: dict[str, Any], where: str
 ) -> None:
@@ -237,7 +266,9 @@ def _apply_admin_change(
     if kind == "account_created":
         if holder in accounts:
             state.problems.append(f"{where}: {holder!r} was created before")
-        accounts[holder] = _Account(frozenset(data.get("roles") or ()), True, must_change=True)
+        ends = _end(data.get("valid_until"), where, state.problems)
+        roles = frozenset(data.get("roles") or ())
+        accounts[holder] = _Account(roles, True, must_change=True, ends=ends)
         return
     acc = accounts.get(holder)
     if acc is None:

@@ -20,7 +20,7 @@ Windows, not one validity per key: a key signs with the roles and in the periods
 says. Disabling closes the open window at that instant; enabling opens a new one; a change
 of roles closes the window and opens one with the new roles, so that a signature made as a
 physicist in March is still judged against the roles of March. A key is made only from a
-password its user chose (kdf.py's seal, record.py's ``passwd``): ``add`` and ``reset`` set a
+password its user chose (changes.py's ``passwd``, kdf.py's seal): ``add`` and ``reset`` set a
 temporary password the admin knows and no key, so no admin can ever hold the means to sign
 as someone else.
 

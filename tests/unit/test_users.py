@@ -273,3 +273,29 @@ async def test_a_change_can_be_recorded_from_a_running_event_loop(tmp_path: Path
     signer = unlock(load_store(d), "admin-eva", PW_ADMIN)
     await append_event_async(d / RECORD_DIR, "account_disabled", data, signer)
     assert check_record(d / RECORD_DIR).changes == 4
+
+
+def test_record_refuses_a_change_by_an_admin_whose_account_had_ended(tmp_path: Path) -> None:
+    """The replay judges an admin by the account's end too, not only by disable."""
+    from datetime import UTC, datetime, timedelta  # noqa: PLC0415
+
+    from iortd.users.record import append_event  # noqa: PLC0415
+
+    d = _store_with_anna(tmp_path)
+    then = datetime.now(UTC) - timedelta(hours=1)
+    ended = (then + timedelta(minutes=30)).isoformat().replace("+00:00", "Z")
+    s = open_session(d, cost=TEST_COST, now=then)
+    try:
+        admin = s.admin("admin-eva", PW_ADMIN)
+        s.add(admin, "admin-kai", "K. Admin", {"admin"}, ended, PW_TEMP)
+        s.passwd("admin-kai", PW_TEMP, PW_ANNA)
+        kai = unlock(s.store, "admin-kai", PW_ANNA, now=then)
+    finally:
+        s.close()
+    assert check_record(d / RECORD_DIR).problems == []
+    sha = load_store(d).sha256
+    data = {"holder": "phys-anna", "reason": "late", "by": "admin-kai",
+            "store_sha256_before": sha, "store_sha256": sha}  # fmt: skip
+    append_event(d / RECORD_DIR, "account_disabled", data, kai)
+    problems = check_record(d / RECORD_DIR).problems
+    assert any("not an active admin" in p for p in problems), problems
