@@ -134,6 +134,14 @@ def _name(text: str) -> str:
     return text
 
 
+def _reason(text: str) -> str:
+    if not (0 < len(text) <= 200 and text.isprintable()):
+        raise argparse.ArgumentTypeError(
+            "one line of 1-200 printable characters (it is recorded: never a patient's data)"
+        )
+    return text
+
+
 def _utc(text: str) -> str:
     try:
         parse_utc(text)
@@ -168,7 +176,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--role", action="append", choices=roles, dest="roles", required=True)
     c.add_argument("--valid-until", type=_utc, metavar="TS", help="RFC 3339 UTC, with Z")
     c = cmd("disable", "disable a user (their keys stop signing now)")
-    c.add_argument("--reason", type=_name, required=True)
+    c.add_argument("--reason", type=_reason, required=True)
     cmd("enable", "enable a disabled user again")
     c = cmd("roles", "change a user's roles")
     c.add_argument("--role", action="append", choices=roles, dest="roles", required=True)

@@ -291,3 +291,29 @@ def test_without_a_terminal_or_password_fd_it_refuses_to_read_a_password(tmp_pat
     assert proc.returncode == 2, proc.stderr
     assert "--password-fd" in proc.stderr
     assert PW_EVA not in proc.stdout + proc.stderr
+
+
+def test_a_keyring_edited_by_hand_is_named_and_rewritten_at_the_next_change(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Also the state a crash after the store's rename and before the keyring leaves."""
+    d = tmp_path / "users"
+    assert run(capsys, d, "init", "admin-eva", "--name", "E. Admin", passwords=(PW_EVA,))[0] == 0
+    good = (d / "keyring.toml").read_bytes()
+    (d / "keyring.toml").write_bytes(good.replace(b'"admin"', b'"admin", "physicist"'))
+    code, out, _ = run(capsys, d, "check")
+    assert code == 1
+    assert "keyring.toml: not the keyring the store gives" in out
+    code, _, err = run(capsys, d, "disable", "nobody", "--reason", "x", "--admin", "admin-eva",
+                       passwords=(PW_EVA,))  # fmt: skip
+    assert code == 1  # no such user; but the session started and repaired the keyring
+    assert (d / "keyring.toml").read_bytes() == good
+
+
+def test_a_reason_that_is_not_one_printable_line_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["disable", "x", "--reason", "two\nlines", "--admin", "a", "--dir", str(tmp_path)])
+    assert info.value.code == 2
+    assert "--reason: one line of 1-200 printable characters" in capsys.readouterr().err
