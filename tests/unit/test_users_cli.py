@@ -307,6 +307,7 @@ def test_a_keyring_edited_by_hand_is_named_and_rewritten_at_the_next_change(
     code, _, err = run(capsys, d, "disable", "nobody", "--reason", "x", "--admin", "admin-eva",
                        passwords=(PW_EVA,))  # fmt: skip
     assert code == 1  # no such user; but the session started and repaired the keyring
+    assert "no user 'nobody'" in err
     assert (d / "keyring.toml").read_bytes() == good
 
 
