@@ -50,6 +50,7 @@ __all__ = [
     "point_of",
     "thin",
     "trace_point",
+    "verification_error",
 ]
 
 Payload = dict[str, Any]
@@ -99,6 +100,28 @@ def check_envelope(payload: object) -> Payload:
     if not isinstance(payload.get("sim"), bool) or not isinstance(payload.get("historical"), bool):
         raise Rejected("sim/historical", "sim / historical must be booleans")
     return payload
+
+
+def verification_error(payload: Payload) -> str | None:
+    """Why a schema-valid ``delivery`` payload's ``verification`` says two things at once
+    (None if it does not): VERIFIED with a failed or overridden item, NOT_VERIFIED with
+    none failed or with overrides, VERIFIED_OVR whose overridden items are not exactly the
+    failed ones (the contract: docs/schemas/v1/delivery.schema.json, its
+    ``$defs.verification``). No daemon sends such a thing; a page shown one could only
+    pick one of its halves, and a green VERIFIED over a list of failures is the one that
+    must never be drawn."""
+    d = payload.get("delivery")
+    v = d.get("verification") if isinstance(d, dict) else None
+    if not isinstance(v, dict):
+        return None
+    outcome, reasons, overridden = v["outcome"], set(v["reasons"]), set(v["overridden"])
+    if outcome == "VERIFIED" and (reasons or overridden):
+        return "VERIFIED with failed or overridden items"
+    if outcome == "NOT_VERIFIED" and (not reasons or overridden):
+        return "NOT_VERIFIED without a failed item, or with overrides"
+    if outcome == "VERIFIED_OVR" and (not overridden or reasons != overridden):
+        return "VERIFIED_OVR whose overridden items are not the failed ones"
+    return None
 
 
 def all_finite(x: object) -> bool:
