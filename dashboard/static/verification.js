@@ -139,8 +139,10 @@
     p.label = el("h2", "verif-label");
     p.label.textContent = id ? "Verification: console against prescription" : "Verification";
     p.head = el("div", "verif-word");
-    p.head.setAttribute("role", "status");
-    p.head.setAttribute("aria-live", "polite");
+    if (id) {  // a live region on the room page only: dozens of cards would talk at once
+      p.head.setAttribute("role", "status");
+      p.head.setAttribute("aria-live", "polite");
+    }
     p.icon = el("span");
     p.word = el("span", "verif-text");
     p.head.append(p.icon, p.word);
