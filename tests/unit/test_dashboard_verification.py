@@ -14,9 +14,10 @@ from typing import Any
 import orjson
 import pytest
 
-from iortd.dashboard.room import verification_error
+from iortd.dashboard.room import APPLICATOR_CODE, PSEUDONYM, verification_error
 from iortd.dashboard.state import Rejected, Rooms
 from iortd.kernel.types import VerificationItem, VerificationOutcome, VerificationTrigger
+from iortd.plan import model as plan_model
 
 ROOT = Path(__file__).resolve().parents[2]
 T = "iort/v1/site-a/or-1/"
@@ -156,6 +157,33 @@ def test_a_self_contradictory_verification_is_rejected_and_the_room_keeps_its_ow
     assert caught.value.reason == "verification inconsistent"
     assert held_verification(rooms) == good
     assert rooms.rejects["site-a/or-1"] == {"verification inconsistent": 1}
+
+
+# Ids no daemon can send (plan/model.py: pseudonyms and applicator codes are letters,
+# digits, '.', '_', '-'): a right-to-left override would make "prescribed SPH30" read as
+# another code on the page; a space or a name is what a pseudonym must never hold.
+NOT_PSEUDONYMS = {
+    "a bidi override in the treatment id": verification(treatment_id="T-\u202e24-0"),
+    "a name as the plan id": verification(plan_id="Jane Doe"),
+    "a zero-width space in the applicator code": verification(applicator_code="SPH\u200b40"),
+    "an applicator code starting with a dot": verification(applicator_code=".SPH40"),
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_PSEUDONYMS))
+def test_an_id_no_daemon_can_send_is_rejected(name: str) -> None:
+    rooms = Rooms("iort")
+    good = verification()
+    rooms.receive(T + "delivery", orjson.dumps(delivery(1, good)), 0.0)
+    with pytest.raises(Rejected) as caught:
+        rooms.receive(T + "delivery", orjson.dumps(delivery(2, NOT_PSEUDONYMS[name])), 0.1)
+    assert caught.value.reason == "verification ids"
+    assert held_verification(rooms) == good
+
+
+def test_the_id_shapes_are_the_prescriptions() -> None:
+    assert PSEUDONYM.pattern == plan_model._PSEUDONYM.pattern
+    assert APPLICATOR_CODE.pattern == plan_model._APPLICATOR.pattern
 
 
 HOSTILE = {
