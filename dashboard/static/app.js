@@ -327,7 +327,8 @@
   function renderVerification(panel, room, t, d) {
     const phase = d && t && t.delivery_id === d.delivery_id && t.phase ? t.phase : d ? d.phase : null;
     const reader = room.applicator ? room.applicator.payload : null;
-    window.IortVerification.render(panel, window.IortVerification.view(d, phase, reader), ICONS);
+    const sent = room.retained.delivery ? room.retained.delivery.payload.ts : null;
+    window.IortVerification.render(panel, window.IortVerification.view(d, phase, reader, sent), ICONS);
   }
 
   // ---- the room page ----------------------------------------------------------------------

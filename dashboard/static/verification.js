@@ -90,8 +90,22 @@
     return Number.isFinite(v) ? new Date(v).toISOString().slice(11, 19) + " UTC" : "";
   }
 
-  /* The panel's content for delivery d (or null) in phase `phase`. null: no panel. */
-  function view(d, phase, reader) {
+  /* After the beam first came on? The latest check governs only if it was made before
+     beam-on (the contract); the payload has no beam-on time, but the first beam-on was at
+     or before `sent` (the delivery message's ts) less its beam-on time, so a check made
+     later than that was made after it. One made at beam-on says so by its trigger. (The
+     other way round cannot be told here: an interrupted delivery has more wall time than
+     beam-on time; the audit log has the order.) */
+  function afterBeamOn(v, d, sent) {
+    if (v.trigger === "beam_on") return true;
+    const at = Date.parse(v.at), ts = Date.parse(sent);
+    if (!Number.isFinite(at) || !Number.isFinite(ts) || typeof d.beam_on_s !== "number" || d.beam_on_s <= 0) return false;
+    return at > ts - d.beam_on_s * 1000;
+  }
+
+  /* The panel's content for delivery d (or null) in phase `phase`, from a message sent at
+     `sent`; reader: the applicator reader's latest message or null. null: no panel. */
+  function view(d, phase, reader, sent) {
     if (!d) return null;
     const before = phase === "PREPARATORY" || phase === "READY";
     const size = before ? "large" : "compact";
@@ -100,7 +114,7 @@
         outcome: "NOT_CHECKED", size, ...OUTCOMES.NOT_CHECKED,
         when: "verification" in d ? "no check made for this delivery (or verification is off at this site)"
           : "this daemon does not report verification",
-        lines: [], rx: "", time: "",
+        lines: [], rx: "", time: "", late: "",
       };
     }
     const v = d.verification;
@@ -119,6 +133,8 @@
     return {
       outcome: v.outcome, size, ...o,
       when: "checked " + clock(v.at) + " " + (TRIGGERS[v.trigger] || v.trigger),
+      late: v.trigger === "beam_on" ? "made at beam-on: there was no check before the beam came on"
+        : afterBeamOn(v, d, sent) ? "made after the beam came on: the check that governed beam-on is in the audit log" : "",
       lines, rx, time,
     };
   }
@@ -147,10 +163,11 @@
     p.word = el("span", "verif-text");
     p.head.append(p.icon, p.word);
     p.when = el("div", "verif-when");
+    p.late = el("div", "verif-late");
     p.reasons = el("ul", "verif-reasons");
     p.rx = el("div", "verif-rx");
     p.time = el("div", "verif-time");
-    p.root.append(p.label, p.head, p.reasons, p.rx, p.time, p.when);
+    p.root.append(p.label, p.head, p.late, p.reasons, p.rx, p.time, p.when);
     return p;
   }
 
@@ -167,6 +184,8 @@
     if (p.icon.dataset.icon !== w.icon) { p.icon.dataset.icon = w.icon; p.icon.innerHTML = icons[w.icon] || ""; }
     setText(p.word, w.word);
     setText(p.when, w.when);
+    setText(p.late, w.late);
+    p.late.hidden = !w.late;
     setText(p.rx, w.rx);
     p.rx.hidden = !w.rx;
     setText(p.time, w.time);

@@ -3,7 +3,8 @@ payloads with a ``verification`` object, published to a real Mosquitto, validate
 real `iort-dashboard` and drawn by headless Debian Chromium. Before beam-on the outcome is
 LARGE and a word as well as a colour (NOT CHECKED, VERIFIED, NOT VERIFIED with one plain
 line per reason, VERIFIED WITH OVERRIDE with the overridden item); at beam-on it turns
-compact and a NOT VERIFIED stays red; the overview's card says the same; a dashboard
+compact and a NOT VERIFIED stays red; an override made after beam-on says so; the
+overview's card says the same; a dashboard
 started after the last message (as after a restart) shows the retained outcome at once;
 no request leaves the dashboards' hosts and the page reports no error."""
 
@@ -14,7 +15,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,8 +37,8 @@ SPH40 = {"type": "spherical", "diameter_mm": 40.0, "serial": "APL-40-0042"}
 SPH30 = {"type": "spherical", "diameter_mm": 30.0, "serial": "APL-30-0007"}
 
 
-def now_ts() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+def now_ts(ago_s: float = 0.0) -> str:
+    return (datetime.now(UTC) - timedelta(seconds=ago_s)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def env(seq: int, **data: Any) -> dict[str, Any]:
@@ -207,7 +208,10 @@ async def test_the_verification_outcome_is_large_before_beam_on_and_stays_after(
             await shot(page, "30-verification-verified")
 
             # The wrong applicator and a preset off the prescription: each in plain words.
-            bad = verification("NOT_VERIFIED", reasons=["applicator", "dose"], preset_gy=25.0)
+            # (made a minute ago: the console has been READY since, the beam comes on later)
+            bad = verification(
+                "NOT_VERIFIED", reasons=["applicator", "dose"], preset_gy=25.0, at=now_ts(60)
+            )
             await publish(mq, "READY", bad, applicator=SPH30, preset_gy=25.0)
             await expect(word).to_have_text("NOT VERIFIED")
             await expect(panel).to_have_attribute("data-tone", "bad")
@@ -237,13 +241,28 @@ async def test_the_verification_outcome_is_large_before_beam_on_and_stays_after(
             await expect(panel.locator(".verif-when")).to_contain_text("override")
 
             # Beam-on with a NOT VERIFIED check: compact, and still red with its reasons.
-            await publish(mq, "IRRADIATING", bad, applicator=SPH30, preset_gy=25.0)
+            await publish(mq, "IRRADIATING", bad, applicator=SPH30, preset_gy=25.0, beam_on_s=7.0)
             await expect(panel).to_have_attribute("data-size", "compact")
             await expect(word).to_have_text("NOT VERIFIED")
             await expect(panel).to_have_attribute("data-tone", "bad")
             await expect(reasons).to_have_count(2)
             assert await font_px(word) < 40, "compact once the beam is on"
+            await expect(panel.locator(".verif-late")).to_be_hidden()  # made at READY
             await shot(page, "32-verification-beam-on-not-verified")
+
+            # An override signed after beam-on is shown as what it is: not the check that
+            # governed beam-on (made later than the delivery's ts less its beam-on time).
+            late_ovr = verification(
+                "VERIFIED_OVR", trigger="override", reasons=["dose"], overridden=["dose"],
+                preset_gy=25.0,
+            )  # fmt: skip
+            await publish(
+                mq, "IRRADIATING", late_ovr, applicator=SPH30, preset_gy=25.0, beam_on_s=7.0
+            )
+            await expect(word).to_have_text("VERIFIED WITH OVERRIDE")
+            await expect(panel.locator(".verif-late")).to_have_text(
+                "made after the beam came on: the check that governed beam-on is in the audit log"
+            )
             # A dashboard (re)started now that nothing more is published has only the
             # broker's retained store to go by: it must show the outcome at once. (A second
             # one, started here so that its start-up overlaps the overview's check.)
@@ -251,16 +270,17 @@ async def test_the_verification_outcome_is_large_before_beam_on_and_stays_after(
 
             await page.goto(dash.url, wait_until="domcontentloaded")
             card = page.locator(f'section.card[data-room="{SITE}/{ROOM}"] .verif')
-            await expect(card).to_have_attribute("data-outcome", "NOT_VERIFIED", timeout=10_000)
+            await expect(card).to_have_attribute("data-outcome", "VERIFIED_OVR", timeout=10_000)
             await expect(card).to_have_attribute("data-size", "compact")
-            await expect(card.locator(".verif-text")).to_have_text("NOT VERIFIED")
+            await expect(card.locator(".verif-text")).to_have_text("VERIFIED WITH OVERRIDE")
             await expect(card.locator('li[data-item="dose"]')).to_contain_text("25.00 Gy")
+            await expect(card.locator(".verif-late")).to_contain_text("after the beam came on")
             await shot(page, "33-verification-overview-card")
 
             second = await late
             await page.goto(second.url + f"room/{SITE}/{ROOM}", wait_until="domcontentloaded")
-            await expect(word).to_have_text("NOT VERIFIED", timeout=5_000)
-            await expect(reasons).to_have_count(2)
+            await expect(word).to_have_text("VERIFIED WITH OVERRIDE", timeout=5_000)
+            await expect(reasons).to_have_count(1)
             await expect(page.locator("#display-error")).to_be_hidden()
         own = {dash.netloc, second.netloc}
         assert [u for u in rec.requests if urlsplit(u).netloc not in own] == []
