@@ -324,7 +324,18 @@
   // ---- the verification panel (verification.js), on a card and on the room page --------------
   // Large before beam-on: the phase is the live sample's when it is of the same delivery
   // (it is newer than the retained summary), else the summary's.
+  // Without its script (verification.js did not load) the panel says so, in place, and
+  // the rest of the page is drawn as ever.
+  function buildVerification(id) {
+    if (window.IortVerification) return window.IortVerification.build(id);
+    const root = el("section", { class: "verif display-error", "data-outcome": "" },
+      "VERIFICATION NOT SHOWN: the page's verification script did not load; reload the page");
+    if (id) root.id = id;
+    return { root, missing: true };
+  }
+
   function renderVerification(panel, room, t, d) {
+    if (panel.missing) return;
     const phase = d && t && t.delivery_id === d.delivery_id && t.phase ? t.phase : d ? d.phase : null;
     const reader = room.applicator ? room.applicator.payload : null;
     const sent = room.retained.delivery ? room.retained.delivery.payload.ts : null;
@@ -430,7 +441,7 @@
       el("section", { class: "panel", "aria-labelledby": "h-dl" }, el("h2", { id: "h-dl", text: "Delivery and applicator" }), v.facts));
 
     // verification: large before beam-on, compact after (verification.js)
-    v.verif = window.IortVerification.build("verification");
+    v.verif = buildVerification("verification");
 
     v.root.append(v.sim, v.stale, v.notice, v.err, head, v.verif.root,
       el("div", { class: "grid row1" }, beamPanel, dosePanel, timePanel), plots, row3, buildApplicatorPanel(v));
@@ -1014,7 +1025,7 @@
     c.beamIcon = el("span");
     c.beamWord = el("span", { class: "beam-text" });
     c.beam.append(c.beamIcon, c.beamWord);
-    c.verif = window.IortVerification.build(null);
+    c.verif = buildVerification(null);
     c.root.append(c.beam, c.verif.root);
     c.dose = el("span", { class: "big" });
     c.preset = el("span", { class: "of" });
