@@ -6,6 +6,7 @@ log is escaped. The NOT VERIFIED stamp is printed at the top and at the bottom.
 from __future__ import annotations
 
 import html
+from collections.abc import Mapping
 
 from iortd.audit.record import DeliveryRecord
 from iortd.audit.report.content import build_doc
@@ -27,6 +28,7 @@ th{background:#e8eef5;border-bottom:1.5px solid #1f4e79}
 td.k{width:30%}.mono,pre{font-family:"DejaVu Sans Mono",monospace;font-size:8pt;
 word-break:break-all}
 .note{color:#444;font-size:8.5pt}.warn{color:#9c2a00;font-weight:bold}
+.outcome{font-size:18pt;font-weight:bold;margin:4pt 0}
 .stamp{color:#fff;background:#c00000;padding:4pt 8pt;font-weight:bold}
 .footer{font-family:"DejaVu Sans Mono",monospace;font-size:7.5pt;border-top:1px solid #1f4e79;
 margin-top:16pt;padding-top:4pt;color:#333}
@@ -36,8 +38,13 @@ figure{margin:0}svg{width:100%;height:auto}
 """
 
 
-def html_report(rec: DeliveryRecord, *, pubkey_name: str | None = None) -> bytes:
-    doc = build_doc(rec, pubkey_name=pubkey_name)
+def html_report(
+    rec: DeliveryRecord,
+    *,
+    pubkey_name: str | None = None,
+    names: Mapping[str, str] | None = None,
+) -> bytes:
+    doc = build_doc(rec, pubkey_name=pubkey_name, names=names)
     e = html.escape
     out = [
         "<!DOCTYPE html>",

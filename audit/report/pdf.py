@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import html
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -87,9 +87,14 @@ def _pdf_date(ts: str | None) -> Callable[..., str]:
     return fmt
 
 
-def pdf_report(rec: DeliveryRecord, *, pubkey_name: str | None = None) -> bytes:
+def pdf_report(
+    rec: DeliveryRecord,
+    *,
+    pubkey_name: str | None = None,
+    names: Mapping[str, str] | None = None,
+) -> bytes:
     _register_fonts()
-    doc = build_doc(rec, pubkey_name=pubkey_name)
+    doc = build_doc(rec, pubkey_name=pubkey_name, names=names)
     margin = 16 * mm
     width = A4[0] - 2 * margin
     base = ParagraphStyle(
@@ -105,6 +110,9 @@ def pdf_report(rec: DeliveryRecord, *, pubkey_name: str | None = None) -> bytes:
         ),
         "warn": ParagraphStyle(
             "warn", parent=base, fontName="DejaVuSans-Bold", textColor=colors.HexColor("#9c2a00")
+        ),
+        "outcome": ParagraphStyle(
+            "outcome", parent=base, fontName="DejaVuSans-Bold", fontSize=18, leading=23
         ),
         "cell": ParagraphStyle("cell", parent=base, fontSize=7.5, leading=9.3),
         "cellmono": ParagraphStyle(
