@@ -160,7 +160,10 @@ async def _write(directory: Path, log: Log, signer: Signer) -> None:
         for e in log.entries:
             if e["type"] in ("log_created", "checkpoint"):
                 continue  # the writer makes its own
-            alog.append(e["type"], e["data"], delivery_id=e.get("delivery_id"), durable=True)
+            data = e["data"]
+            if e["type"] == "daemon_start":  # the key its checkpoints are checked against
+                data = {**data, "verifier_key": signer.verifier.text}
+            alog.append(e["type"], data, delivery_id=e.get("delivery_id"), durable=True)
         await alog.checkpoint("delivery_end")
     finally:
         await alog.close()
