@@ -44,6 +44,8 @@ EVENT_TYPES = (
     "operator_action",
     "delivery_terminated",
     "delivery_amended",
+    "verification",  # the checks against a prescription (rxcheck.py), issue 18
+    "prescription_used",
 )
 
 
