@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,6 +45,7 @@ from pydicom.uid import (
 from iortd.audit.applicator import applicator_side
 from iortd.audit.dose_segments import SegmentRow, segments_with_context
 from iortd.audit.record import DeliveryRecord
+from iortd.audit.rxcheck import listed
 from iortd.kernel.version import __version__
 
 __all__ = [
@@ -149,7 +151,7 @@ _PLAN_POINTER = (0x300C0002, 1, 0x00081155)
 
 def _overrides(d: Mapping[str, Any], beam_index: int) -> list[Dataset]:
     out = []
-    for o in d.get("overrides") or []:
+    for o in listed(d, "overrides"):
         if not isinstance(o, dict):
             continue
         item = str(o.get("item"))
@@ -158,9 +160,12 @@ def _overrides(d: Mapping[str, Any], beam_index: int) -> list[Dataset]:
         ov.ParameterSequencePointer = Tag(seq_tag)
         ov.ParameterItemIndex = str(beam_index if index is None else index)
         ov.OverrideParameterPointer = Tag(attr)
-        # a keyring holder id (staff, never a patient) as the family name (no retired PN form)
-        ov.OperatorsName = _lo(o.get("by")) + "^"
-        ov.OverrideReason = f"{item}: {o.get('reason')}"[:1024]
+        # a keyring holder id (staff, never a patient) as the family name (no retired PN
+        # form); anything but an id's characters (a PN delimiter) is replaced
+        by = re.sub(r"[^A-Za-z0-9._-]", "_", str(o.get("by") or ""))[:64]
+        ov.OperatorsName = by + "^"
+        reason = f"{item}: {o.get('reason')}"
+        ov.OverrideReason = "".join(c if c.isprintable() else " " for c in reason)[:1024]
         out.append(ov)
     return out
 
@@ -207,7 +212,8 @@ def dicom_export(rec: DeliveryRecord, hand_off: Mapping[str, str] | None = None)
     ds.TimezoneOffsetFromUTC = "+0000"
     pc = rec.prescription_check
     rx = pc.prescription
-    treatment_id = str(rx.get("treatment_id") or plan.get("treatment_id") or rec.delivery_id)
+    rx_id = rx.get("treatment_id") if isinstance(rx.get("treatment_id"), str) else None
+    treatment_id = str(rx_id or plan.get("treatment_id") or rec.delivery_id)
     if hand_off is None:
         # Patient: pseudonymous ids only (the log holds no other); marked as such.
         ds.PatientName = _lo(treatment_id) + "^"  # family name = the id (no retired PN form)
@@ -227,7 +233,8 @@ def dicom_export(rec: DeliveryRecord, hand_off: Mapping[str, str] | None = None)
     ds.StudyDate = _da(start_ts)
     ds.StudyTime = _tm(start_ts)
     ds.ReferringPhysicianName = ""
-    ds.StudyID = _sh(rx.get("plan_id") or plan.get("plan_id"))
+    rx_plan = rx.get("plan_id") if isinstance(rx.get("plan_id"), str) else None
+    ds.StudyID = _sh(rx_plan or plan.get("plan_id"))
     ds.AccessionNumber = ""
     ds.StudyDescription = _lo(f"IORT delivery {rec.delivery_id}")
     # RT Series

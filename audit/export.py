@@ -17,6 +17,7 @@ import orjson
 
 from iortd.audit.applicator import ApplicatorSide, applicator_side
 from iortd.audit.record import DeliveryRecord, Interval
+from iortd.audit.rxcheck import listed
 
 __all__ = [
     "APPLICATOR_COLUMNS",
@@ -234,7 +235,7 @@ def describe(e: Mapping[str, Any]) -> str:
     if kind == "delivery_amended":
         return f"amended: {d.get('reason')}"
     if kind == "verification":
-        failed = ", ".join(str(r) for r in d.get("reasons") or [])
+        failed = ", ".join(str(r) for r in listed(d, "reasons"))
         what = "overridden" if d.get("outcome") == "VERIFIED_OVR" else "failed"
         return f"verification {d.get('outcome')} ({d.get('trigger')})" + (
             f": {what} {failed}" if failed else ""

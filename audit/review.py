@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from iortd.audit.rxcheck import RX_ENTRY_TYPES, PrescriptionCheck, prescription_check
+from iortd.audit.rxcheck import RX_ENTRY_TYPES, PrescriptionCheck, listed, prescription_check
 from iortd.auditlog.verify import iter_entries
 
 __all__ = [
@@ -229,7 +229,7 @@ def _verification(rec: DeliveryRecord) -> str:
         return "NOT CHECKED against a prescription (no verification entry)"
     words = {"NOT_VERIFIED": "NOT VERIFIED", "VERIFIED_OVR": "VERIFIED WITH OVERRIDE"}
     d = pc.data
-    reasons = ", ".join(str(r) for r in d.get("reasons") or [])
+    reasons = ", ".join(str(r) for r in listed(d, "reasons"))
     return (
         f"{words.get(str(pc.outcome), pc.outcome)} (seq {pc.governing.get('seq')}, "
         f"{d.get('trigger')}{', only at/after beam-on' if pc.after_beam_on else ''})"

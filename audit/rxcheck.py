@@ -32,12 +32,20 @@ __all__ = [
     "TRIGGERS_AT_BEAM_ON",
     "PrescriptionCheck",
     "is_rx_entry_of",
+    "listed",
     "prescription_check",
 ]
 
 RX_ENTRY_TYPES = ("verification", "prescription_used")
 OUTCOMES = ("VERIFIED", "NOT_VERIFIED", "VERIFIED_OVR")  # DICOM (3008,002C) spelling
 TRIGGERS_AT_BEAM_ON = frozenset({"beam_on", "joined"})
+
+
+def listed(d: Any, key: str) -> list[Any]:
+    """``d[key]`` when ``d`` is an object and that is a list, else [] (a malformed entry
+    must not turn a string into a list of its characters)."""
+    v = d.get(key) if isinstance(d, dict) else None
+    return v if isinstance(v, list) else []
 
 
 def is_rx_entry_of(e: Mapping[str, Any], delivery_id: str) -> bool:

@@ -18,7 +18,7 @@ from typing import Any
 from iortd.audit.applicator import applicator_side
 from iortd.audit.record import DeliveryRecord
 from iortd.audit.report.model import Block, Heading, KeyValues, Para, Table, gy, number, secs, when
-from iortd.audit.rxcheck import PrescriptionCheck
+from iortd.audit.rxcheck import PrescriptionCheck, listed
 
 __all__ = ["OUTCOME_WORDS", "REASON_WORDS", "outcome_words", "rx_blocks"]
 
@@ -100,7 +100,7 @@ def _override_times(pc: PrescriptionCheck) -> dict[str, str]:
     out: dict[str, str] = {}
     for e in pc.checks:
         d = e.get("data")
-        for o in (d.get("overrides") if isinstance(d, dict) else None) or []:
+        for o in listed(d, "overrides"):
             if isinstance(o, dict) and isinstance(o.get("nonce"), str):
                 out.setdefault(o["nonce"], when(e.get("ts")))
     return out
@@ -124,7 +124,7 @@ def rx_blocks(rec: DeliveryRecord, names: Mapping[str, str] | None = None) -> li
             )
         return out
     d, p, g = pc.data, pc.prescription, pc.governing
-    reasons = [str(r) for r in d.get("reasons") or []]
+    reasons = [str(r) for r in listed(d, "reasons")]
     if pc.outcome == "VERIFIED_OVR":
         lead = "Overridden by a physicist: "
     elif reasons:
@@ -240,7 +240,7 @@ def rx_blocks(rec: DeliveryRecord, names: Mapping[str, str] | None = None) -> li
             ]
         )
     )
-    overrides = [o for o in d.get("overrides") or [] if isinstance(o, dict)]
+    overrides = [o for o in listed(d, "overrides") if isinstance(o, dict)]
     if overrides:
         times = _override_times(pc)
         out.append(
@@ -258,7 +258,7 @@ def rx_blocks(rec: DeliveryRecord, names: Mapping[str, str] | None = None) -> li
                 [0.18, 0.26, 0.36, 0.20],
             )
         )
-    checks = [c for c in d.get("checks") or [] if isinstance(c, dict)]
+    checks = [c for c in listed(d, "checks") if isinstance(c, dict)]
     if checks:
         out.append(
             Table(
@@ -286,7 +286,7 @@ def rx_blocks(rec: DeliveryRecord, names: Mapping[str, str] | None = None) -> li
                         when(e.get("ts")),
                         str(_data(e).get("trigger")),
                         str(_data(e).get("outcome")),
-                        ", ".join(str(r) for r in _data(e).get("reasons") or []) or "—",
+                        ", ".join(str(r) for r in listed(_data(e), "reasons")) or "—",
                     ]
                     for e in pc.checks
                 ],

@@ -260,3 +260,37 @@ def test_the_plan_reference_and_patient_id_come_only_from_the_store() -> None:
     assert "PatientIdentityRemoved" not in ds
     assert "DeidentificationMethod" not in ds
     assert DID  # the delivery is still the one written by hand
+
+
+def test_a_malformed_check_never_breaks_an_output_nor_reads_as_verified() -> None:
+    """What a confused verifier or a --allow-unverified log can hold: wrong types
+    everywhere in an entry whose outcome is valid, and one whose outcome is not."""
+    odd = dict(
+        OVR_DOSE,
+        reasons="dose",
+        overridden="dose",
+        overrides=["dose", {"item": "dose", "by": "x^y=z\\w", "reason": "a\x00b", "nonce": 1}],
+        checks={"item": "dose"},
+        console=["preset"],
+        prescription="T-0042",
+        time_basis="table",
+        reader_applicator=7,
+    )
+    rec = record(checked_log(BAD_DOSE, odd))
+    text = _text(build_doc(rec))
+    assert "VERIFIED WITH OVERRIDE" in text
+    assert "d, o, s, e" not in text, "a string is not a list of reasons"
+    html_report(rec)
+    ds = pydicom.dcmread(io.BytesIO(dicom_export(rec)))
+    [ov] = ds.TreatmentSessionBeamSequence[0].ControlPointDeliverySequence[0].OverrideSequence
+    assert str(ov.OperatorsName) == "x_y_z_w^"
+    assert ov.OverrideReason == "dose: a b"
+    json_export(rec)
+    [summary] = collect_deliveries(checked_log(BAD_DOSE, odd).entries)
+    assert "d, o, s, e" not in format_summary(summary)
+    forged = record(checked_log(dict(OK, outcome="VERIFIED ")))
+    assert "NOT CHECKED" in _text(build_doc(forged))
+    assert {
+        i.TreatmentVerificationStatus
+        for i in _ds(checked_log(dict(OK, outcome=1))).TreatmentSessionBeamSequence
+    } == {""}
