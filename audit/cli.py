@@ -39,7 +39,7 @@ from typing import Any
 from iortd.audit import keyring_cli
 from iortd.audit.export import applicator_csv, events_csv, json_export, samples_csv
 from iortd.audit.extra import dicom_exporter, report_renderer, with_extra
-from iortd.audit.handoff import load_names, read_hand_off
+from iortd.audit.handoff import load_report_keyring, read_hand_off
 from iortd.audit.inputs import UsageError, held_checkpoints, load_pubkey
 from iortd.audit.record import DeliveryRecord, NoSuchDelivery, Verification, read_delivery
 from iortd.audit.review import (
@@ -417,14 +417,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     kind = REPORT_SUFFIXES[args.out.suffix.lower()]
     try:
         render = with_extra("iort-audit report", lambda: report_renderer(kind))
-        names = load_names(args.keyring) if args.keyring else {}
+        ring = load_report_keyring(args.keyring) if args.keyring else None
     except UsageError as exc:
         _err(str(exc))
         return EXIT_USAGE
     status, rec, key_name = _verified_delivery(args)
     if rec is None:
         return status
-    data = render(rec, key_name, names)
+    data = render(rec, key_name, ring)
     if not _write_out(args.out, data):
         return EXIT_USAGE
     v = rec.verification
@@ -534,7 +534,12 @@ def _parser() -> argparse.ArgumentParser:
         help="with --format dicom: the protected store (iort-plan import --protected-store); "
         "the record then carries the real Patient ID and refers to the RT Plan",
     )
-    r.add_argument("--keyring", type=Path, metavar="FILE", help="print the physicists' names")
+    r.add_argument(
+        "--keyring",
+        type=Path,
+        metavar="FILE",
+        help="the command keyring: physicists' names, and whether each was enrolled then",
+    )
     for c in (r, e):
         c.add_argument("--delivery", required=True, metavar="ID", help="see: iort-audit deliveries")
         c.add_argument("--out", required=True, type=Path, metavar="FILE", help="the file to write")

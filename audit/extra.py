@@ -16,6 +16,7 @@ from typing import TypeVar
 
 from iortd.audit.inputs import UsageError
 from iortd.audit.record import DeliveryRecord
+from iortd.auditlog.keyring import Keyring
 
 __all__ = ["INSTALL_REPORTS", "REPORTS_EXTRA", "dicom_exporter", "report_renderer", "with_extra"]
 
@@ -41,18 +42,20 @@ def with_extra(what: str, load: Callable[[], _T]) -> _T:
         ) from None
 
 
-Names = Mapping[str, str]  # keyring holder id -> printed name (report --keyring)
+Names = Mapping[str, str]  # the protected store's hand-off entry (export --store)
 
 
-def report_renderer(kind: str) -> Callable[[DeliveryRecord, str | None, Names], bytes]:
-    """The renderer of a ``pdf`` or ``html`` report: (record, key name, names) -> bytes."""
+def report_renderer(
+    kind: str,
+) -> Callable[[DeliveryRecord, str | None, Keyring | None], bytes]:
+    """The renderer of a ``pdf`` or ``html`` report: (record, key name, keyring) -> bytes."""
     if kind == "pdf":
         from iortd.audit.report.pdf import pdf_report  # noqa: PLC0415 - the extra 'reports'
 
-        return lambda rec, key, names: pdf_report(rec, pubkey_name=key, names=names)
+        return lambda rec, key, ring: pdf_report(rec, pubkey_name=key, keyring=ring)
     from iortd.audit.report.html_page import html_report  # noqa: PLC0415 - ditto
 
-    return lambda rec, key, names: html_report(rec, pubkey_name=key, names=names)
+    return lambda rec, key, ring: html_report(rec, pubkey_name=key, keyring=ring)
 
 
 def dicom_exporter() -> Callable[[DeliveryRecord, Names | None], bytes]:

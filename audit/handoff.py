@@ -13,8 +13,8 @@ followed) closed to group and others; anything else is refused (exit 2) and noth
 written. No message here prints a value from the store: errors name the store and the
 treatment id (a pseudonym) only.
 
-The keyring's printed names are staff names (auditlog/keyring.py), shown beside the holder
-ids in the report; no key material is used.
+The keyring (auditlog/keyring.py) gives the report the printed names of the staff a check
+names, and whether each held the role the act needed when it was done; no key is used.
 """
 
 from __future__ import annotations
@@ -27,25 +27,21 @@ from pathlib import Path
 import orjson
 
 from iortd.audit.inputs import UsageError
-from iortd.auditlog.keyring import KeyringError, load_keyring
+from iortd.auditlog.keyring import Keyring, KeyringError, load_keyring
 
-__all__ = ["MAX_ENTRY_BYTES", "load_names", "read_hand_off"]
+__all__ = ["MAX_ENTRY_BYTES", "load_report_keyring", "read_hand_off"]
 
 MAX_ENTRY_BYTES = 64 * 1024
 _PSEUDONYM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # plan/model.py's pseudonym
 _UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+")
 
 
-def load_names(path: Path) -> dict[str, str]:
-    """holder id -> printed name, from the keyring at ``path`` (UsageError if unusable)."""
+def load_report_keyring(path: Path) -> Keyring:
+    """The keyring at ``path`` (UsageError, listing every problem, if unusable)."""
     try:
-        ring = load_keyring(path)
+        return load_keyring(path)
     except KeyringError as exc:
         raise UsageError(f"--keyring: {exc}") from None
-    names: dict[str, str] = {}
-    for e in ring:  # a rolled-over key keeps its holder's name; the first entry wins
-        names.setdefault(e.holder, e.name)
-    return names
 
 
 def _closed(st: os.stat_result) -> bool:

@@ -11,7 +11,6 @@ vouches for, put a NOT VERIFIED stamp on the document.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from iortd.audit.dose_segments import segments_with_context
@@ -33,6 +32,7 @@ from iortd.audit.report.model import (
 )
 from iortd.audit.report.rx import rx_blocks
 from iortd.audit.report.stand import stand_blocks
+from iortd.auditlog.keyring import Keyring
 from iortd.kernel.version import __version__
 
 __all__ = ["UNVOUCHED_HEAD", "build_doc"]
@@ -58,9 +58,10 @@ def build_doc(
     rec: DeliveryRecord,
     *,
     pubkey_name: str | None = None,
-    names: Mapping[str, str] | None = None,
+    keyring: Keyring | None = None,
 ) -> ReportDoc:
-    """The report's document; ``names`` maps keyring holder ids to printed names."""
+    """The report's document; ``keyring`` (report --keyring) names and vouches for the
+    physicists a check names."""
     v, s, plan, dev = rec.verification, rec.summary, rec.plan, rec.device
     status = rec.status or "IN PROGRESS (no termination in the log)"
     doc = ReportDoc(
@@ -130,7 +131,7 @@ def build_doc(
         )
     )
 
-    b.extend(rx_blocks(rec, names))  # the check against a prescription (report/rx.py)
+    b.extend(rx_blocks(rec, keyring))  # the check against a prescription (report/rx.py)
 
     b.append(Heading("Prescription and delivery"))
     intervals = rec.intervals()

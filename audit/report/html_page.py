@@ -6,12 +6,12 @@ log is escaped. The NOT VERIFIED stamp is printed at the top and at the bottom.
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping
 
 from iortd.audit.record import DeliveryRecord
 from iortd.audit.report.content import build_doc
 from iortd.audit.report.model import Heading, KeyValues, Para, Plot, SignOff, Table, looks_hex
 from iortd.audit.report.plot import plot_svg
+from iortd.auditlog.keyring import Keyring
 from iortd.kernel.version import __version__
 
 __all__ = ["html_report"]
@@ -42,9 +42,9 @@ def html_report(
     rec: DeliveryRecord,
     *,
     pubkey_name: str | None = None,
-    names: Mapping[str, str] | None = None,
+    keyring: Keyring | None = None,
 ) -> bytes:
-    doc = build_doc(rec, pubkey_name=pubkey_name, names=names)
+    doc = build_doc(rec, pubkey_name=pubkey_name, keyring=keyring)
     e = html.escape
     out = [
         "<!DOCTYPE html>",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import html
 import io
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from iortd.audit.report.model import (
     parse_ts,
 )
 from iortd.audit.report.plot import PLOT_SIZES, plot_png
+from iortd.auditlog.keyring import Keyring
 from iortd.kernel.version import __version__
 
 __all__ = ["pdf_report"]
@@ -91,10 +92,10 @@ def pdf_report(
     rec: DeliveryRecord,
     *,
     pubkey_name: str | None = None,
-    names: Mapping[str, str] | None = None,
+    keyring: Keyring | None = None,
 ) -> bytes:
     _register_fonts()
-    doc = build_doc(rec, pubkey_name=pubkey_name, names=names)
+    doc = build_doc(rec, pubkey_name=pubkey_name, keyring=keyring)
     margin = 16 * mm
     width = A4[0] - 2 * margin
     base = ParagraphStyle(

@@ -6,19 +6,23 @@ delivered; then every item the check judged and every check of the delivery in o
 delivery without a check says so in one line and gets no invented outcome.
 
 People are named by their keyring holder id (staff, never patients); with
-``iort-audit report --keyring FILE`` by their printed name too. Nothing here reads
-anything but the record and that mapping.
+``iort-audit report --keyring FILE`` by their printed name too, and a holder who held no
+physicist key valid when they approved the prescription or signed the override is marked
+and said in red (the daemon checked the signature; this checks the keyring the auditor
+trusts). Nothing here reads anything but the record and that keyring.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
 from iortd.audit.applicator import applicator_side
 from iortd.audit.record import DeliveryRecord
 from iortd.audit.report.model import Block, Heading, KeyValues, Para, Table, gy, number, secs, when
 from iortd.audit.rxcheck import PrescriptionCheck, listed
+from iortd.auditlog.keyring import Keyring
 
 __all__ = ["OUTCOME_WORDS", "REASON_WORDS", "outcome_words", "rx_blocks"]
 
@@ -55,10 +59,32 @@ def outcome_words(outcome: str | None) -> str:
     return OUTCOME_WORDS.get(outcome, "NOT CHECKED")
 
 
-def _person(holder: Any, names: Mapping[str, str]) -> str:
+def _parse(ts: Any) -> datetime | None:
+    if not isinstance(ts, str):
+        return None
+    try:
+        t = datetime.fromisoformat(ts)
+    except ValueError:
+        return None
+    return t if t.tzinfo is not None else None
+
+
+def _person(holder: Any, keyring: Keyring | None, at: Any, problems: list[str]) -> str:
+    """The holder id, with the printed name from the keyring; with a keyring, a holder
+    who held no physicist key valid at ``at`` is marked, and said in ``problems``."""
     h = str(holder) if holder is not None else "—"
-    name = names.get(h)
-    return f"{name} ({h})" if name else h
+    if keyring is None:
+        return h
+    entries = keyring.of(h)
+    when_ = _parse(at)
+    ok = when_ is not None and any("physicist" in e.roles and e.valid_at(when_) for e in entries)
+    if not ok:
+        problems.append(
+            f"{h} held no physicist key valid at {at} in the keyring given "
+            f"({keyring.path.name}, SHA-256 {keyring.sha256[:16]}...)"
+        )
+    name = f"{entries[0].name} ({h})" if entries else h
+    return name if ok else f"{name} [NOT ENROLLED AS PHYSICIST THEN]"
 
 
 def _app(a: Any) -> str:
@@ -95,20 +121,20 @@ def _json(v: Any) -> str:
     return str(v)
 
 
-def _override_times(pc: PrescriptionCheck) -> dict[str, str]:
-    """nonce -> the time of the first check that recorded that override."""
-    out: dict[str, str] = {}
+def _override_times(pc: PrescriptionCheck) -> dict[str, tuple[Any, str]]:
+    """nonce -> (ts, shown) of the first check that recorded that override."""
+    out: dict[str, tuple[Any, str]] = {}
     for e in pc.checks:
         d = e.get("data")
         for o in listed(d, "overrides"):
             if isinstance(o, dict) and isinstance(o.get("nonce"), str):
-                out.setdefault(o["nonce"], when(e.get("ts")))
+                out.setdefault(o["nonce"], (e.get("ts"), when(e.get("ts"))))
     return out
 
 
-def rx_blocks(rec: DeliveryRecord, names: Mapping[str, str] | None = None) -> list[Block]:
-    names = names or {}
+def rx_blocks(rec: DeliveryRecord, keyring: Keyring | None = None) -> list[Block]:
     pc = rec.prescription_check
+    problems: list[str] = []
     out: list[Block] = [Heading("Prescription and verification")]
     out.append(Para(outcome_words(pc.outcome), "outcome"))
     if pc.governing is None:
@@ -217,7 +243,8 @@ def rx_blocks(rec: DeliveryRecord, names: Mapping[str, str] | None = None) -> li
                 ("Prescription SHA-256", str(d.get("prescription_sha256") or "—")),
                 (
                     "Approved by",
-                    f"{_person(p.get('approved_by'), names)} at {p.get('approved_at', '—')}; "
+                    f"{_person(p.get('approved_by'), keyring, p.get('approved_at'), problems)} "
+                    f"at {p.get('approved_at', '—')}; "
                     f"valid until {p.get('not_after', '—')}"
                     if p
                     else "—",
@@ -243,21 +270,16 @@ def rx_blocks(rec: DeliveryRecord, names: Mapping[str, str] | None = None) -> li
     overrides = [o for o in listed(d, "overrides") if isinstance(o, dict)]
     if overrides:
         times = _override_times(pc)
+        rows_o = []
+        for o in overrides:
+            ts, shown = times.get(str(o.get("nonce")), (None, "—"))
+            by = _person(o.get("by"), keyring, ts, problems)
+            rows_o.append([str(o.get("item")), by, str(o.get("reason")), shown])
         out.append(
-            Table(
-                ["overridden item", "by", "reason", "time"],
-                [
-                    [
-                        str(o.get("item")),
-                        _person(o.get("by"), names),
-                        str(o.get("reason")),
-                        times.get(str(o.get("nonce")), "—"),
-                    ]
-                    for o in overrides
-                ],
-                [0.18, 0.26, 0.36, 0.20],
-            )
+            Table(["overridden item", "by", "reason", "time"], rows_o, [0.18, 0.26, 0.36, 0.20])
         )
+    if problems:
+        out.append(Para("Keyring: " + "; ".join(problems) + ".", "warn"))
     checks = [c for c in listed(d, "checks") if isinstance(c, dict)]
     if checks:
         out.append(

@@ -98,7 +98,7 @@ def test_the_report_names_the_physicist_from_the_keyring(
         'roles = ["physicist"]\n'
         f'public_key = "{generate_keypair("phys-anna").verifier.text}"\n'
         'valid_from = "2026-01-01T00:00:00Z"\n'
-        'valid_until = "2027-01-01T00:00:00Z"\n',
+        'valid_until = "2099-01-01T00:00:00Z"\n',
         "utf-8",
     )
     out = tmp_path / "report.html"

@@ -7,6 +7,7 @@ log, with dciodvfy: test_rx_cli.py."""
 from __future__ import annotations
 
 import io
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -22,6 +23,8 @@ from iortd.audit.report.content import build_doc
 from iortd.audit.report.html_page import html_report
 from iortd.audit.report.model import KeyValues, Para, Table
 from iortd.audit.review import collect_deliveries, format_summary
+from iortd.auditlog.keyring import Keyring, parse_keyring
+from iortd.auditlog.note import generate_keypair
 
 OK = verification()
 BAD_DOSE = verification("NOT_VERIFIED", failed=("dose",), preset_gy=1.2)
@@ -41,6 +44,19 @@ def _text(doc: Any) -> str:
         elif isinstance(b, Table):
             out += [" | ".join(b.header)] + [" | ".join(r) for r in b.rows]
     return "\n".join(out)
+
+
+def _keyring(role: str) -> Keyring:
+    text = (
+        "[[key]]\n"
+        'holder = "phys-anna"\n'
+        'name = "A. Example, MPE"\n'
+        f'roles = ["{role}"]\n'
+        f'public_key = "{generate_keypair("phys-anna").verifier.text}"\n'
+        'valid_from = "2026-01-01T00:00:00Z"\n'
+        'valid_until = "2099-01-01T00:00:00Z"\n'
+    )
+    return parse_keyring(text.encode(), Path("keyring.toml"))
 
 
 def _section(doc: Any) -> list[Any]:
@@ -134,7 +150,7 @@ def test_the_report_states_the_outcome_and_the_three_columns() -> None:
 
 def test_the_report_names_the_overriding_physicist_and_the_reasons() -> None:
     rec = record(checked_log(BAD_DOSE, OVR_DOSE))
-    doc = build_doc(rec, names={"phys-anna": "A. Example, MPE"})
+    doc = build_doc(rec, keyring=_keyring("physicist"))
     blocks = _section(doc)
     assert blocks[1].text == "VERIFIED WITH OVERRIDE"
     text = _text(doc)
@@ -147,8 +163,13 @@ def test_the_report_names_the_overriding_physicist_and_the_reasons() -> None:
     ]
     assert ovr.rows[0][3].startswith("2026-11-26 ")
     assert "seq | time | trigger | outcome | reasons" in text, "every check is listed"
+    assert "Keyring:" not in text
     # without the keyring: the holder id only
     assert "| phys-anna |" in _text(build_doc(rec))
+    # a keyring in which the holder was no physicist: marked, and said in red
+    text = _text(build_doc(rec, keyring=_keyring("operator")))
+    assert "| A. Example, MPE (phys-anna) [NOT ENROLLED AS PHYSICIST THEN] |" in text
+    assert "Keyring: phys-anna held no physicist key valid at 2026-11-26T" in text
 
 
 def test_a_delivery_without_a_check_says_so_in_one_line() -> None:
