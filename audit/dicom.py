@@ -18,9 +18,17 @@ Delivered Meterset of C.8.8.21.2.2, DelMS[CPn] = MAX(StartMS, MIN(SpecMS[CPn], E
 with SpecMS = 0 and the preset; so the Delivered Primary Metersets of the items add up to
 the delivered dose and their meterset ranges tile it.
 
+Verification (issue 18): each beam item's Treatment Verification Status (3008,002C) is the
+outcome of the delivery's governing check against its prescription (audit/rxcheck.py),
+empty (Type 2) when the log holds none; a VERIFIED_OVR's overrides are an Override Sequence
+in the item's first control point. The protected store's hand-off entry (``--store``), and
+only it, puts the real Patient ID and the RT Plan reference in the object; nothing of it is
+logged or printed.
+
 Deterministic: UIDs are derived from the log (origin, delivery id, the delivery's last
-entry hash) under the UUID-derived root 2.25 (PS3.5 B.2); dates and times come from the
-log; nothing from the clock. The same log gives the same bytes.
+entry hash; and whether it is the hand-off) under the UUID-derived root 2.25 (PS3.5 B.2);
+dates and times come from the log; nothing from the clock. The same log (and store entry)
+gives the same bytes.
 """
 
 from __future__ import annotations
@@ -188,7 +196,10 @@ def dicom_export(rec: DeliveryRecord, hand_off: Mapping[str, str] | None = None)
             "there is no treatment to record"
         )
     origin = rec.verification.origin or ""
-    key = (origin, rec.delivery_id, rec.last_hash or "")
+    # The hand-off names another patient identity: another object, with its own UIDs (one
+    # store entry per treatment id, never rewritten, so still the same for the same log).
+    key: tuple[str, ...] = (origin, rec.delivery_id, rec.last_hash or "")
+    key += ("hand-off",) if hand_off is not None else ()
     plan, dev = rec.plan, rec.device
     preset = _num(rec.preset_gy) or 0.0
     planned_s = _num(rec.summary.get("planned_time_s"))

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import pydicom
 import pytest
-from handlog import DID, record
+from handlog import record
 from pydicom.tag import Tag
 from rxlog import checked_log, verification
 
@@ -280,7 +280,11 @@ def test_the_plan_reference_and_patient_id_come_only_from_the_store() -> None:
     assert ds.PatientID == "MRN-778812"
     assert "PatientIdentityRemoved" not in ds
     assert "DeidentificationMethod" not in ds
-    assert DID  # the delivery is still the one written by hand
+    # another object (another patient identity): its own UIDs, still derived from the log
+    plain = _ds(checked_log(OK))
+    for uid in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
+        assert ds[uid].value != plain[uid].value
+        assert ds[uid].value == _ds(checked_log(OK), hand_off=hand)[uid].value
 
 
 def test_a_malformed_check_never_breaks_an_output_nor_reads_as_verified() -> None:
