@@ -278,6 +278,15 @@ def rx_blocks(rec: DeliveryRecord, keyring: Keyring | None = None) -> list[Block
         out.append(
             Table(["overridden item", "by", "reason", "time"], rows_o, [0.18, 0.26, 0.36, 0.20])
         )
+    used_sha = used.get("prescription_sha256")
+    if pc.used and used_sha != d.get("prescription_sha256"):
+        out.append(
+            Para(
+                f"The prescription recorded as used ({str(used_sha)[:16]}...) is not the one "
+                f"the governing check named ({str(d.get('prescription_sha256'))[:16]}...).",
+                "warn",
+            )
+        )
     if problems:
         out.append(Para("Keyring: " + "; ".join(problems) + ".", "warn"))
     checks = [c for c in listed(d, "checks") if isinstance(c, dict)]

@@ -180,6 +180,17 @@ def test_a_delivery_without_a_check_says_so_in_one_line() -> None:
     assert blocks[3].text == "Prescription and delivery", "nothing else in the section"
 
 
+def test_a_used_prescription_that_is_not_the_checked_one_is_said_in_red() -> None:
+    log = checked_log(OK)
+    for e in log.entries:
+        if e["type"] == "prescription_used":
+            e["data"] = {**e["data"], "prescription_sha256": "ab" * 32}
+    doc = build_doc(record(log))
+    [warn] = [b for b in _section(doc) if isinstance(b, Para) and "recorded as used" in b.text]
+    assert warn.style == "warn"
+    assert f"({'ab' * 8}...) is not the one the governing check named ({'5e' * 8}...)" in warn.text
+
+
 def test_a_check_only_at_beam_on_is_flagged_in_the_report() -> None:
     text = _text(build_doc(record(checked_log(after_beam_on=(NONE_AT_BEAM,)))))
     assert "Checked only at or after beam-on" in text
