@@ -157,7 +157,9 @@ def collect_deliveries(entries: Iterable[dict[str, Any]]) -> list[DeliveryRecord
             _reopened(out.get(str(d.get("open_delivery"))), unvouched_from)
         did = e.get("delivery_id")
         if did is None and kind in RX_ENTRY_TYPES and isinstance(d, dict):
-            did = d.get("delivery_id")  # a check naming its delivery in its data only
+            # a check naming its delivery in its data only: of a delivery already seen,
+            # never one of its own (it would list a delivery nothing else knows)
+            did = d.get("delivery_id") if d.get("delivery_id") in out else None
         if not isinstance(did, str):
             continue
         rec = out.setdefault(did, DeliveryRecord(did, device=device))
