@@ -163,7 +163,9 @@ class DeliveryRecord:
     @property
     def prescription_check(self) -> PrescriptionCheck:
         """The governing check, every check, and whether the prescription was used."""
-        return prescription_check(self.rx_entries, self.samples + self.events)
+        lo, hi = self.untrusted_from, self.untrusted_to
+        untrusted = (lo, hi) if lo is not None and hi is not None else None
+        return prescription_check(self.rx_entries, self.samples + self.events, untrusted)
 
     @property
     def entries(self) -> list[dict[str, Any]]:

@@ -13,6 +13,10 @@ before it); when there is none, the first one made at or after beam-on, and the 
 the prescription was checked only then. A delivery with no check at all has no governing
 check: the outputs say "not checked against a prescription" and never invent an outcome.
 
+A check in the unvouched tail of a crash that a restart then took the delivery over from
+(record.py's ``untrusted_from``..``untrusted_to``) is listed but never governs: nothing
+vouches that the daemon wrote it.
+
 Only entries of this delivery count: the entry's own ``delivery_id`` when it has one (the
 envelope is what the hash chain binds), else the ``delivery_id`` in its data. A malformed
 entry (data not an object, an outcome outside the vocabulary) is kept in the list of checks
@@ -109,10 +113,14 @@ def _beam_on_seq(entries: Iterable[Mapping[str, Any]]) -> int | None:
 
 
 def prescription_check(
-    rx_entries: Iterable[Mapping[str, Any]], delivery_entries: Iterable[Mapping[str, Any]]
+    rx_entries: Iterable[Mapping[str, Any]],
+    delivery_entries: Iterable[Mapping[str, Any]],
+    untrusted: tuple[int, int] | None = None,
 ) -> PrescriptionCheck:
     """The delivery's checks (``rx_entries``: its verification and prescription_used
-    entries) judged against its other entries (for the first beam-on)."""
+    entries) judged against its other entries (for the first beam-on). ``untrusted``: the
+    seq range of a crash's unvouched tail that a restart took the delivery over from
+    (record.py); a check there is listed but never governs."""
     ordered = sorted(rx_entries, key=lambda e: int(e["seq"]))
     checks = tuple(dict(e) for e in ordered if e.get("type") == "verification")
     used = tuple(dict(e) for e in ordered if e.get("type") == "prescription_used")
@@ -120,6 +128,8 @@ def prescription_check(
 
     def usable(e: Mapping[str, Any]) -> bool:
         d = e.get("data")
+        if untrusted is not None and untrusted[0] <= int(e["seq"]) <= untrusted[1]:
+            return False
         return isinstance(d, dict) and d.get("outcome") in OUTCOMES
 
     def at_beam_on(e: Mapping[str, Any]) -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import pydicom
 import pytest
-from handlog import record
+from handlog import DID, record
 from pydicom.tag import Tag
 from rxlog import checked_log, verification
 
@@ -332,3 +332,22 @@ def test_a_malformed_check_never_breaks_an_output_nor_reads_as_verified() -> Non
         i.TreatmentVerificationStatus
         for i in _ds(checked_log(dict(OK, outcome=1))).TreatmentSessionBeamSequence
     } == {""}
+
+
+def test_a_check_in_a_crashs_unvouched_tail_never_governs() -> None:
+    """A restart took the delivery over after a crash whose tail no signature vouches for:
+    a check in that tail (possibly written by anyone with write access) is listed, but the
+    governing check is the last one before it."""
+    log = checked_log(BAD_DOSE, OK)
+    [i] = [n for n, e in enumerate(log.entries) if e["data"] is not None and e["data"] == OK]
+    tail = log.entries[i]["seq"]
+    extra = [
+        {"type": "recovery", "data": {"unvouched": {"first_seq": tail}}},
+        {"type": "daemon_start", "data": {"open_delivery": DID}},
+    ]
+    log.entries[i + 1 : i + 1] = extra
+    for n, e in enumerate(log.entries):
+        e["seq"] = n
+    pc = record(log).prescription_check
+    assert len(pc.checks) == 2
+    assert pc.outcome == "NOT_VERIFIED"
