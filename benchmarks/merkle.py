@@ -11,8 +11,8 @@ against SHA-256 per line of the same bytes, measured in the same run.
 The log is made of the daemon's sample entries (the shape benchmarks/audit_log.py uses),
 chained and hashed in the log's canonical form, written straight to segments of
 ``--segment-mb``. The files are read once before timing, so both sides read from the page
-cache; ``--repeat`` runs, the best kept. A benchmark, not a test: it prints figures and
-exits 0.
+cache; ``--repeat`` rounds, each running every case once in turn, the best of each kept.
+A benchmark, not a test: it prints figures and exits 0.
 
     .venv/bin/python benchmarks/merkle.py [--entries N] [--repeat R] [--dir DIR]
 """
@@ -105,15 +105,6 @@ def lines_of(files: list[Path]) -> list[bytes]:
     return out
 
 
-def timed(fn: Callable[[], object], repeat: int) -> tuple[float, list[float]]:
-    runs = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        runs.append(time.perf_counter() - t0)
-    return min(runs), runs
-
-
 def sha_per_line(lines: list[bytes]) -> None:
     sha256 = hashlib.sha256
     for line in lines:
@@ -173,23 +164,28 @@ def main() -> None:
         print(f"  runs       best of {args.repeat}; files read once before timing (page cache)")
         lines = lines_of(files)  # also warms the page cache
         leaves = [hashlib.sha256(b"\x00" + x).digest() for x in lines]
-        rows: list[tuple[str, float, list[float]]] = []
-
-        def rate(label: str, fn: Callable[[], object]) -> float:
-            best, runs = timed(fn, args.repeat)
-            rows.append((label, n / best, [n / r for r in runs]))
-            return n / best
-
-        a = rate("(1) Frontier.append, leaf hashes in memory", lambda: appends_only(leaves))
-        b = rate("(1) leaf hash + append per line, in memory", lambda: leaf_and_append(lines))
-        c = rate("    baseline A: sha256 per line, in memory", lambda: sha_per_line(lines))
-        d = rate("(2) rebuild_frontier over the log directory", lambda: rebuild_frontier(files))
-        e = rate("    baseline B: sha256 per line, same files", lambda: sha_per_line_files(files))
+        cases: list[tuple[str, Callable[[], object]]] = [
+            ("(1) Frontier.append, leaf hashes in memory", lambda: appends_only(leaves)),
+            ("(1) leaf hash + append per line, in memory", lambda: leaf_and_append(lines)),
+            ("    baseline A: sha256 per line, in memory", lambda: sha_per_line(lines)),
+            ("(2) rebuild_frontier over the log directory", lambda: rebuild_frontier(files)),
+            ("    baseline B: sha256 per line, same files", lambda: sha_per_line_files(files)),
+        ]
+        # Rounds interleave the cases, so that a change of load on a shared machine falls
+        # on all of them alike rather than on whichever ran last.
+        runs: list[list[float]] = [[] for _ in cases]
+        for _ in range(args.repeat):
+            for i, (_label, fn) in enumerate(cases):
+                t0 = time.perf_counter()
+                fn()
+                runs[i].append(n / (time.perf_counter() - t0))
+        rows = [(label, max(r), r) for (label, _fn), r in zip(cases, runs, strict=True)]
+        a, b, c, d, e = (row[1] for row in rows)
         check = rebuild_frontier(files)
         assert check.root() == leaf_and_append(lines).root()
         print()
-        for label, best, runs in rows:
-            spread = ", ".join(f"{r:,.0f}" for r in runs)
+        for label, best, rates in rows:
+            spread = ", ".join(f"{r:,.0f}" for r in rates)
             print(f"{label:<48} {best:>12,.0f} leaves/s  [{spread}]")
         print(f"{'(1) leaf + append / baseline A':<48} {b / c:>12.2f}x")
         print(f"{'(2) rebuild / baseline B':<48} {d / e:>12.2f}x")

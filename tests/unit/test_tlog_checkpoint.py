@@ -1,8 +1,9 @@
 """C2SP signed notes and tlog-checkpoint bodies (auditlog/signed_note.py,
 auditlog/tlog_checkpoint.py).
 
-Vectors from elsewhere: C2SP signed-note.md's example (a key named ``example.com/foo``
-and the note it signs), C2SP tlog-checkpoint.md's example body, and golang.org/x/mod's
+Vectors from elsewhere: the example of c2sp.org/signed-note (a key named
+``example.com/foo`` and the note it signs), the example body of c2sp.org/tlog-checkpoint,
+and golang.org/x/mod's
 ``sumdb/note/note_test.go`` (PeterNeumann's and EnochRoot's keys, the note they sign) and
 ``sumdb/tlog/note_test.go`` (FormatTree/ParseTree: the "go.sum database tree" body, its
 bad variants). The differences from what auditlog/note.py reads today are pinned here
@@ -28,7 +29,7 @@ from iortd.auditlog.tlog_checkpoint import (
     sign_checkpoint,
 )
 
-# C2SP signed-note.md, "Example"
+# c2sp.org/signed-note, "Example"
 C2SP_VKEY = "example.com/foo+530d903a+AekyeRrm56hApGFkyQR4ZCbV54Id2LKaANYcrnKv3U2k"
 C2SP_NOTE = (
     "This is an example message.\n\n— example.com/foo "
@@ -52,7 +53,7 @@ ENOCH_SIG = (
 )
 # golang.org/x/mod sumdb/tlog/note_test.go, TestFormatTree / TestParseTree
 GO_TREE = "go.sum database tree\n123456789012\nTszzRgjTG6xce+z2AG31kAXYKBgQVtCSCE40HmuwBb0=\n"
-# C2SP tlog-checkpoint.md's example body
+# c2sp.org/tlog-checkpoint, its example body
 C2SP_BODY = "example.com/behind-the-sofa\n20852163\nCsUYapGGPo4dkMgIAUqom/Xajj7h2fB2MPA3j2jxq2I=\n"
 
 
