@@ -23,6 +23,11 @@ are in the archive: give the union of both places (union.py), or a saved frontie
 covers the archived part. Every refusal is a :class:`RebuildError` naming the file and
 line.
 
+A saved frontier is only as trustworthy as what vouches for it: whoever can write the log
+directory can write a frontier file too. Before continuing one, the caller must check its
+root against a signature at that size (the seal's or a checkpoint's root, once they carry
+it); a frontier that does not match is rebuilt from seq 0.
+
 Blocking file I/O: run it in a worker thread from async code.
 """
 
