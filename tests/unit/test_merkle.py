@@ -389,3 +389,19 @@ def test_every_proof_verifies_and_every_bit_flip_fails(n: int, draw: st.DataObje
         if not refused(vc, old, n2, cproof, old_root, root):
             assert old < n2
             assert ref_cdirs(old, n2) == ref_cdirs(old, n), (old, n, n2)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(min_value=1, max_value=2**64 - 1), st.data())
+def test_proof_lengths_are_right_up_to_2_to_the_64(n: int, draw: st.DataObject) -> None:
+    """For sizes no test could build, the length a verifier expects equals the length of
+    RFC 6962's PATH and PROOF (their shapes, computed by the recursion above): a proof of
+    that length is judged on its hashes, never refused for its length."""
+    m = draw.draw(st.integers(min_value=0, max_value=n - 1), label="index")
+    proof = [bytes([i]) * 32 for i in range(len(ref_dirs(m, n)))]
+    with pytest.raises(ProofError, match="does not match the root"):
+        verify_inclusion(b"l" * 32, m, n, proof, b"r" * 32)
+    old = draw.draw(st.integers(min_value=1, max_value=n), label="old size")
+    cproof = [bytes([i]) * 32 for i in range(len(ref_cdirs(old, n)))]
+    with pytest.raises(ProofError, match=r"does not match|different roots"):
+        verify_consistency(old, n, cproof, b"o" * 32, b"r" * 32)
