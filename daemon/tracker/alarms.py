@@ -66,6 +66,7 @@ class Clears(enum.StrEnum):
     WHEN_FALSE_WHILE_OPEN = "when_false_while_open"  # as above up to the delivery's end
     NEXT_READING = "next_reading"  # the next reading (the stale-data watchdog's alarm)
     NEXT_SELECTION = "next_selection"  # latched until the next delivery starts
+    END_OF_DELIVERY = "end_of_delivery"  # the event that clears it, or the delivery's end
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,6 +322,10 @@ RULES: tuple[Rule, ...] = (
     Rule(C.APPLICATOR_TILTED, (H,), When.APPLICATOR, _tilted, Clears.WHEN_FALSE,
          settings=("applicator_tilt_deg",),
          what="the applicator tilted beyond the tolerance with the beam on"),
+    Rule(C.PRESCRIPTION_NOT_VERIFIED, (H,), When.EVENT, None, Clears.END_OF_DELIVERY,
+         what="a check of the console against the prescription found a mismatch"),
+    Rule(C.NO_PRESCRIPTION, (H,), When.EVENT, None, Clears.END_OF_DELIVERY,
+         what="the beam came on with no prescription pending (verification on)"),
 )  # fmt: skip
 
 
@@ -411,6 +416,15 @@ class AlarmBook:
         alarm = self._standing.pop(key, None)
         if alarm is not None:
             out.append(AlarmCleared(delivery_id, alarm, mono, utc))
+
+    def clear_at_end(
+        self, mono: int, utc: datetime, delivery_id: str | None, out: list[TrackerEvent]
+    ) -> None:
+        """A delivery ended: the alarms that stand until its end are cleared."""
+        for key, alarm in list(self._standing.items()):
+            rule = self._by_code.get(alarm.code)
+            if rule is not None and rule.clears is Clears.END_OF_DELIVERY:
+                self.clear(key, mono, utc, delivery_id, out)
 
     def clear_all(
         self, mono: int, utc: datetime, delivery_id: str | None, out: list[TrackerEvent]

@@ -71,6 +71,7 @@ from iortd.daemon.tracker import (
     Terminated,
     TrackerEvent,
     TrackerSettings,
+    VerificationChecked,
 )
 from iortd.kernel.types import (
     ApplicatorFault,
@@ -303,6 +304,15 @@ def note(count: int = 12) -> str:
     return cp.signed(generate_keypair("iortd-test"))
 
 
+VERIFICATION = {
+    "outcome": "NOT_VERIFIED", "at": "2026-11-26T10:00:00.000000Z", "trigger": "ready",
+    "reasons": ["dose"], "overridden": [], "prescription_sha256": "ab" * 32,
+    "treatment_id": "T-2026-0042", "plan_id": "IORT-P1", "prescribed_dose_gy": 20.0,
+    "applicator_code": "SPH30", "expected_time_s": 1380.0, "planned_time_s": 1380.0,
+    "preset_gy": 20.5,
+}  # fmt: skip
+
+
 def every_event(d: str = "or-1-20261126T100000000000Z") -> list[TrackerEvent]:
     """One of each tracker event, as the tracker would emit them."""
     alarm = Alarm(
@@ -342,6 +352,8 @@ def every_event(d: str = "or-1-20261126T100000000000Z") -> list[TrackerEvent]:
         ApplicatorAtBeamOn(
             "stand-1", d, ApplicatorIdentity("spherical", 30.0, "SIM-SPH30"), 0.1, 0.0, NS, T0
         ),
+        # Verification before beam-on (issue 18): the MQTT object of one check.
+        VerificationChecked(d, {"delivery_id": d}, VERIFICATION, NS, T0),
         PhaseChanged(d, Phase.IRRADIATING, Phase.TERMINATED, "terminated NORMAL", NS, T0),
         Terminated(d, TerminationStatus.NORMAL, "preset reached", done),
         DeliveryAmended(d, "0.1000 Gy more was given after closing", done),
