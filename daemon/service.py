@@ -57,6 +57,7 @@ import structlog
 from iortd.auditlog.note import Checkpoint
 from iortd.auditlog.writer import AuditLog, AuditLogClosed, RecoveryReport
 from iortd.daemon import __version__
+from iortd.daemon.checkpoint_guard import guard_checkpoint
 from iortd.daemon.config import DeviceConfig, LoadedConfig, tracker_settings
 from iortd.daemon.device_loop import Reading
 from iortd.daemon.entries import applicator_sample_entry, event_entry, plain, sample_entry
@@ -272,41 +273,9 @@ class Service:
             log.warning("sink_overflow_not_recorded", reason="audit log closed")
 
     async def _guard_checkpoint(self, cp: Checkpoint) -> str | None:
-        """Why this log does not contain ``cp`` (the broker's retained checkpoint, signed
-        by our key), or None. A conflict is recorded and alarmed: the sink will not
-        overwrite the off-host copy with this log's checkpoints."""
-        audit = self._audit
-        if cp.origin != audit.origin or cp.count == 0:
-            return None
-        have = audit.committed_seq + 1
-        if cp.count > have:
-            why = (
-                f"the broker's retained checkpoint covers {cp.count} entries, this log has "
-                f"{have}: this log is behind it (a restored backup or a replaced log)"
-            )
-        elif await audit.hash_at(cp.count - 1) != cp.head_hash:
-            why = (
-                f"the broker's retained checkpoint differs from this log at seq "
-                f"{cp.count - 1}: the log was replaced or rewritten (a fork)"
-            )
-        else:
-            return None
-        found = {
-            "why": why,
-            "broker_count": cp.count,
-            "broker_head": cp.head_hash,
-            "log_count": have,
-        }
-        with contextlib.suppress(AuditLogClosed):
-            audit.append("checkpoint_publish_refused", found, durable=True)
-        self._notices.put_nowait(
-            (
-                "critical",
-                f"audit checkpoint NOT published: {why}. The off-host copy is kept; check "
-                "this log with iort-audit verify --checkpoint",
-            )
-        )
-        return why
+        """Why this log does not contain the broker's retained checkpoint (or None): see
+        daemon/checkpoint_guard.py."""
+        return await guard_checkpoint(self._audit, cp, self.notice)
 
     def notice(self, severity: str, message: str) -> None:
         """Tell every sink now, out of band (``critical`` or ``info``): the retention task's
