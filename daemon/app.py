@@ -78,6 +78,7 @@ from iortd.daemon.config.model import RetentionConfig
 from iortd.daemon.device_loop import DeviceLoop
 from iortd.daemon.health import Health, supervise
 from iortd.daemon.metrics import MetricsSink, build_registry
+from iortd.daemon.prescriptions import Prescriptions
 from iortd.daemon.prescriptions import install as install_prescriptions
 from iortd.daemon.progress import DeviceProgress
 from iortd.daemon.service import RunResult, Service
@@ -85,6 +86,7 @@ from iortd.daemon.sink_queue import QueuedSink, SinkLike, queued
 from iortd.daemon.sink_registry import SinkRegistry, open_sinks
 from iortd.daemon.sinks import OperationalLogSink, Sink, SinkConfigError
 from iortd.daemon.tracker import DeliveryTracker
+from iortd.daemon.verifier import install as install_verifier
 from iortd.drivers.interface import DriverContext
 from iortd.drivers.registry import DriverRegistry
 from iortd.drivers.transport import transport_from_config
@@ -92,6 +94,7 @@ from iortd.drivers.transport.config import serial_line
 from iortd.drivers.transport.shared import SharedLine
 from iortd.kernel.clock import Clock, ScaledClock, SystemClock
 from iortd.kernel.sdnotify import Notifier
+from iortd.plan.doserate import DoseRateError
 
 if TYPE_CHECKING:
     from iortd.daemon.health_http import HealthServer
@@ -213,6 +216,9 @@ class App:
                     self._intake, audit, c.log.directory, service.tracker, service.notice
                 )
                 self._rx_resume = None if rx is None else rx.resume
+                if rx is not None and c.verification.on(c.commands.keyring):
+                    # The output factor handler lands separately: none is known until then.
+                    await self._verifier(service, audit, rx)
             log.info(
                 "daemon_starting",
                 config=str(self.loaded.path),
@@ -242,6 +248,18 @@ class App:
             stack.callback(self._notifier.close)
             main = self._main(service, audit, sinks, sinks_stack, stop, progress, server)
             return await _until_stopped(main, stop, duration_s)
+
+    async def _verifier(self, service: Service, audit: AuditLog, rx: Prescriptions) -> None:
+        c = self.config
+        if self._intake is None:
+            return
+        try:
+            await install_verifier(
+                c.verification, self._intake, audit, c.log.directory, service, rx,
+                service.notice, factor_for=lambda _day: None,
+            )  # fmt: skip
+        except (DoseRateError, OSError) as exc:
+            raise StartError(f"verification.doserate_table: {exc}") from None
 
     def _command_counts(self) -> tuple[int, dict[str, int]] | None:
         """For /metrics: the intake's accepted count and refusals by reason."""

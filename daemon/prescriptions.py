@@ -22,8 +22,11 @@ prescription's canonical fields and SHA-256, all pseudonymous; never the raw bod
 The outcome is one entry, ``prescription_received`` (``outcome`` new / same / replaces, the
 prescription, its ``sha256``, the command's ``nonce`` and ``signer``, what it replaced) or
 ``prescription_refused`` (``reason``, ``detail``, ``nonce``, the body's SHA-256), and a
-notice on ``events``. The check against the console before beam-on is not made here (issue
-18, item 3); this module only keeps the room's pending prescription.
+notice on ``events``. The check against the console before beam-on is not made here: this
+module keeps the room's pending prescription, and tells the verifier (daemon/verifier.py,
+``on_change``) when it changes. Memory follows what was appended: the pending prescription
+is set as soon as its entry is appended, before the wait for the disk, so that a handler
+timed out or cancelled in that wait does not leave memory behind the log.
 
 Crash-safety: the state is what the log says. :meth:`Prescriptions.rebuild` reads the
 entries of the last ``MAX_VALIDITY`` + a day at start: the last ``prescription_received``
@@ -141,6 +144,8 @@ class Prescriptions:
         self._skew = timedelta(seconds=skew_s)
         self._now = now or (lambda: datetime.now(UTC))
         self._pending: Pending | None = None
+        # Called once the pending prescription changed (the verifier, daemon/verifier.py).
+        self.on_change: Callable[[], None] | None = None
         self._orphans: list[Command] = []  # accepted, not handled (a crash): see resume()
         # One judged and recorded at a time: resume() at start runs beside the intake's task.
         self._lock = asyncio.Lock()
@@ -175,9 +180,15 @@ class Prescriptions:
             log.warning("prescription_refused", reason=exc.reason, nonce=cmd.nonce)
             self._notice("critical", f"prescription refused ({exc.reason}): {exc.detail}")
             return
-        await self._audit.append("prescription_received", entry, durable=True).committed
+        appended = self._audit.append("prescription_received", entry, durable=True)
+        # Memory follows what was appended, not what was fsync'd: if the wait below times
+        # out or is cancelled, the entry is still in the log (the writer retries a failing
+        # disk), and a pending prescription the log names must be the one judged next.
         p = parse_prescription(canonical(entry["prescription"]))
         self._pending = Pending(p, entry["sha256"], cmd.nonce)
+        if self.on_change is not None:
+            self.on_change()  # the verifier: checked now when the console is READY
+        await appended.committed
         log.info(
             "prescription_received",
             outcome=entry["outcome"],

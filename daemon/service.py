@@ -37,6 +37,9 @@ the source's samples, with the displacement since beam-on, the delivery's peak a
 monitor's interlocks) and reach the sinks through ``Sink.applicator``; its lost link is a
 gap of the reader only, and the source's record goes on.
 
+With verification on (daemon/verifier.py), each source reading's events are shown to the
+verifier: the checks it makes are recorded as events (log first), then ``prescription_used``.
+
 At a stop (:meth:`record_stop`, :meth:`drain`): ``daemon_stop`` and a final checkpoint are
 written within a bound, and the dispatcher drains within a bound; the root then closes the
 sinks and the audit log, last.
@@ -71,6 +74,8 @@ from iortd.daemon.tracker import (
     Terminated,
     TrackerEvent,
 )
+from iortd.daemon.verification import public_object as public
+from iortd.daemon.verifier import Verifier
 from iortd.kernel.clock import Clock
 from iortd.kernel.timefmt import utc_ts
 from iortd.kernel.types import ApplicatorReading, DeviceIdentity, DeviceState, SourceReading
@@ -142,6 +147,8 @@ class Service:
         # Which readings become samples in the record (daemon/thinning.py).
         self.thinner = Thinner(policy_of(self.config.log))
         self.result = RunResult()
+        # The verifier (daemon/verifier.py), set by the composition root when it is on.
+        self.verifier: Verifier | None = None
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._checkpoint_due = asyncio.Event()
         self._delivery_ended = False
@@ -394,6 +401,7 @@ class Service:
             all_clear=self.tracker.all_clear,
         )
         self._emit(sample, events, active=self._room_active(reading.state))
+        self._verify(events, reading)
         return self._stop_after_delivery and any(isinstance(e, Terminated) for e in events)
 
     def _applicator_reading(self, device: DeviceConfig, reading: Reading) -> None:
@@ -463,7 +471,7 @@ class Service:
         *,
         quiet: bool = False,
         active: bool = True,
-    ) -> None:
+    ) -> asyncio.Future[None] | None:
         """Record first, then queue for the other sinks. Never waits for the disk.
         ``quiet``: nothing to queue when there are no events (the caller queues its own).
         ``active``: the room is active at this sample (the thinner records every one)."""
@@ -500,7 +508,7 @@ class Service:
         for kind, data, did in pending:
             self._audit.append(kind, data, delivery_id=did)
         if quiet and not events:
-            return
+            return durable
         delivery = self.tracker.snapshot() if sample is None else sample.delivery
         self._queue.put_nowait(
             _Item(durable=durable, sample=sample, events=tuple(events), delivery=delivery)
@@ -508,6 +516,29 @@ class Service:
         if ended:
             self._delivery_ended = True
             self._checkpoint_due.set()
+        return durable
+
+    # ---- verification before beam-on (daemon/verifier.py) ----------------------------
+
+    def record_check(self, entry: Mapping[str, Any]) -> asyncio.Future[None] | None:
+        """One check as a ``verification`` entry (durable), its alarm and publication."""
+        now, utc = self._clock.monotonic_ns(), self._clock.utc()
+        return self._emit(None, self.tracker.on_verification(entry, public(entry, utc), now, utc))
+
+    def _verify(self, events: Sequence[TrackerEvent], r: SourceReading) -> None:
+        """After a source reading: the checks it calls for, the no-prescription alarm, and
+        ``prescription_used`` at the first beam-on (durable), in that order."""
+        if self.verifier is None:
+            return
+        checks, no_rx, used = self.verifier.follow(events, self.tracker)
+        for entry in checks:
+            self.record_check(entry)
+        if no_rx:
+            self._emit(None, self.tracker.on_no_prescription(r.mono_ns, r.utc))
+        if used is not None:
+            self._audit.append(
+                "prescription_used", used, delivery_id=used["delivery_id"], durable=True
+            )
 
     async def _until_recorded(self, durable: asyncio.Future[None]) -> None:
         """Wait until the item is on disk, but not while the disk is failing: a display
