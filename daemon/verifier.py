@@ -3,9 +3,10 @@ is made, what it is checked with, the ``override`` command, and the state rebuil
 log at start. The judging itself is daemon/verification.py (pure).
 
 **When** (:meth:`Verifier.follow`, called by the service after every source reading with
-the tracker's events): the console READY (a plan selected, before beam-on) with no check
-for this delivery yet, or with the console's preset, planned time or applicator changed
-since the last check -> trigger ``ready``; a delivery joined in progress with no check for
+the tracker's events): the console becomes READY (a plan selected, before beam-on; also
+READY again after going back to PREPARATORY), or is READY with no check for this delivery
+yet, or with the console's preset, planned time or applicator changed since the last check
+-> trigger ``ready``; a delivery joined in progress with no check for
 it in the log -> ``joined``; the beam on with no check for the delivery -> ``beam_on``. A
 prescription arriving while READY -> ``prescription`` (:meth:`Verifier.recheck`, from the
 prescription handler's on-change callback). A physicist's override -> ``override``.
@@ -236,9 +237,10 @@ class Verifier:
                     checks.append(self.check(T.BEAM_ON, did, tracker))
                 no_rx = no_rx or self._pending() is None
                 used = used or self._used_entry(did)
+        ready = any(isinstance(ev, PhaseChanged) and ev.dst is Phase.READY for ev in events)
         if did is not None and tracker.phase is Phase.READY:
             d = self._of(did)
-            if d.latest is None or d.console != _console(tracker)[0]:
+            if ready or d.latest is None or d.console != _console(tracker)[0]:
                 checks.append(self.check(T.READY, did, tracker))
         return checks, no_rx, used
 
