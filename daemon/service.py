@@ -53,11 +53,11 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import structlog
 
-from iortd.auditlog.note import Checkpoint
 from iortd.auditlog.writer import AuditLog, AuditLogClosed, RecoveryReport
 from iortd.daemon import __version__
 from iortd.daemon.checkpoint_guard import guard_checkpoint
@@ -133,7 +133,7 @@ class Service:
         for sink in sinks:
             inner = sink.inner if isinstance(sink, QueuedSink) else sink
             if hasattr(inner, "checkpoint_guard"):  # the MQTT sink: the off-host copy
-                inner.checkpoint_guard = self._guard_checkpoint
+                inner.checkpoint_guard = partial(guard_checkpoint, audit, notice=self.notice)
             if hasattr(inner, "on_takeover"):  # the MQTT sink: its broker session lost
                 inner.on_takeover = self.mqtt_session_taken_over
         # Each sink at its own pace, behind its own queue (daemon/sink_queue.py).
@@ -206,10 +206,12 @@ class Service:
             durable=True,
         )
         if resumed is not None:
-            self._emit(
-                None,
-                self.tracker.resume(resumed, self._clock.monotonic_ns(), self._clock.utc()),
-            )
+            now_ns, utc = self._clock.monotonic_ns(), self._clock.utc()
+            self._emit(None, self.tracker.resume(resumed, now_ns, utc))
+            check = None if self.verifier is None else self.verifier.latest(resumed.delivery_id)
+            if check is not None:  # its latest check (rebuilt from the log): its alarm again
+                pub = public(check, utc)
+                self._emit(None, self.tracker.on_verification(check, pub, now_ns, utc, True))
 
     async def record_stop(self, timeout_s: float) -> None:
         """``daemon_stop`` and the last checkpoint, waited for up to ``timeout_s``: a
@@ -278,11 +280,6 @@ class Service:
             self._audit.append("sink_overflow", dict(data))
         except AuditLogClosed:
             log.warning("sink_overflow_not_recorded", reason="audit log closed")
-
-    async def _guard_checkpoint(self, cp: Checkpoint) -> str | None:
-        """Why this log does not contain the broker's retained checkpoint (or None): see
-        daemon/checkpoint_guard.py."""
-        return await guard_checkpoint(self._audit, cp, self.notice)
 
     def notice(self, severity: str, message: str) -> None:
         """Tell every sink now, out of band (``critical`` or ``info``): the retention task's

@@ -236,7 +236,12 @@ class Verifier:
                 if self.latest(did) is None:
                     checks.append(self.check(T.BEAM_ON, did, tracker))
                 no_rx = no_rx or self._pending() is None
-                used = used or self._used_entry(did)
+        if did is not None and (
+            tracker.phase is Phase.IRRADIATING or (snap is not None and snap.beam_on_s > 0)
+        ):
+            # Once per delivery; also for one taken over after a crash that came between
+            # its beam-on and this entry (the beam had come on: its timer says so).
+            used = self._used_entry(did)
         ready = any(isinstance(ev, PhaseChanged) and ev.dst is Phase.READY for ev in events)
         if did is not None and tracker.phase is Phase.READY:
             d = self._of(did)

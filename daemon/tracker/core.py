@@ -253,16 +253,24 @@ class DeliveryTracker:
         return out
 
     def on_verification(
-        self, entry: Mapping[str, Any], public: Mapping[str, Any], mono: int, utc: datetime
+        self,
+        entry: Mapping[str, Any],
+        public: Mapping[str, Any],
+        mono: int,
+        utc: datetime,
+        recorded: bool = False,
     ) -> list[TrackerEvent]:
         """A check of the console against the prescription was made (daemon/verification.py,
         the service decides when): the event that records and publishes it, and
         ``prescription_not_verified`` raised (NOT_VERIFIED) or cleared (a later VERIFIED or
-        VERIFIED_OVR check of the same delivery)."""
+        VERIFIED_OVR check of the same delivery). ``recorded``: a check already in the log
+        (a delivery taken over after a restart): its alarm only, no event for it."""
         self._machine.start_input()
         did = str(entry["delivery_id"])
         self._verification = (did, public)
-        out: list[TrackerEvent] = [VerificationChecked(did, entry, public, mono, utc)]
+        out: list[TrackerEvent] = (
+            [] if recorded else [VerificationChecked(did, entry, public, mono, utc)]
+        )
         code = AlarmCode.PRESCRIPTION_NOT_VERIFIED
         if did != self._machine.delivery_id():
             return out  # a check of a delivery no longer open: recorded, nothing raised
