@@ -214,6 +214,14 @@ class Verifier:
         )
         entry = judge(inp, trigger, delivery_id)
         d.latest, d.console = entry, console
+        log.info(
+            "verification_checked",
+            delivery_id=delivery_id,
+            trigger=trigger.value,
+            outcome=entry["outcome"],
+            reasons=entry["reasons"],
+            prescription_sha256=entry["prescription_sha256"],
+        )
         if extra and entry["outcome"] == "VERIFIED_OVR":
             d.overrides += extra
         return entry
