@@ -292,3 +292,62 @@ async def test_prescription_memory_follows_the_log_when_the_wait_for_the_disk_ti
     assert [k for k, _ in audit.entries] == ["prescription_received"]
     assert rx.pending is not None  # memory follows what was appended
     assert changes == ["changed"]
+
+
+# ---- crash windows (a SIGKILL, then the restart's rebuild and takeover) -------------------
+
+
+def _resumed(
+    room: Room, phase: Any, beam_on_s: float, did: str = "or-7-20261206T090000000000Z"
+) -> None:
+    from iortd.daemon.tracker import Phase, ResumedDelivery  # noqa: PLC0415
+
+    rd = ResumedDelivery(
+        delivery_id=did, started_utc=NOW, phase=Phase(phase),
+        preset_gy=20.0, primary_gy=0.01 if beam_on_s else 0.0,
+        secondary_gy=0.01 if beam_on_s else 0.0, beam_on_s=beam_on_s, elapsed_s=beam_on_s,
+        selection=7, simulated=False, unwatched_since_utc=NOW, cause="daemon not running",
+    )  # fmt: skip
+    room.tracker.resume(rd, 0, NOW)
+
+
+def _reading(room: Room, state: DeviceState, dose: float, beam_on_s: float) -> SourceReading:
+    room.t += 0.5
+    return SourceReading(
+        mono_ns=round(room.t * NS), utc=NOW + timedelta(seconds=room.t), state=state,
+        dose_rate_gy_min=0.87, dose_primary_gy=dose, dose_secondary_gy=dose, preset_gy=20.0,
+        beam_on_s=beam_on_s, kv=50.0, ua=40.0, interlocks=ALL_OK, planned_time_s=1380.0,
+        applicator=SPH30, selection=7,
+    )  # fmt: skip
+
+
+def test_killed_between_beam_on_and_prescription_used_writes_it_after_the_restart() -> None:
+    before = Room()
+    before.new_selection()
+    did = before.delivery_id
+    # The log holds the governing check, not prescription_used: rebuilt into a new room.
+    fresh = Room()
+    entry = before.verifier.latest(did)
+    assert entry is not None
+    fresh.verifier._of(did).latest = entry
+    _resumed(fresh, "IRRADIATING", 1.0)
+    fresh.tracker._machine.delivery.delivery_id = did  # type: ignore[union-attr]
+    events = fresh.tracker.on_reading(_reading(fresh, S.IRRADIATING, 0.02, 1.5))
+    checks, _, used = fresh.verifier.follow(events, fresh.tracker)
+    assert checks == []  # checked before the crash: no second (joined) check
+    assert used is not None
+    assert used["delivery_id"] == did
+    assert fresh.verifier.used == {entry["prescription_sha256"]}
+
+
+def test_killed_after_a_check_was_recorded_its_alarm_and_view_come_back_without_an_event() -> None:
+    room = Room()
+    _resumed(room, "READY", 0.0)
+    did = room.tracker.snapshot().delivery_id  # type: ignore[union-attr]
+    entry = {"delivery_id": did, "outcome": "NOT_VERIFIED", "reasons": ["dose"],
+             "trigger": "ready"}  # fmt: skip
+    out = room.tracker.on_verification(entry, {"outcome": "NOT_VERIFIED"}, 0, NOW, True)
+    assert [type(e).__name__ for e in out] == ["AlarmRaised"]  # no second verification entry
+    snap = room.tracker.snapshot()
+    assert snap is not None
+    assert snap.verification == {"outcome": "NOT_VERIFIED"}
