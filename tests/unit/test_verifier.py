@@ -11,14 +11,25 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
-from test_verification import FACTOR, RING, TABLE  # the pure check's fixtures
+from test_verification import CURIE, FACTOR, RING, TABLE, TECH  # the pure check's fixtures
 
-from iortd.auditlog.command import Command
-from iortd.auditlog.writer import AuditLog
+from iortd.auditlog.command import Command, sign_command
+from iortd.auditlog.keyring import parse_keyring
+from iortd.auditlog.note import generate_keypair
+from iortd.auditlog.writer import AuditLog, segment_paths
+from iortd.daemon.commands import CommandIntake
+from iortd.daemon.config.model import VerificationConfig
 from iortd.daemon.prescriptions import Pending, Prescriptions
-from iortd.daemon.tracker import DeliveryTracker, TrackerEvent, TrackerSettings
-from iortd.daemon.verifier import OverrideRefused, Verifier, parse_override
+from iortd.daemon.tracker import (
+    DeliveryTracker,
+    Phase,
+    ResumedDelivery,
+    TrackerEvent,
+    TrackerSettings,
+)
+from iortd.daemon.verifier import OverrideRefused, Verifier, install, parse_override
 from iortd.kernel.types import (
     ApplicatorIdentity,
     DeviceState,
@@ -300,8 +311,6 @@ async def test_prescription_memory_follows_the_log_when_the_wait_for_the_disk_ti
 def _resumed(
     room: Room, phase: Any, beam_on_s: float, did: str = "or-7-20261206T090000000000Z"
 ) -> None:
-    from iortd.daemon.tracker import Phase, ResumedDelivery  # noqa: PLC0415
-
     rd = ResumedDelivery(
         delivery_id=did, started_utc=NOW, phase=Phase(phase),
         preset_gy=20.0, primary_gy=0.01 if beam_on_s else 0.0,
@@ -351,3 +360,77 @@ def test_killed_after_a_check_was_recorded_its_alarm_and_view_come_back_without_
     snap = room.tracker.snapshot()
     assert snap is not None
     assert snap.verification == {"outcome": "NOT_VERIFIED"}
+
+
+# ---- the override command through the real intake ---------------------------------------
+
+
+@dataclass
+class _Service:
+    """The service as the verifier sees it: the tracker, and checks recorded."""
+
+    tracker: DeliveryTracker
+    verifier: Verifier | None = None
+    recorded: list[dict[str, Any]] = field(default_factory=list)
+
+    def record_check(self, entry: Any) -> asyncio.Future[None] | None:
+        self.recorded.append(dict(entry))
+        return None
+
+
+async def test_override_through_the_intake_forged_role_and_refusal_are_recorded(
+    tmp_path: Path,
+) -> None:
+
+    ring = parse_keyring(
+        "".join(
+            f'[[key]]\nholder = "{h}"\nname = "Staff"\nroles = ["{r}"]\n'
+            f'public_key = "{k.verifier.text}"\nvalid_from = "2026-01-01T00:00:00Z"\n'
+            'valid_until = "2099-01-01T00:00:00Z"\n\n'
+            for h, k, r in (("phys.curie", CURIE, "physicist"), ("tech.bob", TECH, "operator"))
+        ).encode(),
+        Path("keyring.toml"),
+    )
+    audit, _ = await AuditLog.open(tmp_path, origin=ORIGIN)
+    task = asyncio.create_task(audit.run())
+    notices: list[str] = []
+    intake = CommandIntake(
+        ring, audit, site="site-a", room="or-3", skew_s=60, max_per_minute=60,
+        notice=lambda sev, msg: notices.append(f"{sev}: {msg}"),
+    )  # fmt: skip
+    rx = Prescriptions(audit, notice=lambda _s, _m: None, delivery_open=lambda: False, skew_s=60)
+    service = _Service(DeliveryTracker(TrackerSettings(stale_after_s=3.0)))
+    v = await install(
+        VerificationConfig(), intake, audit, tmp_path, service, rx,
+        lambda sev, msg: notices.append(f"{sev}: {msg}"), lambda _day: None,
+    )  # fmt: skip
+    assert v is not None
+    assert service.verifier is v
+    body = {"delivery_id": "or-3-x", "prescription_sha256": "0" * 64, "items": ["time"],
+            "reason": "checked"}  # fmt: skip
+    forged = generate_keypair("phys.curie")  # the holder's name, another key
+    for signer, holder in ((TECH, "tech.bob"), (forged, "phys.curie")):
+        env = sign_command("override", body, signer=signer, holder=holder, site="site-a",
+                           room="or-3", ttl_s=60)  # fmt: skip
+        verdict = intake.submit(orjson.dumps(env), source="mqtt", topic_kind="override")
+        assert verdict.command is None
+        assert verdict.reason is not None
+    env = sign_command("override", body, signer=CURIE, holder="phys.curie", site="site-a",
+                       room="or-3", ttl_s=60)  # fmt: skip
+    verdict = intake.submit(orjson.dumps(env), source="mqtt", topic_kind="override")
+    assert verdict.command is not None
+    assert verdict.recorded is not None
+    await verdict.recorded
+    handler = intake._handlers["override"][0]
+    await handler(verdict.command)
+    await audit.close()
+    await task
+    entries = [
+        orjson.loads(x) for p in segment_paths(tmp_path) for x in p.read_bytes().splitlines()
+    ]
+    rejected = [e["data"]["reason"] for e in entries if e["type"] == "command_rejected"]
+    assert rejected == ["role_not_allowed", "bad_signature"]
+    [refused] = [e["data"] for e in entries if e["type"] == "override_refused"]
+    assert refused["reason"] == "no_open_delivery"
+    assert service.recorded == []
+    assert any("override refused (no_open_delivery)" in n for n in notices)
