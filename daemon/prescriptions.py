@@ -186,7 +186,7 @@ class Prescriptions:
         # disk), and a pending prescription the log names must be the one judged next.
         p = parse_prescription(canonical(entry["prescription"]))
         self._pending = Pending(p, entry["sha256"], cmd.nonce)
-        if self.on_change is not None:
+        if self.on_change is not None and entry["outcome"] != "same":
             self.on_change()  # the verifier: checked now when the console is READY
         await appended.committed
         log.info(

@@ -349,7 +349,7 @@ def event_payloads(
             obj = dict(ev.public)
             out.append(
                 {
-                    **env_factory().fields(),
+                    **env_factory().fields(sim=ev.simulated),
                     "kind": "verification",
                     "delivery_id": ev.delivery_id,
                     "at": obj["at"],

@@ -268,8 +268,10 @@ class DeliveryTracker:
         self._machine.start_input()
         did = str(entry["delivery_id"])
         self._verification = (did, public)
+        d = self._machine.delivery
+        sim = d is not None and d.simulated
         out: list[TrackerEvent] = (
-            [] if recorded else [VerificationChecked(did, entry, public, mono, utc)]
+            [] if recorded else [VerificationChecked(did, entry, public, mono, utc, sim)]
         )
         code = AlarmCode.PRESCRIPTION_NOT_VERIFIED
         if did != self._machine.delivery_id():

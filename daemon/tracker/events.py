@@ -336,6 +336,7 @@ class VerificationChecked:
     public: Mapping[str, Any]
     mono_ns: int
     utc: datetime
+    simulated: bool = False  # the console it checked is a simulator
 
 
 TrackerEvent = (

@@ -434,3 +434,15 @@ async def test_override_through_the_intake_forged_role_and_refusal_are_recorded(
     assert refused["reason"] == "no_open_delivery"
     assert service.recorded == []
     assert any("override refused (no_open_delivery)" in n for n in notices)
+
+
+def test_beam_on_with_no_check_for_the_delivery_is_checked_at_beam_on() -> None:
+    room = Room()
+    # Taken over interrupted, with no check in the log (verification was off then).
+    _resumed(room, "INTERRUPTED", 1.0)
+    room.tracker.on_reading(_reading(room, S.INTERRUPTED, 0.01, 1.0))
+    events = room.tracker.on_reading(_reading(room, S.IRRADIATING, 0.02, 1.5))
+    checks, no_rx, used = room.verifier.follow(events, room.tracker)
+    assert [(c["trigger"], c["outcome"]) for c in checks] == [("beam_on", "VERIFIED")]
+    assert not no_rx
+    assert used is not None
