@@ -21,6 +21,8 @@ Rules of the design:
 - some alarms are raised by an event, not by a condition held (contradictory input, a
   fault the console reported, dose with the beam off, the stale-data watchdog): their rows
   have no condition, and the tracker raises them through :meth:`AlarmBook.raise_event`;
+- the verification alarms (issue 18) are raised by the daemon's checks through the tracker
+  and stand until the event that clears them or the delivery's end (``END_OF_DELIVERY``);
 - every alarm still standing is cleared when the next delivery starts, and every hold
   restarts: nothing of one delivery carries over to the next.
 """

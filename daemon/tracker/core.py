@@ -21,6 +21,13 @@ interlock (``monitor_interlocks``, never the console's ``interlocks``) and the a
 rows of the table; the source's record, gaps and interlocks never hear of them. The
 monitor's interlock is derived again after every input of either device (the beam coming
 on is the source's news), before the table is judged.
+
+Verification before beam-on (issue 18) is decided outside the tracker (daemon/verifier.py)
+and handed in through ``on_verification`` and ``on_no_prescription``, so that its event and
+its alarms take the normal path (log first, MQTT, dashboard): the tracker keeps the
+latest check of the open delivery for its snapshot, raises or clears
+``prescription_not_verified`` and raises ``no_prescription``; both clear at the delivery's
+end (``Clears.END_OF_DELIVERY``).
 """
 
 from __future__ import annotations
