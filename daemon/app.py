@@ -218,7 +218,7 @@ class App:
                 self._rx_resume = None if rx is None else rx.resume
                 if rx is not None and c.verification.on(c.commands.keyring):
                     # The output factor handler lands separately: none is known until then.
-                    await self._verifier(service, audit, rx)
+                    await self._verifier(service, audit, rx, recovery.vouched_count)
             log.info(
                 "daemon_starting",
                 config=str(self.loaded.path),
@@ -249,14 +249,16 @@ class App:
             main = self._main(service, audit, sinks, sinks_stack, stop, progress, server)
             return await _until_stopped(main, stop, duration_s)
 
-    async def _verifier(self, service: Service, audit: AuditLog, rx: Prescriptions) -> None:
+    async def _verifier(
+        self, service: Service, audit: AuditLog, rx: Prescriptions, vouched: int | None
+    ) -> None:
         c = self.config
         if self._intake is None:
             return
         try:
             await install_verifier(
                 c.verification, self._intake, audit, c.log.directory, service, rx,
-                service.notice, factor_for=lambda _day: None,
+                service.notice, factor_for=lambda _day: None, vouched_count=vouched,
             )  # fmt: skip
         except (DoseRateError, OSError) as exc:
             raise StartError(f"verification.doserate_table: {exc}") from None

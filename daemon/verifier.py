@@ -26,7 +26,9 @@ the actual values of that check. Otherwise ``override_refused`` with a fixed rea
 **Restart**: :meth:`Verifier.rebuild` reads the entries of the last ``REBUILD_WINDOW``:
 every ``prescription_used`` (the used set), and per delivery its latest check and the
 overrides in force, so a delivery resumed across a restart is not checked ``joined`` again
-and its alarm state follows its latest check.
+and its alarm state follows its latest check. A check no seal vouches for (after a crash,
+or written by someone else) is not believed: such a delivery, continued with the beam on,
+is checked ``joined`` at its first reading.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ _SHA = re.compile(r"[0-9a-f]{64}")
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 T = VerificationTrigger
 FactorFor = Callable[[date], OutputFactor | None]
+_BEAM: Final = frozenset({Phase.IRRADIATING, Phase.INTERRUPTED})
 
 
 class OverrideRefused(Exception):
@@ -162,6 +165,7 @@ class Verifier:
         self._types = dict(applicator_types)
         self._now = now or (lambda: datetime.now(UTC))
         self.used: set[str] = set()  # prescriptions with a prescription_used entry
+        self._vouched: int | None = None  # see rebuild()
         self._deliveries: dict[str, _Delivery] = {}
 
     # ---- the check -----------------------------------------------------------------------
@@ -244,6 +248,10 @@ class Verifier:
                 if self.latest(did) is None:
                     checks.append(self.check(T.BEAM_ON, did, tracker))
                 no_rx = no_rx or self._pending() is None
+        if did is not None and self.latest(did) is None and tracker.phase in _BEAM:
+            # A delivery taken over after a restart with no believed check in the log: it
+            # continues with no new selection and no phase change, so it is joined.
+            checks.append(self.check(T.JOINED, did, tracker))
         if did is not None and (
             tracker.phase is Phase.IRRADIATING or (snap is not None and snap.beam_on_s > 0)
         ):
@@ -320,9 +328,16 @@ class Verifier:
 
     # ---- from the log, at start ----------------------------------------------------------
 
-    def rebuild(self, directory: Path) -> int:
+    def rebuild(self, directory: Path, vouched_count: int | None = None) -> int:
         """The used prescriptions and each recent delivery's latest check and overrides
-        (blocking: run it in a thread at start). Returns the entries used."""
+        (blocking: run it in a thread at start). Returns the entries used.
+
+        ``vouched_count``: entries from that seq on are vouched for by no seal (written
+        after the last one before a crash, or by someone with write access to the log
+        directory). A ``prescription_used`` among them still counts (the safe side: the
+        prescription is not given twice); a ``verification`` among them is not believed
+        (it could say VERIFIED where no check did): the delivery is checked again."""
+        self._vouched = vouched_count
         cutoff = (self._now() - REBUILD_WINDOW).strftime("%Y%m%d")
         paths = []
         for path in reversed(segment_paths(directory)):
@@ -346,6 +361,8 @@ class Verifier:
                 self.used.add(str(data["prescription_sha256"]))
                 d.used_written = True
             elif kind == "verification":
+                if self._vouched is not None and int(e["seq"]) >= self._vouched:
+                    return 0
                 d.latest = data
                 c = data["console"]
                 d.console = _console_of(c)
@@ -401,6 +418,7 @@ async def install(
     rx: Prescriptions,
     notice: Callable[[str, str], None],
     factor_for: FactorFor,
+    vouched_count: int | None = None,
 ) -> Verifier | None:
     """The verifier, its state rebuilt from the log in ``directory``, wired to the service
     (``service.verifier``), the prescriptions (``on_change``) and the intake (the
@@ -420,7 +438,7 @@ async def install(
         applicator_types=config.applicator_types,
     )
     try:
-        used = await asyncio.to_thread(v.rebuild, directory)
+        used = await asyncio.to_thread(v.rebuild, directory, vouched_count)
     except (OSError, LogDamaged) as exc:
         log.error("verification_off", reason=f"not rebuilt from the log: {exc}")  # noqa: TRY400
         notice("critical", "verification before beam-on is OFF this run: the log could not be read")

@@ -438,11 +438,45 @@ async def test_override_through_the_intake_forged_role_and_refusal_are_recorded(
 
 def test_beam_on_with_no_check_for_the_delivery_is_checked_at_beam_on() -> None:
     room = Room()
-    # Taken over interrupted, with no check in the log (verification was off then).
-    _resumed(room, "INTERRUPTED", 1.0)
-    room.tracker.on_reading(_reading(room, S.INTERRUPTED, 0.01, 1.0))
-    events = room.tracker.on_reading(_reading(room, S.IRRADIATING, 0.02, 1.5))
+    # Taken over at READY with no check in the log (killed before it); the first reading
+    # after the restart finds the beam on in the same selection.
+    _resumed(room, "READY", 0.0)
+    events = room.tracker.on_reading(_reading(room, S.IRRADIATING, 0.01, 0.5))
     checks, no_rx, used = room.verifier.follow(events, room.tracker)
     assert [(c["trigger"], c["outcome"]) for c in checks] == [("beam_on", "VERIFIED")]
     assert not no_rx
     assert used is not None
+
+
+def test_a_delivery_taken_over_with_the_beam_on_and_no_believed_check_is_joined() -> None:
+    room = Room()
+    _resumed(room, "INTERRUPTED", 1.0)
+    events = room.tracker.on_reading(_reading(room, S.INTERRUPTED, 0.01, 1.0))
+    checks, _, _ = room.verifier.follow(events, room.tracker)
+    assert [c["trigger"] for c in checks] == ["joined"]
+    events = room.tracker.on_reading(_reading(room, S.IRRADIATING, 0.02, 1.5))
+    assert room.verifier.follow(events, room.tracker)[0] == []  # checked once
+
+
+async def test_an_unvouched_check_is_not_believed_an_unvouched_use_still_counts(
+    tmp_path: Path,
+) -> None:
+    room = Room()
+    [check] = room.new_selection()
+    used = {"delivery_id": room.delivery_id, "prescription_sha256": "e" * 64,
+            "treatment_id": "T-1", "plan_id": "P-1", "fraction": 1}  # fmt: skip
+    audit, _ = await AuditLog.open(tmp_path, origin=ORIGIN)
+    task = asyncio.create_task(audit.run())
+    audit.append("verification", check, delivery_id=room.delivery_id, durable=True)
+    await audit.append("prescription_used", used, durable=True).committed
+    await audit.close()
+    await task
+    lines = [x for p in segment_paths(tmp_path) for x in p.read_bytes().splitlines()]
+    first = next(e["seq"] for e in map(orjson.loads, lines) if e["type"] == "verification")
+    fresh = Room()
+    assert fresh.verifier.rebuild(tmp_path, vouched_count=first) == 1  # the use only
+    assert fresh.verifier.latest(room.delivery_id) is None
+    assert fresh.verifier.used == {"e" * 64}
+    believed = Room()
+    assert believed.verifier.rebuild(tmp_path, vouched_count=first + 2) == 2
+    assert believed.verifier.latest(room.delivery_id) is not None
