@@ -207,11 +207,13 @@ class Service:
         )
         if resumed is not None:
             now_ns, utc = self._clock.monotonic_ns(), self._clock.utc()
-            self._emit(None, self.tracker.resume(resumed, now_ns, utc))
-            check = None if self.verifier is None else self.verifier.latest(resumed.delivery_id)
-            if check is not None:  # its latest check (rebuilt from the log): its alarm again
-                pub = public(check, utc)
-                self._emit(None, self.tracker.on_verification(check, pub, now_ns, utc, True))
+            events = self.tracker.resume(resumed, now_ns, utc)
+            v, did = self.verifier, resumed.delivery_id
+            check = None if v is None else v.latest(did)
+            if v is not None and check is not None:  # its latest check (from the log) again
+                pub = public(check, v.checked_at(did) or utc)
+                events += self.tracker.on_verification(check, pub, now_ns, utc, True)
+            self._emit(None, events)
 
     async def record_stop(self, timeout_s: float) -> None:
         """``daemon_stop`` and the last checkpoint, waited for up to ``timeout_s``: a

@@ -46,7 +46,7 @@ import orjson
 import structlog
 
 from iortd.auditlog.command import Command
-from iortd.auditlog.keyring import Keyring
+from iortd.auditlog.keyring import Keyring, parse_utc
 from iortd.auditlog.logdir import SEGMENT_RE, LogDamaged, read_segment, segment_paths
 from iortd.auditlog.writer import AuditLog
 from iortd.daemon.commands import CommandIntake
@@ -139,6 +139,7 @@ class _Delivery:
     latest: Mapping[str, Any] | None = None
     overrides: list[Override] = field(default_factory=list)
     console: Console | None = None  # what the latest check saw
+    at: datetime | None = None  # when the latest check was recorded (from the log)
     used_written: bool = False
 
 
@@ -173,6 +174,11 @@ class Verifier:
     def latest(self, delivery_id: str) -> Mapping[str, Any] | None:
         d = self._deliveries.get(delivery_id)
         return None if d is None else d.latest
+
+    def checked_at(self, delivery_id: str) -> datetime | None:
+        """When the latest check was recorded, as the log says (after a rebuild)."""
+        d = self._deliveries.get(delivery_id)
+        return None if d is None else d.at
 
     def _of(self, delivery_id: str) -> _Delivery:
         d = self._deliveries.get(delivery_id)
@@ -217,7 +223,7 @@ class Verifier:
             else list(extra),
         )
         entry = judge(inp, trigger, delivery_id)
-        d.latest, d.console = entry, console
+        d.latest, d.console, d.at = entry, console, now
         log.info(
             "verification_checked",
             delivery_id=delivery_id,
@@ -364,6 +370,7 @@ class Verifier:
                 if self._vouched is not None and int(e["seq"]) >= self._vouched:
                     return 0
                 d.latest = data
+                d.at = parse_utc(e["ts"])
                 c = data["console"]
                 d.console = _console_of(c)
                 actual = {ch["item"]: ch["actual"] for ch in data["checks"]}

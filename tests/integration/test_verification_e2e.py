@@ -11,7 +11,8 @@ a real Mosquitto, one site and log across four runs of the daemon (one delivery 
    writes ``prescription_used``;
 3. (restart) the same prescription for the next delivery: ``already_delivered`` (rebuilt
    from the log); a newer one from another physicist replaces it while READY: VERIFIED; the
-   daemon stops before beam-on;
+   daemon stops before beam-on and starts again: the delivery is taken over with that
+   check (published again, not made again);
 4. (restart, that physicist's key removed from the keyring) the pending prescription's
    check fails ``signature``.
 
@@ -169,7 +170,10 @@ async def one_run(
     holders: list[tuple[str, Signer]],
     start_delay_s: float,
     during: Callable[[Daemon], Any],
+    after: Callable[[Site], Any] | None = None,
 ) -> None:
+    """One console (one delivery) and a daemon; ``after`` runs once that daemon has
+    stopped, with the console still going (a restart in the middle of the delivery)."""
     sim = await console(base, start_delay_s)
     site = write_site(base, broker.url, sim.device, holders)
     daemon = await Daemon.follow(site)
@@ -177,6 +181,8 @@ async def one_run(
         await subscribed(daemon)
         await during(daemon)
         assert await daemon.stop() == 0
+        if after is not None:
+            await after(site)
     finally:
         await daemon.ensure_dead()
         await sim.stop()
@@ -221,12 +227,37 @@ async def test_verification_over_a_wire_simulator(
         await send(port, rx(by="phys.curie", minutes_ago=1), CURIE, "phys.curie")
         await d.seen(checked("prescription", "VERIFIED"), "the newer prescription")
 
+    async def restarted(site: Site) -> None:
+        # Stopped and started again at READY (an upgrade): the delivery is taken over with
+        # its latest check, published again, and not checked again.
+        again = await Daemon.follow(site)
+        try:
+            rebuilt = await again.seen(
+                lambda r: r.get("event") == "verification_rebuilt", "the verifier rebuilt"
+            )
+            assert rebuilt["used_prescriptions"] == 1
+            await deliveries.wait_for(
+                lambda m: (
+                    m.topic == DELIVERY
+                    and m.payload["session"] == sessions[-1] + 2
+                    and (m.payload["delivery"] or {}).get("verification") is not None
+                ),
+                "the delivery with its check, after the restart",
+            )
+            assert await again.stop() == 0
+        finally:
+            await again.ensure_dead()
+        assert again.events("verification_checked") == []
+
     async def removed(d: Daemon) -> None:
         await d.seen(checked("ready", "NOT_VERIFIED"), "the signer's key removed")
 
     await one_run(tmp_path, broker, both, 2, no_prescription)
     await one_run(tmp_path, broker, both, 32, mismatches)
-    await one_run(tmp_path, broker, both, 40, reused)
+    # Each start is a new session: run 3's first daemon is the next one, its restart the
+    # one after.
+    sessions = [max(m.payload["session"] for m in deliveries.messages if m.topic == DELIVERY)]
+    await one_run(tmp_path, broker, both, 80, reused, restarted)
     await one_run(tmp_path, broker, [("phys-anna", PHYS)], 40, removed)
     await obs.stop()
     await deliveries.stop()
@@ -279,8 +310,19 @@ async def test_verification_over_a_wire_simulator(
     verified = [
         m.payload["delivery"]["verification"]
         for m in deliveries.messages
-        if m.payload.get("delivery") and m.payload["delivery"].get("verification")
+        if m.topic == DELIVERY
+        and m.payload.get("delivery")
+        and m.payload["delivery"].get("verification")
     ]
+    after_restart = [
+        m.payload["delivery"]["verification"]
+        for m in deliveries.messages
+        if m.topic == DELIVERY
+        and m.payload["session"] == sessions[-1] + 2
+        and m.payload["delivery"]
+    ]
+    assert after_restart[0]["outcome"] == "VERIFIED"
+    assert after_restart[0]["trigger"] == "prescription"
     assert verified[-1]["outcome"] == "NOT_VERIFIED"
     assert verified[-1]["reasons"] == ["signature"]
     assert any(v["outcome"] == "VERIFIED" for v in verified)
