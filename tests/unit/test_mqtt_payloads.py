@@ -23,6 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator, FormatChecker  # type: ignore[import-untyped]
+from test_verification import check as verify
+from test_verification import inputs
 
 from iortd.auditlog.note import Checkpoint, generate_keypair
 from iortd.daemon.entries import summary_data
@@ -73,6 +75,7 @@ from iortd.daemon.tracker import (
     TrackerSettings,
     VerificationChecked,
 )
+from iortd.daemon.verification import public_object
 from iortd.kernel.types import (
     ApplicatorFault,
     ApplicatorIdentity,
@@ -1206,3 +1209,14 @@ def test_a_record_that_may_continue_an_earlier_one_names_it_on_the_wire() -> Non
     assert p["continues_reason"].startswith("the selection counter")
     (plain,) = event_payloads(counter(), [DeliveryStarted("or-1-x", NS, T0, 20.0, False)])
     assert "continues" not in plain
+
+
+def test_a_delivery_with_its_verification_validates_every_outcome() -> None:
+    """delivery.verification carries the MQTT object of daemon/verification.py."""
+    for inp in (inputs(), inputs(prescription=None, sha256=None), inputs(already_delivered=True)):
+        obj = public_object(verify(inp), T0)
+        p = delivery_payload(env(), snapshot(verification=obj))
+        check("delivery", p)
+        assert p["delivery"]["verification"] == obj
+        [ev] = event_payloads(env, [VerificationChecked("or-1-x", verify(inp), obj, NS, T0)])
+        check("events", ev)
