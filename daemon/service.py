@@ -529,7 +529,12 @@ class Service:
         ``prescription_used`` at the first beam-on (durable), in that order."""
         if self.verifier is None:
             return
-        checks, no_rx, used = self.verifier.follow(events, self.tracker)
+        try:
+            checks, no_rx, used = self.verifier.follow(events, self.tracker)
+        except Exception:  # a verifier's bug must never stop the monitoring
+            log.exception("verification_failed")
+            self.notice("critical", "verification failed on this reading (see the journal)")
+            return
         for entry in checks:
             self.record_check(entry)
         if no_rx:

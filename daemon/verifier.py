@@ -65,9 +65,15 @@ from iortd.daemon.verification import (
     Inputs,
     Override,
     judge,
+    public_object,
     signature_status,
 )
-from iortd.kernel.types import ApplicatorIdentity, VerificationItem, VerificationTrigger
+from iortd.kernel.types import (
+    ApplicatorIdentity,
+    VerificationItem,
+    VerificationOutcome,
+    VerificationTrigger,
+)
 from iortd.plan.doserate import DoseRateTable, OutputFactor, load_doserate_table
 
 __all__ = ["KIND", "OverrideRefused", "Verifier", "install", "parse_override"]
@@ -369,19 +375,26 @@ class Verifier:
             elif kind == "verification":
                 if self._vouched is not None and int(e["seq"]) >= self._vouched:
                     return 0
-                d.latest = data
-                d.at = parse_utc(e["ts"])
-                c = data["console"]
-                d.console = _console_of(c)
-                actual = {ch["item"]: ch["actual"] for ch in data["checks"]}
+                # Every field the verifier reads later is read now: an entry of another
+                # shape is not taken (it must never fail a reading's processing later).
+                at, console = parse_utc(e["ts"]), _console_of(data["console"])
+                actual = {str(ch["item"]): ch["actual"] for ch in data["checks"]}
+                if data["outcome"] not in {o.value for o in VerificationOutcome}:
+                    return 0
+                public_object(data, at)  # what the restart publishes of it
+                rx = data["prescription"]
+                if rx is not None:  # what prescription_used takes from it
+                    _ = (rx["treatment_id"], rx["plan_id"], rx["fraction"])
+                overrides = [
+                    Override(
+                        VerificationItem(o["item"]), str(o["reason"]), str(o["by"]),
+                        str(o["nonce"]), actual.get(o["item"]),
+                    )
+                    for o in data["overrides"]
+                ]  # fmt: skip
+                d.latest, d.at, d.console = data, at, console
                 if data["outcome"] == "VERIFIED_OVR":
-                    d.overrides = [
-                        Override(
-                            VerificationItem(o["item"]), o["reason"], o["by"], o["nonce"],
-                            actual.get(o["item"]),
-                        )
-                        for o in data["overrides"]
-                    ]  # fmt: skip
+                    d.overrides = overrides
             else:
                 return 0
         except (ValueError, KeyError, TypeError, AttributeError):

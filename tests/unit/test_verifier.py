@@ -480,3 +480,28 @@ async def test_an_unvouched_check_is_not_believed_an_unvouched_use_still_counts(
     believed = Room()
     assert believed.verifier.rebuild(tmp_path, vouched_count=first + 2) == 2
     assert believed.verifier.latest(room.delivery_id) is not None
+
+
+async def test_rebuilt_entries_of_another_shape_are_not_taken(
+    tmp_path: Path,
+) -> None:
+    room = Room()
+    [good] = room.new_selection()
+    audit, _ = await AuditLog.open(tmp_path, origin=ORIGIN)
+    task = asyncio.create_task(audit.run())
+    did = room.delivery_id
+    for bad in (
+        {**good, "console": "x"},
+        {**good, "outcome": "MAYBE"},
+        {k: v for k, v in good.items() if k != "trigger"},
+        {**good, "prescription": {"plan_id": "P"}},
+        {**good, "checks": [{"item": "time"}]},
+    ):
+        audit.append("verification", bad, delivery_id=did)
+    await audit.append("prescription_used", {"delivery_id": did}, durable=True).committed
+    await audit.close()
+    await task
+    fresh = Room()
+    assert fresh.verifier.rebuild(tmp_path) == 0
+    assert fresh.verifier.latest(did) is None
+    assert fresh.verifier.used == set()
