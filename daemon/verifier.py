@@ -466,7 +466,12 @@ async def install(
     log.info("verification_rebuilt", entries=used, used_prescriptions=len(v.used))
 
     def changed() -> None:
-        entry = v.recheck(service.tracker)
+        try:
+            entry = v.recheck(service.tracker)
+        except Exception:  # the prescription is recorded; its check must not undo that
+            log.exception("verification_failed")
+            notice("critical", "verification failed on a new prescription (see the journal)")
+            return
         if entry is not None:
             service.record_check(entry)
 
