@@ -144,6 +144,7 @@ class Prescriptions:
         self._skew = timedelta(seconds=skew_s)
         self._now = now or (lambda: datetime.now(UTC))
         self._pending: Pending | None = None
+        self._latest: Pending | None = None  # as _pending, kept once expired
         # Called once the pending prescription changed (the verifier, daemon/verifier.py).
         self.on_change: Callable[[], None] | None = None
         self._orphans: list[Command] = []  # accepted, not handled (a crash): see resume()
@@ -157,6 +158,13 @@ class Prescriptions:
         if p is not None and p.prescription.expired(self._now()):
             return None
         return p
+
+    @property
+    def latest(self) -> Pending | None:
+        """The last prescription received, also once it has expired: what the verifier
+        checks the console against (an expired one fails ``expired``, which says more
+        than ``no_prescription``)."""
+        return self._latest
 
     # ---- the handler ----------------------------------------------------------------------
 
@@ -185,7 +193,7 @@ class Prescriptions:
         # out or is cancelled, the entry is still in the log (the writer retries a failing
         # disk), and a pending prescription the log names must be the one judged next.
         p = parse_prescription(canonical(entry["prescription"]))
-        self._pending = Pending(p, entry["sha256"], cmd.nonce)
+        self._pending = self._latest = Pending(p, entry["sha256"], cmd.nonce)
         if self.on_change is not None and entry["outcome"] != "same":
             self.on_change()  # the verifier: checked now when the console is READY
         await appended.committed
@@ -282,7 +290,7 @@ class Prescriptions:
             elif kind == "prescription_received":
                 accepted.pop(data["nonce"], None)
                 p = parse_prescription(canonical(data["prescription"]))
-                self._pending = Pending(p, data["sha256"], data["nonce"])
+                self._pending = self._latest = Pending(p, data["sha256"], data["nonce"])
             elif kind in ("prescription_refused", "command_failed"):
                 # Judged, or failed and never retried (daemon/commands.py): not an orphan.
                 accepted.pop(data["nonce"], None)

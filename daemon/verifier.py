@@ -156,7 +156,7 @@ class Verifier:
         self,
         *,
         keyring: Keyring | None,
-        pending: Callable[[], Pending | None],
+        pending: Callable[[], Pending | None],  # the last received, also once expired
         table: DoseRateTable | None,
         table_sha256: str,
         factor_for: FactorFor,
@@ -259,7 +259,7 @@ class Verifier:
             elif isinstance(ev, PhaseChanged) and ev.dst is Phase.IRRADIATING and did:
                 if self.latest(did) is None:
                     checks.append(self.check(T.BEAM_ON, did, tracker))
-                no_rx = no_rx or self._pending() is None
+                no_rx = no_rx or self._no_valid_prescription()
         if did is not None and self.latest(did) is None and tracker.phase in _BEAM:
             # A delivery taken over after a restart with no believed check in the log: it
             # continues with no new selection and no phase change, so it is joined.
@@ -276,6 +276,10 @@ class Verifier:
             if ready or d.latest is None or d.console != _console(tracker)[0]:
                 checks.append(self.check(T.READY, did, tracker))
         return checks, no_rx, used
+
+    def _no_valid_prescription(self) -> bool:
+        pending = self._pending()
+        return pending is None or pending.prescription.expired(self._now())
 
     def _used_entry(self, delivery_id: str) -> dict[str, Any] | None:
         d = self._of(delivery_id)
@@ -450,7 +454,7 @@ async def install(
         sha = hashlib.sha256(raw).hexdigest()
     v = Verifier(
         keyring=intake.keyring,
-        pending=lambda: rx.pending,
+        pending=lambda: rx.latest,
         table=table,
         table_sha256=sha,
         factor_for=factor_for,

@@ -327,7 +327,7 @@ RULES: tuple[Rule, ...] = (
     Rule(C.PRESCRIPTION_NOT_VERIFIED, (H,), When.EVENT, None, Clears.END_OF_DELIVERY,
          what="a check of the console against the prescription found a mismatch"),
     Rule(C.NO_PRESCRIPTION, (H,), When.EVENT, None, Clears.END_OF_DELIVERY,
-         what="the beam came on with no prescription pending (verification on)"),
+         what="the beam came on with no valid prescription pending (verification on)"),
 )  # fmt: skip
 
 

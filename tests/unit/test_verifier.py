@@ -505,3 +505,30 @@ async def test_rebuilt_entries_of_another_shape_are_not_taken(
     assert fresh.verifier.rebuild(tmp_path) == 0
     assert fresh.verifier.latest(did) is None
     assert fresh.verifier.used == set()
+
+
+def test_an_expired_prescription_fails_expired_and_the_beam_on_it_is_without_one() -> None:
+    room = Room()
+    room.verifier._now = lambda: NOW + timedelta(hours=12)
+    [check] = room.new_selection()
+    assert check["reasons"] == ["expired"]
+    _, _, no_rx, _ = room.read(S.IRRADIATING)
+    assert no_rx  # no valid prescription pending: the no_prescription alarm too
+
+
+async def test_prescriptions_keep_the_latest_also_once_expired(tmp_path: Path) -> None:
+    audit = _StuckAudit()
+    clock = [NOW]
+    rx = Prescriptions(
+        audit,  # type: ignore[arg-type]
+        notice=lambda _s, _m: None, delivery_open=lambda: False, skew_s=60,
+        now=lambda: clock[0],
+    )  # fmt: skip
+    body = prescription_dict(prescription().prescription)
+    cmd = Command("prescription", "phys.curie", body, "n1", NOW, NOW, "0" * 64)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await rx.handle(cmd)
+    clock[0] = NOW + timedelta(hours=12)
+    assert rx.pending is None
+    assert rx.latest is not None
