@@ -24,9 +24,11 @@ prescription, its ``sha256``, the command's ``nonce`` and ``signer``, what it re
 ``prescription_refused`` (``reason``, ``detail``, ``nonce``, the body's SHA-256), and a
 notice on ``events``. The check against the console before beam-on is not made here: this
 module keeps the room's pending prescription, and tells the verifier (daemon/verifier.py,
-``on_change``) when it changes. Memory follows what was appended: the pending prescription
-is set as soon as its entry is appended, before the wait for the disk, so that a handler
-timed out or cancelled in that wait does not leave memory behind the log.
+``on_change``) when it changes; the verifier checks against ``latest``, the last one
+received, also once expired (so that the check says ``expired``). Memory follows what was
+appended: the pending prescription is set as soon as its entry is appended, before the
+wait for the disk, so that a handler timed out or cancelled in that wait does not leave
+memory behind the log.
 
 Crash-safety: the state is what the log says. :meth:`Prescriptions.rebuild` reads the
 entries of the last ``MAX_VALIDITY`` + a day at start: the last ``prescription_received``
