@@ -214,6 +214,9 @@ class Service:
                 pub = public(check, v.checked_at(did) or utc)
                 events += self.tracker.on_verification(check, pub, now_ns, utc, True)
             self._emit(None, events)
+            used = None if v is None else v.taken_over(did, resumed.beam_on_s)
+            if used is not None:  # killed between its beam-on and this entry
+                audit.append("prescription_used", used, delivery_id=did, durable=True)
 
     async def record_stop(self, timeout_s: float) -> None:
         """``daemon_stop`` and the last checkpoint, waited for up to ``timeout_s``: a

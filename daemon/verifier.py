@@ -147,6 +147,9 @@ class _Delivery:
     console: Console | None = None  # what the latest check saw
     at: datetime | None = None  # when the latest check was recorded (from the log)
     used_written: bool = False
+    # The latest check no seal vouches for (rebuilt): not believed as a check, but the
+    # prescription it names counts as used once the beam has come on (the safe side).
+    unvouched: Mapping[str, Any] | None = None
 
 
 class Verifier:
@@ -180,6 +183,12 @@ class Verifier:
     def latest(self, delivery_id: str) -> Mapping[str, Any] | None:
         d = self._deliveries.get(delivery_id)
         return None if d is None else d.latest
+
+    def taken_over(self, delivery_id: str, beam_on_s: float) -> dict[str, Any] | None:
+        """At start, the delivery the log shows open (taken over, or closed if the console
+        has moved on): its ``prescription_used`` if the beam had come on and the entry is
+        missing (a crash between the beam-on and the entry)."""
+        return self._used_entry(delivery_id) if beam_on_s > 0 else None
 
     def checked_at(self, delivery_id: str) -> datetime | None:
         """When the latest check was recorded, as the log says (after a rebuild)."""
@@ -283,7 +292,7 @@ class Verifier:
 
     def _used_entry(self, delivery_id: str) -> dict[str, Any] | None:
         d = self._of(delivery_id)
-        gov = d.latest
+        gov = d.latest or d.unvouched
         if d.used_written or gov is None or gov.get("prescription_sha256") is None:
             return None
         d.used_written = True
@@ -378,6 +387,11 @@ class Verifier:
                 d.used_written = True
             elif kind == "verification":
                 if self._vouched is not None and int(e["seq"]) >= self._vouched:
+                    rx = data["prescription"]
+                    if rx is not None:  # what prescription_used takes from it
+                        _ = (rx["treatment_id"], rx["plan_id"], rx["fraction"])
+                        d.unvouched = {"prescription": rx, "prescription_sha256": str(
+                            data["prescription_sha256"])}  # fmt: skip
                     return 0
                 # Every field the verifier reads later is read now: an entry of another
                 # shape is not taken (it must never fail a reading's processing later).

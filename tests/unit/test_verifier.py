@@ -532,3 +532,25 @@ async def test_prescriptions_keep_the_latest_also_once_expired(tmp_path: Path) -
     clock[0] = NOW + timedelta(hours=12)
     assert rx.pending is None
     assert rx.latest is not None
+
+
+async def test_killed_after_an_unvouched_check_and_beam_on_the_prescription_still_counts_used(
+    tmp_path: Path,
+) -> None:
+    room = Room()
+    [check] = room.new_selection()
+    did = room.delivery_id
+    audit, _ = await AuditLog.open(tmp_path, origin=ORIGIN)
+    task = asyncio.create_task(audit.run())
+    await audit.append("verification", check, delivery_id=did, durable=True).committed
+    await audit.close()
+    await task
+    fresh = Room()
+    assert fresh.verifier.rebuild(tmp_path, vouched_count=0) == 0  # nothing vouched
+    assert fresh.verifier.latest(did) is None
+    assert fresh.verifier.taken_over(did, 0.0) is None  # the beam never came on
+    used = fresh.verifier.taken_over(did, 2.5)
+    assert used is not None
+    assert used["prescription_sha256"] == check["prescription_sha256"]
+    assert fresh.verifier.used == {check["prescription_sha256"]}
+    assert fresh.verifier.taken_over(did, 2.5) is None  # once
