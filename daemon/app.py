@@ -80,6 +80,7 @@ from iortd.daemon.health import Health, supervise
 from iortd.daemon.metrics import MetricsSink, build_registry
 from iortd.daemon.output_factor import OutputFactors
 from iortd.daemon.output_factor import install as install_output_factors
+from iortd.daemon.prescriptions import Prescriptions
 from iortd.daemon.prescriptions import install as install_prescriptions
 from iortd.daemon.progress import DeviceProgress
 from iortd.daemon.service import RunResult, Service
@@ -87,6 +88,7 @@ from iortd.daemon.sink_queue import QueuedSink, SinkLike, queued
 from iortd.daemon.sink_registry import SinkRegistry, open_sinks
 from iortd.daemon.sinks import OperationalLogSink, Sink, SinkConfigError
 from iortd.daemon.tracker import DeliveryTracker
+from iortd.daemon.verifier import install as install_verifier
 from iortd.drivers.interface import DriverContext
 from iortd.drivers.registry import DriverRegistry
 from iortd.drivers.transport import transport_from_config
@@ -94,6 +96,7 @@ from iortd.drivers.transport.config import serial_line
 from iortd.drivers.transport.shared import SharedLine
 from iortd.kernel.clock import Clock, ScaledClock, SystemClock
 from iortd.kernel.sdnotify import Notifier
+from iortd.plan.doserate import DoseRateError
 
 if TYPE_CHECKING:
     from iortd.daemon.health_http import HealthServer
@@ -220,6 +223,8 @@ class App:
                 self.output_factors = await install_output_factors(
                     self._intake, audit, c.log.directory, service.notice
                 )
+                if rx is not None and c.verification.on(c.commands.keyring):
+                    await self._verifier(service, audit, rx, recovery.vouched_count)
             log.info(
                 "daemon_starting",
                 config=str(self.loaded.path),
@@ -249,6 +254,26 @@ class App:
             stack.callback(self._notifier.close)
             main = self._main(service, audit, sinks, sinks_stack, stop, progress, server)
             return await _until_stopped(main, stop, duration_s)
+
+    async def _verifier(
+        self, service: Service, audit: AuditLog, rx: Prescriptions, vouched: int | None
+    ) -> None:
+        c = self.config
+        if self._intake is None:
+            return
+        # The day's output factor: from the output_factor handler (daemon/output_factor.py);
+        # none when that handler is off (its log could not be read back): time_unchecked.
+        factors = self.output_factors
+        try:
+            await install_verifier(
+                c.verification, self._intake, audit, c.log.directory, service, rx,
+                service.notice,
+                factor_for=(lambda _day: None) if factors is None else factors.for_day,
+                vouched_count=vouched,
+                on_factor_change=None if factors is None else factors.on_change,
+            )  # fmt: skip
+        except (DoseRateError, OSError) as exc:
+            raise StartError(f"verification.doserate_table: {exc}") from None
 
     def _command_counts(self) -> tuple[int, dict[str, int]] | None:
         """For /metrics: the intake's accepted count and refusals by reason."""

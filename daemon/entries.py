@@ -30,6 +30,7 @@ from iortd.daemon.tracker import (
     PhaseChanged,
     Terminated,
     TrackerEvent,
+    VerificationChecked,
 )
 from iortd.kernel.timefmt import utc_ts
 from iortd.kernel.types import ApplicatorIdentity, InterlockState
@@ -62,6 +63,9 @@ EVENT_TYPES = (
     "device_gap_ended",
     "applicator_relocked",
     "applicator_at_beam_on",
+    # Verification before beam-on (issue 18): one check of the console against the
+    # prescription (daemon/verification.py has the data's shape).
+    "verification",
 )
 
 
@@ -225,6 +229,8 @@ def event_entry(ev: TrackerEvent, current_delivery: str | None) -> EntrySpec:
                 "at": _ts(ev.utc),
             }
             return "applicator_at_beam_on", data, ev.delivery_id
+        case VerificationChecked():
+            return "verification", dict(ev.entry), ev.delivery_id
     raise TypeError(f"no audit entry for {type(ev).__name__}")  # pragma: no cover
 
 

@@ -22,8 +22,13 @@ prescription's canonical fields and SHA-256, all pseudonymous; never the raw bod
 The outcome is one entry, ``prescription_received`` (``outcome`` new / same / replaces, the
 prescription, its ``sha256``, the command's ``nonce`` and ``signer``, what it replaced) or
 ``prescription_refused`` (``reason``, ``detail``, ``nonce``, the body's SHA-256), and a
-notice on ``events``. The check against the console before beam-on is not made here (issue
-18, item 3); this module only keeps the room's pending prescription.
+notice on ``events``. The check against the console before beam-on is not made here: this
+module keeps the room's pending prescription, and tells the verifier (daemon/verifier.py,
+``on_change``) when it changes; the verifier checks against ``latest``, the last one
+received, also once expired (so that the check says ``expired``). Memory follows what was
+appended: the pending prescription is set as soon as its entry is appended, before the
+wait for the disk, so that a handler timed out or cancelled in that wait does not leave
+memory behind the log.
 
 Crash-safety: the state is what the log says. :meth:`Prescriptions.rebuild` reads the
 entries of the last ``MAX_VALIDITY`` + a day at start: the last ``prescription_received``
@@ -141,6 +146,9 @@ class Prescriptions:
         self._skew = timedelta(seconds=skew_s)
         self._now = now or (lambda: datetime.now(UTC))
         self._pending: Pending | None = None
+        self._latest: Pending | None = None  # as _pending, kept once expired
+        # Called once the pending prescription changed (the verifier, daemon/verifier.py).
+        self.on_change: Callable[[], None] | None = None
         self._orphans: list[Command] = []  # accepted, not handled (a crash): see resume()
         # One judged and recorded at a time: resume() at start runs beside the intake's task.
         self._lock = asyncio.Lock()
@@ -152,6 +160,13 @@ class Prescriptions:
         if p is not None and p.prescription.expired(self._now()):
             return None
         return p
+
+    @property
+    def latest(self) -> Pending | None:
+        """The last prescription received, also once it has expired: what the verifier
+        checks the console against (an expired one fails ``expired``, which says more
+        than ``no_prescription``)."""
+        return self._latest
 
     # ---- the handler ----------------------------------------------------------------------
 
@@ -175,9 +190,15 @@ class Prescriptions:
             log.warning("prescription_refused", reason=exc.reason, nonce=cmd.nonce)
             self._notice("critical", f"prescription refused ({exc.reason}): {exc.detail}")
             return
-        await self._audit.append("prescription_received", entry, durable=True).committed
+        appended = self._audit.append("prescription_received", entry, durable=True)
+        # Memory follows what was appended, not what was fsync'd: if the wait below times
+        # out or is cancelled, the entry is still in the log (the writer retries a failing
+        # disk), and a pending prescription the log names must be the one judged next.
         p = parse_prescription(canonical(entry["prescription"]))
-        self._pending = Pending(p, entry["sha256"], cmd.nonce)
+        self._pending = self._latest = Pending(p, entry["sha256"], cmd.nonce)
+        if self.on_change is not None and entry["outcome"] != "same":
+            self.on_change()  # the verifier: checked now when the console is READY
+        await appended.committed
         log.info(
             "prescription_received",
             outcome=entry["outcome"],
@@ -271,7 +292,7 @@ class Prescriptions:
             elif kind == "prescription_received":
                 accepted.pop(data["nonce"], None)
                 p = parse_prescription(canonical(data["prescription"]))
-                self._pending = Pending(p, data["sha256"], data["nonce"])
+                self._pending = self._latest = Pending(p, data["sha256"], data["nonce"])
             elif kind in ("prescription_refused", "command_failed"):
                 # Judged, or failed and never retried (daemon/commands.py): not an orphan.
                 accepted.pop(data["nonce"], None)

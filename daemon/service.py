@@ -37,6 +37,9 @@ the source's samples, with the displacement since beam-on, the delivery's peak a
 monitor's interlocks) and reach the sinks through ``Sink.applicator``; its lost link is a
 gap of the reader only, and the source's record goes on.
 
+With verification on (daemon/verifier.py), each source reading's events are shown to the
+verifier: the checks it makes are recorded as events (log first), then ``prescription_used``.
+
 At a stop (:meth:`record_stop`, :meth:`drain`): ``daemon_stop`` and a final checkpoint are
 written within a bound, and the dispatcher drains within a bound; the root then closes the
 sinks and the audit log, last.
@@ -50,13 +53,14 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import structlog
 
-from iortd.auditlog.note import Checkpoint
 from iortd.auditlog.writer import AuditLog, AuditLogClosed, RecoveryReport
 from iortd.daemon import __version__
+from iortd.daemon.checkpoint_guard import guard_checkpoint
 from iortd.daemon.config import DeviceConfig, LoadedConfig, tracker_settings
 from iortd.daemon.device_loop import Reading
 from iortd.daemon.entries import applicator_sample_entry, event_entry, plain, sample_entry
@@ -70,6 +74,8 @@ from iortd.daemon.tracker import (
     Terminated,
     TrackerEvent,
 )
+from iortd.daemon.verification import public_object as public
+from iortd.daemon.verifier import Verifier
 from iortd.kernel.clock import Clock
 from iortd.kernel.timefmt import utc_ts
 from iortd.kernel.types import ApplicatorReading, DeviceIdentity, DeviceState, SourceReading
@@ -127,7 +133,7 @@ class Service:
         for sink in sinks:
             inner = sink.inner if isinstance(sink, QueuedSink) else sink
             if hasattr(inner, "checkpoint_guard"):  # the MQTT sink: the off-host copy
-                inner.checkpoint_guard = self._guard_checkpoint
+                inner.checkpoint_guard = partial(guard_checkpoint, audit, notice=self.notice)
             if hasattr(inner, "on_takeover"):  # the MQTT sink: its broker session lost
                 inner.on_takeover = self.mqtt_session_taken_over
         # Each sink at its own pace, behind its own queue (daemon/sink_queue.py).
@@ -141,6 +147,8 @@ class Service:
         # Which readings become samples in the record (daemon/thinning.py).
         self.thinner = Thinner(policy_of(self.config.log))
         self.result = RunResult()
+        # The verifier (daemon/verifier.py), set by the composition root when it is on.
+        self.verifier: Verifier | None = None
         self._queue: asyncio.Queue[_Item] = asyncio.Queue()
         self._checkpoint_due = asyncio.Event()
         self._delivery_ended = False
@@ -198,10 +206,17 @@ class Service:
             durable=True,
         )
         if resumed is not None:
-            self._emit(
-                None,
-                self.tracker.resume(resumed, self._clock.monotonic_ns(), self._clock.utc()),
-            )
+            now_ns, utc = self._clock.monotonic_ns(), self._clock.utc()
+            events = self.tracker.resume(resumed, now_ns, utc)
+            v, did = self.verifier, resumed.delivery_id
+            check = None if v is None else v.latest(did)
+            if v is not None and check is not None:  # its latest check (from the log) again
+                pub = public(check, v.checked_at(did) or utc)
+                events += self.tracker.on_verification(check, pub, now_ns, utc, True)
+            self._emit(None, events)
+            used = None if v is None else v.taken_over(did, resumed.beam_on_s)
+            if used is not None:  # killed between its beam-on and this entry
+                audit.append("prescription_used", used, delivery_id=did, durable=True)
 
     async def record_stop(self, timeout_s: float) -> None:
         """``daemon_stop`` and the last checkpoint, waited for up to ``timeout_s``: a
@@ -270,43 +285,6 @@ class Service:
             self._audit.append("sink_overflow", dict(data))
         except AuditLogClosed:
             log.warning("sink_overflow_not_recorded", reason="audit log closed")
-
-    async def _guard_checkpoint(self, cp: Checkpoint) -> str | None:
-        """Why this log does not contain ``cp`` (the broker's retained checkpoint, signed
-        by our key), or None. A conflict is recorded and alarmed: the sink will not
-        overwrite the off-host copy with this log's checkpoints."""
-        audit = self._audit
-        if cp.origin != audit.origin or cp.count == 0:
-            return None
-        have = audit.committed_seq + 1
-        if cp.count > have:
-            why = (
-                f"the broker's retained checkpoint covers {cp.count} entries, this log has "
-                f"{have}: this log is behind it (a restored backup or a replaced log)"
-            )
-        elif await audit.hash_at(cp.count - 1) != cp.head_hash:
-            why = (
-                f"the broker's retained checkpoint differs from this log at seq "
-                f"{cp.count - 1}: the log was replaced or rewritten (a fork)"
-            )
-        else:
-            return None
-        found = {
-            "why": why,
-            "broker_count": cp.count,
-            "broker_head": cp.head_hash,
-            "log_count": have,
-        }
-        with contextlib.suppress(AuditLogClosed):
-            audit.append("checkpoint_publish_refused", found, durable=True)
-        self._notices.put_nowait(
-            (
-                "critical",
-                f"audit checkpoint NOT published: {why}. The off-host copy is kept; check "
-                "this log with iort-audit verify --checkpoint",
-            )
-        )
-        return why
 
     def notice(self, severity: str, message: str) -> None:
         """Tell every sink now, out of band (``critical`` or ``info``): the retention task's
@@ -425,6 +403,7 @@ class Service:
             all_clear=self.tracker.all_clear,
         )
         self._emit(sample, events, active=self._room_active(reading.state))
+        self._verify(events, reading)
         return self._stop_after_delivery and any(isinstance(e, Terminated) for e in events)
 
     def _applicator_reading(self, device: DeviceConfig, reading: Reading) -> None:
@@ -494,7 +473,7 @@ class Service:
         *,
         quiet: bool = False,
         active: bool = True,
-    ) -> None:
+    ) -> asyncio.Future[None] | None:
         """Record first, then queue for the other sinks. Never waits for the disk.
         ``quiet``: nothing to queue when there are no events (the caller queues its own).
         ``active``: the room is active at this sample (the thinner records every one)."""
@@ -531,7 +510,7 @@ class Service:
         for kind, data, did in pending:
             self._audit.append(kind, data, delivery_id=did)
         if quiet and not events:
-            return
+            return durable
         delivery = self.tracker.snapshot() if sample is None else sample.delivery
         self._queue.put_nowait(
             _Item(durable=durable, sample=sample, events=tuple(events), delivery=delivery)
@@ -539,6 +518,34 @@ class Service:
         if ended:
             self._delivery_ended = True
             self._checkpoint_due.set()
+        return durable
+
+    # ---- verification before beam-on (daemon/verifier.py) ----------------------------
+
+    def record_check(self, entry: Mapping[str, Any]) -> asyncio.Future[None] | None:
+        """One check as a ``verification`` entry (durable), its alarm and publication."""
+        now, utc = self._clock.monotonic_ns(), self._clock.utc()
+        return self._emit(None, self.tracker.on_verification(entry, public(entry, utc), now, utc))
+
+    def _verify(self, events: Sequence[TrackerEvent], r: SourceReading) -> None:
+        """After a source reading: the checks it calls for, the no-prescription alarm, and
+        ``prescription_used`` at the first beam-on (durable), in that order."""
+        if self.verifier is None:
+            return
+        try:
+            checks, no_rx, used = self.verifier.follow(events, self.tracker)
+        except Exception:  # a verifier's bug must never stop the monitoring
+            log.exception("verification_failed")
+            self.notice("critical", "verification failed on this reading (see the journal)")
+            return
+        for entry in checks:
+            self.record_check(entry)
+        if no_rx:
+            self._emit(None, self.tracker.on_no_prescription(r.mono_ns, r.utc))
+        if used is not None:
+            self._audit.append(
+                "prescription_used", used, delivery_id=used["delivery_id"], durable=True
+            )
 
     async def _until_recorded(self, durable: asyncio.Future[None]) -> None:
         """Wait until the item is on disk, but not while the disk is failing: a display

@@ -19,6 +19,7 @@ from iortd.daemon.sinks import SinkConfigError, SinkOptionError
 from iortd.drivers.errors import DriverConfigError, DriverOptionError
 from iortd.drivers.registry import DriverRegistry
 from iortd.drivers.transport.config import SERIAL_SETTINGS, serial_line
+from iortd.plan.doserate import DoseRateError, load_doserate_table
 
 from .credentials import SECRET_FILE_KEYS, credential_name
 from .model import (
@@ -205,6 +206,9 @@ def _resolve_paths(
     commands = config.commands.model_copy(
         update={k: fix(getattr(config.commands, k)) for k in ("keyring", "inbox")}
     )
+    verification = config.verification.model_copy(
+        update={"doserate_table": fix(config.verification.doserate_table)}
+    )
     devices = tuple(_resolve_device_paths(d, base, registry) for d in config.devices)
     tables = tuple(_resolve_sink_paths(t, base, sinks) for t in config.sinks)
     return config.model_copy(
@@ -212,6 +216,7 @@ def _resolve_paths(
             "log": log,
             "mqtt": mqtt,
             "commands": commands,
+            "verification": verification,
             "devices": devices,
             "sinks": tables,
         }
@@ -244,6 +249,20 @@ def _check_commands(config: Config, file: Path) -> list[ConfigIssue]:
         )
     if c.inbox is not None and c.inbox.exists() and not c.inbox.is_dir():
         issues.append(ConfigIssue(file, "commands.inbox", f"not a directory: {c.inbox}"))
+    v = config.verification
+    if v.enabled and c.keyring is None:
+        issues.append(
+            ConfigIssue(
+                file,
+                "verification.enabled",
+                "needs commands.keyring: without it no prescription can reach the room",
+            )
+        )
+    if v.doserate_table is not None:
+        try:
+            load_doserate_table(v.doserate_table)
+        except DoseRateError as exc:
+            issues.append(ConfigIssue(file, "verification.doserate_table", str(exc)))
     return issues
 
 

@@ -258,6 +258,27 @@ class CommandsConfig(_Model):
     inbox_poll_s: float = Field(default=1.0, ge=0.05, le=60)
 
 
+class VerificationConfig(_Model):
+    """Verification before beam-on (daemon/verification.py, docs/prescriptions.md): the
+    console checked against the room's prescription at READY."""
+
+    # None: on exactly when [commands] keyring is set (only then can a prescription come).
+    enabled: bool | None = None
+    # The site's commissioned dose-rate table (plan/doserate.py); without it the time is
+    # never checked (time_unchecked). config/doserate/*.toml are EXAMPLES only.
+    doserate_table: ConfigPath | None = None
+    # False: an output factor of 1.0 is assumed (and recorded so) when none is in for today.
+    require_output_factor: bool = True
+    # Applicator code -> the type the console reports (e.g. SPH30 = "spherical"): the type
+    # is compared too for the codes named here; the diameter always.
+    applicator_types: dict[str, Annotated[str, Field(min_length=1, max_length=32)]] = Field(
+        default_factory=dict, max_length=256
+    )
+
+    def on(self, keyring: Path | None) -> bool:
+        return keyring is not None if self.enabled is None else self.enabled
+
+
 class PlanConfig(_Model):
     """Plan defaults; a console that reports its own preset overrides prescribed_dose_gy."""
 
@@ -356,6 +377,7 @@ class Config(_Model):
     health: HealthConfig = HealthConfig()
     plan: PlanConfig = PlanConfig()
     commands: CommandsConfig = CommandsConfig()
+    verification: VerificationConfig = VerificationConfig()
     tolerances: Tolerances = Tolerances()
     simulation: SimulationConfig = SimulationConfig()
     # No length bounds here: pydantic reports a bound again when an item fails, which would

@@ -26,7 +26,13 @@ from typing import Any
 from iortd.auditlog.note import Checkpoint
 from iortd.daemon.entries import EVENT_TYPES, event_entry, num, summary_data
 from iortd.daemon.sinks import ApplicatorSample, Sample
-from iortd.daemon.tracker import DeliveryAmended, DeliverySnapshot, Terminated, TrackerEvent
+from iortd.daemon.tracker import (
+    DeliveryAmended,
+    DeliverySnapshot,
+    Terminated,
+    TrackerEvent,
+    VerificationChecked,
+)
 from iortd.kernel.timefmt import utc_ts
 from iortd.kernel.types import ApplicatorIdentity, Interlock, InterlockState
 
@@ -308,6 +314,8 @@ def _delivery(s: DeliverySnapshot) -> Payload:
         **summary_data(s),
         "dose_rate_gy_min": num(s.dose_rate_gy_min),
         "estimated_remaining_s": num(s.estimated_remaining_s),
+        # The latest check against the prescription (daemon/verification.py), or null.
+        "verification": None if s.verification is None else dict(s.verification),
     }
 
 
@@ -337,6 +345,18 @@ def event_payloads(
     out: list[Payload] = []
     last_at: str | None = None
     for ev in events:
+        if isinstance(ev, VerificationChecked):  # the MQTT object, not the log's entry
+            obj = dict(ev.public)
+            out.append(
+                {
+                    **env_factory().fields(sim=ev.simulated),
+                    "kind": "verification",
+                    "delivery_id": ev.delivery_id,
+                    "at": obj["at"],
+                    "verification": obj,
+                }
+            )
+            continue
         kind, data, delivery_id = event_entry(ev, current_delivery)
         data = dict(data)
         if kind == "monitoring_gap_started":

@@ -70,6 +70,7 @@ from iortd.daemon.tracker.events import (
     Severity,
     Terminated,
     TrackerEvent,
+    VerificationChecked,
 )
 from iortd.daemon.tracker.machine import TRANSITIONS, IllegalTransition
 from iortd.daemon.tracker.settings import TrackerSettings
@@ -105,4 +106,5 @@ __all__ = [
     "Terminated",
     "TrackerEvent",
     "TrackerSettings",
+    "VerificationChecked",
 ]

@@ -21,6 +21,8 @@ Rules of the design:
 - some alarms are raised by an event, not by a condition held (contradictory input, a
   fault the console reported, dose with the beam off, the stale-data watchdog): their rows
   have no condition, and the tracker raises them through :meth:`AlarmBook.raise_event`;
+- the verification alarms (issue 18) are raised by the daemon's checks through the tracker
+  and stand until the event that clears them or the delivery's end (``END_OF_DELIVERY``);
 - every alarm still standing is cleared when the next delivery starts, and every hold
   restarts: nothing of one delivery carries over to the next.
 """
@@ -66,6 +68,7 @@ class Clears(enum.StrEnum):
     WHEN_FALSE_WHILE_OPEN = "when_false_while_open"  # as above up to the delivery's end
     NEXT_READING = "next_reading"  # the next reading (the stale-data watchdog's alarm)
     NEXT_SELECTION = "next_selection"  # latched until the next delivery starts
+    END_OF_DELIVERY = "end_of_delivery"  # the event that clears it, or the delivery's end
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,6 +324,10 @@ RULES: tuple[Rule, ...] = (
     Rule(C.APPLICATOR_TILTED, (H,), When.APPLICATOR, _tilted, Clears.WHEN_FALSE,
          settings=("applicator_tilt_deg",),
          what="the applicator tilted beyond the tolerance with the beam on"),
+    Rule(C.PRESCRIPTION_NOT_VERIFIED, (H,), When.EVENT, None, Clears.END_OF_DELIVERY,
+         what="a check of the console against the prescription found a mismatch"),
+    Rule(C.NO_PRESCRIPTION, (H,), When.EVENT, None, Clears.END_OF_DELIVERY,
+         what="the beam came on with no valid prescription pending (verification on)"),
 )  # fmt: skip
 
 
@@ -411,6 +418,15 @@ class AlarmBook:
         alarm = self._standing.pop(key, None)
         if alarm is not None:
             out.append(AlarmCleared(delivery_id, alarm, mono, utc))
+
+    def clear_at_end(
+        self, mono: int, utc: datetime, delivery_id: str | None, out: list[TrackerEvent]
+    ) -> None:
+        """A delivery ended: the alarms that stand until its end are cleared."""
+        for key, alarm in list(self._standing.items()):
+            rule = self._by_code.get(alarm.code)
+            if rule is not None and rule.clears is Clears.END_OF_DELIVERY:
+                self.clear(key, mono, utc, delivery_id, out)
 
     def clear_all(
         self, mono: int, utc: datetime, delivery_id: str | None, out: list[TrackerEvent]

@@ -21,6 +21,13 @@ interlock (``monitor_interlocks``, never the console's ``interlocks``) and the a
 rows of the table; the source's record, gaps and interlocks never hear of them. The
 monitor's interlock is derived again after every input of either device (the beam coming
 on is the source's news), before the table is judged.
+
+Verification before beam-on (issue 18) is decided outside the tracker (daemon/verifier.py)
+and handed in through ``on_verification`` and ``on_no_prescription``, so that its event and
+its alarms take the normal path (log first, MQTT, dashboard): the tracker keeps the
+latest check of the open delivery for its snapshot, raises or clears
+``prescription_not_verified`` and raises ``no_prescription``; both clear at the delivery's
+end (``Clears.END_OF_DELIVERY``).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime
 from types import MappingProxyType
+from typing import Any
 
 from iortd.daemon.tracker.alarms import AlarmBook, Situation, When
 from iortd.daemon.tracker.applicator import ApplicatorView, ApplicatorWatch
@@ -45,7 +53,9 @@ from iortd.daemon.tracker.events import (
     MonitorInterlockChanged,
     Phase,
     ResumedDelivery,
+    Terminated,
     TrackerEvent,
+    VerificationChecked,
     end_last,
 )
 from iortd.daemon.tracker.follow import DeliveryMachine
@@ -101,6 +111,8 @@ class DeliveryTracker:
         # The last time the device was heard from (any reply, also one a driver has not
         # turned into a reading yet): staleness is about the device, not the driver.
         self._heard_mono_ns: int | None = None
+        # The latest verification (daemon/verification.py): (delivery id, MQTT object).
+        self._verification: tuple[str, Mapping[str, Any]] | None = None
 
     # ---- public view ------------------------------------------------------------------
 
@@ -138,7 +150,11 @@ class DeliveryTracker:
 
     def snapshot(self, now_mono_ns: int | None = None) -> DeliverySnapshot | None:
         now = now_mono_ns if now_mono_ns is not None else (self._last_mono_ns or 0)
-        return self._machine.snapshot(now)
+        snap = self._machine.snapshot(now)
+        v = self._verification
+        if snap is not None and v is not None and v[0] == snap.delivery_id:
+            return replace(snap, verification=v[1])
+        return snap
 
     def stale_at_ns(self, paused_ns: int = 0) -> int | None:
         """When the data become stale if no reading comes (monotonic ns), or None when
@@ -213,6 +229,9 @@ class DeliveryTracker:
         self._monitor(r.mono_ns, r.utc, out)
         self._judge(When.READING, r.mono_ns, r.utc, out, r)
         m.last_state = r.state
+        for ev in list(out):
+            if isinstance(ev, Terminated):  # the alarms that stand until the end
+                self._alarms.clear_at_end(r.mono_ns, r.utc, ev.delivery_id, out)
         # A link is for a record that starts on the reading that decided it; a delivery
         # begun later is a new selection (the console was seen idle or at an end first).
         m.link = None
@@ -238,6 +257,48 @@ class DeliveryTracker:
         out = w.lose(reason, now_mono_ns, now_utc, self._machine.delivery_id())
         self._monitor(now_mono_ns, now_utc, out)
         self._judge(When.APPLICATOR, now_mono_ns, now_utc, out)
+        return out
+
+    def on_verification(
+        self,
+        entry: Mapping[str, Any],
+        public: Mapping[str, Any],
+        mono: int,
+        utc: datetime,
+        recorded: bool = False,
+    ) -> list[TrackerEvent]:
+        """A check of the console against the prescription was made (daemon/verification.py,
+        the service decides when): the event that records and publishes it, and
+        ``prescription_not_verified`` raised (NOT_VERIFIED) or cleared (a later VERIFIED or
+        VERIFIED_OVR check of the same delivery). ``recorded``: a check already in the log
+        (a delivery taken over after a restart): its alarm only, no event for it."""
+        self._machine.start_input()
+        did = str(entry["delivery_id"])
+        self._verification = (did, public)
+        d = self._machine.delivery
+        sim = d is not None and d.simulated
+        out: list[TrackerEvent] = (
+            [] if recorded else [VerificationChecked(did, entry, public, mono, utc, sim)]
+        )
+        code = AlarmCode.PRESCRIPTION_NOT_VERIFIED
+        if did != self._machine.delivery_id():
+            return out  # a check of a delivery no longer open: recorded, nothing raised
+        if entry["outcome"] == "NOT_VERIFIED":
+            why = ", ".join(str(x) for x in entry["reasons"])
+            msg = f"prescription NOT VERIFIED ({why}) [trigger {entry['trigger']}]"
+            self._alarms.raise_event(code, msg, mono, utc, did, out)
+        else:
+            self._alarms.clear(f"{code}", mono, utc, did, out)
+        return out
+
+    def on_no_prescription(self, mono: int, utc: datetime) -> list[TrackerEvent]:
+        """The beam came on with no prescription pending (verification on): HIGH, until
+        the delivery's end."""
+        self._machine.start_input()
+        out: list[TrackerEvent] = []
+        did = self._machine.delivery_id()
+        msg = "beam on with no prescription pending: nothing was verified before beam-on"
+        self._alarms.raise_event(AlarmCode.NO_PRESCRIPTION, msg, mono, utc, did, out)
         return out
 
     def on_device_heard(self, mono_ns: int) -> None:

@@ -9,8 +9,10 @@ An event carries the delivery id only while that delivery is open (see :func:`en
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Any
 
 from iortd.kernel.types import ApplicatorIdentity, Interlock, InterlockState, TerminationStatus
 
@@ -40,6 +42,7 @@ __all__ = [
     "Severity",
     "Terminated",
     "TrackerEvent",
+    "VerificationChecked",
     "end_last",
 ]
 
@@ -175,6 +178,9 @@ class DeliverySnapshot:
     termination_reason: str | None
     started_utc: datetime
     simulated: bool
+    # The latest verification of this delivery (the MQTT object, daemon/verification.py);
+    # None when no check has been made for it (or verification is off).
+    verification: Mapping[str, Any] | None = None
 
 
 # ---- events -------------------------------------------------------------------------------
@@ -320,6 +326,19 @@ class ApplicatorAtBeamOn:
     utc: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class VerificationChecked:
+    """One check of the console against the prescription (daemon/verification.py):
+    ``entry`` is the ``verification`` entry's data, ``public`` the MQTT object."""
+
+    delivery_id: str | None
+    entry: Mapping[str, Any]
+    public: Mapping[str, Any]
+    mono_ns: int
+    utc: datetime
+    simulated: bool = False  # the console it checked is a simulator
+
+
 TrackerEvent = (
     DeliveryStarted
     | PhaseChanged
@@ -335,6 +354,7 @@ TrackerEvent = (
     | DeviceGapEnded
     | ApplicatorRelocked
     | ApplicatorAtBeamOn
+    | VerificationChecked
 )
 
 

@@ -24,6 +24,7 @@ CLEARS = {
     Clears.WHEN_FALSE_WHILE_OPEN: "**when false, until the end**",
     Clears.NEXT_READING: "**next reading**",
     Clears.NEXT_SELECTION: "**next selection**",
+    Clears.END_OF_DELIVERY: "**end of delivery**",
 }
 # The config key for a tracker setting, where the config states it otherwise.
 CONFIG_KEY = {"stale_after_s": "stale_after_polls"}

@@ -93,3 +93,37 @@ def test_the_keyring_may_be_a_credential(
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
     cfg = site(tmp_path, 'keyring = "credential:iort-keyring"')
     assert load_config(cfg, registry).config.commands.keyring == creds / "iort-keyring"
+
+
+# ---- [verification] (daemon/verifier.py) -------------------------------------------------
+
+
+def test_verification_is_on_exactly_with_a_keyring_and_its_table_resolves(
+    tmp_path: Path, registry: DriverRegistry
+) -> None:
+    cfg = site(tmp_path, "")
+    c = load_config(cfg, registry).config
+    assert c.verification.on(c.commands.keyring) is False
+    table = (ROOT / "config" / "doserate" / "axxent.toml").read_text(encoding="utf-8")
+    cfg = site(
+        tmp_path,
+        'keyring = "keyring.toml"\n[verification]\ndoserate_table = "table.toml"\n'
+        'require_output_factor = false\napplicator_types = { BAL34 = "balloon" }',
+    )
+    (cfg.parent / "keyring.toml").write_text(GOOD)
+    (cfg.parent / "table.toml").write_text(table)
+    c = load_config(cfg, registry).config
+    assert c.verification.on(c.commands.keyring) is True
+    assert c.verification.doserate_table == cfg.parent / "table.toml"
+    assert c.verification.require_output_factor is False
+    assert c.verification.applicator_types == {"BAL34": "balloon"}
+
+
+def test_verification_on_without_a_keyring_and_a_bad_table_are_issues(
+    tmp_path: Path, registry: DriverRegistry
+) -> None:
+    cfg = site(tmp_path, '[verification]\nenabled = true\ndoserate_table = "table.toml"')
+    (cfg.parent / "table.toml").write_text("format = 1\n")
+    found = issues(cfg, registry)
+    assert any("verification.enabled" in i and "commands.keyring" in i for i in found), found
+    assert any("verification.doserate_table" in i and "table.toml" in i for i in found), found

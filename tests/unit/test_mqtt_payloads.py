@@ -23,6 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator, FormatChecker  # type: ignore[import-untyped]
+from test_verification import check as verify
+from test_verification import inputs
 
 from iortd.auditlog.note import Checkpoint, generate_keypair
 from iortd.daemon.entries import summary_data
@@ -71,7 +73,9 @@ from iortd.daemon.tracker import (
     Terminated,
     TrackerEvent,
     TrackerSettings,
+    VerificationChecked,
 )
+from iortd.daemon.verification import public_object
 from iortd.kernel.types import (
     ApplicatorFault,
     ApplicatorIdentity,
@@ -303,6 +307,15 @@ def note(count: int = 12) -> str:
     return cp.signed(generate_keypair("iortd-test"))
 
 
+VERIFICATION = {
+    "outcome": "NOT_VERIFIED", "at": "2026-11-26T10:00:00.000000Z", "trigger": "ready",
+    "reasons": ["dose"], "overridden": [], "prescription_sha256": "ab" * 32,
+    "treatment_id": "T-2026-0042", "plan_id": "IORT-P1", "prescribed_dose_gy": 20.0,
+    "applicator_code": "SPH30", "expected_time_s": 1380.0, "planned_time_s": 1380.0,
+    "preset_gy": 20.5,
+}  # fmt: skip
+
+
 def every_event(d: str = "or-1-20261126T100000000000Z") -> list[TrackerEvent]:
     """One of each tracker event, as the tracker would emit them."""
     alarm = Alarm(
@@ -342,6 +355,8 @@ def every_event(d: str = "or-1-20261126T100000000000Z") -> list[TrackerEvent]:
         ApplicatorAtBeamOn(
             "stand-1", d, ApplicatorIdentity("spherical", 30.0, "SIM-SPH30"), 0.1, 0.0, NS, T0
         ),
+        # Verification before beam-on (issue 18): the MQTT object of one check.
+        VerificationChecked(d, {"delivery_id": d}, VERIFICATION, NS, T0),
         PhaseChanged(d, Phase.IRRADIATING, Phase.TERMINATED, "terminated NORMAL", NS, T0),
         Terminated(d, TerminationStatus.NORMAL, "preset reached", done),
         DeliveryAmended(d, "0.1000 Gy more was given after closing", done),
@@ -1194,3 +1209,14 @@ def test_a_record_that_may_continue_an_earlier_one_names_it_on_the_wire() -> Non
     assert p["continues_reason"].startswith("the selection counter")
     (plain,) = event_payloads(counter(), [DeliveryStarted("or-1-x", NS, T0, 20.0, False)])
     assert "continues" not in plain
+
+
+def test_a_delivery_with_its_verification_validates_every_outcome() -> None:
+    """delivery.verification carries the MQTT object of daemon/verification.py."""
+    for inp in (inputs(), inputs(prescription=None, sha256=None), inputs(already_delivered=True)):
+        obj = public_object(verify(inp), T0)
+        p = delivery_payload(env(), snapshot(verification=obj))
+        check("delivery", p)
+        assert p["delivery"]["verification"] == obj
+        [ev] = event_payloads(env, [VerificationChecked("or-1-x", verify(inp), obj, NS, T0)])
+        check("events", ev)

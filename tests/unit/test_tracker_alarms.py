@@ -23,6 +23,7 @@ from iortd.daemon.tracker import (
     DeliveryTracker,
     Phase,
     Severity,
+    Terminated,
     TrackerEvent,
     TrackerSettings,
 )
@@ -341,3 +342,57 @@ def test_a_band_wider_than_nominal_is_how_a_site_does_without_kv() -> None:
     for _ in range(10):
         c.read(S.IRRADIATING, 0.0)
     assert kv_events(c.events) == []
+
+
+# ---- verification before beam-on (issue 18): raised by the service's checks -------------
+
+
+def _entry(c: Console, outcome: str) -> dict[str, object]:
+    snap = c.tracker.snapshot()
+    assert snap is not None
+    reasons = [] if outcome != "NOT_VERIFIED" else ["dose"]
+    return {"delivery_id": snap.delivery_id, "outcome": outcome, "reasons": reasons,
+            "trigger": "ready"}  # fmt: skip
+
+
+def _rx_alarms(events: list[TrackerEvent]) -> list[AlarmRaised | AlarmCleared]:
+    codes = (AlarmCode.PRESCRIPTION_NOT_VERIFIED, AlarmCode.NO_PRESCRIPTION)
+    return [
+        e for e in events if isinstance(e, AlarmRaised | AlarmCleared) and e.alarm.code in codes
+    ]
+
+
+def test_not_verified_raises_high_a_later_verified_check_clears_it_and_snapshot_has_it() -> None:
+    c = Console()
+    c.read(S.PREPARATORY, 0.0)
+    c.read(S.READY, 0.0)
+    public = {"outcome": "NOT_VERIFIED"}
+    ev = c.tracker.on_verification(_entry(c, "NOT_VERIFIED"), public, 1, T0)
+    (raised,) = _rx_alarms(ev)
+    assert isinstance(raised, AlarmRaised)
+    assert raised.alarm.severity is Severity.HIGH
+    assert "dose" in raised.alarm.message
+    snap = c.tracker.snapshot()
+    assert snap is not None
+    assert snap.verification == public
+    (cleared,) = _rx_alarms(c.tracker.on_verification(_entry(c, "VERIFIED_OVR"), {}, 2, T0))
+    assert isinstance(cleared, AlarmCleared)
+
+
+def test_the_two_verification_alarms_stand_until_the_delivery_ends() -> None:
+    c = Console()
+    c.beam_on_at()
+    c.tracker.on_verification(_entry(c, "NOT_VERIFIED"), {}, 1, T0)
+    (raised,) = _rx_alarms(c.tracker.on_no_prescription(2, T0))
+    assert raised.alarm.code is AlarmCode.NO_PRESCRIPTION
+    c.read(S.IRRADIATING, 50.0)
+    assert len(_rx_alarms(c.tracker.on_no_prescription(3, T0))) == 0  # already standing
+    ended = c.read(S.TERMINATED, 0.0)
+    cleared = _rx_alarms(ended)
+    assert {e.alarm.code for e in cleared} == {
+        AlarmCode.PRESCRIPTION_NOT_VERIFIED,
+        AlarmCode.NO_PRESCRIPTION,
+    }
+    # Cleared before the end entry: they belong to the delivery.
+    end = next(i for i, e in enumerate(ended) if isinstance(e, Terminated))
+    assert all(ended.index(e) < end for e in cleared)
