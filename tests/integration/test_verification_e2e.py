@@ -45,6 +45,7 @@ from test_commands_e2e import (  # the commands' broker, reused
 from iortd.auditlog.command import sign_command
 from iortd.auditlog.note import Signer, generate_keypair, write_keypair
 from iortd.daemon.mqtt.broker import Mosquitto
+from iortd.plan.doserate import output_factor_bytes
 from iortd.plan.model import Tolerances, make_prescription, prescription_dict
 
 pytestmark = pytest.mark.integration
@@ -129,13 +130,14 @@ def rx(
     return prescription_dict(p)
 
 
-async def send(port: int, body: dict[str, Any], signer: Signer, holder: str) -> None:
+async def send(
+    port: int, body: dict[str, Any], signer: Signer, holder: str, kind: str = "prescription"
+) -> None:
     env = sign_command(
-        "prescription", body, signer=signer, holder=holder, site="test-site", room="or-7",
-        ttl_s=300,
-    )  # fmt: skip
+        kind, body, signer=signer, holder=holder, site="test-site", room="or-7", ttl_s=300
+    )
     async with aiomqtt.Client("127.0.0.1", port, identifier="verify-test") as client:
-        await client.publish(CMD + "prescription", orjson.dumps(env), qos=1)
+        await client.publish(CMD + kind, orjson.dumps(env), qos=1)
 
 
 def checked(trigger: str, outcome: str, n: int = 1) -> Callable[[dict[str, Any]], bool]:
@@ -217,6 +219,10 @@ async def test_verification_over_a_wire_simulator(
         for n, (body, _reason) in enumerate(cases, 1):
             await send(port, body, PHYS, "phys-anna")
             await d.seen(checked("prescription", "NOT_VERIFIED", n), f"check {n}")
+        # The day's output factor arriving while READY makes a new check, which uses it.
+        factor = output_factor_bytes(1.0, datetime.now(UTC).date(), "phys-anna", "sim")
+        await send(port, orjson.loads(factor), PHYS, "phys-anna", kind="output_factor")
+        await d.seen(checked("prescription", "NOT_VERIFIED", 4), "the check on the factor")
         await send(port, {**good, "approved_at": rx(minutes_ago=26)["approved_at"]}, PHYS,
                    "phys-anna")  # fmt: skip
         await d.seen(checked("prescription", "VERIFIED"), "the matching prescription")
@@ -253,7 +259,7 @@ async def test_verification_over_a_wire_simulator(
         await d.seen(checked("ready", "NOT_VERIFIED"), "the signer's key removed")
 
     await one_run(tmp_path, broker, both, 2, no_prescription)
-    await one_run(tmp_path, broker, both, 32, mismatches)
+    await one_run(tmp_path, broker, both, 40, mismatches)
     # Each start is a new session: run 3's first daemon is the next one, its restart the
     # one after.
     sessions = [max(m.payload["session"] for m in deliveries.messages if m.topic == DELIVERY)]
@@ -270,17 +276,22 @@ async def test_verification_over_a_wire_simulator(
         ("prescription", "NOT_VERIFIED", ["dose"]),
         ("prescription", "NOT_VERIFIED", ["applicator"]),
         ("prescription", "NOT_VERIFIED", ["time"]),
+        ("prescription", "NOT_VERIFIED", ["time"]),  # the output factor arrived
         ("prescription", "VERIFIED", []),
         ("ready", "NOT_VERIFIED", ["already_delivered"]),
         ("prescription", "VERIFIED", []),
         ("ready", "NOT_VERIFIED", ["signature"]),
     ]
     # Every item checked, with what was expected and what the console said.
-    assert {c["item"] for c in checks[5]["checks"]} == {
+    assert {c["item"] for c in checks[6]["checks"]} == {
         "no_prescription", "signature", "expired", "already_delivered", "applicator", "dose",
         "time", "time_unchecked",
     }  # fmt: skip
-    assert checks[5]["time_basis"]["factor_assumed"] is True
+    assert checks[4]["time_basis"]["factor_assumed"] is True  # before the factor came
+    for c in checks[5:7]:  # the day's factor, from the output_factor command
+        assert c["time_basis"]["factor_assumed"] is False, c["time_basis"]
+        assert c["time_basis"]["output_factor"] == 1.0
+        assert c["time_basis"]["factor_measured_on"] == datetime.now(UTC).date().isoformat()
     alarms = [
         (e["type"], e["data"]["code"])
         for e in entries
@@ -301,7 +312,7 @@ async def test_verification_over_a_wire_simulator(
         ("alarm_raised", "prescription_not_verified"),
     ]
     [used] = [e for e in entries if e["type"] == "prescription_used"]
-    assert used["data"]["prescription_sha256"] == checks[5]["prescription_sha256"]
+    assert used["data"]["prescription_sha256"] == checks[6]["prescription_sha256"]
     kinds = [e["type"] for e in entries]
     assert kinds.index("prescription_used") > kinds.index("verification")
     # Published after the record: the checks on events, the last one on the delivery topic.
