@@ -22,6 +22,7 @@ Expiry, the reader's applicator and every other mismatch are unit-tested on the 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -117,14 +118,14 @@ def write_site(base: Path, url: str, port: str, holders: list[tuple[str, Signer]
 
 def rx(
     *, by: str = "phys-anna", dose: float = PRESET_GY, code: str = "BAL34",
-    diameter: float = 35.0, minutes_ago: float = 30,
+    diameter: float = 35.0, minutes_ago: float = 30, valid: timedelta = timedelta(hours=12),
 ) -> dict[str, Any]:  # fmt: skip
     at = datetime.now(UTC) - timedelta(minutes=minutes_ago)
     p = make_prescription(
         treatment_id="T-2026-0042", plan_id="IORT-P1", fraction=1, fractions=1,
         prescribed_dose_gy=dose, dose_reference="surface", depth_mm=None,
         applicator_code=code, applicator_diameter_mm=diameter, planned_time_s=7.2,
-        approved_by=by, approved_at=at, not_after=at + timedelta(hours=12),
+        approved_by=by, approved_at=at, not_after=at + valid,
         tolerances=Tolerances(),
     )  # fmt: skip
     return prescription_dict(p)
@@ -255,8 +256,17 @@ async def test_verification_over_a_wire_simulator(
             await again.ensure_dead()
         assert again.events("verification_checked") == []
 
+    short: dict[str, Any] = {}
+
     async def removed(d: Daemon) -> None:
         await d.seen(checked("ready", "NOT_VERIFIED"), "the signer's key removed")
+        # Valid for a few seconds more: verified when it comes, expired at the next READY.
+        short.update(rx(minutes_ago=0.5, valid=timedelta(seconds=34)))
+        await send(port, short, PHYS, "phys-anna")
+        await d.seen(checked("prescription", "VERIFIED"), "the short-lived prescription")
+
+    async def expired(d: Daemon) -> None:
+        await d.seen(checked("ready", "NOT_VERIFIED"), "the expired prescription")
 
     await one_run(tmp_path, broker, both, 2, no_prescription)
     await one_run(tmp_path, broker, both, 40, mismatches)
@@ -264,7 +274,11 @@ async def test_verification_over_a_wire_simulator(
     # one after.
     sessions = [max(m.payload["session"] for m in deliveries.messages if m.topic == DELIVERY)]
     await one_run(tmp_path, broker, both, 80, reused, restarted)
-    await one_run(tmp_path, broker, [("phys-anna", PHYS)], 40, removed)
+    await one_run(tmp_path, broker, [("phys-anna", PHYS)], 80, removed)
+    # The next console's READY comes after the prescription's not_after (a known time).
+    not_after = datetime.fromisoformat(short["not_after"])
+    await asyncio.sleep(max(0.0, (not_after - datetime.now(UTC)).total_seconds()) + 0.1)
+    await one_run(tmp_path, broker, [("phys-anna", PHYS)], 80, expired)
     await obs.stop()
     await deliveries.stop()
 
@@ -281,6 +295,8 @@ async def test_verification_over_a_wire_simulator(
         ("ready", "NOT_VERIFIED", ["already_delivered"]),
         ("prescription", "VERIFIED", []),
         ("ready", "NOT_VERIFIED", ["signature"]),
+        ("prescription", "VERIFIED", []),
+        ("ready", "NOT_VERIFIED", ["expired"]),
     ]
     # Every item checked, with what was expected and what the console said.
     assert {c["item"] for c in checks[6]["checks"]} == {
@@ -299,12 +315,15 @@ async def test_verification_over_a_wire_simulator(
                                                                      "prescription_not_verified")
     ]  # fmt: skip
     # Run 1: raised at READY and at beam-on, both cleared at the end; run 2: raised by the
-    # first mismatch, cleared by the matching prescription; runs 3 and 4: raised at READY.
+    # first mismatch, cleared by the matching prescription; runs 3, 4 and 5: raised at READY
+    # (cleared in 3 and 4 by a matching prescription).
     assert alarms == [
         ("alarm_raised", "prescription_not_verified"),
         ("alarm_raised", "no_prescription"),
         ("alarm_cleared", "prescription_not_verified"),
         ("alarm_cleared", "no_prescription"),
+        ("alarm_raised", "prescription_not_verified"),
+        ("alarm_cleared", "prescription_not_verified"),
         ("alarm_raised", "prescription_not_verified"),
         ("alarm_cleared", "prescription_not_verified"),
         ("alarm_raised", "prescription_not_verified"),
@@ -335,5 +354,5 @@ async def test_verification_over_a_wire_simulator(
     assert after_restart[0]["outcome"] == "VERIFIED"
     assert after_restart[0]["trigger"] == "prescription"
     assert verified[-1]["outcome"] == "NOT_VERIFIED"
-    assert verified[-1]["reasons"] == ["signature"]
+    assert verified[-1]["reasons"] == ["expired"]
     assert any(v["outcome"] == "VERIFIED" for v in verified)
