@@ -43,6 +43,7 @@ from test_commands_e2e import (  # the commands' broker, reused
     subscribed,
 )
 
+from iortd.audit import cli as audit_cli
 from iortd.auditlog.command import sign_command
 from iortd.auditlog.note import Signer, generate_keypair, write_keypair
 from iortd.daemon.mqtt.broker import Mosquitto
@@ -356,3 +357,16 @@ async def test_verification_over_a_wire_simulator(
     assert verified[-1]["outcome"] == "NOT_VERIFIED"
     assert verified[-1]["reasons"] == ["expired"]
     assert any(v["outcome"] == "VERIFIED" for v in verified)
+
+    # The auditors' side reads what the daemon wrote: the log verifies, and the governing
+    # check of the delivery that was given is the VERIFIED one, its prescription used.
+    pub = tmp_path / "keys" / "or-7.pub"
+    assert audit_cli.main(["verify", str(tmp_path / "log"), "--pubkey", str(pub)]) == 0
+    given = checks[6]["delivery_id"]
+    out = tmp_path / "given.json"
+    argv = ["export", str(tmp_path / "log"), "--delivery", given, "--pubkey", str(pub)]
+    assert audit_cli.main([*argv, "--format", "json", "--out", str(out)]) == 0
+    pv = orjson.loads(out.read_bytes())["prescription_verification"]
+    assert pv["outcome"] == "VERIFIED"
+    assert pv["prescription_used_seq"] == used["seq"]
+    assert not pv["checked_only_at_or_after_beam_on"]
