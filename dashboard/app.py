@@ -46,6 +46,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from iortd.dashboard.hub import CLOSED, Hub
+from iortd.dashboard.login import Auth
 from iortd.dashboard.metrics import build_registry
 
 __all__ = ["DEFAULT_HOSTS", "SECURITY_HEADERS", "STATIC", "build_app", "host_name"]
@@ -142,6 +143,7 @@ def build_app(
     stale_after_s: float,
     history_points: int,
     allowed_hosts: Sequence[str] = DEFAULT_HOSTS,
+    auth: Auth | None = None,
 ) -> ASGIApp:
     config = {
         "stale_after_s": stale_after_s,
@@ -155,11 +157,25 @@ def build_app(
     async def page(request: Request) -> Response:
         return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
 
+    async def refused(request: Request) -> Response | None:
+        if auth is None or await auth.may_view(request):
+            return None
+        return JSONResponse({"error": "log in to see the rooms"}, status_code=401)
+
+    async def session_info(request: Request) -> Response:
+        if auth is None:
+            return JSONResponse({"auth": False, "anonymous_view": True, "session": None})
+        return await auth.session_info(request)
+
     async def snapshot(request: Request) -> Response:
+        if (no := await refused(request)) is not None:
+            return no
         snap = hub.snapshot(_room_param(request), _site_param(request))
         return JSONResponse({"config": config, **snap})
 
     async def events(request: Request) -> Response:
+        if (no := await refused(request)) is not None:
+            return no
         only, site = _room_param(request), _site_param(request)
         # Subscribe before the snapshot, in the same step of the loop: nothing accepted
         # between the two can be missed.
@@ -201,6 +217,15 @@ def build_app(
             Route("/room/{site}/{room}", page),
             Route("/events", events),
             Route("/api/snapshot", snapshot),
+            Route("/api/session", session_info),
+            *(
+                [
+                    Route("/api/login", auth.login, methods=["POST"]),
+                    Route("/api/logout", auth.action("logout", auth.logout), methods=["POST"]),
+                ]
+                if auth is not None
+                else []
+            ),
             Route("/metrics", _Asgi(make_asgi_app(build_registry(hub)))),
             Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
         ],

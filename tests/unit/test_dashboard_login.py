@@ -1,0 +1,365 @@
+"""The dashboard's login over its real ASGI app, in process, with a real account store (low
+argon2 cost, users/kdf.py's TEST_COST) and a real access record: login and the cookie,
+one answer for every failure, the back-off (429, Retry-After, on the test's clock), logout,
+CSRF and same-origin on every state-changing request, the role table, the data endpoints
+behind a session unless the client may see without one, a disabled account losing its
+session at the next request, and the access record (no password in it)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, MutableMapping
+from dataclasses import dataclass, field
+from http.cookies import SimpleCookie
+from ipaddress import ip_network
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import orjson
+import pytest
+from starlette.responses import JSONResponse
+from starlette.routing import request_response
+
+from iortd.auditlog.verify import collect_files, iter_entries
+from iortd.dashboard import login as login_mod
+from iortd.dashboard.app import build_app
+from iortd.dashboard.hub import Hub
+from iortd.dashboard.login import Auth, AuthSettings
+from iortd.dashboard.state import Rooms
+from iortd.users.access import ACCESS_DIR, ACCESS_TYPES, AccessRecord
+from iortd.users.changes import open_session
+from iortd.users.kdf import TEST_COST
+from iortd.users.store import load_store
+
+PW_ADMIN = "violet harbour lantern 42"
+PW_ANNA = "seven quiet birches by the lake"
+PW_VIC = "a viewer who watches the screens"
+PW_TEMP = "temporary-but-long-enough-1"
+ORIGIN = "http://127.0.0.1:8080"
+
+
+def make_store(d: Path) -> Path:
+    s = open_session(d, cost=TEST_COST, create=True)
+    try:
+        s.init("admin-eva", "E. Admin", set(), PW_ADMIN)
+        admin = s.admin("admin-eva", PW_ADMIN)
+        s.add(admin, "phys-anna", "A. Example, MPE", {"physicist"}, None, PW_TEMP)
+        s.add(admin, "viewer-vic", "V. Viewer", {"viewer"}, None, PW_TEMP)
+    finally:
+        s.close()
+    for holder, pw in (("phys-anna", PW_ANNA), ("viewer-vic", PW_VIC)):
+        s = open_session(d, cost=TEST_COST)
+        try:
+            s.passwd(holder, PW_TEMP, pw)
+        finally:
+            s.close()
+    return d
+
+
+def disable(d: Path, holder: str) -> None:
+    s = open_session(d, cost=TEST_COST)
+    try:
+        s.set_state(s.admin("admin-eva", PW_ADMIN), holder, enable=False, reason="left")
+    finally:
+        s.close()
+
+
+@dataclass
+class Clock:
+    t: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@dataclass
+class Browser:
+    """Cookies kept like a browser's, requests as ASGI calls."""
+
+    app: Any
+    client: str = "10.1.2.3"
+    cookies: dict[str, str] = field(default_factory=dict)
+
+    async def call(
+        self, method: str, path: str, *, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, list[str]], Any]:
+        heads = {"host": "127.0.0.1:8080", **(headers or {})}
+        if self.cookies:
+            heads["cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        path, _, query = path.partition("?")
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
+            "query_string": query.encode(), "root_path": "",
+            "headers": [(k.encode(), v.encode()) for k, v in heads.items()],
+            "client": (self.client, 50000), "server": ("127.0.0.1", 8080),
+        }  # fmt: skip
+        sent: list[MutableMapping[str, Any]] = []
+        chunks = [body]
+        never = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            if chunks:
+                return {"type": "http.request", "body": chunks.pop(), "more_body": False}
+            await never.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: MutableMapping[str, Any]) -> None:
+            sent.append(message)
+
+        async with asyncio.timeout(10):
+            await self.app(scope, receive, send)
+        start = sent[0]
+        got: dict[str, list[str]] = {}
+        for k, v in start["headers"]:
+            got.setdefault(k.decode().lower(), []).append(v.decode())
+        for raw in got.get("set-cookie", []):
+            c = SimpleCookie()
+            c.load(raw)
+            for name, morsel in c.items():
+                if morsel["max-age"] == "0":
+                    self.cookies.pop(name, None)
+                else:
+                    self.cookies[name] = morsel.value
+        data = b"".join(m.get("body", b"") for m in sent[1:])
+        try:
+            parsed = orjson.loads(data) if data else None
+        except orjson.JSONDecodeError:
+            parsed = data
+        return start["status"], got, parsed
+
+    async def login(
+        self, holder: str, password: str, **kw: Any
+    ) -> tuple[int, dict[str, list[str]], Any]:
+        _, _, info = await self.call("GET", "/api/session")
+        token = kw.pop("token", info["login_csrf"])
+        return await self.call(
+            "POST",
+            "/api/login",
+            body=urlencode({"holder": holder, "password": password}).encode(),
+            headers={
+                "content-type": "application/x-www-form-urlencoded",
+                "origin": kw.pop("origin", ORIGIN),
+                "x-csrf-token": token,
+            },
+        )
+
+
+@dataclass
+class Rig:
+    auth: Auth
+    app: Any
+    clock: Clock
+    users: Path
+
+    def browser(self, client: str = "10.1.2.3") -> Browser:
+        return Browser(self.app, client)
+
+    def entries(self) -> list[dict[str, Any]]:
+        files = collect_files([self.users / ACCESS_DIR])
+        entries = [orjson.loads(line) for _, _, line in iter_entries(files)]
+        return [e for e in entries if e["type"] in ACCESS_TYPES]
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    users = await asyncio.to_thread(make_store, tmp_path / "users")  # iort-users runs its own loop
+    record = await AccessRecord.open(users / ACCESS_DIR)
+    task = asyncio.create_task(record.run())
+    clock = Clock()
+    settings = AuthSettings(
+        users, idle_s=900, max_s=43200, anonymous_view=(ip_network("10.9.0.0/24"),)
+    )
+    auth = Auth(settings, load_store(users), record, clock=clock)
+    hub = Hub(Rooms("iort"), "mqtt://127.0.0.1:1883", clock=lambda: 0.0)
+    app = build_app(hub, stale_after_s=5, history_points=100, auth=auth)
+    try:
+        yield Rig(auth, app, clock, users)
+    finally:
+        await record.close()
+        await task
+
+
+async def test_login_sets_an_httponly_strict_cookie_and_shows_the_session(rig: Rig) -> None:
+    b = rig.browser()
+    assert (await b.call("GET", "/api/snapshot"))[0] == 401  # no session, not a room display
+    status, heads, body = await b.login("phys-anna", PW_ANNA)
+    assert status == 200, body
+    cookie = next(c for c in heads["set-cookie"] if c.startswith("iort_session="))
+    assert "HttpOnly" in cookie
+    assert "SameSite=Strict" in cookie
+    assert "Path=/" in cookie
+    assert "Secure" not in cookie  # no TLS here
+    sid = b.cookies["iort_session"]
+    assert sid not in orjson.dumps(body).decode()  # the id only in the cookie
+    _, _, info = await b.call("GET", "/api/session")
+    assert info["session"]["holder"] == "phys-anna"
+    assert info["session"]["name"] == "A. Example, MPE"
+    assert info["session"]["roles"] == ["physicist"]
+    assert (await b.call("GET", "/api/snapshot"))[0] == 200
+    # the physicist's key is held for the session, in memory
+    (s,) = rig.auth.book.of("phys-anna")
+    assert s.signer is not None
+    assert s.signer.name == "phys-anna"
+
+
+async def test_a_second_login_rotates_the_id(rig: Rig) -> None:
+    b = rig.browser()
+    await b.login("viewer-vic", PW_VIC)
+    first = b.cookies["iort_session"]
+    await b.login("viewer-vic", PW_VIC)
+    assert b.cookies["iort_session"] != first
+    assert first not in rig.auth.book
+    assert len(rig.auth.book) == 1
+
+
+async def test_every_failure_gets_one_answer_and_the_back_off_grows(rig: Rig) -> None:
+    b = rig.browser()
+    s1, h1, wrong = await b.login("phys-anna", "not the right password at all")
+    assert (s1, h1["retry-after"]) == (401, ["1"])
+    rig.clock.t += 1
+    s2, _, unknown = await b.login("nobody-here", PW_ANNA)
+    assert s2 == 401
+    assert (
+        wrong["error"] == unknown["error"] == "unknown user, wrong password, or account not active"
+    )
+    # the second failure from this address: 2 s before the next attempt is judged
+    status, heads, body = await b.login("phys-anna", PW_ANNA)
+    assert status == 429
+    assert heads["retry-after"] == ["2"]
+    assert body["retry_after_s"] == 2
+    assert "iort_session" not in b.cookies
+    # another address, same holder: the holder's own back-off (1 s) has passed
+    other = rig.browser("10.7.7.7")
+    rig.clock.t += 1
+    assert (await other.login("phys-anna", PW_ANNA))[0] == 200
+    rig.clock.t += 2
+    assert (await b.login("phys-anna", PW_ANNA))[0] == 200  # judged, and a success clears it
+    assert rig.auth.backoff.failures("ip:10.1.2.3") == 0
+
+
+async def test_the_holder_backs_off_across_addresses(rig: Rig) -> None:
+    for i in range(3):
+        await rig.browser(f"10.5.0.{i}").login("phys-anna", "not the right password at all")
+        rig.clock.t += 0.1 if i < 2 else 0
+    status, _, body = await rig.browser("10.5.0.99").login("phys-anna", PW_ANNA)
+    assert status == 429, body
+
+
+async def test_logout_ends_the_session_and_needs_its_csrf_token(rig: Rig) -> None:
+    b = rig.browser()
+    _, _, body = await b.login("phys-anna", PW_ANNA)
+    csrf = body["session"]["csrf"]
+    heads = {"origin": ORIGIN}
+    assert (await b.call("POST", "/api/logout", headers=heads))[0] == 403  # no token
+    assert (await b.call("POST", "/api/logout", headers={**heads, "x-csrf-token": "x" * 43}))[
+        0
+    ] == 403
+    evil = {"origin": "http://evil.example", "x-csrf-token": csrf}
+    assert (await b.call("POST", "/api/logout", headers=evil))[0] == 403
+    assert (await b.call("POST", "/api/logout", headers={"x-csrf-token": csrf}))[
+        0
+    ] == 403  # no origin
+    assert (await b.call("GET", "/api/logout"))[0] == 405  # GET never changes state
+    assert len(rig.auth.book) == 1
+    ref = {"referer": ORIGIN + "/room/a/b", "x-csrf-token": csrf}
+    status, _, _ = await b.call("POST", "/api/logout", headers=ref)
+    assert status == 200
+    assert len(rig.auth.book) == 0
+    assert "iort_session" not in b.cookies
+    assert (await b.call("GET", "/api/snapshot"))[0] == 401
+    assert rig.auth.refused["csrf"] == 2
+    assert rig.auth.refused["cross_origin"] == 2
+
+
+async def test_login_needs_its_csrf_token_and_same_origin(rig: Rig) -> None:
+    b = rig.browser()
+    assert (
+        await b.login(
+            "phys-anna",
+            PW_ANNA,
+            token="made.up",  # noqa: S106 - a CSRF token, not a password
+        )
+    )[0] == 403
+    assert (await b.login("phys-anna", PW_ANNA, origin="http://evil.example"))[0] == 403
+    # a token from another browser (its cookie is not ours)
+    _, _, theirs = await rig.browser("10.4.4.4").call("GET", "/api/session")
+    assert (await b.login("phys-anna", PW_ANNA, token=theirs["login_csrf"]))[0] == 403
+    assert len(rig.auth.book) == 0
+    assert rig.auth.backoff.failures("ip:10.1.2.3") == 0  # refused before judging
+
+
+async def test_the_role_table_is_enforced_on_each_action(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(login_mod.ACTIONS, "sign", frozenset({"physicist"}))
+
+    async def sign(request: Any, s: Any) -> Any:
+        return JSONResponse({"signed_by": s.holder})
+
+    guarded = request_response(rig.auth.action("sign", sign))
+    for holder, pw, want in (("viewer-vic", PW_VIC, 403), ("phys-anna", PW_ANNA, 200)):
+        b = rig.browser()
+        _, _, body = await b.login(holder, pw)
+        b.app = guarded  # the same cookies, sent to the guarded endpoint
+        heads = {"origin": ORIGIN, "x-csrf-token": body["session"]["csrf"]}
+        status, _, got = await b.call("POST", "/api/sign", headers=heads)
+        assert status == want, got
+    with pytest.raises(KeyError):
+        rig.auth.action("not-in-the-table", sign)
+
+
+async def test_a_room_display_sees_without_login_and_others_do_not(rig: Rig) -> None:
+    display = rig.browser("10.9.0.17")
+    assert (await display.call("GET", "/api/snapshot"))[0] == 200
+    _, _, info = await display.call("GET", "/api/session")
+    assert info["auth"] is True
+    assert info["anonymous_view"] is True
+    assert info["session"] is None
+    corridor = rig.browser("10.9.1.17")
+    assert (await corridor.call("GET", "/api/snapshot"))[0] == 401
+    assert (await corridor.call("GET", "/events"))[0] == 401
+    assert (await corridor.call("GET", "/"))[0] == 200  # the page itself holds no data
+
+
+async def test_a_disabled_account_loses_its_session_at_the_next_request(rig: Rig) -> None:
+    b = rig.browser()
+    await b.login("phys-anna", PW_ANNA)
+    await asyncio.to_thread(disable, rig.users, "phys-anna")
+    rig.clock.t += 1.5  # the store is looked at once a second at most
+    assert (await b.call("GET", "/api/snapshot"))[0] == 401
+    assert len(rig.auth.book) == 0
+
+
+async def test_idle_expiry_is_recorded_and_nothing_secret_is(rig: Rig) -> None:
+    b = rig.browser()
+    await b.login("phys-anna", "not the right password at all")
+    rig.clock.t += 1
+    await b.login("nobody-typed-this", "some other secret password")
+    rig.clock.t += 2
+    _, _, body = await b.login("phys-anna", PW_ANNA)
+    sid, csrf = b.cookies["iort_session"], body["session"]["csrf"]
+    rig.clock.t += 901
+    assert (await b.call("GET", "/api/snapshot"))[0] == 401
+    types = [(e["type"], e["data"].get("holder"), e["data"].get("reason")) for e in rig.entries()]
+    assert types == [
+        ("login_failed", "phys-anna", None),
+        ("login_failed", None, None),
+        ("login", "phys-anna", None),
+        ("session_ended", "phys-anna", "idle"),
+    ]
+    login = rig.entries()[2]["data"]
+    assert login["client"] == "10.1.2.3"
+    assert login["sig"]
+    assert login["by_key"]
+    text = b"".join(p.read_bytes() for p in (rig.users / ACCESS_DIR).iterdir() if p.is_file())
+    for secret in (
+        PW_ANNA,
+        "not the right password",
+        "some other secret",
+        "nobody-typed-this",
+        sid,
+        csrf,
+    ):
+        assert secret.encode() not in text, secret
