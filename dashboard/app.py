@@ -179,6 +179,7 @@ def build_app(
         only, site = _room_param(request), _site_param(request)
         # Subscribe before the snapshot, in the same step of the loop: nothing accepted
         # between the two can be missed.
+        sid = auth.streaming_session(request) if auth is not None else None
         sub = hub.subscribe(only, site)
         first = {"config": config, "only": only, "site": site, **hub.snapshot(only, site)}
 
@@ -200,6 +201,8 @@ def build_app(
                     if item is not None:
                         yield _sse(item.event, item.data)
                     if loop.time() >= next_tick:
+                        if sid is not None and auth is not None and not auth.alive(sid):
+                            return  # the session ended: so does what it was allowed to see
                         yield _sse("tick", hub.tick(sub))
                         next_tick = loop.time() + TICK_S
             finally:

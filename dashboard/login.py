@@ -34,6 +34,11 @@ sessions at its next request or the next sweep, whichever comes first; a role ta
 is taken from its sessions too; a store that no longer checks (users/api.py,
 ``load_checked_store``) ends every session and refuses logins until it checks again.
 
+**Activity** is what the user does: a page load, a login, a state-changing request. The
+page's periodic check (``/api/session?peek=1``) and an open stream are not: the idle end
+comes 15 minutes (``--session-idle``) after the user's last act however long the page
+stays open, and the open stream ends with the session (the sweep ends it within a second).
+
 **Seeing without a login** (``--anonymous-view CIDR``): a client whose address is in one of
 the listed networks (the room's own display) sees rooms and alarms without a login, and
 can still log in to act. Every other client needs a session for the data (``/events``,
@@ -190,8 +195,10 @@ class Auth:
             await self._ended(e)
         await self.refresh_store()
 
-    async def session(self, request: Request) -> Session | None:
-        s, ended = self.book.lookup(request.cookies.get(SESSION_COOKIE), self.clock())
+    async def session(self, request: Request, *, touch: bool = True) -> Session | None:
+        """The request's live session; ``touch`` false: the look does not count as the
+        user's activity (the page's periodic check, module doc)."""
+        s, ended = self.book.lookup(request.cookies.get(SESSION_COOKIE), self.clock(), touch=touch)
         if ended is not None:
             await self._ended(ended)
         if s is not None:
@@ -268,8 +275,18 @@ class Auth:
 
     # ---- the endpoints -----------------------------------------------------------------
 
+    def streaming_session(self, request: Request) -> str | None:
+        """The session id a data stream must end with (None: this client may see without
+        one). An open stream is not activity: it never restarts the idle clock."""
+        if self.anonymous_view(request):
+            return None
+        return request.cookies.get(SESSION_COOKIE)
+
+    def alive(self, sid: str) -> bool:
+        return sid in self.book
+
     async def session_info(self, request: Request) -> Response:
-        s = await self.session(request)
+        s = await self.session(request, touch=request.query_params.get("peek") != "1")
         nonce = request.cookies.get(LOGIN_COOKIE)
         if not nonce or len(nonce) > 64:
             nonce, token = self.tokens.issue()

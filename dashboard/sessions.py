@@ -132,9 +132,12 @@ class SessionBook:
         self._by_id[s.sid] = s
         return s, ended
 
-    def lookup(self, sid: str | None, now: float) -> tuple[Session | None, Expired | None]:
-        """The live session ``sid`` names, its idle clock restarted; or None and, when it
-        had just ended, why."""
+    def lookup(
+        self, sid: str | None, now: float, *, touch: bool = True
+    ) -> tuple[Session | None, Expired | None]:
+        """The live session ``sid`` names, its idle clock restarted (unless ``touch`` is
+        false: a look that is not the user's doing); or None and, when it had just ended,
+        why."""
         s = self._by_id.get(sid) if sid else None
         if s is None:
             return None, None
@@ -142,7 +145,8 @@ class SessionBook:
         if why is not None:
             del self._by_id[s.sid]
             return None, Expired(s.holder, why, now - s.created)
-        s.last_seen = now
+        if touch:
+            s.last_seen = now
         return s, None
 
     def drop(self, sid: str) -> Session | None:
