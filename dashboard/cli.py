@@ -452,6 +452,8 @@ async def _serve(
                 web.cancel(msg="shutdown timed out")
             mqtt.cancel(msg="shutdown")
             sweeper.cancel(msg="shutdown")
+            if auth is not None:
+                await auth.end_all("stopped")
             if record is not None and writer is not None:
                 await record.close()  # the access record last: its writer ends by itself
                 await asyncio.wait({writer}, timeout=SHUTDOWN_TIMEOUT_S)

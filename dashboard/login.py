@@ -189,6 +189,14 @@ class Auth:
         except AccessRecordError as exc:
             log.error("access_record_failed", error=str(exc))  # noqa: TRY400 - named, no traceback
 
+    async def end_all(self, reason: str) -> None:
+        """End every session (the dashboard is stopping: the record says so for each)."""
+        now = self.clock()
+        for holder in sorted(self.book.holders()):
+            for s in self.book.drop_holder(holder):
+                s.signer = None
+                await self._ended(Expired(holder, reason, now - s.created))
+
     async def sweep(self) -> None:
         """End expired sessions (and, with the store's re-check, disallowed ones)."""
         for e in self.book.sweep(self.clock()):

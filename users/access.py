@@ -18,11 +18,13 @@ Entries (``data``):
 ``login_refused``     ``holder``, ``reason`` (``password_change_required``), ``client``
 ``logout``            ``holder``, ``client``
 ``session_ended``     ``holder``, ``reason`` (``idle``, ``absolute``, ``evicted``,
-                      ``account_inactive``, ``store_unusable``), ``age_s``
+                      ``account_inactive``, ``store_unusable``, ``stopped``), ``age_s``
 ====================  ===================================================================
 
-Never a password, a hash, a session id, a CSRF token or a key. The client is the address
-the dashboard saw (a proxy's, behind one).
+Never a password, a hash, a session id, a CSRF token or a key. Sessions live in the
+dashboard's memory only: a ``login`` with no later ``logout`` or ``session_ended`` for it
+means the dashboard was killed (a clean stop writes ``session_ended``, ``stopped``, for
+each). The client is the address the dashboard saw (a proxy's, behind one).
 """
 
 from __future__ import annotations

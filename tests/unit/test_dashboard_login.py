@@ -8,6 +8,7 @@ session at the next request, and the access record (no password in it)."""
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
@@ -22,6 +23,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import request_response
 
 from iortd.auditlog.verify import collect_files, iter_entries
+from iortd.dashboard import cli
 from iortd.dashboard import login as login_mod
 from iortd.dashboard.app import build_app
 from iortd.dashboard.hub import Hub
@@ -363,3 +365,74 @@ async def test_idle_expiry_is_recorded_and_nothing_secret_is(rig: Rig) -> None:
         csrf,
     ):
         assert secret.encode() not in text, secret
+
+
+async def test_a_peek_is_not_activity_and_an_open_stream_ends_with_its_session(rig: Rig) -> None:
+    b = rig.browser()
+    await b.login("viewer-vic", PW_VIC)
+    rig.clock.t += 800
+    _, _, peek = await b.call("GET", "/api/session?peek=1")
+    assert peek["session"]["holder"] == "viewer-vic"
+    rig.clock.t += 100  # 900 s after the login: the peek did not restart the idle clock
+    _, _, gone = await b.call("GET", "/api/session?peek=1")
+    assert gone["session"] is None
+
+    await b.login("viewer-vic", PW_VIC)
+    stream = asyncio.create_task(b.call("GET", "/events"))
+    done, _ = await asyncio.wait({stream}, timeout=0.3)
+    assert not done, "the stream should stay open while the session lives"
+    rig.clock.t += 901
+    await rig.auth.sweep()
+    status, _, _ = await asyncio.wait_for(stream, timeout=5)  # ends at its next tick (1 s)
+    assert status == 200
+    assert len(rig.auth.book) == 0
+
+
+async def test_a_stop_ends_every_session_on_the_record(rig: Rig) -> None:
+    await rig.browser().login("phys-anna", PW_ANNA)
+    await rig.browser("10.3.3.3").login("viewer-vic", PW_VIC)
+    await rig.auth.end_all("stopped")
+    assert len(rig.auth.book) == 0
+    ended = [(e["data"]["holder"], e["data"]["reason"]) for e in rig.entries()[2:]]
+    assert ended == [("phys-anna", "stopped"), ("viewer-vic", "stopped")]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--anonymous-view", "10.0.0.0/8"], "--anonymous-view: only with --users-dir"),
+        (["--users-dir", "U", "--anonymous-view", "room-7"], "--anonymous-view: 'room-7'"),
+        (["--users-dir", "U", "--session-idle", "30"], "--session-idle: must be 60..86400"),
+        (["--users-dir", "U", "--session-idle", "900", "--session-max", "600"], "--session-max"),
+        (["--users-dir", "missing"], "--users-dir: --dir"),
+        (["--tls-cert", "c.pem"], "--tls-cert and --tls-key go together"),
+        (["--tls-cert", "c.pem", "--tls-key", "nothing.key"], "--tls-key: cannot read"),
+        (["--tls-cert", "c.pem", "--tls-key", "open.key"], "readable by others"),
+        (["--tls-cert", "c.pem", "--tls-key", "k.key"], "not a PEM certificate and its key"),
+    ],
+)
+def test_login_and_tls_flags_are_checked_at_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str], message: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    make_store(tmp_path / "U")
+    (tmp_path / "c.pem").write_text("not a certificate\n")
+    (tmp_path / "k.key").write_text("not a key\n")
+    (tmp_path / "k.key").chmod(0o600)
+    (tmp_path / "open.key").write_text("not a key\n")
+    (tmp_path / "open.key").chmod(0o644)
+    args = cli._parser().parse_args(["--broker", "mqtt://127.0.0.1", *argv])
+    with pytest.raises(cli.UsageError, match=re.escape(message)):
+        cli.auth_from_args(args, secure=cli.tls_from_args(args) is not None)
+
+
+def test_the_login_flags_make_their_settings(tmp_path: Path) -> None:
+    make_store(tmp_path / "U")
+    argv = ["--broker", "mqtt://127.0.0.1", "--users-dir", str(tmp_path / "U")]
+    argv += ["--anonymous-view", "10.20.30.41", "--anonymous-view", "fd00::/8"]
+    got = cli.auth_from_args(cli._parser().parse_args(argv), secure=True)
+    assert got is not None
+    settings, store = got
+    assert settings.anonymous_view == (ip_network("10.20.30.41/32"), ip_network("fd00::/8"))
+    assert (settings.idle_s, settings.max_s, settings.secure) == (900, 43200, True)
+    assert "phys-anna" in store.users
