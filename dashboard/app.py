@@ -12,6 +12,10 @@ Routes:
   alive; reject counters and diagnostics).
 * ``/api/snapshot`` (``?room=`` / ``?site=``): the same snapshot as JSON, for scripts,
   tests and diagnostics (``diagnostics``: what was rejected, per reason and per room).
+* ``/api/session``, and with a login (``--users-dir``, dashboard/login.py) ``POST
+  /api/login`` and ``POST /api/logout``; with a login, ``/events`` and ``/api/snapshot``
+  answer 401 to a client that has no session and may not see without one, and an open
+  stream ends when its session does.
 * ``/metrics``: the dashboard's own Prometheus metrics (dashboard/metrics.py): viewers,
   messages received and rejected per topic kind, rooms, the broker connection.
 * ``/static/...``: scripts, styles and fonts, all from this package. Nothing is loaded from

@@ -2,10 +2,15 @@
 
 Exit status: 0 after a requested stop (SIGINT/SIGTERM); 2 for a usage or configuration
 error (a bad broker URL, a password that cannot be read, a port in use, a limit out of
-range), named on stderr. The byte limits and the age-out bound go to `iortd.dashboard.state`;
-the allowed hosts to `iortd.dashboard.app.TrustedHosts`.
-On start it prints one line to stdout, ``iort-dashboard: serving http://HOST:PORT/``,
-so that a script (``iortd demo``) can learn the port when ``--port 0`` picked it.
+range, an account store that does not check or is in use by another dashboard, a TLS
+certificate and key that cannot be used), named on stderr. The byte limits and the
+age-out bound go to `iortd.dashboard.state`; the allowed hosts to
+`iortd.dashboard.app.TrustedHosts`. With ``--users-dir`` it builds the login
+(dashboard/login.py) and runs the access record's writer (users/access.py) in its task
+group; at a stop it records the end of every session, then closes the record.
+On start it prints one line to stdout, ``iort-dashboard: serving http://HOST:PORT/``
+(``https://`` with ``--tls-cert``), so that a script (``iortd demo``) can learn the port
+when ``--port 0`` picked it.
 """
 
 from __future__ import annotations
