@@ -428,6 +428,10 @@ async def _serve(
         lifespan="off",
         timeout_graceful_shutdown=int(SHUTDOWN_TIMEOUT_S / 2),
         ws="none",
+        # X-Forwarded-For/-Proto are not trusted from anyone (uvicorn trusts them from
+        # 127.0.0.1 by default): the client's address decides anonymous view and the
+        # back-off, and the scheme the same-origin check.
+        proxy_headers=False,
         ssl_certfile=tls[0] if tls else None,
         ssl_keyfile=tls[1] if tls else None,
     )

@@ -155,6 +155,15 @@ async def test_over_tls_the_cookie_is_secure_and_unguarded_posts_are_refused(
             # no session, no token: refused
             status, _, _ = _https(port, ctx, "POST", "/api/logout", headers={"origin": origin})
             assert status == 401
+            # a client on the host cannot re-label the request through proxy headers: an
+            # http:// origin stays cross-origin over https (uvicorn's proxy headers are off)
+            forged = {
+                "origin": f"http://localhost:{port}",
+                "x-forwarded-proto": "http",
+                "x-forwarded-for": "10.20.30.41",
+            }
+            status, _, refusal = _https(port, ctx, "POST", "/api/logout", headers=forged)
+            assert (status, refusal.get("reason")) == (403, "cross_origin")
             form = urlencode({"holder": "phys-anna", "password": PW_PHYS})
             heads_in = {
                 "origin": origin,
