@@ -233,7 +233,7 @@ def build_app(
                 if auth is not None
                 else []
             ),
-            Route("/metrics", _Asgi(make_asgi_app(build_registry(hub)))),
+            Route("/metrics", _Asgi(make_asgi_app(build_registry(hub, auth)))),
             Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
         ],
     )

@@ -134,7 +134,10 @@ class Auth:
         self.book = SessionBook(idle_s=settings.idle_s, max_s=settings.max_s)
         self.backoff = Backoff()
         self.tokens = LoginTokens()
-        self.refused: Counter[str] = Counter()
+        self.refused: Counter[str] = (
+            Counter()
+        )  # by reason: cross_origin, csrf, no_session, role, backoff
+        self.logins: Counter[str] = Counter()  # judged, by outcome: ok, failed, refused
         self._slots = asyncio.Semaphore(UNLOCK_SLOTS)
         self._stat = self._store_stat()
         self._checked_at = clock()
@@ -373,8 +376,10 @@ class Auth:
         except TimeoutError:
             return _json(503, {"error": "busy: try again in a moment"}, {"retry-after": "5"})
         except AuthError:
+            self.logins["failed"] += 1
             return await self._failed(request, holder, store, keys)
         except PasswordChangeRequired:
+            self.logins["refused"] += 1
             await self._record(
                 "login_refused",
                 {"holder": holder, "reason": "password_change_required", "client": client},
@@ -391,6 +396,7 @@ class Auth:
         except AccessRecordError as exc:
             log.error("access_record_failed", error=str(exc))  # noqa: TRY400 - named, no traceback
             return _json(503, {"error": "the login cannot be recorded; see the dashboard's log"})
+        self.logins["ok"] += 1
         for k in keys:
             self.backoff.success(k)
         s, evicted = self.book.create(

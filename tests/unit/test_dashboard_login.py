@@ -436,3 +436,19 @@ def test_the_login_flags_make_their_settings(tmp_path: Path) -> None:
     assert settings.anonymous_view == (ip_network("10.20.30.41/32"), ip_network("fd00::/8"))
     assert (settings.idle_s, settings.max_s, settings.secure) == (900, 43200, True)
     assert "phys-anna" in store.users
+
+
+async def test_logins_and_refusals_are_counted_in_the_metrics(rig: Rig) -> None:
+    b = rig.browser()
+    await b.login("phys-anna", "not the right password at all")
+    await b.login("phys-anna", PW_ANNA, token="x.y")  # noqa: S106 - a CSRF token
+    rig.clock.t += 1
+    await b.login("phys-anna", PW_ANNA)
+    status, _, text = await b.call("GET", "/metrics")
+    assert status == 200
+    body = text.decode()
+    assert 'iort_dashboard_logins_total{outcome="failed"} 1.0' in body
+    assert 'iort_dashboard_logins_total{outcome="ok"} 1.0' in body
+    assert 'iort_dashboard_requests_refused_total{reason="csrf"} 1.0' in body
+    assert "iort_dashboard_sessions 1.0" in body
+    assert "phys-anna" not in body
