@@ -15,9 +15,11 @@ changes state.
   take the host's memory or the event loop), then the access record (users/access.py)
   *before* the answer: a login that cannot be recorded is refused (503). On success a new
   session id in the cookie ``iort_session`` (``HttpOnly; SameSite=Strict; Path=/``, and
-  ``Secure`` over TLS), the old session of that browser ended first. On failure one answer
-  for every cause (401, users/api.py's message) and the back-off grows for the client's
-  address and the holder typed.
+  ``Secure`` over TLS), the old session of that browser ended first, and a device cookie
+  ``iort_device`` (sessions.py, ``DeviceCookies``; 30 days, this process's key). On failure
+  one answer for every cause (401, users/api.py's message) and the back-off grows for the
+  client's address and the holder typed (for a browser with the holder's device cookie:
+  for that cookie instead of the holder).
 * ``POST /api/logout``: ends the session; recorded.
 
 **Every state-changing request** goes through :meth:`Auth.action` with a name from
@@ -64,7 +66,15 @@ import structlog
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from iortd.dashboard.sessions import Backoff, Expired, LoginTokens, Session, SessionBook, csrf_ok
+from iortd.dashboard.sessions import (
+    Backoff,
+    DeviceCookies,
+    Expired,
+    LoginTokens,
+    Session,
+    SessionBook,
+    csrf_ok,
+)
 from iortd.users import AuthError, PasswordChangeRequired, Store, StoreError, load_checked_store
 from iortd.users import unlock as users_unlock
 from iortd.users.access import AccessRecord, AccessRecordError
@@ -77,6 +87,8 @@ log = structlog.get_logger("iort_dashboard.login")
 
 SESSION_COOKIE = "iort_session"
 LOGIN_COOKIE = "iort_login"
+DEVICE_COOKIE = "iort_device"
+DEVICE_MAX_AGE_S = 30 * 86400
 CSRF_HEADER = "x-csrf-token"
 MAX_FORM_BYTES = 4096
 BODY_TIMEOUT_S = 10.0
@@ -134,6 +146,7 @@ class Auth:
         self.book = SessionBook(idle_s=settings.idle_s, max_s=settings.max_s)
         self.backoff = Backoff()
         self.tokens = LoginTokens()
+        self.devices = DeviceCookies()
         self.refused: Counter[str] = (
             Counter()
         )  # by reason: cross_origin, csrf, no_session, role, backoff
@@ -353,7 +366,10 @@ class Auth:
             return _json(400, {"error": "expected a form with holder and password"})
         client = _client(request)
         holder = form["holder"].strip().lower()[:64]
-        keys = (f"ip:{client}", f"holder:{holder}")
+        device = self.devices.check(request.cookies.get(DEVICE_COOKIE), holder)
+        # a browser this holder logged in from before: judged by its own back-off, not the
+        # holder's (someone else's failures cannot keep it out: sessions.py)
+        keys = (f"ip:{client}", f"device:{device}" if device else f"holder:{holder}")
         now = self.clock()
         wait = max(self.backoff.wait_s(k, now) for k in keys)
         if wait > 0:
@@ -412,6 +428,12 @@ class Auth:
         )
         resp.headers.append("set-cookie", self._cookie(SESSION_COOKIE, s.sid))
         resp.headers.append("set-cookie", self._cookie(LOGIN_COOKIE, "", clear=True))
+        if device is None:
+            value = self.devices.issue(holder)
+            resp.headers.append(
+                "set-cookie",
+                self._cookie(DEVICE_COOKIE, value) + f"; Max-Age={DEVICE_MAX_AGE_S}",
+            )
         return resp
 
     async def _failed(

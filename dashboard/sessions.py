@@ -27,7 +27,9 @@ address, the holder id typed) doubles the wait before the next attempt with that
 judged, from ``first_s`` to at most ``cap_s``; an attempt during the wait is answered 429
 with the time left and not judged; a success clears the key. Nothing ever locks an account:
 the longest anyone waits is ``cap_s``. The table is bounded (``max_keys``, oldest dropped),
-so a flood of invented holder ids costs memory once, not forever.
+so a flood of invented holder ids costs memory once, not forever. A browser that logged in
+as the holder before (:class:`DeviceCookies`) is judged by its own back-off instead of the
+holder's, so failures elsewhere cannot keep it out.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Backoff",
+    "DeviceCookies",
     "Expired",
     "LoginTokens",
     "Session",
@@ -207,6 +210,34 @@ class LoginTokens:
         return hmac.compare_digest(nonce.encode(), cookie.encode()) and hmac.compare_digest(
             mac.encode(), self._mac(nonce).encode()
         )
+
+
+class DeviceCookies:
+    """A browser that has logged in as a holder before (OWASP's "device cookie" against
+    lockout by someone else's failures): ``holder.nonce.HMAC(key, holder.nonce)``. With a
+    valid one, that browser's failures for that holder count against the cookie, not
+    against the holder, and the holder's back-off does not hold it: someone guessing a
+    physicist's password elsewhere cannot keep her own workstation out."""
+
+    def __init__(self, key: bytes | None = None) -> None:
+        self._key = key or secrets.token_bytes(32)
+
+    def _mac(self, body: str) -> str:
+        return hmac.new(self._key, b"device:" + body.encode(), hashlib.sha256).hexdigest()
+
+    def issue(self, holder: str) -> str:
+        body = f"{holder}.{secrets.token_urlsafe(18)}"
+        return f"{body}.{self._mac(body)}"
+
+    def check(self, cookie: str | None, holder: str) -> str | None:
+        """The cookie's id (for its own back-off key) when it is valid for ``holder``."""
+        if not cookie or len(cookie) > 200 or cookie.count(".") < 2:
+            return None
+        body, _, mac = cookie.rpartition(".")
+        who, _, nonce = body.rpartition(".")
+        if who != holder or not hmac.compare_digest(mac.encode(), self._mac(body).encode()):
+            return None
+        return nonce
 
 
 class Backoff:

@@ -452,3 +452,29 @@ async def test_logins_and_refusals_are_counted_in_the_metrics(rig: Rig) -> None:
     assert 'iort_dashboard_requests_refused_total{reason="csrf"} 1.0' in body
     assert "iort_dashboard_sessions 1.0" in body
     assert "phys-anna" not in body
+
+
+async def test_someone_elses_failures_do_not_keep_the_users_own_browser_out(rig: Rig) -> None:
+    mine = rig.browser("10.1.1.1")
+    await mine.login("phys-anna", PW_ANNA)
+    assert "iort_device" in mine.cookies
+    _, _, body = await mine.call("GET", "/api/session")
+    await mine.call(
+        "POST",
+        "/api/logout",
+        headers={"origin": ORIGIN, "x-csrf-token": body["session"]["csrf"]},
+    )
+    attacker = rig.browser("10.6.6.6")
+    for _ in range(6):  # the holder's back-off climbs to 32 s
+        await attacker.login("phys-anna", "guessing at her password now")
+        rig.clock.t += rig.auth.backoff.wait_s("holder:phys-anna", rig.clock.t) + 0.01
+    rig.clock.t -= 20  # in the middle of the holder's wait
+    assert rig.auth.backoff.wait_s("holder:phys-anna", rig.clock.t) > 0
+    assert (await rig.browser("10.2.2.2").login("phys-anna", PW_ANNA))[0] == 429
+    status, _, got = await mine.login("phys-anna", PW_ANNA)  # her own workstation
+    assert status == 200, got
+    # a forged or another holder's device cookie is no exemption
+    stranger = rig.browser("10.3.3.3")
+    stranger.cookies["iort_device"] = mine.cookies["iort_device"].replace("phys-anna", "viewer-vic")
+    await stranger.call("GET", "/api/session")
+    assert rig.auth.devices.check(stranger.cookies["iort_device"], "viewer-vic") is None
