@@ -10,7 +10,8 @@ changes state.
   (sessions.py, ``LoginTokens``) with its HttpOnly cookie.
 * ``POST /api/login`` (``holder``, ``password``, form-encoded; the login CSRF token in
   ``X-CSRF-Token``): the back-off first (an attempt while backing off is answered 429 with
-  ``Retry-After`` and not judged), then :func:`iortd.users.unlock` in a worker thread, at
+  ``Retry-After`` and not judged, as is a second attempt for an address or a holder while
+  one is being judged), then :func:`iortd.users.unlock` in a worker thread, at
   most ``UNLOCK_SLOTS`` at once (each is two argon2id hashes of 64 MiB: a flood must not
   take the host's memory or the event loop), then the access record (users/access.py)
   *before* the answer: a login that cannot be recorded is refused (503). On success a new
@@ -152,6 +153,7 @@ class Auth:
         )  # by reason: cross_origin, csrf, no_session, role, backoff
         self.logins: Counter[str] = Counter()  # judged, by outcome: ok, failed, refused
         self._slots = asyncio.Semaphore(UNLOCK_SLOTS)
+        self._judging: set[str] = set()  # back-off keys with an attempt being judged now
         self._stat = self._store_stat()
         self._checked_at = clock()
 
@@ -372,6 +374,10 @@ class Auth:
         keys = (f"ip:{client}", f"device:{device}" if device else f"holder:{holder}")
         now = self.clock()
         wait = max(self.backoff.wait_s(k, now) for k in keys)
+        if any(k in self._judging for k in keys):
+            # one attempt per address and per holder at a time: parallel requests would
+            # otherwise all be judged before the first failure counted
+            wait = max(wait, self.backoff.first_s)
         if wait > 0:
             self.refused["backoff"] += 1
             secs = math.ceil(wait)
@@ -386,9 +392,20 @@ class Auth:
             return _json(
                 503, {"error": "the account store does not check; see the dashboard's log"}
             )
+        self._judging.update(keys)
+        try:
+            return await self._judge(request, store, holder, form["password"], keys, device)
+        finally:
+            self._judging.difference_update(keys)
+
+    async def _judge(
+        self, request: Request, store: Store, holder: str, password: str,
+        keys: tuple[str, str], device: str | None,
+    ) -> Response:  # fmt: skip
+        client = _client(request)
         try:
             async with asyncio.timeout(UNLOCK_WAIT_S), self._slots:
-                signer = await asyncio.to_thread(self.unlock, store, holder, form["password"])
+                signer = await asyncio.to_thread(self.unlock, store, holder, password)
         except TimeoutError:
             return _json(503, {"error": "busy: try again in a moment"}, {"retry-after": "5"})
         except AuthError:

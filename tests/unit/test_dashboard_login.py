@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 from collections.abc import AsyncIterator, MutableMapping
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
@@ -478,3 +479,27 @@ async def test_someone_elses_failures_do_not_keep_the_users_own_browser_out(rig:
     stranger.cookies["iort_device"] = mine.cookies["iort_device"].replace("phys-anna", "viewer-vic")
     await stranger.call("GET", "/api/session")
     assert rig.auth.devices.check(stranger.cookies["iort_device"], "viewer-vic") is None
+
+
+async def test_parallel_attempts_do_not_slip_past_the_back_off(rig: Rig) -> None:
+    """A second attempt for the same holder or from the same address while the first is
+    being judged is not judged: otherwise parallel requests would each be checked before
+    the first failure counted."""
+    gate, entered = threading.Event(), threading.Event()
+    real = rig.auth.unlock
+
+    def slow_unlock(store: Any, holder: str, password: str) -> Any:
+        entered.set()
+        gate.wait(5)
+        return real(store, holder, password)
+
+    rig.auth.unlock = slow_unlock
+    first = asyncio.create_task(rig.browser("10.8.0.1").login("phys-anna", "guess number one!!"))
+    assert await asyncio.to_thread(entered.wait, 5), "the first attempt was never judged"
+    status, heads, _ = await rig.browser("10.8.0.2").login("phys-anna", "guess number two!!")
+    status_ip, _, _ = await rig.browser("10.8.0.1").login("viewer-vic", "guess number three")
+    gate.set()
+    assert (await first)[0] == 401
+    assert (status, heads["retry-after"]) == (429, ["1"])
+    assert status_ip == 429
+    assert rig.auth.logins["failed"] == 1
