@@ -12,6 +12,10 @@ Routes:
   alive; reject counters and diagnostics).
 * ``/api/snapshot`` (``?room=`` / ``?site=``): the same snapshot as JSON, for scripts,
   tests and diagnostics (``diagnostics``: what was rejected, per reason and per room).
+* ``/api/session``, and with a login (``--users-dir``, dashboard/login.py) ``POST
+  /api/login`` and ``POST /api/logout``; with a login, ``/events`` and ``/api/snapshot``
+  answer 401 to a client that has no session and may not see without one, and an open
+  stream ends when its session does.
 * ``/metrics``: the dashboard's own Prometheus metrics (dashboard/metrics.py): viewers,
   messages received and rejected per topic kind, rooms, the broker connection.
 * ``/static/...``: scripts, styles and fonts, all from this package. Nothing is loaded from
@@ -46,6 +50,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from iortd.dashboard.hub import CLOSED, Hub
+from iortd.dashboard.login import Auth
 from iortd.dashboard.metrics import build_registry
 
 __all__ = ["DEFAULT_HOSTS", "SECURITY_HEADERS", "STATIC", "build_app", "host_name"]
@@ -142,6 +147,7 @@ def build_app(
     stale_after_s: float,
     history_points: int,
     allowed_hosts: Sequence[str] = DEFAULT_HOSTS,
+    auth: Auth | None = None,
 ) -> ASGIApp:
     config = {
         "stale_after_s": stale_after_s,
@@ -155,14 +161,29 @@ def build_app(
     async def page(request: Request) -> Response:
         return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
 
+    async def refused(request: Request) -> Response | None:
+        if auth is None or await auth.may_view(request):
+            return None
+        return JSONResponse({"error": "log in to see the rooms"}, status_code=401)
+
+    async def session_info(request: Request) -> Response:
+        if auth is None:
+            return JSONResponse({"auth": False, "anonymous_view": True, "session": None})
+        return await auth.session_info(request)
+
     async def snapshot(request: Request) -> Response:
+        if (no := await refused(request)) is not None:
+            return no
         snap = hub.snapshot(_room_param(request), _site_param(request))
         return JSONResponse({"config": config, **snap})
 
     async def events(request: Request) -> Response:
+        if (no := await refused(request)) is not None:
+            return no
         only, site = _room_param(request), _site_param(request)
         # Subscribe before the snapshot, in the same step of the loop: nothing accepted
         # between the two can be missed.
+        sid = auth.streaming_session(request) if auth is not None else None
         sub = hub.subscribe(only, site)
         first = {"config": config, "only": only, "site": site, **hub.snapshot(only, site)}
 
@@ -184,6 +205,8 @@ def build_app(
                     if item is not None:
                         yield _sse(item.event, item.data)
                     if loop.time() >= next_tick:
+                        if sid is not None and auth is not None and not auth.alive(sid):
+                            return  # the session ended: so does what it was allowed to see
                         yield _sse("tick", hub.tick(sub))
                         next_tick = loop.time() + TICK_S
             finally:
@@ -201,7 +224,16 @@ def build_app(
             Route("/room/{site}/{room}", page),
             Route("/events", events),
             Route("/api/snapshot", snapshot),
-            Route("/metrics", _Asgi(make_asgi_app(build_registry(hub)))),
+            Route("/api/session", session_info),
+            *(
+                [
+                    Route("/api/login", auth.login, methods=["POST"]),
+                    Route("/api/logout", auth.action("logout", auth.logout), methods=["POST"]),
+                ]
+                if auth is not None
+                else []
+            ),
+            Route("/metrics", _Asgi(make_asgi_app(build_registry(hub, auth)))),
             Mount("/static", app=StaticFiles(directory=STATIC), name="static"),
         ],
     )

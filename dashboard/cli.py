@@ -2,10 +2,15 @@
 
 Exit status: 0 after a requested stop (SIGINT/SIGTERM); 2 for a usage or configuration
 error (a bad broker URL, a password that cannot be read, a port in use, a limit out of
-range), named on stderr. The byte limits and the age-out bound go to `iortd.dashboard.state`;
-the allowed hosts to `iortd.dashboard.app.TrustedHosts`.
-On start it prints one line to stdout, ``iort-dashboard: serving http://HOST:PORT/``,
-so that a script (``iortd demo``) can learn the port when ``--port 0`` picked it.
+range, an account store that does not check or is in use by another dashboard, a TLS
+certificate and key that cannot be used), named on stderr. The byte limits and the
+age-out bound go to `iortd.dashboard.state`; the allowed hosts to
+`iortd.dashboard.app.TrustedHosts`. With ``--users-dir`` it builds the login
+(dashboard/login.py) and runs the access record's writer (users/access.py) in its task
+group; at a stop it records the end of every session, then closes the record.
+On start it prints one line to stdout, ``iort-dashboard: serving http://HOST:PORT/``
+(``https://`` with ``--tls-cert``), so that a script (``iortd demo``) can learn the port
+when ``--port 0`` picked it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Generator, Sequence
@@ -31,10 +37,14 @@ import uvicorn
 from iortd.dashboard import state
 from iortd.dashboard.app import DEFAULT_HOSTS, build_app
 from iortd.dashboard.hub import Hub
+from iortd.dashboard.login import Auth, AuthSettings
 from iortd.dashboard.mqtt import KEEPALIVE_S, UrlError, consume, parse_broker_url
+from iortd.dashboard.sessions import DEFAULT_IDLE_S, DEFAULT_MAX_S
 from iortd.dashboard.state import Rooms
 from iortd.kernel.broker import BrokerSettings
 from iortd.kernel.logs import configure_logging
+from iortd.users import Store, StoreError, load_checked_store
+from iortd.users.access import ACCESS_DIR, AccessRecord, AccessRecordError
 
 __all__ = ["main"]
 
@@ -120,6 +130,38 @@ def _parser() -> argparse.ArgumentParser:
         help="a room with no valid message for S seconds is shown AGED OUT, and removed "
         "after 2 x S (default 86400, a day)",
     )
+    auth = p.add_argument_group("login (docs/dashboard.md, Login)")
+    auth.add_argument(
+        "--users-dir",
+        type=Path,
+        metavar="DIR",
+        help="the account store (iort-users --dir): with it, seeing the rooms needs a login "
+        "(but see --anonymous-view) and logins are recorded in DIR/access; run as its owner",
+    )
+    auth.add_argument(
+        "--anonymous-view",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="clients in this network see rooms and alarms without a login, e.g. the room's "
+        "own display 10.20.30.41/32 (repeatable; 0.0.0.0/0 and ::/0: everyone)",
+    )
+    auth.add_argument(
+        "--session-idle",
+        type=float,
+        default=DEFAULT_IDLE_S,
+        metavar="S",
+        help="a session unused for S seconds ends (default 900: 15 min)",
+    )
+    auth.add_argument(
+        "--session-max",
+        type=float,
+        default=DEFAULT_MAX_S,
+        metavar="S",
+        help="a session ends S seconds after its login however busy (default 43200: 12 h)",
+    )
+    p.add_argument("--tls-cert", type=Path, metavar="FILE", help="serve HTTPS: certificate (PEM)")
+    p.add_argument("--tls-key", type=Path, metavar="FILE", help="and its private key (PEM, 0600)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -211,6 +253,61 @@ def settings_from_args(args: argparse.Namespace) -> BrokerSettings:
     )
 
 
+def tls_from_args(args: argparse.Namespace) -> tuple[Path, Path] | None:
+    """The dashboard's own certificate and key, checked now (a usage error, not a crash
+    in the server's start)."""
+    cert: Path | None = args.tls_cert
+    key: Path | None = args.tls_key
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise UsageError("--tls-cert and --tls-key go together (the dashboard's own HTTPS)")
+    try:
+        mode = key.stat().st_mode & 0o777
+    except OSError as exc:
+        raise UsageError(f"--tls-key: cannot read {key}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise UsageError(f"--tls-key: {key} is readable by others (mode {mode:04o}); chmod 600 it")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(
+            f"--tls-cert/--tls-key: {cert} and {key} are not a PEM certificate and its key: {exc}"
+        ) from None
+    return cert, key
+
+
+def auth_from_args(args: argparse.Namespace, *, secure: bool) -> tuple[AuthSettings, Store] | None:
+    """The login's settings and the account store, checked now; None without --users-dir."""
+    nets = []
+    for text in args.anonymous_view:
+        try:
+            nets.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise UsageError(
+                f"--anonymous-view: {text!r} is not an address or network (10.20.30.41/32)"
+            ) from None
+    if args.users_dir is None:
+        if nets:
+            raise UsageError("--anonymous-view: only with --users-dir (without it all may see)")
+        return None
+    if not 60 <= args.session_idle <= 86400:
+        raise UsageError(f"--session-idle: must be 60..86400 seconds; got {args.session_idle}")
+    if not args.session_idle <= args.session_max <= 7 * 86400:
+        raise UsageError(
+            f"--session-max: must be at least --session-idle ({args.session_idle}) and at most "
+            f"604800 seconds; got {args.session_max}"
+        )
+    try:
+        store = load_checked_store(args.users_dir)
+    except StoreError as exc:
+        raise UsageError(f"--users-dir: {exc}") from None
+    settings = AuthSettings(
+        args.users_dir, args.session_idle, args.session_max, tuple(nets), secure=secure
+    )
+    return settings, store
+
+
 def _bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound here so that a port in use is a clear usage error."""
     try:
@@ -262,11 +359,13 @@ def allowed_hosts(bind_host: str, extra: Sequence[str]) -> list[str]:
     return hosts + list(extra)
 
 
-async def sweep(hub: Hub) -> None:
-    """Remove aged-out rooms, once a second (a timer, not I/O)."""
+async def sweep(hub: Hub, auth: Auth | None) -> None:
+    """Remove aged-out rooms and end expired sessions, once a second."""
     while True:
         await asyncio.sleep(SWEEP_S)
         hub.sweep()
+        if auth is not None:
+            await auth.sweep()
 
 
 async def serve(
@@ -276,6 +375,39 @@ async def serve(
     stale_after_s: float,
     rooms: Rooms,
     hosts: Sequence[str],
+    tls: tuple[Path, Path] | None = None,
+    login: tuple[AuthSettings, Store] | None = None,
+) -> int:
+    record: AccessRecord | None = None
+    auth: Auth | None = None
+    if login is not None:
+        try:
+            record = await AccessRecord.open(login[0].users_dir / ACCESS_DIR)
+        except AccessRecordError as exc:
+            print(f"iort-dashboard: --users-dir: {exc}", file=sys.stderr)  # noqa: T201 - CLI output
+            sock.close()
+            return EXIT_USAGE
+        auth = Auth(login[0], login[1], record)
+    try:
+        return await _serve(
+            settings, sock, stale_after_s=stale_after_s, rooms=rooms, hosts=hosts, tls=tls,
+            auth=auth, record=record,
+        )  # fmt: skip
+    finally:
+        if record is not None:
+            await record.close()
+
+
+async def _serve(
+    settings: BrokerSettings,
+    sock: socket.socket,
+    *,
+    stale_after_s: float,
+    rooms: Rooms,
+    hosts: Sequence[str],
+    tls: tuple[Path, Path] | None,
+    auth: Auth | None,
+    record: AccessRecord | None,
 ) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -287,6 +419,7 @@ async def serve(
         stale_after_s=stale_after_s,
         history_points=rooms.history_points,
         allowed_hosts=hosts,
+        auth=auth,
     )
     config = uvicorn.Config(
         app,
@@ -295,16 +428,23 @@ async def serve(
         lifespan="off",
         timeout_graceful_shutdown=int(SHUTDOWN_TIMEOUT_S / 2),
         ws="none",
+        # X-Forwarded-For/-Proto are not trusted from anyone (uvicorn trusts them from
+        # 127.0.0.1 by default): the client's address decides anonymous view and the
+        # back-off, and the scheme the same-origin check.
+        proxy_headers=False,
+        ssl_certfile=tls[0] if tls else None,
+        ssl_keyfile=tls[1] if tls else None,
     )
     server = _Server(config)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    url = f"http://{shown}:{port}/"
+    url = f"{'https' if tls else 'http'}://{shown}:{port}/"
     try:
         async with asyncio.TaskGroup() as tg:
             web = tg.create_task(server.serve(sockets=[sock]), name="http")
             mqtt = tg.create_task(consume(settings, hub), name="mqtt")
-            sweeper = tg.create_task(sweep(hub), name="sweep")
+            sweeper = tg.create_task(sweep(hub, auth), name="sweep")
+            writer = tg.create_task(record.run(), name="access") if record else None
             log.info("dashboard_serving", url=url, broker=settings.url, prefix=settings.prefix)
             print(f"iort-dashboard: serving {url}", flush=True)  # noqa: T201 - the ready line
             stopper = tg.create_task(stop.wait(), name="stop")
@@ -321,6 +461,11 @@ async def serve(
                 web.cancel(msg="shutdown timed out")
             mqtt.cancel(msg="shutdown")
             sweeper.cancel(msg="shutdown")
+            if auth is not None:
+                await auth.end_all("stopped")
+            if record is not None and writer is not None:
+                await record.close()  # the access record last: its writer ends by itself
+                await asyncio.wait({writer}, timeout=SHUTDOWN_TIMEOUT_S)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
@@ -336,6 +481,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("uvicorn").setLevel(logging.WARNING)
     try:
         settings = settings_from_args(args)
+        tls = tls_from_args(args)
+        login = auth_from_args(args, secure=tls is not None)
         sock = _bind(args.host, args.port)
     except UsageError as exc:
         print(f"iort-dashboard: {exc}", file=sys.stderr)  # noqa: T201 - CLI output
@@ -347,6 +494,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             stale_after_s=args.stale_after,
             rooms=rooms_from_args(settings.prefix, args),
             hosts=allowed_hosts(sock.getsockname()[0], args.allowed_host),
+            tls=tls,
+            login=login,
         )
     )
 

@@ -4,7 +4,9 @@ One ``CollectorRegistry`` per app (never prometheus_client's process-wide defaul
 one collector that reads what the dashboard already keeps: the browser streams open
 (viewers), the messages that arrived from the broker and those rejected, by topic kind
 (``Rooms.topic_kind``: a name of the contract, ``cmd`` or ``other``, so the series stay
-bounded whatever a publisher sends), the rooms held, and the broker connection. Names are
+bounded whatever a publisher sends), the rooms held, and the broker connection; with a
+login, the live sessions, the logins judged by outcome and the requests its checks refused
+by reason (fixed vocabularies: never a holder id, never an address). Names are
 ``iort_dashboard_...`` and listed in docs/operations.md ("Metrics").
 """
 
@@ -17,13 +19,15 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 from prometheus_client.registry import Collector
 
 from iortd.dashboard.hub import Hub
+from iortd.dashboard.login import Auth
 
 __all__ = ["DashboardCollector", "build_registry"]
 
 
 class DashboardCollector(Collector):
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub, auth: Auth | None = None) -> None:
         self.hub = hub
+        self.auth = auth
 
     def collect(self) -> Iterator[Metric]:
         hub, rooms = self.hub, self.hub.rooms
@@ -56,9 +60,30 @@ class DashboardCollector(Collector):
         yield GaugeMetricFamily(
             "iort_dashboard_state_bytes", "Bytes of room state held.", value=rooms.bytes
         )
+        if self.auth is not None:
+            yield from self._login(self.auth)
+
+    def _login(self, auth: Auth) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "iort_dashboard_sessions", "Login sessions live now.", value=len(auth.book)
+        )
+        logins = CounterMetricFamily(
+            "iort_dashboard_logins", "Login attempts judged, by outcome.", labels=["outcome"]
+        )
+        for outcome, n in sorted(auth.logins.items()):
+            logins.add_metric([outcome], n)
+        yield logins
+        refused = CounterMetricFamily(
+            "iort_dashboard_requests_refused",
+            "Requests refused by the login's checks, by reason.",
+            labels=["reason"],
+        )
+        for reason, n in sorted(auth.refused.items()):
+            refused.add_metric([reason], n)
+        yield refused
 
 
-def build_registry(hub: Hub) -> CollectorRegistry:
+def build_registry(hub: Hub, auth: Auth | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=True)
-    registry.register(DashboardCollector(hub))
+    registry.register(DashboardCollector(hub, auth))
     return registry

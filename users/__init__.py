@@ -18,6 +18,7 @@ keyring file). argon2 is imported here and nowhere else (tests/unit/test_layers.
 docs/accounts.md is the user's page.
 """
 
+from iortd.auditlog.note import Signer
 from iortd.users.api import (
     AuthError,
     PasswordChangeRequired,
@@ -30,6 +31,7 @@ from iortd.users.store import Store, StoreError, load_store
 __all__ = [
     "AuthError",
     "PasswordChangeRequired",
+    "Signer",
     "Store",
     "StoreError",
     "load_checked_store",

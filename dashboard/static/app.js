@@ -1217,6 +1217,14 @@
     frame();
   }
 
-  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
-  else start();
+  // The login (login.js) says first whether this client may see; without it, the page
+  // shows the login form and fetches nothing of the rooms.
+  function startIfAllowed() {
+    (window.iortAuth || Promise.resolve({ view: true })).then((a) => {
+      if (a.view) start();
+      else setText(linkEl(), "Log in to see the rooms");
+    });
+  }
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", startIfAllowed);
+  else startIfAllowed();
 })();
