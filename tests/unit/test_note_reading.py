@@ -11,6 +11,7 @@ line. The cosigned example is c2sp.org/tlog-cosignature's.
 from __future__ import annotations
 
 import base64
+import shutil
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,18 @@ def test_verify_reads_a_held_checkpoint_with_a_cosignature(
     assert rc == 2, out + err
     assert f"--checkpoint {held}: checkpoint: the signature by or-9" in err
     assert "does not verify" in err
+
+
+def test_verify_reads_the_log_directorys_checkpoint_and_seal_with_a_cosignature(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "log"
+    shutil.copytree(GOLDEN / "log", log)
+    for name in ("checkpoint", "seal"):
+        with (log / name).open("a", encoding="utf-8") as f:
+            f.write(cosig_line())
+    rc = cli.main(["verify", str(log), "--pubkey", str(GOLDEN / "or-9.pub")])
+    out, err = capsys.readouterr()
+    assert rc == 0, out + err
+    assert "seal: covers entries 0..280: consistent" in out
+    assert "checkpoint file: covers entries 0..279: consistent" in out
