@@ -13,7 +13,8 @@ issue 20) read as it says:
   without Unicode spaces or ``+`` (``/`` is allowed: C2SP recommends schema-less URLs such
   as ``example.com/foo``), BASE64 the standard, padded, canonical encoding of a 4-byte key
   ID and at least one signature byte. At most :data:`MAX_SIGNATURES` (100, as Go; C2SP: a
-  verifier must accept at least 16). Anything else is refused by name and line.
+  verifier must accept at least 16). Anything else is refused, saying what is wrong and
+  on which signature line.
 * **Known and unknown keys** (:func:`check_signatures`). A signature is *known* when a
   given verifier has both its name and key ID; a known signature that does not verify
   refuses the whole note; every other one, of whatever length (a C2SP tlog-cosignature,
