@@ -12,16 +12,21 @@ tools can read them:
 A checkpoint's text is the C2SP body: origin, entry count, base64 head hash, then
 extension lines. iortd's head hash is the hash of the last entry of the chain (a hash
 chain, not a Merkle tree root); docs/audit-log.md says what that does and does not prove.
-Signing here is byte-for-byte Go's; reading is made for iortd's own notes and is stricter
-than C2SP signed-note in places (names without '/', only 68-byte signatures): notes other
-parties sign too are read by signed_note.py, and the tree's checkpoint body is in
-tlog_checkpoint.py.
+
+Signing here is byte-for-byte Go's, and what iortd writes keeps to a narrower form than
+C2SP allows: its key names have no '/' (they name its key files, ``NAME.key``) and its
+signatures are 68 bytes. *Reading* is C2SP signed-note's, through signed_note.py (the one
+place that knows those rules): :meth:`Checkpoint.read` accepts a checkpoint that others
+cosigned too (witnesses' signatures of any length, names with '/'), ignores and lists the
+signatures by keys it was not given, and refuses the whole note if a signature by the
+given key does not verify. :func:`parse_vkey` reads any Ed25519 verifier key by C2SP's
+rules; ``Verifier.parse`` stays iortd's reader of its own key files. The tree's checkpoint
+body is in tlog_checkpoint.py.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
 import stat
 from dataclasses import dataclass
@@ -34,23 +39,30 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from iortd.auditlog.signed_note import (
+    ALG_ED25519,
+    SIG_PREFIX,
+    NoteError,
+    NoteSignature,
+    check_key_name,
+    check_signatures,
+    decode_base64,
+    key_id,
+    split_note,
+)
+
 __all__ = [
     "Checkpoint",
     "KeyFileError",
     "NoteError",
+    "ReadCheckpoint",
     "Signer",
     "Verifier",
     "generate_keypair",
     "load_signer",
     "load_verifier",
+    "parse_vkey",
 ]
-
-ALG_ED25519 = 0x01
-SIG_PREFIX = "\u2014 "  # em dash and space
-
-
-class NoteError(ValueError):
-    """A note, a checkpoint or a key is malformed or does not verify."""
 
 
 class KeyFileError(NoteError):
@@ -58,8 +70,7 @@ class KeyFileError(NoteError):
 
 
 def _key_hash(name: str, public: bytes) -> int:
-    digest = hashlib.sha256(name.encode() + b"\n" + bytes([ALG_ED25519]) + public).digest()
-    return int.from_bytes(digest[:4], "big")
+    return key_id(name, ALG_ED25519, public)
 
 
 def _check_name(name: str) -> None:
@@ -187,6 +198,29 @@ def load_verifier(path: Path) -> Verifier:
         raise KeyFileError(f"{path}: {exc}") from None
 
 
+def parse_vkey(text: str) -> Verifier:
+    """An Ed25519 verifier key ``NAME+KEYID+BASE64(0x01 || key)`` by C2SP signed-note's
+    rules (signed_note.py): the name may hold '/', unlike iortd's own key files
+    (``Verifier.parse``); the key ID is 8 lowercase hex digits, the key canonical base64."""
+    name, sep1, rest = text.strip().partition("+")
+    hash_hex, sep2, b64 = rest.partition("+")
+    if not (sep1 and sep2):
+        raise NoteError("verifier key: expected NAME+KEYID+KEY")
+    check_key_name(name)
+    if len(hash_hex) != 8 or any(c not in "0123456789abcdef" for c in hash_hex):
+        raise NoteError(f"verifier key {name}: the key ID is not 8 lowercase hex digits")
+    try:
+        raw = decode_base64(b64)
+    except ValueError:
+        raise NoteError(f"verifier key {name}: the key is not base64") from None
+    if len(raw) != 33 or raw[0] != ALG_ED25519:
+        raise NoteError(f"verifier key {name}: not an Ed25519 key (type 0x01, 32 bytes)")
+    claimed = int(hash_hex, 16)
+    if key_id(name, ALG_ED25519, raw[1:]) != claimed:
+        raise NoteError(f"verifier key {name}: the key ID does not match the name and key")
+    return Verifier(name, claimed, Ed25519PublicKey.from_public_bytes(raw[1:]))
+
+
 def write_keypair(signer: Signer, directory: Path) -> tuple[Path, Path]:
     """Write NAME.key (0600, created exclusively) and NAME.pub."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -218,16 +252,36 @@ class Checkpoint:
         return signer.sign(self.text)
 
     @classmethod
-    def parse_verified(cls, note: str, verifier: Verifier | None) -> tuple[Checkpoint, bool]:
+    def read(cls, note: str | bytes, verifier: Verifier | None) -> ReadCheckpoint:
+        """Read a signed checkpoint by C2SP signed-note's rules (signed_note.split_note:
+        the text ends at the last blank line; UTF-8, no control character, at most 100
+        well-formed signature lines). A signature by ``verifier`` (its name and key ID)
+        must verify, or the whole note is refused; every other signature, of any length
+        and name, is ignored and listed, never checked. NoteError says what is wrong."""
+        text, sigs = split_note(note, "checkpoint")
+        keys = [verifier] if verifier else []
+        verified, ignored = check_signatures(text, sigs, keys, "checkpoint")
+        return ReadCheckpoint(cls._parse_text(text), bool(verified), ignored)
+
+    @classmethod
+    def parse_verified(
+        cls, note: str | bytes, verifier: Verifier | None
+    ) -> tuple[Checkpoint, bool]:
         """Parse a signed checkpoint; the bool says whether ``verifier`` signed it (False
-        when no verifier was given)."""
-        text, sep, sigs = note.partition("\n\n")
-        if not sep:
-            raise NoteError("checkpoint: no blank line before the signatures")
-        text += "\n"
+        when no verifier was given). As :meth:`read`, without the ignored signatures."""
+        got = cls.read(note, verifier)
+        return got.checkpoint, got.signed
+
+    @classmethod
+    def _parse_text(cls, text: str) -> Checkpoint:
+        """The body: origin, count, base64 of the 32-byte head, extension lines; none
+        of them empty (C2SP tlog-checkpoint), which only a note's last blank line can
+        leave in the text."""
         lines = text.split("\n")[:-1]
         if len(lines) < 3:
             raise NoteError("checkpoint: needs origin, count and head hash lines")
+        if "" in lines:
+            raise NoteError(f"checkpoint: line {lines.index('') + 1} is empty")
         origin, count_s, head_b64, *ext = lines
         try:
             count = int(count_s)
@@ -236,26 +290,20 @@ class Checkpoint:
             raise NoteError("checkpoint: bad count or head hash") from None
         if count < 0 or str(count) != count_s or len(head) != 32:
             raise NoteError("checkpoint: bad count or head hash")
-        cp = cls(origin, count, head.hex(), tuple(ext))
-        signed_by_verifier = False
-        sig_lines = [s for s in sigs.split("\n") if s]
-        if not sig_lines:
-            raise NoteError("checkpoint: no signature")
-        for line in sig_lines:
-            if not line.startswith(SIG_PREFIX):
-                raise NoteError(f"checkpoint: malformed signature line {line!r}")
-            name, _, b64 = line[len(SIG_PREFIX) :].rpartition(" ")
-            try:
-                blob = base64.b64decode(b64, validate=True)
-            except ValueError:
-                raise NoteError("checkpoint: signature is not base64") from None
-            if len(blob) != 68:
-                raise NoteError("checkpoint: signature has the wrong length")
-            if verifier is None or name != verifier.name:
-                continue
-            if int.from_bytes(blob[:4], "big") != verifier.key_hash:
-                continue
-            if not verifier.verify(text, blob[4:]):
-                raise NoteError(f"checkpoint: signature by {name} does not verify")
-            signed_by_verifier = True
-        return cp, signed_by_verifier
+        return cls(origin, count, head.hex(), tuple(ext))
+
+
+@dataclass(frozen=True, slots=True)
+class ReadCheckpoint:
+    """A checkpoint as :meth:`Checkpoint.read` found it."""
+
+    checkpoint: Checkpoint
+    signed: bool  # the verifier given signed it (and the signature verified)
+    ignored: tuple[NoteSignature, ...]  # signatures by other keys: not checked
+
+    def ignored_summary(self) -> str:
+        """The ignored signatures for a person: ``name (N bytes)``, comma-separated."""
+        return ", ".join(
+            f"{s.name if s.name.isprintable() else ascii(s.name)} ({s.size} bytes)"
+            for s in self.ignored
+        )

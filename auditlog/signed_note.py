@@ -1,34 +1,33 @@
-"""Signed notes read by the rules of C2SP signed-note (c2sp.org/signed-note), beside
-what note.py reads today.
+"""Signed notes by the rules of C2SP signed-note (c2sp.org/signed-note): the one place
+that knows them. note.py (iortd's keys, seals and checkpoints) and tlog_checkpoint.py read
+every note through this module; it imports neither.
 
-note.py writes iortd's keys, seals and checkpoints, and its signing is byte-for-byte that
-of golang.org/x/mod/sumdb/note (tests/unit/test_tlog_checkpoint.py signs Go's test note
-and gets Go's bytes). Its *reading* was made for iortd's own notes and departs from the
-specification in ways that matter once other parties sign the same note (witnesses,
-issue 20); this module reads any note as the specification says, and today's checkpoints
-are not changed by it:
+note.py's signing is byte-for-byte that of golang.org/x/mod/sumdb/note
+(tests/unit/test_tlog_checkpoint.py signs Go's test note and gets Go's bytes); reading
+follows the specification, so that notes other parties sign too (witnesses' cosignatures,
+issue 20) read as it says:
 
-* **Key names.** C2SP allows any name without Unicode spaces or ``+`` and recommends
-  schema-less URLs (``example.com/foo``). note.py also refuses ``/`` (the name is its key
-  files' name: ``NAME.key``), so it cannot read such a verifier key; :func:`parse_vkey`
-  can (Ed25519, type 0x01).
-* **Unknown signatures.** C2SP: a verifier MUST ignore signatures from unknown keys,
-  whatever their length (a C2SP tlog-cosignature, type 0x04, is 4 + 8 + 64 bytes).
-  ``note.Checkpoint.parse_verified`` refuses any signature that is not 68 bytes, so a
-  checkpoint a witness cosigned would be refused; :func:`open_note` ignores it.
-* **Where the text ends.** C2SP: at the *last* blank line (the text may hold empty
-  lines). note.py splits at the first, which is the same for a checkpoint (its body has
-  no empty line) but not for notes in general.
-* **What is malformed.** C2SP and Go: valid UTF-8, no ASCII control character but the
-  newline, every signature line ``— NAME BASE64`` ending in a newline with at least one
-  signature byte after the 4-byte key ID; Go reads at most 100 signatures (C2SP: at least
-  16 must be accepted). :func:`split_note` refuses all of that by name.
-* **Key ID.** Both compute SHA-256(name || 0x0A || type || public key)[:4], big-endian
-  (:func:`key_id`; note.py's ``_key_hash`` is its Ed25519 case).
+* **Form** (:func:`split_note`). Valid UTF-8, no ASCII control character (below U+0020)
+  but the newline; the text ends at the *last* blank line (it may hold empty lines); then
+  one or more signature lines ``— NAME BASE64`` each ending in a newline, NAME non-empty
+  without Unicode spaces or ``+`` (``/`` is allowed: C2SP recommends schema-less URLs such
+  as ``example.com/foo``), BASE64 the standard, padded, canonical encoding of a 4-byte key
+  ID and at least one signature byte. At most :data:`MAX_SIGNATURES` (100, as Go; C2SP: a
+  verifier must accept at least 16). Anything else is refused, saying what is wrong and
+  on which signature line.
+* **Known and unknown keys** (:func:`check_signatures`). A signature is *known* when a
+  given verifier has both its name and key ID; a known signature that does not verify
+  refuses the whole note; every other one, of whatever length (a C2SP tlog-cosignature,
+  type 0x04, is 4 + 8 + 64 bytes), is ignored and returned as such, never checked.
+  :func:`open_note` also refuses a note with no verified known signature (C2SP: "clients
+  SHOULD reject", "MUST reject"); ``note.Checkpoint.read`` instead says whether the one
+  key it was given signed, as its callers decide what an unsigned checkpoint means.
+* **Key ID** (:func:`key_id`): SHA-256(name || 0x0A || type || public key)[:4],
+  big-endian. Ed25519 verifier keys (type 0x01) in C2SP's ``NAME+KEYID+BASE64`` form are
+  read by ``note.parse_vkey``, which builds note.py's ``Verifier`` with these rules.
 
-A signature is *known* when a given verifier has both its name and key ID; a known
-signature that does not verify refuses the note, and a note with no verified known
-signature is refused (C2SP: "clients SHOULD reject", "MUST reject").
+What iortd *writes* is unchanged by the reading rules: its own key names stay free of
+``/`` (note.py: they name key files) and every signature it makes is 68 bytes.
 """
 
 from __future__ import annotations
@@ -38,24 +37,46 @@ import binascii
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
-from iortd.auditlog.note import ALG_ED25519, SIG_PREFIX, NoteError, Verifier
+from typing import Final, Generic, Protocol, TypeVar
 
 __all__ = [
+    "ALG_ED25519",
     "MAX_SIGNATURES",
+    "SIG_PREFIX",
+    "NoteError",
     "NoteSignature",
+    "NoteVerifier",
     "OpenedNote",
     "check_key_name",
+    "check_signatures",
+    "decode_base64",
     "key_id",
     "open_note",
-    "parse_vkey",
     "split_note",
 ]
 
+ALG_ED25519: Final = 0x01  # C2SP signed-note signature type: Ed25519
+SIG_PREFIX: Final = "\u2014 "  # em dash and space
 MAX_SIGNATURES: Final = 100  # as golang.org/x/mod/sumdb/note; C2SP: accept at least 16
+
+
+class NoteError(ValueError):
+    """A note, a checkpoint or a key is malformed or does not verify."""
+
+
+class NoteVerifier(Protocol):
+    """What reading a note needs of a key (note.py's ``Verifier`` is one)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def key_hash(self) -> int: ...
+
+    def verify(self, text: str, signature: bytes) -> bool: ...
+
+
+V = TypeVar("V", bound=NoteVerifier)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,11 +85,17 @@ class NoteSignature:
     key_id: int
     signature: bytes  # after the 4-byte key ID
 
+    @property
+    def size(self) -> int:
+        """Its length as written (key ID and signature): 68 for Ed25519, 76 for a
+        tlog-cosignature."""
+        return 4 + len(self.signature)
+
 
 @dataclass(frozen=True, slots=True)
-class OpenedNote:
+class OpenedNote(Generic[V]):
     text: str  # up to and including the newline before the blank line
-    verified: tuple[Verifier, ...]  # known keys whose signature verified, in note order
+    verified: tuple[V, ...]  # known keys whose signature verified, in note order
     unverified: tuple[NoteSignature, ...]  # signatures by keys not given: ignored
 
 
@@ -90,76 +117,63 @@ def _check_chars(text: str, what: str) -> None:
             raise NoteError(f"{what}: control character {c!r} at offset {i}")
 
 
-def _b64_strict(text: str) -> bytes:
-    """Standard base64 with padding, in its one canonical spelling."""
-    raw = base64.b64decode(text, validate=True)
+def decode_base64(text: str) -> bytes:
+    """Standard base64 with padding, in its one canonical spelling; ValueError if not."""
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except binascii.Error:
+        raise ValueError("not standard base64") from None
     if base64.b64encode(raw).decode("ascii") != text:
         raise ValueError("not the canonical base64 encoding")
     return raw
 
 
-def parse_vkey(text: str) -> Verifier:
-    """An Ed25519 verifier key ``NAME+KEYID+BASE64(0x01 || key)`` by C2SP's rules (the
-    name may hold '/', unlike note.py's own keys)."""
-    name, sep1, rest = text.strip().partition("+")
-    hash_hex, sep2, b64 = rest.partition("+")
-    if not (sep1 and sep2):
-        raise NoteError("verifier key: expected NAME+KEYID+KEY")
-    check_key_name(name)
-    if len(hash_hex) != 8 or any(c not in "0123456789abcdef" for c in hash_hex):
-        raise NoteError(f"verifier key {name}: the key ID is not 8 lowercase hex digits")
-    try:
-        raw = _b64_strict(b64)
-    except (ValueError, binascii.Error):
-        raise NoteError(f"verifier key {name}: the key is not base64") from None
-    if len(raw) != 33 or raw[0] != ALG_ED25519:
-        raise NoteError(f"verifier key {name}: not an Ed25519 key (type 0x01, 32 bytes)")
-    claimed = int(hash_hex, 16)
-    if key_id(name, ALG_ED25519, raw[1:]) != claimed:
-        raise NoteError(f"verifier key {name}: the key ID does not match the name and key")
-    return Verifier(name, claimed, Ed25519PublicKey.from_public_bytes(raw[1:]))
-
-
-def split_note(note: str | bytes) -> tuple[str, list[NoteSignature]]:
-    """The text and the signatures of a note, checked for form only (nothing verified)."""
+def split_note(note: str | bytes, what: str = "note") -> tuple[str, list[NoteSignature]]:
+    """The text and the signatures of a note, checked for form only (nothing verified);
+    ``what`` begins each error message ("note", "checkpoint")."""
     if isinstance(note, bytes):
         try:
             note = note.decode("utf-8")
         except UnicodeDecodeError:
-            raise NoteError("note: not valid UTF-8") from None
-    _check_chars(note, "note")
+            raise NoteError(f"{what}: not valid UTF-8") from None
+    _check_chars(note, what)
     at = note.rfind("\n\n")
     if at < 0:
-        raise NoteError("note: no blank line before the signatures")
+        raise NoteError(f"{what}: no blank line before the signatures")
     text, block = note[: at + 1], note[at + 2 :]
     if not block:
-        raise NoteError("note: no signature")
+        raise NoteError(f"{what}: no signature")
     if not block.endswith("\n"):
-        raise NoteError("note: must end with a newline")
+        raise NoteError(f"{what}: must end with a newline")
     sigs: list[NoteSignature] = []
     for n, line in enumerate(block[:-1].split("\n"), start=1):
         if n > MAX_SIGNATURES:
-            raise NoteError(f"note: more than {MAX_SIGNATURES} signatures")
+            raise NoteError(f"{what}: more than {MAX_SIGNATURES} signatures")
         if not line.startswith(SIG_PREFIX):
-            raise NoteError(f"note: signature line {n} does not start with '— '")
+            raise NoteError(f"{what}: signature line {n} does not start with '— '")
         name, _, b64 = line[len(SIG_PREFIX) :].partition(" ")
-        check_key_name(name)
         try:
-            raw = _b64_strict(b64)
-        except (ValueError, binascii.Error):
-            raise NoteError(f"note: signature line {n} ({name}) is not base64") from None
+            check_key_name(name)
+        except NoteError as exc:
+            raise NoteError(f"{what}: signature line {n}: {exc}") from None
+        try:
+            raw = decode_base64(b64)
+        except ValueError:
+            raise NoteError(f"{what}: signature line {n} ({name}) is not base64") from None
         if len(raw) < 5:
-            raise NoteError(f"note: signature line {n} ({name}) is shorter than 5 bytes")
+            raise NoteError(f"{what}: signature line {n} ({name}) is shorter than 5 bytes")
         sigs.append(NoteSignature(name, int.from_bytes(raw[:4], "big"), raw[4:]))
     return text, sigs
 
 
-def open_note(note: str | bytes, verifiers: Sequence[Verifier]) -> OpenedNote:
-    """Verify a note against the keys given: every known signature must verify and at
-    least one must be there; unknown ones are ignored. Raises NoteError saying which."""
-    text, sigs = split_note(note)
+def check_signatures(
+    text: str, sigs: Sequence[NoteSignature], verifiers: Sequence[V], what: str = "note"
+) -> tuple[tuple[V, ...], tuple[NoteSignature, ...]]:
+    """The verifiers whose signature of ``text`` verified (each once, in note order) and
+    the signatures by keys not given (ignored, never checked). A known signature that
+    does not verify raises NoteError naming the key."""
     known = {(v.name, v.key_hash): v for v in verifiers}
-    verified: list[Verifier] = []
+    verified: list[V] = []
     seen: set[tuple[str, int]] = set()
     unverified: list[NoteSignature] = []
     for sig in sigs:
@@ -167,13 +181,24 @@ def open_note(note: str | bytes, verifiers: Sequence[Verifier]) -> OpenedNote:
         if v is None:
             unverified.append(sig)
             continue
-        if (sig.name, sig.key_id) in seen:
-            continue  # the same key twice: counted once (as Go does)
+        # Every known signature is checked (C2SP: MUST verify), even a repeated one,
+        # which is then counted once.
         if not v.verify(text, sig.signature):
-            raise NoteError(f"note: the signature by {sig.name} ({sig.key_id:08x}) does not verify")
-        seen.add((sig.name, sig.key_id))
-        verified.append(v)
+            raise NoteError(
+                f"{what}: the signature by {sig.name} ({sig.key_id:08x}) does not verify"
+            )
+        if (sig.name, sig.key_id) not in seen:
+            seen.add((sig.name, sig.key_id))
+            verified.append(v)
+    return tuple(verified), tuple(unverified)
+
+
+def open_note(note: str | bytes, verifiers: Sequence[V]) -> OpenedNote[V]:
+    """Verify a note against the keys given: every known signature must verify and at
+    least one must be there; unknown ones are ignored. Raises NoteError saying which."""
+    text, sigs = split_note(note)
+    verified, unverified = check_signatures(text, sigs, verifiers)
     if not verified:
         names = ", ".join(f"{v.name}+{v.key_hash:08x}" for v in verifiers) or "none given"
         raise NoteError(f"note: no signature by a known key ({names})")
-    return OpenedNote(text, tuple(verified), tuple(unverified))
+    return OpenedNote(text, verified, unverified)

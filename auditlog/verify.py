@@ -107,12 +107,16 @@ def verify_log(
         rep.problem = Problem(Path(*paths[:1]) if paths else Path(), 0, None, "no log files found")
         return rep
     ext_cps: list[Checkpoint] = []
+    ext_ignored: dict[str, None] = {}  # signatures by other keys (witnesses'), in order
     for note in [external] if isinstance(external, str) else external or ():
         try:
-            ext_cp, signed = Checkpoint.parse_verified(note, pubkey)
+            got = Checkpoint.read(note, pubkey)
         except NoteError as exc:
             rep.problem = Problem(rep.files[0], 0, None, f"checkpoint held elsewhere: {exc}")
             return rep
+        ext_cp, signed = got.checkpoint, got.signed
+        if got.ignored:
+            ext_ignored[got.ignored_summary()] = None
         if not signed:
             rep.problem = Problem(
                 rep.files[0], 0, None, "checkpoint held elsewhere is not signed by --pubkey"
@@ -276,6 +280,12 @@ def verify_log(
             else f"{len(ext_cps)} checkpoints, the latest covering entries 0..{latest}: "
             "all consistent"
         )
+        if ext_ignored:
+            # C2SP signed-note: signatures by keys the verifier was not given are ignored;
+            # said, so that nobody takes a listed cosignature for a checked one.
+            rep.external_checkpoint += (
+                "; signatures by keys not given, ignored (not checked): " + "; ".join(ext_ignored)
+            )
     if rep.problem is None and log_dir is not None:
         check_anchors(rep, anchors, anchor_hashes, pubkey or log_key, log_dir)
     if rep.problem is None and pubkey is not None and rep.checkpoints_by_pubkey == 0:

@@ -6,6 +6,7 @@ tests/integration/test_audit_forger.py."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -78,8 +79,17 @@ async def test_the_checkpoint_waits_for_the_brokers_and_goes_once_ours_is_seen(
     assert broker.topics() == ["audit/checkpoint"]
 
 
+# A witness's cosignature (C2SP tlog-cosignature: 76 bytes, a name with '/') beside our
+# signature leaves the checkpoint ours (C2SP signed-note ignores unknown keys), so the guard
+# checks it too: read as unreadable, a fork's cosigned checkpoint would pass unnoticed.
+COSIGNATURE = (
+    f"\u2014 witness.example/w1 {base64.b64encode(bytes(range(1, 5)) + bytes(72)).decode()}\n"
+)
+
+
+@pytest.mark.parametrize("cosigned", ["", COSIGNATURE], ids=["ours", "ours-cosigned"])
 async def test_a_signed_checkpoint_the_log_does_not_contain_stops_ours_for_good(
-    outbox: Outbox,
+    outbox: Outbox, cosigned: str
 ) -> None:
     signer = generate_keypair("iortd-test")
     state = RetainedState(now=lambda: TS, simulated=True, verifier=signer.verifier)
@@ -93,7 +103,7 @@ async def test_a_signed_checkpoint_the_log_does_not_contain_stops_ours_for_good(
     state.checkpoint(note(signer, 5))
     broker = Broker()
     await state.reconnected(broker.send)
-    assert not await state.retained_checkpoint(wire(note(signer, 50)))
+    assert not await state.retained_checkpoint(wire(note(signer, 50) + cosigned))
     assert asked == [50]
     # Not at the wait's end, not on closing, not after a newer checkpoint.
     state.checkpoint(note(signer, 6))
