@@ -103,6 +103,7 @@ class RetentionManager:
     ) -> None:
         self._audit = audit
         self.settings = settings
+        audit.archive_root = settings.archive_dir  # hash_at reads archived entries there
         self._notice = notice
         verifier = None if audit.signer is None else audit.signer.verifier
         self._work = Rounds(audit.directory, audit.origin, verifier)

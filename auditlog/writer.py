@@ -155,6 +155,7 @@ class AuditLog:
         self.on_failure = on_failure
         self.on_recovered = on_recovered
         self.on_rotate: Callable[[], None] = lambda: None
+        self.archive_root: Path | None = None  # the configured archive (retention sets it)
         self.on_commit: Callable[[int, int, float], None] = lambda n, size, t0: None
         self._wall_ns = wall_ns
         self._mono = mono
@@ -357,7 +358,8 @@ class AuditLog:
             return None
         if seq == self.committed_seq:
             return self._committed_hash
-        return await asyncio.to_thread(hash_at_anywhere, self.directory, seq)
+        args = (self.directory, seq, self.origin, self.archive_root)
+        return await asyncio.to_thread(hash_at_anywhere, *args)
 
     async def _spill(self, lost: list[_Pending]) -> None:
         """Keep entries that could not be written outside the log directory (spill.py)."""
