@@ -17,10 +17,13 @@ directory can change; and the archived entries from the one asked for up to the 
 local entry must hash-chain, each entry's hash recomputed and each ``prev`` linked, into
 that first local entry's ``prev``. A forged segment in the archive, however consistent in
 itself, then gives no hash (None: the guard treats it as a conflict, never as a match).
+The read runs in a daemon thread bounded by :data:`HASH_AT_TIMEOUT_S` (:func:`find_hash`):
+an archive on a stalled share gives None too, and never holds up the daemon's exit.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import stat
 from datetime import UTC, datetime
@@ -28,18 +31,32 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import structlog
 
 from iortd.auditlog.archive import ArchiveError, archive_dir_for, read_whole, scan
 from iortd.auditlog.canonical import open_line
 from iortd.auditlog.logdir import entry_seq, hash_at, segment_paths
 from iortd.auditlog.segments import SegmentError, open_segment
 from iortd.kernel.durable import write_atomic
+from iortd.kernel.threads import in_daemon_thread
 
-__all__ = ["MARKER_FILE", "hash_at_anywhere", "marker_origin", "read_marker", "write_marker"]
+__all__ = [
+    "HASH_AT_TIMEOUT_S",
+    "MARKER_FILE",
+    "find_hash",
+    "hash_at_anywhere",
+    "marker_origin",
+    "read_marker",
+    "write_marker",
+]
+
+log = structlog.get_logger("iortd.audit")
 
 MARKER_FILE = "retention"
 MARKER_FORMAT = "iortd-retention/1"
 MARKER_MAX_BYTES = 64 * 1024
+# How long the fork guard waits for an entry's hash (an archive on a stalled share).
+HASH_AT_TIMEOUT_S = 30.0
 
 
 def write_marker(log_dir: Path, origin: str, archive: Path, first_local_seq: int) -> None:
@@ -83,6 +100,22 @@ def marker_origin(log_dir: Path) -> str | None:
     marker = read_marker(log_dir)
     origin = None if marker is None else marker.get("origin")
     return origin if isinstance(origin, str) else None
+
+
+async def find_hash(
+    directory: Path, seq: int, origin: str, archive_root: Path | None
+) -> str | None:
+    """:func:`hash_at_anywhere` in a daemon thread, bounded by :data:`HASH_AT_TIMEOUT_S`:
+    past it (a stalled share) None, as for a hash that cannot be vouched for, and the
+    thread is abandoned, never joined (kernel/threads.py)."""
+    try:
+        async with asyncio.timeout(HASH_AT_TIMEOUT_S):
+            return await in_daemon_thread(
+                hash_at_anywhere, directory, seq, origin, archive_root, name="iortd-hash-at"
+            )
+    except TimeoutError:
+        log.error("audit_hash_at_timeout", seq=seq, timeout_s=HASH_AT_TIMEOUT_S)  # noqa: TRY400 - no traceback to give
+        return None
 
 
 def hash_at_anywhere(

@@ -56,7 +56,7 @@ from iortd.auditlog.logdir import (
     segment_paths,
     write_anchor,
 )
-from iortd.auditlog.marker import hash_at_anywhere
+from iortd.auditlog.marker import find_hash
 from iortd.auditlog.note import Checkpoint, Signer
 from iortd.auditlog.recovery import RecoveryReport, recover
 from iortd.auditlog.spill import DEFAULT_SPILL_DIR, spill_entries, spill_path
@@ -359,7 +359,7 @@ class AuditLog:
         if seq == self.committed_seq:
             return self._committed_hash
         args = (self.directory, seq, self.origin, self.archive_root)
-        return await asyncio.to_thread(hash_at_anywhere, *args)
+        return await find_hash(*args)
 
     async def _spill(self, lost: list[_Pending]) -> None:
         """Keep entries that could not be written outside the log directory (spill.py)."""

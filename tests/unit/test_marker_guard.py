@@ -15,7 +15,9 @@ Real writer, real retention round, tiny segments (helpers of test_retention.py).
 
 from __future__ import annotations
 
+import asyncio
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ import orjson
 import pytest
 from test_retention import ORIGIN, entries, fill, running, settings
 
+from iortd.auditlog import marker
 from iortd.auditlog.archive import archive_dir_for
 from iortd.auditlog.canonical import canonical, seal
 from iortd.auditlog.marker import MARKER_FILE, read_marker
@@ -123,3 +126,28 @@ async def test_without_a_configured_archive_nothing_archived_is_vouched_for(
         await retained(log, share)
         log.archive_root = None
         assert await log.hash_at(SEQ) is None
+
+
+async def test_a_hung_share_gives_no_hash_within_the_bound(
+    tmp_path: Path, signer: Signer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The archive read hangs (a stalled NFS mount): the guard's question is answered
+    with None (not vouched for) within HASH_AT_TIMEOUT_S, and the reading thread, a
+    daemon thread, is abandoned rather than joined."""
+    logdir, share = tmp_path / "log", tmp_path / "share"
+    share.mkdir()
+    never = threading.Event()
+
+    def hung(*args: object) -> str | None:
+        never.wait()
+        return None
+
+    async with running(logdir, signer) as log:
+        await retained(log, share)
+        monkeypatch.setattr(marker, "hash_at_anywhere", hung)
+        monkeypatch.setattr(marker, "HASH_AT_TIMEOUT_S", 0.2)
+        try:
+            async with asyncio.timeout(5):
+                assert await log.hash_at(SEQ) is None
+        finally:
+            never.set()
