@@ -74,6 +74,7 @@ from iortd.auditlog.keyring import Keyring, load_keyring, parse_utc
 from iortd.auditlog.logdir import SEGMENT_RE, LogDamaged, read_segment, segment_paths
 from iortd.auditlog.writer import AuditLog, AuditLogClosed
 from iortd.daemon.config import Config
+from iortd.kernel.durable import fsync_dir
 from iortd.kernel.timefmt import utc_ts
 
 __all__ = ["HANDLER_TIMEOUT_S", "CommandIntake", "Handler", "Verdict", "open_intake"]
@@ -506,10 +507,6 @@ def _move(path: Path, into: Path) -> None:
         target = into / f"{path.name}.{n}"
     try:
         os.rename(path, target)
-        dfd = os.open(into, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(into)
     except OSError as exc:
         log.error("inbox_move_failed", error=exc.strerror)  # noqa: TRY400 - the reason is enough

@@ -16,8 +16,10 @@ Real writer, real retention round, tiny segments (helpers of test_retention.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +43,20 @@ def signer() -> Signer:
     return generate_keypair("or-9")
 
 
-async def retained(log: AuditLog, share: Path) -> str:
-    """Fill the log, let retention archive and delete its first segments; the genuine
-    hash of entry SEQ."""
-    await fill(log, 120)
-    genuine = str(entries(log.directory)[SEQ]["hash"])
-    res = await RetentionManager(log, settings(share, 1024)).run_once()
-    assert res is not None
-    assert res.deleted
-    assert int(segment_paths(log.directory)[0].name[4:20]) > SEQ
-    return genuine
+@contextlib.asynccontextmanager
+async def retained(tmp_path: Path, signer: Signer) -> AsyncIterator[tuple[AuditLog, Path, str]]:
+    """A running log whose first segments retention archived and deleted: the log, its
+    archive directory, the genuine hash of entry SEQ."""
+    share = tmp_path / "share"
+    share.mkdir()
+    async with running(tmp_path / "log", signer) as log:
+        await fill(log, 120)
+        genuine = str(entries(log.directory)[SEQ]["hash"])
+        res = await RetentionManager(log, settings(share, 1024)).run_once()
+        assert res is not None
+        assert res.deleted
+        assert int(segment_paths(log.directory)[0].name[4:20]) > SEQ
+        yield log, archive_dir_for(share, ORIGIN), genuine
 
 
 def forge(segment: Path, dest: Path) -> str:
@@ -79,20 +85,16 @@ def holding(directory: Path, seq: int) -> Path:
 async def test_a_marker_naming_another_archive_is_not_followed(
     tmp_path: Path, signer: Signer
 ) -> None:
-    logdir, share = tmp_path / "log", tmp_path / "share"
-    share.mkdir()
-    async with running(logdir, signer) as log:
-        genuine = await retained(log, share)
-        archived = archive_dir_for(share, ORIGIN)
+    async with retained(tmp_path, signer) as (log, archived, genuine):
         # Someone with write access to the log directory: forged segments elsewhere, and
         # the marker edited to name them.
         evil = tmp_path / "evil"
         shutil.copytree(archived, evil)
         target = holding(evil, SEQ)
         forged = forge(target, target)
-        marker = read_marker(logdir)
+        marker = read_marker(log.directory)
         assert marker is not None
-        (logdir / MARKER_FILE).write_bytes(
+        (log.directory / MARKER_FILE).write_bytes(
             orjson.dumps({**marker, "archive": str(evil)}, option=orjson.OPT_SORT_KEYS)
         )
         got = await log.hash_at(SEQ)
@@ -103,11 +105,8 @@ async def test_a_marker_naming_another_archive_is_not_followed(
 async def test_a_forged_segment_in_the_archive_does_not_chain_to_the_log(
     tmp_path: Path, signer: Signer
 ) -> None:
-    logdir, share = tmp_path / "log", tmp_path / "share"
-    share.mkdir()
-    async with running(logdir, signer) as log:
-        genuine = await retained(log, share)
-        target = holding(archive_dir_for(share, ORIGIN), SEQ)
+    async with retained(tmp_path, signer) as (log, archived, genuine):
+        target = holding(archived, SEQ)
         forged = forge(target, target)
         assert forged != genuine
         got = await log.hash_at(SEQ)
@@ -120,10 +119,7 @@ async def test_without_a_configured_archive_nothing_archived_is_vouched_for(
 ) -> None:
     """The marker names a genuine archive, but the daemon has none configured (the
     marker could name anything): no hash."""
-    logdir, share = tmp_path / "log", tmp_path / "share"
-    share.mkdir()
-    async with running(logdir, signer) as log:
-        await retained(log, share)
+    async with retained(tmp_path, signer) as (log, _, _):
         log.archive_root = None
         assert await log.hash_at(SEQ) is None
 
@@ -134,16 +130,13 @@ async def test_a_hung_share_gives_no_hash_within_the_bound(
     """The archive read hangs (a stalled NFS mount): the guard's question is answered
     with None (not vouched for) within HASH_AT_TIMEOUT_S, and the reading thread, a
     daemon thread, is abandoned rather than joined."""
-    logdir, share = tmp_path / "log", tmp_path / "share"
-    share.mkdir()
     never = threading.Event()
 
     def hung(*args: object) -> str | None:
         never.wait()
         return None
 
-    async with running(logdir, signer) as log:
-        await retained(log, share)
+    async with retained(tmp_path, signer) as (log, _, _):
         monkeypatch.setattr(marker, "hash_at_anywhere", hung)
         monkeypatch.setattr(marker, "HASH_AT_TIMEOUT_S", 0.2)
         try:
