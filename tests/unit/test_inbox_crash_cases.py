@@ -111,3 +111,33 @@ async def test_an_inbox_file_whose_record_failed_stays_in_the_inbox(
     assert not list((inbox / "accepted").iterdir())
     assert not list((inbox / "rejected").iterdir())
     await closed(audit)
+
+
+async def test_a_file_whose_record_failed_is_not_filed_accepted_at_the_next_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next read finds the same bytes as a command accepted in this run: it is the
+    same command (not acted on twice), but it is filed as accepted only once that
+    acceptance is on disk; its record failed, so the file stays in the inbox."""
+    log_dir, inbox = tmp_path / "log", tmp_path / "inbox"
+    inbox.mkdir()
+    assert _prepare_inbox(inbox) is None
+    (inbox / "a.json").write_bytes(signed_at(T0))
+    audit, intake = await intake_at(log_dir, T0)
+    real = audit.append
+
+    def failing(kind: str, data: dict[str, object], **kw: object) -> object:
+        entry = real(kind, data, **kw)  # type: ignore[arg-type]
+        if kind != "command_accepted":
+            return entry
+        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        failed.set_exception(OSError(5, "Input/output error"))
+        return entry._replace(committed=failed)
+
+    monkeypatch.setattr(audit, "append", failing)
+    for _ in range(2):
+        await intake._read_inbox(inbox)
+        assert (inbox / "a.json").exists(), "filed as accepted, its acceptance not on disk"
+    assert not list((inbox / "accepted").iterdir())
+    assert not list((inbox / "rejected").iterdir())
+    await closed(audit)
