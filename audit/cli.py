@@ -6,10 +6,10 @@
     iort-audit show PATH... [--delivery ID [--entries]] [--type T] [--since TS] [--until TS]
     iort-audit deliveries PATH...
     iort-audit report PATH... --delivery ID --out FILE.pdf|FILE.html [--pubkey FILE]
-                              [--allow-unverified]
+                              [--keyring FILE] [--allow-unverified]
     iort-audit export PATH... --delivery ID --format csv|json|dicom --out FILE
                               [--table samples|events|applicator] [--pubkey FILE]
-                              [--allow-unverified]
+                              [--store DIR] [--allow-unverified]
 
 Exit status: 0 intact / done; 1 the log is not intact (the first bad entry is named:
 file, line, seq, what is wrong; a segment that is not a regular file, e.g. a FIFO or a
@@ -39,6 +39,7 @@ from typing import Any
 from iortd.audit import keyring_cli
 from iortd.audit.export import applicator_csv, events_csv, json_export, samples_csv
 from iortd.audit.extra import dicom_exporter, report_renderer, with_extra
+from iortd.audit.handoff import load_report_keyring, read_hand_off
 from iortd.audit.inputs import UsageError, held_checkpoints, load_pubkey
 from iortd.audit.record import DeliveryRecord, NoSuchDelivery, Verification, read_delivery
 from iortd.audit.review import (
@@ -416,13 +417,14 @@ def _cmd_report(args: argparse.Namespace) -> int:
     kind = REPORT_SUFFIXES[args.out.suffix.lower()]
     try:
         render = with_extra("iort-audit report", lambda: report_renderer(kind))
+        ring = load_report_keyring(args.keyring) if args.keyring else None
     except UsageError as exc:
         _err(str(exc))
         return EXIT_USAGE
     status, rec, key_name = _verified_delivery(args)
     if rec is None:
         return status
-    data = render(rec, key_name)
+    data = render(rec, key_name, ring)
     if not _write_out(args.out, data):
         return EXIT_USAGE
     v = rec.verification
@@ -439,6 +441,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     if args.table and args.format != "csv":
         _err(f"--table {args.table}: only with --format csv")
+        return EXIT_USAGE
+    if args.store and args.format != "dicom":
+        _err("--store: only with --format dicom (the hand-off to the hospital)")
         return EXIT_USAGE
     if args.allow_unverified and args.format != "json":
         _err(
@@ -458,7 +463,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         return status
     try:
         if dicom_export is not None:
-            data = dicom_export(rec)
+            # The real Patient ID and plan UID go into the file only, never to the output.
+            rx_id = rec.prescription_check.prescription.get("treatment_id")
+            tid = str(rx_id or rec.plan.get("treatment_id") or "")
+            data = dicom_export(rec, read_hand_off(args.store, tid) if args.store else None)
         elif args.format == "csv":
             table = {"events": events_csv, "applicator": applicator_csv}
             data = table.get(args.table or "samples", samples_csv)(rec)
@@ -518,6 +526,19 @@ def _parser() -> argparse.ArgumentParser:
         "--table",
         choices=["samples", "events", "applicator"],
         help="with --format csv (default: samples; applicator: the reader's samples)",
+    )
+    e.add_argument(
+        "--store",
+        type=Path,
+        metavar="DIR",
+        help="with --format dicom: the protected store (iort-plan import --protected-store); "
+        "the record then carries the real Patient ID and refers to the RT Plan",
+    )
+    r.add_argument(
+        "--keyring",
+        type=Path,
+        metavar="FILE",
+        help="the command keyring: physicists' names, and whether each was enrolled then",
     )
     for c in (r, e):
         c.add_argument("--delivery", required=True, metavar="ID", help="see: iort-audit deliveries")

@@ -18,25 +18,42 @@ Delivered Meterset of C.8.8.21.2.2, DelMS[CPn] = MAX(StartMS, MIN(SpecMS[CPn], E
 with SpecMS = 0 and the preset; so the Delivered Primary Metersets of the items add up to
 the delivered dose and their meterset ranges tile it.
 
+Verification (issue 18): each beam item's Treatment Verification Status (3008,002C) is the
+outcome of the delivery's governing check against its prescription (audit/rxcheck.py),
+empty (Type 2) when the log holds none; a VERIFIED_OVR's overrides are an Override Sequence
+in the item's first control point. The protected store's hand-off entry (``--store``), and
+only it, puts the real Patient ID and the RT Plan reference in the object; nothing of it is
+logged or printed.
+
 Deterministic: UIDs are derived from the log (origin, delivery id, the delivery's last
-entry hash) under the UUID-derived root 2.25 (PS3.5 B.2); dates and times come from the
-log; nothing from the clock. The same log gives the same bytes.
+entry hash; and whether it is the hand-off) under the UUID-derived root 2.25 (PS3.5 B.2);
+dates and times come from the log; nothing from the clock. The same log (and store entry)
+gives the same bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import re
+from collections.abc import Mapping
 from typing import Any
 
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import UID, ExplicitVRLittleEndian, RTBeamsTreatmentRecordStorage
+from pydicom.tag import Tag
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    RTBeamsTreatmentRecordStorage,
+    RTPlanStorage,
+)
 
 from iortd.audit.applicator import applicator_side
 from iortd.audit.dose_segments import SegmentRow, segments_with_context
 from iortd.audit.record import DeliveryRecord
+from iortd.audit.rxcheck import listed
 from iortd.kernel.version import __version__
 
 __all__ = [
@@ -121,8 +138,52 @@ _KIND_TEXT = {
 }
 
 
-def dicom_export(rec: DeliveryRecord) -> bytes:
-    """The RT Beams Treatment Record of the delivery, as a DICOM Part 10 file."""
+# Where each overridable item of a check lives in this record (PS3.3 C.8.8.21: an Override
+# Sequence item names the parent sequence, the item in it, and the overridden attribute).
+# None as the item index: the beam item that carries the Override Sequence.
+_OVERRIDE_POINTERS: dict[str, tuple[int, int | None, int]] = {
+    # Specified Primary Meterset (3008,0032) in the Treatment Session Beam Sequence (3008,0020)
+    "dose": (0x30080020, None, 0x30080032),
+    # Specified Treatment Time (3008,003A), ditto
+    "time": (0x30080020, None, 0x3008003A),
+    "time_unchecked": (0x30080020, None, 0x3008003A),
+    # Applicator ID (300A,0108) in the beam's Applicator Sequence (300A,0107)
+    "applicator": (0x300A0107, 1, 0x300A0108),
+    "applicator_reader": (0x300A0107, 1, 0x300A0108),
+}
+# The prescription's own items (signature, expired, already_delivered, no_prescription):
+# the plan the record refers to, Referenced SOP Instance UID (0008,1155) in the Referenced
+# RT Plan Sequence (300C,0002).
+_PLAN_POINTER = (0x300C0002, 1, 0x00081155)
+
+
+def _overrides(d: Mapping[str, Any], beam_index: int) -> list[Dataset]:
+    out = []
+    for o in listed(d, "overrides"):
+        if not isinstance(o, dict):
+            continue
+        item = str(o.get("item"))
+        seq_tag, index, attr = _OVERRIDE_POINTERS.get(item, _PLAN_POINTER)
+        ov = Dataset()
+        ov.ParameterSequencePointer = Tag(seq_tag)
+        ov.ParameterItemIndex = str(beam_index if index is None else index)
+        ov.OverrideParameterPointer = Tag(attr)
+        # a keyring holder id (staff, never a patient) as the family name (no retired PN
+        # form); anything but an id's characters (a PN delimiter) is replaced
+        by = re.sub(r"[^A-Za-z0-9._-]", "_", str(o.get("by") or ""))[:64]
+        ov.OperatorsName = by + "^"
+        reason = f"{item}: {o.get('reason')}"
+        ov.OverrideReason = "".join(c if c.isprintable() else " " for c in reason)[:1024]
+        out.append(ov)
+    return out
+
+
+def dicom_export(rec: DeliveryRecord, hand_off: Mapping[str, str] | None = None) -> bytes:
+    """The RT Beams Treatment Record of the delivery, as a DICOM Part 10 file.
+
+    ``hand_off``: the protected store's entry for the treatment (``patient_id``,
+    ``plan_sop_instance_uid``; ``iort-audit export --store``): the record then names the
+    real patient and refers to the RT Plan. Without it the record is pseudonymous."""
     rows = segments_with_context(rec)
     if rec.status is None:
         raise DicomExportError(
@@ -135,7 +196,10 @@ def dicom_export(rec: DeliveryRecord) -> bytes:
             "there is no treatment to record"
         )
     origin = rec.verification.origin or ""
-    key = (origin, rec.delivery_id, rec.last_hash or "")
+    # The hand-off names another patient identity: another object, with its own UIDs (one
+    # store entry per treatment id, never rewritten, so still the same for the same log).
+    key: tuple[str, ...] = (origin, rec.delivery_id, rec.last_hash or "")
+    key += ("hand-off",) if hand_off is not None else ()
     plan, dev = rec.plan, rec.device
     preset = _num(rec.preset_gy) or 0.0
     planned_s = _num(rec.summary.get("planned_time_s"))
@@ -157,20 +221,31 @@ def dicom_export(rec: DeliveryRecord) -> bytes:
     ds.InstanceCreationDate = _da(end_ts)
     ds.InstanceCreationTime = _tm(end_ts)
     ds.TimezoneOffsetFromUTC = "+0000"
-    # Patient: pseudonymous ids only (the log holds no other); marked as such.
-    treatment_id = str(plan.get("treatment_id") or rec.delivery_id)
-    ds.PatientName = _lo(treatment_id) + "^"  # family name = the id (no retired PN form)
-    ds.PatientID = _lo(treatment_id)
+    pc = rec.prescription_check
+    rx = pc.prescription
+    rx_id = rx.get("treatment_id") if isinstance(rx.get("treatment_id"), str) else None
+    treatment_id = str(rx_id or plan.get("treatment_id") or rec.delivery_id)
+    if hand_off is None:
+        # Patient: pseudonymous ids only (the log holds no other); marked as such.
+        ds.PatientName = _lo(treatment_id) + "^"  # family name = the id (no retired PN form)
+        ds.PatientID = _lo(treatment_id)
+    else:
+        # The hand-off to the hospital: the real Patient ID from the protected store (it
+        # holds no name: Type 2, empty), and no claim that the identity was removed.
+        ds.PatientName = ""
+        ds.PatientID = _lo(hand_off["patient_id"])
     ds.PatientBirthDate = ""
     ds.PatientSex = ""
-    ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = "iortd: pseudonymous treatment id only"
+    if hand_off is None:
+        ds.PatientIdentityRemoved = "YES"
+        ds.DeidentificationMethod = "iortd: pseudonymous treatment id only"
     # General Study
     ds.StudyInstanceUID = uid_for(*key, "study")
     ds.StudyDate = _da(start_ts)
     ds.StudyTime = _tm(start_ts)
     ds.ReferringPhysicianName = ""
-    ds.StudyID = _sh(plan.get("plan_id"))
+    rx_plan = rx.get("plan_id") if isinstance(rx.get("plan_id"), str) else None
+    ds.StudyID = _sh(rx_plan or plan.get("plan_id"))
     ds.AccessionNumber = ""
     ds.StudyDescription = _lo(f"IORT delivery {rec.delivery_id}")
     # RT Series
@@ -188,8 +263,15 @@ def dicom_export(rec: DeliveryRecord) -> bytes:
     ds.InstanceNumber = "1"
     ds.TreatmentDate = _da(start_ts)
     ds.TreatmentTime = _tm(start_ts)
-    # Type 2: the log names the plan (plan_id) but holds no RT Plan SOP instance to point to.
-    ds.ReferencedRTPlanSequence = Sequence([])
+    # Type 2 (C.8.8.17): the log names the plan (plan_id) but never its SOP instance, which
+    # links to the patient; the protected store has it for the hand-off.
+    refs = []
+    if hand_off is not None:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = RTPlanStorage
+        ref.ReferencedSOPInstanceUID = hand_off["plan_sop_instance_uid"]
+        refs.append(ref)
+    ds.ReferencedRTPlanSequence = Sequence(refs)
     # RT Treatment Machine Record: the console (source) the log identified.
     machine = Dataset()
     machine.TreatmentMachineName = _sh(dev.get("device") or "source")
@@ -263,7 +345,9 @@ def dicom_export(rec: DeliveryRecord) -> bytes:
         reason = rec.reason if last else row.ended_by.partition(": ")[2]
         if reason and len(reason) <= 16 and "\\" not in reason:
             item.TreatmentTerminationCode = reason
-        item.TreatmentVerificationStatus = ""
+        # Type 2: the governing check's outcome (DICOM's own terms); empty (unknown) for a
+        # delivery the log holds no check of. An override names what it overrode.
+        item.TreatmentVerificationStatus = pc.outcome or ""
         item.SpecifiedPrimaryMeterset = ds_number(preset)
         item.SpecifiedSecondaryMeterset = ds_number(preset)
         item.DeliveredPrimaryMeterset = ds_number(row.end_gy - row.start_gy)
@@ -272,7 +356,7 @@ def dicom_export(rec: DeliveryRecord) -> bytes:
             item.SpecifiedTreatmentTime = ds_number(planned_s)
         item.DeliveredTreatmentTime = ds_number(max(row.end_beam_on_s - row.start_beam_on_s, 0))
         item.NumberOfControlPoints = "2"
-        cps = []
+        cps: list[Dataset] = []
         for spec, at, rate in (
             (0.0, row.start_at, row.start_rate),
             (preset, row.end_at, row.end_rate),
@@ -285,6 +369,11 @@ def dicom_export(rec: DeliveryRecord) -> bytes:
             cp.DeliveredMeterset = ds_number(max(row.start_gy, min(spec, row.end_gy)))
             cp.DoseRateSet = "" if expected_rate is None else ds_number(expected_rate)
             cp.DoseRateDelivered = "" if rate is None else ds_number(rate)
+            if not cps and pc.outcome == "VERIFIED_OVR":
+                # The overrides were in force from the item's first control point on.
+                overridden = _overrides(pc.data, n + 1)
+                if overridden:
+                    cp.OverrideSequence = Sequence(overridden)
             cps.append(cp)
         item.ControlPointDeliverySequence = Sequence(cps)
         beams.append(item)

@@ -17,6 +17,7 @@ import orjson
 
 from iortd.audit.applicator import ApplicatorSide, applicator_side
 from iortd.audit.record import DeliveryRecord, Interval
+from iortd.audit.rxcheck import listed
 
 __all__ = [
     "APPLICATOR_COLUMNS",
@@ -233,6 +234,17 @@ def describe(e: Mapping[str, Any]) -> str:
         return f"terminated {d.get('status')}: {d.get('reason')}"
     if kind == "delivery_amended":
         return f"amended: {d.get('reason')}"
+    if kind == "verification":
+        failed = ", ".join(str(r) for r in listed(d, "reasons"))
+        what = "overridden" if d.get("outcome") == "VERIFIED_OVR" else "failed"
+        return f"verification {d.get('outcome')} ({d.get('trigger')})" + (
+            f": {what} {failed}" if failed else ""
+        )
+    if kind == "prescription_used":
+        return (
+            f"prescription used: {d.get('treatment_id')} / {d.get('plan_id')} fraction "
+            f"{d.get('fraction')} ({str(d.get('prescription_sha256'))[:16]}...)"
+        )
     return _describe_applicator(kind, d) or str(kind)
 
 
@@ -346,6 +358,15 @@ def json_export(rec: DeliveryRecord) -> bytes:
             "note": cp.note,
         },
         "entries": rec.entries,
+    }
+    pc = rec.prescription_check
+    # Always present: null outcome = not checked (no verification entry; rxcheck.py).
+    doc["prescription_verification"] = {
+        "outcome": pc.outcome,
+        "governing_seq": None if pc.governing is None else pc.governing.get("seq"),
+        "checked_only_at_or_after_beam_on": pc.after_beam_on,
+        "checks_seq": [e.get("seq") for e in pc.checks],
+        "prescription_used_seq": pc.used[0].get("seq") if pc.used else None,
     }
     side = applicator_side(rec)
     if side is not None:  # only with a reader: a log without one exports as before

@@ -11,11 +11,12 @@ deliveries and the CSV and JSON exports work as they are.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from iortd.audit.inputs import UsageError
 from iortd.audit.record import DeliveryRecord
+from iortd.auditlog.keyring import Keyring
 
 __all__ = ["INSTALL_REPORTS", "REPORTS_EXTRA", "dicom_exporter", "report_renderer", "with_extra"]
 
@@ -41,24 +42,30 @@ def with_extra(what: str, load: Callable[[], _T]) -> _T:
         ) from None
 
 
-def report_renderer(kind: str) -> Callable[[DeliveryRecord, str | None], bytes]:
-    """The renderer of a ``pdf`` or ``html`` report: (record, key name) -> bytes."""
+Names = Mapping[str, str]  # the protected store's hand-off entry (export --store)
+
+
+def report_renderer(
+    kind: str,
+) -> Callable[[DeliveryRecord, str | None, Keyring | None], bytes]:
+    """The renderer of a ``pdf`` or ``html`` report: (record, key name, keyring) -> bytes."""
     if kind == "pdf":
         from iortd.audit.report.pdf import pdf_report  # noqa: PLC0415 - the extra 'reports'
 
-        return lambda rec, key: pdf_report(rec, pubkey_name=key)
+        return lambda rec, key, ring: pdf_report(rec, pubkey_name=key, keyring=ring)
     from iortd.audit.report.html_page import html_report  # noqa: PLC0415 - ditto
 
-    return lambda rec, key: html_report(rec, pubkey_name=key)
+    return lambda rec, key, ring: html_report(rec, pubkey_name=key, keyring=ring)
 
 
-def dicom_exporter() -> Callable[[DeliveryRecord], bytes]:
-    """The DICOM export; a delivery it cannot record (DicomExportError) is a UsageError."""
+def dicom_exporter() -> Callable[[DeliveryRecord, Names | None], bytes]:
+    """The DICOM export (record, the protected store's hand-off entry or None); a delivery
+    it cannot record (DicomExportError) is a UsageError."""
     from iortd.audit.dicom import DicomExportError, dicom_export  # noqa: PLC0415 - the extra
 
-    def export(rec: DeliveryRecord) -> bytes:
+    def export(rec: DeliveryRecord, hand_off: Names | None) -> bytes:
         try:
-            return dicom_export(rec)
+            return dicom_export(rec, hand_off)
         except DicomExportError as exc:
             raise UsageError(f"--format dicom: {exc}") from None
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from iortd.audit.review import load_entries
+from iortd.audit.rxcheck import PrescriptionCheck, is_rx_entry_of, prescription_check
 from iortd.auditlog.note import Checkpoint, NoteError
 from iortd.auditlog.verify import VerifyReport, collect_files
 
@@ -43,6 +44,8 @@ EVENT_TYPES = (
     "operator_action",
     "delivery_terminated",
     "delivery_amended",
+    "verification",  # the checks against a prescription (rxcheck.py), issue 18
+    "prescription_used",
 )
 
 
@@ -153,6 +156,16 @@ class DeliveryRecord:
     # and the dose shown while no later sample or end exists comes from before them.
     untrusted_from: int | None = None
     untrusted_to: int | None = None
+    # its checks against a prescription and prescription_used entries (issue 18), whole:
+    # also those naming the delivery only in their data (rxcheck.py)
+    rx_entries: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def prescription_check(self) -> PrescriptionCheck:
+        """The governing check, every check, and whether the prescription was used."""
+        lo, hi = self.untrusted_from, self.untrusted_to
+        untrusted = (lo, hi) if lo is not None and hi is not None else None
+        return prescription_check(self.rx_entries, self.samples + self.events, untrusted)
 
     @property
     def entries(self) -> list[dict[str, Any]]:
@@ -279,6 +292,8 @@ def _collect(
         raw = e.get("data")
         d: dict[str, Any] = raw if isinstance(raw, dict) else {}
         mine = e.get("delivery_id") == delivery_id
+        if is_rx_entry_of(e, delivery_id):
+            rec.rx_entries.append(e)
         if kind == "recovery":
             u = d.get("unvouched")
             unvouched_from = u.get("first_seq") if isinstance(u, dict) else None

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from iortd.audit.rxcheck import RX_ENTRY_TYPES, PrescriptionCheck, listed, prescription_check
 from iortd.auditlog.verify import iter_entries
 
 __all__ = [
@@ -112,6 +113,14 @@ class DeliveryRecord:
     covering_checkpoint: int | None = None  # seq of the first checkpoint after the end
     simulated: bool = False
     continues: str | None = None  # an earlier record of the same treatment (after a restart)
+    # verification / prescription_used entries, and the phase changes (for the first
+    # beam-on), whole: rxcheck.py judges which check governs
+    rx_entries: list[dict[str, Any]] = field(default_factory=list)
+    phase_entries: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def prescription_check(self) -> PrescriptionCheck:
+        return prescription_check(self.rx_entries, self.phase_entries)
 
 
 def _reopened(rec: DeliveryRecord | None, unvouched_from: Any) -> None:
@@ -147,9 +156,15 @@ def collect_deliveries(entries: Iterable[dict[str, Any]]) -> list[DeliveryRecord
         if kind == "daemon_start":
             _reopened(out.get(str(d.get("open_delivery"))), unvouched_from)
         did = e.get("delivery_id")
+        if did is None and kind in RX_ENTRY_TYPES and isinstance(d, dict):
+            # a check naming its delivery in its data only: of a delivery already seen,
+            # never one of its own (it would list a delivery nothing else knows)
+            did = d.get("delivery_id") if d.get("delivery_id") in out else None
         if not isinstance(did, str):
             continue
         rec = out.setdefault(did, DeliveryRecord(did, device=device))
+        if kind in RX_ENTRY_TYPES:
+            rec.rx_entries.append(e)
         rec.last_seq, rec.last_hash = e.get("seq"), e.get("hash")
         if kind == "delivery_started":
             rec.started = d.get("at") or e.get("ts")
@@ -161,6 +176,7 @@ def collect_deliveries(entries: Iterable[dict[str, Any]]) -> list[DeliveryRecord
             rec.simulated = rec.simulated or bool(d.get("simulated"))
         elif kind == "phase_changed":
             rec.phases.append({**d, "seq": e.get("seq")})
+            rec.phase_entries.append(e)
         elif kind == "interlock_changed":
             rec.interlocks.append({**d, "seq": e.get("seq")})
         elif kind in ("alarm_raised", "alarm_cleared"):
@@ -208,6 +224,22 @@ def one_line(rec: DeliveryRecord) -> str:
     )
 
 
+def _verification(rec: DeliveryRecord) -> str:
+    """The governing check against a prescription, in one line (rxcheck.py)."""
+    pc = rec.prescription_check
+    if pc.governing is None:
+        return "NOT CHECKED against a prescription (no verification entry)"
+    words = {"NOT_VERIFIED": "NOT VERIFIED", "VERIFIED_OVR": "VERIFIED WITH OVERRIDE"}
+    d = pc.data
+    reasons = ", ".join(str(r) for r in listed(d, "reasons"))
+    return (
+        f"{words.get(str(pc.outcome), pc.outcome)} (seq {pc.governing.get('seq')}, "
+        f"{d.get('trigger')}{', only at/after beam-on' if pc.after_beam_on else ''})"
+        + (f": {reasons}" if reasons else "")
+        + (f"; prescription used (seq {pc.used[0].get('seq')})" if pc.used else "")
+    )
+
+
 def format_summary(rec: DeliveryRecord) -> str:
     s = rec.summary
     p, sec = delivered(rec)
@@ -229,6 +261,7 @@ def format_summary(rec: DeliveryRecord) -> str:
         + ("  (monitoring joined in progress)" if rec.joined else "")
         + (f"  (continues record {rec.continues})" if rec.continues else ""),
         f"  prescribed      {_gy(rec.preset_gy)} Gy",
+        f"  verification    {_verification(rec)}",
         f"  delivered       primary {_gy(p)} Gy   secondary {_gy(sec)} Gy",
         f"  beam-on time    {_mmss(s.get('beam_on_s', rec.last_sample.get('beam_on_s')))}"
         f"   elapsed {_mmss(s.get('elapsed_s'))}   planned {_mmss(s.get('planned_time_s'))}"

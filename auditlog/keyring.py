@@ -12,8 +12,10 @@ replay requests later), one ``[[key]]`` table per key::
     valid_until = "2027-01-01T00:00:00Z"
 
 The public key is the signed-note verifier format of auditlog/note.py, so a key pair made
-by ``iort-audit keygen --name HOLDER`` is enrolled by pasting its ``.pub`` line here. Until
-accounts exist, such a key plus its entry stands for a user.
+by ``iort-audit keygen --name HOLDER`` is enrolled by pasting its ``.pub`` line here. With
+user accounts, ``iort-users`` writes this file from its store (users/keyring.py), one table
+per period in which a key may sign; without them, such a key plus its entry stands for a
+signer.
 
 A holder may have several entries (a key rolled over): each is judged by its own window.
 A key that expired or was withdrawn (``valid_until`` in the past) keeps its entry, so the

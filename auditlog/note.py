@@ -12,6 +12,10 @@ tools can read them:
 A checkpoint's text is the C2SP body: origin, entry count, base64 head hash, then
 extension lines. iortd's head hash is the hash of the last entry of the chain (a hash
 chain, not a Merkle tree root); docs/audit-log.md says what that does and does not prove.
+Signing here is byte-for-byte Go's; reading is made for iortd's own notes and is stricter
+than C2SP signed-note in places (names without '/', only 68-byte signatures): notes other
+parties sign too are read by signed_note.py, and the tree's checkpoint body is in
+tlog_checkpoint.py.
 """
 
 from __future__ import annotations

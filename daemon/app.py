@@ -78,6 +78,8 @@ from iortd.daemon.config.model import RetentionConfig
 from iortd.daemon.device_loop import DeviceLoop
 from iortd.daemon.health import Health, supervise
 from iortd.daemon.metrics import MetricsSink, build_registry
+from iortd.daemon.output_factor import OutputFactors
+from iortd.daemon.output_factor import install as install_output_factors
 from iortd.daemon.prescriptions import install as install_prescriptions
 from iortd.daemon.progress import DeviceProgress
 from iortd.daemon.service import RunResult, Service
@@ -168,6 +170,8 @@ class App:
         self.retention: RetentionManager | None = None
         self._intake: CommandIntake | None = None
         self._rx_resume: Callable[[], Coroutine[Any, Any, None]] | None = None
+        # The day's output factors (daemon/output_factor.py), for the verifier.
+        self.output_factors: OutputFactors | None = None
 
     @property
     def tracker(self) -> DeliveryTracker:
@@ -213,6 +217,9 @@ class App:
                     self._intake, audit, c.log.directory, service.tracker, service.notice
                 )
                 self._rx_resume = None if rx is None else rx.resume
+                self.output_factors = await install_output_factors(
+                    self._intake, audit, c.log.directory, service.notice
+                )
             log.info(
                 "daemon_starting",
                 config=str(self.loaded.path),
@@ -292,6 +299,8 @@ class App:
                 self._intake.record_loaded()
                 if self._rx_resume is not None:  # a crash's unhandled prescription, now
                     tg.create_task(self._rx_resume(), name="prescriptions-resume")
+                if self.output_factors is not None:  # and its unhandled output factor
+                    tg.create_task(self.output_factors.resume(), name="output-factors-resume")
                 cmd = c.commands
                 intake = self._intake.run(stop, cmd.inbox, cmd.inbox_poll_s)
                 until_stop.append(tg.create_task(intake, name="commands"))

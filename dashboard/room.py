@@ -32,12 +32,15 @@ from __future__ import annotations
 
 import bisect
 import math
+import re
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 __all__ = [
+    "APPLICATOR_CODE",
+    "PSEUDONYM",
     "ApplicatorView",
     "Held",
     "Rejected",
@@ -50,6 +53,7 @@ __all__ = [
     "point_of",
     "thin",
     "trace_point",
+    "verification_error",
 ]
 
 Payload = dict[str, Any]
@@ -66,6 +70,10 @@ POINT_BYTES = 160  # what one plot point costs, charged as such
 SEQ_BYTES = 56
 TRACK_BYTES = 1024
 ROOM_BYTES = 512  # the fixed cost of a room
+# A prescription's pseudonyms and applicator code, as plan/model.py defines them (the
+# dashboard imports only the kernel; a unit test keeps the two equal).
+PSEUDONYM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+APPLICATOR_CODE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
 
 
 class Rejected(ValueError):
@@ -99,6 +107,44 @@ def check_envelope(payload: object) -> Payload:
     if not isinstance(payload.get("sim"), bool) or not isinstance(payload.get("historical"), bool):
         raise Rejected("sim/historical", "sim / historical must be booleans")
     return payload
+
+
+def verification_error(payload: Payload) -> tuple[str, str] | None:
+    """Why a schema-valid ``delivery`` payload's ``verification`` is not one a daemon can
+    have sent, as (reason, detail); None if it is.
+
+    ``verification inconsistent``: it says two things at once: VERIFIED with a failed or
+    overridden item, NOT_VERIFIED with none failed or with overrides, VERIFIED_OVR whose
+    overridden items are not exactly the failed ones (the contract:
+    docs/schemas/v1/delivery.schema.json, its ``$defs.verification``). A page shown one
+    could only pick one of its halves, and a green VERIFIED over a list of failures is the
+    one that must never be drawn.
+
+    ``verification ids``: a treatment or plan id that is not a pseudonym, or an
+    applicator code that is not a code, as a prescription defines them (plan/model.py;
+    the schema only bounds their length). A right-to-left override or a zero-width space
+    would let "prescribed SPH30" read as another code, and a space is what a pseudonym
+    never holds (a name)."""
+    d = payload.get("delivery")
+    v = d.get("verification") if isinstance(d, dict) else None
+    if not isinstance(v, dict):
+        return None
+    outcome, reasons, overridden = v["outcome"], set(v["reasons"]), set(v["overridden"])
+    odd = "verification inconsistent"
+    if outcome == "VERIFIED" and (reasons or overridden):
+        return odd, "VERIFIED with failed or overridden items"
+    if outcome == "NOT_VERIFIED" and (not reasons or overridden):
+        return odd, "NOT_VERIFIED without a failed item, or with overrides"
+    if outcome == "VERIFIED_OVR" and (not overridden or reasons != overridden):
+        return odd, "VERIFIED_OVR whose overridden items are not the failed ones"
+    for key, shape in (
+        ("treatment_id", PSEUDONYM),
+        ("plan_id", PSEUDONYM),
+        ("applicator_code", APPLICATOR_CODE),
+    ):
+        if v[key] is not None and not shape.fullmatch(v[key]):
+            return "verification ids", f"{key}: not {shape.pattern}"
+    return None
 
 
 def all_finite(x: object) -> bool:

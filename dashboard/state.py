@@ -16,8 +16,11 @@ and reason (shown in the snapshot's ``rejected`` and ``diagnostics``) and never 
    are slugs as a daemon's config requires (so no look-alike of a real room's name);
 2. the payload is at most ``max_payload_bytes``, checked *before* parsing;
 3. it is JSON (orjson: no NaN/Infinity, integers within 64 bits, nesting bounded);
-4. it validates against the published schema of its topic (`iortd.dashboard.schemas`), and a
-   ``status`` names the room of its topic;
+4. it validates against the published schema of its topic (`iortd.dashboard.schemas`), a
+   ``status`` names the room of its topic, and a ``delivery``'s ``verification`` does not
+   contradict itself and names its prescription by pseudonyms only
+   (`iortd.dashboard.room.verification_error`: never a green VERIFIED over a list of
+   failed items);
 5. its ``seq`` and ``session`` are at most 2^53 (the schema allows 64 bits, but no daemon
    gets there and a browser cannot represent more), and ``seq`` is not a jump of more
    than ``seq_window`` past the highest handled in its topic and session (a forged
@@ -68,6 +71,7 @@ from iortd.dashboard.room import (
     check_envelope,
     epoch_ms,
     point_of,
+    verification_error,
 )
 from iortd.dashboard.schemas import schema_error
 
@@ -271,6 +275,8 @@ class Rooms:
             raise Rejected("number out of range", room=key)
         if name == "status" and (p["site"], p["room"]) != (site, room_name):
             raise Rejected("status names another room", room=key)
+        if name == "delivery" and (why := verification_error(p)) is not None:
+            raise Rejected(*why, room=key)
         ts = epoch_ms(p["ts"])
         if wall is not None and ts is not None and ts > (wall + self.future_s) * 1000:
             # A future-dated message would win every comparison of time (SeqTrack); no

@@ -9,10 +9,14 @@
   (Patient ID, the plan's SOP Instance UID) are kept apart from everything else;
 - ``dicom_import.py``: a DICOM RT Plan to a prescription (the only module that imports
   pydicom; the optional extra ``plan``);
-- ``send.py``: ``iort-plan send``: a prescription signed as a ``prescription`` command
-  (auditlog/command.py) and published to the room's ``cmd/prescription`` topic or written
-  into the daemon's inbox (the daemon's side: daemon/prescriptions.py);
-- ``cli.py``: ``iort-plan new``, ``import``, ``check``, ``factor`` and ``send``.
+- ``send.py``: ``iort-plan send``: a prescription or the day's output factor signed as a
+  command (auditlog/command.py) and published to the room's ``cmd/{kind}`` topic or written into
+  the daemon's inbox (the daemon's side: daemon/prescriptions.py, daemon/output_factor.py);
+  the one sending path every ``iort-plan`` command uses;
+- ``override.py``: ``iort-plan override``: a physicist's signed override of named
+  verification mismatches, its body checked before it is signed;
+- ``cli.py``: ``iort-plan new``, ``import``, ``check``, ``factor``, ``send`` and
+  ``override``.
 
 Layer: on the kernel and the audit-log core only (tests/unit/test_layers.py). Sending
 uses the command envelope (auditlog/command.py) and aiomqtt (imported only by ``send``);

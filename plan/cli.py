@@ -14,9 +14,12 @@
     iort-plan check RX.json [--doserate TABLE.toml --output-factor FACTOR.json [--on DATE]]
     iort-plan factor --value F --measured-by HOLDER --machine TEXT [--measured-on DATE]
                   [--out FILE]
-    iort-plan send RX.json --key KEYFILE --holder ID --site S --room R
+    iort-plan send [--kind prescription|output_factor] FILE --key KEYFILE --holder ID
+                  --site S --room R
                   (--broker URL [--username U --password-file F] [--tls ...] | --inbox DIR)
                   [--ttl S]
+    iort-plan override --delivery ID --prescription SHA256 --item ITEM [--item ...]
+                  --reason TEXT --key ... --holder ... --site ... --room ... (as send)
 
 ``new`` and ``import`` write the prescription's canonical JSON to FILE (atomically) or to
 stdout. ``import`` takes the dose, fractions, applicator and planned time from the RT Plan
@@ -24,8 +27,11 @@ stdout. ``import`` takes the dose, fractions, applicator and planned time from t
 and SOP Instance UID go only to ``--protected-store`` (plan/store.py), never to the output.
 ``check`` reads a prescription and, given a dose-rate table and the day's output factor,
 runs the independent time check (plan/doserate.py). ``factor`` writes the day's output
-factor in its JSON form. ``send`` signs a prescription with the approving physicist's key
-and sends it to the room's daemon over MQTT or into its inbox (plan/send.py).
+factor in its JSON form. ``send`` signs a prescription with the approving physicist's key,
+or the day's output factor with the measuring physicist's (``--kind output_factor``), and
+sends it to the room's daemon over MQTT or into its inbox (plan/send.py). ``override``
+signs and sends, the same way, a physicist's override of named verification mismatches
+(plan/override.py).
 
 Exit status: 0 done (``check``: valid and, when asked, the time agrees); 1 the thing checked
 is bad: an RT Plan that cannot be imported (not DICOM, not an RT Plan, something missing or
@@ -50,7 +56,7 @@ from typing import TYPE_CHECKING, NoReturn
 from iortd.kernel.durable import write_atomic
 from iortd.kernel.files import FileReadError, read_small_file
 from iortd.kernel.timefmt import utc_ts
-from iortd.plan import send
+from iortd.plan import override, send
 from iortd.plan.doserate import (
     DoseRateError,
     expected_time_s,
@@ -149,6 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     fac.add_argument("--machine", required=True, help="the source model and serial")
     fac.add_argument("--out", type=Path, help="write here (atomically) instead of stdout")
     send.add_parser(sub)
+    override.add_parser(sub)
     return ap
 
 
@@ -372,6 +379,14 @@ def _cmd_send(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_override(args: argparse.Namespace) -> int:
+    try:
+        print(override.override(args))  # noqa: T201 - CLI output
+    except send.SendFailed as exc:
+        raise Failed(exc.code, str(exc)) from None
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handlers = {
@@ -380,6 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "check": _cmd_check,
         "factor": _cmd_factor,
         "send": _cmd_send,
+        "override": _cmd_override,
     }
     try:
         return handlers[args.command](args)

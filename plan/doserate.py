@@ -39,7 +39,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
@@ -57,6 +57,7 @@ __all__ = [
     "DoseRateTable",
     "OutputFactor",
     "expected_time_s",
+    "factor_date_problem",
     "load_doserate_table",
     "output_factor_bytes",
     "parse_output_factor",
@@ -301,3 +302,26 @@ def output_factor_bytes(value: float, measured_on: date, measured_by: str, machi
     )
     parse_output_factor(raw)
     return raw
+
+
+def factor_date_problem(
+    measured_on: date, now: datetime, skew: timedelta
+) -> tuple[str, str] | None:
+    """Why a factor measured on ``measured_on`` is not taken at ``now`` (UTC): a fixed word
+    (``measured_in_future``, ``too_old``) and a line; None when it is taken. A day that has
+    not begun yet (beyond ``skew``) is a mistake or a factor entered ahead; one more than a
+    day old is stale (yesterday's is still taken, for a factor sent just after midnight UTC,
+    but it is not today's: :meth:`OutputFactor.valid_on`). The sender and the daemon
+    (daemon/output_factor.py) apply this same rule."""
+    if measured_on > (now + skew).date():
+        return (
+            "measured_in_future",
+            f"measured_on {measured_on}: in the future (today is {now.date()}, UTC)",
+        )
+    if measured_on < (now - skew).date() - timedelta(days=1):
+        return (
+            "too_old",
+            f"measured_on {measured_on}: more than 1 day ago (today is {now.date()}, UTC); "
+            "measure and send today's factor",
+        )
+    return None

@@ -1,31 +1,42 @@
-"""``iort-plan send``: a prescription, signed by the approving physicist, to the room.
+"""``iort-plan send``: a prescription or the day's output factor, signed by the physicist
+whose document it is, to the room; and the one way every ``iort-plan`` command is sent.
 
-    iort-plan send RX.json --key KEYFILE --holder ID --site S --room R
+    iort-plan send [--kind prescription|output_factor] FILE --key KEYFILE --holder ID
+                  --site S --room R
                   (--broker URL [--username U] [--password-file F] [--tls]
                    [--ca-file F] [--cert-file F --key-file F] [--prefix P] | --inbox DIR)
                   [--ttl S]
 
-The prescription file is read and checked with the strict parser (plan/model.py); one that
-has expired, or whose ``approved_by`` is not ``--holder``, is refused here (the daemon
-refuses it too: daemon/prescriptions.py): the key that signs must be the approving
-physicist's. The key (``iort-audit keygen``, mode 0600) must be the holder's: its name is
-the holder id. The command is a ``prescription`` envelope (auditlog/command.py,
-:func:`~iortd.auditlog.command.sign_command`) whose body is the prescription's canonical
-JSON form, valid for ``--ttl`` seconds (default 600, at most 24 h).
+The file is read and checked with its strict parser first, and what the daemon would refuse
+is refused here (the daemon refuses it too):
 
-It goes either to the broker, published once to ``{prefix}/v1/{site}/{room}/cmd/prescription``
-at QoS 1, never retained, and acknowledged (PUBACK) within :data:`PUBACK_TIMEOUT_S` (an MQTT
-v5 PUBACK with a failure reason, e.g. an ACL's "Not authorized", is a refusal), or into the
-daemon's inbox directory, written atomically (a hidden ``.NAME`` fsync'd, then renamed, and
-the directory fsync'd: the daemon never reads half a file; docs/commands.md).
+* ``prescription`` (the default; plan/model.py): one that has expired, or whose
+  ``approved_by`` is not ``--holder`` (daemon/prescriptions.py);
+* ``output_factor`` (plan/doserate.py, what ``iort-plan factor`` writes): one whose
+  ``measured_by`` is not ``--holder``, or measured on a day that has not begun or more than a
+  day ago (:func:`~iortd.plan.doserate.factor_date_problem`; daemon/output_factor.py).
 
-Output: one line on stdout naming the command's nonce and the prescription's SHA-256 (what
-the log's ``command_accepted`` and ``prescription_received`` entries will show); nothing
-identifying (the prescription has no patient data by construction), never the key or the
-password. Exit status: 0 sent (acknowledged by the broker, or in the inbox); 1 refused: a
-prescription that is not valid, has expired or is not approved by the holder, a broker that
-refused or did not acknowledge; 2 usage: a flag, a key or password file that cannot be used,
-a broker URL that cannot be used.
+The key that signs must be the document's physicist's. The key (``iort-audit keygen``, mode
+0600) must be the holder's: its name is the holder id. The command is an envelope of that
+kind (auditlog/command.py, :func:`~iortd.auditlog.command.sign_command`) whose body is the
+document's canonical JSON form, valid for ``--ttl`` seconds (default 600, at most 24 h).
+
+**Shared by every sender** (this module's :func:`add_signing_arguments` and
+:func:`send_command`; ``iort-plan override`` in plan/override.py uses them): the flags, the
+checks of site, room, TTL and key, the signing, and the delivery. It goes either to the
+broker, published once to ``{prefix}/v1/{site}/{room}/cmd/{kind}`` at QoS 1, never
+retained, and acknowledged (PUBACK) within :data:`PUBACK_TIMEOUT_S` (an MQTT v5 PUBACK with
+a failure reason, e.g. an ACL's "Not authorized", is a refusal), or into the daemon's inbox
+directory as ``{kind}-{nonce}.json``, written atomically (a hidden ``.NAME`` fsync'd, then
+renamed, and the directory fsync'd: the daemon never reads half a file; docs/commands.md).
+
+Output: one line on stdout naming what was sent (a document's SHA-256, which the log's
+``*_received`` entry will show) and the command's nonce (the log's ``command_accepted``);
+nothing identifying (a prescription has no patient data by construction), never the key or
+the password. Exit status: 0 sent (acknowledged by the broker, or in the inbox); 1 refused:
+a document that is not valid or that the daemon would refuse, a broker that refused or did
+not acknowledge; 2 usage: a flag, a key or password file that cannot be used, a broker URL
+that cannot be used.
 """
 
 from __future__ import annotations
@@ -38,7 +49,9 @@ import re
 import secrets
 import socket
 import stat
-from datetime import UTC, datetime
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +62,12 @@ from iortd.auditlog.note import KeyFileError, load_signer
 from iortd.kernel.broker import BrokerSettings, BrokerUrlError, parse_broker_url
 from iortd.kernel.files import FileReadError, read_small_file
 from iortd.kernel.timefmt import utc_ts
+from iortd.plan.doserate import (
+    DoseRateError,
+    factor_date_problem,
+    output_factor_bytes,
+    parse_output_factor,
+)
 from iortd.plan.model import (
     PrescriptionError,
     parse_prescription,
@@ -56,10 +75,21 @@ from iortd.plan.model import (
     prescription_dict,
 )
 
-__all__ = ["PUBACK_TIMEOUT_S", "SendFailed", "add_parser", "send"]
+__all__ = [
+    "PUBACK_TIMEOUT_S",
+    "Outgoing",
+    "SendFailed",
+    "add_parser",
+    "add_signing_arguments",
+    "send",
+    "send_command",
+]
 
 PUBACK_TIMEOUT_S = 10.0  # connect, publish and the broker's acknowledgement, each
 DEFAULT_TTL_S = 600.0
+# A factor dated today by the physicist's machine is today on the daemon's, give or take
+# this (the daemon uses its own [commands] clock_skew_s).
+FACTOR_SKEW = timedelta(minutes=5)
 _ROOM_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")  # as auditlog/command.py checks site/room
 CREDENTIALS = "give the user with --username and the password with --password-file"
 
@@ -70,11 +100,33 @@ class SendFailed(Exception):
         self.code = code
 
 
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A command to sign: its kind, its body, and what the printed line says it is."""
+
+    kind: str
+    body: Mapping[str, Any]
+    said: str
+
+
 def add_parser(sub: Any) -> None:
-    s = sub.add_parser("send", help="sign a prescription and send it to the room")
-    s.add_argument("prescription", type=Path, metavar="RX.json")
+    s = sub.add_parser(
+        "send", help="sign a prescription or the day's output factor and send it to the room"
+    )
+    s.add_argument("document", type=Path, metavar="FILE", help="RX.json or the factor's JSON")
+    s.add_argument(
+        "--kind",
+        choices=tuple(_PREPARE),
+        default="prescription",
+        help="what FILE is (default prescription; output_factor: `iort-plan factor`'s)",
+    )
+    add_signing_arguments(s)
+
+
+def add_signing_arguments(s: argparse.ArgumentParser) -> None:
+    """The key, the room and the way to it: every sending subcommand's flags."""
     s.add_argument("--key", type=Path, required=True, help="the holder's private key (0600)")
-    s.add_argument("--holder", required=True, help="your keyring holder id (the approver)")
+    s.add_argument("--holder", required=True, help="your keyring holder id")
     s.add_argument("--site", required=True, help="the daemon's [site] id")
     s.add_argument("--room", required=True, help="the daemon's [site] room")
     s.add_argument("--ttl", type=float, default=DEFAULT_TTL_S, help="seconds (default 600)")
@@ -140,30 +192,70 @@ def _settings(args: argparse.Namespace) -> BrokerSettings:
     )
 
 
-def build(args: argparse.Namespace, now: datetime | None = None) -> tuple[bytes, str, str]:
-    """The signed command's bytes, its nonce and the prescription's SHA-256; refuses (1)
-    a prescription the daemon would refuse, and (2) flags and keys that cannot be used."""
-    now = now or datetime.now(UTC)
+def _flags(args: argparse.Namespace) -> None:
     for flag, value in (("--site", args.site), ("--room", args.room)):
         if not _ROOM_RE.fullmatch(value):
             raise _usage(f"{flag}: {value[:64]!r} is not a site/room id (a-z, 0-9, '-')")
     if not 0 < args.ttl <= MAX_TTL_S:
         raise _usage(f"--ttl: must be more than 0 and at most {MAX_TTL_S:.0f} s")
+
+
+def _document(path: Path, expected: str) -> bytes:
     try:
-        raw = read_small_file(args.prescription, 64 * 1024, expected="a prescription (JSON)")
+        return read_small_file(path, 64 * 1024, expected=expected)
     except FileReadError as exc:
-        raise _usage(f"{args.prescription}: {exc.reason}") from None
+        raise _usage(f"{path}: {exc.reason}") from None
+
+
+def _prescription(args: argparse.Namespace, now: datetime) -> Outgoing:
+    """A prescription the daemon would take: valid, not expired, approved by the holder."""
+    path: Path = args.document
+    raw = _document(path, "a prescription (JSON)")
     try:
         p = parse_prescription(raw)
     except PrescriptionError as exc:
-        raise _refused(f"{args.prescription}: {exc}") from None
+        raise _refused(f"{path}: {exc}") from None
     if p.expired(now):
-        raise _refused(f"{args.prescription}: expired at {utc_ts(p.not_after)}; approve a new one")
+        raise _refused(f"{path}: expired at {utc_ts(p.not_after)}; approve a new one")
     if p.approved_by != args.holder:
         raise _refused(
-            f"{args.prescription}: approved by {p.approved_by}, not by --holder {args.holder}: "
+            f"{path}: approved by {p.approved_by}, not by --holder {args.holder}: "
             "the approving physicist's key must sign it"
         )
+    sha = hashlib.sha256(prescription_bytes(p)).hexdigest()
+    return Outgoing("prescription", prescription_dict(p), f"prescription sha256 {sha}")
+
+
+def _output_factor(args: argparse.Namespace, now: datetime) -> Outgoing:
+    """The day's output factor the daemon would take: valid, measured by the holder, today
+    or yesterday (UTC)."""
+    path: Path = args.document
+    raw = _document(path, "an output factor (JSON)")
+    try:
+        f = parse_output_factor(raw.rstrip(b"\r\n"))
+    except DoseRateError as exc:
+        raise _refused(f"{path}: {exc}") from None
+    if f.measured_by != args.holder:
+        raise _refused(
+            f"{path}: measured by {f.measured_by}, not by --holder {args.holder}: the key "
+            "of the physicist who measured it must sign it"
+        )
+    problem = factor_date_problem(f.measured_on, now, FACTOR_SKEW)
+    if problem is not None:
+        raise _refused(f"{path}: {problem[1]}")
+    canon = output_factor_bytes(f.value, f.measured_on, f.measured_by, f.machine)
+    sha = hashlib.sha256(canon).hexdigest()
+    return Outgoing("output_factor", orjson.loads(canon), f"output factor sha256 {sha}")
+
+
+_PREPARE: Mapping[str, Callable[[argparse.Namespace, datetime], Outgoing]] = {
+    "prescription": _prescription,
+    "output_factor": _output_factor,
+}
+
+
+def sign(args: argparse.Namespace, out: Outgoing, now: datetime) -> tuple[bytes, str]:
+    """The signed command's bytes and its nonce; a key that is not ``--holder``'s is usage."""
     try:
         signer = load_signer(args.key)
     except KeyFileError as exc:
@@ -172,8 +264,8 @@ def build(args: argparse.Namespace, now: datetime | None = None) -> tuple[bytes,
         raise _usage(f"--key: the key is {signer.name}'s, not --holder {args.holder}'s")
     try:
         env = sign_command(
-            "prescription",
-            prescription_dict(p),
+            out.kind,
+            dict(out.body),
             signer=signer,
             holder=args.holder,
             site=args.site,
@@ -183,8 +275,7 @@ def build(args: argparse.Namespace, now: datetime | None = None) -> tuple[bytes,
         )
     except ValueError as exc:
         raise _usage(str(exc)) from None
-    sha = hashlib.sha256(prescription_bytes(p)).hexdigest()
-    return orjson.dumps(env), str(env["nonce"]), sha
+    return orjson.dumps(env), str(env["nonce"])
 
 
 async def publish(s: BrokerSettings, topic: str, payload: bytes) -> None:
@@ -248,15 +339,26 @@ def into_inbox(inbox: Path, name: str, payload: bytes) -> Path:
     return final
 
 
-def send(args: argparse.Namespace) -> str:
-    """Sign and send; the line to print. Raises SendFailed."""
+def send_command(
+    args: argparse.Namespace, prepare: Callable[[argparse.Namespace, datetime], Outgoing]
+) -> str:
+    """Check the flags, ``prepare`` the command (which refuses what the daemon would), sign
+    it and send it; the line to print. Raises SendFailed."""
     settings = _settings(args) if args.broker is not None else None
-    payload, nonce, sha = build(args)
+    _flags(args)
+    now = datetime.now(UTC)
+    out = prepare(args, now)
+    payload, nonce = sign(args, out, now)
     if settings is None:
-        into_inbox(args.inbox, f"prescription-{nonce}.json", payload)
+        into_inbox(args.inbox, f"{out.kind}-{nonce}.json", payload)
         where = f"into {args.inbox}"
     else:
-        topic = f"{settings.prefix}/v1/{args.site}/{args.room}/cmd/prescription"
+        topic = f"{settings.prefix}/v1/{args.site}/{args.room}/cmd/{out.kind}"
         asyncio.run(publish(settings, topic, payload))
         where = f"to {settings.url}, acknowledged"
-    return f"prescription sha256 {sha} sent {where} (command nonce {nonce})"
+    return f"{out.said} sent {where} (command nonce {nonce})"
+
+
+def send(args: argparse.Namespace) -> str:
+    """``iort-plan send``: the line to print. Raises SendFailed."""
+    return send_command(args, _PREPARE[args.kind])

@@ -1,7 +1,8 @@
 """What the report says, computed from the record: :func:`build_doc`.
 
 Everything comes from the DeliveryRecord (the verified log and nothing else): the
-identification, prescription against delivery, the dose segments (the same rows as the
+identification, the check against the prescription (report/rx.py), prescription against
+delivery, the dose segments (the same rows as the
 DICOM record's, dose_segments.py), interruptions and monitoring gaps, every state
 transition, interlock event and alarm with who acknowledged it, and the integrity section
 with what an auditor needs to re-verify. A log that is not intact, or entries no signature
@@ -29,7 +30,9 @@ from iortd.audit.report.model import (
     secs,
     when,
 )
+from iortd.audit.report.rx import rx_blocks
 from iortd.audit.report.stand import stand_blocks
+from iortd.auditlog.keyring import Keyring
 from iortd.kernel.version import __version__
 
 __all__ = ["UNVOUCHED_HEAD", "build_doc"]
@@ -51,7 +54,14 @@ def _ack(rec: DeliveryRecord, e: dict[str, Any]) -> str:
     return "none recorded"
 
 
-def build_doc(rec: DeliveryRecord, *, pubkey_name: str | None = None) -> ReportDoc:
+def build_doc(
+    rec: DeliveryRecord,
+    *,
+    pubkey_name: str | None = None,
+    keyring: Keyring | None = None,
+) -> ReportDoc:
+    """The report's document; ``keyring`` (report --keyring) names and vouches for the
+    physicists a check names."""
     v, s, plan, dev = rec.verification, rec.summary, rec.plan, rec.device
     status = rec.status or "IN PROGRESS (no termination in the log)"
     doc = ReportDoc(
@@ -120,6 +130,8 @@ def build_doc(rec: DeliveryRecord, *, pubkey_name: str | None = None) -> ReportD
             ]
         )
     )
+
+    b.extend(rx_blocks(rec, keyring))  # the check against a prescription (report/rx.py)
 
     b.append(Heading("Prescription and delivery"))
     intervals = rec.intervals()

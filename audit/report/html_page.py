@@ -11,6 +11,7 @@ from iortd.audit.record import DeliveryRecord
 from iortd.audit.report.content import build_doc
 from iortd.audit.report.model import Heading, KeyValues, Para, Plot, SignOff, Table, looks_hex
 from iortd.audit.report.plot import plot_svg
+from iortd.auditlog.keyring import Keyring
 from iortd.kernel.version import __version__
 
 __all__ = ["html_report"]
@@ -27,6 +28,7 @@ th{background:#e8eef5;border-bottom:1.5px solid #1f4e79}
 td.k{width:30%}.mono,pre{font-family:"DejaVu Sans Mono",monospace;font-size:8pt;
 word-break:break-all}
 .note{color:#444;font-size:8.5pt}.warn{color:#9c2a00;font-weight:bold}
+.outcome{font-size:18pt;font-weight:bold;margin:4pt 0}
 .stamp{color:#fff;background:#c00000;padding:4pt 8pt;font-weight:bold}
 .footer{font-family:"DejaVu Sans Mono",monospace;font-size:7.5pt;border-top:1px solid #1f4e79;
 margin-top:16pt;padding-top:4pt;color:#333}
@@ -36,8 +38,13 @@ figure{margin:0}svg{width:100%;height:auto}
 """
 
 
-def html_report(rec: DeliveryRecord, *, pubkey_name: str | None = None) -> bytes:
-    doc = build_doc(rec, pubkey_name=pubkey_name)
+def html_report(
+    rec: DeliveryRecord,
+    *,
+    pubkey_name: str | None = None,
+    keyring: Keyring | None = None,
+) -> bytes:
+    doc = build_doc(rec, pubkey_name=pubkey_name, keyring=keyring)
     e = html.escape
     out = [
         "<!DOCTYPE html>",

@@ -89,7 +89,7 @@ class Heading:
 @dataclass(frozen=True)
 class Para:
     text: str
-    style: str = "body"  # body, note, mono, warn
+    style: str = "body"  # body, note, mono, warn, outcome (large: the verification outcome)
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,7 @@ from iortd.audit.report.model import (
     parse_ts,
 )
 from iortd.audit.report.plot import PLOT_SIZES, plot_png
+from iortd.auditlog.keyring import Keyring
 from iortd.kernel.version import __version__
 
 __all__ = ["pdf_report"]
@@ -87,9 +88,14 @@ def _pdf_date(ts: str | None) -> Callable[..., str]:
     return fmt
 
 
-def pdf_report(rec: DeliveryRecord, *, pubkey_name: str | None = None) -> bytes:
+def pdf_report(
+    rec: DeliveryRecord,
+    *,
+    pubkey_name: str | None = None,
+    keyring: Keyring | None = None,
+) -> bytes:
     _register_fonts()
-    doc = build_doc(rec, pubkey_name=pubkey_name)
+    doc = build_doc(rec, pubkey_name=pubkey_name, keyring=keyring)
     margin = 16 * mm
     width = A4[0] - 2 * margin
     base = ParagraphStyle(
@@ -105,6 +111,9 @@ def pdf_report(rec: DeliveryRecord, *, pubkey_name: str | None = None) -> bytes:
         ),
         "warn": ParagraphStyle(
             "warn", parent=base, fontName="DejaVuSans-Bold", textColor=colors.HexColor("#9c2a00")
+        ),
+        "outcome": ParagraphStyle(
+            "outcome", parent=base, fontName="DejaVuSans-Bold", fontSize=18, leading=23
         ),
         "cell": ParagraphStyle("cell", parent=base, fontSize=7.5, leading=9.3),
         "cellmono": ParagraphStyle(

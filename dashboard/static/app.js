@@ -321,6 +321,27 @@
     return { root, fill, pct };
   }
 
+  // ---- the verification panel (verification.js), on a card and on the room page --------------
+  // Large before beam-on: the phase is the live sample's when it is of the same delivery
+  // (it is newer than the retained summary), else the summary's.
+  // Without its script (verification.js did not load) the panel says so, in place, and
+  // the rest of the page is drawn as ever.
+  function buildVerification(id) {
+    if (window.IortVerification) return window.IortVerification.build(id);
+    const root = el("section", { class: "verif display-error", "data-outcome": "" },
+      "VERIFICATION NOT SHOWN: the page's verification script did not load; reload the page");
+    if (id) root.id = id;
+    return { root, missing: true };
+  }
+
+  function renderVerification(panel, room, t, d) {
+    if (panel.missing) return;
+    const phase = d && t && t.delivery_id === d.delivery_id && t.phase ? t.phase : d ? d.phase : null;
+    const reader = room.applicator ? room.applicator.payload : null;
+    const sent = room.retained.delivery ? room.retained.delivery.payload.ts : null;
+    window.IortVerification.render(panel, window.IortVerification.view(d, phase, reader, sent), ICONS);
+  }
+
   // ---- the room page ----------------------------------------------------------------------
   let view = null;
 
@@ -419,7 +440,10 @@
       el("section", { class: "panel", "aria-labelledby": "h-al" }, el("h2", { id: "h-al", text: "Alarms and notices, newest first" }), v.alarms),
       el("section", { class: "panel", "aria-labelledby": "h-dl" }, el("h2", { id: "h-dl", text: "Delivery and applicator" }), v.facts));
 
-    v.root.append(v.sim, v.stale, v.notice, v.err, head,
+    // verification: large before beam-on, compact after (verification.js)
+    v.verif = buildVerification("verification");
+
+    v.root.append(v.sim, v.stale, v.notice, v.err, head, v.verif.root,
       el("div", { class: "grid row1" }, beamPanel, dosePanel, timePanel), plots, row3, buildApplicatorPanel(v));
     main.append(v.root);
     return v;
@@ -603,6 +627,10 @@
       try { fn(); } catch (err) { failed.push(name); console.warn("room " + room.key + ", " + name + ": " + err); }
     };
     guard("beam, dose, time and interlocks", () => renderRoomFigures(v, room));
+    guard("verification", () => {
+      const dEnv = room.retained.delivery ? room.retained.delivery.payload : null;
+      renderVerification(v.verif, room, room.telemetry ? room.telemetry.payload : null, dEnv ? dEnv.delivery : null);
+    });
     guard("applicator", () => renderApplicator(v, room, now));
     if (plotsToo) {
       const dEnv = room.retained.delivery ? room.retained.delivery.payload : null;
@@ -997,7 +1025,8 @@
     c.beamIcon = el("span");
     c.beamWord = el("span", { class: "beam-text" });
     c.beam.append(c.beamIcon, c.beamWord);
-    c.root.append(c.beam);
+    c.verif = buildVerification(null);
+    c.root.append(c.beam, c.verif.root);
     c.dose = el("span", { class: "big" });
     c.preset = el("span", { class: "of" });
     c.root.append(el("div", { class: "dose-main" }, c.dose, el("span", { class: "unit", text: "Gy" }), c.preset));
@@ -1029,6 +1058,7 @@
     setAttr(c.beam, "data-beam", beam.key);
     icon(c.beamIcon, beam.key);
     setText(c.beamWord, beam.word);
+    renderVerification(c.verif, room, t, d);
     const preset = t && num(t.preset_gy) !== null ? t.preset_gy : d ? d.preset_gy : null;
     const d1 = t ? t.dose_primary_gy : d ? d.delivered_primary_gy : null;
     setText(c.dose, fmtGy(d1));

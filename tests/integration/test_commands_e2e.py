@@ -315,6 +315,8 @@ async def test_the_acl_example_lets_only_the_commands_user_publish_commands(
         room = "iort/v1/hospital-a/or-1/"
         assert publish("iort-commands-hospital-a", room + "cmd/prescription") == ""
         assert publish("iort-commands-hospital-a", room + "cmd/ping") == ""
+        assert publish("iort-commands-hospital-a", room + "cmd/output_factor") == ""
+        assert publish("iort-commands-hospital-a", room + "cmd/override") == ""
         for user, topic in (
             ("iortd-hospital-a-or-1", room + "cmd/prescription"),  # the daemon only reads
             ("dashboard", room + "cmd/ack"),

@@ -1,9 +1,12 @@
 """Hostile MQTT input against the real dashboard (issue 13), through a real Mosquitto:
 
 * in headless Chromium: wrong types, NaN, huge numbers, negative and huge ``seq``, a 10 MB
-  payload, unknown topics and deep nesting are published into one room while two others
+  payload, unknown topics, deep nesting and forged or broken ``delivery.verification``
+  objects (wrong types and an extra key, a 10 kB reason list, a VERIFIED listing a failed
+  item) are published into one room while two others
   go on publishing; every other room keeps updating within its bound, the attacked room
-  shows what its daemon published (not the forged "all clear"), its rejects are shown,
+  shows what its daemon published (not the forged "all clear", and its NOT VERIFIED, not
+  a forged VERIFIED), its rejects are shown,
   a room whose daemon stops is STALE although garbage keeps arriving for it, then AGED OUT
   and removed; 64 fake retained rooms of another site keep no real room out (sites are
   listed, rooms paged) and age out too; the page reports no error; the server's own
@@ -97,6 +100,56 @@ def telemetry(seq: int, dose: float) -> dict[str, Any]:
     )
 
 
+def verification(outcome: object, reasons: object) -> dict[str, Any]:
+    return {
+        "outcome": outcome,
+        "at": ts(),
+        "trigger": "ready",
+        "reasons": reasons,
+        "overridden": [],
+        "prescription_sha256": "ab" * 32,
+        "treatment_id": "T-0042",
+        "plan_id": "P-0042-1",
+        "prescribed_dose_gy": 20.0,
+        "applicator_code": "SPH40",
+        "expected_time_s": 1380.0,
+        "planned_time_s": 1380.0,
+        "preset_gy": 25.0,
+    }
+
+
+def delivery(seq: int, v: dict[str, Any]) -> dict[str, Any]:
+    """The room's retained ``delivery`` while the beam is on, with its ``verification``."""
+    return env(
+        seq,
+        delivery={
+            "delivery_id": "or-1-20261126T100000000000Z",
+            "phase": "IRRADIATING",
+            "joined_in_progress": False,
+            "preset_gy": 25.0,
+            "delivered_primary_gy": 1.0,
+            "delivered_secondary_gy": 1.0,
+            "remaining_gy": 24.0,
+            "expected_rate_gy_min": 0.8,
+            "planned_time_s": 1380.0,
+            "backup_timer_limit_s": 1518.0,
+            "beam_on_s": 75.0,
+            "elapsed_s": 80.0,
+            "applicator": {"type": "spherical", "diameter_mm": 40.0, "serial": "APL-40-0042"},
+            "segments": [],
+            "interruptions": [],
+            "gaps": [],
+            "termination": None,
+            "termination_reason": None,
+            "started": ts(),
+            "simulated": True,
+            "dose_rate_gy_min": 0.8,
+            "estimated_remaining_s": 1305.0,
+            "verification": v,
+        },
+    )
+
+
 def topic(room: str, name: str, site: str = SITE) -> str:
     return f"iort/v1/{site}/{room}/{name}"
 
@@ -142,8 +195,15 @@ def hostile_cases() -> list[tuple[str, bytes]]:
     """(topic, payload) published into room or-2 by a client with publish rights."""
     il = topic("or-2", "interlocks")
     tel = topic("or-2", "telemetry")
+    dl = topic("or-2", "delivery")
     ok_tel = orjson.dumps(telemetry(50, 1.0))
+    forged = {**verification("VERIFIED", []), "outcome": True, "note": "trust me"}
     return [
+        # a forged verification over the room's NOT VERIFIED one: wrong types and an extra
+        # key; a 10 kB reason list; a VERIFIED that lists a failed item (inconsistent)
+        (dl, orjson.dumps(delivery(60, forged))),
+        (dl, orjson.dumps(delivery(61, verification("NOT_VERIFIED", ["dose"] * 2000)))),
+        (dl, orjson.dumps(delivery(62, verification("VERIFIED", ["dose"])))),
         # the forged "all clear" in the room's own session, with the highest seq there is
         (il, orjson.dumps(interlocks(U64_MAX))),
         # wrong types: the two messages that froze the overview on f27b8b0
@@ -190,6 +250,12 @@ async def test_hostile_messages_never_freeze_pin_or_hide_a_room_in_chromium(
             await good.publish(
                 topic("or-2", "interlocks"),
                 orjson.dumps(interlocks(1, "door")),
+                qos=1,
+                retain=True,
+            )
+            await good.publish(
+                topic("or-2", "delivery"),
+                orjson.dumps(delivery(1, verification("NOT_VERIFIED", ["dose"]))),
                 qos=1,
                 retain=True,
             )
@@ -265,6 +331,14 @@ async def test_hostile_messages_never_freeze_pin_or_hide_a_room_in_chromium(
                     )
                     await expect(or2).not_to_have_attribute("data-rejected", "0", timeout=3_000)
                     await expect(or2.locator(".rejected")).to_contain_text("rejected")
+                    # Its daemon's NOT VERIFIED stands: no forged or broken verification
+                    # took its place, and the card draws (no DISPLAY ERROR).
+                    verif = or2.locator(".verif")
+                    await expect(verif).to_have_attribute("data-outcome", "NOT_VERIFIED")
+                    await expect(verif.locator(".verif-text")).to_have_text("NOT VERIFIED")
+                    await expect(verif.locator('li[data-item="dose"]')).to_have_text(
+                        "dose: console preset 25.00 Gy, prescribed 20.00 Gy"
+                    )
 
                     # or-3: STALE within its bound, whatever garbage arrives for it.
                     await expect(or3).to_have_attribute(

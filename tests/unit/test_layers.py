@@ -9,11 +9,13 @@ with relative imports resolved. Then it checks three things:
    under it in :data:`ALLOWED`. The picture::
 
        dashboard      audit (auditors' tools)     daemon        simulators
-           |             |   plan (prescriptions)/    \\            |
-           |             |  /                   /      \\           |
-           |          auditlog (log core)  <----+    drivers  <-----+
+           |  \\          |   plan (prescriptions)/    \\            |
+           |   users     |  /                   /      \\           |
+           |     \\--> auditlog (log core)  <----+    drivers  <-----+
            |             |                              |
            +-------------+----------- kernel -----------+
+
+   (``users``, the account store, on the log core; the dashboard may use it for its login)
 
 2. **No cycles** between modules (Tarjan's strongly connected components), so any module can
    be read, tested and cut without dragging in the ones that depend on it.
@@ -21,7 +23,8 @@ with relative imports resolved. Then it checks three things:
    only in the auditors' tools (the extra ``reports``), pydicom also in the RT Plan import
    ``plan/dicom_import.py`` (the extra ``plan``); pymodbus only in the driver's Modbus
    codec (its API changes between minor releases; the simulator frames Modbus without it, so
-   the two sides of the protocol stay independent).
+   the two sides of the protocol stay independent); argon2 only in the account store
+   (``users/``: one implementation of password hashing).
 
 A broken arrow fails with the importing file, its line and the rule it breaks.
 """
@@ -48,8 +51,13 @@ ALLOWED: dict[str, frozenset[str]] = {
     # stays confined to plan/dicom_import.py (CONFINED), which the daemon does not import.
     "daemon": frozenset({"kernel", "drivers", "auditlog", "plan"}),
     "audit": frozenset({"kernel", "auditlog"}),
-    "dashboard": frozenset({"kernel"}),
+    # dashboard -> users: the login (issue 19, item 2) unlocks a user's signing key with
+    # users.unlock; users sits on the log core, below every tool that acts for a person.
+    "dashboard": frozenset({"kernel", "users"}),
     "plan": frozenset({"kernel", "auditlog"}),
+    # iort-users' account store (issue 19): on the log core (the keyring format, the signed
+    # record, Ed25519 keys). The daemon never imports it: it reads the keyring file only.
+    "users": frozenset({"kernel", "auditlog"}),
 }
 PARTS = tuple(ALLOWED)
 
@@ -60,6 +68,8 @@ CONFINED: dict[str, tuple[str, ...]] = {
     # and the RT Plan import (the extra ``plan``); never the daemon
     "pydicom": ("iortd.audit.", "iortd.plan.dicom_import"),
     "pymodbus": ("iortd.drivers.modbus_codec",),
+    # password hashing and key derivation: one implementation, in the account store
+    "argon2": ("iortd.users.",),
 }
 
 

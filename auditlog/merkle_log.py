@@ -1,0 +1,128 @@
+"""The Merkle tree's frontier rebuilt from a log's segments (merkle.py over segments.py).
+
+What recovery will call at start, once the writer keeps the frontier (docs/audit-log.md,
+"The Merkle tree (built, not yet in the checkpoints)"): :func:`rebuild_frontier` reads the
+segments in chain order and appends the leaf of every entry (its line without the
+newline: merkle.py says why), giving the frontier after all of them, or after the first
+``upto``. Given a frontier saved earlier (``start``), it reads only what follows it:
+segments that end before it are skipped by their names, which start with their first
+seq.
+
+Reading goes through :func:`segments.open_segment`, so whatever the directory holds is
+read as the auditors' tools read it: regular files only, never through a symbolic link,
+in 4 MiB blocks with lines of at most 8 MiB. Memory is those two bounds plus the frontier
+(at most 64 hashes), whatever the size of the log.
+
+What it checks, and what it leaves to others: every line must carry a ``seq`` and the seqs
+must run 0, 1, 2, ... with no gap across segments, so that the frontier's size is the
+number of entries and leaf *i* is entry *i*; an incomplete last line (a torn write) or a
+log that does not start at seq 0 is refused. It does not recompute entry hashes nor check
+``prev``: recovery has checked the chain of the newest segments before anything is
+rebuilt, and ``iort-audit verify`` checks all of it. With retention, the oldest segments
+are in the archive: give the union of both places (union.py), or a saved frontier that
+covers the archived part. Every refusal is a :class:`RebuildError` naming the file and
+line.
+
+A saved frontier is only as trustworthy as what vouches for it: whoever can write the log
+directory can write a frontier file too. Before continuing one, the caller must check its
+root against a signature at that size (the seal's or a checkpoint's root, once they carry
+it); a frontier that does not match is rebuilt from seq 0.
+
+Blocking file I/O: run it in a worker thread from async code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+from iortd.auditlog.logdir import SEGMENT_RE, entry_seq
+from iortd.auditlog.merkle import Frontier
+from iortd.auditlog.segments import SegmentError, open_segment
+
+__all__ = ["RebuildError", "rebuild_frontier"]
+
+
+class RebuildError(ValueError):
+    """The segments cannot give a frontier: a torn or foreign line, a gap, a missing start."""
+
+
+def _first_seq(path: Path) -> int | None:
+    m = SEGMENT_RE.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def _skippable(files: Sequence[Path], skip: int) -> int:
+    """How many leading segments hold only entries before seq ``skip`` (by their names:
+    the next one starts at or before it)."""
+    n = 0
+    for nxt in files[1:]:
+        first = _first_seq(nxt)
+        if first is None or first > skip:
+            break
+        n += 1
+    return n
+
+
+def rebuild_frontier(
+    files: Sequence[Path], *, upto: int | None = None, start: Frontier | None = None
+) -> Frontier:
+    """The frontier over the entries in ``files`` (segments in chain order), after
+    ``upto`` entries if given, else after all of them; continuing ``start`` (not
+    changed) if given. Raises RebuildError naming the file and line of what is wrong."""
+    frontier = Frontier() if start is None else start.copy()
+    skip = frontier.size
+    if upto is not None and upto < skip:
+        raise RebuildError(f"the saved frontier already covers {skip} entries, more than {upto}")
+    if upto == frontier.size:
+        return frontier
+    files = files[_skippable(files, skip) :] if skip else files
+    expect: int | None = None
+    sha256 = hashlib.sha256
+    append = frontier.append
+    for path in files:
+        try:
+            seg = open_segment(path)
+        except SegmentError as exc:
+            raise RebuildError(f"{path}: {exc.what}") from None
+        n = 0
+        with seg:
+            try:
+                for block in seg.blocks():
+                    for line in block:
+                        n += 1
+                        seq = entry_seq(line)
+                        if seq is None:
+                            raise RebuildError(f"{path} line {n}: not a log entry (no seq)")
+                        if expect is None:
+                            if seq > skip or (skip == 0 and seq != 0):
+                                raise RebuildError(
+                                    f"{path} line {n}: the log starts at seq {seq}, not "
+                                    f"{skip}: give the whole log (with the archive's "
+                                    "segments, if retention moved some there)"
+                                )
+                            expect = seq
+                        if seq != expect:
+                            raise RebuildError(
+                                f"{path} line {n}: seq {seq} where {expect} was expected: "
+                                "an entry is missing, inserted or out of order"
+                            )
+                        expect += 1
+                        if seq < skip:
+                            continue
+                        h = sha256(b"\x00")
+                        h.update(line)
+                        append(h.digest())
+                        if frontier.size == upto:
+                            return frontier
+            except SegmentError as exc:
+                raise RebuildError(f"{path} line {exc.line}: {exc.what}") from None
+            if seg.torn:
+                raise RebuildError(
+                    f"{path} line {n + 1}: an incomplete last line ({len(seg.torn)} bytes "
+                    "without a newline: a torn write, which recovery sets aside first)"
+                )
+    if upto is not None:
+        raise RebuildError(f"the log holds {frontier.size} entries, not {upto}")
+    return frontier
