@@ -19,35 +19,28 @@ from pathlib import Path
 
 import orjson
 import pytest
-from test_command_intake import ORIGIN, PHYS, RING, entries
+from test_command_intake import PHYS, entries, start, stop
 
 from iortd.auditlog.command import sign_command
 from iortd.auditlog.writer import AuditLog
-from iortd.daemon.commands import CommandIntake, _prepare_inbox
+from iortd.daemon.commands import _prepare_inbox
 
 T0 = datetime.now(UTC)
 
 
-async def intake_at(log_dir: Path, now: datetime) -> tuple[AuditLog, CommandIntake]:
-    audit, _ = await AuditLog.open(log_dir, origin=ORIGIN)
-    intake = CommandIntake(
-        RING,
-        audit,
-        site="site-a",
-        room="or-3",
-        skew_s=60,
-        max_per_minute=5,
-        notice=lambda sev, msg: None,
-        now=lambda: now,
-    )
-    intake.rebuild_nonces(log_dir)
-    return audit, intake
+def fail_acceptance(audit: AuditLog, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every ``command_accepted`` appended from now on fails to commit (EIO)."""
+    real = audit.append
 
+    def failing(kind: str, data: dict[str, object], **kw: object) -> object:
+        entry = real(kind, data, **kw)  # type: ignore[arg-type]
+        if kind != "command_accepted":
+            return entry
+        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        failed.set_exception(OSError(5, "Input/output error"))
+        return entry._replace(committed=failed)
 
-async def closed(audit: AuditLog) -> None:
-    task = asyncio.create_task(audit.run())
-    await audit.close()
-    await task
+    monkeypatch.setattr(audit, "append", failing)
 
 
 def signed_at(now: datetime) -> bytes:
@@ -66,20 +59,16 @@ async def test_an_accepted_file_left_by_a_crash_is_filed_accepted_though_expired
     assert _prepare_inbox(inbox) is None
     raw = signed_at(T0)
     (inbox / "a.json").write_bytes(raw)
-    audit, intake = await intake_at(log_dir, T0)
-    writer = asyncio.create_task(audit.run())
-    await intake._read_inbox(inbox)
+    r = await start(log_dir, now=T0)
+    await r.intake._read_inbox(inbox)
     assert (inbox / "accepted" / "a.json").exists()
-    await audit.close()
-    await writer
+    await stop(r)
     # The crash between the record and the move: the file is back in the inbox. The
     # next start is after the command's expiry (300 s) and the allowed skew (60 s).
     (inbox / "accepted" / "a.json").rename(inbox / "a.json")
-    audit, intake = await intake_at(log_dir, T0 + timedelta(seconds=400))
-    writer = asyncio.create_task(audit.run())
-    await intake._read_inbox(inbox)
-    await audit.close()
-    await writer
+    r = await start(log_dir, now=T0 + timedelta(seconds=400))
+    await r.intake._read_inbox(inbox)
+    await stop(r)
     assert (inbox / "accepted" / "a.json").read_bytes() == raw
     assert not list((inbox / "rejected").iterdir()), "an accepted command filed as rejected"
     kinds = [e["type"] for e in entries(log_dir)]
@@ -94,23 +83,13 @@ async def test_an_inbox_file_whose_record_failed_stays_in_the_inbox(
     inbox.mkdir()
     assert _prepare_inbox(inbox) is None
     (inbox / "a.json").write_bytes(signed_at(T0))
-    audit, intake = await intake_at(log_dir, T0)
-    real = audit.append
-
-    def failing(kind: str, data: dict[str, object], **kw: object) -> object:
-        entry = real(kind, data, **kw)  # type: ignore[arg-type]
-        if kind != "command_accepted":
-            return entry
-        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        failed.set_exception(OSError(5, "Input/output error"))  # the commit failed
-        return entry._replace(committed=failed)
-
-    monkeypatch.setattr(audit, "append", failing)
-    await intake._read_inbox(inbox)
+    r = await start(log_dir, now=T0)
+    fail_acceptance(r.audit, monkeypatch)
+    await r.intake._read_inbox(inbox)
     assert (inbox / "a.json").exists(), "moved although its record is not on disk"
     assert not list((inbox / "accepted").iterdir())
     assert not list((inbox / "rejected").iterdir())
-    await closed(audit)
+    await stop(r)
 
 
 async def test_a_file_whose_record_failed_is_not_filed_accepted_at_the_next_read(
@@ -123,21 +102,11 @@ async def test_a_file_whose_record_failed_is_not_filed_accepted_at_the_next_read
     inbox.mkdir()
     assert _prepare_inbox(inbox) is None
     (inbox / "a.json").write_bytes(signed_at(T0))
-    audit, intake = await intake_at(log_dir, T0)
-    real = audit.append
-
-    def failing(kind: str, data: dict[str, object], **kw: object) -> object:
-        entry = real(kind, data, **kw)  # type: ignore[arg-type]
-        if kind != "command_accepted":
-            return entry
-        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        failed.set_exception(OSError(5, "Input/output error"))
-        return entry._replace(committed=failed)
-
-    monkeypatch.setattr(audit, "append", failing)
+    r = await start(log_dir, now=T0)
+    fail_acceptance(r.audit, monkeypatch)
     for _ in range(2):
-        await intake._read_inbox(inbox)
+        await r.intake._read_inbox(inbox)
         assert (inbox / "a.json").exists(), "filed as accepted, its acceptance not on disk"
     assert not list((inbox / "accepted").iterdir())
     assert not list((inbox / "rejected").iterdir())
-    await closed(audit)
+    await stop(r)
