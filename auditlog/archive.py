@@ -41,14 +41,13 @@ import os
 import re
 import signal
 import stat
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from iortd.auditlog.canonical import ZERO_HASH, open_line
+from iortd.auditlog.canonical import open_line, scan_chain
 from iortd.auditlog.segments import SegmentError, open_segment
-from iortd.kernel.durable import fsync_dir
+from iortd.kernel.durable import fsync_dir, write_all
 
 __all__ = [
     "CRASH_ENV",
@@ -135,29 +134,11 @@ def read_whole(path: Path) -> bytearray:
 def scan(data: bytearray, prev: tuple[int, str] | None) -> tuple[int, int, str, str | None, int]:
     """(entries, last seq, last hash, what is wrong or None, bytes of whole valid entries)
     of a segment's bytes, each entry's hash, seq and prev checked (the first one against
-    ``prev`` when given), as recovery's scan does; the GIL is let go every
-    :data:`YIELD_EVERY` entries, so that the event loop is not held up."""
-    n, pos = 0, 0
-    last_seq, last_hash = (-1, ZERO_HASH) if prev is None else prev
-    while pos < len(data):
-        nl = data.find(b"\n", pos)
-        if nl < 0:
-            return n, last_seq, last_hash, "incomplete last line", pos
-        try:
-            env = open_line(data[pos:nl])  # type: ignore[arg-type]  # bytes-like is enough
-        except ValueError as exc:
-            return n, last_seq, last_hash, f"unreadable entry: {exc}", pos
-        if env.hash != env.computed:
-            return n, last_seq, last_hash, "hash mismatch", pos
-        linked = n > 0 or prev is not None
-        if linked and env.prev != last_hash:
-            return n, last_seq, last_hash, "prev does not link to the previous entry", pos
-        if linked and env.seq != last_seq + 1:
-            return n, last_seq, last_hash, f"seq {env.seq} does not follow {last_seq}", pos
-        n, last_seq, last_hash, pos = n + 1, env.seq, env.hash, nl + 1
-        if not n % YIELD_EVERY:
-            time.sleep(YIELD_S)  # lets the GIL go: the poll loops and the writer run meanwhile
-    return n, last_seq, last_hash, None, pos
+    ``prev`` when given) by the one chain check (canonical.scan_chain); the GIL is let go
+    every :data:`YIELD_EVERY` entries, so that the event loop is not held up."""
+    prev_seq, prev_hash = (None, None) if prev is None else prev
+    s = scan_chain(data, prev_hash, prev_seq, pause_every=YIELD_EVERY, pause_s=YIELD_S)
+    return s.entries, s.last_seq, s.last_hash, s.error, s.intact
 
 
 def check_segment(
@@ -256,9 +237,9 @@ def archive_segment(info: SegInfo, data: bytes | bytearray, dest_dir: Path) -> b
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
     try:
         view, half = memoryview(data), len(data) // 2
-        _write_view(fd, view[:half])  # slices of a view: no copy of the segment
+        write_all(fd, view[:half])  # slices of a view: no copy of the segment
         crash_point("copy-mid")
-        _write_view(fd, view[half:])
+        write_all(fd, view[half:])
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -268,12 +249,6 @@ def archive_segment(info: SegInfo, data: bytes | bytearray, dest_dir: Path) -> b
     if file_sha256(dest) != info.sha256:
         raise ArchiveError(f"{dest}: the copy read back differs from the segment")
     return True
-
-
-def _write_view(fd: int, view: memoryview) -> None:
-    """Every byte of ``view`` (``os.write`` may write fewer)."""
-    while view:
-        view = view[os.write(fd, view) :]
 
 
 def delete_segment(path: Path, info: SegInfo, archived: Path) -> None:

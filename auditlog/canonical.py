@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,9 +30,11 @@ __all__ = [
     "ZERO_HASH",
     "CanonicalError",
     "Envelope",
+    "Scan",
     "canonical",
     "check_json_value",
     "open_line",
+    "scan_chain",
     "seal",
     "seal_parts",
 ]
@@ -204,3 +207,61 @@ def open_line(line: bytes) -> Envelope:
         )
     except KeyError as exc:
         raise ValueError(f"envelope lacks {exc.args[0]!r}") from None
+
+
+@dataclass(slots=True)
+class Scan:
+    intact: int  # bytes of whole, valid entries from the start
+    entries: int
+    last_hash: str
+    last_seq: int
+    last_ts: str | None
+    last_type: str | None  # of the last entry that is not a checkpoint
+    error: str | None = None
+
+
+def scan_chain(
+    data: bytes | bytearray,
+    prev_hash: str | None,
+    prev_seq: int | None,
+    *,
+    pause_every: int = 0,
+    pause_s: float = 0.0,
+) -> Scan:
+    """The longest prefix of whole, valid, chained entries of a segment's bytes: each
+    entry's hash recomputed, its ``prev`` and ``seq`` following the entry before it (the
+    first one's against ``prev_hash`` / ``prev_seq`` when given). The one chain check of
+    recovery, retention and the fork guard. With ``pause_every``, sleeps ``pause_s`` after
+    that many entries: a check in a worker thread lets the GIL go to the event loop."""
+    pos = 0
+    scan = Scan(0, 0, prev_hash or ZERO_HASH, -1 if prev_seq is None else prev_seq, None, None)
+    while pos < len(data):
+        nl = data.find(b"\n", pos)
+        if nl < 0:
+            scan.error = "incomplete last line"
+            break
+        try:
+            env = open_line(data[pos:nl])  # type: ignore[arg-type]  # bytes-like is enough
+        except ValueError as exc:
+            scan.error = f"unreadable entry: {exc}"
+            break
+        if env.hash != env.computed:
+            scan.error = "hash mismatch"
+            break
+        first = scan.entries == 0
+        if not (first and prev_hash is None) and env.prev != scan.last_hash:
+            scan.error = "prev does not link to the previous entry"
+            break
+        if not (first and prev_seq is None) and env.seq != scan.last_seq + 1:
+            scan.error = f"seq {env.seq} does not follow {scan.last_seq}"
+            break
+        scan.entries += 1
+        scan.last_hash, scan.last_seq = env.hash, env.seq
+        scan.last_ts = env.ts
+        if env.type != "checkpoint":  # a shutdown signs after daemon_stop
+            scan.last_type = env.type
+        pos = nl + 1
+        scan.intact = pos
+        if pause_every and not scan.entries % pause_every:
+            time.sleep(pause_s)
+    return scan

@@ -36,7 +36,7 @@ import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +63,15 @@ _UTC_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z")
 
 
 def parse_utc(text: object) -> datetime:
-    """An RFC 3339 UTC time with ``Z``; ValueError otherwise."""
+    """An RFC 3339 UTC time with ``Z`` (fraction optional, at most microseconds), as the
+    log writes it: the one parser of such times (keyrings, commands, prescriptions);
+    ValueError, in words, otherwise."""
     if not isinstance(text, str) or not _UTC_RE.fullmatch(text):
         raise ValueError("expected an RFC 3339 UTC time such as 2026-01-31T08:00:00Z")
-    return datetime.fromisoformat(text)
+    try:
+        return datetime.fromisoformat(text[:-1]).replace(tzinfo=UTC)
+    except ValueError:  # the right shape, not a date (2026-02-30)
+        raise ValueError(f"not a valid date and time: {text}") from None
 
 
 class KeyringError(ValueError):

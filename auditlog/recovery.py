@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 import structlog
 
-from iortd.auditlog.canonical import ZERO_HASH, open_line
+from iortd.auditlog.canonical import ZERO_HASH, Scan, open_line, scan_chain
 from iortd.auditlog.carryover import open_delivery, started_unvouched
 from iortd.auditlog.logdir import (
     OpenSegment,
@@ -111,51 +111,6 @@ class RecoveryReport:
     # Deliveries started in the unvouched range and not ended there: nothing vouched names
     # them, so they cannot be taken over; the start closes them (UNKNOWN, no dose taken).
     unvouched_open_deliveries: tuple[str, ...] = ()
-
-
-@dataclass(slots=True)
-class Scan:
-    intact: int  # bytes of whole, valid entries from the start
-    entries: int
-    last_hash: str
-    last_seq: int
-    last_ts: str | None
-    last_type: str | None
-    error: str | None = None
-
-
-def scan_chain(data: bytes, prev_hash: str | None, prev_seq: int | None) -> Scan:
-    """Longest prefix of whole, valid, chained entries."""
-    pos = 0
-    scan = Scan(0, 0, prev_hash or ZERO_HASH, -1 if prev_seq is None else prev_seq, None, None)
-    while pos < len(data):
-        nl = data.find(b"\n", pos)
-        if nl < 0:
-            scan.error = "incomplete last line"
-            break
-        try:
-            env = open_line(data[pos:nl])
-        except ValueError as exc:
-            scan.error = f"unreadable entry: {exc}"
-            break
-        if env.hash != env.computed:
-            scan.error = "hash mismatch"
-            break
-        first = scan.entries == 0
-        if not (first and prev_hash is None) and env.prev != scan.last_hash:
-            scan.error = "prev does not link to the previous entry"
-            break
-        if not (first and prev_seq is None) and env.seq != scan.last_seq + 1:
-            scan.error = f"seq {env.seq} does not follow {scan.last_seq}"
-            break
-        scan.entries += 1
-        scan.last_hash, scan.last_seq = env.hash, env.seq
-        scan.last_ts = env.ts
-        if env.type != "checkpoint":  # a shutdown signs after daemon_stop
-            scan.last_type = env.type
-        pos = nl + 1
-        scan.intact = pos
-    return scan
 
 
 def recover(

@@ -5,9 +5,13 @@ loop: a round at once, then at most ``interval_s`` apart and after each segment 
 writer's ``on_rotate``). Its blocking work (reading, checking, hashing, copying, deleting:
 retention_round.py, with the steps in archive.py) runs in a worker thread, one at a time,
 each bounded by :data:`ROUND_TIMEOUT_S` (a hung share: an error, and no second round
-beside it). A round that fails is logged and tried again at the next one. It never blocks
-the poll loops or the writer, and never stops the record: a full budget with no archive
-only raises alarms.
+beside it). The thread is a daemon thread of its own (kernel/threads.py), not asyncio's
+default executor, which the end of ``asyncio.run`` and the interpreter's exit wait for: a
+stop waits :data:`STOP_WAIT_S` for a round to notice it, then abandons it
+(``retention_round_abandoned`` in the log) and the process exits in its bounded time. A
+round that fails is logged and tried again at the next one. It never blocks the poll
+loops or the writer, and never stops the record: a full budget with no archive only
+raises alarms.
 
 Each round:
 
@@ -54,6 +58,7 @@ import structlog
 from iortd.auditlog.archive import SegInfo
 from iortd.auditlog.retention_round import RetentionSettings, RoundResult, Rounds
 from iortd.auditlog.writer import AuditLog, AuditLogClosed
+from iortd.kernel.threads import in_daemon_thread
 
 __all__ = [
     "ROUND_TIMEOUT_S",
@@ -103,6 +108,7 @@ class RetentionManager:
     ) -> None:
         self._audit = audit
         self.settings = settings
+        audit.archive_root = settings.archive_dir  # hash_at reads archived entries there
         self._notice = notice
         verifier = None if audit.signer is None else audit.signer.verifier
         self._work = Rounds(audit.directory, audit.origin, verifier)
@@ -160,8 +166,13 @@ class RetentionManager:
             stopping.cancel()
             self._work.stop.set()  # a round still in its thread ends at its next step
             if self._round is not None and not self._round.done():
-                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                    await asyncio.wait_for(asyncio.shield(self._round), STOP_WAIT_S)
+                with contextlib.suppress(asyncio.CancelledError):
+                    try:
+                        await asyncio.wait_for(asyncio.shield(self._round), STOP_WAIT_S)
+                    except TimeoutError:
+                        # Hung in a step (a stalled share): abandoned. Its thread does not
+                        # hold up the exit, and every step is safe to cut (archive.py).
+                        log.error("retention_round_abandoned", waited_s=STOP_WAIT_S)  # noqa: TRY400 - no traceback to give
 
     async def run_once(self) -> RoundResult | None:
         """One round and what it found (for tests and for the first round)."""
@@ -221,7 +232,7 @@ class RetentionManager:
             stopping is not None and stopping.done()
         ):
             return None
-        self._round = asyncio.create_task(asyncio.to_thread(fn, *args))
+        self._round = asyncio.create_task(in_daemon_thread(fn, *args, name="iortd-retention"))
         waits: set[asyncio.Future[Any]] = {self._round}
         if stopping is not None:
             waits.add(stopping)

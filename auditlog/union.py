@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from iortd.auditlog.archive import ArchiveError, archive_dir_for
 from iortd.auditlog.findings import Problem
 from iortd.auditlog.logdir import CHECKPOINT_FILE, SEAL_FILE, read_anchor, segment_paths
 from iortd.auditlog.marker import marker_origin
@@ -53,10 +54,14 @@ def find_archive(archive: Path, log_dir: Path | None) -> Path:
         except NoteError:
             continue
     for origin in origins:
-        if origin and all(p not in ("", ".", "..") for p in origin.split("/")):
-            candidate = archive.joinpath(*origin.split("/"))
-            if candidate.is_dir() and segment_paths(candidate):
-                return candidate
+        if not origin:
+            continue
+        try:
+            candidate = archive_dir_for(archive, origin)  # where retention puts it
+        except ArchiveError:
+            continue
+        if candidate.is_dir() and segment_paths(candidate):
+            return candidate
     return archive
 
 

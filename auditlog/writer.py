@@ -56,7 +56,7 @@ from iortd.auditlog.logdir import (
     segment_paths,
     write_anchor,
 )
-from iortd.auditlog.marker import hash_at_anywhere
+from iortd.auditlog.marker import find_hash
 from iortd.auditlog.note import Checkpoint, Signer
 from iortd.auditlog.recovery import RecoveryReport, recover
 from iortd.auditlog.spill import DEFAULT_SPILL_DIR, spill_entries, spill_path
@@ -154,7 +154,10 @@ class AuditLog:
         # at a roll (in the writer's thread); metrics at a commit (entries, bytes, start).
         self.on_failure = on_failure
         self.on_recovered = on_recovered
+        # Told of each failed attempt too, after on_failure (health: the writer iterates).
+        self.failure_watchers: list[Callable[[OSError], None]] = []
         self.on_rotate: Callable[[], None] = lambda: None
+        self.archive_root: Path | None = None  # the configured archive (retention sets it)
         self.on_commit: Callable[[int, int, float], None] = lambda n, size, t0: None
         self._wall_ns = wall_ns
         self._mono = mono
@@ -163,11 +166,8 @@ class AuditLog:
         self._lock_fd: int | None = None
         self._checkpointing = asyncio.Lock()
         self._wake = asyncio.Event()
-        self._urgent = False
-        self._closing = False
-        self._closed = False
+        self._urgent = self._closing = self._closed = self._running = False
         self._done = asyncio.Event()
-        self._running = False
         self._oldest_pending = 0.0
         self._clock_base = (mono(), wall_ns())
         self.committed_seq = head_seq
@@ -357,7 +357,8 @@ class AuditLog:
             return None
         if seq == self.committed_seq:
             return self._committed_hash
-        return await asyncio.to_thread(hash_at_anywhere, self.directory, seq)
+        args = (self.directory, seq, self.origin, self.archive_root)
+        return await find_hash(*args)
 
     async def _spill(self, lost: list[_Pending]) -> None:
         """Keep entries that could not be written outside the log directory (spill.py)."""
@@ -489,8 +490,9 @@ class AuditLog:
         log.critical(
             "audit_log_write_failed", error=str(exc), what=what, pending=len(self._pending)
         )
-        if self.on_failure:
-            self.on_failure(exc)
+        for told in (self.on_failure, *self.failure_watchers):
+            if told is not None:
+                told(exc)
 
     def _write_batch(self, batch: list[_Pending]) -> None:
         """Runs in a worker thread: write, rotate and fsync; all or nothing per segment.

@@ -74,6 +74,7 @@ from iortd.auditlog.keyring import Keyring, load_keyring, parse_utc
 from iortd.auditlog.logdir import SEGMENT_RE, LogDamaged, read_segment, segment_paths
 from iortd.auditlog.writer import AuditLog, AuditLogClosed
 from iortd.daemon.config import Config
+from iortd.kernel.durable import fsync_dir
 from iortd.kernel.timefmt import utc_ts
 
 __all__ = ["HANDLER_TIMEOUT_S", "CommandIntake", "Handler", "Verdict", "open_intake"]
@@ -134,6 +135,7 @@ class CommandIntake:
         self._mono = monotonic or loop_time
         self.seen = NonceBook(skew_s)
         self._accepted_sha: dict[str, str] = {}  # nonce -> raw sha256 (inbox redelivery)
+        self._accepted_rec: dict[str, asyncio.Future[None]] = {}  # nonce -> its record (this run)
         self._handlers: dict[str, tuple[Handler, Summary]] = {}
         self._queue: asyncio.Queue[tuple[Command, asyncio.Future[None], Handler]] = asyncio.Queue(
             DISPATCH_QUEUE
@@ -198,10 +200,15 @@ class CommandIntake:
         """Judge one command now (never waits); records and queues an accepted one.
         ``topic_kind``: the last level of its MQTT topic, which must be its kind (so that a
         broker ACL per command topic means what it says)."""
-        if source == "inbox" and hashlib.sha256(raw).hexdigest() in self._accepted_sha.values():
-            # Accepted and recorded before a crash left it in the inbox: filed as accepted,
-            # whatever it would be judged now (expired since, its key's window closed).
-            return Verdict(None, RejectReason.replayed, None, redelivered=True)
+        if source == "inbox":
+            sha = hashlib.sha256(raw).hexdigest()
+            nonce = next((n for n, h in self._accepted_sha.items() if h == sha), None)
+            if nonce is not None:
+                # Accepted before (a crash left it in the inbox, or its record was not on
+                # disk in time): filed as accepted once that acceptance is on disk, whatever
+                # it would be judged now (expired since, its key's window closed).
+                recorded = self._accepted_rec.get(nonce)  # None: from the log, on disk
+                return Verdict(None, RejectReason.replayed, recorded, redelivered=True)
         try:
             cmd, handled = self._judge(raw, retained, topic_kind)
         except CommandRejected as exc:
@@ -270,7 +277,9 @@ class CommandIntake:
         self.seen.prune(self._now())  # memory bounded by the commands still valid
         self.seen.add(cmd.nonce, cmd.expires_at)
         self._accepted_sha = {n: h for n, h in self._accepted_sha.items() if n in self.seen}
+        self._accepted_rec = {n: f for n, f in self._accepted_rec.items() if n in self.seen}
         self._accepted_sha[cmd.nonce] = cmd.sha256
+        self._accepted_rec[cmd.nonce] = entry.committed
         self.accepted += 1
         self._queue.put_nowait((cmd, entry.committed, handler))
         log.info("command_accepted", kind=cmd.kind, signer=cmd.signer, nonce=cmd.nonce)
@@ -506,10 +515,6 @@ def _move(path: Path, into: Path) -> None:
         target = into / f"{path.name}.{n}"
     try:
         os.rename(path, target)
-        dfd = os.open(into, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsync_dir(into)
     except OSError as exc:
         log.error("inbox_move_failed", error=exc.strerror)  # noqa: TRY400 - the reason is enough

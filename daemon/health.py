@@ -120,15 +120,8 @@ class Health:
         self.stopping = False
         self._start_seq = 0  # the last entry of this run's start
         # Each failed attempt the writer reports says it iterates (retries), not that it is
-        # stuck; whoever was told before (the service's alarm) still is.
-        told = audit.on_failure
-
-        def failed(exc: OSError) -> None:
-            self.writer.failed()
-            if told is not None:
-                told(exc)
-
-        audit.on_failure = failed
+        # stuck; the owner's on_failure (the service's alarm) is told as before.
+        audit.failure_watchers.append(lambda exc: self.writer.failed())
 
     def mark_started(self) -> None:
         """The loops are started; the run's start entries are appended."""

@@ -48,9 +48,10 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from iortd.daemon.health import Health
+from iortd.kernel.asgi import AsgiEndpoint
 
 __all__ = ["LOOPBACK_HOSTS", "HealthServer", "build_app"]
 
@@ -58,17 +59,6 @@ log = structlog.get_logger("iortd")
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 NO_STORE = {"cache-control": "no-store"}
-
-
-class _Asgi:
-    """A plain ASGI app as a Starlette route endpoint (Starlette calls a function as a
-    request handler, any other callable as an ASGI app)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.app(scope, receive, send)
 
 
 def _host(host: str) -> str:
@@ -100,7 +90,7 @@ def build_app(
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/status", status),
-            Route("/metrics", _Asgi(make_asgi_app(registry))),
+            Route("/metrics", AsgiEndpoint(make_asgi_app(registry))),
         ]
     )
     return TrustedHostMiddleware(app, allowed_hosts=list(allowed_hosts), www_redirect=False)

@@ -287,6 +287,11 @@ class DaemonCollector(Collector):
             "1 while the MQTT sink is connected to its broker.",
             value=float(mqtt.connected.is_set()),
         )
+        yield CounterMetricFamily(
+            "iortd_mqtt_incoming_dropped",
+            "Messages received (commands, checkpoints) dropped at the full incoming queue.",
+            value=mqtt.incoming.dropped,
+        )
         try:
             outbox = mqtt.outbox
         except RuntimeError:  # not opened (a sink that failed to start)

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from iortd.daemon.tracker import DeliverySnapshot, Phase
-from iortd.daemon.tracker.machine import ACTIVE
+from iortd.daemon.tracker.machine import ACTIVE, TARGET_PHASE
 from iortd.kernel.types import DeviceState
 
 __all__ = [
@@ -68,15 +68,9 @@ __all__ = [
 
 EntrySpec = tuple[str, dict[str, Any], str | None]
 
-# Console states in which a delivery is being prepared, given or paused.
-DELIVERY_STATES = frozenset(
-    {
-        DeviceState.PREPARATORY,
-        DeviceState.READY,
-        DeviceState.IRRADIATING,
-        DeviceState.INTERRUPTED,
-    }
-)
+# Console states in which a delivery is being prepared, given or paused: those that ask
+# the tracker for one of its delivery phases (one table, the tracker's).
+DELIVERY_STATES = frozenset(state for state, phase in TARGET_PHASE.items() if phase in ACTIVE)
 
 # Fields that say when, not what: never a change.
 _TIME_FIELDS = frozenset({"at", "device_mono_ns", "kept", "unrecorded"})

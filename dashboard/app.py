@@ -52,6 +52,7 @@ from starlette.staticfiles import StaticFiles
 from iortd.dashboard.hub import CLOSED, Hub
 from iortd.dashboard.login import Auth
 from iortd.dashboard.metrics import build_registry
+from iortd.kernel.asgi import AsgiEndpoint as _Asgi
 
 __all__ = ["DEFAULT_HOSTS", "SECURITY_HEADERS", "STATIC", "build_app", "host_name"]
 
@@ -103,17 +104,6 @@ def host_name(host: str) -> str:
     if host.count(":") > 1:  # a bare IPv6 literal
         return f"[{host}]"
     return host.split(":", 1)[0]
-
-
-class _Asgi:
-    """A plain ASGI app as a Starlette route endpoint (Starlette calls a function as a
-    request handler, any other callable as an ASGI app)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self.app(scope, receive, send)
 
 
 class _Headers:

@@ -9,6 +9,13 @@ is rejected is counted there and logged here, rate-limited (`RejectLog`): the fi
 (room, reason) at once, then at most one summary line per ``REJECT_LOG_EVERY_S`` with the
 count, so a flood of bad messages cannot flood the operational log.
 
+On CONNECT the dashboard asks for an MQTT 5 Maximum Packet Size (`connect_properties`):
+its payload limit plus ``PACKET_OVERHEAD`` (a PUBLISH's header, a topic of up to 64 KiB,
+its properties). The broker must discard, not send, a larger packet (MQTT 5.0, section
+3.1.2.11.4), so a 10 MB "telemetry" is never read into memory here; it is in the broker's
+log, not in the dashboard's counts. A payload between the limit and that size still
+arrives and is rejected as "payload too large", as below.
+
 Between paho and us, aiomqtt keeps received messages in a queue that is unbounded by
 default. Here it is `incoming_queue`: **one bounded queue per room, served in turn**
 (issue 13: one room can never stop another from updating). Validation costs about
@@ -53,6 +60,8 @@ from collections.abc import Callable, Iterator
 
 import aiomqtt
 import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from iortd.dashboard.hub import Hub
 from iortd.dashboard.state import Rejected, Rooms
@@ -74,6 +83,7 @@ INCOMING_BYTES = 64 * 1024 * 1024  # received, not yet handled, all messages tog
 ROOM_BYTES = 4 * 1024 * 1024  # ... of one room
 ROOM_MESSAGES = 4096  # ... of one room (about 2 s of validation)
 MESSAGE_OVERHEAD = 512  # charged per waiting message on top of its payload
+PACKET_OVERHEAD = 70 * 1024  # beyond the payload limit: fixed header, topic, properties
 BUSY = "dropped: dashboard busy"
 REJECT_LOG_KINDS = 1024  # (room, reason) pairs logged at first sight, then only summaries
 
@@ -89,6 +99,13 @@ def parse_broker_url(url: str) -> tuple[str, int, bool]:
     """``(host, port, tls)`` of ``mqtt://HOST[:PORT]`` or ``mqtts://HOST[:PORT]``, as the
     daemon's ``[mqtt] url``."""
     return _parse_broker_url(url, credentials_hint=CREDENTIALS_HINT)
+
+
+def connect_properties(max_payload_bytes: int) -> Properties:
+    """CONNECT's properties: the Maximum Packet Size the broker may send us."""
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho: untyped
+    props.MaximumPacketSize = max_payload_bytes + PACKET_OVERHEAD
+    return props
 
 
 class RejectLog:
@@ -295,6 +312,7 @@ async def consume(settings: BrokerSettings, hub: Hub) -> None:
                 queue_type=queue_type,
                 tls_context=tls,
                 socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+                properties=connect_properties(hub.rooms.max_payload_bytes),
             )
             async with client:
                 await client.subscribe(f"{settings.prefix}/v1/#", qos=1, timeout=TIMEOUT_S)

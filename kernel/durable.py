@@ -23,8 +23,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_all(fd: int, data: bytes) -> None:
-    """``os.write`` until every byte is written (it may write fewer)."""
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    """``os.write`` until every byte is written (it may write fewer); a slice of a
+    memoryview is written without a copy."""
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]

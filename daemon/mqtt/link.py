@@ -27,6 +27,19 @@ published:
   backoff (:data:`TAKEOVER_BACKOFF_INITIAL_S` doubling to :data:`TAKEOVER_BACKOFF_MAX_S`,
   jittered), so that two clients with one id do not fight in a tight loop. A connection
   that stays up :data:`STABLE_AFTER_S` ends the streak.
+* What a publisher with rights on ``cmd/#`` (or on the checkpoint topic) can make the
+  daemon hold is bounded twice. On CONNECT the client asks for an MQTT 5 Maximum Packet
+  Size of :data:`INCOMING_MAX_PACKET_BYTES`: the broker must then discard, not send, a
+  larger packet (MQTT 5.0 section 3.1.2.11.4), so a 1 MiB "command" is never even read by
+  paho; the broker says so in its own log, not to us. The messages received and not yet
+  handled wait in a queue of at most :data:`INCOMING_MAX_MESSAGES` messages and
+  :data:`INCOMING_MAX_BYTES` of payload (aiomqtt's is unbounded by default; the count is
+  above Mosquitto's default ``max_queued_messages``, 1000, so a burst the broker would
+  hold for us fits): beyond it the newest are dropped, counted in
+  :class:`IncomingDrops` (``iortd_mqtt_incoming_dropped`` on ``/metrics``) and logged
+  (``mqtt_incoming_dropped``: the first at once, then at most one line per
+  :data:`DROP_LOG_EVERY_S` with the count). A dropped command is a command not acted on,
+  as one the broker dropped would be; its sender sees no answer on ``events``.
 * paho reports some failures only in its log or its callbacks, which aiomqtt does not
   pass on: :class:`FailConnectOnTransportError` fails a pending connect at once with paho's
   words, :func:`watch_refusals` reads the PUBACK reason code, :func:`drop_socket` ends a
@@ -43,12 +56,15 @@ import logging
 import os
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
 import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from iortd.daemon.config import MQTT_CREDENTIALS_HINT, MqttConfig, SiteConfig
 from iortd.kernel.backoff import Backoff
@@ -58,6 +74,10 @@ __all__ = [
     "BACKOFF_INITIAL_S",
     "BACKOFF_MAX_S",
     "CONNECT_TIMEOUT_S",
+    "DROP_LOG_EVERY_S",
+    "INCOMING_MAX_BYTES",
+    "INCOMING_MAX_MESSAGES",
+    "INCOMING_MAX_PACKET_BYTES",
     "PAHO_LOG",
     "SHORT_LIVED_S",
     "SHORT_LIVED_STREAK",
@@ -66,6 +86,7 @@ __all__ = [
     "TAKEOVER_BACKOFF_MAX_S",
     "WINDOW",
     "FailConnectOnTransportError",
+    "IncomingDrops",
     "Takeovers",
     "client_id_for",
     "drop_socket",
@@ -86,6 +107,14 @@ CONNECT_TIMEOUT_S = 10.0
 # QoS 1 publishes in flight at once (in order on one connection); below Mosquitto's
 # default Receive Maximum (20), which paho 2.2 does not read from the CONNACK.
 WINDOW = 16
+# The largest packet the broker may send us (MQTT 5 Maximum Packet Size, on CONNECT): a
+# command is at most 16 KiB (auditlog/command.py), a checkpoint a few hundred bytes; the
+# rest is room for the topic and the properties.
+INCOMING_MAX_PACKET_BYTES = 64 * 1024
+# Messages received and not yet handled (commands, checkpoints); beyond it, dropped.
+INCOMING_MAX_MESSAGES = 1024
+INCOMING_MAX_BYTES = 8 * 1024 * 1024  # their payloads together
+DROP_LOG_EVERY_S = 10.0
 # Session takeover (see the module doc).
 SESSION_TAKEN_OVER = 0x8E
 SHORT_LIVED_S = 5.0
@@ -130,10 +159,81 @@ def settings_from_config(
     )
 
 
+class IncomingDrops:
+    """Messages received on the link and those dropped because the incoming queue was
+    full, over the run (every connection's client counts here); the drops logged,
+    rate-limited (see the module doc)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self.arrived = 0
+        self.dropped = 0
+        self._logged_at: float | None = None
+        self._unlogged = 0
+
+    def drop(self, topic: str) -> None:
+        self.dropped += 1
+        self._unlogged += 1
+        now = self._clock()
+        if self._logged_at is None or now - self._logged_at >= DROP_LOG_EVERY_S:
+            log.error(
+                "mqtt_incoming_dropped",
+                topic=topic[:200],
+                dropped=self._unlogged,
+                dropped_total=self.dropped,
+                queue_max=INCOMING_MAX_MESSAGES,
+                queue_max_bytes=INCOMING_MAX_BYTES,
+            )
+            self._logged_at, self._unlogged = now, 0
+
+    def queue_type(self) -> type[asyncio.Queue[aiomqtt.Message]]:
+        """aiomqtt's incoming queue class: bounded (by its ``maxsize``), counting here."""
+        drops = self
+
+        class Incoming(asyncio.Queue[aiomqtt.Message]):
+            bytes = 0  # payload bytes waiting
+
+            def put_nowait(self, item: aiomqtt.Message) -> None:
+                drops.arrived += 1
+                if self.full() or self.bytes + _size(item) > INCOMING_MAX_BYTES:
+                    # Not QueueFull: aiomqtt would log a line per message.
+                    drops.drop(item.topic.value)
+                    return
+                super().put_nowait(item)
+
+            def _put(self, item: aiomqtt.Message) -> None:
+                self.bytes += _size(item)
+                super()._put(item)
+
+            def _get(self) -> aiomqtt.Message:
+                item: aiomqtt.Message = super()._get()
+                self.bytes -= _size(item)
+                return item
+
+        return Incoming
+
+
+def _size(m: aiomqtt.Message) -> int:
+    p = m.payload
+    return len(p) if isinstance(p, bytes | bytearray | str) else 0
+
+
+def connect_properties() -> Properties:
+    """CONNECT's properties: the Maximum Packet Size the broker may send us."""
+    props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho: untyped
+    props.MaximumPacketSize = INCOMING_MAX_PACKET_BYTES
+    return props
+
+
 def new_client(
-    s: BrokerSettings, *, will: aiomqtt.Will, tls: ssl.SSLContext | None
+    s: BrokerSettings,
+    *,
+    will: aiomqtt.Will,
+    tls: ssl.SSLContext | None,
+    drops: IncomingDrops,
 ) -> aiomqtt.Client:
-    """A client for one connection attempt (not connected yet), with that attempt's will."""
+    """A client for one connection attempt (not connected yet), with that attempt's will;
+    what it receives is bounded (see the module doc) and its drops counted in ``drops``."""
     client = aiomqtt.Client(
         s.host,
         s.port,
@@ -148,6 +248,9 @@ def new_client(
         tls_context=tls,
         socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         max_inflight_messages=WINDOW,
+        queue_type=drops.queue_type(),
+        max_queued_incoming_messages=INCOMING_MAX_MESSAGES,
+        properties=connect_properties(),
     )
     client.pending_calls_threshold = WINDOW * 4
     return client

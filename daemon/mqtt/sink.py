@@ -52,6 +52,7 @@ from iortd.daemon.mqtt.link import (
     PAHO_LOG,
     WINDOW,
     FailConnectOnTransportError,
+    IncomingDrops,
     Takeovers,
     drop_socket,
     first_leaf,
@@ -133,6 +134,8 @@ class MqttSink(Sink):
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
         self._refused: dict[str, int] = {}
+        # Messages received (commands, checkpoints) and dropped at the full incoming queue.
+        self.incoming = IncomingDrops()
         self._connect_watch: FailConnectOnTransportError | None = None
         self._connected_at = 0.0
         # Set by the composition root when [commands] is on: each message on cmd/# (its
@@ -316,7 +319,7 @@ class MqttSink(Sink):
         if self._tls is None and s.tls:
             self._tls = await asyncio.to_thread(s.tls_context)  # loads CA files: not on the loop
         will_msg = aiomqtt.Will(self._topics["status"], will.body, qos=1, retain=True)
-        client = new_client(s, will=will_msg, tls=self._tls)
+        client = new_client(s, will=will_msg, tls=self._tls, drops=self.incoming)
         watch_refusals(client, self._refused)
         self._connect_watch.client = client
         try:

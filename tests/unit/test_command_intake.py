@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,8 @@ async def run(tmp_path: Path) -> AsyncIterator[Run]:
     await stop(r)
 
 
-async def start(directory: Path, max_per_minute: int = 5) -> Run:
+async def start(directory: Path, max_per_minute: int = 5, now: datetime | None = None) -> Run:
+    """The intake over a running writer; ``now``: the intake's clock stands there."""
     audit, _ = await AuditLog.open(directory, origin=ORIGIN)
     notices: list[str] = []
     intake = CommandIntake(
@@ -78,6 +80,7 @@ async def start(directory: Path, max_per_minute: int = 5) -> Run:
         skew_s=60,
         max_per_minute=max_per_minute,
         notice=lambda sev, msg: notices.append(f"{sev}: {msg}"),
+        now=None if now is None else lambda: now,
     )
     intake.rebuild_nonces(directory)
     r = Run(audit, intake, notices)

@@ -7,6 +7,8 @@ issue naming the key and what to do.
 
 from __future__ import annotations
 
+import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from iortd.auditlog.note import generate_keypair, write_keypair
+from iortd.daemon.check import check_config
 from iortd.daemon.config import ConfigError, load_config
 from iortd.drivers.registry import DriverRegistry
 
@@ -169,3 +172,18 @@ def test_check_config_given_the_units_credential_lines(tmp_path: Path) -> None:
         assert usage.returncode == 2, usage
         assert usage.stderr.startswith(f"iortd: --credential {spec}: "), usage.stderr
         assert says in usage.stderr
+
+
+def test_check_config_credential_restores_a_credentials_directory_it_found(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In process, as a caller with its own environment (not through cli.main, which
+    configures logging): ``--credential`` sets its private $CREDENTIALS_DIRECTORY for
+    the check and puts back the one it found (d422d73)."""
+    creds = _credentials_dir(tmp_path)
+    cfg = _site(tmp_path, 'signing_key_file = "credential:signing-key"')
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", "/run/credentials/iortd.service")
+    spec = f"signing-key:{creds / 'signing-key'}"
+    code = check_config(argparse.Namespace(file=cfg, credential=[spec]))
+    assert code == 0, capsys.readouterr()
+    assert os.environ.get("CREDENTIALS_DIRECTORY") == "/run/credentials/iortd.service"

@@ -69,6 +69,13 @@ class FakeAudit:
         self.committed_seq = 10
         self.failing_since: float | None = None
         self.on_failure: Callable[[OSError], None] | None = None
+        self.failure_watchers: list[Callable[[OSError], None]] = []
+
+    def report(self, exc: OSError) -> None:
+        """A failed attempt, told as the writer tells it: its owner, then the watchers."""
+        for told in (self.on_failure, *self.failure_watchers):
+            if told is not None:
+                told(exc)
 
     @property
     def head(self) -> tuple[int, str]:
@@ -193,26 +200,28 @@ def test_a_failing_audit_log_makes_it_unready_but_not_dead(tmp_path: Path) -> No
     h, audit, dev = health_for(tmp_path, clock)
     dev.ended()  # only the writer here
     h.mark_started()
-    assert audit.on_failure is not None
     audit.failing_since = 0.0
     audit.seq += 1
     for _ in range(10):  # the writer retries and reports each failed attempt
         clock.now += 2.0
-        audit.on_failure(OSError(28, "No space left on device"))
+        audit.report(OSError(28, "No space left on device"))
         assert h.liveness() == []
         assert any("audit log: writes failing" in r for r in h.readiness())
 
 
-def test_health_chains_the_writers_failure_report_to_whoever_had_it(tmp_path: Path) -> None:
+def test_health_watches_the_writers_failures_beside_its_owner(tmp_path: Path) -> None:
+    """Health subscribes (``failure_watchers``); the owner's ``on_failure`` (the service's
+    alarm) is left as it was, also when it is set after Health is built."""
     loaded = load(tmp_path)
     audit = FakeAudit()
-    told: list[OSError] = []
-    audit.on_failure = told.append
     tracker = DeliveryTracker(tracker_settings(loaded.config, 1.0))
     Health(loaded.config, cast(AuditLog, audit), tracker, [])
-    assert audit.on_failure is not None
-    audit.on_failure(OSError(5, "EIO"))
+    assert audit.on_failure is None
+    told: list[OSError] = []
+    audit.on_failure = told.append
+    audit.report(OSError(5, "EIO"))
     assert len(told) == 1
+    assert len(audit.failure_watchers) == 1
 
 
 def test_a_wedged_loop_is_a_liveness_reason_naming_the_device(tmp_path: Path) -> None:

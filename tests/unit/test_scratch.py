@@ -100,6 +100,19 @@ def test_without_a_lock_file_age_pid_and_start_time_decide(tmp_path: Path) -> No
     assert mine.exists()
 
 
+def test_a_lock_file_not_locked_yet_by_a_running_owner_is_kept(tmp_path: Path) -> None:
+    """The owner made ``owner.lock`` and has not taken the lock yet: the lock can be had,
+    but the PID and start time name a running process (this one), so it stays, old or
+    not (d422d73)."""
+    me, start = os.getpid(), process_start(os.getpid())
+    assert start is not None
+    mine = tmp_path / f"iortd-demo-{me}-{start}-abc"
+    mine.mkdir()
+    (mine / LOCK_NAME).touch()
+    assert reclaim("demo", base=tmp_path, now=time.time() + 2 * YOUNG_S) == []
+    assert (mine / LOCK_NAME).exists()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="making another user's directory needs root")
 def test_another_users_directory_is_never_touched(tmp_path: Path) -> None:
     theirs = tmp_path / "iortd-demo-999999999-1-abc"
