@@ -3,7 +3,9 @@ the off-host copy of this log's checkpoint, whether this log contains it.
 
 A retained checkpoint signed by our key that covers more entries than this log has, or
 differs from it at its last entry, means this log was replaced or rewritten (a restored
-backup, a fork): the conflict is recorded (``checkpoint_publish_refused``) and alarmed, and
+backup, a fork); one whose last entry this log can no longer show (deleted by retention,
+the archive unreachable or not chaining) cannot be compared and is treated the same way,
+in its own words: the conflict is recorded (``checkpoint_publish_refused``) and alarmed, and
 the sink keeps the off-host copy. Moved out of daemon/service.py unchanged.
 """
 
@@ -32,13 +34,25 @@ async def guard_checkpoint(
             f"the broker's retained checkpoint covers {cp.count} entries, this log has "
             f"{have}: this log is behind it (a restored backup or a replaced log)"
         )
-    elif await audit.hash_at(cp.count - 1) != cp.head_hash:
-        why = (
-            f"the broker's retained checkpoint differs from this log at seq "
-            f"{cp.count - 1}: the log was replaced or rewritten (a fork)"
-        )
     else:
-        return None
+        ours = await audit.hash_at(cp.count - 1)
+        if ours == cp.head_hash:
+            return None
+        if ours is None:
+            # The entry is no longer here (retention moved it) and the archive could not
+            # vouch for it: no archive configured, the share unreadable or hung, or its
+            # copy not chained to this log (auditlog/marker.py). Not overwriting the
+            # off-host copy is the safe side either way; the words must not say "fork".
+            why = (
+                f"this log cannot show its entry at seq {cp.count - 1} to compare with the "
+                "broker's retained checkpoint (deleted locally, and the archive is not "
+                "configured, not readable or does not chain to this log)"
+            )
+        else:
+            why = (
+                f"the broker's retained checkpoint differs from this log at seq "
+                f"{cp.count - 1}: the log was replaced or rewritten (a fork)"
+            )
     found = {
         "why": why,
         "broker_count": cp.count,
