@@ -62,8 +62,10 @@ __all__ = [
     "Command",
     "CommandRejected",
     "NonceBook",
+    "Refused",
     "RejectReason",
     "check_command",
+    "recorded_command",
     "sign_command",
 ]
 
@@ -143,6 +145,29 @@ class Command:
     sha256: str  # of the raw bytes as received
     signer_name: str = ""
     roles: frozenset[str] = field(default_factory=frozenset)
+
+
+def recorded_command(kind: str, data: Mapping[str, Any], body: Mapping[str, Any]) -> Command:
+    """The command a ``command_accepted`` entry's ``data`` records, with ``body`` (what the
+    handler's summary kept of it): a handler finishes one that a crash left unhandled."""
+    return Command(
+        kind=kind,
+        signer=str(data["signer"]),
+        body=body,
+        nonce=str(data["nonce"]),
+        issued_at=parse_utc(data["issued_at"]),
+        expires_at=parse_utc(data["expires_at"]),
+        sha256=str(data["sha256"]),
+    )
+
+
+class Refused(Exception):
+    """A command's handler judged its body and refused it; ``reason`` is a fixed word
+    (recorded and counted), ``detail`` one line in words."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
 
 
 class NonceBook:

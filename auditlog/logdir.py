@@ -31,6 +31,7 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,7 @@ __all__ = [
     "OpenSegment",
     "new_origin",
     "read_anchor",
+    "recent_lines",
     "segment_paths",
 ]
 
@@ -79,6 +81,24 @@ def segment_paths(directory: Path) -> list[Path]:
     """Segments in chain order (their names start with the first entry's seq)."""
     found = [p for p in directory.iterdir() if SEGMENT_RE.match(p.name)]
     return sorted(found, key=lambda p: p.name)
+
+
+def recent_lines(directory: Path, since_day: str, *needles: bytes) -> Iterator[bytes]:
+    """The lines, oldest first, of the segments that hold entries of day ``since_day``
+    (``YYYYMMDD``, UTC) or later and that contain one of ``needles`` (a cheap filter before
+    parsing: what the command handlers rebuild their state from at start). A segment's name
+    carries the day it began, so the one that began before ``since_day`` is read too (it may
+    run into the window) and older ones are not. Blocking: run it in a thread."""
+    paths: list[Path] = []
+    for path in reversed(segment_paths(directory)):
+        paths.append(path)
+        m = SEGMENT_RE.match(path.name)
+        if m and m.group(2) < since_day:
+            break  # this segment began before the window: older ones are older still
+    for path in reversed(paths):
+        for line in read_segment(path).splitlines():
+            if any(n in line for n in needles):
+                yield line
 
 
 @dataclass(slots=True)

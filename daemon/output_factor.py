@@ -59,9 +59,8 @@ import orjson
 import structlog
 
 from iortd.auditlog.canonical import CanonicalError, canonical
-from iortd.auditlog.command import Command
-from iortd.auditlog.keyring import parse_utc
-from iortd.auditlog.logdir import SEGMENT_RE, LogDamaged, read_segment, segment_paths
+from iortd.auditlog.command import Command, Refused, recorded_command
+from iortd.auditlog.logdir import LogDamaged, recent_lines
 from iortd.auditlog.writer import AuditLog
 from iortd.daemon.commands import CommandIntake
 from iortd.plan.doserate import (
@@ -83,12 +82,8 @@ REBUILD_WINDOW: Final = timedelta(days=2)
 _FIELDS: Final = ("v", "output_factor", "measured_on", "measured_by", "machine")
 
 
-class FactorRefused(Exception):
+class FactorRefused(Refused):
     """An output factor command judged and refused; ``reason`` is a fixed word."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,20 +239,14 @@ class OutputFactors:
     def rebuild(self, directory: Path) -> int:
         """Each day's factor and the unhandled commands, from the log (blocking: run it in a
         thread at start, before commands are taken). Returns the entries used."""
-        cutoff = (self._now() - REBUILD_WINDOW).strftime("%Y%m%d")
-        paths = []
-        for path in reversed(segment_paths(directory)):
-            paths.append(path)
-            m = SEGMENT_RE.match(path.name)
-            if m and m.group(2) < cutoff:
-                break  # this segment began before the window: older ones are older still
+        since = (self._now() - REBUILD_WINDOW).strftime("%Y%m%d")
         accepted: dict[str, Command] = {}
         used = 0
-        for path in reversed(paths):  # oldest first: the last one accepted for a day wins
-            for line in read_segment(path).splitlines():
-                if b'"type":"output_factor_' not in line and b'"kind":"output_factor"' not in line:
-                    continue
-                used += self._replay(line, accepted)
+        # Oldest first: the last one accepted for a day wins.
+        for line in recent_lines(
+            directory, since, b'"type":"output_factor_', b'"kind":"output_factor"'
+        ):
+            used += self._replay(line, accepted)
         self._orphans = list(accepted.values())
         return used
 
@@ -268,9 +257,9 @@ class OutputFactors:
             if kind == "command_accepted" and data.get("kind") == KIND:
                 body = data["body"]
                 if body["parsed"]:
-                    accepted[data["nonce"]] = _orphan(data, body["factor"])
+                    accepted[data["nonce"]] = recorded_command(KIND, data, body["factor"])
                 else:  # judged again from nothing: refused, under the body's own SHA-256
-                    accepted[data["nonce"]] = _orphan(data, {})
+                    accepted[data["nonce"]] = recorded_command(KIND, data, {})
                     self._orphan_sha[data["nonce"]] = str(body["body_sha256"])
             elif kind == "output_factor_received":
                 accepted.pop(data["nonce"], None)
@@ -294,18 +283,6 @@ class OutputFactors:
                 await self.handle(cmd)
             except Exception:  # the record goes on; the sender sees no answer and resends
                 log.exception("output_factor_resume_failed", nonce=cmd.nonce)
-
-
-def _orphan(data: Mapping[str, Any], body: Mapping[str, Any]) -> Command:
-    return Command(
-        kind=KIND,
-        signer=str(data["signer"]),
-        body=body,
-        nonce=str(data["nonce"]),
-        issued_at=parse_utc(data["issued_at"]),
-        expires_at=parse_utc(data["expires_at"]),
-        sha256=str(data["sha256"]),
-    )
 
 
 async def install(

@@ -52,9 +52,8 @@ import orjson
 import structlog
 
 from iortd.auditlog.canonical import CanonicalError, canonical
-from iortd.auditlog.command import Command
-from iortd.auditlog.keyring import parse_utc
-from iortd.auditlog.logdir import SEGMENT_RE, LogDamaged, read_segment, segment_paths
+from iortd.auditlog.command import Command, Refused, recorded_command
+from iortd.auditlog.logdir import LogDamaged, recent_lines
 from iortd.auditlog.writer import AuditLog
 from iortd.daemon.commands import CommandIntake
 from iortd.daemon.tracker import DeliveryTracker
@@ -77,12 +76,8 @@ KIND = "prescription"
 REBUILD_WINDOW = MAX_VALIDITY + timedelta(days=1)
 
 
-class RxRefused(Exception):
+class RxRefused(Refused):
     """A prescription command judged and refused; ``reason`` is a fixed word."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,20 +255,14 @@ class Prescriptions:
         """The pending prescription and the unhandled commands, from the log (blocking: run
         it in a thread at start, before commands are taken). Returns the entries used."""
         now = self._now()
-        cutoff = (now - REBUILD_WINDOW).strftime("%Y%m%d")
-        paths = []
-        for path in reversed(segment_paths(directory)):
-            paths.append(path)
-            m = SEGMENT_RE.match(path.name)
-            if m and m.group(2) < cutoff:
-                break
+        since = (now - REBUILD_WINDOW).strftime("%Y%m%d")
         accepted: dict[str, Command] = {}
         used = 0
-        for path in reversed(paths):  # oldest first: the last outcome wins
-            for line in read_segment(path).splitlines():
-                if b'"type":"prescription_' not in line and b'"kind":"prescription"' not in line:
-                    continue
-                used += self._replay(line, accepted)
+        # Oldest first: the last outcome wins.
+        for line in recent_lines(
+            directory, since, b'"type":"prescription_', b'"kind":"prescription"'
+        ):
+            used += self._replay(line, accepted)
         self._orphans = list(accepted.values())
         if self._pending is not None and self._pending.prescription.expired(now):
             self._pending = None
@@ -286,9 +275,9 @@ class Prescriptions:
             if kind == "command_accepted" and data.get("kind") == KIND:
                 body = data["body"]
                 if body.get("parsed"):
-                    accepted[data["nonce"]] = _orphan(data, body["prescription"])
+                    accepted[data["nonce"]] = recorded_command(KIND, data, body["prescription"])
                 else:
-                    accepted[data["nonce"]] = _orphan(data, {})
+                    accepted[data["nonce"]] = recorded_command(KIND, data, {})
             elif kind == "prescription_received":
                 accepted.pop(data["nonce"], None)
                 p = parse_prescription(canonical(data["prescription"]))
@@ -311,18 +300,6 @@ class Prescriptions:
                 await self.handle(cmd)
             except Exception:  # the record goes on; the sender sees no answer and resends
                 log.exception("prescription_resume_failed", nonce=cmd.nonce)
-
-
-def _orphan(data: Mapping[str, Any], body: Mapping[str, Any]) -> Command:
-    return Command(
-        kind=KIND,
-        signer=str(data["signer"]),
-        body=body,
-        nonce=str(data["nonce"]),
-        issued_at=parse_utc(data["issued_at"]),
-        expires_at=parse_utc(data["expires_at"]),
-        sha256=str(data["sha256"]),
-    )
 
 
 def _said(entry: Mapping[str, Any], p: Prescription) -> str:

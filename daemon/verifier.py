@@ -45,9 +45,9 @@ from typing import Any, Final, Protocol
 import orjson
 import structlog
 
-from iortd.auditlog.command import Command
+from iortd.auditlog.command import Command, Refused
 from iortd.auditlog.keyring import Keyring, parse_utc
-from iortd.auditlog.logdir import SEGMENT_RE, LogDamaged, read_segment, segment_paths
+from iortd.auditlog.logdir import LogDamaged, recent_lines
 from iortd.auditlog.writer import AuditLog
 from iortd.daemon.commands import CommandIntake
 from iortd.daemon.config.model import VerificationConfig
@@ -89,12 +89,8 @@ FactorFor = Callable[[date], OutputFactor | None]
 _BEAM: Final = frozenset({Phase.IRRADIATING, Phase.INTERRUPTED})
 
 
-class OverrideRefused(Exception):
+class OverrideRefused(Refused):
     """An override command judged and refused; ``reason`` is a fixed word."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason, self.detail = reason, detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -363,18 +359,12 @@ class Verifier:
         prescription is not given twice); a ``verification`` among them is not believed
         (it could say VERIFIED where no check did): the delivery is checked again."""
         self._vouched = vouched_count
-        cutoff = (self._now() - REBUILD_WINDOW).strftime("%Y%m%d")
-        paths = []
-        for path in reversed(segment_paths(directory)):
-            paths.append(path)
-            m = SEGMENT_RE.match(path.name)
-            if m and m.group(2) < cutoff:
-                break
+        since = (self._now() - REBUILD_WINDOW).strftime("%Y%m%d")
         used = 0
-        for path in reversed(paths):
-            for line in read_segment(path).splitlines():
-                if b'"type":"verification"' in line or b'"type":"prescription_used"' in line:
-                    used += self._replay(line)
+        for line in recent_lines(
+            directory, since, b'"type":"verification"', b'"type":"prescription_used"'
+        ):
+            used += self._replay(line)
         return used
 
     def _replay(self, line: bytes) -> int:
