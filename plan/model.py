@@ -37,6 +37,7 @@ import orjson
 
 from iortd.auditlog.canonical import canonical
 from iortd.auditlog.keyring import HOLDER_RE
+from iortd.auditlog.keyring import parse_utc as keyring_parse_utc
 from iortd.kernel.timefmt import utc_ts
 
 __all__ = [
@@ -154,12 +155,14 @@ def check_holder(field: str, value: object) -> str:
 
 
 def parse_utc(field: str, value: object) -> datetime:
+    """The one parser of the log's UTC times (auditlog/keyring.py), its error naming
+    ``field`` as a :class:`PrescriptionError`."""
     if not isinstance(value, str) or not _UTC.fullmatch(value):
         raise PrescriptionError(
             f"{field}: must be a UTC time in RFC 3339 with Z, e.g. 2026-12-06T07:00:00.000000Z"
         )
     try:
-        return datetime.fromisoformat(value[:-1]).replace(tzinfo=UTC)
+        return keyring_parse_utc(value)
     except ValueError:
         raise PrescriptionError(f"{field}: not a valid date and time") from None
 
