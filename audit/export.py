@@ -230,6 +230,11 @@ def describe(e: Mapping[str, Any]) -> str:
         return f"{what}: {d.get('cause')}{lasted}"
     if kind == "operator_action":
         return f"{d.get('operator')}: {d.get('action')}"
+    if kind == "alarm_acknowledged":
+        return (
+            f"alarm acknowledged: {d.get('key')} raised {d.get('raised_at')}, "
+            f"by {d.get('name')} ({d.get('by')})"
+        )
     if kind == "delivery_terminated":
         return f"terminated {d.get('status')}: {d.get('reason')}"
     if kind == "delivery_amended":
