@@ -18,7 +18,10 @@ once. Rules:
 * A raising standing when the daemon stopped (nothing in the log cleared it) is *carried*:
   if the next run raises the same key with the same severity before anything cleared it,
   that is the same alarm continued (its ``raised_at`` and acknowledgement kept); a restart
-  of the monitor does not make anyone acknowledge again what nobody saw end.
+  of the monitor does not make anyone acknowledge again what nobody saw end. A carried
+  raising the next run does not raise again stays standing until the next delivery starts
+  (the tracker clears everything then; the carried one is cleared at that time): unknown
+  is shown, never dropped.
 * The window: the raisings of the open (or last) delivery and of the one before it, with
   those of the room between them (``epoch`` counts the deliveries started). A raising older
   than that is forgotten, acknowledged or not; the log keeps it. At most
@@ -164,7 +167,15 @@ class AlarmLedger:
             r.cleared_at = at
             self.version += 1
 
-    def delivery_started(self) -> None:
+    def delivery_started(self, at: str) -> None:
+        """A delivery starts: the tracker clears what it had standing (its own events say
+        so); a raising carried from an earlier run, which this run's tracker never had, is
+        cleared here, at the same time."""
+        for key, r in list(self._standing.items()):
+            if r.carried:
+                r.cleared_at = at
+                del self._standing[key]
+                self.version += 1
         self.epoch += 1
         old = [k for k, r in self._raisings.items() if r.epoch < self.epoch - 1]
         for k in old:
@@ -203,7 +214,7 @@ class AlarmLedger:
             elif isinstance(ev, AlarmCleared):
                 self.cleared(ev.alarm.key, utc_ts(ev.utc))
             elif isinstance(ev, DeliveryStarted):
-                self.delivery_started()
+                self.delivery_started(utc_ts(ev.utc))
 
     def entry(self, e: Mapping[str, Any]) -> bool:
         """One audit-log entry (parsed), replayed; True when it was one of ours. Raises
@@ -216,7 +227,7 @@ class AlarmLedger:
         elif kind == "alarm_cleared":
             self.cleared(str(d["key"]), utc_ts(parse_utc(d["at"])))
         elif kind == "delivery_started":
-            self.delivery_started()
+            self.delivery_started(utc_ts(parse_utc(d.get("at") or e["ts"])))
         elif kind == "daemon_start":
             self.run_ended()
         elif kind == "alarm_acknowledged":

@@ -187,6 +187,17 @@ def test_a_restart_continues_an_alarm_nothing_cleared() -> None:
     assert [i["raised_at"] for i in led.view()] == [utc_ts(t(70))]
 
 
+def test_a_carried_alarm_not_raised_again_clears_at_the_next_delivery() -> None:
+    led = AlarmLedger()
+    led.events([raised(alarm())])
+    led.run_ended()
+    assert led.view()[0]["cleared_at"] is None  # unknown since the restart: still shown
+    led.events([started("D2", 50)])
+    (item,) = led.view()  # cleared, not acknowledged: shown until acknowledged
+    assert item["cleared_at"] == utc_ts(t(50))
+    assert judge(led, body()) == "ok"
+
+
 # ---- the handler over a real log and the real intake ---------------------------------------
 
 
