@@ -22,7 +22,7 @@ from iortd.auditlog.command import RejectReason, sign_command
 from iortd.auditlog.keyring import parse_keyring
 from iortd.auditlog.note import Signer, generate_keypair
 from iortd.auditlog.writer import AuditLog, segment_paths
-from iortd.daemon.alarm_acks import AlarmAcks, install, rebuild
+from iortd.daemon.alarm_acks import AlarmAcks, LedgerSink, install, rebuild
 from iortd.daemon.alarm_ledger import (
     MAX_RAISINGS,
     Ack,
@@ -32,6 +32,7 @@ from iortd.daemon.alarm_ledger import (
 )
 from iortd.daemon.commands import CommandIntake
 from iortd.daemon.entries import event_entry
+from iortd.daemon.sink_registry import BUILT_IN_NAMES
 from iortd.daemon.tracker import (
     Alarm,
     AlarmCleared,
@@ -355,3 +356,8 @@ async def test_an_ack_accepted_before_a_crash_is_judged_at_the_next_start(
         assert len(third.entries("alarm_acknowledged")) == 1
     finally:
         await close_room(third)
+
+
+def test_the_ledger_sink_name_is_reserved() -> None:
+    """A [[sinks]] table named like it would be two series with one label in /metrics."""
+    assert LedgerSink.name in BUILT_IN_NAMES
