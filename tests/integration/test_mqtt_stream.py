@@ -293,6 +293,7 @@ async def test_nothing_identifying_is_published(
         "delivery",
         "events",
         "audit/checkpoint",
+        "alarms",
     }
     assert schema_errors(observer.messages) == []
 
