@@ -253,6 +253,16 @@ def describe(e: Mapping[str, Any]) -> str:
     return _describe_applicator(kind, d) or str(kind)
 
 
+def _who(e: Mapping[str, Any]) -> str:
+    """The events CSV's ``operator``: who acknowledged (a signed ack's holder id) or acted."""
+    d: Mapping[str, Any] = e.get("data") or {}
+    if e.get("type") == "operator_action":
+        return fmt_value(d.get("operator"))
+    if e.get("type") == "alarm_acknowledged":
+        return fmt_value(d.get("by"))
+    return ""
+
+
 def events_csv(rec: DeliveryRecord) -> bytes:
     rows = []
     for e in rec.events:
@@ -264,7 +274,7 @@ def events_csv(rec: DeliveryRecord) -> bytes:
                 fmt_value(d.get("at")),
                 fmt_value(e.get("type")),
                 describe(e),
-                fmt_value(d.get("operator")) if e.get("type") == "operator_action" else "",
+                _who(e),
                 fmt_value(d),
                 fmt_value(e.get("hash")),
             ]

@@ -7,8 +7,10 @@ fails half-way, a crash of any task):
 1. the **audit log**, opened and recovered before any device is touched, and closed last
    (flushed and fsync'd; a close that cannot write raises OSError after keeping what was
    pending in the spill directory);
-2. the **sinks** (:func:`_open_sinks`: the operational log, the caller's own, the
-   ``[[sinks]]`` plug-ins and the MQTT sink with its outbox when the config enables it),
+2. the **sinks** (:func:`_open_sinks`: the operational log, the caller's own, the alarm
+   ledger's (daemon/alarm_acks.py: rebuilt from the log before any sink runs, it feeds the
+   MQTT sink's retained ``alarms`` topic and judges ``ack`` commands), the ``[[sinks]]``
+   plug-ins and the MQTT sink with its outbox when the config enables it),
    each behind its own bounded queue, closed all at once, each within
    ``SHUTDOWN_TIMEOUT_S``;
 

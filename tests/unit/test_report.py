@@ -9,6 +9,7 @@ import re
 
 from handlog import DID, VERIFIED, Log, at, interrupted_log, record
 
+from iortd.audit.export import events_csv
 from iortd.audit.report.content import build_doc
 from iortd.audit.report.html_page import html_report
 from iortd.audit.report.model import KeyValues, Para, Table, when
@@ -127,3 +128,9 @@ def test_review_lists_the_acknowledgement() -> None:
         f"    - {ack_ts}: B. Operator, RTT (op-bob) acknowledged interlock_tripped:door "
         f"raised {at(25)}: door closed, resumed"
     ) in text
+
+
+def test_the_events_csv_names_who_acknowledged() -> None:
+    rows = events_csv(record(acked_log())).decode().splitlines()
+    [ack] = [r for r in rows if ",alarm_acknowledged," in r]
+    assert ",op-bob," in ack
