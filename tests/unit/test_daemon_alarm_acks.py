@@ -17,6 +17,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from iortd.auditlog.command import RejectReason, sign_command
 from iortd.auditlog.keyring import parse_keyring
@@ -361,3 +363,33 @@ async def test_an_ack_accepted_before_a_crash_is_judged_at_the_next_start(
 def test_the_ledger_sink_name_is_reserved() -> None:
     """A [[sinks]] table named like it would be two series with one label in /metrics."""
     assert LedgerSink.name in BUILT_IN_NAMES
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=90),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner),
+    max_leaves=12,
+)
+BODIES = st.fixed_dictionaries(
+    {},
+    optional={
+        "alarm_key": JSON | st.just(DOOR),
+        "raised_at": JSON | st.just(utc_ts(t(0))),
+        "delivery_id": JSON | st.just("D1"),
+        "comment": JSON,
+    },
+) | st.dictionaries(st.text(max_size=12), JSON, max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(BODIES)
+def test_any_body_is_judged_or_refused_with_a_reason(b: dict[str, Any]) -> None:
+    """A hostile body (an enrolled key can send anything) is a refusal, never a crash."""
+    led = AlarmLedger()
+    led.events([raised(alarm())])
+    assert judge(led, b) in {
+        "ok",
+        "malformed_body",
+        "unknown_alarm",
+        "wrong_delivery",
+    }
