@@ -230,6 +230,11 @@ def describe(e: Mapping[str, Any]) -> str:
         return f"{what}: {d.get('cause')}{lasted}"
     if kind == "operator_action":
         return f"{d.get('operator')}: {d.get('action')}"
+    if kind == "alarm_acknowledged":
+        return (
+            f"alarm acknowledged: {d.get('key')} raised {d.get('raised_at')}, "
+            f"by {d.get('name')} ({d.get('by')})"
+        )
     if kind == "delivery_terminated":
         return f"terminated {d.get('status')}: {d.get('reason')}"
     if kind == "delivery_amended":
@@ -248,6 +253,16 @@ def describe(e: Mapping[str, Any]) -> str:
     return _describe_applicator(kind, d) or str(kind)
 
 
+def _who(e: Mapping[str, Any]) -> str:
+    """The events CSV's ``operator``: who acknowledged (a signed ack's holder id) or acted."""
+    d: Mapping[str, Any] = e.get("data") or {}
+    if e.get("type") == "operator_action":
+        return fmt_value(d.get("operator"))
+    if e.get("type") == "alarm_acknowledged":
+        return fmt_value(d.get("by"))
+    return ""
+
+
 def events_csv(rec: DeliveryRecord) -> bytes:
     rows = []
     for e in rec.events:
@@ -259,7 +274,7 @@ def events_csv(rec: DeliveryRecord) -> bytes:
                 fmt_value(d.get("at")),
                 fmt_value(e.get("type")),
                 describe(e),
-                fmt_value(d.get("operator")) if e.get("type") == "operator_action" else "",
+                _who(e),
                 fmt_value(d),
                 fmt_value(e.get("hash")),
             ]

@@ -106,7 +106,8 @@ class DeliveryRecord:
     interlocks: list[dict[str, Any]] = field(default_factory=list)
     alarms: list[dict[str, Any]] = field(default_factory=list)
     gaps: list[dict[str, Any]] = field(default_factory=list)
-    actions: list[dict[str, Any]] = field(default_factory=list)
+    actions: list[dict[str, Any]] = field(default_factory=list)  # operator_action (older logs)
+    acks: list[dict[str, Any]] = field(default_factory=list)  # alarm_acknowledged
     amendments: list[str] = field(default_factory=list)
     last_seq: int | None = None
     last_hash: str | None = None
@@ -185,6 +186,8 @@ def collect_deliveries(entries: Iterable[dict[str, Any]]) -> list[DeliveryRecord
             rec.gaps.append({**d, "event": kind})
         elif kind == "operator_action":
             rec.actions.append({**d, "ts": e.get("ts")})
+        elif kind == "alarm_acknowledged":  # a signed ack command (daemon/alarm_acks.py)
+            rec.acks.append({**d, "ts": e.get("ts")})
         elif kind == "delivery_amended":
             rec.summary = d.get("summary") or rec.summary
             rec.amendments.append(str(d.get("reason")))
@@ -294,8 +297,14 @@ def format_summary(rec: DeliveryRecord) -> str:
     )
     for why in rec.amendments:
         lines.append(f"  amended         {why}")
-    if rec.actions:
+    if rec.actions or rec.acks:
         lines.append("  acknowledged")
+        for ack in rec.acks:
+            said = f": {ack['comment']}" if ack.get("comment") else ""
+            lines.append(
+                f"    - {ack.get('ts')}: {ack.get('name')} ({ack.get('by')}) acknowledged "
+                f"{ack.get('key')} raised {ack.get('raised_at')}{said}"
+            )
         for act in rec.actions:
             lines.append(f"    - {act.get('ts')}: {act.get('operator')} {act.get('action')}")
     else:

@@ -7,8 +7,10 @@ fails half-way, a crash of any task):
 1. the **audit log**, opened and recovered before any device is touched, and closed last
    (flushed and fsync'd; a close that cannot write raises OSError after keeping what was
    pending in the spill directory);
-2. the **sinks** (:func:`_open_sinks`: the operational log, the caller's own, the
-   ``[[sinks]]`` plug-ins and the MQTT sink with its outbox when the config enables it),
+2. the **sinks** (:func:`_open_sinks`: the operational log, the caller's own, the alarm
+   ledger's (daemon/alarm_acks.py: rebuilt from the log before any sink runs, it feeds the
+   MQTT sink's retained ``alarms`` topic and judges ``ack`` commands), the ``[[sinks]]``
+   plug-ins and the MQTT sink with its outbox when the config enables it),
    each behind its own bounded queue, closed all at once, each within
    ``SHUTDOWN_TIMEOUT_S``;
 
@@ -72,6 +74,7 @@ from iortd.auditlog.writer import (
     RecoveryReport,
     new_origin,
 )
+from iortd.daemon import alarm_acks
 from iortd.daemon.commands import CommandIntake, open_intake
 from iortd.daemon.config import Config, ConfigError, DeviceConfig, LoadedConfig, load_config
 from iortd.daemon.config.model import RetentionConfig
@@ -175,6 +178,8 @@ class App:
         self._rx_resume: Callable[[], Coroutine[Any, Any, None]] | None = None
         # The day's output factors (daemon/output_factor.py), for the verifier.
         self.output_factors: OutputFactors | None = None
+        # The alarm ledger, the retained alarms and the ack command (daemon/alarm_acks.py).
+        self.alarms: alarm_acks.AlarmAcks | None = None
 
     @property
     def tracker(self) -> DeliveryTracker:
@@ -194,10 +199,11 @@ class App:
                 return RunResult()
             sinks_stack = await stack.enter_async_context(contextlib.AsyncExitStack())
             counting = MetricsSink()
+            acks = self.alarms = alarm_acks.AlarmAcks(audit, notice=self._notice)
             sinks = await _open_sinks(
                 c,
                 sinks_stack,
-                [*self._sinks, counting],
+                [*self._sinks, counting, alarm_acks.LedgerSink(acks)],
                 registry=self._registry,
                 origin=audit.origin,
                 signer=self._signer,
@@ -211,6 +217,10 @@ class App:
                 recovery,
                 stop_after_delivery=self._stop_after_delivery,
             )
+            await alarm_acks.rebuild(acks, c.log.directory, service.notice)
+            for s in sinks:  # the retained alarms topic, from now on
+                if hasattr(inner := getattr(s, "inner", s), "set_alarms"):
+                    acks.on_change(inner.set_alarms)
             try:
                 self._intake = await open_intake(c, audit, service.notice, sinks)
             except KeyringError as exc:
@@ -225,6 +235,7 @@ class App:
                 )
                 if rx is not None and c.verification.on(c.commands.keyring):
                     await self._verifier(service, audit, rx, recovery.vouched_count)
+                alarm_acks.install(self._intake, acks)
             log.info(
                 "daemon_starting",
                 config=str(self.loaded.path),
@@ -274,6 +285,10 @@ class App:
             )  # fmt: skip
         except (DoseRateError, OSError) as exc:
             raise StartError(f"verification.doserate_table: {exc}") from None
+
+    def _notice(self, severity: str, message: str) -> None:
+        if self._service is not None:
+            self._service.notice(severity, message)
 
     def _command_counts(self) -> tuple[int, dict[str, int]] | None:
         """For /metrics: the intake's accepted count and refusals by reason."""
@@ -326,6 +341,8 @@ class App:
                     tg.create_task(self._rx_resume(), name="prescriptions-resume")
                 if self.output_factors is not None:  # and its unhandled output factor
                     tg.create_task(self.output_factors.resume(), name="output-factors-resume")
+                if self.alarms is not None and self.alarms.handled:  # and its unhandled ack
+                    tg.create_task(self.alarms.resume(), name="acks-resume")
                 cmd = c.commands
                 intake = self._intake.run(stop, cmd.inbox, cmd.inbox_poll_s)
                 until_stop.append(tg.create_task(intake, name="commands"))

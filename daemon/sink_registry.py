@@ -47,7 +47,8 @@ __all__ = [
 ENTRY_POINT_GROUP = "iort.sinks"
 # Names the daemon's own sinks use in logs and in the audit log: a [[sinks]] table may not
 # take them.
-BUILT_IN_NAMES = frozenset({"oplog", "console", "mqtt", "metrics"})  # metrics: daemon/metrics.py
+# metrics: daemon/metrics.py; alarms: daemon/alarm_acks.py (the alarm ledger)
+BUILT_IN_NAMES = frozenset({"oplog", "console", "mqtt", "metrics", "alarms"})
 # Sink types configured by a table of their own, not by [[sinks]].
 CONFIGURED_BY_SECTION = {"mqtt": "[mqtt]"}
 SINKS_DIR = "sinks"

@@ -26,6 +26,7 @@ from iortd.audit.report.model import (
     Table,
     gy,
     number,
+    parse_ts,
     pct,
     secs,
     when,
@@ -41,10 +42,24 @@ UNVOUCHED_HEAD = "NOT VERIFIED: UNVOUCHED entries (not covered by any signature 
 
 
 def _ack(rec: DeliveryRecord, e: dict[str, Any]) -> str:
-    """Who acknowledged an event: an operator_action naming its alarm key or code."""
+    """Who acknowledged an alarm: the ``alarm_acknowledged`` entry naming its key and raised
+    time (a signed ``ack`` command: printed name, holder id, UTC time, comment), or, in an
+    older log, an operator_action naming its alarm key or code."""
     if e.get("type") != "alarm_raised":
         return ""
     d = e["data"]
+    raised = parse_ts(d.get("at"))
+    for a in rec.events:
+        ad = a.get("data") or {}
+        if (
+            a.get("type") == "alarm_acknowledged"
+            and ad.get("key") == d.get("key")
+            and raised is not None
+            and parse_ts(ad.get("raised_at")) == raised
+        ):
+            comment = ad.get("comment")
+            said = f": {comment}" if isinstance(comment, str) and comment else ""
+            return f"{ad.get('name')} ({ad.get('by')}), {when(a.get('ts'))}{said}"
     names = {str(d.get("key")), str(d.get("code"))}
     for a in rec.events:
         if a.get("type") == "operator_action" and int(a["seq"]) > int(e["seq"]):
@@ -273,12 +288,12 @@ def build_doc(
             [0.07, 0.25, 0.50, 0.18],
         )
     )
-    if not any(e.get("type") == "operator_action" for e in rec.events):
+    if not any(e.get("type") in ("alarm_acknowledged", "operator_action") for e in rec.events):
         b.append(
             Para(
-                "No operator acknowledgements are recorded for this delivery: the log holds "
-                "no operator_action entry for it (iortd is a passive monitor without an "
-                "operator command channel).",
+                "No alarm acknowledgements are recorded for this delivery: the log holds no "
+                "alarm_acknowledged entry for it (an operator or physicist acknowledges an "
+                "alarm with a signed ack command; acknowledging silences and clears nothing).",
                 "note",
             )
         )

@@ -46,6 +46,7 @@ __all__ = [
     "Envelope",
     "Payload",
     "TopicSpec",
+    "alarms_payload",
     "applicator_payload",
     "checkpoint_payload",
     "delivery_payload",
@@ -88,6 +89,7 @@ TOPICS: Mapping[str, TopicSpec] = MappingProxyType(
         "delivery": TopicSpec(qos=1, retain=True),
         "events": TopicSpec(qos=1, retain=False),
         "audit/checkpoint": TopicSpec(qos=1, retain=True),
+        "alarms": TopicSpec(qos=1, retain=True),
     }
 )
 
@@ -306,6 +308,14 @@ def interlocks_payload(
         "interlocks": {k: v.value for k, v in states.items()},
         "all_clear": clear,
     }
+
+
+def alarms_payload(env: Envelope, items: Iterable[Mapping[str, Any]], omitted: int) -> Payload:
+    """``alarms`` (retained): the room's standing alarms and the cleared ones not yet
+    acknowledged, oldest first (daemon/alarm_ledger.py builds the items: key, code,
+    severity, message, raised_at, cleared_at, delivery_id, acknowledged {by, name, at} or
+    null); ``omitted``: unacknowledged cleared ones beyond the ledger's cap."""
+    return {**env.fields(), "alarms": [dict(i) for i in items], "omitted": omitted}
 
 
 def _delivery(s: DeliverySnapshot) -> Payload:

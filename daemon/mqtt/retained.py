@@ -1,12 +1,14 @@
-"""The MQTT sink's retained state topics: ``interlocks``, ``delivery``, ``audit/checkpoint``.
+"""The MQTT sink's retained state topics: ``interlocks``, ``delivery``, ``alarms``,
+``audit/checkpoint``.
 
 :class:`RetainedState` keeps the latest state of each (a cell: how to build its payload,
 which version the broker has) and publishes what changed through the function the sink's
 connection gives it; it holds no connection and no task of its own.
 
 * Rate limits: ``delivery`` at most once per second while only the dose moves (at once on
-  any event), ``interlocks`` on change. A state superseded before the broker had it is
-  acknowledged in the outbox unsent: only the newest goes out.
+  any event), ``interlocks`` on change, ``alarms`` on change but at most once per
+  :data:`ALARMS_MIN_INTERVAL_S` (a flapping alarm coalesces). A state superseded before
+  the broker had it is acknowledged in the outbox unsent: only the newest goes out.
 * On every (re)connect (:meth:`RetainedState.reconnected`) the state the broker already
   had is published again (the broker may have lost it in a restart), at once.
 
@@ -36,6 +38,7 @@ from iortd.daemon.mqtt.outbox import Outbox, Record
 from iortd.daemon.mqtt.payloads import (
     Envelope,
     Payload,
+    alarms_payload,
     checkpoint_payload,
     delivery_payload,
     interlocks_payload,
@@ -43,12 +46,19 @@ from iortd.daemon.mqtt.payloads import (
 from iortd.daemon.tracker import DeliverySnapshot, InterlockChanged, TrackerEvent
 from iortd.kernel.types import Interlock, InterlockState
 
-__all__ = ["DELIVERY_MIN_INTERVAL_S", "RETAINED_WAIT_S", "STATE_TOPICS", "RetainedState"]
+__all__ = [
+    "ALARMS_MIN_INTERVAL_S",
+    "DELIVERY_MIN_INTERVAL_S",
+    "RETAINED_WAIT_S",
+    "STATE_TOPICS",
+    "RetainedState",
+]
 
 log = structlog.get_logger("iortd.mqtt")
 
 DELIVERY_MIN_INTERVAL_S = 1.0
-STATE_TOPICS = ("interlocks", "delivery", "audit/checkpoint")
+ALARMS_MIN_INTERVAL_S = 0.25
+STATE_TOPICS = ("interlocks", "delivery", "alarms", "audit/checkpoint")
 RETAINED_WAIT_S = 1.0  # how long a connection holds our checkpoint for the broker's
 
 Send = Callable[[Record], Awaitable[None]]
@@ -121,6 +131,11 @@ class RetainedState:
             # Any event can change the delivery summary (a gap, a lost link, the end):
             # send it now, not at the rate limit, also when no reading came with it.
             self._set_delivery(delivery, urgent=True)
+
+    def alarms(self, items: Sequence[Mapping[str, object]], omitted: int) -> None:
+        """The alarm ledger's items (daemon/alarm_ledger.py), republished on change."""
+        frozen = [dict(i) for i in items]
+        self._set("alarms", lambda env: alarms_payload(env, frozen, omitted))
 
     def checkpoint(self, note: str) -> None:
         self._last_note = note
@@ -209,3 +224,5 @@ class RetainedState:
             cell.sent = True
             if cell.name == "delivery":
                 cell.not_before = now + DELIVERY_MIN_INTERVAL_S
+            elif cell.name == "alarms":
+                cell.not_before = now + ALARMS_MIN_INTERVAL_S

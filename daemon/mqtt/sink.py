@@ -15,7 +15,7 @@ checkpoint), :mod:`~iortd.daemon.mqtt.outbox` (the journal).
   which journals them to disk whether or not a broker is there, or update the
   :class:`~iortd.daemon.mqtt.retained.RetainedState`.
 * On every (re)connect: ``status`` online; the retained state topics (``interlocks``,
-  ``delivery``, ``audit/checkpoint``) republished; then the backlog of the streams
+  ``delivery``, ``alarms``, ``audit/checkpoint``) republished; then the backlog of the streams
   (``telemetry``, ``applicator``, ``events``) in order, marked ``historical``; then live
   data. The Last Will is the
   ``status`` offline message, retained; a clean shutdown publishes it itself.
@@ -34,7 +34,7 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
@@ -230,6 +230,12 @@ class MqttSink(Sink):
             elif isinstance(ev, Terminated):
                 self._current_delivery = None
         self._state.events(events, delivery)
+        self._wake.set()
+
+    def set_alarms(self, items: Sequence[Mapping[str, Any]], omitted: int) -> None:
+        """The room's alarms (daemon/alarm_acks.py's ``on_change``): the retained ``alarms``
+        topic, sent at its rate limit. Never waits."""
+        self._state.alarms(items, omitted)
         self._wake.set()
 
     async def checkpoint(self, note: str) -> None:

@@ -165,6 +165,7 @@ def validators() -> dict[str, Any]:
         "delivery": "delivery",
         "events": "events",
         "audit/checkpoint": "checkpoint",
+        "alarms": "alarms",
     }
     return {
         name: Draft202012Validator(

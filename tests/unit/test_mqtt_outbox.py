@@ -190,6 +190,7 @@ async def test_restart_after_close_is_next_session_and_seq_continues_for_every_t
         "interlocks": 1,
         "delivery": 4,
         "audit/checkpoint": 1,
+        "alarms": 2,
     }
     assert set(counts) == set(TOPICS)
     ob = await harness.open()
