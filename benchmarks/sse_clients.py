@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                     started[fd] = True  # counted as ended, not waited for
                     continue
                 if not started[fd]:
-                    if not data.startswith(b"HTTP/1.1 200"):
+                    if data[:12] not in (b"HTTP/1.1 200", b"HTTP/1.0 200"):
                         print(f"sse_clients: refused: {data[:80]!r}", file=sys.stderr)
                         return 1
                     started[fd] = True
