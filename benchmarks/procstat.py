@@ -74,25 +74,29 @@ def measure(
     check: Callable[[], None] = _nothing,
     *,
     sample_s: float = 0.25,
+    roots: Mapping[str, Path] | None = None,
 ) -> dict[str, Usage]:
     """Each process's use over ``seconds`` of wall time: CPU from the difference of its
     counters at both ends; peak RSS the larger of VmHWM (reset at the start, where the
     kernel allows) and VmRSS sampled every ``sample_s``. ``check`` is called at every
-    sample (to stop at once when a process has died, say)."""
-    reset = {n: reset_peak(pid) for n, pid in pids.items()}
-    sampled = {n: memory_kib(pid)[0] for n, pid in pids.items()}
+    sample (to stop at once when a process has died, say). ``roots``: where to read a
+    name's PID instead of /proc; ``/proc/PID/task`` with the PID itself reads the process's
+    main thread alone (in Python, the event loop's), whose RSS is the process's."""
+    where = {n: (roots or {}).get(n, Path("/proc")) for n in pids}
+    reset = {n: reset_peak(pid, where[n]) for n, pid in pids.items()}
+    sampled = {n: memory_kib(pid, where[n])[0] for n, pid in pids.items()}
     t0 = time.monotonic()
-    cpu0 = {n: cpu_seconds(pid) for n, pid in pids.items()}
+    cpu0 = {n: cpu_seconds(pid, where[n]) for n, pid in pids.items()}
     end = t0 + seconds
     while (now := time.monotonic()) < end:
         time.sleep(min(sample_s, end - now))
         check()
         for n, pid in pids.items():
-            sampled[n] = max(sampled[n], memory_kib(pid)[0])
-    cpu1 = {n: cpu_seconds(pid) for n, pid in pids.items()}
+            sampled[n] = max(sampled[n], memory_kib(pid, where[n])[0])
+    cpu1 = {n: cpu_seconds(pid, where[n]) for n, pid in pids.items()}
     wall = time.monotonic() - t0
     out = {}
     for n, pid in pids.items():
-        rss, hwm = memory_kib(pid)
+        rss, hwm = memory_kib(pid, where[n])
         out[n] = usage(cpu0[n], cpu1[n], wall, rss, max(sampled[n], hwm if reset[n] else 0))
     return out

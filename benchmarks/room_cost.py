@@ -65,6 +65,7 @@ from iortd.kernel.reaper import Tether
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 SITE, ROOM = "bench-site", "or-1"
+LOOP_THREAD = "  of which event loop"
 GOAL_DAEMON_CPU = 0.05  # the issue: the daemon at 10 Hz under 5 % of one core
 START_WITHIN_S = 60.0
 STOP_WITHIN_S = 15.0
@@ -314,12 +315,14 @@ def one_room(args: argparse.Namespace, work: Path, idle: Child, run: Run) -> Non
                 alive()
                 procs = {
                     "iortd run": daemon.pid,
+                    LOOP_THREAD: daemon.pid,
                     "mosquitto": broker.pid,
                     "iort-dashboard": dash.pid,
                     "sse clients": viewers.pid,
                     "idle python": idle.pid,
                 }
-                use = measure(procs, args.seconds, alive)
+                task = Path(f"/proc/{daemon.pid}/task")
+                use = measure(procs, args.seconds, alive, roots={LOOP_THREAD: task})
                 kids.remove(viewers)
                 viewers.stop()
                 for name, u in use.items():

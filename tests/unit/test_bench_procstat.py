@@ -69,3 +69,27 @@ def test_a_failed_phase_stops_every_child_it_started(tmp_path: Path) -> None:
         phase()
     assert [c.proc.returncode for c in started] == [-15, -15]  # SIGTERM, by their Popen
     assert all(c.tether is not None and not c.tether.active for c in started)
+
+
+def test_measure_reads_the_main_thread_apart_from_the_process() -> None:
+    # The main thread blocks on a pipe while a second thread spins: the process is busy,
+    # its main (event loop) thread is not.
+    code = (
+        "import sys, threading\n"
+        "threading.Thread(target=lambda: [0 for _ in iter(int, 1)], daemon=True).start()\n"
+        "sys.stdin.buffer.read()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE)
+    try:
+        task = Path(f"/proc/{proc.pid}/task")
+        use = procstat.measure(
+            {"all": proc.pid, "main": proc.pid}, 0.5, sample_s=0.1, roots={"main": task}
+        )
+    finally:
+        proc.kill()
+        proc.wait()
+        assert proc.stdin is not None
+        proc.stdin.close()
+    assert use["all"].cpu_s_per_s > 0.2
+    assert use["main"].cpu_s_per_s < 0.1
+    assert use["main"].rss_end_mib == pytest.approx(use["all"].rss_end_mib, rel=0.2)
