@@ -24,8 +24,9 @@ Each window starts after ``--warmup`` seconds (connections made, beam on) and la
 ``--seconds`` (one room) or ``--fleet-seconds`` (rooms); peak RSS is the window's own
 (reset at its start). Other work on this machine shows up in every figure: the load
 average before and after is printed, and so is the floor. A benchmark, not a test: it
-exits 0 whatever the figures (1 if a process failed) and prints PASS/MISS against the
-issue's goal (the daemon under 5 % of one core at 10 Hz).
+exits 0 whatever the figures and prints PASS/MISS against the issue's goal (the daemon
+under 5 % of one core at 10 Hz); 1 if a process failed (its logs are kept and named), 2
+without Mosquitto, 130 when interrupted (what was measured so far is printed).
 
     .venv/bin/python benchmarks/room_cost.py [--seconds 60] [--fleet-seconds 30]
         [--rooms 1,10,50] [--rooms-per-process 25] [--warmup 5] [--dir DIR]
