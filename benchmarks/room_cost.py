@@ -18,7 +18,9 @@ benchmark leaves none behind), each figure from /proc (benchmarks/procstat.py):
   generator (benchmarks/roomload.py: the simulators, the real tracker and the daemon's
   real MQTT sink and outbox, one outbox directory and client id per room, at 10 Hz), in
   processes of at most ``--rooms-per-process`` rooms. The generator's figure is per room.
-  The generator has no audit log: the first part says what a real daemon costs beside it.
+  The generator has no audit log: the first part says what a real daemon costs beside it;
+* **real rooms on one host**: for each count in ``--real-rooms`` (default 10), as above but
+  with that many real ``iortd run`` processes (one config, key, log and outbox each).
 
 Each window starts after ``--warmup`` seconds (connections made, beam on) and lasts
 ``--seconds`` (one room) or ``--fleet-seconds`` (rooms); peak RSS is the window's own
@@ -29,7 +31,8 @@ under 5 % of one core at 10 Hz); 1 if a process failed (its logs are kept and na
 without Mosquitto, 130 when interrupted (what was measured so far is printed).
 
     .venv/bin/python benchmarks/room_cost.py [--seconds 60] [--fleet-seconds 30]
-        [--rooms 1,10,50] [--rooms-per-process 25] [--warmup 5] [--dir DIR]
+        [--rooms 1,10,50] [--real-rooms 10] [--rooms-per-process 25] [--warmup 5]
+        [--skip-one-room] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -284,6 +287,74 @@ def start_viewers(work: Path, port: int, clients: int, path: str, kids: list[Chi
     return viewers
 
 
+def start_daemon(d: Path, name: str, site: str, room: str, url: str, kids: list[Child]) -> Child:
+    """``iortd run`` for one room: its own key, config and log directory under ``d/name``."""
+    home = d / name
+    key, _pub = write_keypair(generate_keypair(name), home / "keys")
+    cfg = home / "site.toml"
+    cfg.write_text(
+        SITE_TOML.format(site=site, room=room, log_dir=home / "log", key=key, url=url),
+        encoding="utf-8",
+    )
+    daemon = Child.start(name, [str(BIN / "iortd"), "run", "--config", str(cfg)], d)
+    kids.append(daemon)
+    return daemon
+
+
+def real_rooms(args: argparse.Namespace, work: Path, idle: Child, rooms: int, run: Run) -> None:
+    """``rooms`` real daemons (one ``iortd run`` each), a fresh broker and dashboard."""
+    d = work / f"real-{rooms}"
+    d.mkdir()
+    with children() as kids:
+        broker = start_broker(d / "broker")
+        try:
+            dash, dport = start_dashboard(d, broker.url, kids)
+            daemons = [
+                start_daemon(d, f"iortd-{i}", f"real-{rooms}", f"room-{i:03d}", broker.url, kids)
+                for i in range(rooms)
+            ]
+
+            def alive() -> None:
+                for c in kids:
+                    c.alive()
+                if not broker.running:
+                    raise Failed(f"mosquitto exited; see {broker.log_path}")
+
+            for dm in daemons:
+                log = dm.log
+                wait_for(lambda: beam_on(log), START_WITHIN_S, f"beam-on from {dm.name}", alive)  # noqa: B023 - called at once
+            viewers = start_viewers(d, dport, 1, "/events", kids)
+            time.sleep(args.warmup)
+            procs = {
+                "mosquitto": broker.pid,
+                "iort-dashboard": dash.pid,
+                "sse clients": viewers.pid,
+                "idle python": idle.pid,
+            }
+            procs |= {dm.name: dm.pid for dm in daemons}
+            use = measure(procs, args.fleet_seconds, alive)
+            failed = []
+            for dm in daemons:
+                kids.remove(dm)
+                if dm.stop() != 0:
+                    failed.append(dm.name)
+            if failed:
+                run.notes.append(f"{', '.join(failed)} did not exit 0 at SIGTERM; see {d}")
+            label = f"{rooms} room{'s' if rooms > 1 else ''}"
+            total = Usage(
+                sum(use[dm.name].cpu_s_per_s for dm in daemons),
+                sum(use[dm.name].rss_end_mib for dm in daemons),
+                sum(use[dm.name].rss_peak_mib for dm in daemons),
+            )
+            phase = "rooms, iortd run"
+            for name in ("mosquitto", "iort-dashboard", "sse clients", "idle python"):
+                run.rows.append(Row(phase, name, label, use[name]))
+            run.rows.append(Row(phase, f"iortd run ({rooms} proc)", label, total))
+            run.rows.append(Row(phase, "iortd run, per room", label, total, per=rooms))
+        finally:
+            broker.stop_sync()
+
+
 def one_room(args: argparse.Namespace, work: Path, idle: Child, run: Run) -> None:
     """The real daemon, broker and dashboard, with 1 and 20 viewers."""
     d = work / "one-room"
@@ -291,14 +362,7 @@ def one_room(args: argparse.Namespace, work: Path, idle: Child, run: Run) -> Non
     with children() as kids:
         broker = start_broker(d / "broker")
         try:
-            key, _pub = write_keypair(generate_keypair("bench"), d / "keys")
-            cfg = d / "site.toml"
-            cfg.write_text(
-                SITE_TOML.format(site=SITE, room=ROOM, log_dir=d / "log", key=key, url=broker.url),
-                encoding="utf-8",
-            )
-            daemon = Child.start("iortd", [str(BIN / "iortd"), "run", "--config", str(cfg)], d)
-            kids.append(daemon)
+            daemon = start_daemon(d, "iortd", SITE, ROOM, broker.url, kids)
             dash, dport = start_dashboard(d, broker.url, kids)
 
             def alive() -> None:
@@ -437,15 +501,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--fleet-seconds", type=float, default=30.0, help="each room count's window")
     p.add_argument("--rooms", default="1,10,50", help="room counts, comma-separated ('' = none)")
     p.add_argument("--rooms-per-process", type=int, default=25, metavar="N")
+    p.add_argument("--real-rooms", default="10", help="room counts run as real daemons ('' = none)")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds before each window")
     p.add_argument("--skip-one-room", action="store_true", help="only the room counts")
     p.add_argument("--dir", type=Path, help="an empty directory to work in (default: temporary)")
     args = p.parse_args(argv)
     try:
         args.room_counts = [int(x) for x in args.rooms.split(",") if x.strip()]
+        args.real_counts = [int(x) for x in args.real_rooms.split(",") if x.strip()]
     except ValueError:
-        p.error(f"--rooms {args.rooms!r}: give counts such as 1,10,50")
-    if any(n < 1 for n in args.room_counts) or args.rooms_per_process < 1:
+        p.error(
+            f"--rooms {args.rooms!r} / --real-rooms {args.real_rooms!r}: give counts such as 1,10"
+        )
+    if any(n < 1 for n in args.room_counts + args.real_counts) or args.rooms_per_process < 1:
         p.error("room counts and --rooms-per-process must be >= 1")
     if min(args.seconds, args.fleet_seconds) <= 0 or args.warmup < 0:
         p.error("--seconds and --fleet-seconds must be > 0, --warmup >= 0")
@@ -473,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
             kids.append(idle)
             if not args.skip_one_room:
                 one_room(args, work, idle, run)
+            for n in args.real_counts:
+                real_rooms(args, work, idle, n, run)
             for n in args.room_counts:
                 fleet(args, work, idle, n, run)
     except (Failed, BrokerError) as exc:
