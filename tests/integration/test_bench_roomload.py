@@ -58,15 +58,16 @@ async def test_rooms_publish_the_daemons_stream_gap_free(tmp_path: Path) -> None
             ready_cb.add_done_callback(lambda _: loop.call_later(0.6, stop.set))
             async with asyncio.timeout(20):
                 counts = await roomload.run_rooms(rooms, 0.05, stop, ready)
-                while sum(len(v) for k, v in got.items() if k.endswith("/telemetry")) < (
-                    counts.telemetry
-                ):
+                # Everything made reaches the broker: what was in flight at the stop is
+                # flushed by the sinks' close, as in the daemon.
+                while sum(
+                    len(v) for k, v in got.items() if k.endswith(("/telemetry", "/applicator"))
+                ) < (counts.telemetry + counts.applicator):
                     arrived.clear()
                     await arrived.wait()
             collector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await collector
-    assert counts.unsent == 0
     for r in ("room-000", "room-001"):
         tel = got[f"iort/v1/load-site/{r}/telemetry"]
         app = got[f"iort/v1/load-site/{r}/applicator"]
