@@ -52,12 +52,19 @@ def git_head() -> str:
     """The commit measured (read from .git, no git binary needed)."""
     git = REPO / ".git"
     try:
+        if git.is_file():  # a worktree: "gitdir: <main>/.git/worktrees/<name>"
+            git = Path(git.read_text().strip().removeprefix("gitdir: "))
         head = (git / "HEAD").read_text().strip()
         if not head.startswith("ref: "):
             return head[:12]
         ref = head[5:]
         if (git / ref).exists():
             return (git / ref).read_text().strip()[:12]
+        common = git / "commondir"  # a worktree's branches live in the main .git
+        if common.exists():
+            git = (git / common.read_text().strip()).resolve()
+            if (git / ref).exists():
+                return (git / ref).read_text().strip()[:12]
         for line in (git / "packed-refs").read_text().splitlines():
             if line.endswith(" " + ref):
                 return line[:12]
