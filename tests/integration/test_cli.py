@@ -41,7 +41,9 @@ def test_demo_runs_one_simulated_delivery_to_normal_termination(
     tmp_path: Path, private_data_home: Path
 ) -> None:
     logdir = tmp_path / "log"
-    p = run(IORTD, "demo", "--speed", "1200", "--duration", "60", "--log-dir", str(logdir))
+    # x400: the console is READY for 0.45 s (180 simulated s), several polls, so the check
+    # before beam-on is made at READY even on a loaded machine; 3.5 s of beam.
+    p = run(IORTD, "demo", "--speed", "400", "--duration", "60", "--log-dir", str(logdir))
     assert p.returncode == 0, p.stderr
     out = p.stdout
     assert f"audit log: {logdir}" in out, "the demo says where the log goes"
@@ -92,6 +94,30 @@ def test_demo_runs_one_simulated_delivery_to_normal_termination(
     assert any(
         e["type"] == "monitor_interlock_changed" and e["data"]["to"] == "ok" for e in entries
     )
+    # Verification before beam-on (issue 18): the demo sends a signed demo prescription and
+    # the day's output factor before the console is READY, so the first check is VERIFIED,
+    # with no NOT_VERIFIED flash before it and no alarm; beam-on uses that prescription.
+    assert "demo prescription: sent by the demo physicist" in out
+    assert "iort-audit report" in out
+    types = [e["type"] for e in entries]
+    checks = [e["data"] for e in entries if e["type"] == "verification"]
+    assert checks, "the console's READY was checked"
+    assert [c["outcome"] for c in checks] == ["VERIFIED"] * len(checks), checks
+    assert checks[0]["trigger"] == "ready"
+    first_check = types.index("verification")
+    assert types.index("prescription_received") < first_check
+    assert types.index("output_factor_received") < first_check
+    beam_on = next(
+        i
+        for i, e in enumerate(entries)
+        if e["type"] == "phase_changed" and e["data"]["to"] == "IRRADIATING"
+    )
+    assert first_check < beam_on
+    assert types.index("prescription_used") > first_check
+    assert not codes & {"prescription_not_verified", "no_prescription"}
+    received = next(e["data"] for e in entries if e["type"] == "prescription_received")
+    assert received["prescription"]["treatment_id"] == "T-DEMO-0001"
+    assert received["prescription"]["approved_by"] == "demo-physicist"
 
 
 def test_demo_log_dir_is_relative_to_the_working_directory(tmp_path: Path) -> None:
