@@ -264,10 +264,11 @@ async def _line_matching(
 async def test_demo_streams_to_its_own_broker_and_stops_it(tmp_path: Path) -> None:
     """`iortd demo` with no broker configured starts a private Mosquitto, says where to
     subscribe, streams the delivery there (mosquitto_sub sees it) and stops the broker
-    by PID at the end."""
+    by PID at the end. With ``--no-prescription`` (a run of its own would cost another
+    delivery): the check before beam-on says ``no_prescription``, loudly."""
     demo = await asyncio.create_subprocess_exec(
         IORTD,
-        *("demo", "--speed", "300", "--log-dir", str(tmp_path / "log")),
+        *("demo", "--speed", "300", "--log-dir", str(tmp_path / "log"), "--no-prescription"),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -284,6 +285,7 @@ async def test_demo_streams_to_its_own_broker_and_stops_it(tmp_path: Path) -> No
         rest, err = await asyncio.wait_for(demo.communicate(), 60)
         assert demo.returncode == 0, err.decode()
         assert "TERMINATED" in rest.decode()
+        assert "ALARM HIGH" in rest.decode()
     finally:
         if demo.returncode is None:
             demo.kill()
@@ -302,3 +304,25 @@ async def test_demo_streams_to_its_own_broker_and_stops_it(tmp_path: Path) -> No
     assert last["sim"] is True
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # the private broker is gone
+    # No prescription: every check NOT_VERIFIED [no_prescription], both HIGH alarms raised;
+    # the delivery topic carried the outcome too.
+    entries = [
+        json.loads(text)
+        for seg in sorted((tmp_path / "log").glob("log-*.jsonl"))
+        for text in seg.read_text("utf-8").splitlines()
+    ]
+    checks = [e["data"] for e in entries if e["type"] == "verification"]
+    assert checks
+    assert {(c["outcome"], tuple(c["reasons"])) for c in checks} == {
+        ("NOT_VERIFIED", ("no_prescription",))
+    }
+    raised = {e["data"]["code"] for e in entries if e["type"] == "alarm_raised"}
+    assert {"prescription_not_verified", "no_prescription"} <= raised
+    assert not any(e["type"] == "prescription_received" for e in entries)
+    deliveries = [
+        json.loads(x.split(" ", 1)[1]) for x in lines if x.split(" ", 1)[0].endswith("/delivery")
+    ]
+    assert any(
+        ((d.get("delivery") or {}).get("verification") or {}).get("outcome") == "NOT_VERIFIED"
+        for d in deliveries
+    ), deliveries[-1:]
