@@ -212,7 +212,10 @@ def _commands(
     if sent.prescription_sha256 is not None:
         said += f"sent by the demo physicist into the daemon's inbox: {sent.summary}\n"
     else:
-        said += f"{sent.summary}: the check before beam-on will say no_prescription\n"
+        said += (
+            f"{sent.summary}: the check before beam-on will be NOT_VERIFIED (no_prescription;\n"
+            "  already_delivered instead when this log holds an earlier demo's prescription)\n"
+        )
     return said + (
         "  the check before beam-on: the dashboard's verification panel; after the run,\n"
         f"  iort-audit deliveries {log_dir}, then iort-audit report {log_dir} --delivery ID "
