@@ -5,11 +5,18 @@ What only the demo does, around the same composition root as ``iortd run``
 
 - its **signing key**, made once in the per-user data directory (XDG), so that the demo's
   log verifies with ``--pubkey`` like any other;
+- **verification before beam-on**, shown: a demo physicist's key and keyring (beside the
+  signing key), a signed demo prescription matching the simulated console and the day's
+  output factor in a command inbox of its own (in the scratch directory), and the EXAMPLE
+  dose-rate table (daemon/demo_commands.py), set as config overrides; the daemon handles
+  its inbox before it polls the console, so the first check at READY is VERIFIED
+  (``--no-prescription``: none sent, the check says so);
 - a **private Mosquitto** (127.0.0.1, a free port, no persistence) unless ``--broker`` names
   one; without Mosquitto installed it says how to install it and runs with the stream off;
 - the **live dashboard** (``iort-dashboard``) on that stream, as a child process;
 - the **console output**: a header (where the log is, how to verify it, how to watch the
-  stream) and the live console view (daemon/console.py) as one more sink;
+  stream, the demo prescription and where to see its check) and the live console view
+  (daemon/console.py) as one more sink;
 - the **linger**: at a terminal, the broker and the dashboard stay up after the delivery
   until Enter (or Ctrl-C, or SIGTERM).
 
