@@ -41,9 +41,9 @@ def test_demo_runs_one_simulated_delivery_to_normal_termination(
     tmp_path: Path, private_data_home: Path
 ) -> None:
     logdir = tmp_path / "log"
-    # x400: the console is READY for 0.45 s (180 simulated s), several polls, so the check
-    # before beam-on is made at READY even on a loaded machine; 3.5 s of beam.
-    p = run(IORTD, "demo", "--speed", "400", "--duration", "60", "--log-dir", str(logdir))
+    # x300: the console is READY for 0.6 s (180 simulated s), six polls, so the check before
+    # beam-on is made at READY even on a loaded machine; 4.6 s of beam.
+    p = run(IORTD, "demo", "--speed", "300", "--duration", "60", "--log-dir", str(logdir))
     assert p.returncode == 0, p.stderr
     out = p.stdout
     assert f"audit log: {logdir}" in out, "the demo says where the log goes"
