@@ -122,28 +122,32 @@ def prepare(
     written, when the config's console cannot be matched; OSError when the directory
     cannot be written."""
     now = now.astimezone(UTC)
-    console = _console(config) if prescription else None
-    inbox.mkdir(mode=0o700)
-    if console is None:
+    if not prescription:
+        inbox.mkdir(mode=0o700)
         return DemoCommands(keyring, inbox, None, "none (--no-prescription)")
-    p = make_prescription(
-        treatment_id=config.plan.treatment_id,
-        plan_id=config.plan.plan_id,
-        fraction=1,
-        fractions=1,
-        prescribed_dose_gy=console.preset_gy,
-        dose_reference="surface",
-        depth_mm=None,
-        applicator_code=console.applicator,
-        applicator_diameter_mm=console.diameter_mm,
-        planned_time_s=console.planned_time_s,
-        approved_by=DEMO_PHYSICIST,
-        approved_at=now - APPROVED_AGO,
-        not_after=now - APPROVED_AGO + VALID_FOR,
-        tolerances=Tolerances(),
-    )
-    body = prescription_bytes(p)
-    factor = output_factor_bytes(DEMO_FACTOR, now.date(), DEMO_PHYSICIST, console.machine)
+    console = _console(config)
+    try:
+        p = make_prescription(
+            treatment_id=config.plan.treatment_id,
+            plan_id=config.plan.plan_id,
+            fraction=1,
+            fractions=1,
+            prescribed_dose_gy=console.preset_gy,
+            dose_reference="surface",
+            depth_mm=None,
+            applicator_code=console.applicator,
+            applicator_diameter_mm=console.diameter_mm,
+            planned_time_s=console.planned_time_s,
+            approved_by=DEMO_PHYSICIST,
+            approved_at=now - APPROVED_AGO,
+            not_after=now - APPROVED_AGO + VALID_FOR,
+            tolerances=Tolerances(),
+        )
+        body = prescription_bytes(p)
+        factor = output_factor_bytes(DEMO_FACTOR, now.date(), DEMO_PHYSICIST, console.machine)
+    except ValueError as exc:  # PrescriptionError, DoseRateError: the config's values
+        raise DemoCommandsError(f"no prescription can match this console: {exc}") from None
+    inbox.mkdir(mode=0o700)
     # The factor first: both are handled before the first check anyway (first_read).
     _drop(config, inbox, "1-output_factor", "output_factor", factor, physicist, now)
     _drop(config, inbox, "2-prescription", "prescription", body, physicist, now)
@@ -185,18 +189,21 @@ def _console(config: Config) -> _Console:
         raise DemoCommandsError(
             f"the simulated console's applicator {code!r} is not in profile {profile_name!r}"
         )
-    rate = float(entry["surface_dose_rate_gy_min"])
     serial = str(opts.get("serial", "SIM"))
-    return _Console(
-        preset_gy=float(preset),
-        applicator=str(code),
-        applicator_type=str(entry["type"]),
-        diameter_mm=float(entry["diameter_mm"]),
-        # As the simulated console computes it (simulators/driver.py): preset / rate.
-        planned_time_s=round(float(preset) / rate * 60.0, 1),
-        machine=f"iortd simulator, profile {profile.get('name', profile_name)} "
-        f"(simulated, s/n {serial})"[:128],
-    )
+    try:
+        rate = float(entry["surface_dose_rate_gy_min"])
+        return _Console(
+            preset_gy=float(preset),
+            applicator=str(code),
+            applicator_type=str(entry["type"]),
+            diameter_mm=float(entry["diameter_mm"]),
+            # As the simulated console computes it (simulators/driver.py): preset / rate.
+            planned_time_s=round(float(preset) / rate * 60.0, 1),
+            machine=f"iortd simulator, profile {profile.get('name', profile_name)} "
+            f"(simulated, s/n {serial})"[:128],
+        )
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        raise DemoCommandsError(f"profile {profile_name!r}, applicator {code}: {exc!r}") from None
 
 
 def _profile(name: str) -> dict[str, Any]:
