@@ -25,7 +25,8 @@ configured device, the stale-data watchdog, the checkpoint task, the systemd sup
 ``WATCHDOG=1``: daemon/health.py; ``STOPPING=1`` when the stop comes: kernel/sdnotify.py),
 with ``[commands] keyring`` the command intake (daemon/commands.py: the keyring loaded and
 the nonces rebuilt from the log before any sink runs, ``keyring_loaded`` recorded after the
-start, then its task: accepted commands handled, refusals summarised, the inbox read) and,
+start, then its task: accepted commands handled, refusals summarised, the inbox read;
+the device loops start once what waited in the inbox is handled, within ``FIRST_READ_S``) and,
 with ``[log.retention]``, the retention task (auditlog/retention.py: the disk budget and
 the archive, woken by every segment roll; ``App.retention.status()`` is its state for
 health and metrics). Devices that name one serial port share one line (an RS-485 bus):
@@ -126,6 +127,7 @@ EXIT_BAD = 1
 EXIT_USAGE = 2
 SHUTDOWN_TIMEOUT_S = 5.0
 HEALTH_STOP_S = 2.0
+FIRST_READ_S = 5.0  # the inbox's first read, before the devices (a bound, not a wait)
 
 
 class StartError(Exception):
@@ -346,6 +348,11 @@ class App:
                 cmd = c.commands
                 intake = self._intake.run(stop, cmd.inbox, cmd.inbox_poll_s)
                 until_stop.append(tg.create_task(intake, name="commands"))
+                try:
+                    async with asyncio.timeout(FIRST_READ_S):
+                        await self._intake.first_read.wait()
+                except TimeoutError:  # the devices start regardless; the inbox goes on
+                    log.warning("inbox_first_read_slow", bound_s=FIRST_READ_S)
             lines = _shared_lines(c.devices, self._clock.monotonic_ns)
             until_stop += [
                 tg.create_task(

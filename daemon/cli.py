@@ -74,6 +74,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--no-dashboard", action="store_true", help="do not start the live web dashboard"
     )
+    demo.add_argument(
+        "--no-prescription",
+        action="store_true",
+        help="send no demo prescription: the check before beam-on says no_prescription",
+    )
 
     check = sub.add_parser("check-config", help="validate a configuration file and exit")
     check.add_argument("file", type=Path, metavar="FILE")

@@ -12,6 +12,10 @@ Commands reach the daemon two ways, judged alike by :meth:`CommandIntake.submit`
   (nothing is deleted). A SIGKILL between the read and the move leaves the file in the
   inbox: the next start judges it again; if it had been accepted, its nonce was rebuilt
   from the log and the same bytes are moved to ``accepted/`` without being acted on twice.
+  What waits in the inbox at start is read, judged and handled in one pass before
+  :attr:`CommandIntake.first_read` is set; the daemon polls its devices only after that
+  (bounded, daemon/app.py), so a prescription and the day's output factor dropped there
+  before the start (``iortd demo`` does) govern the console's first check at READY.
 
 Judging (:func:`iortd.auditlog.command.check_command`, then here: a known kind this daemon
 has no handler for is ``no_handler``; a full queue of accepted commands is ``busy``):
@@ -146,6 +150,9 @@ class CommandIntake:
         self._reported = 0
         self._suppressed: Counter[str] = Counter()
         self._closed = False  # the run ended: nothing more is recorded (daemon_stop follows)
+        # Set once what waited in the inbox at start is judged and handled (or there is
+        # no inbox): the daemon starts its devices after it (daemon/app.py).
+        self.first_read = asyncio.Event()
         self.register("ping", self._ping)
 
     # ---- set-up ------------------------------------------------------------------------
@@ -348,6 +355,12 @@ class CommandIntake:
                 self._notice("critical", f"command inbox not read: {problem}")
                 inbox = None
         try:
+            try:
+                await self._first_read(inbox)
+            except Exception:
+                log.exception("commands_error")  # as below: the record goes on regardless
+            finally:
+                self.first_read.set()
             while not stop.is_set():
                 try:
                     await self._step(stop, inbox, poll_s)
@@ -360,6 +373,15 @@ class CommandIntake:
         finally:
             self._closed = True
             self.flush_summary()
+
+    async def _first_read(self, inbox: Path | None) -> None:
+        """What waits in the inbox at start, judged, recorded and handled now rather than
+        one command per poll: a prescription and the day's output factor put there before
+        the start are in force before the first check at READY."""
+        if inbox is not None:
+            await self._read_inbox(inbox)
+        while not self._queue.empty():
+            await self._handle(*self._queue.get_nowait())
 
     async def _step(self, stop: asyncio.Event, inbox: Path | None, poll_s: float) -> None:
         window_left = SUMMARY_WINDOW_S - (self._mono() - self._window_start)

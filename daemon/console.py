@@ -2,7 +2,7 @@
 
 On a terminal it redraws one status line in place; otherwise (CI, a pipe) it prints a
 line at each 10 % of the preset so that logs stay short. Events (phase changes, alarms,
-gaps, the end) are always printed on lines of their own.
+gaps, the checks before beam-on, the end) are always printed on lines of their own.
 
 A :class:`~iortd.daemon.sinks.Sink` like any other: it runs behind its own queue
 (:mod:`iortd.daemon.sink_queue`), so a terminal that cannot keep up (a paused ``less``, a
@@ -11,8 +11,8 @@ slow SSH link) delays only the view, never the record or the live stream.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TextIO
+from collections.abc import Mapping, Sequence
+from typing import Any, TextIO
 
 from iortd.daemon.sinks import Sample, Sink
 from iortd.daemon.tracker import (
@@ -30,6 +30,7 @@ from iortd.daemon.tracker import (
     PhaseChanged,
     Terminated,
     TrackerEvent,
+    VerificationChecked,
 )
 from iortd.kernel.types import DeviceIdentity, InterlockState
 
@@ -43,6 +44,19 @@ def format_duration(seconds: float | None) -> str:
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
+
+
+def _check_line(v: Mapping[str, Any]) -> str:
+    """One check of the console against the prescription (docs/prescriptions.md)."""
+    reasons = v.get("reasons") or []
+    line = f"  check before beam-on ({v.get('trigger')}): {v.get('outcome')}"
+    line += f" [{', '.join(map(str, reasons))}]" if reasons else ""
+    if v.get("treatment_id") is not None:
+        line += f": {v['treatment_id']}/{v.get('plan_id')}"
+        for key, word in (("planned_time_s", "planned"), ("expected_time_s", "expected")):
+            if isinstance(v.get(key), int | float):
+                line += f", {word} {v[key]:.0f} s"
+    return line
 
 
 def progress_bar(fraction: float, width: int = 30) -> str:
@@ -141,6 +155,8 @@ class ConsoleView(Sink):
                     self._println(f"  {ev.device}: monitoring resumed")
                 case ApplicatorRelocked():
                     self._println(f"  {ev.device}: stand locked again (the peak is kept)")
+                case VerificationChecked():
+                    self._println(_check_line(ev.public))
                 case _:
                     pass
 

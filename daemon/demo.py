@@ -5,11 +5,18 @@ What only the demo does, around the same composition root as ``iortd run``
 
 - its **signing key**, made once in the per-user data directory (XDG), so that the demo's
   log verifies with ``--pubkey`` like any other;
+- **verification before beam-on**, shown: a demo physicist's key and keyring (beside the
+  signing key), a signed demo prescription matching the simulated console and the day's
+  output factor in a command inbox of its own (in the scratch directory), and the EXAMPLE
+  dose-rate table (daemon/demo_commands.py), set as config overrides; the daemon handles
+  its inbox before it polls the console, so the first check at READY is VERIFIED
+  (``--no-prescription``: none sent, the check says so);
 - a **private Mosquitto** (127.0.0.1, a free port, no persistence) unless ``--broker`` names
   one; without Mosquitto installed it says how to install it and runs with the stream off;
 - the **live dashboard** (``iort-dashboard``) on that stream, as a child process;
 - the **console output**: a header (where the log is, how to verify it, how to watch the
-  stream) and the live console view (daemon/console.py) as one more sink;
+  stream, the demo prescription and where to see its check) and the live console view
+  (daemon/console.py) as one more sink;
 - the **linger**: at a terminal, the broker and the dashboard stay up after the delivery
   until Enter (or Ctrl-C, or SIGTERM).
 
@@ -38,6 +45,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -56,6 +65,12 @@ from iortd.daemon.app import (
 )
 from iortd.daemon.config import LoadedConfig
 from iortd.daemon.console import ConsoleView
+from iortd.daemon.demo_commands import (
+    DEMO_PHYSICIST,
+    DemoCommandsError,
+    keyring_text,
+    prepare,
+)
 from iortd.daemon.mqtt.broker import (
     MOSQUITTO_INSTALL_HINT,
     BrokerError,
@@ -72,6 +87,10 @@ __all__ = ["default_data_dir", "default_demo_config", "run_demo"]
 DEMO_KEY_NAME = "iortd-demo"
 SCRATCH_KIND = "demo"
 DASHBOARD_START_S = 10.0
+
+
+# The EXAMPLE dose-rate table equal to the simulator's rates: never commissioning data.
+EXAMPLE_TABLE = Path(str(importlib.resources.files("iortd.config.doserate") / "intrabeam.toml"))
 
 
 def default_demo_config() -> Path:
@@ -105,7 +124,8 @@ def run_demo(args: argparse.Namespace) -> int:
     if loaded is None:
         return EXIT_USAGE
     try:
-        signer, pub = _demo_signer()
+        signer, pub = _demo_key(DEMO_KEY_NAME)
+        physicist, _ = _demo_key(DEMO_PHYSICIST)
     except (OSError, KeyFileError) as exc:
         return usage_error(f"demo signing key: {exc}")
     with contextlib.ExitStack() as stack:
@@ -116,6 +136,10 @@ def run_demo(args: argparse.Namespace) -> int:
                 f"cannot make the demo's temporary directory in {tempfile.gettempdir()}: "
                 f"{exc.strerror or exc}; point TMPDIR at a writable directory"
             )
+        try:
+            sent = _commands(loaded, scratch, physicist, overrides, not args.no_prescription)
+        except OSError as exc:
+            return usage_error(f"cannot write the demo's commands in {scratch}: {exc}")
         broker_url = args.broker
         if broker_url is None and loaded.config.mqtt.enabled:
             started = _embedded_broker(stack, scratch / "mqtt")
@@ -123,13 +147,15 @@ def run_demo(args: argparse.Namespace) -> int:
                 return started
             broker_url = started
         if broker_url is None and loaded.config.mqtt.enabled:
-            loaded = load_or_report(args.config or default_demo_config(), _mqtt_off(overrides))
-            if loaded is None:
-                return EXIT_USAGE
+            overrides = _mqtt_off(overrides)
+        # Again with what was added: the keyring and the inbox (and the stream off).
+        loaded = load_or_report(args.config or default_demo_config(), overrides)
+        if loaded is None:
+            return EXIT_USAGE
         dashboard_url = None
         if broker_url is not None and not args.no_dashboard:
             dashboard_url = _demo_dashboard(stack, broker_url, loaded.config.mqtt.prefix)
-        code = _run(loaded, signer, pub, broker_url, args.duration)
+        code = _run(loaded, signer, pub, broker_url, args.duration, sent)
         if dashboard_url is not None and code == 0 and sys.stdin.isatty() and sys.stdout.isatty():
             _linger(dashboard_url)
         return code
@@ -156,13 +182,63 @@ def _scratch(stack: contextlib.ExitStack) -> Path:
     return stack.enter_context(ScratchDir(SCRATCH_KIND)).path
 
 
-def _demo_signer() -> tuple[Signer, Path]:
-    """The demo signs with a key of its own, made once in the per-user data directory."""
+def _demo_key(name: str) -> tuple[Signer, Path]:
+    """A key of the demo's own, made once in the per-user data directory: the one the
+    demo's log is signed with, and the demo physicist's (daemon/demo_commands.py)."""
     directory = default_data_dir() / "demo-key"
-    key = directory / f"{DEMO_KEY_NAME}.key"
+    key = directory / f"{name}.key"
     if not key.exists():
-        write_keypair(generate_keypair(DEMO_KEY_NAME), directory)
-    return load_signer(key), directory / f"{DEMO_KEY_NAME}.pub"
+        write_keypair(generate_keypair(name), directory)
+    return load_signer(key), directory / f"{name}.pub"
+
+
+def _commands(
+    loaded: LoadedConfig,
+    scratch: Path,
+    physicist: Signer,
+    overrides: dict[str, dict[str, Any]],
+    prescription: bool,
+) -> str:
+    """The demo's keyring and inbox, with the signed prescription and output factor in it
+    (daemon/demo_commands.py), added to ``overrides``; the header's line about them."""
+    keyring, inbox, now = _demo_keyring(physicist), scratch / "inbox", datetime.now(UTC)
+    c = loaded.config
+    try:
+        sent = prepare(c, keyring, inbox, physicist, now, prescription=prescription)
+    except DemoCommandsError as exc:
+        sent = prepare(c, keyring, inbox, physicist, now, prescription=False)
+        sent = replace(sent, summary=f"none ({exc})")
+    overrides["commands"] = {"keyring": str(keyring), "inbox": str(inbox)}
+    if c.verification.doserate_table is None:  # a --config with its own table keeps it
+        overrides["verification"] = {
+            "doserate_table": str(EXAMPLE_TABLE),
+            "applicator_types": dict(sent.applicator_types),
+        }
+    log_dir = overrides["log"]["directory"]
+    said = "demo prescription: "
+    if sent.prescription_sha256 is not None:
+        said += f"sent by the demo physicist into the daemon's inbox: {sent.summary}\n"
+    else:
+        said += (
+            f"{sent.summary}: the check before beam-on will be NOT_VERIFIED (no_prescription;\n"
+            "  already_delivered instead when this log holds an earlier demo's prescription)\n"
+        )
+    return said + (
+        "  the check before beam-on: the dashboard's verification panel; after the run,\n"
+        f"  iort-audit deliveries {log_dir}, then iort-audit report {log_dir} --delivery ID "
+        f"--keyring {keyring} --out report.html"
+    )
+
+
+def _demo_keyring(physicist: Signer) -> Path:
+    """The demo physicist's keyring beside its key (daemon/demo_commands.py)."""
+    key = default_data_dir() / "demo-key" / f"{DEMO_PHYSICIST}.key"
+    since = datetime.fromtimestamp(key.stat().st_mtime, UTC)
+    path = key.with_name("demo-keyring.toml")
+    text = keyring_text(physicist, since)
+    if not path.exists() or path.read_text("utf-8") != text:
+        path.write_text(text, "utf-8")
+    return path
 
 
 def _linger(url: str) -> None:
@@ -252,6 +328,7 @@ def _run(
     pub: Path,
     broker_url: str | None,
     duration_s: float | None,
+    prescription: str,
 ) -> int:
     """The header, then the run with the console view as one more sink."""
     c = loaded.config
@@ -273,6 +350,7 @@ def _run(
         )
     else:
         print("live stream: off (no MQTT broker)", file=out)
+    print(prescription, file=out)
     out.flush()
     app = App(
         loaded,

@@ -41,7 +41,9 @@ def test_demo_runs_one_simulated_delivery_to_normal_termination(
     tmp_path: Path, private_data_home: Path
 ) -> None:
     logdir = tmp_path / "log"
-    p = run(IORTD, "demo", "--speed", "1200", "--duration", "60", "--log-dir", str(logdir))
+    # x300: the console is READY for 0.6 s (180 simulated s), six polls, so the check before
+    # beam-on is made at READY even on a loaded machine; 4.6 s of beam.
+    p = run(IORTD, "demo", "--speed", "300", "--duration", "60", "--log-dir", str(logdir))
     assert p.returncode == 0, p.stderr
     out = p.stdout
     assert f"audit log: {logdir}" in out, "the demo says where the log goes"
@@ -92,6 +94,30 @@ def test_demo_runs_one_simulated_delivery_to_normal_termination(
     assert any(
         e["type"] == "monitor_interlock_changed" and e["data"]["to"] == "ok" for e in entries
     )
+    # Verification before beam-on (issue 18): the demo sends a signed demo prescription and
+    # the day's output factor before the console is READY, so the first check is VERIFIED,
+    # with no NOT_VERIFIED flash before it and no alarm; beam-on uses that prescription.
+    assert "demo prescription: sent by the demo physicist" in out
+    assert "iort-audit report" in out
+    types = [e["type"] for e in entries]
+    checks = [e["data"] for e in entries if e["type"] == "verification"]
+    assert checks, "the console's READY was checked"
+    assert [c["outcome"] for c in checks] == ["VERIFIED"] * len(checks), checks
+    assert checks[0]["trigger"] == "ready"
+    first_check = types.index("verification")
+    assert types.index("prescription_received") < first_check
+    assert types.index("output_factor_received") < first_check
+    beam_on = next(
+        i
+        for i, e in enumerate(entries)
+        if e["type"] == "phase_changed" and e["data"]["to"] == "IRRADIATING"
+    )
+    assert first_check < beam_on
+    assert types.index("prescription_used") > first_check
+    assert not codes & {"prescription_not_verified", "no_prescription"}
+    received = next(e["data"] for e in entries if e["type"] == "prescription_received")
+    assert received["prescription"]["treatment_id"] == "T-DEMO-0001"
+    assert received["prescription"]["approved_by"] == "demo-physicist"
 
 
 def test_demo_log_dir_is_relative_to_the_working_directory(tmp_path: Path) -> None:
@@ -238,10 +264,11 @@ async def _line_matching(
 async def test_demo_streams_to_its_own_broker_and_stops_it(tmp_path: Path) -> None:
     """`iortd demo` with no broker configured starts a private Mosquitto, says where to
     subscribe, streams the delivery there (mosquitto_sub sees it) and stops the broker
-    by PID at the end."""
+    by PID at the end. With ``--no-prescription`` (a run of its own would cost another
+    delivery): the check before beam-on says ``no_prescription``, loudly."""
     demo = await asyncio.create_subprocess_exec(
         IORTD,
-        *("demo", "--speed", "300", "--log-dir", str(tmp_path / "log")),
+        *("demo", "--speed", "300", "--log-dir", str(tmp_path / "log"), "--no-prescription"),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -258,6 +285,7 @@ async def test_demo_streams_to_its_own_broker_and_stops_it(tmp_path: Path) -> No
         rest, err = await asyncio.wait_for(demo.communicate(), 60)
         assert demo.returncode == 0, err.decode()
         assert "TERMINATED" in rest.decode()
+        assert "ALARM HIGH" in rest.decode()
     finally:
         if demo.returncode is None:
             demo.kill()
@@ -276,3 +304,25 @@ async def test_demo_streams_to_its_own_broker_and_stops_it(tmp_path: Path) -> No
     assert last["sim"] is True
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # the private broker is gone
+    # No prescription: every check NOT_VERIFIED [no_prescription], both HIGH alarms raised;
+    # the delivery topic carried the outcome too.
+    entries = [
+        json.loads(text)
+        for seg in sorted((tmp_path / "log").glob("log-*.jsonl"))
+        for text in seg.read_text("utf-8").splitlines()
+    ]
+    checks = [e["data"] for e in entries if e["type"] == "verification"]
+    assert checks
+    assert {(c["outcome"], tuple(c["reasons"])) for c in checks} == {
+        ("NOT_VERIFIED", ("no_prescription",))
+    }
+    raised = {e["data"]["code"] for e in entries if e["type"] == "alarm_raised"}
+    assert {"prescription_not_verified", "no_prescription"} <= raised
+    assert not any(e["type"] == "prescription_received" for e in entries)
+    deliveries = [
+        json.loads(x.split(" ", 1)[1]) for x in lines if x.split(" ", 1)[0].endswith("/delivery")
+    ]
+    assert any(
+        ((d.get("delivery") or {}).get("verification") or {}).get("outcome") == "NOT_VERIFIED"
+        for d in deliveries
+    ), deliveries[-1:]

@@ -232,3 +232,45 @@ async def test_an_inbox_that_goes_away_or_is_a_trap_never_stops_the_intake(
     assert (inbox / "a.json").exists()
     assert any("command inbox not read" in n for n in r.notices)
     await stop(r)
+
+
+async def test_commands_waiting_in_the_inbox_are_handled_before_first_read_is_set(
+    tmp_path: Path,
+) -> None:
+    """What waits in the inbox at start is judged, recorded and handled before
+    ``first_read`` is set (the daemon starts its devices after it: a prescription put in
+    the inbox before the start governs the first check at READY, with no flash of
+    NOT_VERIFIED), even with a long poll interval; an empty inbox sets it at once."""
+    log_dir, inbox = tmp_path / "log", tmp_path / "inbox"
+    inbox.mkdir()
+    r = await start(log_dir)
+    handled: list[str] = []
+
+    async def handler(cmd: Command) -> None:
+        await asyncio.sleep(0)  # a real handler awaits its own durable entry
+        handled.append(cmd.body["n"])
+
+    r.intake.register("prescription", handler)
+    for n in ("1", "2"):
+        (inbox / f"prescription-{n}.json").write_bytes(ping("prescription", n=n))
+    stop_ev = asyncio.Event()
+    task = asyncio.create_task(r.intake.run(stop_ev, inbox, poll_s=60.0))
+    async with asyncio.timeout(5):
+        await r.intake.first_read.wait()
+    assert sorted(handled) == ["1", "2"], "handled before first_read is set"
+    assert sorted(p.name for p in (inbox / "accepted").iterdir()) == [
+        "prescription-1.json",
+        "prescription-2.json",
+    ]
+    stop_ev.set()
+    await task
+    await stop(r)
+    # No inbox at all (commands over MQTT only): set at once.
+    r = await start(tmp_path / "log2")
+    stop_ev = asyncio.Event()
+    task = asyncio.create_task(r.intake.run(stop_ev, None, poll_s=60.0))
+    async with asyncio.timeout(5):
+        await r.intake.first_read.wait()
+    stop_ev.set()
+    await task
+    await stop(r)

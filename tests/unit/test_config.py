@@ -543,7 +543,7 @@ def test_speed_must_be_1_with_a_real_driver(tmp_path: Path) -> None:
             "profile": "intrabeam",
             "applicator": "SPH30",
             "preset_gy": 20.0,
-            "start_delay_s": 30.0,
+            "start_delay_s": 180.0,
             "serial": "SIM-IB-0001",
         },
         {},
