@@ -80,19 +80,15 @@ from iortd.daemon.commands import CommandIntake, open_intake
 from iortd.daemon.config import Config, ConfigError, DeviceConfig, LoadedConfig, load_config
 from iortd.daemon.config.model import RetentionConfig
 from iortd.daemon.device_loop import DeviceLoop
+from iortd.daemon.handlers import Handlers, VerificationTableError
 from iortd.daemon.health import Health, supervise
 from iortd.daemon.metrics import MetricsSink, build_registry
-from iortd.daemon.output_factor import OutputFactors
-from iortd.daemon.output_factor import install as install_output_factors
-from iortd.daemon.prescriptions import Prescriptions
-from iortd.daemon.prescriptions import install as install_prescriptions
 from iortd.daemon.progress import DeviceProgress
 from iortd.daemon.service import RunResult, Service
 from iortd.daemon.sink_queue import QueuedSink, SinkLike, queued
 from iortd.daemon.sink_registry import SinkRegistry, open_sinks
 from iortd.daemon.sinks import OperationalLogSink, Sink, SinkConfigError
 from iortd.daemon.tracker import DeliveryTracker
-from iortd.daemon.verifier import install as install_verifier
 from iortd.drivers.interface import DriverContext
 from iortd.drivers.registry import DriverRegistry
 from iortd.drivers.transport import transport_from_config
@@ -100,7 +96,6 @@ from iortd.drivers.transport.config import serial_line
 from iortd.drivers.transport.shared import SharedLine
 from iortd.kernel.clock import Clock, ScaledClock, SystemClock
 from iortd.kernel.sdnotify import Notifier
-from iortd.plan.doserate import DoseRateError
 
 if TYPE_CHECKING:
     from iortd.daemon.health_http import HealthServer
@@ -177,9 +172,7 @@ class App:
         # The retention task, when [log.retention] is set; status() for health/metrics.
         self.retention: RetentionManager | None = None
         self._intake: CommandIntake | None = None
-        self._rx_resume: Callable[[], Coroutine[Any, Any, None]] | None = None
-        # The day's output factors (daemon/output_factor.py), for the verifier.
-        self.output_factors: OutputFactors | None = None
+        self.handlers = Handlers()  # of the command kinds (daemon/handlers.py)
         # The alarm ledger, the retained alarms and the ack command (daemon/alarm_acks.py).
         self.alarms: alarm_acks.AlarmAcks | None = None
 
@@ -227,17 +220,11 @@ class App:
                 self._intake = await open_intake(c, audit, service.notice, sinks)
             except KeyringError as exc:
                 raise StartError(f"commands.keyring: {exc}") from None
-            if self._intake is not None:  # the prescription handler (daemon/prescriptions.py)
-                rx = await install_prescriptions(
-                    self._intake, audit, c.log.directory, service.tracker, service.notice
-                )
-                self._rx_resume = None if rx is None else rx.resume
-                self.output_factors = await install_output_factors(
-                    self._intake, audit, c.log.directory, service.notice
-                )
-                if rx is not None and c.verification.on(c.commands.keyring):
-                    await self._verifier(service, audit, rx, recovery.vouched_count)
-                alarm_acks.install(self._intake, acks)
+            if self._intake is not None:  # each kind's handler (daemon/handlers.py)
+                try:
+                    await self.handlers.install(c, self._intake, audit, service, recovery, acks)
+                except VerificationTableError as exc:
+                    raise StartError(f"verification.doserate_table: {exc}") from None
             log.info(
                 "daemon_starting",
                 config=str(self.loaded.path),
@@ -267,26 +254,6 @@ class App:
             stack.callback(self._notifier.close)
             main = self._main(service, audit, sinks, sinks_stack, stop, progress, server)
             return await _until_stopped(main, stop, duration_s)
-
-    async def _verifier(
-        self, service: Service, audit: AuditLog, rx: Prescriptions, vouched: int | None
-    ) -> None:
-        c = self.config
-        if self._intake is None:
-            return
-        # The day's output factor: from the output_factor handler (daemon/output_factor.py);
-        # none when that handler is off (its log could not be read back): time_unchecked.
-        factors = self.output_factors
-        try:
-            await install_verifier(
-                c.verification, self._intake, audit, c.log.directory, service, rx,
-                service.notice,
-                factor_for=(lambda _day: None) if factors is None else factors.for_day,
-                vouched_count=vouched,
-                on_factor_change=None if factors is None else factors.on_change,
-            )  # fmt: skip
-        except (DoseRateError, OSError) as exc:
-            raise StartError(f"verification.doserate_table: {exc}") from None
 
     def _notice(self, severity: str, message: str) -> None:
         if self._service is not None:
@@ -339,12 +306,7 @@ class App:
             service.record_start()
             if self._intake is not None:  # signed commands in (daemon/commands.py)
                 self._intake.record_loaded()
-                if self._rx_resume is not None:  # a crash's unhandled prescription, now
-                    tg.create_task(self._rx_resume(), name="prescriptions-resume")
-                if self.output_factors is not None:  # and its unhandled output factor
-                    tg.create_task(self.output_factors.resume(), name="output-factors-resume")
-                if self.alarms is not None and self.alarms.handled:  # and its unhandled ack
-                    tg.create_task(self.alarms.resume(), name="acks-resume")
+                self.handlers.resume(tg)  # what a crash left accepted but unhandled
                 cmd = c.commands
                 intake = self._intake.run(stop, cmd.inbox, cmd.inbox_poll_s)
                 until_stop.append(tg.create_task(intake, name="commands"))
