@@ -143,6 +143,9 @@ class Command:
     sha256: str  # of the raw bytes as received
     signer_name: str = ""
     roles: frozenset[str] = field(default_factory=frozenset)
+    # The whole signed object as received (sig included), for a handler that records it so
+    # that anyone can check the signature offline (a sign-off: daemon/signoff.py).
+    envelope: Mapping[str, Any] = field(default_factory=dict)
 
 
 class NonceBook:
@@ -313,6 +316,7 @@ def check_command(
         sha256=hashlib.sha256(raw).hexdigest(),
         signer_name=entry.name,
         roles=entry.roles,
+        envelope=MappingProxyType(obj),
     )
 
 

@@ -84,6 +84,8 @@ from iortd.daemon.prescriptions import Prescriptions
 from iortd.daemon.prescriptions import install as install_prescriptions
 from iortd.daemon.progress import DeviceProgress
 from iortd.daemon.service import RunResult, Service
+from iortd.daemon.signoff import Signoffs
+from iortd.daemon.signoff import install as install_signoffs
 from iortd.daemon.sink_queue import QueuedSink, SinkLike, queued
 from iortd.daemon.sink_registry import SinkRegistry, open_sinks
 from iortd.daemon.sinks import OperationalLogSink, Sink, SinkConfigError
@@ -175,6 +177,7 @@ class App:
         self._rx_resume: Callable[[], Coroutine[Any, Any, None]] | None = None
         # The day's output factors (daemon/output_factor.py), for the verifier.
         self.output_factors: OutputFactors | None = None
+        self._signoffs: Signoffs | None = None  # physicists' sign-offs (daemon/signoff.py)
 
     @property
     def tracker(self) -> DeliveryTracker:
@@ -221,6 +224,9 @@ class App:
                 )
                 self._rx_resume = None if rx is None else rx.resume
                 self.output_factors = await install_output_factors(
+                    self._intake, audit, c.log.directory, service.notice
+                )
+                self._signoffs = await install_signoffs(
                     self._intake, audit, c.log.directory, service.notice
                 )
                 if rx is not None and c.verification.on(c.commands.keyring):
@@ -326,6 +332,8 @@ class App:
                     tg.create_task(self._rx_resume(), name="prescriptions-resume")
                 if self.output_factors is not None:  # and its unhandled output factor
                     tg.create_task(self.output_factors.resume(), name="output-factors-resume")
+                if self._signoffs is not None:  # and its unjudged sign-off (refused)
+                    tg.create_task(self._signoffs.resume(), name="signoffs-resume")
                 cmd = c.commands
                 intake = self._intake.run(stop, cmd.inbox, cmd.inbox_poll_s)
                 until_stop.append(tg.create_task(intake, name="commands"))
