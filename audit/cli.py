@@ -50,6 +50,8 @@ from iortd.audit.review import (
     one_line,
 )
 from iortd.audit.sampling import policy_findings
+from iortd.audit.signoffs import check_signoffs, describe
+from iortd.auditlog.keyring import Keyring
 from iortd.auditlog.note import (
     NoteError,
     Verifier,
@@ -167,6 +169,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     pubkey = None
     external: list[str] | None = None
     try:
+        ring = load_report_keyring(args.keyring) if args.keyring else None
         if args.pubkey:
             pubkey = load_pubkey(args.pubkey)
         if args.checkpoint and pubkey is not None:
@@ -180,6 +183,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if not rep.intact:
         _out(f"NOT INTACT: {rep.problem}")
         _out(f"  {rep.entries} entries before it verified")
+        _signoffs(rep, ring)  # an edited sign-off is named, not only the broken link
         return EXIT_BAD
     for w in policy_findings(load_entries(rep.files)):  # audit/sampling.py
         _err(f"warning: samples: {w}")
@@ -218,7 +222,17 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             "checkpoint cannot be detected if the seal and checkpoint files were deleted too: "
             "keep a checkpoint off this host"
         )
-    return _report_unvouched(rep)
+    return max(_report_unvouched(rep), _signoffs(rep, ring))
+
+
+def _signoffs(rep: VerifyReport, ring: Keyring | None) -> int:
+    """The physicists' sign-offs (audit/signoffs.py): exit 1 on any finding."""
+    out, warnings = describe(check_signoffs(lambda: load_entries(rep.files), ring))
+    for w in warnings:
+        _err(f"warning: {w}")
+    for line in out:
+        _out(line)
+    return EXIT_BAD if any(x.startswith("SIGN-OFF NOT VALID") for x in out) else EXIT_OK
 
 
 def _report_unvouched(rep: VerifyReport) -> int:
@@ -507,6 +521,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where retention archived the log's segments (the share's archive_dir or the "
         "log's directory in it): the archived and local segments are verified as one log",
+    )
+    v.add_argument(
+        "--keyring", type=Path, metavar="FILE", help="check the sign-offs' signatures against it"
     )
     s = sub.add_parser("show", help="print entries, or one delivery's summary")
     s.add_argument("paths", nargs="+", type=Path, metavar="PATH")
