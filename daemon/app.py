@@ -84,7 +84,7 @@ from iortd.daemon.prescriptions import Prescriptions
 from iortd.daemon.prescriptions import install as install_prescriptions
 from iortd.daemon.progress import DeviceProgress
 from iortd.daemon.service import RunResult, Service
-from iortd.daemon.signoff import Signoffs
+from iortd.daemon.signoff import RecordWatch, Signoffs
 from iortd.daemon.signoff import install as install_signoffs
 from iortd.daemon.sink_queue import QueuedSink, SinkLike, queued
 from iortd.daemon.sink_registry import SinkRegistry, open_sinks
@@ -197,15 +197,19 @@ class App:
                 return RunResult()
             sinks_stack = await stack.enter_async_context(contextlib.AsyncExitStack())
             counting = MetricsSink()
+            # What a sign-off signs, on the retained delivery topic (daemon/signoff.py).
+            watch = [RecordWatch(c.log.directory)] if c.commands.keyring is not None else []
             sinks = await _open_sinks(
                 c,
                 sinks_stack,
-                [*self._sinks, counting],
+                [*self._sinks, counting, *watch],
                 registry=self._registry,
                 origin=audit.origin,
                 signer=self._signer,
                 broker_url=self._broker_url,
             )
+            for w in watch:
+                w.connect(sinks)
             service = self._service = Service(
                 self.loaded,
                 self._clock,

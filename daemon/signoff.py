@@ -35,6 +35,15 @@ sender (the dashboard) can tell its own outcome from others'. Neither entry carr
 delivery id at the top level (auditlog/signoff.py: a sign-off never extends the range it
 signs).
 
+**What a signer needs** (:class:`RecordWatch`, a sink told after the record like any
+other): after a delivery ends, at the next signed checkpoint (one is signed at every
+delivery end), the delivery's record is computed from the log exactly as the judgement
+computes it and handed to the MQTT sink, which adds it to the retained ``delivery`` payload
+as ``delivery.record`` (docs/schemas/v1/delivery.schema.json). The dashboard, fed by MQTT
+only, builds the body from it; a signer may as well compute it from the log
+(:func:`~iortd.auditlog.signoff.delivery_record`). After a daemon restart the record of the
+last delivery is not published again (sign it from the log, or before the restart).
+
 The state is the log: each judgement reads the delivery's segments (newest first, back to
 the one holding its start) in a worker thread; nothing is kept in memory but the commands a
 crash left unhandled (:meth:`Signoffs.rebuild`, then :meth:`Signoffs.resume`).
@@ -44,7 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -61,9 +70,11 @@ from iortd.auditlog.signoff import MEANING_TEXT, DeliveryRange, SignoffError, de
 from iortd.auditlog.signoff import parse_body as parse_signoff
 from iortd.auditlog.writer import AuditLog
 from iortd.daemon.commands import CommandIntake
+from iortd.daemon.sinks import Sink
+from iortd.daemon.tracker import DeliveryAmended, DeliverySnapshot, Terminated, TrackerEvent
 from iortd.kernel.timefmt import utc_ts
 
-__all__ = ["Signoffs", "install", "summary"]
+__all__ = ["RecordWatch", "Signoffs", "install", "summary"]
 
 log = structlog.get_logger("iortd.signoff")
 
@@ -287,6 +298,46 @@ def _replay(line: bytes, pending: dict[str, Command]) -> None:
             pending.pop(data["nonce"], None)
     except (ValueError, KeyError, TypeError, AttributeError):
         return  # not ours to judge here: iort-audit verify reports a bad entry
+
+
+class RecordWatch(Sink):
+    """Publishes what a sign-off of each ended delivery signs, once a signed checkpoint
+    covers it: to each of :attr:`targets` (the MQTT sink's ``delivery_record``)."""
+
+    name = "signoff-record"
+
+    def __init__(self, directory: Path) -> None:
+        self._directory = directory
+        self._pending: str | None = None  # ended, its record not yet published
+        self.targets: list[Callable[[str, Mapping[str, Any]], None]] = []
+
+    def connect(self, sinks: Sequence[Any]) -> None:
+        """Publish to every sink (inside its queue) that takes a ``delivery_record``."""
+        inners = (getattr(s, "inner", s) for s in sinks)
+        self.targets = [i.delivery_record for i in inners if hasattr(i, "delivery_record")]
+
+    async def events(
+        self, events: Sequence[TrackerEvent], delivery: DeliverySnapshot | None
+    ) -> None:
+        for ev in events:
+            if isinstance(ev, Terminated | DeliveryAmended):
+                self._pending = ev.delivery_id
+
+    async def checkpoint(self, note: str) -> None:
+        did = self._pending
+        if did is None or not self.targets:
+            return
+        try:
+            scan = await asyncio.to_thread(_scan, self._directory, did, "")
+        except (OSError, LogDamaged) as exc:
+            log.warning("signoff_record_unread", delivery=did, error=str(exc))
+            return  # tried again at the next checkpoint
+        record = None if scan.found is None else scan.found.record()
+        if record is None:
+            return  # not covered yet: the next checkpoint
+        self._pending = None
+        for publish in self.targets:
+            publish(did, record)
 
 
 async def install(

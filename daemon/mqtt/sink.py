@@ -34,7 +34,7 @@ import asyncio
 import contextlib
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from itertools import islice
 from pathlib import Path
@@ -231,6 +231,11 @@ class MqttSink(Sink):
 
     async def checkpoint(self, note: str) -> None:
         self._state.checkpoint(note)
+        self._wake.set()
+
+    def delivery_record(self, delivery_id: str, record: Mapping[str, Any]) -> None:
+        """``delivery.record`` from now (daemon/signoff.py): what a sign-off signs."""
+        self._state.delivery_record(delivery_id, record)
         self._wake.set()
 
     async def notice(self, severity: str, message: str) -> None:

@@ -14,6 +14,13 @@ from signofflog import ANNA, BEA, D1, D2, D3, RING, Room, body, deliveries, open
 
 from iortd.auditlog.command import sign_command
 from iortd.auditlog.signoff import check_envelope
+from iortd.daemon.signoff import RecordWatch
+from iortd.daemon.tracker import DeliveryAmended
+
+
+def amended(did: str) -> DeliveryAmended:
+    """An end event for ``did`` (the watch reads its id only)."""
+    return DeliveryAmended(did, "test", None)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -107,3 +114,25 @@ async def test_a_crash_before_the_judgement_is_refused_at_the_next_start(tmp_pat
     finally:
         await r2.audit.close()
         await r2.task
+
+
+async def test_the_record_is_published_once_a_checkpoint_covers_the_ended_delivery(
+    room: Room,
+) -> None:
+    """What the dashboard builds the body from (the retained delivery topic): the same
+    record the judgement recomputes, handed on at the first checkpoint that covers it."""
+    watch = RecordWatch(room.directory)
+    got: list[tuple[str, dict[str, Any]]] = []
+    watch.targets = [lambda did, rec: got.append((did, dict(rec)))]
+    ended = amended(D2)
+    await watch.events([ended], None)
+    await watch.checkpoint("note")  # D2 ended but no checkpoint covers it yet
+    assert got == []
+    await room.audit.checkpoint("delivery_end")
+    await watch.checkpoint("note")
+    assert got == [(D2, room.record(D2))]
+    await watch.checkpoint("note")
+    assert len(got) == 1  # once
+    assert (await room.send(body(room, delivery_id=D2, record=got[0][1])))["type"] == (
+        "delivery_signed"
+    )

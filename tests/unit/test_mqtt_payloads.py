@@ -1220,3 +1220,21 @@ def test_a_delivery_with_its_verification_validates_every_outcome() -> None:
         assert p["delivery"]["verification"] == obj
         [ev] = event_payloads(env, [VerificationChecked("or-1-x", verify(inp), obj, NS, T0)])
         check("events", ev)
+
+
+def test_an_ended_delivery_carries_the_record_a_sign_off_signs() -> None:
+    """Once a signed checkpoint covers an ended delivery, ``delivery.record`` says what a
+    physicist's sign-off binds to (auditlog/signoff.py); before that it is absent."""
+    rec = {
+        "first_seq": 12,
+        "last_seq": 80,
+        "entries_sha256": "ab" * 32,
+        "checkpoint": {"size": 82, "hash": "cd" * 32},
+    }
+    p = delivery_payload(env(), snapshot(), rec)
+    check("delivery", p)
+    assert p["delivery"]["record"] == rec
+    assert "record" not in delivery_payload(env(), snapshot())["delivery"]
+    assert rejects("delivery", {**p, "delivery": {**p["delivery"], "record": {"first_seq": 1}}})
+    bad_hash = {**rec, "entries_sha256": "xyz"}
+    assert rejects("delivery", {**p, "delivery": {**p["delivery"], "record": bad_hash}})
