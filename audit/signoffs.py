@@ -38,6 +38,7 @@ _AGREE = (
     ("reason", "body", "reason"),
     ("name", "body", "name"),
     ("record", "body", "record"),
+    ("utc_offset_min", "body", "utc_offset_min"),
     ("by", "", "signer"),
     ("signed_at", "", "issued_at"),
     ("nonce", "", "nonce"),

@@ -4,7 +4,7 @@ A sign-off is a signed command (auditlog/command.py) of kind ``signoff`` whose b
 the signature to ONE delivery's record::
 
     {"delivery_id": "D-...", "meaning": "approved", "reason": null,
-     "name": "A. Example, MPE",
+     "name": "A. Example, MPE", "utc_offset_min": 60,
      "record": {"first_seq": 120, "last_seq": 377,
                 "entries_sha256": "<64 hex>",
                 "checkpoint": {"size": 379, "hash": "<64 hex>"}}}
@@ -15,6 +15,9 @@ the signature to ONE delivery's record::
 * ``name`` is the signer's printed name as the keyring says it at signing time (the daemon
   refuses a body whose name is not the keyring's, so the name shown is the one the signer
   saw and the one enrolled).
+* ``utc_offset_min`` (optional, -840..840): the signing station's offset from UTC, in
+  minutes, at signing time, so that the report can show the local time the signer saw
+  and say which zone it was (UTC+01:00); absent: the report shows UTC only.
 * ``record`` is the delivery's range in the log (:func:`delivery_record`): **every** entry
   from the first to the last entry naming the delivery (top-level ``delivery_id``), whatever
   its type (a checkpoint or a device entry in between included), so the range is one
@@ -74,7 +77,8 @@ MAX_NAME: Final = 200
 SIGNOFF_TYPES: Final = frozenset({"delivery_signed", "signoff_refused"})
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _DELIVERY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-_BODY_KEYS = frozenset({"delivery_id", "meaning", "reason", "name", "record"})
+_BODY_KEYS = frozenset({"delivery_id", "meaning", "reason", "name", "record", "utc_offset_min"})
+_OPTIONAL = frozenset({"reason", "utc_offset_min"})
 _RECORD_KEYS = frozenset({"first_seq", "last_seq", "entries_sha256", "checkpoint"})
 _CP_KEYS = frozenset({"size", "hash"})
 
@@ -94,15 +98,7 @@ class SignoffBody:
     reason: str | None
     name: str
     record: dict[str, Any]
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "delivery_id": self.delivery_id,
-            "meaning": self.meaning,
-            "reason": self.reason,
-            "name": self.name,
-            "record": self.record,
-        }
+    utc_offset_min: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,7 +182,7 @@ def parse_body(body: Mapping[str, Any]) -> SignoffBody:
     extra = sorted(set(body) - _BODY_KEYS)
     if extra:
         raise _bad(f"{len(extra)} unknown key(s); a sign-off holds only {sorted(_BODY_KEYS)}")
-    missing = sorted(_BODY_KEYS - {"reason"} - set(body))
+    missing = sorted(_BODY_KEYS - _OPTIONAL - set(body))
     if missing:
         raise _bad(f"missing {missing}")
     did, meaning, name = body["delivery_id"], body["meaning"], body["name"]
@@ -196,8 +192,11 @@ def parse_body(body: Mapping[str, Any]) -> SignoffBody:
         raise _bad(f"meaning: must be one of {list(MEANINGS)}")
     if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME or not name.isprintable():
         raise _bad(f"name: the printed name, 1 to {MAX_NAME} printable characters")
+    offset = body.get("utc_offset_min")
+    if offset is not None and (type(offset) is not int or not -840 <= offset <= 840):
+        raise _bad("utc_offset_min: whole minutes from -840 to 840, or absent")
     return SignoffBody(
-        did, meaning, _reason(meaning, body.get("reason")), name, _record(body["record"])
+        did, meaning, _reason(meaning, body.get("reason")), name, _record(body["record"]), offset
     )
 
 

@@ -242,6 +242,7 @@ class Signoffs:
             "name": cmd.signer_name,
             "roles": sorted(cmd.roles),
             "signed_at": utc_ts(cmd.issued_at),
+            "utc_offset_min": body.utc_offset_min,
             "record": record,
             "nonce": cmd.nonce,
             "envelope": dict(cmd.envelope),

@@ -120,6 +120,7 @@ def body(room: Room, **kw: Any) -> dict[str, Any]:
         "delivery_id": D1,
         "meaning": "approved",
         "name": "A. Example, MPE",
+        "utc_offset_min": 60,
         "record": room.record(),
     }
     return {**b, **kw}

@@ -47,6 +47,7 @@ async def test_a_sign_off_is_recorded_with_its_envelope(room: Room) -> None:
     )
     assert d["record"] == room.record()
     assert d["signed_at"] == d["envelope"]["issued_at"]
+    assert d["utc_offset_min"] == 60
     assert check_envelope(d["envelope"], RING).holder == "phys-anna"  # checkable offline
     [acc] = room.entries("command_accepted")
     assert acc["data"]["body"]["delivery_id"] == D1

@@ -109,6 +109,7 @@ def test_body_is_strict() -> None:
     assert ok.reason is None
     dev = parse_body(body(meaning="approved_with_deviation", reason="dose 2 % low, accepted"))
     assert dev.reason == "dose 2 % low, accepted"
+    assert parse_body(body(utc_offset_min=-300)).utc_offset_min == -300
     for bad, word in [
         (body(meaning="fine"), "meaning"),
         (body(meaning="approved_with_deviation"), "reason"),
@@ -119,6 +120,8 @@ def test_body_is_strict() -> None:
         (body(record={"first_seq": 2}), "record"),
         (body(name=""), "name"),
         (body(delivery_id="../x"), "delivery_id"),
+        (body(utc_offset_min=900), "utc_offset_min"),
+        (body(utc_offset_min="+01:00"), "utc_offset_min"),
     ]:
         with pytest.raises(SignoffError, match=word) as exc:
             parse_body(bad)
