@@ -50,8 +50,7 @@ from iortd.audit.review import (
     one_line,
 )
 from iortd.audit.sampling import policy_findings
-from iortd.audit.signoffs import check_signoffs, describe
-from iortd.auditlog.keyring import Keyring
+from iortd.audit.signoffs import attach_verdicts, verify_signoffs
 from iortd.auditlog.note import (
     NoteError,
     Verifier,
@@ -183,7 +182,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if not rep.intact:
         _out(f"NOT INTACT: {rep.problem}")
         _out(f"  {rep.entries} entries before it verified")
-        _signoffs(rep, ring)  # an edited sign-off is named, not only the broken link
+        verify_signoffs(rep.files, ring, _out, _err)  # an edited sign-off is named too
         return EXIT_BAD
     for w in policy_findings(load_entries(rep.files)):  # audit/sampling.py
         _err(f"warning: samples: {w}")
@@ -222,17 +221,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             "checkpoint cannot be detected if the seal and checkpoint files were deleted too: "
             "keep a checkpoint off this host"
         )
-    return max(_report_unvouched(rep), _signoffs(rep, ring))
-
-
-def _signoffs(rep: VerifyReport, ring: Keyring | None) -> int:
-    """The physicists' sign-offs (audit/signoffs.py): exit 1 on any finding."""
-    out, warnings = describe(check_signoffs(lambda: load_entries(rep.files), ring))
-    for w in warnings:
-        _err(f"warning: {w}")
-    for line in out:
-        _out(line)
-    return EXIT_BAD if any(x.startswith("SIGN-OFF NOT VALID") for x in out) else EXIT_OK
+    signed_ok = verify_signoffs(rep.files, ring, _out, _err)  # audit/signoffs.py
+    return max(_report_unvouched(rep), EXIT_OK if signed_ok else EXIT_BAD)
 
 
 def _report_unvouched(rep: VerifyReport) -> int:
@@ -438,6 +428,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     status, rec, key_name = _verified_delivery(args)
     if rec is None:
         return status
+    if ring is not None:  # the sign-offs' signatures checked, as verify --keyring does
+        attach_verdicts(rec, args.paths, ring)
     data = render(rec, key_name, ring)
     if not _write_out(args.out, data):
         return EXIT_USAGE

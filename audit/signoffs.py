@@ -22,14 +22,18 @@ log holds few sign-offs per delivery; the entries are never all held in memory).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from iortd.audit.record import DeliveryRecord
+from iortd.audit.review import load_entries
 from iortd.auditlog.keyring import Keyring
 from iortd.auditlog.signoff import SignoffError, check_envelope, delivery_record
+from iortd.auditlog.verify import collect_files
 
-__all__ = ["SignoffCheck", "check_signoffs"]
+__all__ = ["SignoffCheck", "attach_verdicts", "check_signoffs", "describe", "verify_signoffs"]
 
 # an entry's field -> (where in the envelope, its key there)
 _AGREE = (
@@ -50,6 +54,7 @@ class SignoffCheck:
     signed: int  # delivery_signed entries found
     problems: tuple[str, ...]  # each names the entry
     signatures_checked: bool  # a keyring was given and every signature was checked
+    verdicts: dict[int, str | None]  # each sign-off's finding by its seq; None: no finding
 
 
 def _fields(e: Mapping[str, Any]) -> str | None:
@@ -74,7 +79,7 @@ def _one(
     if problem is not None:
         return problem
     d = e["data"]
-    did, seq = d["delivery_id"], int(e["seq"])
+    did, seq = d["delivery_id"], e["seq"]
     if not isinstance(did, str):
         return "names no delivery"
     try:
@@ -108,6 +113,13 @@ def _one(
     return None
 
 
+def attach_verdicts(rec: DeliveryRecord, paths: Sequence[Path], keyring: Keyring) -> None:
+    """``iort-audit report --keyring``: each of the delivery's sign-offs checked, for the
+    report's "signature valid" (audit/report/signoffs.py)."""
+    files = collect_files(paths)
+    rec.signoff_verdicts = check_signoffs(lambda: load_entries(files), keyring).verdicts
+
+
 def check_signoffs(
     entries: Callable[[], Iterable[Mapping[str, Any]]], keyring: Keyring | None
 ) -> SignoffCheck:
@@ -115,12 +127,15 @@ def check_signoffs(
     over the log's whole entries in seq order each time it is called."""
     signed = [e for e in entries() if e.get("type") == "delivery_signed"]
     problems = []
+    verdicts: dict[int, str | None] = {}
     for e in signed:
-        problem = _one(e, entries, keyring)
+        seq = e.get("seq")
+        problem = _one(e, entries, keyring) if isinstance(seq, int) else "has no seq"
+        verdicts[seq if isinstance(seq, int) else -1] = problem
         if problem is not None:
             did = e.get("data", {}).get("delivery_id") if isinstance(e.get("data"), dict) else None
             problems.append(f"seq {e.get('seq')}: delivery_signed (delivery {did}): {problem}")
-    return SignoffCheck(len(signed), tuple(problems), keyring is not None)
+    return SignoffCheck(len(signed), tuple(problems), keyring is not None, verdicts)
 
 
 def describe(check: SignoffCheck) -> tuple[list[str], list[str]]:
@@ -135,3 +150,20 @@ def describe(check: SignoffCheck) -> tuple[list[str], list[str]]:
     good = check.signed - len(check.problems)
     out.append(f"  {n}: {good} signature(s) valid against the keyring, bound to their records")
     return out, []
+
+
+def verify_signoffs(
+    files: Sequence[Path],
+    keyring: Keyring | None,
+    out: Callable[[str], None],
+    err: Callable[[str], None],
+) -> bool:
+    """``iort-audit verify``'s part: the findings to ``out``, warnings (each prefixed) to
+    ``err``; False when a sign-off does not check (exit 1)."""
+    check = check_signoffs(lambda: load_entries(files), keyring)
+    lines, warnings = describe(check)
+    for w in warnings:
+        err(f"warning: {w}")
+    for line in lines:
+        out(line)
+    return not check.problems

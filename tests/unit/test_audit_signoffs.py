@@ -133,3 +133,27 @@ def test_the_range_ignores_what_comes_after_the_sign_off() -> None:
     before = delivery_record(es, D1, before_seq=2)
     assert before is not None
     assert before.last_seq == 1
+
+
+async def test_the_report_shows_each_sign_off_and_valid_only_when_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = tmp_path / "log"
+    await _signed_log(log)
+    (tmp_path / "keyring.toml").write_text(ring_text())
+    out = tmp_path / "r.html"
+    argv = ["report", str(log), "--delivery", D1, "--out", str(out)]
+    assert main([*argv, "--keyring", str(tmp_path / "keyring.toml")]) == 0
+    page = out.read_text()
+    assert "Electronic sign-off" in page
+    assert "A. Example, MPE" in page
+    assert "phys-anna" in page
+    assert ">approved<" in page
+    assert "(UTC+01:00, signing station)" in page
+    assert "valid (checked against the keyring)" in page
+    assert "Reviewed by (medical physicist)" not in page  # no paper box beside it
+    assert main(argv) == 0
+    page = out.read_text()
+    assert "not checked (no --keyring)" in page
+    assert "valid (checked" not in page
+    capsys.readouterr()
