@@ -23,8 +23,9 @@ In this order, the first failure is the answer and nothing is sent:
 5. the answer is the room's daemon's own: its ``events`` notice naming the command's nonce
    (recorded, or refused with the reason), or the intake's refusal naming the command's
    SHA-256, waited for up to ``ANSWER_WAIT_S``. No answer in time is said as it is: the
-   sign-off is **not recorded** (504); a daemon that was not running but starts before the
-   command expires may still record it, and its notice will then show in the room's events.
+   sign-off is **not recorded** (504). A daemon that is not running never gets it (its MQTT
+   session is clean: the broker queues nothing for it); one that is only slow may still
+   record it before it expires, and its notice then shows in the room's events.
 
 The dashboard never says "recorded" unless the daemon said so. Nothing of the password,
 the key or the signature is logged; the access record is the login's (users/access.py).
@@ -253,9 +254,10 @@ class SignoffDesk:
                         "recorded": False,
                         "nonce": env["nonce"],
                         "error": f"NOT recorded: no answer from the room's daemon within "
-                        f"{self._wait_s:.0f} s (is it running?). If it starts before "
-                        f"{env['expires_at']} it may still record it: its notice then shows "
-                        "in the room's events; check there before signing again.",
+                        f"{self._wait_s:.0f} s. A daemon that is not running never gets it "
+                        "(commands are not queued for it): sign again once it runs. A slow "
+                        "one may still record it before it expires at "
+                        f"{env['expires_at']}: check the room's events first.",
                     },
                 )
         finally:
