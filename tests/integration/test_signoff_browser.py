@@ -127,5 +127,8 @@ async def test_a_physicist_signs_off_a_delivery_in_chromium(
     assert "A. Example, MPE" in page_text
     assert ">approved<" in page_text
     assert "valid (checked against the keyring)" in page_text
-    logs = dash.log.read_text("utf-8")
-    assert PW_PHYS not in logs
+    # no password in the dashboard's log, the daemon's log or the audit log
+    assert PW_PHYS not in dash.log.read_text("utf-8")
+    assert daemon is not None
+    assert PW_PHYS not in json.dumps(daemon.lines)
+    assert PW_PHYS not in "".join(p.read_text() for p in segment_paths(site.log_dir))
