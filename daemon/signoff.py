@@ -41,8 +41,9 @@ delivery end), the delivery's record is computed from the log exactly as the jud
 computes it and handed to the MQTT sink, which adds it to the retained ``delivery`` payload
 as ``delivery.record`` (docs/schemas/v1/delivery.schema.json). The dashboard, fed by MQTT
 only, builds the body from it; a signer may as well compute it from the log
-(:func:`~iortd.auditlog.signoff.delivery_record`). After a daemon restart the record of the
-last delivery is not published again (sign it from the log, or before the restart).
+(:func:`~iortd.auditlog.signoff.delivery_record`). The record stays in the broker's retained
+message until the next delivery; a restart does not compute it again (a crash between a
+delivery's end and its covering checkpoint leaves that delivery without one).
 
 The state is the log: each judgement reads the delivery's segments (newest first, back to
 the one holding its start) in a worker thread; nothing is kept in memory but the commands a
