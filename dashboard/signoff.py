@@ -111,6 +111,12 @@ class SignoffDesk:
 
     def _heard(self, acc: Accepted) -> None:
         """A room's ``events`` notice that answers a command being waited for."""
+        try:
+            self._answer(acc)
+        except Exception:  # never the hub's problem: the wait then ends as "no answer"
+            log.exception("signoff_answer_failed")
+
+    def _answer(self, acc: Accepted) -> None:
         p = acc.payload
         if acc.name != "events" or p.get("kind") != "daemon_notice" or not self._waiting:
             return

@@ -12,6 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pydicom
 import pytest
 from handlog import DID, interrupted_log, record
@@ -61,3 +62,14 @@ def test_a_signed_record_states_the_sign_offs_and_references_the_unsigned_one(
     lines = (p.stdout + p.stderr).splitlines()
     assert lines[0] == "RTBeamsTreatmentRecord", lines
     assert [x for x in lines if x.startswith(("Error", "Warning"))] == []
+
+
+def test_the_json_export_carries_the_sign_off_entries_whole() -> None:
+    """Only when there are any: a delivery without a sign-off exports as before."""
+    from iortd.audit.export import json_export  # noqa: PLC0415 - this test only
+
+    rec = record(interrupted_log())
+    assert b'"signoffs"' not in json_export(rec)
+    rec.signoffs = [signed(500)]
+    doc = orjson.loads(json_export(rec))
+    assert doc["signoffs"] == [signed(500)]
