@@ -128,9 +128,15 @@ def check_signoffs(
     signed = [e for e in entries() if e.get("type") == "delivery_signed"]
     problems = []
     verdicts: dict[int, str | None] = {}
+    first_of: dict[str, Any] = {}  # nonce -> the seq that recorded it first
     for e in signed:
         seq = e.get("seq")
         problem = _one(e, entries, keyring) if isinstance(seq, int) else "has no seq"
+        nonce = str(e["data"].get("nonce")) if problem is None else ""
+        if nonce in first_of:  # one signed command is one act: recorded once
+            problem = f"the same signed command was recorded at seq {first_of[nonce]} already"
+        elif nonce:
+            first_of[nonce] = seq
         verdicts[seq if isinstance(seq, int) else -1] = problem
         if problem is not None:
             did = e.get("data", {}).get("delivery_id") if isinstance(e.get("data"), dict) else None

@@ -18,7 +18,7 @@ from iortd.auditlog.signoff import delivery_record
 from iortd.auditlog.writer import segment_paths
 
 
-async def _signed_log(directory: Path, *, moved: bool = False) -> int:
+async def _signed_log(directory: Path, *, moved: bool = False, twice: bool = False) -> int:
     """A log where phys-anna signed D1 as approved; ``moved``: then the same signed entry
     (envelope and all) recorded again, re-aimed at D2, as a forger with the log's key would
     write it. Returns the seq of the last sign-off."""
@@ -29,9 +29,10 @@ async def _signed_log(directory: Path, *, moved: bool = False) -> int:
         got = await r.send(body(r))
         assert got["type"] == "delivery_signed"
         seq = int(got["seq"])
-        if moved:
+        if moved or twice:
             data: dict[str, Any] = copy.deepcopy(got["data"])
-            data["delivery_id"] = data["envelope"]["body"]["delivery_id"] = D2
+            if moved:
+                data["delivery_id"] = data["envelope"]["body"]["delivery_id"] = D2
             e = r.audit.append("delivery_signed", data, durable=True)
             await e.committed
             seq = e.seq
@@ -98,6 +99,19 @@ async def test_a_sign_off_moved_to_another_delivery_fails(
         f"is not delivery {D2}'s" in out
     )
     assert out.count("SIGN-OFF NOT VALID") == 1  # the genuine one still verifies
+
+
+async def test_the_same_signed_command_recorded_twice_fails(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A copy of a genuine sign-off entry (by someone with the log's key): one signature,
+    one act; the second entry is named."""
+    log = tmp_path / "log"
+    seq = await _signed_log(log, twice=True)
+    rc, out, _ = _verify(log, tmp_path, capsys, ring_text())
+    assert rc == 1, out
+    assert f"SIGN-OFF NOT VALID: seq {seq}: delivery_signed (delivery {D1}): the same signed" in out
+    assert out.count("SIGN-OFF NOT VALID") == 1
 
 
 async def test_an_edited_sign_off_breaks_the_chain_and_is_named(
