@@ -261,9 +261,10 @@ class SignoffDesk:
                         "nonce": env["nonce"],
                         "error": f"NOT recorded: no answer from the room's daemon within "
                         f"{self._wait_s:.0f} s. A daemon that is not running never gets it "
-                        "(commands are not queued for it): sign again once it runs. A slow "
-                        "one may still record it before it expires at "
-                        f"{env['expires_at']}: check the room's events first.",
+                        "(commands are not queued for it): sign again once it runs. (A "
+                        "daemon that stopped right after recording it could not answer: "
+                        "signing again then answers 'duplicate', which means the first one "
+                        "is in the record.)",
                     },
                 )
         finally:
