@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -115,7 +115,9 @@ class _Scan:
 
 
 def _scan(directory: Path, delivery_id: str, holder: str) -> _Scan:
-    """The delivery's range and the holder's earlier sign-offs of it (blocking)."""
+    """The delivery's range and the holder's earlier sign-offs of it (blocking). The
+    segments back to the one holding its start are read; their entries are parsed one at
+    a time (a 64 MiB segment holds some 10^5 of them: never all in memory at once)."""
     start = f'"delivery_id":"{delivery_id}","hash"'.encode()
     chunks: list[bytes] = []
     for path in reversed(segment_paths(directory)):
@@ -123,17 +125,35 @@ def _scan(directory: Path, delivery_id: str, holder: str) -> _Scan:
         chunks.append(raw)
         if start in raw and b'"type":"delivery_started"' in raw:
             break  # the segment with its start: older ones hold none of it
-    entries: list[dict[str, Any]] = []
     meanings: set[str] = set()
-    for raw in reversed(chunks):
-        for line in raw.splitlines():
+    found = delivery_record(_entries(chunks, delivery_id, holder, meanings), delivery_id)
+    return _Scan(found, frozenset(meanings))
+
+
+def _lines(raw: bytes) -> Iterator[bytes]:
+    """One line at a time (never a list, nor a copy, of a whole segment's lines)."""
+    pos = 0
+    while pos < len(raw):
+        end = raw.find(b"\n", pos)
+        end = len(raw) if end < 0 else end
+        yield raw[pos:end]
+        pos = end + 1
+
+
+def _entries(
+    chunks: list[bytes], delivery_id: str, holder: str, meanings: set[str]
+) -> Iterator[dict[str, Any]]:
+    """The entries of ``chunks`` (newest segment first) oldest first; the meanings of the
+    holder's sign-offs of the delivery are added to ``meanings`` on the way."""
+    while chunks:
+        raw = chunks.pop()  # each segment's bytes are let go once read
+        for line in _lines(raw):
             try:
                 e = orjson.loads(line)
             except orjson.JSONDecodeError:
                 continue  # a torn tail: iort-audit verify is the tool that reports it
             if not isinstance(e, dict):
                 continue
-            entries.append(e)
             d = e.get("data")
             if (
                 e.get("type") == "delivery_signed"
@@ -142,7 +162,7 @@ def _scan(directory: Path, delivery_id: str, holder: str) -> _Scan:
                 and d.get("by") == holder
             ):
                 meanings.add(str(d.get("meaning")))
-    return _Scan(delivery_record(entries, delivery_id), frozenset(meanings))
+            yield e
 
 
 def _differs(want: Mapping[str, Any], got: Mapping[str, Any]) -> str:
