@@ -16,8 +16,10 @@ For every ``delivery_signed`` entry (daemon/signoff.py; what is signed: auditlog
    checked and the caller says so as a warning, never as a pass.
 
 A finding names the entry (``seq N: delivery_signed ...``); the caller exits 1 on any.
-Reads the log's entries once to find the sign-offs, then once per sign-off up to it (a
-log holds few sign-offs per delivery; the entries are never all held in memory).
+Reads the log's entries twice, whatever the number of sign-offs: once to find them, once
+to rebuild every signed delivery's range up to each of its sign-offs (a builder per signed
+delivery, from its first entry to its last sign-off); the entries are never all held in
+memory.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 from iortd.audit.record import DeliveryRecord
 from iortd.audit.review import load_entries
 from iortd.auditlog.keyring import Keyring
-from iortd.auditlog.signoff import SignoffError, check_envelope, delivery_record
+from iortd.auditlog.signoff import DeliveryRange, RangeBuilder, SignoffError, check_envelope
 from iortd.auditlog.verify import collect_files
 
 __all__ = ["SignoffCheck", "attach_verdicts", "check_signoffs", "describe", "verify_signoffs"]
@@ -70,22 +72,56 @@ def _fields(e: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _did(e: Mapping[str, Any]) -> str | None:
+    d = e.get("data")
+    did = d.get("delivery_id") if isinstance(d, dict) else None
+    return did if isinstance(did, str) else None
+
+
+def _ranges(
+    entries: Iterable[Mapping[str, Any]], signed: list[Mapping[str, Any]]
+) -> dict[int, DeliveryRange | str | None]:
+    """Each sign-off's delivery range as the entries before it give it (or why it cannot
+    be computed), in ONE pass over the log: a builder per signed delivery, fed from its
+    first entry to its last sign-off only."""
+    until: dict[str, int] = {}
+    for e in signed:
+        did, seq = _did(e), e.get("seq")
+        if did is not None and isinstance(seq, int):
+            until[did] = max(until.get(did, -1), seq)
+    builders = {did: RangeBuilder(did) for did in until}
+    broken: dict[str, str] = {}
+    out: dict[int, DeliveryRange | str | None] = {}
+    for e in entries:
+        seq = e.get("seq")
+        if not isinstance(seq, int):
+            continue
+        did = _did(e) if e.get("type") == "delivery_signed" else None
+        if did is not None and did in until and seq <= until[did]:
+            out[seq] = broken.get(did) or builders[did].result()  # the entries before it
+        for name in [n for n, last in until.items() if seq >= last]:
+            del until[name]  # past its last sign-off: no longer followed
+            builders.pop(name, None)
+        for name, b in builders.items():
+            try:
+                b.feed(e)
+            except SignoffError as exc:
+                broken.setdefault(name, exc.detail)
+    return out
+
+
 def _one(
-    e: Mapping[str, Any],
-    entries: Callable[[], Iterable[Mapping[str, Any]]],
-    keyring: Keyring | None,
+    e: Mapping[str, Any], got: DeliveryRange | str | None, keyring: Keyring | None
 ) -> str | None:
     problem = _fields(e)
     if problem is not None:
         return problem
     d = e["data"]
-    did, seq = d["delivery_id"], e["seq"]
+    did = d["delivery_id"]
     if not isinstance(did, str):
         return "names no delivery"
-    try:
-        got = delivery_record(entries(), did, before_seq=seq)
-    except SignoffError as exc:
-        return f"delivery {did}'s range cannot be recomputed: {exc.detail}"
+    if isinstance(got, str):
+        return f"delivery {did}'s range cannot be recomputed: {got}"
     if got is None:
         return f"delivery {did} has no entries before it"
     if not got.ended:
@@ -126,12 +162,14 @@ def check_signoffs(
     """Every ``delivery_signed`` entry of the log checked; ``entries`` gives a fresh pass
     over the log's whole entries in seq order each time it is called."""
     signed = [e for e in entries() if e.get("type") == "delivery_signed"]
+    ranges = _ranges(entries(), signed) if signed else {}
     problems = []
     verdicts: dict[int, str | None] = {}
     first_of: dict[str, Any] = {}  # nonce -> the seq that recorded it first
     for e in signed:
         seq = e.get("seq")
-        problem = _one(e, entries, keyring) if isinstance(seq, int) else "has no seq"
+        got = ranges.get(seq) if isinstance(seq, int) else None
+        problem = _one(e, got, keyring) if isinstance(seq, int) else "has no seq"
         nonce = str(e["data"].get("nonce")) if problem is None else ""
         if nonce in first_of:  # one signed command is one act: recorded once
             problem = f"the same signed command was recorded at seq {first_of[nonce]} already"

@@ -59,6 +59,7 @@ __all__ = [
     "MEANINGS",
     "SIGNOFF_TYPES",
     "DeliveryRange",
+    "RangeBuilder",
     "SignoffBody",
     "SignoffError",
     "check_envelope",
@@ -200,41 +201,62 @@ def parse_body(body: Mapping[str, Any]) -> SignoffBody:
     )
 
 
+class RangeBuilder:
+    """One delivery's range, fed the log's entries in seq order one at a time (so that a
+    reader following several deliveries in one pass keeps one of these per delivery)."""
+
+    def __init__(self, delivery_id: str) -> None:
+        self.delivery_id = delivery_id
+        self._h = hashlib.sha256()
+        self._first = self._last = -1
+        self._digest = ""
+        self._ended = False
+        self._checkpoint: dict[str, Any] | None = None
+
+    def feed(self, e: Mapping[str, Any]) -> None:
+        """The next entry (an entry without an int ``seq`` is passed over). Raises
+        SignoffError("malformed") for an entry of the range without a 64-hex ``hash``."""
+        seq, kind = e.get("seq"), e.get("type")
+        if not isinstance(seq, int):
+            return
+        mine = e.get("delivery_id") == self.delivery_id and kind not in SIGNOFF_TYPES
+        if self._first < 0 and not mine:
+            return
+        if self._first < 0:
+            self._first = seq
+        try:
+            self._h.update(bytes.fromhex(_hex(e.get("hash"), f"entry seq {seq}: hash")))
+        except ValueError as exc:
+            raise SignoffError("malformed", str(exc)) from None
+        if mine:
+            self._last, self._digest, self._checkpoint = seq, self._h.hexdigest(), None
+            self._ended = self._ended or kind in ("delivery_terminated", "delivery_amended")
+        elif kind == "checkpoint" and self._checkpoint is None:
+            self._checkpoint = _covering(e.get("data"), self._last)
+
+    def result(self) -> DeliveryRange | None:
+        """The range so far (None: no entry of the delivery yet)."""
+        if self._first < 0:
+            return None
+        cp = None if self._checkpoint is None else dict(self._checkpoint)
+        return DeliveryRange(
+            self.delivery_id, self._first, self._last, self._digest, self._ended, cp
+        )
+
+
 def delivery_record(
     entries: Iterable[Mapping[str, Any]], delivery_id: str, before_seq: int | None = None
 ) -> DeliveryRange | None:
     """The delivery's range in ``entries`` (whole log entries in seq order), considering only
     those with ``seq < before_seq`` when given; None if no entry names the delivery.
     Raises SignoffError("malformed") for an entry without a 64-hex ``hash`` in the range."""
-    h = hashlib.sha256()
-    first = last = -1
-    digest = ""
-    ended = False
-    checkpoint: dict[str, Any] | None = None
+    b = RangeBuilder(delivery_id)
     for e in entries:
         seq = e.get("seq")
-        if not isinstance(seq, int):
-            continue
-        if before_seq is not None and seq >= before_seq:
+        if before_seq is not None and isinstance(seq, int) and seq >= before_seq:
             break
-        kind = e.get("type")
-        mine = e.get("delivery_id") == delivery_id and kind not in SIGNOFF_TYPES
-        if first < 0 and not mine:
-            continue
-        if first < 0:
-            first = seq
-        try:
-            h.update(bytes.fromhex(_hex(e.get("hash"), f"entry seq {seq}: hash")))
-        except ValueError as exc:
-            raise SignoffError("malformed", str(exc)) from None
-        if mine:
-            last, digest, checkpoint = seq, h.hexdigest(), None
-            ended = ended or kind in ("delivery_terminated", "delivery_amended")
-        elif kind == "checkpoint" and checkpoint is None:
-            checkpoint = _covering(e.get("data"), last)
-    if first < 0:
-        return None
-    return DeliveryRange(delivery_id, first, last, digest, ended, checkpoint)
+        b.feed(e)
+    return b.result()
 
 
 def _covering(data: Any, last: int) -> dict[str, Any] | None:
