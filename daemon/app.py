@@ -23,7 +23,9 @@ configured device, the stale-data watchdog, the checkpoint task, the systemd sup
 ``WATCHDOG=1``: daemon/health.py; ``STOPPING=1`` when the stop comes: kernel/sdnotify.py),
 with ``[commands] keyring`` the command intake (daemon/commands.py: the keyring loaded and
 the nonces rebuilt from the log before any sink runs, ``keyring_loaded`` recorded after the
-start, then its task: accepted commands handled, refusals summarised, the inbox read) and,
+start, then its task: accepted commands handled, refusals summarised, the inbox read; its
+handlers, the sign-off's among them: daemon/signoff.py, whose ``RecordWatch`` sink hands the
+MQTT sink each ended delivery's record) and,
 with ``[log.retention]``, the retention task (auditlog/retention.py: the disk budget and
 the archive, woken by every segment roll; ``App.retention.status()`` is its state for
 health and metrics). Devices that name one serial port share one line (an RS-485 bus):
