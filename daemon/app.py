@@ -23,9 +23,8 @@ configured device, the stale-data watchdog, the checkpoint task, the systemd sup
 ``WATCHDOG=1``: daemon/health.py; ``STOPPING=1`` when the stop comes: kernel/sdnotify.py),
 with ``[commands] keyring`` the command intake (daemon/commands.py: the keyring loaded and
 the nonces rebuilt from the log before any sink runs, ``keyring_loaded`` recorded after the
-start, then its task: accepted commands handled, refusals summarised, the inbox read; its
-handlers, the sign-off's among them: daemon/signoff.py, whose ``RecordWatch`` sink hands the
-MQTT sink each ended delivery's record) and,
+start, then its task: accepted commands handled, refusals summarised, the inbox read; the
+sign-off's handler and its record-watching sink: daemon/signoff.py) and,
 with ``[log.retention]``, the retention task (auditlog/retention.py: the disk budget and
 the archive, woken by every segment roll; ``App.retention.status()`` is its state for
 health and metrics). Devices that name one serial port share one line (an RS-485 bus):
@@ -74,6 +73,7 @@ from iortd.auditlog.writer import (
     RecoveryReport,
     new_origin,
 )
+from iortd.daemon import signoff
 from iortd.daemon.commands import CommandIntake, open_intake
 from iortd.daemon.config import Config, ConfigError, DeviceConfig, LoadedConfig, load_config
 from iortd.daemon.config.model import RetentionConfig
@@ -86,8 +86,6 @@ from iortd.daemon.prescriptions import Prescriptions
 from iortd.daemon.prescriptions import install as install_prescriptions
 from iortd.daemon.progress import DeviceProgress
 from iortd.daemon.service import RunResult, Service
-from iortd.daemon.signoff import RecordWatch, Signoffs
-from iortd.daemon.signoff import install as install_signoffs
 from iortd.daemon.sink_queue import QueuedSink, SinkLike, queued
 from iortd.daemon.sink_registry import SinkRegistry, open_sinks
 from iortd.daemon.sinks import OperationalLogSink, Sink, SinkConfigError
@@ -179,7 +177,7 @@ class App:
         self._rx_resume: Callable[[], Coroutine[Any, Any, None]] | None = None
         # The day's output factors (daemon/output_factor.py), for the verifier.
         self.output_factors: OutputFactors | None = None
-        self._signoffs: Signoffs | None = None  # physicists' sign-offs (daemon/signoff.py)
+        self._signoffs: signoff.Signoffs | None = None  # physicists' sign-offs
 
     @property
     def tracker(self) -> DeliveryTracker:
@@ -199,8 +197,7 @@ class App:
                 return RunResult()
             sinks_stack = await stack.enter_async_context(contextlib.AsyncExitStack())
             counting = MetricsSink()
-            # What a sign-off signs, on the retained delivery topic (daemon/signoff.py).
-            watch = [RecordWatch(c.log.directory)] if c.commands.keyring is not None else []
+            watch = [signoff.RecordWatch(c.log.directory)] if c.commands.keyring else []
             sinks = await _open_sinks(
                 c,
                 sinks_stack,
@@ -232,7 +229,7 @@ class App:
                 self.output_factors = await install_output_factors(
                     self._intake, audit, c.log.directory, service.notice
                 )
-                self._signoffs = await install_signoffs(
+                self._signoffs = await signoff.install(
                     self._intake, audit, c.log.directory, service.notice
                 )
                 if rx is not None and c.verification.on(c.commands.keyring):
