@@ -50,6 +50,7 @@ from iortd.audit.review import (
     one_line,
 )
 from iortd.audit.sampling import policy_findings
+from iortd.audit.signoffs import attach_verdicts, verify_signoffs
 from iortd.auditlog.note import (
     NoteError,
     Verifier,
@@ -167,6 +168,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     pubkey = None
     external: list[str] | None = None
     try:
+        ring = load_report_keyring(args.keyring) if args.keyring else None
         if args.pubkey:
             pubkey = load_pubkey(args.pubkey)
         if args.checkpoint and pubkey is not None:
@@ -180,6 +182,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if not rep.intact:
         _out(f"NOT INTACT: {rep.problem}")
         _out(f"  {rep.entries} entries before it verified")
+        verify_signoffs(rep.files, ring, _out, _err)  # an edited sign-off is named too
         return EXIT_BAD
     for w in policy_findings(load_entries(rep.files)):  # audit/sampling.py
         _err(f"warning: samples: {w}")
@@ -218,7 +221,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             "checkpoint cannot be detected if the seal and checkpoint files were deleted too: "
             "keep a checkpoint off this host"
         )
-    return _report_unvouched(rep)
+    signed_ok = verify_signoffs(rep.files, ring, _out, _err)  # audit/signoffs.py
+    return max(_report_unvouched(rep), EXIT_OK if signed_ok else EXIT_BAD)
 
 
 def _report_unvouched(rep: VerifyReport) -> int:
@@ -424,6 +428,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     status, rec, key_name = _verified_delivery(args)
     if rec is None:
         return status
+    if ring is not None:  # the sign-offs' signatures checked, as verify --keyring does
+        attach_verdicts(rec, args.paths, ring)
     data = render(rec, key_name, ring)
     if not _write_out(args.out, data):
         return EXIT_USAGE
@@ -507,6 +513,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where retention archived the log's segments (the share's archive_dir or the "
         "log's directory in it): the archived and local segments are verified as one log",
+    )
+    v.add_argument(
+        "--keyring", type=Path, metavar="FILE", help="check the sign-offs' signatures against it"
     )
     s = sub.add_parser("show", help="print entries, or one delivery's summary")
     s.add_argument("paths", nargs="+", type=Path, metavar="PATH")

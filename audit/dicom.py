@@ -25,6 +25,19 @@ in the item's first control point. The protected store's hand-off entry (``--sto
 only it, puts the real Patient ID and the RT Plan reference in the object; nothing of it is
 logged or printed.
 
+Sign-off (issue 19): the RT Beams Treatment Record IOD has no Approval module (the RT Plan's
+RT Approval module, with its Reviewer Name, is not part of it), and DICOM Digital Signatures
+(PS3.15 C) allow RSA, DSA and ECDSA, not Ed25519, so the physicist's signature cannot be
+carried as a DICOM signature. What the IOD allows is said in words: the RT Series module's
+Performed Procedure Step Summary macro has Comments on the Performed Procedure Step
+(0040,0280, ST, Type 3), which lists each ``delivery_signed`` entry (meaning, reason,
+printed name and holder, UTC time, and the log seq where the Ed25519 signature is kept:
+``iort-audit verify --keyring`` checks it). A record with sign-offs is a new instance (its
+SOP Instance UID also derived from the sign-offs' seqs, Instance Number 1 + their count) in
+the same series, referencing the unsigned record by the RT General Treatment Record's
+Referenced Treatment Record Sequence (300C,0030, Type 3): a later sign-off sends a new
+instance, and every one of them names the first.
+
 Deterministic: UIDs are derived from the log (origin, delivery id, the delivery's last
 entry hash; and whether it is the hand-off) under the UUID-derived root 2.25 (PS3.5 B.2);
 dates and times come from the log; nothing from the clock. The same log (and store entry)
@@ -178,6 +191,28 @@ def _overrides(d: Mapping[str, Any], beam_index: int) -> list[Dataset]:
     return out
 
 
+def _signoffs(ds: Dataset, rec: DeliveryRecord, key: tuple[str, ...]) -> None:
+    """The electronic sign-offs in words, and the reference to the unsigned record."""
+    if not rec.signoffs:
+        return
+    said = []
+    for e in rec.signoffs:
+        d = e["data"]
+        meaning = str(d.get("meaning")).replace("_", " ")
+        if d.get("reason"):
+            meaning += f" ({d['reason']})"
+        at = str(d.get("signed_at"))
+        at = at[:19] + "Z" if len(at) >= 19 else at
+        said.append(f"{meaning} by {d.get('name')} ({d.get('by')}) {at}, audit log seq {e['seq']}")
+    text = "Electronic sign-off (Ed25519, in the iortd audit log): " + "; ".join(said)
+    ds.CommentsOnThePerformedProcedureStep = text[:1024]  # ST: at most 1024 characters
+    ds.InstanceNumber = str(1 + len(rec.signoffs))
+    ref = Dataset()
+    ref.ReferencedSOPClassUID = RTBeamsTreatmentRecordStorage
+    ref.ReferencedSOPInstanceUID = uid_for(*key, "instance")
+    ds.ReferencedTreatmentRecordSequence = Sequence([ref])
+
+
 def dicom_export(rec: DeliveryRecord, hand_off: Mapping[str, str] | None = None) -> bytes:
     """The RT Beams Treatment Record of the delivery, as a DICOM Part 10 file.
 
@@ -217,7 +252,8 @@ def dicom_export(rec: DeliveryRecord, hand_off: Mapping[str, str] | None = None)
     ds.SpecificCharacterSet = "ISO_IR 192"
     # SOP Common
     ds.SOPClassUID = RTBeamsTreatmentRecordStorage
-    ds.SOPInstanceUID = uid_for(*key, "instance")
+    signed = [str(e["seq"]) for e in rec.signoffs]  # a new instance per sign-off state
+    ds.SOPInstanceUID = uid_for(*key, "instance", *signed) if signed else uid_for(*key, "instance")
     ds.InstanceCreationDate = _da(end_ts)
     ds.InstanceCreationTime = _tm(end_ts)
     ds.TimezoneOffsetFromUTC = "+0000"
@@ -254,13 +290,15 @@ def dicom_export(rec: DeliveryRecord, hand_off: Mapping[str, str] | None = None)
     ds.SeriesNumber = "1"
     ds.SeriesDescription = _lo(f"iortd audit log {origin}")
     ds.OperatorsName = ""
+    _signoffs(ds, rec, key)
     # General Equipment: the recorder that produced this instance (iortd).
     ds.Manufacturer = "iortd"
     ds.ManufacturerModelName = "iortd delivery monitor"
     ds.SoftwareVersions = [_lo(rec.software_version or "unknown"), f"iort-audit {__version__}"]
     ds.StationName = _sh((rec.site or {}).get("room"))
     # RT General Treatment Record
-    ds.InstanceNumber = "1"
+    if not rec.signoffs:
+        ds.InstanceNumber = "1"
     ds.TreatmentDate = _da(start_ts)
     ds.TreatmentTime = _tm(start_ts)
     # Type 2 (C.8.8.17): the log names the plan (plan_id) but never its SOP instance, which

@@ -386,4 +386,6 @@ def json_export(rec: DeliveryRecord) -> bytes:
     side = applicator_side(rec)
     if side is not None:  # only with a reader: a log without one exports as before
         doc["applicator"] = _applicator_block(side)
+    if rec.signoffs:  # the physicists' delivery_signed entries, whole (envelopes included)
+        doc["signoffs"] = rec.signoffs
     return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2) + b"\n"

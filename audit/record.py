@@ -159,6 +159,11 @@ class DeliveryRecord:
     # its checks against a prescription and prescription_used entries (issue 18), whole:
     # also those naming the delivery only in their data (rxcheck.py)
     rx_entries: list[dict[str, Any]] = field(default_factory=list)
+    # physicists' sign-offs naming the delivery (delivery_signed entries, whole; issue 19),
+    # and, when checked against a keyring (audit/signoffs.py), each one's finding by seq
+    # (None: valid); None: not checked
+    signoffs: list[dict[str, Any]] = field(default_factory=list)
+    signoff_verdicts: dict[int, str | None] | None = None
 
     @property
     def prescription_check(self) -> PrescriptionCheck:
@@ -294,6 +299,8 @@ def _collect(
         mine = e.get("delivery_id") == delivery_id
         if is_rx_entry_of(e, delivery_id):
             rec.rx_entries.append(e)
+        if kind == "delivery_signed" and d.get("delivery_id") == delivery_id:
+            rec.signoffs.append(e)  # never the top-level delivery_id (auditlog/signoff.py)
         if kind == "recovery":
             u = d.get("unvouched")
             unvouched_from = u.get("first_seq") if isinstance(u, dict) else None

@@ -145,6 +145,9 @@ class Command:
     sha256: str  # of the raw bytes as received
     signer_name: str = ""
     roles: frozenset[str] = field(default_factory=frozenset)
+    # The whole signed object as received (sig included), for a handler that records it so
+    # that anyone can check the signature offline (a sign-off: daemon/signoff.py).
+    envelope: Mapping[str, Any] = field(default_factory=dict)
 
 
 def recorded_command(kind: str, data: Mapping[str, Any], body: Mapping[str, Any]) -> Command:
@@ -338,6 +341,7 @@ def check_command(
         sha256=hashlib.sha256(raw).hexdigest(),
         signer_name=entry.name,
         roles=entry.roles,
+        envelope=MappingProxyType(obj),
     )
 
 

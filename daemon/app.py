@@ -26,7 +26,8 @@ configured device, the stale-data watchdog, the checkpoint task, the systemd sup
 with ``[commands] keyring`` the command intake (daemon/commands.py: the keyring loaded and
 the nonces rebuilt from the log before any sink runs, ``keyring_loaded`` recorded after the
 start, then its task: accepted commands handled, refusals summarised, the inbox read;
-the device loops start once what waited in the inbox is handled, within ``FIRST_READ_S``) and,
+the device loops start once what waited in the inbox is handled, within ``FIRST_READ_S``;
+the sign-off's handler and its record-watching sink: daemon/signoff.py) and,
 with ``[log.retention]``, the retention task (auditlog/retention.py: the disk budget and
 the archive, woken by every segment roll; ``App.retention.status()`` is its state for
 health and metrics). Devices that name one serial port share one line (an RS-485 bus):
@@ -75,7 +76,7 @@ from iortd.auditlog.writer import (
     RecoveryReport,
     new_origin,
 )
-from iortd.daemon import alarm_acks
+from iortd.daemon import alarm_acks, signoff
 from iortd.daemon.commands import CommandIntake, open_intake
 from iortd.daemon.config import Config, ConfigError, DeviceConfig, LoadedConfig, load_config
 from iortd.daemon.config.model import RetentionConfig
@@ -195,15 +196,18 @@ class App:
             sinks_stack = await stack.enter_async_context(contextlib.AsyncExitStack())
             counting = MetricsSink()
             acks = self.alarms = alarm_acks.AlarmAcks(audit, notice=self._notice)
+            watch = [signoff.RecordWatch(c.log.directory)] if c.commands.keyring else []
             sinks = await _open_sinks(
                 c,
                 sinks_stack,
-                [*self._sinks, counting, alarm_acks.LedgerSink(acks)],
+                [*self._sinks, counting, alarm_acks.LedgerSink(acks), *watch],
                 registry=self._registry,
                 origin=audit.origin,
                 signer=self._signer,
                 broker_url=self._broker_url,
             )
+            for w in watch:
+                w.connect(sinks)
             service = self._service = Service(
                 self.loaded,
                 self._clock,

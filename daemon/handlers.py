@@ -5,8 +5,10 @@ Each kind's handler is its own module, in one shape (judge the body, append its 
 durably, say it on ``events``, rebuild its state from the log at start, and judge at the
 next start a command a crash left accepted but unhandled): ``prescription``
 (daemon/prescriptions.py), ``output_factor`` (daemon/output_factor.py), ``override``
-with the check before beam-on (daemon/verifier.py) and ``ack`` (daemon/alarm_acks.py,
-whose ledger the composition root builds earlier: it is also a sink). This module only
+with the check before beam-on (daemon/verifier.py), ``signoff`` (daemon/signoff.py,
+whose record-watching sink the composition root opens with the sinks) and ``ack``
+(daemon/alarm_acks.py, whose ledger the composition root builds earlier: it is also a
+sink). This module only
 wires them, in the order their dependencies need: the verifier uses the pending
 prescription and the day's output factor, so it is installed after both. A handler
 whose log cannot be read back is not installed (said loudly by its own module), and its
@@ -21,7 +23,7 @@ from typing import Any
 
 from iortd.auditlog.recovery import RecoveryReport
 from iortd.auditlog.writer import AuditLog
-from iortd.daemon import alarm_acks
+from iortd.daemon import alarm_acks, signoff
 from iortd.daemon.commands import CommandIntake
 from iortd.daemon.config import Config
 from iortd.daemon.output_factor import OutputFactors
@@ -47,6 +49,7 @@ class Handlers:
         # The day's output factors, for the verifier.
         self.output_factors: OutputFactors | None = None
         self.acks: alarm_acks.AlarmAcks | None = None
+        self.signoffs: signoff.Signoffs | None = None  # physicists' sign-offs
 
     async def install(
         self,
@@ -64,6 +67,7 @@ class Handlers:
         factors = self.output_factors = await install_output_factors(
             intake, audit, c.log.directory, service.notice
         )
+        self.signoffs = await signoff.install(intake, audit, c.log.directory, service.notice)
         if rx is not None and c.verification.on(c.commands.keyring):
             # The day's output factor from its handler; none when that handler is off
             # (its log could not be read back): the time is then time_unchecked.
@@ -88,6 +92,8 @@ class Handlers:
             todo.append(("prescriptions-resume", self.prescriptions.resume))
         if self.output_factors is not None:
             todo.append(("output-factors-resume", self.output_factors.resume))
+        if self.signoffs is not None:  # an unjudged sign-off: refused (daemon/signoff.py)
+            todo.append(("signoffs-resume", self.signoffs.resume))
         if self.acks is not None and self.acks.handled:
             todo.append(("acks-resume", self.acks.resume))
         for name, resume in todo:

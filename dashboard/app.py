@@ -13,9 +13,9 @@ Routes:
 * ``/api/snapshot`` (``?room=`` / ``?site=``): the same snapshot as JSON, for scripts,
   tests and diagnostics (``diagnostics``: what was rejected, per reason and per room).
 * ``/api/session``, and with a login (``--users-dir``, dashboard/login.py) ``POST
-  /api/login`` and ``POST /api/logout``; with a login, ``/events`` and ``/api/snapshot``
-  answer 401 to a client that has no session and may not see without one, and an open
-  stream ends when its session does.
+  /api/login``, ``POST /api/logout`` and ``POST /api/signoff`` (dashboard/signoff.py);
+  with a login, ``/events`` and ``/api/snapshot`` answer 401 to a client that has no
+  session and may not see without one, and an open stream ends when its session does.
 * ``/metrics``: the dashboard's own Prometheus metrics (dashboard/metrics.py): viewers,
   messages received and rejected per topic kind, rooms, the broker connection.
 * ``/static/...``: scripts, styles and fonts, all from this package. Nothing is loaded from
@@ -52,6 +52,7 @@ from starlette.staticfiles import StaticFiles
 from iortd.dashboard.hub import CLOSED, Hub
 from iortd.dashboard.login import Auth
 from iortd.dashboard.metrics import build_registry
+from iortd.dashboard.signoff import SignoffDesk
 from iortd.kernel.asgi import AsgiEndpoint as _Asgi
 
 __all__ = ["DEFAULT_HOSTS", "SECURITY_HEADERS", "STATIC", "build_app", "host_name"]
@@ -219,6 +220,11 @@ def build_app(
                 [
                     Route("/api/login", auth.login, methods=["POST"]),
                     Route("/api/logout", auth.action("logout", auth.logout), methods=["POST"]),
+                    Route(
+                        "/api/signoff",
+                        auth.action("signoff", SignoffDesk(hub, auth).signoff),
+                        methods=["POST"],
+                    ),
                 ]
                 if auth is not None
                 else []

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +110,11 @@ class Hub:
         self._clock = clock
         self._subs: set[Subscriber] = set()
         self.closing = False
+        # Told of every accepted message (the sign-off desk waits for its daemon's answer).
+        self.listeners: list[Callable[[Accepted], None]] = []
+        # Set by the MQTT consumer while it is connected: publish (topic, payload) at QoS 1,
+        # never retained (the signed commands the page sends; dashboard/signoff.py).
+        self.publish: Callable[[str, bytes], Awaitable[None]] | None = None
 
     def subscribe(self, only: str | None, site: str | None = None) -> Subscriber:
         sub = Subscriber(only, site)
@@ -160,6 +165,8 @@ class Hub:
         for sub in list(self._subs):
             if sub.wants(acc.room.key):
                 sub.offer(out)
+        for listener in list(self.listeners):
+            listener(acc)
         self.removed(self.rooms.take_gone())
 
     def removed(self, keys: list[str]) -> None:

@@ -97,9 +97,10 @@ UNLOCK_SLOTS = 2
 UNLOCK_WAIT_S = 30.0
 STORE_CHECK_S = 1.0
 # The role table of state-changing actions: the roles of which a session needs one (empty:
-# any logged-in user). Items 3-4 add "ack": {"operator", "physicist"}, "signoff": {"physicist"}.
+# any logged-in user). Item 3 adds "ack": {"operator", "physicist"}.
 ACTIONS: dict[str, frozenset[str]] = {
     "logout": frozenset(),
+    "signoff": frozenset({"physicist"}),  # a delivery's electronic sign-off (signoff.py)
 }
 # Roles whose sessions keep the unlocked key (the signed commands of items 3-4); a viewer's
 # session holds none.

@@ -1,5 +1,9 @@
 """The dashboard's one MQTT connection: subscribe to ``{prefix}/v1/#`` and feed the rooms.
 
+While connected it also offers the hub a ``publish`` (QoS 1, never retained) for the one
+thing the dashboard sends: a physicist's signed sign-off command (dashboard/signoff.py);
+without a connection there is none, and nothing is sent or queued.
+
 aiomqtt has no reconnect, so this is an explicit loop with capped, jittered backoff; every
 change of connection state is logged and pushed to the browsers, which show every room as
 offline while the dashboard itself has no broker (never frozen values as live).
@@ -57,6 +61,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import aiomqtt
 import structlog
@@ -286,6 +291,10 @@ def incoming_queue(
     return Incoming
 
 
+async def _publish(client: aiomqtt.Client, topic: str, payload: bytes) -> None:
+    await client.publish(topic, payload, qos=1, retain=False, timeout=TIMEOUT_S)
+
+
 async def consume(settings: BrokerSettings, hub: Hub) -> None:
     """Run until cancelled: connect, subscribe, apply every message; reconnect on loss."""
     backoff = Backoff(BACKOFF_INITIAL_S, BACKOFF_MAX_S)
@@ -316,6 +325,7 @@ async def consume(settings: BrokerSettings, hub: Hub) -> None:
             )
             async with client:
                 await client.subscribe(f"{settings.prefix}/v1/#", qos=1, timeout=TIMEOUT_S)
+                hub.publish = partial(_publish, client)  # the signed commands the page sends
                 connected = True
                 backoff.reset()
                 log.info("mqtt_connected", broker=settings.url)
@@ -350,6 +360,7 @@ async def consume(settings: BrokerSettings, hub: Hub) -> None:
             # A bug here must not leave the page showing a frozen stream as live.
             log.exception("mqtt_consumer_error", broker=settings.url)
             hub.set_broker(False, f"internal error: {type(exc).__name__}")
+        hub.publish = None  # nothing is sent while there is no connection
         delay = backoff.next_delay()
         log.info("mqtt_reconnect_wait", delay_s=round(delay, 3))
         await asyncio.sleep(delay)

@@ -11,6 +11,8 @@
 - ``api.py``: :func:`unlock` (a holder and password to a Signer),
   :func:`verify_password` and :func:`load_checked_store`, for the dashboard's login and
   sign-off;
+- ``signing.py``: :func:`signed_command`, a command signed with an unlocked key (the
+  dashboard's sign-off), so the dashboard needs no import of the audit-log core;
 - ``changes.py`` and ``cli.py``: ``iort-users``.
 
 Layer: on the kernel and the audit-log core only; the daemon never imports it (it reads the
@@ -26,6 +28,7 @@ from iortd.users.api import (
     unlock,
     verify_password,
 )
+from iortd.users.signing import signed_command
 from iortd.users.store import Store, StoreError, load_store
 
 __all__ = [
@@ -36,6 +39,7 @@ __all__ = [
     "StoreError",
     "load_checked_store",
     "load_store",
+    "signed_command",
     "unlock",
     "verify_password",
 ]

@@ -22,7 +22,6 @@ from iortd.audit.report.model import (
     Para,
     Plot,
     ReportDoc,
-    SignOff,
     Table,
     gy,
     number,
@@ -32,6 +31,7 @@ from iortd.audit.report.model import (
     when,
 )
 from iortd.audit.report.rx import rx_blocks
+from iortd.audit.report.signoffs import signoff_blocks
 from iortd.audit.report.stand import stand_blocks
 from iortd.auditlog.keyring import Keyring
 from iortd.kernel.version import __version__
@@ -350,7 +350,7 @@ def build_doc(
             "note",
         )
     )
-    b.append(SignOff())
+    b.extend(signoff_blocks(rec))  # electronic sign-offs, or the paper box (report/signoffs.py)
 
     doc.footer = (
         f"Log {v.origin or '?'} | delivery entries seq {rec.first_seq}-{rec.last_seq} | "

@@ -329,12 +329,19 @@ def _delivery(s: DeliverySnapshot) -> Payload:
     }
 
 
-def delivery_payload(env: Envelope, snapshot: DeliverySnapshot | None) -> Payload:
+def delivery_payload(
+    env: Envelope, snapshot: DeliverySnapshot | None, record: Mapping[str, Any] | None = None
+) -> Payload:
     """``delivery`` (retained): the current or last delivery; ``delivery: null`` until the
-    daemon has seen one (distinct from a retained message that is absent or cleared)."""
+    daemon has seen one (distinct from a retained message that is absent or cleared).
+    ``record``: once a signed checkpoint covers the ended delivery, what a sign-off of it
+    signs (auditlog/signoff.py; daemon/signoff.py publishes it); absent before."""
     if snapshot is None:
         return {**env.fields(), "delivery": None}
-    return {**env.fields(sim=snapshot.simulated), "delivery": _delivery(snapshot)}
+    d = _delivery(snapshot)
+    if record is not None:
+        d["record"] = dict(record)
+    return {**env.fields(sim=snapshot.simulated), "delivery": d}
 
 
 def event_payloads(

@@ -9,6 +9,9 @@ connection gives it; it holds no connection and no task of its own.
   any event), ``interlocks`` on change, ``alarms`` on change but at most once per
   :data:`ALARMS_MIN_INTERVAL_S` (a flapping alarm coalesces). A state superseded before
   the broker had it is acknowledged in the outbox unsent: only the newest goes out.
+* ``delivery.record``: what a sign-off of the ended delivery signs (daemon/signoff.py sets
+  it through :meth:`RetainedState.delivery_record` once a signed checkpoint covers the
+  delivery); kept for the latest delivery only, added to its next payload at once.
 * On every (re)connect (:meth:`RetainedState.reconnected`) the state the broker already
   had is published again (the broker may have lost it in a restart), at once.
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 import structlog
@@ -95,6 +99,8 @@ class RetainedState:
         self._now = now
         self._sim = simulated
         self._cells = {n: _Cell(n) for n in STATE_TOPICS}
+        self._snap: DeliverySnapshot | None = None  # the latest delivery, for its record
+        self._record: tuple[str, Mapping[str, Any]] | None = None
         self._interlocks: dict[Interlock, InterlockState] = dict.fromkeys(
             Interlock, InterlockState.UNKNOWN
         )
@@ -172,8 +178,17 @@ class RetainedState:
         states, clear = dict(self._interlocks), self._all_clear
         self._set("interlocks", lambda env: interlocks_payload(env, states, clear))
 
+    def delivery_record(self, delivery_id: str, record: Mapping[str, Any]) -> None:
+        """What a sign-off of ``delivery_id`` signs, on its ``delivery`` payload from now."""
+        self._record = (delivery_id, dict(record))
+        if self._snap is not None and self._snap.delivery_id == delivery_id:
+            self._set_delivery(self._snap, urgent=True)
+
     def _set_delivery(self, snap: DeliverySnapshot, *, urgent: bool) -> None:
-        self._set("delivery", lambda env: delivery_payload(env, snap))
+        self._snap = snap
+        got = self._record
+        rec = got[1] if got is not None and got[0] == snap.delivery_id else None
+        self._set("delivery", lambda env: delivery_payload(env, snap, rec))
         if urgent:
             self._cells["delivery"].not_before = 0.0
 

@@ -242,6 +242,11 @@ class MqttSink(Sink):
         self._state.checkpoint(note)
         self._wake.set()
 
+    def delivery_record(self, delivery_id: str, record: Mapping[str, Any]) -> None:
+        """``delivery.record`` from now (daemon/signoff.py): what a sign-off signs."""
+        self._state.delivery_record(delivery_id, record)
+        self._wake.set()
+
     async def notice(self, severity: str, message: str) -> None:
         level = "critical" if severity == "critical" else "info"
         payload = notice_payload(

@@ -442,9 +442,12 @@
 
     // verification: large before beam-on, compact after (verification.js)
     v.verif = buildVerification("verification");
+    // a physicist's sign-off of the ended delivery (signoff.js; absent: nothing to sign)
+    v.signoff = window.IortSignoff ? window.IortSignoff.build() : null;
 
     v.root.append(v.sim, v.stale, v.notice, v.err, head, v.verif.root,
       el("div", { class: "grid row1" }, beamPanel, dosePanel, timePanel), plots, row3, buildApplicatorPanel(v));
+    if (v.signoff) v.root.append(v.signoff.root);
     main.append(v.root);
     return v;
   }
@@ -637,6 +640,7 @@
       const d = dEnv ? dEnv.delivery : null;
       guard("alarms", () => renderAlarms(v, room));
       guard("delivery facts", () => renderFacts(v, room, d));
+      if (v.signoff) guard("sign-off", () => window.IortSignoff.render(v.signoff, room.key, d));
       guard("notices", () => renderNotice(v, room));
       guard("plots", () => renderPlots(v, room, d));
       guard("applicator trace", () => renderApplicatorTrace(v, room));

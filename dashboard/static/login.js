@@ -104,4 +104,5 @@
     return { view: !s.auth || s.anonymous_view || !!s.session };
   }).catch(() => ({ view: true }));
   window.iortAuth = ready;
+  window.iortSession = () => current;  // the session's holder, roles and CSRF token (signoff.js)
 })();

@@ -52,12 +52,17 @@ CMD = "iort/v1/test-site/or-7/cmd/"
 EVENTS = "iort/v1/test-site/or-7/events"
 PHYS = generate_keypair("phys-anna")
 OPER = generate_keypair("op-bob")
+SVC = generate_keypair("svc-sam")  # a service key: replay has no handler yet
 FORGER = generate_keypair("phys-anna")  # the holder's name, another key
 BATCH = 500
 
 
 def keyring(path: Path) -> Path:
-    rows = [("phys-anna", PHYS, "physicist"), ("op-bob", OPER, "operator")]
+    rows = [
+        ("phys-anna", PHYS, "physicist"),
+        ("op-bob", OPER, "operator"),
+        ("svc-sam", SVC, "service"),
+    ]
     path.write_text(
         "".join(
             f'[[key]]\nholder = "{h}"\nname = "Staff {h}"\nroles = ["{r}"]\n'
@@ -134,13 +139,13 @@ def the_flood(accepted_ping: bytes) -> tuple[list[tuple[str, bytes]], Counter[st
         ("role_not_allowed", 400, lambda i: signed("signoff", signer=OPER, holder="op-bob")),
         ("unknown_version", 300, lambda i: orjson.dumps({**orjson.loads(signed()), "v": 2})),
         ("oversized", 300, lambda i: b"{" + b" " * MAX_COMMAND_BYTES + b"}"),
-        ("no_handler", 300, lambda i: signed("signoff")),
+        ("no_handler", 300, lambda i: signed("replay", signer=SVC, holder="svc-sam")),
         ("replayed", 2000, lambda i: accepted_ping),
     ]
     flood: list[tuple[str, bytes]] = []
     for reason, n, make in plan:
-        # The unhandled sign-off goes to its own topic (on cmd/ping it is wrong_topic).
-        kind = "signoff" if reason == "no_handler" else "ping"
+        # The unhandled replay goes to its own topic (on cmd/ping it is wrong_topic).
+        kind = "replay" if reason == "no_handler" else "ping"
         flood += [(kind, make(i)) for i in range(n)]
     # A valid ping on another kind's topic: the ACL per topic must mean what it says.
     flood += [("prescription", signed()) for _ in range(100)]
@@ -317,9 +322,13 @@ async def test_the_acl_example_lets_only_the_commands_user_publish_commands(
         assert publish("iort-commands-hospital-a", room + "cmd/ping") == ""
         assert publish("iort-commands-hospital-a", room + "cmd/output_factor") == ""
         assert publish("iort-commands-hospital-a", room + "cmd/override") == ""
+        # the dashboard sends its physicists' sign-offs (dashboard/signoff.py), nothing else
+        assert publish("dashboard", room + "cmd/signoff") == ""
         for user, topic in (
             ("iortd-hospital-a-or-1", room + "cmd/prescription"),  # the daemon only reads
             ("dashboard", room + "cmd/ack"),
+            ("dashboard", room + "cmd/prescription"),
+            ("dashboard", room + "delivery"),
             ("iort-commands-hospital-a", room + "cmd/replay"),  # not a kind it sends
             ("iort-commands-hospital-a", room + "interlocks"),  # not the room's data
             ("iort-commands-hospital-a", "iort/v1/hospital-b/or-1/cmd/prescription"),

@@ -1241,3 +1241,21 @@ def test_the_alarms_topic_of_a_run_lists_raisings_with_their_acknowledgement() -
     assert items, "the tracker run raises alarms"
     assert all(i["acknowledged"] is not None for i in items if i["cleared_at"] is None)
     assert RUN["alarms"][0]["alarms"] == []  # before anything: an empty list, not null
+
+
+def test_an_ended_delivery_carries_the_record_a_sign_off_signs() -> None:
+    """Once a signed checkpoint covers an ended delivery, ``delivery.record`` says what a
+    physicist's sign-off binds to (auditlog/signoff.py); before that it is absent."""
+    rec = {
+        "first_seq": 12,
+        "last_seq": 80,
+        "entries_sha256": "ab" * 32,
+        "checkpoint": {"size": 82, "hash": "cd" * 32},
+    }
+    p = delivery_payload(env(), snapshot(), rec)
+    check("delivery", p)
+    assert p["delivery"]["record"] == rec
+    assert "record" not in delivery_payload(env(), snapshot())["delivery"]
+    assert rejects("delivery", {**p, "delivery": {**p["delivery"], "record": {"first_seq": 1}}})
+    bad_hash = {**rec, "entries_sha256": "xyz"}
+    assert rejects("delivery", {**p, "delivery": {**p["delivery"], "record": bad_hash}})

@@ -1,0 +1,277 @@
+"""A physicist's electronic sign-off of a delivery from the dashboard (issue 19, item 4).
+
+``POST /api/signoff`` (form-encoded: ``room`` as ``site/room``, ``delivery_id``,
+``meaning``, ``reason``, ``holder``, ``password``), behind :meth:`Auth.action` with the
+``signoff`` row of the role table (physicist only; same origin, CSRF token, live session).
+In this order, the first failure is the answer and nothing is sent:
+
+1. the form is whole and bounded (``MAX_FORM_BYTES``);
+2. **two identification components at the first signing of a session** (21 CFR 11.200(a)):
+   the user ID (``holder``, which must be the session's) and the password; at later
+   signings of the same session the password alone (an ID given must still be the
+   session's). The password is checked again, now, in a worker thread
+   (:func:`iortd.users.verify_password`: the store's argon2id hash): a wrong one is 401
+   and nothing is signed; the third wrong one in a session ends the session;
+3. the room's retained ``delivery`` shows this delivery ended (``TERMINATED``) with its
+   ``record`` (what the daemon publishes once a signed checkpoint covers it,
+   daemon/signoff.py): the body signs exactly that record, the meaning and reason, the
+   session's printed name (the account's, which the keyring carries too) and this host's
+   UTC offset;
+4. the command is signed with the key the session unlocked at login
+   (:func:`iortd.users.signed_command`; valid ``SIGNOFF_TTL_S``) and published to the room's
+   ``cmd/signoff`` at QoS 1 over the dashboard's MQTT connection (none: 503, not sent);
+5. the answer is the room's daemon's own: its ``events`` notice naming the command's nonce
+   (recorded, or refused with the reason), or the intake's refusal naming the command's
+   SHA-256, waited for up to ``ANSWER_WAIT_S``. No answer in time is said as it is: the
+   sign-off is **not recorded** (504). A daemon that is not running never gets it (its MQTT
+   session is clean: the broker queues nothing for it); one that is only slow may still
+   record it before it expires, and its notice then shows in the room's events.
+
+The dashboard never says "recorded" unless the daemon said so. Nothing of the password,
+the key or the signature is logged; the access record is the login's (users/access.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+from collections import Counter
+from datetime import datetime
+from typing import Any, Final
+from urllib.parse import parse_qs
+
+import structlog
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from iortd.dashboard.hub import Hub
+from iortd.dashboard.login import Auth
+from iortd.dashboard.sessions import Session
+from iortd.dashboard.state import Accepted
+from iortd.users import AuthError, signed_command, verify_password
+
+__all__ = ["ANSWER_WAIT_S", "SIGNOFF_TTL_S", "SignoffDesk"]
+
+log = structlog.get_logger("iort_dashboard.signoff")
+
+SIGNOFF_TTL_S: Final = 120.0  # a sign-off is for now: not for a daemon that starts tomorrow
+ANSWER_WAIT_S: Final = 10.0
+PASSWORD_WAIT_S: Final = 30.0
+MAX_PASSWORD_FAILURES: Final = 3
+MAX_FORM_BYTES: Final = 4096
+BODY_TIMEOUT_S: Final = 10.0
+MEANINGS: Final = ("reviewed", "approved", "approved_with_deviation")
+_FIELDS: Final = frozenset({"room", "delivery_id", "meaning", "reason", "holder", "password"})
+_KEY_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}/[a-z0-9][a-z0-9-]{0,62}")
+
+
+def _json(status: int, body: dict[str, Any]) -> Response:
+    return JSONResponse(body, status_code=status)
+
+
+def _utc_offset_min() -> int:
+    offset = datetime.now().astimezone().utcoffset()
+    return 0 if offset is None else int(offset.total_seconds() // 60)
+
+
+async def _form(request: Request) -> dict[str, str] | None:
+    if request.headers.get("content-type", "").split(";")[0].strip() != (
+        "application/x-www-form-urlencoded"
+    ):
+        return None
+    body = b""
+    async with asyncio.timeout(BODY_TIMEOUT_S):
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_FORM_BYTES:
+                return None
+    try:
+        fields = parse_qs(body.decode("utf-8"), keep_blank_values=True)
+    except UnicodeDecodeError:
+        return None
+    if not set(fields) <= _FIELDS or any(len(v) != 1 for v in fields.values()):
+        return None
+    return {k: v[0] for k, v in fields.items()}
+
+
+class SignoffDesk:
+    """The ``/api/signoff`` endpoint's state: which sessions signed once, the wrong
+    passwords per session, and the answers being waited for."""
+
+    def __init__(self, hub: Hub, auth: Auth, *, answer_wait_s: float | None = None) -> None:
+        self._hub = hub
+        self._auth = auth
+        self._wait_s = ANSWER_WAIT_S if answer_wait_s is None else answer_wait_s
+        self._signed: set[str] = set()  # sessions that signed once (the ID was given)
+        self._failures: Counter[str] = Counter()
+        self._waiting: dict[tuple[str, str], asyncio.Future[dict[str, str]]] = {}
+        hub.listeners.append(self._heard)
+
+    def _heard(self, acc: Accepted) -> None:
+        """A room's ``events`` notice that answers a command being waited for."""
+        try:
+            self._answer(acc)
+        except Exception:  # never the hub's problem: the wait then ends as "no answer"
+            log.exception("signoff_answer_failed")
+
+    def _answer(self, acc: Accepted) -> None:
+        p = acc.payload
+        if acc.name != "events" or p.get("kind") != "daemon_notice" or not self._waiting:
+            return
+        message = str(p.get("message"))
+        for (room, marker), fut in list(self._waiting.items()):
+            if room == acc.room.key and marker in message and not fut.done():
+                fut.set_result({"severity": str(p.get("severity")), "message": message})
+
+    def _forget_gone(self) -> None:
+        """Sessions that ended are forgotten (bounded by the sessions alive)."""
+        self._signed = {sid for sid in self._signed if self._auth.alive(sid)}
+        for sid in [sid for sid in self._failures if not self._auth.alive(sid)]:
+            del self._failures[sid]
+
+    async def signoff(self, request: Request, s: Session) -> Response:
+        self._forget_gone()
+        form = await _form(request)
+        if form is None or not {"room", "delivery_id", "meaning", "password"} <= set(form):
+            return _json(400, {"error": "room, delivery_id, meaning and password are needed"})
+        first = s.sid not in self._signed
+        holder = form.get("holder", "").strip()
+        if (first and not holder) or (holder and holder != s.holder):
+            return _json(
+                400,
+                {
+                    "error": "the first signing of a session needs your user ID and password",
+                    "needs_id": True,
+                },
+            )
+        problem = self._body_problem(form)
+        if problem is not None:
+            return _json(400, {"error": problem})
+        if s.signer is None:
+            return _json(403, {"error": "this session holds no signing key: log in again"})
+        refused = await self._password(s, form["password"])
+        if refused is not None:
+            return refused
+        key = form["room"]
+        room = self._hub.rooms.rooms.get(key)
+        held = None if room is None else room.retained.get("delivery")
+        d = held.payload.get("delivery") if held is not None else None
+        if not isinstance(d, dict) or d.get("delivery_id") != form["delivery_id"]:
+            return _json(409, {"error": "this delivery is not the room's last one"})
+        if d.get("phase") != "TERMINATED" or not isinstance(d.get("record"), dict):
+            return _json(
+                409,
+                {
+                    "error": "the delivery has not ended, or its record (covered by a signed "
+                    "checkpoint) is not published yet: try again in a moment"
+                },
+            )
+        body = {
+            "delivery_id": form["delivery_id"],
+            "meaning": form["meaning"],
+            "reason": form.get("reason") or None,
+            "name": s.name,
+            "utc_offset_min": _utc_offset_min(),
+            "record": d["record"],
+        }
+        site, room_name = key.split("/", 1)
+        return await self._send(s, site, room_name, key, body)
+
+    def _body_problem(self, form: dict[str, str]) -> str | None:
+        if not _KEY_RE.fullmatch(form["room"]):
+            return "room: site/room"
+        if form["meaning"] not in MEANINGS:
+            return f"meaning: one of {', '.join(MEANINGS)}"
+        reason = form.get("reason", "")
+        if form["meaning"] == "approved_with_deviation":
+            if not reason.strip() or len(reason) > 500 or not reason.isprintable():
+                return "approved with deviation needs a reason (1 to 500 characters, one line)"
+        elif reason:
+            return "a reason goes with approved with deviation only"
+        return None
+
+    async def _password(self, s: Session, password: str) -> Response | None:
+        store = self._auth.store
+        if store is None:
+            return _json(503, {"error": "the account store does not check; nothing was signed"})
+        try:
+            async with asyncio.timeout(PASSWORD_WAIT_S):
+                await asyncio.to_thread(verify_password, store, s.holder, password)
+        except TimeoutError:
+            return _json(503, {"error": "busy: nothing was signed; try again in a moment"})
+        except AuthError:
+            self._failures[s.sid] += 1
+            log.info("signoff_password_failed", holder=s.holder, count=self._failures[s.sid])
+            if self._failures[s.sid] >= MAX_PASSWORD_FAILURES:
+                self._auth.book.drop(s.sid)
+                s.signer = None
+                return _json(
+                    401,
+                    {"error": "wrong password again: the session has ended; log in again"},
+                )
+            return _json(401, {"error": "wrong password: nothing was signed"})
+        self._failures.pop(s.sid, None)
+        return None
+
+    async def _send(
+        self, s: Session, site: str, room: str, key: str, body: dict[str, Any]
+    ) -> Response:
+        assert s.signer is not None  # noqa: S101 - checked by the caller
+        try:
+            env = signed_command(
+                "signoff", body, signer=s.signer, holder=s.holder, site=site, room=room,
+                ttl_s=SIGNOFF_TTL_S,
+            )  # fmt: skip
+        except ValueError as exc:
+            return _json(400, {"error": f"cannot be signed: {exc}"})
+        raw = json.dumps(env, separators=(",", ":"), ensure_ascii=False).encode()
+        sha = hashlib.sha256(raw).hexdigest()
+        loop = asyncio.get_running_loop()
+        markers = [(key, f"[nonce {env['nonce']}]"), (key, f"[sha256 {sha[:16]}]")]
+        fut: asyncio.Future[dict[str, str]] = loop.create_future()
+        for m in markers:
+            self._waiting[m] = fut
+        try:
+            publish = self._hub.publish
+            if publish is None:
+                return _json(
+                    503,
+                    {"recorded": False, "error": "no broker connection: NOT sent, NOT recorded"},
+                )
+            topic = f"{self._hub.rooms.prefix}/v1/{site}/{room}/cmd/signoff"
+            try:
+                await publish(topic, raw)
+            except Exception as exc:  # any failure to hand it to the broker: not sent
+                log.warning("signoff_not_sent", error=type(exc).__name__)
+                return _json(
+                    503, {"recorded": False, "error": "NOT sent to the broker, NOT recorded"}
+                )
+            self._signed.add(s.sid)
+            log.info("signoff_sent", holder=s.holder, room=key, nonce=env["nonce"])
+            try:
+                async with asyncio.timeout(self._wait_s):
+                    answer = await fut
+            except TimeoutError:
+                return _json(
+                    504,
+                    {
+                        "recorded": False,
+                        "nonce": env["nonce"],
+                        "error": f"NOT recorded: no answer from the room's daemon within "
+                        f"{self._wait_s:.0f} s. A daemon that is not running never gets it "
+                        "(commands are not queued for it): sign again once it runs. (A "
+                        "daemon that stopped right after recording it could not answer: "
+                        "signing again then answers 'duplicate', which means the first one "
+                        "is in the record.)",
+                    },
+                )
+        finally:
+            for m in markers:
+                self._waiting.pop(m, None)
+        recorded = answer["severity"] == "info" and "sign-off recorded" in answer["message"]
+        return _json(
+            200 if recorded else 422,
+            {"recorded": recorded, "nonce": env["nonce"], "message": answer["message"]},
+        )
