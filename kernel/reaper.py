@@ -300,6 +300,9 @@ def _become_watcher(shim: int, ready_w: int, args: _Args) -> None:
 
 if __name__ == "__main__":
     # A Ctrl-C in the few milliseconds before the exec ends the shim quietly, as it would
-    # the command (and the watcher, in its own session, then finds nothing to stop).
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # the command (and the watcher, in its own session, then finds nothing to stop). A
+    # SIGINT the parent ignores (a job a shell started in the background) stays ignored,
+    # for the command too, as under Popen.
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     sys.exit(main())
