@@ -19,7 +19,7 @@ shim's PID, and then execs CMD: the command keeps the shim's PID, so ``Popen.pid
 signals and exit codes are those of the command itself. There is no window: the lifeline
 is in the shim from the moment it is forked, so a parent that dies at any point after
 ``Popen`` is seen by the watcher. The command starts with SIGPIPE and SIGXFSZ at their
-defaults, as ``Popen`` would start it.
+defaults and SIGINT ignored only if its parent ignores it, as ``Popen`` would start it.
 
 Why not ``prctl(PR_SET_PDEATHSIG)`` in the child (prctl(2)):
 

@@ -8,9 +8,11 @@ shared runs, the report's logs) are built once. Two refinements live here:
 - ``ONE_UNIT``: files that must never run at the same time as each other share one unit
   (so one worker, one after another). These are the files that start a swarm of
   processes at once (eight simulator/daemon pairs, five demos, four daemons) or a
-  Chromium, and then judge what they see against real-time bounds of a few poll periods:
-  two of them side by side would starve each other's processes of the second core they
-  were written against. Beside any one of them the other worker runs the rest.
+  Chromium, and the Modbus RTU ones whose line time is modelled, all judging what they
+  see against real-time bounds of a few poll periods: two of them side by side starve
+  each other's processes of the second core they were written against (a first run on
+  two workers showed RTU deliveries going stale beside the report's four daemons).
+  Beside any one of them the other worker runs the rest.
 - ``FIRST``: the order units are handed out. A worker takes the next unit when it is
   almost out of work, and the run ends when the last unit ends, so the longest units go
   first (durations from ``--durations``, listed in docs/development.md) and the many short
@@ -52,26 +54,38 @@ ONE_UNIT: dict[str, str] = dict.fromkeys(
         "integration/test_dashboard_browser.py",  # Chromium
         "integration/test_dashboard_hostile_e2e.py",  # Chromium
         "integration/test_dashboard_applicator_browser.py",  # Chromium
+        # Modbus RTU over a pty with the line's time modelled: a few poll periods of slack
+        "integration/test_modbus_xrs_e2e.py",
+        "integration/test_shared_line_e2e.py",
+        "integration/test_applicator_rules_e2e.py",
     ),
-    "realtime-swarm",
+    "realtime",
 )
 
-# The longest units first (each a file or a ONE_UNIT group), longest first.
+# The longest units first (each a file or the ONE_UNIT group), longest first: the sums of
+# each file's test durations in a run of the whole suite on two workers.
 FIRST: tuple[str, ...] = (
-    "realtime-swarm",
+    "realtime",
     "unit/test_modbus_fuzz.py",
-    "integration/test_modbus_xrs_e2e.py",
-    "integration/test_mqtt_stream.py",
-    "integration/test_audit_crash.py",
-    "unit/test_mqtt_payloads.py",
-    "unit/test_xrs_ascii_fuzz.py",
-    "integration/test_install_wheel_venv.py",
-    "integration/test_applicator_e2e.py",
-    "unit/test_tracker_fidelity.py",
-    "integration/test_debian_package.py",
-    "unit/test_log_volume.py",
-    "integration/test_shared_line_e2e.py",
     "unit/test_modbus_apl_fuzz.py",
+    "integration/test_audit_tamper.py",
+    "integration/test_check_config_cli.py",
+    "integration/test_mqtt_stream.py",
+    "integration/test_audit_forger.py",
+    "unit/test_xrs_ascii_fuzz.py",
+    "unit/test_log_volume.py",
+    "integration/test_install_wheel_venv.py",
+    "unit/test_dashboard_hostile.py",
+    "integration/test_debian_package.py",
+    "unit/test_mqtt_payloads.py",
+    "unit/test_dashboard_fairness.py",
+    "integration/test_audit_crash.py",
+    "unit/test_audit_canonical.py",
+    "integration/test_cli.py",
+    "integration/test_audit_applicator_report.py",
+    "unit/test_audit_applicator.py",
+    "integration/test_dashboard_cli.py",
+    "integration/test_mqtt_security.py",
 )
 
 
