@@ -57,27 +57,35 @@ typecheck: venv
 	$(BIN)/mypy
 
 # `make test` runs mypy beside pytest rather than before it: on a fresh clone (no cache)
-# mypy keeps one core busy for about half a minute, while the integration tests mostly
-# wait on real time (the last CI run: about 7 CPU-minutes in 12 minutes on two cores).
-# Its report is printed when pytest is done; either failing fails the target.
+# mypy keeps one core busy for about half a minute, which would be that much more wall
+# time before the first test. It runs at a lower priority (nice 10), so that it takes
+# what the pytest workers leave rather than the CPU that the daemons and simulators of the
+# real-time tests wake up for. Its report is printed when pytest is done; either failing
+# fails the target.
 typecheck-beside-unit: venv
 	@mkdir -p test-artifacts
-	@$(BIN)/mypy > test-artifacts/mypy.txt 2>&1 & mypy_pid=$$!; \
+	@nice -n 10 $(BIN)/mypy > test-artifacts/mypy.txt 2>&1 & mypy_pid=$$!; \
 	$(MAKE) --no-print-directory unit; unit_rc=$$?; \
 	wait $$mypy_pid; mypy_rc=$$?; \
 	echo "$(BIN)/mypy (run beside pytest):"; cat test-artifacts/mypy.txt; \
 	exit $$(( unit_rc || mypy_rc ))
 
-# The whole suite under coverage.py: the figure printed is the share of production lines
-# (kernel/ drivers/ simulators/ auditlog/ daemon/ audit/ dashboard/) run in the test process;
-# code that runs only inside the daemons, simulators and dashboards the integration tests
-# start as processes is not counted, so it is a lower bound. Per-file: test-artifacts/coverage.txt.
+# The whole suite on pytest-xdist workers (one per core, at most four; `make unit
+# TEST_WORKERS=1` for one), whole files to a worker (`--dist loadfile`: a module's
+# fixtures, such as the e2e files' shared runs, are built once), under coverage.py through
+# pytest-cov, which measures each worker and combines them. The figure printed is the share
+# of production lines (kernel/ drivers/ simulators/ auditlog/ daemon/ audit/ dashboard/ plan/)
+# run in the test processes; code that runs only inside the daemons, simulators and
+# dashboards the integration tests start as processes is not counted, so it is a lower
+# bound. Per-file: test-artifacts/coverage.txt.
+TEST_WORKERS ?= auto
 unit: venv
 	@mkdir -p test-artifacts
 	$(BIN)/coverage erase
-	$(BIN)/coverage run -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile --no-loadscope-reorder \
+		--cov --cov-report=
 	@$(BIN)/coverage report > test-artifacts/coverage.txt
-	@echo "coverage: $$($(BIN)/coverage report --format=total)% of production lines (test process only; per file: test-artifacts/coverage.txt)"
+	@echo "coverage: $$($(BIN)/coverage report --format=total)% of production lines (test processes only; per file: test-artifacts/coverage.txt)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis test-artifacts .coverage build dist

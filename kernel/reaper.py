@@ -19,7 +19,7 @@ shim's PID, and then execs CMD: the command keeps the shim's PID, so ``Popen.pid
 signals and exit codes are those of the command itself. There is no window: the lifeline
 is in the shim from the moment it is forked, so a parent that dies at any point after
 ``Popen`` is seen by the watcher. The command starts with SIGPIPE and SIGXFSZ at their
-defaults, as ``Popen`` would start it.
+defaults and SIGINT ignored only if its parent ignores it, as ``Popen`` would start it.
 
 Why not ``prctl(PR_SET_PDEATHSIG)`` in the child (prctl(2)):
 
@@ -300,6 +300,9 @@ def _become_watcher(shim: int, ready_w: int, args: _Args) -> None:
 
 if __name__ == "__main__":
     # A Ctrl-C in the few milliseconds before the exec ends the shim quietly, as it would
-    # the command (and the watcher, in its own session, then finds nothing to stop).
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # the command (and the watcher, in its own session, then finds nothing to stop). A
+    # SIGINT the parent ignores (a job a shell started in the background) stays ignored,
+    # for the command too, as under Popen.
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
     sys.exit(main())

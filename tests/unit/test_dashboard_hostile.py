@@ -217,13 +217,15 @@ def test_unknown_topics_are_counted_but_create_no_room() -> None:
 
 
 def test_validation_cost_per_message_is_small() -> None:
-    """Measured: the figure is printed (pytest -s); the bound is loose (a loaded VM)."""
+    """Measured: the figure is printed (pytest -s); the bound is loose (a loaded VM). The
+    cost is this thread's CPU time, not the wall clock: on a machine shared with other
+    test workers the wall clock also counts the time the thread was waiting for a core."""
     rooms = Rooms("iort")
     msgs = [raw(telemetry(i, i / 1000)) for i in range(1, 2001)]
-    t0 = time.perf_counter()
+    t0 = time.thread_time()
     for m in msgs:
         rooms.receive(T + "telemetry", m, 0.0)
-    per_msg_us = (time.perf_counter() - t0) / len(msgs) * 1e6
+    per_msg_us = (time.thread_time() - t0) / len(msgs) * 1e6
     print(f"receive + validate one telemetry message: {per_msg_us:.0f} us")  # noqa: T201
     assert per_msg_us < 2000
 

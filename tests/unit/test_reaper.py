@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -229,20 +229,29 @@ def _ignored_signals(pid: int) -> set[int]:
     raise AssertionError("no SigIgn in /proc/PID/status")
 
 
+@pytest.mark.parametrize(
+    "sigint", [signal.default_int_handler, signal.SIG_IGN], ids=["sigint-handled", "sigint-ignored"]
+)
 def test_the_command_gets_the_signal_dispositions_popen_would_give_it(
-    children: list[subprocess.Popen[bytes]],
+    children: list[subprocess.Popen[bytes]], sigint: signal.Handlers | Callable[..., object]
 ) -> None:
     """Python ignores SIGPIPE and SIGXFSZ and an exec keeps what is ignored; Popen
     restores them for its child, and so must the shim (a broker that ignores SIGPIPE is
-    not the broker the user runs)."""
-    with Tether("probe") as tether:
-        child = subprocess.Popen(tether.argv(["sleep", "60"]), pass_fds=tether.pass_fds)
-        children.append(child)
-        tether.started()
-        _wait_exec(child.pid, b"sleep")
-        plain = _spawn(children, "sleep", "60")
-        assert _ignored_signals(child.pid) == _ignored_signals(plain.pid)
-        assert signal.SIGPIPE not in _ignored_signals(child.pid)
+    not the broker the user runs). A SIGINT its parent ignores (a job a shell started in
+    the background, a pytest-xdist worker) stays ignored, as it would under Popen."""
+    previous = signal.signal(signal.SIGINT, sigint)
+    try:
+        with Tether("probe") as tether:
+            child = subprocess.Popen(tether.argv(["sleep", "60"]), pass_fds=tether.pass_fds)
+            children.append(child)
+            tether.started()
+            _wait_exec(child.pid, b"sleep")
+            plain = _spawn(children, "sleep", "60")
+            assert _ignored_signals(child.pid) == _ignored_signals(plain.pid)
+            assert signal.SIGPIPE not in _ignored_signals(child.pid)
+            assert (signal.SIGINT in _ignored_signals(child.pid)) == (sigint is signal.SIG_IGN)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_sigterm_to_the_watcher_stops_the_child_at_once(
