@@ -54,6 +54,9 @@ ONE_UNIT: dict[str, str] = dict.fromkeys(
         "integration/test_dashboard_browser.py",  # Chromium
         "integration/test_dashboard_hostile_e2e.py",  # Chromium
         "integration/test_dashboard_applicator_browser.py",  # Chromium
+        "integration/test_dashboard_login_browser.py",  # Chromium
+        "integration/test_dashboard_verification_browser.py",  # Chromium
+        "integration/test_signoff_browser.py",  # Chromium, and a delivery over Mosquitto
         # Modbus RTU over a pty with the line's time modelled: a few poll periods of slack
         "integration/test_modbus_xrs_e2e.py",
         "integration/test_shared_line_e2e.py",
@@ -67,6 +70,7 @@ ONE_UNIT: dict[str, str] = dict.fromkeys(
 FIRST: tuple[str, ...] = (
     "realtime",
     "unit/test_modbus_fuzz.py",
+    "integration/test_verification_e2e.py",
     "unit/test_modbus_apl_fuzz.py",
     "integration/test_audit_tamper.py",
     "integration/test_check_config_cli.py",
