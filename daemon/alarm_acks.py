@@ -52,7 +52,7 @@ from iortd.auditlog.keyring import Keyring, parse_utc
 from iortd.auditlog.logdir import SEGMENT_RE, LogDamaged, read_segment, segment_paths
 from iortd.auditlog.writer import AuditLog
 from iortd.daemon.alarm_ledger import Ack, AckRefused, AlarmLedger, parse_ack_body
-from iortd.daemon.commands import HANDLER_TIMEOUT_S, CommandIntake
+from iortd.daemon.commands import CommandIntake, resume_commands
 from iortd.daemon.sinks import DeliverySnapshot, Sink, TrackerEvent
 
 __all__ = ["KIND", "REBUILD_MAX_DAYS", "AlarmAcks", "LedgerSink", "install", "rebuild", "summary"]
@@ -243,13 +243,7 @@ class AlarmAcks:
     async def resume(self) -> None:
         """Handle the commands a crash left accepted but unhandled (judged now)."""
         orphans, self._orphans = self._orphans, []
-        for cmd in orphans:
-            log.warning("ack_resumed", nonce=cmd.nonce)
-            try:
-                async with asyncio.timeout(HANDLER_TIMEOUT_S):  # as the intake bounds it
-                    await self.handle(cmd)
-            except Exception:  # the record goes on; the sender sees no answer and resends
-                log.exception("ack_resume_failed", nonce=cmd.nonce)
+        await resume_commands("ack", orphans, self.handle)
 
 
 def _orphan(data: Mapping[str, Any]) -> Command:

@@ -81,7 +81,14 @@ from iortd.daemon.config import Config
 from iortd.kernel.durable import fsync_dir
 from iortd.kernel.timefmt import utc_ts
 
-__all__ = ["HANDLER_TIMEOUT_S", "CommandIntake", "Handler", "Verdict", "open_intake"]
+__all__ = [
+    "HANDLER_TIMEOUT_S",
+    "CommandIntake",
+    "Handler",
+    "Verdict",
+    "open_intake",
+    "resume_commands",
+]
 
 log = structlog.get_logger("iortd.commands")
 
@@ -540,3 +547,17 @@ def _move(path: Path, into: Path) -> None:
         fsync_dir(into)
     except OSError as exc:
         log.error("inbox_move_failed", error=exc.strerror)  # noqa: TRY400 - the reason is enough
+
+
+async def resume_commands(what: str, orphans: Sequence[Command], handle: Handler) -> None:
+    """Judge now, one by one, the commands of one kind that a crash left accepted but
+    unhandled (each handler's ``resume``): each bounded like the intake bounds a handler;
+    one that fails is logged (``{what}_resume_failed``) and the others go on: the record
+    goes on, and the sender, who saw no answer, sends again."""
+    for cmd in orphans:
+        log.warning(f"{what}_resumed", nonce=cmd.nonce)
+        try:
+            async with asyncio.timeout(HANDLER_TIMEOUT_S):
+                await handle(cmd)
+        except Exception:
+            log.exception(f"{what}_resume_failed", nonce=cmd.nonce)

@@ -62,7 +62,7 @@ from iortd.auditlog.canonical import CanonicalError, canonical
 from iortd.auditlog.command import Command, Refused, recorded_command
 from iortd.auditlog.logdir import LogDamaged, recent_lines
 from iortd.auditlog.writer import AuditLog
-from iortd.daemon.commands import CommandIntake
+from iortd.daemon.commands import CommandIntake, resume_commands
 from iortd.plan.doserate import (
     DoseRateError,
     OutputFactor,
@@ -277,12 +277,7 @@ class OutputFactors:
     async def resume(self) -> None:
         """Handle the commands a crash left accepted but unhandled (judged now)."""
         orphans, self._orphans = self._orphans, []
-        for cmd in orphans:
-            log.warning("output_factor_resumed", nonce=cmd.nonce)
-            try:
-                await self.handle(cmd)
-            except Exception:  # the record goes on; the sender sees no answer and resends
-                log.exception("output_factor_resume_failed", nonce=cmd.nonce)
+        await resume_commands("output_factor", orphans, self.handle)
 
 
 async def install(

@@ -55,7 +55,7 @@ from iortd.auditlog.canonical import CanonicalError, canonical
 from iortd.auditlog.command import Command, Refused, recorded_command
 from iortd.auditlog.logdir import LogDamaged, recent_lines
 from iortd.auditlog.writer import AuditLog
-from iortd.daemon.commands import CommandIntake
+from iortd.daemon.commands import CommandIntake, resume_commands
 from iortd.daemon.tracker import DeliveryTracker
 from iortd.kernel.timefmt import utc_ts
 from iortd.plan.model import (
@@ -294,12 +294,7 @@ class Prescriptions:
     async def resume(self) -> None:
         """Handle the commands a crash left accepted but unhandled (judged now)."""
         orphans, self._orphans = self._orphans, []
-        for cmd in orphans:
-            log.warning("prescription_resumed", nonce=cmd.nonce)
-            try:
-                await self.handle(cmd)
-            except Exception:  # the record goes on; the sender sees no answer and resends
-                log.exception("prescription_resume_failed", nonce=cmd.nonce)
+        await resume_commands("prescription", orphans, self.handle)
 
 
 def _said(entry: Mapping[str, Any], p: Prescription) -> str:

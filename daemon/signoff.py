@@ -70,7 +70,7 @@ from iortd.auditlog.logdir import SEGMENT_RE, LogDamaged, read_segment, segment_
 from iortd.auditlog.signoff import MEANING_TEXT, DeliveryRange, SignoffError, delivery_record
 from iortd.auditlog.signoff import parse_body as parse_signoff
 from iortd.auditlog.writer import AuditLog
-from iortd.daemon.commands import CommandIntake
+from iortd.daemon.commands import CommandIntake, resume_commands
 from iortd.daemon.sinks import Sink
 from iortd.daemon.tracker import DeliveryAmended, DeliverySnapshot, Terminated, TrackerEvent
 from iortd.kernel.timefmt import utc_ts
@@ -292,12 +292,7 @@ class Signoffs:
     async def resume(self) -> None:
         """Refuse (``interrupted``) what a crash left accepted but unjudged."""
         orphans, self._orphans = self._orphans, []
-        for cmd in orphans:
-            log.warning("signoff_resumed", nonce=cmd.nonce)
-            try:
-                await self.handle(cmd)
-            except Exception:  # the record goes on; the physicist sees no answer and signs again
-                log.exception("signoff_resume_failed", nonce=cmd.nonce)
+        await resume_commands("signoff", orphans, self.handle)
 
 
 def _replay(line: bytes, pending: dict[str, Command]) -> None:
