@@ -6,18 +6,21 @@ fork, SIGKILL between two submissions and a restart on the same state.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
-from iortd.auditlog.cosignature import verify_cosignature
+from iortd.auditlog.cosignature import CosignerVerifier, verify_cosignature
 from iortd.auditlog.merkle import consistency_proof, leaf_hash, root_of
 from iortd.auditlog.note import Signer, generate_keypair
+from iortd.auditlog.signed_note import open_note
 from iortd.auditlog.tlog_checkpoint import CheckpointBody, sign_checkpoint
 from iortd.auditlog.witness_client import Conflict, Cosigned, Refused, submit
 from iortd.witness.store import Store
@@ -53,6 +56,21 @@ async def serve(config: Path, err: Path, within_s: float = 15) -> Served:
         raise AssertionError(f"iort-witness not serving within {within_s} s; see {err}") from None
     assert line.startswith("iort-witness: serving "), f"{line!r}; see {err}"
     return Served(proc, line.split()[2])
+
+
+async def get(url: str, path: str) -> tuple[int, bytes]:
+    """A plain HTTP/1.1 GET over asyncio streams (the project has no HTTP client)."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None
+    assert parts.port is not None
+    async with asyncio.timeout(TIMEOUT_S):
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        raw = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    return int(head.split(b" ")[1]), payload
 
 
 def leaves(n: int, tag: str = "") -> list[bytes]:
@@ -126,6 +144,15 @@ async def test_witness_serves_refuses_and_survives_sigkill(tmp_path: Path) -> No
         got = await submit(w.url, 9, consistency_proof(lv, 9, 12), note(log_key, lv, 12), TIMEOUT_S)
         assert isinstance(got, Cosigned), got
         verify_cosignature(vkey, body(lv, 12), got.lines[0])
+        # The monitoring API: the last checkpoint cosigned, log signature and cosignature.
+        where = f"/{hashlib.sha256(ORIGIN.encode()).hexdigest()}/checkpoint"
+        code, served = await get(w.url, where)
+        assert code == 200
+        witness_key = CosignerVerifier.parse(vkey)
+        assert open_note(served, [witness_key]).text == body(lv, 12).text
+        assert open_note(served, [log_key.verifier]).text == body(lv, 12).text
+        assert (await get(w.url, f"/{'0' * 64}/checkpoint"))[0] == 404
+        assert (await get(w.url, "/add-checkpoint"))[0] == 405
         status = await asyncio.to_thread(
             subprocess.run,
             [str(BIN / "iort-witness"), "status", "--config", str(config)],
