@@ -5,9 +5,9 @@
     iort-witness serve --config FILE          serve add-checkpoint until SIGTERM/SIGINT
     iort-witness status --config FILE         per log: size, root, time last cosigned
 
-Exit status: 0 done; 1 (``status``) the witness holds evidence of a log's misbehaviour (a
-signed fork or a proof that did not verify: docs/witness.md says what to do); 2 usage or
-configuration error, naming the file and the key. ``serve`` prints one line on stdout
+Exit status: 0 done; 1 (``status``) the witness holds proof of a log's misbehaviour (the
+log's signature on another root for a size it cosigned: docs/witness.md says what to do);
+2 usage or configuration error, naming the file and the key. ``serve`` prints one line on stdout
 when it listens (``iort-witness: serving http://HOST:PORT/ as NAME``), logs as JSON
 lines on stderr (a console format on a terminal), and on SIGTERM or SIGINT lets requests
 in progress finish (bounded) and exits 0.
@@ -38,7 +38,7 @@ from iortd.kernel.logs import configure_logging
 from iortd.kernel.timefmt import utc_ts
 from iortd.witness.app import UvicornServer, build_app
 from iortd.witness.config import ConfigError, WitnessConfig, load_config
-from iortd.witness.core import Witness
+from iortd.witness.core import Witness, proven_forks
 from iortd.witness.store import Store, StoreError
 
 __all__ = ["main"]
@@ -192,14 +192,24 @@ def _cmd_status(args: argparse.Namespace) -> int:
             at = utc_ts(datetime.fromtimestamp(latest.cosigned_at, UTC))
             root = base64.b64encode(latest.root).decode("ascii")
             count = len(store.history(origin))
-            _out(f"{origin}: size {latest.size} root {root} cosigned {at} ({count} in all){where}")
+            _out(
+                f"{origin}: size {latest.size} root {root} cosigned {at} "
+                f"({count} checkpoints in all){where}"
+            )
             evidence = store.evidence(origin)
-            if evidence:
+            forks = proven_forks(store.history(origin), evidence)
+            if forks:
                 bad = True
                 _out(
-                    f"  {len(evidence)} refused signed checkpoint(s) kept as evidence "
-                    f"({', '.join(sorted({e.reason for e in evidence}))}): "
-                    "the log signed what does not extend what was cosigned; see docs/witness.md"
+                    f"  FORK: the log signed {len(forks)} checkpoint(s) with another root for "
+                    "a size this witness cosigned: its log was rolled back or split; "
+                    "see docs/witness.md"
+                )
+            unproven = len(evidence) - len(forks)
+            if unproven:
+                _out(
+                    f"  {unproven} signed checkpoint(s) refused for a proof that did not "
+                    "verify (a fork not yet proven, or a wrong proof anyone could send)"
                 )
     finally:
         store.close()

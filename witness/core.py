@@ -27,7 +27,9 @@ The checks, in the specification's order:
    timestamp shows freshness), never another root for a size. Otherwise the RFC 6962
    consistency proof from the stored size and root (merkle.verify_consistency): **422**
    if it does not verify (a fork, or a wrong proof). Forks and bad proofs with a valid
-   log signature are kept as evidence (witness/store.py).
+   log signature are kept as evidence (witness/store.py); :func:`proven_forks` says which
+   of them prove the log signed two roots for one size (a bad proof alone does not: the
+   proof is not signed, and anyone can replay a public checkpoint with a wrong one).
 8. Cosign (auditlog/cosignature.py, the time from ``clock``), store, **200** with the
    cosignature line.
 
@@ -55,9 +57,9 @@ from iortd.auditlog.signed_note import (
 )
 from iortd.auditlog.tlog_checkpoint import CheckpointBody, CheckpointError, parse_body
 from iortd.auditlog.witness_client import MAX_PROOF_LINES, SIZE_TYPE
-from iortd.witness.store import Decision, Evidence, Latest, Store
+from iortd.witness.store import Decision, Evidence, History, Latest, Store
 
-__all__ = ["AddCheckpoint", "Reply", "RequestError", "Witness", "parse_request"]
+__all__ = ["AddCheckpoint", "Reply", "RequestError", "Witness", "parse_request", "proven_forks"]
 
 _OLD: Final = re.compile(r"old (0|[1-9][0-9]*)")
 MAX_SIZE: Final = 2**64 - 1
@@ -106,6 +108,14 @@ def parse_request(body: bytes) -> AddCheckpoint:
         except (UnicodeDecodeError, ValueError):
             raise RequestError(f"proof line {len(proof) + 1} is not base64") from None
     return AddCheckpoint(int(m.group(1)), tuple(proof), rest)
+
+
+def proven_forks(history: Sequence[History], evidence: Sequence[Evidence]) -> list[Evidence]:
+    """The evidence that proves the log misbehaved on its own: a checkpoint signed by the
+    log with another root for a size the witness cosigned (refused as a fork, or refused
+    for a bad proof at a size cosigned later with another root)."""
+    cosigned = {h.size: h.root for h in history}
+    return [e for e in evidence if e.size in cosigned and cosigned[e.size] != e.root]
 
 
 def _sig_line(sig: NoteSignature) -> str:
@@ -168,7 +178,7 @@ class Witness:
             reply = Reply(status, f"{why}\n".encode(), outcome, origin=origin, size=cp.size)
             kept = None
             if evidence:
-                kept = Evidence(cp.size, outcome, req.note.decode("utf-8"), self._now())
+                kept = Evidence(cp.size, cp.root, outcome, req.note.decode("utf-8"), self._now())
             return Decision(reply, evidence=kept)
 
         if req.old != size:

@@ -7,12 +7,18 @@ Tables (schema version 1, ``PRAGMA user_version``):
   as the witness would serve it (the log's note text, the log signatures that verified,
   the witness's cosignature) and the cosignature's time. What the next request is checked
   against.
-* ``history``: every cosignature issued (origin, size, root, time), append-only: what
-  ``iort-witness status`` counts, and what shows that no size was cosigned with two roots.
+* ``history``: every checkpoint cosigned (origin, size, root, time of the first
+  cosignature), append-only: what ``iort-witness status`` counts, and what shows that no
+  size was cosigned with two roots. The same checkpoint cosigned again (tlog-witness
+  allows it, and anyone can replay a public checkpoint) moves only ``latest``'s time, so
+  replays do not grow the file.
 * ``evidence``: signed checkpoints refused as a fork or with a proof that does not verify
   (tlog-witness: the witness MAY log them, "as it might be proof of log misbehavior"): the
-  note as received, the reason, the time; at most :data:`EVIDENCE_CAP` per origin, the
-  first ones kept (only the log's key can make more).
+  note as received, its size and root, the reason, the time; each note once, at most
+  :data:`EVIDENCE_CAP` per origin and reason, the first ones kept. A ``fork`` (another
+  root for the size cosigned) needs the log's key; a ``bad_proof`` does not (anyone can
+  send a public checkpoint with a wrong proof), so the two are capped apart and only
+  core.proven_forks decides what proves misbehaviour.
 
 **One transaction per decision** (:meth:`Store.decide`): ``BEGIN IMMEDIATE`` takes the
 database's write lock before the stored state is read, the caller decides on that state,
@@ -54,8 +60,8 @@ _SCHEMA: Final = (
         cosigned_at INTEGER NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS history_origin ON history (origin)",
     """CREATE TABLE IF NOT EXISTS evidence (
-        origin TEXT NOT NULL, size TEXT NOT NULL, reason TEXT NOT NULL, note TEXT NOT NULL,
-        received_at INTEGER NOT NULL)""",
+        origin TEXT NOT NULL, size TEXT NOT NULL, root BLOB NOT NULL, reason TEXT NOT NULL,
+        note TEXT NOT NULL, received_at INTEGER NOT NULL)""",
 )
 
 T = TypeVar("T")
@@ -84,6 +90,7 @@ class History:
 @dataclass(frozen=True, slots=True)
 class Evidence:
     size: int
+    root: bytes
     reason: str
     note: str
     received_at: int
@@ -189,11 +196,11 @@ class Store:
     def evidence(self, origin: str) -> list[Evidence]:
         with self._lock:
             rows = self._conn.execute(
-                "SELECT size, reason, note, received_at FROM evidence WHERE origin = ? "
+                "SELECT size, root, reason, note, received_at FROM evidence WHERE origin = ? "
                 "ORDER BY rowid",
                 (origin,),
             ).fetchall()
-        return [Evidence(int(r[0]), r[1], r[2], r[3]) for r in rows]
+        return [Evidence(int(r[0]), r[1], r[2], r[3], r[4]) for r in rows]
 
     def decide(self, origin: str, decide: Callable[[Latest | None], Decision[T]]) -> T:
         """Read the origin's state, let ``decide`` judge the request on it, and write what
@@ -231,18 +238,24 @@ class Store:
             )
             if cur.rowcount != 1:
                 raise StoreError(f"{new.origin}: the stored state changed under the update")
-        conn.execute(
-            "INSERT INTO history (origin, size, root, cosigned_at) VALUES (?, ?, ?, ?)",
-            (new.origin, str(new.size), new.root, new.cosigned_at),
-        )
+        if current is None or current.size != new.size:
+            # The same checkpoint cosigned again (anyone can replay a public one) only
+            # moves ``latest``'s time: the history does not grow with replays.
+            conn.execute(
+                "INSERT INTO history (origin, size, root, cosigned_at) VALUES (?, ?, ?, ?)",
+                (new.origin, str(new.size), new.root, new.cosigned_at),
+            )
 
     def _keep(self, origin: str, ev: Evidence) -> None:
         (count,) = self._conn.execute(
-            "SELECT count(*) FROM evidence WHERE origin = ?", (origin,)
+            "SELECT count(*) FROM evidence WHERE origin = ? AND reason = ?", (origin, ev.reason)
         ).fetchone()
-        if count < EVIDENCE_CAP:
+        seen = self._conn.execute(
+            "SELECT 1 FROM evidence WHERE origin = ? AND note = ?", (origin, ev.note)
+        ).fetchone()
+        if count < EVIDENCE_CAP and seen is None:
             self._conn.execute(
-                "INSERT INTO evidence (origin, size, reason, note, received_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (origin, str(ev.size), ev.reason, ev.note, ev.received_at),
+                "INSERT INTO evidence (origin, size, root, reason, note, received_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (origin, str(ev.size), ev.root, ev.reason, ev.note, ev.received_at),
             )

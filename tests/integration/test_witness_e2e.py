@@ -161,7 +161,7 @@ async def test_witness_serves_refuses_and_survives_sigkill(tmp_path: Path) -> No
         # Exit 1: the witness holds evidence of a fork.
         assert status.returncode == 1, status.stderr
         assert f"{ORIGIN}: size 12" in status.stdout
-        assert "2 refused" in status.stdout
+        assert "FORK: the log signed 1 checkpoint(s)" in status.stdout
     finally:
         w.proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(10):

@@ -22,7 +22,7 @@ from iortd.auditlog.merkle import EMPTY_ROOT, consistency_proof, leaf_hash, root
 from iortd.auditlog.note import Signer, Verifier, generate_keypair, parse_vkey
 from iortd.auditlog.tlog_checkpoint import CheckpointBody, sign_checkpoint
 from iortd.auditlog.witness_client import request_body
-from iortd.witness.core import Reply, Witness
+from iortd.witness.core import Reply, Witness, proven_forks
 from iortd.witness.store import Store
 
 ORIGIN = "iortd/site-a/or-1/5f0c"
@@ -136,6 +136,8 @@ def test_a_fork_at_the_same_size_is_refused_and_kept_as_evidence(
     evidence = store.evidence(ORIGIN)
     assert [e.reason for e in evidence] == ["fork"]
     assert evidence[0].note == fork.note(8)
+    assert evidence[0].root == fork.body(8).root
+    assert proven_forks(store.history(ORIGIN), evidence) == evidence
     # The same checkpoint again is cosigned again, with a fresh time: never a second root.
     assert cosigned(w.add_checkpoint(log.request(8, 8)), key, log.body(8)) == T0 + 2
     assert {h.root for h in store.history(ORIGIN)} == {log.body(8).root}
@@ -154,8 +156,18 @@ def test_a_proof_that_does_not_match_is_refused(make: Callable[..., tuple[Witnes
     assert w.add_checkpoint(log.request(8, 20, proof=bad[:-1])).status == 422
     short = [*consistency_proof(log.leaves, 8, 20)[:-1], b"\x01" * 31]
     assert w.add_checkpoint(log.request(8, 20, proof=short)).status == 422
-    assert [e.reason for e in store.evidence(ORIGIN)] == ["bad_proof"] * 4
+    # Kept once per signed note (the proof is not signed: anyone can replay a public
+    # checkpoint with a wrong proof, so a bad proof alone proves nothing).
+    evidence = store.evidence(ORIGIN)
+    assert [(e.reason, e.note) for e in evidence] == [
+        ("bad_proof", fork.note(20)),
+        ("bad_proof", log.note(20)),
+    ]
+    assert proven_forks(store.history(ORIGIN), evidence) == []
     assert w.add_checkpoint(log.request(8, 20)).status == 200
+    # Now the witness has cosigned size 20 with one root and holds the log's signature on
+    # another: that is a fork, proven; the wrong proofs for the right root are not.
+    assert proven_forks(store.history(ORIGIN), store.evidence(ORIGIN)) == [evidence[0]]
 
 
 def test_spec_edges_of_size_zero(make: Callable[..., tuple[Witness, Store]],
@@ -310,3 +322,22 @@ def test_state_is_sqlite_wal_with_full_sync(make: Callable[..., tuple[Witness, S
     (tmp_path / "junk.sqlite").write_bytes(b"not a database" * 100)
     with pytest.raises(sqlite3.DatabaseError):
         Store.open(tmp_path / "junk.sqlite")
+
+
+def test_replaying_a_public_checkpoint_does_not_grow_the_state(
+    make: Callable[..., tuple[Witness, Store]], log_key: Signer
+) -> None:
+    """Signed checkpoints are public (the retained MQTT topic): anyone can resubmit the
+    latest one, and each is cosigned afresh (tlog-witness), but only its time changes;
+    a refused fork sent again is kept once."""
+    w, store = make()
+    log, fork = Log(log_key), Log(log_key, fork_at=2)
+    assert w.add_checkpoint(log.request(0, 8)).status == 200
+    for _ in range(5):
+        assert w.add_checkpoint(log.request(8, 8)).status == 200
+        assert w.add_checkpoint(fork.request(8, 8)).status == 422
+    assert len(store.history(ORIGIN)) == 1
+    latest = store.latest(ORIGIN)
+    assert latest is not None
+    assert latest.cosigned_at == T0 + 9  # the clock ticks per cosignature and per refusal
+    assert len(store.evidence(ORIGIN)) == 1
