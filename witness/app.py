@@ -96,7 +96,10 @@ def build_app(witness: Witness, *, request_timeout_s: float, max_body_bytes: int
             log.warning("checkpoint", **fields)
         else:
             log.info("checkpoint", **fields)
-        return Response(reply.body, reply.status, media_type=reply.content_type)
+        # The Content-Type as a header, not media_type: Starlette would append
+        # "; charset=utf-8" to a text/ type, and tlog-witness's 409 must be exactly
+        # text/x.tlog.size (transparency-dev's Go client compares it as a string).
+        return Response(reply.body, reply.status, headers={"content-type": reply.content_type})
 
     async def checkpoint(request: Request) -> Response:
         wanted = request.path_params["origin_hash"]

@@ -22,7 +22,7 @@ from iortd.auditlog.merkle import consistency_proof, leaf_hash, root_of
 from iortd.auditlog.note import Signer, generate_keypair
 from iortd.auditlog.signed_note import open_note
 from iortd.auditlog.tlog_checkpoint import CheckpointBody, sign_checkpoint
-from iortd.auditlog.witness_client import Conflict, Cosigned, Refused, submit
+from iortd.auditlog.witness_client import Conflict, Cosigned, Refused, request_body, submit
 from iortd.witness.store import Store
 
 pytestmark = pytest.mark.integration
@@ -58,19 +58,33 @@ async def serve(config: Path, err: Path, within_s: float = 15) -> Served:
     return Served(proc, line.split()[2])
 
 
-async def get(url: str, path: str) -> tuple[int, bytes]:
-    """A plain HTTP/1.1 GET over asyncio streams (the project has no HTTP client)."""
+async def raw_http(url: str, method: str, path: str, body: bytes = b"") -> tuple[int, str, bytes]:
+    """A plain HTTP/1.1 exchange over asyncio streams (the project has no HTTP client):
+    status, Content-Type exactly as sent, body."""
     parts = urlsplit(url)
     assert parts.hostname is not None
     assert parts.port is not None
     async with asyncio.timeout(TIMEOUT_S):
         reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        writer.write(
+            f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         raw = await reader.read()
         writer.close()
         await writer.wait_closed()
     head, _, payload = raw.partition(b"\r\n\r\n")
-    return int(head.split(b" ")[1]), payload
+    lines = head.decode("latin-1").split("\r\n")
+    ctype = next(
+        (x.split(":", 1)[1].strip() for x in lines if x.lower().startswith("content-type:")), ""
+    )
+    return int(lines[0].split(" ")[1]), ctype, payload
+
+
+async def get(url: str, path: str) -> tuple[int, bytes]:
+    status, _, payload = await raw_http(url, "GET", path)
+    return status, payload
 
 
 def leaves(n: int, tag: str = "") -> list[bytes]:
@@ -115,6 +129,13 @@ async def test_witness_serves_refuses_and_survives_sigkill(tmp_path: Path) -> No
         verify_cosignature(vkey, body(lv, 9), got.lines[0])
         # Rollback: a smaller checkpoint from what the log thinks the witness holds.
         assert await submit(w.url, 5, [], note(log_key, lv, 5), TIMEOUT_S) == Conflict(9)
+        # The 409's Content-Type exactly as the specification says (Go's client compares it).
+        stale = request_body(5, [], note(log_key, lv, 5))
+        assert await raw_http(w.url, "POST", "/add-checkpoint", stale) == (
+            409,
+            "text/x.tlog.size",
+            b"9\n",
+        )
         # Fork: the same size, other entries.
         got = await submit(w.url, 9, [], note(log_key, forked, 9), TIMEOUT_S)
         assert isinstance(got, Refused)
