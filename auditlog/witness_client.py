@@ -14,7 +14,9 @@ auditlog/cosignature.verify_cosignature against the witness keys it trusts and i
 any other), :class:`Conflict` (409 with ``text/x.tlog.size``: the size the witness last
 cosigned for this origin, so the caller sends a proof from there), :class:`Refused` (every
 other status, with at most 200 characters of the body, printable, for a log line: 403 bad
-or unknown log key, 404 unknown origin, 422 proof or fork, 400 malformed, 5xx). A witness
+or unknown log key, 404 unknown origin, 422 proof or fork, 400 malformed; 429 and 5xx
+mean "later"; a 409 without a size is how transparency-dev's witness answers a fork at
+the same size, so it is Refused, not Conflict). A witness
 that cannot be reached, does not answer within ``timeout`` (one bound for the whole
 exchange) or answers with something that is not HTTP raises :class:`WitnessUnavailable`:
 the caller keeps the checkpoint and tries again later. No redirect is followed (a 3xx is
