@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -67,16 +67,23 @@ def log_key() -> Signer:
 
 
 @pytest.fixture
-def make(tmp_path: Path, key: CosignerKey, log_key: Signer) -> Callable[..., tuple[Witness, Store]]:
+def make(
+    tmp_path: Path, key: CosignerKey, log_key: Signer
+) -> Iterator[Callable[..., tuple[Witness, Store]]]:
+    opened: list[Store] = []
+
     def build(
         logs: dict[str, list[Verifier]] | None = None, db: str = "w.sqlite"
     ) -> tuple[Witness, Store]:
         store = Store.open(tmp_path / db)
+        opened.append(store)
         clock = iter(range(T0, T0 + 10_000))
         w = Witness(key, logs or {ORIGIN: [log_key.verifier]}, store, clock=lambda: next(clock))
         return w, store
 
-    return build
+    yield build
+    for store in opened:
+        store.close()
 
 
 def cosigned(reply: Reply, key: CosignerKey, body: CheckpointBody) -> int:
@@ -255,11 +262,12 @@ def test_the_go_reference_vectors(tmp_path: Path, key: CosignerKey) -> None:
             "29e40bb79c966f4c6fe96aff6f30acfce5f3e8d84c02215175d6e018a5dee833",
         )
     ]
-    w = Witness(key, {"monkeys": [parse_vkey(m_pk)]}, Store.open(tmp_path / "w.sqlite"),
-                clock=lambda: T0)  # fmt: skip
+    store = Store.open(tmp_path / "w.sqlite")
+    w = Witness(key, {"monkeys": [parse_vkey(m_pk)]}, store, clock=lambda: T0)
     assert w.add_checkpoint(request_body(0, [], m_init)).status == 200
     assert w.add_checkpoint(request_body(5, proof[:3], m_next)).status == 422
     assert w.add_checkpoint(request_body(5, proof, m_next)).status == 200
+    store.close()
 
 
 def test_concurrent_submissions_from_the_same_size_exactly_one_wins(
