@@ -33,8 +33,10 @@ allowed (unlike iortd's own checkpoint keys, note.py).
 :class:`CosignerVerifier` has the shape signed_note's readers expect (``name``,
 ``key_hash``, ``verify``), so a checkpoint with cosignatures appended opens with
 ``signed_note.open_note(note, [witness verifiers])`` as well as line by line with
-:func:`verify_cosignature`. ML-DSA-44 cosignatures (type 0x06, which the specification
-recommends for new deployments) are not implemented.
+:func:`verify_cosignature`; :func:`verified_cosignatures` picks, from a witness's answer,
+the lines by trusted witnesses (each verified) and ignores the others. ML-DSA-44
+cosignatures (type 0x06, which the specification recommends for new deployments) are not
+implemented.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from __future__ import annotations
 import base64
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -71,6 +74,7 @@ __all__ = [
     "CosignerVerifier",
     "cosigned_message",
     "load_cosigner",
+    "verified_cosignatures",
     "verify_cosignature",
     "write_cosigner",
 ]
@@ -283,3 +287,28 @@ def verify_cosignature(
     if not 0 < ts <= MAX_TIMESTAMP:
         raise CosignatureError(f"cosignature by {v.name}: timestamp {ts} is not 1 .. 2^63-1")
     return ts
+
+
+def verified_cosignatures(
+    checkpoint: str | CheckpointBody, lines: Sequence[str], witnesses: Sequence[CosignerVerifier]
+) -> tuple[str, ...]:
+    """What a witness's 200 answer adds to a checkpoint: the lines that are cosignatures by
+    one of ``witnesses`` (each witness once, in answer order), each verified. Lines by
+    other keys are ignored (tlog-witness: the client MUST ignore them); a line with a
+    trusted witness's name and key ID that does not verify raises CosignatureError, and a
+    line that is not a signature line at all NoteError (its parent)."""
+    text = checkpoint.text if isinstance(checkpoint, CheckpointBody) else checkpoint
+    known = {(w.name, w.key_id): w for w in witnesses}
+    kept: list[str] = []
+    seen: set[tuple[str, int]] = set()
+    for given in lines:
+        line = given if given.endswith("\n") else given + "\n"
+        _, sigs = split_note(f"{text}\n{line}", "cosignature")
+        ident = (sigs[0].name, sigs[0].key_id) if len(sigs) == 1 else None
+        if ident is None or ident not in known:
+            continue
+        verify_cosignature(known[ident], text, line)
+        if ident not in seen:
+            seen.add(ident)
+            kept.append(line)
+    return tuple(kept)

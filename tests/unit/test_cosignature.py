@@ -26,6 +26,7 @@ from iortd.auditlog.cosignature import (
     CosignerVerifier,
     cosigned_message,
     load_cosigner,
+    verified_cosignatures,
     verify_cosignature,
     write_cosigner,
 )
@@ -131,3 +132,18 @@ def test_a_name_may_be_a_schemaless_url(tmp_path: Path) -> None:
     with pytest.raises(NoteError, match="chmod 600"):
         load_cosigner(path)
     assert ALG_COSIGNATURE_V1 == 0x04
+
+
+def test_a_witness_answer_keeps_only_the_trusted_verified_lines() -> None:
+    """tlog-witness: the client MUST ignore cosignatures from unknown keys; a line by a
+    trusted witness that does not verify is an error, not a cosignature."""
+    ours, theirs = CosignerKey.generate("w.example/1"), CosignerKey.generate("w.example/2")
+    body = CheckpointBody("iortd/s/r/00", 7, EMPTY_ROOT[::-1])
+    good = ours.cosign(body.text, 1_800_000_000)
+    unknown = theirs.cosign(body.text, 1_800_000_000)
+    answer = [unknown, good, good]
+    assert verified_cosignatures(body, answer, [ours.verifier]) == (good,)
+    assert verified_cosignatures(body, [unknown], [ours.verifier]) == ()
+    stale = ours.cosign(CheckpointBody("iortd/s/r/00", 6, EMPTY_ROOT).text, 1_800_000_000)
+    with pytest.raises(CosignatureError, match="does not verify"):
+        verified_cosignatures(body, [stale], [ours.verifier])
