@@ -178,7 +178,10 @@ class Witness:
             reply = Reply(status, f"{why}\n".encode(), outcome, origin=origin, size=cp.size)
             kept = None
             if evidence:
-                kept = Evidence(cp.size, cp.root, outcome, req.note.decode("utf-8"), self._now())
+                # The text and the log's verified signature(s) only: not what else a
+                # sender appended (anyone can add unknown signature lines to a copy).
+                signed = f"{text}\n{log_sigs}"
+                kept = Evidence(cp.size, cp.root, outcome, signed, self._now())
             return Decision(reply, evidence=kept)
 
         if req.old != size:

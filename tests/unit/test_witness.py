@@ -349,3 +349,20 @@ def test_replaying_a_public_checkpoint_does_not_grow_the_state(
     assert latest is not None
     assert latest.cosigned_at == T0 + 9  # the clock ticks per cosignature and per refusal
     assert len(store.evidence(ORIGIN)) == 1
+
+
+def test_evidence_keeps_the_log_s_signature_not_what_else_was_appended(
+    make: Callable[..., tuple[Witness, Store]], log_key: Signer
+) -> None:
+    """Anyone can append signature lines of unknown keys to a public checkpoint: the
+    evidence holds the text and the log's verified signature only, so such copies are
+    one entry, of a bounded size."""
+    w, store = make()
+    log = Log(log_key)
+    assert w.add_checkpoint(log.request(0, 8)).status == 200
+    bad = [bytes(32)] * len(consistency_proof(log.leaves, 8, 20))
+    for n in range(3):
+        junk = "— someone " + base64.b64encode(bytes(8 + n)).decode() + "\n"
+        note = log.note(20) + junk
+        assert w.add_checkpoint(request_body(8, bad, note)).status == 422
+    assert [e.note for e in store.evidence(ORIGIN)] == [log.note(20)]
