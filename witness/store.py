@@ -14,8 +14,9 @@ Tables (schema version 1, ``PRAGMA user_version``):
   replays do not grow the file.
 * ``evidence``: signed checkpoints refused as a fork or with a proof that does not verify
   (tlog-witness: the witness MAY log them, "as it might be proof of log misbehavior"): the
-  checkpoint's text with the log's verified signature(s) (not what else was appended), its size and root, the reason, the time; each note once, at most
-  :data:`EVIDENCE_CAP` per origin and reason, the first ones kept. A ``fork`` (another
+  checkpoint's text with the log's verified signature(s) (not what else was appended),
+  its size and root, the reason, the time; each once, at most :data:`EVIDENCE_CAP` per
+  origin and reason, the first ones kept. A ``fork`` (another
   root for the size cosigned) needs the log's key; a ``bad_proof`` does not (anyone can
   send a public checkpoint with a wrong proof), so the two are capped apart and only
   core.proven_forks decides what proves misbehaviour.
