@@ -140,8 +140,6 @@ async def _serve(cfg: WitnessConfig, store: Store, sock: socket.socket) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level)
-    logging.getLogger("uvicorn").setLevel(logging.WARNING)
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
@@ -159,6 +157,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         except OSError as exc:
             _err(f"{args.config}: witness.listen {cfg.listen[0]}:{cfg.listen[1]}: {exc.strerror}")
             return EXIT_USAGE
+        # Configured once everything is checked: the errors before are one line each.
+        configure_logging(args.log_level)
+        logging.getLogger("uvicorn").setLevel(logging.WARNING)
         return asyncio.run(_serve(cfg, store, sock))
     finally:
         store.close()

@@ -57,6 +57,14 @@ def scope(method: str, path: str, headers: Sequence[tuple[bytes, bytes]] = ()) -
     }  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def _logs_captured() -> Iterator[None]:
+    """The app logs through structlog's global configuration: captured here, so that no
+    stream another test configured is written to."""
+    with capture_logs():
+        yield
+
+
 @pytest.fixture
 def log_key() -> Signer:
     return generate_keypair("iortd-or-1")
