@@ -15,7 +15,8 @@ with relative imports resolved. Then it checks three things:
            |             |                              |
            +-------------+----------- kernel -----------+
 
-   (``users``, the account store, on the log core; the dashboard may use it for its login)
+   (``users``, the account store, on the log core; the dashboard may use it for its login;
+   ``witness``, iort-witness, on the log core beside ``audit``)
 
 2. **No cycles** between modules (Tarjan's strongly connected components), so any module can
    be read, tested and cut without dragging in the ones that depend on it.
@@ -58,6 +59,10 @@ ALLOWED: dict[str, frozenset[str]] = {
     # iort-users' account store (issue 19): on the log core (the keyring format, the signed
     # record, Ed25519 keys). The daemon never imports it: it reads the keyring file only.
     "users": frozenset({"kernel", "auditlog"}),
+    # iort-witness (issue 20, item 3): its own service, on the log core (checkpoints, Merkle
+    # proofs, cosignatures). The daemon never imports it: the client it calls is in the
+    # log core (auditlog/witness_client.py), so the witness's web stack stays out of it.
+    "witness": frozenset({"kernel", "auditlog"}),
 }
 PARTS = tuple(ALLOWED)
 
