@@ -163,7 +163,7 @@ async def test_the_alarm_list_shows_who_acknowledged_and_survives_a_restart(
             await expect(top).to_have_attribute("data-acknowledged", "false")
             await expect(top.locator(".sev")).to_have_text("HIGH")
             await expect(top.locator(".sev-icon svg")).to_have_count(1)  # never colour alone
-            await expect(top.locator(".alarm-msg")).to_have_text(DOOR["message"])
+            await expect(top.locator(".alarm-msg")).to_have_text(str(DOOR["message"]))
             await expect(top.locator(".alarm-times")).to_have_text(
                 f"raised {hms(RAISED)} · STANDING"
             )
