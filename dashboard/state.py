@@ -62,7 +62,7 @@ from typing import Any
 
 import orjson
 
-from iortd.dashboard.alarms import alarm_error
+from iortd.dashboard.alarms import CheckedItems, alarm_error
 from iortd.dashboard.room import (
     EVENTS_BYTES,
     RETAINED,
@@ -170,6 +170,7 @@ class Rooms:
         self.age_out_s = age_out_s
         self.future_s = future_s
         self.rooms: dict[str, Room] = {}
+        self._alarm_items = CheckedItems()  # alarm items already found valid (bounded)
         self.bytes = 0
         self.accepted = 0
         self.repeats = 0
@@ -264,7 +265,7 @@ class Rooms:
         if size > self.max_payload_bytes:
             raise Rejected("payload too large", room=key)
         p = check_envelope(payload)
-        reason = schema_error(name, p)
+        reason = self._alarm_items.schema_error(p) if name == "alarms" else schema_error(name, p)
         if reason is not None:
             raise Rejected(reason, room=key)
         if p["seq"] > PLAUSIBLE or p["session"] > PLAUSIBLE:

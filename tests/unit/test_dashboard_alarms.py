@@ -12,9 +12,11 @@ from typing import Any
 
 import orjson
 import pytest
+from jsonschema import Draft202012Validator  # type: ignore[import-untyped]
 
-from iortd.dashboard.alarms import alarm_error, alarm_rows, alarm_view, row_id
+from iortd.dashboard.alarms import CheckedItems, alarm_error, alarm_rows, alarm_view, row_id
 from iortd.dashboard.hub import Hub
+from iortd.dashboard.schemas import published, schema_error
 from iortd.dashboard.state import Rejected, Rooms
 
 T = "iort/v1/site-a/or-1/"
@@ -257,3 +259,57 @@ def test_alarm_error_accepts_what_a_daemon_sends() -> None:
         item("a", "low", raised=1, delivery_id=None),
     )
     assert alarm_error(p) is None
+
+
+# ---- the schema check remembers the items found valid --------------------------------------
+
+
+def test_a_republished_list_has_only_its_new_items_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """256 items cost some 50 ms to check against the schema, and the daemon republishes
+    the whole list on every change (up to 4 times a second): an item already found valid
+    is not checked again."""
+    checked: list[int] = []
+
+    def counting(name: str, payload: dict[str, Any]) -> str | None:
+        checked.append(len(payload["alarms"]))
+        return schema_error(name, payload)
+
+    monkeypatch.setattr("iortd.dashboard.alarms.schema_error", counting)
+    rooms = Rooms("iort")
+    full = [item(f"k{i}", raised=i, cleared=i + 1) for i in range(255)]
+    feed(rooms, alarms(1, *full), 0.0)
+    feed(rooms, alarms(2, *full, item("new", raised=300)), 0.0)
+    feed(rooms, alarms(3, *full[1:], item("new", raised=300, ack=BOB)), 0.0)
+    assert checked == [255, 1, 1]
+    assert rooms.rooms["site-a/or-1"].retained["alarms"].payload["seq"] == 3
+
+
+def test_remembered_items_never_change_a_verdict() -> None:
+    """The published schema's verdict on every item broken field by field, with valid
+    items already remembered around it, and on a list one item too long."""
+    reference = Draft202012Validator(published("alarms"))
+    checked = CheckedItems()
+    good = [item(f"k{i}", raised=i, ack=BOB if i % 2 else None) for i in range(5)]
+    assert checked.schema_error(alarms(1, *good)) is None
+    bads: tuple[object, ...] = (True, 1, -1, "x", None, [], {}, "x" * 600)
+    variants = []
+    for key in good[0]:
+        variants.append({k: v for k, v in good[0].items() if k != key})
+        variants += [{**good[0], key: bad} for bad in bads]
+    for key in BOB:
+        variants += [{**good[1], "acknowledged": {**BOB, key: bad}} for bad in bads]
+    for v in variants:
+        p = alarms(2, *good, v)
+        assert (checked.schema_error(p) is None) == reference.is_valid(p), v
+    many = [item(f"m{i}", raised=i) for i in range(256)]
+    assert checked.schema_error(alarms(3, *many)) is None
+    assert checked.schema_error(alarms(4, *many, good[0])) is not None, "maxItems"
+    assert checked.schema_error(alarms(5, *good) | {"extra": 1}) is not None
+
+
+def test_what_is_remembered_is_bounded_in_bytes() -> None:
+    checked = CheckedItems(max_bytes=10_000)
+    for n in range(20):
+        p = alarms(n + 1, *[item(f"k{n}-{i}", raised=i) for i in range(100)])
+        assert checked.schema_error(p) is None
+        assert checked.bytes <= 10_000
