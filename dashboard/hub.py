@@ -169,12 +169,20 @@ class Hub:
             {"room": acc.room.key, "name": acc.name, "payload": acc.payload, "age_ms": 0},
             acc.size,
         )
-        overview = out
         if acc.name == "alarms":
-            out, overview = _alarms_out(acc, summary=False), _alarms_out(acc, summary=True)
-        for sub in list(self._subs):
-            if sub.wants(acc.room.key):
-                sub.offer(out if sub.only is not None else overview)
+            # Rows for a room page, counts for an overview; each made only if someone wants it.
+            subs = [sub for sub in self._subs if sub.wants(acc.room.key)]
+            pages = [sub for sub in subs if sub.only is not None]
+            overviews = [sub for sub in subs if sub.only is None]
+            for group, summary in ((pages, False), (overviews, True)):
+                if group:
+                    item = _alarms_out(acc, summary=summary)
+                    for sub in group:
+                        sub.offer(item)
+        else:
+            for sub in list(self._subs):
+                if sub.wants(acc.room.key):
+                    sub.offer(out)
         self.removed(self.rooms.take_gone())
 
     def removed(self, keys: list[str]) -> None:
