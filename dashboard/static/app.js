@@ -817,12 +817,14 @@
     r.msg = el("span", { class: "alarm-msg" });
     r.times = el("span", { class: "alarm-times" });
     r.ack = el("span", { class: "alarm-ack" });
+    r.delivery = el("span", { class: "alarm-delivery" });
     r.actions = el("span", { class: "alarm-actions" });
-    r.li = el("li", {}, r.icon, r.sev, r.msg, r.times, r.ack, r.actions);
+    r.li = el("li", {}, r.icon, r.sev, r.msg, r.times, r.delivery, r.ack, r.actions);
     return r;
   }
 
-  function renderAlarmRow(r, row) {
+  // The list holds the delivery before this one too: a row of another delivery says so.
+  function renderAlarmRow(r, row, current) {
     const sev = String(row.severity);
     setAttr(r.li, "data-alarm-id", row.id);
     setAttr(r.li, "data-severity", sev);
@@ -833,14 +835,21 @@
     setText(r.sev, sev.toUpperCase());
     setText(r.msg, row.message || row.code || row.key);
     setText(r.times, "raised " + fmtAlarmTime(row.raised_at) + " · " + (row.standing ? "STANDING" : "cleared " + fmtAlarmTime(row.cleared_at)));
+    const other = current !== null && row.delivery_id !== current;
+    r.delivery.hidden = !other;
+    setText(r.delivery, !other ? "" : row.delivery_id === null ? "between deliveries" : "earlier delivery " + row.delivery_id);
     const k = row.acknowledged;
     setText(r.ack, k ? "acknowledged by " + k.name + " (" + k.by + ") at " + fmtAlarmTime(k.at) : "NOT ACKNOWLEDGED");
   }
 
   function renderAlarmList(a, room) {
     const held = room.alarms;
-    if (a.shown === held) return;  // redrawn only when a new list came
+    const t = room.telemetry ? room.telemetry.payload : null;
+    const dEnv = room.retained.delivery ? room.retained.delivery.payload : null;
+    const current = t && t.delivery_id ? t.delivery_id : dEnv && dEnv.delivery ? dEnv.delivery.delivery_id : null;
+    if (a.shown === held && a.current === current) return;  // redrawn only when either changed
     a.shown = held;
+    a.current = current;
     if (!held) {
       setText(a.summary, "No alarm list from this room's daemon yet (a daemon older than this list sends none): the alarm events below are all there is");
       setAttr(a.root, "data-top", "");
@@ -859,7 +868,7 @@
     const next = new Map();
     const nodes = rows.map((row) => {
       const r = a.rows.get(row.id) || buildAlarmRow();
-      renderAlarmRow(r, row);
+      renderAlarmRow(r, row, current);
       next.set(row.id, r);
       return r.li;
     });

@@ -74,6 +74,20 @@ RATE = {
 }
 
 
+# Cleared before anyone acknowledged it, in the delivery before this one.
+EARLIER = "or-6-20261126T080000000000Z"
+GAP = {
+    **RATE,
+    "key": "monitor_gap",
+    "code": "monitor_gap",
+    "severity": "low",
+    "message": "no reading from the console for 3.0 s",
+    "raised_at": ts(300),
+    "cleared_at": ts(290),
+    "delivery_id": EARLIER,
+}
+
+
 def telemetry(seq: int) -> dict[str, Any]:
     return env(
         seq,
@@ -139,7 +153,7 @@ async def test_the_alarm_list_shows_who_acknowledged_and_survives_a_restart(
         async with stack, client(broker.port) as mq:
             status = env(1, online=True, software_version="0.1.0", site=SITE, room=ROOM)
             await mq.publish(BASE + "status", orjson.dumps(status), qos=1, retain=True)
-            first = env(1, alarms=[RATE, DOOR], omitted=0)  # the daemon's order: oldest first
+            first = env(1, alarms=[GAP, RATE, DOOR], omitted=0)  # the daemon's order: oldest first
             await mq.publish(BASE + "alarms", orjson.dumps(first), qos=1, retain=True)
 
             # The room page and the overview, side by side.
@@ -153,7 +167,7 @@ async def test_the_alarm_list_shows_who_acknowledged_and_survives_a_restart(
                 overview.goto(dash.url, wait_until="domcontentloaded"),
             )
             rows = page.locator("#alarm-list > li[data-alarm-id]")
-            await expect(rows).to_have_count(2, timeout=10_000)
+            await expect(rows).to_have_count(3, timeout=10_000)
             top = rows.nth(0)
             # The dashboard is subscribed now: a live sample makes the room LIVE.
             await mq.publish(BASE + "telemetry", orjson.dumps(telemetry(1)), qos=1)
@@ -172,20 +186,25 @@ async def test_the_alarm_list_shows_who_acknowledged_and_survives_a_restart(
             await expect(rows.nth(1).locator(".alarm-times")).to_have_text(
                 f"raised {hms(CLEARED_RAISED)} · cleared {hms(CLEARED)}"
             )
+            await expect(top.locator(".alarm-delivery")).to_be_hidden()  # this delivery's
+            await expect(rows.nth(2)).to_have_attribute("data-severity", "low")
+            await expect(rows.nth(2).locator(".alarm-delivery")).to_have_text(
+                f"earlier delivery {EARLIER}"
+            )
             await expect(page.locator("#alarm-list-summary")).to_have_text(
-                "2 not acknowledged · 1 standing"
+                "3 not acknowledged · 1 standing"
             )
             await expect(page.locator("#live-word")).to_have_text("LIVE")
             await shot(page, "40-alarms-unacknowledged")
             # The overview's card counts what waits for someone.
             card = overview.locator(f'section.card[data-room="{SITE}/{ROOM}"] .card-alarms')
-            await expect(card).to_have_text("Alarms: 2 not acknowledged (1 HIGH standing)")
-            await expect(card).to_have_attribute("data-unacknowledged", "2")
+            await expect(card).to_have_text("Alarms: 3 not acknowledged (1 HIGH standing)")
+            await expect(card).to_have_attribute("data-unacknowledged", "3")
 
             # An operator acknowledges the door alarm: the daemon republishes the list,
             # and both pages follow it live.
             acked = {**DOOR, "acknowledged": {"by": "op-bob", "name": BOB, "at": ACKED}}
-            last = env(2, alarms=[RATE, acked], omitted=0)
+            last = env(2, alarms=[GAP, RATE, acked], omitted=0)
             await mq.publish(BASE + "alarms", orjson.dumps(last), qos=1, retain=True)
             # A dashboard started after the last message has only the broker's retained
             # store to go by (started now so that its start-up overlaps the checks).
@@ -197,7 +216,7 @@ async def test_the_alarm_list_shows_who_acknowledged_and_survives_a_restart(
             await expect(top.locator(".alarm-times")).to_have_text(
                 f"raised {hms(RAISED)} · STANDING"
             )
-            await expect(card).to_have_text("Alarms: 1 not acknowledged")
+            await expect(card).to_have_text("Alarms: 2 not acknowledged")
             await shot(page, "41-alarms-acknowledged")
 
             # The first dashboard goes (killed: nothing of it survives), the page turns to
@@ -206,7 +225,7 @@ async def test_the_alarm_list_shows_who_acknowledged_and_survives_a_restart(
             second = await late
             await page.goto(second.url + f"room/{SITE}/{ROOM}", wait_until="domcontentloaded")
             await expect(top.locator(".alarm-ack")).to_have_text(want, timeout=5_000)
-            await expect(rows).to_have_count(2)
+            await expect(rows).to_have_count(3)
             await expect(rows.nth(1).locator(".alarm-ack")).to_have_text("NOT ACKNOWLEDGED")
             await expect(page.locator("#display-error")).to_be_hidden()
             await shot(page, "42-alarms-after-restart")
