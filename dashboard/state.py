@@ -43,7 +43,9 @@ the wire; a room holds at most seven payloads, ``events_bytes`` of events,
 ``history_points`` plot points and as many trace points, and ``SEQ_KEYS`` x ``RECENT``
 remembered seqs (charged as measured: a publisher cycling sessions otherwise made a room
 hold ~650 KB charged under 1 KB); all rooms together at most ``max_bytes``, beyond which
-the room that has gone longest without a valid message is evicted (counted). There is no cap on the
+the room that has gone longest without a valid message is evicted (counted); besides, the
+items of ``alarms`` lists already found valid are remembered, at most 2 MiB for all rooms
+(`iortd.dashboard.alarms.CheckedItems`). There is no cap on the
 number of rooms, so retained rooms that publish nothing can never keep a live one out.
 **Ageing**: a room with no valid message for ``age_out_s`` is marked ``aged_out`` in the
 snapshot; after twice that, `Rooms.sweep` removes it (counted).
