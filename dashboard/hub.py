@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from iortd.dashboard.alarms import alarm_view
 from iortd.dashboard.state import Accepted, Rooms
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
 QUEUE_MESSAGES = 5000  # per browser stream
 QUEUE_BYTES = 16 * 1024 * 1024  # per browser stream, of payloads waiting
 SNAPSHOT_ROOMS = 1000  # rooms in an overview's snapshot, the most recently valid
+SUMMARY_BYTES = 256  # what an overview's summary of an alarm list is charged
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,16 @@ class Subscriber:
         item = await self.queue.get()
         self.bytes -= item.size
         return item
+
+
+def _alarms_out(acc: Accepted, *, summary: bool) -> Outgoing:
+    """An ``alarms`` message as the pages take it (iortd.dashboard.alarms): the rows for a
+    room page, the counts for an overview (which shows no list), the envelope as payload."""
+    view = alarm_view(acc.payload, summary=summary)
+    data = {"room": acc.room.key, "name": acc.name, "payload": view.pop("envelope")}
+    return Outgoing(
+        "msg", {**data, "alarms": view, "age_ms": 0}, SUMMARY_BYTES if summary else acc.size
+    )
 
 
 @dataclass
@@ -162,9 +174,20 @@ class Hub:
             {"room": acc.room.key, "name": acc.name, "payload": acc.payload, "age_ms": 0},
             acc.size,
         )
-        for sub in list(self._subs):
-            if sub.wants(acc.room.key):
-                sub.offer(out)
+        if acc.name == "alarms":
+            # Rows for a room page, counts for an overview; each made only if someone wants it.
+            subs = [sub for sub in self._subs if sub.wants(acc.room.key)]
+            pages = [sub for sub in subs if sub.only is not None]
+            overviews = [sub for sub in subs if sub.only is None]
+            for group, summary in ((pages, False), (overviews, True)):
+                if group:
+                    item = _alarms_out(acc, summary=summary)
+                    for sub in group:
+                        sub.offer(item)
+        else:
+            for sub in list(self._subs):
+                if sub.wants(acc.room.key):
+                    sub.offer(out)
         for listener in list(self.listeners):
             listener(acc)
         self.removed(self.rooms.take_gone())

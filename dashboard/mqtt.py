@@ -29,7 +29,7 @@ once the byte bound was reached every room's messages were dropped. Now:
 
 * a payload larger than the dashboard's limit is counted as rejected and never queued
   (paho has read it, and drops it when the callback returns), and a topic the dashboard
-  passes over (commands, ``applicator``, ``alarms``) is counted as ignored and not queued
+  passes over (the commands, ``cmd/...``) is counted as ignored and not queued
   either, so a flood of them under a room's name cannot use up that room's queue;
 * each message is charged its payload plus ``MESSAGE_OVERHEAD`` (so that empty payloads
   are not free); a room may have at most ``ROOM_MESSAGES`` messages and ``ROOM_BYTES``

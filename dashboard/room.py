@@ -3,7 +3,9 @@
 :class:`Room` keeps, for one ``{site}/{room}``:
 
 * the latest message of each retained topic (``status``, ``interlocks``, ``delivery``,
-  ``audit/checkpoint``), as the broker hands them to any new subscriber;
+  ``audit/checkpoint``, ``alarms``), as the broker hands them to any new subscriber; the
+  ``alarms`` list is served as rows in the page's order, or as counts to the overview
+  (:mod:`iortd.dashboard.alarms`), never as the raw list beside them;
 * the latest *live* ``telemetry`` (the current readings; a replayed sample is never the
   current state, docs/mqtt-topics.md rule 2) and when it arrived;
 * a recent history of one delivery's telemetry for the plots, at most ``history_points``
@@ -38,6 +40,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from iortd.dashboard.alarms import alarm_view
+
 __all__ = [
     "APPLICATOR_CODE",
     "PSEUDONYM",
@@ -59,7 +63,7 @@ __all__ = [
 Payload = dict[str, Any]
 
 SCHEMA = "iort/v1"
-RETAINED = ("status", "interlocks", "delivery", "audit/checkpoint")
+RETAINED = ("status", "interlocks", "delivery", "audit/checkpoint", "alarms")
 EVENTS_BYTES = 1024 * 1024
 RECENT = 256  # exact seqs remembered per topic and session, to drop repeats
 LOWER_RUN = 3  # fresh messages in order below a mark that take over from it
@@ -392,6 +396,12 @@ class Room:
         )
         return self.bytes - before
 
+    def _alarms(self, now: float, *, summary: bool) -> Payload | None:
+        held = self.retained.get("alarms")
+        if held is None:
+            return None
+        return {**alarm_view(held.payload, summary=summary), "age_ms": held.out(now)["age_ms"]}
+
     def _add_point(self, payload: Payload) -> None:
         pt = point_of(payload)
         if pt is None:
@@ -410,7 +420,9 @@ class Room:
         out: Payload = {
             "site": self.site,
             "room": self.room,
-            "retained": {n: h.out(now) for n, h in self.retained.items()},
+            # The alarm list goes as rows (all of them) or counts (the overview), not twice.
+            "retained": {n: h.out(now) for n, h in self.retained.items() if n != "alarms"},
+            "alarms": self._alarms(now, summary=summary),
             "telemetry": None if self.telemetry is None else self.telemetry.out(now),
             "last_valid_age_ms": round((now - self.last_valid) * 1000),
             "aged_out": now - self.last_valid > age_out_s,

@@ -44,6 +44,7 @@ STEMS = {
     "delivery": "delivery",
     "events": "events",
     "audit/checkpoint": "checkpoint",
+    "alarms": "alarms",
 }
 _REASON_MAX = 80
 

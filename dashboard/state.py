@@ -20,7 +20,8 @@ and reason (shown in the snapshot's ``rejected`` and ``diagnostics``) and never 
    ``status`` names the room of its topic, and a ``delivery``'s ``verification`` does not
    contradict itself and names its prescription by pseudonyms only
    (`iortd.dashboard.room.verification_error`: never a green VERIFIED over a list of
-   failed items);
+   failed items), and an ``alarms`` list holds each raising once and only printable
+   names (`iortd.dashboard.alarms.alarm_error`);
 5. its ``seq`` and ``session`` are at most 2^53 (the schema allows 64 bits, but no daemon
    gets there and a browser cannot represent more), and ``seq`` is not a jump of more
    than ``seq_window`` past the highest handled in its topic and session (a forged
@@ -38,11 +39,13 @@ this authenticates anything: a publisher who sends the next ``seq`` with false c
 believed. Only the broker's ACL (config/mosquitto/, docs/dashboard.md) stops that.
 
 **Memory** is bounded in bytes, not counts: every held message is charged its size on
-the wire; a room holds at most six payloads, ``events_bytes`` of events,
+the wire; a room holds at most seven payloads, ``events_bytes`` of events,
 ``history_points`` plot points and as many trace points, and ``SEQ_KEYS`` x ``RECENT``
 remembered seqs (charged as measured: a publisher cycling sessions otherwise made a room
 hold ~650 KB charged under 1 KB); all rooms together at most ``max_bytes``, beyond which
-the room that has gone longest without a valid message is evicted (counted). There is no cap on the
+the room that has gone longest without a valid message is evicted (counted); besides, the
+items of ``alarms`` lists already found valid are remembered, at most 2 MiB for all rooms
+(`iortd.dashboard.alarms.CheckedItems`). There is no cap on the
 number of rooms, so retained rooms that publish nothing can never keep a live one out.
 **Ageing**: a room with no valid message for ``age_out_s`` is marked ``aged_out`` in the
 snapshot; after twice that, `Rooms.sweep` removes it (counted).
@@ -61,6 +64,7 @@ from typing import Any
 
 import orjson
 
+from iortd.dashboard.alarms import CheckedItems, alarm_error
 from iortd.dashboard.room import (
     EVENTS_BYTES,
     RETAINED,
@@ -88,10 +92,10 @@ __all__ = [
 
 STREAMS = ("telemetry", "applicator", "events")
 NAMES = RETAINED + STREAMS
-# Topics of the contract (ARCHITECTURE: alarms, signed commands in) that the dashboard
-# does not show: passed over, counted as ``ignored``, never as invalid, so that a room's
-# card does not report its own commands or future topics as rejected.
-NOT_SHOWN = ("alarms",)
+# Topics of the contract (ARCHITECTURE: the signed commands in) that the dashboard does
+# not show: passed over, counted as ``ignored``, never as invalid, so that a room's card
+# does not report its own commands as rejected. (``alarms`` was one until issue 19.)
+NOT_SHOWN: tuple[str, ...] = ()
 NOT_SHOWN_PREFIX = "cmd/"
 # A site or room level: the daemon's slug (its config and the status schema: a-z, 0-9, '-',
 # at most 63). Anything else no daemon can publish, and would let a look-alike of a real
@@ -168,6 +172,7 @@ class Rooms:
         self.age_out_s = age_out_s
         self.future_s = future_s
         self.rooms: dict[str, Room] = {}
+        self._alarm_items = CheckedItems()  # alarm items already found valid (bounded)
         self.bytes = 0
         self.accepted = 0
         self.repeats = 0
@@ -262,7 +267,7 @@ class Rooms:
         if size > self.max_payload_bytes:
             raise Rejected("payload too large", room=key)
         p = check_envelope(payload)
-        reason = schema_error(name, p)
+        reason = self._alarm_items.schema_error(p) if name == "alarms" else schema_error(name, p)
         if reason is not None:
             raise Rejected(reason, room=key)
         if p["seq"] > PLAUSIBLE or p["session"] > PLAUSIBLE:
@@ -276,6 +281,8 @@ class Rooms:
         if name == "status" and (p["site"], p["room"]) != (site, room_name):
             raise Rejected("status names another room", room=key)
         if name == "delivery" and (why := verification_error(p)) is not None:
+            raise Rejected(*why, room=key)
+        if name == "alarms" and (why := alarm_error(p)) is not None:
             raise Rejected(*why, room=key)
         ts = epoch_ms(p["ts"])
         if wall is not None and ts is not None and ts > (wall + self.future_s) * 1000:

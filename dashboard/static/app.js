@@ -109,6 +109,7 @@
         room.rejectedTotal = Object.values(room.rejected).reduce((a, b) => a + b, 0);
         room.eventsDropped = r.events_dropped || 0;
         room.notices = r.notices || {};
+        loadAlarms(room, r, now);
         room.lastValid = typeof r.last_valid_age_ms === "number" ? now - r.last_valid_age_ms : now;
         model.rooms.set(key, room);
       } catch (err) {
@@ -207,6 +208,8 @@
     } else if (m.name === "applicator") {
       if (!m.payload.historical) room.applicator = h;
       if (model.only) addTracePoint(room, m.payload);
+    } else if (m.name === "alarms") {
+      applyAlarms(room, m, h.rx);
     }
     room.dirty = true;
   }
@@ -444,8 +447,9 @@
     v.verif = buildVerification("verification");
     // a physicist's sign-off of the ended delivery (signoff.js; absent: nothing to sign)
     v.signoff = window.IortSignoff ? window.IortSignoff.build() : null;
+    v.alarmList = buildAlarmList();
 
-    v.root.append(v.sim, v.stale, v.notice, v.err, head, v.verif.root,
+    v.root.append(v.sim, v.stale, v.notice, v.err, head, v.verif.root, v.alarmList.root,
       el("div", { class: "grid row1" }, beamPanel, dosePanel, timePanel), plots, row3, buildApplicatorPanel(v));
     if (v.signoff) v.root.append(v.signoff.root);
     main.append(v.root);
@@ -635,6 +639,7 @@
       renderVerification(v.verif, room, room.telemetry ? room.telemetry.payload : null, dEnv ? dEnv.delivery : null);
     });
     guard("applicator", () => renderApplicator(v, room, now));
+    guard("alarm list", () => renderAlarmList(v.alarmList, room));
     if (plotsToo) {
       const dEnv = room.retained.delivery ? room.retained.delivery.payload : null;
       const d = dEnv ? dEnv.delivery : null;
@@ -757,6 +762,137 @@
     });
     if (nodes.length === 0) nodes.push(el("li", { class: "empty", text: "No alarm since the dashboard started" }));
     v.alarms.replaceChildren(...nodes);
+  }
+
+  // ---- the room's alarm list: the retained alarms topic (issue 19, item 3) ---------------
+  // The daemon's own list of what stands and what waits for an acknowledgement; the server
+  // (dashboard/alarms.py) sends it as rows in the page's order (standing unacknowledged
+  // HIGH first), each with a stable id [key, raised_at, delivery_id], or to an overview as
+  // counts. It is the only source of this list: the events above feed the event log only.
+  // Each row keeps its element while its id stays, and has an empty .alarm-actions place
+  // (the acknowledge button comes there, on top of the dashboard's signed commands).
+  const ALARM_ICONS = {
+    high: '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M12 2 23 21H1z" fill="currentColor"/><rect x="10.8" y="8" width="2.4" height="7" fill="#000"/><rect x="10.8" y="16.5" width="2.4" height="2.4" fill="#000"/></svg>',
+    medium: '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M12 1.5 22.5 12 12 22.5 1.5 12z" fill="currentColor"/><rect x="10.8" y="6.5" width="2.4" height="7" fill="#000"/><rect x="10.8" y="15" width="2.4" height="2.4" fill="#000"/></svg>',
+    low: '<svg viewBox="0 0 24 24" aria-hidden="true"><circle cx="12" cy="12" r="9.5" fill="none" stroke="currentColor" stroke-width="2.5"/><rect x="10.8" y="10" width="2.4" height="8" fill="currentColor"/><rect x="10.8" y="6" width="2.4" height="2.4" fill="currentColor"/></svg>',
+  };
+
+  function loadAlarms(room, r, now) {
+    room.alarms = r.alarms ? { view: r.alarms, rx: now - r.alarms.age_ms } : null;
+  }
+
+  function applyAlarms(room, m, rx) {
+    if (m.alarms) room.alarms = { view: m.alarms, rx };
+  }
+
+  // A time of day in UTC, with its date when it is not today's (the list can hold the
+  // delivery before this one).
+  function fmtAlarmTime(ts) {
+    const v = epochMs(ts);
+    if (v === null) return "—";
+    const iso = new Date(v).toISOString();
+    const today = new Date().toISOString().slice(0, 10);
+    return (iso.slice(0, 10) === today ? "" : iso.slice(0, 10) + " ") + iso.slice(11, 19) + " UTC";
+  }
+
+  function alarmCountsText(a) {
+    const high = a.standing_unacknowledged_high ? " (" + a.standing_unacknowledged_high + " HIGH standing)" : "";
+    if (a.unacknowledged) return a.unacknowledged + " not acknowledged" + high;
+    if (a.standing) return "none to acknowledge; " + a.standing + " standing, acknowledged";
+    return "none";
+  }
+
+  function buildAlarmList() {
+    const a = {};
+    a.summary = el("p", { class: "alarm-list-summary", id: "alarm-list-summary" });
+    a.list = el("ul", { class: "list alarm-list", id: "alarm-list", "aria-live": "polite" });
+    a.omitted = el("p", { class: "alarm-list-omitted", id: "alarm-list-omitted", hidden: "" });
+    a.rows = new Map();
+    a.root = el("section", { class: "panel alarm-list-panel", id: "alarm-list-panel", "aria-labelledby": "h-alarm-list", "data-top": "" },
+      el("h2", { id: "h-alarm-list", text: "Alarms: standing, and cleared but not acknowledged" }), a.summary, a.list, a.omitted);
+    a.shown = undefined;
+    return a;
+  }
+
+  function buildAlarmRow() {
+    const r = {};
+    r.icon = el("span", { class: "sev-icon" });
+    r.sev = el("span", { class: "sev" });
+    r.msg = el("span", { class: "alarm-msg" });
+    r.times = el("span", { class: "alarm-times" });
+    r.ack = el("span", { class: "alarm-ack" });
+    r.delivery = el("span", { class: "alarm-delivery" });
+    r.actions = el("span", { class: "alarm-actions" });
+    r.li = el("li", {}, r.icon, r.sev, r.msg, r.times, r.delivery, r.ack, r.actions);
+    return r;
+  }
+
+  // The list holds the delivery before this one too: a row of another delivery says so.
+  function renderAlarmRow(r, row, current) {
+    const sev = String(row.severity);
+    setAttr(r.li, "data-alarm-id", row.id);
+    setAttr(r.li, "data-severity", sev);
+    setAttr(r.li, "data-standing", String(!!row.standing));
+    setAttr(r.li, "data-acknowledged", String(!!row.acknowledged));
+    if (r.icon.dataset.icon !== sev) { r.icon.dataset.icon = sev; r.icon.innerHTML = ALARM_ICONS[sev] || ""; }
+    setAttr(r.sev, "data-sev", sev);
+    setText(r.sev, sev.toUpperCase());
+    setText(r.msg, row.message || row.code || row.key);
+    setText(r.times, "raised " + fmtAlarmTime(row.raised_at) + " · " + (row.standing ? "STANDING" : "cleared " + fmtAlarmTime(row.cleared_at)));
+    const other = current !== null && row.delivery_id !== current;
+    r.delivery.hidden = !other;
+    setText(r.delivery, !other ? "" : row.delivery_id === null ? "between deliveries" : "earlier delivery " + row.delivery_id);
+    const k = row.acknowledged;
+    setText(r.ack, k ? "acknowledged by " + k.name + " (" + k.by + ") at " + fmtAlarmTime(k.at) : "NOT ACKNOWLEDGED");
+  }
+
+  function renderAlarmList(a, room) {
+    const held = room.alarms;
+    const t = room.telemetry ? room.telemetry.payload : null;
+    const dEnv = room.retained.delivery ? room.retained.delivery.payload : null;
+    const current = t && t.delivery_id ? t.delivery_id : dEnv && dEnv.delivery ? dEnv.delivery.delivery_id : null;
+    if (a.shown === held && a.current === current) return;  // redrawn only when either changed
+    a.shown = held;
+    a.current = current;
+    if (!held) {
+      setText(a.summary, "No alarm list from this room's daemon yet (a daemon older than this list sends none): the alarm events below are all there is");
+      setAttr(a.root, "data-top", "");
+      a.rows.clear();
+      a.list.replaceChildren();
+      a.omitted.hidden = true;
+      return;
+    }
+    const view = held.view;
+    const rows = view.rows || [];
+    setText(a.summary, rows.length === 0 && !view.omitted ? "No standing or unacknowledged alarm"
+      : view.unacknowledged + " not acknowledged · " + view.standing + " standing");
+    // The panel takes the colour of its first row when that one stands unacknowledged.
+    const top = rows[0];
+    setAttr(a.root, "data-top", top && top.standing && !top.acknowledged ? String(top.severity) : "");
+    const next = new Map();
+    const nodes = rows.map((row) => {
+      const r = a.rows.get(row.id) || buildAlarmRow();
+      renderAlarmRow(r, row, current);
+      next.set(row.id, r);
+      return r.li;
+    });
+    a.rows = next;
+    if (nodes.length !== a.list.children.length || nodes.some((n, i) => a.list.children[i] !== n)) a.list.replaceChildren(...nodes);
+    a.omitted.hidden = !view.omitted;
+    setText(a.omitted, view.omitted ? view.omitted + " more cleared alarms not acknowledged are not listed (beyond the daemon's 256): see the audit log" : "");
+  }
+
+  // The overview card's line: how many wait for an acknowledgement.
+  function buildCardAlarms(c) {
+    c.alarms = el("div", { class: "card-line card-alarms", "data-unacknowledged": "" });
+    return c.alarms;
+  }
+
+  function renderCardAlarms(c, room) {
+    const a = room.alarms ? room.alarms.view : null;
+    setAttr(c.alarms, "data-unacknowledged", a ? String(a.unacknowledged) : "");
+    setAttr(c.alarms, "data-high", String(!!(a && a.standing_unacknowledged_high)));
+    setText(c.alarms, a ? "Alarms: " + alarmCountsText(a) : "Alarms: no list from this room's daemon");
   }
 
   function renderFacts(v, room, d) {
@@ -1006,7 +1142,7 @@
     const add = (k, val) => rows.push(el("dt", { text: k }), el("dd", { text: val }));
     add("Accepted", String(d.accepted));
     add("Repeats dropped", String(d.repeats));
-    if (d.ignored) add("Ignored (topics not shown here: applicator, alarms, commands)", String(d.ignored));
+    if (d.ignored) add("Ignored (topics not shown here: commands)", String(d.ignored));
     add("Rejected", String(d.rejected));
     for (const [r, n] of Object.entries(d.rejected_by_reason || {}).slice(0, 10)) add("  " + r, String(n));
     const elsewhere = Object.entries(d.rejected_without_room || {});
@@ -1043,7 +1179,7 @@
     c.age = el("div", { class: "age" });
     c.rejected = el("div", { class: "card-line rejected", hidden: "" });
     c.err = el("div", { class: "card-line display-error", role: "alert", hidden: "" });
-    c.root.append(c.times, c.il, c.apl, c.term, c.age, c.rejected, c.err);
+    c.root.append(c.times, c.il, buildCardAlarms(c), c.apl, c.term, c.age, c.rejected, c.err);
     return c;
   }
 
@@ -1083,6 +1219,7 @@
       setText(c.apl, "Applicator " + w("seated", "seated", "NOT SEATED") + ", brakes " + w("brakes_engaged", "engaged", "RELEASED") +
         ", displacement " + fmtMm(ap.displacement_magnitude_mm) + " mm" + (al.live ? "" : " — " + al.word));
     }
+    renderCardAlarms(c, room);
     setText(c.term, d && d.termination ? "Terminated " + d.termination + (d.termination_reason ? " (" + d.termination_reason + ")" : "") : d ? "Delivery " + d.phase : "No delivery yet");
     const ageText = live.age === null ? "no message yet" : "last message " + fmtSecs(Math.max(0, live.age) / 1000) + " ago";
     setText(c.age, live.live ? ageText : live.word + ": " + live.why + "; " + ageText);

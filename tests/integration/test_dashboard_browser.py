@@ -162,6 +162,13 @@ async def test_one_delivery_through_the_serial_path_as_a_physicist_sees_it(
             )
             await expect(page.locator("#beam-state")).to_contain_text("INTERRUPTED")
             await expect(page.locator("#alarms")).to_contain_text("door", timeout=5_000)
+            # The daemon's retained alarm list has it too, not acknowledged (a real
+            # daemon's alarms payload passes the dashboard's checks; issue 19).
+            door_row = page.locator('#alarm-list li[data-alarm-id*="interlock_tripped:door"]')
+            await expect(door_row.first).to_have_attribute(
+                "data-acknowledged", "false", timeout=5_000
+            )
+            await expect(door_row.first.locator(".alarm-ack")).to_have_text("NOT ACKNOWLEDGED")
             await shot(page, "02-room-door-tripped-interrupted")
 
             # Closed and resumed: beam on again, the interruption recorded.

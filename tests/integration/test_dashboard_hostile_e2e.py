@@ -576,6 +576,8 @@ async def test_the_page_draws_each_room_and_section_in_isolation(
     bad_room["applicator"] = _held(
         env(1, device="stand", state="READY", seated="yes", brakes_engaged="yes", tilt_deg={})
     )
+    # An alarm list whose rows are not a list (issue 19): named, the rest drawn.
+    bad_room["alarms"] = {"rows": 5, "unacknowledged": 1, "standing": 1, "age_ms": 0}
     room_snap = {**snap, "rooms": {f"{SITE}/a-bad": bad_room}}
     room_body = "retry: 600000\n\n" + _sse("snapshot", {**room_snap, "only": f"{SITE}/a-bad"})
     rec = Recorder()
@@ -604,6 +606,7 @@ async def test_the_page_draws_each_room_and_section_in_isolation(
                 "delivery facts", timeout=5_000
             )
             await expect(page.locator("#display-error")).to_contain_text("applicator")
+            await expect(page.locator("#display-error")).to_contain_text("alarm list")
             await expect(page.locator("#apl-seated")).to_contain_text("SEATED")
             await expect(page.locator("#dose-primary")).to_have_text("0.50")
             await expect(page.locator("#all-clear")).to_contain_text("No interlock report")

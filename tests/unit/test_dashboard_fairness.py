@@ -144,14 +144,14 @@ def test_empty_payloads_are_charged_so_the_queue_stays_bounded() -> None:
 
 
 def test_topics_not_shown_take_no_place_in_a_rooms_queue() -> None:
-    """The topics the dashboard passes over (commands, alarms) are counted as
-    ignored when they arrive: a flood of them under a room's name does not use up that
-    room's queue and push its telemetry out."""
+    """The topics the dashboard passes over (the commands) are counted as ignored when
+    they arrive: a flood of them under a room's name does not use up that room's queue and
+    push its telemetry out. (``alarms`` is shown since issue 19: it queues as the others.)"""
     rooms = Rooms("iort")
     queue = incoming_queue(rooms, lambda _t, _e: None, room_messages=3)()
     for _ in range(10):
         queue.put_nowait(message("iort/v1/site-a/or-2/cmd/start", b"{}"))
-        queue.put_nowait(message("iort/v1/site-a/or-2/alarms", b"{}"))
+        queue.put_nowait(message("iort/v1/site-a/or-2/cmd/ack", b"{}"))
     queue.put_nowait(message(QUIET, telemetry(1, "or-2")))
     assert queue.qsize() == 1
     assert rooms.ignored == 20

@@ -112,6 +112,25 @@ def notice(seq: int, message: str = "audit log writable again") -> dict[str, Any
     )
 
 
+def alarm(**kw: Any) -> dict[str, Any]:
+    """One item of the ``alarms`` topic (docs/mqtt-topics.md)."""
+    return {
+        "key": "interlock_tripped:door",
+        "code": "interlock_tripped",
+        "severity": "high",
+        "message": "interlock door tripped with beam on",
+        "raised_at": TS,
+        "cleared_at": None,
+        "delivery_id": "or-1-20261126T100000000000Z",
+        "acknowledged": None,
+        **kw,
+    }
+
+
+# A printed name that reads backwards from the override on: no keyring enrols one.
+ACK_RTL = {"by": "op-bob", "name": "B. Operator \u202eTTR", "at": TS}
+
+
 def raw(payload: object) -> bytes:
     return orjson.dumps(payload)
 
@@ -142,6 +161,14 @@ def raw(payload: object) -> bytes:
         ("delivery", env(2, delivery=[]), "schema"),
         ("events", env(2, kind="alarm_raised"), "schema"),
         ("audit/checkpoint", env(2, origin=1), "schema"),
+        ("alarms", env(2, alarms=[], omitted=0, extra=1), "schema"),
+        ("alarms", env(2, alarms={}, omitted=0), "schema"),
+        ("alarms", env(2, alarms=[alarm(severity=1)], omitted=0), "schema"),
+        ("alarms", env(2, alarms=[alarm(raised_at="yesterday")], omitted=0), "schema"),
+        ("alarms", env(2, alarms=[alarm(message="x" * 501)], omitted=0), "schema"),
+        ("alarms", env(2, alarms=[alarm(acknowledged={"by": "op-bob"})], omitted=0), "schema"),
+        ("alarms", env(2, alarms=[alarm(), alarm()], omitted=0), "alarms duplicate"),
+        ("alarms", env(2, alarms=[alarm(acknowledged=ACK_RTL)], omitted=0), "alarms names"),
     ],
 )
 def test_a_payload_that_breaks_its_schema_is_rejected_and_counted(
@@ -442,9 +469,8 @@ def test_the_fast_validators_agree_with_the_published_schemas() -> None:
     published schema's."""
     doc = (Path(__file__).resolve().parents[2] / "docs" / "mqtt-topics.md").read_text("utf-8")
     examples = [json.loads(b) for b in re.findall(r"```json\n(.*?)\n```", doc, re.DOTALL)]
-    # The alarms topic's: the dashboard passes that topic over (state.NOT_SHOWN) for now.
-    examples = [e for e in examples if "alarms" not in e]
-    assert len(examples) >= 6
+    assert len(examples) >= 7
+    assert any("alarms" in e for e in examples), "the alarms topic's example is checked too"
     reference = {name: Draft202012Validator(published(name)) for name in STEMS}
     checked = 0
     for example in examples:
@@ -519,13 +545,16 @@ def test_an_overview_snapshot_gives_the_most_recently_valid_rooms_and_says_how_m
 
 def test_topics_of_the_contract_it_does_not_show_are_ignored_not_counted_as_invalid() -> None:
     rooms = Rooms("iort")
-    for name in ("alarms", "cmd/ack", "cmd/prescription"):
+    for name in ("cmd/ack", "cmd/prescription", "cmd/signoff"):
         assert rooms.receive(T + name, b'{"anything": 1}', 0.0) is None
     with pytest.raises(Rejected, match="unknown"):
         rooms.receive(T + "applicator/x", b"{}", 0.0)
+    # The alarms topic is shown (issue 19): checked like any other, never passed over.
+    with pytest.raises(Rejected, match="schema"):
+        rooms.receive(T + "alarms", b'{"anything": 1}', 0.0)
     diag = rooms.snapshot(1.0)["diagnostics"]
     assert diag["ignored"] == 3
-    assert diag["rejected"] == 1
+    assert diag["rejected"] == 2
     assert rooms.rooms == {}
 
 
