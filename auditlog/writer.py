@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 import threading
 import time
@@ -48,8 +47,6 @@ from iortd.auditlog.logdir import (
     LogInUse,
     LogUnusable,
     OpenSegment,
-    check_same_file,
-    create_segment,
     lock_directory,
     new_origin,
     read_anchor,
@@ -59,10 +56,12 @@ from iortd.auditlog.logdir import (
 from iortd.auditlog.marker import find_hash
 from iortd.auditlog.note import Checkpoint, Signer
 from iortd.auditlog.recovery import RecoveryReport, recover
+from iortd.auditlog.segment_writer import PartialWrite as _PartialWrite
+from iortd.auditlog.segment_writer import Pending as _Pending
+from iortd.auditlog.segment_writer import SegmentWriting
 from iortd.auditlog.spill import DEFAULT_SPILL_DIR, spill_entries, spill_path
 from iortd.auditlog.vouch import LogRolledBack
 from iortd.kernel.backoff import Backoff
-from iortd.kernel.durable import write_all
 from iortd.kernel.timefmt import epoch_ns, utc_ts
 
 # The writing side's public names, importable from here (as before the cut, issue 15).
@@ -98,13 +97,6 @@ class AuditLogClosed(RuntimeError):
     pass
 
 
-class _PartialWrite(Exception):
-    def __init__(self, written: int, error: OSError) -> None:
-        super().__init__(str(error))
-        self.written = written
-        self.error = error
-
-
 class Entry(NamedTuple):
     """An appended entry; ``committed`` resolves once it is fsync'd."""
 
@@ -115,16 +107,7 @@ class Entry(NamedTuple):
     committed: asyncio.Future[None]
 
 
-class _Pending(NamedTuple):
-    seq: int
-    date: str  # YYYYMMDD of the entry's ts: which day's segment it belongs to
-    line: bytes
-    future: asyncio.Future[None]
-    durable: bool
-    hash: str
-
-
-class AuditLog:
+class AuditLog(SegmentWriting):
     """One writer per log directory. Build with :meth:`open`; run :meth:`run` as a task."""
 
     def __init__(
@@ -493,63 +476,6 @@ class AuditLog:
         for told in (self.on_failure, *self.failure_watchers):
             if told is not None:
                 told(exc)
-
-    def _write_batch(self, batch: list[_Pending]) -> None:
-        """Runs in a worker thread: write, rotate and fsync; all or nothing per segment.
-
-        Raises _PartialWrite saying how many entries (from the start) are on disk."""
-        i = 0
-        while i < len(batch):
-            try:
-                i = self._write_chunk(batch, i)
-            except OSError as exc:
-                raise _PartialWrite(i, exc) from exc
-
-    def _write_chunk(self, batch: list[_Pending], i: int) -> int:
-        """Write the entries from ``i`` that go into one segment; return where it stopped."""
-        seg = self._segment
-        first = batch[i]
-        if (
-            seg is None
-            or seg.date != first.date
-            or (seg.size > 0 and seg.size + len(first.line) > self._max)
-        ):
-            seg = self._rotate(first.seq, first.date)
-        chunk: list[bytes] = []
-        size = seg.size
-        while i < len(batch) and batch[i].date == seg.date:
-            line = batch[i].line
-            if chunk and size + len(line) > self._max:
-                break
-            chunk.append(line)
-            size += len(line)
-            i += 1
-        check_same_file(seg)
-        try:
-            write_all(seg.fd, b"".join(chunk))
-            os.fsync(seg.fd)
-        except OSError:
-            # Cut back to the last committed size so that a torn write never sits
-            # in the middle of the file when the retry appends after it.
-            with contextlib.suppress(OSError):
-                os.ftruncate(seg.fd, seg.size)
-            raise
-        seg.size = size
-        return i
-
-    def _rotate(self, first_seq: int, date: str) -> OpenSegment:
-        if not self.directory.is_dir():
-            # Never recreate a deleted log directory: a new chain in an empty directory
-            # would hide the deletion. The alarm stays up until an operator acts.
-            raise OSError(errno.ENOENT, f"{self.directory}: the log directory is gone")
-        old = self._segment
-        if old is not None:
-            os.fsync(old.fd)
-            os.close(old.fd)
-            self._segment = None
-        self._segment = create_segment(self.directory, first_seq, date)
-        self.on_rotate()
-        return self._segment
 
     async def close(self) -> None:
         """Flush and fsync everything pending, then close the file."""
