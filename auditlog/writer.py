@@ -13,8 +13,17 @@ last committed size (no torn line in the middle), an alarm callback fires, and t
 retries with capped backoff until it succeeds. A failing seal or checkpoint-file write is
 a failing log write too: an alarm and a retry; it never ends the writer.
 
-The seal: after every group commit (after its fsync) the writer signs (size, head hash) in
-the checkpoint note format and replaces ``seal`` with it atomically. It is never published
+The Merkle tree (issue 20): beside the chain's head the writer keeps the frontier of the
+RFC 6962 tree over every entry (merkle.py; leaf = the entry's line without its newline),
+appending each entry's leaf as its line is made (one SHA-256 and, on average, one node
+hash). A group commit takes a copy of it (at most 64 hashes) with its batch, so the seal
+signs the root at the committed size. At open the frontier comes from the seal, or is
+rebuilt from the log (tree_state.py). Without a signing key, or when it cannot be
+rebuilt, there is none, and the notes are chain-head checkpoints (note.py).
+
+The seal: after every group commit (after its fsync) the writer signs (size, root, head
+hash; and the frontier, tree_state.py) in the checkpoint note format and replaces ``seal``
+with it atomically. It is never published
 nor recorded as an entry: it only says how far this daemon vouches for the log on disk
 (vouch.py). Never at open: the recovered head may hold unvouched entries, and the first
 seal comes after the owner has recorded them. A checkpoint is signed into the log as an
@@ -28,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import threading
 import time
@@ -54,12 +64,14 @@ from iortd.auditlog.logdir import (
     write_anchor,
 )
 from iortd.auditlog.marker import find_hash
+from iortd.auditlog.merkle import Frontier
 from iortd.auditlog.note import Checkpoint, Signer
 from iortd.auditlog.recovery import RecoveryReport, recover
 from iortd.auditlog.segment_writer import PartialWrite as _PartialWrite
 from iortd.auditlog.segment_writer import Pending as _Pending
 from iortd.auditlog.segment_writer import SegmentWriting
 from iortd.auditlog.spill import DEFAULT_SPILL_DIR, spill_entries, spill_path
+from iortd.auditlog.tree_state import frontier_line, open_frontier
 from iortd.auditlog.vouch import LogRolledBack
 from iortd.kernel.backoff import Backoff
 from iortd.kernel.timefmt import epoch_ns, utc_ts
@@ -86,6 +98,7 @@ __all__ = [
 ]
 
 FORMAT = "iortd-audit-log/1"
+TREE = "rfc6962"  # a checkpoint entry's data.tree: its note is a tree checkpoint
 CLOCK_STEP_LIMIT_NS = 1_000_000_000
 BACKOFF_INITIAL_S = 0.05
 BACKOFF_MAX_S = 2.0
@@ -160,6 +173,10 @@ class AuditLog(SegmentWriting):
         self._cp_note: str | None = None  # a checkpoint note still to write to its file
         self._cp_file_lock = threading.Lock()
         self.failing_since: float | None = None
+        # The Merkle frontier after every appended entry, and after the committed ones
+        # (what the seal signs); None: chain-head checkpoints (module doc).
+        self.frontier: Frontier | None = None
+        self._committed_frontier: Frontier | None = None
 
     # ---- opening and recovery --------------------------------------------------------
 
@@ -212,6 +229,20 @@ class AuditLog(SegmentWriting):
         )
         self._lock_fd = lock_fd
         self.spill_dir = spill_dir
+        if verifier is not None:
+            frontier, how = await asyncio.to_thread(
+                open_frontier,
+                directory,
+                verifier=verifier,
+                vouched_by=report.vouched_by,
+                vouched=report.vouched_count,
+                size=report.last_seq + 1,
+            )
+            if frontier is None:
+                log.warning("audit_merkle_frontier_unavailable", why=how)
+            else:
+                self.frontier, self._committed_frontier = frontier, frontier.copy()
+                log.info("audit_merkle_frontier", size=frontier.size, source=how)
         if report.created:
             self.append(
                 "log_created",
@@ -259,6 +290,10 @@ class AuditLog(SegmentWriting):
     ) -> Entry:
         line, digest, ts, date = self._chain.next_line(type, data, delivery_id, now_mono, now_wall)
         seq = self._chain.seq
+        if self.frontier is not None:
+            leaf = hashlib.sha256(b"\x00")
+            leaf.update(memoryview(line)[:-1])  # the line without its newline
+            self.frontier.append(leaf.digest())
         # One future per group commit, shared by every entry in it: entries are durable
         # together, and a future per sample would be most of the cost of appending one.
         fut = self._batch_future
@@ -308,16 +343,16 @@ class AuditLog(SegmentWriting):
         # checkpoint covers exactly the entries before it.
         self._check_clock(now_mono, now_wall)
         seq, head = self.head
-        cp = Checkpoint(
-            self.origin,
-            seq + 1,
-            head,
-            (f"time {self._chain.ts(now_wall)[0]}", f"reason {reason}"),
-        )
-        note = cp.signed(self.signer)
+        ext = (f"time {self._chain.ts(now_wall)[0]}", f"reason {reason}")
+        data: dict[str, Any] = {"count": seq + 1, "head": head}
+        root = None
+        if self.frontier is not None:
+            root = self.frontier.root().hex()
+            data |= {"root": root, "tree": TREE}
+        note = Checkpoint(self.origin, seq + 1, head, ext, root).signed(self.signer)
         entry = self._append(
             "checkpoint",
-            {"note": note, "count": seq + 1, "head": head},
+            {"note": note, **data},
             None,
             True,
             now_mono,
@@ -351,15 +386,19 @@ class AuditLog(SegmentWriting):
     def _side_due(self) -> bool:
         return self._cp_note is not None or (self._seal_due and self.signer is not None)
 
-    def _write_side_files(self, count: int, head: str, ts: str) -> None:
-        """Runs in a worker thread: the seal over (count, head), dated ``ts`` (the log's
-        own wall clock, read on the loop), then the checkpoint file if one is due. Each is
-        replaced atomically (temp file, fsync, rename, fsync dir)."""
+    def _write_side_files(self, count: int, head: str, ts: str, frontier: Frontier | None) -> None:
+        """Runs in a worker thread: the seal over (count, head; the root and frontier at
+        count when there is one), dated ``ts`` (the log's own wall clock, read on the
+        loop), then the checkpoint file if one is due. Each is replaced atomically (temp
+        file, fsync, rename, fsync dir)."""
         signer = self.signer
         if self._seal_due and signer is not None:
-            note = Checkpoint(self.origin, count, head, (f"time {ts}", "reason seal")).signed(
-                signer
-            )
+            ext: tuple[str, ...] = (f"time {ts}", "reason seal")
+            root = None
+            if frontier is not None and frontier.size == count:
+                root = frontier.root().hex()
+                ext += (frontier_line(frontier),)
+            note = Checkpoint(self.origin, count, head, ext, root).signed(signer)
             write_anchor(self.directory, SEAL_FILE, note)
             self._seal_due = False
         self._write_checkpoint_file()
@@ -408,6 +447,7 @@ class AuditLog(SegmentWriting):
                                     await self._wake.wait()
                                     self._wake.clear()
                 batch, self._pending = self._pending, []
+                tree = self._tree_at(batch)
                 self._batch_future = None  # later appends belong to the next commit
                 self._urgent = False
                 t0 = time.monotonic()  # an observer (on_commit) gets entries, bytes and t0
@@ -420,6 +460,7 @@ class AuditLog(SegmentWriting):
                     if failed.written:
                         self.committed_seq = batch[failed.written - 1].seq
                         self._committed_hash = batch[failed.written - 1].hash
+                        self._commit_tree(batch[: failed.written], None)
                         self._seal_due = True
                     self._pending = batch[failed.written :] + self._pending
                     self._urgent = any(p.durable for p in self._pending)
@@ -431,6 +472,7 @@ class AuditLog(SegmentWriting):
                     continue
                 self.committed_seq = batch[-1].seq
                 self._committed_hash = batch[-1].hash
+                self._commit_tree(batch, tree)
                 self._seal_due = True
                 self.on_commit(len(batch), sum(len(p.line) for p in batch), t0)
                 for fut in {id(p.future): p.future for p in batch}.values():
@@ -453,6 +495,7 @@ class AuditLog(SegmentWriting):
                     self.committed_seq + 1,
                     self._committed_hash,
                     utc_ts(datetime.fromtimestamp(self._wall_ns() / 1e9, UTC)),
+                    None if self._committed_frontier is None else self._committed_frontier.copy(),
                 )
             except OSError as exc:
                 self._failed(exc, "seal or checkpoint file")
@@ -466,6 +509,22 @@ class AuditLog(SegmentWriting):
             if self.on_recovered:
                 self.on_recovered(outage)
         return True
+
+    def _tree_at(self, batch: list[_Pending]) -> Frontier | None:
+        """The frontier after ``batch`` (every pending entry): a copy, taken as the batch
+        is, since appends go on while it is written."""
+        f = self.frontier
+        return None if f is None or f.size != batch[-1].seq + 1 else f.copy()
+
+    def _commit_tree(self, written: list[_Pending], tree: Frontier | None) -> None:
+        """The committed frontier after ``written`` reached the disk: ``tree`` when the
+        whole batch did, else the written entries' leaves added one by one (a failed
+        write: rare, and at most one batch)."""
+        if tree is not None:
+            self._committed_frontier = tree
+        elif self._committed_frontier is not None:
+            for p in written:
+                self._committed_frontier.append(hashlib.sha256(b"\x00" + p.line[:-1]).digest())
 
     def _failed(self, exc: OSError, what: str) -> None:
         if self.failing_since is None:
@@ -503,9 +562,11 @@ class AuditLog(SegmentWriting):
             # The writer task never ran, or was cancelled with entries still pending (a
             # start-up that failed, a shutdown cut short): write them now, once.
             batch, self._pending = self._pending, []
+            tree = self._tree_at(batch)
             try:
                 await asyncio.to_thread(self._write_batch, batch)
             except _PartialWrite as failed:
+                self._commit_tree(batch[: failed.written], None)
                 lost = batch[failed.written :]
                 log.critical(
                     "audit_log_entries_not_written",
@@ -520,6 +581,7 @@ class AuditLog(SegmentWriting):
                 if not fut.done():
                     fut.set_result(None)
             self.committed_seq, self._committed_hash = batch[-1].seq, batch[-1].hash
+            self._commit_tree(batch, tree)
             self._seal_due = True
         if self._side_due():
             await self._side_files()  # once: a failure is logged and alarmed, not raised

@@ -695,7 +695,15 @@ async def test_checkpoint_signs_the_head_and_records_it(tmp_path: Path) -> None:
     last = entries[-1]
     assert last["type"] == "checkpoint"
     assert last["seq"] == seq + 1
-    assert last["data"] == {"note": note, "count": seq + 1, "head": head}
+    root = cp.root
+    assert root is not None  # a tree checkpoint (issue 20): test_audit_tree.py checks it
+    assert last["data"] == {
+        "note": note,
+        "count": seq + 1,
+        "head": head,
+        "root": root,
+        "tree": "rfc6962",
+    }
     assert_chain(entries)
     rep = verify_log([tmp_path], pubkey=signer.verifier, external=note)
     assert rep.intact, str(rep.problem)

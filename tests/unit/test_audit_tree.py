@@ -1,0 +1,194 @@
+"""The Merkle tree in the log's checkpoints (issue 20, item 1): the writer keeps the
+frontier, checkpoints and seals are C2SP tlog-checkpoints over it, the frontier survives a
+restart and a crash, and verify checks every root against the tree it recomputes.
+
+The roots are checked against an independent RFC 6962 root over the segments' lines (the
+recursive definition, written here again on purpose: not merkle.py's code).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from iortd.auditlog.logdir import SEAL_FILE
+from iortd.auditlog.merkle import Frontier
+from iortd.auditlog.note import Checkpoint, Signer, generate_keypair
+from iortd.auditlog.tlog_checkpoint import open_checkpoint
+from iortd.auditlog.tree_state import seal_frontier
+from iortd.auditlog.verify import verify_log
+from iortd.auditlog.writer import AuditLog, segment_paths
+
+ORIGIN = "iortd/test-site/or-9/00112233aabbccdd"
+
+
+def lines(directory: Path) -> list[bytes]:
+    return [ln for p in segment_paths(directory) for ln in p.read_bytes().splitlines()]
+
+
+def mth(leaves: list[bytes]) -> bytes:
+    """RFC 6962 §2.1 MTH, recursively."""
+    if not leaves:
+        return hashlib.sha256(b"").digest()
+    if len(leaves) == 1:
+        return hashlib.sha256(b"\x00" + leaves[0]).digest()
+    k = 1 << ((len(leaves) - 1).bit_length() - 1)
+    return hashlib.sha256(b"\x01" + mth(leaves[:k]) + mth(leaves[k:])).digest()
+
+
+@contextlib.asynccontextmanager
+async def running(directory: Path, signer: Signer) -> AsyncIterator[AuditLog]:
+    log, _ = await AuditLog.open(directory, origin=ORIGIN, signer=signer, group_commit_s=0.01)
+    task = asyncio.create_task(log.run())
+    try:
+        yield log
+    finally:
+        await asyncio.wait_for(log.close(), 10)
+        await asyncio.wait_for(task, 10)
+
+
+async def crash(log: AuditLog, task: asyncio.Task[None]) -> None:
+    """Die without closing: nothing pending is written, the descriptors go."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    if log._segment is not None:
+        os.close(log._segment.fd)
+    if log._lock_fd is not None:
+        os.close(log._lock_fd)
+        log._lock_fd = None
+
+
+async def fill(log: AuditLog, signer: Signer, n: int) -> None:
+    log.append("daemon_start", {"verifier_key": signer.verifier.text}, durable=True)
+    for i in range(n):
+        e = log.append("sample", {"dose_primary_gy": i * 0.5})
+    await e.committed
+
+
+def checkpoint_entries(directory: Path) -> list[dict[str, Any]]:
+    out = []
+    for ln in lines(directory):
+        e = orjson.loads(ln)
+        if e["type"] == "checkpoint":
+            out.append(e)
+    return out
+
+
+def assert_tree_checkpoint(directory: Path, entry: dict[str, Any], signer: Signer) -> None:
+    body, _ = open_checkpoint(entry["data"]["note"], [signer.verifier])
+    covered = lines(directory)[: entry["seq"]]
+    assert body.origin == ORIGIN
+    assert body.size == entry["seq"] == entry["data"]["count"]
+    assert body.root == mth(covered), "line 3 is not the RFC 6962 root of the entries before it"
+    assert body.extensions[0] == f"head {entry['prev']}"
+    assert entry["data"]["tree"] == "rfc6962"
+    assert entry["data"]["root"] == body.root.hex()
+
+
+async def test_checkpoints_and_the_seal_are_tree_checkpoints(tmp_path: Path) -> None:
+    signer = generate_keypair("or-9")
+    async with running(tmp_path, signer) as log:
+        await fill(log, signer, 37)
+        await log.checkpoint("interval")
+        await fill(log, signer, 5)
+        await log.checkpoint("shutdown")
+    cps = checkpoint_entries(tmp_path)
+    assert len(cps) == 2
+    for e in cps:
+        assert_tree_checkpoint(tmp_path, e, signer)
+    seal = (tmp_path / SEAL_FILE).read_text()
+    cp, signed = Checkpoint.parse_verified(seal, signer.verifier)
+    every = lines(tmp_path)
+    assert signed and cp.count == len(every) and cp.root == mth(every).hex()
+    assert cp.head_hash == orjson.loads(every[-1])["hash"]
+    saved = seal_frontier(cp)
+    assert saved is not None and saved.size == len(every)
+    rep = verify_log([tmp_path], pubkey=signer.verifier)
+    assert rep.problem is None, rep.problem
+
+
+@pytest.mark.parametrize("seal", ["kept", "deleted"])
+async def test_after_a_crash_the_frontier_is_rebuilt_and_the_next_checkpoint_is_right(
+    tmp_path: Path, seal: str
+) -> None:
+    signer = generate_keypair("or-9")
+    log, _ = await AuditLog.open(tmp_path, origin=ORIGIN, signer=signer, group_commit_s=0.01)
+    task = asyncio.create_task(log.run())
+    await fill(log, signer, 20)
+    await log.checkpoint("interval")
+    await fill(log, signer, 11)
+    await crash(log, task)
+    seg = segment_paths(tmp_path)[-1]
+    with seg.open("ab") as f:
+        f.write(b'{"data":{"torn')  # a torn last write
+    if seal == "deleted":
+        (tmp_path / SEAL_FILE).unlink()  # the frontier comes from the log, not the seal
+    async with running(tmp_path, signer) as log:
+        assert log.frontier is not None
+        log.append("sample", {"dose_primary_gy": 99.0})
+        await log.checkpoint("start")
+    last = checkpoint_entries(tmp_path)[-1]
+    assert_tree_checkpoint(tmp_path, last, signer)
+
+
+async def test_a_log_that_switches_from_chain_head_to_tree_checkpoints_verifies(
+    tmp_path: Path,
+) -> None:
+    signer = generate_keypair("or-9")
+    async with running(tmp_path, signer) as log:
+        log.frontier = log._committed_frontier = None  # as a version before the tree wrote
+        await fill(log, signer, 9)
+        await log.checkpoint("shutdown")
+    old = checkpoint_entries(tmp_path)
+    assert "tree" not in old[-1]["data"]
+    assert Checkpoint.parse_verified(old[-1]["data"]["note"], None)[0].root is None
+    async with running(tmp_path, signer) as log:
+        await fill(log, signer, 6)
+        await log.checkpoint("shutdown")
+    assert_tree_checkpoint(tmp_path, checkpoint_entries(tmp_path)[-1], signer)
+    rep = verify_log([tmp_path], pubkey=signer.verifier)
+    assert rep.problem is None, rep.problem
+    assert rep.checkpoints == 2
+
+
+async def test_verify_names_a_checkpoint_whose_root_is_not_the_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A holder of the key signing a wrong root with the right head: the chain alone
+    cannot see it; the recomputed tree does."""
+    signer = generate_keypair("or-9")
+    async with running(tmp_path, signer) as log:
+        await fill(log, signer, 12)
+        with monkeypatch.context() as m:
+            m.setattr(Frontier, "root", lambda self: b"\x42" * 32)
+            await log.checkpoint("interval")
+        cp_seq = log.head[0]
+        log.frontier = log._committed_frontier = None  # the seal stays a chain-head one
+        await fill(log, signer, 2)
+    rep = verify_log([tmp_path], pubkey=signer.verifier)
+    assert rep.problem is not None
+    assert rep.problem.seq == cp_seq
+    assert "root" in rep.problem.what and "tree" in rep.problem.what, rep.problem.what
+
+
+async def test_verify_checks_the_seals_root(tmp_path: Path) -> None:
+    signer = generate_keypair("or-9")
+    async with running(tmp_path, signer) as log:
+        await fill(log, signer, 12)
+        await log.checkpoint("shutdown")
+    seal = (tmp_path / SEAL_FILE).read_text()
+    cp, _ = Checkpoint.parse_verified(seal, signer.verifier)
+    wrong = Checkpoint(cp.origin, cp.count, cp.head_hash, cp.extensions[:2], "42" * 32)
+    (tmp_path / SEAL_FILE).write_text(wrong.signed(signer))
+    rep = verify_log([tmp_path], pubkey=signer.verifier)
+    assert rep.problem is not None
+    assert "seal" in rep.problem.what and "root" in rep.problem.what, rep.problem.what
