@@ -13,7 +13,7 @@ its head is the log's entry there), and reads only the entries after it
 (merkle_log.rebuild_frontier with ``start``): a start costs the entries of the last
 crash's tail, not the whole log. Otherwise (no seal, one from an older version without a
 frontier, another key, a seal recovery did not accept) it rebuilds the frontier from seq
-0, at about 3–5 s per million entries on the development VM (benchmarks/merkle.py;
+0, at about 3 to 5 s per million entries on the development VM (benchmarks/merkle.py;
 docs/audit-log.md). Retention may have moved the oldest segments away: the rebuild then
 reads the archive the directory's retention marker names (union.py), and when that cannot
 be read either, there is no frontier: the writer then signs chain-head checkpoints, as

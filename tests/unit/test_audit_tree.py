@@ -108,10 +108,13 @@ async def test_checkpoints_and_the_seal_are_tree_checkpoints(tmp_path: Path) -> 
     seal = (tmp_path / SEAL_FILE).read_text()
     cp, signed = Checkpoint.parse_verified(seal, signer.verifier)
     every = lines(tmp_path)
-    assert signed and cp.count == len(every) and cp.root == mth(every).hex()
+    assert signed
+    assert cp.count == len(every)
+    assert cp.root == mth(every).hex()
     assert cp.head_hash == orjson.loads(every[-1])["hash"]
     saved = seal_frontier(cp)
-    assert saved is not None and saved.size == len(every)
+    assert saved is not None
+    assert saved.size == len(every)
     rep = verify_log([tmp_path], pubkey=signer.verifier)
     assert rep.problem is None, rep.problem
 
@@ -177,7 +180,8 @@ async def test_verify_names_a_checkpoint_whose_root_is_not_the_tree(
     rep = verify_log([tmp_path], pubkey=signer.verifier)
     assert rep.problem is not None
     assert rep.problem.seq == cp_seq
-    assert "root" in rep.problem.what and "tree" in rep.problem.what, rep.problem.what
+    assert "root" in rep.problem.what, rep.problem.what
+    assert "tree" in rep.problem.what, rep.problem.what
 
 
 async def test_verify_checks_the_seals_root(tmp_path: Path) -> None:
@@ -191,4 +195,5 @@ async def test_verify_checks_the_seals_root(tmp_path: Path) -> None:
     (tmp_path / SEAL_FILE).write_text(wrong.signed(signer))
     rep = verify_log([tmp_path], pubkey=signer.verifier)
     assert rep.problem is not None
-    assert "seal" in rep.problem.what and "root" in rep.problem.what, rep.problem.what
+    assert "seal" in rep.problem.what, rep.problem.what
+    assert "root" in rep.problem.what, rep.problem.what
