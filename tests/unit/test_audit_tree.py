@@ -19,8 +19,10 @@ from typing import Any
 import orjson
 import pytest
 
-from iortd.auditlog.logdir import SEAL_FILE
+from iortd.auditlog import tree_state, writer
+from iortd.auditlog.logdir import SEAL_FILE, write_anchor
 from iortd.auditlog.merkle import Frontier
+from iortd.auditlog.merkle_log import rebuild_frontier
 from iortd.auditlog.note import Checkpoint, Signer, generate_keypair
 from iortd.auditlog.tlog_checkpoint import open_checkpoint
 from iortd.auditlog.tree_state import seal_frontier
@@ -72,6 +74,22 @@ async def fill(log: AuditLog, signer: Signer, n: int) -> None:
     for i in range(n):
         e = log.append("sample", {"dose_primary_gy": i * 0.5})
     await e.committed
+
+
+async def sealed(directory: Path, count: int, within_s: float = 10.0) -> int:
+    """Wait for the seal to cover ``count`` entries: it is written after the commit, and
+    a file has no event to wait on (a bounded poll with a clear failure)."""
+    try:
+        async with asyncio.timeout(within_s):
+            while True:
+                path = directory / SEAL_FILE
+                text = path.read_text() if path.exists() else ""
+                got = Checkpoint.parse_verified(text, None)[0].count if text else -1
+                if got >= count:
+                    return got
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        raise AssertionError(f"no seal covering {count} entries within {within_s} s") from None
 
 
 def checkpoint_entries(directory: Path) -> list[dict[str, Any]]:
@@ -197,3 +215,48 @@ async def test_verify_checks_the_seals_root(tmp_path: Path) -> None:
     assert rep.problem is not None
     assert "seal" in rep.problem.what, rep.problem.what
     assert "root" in rep.problem.what, rep.problem.what
+
+
+@pytest.mark.parametrize("point", ["entries_past_the_seal", "pending_never_written"])
+async def test_a_crash_after_the_seal_continues_the_seals_frontier(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, point: str
+) -> None:
+    """The writer's crash points after a seal: entries fsync'd but not sealed (the seal
+    write fails, then the process dies), or appended and never written. The next start
+    takes the frontier from the (older) seal, reads only the entries after it, and signs
+    the right root."""
+    signer = generate_keypair("or-9")
+    log, _ = await AuditLog.open(tmp_path, origin=ORIGIN, signer=signer, group_commit_s=0.01)
+    task = asyncio.create_task(log.run())
+    await fill(log, signer, 13)
+    await log.checkpoint("interval")
+    await fill(log, signer, 1)
+    sealed_at = await sealed(tmp_path, log.committed_seq + 1)
+    real = write_anchor
+
+    def no_seal(directory: Path, name: str, note: str) -> None:
+        if name == SEAL_FILE:
+            raise OSError(28, "No space left on device")
+        real(directory, name, note)
+
+    monkeypatch.setattr(writer, "write_anchor", no_seal)
+    if point == "entries_past_the_seal":
+        await fill(log, signer, 6)
+    else:
+        log.append("sample", {"dose_primary_gy": 7.0})  # the crash comes before the commit
+    await crash(log, task)
+    monkeypatch.undo()
+    assert Checkpoint.parse_verified((tmp_path / SEAL_FILE).read_text(), None)[0].count == sealed_at
+    read: list[int] = []
+    real_rebuild = rebuild_frontier
+
+    def counting(files: Any, *, start: Frontier | None = None) -> Frontier:
+        read.append(0 if start is None else start.size)
+        return real_rebuild(files, start=start)
+
+    monkeypatch.setattr(tree_state, "rebuild_frontier", counting)
+    async with running(tmp_path, signer) as log:
+        assert read == [sealed_at], "continued from the seal's frontier, not rebuilt from 0"
+        await log.checkpoint("start")
+    assert_tree_checkpoint(tmp_path, checkpoint_entries(tmp_path)[-1], signer)
+    assert verify_log([tmp_path], pubkey=signer.verifier).problem is None
