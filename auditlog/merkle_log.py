@@ -1,12 +1,11 @@
 """The Merkle tree's frontier rebuilt from a log's segments (merkle.py over segments.py).
 
-What recovery will call at start, once the writer keeps the frontier (docs/audit-log.md,
-"The Merkle tree (built, not yet in the checkpoints)"): :func:`rebuild_frontier` reads the
-segments in chain order and appends the leaf of every entry (its line without the
-newline: merkle.py says why), giving the frontier after all of them, or after the first
-``upto``. Given a frontier saved earlier (``start``), it reads only what follows it:
-segments that end before it are skipped by their names, which start with their first
-seq.
+What the writer's open calls (tree_state.py; docs/audit-log.md, "The writer's
+frontier"): :func:`rebuild_frontier` reads the segments in chain order and appends the
+leaf of every entry (its line without the newline: merkle.py says why), giving the
+frontier after all of them, or after the first ``upto``. Given a frontier saved earlier
+(``start``), it reads only what follows it: segments that end before it are skipped by
+their names, which start with their first seq.
 
 Reading goes through :func:`segments.open_segment`, so whatever the directory holds is
 read as the auditors' tools read it: regular files only, never through a symbolic link,
@@ -25,8 +24,11 @@ line.
 
 A saved frontier is only as trustworthy as what vouches for it: whoever can write the log
 directory can write a frontier file too. Before continuing one, the caller must check its
-root against a signature at that size (the seal's or a checkpoint's root, once they carry
-it); a frontier that does not match is rebuilt from seq 0.
+root against a signature at that size: tree_state.py takes it only from a seal signed by
+the daemon's key that recovery found vouching for the log, whose root it folds to.
+
+:func:`leaf_hashes` gives the leaf hashes of a range of entries the same way: what the
+proofs of a range (``iort-audit prove``) are to be built from.
 
 Blocking file I/O: run it in a worker thread from async code.
 """
@@ -34,14 +36,14 @@ Blocking file I/O: run it in a worker thread from async code.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from iortd.auditlog.logdir import SEGMENT_RE, entry_seq
 from iortd.auditlog.merkle import Frontier
 from iortd.auditlog.segments import SegmentError, open_segment
 
-__all__ = ["RebuildError", "rebuild_frontier"]
+__all__ = ["RebuildError", "leaf_hashes", "rebuild_frontier"]
 
 
 class RebuildError(ValueError):
@@ -65,22 +67,11 @@ def _skippable(files: Sequence[Path], skip: int) -> int:
     return n
 
 
-def rebuild_frontier(
-    files: Sequence[Path], *, upto: int | None = None, start: Frontier | None = None
-) -> Frontier:
-    """The frontier over the entries in ``files`` (segments in chain order), after
-    ``upto`` entries if given, else after all of them; continuing ``start`` (not
-    changed) if given. Raises RebuildError naming the file and line of what is wrong."""
-    frontier = Frontier() if start is None else start.copy()
-    skip = frontier.size
-    if upto is not None and upto < skip:
-        raise RebuildError(f"the saved frontier already covers {skip} entries, more than {upto}")
-    if upto == frontier.size:
-        return frontier
+def _lines_from(files: Sequence[Path], skip: int) -> Iterator[bytes]:
+    """The lines (without newline) of the entries from seq ``skip`` on, in order, each
+    checked to carry the next seq. Raises RebuildError naming the file and line."""
     files = files[_skippable(files, skip) :] if skip else files
     expect: int | None = None
-    sha256 = hashlib.sha256
-    append = frontier.append
     for path in files:
         try:
             seg = open_segment(path)
@@ -109,13 +100,8 @@ def rebuild_frontier(
                                 "an entry is missing, inserted or out of order"
                             )
                         expect += 1
-                        if seq < skip:
-                            continue
-                        h = sha256(b"\x00")
-                        h.update(line)
-                        append(h.digest())
-                        if frontier.size == upto:
-                            return frontier
+                        if seq >= skip:
+                            yield line
             except SegmentError as exc:
                 raise RebuildError(f"{path} line {exc.line}: {exc.what}") from None
             if seg.torn:
@@ -123,6 +109,49 @@ def rebuild_frontier(
                     f"{path} line {n + 1}: an incomplete last line ({len(seg.torn)} bytes "
                     "without a newline: a torn write, which recovery sets aside first)"
                 )
+
+
+def rebuild_frontier(
+    files: Sequence[Path], *, upto: int | None = None, start: Frontier | None = None
+) -> Frontier:
+    """The frontier over the entries in ``files`` (segments in chain order), after
+    ``upto`` entries if given, else after all of them; continuing ``start`` (not
+    changed) if given. Raises RebuildError naming the file and line of what is wrong."""
+    frontier = Frontier() if start is None else start.copy()
+    skip = frontier.size
+    if upto is not None and upto < skip:
+        raise RebuildError(f"the saved frontier already covers {skip} entries, more than {upto}")
+    if upto == frontier.size:
+        return frontier
+    sha256 = hashlib.sha256
+    append = frontier.append
+    for line in _lines_from(files, skip):
+        h = sha256(b"\x00")
+        h.update(line)
+        append(h.digest())
+        if frontier.size == upto:
+            return frontier
     if upto is not None:
         raise RebuildError(f"the log holds {frontier.size} entries, not {upto}")
     return frontier
+
+
+def leaf_hashes(files: Sequence[Path], first: int, end: int) -> Iterator[bytes]:
+    """The RFC 6962 leaf hashes of the entries ``first`` .. ``end - 1``, read from the
+    segments (in chain order; those before ``first`` are skipped by their names): what
+    inclusion and consistency proofs over a range are built from (issue 20, item 2).
+    Raises RebuildError naming the file and line, or when the log ends before ``end``."""
+    if not 0 <= first <= end:
+        raise ValueError(f"not a range of entries: {first} .. {end}")
+    got = first
+    if first == end:
+        return
+    sha256 = hashlib.sha256
+    for line in _lines_from(files, first):
+        h = sha256(b"\x00")
+        h.update(line)
+        yield h.digest()
+        got += 1
+        if got == end:
+            return
+    raise RebuildError(f"the log holds {got} entries, not {end}")

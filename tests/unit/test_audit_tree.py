@@ -22,7 +22,7 @@ import pytest
 from iortd.auditlog import tree_state, writer
 from iortd.auditlog.logdir import SEAL_FILE, write_anchor
 from iortd.auditlog.merkle import Frontier
-from iortd.auditlog.merkle_log import rebuild_frontier
+from iortd.auditlog.merkle_log import RebuildError, leaf_hashes, rebuild_frontier
 from iortd.auditlog.note import Checkpoint, Signer, generate_keypair
 from iortd.auditlog.tlog_checkpoint import open_checkpoint
 from iortd.auditlog.tree_state import seal_frontier
@@ -260,3 +260,24 @@ async def test_a_crash_after_the_seal_continues_the_seals_frontier(
         await log.checkpoint("start")
     assert_tree_checkpoint(tmp_path, checkpoint_entries(tmp_path)[-1], signer)
     assert verify_log([tmp_path], pubkey=signer.verifier).problem is None
+
+
+async def test_leaf_hashes_of_a_range_come_from_the_segments(tmp_path: Path) -> None:
+    """The hook for proofs (issue 20, item 2): the leaf hashes of entries [first, end),
+    read from the log across segments, equal to the leaves the tree was built from."""
+    signer = generate_keypair("or-9")
+    log, _ = await AuditLog.open(
+        tmp_path, origin=ORIGIN, signer=signer, group_commit_s=0.01, rotate_max_bytes=2000
+    )
+    task = asyncio.create_task(log.run())
+    await fill(log, signer, 30)
+    await asyncio.wait_for(log.close(), 10)
+    await asyncio.wait_for(task, 10)
+    files = segment_paths(tmp_path)
+    assert len(files) > 3, "the range must cross segments"
+    every = lines(tmp_path)
+    want = [hashlib.sha256(b"\x00" + ln).digest() for ln in every]
+    assert list(leaf_hashes(files, 7, 23)) == want[7:23]
+    assert list(leaf_hashes(files, 0, len(every))) == want
+    with pytest.raises(RebuildError, match="holds 32 entries"):
+        list(leaf_hashes(files, 30, 40))
