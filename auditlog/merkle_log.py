@@ -16,10 +16,10 @@ What it checks, and what it leaves to others: every line must carry a ``seq`` an
 must run 0, 1, 2, ... with no gap across segments, so that the frontier's size is the
 number of entries and leaf *i* is entry *i*; an incomplete last line (a torn write) or a
 log that does not start at seq 0 is refused. It does not recompute entry hashes nor check
-``prev``: recovery has checked the chain of the newest segments before anything is
-rebuilt, and ``iort-audit verify`` checks all of it. With retention, the oldest segments
-are in the archive: give the union of both places (union.py), or a saved frontier that
-covers the archived part. Every refusal is a :class:`RebuildError` naming the file and
+``prev`` (``iort-audit verify`` checks all of it); :func:`rebuild_chained`, which the
+writer's open uses, does both, since what it gives is then signed. With retention, the
+oldest segments are in the archive: give the union of both places (union.py), or a saved
+frontier that covers the archived part. Every refusal is a :class:`RebuildError` naming the file and
 line.
 
 A saved frontier is only as trustworthy as what vouches for it: whoever can write the log
@@ -39,11 +39,12 @@ import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from iortd.auditlog.canonical import open_line
 from iortd.auditlog.logdir import SEGMENT_RE, entry_seq
 from iortd.auditlog.merkle import Frontier
 from iortd.auditlog.segments import SegmentError, open_segment
 
-__all__ = ["RebuildError", "leaf_hashes", "rebuild_frontier"]
+__all__ = ["RebuildError", "leaf_hashes", "rebuild_chained", "rebuild_frontier"]
 
 
 class RebuildError(ValueError):
@@ -133,6 +134,40 @@ def rebuild_frontier(
             return frontier
     if upto is not None:
         raise RebuildError(f"the log holds {frontier.size} entries, not {upto}")
+    return frontier
+
+
+def rebuild_chained(
+    files: Sequence[Path], *, start: Frontier | None, start_head: str, head: str
+) -> Frontier:
+    """As :func:`rebuild_frontier` (continuing ``start``, or from seq 0), and every entry
+    read is checked to be a link of the chain: its hash recomputed, its ``prev`` the hash
+    before it (``start_head``: the hash of entry ``start.size - 1``, or 64 zeros from seq
+    0), the last one's hash ``head``. What the writer's open uses (tree_state.py): a tree
+    the daemon signs must be of entries that chain to the head its seal vouches for, so
+    that an entry changed in an old segment (or in an archive a forged marker points at)
+    is refused rather than signed into the tree; a consistent forged chain would need a
+    SHA-256 preimage of the next genuine ``prev``. Raises RebuildError naming the seq."""
+    frontier = Frontier() if start is None else start.copy()
+    last = start_head
+    sha256 = hashlib.sha256
+    append = frontier.append
+    for line in _lines_from(files, frontier.size):
+        try:
+            env = open_line(line)
+        except ValueError as exc:
+            raise RebuildError(f"entry {frontier.size}: not a log entry ({exc})") from None
+        if env.hash != env.computed or env.prev != last:
+            what = "its hash does not match it" if env.hash != env.computed else "prev"
+            raise RebuildError(f"entry {env.seq} does not chain ({what}): the log was altered")
+        last = env.hash
+        h = sha256(b"\x00")
+        h.update(line)
+        append(h.digest())
+    if last != head:
+        raise RebuildError(
+            f"the chain read ends at {last[:16]}..., not at the recovered head {head[:16]}..."
+        )
     return frontier
 
 

@@ -71,7 +71,7 @@ from iortd.auditlog.segment_writer import PartialWrite as _PartialWrite
 from iortd.auditlog.segment_writer import Pending as _Pending
 from iortd.auditlog.segment_writer import SegmentWriting
 from iortd.auditlog.spill import DEFAULT_SPILL_DIR, spill_entries, spill_path
-from iortd.auditlog.tree_state import frontier_line, open_frontier
+from iortd.auditlog.tree_state import frontier_line, load_frontier
 from iortd.auditlog.vouch import LogRolledBack
 from iortd.kernel.backoff import Backoff
 from iortd.kernel.timefmt import epoch_ns, utc_ts
@@ -230,13 +230,13 @@ class AuditLog(SegmentWriting):
         self._lock_fd = lock_fd
         self.spill_dir = spill_dir
         if verifier is not None:
-            frontier, how = await asyncio.to_thread(
-                open_frontier,
+            frontier, how = await load_frontier(
                 directory,
                 verifier=verifier,
                 vouched_by=report.vouched_by,
                 vouched=report.vouched_count,
                 size=report.last_seq + 1,
+                head=report.last_hash,
             )
             if frontier is None:
                 log.warning("audit_merkle_frontier_unavailable", why=how)

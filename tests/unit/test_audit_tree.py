@@ -18,11 +18,13 @@ from typing import Any
 
 import orjson
 import pytest
+import structlog
 
 from iortd.auditlog import tree_state, writer
 from iortd.auditlog.logdir import SEAL_FILE, write_anchor
+from iortd.auditlog.marker import write_marker
 from iortd.auditlog.merkle import Frontier
-from iortd.auditlog.merkle_log import RebuildError, leaf_hashes, rebuild_frontier
+from iortd.auditlog.merkle_log import RebuildError, leaf_hashes, rebuild_chained
 from iortd.auditlog.note import Checkpoint, Signer, generate_keypair
 from iortd.auditlog.tlog_checkpoint import open_checkpoint
 from iortd.auditlog.tree_state import seal_frontier
@@ -248,13 +250,13 @@ async def test_a_crash_after_the_seal_continues_the_seals_frontier(
     monkeypatch.undo()
     assert Checkpoint.parse_verified((tmp_path / SEAL_FILE).read_text(), None)[0].count == sealed_at
     read: list[int] = []
-    real_rebuild = rebuild_frontier
+    real_rebuild = rebuild_chained
 
-    def counting(files: Any, *, start: Frontier | None = None) -> Frontier:
+    def counting(files: Any, *, start: Frontier | None, start_head: str, head: str) -> Frontier:
         read.append(0 if start is None else start.size)
-        return real_rebuild(files, start=start)
+        return real_rebuild(files, start=start, start_head=start_head, head=head)
 
-    monkeypatch.setattr(tree_state, "rebuild_frontier", counting)
+    monkeypatch.setattr(tree_state, "rebuild_chained", counting)
     async with running(tmp_path, signer) as log:
         assert read == [sealed_at], "continued from the seal's frontier, not rebuilt from 0"
         await log.checkpoint("start")
@@ -281,3 +283,62 @@ async def test_leaf_hashes_of_a_range_come_from_the_segments(tmp_path: Path) -> 
     assert list(leaf_hashes(files, 0, len(every))) == want
     with pytest.raises(RebuildError, match="holds 32 entries"):
         list(leaf_hashes(files, 30, 40))
+
+
+async def written_in_segments(directory: Path, signer: Signer) -> list[Path]:
+    log, _ = await AuditLog.open(
+        directory, origin=ORIGIN, signer=signer, group_commit_s=0.01, rotate_max_bytes=2000
+    )
+    task = asyncio.create_task(log.run())
+    await fill(log, signer, 30)
+    await log.checkpoint("shutdown")
+    await asyncio.wait_for(log.close(), 10)
+    await asyncio.wait_for(task, 10)
+    files = segment_paths(directory)
+    assert len(files) > 3
+    return files
+
+
+async def test_an_altered_old_entry_is_never_signed_into_the_tree(tmp_path: Path) -> None:
+    """Someone with write access changes an entry in an old segment and deletes the seal,
+    so that the next start must rebuild the tree: the rebuild checks the chain and refuses;
+    the run signs chain-head checkpoints (said in the operational log), not a tree over
+    the altered entry."""
+    signer = generate_keypair("or-9")
+    files = await written_in_segments(tmp_path, signer)
+    first = files[0].read_bytes()
+    files[0].write_bytes(first.replace(b'"dose_primary_gy":1.0', b'"dose_primary_gy":9.0', 1))
+    assert files[0].read_bytes() != first
+    (tmp_path / SEAL_FILE).unlink()
+    with structlog.testing.capture_logs() as logs:
+        async with running(tmp_path, signer) as log:
+            assert log.frontier is None
+            await log.checkpoint("start")
+    said = [e for e in logs if e["event"] == "audit_merkle_frontier_unavailable"]
+    assert said, logs
+    assert "does not chain" in said[0]["why"]
+    last = checkpoint_entries(tmp_path)[-1]
+    assert "tree" not in last["data"]
+    assert Checkpoint.parse_verified(last["data"]["note"], None)[0].root is None
+
+
+async def test_the_tree_is_rebuilt_with_the_archive_retention_names(tmp_path: Path) -> None:
+    signer = generate_keypair("or-9")
+    log_dir, archive = tmp_path / "log", tmp_path / "archive"
+    files = await written_in_segments(log_dir, signer)
+    every = lines(log_dir)
+    archive.mkdir()
+    for f in files[:2]:
+        f.rename(archive / f.name)
+    first_local = int(segment_paths(log_dir)[0].name[4:20])
+    write_marker(log_dir, ORIGIN, archive, first_local)
+    (log_dir / SEAL_FILE).unlink()  # no saved frontier: the tree needs the archive
+    async with running(log_dir, signer) as log:
+        assert log.frontier is not None
+        assert log.frontier.size == len(every)
+        await log.checkpoint("start")
+    last = checkpoint_entries(log_dir)[-1]
+    body, _ = open_checkpoint(last["data"]["note"], [signer.verifier])
+    on_disk = [ln for p in sorted(archive.iterdir()) for ln in p.read_bytes().splitlines()]
+    on_disk += lines(log_dir)
+    assert body.root == mth(on_disk[: last["seq"]])
