@@ -1,9 +1,11 @@
 """The C2SP tlog-checkpoint body (c2sp.org/tlog-checkpoint) over the Merkle tree, its
 strict parser, and the signed checkpoint it becomes.
 
-Not wired in yet: today's checkpoints and seals (note.py's ``Checkpoint``) carry the
-chain's last entry hash on the third line and are not changed by this module
-(docs/audit-log.md, "The Merkle tree (built, not yet in the checkpoints)").
+The body of every tree checkpoint and seal the writer signs (note.py's ``Checkpoint``
+writes it through :class:`CheckpointBody` and reads it through :func:`parse_body`; its
+line 4 is iortd's ``head <hex>`` extension: docs/audit-log.md, "Signed checkpoints").
+What a witness needs is only lines 1 to 3. It imports nothing of note.py (note.py reads
+through it): the keys are the protocols below.
 
 A body is, each line ending in a newline (U+000A) and none of them empty:
 
