@@ -242,7 +242,8 @@ class AuditLog(SegmentWriting):
                 log.warning("audit_merkle_frontier_unavailable", why=how)
             else:
                 self.frontier, self._committed_frontier = frontier, frontier.copy()
-                log.info("audit_merkle_frontier", size=frontier.size, source=how)
+                if how != "seal" and frontier.size:  # a whole log read: say so, once
+                    log.info("audit_merkle_frontier", size=frontier.size, source=how)
         if report.created:
             self.append(
                 "log_created",
