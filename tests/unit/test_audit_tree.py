@@ -20,8 +20,8 @@ import orjson
 import pytest
 import structlog
 
-from iortd.auditlog import tree_state, writer
-from iortd.auditlog.logdir import SEAL_FILE, write_anchor
+from iortd.auditlog import tree_state
+from iortd.auditlog.logdir import SEAL_FILE
 from iortd.auditlog.marker import write_marker
 from iortd.auditlog.merkle import Frontier
 from iortd.auditlog.merkle_log import RebuildError, leaf_hashes, rebuild_chained
@@ -212,6 +212,10 @@ async def test_verify_checks_the_seals_root(tmp_path: Path) -> None:
     seal = (tmp_path / SEAL_FILE).read_text()
     cp, _ = Checkpoint.parse_verified(seal, signer.verifier)
     wrong = Checkpoint(cp.origin, cp.count, cp.head_hash, cp.extensions[:2], "42" * 32)
+    # Held elsewhere (--checkpoint): the head matches the log, the root does not.
+    rep = verify_log([tmp_path], pubkey=signer.verifier, external=wrong.signed(signer))
+    assert rep.problem is not None
+    assert "held elsewhere has root" in rep.problem.what, rep.problem.what
     (tmp_path / SEAL_FILE).write_text(wrong.signed(signer))
     rep = verify_log([tmp_path], pubkey=signer.verifier)
     assert rep.problem is not None
@@ -234,20 +238,18 @@ async def test_a_crash_after_the_seal_continues_the_seals_frontier(
     await log.checkpoint("interval")
     await fill(log, signer, 1)
     sealed_at = await sealed(tmp_path, log.committed_seq + 1)
-    real = write_anchor
 
-    def no_seal(directory: Path, name: str, note: str) -> None:
-        if name == SEAL_FILE:
-            raise OSError(28, "No space left on device")
-        real(directory, name, note)
+    def no_seal(*_args: Any) -> None:
+        # This run's seal writes fail from here on, also a retry still in a worker thread
+        # after the "crash" (a thread outlives the cancelled task; a SIGKILL would not).
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(writer, "write_anchor", no_seal)
+    monkeypatch.setattr(log, "_write_side_files", no_seal)
     if point == "entries_past_the_seal":
         await fill(log, signer, 6)
     else:
         log.append("sample", {"dose_primary_gy": 7.0})  # the crash comes before the commit
     await crash(log, task)
-    monkeypatch.undo()
     assert Checkpoint.parse_verified((tmp_path / SEAL_FILE).read_text(), None)[0].count == sealed_at
     read: list[int] = []
     real_rebuild = rebuild_chained
