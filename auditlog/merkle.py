@@ -1,7 +1,8 @@
 """The RFC 6962 Merkle tree over the log's entries: hashes, the frontier, proofs.
 
-Pure: bytes in, bytes out; no clock, no I/O. Nothing here is wired into the writer or the
-checkpoints yet (docs/audit-log.md, "The Merkle tree (built, not yet in the checkpoints)").
+Pure: bytes in, bytes out; no clock, no I/O. The writer keeps a :class:`Frontier` beside
+the chain and signs its root in every checkpoint and seal; verify recomputes it
+(docs/audit-log.md, "The Merkle tree").
 
 **What a leaf is.** Leaf *i* is the entry with ``seq`` *i*: its line exactly as stored in
 the segment, without the terminating newline (:func:`entry_leaf`). Not a re-serialisation

@@ -9,9 +9,19 @@ tools can read them:
 - a note: text lines ending in ``\\n``, a blank line, then signature lines
   ``— <name> <base64(keyhash 4 bytes || Ed25519 signature of the text)>``
 
-A checkpoint's text is the C2SP body: origin, entry count, base64 head hash, then
-extension lines. iortd's head hash is the hash of the last entry of the chain (a hash
-chain, not a Merkle tree root); docs/audit-log.md says what that does and does not prove.
+A checkpoint's text is the C2SP body: origin, entry count, base64 hash, then extension
+lines. It comes in two forms, told apart by what the signed text says, never by guessing
+(docs/audit-log.md, "Signed checkpoints"):
+
+- a **tree checkpoint** (issue 20): line 3 is the RFC 6962 root of the Merkle tree over
+  the first ``count`` entries (merkle.py), and line 4 is ``head <64 hex>``, the hash of
+  entry ``count - 1`` (the chain's head, so that a reader holding the log finds it with
+  one look-up); the body is read strictly by tlog_checkpoint.parse_body (one spelling);
+- a **chain-head checkpoint** (written before issue 20, and still when the writer has no
+  frontier): line 3 is the hash of entry ``count - 1``; line 4, if any, is never
+  ``head …`` (it was ``time …``).
+
+``head_hash`` is the chain's head in both forms; ``root`` is None for the old one.
 
 Signing here is byte-for-byte Go's, and what iortd writes keeps to a narrower form than
 C2SP allows: its key names have no '/' (they name its key files, ``NAME.key``) and its
@@ -50,6 +60,7 @@ from iortd.auditlog.signed_note import (
     key_id,
     split_note,
 )
+from iortd.auditlog.tlog_checkpoint import CheckpointBody, parse_body
 
 __all__ = [
     "Checkpoint",
@@ -63,6 +74,9 @@ __all__ = [
     "load_verifier",
     "parse_vkey",
 ]
+
+
+HEAD_PREFIX = "head "  # line 4 of a tree checkpoint: the chain's head (hex)
 
 
 class KeyFileError(NoteError):
@@ -239,11 +253,17 @@ def write_keypair(signer: Signer, directory: Path) -> tuple[Path, Path]:
 class Checkpoint:
     origin: str
     count: int  # entries in the log up to and including the head
-    head_hash: str  # hex SHA-256 of entry count-1
-    extensions: tuple[str, ...] = ()
+    head_hash: str  # hex SHA-256 of entry count-1 (the chain's head)
+    extensions: tuple[str, ...] = ()  # after the head line of a tree checkpoint
+    root: str | None = None  # hex RFC 6962 root at count; None: a chain-head checkpoint
 
     @property
     def text(self) -> str:
+        if self.root is not None:
+            head = (HEAD_PREFIX + self.head_hash,)
+            return CheckpointBody(
+                self.origin, self.count, bytes.fromhex(self.root), head + self.extensions
+            ).text
         head_b64 = base64.b64encode(bytes.fromhex(self.head_hash)).decode()
         lines = [self.origin, str(self.count), head_b64, *self.extensions]
         return "".join(line + "\n" for line in lines)
@@ -278,6 +298,8 @@ class Checkpoint:
         of them empty (C2SP tlog-checkpoint), which only a note's last blank line can
         leave in the text."""
         lines = text.split("\n")[:-1]
+        if len(lines) >= 4 and lines[3].startswith(HEAD_PREFIX):
+            return cls._parse_tree(text, lines[3])
         if len(lines) < 3:
             raise NoteError("checkpoint: needs origin, count and head hash lines")
         if "" in lines:
@@ -291,6 +313,15 @@ class Checkpoint:
         if count < 0 or str(count) != count_s or len(head) != 32:
             raise NoteError("checkpoint: bad count or head hash")
         return cls(origin, count, head.hex(), tuple(ext))
+
+    @classmethod
+    def _parse_tree(cls, text: str, head_line: str) -> Checkpoint:
+        """A tree checkpoint: the C2SP body read strictly, the head on line 4."""
+        body = parse_body(text)
+        head = head_line[len(HEAD_PREFIX) :]
+        if len(head) != 64 or any(c not in "0123456789abcdef" for c in head):
+            raise NoteError("checkpoint: line 4 (head) is not 64 lowercase hex digits")
+        return cls(body.origin, body.size, head, body.extensions[1:], body.root.hex())
 
 
 @dataclass(frozen=True, slots=True)

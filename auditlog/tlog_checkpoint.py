@@ -1,9 +1,11 @@
 """The C2SP tlog-checkpoint body (c2sp.org/tlog-checkpoint) over the Merkle tree, its
 strict parser, and the signed checkpoint it becomes.
 
-Not wired in yet: today's checkpoints and seals (note.py's ``Checkpoint``) carry the
-chain's last entry hash on the third line and are not changed by this module
-(docs/audit-log.md, "The Merkle tree (built, not yet in the checkpoints)").
+The body of every tree checkpoint and seal the writer signs (note.py's ``Checkpoint``
+writes it through :class:`CheckpointBody` and reads it through :func:`parse_body`; its
+line 4 is iortd's ``head <hex>`` extension: docs/audit-log.md, "Signed checkpoints").
+What a witness needs is only lines 1 to 3. It imports nothing of note.py (note.py reads
+through it): the keys are the protocols below.
 
 A body is, each line ending in a newline (U+000A) and none of them empty:
 
@@ -33,16 +35,25 @@ import base64
 import binascii
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol, TypeVar
 
 from iortd.auditlog.merkle import HASH_SIZE
-from iortd.auditlog.note import NoteError, Signer, Verifier
-from iortd.auditlog.signed_note import open_note
+from iortd.auditlog.signed_note import NoteError, NoteVerifier, open_note
 
 __all__ = ["CheckpointBody", "CheckpointError", "open_checkpoint", "parse_body", "sign_checkpoint"]
 
 MAX_SIZE: Final = 2**64 - 1
 _DIGITS: Final = frozenset("0123456789")
+
+
+V = TypeVar("V", bound=NoteVerifier)
+
+
+class NoteSigner(Protocol):
+    """What signing needs of a key (note.py's ``Signer``; not imported: note.py reads
+    tree checkpoints through this module)."""
+
+    def sign(self, text: str) -> str: ...
 
 
 class CheckpointError(NoteError):
@@ -118,14 +129,14 @@ def parse_body(text: str) -> CheckpointBody:
     return CheckpointBody(origin, int(size_s), root, tuple(ext))
 
 
-def sign_checkpoint(body: CheckpointBody, signer: Signer) -> str:
+def sign_checkpoint(body: CheckpointBody, signer: NoteSigner) -> str:
     """The signed checkpoint note, as note.py signs (one Ed25519 signature line)."""
     return signer.sign(body.text)
 
 
 def open_checkpoint(
-    note: str | bytes, verifiers: Sequence[Verifier]
-) -> tuple[CheckpointBody, tuple[Verifier, ...]]:
+    note: str | bytes, verifiers: Sequence[V]
+) -> tuple[CheckpointBody, tuple[V, ...]]:
     """Verify a signed checkpoint (signed_note.open_note: at least one known signature,
     every known one valid, unknown ones ignored), then parse its body strictly. Returns
     the body and the verifiers whose signatures verified."""

@@ -11,6 +11,13 @@ those beyond the seal of a log whose writer is not running. The chain can be int
 such entries still not be genuine: the command says so and exits 1. Timestamps that go
 backwards are reported as warnings (a clock step), not as breaks.
 
+The Merkle tree (issue 20) is recomputed in the same pass: one more SHA-256 per line (its
+leaf) and the frontier (merkle.py). A checkpoint entry whose data says ``tree:
+"rfc6962"`` must hold a tree checkpoint whose root is the tree's over the entries before
+it; one without must hold a chain-head checkpoint (note.py): the log says which, never the
+bytes. A tree seal, checkpoint file or ``--checkpoint`` copy must have the tree's root at
+its size as well as the chain's head.
+
 The checks of the directory's own files, and of a writer that may be running, are in
 dircheck.py; the report and its parts in findings.py.
 """
@@ -34,6 +41,7 @@ from iortd.auditlog.dircheck import (
 from iortd.auditlog.findings import Problem, Unvouched, VerifyReport, entry_data
 from iortd.auditlog.logdir import SEGMENT_RE, segment_paths
 from iortd.auditlog.marker import read_marker
+from iortd.auditlog.merkle import Frontier
 from iortd.auditlog.note import Checkpoint, NoteError, Verifier
 from iortd.auditlog.segments import SegmentError, open_segment
 from iortd.auditlog.union import find_archive, merge, missing_segment
@@ -136,6 +144,10 @@ def verify_log(
         if archive is not None and not _merge_archive(rep, archive):
             return rep
     anchor_hashes: dict[int, str | None] = {cp.count - 1: None for _, _, cp in anchors}
+    roots: dict[int, str] = {}  # count -> the tree's root (hex), at the anchors' sizes
+    root_sizes = {c.count for c in ext_cps if c.root} | {c.count for *_, c in anchors if c.root}
+    frontier = Frontier()
+    add_leaf = frontier.append
     last_ts = ""
     log_key: Verifier | None = None
     prev_hash, expect_seq = ZERO_HASH, 0
@@ -205,7 +217,7 @@ def verify_log(
                     except NoteError:
                         rep.warnings.append(f"{path}:{n}: unreadable verifier_key in daemon_start")
             elif kind == "checkpoint":
-                bad = _check_checkpoint(line, seq, prev_hash, rep, pubkey, log_key)
+                bad = _check_checkpoint(line, seq, prev_hash, rep, pubkey, log_key, frontier)
                 if bad is not None:
                     rep.problem = Problem(path, n, seq, bad)
                     break
@@ -221,6 +233,11 @@ def verify_log(
             if ts < last_ts:
                 _clock_back(rep, path, n, seq, last_ts, ts, kind)
             last_ts = ts
+            leaf = sha256(b"\x00")
+            leaf.update(line)
+            add_leaf(leaf.digest())
+            if seq + 1 in root_sizes:
+                roots[seq + 1] = frontier.root().hex()
             if seq in ext_seqs:
                 ext_hash_at[seq] = claimed
             if seq in anchor_hashes:
@@ -272,6 +289,15 @@ def verify_log(
                 f"seq {ext_cp.count - 1} differs from the checkpoint held elsewhere: the log "
                 "was replaced or rewritten",
             )
+        elif ext_cp.root is not None and roots.get(ext_cp.count) != ext_cp.root:
+            rep.problem = Problem(
+                last,
+                0,
+                ext_cp.count - 1,
+                f"the checkpoint held elsewhere has root {ext_cp.root[:16]}... at "
+                f"{ext_cp.count} entries, the tree of the log's entries has "
+                f"{roots.get(ext_cp.count, '?')[:16]}...: the log was rewritten",
+            )
     if rep.problem is None and ext_cps:
         latest = ext_cps[0].count - 1
         rep.external_checkpoint = (
@@ -288,6 +314,7 @@ def verify_log(
             )
     if rep.problem is None and log_dir is not None:
         check_anchors(rep, anchors, anchor_hashes, pubkey or log_key, log_dir)
+        _check_anchor_roots(rep, anchors, roots, pubkey or log_key, log_dir)
     if rep.problem is None and pubkey is not None and rep.checkpoints_by_pubkey == 0:
         rep.problem = Problem(
             rep.files[-1],
@@ -303,6 +330,36 @@ def verify_log(
             f"{rep.clock_steps_back - CLOCK_STEPS_LISTED} more backward steps of the entries' ts"
         )
     return rep
+
+
+def _check_anchor_roots(
+    rep: VerifyReport,
+    anchors: Sequence[tuple[str, str, Checkpoint]],
+    roots: dict[int, str],
+    key: Verifier | None,
+    log_dir: Path,
+) -> None:
+    """A tree seal or checkpoint file signed by ``key`` (check_anchors has matched its
+    head) must also have the tree's root at its size."""
+    if rep.problem is not None:
+        return
+    for name, note, cp in anchors:
+        if cp.root is None or cp.count > rep.entries or cp.count not in roots:
+            continue
+        try:
+            signed = Checkpoint.parse_verified(note, key)[1]
+        except NoteError:
+            continue
+        if signed and roots[cp.count] != cp.root:
+            rep.problem = Problem(
+                log_dir / name,
+                0,
+                cp.count - 1,
+                f"the {name} file has root {cp.root[:16]}... at {cp.count} entries, the tree "
+                f"of the log's entries has {roots[cp.count][:16]}...: its entries were "
+                "rewritten, or it was signed over other entries",
+            )
+            return
 
 
 def _merge_archive(rep: VerifyReport, archive: Path) -> bool:
@@ -425,8 +482,10 @@ def _check_checkpoint(
     rep: VerifyReport,
     pubkey: Verifier | None,
     log_key: Verifier | None,
+    frontier: Frontier,
 ) -> str | None:
-    note = entry_data(line).get("note")
+    data = entry_data(line)
+    note, tree = data.get("note"), data.get("tree")
     if not isinstance(note, str):
         return "checkpoint entry holds no note"
     key = pubkey or log_key
@@ -445,6 +504,16 @@ def _check_checkpoint(
         )
     if rep.origin is not None and cp.origin != rep.origin:
         return f"checkpoint origin {cp.origin!r} is not this log's {rep.origin!r}"
+    # Which kind it is, the entry says (data.tree); the note must be of that kind.
+    if tree is not None and (tree != "rfc6962" or cp.root is None):
+        return f"checkpoint entry says tree {tree!r}, its note is not an RFC 6962 tree checkpoint"
+    if tree is None and cp.root is not None:
+        return "checkpoint entry names no tree, its note is a tree checkpoint"
+    if cp.root is not None and cp.root != (ours := frontier.root().hex()):
+        return (
+            f"checkpoint has root {cp.root[:16]}... at {seq} entries, the tree of the entries "
+            f"before it has root {ours[:16]}...: the signed root is not this log's tree"
+        )
     rep.checkpoints += 1
     rep.signed_through = seq  # the entries before it, and itself (it holds the signature)
     if pubkey is not None:

@@ -13,8 +13,17 @@ last committed size (no torn line in the middle), an alarm callback fires, and t
 retries with capped backoff until it succeeds. A failing seal or checkpoint-file write is
 a failing log write too: an alarm and a retry; it never ends the writer.
 
-The seal: after every group commit (after its fsync) the writer signs (size, head hash) in
-the checkpoint note format and replaces ``seal`` with it atomically. It is never published
+The Merkle tree (issue 20): beside the chain's head the writer keeps the frontier of the
+RFC 6962 tree over every entry (merkle.py; leaf = the entry's line without its newline),
+appending each entry's leaf as its line is made (one SHA-256 and, on average, one node
+hash). A group commit takes a copy of it (at most 64 hashes) with its batch, so the seal
+signs the root at the committed size. At open the frontier comes from the seal, or is
+rebuilt from the log (tree_state.py). Without a signing key, or when it cannot be
+rebuilt, there is none, and the notes are chain-head checkpoints (note.py).
+
+The seal: after every group commit (after its fsync) the writer signs (size, root, head
+hash; and the frontier, tree_state.py) in the checkpoint note format and replaces ``seal``
+with it atomically. It is never published
 nor recorded as an entry: it only says how far this daemon vouches for the log on disk
 (vouch.py). Never at open: the recovered head may hold unvouched entries, and the first
 seal comes after the owner has recorded them. A checkpoint is signed into the log as an
@@ -28,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
+import hashlib
 import os
 import threading
 import time
@@ -48,8 +57,6 @@ from iortd.auditlog.logdir import (
     LogInUse,
     LogUnusable,
     OpenSegment,
-    check_same_file,
-    create_segment,
     lock_directory,
     new_origin,
     read_anchor,
@@ -57,12 +64,16 @@ from iortd.auditlog.logdir import (
     write_anchor,
 )
 from iortd.auditlog.marker import find_hash
+from iortd.auditlog.merkle import Frontier
 from iortd.auditlog.note import Checkpoint, Signer
 from iortd.auditlog.recovery import RecoveryReport, recover
+from iortd.auditlog.segment_writer import PartialWrite as _PartialWrite
+from iortd.auditlog.segment_writer import Pending as _Pending
+from iortd.auditlog.segment_writer import SegmentWriting
 from iortd.auditlog.spill import DEFAULT_SPILL_DIR, spill_entries, spill_path
+from iortd.auditlog.tree_state import frontier_line, load_frontier
 from iortd.auditlog.vouch import LogRolledBack
 from iortd.kernel.backoff import Backoff
-from iortd.kernel.durable import write_all
 from iortd.kernel.timefmt import epoch_ns, utc_ts
 
 # The writing side's public names, importable from here (as before the cut, issue 15).
@@ -87,6 +98,7 @@ __all__ = [
 ]
 
 FORMAT = "iortd-audit-log/1"
+TREE = "rfc6962"  # a checkpoint entry's data.tree: its note is a tree checkpoint
 CLOCK_STEP_LIMIT_NS = 1_000_000_000
 BACKOFF_INITIAL_S = 0.05
 BACKOFF_MAX_S = 2.0
@@ -96,13 +108,6 @@ log = structlog.get_logger("iortd.audit")
 
 class AuditLogClosed(RuntimeError):
     pass
-
-
-class _PartialWrite(Exception):
-    def __init__(self, written: int, error: OSError) -> None:
-        super().__init__(str(error))
-        self.written = written
-        self.error = error
 
 
 class Entry(NamedTuple):
@@ -115,16 +120,7 @@ class Entry(NamedTuple):
     committed: asyncio.Future[None]
 
 
-class _Pending(NamedTuple):
-    seq: int
-    date: str  # YYYYMMDD of the entry's ts: which day's segment it belongs to
-    line: bytes
-    future: asyncio.Future[None]
-    durable: bool
-    hash: str
-
-
-class AuditLog:
+class AuditLog(SegmentWriting):
     """One writer per log directory. Build with :meth:`open`; run :meth:`run` as a task."""
 
     def __init__(
@@ -177,6 +173,10 @@ class AuditLog:
         self._cp_note: str | None = None  # a checkpoint note still to write to its file
         self._cp_file_lock = threading.Lock()
         self.failing_since: float | None = None
+        # The Merkle frontier after every appended entry, and after the committed ones
+        # (what the seal signs); None: chain-head checkpoints (module doc).
+        self.frontier: Frontier | None = None
+        self._committed_frontier: Frontier | None = None
 
     # ---- opening and recovery --------------------------------------------------------
 
@@ -229,6 +229,21 @@ class AuditLog:
         )
         self._lock_fd = lock_fd
         self.spill_dir = spill_dir
+        if verifier is not None:
+            frontier, how = await load_frontier(
+                directory,
+                verifier=verifier,
+                vouched_by=report.vouched_by,
+                vouched=report.vouched_count,
+                size=report.last_seq + 1,
+                head=report.last_hash,
+            )
+            if frontier is None:
+                log.warning("audit_merkle_frontier_unavailable", why=how)
+            else:
+                self.frontier, self._committed_frontier = frontier, frontier.copy()
+                if how != "seal" and frontier.size:  # a whole log read: say so, once
+                    log.info("audit_merkle_frontier", size=frontier.size, source=how)
         if report.created:
             self.append(
                 "log_created",
@@ -276,6 +291,10 @@ class AuditLog:
     ) -> Entry:
         line, digest, ts, date = self._chain.next_line(type, data, delivery_id, now_mono, now_wall)
         seq = self._chain.seq
+        if self.frontier is not None:
+            leaf = hashlib.sha256(b"\x00")
+            leaf.update(memoryview(line)[:-1])  # the line without its newline
+            self.frontier.append(leaf.digest())
         # One future per group commit, shared by every entry in it: entries are durable
         # together, and a future per sample would be most of the cost of appending one.
         fut = self._batch_future
@@ -325,16 +344,16 @@ class AuditLog:
         # checkpoint covers exactly the entries before it.
         self._check_clock(now_mono, now_wall)
         seq, head = self.head
-        cp = Checkpoint(
-            self.origin,
-            seq + 1,
-            head,
-            (f"time {self._chain.ts(now_wall)[0]}", f"reason {reason}"),
-        )
-        note = cp.signed(self.signer)
+        ext = (f"time {self._chain.ts(now_wall)[0]}", f"reason {reason}")
+        data: dict[str, Any] = {"count": seq + 1, "head": head}
+        root = None
+        if self.frontier is not None:
+            root = self.frontier.root().hex()
+            data |= {"root": root, "tree": TREE}
+        note = Checkpoint(self.origin, seq + 1, head, ext, root).signed(self.signer)
         entry = self._append(
             "checkpoint",
-            {"note": note, "count": seq + 1, "head": head},
+            {"note": note, **data},
             None,
             True,
             now_mono,
@@ -368,15 +387,19 @@ class AuditLog:
     def _side_due(self) -> bool:
         return self._cp_note is not None or (self._seal_due and self.signer is not None)
 
-    def _write_side_files(self, count: int, head: str, ts: str) -> None:
-        """Runs in a worker thread: the seal over (count, head), dated ``ts`` (the log's
-        own wall clock, read on the loop), then the checkpoint file if one is due. Each is
-        replaced atomically (temp file, fsync, rename, fsync dir)."""
+    def _write_side_files(self, count: int, head: str, ts: str, frontier: Frontier | None) -> None:
+        """Runs in a worker thread: the seal over (count, head; the root and frontier at
+        count when there is one), dated ``ts`` (the log's own wall clock, read on the
+        loop), then the checkpoint file if one is due. Each is replaced atomically (temp
+        file, fsync, rename, fsync dir)."""
         signer = self.signer
         if self._seal_due and signer is not None:
-            note = Checkpoint(self.origin, count, head, (f"time {ts}", "reason seal")).signed(
-                signer
-            )
+            ext: tuple[str, ...] = (f"time {ts}", "reason seal")
+            root = None
+            if frontier is not None and frontier.size == count:
+                root = frontier.root().hex()
+                ext += (frontier_line(frontier),)
+            note = Checkpoint(self.origin, count, head, ext, root).signed(signer)
             write_anchor(self.directory, SEAL_FILE, note)
             self._seal_due = False
         self._write_checkpoint_file()
@@ -425,6 +448,7 @@ class AuditLog:
                                     await self._wake.wait()
                                     self._wake.clear()
                 batch, self._pending = self._pending, []
+                tree = self._tree_at(batch)
                 self._batch_future = None  # later appends belong to the next commit
                 self._urgent = False
                 t0 = time.monotonic()  # an observer (on_commit) gets entries, bytes and t0
@@ -437,6 +461,7 @@ class AuditLog:
                     if failed.written:
                         self.committed_seq = batch[failed.written - 1].seq
                         self._committed_hash = batch[failed.written - 1].hash
+                        self._commit_tree(batch[: failed.written], None)
                         self._seal_due = True
                     self._pending = batch[failed.written :] + self._pending
                     self._urgent = any(p.durable for p in self._pending)
@@ -448,6 +473,7 @@ class AuditLog:
                     continue
                 self.committed_seq = batch[-1].seq
                 self._committed_hash = batch[-1].hash
+                self._commit_tree(batch, tree)
                 self._seal_due = True
                 self.on_commit(len(batch), sum(len(p.line) for p in batch), t0)
                 for fut in {id(p.future): p.future for p in batch}.values():
@@ -470,6 +496,7 @@ class AuditLog:
                     self.committed_seq + 1,
                     self._committed_hash,
                     utc_ts(datetime.fromtimestamp(self._wall_ns() / 1e9, UTC)),
+                    None if self._committed_frontier is None else self._committed_frontier.copy(),
                 )
             except OSError as exc:
                 self._failed(exc, "seal or checkpoint file")
@@ -484,6 +511,22 @@ class AuditLog:
                 self.on_recovered(outage)
         return True
 
+    def _tree_at(self, batch: list[_Pending]) -> Frontier | None:
+        """The frontier after ``batch`` (every pending entry): a copy, taken as the batch
+        is, since appends go on while it is written."""
+        f = self.frontier
+        return None if f is None or f.size != batch[-1].seq + 1 else f.copy()
+
+    def _commit_tree(self, written: list[_Pending], tree: Frontier | None) -> None:
+        """The committed frontier after ``written`` reached the disk: ``tree`` when the
+        whole batch did, else the written entries' leaves added one by one (a failed
+        write: rare, and at most one batch)."""
+        if tree is not None:
+            self._committed_frontier = tree
+        elif self._committed_frontier is not None:
+            for p in written:
+                self._committed_frontier.append(hashlib.sha256(b"\x00" + p.line[:-1]).digest())
+
     def _failed(self, exc: OSError, what: str) -> None:
         if self.failing_since is None:
             self.failing_since = time.monotonic()
@@ -493,63 +536,6 @@ class AuditLog:
         for told in (self.on_failure, *self.failure_watchers):
             if told is not None:
                 told(exc)
-
-    def _write_batch(self, batch: list[_Pending]) -> None:
-        """Runs in a worker thread: write, rotate and fsync; all or nothing per segment.
-
-        Raises _PartialWrite saying how many entries (from the start) are on disk."""
-        i = 0
-        while i < len(batch):
-            try:
-                i = self._write_chunk(batch, i)
-            except OSError as exc:
-                raise _PartialWrite(i, exc) from exc
-
-    def _write_chunk(self, batch: list[_Pending], i: int) -> int:
-        """Write the entries from ``i`` that go into one segment; return where it stopped."""
-        seg = self._segment
-        first = batch[i]
-        if (
-            seg is None
-            or seg.date != first.date
-            or (seg.size > 0 and seg.size + len(first.line) > self._max)
-        ):
-            seg = self._rotate(first.seq, first.date)
-        chunk: list[bytes] = []
-        size = seg.size
-        while i < len(batch) and batch[i].date == seg.date:
-            line = batch[i].line
-            if chunk and size + len(line) > self._max:
-                break
-            chunk.append(line)
-            size += len(line)
-            i += 1
-        check_same_file(seg)
-        try:
-            write_all(seg.fd, b"".join(chunk))
-            os.fsync(seg.fd)
-        except OSError:
-            # Cut back to the last committed size so that a torn write never sits
-            # in the middle of the file when the retry appends after it.
-            with contextlib.suppress(OSError):
-                os.ftruncate(seg.fd, seg.size)
-            raise
-        seg.size = size
-        return i
-
-    def _rotate(self, first_seq: int, date: str) -> OpenSegment:
-        if not self.directory.is_dir():
-            # Never recreate a deleted log directory: a new chain in an empty directory
-            # would hide the deletion. The alarm stays up until an operator acts.
-            raise OSError(errno.ENOENT, f"{self.directory}: the log directory is gone")
-        old = self._segment
-        if old is not None:
-            os.fsync(old.fd)
-            os.close(old.fd)
-            self._segment = None
-        self._segment = create_segment(self.directory, first_seq, date)
-        self.on_rotate()
-        return self._segment
 
     async def close(self) -> None:
         """Flush and fsync everything pending, then close the file."""
@@ -577,9 +563,11 @@ class AuditLog:
             # The writer task never ran, or was cancelled with entries still pending (a
             # start-up that failed, a shutdown cut short): write them now, once.
             batch, self._pending = self._pending, []
+            tree = self._tree_at(batch)
             try:
                 await asyncio.to_thread(self._write_batch, batch)
             except _PartialWrite as failed:
+                self._commit_tree(batch[: failed.written], None)
                 lost = batch[failed.written :]
                 log.critical(
                     "audit_log_entries_not_written",
@@ -594,6 +582,7 @@ class AuditLog:
                 if not fut.done():
                     fut.set_result(None)
             self.committed_seq, self._committed_hash = batch[-1].seq, batch[-1].hash
+            self._commit_tree(batch, tree)
             self._seal_due = True
         if self._side_due():
             await self._side_files()  # once: a failure is logged and alarmed, not raised

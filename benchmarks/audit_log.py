@@ -7,7 +7,10 @@ Measured in one run, on one disk, with entries of one size (the daemon's sample 
    durable=True entries appended one at a time, each awaited (one fsync each); both again
    with a signing key, so that every group commit is followed by its seal (a signed note
    replaced atomically: temp file, fsync, rename, fsync of the directory): the difference
-   per durable entry is the seal's cost per group commit;
+   per durable entry is the seal's cost per group commit; and the sealed samples once more
+   without the Merkle tree (the writer's frontier switched off after open, as a version
+   before issue 20 wrote: chain-head checkpoints), so that the tree's cost per append
+   (one leaf hash and on average one node hash, on the event loop) is the difference;
 2. baseline A: os.write + os.fsync per entry, the same bytes;
 3. baseline B: SQLite (stdlib sqlite3), WAL, synchronous=FULL, one transaction per entry
    inserting the same JSON text;
@@ -149,9 +152,11 @@ class WriterRun:
 
 
 async def _open(
-    directory: Path, signer: Signer | None = None
+    directory: Path, signer: Signer | None = None, tree: bool = True
 ) -> tuple[AuditLog, asyncio.Task[None]]:
     log, _ = await AuditLog.open(directory, origin="bench", signer=signer)
+    if not tree:
+        log.frontier = log._committed_frontier = None  # chain-head only, as before issue 20
     task = asyncio.create_task(log.run())
     await log.append("bench_start", {}, durable=True).committed  # after log_created
     return log, task
@@ -168,9 +173,9 @@ def _track(entry: Entry, out: list[float]) -> None:
 
 
 async def writer_samples(
-    directory: Path, data: list[dict[str, Any]], signer: Signer | None = None
+    directory: Path, data: list[dict[str, Any]], signer: Signer | None = None, tree: bool = True
 ) -> WriterRun:
-    log, task = await _open(directory, signer)
+    log, task = await _open(directory, signer, tree)
     latencies: list[float] = []
     last: Entry | None = None
     t0 = time.perf_counter()
@@ -339,6 +344,7 @@ def run(work: Path, n: int, m: int, repeat: int) -> int:
     paced: list[list[float]] = []
     signer = generate_keypair("bench")
     sealed: list[WriterRun] = []
+    chain_only: list[WriterRun] = []
     sealed_durable: list[Rate] = []
     for k in range(repeat):
         runs.append(asyncio.run(writer_samples(fresh(work, f"samples-{k}"), data)))
@@ -346,6 +352,10 @@ def run(work: Path, n: int, m: int, repeat: int) -> int:
         durable.append(asyncio.run(writer_durable(fresh(work, f"durable-{k}"), data[:m])))
         sealed.append(asyncio.run(writer_samples(fresh(work, f"sealed-{k}"), data, signer)))
         shutil.rmtree(sealed[-1].directory)
+        chain_only.append(
+            asyncio.run(writer_samples(fresh(work, f"chain-{k}"), data, signer, tree=False))
+        )
+        shutil.rmtree(chain_only[-1].directory)
         sealed_durable.append(
             asyncio.run(writer_durable(fresh(work, f"sealed-durable-{k}"), data[:m], signer))
         )
@@ -420,6 +430,14 @@ def run(work: Path, n: int, m: int, repeat: int) -> int:
         f"{sw.rate.per_s:,.0f} entries/s",
         per_s([r.rate for r in sealed]),
     )
+    row("    producer loop, per entry (with the tree)", f"{sw.append_s / n * 1e6:.1f} us/entry")
+    cw = min(chain_only, key=lambda r: r.rate.seconds)
+    row(
+        "(1) writer, samples, sealed, no Merkle tree (before #20)",
+        f"{cw.rate.per_s:,.0f} entries/s",
+        per_s([r.rate for r in chain_only]),
+    )
+    row("    producer loop, per entry (chain only)", f"{cw.append_s / n * 1e6:.1f} us/entry")
     row(
         "(1) writer, durable=True, sealed, one at a time",
         f"{sd.per_s:,.0f} entries/s",

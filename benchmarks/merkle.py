@@ -4,9 +4,11 @@ against SHA-256 per line of the same bytes, measured in the same run.
 1. frontier appends: ``Frontier.append`` of leaf hashes already in memory (the tree's own
    cost on top of hashing: amortised one node hash per leaf), then leaf hash + append per
    line in memory, beside baseline A: one ``hashlib.sha256`` per line of the same lines;
-2. ``rebuild_frontier`` over a generated log directory (what recovery will do at start:
-   segments read in 4 MiB blocks, the seq of every line checked, leaf hash and append),
-   beside baseline B: one SHA-256 per line of the same files read the same way.
+2. ``rebuild_frontier`` over a generated log directory (segments read in 4 MiB blocks, the
+   seq of every line checked, leaf hash and append), beside baseline B: one SHA-256 per
+   line of the same files read the same way;
+3. ``rebuild_chained``, what the writer's open runs when the seal has no frontier (as (2),
+   and every entry's hash recomputed and its ``prev`` checked).
 
 The log is made of the daemon's sample entries (the shape benchmarks/audit_log.py uses),
 chained and hashed in the log's canonical form, written straight to segments of
@@ -27,12 +29,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import orjson
 from machine import filesystem, print_header, work_dir
 
 from iortd.auditlog.canonical import ZERO_HASH, canonical, seal
 from iortd.auditlog.logdir import segment_paths
 from iortd.auditlog.merkle import Frontier
-from iortd.auditlog.merkle_log import rebuild_frontier
+from iortd.auditlog.merkle_log import rebuild_chained, rebuild_frontier
 from iortd.auditlog.segments import open_segment
 
 DEFAULT_ENTRIES = 200_000
@@ -140,6 +143,10 @@ def sha_per_line_files(files: list[Path]) -> int:
     return n
 
 
+def chained(files: list[Path], head: str) -> Frontier:
+    return rebuild_chained(files, start=None, start_head=ZERO_HASH, head=head)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--entries", type=int, default=DEFAULT_ENTRIES)
@@ -164,11 +171,13 @@ def main() -> None:
         print(f"  runs       best of {args.repeat}; files read once before timing (page cache)")
         lines = lines_of(files)  # also warms the page cache
         leaves = [hashlib.sha256(b"\x00" + x).digest() for x in lines]
+        head = orjson.loads(lines[-1])["hash"]
         cases: list[tuple[str, Callable[[], object]]] = [
             ("(1) Frontier.append, leaf hashes in memory", lambda: appends_only(leaves)),
             ("(1) leaf hash + append per line, in memory", lambda: leaf_and_append(lines)),
             ("    baseline A: sha256 per line, in memory", lambda: sha_per_line(lines)),
             ("(2) rebuild_frontier over the log directory", lambda: rebuild_frontier(files)),
+            ("(3) rebuild_chained (the writer's open)", lambda: chained(files, head)),
             ("    baseline B: sha256 per line, same files", lambda: sha_per_line_files(files)),
         ]
         # Rounds interleave the cases, so that a change of load on a shared machine falls
@@ -180,7 +189,7 @@ def main() -> None:
                 fn()
                 runs[i].append(n / (time.perf_counter() - t0))
         rows = [(label, max(r), r) for (label, _fn), r in zip(cases, runs, strict=True)]
-        a, b, c, d, e = (row[1] for row in rows)
+        a, b, c, d, f, e = (row[1] for row in rows)
         check = rebuild_frontier(files)
         assert check.root() == leaf_and_append(lines).root()
         print()
@@ -192,6 +201,8 @@ def main() -> None:
         per_leaf_us = 1e6 / a
         print(f"{'    tree cost per append (1, first row)':<48} {per_leaf_us:>12.2f} us")
         print(f"{'    rebuild of this log':<48} {n / d:>12.2f} s (root {check.root().hex()[:16]}…)")
+        print(f"{'(3) chained rebuild / baseline B':<48} {f / e:>12.2f}x")
+        print(f"{'    chained rebuild, per million entries':<48} {1e6 / f:>12.2f} s")
     finally:
         cleanup()
 

@@ -617,7 +617,10 @@ def test_the_held_checkpoint_file_is_the_one_the_daemon_wrote(log: Log) -> None:
     assert cp["data"]["note"] == note
     held, _ = Checkpoint.parse_verified(note, None)
     assert held.count == cp["seq"]
-    assert base64.b64decode(note.split("\n")[2]).hex() == log.entries[cp["seq"] - 1]["hash"]
+    # A tree checkpoint (issue 20): line 3 the root (its entry says so), line 4 the head.
+    assert base64.b64decode(note.split("\n")[2]).hex() == cp["data"]["root"]
+    assert cp["data"]["tree"] == "rfc6962"
+    assert note.split("\n")[3] == "head " + log.entries[cp["seq"] - 1]["hash"]
 
 
 def test_entries_after_the_last_checkpoint_are_said_to_be_unsigned(log: Log) -> None:

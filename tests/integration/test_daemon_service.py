@@ -14,7 +14,7 @@ from typing import Any, Self
 
 import pytest
 
-from iortd.auditlog import writer
+from iortd.auditlog import segment_writer
 from iortd.auditlog.writer import AuditLog
 from iortd.daemon import app
 from iortd.daemon.app import App
@@ -409,7 +409,7 @@ async def test_while_the_audit_disk_fails_events_still_reach_the_display(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     loaded, registry, _ = scripted(tmp_path, ["ok"] * 5 + ["drop"] + ["ok"] * 1000)
-    monkeypatch.setattr(writer, "write_all", disk_full)
+    monkeypatch.setattr(segment_writer, "write_all", disk_full)
     monkeypatch.setattr(app, "SHUTDOWN_TIMEOUT_S", 0.5)
     monkeypatch.setattr(app, "DEFAULT_SPILL_DIR", tmp_path / "spill")  # not the host's
     sink = RecordingSink()

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 import pytest
 
-from iortd.auditlog import logdir, writer
+from iortd.auditlog import logdir, segment_writer, writer
 from iortd.auditlog.note import Checkpoint, Signer, generate_keypair
 from iortd.auditlog.verify import verify_log
 from iortd.auditlog.writer import AuditLog, RecoveryReport, segment_paths
@@ -342,7 +342,9 @@ async def test_a_planted_spill_directory_is_not_used(tmp_path: Path) -> None:
     planted = tmp_path / "spill"
     planted.symlink_to(elsewhere)
     log, _ = await AuditLog.open(tmp_path / "log", origin=ORIGIN, spill_dir=planted)
-    await log._spill([writer._Pending(1, "20260301", b"{}\n", asyncio.Future(), True, "0" * 64)])
+    await log._spill(
+        [segment_writer.Pending(1, "20260301", b"{}\n", asyncio.Future(), True, "0" * 64)]
+    )
     await log.close()
     assert list(elsewhere.iterdir()) == [], "nothing written through the symlink"
     writer.spill_path(elsewhere, ORIGIN).write_bytes(b"{}\n")

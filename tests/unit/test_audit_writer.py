@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 import pytest
 
-from iortd.auditlog import writer
+from iortd.auditlog import segment_writer
 from iortd.auditlog.canonical import ZERO_HASH, CanonicalError, check_json_value
 from iortd.auditlog.note import Checkpoint, generate_keypair
 from iortd.auditlog.verify import verify_log
@@ -242,7 +242,7 @@ async def test_samples_are_group_committed_within_the_window(
     window = 0.05
     async with running(tmp_path, group_commit_s=window) as (log, _):
         await log.append("warmup", {}, durable=True).committed
-        monkeypatch.setattr(writer, "write_all", counting)
+        monkeypatch.setattr(segment_writer, "write_all", counting)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         futures = [log.append("sample", sample(i)).committed for i in range(10)]
@@ -358,7 +358,7 @@ async def test_close_without_the_writer_task_reports_a_disk_error_as_oserror(
     def full_disk(fd: int, data: bytes) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(writer, "write_all", full_disk)
+    monkeypatch.setattr(segment_writer, "write_all", full_disk)
     try:
         with pytest.raises(OSError, match="No space left") as err:
             await log.close()
@@ -695,7 +695,15 @@ async def test_checkpoint_signs_the_head_and_records_it(tmp_path: Path) -> None:
     last = entries[-1]
     assert last["type"] == "checkpoint"
     assert last["seq"] == seq + 1
-    assert last["data"] == {"note": note, "count": seq + 1, "head": head}
+    root = cp.root
+    assert root is not None  # a tree checkpoint (issue 20): test_audit_tree.py checks it
+    assert last["data"] == {
+        "note": note,
+        "count": seq + 1,
+        "head": head,
+        "root": root,
+        "tree": "rfc6962",
+    }
     assert_chain(entries)
     rep = verify_log([tmp_path], pubkey=signer.verifier, external=note)
     assert rep.intact, str(rep.problem)
@@ -754,7 +762,7 @@ async def test_a_failing_disk_loses_nothing_and_recovery_is_logged(
         on_recovered=recovered.append,
     ) as (log, _):
         await log.append("daemon_start", {}, durable=True).committed
-        monkeypatch.setattr(writer, "write_all", flaky_write_all(lambda n: n <= 3, calls))
+        monkeypatch.setattr(segment_writer, "write_all", flaky_write_all(lambda n: n <= 3, calls))
         futures = [log.append("sample", sample(i)).committed for i in range(5)]
         futures.append(log.append("alarm_raised", {"code": "A"}, durable=True).committed)
         futures += [log.append("sample", sample(i)).committed for i in range(5, 8)]
@@ -786,7 +794,7 @@ async def test_close_waits_for_a_failing_disk_to_recover(
     calls: list[int] = []
     log, _, task = await start(tmp_path, group_commit_s=5.0, on_failure=lambda _: None)
     await log.append("x", {}, durable=True).committed
-    monkeypatch.setattr(writer, "write_all", flaky_write_all(lambda n: n <= 2, calls))
+    monkeypatch.setattr(segment_writer, "write_all", flaky_write_all(lambda n: n <= 2, calls))
     f = log.append("sample", sample(1)).committed
     await asyncio.wait_for(log.close(), 10)
     await asyncio.wait_for(task, 5)
@@ -804,7 +812,7 @@ async def test_a_failure_in_the_second_segment_of_a_batch_duplicates_nothing(
         tmp_path, rotate_max_bytes=MIN_ROTATE, group_commit_s=0.05, on_failure=lambda _: None
     ) as (log, _):
         await log.append("daemon_start", {}, durable=True).committed
-        monkeypatch.setattr(writer, "write_all", flaky_write_all(lambda n: n == 2, calls))
+        monkeypatch.setattr(segment_writer, "write_all", flaky_write_all(lambda n: n == 2, calls))
         # ~100 kB of samples in one group-commit window: one batch over two segments
         futures = [log.append("sample", sample(i, pad=1000)).committed for i in range(90)]
         await asyncio.wait_for(asyncio.gather(*futures), 10)

@@ -21,7 +21,7 @@ import orjson
 import pytest
 
 from iortd.audit.cli import main as audit_main
-from iortd.auditlog import retention, retention_round, writer
+from iortd.auditlog import retention, retention_round, segment_writer
 from iortd.auditlog.archive import archive_dir_for
 from iortd.auditlog.archive import delete_segment as real_delete
 from iortd.auditlog.note import Signer, generate_keypair
@@ -354,7 +354,7 @@ async def test_full_disk_deletes_archived_segments_and_records_it_once_space_is_
         real_delete(*args)
         full["on"] = False  # space freed
 
-    monkeypatch.setattr(writer, "write_all", write_all)
+    monkeypatch.setattr(segment_writer, "write_all", write_all)
     monkeypatch.setattr(retention_round, "delete_segment", delete_segment)
     async with running(logdir, signer) as log:
         await fill(log, 120)
