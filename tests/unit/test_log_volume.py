@@ -11,6 +11,7 @@ idle poll (about 530 KB a minute per device).
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -56,7 +57,8 @@ def site(tmp: Path, *, reader: bool, preset_gy: float, extra: str = "") -> Path:
     text = (ROOT / "config" / "demo.toml").read_text()
     text = text.replace('directory = "demo-log"', f'directory = "{tmp / "log"}"\n{extra}')
     text = text.replace("speed = 60.0", "speed = 1.0")
-    text = text.replace("start_delay_s = 30.0", "start_delay_s = 5.0")
+    text, n = re.subn(r"(?m)^start_delay_s = [0-9.]+", "start_delay_s = 5.0", text)
+    assert n == 1, "config/demo.toml: the console's start_delay_s not found"
     text = text.replace("= 20.0", f"= {preset_gy}")  # the plan's and the console's preset
     if not reader:
         text = text.split("# The applicator reader and positioning stand")[0]
