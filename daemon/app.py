@@ -188,6 +188,16 @@ class App:
         """Run until ``stop`` (or ``duration_s`` real seconds after the start); then shut
         down in order, within bounds (see the module doc)."""
         c = self.config
+        # The journal's first line, before anything is read back from the log (recovery,
+        # the command handlers' and the alarm ledger's rebuilds log their own lines).
+        log.info(
+            "daemon_starting",
+            config=str(self.loaded.path),
+            config_sha256=self.loaded.sha256,
+            site=c.site.id,
+            room=c.site.room,
+            speed=self._clock.speed,
+        )
         async with contextlib.AsyncExitStack() as stack:
             audit, recovery = await self._open_log()
             stack.push_async_callback(audit.close)  # last, on every path
@@ -229,14 +239,6 @@ class App:
                     await self.handlers.install(c, self._intake, audit, service, recovery, acks)
                 except VerificationTableError as exc:
                     raise StartError(f"verification.doserate_table: {exc}") from None
-            log.info(
-                "daemon_starting",
-                config=str(self.loaded.path),
-                config_sha256=self.loaded.sha256,
-                site=c.site.id,
-                room=c.site.room,
-                speed=self._clock.speed,
-            )
             progress = {d.name: DeviceProgress(d.name) for d in c.devices}
             health = self.health = Health(c, audit, service.tracker, list(progress.values()))
             registry = build_registry(
