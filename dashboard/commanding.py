@@ -37,18 +37,48 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
+from urllib.parse import parse_qs
 
 import structlog
+from starlette.requests import Request
 
 from iortd.dashboard.hub import Hub
 from iortd.dashboard.sessions import Session
 from iortd.dashboard.state import Accepted
 from iortd.users import signed_command
 
-__all__ = ["Answer", "Commander", "Outcome"]
+__all__ = ["MAX_FORM_BYTES", "Answer", "Commander", "Outcome", "read_form"]
 
 log = structlog.get_logger("iort_dashboard.commanding")
+
+MAX_FORM_BYTES: Final = 4096
+BODY_TIMEOUT_S: Final = 10.0
+
+
+async def read_form(request: Request, allowed: frozenset[str]) -> dict[str, str] | None:
+    """A command's form: form-encoded UTF-8, at most ``MAX_FORM_BYTES``, read within
+    ``BODY_TIMEOUT_S``, only ``allowed`` fields, each once; None otherwise."""
+    if request.headers.get("content-type", "").split(";")[0].strip() != (
+        "application/x-www-form-urlencoded"
+    ):
+        return None
+    body = b""
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_FORM_BYTES:
+                    return None
+    except TimeoutError:  # a body that trickles in: not a form
+        return None
+    try:
+        fields = parse_qs(body.decode("utf-8"), keep_blank_values=True)
+    except UnicodeDecodeError:
+        return None
+    if not set(fields) <= allowed or any(len(v) != 1 for v in fields.values()):
+        return None
+    return {k: v[0] for k, v in fields.items()}
 
 
 class Outcome(enum.Enum):

@@ -5,7 +5,7 @@
 ``signoff`` row of the role table (physicist only; same origin, CSRF token, live session).
 In this order, the first failure is the answer and nothing is sent:
 
-1. the form is whole and bounded (``MAX_FORM_BYTES``);
+1. the form is whole and bounded (dashboard/commanding.py, ``read_form``);
 2. **two identification components at the first signing of a session** (21 CFR 11.200(a)):
    the user ID (``holder``, which must be the session's) and the password; at later
    signings of the same session the password alone (an ID given must still be the
@@ -39,13 +39,12 @@ import re
 from collections import Counter
 from datetime import datetime
 from typing import Any, Final
-from urllib.parse import parse_qs
 
 import structlog
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from iortd.dashboard.commanding import Commander, Outcome
+from iortd.dashboard.commanding import Commander, Outcome, read_form
 from iortd.dashboard.hub import Hub
 from iortd.dashboard.login import Auth
 from iortd.dashboard.sessions import Session
@@ -59,8 +58,6 @@ SIGNOFF_TTL_S: Final = 120.0  # a sign-off is for now: not for a daemon that sta
 ANSWER_WAIT_S: Final = 10.0
 PASSWORD_WAIT_S: Final = 30.0
 MAX_PASSWORD_FAILURES: Final = 3
-MAX_FORM_BYTES: Final = 4096
-BODY_TIMEOUT_S: Final = 10.0
 MEANINGS: Final = ("reviewed", "approved", "approved_with_deviation")
 _FIELDS: Final = frozenset({"room", "delivery_id", "meaning", "reason", "holder", "password"})
 _KEY_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}/[a-z0-9][a-z0-9-]{0,62}")
@@ -73,26 +70,6 @@ def _json(status: int, body: dict[str, Any]) -> Response:
 def _utc_offset_min() -> int:
     offset = datetime.now().astimezone().utcoffset()
     return 0 if offset is None else int(offset.total_seconds() // 60)
-
-
-async def _form(request: Request) -> dict[str, str] | None:
-    if request.headers.get("content-type", "").split(";")[0].strip() != (
-        "application/x-www-form-urlencoded"
-    ):
-        return None
-    body = b""
-    async with asyncio.timeout(BODY_TIMEOUT_S):
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_FORM_BYTES:
-                return None
-    try:
-        fields = parse_qs(body.decode("utf-8"), keep_blank_values=True)
-    except UnicodeDecodeError:
-        return None
-    if not set(fields) <= _FIELDS or any(len(v) != 1 for v in fields.values()):
-        return None
-    return {k: v[0] for k, v in fields.items()}
 
 
 class SignoffDesk:
@@ -122,7 +99,7 @@ class SignoffDesk:
 
     async def signoff(self, request: Request, s: Session) -> Response:
         self._forget_gone()
-        form = await _form(request)
+        form = await read_form(request, _FIELDS)
         if form is None or not {"room", "delivery_id", "meaning", "password"} <= set(form):
             return _json(400, {"error": "room, delivery_id, meaning and password are needed"})
         first = s.sid not in self._signed
