@@ -18,9 +18,10 @@ printed name in the keyring), ``roles``, ``nonce`` and ``comment`` (or null); th
 ledger marks the raising acknowledged, the retained ``alarms`` topic is republished and an
 ``info`` notice goes on ``events``. Refused: ``ack_refused`` (``reason``, ``detail``,
 ``nonce``, ``by``) and an ``info`` notice. Both notices end with ``[nonce N]``, the
-command's nonce: the dashboard that sent it waits for that (dashboard/commanding.py). An acknowledgement changes nothing in the
-device (iortd is a passive monitor) and clears nothing: a standing alarm stays standing,
-acknowledged (IEC 60601-1-8's acknowledged state; docs/alarms.md).
+command's nonce: the dashboard that sent it waits for that (dashboard/commanding.py). An
+acknowledgement changes nothing in the device (iortd is a passive monitor) and clears
+nothing: a standing alarm stays standing, acknowledged (IEC 60601-1-8's acknowledged
+state; docs/alarms.md).
 
 The ledger sees the tracker's events through :class:`LedgerSink`, one of the daemon's
 sinks (so after the record); on every change the ``on_change`` callbacks get the topic's
