@@ -44,7 +44,7 @@ from typing import Any, Final
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from iortd.dashboard.commanding import Answer, Commander, Outcome, read_form
+from iortd.dashboard.commanding import ROOM_KEY_RE, Answer, Commander, Outcome, read_form
 from iortd.dashboard.hub import Hub
 from iortd.dashboard.sessions import Session
 
@@ -57,7 +57,6 @@ MAX_COMMENT: Final = 200
 MAX_DELIVERY_ID: Final = 64
 _FIELDS: Final = frozenset({"room", "alarm_key", "raised_at", "delivery_id", "comment"})
 _NEEDED: Final = frozenset({"room", "alarm_key", "raised_at", "delivery_id"})
-_KEY_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}/[a-z0-9][a-z0-9-]{0,62}")
 _UTC_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z")
 
 
@@ -70,7 +69,7 @@ def _printable(v: str, limit: int) -> bool:
 
 
 def _form_problem(form: dict[str, str]) -> str | None:
-    if not _KEY_RE.fullmatch(form["room"]):
+    if not ROOM_KEY_RE.fullmatch(form["room"]):
         return "room: site/room"
     if not _printable(form["alarm_key"], MAX_KEY):
         return f"alarm_key: the alarm's key as listed (1-{MAX_KEY} printable characters)"

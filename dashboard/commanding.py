@@ -35,6 +35,7 @@ import asyncio
 import enum
 import hashlib
 import json
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
@@ -48,11 +49,13 @@ from iortd.dashboard.sessions import Session
 from iortd.dashboard.state import Accepted
 from iortd.users import signed_command
 
-__all__ = ["MAX_FORM_BYTES", "Answer", "Commander", "Outcome", "read_form"]
+__all__ = ["MAX_FORM_BYTES", "ROOM_KEY_RE", "Answer", "Commander", "Outcome", "read_form"]
 
 log = structlog.get_logger("iort_dashboard.commanding")
 
 MAX_FORM_BYTES: Final = 4096
+# A room as the forms name it, ``site/room`` (each as the daemon's config allows it).
+ROOM_KEY_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,62}/[a-z0-9][a-z0-9-]{0,62}")
 BODY_TIMEOUT_S: Final = 10.0
 
 

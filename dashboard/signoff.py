@@ -35,7 +35,6 @@ the key or the signature is logged; the access record is the login's (users/acce
 from __future__ import annotations
 
 import asyncio
-import re
 from collections import Counter
 from datetime import datetime
 from typing import Any, Final
@@ -44,7 +43,7 @@ import structlog
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from iortd.dashboard.commanding import Commander, Outcome, read_form
+from iortd.dashboard.commanding import ROOM_KEY_RE, Commander, Outcome, read_form
 from iortd.dashboard.hub import Hub
 from iortd.dashboard.login import Auth
 from iortd.dashboard.sessions import Session
@@ -60,7 +59,6 @@ PASSWORD_WAIT_S: Final = 30.0
 MAX_PASSWORD_FAILURES: Final = 3
 MEANINGS: Final = ("reviewed", "approved", "approved_with_deviation")
 _FIELDS: Final = frozenset({"room", "delivery_id", "meaning", "reason", "holder", "password"})
-_KEY_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}/[a-z0-9][a-z0-9-]{0,62}")
 
 
 def _json(status: int, body: dict[str, Any]) -> Response:
@@ -145,7 +143,7 @@ class SignoffDesk:
         return await self._send(s, key, body)
 
     def _body_problem(self, form: dict[str, str]) -> str | None:
-        if not _KEY_RE.fullmatch(form["room"]):
+        if not ROOM_KEY_RE.fullmatch(form["room"]):
             return "room: site/room"
         if form["meaning"] not in MEANINGS:
             return f"meaning: one of {', '.join(MEANINGS)}"
