@@ -17,9 +17,11 @@ Accepted: ``alarm_acknowledged`` (durable; under the alarm's delivery id) with `
 printed name in the keyring), ``roles``, ``nonce`` and ``comment`` (or null); then the
 ledger marks the raising acknowledged, the retained ``alarms`` topic is republished and an
 ``info`` notice goes on ``events``. Refused: ``ack_refused`` (``reason``, ``detail``,
-``nonce``, ``by``) and an ``info`` notice. An acknowledgement changes nothing in the
-device (iortd is a passive monitor) and clears nothing: a standing alarm stays standing,
-acknowledged (IEC 60601-1-8's acknowledged state; docs/alarms.md).
+``nonce``, ``by``) and an ``info`` notice. Both notices end with ``[nonce N]``, the
+command's nonce: the dashboard that sent it waits for that (dashboard/commanding.py). An
+acknowledgement changes nothing in the device (iortd is a passive monitor) and clears
+nothing: a standing alarm stays standing, acknowledged (IEC 60601-1-8's acknowledged
+state; docs/alarms.md).
 
 The ledger sees the tracker's events through :class:`LedgerSink`, one of the daemon's
 sinks (so after the record); on every change the ``on_change`` callbacks get the topic's
@@ -164,7 +166,10 @@ class AlarmAcks:
             }
             await self._audit.append("ack_refused", refused, durable=True).committed
             log.warning("ack_refused", reason=exc.reason, nonce=cmd.nonce)
-            self._notice("info", f"acknowledgement refused ({exc.reason}): {exc.detail}")
+            self._notice(
+                "info",
+                f"acknowledgement refused ({exc.reason}): {exc.detail} [nonce {cmd.nonce}]",
+            )
             return
         name, roles = self._who(cmd)
         comment = cmd.body.get("comment")
@@ -188,7 +193,8 @@ class AlarmAcks:
         log.info("alarm_acknowledged", key=r.key, raised_at=r.raised_at, by=cmd.signer)
         self._notice(
             "info",
-            f"alarm {r.key} raised {r.raised_at} acknowledged by {name} ({cmd.signer})",
+            f"alarm {r.key} raised {r.raised_at} acknowledged by {name} ({cmd.signer}) "
+            f"[nonce {cmd.nonce}]",
         )
         self._changed()
 

@@ -13,7 +13,8 @@ Routes:
 * ``/api/snapshot`` (``?room=`` / ``?site=``): the same snapshot as JSON, for scripts,
   tests and diagnostics (``diagnostics``: what was rejected, per reason and per room).
 * ``/api/session``, and with a login (``--users-dir``, dashboard/login.py) ``POST
-  /api/login``, ``POST /api/logout`` and ``POST /api/signoff`` (dashboard/signoff.py);
+  /api/login``, ``POST /api/logout``, ``POST /api/signoff`` (dashboard/signoff.py) and
+  ``POST /api/ack`` (dashboard/ack.py), the last two through dashboard/commanding.py;
   with a login, ``/events`` and ``/api/snapshot`` answer 401 to a client that has no
   session and may not see without one, and an open stream ends when its session does.
 * ``/metrics``: the dashboard's own Prometheus metrics (dashboard/metrics.py): viewers,
@@ -49,6 +50,8 @@ from starlette.responses import (
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from iortd.dashboard.ack import AckDesk
+from iortd.dashboard.commanding import Commander
 from iortd.dashboard.hub import CLOSED, Hub
 from iortd.dashboard.login import Auth
 from iortd.dashboard.metrics import build_registry
@@ -209,6 +212,7 @@ def build_app(
             headers={"cache-control": "no-store", "x-accel-buffering": "no"},
         )
 
+    commander = Commander(hub)  # the signed commands' answers, for every desk
     app = Starlette(
         routes=[
             Route("/", page),
@@ -222,7 +226,12 @@ def build_app(
                     Route("/api/logout", auth.action("logout", auth.logout), methods=["POST"]),
                     Route(
                         "/api/signoff",
-                        auth.action("signoff", SignoffDesk(hub, auth).signoff),
+                        auth.action("signoff", SignoffDesk(hub, auth, commander).signoff),
+                        methods=["POST"],
+                    ),
+                    Route(
+                        "/api/ack",
+                        auth.action("ack", AckDesk(hub, commander).ack),
                         methods=["POST"],
                     ),
                 ]

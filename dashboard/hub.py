@@ -122,10 +122,10 @@ class Hub:
         self._clock = clock
         self._subs: set[Subscriber] = set()
         self.closing = False
-        # Told of every accepted message (the sign-off desk waits for its daemon's answer).
+        # Told of every accepted message (commanding.py waits for the daemons' answers).
         self.listeners: list[Callable[[Accepted], None]] = []
         # Set by the MQTT consumer while it is connected: publish (topic, payload) at QoS 1,
-        # never retained (the signed commands the page sends; dashboard/signoff.py).
+        # never retained (the signed commands the page sends; dashboard/commanding.py).
         self.publish: Callable[[str, bytes], Awaitable[None]] | None = None
 
     def subscribe(self, only: str | None, site: str | None = None) -> Subscriber:

@@ -28,8 +28,8 @@ changes state.
 this dashboard's own scheme and host; neither: refused), the session's CSRF token in
 ``X-CSRF-Token`` (compared in constant time), a live session, one of the roles the table
 names. A refusal is 403 (401 without a session), counted in :attr:`Auth.refused` by reason
-and logged. Items 3-4 (acknowledge, sign off) add their rows and routes; GET never changes
-state.
+and logged: ``ack`` (an alarm acknowledgement, ack.py: operator or physicist) and
+``signoff`` (a delivery's sign-off, signoff.py: physicist). GET never changes state.
 
 **The store is re-read when it changes** (its ``users.json``'s size, inode and mtime, looked
 at no more than once a second): a disabled account, or one past its end, loses its
@@ -97,9 +97,10 @@ UNLOCK_SLOTS = 2
 UNLOCK_WAIT_S = 30.0
 STORE_CHECK_S = 1.0
 # The role table of state-changing actions: the roles of which a session needs one (empty:
-# any logged-in user). Item 3 adds "ack": {"operator", "physicist"}.
+# any logged-in user).
 ACTIONS: dict[str, frozenset[str]] = {
     "logout": frozenset(),
+    "ack": frozenset({"operator", "physicist"}),  # an alarm acknowledgement (ack.py)
     "signoff": frozenset({"physicist"}),  # a delivery's electronic sign-off (signoff.py)
 }
 # Roles whose sessions keep the unlocked key (the signed commands of items 3-4); a viewer's

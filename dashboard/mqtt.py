@@ -1,8 +1,9 @@
 """The dashboard's one MQTT connection: subscribe to ``{prefix}/v1/#`` and feed the rooms.
 
 While connected it also offers the hub a ``publish`` (QoS 1, never retained) for the one
-thing the dashboard sends: a physicist's signed sign-off command (dashboard/signoff.py);
-without a connection there is none, and nothing is sent or queued.
+kind of thing the dashboard sends: signed commands (a physicist's sign-off, an operator's
+or physicist's alarm acknowledgement; dashboard/commanding.py); without a connection there
+is none, and nothing is sent or queued.
 
 aiomqtt has no reconnect, so this is an explicit loop with capped, jittered backoff; every
 change of connection state is logged and pushed to the browsers, which show every room as

@@ -5,7 +5,7 @@
 ``signoff`` row of the role table (physicist only; same origin, CSRF token, live session).
 In this order, the first failure is the answer and nothing is sent:
 
-1. the form is whole and bounded (``MAX_FORM_BYTES``);
+1. the form is whole and bounded (dashboard/commanding.py, ``read_form``);
 2. **two identification components at the first signing of a session** (21 CFR 11.200(a)):
    the user ID (``holder``, which must be the session's) and the password; at later
    signings of the same session the password alone (an ID given must still be the
@@ -17,9 +17,10 @@ In this order, the first failure is the answer and nothing is sent:
    daemon/signoff.py): the body signs exactly that record, the meaning and reason, the
    session's printed name (the account's, which the keyring carries too) and this host's
    UTC offset;
-4. the command is signed with the key the session unlocked at login
-   (:func:`iortd.users.signed_command`; valid ``SIGNOFF_TTL_S``) and published to the room's
-   ``cmd/signoff`` at QoS 1 over the dashboard's MQTT connection (none: 503, not sent);
+4. the command is signed with the key the session unlocked at login (valid
+   ``SIGNOFF_TTL_S``) and published to the room's ``cmd/signoff`` at QoS 1 over the
+   dashboard's MQTT connection (none: 503, not sent) by the :class:`Commander`
+   (dashboard/commanding.py, shared with the alarm acknowledgement);
 5. the answer is the room's daemon's own: its ``events`` notice naming the command's nonce
    (recorded, or refused with the reason), or the intake's refusal naming the command's
    SHA-256, waited for up to ``ANSWER_WAIT_S``. No answer in time is said as it is: the
@@ -34,23 +35,19 @@ the key or the signature is logged; the access record is the login's (users/acce
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
-import re
 from collections import Counter
 from datetime import datetime
 from typing import Any, Final
-from urllib.parse import parse_qs
 
 import structlog
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from iortd.dashboard.commanding import ROOM_KEY_RE, Commander, Outcome, read_form
 from iortd.dashboard.hub import Hub
 from iortd.dashboard.login import Auth
 from iortd.dashboard.sessions import Session
-from iortd.dashboard.state import Accepted
-from iortd.users import AuthError, signed_command, verify_password
+from iortd.users import AuthError, verify_password
 
 __all__ = ["ANSWER_WAIT_S", "SIGNOFF_TTL_S", "SignoffDesk"]
 
@@ -60,11 +57,8 @@ SIGNOFF_TTL_S: Final = 120.0  # a sign-off is for now: not for a daemon that sta
 ANSWER_WAIT_S: Final = 10.0
 PASSWORD_WAIT_S: Final = 30.0
 MAX_PASSWORD_FAILURES: Final = 3
-MAX_FORM_BYTES: Final = 4096
-BODY_TIMEOUT_S: Final = 10.0
 MEANINGS: Final = ("reviewed", "approved", "approved_with_deviation")
 _FIELDS: Final = frozenset({"room", "delivery_id", "meaning", "reason", "holder", "password"})
-_KEY_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}/[a-z0-9][a-z0-9-]{0,62}")
 
 
 def _json(status: int, body: dict[str, Any]) -> Response:
@@ -76,54 +70,24 @@ def _utc_offset_min() -> int:
     return 0 if offset is None else int(offset.total_seconds() // 60)
 
 
-async def _form(request: Request) -> dict[str, str] | None:
-    if request.headers.get("content-type", "").split(";")[0].strip() != (
-        "application/x-www-form-urlencoded"
-    ):
-        return None
-    body = b""
-    async with asyncio.timeout(BODY_TIMEOUT_S):
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_FORM_BYTES:
-                return None
-    try:
-        fields = parse_qs(body.decode("utf-8"), keep_blank_values=True)
-    except UnicodeDecodeError:
-        return None
-    if not set(fields) <= _FIELDS or any(len(v) != 1 for v in fields.values()):
-        return None
-    return {k: v[0] for k, v in fields.items()}
-
-
 class SignoffDesk:
-    """The ``/api/signoff`` endpoint's state: which sessions signed once, the wrong
-    passwords per session, and the answers being waited for."""
+    """The ``/api/signoff`` endpoint's state: which sessions signed once and the wrong
+    passwords per session (the answers waited for are the :class:`Commander`'s)."""
 
-    def __init__(self, hub: Hub, auth: Auth, *, answer_wait_s: float | None = None) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        auth: Auth,
+        commander: Commander | None = None,
+        *,
+        answer_wait_s: float | None = None,
+    ) -> None:
         self._hub = hub
         self._auth = auth
+        self._commander = commander if commander is not None else Commander(hub)
         self._wait_s = ANSWER_WAIT_S if answer_wait_s is None else answer_wait_s
         self._signed: set[str] = set()  # sessions that signed once (the ID was given)
         self._failures: Counter[str] = Counter()
-        self._waiting: dict[tuple[str, str], asyncio.Future[dict[str, str]]] = {}
-        hub.listeners.append(self._heard)
-
-    def _heard(self, acc: Accepted) -> None:
-        """A room's ``events`` notice that answers a command being waited for."""
-        try:
-            self._answer(acc)
-        except Exception:  # never the hub's problem: the wait then ends as "no answer"
-            log.exception("signoff_answer_failed")
-
-    def _answer(self, acc: Accepted) -> None:
-        p = acc.payload
-        if acc.name != "events" or p.get("kind") != "daemon_notice" or not self._waiting:
-            return
-        message = str(p.get("message"))
-        for (room, marker), fut in list(self._waiting.items()):
-            if room == acc.room.key and marker in message and not fut.done():
-                fut.set_result({"severity": str(p.get("severity")), "message": message})
 
     def _forget_gone(self) -> None:
         """Sessions that ended are forgotten (bounded by the sessions alive)."""
@@ -133,7 +97,7 @@ class SignoffDesk:
 
     async def signoff(self, request: Request, s: Session) -> Response:
         self._forget_gone()
-        form = await _form(request)
+        form = await read_form(request, _FIELDS)
         if form is None or not {"room", "delivery_id", "meaning", "password"} <= set(form):
             return _json(400, {"error": "room, delivery_id, meaning and password are needed"})
         first = s.sid not in self._signed
@@ -176,11 +140,10 @@ class SignoffDesk:
             "utc_offset_min": _utc_offset_min(),
             "record": d["record"],
         }
-        site, room_name = key.split("/", 1)
-        return await self._send(s, site, room_name, key, body)
+        return await self._send(s, key, body)
 
     def _body_problem(self, form: dict[str, str]) -> str | None:
-        if not _KEY_RE.fullmatch(form["room"]):
+        if not ROOM_KEY_RE.fullmatch(form["room"]):
             return "room: site/room"
         if form["meaning"] not in MEANINGS:
             return f"meaning: one of {', '.join(MEANINGS)}"
@@ -215,63 +178,36 @@ class SignoffDesk:
         self._failures.pop(s.sid, None)
         return None
 
-    async def _send(
-        self, s: Session, site: str, room: str, key: str, body: dict[str, Any]
-    ) -> Response:
-        assert s.signer is not None  # noqa: S101 - checked by the caller
-        try:
-            env = signed_command(
-                "signoff", body, signer=s.signer, holder=s.holder, site=site, room=room,
-                ttl_s=SIGNOFF_TTL_S,
-            )  # fmt: skip
-        except ValueError as exc:
-            return _json(400, {"error": f"cannot be signed: {exc}"})
-        raw = json.dumps(env, separators=(",", ":"), ensure_ascii=False).encode()
-        sha = hashlib.sha256(raw).hexdigest()
-        loop = asyncio.get_running_loop()
-        markers = [(key, f"[nonce {env['nonce']}]"), (key, f"[sha256 {sha[:16]}]")]
-        fut: asyncio.Future[dict[str, str]] = loop.create_future()
-        for m in markers:
-            self._waiting[m] = fut
-        try:
-            publish = self._hub.publish
-            if publish is None:
-                return _json(
-                    503,
-                    {"recorded": False, "error": "no broker connection: NOT sent, NOT recorded"},
-                )
-            topic = f"{self._hub.rooms.prefix}/v1/{site}/{room}/cmd/signoff"
-            try:
-                await publish(topic, raw)
-            except Exception as exc:  # any failure to hand it to the broker: not sent
-                log.warning("signoff_not_sent", error=type(exc).__name__)
-                return _json(
-                    503, {"recorded": False, "error": "NOT sent to the broker, NOT recorded"}
-                )
-            self._signed.add(s.sid)
-            log.info("signoff_sent", holder=s.holder, room=key, nonce=env["nonce"])
-            try:
-                async with asyncio.timeout(self._wait_s):
-                    answer = await fut
-            except TimeoutError:
-                return _json(
-                    504,
-                    {
-                        "recorded": False,
-                        "nonce": env["nonce"],
-                        "error": f"NOT recorded: no answer from the room's daemon within "
-                        f"{self._wait_s:.0f} s. A daemon that is not running never gets it "
-                        "(commands are not queued for it): sign again once it runs. (A "
-                        "daemon that stopped right after recording it could not answer: "
-                        "signing again then answers 'duplicate', which means the first one "
-                        "is in the record.)",
-                    },
-                )
-        finally:
-            for m in markers:
-                self._waiting.pop(m, None)
-        recorded = answer["severity"] == "info" and "sign-off recorded" in answer["message"]
+    async def _send(self, s: Session, key: str, body: dict[str, Any]) -> Response:
+        said = await self._commander.send(
+            "signoff", body, s, key, ttl_s=SIGNOFF_TTL_S, wait_s=self._wait_s,
+            on_sent=lambda: self._signed.add(s.sid),
+        )  # fmt: skip
+        if said.outcome is Outcome.NOT_SIGNED:
+            return _json(400, {"error": f"cannot be signed: {said.message}"})
+        if said.outcome is Outcome.NOT_SENT:
+            error = (
+                "NOT sent to the broker, NOT recorded"
+                if said.broker
+                else "no broker connection: NOT sent, NOT recorded"
+            )
+            return _json(503, {"recorded": False, "error": error})
+        if said.outcome is Outcome.NO_ANSWER:
+            return _json(
+                504,
+                {
+                    "recorded": False,
+                    "nonce": said.nonce,
+                    "error": f"NOT recorded: no answer from the room's daemon within "
+                    f"{self._wait_s:.0f} s. A daemon that is not running never gets it "
+                    "(commands are not queued for it): sign again once it runs. (A "
+                    "daemon that stopped right after recording it could not answer: "
+                    "signing again then answers 'duplicate', which means the first one "
+                    "is in the record.)",
+                },
+            )
+        recorded = said.severity == "info" and "sign-off recorded" in said.message
         return _json(
             200 if recorded else 422,
-            {"recorded": recorded, "nonce": env["nonce"], "message": answer["message"]},
+            {"recorded": recorded, "nonce": said.nonce, "message": said.message},
         )

@@ -769,8 +769,8 @@
   // (dashboard/alarms.py) sends it as rows in the page's order (standing unacknowledged
   // HIGH first), each with a stable id [key, raised_at, delivery_id], or to an overview as
   // counts. It is the only source of this list: the events above feed the event log only.
-  // Each row keeps its element while its id stays, and has an empty .alarm-actions place
-  // (the acknowledge button comes there, on top of the dashboard's signed commands).
+  // Each row keeps its element while its id stays, and has an .alarm-actions place where
+  // ack.js puts the Acknowledge button for an operator's or physicist's session.
   const ALARM_ICONS = {
     high: '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M12 2 23 21H1z" fill="currentColor"/><rect x="10.8" y="8" width="2.4" height="7" fill="#000"/><rect x="10.8" y="16.5" width="2.4" height="2.4" fill="#000"/></svg>',
     medium: '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M12 1.5 22.5 12 12 22.5 1.5 12z" fill="currentColor"/><rect x="10.8" y="6.5" width="2.4" height="7" fill="#000"/><rect x="10.8" y="15" width="2.4" height="2.4" fill="#000"/></svg>',
@@ -807,9 +807,11 @@
     a.summary = el("p", { class: "alarm-list-summary", id: "alarm-list-summary" });
     a.list = el("ul", { class: "list alarm-list", id: "alarm-list", "aria-live": "polite" });
     a.omitted = el("p", { class: "alarm-list-omitted", id: "alarm-list-omitted", hidden: "" });
+    // the last acknowledgement's outcome (ack.js): it stays when its row leaves the list
+    a.status = el("p", { class: "alarm-ack-status", id: "alarm-ack-result", role: "status", "aria-live": "polite" });
     a.rows = new Map();
     a.root = el("section", { class: "panel alarm-list-panel", id: "alarm-list-panel", "aria-labelledby": "h-alarm-list", "data-top": "" },
-      el("h2", { id: "h-alarm-list", text: "Alarms: standing, and cleared but not acknowledged" }), a.summary, a.list, a.omitted);
+      el("h2", { id: "h-alarm-list", text: "Alarms: standing, and cleared but not acknowledged" }), a.summary, a.list, a.omitted, a.status);
     a.shown = undefined;
     return a;
   }
@@ -851,9 +853,11 @@
     const t = room.telemetry ? room.telemetry.payload : null;
     const dEnv = room.retained.delivery ? room.retained.delivery.payload : null;
     const current = t && t.delivery_id ? t.delivery_id : dEnv && dEnv.delivery ? dEnv.delivery.delivery_id : null;
-    if (a.shown === held && a.current === current) return;  // redrawn only when either changed
+    const acting = window.IortAck ? window.IortAck.who() : "";
+    if (a.shown === held && a.current === current && a.acting === acting) return;  // redrawn only on a change
     a.shown = held;
     a.current = current;
+    a.acting = acting;
     if (!held) {
       setText(a.summary, "No alarm list from this room's daemon yet (a daemon older than this list sends none): the alarm events below are all there is");
       setAttr(a.root, "data-top", "");
@@ -873,6 +877,7 @@
     const nodes = rows.map((row) => {
       const r = a.rows.get(row.id) || buildAlarmRow();
       renderAlarmRow(r, row, current);
+      if (window.IortAck) window.IortAck.render(r, row, room.key, a.status);
       next.set(row.id, r);
       return r.li;
     });

@@ -190,13 +190,15 @@ async def number(page: Page, selector: str) -> float:
 PW_ADMIN = "violet harbour lantern 42"
 PW_PHYS = "seven quiet birches by the lake"
 PW_VIEWER = "a viewer who watches the screens"
+PW_OPER = "the operator at the console of room seven"
 _PW_TEMP = "temporary-but-long-enough-1"
 
 
 def make_accounts(directory: Path) -> Path:
-    """An account store with an admin, a physicist (``phys-anna``) and a viewer
-    (``viewer-vic``), each with their own password and key, at the test-only low argon2
-    cost (users/kdf.py's TEST_COST): a login costs milliseconds, not a second. Blocking
+    """An account store with an admin, a physicist (``phys-anna``), an operator
+    (``op-otto``) and a viewer (``viewer-vic``), each with their own password and key, at
+    the test-only low argon2 cost (users/kdf.py's TEST_COST): a login costs milliseconds,
+    not a second. Blocking
     (iort-users runs its own event loop): call it from a thread in an async test."""
     from iortd.users.changes import open_session  # noqa: PLC0415 - only these tests need it
     from iortd.users.kdf import TEST_COST  # noqa: PLC0415
@@ -207,9 +209,10 @@ def make_accounts(directory: Path) -> Path:
         admin = s.admin("admin-eva", PW_ADMIN)
         s.add(admin, "phys-anna", "A. Example, MPE", {"physicist"}, None, _PW_TEMP)
         s.add(admin, "viewer-vic", "V. Viewer", {"viewer"}, None, _PW_TEMP)
+        s.add(admin, "op-otto", "O. Operator, RTT", {"operator"}, None, _PW_TEMP)
     finally:
         s.close()
-    for holder, pw in (("phys-anna", PW_PHYS), ("viewer-vic", PW_VIEWER)):
+    for holder, pw in (("phys-anna", PW_PHYS), ("viewer-vic", PW_VIEWER), ("op-otto", PW_OPER)):
         s = open_session(directory, cost=TEST_COST)
         try:
             s.passwd(holder, _PW_TEMP, pw)

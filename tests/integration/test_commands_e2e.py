@@ -322,11 +322,13 @@ async def test_the_acl_example_lets_only_the_commands_user_publish_commands(
         assert publish("iort-commands-hospital-a", room + "cmd/ping") == ""
         assert publish("iort-commands-hospital-a", room + "cmd/output_factor") == ""
         assert publish("iort-commands-hospital-a", room + "cmd/override") == ""
-        # the dashboard sends its physicists' sign-offs (dashboard/signoff.py), nothing else
+        # the dashboard sends its physicists' sign-offs (dashboard/signoff.py) and its
+        # operators' and physicists' alarm acknowledgements (dashboard/ack.py), nothing else
         assert publish("dashboard", room + "cmd/signoff") == ""
+        assert publish("dashboard", room + "cmd/ack") == ""
         for user, topic in (
             ("iortd-hospital-a-or-1", room + "cmd/prescription"),  # the daemon only reads
-            ("dashboard", room + "cmd/ack"),
+            ("dashboard", room + "cmd/ping"),
             ("dashboard", room + "cmd/prescription"),
             ("dashboard", room + "delivery"),
             ("iort-commands-hospital-a", room + "cmd/replay"),  # not a kind it sends

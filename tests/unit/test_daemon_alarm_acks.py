@@ -300,6 +300,8 @@ async def test_an_ack_is_recorded_with_the_printed_name_and_shown(room: Room) ->
     ack = room.published[-1][0]["acknowledged"]
     assert ack == {"by": "op-bob", "name": "B. Operator, RTT", "at": e["ts"]}
     assert any("acknowledged by B. Operator, RTT (op-bob)" in n for n in room.notices)
+    # the notice names the command's nonce: the dashboard that sent it waits for that
+    assert any(n.endswith(f"[nonce {nonce}]") for n in room.notices)
 
 
 async def test_a_refused_ack_is_recorded_and_said(room: Room) -> None:
@@ -311,6 +313,7 @@ async def test_a_refused_ack_is_recorded_and_said(room: Room) -> None:
     assert e["data"]["nonce"] == nonce
     assert "delivery_id" not in e
     assert any("acknowledgement refused (already_acknowledged)" in n for n in room.notices)
+    assert any(n.endswith(f"[nonce {nonce}]") for n in room.notices)
 
 
 async def test_a_viewer_cannot_acknowledge(room: Room) -> None:
