@@ -419,8 +419,12 @@ class CommandIntake:
             data = {"kind": cmd.kind, "nonce": cmd.nonce, "error": type(exc).__name__}
             with contextlib.suppress(AuditLogClosed):
                 self._audit.append("command_failed", data, durable=True)
+            # Ends with the nonce as every handler's answer does, so that a sender waiting
+            # for its answer (the dashboard) hears this one at once.
             self._notice(
-                "critical", f"command {cmd.kind} ({cmd.nonce}) failed: {type(exc).__name__}"
+                "critical",
+                f"command {cmd.kind} failed: {type(exc).__name__}; accepted but not carried "
+                f"out [nonce {cmd.nonce}]",
             )
 
     async def _ping(self, cmd: Command) -> None:

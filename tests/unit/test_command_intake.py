@@ -274,3 +274,24 @@ async def test_commands_waiting_in_the_inbox_are_handled_before_first_read_is_se
     stop_ev.set()
     await task
     await stop(r)
+
+
+async def test_a_failed_handler_is_answered_naming_the_nonce(run: Run, tmp_path: Path) -> None:
+    """A sender waiting for its command's answer (the dashboard) knows it by ``[nonce N]``:
+    a handler that fails is answered that way too, at once, not by silence."""
+
+    async def handler(cmd: Command) -> None:
+        raise RuntimeError("broken")
+
+    run.intake.register("ack", handler)
+    verdict = run.intake.submit(ping("ack", alarm="A1"), source="mqtt")
+    assert verdict.command is not None
+    stop_ev = asyncio.Event()
+    task = asyncio.create_task(run.intake.run(stop_ev))
+    await until(lambda: any("failed" in n for n in run.notices), "the failure's notice")
+    stop_ev.set()
+    await task
+    [said] = [n for n in run.notices if "failed" in n]
+    assert said.startswith("critical: command ack failed: RuntimeError")
+    assert said.endswith(f"[nonce {verdict.command.nonce}]")
+    assert [e["type"] for e in entries(tmp_path)].count("command_failed") == 1
