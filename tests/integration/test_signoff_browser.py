@@ -14,12 +14,14 @@ CSRF token, then with it) is refused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import aiomqtt
 import pytest
 from daemonproc import Daemon, Site
 from dashproc import PW_PHYS, PW_VIEWER, Dashboard, Recorder, chromium, make_accounts, shot
@@ -66,7 +68,12 @@ async def test_a_physicist_signs_off_a_delivery_in_chromium(
         site.config.write_text(text + f'\n[commands]\nkeyring = "{ring}"\n')
         dash = await Dashboard.start(broker.url, tmp_path / "dash.log", "--users-dir", str(users))
         daemon: Daemon | None = None
+        wire: list[bytes] = []  # every payload on the room's topics, commands included
+        listening = asyncio.Event()
+        tap = asyncio.create_task(_tap(broker.port, wire, listening))
         try:
+            async with asyncio.timeout(10):
+                await listening.wait()
             async with chromium() as browser:
                 page = await browser.new_page()
                 rec = Recorder()
@@ -101,6 +108,9 @@ async def test_a_physicist_signs_off_a_delivery_in_chromium(
                 assert await viewer.evaluate(forged, token) == 403  # not a physicist
                 assert not rec.foreign(dash.netloc)
         finally:
+            tap.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await tap
             if daemon is not None:
                 assert await daemon.stop() == 0
             assert await dash.stop() == 0
@@ -132,3 +142,31 @@ async def test_a_physicist_signs_off_a_delivery_in_chromium(
     assert daemon is not None
     assert PW_PHYS not in json.dumps(daemon.lines)
     assert PW_PHYS not in "".join(p.read_text() for p in segment_paths(site.log_dir))
+    # nor a password, a password hash or a sealed key on MQTT (the signed commands
+    # included), in the logs or the audit log
+    assert any(b"/cmd/signoff" in w for w in wire), "the tap saw the sign-off command"
+    store = json.loads((users / "users.json").read_text())
+    secrets = [PW_PHYS, PW_VIEWER, "$argon2id$"]
+    for u in store["users"]:
+        secrets.append(u["password_hash"])
+        for k in u["keys"]:  # a sealed key's salt, nonce and ciphertext
+            secrets += [
+                v for v in (k.get("sealed") or {}).values() if isinstance(v, str) and len(v) >= 16
+            ]
+    said = b"".join(wire).decode("utf-8", "replace")
+    logs = dash.log.read_text("utf-8") + json.dumps(daemon.lines)
+    audit_log = "".join(p.read_text() for p in segment_paths(site.log_dir))
+    for secret in secrets:
+        assert secret not in said, "a secret on MQTT"
+        assert secret not in logs, "a secret in a log"
+        assert secret not in audit_log, "a secret in the audit log"
+
+
+async def _tap(port: int, wire: list[bytes], listening: asyncio.Event) -> None:
+    """Every message on iort/# (topic and payload), until cancelled."""
+    async with aiomqtt.Client("127.0.0.1", port, identifier="secrets-tap") as client:
+        await client.subscribe("iort/#")
+        listening.set()
+        async for m in client.messages:
+            payload = m.payload if isinstance(m.payload, bytes) else str(m.payload).encode()
+            wire.append(str(m.topic).encode() + b" " + payload)
