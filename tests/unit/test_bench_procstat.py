@@ -48,9 +48,10 @@ def test_measure_sees_a_busy_process_and_an_idle_one() -> None:
             p.wait()
         assert idle.stdin is not None
         idle.stdin.close()
-    # On a loaded 2-core machine the spinning process still gets a good share of a core.
-    assert use["busy"].cpu_s_per_s > 0.2
-    assert use["idle"].cpu_s_per_s < 0.1
+    # The spinning process gets what the machine leaves it (a tenth of a core or less when
+    # other suites share the two cores): judged against the idle one, not against a core.
+    assert use["busy"].cpu_s_per_s > 0.02
+    assert use["idle"].cpu_s_per_s < use["busy"].cpu_s_per_s / 5
     assert 1 < use["idle"].rss_end_mib <= use["idle"].rss_peak_mib < 100
 
 
@@ -90,6 +91,6 @@ def test_measure_reads_the_main_thread_apart_from_the_process() -> None:
         proc.wait()
         assert proc.stdin is not None
         proc.stdin.close()
-    assert use["all"].cpu_s_per_s > 0.2
-    assert use["main"].cpu_s_per_s < 0.1
+    assert use["all"].cpu_s_per_s > 0.02  # what a loaded machine leaves the spinner
+    assert use["main"].cpu_s_per_s < use["all"].cpu_s_per_s / 5
     assert use["main"].rss_end_mib == pytest.approx(use["all"].rss_end_mib, rel=0.2)
