@@ -227,11 +227,13 @@ class Verifier:
             factor=self._factor_for(now.date()),
             require_factor=self._require_factor,
             applicator_types=self._types,
-            overrides=[*d.overrides, *extra]
-            if pending is not None
-            and d.latest is not None
-            and d.latest.get("prescription_sha256") == pending.sha256
-            else list(extra),
+            # Only the overrides given for the pending prescription (finding: one given
+            # for A was applied to B once a check had named B).
+            overrides=[
+                o
+                for o in (*d.overrides, *extra)
+                if pending is not None and o.prescription_sha256 == pending.sha256
+            ],
         )
         entry = judge(inp, trigger, delivery_id)
         d.latest, d.console, d.at = entry, console, now
@@ -341,7 +343,10 @@ class Verifier:
         if missing:
             raise OverrideRefused("does_not_cover", f"failed and not overridden: {missing}")
         extra = [
-            Override(i, body.reason, cmd.signer, cmd.nonce, failed[i.value]["actual"])
+            Override(
+                i, body.reason, cmd.signer, cmd.nonce, failed[i.value]["actual"],
+                body.prescription_sha256,
+            )  # fmt: skip
             for i in body.items
             if i.value in failed
         ]
@@ -397,6 +402,7 @@ class Verifier:
                     Override(
                         VerificationItem(o["item"]), str(o["reason"]), str(o["by"]),
                         str(o["nonce"]), actual.get(o["item"]),
+                        str(data["prescription_sha256"]),
                     )
                     for o in data["overrides"]
                 ]  # fmt: skip
