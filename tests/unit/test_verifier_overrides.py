@@ -18,6 +18,7 @@ from iortd.auditlog.keyring import Keyring, parse_keyring
 from iortd.auditlog.writer import AuditLog, segment_paths
 from iortd.daemon.commands import CommandIntake
 from iortd.daemon.config.model import VerificationConfig
+from iortd.daemon.handlers import Handlers
 from iortd.daemon.prescriptions import Prescriptions
 from iortd.daemon.tracker import DeliveryTracker, TrackerSettings
 from iortd.daemon.verifier import install
@@ -126,9 +127,12 @@ async def test_an_override_a_crash_left_unjudged_is_refused_interrupted_at_the_n
     audit, task, intake, _v = await _start(tmp_path, notices)
     judged = await _accept(intake, "judged")
     await intake._handlers["override"][0](judged)  # refused: no_open_delivery
-    checked = await _accept(intake, "checked")  # its check (NOT_VERIFIED) names no nonce
-    check = {"delivery_id": "or-3-x", "outcome": "NOT_VERIFIED", "trigger": "override",
-             "overrides": []}  # fmt: skip
+    applied = await _accept(intake, "applied")  # its check names its nonce
+    check = {"delivery_id": "or-3-x", "outcome": "VERIFIED_OVR", "trigger": "override",
+             "overrides": [{"item": "time", "nonce": applied.nonce}]}  # fmt: skip
+    await audit.append("verification", check, durable=True).committed
+    await _accept(intake, "checked")  # its check (NOT_VERIFIED) names no nonce
+    check = {**check, "outcome": "NOT_VERIFIED", "overrides": []}
     await audit.append("verification", check, durable=True).committed
     failed = await _accept(intake, "failed")
     await audit.append(
@@ -139,8 +143,12 @@ async def test_an_override_a_crash_left_unjudged_is_refused_interrupted_at_the_n
     await task
 
     audit, task, _intake, v = await _start(tmp_path, notices)
+    handlers = Handlers()  # as the composition root resumes every kind, once the writer runs
+    handlers.verifier = v
+    async with asyncio.TaskGroup() as tg:
+        handlers.resume(tg)
+    assert v.orphans == {}  # judged by the handlers' resume
     assert v.resume is not None
-    await v.resume()
     await v.resume()  # once only
     await audit.close()
     await task
