@@ -529,18 +529,15 @@ async def install(
         if entry is not None:
             service.record_check(entry)
 
-    async def refuse(cmd: Command, exc: OverrideRefused) -> None:
-        data = {"nonce": cmd.nonce, "signer": cmd.signer, "reason": exc.reason,
-                "detail": exc.detail}  # fmt: skip
-        await audit.append("override_refused", data, durable=True).committed
-        log.warning("override_refused", reason=exc.reason, nonce=cmd.nonce)
-        notice("critical", f"override refused ({exc.reason}): {exc.detail}")
-
     async def handle(cmd: Command) -> None:
         try:
             entry = v.override(cmd, service.tracker)
         except OverrideRefused as exc:
-            await refuse(cmd, exc)
+            data = {"nonce": cmd.nonce, "signer": cmd.signer, "reason": exc.reason,
+                    "detail": exc.detail}  # fmt: skip
+            await audit.append("override_refused", data, durable=True).committed
+            log.warning("override_refused", reason=exc.reason, nonce=cmd.nonce)
+            notice("critical", f"override refused ({exc.reason}): {exc.detail}")
             return
         durable = service.record_check(entry)
         notice("info", f"override by {cmd.signer}: check {entry['outcome']} ({cmd.nonce})")
@@ -551,7 +548,11 @@ async def install(
         # Its signed body was never on disk (command_accepted keeps its hash only): refused,
         # not judged; the physicist sends it again if the mismatch still stands.
         detail = "the daemon stopped before this override was judged; send it again if needed"
-        await refuse(cmd, OverrideRefused("interrupted", detail))
+        data = {"nonce": cmd.nonce, "signer": cmd.signer, "reason": "interrupted",
+                "detail": detail}  # fmt: skip
+        await audit.append("override_refused", data, durable=True).committed
+        log.warning("override_refused", reason="interrupted", nonce=cmd.nonce)
+        notice("critical", f"override refused (interrupted): {detail} [nonce {cmd.nonce}]")
 
     async def resume() -> None:
         orphans, v.orphans = list(v.orphans.values()), {}
