@@ -31,6 +31,7 @@ from iortd.daemon.output_factor import install as install_output_factors
 from iortd.daemon.prescriptions import Prescriptions
 from iortd.daemon.prescriptions import install as install_prescriptions
 from iortd.daemon.service import Service
+from iortd.daemon.verifier import Verifier
 from iortd.daemon.verifier import install as install_verifier
 from iortd.plan.doserate import DoseRateError
 
@@ -50,6 +51,7 @@ class Handlers:
         self.output_factors: OutputFactors | None = None
         self.acks: alarm_acks.AlarmAcks | None = None
         self.signoffs: signoff.Signoffs | None = None  # physicists' sign-offs
+        self.verifier: Verifier | None = None  # the check before beam-on, the override
 
     async def install(
         self,
@@ -72,7 +74,7 @@ class Handlers:
             # The day's output factor from its handler; none when that handler is off
             # (its log could not be read back): the time is then time_unchecked.
             try:
-                await install_verifier(
+                self.verifier = await install_verifier(
                     c.verification, intake, audit, c.log.directory, service, rx,
                     service.notice,
                     factor_for=(lambda _day: None) if factors is None else factors.for_day,
@@ -94,6 +96,9 @@ class Handlers:
             todo.append(("output-factors-resume", self.output_factors.resume))
         if self.signoffs is not None:  # an unjudged sign-off: refused (daemon/signoff.py)
             todo.append(("signoffs-resume", self.signoffs.resume))
+        if self.verifier is not None and self.verifier.resume is not None:
+            # An unjudged override: refused (daemon/verifier.py).
+            todo.append(("overrides-resume", self.verifier.resume))
         if self.acks is not None and self.acks.handled:
             todo.append(("acks-resume", self.acks.resume))
         for name, resume in todo:

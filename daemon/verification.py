@@ -21,7 +21,8 @@ was not compared.
 
 **Overrides** bind to the values they overrode: an :class:`Override` holds the actual value
 of its item at the check it overrode, and covers a later failure of that item only while the
-actual value is the same. A check whose every failed item is covered is VERIFIED_OVR;
+actual value is the same (and only under the prescription it was given for: the verifier
+passes the judging no other). A check whose every failed item is covered is VERIFIED_OVR;
 ``signature``, ``expired``, ``already_delivered`` and ``no_prescription`` are never
 overridable.
 
@@ -97,6 +98,8 @@ class Override:
     by: str
     nonce: str
     actual: Any  # the item's actual value at the check it overrode (JSON)
+    # The prescription it was given for: the verifier applies it to that one only.
+    prescription_sha256: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,14 +21,18 @@ is ``already_delivered`` for every later delivery, also after a restart.
 **The override** (kind ``override``, physicist only, checked by the intake before this
 runs): accepted only for the open delivery whose latest check is NOT_VERIFIED for the named
 prescription, when ``items`` are all overridable and cover every failed item; it binds to
-the actual values of that check. Otherwise ``override_refused`` with a fixed reason word.
+the actual values of that check and to the prescription it names: a check of another
+prescription applies none of it. Otherwise ``override_refused`` with a fixed reason word.
 
 **Restart**: :meth:`Verifier.rebuild` reads the entries of the last ``REBUILD_WINDOW``:
 every ``prescription_used`` (the used set), and per delivery its latest check and the
 overrides in force, so a delivery resumed across a restart is not checked ``joined`` again
 and its alarm state follows its latest check. A check no seal vouches for (after a crash,
 or written by someone else) is not believed: such a delivery, continued with the beam on,
-is checked ``joined`` at its first reading.
+is checked ``joined`` at its first reading. An override accepted (``command_accepted``)
+but given no outcome (a crash before its handler ran) is refused ``interrupted`` once the
+writer runs (:attr:`Verifier.resume`, from daemon/handlers.py): its signed body was never on
+disk, so it is not judged after the fact; the physicist sends it again.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -49,7 +53,7 @@ from iortd.auditlog.command import Command, Refused
 from iortd.auditlog.keyring import Keyring, parse_utc
 from iortd.auditlog.logdir import LogDamaged, recent_lines
 from iortd.auditlog.writer import AuditLog
-from iortd.daemon.commands import CommandIntake
+from iortd.daemon.commands import CommandIntake, resume_commands
 from iortd.daemon.config.model import VerificationConfig
 from iortd.daemon.prescriptions import REBUILD_WINDOW, Pending, Prescriptions
 from iortd.daemon.tracker import (
@@ -173,6 +177,10 @@ class Verifier:
         self.used: set[str] = set()  # prescriptions with a prescription_used entry
         self._vouched: int | None = None  # see rebuild()
         self._deliveries: dict[str, _Delivery] = {}
+        # Overrides accepted but given no outcome (a crash), from the rebuild; refused
+        # ``interrupted`` by ``resume`` (set by install) once the writer runs.
+        self.orphans: dict[str, Command] = {}
+        self.resume: Callable[[], Coroutine[Any, Any, None]] | None = None
 
     # ---- the check -----------------------------------------------------------------------
 
@@ -227,11 +235,13 @@ class Verifier:
             factor=self._factor_for(now.date()),
             require_factor=self._require_factor,
             applicator_types=self._types,
-            overrides=[*d.overrides, *extra]
-            if pending is not None
-            and d.latest is not None
-            and d.latest.get("prescription_sha256") == pending.sha256
-            else list(extra),
+            # Only the overrides given for the pending prescription (finding: one given
+            # for A was applied to B once a check had named B).
+            overrides=[
+                o
+                for o in (*d.overrides, *extra)
+                if pending is not None and o.prescription_sha256 == pending.sha256
+            ],
         )
         entry = judge(inp, trigger, delivery_id)
         d.latest, d.console, d.at = entry, console, now
@@ -341,7 +351,14 @@ class Verifier:
         if missing:
             raise OverrideRefused("does_not_cover", f"failed and not overridden: {missing}")
         extra = [
-            Override(i, body.reason, cmd.signer, cmd.nonce, failed[i.value]["actual"])
+            Override(
+                i,
+                body.reason,
+                cmd.signer,
+                cmd.nonce,
+                failed[i.value]["actual"],
+                body.prescription_sha256,
+            )
             for i in body.items
             if i.value in failed
         ]
@@ -362,15 +379,41 @@ class Verifier:
         since = (self._now() - REBUILD_WINDOW).strftime("%Y%m%d")
         used = 0
         for line in recent_lines(
-            directory, since, b'"type":"verification"', b'"type":"prescription_used"'
-        ):
+            directory, since, b'"type":"verification"', b'"type":"prescription_used"',
+            b'"kind":"override"', b'"type":"override_refused"', b'"type":"command_failed"',
+        ):  # fmt: skip
             used += self._replay(line)
         return used
+
+    def _orphan(self, kind: str, data: Mapping[str, Any]) -> None:
+        """An accepted override is open until an entry names its nonce: its refusal, its
+        handler's failure, or a check that applied it. A check an override made that is not
+        VERIFIED_OVR names no nonce: it closes the oldest open one (the intake runs one
+        handler at a time, in the order it accepted them). Never raises: an entry of
+        another shape changes nothing here (nor what the rest of the rebuild takes of it)."""
+        try:
+            if kind == "command_accepted" and data.get("kind") == KIND:
+                self.orphans[str(data["nonce"])] = Command(
+                    kind=KIND, signer=str(data["signer"]), body={}, nonce=str(data["nonce"]),
+                    issued_at=parse_utc(data["issued_at"]),
+                    expires_at=parse_utc(data["expires_at"]), sha256=str(data["sha256"]),
+                )  # fmt: skip
+            elif kind in ("override_refused", "command_failed"):
+                self.orphans.pop(str(data["nonce"]), None)
+            elif kind == "verification" and self.orphans:
+                named = [self.orphans.pop(str(o["nonce"]), None) for o in data["overrides"]]
+                if data["trigger"] == T.OVERRIDE.value and not any(named) and self.orphans:
+                    self.orphans.pop(next(iter(self.orphans)))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return
 
     def _replay(self, line: bytes) -> int:
         try:
             e = orjson.loads(line)
             kind, data = e["type"], e["data"]
+            self._orphan(kind, data)
+            if kind in ("command_accepted", "override_refused", "command_failed"):
+                return 0
             d = self._of(str(data["delivery_id"]))
             if kind == "prescription_used":
                 self.used.add(str(data["prescription_sha256"]))
@@ -397,6 +440,7 @@ class Verifier:
                     Override(
                         VerificationItem(o["item"]), str(o["reason"]), str(o["by"]),
                         str(o["nonce"]), actual.get(o["item"]),
+                        str(data["prescription_sha256"]),
                     )
                     for o in data["overrides"]
                 ]  # fmt: skip
@@ -500,6 +544,21 @@ async def install(
         if durable is not None:
             await durable
 
+    async def interrupted(cmd: Command) -> None:
+        # Its signed body was never on disk (command_accepted keeps its hash only): refused,
+        # not judged; the physicist sends it again if the mismatch still stands.
+        detail = "the daemon stopped before this override was judged; send it again if needed"
+        data = {"nonce": cmd.nonce, "signer": cmd.signer, "reason": "interrupted",
+                "detail": detail}  # fmt: skip
+        await audit.append("override_refused", data, durable=True).committed
+        log.warning("override_refused", reason="interrupted", nonce=cmd.nonce)
+        notice("critical", f"override refused (interrupted): {detail} [nonce {cmd.nonce}]")
+
+    async def resume() -> None:
+        orphans, v.orphans = list(v.orphans.values()), {}
+        await resume_commands(KIND, orphans, interrupted)
+
+    v.resume = resume
     service.verifier = v
     rx.on_change = changed
     if on_factor_change is not None:  # the day's output factor arriving while READY
