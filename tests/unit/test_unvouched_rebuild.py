@@ -189,6 +189,49 @@ async def test_forged_accepted_commands_are_refused_at_start_never_acted_on(
         assert e["data"]["reason"] == "interrupted_unvouched", kind
 
 
+async def test_a_vouched_command_with_an_unvouched_outcome_is_judged_again(
+    tmp_path: Path,
+) -> None:
+    """A crash after the outcome's commit, before its seal (or a forged outcome): the
+    vouched ``command_accepted`` is judged again at start, from what it holds."""
+    audit, _ = await AuditLog.open(tmp_path, origin=ORIGIN, signer=SEAL)
+    task = asyncio.create_task(audit.run())
+    intake = intake_on(audit)
+    intake.register("prescription", _never, rx_summary)
+    p = rx()
+    verdict = intake.submit(signed("prescription", p, CURIE), source="inbox")
+    assert verdict.command is not None
+    assert verdict.recorded is not None, verdict.reason
+    await verdict.recorded
+    await audit.close()
+    await task
+    nonce = verdict.command.nonce
+
+    async def build(audit: AuditLog) -> None:
+        await audit.append("prescription_received", {
+            "outcome": "new", "prescription": rx(dose=25.0), "sha256": "e" * 64,
+            "nonce": nonce, "signer": "phys.curie", "replaces_sha256": None,
+        }, durable=True).committed  # fmt: skip
+
+    await forged(tmp_path, build)
+    audit, task, vouched = await start(tmp_path)
+    try:
+        rxs = Prescriptions(audit, notice=lambda *_: None, delivery_open=lambda: False, skew_s=60)
+        rxs.rebuild(tmp_path, vouched)
+        assert rxs.pending is None
+        await rxs.resume()
+        assert rxs.pending is not None
+        assert rxs.pending.sha256 == rx_sha(p)
+        assert rxs.pending.prescription.prescribed_dose_gy == 20.0
+    finally:
+        await audit.close()
+        await task
+    assert [e["data"]["outcome"] for e in entries(tmp_path, "prescription_received")] == [
+        "new",
+        "new",
+    ]
+
+
 async def _never(_cmd: Any) -> None:
     raise AssertionError("the forger's handler does not run")
 
