@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -28,6 +29,7 @@ from iortd.daemon.alarm_acks import AlarmAcks
 from iortd.daemon.alarm_acks import install as install_acks
 from iortd.daemon.commands import CommandIntake
 from iortd.daemon.entries import event_entry
+from iortd.daemon.handlers import Handlers
 from iortd.daemon.output_factor import OutputFactors
 from iortd.daemon.output_factor import summary as factor_summary
 from iortd.daemon.prescriptions import Prescriptions
@@ -230,6 +232,42 @@ async def test_a_vouched_command_with_an_unvouched_outcome_is_judged_again(
         "new",
         "new",
     ]
+
+
+async def test_the_daemons_handlers_get_recoverys_vouched_count(tmp_path: Path) -> None:
+    """daemon/handlers.py hands recovery's ``vouched_count`` to every handler's rebuild."""
+    await genuine(tmp_path)
+
+    async def build(audit: AuditLog) -> None:
+        await audit.append("prescription_received", {
+            "outcome": "new", "prescription": rx(), "sha256": "e" * 64, "nonce": "forged-1",
+            "signer": "phys.curie", "replaces_sha256": None,
+        }, durable=True).committed  # fmt: skip
+        await audit.append("output_factor_received", {
+            **factor(1.04), "sha256": "0" * 64, "nonce": "forged-2", "signer": "phys.curie",
+            "replaces_sha256": None,
+        }, durable=True).committed  # fmt: skip
+
+    await forged(tmp_path, build)
+    audit, report = await AuditLog.open(tmp_path, origin=ORIGIN, signer=SEAL)
+    task = asyncio.create_task(audit.run())
+    try:
+        c: Any = SimpleNamespace(
+            log=SimpleNamespace(directory=tmp_path),
+            verification=SimpleNamespace(on=lambda _ring: False),
+            commands=SimpleNamespace(keyring=None),
+        )
+        service: Any = SimpleNamespace(tracker=None, notice=lambda *_: None)
+        handlers = Handlers()
+        acks = AlarmAcks(audit, notice=lambda *_: None)
+        await handlers.install(c, intake_on(audit), audit, service, report, acks)
+        assert handlers.prescriptions is not None
+        assert handlers.prescriptions.latest is None
+        assert handlers.output_factors is not None
+        assert handlers.output_factors.for_day(today()) is None
+    finally:
+        await audit.close()
+        await task
 
 
 async def _never(_cmd: Any) -> None:
