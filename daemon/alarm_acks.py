@@ -33,7 +33,12 @@ start and replays the alarm entries through the ledger (so a restart forgets no
 unacknowledged alarm); an ``ack`` command accepted with no outcome after it (a SIGKILL
 between the record and the handler) is judged at start (:meth:`AlarmAcks.resume`) from
 the body its ``command_accepted`` entry holds. A damaged line is skipped (``iort-audit
-verify`` is the tool that reports it).
+verify`` is the tool that reports it). Entries after the log's last seal
+(``vouched_count``: recovery's, auditlog/recovery.py) are not believed: an unvouched
+``alarm_acknowledged`` is skipped (the alarm stays unacknowledged; one journal warning with
+the count) and an unvouched ``command_accepted`` is refused at start
+(``interrupted_unvouched``), never acted on: either could have been written by someone with
+write access to the log directory.
 """
 
 from __future__ import annotations
@@ -53,7 +58,7 @@ from iortd.auditlog.command import Command
 from iortd.auditlog.keyring import Keyring, parse_utc
 from iortd.auditlog.logdir import SEGMENT_RE, LogDamaged, read_segment, segment_paths
 from iortd.auditlog.writer import AuditLog
-from iortd.daemon.alarm_ledger import Ack, AckRefused, AlarmLedger, parse_ack_body
+from iortd.daemon.alarm_ledger import Ack, AckRefused, AlarmLedger, Raising, parse_ack_body
 from iortd.daemon.commands import CommandIntake, resume_commands
 from iortd.daemon.sinks import DeliverySnapshot, Sink, TrackerEvent
 
@@ -71,6 +76,11 @@ _MARKS: Final = (
     b'"type":"ack_refused"',
     b'"type":"command_failed"',
     b'"kind":"ack"',
+)
+
+UNVOUCHED: Final = (
+    "accepted after the log's last seal (unvouched): not known to be a command this daemon "
+    "accepted; send it again"
 )
 
 Items = list[dict[str, Any]]
@@ -117,6 +127,9 @@ class AlarmAcks:
         self._now = now or (lambda: datetime.now(UTC))
         self._callbacks: list[Callable[[Items, int], None]] = []
         self._orphans: list[Command] = []
+        self._unvouched_orphans: list[Command] = []  # accepted after the last seal: refused
+        self._vouched: int | None = None  # see rebuild()
+        self._skipped = 0
         self._lock = asyncio.Lock()  # resume() at start runs beside the intake's task
         self._published = -1
         self.rebuilt = False  # the ledger was rebuilt from the log: acknowledgements may be judged
@@ -154,9 +167,9 @@ class AlarmAcks:
         async with self._lock:
             await self._handle(cmd)
 
-    async def _handle(self, cmd: Command) -> None:
+    async def _handle(self, cmd: Command, *, unvouched: bool = False) -> None:
         try:
-            r = self.ledger.judge(parse_ack_body(cmd.body))
+            r = self._judge(cmd, unvouched=unvouched)
         except AckRefused as exc:
             refused = {
                 "reason": exc.reason,
@@ -198,6 +211,11 @@ class AlarmAcks:
         )
         self._changed()
 
+    def _judge(self, cmd: Command, *, unvouched: bool) -> Raising:
+        if unvouched:
+            raise AckRefused("interrupted_unvouched", UNVOUCHED)
+        return self.ledger.judge(parse_ack_body(cmd.body))
+
     def _who(self, cmd: Command) -> tuple[str, list[str]]:
         """The signer's printed name and roles (from the keyring for a resumed command)."""
         if cmd.signer_name:
@@ -210,9 +228,14 @@ class AlarmAcks:
 
     # ---- from the log, at start ----------------------------------------------------------
 
-    def rebuild(self, directory: Path) -> int:
+    def rebuild(self, directory: Path, vouched_count: int | None = None) -> int:
         """The ledger and the unhandled ``ack`` commands, from the log (blocking: run it in
-        a thread at start). Returns the entries used."""
+        a thread at start). Returns the entries used.
+
+        ``vouched_count``: entries from that seq on are vouched for by no seal (recovery's
+        RecoveryReport.vouched_count). An ``alarm_acknowledged`` among them is not
+        believed; a ``command_accepted`` among them is refused at start, never handled."""
+        self._vouched, self._skipped = vouched_count, 0
         cutoff = (self._now() - timedelta(days=REBUILD_MAX_DAYS)).strftime("%Y%m%d")
         chunks: list[list[bytes]] = []
         starts = 0
@@ -230,6 +253,8 @@ class AlarmAcks:
                 used += self._replay(line, accepted)
         self.ledger.run_ended()  # the log ends here: what stands is carried
         self._orphans = list(accepted.values())
+        if self._skipped:
+            log.warning("alarm_acks_unvouched", entries=self._skipped)
         self.rebuilt = True
         return used
 
@@ -237,9 +262,16 @@ class AlarmAcks:
         try:
             e = orjson.loads(line)
             kind, d = e["type"], e["data"]
+            unvouched = self._vouched is not None and int(e["seq"]) >= self._vouched
             if kind == "command_accepted" and d.get("kind") == KIND:
+                if unvouched:  # refused at start (resume), never handled
+                    self._unvouched_orphans.append(_orphan(d))
+                    return 1
                 accepted[str(d["nonce"])] = _orphan(d)
                 return 1
+            if kind == "alarm_acknowledged" and unvouched:  # not believed
+                self._skipped += 1
+                return 0
             if kind in ("alarm_acknowledged", "ack_refused", "command_failed"):
                 accepted.pop(str(d.get("nonce")), None)
             return int(self.ledger.entry(e))
@@ -250,6 +282,12 @@ class AlarmAcks:
         """Handle the commands a crash left accepted but unhandled (judged now)."""
         orphans, self._orphans = self._orphans, []
         await resume_commands("ack", orphans, self.handle)
+        unvouched, self._unvouched_orphans = self._unvouched_orphans, []
+        await resume_commands("ack", unvouched, self._refuse_unvouched)
+
+    async def _refuse_unvouched(self, cmd: Command) -> None:
+        async with self._lock:
+            await self._handle(cmd, unvouched=True)
 
 
 def _orphan(data: Mapping[str, Any]) -> Command:
@@ -286,13 +324,18 @@ class LedgerSink(Sink):
         self._acks.observe(events)
 
 
-async def rebuild(acks: AlarmAcks, directory: Path, notice: Callable[[str, str], None]) -> None:
+async def rebuild(
+    acks: AlarmAcks,
+    directory: Path,
+    notice: Callable[[str, str], None],
+    vouched_count: int | None = None,
+) -> None:
     """The ledger rebuilt from the log in ``directory`` (at start, before any sink runs);
     when the log cannot be read back it starts empty (said loudly) and :func:`install`
     will not take acknowledgements: one judged without the ledger could acknowledge what
     it cannot see."""
     try:
-        used = await asyncio.to_thread(acks.rebuild, directory)
+        used = await asyncio.to_thread(acks.rebuild, directory, vouched_count)
     except (OSError, LogDamaged) as exc:
         log.error("alarm_ledger_off", reason=f"not rebuilt from the log: {exc}")  # noqa: TRY400
         notice("critical", "alarm acknowledgements are OFF this run: the log could not be read")

@@ -226,7 +226,7 @@ class App:
                 recovery,
                 stop_after_delivery=self._stop_after_delivery,
             )
-            await alarm_acks.rebuild(acks, c.log.directory, service.notice)
+            await alarm_acks.rebuild(acks, c.log.directory, service.notice, recovery.vouched_count)
             for s in sinks:  # the retained alarms topic, from now on
                 if hasattr(inner := getattr(s, "inner", s), "set_alarms"):
                     acks.on_change(inner.set_alarms)

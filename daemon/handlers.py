@@ -64,10 +64,11 @@ class Handlers:
     ) -> None:
         """Install every handler on ``intake``; raises VerificationTableError."""
         rx = self.prescriptions = await install_prescriptions(
-            intake, audit, c.log.directory, service.tracker, service.notice
-        )
+            intake, audit, c.log.directory, service.tracker, service.notice,
+            recovery.vouched_count,
+        )  # fmt: skip
         factors = self.output_factors = await install_output_factors(
-            intake, audit, c.log.directory, service.notice
+            intake, audit, c.log.directory, service.notice, recovery.vouched_count
         )
         self.signoffs = await signoff.install(intake, audit, c.log.directory, service.notice)
         if rx is not None and c.verification.on(c.commands.keyring):

@@ -41,8 +41,13 @@ entries give each day's factor, and an accepted ``output_factor`` command with n
 after it (a SIGKILL between the record and the handler) is judged at start
 (:meth:`OutputFactors.resume`, so possibly ``too_old`` by then) from the factor its
 ``command_accepted`` entry holds. A factor is never taken from anything but a received
-entry the strict parser reads back; a damaged line is skipped (``iort-audit verify`` is
-the tool that reports it).
+entry the strict parser reads back, its SHA-256 computed from the document (never read
+from the entry); a damaged line is skipped (``iort-audit verify`` is the tool that reports
+it). Entries after the log's last seal (``vouched_count``: recovery's,
+auditlog/recovery.py) are not believed: an unvouched ``output_factor_received`` is skipped
+(one journal warning with the count) and an unvouched ``command_accepted`` is refused at
+start (``interrupted_unvouched``), never acted on: either could have been written by
+someone with write access to the log directory.
 """
 
 from __future__ import annotations
@@ -80,6 +85,10 @@ KIND: Final = "output_factor"
 # can still count (and the commands a crash left unhandled, which expire within 24 h).
 REBUILD_WINDOW: Final = timedelta(days=2)
 _FIELDS: Final = ("v", "output_factor", "measured_on", "measured_by", "machine")
+UNVOUCHED: Final = (
+    "accepted after the log's last seal (unvouched): not known to be a command this daemon "
+    "accepted; send it again"
+)
 
 
 class FactorRefused(Refused):
@@ -152,6 +161,9 @@ class OutputFactors:
         self._callbacks: list[Callable[[], None]] = []
         self._orphans: list[Command] = []  # accepted, not handled (a crash): see resume()
         self._orphan_sha: dict[str, str] = {}  # their bodies' SHA-256, as command_accepted says
+        self._unvouched_orphans: list[Command] = []  # accepted after the last seal: refused
+        self._vouched: int | None = None  # see rebuild()
+        self._skipped = 0
         # One judged and recorded at a time: resume() at start runs beside the intake's task.
         self._lock = asyncio.Lock()
 
@@ -177,9 +189,9 @@ class OutputFactors:
         async with self._lock:
             await self._handle(cmd)
 
-    async def _handle(self, cmd: Command) -> None:
+    async def _handle(self, cmd: Command, *, unvouched: bool = False) -> None:
         try:
-            f, sha = self._judge(cmd)
+            f, sha = self._judge(cmd, unvouched=unvouched)
         except FactorRefused as exc:
             data = {
                 "nonce": cmd.nonce,
@@ -215,7 +227,9 @@ class OutputFactors:
             except Exception:  # the factor is on the record; one listener's bug stays its own
                 log.exception("output_factor_callback_failed")
 
-    def _judge(self, cmd: Command) -> tuple[OutputFactor, str]:
+    def _judge(self, cmd: Command, *, unvouched: bool = False) -> tuple[OutputFactor, str]:
+        if unvouched:
+            raise FactorRefused("interrupted_unvouched", UNVOUCHED)
         f, sha = parse_body(cmd.body)
         if f.measured_by != cmd.signer:
             raise FactorRefused(
@@ -236,32 +250,47 @@ class OutputFactors:
 
     # ---- from the log, at start ----------------------------------------------------------
 
-    def rebuild(self, directory: Path) -> int:
+    def rebuild(self, directory: Path, vouched_count: int | None = None) -> int:
         """Each day's factor and the unhandled commands, from the log (blocking: run it in a
-        thread at start, before commands are taken). Returns the entries used."""
+        thread at start, before commands are taken). Returns the entries used.
+
+        ``vouched_count``: entries from that seq on are vouched for by no seal (recovery's
+        RecoveryReport.vouched_count). An ``output_factor_received`` among them is not
+        believed; a ``command_accepted`` among them is refused at start, never handled."""
         since = (self._now() - REBUILD_WINDOW).strftime("%Y%m%d")
         accepted: dict[str, Command] = {}
         used = 0
+        self._vouched, self._skipped = vouched_count, 0
         # Oldest first: the last one accepted for a day wins.
         for line in recent_lines(
             directory, since, b'"type":"output_factor_', b'"kind":"output_factor"'
         ):
             used += self._replay(line, accepted)
         self._orphans = list(accepted.values())
+        if self._skipped:
+            log.warning("output_factors_unvouched", entries=self._skipped)
         return used
 
     def _replay(self, line: bytes, accepted: dict[str, Command]) -> int:
         try:
             e = orjson.loads(line)
             kind, data = e["type"], e["data"]
+            unvouched = self._vouched is not None and int(e["seq"]) >= self._vouched
             if kind == "command_accepted" and data.get("kind") == KIND:
                 body = data["body"]
-                if body["parsed"]:
+                if unvouched:  # refused at start (resume), never handled
+                    self._unvouched_orphans.append(recorded_command(KIND, data, {}))
+                    sha = body.get("sha256") or body.get("body_sha256")
+                    self._orphan_sha[data["nonce"]] = str(sha or "")
+                elif body["parsed"]:
                     accepted[data["nonce"]] = recorded_command(KIND, data, body["factor"])
                 else:  # judged again from nothing: refused, under the body's own SHA-256
                     accepted[data["nonce"]] = recorded_command(KIND, data, {})
                     self._orphan_sha[data["nonce"]] = str(body["body_sha256"])
             elif kind == "output_factor_received":
+                if unvouched:  # not what the daemon recorded for certain: not believed
+                    self._skipped += 1
+                    return 0
                 accepted.pop(data["nonce"], None)
                 f = parse_output_factor(canonical({k: data[k] for k in _FIELDS}))
                 self._keep(Received(f, hashlib.sha256(_document(f)).hexdigest(), data["nonce"]))
@@ -278,6 +307,12 @@ class OutputFactors:
         """Handle the commands a crash left accepted but unhandled (judged now)."""
         orphans, self._orphans = self._orphans, []
         await resume_commands("output_factor", orphans, self.handle)
+        unvouched, self._unvouched_orphans = self._unvouched_orphans, []
+        await resume_commands("output_factor", unvouched, self._refuse_unvouched)
+
+    async def _refuse_unvouched(self, cmd: Command) -> None:
+        async with self._lock:
+            await self._handle(cmd, unvouched=True)
 
 
 async def install(
@@ -285,13 +320,14 @@ async def install(
     audit: AuditLog,
     directory: Path,
     notice: Callable[[str, str], None],
+    vouched_count: int | None = None,
 ) -> OutputFactors | None:
     """The ``output_factor`` handler registered on ``intake``, its state rebuilt from the
     log in ``directory``; None (and the kind stays ``no_handler``, said loudly) when the log
     cannot be read back: a factor judged without the day's could not say what it replaces."""
     factors = OutputFactors(audit, notice=notice, skew_s=intake.skew_s)
     try:
-        used = await asyncio.to_thread(factors.rebuild, directory)
+        used = await asyncio.to_thread(factors.rebuild, directory, vouched_count)
     except (OSError, LogDamaged) as exc:
         log.error("output_factors_off", reason=f"not rebuilt from the log: {exc}")  # noqa: TRY400
         notice("critical", "output factors are OFF this run: the log could not be read")

@@ -35,7 +35,12 @@ entries of the last ``MAX_VALIDITY`` + a day at start: the last ``prescription_r
 is the pending prescription (dropped once expired), and an accepted ``prescription``
 command with neither outcome after it (a SIGKILL between the record and the handler) is
 handled at start (:meth:`Prescriptions.resume`), judged at that time, from the prescription
-its ``command_accepted`` entry holds.
+its ``command_accepted`` entry holds. The pending prescription's SHA-256 is computed from
+the prescription the entry holds, never read from its ``sha256`` field. Entries after the
+log's last seal (``vouched_count``: recovery's, auditlog/recovery.py) are not believed: an
+unvouched ``prescription_received`` is skipped (one journal warning with the count) and an
+unvouched ``command_accepted`` is refused at start (``interrupted_unvouched``), never acted
+on: either could have been written by someone with write access to the log directory.
 """
 
 from __future__ import annotations
@@ -74,6 +79,10 @@ log = structlog.get_logger("iortd.prescriptions")
 KIND = "prescription"
 # How far back the log is read at start: a prescription is valid at most MAX_VALIDITY.
 REBUILD_WINDOW = MAX_VALIDITY + timedelta(days=1)
+UNVOUCHED = (
+    "accepted after the log's last seal (unvouched): not known to be a command this daemon "
+    "accepted; send it again"
+)
 
 
 class RxRefused(Refused):
@@ -145,6 +154,9 @@ class Prescriptions:
         # Called once the pending prescription changed (the verifier, daemon/verifier.py).
         self.on_change: Callable[[], None] | None = None
         self._orphans: list[Command] = []  # accepted, not handled (a crash): see resume()
+        self._unvouched_orphans: list[Command] = []  # accepted after the last seal: refused
+        self._vouched: int | None = None  # see rebuild()
+        self._skipped = 0
         # One judged and recorded at a time: resume() at start runs beside the intake's task.
         self._lock = asyncio.Lock()
 
@@ -170,9 +182,9 @@ class Prescriptions:
         async with self._lock:
             await self._handle(cmd)
 
-    async def _handle(self, cmd: Command) -> None:
+    async def _handle(self, cmd: Command, *, unvouched: bool = False) -> None:
         try:
-            entry = self._judge(cmd)
+            entry = self._judge(cmd, unvouched=unvouched)
         except RxRefused as exc:
             data = {
                 "nonce": cmd.nonce,
@@ -202,7 +214,9 @@ class Prescriptions:
         )
         self._notice("info", _said(entry, p))
 
-    def _judge(self, cmd: Command) -> dict[str, Any]:
+    def _judge(self, cmd: Command, *, unvouched: bool = False) -> dict[str, Any]:
+        if unvouched:
+            raise RxRefused("interrupted_unvouched", UNVOUCHED)
         p, sha = parse_body(cmd.body)
         now = self._now()
         if p.expired(now):
@@ -251,19 +265,26 @@ class Prescriptions:
 
     # ---- from the log, at start ----------------------------------------------------------
 
-    def rebuild(self, directory: Path) -> int:
+    def rebuild(self, directory: Path, vouched_count: int | None = None) -> int:
         """The pending prescription and the unhandled commands, from the log (blocking: run
-        it in a thread at start, before commands are taken). Returns the entries used."""
+        it in a thread at start, before commands are taken). Returns the entries used.
+
+        ``vouched_count``: entries from that seq on are vouched for by no seal (recovery's
+        RecoveryReport.vouched_count). A ``prescription_received`` among them is not
+        believed; a ``command_accepted`` among them is refused at start, never handled."""
         now = self._now()
         since = (now - REBUILD_WINDOW).strftime("%Y%m%d")
         accepted: dict[str, Command] = {}
         used = 0
+        self._vouched, self._skipped = vouched_count, 0
         # Oldest first: the last outcome wins.
         for line in recent_lines(
             directory, since, b'"type":"prescription_', b'"kind":"prescription"'
         ):
             used += self._replay(line, accepted)
         self._orphans = list(accepted.values())
+        if self._skipped:
+            log.warning("prescriptions_unvouched", entries=self._skipped)
         if self._pending is not None and self._pending.prescription.expired(now):
             self._pending = None
         return used
@@ -272,16 +293,24 @@ class Prescriptions:
         try:
             e = orjson.loads(line)
             kind, data = e["type"], e["data"]
+            unvouched = self._vouched is not None and int(e["seq"]) >= self._vouched
             if kind == "command_accepted" and data.get("kind") == KIND:
                 body = data["body"]
-                if body.get("parsed"):
+                if unvouched:  # refused at start (resume), never handled
+                    rx = body.get("prescription") or {}
+                    self._unvouched_orphans.append(recorded_command(KIND, data, rx))
+                elif body.get("parsed"):
                     accepted[data["nonce"]] = recorded_command(KIND, data, body["prescription"])
                 else:
                     accepted[data["nonce"]] = recorded_command(KIND, data, {})
             elif kind == "prescription_received":
+                if unvouched:  # not what the daemon recorded for certain: not believed
+                    self._skipped += 1
+                    return 0
                 accepted.pop(data["nonce"], None)
                 p = parse_prescription(canonical(data["prescription"]))
-                self._pending = self._latest = Pending(p, data["sha256"], data["nonce"])
+                sha = hashlib.sha256(prescription_bytes(p)).hexdigest()  # not data["sha256"]
+                self._pending = self._latest = Pending(p, sha, data["nonce"])
             elif kind in ("prescription_refused", "command_failed"):
                 # Judged, or failed and never retried (daemon/commands.py): not an orphan.
                 accepted.pop(data["nonce"], None)
@@ -295,6 +324,12 @@ class Prescriptions:
         """Handle the commands a crash left accepted but unhandled (judged now)."""
         orphans, self._orphans = self._orphans, []
         await resume_commands("prescription", orphans, self.handle)
+        unvouched, self._unvouched_orphans = self._unvouched_orphans, []
+        await resume_commands("prescription", unvouched, self._refuse_unvouched)
+
+    async def _refuse_unvouched(self, cmd: Command) -> None:
+        async with self._lock:
+            await self._handle(cmd, unvouched=True)
 
 
 def _said(entry: Mapping[str, Any], p: Prescription) -> str:
@@ -315,6 +350,7 @@ async def install(
     directory: Path,
     tracker: DeliveryTracker,
     notice: Callable[[str, str], None],
+    vouched_count: int | None = None,
 ) -> Prescriptions | None:
     """The ``prescription`` handler registered on ``intake``, its state rebuilt from the
     log in ``directory``; None (and the kind stays ``no_handler``, said loudly) when the
@@ -327,7 +363,7 @@ async def install(
 
     rx = Prescriptions(audit, notice=notice, delivery_open=delivery_open, skew_s=intake.skew_s)
     try:
-        used = await asyncio.to_thread(rx.rebuild, directory)
+        used = await asyncio.to_thread(rx.rebuild, directory, vouched_count)
     except (OSError, LogDamaged) as exc:
         log.error("prescriptions_off", reason=f"not rebuilt from the log: {exc}")  # noqa: TRY400
         notice("critical", "prescriptions are OFF this run: the log could not be read")
