@@ -197,7 +197,9 @@ class Signoffs:
             except SignoffError as exc:
                 await self._refuse(cmd, exc)
                 return
-            await self._audit.append("delivery_signed", data, durable=True).committed
+            await asyncio.shield(
+                self._audit.append("delivery_signed", data, durable=True).committed
+            )
         log.info("delivery_signed", delivery=data["delivery_id"], by=cmd.signer, nonce=cmd.nonce)
         reason = "" if data["reason"] is None else f" (reason: {data['reason'][:120]})"
         self._notice(
@@ -216,7 +218,7 @@ class Signoffs:
             "by": cmd.signer,
             "delivery_id": did if isinstance(did, str) and len(did) <= 128 else None,
         }
-        await self._audit.append("signoff_refused", data, durable=True).committed
+        await asyncio.shield(self._audit.append("signoff_refused", data, durable=True).committed)
         log.warning("signoff_refused", reason=exc.reason, nonce=cmd.nonce)
         self._notice(
             "critical",

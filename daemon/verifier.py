@@ -491,14 +491,14 @@ async def install(
         except OverrideRefused as exc:
             data = {"nonce": cmd.nonce, "signer": cmd.signer, "reason": exc.reason,
                     "detail": exc.detail}  # fmt: skip
-            await audit.append("override_refused", data, durable=True).committed
+            await asyncio.shield(audit.append("override_refused", data, durable=True).committed)
             log.warning("override_refused", reason=exc.reason, nonce=cmd.nonce)
             notice("critical", f"override refused ({exc.reason}): {exc.detail}")
             return
         durable = service.record_check(entry)
         notice("info", f"override by {cmd.signer}: check {entry['outcome']} ({cmd.nonce})")
         if durable is not None:
-            await durable
+            await asyncio.shield(durable)  # a group commit's future: never cancelled here
 
     service.verifier = v
     rx.on_change = changed
