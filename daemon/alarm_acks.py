@@ -177,7 +177,7 @@ class AlarmAcks:
                 "nonce": cmd.nonce,
                 "by": cmd.signer,
             }
-            await self._audit.append("ack_refused", refused, durable=True).committed
+            await asyncio.shield(self._audit.append("ack_refused", refused, durable=True).committed)
             log.warning("ack_refused", reason=exc.reason, nonce=cmd.nonce)
             self._notice(
                 "info",
@@ -201,7 +201,7 @@ class AlarmAcks:
         entry = self._audit.append(
             "alarm_acknowledged", data, delivery_id=r.delivery_id, durable=True
         )
-        await entry.committed
+        await asyncio.shield(entry.committed)
         self.ledger.acknowledged(r.key, r.raised_at, Ack(cmd.signer, name, entry.ts, comment))
         log.info("alarm_acknowledged", key=r.key, raised_at=r.raised_at, by=cmd.signer)
         self._notice(

@@ -412,9 +412,16 @@ class CommandIntake:
     async def _handle(self, cmd: Command, recorded: asyncio.Future[None], handler: Handler) -> None:
         try:
             async with asyncio.timeout(HANDLER_TIMEOUT_S):
-                await recorded  # the record first
+                # The record first; shielded: its future is the whole group commit's, and
+                # a timeout here must not cancel it under the commands sharing it.
+                await asyncio.shield(recorded)
                 await handler(cmd)
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            task = asyncio.current_task()
+            if isinstance(exc, asyncio.CancelledError) and task and task.cancelling():
+                raise  # the intake is being stopped
+            # Otherwise a future cancelled under this command (not the intake): this
+            # command failed, and the intake goes on taking the others.
             log.exception("command_failed", kind=cmd.kind, nonce=cmd.nonce)
             data = {"kind": cmd.kind, "nonce": cmd.nonce, "error": type(exc).__name__}
             with contextlib.suppress(AuditLogClosed):

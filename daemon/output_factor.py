@@ -200,7 +200,9 @@ class OutputFactors:
                 "detail": exc.detail,
                 "body_sha256": self._orphan_sha.pop(cmd.nonce, None) or _body_sha(cmd.body),
             }
-            await self._audit.append("output_factor_refused", data, durable=True).committed
+            await asyncio.shield(
+                self._audit.append("output_factor_refused", data, durable=True).committed
+            )
             log.warning("output_factor_refused", reason=exc.reason, nonce=cmd.nonce)
             self._notice("critical", f"output factor refused ({exc.reason}): {exc.detail}")
             return
@@ -212,7 +214,9 @@ class OutputFactors:
             "signer": cmd.signer,
             "replaces_sha256": None if old is None else old.sha256,
         }
-        await self._audit.append("output_factor_received", entry, durable=True).committed
+        await asyncio.shield(
+            self._audit.append("output_factor_received", entry, durable=True).committed
+        )
         self._keep(Received(f, sha, cmd.nonce))
         log.info("output_factor_received", sha256=sha, nonce=cmd.nonce, day=str(f.measured_on))
         head = "output factor" if old is None else f"output factor (replaces {old.sha256[:16]})"

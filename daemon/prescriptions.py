@@ -193,7 +193,9 @@ class Prescriptions:
                 "detail": exc.detail,
                 "body_sha256": _body_sha(cmd.body),
             }
-            await self._audit.append("prescription_refused", data, durable=True).committed
+            await asyncio.shield(
+                self._audit.append("prescription_refused", data, durable=True).committed
+            )
             log.warning("prescription_refused", reason=exc.reason, nonce=cmd.nonce)
             self._notice("critical", f"prescription refused ({exc.reason}): {exc.detail}")
             return
@@ -205,7 +207,7 @@ class Prescriptions:
         self._pending = self._latest = Pending(p, entry["sha256"], cmd.nonce)
         if self.on_change is not None and entry["outcome"] != "same":
             self.on_change()  # the verifier: checked now when the console is READY
-        await appended.committed
+        await asyncio.shield(appended.committed)
         log.info(
             "prescription_received",
             outcome=entry["outcome"],

@@ -239,7 +239,7 @@ class Service:
         try:
             async with asyncio.timeout(timeout_s):
                 note = await self._audit.checkpoint("shutdown")
-                await entry.committed
+                await asyncio.shield(entry.committed)
         except TimeoutError:
             log.critical("audit_log_not_flushed_at_shutdown", timeout_s=timeout_s)
             return

@@ -46,13 +46,16 @@ message until the next delivery; a restart does not compute it again (a crash be
 delivery's end and its covering checkpoint leaves that delivery without one).
 
 The state is the log: each judgement reads the delivery's segments (newest first, back to
-the one holding its start) in a worker thread; nothing is kept in memory but the commands a
-crash left unhandled (:meth:`Signoffs.rebuild`, then :meth:`Signoffs.resume`).
+the one holding its own ``delivery_started`` entry, parsed to be sure: another delivery's
+start or look-alike bytes in some entry's data do not stop it) in a worker thread;
+nothing is kept in memory but the commands a crash left unhandled
+(:meth:`Signoffs.rebuild`, then :meth:`Signoffs.resume`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -123,11 +126,33 @@ def _scan(directory: Path, delivery_id: str, holder: str) -> _Scan:
     for path in reversed(segment_paths(directory)):
         raw = read_segment(path)
         chunks.append(raw)
-        if start in raw and b'"type":"delivery_started"' in raw:
+        if _holds_start(raw, start, delivery_id):
             break  # the segment with its start: older ones hold none of it
     meanings: set[str] = set()
     found = delivery_record(_entries(chunks, delivery_id, holder, meanings), delivery_id)
     return _Scan(found, frozenset(meanings))
+
+
+def _holds_start(raw: bytes, start: bytes, delivery_id: str) -> bool:
+    """Whether ``raw`` holds the delivery's OWN ``delivery_started`` entry: not any entry of
+    it beside another delivery's start (a delivery crosses a segment boundary, the next one
+    starts after it), nor bytes like it inside another entry's data."""
+    pos = raw.find(start)
+    while pos >= 0:
+        begin, end = raw.rfind(b"\n", 0, pos) + 1, raw.find(b"\n", pos)
+        end = len(raw) if end < 0 else end
+        line = raw[begin:end]
+        if b'"type":"delivery_started"' in line:
+            with contextlib.suppress(orjson.JSONDecodeError):
+                e = orjson.loads(line)
+                if (
+                    isinstance(e, dict)
+                    and e.get("type") == "delivery_started"
+                    and e.get("delivery_id") == delivery_id
+                ):
+                    return True
+        pos = raw.find(start, end)
+    return False
 
 
 def _lines(raw: bytes) -> Iterator[bytes]:
@@ -197,7 +222,9 @@ class Signoffs:
             except SignoffError as exc:
                 await self._refuse(cmd, exc)
                 return
-            await self._audit.append("delivery_signed", data, durable=True).committed
+            await asyncio.shield(
+                self._audit.append("delivery_signed", data, durable=True).committed
+            )
         log.info("delivery_signed", delivery=data["delivery_id"], by=cmd.signer, nonce=cmd.nonce)
         reason = "" if data["reason"] is None else f" (reason: {data['reason'][:120]})"
         self._notice(
@@ -216,7 +243,7 @@ class Signoffs:
             "by": cmd.signer,
             "delivery_id": did if isinstance(did, str) and len(did) <= 128 else None,
         }
-        await self._audit.append("signoff_refused", data, durable=True).committed
+        await asyncio.shield(self._audit.append("signoff_refused", data, durable=True).committed)
         log.warning("signoff_refused", reason=exc.reason, nonce=cmd.nonce)
         self._notice(
             "critical",

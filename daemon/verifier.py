@@ -535,14 +535,14 @@ async def install(
         except OverrideRefused as exc:
             data = {"nonce": cmd.nonce, "signer": cmd.signer, "reason": exc.reason,
                     "detail": exc.detail}  # fmt: skip
-            await audit.append("override_refused", data, durable=True).committed
+            await asyncio.shield(audit.append("override_refused", data, durable=True).committed)
             log.warning("override_refused", reason=exc.reason, nonce=cmd.nonce)
             notice("critical", f"override refused ({exc.reason}): {exc.detail}")
             return
         durable = service.record_check(entry)
         notice("info", f"override by {cmd.signer}: check {entry['outcome']} ({cmd.nonce})")
         if durable is not None:
-            await durable
+            await asyncio.shield(durable)  # a group commit's future: never cancelled here
 
     async def interrupted(cmd: Command) -> None:
         # Its signed body was never on disk (command_accepted keeps its hash only): refused,
