@@ -550,7 +550,7 @@ async def install(
         detail = "the daemon stopped before this override was judged; send it again if needed"
         data = {"nonce": cmd.nonce, "signer": cmd.signer, "reason": "interrupted",
                 "detail": detail}  # fmt: skip
-        await audit.append("override_refused", data, durable=True).committed
+        await asyncio.shield(audit.append("override_refused", data, durable=True).committed)
         log.warning("override_refused", reason="interrupted", nonce=cmd.nonce)
         notice("critical", f"override refused (interrupted): {detail} [nonce {cmd.nonce}]")
 
