@@ -293,11 +293,13 @@ class MqttSink(Sink):
                     attempt = 0
                     self._takeovers.lost(exc, time.monotonic() - self._connected_at, backoff)
                 else:
+                    reason = _tls_hint(s, reason)
                     log.error("mqtt_connect_failed", broker=s.url, reason=reason)  # noqa: TRY400
             except (OSError, ssl.SSLError) as exc:
                 self._outage = True
                 self.connected.clear()
-                log.error("mqtt_connect_failed", broker=s.url, reason=str(exc))  # noqa: TRY400
+                reason = _tls_hint(s, str(exc))
+                log.error("mqtt_connect_failed", broker=s.url, reason=reason)  # noqa: TRY400
             except Exception:
                 # A bug here must not take the daemon (and its record) down with it.
                 self._outage = True
@@ -516,3 +518,18 @@ class MqttSink(Sink):
             task.cancel(msg="mqtt sink: close timed out")
             await asyncio.wait({task})  # its disk work finishes first (see the outbox)
             await self.outbox.close()
+
+
+def _tls_hint(s: BrokerSettings, reason: str) -> str:
+    """A TLS connection the broker closed during the handshake, without a client
+    certificate configured, is most often a broker that requires one; which error the
+    client sees (the broker's alert, or only the closed socket) depends on timing, so the
+    likely cause is said either way."""
+    if not s.tls or s.cert_file is not None or "certificate" in reason.lower():
+        return reason
+    if "EOF" in reason or "reset" in reason.lower() or "closed" in reason.lower():
+        return (
+            f"{reason} (no client certificate is configured: if the broker requires one, "
+            "set [mqtt] cert_file and key_file)"
+        )
+    return reason
