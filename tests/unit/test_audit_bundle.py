@@ -1,0 +1,253 @@
+"""Proof bundles (issue 20, item 2): ``iort-audit prove`` / ``verify-bundle`` over a tree log
+the writer makes here, and the range proof against an independent recursive RFC 6962 root.
+
+Every tampering a bundle can suffer is tried: an entry's byte, a proof hash, a note line,
+the signature, a dropped entry, a moved range; each must fail naming what.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from iortd.audit.bundle import BundleError, check_bundle, make_bundle
+from iortd.audit.cli import main
+from iortd.auditlog.cosignature import CosignerKey
+from iortd.auditlog.merkle import ProofError
+from iortd.auditlog.merkle_log import leaf_hashes
+from iortd.auditlog.note import Signer, generate_keypair, write_keypair
+from iortd.auditlog.range_proof import range_intervals, root_from_range, subtree_roots
+from iortd.auditlog.verify import collect_files
+from iortd.auditlog.writer import AuditLog
+
+ORIGIN = "iortd/test-site/or-9/00112233aabbccdd"
+DID = "or9-20261206T100000Z"
+
+
+def mth(leaves: list[bytes]) -> bytes:
+    """RFC 6962 §2.1 MTH over leaf hashes, recursively (not merkle.py's code)."""
+    if len(leaves) == 1:
+        return leaves[0]
+    k = 1 << ((len(leaves) - 1).bit_length() - 1)
+    return hashlib.sha256(b"\x01" + mth(leaves[:k]) + mth(leaves[k:])).digest()
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 8, 13, 32, 33])
+def test_range_proof_gives_the_rfc6962_root_for_every_range(size: int) -> None:
+    leaves = [hashlib.sha256(bytes([i])).digest() for i in range(size)]
+    root = mth(leaves)
+    for lo in range(size):
+        for hi in range(lo + 1, size + 1):
+            ivs = range_intervals(lo, hi, size)
+            roots = subtree_roots(iter(leaves), ivs)
+            proof = [roots[iv] for iv in ivs]
+            assert len(proof) <= 2 * size.bit_length()
+            assert root_from_range(leaves[lo:hi], lo, size, proof) == root
+            if proof:
+                with pytest.raises(ProofError):
+                    root_from_range(leaves[lo:hi], lo, size, proof[:-1])
+
+
+async def write_log(directory: Path, signer: Signer) -> None:
+    """Entries before, the delivery (with a checkpoint inside it), entries after, and
+    two checkpoints after it: a delivery-end one and an interval one."""
+    log, _ = await AuditLog.open(directory, origin=ORIGIN, signer=signer, group_commit_s=0.01)
+    task = asyncio.create_task(log.run())
+    try:
+        log.append("daemon_start", {"verifier_key": signer.verifier.text}, durable=True)
+        for i in range(20):
+            log.append("sample", {"dose_primary_gy": i * 0.5})
+        await log.checkpoint("interval")  # the held (older) checkpoint
+        log.append("delivery_started", {"preset_gy": 20.0}, delivery_id=DID)
+        for i in range(9):
+            log.append("sample", {"dose_primary_gy": i * 0.5}, delivery_id=DID)
+        await log.checkpoint("interval")
+        log.append("delivery_terminated", {"status": "NORMAL"}, delivery_id=DID)
+        await log.checkpoint("delivery_end")
+        for i in range(6):
+            e = log.append("sample", {"dose_primary_gy": i * 0.1})
+        await e.committed
+        await log.checkpoint("interval")
+    finally:
+        await asyncio.wait_for(log.close(), 10)
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture(scope="module")
+def logged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Signer]:
+    d = tmp_path_factory.mktemp("log")
+    signer = generate_keypair("or-9")
+    asyncio.run(write_log(d / "log", signer))
+    write_keypair(signer, d / "keys")
+    return d, signer
+
+
+def bundle_of(logged: tuple[Path, Signer], **kw: Any) -> dict[str, Any]:
+    d, signer = logged
+    return make_bundle(collect_files([d / "log"]), DID, pubkey=signer.verifier, **kw)
+
+
+def check(b: dict[str, Any], signer: Signer, **kw: Any) -> str:
+    """'' when it verifies, else the error."""
+    try:
+        check_bundle(json.dumps(b).encode(), signer.verifier, **kw)
+    except BundleError as exc:
+        return str(exc)
+    return ""
+
+
+def test_a_bundle_from_a_writer_log_verifies_and_shows_both_neighbours(
+    logged: tuple[Path, Signer],
+) -> None:
+    b = bundle_of(logged)
+    assert check(b, logged[1]) == ""
+    assert b["start"] == b["first_seq"] - 1
+    # The delivery-end checkpoint's tree ends at the range: the later one is taken.
+    assert b["tree_size"] > b["last_seq"] + 1
+    assert len(b["entries"]) == b["last_seq"] - b["first_seq"] + 3
+
+
+def flip(text: str, at: int) -> str:
+    c = "0" if text[at] != "0" else "1"
+    return text[:at] + c + text[at + 1 :]
+
+
+def test_every_tampering_fails_naming_what(logged: tuple[Path, Signer]) -> None:
+    signer = logged[1]
+    b = bundle_of(logged)
+    cases: dict[str, tuple[dict[str, Any], str]] = {}
+    for i in (0, 3, len(b["entries"]) - 1):
+        t = json.loads(json.dumps(b))
+        line = t["entries"][i]
+        t["entries"][i] = line.replace('"ts":"2', '"ts":"3', 1)
+        assert t["entries"][i] != line
+        cases[f"entry {i}"] = (t, f"entry seq {b['start'] + i}")
+    for i in range(len(b["range_proof"])):
+        t = json.loads(json.dumps(b))
+        raw = bytearray(base64.b64decode(t["range_proof"][i]))
+        raw[5] ^= 1
+        t["range_proof"][i] = base64.b64encode(bytes(raw)).decode()
+        cases[f"proof hash {i}"] = (t, "range proof")
+    lines = b["checkpoint"].split("\n")
+    for i in range(4):  # origin, size, root, head
+        t = json.loads(json.dumps(b))
+        lines2 = list(lines)
+        lines2[i] = flip(lines2[i], 5) if i != 1 else str(int(lines2[i]) + 1)
+        t["checkpoint"] = "\n".join(lines2)
+        cases[f"note line {i + 1}"] = (t, "checkpoint note")
+    t = json.loads(json.dumps(b))
+    sig = lines[-2]
+    t["checkpoint"] = b["checkpoint"].replace(
+        sig, sig[:-6] + ("AAAAA=" if sig[-6] != "A" else "BBBBB=")
+    )
+    cases["signature"] = (t, "checkpoint note")
+    t = json.loads(json.dumps(b))
+    del t["entries"][4]
+    cases["dropped entry"] = (t, "dropped")
+    t = json.loads(json.dumps(b))
+    t["first_seq"] += 1
+    cases["range moved in"] = (t, "")
+    t = json.loads(json.dumps(b))
+    t["start"] += 1
+    t["first_seq"] += 1
+    t["last_seq"] += 1
+    cases["range shifted"] = (t, "")
+    for what, (t, names) in cases.items():
+        got = check(t, signer)
+        assert got, f"{what}: the bundle still verified"
+        assert names in got, f"{what}: {got!r} does not name {names!r}"
+
+
+def test_a_range_that_leaves_out_an_entry_of_the_delivery_fails(
+    logged: tuple[Path, Signer],
+) -> None:
+    """Claiming the delivery ends early, with an honest proof: at the checkpoint inside
+    it (which names no delivery), and at the sample before that checkpoint (whose
+    neighbour, the checkpoint, names none either: the range must end with the delivery's
+    end, else the neighbour test alone would pass)."""
+    d, signer = logged
+    b = bundle_of(logged)
+    files = collect_files([d / "log"])
+    for cut, names in ((1, "does not name the delivery"), (2, "does not end")):
+        short = make_bundle(files, DID, pubkey=signer.verifier)
+        short["last_seq"] -= cut
+        short["entries"] = short["entries"][: len(short["entries"]) - cut]
+        end = short["start"] + len(short["entries"])
+        ivs = range_intervals(short["start"], end, b["tree_size"])
+        roots = subtree_roots(leaf_hashes(files, 0, b["tree_size"]), ivs)
+        short["range_proof"] = [base64.b64encode(roots[iv]).decode() for iv in ivs]
+        got = check(short, signer)
+        assert names in got, got
+
+
+def test_consistency_from_a_held_checkpoint_verifies_and_a_forged_one_fails(
+    logged: tuple[Path, Signer],
+) -> None:
+    d, signer = logged
+    notes = [
+        orjson.loads(ln)["data"]["note"]
+        for p in collect_files([d / "log"])
+        for ln in p.read_bytes().splitlines()
+        if ln.endswith(b'"type":"checkpoint"}')
+    ]
+    b = bundle_of(logged, held=notes[0])
+    assert check(b, signer) == ""
+    assert b["consistency"]["proof"]
+    t = json.loads(json.dumps(b))
+    raw = bytearray(base64.b64decode(t["consistency"]["proof"][0]))
+    raw[0] ^= 1
+    t["consistency"]["proof"][0] = base64.b64encode(bytes(raw)).decode()
+    assert "consistency proof" in check(t, signer)
+    # A fork: an older checkpoint of the same origin and size with another root, signed.
+    body = notes[0].split("\n\n")[0].split("\n")
+    body[2] = base64.b64encode(b"\x07" * 32).decode()
+    t = json.loads(json.dumps(b))
+    t["consistency"]["checkpoint"] = signer.sign("\n".join(body) + "\n")
+    assert "consistency proof" in check(t, signer)
+
+
+def test_witness_cosignatures_and_quorum(logged: tuple[Path, Signer]) -> None:
+    signer = logged[1]
+    w1, w2 = CosignerKey.generate("w.example/1"), CosignerKey.generate("w.example/2")
+    b = bundle_of(logged)
+    text = b["checkpoint"].split("\n\n")[0] + "\n"
+    cosigned = b["checkpoint"] + w1.cosign(text, 1_800_000_000)
+    b2 = bundle_of(logged, cosigned=cosigned)
+    assert check(b2, signer, witnesses=[w1.verifier]) == ""
+    assert "1 valid cosignature" in check(b2, signer, witnesses=[w1.verifier, w2.verifier])
+    assert check(b2, signer, witnesses=[w1.verifier, w2.verifier], quorum=1) == ""
+    bad = b2["checkpoint"].replace(w1.cosign(text, 1_800_000_000), w1.cosign(text, 1_800_000_001))
+    t = dict(b2, checkpoint=bad.replace(text, text, 1))
+    sig_line = w1.cosign(text, 1_800_000_000)
+    forged = sig_line[:-10] + ("A" if sig_line[-10] != "A" else "B") + sig_line[-9:]
+    t = dict(b2, checkpoint=b["checkpoint"] + forged)
+    assert "cosignature" in check(t, signer, witnesses=[w1.verifier])
+
+
+def test_cli_prove_and_verify_bundle(
+    logged: tuple[Path, Signer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d, _ = logged
+    pub, out = d / "keys" / "or-9.pub", tmp_path / "b.json"
+    rc = main(["prove", str(d / "log"), "--delivery", DID, "--pubkey", str(pub), "--out", str(out)])
+    assert rc == 0, capsys.readouterr()
+    assert main(["verify-bundle", str(out), "--pubkey", str(pub)]) == 0
+    assert "VERIFIED" in capsys.readouterr().out
+    b = json.loads(out.read_text())
+    b["entries"][2] = b["entries"][2].replace('"dose_primary_gy":', '"dose_primary_gy":9', 1)
+    out.write_text(json.dumps(b))
+    assert main(["verify-bundle", str(out), "--pubkey", str(pub)]) == 1
+    assert f"entry seq {b['start'] + 2}" in capsys.readouterr().out
+    assert main(["prove", str(d / "log"), "--delivery", "nope", "--out", str(out)]) == 1
+    rc = main(
+        ["prove", str(d / "log"), "--delivery", DID, "--checkpoint-size", "3", "--out", str(out)]
+    )
+    assert rc == 2
+    assert "--checkpoint-size 3" in capsys.readouterr().err
