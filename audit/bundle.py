@@ -381,6 +381,10 @@ def check_bundle(
     for seq in (first, last):
         if not _names(entries[seq - start], did):
             raise BundleError(f"entry seq {seq}: does not name the delivery {did!r}")
+    if first > 0 and _names(entries[0], did):
+        raise BundleError(f"entry seq {first - 1}: names the delivery: the range starts earlier")
+    if last + 1 < size and _names(entries[-1], did):
+        raise BundleError(f"entry seq {last + 1}: names the delivery: the range ends later")
     types = [e.get("type") for e in entries[first - start : last - start + 1]]
     if "delivery_started" not in types:
         raise BundleError(f"the range seq {first}..{last} holds no delivery_started entry")
@@ -390,10 +394,6 @@ def check_bundle(
             f"delivery_terminated or delivery_amended (entry seq {last} is "
             f"{types[-1]!r}): cut short, or the delivery is not over"
         )
-    if first > 0 and _names(entries[0], did):
-        raise BundleError(f"entry seq {first - 1}: names the delivery: the range starts earlier")
-    if last + 1 < size and _names(entries[-1], did):
-        raise BundleError(f"entry seq {last + 1}: names the delivery: the range ends later")
     # 3. The tree: the entries at their places, with the proof, give the signed root.
     proof = _hashes(b.get("range_proof"), "range_proof")
     try:

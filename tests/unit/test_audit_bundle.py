@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,8 @@ from iortd.auditlog.note import Signer, generate_keypair, write_keypair
 from iortd.auditlog.range_proof import range_intervals, root_from_range, subtree_roots
 from iortd.auditlog.verify import collect_files
 from iortd.auditlog.writer import AuditLog
+from iortd.daemon import recovery
+from iortd.kernel.timefmt import utc_ts
 
 ORIGIN = "iortd/test-site/or-9/00112233aabbccdd"
 DID = "or9-20261206T100000Z"
@@ -175,16 +179,26 @@ def test_a_range_that_leaves_out_an_entry_of_the_delivery_fails(
     d, signer = logged
     b = bundle_of(logged)
     files = collect_files([d / "log"])
+
+    def reproved(t: dict[str, Any]) -> dict[str, Any]:
+        ivs = range_intervals(t["start"], t["start"] + len(t["entries"]), b["tree_size"])
+        roots = subtree_roots(leaf_hashes(files, 0, b["tree_size"]), ivs)
+        t["range_proof"] = [base64.b64encode(roots[iv]).decode() for iv in ivs]
+        return t
+
     for cut, names in ((1, "does not name the delivery"), (2, "does not end")):
         short = make_bundle(files, DID, pubkey=signer.verifier)
         short["last_seq"] -= cut
         short["entries"] = short["entries"][: len(short["entries"]) - cut]
-        end = short["start"] + len(short["entries"])
-        ivs = range_intervals(short["start"], end, b["tree_size"])
-        roots = subtree_roots(leaf_hashes(files, 0, b["tree_size"]), ivs)
-        short["range_proof"] = [base64.b64encode(roots[iv]).decode() for iv in ivs]
-        got = check(short, signer)
+        got = check(reproved(short), signer)
         assert names in got, got
+    # The start moved in by one: the new neighbour (the delivery's first entry) names it.
+    late = make_bundle(files, DID, pubkey=signer.verifier)
+    late["start"] += 1
+    late["first_seq"] += 1
+    late["entries"] = late["entries"][1:]
+    got = check(reproved(late), signer)
+    assert f"entry seq {b['first_seq']}: names the delivery: the range starts earlier" in got
 
 
 def test_consistency_from_a_held_checkpoint_verifies_and_a_forged_one_fails(
@@ -251,3 +265,50 @@ def test_cli_prove_and_verify_bundle(
     )
     assert rc == 2
     assert "--checkpoint-size 3" in capsys.readouterr().err
+
+
+async def crash_after_delivery(directory: Path, signer: Signer) -> None:
+    """A delivery ends; the next start's recovery finds its tail unvouched (as after a
+    crash before the seal: test_audit_restart.py pretends it the same way) and records it
+    in a recovery entry after the range; then checkpoints cover it."""
+    log, _ = await AuditLog.open(directory, origin=ORIGIN, signer=signer, group_commit_s=0.01)
+    task = asyncio.create_task(log.run())
+    log.append("daemon_start", {"verifier_key": signer.verifier.text}, durable=True)
+    log.append("delivery_started", {"preset_gy": 20.0}, delivery_id=DID)
+    log.append("sample", {"dose_primary_gy": 1.0}, delivery_id=DID)
+    await log.checkpoint("interval")
+    for i in range(3):
+        log.append("sample", {"dose_primary_gy": 2.0 + i}, delivery_id=DID)
+    await log.append("delivery_terminated", {"status": "NORMAL"}, delivery_id=DID).committed
+    await asyncio.wait_for(log.close(), 10)
+    await asyncio.wait_for(task, 10)
+    log, rep = await AuditLog.open(directory, origin=ORIGIN, signer=signer, group_commit_s=0.01)
+    rep = dataclasses.replace(rep, previous_stop="crash", vouched_count=4)
+    task = asyncio.create_task(log.run())
+    try:
+        recovery.record_recovery(log, rep, utc_ts(datetime.now(UTC)))
+        await log.append("sample", {"dose_primary_gy": 0.0}).committed
+        await log.checkpoint("start")
+    finally:
+        await asyncio.wait_for(log.close(), 10)
+        await asyncio.wait_for(task, 10)
+
+
+def test_a_bundle_over_unvouched_entries_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    signer = generate_keypair("or-9")
+    asyncio.run(crash_after_delivery(tmp_path / "log", signer))
+    pub = write_keypair(signer, tmp_path / "keys")[1]
+    b = make_bundle(collect_files([tmp_path / "log"]), DID, pubkey=signer.verifier)
+    assert b["recoveries"], "the recovery entry after the range is in the bundle"
+    out = tmp_path / "b.json"
+    out.write_text(json.dumps(b))
+    assert main(["verify-bundle", str(out), "--pubkey", str(pub)]) == 1
+    assert "UNVOUCHED: entries seq" in capsys.readouterr().out
+    t = json.loads(json.dumps(b))
+    t["recoveries"][0]["entry"] = t["recoveries"][0]["entry"].replace('"ts":"2', '"ts":"3', 1)
+    assert f"entry seq {b['recoveries'][0]['seq']}" in check(t, signer)
+    t = json.loads(json.dumps(b))
+    t["recoveries"][0]["proof"] = t["range_proof"]
+    assert "recoveries[0]" in check(t, signer)
