@@ -127,6 +127,15 @@ class _Scan:
 
 
 def _scan(files: Sequence[Path], delivery_id: str) -> _Scan:
+    try:
+        return _scan_lines(files, delivery_id)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise BundleError(
+            f"the log holds an entry that cannot be read ({exc!r}): run verify"
+        ) from None
+
+
+def _scan_lines(files: Sequence[Path], delivery_id: str) -> _Scan:
     s = _Scan()
     did = delivery_id.encode()
     for seq, line in _lines(files):
@@ -310,6 +319,8 @@ def _entry(text: Any, seq: int) -> tuple[bytes, dict[str, Any], str, str]:
         e = orjson.loads(line)
     except ValueError as exc:
         raise BundleError(f"entry seq {seq}: not a log entry ({exc})") from None
+    if not isinstance(e, dict):
+        raise BundleError(f"entry seq {seq}: not a log entry (not a JSON object)")
     if env.seq != seq or e.get("seq") != seq:
         raise BundleError(f"entry seq {seq}: its seq field says {env.seq}: moved or replaced")
     if env.hash != env.computed:
@@ -474,8 +485,12 @@ def _recoveries(
         found.append(e)
     lo, hi = start, start + len(entries) - 1
     for e in found:
-        u = (e.get("data") or {}).get("unvouched")
-        if isinstance(u, dict) and u.get("first_seq", hi + 1) <= hi and lo <= u.get("last_seq", -1):
+        data = e.get("data")
+        u = data.get("unvouched") if isinstance(data, dict) else None
+        if not isinstance(u, dict):
+            continue
+        a, z = u.get("first_seq"), u.get("last_seq")
+        if type(a) is int and type(z) is int and a <= hi and lo <= z:
             out.unvouched.append(
                 f"entries seq {u['first_seq']}..{u['last_seq']} were not vouched for by any "
                 f"signature when written (recovery entry at seq {e['seq']}: {u.get('why')})"

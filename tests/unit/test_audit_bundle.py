@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import json
+import random
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -312,3 +314,30 @@ def test_a_bundle_over_unvouched_entries_says_so(
     t = json.loads(json.dumps(b))
     t["recoveries"][0]["proof"] = t["range_proof"]
     assert "recoveries[0]" in check(t, signer)
+
+
+def test_a_mangled_bundle_is_refused_with_a_bundle_error_never_a_crash(
+    logged: tuple[Path, Signer],
+) -> None:
+    """Whatever a bundle's bytes are, verify-bundle answers with a named refusal."""
+    signer = logged[1]
+    raw = json.dumps(bundle_of(logged)).encode()
+    rng = random.Random(20)  # noqa: S311 - test data, not crypto
+    for _ in range(400):
+        b = bytearray(raw)
+        for _ in range(rng.randint(1, 3)):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        with contextlib.suppress(BundleError):
+            check_bundle(bytes(b), signer.verifier)
+    shapes: list[Any] = [[], 1, None, {"data": []}, "x"]
+    for key in ("entries", "range_proof", "recoveries", "consistency", "checkpoint", "start"):
+        for shape in shapes:
+            if key == "recoveries" and shape == []:
+                continue  # the usual value
+            t = dict(bundle_of(logged), **{key: shape})
+            assert check(t, signer), f"{key}={shape!r} verified"
+    t = bundle_of(logged)
+    t["recoveries"] = [{"seq": t["start"], "entry": t["entries"][0], "proof": []}]
+    assert check(t, signer)
+    t["entries"][1] = "[" + t["entries"][1][1:-1] + "]"
+    assert "entry seq" in check(t, signer)
