@@ -9,11 +9,12 @@ verifier walks the same tree: a subtree wholly outside takes the next proof hash
 leaf inside takes the range's next leaf hash, anything else is split and hashed with
 ``node_hash``; the result must be the signed root and every proof hash must have been
 used. This is the compact-range proof of transparency-dev/merkle ("compact ranges") and
-the range form of RFC 9162's subtree proofs: for hi = lo + 1 it is RFC 6962's audit path
-(PATH) in top-down order. Why not one inclusion proof per leaf: that costs (hi - lo) log n
-hashes and still does not show the leaves are adjacent; why not only the first and last
-leaves' proofs plus the leaves: the hashes between them would have to be recomputed from
-the leaves anyway, which is what this does, with each outside subtree given once.
+the range form of RFC 9162's subtree proofs: for hi = lo + 1 it holds the hashes of RFC
+6962's audit path (PATH), ordered left to right instead of from the leaf up. Why not one
+inclusion proof per leaf: that costs (hi - lo) log n hashes and still does not show the
+leaves are adjacent; why not only the first and last leaves' proofs plus the leaves: the
+hashes between them would have to be recomputed from the leaves anyway, which is what
+this does, with each outside subtree given once.
 
 **Size.** At most two outside subtrees per level (one left of lo, one right of hi): at
 most 2 * 64 hashes whatever the log's size; the walk visits O(log n) nodes outside the

@@ -24,10 +24,15 @@ import pytest
 from iortd.audit.bundle import BundleError, check_bundle, make_bundle
 from iortd.audit.cli import main
 from iortd.auditlog.cosignature import CosignerKey
-from iortd.auditlog.merkle import ProofError
+from iortd.auditlog.merkle import ProofError, consistency_proof, inclusion_proof
 from iortd.auditlog.merkle_log import leaf_hashes
 from iortd.auditlog.note import Signer, generate_keypair, write_keypair
-from iortd.auditlog.range_proof import range_intervals, root_from_range, subtree_roots
+from iortd.auditlog.range_proof import (
+    consistency_intervals,
+    range_intervals,
+    root_from_range,
+    subtree_roots,
+)
 from iortd.auditlog.verify import collect_files
 from iortd.auditlog.writer import AuditLog
 from iortd.daemon import recovery
@@ -341,3 +346,20 @@ def test_a_mangled_bundle_is_refused_with_a_bundle_error_never_a_crash(
     assert check(t, signer)
     t["entries"][1] = "[" + t["entries"][1][1:-1] + "]"
     assert "entry seq" in check(t, signer)
+
+
+def test_one_leaf_range_proof_is_the_rfc6962_path_and_consistency_intervals_the_proof() -> None:
+    """Against merkle.py's PATH and PROOF (themselves checked on transparency-dev's
+    probes, test_merkle.py): the same hashes (the range proof orders them left to
+    right, PATH from the leaf up)."""
+    for size in (1, 2, 6, 7, 8, 21, 64, 65):
+        leaves = [hashlib.sha256(b"x%d" % i).digest() for i in range(size)]
+        for i in range(size):
+            ivs = range_intervals(i, i + 1, size)
+            roots = subtree_roots(iter(leaves), ivs)
+            path = inclusion_proof(leaves, i, size)
+            assert sorted(roots[iv] for iv in ivs) == sorted(path)
+        for old in range(size + 1):
+            ivs = consistency_intervals(old, size)
+            roots = subtree_roots(iter(leaves), ivs)
+            assert [roots[iv] for iv in ivs] == consistency_proof(leaves, old, size)
