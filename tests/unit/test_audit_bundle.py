@@ -363,3 +363,89 @@ def test_one_leaf_range_proof_is_the_rfc6962_path_and_consistency_intervals_the_
             ivs = consistency_intervals(old, size)
             roots = subtree_roots(iter(leaves), ivs)
             assert [roots[iv] for iv in ivs] == consistency_proof(leaves, old, size)
+
+
+def test_cli_cosigned_held_checkpoint_and_witness_keys(
+    logged: tuple[Path, Signer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    d, _ = logged
+    pub, out = d / "keys" / "or-9.pub", tmp_path / "b.json"
+    b = bundle_of(logged)
+    notes = [
+        orjson.loads(ln)["data"]["note"]
+        for p in collect_files([d / "log"])
+        for ln in p.read_bytes().splitlines()
+        if ln.endswith(b'"type":"checkpoint"}')
+    ]
+    w = CosignerKey.generate("w.example/1")
+    (tmp_path / "w.vkey").write_text(w.verifier.text + "\n")
+    text = b["checkpoint"].split("\n\n")[0] + "\n"
+    payload = {"note": b["checkpoint"] + w.cosign(text, 1_800_000_000)}
+    (tmp_path / "cosigned.json").write_bytes(orjson.dumps(payload))
+    (tmp_path / "held").write_text(notes[0])
+    args = ["prove", str(d / "log"), "--delivery", DID, "--pubkey", str(pub), "--out", str(out)]
+    args += ["--cosigned", str(tmp_path / "cosigned.json")]
+    args += ["--from-checkpoint", str(tmp_path / "held")]
+    assert main(args) == 0, capsys.readouterr()
+    vb = ["verify-bundle", str(out), "--pubkey", str(pub)]
+    assert main([*vb, "--witness-key", str(tmp_path / "w.vkey")]) == 0
+    said = capsys.readouterr().out
+    assert "cosigned by w.example/1" in said
+    assert "extends the held checkpoint of size" in said
+    w2 = CosignerKey.generate("w.example/2")
+    (tmp_path / "w2.vkey").write_text(w2.verifier.text + "\n")
+    two = [
+        *vb,
+        "--witness-key",
+        str(tmp_path / "w.vkey"),
+        "--witness-key",
+        str(tmp_path / "w2.vkey"),
+    ]
+    assert main(two) == 1
+    assert "1 valid cosignature(s)" in capsys.readouterr().out
+    assert main([*two, "--quorum", "1"]) == 0
+    assert main([*two, "--quorum", "3"]) == 2
+    (tmp_path / "bad.vkey").write_text("not a key\n")
+    assert main([*vb, "--witness-key", str(tmp_path / "bad.vkey")]) == 2
+    assert "--witness-key" in capsys.readouterr().err
+
+
+async def write_rotated(directory: Path, signer: Signer) -> None:
+    log, _ = await AuditLog.open(
+        directory, origin=ORIGIN, signer=signer, group_commit_s=0.01, rotate_max_bytes=2048
+    )
+    task = asyncio.create_task(log.run())
+    try:
+        log.append("daemon_start", {"verifier_key": signer.verifier.text}, durable=True)
+        for i in range(30):
+            await log.append("sample", {"dose_primary_gy": i * 0.5}).committed
+        log.append("delivery_started", {"preset_gy": 20.0}, delivery_id=DID)
+        log.append("sample", {"dose_primary_gy": 1.0}, delivery_id=DID)
+        await log.append("delivery_terminated", {"status": "NORMAL"}, delivery_id=DID).committed
+        await log.append("sample", {"dose_primary_gy": 0.0}).committed
+        await log.checkpoint("interval")
+    finally:
+        await asyncio.wait_for(log.close(), 10)
+        await asyncio.wait_for(task, 10)
+
+
+def test_prove_reads_the_archive_with_the_log_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Retention moved the oldest segments away: the leaves before the delivery are in the
+    archive, and prove needs them (--archive), as verify does."""
+    signer = generate_keypair("or-9")
+    asyncio.run(write_rotated(tmp_path / "log", signer))
+    segs = collect_files([tmp_path / "log"])
+    assert len(segs) > 2
+    (tmp_path / "archive").mkdir()
+    for seg in segs[:2]:
+        seg.rename(tmp_path / "archive" / seg.name)
+    pub = write_keypair(signer, tmp_path / "keys")[1]
+    out = tmp_path / "b.json"
+    args = ["prove", str(tmp_path / "log"), "--delivery", DID, "--pubkey", str(pub)]
+    args += ["--out", str(out)]
+    assert main(args) == 1
+    assert "give the archive too" in capsys.readouterr().err
+    assert main([*args, "--archive", str(tmp_path / "archive")]) == 0
+    assert main(["verify-bundle", str(out), "--pubkey", str(pub)]) == 0
