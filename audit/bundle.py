@@ -246,14 +246,14 @@ def make_bundle(
         "first_seq": s.first,
         "last_seq": s.last,
         "start": lo,
-        "entries": [lines[i].decode("utf-8") for i in range(lo, hi)],
+        "entries": [_text(lines[i], i) for i in range(lo, hi)],
         "tree_size": size,
         "range_proof": _b64([roots[iv] for iv in wanted["range"]]),
         "checkpoint": note,
         "recoveries": [
             {
                 "seq": r[0],
-                "entry": lines[r[0]].decode("utf-8"),
+                "entry": _text(lines[r[0]], r[0]),
                 "proof": _b64([roots[iv] for iv in wanted[f"r{r[0]}"]]),
             }
             for r in recov
@@ -265,6 +265,15 @@ def make_bundle(
             "proof": _b64([roots[iv] for iv in wanted["old"]]),
         }
     return bundle
+
+
+def _text(line: bytes, seq: int) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BundleError(
+            f"entry seq {seq} is not UTF-8: the log was altered (run verify)"
+        ) from None
 
 
 def _open(note: str, pubkey: Verifier | None, what: str) -> Checkpoint:

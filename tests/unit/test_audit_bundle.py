@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import random
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -449,3 +450,27 @@ def test_prove_reads_the_archive_with_the_log_directory(
     assert "give the archive too" in capsys.readouterr().err
     assert main([*args, "--archive", str(tmp_path / "archive")]) == 0
     assert main(["verify-bundle", str(out), "--pubkey", str(pub)]) == 0
+
+
+def test_prove_refuses_an_altered_log_naming_it(
+    logged: tuple[Path, Signer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A log whose bytes no longer give the signed root (or are not even UTF-8 JSON) is
+    reported (exit 1), never bundled."""
+    d, _ = logged
+    b = bundle_of(logged)
+    pub = d / "keys" / "or-9.pub"
+    for bad in (b'"ts":"3', b'"ts":"\xff'):
+        shutil.copytree(d / "log", tmp_path / "log", dirs_exist_ok=True)
+        [seg] = collect_files([tmp_path / "log"])
+        lines = seg.read_bytes().split(b"\n")
+        for i in (b["start"], b["first_seq"] + 2):
+            lines[i] = lines[i].replace(b'"ts":"2', bad, 1)
+        seg.write_bytes(b"\n".join(lines))
+        out = tmp_path / "b.json"
+        args = ["prove", str(tmp_path / "log"), "--delivery", DID, "--pubkey", str(pub)]
+        assert main([*args, "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"iort-audit: {DID}: "), err
+        assert "entry seq" in err or "cannot be read" in err, err
+        assert not out.exists()
