@@ -139,10 +139,12 @@ def _scan_lines(files: Sequence[Path], delivery_id: str) -> _Scan:
     s = _Scan()
     did = delivery_id.encode()
     for seq, line in _lines(files):
+        # Not an elif chain: a recovery entry may hold the id in its data (the deliveries
+        # it closed) without naming the delivery, and must still be found.
         if did in line and _names(e := orjson.loads(line), delivery_id):
             s.first = seq if s.first < 0 else s.first
             s.last, s.last_type = seq, str(e.get("type"))
-        elif line.endswith(b'"type":"checkpoint"}'):
+        if line.endswith(b'"type":"checkpoint"}'):
             data = orjson.loads(line).get("data") or {}
             if isinstance(data.get("note"), str) and "root" in data:
                 s.checkpoints.append((int(data["count"]), data["note"]))
