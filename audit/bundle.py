@@ -26,10 +26,14 @@ O(log n + range) hashes. The format (docs/audit-log.md, "Proof bundles") is one 
 **What it proves, and what it cannot.** Leaf *i* is entry *i*'s stored line (merkle.py), so
 the entries are exactly those of the signed tree at those positions: none changed, none
 added, none dropped, none moved. The neighbours show no entry of the delivery lies just
-outside. An entry naming the delivery far from the range (a forged "late" entry, say)
-cannot be excluded without the whole log: ``iort-audit verify`` reads all of it. Likewise a
-``recovery`` entry the prover left out cannot be noticed offline; a bundle made by
-``prove`` from a log includes every one that touches its entries.
+outside, and the range must hold the delivery's ``delivery_started`` and end with its
+``delivery_terminated`` or ``delivery_amended``: without that, a range cut at an entry
+inside the delivery that names none (a checkpoint) would pass the neighbour test. So
+``prove`` refuses a delivery that has not ended. An entry naming the delivery far from
+the range (a forged "late" entry, say) cannot be excluded without the whole log:
+``iort-audit verify`` reads all of it. Likewise a ``recovery`` entry the prover left out
+cannot be noticed offline; a bundle made by ``prove`` from a log includes every one that
+touches its entries.
 """
 
 from __future__ import annotations
