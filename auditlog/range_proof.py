@@ -8,9 +8,9 @@ split: k the largest power of two smaller than the subtree's size) meets them. T
 verifier walks the same tree: a subtree wholly outside takes the next proof hash, a single
 leaf inside takes the range's next leaf hash, anything else is split and hashed with
 ``node_hash``; the result must be the signed root and every proof hash must have been
-used. This is the compact-range proof of transparency-dev/merkle ("compact ranges") and
-the range form of RFC 9162's subtree proofs: for hi = lo + 1 it holds the hashes of RFC
-6962's audit path (PATH), ordered left to right instead of from the leaf up. Why not one
+used. It is the idea of transparency-dev/merkle's compact ranges (the subtrees left and
+right of a range); for hi = lo + 1 it holds the hashes of RFC 6962's audit path (PATH),
+ordered left to right instead of from the leaf up. Why not one
 inclusion proof per leaf: that costs (hi - lo) log n hashes and still does not show the
 leaves are adjacent; why not only the first and last leaves' proofs plus the leaves: the
 hashes between them would have to be recomputed from the leaves anyway, which is what
