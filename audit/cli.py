@@ -10,6 +10,8 @@
     iort-audit export PATH... --delivery ID --format csv|json|dicom --out FILE
                               [--table samples|events|applicator] [--pubkey FILE]
                               [--store DIR] [--allow-unverified]
+    iort-audit prove LOGDIR --delivery ID --out FILE ...; verify-bundle FILE --pubkey FILE
+                              (audit/bundle_cli.py)
 
 Exit status: 0 intact / done; 1 the log is not intact (the first bad entry is named:
 file, line, seq, what is wrong; a segment that is not a regular file, e.g. a FIFO or a
@@ -36,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from iortd.audit import keyring_cli
+from iortd.audit import bundle_cli, keyring_cli
 from iortd.audit.export import applicator_csv, events_csv, json_export, samples_csv
 from iortd.audit.extra import dicom_exporter, report_renderer, with_extra
 from iortd.audit.handoff import load_report_keyring, read_hand_off
@@ -497,6 +499,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--name", required=True, help="key name, e.g. iortd-or-3 (no '+' or spaces)")
     k.add_argument("--out", type=Path, default=Path(), help="directory for NAME.key and NAME.pub")
     keyring_cli.add_parser(sub)
+    bundle_cli.add_parsers(sub)
     v = sub.add_parser("verify", help="check the chain, seqs and signatures of a log")
     v.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="log directory or files")
     v.add_argument("--pubkey", type=Path, metavar="FILE", help="the daemon's public key (NAME.pub)")
@@ -581,6 +584,8 @@ def _main(argv: Sequence[str] | None) -> int:
         "deliveries": _cmd_deliveries,
         "report": _cmd_report,
         "export": _cmd_export,
+        "prove": bundle_cli.run_prove,
+        "verify-bundle": bundle_cli.run_verify_bundle,
     }
     return handlers[args.command](args)
 
