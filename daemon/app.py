@@ -236,6 +236,8 @@ class App:
             for s in sinks:  # the retained alarms topic, from now on
                 if hasattr(inner := getattr(s, "inner", s), "set_alarms"):
                     acks.on_change(inner.set_alarms)
+                if self.witness is not None and hasattr(inner, "checkpoint_cosigned"):
+                    self.witness.on_cosigned.append(inner.checkpoint_cosigned)
             try:
                 self._intake = await open_intake(c, audit, service.notice, sinks)
             except KeyringError as exc:

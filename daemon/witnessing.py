@@ -174,6 +174,9 @@ class WitnessSubmitter(Sink):
         self.states = {t.name: WitnessState() for t in targets}
         self._closing = asyncio.Event()
         self._backoff_initial_s = backoff_initial_s
+        # Told (note, cosignature line) once one is recorded: the MQTT sink's retained
+        # checkpoint carries it (daemon/mqtt/sink.py checkpoint_cosigned).
+        self.on_cosigned: list[Callable[[str, str], None]] = []
 
     def _log_leaves(self, size: int) -> Sequence[bytes]:
         return list(leaf_hashes(segment_paths(self._audit.directory), 0, size))
@@ -268,6 +271,8 @@ class WitnessSubmitter(Sink):
         }
         if not self._record(COSIGNED, data):
             return True
+        for tell in self.on_cosigned:
+            tell(pending.note, kept[0])
         if state.pending is pending:
             state.pending = None
         state.size, state.root = pending.size, pending.root
