@@ -66,3 +66,23 @@ def test_witness_names_are_unique(tmp_path: Path) -> None:
         f'[[witness]]\nname = "w2"\nurl = "http://h/"\nvkey = "{VKEY}"\n',
     )
     assert problems(path) == [("witness", "witness names must be unique: w2 given twice")]
+
+
+def test_check_config_lists_the_witnesses(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse  # noqa: PLC0415
+
+    from iortd.daemon.check import check_config  # noqa: PLC0415
+
+    path = config_with(
+        tmp_path,
+        f'[[witness]]\nname = "w1"\nurl = "http://10.0.0.5:7380/"\nvkey = "{VKEY}"\n'
+        "alarm_after_s = 600\n",
+    )
+    assert check_config(argparse.Namespace(file=path, credential=[])) == 0
+    name_id = VKEY.rsplit("+", 1)[0]
+    assert (
+        f"witness w1: http://10.0.0.5:7380/ (key {name_id}); alarm after 10 min without a "
+        "cosignature"
+    ) in capsys.readouterr().out
