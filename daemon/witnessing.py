@@ -177,6 +177,7 @@ class WitnessSubmitter(Sink):
         # Told (note, cosignature line) once one is recorded: the MQTT sink's retained
         # checkpoint carries it (daemon/mqtt/sink.py checkpoint_cosigned).
         self.on_cosigned: list[Callable[[str, str], None]] = []
+        self._proof: tuple[tuple[int, int, str] | None, Sequence[bytes]] = (None, ())
 
     def _log_leaves(self, size: int) -> Sequence[bytes]:
         return list(leaf_hashes(segment_paths(self._audit.directory), 0, size))
@@ -245,9 +246,12 @@ class WitnessSubmitter(Sink):
             return Conflict(old)  # our own state is ahead: handled as the witness's 409
         proof: Sequence[bytes] = []
         if 0 < old < pending.size:
-            leaves = self._leaves
-            size = pending.size
-            proof = await asyncio.to_thread(lambda: consistency_proof(leaves(size), old, size))
+            key = (old, pending.size, pending.root)
+            if self._proof[0] != key:  # retries during an outage reuse it
+                leaves, size = self._leaves, pending.size
+                got = await asyncio.to_thread(lambda: consistency_proof(leaves(size), old, size))
+                self._proof = (key, got)
+            proof = self._proof[1]
         return await self._submit(target.url, old, proof, pending.note, target.timeout_s)
 
     async def _cosigned(
