@@ -15,12 +15,15 @@ pending one is replaced, never queued. Each witness has its own task; an attempt
 (:meth:`WitnessSubmitter.attempt`) is the whole state machine:
 
 - the consistency proof from the witness's size to the checkpoint's is computed in a
-  worker thread from the log's leaf hashes (auditlog/merkle_log.leaf_hashes), then sent
-  with auditlog/witness_client.submit (one bound, ``timeout_s``, for the exchange);
+  worker thread from the log's leaf hashes (auditlog/merkle_log.leaf_hashes; with
+  retention, the archived segments too: union.merge), once per checkpoint (retries reuse
+  it), then sent with auditlog/witness_client.submit (one bound, ``timeout_s``, for the
+  exchange); a log that cannot be read back is handled like an outage (kept, retried);
 - 200: the lines are checked against the configured verifier key
   (cosignature.verified_cosignatures); the one that verifies is recorded as
-  ``witness_cosigned`` {witness, size, root, cosignature, time} (durable) and becomes the
-  state; a 200 without a valid line by that key is a refusal;
+  ``witness_cosigned`` {witness, size, root, cosignature, time} (durable), becomes the
+  state, and is handed to ``on_cosigned`` (the MQTT sink appends it to the retained
+  checkpoint); a 200 without a valid line by that key is a refusal;
 - 409 with a size: the witness holds another size (ours was lost, or another daemon with
   this log's key submitted): one retry with a proof from that size; a size larger than the
   checkpoint's means the witness has cosigned more of this log than the log now holds (a
@@ -36,6 +39,13 @@ pending one is replaced, never queued. Each witness has its own task; an attempt
 cosigned (outage or refusals), a ``critical`` notice goes to every sink (MQTT ``events``,
 the dashboard), as for a failing log disk, once per outage; an ``info`` notice says when
 the witness cosigns again. Both also go to the operational log.
+
+**Stop.** The composition root closes the submitter before it records the stop, so
+nothing follows ``daemon_stop`` from here; a cosignature in flight is dropped, and the
+stop's own checkpoint is submitted (extended) by the next start's.
+
+An unforeseen exception in one attempt is logged (``witness_attempt_failed``) and retried
+with backoff: it ends neither this witness's loop nor another's.
 
 **Crash.** Nothing here is the record until ``witness_cosigned`` is committed: a SIGKILL
 before that loses only the cosignature, and the next start submits its own ``start``
@@ -58,6 +68,7 @@ from typing import Any, Final
 import orjson
 import structlog
 
+from iortd.auditlog.archive import ArchiveError, archive_dir_for
 from iortd.auditlog.cosignature import (
     CosignerVerifier,
     verified_cosignatures,
@@ -65,9 +76,10 @@ from iortd.auditlog.cosignature import (
 )
 from iortd.auditlog.logdir import recent_lines, segment_paths
 from iortd.auditlog.merkle import consistency_proof
-from iortd.auditlog.merkle_log import leaf_hashes
+from iortd.auditlog.merkle_log import RebuildError, leaf_hashes
 from iortd.auditlog.note import Checkpoint, NoteError
 from iortd.auditlog.signed_note import split_note
+from iortd.auditlog.union import merge
 from iortd.auditlog.witness_client import (
     Conflict,
     Cosigned,
@@ -180,7 +192,13 @@ class WitnessSubmitter(Sink):
         self._proof: tuple[tuple[int, int, str] | None, Sequence[bytes]] = (None, ())
 
     def _log_leaves(self, size: int) -> Sequence[bytes]:
-        return list(leaf_hashes(segment_paths(self._audit.directory), 0, size))
+        """Every leaf hash up to ``size``; with retention, the archived segments too (the
+        archive's copies of what is also local are taken from the log directory)."""
+        files = segment_paths(self._audit.directory)
+        root = self._audit.archive_root
+        if root is not None:
+            files = merge(files, archive_dir_for(root, self._audit.origin)).files
+        return list(leaf_hashes(files, 0, size))
 
     async def start(self) -> None:
         """The state of each witness from the log (its last ``witness_cosigned``)."""
@@ -249,7 +267,15 @@ class WitnessSubmitter(Sink):
             key = (old, pending.size, pending.root)
             if self._proof[0] != key:  # retries during an outage reuse it
                 leaves, size = self._leaves, pending.size
-                got = await asyncio.to_thread(lambda: consistency_proof(leaves(size), old, size))
+                try:
+                    got = await asyncio.to_thread(
+                        lambda: consistency_proof(leaves(size), old, size)
+                    )
+                except (RebuildError, ArchiveError, OSError, ValueError) as exc:
+                    # The log cannot be read back (an archive unmounted, a damaged
+                    # segment): not the witness's fault; kept and retried, and alarmed
+                    # after the bound like an outage.
+                    raise WitnessUnavailable(f"cannot build the proof from the log: {exc}") from exc
                 self._proof = (key, got)
             proof = self._proof[1]
         return await self._submit(target.url, old, proof, pending.note, target.timeout_s)
@@ -343,7 +369,12 @@ class WitnessSubmitter(Sink):
         delay: float | None = None
         while not self._closing.is_set():
             # Wake for a new checkpoint, a retry, or to look at the alarm's bound.
-            bound = target.alarm_after_s if delay is None else min(delay, target.alarm_after_s)
+            bound = target.alarm_after_s
+            if state.waiting_since is not None and not state.alarmed:
+                due = state.waiting_since + target.alarm_after_s - self._mono()
+                bound = max(min(bound, due + 0.01), 0.01)
+            if delay is not None:
+                bound = min(bound, delay)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(bound):
                     await state.wake.wait()
@@ -351,7 +382,14 @@ class WitnessSubmitter(Sink):
             if self._closing.is_set():
                 return
             if state.pending is not None:
-                if await self.attempt(name):
+                try:
+                    settled = await self.attempt(name)
+                except Exception:
+                    # A bug or an answer nobody foresaw must not end witnessing for good
+                    # (nor another witness's loop): logged, kept, retried with backoff.
+                    log.exception("witness_attempt_failed", witness=name)
+                    settled = False
+                if settled:
                     backoff.reset()
                     delay = None
                 else:

@@ -315,3 +315,23 @@ async def test_proofs_verify_for_every_shape(tmp_path: Path, size: int) -> None:
     await sub.checkpoint(note_at(size))
     assert await sub.attempt("w1")
     assert all(k == COSIGNED for k, _ in audit.entries)
+
+
+async def test_a_log_that_cannot_be_read_back_is_kept_not_refused(tmp_path: Path) -> None:
+    """The proof needs the log's leaves (an archive unmounted, a damaged segment): not
+    the witness's fault, so nothing is recorded and the checkpoint is tried again."""
+    from iortd.auditlog.merkle_log import RebuildError  # noqa: PLC0415
+
+    w = FakeWitness()
+    sub, audit, _, _ = make(tmp_path, w)
+    await sub.checkpoint(note_at(5))
+    assert await sub.attempt("w1")
+
+    def unreadable(size: int) -> list[bytes]:
+        raise RebuildError("log-0000000000000000-20260101.jsonl: line 3 is torn")
+
+    sub._leaves = unreadable
+    await sub.checkpoint(note_at(9))
+    assert not await sub.attempt("w1")
+    assert [k for k, _ in audit.entries] == [COSIGNED]
+    assert sub.states["w1"].pending is not None
