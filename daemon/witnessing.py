@@ -261,7 +261,10 @@ class WitnessSubmitter(Sink):
 
     async def _send(self, target: WitnessTarget, old: int, pending: _Pending) -> Outcome:
         if old > pending.size:
-            return Conflict(old)  # our own state is ahead: handled as the witness's 409
+            # Our own record says the witness holds more than the log: only the witness
+            # can say so (an entry appended to the log directory must not stop witnessing):
+            # ask from 0, and its 409 gives the size it really holds.
+            old = 0
         proof: Sequence[bytes] = []
         if 0 < old < pending.size:
             key = (old, pending.size, pending.root)

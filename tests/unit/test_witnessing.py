@@ -335,3 +335,16 @@ async def test_a_log_that_cannot_be_read_back_is_kept_not_refused(tmp_path: Path
     assert not await sub.attempt("w1")
     assert [k for k, _ in audit.entries] == [COSIGNED]
     assert sub.states["w1"].pending is not None
+
+
+async def test_a_recorded_size_beyond_the_log_is_asked_of_the_witness(tmp_path: Path) -> None:
+    """A witness_cosigned entry claiming more than the log holds (appended by someone who
+    can write the log directory) does not stop witnessing: the witness says its size."""
+    w = FakeWitness()
+    w.size, w.root = 5, root_of(LEAVES[:5])
+    sub, audit, _, _ = make(tmp_path, w)
+    sub.states["w1"].size = 50
+    await sub.checkpoint(note_at(12))
+    assert await sub.attempt("w1")
+    assert w.calls == [(0, 12), (5, 12)]
+    assert [(k, d["size"]) for k, d in audit.entries] == [(COSIGNED, 12)]
