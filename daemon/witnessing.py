@@ -309,8 +309,8 @@ class WitnessSubmitter(Sink):
         if state.pending is pending:
             state.pending = None
         state.size, state.root = pending.size, pending.root
-        if state.pending is None:
-            state.waiting_since = None
+        # A newer checkpoint came during the attempt: it waits from now, not from before.
+        state.waiting_since = None if state.pending is None else self._mono()
         if state.alarmed:
             state.alarmed = False
             self._notice("info", f"witness {name} cosigns again (size {pending.size})")
@@ -318,7 +318,9 @@ class WitnessSubmitter(Sink):
         return True
 
     def _refused(self, name: str, status: int, detail: str, pending: _Pending) -> None:
-        detail = "".join(c if c.isprintable() else " " for c in detail)[:200]
+        # What the witness said, for people: printable ASCII only, bounded (it is text
+        # from the network going into the record).
+        detail = "".join(c if c.isascii() and c.isprintable() else " " for c in detail)[:200]
         log.warning("witness_refused", witness=name, status=status, size=pending.size)
         self._record(
             REFUSED, {"witness": name, "status": status, "size": pending.size, "detail": detail}
