@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from iortd.audit import bundle_cli, keyring_cli
+from iortd.audit import bundle_cli, keyring_cli, witnessed
 from iortd.audit.export import applicator_csv, events_csv, json_export, samples_csv
 from iortd.audit.extra import dicom_exporter, report_renderer, with_extra
 from iortd.audit.handoff import load_report_keyring, read_hand_off
@@ -175,6 +175,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             pubkey = load_pubkey(args.pubkey)
         if args.checkpoint and pubkey is not None:
             external = held_checkpoints(args.checkpoint, pubkey)
+        witnesses = witnessed.load_witness_keys(args.witness_key, args.quorum)
     except UsageError as exc:
         _err(str(exc))
         return EXIT_USAGE
@@ -224,6 +225,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             "keep a checkpoint off this host"
         )
     signed_ok = verify_signoffs(rep.files, ring, _out, _err)  # audit/signoffs.py
+    if witnesses:  # audit/witnessed.py
+        q = args.quorum or 1
+        signed_ok &= witnessed.check_witnessed(load_entries(rep.files), witnesses, q, _out, _err)
     return max(_report_unvouched(rep), EXIT_OK if signed_ok else EXIT_BAD)
 
 
@@ -520,6 +524,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument(
         "--keyring", type=Path, metavar="FILE", help="check the sign-offs' signatures against it"
     )
+    witnessed.add_arguments(v)
     s = sub.add_parser("show", help="print entries, or one delivery's summary")
     s.add_argument("paths", nargs="+", type=Path, metavar="PATH")
     s.add_argument("--delivery", metavar="ID", help="summarise this delivery")

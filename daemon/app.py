@@ -90,6 +90,7 @@ from iortd.daemon.sink_queue import QueuedSink, SinkLike, queued
 from iortd.daemon.sink_registry import SinkRegistry, open_sinks
 from iortd.daemon.sinks import OperationalLogSink, Sink, SinkConfigError
 from iortd.daemon.tracker import DeliveryTracker
+from iortd.daemon.witnessing import WitnessSubmitter, open_submitter
 from iortd.drivers.interface import DriverContext
 from iortd.drivers.registry import DriverRegistry
 from iortd.drivers.transport import transport_from_config
@@ -176,6 +177,7 @@ class App:
         self.handlers = Handlers()  # of the command kinds (daemon/handlers.py)
         # The alarm ledger, the retained alarms and the ack command (daemon/alarm_acks.py).
         self.alarms: alarm_acks.AlarmAcks | None = None
+        self.witness: WitnessSubmitter | None = None  # with [[witness]] (witnessing.py)
 
     @property
     def tracker(self) -> DeliveryTracker:
@@ -207,10 +209,14 @@ class App:
             counting = MetricsSink()
             acks = self.alarms = alarm_acks.AlarmAcks(audit, notice=self._notice)
             watch = [signoff.RecordWatch(c.log.directory)] if c.commands.keyring else []
+            own: list[SinkLike] = [*self._sinks, counting, alarm_acks.LedgerSink(acks), *watch]
+            self.witness = await open_submitter(c.witness, audit, self._notice)
+            if self.witness is not None:  # told each checkpoint once it is in the log
+                own.append(self.witness)
             sinks = await _open_sinks(
                 c,
                 sinks_stack,
-                [*self._sinks, counting, alarm_acks.LedgerSink(acks), *watch],
+                own,
                 registry=self._registry,
                 origin=audit.origin,
                 signer=self._signer,
@@ -230,6 +236,8 @@ class App:
             for s in sinks:  # the retained alarms topic, from now on
                 if hasattr(inner := getattr(s, "inner", s), "set_alarms"):
                     acks.on_change(inner.set_alarms)
+                if self.witness is not None and hasattr(inner, "checkpoint_cosigned"):
+                    self.witness.on_cosigned.append(inner.checkpoint_cosigned)
             try:
                 self._intake = await open_intake(c, audit, service.notice, sinks)
             except KeyringError as exc:
@@ -338,6 +346,8 @@ class App:
             health.mark_started()  # the supervisor sends READY=1 once the start is on disk
             await stop.wait()
             health.stopping = True
+            if self.witness is not None:  # nothing recorded after the stop (witnessing.py)
+                await self.witness.aclose()
             notifier.stopping("stopping: recording the stop and closing the audit log")
             service.wake_checkpoints()  # the checkpoint task sees the stop
             await asyncio.wait(until_stop)

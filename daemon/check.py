@@ -41,7 +41,20 @@ def check_config(args: argparse.Namespace) -> int:
             "(`iortd demo` makes its own key); create one with: iort-audit keygen --name NAME"
         )
     _retention_notes(c)
+    _witness_notes(c)
     return EXIT_OK
+
+
+def _witness_notes(c: Config) -> None:
+    """Where the checkpoints will be submitted (the daemon's side of docs/witness.md)."""
+    for w in c.witness:
+        key = w.vkey.rsplit("+", 1)[0]
+        print(  # noqa: T201 - CLI output
+            f"witness {w.name}: {w.url} (key {key}); alarm after {w.alarm_after_s / 60:g} min "
+            "without a cosignature"
+        )
+    if c.witness and c.log.signing_key_file is None:
+        print("note: [[witness]] needs log.signing_key_file: nothing to submit without it")  # noqa: T201 - CLI output
 
 
 def _check_with_credentials(args: argparse.Namespace) -> int:

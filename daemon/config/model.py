@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Annotated, Any, Literal, Self
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -27,6 +28,8 @@ from pydantic import (
     model_validator,
 )
 
+from iortd.auditlog.cosignature import CosignerVerifier
+from iortd.auditlog.signed_note import NoteError
 from iortd.daemon.sinks import Overflow
 from iortd.daemon.tracker.settings import STALE_AFTER_POLLS, TrackerSettings
 from iortd.daemon.tracker.settings import setting_default as _d
@@ -370,6 +373,40 @@ class SinkConfig(_Model):
         return thawed
 
 
+def _witness_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("expected http(s)://HOST[:PORT][/PREFIX], the witness's submission prefix")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError("no query, fragment or credentials in a witness URL")
+    try:
+        parts.port  # noqa: B018 - parsing it is the check
+    except ValueError:
+        raise ValueError("the port is not a number 0..65535") from None
+    return url
+
+
+def _witness_vkey(text: str) -> str:
+    try:
+        CosignerVerifier.parse(text)
+    except NoteError as exc:
+        raise ValueError(
+            f"{exc}; give the line `iort-witness keygen` printed (NAME+KEYID+BASE64)"
+        ) from None
+    return text
+
+
+class WitnessConfig(_Model):
+    """One ``[[witness]]`` table: a C2SP tlog-witness the daemon submits its checkpoints
+    to (daemon/witnessing.py; docs/witness.md)."""
+
+    name: Slug  # names it in the log's witness_cosigned / witness_refused entries
+    url: Annotated[str, Field(min_length=1, max_length=2000), AfterValidator(_witness_url)]
+    vkey: Annotated[str, Field(min_length=1, max_length=500), AfterValidator(_witness_vkey)]
+    timeout_s: float = Field(default=10.0, gt=0, le=120)
+    alarm_after_s: float = Field(default=900.0, ge=10, le=7 * 86400)
+
+
 class Config(_Model):
     site: SiteConfig
     log: LogConfig
@@ -386,6 +423,17 @@ class Config(_Model):
     # Sinks besides the built-in ones ([mqtt], the operational log), in the order they are
     # told; bounded by _check_sinks, like devices.
     sinks: tuple[SinkConfig, ...] = Field(default=(), strict=False)
+    # [[witness]] tables: where the log's tree checkpoints are submitted for cosigning.
+    witness: tuple[WitnessConfig, ...] = Field(default=(), strict=False, max_length=16)
+
+    @field_validator("witness", mode="after")
+    @classmethod
+    def _unique_witnesses(cls, value: tuple[WitnessConfig, ...]) -> tuple[WitnessConfig, ...]:
+        names = [w.name for w in value]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"witness names must be unique: {', '.join(twice)} given twice")
+        return value
 
     @property
     def source(self) -> DeviceConfig:

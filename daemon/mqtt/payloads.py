@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import MappingProxyType
@@ -416,15 +416,22 @@ def notice_payload(
     }
 
 
-def checkpoint_payload(env: Envelope, note: str) -> Payload:
+def checkpoint_payload(env: Envelope, note: str, cosignatures: Sequence[str] = ()) -> Payload:
     """``audit/checkpoint`` (retained): the latest signed checkpoint, parsed for display
     (origin, entry count, head hash in hex) and whole (``note``) for verification off the
-    host. The signature is not checked here; raises ValueError if the note is malformed."""
+    host. The signature is not checked here; raises ValueError if the note is malformed.
+    ``cosignatures``: the witnesses' lines the daemon has verified and recorded
+    (daemon/witnessing.py), appended to the note as C2SP tlog-cosignature says and listed
+    in ``cosignatures`` (absent until a witness has cosigned this checkpoint)."""
     cp, _ = Checkpoint.parse_verified(note, None)
-    return {
+    lines = [c.rstrip("\n") for c in cosignatures]
+    payload: Payload = {
         **env.fields(),
         "origin": cp.origin,
         "count": cp.count,
         "head": cp.head_hash,
-        "note": note,
+        "note": note + "".join(line + "\n" for line in lines),
     }
+    if lines:
+        payload["cosignatures"] = lines
+    return payload

@@ -107,6 +107,8 @@ class RetainedState:
         self._all_clear = False
         self._cp_blocked = False
         self._last_note: str | None = None  # ours: its echo needs no check
+        self._cp_note: str | None = None  # the latest checkpoint, and its cosignatures
+        self._cp_lines: list[str] = []
 
     # ---- what changes the state ---------------------------------------------------------
 
@@ -144,8 +146,19 @@ class RetainedState:
         self._set("alarms", lambda env: alarms_payload(env, frozen, omitted))
 
     def checkpoint(self, note: str) -> None:
-        self._last_note = note
+        self._last_note = self._cp_note = note
+        self._cp_lines = []
         self._set("audit/checkpoint", lambda env: checkpoint_payload(env, note))
+
+    def cosigned(self, note: str, line: str) -> None:
+        """A witness's cosignature of ``note`` (verified and recorded by the daemon): the
+        retained checkpoint again, with it appended, if ``note`` is still the latest."""
+        if note != self._cp_note or line in self._cp_lines:
+            return  # a newer checkpoint is out (its own cosignatures will follow)
+        self._cp_lines.append(line)
+        lines = tuple(self._cp_lines)
+        self._last_note = note + "".join(c.rstrip("\n") + "\n" for c in lines)
+        self._set("audit/checkpoint", lambda env: checkpoint_payload(env, note, lines))
 
     async def retained_checkpoint(self, payload: bytes) -> bool:
         """A message on our checkpoint topic (the retained one at subscription, or our

@@ -242,6 +242,12 @@ class MqttSink(Sink):
         self._state.checkpoint(note)
         self._wake.set()
 
+    def checkpoint_cosigned(self, note: str, line: str) -> None:
+        """A witness cosigned ``note`` (daemon/witnessing.py's ``on_cosigned``): the
+        retained checkpoint carries the line from now, if it is still the latest."""
+        self._state.cosigned(note, line)
+        self._wake.set()
+
     def delivery_record(self, delivery_id: str, record: Mapping[str, Any]) -> None:
         """``delivery.record`` from now (daemon/signoff.py): what a sign-off signs."""
         self._state.delivery_record(delivery_id, record)

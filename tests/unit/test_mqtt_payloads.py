@@ -26,7 +26,9 @@ from jsonschema import Draft202012Validator, FormatChecker  # type: ignore[impor
 from test_verification import check as verify
 from test_verification import inputs
 
+from iortd.auditlog.cosignature import CosignerKey, verify_cosignature
 from iortd.auditlog.note import Checkpoint, generate_keypair
+from iortd.auditlog.signed_note import split_note
 from iortd.daemon.alarm_ledger import Ack, AlarmLedger
 from iortd.daemon.entries import summary_data
 from iortd.daemon.mqtt.payloads import (
@@ -690,6 +692,24 @@ def test_checkpoint_payload_parses_the_note() -> None:
     assert p["count"] == 4711
     assert p["head"] == hashlib.sha256(b"entry").hexdigest()
     assert p["note"] == n
+
+
+def test_checkpoint_payload_carries_the_cosignatures() -> None:
+    """Issue 20: the witnesses' lines appended to the note (C2SP) and listed; the note
+    still opens with the log's key and with each witness's key."""
+    n = note(4711)
+    text, _ = split_note(n, "checkpoint")
+    w1, w2 = CosignerKey.generate("w.test/1"), CosignerKey.generate("w.test/2")
+    lines = [w1.cosign(text, 1_700_000_000), w2.cosign(text, 1_700_000_001).rstrip("\n")]
+    p = checkpoint_payload(env(), n, lines)
+    check("checkpoint", p)
+    assert p["cosignatures"] == [line.rstrip("\n") for line in lines]
+    assert p["note"] == n + "".join(line.rstrip("\n") + "\n" for line in lines)
+    for w in (w1, w2):
+        assert verify_cosignature(w.verifier, text, p["cosignatures"][0 if w is w1 else 1])
+    assert "cosignatures" not in checkpoint_payload(env(), n)
+    assert rejects("checkpoint", {**p, "cosignatures": []})
+    assert rejects("checkpoint", {**p, "cosignatures": ["not a line"]})
 
 
 @pytest.mark.parametrize("bad", ["", "origin\n12\n", "origin\nx\nAAAA\n\n\u2014 k AAAA\n"])

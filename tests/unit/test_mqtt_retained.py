@@ -127,3 +127,30 @@ async def test_a_reconnect_sends_the_state_the_broker_had_again(outbox: Outbox) 
     await state.publish(outbox, broker.send, closing=lambda: False)
     assert broker.topics() == ["interlocks"] * 3
     assert broker.sent[2].body != broker.sent[1].body
+
+
+async def test_a_cosignature_republishes_the_latest_checkpoint_only(outbox: Outbox) -> None:
+    """Issue 20: the witness submitter's recorded cosignature goes out appended to the
+    retained checkpoint; one of an older checkpoint changes nothing."""
+    from iortd.auditlog.cosignature import CosignerKey  # noqa: PLC0415
+
+    signer = generate_keypair("iortd-test")
+    state = RetainedState(now=lambda: TS, simulated=True, verifier=signer.verifier)
+    broker = Broker()
+    await state.reconnected(broker.send)
+    old, new = note(signer, 4), note(signer, 5)
+    state.checkpoint(old)
+    state.checkpoint(new)
+    assert await state.retained_checkpoint(wire(old))  # the broker's: ours may go
+    w = CosignerKey.generate("w.test/1")
+    state.cosigned(old, w.cosign(old.split("\n\n")[0] + "\n", 1))  # superseded: ignored
+    line = w.cosign(new.split("\n\n")[0] + "\n", 2)
+    state.cosigned(new, line)
+    state.cosigned(new, line)  # told twice: once in the payload
+    await state.publish(outbox, broker.send, closing=lambda: False)
+    sent = [r.payload for r in broker.sent if r.topic == "audit/checkpoint"]
+    assert sent[-1]["note"] == new + line
+    assert sent[-1]["cosignatures"] == [line.rstrip("\n")]
+    # Its echo is recognised as our own (not parsed, not held against the log).
+    assert not await state.retained_checkpoint(wire(sent[-1]["note"]))
+    assert not state._cp_blocked
