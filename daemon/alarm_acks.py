@@ -54,8 +54,8 @@ import orjson
 import structlog
 
 from iortd.auditlog.canonical import CanonicalError, canonical
-from iortd.auditlog.command import Command
-from iortd.auditlog.keyring import Keyring, parse_utc
+from iortd.auditlog.command import Command, recorded_command
+from iortd.auditlog.keyring import Keyring
 from iortd.auditlog.logdir import SEGMENT_RE, LogDamaged, read_segment, segment_paths
 from iortd.auditlog.writer import AuditLog
 from iortd.daemon.alarm_ledger import Ack, AckRefused, AlarmLedger, Raising, parse_ack_body
@@ -299,15 +299,7 @@ def _orphan(data: Mapping[str, Any]) -> Command:
     )
     if body.get("comment") is None:
         body.pop("comment", None)
-    return Command(
-        kind=KIND,
-        signer=str(data["signer"]),
-        body=body,
-        nonce=str(data["nonce"]),
-        issued_at=parse_utc(data["issued_at"]),
-        expires_at=parse_utc(data["expires_at"]),
-        sha256=str(data["sha256"]),
-    )
+    return recorded_command(KIND, data, body)
 
 
 class LedgerSink(Sink):
