@@ -54,6 +54,7 @@ from iortd.auditlog.keyring import Keyring, parse_utc
 from iortd.auditlog.logdir import SEGMENT_RE, LogDamaged, read_segment, segment_paths
 from iortd.auditlog.writer import AuditLog
 from iortd.daemon.alarm_ledger import Ack, AckRefused, AlarmLedger, parse_ack_body
+from iortd.daemon.answers import answered
 from iortd.daemon.commands import CommandIntake, resume_commands
 from iortd.daemon.sinks import DeliverySnapshot, Sink, TrackerEvent
 
@@ -166,9 +167,9 @@ class AlarmAcks:
             }
             await self._audit.append("ack_refused", refused, durable=True).committed
             log.warning("ack_refused", reason=exc.reason, nonce=cmd.nonce)
+            said = f"acknowledgement refused ({exc.reason}): {exc.detail} [nonce {cmd.nonce}]"
             self._notice(
-                "info",
-                f"acknowledgement refused ({exc.reason}): {exc.detail} [nonce {cmd.nonce}]",
+                "info", answered(said, "refused", kind="ack", nonce=cmd.nonce, reason=exc.reason)
             )
             return
         name, roles = self._who(cmd)
@@ -191,11 +192,11 @@ class AlarmAcks:
         await entry.committed
         self.ledger.acknowledged(r.key, r.raised_at, Ack(cmd.signer, name, entry.ts, comment))
         log.info("alarm_acknowledged", key=r.key, raised_at=r.raised_at, by=cmd.signer)
-        self._notice(
-            "info",
+        said = (
             f"alarm {r.key} raised {r.raised_at} acknowledged by {name} ({cmd.signer}) "
-            f"[nonce {cmd.nonce}]",
+            f"[nonce {cmd.nonce}]"
         )
+        self._notice("info", answered(said, "done", kind="ack", nonce=cmd.nonce))
         self._changed()
 
     def _who(self, cmd: Command) -> tuple[str, list[str]]:

@@ -77,6 +77,7 @@ from iortd.auditlog.command import (
 from iortd.auditlog.keyring import Keyring, load_keyring, parse_utc
 from iortd.auditlog.logdir import SEGMENT_RE, LogDamaged, read_segment, segment_paths
 from iortd.auditlog.writer import AuditLog, AuditLogClosed
+from iortd.daemon.answers import answered
 from iortd.daemon.config import Config
 from iortd.kernel.durable import fsync_dir
 from iortd.kernel.timefmt import utc_ts
@@ -318,7 +319,8 @@ class CommandIntake:
             "source": source,
         }
         log.warning("command_rejected", reason=str(reason), sha256=sha, source=source)
-        self._notice("info", f"command refused ({reason}): {exc.detail[:200]} [sha256 {sha[:16]}]")
+        said = f"command refused ({reason}): {exc.detail[:200]} [sha256 {sha[:16]}]"
+        self._notice("info", answered(said, "refused", sha256=sha, reason=str(reason)))
         try:
             return self._audit.append("command_rejected", data, durable=True).committed
         except AuditLogClosed:
@@ -421,17 +423,19 @@ class CommandIntake:
                 self._audit.append("command_failed", data, durable=True)
             # Ends with the nonce as every handler's answer does, so that a sender waiting
             # for its answer (the dashboard) hears this one at once.
-            self._notice(
-                "critical",
+            said = (
                 f"command {cmd.kind} failed: {type(exc).__name__}; accepted but not carried "
-                f"out [nonce {cmd.nonce}]",
+                f"out [nonce {cmd.nonce}]"
             )
+            failed = answered(
+                said, "failed", kind=cmd.kind, nonce=cmd.nonce, reason=type(exc).__name__
+            )
+            self._notice("critical", failed)
 
     async def _ping(self, cmd: Command) -> None:
-        self._notice(
-            "info",
-            f"ping from {cmd.signer} accepted (nonce {cmd.nonce}, issued {utc_ts(cmd.issued_at)})",
-        )
+        issued = utc_ts(cmd.issued_at)
+        said = f"ping from {cmd.signer} accepted (nonce {cmd.nonce}, issued {issued})"
+        self._notice("info", answered(said, "done", kind="ping", nonce=cmd.nonce))
 
     # ---- the inbox -------------------------------------------------------------------------
 

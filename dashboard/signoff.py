@@ -21,12 +21,14 @@ In this order, the first failure is the answer and nothing is sent:
    ``SIGNOFF_TTL_S``) and published to the room's ``cmd/signoff`` at QoS 1 over the
    dashboard's MQTT connection (none: 503, not sent) by the :class:`Commander`
    (dashboard/commanding.py, shared with the alarm acknowledgement);
-5. the answer is the room's daemon's own: its ``events`` notice naming the command's nonce
-   (recorded, or refused with the reason), or the intake's refusal naming the command's
-   SHA-256, waited for up to ``ANSWER_WAIT_S``. No answer in time is said as it is: the
-   sign-off is **not recorded** (504). A daemon that is not running never gets it (its MQTT
-   session is clean: the broker queues nothing for it); one that is only slow may still
-   record it before it expires, and its notice then shows in the room's events.
+5. the answer is the room's daemon's own: its ``events`` notice whose ``command`` fields
+   name the command's kind and nonce (``done``: recorded; else refused or failed, with
+   the reason), or the intake's refusal naming the command's SHA-256, waited for up to
+   ``ANSWER_WAIT_S`` (matched on those fields only, never on the notice's words). No
+   answer in time is said as it is: the sign-off is **not recorded** (504). A daemon that
+   is not running never gets it (its MQTT session is clean: the broker queues nothing for
+   it); one that is only slow may still record it before it expires, and its notice then
+   shows in the room's events.
 
 The dashboard never says "recorded" unless the daemon said so. Nothing of the password,
 the key or the signature is logged; the access record is the login's (users/access.py).
@@ -206,7 +208,7 @@ class SignoffDesk:
                     "is in the record.)",
                 },
             )
-        recorded = said.severity == "info" and "sign-off recorded" in said.message
+        recorded = said.done  # the notice's command fields, never its words
         return _json(
             200 if recorded else 422,
             {"recorded": recorded, "nonce": said.nonce, "message": said.message},

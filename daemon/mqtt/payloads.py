@@ -399,11 +399,18 @@ def event_payloads(
 
 
 def notice_payload(
-    env: Envelope, severity: str, message: str, *, delivery_id: str | None = None
+    env: Envelope,
+    severity: str,
+    message: str,
+    *,
+    delivery_id: str | None = None,
+    command: Mapping[str, Any] | None = None,
 ) -> Payload:
     """``events``, kind ``daemon_notice``: news that cannot wait for the record, above all
     that the audit log cannot be written (``critical``: what is shown is not yet
-    recorded) and that it recovered (``info``). ``at`` is the envelope's ``ts``."""
+    recorded) and that it recovered (``info``). ``at`` is the envelope's ``ts``.
+    ``command``: the structured answer when the notice answers a command
+    (daemon/answers.py), else null: what a sender matches on, never ``message``."""
     if severity not in NOTICE_SEVERITIES:
         raise ValueError(f"notice severity {severity!r}: expected one of {NOTICE_SEVERITIES}")
     return {
@@ -413,6 +420,7 @@ def notice_payload(
         "at": env.ts,
         "severity": severity,
         "message": message,
+        "command": None if command is None else dict(command),
     }
 
 
