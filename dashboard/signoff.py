@@ -10,8 +10,12 @@ In this order, the first failure is the answer and nothing is sent:
    the user ID (``holder``, which must be the session's) and the password; at later
    signings of the same session the password alone (an ID given must still be the
    session's). The password is checked again, now, in a worker thread
-   (:func:`iortd.users.verify_password`: the store's argon2id hash): a wrong one is 401
-   and nothing is signed; the third wrong one in a session ends the session;
+   (:func:`iortd.users.verify_password`: the store's argon2id hash), bounded as the login
+   is: one check per session at a time (another request of the session meanwhile is 429,
+   not judged: parallel guesses would all be judged before the failures counted), within
+   the login's ``UNLOCK_SLOTS`` (each check is a 64 MiB hash). A wrong one is 401 and
+   nothing is signed; the third wrong one in a session ends the session, recorded as
+   ``session_ended`` (``signoff_password_failed``) in the access record;
 3. the room's retained ``delivery`` shows this delivery ended (``TERMINATED``) with its
    ``record`` (what the daemon publishes once a signed checkpoint covers it,
    daemon/signoff.py): the body signs exactly that record, the meaning and reason, the
@@ -48,7 +52,7 @@ from starlette.responses import JSONResponse, Response
 from iortd.dashboard.commanding import ROOM_KEY_RE, Commander, Outcome, read_form
 from iortd.dashboard.hub import Hub
 from iortd.dashboard.login import Auth
-from iortd.dashboard.sessions import Session
+from iortd.dashboard.sessions import Expired, Session
 from iortd.users import AuthError, verify_password
 
 __all__ = ["ANSWER_WAIT_S", "SIGNOFF_TTL_S", "SignoffDesk"]
@@ -63,8 +67,8 @@ MEANINGS: Final = ("reviewed", "approved", "approved_with_deviation")
 _FIELDS: Final = frozenset({"room", "delivery_id", "meaning", "reason", "holder", "password"})
 
 
-def _json(status: int, body: dict[str, Any]) -> Response:
-    return JSONResponse(body, status_code=status)
+def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _utc_offset_min() -> int:
@@ -90,6 +94,7 @@ class SignoffDesk:
         self._wait_s = ANSWER_WAIT_S if answer_wait_s is None else answer_wait_s
         self._signed: set[str] = set()  # sessions that signed once (the ID was given)
         self._failures: Counter[str] = Counter()
+        self._judging: set[str] = set()  # sessions whose password is being checked now
 
     def _forget_gone(self) -> None:
         """Sessions that ended are forgotten (bounded by the sessions alive)."""
@@ -161,8 +166,15 @@ class SignoffDesk:
         store = self._auth.store
         if store is None:
             return _json(503, {"error": "the account store does not check; nothing was signed"})
+        if s.sid in self._judging:
+            return _json(
+                429,
+                {"error": "this session's password is being checked: wait for that answer"},
+                {"retry-after": "1"},
+            )
+        self._judging.add(s.sid)
         try:
-            async with asyncio.timeout(PASSWORD_WAIT_S):
+            async with asyncio.timeout(PASSWORD_WAIT_S), self._auth._slots:  # the login's slots
                 await asyncio.to_thread(verify_password, store, s.holder, password)
         except TimeoutError:
             return _json(503, {"error": "busy: nothing was signed; try again in a moment"})
@@ -170,13 +182,17 @@ class SignoffDesk:
             self._failures[s.sid] += 1
             log.info("signoff_password_failed", holder=s.holder, count=self._failures[s.sid])
             if self._failures[s.sid] >= MAX_PASSWORD_FAILURES:
-                self._auth.book.drop(s.sid)
                 s.signer = None
+                if self._auth.book.drop(s.sid) is not None:
+                    age_s = self._auth.clock() - s.created
+                    await self._auth._ended(Expired(s.holder, "signoff_password_failed", age_s))
                 return _json(
                     401,
                     {"error": "wrong password again: the session has ended; log in again"},
                 )
             return _json(401, {"error": "wrong password: nothing was signed"})
+        finally:
+            self._judging.discard(s.sid)
         self._failures.pop(s.sid, None)
         return None
 
