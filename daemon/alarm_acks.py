@@ -17,8 +17,9 @@ Accepted: ``alarm_acknowledged`` (durable; under the alarm's delivery id) with `
 printed name in the keyring), ``roles``, ``nonce`` and ``comment`` (or null); then the
 ledger marks the raising acknowledged, the retained ``alarms`` topic is republished and an
 ``info`` notice goes on ``events``. Refused: ``ack_refused`` (``reason``, ``detail``,
-``nonce``, ``by``) and an ``info`` notice. Both notices end with ``[nonce N]``, the
-command's nonce: the dashboard that sent it waits for that (dashboard/commanding.py). An
+``nonce``, ``by``) and an ``info`` notice. Both notices end with ``[nonce N]`` and carry
+the answer's fields (daemon/answers.py: kind ``ack``, the nonce, ``done`` or ``refused``):
+the dashboard that sent it waits for those, never the words (dashboard/commanding.py). An
 acknowledgement changes nothing in the device (iortd is a passive monitor) and clears
 nothing: a standing alarm stays standing, acknowledged (IEC 60601-1-8's acknowledged
 state; docs/alarms.md).

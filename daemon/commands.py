@@ -27,7 +27,9 @@ has no handler for is ``no_handler``; a full queue of accepted commands is ``bus
   that fails is recorded (``command_failed``), never retried.
 * refused: nothing changes; the reason is counted (:attr:`CommandIntake.counts`), and,
   up to ``max_per_minute`` a minute, recorded as ``command_rejected`` (reason, detail,
-  SHA-256, size, source) and reported on ``events`` (a ``daemon_notice``). Beyond that,
+  SHA-256, size, source) and reported on ``events`` (a ``daemon_notice`` whose answer
+  fields, daemon/answers.py, name the bytes' SHA-256; its detail never names a refused
+  envelope's unknown fields, auditlog/command.py). Beyond that,
   one ``command_rejected_summary`` a minute (and at the stop) carries the counts by
   reason: a flood costs a counter increment each, not a log entry each.
 

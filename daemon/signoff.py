@@ -30,8 +30,9 @@ envelope's ``issued_at``: when the physicist signed), ``record``, ``nonce`` and
 ``envelope`` (the whole signed command, so anyone can check the signature offline:
 ``iort-audit verify --keyring``), then an ``info`` notice on ``events``. Refused:
 ``signoff_refused`` (``reason``, ``detail``, ``nonce``, ``by``, ``delivery_id`` when the
-body names one) and a ``critical`` notice. Both notices name the command's nonce, so a
-sender (the dashboard) can tell its own outcome from others'. Neither entry carries the
+body names one) and a ``critical`` notice. Both notices name the command's nonce and carry
+the answer's fields (daemon/answers.py), so a sender (the dashboard) can tell its own
+outcome from others' without reading words. Neither entry carries the
 delivery id at the top level (auditlog/signoff.py: a sign-off never extends the range it
 signs).
 
