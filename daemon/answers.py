@@ -10,7 +10,7 @@ So an answer's text is an :class:`Answered`: a ``str`` (the console, the operati
 log and any plug-in sink read the same words as before, through the same ``notice``
 path, unchanged) that also carries :attr:`Answered.command`, the structured answer. The
 MQTT sink publishes it as the ``command`` object of the ``daemon_notice``
-(docs/mqtt-topics.md); a notice that answers no command has ``command: null``:
+(docs/mqtt-topics.md); a notice that answers no command has no ``command``:
 
 * ``kind``: the kind of the command judged; null for the intake's refusal (the
   envelope was not accepted, so its kind is only the sender's word);

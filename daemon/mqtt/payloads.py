@@ -410,18 +410,22 @@ def notice_payload(
     that the audit log cannot be written (``critical``: what is shown is not yet
     recorded) and that it recovered (``info``). ``at`` is the envelope's ``ts``.
     ``command``: the structured answer when the notice answers a command
-    (daemon/answers.py), else null: what a sender matches on, never ``message``."""
+    (daemon/answers.py): what a sender matches on, never ``message``. Absent otherwise,
+    so that a notice that answers nothing (the audit log failing) still passes the schema
+    of a dashboard older than the field."""
     if severity not in NOTICE_SEVERITIES:
         raise ValueError(f"notice severity {severity!r}: expected one of {NOTICE_SEVERITIES}")
-    return {
+    out: Payload = {
         **env.fields(),
         "kind": NOTICE_KIND,
         "delivery_id": delivery_id,
         "at": env.ts,
         "severity": severity,
         "message": message,
-        "command": None if command is None else dict(command),
     }
+    if command is not None:
+        out["command"] = dict(command)
+    return out
 
 
 def checkpoint_payload(env: Envelope, note: str) -> Payload:
