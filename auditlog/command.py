@@ -232,13 +232,15 @@ def _time(obj: Mapping[str, Any], key: str) -> datetime:
 def _fields(obj: dict[str, Any]) -> tuple[datetime, datetime]:
     v = obj.get("v")
     if "v" in obj and (type(v) is not int or v != COMMAND_VERSION):
-        raise _reject(RejectReason.unknown_version, f"v={v!r}; this daemon reads v=1")
+        shown = v if type(v) is int and abs(v) < 10**6 else f"a {type(v).__name__}"  # not echoed
+        raise _reject(RejectReason.unknown_version, f"v is {shown}; this daemon reads v=1")
     missing = sorted(_FIELDS - set(obj))
     if missing:
         raise _reject(RejectReason.malformed, f"missing field(s) {missing}")
     extra = sorted(set(obj) - _FIELDS)
     if extra:
-        raise _reject(RejectReason.malformed, f"unknown field(s) {extra[:5]}")
+        # Counted, never named: a name is the sender's text (docs/commands.md).
+        raise _reject(RejectReason.malformed, f"{len(extra)} unknown field(s)")
     for key, pattern in (
         ("kind", _KIND_RE),
         ("nonce", _NONCE_RE),

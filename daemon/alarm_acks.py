@@ -17,8 +17,9 @@ Accepted: ``alarm_acknowledged`` (durable; under the alarm's delivery id) with `
 printed name in the keyring), ``roles``, ``nonce`` and ``comment`` (or null); then the
 ledger marks the raising acknowledged, the retained ``alarms`` topic is republished and an
 ``info`` notice goes on ``events``. Refused: ``ack_refused`` (``reason``, ``detail``,
-``nonce``, ``by``) and an ``info`` notice. Both notices end with ``[nonce N]``, the
-command's nonce: the dashboard that sent it waits for that (dashboard/commanding.py). An
+``nonce``, ``by``) and an ``info`` notice. Both notices end with ``[nonce N]`` and carry
+the answer's fields (daemon/answers.py: kind ``ack``, the nonce, ``done`` or ``refused``):
+the dashboard that sent it waits for those, never the words (dashboard/commanding.py). An
 acknowledgement changes nothing in the device (iortd is a passive monitor) and clears
 nothing: a standing alarm stays standing, acknowledged (IEC 60601-1-8's acknowledged
 state; docs/alarms.md).
@@ -59,6 +60,7 @@ from iortd.auditlog.keyring import Keyring
 from iortd.auditlog.logdir import SEGMENT_RE, LogDamaged, read_segment, segment_paths
 from iortd.auditlog.writer import AuditLog
 from iortd.daemon.alarm_ledger import Ack, AckRefused, AlarmLedger, Raising, parse_ack_body
+from iortd.daemon.answers import answered
 from iortd.daemon.commands import CommandIntake, resume_commands
 from iortd.daemon.sinks import DeliverySnapshot, Sink, TrackerEvent
 
@@ -179,9 +181,9 @@ class AlarmAcks:
             }
             await asyncio.shield(self._audit.append("ack_refused", refused, durable=True).committed)
             log.warning("ack_refused", reason=exc.reason, nonce=cmd.nonce)
+            said = f"acknowledgement refused ({exc.reason}): {exc.detail} [nonce {cmd.nonce}]"
             self._notice(
-                "info",
-                f"acknowledgement refused ({exc.reason}): {exc.detail} [nonce {cmd.nonce}]",
+                "info", answered(said, "refused", kind="ack", nonce=cmd.nonce, reason=exc.reason)
             )
             return
         name, roles = self._who(cmd)
@@ -204,11 +206,11 @@ class AlarmAcks:
         await asyncio.shield(entry.committed)
         self.ledger.acknowledged(r.key, r.raised_at, Ack(cmd.signer, name, entry.ts, comment))
         log.info("alarm_acknowledged", key=r.key, raised_at=r.raised_at, by=cmd.signer)
-        self._notice(
-            "info",
+        said = (
             f"alarm {r.key} raised {r.raised_at} acknowledged by {name} ({cmd.signer}) "
-            f"[nonce {cmd.nonce}]",
+            f"[nonce {cmd.nonce}]"
         )
+        self._notice("info", answered(said, "done", kind="ack", nonce=cmd.nonce))
         self._changed()
 
     def _judge(self, cmd: Command, *, unvouched: bool) -> Raising:

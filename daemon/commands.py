@@ -27,7 +27,9 @@ has no handler for is ``no_handler``; a full queue of accepted commands is ``bus
   that fails is recorded (``command_failed``), never retried.
 * refused: nothing changes; the reason is counted (:attr:`CommandIntake.counts`), and,
   up to ``max_per_minute`` a minute, recorded as ``command_rejected`` (reason, detail,
-  SHA-256, size, source) and reported on ``events`` (a ``daemon_notice``). Beyond that,
+  SHA-256, size, source) and reported on ``events`` (a ``daemon_notice`` whose answer
+  fields, daemon/answers.py, name the bytes' SHA-256; its detail never names a refused
+  envelope's unknown fields, auditlog/command.py). Beyond that,
   one ``command_rejected_summary`` a minute (and at the stop) carries the counts by
   reason: a flood costs a counter increment each, not a log entry each.
 
@@ -77,6 +79,7 @@ from iortd.auditlog.command import (
 from iortd.auditlog.keyring import Keyring, load_keyring, parse_utc
 from iortd.auditlog.logdir import SEGMENT_RE, LogDamaged, read_segment, segment_paths
 from iortd.auditlog.writer import AuditLog, AuditLogClosed
+from iortd.daemon.answers import answered
 from iortd.daemon.config import Config
 from iortd.kernel.durable import fsync_dir
 from iortd.kernel.timefmt import utc_ts
@@ -318,7 +321,8 @@ class CommandIntake:
             "source": source,
         }
         log.warning("command_rejected", reason=str(reason), sha256=sha, source=source)
-        self._notice("info", f"command refused ({reason}): {exc.detail[:200]} [sha256 {sha[:16]}]")
+        said = f"command refused ({reason}): {exc.detail[:200]} [sha256 {sha[:16]}]"
+        self._notice("info", answered(said, "refused", sha256=sha, reason=str(reason)))
         try:
             return self._audit.append("command_rejected", data, durable=True).committed
         except AuditLogClosed:
@@ -428,17 +432,19 @@ class CommandIntake:
                 self._audit.append("command_failed", data, durable=True)
             # Ends with the nonce as every handler's answer does, so that a sender waiting
             # for its answer (the dashboard) hears this one at once.
-            self._notice(
-                "critical",
+            said = (
                 f"command {cmd.kind} failed: {type(exc).__name__}; accepted but not carried "
-                f"out [nonce {cmd.nonce}]",
+                f"out [nonce {cmd.nonce}]"
             )
+            failed = answered(
+                said, "failed", kind=cmd.kind, nonce=cmd.nonce, reason=type(exc).__name__
+            )
+            self._notice("critical", failed)
 
     async def _ping(self, cmd: Command) -> None:
-        self._notice(
-            "info",
-            f"ping from {cmd.signer} accepted (nonce {cmd.nonce}, issued {utc_ts(cmd.issued_at)})",
-        )
+        issued = utc_ts(cmd.issued_at)
+        said = f"ping from {cmd.signer} accepted (nonce {cmd.nonce}, issued {issued})"
+        self._notice("info", answered(said, "done", kind="ping", nonce=cmd.nonce))
 
     # ---- the inbox -------------------------------------------------------------------------
 

@@ -67,6 +67,7 @@ from iortd.auditlog.canonical import CanonicalError, canonical
 from iortd.auditlog.command import Command, Refused, recorded_command
 from iortd.auditlog.logdir import LogDamaged, recent_lines
 from iortd.auditlog.writer import AuditLog
+from iortd.daemon.answers import answered
 from iortd.daemon.commands import CommandIntake, resume_commands
 from iortd.plan.doserate import (
     DoseRateError,
@@ -204,7 +205,11 @@ class OutputFactors:
                 self._audit.append("output_factor_refused", data, durable=True).committed
             )
             log.warning("output_factor_refused", reason=exc.reason, nonce=cmd.nonce)
-            self._notice("critical", f"output factor refused ({exc.reason}): {exc.detail}")
+            said = f"output factor refused ({exc.reason}): {exc.detail}"
+            self._notice(
+                "critical",
+                answered(said, "refused", kind=cmd.kind, nonce=cmd.nonce, reason=exc.reason),
+            )
             return
         old = self._days.get(f.measured_on)
         entry = {
@@ -220,11 +225,11 @@ class OutputFactors:
         self._keep(Received(f, sha, cmd.nonce))
         log.info("output_factor_received", sha256=sha, nonce=cmd.nonce, day=str(f.measured_on))
         head = "output factor" if old is None else f"output factor (replaces {old.sha256[:16]})"
-        self._notice(
-            "info",
+        said = (
             f"{head} {f.value:.4f} measured {f.measured_on} by {f.measured_by} on "
-            f"{f.machine[:80]} [sha256 {sha[:16]}]",
+            f"{f.machine[:80]} [sha256 {sha[:16]}]"
         )
+        self._notice("info", answered(said, "done", kind=cmd.kind, nonce=cmd.nonce))
         for callback in list(self._callbacks):
             try:
                 callback()

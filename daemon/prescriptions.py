@@ -60,6 +60,7 @@ from iortd.auditlog.canonical import CanonicalError, canonical
 from iortd.auditlog.command import Command, Refused, recorded_command
 from iortd.auditlog.logdir import LogDamaged, recent_lines
 from iortd.auditlog.writer import AuditLog
+from iortd.daemon.answers import answered
 from iortd.daemon.commands import CommandIntake, resume_commands
 from iortd.daemon.tracker import DeliveryTracker
 from iortd.kernel.timefmt import utc_ts
@@ -197,7 +198,11 @@ class Prescriptions:
                 self._audit.append("prescription_refused", data, durable=True).committed
             )
             log.warning("prescription_refused", reason=exc.reason, nonce=cmd.nonce)
-            self._notice("critical", f"prescription refused ({exc.reason}): {exc.detail}")
+            said = f"prescription refused ({exc.reason}): {exc.detail}"
+            self._notice(
+                "critical",
+                answered(said, "refused", kind=cmd.kind, nonce=cmd.nonce, reason=exc.reason),
+            )
             return
         appended = self._audit.append("prescription_received", entry, durable=True)
         # Memory follows what was appended, not what was fsync'd: if the wait below times
@@ -214,7 +219,7 @@ class Prescriptions:
             sha256=entry["sha256"],
             nonce=cmd.nonce,
         )
-        self._notice("info", _said(entry, p))
+        self._notice("info", answered(_said(entry, p), "done", kind=cmd.kind, nonce=cmd.nonce))
 
     def _judge(self, cmd: Command, *, unvouched: bool = False) -> dict[str, Any]:
         if unvouched:

@@ -30,8 +30,9 @@ envelope's ``issued_at``: when the physicist signed), ``record``, ``nonce`` and
 ``envelope`` (the whole signed command, so anyone can check the signature offline:
 ``iort-audit verify --keyring``), then an ``info`` notice on ``events``. Refused:
 ``signoff_refused`` (``reason``, ``detail``, ``nonce``, ``by``, ``delivery_id`` when the
-body names one) and a ``critical`` notice. Both notices name the command's nonce, so a
-sender (the dashboard) can tell its own outcome from others'. Neither entry carries the
+body names one) and a ``critical`` notice. Both notices name the command's nonce and carry
+the answer's fields (daemon/answers.py), so a sender (the dashboard) can tell its own
+outcome from others' without reading words. Neither entry carries the
 delivery id at the top level (auditlog/signoff.py: a sign-off never extends the range it
 signs).
 
@@ -73,6 +74,7 @@ from iortd.auditlog.logdir import SEGMENT_RE, LogDamaged, read_segment, segment_
 from iortd.auditlog.signoff import MEANING_TEXT, DeliveryRange, SignoffError, delivery_record
 from iortd.auditlog.signoff import parse_body as parse_signoff
 from iortd.auditlog.writer import AuditLog
+from iortd.daemon.answers import answered
 from iortd.daemon.commands import CommandIntake, resume_commands
 from iortd.daemon.sinks import Sink
 from iortd.daemon.tracker import DeliveryAmended, DeliverySnapshot, Terminated, TrackerEvent
@@ -227,12 +229,12 @@ class Signoffs:
             )
         log.info("delivery_signed", delivery=data["delivery_id"], by=cmd.signer, nonce=cmd.nonce)
         reason = "" if data["reason"] is None else f" (reason: {data['reason'][:120]})"
-        self._notice(
-            "info",
+        said = (
             f"sign-off recorded: delivery {data['delivery_id']} "
             f"{MEANING_TEXT[data['meaning']]}{reason} by {data['name']} ({cmd.signer}) "
-            f"[nonce {cmd.nonce}]",
+            f"[nonce {cmd.nonce}]"
         )
+        self._notice("info", answered(said, "done", kind="signoff", nonce=cmd.nonce))
 
     async def _refuse(self, cmd: Command, exc: SignoffError) -> None:
         did = cmd.body.get("delivery_id")
@@ -245,9 +247,10 @@ class Signoffs:
         }
         await asyncio.shield(self._audit.append("signoff_refused", data, durable=True).committed)
         log.warning("signoff_refused", reason=exc.reason, nonce=cmd.nonce)
+        said = f"sign-off NOT recorded ({exc.reason}): {exc.detail[:200]} [nonce {cmd.nonce}]"
         self._notice(
             "critical",
-            f"sign-off NOT recorded ({exc.reason}): {exc.detail[:200]} [nonce {cmd.nonce}]",
+            answered(said, "refused", kind="signoff", nonce=cmd.nonce, reason=exc.reason),
         )
 
     async def _judge(self, cmd: Command) -> dict[str, Any]:

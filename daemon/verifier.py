@@ -53,6 +53,7 @@ from iortd.auditlog.command import Command, Refused
 from iortd.auditlog.keyring import Keyring, parse_utc
 from iortd.auditlog.logdir import LogDamaged, recent_lines
 from iortd.auditlog.writer import AuditLog
+from iortd.daemon.answers import answered
 from iortd.daemon.commands import CommandIntake, resume_commands
 from iortd.daemon.config.model import VerificationConfig
 from iortd.daemon.prescriptions import REBUILD_WINDOW, Pending, Prescriptions
@@ -537,10 +538,15 @@ async def install(
                     "detail": exc.detail}  # fmt: skip
             await asyncio.shield(audit.append("override_refused", data, durable=True).committed)
             log.warning("override_refused", reason=exc.reason, nonce=cmd.nonce)
-            notice("critical", f"override refused ({exc.reason}): {exc.detail}")
+            said = f"override refused ({exc.reason}): {exc.detail}"
+            notice(
+                "critical",
+                answered(said, "refused", kind=cmd.kind, nonce=cmd.nonce, reason=exc.reason),
+            )
             return
         durable = service.record_check(entry)
-        notice("info", f"override by {cmd.signer}: check {entry['outcome']} ({cmd.nonce})")
+        said = f"override by {cmd.signer}: check {entry['outcome']} ({cmd.nonce})"
+        notice("info", answered(said, "done", kind=cmd.kind, nonce=cmd.nonce))
         if durable is not None:
             await asyncio.shield(durable)  # a group commit's future: never cancelled here
 
@@ -552,7 +558,11 @@ async def install(
                 "detail": detail}  # fmt: skip
         await asyncio.shield(audit.append("override_refused", data, durable=True).committed)
         log.warning("override_refused", reason="interrupted", nonce=cmd.nonce)
-        notice("critical", f"override refused (interrupted): {detail} [nonce {cmd.nonce}]")
+        said = f"override refused (interrupted): {detail} [nonce {cmd.nonce}]"
+        notice(
+            "critical",
+            answered(said, "refused", kind=cmd.kind, nonce=cmd.nonce, reason="interrupted"),
+        )
 
     async def resume() -> None:
         orphans, v.orphans = list(v.orphans.values()), {}

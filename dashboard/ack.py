@@ -18,9 +18,10 @@ nothing is sent:
    (409: a double click sends one command, not two);
 4. the body is signed with the session's key and published on the room's ``cmd/ack``, and
    the daemon's own answer waited for, up to ``ANSWER_WAIT_S`` (dashboard/commanding.py,
-   as the sign-off does). ``recorded`` is true only when the daemon's notice said
-   "acknowledged by"; its refusal is 422 with its words; no answer is 504, **NOT
-   recorded**; no broker, 503, not sent.
+   as the sign-off does). ``recorded`` is true only when the daemon's notice answered
+   this command (its ``command`` fields: kind ``ack``, this nonce) with ``done``; its
+   refusal is 422 with its words; no answer is 504, **NOT recorded**; no broker, 503,
+   not sent.
 
 **No password again.** An acknowledgement is not a signature of meaning (21 CFR 11.50
 applies to the sign-off, dashboard/signoff.py): it says that a person saw the alarm. It is
@@ -192,11 +193,7 @@ class AckDesk:
                     "the list shows it acknowledged meanwhile, the daemon recorded it.)",
                 },
             )
-        recorded = (
-            said.severity == "info"
-            and said.message.startswith("alarm ")
-            and " acknowledged by " in said.message
-        )
+        recorded = said.done  # the notice's command fields, never its words
         return _json(
             200 if recorded else 422,
             {"recorded": recorded, "nonce": said.nonce, "message": said.message},

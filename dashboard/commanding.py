@@ -9,10 +9,16 @@ What the physicist's sign-off (dashboard/signoff.py) and the alarm acknowledgeme
 2. the envelope is published to the room's ``cmd/KIND`` at QoS 1, never retained, over the
    dashboard's own MQTT connection (:attr:`Hub.publish`); none, or a publish that fails,
    is :attr:`Outcome.NOT_SENT`;
-3. the answer is the room's daemon's own ``events`` notice (``daemon_notice``) that names
-   the command: ``[nonce N]`` (its handler's verdict: recorded or refused, with the words)
-   or ``[sha256 H]`` (the first 16 hex digits of the SHA-256 of the bytes sent: the intake
-   refused it before reading it, docs/commands.md). Only a notice of that room counts, and
+3. the answer is the room's daemon's own ``events`` notice (``daemon_notice``) whose
+   structured ``command`` object names the command (daemon/answers.py): its kind and
+   nonce (its handler's verdict: ``done``, ``refused`` or ``failed``), or the SHA-256 of
+   the very bytes sent (the intake refused them before accepting them, docs/commands.md).
+   Only those fields are matched, never the notice's words: a refusal's words may quote
+   what anyone who can publish on a command topic chose (a field's name, a topic level).
+   An intake refusal of these bytes as ``replayed``, ``retained`` or ``wrong_topic`` is
+   not this command's verdict (this dashboard publishes once, unretained, on its kind's
+   topic): it is someone's copy of the bytes, or the broker's redelivery, after the
+   daemon heard them, and is ignored. Only a schema-valid notice of that room counts, and
    the wait is armed *before* the publish, so an answer cannot come too early to be heard.
    Up to ``wait_s``; none in time is :attr:`Outcome.NO_ANSWER`, which each desk says as
    **NOT recorded** (a daemon that is not running never gets the command: its MQTT session
@@ -20,9 +26,10 @@ What the physicist's sign-off (dashboard/signoff.py) and the alarm acknowledgeme
    expires, and its notice then shows in the room's events).
 
 The dashboard never says "recorded" unless the daemon said so: :class:`Answer` carries the
-daemon's severity and message, and the desk decides from them what its kind's success
-looks like. What the notice says is only ever read, never trusted beyond the room's own
-``events`` topic (which the broker's ACL lets only that room's daemon write).
+daemon's ``outcome`` (:attr:`Answer.verdict`; ``done`` is the only success) with its
+severity and words, which the desks show but never decide from. What the notice says is
+only ever read, never trusted beyond the room's own ``events`` topic (which the broker's
+ACL lets only that room's daemon write).
 
 Memory is bounded by the requests waiting (each removes its markers when it ends, also on
 cancellation). Nothing of the key or the signature is logged; the log line names the kind,
@@ -38,7 +45,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 from urllib.parse import parse_qs
 
 import structlog
@@ -57,6 +64,8 @@ MAX_FORM_BYTES: Final = 4096
 # A room as the forms name it, ``site/room`` (each as the daemon's config allows it).
 ROOM_KEY_RE: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,62}/[a-z0-9][a-z0-9-]{0,62}")
 BODY_TIMEOUT_S: Final = 10.0
+# An intake refusal of a dashboard's bytes for these reasons is someone's copy (module doc).
+NOT_OURS: Final = frozenset({"replayed", "retained", "wrong_topic"})
 
 
 async def read_form(request: Request, allowed: frozenset[str]) -> dict[str, str] | None:
@@ -101,6 +110,20 @@ class Answer:
     severity: str = ""  # the notice's, when ANSWERED
     message: str = ""  # the notice's text when ANSWERED; why, when NOT_SIGNED or NOT_SENT
     broker: bool = True  # NOT_SENT: False when there was no broker connection at all
+    verdict: str = ""  # ANSWERED: the notice's command.outcome (done, refused, failed)
+    reason: str | None = None  # ANSWERED: the notice's command.reason (a fixed word)
+
+    @property
+    def done(self) -> bool:
+        """The daemon answered that it carried the command out (recorded, in force)."""
+        return self.outcome is Outcome.ANSWERED and self.verdict == "done"
+
+
+class _Said(NamedTuple):
+    severity: str
+    message: str
+    outcome: str
+    reason: str | None
 
 
 class Commander:
@@ -108,7 +131,8 @@ class Commander:
 
     def __init__(self, hub: Hub) -> None:
         self._hub = hub
-        self._waiting: dict[tuple[str, str], asyncio.Future[dict[str, str]]] = {}
+        # (room, "nonce", kind + nonce) or (room, "sha256", hex) -> the wait it ends
+        self._waiting: dict[tuple[str, str, str], asyncio.Future[_Said]] = {}
         hub.listeners.append(self._heard)
 
     @property
@@ -123,13 +147,30 @@ class Commander:
             log.exception("command_answer_failed")
 
     def _answer(self, acc: Accepted) -> None:
+        """Matched on the notice's ``command`` fields only, never on its words."""
         p = acc.payload
         if acc.name != "events" or p.get("kind") != "daemon_notice" or not self._waiting:
             return
-        message = str(p.get("message"))
-        for (room, marker), fut in list(self._waiting.items()):
-            if room == acc.room.key and marker in message and not fut.done():
-                fut.set_result({"severity": str(p.get("severity")), "message": message})
+        c = p.get("command")
+        if not isinstance(c, dict) or not isinstance(c.get("outcome"), str):
+            return  # not an answer to a command (or a daemon too old to say so)
+        if isinstance(c.get("nonce"), str) and isinstance(c.get("kind"), str):
+            marker = (acc.room.key, "nonce", f"{c['kind']} {c['nonce']}")
+        elif isinstance(c.get("sha256"), str) and c.get("reason") not in NOT_OURS:
+            marker = (acc.room.key, "sha256", c["sha256"])
+        else:
+            return
+        fut = self._waiting.get(marker)
+        if fut is not None and not fut.done():
+            reason = c.get("reason")
+            fut.set_result(
+                _Said(
+                    str(p.get("severity")),
+                    str(p.get("message")),
+                    c["outcome"],
+                    reason if isinstance(reason, str) else None,
+                )
+            )
 
     async def send(
         self,
@@ -157,8 +198,8 @@ class Commander:
         raw = json.dumps(env, separators=(",", ":"), ensure_ascii=False).encode()
         sha = hashlib.sha256(raw).hexdigest()
         nonce = str(env["nonce"])
-        markers = [(key, f"[nonce {nonce}]"), (key, f"[sha256 {sha[:16]}]")]
-        fut: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+        markers = [(key, "nonce", f"{kind} {nonce}"), (key, "sha256", sha)]
+        fut: asyncio.Future[_Said] = asyncio.get_running_loop().create_future()
         for m in markers:
             self._waiting[m] = fut
         try:
@@ -182,4 +223,11 @@ class Commander:
         finally:
             for m in markers:
                 self._waiting.pop(m, None)
-        return Answer(Outcome.ANSWERED, nonce, said["severity"], said["message"])
+        return Answer(
+            Outcome.ANSWERED,
+            nonce,
+            said.severity,
+            said.message,
+            verdict=said.outcome,
+            reason=said.reason,
+        )

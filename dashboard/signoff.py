@@ -10,8 +10,12 @@ In this order, the first failure is the answer and nothing is sent:
    the user ID (``holder``, which must be the session's) and the password; at later
    signings of the same session the password alone (an ID given must still be the
    session's). The password is checked again, now, in a worker thread
-   (:func:`iortd.users.verify_password`: the store's argon2id hash): a wrong one is 401
-   and nothing is signed; the third wrong one in a session ends the session;
+   (:func:`iortd.users.verify_password`: the store's argon2id hash), bounded as the login
+   is: one check per session at a time (another request of the session meanwhile is 429,
+   not judged: parallel guesses would all be judged before the failures counted), within
+   the login's ``UNLOCK_SLOTS`` (each check is a 64 MiB hash). A wrong one is 401 and
+   nothing is signed; the third wrong one in a session ends the session, recorded as
+   ``session_ended`` (``signoff_password_failed``) in the access record;
 3. the room's retained ``delivery`` shows this delivery ended (``TERMINATED``) with its
    ``record`` (what the daemon publishes once a signed checkpoint covers it,
    daemon/signoff.py): the body signs exactly that record, the meaning and reason, the
@@ -21,12 +25,14 @@ In this order, the first failure is the answer and nothing is sent:
    ``SIGNOFF_TTL_S``) and published to the room's ``cmd/signoff`` at QoS 1 over the
    dashboard's MQTT connection (none: 503, not sent) by the :class:`Commander`
    (dashboard/commanding.py, shared with the alarm acknowledgement);
-5. the answer is the room's daemon's own: its ``events`` notice naming the command's nonce
-   (recorded, or refused with the reason), or the intake's refusal naming the command's
-   SHA-256, waited for up to ``ANSWER_WAIT_S``. No answer in time is said as it is: the
-   sign-off is **not recorded** (504). A daemon that is not running never gets it (its MQTT
-   session is clean: the broker queues nothing for it); one that is only slow may still
-   record it before it expires, and its notice then shows in the room's events.
+5. the answer is the room's daemon's own: its ``events`` notice whose ``command`` fields
+   name the command's kind and nonce (``done``: recorded; else refused or failed, with
+   the reason), or the intake's refusal naming the command's SHA-256, waited for up to
+   ``ANSWER_WAIT_S`` (matched on those fields only, never on the notice's words). No
+   answer in time is said as it is: the sign-off is **not recorded** (504). A daemon that
+   is not running never gets it (its MQTT session is clean: the broker queues nothing for
+   it); one that is only slow may still record it before it expires, and its notice then
+   shows in the room's events.
 
 The dashboard never says "recorded" unless the daemon said so. Nothing of the password,
 the key or the signature is logged; the access record is the login's (users/access.py).
@@ -46,7 +52,7 @@ from starlette.responses import JSONResponse, Response
 from iortd.dashboard.commanding import ROOM_KEY_RE, Commander, Outcome, read_form
 from iortd.dashboard.hub import Hub
 from iortd.dashboard.login import Auth
-from iortd.dashboard.sessions import Session
+from iortd.dashboard.sessions import Expired, Session
 from iortd.users import AuthError, verify_password
 
 __all__ = ["ANSWER_WAIT_S", "SIGNOFF_TTL_S", "SignoffDesk"]
@@ -61,8 +67,8 @@ MEANINGS: Final = ("reviewed", "approved", "approved_with_deviation")
 _FIELDS: Final = frozenset({"room", "delivery_id", "meaning", "reason", "holder", "password"})
 
 
-def _json(status: int, body: dict[str, Any]) -> Response:
-    return JSONResponse(body, status_code=status)
+def _json(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _utc_offset_min() -> int:
@@ -88,6 +94,7 @@ class SignoffDesk:
         self._wait_s = ANSWER_WAIT_S if answer_wait_s is None else answer_wait_s
         self._signed: set[str] = set()  # sessions that signed once (the ID was given)
         self._failures: Counter[str] = Counter()
+        self._judging: set[str] = set()  # sessions whose password is being checked now
 
     def _forget_gone(self) -> None:
         """Sessions that ended are forgotten (bounded by the sessions alive)."""
@@ -159,8 +166,15 @@ class SignoffDesk:
         store = self._auth.store
         if store is None:
             return _json(503, {"error": "the account store does not check; nothing was signed"})
+        if s.sid in self._judging:
+            return _json(
+                429,
+                {"error": "this session's password is being checked: wait for that answer"},
+                {"retry-after": "1"},
+            )
+        self._judging.add(s.sid)
         try:
-            async with asyncio.timeout(PASSWORD_WAIT_S):
+            async with asyncio.timeout(PASSWORD_WAIT_S), self._auth._slots:  # the login's slots
                 await asyncio.to_thread(verify_password, store, s.holder, password)
         except TimeoutError:
             return _json(503, {"error": "busy: nothing was signed; try again in a moment"})
@@ -168,13 +182,17 @@ class SignoffDesk:
             self._failures[s.sid] += 1
             log.info("signoff_password_failed", holder=s.holder, count=self._failures[s.sid])
             if self._failures[s.sid] >= MAX_PASSWORD_FAILURES:
-                self._auth.book.drop(s.sid)
                 s.signer = None
+                if self._auth.book.drop(s.sid) is not None:
+                    age_s = self._auth.clock() - s.created
+                    await self._auth._ended(Expired(s.holder, "signoff_password_failed", age_s))
                 return _json(
                     401,
                     {"error": "wrong password again: the session has ended; log in again"},
                 )
             return _json(401, {"error": "wrong password: nothing was signed"})
+        finally:
+            self._judging.discard(s.sid)
         self._failures.pop(s.sid, None)
         return None
 
@@ -206,7 +224,7 @@ class SignoffDesk:
                     "is in the record.)",
                 },
             )
-        recorded = said.severity == "info" and "sign-off recorded" in said.message
+        recorded = said.done  # the notice's command fields, never its words
         return _json(
             200 if recorded else 422,
             {"recorded": recorded, "nonce": said.nonce, "message": said.message},

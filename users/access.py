@@ -18,7 +18,8 @@ Entries (``data``):
 ``login_refused``     ``holder``, ``reason`` (``password_change_required``), ``client``
 ``logout``            ``holder``, ``client``
 ``session_ended``     ``holder``, ``reason`` (``idle``, ``absolute``, ``evicted``,
-                      ``account_inactive``, ``store_unusable``, ``stopped``), ``age_s``
+                      ``account_inactive``, ``store_unusable``, ``stopped``,
+                      ``signoff_password_failed``), ``age_s``
 ====================  ===================================================================
 
 Never a password, a hash, a session id, a CSRF token or a key. Sessions live in the

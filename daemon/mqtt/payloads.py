@@ -399,14 +399,23 @@ def event_payloads(
 
 
 def notice_payload(
-    env: Envelope, severity: str, message: str, *, delivery_id: str | None = None
+    env: Envelope,
+    severity: str,
+    message: str,
+    *,
+    delivery_id: str | None = None,
+    command: Mapping[str, Any] | None = None,
 ) -> Payload:
     """``events``, kind ``daemon_notice``: news that cannot wait for the record, above all
     that the audit log cannot be written (``critical``: what is shown is not yet
-    recorded) and that it recovered (``info``). ``at`` is the envelope's ``ts``."""
+    recorded) and that it recovered (``info``). ``at`` is the envelope's ``ts``.
+    ``command``: the structured answer when the notice answers a command
+    (daemon/answers.py): what a sender matches on, never ``message``. Absent otherwise,
+    so that a notice that answers nothing (the audit log failing) still passes the schema
+    of a dashboard older than the field."""
     if severity not in NOTICE_SEVERITIES:
         raise ValueError(f"notice severity {severity!r}: expected one of {NOTICE_SEVERITIES}")
-    return {
+    out: Payload = {
         **env.fields(),
         "kind": NOTICE_KIND,
         "delivery_id": delivery_id,
@@ -414,6 +423,9 @@ def notice_payload(
         "severity": severity,
         "message": message,
     }
+    if command is not None:
+        out["command"] = dict(command)
+    return out
 
 
 def checkpoint_payload(env: Envelope, note: str, cosignatures: Sequence[str] = ()) -> Payload:

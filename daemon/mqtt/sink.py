@@ -256,7 +256,11 @@ class MqttSink(Sink):
     async def notice(self, severity: str, message: str) -> None:
         level = "critical" if severity == "critical" else "info"
         payload = notice_payload(
-            self._env("events"), level, message, delivery_id=self._current_delivery
+            self._env("events"),
+            level,
+            str(message),
+            delivery_id=self._current_delivery,
+            command=getattr(message, "command", None),  # a command's answer (daemon/answers.py)
         )
         self.outbox.add("events", payload)
         self._wake.set()

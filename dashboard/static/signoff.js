@@ -91,7 +91,7 @@
         p.result.dataset.outcome = "recorded";
         p.result.textContent = "RECORDED — " + body.message;
       } else {
-        if (r.status !== 400 && r.status !== 401 && r.status !== 403 && fields.holder) idGiven = true;
+        if (![400, 401, 403, 429].includes(r.status) && fields.holder) idGiven = true;
         p.result.dataset.outcome = "not-recorded";
         p.result.textContent = "NOT RECORDED — " + (body.message || body.error || ("HTTP " + r.status));
         if (r.status === 401 && /session has ended/.test(body.error || "")) location.reload();

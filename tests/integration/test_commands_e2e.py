@@ -236,9 +236,15 @@ async def test_a_ping_is_accepted_and_a_flood_of_abuse_changes_nothing(
         await subscribed(daemon)
         async with aiomqtt.Client("127.0.0.1", broker.port, identifier="cmd-test") as client:
             await client.publish(CMD + "ping", first_ping, qos=1)
+            # Answered with the fields a sender matches on (daemon/answers.py).
+            nonce = orjson.loads(first_ping)["nonce"]
+            answer = {"kind": "ping", "nonce": nonce, "sha256": None, "outcome": "done"}
             await obs.wait_for(
-                lambda m: "ping from phys-anna accepted" in m.payload.get("message", ""),
-                "the ping answered on events",
+                lambda m: (
+                    m.payload.get("command") == {**answer, "reason": None}
+                    and "ping from phys-anna accepted" in m.payload.get("message", "")
+                ),
+                "the ping answered on events, with its command fields",
             )
             flood, expected = the_flood(first_ping)
             # A retained command: delivered live now (judged as a replay), and replayed by

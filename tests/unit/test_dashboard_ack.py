@@ -82,8 +82,8 @@ class Rig:
     room: Room
     users: Path
     sent: list[tuple[str, bytes]] = field(default_factory=list)
-    # what the fake daemon answers to an ack: a notice's (severity, text), or None
-    answer: Callable[[dict[str, Any]], tuple[str, str] | None] | None = None
+    # what the fake daemon answers to an ack: a notice's (severity, text[, command]), or None
+    answer: Callable[[dict[str, Any]], tuple[Any, ...] | None] | None = None
     answer_from: Room | None = None  # the room whose events carry the answer (default: ours)
     published: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -96,18 +96,26 @@ class Rig:
         env = orjson.loads(raw)
         said = None if self.answer is None else self.answer(env)
         if said is not None:
-            notice = {"kind": "daemon_notice", "severity": said[0], "message": said[1]}
+            notice = {"kind": "daemon_notice", "severity": said[0], "message": said[1],
+                      "command": said[2] if len(said) > 2 else None}  # fmt: skip
             asyncio.get_running_loop().call_soon(
                 lambda: self.hub.message(Accepted(self.answer_from or self.room, "events", notice))
             )
 
 
-def acknowledged(env: dict[str, Any]) -> tuple[str, str]:
+def acknowledged(env: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
     return (
         "info",
         f"alarm {KEY} raised {RAISED} acknowledged by O. Operator, RTT (op-otto) "
         f"[nonce {env['nonce']}]",
+        answer(env, "done"),
     )
+
+
+def answer(env: dict[str, Any], outcome: str, reason: str | None = None) -> dict[str, Any]:
+    """A notice's ``command`` fields answering ``env`` (daemon/answers.py)."""
+    return {"kind": env["kind"], "nonce": env["nonce"], "sha256": None, "outcome": outcome,
+            "reason": reason}  # fmt: skip
 
 
 @pytest.fixture
@@ -295,6 +303,7 @@ async def test_never_acknowledged_without_the_daemons_word(rig: Rig) -> None:
     rig.answer = lambda env: (
         "info",
         f"acknowledgement refused (superseded): raised again since [nonce {env['nonce']}]",
+        answer(env, "refused", "superseded"),
     )
     status, body = await ack(b)
     assert (status, body["recorded"]) == (422, False)
@@ -302,12 +311,16 @@ async def test_never_acknowledged_without_the_daemons_word(rig: Rig) -> None:
     # refused by the intake: its notice names the command's SHA-256
     rig.answer = lambda env: (
         "info",
-        "command refused (role_not_allowed): ... [sha256 "
-        + hashlib.sha256(rig.sent[-1][1]).hexdigest()[:16]
-        + "]",
-    )
+        "command refused (role_not_allowed): ...",
+        {"kind": None, "nonce": None, "sha256": hashlib.sha256(rig.sent[-1][1]).hexdigest(),
+         "outcome": "refused", "reason": "role_not_allowed"},
+    )  # fmt: skip
     status, body = await ack(b)
     assert (status, body["recorded"]) == (422, False)
+    # the words of an acknowledgement without its command fields: not an answer
+    rig.answer = lambda env: acknowledged(env)[:2]
+    status, body = await ack(b)
+    assert (status, body["recorded"]) == (504, False)
     # another room's notice naming this command is not its answer
     rig.answer, rig.answer_from = acknowledged, Room("site-a", "or-4", 100, 50)
     status, body = await ack(b)

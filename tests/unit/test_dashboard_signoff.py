@@ -49,8 +49,8 @@ class Rig:
     room: Room
     users: Path
     sent: list[tuple[str, bytes]] = field(default_factory=list)
-    # what the fake daemon answers to a sign-off: a notice's (severity, text), or None
-    answer: Callable[[dict[str, Any]], tuple[str, str] | None] | None = None
+    # what the fake daemon answers to a sign-off: a notice's (severity, text[, command]), or None
+    answer: Callable[[dict[str, Any]], tuple[Any, ...] | None] | None = None
 
     def delivery(self, phase: str = "TERMINATED", record: dict[str, Any] | None = RECORD) -> None:
         d: dict[str, Any] = {"delivery_id": DID, "phase": phase}
@@ -63,14 +63,22 @@ class Rig:
         env = orjson.loads(raw)
         said = None if self.answer is None else self.answer(env)
         if said is not None:
-            notice = {"kind": "daemon_notice", "severity": said[0], "message": said[1]}
+            notice = {"kind": "daemon_notice", "severity": said[0], "message": said[1],
+                      "command": said[2] if len(said) > 2 else None}  # fmt: skip
             asyncio.get_running_loop().call_soon(
                 lambda: self.hub.message(Accepted(self.room, "events", notice))
             )
 
 
-def recorded(env: dict[str, Any]) -> tuple[str, str]:
-    return ("info", f"sign-off recorded: delivery {DID} approved [nonce {env['nonce']}]")
+def recorded(env: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    said = f"sign-off recorded: delivery {DID} approved [nonce {env['nonce']}]"
+    return ("info", said, answer(env, "done"))
+
+
+def answer(env: dict[str, Any], outcome: str, reason: str | None = None) -> dict[str, Any]:
+    """A notice's ``command`` fields answering ``env`` (daemon/answers.py)."""
+    return {"kind": env["kind"], "nonce": env["nonce"], "sha256": None, "outcome": outcome,
+            "reason": reason}  # fmt: skip
 
 
 @pytest.fixture
@@ -149,7 +157,9 @@ async def test_a_physicist_signs_and_sees_the_daemons_answer(rig: Rig) -> None:
     }
     assert PW_ANNA.encode() not in raw
     # a later signing of the same session: the password alone
-    rig.answer = lambda env: ("info", f"sign-off recorded: delivery {DID} [nonce {env['nonce']}]")
+    rig.answer = lambda env: (
+        "info", f"sign-off recorded: delivery {DID} [nonce {env['nonce']}]", answer(env, "done")
+    )  # fmt: skip
     status, body = await sign(b, meaning="reviewed", password=PW_ANNA)
     assert status == 200, body
 
@@ -210,13 +220,20 @@ async def test_never_recorded_without_the_daemons_word(rig: Rig) -> None:
     assert status == 504
     assert body["recorded"] is False
     assert body["error"].startswith("NOT recorded")
-    # refused by the intake: its notice names the command's SHA-256
+    # the words of a recording without its command fields: not an answer
+    rig.answer = lambda env: recorded(env)[:2]
+    status, body = await sign(b, password=PW_ANNA)
+    assert (status, body["recorded"]) == (504, False)
+    # refused by the handler, refused by the intake (its fields name the bytes' SHA-256)
+    rig.answer = lambda env: ("critical", "sign-off NOT recorded", answer(env, "refused", "x"))
+    status, body = await sign(b, password=PW_ANNA)
+    assert (status, body["recorded"]) == (422, False)
     rig.answer = lambda env: (
         "info",
-        "command refused (wrong_room): ... [sha256 "
-        + hashlib.sha256(rig.sent[-1][1]).hexdigest()[:16]
-        + "]",
-    )
+        "command refused (wrong_room): ...",
+        {"kind": None, "nonce": None, "sha256": hashlib.sha256(rig.sent[-1][1]).hexdigest(),
+         "outcome": "refused", "reason": "wrong_room"},
+    )  # fmt: skip
     status, body = await sign(b, password=PW_ANNA)
     assert (status, body["recorded"]) == (422, False)
     rig.hub.publish = None  # no broker

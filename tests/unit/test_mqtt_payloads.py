@@ -30,6 +30,7 @@ from iortd.auditlog.cosignature import CosignerKey, verify_cosignature
 from iortd.auditlog.note import Checkpoint, generate_keypair
 from iortd.auditlog.signed_note import split_note
 from iortd.daemon.alarm_ledger import Ack, AlarmLedger
+from iortd.daemon.answers import OUTCOMES, answered
 from iortd.daemon.entries import summary_data
 from iortd.daemon.mqtt.payloads import (
     EVENT_KINDS,
@@ -911,6 +912,7 @@ def test_every_enum_in_the_schemas_is_a_python_enum() -> None:
         )
     ]
     known += [set(EVENTS_TOPIC_KINDS), {"nan", "inf", "-inf"}, set(NOTICE_SEVERITIES)]
+    known += [set(OUTCOMES)]
     for stem, schema in SCHEMAS.items():
         for listed in enums(schema):
             assert set(listed) in known, (stem, listed)
@@ -1218,6 +1220,26 @@ def test_a_notice_validates_and_names_its_severity(severity: str) -> None:
     assert payload["kind"] == NOTICE_KIND
     assert payload["at"] == payload["ts"]
     assert payload["sim"] is True
+
+
+def test_a_notice_that_answers_a_command_carries_its_fields_closed() -> None:
+    """What a sender matches on (daemon/answers.py): never the words."""
+    env = Envelope(3, 2, "2026-11-26T10:00:00.000000Z")
+    plain = notice_payload(env, "info", "audit log writable again")
+    assert "command" not in plain  # an older dashboard's schema still takes it
+    VALIDATORS["events"].validate(on_the_wire(plain))
+    said = answered("ok [nonce x]", "done", kind="signoff", nonce="ab" * 16)
+    p = notice_payload(env, "info", said, command=said.command)
+    VALIDATORS["events"].validate(on_the_wire(p))
+    assert p["command"] == {
+        "kind": "signoff", "nonce": "ab" * 16, "sha256": None, "outcome": "done", "reason": None,
+    }  # fmt: skip
+    refused = answered("no", "refused", sha256="cd" * 32, reason="not a word!")
+    p = notice_payload(env, "info", refused, command=refused.command)
+    VALIDATORS["events"].validate(on_the_wire(p))
+    assert p["command"]["reason"] == "other"  # only fixed words reach the field
+    for bad in ({"extra": 1}, {"outcome": "recorded"}, {"nonce": "sign-off recorded"}):
+        assert rejects("events", {**p, "command": {**p["command"], **bad}}), bad
 
 
 def test_a_notice_refuses_an_unknown_severity() -> None:
