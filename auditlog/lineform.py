@@ -1,0 +1,135 @@
+"""The writer's exact form of a log line, as verify reads it: a fast shape checked by
+byte comparison, and a full parse for every line that does not have it.
+
+The writer (canonical.py) ends every entry with the same envelope, in one byte form::
+
+    ,"hash":"<64 hex>","mono_ns":<digits>,"prev":"<64 hex>","seq":<digits>,
+    "ts":"<27 characters>","type":"<kind>"}          (one line, without the break)
+
+verify_log compares those bytes in place, against what it expects: the previous entry's
+hash as ``prev``, the next ``seq`` in decimal, a timestamp of the writer's 27 characters
+(``2026-12-06T11:07:18.812944Z``), a kind of ``[a-z0-9_]`` that verify does not read.
+A line with that *fast shape* needs no parse: its entry hash covers the bytes before the
+hash field, its leaf the whole line, and the envelope is exactly what the writer writes —
+no space, no key twice, no key out of order, no escape — since any of those would break
+one of the comparisons.
+
+Every other line takes the *full parse* (:func:`read_entry`): the first entry, an entry
+of a kind verify reads (:data:`PARSED_KINDS`: its data is checked), a kind or ts with other
+characters, and anything a forger made. Parsed, the line must then be the canonical JSON of
+what it holds (:func:`not_canonical`): what the writer would have written for it, byte for
+byte. So a duplicated key (two JSON readers can take different ones), keys out of order,
+whitespace or an escape the writer does not write is a problem on the line that has it,
+where it was before accepted as long as its hash matched.
+
+What neither path does: parse the ``data`` of a line of the fast shape (a sample's
+data). Its bytes are hashed, chained and signed like every other byte, so they cannot be
+changed without breaking the chain, the tree or a signature; but verify does not say
+whether they are canonical JSON. Only the writer, or someone who wrote the entry and its
+whole chain after it, can have put them there; an entry no signature vouches for is
+reported as unvouched in any case.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import orjson
+
+from iortd.auditlog.canonical import CanonicalError, canonical
+
+__all__ = [
+    "ALTERED",
+    "HASH_KEY",
+    "KIND_CHARS",
+    "MONO_KEY",
+    "PARSED_KINDS",
+    "PREV_KEY",
+    "SEQ_KEY",
+    "TS_CHARS",
+    "TS_KEY",
+    "TYPE_KEY",
+    "chain_problem",
+    "not_canonical",
+    "read_entry",
+    "tail_seq",
+]
+
+ALTERED: Final = "hash does not match the entry's content: the entry was altered"
+
+HASH_KEY: Final = b',"hash":"'  # then 64 hex digits: the hash's closing quote is at +73
+MONO_KEY: Final = b'","mono_ns":'  # from the hash's closing quote
+PREV_KEY: Final = b',"prev":"'  # then 64 hex digits
+SEQ_KEY: Final = b'","seq":'  # from prev's closing quote
+TS_KEY: Final = b',"ts":"'  # then TS_LEN characters of TS_CHARS
+TYPE_KEY: Final = b'","type":"'  # from ts's closing quote; the line ends with '"}'
+TS_LEN: Final = 27
+TS_CHARS: Final = b"0123456789-:.TZ"
+KIND_CHARS: Final = b"abcdefghijklmnopqrstuvwxyz0123456789_"
+# The kinds whose data verify reads (verify.py): always parsed, so always checked canonical.
+PARSED_KINDS: Final = frozenset(
+    {
+        b"log_created",
+        b"daemon_start",
+        b"checkpoint",
+        b"recovery",
+        b"config_loaded",
+        b"log_rollback_accepted",
+    }
+)
+
+
+def read_entry(line: bytes) -> tuple[dict[str, Any], int, str, str, str]:
+    """(entry, seq, prev, ts, type) of a line parsed whole; ValueError saying what is
+    missing or of the wrong kind when it is not an entry."""
+    entry = orjson.loads(line)  # orjson.JSONDecodeError is a ValueError
+    if type(entry) is not dict:
+        raise ValueError("not a JSON object")
+    try:
+        seq, prev, ts, kind = entry["seq"], entry["prev"], entry["ts"], entry["type"]
+    except KeyError as exc:
+        raise ValueError(f"no {exc.args[0]!r}") from None
+    if type(seq) is not int:
+        raise ValueError("seq is not an integer")
+    for name, value in (("prev", prev), ("ts", ts), ("type", kind)):
+        if type(value) is not str:
+            raise ValueError(f"{name} is not text")
+    return entry, seq, prev, ts, kind
+
+
+def not_canonical(entry: dict[str, Any], line: bytes) -> str | None:
+    """Why ``line`` is not the canonical form of ``entry`` (parsed from it), or None."""
+    try:
+        again = canonical(entry)
+    except CanonicalError as exc:
+        return f"not in the log's canonical form ({exc})"
+    if again == line:
+        return None
+    return (
+        "not in the log's canonical form (a key twice, keys out of order, spaces, or an "
+        "escape or number form the writer does not write): the writer did not write this "
+        "line"
+    )
+
+
+def tail_seq(line: bytes, end: int) -> int | None:
+    """The seq of an altered line, read from the envelope after its hash if it can be
+    (a line merged with the next by a removed newline has the next one's)."""
+    try:
+        seq = orjson.loads(b"{" + line[end + 2 :]).get("seq")
+    except (ValueError, AttributeError):
+        return None
+    return seq if type(seq) is int else None
+
+
+def chain_problem(entry: dict[str, Any], line: bytes, expect_seq: int, prev_b: bytes) -> str | None:
+    """What is wrong with a parsed line whose hash matches: its form; with its seq in
+    place (verify.py words a seq out of place), its prev and the first entry's type."""
+    bad = not_canonical(entry, line)
+    if bad is not None or entry["seq"] != expect_seq:
+        return bad
+    if entry["prev"] != prev_b.decode():
+        return f"prev does not match the hash of seq {expect_seq - 1}"
+    if expect_seq == 0 and entry["type"] != "log_created":
+        return "the log does not start with log_created"
+    return None
