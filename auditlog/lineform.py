@@ -6,13 +6,15 @@ The writer (canonical.py) ends every entry with the same envelope, in one byte f
     ,"hash":"<64 hex>","mono_ns":<digits>,"prev":"<64 hex>","seq":<digits>,
     "ts":"<27 characters>","type":"<kind>"}          (one line, without the break)
 
-verify_log compares those bytes in place, against what it expects: the previous entry's
-hash as ``prev``, the next ``seq`` in decimal, a timestamp of the writer's 27 characters
-(``2026-12-06T11:07:18.812944Z``), a kind of ``[a-z0-9_]`` that verify does not read.
-A line with that *fast shape* needs no parse: its entry hash covers the bytes before the
-hash field, its leaf the whole line, and the envelope is exactly what the writer writes —
-no space, no key twice, no key out of order, no escape — since any of those would break
-one of the comparisons.
+verify_log matches those bytes with one regular expression (:data:`ENVELOPE`, in C) and
+compares what it captures with what it expects: the previous entry's hash as ``prev``
+(bytes, so lowercase hex), the next ``seq`` in decimal, a timestamp of the writer's 27
+characters (``2026-12-06T11:07:18.812944Z``), a kind of ``[a-z0-9_]`` whose data verify
+does not read, a ``mono_ns`` without a leading zero. A line with that *fast shape* needs no
+JSON parse: its entry hash covers the bytes before the hash field, its leaf the whole line,
+and the envelope is exactly what the writer writes — no space, no key twice, no key out of
+order, no escape — since any of those would not match. (Measured: the match costs less
+than orjson's parse of the same envelope, which checks none of that.)
 
 Every other line takes the *full parse* (:func:`read_entry`): the first entry, an entry
 of a kind verify reads (:data:`PARSED_KINDS`: its data is checked), a kind or ts with other
@@ -32,6 +34,7 @@ reported as unvouched in any case.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Final
 
 import orjson
@@ -40,15 +43,9 @@ from iortd.auditlog.canonical import CanonicalError, canonical
 
 __all__ = [
     "ALTERED",
+    "ENVELOPE",
     "HASH_KEY",
-    "KIND_CHARS",
-    "MONO_KEY",
     "PARSED_KINDS",
-    "PREV_KEY",
-    "SEQ_KEY",
-    "TS_CHARS",
-    "TS_KEY",
-    "TYPE_KEY",
     "chain_problem",
     "not_canonical",
     "read_entry",
@@ -58,14 +55,11 @@ __all__ = [
 ALTERED: Final = "hash does not match the entry's content: the entry was altered"
 
 HASH_KEY: Final = b',"hash":"'  # then 64 hex digits: the hash's closing quote is at +73
-MONO_KEY: Final = b'","mono_ns":'  # from the hash's closing quote
-PREV_KEY: Final = b',"prev":"'  # then 64 hex digits
-SEQ_KEY: Final = b'","seq":'  # from prev's closing quote
-TS_KEY: Final = b',"ts":"'  # then TS_LEN characters of TS_CHARS
-TYPE_KEY: Final = b'","type":"'  # from ts's closing quote; the line ends with '"}'
-TS_LEN: Final = 27
-TS_CHARS: Final = b"0123456789-:.TZ"
-KIND_CHARS: Final = b"abcdefghijklmnopqrstuvwxyz0123456789_"
+# From the hash's closing quote to the end of the line: prev, seq, ts and type captured.
+ENVELOPE: Final = re.compile(
+    rb'","mono_ns":[1-9][0-9]*,"prev":"(.{64})","seq":([0-9]+),'
+    rb'"ts":"([0-9T:.Z-]{27})","type":"([a-z0-9_]*)"}'
+)
 # The kinds whose data verify reads (verify.py): always parsed, so always checked canonical.
 PARSED_KINDS: Final = frozenset(
     {

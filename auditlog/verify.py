@@ -41,15 +41,9 @@ from iortd.auditlog.dircheck import (
 from iortd.auditlog.findings import Problem, Unvouched, VerifyReport, entry_data
 from iortd.auditlog.lineform import (
     ALTERED,
+    ENVELOPE,
     HASH_KEY,
-    KIND_CHARS,
-    MONO_KEY,
     PARSED_KINDS,
-    PREV_KEY,
-    SEQ_KEY,
-    TS_CHARS,
-    TS_KEY,
-    TYPE_KEY,
     chain_problem,
     read_entry,
     tail_seq,
@@ -189,22 +183,14 @@ def verify_log(
             h = sha256(line[:at])
             h.update(line[end + 1 :])
             claimed = line[at + 9 : end]
-            q = line.find(PREV_KEY, end + 12)
-            c = q + 81 + len(seq_b)
+            m = ENVELOPE.fullmatch(line, end)
+            if m is not None:
+                prev_seen, seq_seen, ts, kind_b = m.groups()
             if (
-                expect_seq
-                and q > end
-                and line.startswith(MONO_KEY, end)
-                and line.startswith(prev_b, q + 9)
-                and line.startswith(SEQ_KEY, q + 73)
-                and line.startswith(seq_b, q + 81)
-                and line.startswith(TS_KEY, c)
-                and line.startswith(TYPE_KEY, c + 34)
-                and line.endswith(b'"}')
-                and (mono := line[end + 12 : q]).isdigit()
-                and (mono[0] != 48 or len(mono) == 1)  # no leading zero
-                and not (ts := line[c + 7 : c + 34]).translate(None, TS_CHARS)
-                and not (kind_b := line[c + 44 : -2]).translate(None, KIND_CHARS)
+                m is not None
+                and prev_seen == prev_b
+                and seq_seen == seq_b
+                and expect_seq
                 and kind_b not in PARSED_KINDS
             ):
                 # The fast shape: prev and seq are the ones expected, the rest as written.
