@@ -12,11 +12,15 @@ such entries still not be genuine: the command says so and exits 1. Timestamps t
 backwards are reported as warnings (a clock step), not as breaks.
 
 The Merkle tree (issue 20) is recomputed in the same pass: one more SHA-256 per line (its
-leaf) and the frontier (merkle.py). A checkpoint entry whose data says ``tree:
-"rfc6962"`` must hold a tree checkpoint whose root is the tree's over the entries before
-it; one without must hold a chain-head checkpoint (note.py): the log says which, never the
-bytes. A tree seal, checkpoint file or ``--checkpoint`` copy must have the tree's root at
-its size as well as the chain's head.
+leaf) and the frontier (merkle.py's, its carries inlined in the loop). A checkpoint entry
+whose data says ``tree: "rfc6962"`` must hold a tree checkpoint whose root is the tree's
+over the entries before it; one without must hold a chain-head checkpoint (note.py): the
+log says which, never the bytes. A tree seal, checkpoint file or ``--checkpoint`` copy
+must have the tree's root at its size as well as the chain's head.
+
+How a line is read: by the bytes of its envelope when it has the writer's exact form, with
+no JSON parse; otherwise parsed whole, and then it must be its own canonical JSON
+(lineform.py). Either way every check above is made on it.
 
 The checks of the directory's own files, and of a writer that may be running, are in
 dircheck.py; the report and its parts in findings.py.
