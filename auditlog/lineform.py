@@ -10,7 +10,9 @@ verify_log matches those bytes with one regular expression (:data:`ENVELOPE`, in
 compares what it captures with what it expects: the previous entry's hash as ``prev``
 (bytes, so lowercase hex), the next ``seq`` in decimal, a timestamp of the writer's 27
 characters (``2026-12-06T11:07:18.812944Z``), a kind of ``[a-z0-9_]`` whose data verify
-does not read, a ``mono_ns`` without a leading zero. A line with that *fast shape* needs no
+does not read, a ``mono_ns`` without a leading zero; and before the hash field, the data
+object's end, or a ``delivery_id`` of plain text right after it (:data:`DELIVERY`), so
+that neither key nor the hash can be there twice. A line with that *fast shape* needs no
 JSON parse: its entry hash covers the bytes before the hash field, its leaf the whole line,
 and the envelope is exactly what the writer writes — no space, no key twice, no key out of
 order, no escape — since any of those would not match. (Measured: the match costs less
@@ -43,6 +45,9 @@ from iortd.auditlog.canonical import CanonicalError, canonical
 
 __all__ = [
     "ALTERED",
+    "DATA_KEY",
+    "DELIVERY",
+    "DELIVERY_KEY",
     "ENVELOPE",
     "HASH_KEY",
     "PARSED_KINDS",
@@ -60,6 +65,11 @@ ENVELOPE: Final = re.compile(
     rb'","mono_ns":[1-9][0-9]*,"prev":"(.{64})","seq":([0-9]+),'
     rb'"ts":"([0-9T:.Z-]{27})","type":"([a-z0-9_]*)"}'
 )
+# Before the hash field: the line opens with the data object, which ends right before the
+# hash or before a delivery_id of plain text (no quote, no escape) that does.
+DATA_KEY: Final = b'{"data":{'
+DELIVERY_KEY: Final = b',"delivery_id":"'
+DELIVERY: Final = re.compile(rb'},"delivery_id":"[^"\\]*"')
 # The kinds whose data verify reads (verify.py): always parsed, so always checked canonical.
 PARSED_KINDS: Final = frozenset(
     {

@@ -45,6 +45,9 @@ from iortd.auditlog.dircheck import (
 from iortd.auditlog.findings import Problem, Unvouched, VerifyReport, entry_data
 from iortd.auditlog.lineform import (
     ALTERED,
+    DATA_KEY,
+    DELIVERY,
+    DELIVERY_KEY,
     ENVELOPE,
     HASH_KEY,
     PARSED_KINDS,
@@ -196,6 +199,11 @@ def verify_log(
                 and seq_seen == seq_b
                 and expect_seq
                 and kind_b not in PARSED_KINDS
+                and line.startswith(DATA_KEY)
+                and (
+                    line[at - 1] == 125  # "}": the data object, no delivery_id
+                    or DELIVERY.fullmatch(line, line.rfind(DELIVERY_KEY, 0, at) - 1, at) is not None
+                )
             ):
                 # The fast shape: prev and seq are the ones expected, the rest as written.
                 seq = expect_seq

@@ -204,3 +204,22 @@ def test_data_that_is_not_json_on_a_line_verify_parses_is_caught(log_dir: Path) 
     assert rep.problem is not None
     assert rep.problem.line == n, rep.problem
     assert "not a log entry" in rep.problem.what, rep.problem
+
+
+def test_a_duplicated_delivery_id_is_caught(log_dir: Path) -> None:
+    # Which delivery a sample belongs to: readers that take the first key would say "or9-y".
+    n = forge(
+        log_dir, 11, b',"delivery_id":"or9-x"', b',"delivery_id":"or9-y","delivery_id":"or9-x"'
+    )
+    rep = verify_log([log_dir])
+    assert rep.problem is not None
+    assert rep.problem.line == n, rep.problem
+    assert "canonical form" in rep.problem.what, rep.problem
+
+
+def test_a_second_hash_field_is_caught(log_dir: Path) -> None:
+    n = forge(log_dir, 13, b',"hash":"', b',"hash":"' + b"1" * 64 + b'","hash":"')
+    rep = verify_log([log_dir])
+    assert rep.problem is not None
+    assert rep.problem.line == n, rep.problem
+    assert "canonical form" in rep.problem.what, rep.problem
