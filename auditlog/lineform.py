@@ -11,12 +11,14 @@ compares what it captures with what it expects: the previous entry's hash as ``p
 (bytes, so lowercase hex), the next ``seq`` in decimal, a timestamp of the writer's 27
 characters (``2026-12-06T11:07:18.812944Z``), a kind of ``[a-z0-9_]`` whose data verify
 does not read, a ``mono_ns`` without a leading zero; and before the hash field, the data
-object's end, or a ``delivery_id`` of plain text right after it (:data:`DELIVERY`), so
-that neither key nor the hash can be there twice. A line with that *fast shape* needs no
-JSON parse: its entry hash covers the bytes before the hash field, its leaf the whole line,
-and the envelope is exactly what the writer writes — no space, no key twice, no key out of
-order, no escape — since any of those would not match. (Measured: the match costs less
-than orjson's parse of the same envelope, which checks none of that.)
+object's end (the last ``}`` before it), or a ``delivery_id`` of plain text right after
+it, so that neither that key nor the hash can be there twice; the line opens with
+``{"data":{``. One match, from the data's end to the end of the line. A line with that
+*fast shape* needs no JSON parse: its entry hash covers the bytes before the hash field,
+its leaf the whole line, and the envelope is exactly what the writer writes — no space, no
+key twice, no key out of order, no escape — since any of those would not match. (Measured:
+the match costs about as much as orjson's parse of the envelope, which checked none of
+that, did before.)
 
 Every other line takes the *full parse* (:func:`read_entry`): the first entry, an entry
 of a kind verify reads (:data:`PARSED_KINDS`: its data is checked), a kind or ts with other
@@ -46,8 +48,6 @@ from iortd.auditlog.canonical import CanonicalError, canonical
 __all__ = [
     "ALTERED",
     "DATA_KEY",
-    "DELIVERY",
-    "DELIVERY_KEY",
     "ENVELOPE",
     "HASH_KEY",
     "PARSED_KINDS",
@@ -60,16 +60,13 @@ __all__ = [
 ALTERED: Final = "hash does not match the entry's content: the entry was altered"
 
 HASH_KEY: Final = b',"hash":"'  # then 64 hex digits: the hash's closing quote is at +73
-# From the hash's closing quote to the end of the line: prev, seq, ts and type captured.
+# From the end of the data object to the end of the line: a delivery_id of plain text (no
+# quote, no escape) or none, and the envelope with hash, prev, seq, ts and type captured.
 ENVELOPE: Final = re.compile(
-    rb'","mono_ns":[1-9][0-9]*,"prev":"(.{64})","seq":([0-9]+),'
-    rb'"ts":"([0-9T:.Z-]{27})","type":"([a-z0-9_]*)"}'
+    rb'}(?:,"delivery_id":"[^"\\]*")?,"hash":"(.{64})","mono_ns":[1-9][0-9]*,'
+    rb'"prev":"(.{64})","seq":([0-9]+),"ts":"([0-9T:.Z-]{27})","type":"([a-z0-9_]*)"}'
 )
-# Before the hash field: the line opens with the data object, which ends right before the
-# hash or before a delivery_id of plain text (no quote, no escape) that does.
-DATA_KEY: Final = b'{"data":{'
-DELIVERY_KEY: Final = b',"delivery_id":"'
-DELIVERY: Final = re.compile(rb'},"delivery_id":"[^"\\]*"')
+DATA_KEY: Final = b'{"data":{'  # how the line opens
 # The kinds whose data verify reads (verify.py): always parsed, so always checked canonical.
 PARSED_KINDS: Final = frozenset(
     {

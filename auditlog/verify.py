@@ -46,8 +46,6 @@ from iortd.auditlog.findings import Problem, Unvouched, VerifyReport, entry_data
 from iortd.auditlog.lineform import (
     ALTERED,
     DATA_KEY,
-    DELIVERY,
-    DELIVERY_KEY,
     ENVELOPE,
     HASH_KEY,
     PARSED_KINDS,
@@ -182,17 +180,10 @@ def verify_log(
         for n, line in enumerate(seg.flat(), start=1):
             if progress is not None and not n & 0x3FFF:  # every 16k lines, within a segment
                 progress(done_bytes + seg.consumed)
-            at = line.rfind(HASH_KEY)
-            end = at + 73
-            if at < 0 or line[end : end + 2] != b'",':
-                rep.problem = Problem(path, n, None, "not a log entry (no hash field)")
-                break
-            h = sha256(line[:at])
-            h.update(line[end + 1 :])
-            claimed = line[at + 9 : end]
-            m = ENVELOPE.fullmatch(line, end)
+            # From the data's end (the last "}" but the line's own) to the end of the line.
+            m = ENVELOPE.fullmatch(line, line.rfind(b"}", 0, -1))
             if m is not None:
-                prev_seen, seq_seen, ts, kind_b = m.groups()
+                claimed, prev_seen, seq_seen, ts, kind_b = m.groups()
             if (
                 m is not None
                 and prev_seen == prev_b
@@ -200,12 +191,11 @@ def verify_log(
                 and expect_seq
                 and kind_b not in PARSED_KINDS
                 and line.startswith(DATA_KEY)
-                and (
-                    line[at - 1] == 125  # "}": the data object, no delivery_id
-                    or DELIVERY.fullmatch(line, line.rfind(DELIVERY_KEY, 0, at) - 1, at) is not None
-                )
             ):
                 # The fast shape: prev and seq are the ones expected, the rest as written.
+                at = m.start(1) - 9
+                h = sha256(line[:at])
+                h.update(line[at + 74 :])
                 seq = expect_seq
                 if h.hexdigest().encode() != claimed:
                     rep.problem = Problem(path, n, seq, ALTERED)
@@ -214,6 +204,14 @@ def verify_log(
                     _clock_back(rep, path, n, seq, last_ts.decode(), ts.decode(), kind_b.decode())
                 last_ts = ts
             else:
+                at = line.rfind(HASH_KEY)
+                end = at + 73
+                if at < 0 or line[end : end + 2] != b'",':
+                    rep.problem = Problem(path, n, None, "not a log entry (no hash field)")
+                    break
+                h = sha256(line[:at])
+                h.update(line[end + 1 :])
+                claimed = line[at + 9 : end]
                 if h.hexdigest().encode() != claimed:
                     rep.problem = Problem(path, n, tail_seq(line, end), ALTERED)
                     break
