@@ -24,6 +24,7 @@ is wrong, in words; callers report it as the log being not intact.
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 from collections.abc import Iterator
@@ -140,10 +141,13 @@ class Segment:
 
     def flat(self) -> Iterator[bytes]:
         """Whole lines without their newline, one at a time. Stops early on a SegmentError
-        and keeps it in ``error`` (for a loop that handles its own problems)."""
+        and keeps it in ``error`` (for a loop that handles its own problems). The lines of
+        a block are handed out in C (itertools.chain): no generator resumes per line."""
+        return itertools.chain.from_iterable(self._blocks_keeping_error())
+
+    def _blocks_keeping_error(self) -> Iterator[list[bytes]]:
         try:
-            for block in self.blocks():
-                yield from block
+            yield from self.blocks()
         except SegmentError as exc:
             self.error = exc
 

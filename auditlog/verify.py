@@ -12,11 +12,15 @@ such entries still not be genuine: the command says so and exits 1. Timestamps t
 backwards are reported as warnings (a clock step), not as breaks.
 
 The Merkle tree (issue 20) is recomputed in the same pass: one more SHA-256 per line (its
-leaf) and the frontier (merkle.py). A checkpoint entry whose data says ``tree:
-"rfc6962"`` must hold a tree checkpoint whose root is the tree's over the entries before
-it; one without must hold a chain-head checkpoint (note.py): the log says which, never the
-bytes. A tree seal, checkpoint file or ``--checkpoint`` copy must have the tree's root at
-its size as well as the chain's head.
+leaf) and the frontier (merkle.py's, its carries inlined in the loop). A checkpoint entry
+whose data says ``tree: "rfc6962"`` must hold a tree checkpoint whose root is the tree's
+over the entries before it; one without must hold a chain-head checkpoint (note.py): the
+log says which, never the bytes. A tree seal, checkpoint file or ``--checkpoint`` copy
+must have the tree's root at its size as well as the chain's head.
+
+How a line is read: by the bytes of its envelope when it has the writer's exact form, with
+no JSON parse; otherwise parsed whole, and then it must be its own canonical JSON
+(lineform.py). Either way every check above is made on it.
 
 The checks of the directory's own files, and of a writer that may be running, are in
 dircheck.py; the report and its parts in findings.py.
@@ -39,14 +43,22 @@ from iortd.auditlog.dircheck import (
     unvouched_tail,
 )
 from iortd.auditlog.findings import Problem, Unvouched, VerifyReport, entry_data
+from iortd.auditlog.lineform import (
+    ALTERED,
+    DATA_KEY,
+    ENVELOPE,
+    HASH_KEY,
+    PARSED_KINDS,
+    chain_problem,
+    read_entry,
+    tail_seq,
+)
 from iortd.auditlog.logdir import SEGMENT_RE, segment_paths
 from iortd.auditlog.marker import read_marker
 from iortd.auditlog.merkle import Frontier
 from iortd.auditlog.note import Checkpoint, NoteError, Verifier
 from iortd.auditlog.segments import SegmentError, open_segment
 from iortd.auditlog.union import find_archive, merge, missing_segment
-
-_HASH_KEY = b',"hash":"'
 
 __all__ = [
     "Problem",
@@ -146,16 +158,18 @@ def verify_log(
     anchor_hashes: dict[int, str | None] = {cp.count - 1: None for _, _, cp in anchors}
     roots: dict[int, str] = {}  # count -> the tree's root (hex), at the anchors' sizes
     root_sizes = {c.count for c in ext_cps if c.root} | {c.count for *_, c in anchors if c.root}
-    frontier = Frontier()
-    add_leaf = frontier.append
-    last_ts = ""
+    stack: list[bytes] = []  # the tree's frontier: merkle.Frontier's hashes, inlined
+    last_ts = b""
     log_key: Verifier | None = None
-    prev_hash, expect_seq = ZERO_HASH, 0
+    prev_b, expect_seq, seq_b = ZERO_HASH.encode(), 0, b"0"
+    watch = ext_seqs | set(anchor_hashes) | {c - 1 for c in root_sizes}
     done_bytes = 0
-    sha256, loads = hashlib.sha256, orjson.loads
+    sha256 = hashlib.sha256
     # The hot loop: a block of a segment in memory (bounded: segments.py), lines split in
-    # C, locals only. Per line: one SHA-256 over the line minus its hash field, and a parse
-    # of the short envelope tail (mono_ns, prev, seq, ts, type) - never of the data.
+    # C, locals only. Per line of the writer's fast shape (lineform.py): the SHA-256 of
+    # the line minus its hash field, the leaf's, the frontier's carries, and the envelope
+    # compared in place with the prev and seq expected; no parse. Any other line is
+    # parsed whole and must be its own canonical form.
     for path in rep.files:
         try:
             seg = open_segment(path)
@@ -166,83 +180,104 @@ def verify_log(
         for n, line in enumerate(seg.flat(), start=1):
             if progress is not None and not n & 0x3FFF:  # every 16k lines, within a segment
                 progress(done_bytes + seg.consumed)
-            at = line.rfind(_HASH_KEY)
-            end = at + 73
-            if at < 0 or line[end : end + 2] != b'",':
-                rep.problem = Problem(path, n, None, "not a log entry (no hash field)")
-                break
-            h = sha256(line[:at])
-            h.update(line[end + 1 :])
-            try:
-                claimed = line[at + 9 : end].decode("ascii")
-                tail = loads(b"{" + line[end + 2 :])
-                seq, prev, kind, ts = tail["seq"], tail["prev"], tail["type"], tail["ts"]
-            except (ValueError, KeyError, TypeError) as exc:
-                rep.problem = Problem(path, n, None, f"not a log entry ({exc})")
-                break
-            if h.hexdigest() != claimed:
-                rep.problem = Problem(
-                    path, n, seq, "hash does not match the entry's content: the entry was altered"
-                )
-                break
-            if seq != expect_seq:
-                what = (
-                    missing_segment(expect_seq, seq, archive)
-                    if archive is not None and n == 1 and seq > expect_seq
-                    else f"the log starts at seq {seq}, not 0: give the whole log (its directory),"
-                    f" or earlier segments are missing{_archived_hint(log_dir)}"
-                    if expect_seq == 0
-                    else f"seq {seq} where {expect_seq} was expected: an entry is missing, "
-                    "inserted or out of order"
-                )
-                rep.problem = Problem(path, n, seq, what)
-                break
-            if prev != prev_hash:
-                rep.problem = Problem(
-                    path, n, seq, f"prev does not match the hash of seq {expect_seq - 1}"
-                )
-                break
-            if seq == 0:
-                if kind != "log_created":
-                    rep.problem = Problem(path, n, 0, "the log does not start with log_created")
+            # From the data's end (the last "}" but the line's own) to the end of the line.
+            m = ENVELOPE.fullmatch(line, line.rfind(b"}", 0, -1))
+            if m is not None:
+                claimed, prev_seen, seq_seen, ts, kind_b = m.groups()
+            if (
+                m is not None
+                and prev_seen == prev_b
+                and seq_seen == seq_b
+                and expect_seq
+                and kind_b not in PARSED_KINDS
+                and line.startswith(DATA_KEY)
+            ):
+                # The fast shape: prev and seq are the ones expected, the rest as written.
+                at = m.start(1) - 9
+                h = sha256(line[:at])
+                h.update(line[at + 74 :])
+                seq = expect_seq
+                if h.hexdigest().encode() != claimed:
+                    rep.problem = Problem(path, n, seq, ALTERED)
                     break
-                rep.origin = entry_data(line).get("origin")
-            elif kind == "daemon_start":
-                key_text = entry_data(line).get("verifier_key")
-                log_key = None
-                if isinstance(key_text, str):
-                    rep.signing_key_recorded = True
-                    try:
-                        log_key = Verifier.parse(key_text)
-                    except NoteError:
-                        rep.warnings.append(f"{path}:{n}: unreadable verifier_key in daemon_start")
-            elif kind == "checkpoint":
-                bad = _check_checkpoint(line, seq, prev_hash, rep, pubkey, log_key, frontier)
-                if bad is not None:
-                    rep.problem = Problem(path, n, seq, bad)
+                if ts < last_ts:
+                    _clock_back(rep, path, n, seq, last_ts.decode(), ts.decode(), kind_b.decode())
+                last_ts = ts
+            else:
+                at = line.rfind(HASH_KEY)
+                end = at + 73
+                if at < 0 or line[end : end + 2] != b'",':
+                    rep.problem = Problem(path, n, None, "not a log entry (no hash field)")
                     break
-            elif kind == "recovery":
-                _note_recovery(line, seq, rep)
-            elif kind == "config_loaded":
-                rep.commit_window_s = commit_window(line)
-            elif kind == "log_rollback_accepted":
-                rep.warnings.append(
-                    f"{path}:{n} (seq {seq}): the daemon was started on a log behind its own "
-                    f"seal or checkpoint (--accept-log-rollback): {entry_data(line).get('why')}"
-                )
-            if ts < last_ts:
-                _clock_back(rep, path, n, seq, last_ts, ts, kind)
-            last_ts = ts
-            leaf = sha256(b"\x00")
-            leaf.update(line)
-            add_leaf(leaf.digest())
-            if seq + 1 in root_sizes:
-                roots[seq + 1] = frontier.root().hex()
-            if seq in ext_seqs:
-                ext_hash_at[seq] = claimed
-            if seq in anchor_hashes:
-                anchor_hashes[seq] = claimed
-            prev_hash, expect_seq = claimed, seq + 1
+                h = sha256(line[:at])
+                h.update(line[end + 1 :])
+                claimed = line[at + 9 : end]
+                if h.hexdigest().encode() != claimed:
+                    rep.problem = Problem(path, n, tail_seq(line, end), ALTERED)
+                    break
+                try:
+                    entry, seq, _prev, ts_text, kind = read_entry(line)
+                except ValueError as exc:
+                    rep.problem = Problem(path, n, None, f"not a log entry ({exc})")
+                    break
+                ts = ts_text.encode()  # UTF-8 keeps the order of the text
+                what = chain_problem(entry, line, expect_seq, prev_b)
+                if what is None and seq != expect_seq:
+                    what = _seq_problem(seq, expect_seq, n, archive, log_dir)
+                if what is not None:
+                    rep.problem = Problem(path, n, seq, what)
+                    break
+                if seq == 0:
+                    rep.origin = entry_data(line).get("origin")
+                elif kind == "daemon_start":
+                    key_text = entry_data(line).get("verifier_key")
+                    log_key = None
+                    if isinstance(key_text, str):
+                        rep.signing_key_recorded = True
+                        try:
+                            log_key = Verifier.parse(key_text)
+                        except NoteError:
+                            rep.warnings.append(
+                                f"{path}:{n}: unreadable verifier_key in daemon_start"
+                            )
+                elif kind == "checkpoint":
+                    frontier = Frontier.restore(seq, stack)
+                    bad_cp = _check_checkpoint(
+                        line, seq, prev_b.decode(), rep, pubkey, log_key, frontier
+                    )
+                    if bad_cp is not None:
+                        rep.problem = Problem(path, n, seq, bad_cp)
+                        break
+                elif kind == "recovery":
+                    _note_recovery(line, seq, rep)
+                elif kind == "config_loaded":
+                    rep.commit_window_s = commit_window(line)
+                elif kind == "log_rollback_accepted":
+                    rep.warnings.append(
+                        f"{path}:{n} (seq {seq}): the daemon was started on a log behind its "
+                        f"own seal or checkpoint (--accept-log-rollback): "
+                        f"{entry_data(line).get('why')}"
+                    )
+                if ts < last_ts:
+                    _clock_back(rep, path, n, seq, last_ts.decode(), ts.decode(), kind)
+                last_ts = ts
+            # The leaf (RFC 6962: SHA-256 of 0x00 || line) and the frontier's carries, as
+            # Frontier.append does: leaf number seq merges one subtree per trailing 1 bit.
+            leaf = sha256(b"\x00" + line).digest()
+            k = seq
+            while k & 1:
+                leaf = sha256(b"\x01" + stack.pop() + leaf).digest()
+                k >>= 1
+            stack.append(leaf)
+            if seq in watch:
+                if seq + 1 in root_sizes:
+                    roots[seq + 1] = Frontier.restore(seq + 1, stack).root().hex()
+                if seq in ext_seqs:
+                    ext_hash_at[seq] = claimed.decode()
+                if seq in anchor_hashes:
+                    anchor_hashes[seq] = claimed.decode()
+            prev_b, expect_seq = claimed, seq + 1
+            seq_b = b"%d" % expect_seq
         else:
             if seg.error is not None:
                 rep.problem = Problem(path, seg.error.line, None, seg.error.what)
@@ -257,7 +292,7 @@ def verify_log(
         if rep.problem is not None:
             break
     rep.entries = expect_seq
-    rep.head_seq, rep.head_hash = expect_seq - 1, prev_hash
+    rep.head_seq, rep.head_hash = expect_seq - 1, prev_b.decode()
     rep.bytes = done_bytes
     if rep.problem is None and rep.entries == 0:
         rep.problem = Problem(rep.files[0], 0, None, "no entries: a log starts with log_created")
@@ -330,6 +365,20 @@ def verify_log(
             f"{rep.clock_steps_back - CLOCK_STEPS_LISTED} more backward steps of the entries' ts"
         )
     return rep
+
+
+def _seq_problem(
+    seq: int, expect_seq: int, n: int, archive: Path | None, log_dir: Path | None
+) -> str:
+    return (
+        missing_segment(expect_seq, seq, archive)
+        if archive is not None and n == 1 and seq > expect_seq
+        else f"the log starts at seq {seq}, not 0: give the whole log (its directory),"
+        f" or earlier segments are missing{_archived_hint(log_dir)}"
+        if expect_seq == 0
+        else f"seq {seq} where {expect_seq} was expected: an entry is missing, "
+        "inserted or out of order"
+    )
 
 
 def _check_anchor_roots(
