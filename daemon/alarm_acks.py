@@ -57,11 +57,11 @@ import structlog
 from iortd.auditlog.canonical import CanonicalError, canonical
 from iortd.auditlog.command import Command, recorded_command
 from iortd.auditlog.keyring import Keyring
-from iortd.auditlog.logdir import SEGMENT_RE, LogDamaged, read_segment, segment_paths
+from iortd.auditlog.logdir import SEGMENT_RE, read_segment, segment_paths
 from iortd.auditlog.writer import AuditLog
 from iortd.daemon.alarm_ledger import Ack, AckRefused, AlarmLedger, Raising, parse_ack_body
 from iortd.daemon.answers import answered
-from iortd.daemon.commands import CommandIntake, resume_commands
+from iortd.daemon.commands import CommandIntake, rebuild_or_off, resume_commands
 from iortd.daemon.sinks import DeliverySnapshot, Sink, TrackerEvent
 
 __all__ = ["KIND", "REBUILD_MAX_DAYS", "AlarmAcks", "LedgerSink", "install", "rebuild", "summary"]
@@ -328,11 +328,13 @@ async def rebuild(
     when the log cannot be read back it starts empty (said loudly) and :func:`install`
     will not take acknowledgements: one judged without the ledger could acknowledge what
     it cannot see."""
-    try:
-        used = await asyncio.to_thread(acks.rebuild, directory, vouched_count)
-    except (OSError, LogDamaged) as exc:
-        log.error("alarm_ledger_off", reason=f"not rebuilt from the log: {exc}")  # noqa: TRY400
-        notice("critical", "alarm acknowledgements are OFF this run: the log could not be read")
+    used = await rebuild_or_off(
+        "alarm_ledger",
+        "alarm acknowledgements are",
+        lambda: acks.rebuild(directory, vouched_count),
+        notice,
+    )
+    if used is None:
         return
     log.info("alarm_ledger_rebuilt", entries=used, shown=len(acks.ledger.shown()))
 

@@ -90,6 +90,7 @@ __all__ = [
     "Handler",
     "Verdict",
     "open_intake",
+    "rebuild_or_off",
     "resume_commands",
 ]
 
@@ -578,3 +579,18 @@ async def resume_commands(what: str, orphans: Sequence[Command], handle: Handler
                 await handle(cmd)
         except Exception:
             log.exception(f"{what}_resume_failed", nonce=cmd.nonce)
+
+
+async def rebuild_or_off(
+    event: str, what: str, rebuild: Callable[[], int], notice: Callable[[str, str], None]
+) -> int | None:
+    """A handler's state rebuilt from the log (``rebuild``, blocking: in a thread); what
+    it returns, or None when the log cannot be read back: then ``{event}_off`` is logged
+    and a critical notice says that ``what`` is OFF this run (the handler is not installed:
+    one judged without its state could accept what it must not)."""
+    try:
+        return await asyncio.to_thread(rebuild)
+    except (OSError, LogDamaged) as exc:
+        log.error(f"{event}_off", reason=f"not rebuilt from the log: {exc}")  # noqa: TRY400
+        notice("critical", f"{what} OFF this run: the log could not be read")
+        return None

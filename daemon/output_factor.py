@@ -65,10 +65,10 @@ import structlog
 
 from iortd.auditlog.canonical import CanonicalError, canonical
 from iortd.auditlog.command import Command, Refused, recorded_command
-from iortd.auditlog.logdir import LogDamaged, recent_lines
+from iortd.auditlog.logdir import recent_lines
 from iortd.auditlog.writer import AuditLog
 from iortd.daemon.answers import answered
-from iortd.daemon.commands import CommandIntake, resume_commands
+from iortd.daemon.commands import CommandIntake, rebuild_or_off, resume_commands
 from iortd.plan.doserate import (
     DoseRateError,
     OutputFactor,
@@ -335,11 +335,13 @@ async def install(
     log in ``directory``; None (and the kind stays ``no_handler``, said loudly) when the log
     cannot be read back: a factor judged without the day's could not say what it replaces."""
     factors = OutputFactors(audit, notice=notice, skew_s=intake.skew_s)
-    try:
-        used = await asyncio.to_thread(factors.rebuild, directory, vouched_count)
-    except (OSError, LogDamaged) as exc:
-        log.error("output_factors_off", reason=f"not rebuilt from the log: {exc}")  # noqa: TRY400
-        notice("critical", "output factors are OFF this run: the log could not be read")
+    used = await rebuild_or_off(
+        "output_factors",
+        "output factors are",
+        lambda: factors.rebuild(directory, vouched_count),
+        notice,
+    )
+    if used is None:
         return None
     log.info("output_factors_rebuilt", entries=used)
     intake.register(KIND, factors.handle, summary)

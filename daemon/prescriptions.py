@@ -58,10 +58,10 @@ import structlog
 
 from iortd.auditlog.canonical import CanonicalError, canonical
 from iortd.auditlog.command import Command, Refused, recorded_command
-from iortd.auditlog.logdir import LogDamaged, recent_lines
+from iortd.auditlog.logdir import recent_lines
 from iortd.auditlog.writer import AuditLog
 from iortd.daemon.answers import answered
-from iortd.daemon.commands import CommandIntake, resume_commands
+from iortd.daemon.commands import CommandIntake, rebuild_or_off, resume_commands
 from iortd.daemon.tracker import DeliveryTracker
 from iortd.kernel.timefmt import utc_ts
 from iortd.plan.model import (
@@ -369,11 +369,10 @@ async def install(
         return snap is not None and snap.termination is None
 
     rx = Prescriptions(audit, notice=notice, delivery_open=delivery_open, skew_s=intake.skew_s)
-    try:
-        used = await asyncio.to_thread(rx.rebuild, directory, vouched_count)
-    except (OSError, LogDamaged) as exc:
-        log.error("prescriptions_off", reason=f"not rebuilt from the log: {exc}")  # noqa: TRY400
-        notice("critical", "prescriptions are OFF this run: the log could not be read")
+    used = await rebuild_or_off(
+        "prescriptions", "prescriptions are", lambda: rx.rebuild(directory, vouched_count), notice
+    )
+    if used is None:
         return None
     log.info("prescriptions_rebuilt", entries=used, pending=rx.pending is not None)
     intake.register(KIND, rx.handle, summary)

@@ -75,7 +75,7 @@ from iortd.auditlog.signoff import MEANING_TEXT, DeliveryRange, SignoffError, de
 from iortd.auditlog.signoff import parse_body as parse_signoff
 from iortd.auditlog.writer import AuditLog
 from iortd.daemon.answers import answered
-from iortd.daemon.commands import CommandIntake, resume_commands
+from iortd.daemon.commands import CommandIntake, rebuild_or_off, resume_commands
 from iortd.daemon.sinks import Sink
 from iortd.daemon.tracker import DeliveryAmended, DeliverySnapshot, Terminated, TrackerEvent
 from iortd.kernel.timefmt import utc_ts
@@ -393,11 +393,8 @@ async def install(
     """The ``signoff`` handler registered on ``intake``; None (the kind stays
     ``no_handler``, said loudly) when the log cannot be read back."""
     signoffs = Signoffs(audit, directory, notice=notice)
-    try:
-        found = await asyncio.to_thread(signoffs.rebuild)
-    except (OSError, LogDamaged) as exc:
-        log.error("signoffs_off", reason=f"not rebuilt from the log: {exc}")  # noqa: TRY400
-        notice("critical", "sign-offs are OFF this run: the log could not be read")
+    found = await rebuild_or_off("signoffs", "sign-offs are", signoffs.rebuild, notice)
+    if found is None:
         return None
     log.info("signoffs_rebuilt", unhandled=found)
     intake.register(KIND, signoffs.handle, summary)

@@ -51,10 +51,10 @@ import structlog
 
 from iortd.auditlog.command import Command, Refused
 from iortd.auditlog.keyring import Keyring, parse_utc
-from iortd.auditlog.logdir import LogDamaged, recent_lines
+from iortd.auditlog.logdir import recent_lines
 from iortd.auditlog.writer import AuditLog
 from iortd.daemon.answers import answered
-from iortd.daemon.commands import CommandIntake, resume_commands
+from iortd.daemon.commands import CommandIntake, rebuild_or_off, resume_commands
 from iortd.daemon.config.model import VerificationConfig
 from iortd.daemon.prescriptions import REBUILD_WINDOW, Pending, Prescriptions
 from iortd.daemon.tracker import (
@@ -512,11 +512,13 @@ async def install(
         require_factor=config.require_output_factor,
         applicator_types=config.applicator_types,
     )
-    try:
-        used = await asyncio.to_thread(v.rebuild, directory, vouched_count)
-    except (OSError, LogDamaged) as exc:
-        log.error("verification_off", reason=f"not rebuilt from the log: {exc}")  # noqa: TRY400
-        notice("critical", "verification before beam-on is OFF this run: the log could not be read")
+    used = await rebuild_or_off(
+        "verification",
+        "verification before beam-on is",
+        lambda: v.rebuild(directory, vouched_count),
+        notice,
+    )
+    if used is None:
         return None
     log.info("verification_rebuilt", entries=used, used_prescriptions=len(v.used))
 
