@@ -253,7 +253,7 @@ class CommandIntake:
         )
         if topic_kind is not None and topic_kind != cmd.kind:
             raise CommandRejected(
-                RejectReason.wrong_topic, f"a {cmd.kind!r} command on cmd/{topic_kind[:40]}"
+                RejectReason.wrong_topic, f"a {cmd.kind!r} command on cmd/{topic_kind[:40]!r}"
             )
         handled = self._handlers.get(cmd.kind)
         if handled is None:

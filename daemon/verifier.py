@@ -38,7 +38,6 @@ disk, so it is not judged after the fact; the physicist sends it again.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -79,7 +78,7 @@ from iortd.kernel.types import (
     VerificationOutcome,
     VerificationTrigger,
 )
-from iortd.plan.doserate import DoseRateTable, OutputFactor, load_doserate_table
+from iortd.plan.doserate import DoseRateTable, OutputFactor, read_doserate_table
 
 __all__ = ["KIND", "OverrideRefused", "Verifier", "install", "parse_override"]
 
@@ -500,9 +499,7 @@ async def install(
     cannot be read back (said loudly)."""
     table, sha = None, ""
     if config.doserate_table is not None:
-        raw = await asyncio.to_thread(config.doserate_table.read_bytes)
-        table = await asyncio.to_thread(load_doserate_table, config.doserate_table)
-        sha = hashlib.sha256(raw).hexdigest()
+        table, sha = await asyncio.to_thread(read_doserate_table, config.doserate_table)
     v = Verifier(
         keyring=intake.keyring,
         pending=lambda: rx.latest,

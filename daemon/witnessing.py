@@ -90,6 +90,7 @@ from iortd.auditlog.witness_client import (
 from iortd.auditlog.writer import AuditLog, AuditLogClosed
 from iortd.daemon.sinks import Sink
 from iortd.kernel.backoff import Backoff
+from iortd.kernel.threads import in_daemon_thread
 
 __all__ = ["COSIGNED", "REFUSED", "WitnessState", "WitnessSubmitter", "WitnessTarget"]
 
@@ -271,8 +272,12 @@ class WitnessSubmitter(Sink):
             if self._proof[0] != key:  # retries during an outage reuse it
                 leaves, size = self._leaves, pending.size
                 try:
-                    got = await asyncio.to_thread(
-                        lambda: consistency_proof(leaves(size), old, size)
+                    # Its own daemon thread: the leaves may come from the archive share,
+                    # which can hang (kernel/threads.py); a hung read must not hold the
+                    # default executor that shutdown waits for.
+                    got = await in_daemon_thread(
+                        lambda: consistency_proof(leaves(size), old, size),
+                        name="iortd-witness-proof",
                     )
                 except (RebuildError, ArchiveError, OSError, ValueError) as exc:
                     # The log cannot be read back (an archive unmounted, a damaged

@@ -243,7 +243,10 @@ class Auth:
         return any(ip in net for net in self.settings.anonymous_view)
 
     async def may_view(self, request: Request) -> bool:
-        return self.anonymous_view(request) or await self.session(request) is not None
+        # Seeing is not activity (a stream's reconnect must not keep a session alive).
+        return self.anonymous_view(request) or (
+            await self.session(request, touch=False) is not None
+        )
 
     def _cookie(self, name: str, value: str, *, clear: bool = False) -> str:
         parts = [f"{name}={value}", "HttpOnly", "SameSite=Strict", "Path=/"]

@@ -33,6 +33,7 @@ Pure: no clock reads; the table loader reads one small file (kernel/files.py).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import re
@@ -61,6 +62,7 @@ __all__ = [
     "load_doserate_table",
     "output_factor_bytes",
     "parse_output_factor",
+    "read_doserate_table",
     "time_agrees",
 ]
 
@@ -152,6 +154,12 @@ def _applicator(where: str, doc: object) -> ApplicatorRates:
 
 def load_doserate_table(path: Path) -> DoseRateTable:
     """The table in ``path``; DoseRateError naming the file and the key otherwise."""
+    return read_doserate_table(path)[0]
+
+
+def read_doserate_table(path: Path) -> tuple[DoseRateTable, str]:
+    """The table in ``path`` and the SHA-256 of the very bytes it was parsed from (one
+    read: what a check records is the table it used); DoseRateError as above."""
     try:
         raw = read_small_file(path, expected="a dose-rate table (TOML)")
         doc = tomllib.loads(raw.decode("utf-8"))
@@ -162,7 +170,7 @@ def load_doserate_table(path: Path) -> DoseRateTable:
     except (tomllib.TOMLDecodeError, RecursionError) as exc:
         raise DoseRateError(f"{path}: not valid TOML: {toml_error(exc, raw)}") from None
     try:
-        return _table(path, doc)
+        return _table(path, doc), hashlib.sha256(raw).hexdigest()
     except DoseRateError as exc:
         raise DoseRateError(f"{path}: {exc}") from None
 
