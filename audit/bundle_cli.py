@@ -21,9 +21,8 @@ import orjson
 
 from iortd.audit.bundle import BundleError, check_bundle, make_bundle
 from iortd.audit.inputs import UsageError, checkpoint_notes, load_pubkey
+from iortd.audit.witnessed import load_witness_keys
 from iortd.auditlog.archive import ArchiveError
-from iortd.auditlog.cosignature import CosignerVerifier
-from iortd.auditlog.note import NoteError
 from iortd.auditlog.union import find_archive, merge
 from iortd.auditlog.verify import collect_files
 from iortd.kernel.durable import write_atomic
@@ -143,23 +142,15 @@ def run_prove(args: argparse.Namespace) -> int:
 def run_verify_bundle(args: argparse.Namespace) -> int:
     try:
         pubkey = load_pubkey(args.pubkey)
-        witnesses = []
-        for w in args.witness_key:
-            try:
-                text = read_small_file(w, 64 * 1024, expected="a witness key").decode("ascii")
-                witnesses.append(CosignerVerifier.parse(text))
-            except (FileReadError, UnicodeDecodeError, NoteError) as exc:
-                why = exc.reason if isinstance(exc, FileReadError) else exc
-                raise UsageError(f"--witness-key {w}: {why}") from None
+        # The same keys and quorum rules as verify --witness-key (audit/witnessed.py):
+        # a vkey line or its .pub file, none twice, a quorum of 1 .. the keys given.
+        witnesses = load_witness_keys([str(w) for w in args.witness_key], args.quorum)
         raw = read_small_file(args.bundle, MAX_BUNDLE, expected="a proof bundle")
     except UsageError as exc:
         _err(str(exc))
         return EXIT_USAGE
     except FileReadError as exc:
         _err(f"{args.bundle}: {exc.reason}")
-        return EXIT_USAGE
-    if args.quorum is not None and not 0 <= args.quorum <= len(witnesses):
-        _err(f"--quorum {args.quorum}: give 0 .. {len(witnesses)} (the --witness-key count)")
         return EXIT_USAGE
     try:
         c = check_bundle(raw, pubkey, witnesses, args.quorum)

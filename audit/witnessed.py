@@ -31,6 +31,7 @@ from typing import Any
 from iortd.audit.inputs import UsageError
 from iortd.auditlog.cosignature import CosignerVerifier, verify_cosignature
 from iortd.auditlog.signed_note import NoteError, split_note
+from iortd.auditlog.tlog_checkpoint import parse_body
 from iortd.kernel.files import FileReadError, read_small_file
 
 __all__ = ["add_arguments", "check_witnessed", "load_witness_keys"]
@@ -110,9 +111,13 @@ def check_witnessed(
         if entry.get("type") == "checkpoint" and data.get("tree") and data.get("root"):
             try:
                 text, _ = split_note(str(data.get("note", "")), "checkpoint")
-            except NoteError:
+                body = parse_body(text)
+            except NoteError:  # CheckpointError is one
                 continue  # verify_log has judged the checkpoint's note
-            ident = (int(data["count"]), str(data["root"]))
+            # Which checkpoint a cosignature vouches for is what the signed text says
+            # (size, root), never the entry's unsigned `count`/`root`: a rewritten tail
+            # could otherwise stretch "witnessed" past what the witness saw.
+            ident = (body.size, body.root.hex())
             texts[ident] = text
             order.append(ident)
         elif entry.get("type") == "witness_cosigned":

@@ -93,3 +93,16 @@ def test_usage_errors() -> None:
         load_witness_keys([W1.verifier.text, W1.verifier.text], None)
     with pytest.raises(UsageError, match="iort-witness keygen"):
         load_witness_keys([SIGNER.verifier.text], None)
+
+
+def test_what_was_witnessed_is_what_the_signed_text_says_not_the_entrys_fields() -> None:
+    """A rewritten tail may set a checkpoint entry's unsigned ``count``/``root`` to a
+    larger checkpoint's and claim a genuine cosignature of the size-4 note for it: the
+    witnessed size stays the signed one (4), never the entry's (11)."""
+    a, big = checkpoint(4, 4), checkpoint(11, 11)
+    stretched = {**a, "data": {**a["data"], "count": 11, "root": big["data"]["root"]}}
+    claim = cosigned(5, a, W1)
+    claim["data"] = {**claim["data"], "size": 11, "root": big["data"]["root"]}
+    ok, said = run([stretched, claim], [W1], 1)
+    assert "the checkpoint of size 11" not in said
+    assert not ok or "the checkpoint of size 4" in said, said
