@@ -509,7 +509,11 @@ async def test_rebuilt_entries_of_another_shape_are_not_taken(
 
 def test_an_expired_prescription_fails_expired_and_the_beam_on_it_is_without_one() -> None:
     room = Room()
-    room.verifier._now = lambda: NOW + timedelta(hours=12)
+    later = NOW + timedelta(hours=12)  # past midnight UTC when run after noon
+    room.verifier._now = lambda: later
+    # That day's output factor, so that only the expiry fails whatever the time of day.
+    factor = FACTOR.__class__(1.0, later.date(), "phys.curie", "sim")
+    room.verifier._factor_for = lambda day: factor if day == later.date() else None
     [check] = room.new_selection()
     assert check["reasons"] == ["expired"]
     _, _, no_rx, _ = room.read(S.IRRADIATING)
