@@ -848,6 +848,21 @@
     setText(r.ack, k ? "acknowledged by " + k.name + " (" + k.by + ") at " + fmtAlarmTime(k.at) : "NOT ACKNOWLEDGED");
   }
 
+  // Puts the rows in order moving as few as possible: a new alarm arriving above the one a
+  // person is typing an acknowledgement comment into must not take their focus away
+  // (moving a focused node out of the document blurs it; keys typed after would go nowhere).
+  function placeRows(list, nodes) {
+    const focused = document.activeElement;
+    const keep = new Set(nodes);
+    for (const n of Array.from(list.children)) if (!keep.has(n)) n.remove();
+    nodes.forEach((n, i) => { if (list.children[i] !== n) list.insertBefore(n, list.children[i] || null); });
+    if (focused && focused !== document.activeElement && list.contains(focused)) {
+      const sel = "selectionStart" in focused ? [focused.selectionStart, focused.selectionEnd] : null;
+      focused.focus();
+      if (sel && sel[0] !== null) focused.setSelectionRange(sel[0], sel[1]);
+    }
+  }
+
   function renderAlarmList(a, room) {
     const held = room.alarms;
     const t = room.telemetry ? room.telemetry.payload : null;
@@ -882,7 +897,7 @@
       return r.li;
     });
     a.rows = next;
-    if (nodes.length !== a.list.children.length || nodes.some((n, i) => a.list.children[i] !== n)) a.list.replaceChildren(...nodes);
+    placeRows(a.list, nodes);
     a.omitted.hidden = !view.omitted;
     setText(a.omitted, view.omitted ? view.omitted + " more cleared alarms not acknowledged are not listed (beyond the daemon's 256): see the audit log" : "");
   }

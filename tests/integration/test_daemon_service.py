@@ -440,7 +440,8 @@ listen = ""
 [mqtt]
 enabled = false
 [tolerances]
-stale_after_polls = 3
+# 1 s of silence (not 60 ms): a loaded CI worker must not make the source look stale
+stale_after_polls = 50
 applicator_displacement_mm = 2.0
 applicator_tilt_deg = 2.0
 [[devices]]

@@ -203,10 +203,26 @@ async def test_the_alarm_list_shows_who_acknowledged_and_survives_a_restart(
             await expect(card).to_have_text("Alarms: 3 not acknowledged (1 HIGH standing)")
             await expect(card).to_have_attribute("data-unacknowledged", "3")
 
+            # A person typing in a row (as into an acknowledgement's comment) keeps the
+            # focus and every key when a new alarm arrives above that row.
+            typing = rows.nth(2).locator(".alarm-actions")
+            await typing.evaluate(
+                "(n) => { const i = document.createElement('input'); i.id = 'typing';"
+                " n.append(i); i.focus(); }"
+            )
+            await page.keyboard.type("checked ")
+            arrived = {**DOOR, "key": "interlock_tripped:key", "raised_at": ts(1)}
+            more = env(2, alarms=[GAP, RATE, DOOR, arrived], omitted=0)
+            await mq.publish(BASE + "alarms", orjson.dumps(more), qos=1, retain=True)
+            await expect(rows).to_have_count(4)
+            await page.keyboard.type("the channels")
+            await expect(page.locator("#typing")).to_be_focused()
+            await expect(page.locator("#typing")).to_have_value("checked the channels")
+
             # An operator acknowledges the door alarm: the daemon republishes the list,
             # and both pages follow it live.
             acked = {**DOOR, "acknowledged": {"by": "op-bob", "name": BOB, "at": ACKED}}
-            last = env(2, alarms=[GAP, RATE, acked], omitted=0)
+            last = env(3, alarms=[GAP, RATE, acked], omitted=0)
             await mq.publish(BASE + "alarms", orjson.dumps(last), qos=1, retain=True)
             # A dashboard started after the last message has only the broker's retained
             # store to go by (started now so that its start-up overlaps the checks).
