@@ -42,6 +42,8 @@ __all__ = [
     "EVENT_KINDS",
     "NOTICE_KIND",
     "SCHEMA",
+    "SKIP_REASONS",
+    "SKIP_TOPICS",
     "TOPICS",
     "Envelope",
     "Payload",
@@ -53,6 +55,7 @@ __all__ = [
     "event_payloads",
     "interlocks_payload",
     "notice_payload",
+    "skip_payload",
     "status_payload",
     "telemetry_payload",
     "topic",
@@ -90,8 +93,12 @@ TOPICS: Mapping[str, TopicSpec] = MappingProxyType(
         "events": TopicSpec(qos=1, retain=False),
         "audit/checkpoint": TopicSpec(qos=1, retain=True),
         "alarms": TopicSpec(qos=1, retain=True),
+        "skip": TopicSpec(qos=1, retain=False),
     }
 )
+# A ``skip`` declares seqs of one of these streams that will never arrive (skip_payload).
+SKIP_TOPICS = ("telemetry", "applicator", "events")
+SKIP_REASONS = ("unpublished", "not_held", "thinned")
 
 _BAD_SEGMENT = re.compile(r"[/+#\x00]")
 
@@ -447,3 +454,24 @@ def checkpoint_payload(env: Envelope, note: str, cosignatures: Sequence[str] = (
     if lines:
         payload["cosignatures"] = lines
     return payload
+
+
+def skip_payload(
+    env: Envelope, *, of_topic: str, of_session: int, first: int, last: int, reason: str
+) -> Payload:
+    """``skip``: the seqs ``first..last`` (inclusive) of stream ``of_topic`` in session
+    ``of_session`` will never arrive, and why: ``unpublished`` (reserved, never published
+    before a crash or stop), ``not_held`` (a replay asked for what the room no longer
+    holds), ``thinned`` (dropped under the outbox's byte bound). A consumer counts a
+    declared range as accounted for, never as loss. Raises ValueError for a range no
+    consumer could use."""
+    if of_topic not in SKIP_TOPICS:
+        raise ValueError(f"skip of {of_topic!r}: expected one of {', '.join(SKIP_TOPICS)}")
+    if reason not in SKIP_REASONS:
+        raise ValueError(f"skip reason {reason!r}: expected one of {', '.join(SKIP_REASONS)}")
+    if not _is_int(of_session) or not 1 <= of_session <= SEQ_MAX:
+        raise ValueError(f"skip of_session {of_session!r}: must be an integer in 1..2**64-1")
+    if not (_is_int(first) and _is_int(last) and 0 <= first <= last <= SEQ_MAX):
+        raise ValueError(f"skip range {first!r}..{last!r}: need 0 <= first <= last < 2**64")
+    skipped = {"topic": of_topic, "session": of_session, "first": first, "last": last}
+    return {**env.fields(), "skipped": {**skipped, "reason": reason}}

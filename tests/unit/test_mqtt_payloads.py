@@ -38,6 +38,8 @@ from iortd.daemon.mqtt.payloads import (
     NOTICE_KIND,
     NOTICE_SEVERITIES,
     SCHEMA,
+    SKIP_REASONS,
+    SKIP_TOPICS,
     TOPICS,
     Envelope,
     alarms_payload,
@@ -47,6 +49,7 @@ from iortd.daemon.mqtt.payloads import (
     event_payloads,
     interlocks_payload,
     notice_payload,
+    skip_payload,
     status_payload,
     telemetry_payload,
     topic,
@@ -114,6 +117,7 @@ SCHEMA_OF = {
     "events": "events",
     "audit/checkpoint": "checkpoint",
     "alarms": "alarms",
+    "skip": "skip",
 }
 # A payload key matching this could carry patient data. Keys that match but are known not
 # to (documented in docs/mqtt-topics.md, "No patient data") go in SAFE_KEYS, per topic's
@@ -468,6 +472,11 @@ def run_payloads() -> dict[str, list[dict[str, Any]]]:
     out["events"] += event_payloads(seqs["events"], every_event())
     out["audit/checkpoint"].append(checkpoint_payload(seqs["audit/checkpoint"](), note()))
     out["status"].append(status_payload(seqs["status"](), False, "0.1.0", "hospital-a", "or-1"))
+    skips = (("not_held", "telemetry"), ("unpublished", "events"), ("thinned", "applicator"))
+    for why, of in skips:
+        out["skip"].append(
+            skip_payload(seqs["skip"](), of_topic=of, of_session=2, first=5, last=9, reason=why)
+        )
     return out
 
 
@@ -731,6 +740,7 @@ def test_topic_tree_qos_and_retain() -> None:
     assert list(TOPICS) == list(SCHEMA_OF)
     assert topic("x", "s", "r", "audit/checkpoint") == "x/v1/s/r/audit/checkpoint"
     retained = {n for n, spec in TOPICS.items() if spec.retain}
+    assert not TOPICS["skip"].retain
     assert retained == {"status", "interlocks", "delivery", "audit/checkpoint", "alarms"}
     assert TOPICS["telemetry"].qos == 1
     assert TOPICS["events"].qos == 1
@@ -912,7 +922,7 @@ def test_every_enum_in_the_schemas_is_a_python_enum() -> None:
         )
     ]
     known += [set(EVENTS_TOPIC_KINDS), {"nan", "inf", "-inf"}, set(NOTICE_SEVERITIES)]
-    known += [set(OUTCOMES)]
+    known += [set(OUTCOMES), set(SKIP_TOPICS), set(SKIP_REASONS)]
     for stem, schema in SCHEMAS.items():
         for listed in enums(schema):
             assert set(listed) in known, (stem, listed)
@@ -1301,3 +1311,44 @@ def test_an_ended_delivery_carries_the_record_a_sign_off_signs() -> None:
     assert rejects("delivery", {**p, "delivery": {**p["delivery"], "record": {"first_seq": 1}}})
     bad_hash = {**rec, "entries_sha256": "xyz"}
     assert rejects("delivery", {**p, "delivery": {**p["delivery"], "record": bad_hash}})
+
+
+# ---- skip: the declared seq ranges (shared contract of issues 21 and 22) --------------------
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"of_topic": "skip"}, "skip of"),
+        ({"of_topic": "status"}, "skip of"),
+        ({"reason": "lost"}, "reason"),
+        ({"of_session": 0}, "of_session"),
+        ({"first": 10, "last": 9}, "range"),
+        ({"first": -1}, "range"),
+        ({"last": 2**64}, "range"),
+        ({"first": True}, "range"),
+    ],
+)
+def test_skip_payload_refuses_what_no_consumer_could_use(kw: dict[str, Any], match: str) -> None:
+    args: dict[str, Any] = {
+        "of_topic": "telemetry", "of_session": 2, "first": 0, "last": 0, "reason": "not_held",
+    }  # fmt: skip
+    with pytest.raises(ValueError, match=match):
+        skip_payload(env(), **{**args, **kw})
+
+
+def test_skip_schema_rejects_a_bad_declaration() -> None:
+    good = dict(on_the_wire(RUN["skip"][0]))
+    check("skip", good)
+    assert good["skipped"] == {
+        "topic": "telemetry", "session": 2, "first": 5, "last": 9, "reason": "not_held",
+    }  # fmt: skip
+    for bad in (
+        {"topic": "skip"},
+        {"reason": "lost"},
+        {"first": -1},
+        {"session": 0},
+        {"extra": 1},
+    ):
+        assert rejects("skip", {**good, "skipped": {**good["skipped"], **bad}}), bad
+    assert rejects("skip", {k: v for k, v in good.items() if k != "skipped"})
