@@ -14,10 +14,10 @@ How:
 * Stream messages (``telemetry``, ``applicator``, ``events``) stay *pending* until the
   broker acknowledges them (QoS 1). ``acked_through`` -- the longest acknowledged prefix
   -- is kept in ``state.json`` with the session counter and the next ``seq`` of every
-  topic; a segment is deleted once everything in it is acknowledged. After a restart,
-  pending messages from the previous run are replayed with their original ``session`` and
-  ``seq`` (marked ``historical`` by the publisher), so a consumer that drops a repeated
-  (``session``, ``seq``) misses nothing and sees nothing twice.
+  topic; a segment goes once all in it is acknowledged and held ``retention_s`` (replays:
+  held.py). After a restart, pending messages from the previous run are replayed with
+  their original ``session`` and ``seq`` (marked ``historical`` by the publisher), so a
+  consumer that drops a repeated (``session``, ``seq``) misses nothing and sees nothing twice.
 * State messages (retained topics) are not queued: only the latest matters. They get a
   ``seq`` when they are published and are journaled only so that the ``seq`` is durable.
 * Bounded: when pending bytes exceed ``max_bytes``, the oldest samples (``telemetry``
@@ -48,6 +48,7 @@ from typing import Any
 import orjson
 import structlog
 
+from iortd.daemon.mqtt.held import held, retired
 from iortd.daemon.mqtt.payloads import SEQ_MAX, TOPICS, Payload
 from iortd.kernel.durable import fsync_dir, write_all, write_atomic
 
@@ -113,6 +114,7 @@ class _Segment:
     first_n: int
     last_n: int
     size: int
+    acked_at: float | None = None  # monotonic, when seen fully acknowledged (held since)
 
 
 @dataclass(slots=True)
@@ -300,6 +302,8 @@ class Outbox:
     def __init__(self, directory: Path, max_bytes: int, rec: _Recovered) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
+        self.retention_s, self._compact_acked = 0.0, -1  # acknowledged ones held (open())
+        self._run_n = rec.next_n  # a run never appends to a segment of an earlier run
         self.session = rec.session
         self._next_seq = rec.next_seq
         self._next_n = rec.next_n
@@ -328,7 +332,7 @@ class Outbox:
             self._wake.set()
 
     @classmethod
-    async def open(cls, directory: Path, max_bytes: int) -> Outbox:
+    async def open(cls, directory: Path, max_bytes: int, *, retention_s: float = 0.0) -> Outbox:
         """Recover the outbox and start a new session (persisted before anything is sent)."""
         try:
             rec = await asyncio.to_thread(_recover, directory)
@@ -337,6 +341,7 @@ class Outbox:
         for problem in rec.problems:
             log.error("mqtt_outbox_damaged", problem=problem)
         self = cls(directory, max_bytes, rec)
+        self.retention_s = retention_s
         try:
             state = self._state_bytes(self.acked_through)
             await asyncio.to_thread(_save_state, directory, state)
@@ -391,6 +396,10 @@ class Outbox:
                 return
             if not rec.done:
                 yield rec
+
+    async def held(self, topic: str, session: int, first: int, last: int) -> list[Record]:
+        """``topic``'s records of ``session``, ``first <= seq <= last``, held or pending."""
+        return await held(self._segments, self.pending, Record, (topic, session, first, last))
 
     def ack(self, rec: Record) -> None:
         """The broker has it (or refused it for good): nothing left to send."""
@@ -479,6 +488,7 @@ class Outbox:
         if self._compact:
             self._compact = False
             live = [r for r in self.pending if not r.done and r.journaled]
+            self._compact_acked = self.acked_through  # what the thread keeps held
         if batch or live is not None:
             state = self._state_bytes(self.acked_through)
             try:
@@ -512,7 +522,7 @@ class Outbox:
         if not batch:
             return
         seg = self._segments[-1] if self._segments else None
-        if seg is None or seg.size >= self._segment_max:
+        if seg is None or seg.size >= self._segment_max or seg.last_n < self._run_n:
             path = self.directory / f"outbox-{batch[0].n:016d}.jsonl"
             seg = _Segment(path, batch[0].n, batch[0].n, 0)
             self._segments.append(seg)
@@ -538,13 +548,15 @@ class Outbox:
         seg.last_n = batch[-1].n
 
     def _compact_now(self, live: list[Record], state: bytes) -> None:
-        """Rewrite what is still pending into one segment and delete the others. Crash-safe:
+        """Rewrite what is still pending into one segment and delete the others (but the
+        acknowledged ones held for replays; a mixed one goes whole). Crash-safe:
         the state (every ``seq`` handed out) is saved first, since the segments about to go
         may hold the highest ones; the new segment is complete and renamed before any old
         one goes; recovery takes each ``n`` once."""
         _save_state(self.directory, state)
         old = list(self._segments)
-        self._segments = []
+        held = self.retention_s > 0
+        self._segments = [s for s in old if held and s.last_n <= self._compact_acked]
         if live:
             path = self.directory / f"outbox-{live[0].n:016d}.jsonl"
             write_atomic(path, b"".join(r.line for r in live))
@@ -557,11 +569,12 @@ class Outbox:
 
     def _retire(self, acked: int, state: bytes) -> None:
         """Save the state, then delete segments that hold nothing unacknowledged (the
-        current one too: the next batch starts a fresh segment)."""
+        current one too: the next batch starts a fresh segment) once held
+        ``retention_s``, or beyond ``max_bytes`` of them, oldest first."""
         _save_state(self.directory, state)
         self._saved_acked = acked
         self._last_save = time.monotonic()
-        while self._segments and self._segments[0].last_n <= acked:
+        for _ in range(retired(self._segments, acked, self.retention_s, self.max_bytes)):
             self._segments.pop(0).path.unlink(missing_ok=True)
 
     def _state_bytes(self, acked: int) -> bytes:
