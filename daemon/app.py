@@ -244,7 +244,9 @@ class App:
                 raise StartError(f"commands.keyring: {exc}") from None
             if self._intake is not None:  # each kind's handler (daemon/handlers.py)
                 try:
-                    await self.handlers.install(c, self._intake, audit, service, recovery, acks)
+                    await self.handlers.install(
+                        c, self._intake, audit, service, recovery, acks, sinks
+                    )
                 except VerificationTableError as exc:
                     raise StartError(f"verification.doserate_table: {exc}") from None
             progress = {d.name: DeviceProgress(d.name) for d in c.devices}

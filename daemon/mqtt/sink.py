@@ -19,6 +19,10 @@ checkpoint), :mod:`~iortd.daemon.mqtt.outbox` (the journal).
   (``telemetry``, ``applicator``, ``events``) in order, marked ``historical``; then live
   data. The Last Will is the
   ``status`` offline message, retained; a clean shutdown publishes it itself.
+* A replay request (daemon/replay.py judges it) is served by :meth:`MqttSink.serve_replay`
+  from what the outbox still holds (:mod:`~iortd.daemon.mqtt.replay`): those messages go
+  out again as they were, marked ``historical``, between the live batches at a bounded
+  rate; what is not held is declared on ``skip``.
 * A lost connection that looks like another client holding our client id (a session
   takeover: see :mod:`~iortd.daemon.mqtt.link`) is handed to :attr:`MqttSink.on_takeover`
   (the daemon records it in the audit log) and the next attempt waits the takeover backoff.
@@ -66,10 +70,12 @@ from iortd.daemon.mqtt.payloads import (
     applicator_payload,
     event_payloads,
     notice_payload,
+    skip_payload,
     status_payload,
     telemetry_payload,
     topic,
 )
+from iortd.daemon.mqtt.replay import ReplayRange, ReplayServer, Served
 from iortd.daemon.mqtt.retained import RetainedState
 from iortd.daemon.sinks import ApplicatorSample, Overflow, Sample, Sink, SinkConfigError
 from iortd.daemon.tracker import DeliverySnapshot, DeliveryStarted, Terminated, TrackerEvent
@@ -112,10 +118,16 @@ class MqttSink(Sink):
         verifier: Verifier | None = None,
         outbox_max_bytes: int = 64 * 1024 * 1024,
         reconnect_max_s: float = BACKOFF_MAX_S,
+        replay_retention_s: float = 0.0,
+        replay_rate: float = 200.0,
+        replay_max_per_minute: int = 30,
     ) -> None:
         """``outbox``: an open one, or the directory :meth:`start` opens it in;
-        ``reconnect_max_s``: the reconnect backoff's cap (``[mqtt] reconnect_max_s``)."""
+        ``reconnect_max_s``: the reconnect backoff's cap (``[mqtt] reconnect_max_s``);
+        ``replay_*``: ``[mqtt] replay_retention_s``, ``replay_rate`` (messages a second)
+        and ``replay_max_per_minute`` (requests), daemon/mqtt/replay.py."""
         self.settings = settings
+        self._wake = asyncio.Event()
         self.site, self.room = site, room
         self._state = RetainedState(now=_now, simulated=simulated, verifier=verifier)
         self._takeovers = Takeovers(settings)
@@ -123,12 +135,16 @@ class MqttSink(Sink):
         self._outbox_dir = outbox if isinstance(outbox, Path) else None
         self._outbox_max_bytes = outbox_max_bytes
         self.reconnect_max_s = reconnect_max_s
+        self._retention_s = replay_retention_s
+        self.replay = ReplayServer(
+            rate_per_s=replay_rate, max_per_minute=replay_max_per_minute, wake=self._wake.set
+        )
+        self._handed: dict[str, int] = {}  # the last seq handed out per topic, this run
         self._sim = simulated
         self._topics = {n: topic(settings.prefix, site, room, n) for n in TOPICS}
         self._current_delivery: str | None = None
         self._tls: ssl.SSLContext | None = None
         self._outage = False  # a connection failed or was lost since the last catch-up
-        self._wake = asyncio.Event()
         self._closing = False
         self._close_deadline = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -189,7 +205,9 @@ class MqttSink(Sink):
         outbox). Refuses the start when it cannot be used."""
         if self._outbox is None and self._outbox_dir is not None:
             try:
-                self._outbox = await Outbox.open(self._outbox_dir, self._outbox_max_bytes)
+                self._outbox = await Outbox.open(
+                    self._outbox_dir, self._outbox_max_bytes, retention_s=self._retention_s
+                )
             except OutboxError as exc:
                 raise SinkConfigError(f"mqtt outbox: {exc}") from None
         log.info(
@@ -206,7 +224,24 @@ class MqttSink(Sink):
     # ---- the Sink callbacks: build, hand to the outbox, never wait -----------------------
 
     def _env(self, name: str) -> Envelope:
-        return Envelope(self.outbox.next_seq(name), self.outbox.session, _now(), sim=self._sim)
+        seq = self._handed[name] = self.outbox.next_seq(name)
+        return Envelope(seq, self.outbox.session, _now(), sim=self._sim)
+
+    async def serve_replay(self, rng: ReplayRange) -> Served:
+        """Queue what the outbox holds of ``rng`` to go out again (historical), declare
+        the rest ``not_held`` on ``skip``; raises ReplayRefused (daemon/mqtt/replay.py).
+        A range past the last seq handed out this run is cut there."""
+
+        def declare(r: ReplayRange) -> None:
+            p = skip_payload(
+                self._env("skip"), of_topic=r.topic, of_session=r.session, first=r.first,
+                last=r.last, reason="not_held",
+            )  # fmt: skip
+            self.outbox.add("skip", p)
+            self._wake.set()
+
+        last = self._handed.get(rng.topic, rng.last)
+        return await self.replay.serve(self.outbox, rng, last, declare)
 
     async def sample(self, sample: Sample) -> None:
         self.outbox.add("telemetry", telemetry_payload(self._env("telemetry"), sample))
@@ -459,6 +494,12 @@ class MqttSink(Sink):
             if self._closing and time.monotonic() > self._close_deadline:
                 log.warning("mqtt_close_unsent", unsent=sum(1 for _ in self.outbox.unsent()))
                 break  # the rest stays in the outbox for the next start
+            again = [] if self._closing else self.replay.take(WINDOW)
+            if again:  # a replay request's, at its rate, between the live batches
+                async with asyncio.TaskGroup() as tg:
+                    for rec in again:
+                        tg.create_task(self._send(client, rec, historical=True))
+                continue
             batch = list(islice(self.outbox.unsent(), WINDOW))
             if batch:
                 async with asyncio.TaskGroup() as tg:
@@ -478,6 +519,8 @@ class MqttSink(Sink):
         """Wait for new records, a state change, a due rate limit or the close."""
         now = time.monotonic()
         timeout = self._state.next_due(now)
+        if (again := self.replay.next_due()) is not None:
+            timeout = again if timeout is None else min(timeout, again)
         self._wake.clear()
         self.outbox.changed.clear()
         if any(True for _ in self.outbox.unsent()):
