@@ -166,6 +166,7 @@ def validators() -> dict[str, Any]:
         "events": "events",
         "audit/checkpoint": "checkpoint",
         "alarms": "alarms",
+        "skip": "skip",
     }
     return {
         name: Draft202012Validator(
