@@ -27,6 +27,13 @@ and reason (shown in the snapshot's ``rejected`` and ``diagnostics``) and never 
    than ``seq_window`` past the highest handled in its topic and session (a forged
    ``2^64-1`` would otherwise hide every later genuine message, rule 1 read naively).
 
+A ``status`` with ``online: false`` whose ``(session, seq)`` is below the held status's is
+a will that came late (daemon/mqtt/birth.py): it is ignored (counted as
+``stale_will_ignored``), so a late will never marks a newer session offline. Only an
+offline message is judged so: a forged birth with a huge ``session`` could otherwise
+hide the real daemon's death; as it is, a forger can at worst hide a will, which the
+telemetry's own staleness still shows.
+
 The real stream always wins over a forged high-water mark that was within the window or
 could not be judged when it came (the first message of a session, or one handed over
 from the broker's retained store): a fresh message below the mark takes over at once if
@@ -311,6 +318,11 @@ class Rooms:
             return None
         if verdict == Verdict.RESET:
             room.note("seq_reset")
+        if name == "status" and room.stale_will(p):
+            # A will of an earlier connection or session, arriving after the newer birth
+            # (a half-open connection the broker dropped late): the room is not offline.
+            room.note("stale_will_ignored")
+            return None
         self.bytes += room.apply(name, p, mono, size)
         self.accepted += 1
         # Room state is O(1) to reorder: the most recently valid room goes last.

@@ -60,4 +60,6 @@ class MqttSinkFactory:
             replay_retention_s=mqtt.replay_retention_s,
             replay_rate=mqtt.replay_rate,
             replay_max_per_minute=mqtt.replay_max_per_minute,
+            config_hash=context.config_hash or None,
+            origin=context.origin or None,
         )

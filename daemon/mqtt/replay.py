@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from iortd.daemon.mqtt.outbox import Outbox, Record
-from iortd.daemon.mqtt.payloads import SEQ_MAX, SKIP_TOPICS
+from iortd.daemon.mqtt.payloads import SEQ_MAX, SKIP_TOPICS, Envelope, skip_payload
 
 __all__ = [
     "MAX_SPAN",
@@ -166,11 +166,12 @@ class ReplayServer:
         outbox: Outbox,
         rng: ReplayRange,
         last_handed_out: int,
-        declare: Callable[[ReplayRange], None],
+        skip_env: Callable[[], Envelope],
     ) -> Served:
-        """Queue what ``outbox`` holds of ``rng`` and ``declare`` each missing run (a
-        ReplayRange of seqs not held). ``last_handed_out``: the topic's last seq so far
-        (-1: none). A session newer than the outbox's is refused (``unknown_session``)."""
+        """Queue what ``outbox`` holds of ``rng``; declare each missing run on ``skip``
+        (``not_held``, in the envelope ``skip_env`` makes). ``last_handed_out``: the
+        topic's last seq so far (-1: none). A session newer than the outbox's is refused
+        (``unknown_session``)."""
         if rng.session > outbox.session:
             raise ReplayRefused("unknown_session", f"this room is at session {outbox.session}")
         last = min(rng.last, last_handed_out)
@@ -182,9 +183,13 @@ class ReplayServer:
             self.queued_bytes += len(rec.line)
         runs = missing_runs(rng.first, last, [r.seq for r in recs])
         for a, b in runs:
-            declare(ReplayRange(rng.topic, rng.session, a, b))
+            p = skip_payload(
+                skip_env(), of_topic=rng.topic, of_session=rng.session, first=a, last=b,
+                reason="not_held",
+            )  # fmt: skip
+            outbox.add("skip", p)
         self.served += 1
-        if recs:
+        if recs or runs:
             self.wake()
         return Served(len(recs), tuple(runs), last)
 

@@ -19,10 +19,8 @@ checkpoint), :mod:`~iortd.daemon.mqtt.outbox` (the journal).
   (``telemetry``, ``applicator``, ``events``) in order, marked ``historical``; then live
   data. The Last Will is the
   ``status`` offline message, retained; a clean shutdown publishes it itself.
-* A replay request (daemon/replay.py judges it) is served by :meth:`MqttSink.serve_replay`
-  from what the outbox still holds (:mod:`~iortd.daemon.mqtt.replay`): those messages go
-  out again as they were, marked ``historical``, between the live batches at a bounded
-  rate; what is not held is declared on ``skip``.
+* :meth:`MqttSink.serve_replay` (a replay request: :mod:`~iortd.daemon.mqtt.replay`) sends
+  what the outbox holds again, historical, between live batches; the rest goes on ``skip``.
 * A lost connection that looks like another client holding our client id (a session
   takeover: see :mod:`~iortd.daemon.mqtt.link`) is handed to :attr:`MqttSink.on_takeover`
   (the daemon records it in the audit log) and the next attempt waits the takeover backoff.
@@ -49,6 +47,7 @@ import structlog
 
 from iortd.auditlog.note import Checkpoint, Verifier
 from iortd.daemon import __version__
+from iortd.daemon.mqtt.birth import BirthGuard, subscribe_own_status
 from iortd.daemon.mqtt.link import (
     BACKOFF_INITIAL_S,
     BACKOFF_MAX_S,
@@ -70,7 +69,6 @@ from iortd.daemon.mqtt.payloads import (
     applicator_payload,
     event_payloads,
     notice_payload,
-    skip_payload,
     status_payload,
     telemetry_payload,
     topic,
@@ -121,11 +119,14 @@ class MqttSink(Sink):
         replay_retention_s: float = 0.0,
         replay_rate: float = 200.0,
         replay_max_per_minute: int = 30,
+        config_hash: str | None = None,
+        origin: str | None = None,
     ) -> None:
         """``outbox``: an open one, or the directory :meth:`start` opens it in;
         ``reconnect_max_s``: the reconnect backoff's cap (``[mqtt] reconnect_max_s``);
         ``replay_*``: ``[mqtt] replay_retention_s``, ``replay_rate`` (messages a second)
-        and ``replay_max_per_minute`` (requests), daemon/mqtt/replay.py."""
+        and ``replay_max_per_minute`` (requests), daemon/mqtt/replay.py; ``config_hash``
+        and ``origin``: what the birth says (daemon/mqtt/birth.py)."""
         self.settings = settings
         self._wake = asyncio.Event()
         self.site, self.room = site, room
@@ -158,6 +159,9 @@ class MqttSink(Sink):
         # kind, the topic's last level; its bytes; its retain flag) goes to the intake.
         self.on_command: Callable[[str, bytes, bool], None] | None = None
         self._cmd_prefix = self._topics["status"].removesuffix("status") + "cmd/"
+        self._birth_says = {"config_hash": config_hash, "origin": origin}
+        self.births = BirthGuard()
+        self._birth: Record | None = None
 
     # Set by the composition root (daemon/service.py), held by the parts that use them.
 
@@ -228,20 +232,9 @@ class MqttSink(Sink):
         return Envelope(seq, self.outbox.session, _now(), sim=self._sim)
 
     async def serve_replay(self, rng: ReplayRange) -> Served:
-        """Queue what the outbox holds of ``rng`` to go out again (historical), declare
-        the rest ``not_held`` on ``skip``; raises ReplayRefused (daemon/mqtt/replay.py).
-        A range past the last seq handed out this run is cut there."""
-
-        def declare(r: ReplayRange) -> None:
-            p = skip_payload(
-                self._env("skip"), of_topic=r.topic, of_session=r.session, first=r.first,
-                last=r.last, reason="not_held",
-            )  # fmt: skip
-            self.outbox.add("skip", p)
-            self._wake.set()
-
-        last = self._handed.get(rng.topic, rng.last)
-        return await self.replay.serve(self.outbox, rng, last, declare)
+        """What the outbox holds of ``rng`` again, the rest ``not_held`` (replay.py)."""
+        last = self._handed.get(rng.topic, rng.last)  # no later seq was handed out
+        return await self.replay.serve(self.outbox, rng, last, lambda: self._env("skip"))
 
     async def sample(self, sample: Sample) -> None:
         self.outbox.add("telemetry", telemetry_payload(self._env("telemetry"), sample))
@@ -365,8 +358,12 @@ class MqttSink(Sink):
         ones each time, since a broker that got a CONNECT may publish that attempt's will
         however the attempt ends. The will's ``seq`` is the larger, so that a consumer
         keeping the newest takes it over the online message."""
-        on = status_payload(self._env("status"), True, __version__, self.site, self.room)
-        off = status_payload(self._env("status"), False, __version__, self.site, self.room)
+        on = status_payload(
+            self._env("status"), True, __version__, self.site, self.room, **self._birth_says
+        )
+        off = status_payload(
+            self._env("status"), False, __version__, self.site, self.room, **self._birth_says
+        )
         return self.outbox.add("status", on), self.outbox.add("status", off)
 
     async def _connection(self, online: Record, will: Record, attempt_ns: int) -> None:
@@ -406,6 +403,8 @@ class MqttSink(Sink):
                 raise first_leaf(group) from None
             clean = True
         finally:
+            self._birth = None  # nothing to defend on a connection that is gone
+            self.births.dead()
             if clean:
                 # DISCONNECT: the broker discards the will (offline is already published
                 # and acknowledged). If that fails, the socket still goes.
@@ -434,9 +433,12 @@ class MqttSink(Sink):
             await client.subscribe(cp_topic, qos=1, timeout=CONNECT_TIMEOUT_S)
         if self.on_command is not None:
             await self._subscribe_commands(client)
+        await subscribe_own_status(client, self._topics["status"], CONNECT_TIMEOUT_S)
         async for msg in client.messages:
             if self.on_command is not None and msg.topic.value.startswith(self._cmd_prefix):
                 self._command(msg)
+            elif msg.topic.value == self._topics["status"]:
+                await self._status_seen(client, msg)
             elif (
                 msg.topic.matches(cp_topic)
                 and isinstance(msg.payload, bytes | bytearray)
@@ -459,6 +461,11 @@ class MqttSink(Sink):
             log.error("mqtt_command_subscribe_refused", codes=codes, topic=self._cmd_prefix + "#")
         else:
             log.info("mqtt_command_subscribed", topic=self._cmd_prefix + "#")
+
+    async def _status_seen(self, client: aiomqtt.Client, msg: aiomqtt.Message) -> None:
+        birth = self._birth
+        if birth is not None and self.births.answer(msg.payload, birth.session, birth.seq):
+            await self._send(client, birth)
 
     def _command(self, msg: aiomqtt.Message) -> None:
         payload = msg.payload if isinstance(msg.payload, bytes | bytearray) else b""
@@ -486,6 +493,8 @@ class MqttSink(Sink):
         replaying = head is not None and late(head)
         await self._send(client, online)
         self.outbox.ack(online)
+        self._birth = online
+        self.births.born(session=online.session, seq=online.seq)
         await self._state.reconnected(lambda rec: self._send(client, rec))
         while True:
             await self._state.publish(
@@ -494,9 +503,8 @@ class MqttSink(Sink):
             if self._closing and time.monotonic() > self._close_deadline:
                 log.warning("mqtt_close_unsent", unsent=sum(1 for _ in self.outbox.unsent()))
                 break  # the rest stays in the outbox for the next start
-            again = [] if self._closing else self.replay.take(WINDOW)
-            if again:  # a replay request's, at its rate, between the live batches
-                async with asyncio.TaskGroup() as tg:
+            if again := ([] if self._closing else self.replay.take(WINDOW)):
+                async with asyncio.TaskGroup() as tg:  # a replay's, at its rate
                     for rec in again:
                         tg.create_task(self._send(client, rec, historical=True))
                 continue
@@ -512,6 +520,8 @@ class MqttSink(Sink):
                 break
             await self._idle()
         # Clean shutdown: the offline status, then DISCONNECT (the broker drops the will).
+        self._birth = None
+        self.births.dead()
         await self._send(client, will)
         self.outbox.ack(will)
 

@@ -15,6 +15,7 @@ from test_mqtt_outbox import add, journaled
 from iortd.auditlog.command import ALL_ROLES, ROLES_FOR_KIND
 from iortd.auditlog.keyring import ROLES
 from iortd.daemon.mqtt.outbox import Outbox
+from iortd.daemon.mqtt.payloads import Envelope
 from iortd.daemon.mqtt.replay import (
     MAX_SPAN,
     ReplayRange,
@@ -107,12 +108,19 @@ async def test_held_messages_queue_at_the_rate_and_the_rest_is_declared(tmp_path
     server = ReplayServer(
         rate_per_s=10, max_per_minute=10, wake=lambda: woken.append(1), monotonic=clock
     )
-    declared: list[ReplayRange] = []
-    served = await server.serve(ob, ReplayRange("telemetry", 1, 5, 60), 49, declared.append)
+    skip_seqs = iter(range(100))
+
+    def env() -> Envelope:
+        return Envelope(next(skip_seqs), ob.session, "2026-01-01T00:00:00.000000Z")
+
+    served = await server.serve(ob, ReplayRange("telemetry", 1, 5, 60), 49, env)
     assert served.judged_last == 49  # nothing said of seqs not handed out yet
     assert served.served == 35  # 5..49 but 10..19
     assert served.skipped == ((10, 19),)
-    assert declared == [ReplayRange("telemetry", 1, 10, 19)]
+    (skip,) = [r for r in ob.pending if r.topic == "skip"]
+    assert skip.payload["skipped"] == {
+        "topic": "telemetry", "session": 1, "first": 10, "last": 19, "reason": "not_held",
+    }  # fmt: skip
     assert woken
     clock.t += 1.0
     first = server.take(16)
@@ -123,7 +131,7 @@ async def test_held_messages_queue_at_the_rate_and_the_rest_is_declared(tmp_path
     assert server.take(16) == []
     assert server.next_due() == pytest.approx(0.1)
     with pytest.raises(ReplayRefused, match="unknown_session"):
-        await server.serve(ob, ReplayRange("telemetry", 3, 0, 1), 49, declared.append)
+        await server.serve(ob, ReplayRange("telemetry", 3, 0, 1), 49, env)
     await ob.close()
     await task
 
