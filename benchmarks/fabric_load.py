@@ -43,6 +43,7 @@ import sys
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ from iortd.auditlog.note import generate_keypair, write_keypair  # noqa: E402
 from iortd.daemon.mqtt.outbox import Outbox  # noqa: E402
 from iortd.ingest.lines import SeqLine  # noqa: E402
 from iortd.ingest.store import unq  # noqa: E402
+from iortd.kernel.timefmt import utc_ts  # noqa: E402
 
 __all__ = ["Result", "Scenario", "run"]
 
@@ -145,6 +147,35 @@ class Child:
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.proc.kill()
+
+
+class Meter:
+    """CPU seconds per tier from /proc, across restarts of a tier's processes."""
+
+    def __init__(self) -> None:
+        self._base: dict[int, float] = {}
+        self._tier: dict[int, str] = {}
+        self._banked: dict[str, float] = {}
+
+    def start(self, tier: str, pids: list[int]) -> None:
+        self._banked.setdefault(tier, 0.0)
+        for pid in pids:
+            self._base[pid], self._tier[pid] = _cpu_s(pid), tier
+
+    def lap(self, tier: str, pids: list[int]) -> None:
+        """Before ``pids`` stop: bank what they used."""
+        for pid in pids:
+            self._banked[tier] += _cpu_s(pid) - self._base.pop(pid, 0.0)
+            self._tier.pop(pid, None)
+
+    def restart(self, tier: str, pid: int) -> None:
+        self._base[pid], self._tier[pid] = 0.0, tier  # a new process: from zero
+
+    def total(self) -> dict[str, float]:
+        out = dict(self._banked)
+        for pid, tier in self._tier.items():
+            out[tier] += _cpu_s(pid) - self._base[pid]
+        return out
 
 
 def _cpu_s(pid: int) -> float:
@@ -256,48 +287,49 @@ async def run(root: Path, s: Scenario, *, say: Any = lambda _: None) -> Result:
         for g in gens:
             await g.first_line(60)
         say(f"{result.rooms} rooms publishing")
-        brokers = {"central": [fabric.central], "sites": list(fabric.sites.values())}
-        cpu0 = {n: [_cpu_s(c.proc.pid) for c in gens] for n in ("rooms",)}
-        bcpu0 = {k: [_cpu_s(b.pid) for b in v] for k, v in brokers.items()}
-        icpu0, t_cpu0 = _cpu_s(ingest.proc.pid), time.monotonic()
+        # CPU seconds of each tier over the run (a broker restarted counts both lives).
+        meter = Meter()
+        meter.start("rooms", [c.proc.pid for c in gens])
+        meter.start("site brokers", [b.pid for b in fabric.sites.values()])
+        meter.start("central broker", [fabric.central.pid])
+        meter.start("ingest", [ingest.proc.pid])
+        t_cpu0 = time.monotonic()
         await asyncio.sleep(s.warm_s)  # the scenario's own timeline: live traffic first
 
         say(f"central down for {s.outage_s:.0f} s")
+        down_wall = time.time()
+        meter.lap("central broker", [fabric.central.pid])
         await asyncio.to_thread(fabric.central.stop_sync)
         await asyncio.sleep(s.outage_s / 2)
         first_site = next(iter(fabric.sites.values()))
         say(f"site broker {first_site.name} SIGKILLed and restarted")
+        meter.lap("site brokers", [first_site.pid])
         first_site.kill()
         await asyncio.to_thread(first_site.restart_sync)
+        meter.restart("site brokers", first_site.pid)
         await asyncio.sleep(s.outage_s / 2)
         await asyncio.to_thread(fabric.central.restart_sync)
+        meter.restart("central broker", fabric.central.pid)
         back, back_wall = time.monotonic(), time.time()
         say("central back; waiting for the ingest to have every seq")
 
+        back_ts = utc_ts(datetime.fromtimestamp(back_wall, UTC))
+
         def caught_up() -> bool:
-            lines = accounted(db)
+            # Every stream has a live message made after the central came back (a room
+            # publishes in order: its backlog went before it), and no hole below it.
+            lines, newest = accounted(db), _newest_ts(db)
             keys = [(site, r, t) for site, rooms in layout.items() for r in rooms
                     for t in ("telemetry", "applicator")]  # fmt: skip
-            # Every stream has messages made after the central came back, and no holes.
-            return (
-                all(
-                    k in lines and lines[k].missing() == 0 and lines[k].runs[-1][1] > 0
-                    for k in keys
-                )
-                and _newest_ts(db) > back_wall
+            return all(
+                k in lines and lines[k].missing() == 0 and newest.get(k, "") > back_ts for k in keys
             )
 
         await _until("every room's streams without a hole", s.catch_up_s, caught_up)
         wall = time.monotonic() - t_cpu0
-        result.cpu = {
-            "rooms": 100 * sum(_cpu_s(c.proc.pid) - c0 for c, c0 in zip(gens, cpu0["rooms"],
-                                                                          strict=True)) / wall,
-            "site brokers": 100 * sum(_cpu_s(b.pid) - c0 for b, c0 in zip(brokers["sites"],
-                                                                           bcpu0["sites"],
-                                                                           strict=True)) / wall,
-            "central broker": 100 * (_cpu_s(fabric.central.pid)) / wall,  # restarted: since then
-            "ingest": 100 * (_cpu_s(ingest.proc.pid) - icpu0) / wall,
-        }  # fmt: skip
+        scale = 100.0 / result.rooms  # % of one core per 100 rooms
+        result.cpu = {k: round(100 * v / wall * scale, 2) for k, v in meter.total().items()}
+        caught_wall = time.time()
         # Stop the rooms: what they did not publish stays in their outboxes (not lost).
         for g in gens:
             await g.stop()
@@ -325,7 +357,7 @@ async def run(root: Path, s: Scenario, *, say: Any = lambda _: None) -> Result:
             if miss:
                 result.lost_after_repair += len(miss)
                 result.lost_detail.append(f"{'/'.join(key)}: {len(miss)} from seq {miss[0]}")
-        _figures(result, db)
+        _figures(result, db, quiet=(down_wall, caught_wall))
         result.outbox_max_unsent = max(
             (int(x.get("max_room_unsent", 0)) for g in gens for x in g.lines), default=0
         )
@@ -336,13 +368,17 @@ async def run(root: Path, s: Scenario, *, say: Any = lambda _: None) -> Result:
         await asyncio.to_thread(fabric.stop)
 
 
-def _newest_ts(db_path: Path) -> float:
+def _newest_ts(db_path: Path) -> dict[tuple[str, str, str], str]:
+    """Per stream, the newest ``ts`` (when made, at the room) of a live message."""
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
-        row = db.execute("SELECT MAX(received_at) FROM messages").fetchone()
+        rows = db.execute(
+            "SELECT site, room, topic, MAX(ts) FROM messages WHERE historical = 0 "
+            "GROUP BY site, room, topic"
+        ).fetchall()
     finally:
         db.close()
-    return float(row[0] or 0.0)
+    return {(a, b, c): str(d) for a, b, c, d in rows}
 
 
 Seqs = dict[tuple[str, str, str], list[int]]
@@ -373,7 +409,10 @@ def _published(
     return out
 
 
-def _figures(result: Result, db_path: Path) -> None:
+def _figures(result: Result, db_path: Path, quiet: tuple[float, float]) -> None:
+    """From the store; latency only of live messages made outside the fault's window
+    (``quiet``: from the central's stop to everything caught up), which waited in a queue
+    by design."""
     db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
     try:
         counters = dict(db.execute("SELECT name, SUM(value) FROM counters GROUP BY name"))
@@ -387,10 +426,11 @@ def _figures(result: Result, db_path: Path) -> None:
             result.repair_s_p50 = round(statistics.median(took), 2)
             result.repair_s_max = round(max(took), 2)
         lat = sorted(
-            (recv - _epoch(ts)) * 1000
+            (recv - made) * 1000
             for ts, recv in db.execute(
                 "SELECT ts, received_at FROM messages WHERE historical = 0 AND repaired = 0"
             )
+            if not quiet[0] <= (made := _epoch(ts)) <= quiet[1]
         )
         if lat:
             result.latency_ms_p50 = round(lat[len(lat) // 2], 2)
@@ -400,8 +440,6 @@ def _figures(result: Result, db_path: Path) -> None:
 
 
 def _epoch(ts: str) -> float:
-    from datetime import UTC, datetime  # noqa: PLC0415 - only for the figures
-
     return datetime.fromisoformat(ts[:-1]).replace(tzinfo=UTC).timestamp()
 
 

@@ -62,6 +62,8 @@ ONE_UNIT: dict[str, str] = dict.fromkeys(
         "integration/test_modbus_xrs_e2e.py",
         "integration/test_shared_line_e2e.py",
         "integration/test_applicator_rules_e2e.py",
+        # 10 rooms at 10 Hz, three Mosquittos bridged, iort-ingest, a 10 s outage timeline
+        "integration/test_fabric_fault.py",
     ),
     "realtime",
 )
