@@ -77,6 +77,11 @@ class Scenario:
     retry_s: float = 2.0
     retry_max_s: float = 4.0
     catch_up_s: float = 60.0  # bound on the wait for the ingest to have everything
+    # The fabric spec's [bridge] autosave_changes (None: its default). At 100 rooms the
+    # default (a snapshot every 100 changes) has the central broker rewrite its whole
+    # database 20 times a second, and it stops answering (docs/development.md).
+    autosave_changes: int | None = None
+    validate: str = "full"  # the ingest's (docs/ingest.md)
 
 
 @dataclass
@@ -219,7 +224,7 @@ def _ingest_config(root: Path, fabric: Fabric, s: Scenario) -> Path:
     pw.chmod(0o600)
     cfg = root / "ingest.toml"
     cfg.write_text(
-        f'name = "ingest"\ndatabase = "ingest.sqlite"\n\n[mqtt]\n'
+        f'name = "ingest"\ndatabase = "ingest.sqlite"\nvalidate = "{s.validate}"\n\n[mqtt]\n'
         f'url = "mqtt://127.0.0.1:{fabric.central.port}"\nusername = "{user}"\n'
         f'password_file = "ingest.password"\nkeepalive_s = 2\nsession_expiry_s = 3600\n\n'
         f'[replay]\nkey_file = "keys/{INGEST_KEY}.key"\nsettle_s = {s.settle_s}\n'
@@ -253,7 +258,8 @@ async def _until(what: str, within_s: float, check: Any) -> float:
 async def run(root: Path, s: Scenario, *, say: Any = lambda _: None) -> Result:
     await asyncio.to_thread(root.mkdir, parents=True, exist_ok=True)
     layout = rooms_of(s)
-    fabric = await asyncio.to_thread(start_fabric, root / "fabric", layout)
+    bridge = {} if s.autosave_changes is None else {"autosave_changes": s.autosave_changes}
+    fabric = await asyncio.to_thread(start_fabric, root / "fabric", layout, bridge=bridge)
     children: list[Child] = []
     result = Result(rooms=sum(len(r) for r in layout.values()))
     try:
@@ -452,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warm-s", type=float, default=10.0)
     p.add_argument("--rooms-per-process", type=int, default=25)
     p.add_argument("--dir", type=Path, default=None, help="work directory (kept)")
+    p.add_argument("--autosave-changes", type=int, default=None, help="the fabric's, if set")
+    p.add_argument("--validate", choices=["full", "envelope"], default="full", help="ingest's")
     args = p.parse_args(argv)
     from machine import print_header, work_dir  # noqa: PLC0415
 
@@ -461,8 +469,14 @@ def main(argv: list[str] | None = None) -> int:
         sites={f"site-{chr(97 + i)}": args.rooms_per_site for i in range(args.sites)},
         hz=args.hz, warm_s=args.warm_s, outage_s=args.outage_s,
         rooms_per_process=args.rooms_per_process, catch_up_s=max(120.0, 4 * args.outage_s),
+        autosave_changes=args.autosave_changes, validate=args.validate,
     )  # fmt: skip
     t0 = time.monotonic()
+
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt  # as Ctrl-C: the run's own clean-up stops every child
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         result = asyncio.run(
             run(root, s, say=lambda m: print(f"  {time.monotonic() - t0:6.1f} s  {m}"))

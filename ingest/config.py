@@ -4,6 +4,7 @@
 
     name = "central"                        # a slug: its client id, status topic, logs
     database = "/var/lib/iort-ingest/central.sqlite"
+    validate = "full"                       # or "envelope" (docs/ingest.md)
 
     [mqtt]
     url = "mqtts://central.example.internal:8883"
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -79,6 +80,9 @@ class ReplaySettings(_Model):
 class IngestConfig(_Model):
     name: Slug
     database: Path = Field(strict=False)
+    # "full": every payload against its published schema; "envelope": the streams' bodies
+    # are not walked (ingest/validate.py says what that saves and costs).
+    validate_: Literal["full", "envelope"] = Field(default="full", alias="validate")
     mqtt: MqttSettings = MqttSettings()
     replay: ReplaySettings
 

@@ -63,6 +63,7 @@ FLUSH_S = 0.2
 TICK_S = 0.25
 STATS_S = 10.0
 IO_TIMEOUT_S = 10.0
+SETUP_TIMEOUT_S = 60.0
 MAX_PAYLOAD = 64 * 1024
 _SLUG = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 SoftwareVersion = "0.1.0"
@@ -108,7 +109,7 @@ class Ingest:
         self.settings = settings or settings_of(cfg)
         r = cfg.replay
         self.policy = GapPolicy(r.settle_s, r.retry_s, r.retry_max_s)
-        self.validators = Validators()
+        self.validators = Validators(bodies=cfg.validate_ == "full")
         self._wall, self._mono = wall, mono
         self.lines: dict[tuple[str, str, str], SeqLine] = {}
         self.stats = Stats()
@@ -330,34 +331,33 @@ class Ingest:
     async def _connection(self, stop: asyncio.Event, tls: ssl.SSLContext | None) -> None:
         client = self._client_for(tls)
         async with client:
-            await client.publish(
-                self.status_topic,
-                self._status_bytes(True),
-                qos=1,
-                retain=True,
-                timeout=IO_TIMEOUT_S,
-            )
-            for name in READ:
-                topic = f"{self._prefix}+/+/{name}"
-                await client.subscribe(topic, qos=1, timeout=IO_TIMEOUT_S)
-            self._client = client
-            self.connected.set()
-            log.info("ingest_connected", broker=self.settings.url, rooms=len(self.rooms))
+            # Read at once: a durable session's backlog arrives before the answers to what
+            # is sent below, which therefore get a long bound (SETUP_TIMEOUT_S).
             reader = asyncio.ensure_future(self._read(client))
             stopper = asyncio.ensure_future(stop.wait())
             try:
+                online = self._status_bytes(True)
+                await client.publish(
+                    self.status_topic, online, qos=1, retain=True, timeout=SETUP_TIMEOUT_S
+                )
+                for name in READ:
+                    topic = f"{self._prefix}+/+/{name}"
+                    await client.subscribe(topic, qos=1, timeout=SETUP_TIMEOUT_S)
+                self._client = client
+                self.connected.set()
+                log.info("ingest_connected", broker=self.settings.url, rooms=len(self.rooms))
                 done, _ = await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
             finally:
+                self._client = None
+                self.connected.clear()
                 stopper.cancel()
                 if not reader.done():
                     reader.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await reader
-            self._client = None
             if reader in done:  # the link ended it: its error (or it ended for no reason)
                 reader.result()
                 raise aiomqtt.MqttError("the broker ended the message stream")
-            self.connected.clear()
             await client.publish(
                 self.status_topic, self._status_bytes(False), qos=1, retain=True, timeout=2.0
             )
