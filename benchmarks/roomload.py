@@ -33,7 +33,8 @@ the broker's), and meant to be reused to load a broker or a bridge fabric:
 per-room accounts, such as a fabric's site broker; ``iortd fabric-config``).
 
 It prints one JSON line ``{"ready": N}`` on stdout once every room is connected, runs
-until SIGTERM or SIGINT, closes every sink as the daemon does, and prints one JSON line
+until SIGTERM or SIGINT (SIGUSR1 first stops the readings and keeps the rooms connected,
+answering replay requests), closes every sink as the daemon does, and prints one JSON line
 of counts (readings taken, telemetry and applicator messages handed to the sinks,
 messages still unsent, late ticks) before it exits 0.
 """
@@ -239,10 +240,16 @@ class ReplayIntake:
 
 
 async def run_rooms(
-    rooms: list[Room], period_s: float, stop: asyncio.Event, ready: asyncio.Event
+    rooms: list[Room],
+    period_s: float,
+    stop: asyncio.Event,
+    ready: asyncio.Event,
+    quiet: asyncio.Event | None = None,
 ) -> Counts:
-    """Connect every room's sink, set ``ready``, poll at ``period_s`` until ``stop``, close
-    the sinks (bounded, as the daemon's shutdown) and return the summed counts."""
+    """Connect every room's sink, set ``ready``, poll at ``period_s`` until ``quiet`` (the
+    sinks stay connected: they still answer replay requests) or ``stop``, close the sinks
+    at ``stop`` (bounded, as the daemon's shutdown) and return the summed counts."""
+    quiet = quiet or stop
     async with contextlib.AsyncExitStack() as stack:
         for r in rooms:
             await stack.enter_async_context(r.source)
@@ -256,10 +263,11 @@ async def run_rooms(
                     await r.sink.connected.wait()
             ready.set()
             pollers = [
-                tg.create_task(_staggered(r, i * period_s / len(rooms), period_s, stop))
+                tg.create_task(_staggered(r, i * period_s / len(rooms), period_s, quiet))
                 for i, r in enumerate(rooms)
             ]
             await stop.wait()
+            quiet.set()
             await asyncio.gather(*pollers)
             total = Counts()
             for r in rooms:
@@ -282,10 +290,12 @@ async def _staggered(room: Room, offset_s: float, period_s: float, stop: asyncio
 
 
 async def _main(args: argparse.Namespace) -> int:
-    stop, ready = asyncio.Event(), asyncio.Event()
+    stop, ready, quiet = asyncio.Event(), asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # SIGUSR1: stop making readings, stay connected (serve replays) until SIGTERM.
+    loop.add_signal_handler(signal.SIGUSR1, quiet.set)
     logins: dict[str, list[str]] = {}
     if args.credentials is not None:
         logins = orjson.loads(args.credentials.read_bytes())
@@ -321,7 +331,7 @@ async def _main(args: argparse.Namespace) -> int:
 
     announcer = asyncio.create_task(announce())
     reporter = asyncio.create_task(stats()) if args.stats_s > 0 else None
-    counts = await run_rooms(rooms, 1.0 / args.hz, stop, ready)
+    counts = await run_rooms(rooms, 1.0 / args.hz, stop, ready, quiet)
     await announcer
     if reporter is not None:
         await reporter
