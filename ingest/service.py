@@ -13,8 +13,10 @@ their gaps (issue 22).
   ``skip``; a repeated (session, seq) is counted (``repeats``) and stored once.
 * **Repaired**: a gap open ``settle_s`` is asked for with a signed ``cmd/replay`` (the
   ingest's replay-only key, auditlog/command.py), again while it stays open, at most
-  ``max_per_minute`` requests per room. A message that fills a known gap is
-  ``repaired``; a closed gap's time from noticed to closed is kept (``repairs``).
+  ``max_per_minute`` requests per room; not while the ingest is still taking in a backlog
+  of that room (:meth:`Ingest.draining`: what looks missing may still be queued for it).
+  A message that fills a known gap is ``repaired``; a closed gap's time from noticed to
+  closed is kept (``repairs``).
 * **Stored** (ingest/store.py) in batches every :data:`FLUSH_S` in a worker thread. The
   broker has the message acknowledged before it is stored: a crash in between leaves a
   gap, which is repaired like any other once newer messages show it.
@@ -64,6 +66,8 @@ TICK_S = 0.25
 STATS_S = 10.0
 IO_TIMEOUT_S = 10.0
 SETUP_TIMEOUT_S = 60.0
+BASE_LAG_S = 60.0  # the least lag of the last minute is a room's usual one
+BEHIND_MARGIN_S = 2.0
 MAX_PAYLOAD = 64 * 1024
 _SLUG = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 SoftwareVersion = "0.1.0"
@@ -115,6 +119,8 @@ class Ingest:
         self.stats = Stats()
         self.rooms: set[tuple[str, str]] = set()
         self._asked: dict[tuple[str, str], deque[float]] = {}
+        self._base_lag: dict[tuple[str, str], tuple[float, float]] = {}
+        self._behind: dict[tuple[str, str], tuple[float, float]] = {}
         self._status_session: dict[tuple[str, str], int] = {}
         self._msgs: list[Message] = []
         self._skips: list[Skip] = []
@@ -218,11 +224,30 @@ class Ingest:
         if not payload["historical"]:
             with contextlib.suppress(ValueError):
                 made = datetime.fromisoformat(payload["ts"][:-1]).replace(tzinfo=UTC)
-                self.stats.latency_s.append(now - made.timestamp())
+                self._lag(site, room, now - made.timestamp())
         self._msgs.append(
             Message(site, room, name, session, seq, payload["ts"], payload["historical"],
                     repaired, now, raw)
         )  # fmt: skip
+
+    def _lag(self, site: str, room: str, lag: float) -> None:
+        """How late the room's live messages arrive, against the least seen lately (so a
+        clock offset between the room and here cancels out); when the room was last heard."""
+        self.stats.latency_s.append(lag)
+        key = (site, room)
+        mono = self._mono()
+        base, since = self._base_lag.get(key, (lag, mono))
+        if lag <= base or mono - since > BASE_LAG_S:
+            base, since = lag, mono
+        self._base_lag[key] = (base, since)
+        self._behind[key] = (lag - base, mono)
+
+    def draining(self, site: str, room: str, now: float) -> bool:
+        """Still taking in a backlog of this room's (its live messages arrive more than
+        ``settle_s`` later than usual, and it was heard from within ``settle_s``): a hole
+        now may be what is still queued for us, not lost. Asked for once it is drained."""
+        behind, at = self._behind.get((site, room), (0.0, -1e9))
+        return behind > self.policy.settle_s + BEHIND_MARGIN_S and now - at < self.policy.settle_s
 
     # ---- gaps: replay requests ------------------------------------------------------
 
@@ -233,7 +258,7 @@ class Ingest:
         for (site, room, topic), line in self.lines.items():
             for g in line.reconcile(now, self.policy):
                 self._closed(site, room, topic, g, now)
-            if not line.gaps:
+            if not line.gaps or self.draining(site, room, now):
                 continue
             asked = self._asked.setdefault((site, room), deque())
             while asked and now - asked[0] >= 60.0:

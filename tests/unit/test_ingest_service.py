@@ -194,3 +194,26 @@ def test_envelope_mode_checks_what_the_bookkeeping_reads(tmp_path: Path) -> None
     ing.on_message("iort/v1/site-a/or-1/skip", skip(0, 9, 3))  # skips: always whole
     assert ing.stats.invalid == 5
     store.close()
+
+
+def test_no_request_while_a_rooms_backlog_is_still_coming_in(tmp_path: Path) -> None:
+    """A hole while the room's live messages arrive far later than usual is most likely
+    what is still queued for the ingest: asked for only once that backlog is in."""
+    ing, store, clock = make(tmp_path)
+    wall = [1000.0]
+    ing._wall = lambda: wall[0]
+    made = datetime.fromisoformat(TS[:-1]).replace(tzinfo=UTC).timestamp()
+    wall[0] = made + 0.05  # usual: 50 ms late
+    ing.on_message(EV, msg(0))
+    wall[0] = made + 30.0  # the same ts arriving 30 s late: a backlog
+    ing.on_message(EV, msg(5))
+    assert ing.due_requests() == []  # noticed
+    for q in (6, 7):  # the backlog keeps coming: the hole is not asked for
+        clock.t += 1.0
+        ing.on_message(EV, msg(q))
+        assert ing.draining("site-a", "or-1", clock.t)
+        assert ing.due_requests() == []
+    clock.t += 1.0  # not heard from for settle_s: the backlog is in
+    ((_, _, req),) = ing.due_requests()
+    assert (req.first, req.last) == (1, 4)
+    store.close()
