@@ -493,6 +493,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", type=Path, default=None, help="work directory (kept)")
     p.add_argument("--autosave-changes", type=int, default=None, help="the fabric's, if set")
     p.add_argument("--validate", choices=["full", "envelope"], default="full", help="ingest's")
+    # The ingest's defaults (docs/ingest.md); the integration test asks faster.
+    p.add_argument("--settle-s", type=float, default=2.0)
+    p.add_argument("--retry-s", type=float, default=5.0)
+    p.add_argument("--retry-max-s", type=float, default=60.0)
     args = p.parse_args(argv)
     from machine import print_header, work_dir  # noqa: PLC0415
 
@@ -503,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         hz=args.hz, warm_s=args.warm_s, outage_s=args.outage_s,
         rooms_per_process=args.rooms_per_process, catch_up_s=max(120.0, 4 * args.outage_s),
         autosave_changes=args.autosave_changes, validate=args.validate,
+        settle_s=args.settle_s, retry_s=args.retry_s, retry_max_s=args.retry_max_s,
     )  # fmt: skip
     t0 = time.monotonic()
 
