@@ -72,9 +72,7 @@ async def room_publisher(fabric: Fabric, site: str, room: str, started: asyncio.
     base = f"iort/v1/{site}/{room}"
     with contextlib.suppress(aiomqtt.MqttError):
         async with Tap(fabric.sites[site].port, fabric.room_login(site, room)) as tap:
-            birth = status_payload(
-                Envelope(0, 1, _ts(), sim=True), True, "test", site, room
-            )
+            birth = status_payload(Envelope(0, 1, _ts(), sim=True), True, "test", site, room)
             await tap.publish(f"{base}/status", json.dumps(birth).encode(), retain=True)
             seq = 0
             while True:
@@ -148,9 +146,9 @@ async def test_central_dashboard_shows_sites_and_a_site_link_down(
             for _ in range(int(2 * STALE_AFTER_S / 0.5)):
                 assert await card_live(page, "site-a/or-1") == "true"
                 await page.wait_for_timeout(500)
-            await expect(
-                page.locator('.site-head[data-site="site-a"]')
-            ).to_have_attribute("data-link", "up")
+            await expect(page.locator('.site-head[data-site="site-a"]')).to_have_attribute(
+                "data-link", "up"
+            )
             await shot(page, "fabric-site-b-link-down")
 
             await page.goto(dash.url + "room/site-b/or-1")
