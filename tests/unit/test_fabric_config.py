@@ -145,7 +145,11 @@ def test_room_acl_is_its_own_topics_and_commands_only(tmp_path: Path) -> None:
     assert all(t.startswith("iort/v1/hospital-a/or-1/") for t in writes), writes
     assert not any("cmd" in t or "#" in t or "+" in t for t in writes), writes
     reads = [ln.split()[-1] for ln in lines if ln.startswith(("topic read ", "topic readwrite"))]
-    assert sorted(reads) == ["iort/v1/hospital-a/or-1/cmd/#", "iort/v1/hospital-a/or-1/status"]
+    assert sorted(reads) == [
+        "iort/v1/hospital-a/or-1/audit/checkpoint",
+        "iort/v1/hospital-a/or-1/cmd/#",
+        "iort/v1/hospital-a/or-1/status",
+    ]
     central = files.central.acl.read_text()
     bridge = central.split("user bridge-hospital-a\n")[1].split("\n\n")[0].splitlines()
     assert bridge == [
