@@ -226,6 +226,20 @@ class Tap:
     def on(self, topic: str) -> list[Received]:
         return [m for m in self.messages if m.topic == topic]
 
+    async def wait_for_topic(self, topic: str, within_s: float = 20.0) -> Received:
+        """The first message on ``topic`` (so far or to come), whatever it says."""
+        try:
+            async with asyncio.timeout(within_s):
+                while True:
+                    for m in self.messages:
+                        if m.topic == topic:
+                            return m
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            seen = sorted({m.topic for m in self.messages})
+            raise AssertionError(f"nothing on {topic} within {within_s} s; seen: {seen}") from None
+
     async def wait_for(self, topic: str, payload: bytes, within_s: float = 20.0) -> Received:
         """The first message on ``topic`` with ``payload`` (so far or to come)."""
         try:
