@@ -51,6 +51,8 @@ class SiteLinks:
         self.head = f"{prefix}/v1/{BRIDGE_LEVEL}/"
         self.sites: dict[str, SiteLink] = {}
         self.dropped = 0
+        # (site, up) for each change (or first sight) not yet taken: logged by the caller.
+        self._changes: list[tuple[str, bool]] = []
 
     def handles(self, topic: str) -> bool:
         """Whether ``topic`` is under the bridges' level (valid or not)."""
@@ -74,12 +76,23 @@ class SiteLinks:
                 self.dropped += 1
                 return None
             link = self.sites[site] = SiteLink(up, None if retained else now_ms, now_ms or 0.0)
+            self._note(site, up)
             return link
         if link.up != up:
             link.up = up
             link.since_ms = now_ms
+            self._note(site, up)
         link.seen_ms = now_ms or link.seen_ms
         return link
+
+    def _note(self, site: str, up: bool) -> None:
+        if len(self._changes) < MAX_SITES:
+            self._changes.append((site, up))
+
+    def take_changes(self) -> list[tuple[str, bool]]:
+        """The changes since the last call (at most ``MAX_SITES``), oldest first."""
+        out, self._changes = self._changes, []
+        return out
 
     def out(self) -> dict[str, dict[str, Any]]:
         return {site: link.out() for site, link in sorted(self.sites.items())}

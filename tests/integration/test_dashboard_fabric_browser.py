@@ -156,6 +156,8 @@ async def test_central_dashboard_shows_sites_and_a_site_link_down(
                 "UNKNOWN — NOT LIVE: site link down since", timeout=10_000
             )
             await shot(page, "fabric-room-of-site-down")
+            events = [(r.get("event"), r.get("site")) for r in dash.log_records()]
+            assert ("site_link_down", "site-b") in events, events
             assert rec.errors_but_link_loss(dash.netloc) == []
             assert rec.foreign(dash.netloc) == []
     finally:

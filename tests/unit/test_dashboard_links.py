@@ -35,6 +35,9 @@ def test_link_states_and_since() -> None:
     # A repeat of the same state keeps the time it changed.
     rooms.receive(topic("site-a"), DOWN, 5.0, wall=T0 + 90)
     assert rooms.snapshot(6.0)["links"]["site-a"]["since_ms"] == (T0 + 60) * 1000
+    # Each first sight and change once, for the operational log.
+    assert rooms.links.take_changes() == [("site-a", True), ("site-b", False), ("site-a", False)]
+    assert rooms.links.take_changes() == []
     assert rooms.accepted == 0  # not a room's message
     assert rooms.rooms == {}
 
