@@ -303,7 +303,11 @@ def _account_blocks(
         out += ["", f"# {a.role.value} {a.name}", f"user {a.name}"]
         if a.role is Role.OBSERVER or a.role is Role.DASHBOARD or a.role is Role.INGEST:
             out += [f"topic read {v1}/{s}/#" for s in scopes]
-            if sites is not None:  # the centre's readers have it in {v1}/+/#
+            if sites is not None and a.role is Role.OBSERVER:
+                # The site's own link to the centre, for monitoring at the site. Not for a
+                # site's dashboard: it sees its rooms directly, and would show them
+                # UNKNOWN while only the centre is cut off (dashboard/links.py). The
+                # centre's readers have it in {v1}/+/#.
                 out += [f"topic read {bridge_state_topic(prefix, s)}" for s in sites]
         if a.role is Role.DASHBOARD:
             out += [f"topic write {v1}/{s}/+/cmd/{k}" for s in scopes for k in ("signoff", "ack")]

@@ -166,6 +166,10 @@ def test_room_acl_is_its_own_topics_and_commands_only(tmp_path: Path) -> None:
         "iort/v1/hospital-a/or-1/cmd/#",
         "iort/v1/hospital-a/or-1/status",
     ]
+    # A site's dashboard sees its rooms directly: it must not read the site's link to the
+    # centre (it would show them UNKNOWN while only the centre is cut off).
+    site_dash = acl.split("user dashboard\n")[1].split("\n\n")[0]
+    assert "_bridge" not in site_dash
     central = files.central.acl.read_text()
     bridge = central.split("user bridge-hospital-a\n")[1].split("\n\n")[0].splitlines()
     assert bridge == [
