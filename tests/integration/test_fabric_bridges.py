@@ -130,13 +130,9 @@ async def test_a_real_daemon_through_the_generated_acl(
     f = start_fabric(tmp_path / "fab", {"test-site": ["or-7"]})
     try:
         await f.wait_bridges_up()
-        user, _ = f.room_login("test-site", "or-7")
-        secret = f.files.sites["test-site"].passwords[user]
-        mqtt = (
-            f'url = "mqtt://127.0.0.1:{f.sites["test-site"].port}"\n'
-            f'username = "{user}"\npassword_file = "{secret}"'
+        site = make_site(
+            speed=60, poll=0.05, mqtt=f.mqtt_section("test-site", "or-7"), checkpoint_s=1
         )
-        site = make_site(speed=60, poll=0.05, mqtt=mqtt, checkpoint_s=1)
         base = "iort/v1/test-site/or-7"
         async with Tap(f.central.port, f.login("central", "observer"), [f"{base}/#"]) as tap:
             daemon = await Daemon.follow(site)
