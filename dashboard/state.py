@@ -72,6 +72,7 @@ from typing import Any
 import orjson
 
 from iortd.dashboard.alarms import CheckedItems, alarm_error
+from iortd.dashboard.links import LinkRejected, SiteLinks
 from iortd.dashboard.room import (
     EVENTS_BYTES,
     RETAINED,
@@ -179,6 +180,8 @@ class Rooms:
         self.age_out_s = age_out_s
         self.future_s = future_s
         self.rooms: dict[str, Room] = {}
+        # Each site's link to the central broker (dashboard/links.py): not a room.
+        self.links = SiteLinks(prefix)
         self._alarm_items = CheckedItems()  # alarm items already found valid (bounded)
         self.bytes = 0
         self.accepted = 0
@@ -223,6 +226,14 @@ class Rooms:
         anything not applied."""
         if self.not_shown(topic):
             self.ignored += 1
+            return None
+        if self.links.handles(topic):
+            try:
+                self.links.receive(topic, data, wall=wall, retained=retained)
+            except LinkRejected as err:
+                exc = Rejected(err.reason, f"{err.reason}: topic {topic[:200]!r}")
+                self._count(exc, NO_ROOM, topic)
+                raise exc from None
             return None
         if len(data) > self.max_payload_bytes:
             exc = Rejected(
@@ -435,6 +446,7 @@ class Rooms:
             "rooms": rooms,
             "rooms_omitted": omitted,
             "sites": dict(sorted(sites.items())),
+            "links": self.links.out(),
             "diagnostics": self.diagnostics(),
         }
 

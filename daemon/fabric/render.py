@@ -22,9 +22,9 @@ Why each setting (measured on Debian's Mosquitto 2.0.11; docs/fabric.md has the 
   on the central broker, so the centre learns of a site that vanished without a word).
 
 Who may do what is the ACL: a room's account may publish only its own room's topics (never a
-command) and read only its own commands (and its own status: the daemon watches it for a
-stale will, daemon/mqtt/birth.py); a site's bridge account on the central broker may
-publish only that site's topics and read only that site's commands.
+command) and read only its own commands, status and checkpoint (``ROOM_READS_BACK``); a
+site's bridge account on the central broker may publish only that site's topics and read
+only that site's commands.
 """
 
 from __future__ import annotations
@@ -68,6 +68,10 @@ ROOM_TOPICS: tuple[str, ...] = (
     "audit/checkpoint",
     "skip",
 )
+# What a room's daemon reads back of its own: its status (a late will over its birth is
+# answered, daemon/mqtt/birth.py) and its retained checkpoint (the guard that never lets a
+# forked log overwrite it, daemon/mqtt/retained.py).
+ROOM_READS_BACK: tuple[str, ...] = ("status", "audit/checkpoint")
 # The physicists' commands (docs/commands.md); `replay` is iort-ingest's alone, `signoff`
 # and `ack` also the dashboards'.
 COMMAND_KINDS: tuple[str, ...] = (
@@ -265,8 +269,7 @@ def site_acl(spec: FabricSpec, site: Site) -> str:
         out += ["", f"# room {room}: its daemon (iortd run, [mqtt] username)"]
         out.append(f"user {room_user(site.id, room)}")
         for name in ROOM_TOPICS:
-            # The status topic is read back too: a stale will on it is answered (birth.py).
-            access = "readwrite" if name == "status" else "write"
+            access = "readwrite" if name in ROOM_READS_BACK else "write"
             out.append(f"topic {access} {root}/{room}/{name}")
         out.append(f"topic read {root}/{room}/cmd/#")
     out += _account_blocks(site.accounts, spec.prefix, (site.id,))
@@ -300,7 +303,11 @@ def _account_blocks(
         out += ["", f"# {a.role.value} {a.name}", f"user {a.name}"]
         if a.role is Role.OBSERVER or a.role is Role.DASHBOARD or a.role is Role.INGEST:
             out += [f"topic read {v1}/{s}/#" for s in scopes]
-            if sites is not None:  # the centre's readers have it in {v1}/+/#
+            if sites is not None and a.role is Role.OBSERVER:
+                # The site's own link to the centre, for monitoring at the site. Not for a
+                # site's dashboard: it sees its rooms directly, and would show them
+                # UNKNOWN while only the centre is cut off (dashboard/links.py). The
+                # centre's readers have it in {v1}/+/#.
                 out += [f"topic read {bridge_state_topic(prefix, s)}" for s in sites]
         if a.role is Role.DASHBOARD:
             out += [f"topic write {v1}/{s}/+/cmd/{k}" for s in scopes for k in ("signoff", "ack")]

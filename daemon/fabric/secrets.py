@@ -17,6 +17,7 @@ broker CPU on each connect.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import os
@@ -24,6 +25,7 @@ import re
 import secrets
 from pathlib import Path
 
+from iortd.kernel.durable import fsync_dir, write_all
 from iortd.kernel.files import FileReadError, read_small_file
 
 __all__ = ["ITERATIONS", "PasswordError", "hash_line", "load_or_make_password", "matches"]
@@ -50,16 +52,7 @@ def load_or_make_password(path: Path, *, create: bool = True) -> str | None:
             raise PasswordError(f"{path}: {exc.reason}") from None
         if not create:
             return None
-        password = secrets.token_urlsafe(24)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
-        with os.fdopen(fd, "w", encoding="ascii") as f:
-            f.write(password + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        return password
+        return _make(path)
     except UnicodeDecodeError:
         raise PasswordError(f"{path}: not ASCII text; delete it to have a new one made") from None
     if not _PASSWORD_RE.fullmatch(text):
@@ -68,6 +61,35 @@ def load_or_make_password(path: Path, *, create: bool = True) -> str | None:
             "delete it to have a new one made"
         )
     return text
+
+
+def _make(path: Path) -> str:
+    """A new password in ``path``, all or nothing: written to a temporary file (0600,
+    fsync'd), then linked into place, which fails rather than replace a file that
+    appeared meanwhile (then that one is used). A crash leaves no half-written secret."""
+    password = secrets.token_urlsafe(24)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o600)
+    try:
+        write_all(fd, (password + "\n").encode("ascii"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        tmp.unlink()
+        text = load_or_make_password(path, create=False)
+        if text is None:  # pragma: no cover - removed again in between
+            raise PasswordError(f"{path}: appeared and vanished while being made") from None
+        return text
+    tmp.unlink()
+    fsync_dir(path.parent)
+    return password
 
 
 def _digest(password: str, salt: bytes, iterations: int) -> bytes:

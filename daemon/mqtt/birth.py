@@ -105,9 +105,10 @@ class BirthGuard:
 
 
 async def subscribe_own_status(client: aiomqtt.Client, topic: str, timeout_s: float) -> None:
-    """Subscribe to our own ``status`` (QoS 1). A refusal (an ACL that lets the room only
-    write it) or a timeout is logged and the link goes on: a late will then stays the
-    retained status until the next reconnect, and consumers still ignore it."""
+    """Subscribe to our own ``status`` (QoS 1). A refusal or a timeout is logged and the
+    link goes on: a late will then stays the retained status until the next reconnect, and
+    consumers still ignore it. (Mosquitto 2.0 grants a subscription its ACL does not allow
+    and delivers nothing on it: that case cannot be seen from here.)"""
     try:
         granted = await client.subscribe(topic, qos=1, timeout=timeout_s)
     except aiomqtt.MqttError as exc:

@@ -19,10 +19,11 @@ TLS while the bridges between the tiers run on TLS with client certificates. The
 material (a CA, server certificates for 127.0.0.1, a bridge certificate per site with the
 common name ``bridge-{site}``) is made here, throw-away.
 
-Accounts: every room has its own (``room_login``); the central broker has ``dashboard``
-(role dashboard), ``ingest`` (role ingest) and ``observer`` (read only), each site an
-``observer``: `login` gives any of them. The bridge timers default to fast ones for tests
-(keepalive 2 s, restart 1..2 s).
+Accounts: every room has its own (``room_login``; ``mqtt_section`` is a daemon's ``[mqtt]``
+body with it); the central broker has ``dashboard`` (role dashboard), ``ingest`` (role
+ingest) and ``observer`` (read only), each site an ``observer``: `login` gives any of them
+(the central ones also over TLS on ``central_tls_port``, with ``ca``). The bridge timers
+default to fast ones for tests (keepalive 2 s, restart 1..2 s).
 """
 
 from __future__ import annotations
@@ -94,6 +95,17 @@ class Fabric:
 
     def room_login(self, site: str, room: str) -> tuple[str, str]:
         return self.login(site, f"iortd-{site}-{room}")
+
+    def site_url(self, site: str) -> str:
+        """``mqtt://127.0.0.1:PORT`` of the site broker's plain local listener."""
+        return f"mqtt://127.0.0.1:{self.sites[site].port}"
+
+    def mqtt_section(self, site: str, room: str) -> str:
+        """The ``[mqtt]`` table's body for a daemon of ``site``/``room`` on its site
+        broker, with the room's generated account (its password file, never the text)."""
+        user = f"iortd-{site}-{room}"
+        secret = self.files.sites[site].passwords[user]
+        return f'url = "{self.site_url(site)}"\nusername = "{user}"\npassword_file = "{secret}"'
 
     def bridge_state_topic(self, site: str) -> str:
         return bridge_state_topic(self.spec.prefix, site)
@@ -225,6 +237,20 @@ class Tap:
 
     def on(self, topic: str) -> list[Received]:
         return [m for m in self.messages if m.topic == topic]
+
+    async def wait_for_topic(self, topic: str, within_s: float = 20.0) -> Received:
+        """The first message on ``topic`` (so far or to come), whatever it says."""
+        try:
+            async with asyncio.timeout(within_s):
+                while True:
+                    for m in self.messages:
+                        if m.topic == topic:
+                            return m
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            seen = sorted({m.topic for m in self.messages})
+            raise AssertionError(f"nothing on {topic} within {within_s} s; seen: {seen}") from None
 
     async def wait_for(self, topic: str, payload: bytes, within_s: float = 20.0) -> Received:
         """The first message on ``topic`` with ``payload`` (so far or to come)."""

@@ -5,14 +5,17 @@ What must hold (docs/fabric.md): a room's message reaches the centre; a command 
 centre reaches that room, once; a room cannot publish as another room or send a command,
 and a site's bridge account cannot publish another site's topics at the centre; the bridge
 state notification goes to 0 when the central broker goes away and back to 1 when it
-returns, and what a room published in between arrives at the centre.
+returns, and what a room published in between arrives at the centre; a real daemon with
+its generated account publishes everything it publishes without a refusal.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from daemonproc import Daemon, Site
 from fabricproc import Fabric, Tap, start_fabric
 
 pytestmark = pytest.mark.integration
@@ -61,7 +64,21 @@ async def test_acl_keeps_rooms_and_sites_to_their_own_topics(fabric: Fabric) -> 
         ca=fabric.ca,
         cert=(tls / "bridge-site-a.pem", tls / "bridge-site-a.key"),
     )
-    async with site_obs, central, room, bridge_a:
+    # What a room may read: its own status, checkpoint and commands; not another room's.
+    own = "iort/v1/site-a/or-1/"
+    reader = Tap(
+        fabric.sites["site-a"].port,
+        fabric.room_login("site-a", "or-1"),
+        [own + "status", own + "audit/checkpoint", "iort/v1/site-a/or-2/#"],
+    )
+    other = Tap(fabric.sites["site-a"].port, fabric.room_login("site-a", "or-2"))
+    async with site_obs, central, room, bridge_a, reader, other:
+        await other.publish("iort/v1/site-a/or-2/status", b'{"or-2": 1}', retain=True)
+        await room.publish(own + "status", b'{"own": 1}', retain=True)
+        await room.publish(own + "audit/checkpoint", b'{"own": 2}', retain=True)
+        await reader.wait_for(own + "status", b'{"own": 1}')
+        await reader.wait_for(own + "audit/checkpoint", b'{"own": 2}')
+        await site_obs.wait_for("iort/v1/site-a/or-2/status", b'{"or-2": 1}')
         forged = [
             "iort/v1/site-a/or-2/telemetry",  # another room of its site
             "iort/v1/site-b/or-1/status",  # a room of another site
@@ -80,6 +97,7 @@ async def test_acl_keeps_rooms_and_sites_to_their_own_topics(fabric: Fabric) -> 
         await central.wait_for("iort/v1/site-a/or-9/events", b'{"marker": 2}')
         leaked = [m for m in site_obs.messages + central.messages if b"forged" in m.payload]
         assert leaked == [], leaked
+        assert [m for m in reader.messages if "or-2" in m.topic] == []
 
 
 async def test_bridge_state_flips_with_the_central_broker(fabric: Fabric) -> None:
@@ -101,3 +119,32 @@ async def test_bridge_state_flips_with_the_central_broker(fabric: Fabric) -> Non
         await obs.wait_for(topic, b'{"outage": 4}')
         got = [m.payload for m in obs.on(topic)]
     assert got == [b'{"outage": %d}' % n for n in range(5)]
+
+
+async def test_a_real_daemon_through_the_generated_acl(
+    make_site: Callable[..., Site], tmp_path: Path
+) -> None:
+    """`iortd run` with its generated account on its site broker: everything it publishes
+    is allowed by the room's ACL (no refusal logged), it may read back its status and
+    checkpoint, and its stream arrives at the centre."""
+    f = start_fabric(tmp_path / "fab", {"test-site": ["or-7"]})
+    try:
+        await f.wait_bridges_up()
+        site = make_site(
+            speed=60, poll=0.05, mqtt=f.mqtt_section("test-site", "or-7"), checkpoint_s=1
+        )
+        base = "iort/v1/test-site/or-7"
+        async with Tap(f.central.port, f.login("central", "observer"), [f"{base}/#"]) as tap:
+            daemon = await Daemon.follow(site)
+            try:
+                for name in ("status", "telemetry", "audit/checkpoint", "interlocks"):
+                    await tap.wait_for_topic(f"{base}/{name}")
+                await daemon.seen(lambda r: r.get("event") == "mqtt_connected", "connected")
+            finally:
+                assert await daemon.stop() == 0
+        refused = [
+            r for r in daemon.lines if "refused" in str(r.get("event")) or r.get("level") == "error"
+        ]
+        assert refused == [], refused
+    finally:
+        f.stop()

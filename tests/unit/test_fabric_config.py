@@ -5,15 +5,18 @@ and the exit codes. The real brokers run in tests/integration/test_fabric_bridge
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import stat
 import subprocess
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from iortd.daemon.cli import main
 from iortd.daemon.fabric import (
@@ -28,6 +31,19 @@ from iortd.daemon.fabric.render import central_limits, site_limits
 from iortd.daemon.fabric.secrets import hash_line, matches
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "config" / "fabric" / "fabric.example.toml"
+
+
+@pytest.fixture
+def _logging_restored() -> Iterator[None]:
+    """``main`` configures logging onto the stderr pytest captures and then closes: put
+    back what was there, or later tests log into a closed file."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def example() -> dict[str, Any]:
@@ -145,7 +161,15 @@ def test_room_acl_is_its_own_topics_and_commands_only(tmp_path: Path) -> None:
     assert all(t.startswith("iort/v1/hospital-a/or-1/") for t in writes), writes
     assert not any("cmd" in t or "#" in t or "+" in t for t in writes), writes
     reads = [ln.split()[-1] for ln in lines if ln.startswith(("topic read ", "topic readwrite"))]
-    assert sorted(reads) == ["iort/v1/hospital-a/or-1/cmd/#", "iort/v1/hospital-a/or-1/status"]
+    assert sorted(reads) == [
+        "iort/v1/hospital-a/or-1/audit/checkpoint",
+        "iort/v1/hospital-a/or-1/cmd/#",
+        "iort/v1/hospital-a/or-1/status",
+    ]
+    # A site's dashboard sees its rooms directly: it must not read the site's link to the
+    # centre (it would show them UNKNOWN while only the centre is cut off).
+    site_dash = acl.split("user dashboard\n")[1].split("\n\n")[0]
+    assert "_bridge" not in site_dash
     central = files.central.acl.read_text()
     bridge = central.split("user bridge-hospital-a\n")[1].split("\n\n")[0].splitlines()
     assert bridge == [
@@ -186,6 +210,7 @@ def test_password_lines_agree_with_mosquitto_passwd(tmp_path: Path) -> None:
     assert matches(hash_line("bob", "another-token-1234"), "bob", "another-token-1234")
 
 
+@pytest.mark.usefixtures("_logging_restored")
 def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     assert main(["fabric-config", "--spec", str(EXAMPLE), "--out", str(out), "--check"]) == 1
@@ -206,6 +231,7 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "file not found" in capsys.readouterr().err
 
 
+@pytest.mark.usefixtures("_logging_restored")
 def test_unusable_secret_file_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
