@@ -128,12 +128,14 @@ class SeqLine:
         self.gaps = new
         return [g for g in old if not any(n.first <= g.last and g.first <= n.last for n in new)]
 
-    def due(self, now: float, policy: GapPolicy, limit: int = 2**31) -> list[Request]:
+    def due(
+        self, now: float, policy: GapPolicy, limit: int = 2**31, *, retries: bool = True
+    ) -> list[Request]:
         """Requests for the gaps whose time has come, at most ``limit`` (each marked
-        asked; the others stay due)."""
+        asked; the others stay due); ``retries`` false: only gaps never asked for."""
         out: list[Request] = []
         for g in self.gaps:
-            if now < g.next_ask or len(out) >= limit:
+            if now < g.next_ask or len(out) >= limit or (g.attempts and not retries):
                 continue
             session = self.session_at(g.first - 1) or self.session_at(g.last + 1)
             if session is None:

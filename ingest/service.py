@@ -14,7 +14,8 @@ their gaps (issue 22).
 * **Repaired**: a gap open ``settle_s`` is asked for with a signed ``cmd/replay`` (the
   ingest's replay-only key, auditlog/command.py), again while it stays open, at most
   ``max_per_minute`` requests per room; not while the ingest is still taking in a backlog
-  of that room (:meth:`Ingest.draining`: what looks missing may still be queued for it).
+  of that room (:meth:`Ingest.draining`: what looks missing may still be queued for it),
+  and not again while it is taking in any room's backlog (an answer waits behind it).
   A message that fills a known gap is ``repaired``; a closed gap's time from noticed to
   closed is kept (``repairs``).
 * **Stored** (ingest/store.py) in batches every :data:`FLUSH_S` in a worker thread. The
@@ -255,6 +256,9 @@ class Ingest:
         """Reconcile every line; the requests to send now (rate-limited per room)."""
         now = self._mono()
         out: list[tuple[str, str, Request]] = []
+        # Behind on any room: what a room sends again waits behind that backlog here, so
+        # asking again now would only bring it twice.
+        retries = not any(self.draining(site, room, now) for site, room in self._behind)
         for (site, room, topic), line in self.lines.items():
             for g in line.reconcile(now, self.policy):
                 self._closed(site, room, topic, g, now)
@@ -266,7 +270,7 @@ class Ingest:
             budget = self.cfg.replay.max_per_minute - len(asked)
             if budget <= 0:
                 continue
-            for req in line.due(now, self.policy, budget):
+            for req in line.due(now, self.policy, budget, retries=retries):
                 asked.append(now)
                 out.append((site, room, req))
         return out

@@ -65,3 +65,15 @@ def test_a_request_names_the_session_below_and_is_bounded() -> None:
     assert line.session_at(499) == 1
     assert line.session_at(500) == 2
     assert line.missing() == 494
+
+
+def test_retries_can_be_held_back_while_first_asks_go() -> None:
+    line = SeqLine("telemetry")
+    for q in (0, 5, 10):
+        line.received(q, 1)
+    line.reconcile(0.0, POLICY)
+    (first,) = line.due(2.0, POLICY, limit=1)  # one of the two gaps asked
+    assert (first.first, first.last) == (1, 4)
+    assert [(r.first, r.last) for r in line.due(10.0, POLICY, retries=False)] == [(6, 9)]
+    assert line.due(20.0, POLICY, retries=False) == []  # both asked once: no retry now
+    assert len(line.due(20.0, POLICY)) == 2

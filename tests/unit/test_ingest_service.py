@@ -217,3 +217,26 @@ def test_no_request_while_a_rooms_backlog_is_still_coming_in(tmp_path: Path) -> 
     ((_, _, req),) = ing.due_requests()
     assert (req.first, req.last) == (1, 4)
     store.close()
+
+
+def test_no_retry_while_another_rooms_backlog_comes_in(tmp_path: Path) -> None:
+    ing, store, clock = make(tmp_path)
+    wall = [0.0]
+    ing._wall = lambda: wall[0]
+    made = datetime.fromisoformat(TS[:-1]).replace(tzinfo=UTC).timestamp()
+    wall[0] = made + 0.05
+    for q in (0, 3):
+        ing.on_message(EV, msg(q))
+    ing.on_message("iort/v1/site-a/or-2/events", msg(0))
+    ing.due_requests()
+    clock.t += 1.0
+    assert len(ing.due_requests()) == 1  # or-1's gap, asked once
+    wall[0] = made + 40.0  # or-2's messages now arrive 40 s late, and keep coming
+    for q in range(1, 12):
+        clock.t += 1.0
+        ing.on_message("iort/v1/site-a/or-2/events", msg(q))
+        assert ing.due_requests() == []  # or-1's retry (due after 2 s) waits
+    clock.t += 1.0  # or-2 drained
+    ((_, room, _),) = ing.due_requests()
+    assert room == "or-1"
+    store.close()
