@@ -82,6 +82,7 @@ class Scenario:
     # database 20 times a second, and it stops answering (docs/development.md).
     autosave_changes: int | None = None
     validate: str = "full"  # the ingest's (docs/ingest.md)
+    kill_ingest_after_s: float | None = None  # SIGKILL the ingest this long after the return
 
 
 @dataclass
@@ -267,11 +268,10 @@ async def run(root: Path, s: Scenario, *, say: Any = lambda _: None) -> Result:
     try:
         await fabric.wait_bridges_up()
         ring = _keyring(root)
-        ingest = await Child.start(
-            "ingest",
-            [str(BIN / "iort-ingest"), "run", "--config", str(_ingest_config(root, fabric, s))],
-            root / "ingest.log",
-        )
+        ingest_argv = [
+            str(BIN / "iort-ingest"), "run", "--config", str(_ingest_config(root, fabric, s))
+        ]  # fmt: skip
+        ingest = await Child.start("ingest", ingest_argv, root / "ingest.log")
         children.append(ingest)
         db = root / "ingest.sqlite"
         await _until("the ingest's database", 20, db.exists)
@@ -319,6 +319,17 @@ async def run(root: Path, s: Scenario, *, say: Any = lambda _: None) -> Result:
         await asyncio.to_thread(fabric.central.restart_sync)
         meter.restart("central broker", fabric.central.pid)
         back, back_wall = time.monotonic(), time.time()
+        if s.kill_ingest_after_s is not None:
+            # The ingest SIGKILLed while it takes in the backlog: what the broker had
+            # delivered and it had not stored is gone from both; the rooms still hold it.
+            await asyncio.sleep(s.kill_ingest_after_s)
+            say("iort-ingest SIGKILLed and started again")
+            meter.lap("ingest", [ingest.proc.pid])
+            ingest.kill()
+            await ingest.proc.wait()
+            ingest = await Child.start("ingest-2", ingest_argv, root / "ingest-2.log")
+            children.append(ingest)
+            meter.restart("ingest", ingest.proc.pid)
         say("central back; waiting for the ingest to have every seq")
 
         back_ts = utc_ts(datetime.fromtimestamp(back_wall, UTC))
