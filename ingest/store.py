@@ -3,9 +3,10 @@
 Why SQLite and its limit: a central ingest of a hospital group writes from one process
 and is read by reports and by people with ``sqlite3``; SQLite needs no server to run,
 back up (``.backup``) or hand to an auditor. WAL lets ``iort-ingest report`` read while
-the service writes; rows go in batches (one transaction per flush, ``flush_s``), which on
-the project's VM takes tens of thousands of rows a second (docs/performance.md, "Fabric
-load") against the ~2,000 a second of 100 rooms at 10 Hz. The limits are one writer per
+the service writes; rows go in batches (one transaction per flush, ``flush_s``): about
+10 µs a row on the project's VM (a batch of 20,000 telemetry rows, machine loaded), some
+100,000 rows a second against the ~2,000 of 100 rooms at 10 Hz; the ingest's MQTT side
+and checks cost more (docs/development.md, "Fabric load"). The limits are one writer per
 file (a second ``iort-ingest run`` on it is refused by the lock), one host (no network
 filesystem: SQLite's locking is not safe there) and the disk: about 600 B a message, so
 100 rooms at 10 Hz fill ~100 GB a day; keep a retention (export, then delete old rows)
