@@ -55,6 +55,7 @@ from iortd.ingest.validate import Validators
 from iortd.kernel.backoff import Backoff
 from iortd.kernel.broker import BrokerSettings, parse_broker_url
 from iortd.kernel.timefmt import utc_ts
+from iortd.kernel.version import __version__
 
 __all__ = ["Ingest", "Stats", "settings_of"]
 
@@ -71,7 +72,6 @@ BASE_LAG_S = 60.0  # the least lag of the last minute is a room's usual one
 BEHIND_MARGIN_S = 2.0
 MAX_PAYLOAD = 64 * 1024
 _SLUG = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
-SoftwareVersion = "0.1.0"
 
 
 @dataclass
@@ -314,7 +314,7 @@ class Ingest:
     def _status_bytes(self, online: bool) -> bytes:
         return orjson.dumps(
             {"schema": "iort/v1", "name": self.cfg.name, "online": online,
-             "ts": utc_ts(datetime.now(UTC)), "software_version": SoftwareVersion}
+             "ts": utc_ts(datetime.now(UTC)), "software_version": __version__}
         )  # fmt: skip
 
     def _client_for(self, tls: ssl.SSLContext | None) -> aiomqtt.Client:
