@@ -221,6 +221,7 @@ class App:
                 origin=audit.origin,
                 signer=self._signer,
                 broker_url=self._broker_url,
+                config_hash=self.loaded.sha256,
             )
             for w in watch:
                 w.connect(sinks)
@@ -451,6 +452,7 @@ async def _open_sinks(
     origin: str,
     signer: Signer | None,
     broker_url: str | None,
+    config_hash: str = "",
 ) -> list[QueuedSink]:
     """Every sink of the run, each behind its own queue (:mod:`iortd.daemon.sink_queue`),
     in the order they are told: the operational log, the caller's own, the ``[[sinks]]``
@@ -475,6 +477,7 @@ async def _open_sinks(
             log_directory=c.log.directory,
             origin=origin,
             verifier=None if signer is None else signer.verifier,
+            config_hash=config_hash,
         )
     except SinkConfigError as exc:
         raise StartError(str(exc)) from None

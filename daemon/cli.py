@@ -1,6 +1,6 @@
 """``iortd``: argument parsing and dispatch: run the daemon, run the demo, check a config,
-wait until a running daemon is idle (daemon/waitidle.py). ``check-config`` is
-daemon/check.py.
+wait until a running daemon is idle (daemon/waitidle.py), write a bridged broker fabric's
+configs (daemon/fabric/cli.py). ``check-config`` is daemon/check.py.
 
 The daemon itself is built and run by the composition root (daemon/app.py); what only the
 demo does is in daemon/demo.py.
@@ -28,6 +28,7 @@ from iortd.daemon.app import (
 )
 from iortd.daemon.check import check_config
 from iortd.daemon.demo import default_data_dir, run_demo
+from iortd.daemon.fabric import cli as fabric_cli
 from iortd.daemon.waitidle import DEFAULT_URL, UsageError, parse_url, wait_idle
 from iortd.drivers.registry import DriverRegistry
 from iortd.kernel.logs import configure_logging
@@ -116,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the daemon is known to run (systemctl is-active): a refused connection means "
         "its state cannot be read (exit 1), not that it is stopped",
     )
+    fabric_cli.add_parser(sub)
     return p
 
 
@@ -166,6 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo": run_demo,
         "check-config": check_config,
         "wait-idle": _cmd_wait_idle,
+        "fabric-config": fabric_cli.fabric_config,
     }
     return handlers[args.command](args)
 

@@ -111,6 +111,7 @@ async def open_sinks(
     log_directory: Path,
     origin: str,
     verifier: Verifier | None,
+    config_hash: str = "",
 ) -> list[QueuedSink]:
     """Build and start the configured sinks, each behind its own queue: the ``[[sinks]]``
     tables in file order, then the MQTT sink (``mqtt``: the ``[mqtt]`` table's options,
@@ -137,6 +138,7 @@ async def open_sinks(
                         state_dir=state_dir(log_directory, name),
                         origin=origin,
                         verifier=verifier,
+                        config_hash=config_hash,
                     ),
                 )
                 sink.name = name

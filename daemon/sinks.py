@@ -205,7 +205,8 @@ class SinkContext:
     sink's own, under the audit log's directory (and so under its lock: one daemon per
     directory); not created until the sink creates it. ``origin``: the audit log's name
     (as in its checkpoints); ``verifier``: the public key its checkpoints are signed with
-    (None when they are not signed), for a sink that keeps checkpoints off the host."""
+    (None when they are not signed), for a sink that keeps checkpoints off the host;
+    ``config_hash``: sha256 (hex) of the site config's bytes ("" when not known)."""
 
     site: str
     room: str
@@ -213,6 +214,7 @@ class SinkContext:
     state_dir: Path
     origin: str = ""
     verifier: Verifier | None = None
+    config_hash: str = ""
 
 
 class SinkFactory(Protocol):

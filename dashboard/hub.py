@@ -164,6 +164,7 @@ class Hub:
             "broker": self.broker.connected,
             "t": time.time(),
             "sites": dict(sorted(sites.items())),
+            "links": self.rooms.links.out(),
             "rejected": {k: n for k, n in rejected.items() if sub.wants(k)},
             "diagnostics": self.rooms.diagnostics(),
         }

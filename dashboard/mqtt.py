@@ -348,6 +348,9 @@ async def consume(settings: BrokerSettings, hub: Hub) -> None:
                         continue
                     if acc is not None:
                         hub.message(acc)
+                    for site, up in hub.rooms.links.take_changes():
+                        # A site's bridge to this (central) broker: dashboard/links.py.
+                        log.info("site_link_up" if up else "site_link_down", site=site)
             hub.set_broker(False, "the connection ended")
         except aiomqtt.MqttError as exc:
             reason = str(exc) or type(exc).__name__

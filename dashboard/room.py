@@ -359,6 +359,15 @@ class Room:
             return Verdict.NEW
         return track.judge(seq, retained, window, ts)
 
+    def stale_will(self, payload: Payload) -> bool:
+        """Whether ``payload`` is an offline ``status`` older, by ``(session, seq)``, than
+        the status held: a late will (daemon/mqtt/birth.py), not the room's news."""
+        held = self.retained.get("status")
+        if payload.get("online") is not False or held is None:
+            return False
+        h = held.payload
+        return (int(payload["session"]), int(payload["seq"])) < (int(h["session"]), int(h["seq"]))
+
     def note(self, what: str) -> None:
         self.notices[what] = self.notices.get(what, 0) + 1
 

@@ -27,6 +27,13 @@ and reason (shown in the snapshot's ``rejected`` and ``diagnostics``) and never 
    than ``seq_window`` past the highest handled in its topic and session (a forged
    ``2^64-1`` would otherwise hide every later genuine message, rule 1 read naively).
 
+A ``status`` with ``online: false`` whose ``(session, seq)`` is below the held status's is
+a will that came late (daemon/mqtt/birth.py): it is ignored (counted as
+``stale_will_ignored``), so a late will never marks a newer session offline. Only an
+offline message is judged so: a forged birth with a huge ``session`` could otherwise
+hide the real daemon's death; as it is, a forger can at worst hide a will, which the
+telemetry's own staleness still shows.
+
 The real stream always wins over a forged high-water mark that was within the window or
 could not be judged when it came (the first message of a session, or one handed over
 from the broker's retained store): a fresh message below the mark takes over at once if
@@ -65,6 +72,7 @@ from typing import Any
 import orjson
 
 from iortd.dashboard.alarms import CheckedItems, alarm_error
+from iortd.dashboard.links import LinkRejected, SiteLinks
 from iortd.dashboard.room import (
     EVENTS_BYTES,
     RETAINED,
@@ -172,6 +180,8 @@ class Rooms:
         self.age_out_s = age_out_s
         self.future_s = future_s
         self.rooms: dict[str, Room] = {}
+        # Each site's link to the central broker (dashboard/links.py): not a room.
+        self.links = SiteLinks(prefix)
         self._alarm_items = CheckedItems()  # alarm items already found valid (bounded)
         self.bytes = 0
         self.accepted = 0
@@ -216,6 +226,14 @@ class Rooms:
         anything not applied."""
         if self.not_shown(topic):
             self.ignored += 1
+            return None
+        if self.links.handles(topic):
+            try:
+                self.links.receive(topic, data, wall=wall, retained=retained)
+            except LinkRejected as err:
+                exc = Rejected(err.reason, f"{err.reason}: topic {topic[:200]!r}")
+                self._count(exc, NO_ROOM, topic)
+                raise exc from None
             return None
         if len(data) > self.max_payload_bytes:
             exc = Rejected(
@@ -311,6 +329,11 @@ class Rooms:
             return None
         if verdict == Verdict.RESET:
             room.note("seq_reset")
+        if name == "status" and room.stale_will(p):
+            # A will of an earlier connection or session, arriving after the newer birth
+            # (a half-open connection the broker dropped late): the room is not offline.
+            room.note("stale_will_ignored")
+            return None
         self.bytes += room.apply(name, p, mono, size)
         self.accepted += 1
         # Room state is O(1) to reorder: the most recently valid room goes last.
@@ -423,6 +446,7 @@ class Rooms:
             "rooms": rooms,
             "rooms_omitted": omitted,
             "sites": dict(sorted(sites.items())),
+            "links": self.links.out(),
             "diagnostics": self.diagnostics(),
         }
 

@@ -58,6 +58,7 @@ ONE_UNIT: dict[str, str] = dict.fromkeys(
         "integration/test_dashboard_verification_browser.py",  # Chromium
         "integration/test_signoff_browser.py",  # Chromium, and a delivery over Mosquitto
         "integration/test_alarm_ack_browser.py",  # Chromium, and a delivery over Mosquitto
+        "integration/test_dashboard_fabric_browser.py",  # Chromium, and three Mosquittos bridged
         # Modbus RTU over a pty with the line's time modelled: a few poll periods of slack
         "integration/test_modbus_xrs_e2e.py",
         "integration/test_shared_line_e2e.py",

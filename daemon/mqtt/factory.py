@@ -57,4 +57,6 @@ class MqttSinkFactory:
             verifier=context.verifier,
             outbox_max_bytes=mqtt.outbox_max_bytes,
             reconnect_max_s=mqtt.reconnect_max_s,
+            config_hash=context.config_hash or None,
+            origin=context.origin or None,
         )

@@ -172,16 +172,31 @@ class Envelope:
 
 
 def status_payload(
-    env: Envelope, online: bool, software_version: str, site: str, room: str
+    env: Envelope,
+    online: bool,
+    software_version: str,
+    site: str,
+    room: str,
+    *,
+    config_hash: str | None = None,
+    origin: str | None = None,
 ) -> Payload:
-    """``status`` (retained). The offline message is also the broker's Last Will."""
-    return {
+    """``status`` (retained): online, the birth; offline, the broker's Last Will, with the
+    same session (daemon/mqtt/birth.py). ``config_hash``: sha256 hex of the site config's
+    bytes; ``origin``: the audit log's; each left out when None (a sink built without
+    them, as in tests; the daemon always gives both)."""
+    out: Payload = {
         **env.fields(),
         "online": online,
         "software_version": software_version,
         "site": site,
         "room": room,
     }
+    if config_hash is not None:
+        out["config_hash"] = config_hash
+    if origin is not None:
+        out["origin"] = origin
+    return out
 
 
 def telemetry_payload(env: Envelope, sample: Sample) -> Payload:

@@ -45,6 +45,7 @@ import structlog
 
 from iortd.auditlog.note import Checkpoint, Verifier
 from iortd.daemon import __version__
+from iortd.daemon.mqtt.birth import BirthGuard, subscribe_own_status
 from iortd.daemon.mqtt.link import (
     BACKOFF_INITIAL_S,
     BACKOFF_MAX_S,
@@ -112,9 +113,12 @@ class MqttSink(Sink):
         verifier: Verifier | None = None,
         outbox_max_bytes: int = 64 * 1024 * 1024,
         reconnect_max_s: float = BACKOFF_MAX_S,
+        config_hash: str | None = None,
+        origin: str | None = None,
     ) -> None:
         """``outbox``: an open one, or the directory :meth:`start` opens it in;
-        ``reconnect_max_s``: the reconnect backoff's cap (``[mqtt] reconnect_max_s``)."""
+        ``reconnect_max_s``: the reconnect backoff's cap (``[mqtt] reconnect_max_s``);
+        ``config_hash`` and ``origin``: what the birth says (daemon/mqtt/birth.py)."""
         self.settings = settings
         self.site, self.room = site, room
         self._state = RetainedState(now=_now, simulated=simulated, verifier=verifier)
@@ -142,6 +146,9 @@ class MqttSink(Sink):
         # kind, the topic's last level; its bytes; its retain flag) goes to the intake.
         self.on_command: Callable[[str, bytes, bool], None] | None = None
         self._cmd_prefix = self._topics["status"].removesuffix("status") + "cmd/"
+        self._birth_says = {"config_hash": config_hash, "origin": origin}
+        self.births = BirthGuard()
+        self._birth: Record | None = None
 
     # Set by the composition root (daemon/service.py), held by the parts that use them.
 
@@ -330,8 +337,12 @@ class MqttSink(Sink):
         ones each time, since a broker that got a CONNECT may publish that attempt's will
         however the attempt ends. The will's ``seq`` is the larger, so that a consumer
         keeping the newest takes it over the online message."""
-        on = status_payload(self._env("status"), True, __version__, self.site, self.room)
-        off = status_payload(self._env("status"), False, __version__, self.site, self.room)
+        on = status_payload(
+            self._env("status"), True, __version__, self.site, self.room, **self._birth_says
+        )
+        off = status_payload(
+            self._env("status"), False, __version__, self.site, self.room, **self._birth_says
+        )
         return self.outbox.add("status", on), self.outbox.add("status", off)
 
     async def _connection(self, online: Record, will: Record, attempt_ns: int) -> None:
@@ -371,6 +382,8 @@ class MqttSink(Sink):
                 raise first_leaf(group) from None
             clean = True
         finally:
+            self._birth = None  # nothing to defend on a connection that is gone
+            self.births.dead()
             if clean:
                 # DISCONNECT: the broker discards the will (offline is already published
                 # and acknowledged). If that fails, the socket still goes.
@@ -399,9 +412,12 @@ class MqttSink(Sink):
             await client.subscribe(cp_topic, qos=1, timeout=CONNECT_TIMEOUT_S)
         if self.on_command is not None:
             await self._subscribe_commands(client)
+        await subscribe_own_status(client, self._topics["status"], CONNECT_TIMEOUT_S)
         async for msg in client.messages:
             if self.on_command is not None and msg.topic.value.startswith(self._cmd_prefix):
                 self._command(msg)
+            elif msg.topic.value == self._topics["status"]:
+                await self._status_seen(client, msg)
             elif (
                 msg.topic.matches(cp_topic)
                 and isinstance(msg.payload, bytes | bytearray)
@@ -424,6 +440,11 @@ class MqttSink(Sink):
             log.error("mqtt_command_subscribe_refused", codes=codes, topic=self._cmd_prefix + "#")
         else:
             log.info("mqtt_command_subscribed", topic=self._cmd_prefix + "#")
+
+    async def _status_seen(self, client: aiomqtt.Client, msg: aiomqtt.Message) -> None:
+        birth = self._birth
+        if birth is not None and self.births.answer(msg.payload, birth.session, birth.seq):
+            await self._send(client, birth)
 
     def _command(self, msg: aiomqtt.Message) -> None:
         payload = msg.payload if isinstance(msg.payload, bytes | bytearray) else b""
@@ -451,6 +472,8 @@ class MqttSink(Sink):
         replaying = head is not None and late(head)
         await self._send(client, online)
         self.outbox.ack(online)
+        self._birth = online
+        self.births.born(session=online.session, seq=online.seq)
         await self._state.reconnected(lambda rec: self._send(client, rec))
         while True:
             await self._state.publish(
@@ -471,6 +494,8 @@ class MqttSink(Sink):
                 break
             await self._idle()
         # Clean shutdown: the offline status, then DISCONNECT (the broker drops the will).
+        self._birth = None
+        self.births.dead()
         await self._send(client, will)
         self.outbox.ack(will)
 

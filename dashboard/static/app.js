@@ -52,6 +52,7 @@
     only: null,
     site: null,
     sites: {},
+    links: {},  // site -> { up, since_ms, seen_ms }: its bridge to the central broker
     diagnostics: null,
     rooms: new Map(),
     omitted: 0,
@@ -89,6 +90,7 @@
     model.only = data.only || null;
     model.site = data.site || null;
     model.sites = data.sites || {};
+    model.links = data.links || {};
     model.diagnostics = data.diagnostics || null;
     model.omitted = data.rooms_omitted || 0;
     model.broker = data.broker;
@@ -227,6 +229,12 @@
     if (!model.broker.connected) {
       return { live: false, word: "OFFLINE", why: "the dashboard has no broker connection (" + model.broker.reason + ")", age };
     }
+    // A site whose bridge to this (central) broker is down: its rooms are unknown because
+    // of the link, not offline nor merely stale (docs/dashboard.md, sites and their links).
+    const link = model.links[room.site];
+    if (link && !link.up) {
+      return { live: false, word: "UNKNOWN", why: "site link down " + linkSince(link) + ": this room cannot be seen from here", age, linkDown: true };
+    }
     const status = room.retained.status;
     if (!status) return { live: false, word: "OFFLINE", why: "no status from this room's daemon", age };
     if (status.payload.online !== true) return { live: false, word: "OFFLINE", why: "the daemon is offline", age };
@@ -271,6 +279,15 @@
     if (s < 120) return Math.round(s) + " s";
     if (s < 7200) return Math.round(s / 60) + " min";
     return (s / 3600).toFixed(1) + " h";
+  }
+  function fmtWall(ms) {
+    return new Date(ms).toISOString().slice(11, 19) + " UTC";
+  }
+  // Since when a site's link is in its state: the change this dashboard saw, or (only the
+  // retained state seen) no later than when it first saw it.
+  function linkSince(link) {
+    if (typeof link.since_ms === "number") return "since " + fmtWall(link.since_ms);
+    return "since before " + fmtWall(link.seen_ms);
   }
   function fmtClock(ts) {
     const v = epochMs(ts);
@@ -1088,7 +1105,7 @@
   // ---- the overview ------------------------------------------------------------------------
   function buildOverview(main) {
     main.replaceChildren();
-    const v = { cards: new Map() };
+    const v = { cards: new Map(), heads: new Map() };
     v.root = el("div", { class: "overview", id: "overview" });
     const site = pageParams().site;
     v.h1 = el("h1", { text: site ? "Rooms of site " + site : "All rooms" });
@@ -1249,6 +1266,19 @@
     return sim;
   }
 
+  function siteHead(v, site) {
+    let h = v.heads.get(site);
+    if (!h) {
+      h = el("h2", { class: "site-head", "data-site": site });
+      v.heads.set(site, h);
+    }
+    const link = model.links[site];
+    const state = !link ? "none" : link.up ? "up" : "down";
+    setAttr(h, "data-link", state);
+    setText(h, "Site " + site + (state === "up" ? " · link up" : state === "down" ? " · SITE LINK DOWN " + linkSince(link) + ": its rooms are unknown" : ""));
+    return h;
+  }
+
   function renderOverview(v, now) {
     v.none.hidden = model.rooms.size > 0;
     let anySim = false;
@@ -1278,7 +1308,17 @@
         }
       }
     }
-    const ordered = shown.map((k) => v.cards.get(k)).filter(Boolean).map((c) => c.root);
+    // Grouped by site: a heading before each site's first card says its link state.
+    const ordered = [];
+    let lastSite = null;
+    for (const k of shown) {
+      const c = v.cards.get(k);
+      if (!c) continue;
+      const site = k.split("/")[0];
+      if (site !== lastSite) { ordered.push(siteHead(v, site)); lastSite = site; }
+      ordered.push(c.root);
+    }
+    for (const site of v.heads.keys()) if (!shown.some((k) => k.split("/")[0] === site)) v.heads.delete(site);
     if (ordered.length !== v.grid.children.length || ordered.some((n, i) => v.grid.children[i] !== n)) v.grid.replaceChildren(...ordered);
     v.sim.hidden = !anySim;
     try { renderSites(v, keys); } catch (err) { console.warn("sites: " + err); }
@@ -1328,6 +1368,7 @@
       const t = JSON.parse(e.data);
       if (t.diagnostics) model.diagnostics = t.diagnostics;
       if (t.sites) model.sites = t.sites;
+      if (t.links) model.links = t.links;
       for (const [key, n] of Object.entries(t.rejected || {})) {
         const room = model.rooms.get(key);
         if (room) room.rejectedTotal = n;

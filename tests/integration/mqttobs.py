@@ -153,6 +153,20 @@ def dedupe(messages: Iterable[Message]) -> list[Message]:
     return out
 
 
+def current_status(messages: Iterable[Message], topic: str) -> Message | None:
+    """The ``status`` a consumer believes, as docs/mqtt-topics.md tells consumers to: the
+    highest (session, seq) on ``topic``. A will that arrives late (a half-open connection
+    dropped after the next birth) has a lower (session, seq) and never wins."""
+    best: Message | None = None
+    for m in messages:
+        if m.topic != topic:
+            continue
+        key = (m.payload["session"], m.payload["seq"])
+        if best is None or key > (best.payload["session"], best.payload["seq"]):
+            best = m
+    return best
+
+
 def validators() -> dict[str, Any]:
     """A JSON Schema validator per topic name, from docs/schemas/v1 (the published
     contract): every message received is checked against them."""
