@@ -366,43 +366,65 @@ def _action_info(transaction_uid: str, refs: Sequence[tuple[str, str]]) -> Datas
 
 @dataclass(frozen=True, slots=True)
 class _Report:
+    """An N-EVENT-REPORT of our transaction, read: the instances asked about only."""
+
     event_type: int
-    info: Dataset
+    committed: tuple[str, ...]
+    failed: tuple[tuple[str, int], ...]
     where: str
 
 
-def _make_handler(transaction_uid: str, reports: queue.Queue[_Report], where: str) -> Any:
+def _uids(info: Dataset, keyword: str) -> list[tuple[str, Any]]:
+    """(SOP Instance UID, Failure Reason or None) of each item of a sequence; raises on
+    anything that is not a sequence of items with UIDs (a broken report)."""
+    out = []
+    for item in info.get(keyword) or []:
+        uid = item.ReferencedSOPInstanceUID
+        if not isinstance(uid, str):
+            raise TypeError(f"{keyword}: an item without a SOP Instance UID")
+        out.append((uid, item.get("FailureReason")))
+    return out
+
+
+def _read(event_type: int, info: Dataset, asked: frozenset[str], where: str) -> _Report:
+    committed: list[str] = []
+    failed: list[tuple[str, int]] = []
+    for uid, _ in _uids(info, "ReferencedSOPSequence"):
+        if uid in asked and uid not in committed:
+            committed.append(uid)
+    for uid, reason in _uids(info, "FailedSOPSequence"):
+        code = 0x0110 if reason is None else int(reason)
+        if not 0 <= code <= 0xFFFF:
+            raise ValueError("Failure Reason out of range")
+        if uid in asked and uid not in committed and all(uid != f for f, _ in failed):
+            failed.append((uid, code))
+    return _Report(event_type, tuple(committed), tuple(failed), where)
+
+
+def _make_handler(
+    transaction_uid: str, asked: frozenset[str], reports: queue.Queue[_Report], where: str
+) -> Any:
+    # Runs on pynetdicom's thread for the association: whatever a peer sends, it answers
+    # with a status and never raises; only a well-formed report of ours is passed on.
     def on_report(event: Any) -> tuple[int, Dataset | None]:
         req = event.request
         if str(req.AffectedSOPClassUID) != StorageCommitmentPushModel:
             return 0x0112, None  # No such SOP instance (of a class we do not serve)
         try:
             info = event.event_information
-        except (AttributeError, ValueError, KeyError):
+            if str(info.get("TransactionUID", "")) != transaction_uid:
+                return 0x0119, None  # not a transaction of ours (class-instance conflict)
+            report = _read(int(req.EventTypeID or 0), info, asked, where)
+        except (AttributeError, KeyError, TypeError, ValueError, OverflowError):
             return 0x0110, None  # processing failure: an undecodable report
-        if str(info.get("TransactionUID", "")) != transaction_uid:
-            return 0x0119, None  # not a transaction of ours (class-instance conflict)
-        reports.put(_Report(int(req.EventTypeID or 0), info, where))
+        reports.put(report)
         return 0x0000, None
 
     return on_report
 
 
-def _read_report(
-    report: _Report, refs: Sequence[tuple[str, str]], transaction_uid: str
-) -> CommitOutcome:
-    asked = {uid for _, uid in refs}
-    committed: list[str] = []
-    failed: list[tuple[str, int]] = []
-    for item in report.info.get("ReferencedSOPSequence", []):
-        uid = str(item.get("ReferencedSOPInstanceUID", ""))
-        if uid in asked and uid not in committed:
-            committed.append(uid)
-    for item in report.info.get("FailedSOPSequence", []):
-        uid = str(item.get("ReferencedSOPInstanceUID", ""))
-        reason = item.get("FailureReason")
-        if uid in asked and uid not in committed and all(uid != f for f, _ in failed):
-            failed.append((uid, int(reason) if reason is not None else 0x0110))
+def _outcome(report: _Report, asked: frozenset[str], transaction_uid: str) -> CommitOutcome:
+    committed, failed = report.committed, report.failed
     pending = len(asked) - len(committed) - len(failed)
     detail = (
         f"N-EVENT-REPORT event type {report.event_type} ({report.where}): "
@@ -412,7 +434,7 @@ def _read_report(
         detail += " (" + ", ".join(f"reason 0x{r:04X}" for _, r in failed) + ")"
     if pending:
         detail += f", {pending} not named in the report (still pending)"
-    return CommitOutcome(transaction_uid, tuple(committed), tuple(failed), detail)
+    return CommitOutcome(transaction_uid, committed, failed, detail)
 
 
 def request_commitment(
@@ -437,7 +459,8 @@ def request_commitment(
     listener.add_supported_context(
         StorageCommitmentPushModel, list(TRANSFER_SYNTAXES), scu_role=True, scp_role=True
     )
-    new_assoc = _make_handler(tuid, reports, "on a new association")
+    asked = frozenset(uid for _, uid in refs)
+    new_assoc = _make_handler(tuid, asked, reports, "on a new association")
     try:
         server = listener.start_server(
             (listen_host, listen_port),
@@ -467,7 +490,8 @@ def _commit(
 ) -> CommitOutcome:
     ae = _ae(calling_ae, dest.timeout_s)
     ae.add_requested_context(StorageCommitmentPushModel, list(TRANSFER_SYNTAXES))
-    same = _make_handler(tuid, reports, "on the same association")
+    asked = frozenset(uid for _, uid in refs)
+    same = _make_handler(tuid, asked, reports, "on the same association")
     watch = _Watch()
     try:
         assoc, outcome, detail = _associate(ae, dest, watch, [(evt.EVT_N_EVENT_REPORT, same)])
@@ -496,14 +520,12 @@ def _commit(
                 )
             with contextlib.suppress(queue.Empty):
                 grace = min(SAME_ASSOCIATION_GRACE_S, max(deadline - time.monotonic(), 0.0))
-                return _read_report(reports.get(timeout=grace), refs, tuid)
+                return _outcome(reports.get(timeout=grace), asked, tuid)
         finally:
             if assoc.is_established:
                 assoc.release()
         with contextlib.suppress(queue.Empty):
-            return _read_report(
-                reports.get(timeout=max(deadline - time.monotonic(), 0.0)), refs, tuid
-            )
+            return _outcome(reports.get(timeout=max(deadline - time.monotonic(), 0.0)), asked, tuid)
         return CommitOutcome(
             tuid,
             (),

@@ -148,6 +148,10 @@ class Orthanc:
         return str(found[0]) if found else None
 
     def stop(self) -> None:
+        # SIGKILL: a graceful stop takes Orthanc 2-3 s, and this instance's database is
+        # thrown away with its directory.
+        if self.proc.poll() is None:
+            self.proc.kill()
         _stop(self.proc, self.tether)
 
 
