@@ -48,6 +48,7 @@ from iortd.audit.inputs import UsageError, load_pubkey
 from iortd.audit.record import DeliveryRecord, NoSuchDelivery, Verification, read_delivery
 from iortd.audit.report.pdf import pdf_report
 from iortd.audit.signoffs import attach_verdicts
+from iortd.auditlog.archive import ArchiveError
 from iortd.auditlog.verify import unvouched_deliveries, verify_log
 
 __all__ = [
@@ -167,7 +168,7 @@ def encapsulated_pdf(record: Dataset, pdf: bytes, delivery_id: str) -> Dataset:
 
 
 def _verified(
-    log_dir: Path, delivery_id: str, pubkey: Path | None
+    log_dir: Path, delivery_id: str, pubkey: Path | None, archive: Path | None
 ) -> tuple[DeliveryRecord, str | None]:
     if not log_dir.is_dir():
         raise HandoffError(f"{log_dir}: not a log directory", usage=True)
@@ -175,7 +176,12 @@ def _verified(
         verifier = load_pubkey(pubkey) if pubkey is not None else None
     except UsageError as exc:
         raise HandoffError(str(exc), usage=True) from None
-    rep = verify_log([log_dir], pubkey=verifier)
+    if archive is not None and not archive.is_dir():
+        raise HandoffError(f"archive {archive}: not a directory (the log's archive)", usage=True)
+    try:
+        rep = verify_log([log_dir], pubkey=verifier, archive=archive)
+    except (ArchiveError, OSError) as exc:
+        raise HandoffError(f"archive {archive}: {exc}", usage=True) from None
     if not rep.intact:
         raise HandoffError(
             f"{log_dir}: the log is not intact ({rep.problem}); nothing is handed off. Check "
@@ -210,6 +216,7 @@ def handoff_instances(
     keyring: Path | None,
     pubkey: Path | None = None,
     require_signoff: bool = False,
+    archive: Path | None = None,
 ) -> list[Dataset]:
     """The instances of ``delivery_id`` to hand off, in the order of ``what`` (``record``,
     ``report``), from the log in ``log_dir`` verified first (against ``pubkey``, else the
@@ -224,7 +231,7 @@ def handoff_instances(
         )
     try:
         ring = load_report_keyring(keyring) if keyring is not None else None
-        rec, key_name = _verified(log_dir, delivery_id, pubkey)
+        rec, key_name = _verified(log_dir, delivery_id, pubkey, archive)
         rx_id = rec.prescription_check.prescription.get("treatment_id")
         tid = str(rx_id or rec.plan.get("treatment_id") or "")
         hand_off = read_hand_off(store_dir, tid) if store_dir is not None else None

@@ -1,7 +1,7 @@
 """``iort-audit send``: hand a delivery's instances to a DICOM destination by hand (issue 23).
 
-    iort-audit send --delivery ID --to NAME --config SITE.toml [--log DIR] [--store DIR]
-                    [--pubkey FILE] [--keyring FILE] [--listen HOST:PORT]
+    iort-audit send --delivery ID --to NAME --config SITE.toml [--log DIR] [--archive DIR]
+                    [--store DIR] [--pubkey FILE] [--keyring FILE] [--listen HOST:PORT]
 
 What the daemon's DICOM sink does after a delivery, done once by a person: the log is
 verified first (against ``--pubkey``, else the key recorded in it; a log that is not intact,
@@ -12,7 +12,9 @@ destination NAME of the site's ``type = "dicom"`` sink over one association, and
 destination has ``commitment = true``, Storage Commitment is asked for and awaited.
 
 From the site config it reads only what it needs, resolved against the file's directory:
-``[log] directory`` (``--log`` overrides it, e.g. for an archived copy), and of the
+``[log] directory`` (``--log`` overrides it, e.g. for a copy), ``[log.retention]
+archive_dir`` (``--archive`` overrides it: the log is verified across the directory and
+the archive, as ``iort-audit verify --archive`` does), and of the
 ``[[sinks]]`` table of ``type = "dicom"`` naming the destination: ``calling_ae``, ``send``
 (default both), ``when`` (``signoff``: a delivery without a sign-off is refused, exit 1),
 ``protected_store`` (``--store`` overrides it) and ``commitment_listen`` (``--listen``
@@ -78,6 +80,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--config", required=True, type=Path, metavar="SITE.toml", help="site config")
     p.add_argument("--log", type=Path, metavar="DIR", help="the log directory (default: [log])")
     p.add_argument(
+        "--archive",
+        type=Path,
+        metavar="DIR",
+        help="where retention archived the log's segments (default: [log.retention])",
+    )
+    p.add_argument(
         "--store", type=Path, metavar="DIR", help="the protected store (default: the sink's)"
     )
     p.add_argument("--pubkey", type=Path, metavar="FILE", help="the daemon's public key")
@@ -98,6 +106,7 @@ class SendPlan:
         self,
         *,
         log_dir: Path,
+        archive: Path | None,
         calling_ae: str,
         dest: Destination,
         what: tuple[str, ...],
@@ -106,6 +115,7 @@ class SendPlan:
         listen: tuple[str, int] | None,
     ) -> None:
         self.log_dir = log_dir
+        self.archive = archive
         self.calling_ae = calling_ae
         self.dest = dest
         self.what = what
@@ -139,6 +149,8 @@ def send_plan(config: Path, to: str) -> SendPlan:
     base = config.resolve().parent
     log = _table(data.get("log", {}), f"{config}: [log]")
     log_dir = _rel(log.get("directory"), f"{config}: log.directory", base)
+    retention = _table(log.get("retention", {}), f"{config}: [log.retention]")
+    archive = retention.get("archive_dir")
     sinks = data.get("sinks", [])
     if not isinstance(sinks, list):
         raise UsageError(f"{config}: sinks: must be an array of tables ([[sinks]])")
@@ -185,6 +197,9 @@ def send_plan(config: Path, to: str) -> SendPlan:
     store = options.get("protected_store")
     return SendPlan(
         log_dir=log_dir,
+        archive=None
+        if archive is None
+        else _rel(archive, f"{config}: log.retention.archive_dir", base),
         calling_ae=calling_ae,
         dest=dest,
         what=tuple(send),
@@ -218,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
             keyring=args.keyring,
             pubkey=args.pubkey,
             require_signoff=plan.signoff_only,
+            archive=args.archive or plan.archive,
         )
     except handoff.HandoffError as exc:
         _err(str(exc))

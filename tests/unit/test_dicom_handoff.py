@@ -190,3 +190,37 @@ def test_an_amendment_is_a_new_instance_in_the_same_study_naming_the_first() -> 
     assert both.InstanceNumber == 3
     # the same log gives the same instance
     assert read_instance(dicom_export(record(log))).SOPInstanceUID == both.SOPInstanceUID
+
+
+def test_a_log_with_an_archive_is_verified_across_both(tmp_path: Path) -> None:
+    """With retention the oldest segments are in the archive only, and the directory alone
+    does not verify: the hand-off verifies both places as one log (verify --archive)."""
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (seg,) = (FIXTURE / "log").glob("log-*.jsonl")
+    rec = handoff_instances(
+        FIXTURE / "log", DELIVERY, what=["record"], store_dir=None, keyring=None, archive=archive
+    )
+    assert rec[0].SOPClassUID == RTBeamsTreatmentRecordStorage
+    # an archived copy that differs from the segment: the union is not intact
+    (archive / seg.name).write_bytes(seg.read_bytes()[:-10] + b"x" * 10)
+    with pytest.raises(HandoffError, match="differs from its archived copy") as caught:
+        handoff_instances(
+            FIXTURE / "log",
+            DELIVERY,
+            what=["record"],
+            store_dir=None,
+            keyring=None,
+            archive=archive,
+        )
+    assert not caught.value.usage
+    with pytest.raises(HandoffError) as caught:
+        handoff_instances(
+            FIXTURE / "log",
+            DELIVERY,
+            what=["record"],
+            store_dir=None,
+            keyring=None,
+            archive=tmp_path / "nope",
+        )
+    assert caught.value.usage

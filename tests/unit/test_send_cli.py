@@ -129,3 +129,25 @@ def test_an_unreachable_destination_is_exit_1_with_each_instance_named(
     assert len(lines) == 2
     assert lines[1].startswith("  UNREACHABLE RT Beams Treatment Record 2.25.")
     assert "no connection to 127.0.0.1" in lines[1]
+
+
+def test_the_archive_of_the_config_is_verified_with_the_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """[log.retention] archive_dir: the log is verified across the directory and the
+    archive (a log whose oldest segments retention moved away verifies only so)."""
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (seg,) = (FIXTURE / "log").glob("log-*.jsonl")
+    (archive / seg.name).write_bytes(seg.read_bytes()[:-10] + b"x" * 10)
+    config = site(tmp_path, 'send = ["record"]', port=_free_port())
+    text = config.read_text().replace(
+        "[[sinks]]", '[log.retention]\narchive_dir = "archive"\n[[sinks]]', 1
+    )
+    config.write_text(text)
+    assert run(config) == 1
+    assert "differs from its archived copy" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run(config, "--archive", str(empty)) == 1  # verified; nobody listening
+    assert "UNREACHABLE" in capsys.readouterr().out
