@@ -34,6 +34,9 @@ Contract:
   it) and only for the instances asked about. Event type 1: all committed; 2: the Failed
   SOP Sequence names the others with their Failure Reason (e.g. 0x0112 no such object).
   An instance the report does not name is neither committed nor failed: it stays pending.
+* ``echo`` is a C-ECHO (Verification SOP Class) to check the link and the AE titles
+  without sending anything: ``ok``, ``failed`` (a non-success status, or no accepted
+  context), ``refused``, ``unreachable``, as for a store.
 * Timeouts: every step is bounded by the destination's ``timeout_s`` (TCP connect, A-ASSOCIATE,
   each DIMSE exchange, the network idle time); the wait for the report by ``timeout_s`` of
   the call. Both functions block: the daemon's sink calls them in a thread
@@ -68,6 +71,7 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated names
     StorageCommitmentPushModel,
     StorageCommitmentPushModelInstance,
+    Verification,
 )
 from pynetdicom.status import code_to_category
 from pynetdicom.transport import AddressInformation, AssociationSocket
@@ -86,7 +90,9 @@ __all__ = [
     "CommitOutcome",
     "Destination",
     "DestinationError",
+    "EchoOutcome",
     "StoreOutcome",
+    "echo",
     "parse_ae_title",
     "parse_destinations",
     "parse_listen",
@@ -342,6 +348,44 @@ def _store_one(
         comment = "".join(c if c.isprintable() else " " for c in str(rsp.ErrorComment))
         detail += f" ({comment[:64]})"
     return StoreOutcome(uid, result, code, detail)
+
+
+@dataclass(frozen=True, slots=True)
+class EchoOutcome:
+    """A C-ECHO: ``outcome`` ok | failed | refused | unreachable, as for a store."""
+
+    outcome: str
+    status: int | None
+    detail: str
+
+
+def echo(calling_ae: str, dest: Destination) -> EchoOutcome:
+    """C-ECHO (Verification SOP Class, PS3.4 A) to ``dest``: is the link up and are we
+    accepted, without sending anything (blocking, every step bounded by ``timeout_s``)."""
+    ae = _ae(calling_ae, dest.timeout_s)
+    ae.add_requested_context(Verification, list(TRANSFER_SYNTAXES))
+    watch = _Watch()
+    try:
+        assoc, outcome, detail = _associate(ae, dest, watch)
+        if assoc is None:
+            return EchoOutcome(outcome, None, detail)
+        t0 = time.monotonic()
+        try:
+            rsp = assoc.send_c_echo()
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        if "Status" not in rsp:
+            outcome, detail = _lost(dest, watch, time.monotonic() - t0)
+            return EchoOutcome(outcome, None, detail)
+        code = int(rsp.Status)
+        ok = code_to_category(code) == "Success"
+        peer = f"{dest.ae_title} at {dest.host}:{dest.port}"
+        return EchoOutcome(
+            "ok" if ok else "failed", code, f"C-ECHO status 0x{code:04X} from {peer}"
+        )
+    finally:
+        ae.shutdown()
 
 
 # --- storage commitment --------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     iort-audit send --delivery ID --to NAME --config SITE.toml [--log DIR] [--archive DIR]
                     [--store DIR] [--pubkey FILE] [--keyring FILE] [--listen HOST:PORT]
+    iort-audit send --echo --to NAME --config SITE.toml
 
 What the daemon's DICOM sink does after a delivery, done once by a person: the log is
 verified first (against ``--pubkey``, else the key recorded in it; a log that is not intact,
@@ -20,6 +21,9 @@ the archive, as ``iort-audit verify --archive`` does), and of the
 ``protected_store`` (``--store`` overrides it) and ``commitment_listen`` (``--listen``
 overrides it); the destination table through audit/dicom_config.py. Its other keys are
 the sink's (``iortd check-config`` checks them).
+
+``--echo`` sends nothing: a C-ECHO to the destination, for checking the link, the AE
+titles and TLS before the first delivery (exit 0 answered with success, 1 otherwise).
 
 Output: one line per instance (its SOP class, SOP Instance UID, the outcome and the DIMSE
 status or the reason of a refusal), then the commitment's answer. No patient data: the
@@ -75,7 +79,12 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "send", help="send a delivery's DICOM instances to a destination of the site's dicom sink"
     )
-    p.add_argument("--delivery", required=True, metavar="ID", help="see: iort-audit deliveries")
+    p.add_argument("--delivery", metavar="ID", help="see: iort-audit deliveries")
+    p.add_argument(
+        "--echo",
+        action="store_true",
+        help="instead of sending: a C-ECHO to the destination (is the link up, our AE known)",
+    )
     p.add_argument("--to", required=True, metavar="NAME", help="the destination's name")
     p.add_argument("--config", required=True, type=Path, metavar="SITE.toml", help="site config")
     p.add_argument("--log", type=Path, metavar="DIR", help="the log directory (default: [log])")
@@ -218,6 +227,11 @@ def run(args: argparse.Namespace) -> int:
         _err(str(exc))
         return EXIT_USAGE
     dest = plan.dest
+    if args.echo:
+        return _echo(net, plan, args)
+    if not args.delivery:
+        _err("send: give --delivery ID or --echo")
+        return EXIT_USAGE
     if dest.commitment and listen is None:
         _err(
             f"--to {dest.name}: commitment = true needs our listener for the peer's "
@@ -263,6 +277,17 @@ def run(args: argparse.Namespace) -> int:
     for uid, reason in c.failed:
         _out(f"  NOT COMMITTED {uid}: failure reason 0x{reason:04X}")
     return EXIT_OK if c.outcome == "reported" and len(c.committed) == len(refs) else EXIT_BAD
+
+
+def _echo(net: Any, plan: SendPlan, args: argparse.Namespace) -> int:
+    if args.delivery:
+        _err("send: --echo sends nothing; give it without --delivery")
+        return EXIT_USAGE
+    dest = plan.dest
+    _out(f"C-ECHO to {dest.name} ({dest.ae_title} at {dest.host}:{dest.port}) as {plan.calling_ae}")
+    e = net.echo(plan.calling_ae, dest)
+    _out(f"  {e.outcome.upper():<11} {e.detail}")
+    return EXIT_OK if e.outcome == "ok" else EXIT_BAD
 
 
 def _load() -> tuple[Any, Any]:

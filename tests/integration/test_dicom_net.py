@@ -25,12 +25,13 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     RTBeamsTreatmentRecordStorage,
     StorageCommitmentPushModel,
     StorageCommitmentPushModelInstance,
+    Verification,
 )
 from pynetdicom.transport import ThreadedAssociationServer
 from tlscerts import TlsFiles, make_tls_files
 
 from iortd.audit.dicom_handoff import handoff_instances
-from iortd.audit.dicom_net import Destination, request_commitment, store
+from iortd.audit.dicom_net import Destination, echo, request_commitment, store
 
 pytestmark = pytest.mark.integration
 
@@ -356,3 +357,20 @@ def test_a_listener_port_in_use_fails_at_once(peers: list[Peer]) -> None:
     )
     assert c.outcome == "failed"
     assert f"cannot listen on 127.0.0.1:{peer.port}" in c.detail
+
+
+def test_echo_checks_the_link_without_sending_anything(peers: list[Peer]) -> None:
+    """C-ECHO (Verification SOP Class): what hospital IT runs before the first delivery."""
+    peer = Peer([], classes=(Verification,))
+    peers.append(peer)
+    ok = echo(CALLING, peer.dest())
+    assert (ok.outcome, ok.status) == ("ok", 0), ok
+    assert "C-ECHO status 0x0000" in ok.detail
+    refused = echo(CALLING, peer.dest(ae_title="NOT_PEER"))
+    assert refused.outcome == "ok", "pynetdicom's SCP takes any called AE title by default"
+    peer.ae.require_called_aet = True
+    refused = echo(CALLING, peer.dest(ae_title="NOT_PEER"))
+    assert (refused.outcome, refused.status) == ("refused", None), refused
+    assert "reason 7" in refused.detail
+    gone = echo(CALLING, Destination("gone", PEER, "127.0.0.1", free_port(), timeout_s=5.0))
+    assert gone.outcome == "unreachable"

@@ -151,3 +151,17 @@ def test_the_archive_of_the_config_is_verified_with_the_log(
     empty.mkdir()
     assert run(config, "--archive", str(empty)) == 1  # verified; nobody listening
     assert "UNREACHABLE" in capsys.readouterr().out
+
+
+def test_echo_checks_the_link_without_a_delivery(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = site(tmp_path, port=_free_port())
+    rc = cli.main(["send", "--echo", "--to", "ois", "--config", str(config)])
+    assert rc == 1, "nobody listens"
+    out = capsys.readouterr().out
+    assert out.startswith("C-ECHO to ois (OIS_SCP at 127.0.0.1:")
+    assert "UNREACHABLE" in out
+    # neither --delivery nor --echo: a usage error
+    assert cli.main(["send", "--to", "ois", "--config", str(config)]) == 2
+    assert "--delivery ID or --echo" in capsys.readouterr().err
