@@ -30,7 +30,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from tlscerts import TlsFiles, make_tls_files
 
-from iortd.audit.dicom_handoff import handoff_instances
+from iortd.audit.dicom_handoff import encapsulated_pdf, handoff_instances
 from iortd.audit.dicom_net import Destination, echo, request_commitment, store
 
 pytestmark = pytest.mark.integration
@@ -44,9 +44,12 @@ SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
 @pytest.fixture(scope="module")
 def instances() -> list[Dataset]:
-    return handoff_instances(
-        FIXTURE / "log", DELIVERY, what=["record", "report"], store_dir=None, keyring=None
+    """The golden log's record, and a stand-in PDF beside it (rendering the real report
+    takes a second and changes nothing on the wire)."""
+    (record,) = handoff_instances(
+        FIXTURE / "log", DELIVERY, what=["record"], store_dir=None, keyring=None
     )
+    return [record, encapsulated_pdf(record, b"%PDF-1.4 stand-in\n", DELIVERY)]
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +195,7 @@ def test_tls_with_client_certificates(
     assert [o.outcome for o in result] == ["unreachable", "unreachable"]
     # plain DICOM to a TLS port: no association either, within the bound
     t0 = time.monotonic()
-    result = store(CALLING, peer.dest(timeout_s=2.0), instances)
+    result = store(CALLING, peer.dest(timeout_s=1.0), instances)
     assert [o.outcome for o in result] == ["unreachable", "unreachable"]
     assert time.monotonic() - t0 < 10.0
 
@@ -231,11 +234,13 @@ def _commitment_peer(reply: Callable[[Any, Dataset], None]) -> Handlers:
     return [(evt.EVT_N_ACTION, on_action)]
 
 
-def _send_report(assoc: Any, event_type: int, info: Dataset) -> None:
+def _send_report(assoc: Any, event_type: int, info: Dataset) -> int:
+    """Send an N-EVENT-REPORT; the status we answered (-1: no answer)."""
     time.sleep(0.1)  # after our N-ACTION response has gone out (a peer's own pace)
-    assoc.send_n_event_report(
+    status, _ = assoc.send_n_event_report(
         info, event_type, StorageCommitmentPushModel, StorageCommitmentPushModelInstance
     )
+    return int(status.Status) if "Status" in status else -1
 
 
 REFS = [
@@ -273,15 +278,17 @@ def test_reports_that_do_not_count(peers: list[Peer]) -> None:
     a failure status and ignored; the call ends at its bound with nothing committed, and
     never raises for what a peer sent."""
 
+    answers: list[int] = []
+
     def reply(assoc: Any, action: Dataset) -> None:
         other = _report(1, "2.25.4242", [u for _, u in REFS], [])
-        _send_report(assoc, 1, other)
+        answers.append(_send_report(assoc, 1, other))
         broken = Dataset()
         broken.TransactionUID = action.TransactionUID
         broken.FailedSOPSequence = [Dataset()]
         broken.FailedSOPSequence[0].ReferencedSOPInstanceUID = "2.25.11"
         broken.FailedSOPSequence[0].add_new(0x00081197, "LO", "not a number")
-        _send_report(assoc, 2, broken)
+        answers.append(_send_report(assoc, 2, broken))
 
     peer = Peer(_commitment_peer(reply), classes=(StorageCommitmentPushModel,))
     peers.append(peer)
@@ -298,6 +305,8 @@ def test_reports_that_do_not_count(peers: list[Peer]) -> None:
     assert c.outcome == "no-report", c
     assert (c.committed, c.failed) == ((), ())
     assert 1.5 < took < 10.0, f"{took:.1f} s for a 2 s bound"
+    # both reached us, and were answered: not ours (0x0119), undecodable (0x0110)
+    assert answers == [0x0119, 0x0110]
 
 
 def test_the_listener_takes_only_the_destinations_ae_and_our_transaction(
@@ -339,7 +348,7 @@ def test_the_listener_takes_only_the_destinations_ae_and_our_transaction(
     forger = Peer(_commitment_peer(reply_from("FORGER")), classes=(StorageCommitmentPushModel,))
     peers.append(forger)
     c = request_commitment(
-        CALLING, forger.dest(), REFS, listen_host="127.0.0.1", listen_port=listen, timeout_s=2.0
+        CALLING, forger.dest(), REFS, listen_host="127.0.0.1", listen_port=listen, timeout_s=1.0
     )
     assert (c.outcome, c.committed) == ("no-report", ()), c
 
