@@ -30,22 +30,29 @@ Contract:
   class for itself: the listener accepts the context with SCU and SCP role selection). The
   listener runs only for the call; it takes associations only when called by our AE title
   and calling from the destination's AE title, and a report counts only when it carries
-  this call's Transaction UID (128 random bits: a third party on the network cannot guess
+  this call's Transaction UID (122 random bits: a third party on the network cannot guess
   it) and only for the instances asked about. Event type 1: all committed; 2: the Failed
   SOP Sequence names the others with their Failure Reason (e.g. 0x0112 no such object).
   An instance the report does not name is neither committed nor failed: it stays pending.
+  The requesting association stays open ``SAME_ASSOCIATION_GRACE_S`` after the N-ACTION
+  answer, then the listener alone waits. The listener's port is the call's: two calls on
+  one port must not overlap (the second fails at once, "cannot listen"); the caller
+  serialises them. Whatever a peer sends on it is answered with a status (0x0110
+  undecodable, 0x0119 another transaction, 0x0112 another SOP class) and never raises.
 * ``echo`` is a C-ECHO (Verification SOP Class) to check the link and the AE titles
   without sending anything: ``ok``, ``failed`` (a non-success status, or no accepted
   context), ``refused``, ``unreachable``, as for a store.
 * Timeouts: every step is bounded by the destination's ``timeout_s`` (TCP connect, A-ASSOCIATE,
   each DIMSE exchange, the network idle time); the wait for the report by ``timeout_s`` of
-  the call. Both functions block: the daemon's sink calls them in a thread
+  the call (a host name is resolved by the system, without a bound of ours). All three
+  block: the daemon's sink calls them in a thread
   (``asyncio.to_thread``), never on the event loop.
 * TLS (PS3.15 B.1, "Basic TLS Secure Transport Connection Profile"): a destination with
   ``tls_ca`` or ``tls_cert`` is reached over TLS, its certificate checked against ``tls_ca``
   (the system's CAs when absent) and its host name; ``tls_cert``/``tls_key`` are our client
   certificate. The commitment listener of such a destination is TLS too, with the same
-  certificate, and requires the peer's certificate signed by ``tls_ca``.
+  certificate, and requires the peer's certificate signed by ``tls_ca`` (which the config
+  requires then, with ``tls_cert`` and ``tls_key``).
 
 pynetdicom logs through the standard ``logging`` module (logger ``pynetdicom``); at INFO it
 names AE titles, addresses, message ids and statuses, not dataset values.
