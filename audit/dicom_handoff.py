@@ -9,22 +9,26 @@
   (the same bytes) as an Encapsulated PDF instance (PS3.3 A.45.1, SOP Class
   1.2.840.10008.5.1.4.1.1.104.1), in the record's patient and study (the same Patient
   module and General Study attributes, copied from the record), in a series of its own
-  (Modality DOC). Its Source Instance Sequence names the record it goes with and, once
-  the delivery has sign-offs, the first (unsigned) record too.
+  (Modality DOC). Its Source Instance Sequence names the record it goes with and, for a
+  later record (amended, signed off), the first record too.
 
 UIDs (deterministic, under 2.25 as in audit/dicom.py): the record's are audit/dicom.py's
-(the same log, store entry and sign-offs give the same SOP Instance UID; a sign-off makes a
-new instance referencing the first). The report's SOP Instance UID is derived from the
-record's and the SHA-256 of the PDF: the same UID always means the same bytes, so a resend
-is the same instance to the receiver, and a report whose content changed (a sign-off, names
-from a keyring) is a new instance. Its series UID is derived from the record's study.
+(the same log, store entry and sign-offs give the same SOP Instance UID; an amendment or a
+sign-off makes a new instance in the same study and series, referencing the first). The
+report's SOP Instance UID is derived from the record's and the SHA-256 of the PDF: the same
+UID always means the same bytes, so a resend is the same instance to the receiver, and a
+report whose content changed (a sign-off, names from a keyring) is a new instance. Its
+series UID is derived from the record's study.
 
 Only from a verified log: a log that is not intact, or whose entries of this delivery are
 unvouched (after the last seal before a crash), gives ``HandoffError`` (``usage=False``: the
 thing checked is bad) and nothing to send; there is no ``--allow-unverified`` for a hand-off
-to a clinical system. The protected store (``store_dir``, read by audit/handoff.py) puts the
-real Patient ID and plan UID into the instances and nowhere else: no error or message here
-holds a value of it.
+to a clinical system. With retention, the log's archive (``archive``) is verified with it,
+as ``iort-audit verify --archive`` does. Verified against ``pubkey`` when given, else the
+key recorded in the log: a caller that knows the room's key (the daemon's sink) passes it,
+so that a log rewritten whole under another key is not taken. The protected store
+(``store_dir``, read by audit/handoff.py) puts the real Patient ID and plan UID into the
+instances and nowhere else: no error or message here holds a value of it.
 
 Needs the extra ``reports`` (pydicom, reportlab, matplotlib): import it only where that is
 installed (the sink plug-in and iort-audit send load it when they run).
