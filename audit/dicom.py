@@ -36,13 +36,14 @@ printed name and holder, UTC time, and the log seq where the Ed25519 signature i
 SOP Instance UID also derived from the sign-offs' seqs, Instance Number 1 + their count) in
 the same series, referencing the unsigned record by the RT General Treatment Record's
 Referenced Treatment Record Sequence (300C,0030, Type 3): a later sign-off sends a new
-instance, and every one of them names the first. So does an amendment (issue 23): entries
-of the delivery after its ``delivery_terminated`` make a new instance (SOP Instance UID
-also from the last entry's hash) in the same study and series, naming the first record.
+instance, and every one of them names the first. So does an amendment (issue 23): a
+``delivery_amended`` makes a new instance (SOP Instance UID also from that entry's hash) in
+the same study and series, naming the first record; other entries of the delivery after
+its end (an alarm cleared) change nothing the record says, and leave it as it is.
 
 Deterministic: UIDs are derived from the log (origin, delivery id, the hash of the
 delivery's termination entry; whether it is the hand-off; for a later record, the last
-entry's hash and the sign-offs' seqs) under the UUID-derived root 2.25 (PS3.5 B.2);
+amendment's hash and the sign-offs' seqs) under the UUID-derived root 2.25 (PS3.5 B.2);
 dates and times come from the log; nothing from the clock. The same log (and store entry)
 gives the same bytes.
 """
@@ -239,11 +240,16 @@ def dicom_export(rec: DeliveryRecord, hand_off: Mapping[str, str] | None = None)
         )
     origin = rec.verification.origin or ""
     # The first record of the delivery is keyed by its termination entry (its last entry
-    # when it ended); entries of the delivery after that (an amendment) make a later
-    # record: a new instance in the same study and series that references the first.
-    term = [e.get("hash") for e in rec.events if e.get("type") == "delivery_terminated"]
-    first_hash = (term[-1] if term else None) or rec.last_hash or ""
-    later = bool(rec.last_hash) and rec.last_hash != first_hash
+    # when it ended; later entries that change nothing it says, an alarm cleared after the
+    # end, leave it as it is); an amendment makes a later record: a new instance in the
+    # same study and series that references the first.
+    term = [e for e in rec.events if e.get("type") == "delivery_terminated"]
+    first_hash = (term[-1].get("hash") if term else None) or rec.last_hash or ""
+    amends = [e for e in rec.events if e.get("type") == "delivery_amended"]
+    amended = [str(e.get("hash")) for e in amends]
+    later = bool(amended)
+    # The instance is as of the entry it records: the last amendment, else the end.
+    as_of = (amends or term or [{}])[-1].get("ts") or rec.last_ts
     # The hand-off names another patient identity: another object, with its own UIDs (one
     # store entry per treatment id, never rewritten, so still the same for the same log).
     key: tuple[str, ...] = (origin, rec.delivery_id, first_hash)
@@ -252,7 +258,7 @@ def dicom_export(rec: DeliveryRecord, hand_off: Mapping[str, str] | None = None)
     preset = _num(rec.preset_gy) or 0.0
     planned_s = _num(rec.summary.get("planned_time_s"))
     expected_rate = _num(rec.summary.get("expected_rate_gy_min"))
-    start_ts, end_ts = rec.started or rec.first_ts, rec.last_ts
+    start_ts, end_ts = rec.started or rec.first_ts, as_of
     console_app = rec.summary.get("applicator")
     console_app = console_app if isinstance(console_app, dict) else {}
     # The applicator reader's identity at beam-on when the room has one (issue 16), else
@@ -265,8 +271,8 @@ def dicom_export(rec: DeliveryRecord, hand_off: Mapping[str, str] | None = None)
     ds.SpecificCharacterSet = "ISO_IR 192"
     # SOP Common
     ds.SOPClassUID = RTBeamsTreatmentRecordStorage
-    # a new instance per state after the first: amended (the last entry), signed (which)
-    state = ["amended", rec.last_hash or ""] if later else []
+    # a new instance per state after the first: amended (which), signed (which)
+    state = ["amended", amended[-1]] if later else []
     state += [str(e["seq"]) for e in rec.signoffs]
     ds.SOPInstanceUID = uid_for(*key, "instance", *state)
     ds.InstanceCreationDate = _da(end_ts)
