@@ -20,6 +20,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom.dimse_messages import N_ACTION_RSP
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     EncapsulatedPDFStorage,
     RTBeamsTreatmentRecordStorage,
@@ -223,20 +224,39 @@ def _report(event_type: int, tuid: str, ok: list[str], bad: list[tuple[str, int]
 
 
 def _commitment_peer(reply: Callable[[Any, Dataset], None]) -> Handlers:
-    """An N-ACTION handler that answers success, then calls ``reply(assoc, action)`` from
-    another thread (a report is sent after the N-ACTION response, as PS3.4 J requires)."""
+    """An N-ACTION handler that answers success and, once that response has gone out on the
+    wire (PS3.4 J: the report follows the N-ACTION response), calls ``reply(assoc,
+    action)`` from another thread."""
+    answered = threading.Event()  # our N-ACTION-RSP was handed to the transport
+    on_wire = threading.Event()  # ... and the PDU after that was sent: it went out
 
     def on_action(event: Any) -> tuple[int, None]:
-        action = event.action_information
-        threading.Thread(target=reply, args=(event.assoc, action), daemon=True).start()
+        action, assoc = event.action_information, event.assoc
+
+        def later() -> None:
+            if on_wire.wait(timeout=10.0):
+                reply(assoc, action)
+
+        threading.Thread(target=later, daemon=True).start()
         return 0x0000, None
 
-    return [(evt.EVT_N_ACTION, on_action)]
+    def on_dimse_sent(event: Any) -> None:
+        if isinstance(event.message, N_ACTION_RSP):
+            answered.set()
+
+    def on_pdu_sent(_event: Any) -> None:
+        if answered.is_set():
+            on_wire.set()
+
+    return [
+        (evt.EVT_N_ACTION, on_action),
+        (evt.EVT_DIMSE_SENT, on_dimse_sent),
+        (evt.EVT_PDU_SENT, on_pdu_sent),
+    ]
 
 
 def _send_report(assoc: Any, event_type: int, info: Dataset) -> int:
     """Send an N-EVENT-REPORT; the status we answered (-1: no answer)."""
-    time.sleep(0.1)  # after our N-ACTION response has gone out (a peer's own pace)
     status, _ = assoc.send_n_event_report(
         info, event_type, StorageCommitmentPushModel, StorageCommitmentPushModelInstance
     )
@@ -326,7 +346,6 @@ def test_the_listener_takes_only_the_destinations_ae_and_our_transaction(
             role.sop_class_uid = StorageCommitmentPushModel
             role.scu_role = False
             role.scp_role = True
-            time.sleep(0.1)
             assoc = ae.associate("127.0.0.1", listen, ae_title=CALLING, ext_neg=[role])
             if assoc.is_established:
                 info = _report(1, action.TransactionUID, [u for _, u in REFS], [])
