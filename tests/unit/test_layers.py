@@ -21,9 +21,9 @@ with relative imports resolved. Then it checks three things:
 
 2. **No cycles** between modules (Tarjan's strongly connected components), so any module can
    be read, tested and cut without dragging in the ones that depend on it.
-3. **Heavy or protocol libraries stay where they belong**: reportlab, matplotlib and pydicom
-   only in the auditors' tools (the extra ``reports``), pydicom also in the RT Plan import
-   ``plan/dicom_import.py`` (the extra ``plan``); pymodbus only in the driver's Modbus
+3. **Heavy or protocol libraries stay where they belong**: reportlab, matplotlib, pydicom and
+   pynetdicom only in the auditors' tools (the extra ``reports``), pydicom also in the RT
+   Plan import ``plan/dicom_import.py`` (the extra ``plan``); pymodbus only in the driver's Modbus
    codec (its API changes between minor releases; the simulator frames Modbus without it, so
    the two sides of the protocol stay independent); argon2 only in the account store
    (``users/``: one implementation of password hashing).
@@ -80,6 +80,8 @@ CONFINED: dict[str, tuple[str, ...]] = {
     "matplotlib": ("iortd.audit.",),
     # and the RT Plan import (the extra ``plan``); never the daemon
     "pydicom": ("iortd.audit.", "iortd.plan.dicom_import"),
+    # DICOM networking (the hand-off to the hospital, issue 23): the auditors' tools only
+    "pynetdicom": ("iortd.audit.",),
     "pymodbus": ("iortd.drivers.modbus_codec",),
     # password hashing and key derivation: one implementation, in the account store
     "argon2": ("iortd.users.",),
