@@ -1,0 +1,321 @@
+"""The ``dicom`` sink: the delivery's record handed to the hospital by DICOM (issue 23).
+
+A sink plug-in (entry point ``iort.sinks`` ``dicom``) shipped with the auditors' tools
+because it needs their libraries (pydicom, pynetdicom, reportlab: the extra ``reports``);
+the daemon never imports it, it loads it by entry point (tests/unit/test_layers.py,
+``PLUGIN_API``: of the daemon it imports the plug-in API only).
+
+When: ``when = "termination"`` (the default) queues a delivery at its
+``delivery_terminated`` (and again at a ``delivery_amended``: the builder gives a new
+instance then); ``when = "signoff"`` queues it only at a physicist's sign-off that
+approves it (``approved``, ``approved_with_deviation``; ``reviewed`` does not), and again
+at each later one (a new instance referencing the first). A queued delivery is built at
+the next checkpoint (one is written at every delivery end; the builder reads the VERIFIED
+log, audit/dicom_handoff.py), or at once after a sign-off (already covered).
+
+What, how and the record: audit/dicom_sender.py (the worker: outbox, attempts, backoff,
+commitment, the overdue alarm) and audit/dicom_outbox.py (the files). Every outcome goes
+on the record through ``SinkContext.record`` as a ``dicom_handoff`` entry
+(docs/audit-log.md) and from there on MQTT ``events``; a sink without ``record`` (an older
+daemon) refuses to start rather than send what it cannot record.
+
+The network (audit/dicom_net.py, dicomnet's) and the builder are imported at ``start``,
+not at config validation: ``iortd check-config`` stays quick and needs no DICOM library
+beyond the options' checks (audit/dicom_config.py).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import structlog
+
+from iortd.audit.dicom_config import (
+    Destination,
+    DestinationError,
+    parse_ae_title,
+    parse_destinations,
+    parse_listen,
+)
+from iortd.audit.dicom_outbox import Outbox, OutboxError
+from iortd.audit.dicom_sender import Built, HandoffSettings, HandoffWorker
+from iortd.daemon.sinks import (
+    DeliveryAmended,
+    DeliverySnapshot,
+    Sink,
+    SinkConfigError,
+    SinkContext,
+    SinkOptionError,
+    SinkSpec,
+    Terminated,
+    TrackerEvent,
+)
+
+__all__ = ["DicomSink", "DicomSinkFactory", "Settings", "settings_of"]
+
+log = structlog.get_logger("iortd.dicom")
+
+OPTIONS: Final = frozenset(
+    {
+        "calling_ae",
+        "destinations",
+        "send",
+        "when",
+        "protected_store",
+        "keyring",
+        "pubkey",
+        "commitment_listen",
+        "alarm_after_s",
+        "retry_initial_s",
+        "retry_max_s",
+    }
+)
+WHAT: Final = ("record", "report")
+WHEN: Final = ("termination", "signoff")
+APPROVING: Final = frozenset({"approved", "approved_with_deviation"})
+MAX_ALARM_S: Final = 7 * 24 * 3600.0
+COMMIT_WAIT_S: Final = 30.0  # how long one commitment request waits for its report
+
+
+class Settings:
+    """The validated options."""
+
+    def __init__(self, options: Mapping[str, Any]) -> None:
+        self.calling_ae = _ae(options.get("calling_ae"))
+        self.destinations = _destinations(options)
+        self.send = _send(options.get("send", list(WHAT)))
+        self.when = options.get("when", "termination")
+        if self.when not in WHEN:
+            raise SinkOptionError("options.when", f"{self.when!r}: one of {', '.join(WHEN)}")
+        self.protected_store = _path(options, "protected_store")
+        self.keyring = _path(options, "keyring")
+        self.pubkey = _path(options, "pubkey")
+        self.listen = _listen(options, self.destinations)
+        self.alarm_after_s = _seconds(options, "alarm_after_s", 3600.0, MAX_ALARM_S)
+        initial = _seconds(options, "retry_initial_s", 5.0, 3600.0)
+        most = _seconds(options, "retry_max_s", max(300.0, initial), 24 * 3600.0)
+        if most < initial:
+            raise SinkOptionError("options.retry_max_s", "must be at least retry_initial_s")
+        self.handoff = HandoffSettings(initial, most, self.alarm_after_s)
+
+
+def settings_of(options: Mapping[str, Any]) -> Settings:
+    unknown = sorted(set(options) - OPTIONS)
+    if unknown:
+        raise SinkOptionError(
+            f"options.{unknown[0]}", f"unknown key (known: {', '.join(sorted(OPTIONS))})"
+        )
+    return Settings(options)
+
+
+def _ae(value: Any) -> str:
+    if value is None:
+        raise SinkOptionError("options.calling_ae", 'missing: iortd\'s AE title ("IORTD_OR7")')
+    try:
+        return parse_ae_title(value, "options.calling_ae")
+    except DestinationError as exc:
+        raise _option_error(exc) from None
+
+
+def _option_error(exc: DestinationError) -> SinkOptionError:
+    key, _, message = str(exc).partition(": ")
+    return SinkOptionError(key, message)
+
+
+def _destinations(options: Mapping[str, Any]) -> tuple[Destination, ...]:
+    try:
+        return parse_destinations(options, "options")
+    except DestinationError as exc:
+        raise _option_error(exc) from None
+
+
+def _send(value: Any) -> tuple[str, ...]:
+    ok = (
+        isinstance(value, list)
+        and value
+        and all(v in WHAT for v in value)
+        and len(set(value)) == len(value)
+    )
+    if not ok:
+        raise SinkOptionError(
+            "options.send", f"{value!r}: a list of one or both of record, report (no repeats)"
+        )
+    return tuple(value)
+
+
+def _path(options: Mapping[str, Any], key: str) -> Path | None:
+    v = options.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, str) or not v or "\0" in v:
+        raise SinkOptionError(f"options.{key}", "must be a path (a non-empty string)")
+    return Path(v)
+
+
+def _listen(options: Mapping[str, Any], dests: Sequence[Destination]) -> tuple[str, int] | None:
+    v = options.get("commitment_listen")
+    if v is None:
+        if any(d.commitment for d in dests):
+            raise SinkOptionError(
+                "options.commitment_listen",
+                "missing: a destination has commitment = true, so iortd needs an address "
+                'for the receiver\'s N-EVENT-REPORT (e.g. "0.0.0.0:11113")',
+            )
+        return None
+    try:
+        return parse_listen(v, "options.commitment_listen")
+    except DestinationError as exc:
+        raise _option_error(exc) from None
+
+
+def _seconds(options: Mapping[str, Any], key: str, default: float, most: float) -> float:
+    v = options.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        v = -1.0
+    if not 0 < v <= most:
+        raise SinkOptionError(f"options.{key}", f"{v!r}: a number of seconds in (0, {most:g}]")
+    return float(v)
+
+
+class DicomSinkFactory:
+    """The ``iort.sinks`` entry point ``dicom``."""
+
+    name = "dicom"
+    path_options = frozenset({"protected_store", "keyring", "pubkey"})
+
+    def validate(self, options: Mapping[str, Any]) -> None:
+        settings_of(options)
+
+    def create(self, spec: SinkSpec, context: SinkContext) -> Sink:
+        return DicomSink(settings_of(spec.options), context)
+
+
+class _Transfer:
+    """The worker's network seam over audit/dicom_net.py (blocking; in worker threads)."""
+
+    def __init__(self, settings: Settings) -> None:
+        from iortd.audit import dicom_handoff, dicom_net  # noqa: PLC0415 - heavy: at start
+
+        self._net = dicom_net
+        self._read = dicom_handoff.read_instance
+        self._s = settings
+        # One commitment listener at a time: they share commitment_listen's port.
+        self._commit_lock = threading.Lock()
+
+    def store(self, dest: Any, instances: Sequence[tuple[str, bytes]]) -> Sequence[Any]:
+        datasets = [self._read(data) for _, data in instances]
+        return self._net.store(self._s.calling_ae, dest, datasets)
+
+    def commit(self, dest: Any, refs: Sequence[tuple[str, str]]) -> Any:
+        if self._s.listen is None:
+            raise RuntimeError("commitment_listen is not set")
+        host, port = self._s.listen
+        with self._commit_lock:
+            return self._net.request_commitment(
+                self._s.calling_ae,
+                dest,
+                refs,
+                listen_host=host,
+                listen_port=port,
+                timeout_s=min(dest.timeout_s, COMMIT_WAIT_S),
+            )
+
+
+class _Builder:
+    """The instances of a delivery from the verified log (audit/dicom_handoff.py)."""
+
+    def __init__(self, settings: Settings, log_dir: Path) -> None:
+        from iortd.audit import dicom_handoff  # noqa: PLC0415 - heavy: at start
+
+        self._h = dicom_handoff
+        self._s = settings
+        self._dir = log_dir
+
+    def __call__(self, delivery_id: str) -> list[Built]:
+        s = self._s
+        datasets = self._h.handoff_instances(
+            self._dir,
+            delivery_id,
+            what=s.send,
+            store_dir=s.protected_store,
+            keyring=s.keyring,
+            pubkey=s.pubkey,
+        )
+        return [
+            Built(w, str(ds.SOPClassUID), str(ds.SOPInstanceUID), self._h.instance_bytes(ds))
+            for w, ds in zip(s.send, datasets, strict=True)
+        ]
+
+
+class DicomSink(Sink):
+    name = "dicom"
+
+    def __init__(self, settings: Settings, context: SinkContext) -> None:
+        self._s = settings
+        self._ctx = context
+        self.worker: HandoffWorker | None = None
+
+    async def start(self) -> None:
+        ctx = self._ctx
+        if ctx.record is None or ctx.log_directory is None or ctx.notice is None:
+            raise SinkConfigError(
+                "the dicom sink needs a daemon that lets sinks record (SinkContext.record): "
+                "every hand-off attempt goes on the record"
+            )
+        try:
+            worker = HandoffWorker(
+                Outbox(ctx.state_dir),
+                self._s.destinations,
+                _Transfer(self._s),
+                _Builder(self._s, ctx.log_directory),
+                ctx.record,
+                ctx.notice,
+                self._s.handoff,
+            )
+            await worker.open()
+        except ImportError as exc:
+            raise SinkConfigError(
+                f"the dicom sink needs the extra 'reports' (pip install 'iortd[reports]'): {exc}"
+            ) from None
+        except (OutboxError, OSError) as exc:
+            raise SinkConfigError(f"outbox {ctx.state_dir}: {exc}") from None
+        self.worker = worker
+        log.info(
+            "dicom_sink_started",
+            destinations=[d.name for d in self._s.destinations],
+            when=self._s.when,
+            send=list(self._s.send),
+        )
+
+    async def run(self) -> None:
+        if self.worker is not None:
+            await self.worker.run()
+
+    async def events(
+        self, events: Sequence[TrackerEvent], delivery: DeliverySnapshot | None
+    ) -> None:
+        if self.worker is None or self._s.when != "termination":
+            return
+        for ev in events:
+            if isinstance(ev, Terminated):
+                await self.worker.queue_delivery(ev.delivery_id, "termination")
+            elif isinstance(ev, DeliveryAmended):
+                await self.worker.queue_delivery(ev.delivery_id, "amended")
+
+    async def checkpoint(self, note: str) -> None:
+        if self.worker is not None:
+            self.worker.wake()  # what ended is covered now: build it
+
+    async def signed(self, delivery_id: str, meaning: str) -> None:
+        if self.worker is None or self._s.when != "signoff" or meaning not in APPROVING:
+            return
+        await self.worker.queue_delivery(delivery_id, f"signed:{meaning}")
+        self.worker.wake()
+
+    async def aclose(self) -> None:
+        if self.worker is not None:
+            await self.worker.aclose()
