@@ -362,6 +362,15 @@ class HandoffWorker:
     async def _store(self, d: _Dest, entries: list[Entry]) -> bool:
         bound = d.peer.timeout_s * (len(entries) + 2)
         results: dict[str, tuple[str, int | None, str]] = {}
+        # The attempt is counted on disk before it is made: after a crash mid-attempt the
+        # next one has the next number (every attempt number in the record is unique).
+        counted = []
+        for e in entries:
+            e2 = replace(e, attempts=e.attempts + 1)
+            await asyncio.to_thread(self._outbox.update, e2)
+            self._entries[(e.destination, e.sop_instance_uid)] = e2
+            counted.append(e2)
+        entries = counted
         try:
             datas = [
                 (e.sop_instance_uid, await asyncio.to_thread(self._outbox.instance, e))
@@ -386,13 +395,12 @@ class HandoffWorker:
             outcome, status, detail = results.get(
                 e.sop_instance_uid, ("unreachable", None, missing)
             )
-            e2 = replace(e, attempts=e.attempts + 1)
             if outcome in _STORED:
                 stage = "commit" if d.peer.commitment else "done"
-                await self._settle(e2, outcome, status, detail, stage)
+                await self._settle(e, outcome, status, detail, stage)
             else:
                 all_ok = False
-                await self._settle(e2, outcome, status, detail, "store")
+                await self._settle(e, outcome, status, detail, "store")
         return all_ok
 
     async def _commit(self, d: _Dest, entries: list[Entry]) -> bool:

@@ -135,7 +135,7 @@ def _destinations(options: Mapping[str, Any]) -> tuple[Destination, ...]:
 
 def _send(value: Any) -> tuple[str, ...]:
     ok = (
-        isinstance(value, list)
+        isinstance(value, list | tuple)
         and value
         and all(v in WHAT for v in value)
         and len(set(value)) == len(value)
