@@ -209,12 +209,15 @@ def handoff_instances(
     store_dir: Path | None,
     keyring: Path | None,
     pubkey: Path | None = None,
+    require_signoff: bool = False,
 ) -> list[Dataset]:
     """The instances of ``delivery_id`` to hand off, in the order of ``what`` (``record``,
     ``report``), from the log in ``log_dir`` verified first (against ``pubkey``, else the
     key recorded in the log). ``store_dir``: the protected store (the real Patient ID and
     plan UID); ``keyring``: the command keyring (the report's printed names and sign-off
-    verdicts). Raises HandoffError. Blocking (reads and verifies the whole log)."""
+    verdicts); ``require_signoff``: refuse (not a usage error) a delivery the log holds no
+    sign-off of (a site that sends only after the physicist's sign-off). Raises
+    HandoffError. Blocking (reads and verifies the whole log)."""
     if not what or any(w not in WHAT for w in what) or len(set(what)) != len(what):
         raise HandoffError(
             f"what to send: {list(what)!r}; give one or both of {', '.join(WHAT)}", usage=True
@@ -227,6 +230,12 @@ def handoff_instances(
         hand_off = read_hand_off(store_dir, tid) if store_dir is not None else None
     except UsageError as exc:
         raise HandoffError(str(exc), usage=True) from None
+    if require_signoff and not rec.signoffs:
+        raise HandoffError(
+            f"delivery {delivery_id} has no sign-off in the log, and the site hands off only "
+            'signed deliveries (when = "signoff"): nothing is handed off',
+            usage=False,
+        )
     if ring is not None:
         attach_verdicts(rec, [log_dir], ring)
     try:

@@ -16,11 +16,13 @@ Contract:
   0x0000), ``warning`` (0x0001, 0xB000-0xBFFF: the peer kept it, coerced or not), ``failed``
   (a failure status such as 0xA700/0xA900/0xC000, or no accepted presentation context for
   the SOP class), ``refused`` (the association was rejected, with the result, source and
-  reason of PS3.8 9.3.4, or aborted by the peer) and ``unreachable`` (no TCP connection, a
-  TLS handshake that failed, or a step that timed out). A dataset not attempted because the
-  association went away before it is ``unreachable`` or ``refused`` like the one that saw it
-  go. ``detail`` names codes and AE titles, never a value of the dataset (it holds the real
-  Patient ID): it may be logged and recorded.
+  reason of PS3.8 9.3.4, or an A-ABORT from the peer) and ``unreachable`` (no TCP
+  connection, a TLS handshake that failed, a step that timed out, a connection dropped).
+  Once the association is gone, the datasets after it are ``unreachable`` with a detail
+  starting "not sent:". An abort after the peer received a dataset may still have stored
+  it: the same SOP Instance UID sent again is the same instance to the receiver, which is
+  what makes a retry safe. ``detail`` names codes and AE titles, never a value of the
+  dataset (it holds the real Patient ID): it may be logged and recorded.
 * ``request_commitment`` is the Storage Commitment Push Model SCU (PS3.4 J): an N-ACTION
   (action type 1) with a fresh random Transaction UID and the Referenced SOP Sequence, then
   it waits for the N-EVENT-REPORT, on the same association or on a new one that the peer
@@ -50,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import socket
 import ssl
 import time
 import uuid
@@ -61,12 +64,15 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated names
     StorageCommitmentPushModel,
     StorageCommitmentPushModelInstance,
 )
 from pynetdicom.status import code_to_category
+from pynetdicom.transport import AddressInformation, AssociationSocket
 
+from iortd.audit.dicom import IMPLEMENTATION_VERSION, uid_for
 from iortd.audit.dicom_config import (
     Destination,
     DestinationError,
@@ -91,6 +97,7 @@ __all__ = [
 # Proposed for every SOP class, in this order: Explicit VR Little Endian first (the bytes
 # iort-audit export writes), Implicit VR Little Endian (the DICOM default every SCP takes).
 TRANSFER_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+IMPLEMENTATION_CLASS_UID = uid_for("implementation", "iortd")
 # How long the requesting association stays open after the N-ACTION answer, for a peer that
 # reports on it; after that it is released and the listener alone waits.
 SAME_ASSOCIATION_GRACE_S = 3.0
@@ -145,8 +152,35 @@ def _server_tls(dest: Destination) -> ssl.SSLContext | None:
     return ctx
 
 
+class _Socket(AssociationSocket):
+    """pynetdicom 3.0.4 closes a socket only when its shutdown() succeeds, which it never
+    does on a connection that failed: every refused connection leaked a socket (a
+    ResourceWarning). Fixed upstream by pydicom/pynetdicom#999 (issue #979), after 3.0.4;
+    drop this when the pin moves past it."""
+
+    def _shutdown_socket(self) -> None:
+        sock = self.socket
+        if sock is None:
+            return
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+
+
+class _AE(AE):
+    def _create_socket(
+        self, assoc: Association, address: AddressInformation, tls_args: Any
+    ) -> AssociationSocket:
+        sock = _Socket(assoc, address=address)
+        sock.tls_args = tls_args
+        return sock
+
+
 def _ae(calling_ae: str, timeout_s: float) -> AE:
-    ae = AE(ae_title=calling_ae)
+    ae = _AE(ae_title=calling_ae)
+    # The implementation the peer logs: iortd's, as in the file meta of our instances.
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION
     ae.connection_timeout = timeout_s
     ae.acse_timeout = timeout_s
     ae.dimse_timeout = timeout_s
@@ -154,7 +188,7 @@ def _ae(calling_ae: str, timeout_s: float) -> AE:
     return ae
 
 
-def _why_not(assoc: Association, dest: Destination, connected: bool) -> tuple[str, str]:
+def _why_not(assoc: Association, dest: Destination, watch: _Watch) -> tuple[str, str]:
     """(outcome, detail) of an association that was not established."""
     peer = f"{dest.ae_title} at {dest.host}:{dest.port}"
     p = assoc.acceptor.primitive
@@ -170,9 +204,9 @@ def _why_not(assoc: Association, dest: Destination, connected: bool) -> tuple[st
             "and transfer syntaxes): the association was aborted; the peer must accept them "
             "(docs/dicom-conformance.md)"
         )
-    if assoc.is_aborted and connected:
+    if watch.peer_aborted:
         return "refused", f"association aborted by {peer} (A-ABORT) before it was accepted"
-    if not connected:
+    if not watch.opened:
         return "unreachable", (
             f"no connection to {dest.host}:{dest.port} (refused, unreachable, no answer "
             f"within {dest.timeout_s:g} s, or the TLS handshake failed)"
@@ -182,15 +216,34 @@ def _why_not(assoc: Association, dest: Destination, connected: bool) -> tuple[st
     )
 
 
+class _Watch:
+    """What happened on one association's connection, from pynetdicom's notifications: was
+    a TCP connection made, did the peer send an A-ABORT. (pynetdicom marks its own abort
+    after a timeout and a dropped connection as "aborted" too.)"""
+
+    def __init__(self) -> None:
+        self.opened = False
+        self.peer_aborted = False
+
+    def handlers(self) -> list[Any]:
+        return [(evt.EVT_CONN_OPEN, self._open), (evt.EVT_PDU_RECV, self._pdu)]
+
+    def _open(self, _event: Any) -> None:
+        self.opened = True
+
+    def _pdu(self, event: Any) -> None:
+        if isinstance(getattr(event, "pdu", None), A_ABORT_RQ):
+            self.peer_aborted = True
+
+
 def _associate(
-    ae: AE, dest: Destination, handlers: list[Any] | None = None
+    ae: AE, dest: Destination, watch: _Watch, handlers: list[Any] | None = None
 ) -> tuple[Association | None, str, str]:
     try:
         tls = _client_tls(dest)
     except (OSError, ssl.SSLError) as exc:
         return None, "unreachable", f"TLS files of destination {dest.name} unusable: {exc}"
-    opened: list[bool] = []
-    bound = [*(handlers or []), (evt.EVT_CONN_OPEN, lambda _event: opened.append(True))]
+    bound = [*(handlers or []), *watch.handlers()]
     try:
         assoc = ae.associate(
             dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls, evt_handlers=bound
@@ -199,7 +252,7 @@ def _associate(
         return None, "unreachable", f"no connection to {dest.host}:{dest.port}: {exc}"
     if assoc.is_established:
         return assoc, "", ""
-    outcome, detail = _why_not(assoc, dest, bool(opened))
+    outcome, detail = _why_not(assoc, dest, watch)
     return None, outcome, detail
 
 
@@ -222,18 +275,24 @@ def store(calling_ae: str, dest: Destination, datasets: Sequence[Dataset]) -> li
     ae = _ae(calling_ae, dest.timeout_s)
     for sop_class in dict.fromkeys(str(ds.SOPClassUID) for ds in datasets):
         ae.add_requested_context(sop_class, list(TRANSFER_SYNTAXES))
+    watch = _Watch()
     try:
-        assoc, outcome, detail = _associate(ae, dest)
+        assoc, outcome, detail = _associate(ae, dest, watch)
         if assoc is None:
             return [StoreOutcome(u, outcome, None, detail) for u in uids]
         out: list[StoreOutcome] = []
         try:
             for n, ds in enumerate(datasets):
-                if not assoc.is_established:
-                    outcome, detail = _lost(assoc, dest)
-                    out += [StoreOutcome(u, outcome, None, detail) for u in uids[n:]]
+                one = _store_one(assoc, ds, uids[n], dest, watch)
+                out.append(one)
+                if one.outcome in ("refused", "unreachable") or not assoc.is_established:
+                    # the association is gone: the rest were not sent
+                    why = one.detail if one.status is None else "the association ended"
+                    out += [
+                        StoreOutcome(u, "unreachable", None, f"not sent: {why}")
+                        for u in uids[n + 1 :]
+                    ]
                     break
-                out.append(_store_one(assoc, ds, uids[n], dest))
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -242,16 +301,22 @@ def store(calling_ae: str, dest: Destination, datasets: Sequence[Dataset]) -> li
         ae.shutdown()
 
 
-def _lost(assoc: Association, dest: Destination) -> tuple[str, str]:
-    if assoc.is_aborted:
-        return "refused", f"association aborted by {dest.ae_title} during the transfer"
-    return "unreachable", (
-        f"no answer from {dest.ae_title} within {dest.timeout_s:g} s, or the connection was "
-        "lost; the association was closed"
-    )
+def _lost(dest: Destination, watch: _Watch, elapsed: float) -> tuple[str, str]:
+    """(outcome, detail) of an exchange that got no answer."""
+    if watch.peer_aborted:
+        return "refused", f"association aborted by {dest.ae_title} (A-ABORT) during the exchange"
+    if elapsed >= dest.timeout_s * 0.95:
+        return "unreachable", (
+            f"no answer from {dest.ae_title} within {dest.timeout_s:g} s: the association was "
+            "aborted"
+        )
+    return "unreachable", f"the connection to {dest.ae_title} was lost during the exchange"
 
 
-def _store_one(assoc: Association, ds: Dataset, uid: str, dest: Destination) -> StoreOutcome:
+def _store_one(
+    assoc: Association, ds: Dataset, uid: str, dest: Destination, watch: _Watch
+) -> StoreOutcome:
+    t0 = time.monotonic()
     try:
         rsp = assoc.send_c_store(ds)
     except ValueError as exc:
@@ -267,7 +332,7 @@ def _store_one(assoc: Association, ds: Dataset, uid: str, dest: Destination) -> 
     except AttributeError as exc:
         return StoreOutcome(uid, "failed", None, f"not sent: not a complete instance ({exc})")
     if "Status" not in rsp:
-        outcome, detail = _lost(assoc, dest)
+        outcome, detail = _lost(dest, watch, time.monotonic() - t0)
         return StoreOutcome(uid, outcome, None, detail)
     code = int(rsp.Status)
     result = _status_outcome(code)
@@ -403,11 +468,13 @@ def _commit(
     ae = _ae(calling_ae, dest.timeout_s)
     ae.add_requested_context(StorageCommitmentPushModel, list(TRANSFER_SYNTAXES))
     same = _make_handler(tuid, reports, "on the same association")
+    watch = _Watch()
     try:
-        assoc, outcome, detail = _associate(ae, dest, [(evt.EVT_N_EVENT_REPORT, same)])
+        assoc, outcome, detail = _associate(ae, dest, watch, [(evt.EVT_N_EVENT_REPORT, same)])
         if assoc is None:
             return CommitOutcome(tuid, (), (), detail, outcome)
-        deadline = time.monotonic() + timeout_s
+        t0 = time.monotonic()
+        deadline = t0 + timeout_s
         try:
             status, _ = assoc.send_n_action(
                 _action_info(tuid, refs),
@@ -416,7 +483,7 @@ def _commit(
                 StorageCommitmentPushModelInstance,
             )
             if "Status" not in status:
-                outcome, detail = _lost(assoc, dest)
+                outcome, detail = _lost(dest, watch, time.monotonic() - t0)
                 return CommitOutcome(tuid, (), (), f"N-ACTION: {detail}", outcome)
             code = int(status.Status)
             if code_to_category(code) != "Success":

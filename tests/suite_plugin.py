@@ -91,6 +91,7 @@ FIRST: tuple[str, ...] = (
     "unit/test_audit_applicator.py",
     "integration/test_dashboard_cli.py",
     "integration/test_mqtt_security.py",
+    "integration/test_dicom_peers.py",
 )
 
 
