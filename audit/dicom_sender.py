@@ -65,6 +65,7 @@ ENTRY_TYPE: Final = "dicom_handoff"
 BUILD_TIMEOUT_S: Final = 300.0
 MAX_WAIT_S: Final = 60.0  # the loop looks at the overdue bound at least this often
 DETAIL_MAX: Final = 200
+CLOSE_GRACE_S: Final = 1.0
 _STORED: Final = frozenset({"stored", "warning"})
 
 
@@ -184,6 +185,7 @@ class HandoffWorker:
         self._build_due = 0.0
         self._wake = asyncio.Event()
         self._closing = False
+        self._loops: list[asyncio.Task[None]] = []
 
     # ---- the sink's side ----------------------------------------------------------------
 
@@ -207,19 +209,32 @@ class HandoffWorker:
         self._wake.set()
 
     async def aclose(self) -> None:
+        """Stop: what is under way gets ``CLOSE_GRACE_S`` to finish (a record, an outbox
+        update); then the loops are cancelled, abandoning a thread still waiting for a
+        peer or building (each step is crash-safe: an entry not yet updated is sent again,
+        as the same instance, at the next start)."""
         self._closing = True
         self._wake.set()
         for d in self._dests.values():
             d.wake.set()
+        loops = [t for t in self._loops if not t.done()]
+        if loops:
+            _, late = await asyncio.wait(loops, timeout=CLOSE_GRACE_S)
+            for t in late:
+                t.cancel(msg="dicom sink closing")
 
     async def run(self) -> None:
         """Build, send, commit and retry until :meth:`aclose`: one loop for building and
         the overdue check, one per destination (a slow peer delays only itself). Never
         raises (but cancellation): a failing round is logged and the next one comes."""
+        if self._closing:
+            return
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._build_loop(), name="dicom-build")
-            for d in self._dests.values():
+            self._loops = [tg.create_task(self._build_loop(), name="dicom-build")]
+            self._loops += [
                 tg.create_task(self._dest_loop(d), name=f"dicom:{d.peer.name}")
+                for d in self._dests.values()
+            ]
 
     async def _build_loop(self) -> None:
         while not self._closing:

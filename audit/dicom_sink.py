@@ -19,13 +19,15 @@ on the record through ``SinkContext.record`` as a ``dicom_handoff`` entry
 (docs/audit-log.md) and from there on MQTT ``events``; a sink without ``record`` (an older
 daemon) refuses to start rather than send what it cannot record.
 
-The network (audit/dicom_net.py, dicomnet's) and the builder are imported at ``start``,
-not at config validation: ``iortd check-config`` stays quick and needs no DICOM library
-beyond the options' checks (audit/dicom_config.py).
+The network (audit/dicom_net.py) and the builder (audit/dicom_handoff.py, with the PDF
+report's reportlab and matplotlib) are imported at their first use, in the worker's
+threads: neither ``iortd check-config`` nor the daemon's start waits for them (some 2 s on
+a small machine); ``start`` only checks that the extra ``reports`` is installed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import threading
 from collections.abc import Mapping, Sequence
@@ -194,21 +196,36 @@ class DicomSinkFactory:
         return DicomSink(settings_of(spec.options), context)
 
 
+def _missing_extra() -> str | None:
+    """The first library of the extra ``reports`` that is not installed (cheap: nothing
+    is imported; the heavy imports happen in the worker's threads, at first use, so that
+    they do not delay the daemon's start)."""
+    for name in ("pydicom", "pynetdicom", "reportlab", "matplotlib"):
+        if importlib.util.find_spec(name) is None:
+            return name
+    return None
+
+
 class _Transfer:
     """The worker's network seam over audit/dicom_net.py (blocking; in worker threads)."""
 
     def __init__(self, settings: Settings) -> None:
-        from iortd.audit import dicom_handoff, dicom_net  # noqa: PLC0415 - heavy: at start
-
-        self._net = dicom_net
-        self._read = dicom_handoff.read_instance
         self._s = settings
         # One commitment listener at a time: they share commitment_listen's port.
         self._commit_lock = threading.Lock()
 
+    @property
+    def _net(self) -> Any:
+        from iortd.audit import dicom_net  # noqa: PLC0415 - heavy: at first use, in a thread
+
+        return dicom_net
+
     def store(self, dest: Any, instances: Sequence[tuple[str, bytes]]) -> Sequence[Any]:
-        datasets = [self._read(data) for _, data in instances]
-        return self._net.store(self._s.calling_ae, dest, datasets)
+        from iortd.audit.dicom_handoff import read_instance  # noqa: PLC0415 - ditto
+
+        datasets = [read_instance(data) for _, data in instances]
+        got: Sequence[Any] = self._net.store(self._s.calling_ae, dest, datasets)
+        return got
 
     def commit(self, dest: Any, refs: Sequence[tuple[str, str]]) -> Any:
         if self._s.listen is None:
@@ -229,15 +246,14 @@ class _Builder:
     """The instances of a delivery from the verified log (audit/dicom_handoff.py)."""
 
     def __init__(self, settings: Settings, log_dir: Path) -> None:
-        from iortd.audit import dicom_handoff  # noqa: PLC0415 - heavy: at start
-
-        self._h = dicom_handoff
         self._s = settings
         self._dir = log_dir
 
     def __call__(self, delivery_id: str) -> list[Built]:
+        from iortd.audit import dicom_handoff  # noqa: PLC0415 - heavy: at first use, in a thread
+
         s = self._s
-        datasets = self._h.handoff_instances(
+        datasets = dicom_handoff.handoff_instances(
             self._dir,
             delivery_id,
             what=s.send,
@@ -246,7 +262,7 @@ class _Builder:
             pubkey=s.pubkey,
         )
         return [
-            Built(w, str(ds.SOPClassUID), str(ds.SOPInstanceUID), self._h.instance_bytes(ds))
+            Built(w, str(ds.SOPClassUID), str(ds.SOPInstanceUID), dicom_handoff.instance_bytes(ds))
             for w, ds in zip(s.send, datasets, strict=True)
         ]
 
@@ -266,6 +282,11 @@ class DicomSink(Sink):
                 "the dicom sink needs a daemon that lets sinks record (SinkContext.record): "
                 "every hand-off attempt goes on the record"
             )
+        if (missing := _missing_extra()) is not None:
+            raise SinkConfigError(
+                f"the dicom sink needs the extra 'reports' (pip install 'iortd[reports]'): "
+                f"{missing} is not installed"
+            )
         try:
             worker = HandoffWorker(
                 Outbox(ctx.state_dir),
@@ -277,10 +298,6 @@ class DicomSink(Sink):
                 self._s.handoff,
             )
             await worker.open()
-        except ImportError as exc:
-            raise SinkConfigError(
-                f"the dicom sink needs the extra 'reports' (pip install 'iortd[reports]'): {exc}"
-            ) from None
         except (OutboxError, OSError) as exc:
             raise SinkConfigError(f"outbox {ctx.state_dir}: {exc}") from None
         self.worker = worker
