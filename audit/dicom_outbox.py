@@ -42,7 +42,7 @@ import structlog
 
 from iortd.kernel.durable import fsync_dir, write_all
 
-__all__ = ["DEST_RE", "UID_RE", "Entry", "Outbox", "OutboxError", "Pending"]
+__all__ = ["DEST_RE", "UID_RE", "Entry", "Outbox", "OutboxError", "Pending", "write_private"]
 
 log = structlog.get_logger("iortd.dicom")
 
@@ -86,7 +86,7 @@ class Pending:
         return hashlib.sha256(f"{self.delivery_id}\n{self.trigger}".encode()).hexdigest()[:32]
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
     """``path`` replaced by ``data``, 0600, durable (temporary file, fsync, rename, fsync
     of the directory); a link planted under the temporary name is never followed."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -173,13 +173,13 @@ class Outbox:
         dcm, js = self._paths(entry.destination, entry.sop_instance_uid)
         if js.exists():
             return False
-        _write_private(dcm, instance)
-        _write_private(js, orjson.dumps(asdict(entry)))
+        write_private(dcm, instance)
+        write_private(js, orjson.dumps(asdict(entry)))
         return True
 
     def update(self, entry: Entry) -> None:
         _, js = self._paths(entry.destination, entry.sop_instance_uid)
-        _write_private(js, orjson.dumps(asdict(entry)))
+        write_private(js, orjson.dumps(asdict(entry)))
 
     def remove(self, entry: Entry) -> None:
         dcm, js = self._paths(entry.destination, entry.sop_instance_uid)
@@ -214,10 +214,10 @@ class Outbox:
     def add_pending(self, p: Pending) -> None:
         path = self.pending_dir / f"{p.key}.json"
         if not path.exists():
-            _write_private(path, orjson.dumps(asdict(p)))
+            write_private(path, orjson.dumps(asdict(p)))
 
     def update_pending(self, p: Pending) -> None:
-        _write_private(self.pending_dir / f"{p.key}.json", orjson.dumps(asdict(p)))
+        write_private(self.pending_dir / f"{p.key}.json", orjson.dumps(asdict(p)))
 
     def remove_pending(self, p: Pending) -> None:
         with contextlib.suppress(FileNotFoundError):

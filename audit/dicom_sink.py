@@ -27,13 +27,16 @@ a small machine); ``start`` only checks that the extra ``reports`` is installed.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import math
 import threading
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
+import orjson
 import structlog
 
 from iortd.audit.dicom_config import (
@@ -43,8 +46,9 @@ from iortd.audit.dicom_config import (
     parse_destinations,
     parse_listen,
 )
-from iortd.audit.dicom_outbox import Outbox, OutboxError
+from iortd.audit.dicom_outbox import Outbox, OutboxError, write_private
 from iortd.audit.dicom_sender import Built, HandoffSettings, HandoffWorker
+from iortd.auditlog.logdir import SEGMENT_RE, read_segment, segment_paths
 from iortd.daemon.sinks import (
     DeliveryAmended,
     DeliverySnapshot,
@@ -57,7 +61,7 @@ from iortd.daemon.sinks import (
     TrackerEvent,
 )
 
-__all__ = ["DicomSink", "DicomSinkFactory", "Settings", "settings_of"]
+__all__ = ["DicomSink", "DicomSinkFactory", "Settings", "missed_triggers", "settings_of"]
 
 log = structlog.get_logger("iortd.dicom")
 
@@ -81,6 +85,8 @@ WHEN: Final = ("termination", "signoff")
 APPROVING: Final = frozenset({"approved", "approved_with_deviation"})
 MAX_ALARM_S: Final = 7 * 24 * 3600.0
 COMMIT_WAIT_S: Final = 30.0  # how long one commitment request waits for its report
+CATCH_UP_DAYS: Final = 7  # how far back a start looks for a hand-off a crash lost
+SINCE_FILE: Final = "since.json"
 
 
 class Settings:
@@ -181,6 +187,84 @@ def _seconds(options: Mapping[str, Any], key: str, default: float, most: float) 
     if not 0 < v <= most:
         raise SinkOptionError(f"options.{key}", f"{v!r}: a number of seconds in (0, {most:g}]")
     return float(v)
+
+
+def missed_triggers(log_dir: Path, since: str, when: str) -> list[tuple[str, str]]:
+    """(delivery id, trigger) of what the log says was to be handed off since ``since``
+    (UTC, the log's ``ts`` format) with no ``dicom_handoff`` entry of that delivery after
+    it: a SIGKILL between the record and the sink's pending file (the sink hears of an
+    entry only once it is on disk). Blocking; reads the segments of the last
+    ``CATCH_UP_DAYS`` days at most, one at a time. An entry that does not parse is
+    skipped (``iort-audit verify`` reports it)."""
+    cutoff = max(since[:10].replace("-", ""), _days_ago(CATCH_UP_DAYS))
+    paths = [p for p in segment_paths(log_dir) if _segment_date(p) >= cutoff[:8]]
+    # A segment named for an earlier day may hold today's entries too: include the one
+    # before the first taken.
+    all_paths = segment_paths(log_dir)
+    if paths and all_paths.index(paths[0]) > 0:
+        paths.insert(0, all_paths[all_paths.index(paths[0]) - 1])
+    elif not paths and all_paths:
+        paths = all_paths[-1:]
+    todo: dict[tuple[str, str], int] = {}
+    for path in paths:
+        for line in read_segment(path).splitlines():
+            if not any(m in line for m in _CATCH_UP_MARKS):
+                continue
+            try:
+                e = orjson.loads(line)
+                kind, data, seq, ts = e["type"], e["data"], e["seq"], e["ts"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                continue
+            if not isinstance(ts, str) or ts < since or not isinstance(data, dict):
+                continue
+            if kind == "dicom_handoff":
+                did = data.get("delivery_id")
+                for key in [k for k in todo if k[0] == did]:
+                    del todo[key]  # handled (queued, or its build recorded as failed)
+            elif when == "termination" and kind in _ENDS:
+                did = e.get("delivery_id")
+                if isinstance(did, str):
+                    todo.setdefault((did, _ENDS[kind]), seq)
+            elif when == "signoff" and kind == "delivery_signed":
+                did, meaning = data.get("delivery_id"), data.get("meaning")
+                if isinstance(did, str) and meaning in APPROVING:
+                    todo.setdefault((did, f"signed:{meaning}"), seq)
+    return sorted(todo, key=lambda k: todo[k])
+
+
+_ENDS: Final = {"delivery_terminated": "termination", "delivery_amended": "amended"}
+_CATCH_UP_MARKS: Final = (
+    b'"type":"delivery_terminated"',
+    b'"type":"delivery_amended"',
+    b'"type":"delivery_signed"',
+    b'"type":"dicom_handoff"',
+)
+
+
+def _since(path: Path) -> str:
+    """When this sink first started (UTC, the log's ``ts`` format), kept in its state
+    directory: a start catches up nothing older (a sink added to a site with years of
+    deliveries does not send them all)."""
+    try:
+        value = orjson.loads(path.read_bytes())["since"]
+        if isinstance(value, str) and len(value) == 27:
+            return value
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("dicom_since_unreadable", error=str(exc))  # written again: from now
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    write_private(path, orjson.dumps({"since": now}))
+    return now
+
+
+def _segment_date(path: Path) -> str:
+    m = SEGMENT_RE.match(path.name)
+    return m.group(2) if m else ""
+
+
+def _days_ago(days: int) -> str:
+    return (datetime.now(UTC) - timedelta(days=days)).strftime("%Y%m%d")
 
 
 class DicomSinkFactory:
@@ -298,15 +382,30 @@ class DicomSink(Sink):
                 self._s.handoff,
             )
             await worker.open()
+            since = await asyncio.to_thread(_since, ctx.state_dir / SINCE_FILE)
         except (OutboxError, OSError) as exc:
             raise SinkConfigError(f"outbox {ctx.state_dir}: {exc}") from None
         self.worker = worker
+        await self._catch_up(ctx.log_directory, since)
         log.info(
             "dicom_sink_started",
             destinations=[d.name for d in self._s.destinations],
             when=self._s.when,
             send=list(self._s.send),
         )
+
+    async def _catch_up(self, log_dir: Path, since: str) -> None:
+        """Queue what a crash lost between the record and the pending file."""
+        if self.worker is None:
+            return
+        try:
+            missed = await asyncio.to_thread(missed_triggers, log_dir, since, self._s.when)
+        except (OSError, ValueError) as exc:  # a damaged log: the daemon's start says so
+            log.warning("dicom_catch_up_failed", error=str(exc))
+            return
+        for did, trigger in missed:
+            log.warning("dicom_handoff_caught_up", delivery=did, trigger=trigger)
+            await self.worker.queue_delivery(did, trigger)
 
     async def run(self) -> None:
         if self.worker is not None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from iortd.audit.dicom_sink import DicomSink, DicomSinkFactory
+from iortd.audit.dicom_sink import DicomSink, DicomSinkFactory, missed_triggers
+from iortd.auditlog.writer import AuditLog
 from iortd.daemon.sinks import (
     DeliveryAmended,
     SinkConfigError,
@@ -173,3 +175,33 @@ async def test_start_opens_the_outbox_and_close_ends_the_worker(tmp_path: Path) 
         with contextlib.suppress(asyncio.CancelledError):
             await task
     assert task.done()
+
+
+async def test_a_crash_between_the_record_and_the_outbox_is_caught_up_at_start(
+    tmp_path: Path,
+) -> None:
+    """A termination on the record whose hand-off never reached the sink's own files (a
+    SIGKILL right after the entry) is queued at the next start; one handed off already,
+    one before the sink was configured and one whose hand-off is pending are not."""
+    audit, _ = await AuditLog.open(tmp_path, origin="test/catchup")
+    task = asyncio.create_task(audit.run())
+    try:
+        await audit.append("delivery_terminated", {}, delivery_id="d0", durable=True).committed
+        start = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")  # the sink's first start
+        for did in ("d1", "d2"):
+            audit.append("delivery_started", {}, delivery_id=did)
+            await audit.append("delivery_terminated", {}, delivery_id=did, durable=True).committed
+        await audit.append(
+            "dicom_handoff", {"delivery_id": "d1", "outcome": "queued"}, durable=True
+        ).committed
+        await audit.append("delivery_amended", {}, delivery_id="d1", durable=True).committed
+        signed = {"delivery_id": "d2", "meaning": "approved"}
+        await audit.append("delivery_signed", signed, durable=True).committed
+    finally:
+        await audit.close()
+        await task
+    assert missed_triggers(tmp_path, start, "termination") == [
+        ("d2", "termination"),
+        ("d1", "amended"),
+    ]
+    assert missed_triggers(tmp_path, start, "signoff") == [("d2", "signed:approved")]
