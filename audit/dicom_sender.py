@@ -240,10 +240,9 @@ class HandoffWorker:
         while not self._closing:
             try:
                 await self.build_pending()
-                await self._check_overdue()
             except Exception:
                 log.exception("dicom_handoff_round_failed", part="build")
-            wait = min(MAX_WAIT_S, self._until_overdue())
+            wait = MAX_WAIT_S
             if self._pending_known:
                 wait = min(wait, self._build_due - self._mono())
             await _wait(self._wake, max(0.01, wait))
@@ -253,20 +252,25 @@ class HandoffWorker:
             try:
                 if self._ready(d):
                     await self._attempt(d)
+                # Here, not in another task: only this loop writes this destination's
+                # entries (an alarm flag written beside a removal would resurrect one).
+                await self._check_overdue(d.peer.name)
             except Exception:
                 log.exception("dicom_handoff_round_failed", destination=d.peer.name)
                 d.due = self._mono() + d.backoff.next_delay()
-            wait = MAX_WAIT_S
+            wait = min(MAX_WAIT_S, max(0.01, self._until_overdue(d.peer.name)))
             if self._has_work(d.peer.name) and (d.idle is None or d.idle.is_set()):
                 wait = min(wait, max(0.01, d.due - self._mono()))
             await _wait(d.wake, wait)
 
     _pending_known = True  # there may be pending deliveries (as of the last look)
 
-    def _until_overdue(self) -> float:
-        """Seconds until the next entry not yet alarmed becomes overdue."""
+    def _until_overdue(self, dest: str) -> float:
+        """Seconds until the destination's next entry not yet alarmed becomes overdue."""
         bound = self._s.alarm_after_s
-        ends = [e.queued_at + bound for e in self._entries.values() if not e.alarmed]
+        ends = [
+            e.queued_at + bound for k, e in self._entries.items() if k[0] == dest and not e.alarmed
+        ]
         return min(ends, default=self._wall() + MAX_WAIT_S) - self._wall()
 
     def _has_work(self, dest: str) -> bool:
@@ -463,10 +467,10 @@ class HandoffWorker:
 
     # ---- 5. overdue --------------------------------------------------------------------
 
-    async def _check_overdue(self) -> None:
+    async def _check_overdue(self, dest: str) -> None:
         now = self._wall()
         for key, e in list(self._entries.items()):
-            if e.alarmed or now - e.queued_at < self._s.alarm_after_s:
+            if key[0] != dest or e.alarmed or now - e.queued_at < self._s.alarm_after_s:
                 continue
             minutes = (now - e.queued_at) / 60
             detail = f"not handed off after {minutes:.0f} min ({e.attempts} attempts)"

@@ -358,6 +358,7 @@ class DicomSink(Sink):
         self._s = settings
         self._ctx = context
         self.worker: HandoffWorker | None = None
+        self._since = ""
 
     async def start(self) -> None:
         ctx = self._ctx
@@ -386,7 +387,7 @@ class DicomSink(Sink):
         except (OutboxError, OSError) as exc:
             raise SinkConfigError(f"outbox {ctx.state_dir}: {exc}") from None
         self.worker = worker
-        await self._catch_up(ctx.log_directory, since)
+        self._since = since
         log.info(
             "dicom_sink_started",
             destinations=[d.name for d in self._s.destinations],
@@ -395,12 +396,13 @@ class DicomSink(Sink):
         )
 
     async def _catch_up(self, log_dir: Path, since: str) -> None:
-        """Queue what a crash lost between the record and the pending file."""
+        """Queue what a crash lost between the record and the pending file. Never raises
+        (but cancellation): a log it cannot read is the daemon's start's to report."""
         if self.worker is None:
             return
         try:
             missed = await asyncio.to_thread(missed_triggers, log_dir, since, self._s.when)
-        except (OSError, ValueError) as exc:  # a damaged log: the daemon's start says so
+        except Exception as exc:  # e.g. a damaged segment: the daemon's start says so
             log.warning("dicom_catch_up_failed", error=str(exc))
             return
         for did, trigger in missed:
@@ -408,8 +410,14 @@ class DicomSink(Sink):
             await self.worker.queue_delivery(did, trigger)
 
     async def run(self) -> None:
-        if self.worker is not None:
-            await self.worker.run()
+        if self.worker is None or self._ctx.log_directory is None:
+            return
+        # In the sink's own task, not in start: reading days of segments must not hold up
+        # the daemon's start (start is bounded by timeout_s and refuses the run).
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.worker.run(), name="dicom-worker")
+            await self._catch_up(self._ctx.log_directory, self._since)
+            self.worker.wake()
 
     async def events(
         self, events: Sequence[TrackerEvent], delivery: DeliverySnapshot | None
