@@ -73,7 +73,7 @@ class Peer:
     received: dict[str, list[str]] = field(default_factory=dict)  # what the receiver holds
     hang: dict[str, threading.Event] = field(default_factory=dict)
     calls: dict[str, int] = field(default_factory=dict)
-    concurrent: int = 0
+    concurrent: dict[str, int] = field(default_factory=dict)  # per destination
     max_concurrent: dict[str, int] = field(default_factory=dict)
     on_disk_at_store: list[bool] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -81,10 +81,8 @@ class Peer:
     def store(self, dest: Any, datas: Sequence[tuple[str, bytes]]) -> list[Stored]:
         with self.lock:
             self.calls[dest.name] = self.calls.get(dest.name, 0) + 1
-            self.concurrent += 1
-            self.max_concurrent[dest.name] = max(
-                self.max_concurrent.get(dest.name, 0), self.concurrent
-            )
+            now = self.concurrent[dest.name] = self.concurrent.get(dest.name, 0) + 1
+            self.max_concurrent[dest.name] = max(self.max_concurrent.get(dest.name, 0), now)
         try:
             for uid, _ in datas:
                 self.on_disk_at_store.append(
@@ -102,7 +100,7 @@ class Peer:
             return [Stored(uid, what, status, f"scripted {what}") for uid, _ in datas]
         finally:
             with self.lock:
-                self.concurrent -= 1
+                self.concurrent[dest.name] -= 1
 
     def commit(self, dest: Any, refs: Sequence[tuple[str, str]]) -> Commit:
         todo = self.commits.get(dest.name) or []
@@ -353,7 +351,8 @@ async def test_a_hung_peer_holds_up_neither_the_others_nor_gets_a_second_associa
     hung_detail = next(r for r in rig.records if r["outcome"] == "unreachable")["detail"]
     assert "no answer within" in hung_detail
     calls_while_hung = rig.peer.calls["slow"]
-    assert calls_while_hung == 1  # no second association while the first thread hangs
+    # no second association while the first thread hangs
+    assert calls_while_hung == 1, rig.outcomes("slow")
     hung.set()
     await rig.until(lambda: rig.outcomes("slow").count("stored") == 2, "stored once it answers")
     assert rig.peer.max_concurrent["slow"] == 1
