@@ -168,6 +168,12 @@ def _one(item: Any, at: str, base: Path | None) -> Destination:
             f"{at}.tls_cert: needed with TLS and commitment = true: the peer sends its "
             "N-EVENT-REPORT to our listener over TLS, which needs our certificate and key"
         )
+    if dest.tls and dest.commitment and ca is None:
+        raise DestinationError(
+            f"{at}.tls_ca: needed with TLS and commitment = true: our listener takes the "
+            "peer's N-EVENT-REPORT only with a certificate signed by this CA (the system's "
+            "CAs would let any holder of a public certificate in)"
+        )
     return dest
 
 

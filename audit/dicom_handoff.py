@@ -9,22 +9,26 @@
   (the same bytes) as an Encapsulated PDF instance (PS3.3 A.45.1, SOP Class
   1.2.840.10008.5.1.4.1.1.104.1), in the record's patient and study (the same Patient
   module and General Study attributes, copied from the record), in a series of its own
-  (Modality DOC). Its Source Instance Sequence names the record it goes with and, once
-  the delivery has sign-offs, the first (unsigned) record too.
+  (Modality DOC). Its Source Instance Sequence names the record it goes with and, for a
+  later record (amended, signed off), the first record too.
 
 UIDs (deterministic, under 2.25 as in audit/dicom.py): the record's are audit/dicom.py's
-(the same log, store entry and sign-offs give the same SOP Instance UID; a sign-off makes a
-new instance referencing the first). The report's SOP Instance UID is derived from the
-record's and the SHA-256 of the PDF: the same UID always means the same bytes, so a resend
-is the same instance to the receiver, and a report whose content changed (a sign-off, names
-from a keyring) is a new instance. Its series UID is derived from the record's study.
+(the same log, store entry and sign-offs give the same SOP Instance UID; an amendment or a
+sign-off makes a new instance in the same study and series, referencing the first). The
+report's SOP Instance UID is derived from the record's and the SHA-256 of the PDF: the same
+UID always means the same bytes, so a resend is the same instance to the receiver, and a
+report whose content changed (a sign-off, names from a keyring) is a new instance. Its
+series UID is derived from the record's study.
 
 Only from a verified log: a log that is not intact, or whose entries of this delivery are
 unvouched (after the last seal before a crash), gives ``HandoffError`` (``usage=False``: the
 thing checked is bad) and nothing to send; there is no ``--allow-unverified`` for a hand-off
-to a clinical system. The protected store (``store_dir``, read by audit/handoff.py) puts the
-real Patient ID and plan UID into the instances and nowhere else: no error or message here
-holds a value of it.
+to a clinical system. With retention, the log's archive (``archive``) is verified with it,
+as ``iort-audit verify --archive`` does. Verified against ``pubkey`` when given, else the
+key recorded in the log: a caller that knows the room's key (the daemon's sink) passes it,
+so that a log rewritten whole under another key is not taken. The protected store
+(``store_dir``, read by audit/handoff.py) puts the real Patient ID and plan UID into the
+instances and nowhere else: no error or message here holds a value of it.
 
 Needs the extra ``reports`` (pydicom, reportlab, matplotlib): import it only where that is
 installed (the sink plug-in and iort-audit send load it when they run).
@@ -48,6 +52,7 @@ from iortd.audit.inputs import UsageError, load_pubkey
 from iortd.audit.record import DeliveryRecord, NoSuchDelivery, Verification, read_delivery
 from iortd.audit.report.pdf import pdf_report
 from iortd.audit.signoffs import attach_verdicts
+from iortd.auditlog.archive import ArchiveError
 from iortd.auditlog.verify import unvouched_deliveries, verify_log
 
 __all__ = [
@@ -167,7 +172,7 @@ def encapsulated_pdf(record: Dataset, pdf: bytes, delivery_id: str) -> Dataset:
 
 
 def _verified(
-    log_dir: Path, delivery_id: str, pubkey: Path | None
+    log_dir: Path, delivery_id: str, pubkey: Path | None, archive: Path | None
 ) -> tuple[DeliveryRecord, str | None]:
     if not log_dir.is_dir():
         raise HandoffError(f"{log_dir}: not a log directory", usage=True)
@@ -175,7 +180,12 @@ def _verified(
         verifier = load_pubkey(pubkey) if pubkey is not None else None
     except UsageError as exc:
         raise HandoffError(str(exc), usage=True) from None
-    rep = verify_log([log_dir], pubkey=verifier)
+    if archive is not None and not archive.is_dir():
+        raise HandoffError(f"archive {archive}: not a directory (the log's archive)", usage=True)
+    try:
+        rep = verify_log([log_dir], pubkey=verifier, archive=archive)
+    except (ArchiveError, OSError) as exc:
+        raise HandoffError(f"archive {archive}: {exc}", usage=True) from None
     if not rep.intact:
         raise HandoffError(
             f"{log_dir}: the log is not intact ({rep.problem}); nothing is handed off. Check "
@@ -210,6 +220,7 @@ def handoff_instances(
     keyring: Path | None,
     pubkey: Path | None = None,
     require_signoff: bool = False,
+    archive: Path | None = None,
 ) -> list[Dataset]:
     """The instances of ``delivery_id`` to hand off, in the order of ``what`` (``record``,
     ``report``), from the log in ``log_dir`` verified first (against ``pubkey``, else the
@@ -224,7 +235,7 @@ def handoff_instances(
         )
     try:
         ring = load_report_keyring(keyring) if keyring is not None else None
-        rec, key_name = _verified(log_dir, delivery_id, pubkey)
+        rec, key_name = _verified(log_dir, delivery_id, pubkey, archive)
         rx_id = rec.prescription_check.prescription.get("treatment_id")
         tid = str(rx_id or rec.plan.get("treatment_id") or "")
         hand_off = read_hand_off(store_dir, tid) if store_dir is not None else None

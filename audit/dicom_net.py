@@ -30,19 +30,29 @@ Contract:
   class for itself: the listener accepts the context with SCU and SCP role selection). The
   listener runs only for the call; it takes associations only when called by our AE title
   and calling from the destination's AE title, and a report counts only when it carries
-  this call's Transaction UID (128 random bits: a third party on the network cannot guess
+  this call's Transaction UID (122 random bits: a third party on the network cannot guess
   it) and only for the instances asked about. Event type 1: all committed; 2: the Failed
   SOP Sequence names the others with their Failure Reason (e.g. 0x0112 no such object).
   An instance the report does not name is neither committed nor failed: it stays pending.
+  The requesting association stays open ``SAME_ASSOCIATION_GRACE_S`` after the N-ACTION
+  answer, then the listener alone waits. The listener's port is the call's: two calls on
+  one port must not overlap (the second fails at once, "cannot listen"); the caller
+  serialises them. Whatever a peer sends on it is answered with a status (0x0110
+  undecodable, 0x0119 another transaction, 0x0112 another SOP class) and never raises.
+* ``echo`` is a C-ECHO (Verification SOP Class) to check the link and the AE titles
+  without sending anything: ``ok``, ``failed`` (a non-success status, or no accepted
+  context), ``refused``, ``unreachable``, as for a store.
 * Timeouts: every step is bounded by the destination's ``timeout_s`` (TCP connect, A-ASSOCIATE,
   each DIMSE exchange, the network idle time); the wait for the report by ``timeout_s`` of
-  the call. Both functions block: the daemon's sink calls them in a thread
+  the call (a host name is resolved by the system, without a bound of ours). All three
+  block: the daemon's sink calls them in a thread
   (``asyncio.to_thread``), never on the event loop.
 * TLS (PS3.15 B.1, "Basic TLS Secure Transport Connection Profile"): a destination with
   ``tls_ca`` or ``tls_cert`` is reached over TLS, its certificate checked against ``tls_ca``
   (the system's CAs when absent) and its host name; ``tls_cert``/``tls_key`` are our client
   certificate. The commitment listener of such a destination is TLS too, with the same
-  certificate, and requires the peer's certificate signed by ``tls_ca``.
+  certificate, and requires the peer's certificate signed by ``tls_ca`` (which the config
+  requires then, with ``tls_cert`` and ``tls_key``).
 
 pynetdicom logs through the standard ``logging`` module (logger ``pynetdicom``); at INFO it
 names AE titles, addresses, message ids and statuses, not dataset values.
@@ -68,6 +78,7 @@ from pynetdicom.pdu import A_ABORT_RQ
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated names
     StorageCommitmentPushModel,
     StorageCommitmentPushModelInstance,
+    Verification,
 )
 from pynetdicom.status import code_to_category
 from pynetdicom.transport import AddressInformation, AssociationSocket
@@ -86,7 +97,9 @@ __all__ = [
     "CommitOutcome",
     "Destination",
     "DestinationError",
+    "EchoOutcome",
     "StoreOutcome",
+    "echo",
     "parse_ae_title",
     "parse_destinations",
     "parse_listen",
@@ -344,6 +357,44 @@ def _store_one(
     return StoreOutcome(uid, result, code, detail)
 
 
+@dataclass(frozen=True, slots=True)
+class EchoOutcome:
+    """A C-ECHO: ``outcome`` ok | failed | refused | unreachable, as for a store."""
+
+    outcome: str
+    status: int | None
+    detail: str
+
+
+def echo(calling_ae: str, dest: Destination) -> EchoOutcome:
+    """C-ECHO (Verification SOP Class, PS3.4 A) to ``dest``: is the link up and are we
+    accepted, without sending anything (blocking, every step bounded by ``timeout_s``)."""
+    ae = _ae(calling_ae, dest.timeout_s)
+    ae.add_requested_context(Verification, list(TRANSFER_SYNTAXES))
+    watch = _Watch()
+    try:
+        assoc, outcome, detail = _associate(ae, dest, watch)
+        if assoc is None:
+            return EchoOutcome(outcome, None, detail)
+        t0 = time.monotonic()
+        try:
+            rsp = assoc.send_c_echo()
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        if "Status" not in rsp:
+            outcome, detail = _lost(dest, watch, time.monotonic() - t0)
+            return EchoOutcome(outcome, None, detail)
+        code = int(rsp.Status)
+        ok = code_to_category(code) == "Success"
+        peer = f"{dest.ae_title} at {dest.host}:{dest.port}"
+        return EchoOutcome(
+            "ok" if ok else "failed", code, f"C-ECHO status 0x{code:04X} from {peer}"
+        )
+    finally:
+        ae.shutdown()
+
+
 # --- storage commitment --------------------------------------------------------------------
 
 
@@ -366,43 +417,65 @@ def _action_info(transaction_uid: str, refs: Sequence[tuple[str, str]]) -> Datas
 
 @dataclass(frozen=True, slots=True)
 class _Report:
+    """An N-EVENT-REPORT of our transaction, read: the instances asked about only."""
+
     event_type: int
-    info: Dataset
+    committed: tuple[str, ...]
+    failed: tuple[tuple[str, int], ...]
     where: str
 
 
-def _make_handler(transaction_uid: str, reports: queue.Queue[_Report], where: str) -> Any:
+def _uids(info: Dataset, keyword: str) -> list[tuple[str, Any]]:
+    """(SOP Instance UID, Failure Reason or None) of each item of a sequence; raises on
+    anything that is not a sequence of items with UIDs (a broken report)."""
+    out = []
+    for item in info.get(keyword) or []:
+        uid = item.ReferencedSOPInstanceUID
+        if not isinstance(uid, str):
+            raise TypeError(f"{keyword}: an item without a SOP Instance UID")
+        out.append((uid, item.get("FailureReason")))
+    return out
+
+
+def _read(event_type: int, info: Dataset, asked: frozenset[str], where: str) -> _Report:
+    committed: list[str] = []
+    failed: list[tuple[str, int]] = []
+    for uid, _ in _uids(info, "ReferencedSOPSequence"):
+        if uid in asked and uid not in committed:
+            committed.append(uid)
+    for uid, reason in _uids(info, "FailedSOPSequence"):
+        code = 0x0110 if reason is None else int(reason)
+        if not 0 <= code <= 0xFFFF:
+            raise ValueError("Failure Reason out of range")
+        if uid in asked and uid not in committed and all(uid != f for f, _ in failed):
+            failed.append((uid, code))
+    return _Report(event_type, tuple(committed), tuple(failed), where)
+
+
+def _make_handler(
+    transaction_uid: str, asked: frozenset[str], reports: queue.Queue[_Report], where: str
+) -> Any:
+    # Runs on pynetdicom's thread for the association: whatever a peer sends, it answers
+    # with a status and never raises; only a well-formed report of ours is passed on.
     def on_report(event: Any) -> tuple[int, Dataset | None]:
         req = event.request
         if str(req.AffectedSOPClassUID) != StorageCommitmentPushModel:
             return 0x0112, None  # No such SOP instance (of a class we do not serve)
         try:
             info = event.event_information
-        except (AttributeError, ValueError, KeyError):
+            if str(info.get("TransactionUID", "")) != transaction_uid:
+                return 0x0119, None  # not a transaction of ours (class-instance conflict)
+            report = _read(int(req.EventTypeID or 0), info, asked, where)
+        except (AttributeError, KeyError, TypeError, ValueError, OverflowError):
             return 0x0110, None  # processing failure: an undecodable report
-        if str(info.get("TransactionUID", "")) != transaction_uid:
-            return 0x0119, None  # not a transaction of ours (class-instance conflict)
-        reports.put(_Report(int(req.EventTypeID or 0), info, where))
+        reports.put(report)
         return 0x0000, None
 
     return on_report
 
 
-def _read_report(
-    report: _Report, refs: Sequence[tuple[str, str]], transaction_uid: str
-) -> CommitOutcome:
-    asked = {uid for _, uid in refs}
-    committed: list[str] = []
-    failed: list[tuple[str, int]] = []
-    for item in report.info.get("ReferencedSOPSequence", []):
-        uid = str(item.get("ReferencedSOPInstanceUID", ""))
-        if uid in asked and uid not in committed:
-            committed.append(uid)
-    for item in report.info.get("FailedSOPSequence", []):
-        uid = str(item.get("ReferencedSOPInstanceUID", ""))
-        reason = item.get("FailureReason")
-        if uid in asked and uid not in committed and all(uid != f for f, _ in failed):
-            failed.append((uid, int(reason) if reason is not None else 0x0110))
+def _outcome(report: _Report, asked: frozenset[str], transaction_uid: str) -> CommitOutcome:
+    committed, failed = report.committed, report.failed
     pending = len(asked) - len(committed) - len(failed)
     detail = (
         f"N-EVENT-REPORT event type {report.event_type} ({report.where}): "
@@ -412,7 +485,7 @@ def _read_report(
         detail += " (" + ", ".join(f"reason 0x{r:04X}" for _, r in failed) + ")"
     if pending:
         detail += f", {pending} not named in the report (still pending)"
-    return CommitOutcome(transaction_uid, tuple(committed), tuple(failed), detail)
+    return CommitOutcome(transaction_uid, committed, failed, detail)
 
 
 def request_commitment(
@@ -437,7 +510,8 @@ def request_commitment(
     listener.add_supported_context(
         StorageCommitmentPushModel, list(TRANSFER_SYNTAXES), scu_role=True, scp_role=True
     )
-    new_assoc = _make_handler(tuid, reports, "on a new association")
+    asked = frozenset(uid for _, uid in refs)
+    new_assoc = _make_handler(tuid, asked, reports, "on a new association")
     try:
         server = listener.start_server(
             (listen_host, listen_port),
@@ -467,7 +541,8 @@ def _commit(
 ) -> CommitOutcome:
     ae = _ae(calling_ae, dest.timeout_s)
     ae.add_requested_context(StorageCommitmentPushModel, list(TRANSFER_SYNTAXES))
-    same = _make_handler(tuid, reports, "on the same association")
+    asked = frozenset(uid for _, uid in refs)
+    same = _make_handler(tuid, asked, reports, "on the same association")
     watch = _Watch()
     try:
         assoc, outcome, detail = _associate(ae, dest, watch, [(evt.EVT_N_EVENT_REPORT, same)])
@@ -496,14 +571,12 @@ def _commit(
                 )
             with contextlib.suppress(queue.Empty):
                 grace = min(SAME_ASSOCIATION_GRACE_S, max(deadline - time.monotonic(), 0.0))
-                return _read_report(reports.get(timeout=grace), refs, tuid)
+                return _outcome(reports.get(timeout=grace), asked, tuid)
         finally:
             if assoc.is_established:
                 assoc.release()
         with contextlib.suppress(queue.Empty):
-            return _read_report(
-                reports.get(timeout=max(deadline - time.monotonic(), 0.0)), refs, tuid
-            )
+            return _outcome(reports.get(timeout=max(deadline - time.monotonic(), 0.0)), asked, tuid)
         return CommitOutcome(
             tuid,
             (),

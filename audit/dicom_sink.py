@@ -74,6 +74,7 @@ OPTIONS: Final = frozenset(
         "protected_store",
         "keyring",
         "pubkey",
+        "archive",
         "commitment_listen",
         "alarm_after_s",
         "retry_initial_s",
@@ -102,6 +103,7 @@ class Settings:
         self.protected_store = _path(options, "protected_store")
         self.keyring = _path(options, "keyring")
         self.pubkey = _path(options, "pubkey")
+        self.archive = _path(options, "archive")
         self.listen = _listen(options, self.destinations)
         self.alarm_after_s = _seconds(options, "alarm_after_s", 3600.0, MAX_ALARM_S)
         initial = _seconds(options, "retry_initial_s", 5.0, 3600.0)
@@ -135,6 +137,22 @@ def _option_error(exc: DestinationError) -> SinkOptionError:
 
 
 def _destinations(options: Mapping[str, Any]) -> tuple[Destination, ...]:
+    # The config loader makes only top-level path options absolute (path_options): a
+    # relative TLS file of a destination would be taken from the daemon's working
+    # directory, so it is refused here, naming the key.
+    raw = options.get("destinations")
+    if isinstance(raw, list | tuple):
+        for i, item in enumerate(raw):
+            if not isinstance(item, Mapping):
+                continue
+            for key in ("tls_ca", "tls_cert", "tls_key"):
+                v = item.get(key)
+                if isinstance(v, str) and v and not Path(v).is_absolute():
+                    raise SinkOptionError(
+                        f"options.destinations[{i}].{key}",
+                        f"{v!r}: give the file's absolute path (the daemon does not resolve "
+                        "a destination's relative paths against the config file's folder)",
+                    )
     try:
         return parse_destinations(options, "options")
     except DestinationError as exc:
@@ -271,7 +289,7 @@ class DicomSinkFactory:
     """The ``iort.sinks`` entry point ``dicom``."""
 
     name = "dicom"
-    path_options = frozenset({"protected_store", "keyring", "pubkey"})
+    path_options = frozenset({"protected_store", "keyring", "pubkey", "archive"})
 
     def validate(self, options: Mapping[str, Any]) -> None:
         settings_of(options)
@@ -344,6 +362,9 @@ class _Builder:
             store_dir=s.protected_store,
             keyring=s.keyring,
             pubkey=s.pubkey,
+            # when = "signoff": the builder refuses a delivery the log holds no sign-off of
+            require_signoff=s.when == "signoff",
+            archive=s.archive,
         )
         return [
             Built(w, str(ds.SOPClassUID), str(ds.SOPInstanceUID), dicom_handoff.instance_bytes(ds))

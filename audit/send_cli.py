@@ -1,7 +1,8 @@
 """``iort-audit send``: hand a delivery's instances to a DICOM destination by hand (issue 23).
 
-    iort-audit send --delivery ID --to NAME --config SITE.toml [--log DIR] [--store DIR]
-                    [--pubkey FILE] [--keyring FILE] [--listen HOST:PORT]
+    iort-audit send --delivery ID --to NAME --config SITE.toml [--log DIR] [--archive DIR]
+                    [--store DIR] [--pubkey FILE] [--keyring FILE] [--listen HOST:PORT]
+    iort-audit send --echo --to NAME --config SITE.toml
 
 What the daemon's DICOM sink does after a delivery, done once by a person: the log is
 verified first (against ``--pubkey``, else the key recorded in it; a log that is not intact,
@@ -12,12 +13,17 @@ destination NAME of the site's ``type = "dicom"`` sink over one association, and
 destination has ``commitment = true``, Storage Commitment is asked for and awaited.
 
 From the site config it reads only what it needs, resolved against the file's directory:
-``[log] directory`` (``--log`` overrides it, e.g. for an archived copy), and of the
+``[log] directory`` (``--log`` overrides it, e.g. for a copy), ``[log.retention]
+archive_dir`` (``--archive`` overrides it: the log is verified across the directory and
+the archive, as ``iort-audit verify --archive`` does), and of the
 ``[[sinks]]`` table of ``type = "dicom"`` naming the destination: ``calling_ae``, ``send``
 (default both), ``when`` (``signoff``: a delivery without a sign-off is refused, exit 1),
 ``protected_store`` (``--store`` overrides it) and ``commitment_listen`` (``--listen``
 overrides it); the destination table through audit/dicom_config.py. Its other keys are
 the sink's (``iortd check-config`` checks them).
+
+``--echo`` sends nothing: a C-ECHO to the destination, for checking the link, the AE
+titles and TLS before the first delivery (exit 0 answered with success, 1 otherwise).
 
 Output: one line per instance (its SOP class, SOP Instance UID, the outcome and the DIMSE
 status or the reason of a refusal), then the commitment's answer. No patient data: the
@@ -73,10 +79,21 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "send", help="send a delivery's DICOM instances to a destination of the site's dicom sink"
     )
-    p.add_argument("--delivery", required=True, metavar="ID", help="see: iort-audit deliveries")
+    p.add_argument("--delivery", metavar="ID", help="see: iort-audit deliveries")
+    p.add_argument(
+        "--echo",
+        action="store_true",
+        help="instead of sending: a C-ECHO to the destination (is the link up, our AE known)",
+    )
     p.add_argument("--to", required=True, metavar="NAME", help="the destination's name")
     p.add_argument("--config", required=True, type=Path, metavar="SITE.toml", help="site config")
     p.add_argument("--log", type=Path, metavar="DIR", help="the log directory (default: [log])")
+    p.add_argument(
+        "--archive",
+        type=Path,
+        metavar="DIR",
+        help="where retention archived the log's segments (default: [log.retention])",
+    )
     p.add_argument(
         "--store", type=Path, metavar="DIR", help="the protected store (default: the sink's)"
     )
@@ -98,6 +115,7 @@ class SendPlan:
         self,
         *,
         log_dir: Path,
+        archive: Path | None,
         calling_ae: str,
         dest: Destination,
         what: tuple[str, ...],
@@ -106,6 +124,7 @@ class SendPlan:
         listen: tuple[str, int] | None,
     ) -> None:
         self.log_dir = log_dir
+        self.archive = archive
         self.calling_ae = calling_ae
         self.dest = dest
         self.what = what
@@ -139,6 +158,8 @@ def send_plan(config: Path, to: str) -> SendPlan:
     base = config.resolve().parent
     log = _table(data.get("log", {}), f"{config}: [log]")
     log_dir = _rel(log.get("directory"), f"{config}: log.directory", base)
+    retention = _table(log.get("retention", {}), f"{config}: [log.retention]")
+    archive = retention.get("archive_dir")
     sinks = data.get("sinks", [])
     if not isinstance(sinks, list):
         raise UsageError(f"{config}: sinks: must be an array of tables ([[sinks]])")
@@ -185,6 +206,9 @@ def send_plan(config: Path, to: str) -> SendPlan:
     store = options.get("protected_store")
     return SendPlan(
         log_dir=log_dir,
+        archive=None
+        if archive is None
+        else _rel(archive, f"{config}: log.retention.archive_dir", base),
         calling_ae=calling_ae,
         dest=dest,
         what=tuple(send),
@@ -203,6 +227,11 @@ def run(args: argparse.Namespace) -> int:
         _err(str(exc))
         return EXIT_USAGE
     dest = plan.dest
+    if args.echo:
+        return _echo(net, plan, args)
+    if not args.delivery:
+        _err("send: give --delivery ID or --echo")
+        return EXIT_USAGE
     if dest.commitment and listen is None:
         _err(
             f"--to {dest.name}: commitment = true needs our listener for the peer's "
@@ -218,6 +247,7 @@ def run(args: argparse.Namespace) -> int:
             keyring=args.keyring,
             pubkey=args.pubkey,
             require_signoff=plan.signoff_only,
+            archive=args.archive or plan.archive,
         )
     except handoff.HandoffError as exc:
         _err(str(exc))
@@ -247,6 +277,17 @@ def run(args: argparse.Namespace) -> int:
     for uid, reason in c.failed:
         _out(f"  NOT COMMITTED {uid}: failure reason 0x{reason:04X}")
     return EXIT_OK if c.outcome == "reported" and len(c.committed) == len(refs) else EXIT_BAD
+
+
+def _echo(net: Any, plan: SendPlan, args: argparse.Namespace) -> int:
+    if args.delivery:
+        _err("send: --echo sends nothing; give it without --delivery")
+        return EXIT_USAGE
+    dest = plan.dest
+    _out(f"C-ECHO to {dest.name} ({dest.ae_title} at {dest.host}:{dest.port}) as {plan.calling_ae}")
+    e = net.echo(plan.calling_ae, dest)
+    _out(f"  {e.outcome.upper():<11} {e.detail}")
+    return EXIT_OK if e.outcome == "ok" else EXIT_BAD
 
 
 def _load() -> tuple[Any, Any]:

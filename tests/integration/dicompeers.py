@@ -13,6 +13,8 @@ DIR PORT`` writes each instance it receives as ``<modality prefix>.<SOP Instance
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import ipaddress
 import json
 import shutil
 import socket
@@ -22,6 +24,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from tlscerts import _ca, _key, _name, _write_cert, _write_key
 
 from iortd.kernel.reaper import Tether
 
@@ -33,6 +40,54 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class DicomTls:
+    """A CA and two certificates it signed, each good for both TLS client and server (a
+    DICOM AE that sends and also listens for Storage Commitment reports uses one
+    certificate both ways), for 127.0.0.1 and localhost."""
+
+    ca: Path
+    peer_cert: Path
+    peer_key: Path
+    our_cert: Path
+    our_key: Path
+
+
+def dicom_tls(directory: Path) -> DicomTls:
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = _ca("iortd DICOM test CA")
+    files: list[Path] = []
+    for cn in ("dicom-peer", "iortd-or-7"):
+        key = _key()
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name(cn))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")), x509.DNSName("localhost")]
+                ),
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        files.append(_write_cert(directory / f"{cn}.pem", cert))
+        files.append(_write_key(directory / f"{cn}.key", key))
+    return DicomTls(_write_cert(directory / "ca.pem", ca), *files)
 
 
 def _stop(proc: subprocess.Popen[bytes], tether: Tether) -> None:
@@ -71,9 +126,12 @@ class Orthanc:
         aet: str = "ORTHANC_IT",
         modalities: dict[str, tuple[str, str, int]] | None = None,
         lua: str | None = None,
+        tls: DicomTls | None = None,
     ) -> Orthanc:
         """``modalities``: name -> (AE title, host, port) of the SCUs it may answer;
-        ``lua``: a Lua script (e.g. a ReceivedInstanceFilter that refuses some stores)."""
+        ``lua``: a Lua script (e.g. a ReceivedInstanceFilter that refuses some stores);
+        ``tls``: DICOM over TLS only, with ``peer_cert``, requiring a client certificate
+        signed by ``ca`` (Orthanc's DicomTls* options, also for its own associations)."""
         exe = shutil.which("Orthanc")
         if exe is None:
             raise RuntimeError("Orthanc is not installed: apt-get install orthanc (Debian 12)")
@@ -90,12 +148,23 @@ class Orthanc:
             "DicomPort": dicom_port,
             "DicomAet": aet,
             "DicomCheckCalledAet": True,
-            "DicomModalities": {k: list(v) for k, v in (modalities or {}).items()},
+            # the object form: with TLS, Orthanc opens its own associations to a modality
+            # (its commitment reports) over TLS only when the entry says UseDicomTls
+            "DicomModalities": {
+                k: {"AET": v[0], "Host": v[1], "Port": v[2], "UseDicomTls": tls is not None}
+                for k, v in (modalities or {}).items()
+            },
             "Plugins": [],
             "StorageCompression": False,
             "ConcurrentJobs": 1,
             "HttpDescribeErrors": True,
         }
+        if tls is not None:
+            config["DicomTlsEnabled"] = True
+            config["DicomTlsCertificate"] = str(tls.peer_cert)
+            config["DicomTlsPrivateKey"] = str(tls.peer_key)
+            config["DicomTlsTrustedCertificates"] = str(tls.ca)
+            config["DicomTlsRemoteCertificateRequired"] = True
         if lua is not None:
             (base / "filter.lua").write_text(lua, "utf-8")
             config["LuaScripts"] = [str(base / "filter.lua")]
@@ -148,6 +217,10 @@ class Orthanc:
         return str(found[0]) if found else None
 
     def stop(self) -> None:
+        # SIGKILL: a graceful stop takes Orthanc 2-3 s, and this instance's database is
+        # thrown away with its directory.
+        if self.proc.poll() is None:
+            self.proc.kill()
         _stop(self.proc, self.tether)
 
 

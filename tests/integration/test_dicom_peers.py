@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from dicompeers import Orthanc, StoreScp, free_port
+from dicompeers import Orthanc, StoreScp, dicom_tls, free_port
 from pydicom.dataset import Dataset
 
 from iortd.audit import cli
@@ -207,6 +207,33 @@ def test_a_store_orthanc_filters_out_is_caught_by_commitment_only(
         timeout_s=20.0,
     )
     assert (c.outcome, c.committed, c.failed) == ("reported", (), ((uid, 0x0112),)), c
+
+
+def test_tls_both_ways_with_orthanc(base: Path, instances: list[Dataset]) -> None:
+    """Orthanc with DICOM TLS requiring client certificates: the instances go over TLS, and
+    its commitment report comes back over TLS to our listener (our certificate serves both
+    ways); plain DICOM to its TLS port gets no association."""
+    tls = dicom_tls(base / "tls")
+    listen = free_port()
+    o = Orthanc.start(
+        base / "orthanc-tls", modalities={"iortd": (CALLING, "127.0.0.1", listen)}, tls=tls
+    )
+    try:
+        dest = _dest(o, tls_ca=tls.ca, tls_cert=tls.our_cert, tls_key=tls.our_key)
+        assert [x.outcome for x in store(CALLING, dest, instances)] == ["stored", "stored"]
+        c = request_commitment(
+            CALLING,
+            dest,
+            [(str(ds.SOPClassUID), str(ds.SOPInstanceUID)) for ds in instances],
+            listen_host="127.0.0.1",
+            listen_port=listen,
+            timeout_s=20.0,
+        )
+        assert (c.outcome, len(c.committed)) == ("reported", 2), c
+        plain = store(CALLING, _dest(o, timeout_s=2.0), instances)
+        assert [x.outcome for x in plain] == ["unreachable", "unreachable"]
+    finally:
+        o.stop()
 
 
 def test_nobody_listening_is_unreachable(instances: list[Dataset]) -> None:

@@ -94,6 +94,13 @@ def test_client_certificate_and_key_come_together(tmp_path: Path) -> None:
     # TLS with commitment: the peer reports to our listener over TLS, which needs our cert
     with pytest.raises(DestinationError, match=r"\.tls_cert: needed with TLS and commitment"):
         parse_destinations(one(tls_ca="ca.pem", commitment=True), WHERE, base=tmp_path)
+    # ... and the CA that signs the peer's certificate: the system's CAs would let any
+    # holder of a public certificate report to the listener
+    (tmp_path / "me.key").write_text("x")
+    with pytest.raises(DestinationError, match=r"\.tls_ca: needed with TLS and commitment"):
+        parse_destinations(
+            one(tls_cert="me.pem", tls_key="me.key", commitment=True), WHERE, base=tmp_path
+        )
 
 
 def test_ae_titles_and_listen_addresses() -> None:

@@ -9,6 +9,7 @@ import hashlib
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -158,3 +159,72 @@ def test_a_signed_report_is_a_new_instance_naming_the_first_record(tmp_path: Pat
     lines = (p.stdout + p.stderr).splitlines()
     assert lines[0] == "EncapsulatedPDF", lines
     assert [x for x in lines if x.startswith(("Error", "Warning"))] == []
+
+
+def _amend(log: Any) -> None:
+    """The console ended the selection after the monitor closed it: a correction appended
+    to the delivery (auditlog: delivery_amended), so its last entry moves on."""
+    summary = dict(next(e for e in log.entries if e["type"] == "delivery_terminated")["data"])
+    summary = {**summary["summary"], "delivered_primary_gy": 1.01}
+    log.add("delivery_amended", {"reason": "0.0100 Gy more after closing", "summary": summary})
+
+
+def test_an_amendment_is_a_new_instance_in_the_same_study_naming_the_first() -> None:
+    log = interrupted_log()
+    first = read_instance(dicom_export(record(log)))
+    # an entry of the delivery after its end that changes nothing the record says (an
+    # alarm cleared once the delivery had ended): still the first record, byte for byte
+    log.add("alarm_cleared", {"alarm": "door_open", "at": "2026-11-26T10:02:00.000000Z"})
+    assert dicom_export(record(log)) == instance_bytes(first)
+    _amend(log)
+    amended = read_instance(dicom_export(record(log)))
+    assert amended.SOPInstanceUID != first.SOPInstanceUID
+    assert amended.StudyInstanceUID == first.StudyInstanceUID, "the hospital's same study"
+    assert amended.SeriesInstanceUID == first.SeriesInstanceUID
+    [ref] = amended.ReferencedTreatmentRecordSequence
+    assert ref.ReferencedSOPInstanceUID == first.SOPInstanceUID
+    assert amended.InstanceNumber == 2
+    # and signed after the amendment: another instance, still naming the first
+    log.entries.append(signed(len(log.entries)))
+    both = read_instance(dicom_export(record(log)))
+    assert both.SOPInstanceUID not in (first.SOPInstanceUID, amended.SOPInstanceUID)
+    assert both.ReferencedTreatmentRecordSequence[0].ReferencedSOPInstanceUID == (
+        first.SOPInstanceUID
+    )
+    assert both.InstanceNumber == 3
+    # the same log gives the same instance
+    assert read_instance(dicom_export(record(log))).SOPInstanceUID == both.SOPInstanceUID
+
+
+def test_a_log_with_an_archive_is_verified_across_both(tmp_path: Path) -> None:
+    """With retention the oldest segments are in the archive only, and the directory alone
+    does not verify: the hand-off verifies both places as one log (verify --archive)."""
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (seg,) = (FIXTURE / "log").glob("log-*.jsonl")
+    rec = handoff_instances(
+        FIXTURE / "log", DELIVERY, what=["record"], store_dir=None, keyring=None, archive=archive
+    )
+    assert rec[0].SOPClassUID == RTBeamsTreatmentRecordStorage
+    # an archived copy that differs from the segment: the union is not intact
+    (archive / seg.name).write_bytes(seg.read_bytes()[:-10] + b"x" * 10)
+    with pytest.raises(HandoffError, match="differs from its archived copy") as caught:
+        handoff_instances(
+            FIXTURE / "log",
+            DELIVERY,
+            what=["record"],
+            store_dir=None,
+            keyring=None,
+            archive=archive,
+        )
+    assert not caught.value.usage
+    with pytest.raises(HandoffError) as caught:
+        handoff_instances(
+            FIXTURE / "log",
+            DELIVERY,
+            what=["record"],
+            store_dir=None,
+            keyring=None,
+            archive=tmp_path / "nope",
+        )
+    assert caught.value.usage

@@ -58,6 +58,11 @@ def opts(**kw: Any) -> dict[str, Any]:
         (opts(alarm_after_s=0), "options.alarm_after_s", "seconds"),
         (opts(retry_initial_s=10, retry_max_s=5), "options.retry_max_s", "retry_initial_s"),
         (opts(protected_store=7), "options.protected_store", "path"),
+        (
+            opts(destinations=[{**DEST, "tls_ca": "ca.pem"}]),
+            "options.destinations[0].tls_ca",
+            "absolute path",
+        ),
     ],
 )
 def test_options_are_validated_naming_the_key(options: dict[str, Any], key: str, said: str) -> None:
@@ -79,7 +84,7 @@ def test_good_options_pass_and_name_their_paths() -> None:
         )
     )
     assert f.name == "dicom"
-    assert {"protected_store", "keyring", "pubkey"} <= f.path_options
+    assert {"protected_store", "keyring", "pubkey", "archive"} <= f.path_options
 
 
 class FakeWorker:
