@@ -145,6 +145,11 @@ class Outbox:
     def open(self, destinations: list[str]) -> None:
         """Create (or close) the directories; remove what a crash left half-written."""
         self.root.parent.mkdir(parents=True, exist_ok=True)
+        st = os.lstat(self.root.parent)  # LOG_DIR/sinks: a link would take the files elsewhere
+        if not stat.S_ISDIR(st.st_mode):
+            raise OutboxError(
+                f"{self.root.parent}: not a directory (a link or a file is in its place)"
+            )
         for d in (self.root, self.entries_dir, self.pending_dir):
             _private_dir(d)
         for name in destinations:

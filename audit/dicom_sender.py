@@ -508,7 +508,8 @@ class HandoffWorker:
             "what": None if e is None else e.what,
             "sop_instance_uid": None if e is None else e.sop_instance_uid,
             "outcome": outcome,
-            "status": status,
+            # a DIMSE status or a Failure Reason is 16 bits; anything else is not one
+            "status": status if isinstance(status, int) and 0 <= status <= 0xFFFF else None,
             "detail": _clean(detail),
             "attempt": attempt,
         }

@@ -402,6 +402,15 @@ async def test_a_link_in_place_of_the_outbox_is_refused(rig: Rig, tmp_path: Path
     assert not list(elsewhere.iterdir())
 
 
+async def test_a_link_in_place_of_the_sinks_folder_is_refused(rig: Rig, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "sinks").symlink_to(elsewhere)
+    with pytest.raises(OutboxError, match="not a directory"):
+        await rig.worker([Dest("ois")]).open()
+    assert not list(elsewhere.iterdir())
+
+
 async def test_what_a_crash_or_a_hand_left_is_tidied_at_open(rig: Rig) -> None:
     w = rig.worker([Dest("ois")])
     await w.open()
