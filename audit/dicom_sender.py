@@ -289,6 +289,7 @@ class HandoffWorker:
             return
         pending = await asyncio.to_thread(self._outbox.pending)
         self._pending_known = bool(pending)
+        failed = False
         for p in pending:
             if self._closing:
                 return
@@ -296,10 +297,14 @@ class HandoffWorker:
                 async with asyncio.timeout(BUILD_TIMEOUT_S):
                     built = await in_daemon_thread(self._builder, p.delivery_id, name="dicom-build")
             except Exception as exc:
+                failed = True
                 await self._build_failed(p, exc)
                 continue
             await self._enqueue(p, built)
-        self._build.reset()
+        if failed:  # the backoff grows while builds fail
+            self._build_due = self._mono() + self._build.next_delay()
+        else:
+            self._build.reset()
 
     async def _build_failed(self, p: Pending, exc: Exception) -> None:
         why = "took too long" if isinstance(exc, TimeoutError) else str(exc)
@@ -321,7 +326,6 @@ class HandoffWorker:
             )
         p2 = replace(p, failures=p.failures + 1, alarmed=alarmed)
         await asyncio.to_thread(self._outbox.update_pending, p2)
-        self._build_due = self._mono() + self._build.next_delay()
 
     async def _enqueue(self, p: Pending, built: Sequence[Built]) -> None:
         now = self._wall()

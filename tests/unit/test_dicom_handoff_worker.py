@@ -425,3 +425,30 @@ async def test_what_a_crash_or_a_hand_left_is_tidied_at_open(rig: Rig) -> None:
     assert mode(box) == 0o700
     names = sorted(f.name for f in box.iterdir())
     assert names == [f"{UID_R}.bad", f"{UID_R}.dcm"]  # set aside, never sent
+
+
+async def test_the_build_backoff_grows_while_builds_fail(rig: Rig) -> None:
+    now = [100.0]
+    settings = HandoffSettings(retry_initial_s=0.02, retry_max_s=10.0, alarm_after_s=3600.0)
+    w = HandoffWorker(
+        Outbox(rig.root),
+        [Dest("ois")],
+        rig.peer,
+        rig.build,
+        rig.record,
+        rig.notice,
+        settings,
+        mono=lambda: now[0],
+    )
+    await w.open()
+    await w.queue_delivery(DID, "termination")
+    rig.build_failures = 3
+    delays = []
+    for _ in range(3):
+        await w.build_pending()
+        due = w._build_due  # when the next build is due, by the fake clock
+        delays.append(due - now[0])
+        now[0] = due
+    assert delays[2] >= 0.04, delays  # steps 0.02, 0.04, 0.08 (each drawn in [step/2, step])
+    await w.build_pending()
+    assert rig.outcomes().count("queued") == 2  # built at the fourth try
