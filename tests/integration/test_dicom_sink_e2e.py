@@ -10,7 +10,9 @@ stopped by PID) receives; a simulated delivery at 300x speed ends in seconds.
    Orthanc throws away (a Lua filter: it still answers 0x0000) is caught by commitment
    (``commit_failed``, 0x0112) and retried; the delivery itself is undisturbed: ended
    NORMAL, every recorded sample on MQTT, the log verifies.
-2. The peer is down when the delivery ends (attempts recorded ``unreachable``), the daemon
+2. ``when = "signoff"``: the delivery ends and nothing is sent until a physicist's signed
+   ``approved`` sign-off (through the command inbox) is recorded; then the record goes.
+3. The peer is down when the delivery ends (attempts recorded ``unreachable``), the daemon
    is SIGKILLed with the instances in its outbox, the peer comes back, the daemon restarts:
    each instance is delivered, and Orthanc holds each SOP Instance UID exactly once; the
    instances were queued once (not rebuilt), the attempt numbers go on.
@@ -18,6 +20,7 @@ stopped by PID) receives; a simulated delivery at 300x speed ends in seconds.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -27,11 +30,15 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from daemonproc import Daemon, Site
 from dicompeers import START_BOUND_S, Orthanc, free_port
 from mqttobs import Observer, dedupe
 
+from iortd.auditlog.command import sign_command
+from iortd.auditlog.note import generate_keypair
+from iortd.auditlog.signoff import delivery_record
 from iortd.daemon.mqtt.broker import BrokerOptions, Mosquitto
 from iortd.kernel.reaper import Tether
 
@@ -63,11 +70,15 @@ def dest(name: str, o: Orthanc, **over: Any) -> dict[str, Any]:
     return {"name": name, "ae_title": o.aet, "host": "127.0.0.1", "port": o.dicom_port} | over
 
 
-def entries(log_dir: Path, kind: str) -> list[dict[str, Any]]:
+def all_entries(log_dir: Path) -> list[dict[str, Any]]:
     out = []
     for seg in sorted(log_dir.glob("log-*.jsonl")):
         out += [json.loads(line) for line in seg.read_text("utf-8").splitlines() if line]
-    return [e for e in out if e["type"] == kind]
+    return out
+
+
+def entries(log_dir: Path, kind: str) -> list[dict[str, Any]]:
+    return [e for e in all_entries(log_dir) if e["type"] == kind]
 
 
 def handoffs(log_dir: Path, destination: str) -> list[dict[str, Any]]:
@@ -308,3 +319,71 @@ async def test_peer_down_then_sigkill_then_back_each_instance_held_once(
     box = site.log_dir / "sinks" / "dicom" / "outbox" / "ois"
     assert not (box / f"{uid}.json").exists()
     assert not (box / f"{uid}.dcm").exists()
+
+
+async def test_with_when_signoff_nothing_goes_until_a_physicist_approves(
+    make_site: Callable[..., Site], orthancs: Callable[..., Orthanc], tmp_path: Path
+) -> None:
+    """``when = "signoff"``: the delivery ends and nothing is sent; a physicist's signed
+    ``approved`` sign-off (through the command inbox) is recorded, and then the record goes."""
+    ois = orthancs("ois", aet="OIS_SCP")
+    phys = generate_keypair("phys-anna")
+    ring = tmp_path / "keyring.toml"
+    ring.write_text(
+        f'[[key]]\nholder = "phys-anna"\nname = "A. Example, MPE"\nroles = ["physicist"]\n'
+        f'public_key = "{phys.verifier.text}"\nvalid_from = "2026-01-01T00:00:00Z"\n'
+        'valid_until = "2099-01-01T00:00:00Z"\n'
+    )
+    inbox = tmp_path / "inbox"
+    inbox.mkdir(mode=0o700)
+    site = make_site(speed=300, poll=0.02)
+    site.config.write_text(
+        site.config.read_text("utf-8")
+        + f'\n[commands]\nkeyring = "{ring}"\ninbox = "{inbox}"\ninbox_poll_s = 0.1\n'
+        + sink_tables([dest("ois", ois)], send=["record"], when="signoff")
+    )
+    daemon = await Daemon.follow(site)
+    try:
+        end = await daemon.seen(said("delivery_terminated"), "the delivery's end")
+        did = end["delivery_id"]
+        record = None
+        async with asyncio.timeout(30):
+            # The signed checkpoint after the end covers it (one is signed at every end):
+            # a bounded poll of the log, which another process writes.
+            while record is None:
+                rng = delivery_record(all_entries(site.log_dir), did)
+                record = None if rng is None else rng.record()
+                if record is None:
+                    await asyncio.sleep(0.1)
+        assert not entries(site.log_dir, "dicom_handoff")  # ended, not signed: nothing sent
+        body = {
+            "delivery_id": did,
+            "meaning": "approved",
+            "name": "A. Example, MPE",
+            "utc_offset_min": 0,
+            "record": record,
+        }
+        env = sign_command(
+            "signoff",
+            body,
+            signer=phys,
+            holder="phys-anna",
+            site="test-site",
+            room="or-7",
+            ttl_s=300,
+        )
+        (inbox / ".signoff.json").write_bytes(orjson.dumps(env))
+        (inbox / ".signoff.json").rename(inbox / "signoff.json")
+        await daemon.seen(said("delivery_signed"), "the sign-off recorded")
+        stored = await daemon.seen(
+            said("dicom_handoff", outcome="stored", delivery=did), "the record sent", within_s=60
+        )
+        assert await daemon.stop() == 0
+    finally:
+        await daemon.ensure_dead()
+    assert ois.instance_id(stored["sop_instance_uid"]) is not None
+    [signed_entry] = entries(site.log_dir, "delivery_signed")
+    [queued] = [h for h in handoffs(site.log_dir, "ois") if h["outcome"] == "queued"]
+    assert queued["delivery_id"] == did
+    seqs = {e["type"]: e["seq"] for e in all_entries(site.log_dir)}
+    assert seqs["delivery_signed"] == signed_entry["seq"] < seqs["dicom_handoff"]
