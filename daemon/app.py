@@ -10,9 +10,9 @@ fails half-way, a crash of any task):
 2. the **sinks** (:func:`_open_sinks`: the operational log, the caller's own, the alarm
    ledger's (daemon/alarm_acks.py: rebuilt from the log before any sink runs, it feeds the
    MQTT sink's retained ``alarms`` topic and judges ``ack`` commands), the ``[[sinks]]``
-   plug-ins and the MQTT sink with its outbox when the config enables it),
-   each behind its own bounded queue, closed all at once, each within
-   ``SHUTDOWN_TIMEOUT_S``;
+   plug-ins and the MQTT sink with its outbox when the config enables it), each behind
+   its own bounded queue, lent ``record`` (daemon/sink_records.py: closed before
+   ``daemon_stop``), closed all at once, each within ``SHUTDOWN_TIMEOUT_S``;
 
 then builds the :class:`~iortd.daemon.service.Service` (tracker, record, dispatcher), the
 daemon's :class:`~iortd.daemon.health.Health` and metrics registry (daemon/metrics.py; its
