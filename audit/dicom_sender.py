@@ -204,8 +204,9 @@ class HandoffWorker:
         log.info("dicom_handoff_pending", delivery=delivery_id, trigger=trigger)
 
     def wake(self) -> None:
-        """Look now (a checkpoint: what is pending can be built)."""
-        self._build_due = 0.0
+        """Look now (a checkpoint: what is pending can be built). What failed to build
+        waits for its backoff still: a log that does not verify is not verified again at
+        every checkpoint."""
         self._wake.set()
 
     async def aclose(self) -> None:
@@ -284,13 +285,15 @@ class HandoffWorker:
     # ---- 1. build ----------------------------------------------------------------------
 
     async def build_pending(self) -> None:
-        """Turn pending deliveries into outbox entries (when their time has come)."""
-        if self._mono() < self._build_due:
-            return
+        """Turn pending deliveries into outbox entries: the new ones at once, those that
+        failed before once the build backoff has passed."""
+        retry = self._mono() >= self._build_due
         pending = await asyncio.to_thread(self._outbox.pending)
         self._pending_known = bool(pending)
         failed = False
         for p in pending:
+            if p.failures and not retry:
+                continue
             if self._closing:
                 return
             try:
@@ -303,7 +306,7 @@ class HandoffWorker:
             await self._enqueue(p, built)
         if failed:  # the backoff grows while builds fail
             self._build_due = self._mono() + self._build.next_delay()
-        else:
+        elif retry:
             self._build.reset()
 
     async def _build_failed(self, p: Pending, exc: Exception) -> None:

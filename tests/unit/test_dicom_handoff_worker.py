@@ -452,3 +452,40 @@ async def test_the_build_backoff_grows_while_builds_fail(rig: Rig) -> None:
     assert delays[2] >= 0.04, delays  # steps 0.02, 0.04, 0.08 (each drawn in [step/2, step])
     await w.build_pending()
     assert rig.outcomes().count("queued") == 2  # built at the fourth try
+
+
+async def test_a_checkpoint_builds_a_new_delivery_but_not_one_that_failed_before_its_time(
+    rig: Rig,
+) -> None:
+    now = [100.0]
+    tried: list[str] = []
+
+    def build(delivery_id: str) -> list[Built]:
+        tried.append(delivery_id)
+        if delivery_id == "bad":
+            raise RuntimeError("the log is not intact")
+        return instances(delivery_id)
+
+    settings = HandoffSettings(retry_initial_s=30.0, retry_max_s=300.0, alarm_after_s=3600.0)
+    w = HandoffWorker(
+        Outbox(rig.root),
+        [Dest("ois")],
+        rig.peer,
+        build,
+        rig.record,
+        rig.notice,
+        settings,
+        mono=lambda: now[0],
+    )
+    await w.open()
+    await w.queue_delivery("bad", "termination")
+    await w.build_pending()
+    assert tried == ["bad"]
+    now[0] += 1.0  # a checkpoint a second later, with a new delivery ended
+    await w.queue_delivery("good", "termination")
+    w.wake()
+    await w.build_pending()
+    assert tried == ["bad", "good"]  # the failed one waits for its backoff (>= 15 s)
+    now[0] += 300.0
+    await w.build_pending()
+    assert tried == ["bad", "good", "bad"]
