@@ -79,6 +79,7 @@ OPTIONS: Final = frozenset(
         "alarm_after_s",
         "retry_initial_s",
         "retry_max_s",
+        "allow_simulated",
     }
 )
 WHAT: Final = ("record", "report")
@@ -111,6 +112,9 @@ class Settings:
         if most < initial:
             raise SinkOptionError("options.retry_max_s", "must be at least retry_initial_s")
         self.handoff = HandoffSettings(initial, most, self.alarm_after_s)
+        self.allow_simulated = options.get("allow_simulated", False)
+        if not isinstance(self.allow_simulated, bool):
+            raise SinkOptionError("options.allow_simulated", "must be true or false")
 
 
 def settings_of(options: Mapping[str, Any]) -> Settings:
@@ -387,6 +391,14 @@ class DicomSink(Sink):
             raise SinkConfigError(
                 "the dicom sink needs a daemon that lets sinks record (SinkContext.record): "
                 "every hand-off attempt goes on the record"
+            )
+        if ctx.simulated and not self._s.allow_simulated:
+            # Nothing in the instances says "simulated": a simulator's delivery would be
+            # filed as a patient's treatment record.
+            raise SinkConfigError(
+                "a device of this config is a simulator: its deliveries would reach the "
+                "destinations as treatment records; set allow_simulated = true only where "
+                "every destination is a test system"
             )
         if (missing := _missing_extra()) is not None:
             raise SinkConfigError(

@@ -58,7 +58,13 @@ def sink_tables(dests: list[dict[str, Any]], **options: Any) -> str:
         return json.dumps(v)  # TOML's basic strings, numbers, booleans and arrays read alike
 
     lines = ["", "[[sinks]]", 'type = "dicom"', "[sinks.options]"]
-    opts = {"calling_ae": CALLING, "retry_initial_s": 0.2, "retry_max_s": 1.0, **options}
+    opts = {
+        "calling_ae": CALLING,
+        "retry_initial_s": 0.2,
+        "retry_max_s": 1.0,
+        "allow_simulated": True,  # the simulator's deliveries, to the tests' own Orthancs
+        **options,
+    }
     lines += [f"{k} = {value(v)}" for k, v in opts.items()]
     for d in dests:
         lines.append("[[sinks.options.destinations]]")

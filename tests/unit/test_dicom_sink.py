@@ -210,3 +210,32 @@ async def test_a_crash_between_the_record_and_the_outbox_is_caught_up_at_start(
         ("d1", "amended"),
     ]
     assert missed_triggers(tmp_path, start, "signoff") == [("d2", "signed:approved")]
+
+
+async def test_a_simulator_s_deliveries_go_only_where_the_site_says_it_is_a_test(
+    tmp_path: Path,
+) -> None:
+    """A simulated delivery would reach the OIS as a treatment record: with a simulator in
+    the config the sink refuses to start unless ``allow_simulated = true``."""
+
+    async def record(kind: str, data: Mapping[str, Any]) -> bool:
+        return True
+
+    def context(simulated: bool) -> SinkContext:
+        return SinkContext(
+            site="s",
+            room="r",
+            simulated=simulated,
+            state_dir=tmp_path / "sinks" / "dicom",
+            log_directory=tmp_path,
+            record=record,
+            notice=lambda s, m: None,
+        )
+
+    f = DicomSinkFactory()
+    with pytest.raises(SinkConfigError, match="allow_simulated"):
+        await f.create(SinkSpec("dicom", "dicom", opts()), context(True)).start()
+    await f.create(SinkSpec("dicom", "dicom", opts(allow_simulated=True)), context(True)).start()
+    await f.create(SinkSpec("dicom", "dicom", opts()), context(False)).start()
+    with pytest.raises(SinkOptionError, match="true or false"):
+        f.validate(opts(allow_simulated="yes"))
