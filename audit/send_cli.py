@@ -44,6 +44,7 @@ import argparse
 import sys
 import tomllib
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -108,29 +109,18 @@ def add_parser(sub: Any) -> None:
     )
 
 
+@dataclass(frozen=True, slots=True)
 class SendPlan:
     """What the config says about one destination of a dicom sink."""
 
-    def __init__(
-        self,
-        *,
-        log_dir: Path,
-        archive: Path | None,
-        calling_ae: str,
-        dest: Destination,
-        what: tuple[str, ...],
-        signoff_only: bool,
-        store_dir: Path | None,
-        listen: tuple[str, int] | None,
-    ) -> None:
-        self.log_dir = log_dir
-        self.archive = archive
-        self.calling_ae = calling_ae
-        self.dest = dest
-        self.what = what
-        self.signoff_only = signoff_only
-        self.store_dir = store_dir
-        self.listen = listen
+    log_dir: Path
+    archive: Path | None
+    calling_ae: str
+    dest: Destination
+    what: tuple[str, ...]
+    signoff_only: bool
+    store_dir: Path | None
+    listen: tuple[str, int] | None
 
 
 def _table(value: Any, where: str) -> Mapping[str, Any]:

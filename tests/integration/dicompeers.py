@@ -8,6 +8,10 @@ Orthanc 1.10 (Debian ``orthanc``): ``Orthanc CONFIG.json``; its REST API on an H
 ``DicomModalities`` for Storage Commitment: Orthanc sends its N-EVENT-REPORT to that AE's
 host and port on a new association. storescp (Debian ``dcmtk``): ``storescp -aet AET -od
 DIR PORT`` writes each instance it receives as ``<modality prefix>.<SOP Instance UID>``.
+
+Neither can be bound to loopback alone (Orthanc 1.10 and storescp 3.6.7 have no option for
+it): they listen on every interface for the seconds a test runs, on a random free port.
+Orthanc is told to take stores only from the modalities the test lists, from their host.
 """
 
 from __future__ import annotations
@@ -148,6 +152,12 @@ class Orthanc:
             "DicomPort": dicom_port,
             "DicomAet": aet,
             "DicomCheckCalledAet": True,
+            # Orthanc 1.10 has no bind address: its DICOM port listens on every interface
+            # while a test runs. Only the modalities listed, from their own host, may
+            # store or echo (and its REST API answers loopback only, RemoteAccessAllowed).
+            "DicomAlwaysAllowStore": False,
+            "DicomAlwaysAllowEcho": False,
+            "DicomCheckModalityHost": True,
             # the object form: with TLS, Orthanc opens its own associations to a modality
             # (its commitment reports) over TLS only when the entry says UseDicomTls
             "DicomModalities": {

@@ -70,10 +70,11 @@ class Peer:
         *,
         classes: tuple[str, ...] = (RTBeamsTreatmentRecordStorage, EncapsulatedPDFStorage),
         ssl_context: ssl.SSLContext | None = None,
+        syntaxes: tuple[str, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian),
     ) -> None:
         self.ae = AE(ae_title=PEER)
         for c in classes:
-            self.ae.add_supported_context(c, SYNTAXES)
+            self.ae.add_supported_context(c, list(syntaxes))
         self.port = free_port()
         server = self.ae.start_server(
             ("127.0.0.1", self.port), block=False, evt_handlers=handlers, ssl_context=ssl_context
@@ -166,6 +167,27 @@ def test_a_class_the_peer_does_not_accept_is_failed_and_the_others_go(
     (o,) = store(CALLING, only_pdf.dest(), instances[:1])
     assert o.outcome == "failed"
     assert "accepted none of the presentation contexts" in o.detail
+
+
+def test_a_peer_that_takes_only_implicit_vr_gets_the_same_dataset(
+    peers: list[Peer], instances: list[Dataset]
+) -> None:
+    """The instances are Explicit VR Little Endian; a peer that accepts only the DICOM
+    default (Implicit VR Little Endian) gets them re-encoded, the same datasets."""
+    got: list[tuple[str, Dataset]] = []
+
+    def keep(event: Any) -> int:
+        got.append((str(event.context.transfer_syntax), event.dataset))
+        return 0x0000
+
+    peer = Peer([(evt.EVT_C_STORE, keep)], syntaxes=(ImplicitVRLittleEndian,))
+    peers.append(peer)
+    assert [o.outcome for o in store(CALLING, peer.dest(), instances)] == ["stored", "stored"]
+    assert [ts for ts, _ in got] == [ImplicitVRLittleEndian] * 2
+    for (_, received), sent in zip(got, instances, strict=True):
+        plain = Dataset(sent)
+        plain.file_meta = None  # type: ignore[assignment]
+        assert received == plain
 
 
 def _server_tls(tls: TlsFiles) -> ssl.SSLContext:
