@@ -72,6 +72,13 @@ def sink_tables(dests: list[dict[str, Any]], **options: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
+def us(listen: int = 0) -> dict[str, tuple[str, str, int]]:
+    """The test Orthanc's modalities: this room's AE title from loopback (it takes stores
+    only from those it lists: tests/integration/dicompeers.py); ``listen``: our
+    commitment listener's port, where Orthanc sends its reports."""
+    return {"iortd": (CALLING, "127.0.0.1", listen or free_port())}
+
+
 def dest(name: str, o: Orthanc, **over: Any) -> dict[str, Any]:
     return {"name": name, "ae_title": o.aet, "host": "127.0.0.1", "port": o.dicom_port} | over
 
@@ -182,7 +189,7 @@ async def test_handed_off_at_termination_committed_and_every_outcome_recorded(
     orthancs: Callable[..., Orthanc],
 ) -> None:
     listen = free_port()
-    modalities = {"iortd": (CALLING, "127.0.0.1", listen)}
+    modalities = us(listen)
     ois = orthancs("ois", aet="OIS_SCP", modalities=modalities)
     dropper = orthancs("dropper", aet="DROP_SCP", modalities=modalities, lua=DROP_ALL)
     # idle_sample_s = 0: every reading recorded, so the stream can be counted against the log
@@ -269,7 +276,7 @@ async def test_handed_off_at_termination_committed_and_every_outcome_recorded(
 async def test_peer_down_then_sigkill_then_back_each_instance_held_once(
     make_site: Callable[..., Site], orthancs: Callable[..., Orthanc]
 ) -> None:
-    ois = orthancs("ois", aet="OIS_SCP")
+    ois = orthancs("ois", aet="OIS_SCP", modalities=us())
     kill(ois)  # down (crashed) when the delivery ends
     site = make_site(speed=300, poll=0.02)
     site.config.write_text(
@@ -332,7 +339,7 @@ async def test_with_when_signoff_nothing_goes_until_a_physicist_approves(
 ) -> None:
     """``when = "signoff"``: the delivery ends and nothing is sent; a physicist's signed
     ``approved`` sign-off (through the command inbox) is recorded, and then the record goes."""
-    ois = orthancs("ois", aet="OIS_SCP")
+    ois = orthancs("ois", aet="OIS_SCP", modalities=us())
     phys = generate_keypair("phys-anna")
     ring = tmp_path / "keyring.toml"
     ring.write_text(
