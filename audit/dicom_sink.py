@@ -101,10 +101,10 @@ class Settings:
         self.when = options.get("when", "termination")
         if self.when not in WHEN:
             raise SinkOptionError("options.when", f"{self.when!r}: one of {', '.join(WHEN)}")
-        self.protected_store = _path(options, "protected_store")
-        self.keyring = _path(options, "keyring")
-        self.pubkey = _path(options, "pubkey")
-        self.archive = _path(options, "archive")
+        self.protected_store = _path(options, "protected_store", folder=True)
+        self.keyring = _path(options, "keyring", folder=False)
+        self.pubkey = _path(options, "pubkey", folder=False)
+        self.archive = _path(options, "archive", folder=True)
         self.listen = _listen(options, self.destinations)
         self.alarm_after_s = _seconds(options, "alarm_after_s", 3600.0, MAX_ALARM_S)
         initial = _seconds(options, "retry_initial_s", 5.0, 3600.0)
@@ -177,13 +177,18 @@ def _send(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _path(options: Mapping[str, Any], key: str) -> Path | None:
+def _path(options: Mapping[str, Any], key: str, *, folder: bool) -> Path | None:
+    """A path option, checked to name an existing folder or file (read-only: a stat)."""
     v = options.get(key)
     if v is None:
         return None
     if not isinstance(v, str) or not v or "\0" in v:
         raise SinkOptionError(f"options.{key}", "must be a path (a non-empty string)")
-    return Path(v)
+    path = Path(v)
+    if not (path.is_dir() if folder else path.is_file()):
+        kind = "folder" if folder else "file"
+        raise SinkOptionError(f"options.{key}", f"{path} is not a {kind} (give its path)")
+    return path
 
 
 def _listen(options: Mapping[str, Any], dests: Sequence[Destination]) -> tuple[str, int] | None:

@@ -58,6 +58,8 @@ def opts(**kw: Any) -> dict[str, Any]:
         (opts(alarm_after_s=0), "options.alarm_after_s", "seconds"),
         (opts(retry_initial_s=10, retry_max_s=5), "options.retry_max_s", "retry_initial_s"),
         (opts(protected_store=7), "options.protected_store", "path"),
+        (opts(protected_store="/nonexistent/store"), "options.protected_store", "not a folder"),
+        (opts(keyring="/nonexistent/keyring.toml"), "options.keyring", "not a file"),
         (
             opts(destinations=[{**DEST, "tls_ca": "ca.pem"}]),
             "options.destinations[0].tls_ca",
