@@ -1,7 +1,9 @@
 """The ``dicom`` sink in a real `iortd run` against real DICOM peers (issue 23, items 2, 3, 5).
 
-Orthanc 1.10 (tests/integration/dicompeers.py: started on free loopback ports, tethered,
-stopped by PID) receives; a simulated delivery at 300x speed ends in seconds.
+Orthanc 1.10 (tests/integration/dicompeers.py: started on free ports, taking stores only
+from this room's AE title on loopback, tethered, stopped by PID: SIGKILL here, nothing of it
+is kept) receives; a simulated delivery at 300x speed ends in seconds (the sink says
+``allow_simulated = true``: these are test destinations).
 
 1. At termination the RT Beams Treatment Record and the Encapsulated PDF go to Orthanc,
    Storage Commitment says committed, and every step is in the audit log
