@@ -489,3 +489,32 @@ async def test_a_checkpoint_builds_a_new_delivery_but_not_one_that_failed_before
     now[0] += 300.0
     await w.build_pending()
     assert tried == ["bad", "good", "bad"]
+
+
+async def test_a_delivery_never_built_raises_the_overdue_alarm_once(rig: Rig) -> None:
+    wall, mono = [1_000_000.0], [100.0]
+    settings = HandoffSettings(retry_initial_s=1.0, retry_max_s=60.0, alarm_after_s=3600.0)
+    w = HandoffWorker(
+        Outbox(rig.root),
+        [Dest("ois")],
+        rig.peer,
+        rig.build,
+        rig.record,
+        rig.notice,
+        settings,
+        wall=lambda: wall[0],
+        mono=lambda: mono[0],
+    )
+    await w.open()
+    await w.queue_delivery(DID, "termination")
+    rig.build_failures = 100  # the log does not verify, for good
+    for _ in range(4):
+        await w.build_pending()
+        wall[0] += 1800.0  # half an hour between tries
+        mono[0] += 1800.0
+    outcomes = rig.outcomes()
+    assert outcomes.count("build_failed") == 1
+    assert outcomes.count("overdue") == 1
+    [alarm] = [m for s, m in rig.notices if s == "critical"]
+    assert DID in alarm
+    assert "could not be built" in alarm
