@@ -487,7 +487,7 @@ async def _open_sinks(
             log_directory=c.log.directory,
             origin=origin,
             verifier=None if signer is None else signer.verifier,
-            record=None if recorder is None else recorder.record,
+            record=None if recorder is None else recorder.for_sink,
             notice=notice,
         )
     except SinkConfigError as exc:

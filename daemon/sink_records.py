@@ -5,8 +5,9 @@ hospital) must leave each action's outcome in the audit log, the place an audito
 until now only the daemon itself appended. The door is as narrow as it can be:
 
 * one entry at a time, of a type listed in :data:`iortd.daemon.sinks.SINK_ENTRY_TYPES`
-  (the project names its record's vocabulary; a plug-in cannot invent types, nor write
-  ``delivery_terminated`` or ``checkpoint``);
+  for the calling sink's type (the project names its record's vocabulary; a plug-in cannot
+  invent types, write ``delivery_terminated`` or ``checkpoint``, nor another plug-in's
+  entries: each sink gets :meth:`SinkRecorder.for_sink` of its own type);
 * the data is a JSON object of at most :data:`MAX_DATA_BYTES` (canonical JSON), appended
   without a top-level ``delivery_id`` (a sink's entry never extends a delivery's range:
   the delivery it concerns is a field of its data, as for ``delivery_signed``);
@@ -30,7 +31,7 @@ import structlog
 from iortd.auditlog.canonical import CanonicalError, canonical
 from iortd.auditlog.writer import AuditLog, AuditLogClosed
 from iortd.daemon.sink_queue import QueuedSink
-from iortd.daemon.sinks import SINK_ENTRY_TYPES
+from iortd.daemon.sinks import SINK_ENTRY_TYPES, Recorder
 
 __all__ = ["COMMIT_WAIT_S", "MAX_DATA_BYTES", "SinkRecorder"]
 
@@ -56,6 +57,23 @@ class SinkRecorder:
     def close(self) -> None:
         """Nothing more is recorded (called before ``daemon_stop`` is written)."""
         self._closed = True
+
+    def for_sink(self, sink_type: str) -> Recorder:
+        """``SinkContext.record`` for a sink of type ``sink_type``: only the entry types
+        :data:`SINK_ENTRY_TYPES` gives to that type."""
+
+        async def record(kind: str, data: Mapping[str, Any]) -> bool:
+            if SINK_ENTRY_TYPES.get(kind) != sink_type:
+                log.error(
+                    "sink_entry_refused",
+                    type=kind,
+                    sink_type=sink_type,
+                    reason="not an entry type of this sink type",
+                )
+                return False
+            return await self.record(kind, data)
+
+        return record
 
     async def record(self, kind: str, data: Mapping[str, Any]) -> bool:
         """Append ``kind`` with ``data``, wait (bounded) until it is on disk, then show it

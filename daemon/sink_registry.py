@@ -112,14 +112,14 @@ async def open_sinks(
     log_directory: Path,
     origin: str,
     verifier: Verifier | None,
-    record: Recorder | None = None,
+    record: Callable[[str], Recorder] | None = None,
     notice: Callable[[str, str], None] | None = None,
 ) -> list[QueuedSink]:
     """Build and start the configured sinks, each behind its own queue: the ``[[sinks]]``
     tables in file order, then the MQTT sink (``mqtt``: the ``[mqtt]`` table's options,
-    None when it is off), through the same registry. ``record`` and ``notice`` are lent
-    to each (``SinkContext``). Raises SinkConfigError naming the table, after closing
-    those already started, when a factory or a start fails."""
+    None when it is off), through the same registry. ``record`` (given a sink's type, its
+    ``SinkContext.record``) and ``notice`` are lent to each. Raises SinkConfigError naming
+    the table, after closing those already started, when a factory or a start fails."""
     todo: list[tuple[str | None, str, str, Mapping[str, Any], SinkTable | None]] = [
         (f"sinks[{i}]", t.name or t.type, t.type, t.options, t) for i, t in enumerate(tables)
     ]
@@ -142,7 +142,7 @@ async def open_sinks(
                         origin=origin,
                         verifier=verifier,
                         log_directory=log_directory,
-                        record=record,
+                        record=None if record is None else record(kind),
                         notice=notice,
                     ),
                 )

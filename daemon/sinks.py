@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
 import structlog
@@ -97,9 +98,10 @@ Overflow = Literal["drop_oldest", "block"]
 OVERFLOW_POLICIES: tuple[Overflow, ...] = ("drop_oldest", "block")
 
 # The entry types a sink may append through ``SinkContext.record`` (docs/audit-log.md
-# lists each one's fields). A type is added here, never chosen by a plug-in: the record's
-# vocabulary stays the project's.
-SINK_ENTRY_TYPES: frozenset[str] = frozenset({"dicom_handoff"})
+# lists each one's fields), each with the one sink type (``[[sinks]] type``) that may write
+# it. A type is added here, never chosen by a plug-in: the record's vocabulary stays the
+# project's, and one plug-in cannot write another's entries.
+SINK_ENTRY_TYPES: Mapping[str, str] = MappingProxyType({"dicom_handoff": "dicom"})
 # A ``dicom_handoff`` entry's ``outcome`` and ``what`` (docs/audit-log.md; the events
 # schema lists the same words).
 HANDOFF_OUTCOMES: tuple[str, ...] = (
@@ -255,7 +257,8 @@ class SinkContext:
     (as in its checkpoints); ``verifier``: the public key its checkpoints are signed with
     (None when they are not signed), for a sink that keeps checkpoints off the host.
     ``log_directory``: the audit log's directory, to READ the record from (never to
-    write). ``record``: appends one entry of a type in :data:`SINK_ENTRY_TYPES` (log
+    write). ``record``: appends one entry of a type :data:`SINK_ENTRY_TYPES` gives to this
+    sink's type (log
     first, then every sink's :meth:`Sink.report`); None where nothing may be recorded
     (a test's context). ``notice``: out-of-band news to every sink (``"critical"`` or
     ``"info"``), as :meth:`Sink.notice` hears it: for an alarm that cannot wait."""

@@ -135,3 +135,14 @@ async def test_a_recorded_sign_off_reaches_each_sinks_signed(tmp_path: Path) -> 
     finally:
         await room.audit.close()
         await room.task
+
+
+async def test_an_entry_type_is_written_only_by_the_sink_type_that_owns_it(
+    log: AuditLog, tmp_path: Path
+) -> None:
+    rec = SinkRecorder(log)
+    data = {"delivery_id": D1, "destination": "ois", "outcome": "stored"}
+    assert not await rec.for_sink("pg-deliveries")("dicom_handoff", data)  # not its type
+    assert await rec.for_sink("dicom")("dicom_handoff", data)
+    await log.append("marker", {}, durable=True).committed
+    assert len(entries(tmp_path, "dicom_handoff")) == 1
