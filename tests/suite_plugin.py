@@ -75,6 +75,7 @@ FIRST: tuple[str, ...] = (
     "integration/test_verification_e2e.py",
     "unit/test_modbus_apl_fuzz.py",
     "integration/test_audit_tamper.py",
+    "integration/test_dicom_sink_e2e.py",  # ~28 s unloaded: three daemons, four Orthancs
     "integration/test_check_config_cli.py",
     "integration/test_mqtt_stream.py",
     "integration/test_audit_forger.py",

@@ -41,6 +41,7 @@ __all__ = [
     "EVENTS_TOPIC_KINDS",
     "EVENT_KINDS",
     "NOTICE_KIND",
+    "REPORT_FIELDS",
     "SCHEMA",
     "TOPICS",
     "Envelope",
@@ -53,6 +54,7 @@ __all__ = [
     "event_payloads",
     "interlocks_payload",
     "notice_payload",
+    "report_payload",
     "status_payload",
     "telemetry_payload",
     "topic",
@@ -68,7 +70,20 @@ EVENT_KINDS: tuple[str, ...] = EVENT_TYPES
 # wait for the record (the audit log itself failing): not in the log, by their nature.
 NOTICE_KIND = "daemon_notice"
 NOTICE_SEVERITIES = ("critical", "info")
-EVENTS_TOPIC_KINDS: tuple[str, ...] = (*EVENT_KINDS, NOTICE_KIND)
+# What ``events`` shows of a sink's entry (daemon/sink_records.py), by kind: these fields of
+# the entry's data, as recorded (docs/schemas/v1/events.schema.json). Never patient data.
+REPORT_FIELDS: dict[str, tuple[str, ...]] = {
+    "dicom_handoff": (
+        "destination",
+        "what",
+        "sop_instance_uid",
+        "outcome",
+        "status",
+        "detail",
+        "attempt",
+    ),
+}
+EVENTS_TOPIC_KINDS: tuple[str, ...] = (*EVENT_KINDS, NOTICE_KIND, *REPORT_FIELDS)
 
 Payload = dict[str, Any]
 
@@ -441,6 +456,22 @@ def notice_payload(
     if command is not None:
         out["command"] = dict(command)
     return out
+
+
+def report_payload(env: Envelope, kind: str, data: Mapping[str, Any]) -> Payload | None:
+    """``events``, a sink's recorded entry (``kind`` from REPORT_FIELDS): the delivery it
+    concerns and the listed fields (absent ones null); None for a kind not listed."""
+    fields = REPORT_FIELDS.get(kind)
+    if fields is None:
+        return None
+    did = data.get("delivery_id")
+    return {
+        **env.fields(),
+        "kind": kind,
+        "delivery_id": did if isinstance(did, str) else None,
+        "at": env.ts,
+        **{f: data.get(f) for f in fields},
+    }
 
 
 def checkpoint_payload(env: Envelope, note: str, cosignatures: Sequence[str] = ()) -> Payload:

@@ -67,6 +67,7 @@ from iortd.daemon.mqtt.payloads import (
     applicator_payload,
     event_payloads,
     notice_payload,
+    report_payload,
     status_payload,
     telemetry_payload,
     topic,
@@ -271,6 +272,14 @@ class MqttSink(Sink):
         )
         self.outbox.add("events", payload)
         self._wake.set()
+
+    async def report(self, kind: str, data: Mapping[str, Any]) -> None:
+        """A sink's recorded entry (daemon/sink_records.py), e.g. a DICOM hand-off attempt:
+        on ``events``, journaled and replayed like the tracker's events."""
+        payload = report_payload(self._env("events"), kind, data)
+        if payload is not None:
+            self.outbox.add("events", payload)
+            self._wake.set()
 
     # ---- the connection -----------------------------------------------------------------
 

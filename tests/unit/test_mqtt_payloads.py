@@ -37,6 +37,7 @@ from iortd.daemon.mqtt.payloads import (
     EVENTS_TOPIC_KINDS,
     NOTICE_KIND,
     NOTICE_SEVERITIES,
+    REPORT_FIELDS,
     SCHEMA,
     TOPICS,
     Envelope,
@@ -51,7 +52,7 @@ from iortd.daemon.mqtt.payloads import (
     telemetry_payload,
     topic,
 )
-from iortd.daemon.sinks import ApplicatorSample, Sample
+from iortd.daemon.sinks import HANDOFF_OUTCOMES, HANDOFF_WHAT, ApplicatorSample, Sample
 from iortd.daemon.tracker import (
     Alarm,
     AlarmCleared,
@@ -886,7 +887,8 @@ def test_event_kinds_equal_the_tracker_events_and_the_notice() -> None:
     assert set(schema["properties"]["kind"]["enum"]) == set(EVENTS_TOPIC_KINDS)
     branch_kinds = [b["properties"]["kind"]["const"] for b in schema["oneOf"]]
     assert sorted(branch_kinds) == sorted(EVENTS_TOPIC_KINDS)
-    assert set(EVENTS_TOPIC_KINDS) - set(EVENT_KINDS) == {NOTICE_KIND}
+    # and the entries sinks record (daemon/sink_records.py), e.g. dicom_handoff
+    assert set(EVENTS_TOPIC_KINDS) - set(EVENT_KINDS) == {NOTICE_KIND, *REPORT_FIELDS}
     # one kind per tracker event class, and the builder maps every class
     assert len(typing.get_args(TrackerEvent)) == len(EVENT_KINDS)
     assert {type(ev) for ev in every_event()} == set(typing.get_args(TrackerEvent))
@@ -912,7 +914,7 @@ def test_every_enum_in_the_schemas_is_a_python_enum() -> None:
         )
     ]
     known += [set(EVENTS_TOPIC_KINDS), {"nan", "inf", "-inf"}, set(NOTICE_SEVERITIES)]
-    known += [set(OUTCOMES)]
+    known += [set(OUTCOMES), set(HANDOFF_OUTCOMES), set(HANDOFF_WHAT)]
     for stem, schema in SCHEMAS.items():
         for listed in enums(schema):
             assert set(listed) in known, (stem, listed)
