@@ -191,6 +191,7 @@ async def test_restart_after_close_is_next_session_and_seq_continues_for_every_t
         "delivery": 4,
         "audit/checkpoint": 1,
         "alarms": 2,
+        "skip": 1,
     }
     assert set(counts) == set(TOPICS)
     ob = await harness.open()
