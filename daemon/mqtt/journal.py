@@ -19,6 +19,9 @@ from iortd.daemon.mqtt.payloads import SEQ_MAX, TOPICS, Payload
 from iortd.kernel.durable import write_atomic
 
 __all__ = [
+    "JOURNAL_FIRST",
+    "RESERVE_BLOCK",
+    "SAMPLE_TOPICS",
     "OutboxError",
     "Record",
     "Recovered",
@@ -29,6 +32,16 @@ __all__ = [
     "save_state",
 ]
 
+# Published from memory, within a durable block of seqs (outbox.py): after a crash, what
+# the journal does not hold of the block is declared skipped.
+SAMPLE_TOPICS = ("telemetry", "applicator")
+# Published only once journaled (fsync'd): events (log-first, then journal-first: a crash
+# never loses one a subscriber could have missed) and the skips that declare a hole.
+# Everything else goes out from memory within its topic's durable block of seqs.
+JOURNAL_FIRST = ("events", "skip")
+# Seqs reserved per topic and block (one state save each), asked for when less than half
+# is left: 10 s of 100 Hz telemetry, 100 s at 10 Hz. A crash skips the rest of a block.
+RESERVE_BLOCK = 1000
 STATE_FILE = "state.json"
 PREV_STATE_FILE = "state.copy.json"
 SEGMENT_RE = re.compile(r"^outbox-(\d{16})\.jsonl$")
@@ -92,6 +105,8 @@ class Recovered:
     segments: list[Segment] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     quarantined: bool = False
+    # The previous run's unvouched seqs: (topic, its session, first, last), inclusive.
+    skips: list[tuple[str, int, int, int]] = field(default_factory=list)
 
 
 def save_state(directory: Path, state: bytes) -> None:
@@ -123,6 +138,7 @@ def _parse_state(raw: bytes) -> dict[str, Any]:
         raise TypeError("not a JSON object")
     ints = (state["session"], state["next_n"], state["acked_through"])
     ints += tuple(state["next_seq"].values())
+    ints += tuple(state.get("reserved", {}).values())  # absent before the seq blocks
     if not all(isinstance(x, int) and not isinstance(x, bool) and x >= -1 for x in ints):
         raise TypeError("session, next_n, acked_through and next_seq must be integers")
     return state
@@ -233,7 +249,32 @@ def recover(directory: Path) -> Recovered:
         else:
             path.unlink()  # empty segment
     rec.pending = [seen[n] for n in sorted(seen)]
+    if state is not None:
+        _declare(rec, state)
+    elif problems:
+        # Both copies of the state were unreadable: the blocks are lost with them. No
+        # block reached further than one beyond the seqs handed out, and the journal lags
+        # those by one group commit: start two blocks above it (a gap, never a repeat).
+        for t in rec.next_seq:
+            if t not in JOURNAL_FIRST:
+                rec.next_seq[t] += 2 * RESERVE_BLOCK
     rec.session += 1
     if rec.session > SEQ_MAX:
         raise OutboxError(f"{directory / STATE_FILE}: session counter exhausted")
     return rec
+
+
+def _declare(rec: Recovered, state: dict[str, Any]) -> None:
+    """The previous run (``state``'s session) may have published, from memory, any seq of
+    a sample topic below its durable reservation (``reserved``); what the journal holds
+    replays, and the rest, from the first seq not journaled (``rec.next_seq`` so far: the
+    journal's and the state's ``next_seq``, which counts only journaled seqs) up to the
+    reservation, is declared skipped. The new run starts above the reservation."""
+    reserved: dict[str, int] = state.get("reserved", {})
+    for topic, bound in reserved.items():
+        if topic not in rec.next_seq:
+            continue
+        first = rec.next_seq[topic]
+        if topic in SAMPLE_TOPICS and first < bound:
+            rec.skips.append((topic, state["session"], first, bound - 1))
+        rec.next_seq[topic] = max(first, bound)

@@ -40,6 +40,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,8 @@ import orjson
 import structlog
 
 from iortd.daemon.mqtt.journal import (
+    JOURNAL_FIRST,
+    RESERVE_BLOCK,
     STATE_FILE,
     OutboxError,
     Record,
@@ -56,10 +59,11 @@ from iortd.daemon.mqtt.journal import (
     recover,
     save_state,
 )
-from iortd.daemon.mqtt.payloads import SEQ_MAX, TOPICS, Payload
+from iortd.daemon.mqtt.payloads import SEQ_MAX, TOPICS, Envelope, Payload, skip_payload
 from iortd.kernel.durable import fsync_dir, write_all, write_atomic
+from iortd.kernel.timefmt import utc_ts
 
-__all__ = ["STREAM_TOPICS", "Outbox", "OutboxError", "Record"]
+__all__ = ["JOURNAL_FIRST", "RESERVE_BLOCK", "STREAM_TOPICS", "Outbox", "OutboxError", "Record"]
 
 log = structlog.get_logger("iortd.mqtt")
 
@@ -70,6 +74,9 @@ THINNED_TOPICS = ("telemetry", "applicator")
 # Persist acked_through at most this often while publishing (a crash re-sends at most
 # this much, which consumers drop as repeats).
 STATE_SAVE_INTERVAL_S = 1.0
+# Samples are journaled in groups at most this often (events at once): the journal is for
+# replay only, off the publishing path.
+COMMIT_INTERVAL_S = 0.02
 
 
 async def _uncancellable(fn: Callable[..., None], *args: Any) -> None:
@@ -102,6 +109,14 @@ class Outbox:
         self.max_bytes = max_bytes
         self.session = rec.session
         self._next_seq = rec.next_seq
+        # Seqs below this are covered by a saved state (or the journal): publishable. Empty
+        # until a topic's first use asks for its block.
+        self._reserved = dict(rec.next_seq)
+        self._reserve: set[str] = set()  # the topics that want a block
+        # Per topic, one past the highest seq journaled: state.json's next_seq, from which
+        # a recovery declares what it cannot replay.
+        self._journaled_next = dict(rec.next_seq)
+        self.skips = rec.skips
         self._next_n = rec.next_n
         self.acked_through = rec.acked_through
         self._saved_acked = rec.acked_through
@@ -112,8 +127,10 @@ class Outbox:
         self._io = asyncio.Lock()  # one disk batch at a time
         self._unjournaled: list[Record] = []
         self._wake = asyncio.Event()
-        self._journaled = asyncio.Event()
-        self.changed = asyncio.Event()  # new journaled records (for the publisher)
+        self._urgent = asyncio.Event()  # an event to journal or a seq beyond the block
+        self._last_commit = 0.0
+        self._progress = asyncio.Event()  # a batch journaled or a block saved
+        self.changed = asyncio.Event()  # records became publishable (for the publisher)
         self._compact = False
         self._thin_again_at = 0  # when thinning could not get below the bound: retry later
         self._closing = False
@@ -137,7 +154,25 @@ class Outbox:
         for problem in rec.problems:
             log.error("mqtt_outbox_damaged", problem=problem)
         self = cls(directory, max_bytes, rec)
+        ts = utc_ts(datetime.now(UTC))
+        for topic, session, first, last in rec.skips:
+            env = Envelope(self.next_seq("skip"), self.session, ts)
+            payload = skip_payload(
+                env, of_topic=topic, of_session=session, first=first, last=last,
+                reason="unpublished",
+            )  # fmt: skip
+            self.add("skip", payload)
+            log.warning(
+                "mqtt_seq_skip_declared",
+                topic=topic, session=session, first=first, last=last, reason="unpublished",
+            )  # fmt: skip
         try:
+            # The skips are on disk before the state forgets the reservation they declare
+            # (a crash in between declares it again, under the next session).
+            if self._unjournaled:
+                batch, self._unjournaled = self._unjournaled, []
+                await asyncio.to_thread(self._write, batch, None, b"")
+                self._journaled_batch(batch)
             state = self._state_bytes(self.acked_through)
             await asyncio.to_thread(save_state, directory, state)
         except OSError as exc:
@@ -153,25 +188,35 @@ class Outbox:
     # ---- making records ----------------------------------------------------------------
 
     def next_seq(self, topic: str) -> int:
-        """Allocate the next ``seq`` of ``topic`` (durable once a record holding it is)."""
+        """Allocate the next ``seq`` of ``topic``. Publishable once durable: inside a saved
+        block of its topic, or (``events``, ``skip``) once its record is journaled."""
         seq = self._next_seq[topic]
         if seq >= SEQ_MAX:  # the counter itself must stay a 64-bit value
             raise OverflowError(f"seq of {topic} exhausted")
         self._next_seq[topic] = seq + 1
+        if topic not in JOURNAL_FIRST and seq + RESERVE_BLOCK // 2 >= self._reserved[topic]:
+            self._reserve.add(topic)
+            if seq >= self._reserved[topic]:
+                self._urgent.set()  # it waits for the block: no commit interval
+            self._wake.set()
         return seq
 
     def add(self, topic: str, payload: Payload) -> Record:
         """Queue a message (its payload already holds the ``seq`` from :meth:`next_seq`).
         Stream messages stay pending until acknowledged; a state message is the caller's
-        to publish once journaled (:meth:`wait_journaled`) and to :meth:`ack`."""
+        to publish once publishable (:meth:`wait_publishable`) and to :meth:`ack`. Only
+        stream records are journaled: a state message is never replayed, and its ``seq``
+        is durable by its block."""
         retained = topic not in STREAM_TOPICS
         n = self._next_n
         self._next_n += 1
         line, at = journal_line(n, topic, retained, orjson.dumps(payload))
         seq, session = payload["seq"], payload["session"]
         rec = Record(n, topic, retained, seq, session, line, at, time.monotonic_ns())
-        self._unjournaled.append(rec)
         if not retained:
+            self._unjournaled.append(rec)
+            if topic in JOURNAL_FIRST:
+                self._urgent.set()
             self.pending.append(rec)
             self.pending_bytes += len(rec.line)
             if self.pending_bytes > max(self.max_bytes, self._thin_again_at):
@@ -179,17 +224,28 @@ class Outbox:
         self._wake.set()
         return rec
 
+    def publishable(self, rec: Record) -> bool:
+        """Whether ``rec`` may go out: a subscriber may see its ``seq`` only once no later
+        run can use it for other content (module docstring)."""
+        if rec.topic in JOURNAL_FIRST or rec.created_ns < 0:
+            return rec.journaled
+        return rec.seq < self._reserved[rec.topic]
+
     async def wait_journaled(self, rec: Record) -> None:
         while not rec.journaled:
-            self._journaled.clear()
-            await self._journaled.wait()
+            self._progress.clear()
+            await self._progress.wait()
+
+    async def wait_publishable(self, rec: Record) -> None:
+        while not self.publishable(rec):
+            self._progress.clear()
+            await self._progress.wait()
 
     def unsent(self) -> Iterator[Record]:
-        """Pending stream records that are journaled (publishable), in order."""
+        """Pending stream records that are publishable, in order within each topic (a
+        sample never waits behind an event's journal commit)."""
         for rec in self.pending:
-            if not rec.journaled:
-                return
-            if not rec.done:
+            if not rec.done and self.publishable(rec):
                 yield rec
 
     def ack(self, rec: Record) -> None:
@@ -258,12 +314,21 @@ class Outbox:
     # ---- the journal -------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Journal new records in groups (write + fsync in a thread), delete segments
-        that are fully acknowledged, and save the state now and then. Ends at close."""
+        """Save the next block of seqs ahead of use, journal new records in groups (write +
+        fsync in a thread; samples at most every COMMIT_INTERVAL_S, events at once), delete
+        segments that are fully acknowledged, and save the state now and then. Ends at
+        close."""
         while True:
             await self._wake.wait()
             self._wake.clear()
+            wait = self._last_commit + COMMIT_INTERVAL_S - time.monotonic()
+            if wait > 0 and not (self._closing or self._urgent.is_set()):
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._urgent.wait()
+            self._urgent.clear()
             await self._flush()
+            self._last_commit = time.monotonic()
             if self._closing and not self._unjournaled:
                 return
 
@@ -272,6 +337,8 @@ class Outbox:
             await self._flush_locked()
 
     async def _flush_locked(self) -> None:
+        if self._reserve:
+            await self._reserve_block()
         batch, self._unjournaled = self._unjournaled, []
         # Everything the thread reads is taken here, on the loop: the loop goes on adding
         # and acknowledging while the thread writes.
@@ -296,15 +363,44 @@ class Outbox:
                     self._wake.set()
                 self.degraded = None
             finally:
+                if self.degraded is None:
+                    self._journaled_batch(batch)
                 for rec in batch:
-                    rec.journaled = True
-                self._journaled.set()
+                    rec.journaled = True  # or, degraded, published from memory
+                self._progress.set()
                 self.changed.set()
         due = time.monotonic() - self._last_save >= STATE_SAVE_INTERVAL_S
         if self.acked_through != self._saved_acked and (due or self._closing):
             with contextlib.suppress(OSError):
                 acked = self.acked_through
                 await _uncancellable(self._retire, acked, self._state_bytes(acked))
+
+    def _journaled_batch(self, batch: list[Record]) -> None:
+        for rec in batch:
+            rec.journaled = True
+            if rec.seq >= self._journaled_next[rec.topic]:
+                self._journaled_next[rec.topic] = rec.seq + 1
+
+    async def _reserve_block(self) -> None:
+        """Save a new block for every topic with less than half a block left. Until it is
+        saved, no seq beyond the last saved block goes out. If the state cannot be saved
+        (a full disk), the block is taken anyway, as the journal's degraded mode does:
+        said loudly, and the exception documented (docs/mqtt-topics.md)."""
+        topics, self._reserve = self._reserve, set()
+        want = dict(self._reserved)
+        for t in topics:
+            want[t] = min(SEQ_MAX, max(want[t], self._next_seq[t] + RESERVE_BLOCK))
+        try:
+            state = self._state_bytes(self.acked_through, want)
+            await _uncancellable(save_state, self.directory, state)
+        except OSError as exc:
+            if self.degraded is None:
+                log.critical("mqtt_outbox_write_failed", error=str(exc))
+            self.degraded = str(exc)
+        for t, bound in want.items():
+            self._reserved[t] = max(self._reserved[t], bound)
+        self._progress.set()
+        self.changed.set()
 
     def _write(self, batch: list[Record], live: list[Record] | None, state: bytes) -> None:
         if live is not None:
@@ -364,23 +460,35 @@ class Outbox:
         while self._segments and self._segments[0].last_n <= acked:
             self._segments.pop(0).path.unlink(missing_ok=True)
 
-    def _state_bytes(self, acked: int) -> bytes:
+    def _state_bytes(self, acked: int, reserved: dict[str, int] | None = None) -> bytes:
+        """``next_seq``: one past each topic's highest journaled seq (and, for a state
+        topic, never journaled, the seqs handed out); ``reserved``: each topic's saved
+        block (a new run starts there and declares what it cannot replay below it)."""
+        next_seq = {
+            t: self._journaled_next[t] if t in STREAM_TOPICS else nxt
+            for t, nxt in self._next_seq.items()
+        }
         state = {
             "session": self.session,
             "next_n": self._next_n,
             "acked_through": acked,
-            "next_seq": dict(self._next_seq),
+            "next_seq": next_seq,
+            "reserved": dict(self._reserved if reserved is None else reserved),
         }
         return orjson.dumps(state, option=orjson.OPT_INDENT_2)
 
     async def close(self) -> None:
-        """Journal what is left, save the state. Pending records stay for the next run."""
+        """Journal what is left, save the state. Pending records stay for the next run.
+        The blocks shrink to the seqs handed out: after a clean stop, the next run
+        continues without a hole (what could not be journaled is declared, as after a
+        crash)."""
         self._closing = True
         self._wake.set()
         async with self._io:
             await self._flush_locked()
             try:
                 acked = self.acked_through
-                await _uncancellable(self._retire, acked, self._state_bytes(acked))
+                state = self._state_bytes(acked, dict(self._next_seq))
+                await _uncancellable(self._retire, acked, state)
             except OSError as exc:
                 log.error("mqtt_outbox_state_not_saved", error=str(exc))  # noqa: TRY400

@@ -287,7 +287,7 @@ class MqttSink(Sink):
         while not self._closing:
             attempt += 1
             online, will = self._status_records()
-            await self.outbox.wait_journaled(will)
+            await self.outbox.wait_publishable(will)
             log.info("mqtt_connecting", broker=s.url, attempt=attempt)
             try:
                 await self._connection(online, will, time.monotonic_ns())
