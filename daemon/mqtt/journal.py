@@ -219,8 +219,9 @@ def recover(directory: Path) -> Recovered:
                 n, topic, retained, payload = _parse_line(raw)
             except (ValueError, KeyError, TypeError) as exc:
                 if i == len(names) - 1 and nl < 0:
-                    # A write cut short by a crash: the torn tail was never published
-                    # (publishing waits for the fsync), so it is dropped.
+                    # A write cut short by a crash: dropped. An event in it was never
+                    # published (events wait for the fsync); a sample may have been,
+                    # from memory, and its seq is then inside the declared skip.
                     with open(path, "r+b") as f:
                         f.truncate(len(data) - len(raw))
                         os.fsync(f.fileno())

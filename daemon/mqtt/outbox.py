@@ -1,33 +1,57 @@
-"""The MQTT outbox: on-disk store-and-forward with per-topic sequence numbers.
+"""The MQTT outbox: store-and-forward with per-topic sequence numbers, the disk off the
+live path.
 
 Why: the broker is a sink, never the record, and it can be away (restart, network, a
 crashed daemon). A subscriber must still end with every ``events``, ``telemetry`` and
-``applicator`` message, in order, none missing, and ``seq`` must never repeat, also
-across restarts.
+``applicator`` message, in order, or a declared skip in its place, and a ``seq`` must
+never be seen with two contents, also across restarts and power loss. And the live
+stream must not wait for the disk (issue 21: an fsync before each sample put every other
+writer on the disk on the physicist's screen).
 
 How:
 
-* Every message gets its ``seq`` here, and is written to a journal (JSON Lines segments,
-  ``outbox-<n>.jsonl``) and fsync'd **before** it is published. A ``seq`` the broker has
-  seen is therefore always on disk, and after any crash the next one is larger. Writes and
-  fsyncs run in a worker thread in groups, never on the event loop.
-* Stream messages (``telemetry``, ``applicator``, ``events``) stay *pending* until the
-  broker acknowledges them (QoS 1). ``acked_through`` -- the longest acknowledged prefix
-  -- is kept in ``state.json`` with the session counter and the next ``seq`` of every
-  topic; a segment is deleted once everything in it is acknowledged. After a restart,
-  pending messages from the previous run are replayed with their original ``session`` and
-  ``seq`` (marked ``historical`` by the publisher), so a consumer that drops a repeated
-  (``session``, ``seq``) misses nothing and sees nothing twice.
-* State messages (retained topics) are not queued: only the latest matters. They get a
-  ``seq`` when they are published and are journaled only so that the ``seq`` is durable.
+* Every message gets its ``seq`` here (:meth:`Outbox.next_seq`). A seq may be published
+  only once no later run can use it for other content (:meth:`Outbox.publishable`):
+  - samples (``telemetry``, ``applicator``) and the state topics go out **from memory**,
+    within a **block** of their topic's seqs made durable ahead of use: ``reserved`` in
+    ``state.json``, one atomic save (fsync) per RESERVE_BLOCK seqs, asked for when less
+    than half a block is left, so that no sample waits for it after the first of a run;
+  - ``events`` and ``skip`` go out only once **journaled** (written and fsync'd): events
+    are already in the audit log by then (log-first), and a crash can never lose one a
+    subscriber missed.
+* Stream records are journaled for replay (JSON Lines segments, ``outbox-<n>.jsonl``) in
+  group commits off the publishing path: a worker thread, samples at most every
+  COMMIT_INTERVAL_S, events at once. They stay *pending* until the broker acknowledges
+  them (QoS 1); ``acked_through`` -- the longest acknowledged prefix -- is kept in
+  ``state.json`` with the session counter, each topic's ``next_seq`` (one past its highest
+  journaled seq) and ``reserved``; a segment is deleted once everything in it is
+  acknowledged. After a restart, pending messages from the previous run are replayed with
+  their original ``session`` and ``seq`` (marked ``historical`` by the publisher): the
+  same bytes as published live, so a consumer that drops a repeated (``session``,
+  ``seq``) misses nothing and sees nothing twice.
+* After a crash or power loss, a sample published from memory in the last group commit
+  and not acknowledged is not in the journal and cannot be replayed. The next run starts
+  each topic at the previous run's ``reserved`` (never below: nothing it publishes can
+  reuse a seq anyone saw) and declares the previous run's seqs from the journal's end to
+  ``reserved - 1`` on the ``skip`` topic (reason ``unpublished``): what a subscriber has
+  of that range is genuine, what it lacks is accounted for, never a silent gap. The skips
+  are journaled before the new session is saved (a crash in between declares them
+  again). A clean stop shrinks the blocks to what was handed out: nothing to declare.
+  The argument in full: docs/mqtt-topics.md, "Declared skips".
+* State messages (retained topics) are not queued and not journaled: only the latest
+  matters, and its seq is durable by its block.
 * Bounded: when pending bytes exceed ``max_bytes``, the oldest samples (``telemetry``
   and ``applicator``, each topic on its own) are thinned (every second one, oldest first,
   until below 3/4 of the bound) and the journal is compacted. Events are never dropped;
   the audit log keeps every sample regardless.
+* A disk that cannot be written (full): the journal and the blocks go on in memory, said
+  once, critical (``mqtt_outbox_write_failed``): a live view rather than a frozen one; a
+  crash before the disk recovers may then reuse seqs under the next session.
 
+The files (the journal's lines, ``state.json``, recovery) are daemon/mqtt/journal.py.
 Layout, inside the audit log's directory (and so under its LOCK)::
 
-    mqtt-outbox/state.json               session, next seq per topic, acked_through
+    mqtt-outbox/state.json               session, next_seq, reserved, acked_through
     mqtt-outbox/outbox-<n:016d>.jsonl    {"n": n, "t": topic, "r": retained, "p": payload}
     mqtt-outbox/quarantine/              unreadable segments set aside, never deleted
 """
@@ -271,6 +295,7 @@ class Outbox:
         low = self.max_bytes * 3 // 4
         dropped: list[int] = []
         by_topic: dict[str, list[int]] = {t: [] for t in THINNED_TOPICS}
+        ranges: dict[tuple[str, int], tuple[int, int]] = {}  # (topic, session) -> seqs
         while self.pending_bytes > low:
             before = len(dropped)
             # Alternate per topic: one alternation over interleaved streams would drop
@@ -287,6 +312,8 @@ class Outbox:
                     self.pending_bytes -= len(rec.line)
                     dropped.append(rec.seq)
                     by_topic[rec.topic].append(rec.seq)
+                    lo, hi = ranges.get((rec.topic, rec.session), (rec.seq, rec.seq))
+                    ranges[(rec.topic, rec.session)] = (min(lo, rec.seq), max(hi, rec.seq))
             if len(dropped) == before:
                 break  # only events (and samples not yet on disk) left: never dropped
         # Events (never dropped) may hold the outbox above its bound: do not walk it all
@@ -298,6 +325,18 @@ class Outbox:
         self.pending = deque(r for r in self.pending if not r.done)
         self._settle()
         self.thinned += len(dropped)
+        # Declared, each topic and session one range: queued behind the samples of the
+        # range that were kept, so a consumer has them before it reads the declaration.
+        ts = utc_ts(datetime.now(UTC))
+        for (topic, session), (first, last) in ranges.items():
+            env = Envelope(self.next_seq("skip"), self.session, ts)
+            self.add(
+                "skip",
+                skip_payload(
+                    env, of_topic=topic, of_session=session, first=first, last=last,
+                    reason="thinned",
+                ),
+            )  # fmt: skip
         self._compact = True  # free the bytes on disk too
         log.warning(
             "mqtt_outbox_thinned",

@@ -24,7 +24,15 @@ from typing import Any
 
 import orjson
 import pytest
-from test_mqtt_outbox import TIMEOUT_S, Harness, add, harness, journaled
+from test_mqtt_outbox import (
+    SMALL_MAX,
+    TIMEOUT_S,
+    Harness,
+    add,
+    fill_until_thinned,
+    harness,
+    journaled,
+)
 
 from iortd.daemon.mqtt import outbox as outbox_mod
 from iortd.daemon.mqtt.outbox import JOURNAL_FIRST, RESERVE_BLOCK, Outbox, Record
@@ -344,3 +352,29 @@ async def test_power_cuts_at_many_points_never_reuse_a_seq_and_leave_no_undeclar
         top = max(got, default=-1)
         holes = sorted(set(range(top + 1)) - got)
         assert not holes, f"{topic}: seqs neither published nor declared: {holes[:20]}"
+
+
+# ---- thinning under the byte bound --------------------------------------------------------
+
+
+async def test_thinning_declares_each_topics_dropped_range_after_the_samples_it_kept(
+    harness: Harness,
+) -> None:
+    ob = await harness.open(SMALL_MAX)
+    telemetry, _events = await fill_until_thinned(ob)
+    dropped = [r for r in telemetry if r.done]
+    declared = [r for r in ob.pending if r.topic == "skip"]
+    assert [r.payload["skipped"] for r in declared] == [
+        {
+            "topic": "telemetry",
+            "session": 1,
+            "first": dropped[0].seq,
+            "last": dropped[-1].seq,
+            "reason": "thinned",
+        }
+    ]
+    # Published after every sample it spans that was kept (they go first, in order).
+    kept = [r for r in telemetry if not r.done and r.seq <= dropped[-1].seq]
+    assert kept
+    assert all(ob.pending.index(r) < ob.pending.index(declared[0]) for r in kept)
+    await harness.close(ob)
