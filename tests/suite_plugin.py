@@ -84,7 +84,7 @@ FIRST: tuple[str, ...] = (
     "integration/test_debian_package.py",
     "unit/test_mqtt_payloads.py",
     "unit/test_dashboard_fairness.py",
-    "integration/test_mqtt_crash.py",  # fifty SIGKILLs, about 36 s alone
+    "integration/test_mqtt_crash.py",  # fifty SIGKILLs, about 25 s alone
     "integration/test_audit_crash.py",
     "unit/test_audit_canonical.py",
     "integration/test_cli.py",

@@ -3,7 +3,7 @@ Mosquitto and an independent subscriber (``mosquitto_sub``).
 
 Samples go out from memory within a durable block of seqs, events once journaled
 (daemon/mqtt/outbox.py). Fifty daemons on one log and outbox are killed at many points
-(before the broker connection, just after it, in the middle of the stream); the start
+(during the start, at the broker connection, in the stream); the start
 after the last, the console script, stops cleanly. Then, over everything the subscriber
 received:
 
@@ -13,6 +13,10 @@ received:
   received or declared in a ``skip`` (``unpublished``): nothing a consumer would count
   as lost;
 * every message validates against its published schema.
+
+Kill points: anywhere in the first quarter second of a start (config, the audit log's and
+the outbox's recovery, the previous run's skips being journaled, the first connection),
+at the broker connection, and up to a quarter second into the stream.
 
 The daemons are forked from a process that has imported the daemon once (forkdaemon.py),
 as in test_audit_crash.py.
@@ -58,11 +62,13 @@ async def _kill_at_random(forks: ForkServer, site: Site, rng: random.Random) -> 
     try:
         where = rng.choice(("start", "connected", "streaming", "streaming"))
         if where == "start":
-            await d.wait_for(lambda r: r.get("event") == "device_connected", "device_connected")
+            # Anywhere in the start: the config, the audit log's and the outbox's recovery
+            # (the previous run's skips being journaled), the first connection.
+            await asyncio.sleep(rng.uniform(0.0, 0.25))  # a random kill point, on purpose
         else:
             await d.wait_for(lambda r: r.get("event") == "mqtt_connected", "mqtt_connected")
         if where == "streaming":
-            await asyncio.sleep(rng.uniform(0.0, 0.3))  # a random kill point, on purpose
+            await asyncio.sleep(rng.uniform(0.0, 0.25))  # a random kill point, on purpose
         await d.kill()
     finally:
         await d.ensure_dead()
