@@ -140,7 +140,6 @@ class Outbox:
         # Per topic, one past the highest seq journaled: state.json's next_seq, from which
         # a recovery declares what it cannot replay.
         self._journaled_next = dict(rec.next_seq)
-        self.skips = rec.skips
         self._next_n = rec.next_n
         self.acked_through = rec.acked_through
         self._saved_acked = rec.acked_through
