@@ -37,7 +37,7 @@ running (the baseline measured with the writer too), no seq lost or repeated. A
 benchmark, not a test: it exits 0 whatever the figures and prints PASS/MISS.
 
     .venv/bin/python benchmarks/mqtt_latency.py [--seconds S] [--subscriber KIND] [--dir DIR]
-        [--no-disk-writer]
+        [--no-disk-writer | --only-disk-writer]
 """
 
 from __future__ import annotations
@@ -582,6 +582,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--no-disk-writer", action="store_true", help="leave out the phase beside the disk writer"
     )
+    ap.add_argument(
+        "--only-disk-writer", action="store_true", help="only the phase beside the disk writer"
+    )
     ap.add_argument("--dir", type=Path, help="work here and keep the files (empty or new)")
     args = ap.parse_args(argv)
     if args.seconds <= 0 or args.warmup < 0 or args.start_delay < 0:
@@ -639,7 +642,7 @@ def run(work: Path, broker: Mosquitto, exe: Path, sub_kind: str, args: argparse.
     results: list[Result] = []
     writer_rate = ""
     for phase, rate in PHASES:  # each baseline right before the daemon, in the same phase
-        if phase == "disk" and args.no_disk_writer:
+        if (phase == "disk" and args.no_disk_writer) or (phase != "disk" and args.only_disk_writer):
             continue
         with DiskWriter(work) if phase == "disk" else contextlib.nullcontext() as writer:
             results.append(run_baseline(work, broker.port, sub_kind, rate, phase, seconds, warmup))
