@@ -504,9 +504,10 @@ try:
         os.pwrite(fd, data, 0)  # 1 MiB over the same place: new data, no growth
         os.fsync(fd)
         n += 1
-        if n % 16 == 0:
-            with open(path + ".rate", "w") as f:
+        if n % 16 == 0:  # replaced whole, so that a reader never sees it empty
+            with open(path + ".rate.tmp", "w") as f:
                 f.write(f"{n * chunk / (time.monotonic() - t0) / 1e6:.1f}")
+            os.replace(path + ".rate.tmp", path + ".rate")
 finally:
     os.close(fd)
 """
@@ -539,7 +540,8 @@ class DiskWriter:
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:
             end_process(self.proc, signal.SIGTERM, 5)
-        self.path.unlink(missing_ok=True)
+        for leftover in (self.path, Path(f"{self.path}.rate"), Path(f"{self.path}.rate.tmp")):
+            leftover.unlink(missing_ok=True)
 
 
 # ---- the machine ------------------------------------------------------------------------
