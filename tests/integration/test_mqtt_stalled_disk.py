@@ -23,7 +23,7 @@ from iortd.kernel.broker import BrokerSettings
 
 pytestmark = pytest.mark.integration
 
-STALL_S = 0.8
+STALL_S = 1.5
 SAMPLES = 10
 
 
@@ -76,7 +76,7 @@ async def test_samples_do_not_wait_for_a_stalled_journal_and_events_do(
             await run
         await obs.stop()
     assert stalled, "the journal was written (and stalled) while the samples went out"
-    # Each sample in well under one stalled fsync (generous: a loaded CI machine).
+    # Each sample in well under one stalled fsync (half of it: a loaded CI machine).
     assert max(took) < STALL_S / 2, [round(t, 3) for t in took]
     assert event_took >= STALL_S * 0.9, event_took
     assert schema_errors(obs.messages) == []
