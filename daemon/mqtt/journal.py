@@ -255,7 +255,9 @@ def recover(directory: Path) -> Recovered:
     elif problems:
         # Both copies of the state were unreadable: the blocks are lost with them. No
         # block reached further than one beyond the seqs handed out, and the journal lags
-        # those by one group commit: start two blocks above it (a gap, never a repeat).
+        # those by one group commit: start two blocks above it (a gap, not a repeat, while
+        # the journal holds the latest seqs; an emptied one cannot say: the new session
+        # is then all that sets this run apart, as before the blocks).
         for t in rec.next_seq:
             if t not in JOURNAL_FIRST:
                 rec.next_seq[t] += 2 * RESERVE_BLOCK
