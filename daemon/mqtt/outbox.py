@@ -25,10 +25,13 @@ How:
   them (QoS 1); ``acked_through`` -- the longest acknowledged prefix -- is kept in
   ``state.json`` with the session counter, each topic's ``next_seq`` (one past its highest
   journaled seq) and ``reserved``; a segment is deleted once everything in it is
-  acknowledged. After a restart, pending messages from the previous run are replayed with
-  their original ``session`` and ``seq`` (marked ``historical`` by the publisher): the
-  same bytes as published live, so a consumer that drops a repeated (``session``,
-  ``seq``) misses nothing and sees nothing twice.
+  acknowledged. A sample the broker acknowledged before its commit is journaled all the
+  same (``next_seq`` then covers it; its ``n`` is at or below ``acked_through``, so a
+  recovery does not replay it, or replays it once if the state was not saved since:
+  the same bytes, a repeat consumers drop). After a restart, pending messages from the
+  previous run are replayed with their original ``session`` and ``seq`` (marked
+  ``historical`` by the publisher): the same bytes as published live, so a consumer that
+  drops a repeated (``session``, ``seq``) misses nothing and sees nothing twice.
 * After a crash or power loss, a sample published from memory in the last group commit
   and not acknowledged is not in the journal and cannot be replayed. The next run starts
   each topic at the previous run's ``reserved`` (never below: nothing it publishes can
