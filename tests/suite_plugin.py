@@ -63,6 +63,8 @@ ONE_UNIT: dict[str, str] = dict.fromkeys(
         "integration/test_modbus_xrs_e2e.py",
         "integration/test_shared_line_e2e.py",
         "integration/test_applicator_rules_e2e.py",
+        # samples within half of a stalled fsync (0.75 s): not beside a swarm of processes
+        "integration/test_mqtt_stalled_disk.py",
     ),
     "realtime",
 )
@@ -86,6 +88,7 @@ FIRST: tuple[str, ...] = (
     "integration/test_debian_package.py",
     "unit/test_mqtt_payloads.py",
     "unit/test_dashboard_fairness.py",
+    "integration/test_mqtt_crash.py",  # fifty SIGKILLs, about 25 s alone
     "integration/test_audit_crash.py",
     "unit/test_audit_canonical.py",
     "integration/test_cli.py",

@@ -43,6 +43,8 @@ __all__ = [
     "NOTICE_KIND",
     "REPORT_FIELDS",
     "SCHEMA",
+    "SKIPPABLE_TOPICS",
+    "SKIP_REASONS",
     "TOPICS",
     "Envelope",
     "Payload",
@@ -55,6 +57,7 @@ __all__ = [
     "interlocks_payload",
     "notice_payload",
     "report_payload",
+    "skip_payload",
     "status_payload",
     "telemetry_payload",
     "topic",
@@ -105,8 +108,14 @@ TOPICS: Mapping[str, TopicSpec] = MappingProxyType(
         "events": TopicSpec(qos=1, retain=False),
         "audit/checkpoint": TopicSpec(qos=1, retain=True),
         "alarms": TopicSpec(qos=1, retain=True),
+        # Declared seq skips of the streams (skip_payload): a stream itself.
+        "skip": TopicSpec(qos=1, retain=False),
     }
 )
+# The streams whose seqs a skip can declare (never ``skip`` itself: a skip is never
+# skipped), and why they were skipped (docs/mqtt-topics.md, "Declared skips").
+SKIPPABLE_TOPICS = ("telemetry", "applicator", "events")
+SKIP_REASONS = ("unpublished", "not_held", "thinned")
 
 _BAD_SEGMENT = re.compile(r"[/+#\x00]")
 
@@ -493,3 +502,35 @@ def checkpoint_payload(env: Envelope, note: str, cosignatures: Sequence[str] = (
     if lines:
         payload["cosignatures"] = lines
     return payload
+
+
+def skip_payload(
+    env: Envelope, *, of_topic: str, of_session: int, first: int, last: int, reason: str
+) -> Payload:
+    """``skip``: seqs ``first`` .. ``last`` (inclusive) of stream ``of_topic`` in session
+    ``of_session`` will never be published with content, and a consumer counts them as
+    accounted for, never as loss. ``reason``: ``unpublished`` (reserved in a durable block,
+    not published before a crash or stop: daemon/mqtt/outbox.py), ``not_held`` (a replay
+    asked for what the room no longer holds), ``thinned`` (dropped under the outbox's byte
+    bound). ``of_session`` may be older than the envelope's session."""
+    if of_topic not in SKIPPABLE_TOPICS:
+        raise ValueError(f"skip of_topic {of_topic!r}: expected one of {SKIPPABLE_TOPICS}")
+    if reason not in SKIP_REASONS:
+        raise ValueError(f"skip reason {reason!r}: expected one of {SKIP_REASONS}")
+    if not _is_int(of_session) or not 1 <= of_session <= SEQ_MAX:
+        raise ValueError(f"skip of_session {of_session!r}: must be an integer in 1..2**64-1")
+    for what, x in (("first", first), ("last", last)):
+        if not _is_int(x) or not 0 <= x <= SEQ_MAX:
+            raise ValueError(f"skip {what} {x!r}: must be an integer in 0..2**64-1")
+    if first > last:
+        raise ValueError(f"skip first {first} > last {last}: an empty or reversed range")
+    return {
+        **env.fields(),
+        "skipped": {
+            "topic": of_topic,
+            "session": of_session,
+            "first": first,
+            "last": last,
+            "reason": reason,
+        },
+    }

@@ -16,8 +16,9 @@ checkpoint), :mod:`~iortd.daemon.mqtt.outbox` (the journal).
   :class:`~iortd.daemon.mqtt.retained.RetainedState`.
 * On every (re)connect: ``status`` online; the retained state topics (``interlocks``,
   ``delivery``, ``alarms``, ``audit/checkpoint``) republished; then the backlog of the streams
-  (``telemetry``, ``applicator``, ``events``) in order, marked ``historical``; then live
-  data. The Last Will is the
+  (``telemetry``, ``applicator``, ``events``, ``skip``) in order within each topic, marked
+  ``historical``; then live data, each message as soon as the outbox lets it out (a sample
+  at once, an event once journaled: see the outbox). The Last Will is the
   ``status`` offline message, retained; a clean shutdown publishes it itself.
 * A lost connection that looks like another client holding our client id (a session
   takeover: see :mod:`~iortd.daemon.mqtt.link`) is handed to :attr:`MqttSink.on_takeover`
@@ -303,7 +304,7 @@ class MqttSink(Sink):
         while not self._closing:
             attempt += 1
             online, will = self._status_records()
-            await self.outbox.wait_journaled(will)
+            await self.outbox.wait_publishable(will)
             log.info("mqtt_connecting", broker=s.url, attempt=attempt)
             try:
                 await self._connection(online, will, time.monotonic_ns())

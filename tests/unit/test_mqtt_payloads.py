@@ -39,6 +39,9 @@ from iortd.daemon.mqtt.payloads import (
     NOTICE_SEVERITIES,
     REPORT_FIELDS,
     SCHEMA,
+    SEQ_MAX,
+    SKIP_REASONS,
+    SKIPPABLE_TOPICS,
     TOPICS,
     Envelope,
     alarms_payload,
@@ -48,6 +51,7 @@ from iortd.daemon.mqtt.payloads import (
     event_payloads,
     interlocks_payload,
     notice_payload,
+    skip_payload,
     status_payload,
     telemetry_payload,
     topic,
@@ -115,6 +119,7 @@ SCHEMA_OF = {
     "events": "events",
     "audit/checkpoint": "checkpoint",
     "alarms": "alarms",
+    "skip": "skip",
 }
 # A payload key matching this could carry patient data. Keys that match but are known not
 # to (documented in docs/mqtt-topics.md, "No patient data") go in SAFE_KEYS, per topic's
@@ -469,6 +474,17 @@ def run_payloads() -> dict[str, list[dict[str, Any]]]:
     out["events"] += event_payloads(seqs["events"], every_event())
     out["audit/checkpoint"].append(checkpoint_payload(seqs["audit/checkpoint"](), note()))
     out["status"].append(status_payload(seqs["status"](), False, "0.1.0", "hospital-a", "or-1"))
+    # After a crash: the rest of the previous run's reserved block of telemetry.
+    out["skip"].append(
+        skip_payload(
+            seqs["skip"](),
+            of_topic="telemetry",
+            of_session=2,
+            first=7,
+            last=999,
+            reason="unpublished",
+        )
+    )
     return out
 
 
@@ -915,6 +931,7 @@ def test_every_enum_in_the_schemas_is_a_python_enum() -> None:
     ]
     known += [set(EVENTS_TOPIC_KINDS), {"nan", "inf", "-inf"}, set(NOTICE_SEVERITIES)]
     known += [set(OUTCOMES), set(HANDOFF_OUTCOMES), set(HANDOFF_WHAT)]
+    known += [set(OUTCOMES), set(SKIPPABLE_TOPICS), set(SKIP_REASONS)]
     for stem, schema in SCHEMAS.items():
         for listed in enums(schema):
             assert set(listed) in known, (stem, listed)
@@ -1303,3 +1320,77 @@ def test_an_ended_delivery_carries_the_record_a_sign_off_signs() -> None:
     assert rejects("delivery", {**p, "delivery": {**p["delivery"], "record": {"first_seq": 1}}})
     bad_hash = {**rec, "entries_sha256": "xyz"}
     assert rejects("delivery", {**p, "delivery": {**p["delivery"], "record": bad_hash}})
+
+
+# ---- the declared seq skip -----------------------------------------------------------------
+
+
+def test_a_skip_names_the_topic_session_range_and_reason() -> None:
+    p = skip_payload(env(5), of_topic="events", of_session=2, first=10, last=10, reason="not_held")
+    check("skip", p)
+    assert p["skipped"] == {
+        "topic": "events",
+        "session": 2,
+        "first": 10,
+        "last": 10,
+        "reason": "not_held",
+    }
+    top = skip_payload(
+        env(6),
+        of_topic="applicator",
+        of_session=SEQ_MAX,
+        first=0,
+        last=SEQ_MAX,
+        reason="thinned",
+    )
+    check("skip", top)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "why"),
+    [
+        ({"of_topic": "skip"}, "of_topic"),
+        ({"of_topic": "status"}, "of_topic"),
+        ({"first": 5, "last": 4}, "first"),
+        ({"first": -1}, "first"),
+        ({"last": SEQ_MAX + 1}, "last"),
+        ({"of_session": 0}, "of_session"),
+        ({"reason": "lost"}, "reason"),
+        ({"first": True}, "first"),
+    ],
+)
+def test_a_skip_the_contract_does_not_allow_is_refused(kwargs: dict[str, Any], why: str) -> None:
+    args: dict[str, Any] = {
+        "of_topic": "telemetry",
+        "of_session": 1,
+        "first": 0,
+        "last": 0,
+        "reason": "unpublished",
+    }
+    with pytest.raises((ValueError, TypeError), match=why):
+        skip_payload(env(), **{**args, **kwargs})
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"topic": "skip"},
+        {"topic": "status"},
+        {"reason": "lost"},
+        {"first": -1},
+        {"last": SEQ_MAX + 1},
+        {"session": 0},
+        {"extra": 1},
+    ],
+)
+def test_the_skip_schema_refuses_what_the_builder_never_sends(change: dict[str, Any]) -> None:
+    p = skip_payload(
+        env(), of_topic="telemetry", of_session=1, first=0, last=3, reason="unpublished"
+    )
+    p["skipped"] = {**p["skipped"], **change}
+    assert rejects("skip", on_the_wire(p))
+    missing = skip_payload(
+        env(), of_topic="telemetry", of_session=1, first=0, last=3, reason="unpublished"
+    )
+    del missing["skipped"]["reason"]
+    assert rejects("skip", on_the_wire(missing))
