@@ -7,9 +7,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-# Debian package:command pairs the tests and the demo rely on.
+# Debian package:command pairs the tests and the demo rely on (orthanc and dcmtk: the DICOM
+# peers of the hand-off tests, started by the tests themselves, never as services).
 SYSTEM_PACKAGES := mosquitto:mosquitto mosquitto-clients:mosquitto_sub mbpoll:mbpoll \
-	chromium:chromium poppler-utils:pdftoppm dicom3tools:dciodvfy
+	chromium:chromium poppler-utils:pdftoppm dicom3tools:dciodvfy \
+	orthanc:Orthanc dcmtk:storescp
 # What building and testing the Debian package needs besides dpkg (`make deb`, the package
 # and unit tests): systemd-analyze and systemd-sysusers, Debian's own Python 3.11.
 PACKAGE_TOOLS := systemd:systemd-analyze python3.11:python3.11

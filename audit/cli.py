@@ -10,8 +10,7 @@
     iort-audit export PATH... --delivery ID --format csv|json|dicom --out FILE
                               [--table samples|events|applicator] [--pubkey FILE]
                               [--store DIR] [--allow-unverified]
-    iort-audit prove LOGDIR --delivery ID --out FILE ...; verify-bundle FILE --pubkey FILE
-                              (audit/bundle_cli.py)
+    iort-audit prove ...; verify-bundle ... (audit/bundle_cli.py); send (audit/send_cli.py)
 
 Exit status: 0 intact / done; 1 the log is not intact (the first bad entry is named:
 file, line, seq, what is wrong; a segment that is not a regular file, e.g. a FIFO or a
@@ -21,10 +20,9 @@ chain too and exit 1, after printing, when it is broken. ``report`` and ``export
 first and write nothing when it is broken, unless --allow-unverified (then the output says
 so, on every page of a report, and the exit status is still 1).
 
-``report`` and ``export --format dicom`` need the optional extra ``reports`` (reportlab,
-matplotlib, pydicom); they import it only when run, and without it exit 2 with one line
-naming the missing package and ``pip install 'iortd[reports]'``. Every other command works
-without it.
+``report``, ``export --format dicom`` and ``send`` need the extra ``reports`` (reportlab,
+matplotlib, pydicom, pynetdicom), imported only when run; without it they exit 2 naming
+the package and ``pip install 'iortd[reports]'``. Every other command works without it.
 """
 
 from __future__ import annotations
@@ -38,7 +36,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from iortd.audit import bundle_cli, keyring_cli, witnessed
+from iortd.audit import bundle_cli, keyring_cli, send_cli, witnessed
 from iortd.audit.export import applicator_csv, events_csv, json_export, samples_csv
 from iortd.audit.extra import dicom_exporter, report_renderer, with_extra
 from iortd.audit.handoff import load_report_keyring, read_hand_off
@@ -504,6 +502,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--out", type=Path, default=Path(), help="directory for NAME.key and NAME.pub")
     keyring_cli.add_parser(sub)
     bundle_cli.add_parsers(sub)
+    send_cli.add_parser(sub)
     v = sub.add_parser("verify", help="check the chain, seqs and signatures of a log")
     v.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="log directory or files")
     v.add_argument("--pubkey", type=Path, metavar="FILE", help="the daemon's public key (NAME.pub)")
@@ -591,6 +590,7 @@ def _main(argv: Sequence[str] | None) -> int:
         "export": _cmd_export,
         "prove": bundle_cli.run_prove,
         "verify-bundle": bundle_cli.run_verify_bundle,
+        "send": send_cli.run,
     }
     return handlers[args.command](args)
 

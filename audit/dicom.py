@@ -36,10 +36,14 @@ printed name and holder, UTC time, and the log seq where the Ed25519 signature i
 SOP Instance UID also derived from the sign-offs' seqs, Instance Number 1 + their count) in
 the same series, referencing the unsigned record by the RT General Treatment Record's
 Referenced Treatment Record Sequence (300C,0030, Type 3): a later sign-off sends a new
-instance, and every one of them names the first.
+instance, and every one of them names the first. So does an amendment (issue 23): a
+``delivery_amended`` makes a new instance (SOP Instance UID also from that entry's hash) in
+the same study and series, naming the first record; other entries of the delivery after
+its end (an alarm cleared) change nothing the record says, and leave it as it is.
 
-Deterministic: UIDs are derived from the log (origin, delivery id, the delivery's last
-entry hash; and whether it is the hand-off) under the UUID-derived root 2.25 (PS3.5 B.2);
+Deterministic: UIDs are derived from the log (origin, delivery id, the hash of the
+delivery's termination entry; whether it is the hand-off; for a later record, the last
+amendment's hash and the sign-offs' seqs) under the UUID-derived root 2.25 (PS3.5 B.2);
 dates and times come from the log; nothing from the clock. The same log (and store entry)
 gives the same bytes.
 """
@@ -191,22 +195,26 @@ def _overrides(d: Mapping[str, Any], beam_index: int) -> list[Dataset]:
     return out
 
 
-def _signoffs(ds: Dataset, rec: DeliveryRecord, key: tuple[str, ...]) -> None:
-    """The electronic sign-offs in words, and the reference to the unsigned record."""
-    if not rec.signoffs:
+def _later_instance(ds: Dataset, rec: DeliveryRecord, key: tuple[str, ...], later: bool) -> None:
+    """A record after the first (an amendment, sign-offs): the sign-offs in words, its
+    Instance Number, and the reference to the first record of the delivery."""
+    if rec.signoffs:
+        said = []
+        for e in rec.signoffs:
+            d = e["data"]
+            meaning = str(d.get("meaning")).replace("_", " ")
+            if d.get("reason"):
+                meaning += f" ({d['reason']})"
+            at = str(d.get("signed_at"))
+            at = at[:19] + "Z" if len(at) >= 19 else at
+            said.append(
+                f"{meaning} by {d.get('name')} ({d.get('by')}) {at}, audit log seq {e['seq']}"
+            )
+        text = "Electronic sign-off (Ed25519, in the iortd audit log): " + "; ".join(said)
+        ds.CommentsOnThePerformedProcedureStep = text[:1024]  # ST: at most 1024 characters
+    if not rec.signoffs and not later:
         return
-    said = []
-    for e in rec.signoffs:
-        d = e["data"]
-        meaning = str(d.get("meaning")).replace("_", " ")
-        if d.get("reason"):
-            meaning += f" ({d['reason']})"
-        at = str(d.get("signed_at"))
-        at = at[:19] + "Z" if len(at) >= 19 else at
-        said.append(f"{meaning} by {d.get('name')} ({d.get('by')}) {at}, audit log seq {e['seq']}")
-    text = "Electronic sign-off (Ed25519, in the iortd audit log): " + "; ".join(said)
-    ds.CommentsOnThePerformedProcedureStep = text[:1024]  # ST: at most 1024 characters
-    ds.InstanceNumber = str(1 + len(rec.signoffs))
+    ds.InstanceNumber = str(1 + len(rec.signoffs) + (1 if later else 0))
     ref = Dataset()
     ref.ReferencedSOPClassUID = RTBeamsTreatmentRecordStorage
     ref.ReferencedSOPInstanceUID = uid_for(*key, "instance")
@@ -231,15 +239,26 @@ def dicom_export(rec: DeliveryRecord, hand_off: Mapping[str, str] | None = None)
             "there is no treatment to record"
         )
     origin = rec.verification.origin or ""
+    # The first record of the delivery is keyed by its termination entry (its last entry
+    # when it ended; later entries that change nothing it says, an alarm cleared after the
+    # end, leave it as it is); an amendment makes a later record: a new instance in the
+    # same study and series that references the first.
+    term = [e for e in rec.events if e.get("type") == "delivery_terminated"]
+    first_hash = (term[-1].get("hash") if term else None) or rec.last_hash or ""
+    amends = [e for e in rec.events if e.get("type") == "delivery_amended"]
+    amended = [str(e.get("hash")) for e in amends]
+    later = bool(amended)
+    # The instance is as of the entry it records: the last amendment, else the end.
+    as_of = (amends or term or [{}])[-1].get("ts") or rec.last_ts
     # The hand-off names another patient identity: another object, with its own UIDs (one
     # store entry per treatment id, never rewritten, so still the same for the same log).
-    key: tuple[str, ...] = (origin, rec.delivery_id, rec.last_hash or "")
+    key: tuple[str, ...] = (origin, rec.delivery_id, first_hash)
     key += ("hand-off",) if hand_off is not None else ()
     plan, dev = rec.plan, rec.device
     preset = _num(rec.preset_gy) or 0.0
     planned_s = _num(rec.summary.get("planned_time_s"))
     expected_rate = _num(rec.summary.get("expected_rate_gy_min"))
-    start_ts, end_ts = rec.started or rec.first_ts, rec.last_ts
+    start_ts, end_ts = rec.started or rec.first_ts, as_of
     console_app = rec.summary.get("applicator")
     console_app = console_app if isinstance(console_app, dict) else {}
     # The applicator reader's identity at beam-on when the room has one (issue 16), else
@@ -252,8 +271,10 @@ def dicom_export(rec: DeliveryRecord, hand_off: Mapping[str, str] | None = None)
     ds.SpecificCharacterSet = "ISO_IR 192"
     # SOP Common
     ds.SOPClassUID = RTBeamsTreatmentRecordStorage
-    signed = [str(e["seq"]) for e in rec.signoffs]  # a new instance per sign-off state
-    ds.SOPInstanceUID = uid_for(*key, "instance", *signed) if signed else uid_for(*key, "instance")
+    # a new instance per state after the first: amended (which), signed (which)
+    state = ["amended", amended[-1]] if later else []
+    state += [str(e["seq"]) for e in rec.signoffs]
+    ds.SOPInstanceUID = uid_for(*key, "instance", *state)
     ds.InstanceCreationDate = _da(end_ts)
     ds.InstanceCreationTime = _tm(end_ts)
     ds.TimezoneOffsetFromUTC = "+0000"
@@ -290,14 +311,14 @@ def dicom_export(rec: DeliveryRecord, hand_off: Mapping[str, str] | None = None)
     ds.SeriesNumber = "1"
     ds.SeriesDescription = _lo(f"iortd audit log {origin}")
     ds.OperatorsName = ""
-    _signoffs(ds, rec, key)
+    _later_instance(ds, rec, key, later)
     # General Equipment: the recorder that produced this instance (iortd).
     ds.Manufacturer = "iortd"
     ds.ManufacturerModelName = "iortd delivery monitor"
     ds.SoftwareVersions = [_lo(rec.software_version or "unknown"), f"iort-audit {__version__}"]
     ds.StationName = _sh((rec.site or {}).get("room"))
     # RT General Treatment Record
-    if not rec.signoffs:
+    if not rec.signoffs and not later:
         ds.InstanceNumber = "1"
     ds.TreatmentDate = _da(start_ts)
     ds.TreatmentTime = _tm(start_ts)

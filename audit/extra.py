@@ -20,7 +20,7 @@ from iortd.auditlog.keyring import Keyring
 
 __all__ = ["INSTALL_REPORTS", "REPORTS_EXTRA", "dicom_exporter", "report_renderer", "with_extra"]
 
-REPORTS_EXTRA = ("reportlab", "matplotlib", "pydicom")
+REPORTS_EXTRA = ("reportlab", "matplotlib", "pydicom", "pynetdicom")
 INSTALL_REPORTS = "pip install 'iortd[reports]'"
 
 _T = TypeVar("_T")

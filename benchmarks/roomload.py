@@ -9,8 +9,9 @@ Each room here is what a daemon's live stream is made of, without the rest of th
   whose view makes the ``Sample`` / ``ApplicatorSample`` the daemon would hand its sinks
   (the same construction as daemon/service.py);
 * the real MQTT sink and outbox (daemon/mqtt/sink.py, outbox.py), one per room with its
-  own outbox directory and client id: every message is journaled and fsync'd before it is
-  published at QoS 1, replayed after an outage, and so on, exactly as in ``iortd run``.
+  own outbox directory and client id: every sample published at QoS 1 from memory within
+  a durable block of seqs and journaled in group commits, every event journaled before it
+  is published, replayed after an outage, and so on, exactly as in ``iortd run``.
 
 What is *not* here: the audit log, the health endpoint, the sink queue and the
 per-device tasks of the composition root. Of the command intake, only replay requests

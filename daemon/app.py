@@ -10,9 +10,9 @@ fails half-way, a crash of any task):
 2. the **sinks** (:func:`_open_sinks`: the operational log, the caller's own, the alarm
    ledger's (daemon/alarm_acks.py: rebuilt from the log before any sink runs, it feeds the
    MQTT sink's retained ``alarms`` topic and judges ``ack`` commands), the ``[[sinks]]``
-   plug-ins and the MQTT sink with its outbox when the config enables it),
-   each behind its own bounded queue, closed all at once, each within
-   ``SHUTDOWN_TIMEOUT_S``;
+   plug-ins and the MQTT sink with its outbox when the config enables it), each behind
+   its own bounded queue, lent ``record`` (daemon/sink_records.py: closed before
+   ``daemon_stop``), closed all at once, each within ``SHUTDOWN_TIMEOUT_S``;
 
 then builds the :class:`~iortd.daemon.service.Service` (tracker, record, dispatcher), the
 daemon's :class:`~iortd.daemon.health.Health` and metrics registry (daemon/metrics.py; its
@@ -87,6 +87,7 @@ from iortd.daemon.metrics import MetricsSink, build_registry
 from iortd.daemon.progress import DeviceProgress
 from iortd.daemon.service import RunResult, Service
 from iortd.daemon.sink_queue import QueuedSink, SinkLike, queued
+from iortd.daemon.sink_records import SinkRecorder
 from iortd.daemon.sink_registry import SinkRegistry, open_sinks
 from iortd.daemon.sinks import OperationalLogSink, Sink, SinkConfigError
 from iortd.daemon.tracker import DeliveryTracker
@@ -178,6 +179,7 @@ class App:
         # The alarm ledger, the retained alarms and the ack command (daemon/alarm_acks.py).
         self.alarms: alarm_acks.AlarmAcks | None = None
         self.witness: WitnessSubmitter | None = None  # with [[witness]] (witnessing.py)
+        self._recorder: SinkRecorder | None = None  # sinks' entries (sink_records.py)
 
     @property
     def tracker(self) -> DeliveryTracker:
@@ -213,6 +215,7 @@ class App:
             self.witness = await open_submitter(c.witness, audit, self._notice)
             if self.witness is not None:  # told each checkpoint once it is in the log
                 own.append(self.witness)
+            recorder = self._recorder = SinkRecorder(audit)  # SinkContext.record
             sinks = await _open_sinks(
                 c,
                 sinks_stack,
@@ -222,7 +225,10 @@ class App:
                 signer=self._signer,
                 broker_url=self._broker_url,
                 config_hash=self.loaded.sha256,
+                recorder=recorder,
+                notice=self._notice,
             )
+            recorder.connect(sinks)
             for w in watch:
                 w.connect(sinks)
             service = self._service = Service(
@@ -245,11 +251,11 @@ class App:
                 raise StartError(f"commands.keyring: {exc}") from None
             if self._intake is not None:  # each kind's handler (daemon/handlers.py)
                 try:
-                    await self.handlers.install(
-                        c, self._intake, audit, service, recovery, acks, sinks
-                    )
+                    await self.handlers.install(c, self._intake, audit, service, recovery, acks)
                 except VerificationTableError as exc:
                     raise StartError(f"verification.doserate_table: {exc}") from None
+                if (signoffs := self.handlers.signoffs) is not None:  # Sink.signed
+                    signoffs.on_signed = [s.signed for s in sinks]
             progress = {d.name: DeviceProgress(d.name) for d in c.devices}
             health = self.health = Health(c, audit, service.tracker, list(progress.values()))
             registry = build_registry(
@@ -354,6 +360,8 @@ class App:
             notifier.stopping("stopping: recording the stop and closing the audit log")
             service.wake_checkpoints()  # the checkpoint task sees the stop
             await asyncio.wait(until_stop)
+            if self._recorder is not None:  # no sink's entry after daemon_stop
+                self._recorder.close()
             await service.record_stop(SHUTDOWN_TIMEOUT_S)
             await service.drain(dispatcher, SHUTDOWN_TIMEOUT_S)
             notices.cancel(msg="shutdown")
@@ -455,6 +463,8 @@ async def _open_sinks(
     signer: Signer | None,
     broker_url: str | None,
     config_hash: str = "",
+    recorder: SinkRecorder | None = None,
+    notice: Callable[[str, str], None] | None = None,
 ) -> list[QueuedSink]:
     """Every sink of the run, each behind its own queue (:mod:`iortd.daemon.sink_queue`),
     in the order they are told: the operational log, the caller's own, the ``[[sinks]]``
@@ -480,6 +490,8 @@ async def _open_sinks(
             origin=origin,
             verifier=None if signer is None else signer.verifier,
             config_hash=config_hash,
+            record=None if recorder is None else recorder.for_sink,
+            notice=notice,
         )
     except SinkConfigError as exc:
         raise StartError(str(exc)) from None

@@ -19,7 +19,7 @@ kind stays ``no_handler``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from iortd.auditlog.recovery import RecoveryReport
@@ -63,7 +63,6 @@ class Handlers:
         service: Service,
         recovery: RecoveryReport,
         acks: alarm_acks.AlarmAcks,
-        sinks: Sequence[Any] = (),
     ) -> None:
         """Install every handler on ``intake``; raises VerificationTableError."""
         rx = self.prescriptions = await install_prescriptions(
@@ -89,7 +88,7 @@ class Handlers:
                 raise VerificationTableError(str(exc)) from None
         alarm_acks.install(intake, acks)
         self.acks = acks
-        self.replays = replay.install(intake, audit, sinks, service.notice)
+        self.replays = replay.install(intake, audit, intake.command_sinks, service.notice)
 
     def resume(self, tg: asyncio.TaskGroup) -> None:
         """Judge now the commands a crash left accepted but unhandled, each kind in its own

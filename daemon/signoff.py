@@ -28,7 +28,9 @@ Accepted: ``delivery_signed`` (durable) with ``delivery_id``, ``meaning``, ``rea
 ``by`` (holder), ``name`` (printed, from the keyring), ``roles``, ``signed_at`` (the
 envelope's ``issued_at``: when the physicist signed), ``record``, ``nonce`` and
 ``envelope`` (the whole signed command, so anyone can check the signature offline:
-``iort-audit verify --keyring``), then an ``info`` notice on ``events``. Refused:
+``iort-audit verify --keyring``), then an ``info`` notice on ``events``, then each sink's
+``signed`` callback (:attr:`Signoffs.on_signed`: the DICOM sender's ``when = "signoff"``).
+Refused:
 ``signoff_refused`` (``reason``, ``detail``, ``nonce``, ``by``, ``delivery_id`` when the
 body names one) and a ``critical`` notice. Both notices name the command's nonce and carry
 the answer's fields (daemon/answers.py), so a sender (the dashboard) can tell its own
@@ -58,7 +60,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -215,6 +217,9 @@ class Signoffs:
         self._notice = notice
         self._now = now or (lambda: datetime.now(UTC))
         self._orphans: list[Command] = []
+        # Told (delivery id, meaning) once delivery_signed is on disk: each sink's queue
+        # (Sink.signed; the DICOM sender's ``when = "signoff"``). Puts only: never waits.
+        self.on_signed: list[Callable[[str, str], Awaitable[None]]] = []
         self._lock = asyncio.Lock()  # one judged and recorded at a time (the duplicate rule)
 
     async def handle(self, cmd: Command) -> None:
@@ -235,6 +240,11 @@ class Signoffs:
             f"[nonce {cmd.nonce}]"
         )
         self._notice("info", answered(said, "done", kind="signoff", nonce=cmd.nonce))
+        for tell in self.on_signed:
+            try:
+                await tell(data["delivery_id"], data["meaning"])
+            except Exception:  # a sink's queue failing must not fail the recorded sign-off
+                log.exception("signoff_not_told", delivery=data["delivery_id"])
 
     async def _refuse(self, cmd: Command, exc: SignoffError) -> None:
         did = cmd.body.get("delivery_id")

@@ -18,7 +18,7 @@ refused, naming ``[mqtt]``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib.metadata import EntryPoint
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +27,7 @@ from iortd.auditlog.note import Verifier
 from iortd.daemon.sink_queue import DEFAULT_TIMEOUT_S, QueuedSink, queued
 from iortd.daemon.sinks import (
     Overflow,
+    Recorder,
     SinkConfigError,
     SinkContext,
     SinkFactory,
@@ -112,11 +113,14 @@ async def open_sinks(
     origin: str,
     verifier: Verifier | None,
     config_hash: str = "",
+    record: Callable[[str], Recorder] | None = None,
+    notice: Callable[[str, str], None] | None = None,
 ) -> list[QueuedSink]:
     """Build and start the configured sinks, each behind its own queue: the ``[[sinks]]``
     tables in file order, then the MQTT sink (``mqtt``: the ``[mqtt]`` table's options,
-    None when it is off), through the same registry. Raises SinkConfigError naming the
-    table, after closing those already started, when a factory or a start fails."""
+    None when it is off), through the same registry. ``record`` (given a sink's type, its
+    ``SinkContext.record``) and ``notice`` are lent to each. Raises SinkConfigError naming
+    the table, after closing those already started, when a factory or a start fails."""
     todo: list[tuple[str | None, str, str, Mapping[str, Any], SinkTable | None]] = [
         (f"sinks[{i}]", t.name or t.type, t.type, t.options, t) for i, t in enumerate(tables)
     ]
@@ -139,6 +143,9 @@ async def open_sinks(
                         origin=origin,
                         verifier=verifier,
                         config_hash=config_hash,
+                        log_directory=log_directory,
+                        record=None if record is None else record(kind),
+                        notice=notice,
                     ),
                 )
                 sink.name = name

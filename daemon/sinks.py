@@ -18,13 +18,21 @@ Callbacks run in the sink's own task, one at a time and in order, each bounded b
 sink's ``timeout_s``; an exception is logged (``sink_failed``) and the sink misses that
 item, nothing more. A callback must not block the event loop (file or database work goes
 through ``asyncio.to_thread`` or an async client).
+
+A sink that must put something on the record itself (the DICOM sender: each hand-off
+attempt's outcome) gets ``SinkContext.record``: one typed entry, of a type listed in
+:data:`SINK_ENTRY_TYPES`, appended through the daemon's writer and then shown on the
+other sinks (:meth:`Sink.report`: the MQTT sink's ``events`` topic); see
+:mod:`iortd.daemon.sink_records`. A sink that acts on a physicist's sign-off hears of it
+through :meth:`Sink.signed`, once the ``delivery_signed`` entry is on disk.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
 import structlog
@@ -57,7 +65,10 @@ from iortd.kernel.types import (
 )
 
 __all__ = [
+    "HANDOFF_OUTCOMES",
+    "HANDOFF_WHAT",
     "OVERFLOW_POLICIES",
+    "SINK_ENTRY_TYPES",
     "AlarmCleared",
     "AlarmRaised",
     "ApplicatorSample",
@@ -70,6 +81,7 @@ __all__ = [
     "OperationalLogSink",
     "Overflow",
     "PhaseChanged",
+    "Recorder",
     "Sample",
     "Sink",
     "SinkConfigError",
@@ -84,6 +96,32 @@ __all__ = [
 
 Overflow = Literal["drop_oldest", "block"]
 OVERFLOW_POLICIES: tuple[Overflow, ...] = ("drop_oldest", "block")
+
+# The entry types a sink may append through ``SinkContext.record`` (docs/audit-log.md
+# lists each one's fields), each with the one sink type (``[[sinks]] type``) that may write
+# it. A type is added here, never chosen by a plug-in: the record's vocabulary stays the
+# project's, and one plug-in cannot write another's entries.
+SINK_ENTRY_TYPES: Mapping[str, str] = MappingProxyType({"dicom_handoff": "dicom"})
+# A ``dicom_handoff`` entry's ``outcome`` and ``what`` (docs/audit-log.md; the events
+# schema lists the same words).
+HANDOFF_OUTCOMES: tuple[str, ...] = (
+    "queued",  # in the outbox, on disk, before any attempt
+    "stored",  # C-STORE success (0x0000)
+    "warning",  # C-STORE warning status: stored, the status says how
+    "failed",  # C-STORE failure status: retried
+    "refused",  # association rejected or aborted: retried
+    "unreachable",  # no connection (or a timeout): retried
+    "committed",  # Storage Commitment: the receiver says it holds the instance
+    "commit_failed",  # Storage Commitment failure (reason code in status): resent
+    "overdue",  # not handed off within the alarm bound: an alarm, still retried
+    "build_failed",  # the instances could not be built from the log: retried
+)
+HANDOFF_WHAT: tuple[str, ...] = ("record", "report")
+
+# ``SinkContext.record``: append one entry of a listed type; True once it is in the log
+# (or handed to a failing disk's spill), False when it was not recorded (the daemon is
+# stopping, the type is not listed, the data cannot be written faithfully).
+Recorder = Callable[[str, Mapping[str, Any]], Awaitable[bool]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +192,18 @@ class Sink:
         the host."""
         return None
 
+    async def signed(self, delivery_id: str, meaning: str) -> None:
+        """A physicist's sign-off of an ended delivery is on the record (its
+        ``delivery_signed`` entry is on disk): ``meaning`` is ``reviewed``, ``approved``
+        or ``approved_with_deviation``."""
+        return None
+
+    async def report(self, kind: str, data: Mapping[str, Any]) -> None:
+        """An entry a sink appended through ``SinkContext.record`` is on the record
+        (``kind`` from :data:`SINK_ENTRY_TYPES`; ``data`` as in the log): to show it (the
+        MQTT sink publishes it on ``events``)."""
+        return None
+
     async def notice(self, severity: str, message: str) -> None:
         """Out-of-band news that cannot wait for the record (the log itself failing);
         ``severity`` is ``"critical"`` or ``"info"``."""
@@ -206,7 +256,13 @@ class SinkContext:
     directory); not created until the sink creates it. ``origin``: the audit log's name
     (as in its checkpoints); ``verifier``: the public key its checkpoints are signed with
     (None when they are not signed), for a sink that keeps checkpoints off the host;
-    ``config_hash``: sha256 (hex) of the site config's bytes ("" when not known)."""
+    ``config_hash``: sha256 (hex) of the site config's bytes ("" when not known).
+    ``log_directory``: the audit log's directory, to READ the record from (never to
+    write). ``record``: appends one entry of a type :data:`SINK_ENTRY_TYPES` gives to this
+    sink's type (log
+    first, then every sink's :meth:`Sink.report`); None where nothing may be recorded
+    (a test's context). ``notice``: out-of-band news to every sink (``"critical"`` or
+    ``"info"``), as :meth:`Sink.notice` hears it: for an alarm that cannot wait."""
 
     site: str
     room: str
@@ -215,6 +271,9 @@ class SinkContext:
     origin: str = ""
     verifier: Verifier | None = None
     config_hash: str = ""
+    log_directory: Path | None = None
+    record: Recorder | None = None
+    notice: Callable[[str, str], None] | None = None
 
 
 class SinkFactory(Protocol):

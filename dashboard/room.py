@@ -336,6 +336,8 @@ class Room:
     events: deque[Held] = field(default_factory=deque)
     events_held_bytes: int = 0
     events_dropped: int = 0
+    # Seqs the room's daemon declared skipped (the skip topic): accounted for, never loss.
+    skipped_seqs: int = 0
     last_valid: float = 0.0  # monotonic time of the last valid message
     bytes: int = ROOM_BYTES
     notices: dict[str, int] = field(default_factory=dict)
@@ -389,6 +391,9 @@ class Room:
                 self.events_dropped += 1
         elif name == "applicator":
             self.applicator.add(payload, held, self.history_points)
+        elif name == "skip":
+            s = payload["skipped"]
+            self.skipped_seqs += s["last"] - s["first"] + 1
         else:
             if not payload["historical"]:
                 self.telemetry = held

@@ -45,6 +45,7 @@ STEMS = {
     "events": "events",
     "audit/checkpoint": "checkpoint",
     "alarms": "alarms",
+    "skip": "skip",
 }
 _REASON_MAX = 80
 

@@ -98,7 +98,7 @@ __all__ = [
     "point_of",
 ]
 
-STREAMS = ("telemetry", "applicator", "events")
+STREAMS = ("telemetry", "applicator", "events", "skip")
 NAMES = RETAINED + STREAMS
 # Topics of the contract (ARCHITECTURE: the signed commands in) that the dashboard does
 # not show: passed over, counted as ``ignored``, never as invalid, so that a room's card
@@ -302,6 +302,8 @@ class Rooms:
             raise Rejected(*why, room=key)
         if name == "alarms" and (why := alarm_error(p)) is not None:
             raise Rejected(*why, room=key)
+        if name == "skip" and p["skipped"]["first"] > p["skipped"]["last"]:
+            raise Rejected("skip: first > last", room=key)  # what the schema cannot say
         ts = epoch_ms(p["ts"])
         if wall is not None and ts is not None and ts > (wall + self.future_s) * 1000:
             # A future-dated message would win every comparison of time (SeqTrack); no

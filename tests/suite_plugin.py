@@ -65,6 +65,8 @@ ONE_UNIT: dict[str, str] = dict.fromkeys(
         "integration/test_applicator_rules_e2e.py",
         # 10 rooms at 10 Hz, three Mosquittos bridged, iort-ingest, a 10 s outage timeline
         "integration/test_fabric_fault.py",
+        # samples within half of a stalled fsync (0.75 s): not beside a swarm of processes
+        "integration/test_mqtt_stalled_disk.py",
     ),
     "realtime",
 )
@@ -77,6 +79,7 @@ FIRST: tuple[str, ...] = (
     "integration/test_verification_e2e.py",
     "unit/test_modbus_apl_fuzz.py",
     "integration/test_audit_tamper.py",
+    "integration/test_dicom_sink_e2e.py",  # ~28 s unloaded: three daemons, four Orthancs
     "integration/test_check_config_cli.py",
     "integration/test_mqtt_stream.py",
     "integration/test_audit_forger.py",
@@ -87,6 +90,7 @@ FIRST: tuple[str, ...] = (
     "integration/test_debian_package.py",
     "unit/test_mqtt_payloads.py",
     "unit/test_dashboard_fairness.py",
+    "integration/test_mqtt_crash.py",  # fifty SIGKILLs, about 25 s alone
     "integration/test_audit_crash.py",
     "unit/test_audit_canonical.py",
     "integration/test_cli.py",
@@ -94,6 +98,7 @@ FIRST: tuple[str, ...] = (
     "unit/test_audit_applicator.py",
     "integration/test_dashboard_cli.py",
     "integration/test_mqtt_security.py",
+    "integration/test_dicom_peers.py",
 )
 
 

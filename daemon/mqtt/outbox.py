@@ -1,33 +1,62 @@
-"""The MQTT outbox: on-disk store-and-forward with per-topic sequence numbers.
+"""The MQTT outbox: store-and-forward with per-topic sequence numbers, the disk off the
+live path.
 
 Why: the broker is a sink, never the record, and it can be away (restart, network, a
 crashed daemon). A subscriber must still end with every ``events``, ``telemetry`` and
-``applicator`` message, in order, none missing, and ``seq`` must never repeat, also
-across restarts.
+``applicator`` message, in order, or a declared skip in its place, and a ``seq`` must
+never be seen with two contents, also across restarts and power loss. And the live
+stream must not wait for the disk (issue 21: an fsync before each sample put every other
+writer on the disk on the physicist's screen).
 
 How:
 
-* Every message gets its ``seq`` here, and is written to a journal (JSON Lines segments,
-  ``outbox-<n>.jsonl``) and fsync'd **before** it is published. A ``seq`` the broker has
-  seen is therefore always on disk, and after any crash the next one is larger. Writes and
-  fsyncs run in a worker thread in groups, never on the event loop.
-* Stream messages (``telemetry``, ``applicator``, ``events``) stay *pending* until the
-  broker acknowledges them (QoS 1). ``acked_through`` -- the longest acknowledged prefix
-  -- is kept in ``state.json`` with the session counter and the next ``seq`` of every
-  topic; a segment goes once all in it is acknowledged and held ``retention_s`` (replays:
-  held.py). After a restart, pending messages from the previous run are replayed with
-  their original ``session`` and ``seq`` (marked ``historical`` by the publisher), so a
-  consumer that drops a repeated (``session``, ``seq``) misses nothing and sees nothing twice.
-* State messages (retained topics) are not queued: only the latest matters. They get a
-  ``seq`` when they are published and are journaled only so that the ``seq`` is durable.
+* Every message gets its ``seq`` here (:meth:`Outbox.next_seq`). A seq may be published
+  only once no later run can use it for other content (:meth:`Outbox.publishable`):
+  - samples (``telemetry``, ``applicator``) and the state topics go out **from memory**,
+    within a **block** of their topic's seqs made durable ahead of use: ``reserved`` in
+    ``state.json``, one atomic save (fsync) per RESERVE_BLOCK seqs, asked for when less
+    than half a block is left, so that no sample waits for it after the first of a run;
+  - ``events`` and ``skip`` go out only once **journaled** (written and fsync'd): events
+    are already in the audit log by then (log-first), and a crash can never lose one a
+    subscriber missed.
+* Stream records are journaled for replay (JSON Lines segments, ``outbox-<n>.jsonl``) in
+  group commits off the publishing path: a worker thread, samples at most every
+  COMMIT_INTERVAL_S, events at once. They stay *pending* until the broker acknowledges
+  them (QoS 1); ``acked_through`` -- the longest acknowledged prefix -- is kept in
+  ``state.json`` with the session counter, each topic's ``next_seq`` (one past its highest
+  journaled seq) and ``reserved``; a segment is deleted once everything in it is
+  acknowledged and it has been held ``retention_s`` (``[mqtt] replay_retention_s``: what
+  a replay request is served from, :meth:`Outbox.held`, daemon/mqtt/held.py). A sample
+  the broker acknowledged before its commit is journaled all the same (``next_seq`` then
+  covers it; its ``n`` is at or below ``acked_through``, so a
+  recovery does not replay it, or replays it once if the state was not saved since:
+  the same bytes, a repeat consumers drop). After a restart, pending messages from the
+  previous run are replayed with their original ``session`` and ``seq`` (marked
+  ``historical`` by the publisher): the same bytes as published live, so a consumer that
+  drops a repeated (``session``, ``seq``) misses nothing and sees nothing twice.
+* After a crash or power loss, a sample published from memory in the last group commit
+  and not acknowledged is not in the journal and cannot be replayed. The next run starts
+  each topic at the previous run's ``reserved`` (never below: nothing it publishes can
+  reuse a seq anyone saw) and declares the previous run's seqs from the journal's end to
+  ``reserved - 1`` on the ``skip`` topic (reason ``unpublished``): what a subscriber has
+  of that range is genuine, what it lacks is accounted for, never a silent gap. The skips
+  are journaled before the new session is saved (a crash in between declares them
+  again). A clean stop shrinks the blocks to what was handed out: nothing to declare.
+  The argument in full: docs/mqtt-topics.md, "Declared skips".
+* State messages (retained topics) are not queued and not journaled: only the latest
+  matters, and its seq is durable by its block.
 * Bounded: when pending bytes exceed ``max_bytes``, the oldest samples (``telemetry``
   and ``applicator``, each topic on its own) are thinned (every second one, oldest first,
   until below 3/4 of the bound) and the journal is compacted. Events are never dropped;
   the audit log keeps every sample regardless.
+* A disk that cannot be written (full): the journal and the blocks go on in memory, said
+  once, critical (``mqtt_outbox_write_failed``): a live view rather than a frozen one; a
+  crash before the disk recovers may then reuse seqs under the next session.
 
+The files (the journal's lines, ``state.json``, recovery) are daemon/mqtt/journal.py.
 Layout, inside the audit log's directory (and so under its LOCK)::
 
-    mqtt-outbox/state.json               session, next seq per topic, acked_through
+    mqtt-outbox/state.json               session, next_seq, reserved, acked_through
     mqtt-outbox/outbox-<n:016d>.jsonl    {"n": n, "t": topic, "r": retained, "p": payload}
     mqtt-outbox/quarantine/              unreadable segments set aside, never deleted
 """
@@ -37,11 +66,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +77,23 @@ import orjson
 import structlog
 
 from iortd.daemon.mqtt.held import held, retired
-from iortd.daemon.mqtt.payloads import SEQ_MAX, TOPICS, Payload
+from iortd.daemon.mqtt.journal import (
+    JOURNAL_FIRST,
+    RESERVE_BLOCK,
+    STATE_FILE,
+    OutboxError,
+    Record,
+    Recovered,
+    Segment,
+    journal_line,
+    recover,
+    save_state,
+)
+from iortd.daemon.mqtt.payloads import SEQ_MAX, TOPICS, Envelope, Payload, skip_payload
 from iortd.kernel.durable import fsync_dir, write_all, write_atomic
+from iortd.kernel.timefmt import utc_ts
 
-__all__ = ["STREAM_TOPICS", "Outbox", "OutboxError", "Record"]
+__all__ = ["JOURNAL_FIRST", "RESERVE_BLOCK", "STREAM_TOPICS", "Outbox", "OutboxError", "Record"]
 
 log = structlog.get_logger("iortd.mqtt")
 
@@ -60,218 +101,12 @@ STREAM_TOPICS = frozenset(t for t, spec in TOPICS.items() if not spec.retain)
 # The sample streams: under the bound, every second one of each is dropped, oldest first;
 # events never are.
 THINNED_TOPICS = ("telemetry", "applicator")
-STATE_FILE = "state.json"
-PREV_STATE_FILE = "state.copy.json"
-SEGMENT_RE = re.compile(r"^outbox-(\d{16})\.jsonl$")
 # Persist acked_through at most this often while publishing (a crash re-sends at most
 # this much, which consumers drop as repeats).
 STATE_SAVE_INTERVAL_S = 1.0
-
-
-class OutboxError(Exception):
-    """The outbox directory cannot be used (names the file and what is wrong)."""
-
-
-@dataclass(slots=True)
-class Record:
-    """One message, kept as its journal line only (memory is what the bound counts: a
-    parsed payload would cost several times the bytes). ``created_ns`` is this process's
-    monotonic clock at creation, -1 for a record recovered from disk."""
-
-    n: int
-    topic: str
-    retained: bool
-    seq: int
-    session: int
-    line: bytes  # {"n":..,"t":..,"r":..,"p":<body>}\n
-    body_at: int  # where the payload's bytes start in ``line``
-    created_ns: int
-    journaled: bool = False
-    done: bool = False  # acknowledged, thinned or superseded: nothing left to send
-
-    @property
-    def body(self) -> bytes:
-        """The payload as published live."""
-        return self.line[self.body_at : -2]
-
-    @property
-    def payload(self) -> Payload:
-        payload: Payload = orjson.loads(self.body)
-        return payload
-
-    def wire(self, *, historical: bool) -> bytes:
-        """The bytes to publish: the live body, or the same payload marked historical (the
-        envelope's ``historical`` is the first such key in the payload)."""
-        body = self.body
-        if not historical:
-            return body
-        return body.replace(b'"historical":false', b'"historical":true', 1)
-
-
-@dataclass(slots=True)
-class _Segment:
-    path: Path
-    first_n: int
-    last_n: int
-    size: int
-    acked_at: float | None = None  # monotonic, when seen fully acknowledged (held since)
-
-
-@dataclass(slots=True)
-class _Recovered:
-    session: int
-    next_seq: dict[str, int]
-    next_n: int
-    acked_through: int
-    pending: list[Record] = field(default_factory=list)
-    segments: list[_Segment] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    quarantined: bool = False
-
-
-def _save_state(directory: Path, state: bytes) -> None:
-    # Two copies, each replaced atomically: if one is ever unreadable (a disk error, an
-    # edit), the counters are not lost with it, and the other is just as new.
-    write_atomic(directory / STATE_FILE, state)
-    write_atomic(directory / PREV_STATE_FILE, state)
-
-
-def _line(n: int, topic: str, retained: bool, body: bytes) -> tuple[bytes, int]:
-    """The journal line around the payload's bytes as published (serialized once), and
-    where those bytes start in it."""
-    head = orjson.dumps({"n": n, "t": topic, "r": retained})[:-1] + b',"p":'
-    return head + body + b"}\n", len(head)
-
-
-def _quarantine(directory: Path, path: Path, why: str) -> str:
-    q = directory / "quarantine"
-    q.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    target = q / f"{path.name}.{stamp}"
-    path.replace(target)
-    return f"{path}: {why}; set aside as {target}"
-
-
-def _parse_state(raw: bytes) -> dict[str, Any]:
-    state = orjson.loads(raw)
-    if not isinstance(state, dict):
-        raise TypeError("not a JSON object")
-    ints = (state["session"], state["next_n"], state["acked_through"])
-    ints += tuple(state["next_seq"].values())
-    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= -1 for x in ints):
-        raise TypeError("session, next_n, acked_through and next_seq must be integers")
-    return state
-
-
-def _read_state(directory: Path) -> tuple[dict[str, Any] | None, list[str]]:
-    """The state, or its copy if the state is missing or unreadable."""
-    problems = []
-    for name in (STATE_FILE, PREV_STATE_FILE):
-        path = directory / name
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            continue
-        try:
-            state = _parse_state(raw)
-        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-            problems.append(_quarantine(directory, path, f"unreadable ({exc})"))
-            continue
-        if problems:
-            problems.append(f"{path}: the copy of the state was used instead")
-        return state, problems
-    return None, problems
-
-
-def _parse_line(raw: bytes) -> tuple[int, str, bool, Payload]:
-    """One journal line -> (n, topic, retained, payload); raises ValueError/TypeError."""
-    obj = orjson.loads(raw)
-    n, topic, retained, payload = obj["n"], obj["t"], obj["r"], obj["p"]
-    if topic not in TOPICS or not isinstance(n, int) or not isinstance(payload, dict):
-        raise TypeError("not an outbox record")
-    if not isinstance(payload["seq"], int) or not isinstance(payload["session"], int):
-        raise TypeError("payload without integer seq and session")
-    return n, topic, bool(retained), payload
-
-
-def _recovered_record(n: int, topic: str, payload: Payload, raw: bytes) -> Record:
-    at = raw.find(b',"p":') + 5
-    if at < 5 or not raw.endswith(b"}\n"):  # not our own serialization: make it so
-        raw, at = _line(n, topic, False, orjson.dumps(payload))
-    return Record(n, topic, False, payload["seq"], payload["session"], raw, at, -1, journaled=True)
-
-
-def _recover(directory: Path) -> _Recovered:
-    """Read state.json and the journal; what was not acknowledged becomes pending."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for leftover in directory.glob("*.tmp"):  # a save cut short: never renamed, not used
-        leftover.unlink()
-    state, problems = _read_state(directory)
-    rec = _Recovered(
-        session=0 if state is None else state["session"],
-        next_seq=dict.fromkeys(TOPICS, 0),
-        next_n=0 if state is None else state["next_n"],
-        acked_through=-1 if state is None else state["acked_through"],
-    )
-    rec.problems += problems
-    if state is not None:
-        for t, v in state["next_seq"].items():
-            if t in rec.next_seq:
-                rec.next_seq[t] = max(rec.next_seq[t], v)
-    seen: dict[int, Record] = {}
-    names = sorted(p for p in directory.iterdir() if SEGMENT_RE.match(p.name))
-    for i, path in enumerate(names):
-        data = path.read_bytes()
-        pos = 0
-        first_n: int | None = None
-        last_n = -1
-        lineno = 0
-        bad: list[str] = []
-        while pos < len(data):
-            lineno += 1
-            nl = data.find(b"\n", pos)
-            raw = data[pos:] if nl < 0 else data[pos : nl + 1]
-            pos = len(data) if nl < 0 else nl + 1
-            try:
-                if nl < 0:
-                    raise ValueError("incomplete line")  # noqa: TRY301 - handled below
-                n, topic, retained, payload = _parse_line(raw)
-            except (ValueError, KeyError, TypeError) as exc:
-                if i == len(names) - 1 and nl < 0:
-                    # A write cut short by a crash: the torn tail was never published
-                    # (publishing waits for the fsync), so it is dropped.
-                    with open(path, "r+b") as f:
-                        f.truncate(len(data) - len(raw))
-                        os.fsync(f.fileno())
-                    rec.problems.append(f"{path}: line {lineno}: torn tail dropped ({exc})")
-                else:
-                    bad.append(f"line {lineno}: {exc}")
-                continue
-            first_n = n if first_n is None else first_n
-            last_n = max(last_n, n)
-            rec.next_seq[topic] = max(rec.next_seq[topic], payload["seq"] + 1)
-            rec.session = max(rec.session, payload["session"])
-            rec.next_n = max(rec.next_n, n + 1)
-            if n > rec.acked_through and not retained and n not in seen:
-                seen[n] = _recovered_record(n, topic, payload, raw)
-        if bad:
-            # A line that cannot be read may have held any topic's highest seq: skip past
-            # it for every topic (a gap, never a repeat).
-            for t in rec.next_seq:
-                rec.next_seq[t] += len(bad)
-            # Set aside as evidence; what could be read is written again (compaction).
-            why = "; ".join(bad) + "; every other line was kept"
-            rec.problems.append(_quarantine(directory, path, why))
-            rec.quarantined = True
-        elif first_n is not None:
-            rec.segments.append(_Segment(path, first_n, last_n, path.stat().st_size))
-        else:
-            path.unlink()  # empty segment
-    rec.pending = [seen[n] for n in sorted(seen)]
-    rec.session += 1
-    if rec.session > SEQ_MAX:
-        raise OutboxError(f"{directory / STATE_FILE}: session counter exhausted")
-    return rec
+# Samples are journaled in groups at most this often (events at once): the journal is for
+# replay only, off the publishing path.
+COMMIT_INTERVAL_S = 0.02
 
 
 async def _uncancellable(fn: Callable[..., None], *args: Any) -> None:
@@ -299,25 +134,34 @@ class Outbox:
     worker thread inside :meth:`run` (one batch at a time).
     """
 
-    def __init__(self, directory: Path, max_bytes: int, rec: _Recovered) -> None:
+    def __init__(self, directory: Path, max_bytes: int, rec: Recovered) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
-        self.retention_s, self._compact_acked = 0.0, -1  # acknowledged ones held (open())
-        self._run_n = rec.next_n  # a run never appends to a segment of an earlier run
         self.session = rec.session
         self._next_seq = rec.next_seq
+        # Seqs below this are covered by a saved state (or the journal): publishable. Empty
+        # until a topic's first use asks for its block.
+        self._reserved = dict(rec.next_seq)
+        self._reserve: set[str] = set()  # the topics that want a block
+        # Per topic, one past the highest seq journaled: state.json's next_seq, from which
+        # a recovery declares what it cannot replay.
+        self._journaled_next = dict(rec.next_seq)
         self._next_n = rec.next_n
         self.acked_through = rec.acked_through
         self._saved_acked = rec.acked_through
         self._segments = rec.segments
+        self.retention_s, self._compact_acked = 0.0, -1  # acknowledged ones held (open())
+        self._run_n = rec.next_n  # a run never appends to a segment of an earlier run
         self._segment_max = max(64 * 1024, min(16 * 1024 * 1024, max_bytes // 8))
         self.pending: deque[Record] = deque(rec.pending)
         self.pending_bytes = sum(len(r.line) for r in self.pending)
         self._io = asyncio.Lock()  # one disk batch at a time
         self._unjournaled: list[Record] = []
         self._wake = asyncio.Event()
-        self._journaled = asyncio.Event()
-        self.changed = asyncio.Event()  # new journaled records (for the publisher)
+        self._urgent = asyncio.Event()  # an event to journal or a seq beyond the block
+        self._last_commit = 0.0
+        self._progress = asyncio.Event()  # a batch journaled or a block saved
+        self.changed = asyncio.Event()  # records became publishable (for the publisher)
         self._compact = False
         self._thin_again_at = 0  # when thinning could not get below the bound: retry later
         self._closing = False
@@ -335,16 +179,34 @@ class Outbox:
     async def open(cls, directory: Path, max_bytes: int, *, retention_s: float = 0.0) -> Outbox:
         """Recover the outbox and start a new session (persisted before anything is sent)."""
         try:
-            rec = await asyncio.to_thread(_recover, directory)
+            rec = await asyncio.to_thread(recover, directory)
         except OSError as exc:
             raise OutboxError(f"{directory}: {exc.strerror or exc}") from None
         for problem in rec.problems:
             log.error("mqtt_outbox_damaged", problem=problem)
         self = cls(directory, max_bytes, rec)
         self.retention_s = retention_s
+        ts = utc_ts(datetime.now(UTC))
+        for topic, session, first, last in rec.skips:
+            env = Envelope(self.next_seq("skip"), self.session, ts)
+            payload = skip_payload(
+                env, of_topic=topic, of_session=session, first=first, last=last,
+                reason="unpublished",
+            )  # fmt: skip
+            self.add("skip", payload)
+            log.warning(
+                "mqtt_seq_skip_declared",
+                topic=topic, session=session, first=first, last=last, reason="unpublished",
+            )  # fmt: skip
         try:
+            # The skips are on disk before the state forgets the reservation they declare
+            # (a crash in between declares it again, under the next session).
+            if self._unjournaled:
+                batch, self._unjournaled = self._unjournaled, []
+                await asyncio.to_thread(self._write, batch, None, b"")
+                self._journaled_batch(batch)
             state = self._state_bytes(self.acked_through)
-            await asyncio.to_thread(_save_state, directory, state)
+            await asyncio.to_thread(save_state, directory, state)
         except OSError as exc:
             raise OutboxError(f"{directory / STATE_FILE}: {exc.strerror or exc}") from None
         if self.pending:
@@ -358,25 +220,35 @@ class Outbox:
     # ---- making records ----------------------------------------------------------------
 
     def next_seq(self, topic: str) -> int:
-        """Allocate the next ``seq`` of ``topic`` (durable once a record holding it is)."""
+        """Allocate the next ``seq`` of ``topic``. Publishable once durable: inside a saved
+        block of its topic, or (``events``, ``skip``) once its record is journaled."""
         seq = self._next_seq[topic]
         if seq >= SEQ_MAX:  # the counter itself must stay a 64-bit value
             raise OverflowError(f"seq of {topic} exhausted")
         self._next_seq[topic] = seq + 1
+        if topic not in JOURNAL_FIRST and seq + RESERVE_BLOCK // 2 >= self._reserved[topic]:
+            self._reserve.add(topic)
+            if seq >= self._reserved[topic]:
+                self._urgent.set()  # it waits for the block: no commit interval
+            self._wake.set()
         return seq
 
     def add(self, topic: str, payload: Payload) -> Record:
         """Queue a message (its payload already holds the ``seq`` from :meth:`next_seq`).
         Stream messages stay pending until acknowledged; a state message is the caller's
-        to publish once journaled (:meth:`wait_journaled`) and to :meth:`ack`."""
+        to publish once publishable (:meth:`wait_publishable`) and to :meth:`ack`. Only
+        stream records are journaled: a state message is never replayed, and its ``seq``
+        is durable by its block."""
         retained = topic not in STREAM_TOPICS
         n = self._next_n
         self._next_n += 1
-        line, at = _line(n, topic, retained, orjson.dumps(payload))
+        line, at = journal_line(n, topic, retained, orjson.dumps(payload))
         seq, session = payload["seq"], payload["session"]
         rec = Record(n, topic, retained, seq, session, line, at, time.monotonic_ns())
-        self._unjournaled.append(rec)
         if not retained:
+            self._unjournaled.append(rec)
+            if topic in JOURNAL_FIRST:
+                self._urgent.set()
             self.pending.append(rec)
             self.pending_bytes += len(rec.line)
             if self.pending_bytes > max(self.max_bytes, self._thin_again_at):
@@ -384,17 +256,28 @@ class Outbox:
         self._wake.set()
         return rec
 
+    def publishable(self, rec: Record) -> bool:
+        """Whether ``rec`` may go out: a subscriber may see its ``seq`` only once no later
+        run can use it for other content (module docstring)."""
+        if rec.topic in JOURNAL_FIRST or rec.created_ns < 0:
+            return rec.journaled
+        return rec.seq < self._reserved[rec.topic]
+
     async def wait_journaled(self, rec: Record) -> None:
         while not rec.journaled:
-            self._journaled.clear()
-            await self._journaled.wait()
+            self._progress.clear()
+            await self._progress.wait()
+
+    async def wait_publishable(self, rec: Record) -> None:
+        while not self.publishable(rec):
+            self._progress.clear()
+            await self._progress.wait()
 
     def unsent(self) -> Iterator[Record]:
-        """Pending stream records that are journaled (publishable), in order."""
+        """Pending stream records that are publishable, in order within each topic (a
+        sample never waits behind an event's journal commit)."""
         for rec in self.pending:
-            if not rec.journaled:
-                return
-            if not rec.done:
+            if not rec.done and self.publishable(rec):
                 yield rec
 
     async def held(self, topic: str, session: int, first: int, last: int) -> list[Record]:
@@ -424,6 +307,7 @@ class Outbox:
         low = self.max_bytes * 3 // 4
         dropped: list[int] = []
         by_topic: dict[str, list[int]] = {t: [] for t in THINNED_TOPICS}
+        ranges: dict[tuple[str, int], tuple[int, int]] = {}  # (topic, session) -> seqs
         while self.pending_bytes > low:
             before = len(dropped)
             # Alternate per topic: one alternation over interleaved streams would drop
@@ -440,6 +324,8 @@ class Outbox:
                     self.pending_bytes -= len(rec.line)
                     dropped.append(rec.seq)
                     by_topic[rec.topic].append(rec.seq)
+                    lo, hi = ranges.get((rec.topic, rec.session), (rec.seq, rec.seq))
+                    ranges[(rec.topic, rec.session)] = (min(lo, rec.seq), max(hi, rec.seq))
             if len(dropped) == before:
                 break  # only events (and samples not yet on disk) left: never dropped
         # Events (never dropped) may hold the outbox above its bound: do not walk it all
@@ -451,6 +337,18 @@ class Outbox:
         self.pending = deque(r for r in self.pending if not r.done)
         self._settle()
         self.thinned += len(dropped)
+        # Declared, each topic and session one range: queued behind the samples of the
+        # range that were kept, so a consumer has them before it reads the declaration.
+        ts = utc_ts(datetime.now(UTC))
+        for (topic, session), (first, last) in ranges.items():
+            env = Envelope(self.next_seq("skip"), self.session, ts)
+            self.add(
+                "skip",
+                skip_payload(
+                    env, of_topic=topic, of_session=session, first=first, last=last,
+                    reason="thinned",
+                ),
+            )  # fmt: skip
         self._compact = True  # free the bytes on disk too
         log.warning(
             "mqtt_outbox_thinned",
@@ -467,12 +365,21 @@ class Outbox:
     # ---- the journal -------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Journal new records in groups (write + fsync in a thread), delete segments
-        that are fully acknowledged, and save the state now and then. Ends at close."""
+        """Save the next block of seqs ahead of use, journal new records in groups (write +
+        fsync in a thread; samples at most every COMMIT_INTERVAL_S, events at once), delete
+        segments that are fully acknowledged, and save the state now and then. Ends at
+        close."""
         while True:
             await self._wake.wait()
             self._wake.clear()
+            wait = self._last_commit + COMMIT_INTERVAL_S - time.monotonic()
+            if wait > 0 and not (self._closing or self._urgent.is_set()):
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._urgent.wait()
+            self._urgent.clear()
             await self._flush()
+            self._last_commit = time.monotonic()
             if self._closing and not self._unjournaled:
                 return
 
@@ -481,6 +388,8 @@ class Outbox:
             await self._flush_locked()
 
     async def _flush_locked(self) -> None:
+        if self._reserve:
+            await self._reserve_block()
         batch, self._unjournaled = self._unjournaled, []
         # Everything the thread reads is taken here, on the loop: the loop goes on adding
         # and acknowledging while the thread writes.
@@ -506,15 +415,44 @@ class Outbox:
                     self._wake.set()
                 self.degraded = None
             finally:
+                if self.degraded is None:
+                    self._journaled_batch(batch)
                 for rec in batch:
-                    rec.journaled = True
-                self._journaled.set()
+                    rec.journaled = True  # or, degraded, published from memory
+                self._progress.set()
                 self.changed.set()
         due = time.monotonic() - self._last_save >= STATE_SAVE_INTERVAL_S
         if self.acked_through != self._saved_acked and (due or self._closing):
             with contextlib.suppress(OSError):
                 acked = self.acked_through
                 await _uncancellable(self._retire, acked, self._state_bytes(acked))
+
+    def _journaled_batch(self, batch: list[Record]) -> None:
+        for rec in batch:
+            rec.journaled = True
+            if rec.seq >= self._journaled_next[rec.topic]:
+                self._journaled_next[rec.topic] = rec.seq + 1
+
+    async def _reserve_block(self) -> None:
+        """Save a new block for every topic with less than half a block left. Until it is
+        saved, no seq beyond the last saved block goes out. If the state cannot be saved
+        (a full disk), the block is taken anyway, as the journal's degraded mode does:
+        said loudly, and the exception documented (docs/mqtt-topics.md)."""
+        topics, self._reserve = self._reserve, set()
+        want = dict(self._reserved)
+        for t in topics:
+            want[t] = min(SEQ_MAX, max(want[t], self._next_seq[t] + RESERVE_BLOCK))
+        try:
+            state = self._state_bytes(self.acked_through, want)
+            await _uncancellable(save_state, self.directory, state)
+        except OSError as exc:
+            if self.degraded is None:
+                log.critical("mqtt_outbox_write_failed", error=str(exc))
+            self.degraded = str(exc)
+        for t, bound in want.items():
+            self._reserved[t] = max(self._reserved[t], bound)
+        self._progress.set()
+        self.changed.set()
 
     def _write(self, batch: list[Record], live: list[Record] | None, state: bytes) -> None:
         if live is not None:
@@ -524,7 +462,7 @@ class Outbox:
         seg = self._segments[-1] if self._segments else None
         if seg is None or seg.size >= self._segment_max or seg.last_n < self._run_n:
             path = self.directory / f"outbox-{batch[0].n:016d}.jsonl"
-            seg = _Segment(path, batch[0].n, batch[0].n, 0)
+            seg = Segment(path, batch[0].n, batch[0].n, 0)
             self._segments.append(seg)
             new = True
         else:
@@ -553,14 +491,14 @@ class Outbox:
         the state (every ``seq`` handed out) is saved first, since the segments about to go
         may hold the highest ones; the new segment is complete and renamed before any old
         one goes; recovery takes each ``n`` once."""
-        _save_state(self.directory, state)
+        save_state(self.directory, state)
         old = list(self._segments)
-        held = self.retention_s > 0
-        self._segments = [s for s in old if held and s.last_n <= self._compact_acked]
+        keep_held = self.retention_s > 0
+        self._segments = [s for s in old if keep_held and s.last_n <= self._compact_acked]
         if live:
             path = self.directory / f"outbox-{live[0].n:016d}.jsonl"
             write_atomic(path, b"".join(r.line for r in live))
-            self._segments.append(_Segment(path, live[0].n, live[-1].n, path.stat().st_size))
+            self._segments.append(Segment(path, live[0].n, live[-1].n, path.stat().st_size))
         keep = {s.path for s in self._segments}
         for seg in old:
             if seg.path not in keep:
@@ -571,29 +509,41 @@ class Outbox:
         """Save the state, then delete segments that hold nothing unacknowledged (the
         current one too: the next batch starts a fresh segment) once held
         ``retention_s``, or beyond ``max_bytes`` of them, oldest first."""
-        _save_state(self.directory, state)
+        save_state(self.directory, state)
         self._saved_acked = acked
         self._last_save = time.monotonic()
         for _ in range(retired(self._segments, acked, self.retention_s, self.max_bytes)):
             self._segments.pop(0).path.unlink(missing_ok=True)
 
-    def _state_bytes(self, acked: int) -> bytes:
+    def _state_bytes(self, acked: int, reserved: dict[str, int] | None = None) -> bytes:
+        """``next_seq``: one past each topic's highest journaled seq (and, for a state
+        topic, never journaled, the seqs handed out); ``reserved``: each topic's saved
+        block (a new run starts there and declares what it cannot replay below it)."""
+        next_seq = {
+            t: self._journaled_next[t] if t in STREAM_TOPICS else nxt
+            for t, nxt in self._next_seq.items()
+        }
         state = {
             "session": self.session,
             "next_n": self._next_n,
             "acked_through": acked,
-            "next_seq": dict(self._next_seq),
+            "next_seq": next_seq,
+            "reserved": dict(self._reserved if reserved is None else reserved),
         }
         return orjson.dumps(state, option=orjson.OPT_INDENT_2)
 
     async def close(self) -> None:
-        """Journal what is left, save the state. Pending records stay for the next run."""
+        """Journal what is left, save the state. Pending records stay for the next run.
+        The blocks shrink to the seqs handed out: after a clean stop, the next run
+        continues without a hole (what could not be journaled is declared, as after a
+        crash)."""
         self._closing = True
         self._wake.set()
         async with self._io:
             await self._flush_locked()
             try:
                 acked = self.acked_through
-                await _uncancellable(self._retire, acked, self._state_bytes(acked))
+                state = self._state_bytes(acked, dict(self._next_seq))
+                await _uncancellable(self._retire, acked, state)
             except OSError as exc:
                 log.error("mqtt_outbox_state_not_saved", error=str(exc))  # noqa: TRY400

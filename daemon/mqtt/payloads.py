@@ -41,9 +41,10 @@ __all__ = [
     "EVENTS_TOPIC_KINDS",
     "EVENT_KINDS",
     "NOTICE_KIND",
+    "REPORT_FIELDS",
     "SCHEMA",
+    "SKIPPABLE_TOPICS",
     "SKIP_REASONS",
-    "SKIP_TOPICS",
     "TOPICS",
     "Envelope",
     "Payload",
@@ -55,6 +56,7 @@ __all__ = [
     "event_payloads",
     "interlocks_payload",
     "notice_payload",
+    "report_payload",
     "skip_payload",
     "status_payload",
     "telemetry_payload",
@@ -71,7 +73,20 @@ EVENT_KINDS: tuple[str, ...] = EVENT_TYPES
 # wait for the record (the audit log itself failing): not in the log, by their nature.
 NOTICE_KIND = "daemon_notice"
 NOTICE_SEVERITIES = ("critical", "info")
-EVENTS_TOPIC_KINDS: tuple[str, ...] = (*EVENT_KINDS, NOTICE_KIND)
+# What ``events`` shows of a sink's entry (daemon/sink_records.py), by kind: these fields of
+# the entry's data, as recorded (docs/schemas/v1/events.schema.json). Never patient data.
+REPORT_FIELDS: dict[str, tuple[str, ...]] = {
+    "dicom_handoff": (
+        "destination",
+        "what",
+        "sop_instance_uid",
+        "outcome",
+        "status",
+        "detail",
+        "attempt",
+    ),
+}
+EVENTS_TOPIC_KINDS: tuple[str, ...] = (*EVENT_KINDS, NOTICE_KIND, *REPORT_FIELDS)
 
 Payload = dict[str, Any]
 
@@ -93,11 +108,13 @@ TOPICS: Mapping[str, TopicSpec] = MappingProxyType(
         "events": TopicSpec(qos=1, retain=False),
         "audit/checkpoint": TopicSpec(qos=1, retain=True),
         "alarms": TopicSpec(qos=1, retain=True),
+        # Declared seq skips of the streams (skip_payload): a stream itself.
         "skip": TopicSpec(qos=1, retain=False),
     }
 )
-# A ``skip`` declares seqs of one of these streams that will never arrive (skip_payload).
-SKIP_TOPICS = ("telemetry", "applicator", "events")
+# The streams whose seqs a skip can declare (never ``skip`` itself: a skip is never
+# skipped), and why they were skipped (docs/mqtt-topics.md, "Declared skips").
+SKIPPABLE_TOPICS = ("telemetry", "applicator", "events")
 SKIP_REASONS = ("unpublished", "not_held", "thinned")
 
 _BAD_SEGMENT = re.compile(r"[/+#\x00]")
@@ -450,6 +467,22 @@ def notice_payload(
     return out
 
 
+def report_payload(env: Envelope, kind: str, data: Mapping[str, Any]) -> Payload | None:
+    """``events``, a sink's recorded entry (``kind`` from REPORT_FIELDS): the delivery it
+    concerns and the listed fields (absent ones null); None for a kind not listed."""
+    fields = REPORT_FIELDS.get(kind)
+    if fields is None:
+        return None
+    did = data.get("delivery_id")
+    return {
+        **env.fields(),
+        "kind": kind,
+        "delivery_id": did if isinstance(did, str) else None,
+        "at": env.ts,
+        **{f: data.get(f) for f in fields},
+    }
+
+
 def checkpoint_payload(env: Envelope, note: str, cosignatures: Sequence[str] = ()) -> Payload:
     """``audit/checkpoint`` (retained): the latest signed checkpoint, parsed for display
     (origin, entry count, head hash in hex) and whole (``note``) for verification off the
@@ -474,19 +507,30 @@ def checkpoint_payload(env: Envelope, note: str, cosignatures: Sequence[str] = (
 def skip_payload(
     env: Envelope, *, of_topic: str, of_session: int, first: int, last: int, reason: str
 ) -> Payload:
-    """``skip``: the seqs ``first..last`` (inclusive) of stream ``of_topic`` in session
-    ``of_session`` will never arrive, and why: ``unpublished`` (reserved, never published
-    before a crash or stop), ``not_held`` (a replay asked for what the room no longer
-    holds), ``thinned`` (dropped under the outbox's byte bound). A consumer counts a
-    declared range as accounted for, never as loss. Raises ValueError for a range no
-    consumer could use."""
-    if of_topic not in SKIP_TOPICS:
-        raise ValueError(f"skip of {of_topic!r}: expected one of {', '.join(SKIP_TOPICS)}")
+    """``skip``: seqs ``first`` .. ``last`` (inclusive) of stream ``of_topic`` in session
+    ``of_session`` will never be published with content, and a consumer counts them as
+    accounted for, never as loss. ``reason``: ``unpublished`` (reserved in a durable block,
+    not published before a crash or stop: daemon/mqtt/outbox.py), ``not_held`` (a replay
+    asked for what the room no longer holds), ``thinned`` (dropped under the outbox's byte
+    bound). ``of_session`` may be older than the envelope's session."""
+    if of_topic not in SKIPPABLE_TOPICS:
+        raise ValueError(f"skip of_topic {of_topic!r}: expected one of {SKIPPABLE_TOPICS}")
     if reason not in SKIP_REASONS:
-        raise ValueError(f"skip reason {reason!r}: expected one of {', '.join(SKIP_REASONS)}")
+        raise ValueError(f"skip reason {reason!r}: expected one of {SKIP_REASONS}")
     if not _is_int(of_session) or not 1 <= of_session <= SEQ_MAX:
         raise ValueError(f"skip of_session {of_session!r}: must be an integer in 1..2**64-1")
-    if not (_is_int(first) and _is_int(last) and 0 <= first <= last <= SEQ_MAX):
-        raise ValueError(f"skip range {first!r}..{last!r}: need 0 <= first <= last < 2**64")
-    skipped = {"topic": of_topic, "session": of_session, "first": first, "last": last}
-    return {**env.fields(), "skipped": {**skipped, "reason": reason}}
+    for what, x in (("first", first), ("last", last)):
+        if not _is_int(x) or not 0 <= x <= SEQ_MAX:
+            raise ValueError(f"skip {what} {x!r}: must be an integer in 0..2**64-1")
+    if first > last:
+        raise ValueError(f"skip first {first} > last {last}: an empty or reversed range")
+    return {
+        **env.fields(),
+        "skipped": {
+            "topic": of_topic,
+            "session": of_session,
+            "first": first,
+            "last": last,
+            "reason": reason,
+        },
+    }

@@ -27,14 +27,15 @@ the consumer asks again (its gap is still open). The sink (daemon/mqtt/sink.py) 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from iortd.daemon.mqtt.outbox import Outbox, Record
-from iortd.daemon.mqtt.payloads import SEQ_MAX, SKIP_TOPICS, Envelope, skip_payload
+from iortd.daemon.mqtt.payloads import SEQ_MAX, SKIPPABLE_TOPICS, Envelope, skip_payload
 
 __all__ = [
     "MAX_SPAN",
@@ -100,8 +101,8 @@ def parse_range(body: Mapping[str, Any]) -> ReplayRange:
     if set(body) != _BODY_KEYS:
         raise ReplayRefused("malformed_body", f"the body holds exactly {sorted(_BODY_KEYS)}")
     topic, session, first, last = body["topic"], body["session"], body["first"], body["last"]
-    if topic not in SKIP_TOPICS:
-        raise ReplayRefused("malformed_body", f"topic: one of {', '.join(SKIP_TOPICS)}")
+    if topic not in SKIPPABLE_TOPICS:
+        raise ReplayRefused("malformed_body", f"topic: one of {', '.join(SKIPPABLE_TOPICS)}")
     if not (_int(session) and 1 <= session <= SEQ_MAX):
         raise ReplayRefused("malformed_body", "session: an integer in 1..2**64-1")
     if not (_int(first) and _int(last) and 0 <= first <= last <= SEQ_MAX):
@@ -129,12 +130,15 @@ class ReplayServer:
 
     def __init__(
         self,
-        *,
         rate_per_s: float,
         max_per_minute: int,
         wake: Callable[[], None] = lambda: None,
+        retention_s: float = 0.0,
+        *,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``retention_s``: how long the outbox holds what was acknowledged (the sink
+        opens it with that)."""
         self.rate_per_s = rate_per_s
         self.max_per_minute = max_per_minute
         self.wake = wake  # the sink's: something to send
@@ -144,6 +148,9 @@ class ReplayServer:
         self.queued_bytes = 0
         self._tokens = 0.0
         self._filled_at = monotonic()
+        self.retention_s = retention_s
+        # The last seq the sink handed out per topic in this run: a range is cut there.
+        self.handed: dict[str, int] = {}
         self.sent = 0  # messages sent again, since start
         self.served = 0  # requests served, since start
 
@@ -165,16 +172,15 @@ class ReplayServer:
         self,
         outbox: Outbox,
         rng: ReplayRange,
-        last_handed_out: int,
         skip_env: Callable[[], Envelope],
     ) -> Served:
         """Queue what ``outbox`` holds of ``rng``; declare each missing run on ``skip``
-        (``not_held``, in the envelope ``skip_env`` makes). ``last_handed_out``: the
-        topic's last seq so far (-1: none). A session newer than the outbox's is refused
-        (``unknown_session``)."""
+        (``not_held``, in the envelope ``skip_env`` makes). The range is cut at the last
+        seq handed out on its topic in this run (:attr:`handed`; not cut before the
+        first). A session newer than the outbox's is refused (``unknown_session``)."""
         if rng.session > outbox.session:
             raise ReplayRefused("unknown_session", f"this room is at session {outbox.session}")
-        last = min(rng.last, last_handed_out)
+        last = min(rng.last, self.handed.get(rng.topic, rng.last))
         if last < rng.first:
             return Served(0, (), last)
         recs = await outbox.held(rng.topic, rng.session, rng.first, last)
@@ -219,6 +225,21 @@ class ReplayServer:
             return None
         self._refill()
         return max(0.0, (1.0 - self._tokens) / self.rate_per_s)
+
+    async def send(self, most: int, send: Callable[..., Coroutine[Any, Any, None]]) -> bool:
+        """Send up to ``most`` queued messages again (historical), within the rate, at once
+        (``send(rec, historical=True)``); False when there was none to send now."""
+        again = self.take(most)
+        if again:
+            async with asyncio.TaskGroup() as tg:
+                for rec in again:
+                    tg.create_task(send(rec, historical=True))
+        return bool(again)
+
+    def sooner(self, timeout: float | None) -> float | None:
+        """``timeout``, or sooner when a queued message may go before it."""
+        due = self.next_due()
+        return due if timeout is None else timeout if due is None else min(timeout, due)
 
     def drop(self) -> int:
         """Forget the queue (the sink closing): the consumer asks again. Returns how many."""

@@ -246,7 +246,7 @@ class RetainedState:
                 cell.record_version, cell.sent = cell.version, False
             if cell.record is None:
                 continue
-            await outbox.wait_journaled(cell.record)
+            await outbox.wait_publishable(cell.record)
             await send(cell.record)
             outbox.ack(cell.record)
             cell.sent = True

@@ -16,11 +16,11 @@ checkpoint), :mod:`~iortd.daemon.mqtt.outbox` (the journal).
   :class:`~iortd.daemon.mqtt.retained.RetainedState`.
 * On every (re)connect: ``status`` online; the retained state topics (``interlocks``,
   ``delivery``, ``alarms``, ``audit/checkpoint``) republished; then the backlog of the streams
-  (``telemetry``, ``applicator``, ``events``) in order, marked ``historical``; then live
-  data. The Last Will is the
+  (``telemetry``, ``applicator``, ``events``, ``skip``) in order within each topic, marked
+  ``historical``; then live data, each message as soon as the outbox lets it out (a sample
+  at once, an event once journaled: see the outbox). The Last Will is the
   ``status`` offline message, retained; a clean shutdown publishes it itself.
-* :meth:`MqttSink.serve_replay` (a replay request: :mod:`~iortd.daemon.mqtt.replay`) sends
-  what the outbox holds again, historical, between live batches; the rest goes on ``skip``.
+* :meth:`MqttSink.serve_replay`: a replay request (:mod:`~iortd.daemon.mqtt.replay`).
 * A lost connection that looks like another client holding our client id (a session
   takeover: see :mod:`~iortd.daemon.mqtt.link`) is handed to :attr:`MqttSink.on_takeover`
   (the daemon records it in the audit log) and the next attempt waits the takeover backoff.
@@ -38,6 +38,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ from iortd.daemon.mqtt.payloads import (
     applicator_payload,
     event_payloads,
     notice_payload,
+    report_payload,
     status_payload,
     telemetry_payload,
     topic,
@@ -124,9 +126,8 @@ class MqttSink(Sink):
     ) -> None:
         """``outbox``: an open one, or the directory :meth:`start` opens it in;
         ``reconnect_max_s``: the reconnect backoff's cap (``[mqtt] reconnect_max_s``);
-        ``replay_*``: ``[mqtt] replay_retention_s``, ``replay_rate`` (messages a second)
-        and ``replay_max_per_minute`` (requests), daemon/mqtt/replay.py; ``config_hash``
-        and ``origin``: what the birth says (daemon/mqtt/birth.py)."""
+        ``replay_*``: the ``[mqtt]`` keys (daemon/mqtt/replay.py); ``config_hash`` and
+        ``origin``: what the birth says (daemon/mqtt/birth.py)."""
         self.settings = settings
         self._wake = asyncio.Event()
         self.site, self.room = site, room
@@ -136,11 +137,9 @@ class MqttSink(Sink):
         self._outbox_dir = outbox if isinstance(outbox, Path) else None
         self._outbox_max_bytes = outbox_max_bytes
         self.reconnect_max_s = reconnect_max_s
-        self._retention_s = replay_retention_s
         self.replay = ReplayServer(
-            rate_per_s=replay_rate, max_per_minute=replay_max_per_minute, wake=self._wake.set
+            replay_rate, replay_max_per_minute, self._wake.set, replay_retention_s
         )
-        self._handed: dict[str, int] = {}  # the last seq handed out per topic, this run
         self._sim = simulated
         self._topics = {n: topic(settings.prefix, site, room, n) for n in TOPICS}
         self._current_delivery: str | None = None
@@ -210,7 +209,7 @@ class MqttSink(Sink):
         if self._outbox is None and self._outbox_dir is not None:
             try:
                 self._outbox = await Outbox.open(
-                    self._outbox_dir, self._outbox_max_bytes, retention_s=self._retention_s
+                    self._outbox_dir, self._outbox_max_bytes, retention_s=self.replay.retention_s
                 )
             except OutboxError as exc:
                 raise SinkConfigError(f"mqtt outbox: {exc}") from None
@@ -228,13 +227,12 @@ class MqttSink(Sink):
     # ---- the Sink callbacks: build, hand to the outbox, never wait -----------------------
 
     def _env(self, name: str) -> Envelope:
-        seq = self._handed[name] = self.outbox.next_seq(name)
+        seq = self.replay.handed[name] = self.outbox.next_seq(name)
         return Envelope(seq, self.outbox.session, _now(), sim=self._sim)
 
     async def serve_replay(self, rng: ReplayRange) -> Served:
         """What the outbox holds of ``rng`` again, the rest ``not_held`` (replay.py)."""
-        last = self._handed.get(rng.topic, rng.last)  # no later seq was handed out
-        return await self.replay.serve(self.outbox, rng, last, lambda: self._env("skip"))
+        return await self.replay.serve(self.outbox, rng, lambda: self._env("skip"))
 
     async def sample(self, sample: Sample) -> None:
         self.outbox.add("telemetry", telemetry_payload(self._env("telemetry"), sample))
@@ -293,6 +291,14 @@ class MqttSink(Sink):
         self.outbox.add("events", payload)
         self._wake.set()
 
+    async def report(self, kind: str, data: Mapping[str, Any]) -> None:
+        """A sink's recorded entry (daemon/sink_records.py), e.g. a DICOM hand-off attempt:
+        on ``events``, journaled and replayed like the tracker's events."""
+        payload = report_payload(self._env("events"), kind, data)
+        if payload is not None:
+            self.outbox.add("events", payload)
+            self._wake.set()
+
     # ---- the connection -----------------------------------------------------------------
 
     async def run(self) -> None:
@@ -315,7 +321,7 @@ class MqttSink(Sink):
         while not self._closing:
             attempt += 1
             online, will = self._status_records()
-            await self.outbox.wait_journaled(will)
+            await self.outbox.wait_publishable(will)
             log.info("mqtt_connecting", broker=s.url, attempt=attempt)
             try:
                 await self._connection(online, will, time.monotonic_ns())
@@ -503,11 +509,8 @@ class MqttSink(Sink):
             if self._closing and time.monotonic() > self._close_deadline:
                 log.warning("mqtt_close_unsent", unsent=sum(1 for _ in self.outbox.unsent()))
                 break  # the rest stays in the outbox for the next start
-            if again := ([] if self._closing else self.replay.take(WINDOW)):
-                async with asyncio.TaskGroup() as tg:  # a replay's, at its rate
-                    for rec in again:
-                        tg.create_task(self._send(client, rec, historical=True))
-                continue
+            if not self._closing and await self.replay.send(WINDOW, partial(self._send, client)):
+                continue  # a replay's, at its rate, between the live batches
             batch = list(islice(self.outbox.unsent(), WINDOW))
             if batch:
                 async with asyncio.TaskGroup() as tg:
@@ -529,8 +532,7 @@ class MqttSink(Sink):
         """Wait for new records, a state change, a due rate limit or the close."""
         now = time.monotonic()
         timeout = self._state.next_due(now)
-        if (again := self.replay.next_due()) is not None:
-            timeout = again if timeout is None else min(timeout, again)
+        timeout = self.replay.sooner(timeout)
         self._wake.clear()
         self.outbox.changed.clear()
         if any(True for _ in self.outbox.unsent()):

@@ -932,6 +932,43 @@
     setText(c.alarms, a ? "Alarms: " + alarmCountsText(a) : "Alarms: no list from this room's daemon");
   }
 
+  // The DICOM hand-off of the delivery shown (events of kind dicom_handoff, each in the audit
+  // log before it was published): each destination's latest outcome per instance, among the
+  // events this page holds. Only the contract's words; the peer's detail for what failed.
+  const HANDOFF_WORDS = {
+    queued: "queued", stored: "stored", warning: "stored with a warning", failed: "store failed",
+    refused: "refused", unreachable: "unreachable", committed: "committed",
+    commit_failed: "not committed", overdue: "OVERDUE", build_failed: "not built",
+  };
+  const HANDOFF_DONE = new Set(["committed", "stored", "warning"]);
+  function handoffText(room, did) {
+    const last = new Map();
+    const overdue = new Set(); // the alarm stands until the instance is stored or committed
+    for (const e of room.events) {
+      const p = e.payload;
+      if (p.kind !== "dicom_handoff" || p.delivery_id !== did) continue;
+      const key = p.destination + "\u0000" + (p.what || "");
+      if (p.outcome === "overdue") {
+        overdue.add(key);
+        if (last.has(key)) continue;
+      } else if (HANDOFF_DONE.has(p.outcome)) {
+        overdue.delete(key);
+      }
+      last.set(key, p);
+    }
+    if (!last.size) return null;
+    const dests = new Map();
+    for (const [key, p] of last) {
+      const quiet = HANDOFF_DONE.has(p.outcome) || p.outcome === "queued" || p.outcome === "overdue";
+      const words = (p.what ? p.what + " " : "") + (HANDOFF_WORDS[p.outcome] || "?") +
+        (overdue.has(key) && p.outcome !== "overdue" ? " (OVERDUE)" : "") +
+        (quiet ? "" : " — attempt " + p.attempt + (p.detail ? ": " + p.detail : ""));
+      if (!dests.has(p.destination)) dests.set(p.destination, []);
+      dests.get(p.destination).push(words);
+    }
+    return [...dests].map(([name, items]) => name + ": " + items.join(", ")).join("; ");
+  }
+
   function renderFacts(v, room, d) {
     const rows = [];
     const add = (k, val, id) => { rows.push(el("dt", { text: k }), el("dd", id ? { id, text: val } : { text: val })); };
@@ -948,6 +985,8 @@
       add("Segments", String(d.segments.length));
       add("Termination", d.termination ? d.termination + (d.termination_reason ? " (" + d.termination_reason + ")" : "") : "not terminated", "termination-fact");
       if (d.joined_in_progress) add("Note", "joined in progress: the daemon started during this delivery");
+      const handoff = handoffText(room, d.delivery_id);
+      if (handoff) add("Hand-off to the hospital", handoff, "handoff");
     }
     const cp = room.retained["audit/checkpoint"];
     if (cp) add("Audit checkpoint", cp.payload.count + " entries, head " + String(cp.payload.head).slice(0, 12) + "…");

@@ -201,7 +201,44 @@ def schema_errors(messages: Iterable[Message]) -> list[str]:
         if v is None:
             out.append(f"{m.topic}: not a v1 topic")
             continue
-        out += [
-            f"{m.topic} seq {m.payload.get('seq')}: {e.message}" for e in v.iter_errors(m.payload)
-        ]
+        errors = [e.message for e in v.iter_errors(m.payload)]
+        if (
+            not errors
+            and m.name == "skip"
+            and m.payload["skipped"]["first"] > m.payload["skipped"]["last"]
+        ):  # what a JSON Schema cannot say
+            errors.append("skipped.first > skipped.last")
+        out += [f"{m.topic} seq {m.payload.get('seq')}: {e}" for e in errors]
     return out
+
+
+def declared(messages: Iterable[Message]) -> list[dict[str, Any]]:
+    """The declared seq skips received (``skip``'s ``skipped`` objects), repeats dropped."""
+    return [m.payload["skipped"] for m in dedupe(messages) if m.name == "skip"]
+
+
+def unaccounted(messages: Iterable[Message], name: str) -> list[int]:
+    """The seqs of stream ``name`` between its lowest and highest received or declared
+    that were neither received nor declared skipped: what a consumer counts as lost
+    (docs/mqtt-topics.md, "Rules for consumers")."""
+    msgs = list(messages)
+    have = {m.payload["seq"] for m in msgs if m.name == name}
+    for d in declared(msgs):
+        if d["topic"] == name:
+            have.update(range(d["first"], d["last"] + 1))
+    if not have:
+        return []
+    return sorted(set(range(min(have), max(have) + 1)) - have)
+
+
+def contents(messages: Iterable[Message], name: str) -> dict[int, list[tuple[int, str]]]:
+    """seq -> the distinct (session, payload without ``historical``) received under it:
+    more than one means a seq was reused for other content."""
+    out: dict[int, set[tuple[int, str]]] = {}
+    for m in messages:
+        if m.name == name:
+            body = {k: v for k, v in m.payload.items() if k != "historical"}
+            out.setdefault(m.payload["seq"], set()).add(
+                (m.payload["session"], json.dumps(body, sort_keys=True))
+            )
+    return {seq: sorted(v) for seq, v in out.items()}

@@ -164,7 +164,7 @@ def check_config(path: Path, env: dict[str, str]) -> subprocess.CompletedProcess
         (
             '[[sinks]]\ntype = "recoder"\n',
             "sinks[0].type",
-            "installed sinks: mqtt, recorder",
+            "installed sinks: dicom, mqtt, recorder",  # dicom: the DICOM sender (issue 23)
         ),
     ],
 )

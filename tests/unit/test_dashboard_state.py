@@ -134,3 +134,29 @@ def test_what_is_not_a_v1_message_is_rejected(topic: str, payload: object, why: 
 
 def test_the_audit_checkpoint_topic_keeps_its_slash() -> None:
     assert parse_topic("iort", "iort/v1/s/r/audit/checkpoint") == ("s", "r", "audit/checkpoint")
+
+
+def skip(seq: int, **change: Any) -> dict[str, Any]:
+    skipped = {"topic": "telemetry", "session": 1, "first": 7, "last": 999, "reason": "unpublished"}
+    return env(seq, session=2, skipped={**skipped, **change})
+
+
+def test_a_declared_skip_is_accepted_and_counted_and_a_bad_one_rejected_for_its_room() -> None:
+    rooms = Rooms("iort")
+    acc = rooms.accept(T + "skip", skip(0), 0.0)
+    assert acc is not None
+    room = rooms.rooms["site-a/or-1"]
+    assert room.skipped_seqs == 993  # 7..999 of telemetry, session 1: accounted for
+    assert rooms.accept(T + "skip", skip(0), 0.1) is None  # a repeat, as on any stream
+    other = "iort/v1/site-a/or-2/"
+    assert rooms.accept(other + "telemetry", telemetry(1, 1.0), 0.2) is not None
+    for bad in (skip(1, topic="skip"), skip(2, reason="lost"), skip(3, first=-1), skip(4, x=1)):
+        with pytest.raises(Rejected, match="skip"):
+            rooms.accept(T + "skip", bad, 0.3)
+    assert room.skipped_seqs == 993
+    assert rooms.rooms[other[len("iort/v1/") : -1]].telemetry is not None  # untouched
+
+
+def test_a_reversed_skip_range_is_rejected() -> None:
+    with pytest.raises(Rejected, match="skip: first > last"):
+        Rooms("iort").accept(T + "skip", skip(0, first=10, last=9), 0.0)

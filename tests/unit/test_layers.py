@@ -16,13 +16,14 @@ with relative imports resolved. Then it checks three things:
            +-------------+----------- kernel -----------+
 
    (``users``, the account store, on the log core; the dashboard may use it for its login;
-   ``witness``, iort-witness, on the log core beside ``audit``)
+   ``witness``, iort-witness, on the log core beside ``audit``; the DICOM sink plug-in in
+   ``audit`` may import the daemon's plug-in API, :data:`PLUGIN_API`)
 
 2. **No cycles** between modules (Tarjan's strongly connected components), so any module can
    be read, tested and cut without dragging in the ones that depend on it.
-3. **Heavy or protocol libraries stay where they belong**: reportlab, matplotlib and pydicom
-   only in the auditors' tools (the extra ``reports``), pydicom also in the RT Plan import
-   ``plan/dicom_import.py`` (the extra ``plan``); pymodbus only in the driver's Modbus
+3. **Heavy or protocol libraries stay where they belong**: reportlab, matplotlib, pydicom and
+   pynetdicom only in the auditors' tools (the extra ``reports``), pydicom also in the RT
+   Plan import ``plan/dicom_import.py`` (the extra ``plan``); pymodbus only in the driver's Modbus
    codec (its API changes between minor releases; the simulator frames Modbus without it, so
    the two sides of the protocol stay independent); argon2 only in the account store
    (``users/``: one implementation of password hashing).
@@ -69,12 +70,21 @@ ALLOWED: dict[str, frozenset[str]] = {
 }
 PARTS = tuple(ALLOWED)
 
+# A sink plug-in shipped with the auditors' tools (it needs their DICOM libraries, which the
+# daemon never imports) may import the daemon's plug-in API, the one module a third-party
+# sink imports (daemon/sinks.py), and nothing else of the daemon. Loaded by entry point.
+PLUGIN_API: dict[str, frozenset[str]] = {
+    "iortd.audit.dicom_sink": frozenset({"iortd.daemon.sinks"}),
+}
+
 # third-party top-level module -> the project modules allowed to import it
 CONFINED: dict[str, tuple[str, ...]] = {
     "reportlab": ("iortd.audit.",),
     "matplotlib": ("iortd.audit.",),
     # and the RT Plan import (the extra ``plan``); never the daemon
     "pydicom": ("iortd.audit.", "iortd.plan.dicom_import"),
+    # DICOM networking (the hand-off to the hospital, issue 23): the auditors' tools only
+    "pynetdicom": ("iortd.audit.",),
     "pymodbus": ("iortd.drivers.modbus_codec",),
     # password hashing and key derivation: one implementation, in the account store
     "argon2": ("iortd.users.",),
@@ -156,6 +166,8 @@ def layer_violations(modules: set[str], edges: list[Import]) -> list[str]:
         source, target = _part(imp.importer), imp.target.split(".")[1]
         if target in ("config", "schemas"):
             found.append(f"{imp.where()}: {imp.importer} imports data package {imp.target}")
+            continue
+        if _resolve(imp.target, modules) in PLUGIN_API.get(imp.importer, ()):
             continue
         if target != source and target not in ALLOWED[source]:
             allowed = ", ".join(sorted(ALLOWED[source])) or "no other part"

@@ -23,7 +23,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from iortd.daemon.mqtt import outbox as outbox_mod
-from iortd.daemon.mqtt.outbox import STREAM_TOPICS, Outbox, OutboxError, Record
+from iortd.daemon.mqtt.outbox import RESERVE_BLOCK, STREAM_TOPICS, Outbox, OutboxError, Record
 from iortd.daemon.mqtt.payloads import SEQ_MAX, TOPICS, Envelope, Payload
 
 TS = "2026-01-01T00:00:00.000000Z"
@@ -91,9 +91,16 @@ def add(ob: Outbox, topic: str, x: int = 0) -> Record:
 
 
 async def journaled(ob: Outbox, rec: Record) -> None:
+    """``rec`` is durable, and so is every stream record made before it. A state record
+    is never journaled (its seq is durable by its topic's saved block)."""
     try:
         async with asyncio.timeout(TIMEOUT_S):
-            await ob.wait_journaled(rec)
+            if rec.retained:
+                await ob.wait_publishable(rec)
+                for before in [r for r in ob.pending if r.n < rec.n]:
+                    await ob.wait_journaled(before)
+            else:
+                await ob.wait_journaled(rec)
     except TimeoutError:
         pytest.fail(f"record n={rec.n} ({rec.topic} seq {rec.seq}) not journaled in time")
 
@@ -169,6 +176,7 @@ async def test_fresh_directory_is_session_1_with_seq_from_0_and_state_saved_at_o
         "next_n": 0,
         "acked_through": -1,
         "next_seq": dict.fromkeys(TOPICS, 0),
+        "reserved": dict.fromkeys(TOPICS, 0),  # no block until a topic's first use
     }
     assert [ob.next_seq(t) for t in TOPICS] == [0] * len(TOPICS)
     assert [ob.next_seq("telemetry"), ob.next_seq("telemetry")] == [1, 2]
@@ -210,7 +218,15 @@ async def test_restart_after_close_is_next_session_and_seq_continues_for_every_t
 
     ob3 = await harness.open()
     assert ob3.session == 3
-    assert {t: ob3.next_seq(t) for t in TOPICS} == {t: c + 1 for t, c in expected.items()}
+    # Seqs handed out and never journaled are declared: the samples' (their seqs could
+    # have gone out from memory), under skip's own seqs (2 and 3).
+    declared = [r.payload["skipped"] for r in ob3.pending if r.topic == "skip"]
+    assert [(d["topic"], d["session"], d["first"], d["last"]) for d in declared] == [
+        ("telemetry", 2, 5, 5),
+        ("applicator", 2, 2, 2),
+    ]
+    after = {**{t: c + 1 for t, c in expected.items()}, "skip": expected["skip"] + 3}
+    assert {t: ob3.next_seq(t) for t in TOPICS} == after
     await harness.close(ob3)
 
 
@@ -260,7 +276,7 @@ async def test_unusable_directory_is_an_outbox_error_naming_it(tmp_path: Path) -
 # ---- journaling, unsent, ack -----------------------------------------------------------
 
 
-async def test_records_are_publishable_only_once_journaled_and_the_line_format(
+async def test_records_are_publishable_only_once_durable_and_the_line_format(
     harness: Harness,
 ) -> None:
     ob = await harness.open()
@@ -268,14 +284,16 @@ async def test_records_are_publishable_only_once_journaled_and_the_line_format(
     s0 = add(ob, "status", 1)
     e0 = add(ob, "events", 2)
     t1 = add(ob, "telemetry", 3)
-    # Nothing has been written yet (the run task has not had a turn): nothing to publish.
+    # Nothing is on disk yet (the run task has not had a turn): no block of seqs saved,
+    # no event journaled, nothing to publish.
     assert not any(r.journaled for r in (t0, s0, e0, t1))
     assert list(ob.unsent()) == []
     assert list(ob.pending) == [t0, e0, t1]  # retained records are not queued
     assert ob.pending_bytes == len(t0.line) + len(e0.line) + len(t1.line)
     await journaled(ob, t1)
     assert ob.changed.is_set()
-    assert s0.journaled
+    assert not s0.journaled  # a state message is never journaled: its block is durable
+    assert ob.publishable(s0)
     assert list(ob.unsent()) == [t0, e0, t1]
     ob.ack(e0)  # out of order: skipped by unsent, still pending (t0 is not acked)
     assert list(ob.unsent()) == [t0, t1]
@@ -290,7 +308,7 @@ async def test_records_are_publishable_only_once_journaled_and_the_line_format(
 
     # On disk, in order: {"n", "t", "r", "p"}, the payload as given, fsync'd before use.
     assert journal_lines(harness.directory) == [
-        {"n": r.n, "t": r.topic, "r": r.retained, "p": r.payload} for r in (t0, s0, e0, t1)
+        {"n": r.n, "t": r.topic, "r": r.retained, "p": r.payload} for r in (t0, e0, t1)
     ]
     assert [p.name for p in segments(harness.directory)] == [f"outbox-{t0.n:016d}.jsonl"]
     assert [r.n for r in (t0, s0, e0, t1)] == [0, 1, 2, 3]
@@ -438,17 +456,27 @@ async def test_after_a_crash_seq_continues_above_everything_journaled_and_replay
     recs.append(add(ob, "delivery", 99))
     await journaled(ob, recs[-1])
     await harness.crash(ob)
-    # state.json is still as saved at open: only the journal knows the seqs.
-    assert state(harness.directory)["next_seq"] == dict.fromkeys(TOPICS, 0)
+    # The blocks of the topics used are saved; events are known from the journal only.
+    reserved = state(harness.directory)["reserved"]
+    used = ("telemetry", "status", "delivery")
+    assert {t for t, r in reserved.items() if r} == set(used)
+    assert all(RESERVE_BLOCK <= reserved[t] <= RESERVE_BLOCK + 4 for t in used)
 
     ob2 = await harness.open()
     assert ob2.session == 2
-    assert ob2.next_seq("telemetry") == 4
-    assert ob2.next_seq("events") == 4
-    assert ob2.next_seq("status") == 4
-    assert ob2.next_seq("delivery") == 1
-    assert ob2.next_seq("interlocks") == 0
-    assert [key(r) for r in ob2.pending] == [key(r) for r in recs if not r.retained]
+    assert ob2.next_seq("telemetry") == reserved["telemetry"]  # above the block
+    assert ob2.next_seq("events") == 4  # journal-first: above the journal, no hole
+    assert ob2.next_seq("status") == reserved["status"]
+    assert ob2.next_seq("delivery") == reserved["delivery"]
+    assert ob2.next_seq("interlocks") == 0  # never used: no block
+    replay = [key(r) for r in ob2.pending if r.topic != "skip"]
+    assert replay == [key(r) for r in recs if not r.retained]
+    # The journal holds telemetry up to seq 3: the rest of the block is declared.
+    [skip] = [r.payload["skipped"] for r in ob2.pending if r.topic == "skip"]
+    assert skip == {
+        "topic": "telemetry", "session": 1, "first": 4, "last": reserved["telemetry"] - 1,
+        "reason": "unpublished",
+    }  # fmt: skip
     await harness.close(ob2)
 
 
@@ -467,8 +495,9 @@ async def test_after_a_crash_the_periodically_saved_acked_prefix_is_not_replayed
     assert state(harness.directory)["acked_through"] == recs[1].n
 
     ob2 = await harness.open()
-    assert [key(r) for r in ob2.pending] == [key(r) for r in [*recs[2:], last]]
-    assert ob2.next_seq("telemetry") == 5
+    replay = [key(r) for r in ob2.pending if r.topic != "skip"]
+    assert replay == [key(r) for r in [*recs[2:], last]]
+    assert ob2.next_seq("telemetry") == state(harness.directory)["reserved"]["telemetry"]
     await harness.close(ob2)
 
 
@@ -485,7 +514,8 @@ async def test_acked_prefix_not_yet_saved_is_replayed_after_a_crash_never_lost(
     await journaled(ob, last)
     await harness.crash(ob)
     ob2 = await harness.open()
-    assert [key(r) for r in ob2.pending] == [key(r) for r in [*recs, last]]
+    replay = [key(r) for r in ob2.pending if r.topic != "skip"]
+    assert replay == [key(r) for r in [*recs, last]]
     await harness.close(ob2)
 
 
@@ -656,9 +686,12 @@ async def test_garbled_state_is_quarantined_and_the_journal_still_rules(
     assert all((d / "quarantine" / m).read_bytes() == garbage for m in moved)
     assert state(d)["session"] == ob3.session  # a fresh state.json, saved at open
     assert ob3.session == 3  # above every session in the journal
-    assert ob3.next_seq("telemetry") == 5
+    # The blocks are lost with the state: a topic published from memory starts well
+    # above its journal (no block reaches further than one beyond what was handed out);
+    # events, journal-first, just above the journal.
+    assert ob3.next_seq("telemetry") == 5 + 2 * RESERVE_BLOCK
     assert ob3.next_seq("events") == 1
-    assert ob3.next_seq("status") == 1
+    assert ob3.next_seq("status") == 0 + 2 * RESERVE_BLOCK
     # acked_through is lost with the state: the whole journal is replayed, including
     # first[0], which was acknowledged (consumers drop the repeat); nothing is lost.
     stream = [r for r in first + second if not r.retained]
@@ -729,8 +762,11 @@ async def test_first_thinning_drops_every_second_oldest_sample_just_enough(
     assert all(r in ob.pending for r in telemetry if not r.done)
     assert all(r in ob.pending and not r.done for r in events)  # events never dropped
     low = SMALL_MAX * 3 // 4
-    assert ob.pending_bytes <= low
-    assert ob.pending_bytes + len(dropped[-1].line) > low  # no more than needed
+    # Below 3/4 of the bound, not counting the skip that declares the thinned range.
+    declared = sum(len(r.line) for r in ob.pending if r.topic == "skip")
+    assert 0 < declared < 500
+    assert ob.pending_bytes - declared <= low
+    assert ob.pending_bytes - declared + len(dropped[-1].line) > low  # no more than needed
     assert ob.pending_bytes == sum(len(r.line) for r in ob.pending)
     [warning] = [e for e in logs if e["event"] == "mqtt_outbox_thinned"]
     assert warning["dropped_samples"] == k
@@ -763,7 +799,8 @@ async def test_bound_holds_under_a_long_outage_and_thinned_samples_never_come_ba
     kept = [r for r in telemetry if not r.done]
     assert ob.thinned == len(telemetry) - len(kept)
     assert all(not r.done for r in events)
-    assert [r.n for r in ob.pending] == sorted(r.n for r in [*kept, *events])
+    samples_and_events = [r.n for r in ob.pending if r.topic != "skip"]
+    assert samples_and_events == sorted(r.n for r in [*kept, *events])
     # The newest samples are all kept: each thinning drops every second sample of the
     # oldest part only, so at least the newest quarter of the bound is untouched.
     newest = (SMALL_MAX // 4) // max(len(r.line) for r in telemetry)

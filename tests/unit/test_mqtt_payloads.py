@@ -37,9 +37,11 @@ from iortd.daemon.mqtt.payloads import (
     EVENTS_TOPIC_KINDS,
     NOTICE_KIND,
     NOTICE_SEVERITIES,
+    REPORT_FIELDS,
     SCHEMA,
+    SEQ_MAX,
     SKIP_REASONS,
-    SKIP_TOPICS,
+    SKIPPABLE_TOPICS,
     TOPICS,
     Envelope,
     alarms_payload,
@@ -54,7 +56,7 @@ from iortd.daemon.mqtt.payloads import (
     telemetry_payload,
     topic,
 )
-from iortd.daemon.sinks import ApplicatorSample, Sample
+from iortd.daemon.sinks import HANDOFF_OUTCOMES, HANDOFF_WHAT, ApplicatorSample, Sample
 from iortd.daemon.tracker import (
     Alarm,
     AlarmCleared,
@@ -472,11 +474,17 @@ def run_payloads() -> dict[str, list[dict[str, Any]]]:
     out["events"] += event_payloads(seqs["events"], every_event())
     out["audit/checkpoint"].append(checkpoint_payload(seqs["audit/checkpoint"](), note()))
     out["status"].append(status_payload(seqs["status"](), False, "0.1.0", "hospital-a", "or-1"))
-    skips = (("not_held", "telemetry"), ("unpublished", "events"), ("thinned", "applicator"))
-    for why, of in skips:
-        out["skip"].append(
-            skip_payload(seqs["skip"](), of_topic=of, of_session=2, first=5, last=9, reason=why)
+    # After a crash: the rest of the previous run's reserved block of telemetry.
+    out["skip"].append(
+        skip_payload(
+            seqs["skip"](),
+            of_topic="telemetry",
+            of_session=2,
+            first=7,
+            last=999,
+            reason="unpublished",
         )
+    )
     return out
 
 
@@ -740,7 +748,6 @@ def test_topic_tree_qos_and_retain() -> None:
     assert list(TOPICS) == list(SCHEMA_OF)
     assert topic("x", "s", "r", "audit/checkpoint") == "x/v1/s/r/audit/checkpoint"
     retained = {n for n, spec in TOPICS.items() if spec.retain}
-    assert not TOPICS["skip"].retain
     assert retained == {"status", "interlocks", "delivery", "audit/checkpoint", "alarms"}
     assert TOPICS["telemetry"].qos == 1
     assert TOPICS["events"].qos == 1
@@ -896,7 +903,8 @@ def test_event_kinds_equal_the_tracker_events_and_the_notice() -> None:
     assert set(schema["properties"]["kind"]["enum"]) == set(EVENTS_TOPIC_KINDS)
     branch_kinds = [b["properties"]["kind"]["const"] for b in schema["oneOf"]]
     assert sorted(branch_kinds) == sorted(EVENTS_TOPIC_KINDS)
-    assert set(EVENTS_TOPIC_KINDS) - set(EVENT_KINDS) == {NOTICE_KIND}
+    # and the entries sinks record (daemon/sink_records.py), e.g. dicom_handoff
+    assert set(EVENTS_TOPIC_KINDS) - set(EVENT_KINDS) == {NOTICE_KIND, *REPORT_FIELDS}
     # one kind per tracker event class, and the builder maps every class
     assert len(typing.get_args(TrackerEvent)) == len(EVENT_KINDS)
     assert {type(ev) for ev in every_event()} == set(typing.get_args(TrackerEvent))
@@ -922,7 +930,8 @@ def test_every_enum_in_the_schemas_is_a_python_enum() -> None:
         )
     ]
     known += [set(EVENTS_TOPIC_KINDS), {"nan", "inf", "-inf"}, set(NOTICE_SEVERITIES)]
-    known += [set(OUTCOMES), set(SKIP_TOPICS), set(SKIP_REASONS)]
+    known += [set(OUTCOMES), set(HANDOFF_OUTCOMES), set(HANDOFF_WHAT)]
+    known += [set(OUTCOMES), set(SKIPPABLE_TOPICS), set(SKIP_REASONS)]
     for stem, schema in SCHEMAS.items():
         for listed in enums(schema):
             assert set(listed) in known, (stem, listed)
@@ -1313,42 +1322,75 @@ def test_an_ended_delivery_carries_the_record_a_sign_off_signs() -> None:
     assert rejects("delivery", {**p, "delivery": {**p["delivery"], "record": bad_hash}})
 
 
-# ---- skip: the declared seq ranges (shared contract of issues 21 and 22) --------------------
+# ---- the declared seq skip -----------------------------------------------------------------
+
+
+def test_a_skip_names_the_topic_session_range_and_reason() -> None:
+    p = skip_payload(env(5), of_topic="events", of_session=2, first=10, last=10, reason="not_held")
+    check("skip", p)
+    assert p["skipped"] == {
+        "topic": "events",
+        "session": 2,
+        "first": 10,
+        "last": 10,
+        "reason": "not_held",
+    }
+    top = skip_payload(
+        env(6),
+        of_topic="applicator",
+        of_session=SEQ_MAX,
+        first=0,
+        last=SEQ_MAX,
+        reason="thinned",
+    )
+    check("skip", top)
 
 
 @pytest.mark.parametrize(
-    ("kw", "match"),
+    ("kwargs", "why"),
     [
-        ({"of_topic": "skip"}, "skip of"),
-        ({"of_topic": "status"}, "skip of"),
-        ({"reason": "lost"}, "reason"),
+        ({"of_topic": "skip"}, "of_topic"),
+        ({"of_topic": "status"}, "of_topic"),
+        ({"first": 5, "last": 4}, "first"),
+        ({"first": -1}, "first"),
+        ({"last": SEQ_MAX + 1}, "last"),
         ({"of_session": 0}, "of_session"),
-        ({"first": 10, "last": 9}, "range"),
-        ({"first": -1}, "range"),
-        ({"last": 2**64}, "range"),
-        ({"first": True}, "range"),
+        ({"reason": "lost"}, "reason"),
+        ({"first": True}, "first"),
     ],
 )
-def test_skip_payload_refuses_what_no_consumer_could_use(kw: dict[str, Any], match: str) -> None:
+def test_a_skip_the_contract_does_not_allow_is_refused(kwargs: dict[str, Any], why: str) -> None:
     args: dict[str, Any] = {
-        "of_topic": "telemetry", "of_session": 2, "first": 0, "last": 0, "reason": "not_held",
-    }  # fmt: skip
-    with pytest.raises(ValueError, match=match):
-        skip_payload(env(), **{**args, **kw})
+        "of_topic": "telemetry",
+        "of_session": 1,
+        "first": 0,
+        "last": 0,
+        "reason": "unpublished",
+    }
+    with pytest.raises((ValueError, TypeError), match=why):
+        skip_payload(env(), **{**args, **kwargs})
 
 
-def test_skip_schema_rejects_a_bad_declaration() -> None:
-    good = dict(on_the_wire(RUN["skip"][0]))
-    check("skip", good)
-    assert good["skipped"] == {
-        "topic": "telemetry", "session": 2, "first": 5, "last": 9, "reason": "not_held",
-    }  # fmt: skip
-    for bad in (
+@pytest.mark.parametrize(
+    "change",
+    [
         {"topic": "skip"},
+        {"topic": "status"},
         {"reason": "lost"},
         {"first": -1},
+        {"last": SEQ_MAX + 1},
         {"session": 0},
         {"extra": 1},
-    ):
-        assert rejects("skip", {**good, "skipped": {**good["skipped"], **bad}}), bad
-    assert rejects("skip", {k: v for k, v in good.items() if k != "skipped"})
+    ],
+)
+def test_the_skip_schema_refuses_what_the_builder_never_sends(change: dict[str, Any]) -> None:
+    p = skip_payload(
+        env(), of_topic="telemetry", of_session=1, first=0, last=3, reason="unpublished"
+    )
+    p["skipped"] = {**p["skipped"], **change}
+    assert rejects("skip", on_the_wire(p))
+    missing = skip_payload(
+        env(), of_topic="telemetry", of_session=1, first=0, last=3, reason="unpublished"
+    )
+    del missing["skipped"]["reason"]
+    assert rejects("skip", on_the_wire(missing))

@@ -113,7 +113,8 @@ async def test_held_messages_queue_at_the_rate_and_the_rest_is_declared(tmp_path
     def env() -> Envelope:
         return Envelope(next(skip_seqs), ob.session, "2026-01-01T00:00:00.000000Z")
 
-    served = await server.serve(ob, ReplayRange("telemetry", 1, 5, 60), 49, env)
+    server.handed["telemetry"] = 49
+    served = await server.serve(ob, ReplayRange("telemetry", 1, 5, 60), env)
     assert served.judged_last == 49  # nothing said of seqs not handed out yet
     assert served.served == 35  # 5..49 but 10..19
     assert served.skipped == ((10, 19),)
@@ -131,7 +132,7 @@ async def test_held_messages_queue_at_the_rate_and_the_rest_is_declared(tmp_path
     assert server.take(16) == []
     assert server.next_due() == pytest.approx(0.1)
     with pytest.raises(ReplayRefused, match="unknown_session"):
-        await server.serve(ob, ReplayRange("telemetry", 3, 0, 1), 49, env)
+        await server.serve(ob, ReplayRange("telemetry", 3, 0, 1), env)
     await ob.close()
     await task
 

@@ -1,12 +1,13 @@
-"""The extra ``reports`` is optional: without it everything but the reports and the DICOM
-export works, and those two say in one line what to install (audit/extra.py).
+"""The extra ``reports`` is optional: without it everything but the reports, the DICOM
+export and ``send`` works, and those say in one line what to install (audit/extra.py).
 
 One fresh interpreter (this process has long imported the heavy libraries) runs, in order:
 ``iortd check-config`` and the light ``iort-audit`` commands (keygen, verify, show,
 deliveries, export csv/json) on the committed golden log, checking that none of reportlab,
-matplotlib or pydicom was imported; then, with an import blocker for those three in
-``sys.meta_path`` (as if the extra were not installed), ``report`` (PDF, HTML) and
-``export --format dicom``, which must exit 2 with the install command and write nothing.
+matplotlib, pydicom or pynetdicom was imported; then, with an import blocker for those in
+``sys.meta_path`` (as if the extra were not installed), ``report`` (PDF, HTML),
+``export --format dicom`` and ``send``, which must exit 2 with the install command and
+write or send nothing.
 tests/integration/test_install_wheel_venv.py checks the same in a venv built without them.
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "golden-log"
 DELIVERY = "or-5-20261206T035245018711Z"
-HEAVY = ("reportlab", "matplotlib", "pydicom")
+HEAVY = ("reportlab", "matplotlib", "pydicom", "pynetdicom")
 INSTALL = "pip install 'iortd[reports]'"
 
 SCRIPT = r"""
@@ -71,6 +72,12 @@ print(json.dumps(result))
 
 def _run(tmp_path: Path) -> dict[str, Any]:
     log = str(FIXTURE / "log")
+    site = tmp_path / "site.toml"  # iort-audit send's destination (nobody listens there)
+    site.write_text(
+        f'[log]\ndirectory = "{log}"\n[[sinks]]\ntype = "dicom"\n[sinks.options]\n'
+        'calling_ae = "IORTD_T"\n[[sinks.options.destinations]]\nname = "ois"\n'
+        'ae_title = "OIS"\nhost = "127.0.0.1"\nport = 9\n'
+    )
     common = [log, "--delivery", DELIVERY, "--pubkey", str(FIXTURE / "or-9.pub")]
     plan = {
         "heavy": HEAVY,
@@ -87,6 +94,7 @@ def _run(tmp_path: Path) -> dict[str, Any]:
             "report pdf": ["report", *common, "--out", str(tmp_path / "r.pdf")],
             "report html": ["report", *common, "--out", str(tmp_path / "r.html")],
             "dicom": ["export", *common, "--format", "dicom", "--out", str(tmp_path / "r.dcm")],
+            "send": ["send", "--delivery", DELIVERY, "--to", "ois", "--config", str(site)],
         },
     }
     proc = subprocess.run(
@@ -120,6 +128,7 @@ def test_without_the_extra_only_report_and_dicom_refuse_and_say_what_to_install(
         ("report pdf", "iort-audit report", "r.pdf"),
         ("report html", "iort-audit report", "r.html"),
         ("dicom", "iort-audit export --format dicom", "r.dcm"),
+        ("send", "iort-audit send", "nothing.sent"),
     ):
         got = result[name]
         assert got["rc"] == 2, (name, got)
