@@ -245,9 +245,15 @@ def missed_triggers(log_dir: Path, since: str, when: str) -> list[tuple[str, str
             if not isinstance(ts, str) or ts < since or not isinstance(data, dict):
                 continue
             if kind == "dicom_handoff":
+                # Only a build's outcome (its instances queued, or the build failed)
+                # handles the triggers before it: an attempt's outcome (a retry of an
+                # earlier instance, stored, unreachable...) says nothing of an amendment
+                # recorded after that instance was built.
+                if data.get("outcome") not in _HANDLED_BY:
+                    continue
                 did = data.get("delivery_id")
                 for key in [k for k in todo if k[0] == did]:
-                    del todo[key]  # handled (queued, or its build recorded as failed)
+                    del todo[key]
             elif when == "termination" and kind in _ENDS:
                 did = e.get("delivery_id")
                 if isinstance(did, str):
@@ -260,6 +266,7 @@ def missed_triggers(log_dir: Path, since: str, when: str) -> list[tuple[str, str
 
 
 _ENDS: Final = {"delivery_terminated": "termination", "delivery_amended": "amended"}
+_HANDLED_BY: Final = frozenset({"queued", "build_failed"})
 _CATCH_UP_MARKS: Final = (
     b'"type":"delivery_terminated"',
     b'"type":"delivery_amended"',
@@ -452,9 +459,12 @@ class DicomSink(Sink):
             return
         # In the sink's own task, not in start: reading days of segments must not hold up
         # the daemon's start (start is bounded by timeout_s and refuses the run).
+        # The catch-up first: the worker's attempts would otherwise record outcomes while
+        # the scan reads the log (harmless now that only a build's outcome counts, but
+        # the scan then sees the log as the crash left it).
+        await self._catch_up(self._ctx.log_directory, self._since)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.worker.run(), name="dicom-worker")
-            await self._catch_up(self._ctx.log_directory, self._since)
             self.worker.wake()
 
     async def events(

@@ -30,9 +30,12 @@ and reason (shown in the snapshot's ``rejected`` and ``diagnostics``) and never 
 A ``status`` with ``online: false`` whose ``(session, seq)`` is below the held status's is
 a will that came late (daemon/mqtt/birth.py): it is ignored (counted as
 ``stale_will_ignored``), so a late will never marks a newer session offline. Only an
-offline message is judged so: a forged birth with a huge ``session`` could otherwise
-hide the real daemon's death; as it is, a forger can at worst hide a will, which the
-telemetry's own staleness still shows.
+offline message is judged so. What this cannot stop: whoever may publish on the room's
+``status`` (the room's own broker account, or the site's bridge; the generated ACLs give
+nobody else that right) can publish an online status with a higher ``session``, after
+which the real will is ignored as late, or an offline one that the daemon will not
+overwrite (it republishes its birth only over an OLDER session). Either lasts until the
+daemon's next connection; the telemetry's own staleness still shows a silent room.
 
 The real stream always wins over a forged high-water mark that was within the window or
 could not be judged when it came (the first message of a session, or one handed over

@@ -33,7 +33,14 @@ def configure_logging(
     ]
     renderer: structlog.typing.Processor
     if use_json:
-        shared.append(structlog.processors.dict_tracebacks)
+        # Tracebacks as data, WITHOUT each frame's local variables (structlog's default
+        # dict_tracebacks shows them): a frame may hold what must never reach a log, such
+        # as the real Patient ID of the hospital hand-off or a password being checked.
+        shared.append(
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            )
+        )
         renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=False)

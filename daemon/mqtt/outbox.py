@@ -32,8 +32,8 @@ How:
   recovery does not replay it, or replays it once if the state was not saved since:
   the same bytes, a repeat consumers drop). After a restart, pending messages from the
   previous run are replayed with their original ``session`` and ``seq`` (marked
-  ``historical`` by the publisher): the same bytes as published live, so a consumer that
-  drops a repeated (``session``, ``seq``) misses nothing and sees nothing twice.
+  ``historical`` by the publisher): the bytes published live but for that flag, so a
+  consumer that drops a repeated (``session``, ``seq``) misses nothing and sees nothing twice.
 * After a crash or power loss, a sample published from memory in the last group commit
   and not acknowledged is not in the journal and cannot be replayed. The next run starts
   each topic at the previous run's ``reserved`` (never below: nothing it publishes can

@@ -254,7 +254,7 @@ def test_keyring_hash_and_summary_have_no_keys() -> None:
         "valid_from": "2026-01-01T00:00:00Z",
         "valid_until": "2027-01-01T00:00:00Z",
     }
-    assert PHYS.verifier.text.split("+")[2] not in orjson.dumps(summary).decode()
+    assert PHYS.verifier.text.split("+", 2)[2] not in orjson.dumps(summary).decode()
 
 
 def test_keyring_accepts_unquoted_toml_datetimes() -> None:

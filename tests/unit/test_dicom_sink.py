@@ -202,6 +202,10 @@ async def test_a_crash_between_the_record_and_the_outbox_is_caught_up_at_start(
             "dicom_handoff", {"delivery_id": "d1", "outcome": "queued"}, durable=True
         ).committed
         await audit.append("delivery_amended", {}, delivery_id="d1", durable=True).committed
+        # a retry of d1's first instance after the amendment (the sender's loop ran before
+        # the catch-up, or before the kill) handles the instance, not the amendment
+        retry = {"delivery_id": "d1", "outcome": "unreachable", "attempt": 3}
+        await audit.append("dicom_handoff", retry, durable=True).committed
         signed = {"delivery_id": "d2", "meaning": "approved"}
         await audit.append("delivery_signed", signed, durable=True).committed
     finally:
