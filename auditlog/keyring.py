@@ -6,7 +6,7 @@ replay requests later), one ``[[key]]`` table per key::
     [[key]]
     holder = "phys-anna"            # id, [a-z0-9][a-z0-9._-]{0,63}; what commands name
     name = "A. Example, MPE"        # printed name, for signatures (staff, never patients)
-    roles = ["physicist"]           # physicist, operator, viewer, admin, service
+    roles = ["physicist"]           # physicist, operator, viewer, admin, service, replay
     public_key = "phys-anna+1a2b3c4d+AU..."   # what `iort-audit keygen` writes to NAME.pub
     valid_from = "2026-01-01T00:00:00Z"
     valid_until = "2027-01-01T00:00:00Z"
@@ -55,7 +55,9 @@ __all__ = [
 ]
 
 HOLDER_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-ROLES = frozenset({"physicist", "operator", "viewer", "admin", "service"})
+# ``replay``: a replay-only key (a central consumer's, iort-ingest): it may sign replay
+# requests and nothing else (auditlog/command.py's ROLES_FOR_KIND).
+ROLES = frozenset({"physicist", "operator", "viewer", "admin", "service", "replay"})
 MAX_KEYRING_BYTES = 1024 * 1024
 _KEYS = frozenset({"holder", "name", "roles", "public_key", "valid_from", "valid_until"})
 # RFC 3339 in UTC with a Z, as the log writes it (fraction optional, at most microseconds).

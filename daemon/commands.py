@@ -164,6 +164,7 @@ class CommandIntake:
         # Set once what waited in the inbox at start is judged and handled (or there is
         # no inbox): the daemon starts its devices after it (daemon/app.py).
         self.first_read = asyncio.Event()
+        self.command_sinks: list[Any] = []  # the sinks commands come through (MQTT's)
         self.register("ping", self._ping)
 
     # ---- set-up ------------------------------------------------------------------------
@@ -506,6 +507,7 @@ async def open_intake(
         inner = getattr(sink, "inner", sink)
         if hasattr(inner, "on_command"):
             inner.on_command = intake.from_mqtt
+            intake.command_sinks.append(inner)
     return intake
 
 

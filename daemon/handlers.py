@@ -8,7 +8,8 @@ next start a command a crash left accepted but unhandled): ``prescription``
 with the check before beam-on (daemon/verifier.py), ``signoff`` (daemon/signoff.py,
 whose record-watching sink the composition root opens with the sinks) and ``ack``
 (daemon/alarm_acks.py, whose ledger the composition root builds earlier: it is also a
-sink). This module only
+sink) and ``replay`` (daemon/replay.py, served by the MQTT sink; nothing to resume: the
+consumer asks again). This module only
 wires them, in the order their dependencies need: the verifier uses the pending
 prescription and the day's output factor, so it is installed after both. A handler
 whose log cannot be read back is not installed (said loudly by its own module), and its
@@ -23,7 +24,7 @@ from typing import Any
 
 from iortd.auditlog.recovery import RecoveryReport
 from iortd.auditlog.writer import AuditLog
-from iortd.daemon import alarm_acks, signoff
+from iortd.daemon import alarm_acks, replay, signoff
 from iortd.daemon.commands import CommandIntake
 from iortd.daemon.config import Config
 from iortd.daemon.output_factor import OutputFactors
@@ -52,6 +53,7 @@ class Handlers:
         self.acks: alarm_acks.AlarmAcks | None = None
         self.signoffs: signoff.Signoffs | None = None  # physicists' sign-offs
         self.verifier: Verifier | None = None  # the check before beam-on, the override
+        self.replays: replay.Replays | None = None  # gap repair, served by the MQTT sink
 
     async def install(
         self,
@@ -86,6 +88,7 @@ class Handlers:
                 raise VerificationTableError(str(exc)) from None
         alarm_acks.install(intake, acks)
         self.acks = acks
+        self.replays = replay.install(intake, audit, intake.command_sinks, service.notice)
 
     def resume(self, tg: asyncio.TaskGroup) -> None:
         """Judge now the commands a crash left accepted but unhandled, each kind in its own

@@ -63,6 +63,8 @@ ONE_UNIT: dict[str, str] = dict.fromkeys(
         "integration/test_modbus_xrs_e2e.py",
         "integration/test_shared_line_e2e.py",
         "integration/test_applicator_rules_e2e.py",
+        # 10 rooms at 10 Hz, three Mosquittos bridged, iort-ingest, a 10 s outage timeline
+        "integration/test_fabric_fault.py",
         # samples within half of a stalled fsync (0.75 s): not beside a swarm of processes
         "integration/test_mqtt_stalled_disk.py",
     ),

@@ -183,6 +183,12 @@ class MqttConfig(_Model):
     key_file: SecretPath | None = None
     # About 3.5 h of a 10 Hz outage at ~500 B a sample; held in memory as well as on disk.
     outbox_max_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024, le=4 * 1024**3)
+    # Replay requests (cmd/replay, daemon/mqtt/replay.py): acknowledged outbox segments are
+    # held this long (within outbox_max_bytes) to serve them; messages a second sent again;
+    # requests a minute taken (beyond: refused, recorded).
+    replay_retention_s: float = Field(default=3600.0, ge=0, le=7 * 24 * 3600)
+    replay_rate: float = Field(default=200.0, ge=1, le=100_000)
+    replay_max_per_minute: int = Field(default=30, ge=1, le=10_000)
 
     @field_validator("url")
     @classmethod

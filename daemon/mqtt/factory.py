@@ -57,6 +57,9 @@ class MqttSinkFactory:
             verifier=context.verifier,
             outbox_max_bytes=mqtt.outbox_max_bytes,
             reconnect_max_s=mqtt.reconnect_max_s,
+            replay_retention_s=mqtt.replay_retention_s,
+            replay_rate=mqtt.replay_rate,
+            replay_max_per_minute=mqtt.replay_max_per_minute,
             config_hash=context.config_hash or None,
             origin=context.origin or None,
         )

@@ -93,6 +93,7 @@ class Segment:
     first_n: int
     last_n: int
     size: int
+    acked_at: float | None = None  # monotonic, when seen fully acknowledged (held since)
 
 
 @dataclass(slots=True)

@@ -25,8 +25,10 @@ How:
   them (QoS 1); ``acked_through`` -- the longest acknowledged prefix -- is kept in
   ``state.json`` with the session counter, each topic's ``next_seq`` (one past its highest
   journaled seq) and ``reserved``; a segment is deleted once everything in it is
-  acknowledged. A sample the broker acknowledged before its commit is journaled all the
-  same (``next_seq`` then covers it; its ``n`` is at or below ``acked_through``, so a
+  acknowledged and it has been held ``retention_s`` (``[mqtt] replay_retention_s``: what
+  a replay request is served from, :meth:`Outbox.held`, daemon/mqtt/held.py). A sample
+  the broker acknowledged before its commit is journaled all the same (``next_seq`` then
+  covers it; its ``n`` is at or below ``acked_through``, so a
   recovery does not replay it, or replays it once if the state was not saved since:
   the same bytes, a repeat consumers drop). After a restart, pending messages from the
   previous run are replayed with their original ``session`` and ``seq`` (marked
@@ -74,6 +76,7 @@ from typing import Any
 import orjson
 import structlog
 
+from iortd.daemon.mqtt.held import held, retired
 from iortd.daemon.mqtt.journal import (
     JOURNAL_FIRST,
     RESERVE_BLOCK,
@@ -147,6 +150,8 @@ class Outbox:
         self.acked_through = rec.acked_through
         self._saved_acked = rec.acked_through
         self._segments = rec.segments
+        self.retention_s, self._compact_acked = 0.0, -1  # acknowledged ones held (open())
+        self._run_n = rec.next_n  # a run never appends to a segment of an earlier run
         self._segment_max = max(64 * 1024, min(16 * 1024 * 1024, max_bytes // 8))
         self.pending: deque[Record] = deque(rec.pending)
         self.pending_bytes = sum(len(r.line) for r in self.pending)
@@ -171,7 +176,7 @@ class Outbox:
             self._wake.set()
 
     @classmethod
-    async def open(cls, directory: Path, max_bytes: int) -> Outbox:
+    async def open(cls, directory: Path, max_bytes: int, *, retention_s: float = 0.0) -> Outbox:
         """Recover the outbox and start a new session (persisted before anything is sent)."""
         try:
             rec = await asyncio.to_thread(recover, directory)
@@ -180,6 +185,7 @@ class Outbox:
         for problem in rec.problems:
             log.error("mqtt_outbox_damaged", problem=problem)
         self = cls(directory, max_bytes, rec)
+        self.retention_s = retention_s
         ts = utc_ts(datetime.now(UTC))
         for topic, session, first, last in rec.skips:
             env = Envelope(self.next_seq("skip"), self.session, ts)
@@ -273,6 +279,10 @@ class Outbox:
         for rec in self.pending:
             if not rec.done and self.publishable(rec):
                 yield rec
+
+    async def held(self, topic: str, session: int, first: int, last: int) -> list[Record]:
+        """``topic``'s records of ``session``, ``first <= seq <= last``, held or pending."""
+        return await held(self._segments, self.pending, Record, (topic, session, first, last))
 
     def ack(self, rec: Record) -> None:
         """The broker has it (or refused it for good): nothing left to send."""
@@ -387,6 +397,7 @@ class Outbox:
         if self._compact:
             self._compact = False
             live = [r for r in self.pending if not r.done and r.journaled]
+            self._compact_acked = self.acked_through  # what the thread keeps held
         if batch or live is not None:
             state = self._state_bytes(self.acked_through)
             try:
@@ -449,7 +460,7 @@ class Outbox:
         if not batch:
             return
         seg = self._segments[-1] if self._segments else None
-        if seg is None or seg.size >= self._segment_max:
+        if seg is None or seg.size >= self._segment_max or seg.last_n < self._run_n:
             path = self.directory / f"outbox-{batch[0].n:016d}.jsonl"
             seg = Segment(path, batch[0].n, batch[0].n, 0)
             self._segments.append(seg)
@@ -475,13 +486,15 @@ class Outbox:
         seg.last_n = batch[-1].n
 
     def _compact_now(self, live: list[Record], state: bytes) -> None:
-        """Rewrite what is still pending into one segment and delete the others. Crash-safe:
+        """Rewrite what is still pending into one segment and delete the others (but the
+        acknowledged ones held for replays; a mixed one goes whole). Crash-safe:
         the state (every ``seq`` handed out) is saved first, since the segments about to go
         may hold the highest ones; the new segment is complete and renamed before any old
         one goes; recovery takes each ``n`` once."""
         save_state(self.directory, state)
         old = list(self._segments)
-        self._segments = []
+        keep_held = self.retention_s > 0
+        self._segments = [s for s in old if keep_held and s.last_n <= self._compact_acked]
         if live:
             path = self.directory / f"outbox-{live[0].n:016d}.jsonl"
             write_atomic(path, b"".join(r.line for r in live))
@@ -494,11 +507,12 @@ class Outbox:
 
     def _retire(self, acked: int, state: bytes) -> None:
         """Save the state, then delete segments that hold nothing unacknowledged (the
-        current one too: the next batch starts a fresh segment)."""
+        current one too: the next batch starts a fresh segment) once held
+        ``retention_s``, or beyond ``max_bytes`` of them, oldest first."""
         save_state(self.directory, state)
         self._saved_acked = acked
         self._last_save = time.monotonic()
-        while self._segments and self._segments[0].last_n <= acked:
+        for _ in range(retired(self._segments, acked, self.retention_s, self.max_bytes)):
             self._segments.pop(0).path.unlink(missing_ok=True)
 
     def _state_bytes(self, acked: int, reserved: dict[str, int] | None = None) -> bytes:

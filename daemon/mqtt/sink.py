@@ -20,6 +20,7 @@ checkpoint), :mod:`~iortd.daemon.mqtt.outbox` (the journal).
   ``historical``; then live data, each message as soon as the outbox lets it out (a sample
   at once, an event once journaled: see the outbox). The Last Will is the
   ``status`` offline message, retained; a clean shutdown publishes it itself.
+* :meth:`MqttSink.serve_replay`: a replay request (:mod:`~iortd.daemon.mqtt.replay`).
 * A lost connection that looks like another client holding our client id (a session
   takeover: see :mod:`~iortd.daemon.mqtt.link`) is handed to :attr:`MqttSink.on_takeover`
   (the daemon records it in the audit log) and the next attempt waits the takeover backoff.
@@ -37,6 +38,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,7 @@ from iortd.daemon.mqtt.payloads import (
     telemetry_payload,
     topic,
 )
+from iortd.daemon.mqtt.replay import ReplayRange, ReplayServer, Served
 from iortd.daemon.mqtt.retained import RetainedState
 from iortd.daemon.sinks import ApplicatorSample, Overflow, Sample, Sink, SinkConfigError
 from iortd.daemon.tracker import DeliverySnapshot, DeliveryStarted, Terminated, TrackerEvent
@@ -115,13 +118,18 @@ class MqttSink(Sink):
         verifier: Verifier | None = None,
         outbox_max_bytes: int = 64 * 1024 * 1024,
         reconnect_max_s: float = BACKOFF_MAX_S,
+        replay_retention_s: float = 0.0,
+        replay_rate: float = 200.0,
+        replay_max_per_minute: int = 30,
         config_hash: str | None = None,
         origin: str | None = None,
     ) -> None:
         """``outbox``: an open one, or the directory :meth:`start` opens it in;
         ``reconnect_max_s``: the reconnect backoff's cap (``[mqtt] reconnect_max_s``);
-        ``config_hash`` and ``origin``: what the birth says (daemon/mqtt/birth.py)."""
+        ``replay_*``: the ``[mqtt]`` keys (daemon/mqtt/replay.py); ``config_hash`` and
+        ``origin``: what the birth says (daemon/mqtt/birth.py)."""
         self.settings = settings
+        self._wake = asyncio.Event()
         self.site, self.room = site, room
         self._state = RetainedState(now=_now, simulated=simulated, verifier=verifier)
         self._takeovers = Takeovers(settings)
@@ -129,12 +137,14 @@ class MqttSink(Sink):
         self._outbox_dir = outbox if isinstance(outbox, Path) else None
         self._outbox_max_bytes = outbox_max_bytes
         self.reconnect_max_s = reconnect_max_s
+        self.replay = ReplayServer(
+            replay_rate, replay_max_per_minute, self._wake.set, replay_retention_s
+        )
         self._sim = simulated
         self._topics = {n: topic(settings.prefix, site, room, n) for n in TOPICS}
         self._current_delivery: str | None = None
         self._tls: ssl.SSLContext | None = None
         self._outage = False  # a connection failed or was lost since the last catch-up
-        self._wake = asyncio.Event()
         self._closing = False
         self._close_deadline = 0.0
         self._task: asyncio.Task[None] | None = None
@@ -198,7 +208,9 @@ class MqttSink(Sink):
         outbox). Refuses the start when it cannot be used."""
         if self._outbox is None and self._outbox_dir is not None:
             try:
-                self._outbox = await Outbox.open(self._outbox_dir, self._outbox_max_bytes)
+                self._outbox = await Outbox.open(
+                    self._outbox_dir, self._outbox_max_bytes, retention_s=self.replay.retention_s
+                )
             except OutboxError as exc:
                 raise SinkConfigError(f"mqtt outbox: {exc}") from None
         log.info(
@@ -215,7 +227,12 @@ class MqttSink(Sink):
     # ---- the Sink callbacks: build, hand to the outbox, never wait -----------------------
 
     def _env(self, name: str) -> Envelope:
-        return Envelope(self.outbox.next_seq(name), self.outbox.session, _now(), sim=self._sim)
+        seq = self.replay.handed[name] = self.outbox.next_seq(name)
+        return Envelope(seq, self.outbox.session, _now(), sim=self._sim)
+
+    async def serve_replay(self, rng: ReplayRange) -> Served:
+        """What the outbox holds of ``rng`` again, the rest ``not_held`` (replay.py)."""
+        return await self.replay.serve(self.outbox, rng, lambda: self._env("skip"))
 
     async def sample(self, sample: Sample) -> None:
         self.outbox.add("telemetry", telemetry_payload(self._env("telemetry"), sample))
@@ -492,6 +509,8 @@ class MqttSink(Sink):
             if self._closing and time.monotonic() > self._close_deadline:
                 log.warning("mqtt_close_unsent", unsent=sum(1 for _ in self.outbox.unsent()))
                 break  # the rest stays in the outbox for the next start
+            if not self._closing and await self.replay.send(WINDOW, partial(self._send, client)):
+                continue  # a replay's, at its rate, between the live batches
             batch = list(islice(self.outbox.unsent(), WINDOW))
             if batch:
                 async with asyncio.TaskGroup() as tg:
@@ -513,6 +532,7 @@ class MqttSink(Sink):
         """Wait for new records, a state change, a due rate limit or the close."""
         now = time.monotonic()
         timeout = self._state.next_due(now)
+        timeout = self.replay.sooner(timeout)
         self._wake.clear()
         self.outbox.changed.clear()
         if any(True for _ in self.outbox.unsent()):

@@ -64,6 +64,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     # proofs, cosignatures). The daemon never imports it: the client it calls is in the
     # log core (auditlog/witness_client.py), so the witness's web stack stays out of it.
     "witness": frozenset({"kernel", "auditlog"}),
+    # iort-ingest (issue 22): the central consumer, on the log core (it signs its replay
+    # requests with auditlog/command.py). It never imports the daemon: it reads MQTT only.
+    "ingest": frozenset({"kernel", "auditlog"}),
 }
 PARTS = tuple(ALLOWED)
 
