@@ -351,33 +351,21 @@ def _store_one(
     result = _status_outcome(code)
     text = {"stored": "stored", "warning": "stored with a warning", "failed": "failed"}[result]
     detail = f"C-STORE {text}: status 0x{code:04X}"
-    meaning = _status_meaning(code)
-    if meaning:
-        detail += f" ({meaning})"
-    # The peer's Error Comment is free text from another system: a receiver may well
-    # repeat the Patient ID or name in it ("PatientID ... exists with another name").
-    # What is recorded goes into the audit log and onto MQTT, so it is never copied; the
-    # standard meaning of the code is, and the comment is said to exist.
+    detail += "".join(f" ({m})" for lo, hi, m in _MEANINGS if lo <= code <= hi)
+    # The peer's Error Comment is free text that may repeat the Patient ID; what is
+    # recorded goes into the audit log and onto MQTT: never copied, said to exist.
     if "ErrorComment" in rsp:
         detail += " [Error Comment withheld]"
     return StoreOutcome(uid, result, code, detail)
 
 
-def _status_meaning(code: int) -> str:
-    """The C-STORE status classes of PS3.4 B.2.3 (Storage Service Class statuses)."""
-    if 0xA700 <= code <= 0xA7FF:
-        return "refused: out of resources"
-    if 0xA900 <= code <= 0xA9FF:
-        return "error: data set does not match SOP class"
-    if 0xC000 <= code <= 0xCFFF:
-        return "error: cannot understand"
-    if code == 0xB000:
-        return "warning: coercion of data elements"
-    if code == 0xB007:
-        return "warning: data set does not match SOP class"
-    if code == 0xB006:
-        return "warning: elements discarded"
-    return ""
+# PS3.4 B.2.3: the C-STORE statuses with a standard meaning (low, high, meaning).
+_MEANINGS = (
+    (0xA700, 0xA7FF, "refused: out of resources"),
+    (0xA900, 0xA9FF, "error: data set does not match SOP class"),
+    (0xC000, 0xCFFF, "error: cannot understand"),
+    *((c, c, m) for c, m in ((0xB000, "coercion"), (0xB006, "elements discarded"))),
+)
 
 
 @dataclass(frozen=True, slots=True)
