@@ -198,6 +198,16 @@ class Outbox:
         dcm, _ = self._paths(entry.destination, entry.sop_instance_uid)
         return _read_regular(dcm, MAX_INSTANCE_BYTES)
 
+    def orphans(self, destinations: list[str]) -> dict[str, int]:
+        """Entry counts of destination directories the config no longer names."""
+        if not self.entries_dir.is_dir():
+            return {}
+        return {
+            d.name: n
+            for d in sorted(self.entries_dir.iterdir())
+            if d.is_dir() and d.name not in destinations and (n := len(list(d.glob("*.json"))))
+        }
+
     def load(self, destinations: list[str]) -> list[Entry]:
         """Every entry of the configured destinations, oldest first. An entry that does not
         parse is set aside (renamed ``.bad``), logged, never sent."""

@@ -183,6 +183,7 @@ class HandoffWorker:
         self._entries: dict[tuple[str, str], Entry] = {}
         self._build = Backoff(settings.retry_initial_s, settings.retry_max_s)
         self._build_due = 0.0
+        self._building = threading.Event()  # set while a build thread runs (one at a time)
         self._wake = asyncio.Event()
         self._closing = False
         self._loops: list[asyncio.Task[None]] = []
@@ -196,6 +197,17 @@ class HandoffWorker:
         for e in await asyncio.to_thread(self._outbox.load, names):
             self._entries[(e.destination, e.sop_instance_uid)] = e
         log.info("dicom_outbox_loaded", entries=len(self._entries))
+        for name, count in (await asyncio.to_thread(self._outbox.orphans, names)).items():
+            # Entries for a destination the config no longer names: never sent, never
+            # deleted by iortd (they may be the only copy of a hand-off), and they hold the
+            # real Patient ID, so someone must decide.
+            log.error("dicom_outbox_orphaned", destination=name, entries=count)
+            self._notice(
+                "critical",
+                f"DICOM hand-off: {count} instance(s) queued for destination {name!r}, "
+                "which the config no longer names, are neither sent nor deleted: resend "
+                "them with iort-audit send or remove that outbox directory",
+            )
 
     async def queue_delivery(self, delivery_id: str, trigger: str) -> None:
         """On disk before returning: this delivery is to be handed off."""
@@ -296,9 +308,16 @@ class HandoffWorker:
                 continue
             if self._closing:
                 return
+            if self._building.is_set():  # an abandoned build still runs: never a second
+                log.warning("dicom_build_still_running", delivery=p.delivery_id)
+                failed = True
+                break
+            self._building.set()
             try:
                 async with asyncio.timeout(BUILD_TIMEOUT_S):
-                    built = await in_daemon_thread(self._builder, p.delivery_id, name="dicom-build")
+                    built = await in_daemon_thread(
+                        self._build_one, p.delivery_id, name="dicom-build"
+                    )
             except Exception as exc:
                 failed = True
                 await self._build_failed(p, exc)
@@ -308,6 +327,15 @@ class HandoffWorker:
             self._build_due = self._mono() + self._build.next_delay()
         elif retry:
             self._build.reset()
+
+    def _build_one(self, delivery_id: str) -> Sequence[Built]:
+        """In the build thread: clears the flag when the build ends, also one whose wait
+        was abandoned (a build verifies the whole log: two at once would only compete
+        with the daemon's own loop for the interpreter)."""
+        try:
+            return self._builder(delivery_id)
+        finally:
+            self._building.clear()
 
     async def _build_failed(self, p: Pending, exc: Exception) -> None:
         why = "took too long" if isinstance(exc, TimeoutError) else str(exc)

@@ -518,3 +518,68 @@ async def test_a_delivery_never_built_raises_the_overdue_alarm_once(rig: Rig) ->
     [alarm] = [m for s, m in rig.notices if s == "critical"]
     assert DID in alarm
     assert "could not be built" in alarm
+
+
+async def test_an_abandoned_build_is_never_joined_by_a_second(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build that outlives its bound is abandoned, not stopped (it verifies the whole
+    log in a thread): the next try waits for it to end rather than start another beside
+    it, and builds once it has."""
+    monkeypatch.setattr("iortd.audit.dicom_sender.BUILD_TIMEOUT_S", 0.05)
+    release, started = threading.Event(), []
+
+    def slow(delivery_id: str) -> list[Built]:
+        started.append(delivery_id)
+        release.wait(30)
+        return instances(delivery_id)
+
+    rig.build = slow  # type: ignore[method-assign]
+    now = [100.0]
+    settings = HandoffSettings(retry_initial_s=0.02, retry_max_s=0.1, alarm_after_s=3600.0)
+    w = HandoffWorker(
+        Outbox(rig.root),
+        [Dest("ois")],
+        rig.peer,
+        rig.build,
+        rig.record,
+        rig.notice,
+        settings,
+        mono=lambda: now[0],
+    )
+    await w.open()
+    await w.queue_delivery(DID, "termination")
+    await w.build_pending()  # times out: the thread goes on
+    assert rig.outcomes() == ["build_failed"]
+    for _ in range(3):
+        now[0] += 60.0
+        await w.build_pending()
+    assert started == [DID], "a second build beside the abandoned one"
+    release.set()
+    for _ in range(200):  # the abandoned thread ends (bounded: 2 s)
+        if not w._building.is_set():
+            break
+        await asyncio.sleep(0.01)
+    now[0] += 60.0
+    await w.build_pending()
+    assert started == [DID, DID]
+    assert rig.outcomes().count("queued") == 2
+
+
+async def test_entries_of_a_destination_no_longer_configured_are_reported_not_dropped(
+    rig: Rig,
+) -> None:
+    """They hold the real Patient ID and may be the only copy of a hand-off: a critical
+    notice names the destination and the count; the files stay."""
+    old = rig.worker([Dest("ois"), Dest("old-pacs")])
+    await old.open()
+    await old.queue_delivery(DID, "termination")
+    await old.build_pending()
+    assert rig.outcomes().count("queued") == 4
+    await old.aclose()
+    new = rig.worker([Dest("ois")])
+    await new.open()
+    [(severity, message)] = rig.notices
+    assert severity == "critical"
+    assert "2 instance(s) queued for destination 'old-pacs'" in message
+    assert len(list((rig.root / "outbox" / "old-pacs").glob("*.json"))) == 2
