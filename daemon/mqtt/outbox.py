@@ -161,7 +161,8 @@ class Outbox:
         self._urgent = asyncio.Event()  # an event to journal or a seq beyond the block
         self._last_commit = 0.0
         self._progress = asyncio.Event()  # a batch journaled or a block saved
-        self.changed = asyncio.Event()  # records became publishable (for the publisher)
+        # Records became publishable: wakes the publisher (the MQTT sink shares its own event).
+        self.changed = asyncio.Event()
         self._compact = False
         self._thin_again_at = 0  # when thinning could not get below the bound: retry later
         self._closing = False

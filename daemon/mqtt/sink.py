@@ -134,6 +134,8 @@ class MqttSink(Sink):
         self._state = RetainedState(now=_now, simulated=simulated, verifier=verifier)
         self._takeovers = Takeovers(settings)
         self._outbox = outbox if isinstance(outbox, Outbox) else None
+        if self._outbox is not None:
+            self._outbox.changed = self._wake  # see start()
         self._outbox_dir = outbox if isinstance(outbox, Path) else None
         self._outbox_max_bytes = outbox_max_bytes
         self.reconnect_max_s = reconnect_max_s
@@ -213,6 +215,9 @@ class MqttSink(Sink):
                 )
             except OutboxError as exc:
                 raise SinkConfigError(f"mqtt outbox: {exc}") from None
+        # Records becoming publishable wake the publisher as our own wake does: one event,
+        # so that waiting for either costs no task per sample (_idle).
+        self.outbox.changed = self._wake
         log.info(
             "mqtt_enabled",
             broker=self.settings.url,
@@ -533,19 +538,12 @@ class MqttSink(Sink):
         now = time.monotonic()
         timeout = self._state.next_due(now)
         timeout = self.replay.sooner(timeout)
-        self._wake.clear()
-        self.outbox.changed.clear()
+        self._wake.clear()  # also the outbox's ``changed`` (start()): one wait, no tasks
         if any(True for _ in self.outbox.unsent()):
             return
-        waiters = {
-            asyncio.ensure_future(self._wake.wait()),
-            asyncio.ensure_future(self.outbox.changed.wait()),
-        }
-        try:
-            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waiters:
-                w.cancel()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
 
     async def _send_stream(self, client: aiomqtt.Client, rec: Record, *, historical: bool) -> None:
         await self._send(client, rec, historical=historical)
