@@ -17,8 +17,6 @@ Orthanc is told to take stores only from the modalities the test lists, from the
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import ipaddress
 import json
 import shutil
 import socket
@@ -29,10 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.x509.oid import ExtendedKeyUsageOID
-from tlscerts import _ca, _key, _name, _write_cert, _write_key
+from tlscerts import _ca, _leaf, _write_cert, _write_key
 
 from iortd.kernel.reaper import Tether
 
@@ -64,31 +59,7 @@ def dicom_tls(directory: Path) -> DicomTls:
     ca, ca_key = _ca("iortd DICOM test CA")
     files: list[Path] = []
     for cn in ("dicom-peer", "iortd-or-7"):
-        key = _key()
-        now = dt.datetime.now(dt.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name(cn))
-            .issuer_name(ca.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(hours=1))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")), x509.DNSName("localhost")]
-                ),
-                critical=False,
-            )
-            .sign(ca_key, hashes.SHA256())
-        )
+        cert, key = _leaf(cn, ca, ca_key, server=True, client=True, days=1)
         files.append(_write_cert(directory / f"{cn}.pem", cert))
         files.append(_write_key(directory / f"{cn}.key", key))
     return DicomTls(_write_cert(directory / "ca.pem", ca), *files)

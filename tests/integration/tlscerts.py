@@ -83,7 +83,11 @@ def _leaf(
     ca_key: ec.EllipticCurvePrivateKey,
     *,
     server: bool,
+    client: bool = False,
+    days: int = 30,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A leaf signed by ``ca``: for a server (its SAN is 127.0.0.1 and localhost), a
+    client, or both (a DICOM AE is both: it stores and it takes reports)."""
     key = _key()
     now = dt.datetime.now(dt.UTC)
     builder = (
@@ -93,7 +97,7 @@ def _leaf(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=30))
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -111,7 +115,8 @@ def _leaf(
         )
         .add_extension(
             x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+                [ExtendedKeyUsageOID.SERVER_AUTH] * server
+                + [ExtendedKeyUsageOID.CLIENT_AUTH] * (client or not server)
             ),
             critical=False,
         )
