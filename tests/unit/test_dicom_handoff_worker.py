@@ -138,10 +138,13 @@ class Rig:
             raise RuntimeError("no signed checkpoint covers the delivery yet")
         return instances(delivery_id)
 
-    def worker(self, dests: Sequence[Dest], **kw: Any) -> HandoffWorker:
+    def worker(
+        self, dests: Sequence[Dest], mono: Callable[[], float] | None = None, **kw: Any
+    ) -> HandoffWorker:
         settings = HandoffSettings(
             **{"retry_initial_s": 0.02, "retry_max_s": 0.1, "alarm_after_s": 3600.0, **kw}
         )
+        clock = {} if mono is None else {"mono": mono}
         return HandoffWorker(
             Outbox(self.root),
             dests,
@@ -150,6 +153,7 @@ class Rig:
             self.record,
             self.notice,
             settings,
+            **clock,
         )
 
     def outcomes(self, dest: str | None = None, uid: str | None = None) -> list[str]:
@@ -536,17 +540,7 @@ async def test_an_abandoned_build_is_never_joined_by_a_second(
 
     rig.build = slow  # type: ignore[method-assign]
     now = [100.0]
-    settings = HandoffSettings(retry_initial_s=0.02, retry_max_s=0.1, alarm_after_s=3600.0)
-    w = HandoffWorker(
-        Outbox(rig.root),
-        [Dest("ois")],
-        rig.peer,
-        rig.build,
-        rig.record,
-        rig.notice,
-        settings,
-        mono=lambda: now[0],
-    )
+    w = rig.worker([Dest("ois")], mono=lambda: now[0])
     await w.open()
     await w.queue_delivery(DID, "termination")
     await w.build_pending()  # times out: the thread goes on
